@@ -1,0 +1,85 @@
+"""The object every CLI command shares: settings (env, then global options) and clients."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from cipherpool.config.settings import Settings
+from cipherpool.errors import CipherpoolError, InvalidInput
+
+
+@dataclass
+class CliContext:
+    settings: Settings
+    as_json: bool = False
+    _clients: list[Any] = field(default_factory=list)
+
+    def management(self):
+        from cipherpool.client.management import ManagementClient
+
+        client = ManagementClient(settings=self.settings)
+        self._clients.append(client)
+        return client
+
+    def query(self, key_dir: Path | None):
+        from cipherpool.client.query import QueryClient
+
+        client = QueryClient(settings=self.settings, key_dir=key_dir)
+        self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+    def emit(self, value: Any, columns: list[str] | None = None) -> None:
+        """JSON with --json; else `key: value` lines for a dict, a table for a list of dicts."""
+        if self.as_json:
+            click.echo(json.dumps(value, indent=2, default=str))
+        elif isinstance(value, list):
+            cols = columns or (list(value[0]) if value else [])
+            rows = [[str(item.get(c, "")) for c in cols] for item in value]
+            widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+            click.echo("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths)))
+            for r in rows:
+                click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                click.echo(f"{key}: {item}")
+        else:
+            click.echo(value)
+
+
+class CipherpoolGroup(click.Group):
+    """Turns a CipherpoolError anywhere below into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CipherpoolError as exc:
+            click.echo(f"error [{exc.code}]: {exc.message}", err=True)
+            ctx.exit(exc.exit_code)
+        finally:
+            if isinstance(ctx.obj, CliContext) and ctx.parent is None:
+                ctx.obj.close()
+
+
+def read_array(path: Path) -> np.ndarray:
+    """A plaintext input: .npy, or numbers separated by commas or white space."""
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        lines = [line.replace(",", " ").split() for line in path.read_text().splitlines() if line.strip()]
+        rows = np.array([[float(v) for v in line] for line in lines])
+        return rows[0] if len(rows) == 1 else rows
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"Cannot read numbers from {path}: {exc}") from None
+
+
+pass_ctx = click.make_pass_decorator(CliContext)

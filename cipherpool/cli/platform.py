@@ -1,0 +1,70 @@
+"""`cipherpool up`, `cipherpool demo` and `cipherpool db`: running the platform itself."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from cipherpool.cli.context import CliContext, pass_ctx
+from cipherpool.db import init_db
+from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+
+
+@click.command()
+@click.option("--workers", default=2, show_default=True, help="Pool nodes to start.")
+@click.option("--concurrency", default=1, show_default=True, help="Parallel queries per node.")
+@click.option("--no-beat", is_flag=True, help="Do not start beat.")
+@click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+@pass_ctx
+def up(ctx: CliContext, workers: int, concurrency: int, no_beat: bool, no_flower: bool) -> None:
+    """Start the whole platform on this machine; Ctrl-C or SIGTERM stops all of it."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    options = StackOptions(workers=workers, node_concurrency=concurrency, beat=not no_beat, flower=not no_flower)
+    stack = EmbeddedStack(ctx.settings, options)
+    click.echo("starting cipherpool …")
+    try:
+        stack.start()
+        for name, where in stack.describe():
+            click.echo(f"  {name:<10} {where}")
+        click.echo(f"ready. In another shell:  export CIPHERPOOL_BROKER_URL={stack.broker_url}", nl=True)
+        reported: set[str] = set()
+        while not stop.wait(1.0):
+            for child in stack.supervisor.dead():
+                if child.name not in reported:
+                    reported.add(child.name)
+                    click.echo(f"warning: {child.name} exited ({child.process.returncode}); see {child.log_path}", err=True)
+    finally:
+        click.echo("stopping …")
+        stack.stop()
+        click.echo("stopped.")
+
+
+@click.command()
+@click.option("--data-dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the demo's files here (default: a temporary directory, removed after).")
+@click.option("--workers", default=1, show_default=True, help="Pool nodes to start.")
+@pass_ctx
+def demo(ctx: CliContext, demo_dir: Path | None, workers: int) -> None:
+    """Train, deploy and query a digit classifier end to end on the embedded stack."""
+    from cipherpool.demo import run_demo
+
+    run_demo(ctx.settings, demo_dir, workers=workers, echo=click.echo)
+
+
+@click.group()
+def db() -> None:
+    """The platform database."""
+
+
+@db.command("init")
+@pass_ctx
+def db_init(ctx: CliContext) -> None:
+    """Create the schema (safe to run again)."""
+    url = ctx.settings.effective_database_url()
+    init_db(url)
+    click.echo(f"database ready: {url}")

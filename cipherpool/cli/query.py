@@ -1,0 +1,109 @@
+"""`cipherpool query`: the end user's steps, files in and files out.
+
+    cipherpool query keygen
+    cipherpool query upload-keys
+    cipherpool query encrypt  --input x.csv  --output x.ct
+    cipherpool query execute  --input x.ct   --output y.ct
+    cipherpool query decrypt  --input y.ct   [--output y.npy]
+    cipherpool query predict  --input x.csv  (all of it at once)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+
+from cipherpool.cli.context import CliContext, read_array
+
+IN = click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+OUT = click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path))
+
+
+@click.group()
+@click.option("--token", envvar="CIPHERPOOL_TOKEN", help="Access token (or CIPHERPOOL_TOKEN).")
+@click.option("--keys", "key_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory of this client's keys (default: under the data directory).")
+@click.pass_context
+def query(ctx: click.Context, token: str | None, key_dir: Path | None) -> None:
+    """Encrypted queries, step by step, as an end user runs them."""
+    cli_ctx: CliContext = ctx.obj
+    if token:
+        cli_ctx.settings = cli_ctx.settings.model_copy(update={"token": token})
+    ctx.meta["key_dir"] = key_dir
+
+
+def _client(ctx: click.Context):
+    return ctx.obj.query(ctx.meta.get("key_dir"))
+
+
+def _array_out(result: np.ndarray, output_path: Path | None, ctx: CliContext) -> None:
+    if output_path:
+        np.save(output_path, result, allow_pickle=False)
+    value = {"result": result.tolist()}
+    if result.ndim == 2 and result.shape[1] > 1:
+        value["argmax"] = result.argmax(axis=1).tolist()
+    ctx.emit(value)
+
+
+@query.command("keygen")
+@click.option("--force", is_flag=True, help="Replace existing keys.")
+@click.pass_context
+def keygen(ctx: click.Context, force: bool) -> None:
+    """Generate this client's keys (the secret key stays in the key directory)."""
+    client = _client(ctx)
+    key_id = client.generate_keys(force=force)
+    ctx.obj.emit({"key_id": key_id, "key_dir": str(client.crypto.key_dir)})
+
+
+@query.command("upload-keys")
+@click.pass_context
+def upload_keys(ctx: click.Context) -> None:
+    """Upload the evaluation key (once; queries refer to it by id)."""
+    ctx.obj.emit({"key_id": _client(ctx).upload_evaluation_keys()})
+
+
+@query.command("encrypt")
+@IN
+@OUT
+@click.pass_context
+def encrypt(ctx: click.Context, input_path: Path, output_path: Path | None) -> None:
+    """Encrypt one sample (.npy or numbers in text) into a ciphertext file."""
+    ciphertext = _client(ctx).encrypt(read_array(input_path))
+    target = output_path or input_path.with_suffix(".ct")
+    target.write_bytes(ciphertext)
+    ctx.obj.emit({"ciphertext": str(target), "bytes": len(ciphertext)})
+
+
+@query.command("execute")
+@IN
+@OUT
+@click.option("--timeout", type=float, help="Seconds to wait for the result.")
+@click.pass_context
+def execute(ctx: click.Context, input_path: Path, output_path: Path | None, timeout: float | None) -> None:
+    """Run the model on a ciphertext file; writes the encrypted result."""
+    client = _client(ctx)
+    output = client.execute(input_path.read_bytes(), timeout=timeout)
+    target = output_path or input_path.with_suffix(".out")
+    target.write_bytes(output)
+    ctx.obj.emit({"result": str(target), "bytes": len(output), **client.last_timings})
+
+
+@query.command("decrypt")
+@IN
+@OUT
+@click.pass_context
+def decrypt(ctx: click.Context, input_path: Path, output_path: Path | None) -> None:
+    """Decrypt a result file with this client's secret key."""
+    _array_out(_client(ctx).decrypt(input_path.read_bytes()), output_path, ctx.obj)
+
+
+@query.command("predict")
+@IN
+@OUT
+@click.option("--timeout", type=float, help="Seconds to wait for each result.")
+@click.pass_context
+def predict(ctx: click.Context, input_path: Path, output_path: Path | None, timeout: float | None) -> None:
+    """Encrypt, execute and decrypt in one step (rows of a 2-D input run concurrently)."""
+    _array_out(_client(ctx).predict(read_array(input_path), timeout=timeout), output_path, ctx.obj)

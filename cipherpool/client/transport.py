@@ -1,0 +1,70 @@
+"""How a client talks to the platform: tasks over the broker, blobs through the store.
+
+A client holds only a broker URL (the store defaults to the same Redis) and its credential.
+It imports none of the worker-side code and never touches the database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from cipherpool.config.celery import create_app
+from cipherpool.config.settings import Settings, get_settings
+from cipherpool.errors import BrokerUnavailable, CipherpoolError, QueryTimeout, RemoteError
+from cipherpool.messages import redacted_kwargs, unwrap
+from cipherpool.names import CONTROL_QUEUE
+from cipherpool.store import BlobStore
+
+
+def client_settings(broker_url: str | None, settings: Settings | None) -> Settings:
+    settings = settings or get_settings()
+    if broker_url:
+        settings = settings.model_copy(update={"broker_url": broker_url})
+    settings.effective_broker_url()  # a clear ConfigurationError now rather than later
+    return settings
+
+
+class Transport:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = create_app(settings, name="cipherpool-client")
+        self.store = BlobStore.from_url(settings.effective_store_url())
+
+    def send(self, task: str, kwargs: dict[str, Any], queue: str = CONTROL_QUEUE) -> AsyncResult:
+        try:
+            return self.app.send_task(task, kwargs=kwargs, queue=queue, kwargsrepr=redacted_kwargs(kwargs))
+        except OperationalError as exc:
+            raise BrokerUnavailable(f"Cannot reach the broker at {self._where()}: {exc}") from None
+
+    def wait(self, result: AsyncResult, timeout: float, what: str) -> Any:
+        """The task's value, or its typed error raised here."""
+        try:
+            envelope = result.get(timeout=timeout, propagate=True)
+        except CeleryTimeout:
+            raise QueryTimeout(
+                f"No answer to {what} within {timeout:g}s: is a worker serving it "
+                "(`cipherpool worker list`), and is the broker reachable?"
+            ) from None
+        except OperationalError as exc:
+            raise BrokerUnavailable(f"Lost the broker at {self._where()}: {exc}") from None
+        except CipherpoolError:
+            raise
+        except Exception as exc:  # a bug on the platform side, reported as a FAILURE
+            raise RemoteError(f"{what} failed on the platform: {type(exc).__name__}: {exc}") from None
+        finally:
+            result.forget()
+        return unwrap(envelope)
+
+    def call(self, task: str, timeout: float | None = None, **kwargs: Any) -> Any:
+        return self.wait(self.send(task, kwargs), timeout or self.settings.management_timeout_s, task)
+
+    def close(self) -> None:
+        self.app.close()
+
+    def _where(self) -> str:
+        url = self.settings.effective_broker_url()
+        return url.split("@")[-1]  # never print a password

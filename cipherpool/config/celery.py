@@ -1,0 +1,52 @@
+"""The Celery configuration, derived from :class:`Settings` and nothing else.
+
+Messages are msgpack (bytes travel as bytes, not base64) and pickle is never accepted.
+Long FHE queries shape the rest: late acks with prefetch 1 so a node never hoards queries it
+cannot start, redelivery when a node dies mid-query, and a visibility timeout above the
+longest query so Redis does not hand a running query to a second node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from cipherpool.config.settings import Settings, get_settings
+from cipherpool.names import CONTROL_QUEUE
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        "broker_url": settings.effective_broker_url(),
+        "result_backend": settings.effective_result_backend(),
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "msgpack",
+        "result_serializer": "msgpack",
+        "accept_content": ["msgpack", "json"],
+        "result_accept_content": ["msgpack", "json"],
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": CONTROL_QUEUE,
+        "task_create_missing_queues": True,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "result_expires": settings.result_expires_s,
+        "result_extended": False,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "enable_utc": True,
+    }
+
+
+def create_app(settings: Settings | None = None, name: str = "cipherpool") -> Celery:
+    """A Celery app for this configuration; platform processes and clients both use one."""
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings or get_settings()))
+    return app

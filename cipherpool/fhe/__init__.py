@@ -1,0 +1,1 @@
+"""FHE glue: deployment checks, key cache, evaluators (server side) and client crypto."""

@@ -1,0 +1,62 @@
+"""Client side of FHE: keys, encryption and decryption on the end user's machine.
+
+The secret key is generated here and stays in ``key_dir`` (concrete's key-set cache), so a
+later process, e.g. the next CLI step, finds the same keys; only the serialized *evaluation*
+key is ever handed to the platform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from cipherpool.errors import InvalidShape, MalformedCiphertext
+from cipherpool.fhe.deployment import CLIENT_ZIP, read_versions
+
+KEY_ID_FILE = "evaluation_key.sha256"
+
+
+class ClientCrypto:
+    def __init__(self, client_zip: bytes, key_dir: Path):
+        read_versions(client_zip, CLIENT_ZIP).require_compatible("This model's client specs")
+        from concrete.ml.deployment import FHEModelClient
+
+        self.key_dir = Path(key_dir)
+        spec_dir = self.key_dir / "spec"
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        (spec_dir / CLIENT_ZIP).write_bytes(client_zip)
+        self._client = FHEModelClient(str(spec_dir), key_dir=str(self.key_dir / "keyset"))
+
+    def generate_keys(self, force: bool = False) -> str:
+        """Create (or load from key_dir) the key set; returns the evaluation key's id."""
+        self._client.generate_private_and_evaluation_keys(force=force)
+        key_id = hashlib.sha256(self.evaluation_key()).hexdigest()
+        (self.key_dir / KEY_ID_FILE).write_text(key_id)
+        return key_id
+
+    def evaluation_key(self) -> bytes:
+        return self._client.get_serialized_evaluation_keys()
+
+    def key_id(self) -> str:
+        path = self.key_dir / KEY_ID_FILE
+        return path.read_text().strip() if path.exists() else self.generate_keys()
+
+    def encrypt(self, x: np.ndarray) -> bytes:
+        sample = np.asarray(x)
+        if sample.ndim == 1:
+            sample = sample.reshape(1, -1)
+        try:
+            return self._client.quantize_encrypt_serialize(sample)
+        except (ValueError, AssertionError) as exc:
+            raise InvalidShape(
+                f"Input of shape {np.asarray(x).shape} does not fit this model: {exc}. "
+                "encrypt() takes one sample (a 1-D array of the model's features)."
+            ) from None
+
+    def decrypt(self, ciphertext: bytes) -> np.ndarray:
+        try:
+            return self._client.deserialize_decrypt_dequantize(ciphertext)
+        except RuntimeError as exc:
+            raise MalformedCiphertext(f"The result cannot be decrypted: {exc}") from None

@@ -1,0 +1,123 @@
+"""What travels: small frozen dataclasses with ``encode``/``decode``, msgpack on the wire.
+
+* :class:`EncryptedInput` / :class:`EncryptedOutput` are the bytes a user holds (the CLI's
+  files). Besides the concrete ciphertext they name the model and the evaluation key they
+  belong to: concrete cannot tell that a ciphertext was encrypted under another client's keys
+  (measured: it computes garbage silently), so the platform refuses the mismatch up front.
+* :class:`QueryRequest` / :class:`QueryReply` are a query task's kwargs and result. Large
+  ciphertexts travel by reference (``*_ref``) through the blob store.
+* :func:`ok` / :func:`failed` / :func:`unwrap` are the result envelope of every task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from cipherpool.errors import CipherpoolError, MalformedCiphertext, RemoteError, from_wire
+
+
+@dataclass(frozen=True)
+class _Envelope:
+    FORMAT: ClassVar[str] = ""
+    model_id: str
+    key_id: str
+    data: bytes
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {"format": self.FORMAT, "model": self.model_id, "key": self.key_id, "data": self.data},
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes):
+        try:
+            obj = msgpack.unpackb(raw, raw=False)
+            if obj.get("format") != cls.FORMAT:
+                raise ValueError(f"format {obj.get('format')!r}")
+            return cls(model_id=str(obj["model"]), key_id=str(obj["key"]), data=bytes(obj["data"]))
+        except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+            raise MalformedCiphertext(
+                f"Not a cipherpool {cls.FORMAT.rsplit('/', 2)[1]} ({exc}); "
+                "pass the bytes that encrypt()/execute() produced, unmodified."
+            ) from None
+
+
+@dataclass(frozen=True)
+class EncryptedInput(_Envelope):
+    FORMAT: ClassVar[str] = "cipherpool/ciphertext/1"
+
+
+@dataclass(frozen=True)
+class EncryptedOutput(_Envelope):
+    FORMAT: ClassVar[str] = "cipherpool/result/1"
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    token: str
+    model_id: str
+    key_id: str
+    input: bytes | None = None  # the EncryptedInput bytes, when small enough to inline
+    input_ref: str | None = None  # else a payload id in the blob store
+    submitted_at: float = 0.0  # client's wall clock, for queue-wait figures
+
+    def encode(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def decode(cls, obj: dict[str, Any]) -> "QueryRequest":
+        return cls(**{k: obj.get(k) for k in cls.__dataclass_fields__ if k in obj})
+
+
+@dataclass(frozen=True)
+class QueryReply:
+    output: bytes | None = None
+    output_ref: str | None = None
+    node: str = ""
+    key_cache: str = ""  # "hit" or "miss"
+    timings: dict[str, float] = field(default_factory=dict)  # seconds, per step
+
+    def encode(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def decode(cls, obj: dict[str, Any]) -> "QueryReply":
+        return cls(**{k: obj.get(k) for k in cls.__dataclass_fields__ if k in obj})
+
+
+def ok(value: Any = None) -> dict[str, Any]:
+    return {"ok": True, "value": value}
+
+
+def failed(error: CipherpoolError) -> dict[str, Any]:
+    return {"ok": False, "error": error.to_wire()}
+
+
+def unwrap(envelope: Any) -> Any:
+    """The value of a task result, or the typed error it carries raised on this side."""
+    if not isinstance(envelope, dict) or "ok" not in envelope:
+        raise RemoteError("The platform answered with something that is not a result envelope.")
+    if envelope["ok"]:
+        return envelope.get("value")
+    raise from_wire(envelope.get("error") or {})
+
+
+SECRET_FIELDS = frozenset({"api_key", "token"})
+BULKY_FIELDS = frozenset({"input", "output", "request"})
+
+
+def redacted_kwargs(kwargs: dict[str, Any]) -> str:
+    """What logs and Flower show of a task's kwargs: no credentials, no ciphertexts."""
+    shown = {}
+    for key, value in kwargs.items():
+        if key in SECRET_FIELDS:
+            shown[key] = "***"
+        elif key in BULKY_FIELDS or isinstance(value, (bytes, bytearray)):
+            shown[key] = "<omitted>"
+        else:
+            shown[key] = value
+    return repr(shown)

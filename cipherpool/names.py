@@ -1,0 +1,23 @@
+"""Names shared by every process: queues, task names, Redis key prefixes.
+
+Kept in one place so that a client, which imports no platform code beyond this package, and
+a worker agree on them without either importing the other's modules.
+"""
+
+CONTROL_QUEUE = "cipherpool.control"  # management tasks, consumed by control workers
+POOL_QUEUE = "cipherpool.pool"  # a worker consuming this is a pool node (its role marker)
+NODE_QUEUE_PREFIX = "cipherpool.node."  # + node name: tasks for one node (bind, unbind, stats)
+MODEL_QUEUE_PREFIX = "cipherpool.model."  # + model id: the encrypted queries of one model
+
+TASK_PREFIX = "cipherpool."
+
+BLOB_PREFIX = "cipherpool:blob:"  # + kind + ":" + sha256 hex; content-addressed, no TTL
+PAYLOAD_PREFIX = "cipherpool:payload:"  # + uuid; large query payloads, with a TTL
+
+
+def node_queue(node_name: str) -> str:
+    return f"{NODE_QUEUE_PREFIX}{node_name}"
+
+
+def model_queue(model_id: str) -> str:
+    return f"{MODEL_QUEUE_PREFIX}{model_id}"

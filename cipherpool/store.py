@@ -1,0 +1,82 @@
+"""The shared blob store (Redis): model artifacts, evaluation keys, large query payloads.
+
+Artifacts and keys are content-addressed (sha256), so an upload is idempotent, a reader can
+verify what it got, and messages carry a 64-character id instead of tens of megabytes.
+Payloads (ciphertexts too large to inline) get random ids and a TTL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from enum import Enum
+
+import redis
+
+from cipherpool.errors import BrokerUnavailable, NotFound
+from cipherpool.names import BLOB_PREFIX, PAYLOAD_PREFIX
+
+
+class BlobKind(str, Enum):
+    CLIENT_ZIP = "client"
+    SERVER_ZIP = "server"
+    EVALUATION_KEY = "evk"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobStore:
+    def __init__(self, client: redis.Redis):
+        self._redis = client
+
+    @classmethod
+    def from_url(cls, url: str) -> "BlobStore":
+        return cls(redis.Redis.from_url(url, socket_connect_timeout=10, health_check_interval=30))
+
+    def put(self, kind: BlobKind, data: bytes) -> str:
+        blob_id = sha256_hex(data)
+        # NX: an identical upload from a second client is a no-op.
+        self._call(self._redis.set, self._key(kind, blob_id), data, nx=True)
+        return blob_id
+
+    def exists(self, kind: BlobKind, blob_id: str) -> bool:
+        return bool(self._call(self._redis.exists, self._key(kind, blob_id)))
+
+    def size(self, kind: BlobKind, blob_id: str) -> int:
+        return int(self._call(self._redis.strlen, self._key(kind, blob_id)))
+
+    def head(self, kind: BlobKind, blob_id: str, n: int) -> bytes:
+        """The first n bytes, without moving a whole key over the network."""
+        return bytes(self._call(self._redis.getrange, self._key(kind, blob_id), 0, n - 1) or b"")
+
+    def get(self, kind: BlobKind, blob_id: str) -> bytes:
+        data = self._call(self._redis.get, self._key(kind, blob_id))
+        if data is None:
+            raise NotFound(f"No {kind.value} blob {blob_id[:12]}… in the store.")
+        if sha256_hex(data) != blob_id:
+            raise NotFound(f"Blob {blob_id[:12]}… is corrupt in the store; upload it again.")
+        return data
+
+    def put_payload(self, data: bytes, ttl_s: int) -> str:
+        ref = uuid.uuid4().hex
+        self._call(self._redis.set, PAYLOAD_PREFIX + ref, data, ex=ttl_s)
+        return ref
+
+    def take_payload(self, ref: str) -> bytes:
+        data = self._call(self._redis.get, PAYLOAD_PREFIX + ref)
+        if data is None:
+            raise NotFound("The query payload expired or was never stored; submit it again.")
+        return data
+
+    @staticmethod
+    def _key(kind: BlobKind, blob_id: str) -> str:
+        return f"{BLOB_PREFIX}{kind.value}:{blob_id}"
+
+    @staticmethod
+    def _call(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except redis.ConnectionError as exc:
+            raise BrokerUnavailable(f"Cannot reach the blob store: {exc}") from exc

@@ -1,0 +1,8 @@
+"""Celery tasks: thin wrappers over services. ``celery -A cipherpool.tasks worker`` starts a
+control worker by default, a pool node with ``-Q cipherpool.pool`` (see README)."""
+
+from cipherpool.tasks.app import app
+from cipherpool.tasks import control, node, query  # noqa: F401  (registers the tasks)
+from cipherpool.workers import signals  # noqa: F401  (connects the handlers)
+
+__all__ = ["app"]

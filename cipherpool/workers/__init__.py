@@ -1,0 +1,1 @@
+"""Worker-side runtime: the platform context, pool-node state, query execution, signals."""

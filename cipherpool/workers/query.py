@@ -1,0 +1,67 @@
+"""Running one encrypted query on a pool node (the hot path).
+
+Order matters for cost: cheap checks (envelope, database authorisation) come before the
+evaluation key is fetched or deserialized, and the key is taken from the node's cache when it
+can be. Every refusal is a typed error that leaves the node serving.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cipherpool.errors import KeyMismatch, ModelMismatch
+from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest
+from cipherpool.services.queries import authorize_query, require_key
+from cipherpool.store import BlobKind
+from cipherpool.workers.context import PlatformContext
+from cipherpool.workers.node import NodeRuntime
+
+
+class NotBoundHere(Exception):
+    """The query reached a node that no longer serves its model (unbound meanwhile)."""
+
+
+def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest) -> QueryReply:
+    started = time.time()
+    timings = {"queue_wait_s": max(0.0, started - request.submitted_at) if request.submitted_at else 0.0}
+    binding = runtime.binding
+    if binding is None or binding.model_id != request.model_id:
+        raise NotBoundHere(request.model_id)
+
+    with ctx.session() as session:
+        token, _ = authorize_query(session, request.token, request.model_id)
+        require_key(session, token, request.key_id)
+    timings["authorize_s"] = time.time() - started
+
+    raw = request.input if request.input is not None else ctx.store.take_payload(request.input_ref or "")
+    encrypted = EncryptedInput.decode(raw)
+    if encrypted.model_id != request.model_id:
+        raise ModelMismatch("This ciphertext was encrypted for another model; encrypt it with this model's client.")
+    if encrypted.key_id != request.key_id:
+        raise KeyMismatch(
+            f"This ciphertext was encrypted under evaluation key {encrypted.key_id[:12]}…, but the query "
+            f"uses key {request.key_id[:12]}…: encrypt with the keys you uploaded (and decrypt with the same)."
+        )
+
+    t = time.time()
+
+    def load():
+        blob = ctx.store.get(BlobKind.EVALUATION_KEY, request.key_id)
+        return binding.evaluator.load_keys(blob), len(blob)
+
+    keys, hit = runtime.key_cache.get_or_load(request.key_id, load)
+    timings["key_s"] = time.time() - t
+
+    t = time.time()
+    output = binding.evaluator.run(encrypted.data, keys)
+    timings["compute_s"] = time.time() - t
+
+    body = EncryptedOutput(model_id=request.model_id, key_id=request.key_id, data=output).encode()
+    settings = ctx.settings
+    if len(body) > settings.inline_max_bytes:
+        reply_body = {"output_ref": ctx.store.put_payload(body, settings.payload_ttl_s)}
+    else:
+        reply_body = {"output": body}
+    timings["server_total_s"] = time.time() - started
+    runtime.record(ok=True, compute_s=timings["compute_s"])
+    return QueryReply(node=runtime.name, key_cache="hit" if hit else "miss", timings=timings, **reply_body)

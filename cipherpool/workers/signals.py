@@ -1,0 +1,108 @@
+"""Every Celery signal handler of cipherpool, each small and logging its own failure.
+
+A worker is a *pool node* when it consumes ``cipherpool.pool`` (the role marker queue);
+otherwise it is a control worker. Pool nodes
+
+* run the ``threads`` pool (forced if prefork was asked for: a prefork child forked after
+  an FHE run hangs, and each child would hold its own copy of hundreds of MB of keys),
+* set ``OMP_NUM_THREADS`` from the node profile before concrete is ever imported,
+* register in the database when ready, consume their own node queue, heartbeat, and rebind
+  the model the database says they serve (bindings survive a node restart),
+* are marked offline on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from celery import signals
+
+from cipherpool.names import POOL_QUEUE, TASK_PREFIX, node_queue
+from cipherpool.services import workers as worker_service
+from cipherpool.workers.binding import default_evaluator_factory
+from cipherpool.workers.context import platform
+from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
+
+log = logging.getLogger("cipherpool.node")
+_stop_heartbeat = threading.Event()
+
+
+@signals.worker_init.connect
+def on_worker_init(sender=None, **_kwargs) -> None:
+    try:
+        queues = set(sender.app.amqp.queues.consume_from or {})
+        if POOL_QUEUE not in queues:
+            return
+        settings = platform().settings
+        if settings.node_threads:
+            os.environ["OMP_NUM_THREADS"] = str(settings.node_threads)
+        pool = getattr(sender.pool_cls, "__name__", str(sender.pool_cls)).lower()
+        if "threads" not in pool and "solo" not in pool:
+            log.warning("pool node %s: using the threads pool instead of %s", sender.hostname, pool)
+            sender.pool_cls = "threads"
+        install_runtime(
+            NodeRuntime(
+                sender.hostname,
+                host_class=settings.host_class,
+                concurrency=int(sender.concurrency or 1),
+                threads=settings.node_threads,
+                key_cache_bytes=settings.key_cache_bytes,
+                key_memory_factor=settings.key_memory_factor,
+                evaluator_factory=default_evaluator_factory,
+            )
+        )
+    except Exception:
+        log.exception("worker_init handler failed")
+        raise
+
+
+@signals.worker_ready.connect
+def on_worker_ready(sender=None, **_kwargs) -> None:
+    runtime = current_runtime()
+    if runtime is None:
+        return
+    try:
+        sender.add_task_queue(node_queue(runtime.name))
+        ctx = platform()
+        with ctx.session() as session:
+            worker_service.register_node(
+                session, runtime.name, host_class=runtime.host_class,
+                concurrency=runtime.concurrency, threads=runtime.threads, pid=os.getpid(),
+            )
+            binding = worker_service.binding_of_node(session, runtime.name)
+        _start_heartbeat(runtime.name, ctx.settings.node_heartbeat_s)
+        if binding is not None:
+            worker, model = binding
+            log.info("node %s rebinding to model %s after restart", runtime.name, model.name)
+            sender.app.send_task(
+                TASK_PREFIX + "node.bind", kwargs={"worker_id": worker.id}, queue=node_queue(runtime.name)
+            )
+    except Exception:
+        log.exception("worker_ready handler failed")
+
+
+@signals.worker_shutdown.connect
+def on_worker_shutdown(sender=None, **_kwargs) -> None:
+    runtime = current_runtime()
+    if runtime is None:
+        return
+    _stop_heartbeat.set()
+    try:
+        with platform().session() as session:
+            worker_service.node_offline(session, runtime.name)
+    except Exception:
+        log.exception("worker_shutdown handler failed")
+
+
+def _start_heartbeat(name: str, interval_s: float) -> None:
+    def beat() -> None:
+        while not _stop_heartbeat.wait(interval_s):
+            try:
+                with platform().session() as session:
+                    worker_service.heartbeat(session, name)
+            except Exception:
+                log.exception("heartbeat of %s failed", name)
+
+    threading.Thread(target=beat, name="cipherpool-heartbeat", daemon=True).start()
