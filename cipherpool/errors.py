@@ -31,6 +31,7 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── InvalidDeployment                    directory is not a concrete-ml deployment
     │   ├── InvalidShape                         wrong input shape for encrypt()
     │   ├── MalformedCiphertext                  not a cipherpool ciphertext, or corrupt
+    │   ├── InvalidEvaluationKey                 truncated or unreadable evaluation key
     │   ├── KeyMismatch                          encrypted under other keys than the ones named
     │   └── ModelMismatch                        encrypted for another model
     └── PlatformError                   exit 7
@@ -161,6 +162,10 @@ class InvalidShape(InvalidInput):
 
 class MalformedCiphertext(InvalidInput):
     code = "malformed_ciphertext"
+
+
+class InvalidEvaluationKey(InvalidInput):
+    code = "invalid_evaluation_key"
 
 
 class KeyMismatch(InvalidInput):

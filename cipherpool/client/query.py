@@ -90,10 +90,11 @@ class QueryClient:
         return self.crypto.generate_keys(force=force)
 
     def upload_evaluation_keys(self) -> str:
-        """Put the evaluation key in the store (once: content-addressed) and register it."""
-        key = self.crypto.evaluation_key()
-        key_id = self._t.store.put(BlobKind.EVALUATION_KEY, key)
-        self._t.call(CLIENT_TASK + "register_key", token=self.token, key_id=key_id)
+        """Put the evaluation key in the store (content-addressed: an identical key is stored
+        once) and register it under this key set's id, which it returns."""
+        key_id = self.crypto.key_id()
+        blob_id = self._t.store.put(BlobKind.EVALUATION_KEY, self.crypto.evaluation_key())
+        self._t.call(CLIENT_TASK + "register_key", token=self.token, key_id=key_id, blob_id=blob_id)
         return key_id
 
     def encrypt(self, x: Any) -> bytes:

@@ -67,13 +67,17 @@ class AccessToken(SQLModel, table=True):
 
 
 class EvaluationKey(SQLModel, table=True):
-    """An evaluation key uploaded by one token's client for one model (the blob is shared
-    content-addressed storage; this row is the permission to use it)."""
+    """A client key set registered under one token: its random id (what queries and
+    ciphertexts name) and the content-addressed blob of its evaluation key.
+
+    Both are needed: models without bootstrapping have one and the same 64-byte evaluation
+    key for every client, so the blob's hash cannot tell two clients apart."""
 
     __tablename__ = "evaluation_keys"
     __table_args__ = (UniqueConstraint("token_id", "key_id"),)
     id: int | None = Field(default=None, primary_key=True)
-    key_id: str = Field(index=True)  # sha256 of the serialized key
+    key_id: str = Field(index=True)  # random id minted by the client with its key set
+    blob_id: str  # sha256 of the serialized evaluation key in the blob store
     token_id: str = Field(foreign_key="access_tokens.id", index=True)
     model_id: str = Field(foreign_key="models.id", index=True)
     size_bytes: int

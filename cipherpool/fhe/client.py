@@ -7,7 +7,7 @@ key is ever handed to the platform.
 
 from __future__ import annotations
 
-import hashlib
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import numpy as np
 from cipherpool.errors import InvalidShape, MalformedCiphertext
 from cipherpool.fhe.deployment import CLIENT_ZIP, read_versions
 
-KEY_ID_FILE = "evaluation_key.sha256"
+KEY_ID_FILE = "key_id"
 
 
 class ClientCrypto:
@@ -30,11 +30,16 @@ class ClientCrypto:
         self._client = FHEModelClient(str(spec_dir), key_dir=str(self.key_dir / "keyset"))
 
     def generate_keys(self, force: bool = False) -> str:
-        """Create (or load from key_dir) the key set; returns the evaluation key's id."""
+        """Create (or load from key_dir) the key set; returns its id.
+
+        The id is random, minted with the key set: it names this client's keys on the
+        platform and in every ciphertext, which the evaluation key's hash cannot do (models
+        without bootstrapping give every client the same evaluation key bytes)."""
         self._client.generate_private_and_evaluation_keys(force=force)
-        key_id = hashlib.sha256(self.evaluation_key()).hexdigest()
-        (self.key_dir / KEY_ID_FILE).write_text(key_id)
-        return key_id
+        path = self.key_dir / KEY_ID_FILE
+        if force or not path.exists():
+            path.write_text(uuid.uuid4().hex)
+        return path.read_text().strip()
 
     def evaluation_key(self) -> bytes:
         return self._client.get_serialized_evaluation_keys()

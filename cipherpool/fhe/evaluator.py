@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-from cipherpool.errors import MalformedCiphertext, ModelMismatch
+from cipherpool.errors import InvalidEvaluationKey, MalformedCiphertext, ModelMismatch
 from cipherpool.fhe.deployment import SERVER_ZIP, read_versions
 from cipherpool.fhe.framing import is_complete_message
 
@@ -46,11 +46,11 @@ class ConcreteEvaluator:
 
         if not is_complete_message(serialized):
             # Never hand a truncated key to concrete: its reader loops forever on one.
-            raise MalformedCiphertext("The evaluation key is truncated or corrupt; upload it again.")
+            raise InvalidEvaluationKey("The evaluation key is truncated or corrupt; upload it again.")
         try:
             return fhe.EvaluationKeys.deserialize(serialized)
         except RuntimeError as exc:
-            raise MalformedCiphertext(f"The evaluation key cannot be read: {exc}") from None
+            raise InvalidEvaluationKey(f"The evaluation key cannot be read: {exc}") from None
 
     def run(self, ciphertext: bytes, keys: Any) -> bytes:
         check_ciphertext_framing(ciphertext)

@@ -64,6 +64,10 @@ class KeyCache(Generic[V]):
                 self._stats.charged_bytes -= dropped
                 self._stats.evictions += 1
 
+    def __contains__(self, key_id: str) -> bool:
+        with self._lock:
+            return key_id in self._entries
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

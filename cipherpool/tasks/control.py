@@ -7,7 +7,7 @@ token (what an end user's QueryClient holds). Neither ever returns another tenan
 from __future__ import annotations
 
 from cipherpool.db.tables import Model, ModelStatus, NodeStatus, PoolNode, WorkerStatus
-from cipherpool.errors import EvaluationKeyNotFound, InvalidDeployment, MalformedCiphertext
+from cipherpool.errors import EvaluationKeyNotFound, InvalidDeployment, InvalidEvaluationKey
 from cipherpool.fhe.deployment import SERVER_ZIP, read_versions
 from cipherpool.fhe.framing import capnp_message_length, header_bytes_needed
 from cipherpool.names import TASK_PREFIX, node_queue
@@ -123,20 +123,23 @@ def describe_for_client(token: str) -> dict:
 
 
 @platform_task(app, TASK_PREFIX + "client.register_key")
-def register_key(token: str, key_id: str) -> dict:
-    """Let this token's client use an evaluation key it has put in the store."""
+def register_key(token: str, key_id: str, blob_id: str) -> dict:
+    """Let this token's client key set use an evaluation key it has put in the store.
+
+    Only the segment table is read (a few bytes, not tens of MB) to refuse a truncated key
+    here: concrete's reader never returns on one."""
     ctx = platform()
-    if not ctx.store.exists(BlobKind.EVALUATION_KEY, key_id):
+    if not ctx.store.exists(BlobKind.EVALUATION_KEY, blob_id):
         raise EvaluationKeyNotFound("The evaluation key was not found in the store; upload it again.")
-    size = ctx.store.size(BlobKind.EVALUATION_KEY, key_id)
-    head = ctx.store.head(BlobKind.EVALUATION_KEY, key_id, 8)
-    head = ctx.store.head(BlobKind.EVALUATION_KEY, key_id, header_bytes_needed(head))
+    size = ctx.store.size(BlobKind.EVALUATION_KEY, blob_id)
+    head = ctx.store.head(BlobKind.EVALUATION_KEY, blob_id, 8)
+    head = ctx.store.head(BlobKind.EVALUATION_KEY, blob_id, header_bytes_needed(head))
     if capnp_message_length(head) != size:
-        raise MalformedCiphertext("The uploaded evaluation key is truncated or corrupt; upload it again.")
+        raise InvalidEvaluationKey("The uploaded evaluation key is truncated or corrupt; upload it again.")
     with ctx.session() as session:
         token_row, _ = tokens.resolve_token(session, token)
-        queries.register_key(session, token_row, key_id, size)
-    return {"key_id": key_id, "size_bytes": size}
+        queries.register_key(session, token_row, key_id, blob_id, size)
+    return {"key_id": key_id, "blob_id": blob_id, "size_bytes": size}
 
 
 def _model_name(session, model_id: str) -> str:

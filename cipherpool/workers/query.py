@@ -30,7 +30,7 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest) -
 
     with ctx.session() as session:
         token, _ = authorize_query(session, request.token, request.model_id)
-        require_key(session, token, request.key_id)
+        blob_id = require_key(session, token, request.key_id).blob_id
     timings["authorize_s"] = time.time() - started
 
     raw = request.input if request.input is not None else ctx.store.take_payload(request.input_ref or "")
@@ -46,10 +46,10 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest) -
     t = time.time()
 
     def load():
-        blob = ctx.store.get(BlobKind.EVALUATION_KEY, request.key_id)
+        blob = ctx.store.get(BlobKind.EVALUATION_KEY, blob_id)
         return binding.evaluator.load_keys(blob), len(blob)
 
-    keys, hit = runtime.key_cache.get_or_load(request.key_id, load)
+    keys, hit = runtime.key_cache.get_or_load(blob_id, load)  # shared by identical keys
     timings["key_s"] = time.time() - t
 
     t = time.time()

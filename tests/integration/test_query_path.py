@@ -1,0 +1,81 @@
+"""End to end over real Redis and real `celery worker` pool nodes with real FHE models."""
+
+import numpy as np
+import pytest
+
+from cipherpool.store import BlobKind, sha256_hex
+
+pytestmark = pytest.mark.integration
+
+
+def assert_matches_clear(qc, example, rows):
+    x = example.x_test[rows]
+    decrypted = qc.predict(x)
+    clear = example.clear(x)
+    np.testing.assert_allclose(decrypted, clear, atol=1e-3)
+    assert (decrypted.argmax(axis=1) == clear.argmax(axis=1)).all()
+
+
+def test_digits_network_decrypts_to_the_clear_prediction(clients, examples):
+    # Three images as concurrent queries on a node running two at a time.
+    assert_matches_clear(clients["digits"], examples["digits"], slice(0, 3))
+
+
+def test_logistic_regression_decrypts_to_the_clear_prediction(clients, examples):
+    assert_matches_clear(clients["cancer"], examples["cancer"], slice(0, 6))
+
+
+def test_step_by_step_api_reports_timings(clients, examples):
+    qc = clients["cancer"]
+    ciphertext = qc.encrypt(examples["cancer"].x_test[0])
+    handle = qc.submit(ciphertext)
+    output = handle.result(timeout=60)
+    np.testing.assert_allclose(qc.decrypt(output), examples["cancer"].clear(examples["cancer"].x_test[:1]), atol=1e-3)
+    assert {"queue_wait_s", "authorize_s", "key_s", "compute_s", "end_to_end_s"} <= set(handle.timings)
+    assert handle.reply.node.startswith("node")
+
+
+def test_two_queries_in_a_row_reuse_the_cached_evaluation_key(platform, examples, tmp_path):
+    # Given a client with a brand-new key
+    qc = platform.query_client("digits", tmp_path / "k")
+    qc.generate_keys()
+    qc.upload_evaluation_keys()
+    before = platform.mc.worker_stats("digits")[0]["key_cache"]
+    # When it sends two queries
+    replies = []
+    for i in range(2):
+        handle = qc.submit(qc.encrypt(examples["digits"].x_test[i]))
+        handle.result()
+        replies.append(handle.reply.key_cache)
+    after = platform.mc.worker_stats("digits")[0]["key_cache"]
+    # Then the key was deserialized once and served from the cache the second time
+    assert replies == ["miss", "hit"]
+    assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (1, 1)
+    qc.close()
+
+
+def test_ciphertexts_above_the_inline_limit_travel_by_reference(platform, examples, tmp_path):
+    qc = platform.query_client("cancer", tmp_path / "k", inline_max_bytes=0)
+    qc.generate_keys()
+    qc.upload_evaluation_keys()
+    assert_matches_clear(qc, examples["cancer"], slice(0, 1))
+    qc.close()
+
+
+def test_evaluation_keys_are_content_addressed_and_uploaded_once(platform, clients):
+    qc = clients["digits"]
+    assert qc.upload_evaluation_keys() == qc.crypto.key_id()
+    blob_id = sha256_hex(qc.crypto.evaluation_key())
+    assert qc._t.store.exists(BlobKind.EVALUATION_KEY, blob_id)
+    assert qc._t.store.size(BlobKind.EVALUATION_KEY, blob_id) > 10_000_000  # bootstrapping key
+
+
+def test_worker_stop_and_start(platform, examples, clients):
+    mc = platform.mc
+    stopped = mc.stop_worker(platform.workers["cancer"])
+    assert stopped.status.value == "stopped"
+    assert all(w.status.value != "running" for w in mc.list_workers("cancer"))
+    started = mc.start_worker("cancer")
+    platform.workers["cancer"] = started.id
+    assert started.status.value == "running"
+    assert_matches_clear(clients["cancer"], examples["cancer"], slice(0, 1))

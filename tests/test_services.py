@@ -1,0 +1,149 @@
+"""Services over a real SQLite database: auth, tenancy, tokens, node claims."""
+
+from datetime import timedelta
+
+import pytest
+from sqlmodel import select
+
+from cipherpool import errors
+from cipherpool.db.tables import AccessToken, Account, ModelStatus, PoolNode, WorkerStatus, utcnow
+from cipherpool.fhe.deployment import Versions
+from cipherpool.services import accounts, models, queries, tokens, workers
+
+V = Versions("1.9.0", "2.10.0", "3.11")
+
+
+def deploy(session, account, name="m", hardware="cpu"):
+    return models.deploy_model(session, account, name, client_blob="c" * 64, server_blob="s" * 64, versions=V, hardware=hardware)
+
+
+@pytest.fixture
+def alice(session):
+    return accounts.create_account(session, "alice")
+
+
+def test_api_keys_are_stored_only_as_hashes(session, alice):
+    account, key = alice
+    row = session.exec(select(Account)).one()
+    assert key.startswith("cpk_") and key not in (row.api_key_hash, row.api_key_prefix)
+    assert accounts.authenticate(session, key).id == account.id
+
+
+@pytest.mark.parametrize("key", [None, "", "cpt_wrongkind", "cpk_unknown"])
+def test_bad_api_keys_are_refused(session, alice, key):
+    with pytest.raises(errors.InvalidApiKey):
+        accounts.authenticate(session, key)
+
+
+def test_tenants_do_not_see_each_other(session, alice):
+    account, _ = alice
+    bob, _ = accounts.create_account(session, "bob")
+    deploy(session, account, "digits")
+    assert models.list_models(session, bob) == []
+    with pytest.raises(errors.ModelNotFound):
+        models.get_model(session, bob, "digits")
+    with pytest.raises(errors.ModelNotFound):
+        tokens.create_token(session, bob, "t", "digits")
+    token, _ = tokens.create_token(session, account, "t", "digits")
+    with pytest.raises(errors.TokenNotFound):
+        tokens.revoke_token(session, bob, token.id)
+    assert tokens.list_tokens(session, bob) == []
+    deploy(session, bob, "digits")  # the same name in another account is fine
+
+
+def test_duplicate_model_names_conflict(session, alice):
+    deploy(session, alice[0], "m")
+    with pytest.raises(errors.ModelExists):
+        deploy(session, alice[0], "m")
+
+
+def test_tokens_are_hashed_revocable_and_expire(session, alice):
+    account, _ = alice
+    model = deploy(session, account)
+    token, value = tokens.create_token(session, account, "web", "m")
+    assert value not in {r.token_hash for r in session.exec(select(AccessToken))}
+    assert tokens.resolve_token(session, value)[1].id == model.id
+    assert tokens.resolve_token(session, value, now=utcnow())[0].id == token.id
+    tokens.revoke_token(session, account, token.id)
+    with pytest.raises(errors.InvalidToken, match="revoked"):
+        tokens.resolve_token(session, value)
+    _, short = tokens.create_token(session, account, "short", "m", ttl_s=60)
+    with pytest.raises(errors.InvalidToken, match="expired"):
+        tokens.resolve_token(session, short, now=utcnow() + timedelta(seconds=61))
+
+
+def test_query_authorisation(session, alice):
+    account, _ = alice
+    m1, m2 = deploy(session, account, "m1"), deploy(session, account, "m2")
+    _, value = tokens.create_token(session, account, "t", "m1")
+    with pytest.raises(errors.ModelInactive):
+        queries.authorize_query(session, value, m1.id)
+    models.set_status(session, account, "m1", ModelStatus.ACTIVE)
+    assert queries.authorize_query(session, value, m1.id)[1].id == m1.id
+    with pytest.raises(errors.TokenNotForModel):
+        queries.authorize_query(session, value, m2.id)
+    with pytest.raises(errors.InvalidToken):
+        queries.authorize_query(session, "cpt_nope", m1.id)
+
+
+def test_keys_belong_to_the_token_that_uploaded_them(session, alice):
+    account, _ = alice
+    deploy(session, account, "m")
+    t1, _ = tokens.create_token(session, account, "t1", "m")
+    t2, _ = tokens.create_token(session, account, "t2", "m")
+    queries.register_key(session, t1, "a" * 32, "b" * 64, 10)
+    queries.register_key(session, t1, "a" * 32, "c" * 64, 12)  # same key set re-uploaded
+    assert queries.require_key(session, t1, "a" * 32).blob_id == "c" * 64
+    with pytest.raises(errors.EvaluationKeyNotFound):
+        queries.require_key(session, t2, "a" * 32)
+    with pytest.raises(errors.InvalidEvaluationKey):
+        queries.register_key(session, t1, "not-hex", "b" * 64, 10)
+
+
+def register(session, name, host_class="cpu"):
+    return workers.register_node(session, name, host_class=host_class, concurrency=1, threads=1, pid=1)
+
+
+def test_each_node_is_claimed_once_and_freed_when_the_worker_ends(session, alice):
+    account, _ = alice
+    deploy(session, account, "m")
+    register(session, "n1")
+    register(session, "n2")
+    register(session, "g1", host_class="gpu")
+    w1 = workers.start_worker(session, account, "m", heartbeat_s=10)
+    w2 = workers.start_worker(session, account, "m", heartbeat_s=10)
+    assert {w1.node_name, w2.node_name} == {"n1", "n2"}  # never the gpu node for a cpu model
+    with pytest.raises(errors.NoFreeNode):
+        workers.start_worker(session, account, "m", heartbeat_s=10)
+    workers.mark_running(session, w1.id)
+    assert workers.binding_of_node(session, w1.node_name)[0].status == WorkerStatus.RUNNING
+    workers.finish(session, w1.id, WorkerStatus.STOPPED)
+    assert session.get(PoolNode, w1.node_name).worker_id is None
+    assert workers.binding_of_node(session, w1.node_name) is None
+    assert workers.start_worker(session, account, "m", heartbeat_s=10).node_name == w1.node_name
+
+
+def test_offline_and_stale_nodes_are_not_offered(session, alice):
+    account, _ = alice
+    deploy(session, account, "m")
+    register(session, "n1")
+    workers.node_offline(session, "n1")
+    with pytest.raises(errors.NoFreeNode):
+        workers.start_worker(session, account, "m", heartbeat_s=10)
+    workers.heartbeat(session, "n1")
+    node = session.get(PoolNode, "n1")
+    node.last_seen = utcnow() - timedelta(seconds=31)
+    session.add(node)
+    with pytest.raises(errors.NoFreeNode):
+        workers.start_worker(session, account, "m", heartbeat_s=10)
+
+
+def test_workers_of_other_accounts_are_invisible(session, alice):
+    account, _ = alice
+    bob, _ = accounts.create_account(session, "bob")
+    deploy(session, account, "m")
+    register(session, "n1")
+    w = workers.start_worker(session, account, "m", heartbeat_s=10)
+    with pytest.raises(errors.WorkerNotFound):
+        workers.request_stop(session, bob, w.id)
+    assert workers.list_workers(session, bob) == []
