@@ -17,6 +17,9 @@ from cipherpool.errors import BrokerUnavailable, NotFound
 from cipherpool.names import BLOB_PREFIX, PAYLOAD_PREFIX
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
 class BlobKind(str, Enum):
     CLIENT_ZIP = "client"
     SERVER_ZIP = "server"
@@ -33,7 +36,10 @@ class BlobStore:
 
     @classmethod
     def from_url(cls, url: str) -> "BlobStore":
-        return cls(redis.Redis.from_url(url, socket_connect_timeout=10, health_check_interval=30))
+        return cls(redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30))
+
+    def ping(self) -> None:
+        self._call(self._redis.ping)
 
     def put(self, kind: BlobKind, data: bytes) -> str:
         blob_id = sha256_hex(data)

@@ -21,7 +21,8 @@ def token() -> None:
 @pass_ctx
 def create(ctx: CliContext, name: str, model_name: str, ttl_s: float | None) -> None:
     """Create a token and print its value (shown once, stored only as a hash)."""
-    ctx.emit(ctx.management().create_token(name, model_name, ttl_s))
+    value = ctx.management().create_token(name, model_name, ttl_s)
+    ctx.emit({"name": name, "model": model_name, "token": value, "note": "shown once; store it now"})
 
 
 @token.command("list")

@@ -124,7 +124,7 @@ class QueryClient:
         encrypted = EncryptedOutput.decode(output)
         if encrypted.model_id != self.model["id"]:
             raise ModelMismatch("This result belongs to another model.")
-        if encrypted.key_id != self.crypto.key_id():
+        if encrypted.key_id != self.crypto.key_id():  # also loads the key set from key_dir
             raise KeyMismatch("This result was computed under other keys than this client's; it cannot be decrypted here.")
         return self.crypto.decrypt(encrypted.data)
 

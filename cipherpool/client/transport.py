@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -33,8 +34,13 @@ class Transport:
         self.settings = settings
         self.app = create_app(settings, name="cipherpool-client")
         self.store = BlobStore.from_url(settings.effective_store_url())
+        self._reachable = False
 
     def send(self, task: str, kwargs: dict[str, Any], queue: str = CONTROL_QUEUE) -> AsyncResult:
+        if not self._reachable:
+            # One ping up front: Celery's own reconnect loop would take ~20 s to give up.
+            self.store.ping()
+            self._reachable = True
         try:
             return self.app.send_task(task, kwargs=kwargs, queue=queue, kwargsrepr=redacted_kwargs(kwargs))
         except OperationalError as exc:
@@ -49,8 +55,12 @@ class Transport:
                 f"No answer to {what} within {timeout:g}s: is a worker serving it "
                 "(`cipherpool worker list`), and is the broker reachable?"
             ) from None
-        except OperationalError as exc:
+        except (OperationalError, redis.ConnectionError) as exc:
             raise BrokerUnavailable(f"Lost the broker at {self._where()}: {exc}") from None
+        except RuntimeError as exc:
+            if "result store" not in str(exc):
+                raise RemoteError(f"{what} failed on the platform: {exc}") from None
+            raise BrokerUnavailable(f"Cannot reach the result backend at {self._where()}.") from None
         except CipherpoolError:
             raise
         except Exception as exc:  # a bug on the platform side, reported as a FAILURE

@@ -28,6 +28,7 @@ class ClientCrypto:
         spec_dir.mkdir(parents=True, exist_ok=True)
         (spec_dir / CLIENT_ZIP).write_bytes(client_zip)
         self._client = FHEModelClient(str(spec_dir), key_dir=str(self.key_dir / "keyset"))
+        self._keys_loaded = False
 
     def generate_keys(self, force: bool = False) -> str:
         """Create (or load from key_dir) the key set; returns its id.
@@ -36,6 +37,7 @@ class ClientCrypto:
         platform and in every ciphertext, which the evaluation key's hash cannot do (models
         without bootstrapping give every client the same evaluation key bytes)."""
         self._client.generate_private_and_evaluation_keys(force=force)
+        self._keys_loaded = True
         path = self.key_dir / KEY_ID_FILE
         if force or not path.exists():
             path.write_text(uuid.uuid4().hex)
@@ -45,8 +47,11 @@ class ClientCrypto:
         return self._client.get_serialized_evaluation_keys()
 
     def key_id(self) -> str:
-        path = self.key_dir / KEY_ID_FILE
-        return path.read_text().strip() if path.exists() else self.generate_keys()
+        """This key set's id; loads the key set from key_dir (or makes one) on first use, so
+        that each CLI step, a process of its own, works with the keys of `query keygen`."""
+        if not self._keys_loaded:
+            return self.generate_keys()
+        return (self.key_dir / KEY_ID_FILE).read_text().strip()
 
     def encrypt(self, x: np.ndarray) -> bytes:
         sample = np.asarray(x)

@@ -1,0 +1,133 @@
+"""Query latency of the digits model: in process vs through the platform.
+
+Prints, in one run:
+  * FHEModelServer.run in this process with a cached (deserialized once) evaluation key,
+  * the same with the key deserialized on every call (what FHEModelServer.run(bytes) does),
+  * the platform's end-to-end `execute` latency over real Redis and a real pool node,
+  * the overhead: end to end minus in process, and end to end minus the node's own compute,
+  * a no-op management round trip (the Celery floor), and the node's resident memory.
+
+Usage: .venv/bin/python benchmarks/query_latency.py [--queries 20]
+Figures, not assertions: targets live in the README's performance section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def row(label: str, values: list[float]) -> str:
+    ms = [v * 1e3 for v in values]
+    return f"  {label:<44} median {statistics.median(ms):8.1f} ms   p95 {pct(ms, 0.95):8.1f} ms   (n={len(ms)})"
+
+
+def timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=20)
+    args = parser.parse_args()
+    n = max(20, args.queries)
+    root = Path(tempfile.mkdtemp(prefix="cipherpool-bench-"))
+    os.environ.setdefault("TMPDIR", str(root))
+
+    from concrete import fhe
+    from concrete.ml.deployment import FHEModelClient, FHEModelServer
+
+    from cipherpool.client import ManagementClient, QueryClient
+    from cipherpool.config.settings import Settings
+    from cipherpool.db import session_scope
+    from cipherpool.examples import train_digits
+    from cipherpool.services.accounts import create_account
+    from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+
+    print(f"cipherpool benchmark: digits MLP, {os.cpu_count()} cores, {n} queries per figure")
+    example = train_digits(root / "digits")
+    x = example.x_test[0].reshape(1, -1)
+
+    server = FHEModelServer(str(example.path))
+    client = FHEModelClient(str(example.path), key_dir=str(root / "bench-keys"))
+    key_bytes = client.get_serialized_evaluation_keys()
+    ciphertext = client.quantize_encrypt_serialize(x)
+    keys = fhe.EvaluationKeys.deserialize(key_bytes)
+    server.run(ciphertext, keys)  # warm-up
+    cached = timed(lambda: server.run(ciphertext, keys), n)
+    per_call = timed(lambda: server.run(ciphertext, key_bytes), n)
+    deserialize = timed(lambda: fhe.EvaluationKeys.deserialize(key_bytes), 5)
+
+    settings = Settings(data_dir=root / "platform", node_threads=os.cpu_count())
+    with EmbeddedStack(settings, StackOptions(workers=1, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")) as stack:
+        with session_scope(settings.effective_database_url()) as session:
+            _, api_key = create_account(session, "bench")
+        mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
+        mc.deploy_model("digits", example.path)
+        mc.activate_model("digits")
+        t = time.perf_counter()
+        mc.start_worker("digits")
+        bind_s = time.perf_counter() - t
+        qc = QueryClient(mc.create_token("bench", model="digits"), broker_url=stack.broker_url,
+                         settings=settings, key_dir=root / "client")
+        qc.generate_keys()
+        qc.upload_evaluation_keys()
+        encrypted = qc.encrypt(x[0])
+        first = timed(lambda: qc.execute(encrypted), 1)  # key fetched and deserialized on the node
+        end_to_end, compute, waits = [], [], []
+        for _ in range(n):
+            t = time.perf_counter()
+            qc.execute(encrypted)
+            end_to_end.append(time.perf_counter() - t)
+            compute.append(qc.last_timings["compute_s"])
+            waits.append(qc.last_timings["queue_wait_s"])
+        floor = timed(mc.list_models, n)
+        node_pid = next(c.pid for c in stack.supervisor.children if c.name == "node1")
+        node_rss = rss_mb(node_pid)
+        qc.close()
+        mc.close()
+
+    in_process = statistics.median(cached)
+    print()
+    print("in process (FHEModelServer.run):")
+    print(row("cached deserialized key", cached))
+    print(row("key deserialized per call", per_call))
+    print(row("EvaluationKeys.deserialize alone", deserialize))
+    print(f"  speed-up of the cache: {statistics.median(per_call) / in_process:.2f}x")
+    print()
+    print("through the platform (real Redis, one pool node, threads=%d):" % os.cpu_count())
+    print(f"  worker start (bind + model load)             {bind_s * 1e3:8.1f} ms")
+    print(f"  first query (key fetched + deserialized)     {first[0] * 1e3:8.1f} ms")
+    print(row("execute, end to end (cached key)", end_to_end))
+    print(row("node compute (same queries)", compute))
+    print(row("queue wait (same queries)", waits))
+    print(row("management round trip (Celery floor)", floor))
+    print()
+    print("overhead:")
+    print(f"  end to end - in process (medians)            {(statistics.median(end_to_end) - in_process) * 1e3:8.1f} ms")
+    print(row("end to end - node compute, per query", [e - c for e, c in zip(end_to_end, compute)]))
+    print(f"  pool node resident memory after the queries  {node_rss:8.0f} MB")
+    print(f"  evaluation key {len(key_bytes) / 1e6:.1f} MB, ciphertext {len(encrypted)} B")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates .venv with Python 3.11 and installs cipherpool with its pinned dependencies.
+# Idempotent: skips the install when pyproject.toml has not changed since the last one.
+# First run: about 6 GB (torch's CUDA libraries come with concrete-ml) and 2-4 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python() {
+  for candidate in "${PYTHON:-}" python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  echo "cipherpool needs Python 3.11 (concrete-ml 1.9.0); set PYTHON=/path/to/python3.11" >&2
+  return 1
+}
+
+extras="${1:-}"
+stamp=".venv/.cipherpool-installed${extras:+-$extras}"
+if [ ! -x .venv/bin/python ]; then
+  "$(find_python)" -m venv .venv
+fi
+wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
+  echo "$wanted" > "$stamp"
+fi

@@ -1,0 +1,56 @@
+"""The CLI's shape and its local commands, through click's CliRunner."""
+
+import pytest
+from click.testing import CliRunner
+
+from cipherpool.cli import cli
+
+NOUNS = {"up", "demo", "db", "admin", "model", "worker", "token", "query"}
+VERBS = {
+    "model": {"deploy", "list", "activate", "deactivate"},
+    "worker": {"start", "stop", "list", "stats"},
+    "token": {"create", "list", "revoke"},
+    "query": {"keygen", "upload-keys", "encrypt", "execute", "decrypt", "predict"},
+    "db": {"init"},
+}
+
+
+def test_the_group_has_the_nouns_and_verbs():
+    assert NOUNS <= set(cli.commands)
+    for noun, verbs in VERBS.items():
+        assert verbs <= set(cli.commands[noun].commands), noun
+
+
+@pytest.mark.parametrize("args", [[], ["model"], ["worker", "start"], ["query", "encrypt"], ["up"], ["demo"]])
+def test_help_works_everywhere(args):
+    result = CliRunner().invoke(cli, args + ["--help"])
+    assert result.exit_code == 0, result.output
+
+
+def test_db_init_and_account_creation_print_a_key_once(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--data-dir", str(tmp_path), "db", "init"]).exit_code == 0
+    result = runner.invoke(cli, ["--data-dir", str(tmp_path), "--json", "admin", "account", "create", "acme"])
+    assert result.exit_code == 0, result.output
+    assert '"api_key": "cpk_' in result.output
+    again = runner.invoke(cli, ["--data-dir", str(tmp_path), "admin", "account", "create", "acme"])
+    assert again.exit_code == 5 and "exists already" in again.output
+
+
+def test_a_management_command_without_a_broker_fails_clearly(tmp_path):
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "--api-key", "cpk_x", "model", "list"])
+    assert result.exit_code == 2
+    assert "CIPHERPOOL_BROKER_URL" in result.output
+
+
+def test_a_missing_token_fails_clearly(tmp_path):
+    result = CliRunner().invoke(cli, ["--broker-url", "redis://127.0.0.1:1/0", "query", "keygen"])
+    assert result.exit_code == 2 and "CIPHERPOOL_TOKEN" in result.output
+
+
+def test_python_dash_m_is_the_same_program():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "cipherpool", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Serve encrypted" in out.stdout
