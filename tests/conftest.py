@@ -32,13 +32,59 @@ def settings(tmp_path) -> Settings:
     return Settings(data_dir=tmp_path / "data")
 
 
-@pytest.fixture
-def db_url(settings) -> str:
-    from cipherpool.db import init_db
+POSTGRES_ADMIN_URL = os.environ.get("CIPHERPOOL_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
-    url = settings.effective_database_url()
+
+def _postgres_reachable() -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(POSTGRES_ADMIN_URL.replace("+psycopg", ""))
+    try:
+        import psycopg  # noqa: F401
+
+        with socket.create_connection((parsed.hostname, parsed.port or 5432), timeout=0.5):
+            return True
+    except (ImportError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL database on the loopback server, when there is one."""
+    if not _postgres_reachable():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 (the SQLite variant still runs)")
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"cipherpool_test_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    from cipherpool.db import get_engine
+
+    get_engine.cache_clear()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, settings) -> str:
+    """Each service test runs on SQLite (the default) and on PostgreSQL (by URL)."""
+    from sqlmodel import SQLModel
+
+    from cipherpool.db import get_engine, init_db
+
+    url = settings.effective_database_url() if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     init_db(url)
-    return url
+    yield url
+    if request.param == "postgresql":
+        engine = get_engine(url)
+        SQLModel.metadata.drop_all(engine)
+        engine.dispose()  # pooled connections hold prepared plans for the dropped tables
 
 
 @pytest.fixture

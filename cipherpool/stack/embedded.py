@@ -105,11 +105,13 @@ class EmbeddedStack:
         self._wait_ready(database_url)
 
     def _wait_ready(self, database_url: str) -> None:
-        """Ready when the control worker answers a ping and every node has registered."""
+        """Ready when the control worker answers a ping and every node has registered from
+        the very process we started (matched by pid, so rows left by an earlier run of the
+        same data directory do not count)."""
         from cipherpool.config.celery import create_app
 
         app = create_app(self.settings.model_copy(update={"broker_url": self.broker_url}), name="cipherpool-up")
-        expected = set(self.node_names)
+        expected = {(c.name, c.pid) for c in self.supervisor.children if c.name.startswith("node")}
         deadline = time.monotonic() + READY_TIMEOUT_S
         try:
             while time.monotonic() < deadline:
@@ -117,7 +119,8 @@ class EmbeddedStack:
                 if dead:
                     raise PlatformError(f"{dead[0].name} exited during start; see {dead[0].log_path}")
                 with session_scope(database_url) as session:
-                    online = set(session.exec(select(PoolNode.name).where(PoolNode.status == NodeStatus.ONLINE)))
+                    rows = session.exec(select(PoolNode.name, PoolNode.pid).where(PoolNode.status == NodeStatus.ONLINE))
+                    online = {(name.split("@")[0], pid) for name, pid in rows}
                 if expected <= online and app.control.ping(destination=[f"control@{_host()}"], timeout=0.5):
                     return
                 time.sleep(0.2)

@@ -1,0 +1,47 @@
+"""Bindings live in the database and blobs in Redis's append-only file: stopping the whole
+stack and starting it again on the same data directory brings the worker back by itself."""
+
+import numpy as np
+import pytest
+
+from cipherpool.client import ManagementClient, QueryClient
+from cipherpool.config.settings import Settings
+from cipherpool.db import session_scope
+from cipherpool.services.accounts import create_account
+from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_restarted_stack_rebinds_its_workers_and_keeps_models_and_keys(examples, tmp_path):
+    example = examples["cancer"]
+    settings = Settings(data_dir=tmp_path / "platform", query_timeout_s=120)
+    options = StackOptions(workers=1, beat=False, flower=False)
+    x = example.x_test[:1]
+
+    # Given a stack serving a model, with a client that uploaded its key
+    with EmbeddedStack(settings, options) as stack:
+        with session_scope(settings.effective_database_url()) as session:
+            _, api_key = create_account(session, "p")
+        mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
+        mc.deploy_model("cancer", example.path)
+        mc.activate_model("cancer")
+        worker = mc.start_worker("cancer")
+        token = mc.create_token("u", model="cancer")
+        qc = QueryClient(token, broker_url=stack.broker_url, settings=settings, key_dir=tmp_path / "keys")
+        qc.generate_keys()
+        qc.upload_evaluation_keys()
+        np.testing.assert_allclose(qc.predict(x[0]), example.clear(x), atol=1e-3)
+        qc.close()
+        mc.close()
+
+    # When every process is stopped and started again (Redis comes back on a new port)
+    with EmbeddedStack(settings, options) as stack:
+        mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
+        qc = QueryClient(token, broker_url=stack.broker_url, settings=settings, key_dir=tmp_path / "keys")
+        # Then the same client queries without redeploying, restarting or re-uploading anything
+        np.testing.assert_allclose(qc.predict(x[0]), example.clear(x), atol=1e-3)
+        [again] = mc.list_workers("cancer")
+        assert (again.id, again.status.value, again.node_status) == (worker.id, "running", "online")
+        qc.close()
+        mc.close()
