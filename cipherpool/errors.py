@@ -25,6 +25,7 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     ├── Conflict                        exit 5
     │   ├── ModelExists
     │   ├── ModelInactive                        queries refused until the model is activated
+    │   ├── ModelUnavailable                     no worker serves the model (query timed out)
     │   ├── NoFreeNode                           every pool node is bound or offline
     │   └── VersionMismatch                      client and server concrete versions differ
     ├── InvalidInput                    exit 6
@@ -137,6 +138,10 @@ class ModelExists(Conflict):
 
 class ModelInactive(Conflict):
     code = "model_inactive"
+
+
+class ModelUnavailable(Conflict):
+    code = "model_unavailable"
 
 
 class NoFreeNode(Conflict):

@@ -90,7 +90,7 @@ class ManagementClient:
         """Live figures of each running worker's node: query counts, compute times, key cache."""
         stats = []
         for worker in self.list_workers(model):
-            if worker.status == WorkerStatus.RUNNING:
+            if worker.status == WorkerStatus.RUNNING and worker.node_status == "online":
                 result = self._t.send(TASK_PREFIX + "node.stats", {}, queue=node_queue(worker.node))
                 stats.append({"worker_id": worker.id, **self._t.wait(result, self._t.settings.management_timeout_s, "node stats")})
         return stats

@@ -8,7 +8,6 @@ evaluation key (uploaded once, by content hash) and ciphertexts. ``predict`` is
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from celery.result import AsyncResult
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.credentials import digest
-from cipherpool.errors import ConfigurationError, KeyMismatch, ModelMismatch, QueryTimeout
+from cipherpool.errors import ConfigurationError, KeyMismatch, ModelMismatch, ModelUnavailable, QueryTimeout
 from cipherpool.fhe.client import ClientCrypto
 from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest
 from cipherpool.names import TASK_PREFIX, model_queue
@@ -38,23 +37,29 @@ class QueryHandle:
     submitted_at: float
     reply: QueryReply | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    _output: bytes | None = None
 
     @property
     def id(self) -> str:
         return self.async_result.id
 
     def result(self, timeout: float | None = None) -> bytes:
+        """The encrypted output (an EncryptedOutput envelope); waits at most timeout seconds."""
+        if self._output is not None:
+            return self._output
         timeout = timeout or self.client.settings.query_timeout_s
         try:
             value = self.client._t.wait(self.async_result, timeout, "the query")
         except QueryTimeout:
             self.async_result.revoke()  # do not compute an answer nobody waits for
+            self.client._explain_timeout()
             raise
         self.reply = QueryReply.decode(value)
         output = self.reply.output
         if output is None:
             output = self.client._t.store.take_payload(self.reply.output_ref or "")
         self.timings = {**self.reply.timings, "end_to_end_s": time.time() - self.submitted_at}
+        self._output = output
         return output
 
 
@@ -111,7 +116,8 @@ class QueryClient:
             input_ref=None if inline else self._t.store.put_payload(ciphertext, self.settings.payload_ttl_s),
             submitted_at=time.time(),
         )
-        result = self._t.send(QUERY_TASK, {"request": request.encode()}, queue=model_queue(request.model_id))
+        result = self._t.send(QUERY_TASK, {"request": request.encode()}, queue=model_queue(request.model_id),
+                              expires_s=self.settings.query_timeout_s)
         return QueryHandle(self, result, request.submitted_at)
 
     def execute(self, ciphertext: bytes, timeout: float | None = None) -> bytes:
@@ -129,14 +135,13 @@ class QueryClient:
         return self.crypto.decrypt(encrypted.data)
 
     def predict(self, x: Any, timeout: float | None = None) -> np.ndarray:
-        """Encrypt, execute and decrypt; a 2-D ``x`` runs its rows as concurrent queries."""
+        """Encrypt, execute and decrypt; a 2-D ``x`` runs its rows as concurrent queries
+        (all are submitted first, so the pool works on them in parallel while we wait)."""
         x = np.asarray(x)
         if x.ndim == 1:
             return self._predict_one(x, timeout)
         handles = [self.submit(self.encrypt(row)) for row in x]
-        with ThreadPoolExecutor(max_workers=min(8, len(handles)) or 1) as pool:
-            outputs = list(pool.map(lambda h: h.result(timeout), handles))
-        return np.concatenate([self.decrypt(o) for o in outputs])
+        return np.concatenate([self.decrypt(h.result(timeout)) for h in handles])
 
     def _predict_one(self, x: np.ndarray, timeout: float | None) -> np.ndarray:
         t0 = time.perf_counter()
@@ -147,6 +152,15 @@ class QueryClient:
         result = self.decrypt(output)
         self.last_timings = {**self.last_timings, "encrypt_s": t1 - t0, "decrypt_s": time.perf_counter() - t2}
         return result
+
+    def _explain_timeout(self) -> None:
+        """After a timeout (only then: it costs a round trip), say if no worker serves the model."""
+        described = self._t.call(CLIENT_TASK + "describe", token=self.token)
+        if not described.get("running_workers"):
+            raise ModelUnavailable(
+                f"No worker serves model {described['name']!r}: ask its provider to start one "
+                "(`cipherpool worker start`). The query was withdrawn."
+            )
 
     def close(self) -> None:
         self._t.close()

@@ -36,13 +36,16 @@ class Transport:
         self.store = BlobStore.from_url(settings.effective_store_url())
         self._reachable = False
 
-    def send(self, task: str, kwargs: dict[str, Any], queue: str = CONTROL_QUEUE) -> AsyncResult:
+    def send(self, task: str, kwargs: dict[str, Any], queue: str = CONTROL_QUEUE,
+             expires_s: float | None = None) -> AsyncResult:
+        """Publish a task; with ``expires_s`` a node discards it once nobody waits any more."""
         if not self._reachable:
             # One ping up front: Celery's own reconnect loop would take ~20 s to give up.
             self.store.ping()
             self._reachable = True
         try:
-            return self.app.send_task(task, kwargs=kwargs, queue=queue, kwargsrepr=redacted_kwargs(kwargs))
+            return self.app.send_task(task, kwargs=kwargs, queue=queue, kwargsrepr=redacted_kwargs(kwargs),
+                                      expires=expires_s)
         except OperationalError as exc:
             raise BrokerUnavailable(f"Cannot reach the broker at {self._where()}: {exc}") from None
 

@@ -110,6 +110,15 @@ def binding_of_node(session: Session, node_name: str) -> tuple[Worker, Model] | 
     return (worker, model) if model else None
 
 
+def running_count(session: Session, model_id: str) -> int:
+    """Workers of the model that serve from a node seen online."""
+    return len(session.exec(
+        select(Worker.id).join(PoolNode, PoolNode.name == Worker.node_name).where(
+            Worker.model_id == model_id, Worker.status == WorkerStatus.RUNNING, PoolNode.status == NodeStatus.ONLINE,
+        )
+    ).all())
+
+
 def list_workers(session: Session, account: Account, model_name: str | None = None) -> list[Worker]:
     query = select(Worker).where(Worker.account_id == account.id)
     if model_name:

@@ -119,6 +119,7 @@ def describe_for_client(token: str) -> dict:
         return {
             **models.describe(model),
             "client_blob": model.client_blob,
+            "running_workers": worker_service.running_count(session, model.id),
         }
 
 

@@ -55,6 +55,10 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
         current = runtime.binding
         if current is not None and current.worker_id == worker_id:
             return {"bound": True, "queue": current.queue}
+        if current is not None:  # claims are atomic, so only a stale message gets here
+            with ctx.session() as session:
+                finish(session, worker_id, WorkerStatus.FAILED, error=f"{runtime.name} serves another worker")
+            raise WorkerStartFailed(f"Node {runtime.name} already serves model {current.model_name!r}.")
         queue = model_queue(model.id)
         workdir = model_workdir(ctx, model.id)
         try:

@@ -7,6 +7,7 @@ can be. Every refusal is a typed error that leaves the node serving.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from cipherpool.errors import KeyMismatch, ModelMismatch
@@ -15,6 +16,8 @@ from cipherpool.services.queries import authorize_query, require_key
 from cipherpool.store import BlobKind
 from cipherpool.workers.context import PlatformContext
 from cipherpool.workers.node import NodeRuntime
+
+log = logging.getLogger("cipherpool.query")
 
 
 class NotBoundHere(Exception):
@@ -64,4 +67,6 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest) -
         reply_body = {"output": body}
     timings["server_total_s"] = time.time() - started
     runtime.record(ok=True, compute_s=timings["compute_s"])
+    log.info("query on %s: key %s, compute %.3f s, total %.3f s", binding.model_name,
+             "hit" if hit else "miss", timings["compute_s"], timings["server_total_s"])
     return QueryReply(node=runtime.name, key_cache="hit" if hit else "miss", timings=timings, **reply_body)

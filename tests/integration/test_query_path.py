@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from cipherpool import errors
+
 from cipherpool.store import BlobKind, sha256_hex
 
 pytestmark = pytest.mark.integration
@@ -75,6 +77,10 @@ def test_worker_stop_and_start(platform, examples, clients):
     stopped = mc.stop_worker(platform.workers["cancer"])
     assert stopped.status.value == "stopped"
     assert all(w.status.value != "running" for w in mc.list_workers("cancer"))
+    # With no worker, a query is withdrawn after its timeout with the reason.
+    qc = clients["cancer"]
+    with pytest.raises(errors.ModelUnavailable, match="worker start"):
+        qc.execute(qc.encrypt(examples["cancer"].x_test[0]), timeout=2)
     started = mc.start_worker("cancer")
     platform.workers["cancer"] = started.id
     assert started.status.value == "running"
