@@ -32,12 +32,15 @@ def up(ctx: CliContext, workers: int, concurrency: int, no_beat: bool, no_flower
         for name, where in stack.describe():
             click.echo(f"  {name:<10} {where}")
         click.echo(f"ready. In another shell:  export CIPHERPOOL_BROKER_URL={stack.broker_url}", nl=True)
-        reported: set[str] = set()
+        given_up: set[str] = set()
         while not stop.wait(1.0):
-            for child in stack.supervisor.dead():
-                if child.name not in reported:
-                    reported.add(child.name)
-                    click.echo(f"warning: {child.name} exited ({child.process.returncode}); see {child.log_path}", err=True)
+            restarted, failing = stack.supervisor.restart_dead()
+            for child in restarted:
+                click.echo(f"{child.name} exited; restarted as pid {child.pid} (log: {child.log_path})", err=True)
+            for child in failing:
+                if child.name not in given_up:
+                    given_up.add(child.name)
+                    click.echo(f"error: {child.name} keeps exiting at start; not restarting it. See {child.log_path}", err=True)
     finally:
         click.echo("stopping …")
         stack.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1024**3
@@ -50,12 +50,21 @@ class Settings(BaseSettings):
     management_timeout_s: float = 30.0
     worker_start_timeout_s: float = 300.0
     # Redis redelivers a task not acknowledged within this time; must exceed the longest query.
-    visibility_timeout_s: int = 3600
+    visibility_timeout_s: int = 600
     result_expires_s: int = 3600
     node_heartbeat_s: float = 10.0
 
     # Monitoring beside the pool.
     flower_port: int | None = None
+
+    @model_validator(mode="after")
+    def _redelivery_after_the_longest_query(self) -> "Settings":
+        if self.visibility_timeout_s <= self.query_timeout_s:
+            raise ValueError(
+                "CIPHERPOOL_VISIBILITY_TIMEOUT_S must exceed CIPHERPOOL_QUERY_TIMEOUT_S, or Redis "
+                "hands a running query to a second node"
+            )
+        return self
 
     def effective_database_url(self) -> str:
         if self.database_url:

@@ -14,12 +14,14 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("cipherpool.stack")
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 20.0
+QUICK_DEATH_S = 10.0  # a child that dies sooner than this after its start is crash-looping
+MAX_QUICK_DEATHS = 3
 
 
 def free_port() -> int:
@@ -40,6 +42,10 @@ class Child:
     name: str
     process: subprocess.Popen
     log_path: Path
+    argv: list[str]
+    env: dict[str, str]
+    started_at: float = field(default_factory=time.monotonic)
+    quick_deaths: int = 0  # consecutive exits within QUICK_DEATH_S of a start
 
     @property
     def pid(self) -> int:
@@ -56,18 +62,38 @@ class Supervisor:
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{name}.log"
-        with open(log_path, "ab") as out:
-            process = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent,
-            )
-        child = Child(name, process, log_path)
+        child = Child(name, self._spawn(name, argv, env), self.log_dir / f"{name}.log", argv, env)
         self.children.append(child)
         return child
 
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        with open(self.log_dir / f"{name}.log", "ab") as out:
+            return subprocess.Popen(
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+
     def dead(self) -> list[Child]:
         return [c for c in self.children if not c.alive()]
+
+    def restart_dead(self) -> tuple[list[Child], list[Child]]:
+        """Start again, with the same command, every child that exited; (restarted, given up).
+
+        A child that keeps dying within QUICK_DEATH_S of its start is given up after
+        MAX_QUICK_DEATHS tries, so a broken configuration does not spin forever."""
+        restarted, given_up = [], []
+        for child in self.dead():
+            quick = time.monotonic() - child.started_at < QUICK_DEATH_S
+            child.quick_deaths = child.quick_deaths + 1 if quick else 0
+            if child.quick_deaths >= MAX_QUICK_DEATHS:
+                given_up.append(child)
+                continue
+            log.warning("%s (pid %s) exited with %s; restarting it", child.name, child.pid, child.process.returncode)
+            _signal_group(child, signal.SIGKILL)  # anything it left in its group
+            child.process = self._spawn(child.name, child.argv, child.env)
+            child.started_at = time.monotonic()
+            restarted.append(child)
+        return restarted, given_up
 
     def stop_all(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM each group (newest first), then SIGKILL what outlives the grace period."""

