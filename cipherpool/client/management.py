@@ -73,7 +73,10 @@ class ManagementClient:
             return worker
         worker = self._wait_while(worker, WorkerStatus.STARTING, timeout)
         if worker.status != WorkerStatus.RUNNING:
-            raise WorkerStartFailed(f"Worker {worker.id} on {worker.node} is {worker.status.value}: {worker.error or 'no reason given'}")
+            reason = worker.error or ("still loading after the timeout" if worker.status == WorkerStatus.STARTING else "no reason given")
+            raise WorkerStartFailed(
+                f"Worker {worker.id} for model {worker.model!r} on {worker.node} is {worker.status.value}: {reason}"
+            )
         return worker
 
     def stop_worker(self, worker_id: str, *, wait: bool = True, timeout: float | None = None) -> WorkerInfo:
