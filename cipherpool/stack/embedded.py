@@ -25,6 +25,7 @@ from cipherpool.stack.supervisor import Supervisor, free_port
 
 READY_TIMEOUT_S = 120.0
 CONTROL_CONCURRENCY = 4  # management tasks are short and mostly wait on I/O
+CELERY = [sys.executable, "-m", "celery", "-A", "cipherpool.tasks"]
 
 
 @dataclass
@@ -77,32 +78,34 @@ class EmbeddedStack:
             "CIPHERPOOL_DATABASE_URL": database_url,
             "CIPHERPOOL_NODE_THREADS": str(threads),
         }
-        celery = [sys.executable, "-m", "celery", "-A", "cipherpool.tasks"]
+        self._start_workers()
+        self._start_beat_and_flower()
+        self._wait_ready(database_url)
+
+    def _start_workers(self) -> None:
         quiet = ["--without-gossip", "--without-mingle", "--loglevel", self.options.loglevel]
         self.supervisor.start(
             "control",
-            celery + ["worker", "-Q", CONTROL_QUEUE, "-P", "threads", "-c", str(CONTROL_CONCURRENCY),
+            CELERY + ["worker", "-Q", CONTROL_QUEUE, "-P", "threads", "-c", str(CONTROL_CONCURRENCY),
                       "-n", f"control@{_host()}"] + quiet,
             self.env,
         )
         for name in self.node_names:
             self.supervisor.start(
                 name.split("@")[0],
-                celery + ["worker", "-Q", POOL_QUEUE, "-P", "threads", "-c", str(self.options.node_concurrency),
+                CELERY + ["worker", "-Q", POOL_QUEUE, "-P", "threads", "-c", str(self.options.node_concurrency),
                           "-n", name] + quiet,
                 self.env,
             )
+
+    def _start_beat_and_flower(self) -> None:
         if self.options.beat:
-            self.supervisor.start(
-                "beat",
-                celery + ["beat", "-s", str(self.data_dir / "celerybeat-schedule"), "--loglevel", self.options.loglevel],
-                self.env,
-            )
+            schedule = str(self.data_dir / "celerybeat-schedule")
+            self.supervisor.start("beat", CELERY + ["beat", "-s", schedule, "--loglevel", self.options.loglevel], self.env)
         if self.options.flower:
             port = self.settings.flower_port or free_port()
-            self.supervisor.start("flower", celery + ["flower", "--address=127.0.0.1", f"--port={port}"], self.env)
+            self.supervisor.start("flower", CELERY + ["flower", "--address=127.0.0.1", f"--port={port}"], self.env)
             self.flower_url = f"http://127.0.0.1:{port}"
-        self._wait_ready(database_url)
 
     def _wait_ready(self, database_url: str) -> None:
         """Ready when the control worker answers a ping and every node has registered from

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from cipherpool.errors import KeyMismatch, ModelMismatch
 from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest
@@ -31,20 +32,9 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest) -
     if binding is None or binding.model_id != request.model_id:
         raise NotBoundHere(request.model_id)
 
-    with ctx.session() as session:
-        token, _ = authorize_query(session, request.token, request.model_id)
-        blob_id = require_key(session, token, request.key_id).blob_id
+    blob_id = _authorize(ctx, request)
     timings["authorize_s"] = time.time() - started
-
-    raw = request.input if request.input is not None else ctx.store.take_payload(request.input_ref or "")
-    encrypted = EncryptedInput.decode(raw)
-    if encrypted.model_id != request.model_id:
-        raise ModelMismatch("This ciphertext was encrypted for another model; encrypt it with this model's client.")
-    if encrypted.key_id != request.key_id:
-        raise KeyMismatch(
-            f"This ciphertext was encrypted under evaluation key {encrypted.key_id[:12]}…, but the query "
-            f"uses key {request.key_id[:12]}…: encrypt with the keys you uploaded (and decrypt with the same)."
-        )
+    encrypted = _open(ctx, request)
 
     t = time.time()
 
@@ -59,14 +49,38 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest) -
     output = binding.evaluator.run(encrypted.data, keys)
     timings["compute_s"] = time.time() - t
 
-    body = EncryptedOutput(model_id=request.model_id, key_id=request.key_id, data=output).encode()
-    settings = ctx.settings
-    if len(body) > settings.inline_max_bytes:
-        reply_body = {"output_ref": ctx.store.put_payload(body, settings.payload_ttl_s)}
-    else:
-        reply_body = {"output": body}
+    reply = _reply(ctx, request, output)
     timings["server_total_s"] = time.time() - started
     runtime.record(ok=True, compute_s=timings["compute_s"])
     log.info("query on %s: key %s, compute %.3f s, total %.3f s", binding.model_name,
              "hit" if hit else "miss", timings["compute_s"], timings["server_total_s"])
-    return QueryReply(node=runtime.name, key_cache="hit" if hit else "miss", timings=timings, **reply_body)
+    return QueryReply(node=runtime.name, key_cache="hit" if hit else "miss", timings=timings, **reply)
+
+
+def _authorize(ctx: PlatformContext, request: QueryRequest) -> str:
+    """The blob id of the evaluation key this query may use, or the reason it may not run."""
+    with ctx.session() as session:
+        token, _ = authorize_query(session, request.token, request.model_id)
+        return require_key(session, token, request.key_id).blob_id
+
+
+def _open(ctx: PlatformContext, request: QueryRequest) -> EncryptedInput:
+    """The ciphertext envelope, checked to belong to this model and this client's key set."""
+    raw = request.input if request.input is not None else ctx.store.take_payload(request.input_ref or "")
+    encrypted = EncryptedInput.decode(raw)
+    if encrypted.model_id != request.model_id:
+        raise ModelMismatch("This ciphertext was encrypted for another model; encrypt it with this model's client.")
+    if encrypted.key_id != request.key_id:
+        raise KeyMismatch(
+            f"This ciphertext was encrypted under key set {encrypted.key_id[:12]}…, but the query "
+            f"uses key set {request.key_id[:12]}…: encrypt with the keys you uploaded (and decrypt with the same)."
+        )
+    return encrypted
+
+
+def _reply(ctx: PlatformContext, request: QueryRequest, output: bytes) -> dict[str, Any]:
+    """The encrypted result, inline or (when large) by reference through the store."""
+    body = EncryptedOutput(model_id=request.model_id, key_id=request.key_id, data=output).encode()
+    if len(body) > ctx.settings.inline_max_bytes:
+        return {"output_ref": ctx.store.put_payload(body, ctx.settings.payload_ttl_s)}
+    return {"output": body}
