@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -51,8 +52,14 @@ def main() -> None:
     args = parser.parse_args()
     n = max(20, args.queries)
     root = Path(tempfile.mkdtemp(prefix="cipherpool-bench-"))
-    os.environ.setdefault("TMPDIR", str(root))
+    tempfile.tempdir = str(root)  # concrete's compile directories go here, removed at the end
+    try:
+        run(root, n)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
+
+def run(root: Path, n: int) -> None:
     from concrete import fhe
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
 

@@ -133,8 +133,11 @@ def run_demo(settings: Settings, demo_dir: Path | None, *, workers: int = 1, ech
     """Run the demo in demo_dir (kept), or in a temporary directory removed afterwards."""
     root = demo_dir.resolve() if demo_dir else Path(tempfile.mkdtemp(prefix="cipherpool-demo-"))
     root.mkdir(parents=True, exist_ok=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    previous_tmp, tempfile.tempdir = tempfile.tempdir, str(root / "tmp")  # concrete's compile dirs
     try:
         Demo(settings, root, workers, echo).run()
     finally:
+        tempfile.tempdir = previous_tmp
         if demo_dir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -8,6 +8,7 @@ what an operator would run by hand with `celery -A cipherpool.tasks ...`.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,11 @@ class EmbeddedStack:
             _, self.broker_url = start_redis(self.supervisor, self.data_dir / "redis")
         database_url = self.settings.effective_database_url()
         init_db(database_url)
+        # Concrete leaves a directory in the temp folder for each circuit it loads: keep them
+        # under the data directory and clear what an earlier run left there.
+        tmp = self.data_dir / "tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         threads = self.settings.node_threads or max(
             1, (os.cpu_count() or 1) // (self.options.workers * self.options.node_concurrency)
         )
@@ -77,6 +83,7 @@ class EmbeddedStack:
             "CIPHERPOOL_DATA_DIR": str(self.data_dir),
             "CIPHERPOOL_DATABASE_URL": database_url,
             "CIPHERPOOL_NODE_THREADS": str(threads),
+            "TMPDIR": str(tmp),
         }
         self._start_workers()
         self._start_beat_and_flower()
