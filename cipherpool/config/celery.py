@@ -17,12 +17,18 @@ from cipherpool.names import CONTROL_QUEUE
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    visibility = {"visibility_timeout": settings.visibility_timeout_s}
+    # kombu sweeps for abandoned (unacknowledged) messages only every interval x throttle
+    # seconds, 100 s by default; sweep a few times per visibility timeout instead.
+    sweep = {
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+        "unacked_restore_throttle": 1,
+    }
     return {
         "broker_url": settings.effective_broker_url(),
         "result_backend": settings.effective_result_backend(),
-        "broker_transport_options": transport,
-        "result_backend_transport_options": transport,
+        "broker_transport_options": {**visibility, **sweep},
+        "result_backend_transport_options": visibility,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "msgpack",
         "result_serializer": "msgpack",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1024**3
@@ -49,22 +49,15 @@ class Settings(BaseSettings):
     query_timeout_s: float = 300.0
     management_timeout_s: float = 30.0
     worker_start_timeout_s: float = 300.0
-    # Redis redelivers a task not acknowledged within this time; must exceed the longest query.
-    visibility_timeout_s: int = 600
+    # Redis redelivers a task not acknowledged this long after a node took it (a killed node's
+    # query). Above the longest single FHE run (seconds here; raise it for big models), and
+    # below query_timeout_s so that the redelivered query still has a client waiting.
+    visibility_timeout_s: int = 120
     result_expires_s: int = 3600
     node_heartbeat_s: float = 10.0
 
     # Monitoring beside the pool.
     flower_port: int | None = None
-
-    @model_validator(mode="after")
-    def _redelivery_after_the_longest_query(self) -> "Settings":
-        if self.visibility_timeout_s <= self.query_timeout_s:
-            raise ValueError(
-                "CIPHERPOOL_VISIBILITY_TIMEOUT_S must exceed CIPHERPOOL_QUERY_TIMEOUT_S, or Redis "
-                "hands a running query to a second node"
-            )
-        return self
 
     def effective_database_url(self) -> str:
         if self.database_url:
@@ -86,6 +79,15 @@ class Settings(BaseSettings):
 
     def effective_store_url(self) -> str:
         return self.store_url or self.effective_broker_url()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as CIPHERPOOL_* variables, so child processes see exactly these."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"CIPHERPOOL_{name.upper()}"] = str(value)
+    return env
 
 
 @lru_cache(maxsize=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlmodel import select
 
-from cipherpool.config.settings import Settings
+from cipherpool.config.settings import Settings, settings_env
 from cipherpool.db import init_db, session_scope
 from cipherpool.db.tables import NodeStatus, PoolNode
 from cipherpool.errors import PlatformError
@@ -79,6 +79,7 @@ class EmbeddedStack:
         )
         self.env = {
             **os.environ,
+            **settings_env(self.settings),
             "CIPHERPOOL_BROKER_URL": self.broker_url,
             "CIPHERPOOL_DATA_DIR": str(self.data_dir),
             "CIPHERPOOL_DATABASE_URL": database_url,

@@ -40,7 +40,6 @@ class QueryCounters:
     refused: int = 0
     compute_s_total: float = 0.0
     last_compute_s: float | None = None
-    in_flight: int = 0
 
 
 class NodeRuntime:
@@ -90,6 +89,7 @@ class NodeRuntime:
             "model_id": binding.model_id if binding else None,
             "model": binding.model_name if binding else None,
             "worker_id": binding.worker_id if binding else None,
+            "bound_for_s": time.time() - binding.bound_at if binding else None,
             "queries_succeeded": c.succeeded,
             "queries_refused": c.refused,
             "average_compute_s": c.compute_s_total / c.succeeded if c.succeeded else None,

@@ -3,6 +3,7 @@ stack and starting it again on the same data directory brings the worker back by
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -56,5 +57,42 @@ def test_a_restarted_stack_rebinds_its_workers_and_keeps_models_and_keys(example
         restarted, _ = stack.supervisor.restart_dead()
         assert restarted == [node] and node.pid != killed
         np.testing.assert_allclose(qc.predict(x[0]), example.clear(x), atol=1e-3)
+        qc.close()
+        mc.close()
+
+
+def test_a_query_on_a_killed_node_is_redelivered_to_its_replacement(examples, tmp_path):
+    example = examples["digits"]
+    # A short visibility timeout so that the test sees the redelivery within seconds.
+    settings = Settings(data_dir=tmp_path / "platform", query_timeout_s=120, visibility_timeout_s=6)
+    with EmbeddedStack(settings, StackOptions(workers=1, beat=False, flower=False)) as stack:
+        with session_scope(settings.effective_database_url()) as session:
+            _, api_key = create_account(session, "p")
+        mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
+        mc.deploy_model("digits", example.path)
+        mc.activate_model("digits")
+        mc.start_worker("digits")
+        qc = QueryClient(mc.create_token("u", model="digits"), broker_url=stack.broker_url,
+                         settings=settings, key_dir=tmp_path / "keys")
+        qc.generate_keys()
+        qc.upload_evaluation_keys()
+        x = example.x_test[:1]
+
+        # Given a query the node has started computing
+        handle = qc.submit(qc.encrypt(x[0]))
+        deadline = time.monotonic() + 30
+        while handle.async_result.state != "STARTED" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handle.async_result.state == "STARTED"
+
+        # When the node dies mid-query and the supervisor brings it back
+        node = next(c for c in stack.supervisor.children if c.name == "node1")
+        os.kill(node.pid, signal.SIGKILL)
+        node.process.wait(timeout=10)
+        node.started_at -= 60
+        stack.supervisor.restart_dead()
+
+        # Then the query is redelivered to the new node and the client gets its answer
+        np.testing.assert_allclose(qc.decrypt(handle.result(timeout=90)), example.clear(x), atol=1e-3)
         qc.close()
         mc.close()
