@@ -54,3 +54,16 @@ def test_python_dash_m_is_the_same_program():
 
     out = subprocess.run([sys.executable, "-m", "cipherpool", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "Serve encrypted" in out.stdout
+
+
+def test_clients_import_no_database_or_worker_code():
+    """A client holds a broker URL and a credential; it must not even import the database."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cipherpool; from cipherpool import ManagementClient, QueryClient; "
+            "print(sorted(m for m in ('sqlmodel', 'sqlalchemy', 'cipherpool.db', 'cipherpool.tasks', "
+            "'cipherpool.workers', 'concrete', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
