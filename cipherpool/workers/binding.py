@@ -63,7 +63,7 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
         workdir = model_workdir(ctx, model.id)
         try:
             server_zip = ctx.store.get(BlobKind.SERVER_ZIP, model.server_blob)
-            evaluator = runtime.evaluator_factory(server_zip, workdir)
+            evaluator = runtime.load_evaluator(server_zip, workdir)
             runtime.set_binding(Binding(worker_id, model.id, model.name, queue, evaluator, workdir=workdir))
             _consume(app, runtime.name, queue, start=True)
         except Exception as exc:  # any failure to load is reported on the binding, not lost

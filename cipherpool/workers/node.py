@@ -38,6 +38,7 @@ class Binding:
 class QueryCounters:
     succeeded: int = 0
     refused: int = 0
+    model_loads: int = 0  # FHEModelServer loads: once per bind, never per query
     compute_s_total: float = 0.0
     last_compute_s: float | None = None
 
@@ -67,6 +68,12 @@ class NodeRuntime:
         if previous is not None and (binding is None or binding.model_id != previous.model_id):
             self.key_cache.clear()  # keys of the old model are useless now
 
+    def load_evaluator(self, server_zip: bytes, workdir: Path) -> Evaluator:
+        evaluator = self.evaluator_factory(server_zip, workdir)
+        with self._lock:
+            self.counters.model_loads += 1
+        return evaluator
+
     def record(self, *, ok: bool, compute_s: float | None = None) -> None:
         with self._lock:
             if ok:
@@ -90,6 +97,7 @@ class NodeRuntime:
             "model": binding.model_name if binding else None,
             "worker_id": binding.worker_id if binding else None,
             "bound_for_s": time.time() - binding.bound_at if binding else None,
+            "model_loads": c.model_loads,
             "queries_succeeded": c.succeeded,
             "queries_refused": c.refused,
             "average_compute_s": c.compute_s_total / c.succeeded if c.succeeded else None,

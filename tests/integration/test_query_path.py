@@ -49,10 +49,13 @@ def test_two_queries_in_a_row_reuse_the_cached_evaluation_key(platform, examples
         handle = qc.submit(qc.encrypt(examples["digits"].x_test[i]))
         handle.result()
         replies.append(handle.reply.key_cache)
-    after = platform.mc.worker_stats("digits")[0]["key_cache"]
+    stats = platform.mc.worker_stats("digits")[0]
+    after = stats["key_cache"]
     # Then the key was deserialized once and served from the cache the second time
     assert replies == ["miss", "hit"]
     assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (1, 1)
+    # and the model itself was loaded once, when the node was bound, not per query
+    assert stats["model_loads"] == 1 and stats["queries_succeeded"] >= 2
     qc.close()
 
 
