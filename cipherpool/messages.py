@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from cipherpool.errors import CipherpoolError, MalformedCiphertext, RemoteError, from_wire
+from cipherpool.errors import CipherpoolError, InvalidInput, MalformedCiphertext, RemoteError, from_wire
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,19 @@ class QueryRequest:
         return asdict(self)
 
     @classmethod
-    def decode(cls, obj: dict[str, Any]) -> "QueryRequest":
-        return cls(**{k: obj.get(k) for k in cls.__dataclass_fields__ if k in obj})
+    def decode(cls, obj: Any) -> "QueryRequest":
+        """A request from the wire, type-checked: a hand-made message gets a typed refusal."""
+        try:
+            request = cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
+            checks = [isinstance(request.token, str), isinstance(request.model_id, str),
+                      isinstance(request.key_id, str), isinstance(request.input, (bytes, type(None))),
+                      isinstance(request.input_ref, (str, type(None))), isinstance(request.submitted_at, (int, float)),
+                      (request.input is None) != (request.input_ref is None)]
+        except (TypeError, KeyError):
+            checks = [False]
+        if not all(checks):
+            raise InvalidInput("Malformed query message; send queries with QueryClient.submit().")
+        return request
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 import msgpack
 import pytest
 
-from cipherpool.errors import MalformedCiphertext
+from cipherpool.errors import InvalidInput, MalformedCiphertext
 from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest, redacted_kwargs
 
 
@@ -28,6 +28,22 @@ def test_request_and_reply_round_trip():
     assert QueryRequest.decode(req.encode()) == req
     rep = QueryReply(output=b"y", node="n", key_cache="hit", timings={"compute_s": 1.0})
     assert QueryReply.decode(rep.encode()) == rep
+
+
+@pytest.mark.parametrize("obj", [
+    "not a dict", None, {}, {"token": "t", "model_id": "m", "key_id": "k"},  # neither input nor ref
+    {"token": 1, "model_id": "m", "key_id": "k", "input": b"x"},
+    {"token": "t", "model_id": "m", "key_id": "k", "input": "text, not bytes"},
+    {"token": "t", "model_id": "m", "key_id": "k", "input": b"x", "input_ref": "r"},
+])
+def test_malformed_requests_are_refused_with_a_typed_error(obj):
+    with pytest.raises(InvalidInput):
+        QueryRequest.decode(obj)
+
+
+def test_unknown_fields_are_ignored_so_newer_clients_reach_older_nodes():
+    obj = {"token": "t", "model_id": "m", "key_id": "k", "input": b"x", "added_later": 1}
+    assert QueryRequest.decode(obj).input == b"x"
 
 
 def test_credentials_and_ciphertexts_never_reach_monitoring():
