@@ -130,12 +130,15 @@ def test_offline_and_stale_nodes_are_not_offered(session, alice):
     workers.node_offline(session, "n1")
     with pytest.raises(errors.NoFreeNode):
         workers.start_worker(session, account, "m", heartbeat_s=10)
+    assert not workers.node_is_live(session, "n1", heartbeat_s=10)
     workers.heartbeat(session, "n1")
+    assert workers.node_is_live(session, "n1", heartbeat_s=10)
     node = session.get(PoolNode, "n1")
     node.last_seen = utcnow() - timedelta(seconds=31)
     session.add(node)
     with pytest.raises(errors.NoFreeNode):
         workers.start_worker(session, account, "m", heartbeat_s=10)
+    assert not workers.node_is_live(session, "n1", heartbeat_s=10)
 
 
 def test_workers_of_other_accounts_are_invisible(session, alice):

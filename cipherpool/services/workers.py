@@ -37,18 +37,22 @@ def node_offline(session: Session, name: str) -> None:
     session.execute(update(PoolNode).where(PoolNode.name == name).values(status=NodeStatus.OFFLINE))
 
 
+def _live(heartbeat_s: float):
+    """SQL condition: the node says it is online and was heard from recently."""
+    fresh = utcnow() - timedelta(seconds=heartbeat_s * NODE_STALE_HEARTBEATS)
+    return (PoolNode.status == NodeStatus.ONLINE) & (PoolNode.last_seen >= fresh)
+
+
+def node_is_live(session: Session, name: str, heartbeat_s: float) -> bool:
+    return session.exec(select(PoolNode.name).where(PoolNode.name == name, _live(heartbeat_s))).first() is not None
+
+
 def start_worker(session: Session, account: Account, model_name: str, heartbeat_s: float) -> Worker:
     """Claim a free node of the model's host class for a new binding (status STARTING)."""
     model = get_model(session, account, model_name)
-    fresh = utcnow() - timedelta(seconds=heartbeat_s * NODE_STALE_HEARTBEATS)
     candidates = session.exec(
         select(PoolNode)
-        .where(
-            PoolNode.status == NodeStatus.ONLINE,
-            PoolNode.worker_id.is_(None),
-            PoolNode.host_class == model.hardware,
-            PoolNode.last_seen >= fresh,
-        )
+        .where(_live(heartbeat_s), PoolNode.worker_id.is_(None), PoolNode.host_class == model.hardware)
         .order_by(PoolNode.name)
     ).all()
     for node in candidates:

@@ -6,7 +6,7 @@ token (what an end user's QueryClient holds). Neither ever returns another tenan
 
 from __future__ import annotations
 
-from cipherpool.db.tables import Model, ModelStatus, NodeStatus, PoolNode, WorkerStatus
+from cipherpool.db.tables import Model, ModelStatus, WorkerStatus
 from cipherpool.errors import EvaluationKeyNotFound, InvalidDeployment, InvalidEvaluationKey
 from cipherpool.fhe.deployment import SERVER_ZIP, read_versions
 from cipherpool.fhe.framing import capnp_message_length, header_bytes_needed
@@ -86,10 +86,12 @@ def start_worker(api_key: str, model: str) -> dict:
 
 @platform_task(app, P + "stop_worker")
 def stop_worker(api_key: str, worker_id: str) -> dict:
-    with platform().session() as session:
+    """Unbind on the node; a node that is offline or silent is released here at once (it
+    finds the binding stopped when it comes back)."""
+    ctx = platform()
+    with ctx.session() as session:
         worker = worker_service.request_stop(session, authenticate(session, api_key), worker_id)
-        node = session.get(PoolNode, worker.node_name)
-        node_gone = node is None or node.status == NodeStatus.OFFLINE
+        node_gone = not worker_service.node_is_live(session, worker.node_name, ctx.settings.node_heartbeat_s)
         if worker.status == WorkerStatus.STOPPING and node_gone:
             worker_service.finish(session, worker.id, WorkerStatus.STOPPED)
         described = worker_service.describe(session, worker)
