@@ -85,7 +85,8 @@ def run(root: Path, n: int) -> None:
     deserialize = timed(lambda: fhe.EvaluationKeys.deserialize(key_bytes), 5)
 
     settings = Settings(data_dir=root / "platform", node_threads=os.cpu_count())
-    with EmbeddedStack(settings, StackOptions(workers=1, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")) as stack:
+    options = StackOptions(workers=1, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")
+    with EmbeddedStack(settings, options) as stack:
         with session_scope(settings.effective_database_url()) as session:
             _, api_key = create_account(session, "bench")
         mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
@@ -121,7 +122,7 @@ def run(root: Path, n: int) -> None:
     print(row("EvaluationKeys.deserialize alone", deserialize))
     print(f"  speed-up of the cache: {statistics.median(per_call) / in_process:.2f}x")
     print()
-    print("through the platform (real Redis, one pool node, threads=%d):" % os.cpu_count())
+    print(f"through the platform (real Redis, one pool node, threads={os.cpu_count()}):")
     print(f"  worker start (bind + model load)             {bind_s * 1e3:8.1f} ms")
     print(f"  first query (key fetched + deserialized)     {first[0] * 1e3:8.1f} ms")
     print(row("execute, end to end (cached key)", end_to_end))

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-_REGISTRY: dict[str, type["CipherpoolError"]] = {}
+_REGISTRY: dict[str, type[CipherpoolError]] = {}
 
 
 class CipherpoolError(Exception):

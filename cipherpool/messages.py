@@ -69,7 +69,7 @@ class QueryRequest:
         return asdict(self)
 
     @classmethod
-    def decode(cls, obj: Any) -> "QueryRequest":
+    def decode(cls, obj: Any) -> QueryRequest:
         """A request from the wire, type-checked: a hand-made message gets a typed refusal."""
         try:
             request = cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
@@ -96,7 +96,7 @@ class QueryReply:
         return asdict(self)
 
     @classmethod
-    def decode(cls, obj: dict[str, Any]) -> "QueryReply":
+    def decode(cls, obj: dict[str, Any]) -> QueryReply:
         return cls(**{k: obj.get(k) for k in cls.__dataclass_fields__ if k in obj})
 
 

@@ -35,7 +35,7 @@ class BlobStore:
         self._redis = client
 
     @classmethod
-    def from_url(cls, url: str) -> "BlobStore":
+    def from_url(cls, url: str) -> BlobStore:
         return cls(redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30))
 
     def ping(self) -> None:

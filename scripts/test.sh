@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test
+.venv/bin/ruff check cipherpool tests benchmarks
 exec .venv/bin/python -m pytest "$@"

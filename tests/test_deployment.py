@@ -42,7 +42,8 @@ def test_a_well_formed_directory_loads(tmp_path):
         (lambda p: (p / "empty").mkdir() or p / "empty", "has no client.zip or server.zip"),
         (lambda p: make_deployment(p / "d", server=b"not a zip"), "not a zip"),
         (lambda p: make_deployment(p / "d", client=zip_bytes({"versions.json": versions_json()})), "lacks"),
-        (lambda p: make_deployment(p / "d", server=zip_bytes({"versions.json": versions_json(python="3.9")})), "different versions"),
+        (lambda p: make_deployment(p / "d", server=zip_bytes({"versions.json": versions_json(python="3.9")})),
+         "different versions"),
     ],
 )
 def test_anything_else_is_an_invalid_deployment(tmp_path, build, match):

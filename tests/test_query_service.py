@@ -5,7 +5,6 @@ import struct
 import pytest
 
 from cipherpool import errors
-from cipherpool.config.settings import Settings
 from cipherpool.db.tables import ModelStatus
 from cipherpool.fhe.deployment import Versions
 from cipherpool.fhe.evaluator import FakeEvaluator

@@ -30,7 +30,7 @@ class WorkerInfo:
     started_at: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WorkerInfo":
+    def from_dict(cls, d: dict[str, Any]) -> WorkerInfo:
         return cls(
             id=d["id"], model=d["model"], node=d["node"], status=WorkerStatus(d["status"]),
             error=d.get("error"), node_status=d.get("node_status"), started_at=d.get("started_at"),
@@ -73,7 +73,8 @@ class ManagementClient:
             return worker
         worker = self._wait_while(worker, WorkerStatus.STARTING, timeout)
         if worker.status != WorkerStatus.RUNNING:
-            reason = worker.error or ("still loading after the timeout" if worker.status == WorkerStatus.STARTING else "no reason given")
+            still_loading = worker.status == WorkerStatus.STARTING
+            reason = worker.error or ("still loading after the timeout" if still_loading else "no reason given")
             raise WorkerStartFailed(
                 f"Worker {worker.id} for model {worker.model!r} on {worker.node} is {worker.status.value}: {reason}"
             )
@@ -95,7 +96,8 @@ class ManagementClient:
         for worker in self.list_workers(model):
             if worker.status == WorkerStatus.RUNNING and worker.node_status == "online":
                 result = self._t.send(TASK_PREFIX + "node.stats", {}, queue=node_queue(worker.node))
-                stats.append({"worker_id": worker.id, **self._t.wait(result, self._t.settings.management_timeout_s, "node stats")})
+                figures = self._t.wait(result, self._t.settings.management_timeout_s, "node stats")
+                stats.append({"worker_id": worker.id, **figures})
         return stats
 
     # tokens

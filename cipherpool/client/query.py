@@ -32,7 +32,7 @@ CLIENT_TASK = TASK_PREFIX + "client."
 class QueryHandle:
     """A submitted query; ``result()`` waits for the encrypted output."""
 
-    client: "QueryClient"
+    client: QueryClient
     async_result: AsyncResult
     submitted_at: float
     reply: QueryReply | None = None

@@ -9,7 +9,7 @@ queue names and URLs reveal nothing about other tenants.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -24,7 +24,7 @@ def new_id() -> str:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Account(SQLModel, table=True):

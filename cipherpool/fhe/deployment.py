@@ -29,7 +29,7 @@ class Versions:
     python: str
 
     @classmethod
-    def installed(cls) -> "Versions":
+    def installed(cls) -> Versions:
         from importlib.metadata import version
 
         return cls(

@@ -54,7 +54,7 @@ class EmbeddedStack:
     def node_names(self) -> list[str]:
         return [f"node{i + 1}@{_host()}" for i in range(self.options.workers)]
 
-    def start(self) -> "EmbeddedStack":
+    def start(self) -> EmbeddedStack:
         try:
             self._start()
         except BaseException:
@@ -154,7 +154,7 @@ class EmbeddedStack:
     def stop(self) -> None:
         self.supervisor.stop_all()
 
-    def __enter__(self) -> "EmbeddedStack":
+    def __enter__(self) -> EmbeddedStack:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -28,7 +28,7 @@ def test_unknown_model(platform, still_serving):
 
 def test_unknown_token_is_refused_by_the_control_plane_and_by_the_worker(platform, clients, examples, tmp_path, still_serving):
     with pytest.raises(errors.InvalidToken):
-        platform.query_client("cancer", tmp_path, token="cpt_not-a-real-token").model
+        _ = platform.query_client("cancer", tmp_path, token="cpt_not-a-real-token").model
     qc = clients["cancer"]
     ciphertext = qc.encrypt(examples["cancer"].x_test[0])
     real, qc.token = qc.token, "cpt_forged"

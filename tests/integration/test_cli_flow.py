@@ -32,8 +32,9 @@ def test_query_step_by_step_with_files(platform, examples, tmp_path):
     token = platform.tokens["digits"]
     run(platform, "query", "--keys", keys, "keygen", token=token)
     run(platform, "query", "--keys", keys, "upload-keys", token=token)
-    run(platform, "query", "--keys", keys, "encrypt", "--input", str(tmp_path / "x.csv"), "--output", str(tmp_path / "x.ct"), token=token)
-    run(platform, "query", "--keys", keys, "execute", "--input", str(tmp_path / "x.ct"), "--output", str(tmp_path / "y.ct"), token=token)
+    x_csv, x_ct, y_ct = (str(tmp_path / name) for name in ("x.csv", "x.ct", "y.ct"))
+    run(platform, "query", "--keys", keys, "encrypt", "--input", x_csv, "--output", x_ct, token=token)
+    run(platform, "query", "--keys", keys, "execute", "--input", x_ct, "--output", y_ct, token=token)
     out = json.loads(run(platform, "query", "--keys", keys, "decrypt", "--input", str(tmp_path / "y.ct"),
                          "--output", str(tmp_path / "y.npy"), token=token))
     clear = examples["digits"].clear(x.reshape(1, -1))

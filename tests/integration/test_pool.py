@@ -31,7 +31,8 @@ def fake_deployment(path):
         return buf.getvalue()
 
     path.mkdir()
-    (path / "client.zip").write_bytes(zipped({"client.specs.json": "{}", "serialized_processing.json": "{}", "versions.json": versions}))
+    client_files = {"client.specs.json": "{}", "serialized_processing.json": "{}", "versions.json": versions}
+    (path / "client.zip").write_bytes(zipped(client_files))
     (path / "server.zip").write_bytes(zipped({"versions.json": versions}))
     return path
 
