@@ -20,7 +20,12 @@ find_python() {
 extras="${1:-}"
 stamp=".venv/.cipherpool-installed${extras:+-$extras}"
 if [ ! -x .venv/bin/python ]; then
-  "$(find_python)" -m venv .venv
+  python="$(find_python)"
+  if ! "$python" -m venv .venv; then
+    rm -rf .venv
+    echo "Could not create .venv with $python: on Debian/Ubuntu install python3.11-venv first." >&2
+    exit 1
+  fi
 fi
 wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then

@@ -4,6 +4,7 @@ own Redis and `celery worker` processes on free loopback ports and stop them by 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -49,26 +50,40 @@ def _postgres_reachable() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A throw-away PostgreSQL database on the loopback server, when there is one."""
+@contextmanager
+def _postgres_database():
+    """A throw-away PostgreSQL database on the loopback server, dropped afterwards."""
     if not _postgres_reachable():
         pytest.skip("no PostgreSQL on 127.0.0.1:5432 (the SQLite variant still runs)")
     import uuid
 
     from sqlalchemy import create_engine, text
 
+    from cipherpool.db import get_engine
+
     name = f"cipherpool_test_{uuid.uuid4().hex[:8]}"
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    from cipherpool.db import get_engine
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        get_engine.cache_clear()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
-    get_engine.cache_clear()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    with _postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_postgres_url():
+    with _postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
