@@ -44,14 +44,14 @@ class CliContext:
             click.echo(json.dumps(value, indent=2, default=str))
         elif isinstance(value, list):
             cols = columns or (list(value[0]) if value else [])
-            rows = [[str(item.get(c, "")) for c in cols] for item in value]
+            rows = [[_cell(item.get(c)) for c in cols] for item in value]
             widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
             click.echo("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths)))
             for r in rows:
                 click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
         elif isinstance(value, dict):
             for key, item in value.items():
-                click.echo(f"{key}: {item}")
+                click.echo(f"{key}: {_cell(item)}")
         else:
             click.echo(value)
 
@@ -68,6 +68,10 @@ class CipherpoolGroup(click.Group):
         finally:
             if isinstance(ctx.obj, CliContext) and ctx.parent is None:
                 ctx.obj.close()
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def read_array(path: Path) -> np.ndarray:

@@ -31,7 +31,9 @@ def up(ctx: CliContext, workers: int, concurrency: int, no_beat: bool, no_flower
         stack.start()
         for name, where in stack.describe():
             click.echo(f"  {name:<10} {where}")
-        click.echo(f"ready. In another shell:  export CIPHERPOOL_BROKER_URL={stack.broker_url}", nl=True)
+        click.echo(f"ready. In another shell:  export CIPHERPOOL_BROKER_URL={stack.broker_url}")
+        click.echo(f"  and, for `cipherpool admin`:  export CIPHERPOOL_DATA_DIR={stack.data_dir}")
+        click.echo("Ctrl-C stops everything.")
         given_up: set[str] = set()
         while not stop.wait(1.0):
             restarted, failing = stack.supervisor.restart_dead()
