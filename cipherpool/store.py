@@ -70,11 +70,15 @@ class BlobStore:
         self._call(self._redis.set, PAYLOAD_PREFIX + ref, data, ex=ttl_s)
         return ref
 
-    def take_payload(self, ref: str) -> bytes:
+    def get_payload(self, ref: str) -> bytes:
+        """A payload by reference. Kept until its TTL: a redelivered query reads it again."""
         data = self._call(self._redis.get, PAYLOAD_PREFIX + ref)
         if data is None:
             raise NotFound("The query payload expired or was never stored; submit it again.")
         return data
+
+    def delete_payload(self, ref: str) -> None:
+        self._call(self._redis.delete, PAYLOAD_PREFIX + ref)
 
     @staticmethod
     def _key(kind: BlobKind, blob_id: str) -> str:

@@ -38,7 +38,7 @@ class MemoryStore:
         self.payloads[ref] = data
         return ref
 
-    def take_payload(self, ref):
+    def get_payload(self, ref):
         if ref not in self.payloads:
             raise errors.NotFound("expired")
         return self.payloads[ref]
@@ -92,7 +92,7 @@ def test_large_payloads_travel_by_reference(world):
     body = request(model_id, token, key_id).input
     reply = execute(ctx, runtime, QueryRequest(token=token, model_id=model_id, key_id=key_id,
                                                input_ref=ctx.store.put_payload(body, 60)))
-    assert reply.output is None and EncryptedOutput.decode(ctx.store.take_payload(reply.output_ref))
+    assert reply.output is None and EncryptedOutput.decode(ctx.store.get_payload(reply.output_ref))
 
 
 @pytest.mark.parametrize(

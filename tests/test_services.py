@@ -51,6 +51,22 @@ def test_tenants_do_not_see_each_other(session, alice):
     deploy(session, bob, "digits")  # the same name in another account is fine
 
 
+@pytest.mark.parametrize("name", ["", "-leading", "has space", "x" * 65, "semi;colon", "ünïcode"])
+def test_names_are_checked(session, alice, name):
+    with pytest.raises(errors.InvalidInput, match="Invalid"):
+        deploy(session, alice[0], name)
+    with pytest.raises(errors.InvalidInput):
+        accounts.create_account(session, name)
+
+
+def test_bad_hardware_and_ttl_are_typed_errors(session, alice):
+    with pytest.raises(errors.InvalidInput, match="hardware"):
+        deploy(session, alice[0], "m", hardware="tpu")
+    deploy(session, alice[0], "m")
+    with pytest.raises(errors.InvalidInput, match="positive"):
+        tokens.create_token(session, alice[0], "t", "m", ttl_s=-1)
+
+
 def test_duplicate_model_names_conflict(session, alice):
     deploy(session, alice[0], "m")
     with pytest.raises(errors.ModelExists):

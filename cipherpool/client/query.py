@@ -56,8 +56,9 @@ class QueryHandle:
             raise
         self.reply = QueryReply.decode(value)
         output = self.reply.output
-        if output is None:
-            output = self.client._t.store.take_payload(self.reply.output_ref or "")
+        if output is None:  # a large result by reference: this client is its only reader
+            output = self.client._t.store.get_payload(self.reply.output_ref or "")
+            self.client._t.store.delete_payload(self.reply.output_ref or "")
         self.timings = {**self.reply.timings, "end_to_end_s": time.time() - self.submitted_at}
         self._output = output
         return output

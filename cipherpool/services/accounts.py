@@ -7,10 +7,12 @@ from sqlmodel import Session, select
 from cipherpool.credentials import API_KEY_PREFIX, DISPLAY_CHARS, digest, new_secret
 from cipherpool.db.tables import Account
 from cipherpool.errors import Conflict, InvalidApiKey
+from cipherpool.services.names import check_name
 
 
 def create_account(session: Session, name: str) -> tuple[Account, str]:
     """A new account and its API key in clear (shown once; only its hash is kept)."""
+    check_name("account", name)
     if session.exec(select(Account).where(Account.name == name)).first():
         raise Conflict(f"An account named {name!r} exists already.")
     api_key = new_secret(API_KEY_PREFIX)

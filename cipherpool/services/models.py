@@ -5,8 +5,9 @@ from __future__ import annotations
 from sqlmodel import Session, select
 
 from cipherpool.db.tables import Account, Model, ModelStatus, utcnow
-from cipherpool.errors import ModelExists, ModelNotFound
+from cipherpool.errors import InvalidInput, ModelExists, ModelNotFound
 from cipherpool.fhe.deployment import Versions
+from cipherpool.services.names import check_name
 
 HARDWARE_CLASSES = ("cpu", "gpu")
 
@@ -21,8 +22,9 @@ def deploy_model(
     versions: Versions,
     hardware: str = "cpu",
 ) -> Model:
+    check_name("model", name)
     if hardware not in HARDWARE_CLASSES:
-        raise ValueError(f"hardware must be one of {HARDWARE_CLASSES}")
+        raise InvalidInput(f"hardware must be one of {', '.join(HARDWARE_CLASSES)}, not {hardware!r}.")
     existing = session.exec(
         select(Model).where(Model.account_id == account.id, Model.name == name)
     ).first()

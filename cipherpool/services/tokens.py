@@ -8,14 +8,18 @@ from sqlmodel import Session, select
 
 from cipherpool.credentials import DISPLAY_CHARS, TOKEN_PREFIX, digest, new_secret
 from cipherpool.db.tables import AccessToken, Account, Model, utcnow
-from cipherpool.errors import InvalidToken, TokenNotFound
+from cipherpool.errors import InvalidInput, InvalidToken, TokenNotFound
 from cipherpool.services.models import get_model
+from cipherpool.services.names import check_name
 
 
 def create_token(
     session: Session, account: Account, name: str, model_name: str, ttl_s: float | None = None
 ) -> tuple[AccessToken, str]:
     """A token for one model of the account; the clear value is returned once, never stored."""
+    check_name("token", name)
+    if ttl_s is not None and ttl_s <= 0:
+        raise InvalidInput("A token's time to live must be positive.")
     model = get_model(session, account, model_name)
     value = new_secret(TOKEN_PREFIX)
     token = AccessToken(

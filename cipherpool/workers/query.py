@@ -66,7 +66,7 @@ def _authorize(ctx: PlatformContext, request: QueryRequest) -> str:
 
 def _open(ctx: PlatformContext, request: QueryRequest) -> EncryptedInput:
     """The ciphertext envelope, checked to belong to this model and this client's key set."""
-    raw = request.input if request.input is not None else ctx.store.take_payload(request.input_ref or "")
+    raw = request.input if request.input is not None else ctx.store.get_payload(request.input_ref or "")
     encrypted = EncryptedInput.decode(raw)
     if encrypted.model_id != request.model_id:
         raise ModelMismatch("This ciphertext was encrypted for another model; encrypt it with this model's client.")
