@@ -65,9 +65,7 @@ def run(root: Path, n: int) -> None:
 
     from cipherpool.client import ManagementClient, QueryClient
     from cipherpool.config.settings import Settings
-    from cipherpool.db import session_scope
     from cipherpool.examples import train_digits
-    from cipherpool.services.accounts import create_account
     from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 
     print(f"cipherpool benchmark: digits MLP, {os.cpu_count()} cores, {n} queries per figure")
@@ -87,9 +85,7 @@ def run(root: Path, n: int) -> None:
     settings = Settings(data_dir=root / "platform", node_threads=os.cpu_count())
     options = StackOptions(workers=1, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")
     with EmbeddedStack(settings, options) as stack:
-        with session_scope(settings.effective_database_url()) as session:
-            _, api_key = create_account(session, "bench")
-        mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
+        mc = ManagementClient(stack.create_account("bench"), broker_url=stack.broker_url, settings=settings)
         mc.deploy_model("digits", example.path)
         mc.activate_model("digits")
         t = time.perf_counter()

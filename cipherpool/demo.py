@@ -19,9 +19,7 @@ import numpy as np
 
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import Settings
-from cipherpool.db import session_scope
 from cipherpool.errors import PlatformError
-from cipherpool.services.accounts import create_account
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 
 EXTRA_QUERIES = 3
@@ -78,9 +76,7 @@ class Demo:
             self.echo(f"  clear test accuracy {self.example.accuracy:.1%}; deployment in {self.example.path}")
 
     def provide(self):
-        with session_scope(self.settings.effective_database_url()) as session:
-            _, api_key = create_account(session, "demo")
-        mc = ManagementClient(api_key, broker_url=self.stack.broker_url, settings=self.settings)
+        mc = ManagementClient(self.stack.create_account("demo"), broker_url=self.stack.broker_url, settings=self.settings)
         with self.step("provider: deploy and activate the model"):
             mc.deploy_model("digits", self.example.path)
             mc.activate_model("digits")

@@ -1,33 +1,8 @@
-import io
-import json
-import zipfile
-
 import pytest
 
 from cipherpool.errors import InvalidDeployment, VersionMismatch
 from cipherpool.fhe.deployment import Versions, load_deployment
-
-
-def zip_bytes(files):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
-def versions_json(**over):
-    here = Versions.installed()
-    v = {"concrete-ml": here.concrete_ml, "concrete-python": here.concrete_python, "python": here.python, **over}
-    return json.dumps(v)
-
-
-def make_deployment(path, client=None, server=None):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "client.zip").write_bytes(client if client is not None else zip_bytes(
-        {"client.specs.json": "{}", "serialized_processing.json": "{}", "versions.json": versions_json()}))
-    (path / "server.zip").write_bytes(server if server is not None else zip_bytes({"versions.json": versions_json()}))
-    return path
+from tests.helpers import make_deployment, versions_json, zip_bytes
 
 
 def test_a_well_formed_directory_loads(tmp_path):

@@ -139,6 +139,14 @@ class EmbeddedStack:
             app.close()
         raise PlatformError(f"The stack was not ready within {READY_TIMEOUT_S:g}s; see logs in {self.supervisor.log_dir}")
 
+    def create_account(self, name: str) -> str:
+        """A provider account in this stack's database; returns its API key (for demos and
+        tests: an operator uses `cipherpool admin account create`)."""
+        from cipherpool.services.accounts import create_account
+
+        with session_scope(self.settings.effective_database_url()) as session:
+            return create_account(session, name)[1]
+
     def describe(self) -> list[tuple[str, str]]:
         rows = [(c.name, f"pid {c.pid}") for c in self.supervisor.children]
         rows.append(("broker", self.broker_url))

@@ -10,11 +10,23 @@ import pytest
 
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import Settings
-from cipherpool.db import session_scope
-from cipherpool.services.accounts import create_account
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 
 pytestmark = pytest.mark.integration
+
+
+def serve(stack: EmbeddedStack, example, name: str, key_dir, **overrides) -> tuple[ManagementClient, QueryClient, str]:
+    """On a stack of its own: an account, the model deployed, activated and served by one
+    worker, and a client whose keys are uploaded. Returns (management, query, worker id)."""
+    settings = stack.settings.model_copy(update=overrides)
+    mc = ManagementClient(stack.create_account("p"), broker_url=stack.broker_url, settings=settings)
+    mc.deploy_model(name, example.path)
+    mc.activate_model(name)
+    worker = mc.start_worker(name)
+    qc = QueryClient(mc.create_token("u", model=name), broker_url=stack.broker_url, settings=settings, key_dir=key_dir)
+    qc.generate_keys()
+    qc.upload_evaluation_keys()
+    return mc, qc, worker.id
 
 
 @pytest.fixture(scope="session")
@@ -47,16 +59,13 @@ class Platform:
         return QueryClient(token or self.tokens[model], broker_url=self.stack.broker_url, settings=settings, key_dir=key_dir)
 
     def account(self, name: str) -> ManagementClient:
-        with session_scope(self.settings.effective_database_url()) as session:
-            _, key = create_account(session, name)
-        return ManagementClient(key, broker_url=self.stack.broker_url, settings=self.settings)
+        return ManagementClient(self.stack.create_account(name), broker_url=self.stack.broker_url, settings=self.settings)
 
 
 @pytest.fixture(scope="session")
 def platform(stack, examples):
     settings = stack.settings.model_copy(update={"broker_url": stack.broker_url, "query_timeout_s": 120.0})
-    with session_scope(settings.effective_database_url()) as session:
-        _, api_key = create_account(session, "provider")
+    api_key = stack.create_account("provider")
     mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
     tokens, workers = {}, {}
     for name, example in examples.items():

@@ -1,49 +1,22 @@
 """A pool of two nodes: one model served by both, a model that cannot load, a full pool."""
 
-import io
-import json
-import zipfile
-
 import numpy as np
 import pytest
 
 from cipherpool import errors
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import Settings
-from cipherpool.db import session_scope
-from cipherpool.fhe.deployment import Versions
-from cipherpool.services.accounts import create_account
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+from tests.helpers import make_deployment
 
 pytestmark = pytest.mark.integration
-
-
-def fake_deployment(path):
-    """Passes the provider-side checks but is no concrete circuit: fails on the node."""
-    here = Versions.installed()
-    versions = json.dumps({"concrete-ml": here.concrete_ml, "concrete-python": here.concrete_python, "python": here.python})
-
-    def zipped(files):
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as zf:
-            for name, data in files.items():
-                zf.writestr(name, data)
-        return buf.getvalue()
-
-    path.mkdir()
-    client_files = {"client.specs.json": "{}", "serialized_processing.json": "{}", "versions.json": versions}
-    (path / "client.zip").write_bytes(zipped(client_files))
-    (path / "server.zip").write_bytes(zipped({"versions.json": versions}))
-    return path
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory, examples):
     settings = Settings(data_dir=tmp_path_factory.mktemp("pool"), query_timeout_s=120)
     with EmbeddedStack(settings, StackOptions(workers=2, beat=False, flower=False)) as stack:
-        with session_scope(settings.effective_database_url()) as session:
-            _, api_key = create_account(session, "p")
-        mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
+        mc = ManagementClient(stack.create_account("p"), broker_url=stack.broker_url, settings=settings)
         mc.deploy_model("digits", examples["digits"].path)
         mc.activate_model("digits")
         yield stack, settings, mc
@@ -52,7 +25,7 @@ def pool(tmp_path_factory, examples):
 
 def test_a_model_that_cannot_load_fails_with_the_reason_and_frees_the_node(pool, tmp_path):
     stack, settings, mc = pool
-    mc.deploy_model("hollow", fake_deployment(tmp_path / "hollow"))
+    mc.deploy_model("hollow", make_deployment(tmp_path / "hollow"))
     with pytest.raises(errors.WorkerStartFailed, match="hollow"):
         mc.start_worker("hollow")
     [failed] = mc.list_workers("hollow")

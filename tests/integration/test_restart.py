@@ -10,9 +10,8 @@ import pytest
 
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import Settings
-from cipherpool.db import session_scope
-from cipherpool.services.accounts import create_account
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+from tests.integration.conftest import serve
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +24,8 @@ def test_a_restarted_stack_rebinds_its_workers_and_keeps_models_and_keys(example
 
     # Given a stack serving a model, with a client that uploaded its key
     with EmbeddedStack(settings, options) as stack:
-        with session_scope(settings.effective_database_url()) as session:
-            _, api_key = create_account(session, "p")
-        mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
-        mc.deploy_model("cancer", example.path)
-        mc.activate_model("cancer")
-        worker = mc.start_worker("cancer")
-        token = mc.create_token("u", model="cancer")
-        qc = QueryClient(token, broker_url=stack.broker_url, settings=settings, key_dir=tmp_path / "keys")
-        qc.generate_keys()
-        qc.upload_evaluation_keys()
+        mc, qc, worker_id = serve(stack, example, "cancer", tmp_path / "keys")
+        api_key, token = mc.api_key, qc.token
         np.testing.assert_allclose(qc.predict(x[0]), example.clear(x), atol=1e-3)
         qc.close()
         mc.close()
@@ -46,7 +37,7 @@ def test_a_restarted_stack_rebinds_its_workers_and_keeps_models_and_keys(example
         # Then the same client queries without redeploying, restarting or re-uploading anything
         np.testing.assert_allclose(qc.predict(x[0]), example.clear(x), atol=1e-3)
         [again] = mc.list_workers("cancer")
-        assert (again.id, again.status.value, again.node_status) == (worker.id, "running", "online")
+        assert (again.id, again.status.value, again.node_status) == (worker_id, "running", "online")
 
         # And when its node is killed outright, the supervisor restarts it and it rebinds.
         node = next(c for c in stack.supervisor.children if c.name == "node1")
@@ -66,16 +57,7 @@ def test_a_query_on_a_killed_node_is_redelivered_to_its_replacement(examples, tm
     # A short visibility timeout so that the test sees the redelivery within seconds.
     settings = Settings(data_dir=tmp_path / "platform", query_timeout_s=120, visibility_timeout_s=6)
     with EmbeddedStack(settings, StackOptions(workers=1, beat=False, flower=False)) as stack:
-        with session_scope(settings.effective_database_url()) as session:
-            _, api_key = create_account(session, "p")
-        mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
-        mc.deploy_model("digits", example.path)
-        mc.activate_model("digits")
-        mc.start_worker("digits")
-        qc = QueryClient(mc.create_token("u", model="digits"), broker_url=stack.broker_url,
-                         settings=settings, key_dir=tmp_path / "keys")
-        qc.generate_keys()
-        qc.upload_evaluation_keys()
+        mc, qc, _ = serve(stack, example, "digits", tmp_path / "keys")
         x = example.x_test[:1]
 
         # Given a query the node has started computing
