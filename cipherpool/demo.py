@@ -3,7 +3,8 @@
 Operator: starts the embedded stack. Provider: trains a digit classifier on scikit-learn's
 bundled digits, compiles it to FHE, deploys it, starts a worker, creates a token. End user:
 generates keys, uploads the evaluation key, encrypts an image, has the worker compute on the
-ciphertext, decrypts, and compares with the model's clear prediction. Then all stops.
+ciphertext, decrypts, and compares with the model's clear prediction. Provider and end user
+talk only to the gateway, over HTTP, like any user. Then all stops.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Demo:
     def __init__(self, settings: Settings, root: Path, workers: int, echo: Callable[[str], None]):
         # The demo always runs its own embedded stack, whatever the environment points at.
         self.settings = settings.model_copy(update={
-            "broker_url": None, "result_backend": None, "store_url": None,
+            "broker_url": None, "result_backend": None, "store_url": None, "url": None,
             "database_url": None, "data_dir": root / "platform",
         })
         self.root, self.echo = root, echo
@@ -48,12 +49,12 @@ class Demo:
         try:
             self.train()
             with self.step(f"operator: start the embedded stack (Redis, control worker, "
-                           f"{self.stack.options.workers} pool node(s), beat, Flower)"):
+                           f"{self.stack.options.workers} pool node(s), beat, Flower, gateway)"):
                 self.stack.start()
                 for name, where in self.stack.describe():
                     self.echo(f"    {name:<10} {where}")
             mc, worker, token = self.provide()
-            qc = QueryClient(token, broker_url=self.stack.broker_url, settings=self.settings,
+            qc = QueryClient(token, url=self.stack.gateway_url, settings=self.stack.client_settings,
                              key_dir=self.root / "client-keys")
             self.first_query(qc)
             self.more_queries(qc, mc)
@@ -76,7 +77,8 @@ class Demo:
             self.echo(f"  clear test accuracy {self.example.accuracy:.1%}; deployment in {self.example.path}")
 
     def provide(self):
-        mc = ManagementClient(self.stack.create_account("demo"), broker_url=self.stack.broker_url, settings=self.settings)
+        mc = ManagementClient(self.stack.create_account("demo"), url=self.stack.gateway_url,
+                              settings=self.stack.client_settings)
         with self.step("provider: deploy and activate the model"):
             mc.deploy_model("digits", self.example.path)
             mc.activate_model("digits")

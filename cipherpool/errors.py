@@ -7,39 +7,49 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
   registered under that code). Nothing is pickled, and a client never imports a class named
   by the server.
 * ``exit_code``: what the CLI exits with, so scripts can tell the families apart.
+* ``http_status``: what the gateway answers with; the body is ``{"code", "message"}``.
 
 ::
 
-    CipherpoolError                     exit 1
-    ├── ConfigurationError              exit 2   settings or environment unusable
-    ├── AuthError                       exit 3
-    │   ├── InvalidApiKey                        unknown account API key
-    │   ├── InvalidToken                         unknown, revoked or expired access token
-    │   └── TokenNotForModel                     token is assigned to another model
-    ├── NotFound                        exit 4
+    CipherpoolError                     exit 1  HTTP 500
+    ├── ConfigurationError              exit 2  500   settings or environment unusable
+    ├── AuthError                       exit 3  401
+    │   ├── InvalidApiKey                             unknown, missing or malformed API key
+    │   ├── InvalidToken                              unknown, revoked or expired access token
+    │   ├── WrongCredential                     403   a token where an API key is needed, or back
+    │   └── TokenNotForModel                    403   token is assigned to another model
+    ├── NotFound                        exit 4  404
     │   ├── ModelNotFound
     │   ├── WorkerNotFound
     │   ├── TokenNotFound
     │   ├── AccountNotFound
-    │   └── EvaluationKeyNotFound                key id never uploaded / not this client's
-    ├── Conflict                        exit 5
+    │   ├── QueryNotFound                             unknown query id, or another client's
+    │   ├── UploadNotFound                            staged upload expired or never made
+    │   └── EvaluationKeyNotFound                     key id never uploaded / not this client's
+    ├── Conflict                        exit 5  409
     │   ├── ModelExists
-    │   ├── ModelInactive                        queries refused until the model is activated
-    │   ├── ModelUnavailable                     no worker serves the model (query timed out)
-    │   ├── NoFreeNode                           every pool node is bound or offline
-    │   └── VersionMismatch                      client and server concrete versions differ
-    ├── InvalidInput                    exit 6
-    │   ├── InvalidDeployment                    directory is not a concrete-ml deployment
-    │   ├── InvalidShape                         wrong input shape for encrypt()
-    │   ├── MalformedCiphertext                  not a cipherpool ciphertext, or corrupt
-    │   ├── InvalidEvaluationKey                 truncated or unreadable evaluation key
-    │   ├── KeyMismatch                          encrypted under other keys than the ones named
-    │   └── ModelMismatch                        encrypted for another model
-    └── PlatformError                   exit 7
-        ├── BrokerUnavailable
-        ├── QueryTimeout
-        ├── WorkerStartFailed
-        └── RemoteError                          unexpected failure inside a platform process
+    │   ├── ModelInactive                             queries refused until the model is activated
+    │   ├── ModelUnavailable                    503   no worker serves the model (query timed out)
+    │   ├── NoFreeNode                                every pool node is bound or offline
+    │   └── VersionMismatch                           client and server concrete versions differ
+    ├── InvalidInput                    exit 6  422
+    │   ├── InvalidDeployment                         directory is not a concrete-ml deployment
+    │   ├── InvalidShape                              wrong input shape for encrypt()
+    │   ├── MalformedCiphertext                       not a cipherpool ciphertext, or corrupt
+    │   ├── InvalidEvaluationKey                      truncated or unreadable evaluation key
+    │   ├── KeyMismatch                               encrypted under other keys than the ones named
+    │   └── ModelMismatch                             encrypted for another model
+    ├── LimitExceeded                   exit 8  429
+    │   ├── PayloadTooLarge                     413   body above its configured cap
+    │   ├── RateLimited                         429   too many requests; Retry-After says when
+    │   └── TooManyKeys                         409   key sets per token at their cap
+    └── PlatformError                   exit 7  503
+        ├── BrokerUnavailable                         (platform side) Redis unreachable
+        ├── GatewayUnavailable                        (client side) the gateway unreachable
+        ├── StoreFull                           507   Redis at maxmemory; nothing is evicted
+        ├── QueryTimeout                        504
+        ├── WorkerStartFailed                   500
+        └── RemoteError                         502   unexpected failure inside a platform process
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ class CipherpoolError(Exception):
 
     code: ClassVar[str] = "error"
     exit_code: ClassVar[int] = 1
+    http_status: ClassVar[int] = 500
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -72,8 +83,10 @@ class CipherpoolError(Exception):
 _REGISTRY[CipherpoolError.code] = CipherpoolError
 
 
-def from_wire(error: dict[str, Any]) -> CipherpoolError:
+def from_wire(error: Any) -> CipherpoolError:
     """Rebuild the typed error that a platform process reported; unknown codes stay readable."""
+    if not isinstance(error, dict):
+        return RemoteError(f"The platform answered with an unreadable error: {str(error)[:200]}")
     cls = _REGISTRY.get(str(error.get("code")), RemoteError)
     return cls(str(error.get("message", "")))
 
@@ -88,6 +101,7 @@ class ConfigurationError(CipherpoolError):
 class AuthError(CipherpoolError):
     code = "auth_error"
     exit_code = 3
+    http_status = 401
 
 
 class InvalidApiKey(AuthError):
@@ -98,13 +112,20 @@ class InvalidToken(AuthError):
     code = "invalid_token"
 
 
+class WrongCredential(AuthError):
+    code = "wrong_credential"
+    http_status = 403
+
+
 class TokenNotForModel(AuthError):
     code = "token_not_for_model"
+    http_status = 403
 
 
 class NotFound(CipherpoolError):
     code = "not_found"
     exit_code = 4
+    http_status = 404
 
 
 class ModelNotFound(NotFound):
@@ -123,6 +144,14 @@ class AccountNotFound(NotFound):
     code = "account_not_found"
 
 
+class QueryNotFound(NotFound):
+    code = "query_not_found"
+
+
+class UploadNotFound(NotFound):
+    code = "upload_not_found"
+
+
 class EvaluationKeyNotFound(NotFound):
     code = "evaluation_key_not_found"
 
@@ -130,6 +159,7 @@ class EvaluationKeyNotFound(NotFound):
 class Conflict(CipherpoolError):
     code = "conflict"
     exit_code = 5
+    http_status = 409
 
 
 class ModelExists(Conflict):
@@ -142,6 +172,7 @@ class ModelInactive(Conflict):
 
 class ModelUnavailable(Conflict):
     code = "model_unavailable"
+    http_status = 503
 
 
 class NoFreeNode(Conflict):
@@ -155,6 +186,7 @@ class VersionMismatch(Conflict):
 class InvalidInput(CipherpoolError):
     code = "invalid_input"
     exit_code = 6
+    http_status = 422
 
 
 class InvalidDeployment(InvalidInput):
@@ -181,22 +213,62 @@ class ModelMismatch(InvalidInput):
     code = "model_mismatch"
 
 
+class LimitExceeded(CipherpoolError):
+    code = "limit_exceeded"
+    exit_code = 8
+    http_status = 429
+
+
+class PayloadTooLarge(LimitExceeded):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class RateLimited(LimitExceeded):
+    """Too many requests; ``retry_after_s`` says when to try again (HTTP Retry-After)."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyKeys(LimitExceeded):
+    code = "too_many_keys"
+    http_status = 409
+
+
 class PlatformError(CipherpoolError):
     code = "platform_error"
     exit_code = 7
+    http_status = 503
 
 
 class BrokerUnavailable(PlatformError):
     code = "broker_unavailable"
 
 
+class GatewayUnavailable(PlatformError):
+    code = "gateway_unavailable"
+
+
+class StoreFull(PlatformError):
+    code = "store_full"
+    http_status = 507
+
+
 class QueryTimeout(PlatformError):
     code = "query_timeout"
+    http_status = 504
 
 
 class WorkerStartFailed(PlatformError):
     code = "worker_start_failed"
+    http_status = 500
 
 
 class RemoteError(PlatformError):
     code = "remote_error"
+    http_status = 502

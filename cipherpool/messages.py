@@ -5,7 +5,9 @@
   belong to: concrete cannot tell that a ciphertext was encrypted under another client's keys
   (measured: it computes garbage silently), so the platform refuses the mismatch up front.
 * :class:`QueryRequest` / :class:`QueryReply` are a query task's kwargs and result. Large
-  ciphertexts travel by reference (``*_ref``) through the blob store.
+  ciphertexts travel by reference (``*_ref``) through the blob store. A request carries ids
+  only (token, key set, evaluation-key blob): it was authorised before it was published (by
+  the gateway, or by trusted in-cluster code), and never holds a credential.
 * :func:`ok` / :func:`failed` / :func:`unwrap` are the result envelope of every task.
 """
 
@@ -35,11 +37,17 @@ class _Envelope:
     @classmethod
     def decode(cls, raw: bytes):
         try:
-            obj = msgpack.unpackb(raw, raw=False)
-            if obj.get("format") != cls.FORMAT:
-                raise ValueError(f"format {obj.get('format')!r}")
-            return cls(model_id=str(obj["model"]), key_id=str(obj["key"]), data=bytes(obj["data"]))
-        except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+            if not isinstance(raw, (bytes, bytearray, memoryview)):
+                raise TypeError(f"{type(raw).__name__}, not bytes")
+            obj = msgpack.unpackb(raw, raw=False, max_bin_len=len(raw), max_str_len=1024,
+                                  max_array_len=16, max_map_len=16)
+            if not isinstance(obj, dict) or obj.get("format") != cls.FORMAT:
+                raise ValueError("unknown format")
+            model, key, data = obj["model"], obj["key"], obj["data"]
+            if not (isinstance(model, str) and isinstance(key, str) and isinstance(data, bytes)):
+                raise TypeError("wrong field types")
+            return cls(model_id=model, key_id=key, data=data)
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
             raise MalformedCiphertext(
                 f"Not a cipherpool {cls.FORMAT.rsplit('/', 2)[1]} ({exc}); "
                 "pass the bytes that encrypt()/execute() produced, unmodified."
@@ -56,14 +64,21 @@ class EncryptedOutput(_Envelope):
     FORMAT: ClassVar[str] = "cipherpool/result/1"
 
 
+_REQUEST_TYPES: dict[str, tuple[type, ...]] = {
+    "token_id": (str,), "model_id": (str,), "key_id": (str,), "blob_id": (str,),
+    "input": (bytes, type(None)), "input_ref": (str, type(None)), "submitted_at": (int, float),
+}
+
+
 @dataclass(frozen=True)
 class QueryRequest:
-    token: str
+    token_id: str  # the authorised token's id (never its value)
     model_id: str
-    key_id: str
+    key_id: str  # the client's key set, as named in its ciphertexts
+    blob_id: str  # sha256 of that key set's evaluation key in the blob store
     input: bytes | None = None  # the EncryptedInput bytes, when small enough to inline
     input_ref: str | None = None  # else a payload id in the blob store
-    submitted_at: float = 0.0  # client's wall clock, for queue-wait figures
+    submitted_at: float = 0.0  # wall clock at submission, for queue-wait figures
 
     def encode(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,17 +86,14 @@ class QueryRequest:
     @classmethod
     def decode(cls, obj: Any) -> QueryRequest:
         """A request from the wire, type-checked: a hand-made message gets a typed refusal."""
-        try:
-            request = cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
-            checks = [isinstance(request.token, str), isinstance(request.model_id, str),
-                      isinstance(request.key_id, str), isinstance(request.input, (bytes, type(None))),
-                      isinstance(request.input_ref, (str, type(None))), isinstance(request.submitted_at, (int, float)),
-                      (request.input is None) != (request.input_ref is None)]
-        except (TypeError, KeyError):
-            checks = [False]
-        if not all(checks):
-            raise InvalidInput("Malformed query message; send queries with QueryClient.submit().")
-        return request
+        required = {"token_id", "model_id", "key_id", "blob_id"}
+        ok_shape = (
+            isinstance(obj, dict) and required <= set(obj) <= set(_REQUEST_TYPES)
+            and all(isinstance(obj[name], _REQUEST_TYPES[name]) for name in obj)
+        )
+        if not ok_shape or (obj.get("input") is None) == (obj.get("input_ref") is None):
+            raise InvalidInput("Malformed query message; submit queries through the gateway or cipherpool.tasks.submit.")
+        return cls(**obj)
 
 
 @dataclass(frozen=True)
@@ -117,7 +129,7 @@ def unwrap(envelope: Any) -> Any:
     raise from_wire(envelope.get("error") or {})
 
 
-SECRET_FIELDS = frozenset({"api_key", "token"})
+SECRET_FIELDS = frozenset({"api_key", "token", "password"})
 BULKY_FIELDS = frozenset({"input", "output", "request"})
 
 

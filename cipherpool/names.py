@@ -13,6 +13,11 @@ TASK_PREFIX = "cipherpool."
 
 BLOB_PREFIX = "cipherpool:blob:"  # + kind + ":" + sha256 hex; content-addressed, no TTL
 PAYLOAD_PREFIX = "cipherpool:payload:"  # + uuid; large query payloads, with a TTL
+UPLOAD_PREFIX = "cipherpool:upload:"  # + uuid; a body being streamed in, with a TTL
+STAGED_PREFIX = "cipherpool:staged:"  # + account id + ":" + sha256; deploy artifacts, with a TTL
+QUERY_OWNER_PREFIX = "cipherpool:query:"  # + query id -> the token id that submitted it, TTL
+RATE_PREFIX = "cipherpool:rate:"  # + principal + ":" + window; request counters, TTL 2 windows
+RESULT_META_PREFIX = "celery-task-meta-"  # Celery's result key (and pub/sub channel) + task id
 
 
 def node_queue(node_name: str) -> str:

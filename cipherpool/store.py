@@ -3,6 +3,11 @@
 Artifacts and keys are content-addressed (sha256), so an upload is idempotent, a reader can
 verify what it got, and messages carry a 64-character id instead of tens of megabytes.
 Payloads (ciphertexts too large to inline) get random ids and a TTL.
+
+Nothing uploaded lives unowned: a body streamed in through the gateway lands under a random
+upload key with a TTL, and becomes a content-addressed blob (no TTL) only once a database row
+owns it (a deployed model, a registered evaluation key). Deployment artifacts wait as *staged*
+uploads, per account and with a TTL, until a deploy adopts them.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ from enum import Enum
 
 import redis
 
-from cipherpool.errors import BrokerUnavailable, NotFound
-from cipherpool.names import BLOB_PREFIX, PAYLOAD_PREFIX
+from cipherpool.errors import BrokerUnavailable, NotFound, StoreFull, UploadNotFound
+from cipherpool.names import BLOB_PREFIX, PAYLOAD_PREFIX, STAGED_PREFIX, UPLOAD_PREFIX
 
 
 CONNECT_TIMEOUT_S = 5.0
@@ -37,6 +42,10 @@ class BlobStore:
     @classmethod
     def from_url(cls, url: str) -> BlobStore:
         return cls(redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30))
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self._redis
 
     def ping(self) -> None:
         self._call(self._redis.ping)
@@ -65,6 +74,56 @@ class BlobStore:
             raise NotFound(f"Blob {blob_id[:12]}… is corrupt in the store; upload it again.")
         return data
 
+    # ---- uploads streamed in by the gateway --------------------------------------------
+
+    @staticmethod
+    def new_upload() -> str:
+        return UPLOAD_PREFIX + uuid.uuid4().hex
+
+    def append_upload(self, upload: str, chunk: bytes, ttl_s: int) -> None:
+        """Add a chunk to an upload in progress; the TTL drops an abandoned one."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.append(upload, chunk).expire(upload, ttl_s)
+        self._call(pipe.execute)
+
+    def upload_head(self, upload: str, n: int) -> bytes:
+        return bytes(self._call(self._redis.getrange, upload, 0, n - 1) or b"")
+
+    def discard_upload(self, upload: str) -> None:
+        self._call(self._redis.delete, upload)
+
+    def adopt(self, upload: str, kind: BlobKind, blob_id: str) -> None:
+        """Make a finished upload (or a staged artifact) the content-addressed blob ``blob_id``,
+        with no TTL: a database row now owns it."""
+        target = self._key(kind, blob_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.rename(upload, target).persist(target)
+        try:
+            self._call(pipe.execute)
+        except redis.ResponseError as exc:
+            raise UploadNotFound("The upload expired before it was used; upload it again.") from exc
+
+    def stage(self, upload: str, account_id: str, blob_id: str, ttl_s: int) -> None:
+        """Keep a finished upload as this account's staged artifact for ttl_s seconds."""
+        target = self.staged_key(account_id, blob_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.rename(upload, target).expire(target, ttl_s)
+        self._call(pipe.execute)
+
+    def get_staged(self, account_id: str, blob_id: str) -> bytes:
+        data = self._call(self._redis.get, self.staged_key(account_id, blob_id))
+        if data is None or sha256_hex(data) != blob_id:
+            raise UploadNotFound(
+                f"No staged upload {blob_id[:12]}… in this account (it expires after an hour); upload it again."
+            )
+        return data
+
+    @staticmethod
+    def staged_key(account_id: str, blob_id: str) -> str:
+        return f"{STAGED_PREFIX}{account_id}:{blob_id}"
+
+    # ---- query payloads --------------------------------------------------------------
+
     def put_payload(self, data: bytes, ttl_s: int) -> str:
         ref = uuid.uuid4().hex
         self._call(self._redis.set, PAYLOAD_PREFIX + ref, data, ex=ttl_s)
@@ -80,6 +139,9 @@ class BlobStore:
     def delete_payload(self, ref: str) -> None:
         self._call(self._redis.delete, PAYLOAD_PREFIX + ref)
 
+    def expire_payload(self, ref: str, ttl_s: int) -> None:
+        self._call(self._redis.expire, PAYLOAD_PREFIX + ref, ttl_s)
+
     @staticmethod
     def _key(kind: BlobKind, blob_id: str) -> str:
         return f"{BLOB_PREFIX}{kind.value}:{blob_id}"
@@ -90,3 +152,10 @@ class BlobStore:
             return fn(*args, **kwargs)
         except redis.ConnectionError as exc:
             raise BrokerUnavailable(f"Cannot reach the blob store: {exc}") from exc
+        except redis.ResponseError as exc:
+            if str(exc).startswith("OOM"):
+                raise StoreFull(
+                    "The platform's store is full (Redis maxmemory; nothing is evicted): try later, "
+                    "or ask the operator to raise CIPHERPOOL_REDIS_MAXMEMORY_BYTES."
+                ) from exc
+            raise

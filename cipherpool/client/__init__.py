@@ -1,4 +1,4 @@
-"""Clients: need only a broker URL and a credential, never database access."""
+"""Clients: need only the gateway's URL and a credential; no broker, no database."""
 
 from cipherpool.client.management import ManagementClient, WorkerInfo
 from cipherpool.client.query import QueryClient, QueryHandle

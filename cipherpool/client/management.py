@@ -1,22 +1,22 @@
-"""ManagementClient: what a provider scripts against (deploy, workers, tokens)."""
+"""ManagementClient: what a provider scripts against (deploy, workers, tokens), over HTTP."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
-from cipherpool.config.settings import Settings
+from cipherpool.api.schemas import DeployIn, ModelOut, TokenCreated, TokenIn, TokenOut, UploadOut, WorkerIn, WorkerOut
 from cipherpool.client.transport import Transport, client_settings
-from cipherpool.statuses import WorkerStatus
-from cipherpool.errors import ConfigurationError, WorkerStartFailed
+from cipherpool.config.settings import Settings
+from cipherpool.errors import WorkerStartFailed
 from cipherpool.fhe.deployment import load_deployment
-from cipherpool.names import TASK_PREFIX, node_queue
-from cipherpool.store import BlobKind
+from cipherpool.statuses import WorkerStatus
 
-C = TASK_PREFIX + "control."
 POLL_S = 0.25
+UPLOAD_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -38,37 +38,42 @@ class WorkerInfo:
 
 
 class ManagementClient:
-    def __init__(self, api_key: str | None = None, broker_url: str | None = None, *, settings: Settings | None = None):
-        settings = client_settings(broker_url, settings)
-        self.api_key = api_key or settings.api_key
-        if not self.api_key:
-            raise ConfigurationError("No API key: pass api_key= or set CIPHERPOOL_API_KEY.")
-        self._t = Transport(settings)
+    """A provider's handle on the platform: ``ManagementClient(api_key, url=...)``.
 
-    def _call(self, op: str, **kwargs: Any) -> Any:
-        return self._t.call(C + op, api_key=self.api_key, **kwargs)
+    The URL is ``url=``, else ``CIPHERPOOL_URL``, else the local stack's (what `cipherpool up`
+    wrote in the data directory); the key is ``api_key=`` or ``CIPHERPOOL_API_KEY``."""
+
+    def __init__(self, api_key: str | None = None, url: str | None = None, *, settings: Settings | None = None):
+        settings = client_settings(url, settings)
+        self.api_key = api_key or settings.api_key
+        self._t = Transport(settings, self.api_key, "No API key: pass api_key= or set CIPHERPOOL_API_KEY.")
+        self.settings = settings
 
     # models
     def deploy_model(self, name: str, path: str | Path, hardware: str = "cpu") -> dict:
         """Upload a ``FHEModelDev(...).save()`` directory and register it (not yet active)."""
         deployment = load_deployment(path)
-        client_blob = self._t.store.put(BlobKind.CLIENT_ZIP, deployment.client_zip)
-        server_blob = self._t.store.put(BlobKind.SERVER_ZIP, deployment.server_zip)
-        return self._call("deploy_model", name=name, client_blob=client_blob, server_blob=server_blob, hardware=hardware)
+        client, server = (
+            self._t.call("PUT", "/v1/uploads", UploadOut, content=data, timeout=UPLOAD_TIMEOUT_S,
+                         headers={"Content-Type": "application/octet-stream"})
+            for data in (deployment.client_zip, deployment.server_zip)
+        )
+        body = DeployIn(name=name, client_upload=client["upload_id"], server_upload=server["upload_id"], hardware=hardware)
+        return self._t.call("POST", "/v1/models", ModelOut, json=body.model_dump())
 
     def list_models(self) -> list[dict]:
-        return self._call("list_models")
+        return self._t.call("GET", "/v1/models", list[ModelOut])
 
     def activate_model(self, name: str) -> dict:
-        return self._call("set_model_status", name=name, status="active")
+        return self._t.call("POST", f"/v1/models/{quote(name, safe='')}/activate", ModelOut)
 
     def deactivate_model(self, name: str) -> dict:
-        return self._call("set_model_status", name=name, status="inactive")
+        return self._t.call("POST", f"/v1/models/{quote(name, safe='')}/deactivate", ModelOut)
 
     # workers
     def start_worker(self, model: str, *, wait: bool = True, timeout: float | None = None) -> WorkerInfo:
         """Bind a free pool node to the model; returns once it serves, or raises why not."""
-        worker = WorkerInfo.from_dict(self._call("start_worker", model=model))
+        worker = self._worker("POST", "/v1/workers", json=WorkerIn(model=model).model_dump())
         if not wait:
             return worker
         worker = self._wait_while(worker, WorkerStatus.STARTING, timeout)
@@ -81,41 +86,41 @@ class ManagementClient:
         return worker
 
     def stop_worker(self, worker_id: str, *, wait: bool = True, timeout: float | None = None) -> WorkerInfo:
-        worker = WorkerInfo.from_dict(self._call("stop_worker", worker_id=worker_id))
+        worker = self._worker("POST", f"/v1/workers/{quote(worker_id, safe='')}/stop")
         return self._wait_while(worker, WorkerStatus.STOPPING, timeout) if wait else worker
 
     def get_worker(self, worker_id: str) -> WorkerInfo:
-        return WorkerInfo.from_dict(self._call("get_worker", worker_id=worker_id))
+        return self._worker("GET", f"/v1/workers/{quote(worker_id, safe='')}")
 
     def list_workers(self, model: str | None = None) -> list[WorkerInfo]:
-        return [WorkerInfo.from_dict(d) for d in self._call("list_workers", model=model)]
+        params = {"model": model} if model else None
+        return [WorkerInfo.from_dict(d) for d in self._t.call("GET", "/v1/workers", list[WorkerOut], params=params)]
 
     def worker_stats(self, model: str | None = None) -> list[dict]:
         """Live figures of each running worker's node: query counts, compute times, key cache."""
-        stats = []
-        for worker in self.list_workers(model):
-            if worker.status == WorkerStatus.RUNNING and worker.node_status == "online":
-                result = self._t.send(TASK_PREFIX + "node.stats", {}, queue=node_queue(worker.node))
-                figures = self._t.wait(result, self._t.settings.management_timeout_s, "node stats")
-                stats.append({"worker_id": worker.id, **figures})
-        return stats
+        params = {"model": model} if model else None
+        return self._t.call("GET", "/v1/workers/stats", list[dict[str, Any]], params=params)
 
     # tokens
     def create_token(self, name: str, model: str, ttl_s: float | None = None) -> str:
         """A new access token for one model; the value is shown only now."""
-        return self._call("create_token", name=name, model=model, ttl_s=ttl_s)["token"]
+        body = TokenIn(name=name, model=model, ttl_s=ttl_s)
+        return self._t.call("POST", "/v1/tokens", TokenCreated, json=body.model_dump())["token"]
 
     def revoke_token(self, token_id: str) -> dict:
-        return self._call("revoke_token", token_id=token_id)
+        return self._t.call("POST", f"/v1/tokens/{quote(token_id, safe='')}/revoke", TokenOut)
 
     def list_tokens(self) -> list[dict]:
-        return self._call("list_tokens")
+        return self._t.call("GET", "/v1/tokens", list[TokenOut])
 
     def close(self) -> None:
         self._t.close()
 
+    def _worker(self, method: str, path: str, **kwargs: Any) -> WorkerInfo:
+        return WorkerInfo.from_dict(self._t.call(method, path, WorkerOut, **kwargs))
+
     def _wait_while(self, worker: WorkerInfo, status: WorkerStatus, timeout: float | None) -> WorkerInfo:
-        deadline = time.monotonic() + (timeout or self._t.settings.worker_start_timeout_s)
+        deadline = time.monotonic() + (timeout or self.settings.worker_start_timeout_s)
         while worker.status == status and time.monotonic() < deadline:
             time.sleep(POLL_S)
             worker = self.get_worker(worker.id)

@@ -1,78 +1,94 @@
 """QueryClient: what an end user runs on their own machine.
 
-Keys are generated here and the secret key never leaves ``key_dir``; the platform sees the
-evaluation key (uploaded once, by content hash) and ciphertexts. ``predict`` is
-``decrypt(execute(encrypt(x)))``.
+Keys are generated here and the secret key never leaves ``key_dir`` (0700, files 0600); the
+platform sees the evaluation key (uploaded once, streamed) and ciphertexts. ``predict`` is
+``decrypt(execute(encrypt(x)))``. Everything goes through the gateway over HTTP.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from celery.result import AsyncResult
 
+from cipherpool.api.schemas import ClientModelOut, KeyOut, QueryAccepted
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.credentials import digest
-from cipherpool.errors import ConfigurationError, KeyMismatch, ModelMismatch, ModelUnavailable, QueryTimeout
+from cipherpool.errors import KeyMismatch, ModelMismatch, ModelUnavailable, QueryTimeout, RemoteError
 from cipherpool.fhe.client import ClientCrypto
-from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest
-from cipherpool.names import TASK_PREFIX, model_queue
-from cipherpool.store import BlobKind
+from cipherpool.messages import EncryptedInput, EncryptedOutput
 
-QUERY_TASK = TASK_PREFIX + "query.run"
-CLIENT_TASK = TASK_PREFIX + "client."
+OCTET = {"Content-Type": "application/octet-stream"}
+UPLOAD_TIMEOUT_S = 600.0
+POLL_GRACE_S = 30.0  # HTTP timeout beyond a long poll's own wait
 
 
 @dataclass
 class QueryHandle:
-    """A submitted query; ``result()`` waits for the encrypted output."""
+    """A submitted query; ``result()`` waits for the encrypted output (idempotent)."""
 
     client: QueryClient
-    async_result: AsyncResult
+    id: str
     submitted_at: float
-    reply: QueryReply | None = None
+    node: str | None = None
+    key_cache: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     _output: bytes | None = None
 
-    @property
-    def id(self) -> str:
-        return self.async_result.id
+    def status(self) -> str:
+        """``queued``, ``started`` or ``done`` (a failed query raises its error)."""
+        if self._output is not None:
+            return "done"
+        response = self.client._poll(self.id, 0.0)
+        if response.status_code == 200:
+            self._take(response)
+            return "done"
+        return QueryAccepted.model_validate_json(response.content).status
 
     def result(self, timeout: float | None = None) -> bytes:
-        """The encrypted output (an EncryptedOutput envelope); waits at most timeout seconds."""
+        """The encrypted output (an EncryptedOutput envelope); waits at most timeout seconds.
+
+        Long-polls the gateway (each request at most its long-poll bound) until the result
+        is there or the timeout passes; then the query is withdrawn and the error says
+        whether any worker serves the model."""
         if self._output is not None:
             return self._output
-        timeout = timeout or self.client.settings.query_timeout_s
+        deadline = time.monotonic() + (timeout or self.client.settings.query_timeout_s)
+        while (remaining := deadline - time.monotonic()) > 0:
+            response = self.client._poll(self.id, remaining)
+            if response.status_code == 200:
+                return self._take(response)
+        self.client._withdraw(self.id)
+        self.client._explain_timeout()
+        raise QueryTimeout(f"No answer within {timeout or self.client.settings.query_timeout_s:g}s; the query was withdrawn.")
+
+    def _take(self, response) -> bytes:
+        self.node = response.headers.get("x-cipherpool-node")
+        self.key_cache = response.headers.get("x-cipherpool-key-cache")
         try:
-            value = self.client._t.wait(self.async_result, timeout, "the query")
-        except QueryTimeout:
-            self.async_result.revoke()  # do not compute an answer nobody waits for
-            self.client._explain_timeout()
-            raise
-        self.reply = QueryReply.decode(value)
-        output = self.reply.output
-        if output is None:  # a large result by reference: this client is its only reader
-            output = self.client._t.store.get_payload(self.reply.output_ref or "")
-            self.client._t.store.delete_payload(self.reply.output_ref or "")
-        self.timings = {**self.reply.timings, "end_to_end_s": time.time() - self.submitted_at}
-        self._output = output
-        return output
+            server = json.loads(response.headers.get("x-cipherpool-timings", "{}"))
+        except ValueError:
+            raise RemoteError("The gateway sent unreadable timings.") from None
+        self.timings = {**server, "end_to_end_s": time.time() - self.submitted_at}
+        self._output = response.content
+        return self._output
 
 
 class QueryClient:
-    def __init__(self, token: str | None = None, broker_url: str | None = None, *,
+    """An end user's handle: ``QueryClient(token, url=...)``; the URL as for ManagementClient."""
+
+    def __init__(self, token: str | None = None, url: str | None = None, *,
                  key_dir: str | Path | None = None, settings: Settings | None = None):
-        self.settings = client_settings(broker_url, settings)
+        self.settings = client_settings(url, settings)
         self.token = token or self.settings.token
-        if not self.token:
-            raise ConfigurationError("No access token: pass token= or set CIPHERPOOL_TOKEN.")
+        self._t = Transport(self.settings, self.token, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
         self.key_dir = Path(key_dir) if key_dir else self.settings.data_dir / "client" / digest(self.token)[:16]
-        self._t = Transport(self.settings)
         self._model: dict[str, Any] | None = None
         self._crypto: ClientCrypto | None = None
         self.last_timings: dict[str, float] = {}
@@ -81,49 +97,55 @@ class QueryClient:
     def model(self) -> dict[str, Any]:
         """The model this token queries (id, name, status, versions); fetched once."""
         if self._model is None:
-            self._model = self._t.call(CLIENT_TASK + "describe", token=self.token)
+            self._model = self._describe()
         return self._model
 
     @property
     def crypto(self) -> ClientCrypto:
         if self._crypto is None:
-            client_zip = self._t.store.get(BlobKind.CLIENT_ZIP, self.model["client_blob"])
+            client_zip = self._t.request("GET", "/v1/client/model/client.zip").content
+            if digest_bytes(client_zip) != self.model["client_zip_sha256"]:
+                raise RemoteError("The model's client specs arrived damaged; try again.")
             self._crypto = ClientCrypto(client_zip, self.key_dir / self.model["id"])
         return self._crypto
 
     def generate_keys(self, force: bool = False) -> str:
-        """Create (or reload) this client's keys; returns the evaluation key id."""
+        """Create (or reload) this client's keys; returns the key set's id."""
         return self.crypto.generate_keys(force=force)
 
     def upload_evaluation_keys(self) -> str:
-        """Put the evaluation key in the store (content-addressed: an identical key is stored
-        once) and register it under this key set's id, which it returns."""
+        """Upload the evaluation key under this key set's id (stored once per content), which
+        it returns. The secret key is not sent: it never leaves key_dir."""
         key_id = self.crypto.key_id()
-        blob_id = self._t.store.put(BlobKind.EVALUATION_KEY, self.crypto.evaluation_key())
-        self._t.call(CLIENT_TASK + "register_key", token=self.token, key_id=key_id, blob_id=blob_id)
+        self._t.call("PUT", f"/v1/client/keys/{key_id}", KeyOut, content=self.crypto.evaluation_key(),
+                     headers=OCTET, timeout=UPLOAD_TIMEOUT_S)
         return key_id
 
     def encrypt(self, x: Any) -> bytes:
         return EncryptedInput(self.model["id"], self.crypto.key_id(), self.crypto.encrypt(x)).encode()
 
     def submit(self, ciphertext: bytes) -> QueryHandle:
+        """Queue a query and return at once; ``handle.result()`` waits for it."""
         EncryptedInput.decode(ciphertext)  # refuse garbage here, before it costs a round trip
-        inline = len(ciphertext) <= self.settings.inline_max_bytes
-        request = QueryRequest(
-            token=self.token,
-            model_id=self.model["id"],
-            key_id=self.crypto.key_id(),
-            input=ciphertext if inline else None,
-            input_ref=None if inline else self._t.store.put_payload(ciphertext, self.settings.payload_ttl_s),
-            submitted_at=time.time(),
-        )
-        result = self._t.send(QUERY_TASK, {"request": request.encode()}, queue=model_queue(request.model_id),
-                              expires_s=self.settings.query_timeout_s)
-        return QueryHandle(self, result, request.submitted_at)
+        submitted = time.time()
+        response = self._t.request("POST", "/v1/queries", content=ciphertext, headers=OCTET)
+        return QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
 
     def execute(self, ciphertext: bytes, timeout: float | None = None) -> bytes:
-        handle = self.submit(ciphertext)
-        output = handle.result(timeout)
+        """Run the model on a ciphertext; the encrypted output. One round trip when the result
+        is ready within the gateway's long-poll bound, else it keeps polling."""
+        EncryptedInput.decode(ciphertext)
+        timeout = timeout or self.settings.query_timeout_s
+        wait = min(timeout, self.settings.long_poll_s)
+        submitted = time.time()
+        response = self._t.request("POST", "/v1/queries", content=ciphertext, headers=OCTET,
+                                   params={"wait": wait}, timeout=wait + POLL_GRACE_S)
+        if response.status_code == 200:
+            handle = QueryHandle(self, response.headers.get("x-cipherpool-query", ""), submitted)
+            output = handle._take(response)
+        else:
+            handle = QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
+            output = handle.result(max(0.001, timeout - (time.time() - submitted)))
         self.last_timings = handle.timings
         return output
 
@@ -154,9 +176,19 @@ class QueryClient:
         self.last_timings = {**self.last_timings, "encrypt_s": t1 - t0, "decrypt_s": time.perf_counter() - t2}
         return result
 
+    def _describe(self) -> dict[str, Any]:
+        return self._t.call("GET", "/v1/client/model", ClientModelOut)
+
+    def _poll(self, query_id: str, remaining: float):
+        wait = min(max(0.0, remaining), self.settings.long_poll_s)
+        return self._t.request("GET", f"/v1/queries/{query_id}", params={"wait": wait}, timeout=wait + POLL_GRACE_S)
+
+    def _withdraw(self, query_id: str) -> None:
+        self._t.request("DELETE", f"/v1/queries/{query_id}")
+
     def _explain_timeout(self) -> None:
         """After a timeout (only then: it costs a round trip), say if no worker serves the model."""
-        described = self._t.call(CLIENT_TASK + "describe", token=self.token)
+        described = self._describe()
         if not described.get("running_workers"):
             raise ModelUnavailable(
                 f"No worker serves model {described['name']!r}: ask its provider to start one "
@@ -165,3 +197,7 @@ class QueryClient:
 
     def close(self) -> None:
         self._t.close()
+
+
+def digest_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

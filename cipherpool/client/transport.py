@@ -1,83 +1,96 @@
-"""How a client talks to the platform: tasks over the broker, blobs through the store.
+"""How a client talks to the platform: HTTP to the gateway, nothing else.
 
-A client holds only a broker URL (the store defaults to the same Redis) and its credential.
-It imports none of the worker-side code and never touches the database.
+A client holds a gateway URL and one bearer credential (an API key or an access token). It
+imports none of the platform's code: no Celery, no Redis, no database. Errors come back as
+``{"code", "message"}`` and are raised here as the same typed exceptions the platform raised.
+A 429 is retried after its ``Retry-After`` (the request was not processed), a few times.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, TypeVar
 
-import redis
-from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import AsyncResult
-from kombu.exceptions import OperationalError
+import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from cipherpool.config.celery import create_app
 from cipherpool.config.settings import Settings, get_settings
-from cipherpool.errors import BrokerUnavailable, CipherpoolError, QueryTimeout, RemoteError
-from cipherpool.messages import redacted_kwargs, unwrap
-from cipherpool.names import CONTROL_QUEUE
-from cipherpool.store import BlobStore
+from cipherpool.errors import ConfigurationError, GatewayUnavailable, RateLimited, RemoteError, from_wire
+
+T = TypeVar("T")
+RATE_LIMIT_RETRIES = 3
+MAX_RETRY_AFTER_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
 
 
-def client_settings(broker_url: str | None, settings: Settings | None) -> Settings:
+def client_settings(url: str | None, settings: Settings | None) -> Settings:
     settings = settings or get_settings()
-    if broker_url:
-        settings = settings.model_copy(update={"broker_url": broker_url})
-    settings.effective_broker_url()  # a clear ConfigurationError now rather than later
+    if url:
+        settings = settings.model_copy(update={"url": url})
+    settings.effective_url()  # a clear ConfigurationError now rather than later
     return settings
 
 
 class Transport:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, credential: str | None, what: str):
+        if not credential:
+            raise ConfigurationError(what)
+        from cipherpool import __version__
+
         self.settings = settings
-        self.app = create_app(settings, name="cipherpool-client")
-        self.store = BlobStore.from_url(settings.effective_store_url())
-        self._reachable = False
+        self.url = settings.effective_url()
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {credential}", "User-Agent": f"cipherpool/{__version__}"},
+            timeout=httpx.Timeout(settings.management_timeout_s, connect=CONNECT_TIMEOUT_S),
+        )
 
-    def send(self, task: str, kwargs: dict[str, Any], queue: str = CONTROL_QUEUE,
-             expires_s: float | None = None) -> AsyncResult:
-        """Publish a task; with ``expires_s`` a node discards it once nobody waits any more."""
-        if not self._reachable:
-            # One ping up front: Celery's own reconnect loop would take ~20 s to give up.
-            self.store.ping()
-            self._reachable = True
+    def request(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> httpx.Response:
+        """Send a request; the response if it succeeded, else its typed error raised here."""
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S)
+        for attempt in range(RATE_LIMIT_RETRIES + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise GatewayUnavailable(f"Cannot reach the gateway at {self.url}: {exc}") from None
+            if response.status_code < 400:
+                return response
+            error = _error_of(response)
+            if not isinstance(error, RateLimited) or attempt == RATE_LIMIT_RETRIES:
+                raise error
+            time.sleep(min(MAX_RETRY_AFTER_S, float(response.headers.get("retry-after", "1"))))
+        raise AssertionError("unreachable")
+
+    def call(self, method: str, path: str, shape: type[T] | Any, **kwargs: Any) -> Any:
+        """A JSON request whose answer is validated against ``shape`` and returned as plain data."""
+        response = self.request(method, path, **kwargs)
         try:
-            return self.app.send_task(task, kwargs=kwargs, queue=queue, kwargsrepr=redacted_kwargs(kwargs),
-                                      expires=expires_s)
-        except OperationalError as exc:
-            raise BrokerUnavailable(f"Cannot reach the broker at {self._where()}: {exc}") from None
-
-    def wait(self, result: AsyncResult, timeout: float, what: str) -> Any:
-        """The task's value, or its typed error raised here."""
-        try:
-            envelope = result.get(timeout=timeout, propagate=True)
-        except CeleryTimeout:
-            raise QueryTimeout(
-                f"No answer to {what} within {timeout:g}s: is a worker serving it "
-                "(`cipherpool worker list`), and is the broker reachable?"
-            ) from None
-        except (OperationalError, redis.ConnectionError) as exc:
-            raise BrokerUnavailable(f"Lost the broker at {self._where()}: {exc}") from None
-        except RuntimeError as exc:
-            if "result store" not in str(exc):
-                raise RemoteError(f"{what} failed on the platform: {exc}") from None
-            raise BrokerUnavailable(f"Cannot reach the result backend at {self._where()}.") from None
-        except CipherpoolError:
-            raise
-        except Exception as exc:  # a bug on the platform side, reported as a FAILURE
-            raise RemoteError(f"{what} failed on the platform: {type(exc).__name__}: {exc}") from None
-        finally:
-            result.forget()
-        return unwrap(envelope)
-
-    def call(self, task: str, timeout: float | None = None, **kwargs: Any) -> Any:
-        return self.wait(self.send(task, kwargs), timeout or self.settings.management_timeout_s, task)
+            value = TypeAdapter(shape).validate_json(response.content)
+        except ValidationError as exc:
+            raise RemoteError(f"The gateway's answer to {method} {path} does not fit the API: {exc}") from None
+        return _plain(value)
 
     def close(self) -> None:
-        self.app.close()
+        self._http.close()
 
-    def _where(self) -> str:
-        url = self.settings.effective_broker_url()
-        return url.split("@")[-1]  # never print a password
+
+def _error_of(response: httpx.Response) -> Exception:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "code" in body:
+        error = from_wire(body)
+        if isinstance(error, RateLimited):
+            error.retry_after_s = float(response.headers.get("retry-after", "1"))
+        return error
+    return RemoteError(f"The gateway answered HTTP {response.status_code}: {response.text[:200]}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

@@ -7,14 +7,18 @@ in the field names (``_s`` seconds, ``_bytes`` bytes).
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1024**3
+MIB = 1024**2
 KIB = 1024
+STACK_FILE = "stack.json"  # written by `cipherpool up` in the data directory (0600): the gateway URL
+MAX_AUTH_CACHE_TTL_S = 5.0  # a revoked token or API key stops working within this long
 
 
 class Settings(BaseSettings):
@@ -27,9 +31,37 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="defaults to SQLite under data_dir")
     data_dir: Path = Path.home() / ".cipherpool"
 
+    # What a client talks to: the gateway. None: the URL that `cipherpool up` wrote into the
+    # data directory (STACK_FILE), as `ray start` then `ray.init()` finds a local cluster.
+    url: str | None = None
     # Credentials a client may take from its environment instead of its code.
     api_key: str | None = None
     token: str | None = None
+
+    # The gateway (HTTP front door). Loopback unless the operator exposes it.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int | None = Field(None, description="None: a free port")
+    # Bearer credentials are looked up once and cached this long (<= 5 s: revocation and
+    # deactivation take effect within it); saves a database round trip per query.
+    auth_cache_ttl_s: float = 2.0
+    # Longest single wait of a long-polling request; a client polls again until its own
+    # query timeout, so no HTTP request outlives a proxy's idle timeout.
+    long_poll_s: float = 25.0
+
+    # Limits checked before any work, after authentication (bytes; 0 rate = unlimited).
+    max_json_bytes: int = 64 * KIB
+    max_ciphertext_bytes: int = 16 * MIB
+    max_evaluation_key_bytes: int = 512 * MIB
+    max_deployment_zip_bytes: int = 256 * MIB
+    max_deployment_unzipped_bytes: int = 1 * GIB  # the sum of a zip's declared member sizes
+    max_keys_per_token: int = 16
+    upload_ttl_s: int = 3600  # a staged upload not deployed within this long is dropped
+    token_rate_per_s: float = 100.0  # requests per second per access token
+    account_rate_per_s: float = 500.0  # requests per second per account (its tokens included)
+
+    # The embedded Redis: memory bound; the policy is noeviction, so queued work and keys are
+    # never silently dropped (writes are refused with StoreFull instead).
+    redis_maxmemory_bytes: int = 4 * GIB
 
     # Pool node profile (DESIGN.md §5: threads = cores / parallel executions).
     host_class: str = "cpu"
@@ -59,6 +91,13 @@ class Settings(BaseSettings):
     # Monitoring beside the pool.
     flower_port: int | None = None
 
+    @field_validator("auth_cache_ttl_s")
+    @classmethod
+    def _auth_cache_bound(cls, value: float) -> float:
+        if not 0 <= value <= MAX_AUTH_CACHE_TTL_S:
+            raise ValueError(f"auth_cache_ttl_s must be between 0 and {MAX_AUTH_CACHE_TTL_S:g} s")
+        return value
+
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -79,6 +118,41 @@ class Settings(BaseSettings):
 
     def effective_store_url(self) -> str:
         return self.store_url or self.effective_broker_url()
+
+    def stack_file(self) -> Path:
+        return Path(self.data_dir).expanduser() / STACK_FILE
+
+    def effective_url(self) -> str:
+        """The gateway a client talks to: explicit, else CIPHERPOOL_URL, else the local stack's."""
+        if self.url:
+            return self.url.rstrip("/")
+        from cipherpool.errors import ConfigurationError
+
+        path = self.stack_file()
+        try:
+            url = json.loads(path.read_text())["url"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigurationError(
+                f"No gateway URL: pass url=, set CIPHERPOOL_URL, or run `cipherpool up` on this machine "
+                f"(it writes {path})."
+            ) from None
+        return str(url).rstrip("/")
+
+
+def mask_url(url: str) -> str:
+    """A URL fit to print or log: its password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    except ValueError:
+        return "<unprintable URL>"
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

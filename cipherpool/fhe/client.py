@@ -1,8 +1,8 @@
 """Client side of FHE: keys, encryption and decryption on the end user's machine.
 
-The secret key is generated here and stays in ``key_dir`` (concrete's key-set cache), so a
-later process, e.g. the next CLI step, finds the same keys; only the serialized *evaluation*
-key is ever handed to the platform.
+The secret key is generated here and stays in ``key_dir`` (concrete's key-set cache, kept
+0700 with 0600 files), so a later process, e.g. the next CLI step, finds the same keys; only
+the serialized *evaluation* key is ever handed to the platform.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 
 from cipherpool.errors import InvalidShape, MalformedCiphertext
 from cipherpool.fhe.deployment import CLIENT_ZIP, read_versions
+from cipherpool.files import private_dir, tighten_tree, write_private
 
 KEY_ID_FILE = "key_id"
 
@@ -24,9 +25,9 @@ class ClientCrypto:
         from concrete.ml.deployment import FHEModelClient
 
         self.key_dir = Path(key_dir)
-        spec_dir = self.key_dir / "spec"
-        spec_dir.mkdir(parents=True, exist_ok=True)
-        (spec_dir / CLIENT_ZIP).write_bytes(client_zip)
+        spec_dir = private_dir(self.key_dir / "spec")
+        private_dir(self.key_dir)
+        write_private(spec_dir / CLIENT_ZIP, client_zip)
         self._client = FHEModelClient(str(spec_dir), key_dir=str(self.key_dir / "keyset"))
         self._keys_loaded = False
 
@@ -40,7 +41,8 @@ class ClientCrypto:
         self._keys_loaded = True
         path = self.key_dir / KEY_ID_FILE
         if force or not path.exists():
-            path.write_text(uuid.uuid4().hex)
+            write_private(path, uuid.uuid4().hex)
+        tighten_tree(self.key_dir)  # concrete writes the secret key with the process umask
         return path.read_text().strip()
 
     def evaluation_key(self) -> bytes:

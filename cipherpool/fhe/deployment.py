@@ -13,13 +13,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cipherpool.errors import InvalidDeployment, VersionMismatch
+from cipherpool.errors import InvalidDeployment, PayloadTooLarge, VersionMismatch
 
 CLIENT_ZIP = "client.zip"
 SERVER_ZIP = "server.zip"
 VERSIONS_JSON = "versions.json"
 CLIENT_MEMBERS = {"client.specs.json", "serialized_processing.json", VERSIONS_JSON}
 SERVER_MEMBERS = {VERSIONS_JSON}
+MAX_MEMBERS = 1000  # a concrete-ml zip holds a handful of files
+MAX_VERSIONS_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,26 +62,49 @@ class Deployment:
 
 
 def read_versions(zip_bytes: bytes, name: str) -> Versions:
+    """The versions a zip was saved with. Any damage (a bad zip, a zip bomb in versions.json,
+    deeply nested JSON, a bad deflate stream) is an InvalidDeployment, never another error."""
     try:
         with zipfile.ZipFile(io.BytesIO(zip_bytes)) as zf:
-            raw = json.loads(zf.read(VERSIONS_JSON))
+            info = zf.getinfo(VERSIONS_JSON)
+            if info.file_size > MAX_VERSIONS_BYTES:
+                raise ValueError(f"{VERSIONS_JSON} is {info.file_size} bytes")
+            raw = json.loads(zf.read(info))
         return Versions(
             concrete_ml=str(raw["concrete-ml"]),
             concrete_python=str(raw["concrete-python"]),
             python=str(raw["python"]),
         )
-    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
-        raise InvalidDeployment(f"{name} has no readable {VERSIONS_JSON} ({exc}).") from None
+    except Exception as exc:  # noqa: BLE001 - untrusted input: every failure is the same answer
+        raise InvalidDeployment(f"{name} has no readable {VERSIONS_JSON} ({type(exc).__name__}).") from None
 
 
-def _check_zip(data: bytes, name: str, members: set[str]) -> None:
+def check_artifact(data: bytes, name: str, *, max_unzipped_bytes: int | None = None) -> Versions:
+    """Check a client.zip or server.zip without extracting it: a zip, with the members
+    concrete-ml writes, whose declared sizes add up to at most ``max_unzipped_bytes`` (zipfile
+    never inflates a member past its declared size, so this bounds a zip bomb)."""
+    members = CLIENT_MEMBERS if name == CLIENT_ZIP else SERVER_MEMBERS
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            missing = members - set(zf.namelist())
-    except zipfile.BadZipFile:
+            infos = zf.infolist()
+    except Exception:  # noqa: BLE001
         raise InvalidDeployment(f"{name} is not a zip archive.") from None
+    if len(infos) > MAX_MEMBERS:
+        raise InvalidDeployment(f"{name} has {len(infos)} members; a concrete-ml deployment has a handful.")
+    unzipped = sum(i.file_size for i in infos)
+    if max_unzipped_bytes is not None and unzipped > max_unzipped_bytes:
+        raise PayloadTooLarge(f"{name} unpacks to {unzipped} bytes, above the limit of {max_unzipped_bytes}.")
+    missing = members - {i.filename for i in infos}
     if missing:
         raise InvalidDeployment(f"{name} lacks {', '.join(sorted(missing))}.")
+    return read_versions(data, name)
+
+
+def check_pair(client_zip: bytes, server_zip: bytes, *, max_unzipped_bytes: int | None = None) -> Versions:
+    versions = check_artifact(server_zip, SERVER_ZIP, max_unzipped_bytes=max_unzipped_bytes)
+    if check_artifact(client_zip, CLIENT_ZIP, max_unzipped_bytes=max_unzipped_bytes) != versions:
+        raise InvalidDeployment("client.zip and server.zip were saved by different versions.")
+    return versions
 
 
 def load_deployment(path: str | Path) -> Deployment:
@@ -93,9 +118,5 @@ def load_deployment(path: str | Path) -> Deployment:
     if missing:
         raise InvalidDeployment(f"{root} has no {' or '.join(missing)}. {hint}")
     client_zip, server_zip = (files[n].read_bytes() for n in (CLIENT_ZIP, SERVER_ZIP))
-    _check_zip(client_zip, CLIENT_ZIP, CLIENT_MEMBERS)
-    _check_zip(server_zip, SERVER_ZIP, SERVER_MEMBERS)
-    versions = read_versions(server_zip, SERVER_ZIP)
-    if read_versions(client_zip, CLIENT_ZIP) != versions:
-        raise InvalidDeployment("client.zip and server.zip were saved by different versions.")
+    versions = check_pair(client_zip, server_zip)
     return Deployment(client_zip=client_zip, server_zip=server_zip, versions=versions)

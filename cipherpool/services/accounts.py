@@ -23,7 +23,7 @@ def create_account(session: Session, name: str) -> tuple[Account, str]:
 
 
 def authenticate(session: Session, api_key: str | None) -> Account:
-    if not api_key or not api_key.startswith(API_KEY_PREFIX):
+    if not isinstance(api_key, str) or not api_key.startswith(API_KEY_PREFIX):
         raise InvalidApiKey(
             "Missing or malformed API key: pass the cpk_… key that "
             "`cipherpool admin account create` printed (or set CIPHERPOOL_API_KEY)."
@@ -31,4 +31,11 @@ def authenticate(session: Session, api_key: str | None) -> Account:
     account = session.exec(select(Account).where(Account.api_key_hash == digest(api_key))).first()
     if account is None:
         raise InvalidApiKey("Unknown API key.")
+    return account
+
+
+def get_account(session: Session, account_id: str) -> Account:
+    account = session.get(Account, account_id)
+    if account is None:
+        raise InvalidApiKey("The account behind this API key no longer exists.")
     return account

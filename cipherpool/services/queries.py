@@ -1,56 +1,106 @@
 """Authorisation of a query and the evaluation keys it may use.
 
-Runs on the pool node for every query, so it is two indexed lookups and nothing more.
+Checked once, before a query is published: by the gateway (with the grant cached for a few
+seconds) or by trusted in-cluster code (:mod:`cipherpool.tasks.submit`). Pool nodes trust
+what reaches their queue (the broker is private to the platform) and never touch the
+database on the hot path.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-from sqlmodel import Session, select
+from sqlmodel import Session, func, select
 
 from cipherpool.db.tables import AccessToken, EvaluationKey, Model, ModelStatus
-from cipherpool.errors import EvaluationKeyNotFound, InvalidEvaluationKey, ModelInactive, TokenNotForModel
-from cipherpool.services.tokens import resolve_token
+from cipherpool.errors import (
+    EvaluationKeyNotFound, InvalidEvaluationKey, InvalidToken, ModelInactive, TokenNotForModel, TooManyKeys,
+)
+from cipherpool.services.tokens import check_live, resolve_token
 
 KEY_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def authorize_query(session: Session, token_value: str, model_id: str) -> tuple[AccessToken, Model]:
-    token, model = resolve_token(session, token_value)
-    if model.id != model_id:
-        raise TokenNotForModel("This token is not assigned to the model the query was sent to.")
-    if model.status != ModelStatus.ACTIVE:
+@dataclass(frozen=True)
+class TokenGrant:
+    """What a live token may do: query one model of one account. Small and immutable, so the
+    gateway can cache it; the model's status is part of it (deactivation is seen as soon as
+    the cached grant expires)."""
+
+    token_id: str
+    account_id: str
+    model_id: str
+    model_name: str
+    model_status: ModelStatus
+
+
+def _grant(token: AccessToken, model: Model) -> TokenGrant:
+    return TokenGrant(token.id, token.account_id, model.id, model.name, model.status)
+
+
+def grant_for_value(session: Session, value: str | None) -> TokenGrant:
+    """The grant behind a clear token value (what the gateway receives as a bearer)."""
+    return _grant(*resolve_token(session, value))
+
+
+def grant_for_id(session: Session, token_id: str) -> TokenGrant:
+    """The grant of a token named by id (what trusted in-cluster code holds)."""
+    token = session.get(AccessToken, token_id) if isinstance(token_id, str) else None
+    if token is None:
+        raise InvalidToken(f"No access token with id {str(token_id)[:32]!r}.")
+    check_live(token)
+    model = session.get(Model, token.model_id)
+    assert model is not None  # foreign key
+    return _grant(token, model)
+
+
+def check_query(grant: TokenGrant, model_id: str) -> None:
+    """May this grant run a query on ``model_id`` now?"""
+    if grant.model_id != model_id:
+        raise TokenNotForModel("This token is not assigned to the model the ciphertext was encrypted for.")
+    if grant.model_status != ModelStatus.ACTIVE:
         raise ModelInactive(
-            f"Model {model.name!r} is {model.status.value}, not active; its provider must "
+            f"Model {grant.model_name!r} is {grant.model_status.value}, not active; its provider must "
             "activate it before it accepts queries."
         )
-    return token, model
 
 
-def register_key(session: Session, token: AccessToken, key_id: str, blob_id: str, size_bytes: int) -> EvaluationKey:
-    """Record that this token's client key set ``key_id`` evaluates with blob ``blob_id``;
-    idempotent, and a re-upload under the same id replaces the blob."""
-    if not KEY_ID.fullmatch(key_id):
+def check_key_id(key_id: str) -> str:
+    if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
         raise InvalidEvaluationKey("A key id is 32 lowercase hex characters, as generate_keys() makes it.")
+    return key_id
+
+
+def register_key(session: Session, grant: TokenGrant, key_id: str, blob_id: str, size_bytes: int,
+                 max_keys: int | None = None) -> EvaluationKey:
+    """Record that this token's client key set ``key_id`` evaluates with blob ``blob_id``;
+    idempotent, and a re-upload under the same id replaces the blob. At most ``max_keys``
+    key sets per token."""
+    check_key_id(key_id)
     row = session.exec(
-        select(EvaluationKey).where(EvaluationKey.token_id == token.id, EvaluationKey.key_id == key_id)
+        select(EvaluationKey).where(EvaluationKey.token_id == grant.token_id, EvaluationKey.key_id == key_id)
     ).first()
     if row is None:
-        row = EvaluationKey(key_id=key_id, token_id=token.id, model_id=token.model_id, blob_id=blob_id, size_bytes=size_bytes)
+        count = session.exec(select(func.count()).where(EvaluationKey.token_id == grant.token_id)).one()
+        if max_keys is not None and count >= max_keys:
+            raise TooManyKeys(f"This token has {count} key sets already (the limit); reuse one of them.")
+        row = EvaluationKey(key_id=key_id, token_id=grant.token_id, model_id=grant.model_id, blob_id=blob_id,
+                            size_bytes=size_bytes)
     row.blob_id, row.size_bytes = blob_id, size_bytes
     session.add(row)
     session.flush()
     return row
 
 
-def require_key(session: Session, token: AccessToken, key_id: str) -> EvaluationKey:
+def key_blob(session: Session, grant: TokenGrant, key_id: str) -> str:
+    """The blob id of the evaluation key this grant's key set ``key_id`` uploaded."""
     row = session.exec(
-        select(EvaluationKey).where(EvaluationKey.token_id == token.id, EvaluationKey.key_id == key_id)
+        select(EvaluationKey).where(EvaluationKey.token_id == grant.token_id, EvaluationKey.key_id == key_id)
     ).first()
-    if row is None or row.model_id != token.model_id:
+    if row is None or row.model_id != grant.model_id:
         raise EvaluationKeyNotFound(
             "No evaluation key with this id was uploaded with this token for this model; "
             "call upload_evaluation_keys() (CLI: `cipherpool query upload-keys`) first."
         )
-    return row
+    return row.blob_id

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlmodel import Session, select
 
@@ -53,18 +53,25 @@ def list_tokens(session: Session, account: Account) -> list[AccessToken]:
 
 def resolve_token(session: Session, value: str | None, now: datetime | None = None) -> tuple[AccessToken, Model]:
     """The live token behind a clear value and its model; InvalidToken otherwise."""
-    if not value or not value.startswith(TOKEN_PREFIX):
+    if not isinstance(value, str) or not value.startswith(TOKEN_PREFIX):
         raise InvalidToken("Missing or malformed access token: pass the cpt_… value you were given.")
     token = session.exec(select(AccessToken).where(AccessToken.token_hash == digest(value))).first()
     if token is None:
         raise InvalidToken("Unknown access token.")
-    if token.revoked_at is not None:
-        raise InvalidToken("This access token was revoked; ask the model's provider for a new one.")
-    if token.expires_at is not None and token.expires_at <= (now or utcnow()):
-        raise InvalidToken("This access token has expired; ask the model's provider for a new one.")
+    check_live(token, now)
     model = session.get(Model, token.model_id)
     assert model is not None  # foreign key
     return token, model
+
+
+def check_live(token: AccessToken, now: datetime | None = None) -> None:
+    if token.revoked_at is not None:
+        raise InvalidToken("This access token was revoked; ask the model's provider for a new one.")
+    expires = token.expires_at
+    if expires is not None and expires.tzinfo is None:  # SQLite hands datetimes back naive (UTC)
+        expires = expires.replace(tzinfo=UTC)
+    if expires is not None and expires <= (now or utcnow()):
+        raise InvalidToken("This access token has expired; ask the model's provider for a new one.")
 
 
 def describe(token: AccessToken, model_name: str) -> dict:

@@ -1,25 +1,31 @@
 """`cipherpool up` and the demo's stack: everything a single machine needs, as children.
 
-Redis (only when no broker is configured), the database schema, one control worker, N pool
-nodes, beat and Flower. Every child gets the same CIPHERPOOL_* environment, so it is exactly
-what an operator would run by hand with `celery -A cipherpool.tasks ...`.
+Redis (only when no broker is configured; private: password, ACL, noeviction), the database
+schema, one control worker, N pool nodes, beat, Flower (basic auth) and the gateway. Every
+child gets the same CIPHERPOOL_* environment, so it is exactly what an operator would run by
+hand with `celery -A cipherpool.tasks ...` and `uvicorn ...`. When ready, the gateway's URL is
+written to ``<data dir>/stack.json`` (0600), where clients on this machine find it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlmodel import select
 
-from cipherpool.config.settings import Settings, settings_env
+from cipherpool.config.settings import Settings, mask_url, settings_env
 from cipherpool.db import init_db, session_scope
 from cipherpool.db.tables import NodeStatus, PoolNode
 from cipherpool.errors import PlatformError
+from cipherpool.files import private_dir, write_private
 from cipherpool.names import CONTROL_QUEUE, POOL_QUEUE
 from cipherpool.stack.redis_server import start_redis
 from cipherpool.stack.supervisor import Supervisor, free_port
@@ -27,6 +33,8 @@ from cipherpool.stack.supervisor import Supervisor, free_port
 READY_TIMEOUT_S = 120.0
 CONTROL_CONCURRENCY = 4  # management tasks are short and mostly wait on I/O
 CELERY = [sys.executable, "-m", "celery", "-A", "cipherpool.tasks"]
+GATEWAY = [sys.executable, "-m", "uvicorn", "--factory", "cipherpool.gateway.app:create_app"]
+FLOWER_USER = "admin"
 
 
 @dataclass
@@ -43,7 +51,9 @@ class EmbeddedStack:
     settings: Settings
     options: StackOptions = field(default_factory=StackOptions)
     broker_url: str = ""
+    gateway_url: str = ""
     flower_url: str | None = None
+    flower_auth: str | None = None  # user:password, generated at each start
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,6 +64,11 @@ class EmbeddedStack:
     def node_names(self) -> list[str]:
         return [f"node{i + 1}@{_host()}" for i in range(self.options.workers)]
 
+    @property
+    def client_settings(self) -> Settings:
+        """Settings for a client of this stack: the gateway URL, no broker."""
+        return self.settings.model_copy(update={"url": self.gateway_url, "broker_url": None})
+
     def start(self) -> EmbeddedStack:
         try:
             self._start()
@@ -63,22 +78,24 @@ class EmbeddedStack:
         return self
 
     def _start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         self.broker_url = self.settings.broker_url or ""
         if not self.broker_url:
-            _, self.broker_url = start_redis(self.supervisor, self.data_dir / "redis")
+            _, self.broker_url = start_redis(self.supervisor, self.data_dir / "redis",
+                                             maxmemory_bytes=self.settings.redis_maxmemory_bytes)
         database_url = self.settings.effective_database_url()
+        _private_sqlite(database_url)
         init_db(database_url)
         # Concrete leaves a directory in the temp folder for each circuit it loads: keep them
         # under the data directory and clear what an earlier run left there.
         tmp = self.data_dir / "tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        private_dir(tmp)
         threads = self.settings.node_threads or max(
             1, (os.cpu_count() or 1) // (self.options.workers * self.options.node_concurrency)
         )
         self.env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not k.startswith(("CIPHERPOOL_", "FLOWER_"))},
             **settings_env(self.settings),
             "CIPHERPOOL_BROKER_URL": self.broker_url,
             "CIPHERPOOL_DATA_DIR": str(self.data_dir),
@@ -88,7 +105,9 @@ class EmbeddedStack:
         }
         self._start_workers()
         self._start_beat_and_flower()
+        self._start_gateway()
         self._wait_ready(database_url)
+        self._write_stack_file()
 
     def _start_workers(self) -> None:
         quiet = ["--without-gossip", "--without-mingle", "--loglevel", self.options.loglevel]
@@ -112,13 +131,24 @@ class EmbeddedStack:
             self.supervisor.start("beat", CELERY + ["beat", "-s", schedule, "--loglevel", self.options.loglevel], self.env)
         if self.options.flower:
             port = self.settings.flower_port or free_port()
-            self.supervisor.start("flower", CELERY + ["flower", "--address=127.0.0.1", f"--port={port}"], self.env)
+            self.flower_auth = f"{FLOWER_USER}:{secrets.token_urlsafe(16)}"
+            # In the environment, not argv: a process list shows argv to every user.
+            env = {**self.env, "FLOWER_BASIC_AUTH": self.flower_auth}
+            self.supervisor.start("flower", CELERY + ["flower", "--address=127.0.0.1", f"--port={port}"], env)
             self.flower_url = f"http://127.0.0.1:{port}"
 
+    def _start_gateway(self) -> None:
+        host = self.settings.gateway_host
+        port = self.settings.gateway_port or free_port()
+        argv = GATEWAY + ["--host", host, "--port", str(port), "--log-level", self.options.loglevel.lower()]
+        self.supervisor.start("gateway", argv, self.env)
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        self.gateway_url = f"http://{shown}:{port}"
+
     def _wait_ready(self, database_url: str) -> None:
-        """Ready when the control worker answers a ping and every node has registered from
-        the very process we started (matched by pid, so rows left by an earlier run of the
-        same data directory do not count)."""
+        """Ready when the gateway answers, the control worker answers a ping and every node
+        has registered from the very process we started (matched by pid, so rows left by an
+        earlier run of the same data directory do not count)."""
         from cipherpool.config.celery import create_app
 
         app = create_app(self.settings.model_copy(update={"broker_url": self.broker_url}), name="cipherpool-up")
@@ -132,12 +162,24 @@ class EmbeddedStack:
                 with session_scope(database_url) as session:
                     rows = session.exec(select(PoolNode.name, PoolNode.pid).where(PoolNode.status == NodeStatus.ONLINE))
                     online = {(name.split("@")[0], pid) for name, pid in rows}
-                if expected <= online and app.control.ping(destination=[f"control@{_host()}"], timeout=0.5):
+                if (expected <= online and self._gateway_up()
+                        and app.control.ping(destination=[f"control@{_host()}"], timeout=0.5)):
                     return
                 time.sleep(0.2)
         finally:
             app.close()
         raise PlatformError(f"The stack was not ready within {READY_TIMEOUT_S:g}s; see logs in {self.supervisor.log_dir}")
+
+    def _gateway_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.gateway_url + "/v1/health", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _write_stack_file(self) -> None:
+        info = {"url": self.gateway_url, "docs": self.gateway_url + "/docs", "flower": self.flower_url, "pid": os.getpid()}
+        write_private(self.settings.model_copy(update={"data_dir": self.data_dir}).stack_file(), json.dumps(info, indent=2))
 
     def create_account(self, name: str) -> str:
         """A provider account in this stack's database; returns its API key (for demos and
@@ -149,8 +191,10 @@ class EmbeddedStack:
 
     def describe(self) -> list[tuple[str, str]]:
         rows = [(c.name, f"pid {c.pid}") for c in self.supervisor.children]
-        rows.append(("broker", self.broker_url))
-        rows.append(("database", self.env.get("CIPHERPOOL_DATABASE_URL", "")))
+        rows.append(("gateway", self.gateway_url))
+        rows.append(("api docs", self.gateway_url + "/docs"))
+        rows.append(("broker", mask_url(self.broker_url)))
+        rows.append(("database", mask_url(self.env.get("CIPHERPOOL_DATABASE_URL", ""))))
         if self.flower_url:
             rows.append(("flower", self.flower_url))
         rows.append(("logs", str(self.supervisor.log_dir)))
@@ -161,12 +205,27 @@ class EmbeddedStack:
 
     def stop(self) -> None:
         self.supervisor.stop_all()
+        stack_file = self.data_dir / "stack.json"
+        try:
+            if json.loads(stack_file.read_text()).get("pid") == os.getpid():
+                stack_file.unlink()
+        except (OSError, ValueError):
+            pass
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _private_sqlite(url: str) -> None:
+    """Create the SQLite file 0600 before SQLite does (its WAL and shm files copy its mode)."""
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            write_private(path, b"")
+        os.chmod(path, 0o600)
 
 
 def _host() -> str:

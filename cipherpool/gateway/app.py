@@ -1,0 +1,91 @@
+"""The gateway application: ``uvicorn --factory cipherpool.gateway.app:create_app``.
+
+Every answer that is not a success is ``{"code", "message"}`` with the HTTP status of the
+error's class (:mod:`cipherpool.errors`), including FastAPI's own validation errors and
+unknown routes, so a client always gets a typed error and never a bare 500 page.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cipherpool.api.schemas import Health
+from cipherpool.config.settings import Settings, get_settings
+from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, RemoteError
+from cipherpool.gateway import enduser, provider, queries
+from cipherpool.gateway.guard import Guard, error_body
+from cipherpool.gateway.state import GatewayState
+
+log = logging.getLogger("cipherpool.gateway")
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large"}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    from cipherpool import __version__
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await app.state.gw.start()
+        try:
+            yield
+        finally:
+            await app.state.gw.close()
+
+    app = FastAPI(
+        title="cipherpool", version=__version__, lifespan=lifespan,
+        description="Encrypted (FHE) machine-learning queries. Authenticate with `Authorization: Bearer` and an "
+                    "account API key (cpk_…, provider endpoints) or an access token (cpt_…, end-user endpoints).",
+    )
+    app.state.gw = GatewayState(settings)
+    app.add_middleware(Guard)
+    _install_error_handlers(app)
+    for router in (provider.router, enduser.router, queries.router):
+        app.include_router(router)
+
+    @app.get("/v1/health", response_model=Health, tags=["platform"])
+    async def health() -> Health:
+        """Liveness and store reachability; needs no credentials."""
+        await run_in_threadpool(app.state.gw.store.ping)
+        return Health(status="ok", version=__version__)
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CipherpoolError)
+    async def typed(_request: Request, exc: CipherpoolError) -> JSONResponse:
+        return _json(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()[:5]
+        )
+        return _json(InvalidInput(f"Invalid request: {problems}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _json(NotFound("No such endpoint; see /docs."))
+        body = {"code": HTTP_CODES.get(exc.status_code, "http_error"), "message": str(exc.detail)}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _json(RemoteError("The gateway failed unexpectedly; the operator's gateway log has the details."))
+
+
+def _json(exc: CipherpoolError) -> JSONResponse:
+    status, headers, _ = error_body(exc)
+    headers.pop("content-type")
+    return JSONResponse(exc.to_wire(), status_code=status, headers=headers)

@@ -1,0 +1,32 @@
+"""Route dependencies: the gateway's state and the principal the guard authenticated."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from cipherpool.gateway.auth import AccountPrincipal, require_account, require_grant
+from cipherpool.gateway.state import GatewayState
+from cipherpool.services.queries import TokenGrant
+
+OCTET_STREAM = "application/octet-stream"
+BINARY_BODY = {"requestBody": {"required": True, "content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}}
+BINARY_RESPONSE = {"content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}
+
+
+def gateway(request: Request) -> GatewayState:
+    return request.app.state.gw
+
+
+def account(request: Request) -> AccountPrincipal:
+    return require_account(getattr(request.state, "principal", None))
+
+
+def grant(request: Request) -> TokenGrant:
+    return require_grant(getattr(request.state, "principal", None))
+
+
+Gateway = Annotated[GatewayState, Depends(gateway)]
+Account = Annotated[AccountPrincipal, Depends(account)]
+Grant = Annotated[TokenGrant, Depends(grant)]

@@ -1,0 +1,80 @@
+"""End-user endpoints (bearer access token): the model's client specs and evaluation keys."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from cipherpool.api.schemas import KEY_ID_PATTERN, ClientModelOut, KeyOut
+from cipherpool.db.tables import EvaluationKey, Model
+from cipherpool.errors import InvalidEvaluationKey, TooManyKeys
+from cipherpool.fhe.framing import capnp_message_length, header_bytes_needed
+from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
+from cipherpool.gateway.uploads import stream_into_store
+from cipherpool.services import queries
+from cipherpool.services import workers as worker_service
+from cipherpool.store import BlobKind
+from sqlmodel import func, select
+
+router = APIRouter(prefix="/v1/client", tags=["end user"])
+KeyId = Annotated[str, Path(pattern=KEY_ID_PATTERN)]
+
+
+@router.get("/model", response_model=ClientModelOut)
+def describe_model(gw: Gateway, grant: Grant) -> dict:
+    """The model this token queries, its concrete versions, and how many workers serve it."""
+    with gw.ctx.session() as session:
+        model = session.get(Model, grant.model_id)
+        return {
+            "id": model.id, "name": model.name, "status": model.status, "concrete_ml": model.concrete_ml_version,
+            "concrete_python": model.concrete_python_version, "client_zip_sha256": model.client_blob,
+            "running_workers": worker_service.running_count(session, model.id),
+        }
+
+
+@router.get("/model/client.zip", response_class=Response, responses={200: BINARY_RESPONSE})
+def client_zip(gw: Gateway, grant: Grant) -> Response:
+    """The model's client specs, from which the client generates its keys."""
+    with gw.ctx.session() as session:
+        blob = session.get(Model, grant.model_id).client_blob
+    return Response(gw.store.get(BlobKind.CLIENT_ZIP, blob), media_type=OCTET_STREAM)
+
+
+@router.put("/keys/{key_id}", response_model=KeyOut, status_code=201, openapi_extra=BINARY_BODY)
+async def upload_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant) -> KeyOut:
+    """Upload the evaluation key of key set ``key_id`` (streamed; stored once per content).
+
+    Only the Cap'n Proto segment table is read back (a few bytes) to refuse a truncated key:
+    concrete's reader never returns on one."""
+    await run_in_threadpool(_check_room, gw, grant, key_id)
+    upload = await stream_into_store(request, gw.store, gw.settings.upload_ttl_s)
+    try:
+        head = await run_in_threadpool(gw.store.upload_head, upload.key, 8)
+        head = await run_in_threadpool(gw.store.upload_head, upload.key, header_bytes_needed(head))
+        if capnp_message_length(head) != upload.size:
+            raise InvalidEvaluationKey("The evaluation key is truncated or corrupt; upload it again.")
+    except BaseException:
+        await run_in_threadpool(gw.store.discard_upload, upload.key)
+        raise
+    await run_in_threadpool(_register, gw, grant, key_id, upload)
+    return KeyOut(key_id=key_id, blob_id=upload.sha256, size_bytes=upload.size)
+
+
+def _check_room(gw, grant, key_id: str) -> None:
+    """Refuse an upload over the key-set cap before reading its body."""
+    with gw.ctx.session() as session:
+        known = session.exec(
+            select(EvaluationKey.id).where(EvaluationKey.token_id == grant.token_id, EvaluationKey.key_id == key_id)
+        ).first()
+        count = session.exec(select(func.count()).where(EvaluationKey.token_id == grant.token_id)).one()
+    if known is None and count >= gw.settings.max_keys_per_token:
+        raise TooManyKeys(f"This token has {count} key sets already (the limit); reuse one of them.")
+
+
+def _register(gw, grant, key_id: str, upload) -> None:
+    with gw.ctx.session() as session:
+        queries.register_key(session, grant, key_id, upload.sha256, upload.size, gw.settings.max_keys_per_token)
+        gw.store.adopt(upload.key, BlobKind.EVALUATION_KEY, upload.sha256)
+    gw.auth.forget()

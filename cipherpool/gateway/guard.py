@@ -1,0 +1,104 @@
+"""Authentication, rate limits and body caps, before any route reads a byte of the body.
+
+A pure ASGI middleware, because FastAPI parses a declared body before it runs a route's
+dependencies: a zip bomb sent with a wrong key must cost nothing, and an oversize body must
+be refused before it is stored. Order for every request but the public ones:
+
+1. the bearer credential is authenticated (cached; see :mod:`cipherpool.gateway.auth`);
+2. the principal's request rate is counted (429 with ``Retry-After`` when over);
+3. a declared ``Content-Length`` above the route's cap is refused (413) at once, and a
+   streamed body is cut off with 413 the moment it passes the cap.
+
+The principal is left in ``scope["state"]["principal"]`` for the routes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cipherpool.errors import CipherpoolError, PayloadTooLarge, RateLimited
+from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
+
+PUBLIC_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def error_body(exc: CipherpoolError) -> tuple[int, dict[str, str], bytes]:
+    headers = {"content-type": "application/json"}
+    if isinstance(exc, RateLimited):
+        headers["retry-after"] = str(int(exc.retry_after_s))
+    return exc.http_status, headers, json.dumps(exc.to_wire()).encode()
+
+
+async def send_error(send: Send, exc: CipherpoolError) -> None:
+    status, headers, body = error_body(exc)
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()] + [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        gw = scope["app"].state.gw
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        cap = gw.body_cap(scope["method"], scope["path"])
+        try:
+            principal = await run_in_threadpool(self._admit, gw, headers.get("authorization"))
+            declared = headers.get("content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > cap):
+                raise PayloadTooLarge(f"The body is larger than this endpoint's limit of {cap} bytes.")
+        except CipherpoolError as exc:
+            await send_error(send, exc)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        capped = _CappedBody(receive, send, cap)
+        await self.app(scope, capped.receive, capped.send)
+
+    @staticmethod
+    def _admit(gw: Any, authorization: str | None) -> Principal:
+        principal = gw.auth.principal(bearer(authorization))
+        if isinstance(principal, AccountPrincipal):
+            gw.limiter.hit(principal.account_id)
+        else:
+            gw.limiter.hit(principal.account_id, principal.token_id)
+        return principal
+
+
+class _CappedBody:
+    """Counts body bytes as the app reads them; past the cap it answers 413 itself, tells the
+    app the client left, and drops whatever the app tries to send afterwards."""
+
+    def __init__(self, receive: Receive, send: Send, cap: int):
+        self._receive, self._send, self._cap = receive, send, cap
+        self._seen = 0
+        self._answered = False
+        self._started = False
+
+    async def receive(self) -> Message:
+        if self._answered:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._seen += len(message.get("body", b""))
+            if self._seen > self._cap:
+                if not self._started:
+                    self._answered = True
+                    await send_error(self._send, PayloadTooLarge(f"The body is larger than this endpoint's limit of {self._cap} bytes."))
+                return {"type": "http.disconnect"}
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self._answered:
+            return
+        if message["type"] == "http.response.start":
+            self._started = True
+        await self._send(message)

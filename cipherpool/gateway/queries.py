@@ -1,0 +1,99 @@
+"""Encrypted queries: submit, wait (long poll), withdraw.
+
+``POST /v1/queries`` takes the ciphertext envelope as raw bytes, authorises it against the
+token's cached grant, publishes a task of ids on the model's queue and answers 202 with the
+query id, or, with ``?wait=S``, the result itself if it is ready within S seconds (one round
+trip for a fast model). ``GET /v1/queries/{id}?wait=S`` long-polls: no request is held
+longer than ``long_poll_s``, so neither an HTTP worker nor a proxy timeout bounds how long a
+query may run. Results are raw bytes with the node's timings in headers.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from cipherpool.api.schemas import QUERY_ID_PATTERN, QueryAccepted
+from cipherpool.dispatch import open_envelope, output_of, prepare_query, publish_query, reply_from_meta
+from cipherpool.errors import QueryNotFound
+from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
+from cipherpool.gateway.results import is_ready
+from cipherpool.names import QUERY_OWNER_PREFIX
+from cipherpool.services.queries import TokenGrant
+
+router = APIRouter(prefix="/v1/queries", tags=["end user"])
+QueryId = Annotated[str, Path(pattern=QUERY_ID_PATTERN)]
+Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait for the result (capped by the gateway)")]
+KEEP_AFTER_READ_S = 60  # a delivered result stays this long, for a client's retry
+RESULT_HEADERS = {200: BINARY_RESPONSE, 202: {"model": QueryAccepted}}
+
+
+@router.post("", status_code=202, responses=RESULT_HEADERS, openapi_extra=BINARY_BODY)
+async def submit(request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0) -> Response:
+    body = await request.body()
+    envelope = open_envelope(grant, body)
+    blob_id = await run_in_threadpool(gw.auth.key_blob, grant, envelope.key_id)
+    query_id = str(uuid.uuid4())
+    if wait <= 0:
+        await run_in_threadpool(_publish, gw, grant, envelope, body, blob_id, query_id)
+        return _accepted(query_id, None)
+    async with gw.waiter.watch(query_id) as watch:
+        await run_in_threadpool(_publish, gw, grant, envelope, body, blob_id, query_id)
+        meta = await watch.result(min(wait, gw.settings.long_poll_s))
+    return await _answer(gw, query_id, meta)
+
+
+@router.get("/{query_id}", responses=RESULT_HEADERS)
+async def result(query_id: QueryId, gw: Gateway, grant: Grant, wait: Wait = 0.0) -> Response:
+    await _check_owner(gw, grant, query_id)
+    meta = await gw.waiter.wait(query_id, min(wait, gw.settings.long_poll_s))
+    return await _answer(gw, query_id, meta)
+
+
+@router.delete("/{query_id}", status_code=204)
+async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
+    """Withdraw a query nobody waits for any more: a node that has not started it drops it."""
+    await _check_owner(gw, grant, query_id)
+    await run_in_threadpool(gw.celery.control.revoke, query_id)
+    return Response(status_code=204)
+
+
+def _publish(gw, grant: TokenGrant, envelope, body: bytes, blob_id: str, query_id: str) -> None:
+    s = gw.settings
+    request = prepare_query(s, gw.store, grant, envelope, body, blob_id)
+    gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
+    publish_query(gw.celery, request, s.query_timeout_s, task_id=query_id)
+
+
+async def _check_owner(gw, grant: TokenGrant, query_id: str) -> None:
+    owner = await run_in_threadpool(gw.store.redis.get, QUERY_OWNER_PREFIX + query_id)
+    if owner is None or owner.decode() != grant.token_id:
+        raise QueryNotFound("No such query for this token (or its result has expired).")
+
+
+async def _answer(gw, query_id: str, meta: dict[str, Any] | None) -> Response:
+    if not is_ready(meta):
+        return _accepted(query_id, meta)
+    reply = reply_from_meta(meta)
+    output = await run_in_threadpool(output_of, gw.store, reply)
+    await gw.waiter.keep_for(query_id, KEEP_AFTER_READ_S)
+    if reply.output_ref:
+        await run_in_threadpool(gw.store.expire_payload, reply.output_ref, KEEP_AFTER_READ_S)
+    headers = {
+        "X-Cipherpool-Query": query_id,
+        "X-Cipherpool-Node": reply.node,
+        "X-Cipherpool-Key-Cache": reply.key_cache,
+        "X-Cipherpool-Timings": json.dumps(reply.timings, separators=(",", ":")),
+    }
+    return Response(output, media_type=OCTET_STREAM, headers=headers)
+
+
+def _accepted(query_id: str, meta: dict[str, Any] | None) -> JSONResponse:
+    status = "started" if meta and meta.get("status") == "STARTED" else "queued"
+    body = QueryAccepted(id=query_id, status=status).model_dump()
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/queries/{query_id}"})

@@ -1,0 +1,43 @@
+"""Per-token and per-account request rates, counted in Redis so that several gateways share
+them: fixed one-second windows (INCR + EXPIRE in one round trip). Over the rate the answer is
+HTTP 429 with ``Retry-After``; 0 disables a limit."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import redis
+
+from cipherpool.errors import RateLimited
+from cipherpool.names import RATE_PREFIX
+
+WINDOW_S = 1
+
+
+class RateLimiter:
+    def __init__(self, client: redis.Redis, token_rate_per_s: float, account_rate_per_s: float):
+        self._redis = client
+        self._limits = {"t": token_rate_per_s, "a": account_rate_per_s}
+
+    def hit(self, account_id: str, token_id: str | None = None) -> None:
+        """Count one request; RateLimited if it is over a limit."""
+        subjects = [("a", account_id)] + ([("t", token_id)] if token_id else [])
+        subjects = [(kind, who) for kind, who in subjects if self._limits[kind] > 0]
+        if not subjects:
+            return
+        now = time.time()
+        window = int(now // WINDOW_S)
+        pipe = self._redis.pipeline(transaction=False)
+        for kind, who in subjects:
+            key = f"{RATE_PREFIX}{kind}:{who}:{window}"
+            pipe.incr(key).expire(key, 2 * WINDOW_S)
+        counts = pipe.execute()[::2]
+        for (kind, _), count in zip(subjects, counts):
+            if count > self._limits[kind] * WINDOW_S:
+                retry = max(1, math.ceil((window + 1) * WINDOW_S - now))
+                who = "access token" if kind == "t" else "account"
+                raise RateLimited(
+                    f"Too many requests for this {who} (limit {self._limits[kind]:g}/s); retry in {retry} s.",
+                    retry_after_s=retry,
+                )

@@ -1,0 +1,148 @@
+"""Waiting for task results without tying up a thread per waiting request.
+
+Celery's Redis backend stores a task's state under ``celery-task-meta-<id>`` and publishes
+it on the channel of the same name. Celery's own ``AsyncResult.get`` listens with a consumer
+that is not safe to share between threads, so the gateway keeps one asyncio pub/sub
+connection, subscribes to a query's channel only while someone waits for it, and reads the
+key directly as well (before waiting, and every second as a fallback for a lost message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from celery import states
+from kombu.serialization import loads
+
+from cipherpool.names import RESULT_META_PREFIX
+
+log = logging.getLogger("cipherpool.gateway")
+FALLBACK_POLL_S = 1.0
+SUBSCRIBE_TIMEOUT_S = 5.0
+MSGPACK = "application/x-msgpack"
+
+
+def decode_meta(raw: bytes | None) -> dict[str, Any] | None:
+    """Celery's stored task state, as data (msgpack only: nothing is unpickled)."""
+    if raw is None:
+        return None
+    meta = loads(raw, MSGPACK, "binary", accept={MSGPACK})
+    return meta if isinstance(meta, dict) else None
+
+
+def is_ready(meta: dict[str, Any] | None) -> bool:
+    return meta is not None and meta.get("status") in states.READY_STATES
+
+
+class ResultWaiter:
+    def __init__(self, url: str):
+        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=5)
+        self._pubsub = self._redis.pubsub()
+        self._futures: dict[str, set[asyncio.Future]] = {}
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        # A private channel keeps the connection subscribed, so the reader always has one.
+        await self._pubsub.subscribe(f"cipherpool:gateway:{uuid.uuid4().hex}")
+        self._reader = asyncio.create_task(self._read(), name="cipherpool-result-reader")
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()
+        await self._redis.aclose()
+
+    async def meta(self, task_id: str) -> dict[str, Any] | None:
+        return decode_meta(await self._redis.get(RESULT_META_PREFIX + task_id))
+
+    async def keep_for(self, task_id: str, seconds: int) -> None:
+        """Shorten a delivered result's life: a client's retry may read it again meanwhile."""
+        await self._redis.expire(RESULT_META_PREFIX + task_id, seconds)
+
+    @contextlib.asynccontextmanager
+    async def watch(self, task_id: str) -> AsyncIterator[Watch]:
+        """Subscribe to a task's result before it can be published (publish inside the block)."""
+        channel = RESULT_META_PREFIX + task_id
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        async with self._lock:
+            waiting = self._futures.setdefault(channel, set())
+            waiting.add(future)
+            if channel not in self._confirmed:
+                self._confirmed[channel] = asyncio.Event()
+                await self._pubsub.subscribe(channel)
+            confirmed = self._confirmed[channel]
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(confirmed.wait(), SUBSCRIBE_TIMEOUT_S)
+            yield Watch(self, task_id, future)
+        finally:
+            async with self._lock:
+                waiting.discard(future)
+                if not waiting:
+                    self._futures.pop(channel, None)
+                    self._confirmed.pop(channel, None)
+                    with contextlib.suppress(Exception):
+                        await self._pubsub.unsubscribe(channel)
+
+    async def wait(self, task_id: str, timeout: float) -> dict[str, Any] | None:
+        """The task's final state within ``timeout`` seconds, else its latest state (or None)."""
+        async with self.watch(task_id) as watch:
+            return await watch.result(timeout)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a lost connection: the fallback poll covers the gap
+                log.warning("result subscription interrupted; reconnecting", exc_info=True)
+                await asyncio.sleep(0.5)
+                continue
+            if message:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = message.get("channel")
+        channel = channel.decode() if isinstance(channel, bytes) else str(channel)
+        if message.get("type") == "subscribe":
+            event = self._confirmed.get(channel)
+            if event:
+                event.set()
+        elif message.get("type") == "message":
+            try:
+                meta = decode_meta(message.get("data"))
+            except Exception:
+                log.warning("undecodable result on %s", channel)
+                return
+            if is_ready(meta):
+                for future in self._futures.get(channel, ()):
+                    if not future.done():
+                        future.set_result(meta)
+
+
+class Watch:
+    def __init__(self, waiter: ResultWaiter, task_id: str, future: asyncio.Future):
+        self._waiter, self.task_id, self._future = waiter, task_id, future
+
+    async def result(self, timeout: float) -> dict[str, Any] | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while True:
+            meta = await self._waiter.meta(self.task_id)
+            remaining = deadline - loop.time()
+            if is_ready(meta) or remaining <= 0:
+                return meta
+            with contextlib.suppress(asyncio.TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(self._future), min(remaining, FALLBACK_POLL_S))

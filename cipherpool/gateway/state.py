@@ -1,0 +1,59 @@
+"""What one gateway process holds: settings, database and store access, the Celery app it
+publishes with, the authenticator, the rate limiter and the result waiter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from celery import Celery
+
+from cipherpool.config.celery import create_app as create_celery
+from cipherpool.config.settings import Settings
+from cipherpool.gateway.auth import Authenticator
+from cipherpool.gateway.ratelimit import RateLimiter
+from cipherpool.gateway.results import ResultWaiter
+from cipherpool.workers.context import PlatformContext
+
+UPLOADS = "/v1/uploads"
+KEYS = "/v1/client/keys/"
+QUERIES = "/v1/queries"
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    ctx: PlatformContext = field(init=False)
+    celery: Celery = field(init=False)
+    auth: Authenticator = field(init=False)
+    limiter: RateLimiter = field(init=False)
+    waiter: ResultWaiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.ctx = PlatformContext(s)
+        self.celery = create_celery(s, name="cipherpool-gateway")
+        self.auth = Authenticator(self.ctx)
+        self.limiter = RateLimiter(self.ctx.store.redis, s.token_rate_per_s, s.account_rate_per_s)
+        self.waiter = ResultWaiter(s.effective_result_backend())
+
+    @property
+    def store(self):
+        return self.ctx.store
+
+    def body_cap(self, method: str, path: str) -> int:
+        """The largest body a route accepts, known before the body is read."""
+        s = self.settings
+        if method == "PUT" and path == UPLOADS:
+            return s.max_deployment_zip_bytes
+        if method == "PUT" and path.startswith(KEYS):
+            return s.max_evaluation_key_bytes
+        if method == "POST" and path == QUERIES:
+            return s.max_ciphertext_bytes
+        return s.max_json_bytes
+
+    async def start(self) -> None:
+        await self.waiter.start()
+
+    async def close(self) -> None:
+        await self.waiter.close()
+        self.celery.close()

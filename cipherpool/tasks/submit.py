@@ -1,0 +1,51 @@
+"""The Python task submission API for trusted code inside the cluster.
+
+Code that runs with the platform's own credentials (broker and database URLs in its
+``CIPHERPOOL_*`` environment) may skip the gateway and enqueue a query through Celery::
+
+    from cipherpool.tasks.submit import submit_query, query_output
+
+    handle = submit_query(token_id, ciphertext)      # authorised here, against the database
+    output = query_output(handle, timeout=60)        # EncryptedOutput bytes; decrypt on the client
+
+Only ids travel: the token is named by its id (``ManagementClient.list_tokens()``), the
+ciphertext is the ``EncryptedInput`` bytes a ``QueryClient`` made. The same checks as at the
+gateway apply (token live and assigned to the model, model active, key set uploaded).
+"""
+
+from __future__ import annotations
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from cipherpool.dispatch import open_envelope, output_of, prepare_query, publish_query, reply_from_meta
+from cipherpool.errors import QueryTimeout
+from cipherpool.services.queries import grant_for_id, key_blob
+from cipherpool.tasks.app import app
+from cipherpool.workers.context import PlatformContext, platform
+
+
+def submit_query(token_id: str, ciphertext: bytes, *, ctx: PlatformContext | None = None) -> AsyncResult:
+    """Authorise and enqueue one query; returns Celery's handle for it."""
+    ctx = ctx or platform()
+    with ctx.session() as session:
+        grant = grant_for_id(session, token_id)
+        envelope = open_envelope(grant, ciphertext)
+        blob_id = key_blob(session, grant, envelope.key_id)
+    request = prepare_query(ctx.settings, ctx.store, grant, envelope, ciphertext, blob_id)
+    return publish_query(app, request, ctx.settings.query_timeout_s)
+
+
+def query_output(handle: AsyncResult, timeout: float | None = None, *, ctx: PlatformContext | None = None) -> bytes:
+    """Wait for a query submitted with :func:`submit_query`; its encrypted output, or its typed error."""
+    ctx = ctx or platform()
+    try:
+        handle.get(timeout=timeout or ctx.settings.query_timeout_s, propagate=False)
+    except CeleryTimeout:
+        handle.revoke()
+        raise QueryTimeout("No answer within the timeout; the query was withdrawn.") from None
+    meta = {"status": handle.state, "result": handle.result}
+    reply = reply_from_meta(meta if handle.state != "FAILURE" else {"status": "FAILURE", "result": None})
+    output = output_of(ctx.store, reply)
+    handle.forget()
+    return output
