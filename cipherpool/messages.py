@@ -87,13 +87,11 @@ class QueryRequest:
     def decode(cls, obj: Any) -> QueryRequest:
         """A request from the wire, type-checked: a hand-made message gets a typed refusal."""
         required = {"token_id", "model_id", "key_id", "blob_id"}
-        ok_shape = (
-            isinstance(obj, dict) and required <= set(obj) <= set(_REQUEST_TYPES)
-            and all(isinstance(obj[name], _REQUEST_TYPES[name]) for name in obj)
-        )
-        if not ok_shape or (obj.get("input") is None) == (obj.get("input_ref") is None):
+        known = {k: v for k, v in obj.items() if k in _REQUEST_TYPES} if isinstance(obj, dict) else {}
+        ok_shape = required <= set(known) and all(isinstance(v, _REQUEST_TYPES[k]) for k, v in known.items())
+        if not ok_shape or (known.get("input") is None) == (known.get("input_ref") is None):
             raise InvalidInput("Malformed query message; submit queries through the gateway or cipherpool.tasks.submit.")
-        return cls(**obj)
+        return cls(**known)  # unknown fields are ignored: a newer publisher reaches an older node
 
 
 @dataclass(frozen=True)

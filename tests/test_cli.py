@@ -5,13 +5,14 @@ from click.testing import CliRunner
 
 from cipherpool.cli import cli
 
-NOUNS = {"up", "demo", "db", "admin", "model", "worker", "token", "query"}
+NOUNS = {"up", "demo", "db", "admin", "gateway", "model", "worker", "token", "query"}
 VERBS = {
     "model": {"deploy", "list", "activate", "deactivate"},
     "worker": {"start", "stop", "list", "stats"},
     "token": {"create", "list", "revoke"},
     "query": {"keygen", "upload-keys", "encrypt", "execute", "decrypt", "predict"},
     "db": {"init"},
+    "gateway": {"serve"},
 }
 
 
@@ -37,14 +38,20 @@ def test_db_init_and_account_creation_print_a_key_once(tmp_path):
     assert again.exit_code == 5 and "exists already" in again.output
 
 
-def test_a_management_command_without_a_broker_fails_clearly(tmp_path):
+def test_a_management_command_without_a_gateway_fails_clearly(tmp_path):
     result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "--api-key", "cpk_x", "model", "list"])
     assert result.exit_code == 2
-    assert "CIPHERPOOL_BROKER_URL" in result.output
+    assert "CIPHERPOOL_URL" in result.output and "cipherpool up" in result.output
+
+
+def test_the_url_comes_from_the_stack_file_that_up_writes(tmp_path):
+    (tmp_path / "stack.json").write_text('{"url": "http://127.0.0.1:1"}')
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "--api-key", "cpk_x", "model", "list"])
+    assert result.exit_code == 7 and "gateway_unavailable" in result.output and "127.0.0.1:1" in result.output
 
 
 def test_a_missing_token_fails_clearly(tmp_path):
-    result = CliRunner().invoke(cli, ["--broker-url", "redis://127.0.0.1:1/0", "query", "keygen"])
+    result = CliRunner().invoke(cli, ["--url", "http://127.0.0.1:1", "query", "keygen"])
     assert result.exit_code == 2 and "CIPHERPOOL_TOKEN" in result.output
 
 
@@ -57,13 +64,14 @@ def test_python_dash_m_is_the_same_program():
 
 
 def test_clients_import_no_database_or_worker_code():
-    """A client holds a broker URL and a credential; it must not even import the database."""
+    """A client holds a gateway URL and a credential: no broker, no database, no server code."""
     import subprocess
     import sys
 
     code = ("import sys, cipherpool; from cipherpool import ManagementClient, QueryClient; "
             "print(sorted(m for m in ('sqlmodel', 'sqlalchemy', 'cipherpool.db', 'cipherpool.tasks', "
-            "'cipherpool.workers', 'concrete', 'torch') if m in sys.modules))")
+            "'cipherpool.workers', 'cipherpool.gateway', 'cipherpool.store', 'celery', 'kombu', 'redis', "
+            "'fastapi', 'uvicorn', 'concrete', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -24,17 +24,22 @@ def test_malformed_envelopes_raise_a_typed_error(raw):
 
 
 def test_request_and_reply_round_trip():
-    req = QueryRequest(token="t", model_id="m", key_id="k", input=b"x", submitted_at=1.5)
+    req = QueryRequest(token_id="t", model_id="m", key_id="k", blob_id="b", input=b"x", submitted_at=1.5)
     assert QueryRequest.decode(req.encode()) == req
     rep = QueryReply(output=b"y", node="n", key_cache="hit", timings={"compute_s": 1.0})
     assert QueryReply.decode(rep.encode()) == rep
 
 
+IDS = {"token_id": "t", "model_id": "m", "key_id": "k", "blob_id": "b"}
+
+
 @pytest.mark.parametrize("obj", [
-    "not a dict", None, {}, {"token": "t", "model_id": "m", "key_id": "k"},  # neither input nor ref
-    {"token": 1, "model_id": "m", "key_id": "k", "input": b"x"},
-    {"token": "t", "model_id": "m", "key_id": "k", "input": "text, not bytes"},
-    {"token": "t", "model_id": "m", "key_id": "k", "input": b"x", "input_ref": "r"},
+    "not a dict", None, {}, [1, 2], IDS,  # neither input nor ref
+    {**IDS, "token_id": 1, "input": b"x"},
+    {**IDS, "input": "text, not bytes"},
+    {**IDS, "input": b"x", "input_ref": "r"},
+    {**IDS, "input": b"x", "submitted_at": "yesterday"},
+    {"token": "cpt_value", "model_id": "m", "key_id": "k", "input": b"x"},  # a credential, not an id
 ])
 def test_malformed_requests_are_refused_with_a_typed_error(obj):
     with pytest.raises(InvalidInput):
@@ -42,8 +47,16 @@ def test_malformed_requests_are_refused_with_a_typed_error(obj):
 
 
 def test_unknown_fields_are_ignored_so_newer_clients_reach_older_nodes():
-    obj = {"token": "t", "model_id": "m", "key_id": "k", "input": b"x", "added_later": 1}
+    obj = {**IDS, "input": b"x", "added_later": 1}
     assert QueryRequest.decode(obj).input == b"x"
+
+
+@pytest.mark.parametrize("data", [2**30, 56, -1, None, "text", [1], {"a": 1}])
+def test_an_envelope_whose_data_is_not_bytes_is_refused_without_allocating(data):
+    # bytes(2**30) would allocate 1 GiB: a 30-byte message must not be able to do that.
+    raw = msgpack.packb({"format": EncryptedInput.FORMAT, "model": "m", "key": "k", "data": data})
+    with pytest.raises(MalformedCiphertext):
+        EncryptedInput.decode(raw)
 
 
 def test_credentials_and_ciphertexts_never_reach_monitoring():

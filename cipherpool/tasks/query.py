@@ -13,12 +13,12 @@ from celery.exceptions import Reject
 
 from cipherpool.errors import CipherpoolError, ConfigurationError, ModelUnavailable
 from cipherpool.messages import QueryRequest, failed, ok
-from cipherpool.names import TASK_PREFIX, model_queue
+from cipherpool.names import TASK_PREFIX
 from cipherpool.tasks.app import app
 from cipherpool.tasks.envelope import log
 from cipherpool.workers.context import platform
 from cipherpool.workers.node import current_runtime
-from cipherpool.workers.query import NotBoundHere, execute
+from cipherpool.workers.query import NotBoundHere, execute, may_requeue
 
 QUERY_TASK = TASK_PREFIX + "query.run"
 
@@ -32,7 +32,7 @@ def run_query(self, request: dict) -> dict:
         decoded = QueryRequest.decode(request)
         return ok(execute(platform(), runtime, decoded).encode())
     except NotBoundHere:
-        if _may_requeue(self.request, decoded.model_id):
+        if may_requeue(self.request, decoded.model_id):
             # Unbound while this query was prefetched: put it back for a node serving the model.
             raise Reject("node no longer serves this model", requeue=True) from None
         runtime.record(ok=False)
@@ -41,9 +41,3 @@ def run_query(self, request: dict) -> dict:
         runtime.record(ok=False)
         log.info("query refused: %s: %s", exc.code, exc.message)
         return failed(exc)
-
-
-def _may_requeue(request, model_id: str) -> bool:
-    """Only a query with a deadline that came through its model's own queue goes back."""
-    routing_key = (request.delivery_info or {}).get("routing_key")
-    return bool(request.expires) and routing_key == model_queue(model_id)

@@ -15,6 +15,7 @@ from typing import Any
 
 from cipherpool.errors import KeyMismatch, ModelMismatch
 from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest
+from cipherpool.names import model_queue
 from cipherpool.store import BlobKind
 from cipherpool.workers.context import PlatformContext
 from cipherpool.workers.node import NodeRuntime
@@ -24,6 +25,13 @@ log = logging.getLogger("cipherpool.query")
 
 class NotBoundHere(Exception):
     """The query reached a node that no longer serves its model (unbound meanwhile)."""
+
+
+def may_requeue(task_request: Any, model_id: str) -> bool:
+    """May a query this node cannot serve go back to the broker? Only one with a deadline
+    that came through its model's own queue: anything else could bounce between nodes forever."""
+    routing_key = (getattr(task_request, "delivery_info", None) or {}).get("routing_key")
+    return bool(getattr(task_request, "expires", None)) and routing_key == model_queue(model_id)
 
 
 def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest) -> QueryReply:
