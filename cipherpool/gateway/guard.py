@@ -92,7 +92,8 @@ class _CappedBody:
             if self._seen > self._cap:
                 if not self._started:
                     self._answered = True
-                    await send_error(self._send, PayloadTooLarge(f"The body is larger than this endpoint's limit of {self._cap} bytes."))
+                    too_large = PayloadTooLarge(f"The body is larger than this endpoint's limit of {self._cap} bytes.")
+                    await send_error(self._send, too_large)
                 return {"type": "http.disconnect"}
         return message
 

@@ -191,7 +191,7 @@ class EmbeddedStack:
 
     def describe(self) -> list[tuple[str, str]]:
         rows = [(c.name, f"pid {c.pid}") for c in self.supervisor.children]
-        rows.append(("gateway", self.gateway_url))
+        rows.append(("url", self.gateway_url))
         rows.append(("api docs", self.gateway_url + "/docs"))
         rows.append(("broker", mask_url(self.broker_url)))
         rows.append(("database", mask_url(self.env.get("CIPHERPOOL_DATABASE_URL", ""))))

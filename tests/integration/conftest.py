@@ -1,6 +1,7 @@
 """Integration fixtures: one embedded stack per session (own Redis on a free loopback port,
-one control worker, two pool nodes, each a real `celery worker` process), real concrete-ml
-models, all stopped by their own pids at the end."""
+one control worker, two pool nodes, each a real `celery worker` process, and the gateway
+under uvicorn), real concrete-ml models, all stopped by their own pids at the end. Clients
+talk to the gateway only."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ pytestmark = pytest.mark.integration
 def serve(stack: EmbeddedStack, example, name: str, key_dir, **overrides) -> tuple[ManagementClient, QueryClient, str]:
     """On a stack of its own: an account, the model deployed, activated and served by one
     worker, and a client whose keys are uploaded. Returns (management, query, worker id)."""
-    settings = stack.settings.model_copy(update=overrides)
-    mc = ManagementClient(stack.create_account("p"), broker_url=stack.broker_url, settings=settings)
+    settings = stack.client_settings.model_copy(update=overrides)
+    mc = ManagementClient(stack.create_account("p"), settings=settings)
     mc.deploy_model(name, example.path)
     mc.activate_model(name)
     worker = mc.start_worker(name)
-    qc = QueryClient(mc.create_token("u", model=name), broker_url=stack.broker_url, settings=settings, key_dir=key_dir)
+    qc = QueryClient(mc.create_token("u", model=name), settings=settings, key_dir=key_dir)
     qc.generate_keys()
     qc.upload_evaluation_keys()
     return mc, qc, worker.id
@@ -56,17 +57,17 @@ class Platform:
 
     def query_client(self, model: str, key_dir, token: str | None = None, **overrides) -> QueryClient:
         settings = self.settings.model_copy(update=overrides)
-        return QueryClient(token or self.tokens[model], broker_url=self.stack.broker_url, settings=settings, key_dir=key_dir)
+        return QueryClient(token or self.tokens[model], settings=settings, key_dir=key_dir)
 
     def account(self, name: str) -> ManagementClient:
-        return ManagementClient(self.stack.create_account(name), broker_url=self.stack.broker_url, settings=self.settings)
+        return ManagementClient(self.stack.create_account(name), settings=self.settings)
 
 
 @pytest.fixture(scope="session")
 def platform(stack, examples):
-    settings = stack.settings.model_copy(update={"broker_url": stack.broker_url, "query_timeout_s": 120.0})
+    settings = stack.client_settings.model_copy(update={"query_timeout_s": 120.0})
     api_key = stack.create_account("provider")
-    mc = ManagementClient(api_key, broker_url=stack.broker_url, settings=settings)
+    mc = ManagementClient(api_key, settings=settings)
     tokens, workers = {}, {}
     for name, example in examples.items():
         mc.deploy_model(name, example.path)

@@ -5,7 +5,7 @@ import pytest
 
 from cipherpool import errors
 from cipherpool.messages import EncryptedInput
-from cipherpool.store import BlobKind
+from cipherpool.store import BlobKind, BlobStore, sha256_hex
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ def test_unknown_model(platform, still_serving):
             call()
 
 
-def test_unknown_token_is_refused_by_the_control_plane_and_by_the_worker(platform, clients, examples, tmp_path, still_serving):
+def test_unknown_token_is_refused_by_the_gateway(platform, clients, examples, tmp_path, still_serving):
     with pytest.raises(errors.InvalidToken):
         _ = platform.query_client("cancer", tmp_path, token="cpt_not-a-real-token").model
     qc = clients["cancer"]
@@ -87,9 +87,12 @@ def test_evaluation_key_never_uploaded(platform, examples, tmp_path, still_servi
 def test_truncated_evaluation_key_is_refused_at_upload(platform, clients, still_serving):
     qc = clients["digits"]
     truncated = qc.crypto.evaluation_key()[:100_000]
-    blob_id = qc._t.store.put(BlobKind.EVALUATION_KEY, truncated)
     with pytest.raises(errors.InvalidEvaluationKey):
-        qc._t.call("cipherpool.client.register_key", token=qc.token, key_id="f" * 32, blob_id=blob_id)
+        qc._t.request("PUT", "/v1/client/keys/" + "f" * 32, content=truncated,
+                      headers={"Content-Type": "application/octet-stream"})
+    store = BlobStore.from_url(platform.stack.broker_url)
+    assert not store.exists(BlobKind.EVALUATION_KEY, sha256_hex(truncated))
+    assert not store.redis.keys("cipherpool:upload:*")
 
 
 @pytest.mark.parametrize("mangle", [
@@ -162,5 +165,10 @@ def test_tenants_are_isolated(platform, still_serving):
     with pytest.raises(errors.ModelNotFound):
         other.create_token("steal", model="digits")
     with pytest.raises(errors.InvalidApiKey):
-        type(other)("cpk_forged", broker_url=platform.stack.broker_url, settings=platform.settings).list_models()
+        type(other)("cpk_forged", settings=platform.settings).list_models()
+    # A token is not an API key, and an API key is not a token.
+    with pytest.raises(errors.WrongCredential):
+        type(other)(platform.tokens["digits"], settings=platform.settings).list_models()
+    with pytest.raises(errors.WrongCredential):
+        _ = platform.query_client("digits", None, token=platform.api_key).model
     other.close()

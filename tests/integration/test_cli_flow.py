@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 
 def run(platform, *args, token=None):
-    base = ["--broker-url", platform.stack.broker_url, "--api-key", platform.api_key,
+    base = ["--url", platform.stack.gateway_url, "--api-key", platform.api_key,
             "--data-dir", str(platform.settings.data_dir), "--json"]
     if token:
         args = ("query", "--token", token) + args[1:] if args[0] == "query" else args
@@ -54,6 +54,6 @@ def test_provider_commands(platform):
 
 
 def test_errors_exit_with_their_code(platform):
-    result = CliRunner().invoke(cli, ["--broker-url", platform.stack.broker_url, "--api-key", platform.api_key,
+    result = CliRunner().invoke(cli, ["--url", platform.stack.gateway_url, "--api-key", platform.api_key,
                                       "model", "activate", "no-such-model"])
     assert result.exit_code == 4 and "model_not_found" in result.output

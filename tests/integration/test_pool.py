@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 def pool(tmp_path_factory, examples):
     settings = Settings(data_dir=tmp_path_factory.mktemp("pool"), query_timeout_s=120)
     with EmbeddedStack(settings, StackOptions(workers=2, beat=False, flower=False)) as stack:
-        mc = ManagementClient(stack.create_account("p"), broker_url=stack.broker_url, settings=settings)
+        settings = stack.client_settings
+        mc = ManagementClient(stack.create_account("p"), settings=settings)
         mc.deploy_model("digits", examples["digits"].path)
         mc.activate_model("digits")
         yield stack, settings, mc
@@ -38,12 +39,12 @@ def test_two_nodes_serve_one_model_and_a_full_pool_says_so(pool, examples, tmp_p
     assert first.node != second.node
     with pytest.raises(errors.NoFreeNode):
         mc.start_worker("digits")
-    qc = QueryClient(mc.create_token("u", model="digits"), broker_url=stack.broker_url, settings=settings, key_dir=tmp_path)
+    qc = QueryClient(mc.create_token("u", model="digits"), settings=settings, key_dir=tmp_path)
     qc.generate_keys()
     qc.upload_evaluation_keys()
     x = examples["digits"].x_test[:4]
     handles = [qc.submit(qc.encrypt(row)) for row in x]
     decrypted = np.concatenate([qc.decrypt(h.result()) for h in handles])
     np.testing.assert_allclose(decrypted, examples["digits"].clear(x), atol=1e-3)
-    assert {h.reply.node for h in handles} == {first.node, second.node}
+    assert {h.node for h in handles} == {first.node, second.node}
     qc.close()

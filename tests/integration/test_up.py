@@ -1,5 +1,7 @@
 """`cipherpool up` starts every part, serves Flower, and stops with no process left behind."""
 
+import base64
+import json
 import os
 import re
 import queue
@@ -8,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -66,11 +69,21 @@ def test_up_starts_everything_and_stops_cleanly_on_sigterm(tmp_path):
     proc, output, lines = start_up(tmp_path)
     pids = children(output)
     try:
-        assert set(pids) == {"redis", "control", "node1", "beat", "flower"}
+        assert set(pids) == {"redis", "control", "node1", "beat", "flower", "gateway"}
         assert all(alive(p) for p in pids.values())
-        broker = re.search(r"export CIPHERPOOL_BROKER_URL=(redis://127\.0\.0\.1:\d+/0)", output)
-        assert broker, output
+        # The gateway's URL is printed and written where local clients find it, with no exports
+        gateway = re.search(r"^ready\. Gateway (http://127\.0\.0\.1:\d+) ", output, re.M).group(1)
+        stack_file = tmp_path / "stack.json"
+        assert json.loads(stack_file.read_text())["url"] == gateway
+        assert stack_file.stat().st_mode & 0o777 == 0o600
+        assert urllib.request.urlopen(gateway + "/v1/health", timeout=5).status == 200
+        assert urllib.request.urlopen(gateway + "/docs", timeout=5).status == 200
+        # The broker's password is masked in the output
+        password = (tmp_path / "redis" / "password").read_text().strip()
+        assert password not in output and "redis://:***@127.0.0.1:" in output
+        # Flower answers its health check, but its pages need the login printed once
         flower = re.search(r"flower\s+(http://127\.0\.0\.1:\d+)", output).group(1)
+        login = re.search(r"flower login \(shown once\): (\S+)", output).group(1)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -80,6 +93,12 @@ def test_up_starts_everything_and_stops_cleanly_on_sigterm(tmp_path):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(flower + "/api/workers", timeout=5)
+        assert refused.value.code == 401
+        authorised = urllib.request.Request(flower + "/api/workers", headers={
+            "Authorization": "Basic " + base64.b64encode(login.encode()).decode()})
+        assert urllib.request.urlopen(authorised, timeout=10).status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -88,6 +107,7 @@ def test_up_starts_everything_and_stops_cleanly_on_sigterm(tmp_path):
     assert proc.returncode == 0, rest
     assert "stopped." in rest
     assert [name for name, pid in pids.items() if alive(pid)] == []
+    assert not (tmp_path / "stack.json").exists()  # a stopped stack is not advertised
 
 
 def test_children_die_with_a_killed_up(tmp_path):
