@@ -86,12 +86,22 @@ class QueryClient:
     def __init__(self, token: str | None = None, url: str | None = None, *,
                  key_dir: str | Path | None = None, settings: Settings | None = None):
         self.settings = client_settings(url, settings)
-        self.token = token or self.settings.token
-        self._t = Transport(self.settings, self.token, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
+        self._token = token or self.settings.token
+        self._t = Transport(self.settings, self._token, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
         self.key_dir = Path(key_dir) if key_dir else self.settings.data_dir / "client" / digest(self.token)[:16]
         self._model: dict[str, Any] | None = None
         self._crypto: ClientCrypto | None = None
         self.last_timings: dict[str, float] = {}
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    @token.setter
+    def token(self, value: str) -> None:
+        """Query with another token from now on (keys stay in key_dir)."""
+        self._token = value
+        self._t.set_credential(value)
 
     @property
     def model(self) -> dict[str, Any]:
@@ -126,7 +136,7 @@ class QueryClient:
 
     def submit(self, ciphertext: bytes) -> QueryHandle:
         """Queue a query and return at once; ``handle.result()`` waits for it."""
-        EncryptedInput.decode(ciphertext)  # refuse garbage here, before it costs a round trip
+        self._check_own(ciphertext)
         submitted = time.time()
         response = self._t.request("POST", "/v1/queries", content=ciphertext, headers=OCTET)
         return QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
@@ -134,7 +144,7 @@ class QueryClient:
     def execute(self, ciphertext: bytes, timeout: float | None = None) -> bytes:
         """Run the model on a ciphertext; the encrypted output. One round trip when the result
         is ready within the gateway's long-poll bound, else it keeps polling."""
-        EncryptedInput.decode(ciphertext)
+        self._check_own(ciphertext)
         timeout = timeout or self.settings.query_timeout_s
         wait = min(timeout, self.settings.long_poll_s)
         submitted = time.time()
@@ -175,6 +185,19 @@ class QueryClient:
         result = self.decrypt(output)
         self.last_timings = {**self.last_timings, "encrypt_s": t1 - t0, "decrypt_s": time.perf_counter() - t2}
         return result
+
+    def _check_own(self, ciphertext: bytes) -> None:
+        """Refuse garbage, and a ciphertext under another key set, before a round trip: this
+        client could not decrypt the result (the gateway evaluates it with the key set that the
+        envelope names, so nothing wrong would be computed, only wasted)."""
+        envelope = EncryptedInput.decode(ciphertext)
+        if envelope.model_id != self.model["id"]:
+            raise ModelMismatch("This ciphertext was encrypted for another model; encrypt it with this model's client.")
+        if envelope.key_id != self.crypto.key_id():
+            raise KeyMismatch(
+                f"This ciphertext was encrypted under key set {envelope.key_id[:12]}…, not this client's "
+                f"({self.crypto.key_id()[:12]}…): encrypt with this client's keys (and decrypt with the same)."
+            )
 
     def _describe(self) -> dict[str, Any]:
         return self._t.call("GET", "/v1/client/model", ClientModelOut)

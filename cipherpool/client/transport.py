@@ -45,6 +45,10 @@ class Transport:
             timeout=httpx.Timeout(settings.management_timeout_s, connect=CONNECT_TIMEOUT_S),
         )
 
+    def set_credential(self, credential: str) -> None:
+        """Use another bearer credential from now on (a rotated key, a new token)."""
+        self._http.headers["Authorization"] = f"Bearer {credential}"
+
     def request(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> httpx.Response:
         """Send a request; the response if it succeeded, else its typed error raised here."""
         if timeout is not None:
