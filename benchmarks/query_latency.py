@@ -1,13 +1,17 @@
-"""Query latency of the digits model: in process vs through the platform.
+"""Query latency and throughput: in process vs through the platform (gateway, Redis, nodes).
 
 Prints, in one run:
-  * FHEModelServer.run in this process with a cached (deserialized once) evaluation key,
-  * the same with the key deserialized on every call (what FHEModelServer.run(bytes) does),
-  * the platform's end-to-end `execute` latency over real Redis and a real pool node,
-  * the overhead: end to end minus in process, and end to end minus the node's own compute,
-  * a no-op management round trip (the Celery floor), and the node's resident memory.
+  * digits MLP: FHEModelServer.run in this process with a cached (deserialized once)
+    evaluation key, and with the key deserialized on every call;
+  * the platform's end-to-end `execute` latency through the HTTP gateway, a real Redis and a
+    real pool node, and its ratio to the in-process run (target <= 1.02x);
+  * the overhead per query: end to end minus the node's own compute for the same query;
+  * a management round trip through the gateway, and the node's resident memory;
+  * breast-cancer logistic regression (6-30 ms per run): queries/s with all queries in flight
+    at once through a pool of as many nodes as cores, against in-process runs from as many
+    threads as cores (target >= 0.5x).
 
-Usage: .venv/bin/python benchmarks/query_latency.py [--queries 20]
+Usage: .venv/bin/python benchmarks/query_latency.py [--queries 20] [--throughput 300]
 Figures, not assertions: targets live in the README's performance section.
 """
 
@@ -49,12 +53,14 @@ def rss_mb(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--throughput", type=int, default=300, help="queries for the throughput figure")
     args = parser.parse_args()
     n = max(20, args.queries)
     root = Path(tempfile.mkdtemp(prefix="cipherpool-bench-"))
     tempfile.tempdir = str(root)  # concrete's compile directories go here, removed at the end
     try:
         run(root, n)
+        throughput(root, max(50, args.throughput))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -82,17 +88,17 @@ def run(root: Path, n: int) -> None:
     per_call = timed(lambda: server.run(ciphertext, key_bytes), n)
     deserialize = timed(lambda: fhe.EvaluationKeys.deserialize(key_bytes), 5)
 
-    settings = Settings(data_dir=root / "platform", node_threads=os.cpu_count())
+    settings = Settings(data_dir=root / "platform", node_threads=os.cpu_count(), **UNLIMITED)
     options = StackOptions(workers=1, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")
     with EmbeddedStack(settings, options) as stack:
-        mc = ManagementClient(stack.create_account("bench"), broker_url=stack.broker_url, settings=settings)
+        mc = ManagementClient(stack.create_account("bench"), settings=stack.client_settings)
         mc.deploy_model("digits", example.path)
         mc.activate_model("digits")
         t = time.perf_counter()
         mc.start_worker("digits")
         bind_s = time.perf_counter() - t
-        qc = QueryClient(mc.create_token("bench", model="digits"), broker_url=stack.broker_url,
-                         settings=settings, key_dir=root / "client")
+        qc = QueryClient(mc.create_token("bench", model="digits"), settings=stack.client_settings,
+                         key_dir=root / "client")
         qc.generate_keys()
         qc.upload_evaluation_keys()
         encrypted = qc.encrypt(x[0])
@@ -118,19 +124,76 @@ def run(root: Path, n: int) -> None:
     print(row("EvaluationKeys.deserialize alone", deserialize))
     print(f"  speed-up of the cache: {statistics.median(per_call) / in_process:.2f}x")
     print()
-    print(f"through the platform (real Redis, one pool node, threads={os.cpu_count()}):")
+    print(f"through the platform (HTTP gateway, real Redis, one pool node, threads={os.cpu_count()}):")
     print(f"  worker start (bind + model load)             {bind_s * 1e3:8.1f} ms")
     print(f"  first query (key fetched + deserialized)     {first[0] * 1e3:8.1f} ms")
     print(row("execute, end to end (cached key)", end_to_end))
     print(row("node compute (same queries)", compute))
     print(row("queue wait (same queries)", waits))
-    print(row("management round trip (Celery floor)", floor))
+    print(row("management round trip (gateway + database)", floor))
     print()
     print("overhead:")
+    print(f"  end to end / in process (medians)            {statistics.median(end_to_end) / in_process:8.3f} x")
     print(f"  end to end - in process (medians)            {(statistics.median(end_to_end) - in_process) * 1e3:8.1f} ms")
     print(row("end to end - node compute, per query", [e - c for e, c in zip(end_to_end, compute)]))
     print(f"  pool node resident memory after the queries  {node_rss:8.0f} MB")
     print(f"  evaluation key {len(key_bytes) / 1e6:.1f} MB, ciphertext {len(encrypted)} B")
+
+
+UNLIMITED = {"token_rate_per_s": 0, "account_rate_per_s": 0}
+
+
+def throughput(root: Path, n: int) -> None:
+    """Queries/s on a fast model: all in flight at once through the pool vs in-process threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from concrete import fhe
+    from concrete.ml.deployment import FHEModelClient, FHEModelServer
+
+    from cipherpool.client import ManagementClient, QueryClient
+    from cipherpool.config.settings import Settings
+    from cipherpool.examples import train_breast_cancer
+    from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+
+    cores = os.cpu_count() or 1
+    example = train_breast_cancer(root / "cancer")
+    x = example.x_test[0].reshape(1, -1)
+    server = FHEModelServer(str(example.path))
+    client = FHEModelClient(str(example.path), key_dir=str(root / "cancer-keys"))
+    keys = fhe.EvaluationKeys.deserialize(client.get_serialized_evaluation_keys())
+    ciphertext = client.quantize_encrypt_serialize(x)
+    server.run(ciphertext, keys)
+    with ThreadPoolExecutor(cores) as pool:
+        t = time.perf_counter()
+        list(pool.map(lambda _: server.run(ciphertext, keys), range(n)))
+        in_process = n / (time.perf_counter() - t)
+
+    settings = Settings(data_dir=root / "platform-tp", node_threads=1, **UNLIMITED)
+    options = StackOptions(workers=cores, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")
+    with EmbeddedStack(settings, options) as stack:
+        mc = ManagementClient(stack.create_account("bench"), settings=stack.client_settings)
+        mc.deploy_model("cancer", example.path)
+        mc.activate_model("cancer")
+        for _ in range(cores):
+            mc.start_worker("cancer")
+        qc = QueryClient(mc.create_token("bench", model="cancer"), settings=stack.client_settings,
+                         key_dir=root / "cancer-client")
+        qc.generate_keys()
+        qc.upload_evaluation_keys()
+        encrypted = [qc.encrypt(example.x_test[i % len(example.x_test)]) for i in range(n)]
+        qc.execute(encrypted[0])  # every node's key cache: warmed by the first queries below
+        with ThreadPoolExecutor(4) as pool:
+            t = time.perf_counter()
+            handles = list(pool.map(qc.submit, encrypted))
+            list(pool.map(lambda h: h.result(), handles))
+            through_pool = n / (time.perf_counter() - t)
+        qc.close()
+        mc.close()
+    print()
+    print(f"throughput, breast-cancer logistic regression ({n} queries, all in flight at once):")
+    print(f"  in process, {cores} threads (FHEModelServer.run)      {in_process:8.1f} queries/s")
+    print(f"  through the pool ({cores} nodes x 1 thread, gateway)   {through_pool:8.1f} queries/s")
+    print(f"  ratio                                          {through_pool / in_process:8.2f} x")
 
 
 if __name__ == "__main__":
