@@ -15,9 +15,20 @@ PRIVATE_UMASK = 0o077
 
 
 def private_dir(path: Path) -> Path:
-    """Create (or tighten) a directory that only its owner can enter."""
+    """Create (or tighten) a directory that only its owner can enter. Missing parents are
+    created 0700 too (``mkdir(parents=True)`` would give them the default mode); existing
+    parents are left as they are."""
     path = Path(path)
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    missing = []
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            break
+        missing.append(ancestor)
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            pass
     os.chmod(path, DIR_MODE)
     return path
 

@@ -22,6 +22,7 @@ from cipherpool.config.settings import Settings
 from cipherpool.credentials import digest
 from cipherpool.errors import KeyMismatch, ModelMismatch, ModelUnavailable, QueryTimeout, RemoteError
 from cipherpool.fhe.client import ClientCrypto
+from cipherpool.files import private_dir
 from cipherpool.messages import EncryptedInput, EncryptedOutput
 
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -116,6 +117,7 @@ class QueryClient:
             client_zip = self._t.request("GET", "/v1/client/model/client.zip").content
             if digest_bytes(client_zip) != self.model["client_zip_sha256"]:
                 raise RemoteError("The model's client specs arrived damaged; try again.")
+            private_dir(self.key_dir)
             self._crypto = ClientCrypto(client_zip, self.key_dir / self.model["id"])
         return self._crypto
 

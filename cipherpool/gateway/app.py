@@ -16,10 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cipherpool.api.schemas import Health
 from cipherpool.config.settings import Settings, get_settings
-from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, RemoteError
+from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, PayloadTooLarge, RemoteError
 from cipherpool.gateway import enduser, provider, queries
 from cipherpool.gateway.guard import Guard, error_body
 from cipherpool.gateway.state import GatewayState
@@ -64,6 +65,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CipherpoolError)
     async def typed(_request: Request, exc: CipherpoolError) -> JSONResponse:
         return _json(exc)
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(_request: Request, _exc: ClientDisconnect) -> JSONResponse:
+        # The guard cut an oversize body off (and answered 413), or the client left: either
+        # way nobody reads this answer, and it is no error of the gateway's.
+        return _json(PayloadTooLarge("The body was cut off: it is larger than this endpoint's limit."))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -54,7 +54,7 @@ class Guard:
         try:
             principal = await run_in_threadpool(self._admit, gw, headers.get("authorization"))
             declared = headers.get("content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > cap):
                 raise PayloadTooLarge(f"The body is larger than this endpoint's limit of {cap} bytes.")
         except CipherpoolError as exc:
             await send_error(send, exc)
@@ -73,9 +73,14 @@ class Guard:
         return principal
 
 
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+
+
 class _CappedBody:
-    """Counts body bytes as the app reads them; past the cap it answers 413 itself, tells the
-    app the client left, and drops whatever the app tries to send afterwards."""
+    """Counts body bytes as the app reads them; past the cap it answers 413 itself, reads
+    (and drops) the rest of the body up to DRAIN_MAX_BYTES so that closing the connection
+    does not reset it before the client has read the 413, tells the app the client left, and
+    drops whatever the app tries to send afterwards."""
 
     def __init__(self, receive: Receive, send: Send, cap: int):
         self._receive, self._send, self._cap = receive, send, cap
@@ -94,8 +99,17 @@ class _CappedBody:
                     self._answered = True
                     too_large = PayloadTooLarge(f"The body is larger than this endpoint's limit of {self._cap} bytes.")
                     await send_error(self._send, too_large)
+                    await self._drain(message)
                 return {"type": "http.disconnect"}
         return message
+
+    async def _drain(self, message: Message) -> None:
+        drained = 0
+        while message.get("more_body") and drained < DRAIN_MAX_BYTES:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
 
     async def send(self, message: Message) -> None:
         if self._answered:

@@ -385,8 +385,9 @@ def secret_key_needles(key_dir: Path) -> dict[str, bytes]:
     with bootstrapping would be beside them, as ``bootstrapKey_``/``keyswitchKey_``): a Cap'n
     Proto header, then the LWE secret key, one little-endian u64 per key bit (0 or 1). A
     32-byte window of that holds 4 key bits and would match any run of small integers, so
-    the windows here are 512 bytes (64 key bits) each, plus the same bits packed, as bytes,
-    in base64 and in hex."""
+    the windows here are 512 bytes (64 key bits) each, in hex too, and 128 key bits packed
+    into 16 bytes or spread over 128; base64 forms of the file as well (the scan decodes
+    base64 and hex runs it finds, besides)."""
     files = sorted(p for p in key_dir.rglob("*") if p.is_file() and p.name.startswith("secretKey"))
     listing = sorted(str(p.relative_to(key_dir)) for p in key_dir.rglob("*"))
     assert files, f"no secretKey_* file under {key_dir}: {listing}"
@@ -400,16 +401,16 @@ def secret_key_needles(key_dir: Path) -> dict[str, bytes]:
         body = data[len(data) - 8 * n:]
         bits = np.frombuffer(body, "<u8").astype(np.uint8)
         assert 0.3 < bits.mean() < 0.7, "not a uniform binary secret key"
-        for start in (0, n // 3, 2 * n // 3, n - 64):
-            window = bits[start: start + 64]
-            assert 8 <= int(window.sum()) <= 56, "a low-entropy window would prove nothing"
-            raw = body[8 * start: 8 * start + 512]
+        for start in (0, n // 3, 2 * n // 3, n - 128):
+            window = bits[start: start + 128]
+            assert 32 <= int(window.sum()) <= 96, "a low-entropy window would prove nothing"
+            raw = body[8 * start: 8 * start + 512]  # the first 64 of these bits, as stored
             tag = f"{path.name}[bit {start}]"
             needles[f"{tag} raw"] = raw
+            needles[f"{tag} hex"] = raw.hex().encode()
             needles[f"{tag} as bytes"] = window.tobytes()
             needles[f"{tag} packed"] = np.packbits(window).tobytes()
             needles[f"{tag} packed (little)"] = np.packbits(window, bitorder="little").tobytes()
-            needles[f"{tag} hex"] = raw.hex().encode()
         encoded = base64.b64encode(data)
         for start in range(len(encoded) // 3 // 4 * 4, len(encoded) - 400, len(encoded) // 4 // 4 * 4):
             needles[f"{path.name} base64[{start}]"] = encoded[start: start + 400]
@@ -425,12 +426,17 @@ def plaintext_needles(label: str, x: np.ndarray) -> dict[str, bytes]:
         "numpy str (first line)": str(x).splitlines()[0].encode(), "numpy repr (first line)": repr(x).splitlines()[0].encode(),
         "space separated": " ".join(map(repr, values)).encode(), "comma separated": ",".join(map(repr, values)).encode(),
     }
-    for i, v in enumerate(values):  # single values only where the text is distinctive
+    # Single values only where they are distinctive: a short decimal like 0.0064 could be
+    # the start of a logged duration, and a round one's float64 bytes are mostly zeros.
+    for i, v in enumerate(values):
         if len(repr(v)) >= 8:
-            forms[f"value {i} repr"] = repr(v).encode()
             forms[f"value {i} float64"] = np.float64(v).tobytes()
-    for i in range(0, len(values) - 2, 3):  # any three neighbours, as a truncated log line would show them
-        forms[f"values {i}..{i + 2}"] = ", ".join(map(repr, values[i: i + 3])).encode()
+        if len(repr(v)) >= 12:
+            forms[f"value {i} repr"] = repr(v).encode()
+    for i in range(0, len(values) - 2, 3):  # three neighbours, as a truncated log line would show them
+        triple = ", ".join(map(repr, values[i: i + 3]))
+        if len(triple) >= 18:
+            forms[f"values {i}..{i + 2}"] = triple.encode()
     return {f"{label} {k}": v for k, v in forms.items() if len(v) >= 8}
 
 
@@ -629,8 +635,15 @@ class LogWatch:
         return self.path.read_bytes()[self.start:].decode(errors="replace")
 
     def unhandled_errors(self) -> list[str]:
-        lines = self.new().splitlines()
-        return [line for line in lines if "Exception in ASGI application" in line or line.startswith("Traceback")]
+        """Unhandled exceptions the log reports: each one's header and its final line."""
+        lines, found = self.new().splitlines(), []
+        for i, line in enumerate(lines):
+            if "Exception in ASGI application" in line:
+                found.append(line.strip())
+            elif line.startswith("Traceback"):
+                ends = [x for x in lines[i + 1:] if x and not x.startswith((" ", "Traceback"))]
+                found.append(f"{line.strip()} ... {ends[0] if ends else '?'}")
+        return found
 
 
 def attempt(client: httpx.Client, method: str, url: str, **kwargs) -> httpx.Response | Exception:
@@ -735,8 +748,11 @@ def test_token_rate_is_limited_and_the_client_waits_it_out(stack, served, exampl
         # The client, made to start inside a saturated window, retries after Retry-After.
         for _ in range(5):
             seen.clear()
-            while client.get("/v1/client/model", headers=bearer(token)).status_code != 429:
-                pass
+            for _ in range(10 * int(TOKEN_RATE_PER_S)):
+                if client.get("/v1/client/model", headers=bearer(token)).status_code == 429:
+                    break
+            else:
+                raise AssertionError(f"{10 * int(TOKEN_RATE_PER_S)} requests in a row were never limited")
             result = qc.predict(example.x_test[2])
             np.testing.assert_allclose(result, example.clear(example.x_test[2:3]), atol=0.05)
             if 429 in seen:
@@ -815,9 +831,8 @@ def test_platform_and_client_files_are_private(stack, served):
     keys = served.key_dir
     entries = [keys, *keys.rglob("*")]
     assert any(p.name.startswith("secretKey") for p in entries)
-    wrong = {str(p): oct(_mode(p)) for p in entries
-             if _mode(p) != (0o700 if p.is_dir() else 0o600)}
-    assert not wrong, f"client key_dir entries not 0700 (dirs) / 0600 (files): {wrong}"
+    wrong = {str(p): oct(_mode(p)) for p in entries if _mode(p) != (0o700 if p.is_dir() else 0o600)}
+    assert not wrong, f"the client created these under key_dir={keys} (itself included) not 0700 (dirs) / 0600 (files): {wrong}"
 
 
 # ---------------------------------------------------------------------------------------
