@@ -37,13 +37,12 @@ RESULT_HEADERS = {200: BINARY_RESPONSE, 202: {"model": QueryAccepted}}
 async def submit(request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0) -> Response:
     body = await request.body()
     envelope = open_envelope(grant, body)
-    blob_id = await run_in_threadpool(gw.auth.key_blob, grant, envelope.key_id)
     query_id = str(uuid.uuid4())
     if wait <= 0:
-        await run_in_threadpool(_publish, gw, grant, envelope, body, blob_id, query_id)
+        await run_in_threadpool(_publish, gw, grant, envelope, body, query_id)
         return _accepted(query_id, None)
     async with gw.waiter.watch(query_id) as watch:
-        await run_in_threadpool(_publish, gw, grant, envelope, body, blob_id, query_id)
+        await run_in_threadpool(_publish, gw, grant, envelope, body, query_id)
         meta = await watch.result(min(wait, gw.settings.long_poll_s))
     return await _answer(gw, query_id, meta)
 
@@ -51,7 +50,9 @@ async def submit(request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0) 
 @router.get("/{query_id}", responses=RESULT_HEADERS)
 async def result(query_id: QueryId, gw: Gateway, grant: Grant, wait: Wait = 0.0) -> Response:
     await _check_owner(gw, grant, query_id)
-    meta = await gw.waiter.wait(query_id, min(wait, gw.settings.long_poll_s))
+    meta = await gw.waiter.meta(query_id)  # most polls find the answer there: no subscription
+    if not is_ready(meta) and wait > 0:
+        meta = await gw.waiter.wait(query_id, min(wait, gw.settings.long_poll_s))
     return await _answer(gw, query_id, meta)
 
 
@@ -63,8 +64,10 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
     return Response(status_code=204)
 
 
-def _publish(gw, grant: TokenGrant, envelope, body: bytes, blob_id: str, query_id: str) -> None:
+def _publish(gw, grant: TokenGrant, envelope, body: bytes, query_id: str) -> None:
+    """Key lookup (cached), owner record and publish: one trip to the thread pool."""
     s = gw.settings
+    blob_id = gw.auth.key_blob(grant, envelope.key_id)
     request = prepare_query(s, gw.store, grant, envelope, body, blob_id)
     gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
     publish_query(gw.celery, request, s.query_timeout_s, task_id=query_id)
@@ -80,10 +83,12 @@ async def _answer(gw, query_id: str, meta: dict[str, Any] | None) -> Response:
     if not is_ready(meta):
         return _accepted(query_id, meta)
     reply = reply_from_meta(meta)
-    output = await run_in_threadpool(output_of, gw.store, reply)
     await gw.waiter.keep_for(query_id, KEEP_AFTER_READ_S)
     if reply.output_ref:
+        output = await run_in_threadpool(output_of, gw.store, reply)
         await run_in_threadpool(gw.store.expire_payload, reply.output_ref, KEEP_AFTER_READ_S)
+    else:
+        output = reply.output
     headers = {
         "X-Cipherpool-Query": query_id,
         "X-Cipherpool-Node": reply.node,
