@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cipherpool.cli import admin, gateway, models, platform, query, tokens, workers
+from cipherpool.cli import admin, db, gateway, models, platform, query, tokens, workers
 from cipherpool.cli.context import CipherpoolGroup, CliContext
 from cipherpool.config.settings import get_settings
 
@@ -30,7 +30,7 @@ def cli(ctx: click.Context, url, broker_url, api_key, data_dir, as_json, verbose
     ctx.obj = CliContext(get_settings().model_copy(update=overrides), as_json=as_json)
 
 
-for group in (platform.up, platform.demo, platform.db, admin.admin, gateway.gateway, models.model, workers.worker,
+for group in (platform.up, platform.demo, db.db, admin.admin, gateway.gateway, models.model, workers.worker,
               tokens.token, query.query):
     cli.add_command(group)
 

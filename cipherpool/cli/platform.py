@@ -1,4 +1,4 @@
-"""`cipherpool up`, `cipherpool demo` and `cipherpool db`: running the platform itself."""
+"""`cipherpool up` and `cipherpool demo`: running the platform itself."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from cipherpool.cli.context import CliContext, pass_ctx
-from cipherpool.db import init_db
 from cipherpool.files import private_umask
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 
@@ -71,17 +70,3 @@ def demo(ctx: CliContext, demo_dir: Path | None, workers: int) -> None:
     from cipherpool.demo import run_demo
 
     run_demo(ctx.settings, demo_dir, workers=workers, echo=click.echo)
-
-
-@click.group()
-def db() -> None:
-    """The platform database."""
-
-
-@db.command("init")
-@pass_ctx
-def db_init(ctx: CliContext) -> None:
-    """Create the schema (safe to run again)."""
-    url = ctx.settings.effective_database_url()
-    init_db(url)
-    click.echo(f"database ready: {url}")
