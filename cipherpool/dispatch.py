@@ -17,14 +17,10 @@ from kombu.exceptions import OperationalError
 from cipherpool.config.settings import Settings
 from cipherpool.errors import BrokerUnavailable, QueryTimeout, RemoteError
 from cipherpool.messages import EncryptedInput, QueryReply, QueryRequest, redacted_kwargs, unwrap
-from cipherpool.names import TASK_PREFIX, model_queue, node_queue
+from cipherpool.names import QUERY_TASK, model_queue, node_queue
 from cipherpool.services.queries import TokenGrant, check_query
 from cipherpool.store import BlobStore
 
-QUERY_TASK = TASK_PREFIX + "query.run"
-BIND_TASK = TASK_PREFIX + "node.bind"
-UNBIND_TASK = TASK_PREFIX + "node.unbind"
-STATS_TASK = TASK_PREFIX + "node.stats"
 
 
 def open_envelope(grant: TokenGrant, ciphertext: bytes) -> EncryptedInput:

@@ -1,7 +1,8 @@
 """Names shared by every process: queues, task names, Redis key prefixes.
 
-Kept in one place so that a client, which imports no platform code beyond this package, and
-a worker agree on them without either importing the other's modules.
+The one place where they are spelled: senders (the gateway, in-cluster code, lifecycle) and
+receivers (the tasks a pool node registers) import the same constants, so a renamed task can
+never leave a sender publishing to nobody.
 """
 
 CONTROL_QUEUE = "cipherpool.control"  # management tasks, consumed by control workers
@@ -10,6 +11,10 @@ NODE_QUEUE_PREFIX = "cipherpool.node."  # + node name: tasks for one node (bind,
 MODEL_QUEUE_PREFIX = "cipherpool.model."  # + model id: the encrypted queries of one model
 
 TASK_PREFIX = "cipherpool."
+QUERY_TASK = TASK_PREFIX + "query.run"  # one encrypted query, on its model's queue
+BIND_TASK = TASK_PREFIX + "node.bind"  # node queue: load a model and consume its queue
+UNBIND_TASK = TASK_PREFIX + "node.unbind"  # node queue: stop consuming, unload
+STATS_TASK = TASK_PREFIX + "node.stats"  # node queue: the node's live figures
 
 BLOB_PREFIX = "cipherpool:blob:"  # + kind + ":" + sha256 hex; content-addressed, no TTL
 PAYLOAD_PREFIX = "cipherpool:payload:"  # + uuid; large query payloads, with a TTL

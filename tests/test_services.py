@@ -1,5 +1,6 @@
 """Services over a real SQLite database: auth, tenancy, tokens, node claims."""
 
+import hashlib
 from datetime import timedelta
 
 import pytest
@@ -8,7 +9,7 @@ from sqlmodel import select
 from cipherpool import errors
 from cipherpool.db.tables import AccessToken, Account, ModelStatus, PoolNode, WorkerStatus, utcnow
 from cipherpool.fhe.deployment import Versions
-from cipherpool.services import accounts, models, queries, tokens, workers
+from cipherpool.services import accounts, models, nodes, queries, tokens, workers
 
 V = Versions("1.9.0", "2.10.0", "3.11")
 
@@ -25,7 +26,9 @@ def alice(session):
 def test_api_keys_are_stored_only_as_hashes(session, alice):
     account, key = alice
     row = session.exec(select(Account)).one()
-    assert key.startswith("cpk_") and key not in (row.api_key_hash, row.api_key_prefix)
+    assert key.startswith("cpk_") and len(key) > len(row.api_key_prefix) and key.startswith(row.api_key_prefix)
+    assert row.api_key_hash == hashlib.sha256(key.encode()).hexdigest()  # the hash, not the key
+    assert key not in {str(value) for value in row.model_dump().values()}  # in no column at all
     assert accounts.authenticate(session, key).id == account.id
 
 
@@ -140,7 +143,7 @@ def test_key_sets_per_token_are_capped(session, alice):
 
 
 def register(session, name, host_class="cpu"):
-    return workers.register_node(session, name, host_class=host_class, concurrency=1, threads=1, pid=1)
+    return nodes.register_node(session, name, host_class=host_class, concurrency=1, threads=1, pid=1)
 
 
 def test_each_node_is_claimed_once_and_freed_when_the_worker_ends(session, alice):
@@ -155,10 +158,10 @@ def test_each_node_is_claimed_once_and_freed_when_the_worker_ends(session, alice
     with pytest.raises(errors.NoFreeNode):
         workers.start_worker(session, account, "m", heartbeat_s=10)
     workers.mark_running(session, w1.id)
-    assert workers.binding_of_node(session, w1.node_name)[0].status == WorkerStatus.RUNNING
+    assert nodes.binding_of_node(session, w1.node_name)[0].status == WorkerStatus.RUNNING
     workers.finish(session, w1.id, WorkerStatus.STOPPED)
     assert session.get(PoolNode, w1.node_name).worker_id is None
-    assert workers.binding_of_node(session, w1.node_name) is None
+    assert nodes.binding_of_node(session, w1.node_name) is None
     assert workers.start_worker(session, account, "m", heartbeat_s=10).node_name == w1.node_name
 
 
@@ -166,18 +169,18 @@ def test_offline_and_stale_nodes_are_not_offered(session, alice):
     account, _ = alice
     deploy(session, account, "m")
     register(session, "n1")
-    workers.node_offline(session, "n1")
+    nodes.node_offline(session, "n1")
     with pytest.raises(errors.NoFreeNode):
         workers.start_worker(session, account, "m", heartbeat_s=10)
-    assert not workers.node_is_live(session, "n1", heartbeat_s=10)
-    workers.heartbeat(session, "n1")
-    assert workers.node_is_live(session, "n1", heartbeat_s=10)
+    assert not nodes.node_is_live(session, "n1", heartbeat_s=10)
+    nodes.heartbeat(session, "n1")
+    assert nodes.node_is_live(session, "n1", heartbeat_s=10)
     node = session.get(PoolNode, "n1")
     node.last_seen = utcnow() - timedelta(seconds=31)
     session.add(node)
     with pytest.raises(errors.NoFreeNode):
         workers.start_worker(session, account, "m", heartbeat_s=10)
-    assert not workers.node_is_live(session, "n1", heartbeat_s=10)
+    assert not nodes.node_is_live(session, "n1", heartbeat_s=10)
 
 
 def test_workers_of_other_accounts_are_invisible(session, alice):
@@ -187,5 +190,39 @@ def test_workers_of_other_accounts_are_invisible(session, alice):
     register(session, "n1")
     w = workers.start_worker(session, account, "m", heartbeat_s=10)
     with pytest.raises(errors.WorkerNotFound):
-        workers.request_stop(session, bob, w.id)
+        workers.request_stop(session, bob, w.id, heartbeat_s=10)
     assert workers.list_workers(session, bob) == []
+
+
+def test_stopping_tells_a_live_node_and_releases_a_dead_one_at_once(session, alice):
+    account, _ = alice
+    deploy(session, account, "m")
+    register(session, "n1")
+    register(session, "n2")
+    live, dead = (workers.start_worker(session, account, "m", heartbeat_s=10) for _ in range(2))
+    nodes.node_offline(session, dead.node_name)
+    first = workers.request_stop(session, account, live.id, heartbeat_s=10)
+    assert first.tell_node and first.worker.status == WorkerStatus.STOPPING
+    assert session.get(PoolNode, live.node_name).worker_id == live.id  # held until the node unbinds
+    gone = workers.request_stop(session, account, dead.id, heartbeat_s=10)
+    assert not gone.tell_node and gone.worker.status == WorkerStatus.STOPPED
+    assert session.get(PoolNode, dead.node_name).worker_id is None
+    again = workers.request_stop(session, account, dead.id, heartbeat_s=10)  # idempotent
+    assert not again.tell_node and again.worker.status == WorkerStatus.STOPPED
+
+
+def test_a_node_loads_only_its_own_live_binding(session, alice):
+    account, _ = alice
+    deploy(session, account, "m")
+    register(session, "n1")
+    register(session, "n2")
+    w = workers.start_worker(session, account, "m", heartbeat_s=10)
+    worker, model = workers.binding_to_load(session, w.id, w.node_name)
+    assert (worker.id, model.name) == (w.id, "m")
+    other = "n2" if w.node_name == "n1" else "n1"
+    with pytest.raises(errors.WorkerStartFailed):
+        workers.binding_to_load(session, w.id, other)
+    with pytest.raises(errors.WorkerStartFailed):
+        workers.binding_to_load(session, "0" * 16, w.node_name)
+    workers.finish(session, w.id, WorkerStatus.STOPPED)
+    assert workers.binding_to_load(session, w.id, w.node_name) is None  # a stale bind message

@@ -98,6 +98,47 @@ class WorkerOut(Wire):
     stopped_at: str | None
 
 
+class Figures(Wire):
+    """Query counts and times over a span: one binding's, or a node's whole life."""
+
+    since: float  # epoch seconds: when the span began (the model's load, or the node's start)
+    queries_succeeded: int
+    queries_refused: int  # typed refusals: bad input, wrong key, a query for another model
+    queries_failed: int  # unexpected errors (the node's log has them)
+    queries_requeued: int  # handed back to the model's queue after an unbind
+    model_loads: int
+    key_cache_hits: int
+    key_cache_misses: int
+    average_compute_s: float | None
+    average_queue_wait_s: float | None
+    last_compute_s: float | None
+
+
+class KeyCacheOut(Wire):
+    """The node's deserialized-key cache as it is now."""
+
+    entries: int
+    charged_bytes: int
+    capacity_bytes: int
+    evictions: int
+
+
+class WorkerStats(Figures):
+    """A running worker's live figures. The counts at the top level cover this worker (its
+    binding to the node) only; ``node_lifetime`` covers everything the node process served."""
+
+    worker_id: str | None
+    model_id: str | None
+    model: str | None
+    node: str
+    host_class: str
+    concurrency: int
+    threads: int | None
+    bound_for_s: float | None
+    node_lifetime: Figures
+    key_cache: KeyCacheOut
+
+
 # ---- end user (access token) -----------------------------------------------------------
 
 

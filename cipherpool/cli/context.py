@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 import numpy as np
+from pydantic import BaseModel
 
 from cipherpool.config.settings import Settings
 from cipherpool.errors import CipherpoolError, InvalidInput
@@ -39,7 +40,9 @@ class CliContext:
             client.close()
 
     def emit(self, value: Any, columns: list[str] | None = None) -> None:
-        """JSON with --json; else `key: value` lines for a dict, a table for a list of dicts."""
+        """JSON with --json; else `key: value` lines for a dict, a table for a list of dicts.
+        API models (:mod:`cipherpool.api.schemas`) print as their JSON form."""
+        value = _plain(value)
         if self.as_json:
             click.echo(json.dumps(value, indent=2, default=str))
         elif isinstance(value, list):
@@ -68,6 +71,14 @@ class CipherpoolGroup(click.Group):
         finally:
             if isinstance(ctx.obj, CliContext) and ctx.parent is None:
                 ctx.obj.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _cell(value: Any) -> str:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import click
 
 from cipherpool.cli.context import CliContext, pass_ctx
+from cipherpool.client.management import WorkerInfo
 
 WORKER_COLUMNS = ["id", "model", "node", "status", "node_status", "started_at", "error"]
 
 
-def _row(info) -> dict:
-    row = asdict(info)
-    row["status"] = info.status.value
-    return row
+def _row(info: WorkerInfo) -> dict[str, object]:
+    return info.model_dump(mode="json")
 
 
 @click.group()

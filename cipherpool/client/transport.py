@@ -12,7 +12,7 @@ import time
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.errors import ConfigurationError, GatewayUnavailable, RateLimited, RemoteError, from_wire
@@ -66,14 +66,14 @@ class Transport:
             time.sleep(min(MAX_RETRY_AFTER_S, float(response.headers.get("retry-after", "1"))))
         raise AssertionError("unreachable")
 
-    def call(self, method: str, path: str, shape: type[T] | Any, **kwargs: Any) -> Any:
-        """A JSON request whose answer is validated against ``shape`` and returned as plain data."""
+    def call(self, method: str, path: str, shape: type[T], **kwargs: Any) -> T:
+        """A JSON request whose answer is validated against ``shape`` (a model of
+        :mod:`cipherpool.api.schemas`, or a list of one) and returned as such."""
         response = self.request(method, path, **kwargs)
         try:
-            value = TypeAdapter(shape).validate_json(response.content)
+            return TypeAdapter(shape).validate_json(response.content)
         except ValidationError as exc:
             raise RemoteError(f"The gateway's answer to {method} {path} does not fit the API: {exc}") from None
-        return _plain(value)
 
     def close(self) -> None:
         self._http.close()
@@ -90,11 +90,3 @@ def _error_of(response: httpx.Response) -> Exception:
             error.retry_after_s = float(response.headers.get("retry-after", "1"))
         return error
     return RemoteError(f"The gateway answered HTTP {response.status_code}: {response.text[:200]}")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GIB = 1024**3
 MIB = 1024**2
@@ -65,6 +66,9 @@ class Settings(BaseSettings):
 
     # Pool node profile (DESIGN.md §5: threads = cores / parallel executions).
     host_class: str = "cpu"
+    # Extra hooks of a pool node (``module:Class``, comma-separated), besides its statistics:
+    # see cipherpool.workers.hooks.
+    node_hooks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     node_threads: int | None = Field(None, description="OMP_NUM_THREADS for FHE runs")
 
     # Evaluation-key cache, per node process. A used key costs several times its serialized
@@ -90,6 +94,13 @@ class Settings(BaseSettings):
 
     # Monitoring beside the pool.
     flower_port: int | None = None
+
+    @field_validator("node_hooks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("auth_cache_ttl_s")
     @classmethod
@@ -159,6 +170,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as CIPHERPOOL_* variables, so child processes see exactly these."""
     env = {}
     for name, value in settings.model_dump().items():
+        if isinstance(value, list):
+            value = ",".join(map(str, value)) or None
         if value is not None:
             env[f"CIPHERPOOL_{name.upper()}"] = str(value)
     return env

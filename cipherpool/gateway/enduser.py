@@ -5,40 +5,42 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
+from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from cipherpool.api.schemas import KEY_ID_PATTERN, ClientModelOut, KeyOut
-from cipherpool.db.tables import EvaluationKey, Model
-from cipherpool.errors import InvalidEvaluationKey, TooManyKeys
+from cipherpool.db.tables import Model
+from cipherpool.errors import InvalidEvaluationKey, ModelNotFound
 from cipherpool.fhe.framing import capnp_message_length, header_bytes_needed
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
-from cipherpool.gateway.uploads import stream_into_store
+from cipherpool.gateway.state import GatewayState
+from cipherpool.gateway.uploads import Upload, stream_into_store
 from cipherpool.services import queries
+from cipherpool.services.queries import TokenGrant
 from cipherpool.services import workers as worker_service
 from cipherpool.store import BlobKind
-from sqlmodel import func, select
 
 router = APIRouter(prefix="/v1/client", tags=["end user"])
 KeyId = Annotated[str, Path(pattern=KEY_ID_PATTERN)]
 
 
 @router.get("/model", response_model=ClientModelOut)
-def describe_model(gw: Gateway, grant: Grant) -> dict:
+def describe_model(gw: Gateway, grant: Grant) -> ClientModelOut:
     """The model this token queries, its concrete versions, and how many workers serve it."""
     with gw.ctx.session() as session:
-        model = session.get(Model, grant.model_id)
-        return {
-            "id": model.id, "name": model.name, "status": model.status, "concrete_ml": model.concrete_ml_version,
-            "concrete_python": model.concrete_python_version, "client_zip_sha256": model.client_blob,
-            "running_workers": worker_service.running_count(session, model.id),
-        }
+        model = _model(session, grant)
+        return ClientModelOut(
+            id=model.id, name=model.name, status=model.status, concrete_ml=model.concrete_ml_version,
+            concrete_python=model.concrete_python_version, client_zip_sha256=model.client_blob,
+            running_workers=worker_service.running_count(session, model.id),
+        )
 
 
 @router.get("/model/client.zip", response_class=Response, responses={200: BINARY_RESPONSE})
 def client_zip(gw: Gateway, grant: Grant) -> Response:
     """The model's client specs, from which the client generates its keys."""
     with gw.ctx.session() as session:
-        blob = session.get(Model, grant.model_id).client_blob
+        blob = _model(session, grant).client_blob
     return Response(gw.store.get(BlobKind.CLIENT_ZIP, blob), media_type=OCTET_STREAM)
 
 
@@ -62,19 +64,23 @@ async def upload_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant)
     return KeyOut(key_id=key_id, blob_id=upload.sha256, size_bytes=upload.size)
 
 
-def _check_room(gw, grant, key_id: str) -> None:
+def _check_room(gw: GatewayState, grant: TokenGrant, key_id: str) -> None:
     """Refuse an upload over the key-set cap before reading its body."""
     with gw.ctx.session() as session:
-        known = session.exec(
-            select(EvaluationKey.id).where(EvaluationKey.token_id == grant.token_id, EvaluationKey.key_id == key_id)
-        ).first()
-        count = session.exec(select(func.count()).where(EvaluationKey.token_id == grant.token_id)).one()
-    if known is None and count >= gw.settings.max_keys_per_token:
-        raise TooManyKeys(f"This token has {count} key sets already (the limit); reuse one of them.")
+        queries.check_room(session, grant, key_id, gw.settings.max_keys_per_token)
 
 
-def _register(gw, grant, key_id: str, upload) -> None:
+def _register(gw: GatewayState, grant: TokenGrant, key_id: str, upload: Upload) -> None:
+    """Decoded (the body's framing checked) -> authorised (the token, as it is now) -> stored."""
     with gw.ctx.session() as session:
-        queries.register_key(session, grant, key_id, upload.sha256, upload.size, gw.settings.max_keys_per_token)
+        fresh = queries.grant_for_id(session, grant.token_id)
+        queries.register_key(session, fresh, key_id, upload.sha256, upload.size, gw.settings.max_keys_per_token)
         gw.store.adopt(upload.key, BlobKind.EVALUATION_KEY, upload.sha256)
     gw.auth.forget()
+
+
+def _model(session: Session, grant: TokenGrant) -> Model:
+    model = session.get(Model, grant.model_id)
+    if model is None:  # deleted since the grant was cached
+        raise ModelNotFound("The model of this token no longer exists.")
+    return model

@@ -7,7 +7,7 @@ from sqlmodel import Session, select
 from cipherpool.credentials import API_KEY_PREFIX, DISPLAY_CHARS, digest, new_secret
 from cipherpool.db.tables import Account
 from cipherpool.errors import Conflict, InvalidApiKey
-from cipherpool.services.names import check_name
+from cipherpool.services.validation import check_name
 
 
 def create_account(session: Session, name: str) -> tuple[Account, str]:

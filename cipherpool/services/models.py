@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from sqlmodel import Session, select
 
+from cipherpool.api.schemas import ModelOut
 from cipherpool.db.tables import Account, Model, ModelStatus, utcnow
 from cipherpool.errors import InvalidInput, ModelExists, ModelNotFound
 from cipherpool.fhe.deployment import Versions
-from cipherpool.services.names import check_name
+from cipherpool.services.validation import check_name
 
 HARDWARE_CLASSES = ("cpu", "gpu")
 
@@ -66,13 +67,13 @@ def set_status(session: Session, account: Account, name: str, status: ModelStatu
     return model
 
 
-def describe(model: Model) -> dict:
-    return {
-        "id": model.id,
-        "name": model.name,
-        "status": model.status.value,
-        "hardware": model.hardware,
-        "concrete_ml": model.concrete_ml_version,
-        "concrete_python": model.concrete_python_version,
-        "created_at": model.created_at.isoformat(),
-    }
+def describe(model: Model) -> ModelOut:
+    return ModelOut(
+        id=model.id,
+        name=model.name,
+        status=model.status,
+        hardware=model.hardware,
+        concrete_ml=model.concrete_ml_version,
+        concrete_python=model.concrete_python_version,
+        created_at=model.created_at.isoformat(),
+    )

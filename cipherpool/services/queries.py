@@ -72,21 +72,27 @@ def check_key_id(key_id: str) -> str:
     return key_id
 
 
-def register_key(session: Session, grant: TokenGrant, key_id: str, blob_id: str, size_bytes: int,
-                 max_keys: int | None = None) -> EvaluationKey:
-    """Record that this token's client key set ``key_id`` evaluates with blob ``blob_id``;
-    idempotent, and a re-upload under the same id replaces the blob. At most ``max_keys``
-    key sets per token."""
+def check_room(session: Session, grant: TokenGrant, key_id: str, max_keys: int | None) -> EvaluationKey | None:
+    """The key set's row if this token registered it already; TooManyKeys if it may not
+    register another (at most ``max_keys`` key sets per token). Cheap: the gateway asks
+    before it reads an upload's body."""
     check_key_id(key_id)
     row = session.exec(
         select(EvaluationKey).where(EvaluationKey.token_id == grant.token_id, EvaluationKey.key_id == key_id)
     ).first()
-    if row is None:
+    if row is None and max_keys is not None:
         count = session.exec(select(func.count()).where(EvaluationKey.token_id == grant.token_id)).one()
-        if max_keys is not None and count >= max_keys:
+        if count >= max_keys:
             raise TooManyKeys(f"This token has {count} key sets already (the limit); reuse one of them.")
-        row = EvaluationKey(key_id=key_id, token_id=grant.token_id, model_id=grant.model_id, blob_id=blob_id,
-                            size_bytes=size_bytes)
+    return row
+
+
+def register_key(session: Session, grant: TokenGrant, key_id: str, blob_id: str, size_bytes: int,
+                 max_keys: int | None = None) -> EvaluationKey:
+    """Record that this token's client key set ``key_id`` evaluates with blob ``blob_id``;
+    idempotent, and a re-upload under the same id replaces the blob."""
+    row = check_room(session, grant, key_id, max_keys) or EvaluationKey(
+        key_id=key_id, token_id=grant.token_id, model_id=grant.model_id, blob_id=blob_id, size_bytes=size_bytes)
     row.blob_id, row.size_bytes = blob_id, size_bytes
     session.add(row)
     session.flush()

@@ -6,11 +6,12 @@ from datetime import UTC, datetime, timedelta
 
 from sqlmodel import Session, select
 
+from cipherpool.api.schemas import TokenOut
 from cipherpool.credentials import DISPLAY_CHARS, TOKEN_PREFIX, digest, new_secret
 from cipherpool.db.tables import AccessToken, Account, Model, utcnow
 from cipherpool.errors import InvalidInput, InvalidToken, TokenNotFound
 from cipherpool.services.models import get_model
-from cipherpool.services.names import check_name
+from cipherpool.services.validation import check_name
 
 
 def create_token(
@@ -74,13 +75,13 @@ def check_live(token: AccessToken, now: datetime | None = None) -> None:
         raise InvalidToken("This access token has expired; ask the model's provider for a new one.")
 
 
-def describe(token: AccessToken, model_name: str) -> dict:
-    return {
-        "id": token.id,
-        "name": token.name,
-        "model": model_name,
-        "prefix": token.prefix,
-        "created_at": token.created_at.isoformat(),
-        "expires_at": token.expires_at.isoformat() if token.expires_at else None,
-        "revoked": token.revoked_at is not None,
-    }
+def describe(token: AccessToken, model_name: str) -> TokenOut:
+    return TokenOut(
+        id=token.id,
+        name=token.name,
+        model=model_name,
+        prefix=token.prefix,
+        created_at=token.created_at.isoformat(),
+        expires_at=token.expires_at.isoformat() if token.expires_at else None,
+        revoked=token.revoked_at is not None,
+    )

@@ -1,50 +1,23 @@
-"""Pool nodes and the workers (model bindings) that occupy them.
+"""Workers: a model's serving units, each bound to one pool node while it runs.
 
-A node is free when it is online, was seen recently and no binding holds it. A binding claims
-its node with a conditional UPDATE, so two concurrent starts never get the same node.
+The decisions about a worker live here, as plain functions over a session, so the gateway (for
+a provider), beat jobs (schedules, credits, autoscaling) and the node itself make the same
+checks. A binding claims its node with a conditional UPDATE, so two concurrent starts never
+get the same node. Node registration and liveness are :mod:`cipherpool.services.nodes`.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import dataclass
 
 from sqlalchemy import update
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
+from cipherpool.api.schemas import WorkerOut
 from cipherpool.db.tables import Account, Model, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
-from cipherpool.errors import NoFreeNode, WorkerNotFound
+from cipherpool.errors import NoFreeNode, WorkerNotFound, WorkerStartFailed
 from cipherpool.services.models import get_model
-
-NODE_STALE_HEARTBEATS = 3  # a node unseen for this many heartbeats is not offered
-
-
-def register_node(
-    session: Session, name: str, *, host_class: str, concurrency: int, threads: int | None, pid: int
-) -> PoolNode:
-    node = session.get(PoolNode, name) or PoolNode(name=name)
-    node.host_class, node.concurrency, node.threads, node.pid = host_class, concurrency, threads, pid
-    node.status = NodeStatus.ONLINE
-    node.started_at = node.last_seen = utcnow()
-    session.add(node)
-    return node
-
-
-def heartbeat(session: Session, name: str) -> None:
-    session.execute(update(PoolNode).where(PoolNode.name == name).values(last_seen=utcnow(), status=NodeStatus.ONLINE))
-
-
-def node_offline(session: Session, name: str) -> None:
-    session.execute(update(PoolNode).where(PoolNode.name == name).values(status=NodeStatus.OFFLINE))
-
-
-def _live(heartbeat_s: float):
-    """SQL condition: the node says it is online and was heard from recently."""
-    fresh = utcnow() - timedelta(seconds=heartbeat_s * NODE_STALE_HEARTBEATS)
-    return (PoolNode.status == NodeStatus.ONLINE) & (PoolNode.last_seen >= fresh)
-
-
-def node_is_live(session: Session, name: str, heartbeat_s: float) -> bool:
-    return session.exec(select(PoolNode.name).where(PoolNode.name == name, _live(heartbeat_s))).first() is not None
+from cipherpool.services.nodes import live, node_is_live
 
 
 def start_worker(session: Session, account: Account, model_name: str, heartbeat_s: float) -> Worker:
@@ -52,13 +25,13 @@ def start_worker(session: Session, account: Account, model_name: str, heartbeat_
     model = get_model(session, account, model_name)
     candidates = session.exec(
         select(PoolNode)
-        .where(_live(heartbeat_s), PoolNode.worker_id.is_(None), PoolNode.host_class == model.hardware)
+        .where(live(heartbeat_s), col(PoolNode.worker_id).is_(None), PoolNode.host_class == model.hardware)
         .order_by(PoolNode.name)
     ).all()
     for node in candidates:
         worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name)
         claimed = session.execute(
-            update(PoolNode).where(PoolNode.name == node.name, PoolNode.worker_id.is_(None)).values(worker_id=worker.id)
+            update(PoolNode).where(col(PoolNode.name) == node.name, col(PoolNode.worker_id).is_(None)).values(worker_id=worker.id)
         )
         if claimed.rowcount == 1:
             session.add(worker)
@@ -77,12 +50,40 @@ def get_worker(session: Session, account: Account, worker_id: str) -> Worker:
     return worker
 
 
-def request_stop(session: Session, account: Account, worker_id: str) -> Worker:
+@dataclass(frozen=True)
+class StopDecision:
+    """What stopping a worker needs: its row, and whether its node must be told to unbind."""
+
+    worker: Worker
+    tell_node: bool
+
+
+def request_stop(session: Session, account: Account, worker_id: str, heartbeat_s: float) -> StopDecision:
+    """Mark a worker STOPPING; the node unbinds it (queries in flight finish). A worker whose
+    node is offline or silent is STOPPED at once: the node finds it stopped when it comes back."""
     worker = get_worker(session, account, worker_id)
-    if worker.status in (WorkerStatus.STARTING, WorkerStatus.RUNNING):
-        worker.status = WorkerStatus.STOPPING
-        session.add(worker)
-    return worker
+    if worker.status not in (WorkerStatus.STARTING, WorkerStatus.RUNNING):
+        return StopDecision(worker, tell_node=False)
+    if not node_is_live(session, worker.node_name, heartbeat_s):
+        finish(session, worker.id, WorkerStatus.STOPPED)
+        return StopDecision(worker, tell_node=False)
+    worker.status = WorkerStatus.STOPPING
+    session.add(worker)
+    return StopDecision(worker, tell_node=True)
+
+
+def binding_to_load(session: Session, worker_id: str, node_name: str) -> tuple[Worker, Model] | None:
+    """The worker a node was asked to bind, and its model, if the node should load it now.
+
+    None when the binding is already over (stopped or failed meanwhile: a stale message);
+    WorkerStartFailed when it does not belong to this node."""
+    worker = session.get(Worker, worker_id)
+    model = session.get(Model, worker.model_id) if worker else None
+    if worker is None or model is None or worker.node_name != node_name:
+        raise WorkerStartFailed(f"No binding {worker_id!r} for node {node_name}.")
+    if worker.status not in (WorkerStatus.STARTING, WorkerStatus.RUNNING):
+        return None
+    return worker, model
 
 
 def mark_running(session: Session, worker_id: str) -> None:
@@ -99,19 +100,7 @@ def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | 
         return
     worker.status, worker.error, worker.stopped_at = status, error, utcnow()
     session.add(worker)
-    session.execute(update(PoolNode).where(PoolNode.worker_id == worker_id).values(worker_id=None))
-
-
-def binding_of_node(session: Session, node_name: str) -> tuple[Worker, Model] | None:
-    """The binding a (re)started node should serve, if any."""
-    node = session.get(PoolNode, node_name)
-    if node is None or node.worker_id is None:
-        return None
-    worker = session.get(Worker, node.worker_id)
-    if worker is None or not worker.status.holds_node:
-        return None
-    model = session.get(Model, worker.model_id)
-    return (worker, model) if model else None
+    session.execute(update(PoolNode).where(col(PoolNode.worker_id) == worker_id).values(worker_id=None))
 
 
 def running_count(session: Session, model_id: str) -> int:
@@ -130,17 +119,17 @@ def list_workers(session: Session, account: Account, model_name: str | None = No
     return list(session.exec(query.order_by(Worker.created_at)))
 
 
-def describe(session: Session, worker: Worker) -> dict:
+def describe(session: Session, worker: Worker) -> WorkerOut:
     model = session.get(Model, worker.model_id)
     node = session.get(PoolNode, worker.node_name)
-    return {
-        "id": worker.id,
-        "model": model.name if model else None,
-        "node": worker.node_name,
-        "node_status": node.status.value if node else None,
-        "status": worker.status.value,
-        "error": worker.error,
-        "created_at": worker.created_at.isoformat(),
-        "started_at": worker.started_at.isoformat() if worker.started_at else None,
-        "stopped_at": worker.stopped_at.isoformat() if worker.stopped_at else None,
-    }
+    return WorkerOut(
+        id=worker.id,
+        model=model.name if model else None,
+        node=worker.node_name,
+        node_status=node.status.value if node else None,
+        status=worker.status,
+        error=worker.error,
+        created_at=worker.created_at.isoformat(),
+        started_at=worker.started_at.isoformat() if worker.started_at else None,
+        stopped_at=worker.stopped_at.isoformat() if worker.stopped_at else None,
+    )

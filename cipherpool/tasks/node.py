@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from cipherpool.errors import ConfigurationError
-from cipherpool.names import TASK_PREFIX
+from cipherpool.names import BIND_TASK, STATS_TASK, UNBIND_TASK
 from cipherpool.tasks.app import app
-from cipherpool.tasks.envelope import platform_task
+from cipherpool.tasks.decorator import platform_task
 from cipherpool.workers import binding
 from cipherpool.workers.context import platform
 from cipherpool.workers.node import NodeRuntime, current_runtime
-
-P = TASK_PREFIX + "node."
 
 
 def _runtime() -> NodeRuntime:
@@ -20,16 +20,16 @@ def _runtime() -> NodeRuntime:
     return runtime
 
 
-@platform_task(app, P + "bind")
-def bind(worker_id: str) -> dict:
+@platform_task(app, BIND_TASK)
+def bind(worker_id: str) -> dict[str, object]:
     return binding.bind(platform(), _runtime(), app, worker_id)
 
 
-@platform_task(app, P + "unbind")
-def unbind(worker_id: str) -> dict:
+@platform_task(app, UNBIND_TASK)
+def unbind(worker_id: str) -> dict[str, object]:
     return binding.unbind(platform(), _runtime(), app, worker_id)
 
 
-@platform_task(app, P + "stats")
-def stats() -> dict:
-    return _runtime().stats()
+@platform_task(app, STATS_TASK)
+def stats() -> dict[str, Any]:
+    return _runtime().report()

@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.fhe.keycache import KeyCache
+from cipherpool.workers.hooks import BindingEvent, Hook, Hooks
+from cipherpool.workers.stats import NodeStats
 
 log = logging.getLogger("cipherpool.node")
 
@@ -30,30 +32,32 @@ class Binding:
     model_name: str
     queue: str
     evaluator: Evaluator
+    node: str = ""
     workdir: Path | None = None
     bound_at: float = field(default_factory=time.time)
 
-
-@dataclass
-class QueryCounters:
-    succeeded: int = 0
-    refused: int = 0
-    model_loads: int = 0  # FHEModelServer loads: once per bind, never per query
-    compute_s_total: float = 0.0
-    last_compute_s: float | None = None
+    @property
+    def event(self) -> BindingEvent:
+        return BindingEvent(self.node, self.worker_id, self.model_id, self.model_name)
 
 
 class NodeRuntime:
+    """One pool node process: its profile, its binding, its key cache and its hooks.
+
+    ``stats`` (a :class:`NodeStats` hook) is always the first hook; more come from
+    ``CIPHERPOOL_NODE_HOOKS`` or :meth:`Hooks.add`."""
+
     def __init__(self, name: str, *, host_class: str, concurrency: int, threads: int | None,
                  key_cache_bytes: int, key_memory_factor: float,
-                 evaluator_factory: Callable[[bytes, Path], Evaluator]):
+                 evaluator_factory: Callable[[bytes, Path], Evaluator], hooks: Iterable[Hook] = ()):
         self.name = name
         self.evaluator_factory = evaluator_factory
         self.host_class = host_class
         self.concurrency = concurrency
         self.threads = threads
         self.key_cache: KeyCache[Any] = KeyCache(key_cache_bytes, key_memory_factor)
-        self.counters = QueryCounters()
+        self.stats = NodeStats()
+        self.hooks = Hooks([self.stats, *hooks])
         self._binding: Binding | None = None
         self._lock = threading.Lock()
         self.bind_lock = threading.Lock()  # one bind/unbind at a time
@@ -68,27 +72,20 @@ class NodeRuntime:
         if previous is not None and (binding is None or binding.model_id != previous.model_id):
             self.key_cache.clear()  # keys of the old model are useless now
 
-    def load_evaluator(self, server_zip: bytes, workdir: Path) -> Evaluator:
+    def load_evaluator(self, binding: BindingEvent, server_zip: bytes, workdir: Path) -> Evaluator:
+        started = time.monotonic()
         evaluator = self.evaluator_factory(server_zip, workdir)
-        with self._lock:
-            self.counters.model_loads += 1
+        self.hooks.model_loaded(binding, seconds=time.monotonic() - started)
         return evaluator
 
-    def record(self, *, ok: bool, compute_s: float | None = None) -> None:
-        with self._lock:
-            if ok:
-                self.counters.succeeded += 1
-                if compute_s is not None:
-                    self.counters.compute_s_total += compute_s
-                    self.counters.last_compute_s = compute_s
-            else:
-                self.counters.refused += 1
-
-    def stats(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
+        """The live figures of this node's current worker (``cipherpool.api.schemas.WorkerStats``):
+        the binding's own counts at the top level, the node's lifetime counts apart."""
         binding = self._binding
         cache = self.key_cache.stats()
-        c = self.counters
+        own = self.stats.of_binding(binding.worker_id) if binding else self.stats.of_binding("")
         return {
+            **own,
             "node": self.name,
             "host_class": self.host_class,
             "concurrency": self.concurrency,
@@ -97,12 +94,9 @@ class NodeRuntime:
             "model": binding.model_name if binding else None,
             "worker_id": binding.worker_id if binding else None,
             "bound_for_s": time.time() - binding.bound_at if binding else None,
-            "model_loads": c.model_loads,
-            "queries_succeeded": c.succeeded,
-            "queries_refused": c.refused,
-            "average_compute_s": c.compute_s_total / c.succeeded if c.succeeded else None,
-            "last_compute_s": c.last_compute_s,
-            "key_cache": cache.__dict__,
+            "node_lifetime": self.stats.of_node(),
+            "key_cache": {"entries": cache.entries, "charged_bytes": cache.charged_bytes,
+                          "capacity_bytes": cache.capacity_bytes, "evictions": cache.evictions},
         }
 
 

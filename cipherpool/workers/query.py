@@ -1,4 +1,4 @@
-"""Running one encrypted query on a pool node (the hot path).
+"""Running one encrypted query on a pool node (the hot path), top to bottom.
 
 The query was authorised before it was published (gateway or trusted in-cluster code), so the
 node makes no database round trip: it checks that the ciphertext envelope names this model
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from cipherpool.errors import KeyMismatch, ModelMismatch
-from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest
+from cipherpool.errors import CipherpoolError, KeyMismatch, ModelMismatch, ModelUnavailable
+from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest, failed, ok
 from cipherpool.names import model_queue
 from cipherpool.store import BlobKind
 from cipherpool.workers.context import PlatformContext
+from cipherpool.workers.hooks import Hook, QueryEvent
 from cipherpool.workers.node import NodeRuntime
 
 log = logging.getLogger("cipherpool.query")
@@ -27,43 +29,100 @@ class NotBoundHere(Exception):
     """The query reached a node that no longer serves its model (unbound meanwhile)."""
 
 
-def may_requeue(task_request: Any, model_id: str) -> bool:
+class Requeue(Exception):
+    """Give this message back to its queue: the task raises Celery's ``Reject(requeue=True)``."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the broker says about a message: its task id, the queue it came through, its deadline."""
+
+    task_id: str | None = None
+    routing_key: str | None = None
+    expires: object = None
+
+    @classmethod
+    def of(cls, task_request: Any) -> Delivery:
+        info = getattr(task_request, "delivery_info", None) or {}
+        return cls(getattr(task_request, "id", None), info.get("routing_key"), getattr(task_request, "expires", None))
+
+
+def may_requeue(delivery: Delivery, model_id: str) -> bool:
     """May a query this node cannot serve go back to the broker? Only one with a deadline
     that came through its model's own queue: anything else could bounce between nodes forever."""
-    routing_key = (getattr(task_request, "delivery_info", None) or {}).get("routing_key")
-    return bool(getattr(task_request, "expires", None)) and routing_key == model_queue(model_id)
+    return bool(delivery.expires) and delivery.routing_key == model_queue(model_id)
 
 
-def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest) -> QueryReply:
-    started = time.time()
-    timings = {"queue_wait_s": max(0.0, started - request.submitted_at) if request.submitted_at else 0.0}
+def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: Delivery) -> dict[str, Any]:
+    """One query message from start to finish: its result envelope, a reply or a typed refusal.
+
+    Every moment is announced to the node's hooks. A refusal is an envelope (the task did its
+    job, which was to refuse); an unexpected exception propagates as a task failure."""
+    binding = runtime.binding
+    query = QueryEvent(node=runtime.name, task_id=delivery.task_id, binding=binding.event if binding else None)
+    hooks = runtime.hooks
+    try:
+        request = QueryRequest.decode(raw)
+    except CipherpoolError as error:
+        hooks.query_received(query)
+        return _refuse(query, hooks, error)
+    query.model_id, query.key_id, query.token_id = request.model_id, request.key_id, request.token_id
+    query.timings["queue_wait_s"] = max(0.0, query.received_at - request.submitted_at) if request.submitted_at else 0.0
+    hooks.query_received(query)
+    try:
+        reply = execute(ctx, runtime, request, query)
+    except NotBoundHere:
+        if may_requeue(delivery, request.model_id):
+            hooks.query_requeued(query)
+            raise Requeue("node no longer serves this model") from None
+        return _refuse(query, hooks, ModelUnavailable(
+            "This query reached a node that does not serve its model; submit it again."))
+    except CipherpoolError as error:
+        return _refuse(query, hooks, error)
+    except Exception as error:
+        hooks.query_failed(query, error)
+        raise
+    hooks.query_computed(query)
+    log.info("query on %s: key %s, compute %.3f s, total %.3f s", query.binding.model_name if query.binding else "?",
+             reply.key_cache, query.timings["compute_s"], query.timings["server_total_s"])
+    return ok(reply.encode())
+
+
+def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, query: QueryEvent) -> QueryReply:
+    """Check the ciphertext, take the key, run the model: the encrypted reply and its timings."""
+    started = query.received_at
     binding = runtime.binding
     if binding is None or binding.model_id != request.model_id:
         raise NotBoundHere(request.model_id)
-
-    blob_id = request.blob_id
+    query.binding = binding.event
     encrypted = _open(ctx, request)
-    timings["open_s"] = time.time() - started
+    query.timings["open_s"] = time.time() - started
+    runtime.hooks.query_authorised(query)
 
     t = time.time()
+    blob_id = request.blob_id
 
-    def load():
+    def load() -> tuple[Any, int]:
         blob = ctx.store.get(BlobKind.EVALUATION_KEY, blob_id)
         return binding.evaluator.load_keys(blob), len(blob)
 
     keys, hit = runtime.key_cache.get_or_load(blob_id, load)  # shared by identical keys
-    timings["key_s"] = time.time() - t
+    query.timings["key_s"] = time.time() - t
+    runtime.hooks.key_loaded(query, hit=hit, seconds=query.timings["key_s"])
 
     t = time.time()
     output = binding.evaluator.run(encrypted.data, keys)
-    timings["compute_s"] = time.time() - t
+    query.timings["compute_s"] = time.time() - t
 
     reply = _reply(ctx, request, output)
-    timings["server_total_s"] = time.time() - started
-    runtime.record(ok=True, compute_s=timings["compute_s"])
-    log.info("query on %s: key %s, compute %.3f s, total %.3f s", binding.model_name,
-             "hit" if hit else "miss", timings["compute_s"], timings["server_total_s"])
-    return QueryReply(node=runtime.name, key_cache="hit" if hit else "miss", timings=timings, **reply)
+    query.timings["server_total_s"] = time.time() - started
+    return QueryReply(node=runtime.name, key_cache="hit" if hit else "miss", timings=dict(query.timings), **reply)
+
+
+def _refuse(query: QueryEvent, hooks: Hook, error: CipherpoolError) -> dict[str, Any]:
+    hooks.query_refused(query, error)
+    log.info("query refused: %s: %s", error.code, error.message)
+    return failed(error)
 
 
 def _open(ctx: PlatformContext, request: QueryRequest) -> EncryptedInput:

@@ -19,10 +19,11 @@ import threading
 
 from celery import signals
 
-from cipherpool.names import POOL_QUEUE, TASK_PREFIX, node_queue
-from cipherpool.services import workers as worker_service
+from cipherpool.names import BIND_TASK, POOL_QUEUE, node_queue
+from cipherpool.services import nodes as node_service
 from cipherpool.workers.binding import default_evaluator_factory
 from cipherpool.workers.context import platform
+from cipherpool.workers.hooks import load_hook
 from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
 
 log = logging.getLogger("cipherpool.node")
@@ -51,6 +52,7 @@ def on_worker_init(sender=None, **_kwargs) -> None:
                 key_cache_bytes=settings.key_cache_bytes,
                 key_memory_factor=settings.key_memory_factor,
                 evaluator_factory=default_evaluator_factory,
+                hooks=[load_hook(path) for path in settings.node_hooks],
             )
         )
     except Exception:
@@ -67,18 +69,16 @@ def on_worker_ready(sender=None, **_kwargs) -> None:
         sender.add_task_queue(node_queue(runtime.name))
         ctx = platform()
         with ctx.session() as session:
-            worker_service.register_node(
+            node_service.register_node(
                 session, runtime.name, host_class=runtime.host_class,
                 concurrency=runtime.concurrency, threads=runtime.threads, pid=os.getpid(),
             )
-            binding = worker_service.binding_of_node(session, runtime.name)
+            binding = node_service.binding_of_node(session, runtime.name)
         _start_heartbeat(runtime.name, ctx.settings.node_heartbeat_s)
         if binding is not None:
             worker, model = binding
             log.info("node %s rebinding to model %s after restart", runtime.name, model.name)
-            sender.app.send_task(
-                TASK_PREFIX + "node.bind", kwargs={"worker_id": worker.id}, queue=node_queue(runtime.name)
-            )
+            sender.app.send_task(BIND_TASK, kwargs={"worker_id": worker.id}, queue=node_queue(runtime.name))
     except Exception:
         log.exception("worker_ready handler failed")
 
@@ -91,7 +91,7 @@ def on_worker_shutdown(sender=None, **_kwargs) -> None:
     _stop_heartbeat.set()
     try:
         with platform().session() as session:
-            worker_service.node_offline(session, runtime.name)
+            node_service.node_offline(session, runtime.name)
     except Exception:
         log.exception("worker_shutdown handler failed")
 
@@ -101,7 +101,7 @@ def _start_heartbeat(name: str, interval_s: float) -> None:
         while not _stop_heartbeat.wait(interval_s):
             try:
                 with platform().session() as session:
-                    worker_service.heartbeat(session, name)
+                    node_service.heartbeat(session, name)
             except Exception:
                 log.exception("heartbeat of %s failed", name)
 

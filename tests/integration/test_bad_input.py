@@ -58,7 +58,7 @@ def test_revoked_token(platform, examples, tmp_path, still_serving):
     qc.upload_evaluation_keys()
     ciphertext = qc.encrypt(examples["cancer"].x_test[0])
     assert qc.execute(ciphertext)
-    token_id = next(t["id"] for t in platform.mc.list_tokens() if t["name"] == "short-lived")
+    token_id = next(t.id for t in platform.mc.list_tokens() if t.name == "short-lived")
     platform.mc.revoke_token(token_id)
     with pytest.raises(errors.InvalidToken, match="revoked"):
         qc.execute(ciphertext)
@@ -137,7 +137,7 @@ def test_ciphertext_made_for_another_model(clients, examples, still_serving):
         digits.execute(cancer_ct)
     # Even with the envelope relabelled, concrete's shape check is turned into a typed error.
     env = EncryptedInput.decode(cancer_ct)
-    relabelled = EncryptedInput(digits.model["id"], digits.crypto.key_id(), env.data).encode()
+    relabelled = EncryptedInput(digits.model.id, digits.crypto.key_id(), env.data).encode()
     with pytest.raises(errors.ModelMismatch):
         digits.execute(relabelled)
 

@@ -45,20 +45,20 @@ def test_two_queries_in_a_row_reuse_the_cached_evaluation_key(platform, examples
     qc = platform.query_client("digits", tmp_path / "k")
     qc.generate_keys()
     qc.upload_evaluation_keys()
-    before = platform.mc.worker_stats("digits")[0]["key_cache"]
+    before = platform.mc.worker_stats("digits")[0]
     # When it sends two queries
     replies = []
     for i in range(2):
         handle = qc.submit(qc.encrypt(examples["digits"].x_test[i]))
         handle.result()
         replies.append(handle.key_cache)
-    stats = platform.mc.worker_stats("digits")[0]
-    after = stats["key_cache"]
+    after = platform.mc.worker_stats("digits")[0]
     # Then the key was deserialized once and served from the cache the second time
     assert replies == ["miss", "hit"]
-    assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (1, 1)
+    assert (after.key_cache_misses - before.key_cache_misses, after.key_cache_hits - before.key_cache_hits) == (1, 1)
     # and the model itself was loaded once, when the node was bound, not per query
-    assert stats["model_loads"] == 1 and stats["queries_succeeded"] >= 2
+    assert after.worker_id == before.worker_id and after.model_loads == 1
+    assert after.queries_succeeded - before.queries_succeeded == 2
     qc.close()
 
 
@@ -111,7 +111,7 @@ def test_trusted_in_cluster_code_submits_through_celery(platform, clients, examp
     from cipherpool.workers.context import PlatformContext
 
     qc = clients["cancer"]
-    token_id = next(t["id"] for t in platform.mc.list_tokens() if t["name"] == "cancer-user")
+    token_id = next(t.id for t in platform.mc.list_tokens() if t.name == "cancer-user")
     env = {k: v for k, v in platform.stack.env.items() if k.startswith("CIPHERPOOL_")}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

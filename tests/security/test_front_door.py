@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 import redis
 
+from cipherpool.api.schemas import WorkerStats
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import KIB, MIB, Settings
 from cipherpool.errors import InvalidToken
@@ -174,11 +175,11 @@ def without_password(url: str, password: str | None = None) -> str:
 
 
 def token_id(mc: ManagementClient, name: str) -> str:
-    [found] = [t["id"] for t in mc.list_tokens() if t["name"] == name]
+    [found] = [t.id for t in mc.list_tokens() if t.name == name]
     return found
 
 
-def node_stats(mc: ManagementClient, model: str) -> dict:
+def node_stats(mc: ManagementClient, model: str) -> WorkerStats:
     [stats] = mc.worker_stats(model)
     return stats
 
@@ -606,7 +607,7 @@ def test_zip_bomb_with_a_valid_key_is_refused_by_its_declared_size(stack, served
         assert_error(response, 413, "payload_too_large")
         assert client.get("/v1/health").status_code == 200
     assert grown < 60 * MIB, f"the gateway grew by {grown / MIB:.1f} MiB checking a 1 GiB zip bomb"
-    assert "bomb" not in {m["name"] for m in served.mc.list_models()}
+    assert "bomb" not in {m.name for m in served.mc.list_models()}
     assert not keys_like(stack, "cipherpool:blob:server:" + upload, "cipherpool:blob:client:" + upload)
 
 
@@ -674,7 +675,7 @@ def test_oversize_ciphertext_is_refused_before_it_is_stored(stack, served, examp
     token = bearer(served.token, **{"Content-Type": "application/octet-stream"})
     gateway_log = LogWatch(child(stack, "gateway").log_path)
     payloads_before = keys_like(stack, "cipherpool:payload:*")
-    refused_before = node_stats(served.mc, served.model)["queries_refused"]
+    refused_before = node_stats(served.mc, served.model).queries_refused
     with http(stack) as client, RedisCapture(stack.broker_url) as capture:
         outcomes = {
             "POST /v1/queries, Content-Length cap+1": attempt(client, "POST", "/v1/queries", content=oversize, headers=token),
@@ -688,7 +689,7 @@ def test_oversize_ciphertext_is_refused_before_it_is_stored(stack, served, examp
     assert not body_writes(capture, b"cipherpool:payload:", b"cipherpool:upload:")
     assert not capture.published_tasks(QUERY_TASK)
     assert not any(b"\x5a" * 1024 in a for c in capture.commands for a in c)
-    assert node_stats(served.mc, served.model)["queries_refused"] == refused_before
+    assert node_stats(served.mc, served.model).queries_refused == refused_before
     # Each refused with a 413 the client can read, and no unhandled error in the gateway.
     problems = [p for what, outcome in outcomes.items() if (p := not_a_413(what, outcome))]
     problems += [f"gateway log: {line}" for line in gateway_log.unhandled_errors()]
@@ -873,5 +874,5 @@ def test_unauthorised_queries_never_reach_a_node(stack, served, example, tmp_pat
     received = re.findall(rb"cipherpool\.query\.run\[([0-9a-f-]{36})\] received", log.read_bytes()[log_start:])
     assert received == [control_id.encode()], received
     stats_after = node_stats(served.mc, served.model)
-    assert stats_after["queries_refused"] == stats_before["queries_refused"]
-    assert stats_after["queries_succeeded"] == stats_before["queries_succeeded"] + 1
+    assert stats_after.queries_refused == stats_before.queries_refused
+    assert stats_after.queries_succeeded == stats_before.queries_succeeded + 1

@@ -1,4 +1,6 @@
-"""The shape of every cipherpool task: decode -> authorise -> service call -> result envelope.
+"""``platform_task``: the decorator that gives every control task its shape, decode ->
+authorise -> service call -> result envelope. (The query task has its own path, top to bottom
+in :mod:`cipherpool.workers.query`, because its refusals must also reach the node's hooks.)
 
 Expected failures (bad input, auth, not found) return ``{"ok": false, "error": ...}`` as a
 SUCCESS result: the task did its job, which was to refuse. Only bugs and lost infrastructure
