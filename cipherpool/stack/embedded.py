@@ -14,9 +14,9 @@ import os
 import secrets
 import shutil
 import sys
-import time
 import urllib.request
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 from sqlmodel import select
@@ -29,6 +29,7 @@ from cipherpool.files import private_dir, write_private
 from cipherpool.names import CONTROL_QUEUE, POOL_QUEUE
 from cipherpool.stack.redis_server import start_redis
 from cipherpool.stack.supervisor import Supervisor, free_port
+from cipherpool.waiting import wait_until
 
 READY_TIMEOUT_S = 120.0
 CONTROL_CONCURRENCY = 4  # management tasks are short and mostly wait on I/O
@@ -39,11 +40,22 @@ FLOWER_USER = "admin"
 
 @dataclass
 class StackOptions:
-    workers: int = 2  # pool nodes
+    """What the stack runs. ``nodes`` counts pool nodes: persistent `celery worker` processes on
+    the pool queue. A *worker* is something else, a model's serving unit bound to a node by
+    `start_worker`; hence the field is not called ``workers`` (that old name still works)."""
+
+    nodes: int = 2  # pool nodes
     node_concurrency: int = 1  # parallel queries per node
     beat: bool = True
     flower: bool = True
     loglevel: str = "INFO"
+    workers: InitVar[int | None] = None  # deprecated name of nodes, kept so old callers still work
+
+    def __post_init__(self, workers: int | None) -> None:
+        if workers is not None:
+            warnings.warn("StackOptions(workers=) is deprecated; use nodes= (a worker is a model's serving unit).",
+                          DeprecationWarning, stacklevel=3)
+            self.nodes = workers
 
 
 @dataclass
@@ -62,7 +74,7 @@ class EmbeddedStack:
 
     @property
     def node_names(self) -> list[str]:
-        return [f"node{i + 1}@{_host()}" for i in range(self.options.workers)]
+        return [f"node{i + 1}@{_host()}" for i in range(self.options.nodes)]
 
     @property
     def client_settings(self) -> Settings:
@@ -92,7 +104,7 @@ class EmbeddedStack:
         shutil.rmtree(tmp, ignore_errors=True)
         private_dir(tmp)
         threads = self.settings.node_threads or max(
-            1, (os.cpu_count() or 1) // (self.options.workers * self.options.node_concurrency)
+            1, (os.cpu_count() or 1) // (self.options.nodes * self.options.node_concurrency)
         )
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("CIPHERPOOL_", "FLOWER_"))},
@@ -103,25 +115,32 @@ class EmbeddedStack:
             "CIPHERPOOL_NODE_THREADS": str(threads),
             "TMPDIR": str(tmp),
         }
-        self._start_workers()
+        self._start_control()
+        self._start_nodes()
         self._start_beat_and_flower()
         self._start_gateway()
         self._wait_ready(database_url)
         self._write_stack_file()
 
-    def _start_workers(self) -> None:
-        quiet = ["--without-gossip", "--without-mingle", "--loglevel", self.options.loglevel]
+    def _quiet(self) -> list[str]:
+        return ["--without-gossip", "--without-mingle", "--loglevel", self.options.loglevel]
+
+    def _start_control(self) -> None:
+        """The control worker: the celery process that runs management tasks (not a pool node)."""
         self.supervisor.start(
             "control",
             CELERY + ["worker", "-Q", CONTROL_QUEUE, "-P", "threads", "-c", str(CONTROL_CONCURRENCY),
-                      "-n", f"control@{_host()}"] + quiet,
+                      "-n", f"control@{_host()}"] + self._quiet(),
             self.env,
         )
+
+    def _start_nodes(self) -> None:
+        """The pool nodes: celery processes on the pool queue, where models' workers are bound."""
         for name in self.node_names:
             self.supervisor.start(
                 name.split("@")[0],
                 CELERY + ["worker", "-Q", POOL_QUEUE, "-P", "threads", "-c", str(self.options.node_concurrency),
-                          "-n", name] + quiet,
+                          "-n", name] + self._quiet(),
                 self.env,
             )
 
@@ -153,27 +172,27 @@ class EmbeddedStack:
 
         app = create_app(self.settings.model_copy(update={"broker_url": self.broker_url}), name="cipherpool-up")
         expected = {(c.name, c.pid) for c in self.supervisor.children if c.name.startswith("node")}
-        deadline = time.monotonic() + READY_TIMEOUT_S
+
+        def ready() -> bool:
+            dead = self.supervisor.dead()
+            if dead:
+                raise PlatformError(f"{dead[0].name} exited during start; see {dead[0].log_path}")
+            with session_scope(database_url) as session:
+                rows = session.exec(select(PoolNode.name, PoolNode.pid).where(PoolNode.status == NodeStatus.ONLINE))
+                online = {(name.split("@")[0], pid) for name, pid in rows}
+            return (expected <= online and self._gateway_up()
+                    and bool(app.control.ping(destination=[f"control@{_host()}"], timeout=0.5)))
+
         try:
-            while time.monotonic() < deadline:
-                dead = self.supervisor.dead()
-                if dead:
-                    raise PlatformError(f"{dead[0].name} exited during start; see {dead[0].log_path}")
-                with session_scope(database_url) as session:
-                    rows = session.exec(select(PoolNode.name, PoolNode.pid).where(PoolNode.status == NodeStatus.ONLINE))
-                    online = {(name.split("@")[0], pid) for name, pid in rows}
-                if (expected <= online and self._gateway_up()
-                        and app.control.ping(destination=[f"control@{_host()}"], timeout=0.5)):
-                    return
-                time.sleep(0.2)
+            wait_until(ready, READY_TIMEOUT_S, error=PlatformError(
+                f"The stack was not ready within {READY_TIMEOUT_S:g}s; see logs in {self.supervisor.log_dir}"))
         finally:
             app.close()
-        raise PlatformError(f"The stack was not ready within {READY_TIMEOUT_S:g}s; see logs in {self.supervisor.log_dir}")
 
     def _gateway_up(self) -> bool:
         try:
             with urllib.request.urlopen(self.gateway_url + "/v1/health", timeout=1) as response:
-                return response.status == 200
+                return bool(response.status == 200)
         except OSError:
             return False
 
@@ -215,7 +234,7 @@ class EmbeddedStack:
     def __enter__(self) -> EmbeddedStack:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import time
 from pathlib import Path
 
 import redis
@@ -20,6 +19,7 @@ import redis
 from cipherpool.errors import ConfigurationError
 from cipherpool.files import private_dir, write_private
 from cipherpool.stack.supervisor import Child, Supervisor, free_port
+from cipherpool.waiting import wait_until
 
 START_TIMEOUT_S = 15.0
 PASSWORD_FILE = "password"
@@ -76,17 +76,22 @@ def start_redis(supervisor: Supervisor, data_dir: Path, binary: str | None = Non
     child = supervisor.start("redis", [binary or find_redis_server(), str(config)], env={"PATH": "/usr/bin:/bin"})
     url = f"redis://:{secret}@127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         if not child.alive():
             raise ConfigurationError(f"redis-server exited at start; see {child.log_path}")
         try:
-            client.ping()
-            return child, url
+            return bool(client.ping())
         except redis.ConnectionError:
-            time.sleep(0.05)
+            return False
         except redis.ResponseError as exc:  # still loading the AOF
             if "LOADING" not in str(exc):
                 raise
-            time.sleep(0.05)
-    raise ConfigurationError(f"redis-server did not answer on port {port}; see {child.log_path}")
+            return False
+
+    try:
+        wait_until(answers, START_TIMEOUT_S, interval_s=0.05,
+                   error=ConfigurationError(f"redis-server did not answer on port {port}; see {child.log_path}"))
+    finally:
+        client.close()
+    return child, url

@@ -3,6 +3,10 @@
 Each child leads its own process group (so a stop reaches whatever it forked) and is asked
 by the kernel to die with its parent (PR_SET_PDEATHSIG), so even a SIGKILLed `cipherpool up`
 leaves nothing behind.
+
+A child that exits is started again, unless it keeps dying right after its start: then it is
+given up for good, so a broken configuration neither spins forever nor comes back later. The
+clock is injected, so tests drive time instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cipherpool.files import private_dir
@@ -24,12 +30,15 @@ PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 20.0
 QUICK_DEATH_S = 10.0  # a child that dies sooner than this after its start is crash-looping
 MAX_QUICK_DEATHS = 3
+WATCH_INTERVAL_S = 1.0
+Clock = Callable[[], float]  # seconds, monotonic
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _child_setup() -> None:
@@ -44,12 +53,13 @@ def _child_setup() -> None:
 @dataclass
 class Child:
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     log_path: Path
     argv: list[str]
     env: dict[str, str]
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float  # on the supervisor's clock
     quick_deaths: int = 0  # consecutive exits within QUICK_DEATH_S of a start
+    given_up: bool = False  # crash-looping: stays dead, never started again
 
     @property
     def pid(self) -> int:
@@ -59,18 +69,23 @@ class Child:
         return self.process.poll() is None
 
 
+def _ignore(child: Child) -> None:
+    pass
+
+
 class Supervisor:
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, clock: Clock = time.monotonic) -> None:
         self.log_dir = log_dir
+        self.clock = clock
         self.children: list[Child] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
         private_dir(self.log_dir)
-        child = Child(name, self._spawn(name, argv, env), self.log_dir / f"{name}.log", argv, env)
+        child = Child(name, self._spawn(name, argv, env), self.log_dir / f"{name}.log", argv, env, self.clock())
         self.children.append(child)
         return child
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         fd = os.open(self.log_dir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as out:
             return subprocess.Popen(
@@ -79,35 +94,57 @@ class Supervisor:
             )
 
     def dead(self) -> list[Child]:
+        """Every child that is not running, the given-up ones included."""
         return [c for c in self.children if not c.alive()]
 
     def restart_dead(self) -> tuple[list[Child], list[Child]]:
         """Start again, with the same command, every child that exited; (restarted, given up).
 
         A child that keeps dying within QUICK_DEATH_S of its start is given up after
-        MAX_QUICK_DEATHS tries, so a broken configuration does not spin forever."""
-        restarted, given_up = [], []
+        MAX_QUICK_DEATHS tries, so a broken configuration does not spin forever. It is in
+        ``given up`` once, at the call that gives it up; afterwards it is left alone for good
+        (however long ago its last start was) and only ``dead()`` still lists it."""
+        restarted: list[Child] = []
+        given_up: list[Child] = []
         for child in self.dead():
-            quick = time.monotonic() - child.started_at < QUICK_DEATH_S
+            if child.given_up:
+                continue
+            quick = self.clock() - child.started_at < QUICK_DEATH_S
             child.quick_deaths = child.quick_deaths + 1 if quick else 0
             if child.quick_deaths >= MAX_QUICK_DEATHS:
+                log.error("%s keeps exiting at start (last code %s); not restarting it. See %s",
+                          child.name, child.process.returncode, child.log_path)
+                _signal_group(child, signal.SIGKILL)  # anything it left in its group
+                child.given_up = True
                 given_up.append(child)
                 continue
             log.warning("%s (pid %s) exited with %s; restarting it", child.name, child.pid, child.process.returncode)
             _signal_group(child, signal.SIGKILL)  # anything it left in its group
             child.process = self._spawn(child.name, child.argv, child.env)
-            child.started_at = time.monotonic()
+            child.started_at = self.clock()
             restarted.append(child)
         return restarted, given_up
+
+    def watch(self, stop: threading.Event, on_restart: Callable[[Child], None] = _ignore,
+              on_give_up: Callable[[Child], None] = _ignore, interval_s: float = WATCH_INTERVAL_S) -> None:
+        """Restart dead children every ``interval_s`` until ``stop`` is set (what `cipherpool up`
+        does while it runs). The callbacks only report: each restart, and each child given up,
+        once. Waiting is ``stop.wait``, so a stop is seen at once, not at the next round."""
+        while not stop.wait(interval_s):
+            restarted, given_up = self.restart_dead()
+            for child in restarted:
+                on_restart(child)
+            for child in given_up:
+                on_give_up(child)
 
     def stop_all(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM each group (newest first), then SIGKILL what outlives the grace period."""
         for child in reversed(self.children):
             _signal_group(child, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
+        deadline = self.clock() + grace_s
         for child in reversed(self.children):
             try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                child.process.wait(timeout=max(0.1, deadline - self.clock()))
             except subprocess.TimeoutExpired:
                 log.warning("%s (pid %s) ignored SIGTERM; killing it", child.name, child.pid)
             _signal_group(child, signal.SIGKILL)  # stragglers in its group, if any

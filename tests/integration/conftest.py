@@ -16,20 +16,6 @@ from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 pytestmark = pytest.mark.integration
 
 
-def serve(stack: EmbeddedStack, example, name: str, key_dir, **overrides) -> tuple[ManagementClient, QueryClient, str]:
-    """On a stack of its own: an account, the model deployed, activated and served by one
-    worker, and a client whose keys are uploaded. Returns (management, query, worker id)."""
-    settings = stack.client_settings.model_copy(update=overrides)
-    mc = ManagementClient(stack.create_account("p"), settings=settings)
-    mc.deploy_model(name, example.path)
-    mc.activate_model(name)
-    worker = mc.start_worker(name)
-    qc = QueryClient(mc.create_token("u", model=name), settings=settings, key_dir=key_dir)
-    qc.generate_keys()
-    qc.upload_evaluation_keys()
-    return mc, qc, worker.id
-
-
 @pytest.fixture(scope="session")
 def examples(tmp_path_factory):
     from cipherpool.examples import train_breast_cancer, train_digits
@@ -41,7 +27,7 @@ def examples(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     settings = Settings(data_dir=tmp_path_factory.mktemp("platform"))
-    s = EmbeddedStack(settings, StackOptions(workers=2, node_concurrency=2, beat=False, flower=False))
+    s = EmbeddedStack(settings, StackOptions(nodes=2, node_concurrency=2, beat=False, flower=False))
     with s:
         yield s
 

@@ -2,10 +2,13 @@
 
 import numpy as np
 import pytest
+from sqlmodel import select
 
 from cipherpool import errors
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import Settings
+from cipherpool.db import session_scope
+from cipherpool.db.tables import PoolNode
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 from tests.helpers import make_deployment
 
@@ -15,7 +18,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory, examples):
     settings = Settings(data_dir=tmp_path_factory.mktemp("pool"), query_timeout_s=120)
-    with EmbeddedStack(settings, StackOptions(workers=2, beat=False, flower=False)) as stack:
+    with EmbeddedStack(settings, StackOptions(nodes=2, beat=False, flower=False)) as stack:
         settings = stack.client_settings
         mc = ManagementClient(stack.create_account("p"), settings=settings)
         mc.deploy_model("digits", examples["digits"].path)
@@ -31,6 +34,10 @@ def test_a_model_that_cannot_load_fails_with_the_reason_and_frees_the_node(pool,
         mc.start_worker("hollow")
     [failed] = mc.list_workers("hollow")
     assert failed.status.value == "failed" and failed.error
+    # and the node it was given is free again (the test looks behind the gateway, at the claims)
+    with session_scope(stack.settings.effective_database_url()) as session:
+        claims = {node.name: node.worker_id for node in session.exec(select(PoolNode))}
+    assert failed.node in claims and set(claims.values()) == {None}
 
 
 def test_two_nodes_serve_one_model_and_a_full_pool_says_so(pool, examples, tmp_path):

@@ -70,14 +70,30 @@ def test_ciphertexts_above_the_inline_limit_travel_by_reference(platform, exampl
     qc.close()
 
 
-def test_evaluation_keys_are_content_addressed_and_uploaded_once(platform, clients):
-    qc = clients["digits"]
-    assert qc.upload_evaluation_keys() == qc.crypto.key_id()
+def test_evaluation_keys_are_content_addressed_and_uploaded_once(platform, clients, examples):
+    qc = clients["digits"]  # keys generated and uploaded by the fixture
     blob_id = sha256_hex(qc.crypto.evaluation_key())
     store = BlobStore.from_url(platform.stack.broker_url)  # the test looks behind the gateway
     assert store.exists(BlobKind.EVALUATION_KEY, blob_id)
-    assert store.size(BlobKind.EVALUATION_KEY, blob_id) > 10_000_000  # bootstrapping key
+    key_size = store.size(BlobKind.EVALUATION_KEY, blob_id)
+    assert key_size > 10_000_000  # bootstrapping key
     assert store.redis.ttl(f"cipherpool:blob:evk:{blob_id}") == -1  # owned by its key set: no TTL
+    evk_keys = set(store.redis.scan_iter("cipherpool:blob:evk:*"))
+    sent: list[tuple[str, str, int]] = []
+    qc._t._http.event_hooks["request"].append(lambda r: sent.append((r.method, r.url.path, len(r.content))))
+    try:
+        # Uploading the same key set again stores nothing new: one blob per content.
+        assert qc.upload_evaluation_keys() == qc.crypto.key_id()
+        assert set(store.redis.scan_iter("cipherpool:blob:evk:*")) == evk_keys
+        # Queries never carry the key again: they name it, and their bodies are ciphertexts only.
+        for i in range(2):
+            qc.execute(qc.encrypt(examples["digits"].x_test[i]))
+    finally:
+        qc._t._http.event_hooks["request"].pop()
+    uploads = [size for method, path, size in sent if method == "PUT"]
+    queries = [size for method, path, size in sent if path == "/v1/queries"]
+    assert uploads == [key_size] and len(queries) == 2
+    assert max(queries) < key_size / 100
     assert not store.redis.keys("cipherpool:upload:*")  # nothing half-uploaded left behind
 
 

@@ -11,7 +11,8 @@ import pytest
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import Settings
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
-from tests.integration.conftest import serve
+from cipherpool.waiting import wait_until
+from tests.integration.helpers import serve
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 def test_a_restarted_stack_rebinds_its_workers_and_keeps_models_and_keys(examples, tmp_path):
     example = examples["cancer"]
     settings = Settings(data_dir=tmp_path / "platform", query_timeout_s=120)
-    options = StackOptions(workers=1, beat=False, flower=False)
+    options = StackOptions(nodes=1, beat=False, flower=False)
     x = example.x_test[:1]
 
     # Given a stack serving a model, with a client that uploaded its key
@@ -46,7 +47,6 @@ def test_a_restarted_stack_rebinds_its_workers_and_keeps_models_and_keys(example
         killed = node.pid
         os.kill(killed, signal.SIGKILL)
         node.process.wait(timeout=10)
-        node.started_at -= 60  # not a crash loop
         restarted, _ = stack.supervisor.restart_dead()
         assert restarted == [node] and node.pid != killed
         np.testing.assert_allclose(qc.predict(x[0]), example.clear(x), atol=1e-3)
@@ -58,25 +58,29 @@ def test_a_query_on_a_killed_node_is_redelivered_to_its_replacement(examples, tm
     example = examples["digits"]
     # A short visibility timeout so that the test sees the redelivery within seconds.
     settings = Settings(data_dir=tmp_path / "platform", query_timeout_s=120, visibility_timeout_s=6)
-    with EmbeddedStack(settings, StackOptions(workers=1, beat=False, flower=False)) as stack:
+    with EmbeddedStack(settings, StackOptions(nodes=1, beat=False, flower=False)) as stack:
         mc, qc, _ = serve(stack, example, "digits", tmp_path / "keys")
         x = example.x_test[:1]
 
         # Given a query the node has started computing
         handle = qc.submit(qc.encrypt(x[0]))
-        deadline = time.monotonic() + 30
-        while handle.status() != "started" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert handle.status() == "started"
+        wait_until(lambda: handle.status() == "started", 30, interval_s=0.05)
 
         # When the node dies mid-query and the supervisor brings it back
         node = next(c for c in stack.supervisor.children if c.name == "node1")
         os.kill(node.pid, signal.SIGKILL)
         node.process.wait(timeout=10)
-        node.started_at -= 60
-        stack.supervisor.restart_dead()
+        killed_at = time.time()
+        restarted, _ = stack.supervisor.restart_dead()
+        assert restarted == [node]
 
         # Then the query is redelivered to the new node and the client gets its answer
         np.testing.assert_allclose(qc.decrypt(handle.result(timeout=90)), example.clear(x), atol=1e-3)
+        # and it was the replacement that answered: a process started after the kill, whose
+        # worker has run exactly this one query, which waited out the visibility timeout.
+        [stats] = mc.worker_stats("digits")
+        assert stats.node_lifetime.since > killed_at
+        assert (stats.queries_succeeded, stats.node_lifetime.queries_succeeded) == (1, 1)
+        assert handle.timings["queue_wait_s"] >= settings.visibility_timeout_s - 1
         qc.close()
         mc.close()

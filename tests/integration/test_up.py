@@ -12,8 +12,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import pytest
+
+from cipherpool.waiting import WaitTimeout, wait_until
 
 pytestmark = pytest.mark.integration
 READY_TIMEOUT_S = 180
@@ -32,13 +35,29 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_up(tmp_path):
+@dataclass
+class Up:
+    """A running `cipherpool up`: its process, what it printed until ready, and the rest as it comes."""
+
+    proc: subprocess.Popen
+    output: str
+    lines: queue.Queue
+    reader: threading.Thread
+
+    def rest(self) -> str:
+        """Everything printed after ready, once the process has exited and all of it is read."""
+        wait_until(lambda: not self.reader.is_alive(), 10, interval_s=0.05)
+        return drain(self.lines)
+
+
+def start_up(tmp_path) -> Up:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cipherpool", "--data-dir", str(tmp_path), "up", "--workers", "1"],
+        [sys.executable, "-m", "cipherpool", "--data-dir", str(tmp_path), "up", "--nodes", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
     seen, deadline = [], time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
@@ -49,7 +68,7 @@ def start_up(tmp_path):
             continue
         seen.append(line)
         if line.startswith("ready."):
-            return proc, "".join(seen), lines
+            return Up(proc, "".join(seen), lines, reader)
     os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail("cipherpool up did not become ready:\n" + "".join(seen))
 
@@ -61,12 +80,21 @@ def drain(lines) -> str:
     return "".join(out)
 
 
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def children(output):
     return {name: int(pid) for name, pid in re.findall(r"^\s+(\w+)\s+pid (\d+)$", output, re.M)}
 
 
 def test_up_starts_everything_and_stops_cleanly_on_sigterm(tmp_path):
-    proc, output, lines = start_up(tmp_path)
+    up = start_up(tmp_path)
+    proc, output = up.proc, up.output
     pids = children(output)
     try:
         assert set(pids) == {"redis", "control", "node1", "beat", "flower", "gateway"}
@@ -84,15 +112,8 @@ def test_up_starts_everything_and_stops_cleanly_on_sigterm(tmp_path):
         # Flower answers its health check, but its pages need the login printed once
         flower = re.search(r"flower\s+(http://127\.0\.0\.1:\d+)", output).group(1)
         login = re.search(r"flower login \(shown once\): (\S+)", output).group(1)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert urllib.request.urlopen(flower + "/healthcheck", timeout=2).status == 200
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_until(lambda: answers(flower + "/healthcheck"), 30, interval_s=0.5,
+                   error=AssertionError("Flower's healthcheck did not answer within 30s"))
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(flower + "/api/workers", timeout=5)
         assert refused.value.code == 401
@@ -102,8 +123,7 @@ def test_up_starts_everything_and_stops_cleanly_on_sigterm(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-        time.sleep(0.2)
-        rest = drain(lines)
+        rest = up.rest()
     assert proc.returncode == 0, rest
     assert "stopped." in rest
     assert [name for name, pid in pids.items() if alive(pid)] == []
@@ -111,13 +131,14 @@ def test_up_starts_everything_and_stops_cleanly_on_sigterm(tmp_path):
 
 
 def test_children_die_with_a_killed_up(tmp_path):
-    proc, output, _ = start_up(tmp_path)
-    pids = children(output)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-    deadline = time.monotonic() + 30
-    while any(alive(p) for p in pids.values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    up = start_up(tmp_path)
+    pids = children(up.output)
+    os.kill(up.proc.pid, signal.SIGKILL)
+    up.proc.wait(timeout=10)
+    try:
+        wait_until(lambda: not any(alive(p) for p in pids.values()), 30)
+    except WaitTimeout:
+        pass  # named below
     survivors = [name for name, pid in pids.items() if alive(pid)]
     for name in survivors:  # clean up what we started, by pid, before failing
         os.killpg(pids[name], signal.SIGKILL)

@@ -79,7 +79,7 @@ def stack(tmp_path_factory):
         query_timeout_s=120.0,
     )
     # Two nodes: one serves the module's shared model, the other the secret scan's own flow.
-    with EmbeddedStack(settings, StackOptions(workers=2, beat=False, flower=False)) as s:
+    with EmbeddedStack(settings, StackOptions(nodes=2, beat=False, flower=False)) as s:
         yield s
 
 
