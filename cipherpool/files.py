@@ -63,3 +63,13 @@ def tighten_tree(root: Path) -> None:
 def private_umask() -> int:
     """Set umask 077 for this process and its children; returns the previous one."""
     return os.umask(PRIVATE_UMASK)
+
+
+def private_sqlite(url: str) -> None:
+    """Create a SQLite database file 0600 before SQLite does (its WAL and shm files copy its
+    mode): the database holds API-key and token hashes. Other URLs are left alone."""
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            write_private(path, b"")
+        os.chmod(path, 0o600)

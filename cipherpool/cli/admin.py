@@ -6,6 +6,7 @@ import click
 
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.db import init_db, session_scope
+from cipherpool.files import private_sqlite
 from cipherpool.services.accounts import create_account
 
 
@@ -25,6 +26,7 @@ def account() -> None:
 def account_create(ctx: CliContext, name: str) -> None:
     """Create an account and print its API key (shown once, stored only as a hash)."""
     url = ctx.settings.effective_database_url()
+    private_sqlite(url)
     init_db(url)
     with session_scope(url) as session:
         acct, api_key = create_account(session, name)

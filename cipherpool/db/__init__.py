@@ -1,5 +1,14 @@
-"""Durable state: SQLModel tables, engine and the unit-of-work session scope."""
+"""Durable state: SQLModel tables, engine, the unit-of-work session scope and the schema
+migrations that make and change the tables."""
 
-from cipherpool.db.engine import get_engine, init_db, session_scope
+from cipherpool.db.engine import (
+    Upgrade,
+    current_revision,
+    get_engine,
+    head_revision,
+    init_db,
+    session_scope,
+    upgrade_db,
+)
 
-__all__ = ["get_engine", "init_db", "session_scope"]
+__all__ = ["Upgrade", "current_revision", "get_engine", "head_revision", "init_db", "session_scope", "upgrade_db"]

@@ -1,5 +1,6 @@
 """Engine and sessions. SQLite by default (WAL, busy timeout: several platform processes
-write to one file), PostgreSQL or anything SQLAlchemy speaks by URL."""
+write to one file), PostgreSQL or anything SQLAlchemy speaks by URL. The schema is made and
+changed by migrations (:mod:`cipherpool.db.migrate`), on the engines made here."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
 from cipherpool.db import tables  # noqa: F401  (registers the tables on SQLModel.metadata)
+from cipherpool.db.migrate import Upgrade, current_revision, head_revision, upgrade_db
+
+__all__ = ["Upgrade", "current_revision", "get_engine", "head_revision", "init_db", "session_scope", "upgrade_db"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -27,7 +32,7 @@ def get_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -35,9 +40,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def init_db(url: str) -> None:
-    """Create any missing table; safe to run again on an existing database."""
-    SQLModel.metadata.create_all(get_engine(url))
+def init_db(url: str) -> Upgrade:
+    """Bring the schema up to date: an alias of :func:`~cipherpool.db.migrate.upgrade_db`
+    (to the newest migration), kept under the name that ``up``, ``admin`` and ``db init``
+    have always called. Safe to run again; a database made before migrations is adopted."""
+    return upgrade_db(url)
 
 
 @contextmanager

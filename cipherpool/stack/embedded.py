@@ -25,7 +25,7 @@ from cipherpool.config.settings import Settings, mask_url, settings_env
 from cipherpool.db import init_db, session_scope
 from cipherpool.db.tables import NodeStatus, PoolNode
 from cipherpool.errors import PlatformError
-from cipherpool.files import private_dir, write_private
+from cipherpool.files import private_dir, private_sqlite, write_private
 from cipherpool.names import CONTROL_QUEUE, POOL_QUEUE
 from cipherpool.stack.redis_server import start_redis
 from cipherpool.stack.supervisor import Supervisor, free_port
@@ -96,7 +96,7 @@ class EmbeddedStack:
             _, self.broker_url = start_redis(self.supervisor, self.data_dir / "redis",
                                              maxmemory_bytes=self.settings.redis_maxmemory_bytes)
         database_url = self.settings.effective_database_url()
-        _private_sqlite(database_url)
+        private_sqlite(database_url)
         init_db(database_url)
         # Concrete leaves a directory in the temp folder for each circuit it loads: keep them
         # under the data directory and clear what an earlier run left there.
@@ -236,15 +236,6 @@ class EmbeddedStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _private_sqlite(url: str) -> None:
-    """Create the SQLite file 0600 before SQLite does (its WAL and shm files copy its mode)."""
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if not path.exists():
-            write_private(path, b"")
-        os.chmod(path, 0o600)
 
 
 def _host() -> str:
