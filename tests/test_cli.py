@@ -11,7 +11,7 @@ VERBS = {
     "worker": {"start", "stop", "list", "stats"},
     "token": {"create", "list", "revoke"},
     "query": {"keygen", "upload-keys", "encrypt", "execute", "decrypt", "predict"},
-    "db": {"init"},
+    "db": {"init", "upgrade", "current"},
     "gateway": {"serve"},
 }
 
