@@ -14,6 +14,7 @@ from cipherpool.config.settings import Settings
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 
 pytestmark = pytest.mark.integration
+RECORDING_HOOK = "tests.integration.recording_hook:FileRecorder"
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,8 @@ def examples(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("platform"))
+    # Every node also runs a hook named in the settings, as an operator would plug one in.
+    settings = Settings(data_dir=tmp_path_factory.mktemp("platform"), node_hooks=[RECORDING_HOOK])
     s = EmbeddedStack(settings, StackOptions(nodes=2, node_concurrency=2, beat=False, flower=False))
     with s:
         yield s

@@ -1,13 +1,16 @@
 """End to end over real Redis and real `celery worker` pool nodes with real FHE models."""
 
+import json
 import os
 
 import numpy as np
 import pytest
 
 from cipherpool import errors
-
+from cipherpool.messages import EncryptedInput
 from cipherpool.store import BlobKind, BlobStore, sha256_hex
+from cipherpool.waiting import wait_until
+from tests.integration.recording_hook import EVENTS_FILE
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +153,24 @@ def test_trusted_in_cluster_code_submits_through_celery(platform, clients, examp
             else:
                 os.environ[k] = v
         reset_settings()
+
+
+def test_a_hook_named_in_the_settings_hears_real_queries_and_refusals(platform, clients, examples):
+    # The session's stack runs every node with CIPHERPOOL_NODE_HOOKS naming a recording hook.
+    qc = clients["cancer"]
+    env = EncryptedInput.decode(qc.encrypt(examples["cancer"].x_test[0]))
+    good = qc.submit(qc.encrypt(examples["cancer"].x_test[1]))
+    good.result()
+    bad = qc.submit(EncryptedInput(env.model_id, env.key_id, b"\0" * 64).encode())
+    with pytest.raises(errors.MalformedCiphertext):
+        bad.result()
+    path = platform.stack.data_dir / EVENTS_FILE
+
+    def heard() -> dict[str, dict] | None:
+        events = {e.get("task_id"): e for e in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+        return events if {good.id, bad.id} <= set(events) else None
+
+    events = wait_until(heard, 10)
+    worker = platform.workers["cancer"]
+    assert events[good.id]["moment"] == "computed" and events[good.id]["worker_id"] == worker
+    assert events[bad.id] == {"moment": "refused", "task_id": bad.id, "worker_id": worker, "code": "malformed_ciphertext"}
