@@ -18,9 +18,10 @@ from __future__ import annotations
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
-from cipherpool.dispatch import open_envelope, output_of, prepare_query, publish_query, reply_from_meta
+from cipherpool.dispatch import output_of, prepare_query, publish_query, reply_from_meta
 from cipherpool.errors import QueryTimeout
-from cipherpool.services.queries import grant_for_id, key_blob
+from cipherpool.messages import EncryptedInput
+from cipherpool.services.queries import check_query, grant_for_id, key_blob
 from cipherpool.tasks.app import app
 from cipherpool.workers.context import PlatformContext, platform
 
@@ -28,11 +29,12 @@ from cipherpool.workers.context import PlatformContext, platform
 def submit_query(token_id: str, ciphertext: bytes, *, ctx: PlatformContext | None = None) -> AsyncResult:
     """Authorise and enqueue one query; returns Celery's handle for it."""
     ctx = ctx or platform()
-    with ctx.session() as session:
+    envelope = EncryptedInput.decode(ciphertext)  # decode
+    with ctx.session() as session:  # authorise, against the database as it is now
         grant = grant_for_id(session, token_id)
-        envelope = open_envelope(grant, ciphertext)
+        check_query(grant, envelope.model_id)
         blob_id = key_blob(session, grant, envelope.key_id)
-    request = prepare_query(ctx.settings, ctx.store, grant, envelope, ciphertext, blob_id)
+    request = prepare_query(ctx.settings, ctx.store, grant, envelope, ciphertext, blob_id)  # service
     return publish_query(app, request, ctx.settings.query_timeout_s)
 
 
