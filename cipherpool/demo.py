@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cipherpool.client import ManagementClient, QueryClient
+from cipherpool.client import ManagementClient, QueryClient, WorkerInfo
 from cipherpool.config.settings import Settings
 from cipherpool.errors import PlatformError
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
@@ -76,7 +76,7 @@ class Demo:
             self.example = train_digits(self.root / "digits_fhe")
             self.echo(f"  clear test accuracy {self.example.accuracy:.1%}; deployment in {self.example.path}")
 
-    def provide(self):
+    def provide(self) -> tuple[ManagementClient, WorkerInfo, str]:
         mc = ManagementClient(self.stack.create_account("demo"), url=self.stack.gateway_url,
                               settings=self.stack.client_settings)
         with self.step("provider: deploy and activate the model"):

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 SEED = 0
 
@@ -16,13 +18,13 @@ SEED = 0
 class Example:
     name: str
     path: Path
-    x_test: np.ndarray
-    y_test: np.ndarray
-    clear: Callable[[np.ndarray], np.ndarray]  # the model's fhe="disable" output for a batch
+    x_test: NDArray[Any]
+    y_test: NDArray[Any]
+    clear: Callable[[NDArray[Any]], NDArray[Any]]  # the model's fhe="disable" output for a batch
     accuracy: float
 
 
-def _save(model, path: Path) -> None:
+def _save(model: object, path: Path) -> None:
     from concrete.ml.deployment import FHEModelDev
 
     path.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Self, TypedDict
 
 import msgpack
 
@@ -29,13 +29,14 @@ class _Envelope:
     data: bytes
 
     def encode(self) -> bytes:
-        return msgpack.packb(
+        packed: bytes = msgpack.packb(
             {"format": self.FORMAT, "model": self.model_id, "key": self.key_id, "data": self.data},
             use_bin_type=True,
         )
+        return packed
 
     @classmethod
-    def decode(cls, raw: bytes):
+    def decode(cls, raw: bytes) -> Self:
         try:
             if not isinstance(raw, (bytes, bytearray, memoryview)):
                 raise TypeError(f"{type(raw).__name__}, not bytes")
@@ -107,18 +108,31 @@ class QueryReply:
 
     @classmethod
     def decode(cls, obj: dict[str, Any]) -> QueryReply:
-        return cls(**{k: obj.get(k) for k in cls.__dataclass_fields__ if k in obj})
+        return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
 
 
-def ok(value: Any = None) -> dict[str, Any]:
+class OkEnvelope(TypedDict):
+    ok: Literal[True]
+    value: object
+
+
+class FailedEnvelope(TypedDict):
+    ok: Literal[False]
+    error: dict[str, str]  # CipherpoolError.to_wire(): code and message
+
+
+Envelope = OkEnvelope | FailedEnvelope
+
+
+def ok(value: object = None) -> OkEnvelope:
     return {"ok": True, "value": value}
 
 
-def failed(error: CipherpoolError) -> dict[str, Any]:
+def failed(error: CipherpoolError) -> FailedEnvelope:
     return {"ok": False, "error": error.to_wire()}
 
 
-def unwrap(envelope: Any) -> Any:
+def unwrap(envelope: object) -> object:
     """The value of a task result, or the typed error it carries raised on this side."""
     if not isinstance(envelope, dict) or "ok" not in envelope:
         raise RemoteError("The platform answered with something that is not a result envelope.")

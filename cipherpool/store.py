@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable
 from enum import Enum
+from typing import ParamSpec, TypeVar
 
 import redis
 
@@ -23,6 +25,8 @@ from cipherpool.names import BLOB_PREFIX, PAYLOAD_PREFIX, STAGED_PREFIX, UPLOAD_
 
 
 CONNECT_TIMEOUT_S = 5.0
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class BlobKind(str, Enum):
@@ -64,10 +68,10 @@ class BlobStore:
 
     def head(self, kind: BlobKind, blob_id: str, n: int) -> bytes:
         """The first n bytes, without moving a whole key over the network."""
-        return bytes(self._call(self._redis.getrange, self._key(kind, blob_id), 0, n - 1) or b"")
+        return self._bytes(self._call(self._redis.getrange, self._key(kind, blob_id), 0, n - 1)) or b""
 
     def get(self, kind: BlobKind, blob_id: str) -> bytes:
-        data = self._call(self._redis.get, self._key(kind, blob_id))
+        data = self._bytes(self._call(self._redis.get, self._key(kind, blob_id)))
         if data is None:
             raise NotFound(f"No {kind.value} blob {blob_id[:12]}… in the store.")
         if sha256_hex(data) != blob_id:
@@ -83,11 +87,12 @@ class BlobStore:
     def append_upload(self, upload: str, chunk: bytes, ttl_s: int) -> None:
         """Add a chunk to an upload in progress; the TTL drops an abandoned one."""
         pipe = self._redis.pipeline(transaction=False)
-        pipe.append(upload, chunk).expire(upload, ttl_s)
+        pipe.append(upload, chunk)
+        pipe.expire(upload, ttl_s)
         self._call(pipe.execute)
 
     def upload_head(self, upload: str, n: int) -> bytes:
-        return bytes(self._call(self._redis.getrange, upload, 0, n - 1) or b"")
+        return self._bytes(self._call(self._redis.getrange, upload, 0, n - 1)) or b""
 
     def discard_upload(self, upload: str) -> None:
         self._call(self._redis.delete, upload)
@@ -97,7 +102,8 @@ class BlobStore:
         with no TTL: a database row now owns it."""
         target = self._key(kind, blob_id)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.rename(upload, target).persist(target)
+        pipe.rename(upload, target)
+        pipe.persist(target)
         try:
             self._call(pipe.execute)
         except redis.ResponseError as exc:
@@ -107,11 +113,12 @@ class BlobStore:
         """Keep a finished upload as this account's staged artifact for ttl_s seconds."""
         target = self.staged_key(account_id, blob_id)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.rename(upload, target).expire(target, ttl_s)
+        pipe.rename(upload, target)
+        pipe.expire(target, ttl_s)
         self._call(pipe.execute)
 
     def get_staged(self, account_id: str, blob_id: str) -> bytes:
-        data = self._call(self._redis.get, self.staged_key(account_id, blob_id))
+        data = self._bytes(self._call(self._redis.get, self.staged_key(account_id, blob_id)))
         if data is None or sha256_hex(data) != blob_id:
             raise UploadNotFound(
                 f"No staged upload {blob_id[:12]}… in this account (it expires after an hour); upload it again."
@@ -131,7 +138,7 @@ class BlobStore:
 
     def get_payload(self, ref: str) -> bytes:
         """A payload by reference. Kept until its TTL: a redelivered query reads it again."""
-        data = self._call(self._redis.get, PAYLOAD_PREFIX + ref)
+        data = self._bytes(self._call(self._redis.get, PAYLOAD_PREFIX + ref))
         if data is None:
             raise NotFound("The query payload expired or was never stored; submit it again.")
         return data
@@ -147,7 +154,17 @@ class BlobStore:
         return f"{BLOB_PREFIX}{kind.value}:{blob_id}"
 
     @staticmethod
-    def _call(fn, *args, **kwargs):
+    def _bytes(reply: bytes | str | None) -> bytes | None:
+        """A reply as the bytes it is: redis-py types replies ``bytes | str`` because a client may
+        decode them, and this store's client must not (blobs are binary)."""
+        if isinstance(reply, str):
+            raise TypeError("The blob store needs a Redis client that does not decode responses.")
+        return reply
+
+    @staticmethod
+    def _call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)``, a Redis command, with a lost connection or a full store
+        raised as cipherpool's errors."""
         try:
             return fn(*args, **kwargs)
         except redis.ConnectionError as exc:

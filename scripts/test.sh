@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test
 .venv/bin/ruff check cipherpool tests benchmarks
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

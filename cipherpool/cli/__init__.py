@@ -22,7 +22,8 @@ from cipherpool.config.settings import get_settings
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
 @click.version_option(package_name="cipherpool")
 @click.pass_context
-def cli(ctx: click.Context, url, broker_url, api_key, data_dir, as_json, verbose) -> None:
+def cli(ctx: click.Context, url: str | None, broker_url: str | None, api_key: str | None, data_dir: Path | None,
+        as_json: bool, verbose: bool) -> None:
     """Serve encrypted (FHE) machine-learning queries on a pool of Celery workers."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     given = {"url": url, "broker_url": broker_url, "api_key": api_key, "data_dir": data_dir}

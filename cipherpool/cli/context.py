@@ -5,30 +5,35 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
+from numpy.typing import NDArray
 from pydantic import BaseModel
 
 from cipherpool.config.settings import Settings
 from cipherpool.errors import CipherpoolError, InvalidInput
+
+if TYPE_CHECKING:  # for the annotations; the methods below import the clients when called
+    from cipherpool.client.management import ManagementClient
+    from cipherpool.client.query import QueryClient
 
 
 @dataclass
 class CliContext:
     settings: Settings
     as_json: bool = False
-    _clients: list[Any] = field(default_factory=list)
+    _clients: list[ManagementClient | QueryClient] = field(default_factory=list)
 
-    def management(self):
+    def management(self) -> ManagementClient:
         from cipherpool.client.management import ManagementClient
 
         client = ManagementClient(settings=self.settings)
         self._clients.append(client)
         return client
 
-    def query(self, key_dir: Path | None):
+    def query(self, key_dir: Path | None) -> QueryClient:
         from cipherpool.client.query import QueryClient
 
         client = QueryClient(settings=self.settings, key_dir=key_dir)
@@ -85,11 +90,12 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def read_array(path: Path) -> np.ndarray:
+def read_array(path: Path) -> NDArray[Any]:
     """A plaintext input: .npy, or numbers separated by commas or white space."""
     try:
         if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
+            array: NDArray[Any] = np.load(path, allow_pickle=False)  # a .npy file holds one array
+            return array
         lines = [line.replace(",", " ").split() for line in path.read_text().splitlines() if line.strip()]
         rows = np.array([[float(v) for v in line] for line in lines])
         return rows[0] if len(rows) == 1 else rows

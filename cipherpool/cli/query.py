@@ -11,11 +11,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
+from numpy.typing import NDArray
 
 from cipherpool.cli.context import CliContext, read_array
+from cipherpool.client.query import QueryClient
 
 IN = click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 OUT = click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path))
@@ -34,11 +37,12 @@ def query(ctx: click.Context, token: str | None, key_dir: Path | None) -> None:
     ctx.meta["key_dir"] = key_dir
 
 
-def _client(ctx: click.Context):
-    return ctx.obj.query(ctx.meta.get("key_dir"))
+def _client(ctx: click.Context) -> QueryClient:
+    cli_ctx: CliContext = ctx.obj
+    return cli_ctx.query(ctx.meta.get("key_dir"))
 
 
-def _array_out(result: np.ndarray, output_path: Path | None, ctx: CliContext) -> None:
+def _array_out(result: NDArray[Any], output_path: Path | None, ctx: CliContext) -> None:
     if output_path:
         np.save(output_path, result, allow_pickle=False)
     value = {"result": result.tolist()}

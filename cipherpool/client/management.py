@@ -31,8 +31,8 @@ class ManagementClient:
 
     def __init__(self, api_key: str | None = None, url: str | None = None, *, settings: Settings | None = None):
         settings = client_settings(url, settings)
-        self.api_key = api_key or settings.api_key
-        self._t = Transport(settings, self.api_key, "No API key: pass api_key= or set CIPHERPOOL_API_KEY.")
+        self._t = Transport(settings, api_key or settings.api_key, "No API key: pass api_key= or set CIPHERPOOL_API_KEY.")
+        self.api_key = self._t.credential
         self.settings = settings
 
     # models

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from cipherpool.api.schemas import ClientModelOut, KeyOut, QueryAccepted
 from cipherpool.client.transport import Transport, client_settings
@@ -69,7 +71,7 @@ class QueryHandle:
         self.client._explain_timeout()
         raise QueryTimeout(f"No answer within {timeout or self.client.settings.query_timeout_s:g}s; the query was withdrawn.")
 
-    def _take(self, response) -> bytes:
+    def _take(self, response: httpx.Response) -> bytes:
         self.node = response.headers.get("x-cipherpool-node")
         self.key_cache = response.headers.get("x-cipherpool-key-cache")
         try:
@@ -87,8 +89,8 @@ class QueryClient:
     def __init__(self, token: str | None = None, url: str | None = None, *,
                  key_dir: str | Path | None = None, settings: Settings | None = None):
         self.settings = client_settings(url, settings)
-        self._token = token or self.settings.token
-        self._t = Transport(self.settings, self._token, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
+        self._t = Transport(self.settings, token or self.settings.token, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
+        self._token = self._t.credential
         self.key_dir = Path(key_dir) if key_dir else self.settings.data_dir / "client" / digest(self.token)[:16]
         self._model: ClientModelOut | None = None
         self._crypto: ClientCrypto | None = None
@@ -133,7 +135,7 @@ class QueryClient:
                      headers=OCTET, timeout=UPLOAD_TIMEOUT_S)
         return key_id
 
-    def encrypt(self, x: Any) -> bytes:
+    def encrypt(self, x: ArrayLike) -> bytes:
         return EncryptedInput(self.model.id, self.crypto.key_id(), self.crypto.encrypt(x)).encode()
 
     def submit(self, ciphertext: bytes) -> QueryHandle:
@@ -161,7 +163,7 @@ class QueryClient:
         self.last_timings = handle.timings
         return output
 
-    def decrypt(self, output: bytes) -> np.ndarray:
+    def decrypt(self, output: bytes) -> NDArray[Any]:
         encrypted = EncryptedOutput.decode(output)
         if encrypted.model_id != self.model.id:
             raise ModelMismatch("This result belongs to another model.")
@@ -169,7 +171,7 @@ class QueryClient:
             raise KeyMismatch("This result was computed under other keys than this client's; it cannot be decrypted here.")
         return self.crypto.decrypt(encrypted.data)
 
-    def predict(self, x: Any, timeout: float | None = None) -> np.ndarray:
+    def predict(self, x: ArrayLike, timeout: float | None = None) -> NDArray[Any]:
         """Encrypt, execute and decrypt; a 2-D ``x`` runs its rows as concurrent queries
         (all are submitted first, so the pool works on them in parallel while we wait)."""
         x = np.asarray(x)
@@ -178,7 +180,7 @@ class QueryClient:
         handles = [self.submit(self.encrypt(row)) for row in x]
         return np.concatenate([self.decrypt(h.result(timeout)) for h in handles])
 
-    def _predict_one(self, x: np.ndarray, timeout: float | None) -> np.ndarray:
+    def _predict_one(self, x: NDArray[Any], timeout: float | None) -> NDArray[Any]:
         t0 = time.perf_counter()
         ciphertext = self.encrypt(x)
         t1 = time.perf_counter()
@@ -204,7 +206,7 @@ class QueryClient:
     def _describe(self) -> ClientModelOut:
         return self._t.call("GET", "/v1/client/model", ClientModelOut)
 
-    def _poll(self, query_id: str, remaining: float):
+    def _poll(self, query_id: str, remaining: float) -> httpx.Response:
         wait = min(max(0.0, remaining), self.settings.long_poll_s)
         return self._t.request("GET", f"/v1/queries/{query_id}", params={"wait": wait}, timeout=wait + POLL_GRACE_S)
 

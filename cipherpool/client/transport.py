@@ -37,6 +37,7 @@ class Transport:
             raise ConfigurationError(what)
         from cipherpool import __version__
 
+        self.credential = credential
         self.settings = settings
         self.url = settings.effective_url()
         self._http = httpx.Client(
@@ -47,6 +48,7 @@ class Transport:
 
     def set_credential(self, credential: str) -> None:
         """Use another bearer credential from now on (a rotated key, a new token)."""
+        self.credential = credential
         self._http.headers["Authorization"] = f"Bearer {credential}"
 
     def request(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> httpx.Response:

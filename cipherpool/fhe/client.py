@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from cipherpool.errors import InvalidShape, MalformedCiphertext
 from cipherpool.fhe.deployment import CLIENT_ZIP, read_versions
@@ -46,7 +48,8 @@ class ClientCrypto:
         return path.read_text().strip()
 
     def evaluation_key(self) -> bytes:
-        return self._client.get_serialized_evaluation_keys()
+        key: bytes = self._client.get_serialized_evaluation_keys()
+        return key
 
     def key_id(self) -> str:
         """This key set's id; loads the key set from key_dir (or makes one) on first use, so
@@ -55,20 +58,22 @@ class ClientCrypto:
             return self.generate_keys()
         return (self.key_dir / KEY_ID_FILE).read_text().strip()
 
-    def encrypt(self, x: np.ndarray) -> bytes:
+    def encrypt(self, x: ArrayLike) -> bytes:
         sample = np.asarray(x)
         if sample.ndim == 1:
             sample = sample.reshape(1, -1)
         try:
-            return self._client.quantize_encrypt_serialize(sample)
+            ciphertext: bytes = self._client.quantize_encrypt_serialize(sample)
+            return ciphertext
         except (ValueError, AssertionError) as exc:
             raise InvalidShape(
                 f"Input of shape {np.asarray(x).shape} does not fit this model: {exc}. "
                 "encrypt() takes one sample (a 1-D array of the model's features)."
             ) from None
 
-    def decrypt(self, ciphertext: bytes) -> np.ndarray:
+    def decrypt(self, ciphertext: bytes) -> NDArray[Any]:
         try:
-            return self._client.deserialize_decrypt_dequantize(ciphertext)
+            result: NDArray[Any] = self._client.deserialize_decrypt_dequantize(ciphertext)
+            return result
         except RuntimeError as exc:
             raise MalformedCiphertext(f"The result cannot be decrypted: {exc}") from None

@@ -55,7 +55,8 @@ class ConcreteEvaluator:
     def run(self, ciphertext: bytes, keys: Any) -> bytes:
         check_ciphertext_framing(ciphertext)
         try:
-            return self._server.run(ciphertext, keys)
+            output: bytes = self._server.run(ciphertext, keys)
+            return output
         except RuntimeError as exc:
             text = str(exc)
             if "incompatible raw info" in text:

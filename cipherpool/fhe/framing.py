@@ -18,7 +18,7 @@ def header_bytes_needed(data: bytes) -> int:
     """How many leading bytes hold the segment table (read the first 4 to know)."""
     if len(data) < 4:
         return 8
-    count = struct.unpack_from("<I", data, 0)[0] + 1
+    count: int = struct.unpack_from("<I", data, 0)[0] + 1
     return 4 + 4 * min(count, MAX_SEGMENTS + 1)
 
 
@@ -28,15 +28,14 @@ def capnp_message_length(data: bytes) -> int | None:
     Only the segment table is read, so ``data`` may be just the head of a message."""
     if len(data) < 8:
         return None
-    (count_minus_one,) = struct.unpack_from("<I", data, 0)
-    count = count_minus_one + 1
+    count: int = struct.unpack_from("<I", data, 0)[0] + 1
     if count > MAX_SEGMENTS:
         return None
     table = 4 + 4 * count
     if len(data) < table:
         return None
     header = table + (-table) % WORD
-    sizes = struct.unpack_from(f"<{count}I", data, 4)
+    sizes: tuple[int, ...] = struct.unpack_from(f"<{count}I", data, 4)
     return header + WORD * sum(sizes)
 
 

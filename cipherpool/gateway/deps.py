@@ -16,7 +16,8 @@ BINARY_RESPONSE = {"content": {OCTET_STREAM: {"schema": {"type": "string", "form
 
 
 def gateway(request: Request) -> GatewayState:
-    return request.app.state.gw
+    state: GatewayState = request.app.state.gw
+    return state
 
 
 def account(request: Request) -> AccountPrincipal:

@@ -15,13 +15,13 @@ The principal is left in ``scope["state"]["principal"]`` for the routes.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cipherpool.errors import CipherpoolError, PayloadTooLarge, RateLimited
 from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
+from cipherpool.gateway.state import GatewayState
 
 PUBLIC_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
@@ -48,7 +48,7 @@ class Guard:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
-        gw = scope["app"].state.gw
+        gw: GatewayState = scope["app"].state.gw
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         cap = gw.body_cap(scope["method"], scope["path"])
         try:
@@ -64,7 +64,7 @@ class Guard:
         await self.app(scope, capped.receive, capped.send)
 
     @staticmethod
-    def _admit(gw: Any, authorization: str | None) -> Principal:
+    def _admit(gw: GatewayState, authorization: str | None) -> Principal:
         principal = gw.auth.principal(bearer(authorization))
         if isinstance(principal, AccountPrincipal):
             gw.limiter.hit(principal.account_id)

@@ -22,7 +22,9 @@ from cipherpool.api.schemas import QUERY_ID_PATTERN, QueryAccepted
 from cipherpool.dispatch import open_envelope, output_of, prepare_query, publish_query, reply_from_meta
 from cipherpool.errors import QueryNotFound
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
-from cipherpool.gateway.results import is_ready
+from cipherpool.gateway.results import TaskMeta, is_ready
+from cipherpool.gateway.state import GatewayState
+from cipherpool.messages import EncryptedInput
 from cipherpool.names import QUERY_OWNER_PREFIX
 from cipherpool.services.queries import TokenGrant
 
@@ -30,7 +32,7 @@ router = APIRouter(prefix="/v1/queries", tags=["end user"])
 QueryId = Annotated[str, Path(pattern=QUERY_ID_PATTERN)]
 Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait for the result (capped by the gateway)")]
 KEEP_AFTER_READ_S = 60  # a delivered result stays this long, for a client's retry
-RESULT_HEADERS = {200: BINARY_RESPONSE, 202: {"model": QueryAccepted}}
+RESULT_HEADERS: dict[int | str, dict[str, Any]] = {200: BINARY_RESPONSE, 202: {"model": QueryAccepted}}
 
 
 @router.post("", status_code=202, responses=RESULT_HEADERS, openapi_extra=BINARY_BODY)
@@ -64,7 +66,7 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
     return Response(status_code=204)
 
 
-def _publish(gw, grant: TokenGrant, envelope, body: bytes, query_id: str) -> None:
+def _publish(gw: GatewayState, grant: TokenGrant, envelope: EncryptedInput, body: bytes, query_id: str) -> None:
     """Key lookup (cached), owner record and publish: one trip to the thread pool."""
     s = gw.settings
     blob_id = gw.auth.key_blob(grant, envelope.key_id)
@@ -73,19 +75,19 @@ def _publish(gw, grant: TokenGrant, envelope, body: bytes, query_id: str) -> Non
     publish_query(gw.celery, request, s.query_timeout_s, task_id=query_id)
 
 
-async def _check_owner(gw, grant: TokenGrant, query_id: str) -> None:
+async def _check_owner(gw: GatewayState, grant: TokenGrant, query_id: str) -> None:
     owner = await run_in_threadpool(gw.store.redis.get, QUERY_OWNER_PREFIX + query_id)
-    if owner is None or owner.decode() != grant.token_id:
+    if not isinstance(owner, bytes) or owner.decode() != grant.token_id:  # None: unknown, or expired
         raise QueryNotFound("No such query for this token (or its result has expired).")
 
 
-async def _answer(gw, query_id: str, meta: dict[str, Any] | None) -> Response:
-    if not is_ready(meta):
+async def _answer(gw: GatewayState, query_id: str, meta: TaskMeta | None) -> Response:
+    if meta is None or not is_ready(meta):
         return _accepted(query_id, meta)
     reply = reply_from_meta(meta)
     await gw.waiter.keep_for(query_id, KEEP_AFTER_READ_S)
     if reply.output_ref:
-        output = await run_in_threadpool(output_of, gw.store, reply)
+        output: bytes | None = await run_in_threadpool(output_of, gw.store, reply)
         await run_in_threadpool(gw.store.expire_payload, reply.output_ref, KEEP_AFTER_READ_S)
     else:
         output = reply.output
@@ -98,7 +100,7 @@ async def _answer(gw, query_id: str, meta: dict[str, Any] | None) -> Response:
     return Response(output, media_type=OCTET_STREAM, headers=headers)
 
 
-def _accepted(query_id: str, meta: dict[str, Any] | None) -> JSONResponse:
+def _accepted(query_id: str, meta: TaskMeta | None) -> JSONResponse:
     status = "started" if meta and meta.get("status") == "STARTED" else "queued"
     body = QueryAccepted(id=query_id, status=status).model_dump()
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/queries/{query_id}"})

@@ -31,7 +31,8 @@ class RateLimiter:
         pipe = self._redis.pipeline(transaction=False)
         for kind, who in subjects:
             key = f"{RATE_PREFIX}{kind}:{who}:{window}"
-            pipe.incr(key).expire(key, 2 * WINDOW_S)
+            pipe.incr(key)
+            pipe.expire(key, 2 * WINDOW_S)
         counts = pipe.execute()[::2]
         for (kind, _), count in zip(subjects, counts):
             if count > self._limits[kind] * WINDOW_S:

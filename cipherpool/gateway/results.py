@@ -14,7 +14,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeGuard
 
 import redis.asyncio as aioredis
 from celery import states
@@ -26,17 +26,18 @@ log = logging.getLogger("cipherpool.gateway")
 FALLBACK_POLL_S = 1.0
 SUBSCRIBE_TIMEOUT_S = 5.0
 MSGPACK = "application/x-msgpack"
+TaskMeta = dict[str, Any]  # Celery's stored task state: status, result, ... (as the node wrote it)
 
 
-def decode_meta(raw: bytes | None) -> dict[str, Any] | None:
+def decode_meta(raw: bytes | str | None) -> TaskMeta | None:
     """Celery's stored task state, as data (msgpack only: nothing is unpickled)."""
     if raw is None:
         return None
-    meta = loads(raw, MSGPACK, "binary", accept={MSGPACK})
+    meta = loads(raw, MSGPACK, "binary", accept={MSGPACK})  # type: ignore[no-untyped-call]  # kombu leaves it unannotated
     return meta if isinstance(meta, dict) else None
 
 
-def is_ready(meta: dict[str, Any] | None) -> bool:
+def is_ready(meta: TaskMeta | None) -> TypeGuard[TaskMeta]:
     return meta is not None and meta.get("status") in states.READY_STATES
 
 
@@ -44,10 +45,10 @@ class ResultWaiter:
     def __init__(self, url: str):
         self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=5)
         self._pubsub = self._redis.pubsub()
-        self._futures: dict[str, set[asyncio.Future]] = {}
+        self._futures: dict[str, set[asyncio.Future[TaskMeta]]] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
         self._lock = asyncio.Lock()
-        self._reader: asyncio.Task | None = None
+        self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # A private channel keeps the connection subscribed, so the reader always has one.
@@ -60,10 +61,10 @@ class ResultWaiter:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
         with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
         await self._redis.aclose()
 
-    async def meta(self, task_id: str) -> dict[str, Any] | None:
+    async def meta(self, task_id: str) -> TaskMeta | None:
         return decode_meta(await self._redis.get(RESULT_META_PREFIX + task_id))
 
     async def keep_for(self, task_id: str, seconds: int) -> None:
@@ -74,7 +75,7 @@ class ResultWaiter:
     async def watch(self, task_id: str) -> AsyncIterator[Watch]:
         """Subscribe to a task's result before it can be published (publish inside the block)."""
         channel = RESULT_META_PREFIX + task_id
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[TaskMeta] = asyncio.get_running_loop().create_future()
         async with self._lock:
             waiting = self._futures.setdefault(channel, set())
             waiting.add(future)
@@ -95,7 +96,7 @@ class ResultWaiter:
                     with contextlib.suppress(Exception):
                         await self._pubsub.unsubscribe(channel)
 
-    async def wait(self, task_id: str, timeout: float) -> dict[str, Any] | None:
+    async def wait(self, task_id: str, timeout: float) -> TaskMeta | None:
         """The task's final state within ``timeout`` seconds, else its latest state (or None)."""
         async with self.watch(task_id) as watch:
             return await watch.result(timeout)
@@ -133,10 +134,10 @@ class ResultWaiter:
 
 
 class Watch:
-    def __init__(self, waiter: ResultWaiter, task_id: str, future: asyncio.Future):
+    def __init__(self, waiter: ResultWaiter, task_id: str, future: asyncio.Future[TaskMeta]):
         self._waiter, self.task_id, self._future = waiter, task_id, future
 
-    async def result(self, timeout: float) -> dict[str, Any] | None:
+    async def result(self, timeout: float) -> TaskMeta | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         while True:

@@ -12,6 +12,7 @@ from cipherpool.config.settings import Settings
 from cipherpool.gateway.auth import Authenticator
 from cipherpool.gateway.ratelimit import RateLimiter
 from cipherpool.gateway.results import ResultWaiter
+from cipherpool.store import BlobStore
 from cipherpool.workers.context import PlatformContext
 
 UPLOADS = "/v1/uploads"
@@ -42,7 +43,7 @@ class GatewayState:
         self.waiter = ResultWaiter(s.effective_result_backend())
 
     @property
-    def store(self):
+    def store(self) -> BlobStore:
         return self.ctx.store
 
     def body_cap(self, method: str, path: str) -> int:

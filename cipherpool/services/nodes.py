@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import ColumnElement, update
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, utcnow
 
@@ -30,17 +30,17 @@ def register_node(
 
 
 def heartbeat(session: Session, name: str) -> None:
-    session.execute(update(PoolNode).where(PoolNode.name == name).values(last_seen=utcnow(), status=NodeStatus.ONLINE))
+    session.execute(update(PoolNode).where(col(PoolNode.name) == name).values(last_seen=utcnow(), status=NodeStatus.ONLINE))
 
 
 def node_offline(session: Session, name: str) -> None:
-    session.execute(update(PoolNode).where(PoolNode.name == name).values(status=NodeStatus.OFFLINE))
+    session.execute(update(PoolNode).where(col(PoolNode.name) == name).values(status=NodeStatus.OFFLINE))
 
 
 def live(heartbeat_s: float) -> ColumnElement[bool]:
     """SQL condition: the node says it is online and was heard from recently."""
     fresh = utcnow() - timedelta(seconds=heartbeat_s * NODE_STALE_HEARTBEATS)
-    return (PoolNode.status == NodeStatus.ONLINE) & (PoolNode.last_seen >= fresh)
+    return (col(PoolNode.status) == NodeStatus.ONLINE) & (col(PoolNode.last_seen) >= fresh)
 
 
 def node_is_live(session: Session, name: str, heartbeat_s: float) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from cipherpool.api.schemas import TokenOut
 from cipherpool.credentials import DISPLAY_CHARS, TOKEN_PREFIX, digest, new_secret
@@ -48,7 +48,7 @@ def revoke_token(session: Session, account: Account, token_id: str) -> AccessTok
 
 def list_tokens(session: Session, account: Account) -> list[AccessToken]:
     return list(
-        session.exec(select(AccessToken).where(AccessToken.account_id == account.id).order_by(AccessToken.created_at))
+        session.exec(select(AccessToken).where(AccessToken.account_id == account.id).order_by(col(AccessToken.created_at)))
     )
 
 

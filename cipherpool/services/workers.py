@@ -9,8 +9,9 @@ get the same node. Node registration and liveness are :mod:`cipherpool.services.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import update
+from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col, select
 
 from cipherpool.api.schemas import WorkerOut
@@ -30,9 +31,10 @@ def start_worker(session: Session, account: Account, model_name: str, heartbeat_
     ).all()
     for node in candidates:
         worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name)
-        claimed = session.execute(
+        # An UPDATE's result is a CursorResult (it has the rowcount); Session.execute is typed for any statement.
+        claimed = cast(CursorResult[Any], session.execute(
             update(PoolNode).where(col(PoolNode.name) == node.name, col(PoolNode.worker_id).is_(None)).values(worker_id=worker.id)
-        )
+        ))
         if claimed.rowcount == 1:
             session.add(worker)
             session.flush()
@@ -106,7 +108,7 @@ def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | 
 def running_count(session: Session, model_id: str) -> int:
     """Workers of the model that serve from a node seen online."""
     return len(session.exec(
-        select(Worker.id).join(PoolNode, PoolNode.name == Worker.node_name).where(
+        select(Worker.id).join(PoolNode, col(PoolNode.name) == Worker.node_name).where(
             Worker.model_id == model_id, Worker.status == WorkerStatus.RUNNING, PoolNode.status == NodeStatus.ONLINE,
         )
     ).all())
@@ -116,7 +118,7 @@ def list_workers(session: Session, account: Account, model_name: str | None = No
     query = select(Worker).where(Worker.account_id == account.id)
     if model_name:
         query = query.where(Worker.model_id == get_model(session, account, model_name).id)
-    return list(session.exec(query.order_by(Worker.created_at)))
+    return list(session.exec(query.order_by(col(Worker.created_at))))
 
 
 def describe(session: Session, worker: Worker) -> WorkerOut:

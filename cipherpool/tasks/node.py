@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from cipherpool.errors import ConfigurationError
 from cipherpool.names import BIND_TASK, STATS_TASK, UNBIND_TASK
 from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import platform_task
 from cipherpool.workers import binding
+from cipherpool.workers.binding import BindOutcome
 from cipherpool.workers.context import platform
-from cipherpool.workers.node import NodeRuntime, current_runtime
+from cipherpool.workers.node import NodeRuntime, WorkerReport, current_runtime
 
 
 def _runtime() -> NodeRuntime:
@@ -21,15 +20,15 @@ def _runtime() -> NodeRuntime:
 
 
 @platform_task(app, BIND_TASK)
-def bind(worker_id: str) -> dict[str, object]:
+def bind(worker_id: str) -> BindOutcome:
     return binding.bind(platform(), _runtime(), app, worker_id)
 
 
 @platform_task(app, UNBIND_TASK)
-def unbind(worker_id: str) -> dict[str, object]:
+def unbind(worker_id: str) -> BindOutcome:
     return binding.unbind(platform(), _runtime(), app, worker_id)
 
 
 @platform_task(app, STATS_TASK)
-def stats() -> dict[str, Any]:
+def stats() -> WorkerReport:
     return _runtime().report()

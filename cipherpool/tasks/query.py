@@ -6,22 +6,21 @@ the hooks) is :func:`cipherpool.workers.query.handle`; this only adapts it to Ce
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery import Task
 from celery.exceptions import Reject
 
 from cipherpool.errors import ConfigurationError
-from cipherpool.messages import failed
+from cipherpool.messages import Envelope, failed
 from cipherpool.names import QUERY_TASK
 from cipherpool.tasks.app import app
+from cipherpool.tasks.decorator import celery_task
 from cipherpool.workers.context import platform
 from cipherpool.workers.node import current_runtime
 from cipherpool.workers.query import Delivery, Requeue, handle
 
 
-@app.task(name=QUERY_TASK, bind=True)
-def run_query(self: Task, request: Any) -> dict[str, Any]:
+@celery_task(app, name=QUERY_TASK, bind=True)
+def run_query(self: Task, request: object) -> Envelope:
     runtime = current_runtime()
     if runtime is None:
         return failed(ConfigurationError("A query reached a worker that is not a pool node."))

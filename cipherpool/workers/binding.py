@@ -11,6 +11,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
 from celery import Celery
 
@@ -28,7 +29,15 @@ log = logging.getLogger("cipherpool.node")
 CONTROL_REPLY_TIMEOUT_S = 10.0
 
 
-def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str) -> dict[str, object]:
+class BindOutcome(TypedDict):
+    """What a bind or unbind task answers: whether the node now serves the worker, on which queue."""
+
+    bound: bool
+    queue: NotRequired[str]
+    reason: NotRequired[str]
+
+
+def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str) -> BindOutcome:
     """Load the worker's model and consume its queue; the outcome is written to its row."""
     with runtime.bind_lock:
         with ctx.session() as session:
@@ -64,7 +73,7 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
         return {"bound": True, "queue": queue}
 
 
-def unbind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str) -> dict[str, object]:
+def unbind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str) -> BindOutcome:
     """Stop consuming first (queued queries wait for another node), then unload."""
     with runtime.bind_lock:
         current = runtime.binding

@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.fhe.keycache import KeyCache
 from cipherpool.workers.hooks import BindingEvent, Hook, Hooks
-from cipherpool.workers.stats import NodeStats
+from cipherpool.workers.stats import FiguresDict, NodeStats
 
 log = logging.getLogger("cipherpool.node")
 
@@ -39,6 +39,29 @@ class Binding:
     @property
     def event(self) -> BindingEvent:
         return BindingEvent(self.node, self.worker_id, self.model_id, self.model_name)
+
+
+class KeyCacheDict(TypedDict):
+    entries: int
+    charged_bytes: int
+    capacity_bytes: int
+    evictions: int
+
+
+class WorkerReport(FiguresDict):
+    """A node's live figures for its current worker, as the API reports them
+    (``cipherpool.api.schemas.WorkerStats``)."""
+
+    node: str
+    host_class: str
+    concurrency: int
+    threads: int | None
+    model_id: str | None
+    model: str | None
+    worker_id: str | None
+    bound_for_s: float | None
+    node_lifetime: FiguresDict
+    key_cache: KeyCacheDict
 
 
 class NodeRuntime:
@@ -78,7 +101,7 @@ class NodeRuntime:
         self.hooks.model_loaded(binding, seconds=time.monotonic() - started)
         return evaluator
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> WorkerReport:
         """The live figures of this node's current worker (``cipherpool.api.schemas.WorkerStats``):
         the binding's own counts at the top level, the node's lifetime counts apart."""
         binding = self._binding

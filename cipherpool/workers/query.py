@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from cipherpool.errors import CipherpoolError, KeyMismatch, ModelMismatch, ModelUnavailable
-from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest, failed, ok
+from cipherpool.messages import EncryptedInput, EncryptedOutput, Envelope, QueryReply, QueryRequest, failed, ok
 from cipherpool.names import model_queue
 from cipherpool.store import BlobKind
 from cipherpool.workers.context import PlatformContext
@@ -53,7 +53,7 @@ def may_requeue(delivery: Delivery, model_id: str) -> bool:
     return bool(delivery.expires) and delivery.routing_key == model_queue(model_id)
 
 
-def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: Delivery) -> dict[str, Any]:
+def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: Delivery) -> Envelope:
     """One query message from start to finish: its result envelope, a reply or a typed refusal.
 
     Every moment is announced to the node's hooks. A refusal is an envelope (the task did its
@@ -119,7 +119,7 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, q
     return QueryReply(node=runtime.name, key_cache="hit" if hit else "miss", timings=dict(query.timings), **reply)
 
 
-def _refuse(query: QueryEvent, hooks: Hook, error: CipherpoolError) -> dict[str, Any]:
+def _refuse(query: QueryEvent, hooks: Hook, error: CipherpoolError) -> Envelope:
     hooks.query_refused(query, error)
     log.info("query refused: %s: %s", error.code, error.message)
     return failed(error)
@@ -139,7 +139,14 @@ def _open(ctx: PlatformContext, request: QueryRequest) -> EncryptedInput:
     return encrypted
 
 
-def _reply(ctx: PlatformContext, request: QueryRequest, output: bytes) -> dict[str, Any]:
+class _Output(TypedDict, total=False):
+    """Where a reply's encrypted output is: inline, or by reference (exactly one of the two)."""
+
+    output: bytes
+    output_ref: str
+
+
+def _reply(ctx: PlatformContext, request: QueryRequest, output: bytes) -> _Output:
     """The encrypted result, inline or (when large) by reference through the store."""
     body = EncryptedOutput(model_id=request.model_id, key_id=request.key_id, data=output).encode()
     if len(body) > ctx.settings.inline_max_bytes:

@@ -16,8 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from celery import signals
+from celery.utils.dispatch import Signal
 
 from cipherpool.names import BIND_TASK, POOL_QUEUE, node_queue
 from cipherpool.services import nodes as node_service
@@ -28,10 +31,21 @@ from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtim
 
 log = logging.getLogger("cipherpool.node")
 _stop_heartbeat = threading.Event()
+Handler = Callable[..., None]
 
 
-@signals.worker_init.connect
-def on_worker_init(sender=None, **_kwargs) -> None:
+def _on(signal: Signal) -> Callable[[Handler], Handler]:
+    """``@signal.connect``, typed (Celery ships no types): connects the handler, returns it."""
+
+    def connect(handler: Handler) -> Handler:
+        signal.connect(handler)
+        return handler
+
+    return connect
+
+
+@_on(signals.worker_init)
+def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
     try:
         queues = set(sender.app.amqp.queues.consume_from or {})
         if POOL_QUEUE not in queues:
@@ -60,8 +74,8 @@ def on_worker_init(sender=None, **_kwargs) -> None:
         raise
 
 
-@signals.worker_ready.connect
-def on_worker_ready(sender=None, **_kwargs) -> None:
+@_on(signals.worker_ready)
+def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
     runtime = current_runtime()
     if runtime is None:
         return
@@ -83,8 +97,8 @@ def on_worker_ready(sender=None, **_kwargs) -> None:
         log.exception("worker_ready handler failed")
 
 
-@signals.worker_shutdown.connect
-def on_worker_shutdown(sender=None, **_kwargs) -> None:
+@_on(signals.worker_shutdown)
+def on_worker_shutdown(sender: Any = None, **_kwargs: Any) -> None:
     runtime = current_runtime()
     if runtime is None:
         return

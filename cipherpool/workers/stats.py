@@ -13,10 +13,26 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict
 
 from cipherpool.errors import CipherpoolError
 from cipherpool.workers.hooks import BindingEvent, Hook, QueryEvent
+
+
+class FiguresDict(TypedDict):
+    """Counts and averages over a span, as the API reports them (``cipherpool.api.schemas.Figures``)."""
+
+    since: float
+    queries_succeeded: int
+    queries_refused: int
+    queries_failed: int
+    queries_requeued: int
+    model_loads: int
+    key_cache_hits: int
+    key_cache_misses: int
+    average_compute_s: float | None
+    average_queue_wait_s: float | None
+    last_compute_s: float | None
 
 
 @dataclass
@@ -33,7 +49,7 @@ class Counters:
     queue_wait_s_total: float = 0.0
     last_compute_s: float | None = None
 
-    def figures(self) -> dict[str, Any]:
+    def figures(self) -> FiguresDict:
         """What the API reports (``cipherpool.api.schemas.Figures``): counts and averages."""
         done = self.queries_succeeded
         return {
@@ -102,10 +118,10 @@ class NodeStats(Hook):
     def query_requeued(self, query: QueryEvent) -> None:
         self._count(query.worker_id, queries_requeued=1)
 
-    def of_binding(self, worker_id: str) -> dict[str, Any]:
+    def of_binding(self, worker_id: str) -> FiguresDict:
         with self._lock:
             return self._bindings.get(worker_id, Counters()).figures()
 
-    def of_node(self) -> dict[str, Any]:
+    def of_node(self) -> FiguresDict:
         with self._lock:
             return self.lifetime.figures()
