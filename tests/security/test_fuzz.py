@@ -26,14 +26,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cipherpool import errors
-from cipherpool.errors import CipherpoolError, InvalidDeployment, InvalidInput, MalformedCiphertext, PayloadTooLarge
+from cipherpool.errors import CipherpoolError, InvalidDeployment, MalformedCiphertext, PayloadTooLarge
 from cipherpool.fhe.deployment import CLIENT_ZIP, SERVER_ZIP, Versions, check_artifact, check_pair, read_versions
 from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.fhe.framing import MAX_SEGMENTS, capnp_message_length, header_bytes_needed, is_complete_message
-from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryRequest
+from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest, unwrap
+from cipherpool.names import POOL_QUEUE, model_queue
 from cipherpool.store import BlobKind, sha256_hex
 from cipherpool.workers.node import Binding, NodeRuntime
-from cipherpool.workers.query import NotBoundHere, execute
+from cipherpool.workers.query import Delivery, handle
 from tests.helpers import versions_json, zip_bytes
 from tests.test_query_service import Ctx, MemoryStore, capnp
 
@@ -299,9 +300,12 @@ def node_world(tmp_path_factory):
     evaluator = FakeEvaluator()
     runtime = NodeRuntime("n1", host_class="cpu", concurrency=1, threads=1, key_cache_bytes=10**6,
                           key_memory_factor=1.0, evaluator_factory=lambda *_: evaluator)
-    runtime.set_binding(Binding("w1", NODE_MODEL, "m", "q", evaluator))
+    runtime.set_binding(Binding("w1", NODE_MODEL, "m", model_queue(NODE_MODEL), evaluator, "n1"))
     ctx = Ctx(Settings(data_dir=tmp_path_factory.mktemp("node") / "data"), store)
     return ctx, runtime, blob_id, ref
+
+
+OWN_QUEUE = Delivery(task_id="valid", routing_key=model_queue(NODE_MODEL), expires="2099-01-01T00:00:00")
 
 
 def valid_node_request(blob_id: str) -> QueryRequest:
@@ -337,18 +341,21 @@ def test_any_query_message_gets_a_typed_refusal_and_the_node_keeps_serving(node_
     ctx, runtime, blob_id, ref = node_world
     obj = data.draw(MSGPACKABLE | near_valid_requests(blob_id, ref))
     wire = msgpack.unpackb(msgpack.packb(obj, use_bin_type=True), raw=False)  # as kombu hands it over
+    before = runtime.stats.of_node()
+    # Through a queue that is not the model's own, so nothing may be requeued: every message
+    # ends in exactly one envelope (a reply or a typed refusal), never an exception.
+    envelope = handle(ctx, runtime, wire, Delivery(task_id="fuzz", routing_key=POOL_QUEUE))
     try:
-        request = QueryRequest.decode(wire)
-    except InvalidInput:
-        request = None
-    if request is not None:
-        try:
-            reply = execute(ctx, runtime, request)
-            assert reply.output is not None or reply.output_ref is not None
-        except (CipherpoolError, NotBoundHere):
-            pass
-    served = execute(ctx, runtime, valid_node_request(blob_id))
-    assert EncryptedOutput.decode(served.output).model_id == NODE_MODEL
+        reply = QueryReply.decode(unwrap(envelope))
+        assert reply.output is not None or reply.output_ref is not None
+    except CipherpoolError:
+        pass
+    after = runtime.stats.of_node()
+    outcomes = ("queries_succeeded", "queries_refused", "queries_failed", "queries_requeued")
+    assert [after[k] - before[k] for k in outcomes if after[k] != before[k]] == [1]  # one outcome, counted once
+    assert after["queries_failed"] == 0
+    served = QueryReply.decode(unwrap(handle(ctx, runtime, valid_node_request(blob_id).encode(), OWN_QUEUE)))
+    assert served.output is not None and EncryptedOutput.decode(served.output).model_id == NODE_MODEL
 
 
 # ---- the gateway -------------------------------------------------------------------------
