@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 import redis
 
+from cipherpool import names
 from cipherpool.api.schemas import WorkerStats
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import KIB, MIB, Settings
@@ -53,7 +54,7 @@ KEY_CAP = 64 * KIB  # its evaluation key is 64 bytes
 UNZIPPED_CAP = 100 * MIB
 AUTH_CACHE_TTL_S = 2.0
 BOMB_UNZIPPED = 1024 * MIB
-QUERY_TASK = b"cipherpool.query.run"
+QUERY_TASK = names.QUERY_TASK.encode()  # as it appears in a captured message
 
 
 # ---------------------------------------------------------------------------------------
