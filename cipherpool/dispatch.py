@@ -18,25 +18,25 @@ from cipherpool.config.settings import Settings
 from cipherpool.errors import BrokerUnavailable, QueryTimeout, RemoteError
 from cipherpool.messages import EncryptedInput, QueryReply, QueryRequest, redacted_kwargs, unwrap
 from cipherpool.names import QUERY_TASK, model_queue, node_queue
-from cipherpool.services.queries import TokenGrant, check_query
+from cipherpool.services.queries import ModelGrant, TokenGrant, check_query
 from cipherpool.store import BlobStore
 
 
 
-def open_envelope(grant: TokenGrant, ciphertext: bytes) -> EncryptedInput:
-    """The ciphertext's envelope, checked against what the grant may query."""
+def open_envelope(grant: TokenGrant, ciphertext: bytes) -> tuple[EncryptedInput, ModelGrant]:
+    """The ciphertext's envelope, checked against what the grant may query, and its model."""
     envelope = EncryptedInput.decode(ciphertext)
-    check_query(grant, envelope.model_id)
-    return envelope
+    return envelope, check_query(grant, envelope.model_id)
 
 
-def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, envelope: EncryptedInput,
-                  ciphertext: bytes, blob_id: str) -> QueryRequest:
+def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, model: ModelGrant,
+                  envelope: EncryptedInput, ciphertext: bytes, blob_id: str) -> QueryRequest:
     """An authorised query: inline when small, else by reference through the store."""
     inline = len(ciphertext) <= settings.inline_max_bytes
     return QueryRequest(
         token_id=grant.token_id,
         model_id=envelope.model_id,
+        version=model.version,
         key_id=envelope.key_id,
         blob_id=blob_id,
         input=ciphertext if inline else None,

@@ -15,20 +15,27 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     ├── ConfigurationError              exit 2  500   settings or environment unusable
     ├── AuthError                       exit 3  401
     │   ├── InvalidApiKey                             unknown, missing or malformed API key
-    │   ├── InvalidToken                              unknown, revoked or expired access token
+    │   ├── InvalidToken                              unknown or malformed access token
+    │   │   ├── TokenRevoked                          revoked for good
+    │   │   ├── TokenExpired                          past its expiry
+    │   │   └── TokenDisabled                         disabled by its provider (until enabled)
+    │   ├── AccountDisabled                     403   the provider's account is disabled
     │   ├── WrongCredential                     403   a token where an API key is needed, or back
-    │   └── TokenNotForModel                    403   token is assigned to another model
+    │   └── TokenNotForModel                    403   token is not assigned to the model
     ├── NotFound                        exit 4  404
     │   ├── ModelNotFound
     │   ├── WorkerNotFound
     │   ├── TokenNotFound
     │   ├── AccountNotFound
     │   ├── QueryNotFound                             unknown query id, or another client's
+    │   ├── VersionNotFound                           no such version of the model
     │   ├── UploadNotFound                            staged upload expired or never made
     │   └── EvaluationKeyNotFound                     key id never uploaded / not this client's
     ├── Conflict                        exit 5  409
     │   ├── ModelExists
     │   ├── ModelInactive                             queries refused until the model is activated
+    │   ├── ModelBusy                                 refused while workers serve the model
+    │   ├── KeysOutdated                              keys made for another version's client specs
     │   ├── ModelUnavailable                    503   no worker serves the model (query timed out)
     │   ├── NoFreeNode                                every pool node is bound or offline
     │   └── VersionMismatch                           client and server concrete versions differ
@@ -42,6 +49,7 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     ├── LimitExceeded                   exit 8  429
     │   ├── PayloadTooLarge                     413   body above its configured cap
     │   ├── RateLimited                         429   too many requests; Retry-After says when
+    │   ├── QuotaExceeded                       429   the token's query quota is used up
     │   └── TooManyKeys                         409   key sets per token at their cap
     └── PlatformError                   exit 7  503
         ├── BrokerUnavailable                         (platform side) Redis unreachable
@@ -112,6 +120,23 @@ class InvalidToken(AuthError):
     code = "invalid_token"
 
 
+class TokenRevoked(InvalidToken):
+    code = "token_revoked"
+
+
+class TokenExpired(InvalidToken):
+    code = "token_expired"
+
+
+class TokenDisabled(InvalidToken):
+    code = "token_disabled"
+
+
+class AccountDisabled(AuthError):
+    code = "account_disabled"
+    http_status = 403
+
+
 class WrongCredential(AuthError):
     code = "wrong_credential"
     http_status = 403
@@ -148,6 +173,10 @@ class QueryNotFound(NotFound):
     code = "query_not_found"
 
 
+class VersionNotFound(NotFound):
+    code = "version_not_found"
+
+
 class UploadNotFound(NotFound):
     code = "upload_not_found"
 
@@ -168,6 +197,16 @@ class ModelExists(Conflict):
 
 class ModelInactive(Conflict):
     code = "model_inactive"
+
+
+class ModelBusy(Conflict):
+    code = "model_busy"
+
+
+class KeysOutdated(Conflict):
+    """The client's keys were generated from client specs the model no longer serves."""
+
+    code = "keys_outdated"
 
 
 class ModelUnavailable(Conflict):
@@ -233,6 +272,11 @@ class RateLimited(LimitExceeded):
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class QuotaExceeded(LimitExceeded):
+    code = "token_quota_exceeded"
+    http_status = 429
 
 
 class TooManyKeys(LimitExceeded):

@@ -67,7 +67,7 @@ class EncryptedOutput(_Envelope):
 
 _REQUEST_TYPES: dict[str, tuple[type, ...]] = {
     "token_id": (str,), "model_id": (str,), "key_id": (str,), "blob_id": (str,),
-    "input": (bytes, type(None)), "input_ref": (str, type(None)), "submitted_at": (int, float),
+    "input": (bytes, type(None)), "input_ref": (str, type(None)), "submitted_at": (int, float), "version": (int,),
 }
 
 
@@ -80,6 +80,7 @@ class QueryRequest:
     input: bytes | None = None  # the EncryptedInput bytes, when small enough to inline
     input_ref: str | None = None  # else a payload id in the blob store
     submitted_at: float = 0.0  # wall clock at submission, for queue-wait figures
+    version: int = 0  # the model version to run it on (the one its keys were made for); 0: the node's serving one
 
     def encode(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +101,7 @@ class QueryReply:
     output: bytes | None = None
     output_ref: str | None = None
     node: str = ""
+    version: int = 0  # the model version that computed it
     key_cache: str = ""  # "hit" or "miss"
     timings: dict[str, float] = field(default_factory=dict)  # seconds, per step
 

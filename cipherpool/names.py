@@ -15,6 +15,7 @@ QUERY_TASK = TASK_PREFIX + "query.run"  # one encrypted query, on its model's qu
 BIND_TASK = TASK_PREFIX + "node.bind"  # node queue: load a model and consume its queue
 UNBIND_TASK = TASK_PREFIX + "node.unbind"  # node queue: stop consuming, unload
 STATS_TASK = TASK_PREFIX + "node.stats"  # node queue: the node's live figures
+RELOAD_TASK = TASK_PREFIX + "node.reload"  # node queue: load the versions its model must hold
 
 BLOB_PREFIX = "cipherpool:blob:"  # + kind + ":" + sha256 hex; content-addressed, no TTL
 PAYLOAD_PREFIX = "cipherpool:payload:"  # + uuid; large query payloads, with a TTL
@@ -22,6 +23,9 @@ UPLOAD_PREFIX = "cipherpool:upload:"  # + uuid; a body being streamed in, with a
 STAGED_PREFIX = "cipherpool:staged:"  # + account id + ":" + sha256; deploy artifacts, with a TTL
 QUERY_OWNER_PREFIX = "cipherpool:query:"  # + query id -> the token id that submitted it, TTL
 RATE_PREFIX = "cipherpool:rate:"  # + principal + ":" + window; request counters, TTL 2 windows
+USAGE_PREFIX = "cipherpool:usage:"  # + token id -> hash {n: queries counted, last: epoch seconds}
+AUTH_GENERATION_KEY = "cipherpool:auth-generation"  # bumped on every credential change: gateways drop caches
+ROLLOUT_LOCK_PREFIX = "cipherpool:rollout:"  # + model id: one node at a time loads a new version
 RESULT_META_PREFIX = "celery-task-meta-"  # Celery's result key (and pub/sub channel) + task id
 
 

@@ -63,6 +63,10 @@ class BlobStore:
     def exists(self, kind: BlobKind, blob_id: str) -> bool:
         return bool(self._call(self._redis.exists, self._key(kind, blob_id)))
 
+    def delete(self, kind: BlobKind, blob_id: str) -> None:
+        """Drop a blob no row references any more (the caller checked)."""
+        self._call(self._redis.delete, self._key(kind, blob_id))
+
     def size(self, kind: BlobKind, blob_id: str) -> int:
         return int(self._call(self._redis.strlen, self._key(kind, blob_id)))
 

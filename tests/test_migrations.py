@@ -26,7 +26,9 @@ from cipherpool.cli import cli
 from cipherpool.config.settings import mask_url, reset_settings
 from cipherpool.db import current_revision, get_engine, head_revision, init_db, session_scope, upgrade_db
 from cipherpool.db.migrate import BASELINE_REVISION, BASELINE_TABLES, VERSION_TABLE, alembic_config
-from cipherpool.db.tables import AccessToken, Account, EvaluationKey, Model, ModelStatus, PoolNode, Worker, WorkerStatus
+from cipherpool.db.tables import (
+    AccessToken, Account, EvaluationKey, Model, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker, WorkerStatus,
+)
 from cipherpool.errors import ConfigurationError, InvalidInput
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -101,10 +103,20 @@ def _assert_the_models_read_them(url: str) -> None:
         assert token.expires_at == T0 + timedelta(days=1) and token.revoked_at is None
         assert session.get(PoolNode, "node1@host").worker_id == "work0000000001"
         assert session.get(Worker, "work0000000001").status is WorkerStatus.RUNNING
+        # 0002: the model's artifact is its version 1, the token's model its one assignment,
+        # and the key remembers the client specs it was made from.
+        model = session.get(Model, "model000000001")
+        (version,) = session.exec(select(ModelVersion)).all()
+        assert (model.version, model.rollout_version, model.min_workers, model.max_workers, model.shared) == (1, None, 0, 1, False)
+        assert (version.model_id, version.number, version.client_blob, version.server_blob, version.concrete_ml_version,
+                version.python_version) == (model.id, 1, "c" * 64, "s" * 64, "1.9.0", "3.11.9")
+        (link,) = session.exec(select(TokenModel)).all()
+        assert (link.token_id, link.model_id) == (token.id, model.id)
         (key,) = session.exec(select(EvaluationKey)).all()
+        assert key.client_blob == "c" * 64
         # A row added now gets a fresh id: the sequence moved on past the migrated row.
-        session.add(EvaluationKey(key_id="key00000000002", blob_id="b" * 64, token_id=token.id, model_id=token.model_id,
-                                  size_bytes=64))
+        session.add(EvaluationKey(key_id="key00000000002", blob_id="b" * 64, token_id=token.id, model_id=model.id,
+                                  client_blob="c" * 64, size_bytes=64))
         session.flush()
         assert len({k.id for k in session.exec(select(EvaluationKey)).all()} - {key.id}) == 1
 

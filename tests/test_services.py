@@ -14,8 +14,11 @@ from cipherpool.services import accounts, models, nodes, queries, tokens, worker
 V = Versions("1.9.0", "2.10.0", "3.11")
 
 
+ARTIFACT = models.Artifact("c" * 64, "s" * 64, 100, 200, V)
+
+
 def deploy(session, account, name="m", hardware="cpu"):
-    return models.deploy_model(session, account, name, client_blob="c" * 64, server_blob="s" * 64, versions=V, hardware=hardware)
+    return models.deploy_model(session, account, name, ARTIFACT, hardware=hardware)
 
 
 @pytest.fixture
@@ -81,8 +84,8 @@ def test_tokens_are_hashed_revocable_and_expire(session, alice):
     model = deploy(session, account)
     token, value = tokens.create_token(session, account, "web", "m")
     assert value not in {r.token_hash for r in session.exec(select(AccessToken))}
-    assert tokens.resolve_token(session, value)[1].id == model.id
-    assert tokens.resolve_token(session, value, now=utcnow())[0].id == token.id
+    assert [m.id for m in tokens.assigned_models(session, tokens.resolve_token(session, value).id)] == [model.id]
+    assert tokens.resolve_token(session, value, now=utcnow()).id == token.id
     tokens.revoke_token(session, account, token.id)
     with pytest.raises(errors.InvalidToken, match="revoked"):
         tokens.resolve_token(session, value)
@@ -101,7 +104,7 @@ def test_query_authorisation(session, alice):
     grant = queries.grant_for_value(session, value)
     queries.check_query(grant, m1.id)
     assert grant == queries.grant_for_id(session, token.id)  # the gateway's and the in-cluster path agree
-    assert (grant.model_id, grant.account_id) == (m1.id, account.id)
+    assert ([m.model_id for m in grant.models], grant.account_id) == ([m1.id], account.id)
     with pytest.raises(errors.TokenNotForModel):
         queries.check_query(grant, m2.id)
     for bad in ("cpt_nope", "cpk_an-api-key", "", None, 42):
@@ -121,13 +124,14 @@ def test_keys_belong_to_the_token_that_uploaded_them(session, alice):
     t1, _ = tokens.create_token(session, account, "t1", "m")
     t2, _ = tokens.create_token(session, account, "t2", "m")
     g1, g2 = queries.grant_for_id(session, t1.id), queries.grant_for_id(session, t2.id)
-    queries.register_key(session, g1, "a" * 32, "b" * 64, 10)
-    queries.register_key(session, g1, "a" * 32, "c" * 64, 12)  # same key set re-uploaded
-    assert queries.key_blob(session, g1, "a" * 32) == "c" * 64
+    m = g1.models[0]
+    queries.register_key(session, g1, m, "a" * 32, "b" * 64, 10)
+    queries.register_key(session, g1, m, "a" * 32, "c" * 64, 12)  # same key set re-uploaded
+    assert queries.key_blob(session, g1, m, "a" * 32) == "c" * 64
     with pytest.raises(errors.EvaluationKeyNotFound):
-        queries.key_blob(session, g2, "a" * 32)
+        queries.key_blob(session, g2, m, "a" * 32)
     with pytest.raises(errors.InvalidEvaluationKey):
-        queries.register_key(session, g1, "not-hex", "b" * 64, 10)
+        queries.register_key(session, g1, m, "not-hex", "b" * 64, 10)
 
 
 def test_key_sets_per_token_are_capped(session, alice):
@@ -135,11 +139,12 @@ def test_key_sets_per_token_are_capped(session, alice):
     deploy(session, account, "m")
     token, _ = tokens.create_token(session, account, "t", "m")
     grant = queries.grant_for_id(session, token.id)
+    m = grant.models[0]
     for i in range(2):
-        queries.register_key(session, grant, f"{i:032x}", "b" * 64, 10, max_keys=2)
-    queries.register_key(session, grant, f"{1:032x}", "c" * 64, 10, max_keys=2)  # a re-upload is not a new set
+        queries.register_key(session, grant, m, f"{i:032x}", "b" * 64, 10, max_keys=2)
+    queries.register_key(session, grant, m, f"{1:032x}", "c" * 64, 10, max_keys=2)  # a re-upload is not a new set
     with pytest.raises(errors.TooManyKeys):
-        queries.register_key(session, grant, f"{2:032x}", "b" * 64, 10, max_keys=2)
+        queries.register_key(session, grant, m, f"{2:032x}", "b" * 64, 10, max_keys=2)
 
 
 def register(session, name, host_class="cpu"):

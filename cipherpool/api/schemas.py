@@ -7,13 +7,19 @@ ciphertexts and deployment zips are not JSON: they travel as ``application/octet
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from cipherpool.statuses import ModelStatus, WorkerStatus
+from cipherpool.statuses import AccountStatus, ModelStatus, TokenStatus, WorkerStatus
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ID_PATTERN = r"^[0-9a-f]{16}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s]{1,190}$"
+DEFAULT_TOKEN_TTL_S = 30 * 86400  # as hosted platforms do: a token expires unless told otherwise
+MAX_TOKEN_TTL_S = 10 * 365 * 86400
+MAX_WORKERS = 1000
 KEY_ID_PATTERN = r"^[0-9a-f]{32}$"
 QUERY_ID_PATTERN = r"^[0-9a-f-]{36}$"
 
@@ -45,11 +51,84 @@ class UploadOut(Wire):
     expires_in_s: int
 
 
+class AccountOut(Wire):
+    id: str
+    name: str
+    organisation: str | None
+    contact_email: str | None
+    status: AccountStatus
+    api_key_prefix: str
+    created_at: str
+    updated_at: str | None
+
+
+class AccountCreated(AccountOut):
+    api_key: str  # the clear value, shown once
+
+
+class AccountUpdate(Wire):
+    """Provider-editable details; a field left out is unchanged, ``null`` clears it."""
+
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    organisation: str | None = Field(None, max_length=200)
+    contact_email: str | None = Field(None, pattern=EMAIL_PATTERN)
+
+
+class ApiKeyRotated(Wire):
+    api_key: str  # the new clear value, shown once; the old key stopped working
+    api_key_prefix: str
+
+
+class ModelSettings(Wire):
+    """A model's settings, as deploy takes them and update changes them (a field left out is
+    unchanged). ``min_workers``/``max_workers`` bound how many workers it may have; ``shared``:
+    it may run on shared pool nodes."""
+
+    description: str | None = Field(None, max_length=2000)
+    hardware: str | None = Field(None, pattern=r"^(cpu|gpu)$")
+    min_workers: int | None = Field(None, ge=0, le=MAX_WORKERS)
+    max_workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
+    shared: bool | None = None
+
+
 class DeployIn(Wire):
     name: str = Field(pattern=NAME_PATTERN)
     client_upload: str = Field(pattern=SHA256_PATTERN)
     server_upload: str = Field(pattern=SHA256_PATTERN)
     hardware: str = Field("cpu", pattern=r"^(cpu|gpu)$")
+    description: str = Field("", max_length=2000)
+    min_workers: int = Field(0, ge=0, le=MAX_WORKERS)
+    max_workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    shared: bool = False
+
+
+class VersionIn(Wire):
+    """A new version of a model's artifact (staged uploads), rolled out to its workers."""
+
+    client_upload: str = Field(pattern=SHA256_PATTERN)
+    server_upload: str = Field(pattern=SHA256_PATTERN)
+    note: str = Field("", max_length=500)
+
+
+class RollbackIn(Wire):
+    version: int | None = Field(None, ge=1, description="default: the version before the serving one")
+
+
+class VersionOut(Wire):
+    number: int
+    serving: bool  # the version queries use now
+    rolling_out: bool  # workers are loading it
+    client_sha256: str
+    client_size: int
+    server_sha256: str
+    server_size: int
+    concrete_ml: str
+    concrete_python: str
+    python: str
+    input_shape: list[int] | None
+    input_dtype: str | None
+    note: str
+    created_at: str
 
 
 class ModelOut(Wire):
@@ -57,25 +136,84 @@ class ModelOut(Wire):
     name: str
     status: ModelStatus
     hardware: str
+    version: int  # the serving version
+    rollout_version: int | None
+    description: str
+    min_workers: int
+    max_workers: int
+    shared: bool
     concrete_ml: str
     concrete_python: str
     created_at: str
+    updated_at: str
+
+
+class ModelDetail(ModelOut):
+    """``model show``: the settings, every version, the serving artifact, running workers."""
+
+    versions: list[VersionOut]
+    client_sha256: str
+    client_size: int
+    server_sha256: str
+    server_size: int
+    input_shape: list[int] | None
+    input_dtype: str | None
+    running_workers: int
+
+
+class EventOut(Wire):
+    id: int
+    at: str
+    model: str
+    kind: str
+    message: str
+    worker_id: str | None
+    version: int | None
+    token_id: str | None
 
 
 class TokenIn(Wire):
+    """A new token. Expiry: ``ttl_s`` (default 30 days), or ``expires_at``, or ``no_expiry``."""
+
     name: str = Field(pattern=NAME_PATTERN)
+    model: str | None = Field(None, pattern=NAME_PATTERN)
+    models: list[str] = Field(default_factory=list, max_length=100)
+    ttl_s: float | None = Field(None, gt=0, le=MAX_TOKEN_TTL_S)
+    expires_at: datetime | None = None
+    no_expiry: bool = False
+    quota: int | None = Field(None, ge=0)
+
+
+class TokenUpdate(Wire):
+    """Changes to a token; a field left out is unchanged. ``expires_at``/``quota`` set to
+    ``null`` remove the expiry/the quota; ``enabled`` false disables it until enabled again."""
+
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    expires_at: datetime | None = None
+    ttl_s: float | None = Field(None, gt=0, le=MAX_TOKEN_TTL_S)
+    quota: int | None = Field(None, ge=0)
+    enabled: bool | None = None
+
+
+class AssignIn(Wire):
     model: str = Field(pattern=NAME_PATTERN)
-    ttl_s: float | None = Field(None, gt=0, le=10 * 365 * 86400)
 
 
 class TokenOut(Wire):
     id: str
     name: str
-    model: str
+    model: str | None  # its model when it has exactly one
+    models: list[str]
     prefix: str
+    masked: str  # cpt_abcd…: enough to tell tokens apart, never the value
+    status: TokenStatus
     created_at: str
+    updated_at: str | None
     expires_at: str | None
     revoked: bool
+    quota: int | None
+    queries_used: int
+    last_used_at: str | None
 
 
 class TokenCreated(TokenOut):
@@ -92,7 +230,9 @@ class WorkerOut(Wire):
     node: str
     node_status: str | None
     status: WorkerStatus
+    version: int | None = None  # the model version it loaded last
     error: str | None
+    stop_reason: str | None = None  # who or what stopped it
     created_at: str
     started_at: str | None
     stopped_at: str | None
@@ -130,6 +270,7 @@ class WorkerStats(Figures):
     worker_id: str | None
     model_id: str | None
     model: str | None
+    versions: list[int] = []  # the model versions loaded (two during a rollout)
     node: str
     host_class: str
     concurrency: int
@@ -143,11 +284,13 @@ class WorkerStats(Figures):
 
 
 class ClientModelOut(Wire):
-    """What a QueryClient needs: the model's identity and versions, and whether it is served."""
+    """What a QueryClient needs: the model's identity, its serving version and the digest of
+    that version's client specs (keys are made from them), and whether it is served."""
 
     id: str
     name: str
     status: ModelStatus
+    version: int
     concrete_ml: str
     concrete_python: str
     client_zip_sha256: str

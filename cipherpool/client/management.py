@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from datetime import datetime
 from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
 from cipherpool.api.schemas import (
-    DeployIn, ModelOut, TokenCreated, TokenIn, TokenOut, UploadOut, WorkerIn, WorkerOut, WorkerStats,
+    AccountOut, AccountUpdate, ApiKeyRotated, AssignIn, DeployIn, EventOut, ModelDetail, ModelOut, ModelSettings,
+    RollbackIn, TokenCreated, TokenIn, TokenOut, TokenUpdate, UploadOut, VersionIn, VersionOut, WorkerIn, WorkerOut,
+    WorkerStats,
 )
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
@@ -17,6 +22,8 @@ from cipherpool.statuses import WorkerStatus
 from cipherpool.waiting import WaitTimeout, wait_until
 
 POLL_S = 0.25
+FOLLOW_POLL_S = 1.0
+UNSET: Any = object()  # "leave unchanged", where None means "clear"
 UPLOAD_TIMEOUT_S = 600.0
 
 
@@ -35,26 +42,115 @@ class ManagementClient:
         self.api_key = self._t.credential
         self.settings = settings
 
+    # account
+    def account(self) -> AccountOut:
+        """This account's details."""
+        return self._t.call("GET", "/v1/account", AccountOut)
+
+    def update_account(self, *, name: str | None = None, organisation: str | None = UNSET,
+                       contact_email: str | None = UNSET) -> AccountOut:
+        """Change the details given (``None`` clears organisation or contact email)."""
+        body = {k: v for k, v in {"name": name, "organisation": organisation, "contact_email": contact_email}.items()
+                if v is not UNSET and not (k == "name" and v is None)}
+        return self._t.call("PATCH", "/v1/account", AccountOut, json=AccountUpdate(**body).model_dump(exclude_unset=True))
+
+    def rotate_api_key(self) -> str:
+        """A new API key (shown once); the old one stops working at once. This client uses the new one."""
+        rotated = self._t.call("POST", "/v1/account/api-key", ApiKeyRotated)
+        self._t.set_credential(rotated.api_key)
+        self.api_key = rotated.api_key
+        return rotated.api_key
+
     # models
-    def deploy_model(self, name: str, path: str | Path, hardware: str = "cpu") -> ModelOut:
-        """Upload a ``FHEModelDev(...).save()`` directory and register it (not yet active)."""
-        deployment = load_deployment(path)
-        client, server = (
-            self._t.call("PUT", "/v1/uploads", UploadOut, content=data, timeout=UPLOAD_TIMEOUT_S,
-                         headers={"Content-Type": "application/octet-stream"})
-            for data in (deployment.client_zip, deployment.server_zip)
-        )
-        body = DeployIn(name=name, client_upload=client.upload_id, server_upload=server.upload_id, hardware=hardware)
-        return self._t.call("POST", "/v1/models", ModelOut, json=body.model_dump())
+    def deploy_model(self, name: str, path: str | Path, hardware: str = "cpu", *, description: str = "",
+                     min_workers: int = 0, max_workers: int = 1, shared: bool = False) -> ModelDetail:
+        """Upload a ``FHEModelDev(...).save()`` directory and register it as version 1 (not yet active)."""
+        client, server = self._upload(path)
+        body = DeployIn(name=name, client_upload=client, server_upload=server, hardware=hardware,
+                        description=description, min_workers=min_workers, max_workers=max_workers, shared=shared)
+        return self._t.call("POST", "/v1/models", ModelDetail, json=body.model_dump())
 
     def list_models(self) -> list[ModelOut]:
         return self._t.call("GET", "/v1/models", list[ModelOut])
 
+    def get_model(self, name: str) -> ModelDetail:
+        """Settings, status, versions, serving artifact (digest, size, input shape), running workers."""
+        return self._t.call("GET", self._model_path(name), ModelDetail)
+
+    def update_model(self, name: str, *, description: str | None = None, hardware: str | None = None,
+                     min_workers: int | None = None, max_workers: int | None = None,
+                     shared: bool | None = None) -> ModelDetail:
+        """Change the settings given; the others stay."""
+        body = ModelSettings(description=description, hardware=hardware, min_workers=min_workers,
+                             max_workers=max_workers, shared=shared)
+        return self._t.call("PATCH", self._model_path(name), ModelDetail, json=body.model_dump(exclude_none=True))
+
+    def deploy_version(self, name: str, path: str | Path, note: str = "", *, wait: bool = False,
+                       timeout: float | None = None) -> ModelDetail:
+        """Upload a new version and roll it out: workers load it one at a time and keep
+        answering; queries use it once every worker holds it. ``wait``: until then."""
+        client, server = self._upload(path)
+        body = VersionIn(client_upload=client, server_upload=server, note=note)
+        model = self._t.call("POST", self._model_path(name) + "/versions", ModelDetail, json=body.model_dump())
+        return self.wait_for_rollout(name, timeout) if wait else model
+
+    def list_versions(self, name: str) -> list[VersionOut]:
+        return self._t.call("GET", self._model_path(name) + "/versions", list[VersionOut])
+
+    def rollback_model(self, name: str, version: int | None = None, *, wait: bool = False,
+                       timeout: float | None = None) -> ModelDetail:
+        """Serve an earlier version again (default: the one before the serving one)."""
+        body = RollbackIn(version=version)
+        model = self._t.call("POST", self._model_path(name) + "/rollback", ModelDetail, json=body.model_dump())
+        return self.wait_for_rollout(name, timeout) if wait else model
+
+    def wait_for_rollout(self, name: str, timeout: float | None = None) -> ModelDetail:
+        """The model once no rollout is under way (or as it is at the timeout)."""
+        latest = self.get_model(name)
+
+        def done() -> ModelDetail | None:
+            nonlocal latest
+            latest = self.get_model(name)
+            return latest if latest.rollout_version is None else None
+
+        try:
+            return wait_until(done, timeout or self.settings.worker_start_timeout_s, interval_s=POLL_S)
+        except WaitTimeout:
+            return latest
+
+    def delete_model(self, name: str) -> None:
+        """Delete the model, its versions, keys and events (refused while workers run)."""
+        self._t.request("DELETE", self._model_path(name))
+
     def activate_model(self, name: str) -> ModelOut:
-        return self._t.call("POST", f"/v1/models/{quote(name, safe='')}/activate", ModelOut)
+        return self._t.call("POST", self._model_path(name) + "/activate", ModelOut)
 
     def deactivate_model(self, name: str) -> ModelOut:
-        return self._t.call("POST", f"/v1/models/{quote(name, safe='')}/deactivate", ModelOut)
+        return self._t.call("POST", self._model_path(name) + "/deactivate", ModelOut)
+
+    def model_events(self, name: str, since: datetime | int | None = None, *, limit: int | None = None) -> list[EventOut]:
+        """The model's event log, oldest first: all, or ``since`` a time (datetime) or after an
+        event id (int, as ``follow`` uses it)."""
+        params: dict[str, Any] = {}
+        if isinstance(since, datetime):
+            params["since"] = since.isoformat()
+        elif since is not None:
+            params["after"] = since
+        if limit is not None:
+            params["limit"] = limit
+        return self._t.call("GET", self._model_path(name) + "/events", list[EventOut], params=params)
+
+    def follow_events(self, name: str, since: datetime | int | None = None, *,
+                      poll_s: float = FOLLOW_POLL_S) -> Iterator[EventOut]:
+        """The model's events as they happen (forever; stop iterating to stop)."""
+        cursor = since
+        while True:
+            batch = self.model_events(name, cursor)
+            yield from batch
+            if batch:
+                cursor = batch[-1].id
+            else:
+                time.sleep(poll_s)
 
     # workers
     def start_worker(self, model: str, *, wait: bool = True, timeout: float | None = None) -> WorkerInfo:
@@ -89,19 +185,80 @@ class ManagementClient:
         return self._t.call("GET", "/v1/workers/stats", list[WorkerStats], params=params)
 
     # tokens
-    def create_token(self, name: str, model: str, ttl_s: float | None = None) -> str:
-        """A new access token for one model; the value is shown only now."""
-        body = TokenIn(name=name, model=model, ttl_s=ttl_s)
-        return self._t.call("POST", "/v1/tokens", TokenCreated, json=body.model_dump()).token
+    def new_token(self, name: str, model: str | None = None, *, models: list[str] | None = None,
+                  ttl_s: float | None = None, expires_at: datetime | None = None, no_expiry: bool = False,
+                  quota: int | None = None) -> TokenCreated:
+        """A new access token (its value in ``.token``, shown only now), assigned to ``model``
+        and/or ``models``; expires in 30 days unless ``ttl_s``, ``expires_at`` or ``no_expiry``."""
+        body = TokenIn(name=name, model=model, models=models or [], ttl_s=ttl_s, expires_at=expires_at,
+                       no_expiry=no_expiry, quota=quota)
+        return self._t.call("POST", "/v1/tokens", TokenCreated, json=body.model_dump(mode="json"))
+
+    def create_token(self, name: str, model: str | None = None, ttl_s: float | None = None, **options: Any) -> str:
+        """:meth:`new_token`, returning only the value (shown only now)."""
+        return self.new_token(name, model, ttl_s=ttl_s, **options).token
+
+    def get_token(self, token_id: str) -> TokenOut:
+        return self._t.call("GET", self._token_path(token_id), TokenOut)
+
+    def list_tokens(self, model: str | None = None) -> list[TokenOut]:
+        """Masked, with status, models, expiry, last use and queries used."""
+        params = {"model": model} if model else None
+        return self._t.call("GET", "/v1/tokens", list[TokenOut], params=params)
+
+    def update_token(self, token_id: str, *, name: str | None = None, expires_at: datetime | None = UNSET,
+                     ttl_s: float | None = None, quota: int | None = UNSET, enabled: bool | None = None) -> TokenOut:
+        """Change what is given: ``expires_at=None`` never expires, ``quota=None`` no quota;
+        ``enabled=False`` disables it until ``enabled=True``."""
+        body: dict[str, Any] = {"name": name, "ttl_s": ttl_s, "enabled": enabled}
+        body = {k: v for k, v in body.items() if v is not None}
+        if expires_at is not UNSET:
+            body["expires_at"] = expires_at
+        if quota is not UNSET:
+            body["quota"] = quota
+        update = TokenUpdate(**body)
+        return self._t.call("PATCH", self._token_path(token_id), TokenOut,
+                            json=update.model_dump(mode="json", include=update.model_fields_set))
+
+    def enable_token(self, token_id: str) -> TokenOut:
+        return self.update_token(token_id, enabled=True)
+
+    def disable_token(self, token_id: str) -> TokenOut:
+        return self.update_token(token_id, enabled=False)
+
+    def assign_token(self, token_id: str, model: str) -> TokenOut:
+        return self._t.call("POST", self._token_path(token_id) + "/models", TokenOut,
+                            json=AssignIn(model=model).model_dump())
+
+    def unassign_token(self, token_id: str, model: str) -> TokenOut:
+        return self._t.call("DELETE", f"{self._token_path(token_id)}/models/{quote(model, safe='')}", TokenOut)
 
     def revoke_token(self, token_id: str) -> TokenOut:
-        return self._t.call("POST", f"/v1/tokens/{quote(token_id, safe='')}/revoke", TokenOut)
+        return self._t.call("POST", self._token_path(token_id) + "/revoke", TokenOut)
 
-    def list_tokens(self) -> list[TokenOut]:
-        return self._t.call("GET", "/v1/tokens", list[TokenOut])
+    def delete_token(self, token_id: str) -> None:
+        self._t.request("DELETE", self._token_path(token_id))
 
     def close(self) -> None:
         self._t.close()
+
+    def _upload(self, path: str | Path) -> tuple[str, str]:
+        """Stage a deployment directory's client.zip and server.zip; their upload ids."""
+        deployment = load_deployment(path)
+        client, server = (
+            self._t.call("PUT", "/v1/uploads", UploadOut, content=data, timeout=UPLOAD_TIMEOUT_S,
+                         headers={"Content-Type": "application/octet-stream"})
+            for data in (deployment.client_zip, deployment.server_zip)
+        )
+        return client.upload_id, server.upload_id
+
+    @staticmethod
+    def _model_path(name: str) -> str:
+        return f"/v1/models/{quote(name, safe='')}"
+
+    @staticmethod
+    def _token_path(token_id: str) -> str:
+        return f"/v1/tokens/{quote(token_id, safe='')}"
 
     def _worker(self, method: str, path: str, **kwargs: Any) -> WorkerInfo:
         return self._t.call(method, path, WorkerOut, **kwargs)

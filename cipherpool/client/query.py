@@ -22,7 +22,7 @@ from cipherpool.api.schemas import ClientModelOut, KeyOut, QueryAccepted
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.credentials import digest
-from cipherpool.errors import KeyMismatch, ModelMismatch, ModelUnavailable, QueryTimeout, RemoteError
+from cipherpool.errors import KeyMismatch, KeysOutdated, ModelMismatch, ModelUnavailable, QueryTimeout, RemoteError
 from cipherpool.fhe.client import ClientCrypto
 from cipherpool.files import private_dir
 from cipherpool.messages import EncryptedInput, EncryptedOutput
@@ -40,6 +40,7 @@ class QueryHandle:
     id: str
     submitted_at: float
     node: str | None = None
+    version: int | None = None  # the model version that computed it
     key_cache: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     _output: bytes | None = None
@@ -73,6 +74,7 @@ class QueryHandle:
 
     def _take(self, response: httpx.Response) -> bytes:
         self.node = response.headers.get("x-cipherpool-node")
+        self.version = int(response.headers.get("x-cipherpool-model-version") or 0) or None
         self.key_cache = response.headers.get("x-cipherpool-key-cache")
         try:
             server = json.loads(response.headers.get("x-cipherpool-timings", "{}"))
@@ -84,17 +86,25 @@ class QueryHandle:
 
 
 class QueryClient:
-    """An end user's handle: ``QueryClient(token, url=...)``; the URL as for ManagementClient."""
+    """An end user's handle: ``QueryClient(token, url=..., model=...)``; the URL as for
+    ManagementClient. ``model`` names the model when the token queries several.
 
-    def __init__(self, token: str | None = None, url: str | None = None, *,
+    Keys belong to a model version's client specs: when the provider deploys a version with
+    other specs, queries with the old keys are refused with ``KeysOutdated``; ``refresh()``
+    then ``generate_keys()`` and ``upload_evaluation_keys()`` (``predict`` does it by itself)."""
+
+    def __init__(self, token: str | None = None, url: str | None = None, *, model: str | None = None,
                  key_dir: str | Path | None = None, settings: Settings | None = None):
         self.settings = client_settings(url, settings)
+        self.model_name = model
+        self._params = {"model": model} if model else {}
         self._t = Transport(self.settings, token or self.settings.token, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
         self._token = self._t.credential
         self.key_dir = Path(key_dir) if key_dir else self.settings.data_dir / "client" / digest(self.token)[:16]
         self._model: ClientModelOut | None = None
         self._crypto: ClientCrypto | None = None
         self.last_timings: dict[str, float] = {}
+        self.last_version: int | None = None  # the model version that answered the last execute()
 
     @property
     def token(self) -> str:
@@ -108,20 +118,28 @@ class QueryClient:
 
     @property
     def model(self) -> ClientModelOut:
-        """The model this token queries (id, name, status, versions); fetched once."""
+        """The model this client queries (id, name, status, serving version); fetched once."""
         if self._model is None:
             self._model = self._describe()
         return self._model
 
     @property
     def crypto(self) -> ClientCrypto:
+        """Keys and encryption for the serving version's client specs (one key directory per specs)."""
         if self._crypto is None:
-            client_zip = self._t.request("GET", "/v1/client/model/client.zip").content
-            if digest_bytes(client_zip) != self.model.client_zip_sha256:
-                raise RemoteError("The model's client specs arrived damaged; try again.")
+            model = self.model
+            client_zip = self._t.request("GET", "/v1/client/model/client.zip", params=self._params).content
+            if digest_bytes(client_zip) != model.client_zip_sha256:
+                raise RemoteError("The model's client specs arrived damaged or changed meanwhile; try again.")
             private_dir(self.key_dir)
-            self._crypto = ClientCrypto(client_zip, self.key_dir / self.model.id)
+            self._crypto = ClientCrypto(client_zip, self.key_dir / f"{model.id}-{model.client_zip_sha256[:12]}")
         return self._crypto
+
+    def refresh(self) -> ClientModelOut:
+        """Forget the model's description and client specs (after ``KeysOutdated``: the model
+        serves another version); the next call fetches them again."""
+        self._model, self._crypto = None, None
+        return self.model
 
     def generate_keys(self, force: bool = False) -> str:
         """Create (or reload) this client's keys; returns the key set's id."""
@@ -131,8 +149,9 @@ class QueryClient:
         """Upload the evaluation key under this key set's id (stored once per content), which
         it returns. The secret key is not sent: it never leaves key_dir."""
         key_id = self.crypto.key_id()
+        params = {**self._params, "specs": self.model.client_zip_sha256}
         self._t.call("PUT", f"/v1/client/keys/{key_id}", KeyOut, content=self.crypto.evaluation_key(),
-                     headers=OCTET, timeout=UPLOAD_TIMEOUT_S)
+                     headers=OCTET, timeout=UPLOAD_TIMEOUT_S, params=params)
         return key_id
 
     def encrypt(self, x: ArrayLike) -> bytes:
@@ -160,7 +179,7 @@ class QueryClient:
         else:
             handle = QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
             output = handle.result(max(0.001, timeout - (time.time() - submitted)))
-        self.last_timings = handle.timings
+        self.last_timings, self.last_version = handle.timings, handle.version
         return output
 
     def decrypt(self, output: bytes) -> NDArray[Any]:
@@ -175,6 +194,15 @@ class QueryClient:
         """Encrypt, execute and decrypt; a 2-D ``x`` runs its rows as concurrent queries
         (all are submitted first, so the pool works on them in parallel while we wait)."""
         x = np.asarray(x)
+        try:
+            return self._predict(x, timeout)
+        except KeysOutdated:  # the model serves a version with other client specs: new keys, once
+            self.refresh()
+            self.generate_keys()
+            self.upload_evaluation_keys()
+            return self._predict(x, timeout)
+
+    def _predict(self, x: NDArray[Any], timeout: float | None) -> NDArray[Any]:
         if x.ndim == 1:
             return self._predict_one(x, timeout)
         handles = [self.submit(self.encrypt(row)) for row in x]
@@ -204,7 +232,7 @@ class QueryClient:
             )
 
     def _describe(self) -> ClientModelOut:
-        return self._t.call("GET", "/v1/client/model", ClientModelOut)
+        return self._t.call("GET", "/v1/client/model", ClientModelOut, params=self._params)
 
     def _poll(self, query_id: str, remaining: float) -> httpx.Response:
         wait = min(max(0.0, remaining), self.settings.long_poll_s)

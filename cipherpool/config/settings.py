@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 120
     result_expires_s: int = 3600
     node_heartbeat_s: float = 10.0
+    # After a rollout, how long nodes keep the previous version for queries queued before
+    # the switch. None: query_timeout_s + auth_cache_ttl_s (a query older than that expired).
+    version_grace_s: float | None = None
 
     # Monitoring beside the pool.
     flower_port: int | None = None
@@ -108,6 +111,11 @@ class Settings(BaseSettings):
         if not 0 <= value <= MAX_AUTH_CACHE_TTL_S:
             raise ValueError(f"auth_cache_ttl_s must be between 0 and {MAX_AUTH_CACHE_TTL_S:g} s")
         return value
+
+    def effective_version_grace_s(self) -> float:
+        if self.version_grace_s is not None:
+            return self.version_grace_s
+        return self.query_timeout_s + self.auth_cache_ttl_s
 
     def effective_database_url(self) -> str:
         if self.database_url:

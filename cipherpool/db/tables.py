@@ -28,42 +28,105 @@ def utcnow() -> datetime:
 
 
 class Account(SQLModel, table=True):
+    """A provider. Its name is a display name, not unique: a provider renaming its account
+    must not learn, from a refusal, that another account has that name."""
+
     __tablename__ = "accounts"
     id: str = Field(default_factory=new_id, primary_key=True)
-    name: str = Field(index=True, unique=True)
+    name: str = Field(index=True)
+    organisation: str | None = None
+    contact_email: str | None = None
     api_key_hash: str = Field(index=True, unique=True)
     api_key_prefix: str
     created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime | None = None
+    disabled_at: datetime | None = None  # set by an operator: key refused, tokens refused, workers stopped
 
 
 class Model(SQLModel, table=True):
+    """A provider's model: its settings and which of its versions serves (``version``).
+
+    ``rollout_version`` is set while workers load another version one at a time; queries keep
+    using ``version`` until every running worker holds the new one, then it becomes ``version``."""
+
     __tablename__ = "models"
     __table_args__ = (UniqueConstraint("account_id", "name"),)
     id: str = Field(default_factory=new_id, primary_key=True)
     account_id: str = Field(foreign_key="accounts.id", index=True)
     name: str
+    description: str = ""
     status: ModelStatus = ModelStatus.DEPLOYED
     hardware: str = "cpu"
-    client_blob: str  # sha256 of client.zip in the blob store
-    server_blob: str  # sha256 of server.zip in the blob store
-    concrete_ml_version: str
-    concrete_python_version: str
-    python_version: str
+    min_workers: int = 0
+    max_workers: int = 1
+    shared: bool = False  # may run on shared pool nodes (the worker-lifecycle issue)
+    version: int = 1
+    rollout_version: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+class ModelVersion(SQLModel, table=True):
+    """One deployed artifact pair of a model, numbered from 1; kept for rollback."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "number"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    model_id: str = Field(foreign_key="models.id", index=True)
+    number: int
+    client_blob: str  # sha256 of client.zip in the blob store
+    server_blob: str  # sha256 of server.zip in the blob store
+    client_size: int = 0
+    server_size: int = 0
+    concrete_ml_version: str
+    concrete_python_version: str
+    python_version: str
+    input_shape: str | None = None  # JSON list, from client.zip's specs
+    input_dtype: str | None = None
+    note: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class AccessToken(SQLModel, table=True):
+    """An end user's credential. Which models it may query is :class:`TokenModel`; how many
+    queries it has used is counted in Redis (:mod:`cipherpool.services.usage`)."""
+
     __tablename__ = "access_tokens"
     id: str = Field(default_factory=new_id, primary_key=True)
     account_id: str = Field(foreign_key="accounts.id", index=True)
-    model_id: str = Field(foreign_key="models.id", index=True)
     name: str
     token_hash: str = Field(index=True, unique=True)
     prefix: str  # first characters, so a user can tell tokens apart in listings
     created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime | None = None
     expires_at: datetime | None = None
-    revoked_at: datetime | None = None
+    revoked_at: datetime | None = None  # for good
+    disabled_at: datetime | None = None  # until enabled again
+    quota: int | None = None  # queries it may run in all; None: no limit
+
+
+class TokenModel(SQLModel, table=True):
+    """A token's assignment to one model of its account."""
+
+    __tablename__ = "token_models"
+    token_id: str = Field(foreign_key="access_tokens.id", primary_key=True)
+    model_id: str = Field(foreign_key="models.id", primary_key=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ModelEvent(SQLModel, table=True):
+    """One line of a model's event log (what happened, to which worker/version/token, why)."""
+
+    __tablename__ = "model_events"
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: str = Field(foreign_key="accounts.id", index=True)
+    model_id: str = Field(foreign_key="models.id", index=True)
+    at: datetime = Field(default_factory=utcnow)
+    kind: str  # an EventKind value; a plain string so that new kinds need no migration
+    message: str
+    worker_id: str | None = None
+    version: int | None = None
+    token_id: str | None = None
 
 
 class EvaluationKey(SQLModel, table=True):
@@ -80,6 +143,7 @@ class EvaluationKey(SQLModel, table=True):
     blob_id: str  # sha256 of the serialized evaluation key in the blob store
     token_id: str = Field(foreign_key="access_tokens.id", index=True)
     model_id: str = Field(foreign_key="models.id", index=True)
+    client_blob: str = ""  # the client specs (client.zip) the key set was generated from
     size_bytes: int
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -106,7 +170,9 @@ class Worker(SQLModel, table=True):
     model_id: str = Field(foreign_key="models.id", index=True)
     node_name: str = Field(foreign_key="pool_nodes.name", index=True)
     status: WorkerStatus = WorkerStatus.STARTING
+    version: int | None = None  # the newest model version this worker has loaded
     error: str | None = None
+    stop_reason: str | None = None  # who or what stopped it: user, account disabled, ...
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     stopped_at: datetime | None = None

@@ -120,3 +120,29 @@ def load_deployment(path: str | Path) -> Deployment:
     client_zip, server_zip = (files[n].read_bytes() for n in (CLIENT_ZIP, SERVER_ZIP))
     versions = check_pair(client_zip, server_zip)
     return Deployment(client_zip=client_zip, server_zip=server_zip, versions=versions)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model's first input looks like, read from client.zip: the clear shape a client
+    encrypts, and its type (the quantizer's float type and the encrypted integer it becomes)."""
+
+    shape: list[int] | None = None
+    dtype: str | None = None
+
+
+def input_spec(client_zip: bytes) -> InputSpec:
+    """Best effort: an unknown layout (another concrete version) gives an empty spec, never an error."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(client_zip)) as zf:
+            specs = json.loads(zf.read("client.specs.json"))
+            processing = json.loads(zf.read("serialized_processing.json"))
+        lwe = specs["circuits"][0]["inputs"][0]["typeInfo"]["lweCiphertext"]
+        shape = [int(d) for d in lwe["abstractShape"]["dimensions"]]
+        integer = lwe["encoding"]["integer"]
+        encrypted = f"{'int' if integer.get('isSigned') else 'uint'}{int(integer['width'])}"
+        quantizer = processing.get("input_quantizers", [{}])[0].get("serialized_value", {})
+        clear = (quantizer.get("scale") or {}).get("dtype") if isinstance(quantizer, dict) else None
+        return InputSpec(shape, f"{clear} -> {encrypted}" if clear else encrypted)
+    except Exception:  # noqa: BLE001 - informative only
+        return InputSpec()

@@ -1,10 +1,14 @@
 """Bearer credentials to principals, with a short-lived cache.
 
 An API key (``cpk_…``) authenticates a provider account; an access token (``cpt_…``) an end
-user's grant on one model. Lookups hit the database once per credential and
-``auth_cache_ttl_s`` (at most 5 s), so a query costs no database round trip, and a revoked
-token, a disabled key or a deactivated model takes effect within that time (at once on the
-gateway that made the change, which drops its cache).
+user's grant on the models it is assigned to. Lookups hit the database once per credential
+and ``auth_cache_ttl_s`` (at most 5 s), so a query costs no database round trip.
+
+A change (a rotated key, a revoked, disabled or unassigned token, a deactivated model, a new
+version) takes effect at once on every gateway: the gateway that makes it bumps a generation
+counter in Redis, and every gateway compares it with its own on each request (one GET) and
+drops its caches when it moved. A change made where the gateway cannot hear it (an operator
+on the database alone) takes effect within the cache's TTL.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from typing import Generic, TypeVar
 
 from cipherpool.credentials import API_KEY_PREFIX, TOKEN_PREFIX, digest
 from cipherpool.errors import InvalidApiKey, InvalidToken, WrongCredential
+from cipherpool.names import AUTH_GENERATION_KEY
 from cipherpool.services.accounts import authenticate as authenticate_api_key
-from cipherpool.services.queries import TokenGrant, grant_for_value, key_blob
+from cipherpool.services.queries import KeyRef, ModelGrant, TokenGrant, check_key, grant_for_value, key_ref
 from cipherpool.workers.context import PlatformContext
 
 V = TypeVar("V")
@@ -77,7 +82,8 @@ class Authenticator:
     def __init__(self, ctx: PlatformContext):
         self.ctx = ctx
         self._principals: TtlCache[Principal] = TtlCache(ctx.settings.auth_cache_ttl_s)
-        self._keys: TtlCache[str] = TtlCache(ctx.settings.auth_cache_ttl_s)
+        self._keys: TtlCache[KeyRef] = TtlCache(ctx.settings.auth_cache_ttl_s)
+        self._generation: bytes | None = None
 
     def principal(self, credential: str) -> Principal:
         if credential.startswith(API_KEY_PREFIX):
@@ -86,15 +92,31 @@ class Authenticator:
             return self._principals.get_or_load(digest(credential), lambda: self._grant(credential))
         raise InvalidToken("Unknown kind of credential: pass a cpk_… API key or a cpt_… access token.")
 
-    def key_blob(self, grant: TokenGrant, key_id: str) -> str:
-        def load() -> str:
+    def key_blob(self, grant: TokenGrant, model: ModelGrant, key_id: str) -> str:
+        """The evaluation-key blob of key set ``key_id``, if it is usable for ``model`` now."""
+        def load() -> KeyRef:
             with self.ctx.session() as session:
-                return key_blob(session, grant, key_id)
+                ref = key_ref(session, grant.token_id, key_id)
+            if ref is None:  # not cached: an upload may follow at once
+                return check_key(None, model)  # type: ignore[return-value]  # raises
+            return ref
 
-        return self._keys.get_or_load((grant.token_id, key_id), load)
+        return check_key(self._keys.get_or_load((grant.token_id, key_id), load), model)
+
+    def sync(self) -> None:
+        """Drop the caches if any gateway announced a change since the last request."""
+        generation = self.ctx.store.redis.get(AUTH_GENERATION_KEY)
+        if generation != self._generation:
+            self.forget()
+            self._generation = generation if isinstance(generation, bytes) else None
+
+    def changed(self) -> None:
+        """A credential, grant or model changed: every gateway drops its caches."""
+        self.forget()
+        self.ctx.store.redis.incr(AUTH_GENERATION_KEY)
 
     def forget(self) -> None:
-        """Drop every cached answer (after a change made through this gateway)."""
+        """Drop every cached answer."""
         self._principals.clear()
         self._keys.clear()
 

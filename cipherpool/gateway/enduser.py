@@ -1,14 +1,18 @@
-"""End-user endpoints (bearer access token): the model's client specs and evaluation keys."""
+"""End-user endpoints (bearer access token): the models a token queries, their client specs,
+and evaluation keys.
+
+A token assigned to one model needs no ``?model=``; one assigned to several names the model.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from cipherpool.api.schemas import KEY_ID_PATTERN, ClientModelOut, KeyOut
+from cipherpool.api.schemas import KEY_ID_PATTERN, NAME_PATTERN, SHA256_PATTERN, ClientModelOut, KeyOut
 from cipherpool.db.tables import Model
 from cipherpool.errors import InvalidEvaluationKey, ModelNotFound
 from cipherpool.fhe.framing import capnp_message_length, header_bytes_needed
@@ -16,40 +20,50 @@ from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, 
 from cipherpool.gateway.state import GatewayState
 from cipherpool.gateway.uploads import Upload, stream_into_store
 from cipherpool.services import queries
-from cipherpool.services.queries import TokenGrant
+from cipherpool.services.models import current_version
+from cipherpool.services.queries import ModelGrant, TokenGrant
 from cipherpool.services import workers as worker_service
 from cipherpool.store import BlobKind
 
 router = APIRouter(prefix="/v1/client", tags=["end user"])
 KeyId = Annotated[str, Path(pattern=KEY_ID_PATTERN)]
+ModelChoice = Annotated[str | None, Query(pattern=NAME_PATTERN, description="needed when the token has several models")]
+Specs = Annotated[str | None, Query(pattern=SHA256_PATTERN, description="sha256 of the client.zip the keys were made from")]
+
+
+@router.get("/models", response_model=list[ClientModelOut])
+def list_models(gw: Gateway, grant: Grant) -> list[ClientModelOut]:
+    """The models this token may query."""
+    with gw.ctx.session() as session:
+        return [_describe(session, _model(session, m)) for m in grant.models]
 
 
 @router.get("/model", response_model=ClientModelOut)
-def describe_model(gw: Gateway, grant: Grant) -> ClientModelOut:
-    """The model this token queries, its concrete versions, and how many workers serve it."""
+def describe_model(gw: Gateway, grant: Grant, model: ModelChoice = None) -> ClientModelOut:
+    """A model this token queries: its serving version, client specs digest, and how many
+    workers serve it."""
     with gw.ctx.session() as session:
-        model = _model(session, grant)
-        return ClientModelOut(
-            id=model.id, name=model.name, status=model.status, concrete_ml=model.concrete_ml_version,
-            concrete_python=model.concrete_python_version, client_zip_sha256=model.client_blob,
-            running_workers=worker_service.running_count(session, model.id),
-        )
+        return _describe(session, _model(session, queries.pick_model(grant, model)))
 
 
 @router.get("/model/client.zip", response_class=Response, responses={200: BINARY_RESPONSE})
-def client_zip(gw: Gateway, grant: Grant) -> Response:
-    """The model's client specs, from which the client generates its keys."""
+def client_zip(gw: Gateway, grant: Grant, model: ModelChoice = None) -> Response:
+    """The serving version's client specs, from which the client generates its keys."""
     with gw.ctx.session() as session:
-        blob = _model(session, grant).client_blob
+        blob = current_version(session, _model(session, queries.pick_model(grant, model))).client_blob
     return Response(gw.store.get(BlobKind.CLIENT_ZIP, blob), media_type=OCTET_STREAM)
 
 
 @router.put("/keys/{key_id}", response_model=KeyOut, status_code=201, openapi_extra=BINARY_BODY)
-async def upload_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant) -> KeyOut:
-    """Upload the evaluation key of key set ``key_id`` (streamed; stored once per content).
+async def upload_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant, model: ModelChoice = None,
+                     specs: Specs = None) -> KeyOut:
+    """Upload the evaluation key of key set ``key_id`` (streamed; stored once per content),
+    generated from client specs ``specs`` (refused if the model serves others now).
 
     Only the Cap'n Proto segment table is read back (a few bytes) to refuse a truncated key:
     concrete's reader never returns on one."""
+    target = queries.pick_model(grant, model)
+    queries.check_specs(target, specs)
     await run_in_threadpool(_check_room, gw, grant, key_id)
     upload = await stream_into_store(request, gw.store, gw.settings.upload_ttl_s)
     try:
@@ -60,7 +74,7 @@ async def upload_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant)
     except BaseException:
         await run_in_threadpool(gw.store.discard_upload, upload.key)
         raise
-    await run_in_threadpool(_register, gw, grant, key_id, upload)
+    await run_in_threadpool(_register, gw, grant, target.name, key_id, upload, specs)
     return KeyOut(key_id=key_id, blob_id=upload.sha256, size_bytes=upload.size)
 
 
@@ -70,17 +84,29 @@ def _check_room(gw: GatewayState, grant: TokenGrant, key_id: str) -> None:
         queries.check_room(session, grant, key_id, gw.settings.max_keys_per_token)
 
 
-def _register(gw: GatewayState, grant: TokenGrant, key_id: str, upload: Upload) -> None:
+def _register(gw: GatewayState, grant: TokenGrant, model_name: str, key_id: str, upload: Upload,
+              specs: str | None) -> None:
     """Decoded (the body's framing checked) -> authorised (the token, as it is now) -> stored."""
     with gw.ctx.session() as session:
         fresh = queries.grant_for_id(session, grant.token_id)
-        queries.register_key(session, fresh, key_id, upload.sha256, upload.size, gw.settings.max_keys_per_token)
+        target = queries.pick_model(fresh, model_name)
+        queries.register_key(session, fresh, target, key_id, upload.sha256, upload.size, specs,
+                             gw.settings.max_keys_per_token)
         gw.store.adopt(upload.key, BlobKind.EVALUATION_KEY, upload.sha256)
-    gw.auth.forget()
+    gw.auth.changed()
 
 
-def _model(session: Session, grant: TokenGrant) -> Model:
+def _model(session: Session, grant: ModelGrant) -> Model:
     model = session.get(Model, grant.model_id)
     if model is None:  # deleted since the grant was cached
-        raise ModelNotFound("The model of this token no longer exists.")
+        raise ModelNotFound("This model no longer exists.")
     return model
+
+
+def _describe(session: Session, model: Model) -> ClientModelOut:
+    version = current_version(session, model)
+    return ClientModelOut(
+        id=model.id, name=model.name, status=model.status, version=model.version,
+        concrete_ml=version.concrete_ml_version, concrete_python=version.concrete_python_version,
+        client_zip_sha256=version.client_blob, running_workers=worker_service.running_count(session, model.id),
+    )

@@ -65,6 +65,7 @@ class Guard:
 
     @staticmethod
     def _admit(gw: GatewayState, authorization: str | None) -> Principal:
+        gw.auth.sync()
         principal = gw.auth.principal(bearer(authorization))
         if isinstance(principal, AccountPrincipal):
             gw.limiter.hit(principal.account_id)

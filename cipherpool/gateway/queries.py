@@ -26,7 +26,8 @@ from cipherpool.gateway.results import TaskMeta, is_ready
 from cipherpool.gateway.state import GatewayState
 from cipherpool.messages import EncryptedInput
 from cipherpool.names import QUERY_OWNER_PREFIX
-from cipherpool.services.queries import TokenGrant
+from cipherpool.services import usage
+from cipherpool.services.queries import ModelGrant, TokenGrant
 
 router = APIRouter(prefix="/v1/queries", tags=["end user"])
 QueryId = Annotated[str, Path(pattern=QUERY_ID_PATTERN)]
@@ -38,13 +39,13 @@ RESULT_HEADERS: dict[int | str, dict[str, Any]] = {200: BINARY_RESPONSE, 202: {"
 @router.post("", status_code=202, responses=RESULT_HEADERS, openapi_extra=BINARY_BODY)
 async def submit(request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0) -> Response:
     body = await request.body()
-    envelope = open_envelope(grant, body)
+    envelope, model = open_envelope(grant, body)
     query_id = str(uuid.uuid4())
     if wait <= 0:
-        await run_in_threadpool(_publish, gw, grant, envelope, body, query_id)
+        await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id)
         return _accepted(query_id, None)
     async with gw.waiter.watch(query_id) as watch:
-        await run_in_threadpool(_publish, gw, grant, envelope, body, query_id)
+        await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id)
         meta = await watch.result(min(wait, gw.settings.long_poll_s))
     return await _answer(gw, query_id, meta)
 
@@ -66,11 +67,13 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
     return Response(status_code=204)
 
 
-def _publish(gw: GatewayState, grant: TokenGrant, envelope: EncryptedInput, body: bytes, query_id: str) -> None:
-    """Key lookup (cached), owner record and publish: one trip to the thread pool."""
+def _publish(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput, body: bytes,
+             query_id: str) -> None:
+    """Key lookup (cached), quota, owner record and publish: one trip to the thread pool."""
     s = gw.settings
-    blob_id = gw.auth.key_blob(grant, envelope.key_id)
-    request = prepare_query(s, gw.store, grant, envelope, body, blob_id)
+    blob_id = gw.auth.key_blob(grant, model, envelope.key_id)
+    usage.charge(gw.store.redis, grant.token_id, grant.quota)
+    request = prepare_query(s, gw.store, grant, model, envelope, body, blob_id)
     gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
     publish_query(gw.celery, request, s.query_timeout_s, task_id=query_id)
 
@@ -94,6 +97,7 @@ async def _answer(gw: GatewayState, query_id: str, meta: TaskMeta | None) -> Res
     headers = {
         "X-Cipherpool-Query": query_id,
         "X-Cipherpool-Node": reply.node,
+        "X-Cipherpool-Model-Version": str(reply.version),
         "X-Cipherpool-Key-Cache": reply.key_cache,
         "X-Cipherpool-Timings": json.dumps(reply.timings, separators=(",", ":")),
     }

@@ -1,55 +1,76 @@
-"""Deployed models: registration, listing, activation."""
+"""Deployed models: settings, versions, status, deletion.
+
+A model is a name and settings; what runs is one of its numbered versions (an artifact pair
+in the blob store). Deploying a new version or rolling back starts a rollout
+(:mod:`cipherpool.services.rollout`); every change is written to the model's event log in the
+same transaction.
+"""
 
 from __future__ import annotations
 
-from sqlmodel import Session, select
+import json
+from dataclasses import dataclass
+from typing import Any
 
-from cipherpool.api.schemas import ModelOut
-from cipherpool.db.tables import Account, Model, ModelStatus, utcnow
-from cipherpool.errors import InvalidInput, ModelExists, ModelNotFound
-from cipherpool.fhe.deployment import Versions
+from sqlmodel import Session, col, delete, func, select
+
+from cipherpool.api.schemas import ModelDetail, ModelOut, VersionOut
+from cipherpool.db.tables import (
+    Account, EvaluationKey, Model, ModelStatus, ModelVersion, TokenModel, Worker, utcnow,
+)
+from cipherpool.errors import InvalidInput, ModelBusy, ModelExists, ModelNotFound, VersionNotFound
+from cipherpool.fhe.deployment import InputSpec, Versions
+from cipherpool.services import events, rollout
 from cipherpool.services.validation import check_name
+from cipherpool.statuses import EventKind, WorkerStatus
+from cipherpool.store import BlobKind
 
 HARDWARE_CLASSES = ("cpu", "gpu")
+SETTINGS = ("description", "hardware", "min_workers", "max_workers", "shared")
+BUSY = (WorkerStatus.STARTING, WorkerStatus.RUNNING, WorkerStatus.STOPPING)
 
 
-def deploy_model(
-    session: Session,
-    account: Account,
-    name: str,
-    *,
-    client_blob: str,
-    server_blob: str,
-    versions: Versions,
-    hardware: str = "cpu",
-) -> Model:
-    check_name("model", name)
+@dataclass(frozen=True)
+class Artifact:
+    """A checked client.zip/server.zip pair, stored under its digests."""
+
+    client_blob: str
+    server_blob: str
+    client_size: int
+    server_size: int
+    versions: Versions
+    spec: InputSpec = InputSpec()
+
+
+def check_settings(settings: dict[str, Any], current: Model | None = None) -> None:
+    hardware = settings.get("hardware", current.hardware if current else "cpu")
     if hardware not in HARDWARE_CLASSES:
         raise InvalidInput(f"hardware must be one of {', '.join(HARDWARE_CLASSES)}, not {hardware!r}.")
-    existing = session.exec(
-        select(Model).where(Model.account_id == account.id, Model.name == name)
-    ).first()
-    if existing:
-        raise ModelExists(f"Model {name!r} exists already; deploy under another name.")
-    model = Model(
-        account_id=account.id,
-        name=name,
-        hardware=hardware,
-        client_blob=client_blob,
-        server_blob=server_blob,
-        concrete_ml_version=versions.concrete_ml,
-        concrete_python_version=versions.concrete_python,
-        python_version=versions.python,
-    )
+    low = settings.get("min_workers", current.min_workers if current else 0)
+    high = settings.get("max_workers", current.max_workers if current else 1)
+    if low is None or high is None or low < 0 or high < 1 or low > high:
+        raise InvalidInput(f"Workers: need 0 <= min_workers <= max_workers and max_workers >= 1 (got {low}..{high}).")
+
+
+def deploy_model(session: Session, account: Account, name: str, artifact: Artifact, *, hardware: str = "cpu",
+                 description: str = "", min_workers: int = 0, max_workers: int = 1, shared: bool = False) -> Model:
+    check_name("model", name)
+    check_settings({"hardware": hardware, "min_workers": min_workers, "max_workers": max_workers})
+    if session.exec(select(Model).where(Model.account_id == account.id, Model.name == name)).first():
+        raise ModelExists(f"Model {name!r} exists already; deploy a new version of it, or use another name.")
+    model = Model(account_id=account.id, name=name, hardware=hardware, description=description,
+                  min_workers=min_workers, max_workers=max_workers, shared=shared, version=1)
     session.add(model)
     session.flush()
+    _add_version_row(session, model, 1, artifact, note="")
+    events.record(session, model, EventKind.DEPLOYED, f"deployed version 1 ({hardware}, "
+                  f"{min_workers}..{max_workers} workers{', shared' if shared else ''})", version=1)
     return model
 
 
 def get_model(session: Session, account: Account, name: str) -> Model:
-    model = session.exec(
-        select(Model).where(Model.account_id == account.id, Model.name == name)
-    ).first()
+    """The account's model by name; ModelNotFound for a name of another account's too."""
+    model = session.exec(select(Model).where(Model.account_id == account.id, Model.name == name)).first()
     if model is None:
         raise ModelNotFound(f"No model named {name!r} in this account.")
     return model
@@ -59,21 +80,179 @@ def list_models(session: Session, account: Account) -> list[Model]:
     return list(session.exec(select(Model).where(Model.account_id == account.id).order_by(Model.name)))
 
 
+def update_settings(session: Session, account: Account, name: str, changes: dict[str, Any]) -> Model:
+    """Change the settings named in ``changes``; the hardware class only while no worker runs."""
+    model = get_model(session, account, name)
+    unknown = set(changes) - set(SETTINGS)
+    if unknown:
+        raise InvalidInput(f"Unknown settings: {', '.join(sorted(unknown))}; settable: {', '.join(SETTINGS)}.")
+    changed = {k: v for k, v in changes.items() if v is not None and getattr(model, k) != v}
+    if not changed:
+        return model
+    check_settings(changed, model)
+    if "hardware" in changed and busy_workers(session, model.id):
+        raise ModelBusy(f"Model {name!r} has workers on {model.hardware} nodes: stop them before changing its hardware.")
+    described = ", ".join(f"{k} {getattr(model, k)!r} -> {v!r}" for k, v in changed.items())
+    for key, value in changed.items():
+        setattr(model, key, value)
+    model.updated_at = utcnow()
+    session.add(model)
+    events.record(session, model, EventKind.SETTINGS_CHANGED, described)
+    return model
+
+
 def set_status(session: Session, account: Account, name: str, status: ModelStatus) -> Model:
     model = get_model(session, account, name)
-    model.status = status
+    if model.status != status:
+        model.status = status
+        model.updated_at = utcnow()
+        session.add(model)
+        kind = EventKind.ACTIVATED if status == ModelStatus.ACTIVE else EventKind.DEACTIVATED
+        events.record(session, model, kind, f"model {status.value}")
+    return model
+
+
+# ---- versions ----------------------------------------------------------------------------
+
+
+def add_version(session: Session, account: Account, name: str, artifact: Artifact, note: str = "") -> Model:
+    """Register a new version and roll it out: workers load it one at a time and keep
+    answering with the serving version until every one of them holds the new one."""
+    model = get_model(session, account, name)
+    number = (session.exec(select(func.max(ModelVersion.number)).where(ModelVersion.model_id == model.id)).one() or 0) + 1
+    _add_version_row(session, model, number, artifact, note)
+    events.record(session, model, EventKind.VERSION_ADDED, f"version {number} added" + (f": {note}" if note else ""),
+                  version=number)
+    rollout.begin(session, model, number)
     model.updated_at = utcnow()
     session.add(model)
     return model
 
 
-def describe(model: Model) -> ModelOut:
+def rollback(session: Session, account: Account, name: str, to: int | None = None) -> Model:
+    """Serve an earlier version again (default: the one before the serving one), rolled out
+    the same way as a new one."""
+    model = get_model(session, account, name)
+    target = to if to is not None else model.version - 1
+    if target == model.version and model.rollout_version is None:
+        raise InvalidInput(f"Model {name!r} serves version {target} already.")
+    get_version(session, model, target)
+    events.record(session, model, EventKind.ROLLED_BACK, f"rollback from version {model.version} to {target}",
+                  version=target)
+    rollout.begin(session, model, target)
+    model.updated_at = utcnow()
+    session.add(model)
+    return model
+
+
+def get_version(session: Session, model: Model, number: int) -> ModelVersion:
+    version = session.exec(
+        select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number)
+    ).first()
+    if version is None:
+        raise VersionNotFound(f"Model {model.name!r} has no version {number}.")
+    return version
+
+
+def current_version(session: Session, model: Model) -> ModelVersion:
+    return get_version(session, model, model.version)
+
+
+def list_versions(session: Session, model: Model) -> list[ModelVersion]:
+    return list(session.exec(
+        select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(col(ModelVersion.number))))
+
+
+def _add_version_row(session: Session, model: Model, number: int, artifact: Artifact, note: str) -> ModelVersion:
+    row = ModelVersion(
+        model_id=model.id, number=number, client_blob=artifact.client_blob, server_blob=artifact.server_blob,
+        client_size=artifact.client_size, server_size=artifact.server_size,
+        concrete_ml_version=artifact.versions.concrete_ml, concrete_python_version=artifact.versions.concrete_python,
+        python_version=artifact.versions.python, note=note,
+        input_shape=json.dumps(artifact.spec.shape) if artifact.spec.shape is not None else None,
+        input_dtype=artifact.spec.dtype,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+# ---- deletion ----------------------------------------------------------------------------
+
+
+def busy_workers(session: Session, model_id: str) -> list[Worker]:
+    return list(session.exec(select(Worker).where(Worker.model_id == model_id, col(Worker.status).in_(BUSY))))
+
+
+def delete_model(session: Session, account: Account, name: str) -> list[tuple[BlobKind, str]]:
+    """Delete a model with its versions, evaluation keys, token assignments, stopped workers
+    and events; refused while a worker holds a node. Returns the blobs it referenced: the
+    caller deletes those that nothing references any more (:func:`unreferenced`), after commit."""
+    model = get_model(session, account, name)
+    busy = busy_workers(session, model.id)
+    if busy:
+        raise ModelBusy(f"Model {name!r} has {len(busy)} worker(s) running: stop them first "
+                        f"({', '.join(w.id for w in busy)}).")
+    blobs: list[tuple[BlobKind, str]] = []
+    for version in list_versions(session, model):
+        blobs += [(BlobKind.CLIENT_ZIP, version.client_blob), (BlobKind.SERVER_ZIP, version.server_blob)]
+    keys = session.exec(select(EvaluationKey.blob_id).where(EvaluationKey.model_id == model.id)).all()
+    blobs += [(BlobKind.EVALUATION_KEY, blob) for blob in keys]
+    session.exec(delete(EvaluationKey).where(col(EvaluationKey.model_id) == model.id))
+    session.exec(delete(TokenModel).where(col(TokenModel.model_id) == model.id))
+    session.exec(delete(Worker).where(col(Worker.model_id) == model.id))
+    session.exec(delete(ModelVersion).where(col(ModelVersion.model_id) == model.id))
+    events.delete_events(session, model.id)
+    session.delete(model)
+    session.flush()
+    return sorted(set(blobs))
+
+
+def unreferenced(session: Session, blobs: list[tuple[BlobKind, str]]) -> list[tuple[BlobKind, str]]:
+    """Those of ``blobs`` no row references (content-addressed blobs are shared: two models,
+    of any accounts, may hold the same artifact, and clients the same evaluation key)."""
+    free = []
+    for kind, blob in blobs:
+        if kind == BlobKind.EVALUATION_KEY:
+            used = session.exec(select(EvaluationKey.key_id).where(EvaluationKey.blob_id == blob)).first()
+        else:
+            column = ModelVersion.client_blob if kind == BlobKind.CLIENT_ZIP else ModelVersion.server_blob
+            used = session.exec(select(ModelVersion.id).where(column == blob)).first()
+        if used is None:
+            free.append((kind, blob))
+    return free
+
+
+# ---- what the API shows ------------------------------------------------------------------
+
+
+def describe(session: Session, model: Model) -> ModelOut:
+    version = current_version(session, model)
     return ModelOut(
-        id=model.id,
-        name=model.name,
-        status=model.status,
-        hardware=model.hardware,
-        concrete_ml=model.concrete_ml_version,
-        concrete_python=model.concrete_python_version,
-        created_at=model.created_at.isoformat(),
+        id=model.id, name=model.name, status=model.status, hardware=model.hardware, version=model.version,
+        rollout_version=model.rollout_version, description=model.description, min_workers=model.min_workers,
+        max_workers=model.max_workers, shared=model.shared, concrete_ml=version.concrete_ml_version,
+        concrete_python=version.concrete_python_version, created_at=model.created_at.isoformat(),
+        updated_at=model.updated_at.isoformat(),
+    )
+
+
+def describe_version(model: Model, version: ModelVersion) -> VersionOut:
+    return VersionOut(
+        number=version.number, serving=version.number == model.version,
+        rolling_out=version.number == model.rollout_version, client_sha256=version.client_blob,
+        client_size=version.client_size, server_sha256=version.server_blob, server_size=version.server_size,
+        concrete_ml=version.concrete_ml_version, concrete_python=version.concrete_python_version,
+        python=version.python_version, input_shape=json.loads(version.input_shape) if version.input_shape else None,
+        input_dtype=version.input_dtype, note=version.note, created_at=version.created_at.isoformat(),
+    )
+
+
+def detail(session: Session, model: Model, running_workers: int) -> ModelDetail:
+    versions = [describe_version(model, v) for v in list_versions(session, model)]
+    serving = next(v for v in versions if v.serving)
+    return ModelDetail(
+        **describe(session, model).model_dump(), versions=versions, client_sha256=serving.client_sha256,
+        client_size=serving.client_size, server_sha256=serving.server_sha256, server_size=serving.server_size,
+        input_shape=serving.input_shape, input_dtype=serving.input_dtype, running_workers=running_workers,
     )

@@ -13,7 +13,7 @@ from datetime import timedelta
 from sqlalchemy import ColumnElement, update
 from sqlmodel import Session, col, select
 
-from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, utcnow
+from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
 
 NODE_STALE_HEARTBEATS = 3  # a node unseen for this many heartbeats is not offered
 
@@ -59,3 +59,9 @@ def binding_of_node(session: Session, node_name: str) -> tuple[Worker, Model] | 
     return (worker, model) if model else None
 
 
+
+
+def still_wanted(session: Session, worker_id: str) -> bool:
+    """Should the node holding ``worker_id`` keep it? Not once it is stopping, stopped or failed."""
+    worker = session.get(Worker, worker_id)
+    return worker is not None and worker.status in (WorkerStatus.STARTING, WorkerStatus.RUNNING)

@@ -13,35 +13,69 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, func, select
 
-from cipherpool.db.tables import AccessToken, EvaluationKey, Model, ModelStatus
+from cipherpool.db.tables import AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, TokenModel
 from cipherpool.errors import (
-    EvaluationKeyNotFound, InvalidEvaluationKey, InvalidToken, ModelInactive, TokenNotForModel, TooManyKeys,
+    EvaluationKeyNotFound, InvalidEvaluationKey, InvalidInput, InvalidToken, KeysOutdated, ModelInactive,
+    TokenNotForModel, TooManyKeys,
 )
-from cipherpool.services.tokens import check_live, resolve_token
+from cipherpool.services.tokens import check_usable, resolve_token
 
 KEY_ID = re.compile(r"[0-9a-f]{32}")
+REGENERATE = ("generate keys again from its current client specs and upload them "
+              "(QueryClient: refresh(), then generate_keys() and upload_evaluation_keys(); "
+              "CLI: `cipherpool query keys --force`)")
+
+
+@dataclass(frozen=True)
+class ModelGrant:
+    """One model a token may query, as it is now: its status, serving version and the digest
+    of that version's client specs (keys made from other specs are outdated)."""
+
+    model_id: str
+    name: str
+    status: ModelStatus
+    version: int
+    client_blob: str
 
 
 @dataclass(frozen=True)
 class TokenGrant:
-    """What a live token may do: query one model of one account. Small and immutable, so the
-    gateway can cache it; the model's status is part of it (deactivation is seen as soon as
-    the cached grant expires)."""
+    """What a live token may do: query the models it is assigned to, up to its quota. Small
+    and immutable, so the gateway can cache it for a few seconds."""
 
     token_id: str
     account_id: str
+    quota: int | None
+    models: tuple[ModelGrant, ...]
+
+    def find(self, model_id: str) -> ModelGrant | None:
+        return next((m for m in self.models if m.model_id == model_id), None)
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """A registered key set: its evaluation-key blob, model, and the client specs it came from."""
+
+    blob_id: str
     model_id: str
-    model_name: str
-    model_status: ModelStatus
+    client_blob: str
 
 
-def _grant(token: AccessToken, model: Model) -> TokenGrant:
-    return TokenGrant(token.id, token.account_id, model.id, model.name, model.status)
+def _grant(session: Session, token: AccessToken) -> TokenGrant:
+    rows = session.exec(
+        select(Model, ModelVersion)
+        .join(TokenModel, TokenModel.model_id == Model.id)  # type: ignore[arg-type]
+        .join(ModelVersion, (ModelVersion.model_id == Model.id) & (ModelVersion.number == Model.version))  # type: ignore[arg-type]
+        .where(TokenModel.token_id == token.id)
+        .order_by(Model.name)
+    ).all()
+    models = tuple(ModelGrant(m.id, m.name, m.status, m.version, v.client_blob) for m, v in rows)
+    return TokenGrant(token.id, token.account_id, token.quota, models)
 
 
 def grant_for_value(session: Session, value: str | None) -> TokenGrant:
     """The grant behind a clear token value (what the gateway receives as a bearer)."""
-    return _grant(*resolve_token(session, value))
+    return _grant(session, resolve_token(session, value))
 
 
 def grant_for_id(session: Session, token_id: str) -> TokenGrant:
@@ -49,27 +83,51 @@ def grant_for_id(session: Session, token_id: str) -> TokenGrant:
     token = session.get(AccessToken, token_id) if isinstance(token_id, str) else None
     if token is None:
         raise InvalidToken(f"No access token with id {str(token_id)[:32]!r}.")
-    check_live(token)
-    model = session.get(Model, token.model_id)
-    assert model is not None  # foreign key
-    return _grant(token, model)
+    check_usable(session, token)
+    return _grant(session, token)
 
 
-def check_query(grant: TokenGrant, model_id: str) -> None:
-    """May this grant run a query on ``model_id`` now?"""
-    if grant.model_id != model_id:
-        raise TokenNotForModel("This token is not assigned to the model the ciphertext was encrypted for.")
-    if grant.model_status != ModelStatus.ACTIVE:
+def check_query(grant: TokenGrant, model_id: str) -> ModelGrant:
+    """May this grant run a query on ``model_id`` now? The model's grant if so."""
+    model = grant.find(model_id)
+    if model is None:
+        raise TokenNotForModel("This access token is not assigned to the model the ciphertext was encrypted for "
+                               "(it was unassigned, or never assigned); ask the model's provider.")
+    if model.status != ModelStatus.ACTIVE:
         raise ModelInactive(
-            f"Model {grant.model_name!r} is {grant.model_status.value}, not active; its provider must "
+            f"Model {model.name!r} is {model.status.value}, not active; its provider must "
             "activate it before it accepts queries."
         )
+    return model
+
+
+def pick_model(grant: TokenGrant, name: str | None) -> ModelGrant:
+    """The model a client names, or the token's only one."""
+    if name is not None:
+        found = next((m for m in grant.models if m.name == name), None)
+        if found is None:
+            raise TokenNotForModel(f"This access token is not assigned to a model named {name!r}.")
+        return found
+    if not grant.models:
+        raise TokenNotForModel("This access token is not assigned to any model; ask the model's provider.")
+    if len(grant.models) > 1:
+        names = ", ".join(m.name for m in grant.models)
+        raise InvalidInput(f"This access token queries several models ({names}): name one (model=...).")
+    return grant.models[0]
 
 
 def check_key_id(key_id: str) -> str:
     if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
         raise InvalidEvaluationKey("A key id is 32 lowercase hex characters, as generate_keys() makes it.")
     return key_id
+
+
+def check_specs(model: ModelGrant, client_blob: str | None) -> str:
+    """The client specs a key set was generated from must be the serving version's."""
+    if client_blob is not None and client_blob != model.client_blob:
+        raise KeysOutdated(f"Model {model.name!r} now serves version {model.version}, whose client specs differ "
+                           f"from the ones these keys were made from: {REGENERATE}.")
+    return model.client_blob
 
 
 def check_room(session: Session, grant: TokenGrant, key_id: str, max_keys: int | None) -> EvaluationKey | None:
@@ -87,26 +145,38 @@ def check_room(session: Session, grant: TokenGrant, key_id: str, max_keys: int |
     return row
 
 
-def register_key(session: Session, grant: TokenGrant, key_id: str, blob_id: str, size_bytes: int,
-                 max_keys: int | None = None) -> EvaluationKey:
-    """Record that this token's client key set ``key_id`` evaluates with blob ``blob_id``;
-    idempotent, and a re-upload under the same id replaces the blob."""
+def register_key(session: Session, grant: TokenGrant, model: ModelGrant, key_id: str, blob_id: str,
+                 size_bytes: int, client_blob: str | None = None, max_keys: int | None = None) -> EvaluationKey:
+    """Record that this token's client key set ``key_id``, made from ``client_blob`` (default:
+    the serving version's specs) for ``model``, evaluates with blob ``blob_id``; idempotent, and
+    a re-upload under the same id replaces the blob."""
+    specs = check_specs(model, client_blob)
     row = check_room(session, grant, key_id, max_keys) or EvaluationKey(
-        key_id=key_id, token_id=grant.token_id, model_id=grant.model_id, blob_id=blob_id, size_bytes=size_bytes)
-    row.blob_id, row.size_bytes = blob_id, size_bytes
+        key_id=key_id, token_id=grant.token_id, model_id=model.model_id, blob_id=blob_id, size_bytes=size_bytes)
+    row.blob_id, row.size_bytes, row.model_id, row.client_blob = blob_id, size_bytes, model.model_id, specs
     session.add(row)
     session.flush()
     return row
 
 
-def key_blob(session: Session, grant: TokenGrant, key_id: str) -> str:
-    """The blob id of the evaluation key this grant's key set ``key_id`` uploaded."""
+def key_ref(session: Session, token_id: str, key_id: str) -> KeyRef | None:
     row = session.exec(
-        select(EvaluationKey).where(EvaluationKey.token_id == grant.token_id, EvaluationKey.key_id == key_id)
+        select(EvaluationKey).where(EvaluationKey.token_id == token_id, EvaluationKey.key_id == key_id)
     ).first()
-    if row is None or row.model_id != grant.model_id:
+    return KeyRef(row.blob_id, row.model_id, row.client_blob) if row else None
+
+
+def check_key(ref: KeyRef | None, model: ModelGrant) -> str:
+    """The blob id of a key set usable for ``model`` now; why not otherwise."""
+    if ref is None or ref.model_id != model.model_id:
         raise EvaluationKeyNotFound(
             "No evaluation key with this id was uploaded with this token for this model; "
             "call upload_evaluation_keys() (CLI: `cipherpool query upload-keys`) first."
         )
-    return row.blob_id
+    check_specs(model, ref.client_blob)
+    return ref.blob_id
+
+
+def key_blob(session: Session, grant: TokenGrant, model: ModelGrant, key_id: str) -> str:
+    """The blob id of the evaluation key this grant's key set ``key_id`` uploaded for ``model``."""
+    return check_key(key_ref(session, grant.token_id, key_id), model)

@@ -17,8 +17,10 @@ from sqlmodel import Session, col, select
 from cipherpool.api.schemas import WorkerOut
 from cipherpool.db.tables import Account, Model, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
 from cipherpool.errors import NoFreeNode, WorkerNotFound, WorkerStartFailed
+from cipherpool.services import events
 from cipherpool.services.models import get_model
 from cipherpool.services.nodes import live, node_is_live
+from cipherpool.statuses import EventKind
 
 
 def start_worker(session: Session, account: Account, model_name: str, heartbeat_s: float) -> Worker:
@@ -38,6 +40,8 @@ def start_worker(session: Session, account: Account, model_name: str, heartbeat_
         if claimed.rowcount == 1:
             session.add(worker)
             session.flush()
+            events.record(session, model, EventKind.WORKER_STARTED, f"worker {worker.id} starting on {node.name}",
+                          worker_id=worker.id)
             return worker
     raise NoFreeNode(
         f"No free {model.hardware} pool node: every node is bound or offline. Stop a worker "
@@ -60,18 +64,31 @@ class StopDecision:
     tell_node: bool
 
 
-def request_stop(session: Session, account: Account, worker_id: str, heartbeat_s: float) -> StopDecision:
+def request_stop(session: Session, account: Account, worker_id: str, heartbeat_s: float,
+                 reason: str = "user") -> StopDecision:
     """Mark a worker STOPPING; the node unbinds it (queries in flight finish). A worker whose
-    node is offline or silent is STOPPED at once: the node finds it stopped when it comes back."""
+    node is offline or silent is STOPPED at once: the node finds it stopped when it comes back.
+    ``reason`` says who or what stopped it (user, account disabled, ...)."""
     worker = get_worker(session, account, worker_id)
     if worker.status not in (WorkerStatus.STARTING, WorkerStatus.RUNNING):
         return StopDecision(worker, tell_node=False)
+    worker.stop_reason = reason
     if not node_is_live(session, worker.node_name, heartbeat_s):
-        finish(session, worker.id, WorkerStatus.STOPPED)
+        finish(session, worker.id, WorkerStatus.STOPPED, error=f"node {worker.node_name} was not live")
         return StopDecision(worker, tell_node=False)
     worker.status = WorkerStatus.STOPPING
     session.add(worker)
     return StopDecision(worker, tell_node=True)
+
+
+def serving(session: Session, *, account_id: str | None = None, model_id: str | None = None) -> list[Worker]:
+    """Workers starting or running, of an account or of one model."""
+    query = select(Worker).where(col(Worker.status).in_((WorkerStatus.STARTING, WorkerStatus.RUNNING)))
+    if account_id is not None:
+        query = query.where(Worker.account_id == account_id)
+    if model_id is not None:
+        query = query.where(Worker.model_id == model_id)
+    return list(session.exec(query.order_by(col(Worker.created_at))))
 
 
 def binding_to_load(session: Session, worker_id: str, node_name: str) -> tuple[Worker, Model] | None:
@@ -88,21 +105,40 @@ def binding_to_load(session: Session, worker_id: str, node_name: str) -> tuple[W
     return worker, model
 
 
-def mark_running(session: Session, worker_id: str) -> None:
+def mark_running(session: Session, worker_id: str, versions: set[int] | None = None) -> None:
+    """The node serves the worker now, holding model ``versions``."""
     worker = session.get(Worker, worker_id)
     if worker is not None and worker.status == WorkerStatus.STARTING:
         worker.status, worker.started_at = WorkerStatus.RUNNING, utcnow()
+        model = session.get(Model, worker.model_id)
+        if versions and model is not None:
+            worker.version = model.rollout_version if model.rollout_version in versions else model.version
         session.add(worker)
+        held = f" (version {', '.join(map(str, sorted(versions)))})" if versions else ""
+        events.record_for(session, worker.model_id, EventKind.WORKER_UP, f"worker {worker.id} up on {worker.node_name}"
+                          + held, worker_id=worker.id, version=worker.version)
 
 
 def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | None = None) -> None:
-    """End a binding (STOPPED or FAILED) and free its node."""
+    """End a binding (STOPPED or FAILED) and free its node; the event says why."""
     worker = session.get(Worker, worker_id)
     if worker is None:
         return
+    was = worker.status
     worker.status, worker.error, worker.stopped_at = status, error, utcnow()
+    if status == WorkerStatus.FAILED and worker.stop_reason is None:
+        worker.stop_reason = "failure"
     session.add(worker)
     session.execute(update(PoolNode).where(col(PoolNode.worker_id) == worker_id).values(worker_id=None))
+    if was in (WorkerStatus.STOPPED, WorkerStatus.FAILED):
+        return
+    if status == WorkerStatus.FAILED:
+        events.record_for(session, worker.model_id, EventKind.WORKER_FAILED,
+                          f"worker {worker.id} on {worker.node_name} failed: {error}", worker_id=worker.id)
+    else:
+        why = worker.stop_reason or "user"
+        events.record_for(session, worker.model_id, EventKind.WORKER_STOPPED, f"worker {worker.id} on "
+                          f"{worker.node_name} stopped ({why}{': ' + error if error else ''})", worker_id=worker.id)
 
 
 def running_count(session: Session, model_id: str) -> int:
@@ -130,7 +166,9 @@ def describe(session: Session, worker: Worker) -> WorkerOut:
         node=worker.node_name,
         node_status=node.status.value if node else None,
         status=worker.status,
+        version=worker.version,
         error=worker.error,
+        stop_reason=worker.stop_reason,
         created_at=worker.created_at.isoformat(),
         started_at=worker.started_at.isoformat() if worker.started_at else None,
         stopped_at=worker.stopped_at.isoformat() if worker.stopped_at else None,

@@ -10,7 +10,8 @@ Code that runs with the platform's own credentials (broker and database URLs in 
 
 Only ids travel: the token is named by its id (``ManagementClient.list_tokens()``), the
 ciphertext is the ``EncryptedInput`` bytes a ``QueryClient`` made. The same checks as at the
-gateway apply (token live and assigned to the model, model active, key set uploaded).
+gateway apply (token live, assigned to the model and within its quota, model active, key set
+uploaded for the model's serving version); the query counts against the token's quota.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from celery.result import AsyncResult
 from cipherpool.dispatch import output_of, prepare_query, publish_query, reply_from_meta
 from cipherpool.errors import QueryTimeout
 from cipherpool.messages import EncryptedInput
+from cipherpool.services import usage
 from cipherpool.services.queries import check_query, grant_for_id, key_blob
 from cipherpool.tasks.app import app
 from cipherpool.workers.context import PlatformContext, platform
@@ -32,9 +34,10 @@ def submit_query(token_id: str, ciphertext: bytes, *, ctx: PlatformContext | Non
     envelope = EncryptedInput.decode(ciphertext)  # decode
     with ctx.session() as session:  # authorise, against the database as it is now
         grant = grant_for_id(session, token_id)
-        check_query(grant, envelope.model_id)
-        blob_id = key_blob(session, grant, envelope.key_id)
-    request = prepare_query(ctx.settings, ctx.store, grant, envelope, ciphertext, blob_id)  # service
+        model = check_query(grant, envelope.model_id)
+        blob_id = key_blob(session, grant, model, envelope.key_id)
+    usage.charge(ctx.store.redis, grant.token_id, grant.quota)
+    request = prepare_query(ctx.settings, ctx.store, grant, model, envelope, ciphertext, blob_id)  # service
     return publish_query(app, request, ctx.settings.query_timeout_s)
 
 

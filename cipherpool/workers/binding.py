@@ -1,8 +1,11 @@
-"""Binding a pool node to a model and unbinding it, run on the node itself, top to bottom.
+"""Binding a pool node to a model, rolling it onto other versions, and unbinding it, run on
+the node itself, top to bottom.
 
 The database row (``Worker``) is the truth about what should run; this module makes the
 node match it and reports back (RUNNING, STOPPED, or FAILED with the reason). The node's
-hooks hear every moment: model loaded, bound, unbound, load failed.
+hooks hear every moment: model loaded, bound, unbound, load failed. A rollout
+(:mod:`cipherpool.services.rollout`) loads a version beside the serving one in a background
+thread, so the node keeps answering while it loads.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import NotRequired, TypedDict
 
@@ -17,9 +22,13 @@ from celery import Celery
 
 from cipherpool.db.tables import WorkerStatus
 from cipherpool.errors import CipherpoolError, WorkerStartFailed
-from cipherpool.fhe.evaluator import ConcreteEvaluator
-from cipherpool.names import model_queue
+from cipherpool.fhe.evaluator import ConcreteEvaluator, Evaluator
+from cipherpool.db.tables import Model
+from cipherpool.names import ROLLOUT_LOCK_PREFIX, model_queue
+from cipherpool.services import events, rollout
+from cipherpool.services.models import get_version
 from cipherpool.services.workers import binding_to_load, finish, mark_running
+from cipherpool.statuses import EventKind
 from cipherpool.store import BlobKind
 from cipherpool.workers.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent
@@ -27,6 +36,9 @@ from cipherpool.workers.node import Binding, NodeRuntime
 
 log = logging.getLogger("cipherpool.node")
 CONTROL_REPLY_TIMEOUT_S = 10.0
+ROLLOUT_LOCK_S = 900.0  # longest a node may hold a model's rollout lock (loading one version)
+ROLLOUT_WAIT_S = 3600.0  # longest a node waits for the other nodes to finish a rollout
+POLL_S = 1.0
 
 
 class BindOutcome(TypedDict):
@@ -55,9 +67,13 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
         queue = model_queue(model.id)
         workdir = _workdir(ctx, model.id)
         try:
-            server_zip = ctx.store.get(BlobKind.SERVER_ZIP, model.server_blob)
-            evaluator = runtime.load_evaluator(event, server_zip, workdir)
-            runtime.set_binding(Binding(worker_id, model.id, model.name, queue, evaluator, runtime.name, workdir))
+            loaded: dict[int, Evaluator] = {}
+            while missing := (wanted := _wanted(ctx, model.id))[0] - set(loaded):  # again if a rollout began meanwhile
+                for number in sorted(missing):
+                    loaded[number] = _load_version(ctx, runtime, event, model.id, number, workdir)
+            serving = wanted[1] if wanted[1] in loaded else max(loaded)
+            runtime.set_binding(Binding(worker_id, model.id, model.name, queue, loaded[serving], runtime.name, workdir,
+                                        version=serving, others={v: e for v, e in loaded.items() if v != serving}))
             _consume(app, runtime.name, queue, start=True)
         except Exception as exc:  # any failure to load is reported on the binding, not lost
             runtime.set_binding(None)
@@ -67,7 +83,9 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
             _fail(ctx, runtime, event, reason)
             raise WorkerStartFailed(f"Loading model {model.name!r} on {runtime.name} failed: {reason}") from None
         with ctx.session() as session:
-            mark_running(session, worker_id)
+            mark_running(session, worker_id, set(loaded))
+        if _wanted(ctx, model.id)[2] is not None:  # a rollout is under way: take part in it
+            reload(ctx, runtime, worker_id)
         runtime.hooks.binding_bound(event)
         log.info("node %s serves model %s (%s) on %s", runtime.name, model.name, model.id, queue)
         return {"bound": True, "queue": queue}
@@ -86,6 +104,83 @@ def unbind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: s
         with ctx.session() as session:
             finish(session, worker_id, WorkerStatus.STOPPED)
         return {"bound": False}
+
+
+def reload(ctx: PlatformContext, runtime: NodeRuntime, worker_id: str) -> BindOutcome:
+    """Load the versions the worker's model must hold now, in a background thread (queries
+    keep being answered meanwhile); see :mod:`cipherpool.services.rollout`."""
+    current = runtime.binding
+    if current is None or current.worker_id != worker_id:
+        return {"bound": False, "reason": "the node serves another worker"}
+    threading.Thread(target=_roll, args=(ctx, runtime, worker_id), name=f"rollout-{worker_id}", daemon=True).start()
+    return {"bound": True, "queue": current.queue}
+
+
+def _roll(ctx: PlatformContext, runtime: NodeRuntime, worker_id: str) -> None:
+    """Load what the model must hold (one node of the model at a time), report it, then wait
+    for the rollout to end and, after the grace period, drop the versions nobody queries."""
+    binding = runtime.binding
+    if binding is None or binding.worker_id != worker_id:
+        return
+    model_id, event = binding.model_id, binding.event
+    try:
+        with ctx.store.redis.lock(ROLLOUT_LOCK_PREFIX + model_id, timeout=ROLLOUT_LOCK_S, blocking_timeout=ROLLOUT_WAIT_S):
+            wanted = _wanted(ctx, model_id)[0]
+            for number in sorted(wanted - binding.versions):
+                if binding.workdir is None:
+                    break
+                if not _add_version(runtime, worker_id, number,
+                                    _load_version(ctx, runtime, event, model_id, number, binding.workdir)):
+                    return  # unbound meanwhile
+            held = runtime.binding.versions if runtime.binding else set()
+            with ctx.session() as session:
+                model = session.get(Model, model_id)
+                target = model.rollout_version if model else None
+                if target is not None and target in held:
+                    rollout.worker_loaded(session, worker_id, target)
+        _retire_after_rollout(ctx, runtime, worker_id, model_id)
+    except Exception as exc:  # the node keeps serving what it holds; the log says why
+        log.exception("rollout of %s on %s failed", model_id, runtime.name)
+        with ctx.session() as session:
+            events.record_for(session, model_id, EventKind.WORKER_FAILED, f"worker {worker_id} on {runtime.name} could "
+                              f"not load the new version (it keeps serving the old one): {exc}", worker_id=worker_id)
+
+
+def _add_version(runtime: NodeRuntime, worker_id: str, number: int, evaluator: Evaluator) -> bool:
+    return runtime.update_binding(worker_id, lambda b: b.with_version(number, evaluator)) is not None
+
+
+def _retire_after_rollout(ctx: PlatformContext, runtime: NodeRuntime, worker_id: str, model_id: str) -> None:
+    """Once no rollout is under way, wait until queries published for older versions have
+    passed their deadline, then drop those versions."""
+    deadline = time.monotonic() + ROLLOUT_WAIT_S
+    while time.monotonic() < deadline and _wanted(ctx, model_id)[2] is not None:
+        time.sleep(POLL_S)
+    time.sleep(ctx.settings.effective_version_grace_s())
+    wanted, serving, _ = _wanted(ctx, model_id)
+    kept = runtime.update_binding(worker_id, lambda b: b.keeping(wanted, serving))
+    if kept is not None:
+        log.info("node %s holds versions %s of model %s", runtime.name, sorted(kept.versions), model_id)
+
+
+def _wanted(ctx: PlatformContext, model_id: str) -> tuple[set[int], int, int | None]:
+    """The versions a node serving the model must hold, the serving one, the one rolling out."""
+    with ctx.session() as session:
+        model = session.get(Model, model_id)
+        if model is None:
+            raise WorkerStartFailed("The model was deleted.")
+        return rollout.versions_to_hold(model), model.version, model.rollout_version
+
+
+def _load_version(ctx: PlatformContext, runtime: NodeRuntime, event: BindingEvent, model_id: str, number: int,
+                  workdir: Path) -> Evaluator:
+    with ctx.session() as session:
+        model = session.get(Model, model_id)
+        if model is None:
+            raise WorkerStartFailed("The model was deleted.")
+        blob = get_version(session, model, number).server_blob
+    server_zip = ctx.store.get(BlobKind.SERVER_ZIP, blob)
+    return runtime.load_evaluator(event, server_zip, workdir / f"v{number}")
 
 
 def default_evaluator_factory(server_zip: bytes, workdir: Path) -> ConcreteEvaluator:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -27,6 +27,10 @@ log = logging.getLogger("cipherpool.node")
 
 @dataclass(frozen=True)
 class Binding:
+    """What a node serves: one worker of one model, with the model's serving version
+    (``evaluator``, ``version``) and, during a rollout or its grace period, other versions
+    (``others``). A version is in here only once fully loaded."""
+
     worker_id: str
     model_id: str
     model_name: str
@@ -35,10 +39,32 @@ class Binding:
     node: str = ""
     workdir: Path | None = None
     bound_at: float = field(default_factory=time.time)
+    version: int = 0
+    others: Mapping[int, Evaluator] = field(default_factory=dict)
 
     @property
     def event(self) -> BindingEvent:
         return BindingEvent(self.node, self.worker_id, self.model_id, self.model_name)
+
+    @property
+    def versions(self) -> set[int]:
+        return {self.version, *self.others}
+
+    def evaluator_for(self, version: int) -> Evaluator | None:
+        """The loaded evaluator of a model version (0: the serving one); None if not held."""
+        if version in (0, self.version):
+            return self.evaluator
+        return self.others.get(version)
+
+    def with_version(self, version: int, evaluator: Evaluator) -> Binding:
+        return replace(self, others={**self.others, version: evaluator})
+
+    def keeping(self, versions: set[int], serving: int) -> Binding:
+        """Only ``versions`` kept (those held), ``serving`` as the serving one if held."""
+        every = {**self.others, self.version: self.evaluator}
+        primary = serving if serving in every else self.version
+        return replace(self, version=primary, evaluator=every[primary],
+                       others={v: e for v, e in every.items() if v in versions and v != primary})
 
 
 class KeyCacheDict(TypedDict):
@@ -59,6 +85,7 @@ class WorkerReport(FiguresDict):
     model_id: str | None
     model: str | None
     worker_id: str | None
+    versions: list[int]
     bound_for_s: float | None
     node_lifetime: FiguresDict
     key_cache: KeyCacheDict
@@ -95,6 +122,14 @@ class NodeRuntime:
         if previous is not None and (binding is None or binding.model_id != previous.model_id):
             self.key_cache.clear()  # keys of the old model are useless now
 
+    def update_binding(self, worker_id: str, change: Callable[[Binding], Binding]) -> Binding | None:
+        """Apply ``change`` to the binding if it is still ``worker_id``'s (atomically)."""
+        with self._lock:
+            if self._binding is None or self._binding.worker_id != worker_id:
+                return None
+            self._binding = change(self._binding)
+            return self._binding
+
     def load_evaluator(self, binding: BindingEvent, server_zip: bytes, workdir: Path) -> Evaluator:
         started = time.monotonic()
         evaluator = self.evaluator_factory(server_zip, workdir)
@@ -116,6 +151,7 @@ class NodeRuntime:
             "model_id": binding.model_id if binding else None,
             "model": binding.model_name if binding else None,
             "worker_id": binding.worker_id if binding else None,
+            "versions": sorted(binding.versions) if binding else [],
             "bound_for_s": time.time() - binding.bound_at if binding else None,
             "node_lifetime": self.stats.of_node(),
             "key_cache": {"entries": cache.entries, "charged_bytes": cache.charged_bytes,

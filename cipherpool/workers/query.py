@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from cipherpool.errors import CipherpoolError, KeyMismatch, ModelMismatch, ModelUnavailable
+from cipherpool.errors import CipherpoolError, KeyMismatch, KeysOutdated, ModelMismatch, ModelUnavailable
 from cipherpool.messages import EncryptedInput, EncryptedOutput, Envelope, QueryReply, QueryRequest, failed, ok
 from cipherpool.names import model_queue
+from cipherpool.services.queries import REGENERATE
 from cipherpool.store import BlobKind
 from cipherpool.workers.context import PlatformContext
 from cipherpool.workers.hooks import Hook, QueryEvent
@@ -94,6 +95,12 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, q
     binding = runtime.binding
     if binding is None or binding.model_id != request.model_id:
         raise NotBoundHere(request.model_id)
+    evaluator = binding.evaluator_for(request.version)
+    if evaluator is None:
+        if request.version > max(binding.versions):  # not loaded here yet: another node may have it
+            raise NotBoundHere(request.model_id)
+        raise KeysOutdated(f"This query is for version {request.version} of model {binding.model_name!r}, which "
+                           f"its workers no longer hold (they serve version {binding.version}): {REGENERATE}.")
     query.binding = binding.event
     encrypted = _open(ctx, request)
     query.timings["open_s"] = time.time() - started
@@ -104,19 +111,20 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, q
 
     def load() -> tuple[Any, int]:
         blob = ctx.store.get(BlobKind.EVALUATION_KEY, blob_id)
-        return binding.evaluator.load_keys(blob), len(blob)
+        return evaluator.load_keys(blob), len(blob)
 
     keys, hit = runtime.key_cache.get_or_load(blob_id, load)  # shared by identical keys
     query.timings["key_s"] = time.time() - t
     runtime.hooks.key_loaded(query, hit=hit, seconds=query.timings["key_s"])
 
     t = time.time()
-    output = binding.evaluator.run(encrypted.data, keys)
+    output = evaluator.run(encrypted.data, keys)
     query.timings["compute_s"] = time.time() - t
 
     reply = _reply(ctx, request, output)
     query.timings["server_total_s"] = time.time() - started
-    return QueryReply(node=runtime.name, key_cache="hit" if hit else "miss", timings=dict(query.timings), **reply)
+    return QueryReply(node=runtime.name, version=request.version or binding.version, key_cache="hit" if hit else "miss",
+                      timings=dict(query.timings), **reply)
 
 
 def _refuse(query: QueryEvent, hooks: Hook, error: CipherpoolError) -> Envelope:

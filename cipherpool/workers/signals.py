@@ -22,7 +22,7 @@ from typing import Any
 from celery import signals
 from celery.utils.dispatch import Signal
 
-from cipherpool.names import BIND_TASK, POOL_QUEUE, node_queue
+from cipherpool.names import BIND_TASK, POOL_QUEUE, UNBIND_TASK, node_queue
 from cipherpool.services import nodes as node_service
 from cipherpool.workers.binding import default_evaluator_factory
 from cipherpool.workers.context import platform
@@ -88,7 +88,7 @@ def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
                 concurrency=runtime.concurrency, threads=runtime.threads, pid=os.getpid(),
             )
             binding = node_service.binding_of_node(session, runtime.name)
-        _start_heartbeat(runtime.name, ctx.settings.node_heartbeat_s)
+        _start_heartbeat(runtime.name, ctx.settings.node_heartbeat_s, sender.app)
         if binding is not None:
             worker, model = binding
             log.info("node %s rebinding to model %s after restart", runtime.name, model.name)
@@ -110,12 +110,21 @@ def on_worker_shutdown(sender: Any = None, **_kwargs: Any) -> None:
         log.exception("worker_shutdown handler failed")
 
 
-def _start_heartbeat(name: str, interval_s: float) -> None:
+def _start_heartbeat(name: str, interval_s: float, app: Any) -> None:
+    """Beat every ``interval_s``; and reconcile: a binding whose worker the database no longer
+    wants (stopped by an operator without a broker at hand, or an unbind message lost) is
+    unbound by the node itself."""
     def beat() -> None:
         while not _stop_heartbeat.wait(interval_s):
             try:
+                runtime = current_runtime()
+                binding = runtime.binding if runtime else None
                 with platform().session() as session:
                     node_service.heartbeat(session, name)
+                    unwanted = binding is not None and not node_service.still_wanted(session, binding.worker_id)
+                if binding is not None and unwanted:
+                    log.info("node %s: worker %s is no longer wanted; unbinding", name, binding.worker_id)
+                    app.send_task(UNBIND_TASK, kwargs={"worker_id": binding.worker_id}, queue=node_queue(name))
             except Exception:
                 log.exception("heartbeat of %s failed", name)
 

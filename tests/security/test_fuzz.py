@@ -406,8 +406,8 @@ def gateway(tmp_path_factory):
         with session_scope(db) as session:
             account, api_key = accounts.create_account(session, "fuzz")
             _, other_key = accounts.create_account(session, "other")
-            model = models.deploy_model(session, account, MODEL_NAME, client_blob=client_blob, server_blob=server_blob,
-                                        versions=Versions("1", "1", "3.11"))
+            artifact = models.Artifact(client_blob, server_blob, len(CLIENT_BYTES), len(SERVER_BYTES), Versions("1", "1", "3.11"))
+            model = models.deploy_model(session, account, MODEL_NAME, artifact)
             models.set_status(session, account, MODEL_NAME, ModelStatus.ACTIVE)
             _, token = tokens.create_token(session, account, "t", MODEL_NAME)
             revoked_row, revoked = tokens.create_token(session, account, "gone", MODEL_NAME)

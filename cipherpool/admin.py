@@ -1,0 +1,110 @@
+"""The operator's handle on accounts, where the database is: ``Admin(settings)``.
+
+Operator acts are not on the gateway: the gateway is the door for providers and end users
+(DESIGN.md), and an account is made or disabled by whoever runs the platform, with its
+database credentials (as `cipherpool admin ...` does).
+
+Disabling an account refuses its API key and its tokens at once (within a gateway's cache
+TTL, at most 5 s) and stops its workers: at once when a broker is configured, else by each
+node at its next heartbeat (the node sees that its worker is no longer wanted). Nothing is
+deleted; enabling the account again restores key and tokens (workers are started again by
+the provider).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from celery import Celery
+
+from cipherpool import lifecycle
+from cipherpool.api.schemas import AccountCreated, AccountOut
+from cipherpool.config.settings import Settings, get_settings
+from cipherpool.db import init_db
+from cipherpool.errors import CipherpoolError
+from cipherpool.files import private_sqlite
+from cipherpool.names import AUTH_GENERATION_KEY
+from cipherpool.services import accounts
+from cipherpool.services import workers as worker_service
+from cipherpool.workers.context import PlatformContext
+
+log = logging.getLogger("cipherpool.admin")
+DISABLED = "account disabled"
+
+
+@dataclass(frozen=True)
+class Disabled:
+    account: AccountOut
+    workers_stopped: list[str]
+
+
+class Admin:
+    def __init__(self, settings: Settings | None = None):
+        self.ctx = PlatformContext(settings or get_settings())
+        url = self.ctx.db_url
+        private_sqlite(url)
+        init_db(url)
+
+    def create_account(self, name: str, *, organisation: str | None = None,
+                       contact_email: str | None = None) -> AccountCreated:
+        """A new account; its API key is in the answer (shown once, stored only as a hash)."""
+        with self.ctx.session() as session:
+            account, api_key = accounts.create_account(session, name, organisation=organisation,
+                                                       contact_email=contact_email)
+            return AccountCreated(**accounts.describe(account).model_dump(), api_key=api_key)
+
+    def list_accounts(self) -> list[AccountOut]:
+        with self.ctx.session() as session:
+            return [accounts.describe(a) for a in accounts.list_accounts(session)]
+
+    def get_account(self, id_or_name: str) -> AccountOut:
+        with self.ctx.session() as session:
+            return accounts.describe(accounts.find_account(session, id_or_name))
+
+    def disable_account(self, id_or_name: str) -> Disabled:
+        """Refuse the account's key and tokens, and stop its workers; nothing is deleted."""
+        with self.ctx.session() as session:
+            account = accounts.set_disabled(session, accounts.find_account(session, id_or_name), True)
+            described, account_id = accounts.describe(account), account.id
+            serving = [w.id for w in worker_service.serving(session, account_id=account_id)]
+        self._announce()
+        stopped = []
+        app = self._celery()
+        for worker_id in serving:
+            try:
+                if app is not None:
+                    lifecycle.stop_worker(self.ctx, app, account_id, worker_id, DISABLED)
+                else:  # the node unbinds at its next heartbeat
+                    with self.ctx.session() as session:
+                        worker_service.request_stop(session, accounts.find_account(session, account_id), worker_id,
+                                                    self.ctx.settings.node_heartbeat_s, DISABLED)
+                stopped.append(worker_id)
+            except CipherpoolError as exc:
+                log.warning("could not stop worker %s: %s", worker_id, exc.message)
+        if app is not None:
+            app.close()
+        return Disabled(described, stopped)
+
+    def enable_account(self, id_or_name: str) -> AccountOut:
+        with self.ctx.session() as session:
+            described = accounts.describe(accounts.set_disabled(session, accounts.find_account(session, id_or_name), False))
+        self._announce()
+        return described
+
+    def _celery(self) -> Celery | None:
+        if not self.ctx.settings.broker_url:
+            return None
+        from cipherpool.config.celery import create_app
+
+        app: Celery = create_app(self.ctx.settings, name="cipherpool-admin")
+        return app
+
+    def _announce(self) -> None:
+        """Tell the gateways to drop their cached credentials now, if the store is reachable."""
+        if not (self.ctx.settings.store_url or self.ctx.settings.broker_url):
+            return
+        try:
+            self.ctx.store.redis.incr(AUTH_GENERATION_KEY)
+        except Exception as exc:  # noqa: BLE001 - the caches expire within their TTL anyway
+            log.warning("could not reach the store to announce the change: %s", exc)

@@ -1,0 +1,80 @@
+"""Provider endpoints for workers (bearer API key): start, list, show, live figures, stop."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from starlette.concurrency import run_in_threadpool
+
+from cipherpool import lifecycle
+from cipherpool.api.schemas import ID_PATTERN, NAME_PATTERN, WorkerIn, WorkerOut, WorkerStats
+from cipherpool.db.tables import NodeStatus, Worker
+from cipherpool.dispatch import send_to_node
+from cipherpool.errors import QueryTimeout, WorkerNotFound
+from cipherpool.gateway.deps import Account, Gateway
+from cipherpool.gateway.state import GatewayState
+from cipherpool.messages import unwrap
+from cipherpool.names import STATS_TASK
+from cipherpool.services import accounts
+from cipherpool.services import workers as worker_service
+from cipherpool.statuses import WorkerStatus
+
+router = APIRouter(prefix="/v1", tags=["provider"])
+ObjectId = Annotated[str, Path(pattern=ID_PATTERN)]
+ModelFilter = Annotated[str | None, Query(pattern=NAME_PATTERN)]
+
+
+@router.post("/workers", response_model=WorkerOut, status_code=201)
+def start_worker(body: WorkerIn, gw: Gateway, acct: Account) -> WorkerOut:
+    """Bind a free pool node to the model; poll the worker until it is running or failed."""
+    worker = lifecycle.start_worker(gw.ctx, gw.celery, acct.account_id, body.model)
+    return _describe_worker(gw, worker.id)
+
+
+@router.get("/workers", response_model=list[WorkerOut])
+def list_workers(gw: Gateway, acct: Account, model: ModelFilter = None) -> list[WorkerOut]:
+    with gw.ctx.session() as session:
+        account = accounts.get_account(session, acct.account_id)
+        return [worker_service.describe(session, w) for w in worker_service.list_workers(session, account, model)]
+
+
+@router.get("/workers/stats", response_model=list[WorkerStats])
+async def worker_stats(gw: Gateway, acct: Account, model: ModelFilter = None) -> list[WorkerStats]:
+    """Live figures of each running worker: its own query counts and times (this binding
+    only), its node's lifetime figures apart, and the node's key cache."""
+    running = await run_in_threadpool(list_workers, gw, acct, model)
+    stats = []
+    for worker in running:
+        if worker.status != WorkerStatus.RUNNING or worker.node_status != NodeStatus.ONLINE.value:
+            continue
+        sent = await run_in_threadpool(send_to_node, gw.celery, worker.node, STATS_TASK)
+        meta = await gw.waiter.wait(sent.id, gw.settings.management_timeout_s)
+        if not meta or meta.get("status") != "SUCCESS":
+            raise QueryTimeout(f"Node {worker.node} did not report its figures in time.")
+        report = WorkerStats.model_validate(unwrap(meta.get("result")))
+        if report.worker_id == worker.id:  # the node may have moved on since the listing
+            stats.append(report)
+    return stats
+
+
+@router.get("/workers/{worker_id}", response_model=WorkerOut)
+def get_worker(worker_id: ObjectId, gw: Gateway, acct: Account) -> WorkerOut:
+    with gw.ctx.session() as session:
+        account = accounts.get_account(session, acct.account_id)
+        return worker_service.describe(session, worker_service.get_worker(session, account, worker_id))
+
+
+@router.post("/workers/{worker_id}/stop", response_model=WorkerOut)
+def stop_worker(worker_id: ObjectId, gw: Gateway, acct: Account) -> WorkerOut:
+    """Unbind: the node stops consuming, queries in flight finish; poll until stopped."""
+    worker = lifecycle.stop_worker(gw.ctx, gw.celery, acct.account_id, worker_id)
+    return _describe_worker(gw, worker.id)
+
+
+def _describe_worker(gw: GatewayState, worker_id: str) -> WorkerOut:
+    with gw.ctx.session() as session:
+        worker = session.get(Worker, worker_id)
+        if worker is None:
+            raise WorkerNotFound(f"No worker {worker_id!r}.")
+        return worker_service.describe(session, worker)

@@ -1,0 +1,55 @@
+"""A model's event log: what happened to it, its versions, workers and token assignments.
+
+Written by the services that make the change, in the same transaction (an event is never
+recorded for a change that was rolled back, nor lost for one that was committed). Read with
+a cursor (``after`` an event id) so that ``model events --follow`` sees each event once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Session, col, select
+
+from cipherpool.api.schemas import EventOut
+from cipherpool.db.tables import Model, ModelEvent, utcnow
+from cipherpool.statuses import EventKind
+
+MAX_EVENTS = 1000
+
+
+def record(session: Session, model: Model, kind: EventKind, message: str, *, worker_id: str | None = None,
+           version: int | None = None, token_id: str | None = None) -> ModelEvent:
+    event = ModelEvent(account_id=model.account_id, model_id=model.id, kind=kind.value, message=message,
+                       worker_id=worker_id, version=version, token_id=token_id, at=utcnow())
+    session.add(event)
+    return event
+
+
+def record_for(session: Session, model_id: str, kind: EventKind, message: str, **refs: str | int | None) -> None:
+    """:func:`record` for a model named by id (from a node or a worker row); nothing if it is gone."""
+    model = session.get(Model, model_id)
+    if model is not None:
+        record(session, model, kind, message, **refs)  # type: ignore[arg-type]
+
+
+def list_events(session: Session, model: Model, *, after: int | None = None, since: datetime | None = None,
+                limit: int = MAX_EVENTS) -> list[ModelEvent]:
+    """The model's events in order, after event id ``after`` and/or at or after ``since``."""
+    query = select(ModelEvent).where(ModelEvent.model_id == model.id)
+    if after is not None:
+        query = query.where(col(ModelEvent.id) > after)
+    if since is not None:
+        query = query.where(col(ModelEvent.at) >= since)
+    return list(session.exec(query.order_by(col(ModelEvent.id)).limit(max(1, min(limit, MAX_EVENTS)))))
+
+
+def delete_events(session: Session, model_id: str) -> None:
+    for event in session.exec(select(ModelEvent).where(ModelEvent.model_id == model_id)):
+        session.delete(event)
+
+
+def describe(event: ModelEvent, model_name: str) -> EventOut:
+    assert event.id is not None  # flushed
+    return EventOut(id=event.id, at=event.at.isoformat(), model=model_name, kind=event.kind, message=event.message,
+                    worker_id=event.worker_id, version=event.version, token_id=event.token_id)

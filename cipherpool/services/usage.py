@@ -1,0 +1,64 @@
+"""Token usage (queries counted, last use) and quota, kept in Redis.
+
+Counted where a query is accepted (the gateway, or trusted in-cluster code), by one atomic
+Lua call: a token at its quota is refused and not counted, and two gateways can never let a
+token past its quota together. Redis rather than the database: the query path makes no
+database round trip (the grant is cached), and a counter write per query would serialise
+queries on SQLite. The embedded Redis persists (AOF); the counts live as long as the token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+
+from cipherpool.errors import QuotaExceeded
+from cipherpool.names import USAGE_PREFIX
+
+# KEYS[1] the token's usage hash; ARGV[1] quota (-1: none), ARGV[2] now. Returns the count
+# after this query, or -1 when the quota is used up (nothing counted).
+_CHARGE = """
+local used = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+local quota = tonumber(ARGV[1])
+if quota >= 0 and used >= quota then return -1 end
+redis.call('HSET', KEYS[1], 'last', ARGV[2])
+return redis.call('HINCRBY', KEYS[1], 'n', 1)
+"""
+
+
+@dataclass(frozen=True)
+class Usage:
+    queries: int = 0
+    last_used_at: datetime | None = None
+
+
+def charge(client: redis.Redis, token_id: str, quota: int | None) -> int:
+    """Count one query for the token; QuotaExceeded (and nothing counted) at its quota."""
+    used = int(client.eval(_CHARGE, 1, USAGE_PREFIX + token_id, -1 if quota is None else quota, repr(time.time())))
+    if used < 0:
+        raise QuotaExceeded(f"This access token has used its quota of {quota} queries; "
+                            "ask the model's provider to raise it.")
+    return used
+
+
+def read(client: redis.Redis, token_ids: Iterable[str]) -> dict[str, Usage]:
+    ids = list(token_ids)
+    pipe = client.pipeline(transaction=False)
+    for token_id in ids:
+        pipe.hmget(USAGE_PREFIX + token_id, ["n", "last"])
+    found = {}
+    for token_id, (n, last) in zip(ids, pipe.execute()):
+        found[token_id] = Usage(int(n or 0), datetime.fromtimestamp(float(last), UTC) if last else None)
+    return found
+
+
+def exhausted(usage: Usage, quota: int | None) -> bool:
+    return quota is not None and usage.queries >= quota
+
+
+def forget(client: redis.Redis, token_id: str) -> None:
+    client.delete(USAGE_PREFIX + token_id)
