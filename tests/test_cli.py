@@ -5,11 +5,12 @@ from click.testing import CliRunner
 
 from cipherpool.cli import cli
 
-NOUNS = {"up", "demo", "db", "admin", "gateway", "model", "worker", "token", "query"}
+NOUNS = {"up", "demo", "db", "admin", "gateway", "account", "model", "worker", "token", "query"}
 VERBS = {
-    "model": {"deploy", "list", "activate", "deactivate"},
+    "account": {"show", "update", "rotate-key"},
+    "model": {"deploy", "list", "show", "update", "version", "rollback", "delete", "events", "activate", "deactivate"},
     "worker": {"start", "stop", "list", "stats"},
-    "token": {"create", "list", "revoke"},
+    "token": {"create", "list", "show", "update", "assign", "unassign", "revoke", "delete"},
     "query": {"keygen", "upload-keys", "encrypt", "execute", "decrypt", "predict"},
     "db": {"init", "upgrade", "current"},
     "gateway": {"serve"},
@@ -22,7 +23,17 @@ def test_the_group_has_the_nouns_and_verbs():
         assert verbs <= set(cli.commands[noun].commands), noun
 
 
-@pytest.mark.parametrize("args", [[], ["model"], ["worker", "start"], ["query", "encrypt"], ["up"], ["demo"]])
+def test_every_command_takes_json_after_its_name_too():
+    def leaves(command):
+        subs = getattr(command, "commands", None)
+        return [leaf for sub in subs.values() for leaf in leaves(sub)] if subs is not None else [command]
+
+    for leaf in leaves(cli):
+        assert sum("--json" in getattr(p, "opts", []) for p in leaf.params) == 1, leaf.name
+
+
+@pytest.mark.parametrize("args", [[], ["model"], ["worker", "start"], ["query", "encrypt"], ["up"], ["demo"],
+                                  ["model", "version", "add"], ["token", "update"], ["admin", "account", "disable"]])
 def test_help_works_everywhere(args):
     result = CliRunner().invoke(cli, args + ["--help"])
     assert result.exit_code == 0, result.output
@@ -36,6 +47,9 @@ def test_db_init_and_account_creation_print_a_key_once(tmp_path):
     assert '"api_key": "cpk_' in result.output
     again = runner.invoke(cli, ["--data-dir", str(tmp_path), "admin", "account", "create", "acme"])
     assert again.exit_code == 5 and "exists already" in again.output
+    listed = runner.invoke(cli, ["--data-dir", str(tmp_path), "admin", "account", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert '"name": "acme"' in listed.output and "cpk_" not in listed.output.replace('"api_key_prefix": "cpk_', "")
 
 
 def test_a_management_command_without_a_gateway_fails_clearly(tmp_path):
@@ -48,6 +62,13 @@ def test_the_url_comes_from_the_stack_file_that_up_writes(tmp_path):
     (tmp_path / "stack.json").write_text('{"url": "http://127.0.0.1:1"}')
     result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "--api-key", "cpk_x", "model", "list"])
     assert result.exit_code == 7 and "gateway_unavailable" in result.output and "127.0.0.1:1" in result.output
+
+
+def test_a_request_the_client_refuses_to_send_is_invalid_input():
+    """Bodies are checked as the gateway would before anything is sent: no gateway needed."""
+    result = CliRunner().invoke(cli, ["--url", "http://127.0.0.1:1", "--api-key", "cpk_x", "account", "update",
+                                      "--email", "not-an-email"])
+    assert result.exit_code == 6 and "error [invalid_input]" in result.output and "contact_email" in result.output
 
 
 def test_a_missing_token_fails_clearly(tmp_path):

@@ -107,7 +107,8 @@ def _assert_the_models_read_them(url: str) -> None:
         # and the key remembers the client specs it was made from.
         model = session.get(Model, "model000000001")
         (version,) = session.exec(select(ModelVersion)).all()
-        assert (model.version, model.rollout_version, model.min_workers, model.max_workers, model.shared) == (1, None, 0, 1, False)
+        settings = (model.version, model.rollout_version, model.min_workers, model.max_workers, model.shared)
+        assert settings == (1, None, 0, 1, False)
         assert (version.model_id, version.number, version.client_blob, version.server_blob, version.concrete_ml_version,
                 version.python_version) == (model.id, 1, "c" * 64, "s" * 64, "1.9.0", "3.11.9")
         (link,) = session.exec(select(TokenModel)).all()

@@ -1,14 +1,16 @@
-"""The `cipherpool` command: one click group of nouns (up, demo, db, admin, gateway, model,
-worker, token, query), sharing one :class:`CliContext`."""
+"""The `cipherpool` command: one click group of nouns (up, demo, db, admin, gateway, account,
+model, worker, token, query), sharing one :class:`CliContext`. Every command that prints takes
+``--json`` after its name as well as before it (``cipherpool model list --json``)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
-from cipherpool.cli import admin, db, gateway, models, platform, query, tokens, workers
+from cipherpool.cli import account, admin, db, gateway, models, platform, query, tokens, workers
 from cipherpool.cli.context import CipherpoolGroup, CliContext
 from cipherpool.config.settings import get_settings
 
@@ -31,9 +33,33 @@ def cli(ctx: click.Context, url: str | None, broker_url: str | None, api_key: st
     ctx.obj = CliContext(get_settings().model_copy(update=overrides), as_json=as_json)
 
 
-for group in (platform.up, platform.demo, db.db, admin.admin, gateway.gateway, models.model, workers.worker,
-              tokens.token, query.query):
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """A subcommand's --json: the same as the global one (the root's callback made the context)."""
+    shared = ctx.find_object(CliContext)
+    if value and shared is not None:
+        shared.as_json = True
+
+
+def _leaves(command: click.Command) -> Iterator[click.Command]:
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            yield from _leaves(sub)
+    else:
+        yield command
+
+
+def add_json_options(root: click.Group) -> None:
+    """Give every leaf command a --json of its own, unless it has one."""
+    for command in _leaves(root):
+        if not any(isinstance(p, click.Option) and "--json" in p.opts for p in command.params):
+            command.params.append(click.Option(["--json"], is_flag=True, expose_value=False, is_eager=False,
+                                               callback=_set_json, help="Print machine-readable JSON."))
+
+
+for group in (platform.up, platform.demo, db.db, admin.admin, gateway.gateway, account.account, models.model,
+              workers.worker, tokens.token, query.query):
     cli.add_command(group)
+add_json_options(cli)
 
 
 def main() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
+from cipherpool.admin import Admin
 from cipherpool.cli.context import CliContext, pass_ctx
-from cipherpool.db import init_db, session_scope
-from cipherpool.files import private_sqlite
-from cipherpool.services.accounts import create_account
+
+ACCOUNT_COLUMNS = ["id", "name", "organisation", "contact_email", "status", "api_key_prefix", "created_at"]
 
 
 @click.group()
@@ -22,12 +22,47 @@ def account() -> None:
 
 @account.command("create")
 @click.argument("name")
+@click.option("--organisation", help="The provider's organisation.")
+@click.option("--email", "contact_email", help="Whom to contact about the account.")
 @pass_ctx
-def account_create(ctx: CliContext, name: str) -> None:
+def account_create(ctx: CliContext, name: str, organisation: str | None, contact_email: str | None) -> None:
     """Create an account and print its API key (shown once, stored only as a hash)."""
-    url = ctx.settings.effective_database_url()
-    private_sqlite(url)
-    init_db(url)
-    with session_scope(url) as session:
-        acct, api_key = create_account(session, name)
-    ctx.emit({"account": acct.name, "id": acct.id, "api_key": api_key})
+    created = Admin(ctx.settings).create_account(name, organisation=organisation or None,
+                                                 contact_email=contact_email or None)
+    ctx.emit({"account": created.name, **created.model_dump(mode="json"), "note": "API key shown once; hand it over now"})
+
+
+@account.command("list")
+@pass_ctx
+def account_list(ctx: CliContext) -> None:
+    """Every provider account."""
+    ctx.emit(Admin(ctx.settings).list_accounts(), ACCOUNT_COLUMNS)
+
+
+@account.command("show")
+@click.argument("id_or_name")
+@pass_ctx
+def account_show(ctx: CliContext, id_or_name: str) -> None:
+    """One account, by id or name."""
+    ctx.emit(Admin(ctx.settings).get_account(id_or_name))
+
+
+@account.command("disable")
+@click.argument("id_or_name")
+@pass_ctx
+def account_disable(ctx: CliContext, id_or_name: str) -> None:
+    """Refuse the account's API key and tokens now and stop its workers; nothing is deleted."""
+    disabled = Admin(ctx.settings).disable_account(id_or_name)
+    if ctx.as_json:
+        ctx.emit({"account": disabled.account.model_dump(mode="json"), "workers_stopped": disabled.workers_stopped})
+        return
+    ctx.emit(disabled.account)
+    ctx.emit({"workers_stopped": disabled.workers_stopped})
+
+
+@account.command("enable")
+@click.argument("id_or_name")
+@pass_ctx
+def account_enable(ctx: CliContext, id_or_name: str) -> None:
+    """Accept the account's API key and tokens again (its workers are started by the provider)."""
+    ctx.emit(Admin(ctx.settings).enable_account(id_or_name))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from cipherpool.config.settings import Settings
 from cipherpool.errors import CipherpoolError, InvalidInput
@@ -65,7 +65,8 @@ class CliContext:
 
 
 class CipherpoolGroup(click.Group):
-    """Turns a CipherpoolError anywhere below into one line on stderr and its exit code."""
+    """Turns a CipherpoolError anywhere below into one line on stderr and its exit code (a
+    request the client refuses to send, as the gateway would, into an invalid_input one)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -73,6 +74,11 @@ class CipherpoolGroup(click.Group):
         except CipherpoolError as exc:
             click.echo(f"error [{exc.code}]: {exc.message}", err=True)
             ctx.exit(exc.exit_code)
+        except ValidationError as exc:  # a request body the client checks before sending it
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+            invalid = InvalidInput(f"Invalid request: {problems}")
+            click.echo(f"error [{invalid.code}]: {invalid.message}", err=True)
+            ctx.exit(invalid.exit_code)
         finally:
             if isinstance(ctx.obj, CliContext) and ctx.parent is None:
                 ctx.obj.close()
@@ -87,6 +93,8 @@ def _plain(value: Any) -> Any:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, list):  # a table cell: models, versions, a shape
+        return ",".join(str(v) for v in value) or "-"
     return "-" if value is None else str(value)
 
 

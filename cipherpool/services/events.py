@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, delete, select
 
 from cipherpool.api.schemas import EventOut
 from cipherpool.db.tables import Model, ModelEvent, utcnow
@@ -45,8 +45,9 @@ def list_events(session: Session, model: Model, *, after: int | None = None, sin
 
 
 def delete_events(session: Session, model_id: str) -> None:
-    for event in session.exec(select(ModelEvent).where(ModelEvent.model_id == model_id)):
-        session.delete(event)
+    """At once, in SQL: deleted through the session, the rows could be flushed after the model
+    row they reference (nothing tells the flush which goes first), which a foreign key refuses."""
+    session.exec(delete(ModelEvent).where(col(ModelEvent.model_id) == model_id))
 
 
 def describe(event: ModelEvent, model_name: str) -> EventOut:

@@ -1,0 +1,45 @@
+"""The CLI's durations (--expires-in) and times (--expires-at, --since)."""
+
+from datetime import UTC, datetime, timedelta
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from cipherpool.cli.durations import DURATION, MOMENT, parse_duration, parse_moment
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("30d", 30 * 86400), ("12h", 12 * 3600), ("90m", 5400), ("3600s", 3600), ("2w", 14 * 86400),
+    ("1h30m", 5400), ("1.5h", 5400), ("3600", 3600), (" 45S ", 45), ("0.5", 0.5),
+])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "d", "30x", "30 d", "h12", "1h-30m", "-5", "0", "0s", "inf", "nan", "30d junk"])
+def test_what_is_not_a_duration(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_times_are_utc_unless_they_have_an_offset():
+    assert parse_moment("2030-01-31") == datetime(2030, 1, 31, tzinfo=UTC)
+    assert parse_moment("2030-01-31T12:00:00Z") == datetime(2030, 1, 31, 12, tzinfo=UTC)
+    east = parse_moment("2030-01-31T12:00:00+02:00")
+    assert east.utcoffset() == timedelta(hours=2) and east == datetime(2030, 1, 31, 10, tzinfo=UTC)
+    with pytest.raises(ValueError):
+        parse_moment("next tuesday")
+
+
+def test_the_click_types_say_what_is_wrong():
+    @click.command()
+    @click.option("--expires-in", type=DURATION)
+    @click.option("--expires-at", type=MOMENT)
+    def show(expires_in, expires_at):
+        click.echo(f"{expires_in} {expires_at.isoformat() if expires_at else None}")
+
+    ok = CliRunner().invoke(show, ["--expires-in", "90m", "--expires-at", "2030-01-31"])
+    assert ok.exit_code == 0 and ok.output.strip() == "5400.0 2030-01-31T00:00:00+00:00"
+    bad = CliRunner().invoke(show, ["--expires-in", "soon"])
+    assert bad.exit_code == 2 and "is not a duration" in bad.output
