@@ -33,10 +33,10 @@ class CliContext:
         self._clients.append(client)
         return client
 
-    def query(self, key_dir: Path | None) -> QueryClient:
+    def query(self, key_dir: Path | None, model: str | None = None) -> QueryClient:
         from cipherpool.client.query import QueryClient
 
-        client = QueryClient(settings=self.settings, key_dir=key_dir)
+        client = QueryClient(settings=self.settings, key_dir=key_dir, model=model)
         self._clients.append(client)
         return client
 

@@ -28,18 +28,20 @@ OUT = click.option("--output", "output_path", type=click.Path(dir_okay=False, pa
 @click.option("--token", envvar="CIPHERPOOL_TOKEN", help="Access token (or CIPHERPOOL_TOKEN).")
 @click.option("--keys", "key_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Directory of this client's keys (default: under the data directory).")
+@click.option("--model", "model_name", help="The model to query, when the token is assigned to several.")
 @click.pass_context
-def query(ctx: click.Context, token: str | None, key_dir: Path | None) -> None:
+def query(ctx: click.Context, token: str | None, key_dir: Path | None, model_name: str | None) -> None:
     """Encrypted queries, step by step, as an end user runs them."""
     cli_ctx: CliContext = ctx.obj
     if token:
         cli_ctx.settings = cli_ctx.settings.model_copy(update={"token": token})
     ctx.meta["key_dir"] = key_dir
+    ctx.meta["model"] = model_name
 
 
 def _client(ctx: click.Context) -> QueryClient:
     cli_ctx: CliContext = ctx.obj
-    return cli_ctx.query(ctx.meta.get("key_dir"))
+    return cli_ctx.query(ctx.meta.get("key_dir"), ctx.meta.get("model"))
 
 
 def _array_out(result: NDArray[Any], output_path: Path | None, ctx: CliContext) -> None:

@@ -23,7 +23,7 @@ from cipherpool.services.tokens import check_usable, resolve_token
 KEY_ID = re.compile(r"[0-9a-f]{32}")
 REGENERATE = ("generate keys again from its current client specs and upload them "
               "(QueryClient: refresh(), then generate_keys() and upload_evaluation_keys(); "
-              "CLI: `cipherpool query keys --force`)")
+              "CLI: `cipherpool query keygen` then `cipherpool query upload-keys`)")
 
 
 @dataclass(frozen=True)
