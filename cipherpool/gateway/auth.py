@@ -89,7 +89,10 @@ class Authenticator:
         if credential.startswith(API_KEY_PREFIX):
             return self._principals.get_or_load(digest(credential), lambda: self._account(credential))
         if credential.startswith(TOKEN_PREFIX):
-            return self._principals.get_or_load(digest(credential), lambda: self._grant(credential))
+            principal = self._principals.get_or_load(digest(credential), lambda: self._grant(credential))
+            if isinstance(principal, TokenGrant):
+                principal.check_unexpired()
+            return principal
         raise InvalidToken("Unknown kind of credential: pass a cpk_… API key or a cpt_… access token.")
 
     def key_blob(self, grant: TokenGrant, model: ModelGrant, key_id: str) -> str:

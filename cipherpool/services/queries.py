@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlmodel import Session, func, select
 
-from cipherpool.db.tables import AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, TokenModel
+from cipherpool.db.tables import AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, TokenModel, utcnow
 from cipherpool.errors import (
     EvaluationKeyNotFound, InvalidEvaluationKey, InvalidInput, InvalidToken, KeysOutdated, ModelInactive,
-    TokenNotForModel, TooManyKeys,
+    TokenExpired, TokenNotForModel, TooManyKeys,
 )
-from cipherpool.services.tokens import check_usable, resolve_token
+from cipherpool.services.tokens import aware, check_usable, resolve_token
 
 KEY_ID = re.compile(r"[0-9a-f]{32}")
 REGENERATE = ("generate keys again from its current client specs and upload them "
@@ -47,9 +48,15 @@ class TokenGrant:
     account_id: str
     quota: int | None
     models: tuple[ModelGrant, ...]
+    expires_at: datetime | None = None
 
     def find(self, model_id: str) -> ModelGrant | None:
         return next((m for m in self.models if m.model_id == model_id), None)
+
+    def check_unexpired(self, now: datetime | None = None) -> None:
+        """A cached grant outlives nothing: a token that expired while cached is refused."""
+        if self.expires_at is not None and self.expires_at <= (now or utcnow()):
+            raise TokenExpired("This access token has expired; ask the model's provider to extend it or for a new one.")
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,8 @@ def _grant(session: Session, token: AccessToken) -> TokenGrant:
         .order_by(Model.name)
     ).all()
     models = tuple(ModelGrant(m.id, m.name, m.status, m.version, v.client_blob) for m, v in rows)
-    return TokenGrant(token.id, token.account_id, token.quota, models)
+    return TokenGrant(token.id, token.account_id, token.quota, models,
+                      aware(token.expires_at) if token.expires_at is not None else None)
 
 
 def grant_for_value(session: Session, value: str | None) -> TokenGrant:
@@ -89,6 +97,7 @@ def grant_for_id(session: Session, token_id: str) -> TokenGrant:
 
 def check_query(grant: TokenGrant, model_id: str) -> ModelGrant:
     """May this grant run a query on ``model_id`` now? The model's grant if so."""
+    grant.check_unexpired()
     model = grant.find(model_id)
     if model is None:
         raise TokenNotForModel("This access token is not assigned to the model the ciphertext was encrypted for "

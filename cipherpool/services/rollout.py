@@ -55,6 +55,16 @@ def worker_loaded(session: Session, worker_id: str, number: int) -> bool:
         return False
     events.record(session, model, EventKind.WORKER_LOADED_VERSION, f"worker {worker.id} on {worker.node_name} "
                   f"loaded version {number}", worker_id=worker.id, version=number)
+    return complete_if_held(session, model)
+
+
+def complete_if_held(session: Session, model: Model) -> bool:
+    """Flip to the rollout version if every running worker holds it; True if it flipped.
+    Asked when a worker reports the version, and when one stops (it may have been the last
+    worker without it)."""
+    number = model.rollout_version
+    if number is None:
+        return False
     session.flush()
     if all(w.version == number for w in _running(session, model.id)):
         _flip(session, model, number)

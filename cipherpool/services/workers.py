@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from cipherpool.api.schemas import WorkerOut
 from cipherpool.db.tables import Account, Model, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
 from cipherpool.errors import NoFreeNode, WorkerNotFound, WorkerStartFailed
-from cipherpool.services import events
+from cipherpool.services import events, rollout
 from cipherpool.services.models import get_model
 from cipherpool.services.nodes import live, node_is_live
 from cipherpool.statuses import EventKind
@@ -132,6 +132,9 @@ def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | 
     session.execute(update(PoolNode).where(col(PoolNode.worker_id) == worker_id).values(worker_id=None))
     if was in (WorkerStatus.STOPPED, WorkerStatus.FAILED):
         return
+    model = session.get(Model, worker.model_id)
+    if model is not None:
+        rollout.complete_if_held(session, model)  # it may have been the last worker without the new version
     if status == WorkerStatus.FAILED:
         events.record_for(session, worker.model_id, EventKind.WORKER_FAILED,
                           f"worker {worker.id} on {worker.node_name} failed: {error}", worker_id=worker.id)

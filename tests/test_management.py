@@ -1,0 +1,924 @@
+"""The management plane over real databases (SQLite and PostgreSQL, by the `session` fixture):
+accounts, model settings and versions, rollouts, tokens, key sets, event logs; token usage
+over a real Redis."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from sqlmodel import select
+
+from cipherpool import errors
+from cipherpool.db.tables import (
+    AccessToken, EvaluationKey, Model, ModelEvent, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker,
+    WorkerStatus, utcnow,
+)
+from cipherpool.fhe.deployment import InputSpec, Versions
+from cipherpool.services import accounts, events, models, nodes, queries, rollout, tokens, usage, workers
+from cipherpool.statuses import EventKind, TokenStatus
+from cipherpool.store import BlobKind
+
+V = Versions("1.9.0", "2.10.0", "3.11")
+HEARTBEAT_S = 10
+DAY_S = 86400
+
+
+def artifact(client: str = "c", server: str = "s", shape: list[int] | None = None, dtype: str | None = None):
+    """An artifact pair whose blob digests are the given characters, 64 times."""
+    return models.Artifact(client * 64, server * 64, 100, 200, V, InputSpec(shape, dtype))
+
+
+def deploy(session, account, name="m", art=None, **settings):
+    return models.deploy_model(session, account, name, art or artifact(), **settings)
+
+
+def reload(session) -> None:
+    """Write what is pending and forget what the session holds: the next read comes from the database."""
+    session.flush()
+    session.expire_all()
+
+
+def kinds(session, model) -> list[str]:
+    return [e.kind for e in events.list_events(session, model)]
+
+
+def running_worker(session, account, model_name, node_name, versions=None):
+    """A worker RUNNING on a fresh ONLINE node of its own."""
+    nodes.register_node(session, node_name, host_class="cpu", concurrency=1, threads=1, pid=1)
+    worker = workers.start_worker(session, account, model_name, heartbeat_s=HEARTBEAT_S)
+    assert worker.node_name == node_name
+    workers.mark_running(session, worker.id, versions)
+    assert session.get(Worker, worker.id).status == WorkerStatus.RUNNING
+    return worker
+
+
+def grant_model(session, token_id, model_name):
+    grant = queries.grant_for_id(session, token_id)
+    return grant, next(m for m in grant.models if m.name == model_name)
+
+
+@pytest.fixture
+def alice(session):
+    return accounts.create_account(session, "alice")
+
+
+@pytest.fixture
+def account(alice):
+    return alice[0]
+
+
+# ---- accounts ----------------------------------------------------------------------------
+
+
+def test_update_account_changes_details_and_stamps_updated_at(session, account):
+    assert account.updated_at is None
+    before = utcnow()
+    accounts.update_account(session, account, {"name": "alice-2", "organisation": "Acme",
+                                               "contact_email": "ops@acme.example"})
+    reload(session)
+    row = accounts.find_account(session, account.id)
+    assert (row.name, row.organisation, row.contact_email) == ("alice-2", "Acme", "ops@acme.example")
+    assert row.updated_at is not None
+    assert tokens.aware(row.updated_at) >= before - timedelta(seconds=1)
+    assert accounts.describe(row).updated_at is not None
+    accounts.update_account(session, row, {"organisation": None})  # clearing an optional field
+    reload(session)
+    assert accounts.find_account(session, account.id).organisation is None
+
+
+@pytest.mark.parametrize("changes", [{"api_key_hash": "x"}, {"disabled_at": None}, {"name": None},
+                                     {"name": "has space"}, {"name": ""}])
+def test_update_account_refuses_other_fields_and_bad_names(session, account, changes):
+    with pytest.raises(errors.InvalidInput):
+        accounts.update_account(session, account, changes)
+    reload(session)
+    assert accounts.find_account(session, account.id).name == "alice"
+
+
+def test_renaming_to_another_accounts_name_is_allowed_and_makes_names_ambiguous(session, account):
+    bob, bob_key = accounts.create_account(session, "bob")
+    accounts.update_account(session, bob, {"name": "alice"})  # no refusal: it would tell bob alice exists
+    reload(session)
+    assert accounts.authenticate(session, bob_key).name == "alice"
+    with pytest.raises(errors.Conflict, match="2 accounts") as refused:
+        accounts.find_account(session, "alice")
+    assert account.id in str(refused.value) and bob.id in str(refused.value)
+    assert accounts.find_account(session, bob.id).id == bob.id  # by id it is never ambiguous
+    assert accounts.find_account(session, account.id).id == account.id
+
+
+def test_find_account_by_id_or_name(session, account):
+    accounts.create_account(session, "bob")
+    reload(session)
+    assert accounts.find_account(session, account.id).name == "alice"
+    assert accounts.find_account(session, "alice").id == account.id
+    assert accounts.find_account(session, "bob").id != account.id
+    for unknown in ("carol", "0" * 16):
+        with pytest.raises(errors.AccountNotFound):
+            accounts.find_account(session, unknown)
+
+
+def test_rotate_key_stops_the_old_key_at_once(session, alice):
+    account, old = alice
+    new = accounts.rotate_key(session, account)
+    assert new != old and new.startswith("cpk_")
+    reload(session)
+    with pytest.raises(errors.InvalidApiKey):
+        accounts.authenticate(session, old)
+    assert accounts.authenticate(session, new).id == account.id
+    row = accounts.find_account(session, account.id)
+    assert new.startswith(row.api_key_prefix) and not old.startswith(row.api_key_prefix)
+    assert row.updated_at is not None
+
+
+def test_a_disabled_account_refuses_its_key_and_its_tokens_until_enabled(session, alice):
+    account, key = alice
+    deploy(session, account)
+    token, value = tokens.create_token(session, account, "t", "m")
+    accounts.set_disabled(session, account, True)
+    reload(session)
+    assert accounts.describe(accounts.find_account(session, account.id)).status.value == "disabled"
+    with pytest.raises(errors.AccountDisabled):
+        accounts.authenticate(session, key)
+    with pytest.raises(errors.AccountDisabled):
+        accounts.get_account(session, account.id)
+    with pytest.raises(errors.AccountDisabled):
+        tokens.resolve_token(session, value)
+    with pytest.raises(errors.AccountDisabled):
+        queries.grant_for_id(session, token.id)
+    with pytest.raises(errors.AccountDisabled):
+        queries.grant_for_value(session, value)
+    first = accounts.find_account(session, account.id).disabled_at
+    accounts.set_disabled(session, accounts.find_account(session, account.id), True)  # again: keeps the first time
+    reload(session)
+    assert accounts.find_account(session, account.id).disabled_at == first
+
+    accounts.set_disabled(session, accounts.find_account(session, account.id), False)
+    reload(session)
+    assert accounts.authenticate(session, key).id == account.id
+    assert accounts.get_account(session, account.id).id == account.id
+    assert tokens.resolve_token(session, value).id == token.id
+    assert [m.name for m in queries.grant_for_id(session, token.id).models] == ["m"]
+
+
+def test_get_account_of_a_deleted_account_is_an_invalid_key(session):
+    with pytest.raises(errors.InvalidApiKey):
+        accounts.get_account(session, "0" * 16)
+
+
+# ---- models: settings --------------------------------------------------------------------
+
+
+def test_deploy_stores_settings(session, account):
+    deploy(session, account, "m", description="digits classifier", hardware="gpu", min_workers=1, max_workers=3,
+           shared=True)
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.description, model.hardware, model.min_workers, model.max_workers, model.shared) == (
+        "digits classifier", "gpu", 1, 3, True)
+    assert (model.version, model.rollout_version, model.status) == (1, None, ModelStatus.DEPLOYED)
+    assert kinds(session, model) == [EventKind.DEPLOYED.value]
+    defaults = deploy(session, account, "plain")
+    assert (defaults.hardware, defaults.min_workers, defaults.max_workers, defaults.shared) == ("cpu", 0, 1, False)
+
+
+@pytest.mark.parametrize("bad", [
+    {"min_workers": 3, "max_workers": 2},
+    {"max_workers": 0},
+    {"min_workers": -1},
+    {"hardware": "tpu"},
+])
+def test_deploy_refuses_invalid_settings(session, account, bad):
+    with pytest.raises(errors.InvalidInput):
+        deploy(session, account, "m", **bad)
+    reload(session)
+    assert models.list_models(session, account) == []
+
+
+def test_update_settings_changes_them_and_records_which(session, account):
+    deploy(session, account, "m")
+    models.update_settings(session, account, "m", {"description": "new text", "max_workers": 4, "min_workers": 2,
+                                                   "shared": True})
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.description, model.min_workers, model.max_workers, model.shared) == ("new text", 2, 4, True)
+    changed = [e for e in events.list_events(session, model) if e.kind == EventKind.SETTINGS_CHANGED.value]
+    assert len(changed) == 1
+    for field in ("description", "max_workers", "min_workers", "shared"):
+        assert field in changed[0].message
+    assert "hardware" not in changed[0].message
+    models.update_settings(session, account, "m", {"max_workers": 4, "description": None})  # nothing changes
+    reload(session)
+    assert kinds(session, model).count(EventKind.SETTINGS_CHANGED.value) == 1
+
+
+@pytest.mark.parametrize("changes", [
+    {"colour": "blue"},
+    {"version": 3},
+    {"min_workers": 2},  # above the current max_workers (1)
+    {"max_workers": 0},
+    {"hardware": "tpu"},
+    {"min_workers": 5, "max_workers": 4},
+])
+def test_update_settings_refuses_unknown_or_invalid_settings(session, account, changes):
+    deploy(session, account, "m")
+    with pytest.raises(errors.InvalidInput):
+        models.update_settings(session, account, "m", changes)
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.hardware, model.min_workers, model.max_workers, model.version) == ("cpu", 0, 1, 1)
+    assert EventKind.SETTINGS_CHANGED.value not in kinds(session, model)
+
+
+def test_hardware_cannot_change_while_a_worker_runs(session, account):
+    deploy(session, account, "m")
+    worker = running_worker(session, account, "m", "n1")
+    with pytest.raises(errors.ModelBusy):
+        models.update_settings(session, account, "m", {"hardware": "gpu"})
+    models.update_settings(session, account, "m", {"max_workers": 2})  # other settings may change
+    reload(session)
+    assert models.get_model(session, account, "m").hardware == "cpu"
+    workers.finish(session, worker.id, WorkerStatus.STOPPED)
+    models.update_settings(session, account, "m", {"hardware": "gpu"})
+    reload(session)
+    assert models.get_model(session, account, "m").hardware == "gpu"
+
+
+# ---- models: versions --------------------------------------------------------------------
+
+
+def test_new_versions_are_numbered_and_serve_at_once_without_workers(session, account):
+    deploy(session, account, "m")
+    models.add_version(session, account, "m", artifact("d"), note="retrained")
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (2, None)
+    assert kinds(session, model) == [EventKind.DEPLOYED.value, EventKind.VERSION_ADDED.value,
+                                     EventKind.VERSION_SERVING.value]
+    added = events.list_events(session, model)[1]
+    assert added.version == 2 and "retrained" in added.message
+    models.add_version(session, account, "m", artifact("e"))
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert [v.number for v in models.list_versions(session, model)] == [1, 2, 3]
+    assert model.version == 3
+    assert models.current_version(session, model).client_blob == "e" * 64
+    assert models.get_version(session, model, 2).note == "retrained"
+
+
+def test_rollback_defaults_to_the_version_before_and_checks_its_target(session, account):
+    deploy(session, account, "m")
+    with pytest.raises(errors.VersionNotFound):
+        models.rollback(session, account, "m")  # version 1 has none before it
+    models.add_version(session, account, "m", artifact("d"))
+    models.add_version(session, account, "m", artifact("e"))
+    models.rollback(session, account, "m")
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (2, None)
+    assert kinds(session, model)[-2:] == [EventKind.ROLLED_BACK.value, EventKind.VERSION_SERVING.value]
+    with pytest.raises(errors.VersionNotFound):
+        models.rollback(session, account, "m", to=7)
+    with pytest.raises(errors.InvalidInput, match="serves version 2"):
+        models.rollback(session, account, "m", to=2)
+    models.rollback(session, account, "m", to=3)  # "rollback" forwards too
+    reload(session)
+    assert models.get_model(session, account, "m").version == 3
+    assert [e.version for e in events.list_events(session, model) if e.kind == EventKind.ROLLED_BACK.value] == [2, 3]
+
+
+def test_describe_and_detail_show_versions(session, account):
+    deploy(session, account, "m", art=artifact("c", "s", [1, 28, 28], "float32"), description="digits")
+    models.add_version(session, account, "m", artifact("d", "t", [1, 784], "float64"), note="flat")
+    reload(session)
+    model = models.get_model(session, account, "m")
+    out = models.describe(session, model)
+    assert (out.name, out.version, out.rollout_version, out.description) == ("m", 2, None, "digits")
+    detail = models.detail(session, model, running_workers=3)
+    assert [(v.number, v.serving, v.rolling_out) for v in detail.versions] == [(1, False, False), (2, True, False)]
+    assert detail.versions[0].input_shape == [1, 28, 28] and detail.versions[0].input_dtype == "float32"
+    assert detail.versions[1].input_shape == [1, 784] and detail.versions[1].note == "flat"
+    assert (detail.client_sha256, detail.server_sha256) == ("d" * 64, "t" * 64)
+    assert detail.input_shape == [1, 784] and detail.running_workers == 3
+    models.rollback(session, account, "m")
+    reload(session)
+    again = models.detail(session, models.get_model(session, account, "m"), running_workers=0)
+    assert [v.serving for v in again.versions] == [True, False]
+    assert again.input_shape == [1, 28, 28] and again.client_sha256 == "c" * 64
+    unshaped = deploy(session, account, "plain")
+    assert models.detail(session, unshaped, running_workers=0).versions[0].input_shape is None
+
+
+# ---- models: deletion --------------------------------------------------------------------
+
+
+def test_delete_is_refused_while_a_worker_holds_a_node(session, account):
+    deploy(session, account, "m")
+    nodes.register_node(session, "n1", host_class="cpu", concurrency=1, threads=1, pid=1)
+    worker = workers.start_worker(session, account, "m", heartbeat_s=HEARTBEAT_S)  # STARTING
+    with pytest.raises(errors.ModelBusy, match=worker.id):
+        models.delete_model(session, account, "m")
+    workers.mark_running(session, worker.id)
+    with pytest.raises(errors.ModelBusy):
+        models.delete_model(session, account, "m")
+    assert workers.request_stop(session, account, worker.id, heartbeat_s=HEARTBEAT_S).tell_node  # STOPPING
+    with pytest.raises(errors.ModelBusy):
+        models.delete_model(session, account, "m")
+    reload(session)
+    assert models.get_model(session, account, "m").name == "m"
+    workers.finish(session, worker.id, WorkerStatus.STOPPED)
+    models.delete_model(session, account, "m")
+    reload(session)
+    with pytest.raises(errors.ModelNotFound):
+        models.get_model(session, account, "m")
+    assert session.get(PoolNode, "n1").worker_id is None
+
+
+def test_delete_removes_versions_assignments_keys_events_and_workers(session, account):
+    model = deploy(session, account, "m")
+    keep = deploy(session, account, "keep", art=artifact("k", "l"))
+    models.add_version(session, account, "m", artifact("d", "t"))
+    token, _ = tokens.create_token(session, account, "t", ["m", "keep"])
+    grant, m = grant_model(session, token.id, "m")
+    queries.register_key(session, grant, m, "a" * 32, "e" * 64, 10)
+    queries.register_key(session, grant, grant.find(keep.id), "b" * 32, "f" * 64, 10)
+    worker = running_worker(session, account, "m", "n1")
+    workers.finish(session, worker.id, WorkerStatus.STOPPED)
+    model_id, keep_id = model.id, keep.id
+
+    blobs = models.delete_model(session, account, "m")
+    reload(session)
+    assert blobs == sorted({(BlobKind.CLIENT_ZIP, "c" * 64), (BlobKind.SERVER_ZIP, "s" * 64),
+                            (BlobKind.CLIENT_ZIP, "d" * 64), (BlobKind.SERVER_ZIP, "t" * 64),
+                            (BlobKind.EVALUATION_KEY, "e" * 64)})
+    for table in (ModelVersion, TokenModel, EvaluationKey, ModelEvent, Worker):
+        assert session.exec(select(table).where(table.model_id == model_id)).all() == [], table.__name__
+    assert session.get(Model, model_id) is None
+    # the other model, the token and the token's other key set are untouched
+    assert [m.name for m in tokens.assigned_models(session, token.id)] == ["keep"]
+    assert [k.model_id for k in session.exec(select(EvaluationKey)).all()] == [keep_id]
+    assert len(models.list_versions(session, models.get_model(session, account, "keep"))) == 1
+    assert EventKind.DEPLOYED.value in kinds(session, models.get_model(session, account, "keep"))
+    assert models.unreferenced(session, blobs) == blobs  # nothing else used them
+
+
+def test_unreferenced_keeps_blobs_that_another_model_or_token_uses(session, account):
+    bob, _ = accounts.create_account(session, "bob")
+    deploy(session, account, "m", art=artifact("c", "s"))
+    deploy(session, bob, "other", art=artifact("c", "x"))  # the same client.zip, another account
+    token, _ = tokens.create_token(session, account, "t", "m")
+    other_token, _ = tokens.create_token(session, bob, "t", "other")
+    grant, m = grant_model(session, token.id, "m")
+    queries.register_key(session, grant, m, "a" * 32, "e" * 64, 10)
+    queries.register_key(session, grant, m, "b" * 32, "f" * 64, 10)
+    other_grant, other = grant_model(session, other_token.id, "other")
+    queries.register_key(session, other_grant, other, "a" * 32, "e" * 64, 10)  # the same evaluation key blob
+    blobs = models.delete_model(session, account, "m")
+    reload(session)
+    assert (BlobKind.CLIENT_ZIP, "c" * 64) in blobs and (BlobKind.EVALUATION_KEY, "e" * 64) in blobs
+    assert models.unreferenced(session, blobs) == [(BlobKind.EVALUATION_KEY, "f" * 64), (BlobKind.SERVER_ZIP, "s" * 64)]
+    # a server blob shared with a client blob's digest is a different kind: not confused
+    assert models.unreferenced(session, [(BlobKind.SERVER_ZIP, "c" * 64)]) == [(BlobKind.SERVER_ZIP, "c" * 64)]
+    assert models.unreferenced(session, [(BlobKind.SERVER_ZIP, "x" * 64)]) == []
+
+
+# ---- rollout -----------------------------------------------------------------------------
+
+
+def test_a_running_worker_holds_the_serving_version_until_it_loads_the_new_one(session, account):
+    deploy(session, account, "m")
+    worker = running_worker(session, account, "m", "n1", versions={1})
+    assert session.get(Worker, worker.id).version == 1
+    models.add_version(session, account, "m", artifact("d"))
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (1, 2)
+    assert rollout.versions_to_hold(model) == {1, 2}
+    assert kinds(session, model)[-2:] == [EventKind.VERSION_ADDED.value, EventKind.ROLLOUT_STARTED.value]
+    assert [(v.number, v.serving, v.rolling_out) for v in models.detail(session, model, 1).versions] == [
+        (1, True, False), (2, False, True)]
+
+    assert rollout.worker_loaded(session, worker.id, 2) is True
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (2, None)
+    assert rollout.versions_to_hold(model) == {2}
+    assert session.get(Worker, worker.id).version == 2
+    assert kinds(session, model)[-2:] == [EventKind.WORKER_LOADED_VERSION.value, EventKind.VERSION_SERVING.value]
+    loaded = events.list_events(session, model)[-2]
+    assert (loaded.worker_id, loaded.version) == (worker.id, 2)
+
+
+def test_with_two_running_workers_the_flip_waits_for_both(session, account):
+    deploy(session, account, "m")
+    w1 = running_worker(session, account, "m", "n1", versions={1})
+    w2 = running_worker(session, account, "m", "n2", versions={1})
+    models.add_version(session, account, "m", artifact("d"))
+    assert rollout.worker_loaded(session, w1.id, 2) is False
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (1, 2)
+    assert EventKind.VERSION_SERVING.value not in kinds(session, model)[1:]
+    assert rollout.worker_loaded(session, w1.id, 2) is False  # reported twice: still waiting for w2
+    assert rollout.worker_loaded(session, w2.id, 2) is True
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (2, None)
+    assert kinds(session, model).count(EventKind.VERSION_SERVING.value) == 1
+
+
+def test_a_rollout_completes_when_the_last_worker_without_the_new_version_stops(session, account):
+    deploy(session, account, "m")
+    w1 = running_worker(session, account, "m", "n1", versions={1})
+    w2 = running_worker(session, account, "m", "n2", versions={1})
+    models.add_version(session, account, "m", artifact("d"))
+    assert rollout.worker_loaded(session, w1.id, 2) is False  # w2 has not loaded it yet
+    workers.finish(session, w2.id, WorkerStatus.STOPPED)  # ... and never will
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert workers.running_count(session, model.id) == 1 and session.get(Worker, w1.id).version == 2
+    assert (model.version, model.rollout_version) == (2, None)
+
+
+def test_a_report_for_another_version_does_not_flip(session, account):
+    deploy(session, account, "m")
+    worker = running_worker(session, account, "m", "n1", versions={1})
+    models.add_version(session, account, "m", artifact("d"))
+    assert rollout.worker_loaded(session, worker.id, 1) is False
+    assert rollout.worker_loaded(session, "0" * 16, 2) is False  # unknown worker
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (1, 2)
+
+
+def test_workers_on_offline_nodes_or_not_running_do_not_hold_a_rollout(session, account):
+    deploy(session, account, "m")
+    worker = running_worker(session, account, "m", "n1", versions={1})
+    nodes.register_node(session, "n2", host_class="cpu", concurrency=1, threads=1, pid=1)
+    workers.start_worker(session, account, "m", heartbeat_s=HEARTBEAT_S)  # STARTING only
+    nodes.node_offline(session, worker.node_name)
+    models.add_version(session, account, "m", artifact("d"))
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (2, None)
+
+
+def test_rolling_back_to_the_serving_version_abandons_a_rollout(session, account):
+    deploy(session, account, "m")
+    worker = running_worker(session, account, "m", "n1", versions={1})
+    models.add_version(session, account, "m", artifact("d"))
+    models.rollback(session, account, "m", to=1)
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (1, None)
+    assert kinds(session, model)[-2:] == [EventKind.ROLLED_BACK.value, EventKind.VERSION_SERVING.value]
+    assert rollout.worker_loaded(session, worker.id, 2) is False  # a late report of the abandoned version
+    reload(session)
+    assert models.get_model(session, account, "m").version == 1
+
+
+def test_rollback_with_a_running_worker_is_rolled_out_too(session, account):
+    deploy(session, account, "m")
+    models.add_version(session, account, "m", artifact("d"))  # no worker yet: serves at once
+    worker = running_worker(session, account, "m", "n1", versions={2})
+    models.rollback(session, account, "m")
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (2, 1)
+    assert rollout.versions_to_hold(model) == {1, 2}
+    assert rollout.worker_loaded(session, worker.id, 1) is True
+    reload(session)
+    assert models.get_model(session, account, "m").version == 1
+
+
+# ---- tokens ------------------------------------------------------------------------------
+
+
+def test_token_expiry_options(session, account):
+    deploy(session, account)
+    default, _ = tokens.create_token(session, account, "default", "m")
+    short, _ = tokens.create_token(session, account, "short", "m", ttl_s=3600)
+    when = (utcnow() + timedelta(days=2)).replace(microsecond=0)
+    fixed, _ = tokens.create_token(session, account, "fixed", "m", expires_at=when)
+    forever, _ = tokens.create_token(session, account, "forever", "m", no_expiry=True)
+    reload(session)
+    now = utcnow()
+    default_at = tokens.aware(session.get(AccessToken, default.id).expires_at)
+    assert abs(default_at - (now + timedelta(days=30))) < timedelta(minutes=1)
+    assert abs(tokens.aware(session.get(AccessToken, short.id).expires_at) - (now + timedelta(hours=1))) < timedelta(minutes=1)
+    assert tokens.aware(session.get(AccessToken, fixed.id).expires_at) == when
+    assert session.get(AccessToken, forever.id).expires_at is None
+    naive = tokens.expiry(expires_at=(now + timedelta(hours=1)).replace(tzinfo=None))  # naive: taken as UTC
+    assert abs(naive - (now + timedelta(hours=1))) < timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("options", [
+    {"ttl_s": 60, "no_expiry": True},
+    {"ttl_s": 60, "expires_at": "future"},
+    {"expires_at": "future", "no_expiry": True},
+    {"ttl_s": 60, "expires_at": "future", "no_expiry": True},
+    {"expires_at": "past"},
+    {"ttl_s": 0},
+    {"ttl_s": -5},
+])
+def test_bad_expiry_options_are_refused(session, account, options):
+    deploy(session, account)
+    moments = {"future": utcnow() + timedelta(days=1), "past": utcnow() - timedelta(seconds=1)}
+    options = {k: moments.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
+    with pytest.raises(errors.InvalidInput):
+        tokens.create_token(session, account, "t", "m", **options)
+    reload(session)
+    assert tokens.list_tokens(session, account) == []
+
+
+def test_a_token_may_be_assigned_to_several_models_of_its_account_only(session, account):
+    bob, _ = accounts.create_account(session, "bob")
+    deploy(session, account, "a")
+    deploy(session, account, "b")
+    deploy(session, bob, "theirs")
+    token, value = tokens.create_token(session, account, "t", ["b", "a", "b"])
+    reload(session)
+    assert [m.name for m in tokens.assigned_models(session, token.id)] == ["a", "b"]
+    assert [m.name for m in queries.grant_for_value(session, value).models] == ["a", "b"]
+    with pytest.raises(errors.ModelNotFound):
+        tokens.create_token(session, account, "bad", ["a", "theirs"])
+    reload(session)
+    assert [t.name for t in tokens.list_tokens(session, account)] == ["t"]
+    unassigned, _ = tokens.create_token(session, account, "none")
+    assert tokens.assigned_models(session, unassigned.id) == []
+
+
+def test_update_token_changes_name_expiry_quota_and_enabled(session, account):
+    deploy(session, account)
+    token, value = tokens.create_token(session, account, "t", "m", ttl_s=60)
+    tokens.update_token(session, account, token.id, {"name": "renamed", "quota": 10})
+    reload(session)
+    row = tokens.get_token(session, account, token.id)
+    assert (row.name, row.quota) == ("renamed", 10) and row.updated_at is not None
+    assert row.expires_at is not None
+    tokens.update_token(session, account, token.id, {"expires_at": None, "quota": None})
+    reload(session)
+    row = tokens.get_token(session, account, token.id)
+    assert (row.expires_at, row.quota) == (None, None)
+    assert tokens.resolve_token(session, value, now=utcnow() + timedelta(days=3650)).id == token.id  # never expires
+    later = (utcnow() + timedelta(days=5)).replace(microsecond=0)
+    tokens.update_token(session, account, token.id, {"expires_at": later})
+    reload(session)
+    assert tokens.aware(tokens.get_token(session, account, token.id).expires_at) == later
+    tokens.update_token(session, account, token.id, {"enabled": False})
+    reload(session)
+    with pytest.raises(errors.TokenDisabled):
+        tokens.resolve_token(session, value)
+    tokens.update_token(session, account, token.id, {"enabled": True})
+    reload(session)
+    assert tokens.get_token(session, account, token.id).disabled_at is None
+    assert tokens.resolve_token(session, value).id == token.id
+
+
+@pytest.mark.parametrize("changes", [{"name": "bad name"}, {"quota": -1}, {"quota": "ten"}, {"prefix": "cpt_x"},
+                                     {"revoked_at": None}])
+def test_update_token_refuses_bad_changes(session, account, changes):
+    deploy(session, account)
+    token, _ = tokens.create_token(session, account, "t", "m", quota=3)
+    with pytest.raises(errors.InvalidInput):
+        tokens.update_token(session, account, token.id, changes)
+
+
+def test_a_revoked_token_cannot_be_updated(session, account):
+    deploy(session, account)
+    token, value = tokens.create_token(session, account, "t", "m")
+    tokens.revoke_token(session, account, token.id)
+    for changes in ({"enabled": True}, {"name": "again"}, {"expires_at": None}):
+        with pytest.raises(errors.InvalidInput, match="revoked"):
+            tokens.update_token(session, account, token.id, changes)
+    reload(session)
+    assert tokens.get_token(session, account, token.id).name == "t"
+    with pytest.raises(errors.TokenRevoked):
+        tokens.resolve_token(session, value)
+
+
+def test_assign_and_unassign_are_idempotent_and_recorded(session, account):
+    a, b = deploy(session, account, "a"), deploy(session, account, "b")
+    token, _ = tokens.create_token(session, account, "t", "a")
+    tokens.assign(session, account, token.id, "b")
+    tokens.assign(session, account, token.id, "b")
+    reload(session)
+    assert [m.name for m in tokens.assigned_models(session, token.id)] == ["a", "b"]
+    assigned = [e for e in events.list_events(session, b) if e.kind == EventKind.TOKEN_ASSIGNED.value]
+    assert [e.token_id for e in assigned] == [token.id]  # once, not twice
+    tokens.unassign(session, account, token.id, "a")
+    tokens.unassign(session, account, token.id, "a")
+    reload(session)
+    assert [m.name for m in tokens.assigned_models(session, token.id)] == ["b"]
+    assert kinds(session, a) == [EventKind.DEPLOYED.value, EventKind.TOKEN_ASSIGNED.value,
+                                 EventKind.TOKEN_UNASSIGNED.value]
+    assert events.list_events(session, a)[-1].token_id == token.id
+    bob, _ = accounts.create_account(session, "bob")
+    deploy(session, bob, "theirs")
+    with pytest.raises(errors.ModelNotFound):
+        tokens.assign(session, account, token.id, "theirs")
+    with pytest.raises(errors.TokenNotFound):
+        tokens.assign(session, bob, token.id, "theirs")
+
+
+def test_each_refusal_of_a_token_is_its_own_error(session, account):
+    deploy(session, account)
+    revoked, revoked_value = tokens.create_token(session, account, "revoked", "m")
+    disabled, disabled_value = tokens.create_token(session, account, "disabled", "m")
+    _, expiring = tokens.create_token(session, account, "expiring", "m", ttl_s=60)
+    tokens.revoke_token(session, account, revoked.id)
+    tokens.update_token(session, account, disabled.id, {"enabled": False})
+    reload(session)
+    cases = [(revoked_value, None, errors.TokenRevoked), (disabled_value, None, errors.TokenDisabled),
+             (expiring, utcnow() + timedelta(seconds=61), errors.TokenExpired)]
+    for value, now, expected in cases:
+        with pytest.raises(expected) as refused:
+            tokens.resolve_token(session, value, now=now)
+        assert type(refused.value) is expected and isinstance(refused.value, errors.InvalidToken)
+    assert tokens.resolve_token(session, expiring, now=utcnow() + timedelta(seconds=30)) is not None
+    with pytest.raises(errors.TokenDisabled):
+        queries.grant_for_id(session, disabled.id)
+    with pytest.raises(errors.TokenRevoked):
+        queries.grant_for_id(session, revoked.id)
+
+
+def test_an_unassigned_token_may_not_query_the_model(session, account):
+    model = deploy(session, account, "m")
+    deploy(session, account, "other")
+    models.set_status(session, account, "m", ModelStatus.ACTIVE)
+    token, _ = tokens.create_token(session, account, "t", ["m", "other"])
+    assert queries.check_query(queries.grant_for_id(session, token.id), model.id).name == "m"
+    tokens.unassign(session, account, token.id, "m")
+    reload(session)
+    grant = queries.grant_for_id(session, token.id)
+    with pytest.raises(errors.TokenNotForModel):
+        queries.check_query(grant, model.id)
+    with pytest.raises(errors.TokenNotForModel):
+        queries.pick_model(grant, "m")
+
+
+def test_pick_model(session, account):
+    deploy(session, account, "a")
+    deploy(session, account, "b")
+    none, _ = tokens.create_token(session, account, "none")
+    one, _ = tokens.create_token(session, account, "one", "a")
+    two, _ = tokens.create_token(session, account, "two", ["a", "b"])
+    reload(session)
+    with pytest.raises(errors.TokenNotForModel, match="any model"):
+        queries.pick_model(queries.grant_for_id(session, none.id), None)
+    grant = queries.grant_for_id(session, one.id)
+    assert queries.pick_model(grant, None).name == "a"
+    assert queries.pick_model(grant, "a").name == "a"
+    with pytest.raises(errors.TokenNotForModel):
+        queries.pick_model(grant, "b")
+    grant = queries.grant_for_id(session, two.id)
+    with pytest.raises(errors.InvalidInput, match="several"):
+        queries.pick_model(grant, None)
+    assert queries.pick_model(grant, "b").name == "b"
+
+
+def test_token_status_precedence(session, account):
+    deploy(session, account)
+    token, _ = tokens.create_token(session, account, "t", "m", ttl_s=60, quota=5)
+    later = utcnow() + timedelta(seconds=120)
+
+    def status(used, now=None):
+        reload(session)
+        return tokens.status(tokens.get_token(session, account, token.id), usage.Usage(queries=used), now=now)
+
+    assert status(4) == TokenStatus.ACTIVE
+    assert status(5) == TokenStatus.EXHAUSTED
+    assert status(4, later) == TokenStatus.EXPIRED
+    assert status(5, later) == TokenStatus.EXPIRED
+    tokens.update_token(session, account, token.id, {"enabled": False})
+    assert status(5, later) == TokenStatus.DISABLED
+    tokens.revoke_token(session, account, token.id)
+    assert status(5, later) == TokenStatus.REVOKED
+    unlimited, _ = tokens.create_token(session, account, "u", "m", no_expiry=True)
+    reload(session)
+    assert tokens.status(tokens.get_token(session, account, unlimited.id), usage.Usage(queries=10**6),
+                         now=utcnow() + timedelta(days=10**4)) == TokenStatus.ACTIVE
+    zero, _ = tokens.create_token(session, account, "z", "m", quota=0)
+    assert tokens.status(zero, usage.Usage()) == TokenStatus.EXHAUSTED
+
+
+def test_delete_token_returns_its_key_blobs_and_removes_what_it_had(session, account):
+    a, b = deploy(session, account, "a"), deploy(session, account, "b")
+    token, value = tokens.create_token(session, account, "t", ["a", "b"])
+    keep, _ = tokens.create_token(session, account, "keep", "a")
+    grant = queries.grant_for_id(session, token.id)
+    queries.register_key(session, grant, grant.find(a.id), "1" * 32, "e" * 64, 10)
+    queries.register_key(session, grant, grant.find(b.id), "2" * 32, "f" * 64, 10)
+    keep_grant = queries.grant_for_id(session, keep.id)
+    queries.register_key(session, keep_grant, keep_grant.find(a.id), "1" * 32, "e" * 64, 10)
+    blobs = tokens.delete_token(session, account, token.id)
+    reload(session)
+    assert blobs == [(BlobKind.EVALUATION_KEY, "e" * 64), (BlobKind.EVALUATION_KEY, "f" * 64)]
+    assert models.unreferenced(session, blobs) == [(BlobKind.EVALUATION_KEY, "f" * 64)]  # keep's key uses "e"
+    assert session.exec(select(TokenModel).where(TokenModel.token_id == token.id)).all() == []
+    assert session.exec(select(EvaluationKey).where(EvaluationKey.token_id == token.id)).all() == []
+    assert session.get(AccessToken, token.id) is None
+    with pytest.raises(errors.InvalidToken):
+        tokens.resolve_token(session, value)
+    with pytest.raises(errors.TokenNotFound):
+        tokens.get_token(session, account, token.id)
+    assert [t.name for t in tokens.list_tokens(session, account)] == ["keep"]
+    assert kinds(session, b)[-1] == EventKind.TOKEN_UNASSIGNED.value
+
+
+def test_list_tokens_filters_by_model(session, account):
+    deploy(session, account, "a")
+    deploy(session, account, "b")
+    deploy(session, account, "c")
+    tokens.create_token(session, account, "ta", "a")
+    tokens.create_token(session, account, "tab", ["a", "b"])
+    tokens.create_token(session, account, "none")
+    reload(session)
+    assert {t.name for t in tokens.list_tokens(session, account)} == {"ta", "tab", "none"}
+    assert {t.name for t in tokens.list_tokens(session, account, model_name="a")} == {"ta", "tab"}
+    assert [t.name for t in tokens.list_tokens(session, account, model_name="b")] == ["tab"]
+    assert tokens.list_tokens(session, account, model_name="c") == []
+    with pytest.raises(errors.ModelNotFound):
+        tokens.list_tokens(session, account, model_name="nope")
+
+
+# ---- evaluation keys -----------------------------------------------------------------------
+
+
+def test_keys_from_other_client_specs_are_refused(session, account):
+    deploy(session, account, "m")
+    token, _ = tokens.create_token(session, account, "t", "m")
+    grant, m = grant_model(session, token.id, "m")
+    with pytest.raises(errors.KeysOutdated):
+        queries.register_key(session, grant, m, "a" * 32, "e" * 64, 10, client_blob="z" * 64)
+    reload(session)
+    assert session.exec(select(EvaluationKey)).all() == []
+    row = queries.register_key(session, grant, m, "a" * 32, "e" * 64, 10, client_blob="c" * 64)
+    assert row.client_blob == "c" * 64
+
+
+def test_keys_of_the_previous_version_are_outdated_once_the_new_one_serves(session, account):
+    deploy(session, account, "m")
+    token, _ = tokens.create_token(session, account, "t", "m")
+    grant, m = grant_model(session, token.id, "m")
+    queries.register_key(session, grant, m, "a" * 32, "e" * 64, 10)
+    worker = running_worker(session, account, "m", "n1", versions={1})
+    models.add_version(session, account, "m", artifact("d"))
+    reload(session)
+    grant, m = grant_model(session, token.id, "m")
+    assert queries.key_blob(session, grant, m, "a" * 32) == "e" * 64  # still serving version 1
+    rollout.worker_loaded(session, worker.id, 2)
+    reload(session)
+    grant, m = grant_model(session, token.id, "m")
+    assert (m.version, m.client_blob) == (2, "d" * 64)
+    with pytest.raises(errors.KeysOutdated, match="generate keys again"):
+        queries.key_blob(session, grant, m, "a" * 32)
+    queries.register_key(session, grant, m, "b" * 32, "f" * 64, 10)
+    assert queries.key_blob(session, grant, m, "b" * 32) == "f" * 64
+
+
+def test_keys_outdated_after_an_immediate_flip(session, account):
+    deploy(session, account, "m")
+    token, _ = tokens.create_token(session, account, "t", "m")
+    grant, m = grant_model(session, token.id, "m")
+    queries.register_key(session, grant, m, "a" * 32, "e" * 64, 10)
+    models.add_version(session, account, "m", artifact("d"))
+    reload(session)
+    grant, m = grant_model(session, token.id, "m")
+    with pytest.raises(errors.KeysOutdated) as outdated:
+        queries.key_blob(session, grant, m, "a" * 32)
+    assert "generate keys again" in outdated.value.message and "version 2" in outdated.value.message
+    models.add_version(session, account, "m", artifact("c", "t"))  # version 3: version 1's client specs again
+    reload(session)
+    grant, m = grant_model(session, token.id, "m")
+    assert queries.key_blob(session, grant, m, "a" * 32) == "e" * 64
+
+
+def test_a_key_set_belongs_to_the_model_it_was_uploaded_for(session, account):
+    a, b = deploy(session, account, "a"), deploy(session, account, "b")
+    token, _ = tokens.create_token(session, account, "t", ["a", "b"])
+    grant = queries.grant_for_id(session, token.id)
+    queries.register_key(session, grant, grant.find(a.id), "a" * 32, "e" * 64, 10)
+    assert queries.key_blob(session, grant, grant.find(a.id), "a" * 32) == "e" * 64
+    with pytest.raises(errors.EvaluationKeyNotFound):
+        queries.key_blob(session, grant, grant.find(b.id), "a" * 32)
+    with pytest.raises(errors.EvaluationKeyNotFound):
+        queries.key_blob(session, grant, grant.find(a.id), "b" * 32)
+
+
+# ---- events ------------------------------------------------------------------------------
+
+
+def test_events_are_read_after_a_cursor_or_since_a_moment_in_order(session, account):
+    model = deploy(session, account, "m")
+    reload(session)
+    first = events.list_events(session, model)
+    assert [e.kind for e in first] == [EventKind.DEPLOYED.value]
+    time.sleep(0.02)
+    mid = utcnow()
+    time.sleep(0.02)
+    models.set_status(session, account, "m", ModelStatus.ACTIVE)
+    models.set_status(session, account, "m", ModelStatus.INACTIVE)
+    models.update_settings(session, account, "m", {"description": "x"})
+    reload(session)
+    every = events.list_events(session, model)
+    ids = [e.id for e in every]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert [e.kind for e in every] == [EventKind.DEPLOYED.value, EventKind.ACTIVATED.value,
+                                       EventKind.DEACTIVATED.value, EventKind.SETTINGS_CHANGED.value]
+    assert [e.id for e in events.list_events(session, model, after=first[0].id)] == ids[1:]
+    assert [e.id for e in events.list_events(session, model, after=ids[2])] == ids[3:]
+    assert events.list_events(session, model, after=ids[-1]) == []
+    assert [e.id for e in events.list_events(session, model, since=mid)] == ids[1:]
+    assert [e.id for e in events.list_events(session, model, since=mid, after=ids[1])] == ids[2:]
+    assert events.list_events(session, model, since=utcnow() + timedelta(seconds=5)) == []
+    assert [e.id for e in events.list_events(session, model, limit=2)] == ids[:2]
+    out = events.describe(every[1], "m")
+    assert (out.id, out.kind, out.model) == (ids[1], "activated", "m")
+
+
+def test_events_of_one_model_never_appear_for_another(session, account):
+    bob, _ = accounts.create_account(session, "bob")
+    a = deploy(session, account, "a")
+    b = deploy(session, account, "b")
+    theirs = deploy(session, bob, "a")  # the same name, another account
+    models.set_status(session, account, "a", ModelStatus.ACTIVE)
+    tokens.create_token(session, account, "t", "a")
+    models.add_version(session, bob, "a", artifact("d"))
+    reload(session)
+    for model in (a, b, theirs):
+        listed = events.list_events(session, model)
+        assert listed and {(e.model_id, e.account_id) for e in listed} == {(model.id, model.account_id)}
+    assert kinds(session, b) == [EventKind.DEPLOYED.value]
+    assert EventKind.VERSION_ADDED.value not in kinds(session, a)
+    assert EventKind.ACTIVATED.value not in kinds(session, theirs)
+    everything = {e.id for e in session.exec(select(ModelEvent)).all()}
+    per_model = [{e.id for e in events.list_events(session, m)} for m in (a, b, theirs)]
+    assert set().union(*per_model) == everything and sum(map(len, per_model)) == len(everything)
+
+
+# ---- usage (a real Redis) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_client(tmp_path_factory):
+    import redis
+
+    from cipherpool.stack.redis_server import find_redis_server, start_redis
+    from cipherpool.stack.supervisor import Supervisor
+
+    try:
+        find_redis_server()
+    except errors.ConfigurationError as exc:
+        pytest.skip(f"no redis-server: {exc}")
+    tmp = tmp_path_factory.mktemp("usage")
+    supervisor = Supervisor(tmp / "logs")
+    try:
+        _child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
+        client = redis.Redis.from_url(url)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        supervisor.stop_all(grace_s=5)
+
+
+def test_charge_counts_queries_up_to_the_quota(redis_client):
+    assert [usage.charge(redis_client, "tq", 3) for _ in range(3)] == [1, 2, 3]
+    for _ in range(2):
+        with pytest.raises(errors.QuotaExceeded, match="quota of 3"):
+            usage.charge(redis_client, "tq", 3)
+    assert usage.read(redis_client, ["tq"])["tq"].queries == 3  # refusals are not counted
+    assert usage.charge(redis_client, "tq", 4) == 4  # a raised quota lets it go on
+    with pytest.raises(errors.QuotaExceeded):
+        usage.charge(redis_client, "t0", 0)
+    assert usage.read(redis_client, ["t0"])["t0"] == usage.Usage(0, None)
+
+
+def test_charge_without_quota_is_unlimited(redis_client):
+    counts = [usage.charge(redis_client, "tu", None) for _ in range(50)]
+    assert counts == list(range(1, 51))
+
+
+def test_read_returns_counts_and_last_use_and_forget_clears_them(redis_client):
+    before = utcnow()
+    usage.charge(redis_client, "r1", None)
+    usage.charge(redis_client, "r1", None)
+    usage.charge(redis_client, "r2", 10)
+    found = usage.read(redis_client, ["r1", "r2", "never"])
+    assert set(found) == {"r1", "r2", "never"}
+    assert (found["r1"].queries, found["r2"].queries) == (2, 1)
+    for token_id in ("r1", "r2"):
+        last = found[token_id].last_used_at
+        assert last is not None and last.tzinfo is not None
+        assert before - timedelta(seconds=1) <= last <= utcnow() + timedelta(seconds=1)
+    assert found["never"] == usage.Usage(0, None)
+    assert usage.exhausted(found["r1"], 2) and not usage.exhausted(found["r1"], 3)
+    assert not usage.exhausted(found["r1"], None)
+    usage.forget(redis_client, "r1")
+    after = usage.read(redis_client, ["r1", "r2"])
+    assert after["r1"] == usage.Usage(0, None) and after["r2"].queries == 1
+    assert usage.read(redis_client, []) == {}
