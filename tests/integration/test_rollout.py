@@ -150,3 +150,44 @@ def _wait_for_answers(traffic: Traffic, n: int, version: int | None = None, afte
             return
         time.sleep(0.1)
     raise AssertionError(f"fewer than {n} answers (version {version}) within {timeout_s} s")
+
+
+@pytest.mark.parametrize("with_broker", [True, False], ids=["broker", "heartbeat"])
+def test_disabling_an_account_stops_its_workers_and_refuses_it(rollout, examples, tmp_path, with_broker):
+    """With the broker at hand the operator's command tells the node at once; without it (an
+    operator on the database alone) the node sees at its heartbeat that the worker is no
+    longer wanted, and unbinds it."""
+    from cipherpool.admin import Admin
+
+    stack, _ = rollout
+    api_key = stack.create_account(f"tenant-{with_broker}")
+    mc = ManagementClient(api_key, settings=stack.client_settings)
+    mc.deploy_model("cancer", examples["cancer"].path)
+    mc.activate_model("cancer")
+    worker = mc.start_worker("cancer")
+    token = mc.create_token("u", model="cancer")
+    admin_settings = stack.settings.model_copy(update={"broker_url": stack.broker_url if with_broker else None})
+    admin = Admin(admin_settings)
+    disabled = admin.disable_account(f"tenant-{with_broker}")
+    assert disabled.account.status.value == "disabled" and disabled.workers_stopped == [worker.id]
+
+    with pytest.raises(errors.AccountDisabled):
+        mc.list_models()
+    qc = QueryClient(token, settings=stack.client_settings, key_dir=tmp_path / "keys")
+    with pytest.raises(errors.AccountDisabled):
+        qc.model  # noqa: B018 - the request is the test
+
+    admin.enable_account(f"tenant-{with_broker}")  # nothing was deleted: the key works again
+    deadline = time.monotonic() + 3 * stack.settings.node_heartbeat_s + 10
+    while (current := mc.get_worker(worker.id)).status.value != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert current.status.value == "stopped" and current.stop_reason == "account disabled"
+    assert [m.name for m in mc.list_models()] == ["cancer"]
+    stopped = [e for e in mc.model_events("cancer") if e.kind == "worker_stopped"]
+    assert stopped and "account disabled" in stopped[-1].message
+    assert mc.start_worker("cancer").status.value == "running"  # the node was freed
+    for w in mc.list_workers("cancer"):
+        if w.status.value == "running":
+            mc.stop_worker(w.id)
+    qc.close()
+    mc.close()
