@@ -1,7 +1,8 @@
 """What the management plane adds to each request and query at the gateway, against a real Redis.
 
 Prints, per call (median of 5 rounds of --calls calls):
-  * the credential-change check every request makes (one GET of the generation counter);
+  * the credential-change check every request makes: a GET of its own (how 0.4.0 began), and
+    read in the rate limiter's round trip (what the guard does), against the rate count alone;
   * counting a query against its token's quota (one atomic Lua call), with and without a quota;
   * reading usage for a listing of 100 tokens (one pipelined round trip).
 
@@ -36,6 +37,8 @@ def main() -> None:
 
     from cipherpool.config.settings import Settings
     from cipherpool.gateway.auth import Authenticator
+    from cipherpool.gateway.ratelimit import RateLimiter
+    from cipherpool.names import AUTH_GENERATION_KEY
     from cipherpool.services import usage
     from cipherpool.stack.redis_server import start_redis
     from cipherpool.stack.supervisor import Supervisor
@@ -48,11 +51,15 @@ def main() -> None:
             ctx = PlatformContext(Settings(data_dir=Path(tmp) / "data", broker_url=url))
             redis = ctx.store.redis
             auth = Authenticator(ctx)
+            limiter = RateLimiter(redis, 1e9, 1e9)  # counted, never refused
             ids = [f"{i:016x}" for i in range(100)]
             for token_id in ids:
                 usage.charge(redis, token_id, None)
             figures = {
-                "credential-change check (GET per request)": per_call_us(auth.sync, args.calls),
+                "rate count alone (per request)": per_call_us(lambda: limiter.hit("a" * 16, "t" * 16), args.calls),
+                "rate count + change check, one round trip": per_call_us(
+                    lambda: auth.observe(limiter.hit("a" * 16, "t" * 16, also_get=AUTH_GENERATION_KEY)), args.calls),
+                "change check as a GET of its own": per_call_us(auth.sync, args.calls),
                 "quota count, no quota (Lua per query)": per_call_us(lambda: usage.charge(redis, "a" * 16, None), args.calls),
                 "quota count, with quota (Lua per query)": per_call_us(
                     lambda: usage.charge(redis, "b" * 16, 10**12), args.calls),

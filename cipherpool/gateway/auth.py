@@ -106,12 +106,19 @@ class Authenticator:
 
         return check_key(self._keys.get_or_load((grant.token_id, key_id), load), model)
 
+    def observe(self, generation: object) -> bool:
+        """The change counter as read with this request (``AUTH_GENERATION_KEY``): if it moved
+        since the last request, drop the caches and return True (re-authenticate)."""
+        current = generation if isinstance(generation, bytes) else None
+        if current == self._generation:
+            return False
+        self.forget()
+        self._generation = current
+        return True
+
     def sync(self) -> None:
-        """Drop the caches if any gateway announced a change since the last request."""
-        generation = self.ctx.store.redis.get(AUTH_GENERATION_KEY)
-        if generation != self._generation:
-            self.forget()
-            self._generation = generation if isinstance(generation, bytes) else None
+        """:meth:`observe` with a read of its own."""
+        self.observe(self.ctx.store.redis.get(AUTH_GENERATION_KEY))
 
     def changed(self) -> None:
         """A credential, grant or model changed: every gateway drops its caches."""

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cipherpool.errors import CipherpoolError, PayloadTooLarge, RateLimited
 from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
 from cipherpool.gateway.state import GatewayState
+from cipherpool.names import AUTH_GENERATION_KEY
 
 PUBLIC_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
@@ -65,12 +66,14 @@ class Guard:
 
     @staticmethod
     def _admit(gw: GatewayState, authorization: str | None) -> Principal:
-        gw.auth.sync()
-        principal = gw.auth.principal(bearer(authorization))
-        if isinstance(principal, AccountPrincipal):
-            gw.limiter.hit(principal.account_id)
-        else:
-            gw.limiter.hit(principal.account_id, principal.token_id)
+        """Authenticate (cached), count the rate and read the credential-change counter in one
+        round trip; if the counter moved, the cache was stale: authenticate again."""
+        credential = bearer(authorization)
+        principal = gw.auth.principal(credential)
+        token_id = None if isinstance(principal, AccountPrincipal) else principal.token_id
+        generation = gw.limiter.hit(principal.account_id, token_id, also_get=AUTH_GENERATION_KEY)
+        if gw.auth.observe(generation):
+            principal = gw.auth.principal(credential)
         return principal
 
 

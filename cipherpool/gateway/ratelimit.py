@@ -20,12 +20,13 @@ class RateLimiter:
         self._redis = client
         self._limits = {"t": token_rate_per_s, "a": account_rate_per_s}
 
-    def hit(self, account_id: str, token_id: str | None = None) -> None:
-        """Count one request; RateLimited if it is over a limit."""
+    def hit(self, account_id: str, token_id: str | None = None, *, also_get: str | None = None) -> object:
+        """Count one request; RateLimited if it is over a limit. ``also_get``: a key read in the
+        same round trip (the guard's credential-change counter), whose value is returned."""
         subjects = [("a", account_id)] + ([("t", token_id)] if token_id else [])
         subjects = [(kind, who) for kind, who in subjects if self._limits[kind] > 0]
         if not subjects:
-            return
+            return self._redis.get(also_get) if also_get else None
         now = time.time()
         window = int(now // WINDOW_S)
         pipe = self._redis.pipeline(transaction=False)
@@ -33,7 +34,10 @@ class RateLimiter:
             key = f"{RATE_PREFIX}{kind}:{who}:{window}"
             pipe.incr(key)
             pipe.expire(key, 2 * WINDOW_S)
-        counts = pipe.execute()[::2]
+        if also_get:
+            pipe.get(also_get)
+        replies = pipe.execute()
+        counts = replies[:2 * len(subjects):2]
         for (kind, _), count in zip(subjects, counts):
             if count > self._limits[kind] * WINDOW_S:
                 retry = max(1, math.ceil((window + 1) * WINDOW_S - now))
@@ -42,3 +46,4 @@ class RateLimiter:
                     f"Too many requests for this {who} (limit {self._limits[kind]:g}/s); retry in {retry} s.",
                     retry_after_s=retry,
                 )
+        return replies[-1] if also_get else None
