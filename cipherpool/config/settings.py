@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # see cipherpool.workers.hooks.
     node_hooks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     node_threads: int | None = Field(None, description="OMP_NUM_THREADS for FHE runs")
+    # Import concrete when a node starts, not when it first binds a model (cold start).
+    node_preload: bool = True
 
     # Evaluation-key cache, per node process. A used key costs several times its serialized
     # size in memory (35 MB key -> ~185-650 MB), so the bound is in bytes of *estimated*

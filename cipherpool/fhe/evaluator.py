@@ -18,6 +18,18 @@ from cipherpool.fhe.deployment import SERVER_ZIP, read_versions
 from cipherpool.fhe.framing import is_complete_message
 
 
+def preload() -> float:
+    """Import concrete now (seconds taken): a pool node does it at start, so that binding a
+    model costs the model's load only (DESIGN.md: the import is 2.5-3 s of a cold start)."""
+    import time
+
+    started = time.monotonic()
+    import concrete.fhe  # noqa: F401
+    import concrete.ml.deployment  # noqa: F401
+
+    return time.monotonic() - started
+
+
 class Evaluator(Protocol):
     def load_keys(self, serialized: bytes) -> Any: ...
 

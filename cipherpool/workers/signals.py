@@ -24,6 +24,7 @@ from celery.utils.dispatch import Signal
 
 from cipherpool.names import BIND_TASK, POOL_QUEUE, UNBIND_TASK, node_queue
 from cipherpool.services import nodes as node_service
+from cipherpool.fhe.evaluator import preload
 from cipherpool.workers.binding import default_evaluator_factory
 from cipherpool.workers.context import platform
 from cipherpool.workers.hooks import load_hook
@@ -69,6 +70,8 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
                 hooks=[load_hook(path) for path in settings.node_hooks],
             )
         )
+        if settings.node_preload:
+            log.info("pool node %s imported concrete in %.1f s", sender.hostname, preload())
     except Exception:
         log.exception("worker_init handler failed")
         raise
