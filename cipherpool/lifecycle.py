@@ -18,7 +18,12 @@ from cipherpool.dispatch import send_to_node
 from cipherpool.errors import CipherpoolError
 from cipherpool.names import BIND_TASK, RELOAD_TASK, UNBIND_TASK
 from cipherpool.services import workers as worker_service
+from sqlmodel import Session
+
 from cipherpool.db.tables import Account
+from cipherpool.services import events
+from cipherpool.services.reconcile import Lost, fail_lost_workers
+from cipherpool.statuses import EventKind
 from cipherpool.services.accounts import get_account
 from cipherpool.workers.context import PlatformContext
 
@@ -53,6 +58,31 @@ def stop_account_workers(ctx: PlatformContext, app: Celery, account_id: str, rea
     for worker_id in ids:
         stop_worker(ctx, app, account_id, worker_id, reason)
     return ids
+
+
+def reconcile(ctx: PlatformContext, app: Celery) -> list[Lost]:
+    """Beat's job: fail the workers of lost nodes (committed first), then start a replacement
+    on a free node of the class for each that its model still wants."""
+    with ctx.session() as session:
+        lost = fail_lost_workers(session, ctx.settings.node_heartbeat_s)
+    for worker in lost:
+        log.warning("worker %s of %s failed: node %s lost", worker.worker_id, worker.model_name, worker.node)
+        if not worker.replace:
+            continue
+        try:
+            replacement = start_worker(ctx, app, worker.account_id, worker.model_name)
+            log.info("worker %s replaces %s on %s", replacement.id, worker.worker_id, replacement.node_name)
+        except CipherpoolError as exc:
+            log.warning("no replacement for worker %s: %s", worker.worker_id, exc.message)
+            with ctx.session() as session:
+                events.record_for(session, _model_id(session, worker.worker_id), EventKind.WORKER_FAILED,
+                                  f"no replacement for worker {worker.worker_id}: {exc.message}", worker_id=worker.worker_id)
+    return lost
+
+
+def _model_id(session: Session, worker_id: str) -> str:
+    worker = session.get(Worker, worker_id)
+    return worker.model_id if worker else ""
 
 
 def roll_out(ctx: PlatformContext, app: Celery, model_id: str) -> None:

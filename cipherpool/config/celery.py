@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 
 from cipherpool.config.settings import Settings, get_settings
-from cipherpool.names import CONTROL_QUEUE
+from cipherpool.names import CONTROL_QUEUE, RECONCILE_TASK
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -48,6 +48,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "enable_utc": True,
+        # Beat's jobs run on the control queue; a tick nobody ran in time is dropped, not stacked.
+        "beat_schedule": {
+            "reconcile": {
+                "task": RECONCILE_TASK,
+                "schedule": settings.reconcile_interval_s,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.reconcile_interval_s},
+            },
+        },
     }
 
 

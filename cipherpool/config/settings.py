@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 120
     result_expires_s: int = 3600
     node_heartbeat_s: float = 10.0
+    # Beat's reconciler: how often it looks for workers whose node went silent (a node is lost
+    # after 3 missed heartbeats), fails them with the reason and starts replacements.
+    reconcile_interval_s: float = 5.0
     # After a rollout, how long nodes keep the previous version for queries queued before
     # the switch. None: query_timeout_s + auth_cache_ttl_s (a query older than that expired).
     version_grace_s: float | None = None

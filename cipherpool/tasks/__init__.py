@@ -3,7 +3,7 @@ control worker by default, a pool node with ``-Q cipherpool.pool`` (see README).
 in-cluster code submits queries with :mod:`cipherpool.tasks.submit`."""
 
 from cipherpool.tasks.app import app
-from cipherpool.tasks import node, query  # noqa: F401  (registers the tasks)
+from cipherpool.tasks import control, node, query  # noqa: F401  (registers the tasks)
 from cipherpool.workers import signals  # noqa: F401  (connects the handlers)
 
 __all__ = ["app"]

@@ -1,0 +1,57 @@
+"""What should run against what runs: workers whose pool node went silent.
+
+A node heartbeats every ``node_heartbeat_s``; one not heard from for 3 beats is lost (a
+SIGKILL, a host gone). Its workers are failed with the reason and its node marked offline, so
+the model's queries can be served elsewhere; :func:`cipherpool.lifecycle.reconcile` then
+starts replacements where the model still wants them. A node that comes back finds its
+worker failed and stays free (it rebinds only a worker still wanted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlmodel import Session, col, select
+
+from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
+from cipherpool.services.nodes import NODE_STALE_HEARTBEATS
+from cipherpool.services.tokens import aware
+from cipherpool.services.workers import finish
+
+HOLDING = (WorkerStatus.STARTING, WorkerStatus.RUNNING, WorkerStatus.STOPPING)
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A worker failed because its node was lost; ``replace``: the model still wants one."""
+
+    worker_id: str
+    account_id: str
+    model_name: str
+    node: str
+    replace: bool
+
+
+def fail_lost_workers(session: Session, heartbeat_s: float) -> list[Lost]:
+    """Fail every worker whose node has been silent for 3 heartbeats. A node that shut down
+    cleanly (offline) and restarts within that time rebinds its worker instead."""
+    now = utcnow()
+    stale = now - timedelta(seconds=heartbeat_s * NODE_STALE_HEARTBEATS)
+    rows = session.exec(
+        select(Worker, PoolNode).join(PoolNode, col(PoolNode.name) == Worker.node_name)
+        .where(col(Worker.status).in_(HOLDING), col(PoolNode.last_seen) < stale)
+    ).all()
+    lost = []
+    for worker, node in rows:
+        silent = (now - aware(node.last_seen)).total_seconds()
+        wanted = worker.status != WorkerStatus.STOPPING
+        node.status = NodeStatus.OFFLINE
+        session.add(node)
+        finish(session, worker.id, WorkerStatus.FAILED, error=f"node {node.name} lost: no heartbeat for {silent:.0f} s")
+        model = session.get(Model, worker.model_id)
+        account = session.get(Account, worker.account_id)
+        replace = (wanted and model is not None and model.status == ModelStatus.ACTIVE
+                   and account is not None and account.disabled_at is None)
+        lost.append(Lost(worker.id, worker.account_id, model.name if model else "?", node.name, replace))
+    return lost
