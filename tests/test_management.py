@@ -922,3 +922,56 @@ def test_read_returns_counts_and_last_use_and_forget_clears_them(redis_client):
     after = usage.read(redis_client, ["r1", "r2"])
     assert after["r1"] == usage.Usage(0, None) and after["r2"].queries == 1
     assert usage.read(redis_client, []) == {}
+
+
+# -- the reconciler (beat): workers of lost nodes ------------------------------------------
+
+
+def _silence(session, node_name, seconds):
+    from datetime import timedelta
+
+    from cipherpool.db.tables import PoolNode, utcnow
+
+    node = session.get(PoolNode, node_name)
+    node.last_seen = utcnow() - timedelta(seconds=seconds)
+    session.add(node)
+    session.flush()
+
+
+def test_the_reconciler_fails_workers_of_lost_nodes_only(session, account):
+    from cipherpool.db.tables import NodeStatus, PoolNode
+    from cipherpool.services.reconcile import fail_lost_workers
+
+    deploy(session, account, "m")
+    models.set_status(session, account, "m", ModelStatus.ACTIVE)
+    lost = running_worker(session, account, "m", "n1")
+    alive = running_worker(session, account, "m", "n2")
+    stopping = running_worker(session, account, "m", "n3")
+    stopping_row = session.get(Worker, stopping.id)
+    stopping_row.status = WorkerStatus.STOPPING
+    session.add(stopping_row)
+    _silence(session, "n1", 3 * HEARTBEAT_S + 1)
+    _silence(session, "n2", 3 * HEARTBEAT_S - 1)  # late, but not lost
+    _silence(session, "n3", 3 * HEARTBEAT_S + 1)
+
+    found = {x.worker_id: x for x in fail_lost_workers(session, HEARTBEAT_S)}
+
+    assert set(found) == {lost.id, stopping.id}
+    assert found[lost.id].replace and not found[stopping.id].replace  # a stopping worker is not wanted
+    row = session.get(Worker, lost.id)
+    assert row.status == WorkerStatus.FAILED and "n1 lost" in row.error and row.stop_reason == "failure"
+    assert session.get(PoolNode, "n1").status == NodeStatus.OFFLINE and session.get(PoolNode, "n1").worker_id is None
+    assert session.get(Worker, alive.id).status == WorkerStatus.RUNNING
+    assert fail_lost_workers(session, HEARTBEAT_S) == []  # once only
+    assert any(e.kind == "worker_failed" and e.worker_id == lost.id
+               for e in events.list_events(session, models.get_model(session, account, "m")))
+
+
+def test_the_reconciler_does_not_replace_workers_of_an_inactive_model(session, account):
+    from cipherpool.services.reconcile import fail_lost_workers
+
+    deploy(session, account, "m")  # deployed, never activated
+    worker = running_worker(session, account, "m", "n1")
+    _silence(session, "n1", 3 * HEARTBEAT_S + 1)
+    [lost] = fail_lost_workers(session, HEARTBEAT_S)
+    assert lost.worker_id == worker.id and not lost.replace
