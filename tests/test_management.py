@@ -5,7 +5,7 @@ over a real Redis."""
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import timedelta, UTC
 
 import pytest
 from sqlmodel import select
@@ -453,16 +453,44 @@ def test_a_report_for_another_version_does_not_flip(session, account):
     assert (model.version, model.rollout_version) == (1, 2)
 
 
-def test_workers_on_offline_nodes_or_not_running_do_not_hold_a_rollout(session, account):
+def test_a_worker_on_an_offline_node_does_not_hold_a_rollout(session, account):
     deploy(session, account, "m")
     worker = running_worker(session, account, "m", "n1", versions={1})
-    nodes.register_node(session, "n2", host_class="cpu", concurrency=1, threads=1, pid=1)
-    workers.start_worker(session, account, "m", heartbeat_s=HEARTBEAT_S)  # STARTING only
     nodes.node_offline(session, worker.node_name)
     models.add_version(session, account, "m", artifact("d"))
     reload(session)
     model = models.get_model(session, account, "m")
     assert (model.version, model.rollout_version) == (2, None)
+
+
+def test_a_starting_worker_holds_a_rollout_until_it_comes_up_with_the_new_version(session, account):
+    """A node still loading may have read the model before the new version existed: the
+    switch waits until it is up and holds the new version (it loads what it missed)."""
+    deploy(session, account, "m")
+    nodes.register_node(session, "n1", host_class="cpu", concurrency=1, threads=1, pid=1)
+    starting = workers.start_worker(session, account, "m", heartbeat_s=HEARTBEAT_S)
+    models.add_version(session, account, "m", artifact("d"))
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (1, 2)
+    workers.mark_running(session, starting.id, {1})  # came up with version 1 only: no switch
+    reload(session)
+    assert (models.get_model(session, account, "m").version, session.get(Worker, starting.id).version) == (1, 1)
+    rollout.worker_loaded(session, starting.id, 2)  # its catch-up load reports
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version) == (2, None)
+
+
+def test_a_starting_worker_that_comes_up_holding_the_new_version_completes_the_rollout(session, account):
+    deploy(session, account, "m")
+    nodes.register_node(session, "n1", host_class="cpu", concurrency=1, threads=1, pid=1)
+    starting = workers.start_worker(session, account, "m", heartbeat_s=HEARTBEAT_S)
+    models.add_version(session, account, "m", artifact("d"))
+    workers.mark_running(session, starting.id, {1, 2})
+    reload(session)
+    model = models.get_model(session, account, "m")
+    assert (model.version, model.rollout_version, session.get(Worker, starting.id).version) == (2, None, 2)
 
 
 def test_rolling_back_to_the_serving_version_abandons_a_rollout(session, account):
@@ -975,3 +1003,44 @@ def test_the_reconciler_does_not_replace_workers_of_an_inactive_model(session, a
     _silence(session, "n1", 3 * HEARTBEAT_S + 1)
     [lost] = fail_lost_workers(session, HEARTBEAT_S)
     assert lost.worker_id == worker.id and not lost.replace
+
+
+def test_a_refunded_query_is_not_counted(redis_client):
+    token_id = "refund" + "0" * 10
+    usage.forget(redis_client, token_id)
+    assert usage.charge(redis_client, token_id, 1) == 1
+    usage.refund(redis_client, token_id)  # it was never published: the retry must pass the quota
+    assert usage.charge(redis_client, token_id, 1) == 1
+    with pytest.raises(errors.QuotaExceeded):
+        usage.charge(redis_client, token_id, 1)
+
+
+def test_a_credential_loaded_across_an_announced_change_is_not_cached():
+    """A lookup that read the database before another gateway's change was announced (the
+    cache cleared meanwhile) must not be kept: the next request loads again."""
+    from cipherpool.gateway.auth import TtlCache
+
+    cache: TtlCache[str] = TtlCache(5.0)
+    loads = []
+
+    def stale_load() -> str:
+        loads.append("stale")
+        cache.clear()  # the change is observed by another request while this one reads
+        return "stale"
+
+    assert cache.get_or_load("k", stale_load) == "stale"
+    assert cache.get_or_load("k", lambda: loads.append("fresh") or "fresh") == "fresh"
+    assert cache.get_or_load("k", lambda: "never") == "fresh"  # a quiet load is cached
+    assert loads == ["stale", "fresh"]
+
+
+def test_events_since_a_time_with_an_offset_compare_in_utc(session, account):
+    from datetime import timezone
+
+    model = deploy(session, account, "m")
+    session.flush()
+    paris = timezone(timedelta(hours=2))
+    before = (events.list_events(session, model)[0].at - timedelta(minutes=30))
+    before = before if before.tzinfo else before.replace(tzinfo=UTC)
+    assert events.list_events(session, model, since=before.astimezone(paris))  # 30 min before, in +02:00
+    assert not events.list_events(session, model, since=(before + timedelta(hours=1)).astimezone(paris))

@@ -47,6 +47,7 @@ class TtlCache(Generic[V]):
         self.ttl_s = ttl_s
         self._entries: dict[object, tuple[float, V]] = {}
         self._lock = threading.Lock()
+        self._epoch = 0  # moved by clear(): a value loaded before a clear is not stored after it
 
     def get_or_load(self, key: object, load: Callable[[], V]) -> V:
         now = time.monotonic()
@@ -54,9 +55,12 @@ class TtlCache(Generic[V]):
             entry = self._entries.get(key)
             if entry is not None and entry[0] > now:
                 return entry[1]
+            epoch = self._epoch
         value = load()
         if self.ttl_s > 0:
             with self._lock:
+                if epoch != self._epoch:  # a change was announced while we read: maybe stale
+                    return value
                 if len(self._entries) >= CACHE_MAX_ENTRIES:
                     self._entries.clear()
                 self._entries[key] = (now + self.ttl_s, value)
@@ -65,6 +69,7 @@ class TtlCache(Generic[V]):
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._epoch += 1
 
 
 def bearer(header: str | None) -> str:

@@ -93,7 +93,7 @@ def _register(gw: GatewayState, grant: TokenGrant, model_name: str, key_id: str,
         queries.register_key(session, fresh, target, key_id, upload.sha256, upload.size, specs,
                              gw.settings.max_keys_per_token)
         gw.store.adopt(upload.key, BlobKind.EVALUATION_KEY, upload.sha256)
-    gw.auth.changed()
+    gw.auth.forget()  # this gateway's key cache; a new key set is never cached as missing elsewhere
 
 
 def _model(session: Session, grant: ModelGrant) -> Model:

@@ -11,6 +11,7 @@ query may run. Results are raw bytes with the node's timings in headers.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Annotated, Any
 
@@ -29,6 +30,7 @@ from cipherpool.names import QUERY_OWNER_PREFIX
 from cipherpool.services import usage
 from cipherpool.services.queries import ModelGrant, TokenGrant
 
+log = logging.getLogger("cipherpool.gateway")
 router = APIRouter(prefix="/v1/queries", tags=["end user"])
 QueryId = Annotated[str, Path(pattern=QUERY_ID_PATTERN)]
 Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait for the result (capped by the gateway)")]
@@ -73,9 +75,20 @@ def _publish(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: E
     s = gw.settings
     blob_id = gw.auth.key_blob(grant, model, envelope.key_id)
     usage.charge(gw.store.redis, grant.token_id, grant.quota)
-    request = prepare_query(s, gw.store, grant, model, envelope, body, blob_id)
-    gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
-    publish_query(gw.celery, request, s.query_timeout_s, task_id=query_id)
+    try:
+        request = prepare_query(s, gw.store, grant, model, envelope, body, blob_id)
+        gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
+        publish_query(gw.celery, request, s.query_timeout_s, task_id=query_id)
+    except Exception:
+        _refund(gw, grant)
+        raise
+
+
+def _refund(gw: GatewayState, grant: TokenGrant) -> None:
+    try:
+        usage.refund(gw.store.redis, grant.token_id)
+    except Exception:  # noqa: BLE001 - the store is what failed; the original error is the answer
+        log.warning("could not refund a query of token %s", grant.token_id)
 
 
 async def _check_owner(gw: GatewayState, grant: TokenGrant, query_id: str) -> None:

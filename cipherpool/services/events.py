@@ -7,7 +7,7 @@ a cursor (``after`` an event id) so that ``model events --follow`` sees each eve
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlmodel import Session, col, delete, select
 
@@ -39,7 +39,8 @@ def list_events(session: Session, model: Model, *, after: int | None = None, sin
     query = select(ModelEvent).where(ModelEvent.model_id == model.id)
     if after is not None:
         query = query.where(col(ModelEvent.id) > after)
-    if since is not None:
+    if since is not None:  # compared in UTC (SQLite stores the digits without the offset)
+        since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
         query = query.where(col(ModelEvent.at) >= since)
     return list(session.exec(query.order_by(col(ModelEvent.id)).limit(max(1, min(limit, MAX_EVENTS)))))
 

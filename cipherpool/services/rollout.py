@@ -17,7 +17,7 @@ specs are refused with ``KeysOutdated`` (the client generates keys again).
 
 from __future__ import annotations
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, WorkerStatus
 from cipherpool.services import events
@@ -33,14 +33,14 @@ def begin(session: Session, model: Model, number: int) -> None:
             events.record(session, model, EventKind.VERSION_SERVING, f"version {number} serving; rollout abandoned",
                           version=number)
         return
-    running = _running(session, model.id)
-    if not running:
+    holding = _holding(session, model.id)
+    if not holding:
         _flip(session, model, number)
         return
     model.rollout_version = number
     session.add(model)
     events.record(session, model, EventKind.ROLLOUT_STARTED,
-                  f"rolling out version {number} to {len(running)} worker(s), one at a time", version=number)
+                  f"rolling out version {number} to {len(holding)} worker(s), one at a time", version=number)
 
 
 def worker_loaded(session: Session, worker_id: str, number: int) -> bool:
@@ -59,14 +59,20 @@ def worker_loaded(session: Session, worker_id: str, number: int) -> bool:
 
 
 def complete_if_held(session: Session, model: Model) -> bool:
-    """Flip to the rollout version if every running worker holds it; True if it flipped.
-    Asked when a worker reports the version, and when one stops (it may have been the last
-    worker without it)."""
-    number = model.rollout_version
+    """Flip to the rollout version if every worker starting or running holds it; True if it
+    flipped. Asked when a worker reports the version, comes up, or stops (it may have been the
+    last worker without it).
+
+    Each caller has written its own worker row first; the model row is then locked (FOR UPDATE)
+    before the workers are read, so of two concurrent callers the second sees the first's
+    committed row, and the last one to report always makes the flip."""
+    session.flush()
+    locked = session.exec(select(Model).where(Model.id == model.id).with_for_update()).first()
+    session.refresh(model)
+    number = locked.rollout_version if locked is not None else None
     if number is None:
         return False
-    session.flush()
-    if all(w.version == number for w in _running(session, model.id)):
+    if all(w.version == number for w in _holding(session, model.id)):
         _flip(session, model, number)
         return True
     return False
@@ -83,8 +89,12 @@ def _flip(session: Session, model: Model, number: int) -> None:
     events.record(session, model, EventKind.VERSION_SERVING, f"version {number} serving", version=number)
 
 
-def _running(session: Session, model_id: str) -> list[Worker]:
+def _holding(session: Session, model_id: str) -> list[Worker]:
+    """Workers starting or running on an online node: each must hold a version before the
+    flip (a starting one reports when it comes up; a lost node's worker is failed by beat's
+    reconciler, which asks again)."""
     return list(session.exec(
         select(Worker).join(PoolNode, PoolNode.name == Worker.node_name).where(  # type: ignore[arg-type]
-            Worker.model_id == model_id, Worker.status == WorkerStatus.RUNNING, PoolNode.status == NodeStatus.ONLINE)
+            Worker.model_id == model_id, col(Worker.status).in_((WorkerStatus.STARTING, WorkerStatus.RUNNING)),
+            PoolNode.status == NodeStatus.ONLINE)
     ))

@@ -45,6 +45,12 @@ def charge(client: redis.Redis, token_id: str, quota: int | None) -> int:
     return used
 
 
+def refund(client: redis.Redis, token_id: str) -> None:
+    """Give back a query counted by :func:`charge` that was then not published (a broker or
+    store failure): the client's retry must not count twice."""
+    client.hincrby(USAGE_PREFIX + token_id, "n", -1)
+
+
 def read(client: redis.Redis, token_ids: Iterable[str]) -> dict[str, Usage]:
     ids = list(token_ids)
     pipe = client.pipeline(transaction=False)

@@ -106,17 +106,21 @@ def binding_to_load(session: Session, worker_id: str, node_name: str) -> tuple[W
 
 
 def mark_running(session: Session, worker_id: str, versions: set[int] | None = None) -> None:
-    """The node serves the worker now, holding model ``versions``."""
+    """The node serves the worker now, holding model ``versions``; it may complete a rollout."""
     worker = session.get(Worker, worker_id)
-    if worker is not None and worker.status == WorkerStatus.STARTING:
-        worker.status, worker.started_at = WorkerStatus.RUNNING, utcnow()
-        model = session.get(Model, worker.model_id)
-        if versions and model is not None:
-            worker.version = model.rollout_version if model.rollout_version in versions else model.version
-        session.add(worker)
-        held = f" (version {', '.join(map(str, sorted(versions)))})" if versions else ""
-        events.record_for(session, worker.model_id, EventKind.WORKER_UP, f"worker {worker.id} up on {worker.node_name}"
-                          + held, worker_id=worker.id, version=worker.version)
+    if worker is None or worker.status != WorkerStatus.STARTING:
+        return
+    worker.status, worker.started_at = WorkerStatus.RUNNING, utcnow()
+    model = session.get(Model, worker.model_id)
+    if versions and model is not None:
+        preferred = [v for v in (model.rollout_version, model.version) if v in versions]
+        worker.version = preferred[0] if preferred else max(versions)
+    session.add(worker)
+    held = f" (version {', '.join(map(str, sorted(versions)))})" if versions else ""
+    events.record_for(session, worker.model_id, EventKind.WORKER_UP, f"worker {worker.id} up on {worker.node_name}"
+                      + held, worker_id=worker.id, version=worker.version)
+    if model is not None:
+        rollout.complete_if_held(session, model)
 
 
 def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | None = None) -> None:

@@ -37,8 +37,12 @@ def submit_query(token_id: str, ciphertext: bytes, *, ctx: PlatformContext | Non
         model = check_query(grant, envelope.model_id)
         blob_id = key_blob(session, grant, model, envelope.key_id)
     usage.charge(ctx.store.redis, grant.token_id, grant.quota)
-    request = prepare_query(ctx.settings, ctx.store, grant, model, envelope, ciphertext, blob_id)  # service
-    return publish_query(app, request, ctx.settings.query_timeout_s)
+    try:
+        request = prepare_query(ctx.settings, ctx.store, grant, model, envelope, ciphertext, blob_id)  # service
+        return publish_query(app, request, ctx.settings.query_timeout_s)
+    except Exception:
+        usage.refund(ctx.store.redis, grant.token_id)  # not published: not counted
+        raise
 
 
 def query_output(handle: AsyncResult, timeout: float | None = None, *, ctx: PlatformContext | None = None) -> bytes:

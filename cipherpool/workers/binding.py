@@ -84,8 +84,9 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
             raise WorkerStartFailed(f"Loading model {model.name!r} on {runtime.name} failed: {reason}") from None
         with ctx.session() as session:
             mark_running(session, worker_id, set(loaded))
-        if _wanted(ctx, model.id)[2] is not None:  # a rollout is under way: take part in it
-            reload(ctx, runtime, worker_id)
+        wanted_now, serving_now, rolling = _wanted(ctx, model.id)
+        if rolling is not None or wanted_now != set(loaded) or serving_now != serving:
+            reload(ctx, runtime, worker_id)  # the model moved on while this node loaded: catch up
         runtime.hooks.binding_bound(event)
         log.info("node %s serves model %s (%s) on %s", runtime.name, model.name, model.id, queue)
         return {"bound": True, "queue": queue}
@@ -124,7 +125,10 @@ def _roll(ctx: PlatformContext, runtime: NodeRuntime, worker_id: str) -> None:
         return
     model_id, event = binding.model_id, binding.event
     try:
-        with ctx.store.redis.lock(ROLLOUT_LOCK_PREFIX + model_id, timeout=ROLLOUT_LOCK_S, blocking_timeout=ROLLOUT_WAIT_S):
+        # A load longer than the lock's timeout lets another node in (two loads at once, no
+        # harm); releasing a lock that expired must not turn a good load into a failure.
+        with ctx.store.redis.lock(ROLLOUT_LOCK_PREFIX + model_id, timeout=ROLLOUT_LOCK_S, blocking_timeout=ROLLOUT_WAIT_S,
+                                  raise_on_release_error=False):
             wanted = _wanted(ctx, model_id)[0]
             for number in sorted(wanted - binding.versions):
                 if binding.workdir is None:
@@ -138,12 +142,15 @@ def _roll(ctx: PlatformContext, runtime: NodeRuntime, worker_id: str) -> None:
                 target = model.rollout_version if model else None
                 if target is not None and target in held:
                     rollout.worker_loaded(session, worker_id, target)
-        _retire_after_rollout(ctx, runtime, worker_id, model_id)
     except Exception as exc:  # the node keeps serving what it holds; the log says why
+        if runtime.binding is None or runtime.binding.worker_id != worker_id:
+            return  # unbound meanwhile (its directory went with it): nothing failed
         log.exception("rollout of %s on %s failed", model_id, runtime.name)
         with ctx.session() as session:
             events.record_for(session, model_id, EventKind.WORKER_FAILED, f"worker {worker_id} on {runtime.name} could "
                               f"not load the new version (it keeps serving the old one): {exc}", worker_id=worker_id)
+        return
+    _retire_after_rollout(ctx, runtime, worker_id, model_id)
 
 
 def _add_version(runtime: NodeRuntime, worker_id: str, number: int, evaluator: Evaluator) -> bool:

@@ -155,6 +155,10 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     bind = op.get_bind()
+    accounts = _table("accounts")
+    shared = bind.execute(sa.select(accounts.c.name).group_by(accounts.c.name).having(sa.func.count() > 1)).first()
+    if shared is not None:  # 0001 has names unique
+        raise RuntimeError(f"Cannot downgrade: several accounts are named {shared[0]!r}; rename them first.")
     with op.batch_alter_table("workers") as batch:
         batch.drop_column("stop_reason")
         batch.drop_column("version")
