@@ -19,18 +19,20 @@ from dataclasses import dataclass
 from celery import Celery
 
 from cipherpool import lifecycle
-from cipherpool.api.schemas import AccountCreated, AccountOut
+from cipherpool.api.schemas import NodeOut, AccountCreated, AccountOut
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.db import init_db
 from cipherpool.errors import CipherpoolError
 from cipherpool.files import private_sqlite
+from cipherpool.statuses import StopReason
 from cipherpool.names import AUTH_GENERATION_KEY
+from cipherpool.services import nodes as node_service
 from cipherpool.services import accounts
 from cipherpool.services import workers as worker_service
 from cipherpool.workers.context import PlatformContext
 
 log = logging.getLogger("cipherpool.admin")
-DISABLED = "account disabled"
+DISABLED = StopReason.ACCOUNT_DISABLED
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class Admin:
     def list_accounts(self) -> list[AccountOut]:
         with self.ctx.session() as session:
             return [accounts.describe(a) for a in accounts.list_accounts(session)]
+
+    def list_nodes(self) -> list[NodeOut]:
+        """Every pool node with its binding, whoever's account it belongs to (the operator's view)."""
+        with self.ctx.session() as session:
+            return node_service.list_nodes(session, self.ctx.settings.node_heartbeat_s)
 
     def get_account(self, id_or_name: str) -> AccountOut:
         with self.ctx.session() as session:

@@ -12,21 +12,23 @@ from typing import Any
 
 from celery import Celery
 from celery.result import AsyncResult
+from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from cipherpool.config.settings import Settings
 from cipherpool.errors import BrokerUnavailable, QueryTimeout, RemoteError
 from cipherpool.messages import EncryptedInput, QueryReply, QueryRequest, redacted_kwargs, unwrap
-from cipherpool.names import QUERY_TASK, model_queue, node_queue
+from cipherpool.names import QUERY_EXCHANGE, QUERY_TASK, model_queue, node_queue, query_routing_key
 from cipherpool.services.queries import ModelGrant, TokenGrant, check_query
 from cipherpool.store import BlobStore
 
 
 
-def open_envelope(grant: TokenGrant, ciphertext: bytes) -> tuple[EncryptedInput, ModelGrant]:
+def open_envelope(grant: TokenGrant, ciphertext: bytes,
+                  wait_for_worker: bool = False) -> tuple[EncryptedInput, ModelGrant]:
     """The ciphertext's envelope, checked against what the grant may query, and its model."""
     envelope = EncryptedInput.decode(ciphertext)
-    return envelope, check_query(grant, envelope.model_id)
+    return envelope, check_query(grant, envelope.model_id, wait_for_worker)
 
 
 def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, model: ModelGrant,
@@ -45,17 +47,31 @@ def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, model
     )
 
 
-def publish_query(app: Celery, request: QueryRequest, expires_s: float, task_id: str | None = None) -> AsyncResult:
-    """Publish on the model's queue with a deadline: a node discards it once nobody waits."""
+QUERIES = Exchange(QUERY_EXCHANGE, type="direct")  # type: ignore[no-untyped-call]
+
+
+def query_queue(host_class: str, model_id: str) -> Queue:
+    """A model's query queue as nodes of ``host_class`` consume it: bound to the query exchange
+    under the routing key of that class and model. The publisher declares it too, so a query
+    sent before any node binds (a caller who waits for a worker) waits in it."""
+    return Queue(model_queue(host_class, model_id), QUERIES,  # type: ignore[no-untyped-call]
+                 routing_key=query_routing_key(host_class, model_id))
+
+
+def publish_query(app: Celery, request: QueryRequest, host_class: str, expires_s: float,
+                  task_id: str | None = None) -> AsyncResult:
+    """Publish with the routing key of the model's host class, with a deadline: a node
+    discards it once nobody waits. Only nodes of that class have a queue bound to that key."""
     kwargs = {"request": request.encode()}
-    return _send(app, QUERY_TASK, kwargs, model_queue(request.model_id), expires=expires_s, task_id=task_id)
+    return _send(app, QUERY_TASK, kwargs, query_queue(host_class, request.model_id), expires=expires_s,
+                 task_id=task_id)
 
 
 def send_to_node(app: Celery, node: str, task: str, **kwargs: Any) -> AsyncResult:
     return _send(app, task, kwargs, node_queue(node))
 
 
-def _send(app: Celery, task: str, kwargs: dict[str, Any], queue: str, **options: Any) -> AsyncResult:
+def _send(app: Celery, task: str, kwargs: dict[str, Any], queue: str | Queue, **options: Any) -> AsyncResult:
     try:
         return app.send_task(task, kwargs=kwargs, queue=queue, kwargsrepr=redacted_kwargs(kwargs), **options)
     except OperationalError as exc:

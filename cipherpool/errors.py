@@ -37,7 +37,11 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── ModelBusy                                 refused while workers serve the model
     │   ├── KeysOutdated                              keys made for another version's client specs
     │   ├── ModelUnavailable                    503   no worker serves the model (query timed out)
-    │   ├── NoFreeNode                                every pool node is bound or offline
+    │   │   └── NoWorkerUp                      503   no worker is up for the model (at submit)
+    │   ├── NoFreeNode                                no free live node of the class/labels/profile
+    │   ├── WorkerLimit                               the model's max_workers are running
+    │   ├── BelowMinimum                              a stop would leave fewer than min_workers
+    │   ├── WrongWorkerState                          standby/resume of a worker not up/standby
     │   └── VersionMismatch                           client and server concrete versions differ
     ├── InvalidInput                    exit 6  422
     │   ├── InvalidDeployment                         directory is not a concrete-ml deployment
@@ -214,8 +218,26 @@ class ModelUnavailable(Conflict):
     http_status = 503
 
 
+class NoWorkerUp(ModelUnavailable):
+    """Refused at submit: no worker serves the model now (a caller may ask to wait instead)."""
+
+    code = "no_worker_up"
+
+
 class NoFreeNode(Conflict):
     code = "no_free_node"
+
+
+class WorkerLimit(Conflict):
+    code = "max_workers_reached"
+
+
+class BelowMinimum(Conflict):
+    code = "below_min_workers"
+
+
+class WrongWorkerState(Conflict):
+    code = "wrong_worker_state"
 
 
 class VersionMismatch(Conflict):

@@ -8,13 +8,16 @@ never leave a sender publishing to nobody.
 CONTROL_QUEUE = "cipherpool.control"  # management tasks, consumed by control workers
 POOL_QUEUE = "cipherpool.pool"  # a worker consuming this is a pool node (its role marker)
 NODE_QUEUE_PREFIX = "cipherpool.node."  # + node name: tasks for one node (bind, unbind, stats)
-MODEL_QUEUE_PREFIX = "cipherpool.model."  # + model id: the encrypted queries of one model
+MODEL_QUEUE_PREFIX = "cipherpool.model."  # + host class + "." + model id: the encrypted queries of one model
+SHARED_QUEUE_PREFIX = "cipherpool.shared."  # + host class: queries for shared nodes of that class
+QUERY_EXCHANGE = "cipherpool.queries"  # direct exchange of every query; routing key = query_routing_key()
 
 TASK_PREFIX = "cipherpool."
 QUERY_TASK = TASK_PREFIX + "query.run"  # one encrypted query, on its model's queue
 BIND_TASK = TASK_PREFIX + "node.bind"  # node queue: load a model and consume its queue
 UNBIND_TASK = TASK_PREFIX + "node.unbind"  # node queue: stop consuming, unload
 STATS_TASK = TASK_PREFIX + "node.stats"  # node queue: the node's live figures
+CONSUME_TASK = TASK_PREFIX + "node.consume"  # node queue: consume its model's queue or not (standby), as the row says
 RECONCILE_TASK = TASK_PREFIX + "control.reconcile"  # beat, control queue: fail workers of lost nodes, replace them
 RELOAD_TASK = TASK_PREFIX + "node.reload"  # node queue: load the versions its model must hold
 
@@ -26,6 +29,7 @@ QUERY_OWNER_PREFIX = "cipherpool:query:"  # + query id -> the token id that subm
 RATE_PREFIX = "cipherpool:rate:"  # + principal + ":" + window; request counters, TTL 2 windows
 USAGE_PREFIX = "cipherpool:usage:"  # + token id -> hash {n: queries counted, last: epoch seconds}
 AUTH_GENERATION_KEY = "cipherpool:auth-generation"  # bumped on every credential change: gateways drop caches
+WORKER_LOG_PREFIX = "cipherpool:worker-log:"  # + worker id: a capped list of its log lines (JSON), with a TTL
 ROLLOUT_LOCK_PREFIX = "cipherpool:rollout:"  # + model id: one node at a time loads a new version
 RESULT_META_PREFIX = "celery-task-meta-"  # Celery's result key (and pub/sub channel) + task id
 
@@ -34,5 +38,19 @@ def node_queue(node_name: str) -> str:
     return f"{NODE_QUEUE_PREFIX}{node_name}"
 
 
-def model_queue(model_id: str) -> str:
-    return f"{MODEL_QUEUE_PREFIX}{model_id}"
+def query_routing_key(host_class: str, model_id: str) -> str:
+    """The routing key of a model's queries: its host class and id. A node binds its model's
+    queue under its *own* class, so a node of another class never receives them."""
+    return f"{host_class}.{model_id}"
+
+
+def model_queue(host_class: str, model_id: str) -> str:
+    return f"{MODEL_QUEUE_PREFIX}{host_class}.{model_id}"
+
+
+def shared_routing_key(host_class: str) -> str:
+    return f"shared.{host_class}"
+
+
+def shared_queue(host_class: str) -> str:
+    return f"{SHARED_QUEUE_PREFIX}{host_class}"

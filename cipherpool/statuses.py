@@ -12,15 +12,52 @@ class ModelStatus(str, Enum):
 
 
 class WorkerStatus(str, Enum):
-    STARTING = "starting"  # bind sent to a node, model loading
-    RUNNING = "running"  # node consumes the model's queue
+    """A worker's life: ``pending`` (a node claimed, told to bind) -> ``loading`` (the node
+    loads the model) -> ``up`` (consuming the model's queue), or ``failed`` with the error.
+    ``standby``: loaded but not consuming, resumed at once. ``stopping`` -> ``stopped``, with
+    who or what stopped it (:class:`StopReason`). Stored as its value (a plain string column),
+    so a new status needs no migration."""
+
+    PENDING = "pending"
+    LOADING = "loading"
+    UP = "up"
+    STANDBY = "standby"
     STOPPING = "stopping"
     STOPPED = "stopped"
-    FAILED = "failed"  # bind failed; `error` says why
+    FAILED = "failed"
 
     @property
     def holds_node(self) -> bool:
-        return self in (WorkerStatus.STARTING, WorkerStatus.RUNNING, WorkerStatus.STOPPING)
+        return self in HOLDING_NODE
+
+    @property
+    def wanted(self) -> bool:
+        """Should its node keep it (bound, or about to be)? Not once stopping, stopped or failed."""
+        return self in WANTED
+
+
+HOLDING_NODE = frozenset({WorkerStatus.PENDING, WorkerStatus.LOADING, WorkerStatus.UP, WorkerStatus.STANDBY,
+                          WorkerStatus.STOPPING})
+WANTED = frozenset({WorkerStatus.PENDING, WorkerStatus.LOADING, WorkerStatus.UP, WorkerStatus.STANDBY})
+
+
+class StopReason(str, Enum):
+    """Who or what stopped a worker (``Worker.stop_reason``, the model's events)."""
+
+    USER = "user"
+    SCHEDULE = "schedule"
+    CREDITS = "credits depleted"
+    FAILURE = "failure"
+    AUTOSCALER = "autoscaler"
+    ACCOUNT_DISABLED = "account disabled"
+    NODE_LOST = "node lost"
+
+
+class HostClass(str, Enum):
+    """The kind of host a pool node runs on; a model's ``hardware`` names the class it needs."""
+
+    CPU = "cpu"
+    GPU = "gpu"
 
 
 class NodeStatus(str, Enum):
@@ -58,6 +95,8 @@ class EventKind(str, Enum):
     WORKER_LOADED_VERSION = "worker_loaded_version"
     WORKER_UP = "worker_up"
     WORKER_FAILED = "worker_failed"
+    WORKER_STANDBY = "worker_standby"  # loaded, not consuming
+    WORKER_RESUMED = "worker_resumed"
     WORKER_STOPPED = "worker_stopped"
     TOKEN_ASSIGNED = "token_assigned"
     TOKEN_UNASSIGNED = "token_unassigned"

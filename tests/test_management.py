@@ -44,13 +44,24 @@ def kinds(session, model) -> list[str]:
     return [e.kind for e in events.list_events(session, model)]
 
 
+def startable(session, account, model_name):
+    """Make the model startable (active, room under its maximum) by a direct row edit, so the
+    events a test counts are its own."""
+    model = models.get_model(session, account, model_name)
+    model.status = ModelStatus.ACTIVE
+    model.max_workers = max(model.max_workers, len(workers.serving(session, model_id=model.id)) + 1)
+    session.add(model)
+
+
 def running_worker(session, account, model_name, node_name, versions=None):
-    """A worker RUNNING on a fresh ONLINE node of its own."""
-    nodes.register_node(session, node_name, host_class="cpu", concurrency=1, threads=1, pid=1)
+    """A worker UP on a fresh ONLINE node of its own."""
+    startable(session, account, model_name)
+    nodes.register_node(session, node_name, nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=1))
     worker = workers.start_worker(session, account, model_name, heartbeat_s=HEARTBEAT_S)
     assert worker.node_name == node_name
     workers.mark_running(session, worker.id, versions)
-    assert session.get(Worker, worker.id).status == WorkerStatus.RUNNING
+    workers.set_consuming(session, worker.id, True)
+    assert session.get(Worker, worker.id).status == WorkerStatus.UP
     return worker
 
 
@@ -316,11 +327,13 @@ def test_describe_and_detail_show_versions(session, account):
 
 def test_delete_is_refused_while_a_worker_holds_a_node(session, account):
     deploy(session, account, "m")
-    nodes.register_node(session, "n1", host_class="cpu", concurrency=1, threads=1, pid=1)
+    nodes.register_node(session, "n1", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=1))
+    startable(session, account, "m")
     worker = workers.start_worker(session, account, "m", heartbeat_s=HEARTBEAT_S)  # STARTING
     with pytest.raises(errors.ModelBusy, match=worker.id):
         models.delete_model(session, account, "m")
     workers.mark_running(session, worker.id)
+    workers.set_consuming(session, worker.id, True)
     with pytest.raises(errors.ModelBusy):
         models.delete_model(session, account, "m")
     assert workers.request_stop(session, account, worker.id, heartbeat_s=HEARTBEAT_S).tell_node  # STOPPING
@@ -467,13 +480,15 @@ def test_a_starting_worker_holds_a_rollout_until_it_comes_up_with_the_new_versio
     """A node still loading may have read the model before the new version existed: the
     switch waits until it is up and holds the new version (it loads what it missed)."""
     deploy(session, account, "m")
-    nodes.register_node(session, "n1", host_class="cpu", concurrency=1, threads=1, pid=1)
+    nodes.register_node(session, "n1", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=1))
+    startable(session, account, "m")
     starting = workers.start_worker(session, account, "m", heartbeat_s=HEARTBEAT_S)
     models.add_version(session, account, "m", artifact("d"))
     reload(session)
     model = models.get_model(session, account, "m")
     assert (model.version, model.rollout_version) == (1, 2)
     workers.mark_running(session, starting.id, {1})  # came up with version 1 only: no switch
+    workers.set_consuming(session, starting.id, True)
     reload(session)
     assert (models.get_model(session, account, "m").version, session.get(Worker, starting.id).version) == (1, 1)
     rollout.worker_loaded(session, starting.id, 2)  # its catch-up load reports
@@ -484,10 +499,12 @@ def test_a_starting_worker_holds_a_rollout_until_it_comes_up_with_the_new_versio
 
 def test_a_starting_worker_that_comes_up_holding_the_new_version_completes_the_rollout(session, account):
     deploy(session, account, "m")
-    nodes.register_node(session, "n1", host_class="cpu", concurrency=1, threads=1, pid=1)
+    nodes.register_node(session, "n1", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=1))
+    startable(session, account, "m")
     starting = workers.start_worker(session, account, "m", heartbeat_s=HEARTBEAT_S)
     models.add_version(session, account, "m", artifact("d"))
     workers.mark_running(session, starting.id, {1, 2})
+    workers.set_consuming(session, starting.id, True)
     reload(session)
     model = models.get_model(session, account, "m")
     assert (model.version, model.rollout_version, session.get(Worker, starting.id).version) == (2, None, 2)
@@ -677,7 +694,7 @@ def test_an_unassigned_token_may_not_query_the_model(session, account):
     deploy(session, account, "other")
     models.set_status(session, account, "m", ModelStatus.ACTIVE)
     token, _ = tokens.create_token(session, account, "t", ["m", "other"])
-    assert queries.check_query(queries.grant_for_id(session, token.id), model.id).name == "m"
+    assert queries.check_query(queries.grant_for_id(session, token.id), model.id, wait_for_worker=True).name == "m"
     tokens.unassign(session, account, token.id, "m")
     reload(session)
     grant = queries.grant_for_id(session, token.id)
@@ -989,7 +1006,7 @@ def test_the_reconciler_fails_workers_of_lost_nodes_only(session, account):
     row = session.get(Worker, lost.id)
     assert row.status == WorkerStatus.FAILED and "n1 lost" in row.error and row.stop_reason == "failure"
     assert session.get(PoolNode, "n1").status == NodeStatus.OFFLINE and session.get(PoolNode, "n1").worker_id is None
-    assert session.get(Worker, alive.id).status == WorkerStatus.RUNNING
+    assert session.get(Worker, alive.id).status == WorkerStatus.UP
     assert fail_lost_workers(session, HEARTBEAT_S) == []  # once only
     assert any(e.kind == "worker_failed" and e.worker_id == lost.id
                for e in events.list_events(session, models.get_model(session, account, "m")))
@@ -998,8 +1015,9 @@ def test_the_reconciler_fails_workers_of_lost_nodes_only(session, account):
 def test_the_reconciler_does_not_replace_workers_of_an_inactive_model(session, account):
     from cipherpool.services.reconcile import fail_lost_workers
 
-    deploy(session, account, "m")  # deployed, never activated
+    deploy(session, account, "m")
     worker = running_worker(session, account, "m", "n1")
+    models.set_status(session, account, "m", ModelStatus.INACTIVE)  # deactivated while it ran
     _silence(session, "n1", 3 * HEARTBEAT_S + 1)
     [lost] = fail_lost_workers(session, HEARTBEAT_S)
     assert lost.worker_id == worker.id and not lost.replace

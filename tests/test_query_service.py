@@ -15,7 +15,7 @@ import pytest
 from cipherpool import errors
 from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest, unwrap
-from cipherpool.names import POOL_QUEUE, model_queue
+from cipherpool.names import POOL_QUEUE, model_queue, query_routing_key
 from cipherpool.store import BlobKind, sha256_hex
 from cipherpool.workers.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent, Hook
@@ -115,7 +115,7 @@ def bind_fake(runtime: NodeRuntime, evaluator, worker_id: str = "w1", model_id: 
     """What workers/binding.py does on a node, minus the database and the broker."""
     event = BindingEvent(runtime.name, worker_id, model_id, "m")
     runtime.load_evaluator(event, b"server.zip", None)
-    runtime.set_binding(Binding(worker_id, model_id, "m", model_queue(model_id), evaluator, runtime.name))
+    runtime.set_binding(Binding(worker_id, model_id, "m", model_queue("cpu", model_id), evaluator, runtime.name))
     runtime.hooks.binding_bound(event)
 
 
@@ -131,7 +131,7 @@ def world(settings) -> World:
     return World(Ctx(settings, store), runtime, evaluator, blob_id, hook)
 
 
-OWN_QUEUE = Delivery(task_id="q1", routing_key=model_queue(MODEL), expires="2030-01-01T00:00:00")
+OWN_QUEUE = Delivery(task_id="q1", routing_key=query_routing_key("cpu", MODEL), expires="2030-01-01T00:00:00")
 
 
 def request(blob_id, model_id=MODEL, key_id=KEY_ID, data=None, env_model=None, env_key=None, **kw):
@@ -195,7 +195,7 @@ def test_figures_cover_only_the_current_binding(world):
     world.runtime.hooks.binding_unbound(BindingEvent("n1", "w1", MODEL, "m"))
     other = "o" * 16
     bind_fake(world.runtime, world.evaluator, worker_id="w2", model_id=other)
-    run(world, request(world.blob_id, model_id=other), Delivery(routing_key=model_queue(other)))
+    run(world, request(world.blob_id, model_id=other), Delivery(routing_key=query_routing_key("cpu", other)))
     report = world.runtime.report()
     assert report["worker_id"] == "w2"
     assert (report["queries_succeeded"], report["model_loads"], report["key_cache_misses"]) == (1, 1, 1)
@@ -233,7 +233,7 @@ def test_a_query_for_another_model_is_handed_back_or_refused(world):
     other = "someothermodel00"
     with pytest.raises(Requeue):  # through its own queue, with a deadline: back to it
         run(world, request(world.blob_id, model_id=other),
-            Delivery(routing_key=model_queue(other), expires="2030-01-01T00:00:00"))
+            Delivery(routing_key=query_routing_key("cpu", other), expires="2030-01-01T00:00:00"))
     with pytest.raises(errors.ModelUnavailable):  # anything else: refused, never bounced
         run(world, request(world.blob_id, model_id=other), Delivery(routing_key=POOL_QUEUE))
     world.runtime.set_binding(None)
@@ -255,11 +255,12 @@ def test_clients_with_identical_evaluation_keys_stay_distinct_but_share_the_cach
 
 
 @pytest.mark.parametrize("routing_key, expires, requeued", [
-    (model_queue(MODEL), "2030-01-01T00:00:00", True),   # prefetched before an unbind: back to its queue
-    (model_queue(MODEL), None, False),                    # no deadline: could bounce forever
+    (query_routing_key("cpu", MODEL), "2030-01-01T00:00:00", True),  # prefetched before an unbind: back
+    (query_routing_key("cpu", MODEL), None, False),                   # no deadline: could bounce forever
+    (query_routing_key("gpu", MODEL), "2030-01-01T00:00:00", False),  # another class's key: not this queue
     (POOL_QUEUE, "2030-01-01T00:00:00", False),           # arrived through another queue
     (None, "2030-01-01T00:00:00", False),
 ])
 def test_only_a_query_from_its_own_queue_with_a_deadline_goes_back(routing_key, expires, requeued):
     task_request = SimpleNamespace(id="q1", delivery_info={"routing_key": routing_key}, expires=expires)
-    assert may_requeue(Delivery.of(task_request), MODEL) is requeued
+    assert may_requeue(Delivery.of(task_request), "cpu", MODEL) is requeued

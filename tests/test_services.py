@@ -7,7 +7,8 @@ import pytest
 from sqlmodel import select
 
 from cipherpool import errors
-from cipherpool.db.tables import AccessToken, Account, ModelStatus, PoolNode, WorkerStatus, utcnow
+from cipherpool.db.tables import AccessToken, Account, ModelStatus, PoolNode, Worker, WorkerStatus, utcnow
+from cipherpool.statuses import StopReason
 from cipherpool.fhe.deployment import Versions
 from cipherpool.services import accounts, models, nodes, queries, tokens, workers
 
@@ -17,8 +18,10 @@ V = Versions("1.9.0", "2.10.0", "3.11")
 ARTIFACT = models.Artifact("c" * 64, "s" * 64, 100, 200, V)
 
 
-def deploy(session, account, name="m", hardware="cpu"):
-    return models.deploy_model(session, account, name, ARTIFACT, hardware=hardware)
+def deploy(session, account, name="m", hardware="cpu", active=True, **settings):
+    """A model that may have a few workers, active unless told (a start needs both)."""
+    model = models.deploy_model(session, account, name, ARTIFACT, hardware=hardware, **{"max_workers": 4, **settings})
+    return models.set_status(session, account, name, ModelStatus.ACTIVE) if active else model
 
 
 @pytest.fixture
@@ -96,13 +99,13 @@ def test_tokens_are_hashed_revocable_and_expire(session, alice):
 
 def test_query_authorisation(session, alice):
     account, _ = alice
-    m1, m2 = deploy(session, account, "m1"), deploy(session, account, "m2")
+    m1, m2 = deploy(session, account, "m1", active=False), deploy(session, account, "m2", active=False)
     token, value = tokens.create_token(session, account, "t", "m1")
     with pytest.raises(errors.ModelInactive):
         queries.check_query(queries.grant_for_value(session, value), m1.id)
     models.set_status(session, account, "m1", ModelStatus.ACTIVE)
     grant = queries.grant_for_value(session, value)
-    queries.check_query(grant, m1.id)
+    queries.check_query(grant, m1.id, wait_for_worker=True)  # no worker up: only if the caller waits
     assert grant == queries.grant_for_id(session, token.id)  # the gateway's and the in-cluster path agree
     assert ([m.model_id for m in grant.models], grant.account_id) == ([m1.id], account.id)
     with pytest.raises(errors.TokenNotForModel):
@@ -148,7 +151,7 @@ def test_key_sets_per_token_are_capped(session, alice):
 
 
 def register(session, name, host_class="cpu"):
-    return nodes.register_node(session, name, host_class=host_class, concurrency=1, threads=1, pid=1)
+    return nodes.register_node(session, name, nodes.NodeInfo(host_class=host_class, concurrency=1, threads=1, pid=1))
 
 
 def test_each_node_is_claimed_once_and_freed_when_the_worker_ends(session, alice):
@@ -163,7 +166,8 @@ def test_each_node_is_claimed_once_and_freed_when_the_worker_ends(session, alice
     with pytest.raises(errors.NoFreeNode):
         workers.start_worker(session, account, "m", heartbeat_s=10)
     workers.mark_running(session, w1.id)
-    assert nodes.binding_of_node(session, w1.node_name)[0].status == WorkerStatus.RUNNING
+    workers.set_consuming(session, w1.id, True)
+    assert nodes.binding_of_node(session, w1.node_name)[0].status == WorkerStatus.UP
     workers.finish(session, w1.id, WorkerStatus.STOPPED)
     assert session.get(PoolNode, w1.node_name).worker_id is None
     assert nodes.binding_of_node(session, w1.node_name) is None
@@ -231,3 +235,93 @@ def test_a_node_loads_only_its_own_live_binding(session, alice):
         workers.binding_to_load(session, "0" * 16, w.node_name)
     workers.finish(session, w.id, WorkerStatus.STOPPED)
     assert workers.binding_to_load(session, w.id, w.node_name) is None  # a stale bind message
+
+
+def test_a_query_needs_a_worker_up_unless_it_waits_for_one(session, alice):
+    account, _ = alice
+    model = deploy(session, account, "m", shared=True)
+    token, _ = tokens.create_token(session, account, "t", "m")
+
+    def check(**kw):
+        return queries.check_query(queries.grant_for_id(session, token.id), model.id, **kw)
+
+    with pytest.raises(errors.NoWorkerUp, match="no worker up.*wait_for_worker"):
+        check()
+    assert check(wait_for_worker=True).hardware == "cpu"
+    register(session, "n1")
+    w = workers.start_worker(session, account, "m", heartbeat_s=10)
+    with pytest.raises(errors.NoWorkerUp):  # pending, then loading: not yet
+        check()
+    workers.mark_loading(session, w.id)
+    workers.mark_running(session, w.id, {1})
+    workers.set_consuming(session, w.id, True)
+    assert check().serving
+    workers.set_consuming(session, w.id, False)  # standby: loaded, takes no query
+    assert session.get(Worker, w.id).status == WorkerStatus.STANDBY
+    with pytest.raises(errors.NoWorkerUp):
+        check()
+    nodes.node_offline(session, "n1")
+    workers.set_consuming(session, w.id, True)
+    with pytest.raises(errors.NoWorkerUp):  # up, but on a node gone offline
+        check()
+    nodes.register_node(session, "shared1", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=2,
+                                                           shared=True))
+    assert check().serving  # the model allows shared nodes, and one of its class is online
+
+
+def test_start_refusals_name_their_reason(session, alice):
+    account, _ = alice
+    deploy(session, account, "off", active=False)
+    with pytest.raises(errors.ModelInactive, match="activate it"):
+        workers.start_worker(session, account, "off", heartbeat_s=10)
+    deploy(session, account, "g", hardware="gpu")
+    register(session, "n1")
+    with pytest.raises(errors.NoFreeNode, match="No gpu pool node is online .*only cpu nodes are"):
+        workers.start_worker(session, account, "g", heartbeat_s=10)
+    deploy(session, account, "z", node_selector={"zone": "b"})
+    with pytest.raises(errors.NoFreeNode, match="carries the labels zone=b"):
+        workers.start_worker(session, account, "z", heartbeat_s=10)
+    nodes.register_node(session, "n2", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=2,
+                                                       profile="big", labels={"zone": "b"}))
+    with pytest.raises(errors.NoFreeNode, match="profile 'small'"):
+        workers.start_worker(session, account, "z", heartbeat_s=10, profile="small")
+    assert workers.start_worker(session, account, "z", heartbeat_s=10, profile="big").node_name == "n2"
+    deploy(session, account, "one", max_workers=1)
+    workers.start_worker(session, account, "one", heartbeat_s=10)
+    with pytest.raises(errors.WorkerLimit, match="at most 1"):
+        workers.start_worker(session, account, "one", heartbeat_s=10)
+    deploy(session, account, "many")
+    with pytest.raises(errors.NoFreeNode, match="2 worker\\(s\\) asked .* only 0 of the 2"):
+        workers.start_workers(session, account, "many", heartbeat_s=10, count=2)
+    with pytest.raises(errors.InvalidInput):
+        workers.start_workers(session, account, "many", heartbeat_s=10, count=0)
+
+
+def test_a_user_stop_keeps_the_minimum_other_reasons_do_not(session, alice):
+    account, _ = alice
+    deploy(session, account, "m", min_workers=1)
+    register(session, "n1")
+    w = workers.start_worker(session, account, "m", heartbeat_s=10)
+    with pytest.raises(errors.BelowMinimum, match="min-workers 0"):
+        workers.request_stop(session, account, w.id, heartbeat_s=10)
+    decision = workers.request_stop(session, account, w.id, heartbeat_s=10, reason=StopReason.CREDITS)
+    assert (decision.worker.status, decision.worker.stop_reason) == (WorkerStatus.STOPPING, "credits depleted")
+
+
+def test_the_node_listing_shows_capacity_and_hides_other_accounts_bindings(session, alice):
+    account, _ = alice
+    bob, _ = accounts.create_account(session, "bob")
+    deploy(session, account, "m")
+    nodes.register_node(session, "n1", nodes.NodeInfo(host_class="cpu", concurrency=2, threads=1, pid=1, cores=4,
+                                                       memory_bytes=8 << 30, key_cache_bytes=2 << 30, labels={"a": "1"}))
+    w = workers.start_worker(session, account, "m", heartbeat_s=10)
+    (mine,) = nodes.list_nodes(session, 10, account.id)
+    assert (mine.model, mine.worker_id, mine.busy, mine.labels) == ("m", w.id, True, {"a": "1"})
+    assert (mine.capacity.slots, mine.capacity.cores, mine.allocatable.slots, mine.allocatable.cores) == (2, 4, 0, 0)
+    assert mine.allocatable.memory_bytes == 6 << 30  # the key cache is reserved
+    (theirs,) = nodes.list_nodes(session, 10, bob.id)
+    assert (theirs.model, theirs.worker_id, theirs.worker_status, theirs.busy) == (None, None, None, True)
+    node = session.get(PoolNode, "n1")
+    node.last_seen = utcnow() - timedelta(seconds=31)
+    session.add(node)
+    assert nodes.list_nodes(session, 10)[0].status == "lost"

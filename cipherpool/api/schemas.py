@@ -8,8 +8,9 @@ ciphertexts and deployment zips are not JSON: they travel as ``application/octet
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from cipherpool.statuses import AccountStatus, ModelStatus, TokenStatus, WorkerStatus
 
@@ -22,6 +23,9 @@ MAX_TOKEN_TTL_S = 10 * 365 * 86400
 MAX_WORKERS = 1000
 KEY_ID_PATTERN = r"^[0-9a-f]{32}$"
 QUERY_ID_PATTERN = r"^[0-9a-f-]{36}$"
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # a node label's key or value (profiles.toml)
+Labels = dict[Annotated[str, StringConstraints(pattern=LABEL_PATTERN)],
+              Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]]
 
 
 class Wire(BaseModel):
@@ -89,6 +93,7 @@ class ModelSettings(Wire):
     min_workers: int | None = Field(None, ge=0, le=MAX_WORKERS)
     max_workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
     shared: bool | None = None
+    node_selector: Labels | None = Field(None, max_length=16, description="labels a node must carry to serve it")
 
 
 class DeployIn(Wire):
@@ -100,6 +105,7 @@ class DeployIn(Wire):
     min_workers: int = Field(0, ge=0, le=MAX_WORKERS)
     max_workers: int = Field(1, ge=1, le=MAX_WORKERS)
     shared: bool = False
+    node_selector: Labels = Field(default_factory=dict, max_length=16)
 
 
 class VersionIn(Wire):
@@ -142,6 +148,7 @@ class ModelOut(Wire):
     min_workers: int
     max_workers: int
     shared: bool
+    node_selector: dict[str, str] = {}
     concrete_ml: str
     concrete_python: str
     created_at: str
@@ -221,7 +228,52 @@ class TokenCreated(TokenOut):
 
 
 class WorkerIn(Wire):
+    """Start ``count`` workers of a model (all or none), on nodes of ``profile`` if given;
+    ``standby``: load the model but do not consume its queue until resumed."""
+
     model: str = Field(pattern=NAME_PATTERN)
+    count: int = Field(1, ge=1, le=64)
+    profile: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    standby: bool = False
+
+
+class WorkerLogLine(Wire):
+    n: int
+    at: float  # epoch seconds
+    level: str
+    source: str  # the process that wrote it: a node, the gateway, beat
+    message: str
+
+
+class NodeResources(Wire):
+    """What a node host has (capacity) or has left for new workers (allocatable), as cluster
+    schedulers report them. Memory is bytes; slots are parallel executions."""
+
+    cores: int
+    memory_bytes: int
+    gpus: int
+    slots: int
+
+
+class NodeOut(Wire):
+    """A pool node as ``cipherpool pool nodes`` lists it. A provider sees the model and worker
+    only of a binding of its own account; another account's shows as ``busy``."""
+
+    name: str
+    host: str
+    profile: str
+    host_class: str
+    labels: dict[str, str]
+    shared: bool
+    status: str  # online, offline, or lost (online but silent for 3 heartbeats)
+    threads: int | None
+    capacity: NodeResources
+    allocatable: NodeResources
+    model: str | None = None
+    worker_id: str | None = None
+    worker_status: str | None = None
+    busy: bool = False  # bound to a worker (of any account)
+    heartbeat_age_s: float
 
 
 class WorkerOut(Wire):
@@ -230,6 +282,8 @@ class WorkerOut(Wire):
     node: str
     node_status: str | None
     status: WorkerStatus
+    profile: str | None = None  # its node's profile
+    standby: bool = False  # asked to stay loaded without consuming
     version: int | None = None  # the model version it loaded last
     error: str | None
     stop_reason: str | None = None  # who or what stopped it

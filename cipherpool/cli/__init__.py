@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from cipherpool.cli import account, admin, db, gateway, models, platform, query, tokens, workers
+from cipherpool.cli import account, admin, db, gateway, models, platform, pool, query, tokens, workers
 from cipherpool.cli.context import CipherpoolGroup, CliContext
 from cipherpool.config.settings import get_settings
 
@@ -57,7 +57,7 @@ def add_json_options(root: click.Group) -> None:
 
 
 for group in (platform.up, platform.demo, db.db, admin.admin, gateway.gateway, account.account, models.model,
-              workers.worker, tokens.token, query.query):
+              workers.worker, pool.pool, tokens.token, query.query):
     cli.add_command(group)
 add_json_options(cli)
 

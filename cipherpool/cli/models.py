@@ -44,12 +44,28 @@ def model() -> None:
 @click.option("--max-workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Most workers it may have.")
 @click.option("--shared/--dedicated", default=False, show_default=True, help="May it run on shared pool nodes.")
+@click.option("--node-selector", "selector", multiple=True, metavar="KEY=VALUE",
+              help="A label a pool node must carry to serve it (repeat for several).")
 @pass_ctx
 def deploy(ctx: CliContext, name: str, path: Path, hardware: str, description: str, min_workers: int, max_workers: int,
-           shared: bool) -> None:
+           shared: bool, selector: tuple[str, ...]) -> None:
     """Upload the FHEModelDev(...).save() directory PATH as model NAME, version 1 (inactive until activated)."""
     emit_model(ctx, ctx.management().deploy_model(name, path, hardware=hardware, description=description,
-                                                  min_workers=min_workers, max_workers=max_workers, shared=shared))
+                                                  min_workers=min_workers, max_workers=max_workers, shared=shared,
+                                                  node_selector=parse_labels(selector)))
+
+
+def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``("zone=a", "disk=ssd")`` -> ``{"zone": "a", "disk": "ssd"}``; "-" alone clears."""
+    labels = {}
+    for pair in pairs:
+        if pair == "-":
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE.", param_hint="--node-selector")
+        labels[key] = value
+    return labels
 
 
 @model.command("list")
@@ -74,15 +90,19 @@ def show(ctx: CliContext, name: str) -> None:
 @click.option("--min-workers", type=click.IntRange(min=0))
 @click.option("--max-workers", type=click.IntRange(min=1))
 @click.option("--shared/--no-shared", default=None, help="May it run on shared pool nodes.")
+@click.option("--node-selector", "selector", multiple=True, metavar="KEY=VALUE",
+              help="Labels a pool node must carry (repeat; `--node-selector -` clears them).")
 @pass_ctx
 def update(ctx: CliContext, name: str, description: str | None, hardware: str | None, min_workers: int | None,
-           max_workers: int | None, shared: bool | None) -> None:
+           max_workers: int | None, shared: bool | None, selector: tuple[str, ...]) -> None:
     """Change the settings given; the others stay."""
-    if all(v is None for v in (description, hardware, min_workers, max_workers, shared)):
-        raise click.UsageError("Nothing to change: give --description, --hardware, --min-workers, --max-workers or "
-                               "--shared/--no-shared.")
+    node_selector = parse_labels(selector) if selector else None
+    if all(v is None for v in (description, hardware, min_workers, max_workers, shared, node_selector)):
+        raise click.UsageError("Nothing to change: give --description, --hardware, --min-workers, --max-workers, "
+                               "--shared/--no-shared or --node-selector.")
     emit_model(ctx, ctx.management().update_model(name, description=description, hardware=hardware,
-                                                  min_workers=min_workers, max_workers=max_workers, shared=shared))
+                                                  min_workers=min_workers, max_workers=max_workers, shared=shared,
+                                                  node_selector=node_selector))
 
 
 @model.group("version")

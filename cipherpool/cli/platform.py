@@ -61,9 +61,11 @@ def _report_give_up(child: Child) -> None:
 @click.option("--port", type=int, help="Gateway port (default: a free one).")
 @click.option("--no-beat", is_flag=True, help="Do not start beat.")
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+@click.option("--profile", "profiles", multiple=True, metavar="NAME",
+              help="Start a pool node of this profile (profiles.toml); repeat for more. Replaces --nodes.")
 @pass_ctx
 def up(ctx: CliContext, nodes: int, workers: int | None, concurrency: int, host: str | None, port: int | None,
-       no_beat: bool, no_flower: bool) -> None:
+       no_beat: bool, no_flower: bool, profiles: tuple[str, ...]) -> None:
     """Start the whole platform on this machine; Ctrl-C or SIGTERM stops all of it.
 
     Clients on this machine (CLI and Python) find the gateway with no exports: its URL is in
@@ -72,7 +74,8 @@ def up(ctx: CliContext, nodes: int, workers: int | None, concurrency: int, host:
     private_umask()
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    options = StackOptions(nodes=nodes, node_concurrency=concurrency, beat=not no_beat, flower=not no_flower)
+    options = StackOptions(nodes=nodes, node_concurrency=concurrency, beat=not no_beat, flower=not no_flower,
+                           profiles=list(profiles))
     gateway = {k: v for k, v in {"gateway_host": host, "gateway_port": port}.items() if v}
     stack = EmbeddedStack(ctx.settings.model_copy(update=gateway), options)
     click.echo("starting cipherpool …")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 import click
 
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.client.management import WorkerInfo
 
-WORKER_COLUMNS = ["id", "model", "node", "status", "node_status", "started_at", "error"]
+WORKER_COLUMNS = ["id", "model", "node", "profile", "status", "node_status", "started_at", "stop_reason", "error"]
 
 
 def _row(info: WorkerInfo) -> dict[str, object]:
@@ -21,12 +24,55 @@ def worker() -> None:
 
 @worker.command("start")
 @click.argument("model_name")
+@click.option("--count", type=click.IntRange(1, 64), default=1, show_default=True, help="Workers to start (all or none).")
+@click.option("--profile", help="Only on pool nodes of this profile.")
+@click.option("--standby", is_flag=True, help="Load the model but do not take queries until `worker resume`.")
 @click.option("--no-wait", is_flag=True, help="Return at once instead of when the model is loaded.")
 @click.option("--timeout", type=float, help="Seconds to wait for the node to load the model.")
 @pass_ctx
-def start(ctx: CliContext, model_name: str, no_wait: bool, timeout: float | None) -> None:
-    """Bind a free pool node to MODEL_NAME; returns when it serves, or fails with the reason."""
-    ctx.emit(_row(ctx.management().start_worker(model_name, wait=not no_wait, timeout=timeout)))
+def start(ctx: CliContext, model_name: str, count: int, profile: str | None, standby: bool, no_wait: bool,
+          timeout: float | None) -> None:
+    """Bind free pool nodes to MODEL_NAME; returns when they serve, or fails with the reason."""
+    workers = ctx.management().start_workers(model_name, count, profile=profile, standby=standby, wait=not no_wait,
+                                             timeout=timeout)
+    ctx.emit(_row(workers[0]) if count == 1 else [_row(w) for w in workers], None if count == 1 else WORKER_COLUMNS)
+
+
+@worker.command("standby")
+@click.argument("worker_id")
+@pass_ctx
+def standby(ctx: CliContext, worker_id: str) -> None:
+    """Stop taking queries but keep the model loaded (resume is instant)."""
+    ctx.emit(_row(ctx.management().standby_worker(worker_id)))
+
+
+@worker.command("resume")
+@click.argument("worker_id")
+@pass_ctx
+def resume(ctx: CliContext, worker_id: str) -> None:
+    """Take queries again after standby."""
+    ctx.emit(_row(ctx.management().resume_worker(worker_id)))
+
+
+@worker.command("logs")
+@click.argument("worker_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines; Ctrl-C stops.")
+@pass_ctx
+def logs(ctx: CliContext, worker_id: str, follow: bool) -> None:
+    """A worker's log: claimed, loading, loaded, up, standby, failures, stop and why."""
+    mc, after = ctx.management(), -1
+    while True:
+        lines = mc.worker_logs(worker_id, after)
+        for line in lines:
+            if ctx.as_json:
+                click.echo(line.model_dump_json())
+            else:
+                when = datetime.fromtimestamp(line.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+                click.echo(f"{when} {line.level.upper():<7} {line.source}: {line.message}")
+            after = line.n
+        if not follow:
+            return
+        time.sleep(1.0)
 
 
 @worker.command("stop")

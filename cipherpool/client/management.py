@@ -12,7 +12,7 @@ from typing import Any
 from cipherpool.api.schemas import (
     AccountOut, AccountUpdate, ApiKeyRotated, AssignIn, DeployIn, EventOut, ModelDetail, ModelOut, ModelSettings,
     RollbackIn, TokenCreated, TokenIn, TokenOut, TokenUpdate, UploadOut, VersionIn, VersionOut, WorkerIn, WorkerOut,
-    WorkerStats,
+    WorkerLogLine, WorkerStats, NodeOut,
 )
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
@@ -63,11 +63,14 @@ class ManagementClient:
 
     # models
     def deploy_model(self, name: str, path: str | Path, hardware: str = "cpu", *, description: str = "",
-                     min_workers: int = 0, max_workers: int = 1, shared: bool = False) -> ModelDetail:
-        """Upload a ``FHEModelDev(...).save()`` directory and register it as version 1 (not yet active)."""
+                     min_workers: int = 0, max_workers: int = 1, shared: bool = False,
+                     node_selector: dict[str, str] | None = None) -> ModelDetail:
+        """Upload a ``FHEModelDev(...).save()`` directory and register it as version 1 (not yet
+        active). ``node_selector``: labels a pool node must carry to serve it."""
         client, server = self._upload(path)
         body = DeployIn(name=name, client_upload=client, server_upload=server, hardware=hardware,
-                        description=description, min_workers=min_workers, max_workers=max_workers, shared=shared)
+                        description=description, min_workers=min_workers, max_workers=max_workers, shared=shared,
+                        node_selector=node_selector or {})
         return self._t.call("POST", "/v1/models", ModelDetail, json=body.model_dump())
 
     def list_models(self) -> list[ModelOut]:
@@ -79,10 +82,10 @@ class ManagementClient:
 
     def update_model(self, name: str, *, description: str | None = None, hardware: str | None = None,
                      min_workers: int | None = None, max_workers: int | None = None,
-                     shared: bool | None = None) -> ModelDetail:
-        """Change the settings given; the others stay."""
+                     shared: bool | None = None, node_selector: dict[str, str] | None = None) -> ModelDetail:
+        """Change the settings given; the others stay (``node_selector={}`` clears it)."""
         body = ModelSettings(description=description, hardware=hardware, min_workers=min_workers,
-                             max_workers=max_workers, shared=shared)
+                             max_workers=max_workers, shared=shared, node_selector=node_selector)
         return self._t.call("PATCH", self._model_path(name), ModelDetail, json=body.model_dump(exclude_none=True))
 
     def deploy_version(self, name: str, path: str | Path, note: str = "", *, wait: bool = False,
@@ -153,19 +156,51 @@ class ManagementClient:
                 time.sleep(poll_s)
 
     # workers
-    def start_worker(self, model: str, *, wait: bool = True, timeout: float | None = None) -> WorkerInfo:
-        """Bind a free pool node to the model; returns once it serves, or raises why not."""
-        worker = self._worker("POST", "/v1/workers", json=WorkerIn(model=model).model_dump())
-        if not wait:
-            return worker
-        worker = self._wait_while(worker, WorkerStatus.STARTING, timeout)
-        if worker.status != WorkerStatus.RUNNING:
-            still_loading = worker.status == WorkerStatus.STARTING
+    def start_worker(self, model: str, *, profile: str | None = None, standby: bool = False, wait: bool = True,
+                     timeout: float | None = None) -> WorkerInfo:
+        """Bind a free pool node to the model; returns once it serves (or is on standby), or
+        raises why not (model not active, max_workers reached, no free node of its class)."""
+        return self.start_workers(model, 1, profile=profile, standby=standby, wait=wait, timeout=timeout)[0]
+
+    def start_workers(self, model: str, count: int = 1, *, profile: str | None = None, standby: bool = False,
+                      wait: bool = True, timeout: float | None = None) -> list[WorkerInfo]:
+        """Start ``count`` workers (all or none), on nodes of ``profile`` if given; ``standby``:
+        loaded, not consuming, until :meth:`resume_worker`. ``wait``: until each is up."""
+        body = WorkerIn(model=model, count=count, profile=profile, standby=standby).model_dump()
+        workers = self._t.call("POST", "/v1/workers", list[WorkerInfo], json=body)
+        return [self._until_loaded(w, standby, timeout) for w in workers] if wait else workers
+
+    def _until_loaded(self, worker: WorkerInfo, standby: bool, timeout: float | None) -> WorkerInfo:
+        deadline = time.monotonic() + (timeout or self.settings.worker_start_timeout_s)
+        worker = self._wait_while(worker, WorkerStatus.PENDING, max(0.001, deadline - time.monotonic()))
+        worker = self._wait_while(worker, WorkerStatus.LOADING, max(0.001, deadline - time.monotonic()))
+        expected = WorkerStatus.STANDBY if standby else WorkerStatus.UP
+        if worker.status != expected:
+            still_loading = worker.status in (WorkerStatus.PENDING, WorkerStatus.LOADING)
             reason = worker.error or ("still loading after the timeout" if still_loading else "no reason given")
             raise WorkerStartFailed(
                 f"Worker {worker.id} for model {worker.model!r} on {worker.node} is {worker.status.value}: {reason}"
             )
         return worker
+
+    def standby_worker(self, worker_id: str, *, wait: bool = True, timeout: float | None = None) -> WorkerInfo:
+        """Stop consuming, keep the model loaded: :meth:`resume_worker` is instant."""
+        worker = self._worker("POST", f"/v1/workers/{quote(worker_id, safe='')}/standby")
+        return self._wait_while(worker, WorkerStatus.UP, timeout) if wait else worker
+
+    def resume_worker(self, worker_id: str, *, wait: bool = True, timeout: float | None = None) -> WorkerInfo:
+        worker = self._worker("POST", f"/v1/workers/{quote(worker_id, safe='')}/resume")
+        return self._wait_while(worker, WorkerStatus.STANDBY, timeout) if wait else worker
+
+    def worker_logs(self, worker_id: str, after: int = -1) -> list[WorkerLogLine]:
+        """The worker's log lines after line ``after`` (load, errors, standby, stop)."""
+        return self._t.call("GET", f"/v1/workers/{quote(worker_id, safe='')}/logs", list[WorkerLogLine],
+                            params={"after": after})
+
+    def list_nodes(self) -> list[NodeOut]:
+        """The pool's nodes: profile, class, labels, capacity and allocatable, status; the
+        model and worker where they are this account's."""
+        return self._t.call("GET", "/v1/nodes", list[NodeOut])
 
     def stop_worker(self, worker_id: str, *, wait: bool = True, timeout: float | None = None) -> WorkerInfo:
         worker = self._worker("POST", f"/v1/workers/{quote(worker_id, safe='')}/stop")

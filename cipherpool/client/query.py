@@ -91,12 +91,16 @@ class QueryClient:
 
     Keys belong to a model version's client specs: when the provider deploys a version with
     other specs, queries with the old keys are refused with ``KeysOutdated``; ``refresh()``
-    then ``generate_keys()`` and ``upload_evaluation_keys()`` (``predict`` does it by itself)."""
+    then ``generate_keys()`` and ``upload_evaluation_keys()`` (``predict`` does it by itself).
+
+    A query for a model with no worker up is refused at once (``NoWorkerUp``);
+    ``wait_for_worker=True`` (here, or per call) queues it until a worker is up instead."""
 
     def __init__(self, token: str | None = None, url: str | None = None, *, model: str | None = None,
-                 key_dir: str | Path | None = None, settings: Settings | None = None):
+                 key_dir: str | Path | None = None, settings: Settings | None = None, wait_for_worker: bool = False):
         self.settings = client_settings(url, settings)
         self.model_name = model
+        self.wait_for_worker = wait_for_worker
         self._params = {"model": model} if model else {}
         self._t = Transport(self.settings, token or self.settings.token, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
         self._token = self._t.credential
@@ -157,14 +161,19 @@ class QueryClient:
     def encrypt(self, x: ArrayLike) -> bytes:
         return EncryptedInput(self.model.id, self.crypto.key_id(), self.crypto.encrypt(x)).encode()
 
-    def submit(self, ciphertext: bytes) -> QueryHandle:
+    def submit(self, ciphertext: bytes, *, wait_for_worker: bool | None = None) -> QueryHandle:
         """Queue a query and return at once; ``handle.result()`` waits for it."""
         self._check_own(ciphertext)
         submitted = time.time()
-        response = self._t.request("POST", "/v1/queries", content=ciphertext, headers=OCTET)
+        response = self._t.request("POST", "/v1/queries", content=ciphertext, headers=OCTET,
+                                   params=self._submit_params(wait_for_worker))
         return QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
 
-    def execute(self, ciphertext: bytes, timeout: float | None = None) -> bytes:
+    def _submit_params(self, wait_for_worker: bool | None, **params: float) -> dict[str, float | str]:
+        waiting = self.wait_for_worker if wait_for_worker is None else wait_for_worker
+        return {**params, **({"wait_for_worker": "true"} if waiting else {})}
+
+    def execute(self, ciphertext: bytes, timeout: float | None = None, *, wait_for_worker: bool | None = None) -> bytes:
         """Run the model on a ciphertext; the encrypted output. One round trip when the result
         is ready within the gateway's long-poll bound, else it keeps polling."""
         self._check_own(ciphertext)
@@ -172,7 +181,7 @@ class QueryClient:
         wait = min(timeout, self.settings.long_poll_s)
         submitted = time.time()
         response = self._t.request("POST", "/v1/queries", content=ciphertext, headers=OCTET,
-                                   params={"wait": wait}, timeout=wait + POLL_GRACE_S)
+                                   params=self._submit_params(wait_for_worker, wait=wait), timeout=wait + POLL_GRACE_S)
         if response.status_code == 200:
             handle = QueryHandle(self, response.headers.get("x-cipherpool-query", ""), submitted)
             output = handle._take(response)

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 GIB = 1024**3
 MIB = 1024**2
 KIB = 1024
+PROFILES_FILE = "profiles.toml"  # node profiles, in the data directory unless CIPHERPOOL_PROFILES_FILE
 STACK_FILE = "stack.json"  # written by `cipherpool up` in the data directory (0600): the gateway URL
 MAX_AUTH_CACHE_TTL_S = 5.0  # a revoked token or API key stops working within this long
 
@@ -64,7 +65,11 @@ class Settings(BaseSettings):
     # never silently dropped (writes are refused with StoreFull instead).
     redis_maxmemory_bytes: int = 4 * GIB
 
-    # Pool node profile (DESIGN.md §5: threads = cores / parallel executions).
+    # Pool node profile (DESIGN.md §5: threads = cores / parallel executions). A node started
+    # with a profile (``node_profile``, read from ``profiles_file``) takes its class, threads,
+    # concurrency, key cache, labels and sharing from it; without one, from the fields below.
+    node_profile: str | None = None
+    profiles_file: Path | None = Field(None, description="None: <data_dir>/profiles.toml")
     host_class: str = "cpu"
     # Extra hooks of a pool node (``module:Class``, comma-separated), besides its statistics:
     # see cipherpool.workers.hooks.
@@ -121,6 +126,9 @@ class Settings(BaseSettings):
         if self.version_grace_s is not None:
             return self.version_grace_s
         return self.query_timeout_s + self.auth_cache_ttl_s
+
+    def effective_profiles_file(self) -> Path:
+        return Path(self.profiles_file or Path(self.data_dir).expanduser() / PROFILES_FILE)
 
     def effective_database_url(self) -> str:
         if self.database_url:

@@ -10,13 +10,29 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, UTC
+from typing import Any
 
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import BigInteger, String, TypeDecorator, UniqueConstraint
+from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
 from cipherpool.statuses import ModelStatus, NodeStatus, WorkerStatus
 
 __all__ = ["ModelStatus", "NodeStatus", "WorkerStatus"]
+
+
+class WorkerStatusType(TypeDecorator[WorkerStatus]):
+    """A worker status stored as its value in a plain string column: new statuses need no
+    migration (a database enum would), and the column reads back as :class:`WorkerStatus`."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else WorkerStatus(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> WorkerStatus | None:
+        return None if value is None else WorkerStatus(value)
 
 
 def new_id() -> str:
@@ -59,7 +75,8 @@ class Model(SQLModel, table=True):
     hardware: str = "cpu"
     min_workers: int = 0
     max_workers: int = 1
-    shared: bool = False  # may run on shared pool nodes (the worker-lifecycle issue)
+    shared: bool = False  # may run on shared pool nodes, loaded on demand, billed per execution
+    node_selector: str = "{}"  # JSON object: labels a node must carry to serve it ({} = any node of its class)
     version: int = 1
     rollout_version: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -149,16 +166,27 @@ class EvaluationKey(SQLModel, table=True):
 
 
 class PoolNode(SQLModel, table=True):
+    """A persistent ``celery worker`` on the pool queue: its profile, what its host has
+    (capacity) and, for a dedicated node, the one worker it holds."""
+
     __tablename__ = "pool_nodes"
     name: str = Field(primary_key=True)  # the Celery node name, e.g. node1@host
     host_class: str = "cpu"
-    concurrency: int = 1
+    concurrency: int = 1  # execution slots
     threads: int | None = None
     status: NodeStatus = NodeStatus.ONLINE
     worker_id: str | None = None  # the binding that holds this node; claimed atomically
     pid: int | None = None
     started_at: datetime = Field(default_factory=utcnow)
     last_seen: datetime = Field(default_factory=utcnow)
+    profile: str = "default"  # its profile's name (profiles.toml), "default" without one
+    labels: str = "{}"  # JSON object of its profile's labels
+    shared: bool = False  # loads models on demand for queries of models that allow it
+    host: str = ""
+    cores: int = 0  # capacity, as the node saw its host when it registered
+    memory_bytes: int = Field(default=0, sa_type=BigInteger)
+    gpus: int = 0
+    key_cache_bytes: int = Field(default=0, sa_type=BigInteger)
 
 
 class Worker(SQLModel, table=True):
@@ -169,7 +197,9 @@ class Worker(SQLModel, table=True):
     account_id: str = Field(foreign_key="accounts.id", index=True)
     model_id: str = Field(foreign_key="models.id", index=True)
     node_name: str = Field(foreign_key="pool_nodes.name", index=True)
-    status: WorkerStatus = WorkerStatus.STARTING
+    status: WorkerStatus = Field(default=WorkerStatus.PENDING, sa_type=WorkerStatusType)
+    profile: str | None = None  # the node profile asked for, if any
+    standby: bool = False  # kept loaded but not consuming (resumed at once)
     version: int | None = None  # the newest model version this worker has loaded
     error: str | None = None
     stop_reason: str | None = None  # who or what stopped it: user, account disabled, ...

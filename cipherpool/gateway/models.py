@@ -51,7 +51,7 @@ def deploy_model(body: DeployIn, gw: Gateway, acct: Account) -> ModelDetail:
         model = models.deploy_model(
             session, accounts.get_account(session, acct.account_id), body.name, artifact, hardware=body.hardware,
             description=body.description, min_workers=body.min_workers, max_workers=body.max_workers,
-            shared=body.shared,
+            shared=body.shared, node_selector=body.node_selector,
         )
         _adopt(gw, acct, artifact)
         return models.detail(session, model, 0)

@@ -34,14 +34,18 @@ log = logging.getLogger("cipherpool.gateway")
 router = APIRouter(prefix="/v1/queries", tags=["end user"])
 QueryId = Annotated[str, Path(pattern=QUERY_ID_PATTERN)]
 Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait for the result (capped by the gateway)")]
+WaitForWorker = Annotated[bool, Query(description="queue the query even if no worker is up for the model yet")]
 KEEP_AFTER_READ_S = 60  # a delivered result stays this long, for a client's retry
 RESULT_HEADERS: dict[int | str, dict[str, Any]] = {200: BINARY_RESPONSE, 202: {"model": QueryAccepted}}
 
 
 @router.post("", status_code=202, responses=RESULT_HEADERS, openapi_extra=BINARY_BODY)
-async def submit(request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0) -> Response:
+async def submit(request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0,
+                 wait_for_worker: WaitForWorker = False) -> Response:
+    """Refused with ``no_worker_up`` (503) while no worker serves the model, unless
+    ``wait_for_worker``: then the query waits in the model's queue (until its deadline)."""
     body = await request.body()
-    envelope, model = open_envelope(grant, body)
+    envelope, model = open_envelope(grant, body, wait_for_worker)
     query_id = str(uuid.uuid4())
     if wait <= 0:
         await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id)
@@ -78,7 +82,7 @@ def _publish(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: E
     try:
         request = prepare_query(s, gw.store, grant, model, envelope, body, blob_id)
         gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
-        publish_query(gw.celery, request, s.query_timeout_s, task_id=query_id)
+        publish_query(gw.celery, request, model.hardware, s.query_timeout_s, task_id=query_id)
     except Exception:
         _refund(gw, grant)
         raise

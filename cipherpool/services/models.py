@@ -22,12 +22,12 @@ from cipherpool.errors import InvalidInput, ModelBusy, ModelExists, ModelNotFoun
 from cipherpool.fhe.deployment import InputSpec, Versions
 from cipherpool.services import events, rollout
 from cipherpool.services.validation import check_name
-from cipherpool.statuses import EventKind, WorkerStatus
+from cipherpool.statuses import HOLDING_NODE, EventKind
 from cipherpool.store import BlobKind
 
 HARDWARE_CLASSES = ("cpu", "gpu")
-SETTINGS = ("description", "hardware", "min_workers", "max_workers", "shared")
-BUSY = (WorkerStatus.STARTING, WorkerStatus.RUNNING, WorkerStatus.STOPPING)
+SETTINGS = ("description", "hardware", "min_workers", "max_workers", "shared", "node_selector")
+BUSY = HOLDING_NODE
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,26 @@ def check_settings(settings: dict[str, Any], current: Model | None = None) -> No
         raise InvalidInput(f"Workers: need 0 <= min_workers <= max_workers and max_workers >= 1 (got {low}..{high}).")
 
 
+def model_selector(model: Model) -> dict[str, str]:
+    """The labels a node must carry to serve the model ({}: any node of its class)."""
+    selector = json.loads(model.node_selector or "{}")
+    return {str(k): str(v) for k, v in selector.items()} if isinstance(selector, dict) else {}
+
+
+def _selector_json(selector: dict[str, str] | None) -> str:
+    return json.dumps(dict(sorted((selector or {}).items())), separators=(",", ":"))
+
+
 def deploy_model(session: Session, account: Account, name: str, artifact: Artifact, *, hardware: str = "cpu",
-                 description: str = "", min_workers: int = 0, max_workers: int = 1, shared: bool = False) -> Model:
+                 description: str = "", min_workers: int = 0, max_workers: int = 1, shared: bool = False,
+                 node_selector: dict[str, str] | None = None) -> Model:
     check_name("model", name)
     check_settings({"hardware": hardware, "min_workers": min_workers, "max_workers": max_workers})
     if session.exec(select(Model).where(Model.account_id == account.id, Model.name == name)).first():
         raise ModelExists(f"Model {name!r} exists already; deploy a new version of it, or use another name.")
     model = Model(account_id=account.id, name=name, hardware=hardware, description=description,
-                  min_workers=min_workers, max_workers=max_workers, shared=shared, version=1)
+                  min_workers=min_workers, max_workers=max_workers, shared=shared, version=1,
+                  node_selector=_selector_json(node_selector))
     session.add(model)
     session.flush()
     _add_version_row(session, model, 1, artifact, note="")
@@ -86,6 +98,8 @@ def update_settings(session: Session, account: Account, name: str, changes: dict
     unknown = set(changes) - set(SETTINGS)
     if unknown:
         raise InvalidInput(f"Unknown settings: {', '.join(sorted(unknown))}; settable: {', '.join(SETTINGS)}.")
+    if changes.get("node_selector") is not None:
+        changes = {**changes, "node_selector": _selector_json(changes["node_selector"])}
     changed = {k: v for k, v in changes.items() if v is not None and getattr(model, k) != v}
     if not changed:
         return model
@@ -231,7 +245,8 @@ def describe(session: Session, model: Model) -> ModelOut:
     return ModelOut(
         id=model.id, name=model.name, status=model.status, hardware=model.hardware, version=model.version,
         rollout_version=model.rollout_version, description=model.description, min_workers=model.min_workers,
-        max_workers=model.max_workers, shared=model.shared, concrete_ml=version.concrete_ml_version,
+        max_workers=model.max_workers, shared=model.shared, node_selector=model_selector(model),
+        concrete_ml=version.concrete_ml_version,
         concrete_python=version.concrete_python_version, created_at=model.created_at.isoformat(),
         updated_at=model.updated_at.isoformat(),
     )

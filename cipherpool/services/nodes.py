@@ -8,21 +8,46 @@ answers "which nodes exist, and which are alive?".
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from datetime import timedelta
+from collections.abc import Mapping
 
 from sqlalchemy import ColumnElement, update
 from sqlmodel import Session, col, select
 
-from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
+from cipherpool.api.schemas import NodeOut, NodeResources
+from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, utcnow
+from cipherpool.services.tokens import aware
 
 NODE_STALE_HEARTBEATS = 3  # a node unseen for this many heartbeats is not offered
 
 
-def register_node(
-    session: Session, name: str, *, host_class: str, concurrency: int, threads: int | None, pid: int
-) -> PoolNode:
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node says about itself when it registers: its profile and its host's capacity."""
+
+    host_class: str
+    concurrency: int
+    threads: int | None
+    pid: int
+    profile: str = "default"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    shared: bool = False
+    host: str = ""
+    cores: int = 0
+    memory_bytes: int = 0
+    gpus: int = 0
+    key_cache_bytes: int = 0
+
+
+def register_node(session: Session, name: str, info: NodeInfo) -> PoolNode:
     node = session.get(PoolNode, name) or PoolNode(name=name)
-    node.host_class, node.concurrency, node.threads, node.pid = host_class, concurrency, threads, pid
+    node.host_class, node.concurrency, node.threads, node.pid = info.host_class, info.concurrency, info.threads, info.pid
+    node.profile, node.labels, node.shared, node.host = (info.profile, json.dumps(dict(info.labels), sort_keys=True),
+                                                         info.shared, info.host)
+    node.cores, node.memory_bytes, node.gpus, node.key_cache_bytes = (info.cores, info.memory_bytes, info.gpus,
+                                                                       info.key_cache_bytes)
     node.status = NodeStatus.ONLINE
     node.started_at = node.last_seen = utcnow()
     session.add(node)
@@ -64,4 +89,35 @@ def binding_of_node(session: Session, node_name: str) -> tuple[Worker, Model] | 
 def still_wanted(session: Session, worker_id: str) -> bool:
     """Should the node holding ``worker_id`` keep it? Not once it is stopping, stopped or failed."""
     worker = session.get(Worker, worker_id)
-    return worker is not None and worker.status in (WorkerStatus.STARTING, WorkerStatus.RUNNING)
+    return worker is not None and worker.status.wanted
+
+
+def list_nodes(session: Session, heartbeat_s: float, account_id: str | None = None) -> list[NodeOut]:
+    """Every pool node with its capacity and what is left of it. ``account_id``: a provider's
+    view, which names only its own workers and models (another account's binding is ``busy``)."""
+    rows = session.exec(
+        select(PoolNode, Worker, Model).outerjoin(Worker, col(Worker.id) == PoolNode.worker_id)
+        .outerjoin(Model, col(Model.id) == Worker.model_id).order_by(PoolNode.name)
+    ).all()
+    return [describe_node(node, worker, model, heartbeat_s, account_id) for node, worker, model in rows]
+
+
+def describe_node(node: PoolNode, worker: Worker | None, model: Model | None, heartbeat_s: float,
+                  account_id: str | None = None) -> NodeOut:
+    age = (utcnow() - aware(node.last_seen)).total_seconds()
+    status = node.status.value
+    if node.status == NodeStatus.ONLINE and age > heartbeat_s * NODE_STALE_HEARTBEATS:
+        status = "lost"
+    capacity = NodeResources(cores=node.cores, memory_bytes=node.memory_bytes, gpus=node.gpus, slots=node.concurrency)
+    bound = worker is not None and worker.status.holds_node
+    # A dedicated worker reserves the whole node: its slots, cores and GPUs, and its key cache.
+    allocatable = capacity if not bound else NodeResources(
+        cores=0, memory_bytes=max(0, node.memory_bytes - node.key_cache_bytes), gpus=0, slots=0)
+    mine = bound and worker is not None and (account_id is None or worker.account_id == account_id)
+    return NodeOut(
+        name=node.name, host=node.host, profile=node.profile, host_class=node.host_class,
+        labels=json.loads(node.labels or "{}"), shared=node.shared, status=status, threads=node.threads,
+        capacity=capacity, allocatable=allocatable, busy=bound,
+        model=model.name if mine and model else None, worker_id=worker.id if mine and worker else None,
+        worker_status=worker.status.value if mine and worker else None, heartbeat_age_s=round(age, 1),
+    )

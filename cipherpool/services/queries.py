@@ -12,12 +12,15 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlmodel import Session, func, select
+from sqlmodel import Session, col, func, select
 
-from cipherpool.db.tables import AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, TokenModel, utcnow
+from cipherpool.db.tables import (
+    AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, NodeStatus, PoolNode, TokenModel, Worker,
+    WorkerStatus, utcnow,
+)
 from cipherpool.errors import (
     EvaluationKeyNotFound, InvalidEvaluationKey, InvalidInput, InvalidToken, KeysOutdated, ModelInactive,
-    TokenExpired, TokenNotForModel, TooManyKeys,
+    NoWorkerUp, TokenExpired, TokenNotForModel, TooManyKeys,
 )
 from cipherpool.services.tokens import aware, check_usable, resolve_token
 
@@ -37,6 +40,8 @@ class ModelGrant:
     status: ModelStatus
     version: int
     client_blob: str
+    hardware: str = "cpu"  # its host class: the routing key of its queries
+    serving: bool = True  # a worker is up for it (or a shared node may load it)
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,9 @@ def _grant(session: Session, token: AccessToken) -> TokenGrant:
         .where(TokenModel.token_id == token.id)
         .order_by(Model.name)
     ).all()
-    models = tuple(ModelGrant(m.id, m.name, m.status, m.version, v.client_blob) for m, v in rows)
+    up = serving_models(session, [m.id for m, _ in rows])
+    models = tuple(ModelGrant(m.id, m.name, m.status, m.version, v.client_blob, m.hardware, m.id in up)
+                   for m, v in rows)
     return TokenGrant(token.id, token.account_id, token.quota, models,
                       aware(token.expires_at) if token.expires_at is not None else None)
 
@@ -95,8 +102,22 @@ def grant_for_id(session: Session, token_id: str) -> TokenGrant:
     return _grant(session, token)
 
 
-def check_query(grant: TokenGrant, model_id: str) -> ModelGrant:
-    """May this grant run a query on ``model_id`` now? The model's grant if so."""
+def serving_models(session: Session, model_ids: list[str]) -> set[str]:
+    """Which of these models have a worker up on an online node, or may be served by an
+    online shared node of their class."""
+    if not model_ids:
+        return set()
+    dedicated = select(Worker.model_id).join(PoolNode, PoolNode.name == Worker.node_name).where(  # type: ignore[arg-type]
+        col(Worker.model_id).in_(model_ids), Worker.status == WorkerStatus.UP, PoolNode.status == NodeStatus.ONLINE)
+    shared = select(Model.id).join(PoolNode, PoolNode.host_class == Model.hardware).where(  # type: ignore[arg-type]
+        col(Model.id).in_(model_ids), col(Model.shared).is_(True), col(PoolNode.shared).is_(True),
+        PoolNode.status == NodeStatus.ONLINE)
+    return set(session.exec(dedicated).all()) | set(session.exec(shared).all())
+
+
+def check_query(grant: TokenGrant, model_id: str, wait_for_worker: bool = False) -> ModelGrant:
+    """May this grant run a query on ``model_id`` now? The model's grant if so. With no
+    worker up for it, refused at once unless the caller asked to wait for one."""
     grant.check_unexpired()
     model = grant.find(model_id)
     if model is None:
@@ -106,6 +127,11 @@ def check_query(grant: TokenGrant, model_id: str) -> ModelGrant:
         raise ModelInactive(
             f"Model {model.name!r} is {model.status.value}, not active; its provider must "
             "activate it before it accepts queries."
+        )
+    if not model.serving and not wait_for_worker:
+        raise NoWorkerUp(
+            f"Model {model.name!r} has no worker up: its provider must start one (`cipherpool worker start "
+            f"{model.name}`), or submit with wait_for_worker to queue the query until one is up."
         )
     return model
 

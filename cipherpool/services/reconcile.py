@@ -15,11 +15,11 @@ from datetime import timedelta
 from sqlmodel import Session, col, select
 
 from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
+from cipherpool.statuses import HOLDING_NODE
 from cipherpool.services.nodes import NODE_STALE_HEARTBEATS
 from cipherpool.services.tokens import aware
 from cipherpool.services.workers import finish
 
-HOLDING = (WorkerStatus.STARTING, WorkerStatus.RUNNING, WorkerStatus.STOPPING)
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def fail_lost_workers(session: Session, heartbeat_s: float) -> list[Lost]:
     stale = now - timedelta(seconds=heartbeat_s * NODE_STALE_HEARTBEATS)
     rows = session.exec(
         select(Worker, PoolNode).join(PoolNode, col(PoolNode.name) == Worker.node_name)
-        .where(col(Worker.status).in_(HOLDING), col(PoolNode.last_seen) < stale)
+        .where(col(Worker.status).in_(HOLDING_NODE), col(PoolNode.last_seen) < stale)
     ).all()
     lost = []
     for worker, node in rows:

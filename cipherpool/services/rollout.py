@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from sqlmodel import Session, col, select
 
-from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, WorkerStatus
+from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker
 from cipherpool.services import events
-from cipherpool.statuses import EventKind
+from cipherpool.statuses import WANTED, EventKind
 
 
 def begin(session: Session, model: Model, number: int) -> None:
@@ -95,6 +95,6 @@ def _holding(session: Session, model_id: str) -> list[Worker]:
     reconciler, which asks again)."""
     return list(session.exec(
         select(Worker).join(PoolNode, PoolNode.name == Worker.node_name).where(  # type: ignore[arg-type]
-            Worker.model_id == model_id, col(Worker.status).in_((WorkerStatus.STARTING, WorkerStatus.RUNNING)),
+            Worker.model_id == model_id, col(Worker.status).in_(WANTED),
             PoolNode.status == NodeStatus.ONLINE)
     ))

@@ -8,6 +8,7 @@ get the same node. Node registration and liveness are :mod:`cipherpool.services.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -15,38 +16,98 @@ from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col, select
 
 from cipherpool.api.schemas import WorkerOut
-from cipherpool.db.tables import Account, Model, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
-from cipherpool.errors import NoFreeNode, WorkerNotFound, WorkerStartFailed
+from cipherpool.config.profiles import labels_match
+from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
+from cipherpool.errors import (
+    BelowMinimum, InvalidInput, ModelInactive, NoFreeNode, WorkerLimit, WorkerNotFound, WorkerStartFailed,
+    WrongWorkerState,
+)
 from cipherpool.services import events, rollout
-from cipherpool.services.models import get_model
+from cipherpool.services.models import get_model, model_selector
 from cipherpool.services.nodes import live, node_is_live
-from cipherpool.statuses import EventKind
+from cipherpool.statuses import WANTED, EventKind, StopReason
+
+MAX_START = 64  # workers one start may ask for
 
 
-def start_worker(session: Session, account: Account, model_name: str, heartbeat_s: float) -> Worker:
-    """Claim a free node of the model's host class for a new binding (status STARTING)."""
+def start_workers(session: Session, account: Account, model_name: str, heartbeat_s: float, *, count: int = 1,
+                  profile: str | None = None, standby: bool = False) -> list[Worker]:
+    """Claim ``count`` free nodes of the model's host class (with its labels, of ``profile`` if
+    given) for new workers (status PENDING); all or none. Refused with the reason: the model is
+    not active, its ``max_workers`` would be passed, or not enough nodes are free."""
     model = get_model(session, account, model_name)
-    candidates = session.exec(
-        select(PoolNode)
-        .where(live(heartbeat_s), col(PoolNode.worker_id).is_(None), PoolNode.host_class == model.hardware)
-        .order_by(PoolNode.name)
-    ).all()
-    for node in candidates:
-        worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name)
+    if model.status != ModelStatus.ACTIVE:
+        raise ModelInactive(f"Model {model.name!r} is {model.status.value}: activate it before starting workers "
+                            f"(`cipherpool model activate {model.name}`).")
+    if not 1 <= count <= MAX_START:
+        raise InvalidInput(f"count must be between 1 and {MAX_START}, not {count}.")
+    have = len(serving(session, model_id=model.id))
+    if have + count > model.max_workers:
+        raise WorkerLimit(f"Model {model.name!r} may have at most {model.max_workers} worker(s) (max_workers) and has "
+                          f"{have}: stop one, or raise max_workers (`cipherpool model update {model.name} "
+                          f"--max-workers {have + count}`).")
+    free = free_nodes(session, model, heartbeat_s, profile)
+    if len(free) < count:
+        raise NoFreeNode(why_no_node(session, model, heartbeat_s, profile, count, len(free)))
+    workers: list[Worker] = []
+    for node in free:
+        worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name, profile=profile, standby=standby)
         # An UPDATE's result is a CursorResult (it has the rowcount); Session.execute is typed for any statement.
         claimed = cast(CursorResult[Any], session.execute(
             update(PoolNode).where(col(PoolNode.name) == node.name, col(PoolNode.worker_id).is_(None)).values(worker_id=worker.id)
         ))
-        if claimed.rowcount == 1:
-            session.add(worker)
-            session.flush()
-            events.record(session, model, EventKind.WORKER_STARTED, f"worker {worker.id} starting on {node.name}",
-                          worker_id=worker.id)
-            return worker
-    raise NoFreeNode(
-        f"No free {model.hardware} pool node: every node is bound or offline. Stop a worker "
-        f"or start another node (`celery -A cipherpool.tasks worker -Q cipherpool.pool ...`)."
-    )
+        if claimed.rowcount != 1:
+            continue  # taken meanwhile by a concurrent start
+        session.add(worker)
+        session.flush()
+        events.record(session, model, EventKind.WORKER_STARTED, f"worker {worker.id} pending on {node.name} "
+                      f"(profile {node.profile}{', standby' if standby else ''})", worker_id=worker.id)
+        workers.append(worker)
+        if len(workers) == count:
+            return workers
+    raise NoFreeNode(why_no_node(session, model, heartbeat_s, profile, count, len(workers)))  # rolled back: none
+
+
+def start_worker(session: Session, account: Account, model_name: str, heartbeat_s: float,
+                 profile: str | None = None) -> Worker:
+    """One worker (see :func:`start_workers`)."""
+    return start_workers(session, account, model_name, heartbeat_s, profile=profile)[0]
+
+
+def free_nodes(session: Session, model: Model, heartbeat_s: float, profile: str | None = None) -> list[PoolNode]:
+    """Live, unbound, dedicated nodes that may serve the model: its class, its labels, the profile."""
+    query = select(PoolNode).where(live(heartbeat_s), col(PoolNode.worker_id).is_(None), PoolNode.host_class == model.hardware,
+                                   col(PoolNode.shared).is_(False))
+    if profile is not None:
+        query = query.where(PoolNode.profile == profile)
+    selector = model_selector(model)
+    return [n for n in session.exec(query.order_by(PoolNode.name)) if labels_match(node_labels(n), selector)]
+
+
+def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str | None, count: int, free: int) -> str:
+    """A refusal that says which condition no node met, and what to do."""
+    nodes = list(session.exec(select(PoolNode).where(live(heartbeat_s), col(PoolNode.shared).is_(False))))
+    selector = model_selector(model)
+    of_class = [n for n in nodes if n.host_class == model.hardware]
+    labelled = [n for n in of_class if labels_match(node_labels(n), selector)]
+    profiled = [n for n in labelled if profile is None or n.profile == profile]
+    start = "start one (`cipherpool pool node --profile NAME`)"
+    if not of_class:
+        others = sorted({n.host_class for n in nodes})
+        return (f"No {model.hardware} pool node is online for model {model.name!r}"
+                f"{' (only ' + ', '.join(others) + ' nodes are)' if others else ''}: {start}.")
+    if not labelled:
+        wanted = ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        return f"No online {model.hardware} node carries the labels {wanted} that model {model.name!r} asks for: {start}."
+    if not profiled:
+        return f"No online {model.hardware} node of profile {profile!r} may serve model {model.name!r}: {start}."
+    return (f"{count} worker(s) asked for model {model.name!r}, but only {free} of the {len(profiled)} {model.hardware} "
+            f"node(s) that may serve it are free (the others serve workers): stop a worker, or {start}.")
+
+
+def node_labels(node: PoolNode) -> dict[str, str]:
+    labels = json.loads(node.labels or "{}")
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
 
 
 def get_worker(session: Session, account: Account, worker_id: str) -> Worker:
@@ -65,14 +126,23 @@ class StopDecision:
 
 
 def request_stop(session: Session, account: Account, worker_id: str, heartbeat_s: float,
-                 reason: str = "user") -> StopDecision:
+                 reason: StopReason | str = StopReason.USER) -> StopDecision:
     """Mark a worker STOPPING; the node unbinds it (queries in flight finish). A worker whose
     node is offline or silent is STOPPED at once: the node finds it stopped when it comes back.
-    ``reason`` says who or what stopped it (user, account disabled, ...)."""
+    ``reason`` says who or what stopped it. A user may not take an active model below its
+    ``min_workers`` (the reconciler would start another at once)."""
     worker = get_worker(session, account, worker_id)
-    if worker.status not in (WorkerStatus.STARTING, WorkerStatus.RUNNING):
+    if not worker.status.wanted:
         return StopDecision(worker, tell_node=False)
-    worker.stop_reason = reason
+    reason = StopReason(reason)
+    model = session.get(Model, worker.model_id)
+    if reason == StopReason.USER and model is not None and model.status == ModelStatus.ACTIVE:
+        left = len(serving(session, model_id=model.id)) - 1
+        if left < model.min_workers:
+            raise BelowMinimum(f"Model {model.name!r} keeps at least {model.min_workers} worker(s) (min_workers): lower "
+                               f"it first (`cipherpool model update {model.name} --min-workers {max(0, left)}`), or "
+                               f"deactivate the model.")
+    worker.stop_reason = reason.value
     if not node_is_live(session, worker.node_name, heartbeat_s):
         finish(session, worker.id, WorkerStatus.STOPPED, error=f"node {worker.node_name} was not live")
         return StopDecision(worker, tell_node=False)
@@ -81,9 +151,21 @@ def request_stop(session: Session, account: Account, worker_id: str, heartbeat_s
     return StopDecision(worker, tell_node=True)
 
 
+def request_standby(session: Session, account: Account, worker_id: str, standby: bool) -> Worker:
+    """Ask for a worker to be kept loaded without consuming (``standby``) or to consume again;
+    its node makes it so (:func:`cipherpool.workers.binding.apply_standby`)."""
+    worker = get_worker(session, account, worker_id)
+    if not worker.status.wanted or worker.status == WorkerStatus.STOPPING:
+        raise WrongWorkerState(f"Worker {worker.id} is {worker.status.value}: only a pending, loading, up or standby "
+                               f"worker can be put on standby or resumed.")
+    worker.standby = standby
+    session.add(worker)
+    return worker
+
+
 def serving(session: Session, *, account_id: str | None = None, model_id: str | None = None) -> list[Worker]:
     """Workers starting or running, of an account or of one model."""
-    query = select(Worker).where(col(Worker.status).in_((WorkerStatus.STARTING, WorkerStatus.RUNNING)))
+    query = select(Worker).where(col(Worker.status).in_(WANTED))
     if account_id is not None:
         query = query.where(Worker.account_id == account_id)
     if model_id is not None:
@@ -100,27 +182,54 @@ def binding_to_load(session: Session, worker_id: str, node_name: str) -> tuple[W
     model = session.get(Model, worker.model_id) if worker else None
     if worker is None or model is None or worker.node_name != node_name:
         raise WorkerStartFailed(f"No binding {worker_id!r} for node {node_name}.")
-    if worker.status not in (WorkerStatus.STARTING, WorkerStatus.RUNNING):
+    if not worker.status.wanted:
         return None
     return worker, model
 
 
-def mark_running(session: Session, worker_id: str, versions: set[int] | None = None) -> None:
-    """The node serves the worker now, holding model ``versions``; it may complete a rollout."""
+def mark_loading(session: Session, worker_id: str) -> None:
+    """The node has begun loading the worker's model."""
     worker = session.get(Worker, worker_id)
-    if worker is None or worker.status != WorkerStatus.STARTING:
+    if worker is not None and worker.status == WorkerStatus.PENDING:
+        worker.status = WorkerStatus.LOADING
+        session.add(worker)
+
+
+def mark_running(session: Session, worker_id: str, versions: set[int] | None = None) -> None:
+    """The node holds the worker's model, ``versions`` of it, loaded; it may complete a rollout.
+    Whether it is UP or on STANDBY is :func:`set_consuming`'s business."""
+    worker = session.get(Worker, worker_id)
+    if worker is None or worker.status not in (WorkerStatus.PENDING, WorkerStatus.LOADING):
         return
-    worker.status, worker.started_at = WorkerStatus.RUNNING, utcnow()
+    worker.started_at = utcnow()
     model = session.get(Model, worker.model_id)
     if versions and model is not None:
         preferred = [v for v in (model.rollout_version, model.version) if v in versions]
         worker.version = preferred[0] if preferred else max(versions)
     session.add(worker)
-    held = f" (version {', '.join(map(str, sorted(versions)))})" if versions else ""
-    events.record_for(session, worker.model_id, EventKind.WORKER_UP, f"worker {worker.id} up on {worker.node_name}"
-                      + held, worker_id=worker.id, version=worker.version)
     if model is not None:
         rollout.complete_if_held(session, model)
+
+
+def set_consuming(session: Session, worker_id: str, consuming: bool) -> None:
+    """The node consumes the worker's queue (UP) or not (STANDBY): the status and the event."""
+    worker = session.get(Worker, worker_id)
+    if worker is None or not worker.status.wanted:
+        return
+    status = WorkerStatus.UP if consuming else WorkerStatus.STANDBY
+    if worker.status == status:
+        return
+    first = worker.status in (WorkerStatus.PENDING, WorkerStatus.LOADING)
+    worker.status = status
+    session.add(worker)
+    if first:
+        held = f" (version {worker.version})" if worker.version else ""
+        kind, what = (EventKind.WORKER_UP, "up") if consuming else (EventKind.WORKER_STANDBY, "loaded, on standby")
+    else:
+        kind, what = (EventKind.WORKER_RESUMED, "resumed") if consuming else (EventKind.WORKER_STANDBY, "on standby")
+        held = ""
+    events.record_for(session, worker.model_id, kind, f"worker {worker.id} {what} on {worker.node_name}{held}",
+                      worker_id=worker.id, version=worker.version)
 
 
 def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | None = None) -> None:
@@ -131,7 +240,7 @@ def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | 
     was = worker.status
     worker.status, worker.error, worker.stopped_at = status, error, utcnow()
     if status == WorkerStatus.FAILED and worker.stop_reason is None:
-        worker.stop_reason = "failure"
+        worker.stop_reason = StopReason.FAILURE.value
     session.add(worker)
     session.execute(update(PoolNode).where(col(PoolNode.worker_id) == worker_id).values(worker_id=None))
     if was in (WorkerStatus.STOPPED, WorkerStatus.FAILED):
@@ -143,7 +252,7 @@ def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | 
         events.record_for(session, worker.model_id, EventKind.WORKER_FAILED,
                           f"worker {worker.id} on {worker.node_name} failed: {error}", worker_id=worker.id)
     else:
-        why = worker.stop_reason or "user"
+        why = worker.stop_reason or StopReason.USER.value
         events.record_for(session, worker.model_id, EventKind.WORKER_STOPPED, f"worker {worker.id} on "
                           f"{worker.node_name} stopped ({why}{': ' + error if error else ''})", worker_id=worker.id)
 
@@ -152,7 +261,7 @@ def running_count(session: Session, model_id: str) -> int:
     """Workers of the model that serve from a node seen online."""
     return len(session.exec(
         select(Worker.id).join(PoolNode, col(PoolNode.name) == Worker.node_name).where(
-            Worker.model_id == model_id, Worker.status == WorkerStatus.RUNNING, PoolNode.status == NodeStatus.ONLINE,
+            Worker.model_id == model_id, Worker.status == WorkerStatus.UP, PoolNode.status == NodeStatus.ONLINE,
         )
     ).all())
 
@@ -173,6 +282,8 @@ def describe(session: Session, worker: Worker) -> WorkerOut:
         node=worker.node_name,
         node_status=node.status.value if node else None,
         status=worker.status,
+        profile=node.profile if node else None,
+        standby=worker.standby,
         version=worker.version,
         error=worker.error,
         stop_reason=worker.stop_reason,

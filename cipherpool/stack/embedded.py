@@ -21,10 +21,11 @@ from pathlib import Path
 
 from sqlmodel import select
 
+from cipherpool.config.profiles import load_profiles, node_command, node_environment
 from cipherpool.config.settings import Settings, mask_url, settings_env
 from cipherpool.db import init_db, session_scope
 from cipherpool.db.tables import NodeStatus, PoolNode
-from cipherpool.errors import PlatformError
+from cipherpool.errors import ConfigurationError, PlatformError
 from cipherpool.files import private_dir, private_sqlite, write_private
 from cipherpool.names import CONTROL_QUEUE, POOL_QUEUE
 from cipherpool.stack.redis_server import start_redis
@@ -46,6 +47,9 @@ class StackOptions:
 
     nodes: int = 2  # pool nodes
     node_concurrency: int = 1  # parallel queries per node
+    # Node profiles (names in the profiles file), one node per entry; when given, they replace
+    # ``nodes`` and ``node_concurrency`` (a profile says its class, concurrency, threads, labels).
+    profiles: list[str] = field(default_factory=list)
     beat: bool = True
     flower: bool = True
     loglevel: str = "INFO"
@@ -74,6 +78,8 @@ class EmbeddedStack:
 
     @property
     def node_names(self) -> list[str]:
+        if self.options.profiles:
+            return [f"node{i + 1}-{p}@{_host()}" for i, p in enumerate(self.options.profiles)]
         return [f"node{i + 1}@{_host()}" for i in range(self.options.nodes)]
 
     @property
@@ -104,7 +110,7 @@ class EmbeddedStack:
         shutil.rmtree(tmp, ignore_errors=True)
         private_dir(tmp)
         threads = self.settings.node_threads or max(
-            1, (os.cpu_count() or 1) // (self.options.nodes * self.options.node_concurrency)
+            1, (os.cpu_count() or 1) // (len(self.node_names) * self.options.node_concurrency)
         )
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("CIPHERPOOL_", "FLOWER_"))},
@@ -135,7 +141,18 @@ class EmbeddedStack:
         )
 
     def _start_nodes(self) -> None:
-        """The pool nodes: celery processes on the pool queue, where models' workers are bound."""
+        """The pool nodes: celery processes on the pool queue, where models' workers are bound;
+        from profiles if the options name them (the same line as `cipherpool pool node`)."""
+        if self.options.profiles:
+            known = load_profiles(self.settings.effective_profiles_file())
+            for name, profile in zip(self.node_names, self.options.profiles):
+                if profile not in known:
+                    raise ConfigurationError(f"No node profile {profile!r} in {self.settings.effective_profiles_file()}; "
+                                             f"known: {', '.join(sorted(known))}.")
+                env = {**self.env, **node_environment(known[profile], self.settings.effective_profiles_file())}
+                argv = node_command(known[profile], name, loglevel=self.options.loglevel)
+                self.supervisor.start(name.split("@")[0], argv + ["--without-gossip", "--without-mingle"], env)
+            return
         for name in self.node_names:
             self.supervisor.start(
                 name.split("@")[0],

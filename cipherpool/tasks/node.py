@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cipherpool.errors import ConfigurationError
-from cipherpool.names import BIND_TASK, RELOAD_TASK, STATS_TASK, UNBIND_TASK
+from cipherpool.names import BIND_TASK, CONSUME_TASK, RELOAD_TASK, STATS_TASK, UNBIND_TASK
 from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import platform_task
 from cipherpool.workers import binding
@@ -32,6 +32,11 @@ def unbind(worker_id: str) -> BindOutcome:
 @platform_task(app, RELOAD_TASK)
 def reload(worker_id: str) -> BindOutcome:
     return binding.reload(platform(), _runtime(), worker_id)
+
+
+@platform_task(app, CONSUME_TASK)
+def consume(worker_id: str) -> BindOutcome:
+    return binding.apply_standby(platform(), _runtime(), app, worker_id)
 
 
 @platform_task(app, STATS_TASK)

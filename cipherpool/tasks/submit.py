@@ -28,18 +28,20 @@ from cipherpool.tasks.app import app
 from cipherpool.workers.context import PlatformContext, platform
 
 
-def submit_query(token_id: str, ciphertext: bytes, *, ctx: PlatformContext | None = None) -> AsyncResult:
-    """Authorise and enqueue one query; returns Celery's handle for it."""
+def submit_query(token_id: str, ciphertext: bytes, *, wait_for_worker: bool = False,
+                 ctx: PlatformContext | None = None) -> AsyncResult:
+    """Authorise and enqueue one query; returns Celery's handle for it. With no worker up
+    for the model it is refused (NoWorkerUp) unless ``wait_for_worker``."""
     ctx = ctx or platform()
     envelope = EncryptedInput.decode(ciphertext)  # decode
     with ctx.session() as session:  # authorise, against the database as it is now
         grant = grant_for_id(session, token_id)
-        model = check_query(grant, envelope.model_id)
+        model = check_query(grant, envelope.model_id, wait_for_worker)
         blob_id = key_blob(session, grant, model, envelope.key_id)
     usage.charge(ctx.store.redis, grant.token_id, grant.quota)
     try:
         request = prepare_query(ctx.settings, ctx.store, grant, model, envelope, ciphertext, blob_id)  # service
-        return publish_query(app, request, ctx.settings.query_timeout_s)
+        return publish_query(app, request, model.hardware, ctx.settings.query_timeout_s)
     except Exception:
         usage.refund(ctx.store.redis, grant.token_id)  # not published: not counted
         raise

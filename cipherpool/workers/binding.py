@@ -15,19 +15,21 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NotRequired, TypedDict
 
 from celery import Celery
 
-from cipherpool.db.tables import WorkerStatus
+from cipherpool.db.tables import Model, Worker, WorkerStatus
+from cipherpool.dispatch import query_queue
 from cipherpool.errors import CipherpoolError, WorkerStartFailed
 from cipherpool.fhe.evaluator import ConcreteEvaluator, Evaluator
-from cipherpool.db.tables import Model
-from cipherpool.names import ROLLOUT_LOCK_PREFIX, model_queue
+from cipherpool.lifecycle import announce
+from cipherpool.names import ROLLOUT_LOCK_PREFIX
 from cipherpool.services import events, rollout
-from cipherpool.services.models import get_version
-from cipherpool.services.workers import binding_to_load, finish, mark_running
+from cipherpool.services.models import get_version, model_selector
+from cipherpool.services.workers import binding_to_load, finish, mark_loading, mark_running, set_consuming
 from cipherpool.statuses import EventKind
 from cipherpool.store import BlobKind
 from cipherpool.workers.context import PlatformContext
@@ -61,10 +63,14 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
         if current is not None and current.worker_id == worker_id:
             return {"bound": True, "queue": current.queue}
         event = BindingEvent(runtime.name, worker_id, model.id, model.name)
-        if current is not None:  # claims are atomic, so only a stale message gets here
-            _fail(ctx, runtime, event, f"{runtime.name} serves another worker")
-            raise WorkerStartFailed(f"Node {runtime.name} already serves model {current.model_name!r}.")
-        queue = model_queue(model.id)
+        refusal = (f"{runtime.name} serves another worker" if current is not None  # claims are atomic: a stale message
+                   else runtime.refusal(model.hardware, model_selector(model)))
+        if refusal is not None:
+            _fail(ctx, runtime, event, refusal)
+            raise WorkerStartFailed(f"Node {runtime.name} cannot serve model {model.name!r}: {refusal}.")
+        with ctx.session() as session:
+            mark_loading(session, worker_id)
+        queue = query_queue(runtime.host_class, model.id).name
         workdir = _workdir(ctx, model.id)
         try:
             loaded: dict[int, Evaluator] = {}
@@ -74,7 +80,9 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
             serving = wanted[1] if wanted[1] in loaded else max(loaded)
             runtime.set_binding(Binding(worker_id, model.id, model.name, queue, loaded[serving], runtime.name, workdir,
                                         version=serving, others={v: e for v, e in loaded.items() if v != serving}))
-            _consume(app, runtime.name, queue, start=True)
+            with ctx.session() as session:
+                mark_running(session, worker_id, set(loaded))
+            apply_standby(ctx, runtime, app, worker_id)
         except Exception as exc:  # any failure to load is reported on the binding, not lost
             runtime.set_binding(None)
             shutil.rmtree(workdir, ignore_errors=True)
@@ -82,8 +90,6 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
             log.exception("bind %s on %s failed", worker_id, runtime.name)
             _fail(ctx, runtime, event, reason)
             raise WorkerStartFailed(f"Loading model {model.name!r} on {runtime.name} failed: {reason}") from None
-        with ctx.session() as session:
-            mark_running(session, worker_id, set(loaded))
         wanted_now, serving_now, rolling = _wanted(ctx, model.id)
         if rolling is not None or wanted_now != set(loaded) or serving_now != serving:
             reload(ctx, runtime, worker_id)  # the model moved on while this node loaded: catch up
@@ -92,18 +98,38 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
         return {"bound": True, "queue": queue}
 
 
+def apply_standby(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str) -> BindOutcome:
+    """Consume the model's queue or not, as the worker's row says (``standby``): a standby
+    worker keeps its model loaded and resumes at once. Idempotent; the row's status follows."""
+    binding = runtime.binding
+    if binding is None or binding.worker_id != worker_id:
+        return {"bound": False, "reason": "the node serves another worker"}
+    with ctx.session() as session:
+        worker = session.get(Worker, worker_id)
+        standby = worker is not None and worker.standby
+    if binding.consuming == standby:  # not yet where the row wants it
+        _consume(app, runtime.name, binding.model_id, runtime.host_class, start=not standby)
+        runtime.update_binding(worker_id, lambda b: replace(b, consuming=not standby))
+    with ctx.session() as session:
+        set_consuming(session, worker_id, not standby)
+    announce(ctx)
+    return {"bound": True, "queue": binding.queue}
+
+
 def unbind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str) -> BindOutcome:
     """Stop consuming first (queued queries wait for another node), then unload."""
     with runtime.bind_lock:
         current = runtime.binding
         if current is not None and current.worker_id == worker_id:
-            _consume(app, runtime.name, current.queue, start=False)
+            if current.consuming:
+                _consume(app, runtime.name, current.model_id, runtime.host_class, start=False)
             runtime.set_binding(None)
             if current.workdir:
                 shutil.rmtree(current.workdir, ignore_errors=True)
             runtime.hooks.binding_unbound(current.event)
         with ctx.session() as session:
             finish(session, worker_id, WorkerStatus.STOPPED)
+        announce(ctx)
         return {"bound": False}
 
 
@@ -200,15 +226,20 @@ def _fail(ctx: PlatformContext, runtime: NodeRuntime, event: BindingEvent, reaso
     runtime.hooks.binding_load_failed(event, reason)
 
 
-def _consume(app: Celery, node: str, queue: str, start: bool) -> None:
-    """Start or stop consuming a queue via a control command to this very node (it is handled
-    by the consumer thread, which owns the broker connection)."""
+def _consume(app: Celery, node: str, model_id: str, host_class: str, start: bool) -> None:
+    """Start or stop consuming the model's queue, bound under this node's own host class, via a
+    control command to this very node (handled by the consumer thread, which owns the broker
+    connection)."""
+    queue = query_queue(host_class, model_id)
     if start:
-        replies = app.control.add_consumer(queue, destination=[node], reply=True, timeout=CONTROL_REPLY_TIMEOUT_S)
+        replies = app.control.add_consumer(
+            queue.name, exchange=queue.exchange.name, exchange_type=queue.exchange.type, routing_key=queue.routing_key,
+            destination=[node], reply=True, timeout=CONTROL_REPLY_TIMEOUT_S)
     else:
-        replies = app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=CONTROL_REPLY_TIMEOUT_S)
+        replies = app.control.cancel_consumer(queue.name, destination=[node], reply=True,
+                                              timeout=CONTROL_REPLY_TIMEOUT_S)
     if not replies:
-        raise WorkerStartFailed(f"Node {node} did not confirm {'consuming' if start else 'leaving'} {queue}.")
+        raise WorkerStartFailed(f"Node {node} did not confirm {'consuming' if start else 'leaving'} {queue.name}.")
 
 
 def _workdir(ctx: PlatformContext, model_id: str) -> Path:

@@ -41,6 +41,7 @@ class Binding:
     bound_at: float = field(default_factory=time.time)
     version: int = 0
     others: Mapping[int, Evaluator] = field(default_factory=dict)
+    consuming: bool = False  # consumes the model's queue (False while loading, and on standby)
 
     @property
     def event(self) -> BindingEvent:
@@ -99,9 +100,13 @@ class NodeRuntime:
 
     def __init__(self, name: str, *, host_class: str, concurrency: int, threads: int | None,
                  key_cache_bytes: int, key_memory_factor: float,
-                 evaluator_factory: Callable[[bytes, Path], Evaluator], hooks: Iterable[Hook] = ()):
+                 evaluator_factory: Callable[[bytes, Path], Evaluator], hooks: Iterable[Hook] = (),
+                 profile: str = "default", labels: Mapping[str, str] | None = None, shared: bool = False):
         self.name = name
         self.evaluator_factory = evaluator_factory
+        self.profile = profile
+        self.labels = dict(labels or {})
+        self.shared = shared
         self.host_class = host_class
         self.concurrency = concurrency
         self.threads = threads
@@ -115,6 +120,16 @@ class NodeRuntime:
     @property
     def binding(self) -> Binding | None:
         return self._binding
+
+    def refusal(self, hardware: str, selector: Mapping[str, str]) -> str | None:
+        """Why this node must not serve a model of class ``hardware`` asking for ``selector``
+        labels, or None. The node checks for itself, whatever the message that asked it."""
+        if hardware != self.host_class:
+            return f"it is a {self.host_class} node and the model needs a {hardware} node"
+        missing = {k: v for k, v in selector.items() if self.labels.get(k) != v}
+        if missing:
+            return "it lacks the labels " + ", ".join(f"{k}={v}" for k, v in sorted(missing.items()))
+        return None
 
     def set_binding(self, binding: Binding | None) -> None:
         with self._lock:

@@ -16,7 +16,7 @@ from typing import Any, TypedDict
 
 from cipherpool.errors import CipherpoolError, KeyMismatch, KeysOutdated, ModelMismatch, ModelUnavailable
 from cipherpool.messages import EncryptedInput, EncryptedOutput, Envelope, QueryReply, QueryRequest, failed, ok
-from cipherpool.names import model_queue
+from cipherpool.names import query_routing_key
 from cipherpool.services.queries import REGENERATE
 from cipherpool.store import BlobKind
 from cipherpool.workers.context import PlatformContext
@@ -48,10 +48,11 @@ class Delivery:
         return cls(getattr(task_request, "id", None), info.get("routing_key"), getattr(task_request, "expires", None))
 
 
-def may_requeue(delivery: Delivery, model_id: str) -> bool:
+def may_requeue(delivery: Delivery, host_class: str, model_id: str) -> bool:
     """May a query this node cannot serve go back to the broker? Only one with a deadline
-    that came through its model's own queue: anything else could bounce between nodes forever."""
-    return bool(delivery.expires) and delivery.routing_key == model_queue(model_id)
+    that came through its model's own queue (its routing key, of this node's class): anything
+    else could bounce between nodes forever."""
+    return bool(delivery.expires) and delivery.routing_key == query_routing_key(host_class, model_id)
 
 
 def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: Delivery) -> Envelope:
@@ -73,7 +74,7 @@ def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: De
     try:
         reply = execute(ctx, runtime, request, query)
     except NotBoundHere:
-        if may_requeue(delivery, request.model_id):
+        if may_requeue(delivery, runtime.host_class, request.model_id):
             hooks.query_requeued(query)
             raise Requeue("node no longer serves this model") from None
         return _refuse(query, hooks, ModelUnavailable(

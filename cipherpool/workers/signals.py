@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +23,15 @@ from typing import Any
 from celery import signals
 from celery.utils.dispatch import Signal
 
+from cipherpool.config.profiles import resolve_profile
 from cipherpool.names import BIND_TASK, POOL_QUEUE, UNBIND_TASK, node_queue
 from cipherpool.services import nodes as node_service
 from cipherpool.fhe.evaluator import preload
 from cipherpool.workers.binding import default_evaluator_factory
 from cipherpool.workers.context import platform
+from cipherpool.workers import capacity
 from cipherpool.workers.hooks import load_hook
+from cipherpool.workers.loghook import WorkerLog
 from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
 
 log = logging.getLogger("cipherpool.node")
@@ -51,9 +55,15 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
         queues = set(sender.app.amqp.queues.consume_from or {})
         if POOL_QUEUE not in queues:
             return
-        settings = platform().settings
-        if settings.node_threads:
-            os.environ["OMP_NUM_THREADS"] = str(settings.node_threads)
+        ctx = platform()
+        settings = ctx.settings
+        profile = resolve_profile(settings)
+        if settings.node_profile:  # a named profile decides the parallel executions too
+            sender.concurrency = profile.concurrency
+        concurrency = int(sender.concurrency or 1)
+        threads = profile.threads if not settings.node_profile else profile.effective_threads(capacity.cpu_cores())
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         pool = getattr(sender.pool_cls, "__name__", str(sender.pool_cls)).lower()
         if "threads" not in pool and "solo" not in pool:
             log.warning("pool node %s: using the threads pool instead of %s", sender.hostname, pool)
@@ -61,13 +71,14 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
         install_runtime(
             NodeRuntime(
                 sender.hostname,
-                host_class=settings.host_class,
-                concurrency=int(sender.concurrency or 1),
-                threads=settings.node_threads,
-                key_cache_bytes=settings.key_cache_bytes,
+                host_class=profile.host_class.value,
+                concurrency=concurrency,
+                threads=threads,
+                key_cache_bytes=profile.key_cache_bytes,
                 key_memory_factor=settings.key_memory_factor,
                 evaluator_factory=default_evaluator_factory,
-                hooks=[load_hook(path) for path in settings.node_hooks],
+                hooks=[WorkerLog(lambda: ctx.store.redis), *(load_hook(path) for path in settings.node_hooks)],
+                profile=profile.name, labels=profile.labels, shared=profile.shared,
             )
         )
         if settings.node_preload:
@@ -86,10 +97,13 @@ def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
         sender.add_task_queue(node_queue(runtime.name))
         ctx = platform()
         with ctx.session() as session:
-            node_service.register_node(
-                session, runtime.name, host_class=runtime.host_class,
-                concurrency=runtime.concurrency, threads=runtime.threads, pid=os.getpid(),
-            )
+            host = capacity.detect()
+            node_service.register_node(session, runtime.name, node_service.NodeInfo(
+                host_class=runtime.host_class, concurrency=runtime.concurrency, threads=runtime.threads,
+                pid=os.getpid(), profile=runtime.profile, labels=runtime.labels, shared=runtime.shared,
+                host=socket.gethostname(), cores=host.cores, memory_bytes=host.memory_bytes, gpus=host.gpus,
+                key_cache_bytes=runtime.key_cache.stats().capacity_bytes,
+            ))
             binding = node_service.binding_of_node(session, runtime.name)
         _start_heartbeat(runtime.name, ctx.settings.node_heartbeat_s, sender.app)
         if binding is not None:

@@ -46,7 +46,7 @@ def test_provider_commands(platform):
     models = json.loads(run(platform, "model", "list"))
     assert {m["name"] for m in models} >= {"digits", "cancer"}
     workers = json.loads(run(platform, "worker", "list", "--model", "digits"))
-    assert any(w["status"] == "running" for w in workers)
+    assert any(w["status"] == "up" for w in workers)
     created = json.loads(run(platform, "token", "create", "cli-user", "--model", "digits"))
     assert created["token"].startswith("cpt_")
     listed = run(platform, "token", "list")

@@ -104,14 +104,14 @@ def test_worker_stop_and_start(platform, examples, clients):
     mc = platform.mc
     stopped = mc.stop_worker(platform.workers["cancer"])
     assert stopped.status.value == "stopped"
-    assert all(w.status.value != "running" for w in mc.list_workers("cancer"))
+    assert all(w.status.value != "up" for w in mc.list_workers("cancer"))
     # With no worker, a query is withdrawn after its timeout with the reason.
     qc = clients["cancer"]
     with pytest.raises(errors.ModelUnavailable, match="worker start"):
         qc.execute(qc.encrypt(examples["cancer"].x_test[0]), timeout=2)
     started = mc.start_worker("cancer")
     platform.workers["cancer"] = started.id
-    assert started.status.value == "running"
+    assert started.status.value == "up"
     assert_matches_clear(clients["cancer"], examples["cancer"], slice(0, 1))
 
 

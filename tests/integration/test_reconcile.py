@@ -41,7 +41,7 @@ def test_a_lost_node_is_failed_and_replaced(examples, tmp_path):
         assert "lost" in (failed.error or "") and failed.stop_reason == "failure"
         # and another node of the class serves the model
         replacement = wait_until(
-            lambda: next((w for w in mc.list_workers("cancer") if w.status.value == "running"), None), 60, interval_s=0.2)
+            lambda: next((w for w in mc.list_workers("cancer") if w.status.value == "up"), None), 60, interval_s=0.2)
         assert replacement.node != first.node
         np.testing.assert_allclose(qc.predict(x[1]), example.clear(x[1:2]), atol=1e-6)
         kinds = [(e.kind, e.worker_id) for e in mc.model_events("cancer")]
@@ -53,7 +53,7 @@ def test_a_lost_node_is_failed_and_replaced(examples, tmp_path):
         restarted, _ = stack.supervisor.restart_dead()
         assert restarted == [node]
         time.sleep(3 * HEARTBEAT_S)
-        running = [w for w in mc.list_workers("cancer") if w.status.value == "running"]
+        running = [w for w in mc.list_workers("cancer") if w.status.value == "up"]
         assert [w.id for w in running] == [replacement.id]
         qc.close()
         mc.close()

@@ -40,7 +40,7 @@ def test_a_restarted_stack_rebinds_its_workers_and_keeps_models_and_keys(example
         # Then the same client queries without redeploying, restarting or re-uploading anything
         np.testing.assert_allclose(qc.predict(x[0]), example.clear(x), atol=1e-3)
         [again] = mc.list_workers("cancer")
-        assert (again.id, again.status.value, again.node_status) == (worker_id, "running", "online")
+        assert (again.id, again.status.value, again.node_status) == (worker_id, "up", "online")
 
         # And when its node is killed outright, the supervisor restarts it and it rebinds.
         node = next(c for c in stack.supervisor.children if c.name == "node1")

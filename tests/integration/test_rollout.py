@@ -185,9 +185,9 @@ def test_disabling_an_account_stops_its_workers_and_refuses_it(rollout, examples
     assert [m.name for m in mc.list_models()] == ["cancer"]
     stopped = [e for e in mc.model_events("cancer") if e.kind == "worker_stopped"]
     assert stopped and "account disabled" in stopped[-1].message
-    assert mc.start_worker("cancer").status.value == "running"  # the node was freed
+    assert mc.start_worker("cancer").status.value == "up"  # the node was freed
     for w in mc.list_workers("cancer"):
-        if w.status.value == "running":
+        if w.status.value == "up":
             mc.stop_worker(w.id)
     qc.close()
     mc.close()

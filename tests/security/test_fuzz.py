@@ -31,7 +31,7 @@ from cipherpool.fhe.deployment import CLIENT_ZIP, SERVER_ZIP, Versions, check_ar
 from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.fhe.framing import MAX_SEGMENTS, capnp_message_length, header_bytes_needed, is_complete_message
 from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest, unwrap
-from cipherpool.names import POOL_QUEUE, model_queue
+from cipherpool.names import POOL_QUEUE, model_queue, query_routing_key
 from cipherpool.store import BlobKind, sha256_hex
 from cipherpool.workers.node import Binding, NodeRuntime
 from cipherpool.workers.query import Delivery, handle
@@ -300,12 +300,12 @@ def node_world(tmp_path_factory):
     evaluator = FakeEvaluator()
     runtime = NodeRuntime("n1", host_class="cpu", concurrency=1, threads=1, key_cache_bytes=10**6,
                           key_memory_factor=1.0, evaluator_factory=lambda *_: evaluator)
-    runtime.set_binding(Binding("w1", NODE_MODEL, "m", model_queue(NODE_MODEL), evaluator, "n1"))
+    runtime.set_binding(Binding("w1", NODE_MODEL, "m", model_queue("cpu", NODE_MODEL), evaluator, "n1"))
     ctx = Ctx(Settings(data_dir=tmp_path_factory.mktemp("node") / "data"), store)
     return ctx, runtime, blob_id, ref
 
 
-OWN_QUEUE = Delivery(task_id="valid", routing_key=model_queue(NODE_MODEL), expires="2099-01-01T00:00:00")
+OWN_QUEUE = Delivery(task_id="valid", routing_key=query_routing_key("cpu", NODE_MODEL), expires="2099-01-01T00:00:00")
 
 
 def valid_node_request(blob_id: str) -> QueryRequest:
@@ -784,7 +784,8 @@ def test_random_ciphertexts_get_a_typed_refusal(gateway, active_model, data):
     body = data.draw(envelopes_for_gateway(active_model), label="ciphertext")
     content_type = data.draw(CONTENT_TYPES.filter(bool) | st.just("application/octet-stream"), label="content-type")
     headers = {**bearer(gateway.token), "Content-Type": content_type}
-    response = gateway.request("POST", "/v1/queries?wait=0", headers=headers, content=body)
+    # No node runs here: the query is queued for a worker to come (else no_worker_up, 503).
+    response = gateway.request("POST", "/v1/queries?wait=0&wait_for_worker=true", headers=headers, content=body)
     answer = gateway.check_typed(response, "POST", f"POST /v1/queries {body!r:.300}")
     try:
         envelope = EncryptedInput.decode(body)

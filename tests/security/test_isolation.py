@@ -173,12 +173,13 @@ def world(tmp_path_factory) -> Iterator[World]:
             models.set_status(session, bob, B_MODEL, ModelStatus.ACTIVE)
             models.deploy_model(session, bob, TWIN, artifact(B_V1), description="bob's twin")
             b_tok, b_token = tokens.create_token(session, bob, "bob-t", [B_MODEL, TWIN])
-            nodes.register_node(session, "node-b@test", host_class="cpu", concurrency=1, threads=None, pid=1)
+            nodes.register_node(session, "node-b@test", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=None, pid=1))
             # A free node too, so that a start that got past authorisation would visibly succeed.
-            nodes.register_node(session, "node-free@test", host_class="cpu", concurrency=1, threads=None, pid=2)
+            nodes.register_node(session, "node-free@test", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=None, pid=2))
             session.flush()
             b_worker = workers.start_worker(session, bob, B_MODEL, s.node_heartbeat_s)
             workers.mark_running(session, b_worker.id, {2})
+            workers.set_consuming(session, b_worker.id, True)
 
             a_model = models.deploy_model(session, alice, A_MODEL, artifact(A_V1), description="alice's")
             models.set_status(session, alice, A_MODEL, ModelStatus.ACTIVE)
@@ -203,7 +204,7 @@ def world(tmp_path_factory) -> Iterator[World]:
             assert set(b) == set(GHOST)
             w.b_before = w.state("b")
             assert w.b_before["query owner"] is not None
-            assert [x["status"] for x in w.b_before["workers"]] == ["running"]
+            assert [x["status"] for x in w.b_before["workers"]] == ["up"]
             yield w
             w.redis.close()
     finally:
@@ -314,6 +315,11 @@ CASES = [
          lambda t, a: Req("/v1/workers/stats", params={"model": t["model"]}), M),
     Case("show worker", "GET", "/v1/workers/{worker_id}", lambda t, a: Req(f"/v1/workers/{t['worker']}"), W),
     Case("stop worker", "POST", "/v1/workers/{worker_id}/stop", lambda t, a: Req(f"/v1/workers/{t['worker']}/stop"), W),
+    Case("standby worker", "POST", "/v1/workers/{worker_id}/standby",
+         lambda t, a: Req(f"/v1/workers/{t['worker']}/standby"), W),
+    Case("resume worker", "POST", "/v1/workers/{worker_id}/resume",
+         lambda t, a: Req(f"/v1/workers/{t['worker']}/resume"), W),
+    Case("worker logs", "GET", "/v1/workers/{worker_id}/logs", lambda t, a: Req(f"/v1/workers/{t['worker']}/logs"), W),
     Case("start worker for B's model", "POST", "/v1/workers", lambda t, a: Req("/v1/workers", json={"model": t["model"]}), M),
     # end user: A's access token against B's model, keys and queries
     Case("client: describe B's model", "GET", "/v1/client/model",
@@ -327,7 +333,8 @@ CASES = [
     Case("client: query B's model", "POST", "/v1/queries",
          lambda t, a: Req("/v1/queries", content=_env(t["model_id"], A_KEY)), "token_not_for_model", 403, "a_token"),
     Case("client: query with B's key", "POST", "/v1/queries",
-         lambda t, a: Req("/v1/queries", content=_env(a["model_id"], t["key"])), "evaluation_key_not_found", 404,
+         lambda t, a: Req("/v1/queries", params={"wait_for_worker": "true"}, content=_env(a["model_id"], t["key"])),
+         "evaluation_key_not_found", 404,
          "a_token"),
     Case("client: B's query result", "GET", "/v1/queries/{query_id}",
          lambda t, a: Req(f"/v1/queries/{t['query']}"), "query_not_found", 404, "a_token"),
@@ -338,6 +345,7 @@ assert len({c.name for c in CASES}) == len(CASES)
 
 # Routes that take no other account's object, and the test that covers their isolation.
 COVERED_ELSEWHERE = {
+    ("GET", "/v1/nodes"): "test_the_node_listing_names_no_other_accounts_binding",
     ("GET", "/v1/models"): "test_listings_show_nothing_of_another_account",
     ("GET", "/v1/tokens"): "test_listings_show_nothing_of_another_account",
     ("GET", "/v1/workers"): "test_listings_show_nothing_of_another_account",
@@ -433,6 +441,19 @@ def test_listings_show_nothing_of_another_account(world: World):
     assert [m["name"] for m in world.ok("a_token", "GET", "/v1/client/models")] == [A_MODEL]
 
 
+def test_the_node_listing_names_no_other_accounts_binding(world: World):
+    """Nodes are the platform's, shared by all accounts: A sees that B's node is busy (a start
+    refused for want of a free node tells as much), never B's model, worker or status."""
+    answer = world.call("a", "GET", "/v1/nodes")
+    assert answer.status_code == 200, answer.text
+    leaked = [mark for mark in _b_marks(world) if mark in answer.text and mark != "node-b@test"]
+    assert not leaked, f"A's GET /v1/nodes shows B's {leaked}: {answer.text[:500]}"
+    b_node = next(n for n in answer.json() if n["name"] == "node-b@test")
+    assert (b_node["busy"], b_node["model"], b_node["worker_id"], b_node["worker_status"]) == (True, None, None, None)
+    own = next(n for n in world.call("b", "GET", "/v1/nodes").json() if n["name"] == "node-b@test")
+    assert (own["model"], own["worker_id"]) == (B_MODEL, world.b["worker"])
+
+
 def test_a_name_taken_in_another_account_is_the_callers_own(world: World):
     """Both accounts have a model named TWIN (B's made first): A's requests by that name
     reach A's model only; B's is untouched."""
@@ -496,7 +517,7 @@ def test_b_is_unchanged_after_everything(world: World):
     assert token["id"] == b["token"] and token["status"] == "active" and not token["revoked"]
     assert sorted(token["models"]) == sorted([B_MODEL, TWIN])
     (worker,) = after["workers"]
-    assert (worker["id"], worker["status"], worker["model"]) == (b["worker"], "running", B_MODEL)
+    assert (worker["id"], worker["status"], worker["model"]) == (b["worker"], "up", B_MODEL)
     assert after["keys"] and all(k[0] == b["token"] for k in after["keys"])
     assert after["query owner"] == b["token"].encode()
     assert world.ok("b_token", "GET", "/v1/client/model", params={"model": B_MODEL})["id"] == b["model_id"]

@@ -131,7 +131,8 @@ class World:
 def query(client: Any, tok: Tok, model_id: str | None = None) -> Any:
     """Submit an encrypted query (an EncryptedInput envelope naming the model and the key set)."""
     body = EncryptedInput(model_id or tok.model_id, KEY_ID, b"ciphertext").encode()
-    return client.post("/v1/queries", content=body, headers=bearer(tok.value))
+    # No node runs here: the query waits for a worker (else no_worker_up comes before the token's rules).
+    return client.post("/v1/queries", params={"wait_for_worker": "true"}, content=body, headers=bearer(tok.value))
 
 
 def accepted(answer: Any, what: str = "query") -> None:

@@ -1,0 +1,258 @@
+"""Worker lifecycle on a pool of nodes with different profiles (issue 8), end to end.
+
+Three real `celery worker` nodes started from one profiles file: two cpu nodes with
+different labels (zone a and b) and one node declared `gpu` (no GPU needed: the class is a
+routing matter). Checked through the gateway, as a provider and an end user would:
+listing nodes with capacity, routing by class, two workers of one model both serving, standby
+and resume, a start refused with each reason, a query with no worker up, a failed load, and
+the worker's log.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from sqlmodel import select
+
+from cipherpool import errors
+from cipherpool.client import ManagementClient, QueryClient
+from cipherpool.config.celery import create_app
+from cipherpool.config.settings import Settings
+from cipherpool.db import session_scope
+from cipherpool.db.tables import Model, ModelVersion, PoolNode, Worker
+from cipherpool.dispatch import send_to_node
+from cipherpool.names import BIND_TASK
+from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+from cipherpool.statuses import WorkerStatus
+from cipherpool.waiting import wait_until
+
+pytestmark = pytest.mark.integration
+
+PROFILES = """
+[profiles.cpu-a]
+host_class = "cpu"
+concurrency = 1
+threads = 1
+key_cache = "2GiB"
+labels = { zone = "a" }
+
+[profiles.cpu-b]
+host_class = "cpu"
+concurrency = 1
+threads = 1
+labels = { zone = "b" }
+
+[profiles.gpu-small]
+host_class = "gpu"
+concurrency = 2
+threads = 1
+labels = { zone = "a" }
+"""
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lifecycle")
+    (root / "profiles.toml").write_text(PROFILES)
+    settings = Settings(data_dir=root / "platform", profiles_file=root / "profiles.toml", query_timeout_s=120,
+                        auth_cache_ttl_s=5.0)
+    stack = EmbeddedStack(settings, StackOptions(profiles=["cpu-a", "cpu-b", "gpu-small"], beat=False, flower=False))
+    with stack:
+        mc = ManagementClient(stack.create_account("pool-provider"), settings=stack.client_settings)
+        yield stack, mc
+        mc.close()
+
+
+@pytest.fixture
+def deployed(pool, examples):
+    """Deploy (and activate) a model under a fresh name; stop its workers afterwards."""
+    stack, mc = pool
+    made: list[str] = []
+
+    def deploy(example: str, name: str, activate: bool = True, **settings) -> str:
+        mc.deploy_model(name, examples[example].path, **settings)
+        if activate:
+            mc.activate_model(name)
+        made.append(name)
+        return name
+
+    yield deploy
+    for name in made:
+        for worker in mc.list_workers(name):
+            if worker.status.value in ("pending", "loading", "up", "standby"):
+                mc.update_model(name, min_workers=0)
+                mc.stop_worker(worker.id)
+
+
+def client(pool, name: str, tmp_path, **kw) -> QueryClient:
+    stack, mc = pool
+    qc = QueryClient(mc.create_token(f"{name}-user", model=name), settings=stack.client_settings, key_dir=tmp_path, **kw)
+    qc.generate_keys()
+    qc.upload_evaluation_keys()
+    return qc
+
+
+def test_nodes_report_profile_class_labels_and_capacity(pool):
+    stack, mc = pool
+    nodes = {n.profile: n for n in mc.list_nodes()}
+    assert set(nodes) == {"cpu-a", "cpu-b", "gpu-small"}
+    assert (nodes["gpu-small"].host_class, nodes["gpu-small"].labels) == ("gpu", {"zone": "a"})
+    for node in nodes.values():
+        assert node.status == "online" and node.heartbeat_age_s < 30
+        assert node.capacity.cores >= 1 and node.capacity.memory_bytes > 2**28
+        assert node.allocatable == node.capacity  # nothing bound yet
+    assert (nodes["gpu-small"].capacity.slots, nodes["cpu-a"].capacity.slots) == (2, 1)
+    assert (nodes["cpu-a"].threads, nodes["gpu-small"].threads) == (1, 1)
+
+
+def test_a_gpu_model_runs_on_the_gpu_node_only(pool, deployed, examples, tmp_path):
+    stack, mc = pool
+    name = deployed("cancer", "cancer-gpu", hardware="gpu")
+    worker = mc.start_worker(name)
+    assert worker.node.startswith("node3-gpu-small") and worker.status == WorkerStatus.UP
+
+    # Its queries carry the gpu routing key: the gpu node answers them, no cpu node sees them.
+    qc = client(pool, name, tmp_path)
+    x = examples["cancer"].x_test[:3]
+    handles = [qc.submit(qc.encrypt(row)) for row in x]
+    outputs = [qc.decrypt(h.result(120)) for h in handles]
+    np.testing.assert_allclose(np.concatenate(outputs), examples["cancer"].clear(x), atol=1e-6)
+    assert {h.node for h in handles} == {worker.node}
+
+    # The node listing shows it bound, with nothing left to allocate.
+    gpu = next(n for n in mc.list_nodes() if n.name == worker.node)
+    assert (gpu.model, gpu.worker_id, gpu.allocatable.slots) == (name, worker.id, 0)
+
+    # A second start finds no free gpu node, and says so (cpu nodes are free, not eligible).
+    mc.update_model(name, max_workers=2)
+    with pytest.raises(errors.NoFreeNode, match="only 0 of the 1 gpu node"):
+        mc.start_worker(name)
+
+
+def test_a_node_refuses_a_model_of_another_class_whatever_the_message(pool, deployed):
+    """The claim never picks a cpu node for a gpu model; and a node asked anyway refuses."""
+    stack, mc = pool
+    name = deployed("digits", "digits-gpu-forced", hardware="gpu")
+    url = stack.settings.effective_database_url()
+    with session_scope(url) as session:
+        model = session.exec(select(Model).where(Model.name == name)).one()
+        node = session.exec(select(PoolNode).where(PoolNode.profile == "cpu-b")).one()
+        worker = Worker(account_id=model.account_id, model_id=model.id, node_name=node.name)
+        session.add(worker)
+        node.worker_id = worker.id
+        session.add(node)
+    app = create_app(stack.settings.model_copy(update={"broker_url": stack.broker_url}))
+    try:
+        send_to_node(app, node.name, BIND_TASK, worker_id=worker.id)
+        failed = wait_until(lambda: (w := mc.get_worker(worker.id)).status == WorkerStatus.FAILED and w, 60,
+                            interval_s=0.2)
+    finally:
+        app.close()
+    assert "cpu node and the model needs a gpu node" in failed.error
+    assert any("load failed" in line.message for line in mc.worker_logs(worker.id))
+    assert next(n for n in mc.list_nodes() if n.name == node.name).busy is False  # freed
+
+
+def test_two_workers_of_one_model_both_serve(pool, deployed, examples, tmp_path):
+    stack, mc = pool
+    name = deployed("cancer", "cancer-two", max_workers=2)
+    workers = mc.start_workers(name, 2)
+    assert {w.status for w in workers} == {WorkerStatus.UP}
+    assert {w.profile for w in workers} == {"cpu-a", "cpu-b"}
+    qc = client(pool, name, tmp_path)
+    x = examples["cancer"].x_test[:6]
+    handles = [qc.submit(qc.encrypt(row)) for row in x]
+    outputs = [qc.decrypt(h.result(120)) for h in handles]
+    np.testing.assert_allclose(np.concatenate(outputs), examples["cancer"].clear(x), atol=1e-6)
+    assert {h.node for h in handles} == {w.node for w in workers}  # both took queries
+
+    # The maximum is enforced; a user may not stop below the minimum.
+    with pytest.raises(errors.WorkerLimit, match="at most 2"):
+        mc.start_worker(name)
+    mc.update_model(name, min_workers=2)
+    with pytest.raises(errors.BelowMinimum, match="min_workers"):
+        mc.stop_worker(workers[0].id)
+
+
+def test_standby_and_resume(pool, deployed, examples, tmp_path):
+    stack, mc = pool
+    name = deployed("digits", "digits-standby", node_selector={"zone": "b"})
+    worker = mc.start_worker(name, standby=True)
+    assert worker.status == WorkerStatus.STANDBY and worker.profile == "cpu-b"
+    qc = client(pool, name, tmp_path)
+    x = examples["digits"].x_test[0]
+
+    # On standby it takes no query: refused at submit, unless the caller waits for a worker.
+    with pytest.raises(errors.NoWorkerUp, match="no worker up"):
+        qc.predict(x)
+    handle = qc.submit(qc.encrypt(x), wait_for_worker=True)
+
+    t0 = time.perf_counter()
+    resumed = mc.resume_worker(worker.id)
+    resume_s = time.perf_counter() - t0
+    assert resumed.status == WorkerStatus.UP
+    assert np.argmax(qc.decrypt(handle.result(120))) == np.argmax(examples["digits"].clear(x[None])[0])
+    assert np.argmax(qc.predict(x)) == np.argmax(examples["digits"].clear(x[None])[0])
+    print(f"resume from standby: {resume_s * 1000:.0f} ms (no model load)")
+
+    assert mc.standby_worker(worker.id).status == WorkerStatus.STANDBY
+    with pytest.raises(errors.NoWorkerUp):
+        qc.predict(x)
+    kinds = [e.kind for e in mc.model_events(name)]
+    assert kinds.count("worker_standby") == 2 and "worker_resumed" in kinds
+
+
+def test_start_is_refused_with_each_reason(pool, deployed):
+    stack, mc = pool
+    inactive = deployed("digits", "digits-inactive", activate=False)
+    with pytest.raises(errors.ModelInactive, match="activate it"):
+        mc.start_worker(inactive)
+    nowhere = deployed("digits", "digits-nowhere", node_selector={"zone": "mars"})
+    with pytest.raises(errors.NoFreeNode, match="carries the labels zone=mars"):
+        mc.start_worker(nowhere)
+    anywhere = deployed("digits", "digits-anywhere", max_workers=3)
+    with pytest.raises(errors.NoFreeNode, match="profile 'no-such-profile'"):
+        mc.start_worker(anywhere, profile="no-such-profile")
+    with pytest.raises(errors.NoFreeNode, match="3 worker\\(s\\) asked .* only 2 of the 2 cpu"):
+        mc.start_workers(anywhere, 3)
+    assert mc.list_workers(anywhere) == []  # all or none
+    with pytest.raises(errors.WorkerLimit):
+        mc.start_workers(anywhere, 4)
+
+
+def test_a_failed_load_is_reported_with_its_error_and_logged(pool, deployed, examples):
+    stack, mc = pool
+    name = deployed("digits", "digits-broken")
+    # The version's server artifact is replaced by its client.zip: it passes the deploy checks
+    # (it was checked as a client.zip) but no server can load it.
+    with session_scope(stack.settings.effective_database_url()) as session:
+        model = session.exec(select(Model).where(Model.name == name)).one()
+        version = session.exec(select(ModelVersion).where(ModelVersion.model_id == model.id)).one()
+        version.server_blob = version.client_blob
+        session.add(version)
+    with pytest.raises(errors.WorkerStartFailed) as refused:
+        mc.start_worker(name)
+    (worker,) = mc.list_workers(name)
+    assert worker.status == WorkerStatus.FAILED and worker.error and worker.stop_reason == "failure"
+    assert worker.error in str(refused.value)
+    lines = [line.message for line in mc.worker_logs(worker.id)]
+    assert lines[0].startswith("pending: claimed node") and any(m.startswith("load failed") for m in lines)
+    assert any(e.kind == "worker_failed" for e in mc.model_events(name))
+
+
+def test_a_worker_log_tells_its_life(pool, deployed):
+    stack, mc = pool
+    name = deployed("digits", "digits-logged")
+    worker = mc.start_worker(name)
+    mc.stop_worker(worker.id)
+    lines = mc.worker_logs(worker.id)
+    messages = [line.message for line in lines]
+    expected = ["pending: claimed node", "model digits-logged loaded in", "bound on", "stop requested (user)",
+                "unbound from"]
+    positions = [next(i for i, m in enumerate(messages) if m.startswith(prefix)) for prefix in expected]
+    assert positions == sorted(positions), messages
+    assert [line.n for line in lines] == list(range(len(lines)))
+    assert mc.worker_logs(worker.id, after=lines[-2].n) == lines[-1:]
+    assert mc.get_worker(worker.id).stop_reason == "user"
