@@ -172,7 +172,7 @@ def throughput(root: Path, n: int) -> None:
     options = StackOptions(nodes=cores, node_concurrency=1, beat=False, flower=False, loglevel="WARNING")
     with EmbeddedStack(settings, options) as stack:
         mc = ManagementClient(stack.create_account("bench"), settings=stack.client_settings)
-        mc.deploy_model("cancer", example.path)
+        mc.deploy_model("cancer", example.path, max_workers=cores)
         mc.activate_model("cancer")
         for _ in range(cores):
             mc.start_worker("cancer")

@@ -21,7 +21,7 @@ def pool(tmp_path_factory, examples):
     with EmbeddedStack(settings, StackOptions(nodes=2, beat=False, flower=False)) as stack:
         settings = stack.client_settings
         mc = ManagementClient(stack.create_account("p"), settings=settings)
-        mc.deploy_model("digits", examples["digits"].path)
+        mc.deploy_model("digits", examples["digits"].path, max_workers=3)
         mc.activate_model("digits")
         yield stack, settings, mc
         mc.close()
@@ -30,6 +30,7 @@ def pool(tmp_path_factory, examples):
 def test_a_model_that_cannot_load_fails_with_the_reason_and_frees_the_node(pool, tmp_path):
     stack, settings, mc = pool
     mc.deploy_model("hollow", make_deployment(tmp_path / "hollow"))
+    mc.activate_model("hollow")
     with pytest.raises(errors.WorkerStartFailed, match="hollow"):
         mc.start_worker("hollow")
     [failed] = mc.list_workers("hollow")

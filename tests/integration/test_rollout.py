@@ -81,7 +81,7 @@ def test_a_new_version_rolls_out_under_load_and_rolls_back(rollout, examples, tm
     stack, mc = rollout
     v1 = examples["cancer"]
     clear = {1: v1.clear, 2: _train_v2(tmp_path / "v2")}
-    mc.deploy_model("cancer", v1.path, description="breast cancer")
+    mc.deploy_model("cancer", v1.path, description="breast cancer", max_workers=2)
     mc.activate_model("cancer")
     workers = [mc.start_worker("cancer"), mc.start_worker("cancer")]
     assert len({w.node for w in workers}) == 2
