@@ -18,17 +18,19 @@ from kombu.exceptions import OperationalError
 from cipherpool.config.settings import Settings
 from cipherpool.errors import BrokerUnavailable, QueryTimeout, RemoteError
 from cipherpool.messages import EncryptedInput, QueryReply, QueryRequest, redacted_kwargs, unwrap
-from cipherpool.names import QUERY_EXCHANGE, QUERY_TASK, model_queue, node_queue, query_routing_key
-from cipherpool.services.queries import ModelGrant, TokenGrant, check_query
+from cipherpool.names import (
+    QUERY_EXCHANGE, QUERY_TASK, model_queue, node_queue, query_routing_key, shared_queue, shared_routing_key,
+)
+from cipherpool.services.queries import ModelGrant, Route, TokenGrant, check_query
 from cipherpool.store import BlobStore
 
 
 
-def open_envelope(grant: TokenGrant, ciphertext: bytes,
-                  wait_for_worker: bool = False) -> tuple[EncryptedInput, ModelGrant]:
+def open_envelope(grant: TokenGrant, ciphertext: bytes, wait_for_worker: bool = False,
+                  mode: Route = Route.AUTO) -> tuple[EncryptedInput, ModelGrant]:
     """The ciphertext's envelope, checked against what the grant may query, and its model."""
     envelope = EncryptedInput.decode(ciphertext)
-    return envelope, check_query(grant, envelope.model_id, wait_for_worker)
+    return envelope, check_query(grant, envelope.model_id, wait_for_worker, mode)
 
 
 def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, model: ModelGrant,
@@ -39,6 +41,7 @@ def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, model
         token_id=grant.token_id,
         model_id=envelope.model_id,
         version=model.version,
+        account_id=grant.account_id,
         key_id=envelope.key_id,
         blob_id=blob_id,
         input=ciphertext if inline else None,
@@ -58,13 +61,20 @@ def query_queue(host_class: str, model_id: str) -> Queue:
                  routing_key=query_routing_key(host_class, model_id))
 
 
+def shared_queue_of(host_class: str) -> Queue:
+    """The queue every shared node of ``host_class`` consumes: queries of models that allow
+    shared nodes, loaded on demand."""
+    return Queue(shared_queue(host_class), QUERIES, routing_key=shared_routing_key(host_class))  # type: ignore[no-untyped-call]
+
+
 def publish_query(app: Celery, request: QueryRequest, host_class: str, expires_s: float,
-                  task_id: str | None = None) -> AsyncResult:
-    """Publish with the routing key of the model's host class, with a deadline: a node
-    discards it once nobody waits. Only nodes of that class have a queue bound to that key."""
+                  task_id: str | None = None, shared: bool = False) -> AsyncResult:
+    """Publish with the routing key of the model's host class (its dedicated workers', or the
+    shared nodes' of the class), with a deadline: a node discards it once nobody waits. Only
+    nodes of that class have a queue bound to that key."""
     kwargs = {"request": request.encode()}
-    return _send(app, QUERY_TASK, kwargs, query_queue(host_class, request.model_id), expires=expires_s,
-                 task_id=task_id)
+    queue = shared_queue_of(host_class) if shared else query_queue(host_class, request.model_id)
+    return _send(app, QUERY_TASK, kwargs, queue, expires=expires_s, task_id=task_id)
 
 
 def send_to_node(app: Celery, node: str, task: str, **kwargs: Any) -> AsyncResult:

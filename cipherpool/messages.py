@@ -68,6 +68,7 @@ class EncryptedOutput(_Envelope):
 _REQUEST_TYPES: dict[str, tuple[type, ...]] = {
     "token_id": (str,), "model_id": (str,), "key_id": (str,), "blob_id": (str,),
     "input": (bytes, type(None)), "input_ref": (str, type(None)), "submitted_at": (int, float), "version": (int,),
+    "account_id": (str,),
 }
 
 
@@ -81,6 +82,7 @@ class QueryRequest:
     input_ref: str | None = None  # else a payload id in the blob store
     submitted_at: float = 0.0  # wall clock at submission, for queue-wait figures
     version: int = 0  # the model version to run it on (the one its keys were made for); 0: the node's serving one
+    account_id: str = ""  # the model's account: a shared node meters execution time per account
 
     def encode(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,6 +30,7 @@ RATE_PREFIX = "cipherpool:rate:"  # + principal + ":" + window; request counters
 USAGE_PREFIX = "cipherpool:usage:"  # + token id -> hash {n: queries counted, last: epoch seconds}
 AUTH_GENERATION_KEY = "cipherpool:auth-generation"  # bumped on every credential change: gateways drop caches
 WORKER_LOG_PREFIX = "cipherpool:worker-log:"  # + worker id: a capped list of its log lines (JSON), with a TTL
+SHARED_EXECUTION_PREFIX = "cipherpool:shared-exec:"  # + account id -> hash {model:seconds, model:queries} on shared nodes
 ROLLOUT_LOCK_PREFIX = "cipherpool:rollout:"  # + model id: one node at a time loads a new version
 RESULT_META_PREFIX = "celery-task-meta-"  # Celery's result key (and pub/sub channel) + task id
 

@@ -94,13 +94,17 @@ class QueryClient:
     then ``generate_keys()`` and ``upload_evaluation_keys()`` (``predict`` does it by itself).
 
     A query for a model with no worker up is refused at once (``NoWorkerUp``);
-    ``wait_for_worker=True`` (here, or per call) queues it until a worker is up instead."""
+    ``wait_for_worker=True`` (here, or per call) queues it until a worker is up instead.
+    ``mode``: ``auto`` (a dedicated worker when one is up, else a shared node, if the model
+    allows them), ``dedicated`` or ``shared``."""
 
     def __init__(self, token: str | None = None, url: str | None = None, *, model: str | None = None,
-                 key_dir: str | Path | None = None, settings: Settings | None = None, wait_for_worker: bool = False):
+                 key_dir: str | Path | None = None, settings: Settings | None = None, wait_for_worker: bool = False,
+                 mode: str = "auto"):
         self.settings = client_settings(url, settings)
         self.model_name = model
         self.wait_for_worker = wait_for_worker
+        self.mode = mode  # auto | dedicated | shared: where queries run (auto: dedicated when a worker is up)
         self._params = {"model": model} if model else {}
         self._t = Transport(self.settings, token or self.settings.token, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
         self._token = self._t.credential
@@ -171,7 +175,8 @@ class QueryClient:
 
     def _submit_params(self, wait_for_worker: bool | None, **params: float) -> dict[str, float | str]:
         waiting = self.wait_for_worker if wait_for_worker is None else wait_for_worker
-        return {**params, **({"wait_for_worker": "true"} if waiting else {})}
+        return {**params, **({"wait_for_worker": "true"} if waiting else {}),
+                **({"mode": self.mode} if self.mode != "auto" else {})}
 
     def execute(self, ciphertext: bytes, timeout: float | None = None, *, wait_for_worker: bool | None = None) -> bytes:
         """Run the model on a ciphertext; the encrypted output. One round trip when the result

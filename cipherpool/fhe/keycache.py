@@ -28,7 +28,9 @@ class CacheStats:
 
 
 class KeyCache(Generic[V]):
-    def __init__(self, capacity_bytes: int, memory_factor: float = 1.0):
+    def __init__(self, capacity_bytes: int, memory_factor: float = 1.0,
+                 on_evict: Callable[[str, V], None] | None = None):
+        self._on_evict = on_evict  # called (outside the lock) with each entry dropped to make room
         self._capacity = capacity_bytes
         self._factor = memory_factor
         self._entries: OrderedDict[str, tuple[V, int]] = OrderedDict()
@@ -53,16 +55,22 @@ class KeyCache(Generic[V]):
         return value, False
 
     def _insert(self, key_id: str, value: V, charge: int) -> None:
+        evicted: list[tuple[str, V]] = []
         with self._lock:
             if key_id in self._entries:
-                return
-            self._entries[key_id] = (value, charge)
-            self._stats.charged_bytes += charge
+                evicted.append((key_id, value))  # a concurrent load won: drop this copy
+            else:
+                self._entries[key_id] = (value, charge)
+                self._stats.charged_bytes += charge
             # Keep at least the newest entry even when it alone exceeds the bound.
             while self._stats.charged_bytes > self._capacity and len(self._entries) > 1:
-                _, (_, dropped) = self._entries.popitem(last=False)
+                old, (dropped_value, dropped) = self._entries.popitem(last=False)
                 self._stats.charged_bytes -= dropped
                 self._stats.evictions += 1
+                evicted.append((old, dropped_value))
+        if self._on_evict is not None:
+            for old, dropped_value in evicted:
+                self._on_evict(old, dropped_value)
 
     def __contains__(self, key_id: str) -> bool:
         with self._lock:

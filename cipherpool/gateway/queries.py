@@ -28,30 +28,33 @@ from cipherpool.gateway.state import GatewayState
 from cipherpool.messages import EncryptedInput
 from cipherpool.names import QUERY_OWNER_PREFIX
 from cipherpool.services import usage
-from cipherpool.services.queries import ModelGrant, TokenGrant
+from cipherpool.services.queries import ModelGrant, Route, TokenGrant, route
 
 log = logging.getLogger("cipherpool.gateway")
 router = APIRouter(prefix="/v1/queries", tags=["end user"])
 QueryId = Annotated[str, Path(pattern=QUERY_ID_PATTERN)]
 Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait for the result (capped by the gateway)")]
 WaitForWorker = Annotated[bool, Query(description="queue the query even if no worker is up for the model yet")]
+Mode = Annotated[Route, Query(description="auto: a dedicated worker when one is up, else a shared node")]
 KEEP_AFTER_READ_S = 60  # a delivered result stays this long, for a client's retry
 RESULT_HEADERS: dict[int | str, dict[str, Any]] = {200: BINARY_RESPONSE, 202: {"model": QueryAccepted}}
 
 
 @router.post("", status_code=202, responses=RESULT_HEADERS, openapi_extra=BINARY_BODY)
 async def submit(request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0,
-                 wait_for_worker: WaitForWorker = False) -> Response:
+                 wait_for_worker: WaitForWorker = False, mode: Mode = Route.AUTO) -> Response:
     """Refused with ``no_worker_up`` (503) while no worker serves the model, unless
-    ``wait_for_worker``: then the query waits in the model's queue (until its deadline)."""
+    ``wait_for_worker``: then the query waits in the model's queue (until its deadline).
+    ``mode``: a dedicated worker, a shared node, or ``auto`` (dedicated when one is up)."""
     body = await request.body()
-    envelope, model = open_envelope(grant, body, wait_for_worker)
+    envelope, model = open_envelope(grant, body, wait_for_worker, mode)
+    shared = route(model, mode, wait_for_worker) == Route.SHARED
     query_id = str(uuid.uuid4())
     if wait <= 0:
-        await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id)
+        await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id, shared)
         return _accepted(query_id, None)
     async with gw.waiter.watch(query_id) as watch:
-        await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id)
+        await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id, shared)
         meta = await watch.result(min(wait, gw.settings.long_poll_s))
     return await _answer(gw, query_id, meta)
 
@@ -74,7 +77,7 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
 
 
 def _publish(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput, body: bytes,
-             query_id: str) -> None:
+             query_id: str, shared: bool) -> None:
     """Key lookup (cached), quota, owner record and publish: one trip to the thread pool."""
     s = gw.settings
     blob_id = gw.auth.key_blob(grant, model, envelope.key_id)
@@ -82,7 +85,7 @@ def _publish(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: E
     try:
         request = prepare_query(s, gw.store, grant, model, envelope, body, blob_id)
         gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
-        publish_query(gw.celery, request, model.hardware, s.query_timeout_s, task_id=query_id)
+        publish_query(gw.celery, request, model.hardware, s.query_timeout_s, task_id=query_id, shared=shared)
     except Exception:
         _refund(gw, grant)
         raise

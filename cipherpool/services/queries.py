@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 from datetime import datetime
 
 from sqlmodel import Session, col, func, select
@@ -41,7 +42,21 @@ class ModelGrant:
     version: int
     client_blob: str
     hardware: str = "cpu"  # its host class: the routing key of its queries
-    serving: bool = True  # a worker is up for it (or a shared node may load it)
+    dedicated: bool = True  # a dedicated worker is up for it
+    shared: bool = False  # it allows shared nodes and one of its class is online
+
+    @property
+    def serving(self) -> bool:
+        return self.dedicated or self.shared
+
+
+class Route(str, Enum):
+    """Where a query goes. The caller picks ``auto`` (dedicated when a worker is up, else a
+    shared node), ``dedicated`` or ``shared``."""
+
+    AUTO = "auto"
+    DEDICATED = "dedicated"
+    SHARED = "shared"
 
 
 @dataclass(frozen=True)
@@ -81,9 +96,9 @@ def _grant(session: Session, token: AccessToken) -> TokenGrant:
         .where(TokenModel.token_id == token.id)
         .order_by(Model.name)
     ).all()
-    up = serving_models(session, [m.id for m, _ in rows])
-    models = tuple(ModelGrant(m.id, m.name, m.status, m.version, v.client_blob, m.hardware, m.id in up)
-                   for m, v in rows)
+    dedicated, shared = serving_models(session, [m.id for m, _ in rows])
+    models = tuple(ModelGrant(m.id, m.name, m.status, m.version, v.client_blob, m.hardware, m.id in dedicated,
+                              m.id in shared) for m, v in rows)
     return TokenGrant(token.id, token.account_id, token.quota, models,
                       aware(token.expires_at) if token.expires_at is not None else None)
 
@@ -102,22 +117,24 @@ def grant_for_id(session: Session, token_id: str) -> TokenGrant:
     return _grant(session, token)
 
 
-def serving_models(session: Session, model_ids: list[str]) -> set[str]:
-    """Which of these models have a worker up on an online node, or may be served by an
-    online shared node of their class."""
+def serving_models(session: Session, model_ids: list[str]) -> tuple[set[str], set[str]]:
+    """Which of these models have a worker up on an online node, and which may be served by
+    an online shared node of their class."""
     if not model_ids:
-        return set()
+        return set(), set()
     dedicated = select(Worker.model_id).join(PoolNode, PoolNode.name == Worker.node_name).where(  # type: ignore[arg-type]
         col(Worker.model_id).in_(model_ids), Worker.status == WorkerStatus.UP, PoolNode.status == NodeStatus.ONLINE)
     shared = select(Model.id).join(PoolNode, PoolNode.host_class == Model.hardware).where(  # type: ignore[arg-type]
         col(Model.id).in_(model_ids), col(Model.shared).is_(True), col(PoolNode.shared).is_(True),
         PoolNode.status == NodeStatus.ONLINE)
-    return set(session.exec(dedicated).all()) | set(session.exec(shared).all())
+    return set(session.exec(dedicated).all()), set(session.exec(shared).all())
 
 
-def check_query(grant: TokenGrant, model_id: str, wait_for_worker: bool = False) -> ModelGrant:
+def check_query(grant: TokenGrant, model_id: str, wait_for_worker: bool = False,
+                mode: Route = Route.AUTO) -> ModelGrant:
     """May this grant run a query on ``model_id`` now? The model's grant if so. With no
-    worker up for it, refused at once unless the caller asked to wait for one."""
+    worker up for it (dedicated or shared), refused at once unless the caller asked to wait
+    for one; :func:`route` then says where it goes."""
     grant.check_unexpired()
     model = grant.find(model_id)
     if model is None:
@@ -128,12 +145,28 @@ def check_query(grant: TokenGrant, model_id: str, wait_for_worker: bool = False)
             f"Model {model.name!r} is {model.status.value}, not active; its provider must "
             "activate it before it accepts queries."
         )
-    if not model.serving and not wait_for_worker:
+    if not model.serving and not wait_for_worker and mode == Route.AUTO:
         raise NoWorkerUp(
             f"Model {model.name!r} has no worker up: its provider must start one (`cipherpool worker start "
             f"{model.name}`), or submit with wait_for_worker to queue the query until one is up."
         )
+    route(model, mode, wait_for_worker)  # the mode asked for must be possible too
     return model
+
+
+def route(model: ModelGrant, asked: Route = Route.AUTO, wait_for_worker: bool = False) -> Route:
+    """Where a query for ``model`` goes: its dedicated workers' queue or the shared nodes' of
+    its class. ``auto`` prefers a dedicated worker that is up; a caller who waits for a worker
+    waits in the dedicated queue (or the shared one, if it asked for shared)."""
+    if asked == Route.SHARED or (asked == Route.AUTO and not model.dedicated and model.shared):
+        if not model.shared and not wait_for_worker:
+            raise NoWorkerUp(f"No shared {model.hardware} node may serve model {model.name!r}: it does not allow "
+                             "shared nodes, or none of its class is online; query its dedicated workers instead.")
+        return Route.SHARED
+    if not model.dedicated and not wait_for_worker:
+        raise NoWorkerUp(f"Model {model.name!r} has no dedicated worker up: its provider must start one "
+                         f"(`cipherpool worker start {model.name}`), or submit with wait_for_worker.")
+    return Route.DEDICATED
 
 
 def pick_model(grant: TokenGrant, name: str | None) -> ModelGrant:

@@ -23,12 +23,12 @@ from cipherpool.dispatch import output_of, prepare_query, publish_query, reply_f
 from cipherpool.errors import QueryTimeout
 from cipherpool.messages import EncryptedInput
 from cipherpool.services import usage
-from cipherpool.services.queries import check_query, grant_for_id, key_blob
+from cipherpool.services.queries import Route, check_query, grant_for_id, key_blob, route
 from cipherpool.tasks.app import app
 from cipherpool.workers.context import PlatformContext, platform
 
 
-def submit_query(token_id: str, ciphertext: bytes, *, wait_for_worker: bool = False,
+def submit_query(token_id: str, ciphertext: bytes, *, wait_for_worker: bool = False, mode: Route = Route.AUTO,
                  ctx: PlatformContext | None = None) -> AsyncResult:
     """Authorise and enqueue one query; returns Celery's handle for it. With no worker up
     for the model it is refused (NoWorkerUp) unless ``wait_for_worker``."""
@@ -36,12 +36,13 @@ def submit_query(token_id: str, ciphertext: bytes, *, wait_for_worker: bool = Fa
     envelope = EncryptedInput.decode(ciphertext)  # decode
     with ctx.session() as session:  # authorise, against the database as it is now
         grant = grant_for_id(session, token_id)
-        model = check_query(grant, envelope.model_id, wait_for_worker)
+        model = check_query(grant, envelope.model_id, wait_for_worker, Route(mode))
+        shared = route(model, Route(mode), wait_for_worker) == Route.SHARED
         blob_id = key_blob(session, grant, model, envelope.key_id)
     usage.charge(ctx.store.redis, grant.token_id, grant.quota)
     try:
         request = prepare_query(ctx.settings, ctx.store, grant, model, envelope, ciphertext, blob_id)  # service
-        return publish_query(app, request, model.hardware, ctx.settings.query_timeout_s)
+        return publish_query(app, request, model.hardware, ctx.settings.query_timeout_s, shared=shared)
     except Exception:
         usage.refund(ctx.store.redis, grant.token_id)  # not published: not counted
         raise

@@ -59,6 +59,7 @@ class QueryEvent:
     model_id: str | None = None
     key_id: str | None = None
     token_id: str | None = None
+    account_id: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property

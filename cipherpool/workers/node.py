@@ -15,12 +15,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.fhe.keycache import KeyCache
 from cipherpool.workers.hooks import BindingEvent, Hook, Hooks
 from cipherpool.workers.stats import FiguresDict, NodeStats
+
+if TYPE_CHECKING:
+    from cipherpool.workers.shared import SharedModels
 
 log = logging.getLogger("cipherpool.node")
 
@@ -107,6 +110,7 @@ class NodeRuntime:
         self.profile = profile
         self.labels = dict(labels or {})
         self.shared = shared
+        self.shared_models: SharedModels | None = None  # a shared node's on-demand models (signals sets it)
         self.host_class = host_class
         self.concurrency = concurrency
         self.threads = threads
@@ -177,9 +181,15 @@ class NodeRuntime:
 _runtime: NodeRuntime | None = None
 
 
-def install_runtime(runtime: NodeRuntime | None) -> None:
+def install_runtime(runtime: NodeRuntime) -> NodeRuntime:
     global _runtime
     _runtime = runtime
+    return runtime
+
+
+def uninstall_runtime() -> None:
+    global _runtime
+    _runtime = None
 
 
 def current_runtime() -> NodeRuntime | None:

@@ -19,6 +19,7 @@ from cipherpool.messages import EncryptedInput, EncryptedOutput, Envelope, Query
 from cipherpool.names import query_routing_key
 from cipherpool.services.queries import REGENERATE
 from cipherpool.store import BlobKind
+from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.workers.context import PlatformContext
 from cipherpool.workers.hooks import Hook, QueryEvent
 from cipherpool.workers.node import NodeRuntime
@@ -69,6 +70,7 @@ def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: De
         hooks.query_received(query)
         return _refuse(query, hooks, error)
     query.model_id, query.key_id, query.token_id = request.model_id, request.key_id, request.token_id
+    query.account_id = request.account_id or None
     query.timings["queue_wait_s"] = max(0.0, query.received_at - request.submitted_at) if request.submitted_at else 0.0
     hooks.query_received(query)
     try:
@@ -93,16 +95,7 @@ def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: De
 def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, query: QueryEvent) -> QueryReply:
     """Check the ciphertext, take the key, run the model: the encrypted reply and its timings."""
     started = query.received_at
-    binding = runtime.binding
-    if binding is None or binding.model_id != request.model_id:
-        raise NotBoundHere(request.model_id)
-    evaluator = binding.evaluator_for(request.version)
-    if evaluator is None:
-        if request.version > max(binding.versions):  # not loaded here yet: another node may have it
-            raise NotBoundHere(request.model_id)
-        raise KeysOutdated(f"This query is for version {request.version} of model {binding.model_name!r}, which "
-                           f"its workers no longer hold (they serve version {binding.version}): {REGENERATE}.")
-    query.binding = binding.event
+    evaluator, version = _evaluator(ctx, runtime, request, query)
     encrypted = _open(ctx, request)
     query.timings["open_s"] = time.time() - started
     runtime.hooks.query_authorised(query)
@@ -114,7 +107,9 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, q
         blob = ctx.store.get(BlobKind.EVALUATION_KEY, blob_id)
         return evaluator.load_keys(blob), len(blob)
 
-    keys, hit = runtime.key_cache.get_or_load(blob_id, load)  # shared by identical keys
+    # Shared by identical keys; on a shared node, per model (its models' keys differ in kind).
+    cache_key = f"{request.model_id}:{blob_id}" if runtime.shared_models is not None else blob_id
+    keys, hit = runtime.key_cache.get_or_load(cache_key, load)
     query.timings["key_s"] = time.time() - t
     runtime.hooks.key_loaded(query, hit=hit, seconds=query.timings["key_s"])
 
@@ -124,8 +119,29 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, q
 
     reply = _reply(ctx, request, output)
     query.timings["server_total_s"] = time.time() - started
-    return QueryReply(node=runtime.name, version=request.version or binding.version, key_cache="hit" if hit else "miss",
+    return QueryReply(node=runtime.name, version=version, key_cache="hit" if hit else "miss",
                       timings=dict(query.timings), **reply)
+
+
+def _evaluator(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest,
+               query: QueryEvent) -> tuple[Evaluator, int]:
+    """The loaded model version that runs this query: the binding's (a dedicated node), or
+    one loaded on demand (a shared node)."""
+    if runtime.shared_models is not None:
+        evaluator, event, version, _ = runtime.shared_models.evaluator(ctx, request.model_id, request.version)
+        query.binding = event
+        return evaluator, version
+    binding = runtime.binding
+    if binding is None or binding.model_id != request.model_id:
+        raise NotBoundHere(request.model_id)
+    held = binding.evaluator_for(request.version)
+    if held is None:
+        if request.version > max(binding.versions):  # not loaded here yet: another node may have it
+            raise NotBoundHere(request.model_id)
+        raise KeysOutdated(f"This query is for version {request.version} of model {binding.model_name!r}, which "
+                           f"its workers no longer hold (they serve version {binding.version}): {REGENERATE}.")
+    query.binding = binding.event
+    return held, request.version or binding.version
 
 
 def _refuse(query: QueryEvent, hooks: Hook, error: CipherpoolError) -> Envelope:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,7 @@ from celery import signals
 from celery.utils.dispatch import Signal
 
 from cipherpool.config.profiles import resolve_profile
+from cipherpool.dispatch import shared_queue_of
 from cipherpool.names import BIND_TASK, POOL_QUEUE, UNBIND_TASK, node_queue
 from cipherpool.services import nodes as node_service
 from cipherpool.fhe.evaluator import preload
@@ -32,6 +35,7 @@ from cipherpool.workers.context import platform
 from cipherpool.workers import capacity
 from cipherpool.workers.hooks import load_hook
 from cipherpool.workers.loghook import WorkerLog
+from cipherpool.workers.shared import ExecutionMeter, SharedModels
 from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
 
 log = logging.getLogger("cipherpool.node")
@@ -68,7 +72,10 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
         if "threads" not in pool and "solo" not in pool:
             log.warning("pool node %s: using the threads pool instead of %s", sender.hostname, pool)
             sender.pool_cls = "threads"
-        install_runtime(
+        hooks = [WorkerLog(lambda: ctx.store.redis), *(load_hook(path) for path in settings.node_hooks)]
+        if profile.shared:
+            hooks.insert(0, ExecutionMeter(lambda: ctx.store.redis))
+        runtime = install_runtime(
             NodeRuntime(
                 sender.hostname,
                 host_class=profile.host_class.value,
@@ -77,10 +84,15 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
                 key_cache_bytes=profile.key_cache_bytes,
                 key_memory_factor=settings.key_memory_factor,
                 evaluator_factory=default_evaluator_factory,
-                hooks=[WorkerLog(lambda: ctx.store.redis), *(load_hook(path) for path in settings.node_hooks)],
-                profile=profile.name, labels=profile.labels, shared=profile.shared,
+                hooks=hooks, profile=profile.name, labels=profile.labels, shared=profile.shared,
             )
         )
+        if profile.shared:
+            workdir = Path(settings.data_dir).expanduser() / "node-models" / f"shared-{sender.hostname}"
+            shutil.rmtree(workdir, ignore_errors=True)  # what an earlier run of this node loaded
+            workdir.mkdir(parents=True, mode=0o700)
+            runtime.shared_models = SharedModels(sender.hostname, runtime.host_class, profile.model_cache_bytes,
+                                                 workdir, default_evaluator_factory)
         if settings.node_preload:
             log.info("pool node %s imported concrete in %.1f s", sender.hostname, preload())
     except Exception:
@@ -95,6 +107,10 @@ def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
         return
     try:
         sender.add_task_queue(node_queue(runtime.name))
+        if runtime.shared_models is not None:  # a shared node takes its class's shared queries from the start
+            queue = shared_queue_of(runtime.host_class)
+            sender.add_task_queue(queue.name, exchange=queue.exchange.name, exchange_type=queue.exchange.type,
+                                  routing_key=queue.routing_key)
         ctx = platform()
         with ctx.session() as session:
             host = capacity.detect()

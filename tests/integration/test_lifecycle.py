@@ -49,6 +49,13 @@ host_class = "gpu"
 concurrency = 2
 threads = 1
 labels = { zone = "a" }
+
+[profiles.shared-cpu]
+host_class = "cpu"
+concurrency = 1
+threads = 1
+shared = true
+model_cache = "4GiB"
 """
 
 
@@ -58,7 +65,8 @@ def pool(tmp_path_factory):
     (root / "profiles.toml").write_text(PROFILES)
     settings = Settings(data_dir=root / "platform", profiles_file=root / "profiles.toml", query_timeout_s=120,
                         auth_cache_ttl_s=5.0)
-    stack = EmbeddedStack(settings, StackOptions(profiles=["cpu-a", "cpu-b", "gpu-small"], beat=False, flower=False))
+    stack = EmbeddedStack(settings, StackOptions(profiles=["cpu-a", "cpu-b", "gpu-small", "shared-cpu"], beat=False,
+                                                 flower=False))
     with stack:
         mc = ManagementClient(stack.create_account("pool-provider"), settings=stack.client_settings)
         yield stack, mc
@@ -97,7 +105,8 @@ def client(pool, name: str, tmp_path, **kw) -> QueryClient:
 def test_nodes_report_profile_class_labels_and_capacity(pool):
     stack, mc = pool
     nodes = {n.profile: n for n in mc.list_nodes()}
-    assert set(nodes) == {"cpu-a", "cpu-b", "gpu-small"}
+    assert set(nodes) == {"cpu-a", "cpu-b", "gpu-small", "shared-cpu"}
+    assert [n.shared for n in nodes.values()] == [p == "shared-cpu" for p in nodes]
     assert (nodes["gpu-small"].host_class, nodes["gpu-small"].labels) == ("gpu", {"zone": "a"})
     for node in nodes.values():
         assert node.status == "online" and node.heartbeat_age_s < 30
@@ -256,3 +265,51 @@ def test_a_worker_log_tells_its_life(pool, deployed):
     assert [line.n for line in lines] == list(range(len(lines)))
     assert mc.worker_logs(worker.id, after=lines[-2].n) == lines[-1:]
     assert mc.get_worker(worker.id).stop_reason == "user"
+
+
+def test_shared_nodes_serve_models_that_allow_them_on_demand(pool, deployed, examples, tmp_path):
+    from redis import Redis
+
+    from cipherpool.workers.shared import execution_tally
+
+    stack, mc = pool
+    shared_node = next(n.name for n in mc.list_nodes() if n.shared)
+    name = deployed("digits", "digits-shared", shared=True)
+    qc = client(pool, name, tmp_path / "shared")
+    x = examples["digits"].x_test[:2]
+    expected = np.argmax(examples["digits"].clear(x), axis=1)
+
+    # No dedicated worker: auto goes to the shared node, which loads the model on demand.
+    handles = [qc.submit(qc.encrypt(row)) for row in x]
+    assert [int(np.argmax(qc.decrypt(h.result(120)))) for h in handles] == list(expected)
+    assert {h.node for h in handles} == {shared_node}
+    model_id = mc.get_model(name).id
+    redis = Redis.from_url(stack.broker_url)
+    try:
+        tally = execution_tally(redis, _account_id(stack, name))
+    finally:
+        redis.close()
+    assert tally[model_id]["queries"] == 2 and tally[model_id]["seconds"] > 0  # billed per execution
+
+    # With a dedicated worker up, auto prefers it; mode=shared still reaches the shared node.
+    worker = mc.start_worker(name)
+    assert int(np.argmax(qc.predict(x[0]))) == expected[0]
+    dedicated = qc.submit(qc.encrypt(x[0]))
+    dedicated.result(120)
+    assert dedicated.node == worker.node
+    shared = QueryClient(qc.token, settings=stack.client_settings, key_dir=tmp_path / "shared", mode="shared")
+    via_shared = shared.submit(shared.encrypt(x[1]))
+    assert int(np.argmax(shared.decrypt(via_shared.result(120)))) == expected[1] and via_shared.node == shared_node
+
+    # A model that does not allow shared nodes is refused there, with the reason.
+    private = deployed("digits", "digits-private")
+    qp = client(pool, private, tmp_path / "private", mode="shared")
+    with pytest.raises(errors.NoWorkerUp, match="does not allow shared nodes"):
+        qp.predict(x[0])
+    with pytest.raises(errors.NoWorkerUp, match="no worker up"):
+        client(pool, private, tmp_path / "private-auto").predict(x[0])
+
+
+def _account_id(stack, model_name: str) -> str:
+    with session_scope(stack.settings.effective_database_url()) as session:
+        return session.exec(select(Model.account_id).where(Model.name == model_name)).one()
