@@ -17,6 +17,7 @@ QUERY_TASK = TASK_PREFIX + "query.run"  # one encrypted query, on its model's qu
 BIND_TASK = TASK_PREFIX + "node.bind"  # node queue: load a model and consume its queue
 UNBIND_TASK = TASK_PREFIX + "node.unbind"  # node queue: stop consuming, unload
 STATS_TASK = TASK_PREFIX + "node.stats"  # node queue: the node's live figures
+WARM_TASK = TASK_PREFIX + "node.warm"  # node queue: one throwaway evaluation with a new key set
 CONSUME_TASK = TASK_PREFIX + "node.consume"  # node queue: consume its model's queue or not (standby), as the row says
 RECONCILE_TASK = TASK_PREFIX + "control.reconcile"  # beat, control queue: fail workers of lost nodes, replace them
 RELOAD_TASK = TASK_PREFIX + "node.reload"  # node queue: load the versions its model must hold

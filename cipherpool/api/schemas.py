@@ -349,12 +349,23 @@ class ClientModelOut(Wire):
     concrete_python: str
     client_zip_sha256: str
     running_workers: int
+    input_shape: list[int] | None = None  # of the serving version, read from its client specs
+    key_warmup: bool = False  # the gateway warms a new key set's workers (POST .../keys/{id}/warmup)
 
 
 class KeyOut(Wire):
     key_id: str
     blob_id: str
     size_bytes: int
+
+
+class WarmupOut(Wire):
+    """A key set warmed: the dedicated nodes serving the model that ran one throwaway
+    evaluation with it (its key deserialized and used, so the first real query is warm)."""
+
+    nodes: int  # nodes asked
+    warmed: int  # nodes that answered in time
+    seconds: float  # the slowest warm-up
 
 
 class QueryAccepted(Wire):

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from cipherpool.api.schemas import ClientModelOut, KeyOut, QueryAccepted
+from cipherpool.api.schemas import ClientModelOut, KeyOut, QueryAccepted, WarmupOut
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.credentials import digest
@@ -113,6 +113,7 @@ class QueryClient:
         self._crypto: ClientCrypto | None = None
         self.last_timings: dict[str, float] = {}
         self.last_version: int | None = None  # the model version that answered the last execute()
+        self.last_warmup: WarmupOut | None = None  # what the last key upload's warm-up did
 
     @property
     def token(self) -> str:
@@ -153,13 +154,22 @@ class QueryClient:
         """Create (or reload) this client's keys; returns the key set's id."""
         return self.crypto.generate_keys(force=force)
 
-    def upload_evaluation_keys(self) -> str:
+    def upload_evaluation_keys(self, warm_up: bool = True) -> str:
         """Upload the evaluation key under this key set's id (stored once per content), which
-        it returns. The secret key is not sent: it never leaves key_dir."""
+        it returns. The secret key is not sent: it never leaves key_dir.
+
+        ``warm_up`` (if the gateway has it on): then send one throwaway ciphertext (of zeros)
+        under the new keys, which each node serving the model evaluates once, so that the
+        first real query finds the key deserialized and used. It returns when they are done."""
         key_id = self.crypto.key_id()
         params = {**self._params, "specs": self.model.client_zip_sha256}
         self._t.call("PUT", f"/v1/client/keys/{key_id}", KeyOut, content=self.crypto.evaluation_key(),
                      headers=OCTET, timeout=UPLOAD_TIMEOUT_S, params=params)
+        model = self.model
+        if warm_up and model.key_warmup and model.input_shape and model.running_workers:
+            self.last_warmup = self._t.call(
+                "POST", f"/v1/client/keys/{key_id}/warmup", WarmupOut, headers=OCTET, timeout=UPLOAD_TIMEOUT_S,
+                content=self.encrypt(np.zeros(model.input_shape[1:] or model.input_shape)))
         return key_id
 
     def encrypt(self, x: ArrayLike) -> bytes:

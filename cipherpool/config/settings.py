@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     # Import concrete when a node starts, not when it first binds a model (cold start).
     node_preload: bool = True
 
+    # When a client uploads a key set (and a throwaway ciphertext), each node serving the model
+    # runs one evaluation with it, so the client's first query finds the key deserialized and
+    # used (first query 2.7 s -> about a warm one's 1.2 s on digits). It costs each node one
+    # evaluation per new key set.
+    key_warmup: bool = True
+    key_warmup_timeout_s: float = 30.0
+
     # Evaluation-key cache, per node process. A used key costs several times its serialized
     # size in memory (35 MB key -> ~185-650 MB), so the bound is in bytes of *estimated*
     # resident size = serialized size x key_memory_factor.

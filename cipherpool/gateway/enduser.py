@@ -6,15 +6,25 @@ A token assigned to one model needs no ``?model=``; one assigned to several name
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from typing import Annotated
+
+from celery.result import AsyncResult
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from cipherpool.api.schemas import KEY_ID_PATTERN, NAME_PATTERN, SHA256_PATTERN, ClientModelOut, KeyOut
+from cipherpool.api.schemas import KEY_ID_PATTERN, NAME_PATTERN, SHA256_PATTERN, ClientModelOut, KeyOut, WarmupOut
 from cipherpool.db.tables import Model
-from cipherpool.errors import InvalidEvaluationKey, ModelNotFound
+from cipherpool.dispatch import open_envelope, prepare_query, send_to_node
+from cipherpool.errors import CipherpoolError, InvalidEvaluationKey, KeyMismatch, ModelNotFound
+from cipherpool.gateway.results import TaskMeta
+from cipherpool.messages import EncryptedInput, unwrap
+from cipherpool.names import WARM_TASK
+from cipherpool.statuses import WorkerStatus
 from cipherpool.fhe.framing import capnp_message_length, header_bytes_needed
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
 from cipherpool.gateway.state import GatewayState
@@ -35,7 +45,7 @@ Specs = Annotated[str | None, Query(pattern=SHA256_PATTERN, description="sha256 
 def list_models(gw: Gateway, grant: Grant) -> list[ClientModelOut]:
     """The models this token may query."""
     with gw.ctx.session() as session:
-        return [_describe(session, _model(session, m)) for m in grant.models]
+        return [_describe(session, _model(session, m), gw.settings.key_warmup) for m in grant.models]
 
 
 @router.get("/model", response_model=ClientModelOut)
@@ -43,7 +53,7 @@ def describe_model(gw: Gateway, grant: Grant, model: ModelChoice = None) -> Clie
     """A model this token queries: its serving version, client specs digest, and how many
     workers serve it."""
     with gw.ctx.session() as session:
-        return _describe(session, _model(session, queries.pick_model(grant, model)))
+        return _describe(session, _model(session, queries.pick_model(grant, model)), gw.settings.key_warmup)
 
 
 @router.get("/model/client.zip", response_class=Response, responses={200: BINARY_RESPONSE})
@@ -78,6 +88,44 @@ async def upload_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant,
     return KeyOut(key_id=key_id, blob_id=upload.sha256, size_bytes=upload.size)
 
 
+@router.post("/keys/{key_id}/warmup", response_model=WarmupOut, openapi_extra=BINARY_BODY)
+async def warm_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant) -> WarmupOut:
+    """Warm key set ``key_id`` on every dedicated node serving the model: each runs the body (a
+    throwaway ciphertext under that key set, e.g. of zeros) once and drops the result, so the
+    key is deserialized and used before the client's first query. Answers when they are done
+    (or after ``key_warmup_timeout_s``); with warm-up off, at once with nothing done."""
+    body = await request.body()
+    envelope, model = open_envelope(grant, body, wait_for_worker=True)
+    if envelope.key_id != key_id:
+        raise KeyMismatch("This ciphertext was encrypted under another key set than the one named in the path.")
+    if not gw.settings.key_warmup:
+        return WarmupOut(nodes=0, warmed=0, seconds=0.0)
+    sent = await run_in_threadpool(_send_warmups, gw, grant, model, envelope, body)
+    started = time.monotonic()
+    metas = await asyncio.gather(*(gw.waiter.wait(task.id, gw.settings.key_warmup_timeout_s) for task in sent))
+    return WarmupOut(nodes=len(sent), warmed=sum(map(_warmed, metas)), seconds=round(time.monotonic() - started, 3))
+
+
+def _warmed(meta: TaskMeta | None) -> bool:
+    if not meta or meta.get("status") != "SUCCESS":
+        return False
+    try:
+        unwrap(meta.get("result"))  # a node's typed refusal (it was unbound meanwhile) raises here
+    except CipherpoolError:
+        return False
+    return True
+
+
+def _send_warmups(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput,
+                  body: bytes) -> list[AsyncResult]:
+    with gw.ctx.session() as session:
+        blob_id = queries.key_blob(session, grant, model, envelope.key_id)
+        nodes = [w.node_name for w in worker_service.serving(session, model_id=model.model_id)
+                 if w.status == WorkerStatus.UP]
+    request = prepare_query(gw.settings, gw.store, grant, model, envelope, body, blob_id)
+    return [send_to_node(gw.celery, node, WARM_TASK, request=request.encode()) for node in nodes]
+
+
 def _check_room(gw: GatewayState, grant: TokenGrant, key_id: str) -> None:
     """Refuse an upload over the key-set cap before reading its body."""
     with gw.ctx.session() as session:
@@ -103,10 +151,11 @@ def _model(session: Session, grant: ModelGrant) -> Model:
     return model
 
 
-def _describe(session: Session, model: Model) -> ClientModelOut:
+def _describe(session: Session, model: Model, warmup: bool = False) -> ClientModelOut:
     version = current_version(session, model)
     return ClientModelOut(
         id=model.id, name=model.name, status=model.status, version=model.version,
         concrete_ml=version.concrete_ml_version, concrete_python=version.concrete_python_version,
         client_zip_sha256=version.client_blob, running_workers=worker_service.running_count(session, model.id),
+        input_shape=json.loads(version.input_shape) if version.input_shape else None, key_warmup=warmup,
     )

@@ -51,6 +51,8 @@ class GatewayState:
         s = self.settings
         if method == "PUT" and path == UPLOADS:
             return s.max_deployment_zip_bytes
+        if method == "POST" and path.startswith(KEYS) and path.endswith("/warmup"):
+            return s.max_ciphertext_bytes
         if method == "PUT" and path.startswith(KEYS):
             return s.max_evaluation_key_bytes
         if method == "POST" and path == QUERIES:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from cipherpool.errors import ConfigurationError
-from cipherpool.names import BIND_TASK, CONSUME_TASK, RELOAD_TASK, STATS_TASK, UNBIND_TASK
+from cipherpool.names import BIND_TASK, CONSUME_TASK, RELOAD_TASK, STATS_TASK, UNBIND_TASK, WARM_TASK
 from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import platform_task
-from cipherpool.workers import binding
+from cipherpool.workers import binding, query
 from cipherpool.workers.binding import BindOutcome
 from cipherpool.workers.context import platform
 from cipherpool.workers.node import NodeRuntime, WorkerReport, current_runtime
@@ -37,6 +37,11 @@ def reload(worker_id: str) -> BindOutcome:
 @platform_task(app, CONSUME_TASK)
 def consume(worker_id: str) -> BindOutcome:
     return binding.apply_standby(platform(), _runtime(), app, worker_id)
+
+
+@platform_task(app, WARM_TASK)
+def warm(request: object) -> query.Warmed:
+    return query.warm(platform(), _runtime(), request)
 
 
 @platform_task(app, STATS_TASK)

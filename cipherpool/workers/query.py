@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
+from cipherpool import workerlog
 from cipherpool.errors import CipherpoolError, KeyMismatch, KeysOutdated, ModelMismatch, ModelUnavailable
 from cipherpool.messages import EncryptedInput, EncryptedOutput, Envelope, QueryReply, QueryRequest, failed, ok
 from cipherpool.names import query_routing_key
@@ -177,3 +178,36 @@ def _reply(ctx: PlatformContext, request: QueryRequest, output: bytes) -> _Outpu
     if len(body) > ctx.settings.inline_max_bytes:
         return {"output_ref": ctx.store.put_payload(body, ctx.settings.payload_ttl_s)}
     return {"output": body}
+
+
+class Warmed(TypedDict):
+    seconds: float
+    cached: bool  # the key set was in the cache already: nothing to do
+
+
+def warm(ctx: PlatformContext, runtime: NodeRuntime, raw: object) -> Warmed:
+    """One throwaway evaluation with a new key set (its ciphertext sent by the client for
+    this), so the key is fetched, deserialized and used before the client's first query. Not a
+    query: no hook hears it, nothing is returned but how long it took; the worker's log says so."""
+    started = time.time()
+    query = QueryEvent(node=runtime.name, task_id=None, binding=None)
+    request = QueryRequest.decode(raw)
+    try:
+        evaluator, _ = _evaluator(ctx, runtime, request, query)
+    except NotBoundHere:
+        raise ModelUnavailable("This node no longer serves the model.") from None
+    encrypted = _open(ctx, request)
+
+    def load() -> tuple[Any, int]:
+        blob = ctx.store.get(BlobKind.EVALUATION_KEY, request.blob_id)
+        return evaluator.load_keys(blob), len(blob)
+
+    cache_key = f"{request.model_id}:{request.blob_id}" if runtime.shared_models is not None else request.blob_id
+    keys, hit = runtime.key_cache.get_or_load(cache_key, load)
+    if not hit:
+        evaluator.run(encrypted.data, keys)
+    seconds = time.time() - started
+    if query.worker_id:
+        workerlog.write(ctx.store.redis, query.worker_id, f"key set {request.key_id[:12]}… warmed in {seconds:.2f} s"
+                        f"{' (already cached)' if hit else ''}", source=runtime.name)
+    return {"seconds": seconds, "cached": hit}
