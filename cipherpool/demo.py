@@ -90,9 +90,12 @@ class Demo:
     def first_query(self, qc: QueryClient) -> None:
         with self.step("end user: generate keys (the secret key stays on this machine)"):
             qc.generate_keys()
-        with self.step("end user: upload the evaluation key (once)"):
+        with self.step("end user: upload the evaluation key (once), warmed on the node"):
             key_id = qc.upload_evaluation_keys()
             self.echo(f"  key set {key_id[:12]}…, evaluation key {len(qc.crypto.evaluation_key()) / 1e6:.1f} MB")
+            if qc.last_warmup is not None:
+                self.echo(f"  warmed on {qc.last_warmup.warmed} of {qc.last_warmup.nodes} node(s) in "
+                          f"{qc.last_warmup.seconds:.2f} s: one throwaway evaluation, so the first query is warm")
         x, label = self.example.x_test[0], int(self.example.y_test[0])
         t0 = time.perf_counter()
         ciphertext = qc.encrypt(x)

@@ -77,8 +77,9 @@ def publish_query(app: Celery, request: QueryRequest, host_class: str, expires_s
     return _send(app, QUERY_TASK, kwargs, queue, expires=expires_s, task_id=task_id)
 
 
-def send_to_node(app: Celery, node: str, task: str, **kwargs: Any) -> AsyncResult:
-    return _send(app, task, kwargs, node_queue(node))
+def send_to_node(app: Celery, node: str, task: str, expires: float | None = None, **kwargs: Any) -> AsyncResult:
+    """A command on the node's own queue; ``expires``: dropped if not started within that many seconds."""
+    return _send(app, task, kwargs, node_queue(node), **({"expires": expires} if expires else {}))
 
 
 def _send(app: Celery, task: str, kwargs: dict[str, Any], queue: str | Queue, **options: Any) -> AsyncResult:

@@ -11,12 +11,13 @@ worker's log (:mod:`cipherpool.workerlog`).
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 
 from celery import Celery
 from sqlmodel import Session, col, select
 
 from cipherpool import workerlog
-from cipherpool.db.tables import Account, Model, ModelStatus, Worker
+from cipherpool.db.tables import Account, Model, ModelStatus, Worker, WorkerStatus, utcnow
 from cipherpool.dispatch import send_to_node
 from cipherpool.errors import CipherpoolError
 from cipherpool.names import AUTH_GENERATION_KEY, BIND_TASK, CONSUME_TASK, RELOAD_TASK, UNBIND_TASK
@@ -28,6 +29,7 @@ from cipherpool.statuses import EventKind, StopReason
 from cipherpool.workers.context import PlatformContext
 
 log = logging.getLogger("cipherpool.lifecycle")
+MIN_RETRY_S = 60.0  # after a worker of a model failed to load, beat waits this long before starting another for its minimum
 
 
 def start_workers(ctx: PlatformContext, app: Celery, account_id: str, model: str, *, count: int = 1,
@@ -38,10 +40,17 @@ def start_workers(ctx: PlatformContext, app: Celery, account_id: str, model: str
         account = get_account(session, account_id)
         workers = worker_service.start_workers(session, account, model, ctx.settings.node_heartbeat_s, count=count,
                                                profile=profile, standby=standby)
-    for worker in workers:
+    for i, worker in enumerate(workers):
         workerlog.write(ctx.store.redis, worker.id, f"pending: claimed node {worker.node_name} for model {model}"
                         f"{' (standby)' if standby else ''}", source=source)
-        send_to_node(app, worker.node_name, BIND_TASK, worker_id=worker.id)
+        try:
+            send_to_node(app, worker.node_name, BIND_TASK, worker_id=worker.id)
+        except CipherpoolError as exc:  # none left pending forever, holding its node
+            with ctx.session() as session:
+                for unsent in workers[i:]:
+                    worker_service.finish(session, unsent.id, WorkerStatus.FAILED,
+                                          error=f"its node could not be told to bind: {exc.message}")
+            raise
     return workers
 
 
@@ -129,10 +138,13 @@ def _replace(ctx: PlatformContext, app: Celery, worker: Lost) -> None:
 def keep_minimum(ctx: PlatformContext, app: Celery) -> list[Worker]:
     """Start workers for active models of enabled accounts that have fewer than ``min_workers``
     (a node lost with no replacement then, a node that came back). A model short of nodes is
-    logged, not retried louder: the next tick tries again."""
+    logged, not retried louder: the next tick tries again. A model whose worker failed to
+    load within ``MIN_RETRY_S`` waits that long: a load that always fails is not retried
+    every tick."""
+    since = utcnow() - timedelta(seconds=MIN_RETRY_S)
     with ctx.session() as session:
         short = [(m.account_id, m.name, m.min_workers - len(worker_service.serving(session, model_id=m.id)))
-                 for m in _with_minimum(session)]
+                 for m in _with_minimum(session) if not _failed_since(session, m.id, since)]
     started: list[Worker] = []
     for account_id, name, missing in short:
         if missing <= 0:
@@ -149,6 +161,13 @@ def _with_minimum(session: Session) -> list[Model]:
         select(Model).join(Account, col(Account.id) == Model.account_id).where(
             Model.status == ModelStatus.ACTIVE, col(Model.min_workers) > 0, col(Account.disabled_at).is_(None))
     ))
+
+
+def _failed_since(session: Session, model_id: str, since: datetime) -> bool:
+    """Did a worker of the model fail on its own (not with a lost node) since ``since``?"""
+    return session.exec(select(Worker.id).where(
+        Worker.model_id == model_id, Worker.status == WorkerStatus.FAILED, col(Worker.stopped_at) >= since,
+        col(Worker.stop_reason) != StopReason.NODE_LOST.value)).first() is not None
 
 
 def _model_id(session: Session, worker_id: str) -> str:

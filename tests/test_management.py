@@ -12,7 +12,7 @@ from sqlmodel import select
 
 from cipherpool import errors
 from cipherpool.db.tables import (
-    AccessToken, EvaluationKey, Model, ModelEvent, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker,
+    AccessToken, Account, EvaluationKey, Model, ModelEvent, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker,
     WorkerStatus, utcnow,
 )
 from cipherpool.fhe.deployment import InputSpec, Versions
@@ -1004,7 +1004,7 @@ def test_the_reconciler_fails_workers_of_lost_nodes_only(session, account):
     assert set(found) == {lost.id, stopping.id}
     assert found[lost.id].replace and not found[stopping.id].replace  # a stopping worker is not wanted
     row = session.get(Worker, lost.id)
-    assert row.status == WorkerStatus.FAILED and "n1 lost" in row.error and row.stop_reason == "failure"
+    assert row.status == WorkerStatus.FAILED and "n1 lost" in row.error and row.stop_reason == "node lost"
     assert session.get(PoolNode, "n1").status == NodeStatus.OFFLINE and session.get(PoolNode, "n1").worker_id is None
     assert session.get(Worker, alive.id).status == WorkerStatus.UP
     assert fail_lost_workers(session, HEARTBEAT_S) == []  # once only
@@ -1062,3 +1062,42 @@ def test_events_since_a_time_with_an_offset_compare_in_utc(session, account):
     before = before if before.tzinfo else before.replace(tzinfo=UTC)
     assert events.list_events(session, model, since=before.astimezone(paris))  # 30 min before, in +02:00
     assert not events.list_events(session, model, since=(before + timedelta(hours=1)).astimezone(paris))
+
+
+def test_beat_keeps_the_minimum_and_backs_off_after_a_failed_load(session, db_url, account, tmp_path):
+    from types import SimpleNamespace
+
+    from cipherpool import lifecycle
+    from cipherpool.config.settings import Settings
+    from cipherpool.db import session_scope
+    from cipherpool.workers.context import PlatformContext
+
+    deploy(session, account, "m", min_workers=2, max_workers=3)
+    models.set_status(session, account, "m", ModelStatus.ACTIVE)
+    deploy(session, account, "idle")  # min_workers 0: never started by beat
+    models.set_status(session, account, "idle", ModelStatus.ACTIVE)
+    for name in ("n1", "n2", "n3"):
+        nodes.register_node(session, name, nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=1))
+    session.commit()
+    sent = []
+    app = SimpleNamespace(send_task=lambda name, kwargs=None, queue=None, **_: sent.append((name, queue)))
+    # The worker log's Redis is unreachable here: its lines are best effort, the decisions are not.
+    ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, broker_url="redis://127.0.0.1:1/0",
+                                   node_heartbeat_s=HEARTBEAT_S))
+
+    started = lifecycle.keep_minimum(ctx, app)
+    assert len(started) == 2 and len(sent) == 2  # up to the minimum
+    assert lifecycle.keep_minimum(ctx, app) == []  # pending workers count: nothing more
+    with session_scope(db_url) as s:
+        workers.finish(s, started[0].id, WorkerStatus.FAILED, error="load failed: broken artifact")
+    assert lifecycle.keep_minimum(ctx, app) == []  # a failed load: beat waits MIN_RETRY_S
+    with session_scope(db_url) as s:
+        row = s.get(Worker, started[0].id)
+        row.stopped_at = utcnow() - timedelta(seconds=lifecycle.MIN_RETRY_S + 1)
+        s.add(row)
+    assert len(lifecycle.keep_minimum(ctx, app)) == 1  # then it tries again
+    with session_scope(db_url) as s:
+        models.set_status(s, s.get(Account, account.id), "m", ModelStatus.INACTIVE)
+        for w in workers.serving(s, account_id=account.id):
+            workers.finish(s, w.id, WorkerStatus.STOPPED)
+    assert lifecycle.keep_minimum(ctx, app) == []  # an inactive model is not kept up

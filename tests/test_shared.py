@@ -22,20 +22,23 @@ from tests.test_services import ARTIFACT
 D, S = Route.DEDICATED, Route.SHARED
 
 
-@pytest.mark.parametrize("dedicated, shared, asked, wait, expected", [
-    (True, False, Route.AUTO, False, D),    # a dedicated worker is up: it takes the query
-    (True, True, Route.AUTO, False, D),     # auto prefers it to a shared node
-    (False, True, Route.AUTO, False, S),    # none up: a shared node of the class
-    (False, False, Route.AUTO, False, errors.NoWorkerUp),
-    (False, False, Route.AUTO, True, D),    # the caller waits in the dedicated queue
-    (True, True, Route.SHARED, False, S),   # asked for shared
-    (True, False, Route.SHARED, False, errors.NoWorkerUp),  # not allowed, or no shared node online
-    (True, False, Route.SHARED, True, S),   # waits for a shared node
-    (False, True, Route.DEDICATED, False, errors.NoWorkerUp),
-    (False, True, Route.DEDICATED, True, D),
+@pytest.mark.parametrize("dedicated, online, allows, asked, wait, expected", [
+    (True, False, False, Route.AUTO, False, D),    # a dedicated worker is up: it takes the query
+    (True, True, True, Route.AUTO, False, D),      # auto prefers it to a shared node
+    (False, True, True, Route.AUTO, False, S),     # none up: a shared node of the class
+    (False, True, False, Route.AUTO, False, errors.NoWorkerUp),  # a shared node, but the model does not allow it
+    (False, False, True, Route.AUTO, False, errors.NoWorkerUp),
+    (False, False, True, Route.AUTO, True, D),     # the caller waits in the dedicated queue
+    (True, True, True, Route.SHARED, False, S),    # asked for shared
+    (True, False, True, Route.SHARED, False, errors.NoWorkerUp),  # no shared node online
+    (True, False, True, Route.SHARED, True, S),    # waits for a shared node
+    (True, True, False, Route.SHARED, False, errors.NoWorkerUp),  # not allowed ...
+    (True, True, False, Route.SHARED, True, errors.NoWorkerUp),   # ... and waiting does not change that
+    (False, True, True, Route.DEDICATED, False, errors.NoWorkerUp),
+    (False, True, True, Route.DEDICATED, True, D),
 ])
-def test_where_a_query_goes(dedicated, shared, asked, wait, expected):
-    model = ModelGrant("m" * 16, "m", ModelStatus.ACTIVE, 1, "c" * 64, "cpu", dedicated, shared)
+def test_where_a_query_goes(dedicated, online, allows, asked, wait, expected):
+    model = ModelGrant("m" * 16, "m", ModelStatus.ACTIVE, 1, "c" * 64, "cpu", dedicated, online, allows)
     if isinstance(expected, type):
         with pytest.raises(expected):
             route(model, asked, wait)

@@ -16,6 +16,7 @@ import click
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.config.profiles import NodeProfile, load_profiles, node_command, node_environment, resolve_profile, shell_line
 from cipherpool.config.settings import settings_env
+from cipherpool.files import private_umask
 
 PROFILE_COLUMNS = ["name", "host_class", "concurrency", "threads", "key_cache_bytes", "labels", "shared"]
 LOGLEVELS = ["debug", "info", "warning", "error", "critical"]
@@ -66,6 +67,7 @@ def node(ctx: CliContext, profile_name: str | None, node_name: str | None, profi
     # The node sees the settings this command resolved (global --broker-url, --data-dir
     # included), as `cipherpool up` gives its nodes, less the client's credentials.
     settings = {k: v for k, v in settings_env(ctx.settings).items() if k not in CLIENT_ONLY}
+    private_umask()  # what the node writes (model directories, logs) is private, as under `up`
     _exec(argv, {**os.environ, **settings, **node_env})
 
 

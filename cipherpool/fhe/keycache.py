@@ -57,8 +57,10 @@ class KeyCache(Generic[V]):
     def _insert(self, key_id: str, value: V, charge: int) -> None:
         evicted: list[tuple[str, V]] = []
         with self._lock:
-            if key_id in self._entries:
-                evicted.append((key_id, value))  # a concurrent load won: drop this copy
+            present = self._entries.get(key_id)
+            if present is not None:
+                if present[0] is not value:
+                    evicted.append((key_id, value))  # a concurrent load won: drop this copy
             else:
                 self._entries[key_id] = (value, charge)
                 self._stats.charged_bytes += charge
@@ -71,6 +73,12 @@ class KeyCache(Generic[V]):
         if self._on_evict is not None:
             for old, dropped_value in evicted:
                 self._on_evict(old, dropped_value)
+
+    def peek(self, key_id: str) -> V | None:
+        """The cached value, without counting a hit or a miss."""
+        with self._lock:
+            entry = self._entries.get(key_id)
+            return entry[0] if entry is not None else None
 
     def __contains__(self, key_id: str) -> bool:
         with self._lock:

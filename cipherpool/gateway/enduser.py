@@ -33,6 +33,7 @@ from cipherpool.services import queries
 from cipherpool.services.models import current_version
 from cipherpool.services.queries import ModelGrant, TokenGrant
 from cipherpool.services import workers as worker_service
+from cipherpool.services.nodes import node_is_live
 from cipherpool.store import BlobKind
 
 router = APIRouter(prefix="/v1/client", tags=["end user"])
@@ -121,9 +122,11 @@ def _send_warmups(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelo
     with gw.ctx.session() as session:
         blob_id = queries.key_blob(session, grant, model, envelope.key_id)
         nodes = [w.node_name for w in worker_service.serving(session, model_id=model.model_id)
-                 if w.status == WorkerStatus.UP]
+                 if w.status == WorkerStatus.UP and node_is_live(session, w.node_name, gw.settings.node_heartbeat_s)]
     request = prepare_query(gw.settings, gw.store, grant, model, envelope, body, blob_id)
-    return [send_to_node(gw.celery, node, WARM_TASK, request=request.encode()) for node in nodes]
+    # With a deadline: a warm-up a node could not start in time is dropped, never run late.
+    return [send_to_node(gw.celery, node, WARM_TASK, expires=gw.settings.key_warmup_timeout_s,
+                         request=request.encode()) for node in nodes]
 
 
 def _check_room(gw: GatewayState, grant: TokenGrant, key_id: str) -> None:

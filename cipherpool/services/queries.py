@@ -43,7 +43,13 @@ class ModelGrant:
     client_blob: str
     hardware: str = "cpu"  # its host class: the routing key of its queries
     dedicated: bool = True  # a dedicated worker is up for it
-    shared: bool = False  # it allows shared nodes and one of its class is online
+    shared_online: bool = False  # a shared node of its class is online
+    allows_shared: bool = False  # its provider lets it run on shared nodes
+
+    @property
+    def shared(self) -> bool:
+        """A shared node may serve it now."""
+        return self.allows_shared and self.shared_online
 
     @property
     def serving(self) -> bool:
@@ -98,7 +104,7 @@ def _grant(session: Session, token: AccessToken) -> TokenGrant:
     ).all()
     dedicated, shared = serving_models(session, [m.id for m, _ in rows])
     models = tuple(ModelGrant(m.id, m.name, m.status, m.version, v.client_blob, m.hardware, m.id in dedicated,
-                              m.id in shared) for m, v in rows)
+                              m.id in shared, m.shared) for m, v in rows)
     return TokenGrant(token.id, token.account_id, token.quota, models,
                       aware(token.expires_at) if token.expires_at is not None else None)
 
@@ -125,8 +131,7 @@ def serving_models(session: Session, model_ids: list[str]) -> tuple[set[str], se
     dedicated = select(Worker.model_id).join(PoolNode, PoolNode.name == Worker.node_name).where(  # type: ignore[arg-type]
         col(Worker.model_id).in_(model_ids), Worker.status == WorkerStatus.UP, PoolNode.status == NodeStatus.ONLINE)
     shared = select(Model.id).join(PoolNode, PoolNode.host_class == Model.hardware).where(  # type: ignore[arg-type]
-        col(Model.id).in_(model_ids), col(Model.shared).is_(True), col(PoolNode.shared).is_(True),
-        PoolNode.status == NodeStatus.ONLINE)
+        col(Model.id).in_(model_ids), col(PoolNode.shared).is_(True), PoolNode.status == NodeStatus.ONLINE)
     return set(session.exec(dedicated).all()), set(session.exec(shared).all())
 
 
@@ -159,9 +164,12 @@ def route(model: ModelGrant, asked: Route = Route.AUTO, wait_for_worker: bool = 
     its class. ``auto`` prefers a dedicated worker that is up; a caller who waits for a worker
     waits in the dedicated queue (or the shared one, if it asked for shared)."""
     if asked == Route.SHARED or (asked == Route.AUTO and not model.dedicated and model.shared):
-        if not model.shared and not wait_for_worker:
-            raise NoWorkerUp(f"No shared {model.hardware} node may serve model {model.name!r}: it does not allow "
-                             "shared nodes, or none of its class is online; query its dedicated workers instead.")
+        if not model.allows_shared:  # waiting does not help: its provider must allow them
+            raise NoWorkerUp(f"Model {model.name!r} does not allow shared nodes (its provider decides: "
+                             "`cipherpool model update --shared`); query its dedicated workers instead.")
+        if not model.shared_online and not wait_for_worker:
+            raise NoWorkerUp(f"No shared {model.hardware} node is online for model {model.name!r}; submit with "
+                             "wait_for_worker to queue the query until one is, or query its dedicated workers.")
         return Route.SHARED
     if not model.dedicated and not wait_for_worker:
         raise NoWorkerUp(f"Model {model.name!r} has no dedicated worker up: its provider must start one "

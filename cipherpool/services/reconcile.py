@@ -15,7 +15,7 @@ from datetime import timedelta
 from sqlmodel import Session, col, select
 
 from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
-from cipherpool.statuses import HOLDING_NODE
+from cipherpool.statuses import HOLDING_NODE, StopReason
 from cipherpool.services.nodes import NODE_STALE_HEARTBEATS
 from cipherpool.services.tokens import aware
 from cipherpool.services.workers import finish
@@ -48,6 +48,7 @@ def fail_lost_workers(session: Session, heartbeat_s: float) -> list[Lost]:
         wanted = worker.status != WorkerStatus.STOPPING
         node.status = NodeStatus.OFFLINE
         session.add(node)
+        worker.stop_reason = StopReason.NODE_LOST.value
         finish(session, worker.id, WorkerStatus.FAILED, error=f"node {node.name} lost: no heartbeat for {silent:.0f} s")
         model = session.get(Model, worker.model_id)
         account = session.get(Account, worker.account_id)

@@ -36,6 +36,8 @@ def start_workers(session: Session, account: Account, model_name: str, heartbeat
     given) for new workers (status PENDING); all or none. Refused with the reason: the model is
     not active, its ``max_workers`` would be passed, or not enough nodes are free."""
     model = get_model(session, account, model_name)
+    # Concurrent starts of one model count its workers one after the other (max_workers).
+    session.exec(select(Model).where(Model.id == model.id).with_for_update()).one()
     if model.status != ModelStatus.ACTIVE:
         raise ModelInactive(f"Model {model.name!r} is {model.status.value}: activate it before starting workers "
                             f"(`cipherpool model activate {model.name}`).")

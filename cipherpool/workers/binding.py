@@ -100,7 +100,13 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
 
 def apply_standby(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str) -> BindOutcome:
     """Consume the model's queue or not, as the worker's row says (``standby``): a standby
-    worker keeps its model loaded and resumes at once. Idempotent; the row's status follows."""
+    worker keeps its model loaded and resumes at once. Idempotent; the row's status follows.
+    Under the bind lock: an unbind or a bind in progress finishes first."""
+    with runtime.bind_lock:
+        return _apply_standby(ctx, runtime, app, worker_id)
+
+
+def _apply_standby(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str) -> BindOutcome:
     binding = runtime.binding
     if binding is None or binding.worker_id != worker_id:
         return {"bound": False, "reason": "the node serves another worker"}

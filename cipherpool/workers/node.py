@@ -119,7 +119,7 @@ class NodeRuntime:
         self.hooks = Hooks([self.stats, *hooks])
         self._binding: Binding | None = None
         self._lock = threading.Lock()
-        self.bind_lock = threading.Lock()  # one bind/unbind at a time
+        self.bind_lock = threading.RLock()  # one bind/unbind/standby change at a time (bind applies standby)
 
     @property
     def binding(self) -> Binding | None:

@@ -58,8 +58,13 @@ class SharedModels:
             name = model.name
             blob = get_version(session, model, number).server_blob
 
+        key = f"{model_id}:{number}"
+
         def load() -> tuple[tuple[Evaluator, Path, str], int]:
-            with self._lock:
+            with self._lock:  # one load at a time, so each is charged what it alone added
+                loaded = self._cache.peek(key)
+                if loaded is not None:  # a concurrent first query loaded it while this one waited
+                    return loaded, 0
                 before = self._measure()
                 workdir = Path(tempfile.mkdtemp(prefix=f"{model_id}-v{number}-", dir=self.workdir))
                 started = time.monotonic()
@@ -67,7 +72,7 @@ class SharedModels:
                 log.info("shared node %s loaded %s v%d in %.2f s", self.node, name, number, time.monotonic() - started)
                 return (evaluator, workdir, name), max(self._measure() - before, 1)
 
-        (evaluator, _, _), hit = self._cache.get_or_load(f"{model_id}:{number}", load)
+        (evaluator, _, _), hit = self._cache.get_or_load(key, load)
         return evaluator, BindingEvent(self.node, "", model_id, name), number, hit
 
     def loaded(self) -> int:

@@ -32,6 +32,7 @@ from cipherpool.services import nodes as node_service
 from cipherpool.fhe.evaluator import preload
 from cipherpool.workers.binding import default_evaluator_factory
 from cipherpool.workers.context import platform
+from cipherpool.files import private_dir
 from cipherpool.workers import capacity
 from cipherpool.workers.hooks import load_hook
 from cipherpool.workers.loghook import WorkerLog
@@ -90,7 +91,7 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
         if profile.shared:
             workdir = Path(settings.data_dir).expanduser() / "node-models" / f"shared-{sender.hostname}"
             shutil.rmtree(workdir, ignore_errors=True)  # what an earlier run of this node loaded
-            workdir.mkdir(parents=True, mode=0o700)
+            private_dir(workdir)
             runtime.shared_models = SharedModels(sender.hostname, runtime.host_class, profile.model_cache_bytes,
                                                  workdir, default_evaluator_factory)
         if settings.node_preload:

@@ -17,4 +17,5 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path):
     predicted = next(line for line in out.splitlines() if "predicted digit" in line).split()[-1]
     clear = next(line for line in out.splitlines() if "model's clear prediction" in line).split()[-1]
     assert predicted == clear
-    assert "key cache 3 hits / 1 miss" in out
+    assert "warmed on 1 of 1 node(s)" in out
+    assert "key cache 4 hits / 0 miss" in out  # the warm-up loaded the key before the first query

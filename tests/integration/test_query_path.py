@@ -44,10 +44,10 @@ def test_step_by_step_api_reports_timings(clients, examples):
 
 
 def test_two_queries_in_a_row_reuse_the_cached_evaluation_key(platform, examples, tmp_path):
-    # Given a client with a brand-new key
+    # Given a client with a brand-new key, not warmed on the node
     qc = platform.query_client("digits", tmp_path / "k")
     qc.generate_keys()
-    qc.upload_evaluation_keys()
+    qc.upload_evaluation_keys(warm_up=False)
     before = platform.mc.worker_stats("digits")[0]
     # When it sends two queries
     replies = []
@@ -62,6 +62,23 @@ def test_two_queries_in_a_row_reuse_the_cached_evaluation_key(platform, examples
     # and the model itself was loaded once, when the node was bound, not per query
     assert after.worker_id == before.worker_id and after.model_loads == 1
     assert after.queries_succeeded - before.queries_succeeded == 2
+    qc.close()
+
+
+def test_a_warmed_key_makes_the_first_query_a_cache_hit(platform, examples, tmp_path):
+    # Given a client whose key upload warms the key on the node serving the model
+    qc = platform.query_client("digits", tmp_path / "k")
+    qc.generate_keys()
+    key_id = qc.upload_evaluation_keys()
+    assert (qc.last_warmup.nodes, qc.last_warmup.warmed) == (1, 1)
+    # Then its first query finds the key deserialized (and the warm-up counted as no query)
+    handle = qc.submit(qc.encrypt(examples["digits"].x_test[0]))
+    assert int(np.argmax(qc.decrypt(handle.result()))) == int(np.argmax(examples["digits"].clear(
+        examples["digits"].x_test[:1])[0]))
+    assert handle.key_cache == "hit"
+    worker = platform.workers["digits"]
+    assert any(f"key set {key_id[:12]}" in line.message and "warmed" in line.message
+               for line in platform.mc.worker_logs(worker))
     qc.close()
 
 

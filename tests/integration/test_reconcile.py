@@ -38,7 +38,7 @@ def test_a_lost_node_is_failed_and_replaced(examples, tmp_path):
         # Then beat's reconciler fails its worker with the reason, within 3 heartbeats + a tick
         failed = wait_until(lambda: (w := mc.get_worker(worker_id)).status.value == "failed" and w, 30, interval_s=0.2)
         noticed_s = time.monotonic() - killed
-        assert "lost" in (failed.error or "") and failed.stop_reason == "failure"
+        assert "lost" in (failed.error or "") and failed.stop_reason == "node lost"
         # and another node of the class serves the model
         replacement = wait_until(
             lambda: next((w for w in mc.list_workers("cancer") if w.status.value == "up"), None), 60, interval_s=0.2)

@@ -713,6 +713,7 @@ def small_gateway(gateway):
 CAPPED_ENDPOINTS = [("PUT", "/v1/uploads", "api_key", "max_deployment_zip_bytes"),
                     ("PUT", f"/v1/client/keys/{'d' * 32}", "token", "max_evaluation_key_bytes"),
                     ("POST", "/v1/queries", "token", "max_ciphertext_bytes"),
+                    ("POST", f"/v1/client/keys/{'d' * 32}/warmup", "token", "max_ciphertext_bytes"),
                     ("POST", "/v1/tokens", "api_key", "max_json_bytes")]
 
 

@@ -1,0 +1,128 @@
+"""Saturation: a pool whose every node is busy, against the best the same machine does in one
+process, on a compute-bound model (issue 8: pool >= 0.95x the best in-process throughput).
+
+The model is a depth-4 decision tree on scikit-learn's breast-cancer data (bootstrapping,
+about a second a query). In process, every split of the cores into parallel executions x
+OpenMP threads is tried, each in a fresh process (OMP_NUM_THREADS is read when concrete is
+imported); the best is the reference. Through the pool, the profile gives each of the N nodes
+one execution of cores/N threads, and every query is in flight at once through the gateway.
+Ciphertexts are made before the clock starts, and every node has the key warmed.
+
+Usage: .venv/bin/python benchmarks/saturation.py [--queries 24] [--nodes 2]
+Figures, not assertions: the README's performance section quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def train(path: Path) -> Path:
+    from concrete.ml.sklearn import DecisionTreeClassifier
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    model = DecisionTreeClassifier(max_depth=4, n_bits=6)
+    model.fit(x, y)
+    model.compile(x)
+    from concrete.ml.deployment import FHEModelDev
+
+    FHEModelDev(str(path), model).save()
+    return path
+
+
+def in_process(model: Path, executions: int, queries: int, key_dir: Path) -> float:
+    """Queries/s of ``executions`` threads running FHEModelServer.run (this process's OMP threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from concrete import fhe
+    from concrete.ml.deployment import FHEModelClient, FHEModelServer
+    from sklearn.datasets import load_breast_cancer
+
+    x, _ = load_breast_cancer(return_X_y=True)
+    server = FHEModelServer(str(model))
+    client = FHEModelClient(str(model), key_dir=str(key_dir))
+    keys = fhe.EvaluationKeys.deserialize(client.get_serialized_evaluation_keys())
+    ciphertexts = [client.quantize_encrypt_serialize(x[i:i + 1]) for i in range(queries)]
+    server.run(ciphertexts[0], keys)  # the key's first use
+    with ThreadPoolExecutor(executions) as pool:
+        started = time.perf_counter()
+        list(pool.map(lambda c: server.run(c, keys), ciphertexts))
+        return queries / (time.perf_counter() - started)
+
+
+def through_pool(model: Path, nodes: int, threads: int, queries: int, root: Path) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sklearn.datasets import load_breast_cancer
+
+    from cipherpool.client import ManagementClient, QueryClient
+    from cipherpool.config.settings import Settings
+    from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+
+    (root / "profiles.toml").write_text(f'[profiles.bench]\nhost_class = "cpu"\nconcurrency = 1\nthreads = {threads}\n')
+    settings = Settings(data_dir=root / "platform", profiles_file=root / "profiles.toml", token_rate_per_s=0,
+                        account_rate_per_s=0, query_timeout_s=600)
+    options = StackOptions(profiles=["bench"] * nodes, beat=False, flower=False, loglevel="WARNING")
+    x, _ = load_breast_cancer(return_X_y=True)
+    with EmbeddedStack(settings, options) as stack:
+        mc = ManagementClient(stack.create_account("bench"), settings=stack.client_settings)
+        mc.deploy_model("tree", model, max_workers=nodes)
+        mc.activate_model("tree")
+        mc.start_workers("tree", nodes)
+        qc = QueryClient(mc.create_token("bench", model="tree"), settings=stack.client_settings, key_dir=root / "keys")
+        qc.generate_keys()
+        qc.upload_evaluation_keys()  # warms the key on every node
+        ciphertexts = [qc.encrypt(x[i]) for i in range(queries)]
+        with ThreadPoolExecutor(8) as pool:
+            started = time.perf_counter()
+            handles = list(pool.map(qc.submit, ciphertexts))
+            list(pool.map(lambda h: h.result(600), handles))
+            rate = queries / (time.perf_counter() - started)
+        qc.close()
+        mc.close()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=24)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--in-process", nargs=2, type=int, metavar=("EXECUTIONS", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.in_process:  # a child: one configuration, its own OMP_NUM_THREADS
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(in_process(args.model, args.in_process[0], args.queries, Path(tmp))))
+        return
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(prefix="cipherpool-saturation-") as tmp:
+        root = Path(tmp)
+        model = train(root / "tree")
+        results = {}
+        for executions in sorted({1, cores // 2 or 1, cores}):
+            threads = max(1, cores // executions)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            out = subprocess.run([sys.executable, __file__, "--in-process", str(executions), "0", "--model", str(model),
+                                  "--queries", str(args.queries)], env=env, capture_output=True, text=True, check=True)
+            results[(executions, threads)] = float(out.stdout.strip().splitlines()[-1])
+        best = max(results.values())
+        threads = max(1, cores // args.nodes)
+        pool = through_pool(model, args.nodes, threads, args.queries, root)
+    print(f"saturation, decision tree (depth 4, 6 bits) on breast cancer, {args.queries} queries in flight, "
+          f"{cores} cores:")
+    for (executions, threads), rate in sorted(results.items()):
+        print(f"  in process, {executions} execution(s) x {threads} thread(s)    {rate:6.2f} queries/s")
+    print(f"  through the pool, {args.nodes} nodes x 1 execution x {threads} thread(s)   {pool:6.2f} queries/s")
+    print(f"  pool / best in process                        {pool / best:6.2f} x   (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
