@@ -38,8 +38,9 @@ def train(path: Path) -> Path:
     return path
 
 
-def in_process(model: Path, executions: int, queries: int, key_dir: Path) -> float:
-    """Queries/s of ``executions`` threads running FHEModelServer.run (this process's OMP threads)."""
+def in_process(model: Path, executions: int, queries: int, key_dir: Path, start_at: float = 0.0) -> float:
+    """Queries/s of ``executions`` threads running FHEModelServer.run (this process's OMP threads);
+    ``start_at``: wall-clock time to start at, so that several processes run at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     from concrete import fhe
@@ -52,13 +53,14 @@ def in_process(model: Path, executions: int, queries: int, key_dir: Path) -> flo
     keys = fhe.EvaluationKeys.deserialize(client.get_serialized_evaluation_keys())
     ciphertexts = [client.quantize_encrypt_serialize(x[i:i + 1]) for i in range(queries)]
     server.run(ciphertexts[0], keys)  # the key's first use
+    time.sleep(max(0.0, start_at - time.time()))
     with ThreadPoolExecutor(executions) as pool:
         started = time.perf_counter()
         list(pool.map(lambda c: server.run(c, keys), ciphertexts))
         return queries / (time.perf_counter() - started)
 
 
-def through_pool(model: Path, nodes: int, threads: int, queries: int, root: Path) -> float:
+def through_pool(model: Path, nodes: int, threads: int, queries: int, root: Path) -> tuple[float, dict[str, int]]:
     from concurrent.futures import ThreadPoolExecutor
 
     from sklearn.datasets import load_breast_cancer
@@ -86,9 +88,25 @@ def through_pool(model: Path, nodes: int, threads: int, queries: int, root: Path
             handles = list(pool.map(qc.submit, ciphertexts))
             list(pool.map(lambda h: h.result(600), handles))
             rate = queries / (time.perf_counter() - started)
+        spread: dict[str, int] = {}
+        for handle in handles:
+            spread[handle.node or "?"] = spread.get(handle.node or "?", 0) + 1
+        computes = sorted(h.timings.get("compute_s", 0.0) for h in handles)
+        spread["median compute ms"] = int(computes[len(computes) // 2] * 1000)
         qc.close()
         mc.close()
-    return rate
+    return rate, spread
+
+
+def processes(model: Path, count: int, threads: int, queries: int) -> float:
+    """What the pool's profile does without the platform: ``count`` processes of one execution
+    and ``threads`` threads each, all timing the same moment; their rates add up."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start_at = time.time() + 45  # after every child has made its keys and warmed its key
+    children = [subprocess.Popen([sys.executable, __file__, "--in-process", "1", "0", "--model", str(model),
+                                  "--queries", str(queries // count), "--start-at", str(start_at)],
+                                 env=env, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+    return sum(float(child.communicate()[0].strip().splitlines()[-1]) for child in children)
 
 
 def main() -> None:
@@ -97,10 +115,11 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--in-process", nargs=2, type=int, metavar=("EXECUTIONS", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process:  # a child: one configuration, its own OMP_NUM_THREADS
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(in_process(args.model, args.in_process[0], args.queries, Path(tmp))))
+            print(json.dumps(in_process(args.model, args.in_process[0], args.queries, Path(tmp), args.start_at)))
         return
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="cipherpool-saturation-") as tmp:
@@ -113,15 +132,19 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--in-process", str(executions), "0", "--model", str(model),
                                   "--queries", str(args.queries)], env=env, capture_output=True, text=True, check=True)
             results[(executions, threads)] = float(out.stdout.strip().splitlines()[-1])
-        best = max(results.values())
         threads = max(1, cores // args.nodes)
-        pool = through_pool(model, args.nodes, threads, args.queries, root)
+        split = processes(model, args.nodes, threads, args.queries)
+        best = max([*results.values(), split])
+        pool, spread = through_pool(model, args.nodes, threads, args.queries, root)
     print(f"saturation, decision tree (depth 4, 6 bits) on breast cancer, {args.queries} queries in flight, "
           f"{cores} cores:")
     for (executions, threads), rate in sorted(results.items()):
         print(f"  in process, {executions} execution(s) x {threads} thread(s)    {rate:6.2f} queries/s")
+    print(f"  {args.nodes} processes at once, 1 execution x {threads} thread(s) each (no platform)"
+          f"   {split:6.2f} queries/s")
     print(f"  through the pool, {args.nodes} nodes x 1 execution x {threads} thread(s)   {pool:6.2f} queries/s")
     print(f"  pool / best in process                        {pool / best:6.2f} x   (target >= 0.95)")
+    print(f"  queries per node: {', '.join(f'{n.split(chr(64))[0]} {c}' for n, c in sorted(spread.items()))}")
 
 
 if __name__ == "__main__":
