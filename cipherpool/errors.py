@@ -42,7 +42,8 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── WorkerLimit                               the model's max_workers are running
     │   ├── BelowMinimum                              a stop would leave fewer than min_workers
     │   ├── WrongWorkerState                          standby/resume of a worker not up/standby
-    │   └── VersionMismatch                           client and server concrete versions differ
+    │   ├── VersionMismatch                           client and server concrete versions differ
+    │   └── InsufficientCredits                 402   the balance is below what the action needs
     ├── InvalidInput                    exit 6  422
     │   ├── InvalidDeployment                         directory is not a concrete-ml deployment
     │   ├── InvalidShape                              wrong input shape for encrypt()
@@ -242,6 +243,14 @@ class WrongWorkerState(Conflict):
 
 class VersionMismatch(Conflict):
     code = "version_mismatch"
+
+
+class InsufficientCredits(Conflict):
+    """The account's credit balance is below what starting a worker (or a shared-node query)
+    needs; the message says how much is missing and how to add credits."""
+
+    code = "insufficient_credits"
+    http_status = 402
 
 
 class InvalidInput(CipherpoolError):

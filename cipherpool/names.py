@@ -20,6 +20,7 @@ STATS_TASK = TASK_PREFIX + "node.stats"  # node queue: the node's live figures
 WARM_TASK = TASK_PREFIX + "node.warm"  # node queue: one throwaway evaluation with a new key set
 CONSUME_TASK = TASK_PREFIX + "node.consume"  # node queue: consume its model's queue or not (standby), as the row says
 RECONCILE_TASK = TASK_PREFIX + "control.reconcile"  # beat, control queue: fail workers of lost nodes, replace them
+BILLING_TASK = TASK_PREFIX + "control.billing"  # beat, control queue: charge workers and shared execution, stop at zero
 RELOAD_TASK = TASK_PREFIX + "node.reload"  # node queue: load the versions its model must hold
 
 BLOB_PREFIX = "cipherpool:blob:"  # + kind + ":" + sha256 hex; content-addressed, no TTL
@@ -32,6 +33,9 @@ USAGE_PREFIX = "cipherpool:usage:"  # + token id -> hash {n: queries counted, la
 AUTH_GENERATION_KEY = "cipherpool:auth-generation"  # bumped on every credential change: gateways drop caches
 WORKER_LOG_PREFIX = "cipherpool:worker-log:"  # + worker id: a capped list of its log lines (JSON), with a TTL
 SHARED_EXECUTION_PREFIX = "cipherpool:shared-exec:"  # + account id -> hash {model:seconds, model:queries} on shared nodes
+SHARED_BUCKET_PREFIX = "cipherpool:shared-min:"  # + account id + ":" + minute -> {model:profile:ms, ...:queries}, 7 d
+SHARED_PENDING_KEY = "cipherpool:shared-min:pending"  # set of "<account>:<minute>" not yet charged
+QUERY_COUNT_PREFIX = "cipherpool:queries:"  # + account id + ":" + YYYY-MM-DD -> {model:worker: queries}, 400 d
 ROLLOUT_LOCK_PREFIX = "cipherpool:rollout:"  # + model id: one node at a time loads a new version
 RESULT_META_PREFIX = "celery-task-meta-"  # Celery's result key (and pub/sub channel) + task id
 

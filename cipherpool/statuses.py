@@ -98,5 +98,29 @@ class EventKind(str, Enum):
     WORKER_STANDBY = "worker_standby"  # loaded, not consuming
     WORKER_RESUMED = "worker_resumed"
     WORKER_STOPPED = "worker_stopped"
+    CREDITS_LOW = "credits_low"  # the account's balance fell below its low-balance threshold
+    CREDITS_DEPLETED = "credits_depleted"  # the balance reached zero: its workers are stopped
     TOKEN_ASSIGNED = "token_assigned"
     TOKEN_UNASSIGNED = "token_unassigned"
+
+
+class LedgerKind(str, Enum):
+    """What a line of an account's credit ledger is. Credits in: ``grant`` (an operator's),
+    ``purchase`` (through the payment provider), ``refund``; either way: ``adjustment``.
+    Charges: ``runtime`` (a dedicated worker up), ``standby`` (a worker loaded on standby, at
+    its profile's standby rate), ``execution`` (queries computed on shared nodes)."""
+
+    GRANT = "grant"
+    PURCHASE = "purchase"
+    REFUND = "refund"
+    ADJUSTMENT = "adjustment"
+    RUNTIME = "runtime"
+    STANDBY = "standby"
+    EXECUTION = "execution"
+
+    @property
+    def is_charge(self) -> bool:
+        return self in CHARGES
+
+
+CHARGES = frozenset({LedgerKind.RUNTIME, LedgerKind.STANDBY, LedgerKind.EXECUTION})

@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 
 from cipherpool.config.settings import Settings, get_settings
-from cipherpool.names import CONTROL_QUEUE, RECONCILE_TASK
+from cipherpool.names import BILLING_TASK, CONTROL_QUEUE, RECONCILE_TASK
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -54,6 +54,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": RECONCILE_TASK,
                 "schedule": settings.reconcile_interval_s,
                 "options": {"queue": CONTROL_QUEUE, "expires": settings.reconcile_interval_s},
+            },
+            # A tick that expires unrun loses nothing: the next one charges from where the last stopped.
+            "billing": {
+                "task": BILLING_TASK,
+                "schedule": settings.billing_interval_s,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.billing_interval_s},
             },
         },
     }

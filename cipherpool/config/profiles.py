@@ -14,6 +14,9 @@ little and latency a lot. A profile names one such choice, with the node's host 
     labels = { zone = "a", disk = "ssd" }
     shared = false            # a shared node loads models on demand (no dedicated worker)
     model_cache = "2GiB"      # shared nodes: bound of the loaded-model LRU
+    rate = "1.5"              # credits per hour of a worker up here (default: the class's)
+    standby_rate = "0.2"      # credits per hour of a worker on standby here
+    execution_rate = "0.001"  # shared nodes: credits per second of computation
 
 A node is started with ``CIPHERPOOL_NODE_PROFILE=cpu-small`` (``cipherpool pool node``
 prints or runs the line); without a profile it takes the same facts from plain settings.
@@ -100,6 +103,11 @@ class NodeProfile(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     shared: bool = False
     model_cache_bytes: Size = Field(2 * GIB, validation_alias=AliasChoices("model_cache", "model_cache_bytes"))
+    # Credits per hour of a worker on such a node (up; on standby), and per second of
+    # computation on a shared one. None: the class's rate from the settings.
+    rate: Decimal | None = Field(None, ge=0)
+    standby_rate: Decimal | None = Field(None, ge=0)
+    execution_rate: Decimal | None = Field(None, ge=0)
 
     @field_validator("labels")
     @classmethod

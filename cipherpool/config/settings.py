@@ -8,6 +8,7 @@ in the field names (``_s`` seconds, ``_bytes`` bytes).
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -112,6 +113,25 @@ class Settings(BaseSettings):
     # the switch. None: query_timeout_s + auth_cache_ttl_s (a query older than that expired).
     version_grace_s: float | None = None
 
+    # Credits (cipherpool.billing). Amounts are credits, exact to the micro-credit (six
+    # decimals); rates are per host class, and a node profile may set its own (profiles.toml:
+    # rate, standby_rate, execution_rate). A rate change applies from when beat (or the node
+    # registering) sees it, never to time already past.
+    billing_interval_s: float = 60.0  # how often beat charges running workers
+    rate_per_hour: dict[str, Decimal] = Field(default_factory=lambda: {"cpu": Decimal("1"), "gpu": Decimal("4")})
+    standby_rate_per_hour: dict[str, Decimal] = Field(
+        default_factory=lambda: {"cpu": Decimal("0.1"), "gpu": Decimal("0.4")})
+    # Shared nodes: per second of computation (queue time is free).
+    execution_rate_per_s: dict[str, Decimal] = Field(
+        default_factory=lambda: {"cpu": Decimal("0.001"), "gpu": Decimal("0.004")})
+    credits_signup_grant: Decimal = Decimal("100")  # granted to a new account (0: none)
+    credits_low_balance: Decimal = Decimal("10")  # below this, a credits_low event on the models with workers
+    credits_min_start_minutes: float = 10.0  # a start needs this long at the workers' rate in the balance
+    credits_max_purchase: Decimal = Decimal("1000000")  # one purchase at most
+    # ``module:Class`` of the payment provider purchases go through; the default records an
+    # invoice to be paid offline and credits the account at once.
+    payment_provider: str = "cipherpool.billing.payments:OfflineInvoice"
+
     # Monitoring beside the pool.
     flower_port: int | None = None
 
@@ -200,6 +220,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         if isinstance(value, list):
             value = ",".join(map(str, value)) or None
+        elif isinstance(value, dict):  # read back as JSON (pydantic-settings' rule for complex fields)
+            value = json.dumps({str(k): str(v) for k, v in value.items()})
         if value is not None:
             env[f"CIPHERPOOL_{name.upper()}"] = str(value)
     return env

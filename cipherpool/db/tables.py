@@ -57,6 +57,10 @@ class Account(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime | None = None
     disabled_at: datetime | None = None  # set by an operator: key refused, tokens refused, workers stopped
+    # The sum of its ledger in micro-credits, kept with every ledger line (in the same
+    # transaction) so that a check needs no sum; the ledger stays the truth.
+    balance_micro: int = Field(default=0, sa_type=BigInteger)
+    low_balance_at: datetime | None = None  # when it last fell below the low-balance threshold (one event)
 
 
 class Model(SQLModel, table=True):
@@ -206,3 +210,65 @@ class Worker(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     stopped_at: datetime | None = None
+    # Billing: charged up to here, and what fell short of a whole micro-credit (in
+    # micro-credit-milliseconds per hour), carried so that splitting never changes a total.
+    billed_to: datetime | None = None
+    billed_remainder: int = Field(default=0, sa_type=BigInteger)
+
+
+class Rate(SQLModel, table=True):
+    """A price from a moment on: a host class's (``scope`` cpu, gpu) or a node profile's
+    (``profile:NAME``; a None field takes its class's). In micro-credits per hour (runtime,
+    standby) and per second of computation (shared nodes). Rows are only added: a charge for
+    a period prices each part of it at the row in force then."""
+
+    __tablename__ = "rates"
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(index=True)
+    effective_from: datetime = Field(default_factory=utcnow, index=True)
+    runtime_per_hour: int | None = Field(default=None, sa_type=BigInteger)
+    standby_per_hour: int | None = Field(default=None, sa_type=BigInteger)
+    execution_per_s: int | None = Field(default=None, sa_type=BigInteger)
+    source: str = ""  # settings, a profiles file, an operator
+
+
+class LedgerEntry(SQLModel, table=True):
+    """One line of an account's credit ledger; lines are never changed or deleted.
+
+    ``amount`` is signed micro-credits (a charge is negative) and ``balance_after`` the sum
+    of the account's lines up to this one. ``key`` is unique: a charge is keyed by what it
+    charges (a worker and the start of its period; an account, model and minute of shared
+    execution), so a tick run twice, two beats or a retry after a crash cannot charge it
+    twice: the database refuses the second line."""
+
+    __tablename__ = "ledger"
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: str = Field(foreign_key="accounts.id", index=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    kind: str = Field(index=True)  # a LedgerKind value
+    amount: int = Field(sa_type=BigInteger)
+    balance_after: int = Field(sa_type=BigInteger)
+    key: str = Field(unique=True)
+    model_id: str | None = Field(default=None, index=True)  # no foreign keys: the ledger outlives what it names
+    worker_id: str | None = Field(default=None, index=True)
+    node: str | None = None
+    period_start: datetime | None = Field(default=None, index=True)
+    period_end: datetime | None = None
+    quantity_ms: int | None = Field(default=None, sa_type=BigInteger)  # runtime or computation charged
+    queries: int | None = None  # shared-node executions charged
+    rate: int | None = Field(default=None, sa_type=BigInteger)  # micro-credits per hour (or per s: execution)
+    reference: str | None = None  # an invoice or payment reference
+    note: str = ""
+
+
+class Invoice(SQLModel, table=True):
+    """A purchase's bill, as the payment provider recorded it (the default: offline, open)."""
+
+    __tablename__ = "invoices"
+    id: str = Field(primary_key=True)  # e.g. INV-20261122-1a2b3c4d
+    account_id: str = Field(foreign_key="accounts.id", index=True)
+    amount: int = Field(sa_type=BigInteger)  # micro-credits bought
+    status: str = "open"  # open, paid, void
+    provider: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    note: str = ""

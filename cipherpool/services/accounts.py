@@ -7,11 +7,14 @@ shows and updates its own details and rotates its key. A disabled account is kep
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from cipherpool.api.schemas import AccountOut
+from cipherpool.config.settings import get_settings
 from cipherpool.credentials import API_KEY_PREFIX, DISPLAY_CHARS, digest, new_secret
 from cipherpool.db.tables import Account, utcnow
 from cipherpool.errors import AccountDisabled, AccountNotFound, Conflict, InvalidApiKey, InvalidInput
@@ -22,8 +25,9 @@ EDITABLE = ("name", "organisation", "contact_email")
 
 
 def create_account(session: Session, name: str, *, organisation: str | None = None,
-                   contact_email: str | None = None) -> tuple[Account, str]:
-    """A new account and its API key in clear (shown once; only its hash is kept).
+                   contact_email: str | None = None, signup_grant: Decimal | None = None) -> tuple[Account, str]:
+    """A new account and its API key in clear (shown once; only its hash is kept), with the
+    sign-up grant of credits (``credits_signup_grant`` unless given) as its first ledger line.
 
     Only an operator creates accounts, so a refused duplicate name tells nobody anything new."""
     check_name("account", name)
@@ -34,6 +38,11 @@ def create_account(session: Session, name: str, *, organisation: str | None = No
                       api_key_hash=digest(api_key), api_key_prefix=api_key[:DISPLAY_CHARS])
     session.add(account)
     session.flush()
+    grant = get_settings().credits_signup_grant if signup_grant is None else signup_grant
+    if grant > 0:
+        from cipherpool.billing.payments import grant as add_grant
+
+        add_grant(session, account.id, grant, note="sign-up grant", key="signup")
     return account, api_key
 
 

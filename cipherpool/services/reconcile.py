@@ -49,7 +49,8 @@ def fail_lost_workers(session: Session, heartbeat_s: float) -> list[Lost]:
         node.status = NodeStatus.OFFLINE
         session.add(node)
         worker.stop_reason = StopReason.NODE_LOST.value
-        finish(session, worker.id, WorkerStatus.FAILED, error=f"node {node.name} lost: no heartbeat for {silent:.0f} s")
+        finish(session, worker.id, WorkerStatus.FAILED, error=f"node {node.name} lost: no heartbeat for {silent:.0f} s",
+               charge_until=aware(node.last_seen))
         model = session.get(Model, worker.model_id)
         account = session.get(Account, worker.account_id)
         replace = (wanted and model is not None and model.status == ModelStatus.ACTIVE

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col, select
 
 from cipherpool.api.schemas import WorkerOut
+from cipherpool.billing.charging import settle
+from cipherpool.billing.gate import require_start_credit
 from cipherpool.config.profiles import labels_match
+from cipherpool.config.settings import get_settings
 from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
 from cipherpool.errors import (
     BelowMinimum, InvalidInput, ModelInactive, NoFreeNode, WorkerLimit, WorkerNotFound, WorkerStartFailed,
@@ -31,10 +35,11 @@ MAX_START = 64  # workers one start may ask for
 
 
 def start_workers(session: Session, account: Account, model_name: str, heartbeat_s: float, *, count: int = 1,
-                  profile: str | None = None, standby: bool = False) -> list[Worker]:
+                  profile: str | None = None, standby: bool = False, credit_minutes: float | None = None) -> list[Worker]:
     """Claim ``count`` free nodes of the model's host class (with its labels, of ``profile`` if
     given) for new workers (status PENDING); all or none. Refused with the reason: the model is
-    not active, its ``max_workers`` would be passed, or not enough nodes are free."""
+    not active, its ``max_workers`` would be passed, not enough nodes are free, or the balance
+    does not cover ``credit_minutes`` (the settings' minimum) of the new workers."""
     model = get_model(session, account, model_name)
     # Concurrent starts of one model count its workers one after the other (max_workers).
     session.exec(select(Model).where(Model.id == model.id).with_for_update()).one()
@@ -51,6 +56,8 @@ def start_workers(session: Session, account: Account, model_name: str, heartbeat
     free = free_nodes(session, model, heartbeat_s, profile)
     if len(free) < count:
         raise NoFreeNode(why_no_node(session, model, heartbeat_s, profile, count, len(free)))
+    minutes = get_settings().credits_min_start_minutes if credit_minutes is None else credit_minutes
+    require_start_credit(session, account, model, free[:count], minutes, standby)
     workers: list[Worker] = []
     for node in free:
         worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name, profile=profile, standby=standby)
@@ -222,6 +229,7 @@ def set_consuming(session: Session, worker_id: str, consuming: bool) -> None:
     if worker.status == status:
         return
     first = worker.status in (WorkerStatus.PENDING, WorkerStatus.LOADING)
+    settle(session, worker.id)  # the time so far at the rate of the state it leaves
     worker.status = status
     session.add(worker)
     if first:
@@ -234,13 +242,21 @@ def set_consuming(session: Session, worker_id: str, consuming: bool) -> None:
                       worker_id=worker.id, version=worker.version)
 
 
-def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | None = None) -> None:
-    """End a binding (STOPPED or FAILED) and free its node; the event says why."""
+def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | None = None, *,
+           charge_until: datetime | None = None) -> None:
+    """End a binding (STOPPED or FAILED) and free its node; the event says why. What the
+    worker owes is charged now, up to its stop, or up to ``charge_until`` (a lost node's last
+    heartbeat: the silence after it is not charged)."""
     worker = session.get(Worker, worker_id)
     if worker is None:
         return
     was = worker.status
-    worker.status, worker.error, worker.stopped_at = status, error, utcnow()
+    now = utcnow()
+    if was not in (WorkerStatus.STOPPED, WorkerStatus.FAILED):
+        settle(session, worker.id, min(charge_until, now) if charge_until is not None else now)
+        if charge_until is not None and worker.started_at is not None:
+            worker.billed_to = now  # settled: the time after charge_until is not owed
+    worker.status, worker.error, worker.stopped_at = status, error, now
     if status == WorkerStatus.FAILED and worker.stop_reason is None:
         worker.stop_reason = StopReason.FAILURE.value
     session.add(worker)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from redis import Redis
 
+from cipherpool.billing.charging import record_execution
 from cipherpool.db.tables import Model, ModelStatus
 from cipherpool.errors import ModelUnavailable
 from cipherpool.fhe.evaluator import Evaluator
@@ -93,21 +94,26 @@ def _resident_bytes() -> int:
 
 class ExecutionMeter(Hook):
     """On a shared node: each computed query adds its execution seconds (and one to the count)
-    to its account's tally per model, in Redis (``cipherpool:shared-exec:<account>``), what
-    billing charges instead of a worker's runtime."""
+    to its account's running tally per model (``cipherpool:shared-exec:<account>``, what
+    `execution_tally` reads) and to its account's minute, per model and node profile, which
+    billing's tick charges once the minute is over (:mod:`cipherpool.billing.charging`):
+    providers pay shared nodes by computation, not runtime."""
 
-    def __init__(self, redis: Callable[[], Redis]):
-        self._redis = redis
+    def __init__(self, redis: Callable[[], Redis], profile: str = "default"):
+        self._redis, self.profile = redis, profile
 
     def query_computed(self, query: QueryEvent) -> None:
         account = query.account_id
         if not account or not query.model_id:
             return
-        with self._redis().pipeline() as pipe:
+        compute_s = query.timings.get("compute_s", 0.0)
+        redis = self._redis()
+        with redis.pipeline() as pipe:
             key = SHARED_EXECUTION_PREFIX + account
-            pipe.hincrbyfloat(key, f"{query.model_id}:seconds", query.timings.get("compute_s", 0.0))
+            pipe.hincrbyfloat(key, f"{query.model_id}:seconds", compute_s)
             pipe.hincrby(key, f"{query.model_id}:queries", 1)
             pipe.execute()
+        record_execution(redis, account, query.model_id, self.profile, compute_s, time.time())
 
 
 def execution_tally(redis: Redis, account_id: str) -> dict[str, dict[str, float]]:

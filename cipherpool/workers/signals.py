@@ -36,6 +36,7 @@ from cipherpool.files import private_dir
 from cipherpool.workers import capacity
 from cipherpool.workers.hooks import load_hook
 from cipherpool.workers.loghook import WorkerLog
+from cipherpool.workers.querycount import QueryCounter
 from cipherpool.workers.shared import ExecutionMeter, SharedModels
 from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
 
@@ -73,9 +74,10 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
         if "threads" not in pool and "solo" not in pool:
             log.warning("pool node %s: using the threads pool instead of %s", sender.hostname, pool)
             sender.pool_cls = "threads"
-        hooks = [WorkerLog(lambda: ctx.store.redis), *(load_hook(path) for path in settings.node_hooks)]
+        redis = lambda: ctx.store.redis  # noqa: E731 - read when a hook writes, not at start
+        hooks = [WorkerLog(redis), QueryCounter(redis), *(load_hook(path) for path in settings.node_hooks)]
         if profile.shared:
-            hooks.insert(0, ExecutionMeter(lambda: ctx.store.redis))
+            hooks.insert(0, ExecutionMeter(lambda: ctx.store.redis, profile.name))
         runtime = install_runtime(
             NodeRuntime(
                 sender.hostname,
