@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
 
 from celery import Celery
 
 from cipherpool import lifecycle
-from cipherpool.api.schemas import NodeOut, AccountCreated, AccountOut
+from cipherpool.api.schemas import NodeOut, AccountCreated, AccountOut, LedgerLine
+from cipherpool.billing import ledger, payments, views
+from cipherpool.billing.money import to_credits
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.db import init_db
 from cipherpool.errors import CipherpoolError
 from cipherpool.files import private_sqlite
-from cipherpool.statuses import StopReason
+from cipherpool.statuses import LedgerKind, StopReason
 from cipherpool.names import AUTH_GENERATION_KEY
 from cipherpool.services import nodes as node_service
 from cipherpool.services import accounts
@@ -98,6 +102,27 @@ class Admin:
             described = accounts.describe(accounts.set_disabled(session, accounts.find_account(session, id_or_name), False))
         self._announce()
         return described
+
+    def grant_credits(self, id_or_name: str, amount: Decimal | str | int, *, kind: LedgerKind = LedgerKind.GRANT,
+                      note: str = "", key: str | None = None) -> LedgerLine:
+        """Add a grant or refund (positive) or an adjustment (either sign) to an account's ledger;
+        ``key`` makes a retried call add nothing twice."""
+        with self.ctx.session() as session:
+            account = accounts.find_account(session, id_or_name)
+            line = payments.grant(session, account.id, amount, kind=kind, note=note, key=key)
+            return views.lines_out(session, [line])[0]
+
+    def credit_history(self, id_or_name: str, *, since: datetime | None = None, until: datetime | None = None,
+                       kinds: list[LedgerKind] | None = None) -> list[LedgerLine]:
+        """An account's ledger lines (the operator's view of `credits history`)."""
+        with self.ctx.session() as session:
+            account = accounts.find_account(session, id_or_name)
+            return views.lines_out(session, ledger.history(session, account.id, since=since, until=until, kinds=kinds))
+
+    def credit_balance(self, id_or_name: str) -> Decimal:
+        """An account's balance in credits: the sum of its ledger."""
+        with self.ctx.session() as session:
+            return to_credits(ledger.balance(session, accounts.find_account(session, id_or_name).id))
 
     def _celery(self) -> Celery | None:
         if not self.ctx.settings.broker_url:

@@ -8,11 +8,12 @@ ciphertexts and deployment zips are not JSON: they travel as ``application/octet
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from cipherpool.statuses import AccountStatus, ModelStatus, TokenStatus, WorkerStatus
+from cipherpool.statuses import AccountStatus, LedgerKind, ModelStatus, TokenStatus, WorkerStatus
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ID_PATTERN = r"^[0-9a-f]{16}$"
@@ -373,3 +374,93 @@ class QueryAccepted(Wire):
 
     id: str
     status: str  # queued | started
+
+
+# -- credits --------------------------------------------------------------------------------
+# Amounts are credits as decimal strings (exact to the micro-credit, never binary floats).
+
+
+class CreditBalance(Wire):
+    balance: Decimal
+    unit: str = "credit"
+    smallest_unit: str = "micro-credit"  # 0.000001 credit
+    low_balance_threshold: Decimal
+    low: bool  # below the threshold
+    burn_rate_per_hour: Decimal  # workers' rates now plus the last hour's shared execution
+    runs_out_in_s: float | None  # at that rate (None: nothing burns)
+    runs_out_at: str | None
+    workers_charged: int  # workers holding a node and charged now
+
+
+class LedgerLine(Wire):
+    id: int
+    at: str
+    kind: LedgerKind
+    amount: Decimal  # signed: charges are negative
+    balance_after: Decimal
+    model: str | None = None
+    model_id: str | None = None
+    worker_id: str | None = None
+    node: str | None = None
+    period_start: str | None = None
+    period_end: str | None = None
+    seconds: Decimal | None = None  # runtime or computation charged
+    queries: int | None = None
+    rate: Decimal | None = None  # credits per hour (runtime, standby) or per second (execution)
+    reference: str | None = None
+    note: str = ""
+
+
+class PurchaseIn(Wire):
+    amount: Decimal = Field(gt=0, max_digits=18, decimal_places=6)
+    # A retried request with the same key credits nothing twice.
+    idempotency_key: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    note: str = Field("", max_length=200)
+
+
+class PurchaseOut(Wire):
+    settled: bool  # credited now (False: the payment provider has not confirmed it yet)
+    reference: str  # the invoice or payment reference
+    note: str
+    line: LedgerLine | None
+    balance: Decimal
+
+
+class UsageRow(Wire):
+    day: str
+    model: str | None
+    model_id: str | None
+    worker_id: str | None  # None: shared nodes
+    kind: LedgerKind
+    seconds: Decimal  # runtime (runtime, standby) or computation (execution)
+    queries: int
+    cost: Decimal
+
+
+class UsageOut(Wire):
+    since: str
+    until: str
+    rows: list[UsageRow]
+    total_seconds: Decimal
+    total_queries: int
+    total_cost: Decimal
+    balance: Decimal
+    burn_rate_per_hour: Decimal
+    runs_out_in_s: float | None
+    runs_out_at: str | None
+
+
+class ReportOut(Wire):
+    period: str
+    account_id: str
+    since: str
+    until: str
+    opening_balance: Decimal
+    credits_in: dict[str, Decimal]  # by kind: grant, purchase, refund, adjustment
+    charges: dict[str, Decimal]  # by kind: runtime, standby, execution
+    closing_balance: Decimal
+    rows: list[UsageRow]
+    total_seconds: Decimal
+    total_queries: int
+    total_cost: Decimal
+    reconciles: bool  # opening + the period's lines == closing, and rows == charges

@@ -16,11 +16,11 @@ from datetime import datetime
 from sqlmodel import Session, col, func, select
 
 from cipherpool.db.tables import (
-    AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, NodeStatus, PoolNode, TokenModel, Worker,
+    Account, AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, NodeStatus, PoolNode, TokenModel, Worker,
     WorkerStatus, utcnow,
 )
 from cipherpool.errors import (
-    EvaluationKeyNotFound, InvalidEvaluationKey, InvalidInput, InvalidToken, KeysOutdated, ModelInactive,
+    EvaluationKeyNotFound, InsufficientCredits, InvalidEvaluationKey, InvalidInput, InvalidToken, KeysOutdated, ModelInactive,
     NoWorkerUp, TokenExpired, TokenNotForModel, TooManyKeys,
 )
 from cipherpool.services.tokens import aware, check_usable, resolve_token
@@ -75,6 +75,7 @@ class TokenGrant:
     quota: int | None
     models: tuple[ModelGrant, ...]
     expires_at: datetime | None = None
+    in_credit: bool = True  # its account's balance is above zero (shared-node queries are charged per execution)
 
     def find(self, model_id: str) -> ModelGrant | None:
         return next((m for m in self.models if m.model_id == model_id), None)
@@ -105,8 +106,10 @@ def _grant(session: Session, token: AccessToken) -> TokenGrant:
     dedicated, shared = serving_models(session, [m.id for m, _ in rows])
     models = tuple(ModelGrant(m.id, m.name, m.status, m.version, v.client_blob, m.hardware, m.id in dedicated,
                               m.id in shared, m.shared) for m, v in rows)
+    account = session.get(Account, token.account_id)
     return TokenGrant(token.id, token.account_id, token.quota, models,
-                      aware(token.expires_at) if token.expires_at is not None else None)
+                      aware(token.expires_at) if token.expires_at is not None else None,
+                      in_credit=account is not None and account.balance_micro > 0)
 
 
 def grant_for_value(session: Session, value: str | None) -> TokenGrant:
@@ -155,7 +158,9 @@ def check_query(grant: TokenGrant, model_id: str, wait_for_worker: bool = False,
             f"Model {model.name!r} has no worker up: its provider must start one (`cipherpool worker start "
             f"{model.name}`), or submit with wait_for_worker to queue the query until one is up."
         )
-    route(model, mode, wait_for_worker)  # the mode asked for must be possible too
+    if route(model, mode, wait_for_worker) == Route.SHARED and not grant.in_credit:
+        raise InsufficientCredits(f"Model {model.name!r} cannot take shared-node queries now: its provider's credits "
+                                  "are used up. Ask the provider to add credits, or query a dedicated worker.")
     return model
 
 
