@@ -57,7 +57,8 @@ class Admin:
         """A new account; its API key is in the answer (shown once, stored only as a hash)."""
         with self.ctx.session() as session:
             account, api_key = accounts.create_account(session, name, organisation=organisation,
-                                                       contact_email=contact_email)
+                                                       contact_email=contact_email,
+                                                       signup_grant=self.ctx.settings.credits_signup_grant)
             return AccountCreated(**accounts.describe(account).model_dump(), api_key=api_key)
 
     def list_accounts(self) -> list[AccountOut]:

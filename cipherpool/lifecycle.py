@@ -39,7 +39,8 @@ def start_workers(ctx: PlatformContext, app: Celery, account_id: str, model: str
     with ctx.session() as session:
         account = get_account(session, account_id)
         workers = worker_service.start_workers(session, account, model, ctx.settings.node_heartbeat_s, count=count,
-                                               profile=profile, standby=standby)
+                                               profile=profile, standby=standby,
+                                               credit_minutes=ctx.settings.credits_min_start_minutes)
     for i, worker in enumerate(workers):
         workerlog.write(ctx.store.redis, worker.id, f"pending: claimed node {worker.node_name} for model {model}"
                         f"{' (standby)' if standby else ''}", source=source)

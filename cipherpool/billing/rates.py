@@ -79,6 +79,15 @@ def current(session: Session, scope: str, at: datetime | None = None) -> Rate | 
     return session.exec(query.order_by(col(Rate.effective_from).desc(), col(Rate.id).desc())).first()
 
 
+def earliest(session: Session, scope: str) -> Rate | None:
+    """The first row of ``scope``: what applies before it, too. A price is recorded when a
+    process first sees it (beat's first tick, a node registering), usually moments after the
+    nodes it prices started; nothing was priced by that scope before, so its first price is
+    the one it always had (a minute of shared execution begun before it is priced by it)."""
+    return session.exec(select(Rate).where(Rate.scope == scope)
+                        .order_by(col(Rate.effective_from), col(Rate.id))).first()
+
+
 def sync(session: Session, scope: str, prices: PriceChange, source: str, at: datetime | None = None) -> Rate | None:
     """Record ``prices`` for ``scope`` from ``at`` (now) on, if they differ from the row in
     force; a scope with no row and nothing set gets none. Returns the row added, if any."""
@@ -109,9 +118,9 @@ def sync_settings(session: Session, settings: Settings, at: datetime | None = No
 def prices_at(session: Session, host_class: str, profile: str | None, at: datetime,
               settings: Settings | None = None) -> Prices:
     """What a worker (or shared execution) on a node of ``host_class`` and ``profile`` costs at ``at``."""
-    base = current(session, host_class, at)
+    base = current(session, host_class, at) or earliest(session, host_class)
     fallback = class_prices(settings or get_settings(), host_class)  # no row yet: the settings now
-    own = current(session, profile_scope(profile), at) if profile else None
+    own = (current(session, profile_scope(profile), at) or earliest(session, profile_scope(profile))) if profile else None
 
     def pick(field: str) -> int:
         for row in (own, base):

@@ -1,6 +1,6 @@
 """The `cipherpool` command: one click group of nouns (up, demo, db, admin, gateway, account,
-model, worker, token, query), sharing one :class:`CliContext`. Every command that prints takes
-``--json`` after its name as well as before it (``cipherpool model list --json``)."""
+credits, model, worker, pool, token, query), sharing one :class:`CliContext`. Every command
+that prints takes ``--json`` after its name as well as before it (``cipherpool model list --json``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from cipherpool.cli import account, admin, db, gateway, models, platform, pool, query, tokens, workers
+from cipherpool.cli import account, admin, credits, db, gateway, models, platform, pool, query, tokens, workers
 from cipherpool.cli.context import CipherpoolGroup, CliContext
 from cipherpool.config.settings import get_settings
 
@@ -56,8 +56,8 @@ def add_json_options(root: click.Group) -> None:
                                                callback=_set_json, help="Print machine-readable JSON."))
 
 
-for group in (platform.up, platform.demo, db.db, admin.admin, gateway.gateway, account.account, models.model,
-              workers.worker, pool.pool, tokens.token, query.query):
+for group in (platform.up, platform.demo, db.db, admin.admin, gateway.gateway, account.account, credits.credits_,
+              models.model, workers.worker, pool.pool, tokens.token, query.query):
     cli.add_command(group)
 add_json_options(cli)
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from decimal import Decimal
+
 import click
 
 from cipherpool.admin import Admin
 from cipherpool.cli.context import CliContext, pass_ctx
+from cipherpool.cli.credits import AMOUNT, FORMATS, NUMBERS_AS_ARGUMENTS, OPERATOR_KINDS, operator_grant, operator_history
+from cipherpool.cli.durations import MOMENT
+from cipherpool.statuses import LedgerKind
 
 ACCOUNT_COLUMNS = ["id", "name", "organisation", "contact_email", "status", "api_key_prefix", "created_at"]
 
@@ -66,3 +72,36 @@ def account_disable(ctx: CliContext, id_or_name: str) -> None:
 def account_enable(ctx: CliContext, id_or_name: str) -> None:
     """Accept the account's API key and tokens again (its workers are started by the provider)."""
     ctx.emit(Admin(ctx.settings).enable_account(id_or_name))
+
+
+@admin.group("credits")
+def credits_() -> None:
+    """Accounts' credits: grants, refunds, adjustments and the ledger (no payment involved)."""
+
+
+@credits_.command("grant", context_settings=NUMBERS_AS_ARGUMENTS)
+@click.argument("account")
+@click.argument("amount", type=AMOUNT)
+@click.option("--kind", type=click.Choice(OPERATOR_KINDS), default=LedgerKind.GRANT.value, show_default=True,
+              help="A grant or refund (positive), or an adjustment (either sign: `-- -5` for a negative one).")
+@click.option("--note", default="", help="Why: shown on the account's ledger line.")
+@click.option("--idempotency-key", "key", help="Retry safely: a second grant with this key adds nothing twice.")
+@pass_ctx
+def credits_grant(ctx: CliContext, account: str, amount: Decimal, kind: str, note: str, key: str | None) -> None:
+    """Add AMOUNT credits to ACCOUNT (id or name); the same as `credits add --account`."""
+    operator_grant(ctx, account, amount, kind, note, key)
+
+
+@credits_.command("history")
+@click.argument("account")
+@click.option("--since", type=MOMENT, help="Lines at or after this time (2026-11-01 or an ISO time).")
+@click.option("--until", type=MOMENT, help="Lines before this time.")
+@click.option("--kind", "kinds", multiple=True, type=click.Choice([k.value for k in LedgerKind]),
+              help="Only lines of this kind (repeat for several).")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None,
+              help="Output format (default table); --json is --format json.")
+@pass_ctx
+def credits_history(ctx: CliContext, account: str, since: datetime | None, until: datetime | None,
+                    kinds: tuple[str, ...], fmt: str | None) -> None:
+    """ACCOUNT's ledger lines, oldest first, with its balance after each."""
+    operator_history(ctx, account, since, until, kinds, fmt)

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
 from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
 from cipherpool.api.schemas import (
-    AccountOut, AccountUpdate, ApiKeyRotated, AssignIn, DeployIn, EventOut, ModelDetail, ModelOut, ModelSettings,
-    RollbackIn, TokenCreated, TokenIn, TokenOut, TokenUpdate, UploadOut, VersionIn, VersionOut, WorkerIn, WorkerOut,
-    WorkerLogLine, WorkerStats, NodeOut,
+    AccountOut, AccountUpdate, ApiKeyRotated, AssignIn, CreditBalance, DeployIn, EventOut, LedgerLine, ModelDetail,
+    ModelOut, ModelSettings, PurchaseIn, PurchaseOut, ReportOut, RollbackIn, TokenCreated, TokenIn, TokenOut,
+    TokenUpdate, UploadOut, UsageOut, VersionIn, VersionOut, WorkerIn, WorkerOut, WorkerLogLine, WorkerStats, NodeOut,
 )
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
-from cipherpool.errors import WorkerStartFailed
+from cipherpool.errors import InvalidInput, WorkerStartFailed
 from cipherpool.fhe.deployment import load_deployment
-from cipherpool.statuses import WorkerStatus
+from cipherpool.statuses import LedgerKind, WorkerStatus
 from cipherpool.waiting import WaitTimeout, wait_until
 
 POLL_S = 0.25
@@ -28,6 +29,25 @@ UPLOAD_TIMEOUT_S = 600.0
 
 
 WorkerInfo = WorkerOut  # the name of 0.1, kept for scripts that import it
+
+
+def _exact(amount: Decimal | str | int) -> Decimal:
+    """An amount of credits as an exact decimal (sent as a JSON string, never a float)."""
+    if isinstance(amount, bool) or not isinstance(amount, Decimal | str | int):
+        raise InvalidInput(f"An amount of credits is a Decimal, a string or an int, not {type(amount).__name__} "
+                           f"{amount!r} (a binary float is not exact).")
+    try:
+        return Decimal(amount.strip() if isinstance(amount, str) else amount)
+    except ArithmeticError:
+        raise InvalidInput(f"The amount {amount!r} is not a number of credits.") from None
+
+
+def _window(since: datetime | None, until: datetime | None) -> dict[str, str]:
+    """``since`` and ``until`` as ISO 8601 in UTC (a naive time is taken as UTC): the gateway
+    compares them with the ledger's UTC times."""
+    moments = {"since": since, "until": until}
+    return {k: (v if v.tzinfo else v.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+            for k, v in moments.items() if v is not None}
 
 
 class ManagementClient:
@@ -273,6 +293,53 @@ class ManagementClient:
 
     def delete_token(self, token_id: str) -> None:
         self._t.request("DELETE", self._token_path(token_id))
+
+    # credits
+    def credits(self) -> CreditBalance:
+        """The balance (the sum of this account's ledger), whether it is low, the burn rate now
+        and when the balance runs out at that rate: what to check before starting workers."""
+        return self._t.call("GET", "/v1/credits", CreditBalance)
+
+    def buy_credits(self, amount: Decimal | str | int, *, idempotency_key: str | None = None,
+                    note: str = "") -> PurchaseOut:
+        """Buy ``amount`` credits through the platform's payment provider (by default an invoice
+        to pay offline, credited at once); the answer holds the invoice or payment reference.
+
+        Give an ``idempotency_key`` to retry safely: a purchase retried with the same key (after
+        a timeout, say) credits nothing twice. ``amount`` is exact (a ``Decimal``, a string or an
+        int, at most six decimals): a binary float is refused, since 0.1 is not 0.1 in binary."""
+        body = PurchaseIn(amount=_exact(amount), idempotency_key=idempotency_key, note=note)
+        return self._t.call("POST", "/v1/credits/purchases", PurchaseOut,
+                            json=body.model_dump(mode="json", exclude_none=True))
+
+    def credit_history(self, *, since: datetime | None = None, until: datetime | None = None,
+                       kinds: Iterable[LedgerKind | str] | None = None, model: str | None = None,
+                       limit: int = 1000) -> list[LedgerLine]:
+        """Ledger lines recorded in ``[since, until)``, oldest first, of the ``kinds`` given (all
+        if none) and of ``model``: every credit and charge, each with the balance after it, so
+        that a statement can be checked line by line. Without ``since``, from the first line."""
+        params: dict[str, Any] = {"limit": limit, **_window(since, until)}
+        if kinds:
+            params["kind"] = [LedgerKind(k).value for k in kinds]
+        if model:
+            params["model"] = model
+        return self._t.call("GET", "/v1/credits/history", list[LedgerLine], params=params)
+
+    def credit_usage(self, *, since: datetime | None = None, until: datetime | None = None,
+                     model: str | None = None) -> UsageOut:
+        """Runtime, cost and queries per day, model, worker and kind in ``[since, until)``
+        (default: the last 30 days), with totals, the burn rate and when the balance runs out:
+        what the credits were spent on."""
+        params: dict[str, Any] = _window(since, until)
+        if model:
+            params["model"] = model
+        return self._t.call("GET", "/v1/credits/usage", UsageOut, params=params)
+
+    def credit_report(self, period: str) -> ReportOut:
+        """A month's report (``period="2026-11"``) for accounting: its usage rows, opening and
+        closing balances, credits in and charges per kind, and whether it reconciles to the
+        ledger to the micro-credit."""
+        return self._t.call("GET", "/v1/credits/report", ReportOut, params={"period": period})
 
     def close(self) -> None:
         self._t.close()

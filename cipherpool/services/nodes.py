@@ -19,6 +19,8 @@ from sqlmodel import Session, col, select
 from cipherpool.api.schemas import NodeOut, NodeResources
 from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, utcnow
 from cipherpool.services.tokens import aware
+from cipherpool.billing import rates
+from cipherpool.billing.rates import PriceChange
 
 NODE_STALE_HEARTBEATS = 3  # a node unseen for this many heartbeats is not offered
 
@@ -39,6 +41,7 @@ class NodeInfo:
     memory_bytes: int = 0
     gpus: int = 0
     key_cache_bytes: int = 0
+    prices: PriceChange | None = None  # its profile's own rates (None fields: its class's)
 
 
 def register_node(session: Session, name: str, info: NodeInfo) -> PoolNode:
@@ -51,6 +54,8 @@ def register_node(session: Session, name: str, info: NodeInfo) -> PoolNode:
     node.status = NodeStatus.ONLINE
     node.started_at = node.last_seen = utcnow()
     session.add(node)
+    if info.prices is not None:  # a profile's rate that changed applies from now on
+        rates.sync(session, rates.profile_scope(info.profile), info.prices, f"profile {info.profile} ({name})")
     return node
 
 

@@ -223,7 +223,7 @@ class EmbeddedStack:
         from cipherpool.services.accounts import create_account
 
         with session_scope(self.settings.effective_database_url()) as session:
-            return create_account(session, name)[1]
+            return create_account(session, name, signup_grant=self.settings.credits_signup_grant)[1]
 
     def describe(self) -> list[tuple[str, str]]:
         rows = [(c.name, f"pid {c.pid}") for c in self.supervisor.children]

@@ -36,6 +36,7 @@ from cipherpool.files import private_dir
 from cipherpool.workers import capacity
 from cipherpool.workers.hooks import load_hook
 from cipherpool.workers.loghook import WorkerLog
+from cipherpool.billing.rates import profile_prices
 from cipherpool.workers.querycount import QueryCounter
 from cipherpool.workers.shared import ExecutionMeter, SharedModels
 from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
@@ -122,6 +123,7 @@ def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
                 pid=os.getpid(), profile=runtime.profile, labels=runtime.labels, shared=runtime.shared,
                 host=socket.gethostname(), cores=host.cores, memory_bytes=host.memory_bytes, gpus=host.gpus,
                 key_cache_bytes=runtime.key_cache.stats().capacity_bytes,
+                prices=profile_prices(resolve_profile(ctx.settings)),
             ))
             binding = node_service.binding_of_node(session, runtime.name)
         _start_heartbeat(runtime.name, ctx.settings.node_heartbeat_s, sender.app)
