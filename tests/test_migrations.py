@@ -27,8 +27,10 @@ from cipherpool.config.settings import mask_url, reset_settings
 from cipherpool.db import current_revision, get_engine, head_revision, init_db, session_scope, upgrade_db
 from cipherpool.db.migrate import BASELINE_REVISION, BASELINE_TABLES, VERSION_TABLE, alembic_config
 from cipherpool.db.tables import (
-    AccessToken, Account, EvaluationKey, Model, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker, WorkerStatus,
+    AccessToken, Account, EvaluationKey, LedgerEntry, Model, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker,
+    WorkerStatus,
 )
+from cipherpool.services.tokens import aware
 from cipherpool.errors import ConfigurationError, InvalidInput
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -120,6 +122,15 @@ def _assert_the_models_read_them(url: str) -> None:
         assert (link.token_id, link.model_id) == (token.id, model.id)
         (key,) = session.exec(select(EvaluationKey)).all()
         assert key.client_blob == "c" * 64
+        # 0004: the account's opening grant is its first ledger line and its balance, and the
+        # running worker is charged from the upgrade on, not from when it started.
+        account = session.get(Account, "acct0000000001")
+        (line,) = session.exec(select(LedgerEntry)).all()
+        assert (line.account_id, line.kind, line.amount, line.balance_after) == (account.id, "grant", 100_000_000,
+                                                                                 100_000_000)
+        assert account.balance_micro == 100_000_000 and account.low_balance_at is None
+        worker = session.get(Worker, "work0000000001")
+        assert worker.billed_to is not None and aware(worker.billed_to) > T0 and worker.billed_remainder == 0
         # A row added now gets a fresh id: the sequence moved on past the migrated row.
         session.add(EvaluationKey(key_id="key00000000002", blob_id="b" * 64, token_id=token.id, model_id=model.id,
                                   client_blob="c" * 64, size_bytes=64))
