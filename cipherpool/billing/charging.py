@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from redis import Redis
-from sqlalchemy import update
+from sqlalchemy import ColumnElement, update
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col, select
 
@@ -124,14 +124,19 @@ def settle(session: Session, worker_id: str, until: datetime | None = None, *,
     return entries
 
 
-def unbilled_workers(session: Session) -> list[str]:
-    """Workers that owe something: started and still holding a node, or stopped with time
-    not yet charged (their stop's own charge was refused, or it died with its process)."""
-    rows = session.exec(select(Worker.id, Worker.status, Worker.billed_to, Worker.stopped_at).where(
+def unbilled_workers(session: Session, now: datetime | None = None) -> list[str]:
+    """Workers that owe something before ``now``: started and still holding a node, or
+    stopped with time not yet charged (their stop's own charge was refused, or it died with
+    its process)."""
+    holding: ColumnElement[bool] = col(Worker.status).in_(HOLDING_NODE)
+    if now is not None:
+        holding = holding & (col(Worker.billed_to).is_(None) | (col(Worker.billed_to) < now))
+    rows = session.exec(select(Worker.id, Worker.status, Worker.stopped_at).where(
         col(Worker.started_at).is_not(None),
-        col(Worker.status).in_(HOLDING_NODE) | col(Worker.billed_to).is_(None) | (col(Worker.billed_to) < col(Worker.stopped_at)),
+        holding | (col(Worker.stopped_at).is_not(None) & (col(Worker.billed_to).is_(None)
+                                                          | (col(Worker.billed_to) < col(Worker.stopped_at)))),
     )).all()
-    return [row[0] for row in rows if row[1] in HOLDING_NODE or row[3] is not None]
+    return [row[0] for row in rows]
 
 
 # -- shared nodes -------------------------------------------------------------------------
@@ -227,7 +232,7 @@ def charge_all(session_factory: Callable[[], AbstractContextManager[Session]], r
     report = TickReport()
     with session_factory() as session:
         sync_settings(session, settings, now)
-        worker_ids = unbilled_workers(session)
+        worker_ids = unbilled_workers(session, now)
     for worker_id in worker_ids:
         try:
             with session_factory() as session:

@@ -57,7 +57,7 @@ class OfflineInvoice:
     name = "offline-invoice"
 
     def purchase(self, session: Session, account_id: str, amount_micro: int, note: str) -> Payment:
-        number = f"INV-{utcnow():%Y%m%d}-{secrets.token_hex(4)}"
+        number = f"INV-{utcnow():%Y%m%d}-{secrets.token_hex(6)}"
         session.add(Invoice(id=number, account_id=account_id, amount=amount_micro, provider=self.name, note=note))
         session.flush()
         return Payment(number, settled=True, note=f"invoice {number}, to be paid offline")

@@ -13,7 +13,7 @@ import csv
 import io
 import os
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,9 @@ LINE_COLUMNS = ["id", "at", "kind", "amount", "balance_after", "model", "worker_
                 "note"]
 CSV_LINE_FIELDS = list(LedgerLine.model_fields)
 USAGE_COLUMNS = ["day", "model", "worker", "kind", "seconds", "queries", "cost"]
-# One header for both CSV files: usage rows carry ``cost`` (their sum is the total cost);
-# summary records carry their figure in ``amount`` (signed as on the ledger: credits in
-# positive, charges negative, so opening + credits in + charges = closing).
+# The report's CSV header (usage's has no period): usage rows carry ``cost`` (the column sums
+# to the total cost); summary records carry their figure in ``amount`` (signed as on the
+# ledger: credits in positive, charges negative, so opening + credits in + charges = closing).
 CSV_COLUMNS = ["period", "record", "day", "model", "model_id", "worker", "kind", "seconds", "queries", "cost", "amount"]
 SHARED = "shared"  # the worker column of shared-node execution
 
@@ -166,7 +166,7 @@ def operator_grant(ctx: CliContext, account: str, amount: Decimal, kind: str, no
         ctx.emit({"account": account, "line": line.model_dump(mode="json"), "balance": str(balance)})
         return
     ctx.emit({"account": account, "kind": line.kind.value, "amount": fmt_credits(line.amount), "line": line.id,
-              "at": line.at, "note": line.note, "balance": fmt_credits(balance)})
+              "at": line.at, "note": line.note, "balance": f"{fmt_credits(balance)} credits"})
 
 
 def operator_history(ctx: CliContext, account: str, since: datetime | None, until: datetime | None,
@@ -197,7 +197,7 @@ def usage_csv(used: UsageOut) -> str:
         {"record": "burn rate per hour", "amount": exact(used.burn_rate_per_hour)},
         {"record": "runs out at", "amount": used.runs_out_at or "never"},
     ]
-    return to_csv(CSV_COLUMNS, [*(_usage_record(r) for r in used.rows), *summary])
+    return to_csv(CSV_COLUMNS[1:], [*(_usage_record(r) for r in used.rows), *summary])  # no period: a window
 
 
 def report_csv(report: ReportOut) -> str:
@@ -205,13 +205,14 @@ def report_csv(report: ReportOut) -> str:
     accountant checks: opening balance, credits in and charges per kind (signed as on the
     ledger), closing balance, and whether opening + lines == closing."""
     period = report.period
+    last_day = datetime.fromisoformat(report.until).date() - timedelta(days=1)  # the balance at its end
     summary: list[dict[str, Any]] = [
         {"record": "total", "seconds": exact(report.total_seconds), "queries": report.total_queries,
          "amount": exact(report.total_cost)},
         {"record": "opening balance", "day": report.since[:10], "amount": exact(report.opening_balance)},
         *({"record": "credits in", "kind": kind, "amount": exact(amount)} for kind, amount in report.credits_in.items()),
         *({"record": "charges", "kind": kind, "amount": exact(-amount)} for kind, amount in report.charges.items()),
-        {"record": "closing balance", "day": report.until[:10], "amount": exact(report.closing_balance)},
+        {"record": "closing balance", "day": last_day.isoformat(), "amount": exact(report.closing_balance)},
         {"record": "reconciles", "amount": "yes" if report.reconciles else "NO"},
     ]
     return to_csv(CSV_COLUMNS, [*(_usage_record(r, period) for r in report.rows),
