@@ -113,6 +113,12 @@ class Admin:
             line = payments.grant(session, account.id, amount, kind=kind, note=note, key=key)
             return views.lines_out(session, [line])[0]
 
+    def settle_purchase(self, invoice: str, status: str = "paid") -> LedgerLine:
+        """A pending purchase whose payment cleared (or an invoice accepted): credit it, once."""
+        with self.ctx.session() as session:
+            line = payments.settle_invoice(session, invoice, status)
+            return views.lines_out(session, [line])[0]
+
     def credit_history(self, id_or_name: str, *, since: datetime | None = None, until: datetime | None = None,
                        kinds: list[LedgerKind] | None = None) -> list[LedgerLine]:
         """An account's ledger lines (the operator's view of `credits history`)."""

@@ -420,7 +420,9 @@ class PurchaseIn(Wire):
 
 class PurchaseOut(Wire):
     settled: bool  # credited now (False: the payment provider has not confirmed it yet)
-    reference: str  # the invoice or payment reference
+    reference: str  # the payment provider's reference, else the invoice's number
+    invoice: str  # the invoice's number (INV-...)
+    status: str  # the invoice's: open (to be paid offline), paid, pending (not credited yet)
     note: str
     line: LedgerLine | None
     balance: Decimal

@@ -67,8 +67,9 @@ def balance_before(session: Session, account_id: str, moment: datetime) -> int:
 
 def history(session: Session, account_id: str, *, since: datetime | None = None, until: datetime | None = None,
             kinds: list[LedgerKind] | None = None, model_id: str | None = None,
-            limit: int | None = HISTORY_LIMIT) -> list[LedgerEntry]:
-    """The account's lines recorded in ``[since, until)``, oldest first, filtered."""
+            limit: int | None = HISTORY_LIMIT, latest: bool = False) -> list[LedgerEntry]:
+    """The account's lines recorded in ``[since, until)``, oldest first, filtered: the first
+    ``limit`` of them, or with ``latest`` the last ``limit`` (still oldest first)."""
     query = select(LedgerEntry).where(LedgerEntry.account_id == account_id)
     if since is not None:
         query = query.where(col(LedgerEntry.at) >= since)
@@ -78,5 +79,7 @@ def history(session: Session, account_id: str, *, since: datetime | None = None,
         query = query.where(col(LedgerEntry.kind).in_([LedgerKind(k).value for k in kinds]))
     if model_id is not None:
         query = query.where(LedgerEntry.model_id == model_id)
+    if latest and limit is not None:
+        return list(reversed(session.exec(query.order_by(col(LedgerEntry.id).desc()).limit(limit)).all()))
     query = query.order_by(col(LedgerEntry.id))
     return list(session.exec(query.limit(limit) if limit is not None else query))

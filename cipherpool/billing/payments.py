@@ -1,12 +1,14 @@
 """Buying credits: the payment-provider interface behind a purchase, and grants.
 
-A provider buys credits with ``credits add``; the platform asks its payment provider
-(``CIPHERPOOL_PAYMENT_PROVIDER``, ``module:Class``) to take the payment. The default,
-:class:`OfflineInvoice`, records an invoice to be paid offline (by bank transfer, as a
-self-hosted operator bills its customers) and credits the account at once. A provider that
-needs a card payment implements :class:`PaymentProvider` and answers ``settled=False`` until
-its payment clears; nothing is credited before then. An operator grants credits (or refunds,
-or adjusts) with database access, no payment involved.
+A provider buys credits with ``credits add``; the platform records the purchase as an
+invoice and asks its payment provider (``CIPHERPOOL_PAYMENT_PROVIDER``, ``module:Class``) to
+take the payment. The default, :class:`OfflineInvoice`, leaves the invoice open, to be paid
+offline (by bank transfer, as a self-hosted operator bills its customers), and credits the
+account at once. A provider that takes card payments implements :class:`PaymentProvider` and
+answers ``settled=False`` until its payment clears; nothing is credited before then, and
+:func:`settle_invoice` (its callback, or ``cipherpool admin credits settle``) credits it
+once. An operator grants credits (or refunds, or adjusts) with database access, no payment
+involved.
 
 Each purchase carries an idempotency key (the client's, or a fresh one): a retried request
 finds its first line and credits nothing twice.
@@ -21,13 +23,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from cipherpool.billing import ledger
 from cipherpool.billing.money import show, to_micro
 from cipherpool.config.settings import Settings
 from cipherpool.db.tables import Invoice, LedgerEntry, utcnow
-from cipherpool.errors import ConfigurationError, InvalidInput
+from cipherpool.errors import ConfigurationError, InvalidInput, NotFound
 from cipherpool.statuses import LedgerKind
 
 CREDIT_KINDS = (LedgerKind.GRANT, LedgerKind.REFUND, LedgerKind.ADJUSTMENT)
@@ -35,12 +38,14 @@ CREDIT_KINDS = (LedgerKind.GRANT, LedgerKind.REFUND, LedgerKind.ADJUSTMENT)
 
 @dataclass(frozen=True)
 class Payment:
-    """What the payment provider made of a purchase: its reference and whether it is paid
-    for (or, for an invoice, accepted to be paid), so that the credits are added now."""
+    """What the payment provider made of a purchase: its reference, whether it is paid for
+    (or, for an invoice, accepted to be paid) so that the credits are added now, and the
+    invoice status to record (``open``: to be paid offline; ``paid``; ``pending``)."""
 
     reference: str
     settled: bool
     note: str = ""
+    status: str | None = None
 
 
 class PaymentProvider(Protocol):
@@ -52,15 +57,12 @@ class PaymentProvider(Protocol):
 
 
 class OfflineInvoice:
-    """Records an open invoice (``invoices``) and credits the account at once."""
+    """The invoice is the payment: open, to be paid offline; the account is credited at once."""
 
     name = "offline-invoice"
 
     def purchase(self, session: Session, account_id: str, amount_micro: int, note: str) -> Payment:
-        number = f"INV-{utcnow():%Y%m%d}-{secrets.token_hex(6)}"
-        session.add(Invoice(id=number, account_id=account_id, amount=amount_micro, provider=self.name, note=note))
-        session.flush()
-        return Payment(number, settled=True, note=f"invoice {number}, to be paid offline")
+        return Payment("", settled=True, note="invoice to be paid offline", status="open")
 
 
 def load_provider(path: str) -> PaymentProvider:
@@ -74,13 +76,22 @@ def load_provider(path: str) -> PaymentProvider:
 
 @dataclass(frozen=True)
 class Purchase:
+    invoice: Invoice
     entry: LedgerEntry | None  # None while the payment is not settled
-    payment: Payment
+    note: str = ""
+
+    @property
+    def reference(self) -> str:
+        return self.invoice.reference or self.invoice.id
 
 
 def purchase(session: Session, settings: Settings, account_id: str, amount: Decimal | str | int, *,
              idempotency_key: str | None = None, note: str = "") -> Purchase:
-    """Buy ``amount`` credits through the payment provider; credited once it is settled."""
+    """Buy ``amount`` credits through the payment provider; credited once it is settled.
+
+    The purchase is recorded (an invoice, under its idempotency key) before the provider is
+    asked: a retry with the same key, even one that arrives while the first is still being
+    paid, finds it and takes no second payment."""
     micro = to_micro(amount)
     if micro <= 0:
         raise InvalidInput("A purchase must be of more than 0 credits.")
@@ -88,19 +99,58 @@ def purchase(session: Session, settings: Settings, account_id: str, amount: Deci
         raise InvalidInput(f"One purchase may be of at most {settings.credits_max_purchase} credits "
                            "(credits_max_purchase).")
     key = f"purchase:{account_id}:{idempotency_key or uuid.uuid4().hex}"
-    done = session.exec(select(LedgerEntry).where(LedgerEntry.key == key)).first()
-    if done is not None:  # a retried request: the first one's line
-        if done.amount != micro:
-            raise InvalidInput(f"Idempotency key {idempotency_key!r} was used for a purchase of {show(done.amount)} "
-                               "credits; use a new key for another purchase.")
-        return Purchase(done, Payment(done.reference or "", True, "already credited"))
     provider = load_provider(settings.payment_provider)
+    invoice = Invoice(id=f"INV-{utcnow():%Y%m%d}-{secrets.token_hex(6)}", account_id=account_id, key=key,
+                      amount=micro, provider=provider.name, note=note)
+    savepoint = session.begin_nested()
+    try:
+        session.add(invoice)
+        session.flush()
+    except IntegrityError:  # this key's purchase exists (a retry, or the same request twice at once)
+        savepoint.rollback()
+        return _again(session, key, micro, idempotency_key)
+    savepoint.commit()
     payment = provider.purchase(session, account_id, micro, note)
-    if not payment.settled:
-        return Purchase(None, payment)
-    entry = ledger.append(session, account_id, LedgerKind.PURCHASE, micro, key, reference=payment.reference,
-                          note=note or f"purchase of {show(micro)} credits ({payment.note or provider.name})")
-    return Purchase(entry, payment)
+    invoice.reference = payment.reference or None
+    invoice.status = payment.status or ("paid" if payment.settled else "pending")
+    session.add(invoice)
+    entry = credit_invoice(session, invoice, payment.note or provider.name) if payment.settled else None
+    return Purchase(invoice, entry, payment.note)
+
+
+def _again(session: Session, key: str, micro: int, idempotency_key: str | None) -> Purchase:
+    invoice = session.exec(select(Invoice).where(Invoice.key == key)).one()
+    if invoice.amount != micro:
+        raise InvalidInput(f"Idempotency key {idempotency_key!r} was used for a purchase of {show(invoice.amount)} "
+                           "credits; use a new key for another purchase.")
+    entry = session.exec(select(LedgerEntry).where(LedgerEntry.key == key)).first()
+    return Purchase(invoice, entry, "already credited" if entry is not None
+                    else "already recorded under this idempotency key; credited once its payment clears")
+
+
+def credit_invoice(session: Session, invoice: Invoice, how: str = "") -> LedgerEntry:
+    """Add the invoice's credits to the ledger, once (keyed by the invoice's purchase key)."""
+    entry = ledger.append(session, invoice.account_id, LedgerKind.PURCHASE, invoice.amount, invoice.key,
+                          reference=invoice.id,
+                          note=invoice.note or f"purchase of {show(invoice.amount)} credits, {invoice.id}"
+                          f"{' (' + how + ')' if how else ''}")
+    if entry is None:
+        entry = session.exec(select(LedgerEntry).where(LedgerEntry.key == invoice.key)).one()
+    invoice.credited = True
+    session.add(invoice)
+    return entry
+
+
+def settle_invoice(session: Session, invoice_id: str, status: str = "paid") -> LedgerEntry:
+    """A payment that cleared (a provider's callback, an operator's word): credit it, once,
+    and record its status (``paid``; ``open`` for an invoice accepted to be paid later)."""
+    invoice = session.get(Invoice, invoice_id)
+    if invoice is None:
+        raise NotFound(f"No invoice {invoice_id!r}.")
+    if status not in ("paid", "open"):
+        raise InvalidInput("An invoice is settled as paid or open.")
+    invoice.status = status
+    return credit_invoice(session, invoice, f"settled: {status}")
 
 
 def grant(session: Session, account_id: str, amount: Decimal | str | int, *, kind: LedgerKind = LedgerKind.GRANT,
@@ -112,9 +162,13 @@ def grant(session: Session, account_id: str, amount: Decimal | str | int, *, kin
     micro = to_micro(amount)
     if micro == 0 or (micro < 0 and kind != LedgerKind.ADJUSTMENT):
         raise InvalidInput(f"A {kind.value} must be of more than 0 credits (an adjustment may be negative).")
+    given = key
     key = f"{kind.value}:{account_id}:{key or uuid.uuid4().hex}"
     entry = ledger.append(session, account_id, kind, micro, key, note=note or f"{kind.value} by the operator")
-    if entry is None:
+    if entry is None:  # a retry: the first line, if it is the same
         done = session.exec(select(LedgerEntry).where(LedgerEntry.key == key)).one()
+        if done.amount != micro:
+            raise InvalidInput(f"Key {given!r} was used for a {kind.value} of {show(done.amount)} credits; nothing "
+                               "was added. Use a new key for another one.")
         return done
     return entry

@@ -105,3 +105,13 @@ def credits_history(ctx: CliContext, account: str, since: datetime | None, until
                     kinds: tuple[str, ...], fmt: str | None) -> None:
     """ACCOUNT's ledger lines, oldest first, with its balance after each."""
     operator_history(ctx, account, since, until, kinds, fmt)
+
+
+@credits_.command("settle")
+@click.argument("invoice")
+@click.option("--status", type=click.Choice(["paid", "open"]), default="paid", show_default=True,
+              help="paid: the payment cleared; open: an invoice accepted, to be paid later.")
+@pass_ctx
+def credits_settle(ctx: CliContext, invoice: str, status: str) -> None:
+    """Credit a pending purchase (INV-...) whose payment cleared; a second time adds nothing."""
+    ctx.emit(Admin(ctx.settings).settle_purchase(invoice, status))

@@ -23,6 +23,7 @@ import click
 from cipherpool.api.schemas import LedgerLine, ReportOut, UsageOut, UsageRow
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.cli.durations import MOMENT
+from cipherpool.errors import InvalidInput
 from cipherpool.files import FILE_MODE
 from cipherpool.statuses import LedgerKind
 
@@ -116,7 +117,10 @@ def write_private_file(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, mode 0600 from the first byte (a report names what an
     account spent). Unlike :func:`cipherpool.files.write_private`, the directory a person
     chose is left as it is (that helper makes it 0700)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    except OSError as exc:
+        raise click.FileError(str(path), hint=exc.strerror or str(exc)) from None
     with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
         os.fchmod(f.fileno(), FILE_MODE)  # a file that was there before keeps its mode otherwise
         f.write(text)
@@ -161,6 +165,9 @@ def operator_grant(ctx: CliContext, account: str, amount: Decimal, kind: str, no
 
     admin = Admin(ctx.settings)
     line = admin.grant_credits(account, amount, kind=LedgerKind(kind), note=note, key=key)
+    if line.amount != amount:  # the key's first line, for another amount: nothing was added now
+        raise InvalidInput(f"Idempotency key {key!r} was used for a {kind} of {fmt_credits(line.amount)} credits "
+                           f"(line {line.id}); nothing was added. Use a new key for another {kind}.")
     balance = admin.credit_balance(account)
     if ctx.as_json:
         ctx.emit({"account": account, "line": line.model_dump(mode="json"), "balance": str(balance)})

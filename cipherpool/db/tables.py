@@ -262,13 +262,18 @@ class LedgerEntry(SQLModel, table=True):
 
 
 class Invoice(SQLModel, table=True):
-    """A purchase's bill, as the payment provider recorded it (the default: offline, open)."""
+    """One purchase: what was bought, under which idempotency key, what the payment provider
+    made of it (its reference and status) and whether the credits were added. Recorded before
+    the provider is asked, so a retry finds it and is never paid twice."""
 
     __tablename__ = "invoices"
-    id: str = Field(primary_key=True)  # e.g. INV-20261122-1a2b3c4d
+    id: str = Field(primary_key=True)  # e.g. INV-20261122-1a2b3c4d5e6f
     account_id: str = Field(foreign_key="accounts.id", index=True)
+    key: str = Field(unique=True)  # purchase:<account>:<idempotency key>
     amount: int = Field(sa_type=BigInteger)  # micro-credits bought
-    status: str = "open"  # open, paid, void
+    status: str = "pending"  # pending (payment not confirmed), open (to be paid offline), paid, void
+    credited: bool = False  # its ledger line was added
     provider: str = ""
+    reference: str | None = None  # the payment provider's
     created_at: datetime = Field(default_factory=utcnow)
     note: str = ""

@@ -53,8 +53,9 @@ def purchase(body: PurchaseIn, gw: Gateway, acct: Account) -> PurchaseOut:
         bought = payments.purchase(session, gw.settings, account.id, body.amount,
                                    idempotency_key=body.idempotency_key, note=body.note)
         line = views.lines_out(session, [bought.entry])[0] if bought.entry is not None else None
-        return PurchaseOut(settled=bought.entry is not None, reference=bought.payment.reference,
-                           note=bought.payment.note, line=line, balance=to_credits(ledger.balance(session, account.id)))
+        return PurchaseOut(settled=bought.entry is not None, reference=bought.reference, invoice=bought.invoice.id,
+                           status=bought.invoice.status, note=bought.note, line=line,
+                           balance=to_credits(ledger.balance(session, account.id)))
 
 
 @router.get("/history", response_model=list[LedgerLine])
@@ -62,12 +63,14 @@ def history(gw: Gateway, acct: Account, since: Since = None, until: Until = None
             kind: Annotated[list[LedgerKind] | None, Query()] = None, model: ModelName = None,
             limit: Annotated[int, Query(ge=1, le=MAX_LINES)] = 1000) -> list[LedgerLine]:
     """Ledger lines recorded in ``[since, until)``, oldest first; filter by kind (repeat it)
-    and model. Without ``since``, every line (up to ``limit``)."""
+    and model. With ``since``, the first ``limit`` lines from then on; without, the latest
+    ``limit``."""
     with gw.ctx.session() as session:
         account = accounts.get_account(session, acct.account_id)
         model_id = get_model(session, account, model).id if model else None
         lines = ledger.history(session, account.id, since=aware(since) if since else None,
-                               until=aware(until) if until else None, kinds=kind, model_id=model_id, limit=limit)
+                               until=aware(until) if until else None, kinds=kind, model_id=model_id, limit=limit,
+                               latest=since is None)
         return views.lines_out(session, lines)
 
 

@@ -19,6 +19,8 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -57,6 +59,8 @@ A_STAGED = (_client_zip("alice staged"), _server_zip("alice staged"))
 
 B_MODEL, A_MODEL, TWIN = "bob-model", "alice-model", "twin"
 B_KEY, A_KEY = "b0" * 16, "a0" * 16
+# B's credits: figures that appear nowhere else, so that a leak of them shows.
+B_CHARGE_MICRO, B_PURCHASE, B_ORDER = 1_234_567, "77.777777", "bob-order-1"
 
 # What exists nowhere, of each kind: A's answer for one of B's objects must equal its answer
 # for one of these (the name or id echoed in the message apart).
@@ -92,6 +96,7 @@ class World:
     b: dict[str, str]  # B's objects, keyed like GHOST
     b_query: str = ""
     b_before: dict[str, Any] = field(default_factory=dict)
+    b_purchase: dict[str, Any] = field(default_factory=dict)
 
     def call(self, who: str, method: str, path: str, **kwargs: Any) -> Any:
         credential = {"a": self.a_key, "b": self.b_key, "a_token": self.a_token, "b_token": self.b_token}[who]
@@ -118,6 +123,9 @@ class World:
             "tokens": self.ok(who, "GET", "/v1/tokens"),
             "workers": self.ok(who, "GET", "/v1/workers"),
             "end_user": self.ok(f"{who}_token", "GET", "/v1/client/models"),
+            # the balance and the ledger (not the burn figures: they move with the clock)
+            "balance": self.ok(who, "GET", "/v1/credits")["balance"],
+            "ledger": self.ok(who, "GET", "/v1/credits/history"),
         }
         for m in models:
             name = m["name"]
@@ -143,9 +151,12 @@ def world(tmp_path_factory) -> Iterator[World]:
     from cipherpool.db.tables import ModelStatus
     from cipherpool.fhe.deployment import Versions
     from cipherpool.gateway.app import create_app
+    from cipherpool.billing import ledger
+    from cipherpool.db.tables import utcnow
     from cipherpool.services import accounts, models, nodes, tokens, workers
     from cipherpool.stack.redis_server import start_redis
     from cipherpool.stack.supervisor import Supervisor
+    from cipherpool.statuses import LedgerKind
     from cipherpool.store import BlobKind, BlobStore
 
     tmp = tmp_path_factory.mktemp("isolation")
@@ -180,6 +191,14 @@ def world(tmp_path_factory) -> Iterator[World]:
             b_worker = workers.start_worker(session, bob, B_MODEL, s.node_heartbeat_s)
             workers.mark_running(session, b_worker.id, {2})
             workers.set_consuming(session, b_worker.id, True)
+            # B's worker charged for an hour of this month, as the beat charges it.
+            hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+            if hour.month != utcnow().month:
+                hour += timedelta(hours=1)
+            ledger.append(session, bob.id, LedgerKind.RUNTIME, -B_CHARGE_MICRO, f"worker:{b_worker.id}:test",
+                          at=hour + timedelta(minutes=1), model_id=b_model.id, worker_id=b_worker.id,
+                          node="node-b@test", period_start=hour, period_end=hour + timedelta(minutes=1),
+                          quantity_ms=60_000, rate=B_CHARGE_MICRO * 60)
 
             a_model = models.deploy_model(session, alice, A_MODEL, artifact(A_V1), description="alice's")
             models.set_status(session, alice, A_MODEL, ModelStatus.ACTIVE)
@@ -201,6 +220,8 @@ def world(tmp_path_factory) -> Iterator[World]:
             envelope = EncryptedInput(b["model_id"], B_KEY, b"bob's ciphertext").encode()
             w.b_query = w.ok("b_token", "POST", "/v1/queries", content=envelope)["id"]
             b["query"] = w.b_query
+            w.b_purchase = w.ok("b", "POST", "/v1/credits/purchases",
+                                json={"amount": B_PURCHASE, "idempotency_key": B_ORDER, "note": "bob's order"})
             assert set(b) == set(GHOST)
             w.b_before = w.state("b")
             assert w.b_before["query owner"] is not None
@@ -321,6 +342,14 @@ CASES = [
          lambda t, a: Req(f"/v1/workers/{t['worker']}/resume"), W),
     Case("worker logs", "GET", "/v1/workers/{worker_id}/logs", lambda t, a: Req(f"/v1/workers/{t['worker']}/logs"), W),
     Case("start worker for B's model", "POST", "/v1/workers", lambda t, a: Req("/v1/workers", json={"model": t["model"]}), M),
+    # credits: by model (every other credits route reads the caller's own account only)
+    Case("credit history of B's model", "GET", "/v1/credits/history",
+         lambda t, a: Req("/v1/credits/history", params={"model": t["model"]}), M),
+    Case("credit history of B's model, a window and kinds", "GET", "/v1/credits/history",
+         lambda t, a: Req("/v1/credits/history", params={"model": t["model"], "since": "2000-01-01",
+                                                          "kind": "runtime"}), M),
+    Case("credit usage of B's model", "GET", "/v1/credits/usage",
+         lambda t, a: Req("/v1/credits/usage", params={"model": t["model"]}), M),
     # end user: A's access token against B's model, keys and queries
     Case("client: describe B's model", "GET", "/v1/client/model",
          lambda t, a: Req("/v1/client/model", params={"model": t["model"]}), "token_not_for_model", 403, "a_token"),
@@ -360,6 +389,9 @@ COVERED_ELSEWHERE = {
     ("PATCH", "/v1/account"): "no id: the caller's own account only",
     ("POST", "/v1/account/api-key"): "no id: the caller's own account only",
     ("PUT", "/v1/uploads"): "staged per account: using B's staged uploads is a case above",
+    ("GET", "/v1/credits"): "test_credits_show_nothing_of_another_account (the caller's own account only)",
+    ("POST", "/v1/credits/purchases"): "test_credits_show_nothing_of_another_account (credits the caller only)",
+    ("GET", "/v1/credits/report"): "test_credits_show_nothing_of_another_account (the caller's own account only)",
 }
 
 
@@ -416,10 +448,11 @@ def test_every_route_has_an_isolation_case(world: World):
 
 
 def _b_marks(world: World) -> list[str]:
-    """What must never appear in an answer to A: B's ids, its model names, its node."""
+    """What must never appear in an answer to A: B's ids, its model names, its node, its credits."""
     b = world.b
     return [b["model"], b["model_id"], b["token"], b["worker"], b["key"], b["query"], b["client_upload"][:12],
             b["server_upload"][:12], "node-b@test", "bob", world.b_key[:12], world.b_token[:12],
+            world.b_purchase["reference"], B_PURCHASE, "-1.234567", B_ORDER,
             *(m["id"] for m in world.b_before["models"]), *(v["client_sha256"][:12] for m in world.b_before["models"]
                                                             for v in world.b_before[f"versions {m['name']}"])]
 
@@ -445,6 +478,67 @@ def test_listings_show_nothing_of_another_account(world: World):
     assert world.ok("a", "GET", "/v1/workers") == []
     assert world.ok("a", "GET", "/v1/workers/stats") == []
     assert [m["name"] for m in world.ok("a_token", "GET", "/v1/client/models")] == [A_MODEL]
+
+
+def test_credits_show_nothing_of_another_account(world: World):
+    """A's balance, ledger, usage and reports are A's alone: none of B's lines, figures, models
+    or workers, whatever the window or filter; A's purchase credits A only, even under the
+    idempotency key B used (a refusal there would tell A that B used it); an end-user token
+    sees no credits at all."""
+    from sqlmodel import select
+
+    from cipherpool.db import session_scope
+    from cipherpool.db.tables import LedgerEntry
+
+    month = f"{datetime.now(UTC):%Y-%m}"
+    a_id = world.ok("a", "GET", "/v1/account")["id"]
+    b_usage = world.ok("b", "GET", "/v1/credits/usage")  # B's own figures exist, so their absence below means something
+    assert [r["worker_id"] for r in b_usage["rows"]] == [world.b["worker"]]
+    b_lines = world.ok("b", "GET", "/v1/credits/history")
+    assert {B_PURCHASE, "-1.234567"} <= {x["amount"].rstrip("0") for x in b_lines}
+    assert Decimal(world.ok("b", "GET", "/v1/credits")["balance"]) == sum(Decimal(x["amount"]) for x in b_lines)
+
+    before = world.state("b")
+    bought = world.call("a", "POST", "/v1/credits/purchases", json={"amount": "3", "idempotency_key": B_ORDER})
+    assert bought.status_code == 201, bought.text
+    assert bought.json()["reference"] != world.b_purchase["reference"]
+    assert world.state("b") == before == world.b_before, "A's purchase changed B's credits"
+
+    answers = {
+        "balance": world.call("a", "GET", "/v1/credits"),
+        "history": world.call("a", "GET", "/v1/credits/history"),
+        "history since": world.call("a", "GET", "/v1/credits/history", params={"since": "2000-01-01", "limit": "10000"}),
+        "history of kinds": world.call("a", "GET", "/v1/credits/history",
+                                       params={"kind": ["runtime", "purchase", "grant"]}),
+        "history of A's model": world.call("a", "GET", "/v1/credits/history", params={"model": A_MODEL}),
+        "history of A's twin": world.call("a", "GET", "/v1/credits/history", params={"model": TWIN}),
+        "usage": world.call("a", "GET", "/v1/credits/usage"),
+        "usage of A's twin": world.call("a", "GET", "/v1/credits/usage", params={"model": TWIN}),
+        "report": world.call("a", "GET", "/v1/credits/report", params={"period": month}),
+    }
+    for what, answer in answers.items():
+        assert answer.status_code == 200, f"{what} -> {answer.status_code} {answer.text}"
+        leaked = [mark for mark in _b_marks(world) if mark in answer.text]
+        assert not leaked, f"A's credits {what} shows B's {leaked}: {answer.text[:500]}"
+
+    with session_scope(world.db) as session:
+        own = session.exec(select(LedgerEntry.id, LedgerEntry.amount).where(LedgerEntry.account_id == a_id)).all()
+    lines = answers["history"].json()
+    assert sorted((x["id"], Decimal(x["amount"])) for x in lines) == sorted((i, Decimal(m) / 10**6) for i, m in own)
+    assert [x["kind"] for x in lines] == ["grant", "purchase"]
+    assert Decimal(answers["balance"].json()["balance"]) == sum(Decimal(x["amount"]) for x in lines) == 103
+    assert answers["balance"].json()["workers_charged"] == 0
+    assert answers["history of A's model"].json() == answers["history of A's twin"].json() == []
+    assert answers["usage"].json()["rows"] == [] and Decimal(answers["usage"].json()["total_cost"]) == 0
+    report = answers["report"].json()
+    assert (report["account_id"], report["rows"], report["charges"]) == (a_id, [], {})
+    assert Decimal(report["closing_balance"]) == 103 and report["reconciles"] is True
+
+    for path, params in (("/v1/credits", None), ("/v1/credits/history", None),
+                         ("/v1/credits/report", {"period": month})):
+        refused = world.call("a_token", "GET", path, params=params)  # an end user's token is no API key
+        assert (refused.status_code, refused.json()["code"]) == (403, "wrong_credential"), f"{path}: {refused.text}"
+    assert world.state("b") == world.b_before
 
 
 def test_the_node_listing_names_no_other_accounts_binding(world: World):

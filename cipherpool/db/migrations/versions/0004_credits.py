@@ -59,10 +59,12 @@ def upgrade() -> None:
         batch.create_index(batch.f("ix_rates_scope"), ["scope"], unique=False)
     op.create_table(
         "invoices",
-        _str("id"), _str("account_id"), _big("amount", nullable=False), _str("status"), _str("provider"),
+        _str("id"), _str("account_id"), _str("key"), _big("amount", nullable=False), _str("status"),
+        sa.Column("credited", sa.Boolean(), nullable=False), _str("provider"), _str("reference", True),
         _time("created_at"), _str("note"),
         sa.ForeignKeyConstraint(["account_id"], ["accounts.id"]),
         sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("key"),
     )
     with op.batch_alter_table("invoices") as batch:
         batch.create_index(batch.f("ix_invoices_account_id"), ["account_id"], unique=False)
