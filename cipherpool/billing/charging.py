@@ -5,7 +5,7 @@ load that fails costs nothing) until it stops, at its node's rate for its state:
 rate while up (or stopping: still finishing queries), the standby rate on standby. Charging a
 worker means charging ``[billed_to, until)``: :func:`settle` locks the worker's row first, so
 a second settle of the same worker (another beat, a stop at that instant) waits and then
-starts where the first stopped; and each line is keyed ``worker:<id>:<period start>``, so even
+starts where the first stopped; and each line is keyed ``worker:<id>:<period start in µs>``, so even
 without the lock the database refuses a period charged twice. A tick that dies before its
 commit charged nothing, and the next one starts from the same ``billed_to``: no interval is
 skipped. Beat's tick settles every running worker; a stop, a standby or a resume settles the
@@ -60,6 +60,13 @@ def epoch_ms(moment: datetime) -> int:
     return (aware(moment) - EPOCH) // timedelta(milliseconds=1)
 
 
+def epoch_us(moment: datetime) -> int:
+    """Microseconds since the epoch: the resolution of a stored time, so two periods that
+    start apart always have keys apart (two settles within a millisecond, a tick just past
+    midnight)."""
+    return (aware(moment) - EPOCH) // timedelta(microseconds=1)
+
+
 def days(start: datetime, end: datetime) -> Iterator[tuple[datetime, datetime]]:
     """``[start, end)`` cut at each UTC midnight."""
     while start < end:
@@ -110,7 +117,7 @@ def settle(session: Session, worker_id: str, until: datetime | None = None, *,
             numerator += rate * ms
             ms_total += ms
         amount, remainder = divmod(numerator, MS_PER_HOUR)
-        entry = ledger.append(session, worker.account_id, kind, -amount, f"worker:{worker.id}:{epoch_ms(day_start)}",
+        entry = ledger.append(session, worker.account_id, kind, -amount, f"worker:{worker.id}:{epoch_us(day_start)}",
                               model_id=worker.model_id, worker_id=worker.id, node=worker.node_name,
                               period_start=day_start, period_end=day_end, quantity_ms=ms_total, rate=rate,
                               note=f"{'standby' if kind == LedgerKind.STANDBY else 'runtime'} of worker {worker.id} "

@@ -26,6 +26,7 @@ HISTORY_LIMIT = 10_000
 def append(session: Session, account_id: str, kind: LedgerKind, amount: int, key: str, *,
            at: datetime | None = None, **fields: Any) -> LedgerEntry | None:
     """Add one line (``amount`` signed micro-credits); None if a line with ``key`` exists."""
+    lock_account(session, account_id)
     savepoint = session.begin_nested()
     try:
         balance = session.execute(
@@ -49,6 +50,16 @@ def append(session: Session, account_id: str, kind: LedgerKind, amount: int, key
     if account is not None:  # the identity map's copy: keep it in step with the row
         session.refresh(account, ["balance_micro"])
     return entry
+
+
+def lock_account(session: Session, account_id: str) -> None:
+    """Take the account's row lock (PostgreSQL; SQLite's write lock) for this transaction.
+
+    Also what makes a following savepoint a savepoint: pysqlite opens its transaction only
+    before a write, and a SAVEPOINT issued outside one would begin (and its release commit)
+    a transaction of its own, so a caller's rollback would not undo the line."""
+    session.execute(update(Account).where(col(Account.id) == account_id)
+                    .values(balance_micro=col(Account.balance_micro)))
 
 
 def balance(session: Session, account_id: str) -> int:

@@ -102,6 +102,7 @@ def purchase(session: Session, settings: Settings, account_id: str, amount: Deci
     provider = load_provider(settings.payment_provider)
     invoice = Invoice(id=f"INV-{utcnow():%Y%m%d}-{secrets.token_hex(6)}", account_id=account_id, key=key,
                       amount=micro, provider=provider.name, note=note)
+    ledger.lock_account(session, account_id)  # one purchase of the account at a time; a real savepoint below
     savepoint = session.begin_nested()
     try:
         session.add(invoice)
