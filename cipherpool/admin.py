@@ -124,7 +124,8 @@ class Admin:
         """An account's ledger lines (the operator's view of `credits history`)."""
         with self.ctx.session() as session:
             account = accounts.find_account(session, id_or_name)
-            return views.lines_out(session, ledger.history(session, account.id, since=since, until=until, kinds=kinds))
+            return views.lines_out(session, ledger.history(session, account.id, since=since, until=until, kinds=kinds,
+                                                           latest=since is None))
 
     def credit_balance(self, id_or_name: str) -> Decimal:
         """An account's balance in credits: the sum of its ledger."""

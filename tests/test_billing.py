@@ -410,15 +410,23 @@ def test_a_rate_change_never_reprices_time_already_charged(books):
 def test_sync_records_a_change_only_and_never_back_in_time(books):
     scope = f"c{uuid.uuid4().hex[:10]}"
     with session_scope(books) as s:
+        # A class's first row is what the settings said all along: it covers the time before it.
         first = rates.sync(s, scope, rates.PriceChange(1_000_000, 100_000, 1000), "settings", at(0))
-        assert first is not None
+        assert first is not None and first.effective_from == rates.EPOCH
         assert rates.sync(s, scope, rates.PriceChange(1_000_000, 100_000, 1000), "settings", at(60)) is None
-        later = rates.sync(s, scope, rates.PriceChange(2_000_000, 100_000, 1000), "settings", at(-3600))
-        assert later is not None and later.effective_from == first.effective_from  # not before the row in force
+        second = rates.sync(s, scope, rates.PriceChange(2_000_000, 100_000, 1000), "settings", at(0))
+        assert second is not None and second.effective_from == at(0)
+        later = rates.sync(s, scope, rates.PriceChange(3_000_000, 100_000, 1000), "settings", at(-3600))
+        assert later is not None and later.effective_from == second.effective_from  # not before the row in force
         assert rates.sync(s, f"profile:{scope}", rates.PriceChange(), "profiles") is None  # nothing set: no row
-        assert rates.prices_at(s, scope, None, at(1)) == rates.Prices(2_000_000, 100_000, 1000)
-        # before its first row, a scope's first row applies (it is the price it always had)
+        assert rates.prices_at(s, scope, None, at(1)) == rates.Prices(3_000_000, 100_000, 1000)
         assert rates.prices_at(s, scope, None, at(-1)) == rates.Prices(1_000_000, 100_000, 1000)
+        # A profile's first price applies from its time on; before it, its class's.
+        profile = f"p{uuid.uuid4().hex[:8]}"
+        own = rates.sync(s, f"profile:{profile}", rates.PriceChange(9_000_000, None, None), "profiles", at(10))
+        assert own is not None and own.effective_from == at(10)
+        assert rates.prices_at(s, scope, profile, at(9)).runtime_per_hour == 3_000_000
+        assert rates.prices_at(s, scope, profile, at(11)) == rates.Prices(9_000_000, 100_000, 1000)
         # a scope with no row at all: the settings' prices (0 for a class they do not name)
         assert rates.prices_at(s, scope + "x", None, at(1)) == rates.Prices(0, 0, 0)
 
@@ -543,10 +551,15 @@ def test_a_stop_between_ticks_charges_the_rest_at_once_and_nothing_after(books, 
     with session_scope(books) as s:
         assert rig.worker_id not in unbilled_workers(s)
         assert s.get(PoolNode, rig.node).worker_id is None
-    # And stopping it again changes nothing
+    # And stopping (or failing) it again changes nothing: not its stop, status, charges or events
+    later = worker_row(rig)
     with session_scope(books) as s:
-        worker_service.finish(s, rig.worker_id, WorkerStatus.STOPPED)
+        worker_service.finish(s, rig.worker_id, WorkerStatus.FAILED, error="a late unbind")
+    again = worker_row(rig)
+    assert (again.status, again.stopped_at, again.billed_to, again.error) == (later.status, later.stopped_at,
+                                                                              later.billed_to, later.error)
     assert len(worker_lines(rig)) == len(lines)
+    assert charge(rig, worker.stopped_at + timedelta(hours=6)) == []
     check_books(books, rig.account_id)
 
 

@@ -316,3 +316,32 @@ def test_db_upgrade_to_a_revision_and_a_bad_one(cli_env: str) -> None:
 
 def _sqlite_path(url: str) -> Path:
     return Path(url.removeprefix("sqlite:///"))
+
+
+def test_workers_that_ended_before_credits_owe_nothing(url: str) -> None:
+    # Given a worker that ran for 30 days and stopped 60 days before the upgrade to 0004
+    upgrade_db(url, "0003_pool")
+    long_ago = datetime.now(UTC) - timedelta(days=90)
+    with get_engine(url).begin() as conn:
+        tables = _tables(conn)
+        conn.execute(sa.insert(tables["accounts"]), {**BASELINE_ROWS["accounts"]})
+        conn.execute(sa.insert(tables["models"]), {"id": "model000000001", "account_id": "acct0000000001",
+                                                   "name": "digits", "status": "ACTIVE", "hardware": "cpu",
+                                                   "created_at": T0, "updated_at": T0})
+        conn.execute(sa.insert(tables["pool_nodes"]), {"name": "node1@host", "host_class": "cpu", "concurrency": 1,
+                                                       "status": "ONLINE", "started_at": T0, "last_seen": T0})
+        conn.execute(sa.insert(tables["workers"]), {"id": "work0000000002", "account_id": "acct0000000001",
+                                                    "model_id": "model000000001", "node_name": "node1@host",
+                                                    "status": "stopped", "created_at": long_ago,
+                                                    "started_at": long_ago,
+                                                    "stopped_at": long_ago + timedelta(days=30)})
+    # When the database is upgraded
+    upgrade_db(url)
+    # Then it is settled up to its stop: no tick charges its past
+    from cipherpool.billing.charging import unbilled_workers
+
+    with session_scope(url) as session:
+        worker = session.get(Worker, "work0000000002")
+        assert worker.billed_to == worker.stopped_at
+        assert unbilled_workers(session) == []
+        assert session.get(Account, "acct0000000001").balance_micro == 100_000_000

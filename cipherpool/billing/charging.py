@@ -79,7 +79,7 @@ def runtime_kind(worker: Worker) -> LedgerKind:
     return LedgerKind.STANDBY if worker.status == WorkerStatus.STANDBY else LedgerKind.RUNTIME
 
 
-def _lock(session: Session, worker_id: str) -> Worker | None:
+def lock_worker(session: Session, worker_id: str) -> Worker | None:
     """The worker's row, locked for this transaction and read fresh (after any settle that held it)."""
     session.execute(update(Worker).where(col(Worker.id) == worker_id)
                     .values(billed_remainder=col(Worker.billed_remainder)))
@@ -91,7 +91,7 @@ def settle(session: Session, worker_id: str, until: datetime | None = None, *,
            settings: Settings | None = None) -> list[LedgerEntry]:
     """Charge the worker from where it was last charged to ``until`` (now; at most its stop),
     at its current state's rate; in the caller's transaction. Returns the lines added."""
-    worker = _lock(session, worker_id)
+    worker = lock_worker(session, worker_id)
     if worker is None or worker.started_at is None:
         return []
     start = aware(worker.billed_to or worker.started_at)
@@ -248,8 +248,9 @@ def charge_all(session_factory: Callable[[], AbstractContextManager[Session]], r
                     if on_charged is not None:
                         on_charged(entry)
                 report.charged += entries
-        except DBAPIError as exc:  # a lock timeout, a lost connection: the next tick charges it
-            log.warning("could not charge worker %s this tick: %s", worker_id, exc)
+        except Exception as exc:  # noqa: BLE001 - a lock timeout, a lost connection: the next tick charges it
+            log.warning("could not charge worker %s this tick: %s", worker_id, exc,
+                        exc_info=not isinstance(exc, DBAPIError))
             report.errors.append(f"worker {worker_id}: {type(exc).__name__}")
     if redis is not None:
         for account_id, minute in finished_minutes(redis, now):
@@ -262,7 +263,8 @@ def charge_all(session_factory: Callable[[], AbstractContextManager[Session]], r
                                 on_charged(line)
                             report.charged.append(line)
                 redis.srem(SHARED_PENDING_KEY, f"{account_id}:{minute}")  # committed (or charged before): done
-            except DBAPIError as exc:
-                log.warning("could not charge shared execution of %s, minute %d: %s", account_id, minute, exc)
+            except Exception as exc:  # noqa: BLE001 - left pending: the next tick tries again
+                log.warning("could not charge shared execution of %s, minute %d: %s", account_id, minute, exc,
+                            exc_info=not isinstance(exc, DBAPIError))
                 report.errors.append(f"execution {account_id}:{minute}: {type(exc).__name__}")
     return report

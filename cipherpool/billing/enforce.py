@@ -60,7 +60,10 @@ def enforce(ctx: PlatformContext, app: Celery, settings: Settings, now: datetime
                                   f"credit balance {show(balance)}: stopping every worker of the account")
     for account_id, balance in depleted:
         log.warning("account %s has %s credits: stopping its workers", account_id, show(balance))
-        done.depleted[account_id] = lifecycle.stop_account_workers(ctx, app, account_id, StopReason.CREDITS)
+        try:
+            done.depleted[account_id] = lifecycle.stop_account_workers(ctx, app, account_id, StopReason.CREDITS)
+        except Exception:  # noqa: BLE001 - the broker down, say: the next tick tries again; other accounts go on
+            log.exception("could not stop the workers of account %s", account_id)
     return done
 
 

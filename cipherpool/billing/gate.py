@@ -30,10 +30,10 @@ def require_start_credit(session: Session, account: Account, model: Model, nodes
                          standby: bool = False, settings: Settings | None = None) -> None:
     """InsufficientCredits, saying how much is missing, unless the balance covers ``minutes``
     of the workers about to start on ``nodes``."""
-    if minutes <= 0 or not nodes:
+    if not nodes:
         return
-    needed = start_cost(session, nodes, minutes, standby, settings)
-    if needed <= 0 or account.balance_micro >= needed:
+    needed = max(start_cost(session, nodes, minutes, standby, settings), 1) if minutes > 0 else 1
+    if account.balance_micro >= needed:  # and never at zero: it would be stopped at the next tick
         return
     missing = needed - account.balance_micro
     raise InsufficientCredits(

@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib
 import secrets
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
@@ -85,13 +87,15 @@ class Purchase:
         return self.invoice.reference or self.invoice.id
 
 
-def purchase(session: Session, settings: Settings, account_id: str, amount: Decimal | str | int, *,
-             idempotency_key: str | None = None, note: str = "") -> Purchase:
+def purchase(sessions: Callable[[], AbstractContextManager[Session]], settings: Settings, account_id: str,
+             amount: Decimal | str | int, *, idempotency_key: str | None = None, note: str = "") -> Purchase:
     """Buy ``amount`` credits through the payment provider; credited once it is settled.
 
-    The purchase is recorded (an invoice, under its idempotency key) before the provider is
-    asked: a retry with the same key, even one that arrives while the first is still being
-    paid, finds it and takes no second payment."""
+    Three steps, each committed: the purchase is recorded (an invoice, ``pending``, under its
+    idempotency key); the provider is asked, outside any transaction (no lock is held through
+    its network call); the answer is recorded and, if settled, credited. A retry with the same
+    key finds the invoice and takes no second payment, even if the first request died between
+    the payment and its credit (that invoice is credited by :func:`settle_invoice`)."""
     micro = to_micro(amount)
     if micro <= 0:
         raise InvalidInput("A purchase must be of more than 0 credits.")
@@ -100,23 +104,28 @@ def purchase(session: Session, settings: Settings, account_id: str, amount: Deci
                            "(credits_max_purchase).")
     key = f"purchase:{account_id}:{idempotency_key or uuid.uuid4().hex}"
     provider = load_provider(settings.payment_provider)
-    invoice = Invoice(id=f"INV-{utcnow():%Y%m%d}-{secrets.token_hex(6)}", account_id=account_id, key=key,
-                      amount=micro, provider=provider.name, note=note)
-    ledger.lock_account(session, account_id)  # one purchase of the account at a time; a real savepoint below
-    savepoint = session.begin_nested()
-    try:
+    number = f"INV-{utcnow():%Y%m%d}-{secrets.token_hex(6)}"
+    with sessions() as session:
+        ledger.lock_account(session, account_id)  # opens the transaction: the savepoint below is one
+        savepoint = session.begin_nested()
+        try:
+            session.add(Invoice(id=number, account_id=account_id, key=key, amount=micro, provider=provider.name,
+                                note=note))
+            session.flush()
+        except IntegrityError:  # this key's purchase exists (a retry, or the same request twice at once)
+            savepoint.rollback()
+            return _again(session, key, micro, idempotency_key)
+        savepoint.commit()
+    with sessions() as session:
+        payment = provider.purchase(session, account_id, micro, note)
+    with sessions() as session:
+        invoice = session.get(Invoice, number)
+        assert invoice is not None  # committed above
+        invoice.reference = payment.reference or None
+        invoice.status = payment.status or ("paid" if payment.settled else "pending")
         session.add(invoice)
-        session.flush()
-    except IntegrityError:  # this key's purchase exists (a retry, or the same request twice at once)
-        savepoint.rollback()
-        return _again(session, key, micro, idempotency_key)
-    savepoint.commit()
-    payment = provider.purchase(session, account_id, micro, note)
-    invoice.reference = payment.reference or None
-    invoice.status = payment.status or ("paid" if payment.settled else "pending")
-    session.add(invoice)
-    entry = credit_invoice(session, invoice, payment.note or provider.name) if payment.settled else None
-    return Purchase(invoice, entry, payment.note)
+        entry = credit_invoice(session, invoice, payment.note or provider.name) if payment.settled else None
+        return Purchase(invoice, entry, payment.note)
 
 
 def _again(session: Session, key: str, micro: int, idempotency_key: str | None) -> Purchase:

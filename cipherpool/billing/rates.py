@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from sqlmodel import Session, col, select
@@ -24,6 +24,7 @@ from cipherpool.db.tables import Rate, utcnow
 from cipherpool.services.tokens import aware
 
 PROFILE_SCOPE = "profile:"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,6 @@ def current(session: Session, scope: str, at: datetime | None = None) -> Rate | 
     return session.exec(query.order_by(col(Rate.effective_from).desc(), col(Rate.id).desc())).first()
 
 
-def earliest(session: Session, scope: str) -> Rate | None:
-    """The first row of ``scope``: what applies before it, too. A price is recorded when a
-    process first sees it (beat's first tick, a node registering), usually moments after the
-    nodes it prices started; nothing was priced by that scope before, so its first price is
-    the one it always had (a minute of shared execution begun before it is priced by it)."""
-    return session.exec(select(Rate).where(Rate.scope == scope)
-                        .order_by(col(Rate.effective_from), col(Rate.id))).first()
-
-
 def sync(session: Session, scope: str, prices: PriceChange, source: str, at: datetime | None = None) -> Rate | None:
     """Record ``prices`` for ``scope`` from ``at`` (now) on, if they differ from the row in
     force; a scope with no row and nothing set gets none. Returns the row added, if any."""
@@ -100,6 +92,13 @@ def sync(session: Session, scope: str, prices: PriceChange, source: str, at: dat
     when = at or utcnow()
     if latest is not None and aware(latest.effective_from) > when:
         when = aware(latest.effective_from)  # never before a row already there: history only grows
+    if latest is None:
+        if scope.startswith(PROFILE_SCOPE):
+            # Until now the profile had no price of its own: its class's applied, and still
+            # applies to that time (a period charged later is priced as it was then).
+            session.add(Rate(scope=scope, effective_from=EPOCH, source="no rate of its own before"))
+        else:
+            when = EPOCH  # a class's first row is what the settings said all along (the fallback before it)
     row = Rate(scope=scope, effective_from=when, runtime_per_hour=prices.runtime_per_hour,
                standby_per_hour=prices.standby_per_hour, execution_per_s=prices.execution_per_s, source=source)
     session.add(row)
@@ -118,15 +117,15 @@ def sync_settings(session: Session, settings: Settings, at: datetime | None = No
 def prices_at(session: Session, host_class: str, profile: str | None, at: datetime,
               settings: Settings | None = None) -> Prices:
     """What a worker (or shared execution) on a node of ``host_class`` and ``profile`` costs at ``at``."""
-    base = current(session, host_class, at) or earliest(session, host_class)
-    fallback = class_prices(settings or get_settings(), host_class)  # no row yet: the settings now
-    own = (current(session, profile_scope(profile), at) or earliest(session, profile_scope(profile))) if profile else None
+    base = current(session, host_class, at)
+    own = current(session, profile_scope(profile), at) if profile else None
 
     def pick(field: str) -> int:
         for row in (own, base):
             value = getattr(row, field) if row is not None else None
             if value is not None:
                 return int(value)
+        fallback = class_prices(settings or get_settings(), host_class)  # no class row yet: the settings now
         return int(getattr(fallback, field) or 0)
 
     return Prices(pick("runtime_per_hour"), pick("standby_per_hour"), pick("execution_per_s"))

@@ -91,15 +91,20 @@ class Report:
 
 
 def usage(session: Session, redis: Redis | None, account_id: str, since: datetime, until: datetime,
-          model_id: str | None = None, now: datetime | None = None) -> Usage:
-    """Runtime, cost and queries per day, model and worker of lines recorded in ``[since, until)``."""
-    since, until = aware(since), aware(until)
+          model_id: str | None = None, now: datetime | None = None,
+          recorded: list[LedgerEntry] | None = None) -> Usage:
+    """Runtime, cost and queries per day, model and worker of lines recorded in ``[since, until)``
+    (or of ``recorded``, the period's lines a report read already)."""
+    since, until = aware(since).astimezone(UTC), aware(until).astimezone(UTC)
     if until <= since:
         raise InvalidInput("until must be after since.")
     if until - since > timedelta(days=MAX_DAYS):
         raise InvalidInput(f"A usage window is at most {MAX_DAYS} days.")
-    lines = ledger.history(session, account_id, since=since, until=until, kinds=sorted(CHARGES), model_id=model_id,
-                           limit=None)
+    if recorded is None:
+        lines = ledger.history(session, account_id, since=since, until=until, kinds=sorted(CHARGES),
+                               model_id=model_id, limit=None)
+    else:
+        lines = [line for line in recorded if LedgerKind(line.kind).is_charge]
     names = _model_names(session, {line.model_id for line in lines if line.model_id})
     rows: dict[tuple[date, str | None, str | None, LedgerKind], UsageRow] = {}
     for line in lines:
@@ -180,17 +185,20 @@ def month(period: str) -> tuple[datetime, datetime]:
 def report(session: Session, redis: Redis | None, account_id: str, period: str) -> Report:
     """A month's usage for accounting, with the balances it reconciles to."""
     since, until = month(period)
-    used = usage(session, redis, account_id, since, until)
+    opening = ledger.balance_before(session, account_id, since)
+    # One read of the period's lines for every figure: a tick committing meanwhile cannot
+    # make the rows, the charges and the closing balance disagree.
+    recorded = ledger.history(session, account_id, since=since, until=until, limit=None)
+    used = usage(session, redis, account_id, since, until, recorded=recorded)
     credits_in: dict[str, int] = {}
     charges: dict[str, int] = {}
-    for line in ledger.history(session, account_id, since=since, until=until, limit=None):
+    for line in recorded:
         kind = LedgerKind(line.kind)
         if kind.is_charge:
             charges[kind.value] = charges.get(kind.value, 0) - line.amount
         else:
             credits_in[kind.value] = credits_in.get(kind.value, 0) + line.amount
-    return Report(period, used, ledger.balance_before(session, account_id, since),
-                  ledger.balance_before(session, account_id, until), credits_in, charges)
+    return Report(period, used, opening, opening + sum(line.amount for line in recorded), credits_in, charges)
 
 
 def seconds(ms: int) -> float:

@@ -142,6 +142,17 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("rate_per_hour", "standby_rate_per_hour", "execution_rate_per_s", "credits_signup_grant",
+                     "credits_low_balance", "credits_max_purchase")
+    @classmethod
+    def _credits(cls, value: object) -> object:
+        """Credits are exact to the micro-credit and never negative: a rate that is not would
+        make every charge fail, so it is refused when the settings load."""
+        for amount in value.values() if isinstance(value, dict) else [value]:
+            if not isinstance(amount, Decimal) or amount < 0 or amount != round(amount, 6):
+                raise ValueError(f"{amount!r}: credits are >= 0 with at most six decimals")
+        return value
+
     @field_validator("auth_cache_ttl_s")
     @classmethod
     def _auth_cache_bound(cls, value: float) -> float:

@@ -6,7 +6,7 @@ adjustments are made where the database is (:class:`cipherpool.admin.Admin`).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -21,10 +21,17 @@ from cipherpool.errors import InvalidInput
 from cipherpool.gateway.deps import Account, Gateway
 from cipherpool.services import accounts
 from cipherpool.services.models import get_model
-from cipherpool.services.tokens import aware
 from cipherpool.statuses import LedgerKind
 
 router = APIRouter(prefix="/v1/credits", tags=["provider"])
+
+
+def utc(moment: datetime | None) -> datetime | None:
+    """A query time in UTC (naive: taken as UTC): stored times are UTC, and SQLite compares
+    them as text, so an offset must be applied, not dropped."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 DEFAULT_WINDOW = timedelta(days=30)
 MAX_LINES = 10_000
 Since = Annotated[datetime | None, Query(description="ISO 8601; default: 30 days before `until`")]
@@ -50,8 +57,9 @@ def purchase(body: PurchaseIn, gw: Gateway, acct: Account) -> PurchaseOut:
     offline, credited at once). Send an ``idempotency_key`` to retry safely."""
     with gw.ctx.session() as session:
         account = accounts.get_account(session, acct.account_id)
-        bought = payments.purchase(session, gw.settings, account.id, body.amount,
-                                   idempotency_key=body.idempotency_key, note=body.note)
+    bought = payments.purchase(gw.ctx.session, gw.settings, account.id, body.amount,
+                               idempotency_key=body.idempotency_key, note=body.note)
+    with gw.ctx.session() as session:
         line = views.lines_out(session, [bought.entry])[0] if bought.entry is not None else None
         return PurchaseOut(settled=bought.entry is not None, reference=bought.reference, invoice=bought.invoice.id,
                            status=bought.invoice.status, note=bought.note, line=line,
@@ -68,8 +76,8 @@ def history(gw: Gateway, acct: Account, since: Since = None, until: Until = None
     with gw.ctx.session() as session:
         account = accounts.get_account(session, acct.account_id)
         model_id = get_model(session, account, model).id if model else None
-        lines = ledger.history(session, account.id, since=aware(since) if since else None,
-                               until=aware(until) if until else None, kinds=kind, model_id=model_id, limit=limit,
+        lines = ledger.history(session, account.id, since=utc(since),
+                               until=utc(until), kinds=kind, model_id=model_id, limit=limit,
                                latest=since is None)
         return views.lines_out(session, lines)
 
@@ -78,8 +86,8 @@ def history(gw: Gateway, acct: Account, since: Since = None, until: Until = None
 def usage(gw: Gateway, acct: Account, since: Since = None, until: Until = None, model: ModelName = None) -> UsageOut:
     """Runtime, cost and queries per day, model and worker; the burn rate and when the balance runs out."""
     now = utcnow()
-    end = aware(until) if until else now
-    start = aware(since) if since else end - DEFAULT_WINDOW
+    end = utc(until) or now
+    start = utc(since) or end - DEFAULT_WINDOW
     with gw.ctx.session() as session:
         account = accounts.get_account(session, acct.account_id)
         model_id = get_model(session, account, model).id if model else None

@@ -17,7 +17,7 @@ from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col, select
 
 from cipherpool.api.schemas import WorkerOut
-from cipherpool.billing.charging import settle
+from cipherpool.billing.charging import lock_worker, settle
 from cipherpool.billing.gate import require_start_credit
 from cipherpool.config.profiles import labels_match
 from cipherpool.config.settings import get_settings
@@ -155,6 +155,7 @@ def request_stop(session: Session, account: Account, worker_id: str, heartbeat_s
     if not node_is_live(session, worker.node_name, heartbeat_s):
         finish(session, worker.id, WorkerStatus.STOPPED, error=f"node {worker.node_name} was not live")
         return StopDecision(worker, tell_node=False)
+    settle(session, worker.id)  # up to now at its state's rate (standby's, if it was): stopping is runtime
     worker.status = WorkerStatus.STOPPING
     session.add(worker)
     return StopDecision(worker, tell_node=True)
@@ -247,22 +248,21 @@ def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | 
     """End a binding (STOPPED or FAILED) and free its node; the event says why. What the
     worker owes is charged now, up to its stop, or up to ``charge_until`` (a lost node's last
     heartbeat: the silence after it is not charged)."""
-    worker = session.get(Worker, worker_id)
+    worker = lock_worker(session, worker_id)  # read fresh, after any concurrent finish of it
     if worker is None:
         return
-    was = worker.status
+    if worker.status in (WorkerStatus.STOPPED, WorkerStatus.FAILED):  # ended already: its stop and charge stand
+        session.execute(update(PoolNode).where(col(PoolNode.worker_id) == worker_id).values(worker_id=None))
+        return
     now = utcnow()
-    if was not in (WorkerStatus.STOPPED, WorkerStatus.FAILED):
-        settle(session, worker.id, min(charge_until, now) if charge_until is not None else now)
-        if charge_until is not None and worker.started_at is not None:
-            worker.billed_to = now  # settled: the time after charge_until is not owed
+    settle(session, worker.id, min(charge_until, now) if charge_until is not None else now)
+    if charge_until is not None and worker.started_at is not None:
+        worker.billed_to = now  # settled: the time after charge_until is not owed
     worker.status, worker.error, worker.stopped_at = status, error, now
     if status == WorkerStatus.FAILED and worker.stop_reason is None:
         worker.stop_reason = StopReason.FAILURE.value
     session.add(worker)
     session.execute(update(PoolNode).where(col(PoolNode.worker_id) == worker_id).values(worker_id=None))
-    if was in (WorkerStatus.STOPPED, WorkerStatus.FAILED):
-        return
     model = session.get(Model, worker.model_id)
     if model is not None:
         rollout.complete_if_held(session, model)  # it may have been the last worker without the new version

@@ -22,6 +22,7 @@ from cipherpool import errors
 from cipherpool.admin import Admin
 from cipherpool.billing import ledger
 from cipherpool.billing.charging import charge_all, epoch_ms
+from cipherpool.billing.rates import prices_at
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import Settings
 from cipherpool.db import session_scope
@@ -145,8 +146,13 @@ def test_shared_node_computation_is_charged_per_minute(billed, examples, tmp_pat
 
     lines = execution_lines()
     assert sum(line.queries or 0 for line in lines) == 2
-    for line in lines:
-        assert -line.amount == (line.quantity_ms or 0) * 500_000 // 1000 and line.rate == 500_000
+    with session_scope(url) as session:
+        # The shared profile's own rate (0.5 credit/s) is recorded from when its node registered;
+        # a minute is priced at the rate in force when it began (the class's, 0.001/s, before).
+        assert prices_at(session, "cpu", "shared", utcnow()).execution_per_s == 500_000
+        for line in lines:
+            rate = prices_at(session, "cpu", "shared", line.period_start).execution_per_s
+            assert line.rate == rate in (500_000, 1000) and -line.amount == (line.quantity_ms or 0) * rate // 1000
     if computed_ms:
         assert sum(line.quantity_ms or 0 for line in lines) == pytest.approx(computed_ms, abs=2)
     # Charged once: another tick finds nothing more of it.

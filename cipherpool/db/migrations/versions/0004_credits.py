@@ -13,7 +13,8 @@ Create Date: 2026-11-22
 Data: billing starts at the upgrade. Each existing account gets an opening grant of
 ``CIPHERPOOL_CREDITS_SIGNUP_GRANT`` credits (100 by default), what a new account gets, so
 that workers running at the upgrade are not stopped by the first tick; those workers are
-charged from the upgrade on, not from when they started. The downgrade drops it all.
+charged from the upgrade on, not from when they started, and workers that ended before it owe
+nothing. The downgrade drops it all.
 """
 
 from __future__ import annotations
@@ -102,10 +103,11 @@ def _open_accounts() -> None:
     now = datetime.now(UTC)
     bind = op.get_bind()
     accounts = sa.table("accounts", sa.column("id", sa.String()), sa.column("balance_micro", sa.BigInteger()))
-    ledger = sa.table("ledger", *(sa.column(c) for c in ("account_id", "at", "kind", "amount", "balance_after", "key",
-                                                           "note")))
-    workers = sa.table("workers", sa.column("status", sa.String()), sa.column("started_at", sa.DateTime()),
-                       sa.column("billed_to", sa.DateTime()))
+    ledger = sa.table("ledger", sa.column("at", sa.DateTime(timezone=True)),
+                      *(sa.column(c) for c in ("account_id", "kind", "amount", "balance_after", "key", "note")))
+    moment = sa.DateTime(timezone=True)
+    workers = sa.table("workers", sa.column("status", sa.String()), sa.column("started_at", moment),
+                       sa.column("stopped_at", moment), sa.column("billed_to", moment))
     if grant > 0:
         for (account_id,) in bind.execute(sa.select(accounts.c.id)).all():
             bind.execute(sa.insert(ledger).values(account_id=account_id, at=now, kind="grant", amount=grant,
@@ -114,6 +116,9 @@ def _open_accounts() -> None:
             bind.execute(sa.update(accounts).where(accounts.c.id == account_id).values(balance_micro=grant))
     bind.execute(sa.update(workers).where(workers.c.status.in_(HOLDING_NODE), workers.c.started_at.is_not(None))
                  .values(billed_to=now))
+    # Workers that ended before credits existed owe nothing: settled up to their stop.
+    bind.execute(sa.update(workers).where(workers.c.stopped_at.is_not(None), workers.c.started_at.is_not(None))
+                 .values(billed_to=workers.c.stopped_at))
 
 
 def downgrade() -> None:
