@@ -65,16 +65,35 @@ def shared_queue_of(host_class: str) -> Queue:
     """The queue every shared node of ``host_class`` consumes: queries of models that allow
     shared nodes, loaded on demand."""
     return Queue(shared_queue(host_class), QUERIES, routing_key=shared_routing_key(host_class))  # type: ignore[no-untyped-call]
+QUERY_SHADOW_ID_CHARS = 8  # characters of the model id in a query's shadow name
+
+
+def query_shadow(model_name: str, model_id: str) -> str:
+    """The name a query shows under in node logs, task events and Flower:
+    ``cipherpool.query[<model name>:<first 8 characters of its id>]``.
+
+    Celery's ``shadow`` renames a task for monitoring only: the node still looks the task up
+    by its real name (the message's ``task`` header), so Flower's task list and its
+    ``flower_task_runtime_seconds`` tell models apart. Model names are unique per account
+    only; the id's prefix tells two accounts' ``digits`` apart and stays the same across
+    versions, while the name keeps it readable. The account's name is left out: the query's
+    grant does not carry it, and it would put a tenant's name in every log line."""
+    return f"{QUERY_TASK_PREFIX}[{model_name}:{model_id[:QUERY_SHADOW_ID_CHARS]}]"
+
+
+QUERY_TASK_PREFIX = "cipherpool.query"  # what every query's shadow name begins with
 
 
 def publish_query(app: Celery, request: QueryRequest, host_class: str, expires_s: float,
-                  task_id: str | None = None, shared: bool = False) -> AsyncResult:
+                  task_id: str | None = None, shared: bool = False, *, model_name: str) -> AsyncResult:
     """Publish with the routing key of the model's host class (its dedicated workers', or the
     shared nodes' of the class), with a deadline: a node discards it once nobody waits. Only
-    nodes of that class have a queue bound to that key."""
+    nodes of that class have a queue bound to that key. ``model_name`` names it in monitoring
+    (:func:`query_shadow`), on dedicated and shared nodes alike."""
     kwargs = {"request": request.encode()}
     queue = shared_queue_of(host_class) if shared else query_queue(host_class, request.model_id)
-    return _send(app, QUERY_TASK, kwargs, queue, expires=expires_s, task_id=task_id)
+    return _send(app, QUERY_TASK, kwargs, queue, expires=expires_s, task_id=task_id,
+                 shadow=query_shadow(model_name, request.model_id))
 
 
 def send_to_node(app: Celery, node: str, task: str, expires: float | None = None, **kwargs: Any) -> AsyncResult:

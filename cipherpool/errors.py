@@ -30,7 +30,8 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── QueryNotFound                             unknown query id, or another client's
     │   ├── VersionNotFound                           no such version of the model
     │   ├── UploadNotFound                            staged upload expired or never made
-    │   └── EvaluationKeyNotFound                     key id never uploaded / not this client's
+    │   ├── EvaluationKeyNotFound                     key id never uploaded / not this client's
+    │   └── AlertNotFound                             no such alert rule in this account
     ├── Conflict                        exit 5  409
     │   ├── ModelExists
     │   ├── ModelInactive                             queries refused until the model is activated
@@ -188,6 +189,10 @@ class UploadNotFound(NotFound):
 
 class EvaluationKeyNotFound(NotFound):
     code = "evaluation_key_not_found"
+
+
+class AlertNotFound(NotFound):
+    code = "alert_not_found"
 
 
 class Conflict(CipherpoolError):

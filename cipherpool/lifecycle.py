@@ -33,14 +33,18 @@ MIN_RETRY_S = 60.0  # after a worker of a model failed to load, beat waits this 
 
 
 def start_workers(ctx: PlatformContext, app: Celery, account_id: str, model: str, *, count: int = 1,
-                  profile: str | None = None, standby: bool = False, source: str = "gateway") -> list[Worker]:
+                  profile: str | None = None, standby: bool = False, source: str = "gateway",
+                  started_by: str = "user", schedule_id: str | None = None) -> list[Worker]:
     """Claim ``count`` free nodes of the model's class (labels, profile) and tell each to bind
-    (status PENDING); refused with the reason, all or none."""
+    (status PENDING); refused with the reason, all or none. ``started_by`` (user, schedule,
+    autoscaler, reconciler) and ``schedule_id`` are kept on the worker: a schedule stops its
+    own workers, and the autoscaler removes its own first."""
     with ctx.session() as session:
         account = get_account(session, account_id)
         workers = worker_service.start_workers(session, account, model, ctx.settings.node_heartbeat_s, count=count,
                                                profile=profile, standby=standby,
-                                               credit_minutes=ctx.settings.credits_min_start_minutes)
+                                               credit_minutes=ctx.settings.credits_min_start_minutes,
+                                               started_by=started_by, schedule_id=schedule_id)
     for i, worker in enumerate(workers):
         workerlog.write(ctx.store.redis, worker.id, f"pending: claimed node {worker.node_name} for model {model}"
                         f"{' (standby)' if standby else ''}", source=source)
@@ -151,7 +155,7 @@ def keep_minimum(ctx: PlatformContext, app: Celery) -> list[Worker]:
         if missing <= 0:
             continue
         try:
-            started += start_workers(ctx, app, account_id, name, count=missing, source="beat")
+            started += start_workers(ctx, app, account_id, name, count=missing, source="beat", started_by="reconciler")
         except CipherpoolError as exc:
             log.info("model %s is %d worker(s) short of its minimum: %s", name, missing, exc.message)
     return started

@@ -21,6 +21,10 @@ WARM_TASK = TASK_PREFIX + "node.warm"  # node queue: one throwaway evaluation wi
 CONSUME_TASK = TASK_PREFIX + "node.consume"  # node queue: consume its model's queue or not (standby), as the row says
 RECONCILE_TASK = TASK_PREFIX + "control.reconcile"  # beat, control queue: fail workers of lost nodes, replace them
 BILLING_TASK = TASK_PREFIX + "control.billing"  # beat, control queue: charge workers and shared execution, stop at zero
+SCHEDULE_TASK = TASK_PREFIX + "control.schedules"  # beat, control queue: apply worker schedules' starts and stops
+ALERTS_TASK = TASK_PREFIX + "control.alerts"  # beat, control queue: evaluate alert rules
+AUTOSCALE_TASK = TASK_PREFIX + "control.autoscale"  # beat, control queue: add or remove workers of autoscaled models
+WEBHOOK_TASK = TASK_PREFIX + "control.webhook"  # control queue: deliver one alert event to its webhook (retried)
 RELOAD_TASK = TASK_PREFIX + "node.reload"  # node queue: load the versions its model must hold
 
 BLOB_PREFIX = "cipherpool:blob:"  # + kind + ":" + sha256 hex; content-addressed, no TTL
@@ -36,6 +40,7 @@ SHARED_EXECUTION_PREFIX = "cipherpool:shared-exec:"  # + account id -> hash {mod
 SHARED_BUCKET_PREFIX = "cipherpool:shared-min:"  # + account id + ":" + minute -> {model:profile:ms, ...:queries}, 7 d
 SHARED_PENDING_KEY = "cipherpool:shared-min:pending"  # set of "<account>:<minute>" not yet charged
 QUERY_COUNT_PREFIX = "cipherpool:queries:"  # + account id + ":" + YYYY-MM-DD -> {model:worker: queries}, 400 d
+TIMINGS_PREFIX = "cipherpool:qt:"  # + model id + ":" + (minute | "all" | "recent" | "hist"): query times, see monitoring.timings
 ROLLOUT_LOCK_PREFIX = "cipherpool:rollout:"  # + model id: one node at a time loads a new version
 RESULT_META_PREFIX = "celery-task-meta-"  # Celery's result key (and pub/sub channel) + task id
 

@@ -102,6 +102,8 @@ class EventKind(str, Enum):
     CREDITS_DEPLETED = "credits_depleted"  # the balance reached zero: its workers are stopped
     TOKEN_ASSIGNED = "token_assigned"
     TOKEN_UNASSIGNED = "token_unassigned"
+    ALERT_FIRED = "alert_fired"  # an alert rule's figure went above its threshold
+    ALERT_CLEARED = "alert_cleared"  # ... and back to or below it (or no query to measure)
 
 
 class LedgerKind(str, Enum):
@@ -124,3 +126,36 @@ class LedgerKind(str, Enum):
 
 
 CHARGES = frozenset({LedgerKind.RUNTIME, LedgerKind.STANDBY, LedgerKind.EXECUTION})
+
+
+class AlertMetric(str, Enum):
+    """What an alert rule compares with its threshold (:mod:`cipherpool.alerts`)."""
+
+    AVERAGE_QUERY_S = "average_query_s"  # queue wait + compute, averaged over the rule's window
+    CURRENT_QUERY_S = "current_query_s"  # the same, over the latest queries (settings.stats_recent) in the window
+    QUEUE_WAIT_S = "queue_wait_s"  # the average queue wait over the window
+    ERROR_RATE = "error_rate"  # failed / all attempts over the window, from 0 to 1
+    QUEUE_DEPTH = "queue_depth"  # queries waiting in the model's queue now
+
+    @property
+    def is_rate(self) -> bool:
+        return self is AlertMetric.ERROR_RATE
+
+
+class AlertState(str, Enum):
+    OK = "ok"
+    FIRING = "firing"
+
+
+class AlertEventKind(str, Enum):
+    FIRED = "fired"
+    CLEARED = "cleared"
+
+
+class WebhookDelivery(str, Enum):
+    """How an alert event's webhook call went."""
+
+    NONE = "none"  # the rule has no webhook
+    PENDING = "pending"  # queued or being retried
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # given up: attempts spent, refused by the receiver, or a refused destination

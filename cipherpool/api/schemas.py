@@ -13,7 +13,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from cipherpool.statuses import AccountStatus, LedgerKind, ModelStatus, TokenStatus, WorkerStatus
+from cipherpool.statuses import (
+    AccountStatus, AlertEventKind, AlertMetric, AlertState, LedgerKind, ModelStatus, TokenStatus, WebhookDelivery,
+    WorkerStatus,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ID_PATTERN = r"^[0-9a-f]{16}$"
@@ -288,6 +291,8 @@ class WorkerOut(Wire):
     version: int | None = None  # the model version it loaded last
     error: str | None
     stop_reason: str | None = None  # who or what stopped it
+    started_by: str = "user"  # user, schedule, autoscaler or reconciler
+    schedule_id: str | None = None  # the schedule that started it, if one did
     created_at: str
     started_at: str | None
     stopped_at: str | None
@@ -318,6 +323,61 @@ class KeyCacheOut(Wire):
     evictions: int
 
 
+class TimingFigures(Wire):
+    """Query times and rates over a span (a window of whole minutes, or all-time)."""
+
+    queries: int  # computed
+    refused: int  # typed refusals: a malformed ciphertext, a wrong key
+    failed: int  # unexpected errors
+    average_query_s: float | None  # queue wait + compute
+    average_compute_s: float | None
+    average_queue_wait_s: float | None
+    queries_per_minute: float | None = None  # windows only
+    error_rate: float | None  # failed / all attempts
+    refusal_rate: float | None
+
+
+class CurrentFigures(Wire):
+    """The latest queries: "current query time" is the average of the last ``queries`` of them."""
+
+    queries: int
+    average_query_s: float | None
+    average_compute_s: float | None
+    average_queue_wait_s: float | None
+    latest_query_s: float | None
+    latest_at: float | None  # epoch seconds
+
+
+class WorkerTimings(Wire):
+    """One worker's share of its model's figures (``shared``: queries run on shared nodes)."""
+
+    worker_id: str
+    node: str | None
+    status: str | None  # None for ``shared``
+    started_by: str | None = None
+    window: TimingFigures
+    all_time: TimingFigures
+    current: CurrentFigures
+
+
+class ModelStats(Wire):
+    """A model's query figures: over the window, all-time and its latest queries, what waits
+    in its queue, its workers by status, and each worker's share."""
+
+    model: str
+    model_id: str
+    status: str
+    at: float  # epoch seconds when read
+    window_s: int
+    span_s: float  # what the window's whole minutes covered
+    queue_depth: int | None  # queries waiting in its queue (None if the broker could not tell)
+    workers_by_status: dict[str, int]
+    window: TimingFigures
+    all_time: TimingFigures
+    current: CurrentFigures
+    workers: list[WorkerTimings]
+
+
 class WorkerStats(Figures):
     """A running worker's live figures. The counts at the top level cover this worker (its
     binding to the node) only; ``node_lifetime`` covers everything the node process served."""
@@ -333,6 +393,11 @@ class WorkerStats(Figures):
     bound_for_s: float | None
     node_lifetime: Figures
     key_cache: KeyCacheOut
+    # From the model's recorded query times (cipherpool.monitoring), this worker's share:
+    window_s: int | None = None
+    window: TimingFigures | None = None
+    current: CurrentFigures | None = None
+    queue_depth: int | None = None  # the model's queue, shared by its workers
 
 
 # ---- end user (access token) -----------------------------------------------------------
@@ -466,3 +531,76 @@ class ReportOut(Wire):
     total_queries: int
     total_cost: Decimal
     reconciles: bool  # opening + the period's lines == closing, and rows == charges
+
+
+# ---- alerts (provider) -------------------------------------------------------------------
+
+ALERT_MIN_WINDOW_S = 60  # an alert's window: at least a minute (the figures are kept per minute)
+ALERT_MAX_WINDOW_S = 86_400  # ... at most a day (what monitoring.timings keeps)
+WEBHOOK_URL_MAX = 2000
+
+
+class AlertIn(Wire):
+    """Set an alert: a new rule for the model's ``metric``, or its rule replaced. A field left
+    out keeps the rule's value (a new rule: the platform's default window, no webhook);
+    ``webhook_url: null`` removes the webhook. A new webhook URL gets a new secret, shown in
+    the answer only; ``new_secret`` makes a new one for the same URL."""
+
+    model: str = Field(pattern=NAME_PATTERN)
+    metric: AlertMetric
+    threshold: float = Field(ge=0, allow_inf_nan=False)  # fires when the figure is above it
+    window_s: int | None = Field(None, ge=ALERT_MIN_WINDOW_S, le=ALERT_MAX_WINDOW_S)
+    webhook_url: str | None = Field(None, min_length=1, max_length=WEBHOOK_URL_MAX)
+    new_secret: bool = False
+
+
+class AlertOut(Wire):
+    id: str
+    model: str
+    model_id: str
+    metric: AlertMetric
+    threshold: float
+    window_s: int
+    webhook_url: str | None
+    state: AlertState
+    value: float | None  # the figure at the last evaluation (None: no query to measure)
+    evaluated_at: str | None
+    changed_at: str | None  # when it last fired or cleared
+    created_at: str
+    updated_at: str
+
+
+class AlertSet(AlertOut):
+    created: bool  # a new rule (False: the model's rule for this metric was replaced)
+    webhook_secret: str | None = None  # a new webhook's signing secret: shown once, here only
+
+
+class AlertEventOut(Wire):
+    id: int
+    rule_id: str
+    model: str
+    metric: AlertMetric
+    kind: AlertEventKind
+    value: float | None
+    threshold: float
+    at: str
+    delivery: WebhookDelivery
+    attempts: int  # webhook calls made
+    last_error: str | None
+    delivered_at: str | None
+
+
+class AlertWebhookBody(Wire):
+    """What an alert's webhook receives (JSON, signed: see :mod:`cipherpool.alerts.signature`).
+    A call may be repeated (a retry after a lost answer): ``event_id`` tells them apart."""
+
+    event_id: int
+    rule_id: str
+    model: str
+    model_id: str
+    metric: AlertMetric
+    kind: AlertEventKind
+    value: float | None
+    threshold: float
+    window_s: int
+    at: str  # ISO 8601, UTC: when it fired or cleared

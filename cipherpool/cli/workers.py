@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 
 import click
 
+from cipherpool.cli import statsview
 from cipherpool.cli.context import CliContext, pass_ctx
+from cipherpool.cli.durations import parse_duration
 from cipherpool.client.management import WorkerInfo
 
 WORKER_COLUMNS = ["id", "model", "node", "profile", "status", "node_status", "started_at", "stop_reason", "error"]
@@ -92,9 +94,33 @@ def list_(ctx: CliContext, model_name: str | None) -> None:
 
 
 @worker.command("stats")
-@click.option("--model", "model_name", help="Only this model's workers.")
+@click.option("--model", "model_name", help="Only this model and its workers.")
+@click.option("--window", "window", default=None, help="Averages over this long (e.g. 5m, 1h; whole minutes).")
+@click.option("--last", type=click.IntRange(1, 200), help="Current query time: average of this many latest queries.")
+@click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C (a live table).")
+@click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True)
+@click.option("--count", type=click.IntRange(1), help="With --watch: stop after this many redraws.")
+@click.option("--nodes", is_flag=True, help="Instead: each running worker's live report from its node (JSON).")
 @pass_ctx
-def stats(ctx: CliContext, model_name: str | None) -> None:
-    """Live figures of running workers: queries, compute time, key cache."""
-    ctx.as_json = True
-    ctx.emit(ctx.management().worker_stats(model_name))
+def stats(ctx: CliContext, model_name: str | None, window: str | None, last: int | None, watch: bool,
+          interval: float, count: int | None, nodes: bool) -> None:
+    """Average and current query time per model and worker, queue wait apart from compute,
+    queue depth, queries per minute, error and refusal rates."""
+    mc = ctx.management()
+    if nodes:
+        ctx.as_json = True
+        ctx.emit(mc.worker_stats(model_name))
+        return
+    window_s = int(parse_duration(window)) if window else None
+    drawn = 0
+    while True:
+        found = mc.model_stats(model_name, window_s=window_s, last=last)
+        if watch and not ctx.as_json:
+            click.clear()
+        if not ctx.as_json:
+            click.echo(statsview.header(found))
+        ctx.emit(found if ctx.as_json else statsview.rows(found), statsview.COLUMNS)
+        drawn += 1
+        if not watch or (count is not None and drawn >= count):
+            return
+        time.sleep(interval)

@@ -15,6 +15,7 @@ from cipherpool.api.schemas import (
     ModelOut, ModelSettings, PurchaseIn, PurchaseOut, ReportOut, RollbackIn, TokenCreated, TokenIn, TokenOut,
     TokenUpdate, UploadOut, UsageOut, VersionIn, VersionOut, WorkerIn, WorkerOut, WorkerLogLine, WorkerStats, NodeOut,
 )
+from cipherpool.api.schemas import ModelStats
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.errors import InvalidInput, WorkerStartFailed
@@ -238,6 +239,22 @@ class ManagementClient:
         only), its node's lifetime figures under ``node_lifetime``, the node's key cache."""
         params = {"model": model} if model else None
         return self._t.call("GET", "/v1/workers/stats", list[WorkerStats], params=params)
+
+    def model_stats(self, model: str | None = None, *, window_s: int | None = None,
+                    last: int | None = None) -> list[ModelStats]:
+        """Query figures per model and per worker of it: average query time over ``window_s``
+        (whole minutes; the gateway's default if None) and all-time, current query time (the
+        ``last`` latest queries), queue wait apart from compute, queries per minute, error and
+        refusal rates, queue depth and workers by status. Read from recorded times: no node is
+        asked, so it is cheap enough to poll every second."""
+        params: dict[str, str | int] = {}
+        if model:
+            params["model"] = model
+        if window_s is not None:
+            params["window_s"] = window_s
+        if last is not None:
+            params["last"] = last
+        return self._t.call("GET", "/v1/stats", list[ModelStats], params=params or None)
 
     # tokens
     def new_token(self, name: str, model: str | None = None, *, models: list[str] | None = None,

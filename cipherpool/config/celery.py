@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 
 from cipherpool.config.settings import Settings, get_settings
-from cipherpool.names import BILLING_TASK, CONTROL_QUEUE, RECONCILE_TASK
+from cipherpool.names import ALERTS_TASK, AUTOSCALE_TASK, BILLING_TASK, CONTROL_QUEUE, RECONCILE_TASK, SCHEDULE_TASK
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -60,6 +60,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": BILLING_TASK,
                 "schedule": settings.billing_interval_s,
                 "options": {"queue": CONTROL_QUEUE, "expires": settings.billing_interval_s},
+            },
+            # Each looks at the database afresh: nothing is lost when a tick expires unrun.
+            "schedules": {
+                "task": SCHEDULE_TASK,
+                "schedule": settings.schedule_interval_s,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.schedule_interval_s},
+            },
+            "alerts": {
+                "task": ALERTS_TASK,
+                "schedule": settings.alert_interval_s,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.alert_interval_s},
+            },
+            "autoscale": {
+                "task": AUTOSCALE_TASK,
+                "schedule": settings.autoscale_interval_s,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.autoscale_interval_s},
             },
         },
     }

@@ -134,6 +134,26 @@ class Settings(BaseSettings):
 
     # Monitoring beside the pool.
     flower_port: int | None = None
+    # Query times: nodes record each query's queue wait and compute in Redis, per model, worker
+    # and minute (cipherpool.monitoring); windows are read from those minutes.
+    stats_window_s: int = 300  # the default window of averages (`worker stats`, alerts)
+    stats_recent: int = 20  # "current" query time: the average of this many latest queries
+    # The gateway's Prometheus endpoint (/metrics) answers a bearer of this token only; unset,
+    # it is off (it shows every account's figures, so it is for the operator's scraper).
+    metrics_token: str | None = None
+
+    # Beat's other jobs (cipherpool.scheduler): how often each looks.
+    schedule_interval_s: float = 15.0  # worker schedules: starts and stops at most this late
+    alert_interval_s: float = 15.0  # alert rules are evaluated this often
+    autoscale_interval_s: float = 10.0  # autoscaling decisions
+    # Alert webhooks: each call is signed (HMAC-SHA256 of the body with the rule's secret),
+    # retried with exponential backoff from webhook_backoff_s, at most webhook_attempts times.
+    webhook_timeout_s: float = 5.0
+    webhook_attempts: int = 6
+    webhook_backoff_s: float = 2.0
+    # Webhooks to loopback, private or link-local addresses are refused unless this is set:
+    # the control worker runs inside the cluster, next to Redis and the database.
+    webhook_allow_private: bool = False
 
     @field_validator("node_hooks", mode="before")
     @classmethod

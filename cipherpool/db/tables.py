@@ -214,6 +214,9 @@ class Worker(SQLModel, table=True):
     # micro-credit-milliseconds per hour), carried so that splitting never changes a total.
     billed_to: datetime | None = None
     billed_remainder: int = Field(default=0, sa_type=BigInteger)
+    # Who started it: user, schedule (``schedule_id`` names which), autoscaler, reconciler.
+    started_by: str = "user"
+    schedule_id: str | None = Field(default=None, index=True)
 
 
 class Rate(SQLModel, table=True):
@@ -277,3 +280,105 @@ class Invoice(SQLModel, table=True):
     reference: str | None = None  # the payment provider's
     created_at: datetime = Field(default_factory=utcnow)
     note: str = ""
+
+
+class Schedule(SQLModel, table=True):
+    """When a model wants workers: a recurring window (``start_cron`` to ``stop_cron`` in
+    ``timezone``) or a one-off reservation (``starts_at`` to ``ends_at``). While a window is
+    open the schedule keeps ``workers`` of its own running; they stop when it closes."""
+
+    __tablename__ = "schedules"
+    id: str = Field(default_factory=new_id, primary_key=True)
+    account_id: str = Field(foreign_key="accounts.id", index=True)
+    model_id: str = Field(foreign_key="models.id", index=True)
+    name: str = ""
+    kind: str = "cron"  # a ScheduleKind value: cron (recurring) or once (a reservation)
+    start_cron: str | None = None  # five-field cron expressions, read in ``timezone``
+    stop_cron: str | None = None
+    timezone: str = "UTC"  # an IANA name, e.g. Europe/Paris
+    starts_at: datetime | None = None  # a reservation's window, in UTC
+    ends_at: datetime | None = None
+    workers: int = 1
+    profile: str | None = None
+    paused: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class ScheduleAction(SQLModel, table=True):
+    """A start or stop a schedule applied to one of its windows. The unique (schedule, window,
+    action) lets only one beat claim it, so no action is applied twice, even with two beats."""
+
+    __tablename__ = "schedule_actions"
+    __table_args__ = (UniqueConstraint("schedule_id", "window_start", "action"),)
+    id: int | None = Field(default=None, primary_key=True)
+    schedule_id: str = Field(foreign_key="schedules.id", index=True)
+    window_start: datetime
+    action: str  # start | stop
+    status: str = "claimed"  # claimed, done, failed (retried while the window is open), skipped
+    attempts: int = 1
+    at: datetime = Field(default_factory=utcnow)
+    message: str = ""
+
+
+class AlertRule(SQLModel, table=True):
+    """A threshold on one of a model's query figures (``metric``, over ``window_s``). Beat
+    evaluates it: crossing it fires (an event, a webhook call), going back under clears it."""
+
+    __tablename__ = "alert_rules"
+    __table_args__ = (UniqueConstraint("model_id", "metric"),)
+    id: str = Field(default_factory=new_id, primary_key=True)
+    account_id: str = Field(foreign_key="accounts.id", index=True)
+    model_id: str = Field(foreign_key="models.id", index=True)
+    metric: str  # an AlertMetric value
+    threshold: float
+    window_s: int = 300
+    webhook_url: str | None = None
+    webhook_secret: str | None = None  # signs the webhook's body (HMAC-SHA256); shown to its owner once
+    state: str = "ok"  # ok | firing
+    value: float | None = None  # the figure at the last evaluation
+    evaluated_at: datetime | None = None
+    changed_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class AlertEvent(SQLModel, table=True):
+    """An alert fired or cleared, and how its webhook call went (kept after its rule is removed)."""
+
+    __tablename__ = "alert_events"
+    id: int | None = Field(default=None, primary_key=True)
+    rule_id: str = Field(index=True)  # no foreign key: the history outlives the rule
+    account_id: str = Field(foreign_key="accounts.id", index=True)
+    model_id: str = Field(foreign_key="models.id", index=True)
+    metric: str
+    kind: str  # fired | cleared
+    value: float | None = None
+    threshold: float
+    at: datetime = Field(default_factory=utcnow, index=True)
+    delivery: str = "none"  # none (no webhook), pending, delivered, failed
+    attempts: int = 0
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+
+
+class AutoscalePolicy(SQLModel, table=True):
+    """Opt-in autoscaling of one model between its ``min_workers`` and ``max_workers``."""
+
+    __tablename__ = "autoscale_policies"
+    model_id: str = Field(foreign_key="models.id", primary_key=True)
+    account_id: str = Field(foreign_key="accounts.id", index=True)
+    enabled: bool = True
+    target_queue_wait_s: float | None = 5.0  # add a worker when the average queue wait stays above this
+    target_queue_depth: int | None = None  # ... or the queries waiting per worker stay above this
+    scale_up_after_s: float = 30.0  # how long above target before adding
+    idle_after_s: float = 300.0  # no query and an empty queue this long: remove one
+    cooldown_up_s: float = 60.0  # at least this long after any change before adding
+    cooldown_down_s: float = 300.0  # ... before removing
+    above_since: datetime | None = None
+    idle_since: datetime | None = None
+    last_scaled_at: datetime | None = None
+    last_action: str | None = None  # up | down, with last_reason
+    last_reason: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)

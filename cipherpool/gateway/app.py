@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from cipherpool.api.schemas import Health
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, PayloadTooLarge, RemoteError
-from cipherpool.gateway import account, credits, enduser, models, queries, tokens, workers
+from cipherpool.gateway import account, credits, enduser, models, queries, stats, tokens, workers
 from cipherpool.gateway.guard import Guard, error_body
 from cipherpool.gateway.state import GatewayState
 
@@ -49,7 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.gw = GatewayState(settings)
     app.add_middleware(Guard)
     _install_error_handlers(app)
-    for router in (account.router, credits.router, models.router, tokens.router, workers.router, enduser.router, queries.router):
+    routers = [account.router, credits.router, stats.router, models.router, tokens.router, workers.router,
+               enduser.router, queries.router]
+    for router in routers:
         app.include_router(router)
 
     @app.get("/v1/health", response_model=Health, tags=["platform"])

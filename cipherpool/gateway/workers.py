@@ -10,12 +10,13 @@ from starlette.concurrency import run_in_threadpool
 
 from cipherpool import lifecycle, workerlog
 from cipherpool.api.schemas import ID_PATTERN, NAME_PATTERN, NodeOut, WorkerIn, WorkerLogLine, WorkerOut, WorkerStats
-from cipherpool.db.tables import NodeStatus, Worker
+from cipherpool.db.tables import Model, NodeStatus, Worker
 from cipherpool.dispatch import send_to_node
 from cipherpool.errors import QueryTimeout, WorkerNotFound
 from cipherpool.gateway.deps import Account, Gateway
 from cipherpool.gateway.state import GatewayState
 from cipherpool.messages import unwrap
+from cipherpool.monitoring import stats as monitoring
 from cipherpool.names import STATS_TASK
 from cipherpool.services import accounts
 from cipherpool.services import nodes as node_service
@@ -56,7 +57,8 @@ def list_workers(gw: Gateway, acct: Account, model: ModelFilter = None) -> list[
 @router.get("/workers/stats", response_model=list[WorkerStats])
 async def worker_stats(gw: Gateway, acct: Account, model: ModelFilter = None) -> list[WorkerStats]:
     """Live figures of each running worker: its own query counts and times (this binding
-    only), its node's lifetime figures apart, and the node's key cache."""
+    only), its node's lifetime figures apart, and the node's key cache; with its recorded
+    query times over ``CIPHERPOOL_STATS_WINDOW_S`` and now, and its model's queue depth."""
     running = await run_in_threadpool(list_workers, gw, acct, model)
     stats = []
     for worker in running:
@@ -68,8 +70,17 @@ async def worker_stats(gw: Gateway, acct: Account, model: ModelFilter = None) ->
             raise QueryTimeout(f"Node {worker.node} did not report its figures in time.")
         report = WorkerStats.model_validate(unwrap(meta.get("result")))
         if report.worker_id == worker.id:  # the node may have moved on since the listing
-            stats.append(report)
+            stats.append(await run_in_threadpool(_with_timings, gw, acct.account_id, report))
     return stats
+
+
+def _with_timings(gw: GatewayState, account_id: str, report: WorkerStats) -> WorkerStats:
+    with gw.ctx.session() as session:
+        model = session.get(Model, report.model_id or "")
+        if model is None or model.account_id != account_id:
+            return report
+    return monitoring.with_timings(report, gw.store.redis, gw.celery, model, window_s=gw.settings.stats_window_s,
+                                   last=gw.settings.stats_recent)
 
 
 @router.get("/workers/{worker_id}", response_model=WorkerOut)

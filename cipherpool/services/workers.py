@@ -35,7 +35,8 @@ MAX_START = 64  # workers one start may ask for
 
 
 def start_workers(session: Session, account: Account, model_name: str, heartbeat_s: float, *, count: int = 1,
-                  profile: str | None = None, standby: bool = False, credit_minutes: float | None = None) -> list[Worker]:
+                  profile: str | None = None, standby: bool = False, credit_minutes: float | None = None,
+                  started_by: str = "user", schedule_id: str | None = None) -> list[Worker]:
     """Claim ``count`` free nodes of the model's host class (with its labels, of ``profile`` if
     given) for new workers (status PENDING); all or none. Refused with the reason: the model is
     not active, its ``max_workers`` would be passed, not enough nodes are free, or the balance
@@ -60,7 +61,8 @@ def start_workers(session: Session, account: Account, model_name: str, heartbeat
     require_start_credit(session, account, model, free[:count], minutes, standby)
     workers: list[Worker] = []
     for node in free:
-        worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name, profile=profile, standby=standby)
+        worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name, profile=profile, standby=standby,
+                        started_by=started_by, schedule_id=schedule_id)
         # An UPDATE's result is a CursorResult (it has the rowcount); Session.execute is typed for any statement.
         claimed = cast(CursorResult[Any], session.execute(
             update(PoolNode).where(col(PoolNode.name) == node.name, col(PoolNode.worker_id).is_(None)).values(worker_id=worker.id)
@@ -70,7 +72,7 @@ def start_workers(session: Session, account: Account, model_name: str, heartbeat
         session.add(worker)
         session.flush()
         events.record(session, model, EventKind.WORKER_STARTED, f"worker {worker.id} pending on {node.name} "
-                      f"(profile {node.profile}{', standby' if standby else ''})", worker_id=worker.id)
+                      f"(profile {node.profile}{', standby' if standby else ''}, by {started_by})", worker_id=worker.id)
         workers.append(worker)
         if len(workers) == count:
             return workers
@@ -305,6 +307,8 @@ def describe(session: Session, worker: Worker) -> WorkerOut:
         version=worker.version,
         error=worker.error,
         stop_reason=worker.stop_reason,
+        started_by=worker.started_by,
+        schedule_id=worker.schedule_id,
         created_at=worker.created_at.isoformat(),
         started_at=worker.started_at.isoformat() if worker.started_at else None,
         stopped_at=worker.stopped_at.isoformat() if worker.stopped_at else None,

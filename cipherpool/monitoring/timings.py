@@ -1,0 +1,328 @@
+"""Query times per model and worker: recorded by a node hook in Redis, read by everyone else.
+
+Every figure a provider watches (average and current query time, queue wait apart from
+compute, queries per minute, error and refusal rates), what alerts compare with their
+thresholds, what the autoscaler decides on and what the gateway exports to Prometheus come
+from here, so they can never disagree.
+
+Why Redis and minute buckets: a node must not write to the database per query, and the
+readers sit in other processes (gateway, beat's jobs). Each query adds to one hash per model
+and minute (``cipherpool:qt:<model>:<minute>``; model-wide fields and ``w:<worker>:<field>``
+per worker), to the model's all-time hash (``:all``), to its histogram (``:hist``, the
+Prometheus buckets) and to a capped list of its latest queries (``:recent``). A window is the
+minutes that overlap it: the figures are exact sums over whole minutes, so a 5-minute window
+read at 10:02:30 covers 09:57:00–10:02:30 (``span_s`` says how long that was: between the
+window and a minute more, never less, so a 1-minute window read just after a minute turned
+still holds a minute of queries). Times are
+summed in integer microseconds, so sums are exact however many queries add to them.
+
+Counters are kept apart for ``queries`` (computed), ``refused`` (typed refusals: a malformed
+ciphertext, a wrong key) and ``failed`` (unexpected errors). Rates are over all three.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from redis import Redis
+
+from cipherpool.errors import CipherpoolError
+from cipherpool.names import TIMINGS_PREFIX
+from cipherpool.workers.hooks import Hook, QueryEvent
+
+MINUTE_S = 60
+MAX_WINDOW_S = 24 * 3600  # the longest window a reader may ask for
+KEEP_MINUTES_S = MAX_WINDOW_S + 2 * 3600  # minute hashes expire after this (seconds)
+KEEP_RECENT = 200  # latest queries kept per model (a worker's "current" looks among them)
+SHARED = "shared"  # the worker id of queries computed on shared nodes
+# Prometheus histogram bucket bounds, seconds: from a logistic regression's milliseconds to
+# a bootstrapped model's minutes.
+BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+US = 1_000_000
+
+
+def minute_key(model_id: str, minute: int) -> str:
+    return f"{TIMINGS_PREFIX}{model_id}:{minute}"
+
+
+def total_key(model_id: str) -> str:
+    return f"{TIMINGS_PREFIX}{model_id}:all"
+
+
+def recent_key(model_id: str) -> str:
+    return f"{TIMINGS_PREFIX}{model_id}:recent"
+
+
+def histogram_key(model_id: str) -> str:
+    return f"{TIMINGS_PREFIX}{model_id}:hist"
+
+
+def bucket_index(seconds: float) -> int:
+    """The first bucket whose bound holds ``seconds`` (``len(BUCKETS_S)``: above them all)."""
+    for i, bound in enumerate(BUCKETS_S):
+        if seconds <= bound:
+            return i
+    return len(BUCKETS_S)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Averages and rates over a span; None where nothing was counted to average."""
+
+    queries: int
+    refused: int
+    failed: int
+    average_query_s: float | None  # queue wait + compute, as the platform saw the query
+    average_compute_s: float | None
+    average_queue_wait_s: float | None
+    queries_per_minute: float | None  # None for all-time figures
+    error_rate: float | None  # failed / (queries + refused + failed)
+    refusal_rate: float | None
+
+
+@dataclass
+class Tally:
+    """Sums over a span: what the hashes hold, added up."""
+
+    queries: int = 0
+    refused: int = 0
+    failed: int = 0
+    wait_us: int = 0
+    compute_us: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.queries += other.queries
+        self.refused += other.refused
+        self.failed += other.failed
+        self.wait_us += other.wait_us
+        self.compute_us += other.compute_us
+
+    @property
+    def attempts(self) -> int:
+        return self.queries + self.refused + self.failed
+
+    def figures(self, span_s: float | None = None) -> Figures:
+        n, attempts = self.queries, self.attempts
+        return Figures(
+            queries=n, refused=self.refused, failed=self.failed,
+            average_query_s=(self.wait_us + self.compute_us) / n / US if n else None,
+            average_compute_s=self.compute_us / n / US if n else None,
+            average_queue_wait_s=self.wait_us / n / US if n else None,
+            queries_per_minute=n * MINUTE_S / span_s if span_s else None,
+            error_rate=self.failed / attempts if attempts else None,
+            refusal_rate=self.refused / attempts if attempts else None,
+        )
+
+
+TALLY_FIELDS = ("queries", "refused", "failed", "wait_us", "compute_us")
+
+
+def split_hash(raw: dict[bytes, bytes]) -> tuple[Tally, dict[str, Tally]]:
+    """A bucket hash as the model's tally and each worker's (fields ``w:<worker>:<name>``)."""
+    model, workers = Tally(), dict[str, Tally]()
+    for name_b, value_b in raw.items():
+        name, value = name_b.decode(), int(value_b)
+        if name.startswith("w:"):
+            worker, _, part = name[2:].rpartition(":")
+            target = workers.setdefault(worker, Tally())
+        else:
+            part, target = name, model
+        if part in TALLY_FIELDS:
+            setattr(target, part, getattr(target, part) + value)
+    return model, workers
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One computed query, as the ``recent`` list keeps it."""
+
+    at: float  # epoch seconds when it was computed
+    worker: str
+    queue_wait_s: float
+    compute_s: float
+
+    @property
+    def query_s(self) -> float:
+        return self.queue_wait_s + self.compute_s
+
+    def encode(self) -> str:
+        return json.dumps([round(self.at, 3), self.worker, round(self.queue_wait_s, 6), round(self.compute_s, 6)])
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Sample:
+        at, worker, wait, compute = json.loads(raw)
+        return cls(float(at), str(worker), float(wait), float(compute))
+
+
+@dataclass(frozen=True)
+class Current:
+    """The latest queries' figures: what "current query time" means (the last ``queries``)."""
+
+    queries: int
+    average_query_s: float | None
+    average_compute_s: float | None
+    average_queue_wait_s: float | None
+    latest_query_s: float | None
+    latest_at: float | None
+
+
+def current(samples: Iterable[Sample], last: int, worker: str | None = None) -> Current:
+    """Averages of the ``last`` newest samples (newest first), of one worker if given."""
+    chosen = [s for s in samples if worker is None or s.worker == worker][:max(0, last)]
+    if not chosen:
+        return Current(0, None, None, None, None, None)
+    n = len(chosen)
+    return Current(
+        queries=n,
+        average_query_s=sum(s.query_s for s in chosen) / n,
+        average_compute_s=sum(s.compute_s for s in chosen) / n,
+        average_queue_wait_s=sum(s.queue_wait_s for s in chosen) / n,
+        latest_query_s=chosen[0].query_s,
+        latest_at=chosen[0].at,
+    )
+
+
+@dataclass
+class ModelTimings:
+    """One model's recorded times: over a window, all-time, and its latest queries."""
+
+    model_id: str
+    window_s: int
+    span_s: float  # what the window's minutes actually covered, up to now
+    window: Tally
+    all_time: Tally
+    workers_window: dict[str, Tally] = field(default_factory=dict)
+    workers_all_time: dict[str, Tally] = field(default_factory=dict)
+    recent: list[Sample] = field(default_factory=list)  # newest first
+
+    def window_figures(self, worker: str | None = None) -> Figures:
+        tally = self.window if worker is None else self.workers_window.get(worker, Tally())
+        return tally.figures(self.span_s)
+
+    def all_time_figures(self, worker: str | None = None) -> Figures:
+        tally = self.all_time if worker is None else self.workers_all_time.get(worker, Tally())
+        return tally.figures()
+
+    def current(self, last: int, worker: str | None = None) -> Current:
+        return current(self.recent, last, worker)
+
+    @property
+    def workers(self) -> set[str]:
+        return set(self.workers_window) | set(self.workers_all_time)
+
+
+def window_minutes(now: float, window_s: int) -> tuple[list[int], float]:
+    """The minutes (epoch // 60) that overlap ``(now - window_s, now]``, and the span they cover."""
+    if not 1 <= window_s <= MAX_WINDOW_S:
+        raise ValueError(f"a window is between 1 s and {MAX_WINDOW_S} s, not {window_s}")
+    last = math.floor(now / MINUTE_S)
+    first = math.floor((now - window_s) / MINUTE_S)  # the minute the window begins in, whole
+    return list(range(first, last + 1)), now - first * MINUTE_S
+
+
+def read(redis: Redis, model_id: str, window_s: int, now: float | None = None) -> ModelTimings:
+    """A model's times over the last ``window_s`` seconds (whole minutes), all-time and latest."""
+    now = time.time() if now is None else now
+    minutes, span = window_minutes(now, window_s)
+    with redis.pipeline(transaction=False) as pipe:
+        for minute in minutes:
+            pipe.hgetall(minute_key(model_id, minute))
+        pipe.hgetall(total_key(model_id))
+        pipe.lrange(recent_key(model_id), 0, KEEP_RECENT - 1)
+        replies = pipe.execute()
+    window, per_worker = Tally(), dict[str, Tally]()
+    for raw in replies[:len(minutes)]:
+        model, workers = split_hash(raw)
+        window.add(model)
+        for worker, tally in workers.items():
+            per_worker.setdefault(worker, Tally()).add(tally)
+    all_time, all_workers = split_hash(replies[-2])
+    recent = [Sample.decode(item) for item in replies[-1]]
+    return ModelTimings(model_id, window_s, span, window, all_time, per_worker, all_workers, recent)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Cumulative Prometheus buckets of one model's queue wait or compute times."""
+
+    buckets: list[tuple[str, int]]  # (le, cumulative count), ending with +Inf
+    sum_s: float
+
+
+def histograms(redis: Redis, model_id: str) -> dict[str, Histogram]:
+    """``{"queue_wait": ..., "compute": ...}`` of one model, all-time."""
+    raw = {k.decode(): int(v) for k, v in redis.hgetall(histogram_key(model_id)).items()}  # type: ignore[union-attr]
+    found = {}
+    for part in ("queue_wait", "compute"):
+        running, buckets = 0, []
+        for i, bound in enumerate((*BUCKETS_S, math.inf)):
+            running += raw.get(f"{part}:{i}", 0)
+            buckets.append(("+Inf" if bound == math.inf else repr(bound), running))
+        found[part] = Histogram(buckets, raw.get(f"{part}:sum_us", 0) / US)
+    return found
+
+
+class QueryTimings(Hook):
+    """The node hook that records every query's times (see the module's docstring).
+
+    One pipelined round trip per query, after its answer is ready; a Redis error is logged by
+    :class:`~cipherpool.workers.hooks.Hooks` and costs the figures, never the answer."""
+
+    def __init__(self, redis: Callable[[], Redis], clock: Callable[[], float] = time.time):
+        self._redis = redis
+        self._clock = clock
+
+    @staticmethod
+    def _model(query: QueryEvent) -> str | None:
+        return query.model_id or (query.binding.model_id if query.binding else None)
+
+    def _add(self, query: QueryEvent, **amounts: int) -> list[tuple[str, str, int]]:
+        worker = query.worker_id or SHARED
+        return [(name, key, value) for key, value in amounts.items() for name in (key, f"w:{worker}:{key}")]
+
+    def _write(self, model_id: str, adds: list[tuple[str, str, int]], sample: Sample | None = None,
+               histogram: dict[str, int] | None = None) -> None:
+        now = self._clock()
+        bucket = minute_key(model_id, math.floor(now / MINUTE_S))
+        with self._redis().pipeline(transaction=False) as pipe:
+            for name, _, value in adds:
+                pipe.hincrby(bucket, name, value)
+                pipe.hincrby(total_key(model_id), name, value)
+            pipe.expire(bucket, KEEP_MINUTES_S)
+            for name, value in (histogram or {}).items():
+                pipe.hincrby(histogram_key(model_id), name, value)
+            if sample is not None:
+                pipe.lpush(recent_key(model_id), sample.encode())
+                pipe.ltrim(recent_key(model_id), 0, KEEP_RECENT - 1)
+            pipe.execute()
+
+    def query_computed(self, query: QueryEvent) -> None:
+        model_id = self._model(query)
+        if model_id is None:
+            return
+        wait = max(0.0, query.timings.get("queue_wait_s", 0.0))
+        compute = max(0.0, query.timings.get("compute_s", 0.0))
+        wait_us, compute_us = round(wait * US), round(compute * US)
+        sample = Sample(self._clock(), query.worker_id or SHARED, wait, compute)
+        histogram = {f"queue_wait:{bucket_index(wait)}": 1, "queue_wait:sum_us": wait_us,
+                     f"compute:{bucket_index(compute)}": 1, "compute:sum_us": compute_us}
+        self._write(model_id, self._add(query, queries=1, wait_us=wait_us, compute_us=compute_us), sample, histogram)
+
+    def query_refused(self, query: QueryEvent, error: CipherpoolError) -> None:
+        model_id = self._model(query)
+        if model_id is not None:
+            self._write(model_id, self._add(query, refused=1))
+
+    def query_failed(self, query: QueryEvent, error: BaseException) -> None:
+        model_id = self._model(query)
+        if model_id is not None:
+            self._write(model_id, self._add(query, failed=1))
+
+
+def forget(redis: Redis, model_id: str) -> None:
+    """Drop a model's all-time figures, histogram and latest queries (minutes expire alone)."""
+    redis.delete(total_key(model_id), recent_key(model_id), histogram_key(model_id))
