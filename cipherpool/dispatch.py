@@ -65,6 +65,9 @@ def shared_queue_of(host_class: str) -> Queue:
     """The queue every shared node of ``host_class`` consumes: queries of models that allow
     shared nodes, loaded on demand."""
     return Queue(shared_queue(host_class), QUERIES, routing_key=shared_routing_key(host_class))  # type: ignore[no-untyped-call]
+
+
+QUERY_TASK_PREFIX = "cipherpool.query"  # what every query's shadow name begins with
 QUERY_SHADOW_ID_CHARS = 8  # characters of the model id in a query's shadow name
 
 
@@ -79,9 +82,6 @@ def query_shadow(model_name: str, model_id: str) -> str:
     versions, while the name keeps it readable. The account's name is left out: the query's
     grant does not carry it, and it would put a tenant's name in every log line."""
     return f"{QUERY_TASK_PREFIX}[{model_name}:{model_id[:QUERY_SHADOW_ID_CHARS]}]"
-
-
-QUERY_TASK_PREFIX = "cipherpool.query"  # what every query's shadow name begins with
 
 
 def publish_query(app: Celery, request: QueryRequest, host_class: str, expires_s: float,

@@ -31,7 +31,8 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── VersionNotFound                           no such version of the model
     │   ├── UploadNotFound                            staged upload expired or never made
     │   ├── EvaluationKeyNotFound                     key id never uploaded / not this client's
-    │   └── AlertNotFound                             no such alert rule in this account
+    │   ├── AlertNotFound                             no such alert rule in this account
+    │   └── ScheduleNotFound                          no such worker schedule in this account
     ├── Conflict                        exit 5  409
     │   ├── ModelExists
     │   ├── ModelInactive                             queries refused until the model is activated
@@ -56,7 +57,8 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── PayloadTooLarge                     413   body above its configured cap
     │   ├── RateLimited                         429   too many requests; Retry-After says when
     │   ├── QuotaExceeded                       429   the token's query quota is used up
-    │   └── TooManyKeys                         409   key sets per token at their cap
+    │   ├── TooManyKeys                         409   key sets per token at their cap
+    │   └── TooManyAlerts                       409   alert rules per account at their cap
     └── PlatformError                   exit 7  503
         ├── BrokerUnavailable                         (platform side) Redis unreachable
         ├── GatewayUnavailable                        (client side) the gateway unreachable
@@ -195,6 +197,10 @@ class AlertNotFound(NotFound):
     code = "alert_not_found"
 
 
+class ScheduleNotFound(NotFound):
+    code = "schedule_not_found"
+
+
 class Conflict(CipherpoolError):
     code = "conflict"
     exit_code = 5
@@ -317,6 +323,11 @@ class QuotaExceeded(LimitExceeded):
 
 class TooManyKeys(LimitExceeded):
     code = "too_many_keys"
+    http_status = 409
+
+
+class TooManyAlerts(LimitExceeded):
+    code = "too_many_alerts"
     http_status = 409
 
 

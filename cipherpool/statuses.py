@@ -104,6 +104,31 @@ class EventKind(str, Enum):
     TOKEN_UNASSIGNED = "token_unassigned"
     ALERT_FIRED = "alert_fired"  # an alert rule's figure went above its threshold
     ALERT_CLEARED = "alert_cleared"  # ... and back to or below it (or no query to measure)
+    SCHEDULE_STARTED = "schedule_started"  # a schedule's window opened: its workers were started
+    SCHEDULE_STOPPED = "schedule_stopped"  # its window closed (or it was paused or removed): they were stopped
+    SCHEDULE_FAILED = "schedule_failed"  # a start was refused (retried while the window is open)
+    AUTOSCALED_UP = "autoscaled_up"  # the autoscaler added a worker (the reason and figures in the message)
+    AUTOSCALED_DOWN = "autoscaled_down"  # ... removed one, the model being idle
+    AUTOSCALE_BLOCKED = "autoscale_blocked"  # it would add one but may not (max, nodes, credit): once per episode
+
+
+class ScheduleKind(str, Enum):
+    """A worker schedule: recurring windows (two cron expressions in a time zone), or one
+    reservation (from a time to a time)."""
+
+    CRON = "cron"
+    ONCE = "once"
+
+
+class ScheduleActionStatus(str, Enum):
+    """A schedule's start or stop for one window: ``claimed`` by one beat (the others skip it),
+    then ``done``, or ``failed`` (a start is retried while its window is open), or ``skipped``
+    (the window opened and closed while no beat ran)."""
+
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
 
 
 class LedgerKind(str, Enum):

@@ -192,6 +192,27 @@ def test_recent_queries_are_capped_and_histograms_cumulate(redis: Any) -> None:
     assert timings.read(redis, model, 60, now=clock.now).all_time.queries == 0
 
 
+def test_a_node_buffers_its_writes_and_sums_them(redis: Any) -> None:
+    # Given the hook as nodes run it (writes every flush_s, off the query's path)
+    model = uuid.uuid4().hex[:16]
+    clock = Clock(T0 + 30)
+    hook = QueryTimings(lambda: redis, clock, flush_s=3600)  # the thread will not flush during the test
+    # When queries are recorded, nothing is written yet
+    for i in range(50):
+        hook.query_computed(event(model, "w1", 0.01, 0.02 * i))
+    hook.query_refused(event(model, "w1"), InvalidInput("bad"))
+    assert timings.read(redis, model, 60, now=clock.now).all_time.attempts == 0
+    # Then one flush writes them all, exactly, the newest query first
+    hook.flush()
+    found = timings.read(redis, model, 60, now=clock.now)
+    assert (found.window.queries, found.window.refused) == (50, 1)
+    assert found.all_time.compute_us == sum(round(0.02 * i * 1e6) for i in range(50))
+    assert found.recent[0].compute_s == pytest.approx(0.98) and len(found.recent) == 50
+    assert redis.ttl(timings.minute_key(model, int(clock.now // 60))) > 24 * 3600
+    hook.flush()  # nothing left: no second count
+    assert timings.read(redis, model, 60, now=clock.now).all_time.queries == 50
+
+
 def test_a_query_that_names_no_model_is_not_counted(redis: Any) -> None:
     hook = QueryTimings(lambda: redis, Clock())
     query = QueryEvent("node-1@test", "t", None)

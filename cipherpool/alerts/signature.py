@@ -74,4 +74,4 @@ def verify(secret: str, header: str | None, body: bytes, tolerance_s: float = DE
     if abs(now - timestamp) > tolerance_s:
         return False
     expected = digest(secret, timestamp, body)
-    return any(hmac.compare_digest(expected, given) for given in signatures)
+    return any(hmac.compare_digest(expected.encode(), given.encode()) for given in signatures)

@@ -17,6 +17,7 @@ from cipherpool.statuses import (
     AccountStatus, AlertEventKind, AlertMetric, AlertState, LedgerKind, ModelStatus, TokenStatus, WebhookDelivery,
     WorkerStatus,
 )
+from cipherpool.statuses import ScheduleActionStatus, ScheduleKind
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ID_PATTERN = r"^[0-9a-f]{16}$"
@@ -604,3 +605,105 @@ class AlertWebhookBody(Wire):
     threshold: float
     window_s: int
     at: str  # ISO 8601, UTC: when it fired or cleared
+
+
+# -- worker schedules -----------------------------------------------------------------------
+# Times are ISO 8601 in UTC; a cron expression is read on the wall clock of its time zone.
+
+PROFILE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+MAX_SCHEDULE_WORKERS = 64  # as one start may ask for
+
+
+class ScheduleIn(Wire):
+    """A worker schedule of ``model``: recurring windows (``start_cron`` to ``stop_cron``,
+    five-field cron expressions read in ``timezone``), or one reservation (``starts_at`` to
+    ``ends_at``; a time without an offset is UTC). While a window is open the schedule keeps
+    ``workers`` of its own running, on nodes of ``profile`` if given."""
+
+    model: str = Field(pattern=NAME_PATTERN)
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    start_cron: str | None = Field(None, min_length=1, max_length=100)
+    stop_cron: str | None = Field(None, min_length=1, max_length=100)
+    timezone: str = Field("UTC", min_length=1, max_length=64)
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    workers: int = Field(1, ge=1, le=MAX_SCHEDULE_WORKERS)
+    profile: str | None = Field(None, pattern=PROFILE_PATTERN)
+
+
+class ScheduleActionOut(Wire):
+    """A start or stop the schedule applied to one of its windows (or a stop on its pause)."""
+
+    window_start: str
+    action: str  # start | stop
+    status: ScheduleActionStatus
+    attempts: int
+    at: str
+    message: str
+
+
+class ScheduleOut(Wire):
+    id: str
+    name: str
+    model: str
+    kind: ScheduleKind
+    start_cron: str | None
+    stop_cron: str | None
+    timezone: str
+    starts_at: str | None
+    ends_at: str | None
+    workers: int
+    profile: str | None
+    paused: bool
+    created_at: str
+    updated_at: str
+    window_start: str | None  # the window open now (paused or not), else None
+    window_end: str | None
+    next_start: str | None  # None while paused, or when no window is to come
+    next_stop: str | None
+    running_workers: int  # its own workers starting, up or on standby
+    last_actions: list[ScheduleActionOut]  # the latest first
+
+
+# -- autoscaling (provider) ----------------------------------------------------------------
+# Durations are seconds. A field left out of a PUT keeps its value (a new policy: the
+# default); ``null`` clears a target (at least one must remain).
+
+MAX_AUTOSCALE_S = 86400.0  # the longest target, delay or cool-down: a day
+
+
+class AutoscaleIn(Wire):
+    """Turn a model's autoscaling on, or change it: add a worker when the average queue wait
+    (``target_queue_wait_s``) or the queries waiting per worker (``target_queue_depth``) stay
+    above their target for ``scale_up_after_s``; remove one after ``idle_after_s`` with no
+    query and an empty queue; wait ``cooldown_up_s``/``cooldown_down_s`` after any change."""
+
+    target_queue_wait_s: float | None = Field(None, gt=0, le=MAX_AUTOSCALE_S)
+    target_queue_depth: int | None = Field(None, ge=1, le=1_000_000)
+    scale_up_after_s: float | None = Field(None, ge=0, le=MAX_AUTOSCALE_S)
+    idle_after_s: float | None = Field(None, gt=0, le=MAX_AUTOSCALE_S)
+    cooldown_up_s: float | None = Field(None, gt=0, le=MAX_AUTOSCALE_S)
+    cooldown_down_s: float | None = Field(None, gt=0, le=MAX_AUTOSCALE_S)
+
+
+class AutoscaleOut(Wire):
+    """A model's autoscaling policy (``enabled`` false: off, with the settings it would use),
+    its bounds and workers now, and what the autoscaler is seeing and did last."""
+
+    model: str
+    enabled: bool
+    target_queue_wait_s: float | None
+    target_queue_depth: int | None
+    scale_up_after_s: float
+    idle_after_s: float
+    cooldown_up_s: float
+    cooldown_down_s: float
+    min_workers: int
+    max_workers: int
+    workers: int  # starting or running now
+    above_since: str | None  # a target has been exceeded since then (ISO 8601, UTC)
+    idle_since: str | None  # nothing queued and no query computed since then
+    last_scaled_at: str | None
+    last_action: str | None  # up, down, or blocked (an add was refused; see last_reason)
+    last_reason: str | None
+    updated_at: str | None  # when the policy was last set or turned off

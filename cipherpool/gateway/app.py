@@ -22,6 +22,8 @@ from cipherpool.api.schemas import Health
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, PayloadTooLarge, RemoteError
 from cipherpool.gateway import account, credits, enduser, models, queries, stats, tokens, workers
+from cipherpool.gateway import alerts, metrics
+from cipherpool.gateway import schedules
 from cipherpool.gateway.guard import Guard, error_body
 from cipherpool.gateway.state import GatewayState
 
@@ -50,9 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Guard)
     _install_error_handlers(app)
     routers = [account.router, credits.router, stats.router, models.router, tokens.router, workers.router,
-               enduser.router, queries.router]
+               enduser.router, queries.router, alerts.router, schedules.router]
     for router in routers:
         app.include_router(router)
+    app.include_router(metrics.router)  # GET /metrics, for the operator's Prometheus (its own token)
 
     @app.get("/v1/health", response_model=Health, tags=["platform"])
     async def health() -> Health:

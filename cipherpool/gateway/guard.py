@@ -25,6 +25,9 @@ from cipherpool.gateway.state import GatewayState
 from cipherpool.names import AUTH_GENERATION_KEY
 
 PUBLIC_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Paths that check a credential of their own (not an account's or a token's): no principal,
+# no per-account rate. /metrics: the operator's metrics token (cipherpool.gateway.metrics).
+SELF_AUTHENTICATED_PATHS = frozenset({"/metrics"})
 
 
 def error_body(exc: CipherpoolError) -> tuple[int, dict[str, str], bytes]:
@@ -46,7 +49,7 @@ class Guard:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or scope["path"] in SELF_AUTHENTICATED_PATHS:
             await self.app(scope, receive, send)
             return
         gw: GatewayState = scope["app"].state.gw

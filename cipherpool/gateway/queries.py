@@ -85,7 +85,8 @@ def _publish(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: E
     try:
         request = prepare_query(s, gw.store, grant, model, envelope, body, blob_id)
         gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
-        publish_query(gw.celery, request, model.hardware, s.query_timeout_s, task_id=query_id, shared=shared)
+        publish_query(gw.celery, request, model.hardware, s.query_timeout_s, task_id=query_id, shared=shared,
+                      model_name=model.name)
     except Exception:
         _refund(gw, grant)
         raise

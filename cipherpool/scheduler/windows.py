@@ -235,6 +235,6 @@ def upcoming(definition: Definition, now: datetime, count: int) -> list[Window]:
 def next_transitions(definition: Definition, now: datetime, n: int) -> list[Transition]:
     """The next ``n`` starts and stops after ``now``, in order (for listings)."""
     now = utc(now)
-    moments = [(w.start, "start") for w in upcoming(definition, now, n)] + [(w.end, "stop")
-                                                                           for w in upcoming(definition, now, n)]
-    return [Transition(at, action) for at, action in sorted(moments) if at > now][:n]
+    windows = upcoming(definition, now, n)
+    moments = sorted([(w.start, "start") for w in windows] + [(w.end, "stop") for w in windows])
+    return [Transition(at, action) for at, action in moments if at > now][:n]

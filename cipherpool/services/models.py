@@ -16,7 +16,8 @@ from sqlmodel import Session, col, delete, func, select
 
 from cipherpool.api.schemas import ModelDetail, ModelOut, VersionOut
 from cipherpool.db.tables import (
-    Account, EvaluationKey, Model, ModelStatus, ModelVersion, TokenModel, Worker, utcnow,
+    Account, AlertEvent, AlertRule, EvaluationKey, Model, ModelStatus, ModelVersion, Schedule, ScheduleAction, TokenModel,
+    Worker, utcnow,
 )
 from cipherpool.errors import InvalidInput, ModelBusy, ModelExists, ModelNotFound, VersionNotFound
 from cipherpool.fhe.deployment import InputSpec, Versions
@@ -217,6 +218,13 @@ def delete_model(session: Session, account: Account, name: str) -> list[tuple[Bl
     session.exec(delete(Worker).where(col(Worker.model_id) == model.id))
     session.exec(delete(ModelVersion).where(col(ModelVersion.model_id) == model.id))
     events.delete_events(session, model.id)
+    # Its worker schedules and their actions go with it (a schedule of no model means nothing).
+    schedule_ids = select(Schedule.id).where(Schedule.model_id == model.id)
+    session.exec(delete(ScheduleAction).where(col(ScheduleAction.schedule_id).in_(schedule_ids)))
+    session.exec(delete(Schedule).where(col(Schedule.model_id) == model.id))
+    # Its alert rules and their history too (they reference the model).
+    session.exec(delete(AlertEvent).where(col(AlertEvent.model_id) == model.id))
+    session.exec(delete(AlertRule).where(col(AlertRule.model_id) == model.id))
     session.delete(model)
     session.flush()
     return sorted(set(blobs))

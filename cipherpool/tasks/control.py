@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from celery import Task
+
 from cipherpool import lifecycle
+from cipherpool.alerts import evaluate as alert_rules
+from cipherpool.alerts import webhook as alert_webhook
 from cipherpool.billing.tick import tick
-from cipherpool.names import BILLING_TASK, RECONCILE_TASK
+from cipherpool.messages import Envelope, ok
+from cipherpool.names import ALERTS_TASK, BILLING_TASK, RECONCILE_TASK, WEBHOOK_TASK
+from cipherpool.names import SCHEDULE_TASK
+from cipherpool.scheduler.tick import apply_schedules
 from cipherpool.tasks.app import app
-from cipherpool.tasks.decorator import platform_task
+from cipherpool.tasks.decorator import celery_task, platform_task
 from cipherpool.workers.context import platform
 
 
@@ -23,3 +30,28 @@ def billing() -> dict[str, object]:
     report, enforced = tick(platform(), app)
     return {"lines": len(report.charged), "charged": report.total, "errors": report.errors,
             "stopped": enforced.depleted, "low": enforced.low}
+
+
+@platform_task(app, SCHEDULE_TASK)
+def schedules() -> dict[str, object]:
+    """Start and stop workers as their schedules say, each action once (see scheduler.tick)."""
+    return apply_schedules(platform(), app).as_dict()
+
+
+@platform_task(app, ALERTS_TASK)
+def alerts() -> dict[str, object]:
+    """Evaluate every alert rule: fire, clear, queue webhook calls (see alerts.evaluate)."""
+    report = alert_rules.evaluate_all(platform(), app)
+    return {"rules": report.rules, "fired": report.fired, "cleared": report.cleared, "queued": report.queued,
+            "errors": report.errors}
+
+
+@celery_task(app, name=WEBHOOK_TASK, bind=True, max_retries=None)
+def webhook(self: Task, event_id: int) -> Envelope:
+    """Call one alert event's webhook; a failure worth retrying comes back after its backoff
+    (Celery's retry: the same task id, a countdown). alerts.webhook counts the attempts."""
+    outcome = alert_webhook.attempt(platform(), event_id)
+    if outcome.retry_in_s is not None:
+        raise self.retry(countdown=outcome.retry_in_s)
+    return ok({"event_id": event_id, "delivery": outcome.delivery.value, "attempts": outcome.attempts,
+               "error": outcome.error})

@@ -42,7 +42,8 @@ def submit_query(token_id: str, ciphertext: bytes, *, wait_for_worker: bool = Fa
     usage.charge(ctx.store.redis, grant.token_id, grant.quota)
     try:
         request = prepare_query(ctx.settings, ctx.store, grant, model, envelope, ciphertext, blob_id)  # service
-        return publish_query(app, request, model.hardware, ctx.settings.query_timeout_s, shared=shared)
+        return publish_query(app, request, model.hardware, ctx.settings.query_timeout_s, shared=shared,
+                             model_name=model.name)
     except Exception:
         usage.refund(ctx.store.redis, grant.token_id)  # not published: not counted
         raise

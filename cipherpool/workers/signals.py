@@ -38,7 +38,7 @@ from cipherpool.workers.hooks import load_hook
 from cipherpool.workers.loghook import WorkerLog
 from cipherpool.billing.rates import profile_prices
 from cipherpool.workers.querycount import QueryCounter
-from cipherpool.monitoring.timings import QueryTimings
+from cipherpool.monitoring.timings import FLUSH_S, QueryTimings
 from cipherpool.workers.shared import ExecutionMeter, SharedModels
 from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
 
@@ -77,7 +77,8 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
             log.warning("pool node %s: using the threads pool instead of %s", sender.hostname, pool)
             sender.pool_cls = "threads"
         redis = lambda: ctx.store.redis  # noqa: E731 - read when a hook writes, not at start
-        hooks = [WorkerLog(redis), QueryCounter(redis), QueryTimings(redis), *(load_hook(path) for path in settings.node_hooks)]
+        hooks = [WorkerLog(redis), QueryCounter(redis), QueryTimings(redis, flush_s=FLUSH_S),
+                 *(load_hook(path) for path in settings.node_hooks)]
         if profile.shared:
             hooks.insert(0, ExecutionMeter(lambda: ctx.store.redis, profile.name))
         runtime = install_runtime(

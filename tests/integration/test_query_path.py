@@ -65,6 +65,32 @@ def test_two_queries_in_a_row_reuse_the_cached_evaluation_key(platform, examples
     qc.close()
 
 
+def test_recorded_query_times_agree_with_what_the_client_saw(platform, examples, tmp_path):
+    # Given a model whose node records every query's times (cipherpool.monitoring.timings)
+    qc = platform.query_client("digits", tmp_path / "k")
+    qc.generate_keys()
+    qc.upload_evaluation_keys()
+    [before] = platform.mc.model_stats("digits")
+    # When a query runs
+    handle = qc.submit(qc.encrypt(examples["digits"].x_test[0]))
+    handle.result()
+    qc.close()
+    # Then the model's figures count it (the node writes them within half a second), with
+    # the node's own queue wait and compute
+    wait_until(lambda: platform.mc.model_stats("digits")[0].all_time.queries > before.all_time.queries, 10)
+    [after] = platform.mc.model_stats("digits", last=1)
+    assert after.all_time.queries == before.all_time.queries + 1
+    assert after.current.average_compute_s == pytest.approx(handle.timings["compute_s"], abs=1e-3)
+    assert after.current.average_queue_wait_s == pytest.approx(handle.timings["queue_wait_s"], abs=1e-3)
+    assert after.window.queries >= 1 and after.window.queries_per_minute > 0
+    [row] = [r for r in after.workers if r.worker_id == platform.workers["digits"]]
+    assert row.status == "up" and row.current.latest_query_s == pytest.approx(after.current.latest_query_s)
+    assert after.workers_by_status == {"up": 1} and after.queue_depth == 0
+    # and the node's live report carries the same recorded figures for its worker
+    [live] = platform.mc.worker_stats("digits")
+    assert live.window is not None and live.window.queries == row.window.queries and live.queue_depth == 0
+
+
 def test_a_warmed_key_makes_the_first_query_a_cache_hit(platform, examples, tmp_path):
     # Given a client whose key upload warms the key on the node serving the model
     qc = platform.query_client("digits", tmp_path / "k")

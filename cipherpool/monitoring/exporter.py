@@ -1,0 +1,166 @@
+"""The platform's own Prometheus metrics, read when they are scraped (the gateway's ``/metrics``).
+
+A custom collector rather than counters kept in the gateway, because the figures live
+elsewhere: query times in Redis (written by each node's :class:`~.timings.QueryTimings` hook),
+queue depths in the broker (:mod:`.depth`), workers, balances and nodes in the database. So
+every gateway process exports the same figures, a restarted gateway loses nothing, and the
+collector holds no state at all. It is registered in a registry of its own, never
+prometheus-client's global one, so the scrape shows the platform and not whatever else in the
+gateway process registered there.
+
+One scrape costs one database session (four grouped reads), two Redis reads and one passive
+queue declaration per model. The families (README, "Monitoring"):
+
+* ``cipherpool_query_queue_wait_seconds``, ``cipherpool_query_compute_seconds``: histograms
+  per ``account``, ``model``, all-time (the buckets of :data:`.timings.BUCKETS_S`);
+* ``cipherpool_queries_total``: counter per ``account``, ``model``, ``outcome`` (computed,
+  refused, failed);
+* ``cipherpool_queue_depth``: gauge per ``account``, ``model`` (the dedicated queue);
+  ``cipherpool_shared_queue_depth``: gauge per ``host_class`` (the shared nodes' queue);
+* ``cipherpool_workers``: gauge per ``account``, ``model``, ``status`` (every status, zeros too);
+* ``cipherpool_account_balance_credits``: gauge per ``account``;
+* ``cipherpool_nodes_online``: gauge per ``host_class``, ``shared``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from celery import Celery
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from redis import Redis
+from sqlmodel import Session, col, func, select
+
+from cipherpool.billing.money import MICRO
+from cipherpool.db.tables import Account, Model, PoolNode, Worker
+from cipherpool.monitoring import depth, timings
+from cipherpool.names import shared_queue
+from cipherpool.services.nodes import live
+from cipherpool.statuses import WorkerStatus
+from cipherpool.workers.context import PlatformContext
+
+log = logging.getLogger("cipherpool.monitoring")
+MODEL_LABELS = ("account", "model")
+OUTCOMES = ("computed", "refused", "failed")  # cipherpool_queries_total's outcome label, Tally fields in order
+
+
+@dataclass
+class Snapshot:
+    """What the database says at scrape time, read in one short session."""
+
+    models: list[tuple[str, Model]] = field(default_factory=list)  # (account name, model)
+    workers: dict[str, Counter[str]] = field(default_factory=dict)  # model id -> status value -> workers
+    balances: list[tuple[str, int]] = field(default_factory=list)  # (account name, micro-credits)
+    nodes: dict[tuple[str, bool], int] = field(default_factory=dict)  # (host class, shared) -> online nodes
+
+    @property
+    def shared_classes(self) -> list[str]:
+        """Host classes whose shared queue may hold queries: a model allows shared nodes, or
+        a shared node of the class has registered."""
+        return sorted({m.hardware for _, m in self.models if m.shared} | {c for c, shared in self.nodes if shared})
+
+
+def read_database(session: Session, heartbeat_s: float) -> Snapshot:
+    """Models with their account's name, workers counted by status, balances and nodes."""
+    snap = Snapshot()
+    rows = session.exec(select(Account.name, Model).join(Model, Model.account_id == Account.id)  # type: ignore[arg-type]
+                        .order_by(Account.name, Model.name))
+    snap.models = [(account, model) for account, model in rows]
+    counted = session.exec(select(Worker.model_id, Worker.status, func.count()).group_by(Worker.model_id, Worker.status))
+    for model_id, status, n in counted:
+        snap.workers.setdefault(model_id, Counter())[WorkerStatus(status).value] += n
+    snap.balances = [(name, micro) for name, micro in session.exec(select(Account.name, Account.balance_micro)
+                                                                   .order_by(Account.name))]
+    for host_class, shared in session.exec(select(PoolNode.host_class, PoolNode.shared).distinct()):
+        snap.nodes[(host_class, bool(shared))] = 0  # a class with every node offline still shows, at 0
+    online = select(PoolNode.host_class, PoolNode.shared, func.count()).where(live(heartbeat_s))
+    for host_class, shared, n in session.exec(online.group_by(col(PoolNode.host_class), col(PoolNode.shared))):
+        snap.nodes[(host_class, bool(shared))] = n
+    return snap
+
+
+def _all_time(redis: Redis, model_id: str) -> timings.Tally:
+    """The model's all-time tally: one read of the hash that :func:`.timings.read` also reads
+    (it would fetch the window's minutes and the latest queries too, which a scrape ignores)."""
+    tally, _per_worker = timings.split_hash(redis.hgetall(timings.total_key(model_id)))  # type: ignore[arg-type]
+    return tally
+
+
+def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric]:
+    """Per model: queue wait and compute histograms, and queries by outcome (all-time)."""
+    wait = HistogramMetricFamily("cipherpool_query_queue_wait_seconds",
+                                 "Time a computed query waited in the broker before a node took it, all-time.",
+                                 labels=MODEL_LABELS)
+    compute = HistogramMetricFamily("cipherpool_query_compute_seconds",
+                                    "Time a node spent computing a query (key, evaluation), all-time.",
+                                    labels=MODEL_LABELS)
+    outcomes = CounterMetricFamily("cipherpool_queries", "Queries nodes received, by outcome: computed, refused "
+                                   "(a typed refusal such as a wrong key), failed (an unexpected error).",
+                                   labels=(*MODEL_LABELS, "outcome"))
+    for account, model in models:
+        labels = [account, model.name]
+        found = timings.histograms(redis, model.id)
+        wait.add_metric(labels, found["queue_wait"].buckets, found["queue_wait"].sum_s)
+        compute.add_metric(labels, found["compute"].buckets, found["compute"].sum_s)
+        tally = _all_time(redis, model.id)
+        for outcome, n in zip(OUTCOMES, (tally.queries, tally.refused, tally.failed)):
+            outcomes.add_metric([*labels, outcome], n)
+    return [wait, compute, outcomes]
+
+
+def depth_families(app: Celery, snap: Snapshot) -> list[Metric]:
+    """Queries waiting in each model's queue and in each class's shared queue. If the broker
+    fails, the depths read so far are kept and the rest left out: the other figures still
+    come, and a missing series reads as "unknown", not as an empty queue."""
+    models = GaugeMetricFamily("cipherpool_queue_depth", "Queries waiting in the model's dedicated queue.",
+                               labels=MODEL_LABELS)
+    shared = GaugeMetricFamily("cipherpool_shared_queue_depth",
+                               "Queries waiting in the shared nodes' queue of a host class (every model's).",
+                               labels=("host_class",))
+    try:
+        for account, model in snap.models:
+            models.add_metric([account, model.name], depth.model_depth(app, model))
+        for host_class in snap.shared_classes:
+            shared.add_metric([host_class], depth.queue_depth(app, shared_queue(host_class)))
+    except Exception:  # noqa: BLE001 - a scrape without depths beats no scrape
+        log.warning("metrics: could not read queue depths from the broker", exc_info=True)
+    return [models, shared]
+
+
+def database_families(snap: Snapshot) -> list[Metric]:
+    """Workers by status per model, balances per account, online nodes per class."""
+    workers = GaugeMetricFamily("cipherpool_workers", "The model's workers by status (stopped and failed: the rows "
+                                "the database keeps).", labels=(*MODEL_LABELS, "status"))
+    for account, model in snap.models:
+        counted = snap.workers.get(model.id, Counter())
+        for status in WorkerStatus:
+            workers.add_metric([account, model.name, status.value], counted[status.value])
+    balance = GaugeMetricFamily("cipherpool_account_balance_credits", "The account's credit balance, in credits.",
+                                labels=("account",))
+    for account, micro in snap.balances:
+        balance.add_metric([account], micro / MICRO)
+    nodes = GaugeMetricFamily("cipherpool_nodes_online", "Pool nodes online (heard from within 3 heartbeats).",
+                              labels=("host_class", "shared"))
+    for (host_class, shared), n in sorted(snap.nodes.items()):
+        nodes.add_metric([host_class, str(shared).lower()], n)
+    return [workers, balance, nodes]
+
+
+class PlatformCollector:
+    """A prometheus-client collector (``collect``) that reads everything at scrape time.
+
+    Blocking I/O (database, Redis, broker): call it from a thread, as the gateway's route does."""
+
+    def __init__(self, ctx: PlatformContext, app: Celery):
+        self._ctx = ctx
+        self._app = app
+
+    def collect(self) -> Iterator[Metric]:
+        with self._ctx.session() as session:
+            snap = read_database(session, self._ctx.settings.node_heartbeat_s)
+        yield from query_families(self._ctx.store.redis, snap.models)
+        yield from depth_families(self._app, snap)
+        yield from database_families(snap)
