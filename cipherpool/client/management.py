@@ -16,11 +16,13 @@ from cipherpool.api.schemas import (
     TokenUpdate, UploadOut, UsageOut, VersionIn, VersionOut, WorkerIn, WorkerOut, WorkerLogLine, WorkerStats, NodeOut,
 )
 from cipherpool.api.schemas import ModelStats
+from cipherpool.api.schemas import ScheduleIn, ScheduleOut
+from cipherpool.api.schemas import AlertEventOut, AlertIn, AlertOut, AlertSet
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.errors import InvalidInput, WorkerStartFailed
 from cipherpool.fhe.deployment import load_deployment
-from cipherpool.statuses import LedgerKind, WorkerStatus
+from cipherpool.statuses import AlertMetric, LedgerKind, WorkerStatus
 from cipherpool.waiting import WaitTimeout, wait_until
 
 POLL_S = 0.25
@@ -357,6 +359,83 @@ class ManagementClient:
         closing balances, credits in and charges per kind, and whether it reconciles to the
         ledger to the micro-credit."""
         return self._t.call("GET", "/v1/credits/report", ReportOut, params={"period": period})
+
+    # alerts
+    def set_alert(self, model: str, metric: AlertMetric | str, threshold: float, *, window_s: int | None = None,
+                  webhook_url: str | None = UNSET, new_secret: bool = False) -> AlertSet:
+        """Alert when the model's ``metric`` (an :class:`AlertMetric`) goes above ``threshold``
+        over ``window_s`` seconds; the model's rule for that metric is replaced if it has one
+        (what is not given stays). ``webhook_url`` is called, signed, when it fires and
+        clears (``None`` removes it); a new webhook's secret is in ``.webhook_secret``, shown
+        only now (``new_secret=True`` makes another)."""
+        body: dict[str, Any] = {"model": model, "metric": metric, "threshold": threshold, "new_secret": new_secret}
+        if window_s is not None:
+            body["window_s"] = window_s
+        if webhook_url is not UNSET:
+            body["webhook_url"] = webhook_url
+        wire = AlertIn(**body)
+        return self._t.call("PUT", "/v1/alerts", AlertSet, json=wire.model_dump(mode="json", include=wire.model_fields_set))
+
+    def list_alerts(self, model: str | None = None) -> list[AlertOut]:
+        """The account's alert rules (of ``model``), with their state and last figure."""
+        params = {"model": model} if model else None
+        return self._t.call("GET", "/v1/alerts", list[AlertOut], params=params)
+
+    def remove_alert(self, alert_id: str) -> None:
+        """Delete a rule; its events stay in :meth:`alert_events`."""
+        self._t.request("DELETE", f"/v1/alerts/{quote(alert_id, safe='')}")
+
+    def alert_events(self, model: str | None = None, *, limit: int = 100) -> list[AlertEventOut]:
+        """The latest alerts fired and cleared (of ``model``), oldest first, with how each
+        webhook call went (``delivery``, ``attempts``, ``last_error``)."""
+        params: dict[str, Any] = {"limit": limit, **({"model": model} if model else {})}
+        return self._t.call("GET", "/v1/alerts/events", list[AlertEventOut], params=params)
+
+    # schedules
+    def create_schedule(self, model: str, *, start_cron: str | None = None, stop_cron: str | None = None,
+                        timezone: str = "UTC", starts_at: datetime | None = None, ends_at: datetime | None = None,
+                        workers: int = 1, profile: str | None = None, name: str | None = None) -> ScheduleOut:
+        """Keep ``workers`` workers of the model running in each window of the schedule: from
+        each ``start_cron`` to the next ``stop_cron`` (five-field cron expressions read on the
+        wall clock of ``timezone``, e.g. ``"0 8 * * 1-5"``, ``"0 20 * * 1-5"``,
+        ``"Europe/Paris"``), or once from ``starts_at`` to ``ends_at`` (a reservation; a naive
+        time is UTC). Beat starts and stops them; a window open now starts on its next tick."""
+        moments = {k: v for k, v in _window(starts_at, ends_at).items()}
+        body = ScheduleIn(model=model, name=name, start_cron=start_cron, stop_cron=stop_cron, timezone=timezone,
+                          starts_at=moments.get("since"), ends_at=moments.get("until"), workers=workers,
+                          profile=profile)
+        return self._t.call("POST", "/v1/schedules", ScheduleOut, json=body.model_dump(mode="json", exclude_none=True))
+
+    def reserve_workers(self, model: str, starts_at: datetime, ends_at: datetime, workers: int = 1, *,
+                        profile: str | None = None, name: str | None = None) -> ScheduleOut:
+        """A one-off reservation: ``workers`` workers from ``starts_at`` to ``ends_at``."""
+        return self.create_schedule(model, starts_at=starts_at, ends_at=ends_at, workers=workers, profile=profile,
+                                    name=name)
+
+    def list_schedules(self, model: str | None = None) -> list[ScheduleOut]:
+        """This account's schedules (of ``model``), each with the window open now, its next start
+        and stop, its running workers and its last actions."""
+        params = {"model": model} if model else None
+        return self._t.call("GET", "/v1/schedules", list[ScheduleOut], params=params)
+
+    def get_schedule(self, schedule_id: str) -> ScheduleOut:
+        return self._t.call("GET", self._schedule_path(schedule_id), ScheduleOut)
+
+    def pause_schedule(self, schedule_id: str) -> ScheduleOut:
+        """Start nothing more; its workers are stopped on beat's next tick."""
+        return self._t.call("POST", self._schedule_path(schedule_id) + "/pause", ScheduleOut)
+
+    def resume_schedule(self, schedule_id: str) -> ScheduleOut:
+        """Apply the schedule again; a window open now starts on beat's next tick."""
+        return self._t.call("POST", self._schedule_path(schedule_id) + "/resume", ScheduleOut)
+
+    def remove_schedule(self, schedule_id: str) -> None:
+        """Delete the schedule and stop its workers now."""
+        self._t.request("DELETE", self._schedule_path(schedule_id))
+
+    @staticmethod
+    def _schedule_path(schedule_id: str) -> str:
+        return f"/v1/schedules/{quote(schedule_id, safe='')}"
 
     def close(self) -> None:
         self._t.close()

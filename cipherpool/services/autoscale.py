@@ -4,7 +4,8 @@ Scoped like every provider service: the model is looked up in the caller's accou
 another account's model is ``ModelNotFound`` (the same answer as a model that exists
 nowhere). Turning it off keeps the row (the settings, and what the autoscaler did last) for
 the next time it is turned on. Each change is a ``settings_changed`` event of the model. The
-decisions themselves are :mod:`cipherpool.scheduler.autoscale`'s.
+decisions themselves are :mod:`cipherpool.scheduler.autoscale`'s; the policy is deleted with
+its model (:func:`cipherpool.services.models.delete_model`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlmodel import Session, delete
+from sqlmodel import Session
 
 from cipherpool.api.schemas import AutoscaleOut
 from cipherpool.db.tables import Account, AutoscalePolicy, Model, utcnow
@@ -83,11 +84,6 @@ def disable_policy(session: Session, account: Account, model_name: str) -> tuple
     session.add(policy)
     events.record(session, model, EventKind.SETTINGS_CHANGED, "autoscaling off")
     return model, policy
-
-
-def delete_policy(session: Session, model_id: str) -> None:
-    """With its model (the row references it)."""
-    session.exec(delete(AutoscalePolicy).where(AutoscalePolicy.model_id == model_id))  # type: ignore[arg-type]
 
 
 def summary(policy: AutoscalePolicy) -> str:

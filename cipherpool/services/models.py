@@ -16,8 +16,8 @@ from sqlmodel import Session, col, delete, func, select
 
 from cipherpool.api.schemas import ModelDetail, ModelOut, VersionOut
 from cipherpool.db.tables import (
-    Account, AlertEvent, AlertRule, EvaluationKey, Model, ModelStatus, ModelVersion, Schedule, ScheduleAction, TokenModel,
-    Worker, utcnow,
+    Account, AlertEvent, AlertRule, AutoscalePolicy, EvaluationKey, Model, ModelStatus, ModelVersion, Schedule,
+    ScheduleAction, TokenModel, Worker, utcnow,
 )
 from cipherpool.errors import InvalidInput, ModelBusy, ModelExists, ModelNotFound, VersionNotFound
 from cipherpool.fhe.deployment import InputSpec, Versions
@@ -225,6 +225,7 @@ def delete_model(session: Session, account: Account, name: str) -> list[tuple[Bl
     # Its alert rules and their history too (they reference the model).
     session.exec(delete(AlertEvent).where(col(AlertEvent.model_id) == model.id))
     session.exec(delete(AlertRule).where(col(AlertRule.model_id) == model.id))
+    session.exec(delete(AutoscalePolicy).where(col(AutoscalePolicy.model_id) == model.id))  # its autoscaling policy
     session.delete(model)
     session.flush()
     return sorted(set(blobs))
