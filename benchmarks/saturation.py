@@ -8,7 +8,7 @@ imported); the best is the reference. Through the pool, the profile gives each o
 one execution of cores/N threads, and every query is in flight at once through the gateway.
 Ciphertexts are made before the clock starts, and every node has the key warmed.
 
-Usage: .venv/bin/python benchmarks/saturation.py [--queries 24] [--nodes 2]
+Usage: .venv/bin/python benchmarks/saturation.py [--queries 24] [--nodes 2] [--repeats 3]
 Figures, not assertions: the README's performance section quotes them.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=24)
     parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="Rounds of every configuration; medians are reported.")
     parser.add_argument("--in-process", nargs=2, type=int, metavar=("EXECUTIONS", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -125,26 +127,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cipherpool-saturation-") as tmp:
         root = Path(tmp)
         model = train(root / "tree")
-        results = {}
-        for executions in sorted({1, cores // 2 or 1, cores}):
-            threads = max(1, cores // executions)
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            out = subprocess.run([sys.executable, __file__, "--in-process", str(executions), "0", "--model", str(model),
-                                  "--queries", str(args.queries)], env=env, capture_output=True, text=True, check=True)
-            results[(executions, threads)] = float(out.stdout.strip().splitlines()[-1])
+        runs: dict[str, list[float]] = {}
+        spread: dict[str, int] = {}
         threads = max(1, cores // args.nodes)
-        split = processes(model, args.nodes, threads, args.queries)
-        best = max([*results.values(), split])
-        pool, spread = through_pool(model, args.nodes, threads, args.queries, root)
+        # Rounds, each running every configuration once: a noisy minute of the machine then
+        # lands on all of them, not on one, and the medians compare like with like.
+        for _ in range(args.repeats):
+            for executions in sorted({1, cores // 2 or 1, cores}):
+                runs.setdefault(f"in process, {executions} execution(s) x {max(1, cores // executions)} thread(s)",
+                                []).append(_one_in_process(model, executions, cores, args.queries))
+            runs.setdefault(f"{args.nodes} processes at once, 1 execution x {threads} thread(s) each (no platform)",
+                            []).append(processes(model, args.nodes, threads, args.queries))
+            pool, spread = through_pool(model, args.nodes, threads, args.queries, root)
+            runs.setdefault(POOL, []).append(pool)
+    _report(runs, spread, args, cores, threads)
+
+
+POOL = "through the pool"
+
+
+def _one_in_process(model: Path, executions: int, cores: int, queries: int) -> float:
+    """One configuration in a fresh process (OMP_NUM_THREADS is read when concrete is imported)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // executions))}
+    out = subprocess.run([sys.executable, __file__, "--in-process", str(executions), "0", "--model", str(model),
+                          "--queries", str(queries)], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _report(runs: dict[str, list[float]], spread: dict[str, int], args: argparse.Namespace, cores: int,
+            threads: int) -> None:
     print(f"saturation, decision tree (depth 4, 6 bits) on breast cancer, {args.queries} queries in flight, "
-          f"{cores} cores:")
-    for (executions, threads), rate in sorted(results.items()):
-        print(f"  in process, {executions} execution(s) x {threads} thread(s)    {rate:6.2f} queries/s")
-    print(f"  {args.nodes} processes at once, 1 execution x {threads} thread(s) each (no platform)"
-          f"   {split:6.2f} queries/s")
-    print(f"  through the pool, {args.nodes} nodes x 1 execution x {threads} thread(s)   {pool:6.2f} queries/s")
-    print(f"  pool / best in process                        {pool / best:6.2f} x   (target >= 0.95)")
-    print(f"  queries per node: {', '.join(f'{n.split(chr(64))[0]} {c}' for n, c in sorted(spread.items()))}")
+          f"{cores} cores, median of {args.repeats} round(s) (min-max):")
+    medians = {name: statistics.median(rates) for name, rates in runs.items()}
+    for name, rates in runs.items():
+        label = f"{POOL}, {args.nodes} nodes x 1 execution x {threads} thread(s)" if name == POOL else name
+        print(f"  {label:<70} {medians[name]:6.2f} queries/s  ({min(rates):.2f}-{max(rates):.2f})")
+    best = max(m for name, m in medians.items() if name != POOL)
+    print(f"  {'pool / best in process (medians)':<70} {medians[POOL] / best:6.2f} x   (target >= 0.95)")
+    print(f"  queries per node, last round: "
+          f"{', '.join(f'{n.split(chr(64))[0]} {c}' for n, c in sorted(spread.items()))}")
 
 
 if __name__ == "__main__":
