@@ -52,7 +52,8 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── MalformedCiphertext                       not a cipherpool ciphertext, or corrupt
     │   ├── InvalidEvaluationKey                      truncated or unreadable evaluation key
     │   ├── KeyMismatch                               encrypted under other keys than the ones named
-    │   └── ModelMismatch                             encrypted for another model
+    │   ├── ModelMismatch                             encrypted for another model
+    │   └── RefusedDestination                        a webhook to a loopback or private address
     ├── LimitExceeded                   exit 8  429
     │   ├── PayloadTooLarge                     413   body above its configured cap
     │   ├── RateLimited                         429   too many requests; Retry-After says when
@@ -268,6 +269,13 @@ class InvalidInput(CipherpoolError):
     code = "invalid_input"
     exit_code = 6
     http_status = 422
+
+
+class RefusedDestination(InvalidInput):
+    """A webhook's host is (or resolves to) an address the platform does not call: loopback,
+    private, link-local (``CIPHERPOOL_WEBHOOK_ALLOW_PRIVATE`` allows them)."""
+
+    code = "refused_destination"
 
 
 class InvalidDeployment(InvalidInput):

@@ -5,15 +5,19 @@ from click.testing import CliRunner
 
 from cipherpool.cli import cli
 
-NOUNS = {"up", "demo", "db", "admin", "gateway", "account", "model", "worker", "token", "query"}
+NOUNS = {"up", "demo", "db", "admin", "gateway", "account", "model", "worker", "token", "query", "schedule",
+         "alert"}
 VERBS = {
     "account": {"show", "update", "rotate-key"},
-    "model": {"deploy", "list", "show", "update", "version", "rollback", "delete", "events", "activate", "deactivate"},
+    "model": {"deploy", "list", "show", "update", "version", "rollback", "delete", "events", "activate", "deactivate",
+              "autoscale"},
     "worker": {"start", "stop", "list", "stats"},
     "token": {"create", "list", "show", "update", "assign", "unassign", "revoke", "delete"},
     "query": {"keygen", "upload-keys", "encrypt", "execute", "decrypt", "predict"},
     "db": {"init", "upgrade", "current"},
     "gateway": {"serve"},
+    "schedule": {"add", "reserve", "list", "show", "pause", "resume", "remove"},
+    "alert": {"set", "list", "remove", "events"},
 }
 
 
@@ -33,7 +37,8 @@ def test_every_command_takes_json_after_its_name_too():
 
 
 @pytest.mark.parametrize("args", [[], ["model"], ["worker", "start"], ["query", "encrypt"], ["up"], ["demo"],
-                                  ["model", "version", "add"], ["token", "update"], ["admin", "account", "disable"]])
+                                  ["model", "version", "add"], ["token", "update"], ["admin", "account", "disable"],
+                                  ["schedule", "add"], ["schedule", "reserve"]])
 def test_help_works_everywhere(args):
     result = CliRunner().invoke(cli, args + ["--help"])
     assert result.exit_code == 0, result.output

@@ -19,15 +19,11 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from cipherpool.errors import InvalidInput
+from cipherpool.errors import InvalidInput, RefusedDestination
 
 SCHEMES = ("http", "https")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class RefusedDestination(InvalidInput):
-    """The URL's host is (or resolves to) an address the platform does not call."""
 
 
 def public(address: IpAddress) -> bool:

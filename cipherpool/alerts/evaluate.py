@@ -32,6 +32,7 @@ from celery import Celery
 from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col, select
 
+from cipherpool.alerts import webhook
 from cipherpool.db.tables import AlertEvent, AlertRule, Model
 from cipherpool.monitoring import timings
 from cipherpool.monitoring.depth import queue_depth
@@ -161,8 +162,6 @@ def evaluate_all(ctx: PlatformContext, app: Celery, now: float | None = None, qu
     """One round over every rule, each in its own transaction, so that one rule's failure (a
     broker that cannot tell a queue's depth) costs that rule this round only. A webhook call
     is queued once its event is committed; one the broker refused is marked failed."""
-    from cipherpool.alerts import webhook
-
     queue = queue or webhook.queue_call
     now = time.time() if now is None else now
     report, cache = Evaluated(), dict[tuple[str, int], timings.ModelTimings]()

@@ -88,17 +88,17 @@ def set_rule(session: Session, account: Account, model_name: str, metric: AlertM
     metric = parse_metric(metric)
     model = get_model(session, account, model_name)
     threshold = check_threshold(metric, threshold)
+    window = None if window_s is None else check_window(window_s)
+    if isinstance(webhook_url, str):  # checked before anything changes
+        webhook_url = check_url(webhook_url, allow_private)
     rule = _rule_of(session, model.id, metric)
     created = rule is None
     if rule is None:
         _check_room(session, account)
         rule = AlertRule(account_id=account.id, model_id=model.id, metric=metric.value, threshold=threshold,
-                         window_s=check_window(window_s if window_s is not None else default_window_s))
-    else:
-        rule.threshold = threshold
-        if window_s is not None:
-            rule.window_s = check_window(window_s)
-    secret = _apply_webhook(rule, webhook_url, new_secret, allow_private)
+                         window_s=window or check_window(default_window_s))
+    secret = _apply_webhook(rule, webhook_url, new_secret)  # it refuses before it changes anything
+    rule.threshold, rule.window_s = threshold, window or rule.window_s
     rule.updated_at = utcnow()
     _save(session, rule)
     return RuleSet(rule, created, secret)
@@ -114,10 +114,10 @@ def _check_room(session: Session, account: Account) -> None:
         raise TooManyAlerts(f"This account has {count} alert rules, the most it may have: remove one first.")
 
 
-def _apply_webhook(rule: AlertRule, url: str | None | Literal[Keep.KEEP], new_secret: bool,
-                   allow_private: bool) -> str | None:
-    """Set, keep or remove the webhook; the new secret when there is one. A URL set again as
-    it was keeps its secret (the receiver keeps verifying); ``new_secret`` replaces it."""
+def _apply_webhook(rule: AlertRule, url: str | None | Literal[Keep.KEEP], new_secret: bool) -> str | None:
+    """Set (a checked URL), keep or remove the webhook; the new secret when there is one. A URL
+    set again as it was keeps its secret (the receiver keeps verifying); ``new_secret``
+    replaces it."""
     if url is KEEP:
         url = rule.webhook_url
         if url is None and new_secret:
@@ -127,7 +127,6 @@ def _apply_webhook(rule: AlertRule, url: str | None | Literal[Keep.KEEP], new_se
             raise InvalidInput("A new secret needs a webhook: give its URL.")
         rule.webhook_url = rule.webhook_secret = None
         return None
-    url = check_url(url, allow_private)
     if url == rule.webhook_url and rule.webhook_secret is not None and not new_secret:
         return None
     rule.webhook_url, rule.webhook_secret = url, secrets.token_urlsafe(SECRET_BYTES)

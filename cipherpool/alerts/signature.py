@@ -16,7 +16,8 @@ A receiver verifies the raw body before parsing it::
 or, without cipherpool: split the header on ``,`` and ``=``, recompute
 ``hmac.new(secret.encode(), f"{t}.".encode() + raw_body, hashlib.sha256).hexdigest()`` and
 compare it with ``v1`` using ``hmac.compare_digest``. This module uses the standard library
-only, so importing it pulls in nothing of the platform.
+only: importing it pulls in nothing of the platform's server side (no database, broker or
+Celery), so a receiver with the client package installed can use it as it is.
 """
 
 from __future__ import annotations

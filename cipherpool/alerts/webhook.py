@@ -32,7 +32,8 @@ from kombu.exceptions import OperationalError
 from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col
 
-from cipherpool.alerts.destination import RefusedDestination, check_resolved
+from cipherpool.alerts.destination import check_resolved
+from cipherpool.errors import RefusedDestination
 from cipherpool.alerts.rules import iso
 from cipherpool.alerts.signature import EVENT_HEADER, SIGNATURE_HEADER, sign
 from cipherpool.api.schemas import AlertWebhookBody
@@ -88,7 +89,8 @@ class Outcome:
 
 
 def body_of(event: AlertEvent, rule: AlertRule, model_name: str) -> bytes:
-    """The JSON body: compact, keys sorted (the bytes signed are the bytes sent)."""
+    """The JSON body, compact, in the wire model's field order (the bytes signed are the
+    bytes sent; a receiver verifies those bytes, never a re-serialisation)."""
     assert event.id is not None
     body = AlertWebhookBody(event_id=event.id, rule_id=event.rule_id, model=model_name, model_id=event.model_id,
                             metric=AlertMetric(event.metric), kind=AlertEventKind(event.kind), value=event.value,
@@ -197,11 +199,10 @@ def give_up(ctx: PlatformContext, event_id: int, reason: str) -> None:
         record(session, event_id, Answer(reason), attempted=False)
 
 
-def queue_call(app: Celery, event_id: int, countdown: float | None = None) -> bool:
+def queue_call(app: Celery, event_id: int) -> bool:
     """Queue the call on the control queue (the event's id only); False if the broker refused."""
     try:
-        app.send_task(WEBHOOK_TASK, kwargs={"event_id": event_id}, queue=CONTROL_QUEUE,
-                      **({"countdown": countdown} if countdown else {}))
+        app.send_task(WEBHOOK_TASK, kwargs={"event_id": event_id}, queue=CONTROL_QUEUE)
     except OperationalError as exc:
         log.warning("webhook of alert event %d not queued: %s", event_id, exc)
         return False

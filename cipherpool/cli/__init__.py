@@ -1,5 +1,5 @@
 """The `cipherpool` command: one click group of nouns (up, demo, db, admin, gateway, account,
-credits, model, worker, pool, token, query), sharing one :class:`CliContext`. Every command
+credits, model, worker, pool, token, query, alert, schedule), sharing one :class:`CliContext`. Every command
 that prints takes ``--json`` after its name as well as before it (``cipherpool model list --json``)."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from pathlib import Path
 import click
 
 from cipherpool.cli import account, admin, credits, db, gateway, models, platform, pool, query, tokens, workers
+from cipherpool.cli import alerts
+from cipherpool.cli import schedules
 from cipherpool.cli.context import CipherpoolGroup, CliContext
 from cipherpool.config.settings import get_settings
 
@@ -59,6 +61,8 @@ def add_json_options(root: click.Group) -> None:
 for group in (platform.up, platform.demo, db.db, admin.admin, gateway.gateway, account.account, credits.credits_,
               models.model, workers.worker, pool.pool, tokens.token, query.query):
     cli.add_command(group)
+cli.add_command(alerts.alert)
+cli.add_command(schedules.schedule)
 add_json_options(cli)
 
 

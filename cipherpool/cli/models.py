@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from cipherpool.api.schemas import EventOut, ModelDetail
+from cipherpool.cli.autoscale import autoscale
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.cli.durations import parse_moment
 
@@ -32,6 +33,9 @@ def emit_model(ctx: CliContext, detail: ModelDetail) -> None:
 @click.group()
 def model() -> None:
     """Deploy and manage models."""
+
+
+model.add_command(autoscale)  # `cipherpool model autoscale NAME`: cipherpool/cli/autoscale.py
 
 
 @model.command("deploy")

@@ -18,6 +18,7 @@ from cipherpool.api.schemas import (
 from cipherpool.api.schemas import ModelStats
 from cipherpool.api.schemas import ScheduleIn, ScheduleOut
 from cipherpool.api.schemas import AlertEventOut, AlertIn, AlertOut, AlertSet
+from cipherpool.api.schemas import AutoscaleIn, AutoscaleOut
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.errors import InvalidInput, WorkerStartFailed
@@ -51,6 +52,11 @@ def _window(since: datetime | None, until: datetime | None) -> dict[str, str]:
     moments = {"since": since, "until": until}
     return {k: (v if v.tzinfo else v.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
             for k, v in moments.items() if v is not None}
+
+
+def _as_utc(moment: datetime | None) -> datetime | None:
+    """A moment in UTC, a naive one taken as UTC (as the gateway takes it)."""
+    return None if moment is None else (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 class ManagementClient:
@@ -177,6 +183,32 @@ class ManagementClient:
                 cursor = batch[-1].id
             else:
                 time.sleep(poll_s)
+
+    # autoscaling
+    def set_autoscale(self, model: str, *, target_queue_wait_s: float | None = UNSET,
+                      target_queue_depth: int | None = UNSET, scale_up_after_s: float | None = None,
+                      idle_after_s: float | None = None, cooldown_up_s: float | None = None,
+                      cooldown_down_s: float | None = None) -> AutoscaleOut:
+        """Turn the model's autoscaling on, or change it (seconds throughout): beat adds a worker
+        while the average queue wait or the queries waiting per worker stay above their target
+        for ``scale_up_after_s``, and removes one after ``idle_after_s`` with no query, between
+        the model's min and max workers. What is not given keeps its value (a new policy: the
+        defaults); ``None`` for a target clears it (at least one must remain)."""
+        given = {"target_queue_wait_s": target_queue_wait_s, "target_queue_depth": target_queue_depth,
+                 "scale_up_after_s": scale_up_after_s, "idle_after_s": idle_after_s, "cooldown_up_s": cooldown_up_s,
+                 "cooldown_down_s": cooldown_down_s}
+        body = AutoscaleIn(**{k: v for k, v in given.items() if v is not UNSET and (v is not None or "target" in k)})
+        return self._t.call("PUT", self._model_path(model) + "/autoscale", AutoscaleOut,
+                            json=body.model_dump(exclude_unset=True))
+
+    def get_autoscale(self, model: str) -> AutoscaleOut:
+        """The model's autoscaling policy (``enabled`` false: off), its workers and bounds, and
+        the autoscaler's latest decision with its reason (``last_action``, ``last_reason``)."""
+        return self._t.call("GET", self._model_path(model) + "/autoscale", AutoscaleOut)
+
+    def disable_autoscale(self, model: str) -> AutoscaleOut:
+        """Turn the model's autoscaling off (its workers stay; the settings are kept)."""
+        return self._t.call("DELETE", self._model_path(model) + "/autoscale", AutoscaleOut)
 
     # workers
     def start_worker(self, model: str, *, profile: str | None = None, standby: bool = False, wait: bool = True,
@@ -400,10 +432,8 @@ class ManagementClient:
         wall clock of ``timezone``, e.g. ``"0 8 * * 1-5"``, ``"0 20 * * 1-5"``,
         ``"Europe/Paris"``), or once from ``starts_at`` to ``ends_at`` (a reservation; a naive
         time is UTC). Beat starts and stops them; a window open now starts on its next tick."""
-        moments = {k: v for k, v in _window(starts_at, ends_at).items()}
         body = ScheduleIn(model=model, name=name, start_cron=start_cron, stop_cron=stop_cron, timezone=timezone,
-                          starts_at=moments.get("since"), ends_at=moments.get("until"), workers=workers,
-                          profile=profile)
+                          starts_at=_as_utc(starts_at), ends_at=_as_utc(ends_at), workers=workers, profile=profile)
         return self._t.call("POST", "/v1/schedules", ScheduleOut, json=body.model_dump(mode="json", exclude_none=True))
 
     def reserve_workers(self, model: str, starts_at: datetime, ends_at: datetime, workers: int = 1, *,

@@ -24,6 +24,7 @@ from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, PayloadTo
 from cipherpool.gateway import account, credits, enduser, models, queries, stats, tokens, workers
 from cipherpool.gateway import alerts, metrics
 from cipherpool.gateway import schedules
+from cipherpool.gateway import autoscale
 from cipherpool.gateway.guard import Guard, error_body
 from cipherpool.gateway.state import GatewayState
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                enduser.router, queries.router, alerts.router, schedules.router]
     for router in routers:
         app.include_router(router)
+    app.include_router(autoscale.router)  # /v1/models/{name}/autoscale
     app.include_router(metrics.router)  # GET /metrics, for the operator's Prometheus (its own token)
 
     @app.get("/v1/health", response_model=Health, tags=["platform"])

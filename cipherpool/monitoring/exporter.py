@@ -8,8 +8,8 @@ collector holds no state at all. It is registered in a registry of its own, neve
 prometheus-client's global one, so the scrape shows the platform and not whatever else in the
 gateway process registered there.
 
-One scrape costs one database session (four grouped reads), two Redis reads and one passive
-queue declaration per model. The families (README, "Monitoring"):
+One scrape costs one database session (five small reads, grouped in SQL), two Redis reads and
+one passive queue declaration per model. The families (README, "Monitoring"):
 
 * ``cipherpool_query_queue_wait_seconds``, ``cipherpool_query_compute_seconds``: histograms
   per ``account``, ``model``, all-time (the buckets of :data:`.timings.BUCKETS_S`);

@@ -92,9 +92,13 @@ def _s(seconds: float) -> str:
 
 def pressure(policy: AutoscalePolicy, load: Load) -> str | None:
     """What is above its target now, in words; None if nothing is. Queries waiting for a model
-    with no worker always are: nothing else would ever take them."""
+    with no worker always are: nothing else would ever take them. The queue wait counts only
+    while queries wait: it is the average of queries already computed, so once the queue is
+    empty it tells of a burst that is over (and would hold off idleness for a whole window)."""
+    if load.depth == 0:
+        return None
     if load.workers == 0:
-        return f"{load.depth} queries waiting with no worker" if load.depth > 0 else None
+        return f"{load.depth} queries waiting with no worker"
     found = []
     wait, target_wait = load.queue_wait_s, policy.target_queue_wait_s
     if wait is not None and target_wait is not None and wait > target_wait:

@@ -86,7 +86,7 @@ def apply_schedules(ctx: PlatformContext, app: Celery, now: datetime | None = No
     report = Report()
     for item in due:
         try:
-            _apply(ctx, app, item, now, report)
+            apply_due(ctx, app, item, now, report)
         except Exception:  # noqa: BLE001 - logged with its traceback; the next tick tries again
             log.exception("schedule %s: its %s could not be applied", item.schedule_id, item.action)
             report.errors += 1
@@ -138,10 +138,11 @@ def _span(start: datetime, end: datetime) -> str:
 # ---- claims -------------------------------------------------------------------------------
 
 
-def _apply(ctx: PlatformContext, app: Celery, item: Due, now: datetime, report: Report) -> None:
+def apply_due(ctx: PlatformContext, app: Celery, item: Due, now: datetime, report: Report) -> None:
+    """Claim one due action and apply it; nothing if another beat has it or it is done."""
     if item.action == STOP and item.end is not None and _skip_unseen_start(ctx, item, now):
         report.skipped.append(item.schedule_id)
-    claimed = _claim(ctx, item, now)
+    claimed = claim(ctx, item, now)
     if claimed is None:
         return
     row_id, previous = claimed
@@ -151,9 +152,9 @@ def _apply(ctx: PlatformContext, app: Celery, item: Due, now: datetime, report: 
         _stop(ctx, app, item, row_id, now, report)
 
 
-def _claim(ctx: PlatformContext, item: Due, now: datetime) -> tuple[int, str] | None:
-    """Claim the action: insert it, or take over a failed or stale one with a compare-and-set.
-    Its row id and its previous message; None if it is done, or another beat has it."""
+def claim(ctx: PlatformContext, item: Due, now: datetime) -> tuple[int, str] | None:
+    """Claim the action: insert it, or take over a failed or stale one. Its row id and its
+    previous message; None if it is done or skipped, or another beat has it."""
     with ctx.session() as session:
         row = _find(session, item.schedule_id, item.key, item.action)
     if row is None:
@@ -163,12 +164,18 @@ def _claim(ctx: PlatformContext, item: Due, now: datetime) -> tuple[int, str] | 
     if row.status != Status.FAILED.value and not stale:
         return None
     assert row.id is not None
+    return (row.id, row.message) if take_over(ctx, row, now) else None
+
+
+def take_over(ctx: PlatformContext, seen: ScheduleAction, now: datetime) -> bool:
+    """Claim an action row as it was ``seen`` (failed, or claimed long ago): a compare-and-set
+    on its status and attempts, so of two beats that saw it alike only one gets it."""
     with ctx.session() as session:
         taken = cast(CursorResult[Any], session.execute(
-            update(ScheduleAction).where(col(ScheduleAction.id) == row.id, col(ScheduleAction.status) == row.status,
-                                         col(ScheduleAction.attempts) == row.attempts)
-            .values(status=Status.CLAIMED.value, attempts=row.attempts + 1, at=now)))
-    return (row.id, row.message) if taken.rowcount == 1 else None
+            update(ScheduleAction).where(col(ScheduleAction.id) == seen.id, col(ScheduleAction.status) == seen.status,
+                                         col(ScheduleAction.attempts) == seen.attempts)
+            .values(status=Status.CLAIMED.value, attempts=seen.attempts + 1, at=now)))
+    return taken.rowcount == 1
 
 
 def _find(session: Session, schedule_id: str, key: datetime, action: str) -> ScheduleAction | None:

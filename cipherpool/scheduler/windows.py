@@ -39,6 +39,7 @@ from cipherpool.statuses import ScheduleKind
 CRON_FIELDS = 5  # minute hour day-of-month month day-of-week
 MAX_CRON_CHARS = 100
 SECOND = timedelta(seconds=1)
+MAX_STEPS_BACK = 10_000  # fires looked at before now: a repeated hour's worth of every-minute fires is 60
 
 
 class Definition(Protocol):
@@ -164,10 +165,11 @@ def _latest_fire(expression: str, zone: ZoneInfo, now: datetime) -> datetime:
     local = now.astimezone(zone)
     ahead = max(_offset(local.replace(fold=0)) - _offset(local.replace(fold=1)), timedelta(0))
     fires = croniter(expression, local.replace(tzinfo=None) + ahead + SECOND)
-    while True:
+    for _ in range(MAX_STEPS_BACK):  # wall times map to instants in order: the first one at or before now is it
         wall: datetime = fires.get_prev(datetime)
         if to_utc(wall, zone) <= now:
             return wall
+    raise InvalidInput(f"The cron expression {expression!r} could not be evaluated in {zone.key} at {now.isoformat()}.")
 
 
 def _offset(moment: datetime) -> timedelta:

@@ -63,10 +63,11 @@ def set_policy(session: Session, account: Account, model_name: str, changes: dic
         raise InvalidInput(f"Unknown autoscaling settings: {', '.join(sorted(unknown))}; settable: {', '.join(FIELDS)}.")
     model, policy = get_policy(session, account, model_name)
     policy = policy or AutoscalePolicy(model_id=model.id, account_id=account.id, enabled=False)
-    for name, value in changes.items():
-        if value is not None or name in TARGETS:
-            setattr(policy, name, value)
-    check_policy(policy, interval_s)
+    settings = {name: getattr(policy, name) for name in FIELDS}
+    settings.update({k: v for k, v in changes.items() if v is not None or k in TARGETS})
+    check_policy(AutoscalePolicy(model_id=model.id, account_id=account.id, **settings), interval_s)  # refused: unchanged
+    for name, value in settings.items():
+        setattr(policy, name, value)
     if not policy.enabled:
         policy.enabled, policy.above_since, policy.idle_since = True, None, None
     policy.updated_at = utcnow()

@@ -11,6 +11,8 @@ from cipherpool.billing.tick import tick
 from cipherpool.messages import Envelope, ok
 from cipherpool.names import ALERTS_TASK, BILLING_TASK, RECONCILE_TASK, WEBHOOK_TASK
 from cipherpool.names import SCHEDULE_TASK
+from cipherpool.names import AUTOSCALE_TASK
+from cipherpool.scheduler import autoscale as autoscaler
 from cipherpool.scheduler.tick import apply_schedules
 from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import celery_task, platform_task
@@ -36,6 +38,15 @@ def billing() -> dict[str, object]:
 def schedules() -> dict[str, object]:
     """Start and stop workers as their schedules say, each action once (see scheduler.tick)."""
     return apply_schedules(platform(), app).as_dict()
+
+
+@platform_task(app, AUTOSCALE_TASK)
+def autoscale() -> dict[str, list[str]]:
+    """Add or remove a worker of each autoscaled model, as its load says (see scheduler.autoscale)."""
+    outcomes = autoscaler.autoscale(platform(), app)
+    return {"up": [o.model for o in outcomes if o.action is autoscaler.Action.UP],
+            "down": [o.model for o in outcomes if o.action is autoscaler.Action.DOWN],
+            "blocked": [o.model for o in outcomes if o.blocked]}
 
 
 @platform_task(app, ALERTS_TASK)

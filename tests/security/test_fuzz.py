@@ -397,7 +397,8 @@ def gateway(tmp_path_factory):
     logger.addHandler(crashes)
     try:
         _child, url = start_redis(supervisor, tmp / "redis")
-        s = Settings(data_dir=tmp / "data", broker_url=url, token_rate_per_s=0, account_rate_per_s=0)
+        s = Settings(data_dir=tmp / "data", broker_url=url, token_rate_per_s=0, account_rate_per_s=0,
+                     metrics_token=METRICS_TOKEN)
         db = s.effective_database_url()
         init_db(db)
         store = BlobStore.from_url(url)
@@ -480,10 +481,12 @@ ENDPOINTS = [
     ("GET", "/v1/queries/{query_id}", None),
     ("DELETE", "/v1/queries/{query_id}", None),
     ("GET", "/v1/health", None),
+    ("GET", "/metrics", None),
     ("GET", "/openapi.json", None),
     ("GET", "/docs", None),
 ]
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+METRICS_TOKEN = "fuzz-metrics-token"  # the operator's scraper credential (GET /metrics)
 # A path segment: well-formed ids and names, traversal, encodings, unicode, very long.
 SEGMENT = st.one_of(
     hex_string(16), hex_string(32), hex_string(64), st.uuids().map(str),
@@ -503,7 +506,7 @@ ASCII = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max
 
 
 def credentials(world: GatewayWorld) -> st.SearchStrategy[dict[str, str]]:
-    valid = st.sampled_from([world.api_key, world.other_key, world.token, world.revoked])
+    valid = st.sampled_from([world.api_key, world.other_key, world.token, world.revoked, METRICS_TOKEN])
     return st.one_of(
         st.just({}),
         ASCII.map(lambda v: {"Authorization": v}),

@@ -73,6 +73,8 @@ GHOST = {
     "query": str(uuid.UUID(int=1)),
     "client_upload": sha(b"never uploaded: client"),
     "server_upload": sha(b"never uploaded: server"),
+    "schedule": "5c4edb1e5c4edb1e",
+    "alert": "a1e47a1e47a1e47a",
 }
 
 
@@ -122,6 +124,9 @@ class World:
             "models": models,
             "tokens": self.ok(who, "GET", "/v1/tokens"),
             "workers": self.ok(who, "GET", "/v1/workers"),
+            "schedules": self.ok(who, "GET", "/v1/schedules"),
+            "alerts": self.ok(who, "GET", "/v1/alerts"),
+            "alert events": self.ok(who, "GET", "/v1/alerts/events"),
             "end_user": self.ok(f"{who}_token", "GET", "/v1/client/models"),
             # the balance and the ledger (not the burn figures: they move with the clock)
             "balance": self.ok(who, "GET", "/v1/credits")["balance"],
@@ -132,6 +137,7 @@ class World:
             out[f"model {name}"] = self.ok(who, "GET", f"/v1/models/{name}")
             out[f"versions {name}"] = self.ok(who, "GET", f"/v1/models/{name}/versions")
             out[f"events {name}"] = self.ok(who, "GET", f"/v1/models/{name}/events")
+            out[f"autoscale {name}"] = self.ok(who, "GET", f"/v1/models/{name}/autoscale")
         token_ids = [t["id"] for t in out["tokens"]]
         with session_scope(self.db) as session:
             keys = session.exec(select(EvaluationKey).where(col(EvaluationKey.token_id).in_(token_ids))).all()
@@ -200,12 +206,29 @@ def world(tmp_path_factory) -> Iterator[World]:
                           node="node-b@test", period_start=hour, period_end=hour + timedelta(minutes=1),
                           quantity_ms=60_000, rate=B_CHARGE_MICRO * 60)
 
+            # B's model autoscales: turning it off, changing it or reading it would show.
+            from cipherpool.services import autoscale as autoscale_policies
+
+            autoscale_policies.set_policy(session, bob, B_MODEL, {"target_queue_depth": 3}, s.autoscale_interval_s)
+
             a_model = models.deploy_model(session, alice, A_MODEL, artifact(A_V1), description="alice's")
             models.set_status(session, alice, A_MODEL, ModelStatus.ACTIVE)
             models.deploy_model(session, alice, TWIN, artifact(A_V1), description="alice's twin")
             a_tok, a_token = tokens.create_token(session, alice, "alice-t", A_MODEL)
             a = {"model": A_MODEL, "model_id": a_model.id, "token": a_tok.id}
             b = {"model": B_MODEL, "model_id": b_model.id, "token": b_tok.id, "worker": b_worker.id, "key": B_KEY}
+            # B's worker schedule: its windows (New Year's morning, UTC) stay put while the tests run.
+            from cipherpool.scheduler import schedules
+
+            b["schedule"] = schedules.create_schedule(session, bob, B_MODEL, start_cron="0 8 1 1 *",
+                                                      stop_cron="0 9 1 1 *", workers=2).id
+            # B's alert rule with a webhook, fired once (as beat records it).
+            from cipherpool.alerts import evaluate, rules
+
+            b_alert = rules.set_rule(session, bob, B_MODEL, "average_query_s", 1.0,
+                                     webhook_url="https://bob.example.com/hook").rule
+            evaluate.transition(session, evaluate.Seen.of(b_alert, b_model), 2.5, utcnow())
+            b["alert"] = b_alert.id
         store.redis.close()
 
         app = create_app(s)
@@ -265,6 +288,7 @@ def _env(model_id: str, key_id: str) -> bytes:
 
 
 M, T, W = "model_not_found", "token_not_found", "worker_not_found"
+S = "schedule_not_found"
 CASES = [
     # models and their versions, settings, status and events
     Case("show model", "GET", "/v1/models/{name}", lambda t, a: Req(f"/v1/models/{t['model']}"), M),
@@ -302,6 +326,12 @@ CASES = [
          lambda t, a: Req(f"/v1/models/{t['model']}/events", params={"after": "0"}), M),
     Case("events since", "GET", "/v1/models/{name}/events",
          lambda t, a: Req(f"/v1/models/{t['model']}/events", params={"since": "2000-01-01T00:00:00Z", "limit": "5"}), M),
+    # autoscaling
+    Case("show autoscaling", "GET", "/v1/models/{name}/autoscale", lambda t, a: Req(f"/v1/models/{t['model']}/autoscale"), M),
+    Case("change autoscaling", "PUT", "/v1/models/{name}/autoscale",
+         lambda t, a: Req(f"/v1/models/{t['model']}/autoscale", json={"target_queue_depth": 1, "scale_up_after_s": 0}), M),
+    Case("turn autoscaling off", "DELETE", "/v1/models/{name}/autoscale",
+         lambda t, a: Req(f"/v1/models/{t['model']}/autoscale"), M),
     # tokens
     Case("show token", "GET", "/v1/tokens/{token_id}", lambda t, a: Req(f"/v1/tokens/{t['token']}"), T),
     Case("disable token", "PATCH", "/v1/tokens/{token_id}",
@@ -334,6 +364,8 @@ CASES = [
          lambda t, a: Req("/v1/workers", params={"model": t["model"]}), M),
     Case("stats of B's model", "GET", "/v1/workers/stats",
          lambda t, a: Req("/v1/workers/stats", params={"model": t["model"]}), M),
+    Case("query times of B's model", "GET", "/v1/stats",
+         lambda t, a: Req("/v1/stats", params={"model": t["model"], "window_s": "120"}), M),
     Case("show worker", "GET", "/v1/workers/{worker_id}", lambda t, a: Req(f"/v1/workers/{t['worker']}"), W),
     Case("stop worker", "POST", "/v1/workers/{worker_id}/stop", lambda t, a: Req(f"/v1/workers/{t['worker']}/stop"), W),
     Case("standby worker", "POST", "/v1/workers/{worker_id}/standby",
@@ -342,6 +374,32 @@ CASES = [
          lambda t, a: Req(f"/v1/workers/{t['worker']}/resume"), W),
     Case("worker logs", "GET", "/v1/workers/{worker_id}/logs", lambda t, a: Req(f"/v1/workers/{t['worker']}/logs"), W),
     Case("start worker for B's model", "POST", "/v1/workers", lambda t, a: Req("/v1/workers", json={"model": t["model"]}), M),
+    # worker schedules
+    Case("show schedule", "GET", "/v1/schedules/{schedule_id}", lambda t, a: Req(f"/v1/schedules/{t['schedule']}"), S),
+    Case("pause schedule", "POST", "/v1/schedules/{schedule_id}/pause",
+         lambda t, a: Req(f"/v1/schedules/{t['schedule']}/pause"), S),
+    Case("resume schedule", "POST", "/v1/schedules/{schedule_id}/resume",
+         lambda t, a: Req(f"/v1/schedules/{t['schedule']}/resume"), S),
+    Case("remove schedule", "DELETE", "/v1/schedules/{schedule_id}", lambda t, a: Req(f"/v1/schedules/{t['schedule']}"), S),
+    Case("schedule B's model", "POST", "/v1/schedules",
+         lambda t, a: Req("/v1/schedules", json={"model": t["model"], "start_cron": "0 8 * * *", "stop_cron": "0 9 * * *"}),
+         M),
+    Case("reserve workers of B's model", "POST", "/v1/schedules",
+         lambda t, a: Req("/v1/schedules", json={"model": t["model"], "starts_at": "2099-01-01T00:00:00Z",
+                                                  "ends_at": "2099-01-02T00:00:00Z", "workers": 2}), M),
+    Case("list schedules of B's model", "GET", "/v1/schedules",
+         lambda t, a: Req("/v1/schedules", params={"model": t["model"]}), M),
+    # alerts
+    Case("set an alert on B's model", "PUT", "/v1/alerts",
+         lambda t, a: Req("/v1/alerts", json={"model": t["model"], "metric": "average_query_s", "threshold": 0}), M),
+    Case("replace B's alert with a webhook", "PUT", "/v1/alerts",
+         lambda t, a: Req("/v1/alerts", json={"model": t["model"], "metric": "average_query_s", "threshold": 99,
+                                               "webhook_url": "https://evil.example.com/hook", "new_secret": True}), M),
+    Case("list alerts of B's model", "GET", "/v1/alerts", lambda t, a: Req("/v1/alerts", params={"model": t["model"]}), M),
+    Case("alert events of B's model", "GET", "/v1/alerts/events",
+         lambda t, a: Req("/v1/alerts/events", params={"model": t["model"], "limit": "5"}), M),
+    Case("remove B's alert", "DELETE", "/v1/alerts/{alert_id}", lambda t, a: Req(f"/v1/alerts/{t['alert']}"),
+         "alert_not_found"),
     # credits: by model (every other credits route reads the caller's own account only)
     Case("credit history of B's model", "GET", "/v1/credits/history",
          lambda t, a: Req("/v1/credits/history", params={"model": t["model"]}), M),
@@ -384,6 +442,7 @@ COVERED_ELSEWHERE = {
     ("GET", "/v1/models"): "test_listings_show_nothing_of_another_account",
     ("GET", "/v1/tokens"): "test_listings_show_nothing_of_another_account",
     ("GET", "/v1/workers"): "test_listings_show_nothing_of_another_account",
+    ("GET", "/v1/schedules"): "test_listings_show_nothing_of_another_account",
     ("GET", "/v1/client/models"): "test_listings_show_nothing_of_another_account",
     ("GET", "/v1/account"): "test_listings_show_nothing_of_another_account (the caller's own account only)",
     ("PATCH", "/v1/account"): "no id: the caller's own account only",
@@ -450,7 +509,8 @@ def test_every_route_has_an_isolation_case(world: World):
 def _b_marks(world: World) -> list[str]:
     """What must never appear in an answer to A: B's ids, its model names, its node, its credits."""
     b = world.b
-    return [b["model"], b["model_id"], b["token"], b["worker"], b["key"], b["query"], b["client_upload"][:12],
+    return [b["model"], b["model_id"], b["token"], b["worker"], b["key"], b["query"], b["schedule"], b["alert"],
+            "bob.example.com", b["client_upload"][:12],
             b["server_upload"][:12], "node-b@test", "bob", world.b_key[:12], world.b_token[:12],
             world.b_purchase["reference"], B_PURCHASE, "-1.234567", B_ORDER,
             *(m["id"] for m in world.b_before["models"]), *(v["client_sha256"][:12] for m in world.b_before["models"]
@@ -467,6 +527,9 @@ def test_listings_show_nothing_of_another_account(world: World):
         ("a", "/v1/tokens", {"model": A_MODEL}), ("a", "/v1/workers", {"model": A_MODEL}),
         ("a", "/v1/workers/stats", {"model": A_MODEL}), ("a", f"/v1/tokens/{a['token']}", None),
         ("a_token", "/v1/client/models", None), ("a_token", "/v1/client/model", None),
+        ("a", "/v1/schedules", None), ("a", "/v1/schedules", {"model": A_MODEL}),
+        ("a", "/v1/alerts", None), ("a", "/v1/alerts", {"model": A_MODEL}), ("a", "/v1/alerts/events", None),
+        ("a", "/v1/stats", None), ("a", "/v1/stats", {"model": A_MODEL}), ("a", "/v1/stats", {"model": TWIN}),
     ]:
         answer = world.call(who, "GET", path, params=params)
         assert answer.status_code == 200, f"{path} -> {answer.status_code} {answer.text}"
@@ -476,6 +539,8 @@ def test_listings_show_nothing_of_another_account(world: World):
     assert {m["name"] for m in world.ok("a", "GET", "/v1/models")} == {A_MODEL, TWIN}
     assert [t["id"] for t in world.ok("a", "GET", "/v1/tokens")] == [a["token"]]
     assert world.ok("a", "GET", "/v1/workers") == []
+    assert world.ok("a", "GET", "/v1/schedules") == []
+    assert world.ok("a", "GET", "/v1/alerts") == [] and world.ok("a", "GET", "/v1/alerts/events") == []
     assert world.ok("a", "GET", "/v1/workers/stats") == []
     assert [m["name"] for m in world.ok("a_token", "GET", "/v1/client/models")] == [A_MODEL]
 
@@ -618,6 +683,8 @@ def test_b_is_unchanged_after_everything(world: World):
     assert sorted(token["models"]) == sorted([B_MODEL, TWIN])
     (worker,) = after["workers"]
     assert (worker["id"], worker["status"], worker["model"]) == (b["worker"], "up", B_MODEL)
+    (schedule,) = after["schedules"]
+    assert (schedule["id"], schedule["paused"], schedule["workers"]) == (b["schedule"], False, 2)
     assert after["keys"] and all(k[0] == b["token"] for k in after["keys"])
     assert after["query owner"] == b["token"].encode()
     assert world.ok("b_token", "GET", "/v1/client/model", params={"model": B_MODEL})["id"] == b["model_id"]
