@@ -234,11 +234,10 @@ def test_any_load_stays_within_bounds_and_never_flaps(ticks, bounds, start):
 def test_the_queue_wait_is_the_average_of_the_latest_queries_only():
     now = NOW.timestamp()
     samples = [Sample(now - 2, "w1", 6.0, 1.0), Sample(now - 10, "w2", 2.0, 1.0), Sample(now - 45, "w1", 100.0, 1.0)]
-    reading = recent_wait(samples, NOW, window_s=30)
-    assert reading.queue_wait_s == pytest.approx(4.0)  # the 45-s-old query is out of the window
-    assert reading.last_query_at == ago(2)
-    assert recent_wait([], NOW) == Reading(None, 0, None)
-    assert recent_wait(samples[2:], NOW, window_s=30) == Reading(None, 0, ago(45))
+    wait, last = recent_wait(samples, NOW, window_s=30)
+    assert wait == pytest.approx(4.0) and last == ago(2)  # the 45-s-old query is out of the window
+    assert recent_wait([], NOW) == (None, None)
+    assert recent_wait(samples[2:], NOW, window_s=30) == (None, ago(45))
 
 
 def test_the_gauge_reads_recorded_times_and_the_brokers_queue(tmp_path):
@@ -497,6 +496,37 @@ def test_one_models_unreadable_figures_do_not_stop_the_others(db_url, tmp_path):
     rig.gauge.before_read = fail_for_broken
     rig.gauge.readings["m"] = Reading(9.0, 5, rig.at(0))
     assert [(o.model, o.action) for o in rig.tick(0)] == [("m", UP)]
+
+
+@pytest.mark.parametrize("trouble", ["broker after the stop", "refused before it"])
+def test_a_removal_whose_stop_fails(db_url, tmp_path, monkeypatch, trouble):
+    """The broker failing after the stop was committed: the removal stands, its event says so.
+    A stop refused before anything was recorded: the claim is given back, nothing happened."""
+    from kombu.exceptions import OperationalError
+
+    from cipherpool import lifecycle
+    from cipherpool.errors import WrongWorkerState
+
+    rig = make_rig(db_url, tmp_path, running=2)
+    if trouble == "broker after the stop":
+        def refuse_unbind(name: str, **_: Any) -> None:
+            raise OperationalError("connection refused")
+        rig.app.send_task = refuse_unbind  # type: ignore[method-assign]
+    else:
+        def refuse(*_: Any, **__: Any) -> None:
+            raise WrongWorkerState("not now")
+        monkeypatch.setattr(lifecycle, "stop_worker", refuse)
+    rig.tick(0, depth=0)
+    (outcome,) = rig.tick(400, depth=0)
+    if trouble == "broker after the stop":
+        assert outcome.action is DOWN and len(rig.serving()) == 1
+        (event,) = rig.events(EventKind.AUTOSCALED_DOWN)
+        assert "its node could not be told yet: Cannot reach the broker" in event.message
+        assert rig.policy().last_scaled_at == rig.at(400)
+    else:
+        assert outcome.action is NONE and outcome.reason.endswith(": not now")
+        assert len(rig.serving()) == 2 and not rig.events(EventKind.AUTOSCALED_DOWN)
+        assert (rig.policy().last_scaled_at, rig.policy().last_action) == (None, None)  # as before the claim
 
 
 @pytest.mark.parametrize("action", [UP, DOWN, "blocked"])

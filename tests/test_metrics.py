@@ -142,7 +142,7 @@ def samples(family: Any, name: str, **labels: str) -> dict[tuple[str, ...], floa
     found = {}
     for sample in family.samples:
         if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-            rest = tuple(v for k, v in sorted(sample.labels.items()) if k not in labels)
+            rest = tuple(v for k, v in sorted(sample.labels.items()) if k not in labels and k != "account_id")
             found[rest] = sample.value
     return found
 
@@ -255,3 +255,28 @@ def test_a_broker_that_fails_costs_the_depths_only(world):
     model = Model(id="m" * 16, account_id="a", name="digits", shared=True)
     depth, shared = depth_families(Unreachable(), Snapshot(models=[("acme", model)]))
     assert depth.samples == [] and shared.samples == []
+
+
+def test_two_accounts_of_one_name_never_share_a_series():
+    # Given two accounts that both call themselves "acme" (names are display names), each with a "digits"
+    from cipherpool.monitoring.exporter import Snapshot, database_families
+
+    ours, theirs = Model(id="1" * 16, account_id="a" * 16, name="digits"), Model(id="2" * 16, account_id="b" * 16,
+                                                                              name="digits")
+    snap = Snapshot(models=[("acme", ours), ("acme", theirs)], balances=[("acme", "a" * 16, 5_000_000),
+                                                                          ("acme", "b" * 16, 0)])
+    workers, balance, _nodes = database_families(snap)
+    # Then each has its own series, told apart by the account's id
+    assert {(s.labels["account_id"], s.value) for s in balance.samples} == {("a" * 16, 5.0), ("b" * 16, 0.0)}
+    keys = [tuple(sorted(s.labels.items())) for s in workers.samples]
+    assert len(keys) == len(set(keys)) == 2 * len(WorkerStatus)
+
+
+def test_a_redis_that_fails_costs_the_query_times_only():
+    from cipherpool.monitoring.exporter import query_families
+
+    class Down:
+        def hgetall(self, key):
+            raise ConnectionError("redis down")
+
+    assert query_families(Down(), [("acme", Model(id="m" * 16, account_id="a", name="digits"))]) == []

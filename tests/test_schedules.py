@@ -594,6 +594,23 @@ def test_workers_started_as_their_schedule_is_paused_are_stopped_again(beat, mon
     assert beat.workers(sid) == [] and beat.sends(UNBIND_TASK) == 2
 
 
+def test_workers_started_as_their_window_closes_are_stopped_again(beat, monkeypatch):
+    """A start decided just before the window's end, applied after it (and after another beat
+    closed the window, finding nothing to stop): the beat that started them stops them."""
+    sid = beat.schedule()
+    window_end = FRIDAY_2100.replace(hour=19, minute=0)  # 20:00 Paris
+    real_start, clock = lifecycle.start_workers, [0.0]
+    monkeypatch.setattr(tick.time, "monotonic", lambda: clock[0])
+
+    def slow_start(*args: Any, **kwargs: Any) -> list[Worker]:
+        clock[0] += 5.0  # the start took five seconds: the window closed meanwhile
+        return real_start(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "start_workers", slow_start)
+    assert beat.tick(window_end - timedelta(seconds=2)).started == [sid]
+    assert beat.workers(sid) == [] and beat.sends(UNBIND_TASK) == 2
+
+
 def test_a_start_tops_the_schedule_up_and_an_inactive_model_is_a_failure(beat):
     sid = beat.schedule(workers=3)
     with session_scope(beat.db) as s:

@@ -21,6 +21,7 @@ from cipherpool.api.schemas import (
 from cipherpool.db.tables import Model, ModelStatus
 from cipherpool.fhe.deployment import input_spec, check_pair
 from cipherpool.gateway.auth import AccountPrincipal
+from cipherpool.monitoring import timings
 from cipherpool.gateway.deps import BINARY_BODY, Account, Gateway
 from cipherpool.gateway.state import GatewayState
 from cipherpool.gateway.uploads import stream_into_store
@@ -114,8 +115,11 @@ def delete_model(name: ModelName, gw: Gateway, acct: Account) -> Response:
     """Delete a model, its versions, keys and events; refused while workers run. Blobs that
     no other model or key set uses are removed from the store."""
     with gw.ctx.session() as session:
-        candidates = models.delete_model(session, accounts.get_account(session, acct.account_id), name)
+        account = accounts.get_account(session, acct.account_id)
+        model_id = models.get_model(session, account, name).id
+        candidates = models.delete_model(session, account, name)
     gw.auth.changed()
+    timings.forget(gw.store.redis, model_id)  # its recorded query times (minutes expire alone)
     with gw.ctx.session() as session:
         for kind, blob in models.unreferenced(session, candidates):
             gw.store.delete(kind, blob)

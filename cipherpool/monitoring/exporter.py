@@ -43,7 +43,7 @@ from cipherpool.statuses import WorkerStatus
 from cipherpool.workers.context import PlatformContext
 
 log = logging.getLogger("cipherpool.monitoring")
-MODEL_LABELS = ("account", "model")
+MODEL_LABELS = ("account", "account_id", "model")  # names are display names (not unique): ids tell them apart
 OUTCOMES = ("computed", "refused", "failed")  # cipherpool_queries_total's outcome label, Tally fields in order
 
 
@@ -53,7 +53,7 @@ class Snapshot:
 
     models: list[tuple[str, Model]] = field(default_factory=list)  # (account name, model)
     workers: dict[str, Counter[str]] = field(default_factory=dict)  # model id -> status value -> workers
-    balances: list[tuple[str, int]] = field(default_factory=list)  # (account name, micro-credits)
+    balances: list[tuple[str, str, int]] = field(default_factory=list)  # (account name, id, micro-credits)
     nodes: dict[tuple[str, bool], int] = field(default_factory=dict)  # (host class, shared) -> online nodes
 
     @property
@@ -72,8 +72,8 @@ def read_database(session: Session, heartbeat_s: float) -> Snapshot:
     counted = session.exec(select(Worker.model_id, Worker.status, func.count()).group_by(Worker.model_id, Worker.status))
     for model_id, status, n in counted:
         snap.workers.setdefault(model_id, Counter())[WorkerStatus(status).value] += n
-    snap.balances = [(name, micro) for name, micro in session.exec(select(Account.name, Account.balance_micro)
-                                                                   .order_by(Account.name))]
+    snap.balances = [(name, account_id, micro) for name, account_id, micro in session.exec(
+        select(Account.name, Account.id, Account.balance_micro).order_by(Account.name))]
     for host_class, shared in session.exec(select(PoolNode.host_class, PoolNode.shared).distinct()):
         snap.nodes[(host_class, bool(shared))] = 0  # a class with every node offline still shows, at 0
     online = select(PoolNode.host_class, PoolNode.shared, func.count()).where(live(heartbeat_s))
@@ -100,14 +100,18 @@ def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric
     outcomes = CounterMetricFamily("cipherpool_queries", "Queries nodes received, by outcome: computed, refused "
                                    "(a typed refusal such as a wrong key), failed (an unexpected error).",
                                    labels=(*MODEL_LABELS, "outcome"))
-    for account, model in models:
-        labels = [account, model.name]
-        found = timings.histograms(redis, model.id)
-        wait.add_metric(labels, found["queue_wait"].buckets, found["queue_wait"].sum_s)
-        compute.add_metric(labels, found["compute"].buckets, found["compute"].sum_s)
-        tally = _all_time(redis, model.id)
-        for outcome, n in zip(OUTCOMES, (tally.queries, tally.refused, tally.failed)):
-            outcomes.add_metric([*labels, outcome], n)
+    try:
+        for account, model in models:
+            labels = [account, model.account_id, model.name]
+            found = timings.histograms(redis, model.id)
+            wait.add_metric(labels, found["queue_wait"].buckets, found["queue_wait"].sum_s)
+            compute.add_metric(labels, found["compute"].buckets, found["compute"].sum_s)
+            tally = _all_time(redis, model.id)
+            for outcome, n in zip(OUTCOMES, (tally.queries, tally.refused, tally.failed)):
+                outcomes.add_metric([*labels, outcome], n)
+    except Exception:  # noqa: BLE001 - without Redis, the database's figures still come
+        log.warning("metrics: could not read query times from Redis", exc_info=True)
+        return []
     return [wait, compute, outcomes]
 
 
@@ -122,7 +126,7 @@ def depth_families(app: Celery, snap: Snapshot) -> list[Metric]:
                                labels=("host_class",))
     try:
         for account, model in snap.models:
-            models.add_metric([account, model.name], depth.model_depth(app, model))
+            models.add_metric([account, model.account_id, model.name], depth.model_depth(app, model))
         for host_class in snap.shared_classes:
             shared.add_metric([host_class], depth.queue_depth(app, shared_queue(host_class)))
     except Exception:  # noqa: BLE001 - a scrape without depths beats no scrape
@@ -137,11 +141,11 @@ def database_families(snap: Snapshot) -> list[Metric]:
     for account, model in snap.models:
         counted = snap.workers.get(model.id, Counter())
         for status in WorkerStatus:
-            workers.add_metric([account, model.name, status.value], counted[status.value])
+            workers.add_metric([account, model.account_id, model.name, status.value], counted[status.value])
     balance = GaugeMetricFamily("cipherpool_account_balance_credits", "The account's credit balance, in credits.",
-                                labels=("account",))
-    for account, micro in snap.balances:
-        balance.add_metric([account], micro / MICRO)
+                                labels=("account", "account_id"))
+    for account, account_id, micro in snap.balances:
+        balance.add_metric([account, account_id], micro / MICRO)
     nodes = GaugeMetricFamily("cipherpool_nodes_online", "Pool nodes online (heard from within 3 heartbeats).",
                               labels=("host_class", "shared"))
     for (host_class, shared), n in sorted(snap.nodes.items()):

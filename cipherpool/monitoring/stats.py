@@ -67,7 +67,7 @@ def model_stats(session: Session, redis: Redis, app: Celery, model: Model, *, wi
     """One model's :class:`ModelStats`, read now."""
     now = time.time() if now is None else now
     found = timings.read(redis, model.id, window_s, now)
-    workers = _workers(session, model, found.workers)
+    workers = _workers(session, model, set(found.workers_window))
     rows = [worker_row(found, w.id, last, w) for w in workers]
     if timings.SHARED in found.workers:
         rows.append(worker_row(found, timings.SHARED, last))

@@ -1,5 +1,6 @@
-"""Beat jobs: worker schedules, reconciliation of desired vs running workers, alerts.
-
-Empty until its issue: `cipherpool up` already runs beat (with no jobs yet), and node
-heartbeats plus database bindings are in place for reconciliation to build on.
+"""Beat's jobs over the pool: worker schedules (:mod:`.windows`, :mod:`.schedules`,
+:mod:`.tick`) and autoscaling (:mod:`.autoscale`). Billing has its own package
+(:mod:`cipherpool.billing`), alerts theirs (:mod:`cipherpool.alerts`); reconciliation is
+:func:`cipherpool.lifecycle.reconcile`. Each job reads the database afresh and claims what
+it applies, so beat may restart, miss ticks or run twice.
 """

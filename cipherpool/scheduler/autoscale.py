@@ -188,13 +188,14 @@ class Reading:
 Gauge = Callable[[Model, datetime], Reading]
 
 
-def recent_wait(samples: list[Sample], now: datetime, window_s: float = WAIT_WINDOW_S) -> Reading:
-    """The average queue wait of the samples computed within ``window_s`` before ``now``, and
-    the newest sample's time (``samples`` newest first, as the recent list keeps them)."""
+def recent_wait(samples: list[Sample], now: datetime,
+                window_s: float = WAIT_WINDOW_S) -> tuple[float | None, datetime | None]:
+    """The average queue wait of the samples computed within ``window_s`` before ``now`` (None:
+    none was), and the newest sample's time (``samples`` newest first, as the list keeps them)."""
     start = now.timestamp() - window_s
     waits = [s.queue_wait_s for s in samples if s.at > start]
     last = datetime.fromtimestamp(samples[0].at, UTC) if samples else None
-    return Reading(sum(waits) / len(waits) if waits else None, 0, last)
+    return (sum(waits) / len(waits) if waits else None), last
 
 
 def recorded(redis: Redis, app: Celery) -> Gauge:
@@ -203,8 +204,8 @@ def recorded(redis: Redis, app: Celery) -> Gauge:
 
     def read(model: Model, now: datetime) -> Reading:
         raw = cast(list[bytes], redis.lrange(recent_key(model.id), 0, KEEP_RECENT - 1))
-        wait = recent_wait([Sample.decode(item) for item in raw], now)
-        return Reading(wait.queue_wait_s, model_depth(app, model), wait.last_query_at)
+        wait, last = recent_wait([Sample.decode(item) for item in raw], now)
+        return Reading(wait, model_depth(app, model), last)
 
     return read
 
@@ -348,23 +349,36 @@ def pick_worker(workers: list[Worker]) -> Worker | None:
 
 def _remove(ctx: PlatformContext, app: Celery, model: Model, seen: AutoscalePolicy, workers: list[Worker],
             decision: Decision, now: datetime) -> Outcome:
-    """Claim, ask one worker's node to unbind it (queries in flight finish), record why."""
+    """Claim, ask one worker's node to unbind it (queries in flight finish), record why. A stop
+    refused before it was recorded gives the claim back; the next tick tries again."""
     victim = pick_worker(workers)
     if victim is None:
         return Outcome(model.name, Action.NONE, f"{decision.cause}, but every worker was started by a schedule")
     if not _claim(ctx, seen, Action.DOWN, decision.reason, now):
         return Outcome(model.name, Action.NONE, "another beat acted on this model")
-    try:
-        lifecycle.stop_worker(ctx, app, model.account_id, victim.id, reason=StopReason.AUTOSCALER, source="beat")
-    except CipherpoolError as exc:  # the broker, most likely: the next tick tries again
-        log.warning("model %s: could not stop worker %s: %s", model.name, victim.id, exc.message)
+    stopped, trouble = _stop(ctx, app, model, victim)
+    if not stopped:
         with ctx.session() as session:
             _compare_and_set(session, model.id, now, last_scaled_at=seen.last_scaled_at, last_action=seen.last_action,
                              last_reason=seen.last_reason)
-        return Outcome(model.name, Action.NONE, f"could not stop worker {victim.id}: {exc.message}")
+        return Outcome(model.name, Action.NONE, f"could not stop worker {victim.id}: {trouble}")
     log.info("model %s: removed worker %s (%s)", model.name, victim.id, decision.reason)
+    note = f"; its node could not be told yet: {trouble}" if trouble else ""
     with ctx.session() as session:
         _record(session, model.id, EventKind.AUTOSCALED_DOWN, f"{decision.reason} (worker {victim.id} on "
-                f"{victim.node_name})", now, victim.id)
+                f"{victim.node_name}{note})", now, victim.id)
     return Outcome(model.name, Action.DOWN, decision.reason, worker_id=victim.id)
 
+
+def _stop(ctx: PlatformContext, app: Celery, model: Model, victim: Worker) -> tuple[bool, str]:
+    """Stop the worker: (whether its stop is recorded, what went wrong). The stop is committed
+    before its node is told, so a broker that fails after it leaves the worker stopping, as a
+    user's stop would: that removal stands, and its event says what went wrong."""
+    try:
+        lifecycle.stop_worker(ctx, app, model.account_id, victim.id, reason=StopReason.AUTOSCALER, source="beat")
+        return True, ""
+    except CipherpoolError as exc:
+        log.warning("model %s: could not stop worker %s: %s", model.name, victim.id, exc.message)
+        with ctx.session() as session:
+            row = session.get(Worker, victim.id)
+            return row is not None and not row.status.wanted, exc.message

@@ -21,6 +21,7 @@ applied: the open window wants those very workers, so they carry over.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -71,6 +72,7 @@ class Report:
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     errors: int = 0
+    began: float = field(default_factory=lambda: time.monotonic())  # when the tick read what was due
 
     def as_dict(self) -> dict[str, Any]:
         return {"started": self.started, "stopped": self.stopped, "failed": self.failed, "skipped": self.skipped,
@@ -252,17 +254,22 @@ def _start(ctx: PlatformContext, app: Celery, item: Due, row_id: int, previous: 
     _finish(ctx, item, row_id, Status.DONE, f"{item.why}: started {len(started)} worker(s) ({ids})", now,
             EventKind.SCHEDULE_STARTED)
     report.started.append(item.schedule_id)
-    _stop_if_withdrawn(ctx, app, item, [w.id for w in started])
+    # The tick's clock, moved on by the time spent since it read what was due.
+    _stop_if_withdrawn(ctx, app, item, [w.id for w in started], now + timedelta(seconds=time.monotonic() - report.began))
 
 
-def _stop_if_withdrawn(ctx: PlatformContext, app: Celery, item: Due, worker_ids: list[str]) -> None:
+def _stop_if_withdrawn(ctx: PlatformContext, app: Celery, item: Due, worker_ids: list[str], now: datetime) -> None:
     """Workers started for a schedule paused or removed while they started: stopped again. (A
     pause or removal that committed before they did could not have seen them.)"""
     with ctx.session() as session:
         schedule = session.get(Schedule, item.schedule_id)
         withdrawn = schedule is None or schedule.paused
-    if withdrawn:
-        log.info("schedule %s was paused or removed while its workers started: stopping them", item.schedule_id)
+    # A second beat may have closed the window (and found nothing to stop) while this one
+    # started workers decided on before the close: they would run until the next window's end.
+    closed = item.end is not None and item.end <= now
+    if withdrawn or closed:
+        log.info("schedule %s was paused, removed or its window closed while its workers started: stopping them",
+                 item.schedule_id)
         for worker_id in worker_ids:
             lifecycle.stop_worker(ctx, app, item.account_id, worker_id, StopReason.SCHEDULE, source="beat")
 
