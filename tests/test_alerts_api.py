@@ -154,8 +154,8 @@ def test_set_list_replace_and_remove_over_http(gateway: Gateway, p: Provider):
     ({"metric": "queue_depth", "threshold": 1, "window_s": 30}, 422, "invalid_input"),
     ({"metric": "queue_depth", "threshold": 1, "window_s": 90_000}, 422, "invalid_input"),
     ({"metric": "queue_depth", "threshold": 1, "webhook_url": "ftp://x.example.com/"}, 422, "invalid_input"),
-    ({"metric": "queue_depth", "threshold": 1, "webhook_url": "http://127.0.0.1:6379/"}, 422, "invalid_input"),
-    ({"metric": "queue_depth", "threshold": 1, "webhook_url": "http://169.254.169.254/"}, 422, "invalid_input"),
+    ({"metric": "queue_depth", "threshold": 1, "webhook_url": "http://127.0.0.1:6379/"}, 422, "refused_destination"),
+    ({"metric": "queue_depth", "threshold": 1, "webhook_url": "http://169.254.169.254/"}, 422, "refused_destination"),
     ({"metric": "queue_depth", "threshold": 1, "severity": "high"}, 422, "invalid_input"),
     ({"model": "no-such-model", "metric": "queue_depth", "threshold": 1}, 404, "model_not_found"),
 ])
