@@ -3,5 +3,5 @@
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.errors import CipherpoolError
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 __all__ = ["CipherpoolError", "ManagementClient", "QueryClient", "__version__"]

@@ -1,144 +1,207 @@
-"""`cipherpool demo`: the whole product on one machine, as each kind of user sees it.
+"""`cipherpool demo`: the four tutorials end to end on an embedded stack of their own.
 
-Operator: starts the embedded stack. Provider: trains a digit classifier on scikit-learn's
-bundled digits, compiles it to FHE, deploys it, starts a worker, creates a token. End user:
-generates keys, uploads the evaluation key, encrypts an image, has the worker compute on the
-ciphertext, decrypts, and compares with the model's clear prediction. Provider and end user
+Operator: starts the stack (Redis, SQLite, control worker, pool node, beat, Flower, gateway).
+Then, per tutorial (:mod:`cipherpool.tutorials`), the provider trains a model on data that a
+package ships, compiles it to FHE, deploys it, starts a worker and creates a token; the end
+user generates keys, uploads the evaluation key, encrypts each input, has the worker compute
+on the ciphertext, decrypts, and compares with the model's clear answer. Provider and end user
 talk only to the gateway, over HTTP, like any user. Then all stops.
+
+A disagreement between FHE and clear fails the demo after its report (``FheMismatch``, exit
+status 7), and so does a request body that held the secret key or a clear input, or that could
+not be checked (``PrivacyBreach``, exit status 7). Bad arguments (``--text`` that the model
+cannot read, an ``--out`` that cannot be written) are refused before anything starts.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
+import math
+import os
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from cipherpool.client import ManagementClient, QueryClient, WorkerInfo
+from cipherpool import __version__
 from cipherpool.config.settings import Settings
-from cipherpool.errors import PlatformError
+from cipherpool.errors import FheMismatch, InvalidInput, PrivacyBreach
+from cipherpool.files import private_dir
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+from cipherpool.tutorials import DEFAULT, TUTORIALS, Tutorial
+from cipherpool.tutorials.present import explain, summary
+from cipherpool.tutorials.runner import TutorialReport, TutorialRun
+from cipherpool.tutorials.sentiment import Sentiment, check_texts
 
-EXTRA_QUERIES = 3
+ORDER = list(TUTORIALS)  # digits, health, image, sentiment
+
+
+def choose(names: Sequence[str]) -> list[str]:
+    """The tutorials to run, in the canonical order: none named runs the quick default."""
+    wanted = set(names) or {DEFAULT}
+    return ORDER if "all" in wanted else [n for n in ORDER if n in wanted]
+
+
+def make(name: str, texts: Sequence[str]) -> Tutorial:
+    return Sentiment(list(texts)) if name == "sentiment" else TUTORIALS[name]()
 
 
 class Demo:
-    def __init__(self, settings: Settings, root: Path, nodes: int, echo: Callable[[str], None]):
+    def __init__(self, settings: Settings, root: Path, *, nodes: int, names: list[str], texts: Sequence[str] = (),
+                 out_dir: Path | None = None, echo: Callable[[str], None] = print, explain: bool = False):
         # The demo always runs its own embedded stack, whatever the environment points at.
         self.settings = settings.model_copy(update={
             "broker_url": None, "result_backend": None, "store_url": None, "url": None,
             "database_url": None, "data_dir": root / "platform",
         })
-        self.root, self.echo = root, echo
+        self.root, self.names, self.texts, self.out_dir = root, names, texts, out_dir
+        self.echo, self.explain = echo, explain
         self.stack = EmbeddedStack(self.settings, StackOptions(nodes=nodes, loglevel="WARNING"))
-        self.timings: list[tuple[str, float]] = []
+        self.stack_s = 0.0
 
-    @contextmanager
-    def step(self, title: str) -> Iterator[None]:
-        self.echo(f"• {title} …")
-        t = time.perf_counter()
-        yield
-        self.timings.append((title, time.perf_counter() - t))
-        self.echo(f"  done in {self.timings[-1][1]:.2f} s")
-
-    def run(self) -> None:
+    def run(self) -> list[TutorialReport]:
+        reports: list[TutorialReport] = []
         try:
-            self.train()
-            with self.step(f"operator: start the embedded stack (Redis, control worker, "
-                           f"{self.stack.options.nodes} pool node(s), beat, Flower, gateway)"):
-                self.stack.start()
-                for name, where in self.stack.describe():
-                    self.echo(f"    {name:<10} {where}")
-            mc, worker, token = self.provide()
-            qc = QueryClient(token, url=self.stack.gateway_url, settings=self.stack.client_settings,
-                             key_dir=self.root / "client-keys")
-            self.first_query(qc)
-            self.more_queries(qc, mc)
-            with self.step("provider: stop the worker"):
-                mc.stop_worker(worker.id)
-            qc.close()
-            mc.close()
+            self.echo(f"• operator: start the embedded stack (Redis, control worker, {self.stack.options.nodes} pool "
+                      "node(s), beat, Flower, gateway) …")
+            started = time.perf_counter()
+            self.stack.start()
+            self.stack_s = time.perf_counter() - started
+            for name, where in self.stack.describe():
+                self.echo(f"    {name:<10} {where}")
+            self.echo(f"    ready in {self.stack_s:.2f} s")
+            api_key = self.stack.create_account("demo")
+            for name in self.names:
+                self.echo(f"\n• tutorial {name}: {TUTORIALS[name].title}")
+                run = TutorialRun(make(name, self.texts), api_key=api_key, url=self.stack.gateway_url,
+                                  settings=self.stack.client_settings, work_dir=self.root / name,
+                                  out_dir=self.out_dir / name if self.out_dir else None, echo=self.echo)
+                report = run.run()
+                reports.append(report)
+                self.echo("")
+                for line in summary(report) + (explain(report) if self.explain else []):
+                    self.echo(line)
         finally:
-            self.echo("• operator: stop the stack")
+            self.echo("\n• operator: stop the stack")
             self.stack.stop()
-        self.echo("\nstep timings:")
-        for title, seconds in self.timings:
-            self.echo(f"  {seconds:7.2f} s  {title}")
-
-    def train(self) -> None:
-        with self.step("provider: train and compile a digits MLP (scikit-learn digits, 3-bit weights)"):
-            from cipherpool.examples import train_digits
-
-            self.example = train_digits(self.root / "digits_fhe")
-            self.echo(f"  clear test accuracy {self.example.accuracy:.1%}; deployment in {self.example.path}")
-
-    def provide(self) -> tuple[ManagementClient, WorkerInfo, str]:
-        mc = ManagementClient(self.stack.create_account("demo"), url=self.stack.gateway_url,
-                              settings=self.stack.client_settings)
-        with self.step("provider: deploy and activate the model"):
-            mc.deploy_model("digits", self.example.path)
-            mc.activate_model("digits")
-        with self.step("provider: start a worker (binds a pool node, preloads the model)"):
-            worker = mc.start_worker("digits")
-            self.echo(f"  worker {worker.id} on {worker.node}: {worker.status.value}")
-        return mc, worker, mc.create_token("demo-user", model="digits")
-
-    def first_query(self, qc: QueryClient) -> None:
-        with self.step("end user: generate keys (the secret key stays on this machine)"):
-            qc.generate_keys()
-        with self.step("end user: upload the evaluation key (once), warmed on the node"):
-            key_id = qc.upload_evaluation_keys()
-            self.echo(f"  key set {key_id[:12]}…, evaluation key {len(qc.crypto.evaluation_key()) / 1e6:.1f} MB")
-            if qc.last_warmup is not None:
-                self.echo(f"  warmed on {qc.last_warmup.warmed} of {qc.last_warmup.nodes} node(s) in "
-                          f"{qc.last_warmup.seconds:.2f} s: one throwaway evaluation, so the first query is warm")
-        x, label = self.example.x_test[0], int(self.example.y_test[0])
-        t0 = time.perf_counter()
-        ciphertext = qc.encrypt(x)
-        t1 = time.perf_counter()
-        output = qc.execute(ciphertext)
-        t2 = time.perf_counter()
-        decrypted = qc.decrypt(output)
-        t3 = time.perf_counter()
-        clear = self.example.clear(x.reshape(1, -1))
-        predicted, expected = int(decrypted.argmax()), int(clear.argmax())
-        server = qc.last_timings
-        self.echo(f"\n  predicted digit (decrypted FHE result): {predicted}")
-        self.echo(f"  model's clear prediction:              {expected}")
-        self.echo(f"  true label:                            {label}")
-        self.echo(f"  FHE output equals clear output:        {np.allclose(decrypted, clear, atol=1e-3)}")
-        self.echo(f"  timings: encrypt {(t1 - t0) * 1e3:.0f} ms ({len(ciphertext)} B) · execute {t2 - t1:.2f} s "
-                  f"(queue {server['queue_wait_s'] * 1e3:.0f} ms, key {server['key_s'] * 1e3:.0f} ms, "
-                  f"compute {server['compute_s']:.2f} s) · decrypt {(t3 - t2) * 1e3:.0f} ms ({len(output) / 1e3:.0f} kB)")
-        if predicted != expected:
-            raise PlatformError(f"FHE prediction {predicted} differs from the clear prediction {expected}")
-
-    def more_queries(self, qc: QueryClient, mc: ManagementClient) -> None:
-        with self.step(f"end user: {EXTRA_QUERIES} more queries (the evaluation key is now cached on the node)"):
-            for i in range(1, EXTRA_QUERIES + 1):
-                got = int(qc.predict(self.example.x_test[i]).argmax())
-                want = int(self.example.clear(self.example.x_test[i: i + 1]).argmax())
-                self.echo(f"  image {i}: predicted {got}, clear {want}, execute {qc.last_timings['end_to_end_s']:.2f} s, "
-                          f"compute {qc.last_timings['compute_s']:.2f} s")
-        stats = mc.worker_stats("digits")[0]
-        self.echo(f"  worker {stats.worker_id} on {stats.node}: {stats.queries_succeeded} queries, average compute "
-                  f"{stats.average_compute_s or 0:.2f} s, key cache {stats.key_cache_hits} hits / "
-                  f"{stats.key_cache_misses} miss")
+        if len(reports) > 1:
+            self.echo("\nall tutorials:")
+            for r in reports:
+                self.echo(f"  {r.name:<10} {r.seconds:6.1f} s  {len(r.cases)} queries  "
+                          f"{'FHE agrees with clear on every one' if r.agree else 'DISAGREEMENT'}")
+        return reports
 
 
-def run_demo(settings: Settings, demo_dir: Path | None, *, nodes: int = 1, echo: Callable[[str], None] = print) -> None:
-    """Run the demo in demo_dir (kept), or in a temporary directory removed afterwards."""
+def as_json(reports: list[TutorialReport], stack_s: float, total_s: float) -> str:
+    document: dict[str, Any] = {
+        "cipherpool": __version__, "stack_start_s": stack_s, "seconds": total_s,
+        "agree": all(r.agree for r in reports), "private": all(r.private for r in reports),
+        "tutorials": [r.to_dict() for r in reports],
+    }
+    return json.dumps(_plain(document), indent=2, allow_nan=False)
+
+
+def _plain(value: Any) -> Any:
+    """Strict JSON: numpy scalars and arrays become numbers and lists, a non-finite number
+    (a PSNR of identical images) becomes null, anything else unknown its string."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy scalar or array
+        return _plain(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def prepare(chosen: list[str], texts: Sequence[str], out_dir: Path | None) -> None:
+    """Refuse what would fail later, before a process starts or a model trains."""
+    if texts and "sentiment" not in chosen:
+        raise InvalidInput("--text is for the sentiment tutorial: `cipherpool demo sentiment --text \"...\"`.")
+    if texts:
+        check_texts(list(texts))
+    if out_dir is not None:
+        for name in chosen:
+            if TUTORIALS[name].writes_files:
+                where = out_dir / name
+                try:
+                    private_dir(where)
+                    probe = where / ".cipherpool-write-test"
+                    probe.touch(mode=0o600)
+                    probe.unlink()
+                except OSError as e:
+                    raise InvalidInput(f"The demo cannot write its files to {where}: {e.strerror or e}. "
+                                       "Choose another directory with --out.") from e
+
+
+def run_demo(settings: Settings, demo_dir: Path | None, *, nodes: int = 1, names: Sequence[str] = (),
+             texts: Sequence[str] = (), out_dir: Path | None = None, explain: bool = False, json_out: bool = False,
+             echo: Callable[[str], None] = print) -> list[TutorialReport]:
+    """Run the chosen tutorials in demo_dir (kept), or in a temporary directory removed
+    afterwards. With ``json_out`` the progress goes to stderr and one JSON document to ``echo``."""
+    chosen = choose(names)
+    prepare(chosen, texts, out_dir)
     root = demo_dir.resolve() if demo_dir else Path(tempfile.mkdtemp(prefix="cipherpool-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     (root / "tmp").mkdir(exist_ok=True)
     previous_tmp, tempfile.tempdir = tempfile.tempdir, str(root / "tmp")  # concrete's compile dirs
+    started = time.perf_counter()
     try:
-        Demo(settings, root, nodes, echo).run()
+        progress = _to_stderr if json_out else echo
+        demo = Demo(settings, root, nodes=nodes, names=chosen, texts=texts, out_dir=out_dir, echo=progress,
+                    explain=explain and not json_out)
+        with stdout_to_stderr() if json_out else nullcontext():
+            reports = demo.run()
     finally:
         tempfile.tempdir = previous_tmp
         if demo_dir is None:
             shutil.rmtree(root, ignore_errors=True)
+    if json_out:
+        echo(as_json(reports, demo.stack_s, time.perf_counter() - started))
+    leaks = [f"{r.name}: {', '.join(r.privacy.found) or 'unchecked bodies'}" for r in reports if not r.private]
+    if leaks:
+        raise PrivacyBreach(f"The traffic check failed for {'; '.join(leaks)}")
+    wrong = [f"{r.name}: {c.label!r}" for r in reports for c in r.cases if not c.agree]
+    if wrong:
+        raise FheMismatch(f"FHE and clear answers differ for {', '.join(wrong)}")
+    return reports
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout meanwhile to stderr, at the file-descriptor level:
+    concrete's native code prints to stdout too (``KeySetCache: miss``), and ``--json`` promises
+    one JSON document there."""
+    _flush_stdout()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        try:
+            yield
+        finally:
+            _flush_stdout()
+            os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+
+
+def _flush_stdout() -> None:
+    """Flush Python's buffer and C's (native code writes through stdio), so that nothing
+    written before a swap of fd 1 lands on the other side of it."""
+    sys.stdout.flush()
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to reach: Python's own flush is all there is
+        pass

@@ -66,6 +66,8 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
         ├── StoreFull                           507   Redis at maxmemory; nothing is evicted
         ├── QueryTimeout                        504
         ├── WorkerStartFailed                   500
+        ├── FheMismatch                         500   a decrypted answer differs from the clear model's
+        ├── PrivacyBreach                       500   a request body held the secret key or a clear input
         └── RemoteError                         502   unexpected failure inside a platform process
 """
 
@@ -365,6 +367,22 @@ class QueryTimeout(PlatformError):
 
 class WorkerStartFailed(PlatformError):
     code = "worker_start_failed"
+    http_status = 500
+
+
+class FheMismatch(PlatformError):
+    """A decrypted FHE answer differs from the model's clear answer (the tutorials check
+    every one): a circuit compiled with too little precision, or a platform fault."""
+
+    code = "fhe_mismatch"
+    http_status = 500
+
+
+class PrivacyBreach(PlatformError):
+    """The demo's traffic check found, in what the client sent, bytes that must never leave
+    it (a sample of its secret key, a clear input), or could not read a body to check it."""
+
+    code = "privacy_breach"
     http_status = 500
 
 

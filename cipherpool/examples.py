@@ -24,7 +24,9 @@ class Example:
     accuracy: float
 
 
-def _save(model: object, path: Path) -> None:
+def save_deployment(model: object, path: Path) -> None:
+    """Save a compiled model as a deployment directory; FHEModelDev refuses a directory that
+    already holds one, so a rerun replaces the old files."""
     from concrete.ml.deployment import FHEModelDev
 
     path.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ def train_digits(path: Path) -> Example:
     )
     model.fit(x_train, y_train)
     model.compile(x_train[:200])
-    _save(model, path)
+    save_deployment(model, path)
     accuracy = float((model.predict(x_test) == y_test).mean())
     return Example("digits", path, x_test, y_test, lambda xs: model.predict_proba(xs, fhe="disable"), accuracy)
 
@@ -66,6 +68,6 @@ def train_breast_cancer(path: Path) -> Example:
     model = LogisticRegression(n_bits=8)
     model.fit(x_train, y_train)
     model.compile(x_train)
-    _save(model, path)
+    save_deployment(model, path)
     accuracy = float((model.predict(x_test) == y_test).mean())
     return Example("breast-cancer", path, x_test, y_test, lambda xs: model.predict_proba(xs, fhe="disable"), accuracy)

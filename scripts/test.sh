@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test
-.venv/bin/ruff check cipherpool tests benchmarks
+.venv/bin/ruff check cipherpool tests benchmarks examples
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

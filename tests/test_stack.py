@@ -269,7 +269,7 @@ def test_demo_passes_nodes_on(monkeypatch):
     from cipherpool.cli import cli
 
     seen = {}
-    monkeypatch.setattr(demo, "run_demo", lambda settings, demo_dir, *, nodes, echo: seen.update(nodes=nodes))
+    monkeypatch.setattr(demo, "run_demo", lambda settings, demo_dir, *, nodes, **kwargs: seen.update(nodes=nodes))
     result = CliRunner().invoke(cli, ["demo", "--workers", "2"])
     assert result.exit_code == 0, result.output
     assert seen == {"nodes": 2} and "deprecated" in result.stderr

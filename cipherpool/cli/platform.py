@@ -7,6 +7,7 @@ name of ``--nodes``: it still works, hidden from --help, with a warning on stder
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -100,12 +101,27 @@ def up(ctx: CliContext, nodes: int, workers: int | None, concurrency: int, host:
 
 
 @click.command()
+@click.argument("names", nargs=-1, type=click.Choice(["digits", "health", "image", "sentiment", "all"]))
+@click.option("--text", "texts", multiple=True, metavar="TEXT",
+              help="A sentence for the sentiment tutorial (repeatable); default: four examples.")
+@click.option("--explain", is_flag=True, help="Also print, per step, where it ran and what crossed the network.")
+@click.option("--json", "json_out", is_flag=True, help="Print one JSON report on stdout (progress goes to stderr).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cipherpool-demo"),
+              show_default=True, help="Where tutorials write their files (the image tutorial's PNGs), per tutorial.")
 @click.option("--data-dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Keep the demo's files here (default: a temporary directory, removed after).")
+              help="Keep the demo's platform files here (default: a temporary directory, removed after).")
 @nodes_option(default=1)
 @pass_ctx
-def demo(ctx: CliContext, demo_dir: Path | None, nodes: int, workers: int | None) -> None:
-    """Train, deploy and query a digit classifier end to end on the embedded stack."""
+def demo(ctx: CliContext, names: tuple[str, ...], texts: tuple[str, ...], explain: bool, json_out: bool,
+         out_dir: Path, demo_dir: Path | None, nodes: int, workers: int | None) -> None:
+    """Run the tutorials end to end on an embedded stack: digits (the default, the quick one),
+    health, image, sentiment, or all. Each prints its steps with timings and sizes and every
+    FHE answer beside the model's clear answer, and fails if they differ."""
     from cipherpool.demo import run_demo
 
-    run_demo(ctx.settings, demo_dir, nodes=_nodes(nodes, workers), echo=click.echo)
+    previous = private_umask()  # keys, models and images the demo writes are its user's alone, as under `up`
+    try:
+        run_demo(ctx.settings, demo_dir, nodes=_nodes(nodes, workers), names=names, texts=texts, out_dir=out_dir,
+                 explain=explain, json_out=json_out or ctx.as_json, echo=click.echo)
+    finally:
+        os.umask(previous)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from urllib.parse import quote
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from cipherpool.api.schemas import (
     AccountOut, AccountUpdate, ApiKeyRotated, AssignIn, CreditBalance, DeployIn, EventOut, LedgerLine, ModelDetail,
@@ -19,6 +19,7 @@ from cipherpool.api.schemas import ModelStats
 from cipherpool.api.schemas import ScheduleIn, ScheduleOut
 from cipherpool.api.schemas import AlertEventOut, AlertIn, AlertOut, AlertSet
 from cipherpool.api.schemas import AutoscaleIn, AutoscaleOut
+from cipherpool.client.traffic import TrafficLog
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.errors import InvalidInput, WorkerStartFailed
@@ -467,8 +468,19 @@ class ManagementClient:
     def _schedule_path(schedule_id: str) -> str:
         return f"/v1/schedules/{quote(schedule_id, safe='')}"
 
+    def observe(self, log: TrafficLog) -> None:
+        """Record this client's requests in ``log`` from now on (sizes, and that no body held
+        what the log guards)."""
+        self._t.observe(log.hooks())
+
     def close(self) -> None:
         self._t.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _upload(self, path: str | Path) -> tuple[str, str]:
         """Stage a deployment directory's client.zip and server.zip; their upload ids."""

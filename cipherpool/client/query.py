@@ -12,13 +12,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from cipherpool.api.schemas import ClientModelOut, KeyOut, QueryAccepted, WarmupOut
+from cipherpool.client.traffic import TrafficLog
 from cipherpool.client.transport import Transport, client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.credentials import digest
@@ -113,6 +114,7 @@ class QueryClient:
         self._crypto: ClientCrypto | None = None
         self.last_timings: dict[str, float] = {}
         self.last_version: int | None = None  # the model version that answered the last execute()
+        self.last_node: str | None = None  # the pool node that computed it
         self.last_warmup: WarmupOut | None = None  # what the last key upload's warm-up did
 
     @property
@@ -203,7 +205,7 @@ class QueryClient:
         else:
             handle = QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
             output = handle.result(max(0.001, timeout - (time.time() - submitted)))
-        self.last_timings, self.last_version = handle.timings, handle.version
+        self.last_timings, self.last_version, self.last_node = handle.timings, handle.version, handle.node
         return output
 
     def decrypt(self, output: bytes) -> NDArray[Any]:
@@ -215,7 +217,8 @@ class QueryClient:
         return self.crypto.decrypt(encrypted.data)
 
     def predict(self, x: ArrayLike, timeout: float | None = None) -> NDArray[Any]:
-        """Encrypt, execute and decrypt; a 2-D ``x`` runs its rows as concurrent queries
+        """Encrypt, execute and decrypt one sample (a row of features, or one image without
+        the batch axis); a batch (rows, or images) runs as concurrent queries
         (all are submitted first, so the pool works on them in parallel while we wait)."""
         x = np.asarray(x)
         try:
@@ -227,7 +230,8 @@ class QueryClient:
             return self._predict(x, timeout)
 
     def _predict(self, x: NDArray[Any], timeout: float | None) -> NDArray[Any]:
-        if x.ndim == 1:
+        shape = self.crypto.input_shape  # with the batch axis: one image is (1, 66, 66) for [1, 1, 66, 66]
+        if x.ndim == 1 or (shape and x.ndim == len(shape) - 1):
             return self._predict_one(x, timeout)
         handles = [self.submit(self.encrypt(row)) for row in x]
         return np.concatenate([self.decrypt(h.result(timeout)) for h in handles])
@@ -274,8 +278,19 @@ class QueryClient:
                 "(`cipherpool worker start`). The query was withdrawn."
             )
 
+    def observe(self, log: TrafficLog) -> None:
+        """Record this client's requests in ``log`` from now on (sizes, and that no body held
+        what the log guards)."""
+        self._t.observe(log.hooks())
+
     def close(self) -> None:
         self._t.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def digest_bytes(data: bytes) -> str:

@@ -51,6 +51,12 @@ class Transport:
         self.credential = credential
         self._http.headers["Authorization"] = f"Bearer {credential}"
 
+    def observe(self, hooks: dict[str, list[Any]]) -> None:
+        """Add httpx event hooks (``{"request": [...], "response": [...]}``) to every later
+        request, e.g. a :class:`cipherpool.client.traffic.TrafficLog`'s."""
+        current = self._http.event_hooks
+        self._http.event_hooks = {kind: [*current.get(kind, []), *hooks.get(kind, [])] for kind in ("request", "response")}
+
     def request(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> httpx.Response:
         """Send a request; the response if it succeeded, else its typed error raised here."""
         if timeout is not None:

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from cipherpool.errors import InvalidShape, MalformedCiphertext
-from cipherpool.fhe.deployment import CLIENT_ZIP, read_versions
+from cipherpool.fhe.deployment import CLIENT_ZIP, input_spec, read_versions
 from cipherpool.files import private_dir, tighten_tree, write_private
 
 KEY_ID_FILE = "key_id"
@@ -32,6 +32,7 @@ class ClientCrypto:
         write_private(spec_dir / CLIENT_ZIP, client_zip)
         self._client = FHEModelClient(str(spec_dir), key_dir=str(self.key_dir / "keyset"))
         self._keys_loaded = False
+        self.input_shape = input_spec(client_zip).shape  # with the batch axis, e.g. [1, 1, 66, 66]
 
     def generate_keys(self, force: bool = False) -> str:
         """Create (or load from key_dir) the key set; returns its id.
@@ -51,6 +52,16 @@ class ClientCrypto:
         key: bytes = self._client.get_serialized_evaluation_keys()
         return key
 
+    def secret_key_material(self) -> list[bytes]:
+        """The serialized LWE secret keys of this key set: what must never leave this machine.
+        Only for checks that nothing sent holds them (the demo's ``--explain``)."""
+        self.key_id()  # loads or makes the key set
+        try:  # concrete keeps them behind private attributes (concrete-python 2.10): read, never relied on
+            keyset = self._client.client.keys._keyset
+            return [key.serialize() for key in keyset.get_client_keys().get_secret_keys()]
+        except (AttributeError, TypeError):  # another concrete: no samples, and the report says so
+            return []
+
     def key_id(self) -> str:
         """This key set's id; loads the key set from key_dir (or makes one) on first use, so
         that each CLI step, a process of its own, works with the keys of `query keygen`."""
@@ -60,7 +71,9 @@ class ClientCrypto:
 
     def encrypt(self, x: ArrayLike) -> bytes:
         sample = np.asarray(x)
-        if sample.ndim == 1:
+        if self.input_shape and sample.ndim == len(self.input_shape) - 1:
+            sample = sample[np.newaxis]  # one sample of an image model, say (1, 66, 66): add the batch axis
+        elif sample.ndim == 1:
             sample = sample.reshape(1, -1)
         try:
             ciphertext: bytes = self._client.quantize_encrypt_serialize(sample)
@@ -68,7 +81,8 @@ class ClientCrypto:
         except (ValueError, AssertionError) as exc:
             raise InvalidShape(
                 f"Input of shape {np.asarray(x).shape} does not fit this model: {exc}. "
-                "encrypt() takes one sample (a 1-D array of the model's features)."
+                "encrypt() takes one sample: a 1-D array of the model's features, or one image "
+                "without the batch axis."
             ) from None
 
     def decrypt(self, ciphertext: bytes) -> NDArray[Any]:

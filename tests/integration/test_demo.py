@@ -1,21 +1,81 @@
-"""The README's main job: `cipherpool demo` on the embedded stack, as a user runs it."""
+"""The README's main job: `cipherpool demo` on the embedded stack, as a user runs it: the
+quick default (digits) as text with --explain, then all four tutorials as JSON. Each asserts
+that every decrypted answer agrees with the model's clear answer, from the printed figures,
+not from the exit status alone."""
 
+import json
+import re
+import stat
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.integration
+TEXTS = ["I adore this brilliant, joyful little film.", "Dreadful service; the staff were rude and useless."]
 
 
-def test_demo_runs_end_to_end_and_cleans_up(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "cipherpool", "demo", "--data-dir", str(tmp_path / "demo")],
-                            capture_output=True, text=True, timeout=600)
+def demo(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "cipherpool", "demo", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_the_default_demo_is_digits_and_explains_each_step(tmp_path):
+    result = demo("--explain", "--data-dir", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert "FHE output equals clear output:        True" in out
-    predicted = next(line for line in out.splitlines() if "predicted digit" in line).split()[-1]
-    clear = next(line for line in out.splitlines() if "model's clear prediction" in line).split()[-1]
-    assert predicted == clear
-    assert "warmed on 1 of 1 node(s)" in out
+    answers = re.findall(r"test image (\d)\s+FHE digit (\d)\s+\|\s+clear digit (\d) · truth: (\d)\s+✓ agree", out)
+    assert len(answers) == 4 and all(fhe == clear for _, fhe, clear, _ in answers), out
+    assert "DISAGREE" not in out and "health" not in out  # digits only
+    for step in ("key generation", "evaluation-key upload", "encrypt", "queue wait", "compute (on the node)", "decrypt"):
+        assert re.search(rf"  {re.escape(step)}\s+\d+(\.\d+)? (ms|s)", out), step
+    assert "evaluated once on 1 of 1 node(s)" in out  # the warm-up
     assert "key cache 4 hits / 0 miss" in out  # the warm-up loaded the key before the first query
+    assert re.search(r"\d+ bodies checked for \d+ samples of the secret key and 4 clear inputs: found in none of them",
+                     out), out[-2000:]
+    assert "where:   end user's machine" in out and "crossed: nothing: the secret key" in out
+
+
+def test_all_four_tutorials_agree_with_their_clear_models(tmp_path):
+    out_dir = tmp_path / "out"
+    args = ["all", "--json", "--out", str(out_dir)] + [a for text in TEXTS for a in ("--text", text)]
+    result = demo(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    report = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
+    tutorials = {t["name"]: t for t in report["tutorials"]}
+    assert list(tutorials) == ["digits", "health", "image", "sentiment"] and report["agree"] is True
+    for t in tutorials.values():
+        assert t["cases"] and all(c["agree"] for c in t["cases"]), t["name"]
+        assert t["privacy"]["found"] == [] and t["privacy"]["secret_patterns"] > 0, t["name"]
+        assert all(c["compute_s"] > 0 and c["ciphertext_bytes"] > 0 and c["output_bytes"] > 0 for c in t["cases"])
+        steps = [s["title"] for s in t["steps"]]
+        assert any(s.startswith("generate keys") for s in steps) and any(s.startswith("upload") for s in steps)
+
+    assert all(c["values"]["fhe"] == c["values"]["clear"] for c in tutorials["digits"]["cases"])
+
+    health = tutorials["health"]["cases"]
+    assert {c["truth"] for c in health} == {"malignant", "benign"}
+    for c in health:
+        v = c["values"]
+        assert abs(v["fhe_p_malignant"] - v["clear_p_malignant"]) <= 1e-3
+        assert (v["fhe_p_malignant"] >= 0.5) == (v["clear_p_malignant"] >= 0.5)
+
+    [image] = tutorials["image"]["cases"]
+    assert image["values"]["pixels"] == 64 * 64 and image["values"]["pixels_differing_from_clear_model"] == 0
+    assert image["values"]["max_error_vs_float_convolution"] <= 1  # exact up to the last rounding
+    files = tutorials["image"]["files"]
+    assert set(files) == {"original", "sharpened_fhe", "sharpened_clear", "side_by_side"}
+    for role, path in files.items():
+        assert stat.S_IMODE((out_dir / "image" / f"{role}.png").stat().st_mode) == 0o600, role
+        with Image.open(path) as png:
+            assert png.size == ((64 * 4) * 3 + 2 * 16, 64 * 4) if role == "side_by_side" else (64, 64)
+    assert stat.S_IMODE((out_dir / "image").stat().st_mode) == 0o700
+
+    sentiment = tutorials["sentiment"]["cases"]
+    assert [c["label"] for c in sentiment] == TEXTS
+    positive, negative = (c["values"] for c in sentiment)
+    assert positive["fhe_p_positive"] > 0.5 > negative["fhe_p_positive"]
+    assert "brilliant" in positive["words"] and "rude" in negative["words"]
+    for v in (positive, negative):
+        assert abs(v["fhe_p_positive"] - v["clear_p_positive"]) <= 1e-3
