@@ -71,8 +71,8 @@ def explain(report: TutorialReport) -> list[str]:
     p = report.privacy
     secret = (f"{p.secret_patterns} samples of the secret key" if p.secret_patterns
               else "the secret key (unreadable in this concrete version: not sampled)")
-    checked = (secret +
-               (f" and {p.input_patterns} clear inputs" if p.input_patterns else " (inputs too sparse to check by bytes)"))
+    inputs = f"{p.input_patterns} clear input{'s' if p.input_patterns != 1 else ''}"
+    checked = secret + (f" and {inputs}" if p.input_patterns else " (inputs too sparse to check by bytes)")
     verdict = _verdict(p)
     lines.append(f"  the end user sent {p.requests} requests ({size(p.sent)} up, {size(p.received)} down); "
                  f"{p.bodies_checked} bodies checked for {checked}: {verdict}")

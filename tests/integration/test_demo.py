@@ -32,9 +32,13 @@ def test_the_default_demo_is_digits_and_explains_each_step(tmp_path):
         assert re.search(rf"  {re.escape(step)}\s+\d+(\.\d+)? (ms|s)", out), step
     assert "evaluated once on 1 of 1 node(s)" in out  # the warm-up
     assert "key cache 4 hits / 0 miss" in out  # the warm-up loaded the key before the first query
-    assert re.search(r"\d+ bodies checked for \d+ samples of the secret key and 4 clear inputs: found in none of them",
-                     out), out[-2000:]
+    sent = re.search(r"the end user sent (\d+) requests .*?; (\d+) bodies checked for \d+ samples of the secret key "
+                     r"and 4 clear inputs: found in none of them", out)
+    assert sent and int(sent.group(1)) == int(sent.group(2)) > 0, out[-2000:]  # every body read, none held them
+    assert re.search(r"privacy: (\d+)/\1 request bodies checked .*: found in none of them", out)
     assert "where:   end user's machine" in out and "crossed: nothing: the secret key" in out
+    assert "fetch the model's client specs" in out and "the node's command queue" in out
+    assert out.count("in the task message") == 4  # 1.9 kB ciphertexts ride inline
 
 
 def test_all_four_tutorials_agree_with_their_clear_models(tmp_path):
@@ -45,9 +49,14 @@ def test_all_four_tutorials_agree_with_their_clear_models(tmp_path):
     report = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
     tutorials = {t["name"]: t for t in report["tutorials"]}
     assert list(tutorials) == ["digits", "health", "image", "sentiment"] and report["agree"] is True
+    assert report["private"] is True
     for t in tutorials.values():
         assert t["cases"] and all(c["agree"] for c in t["cases"]), t["name"]
-        assert t["privacy"]["found"] == [] and t["privacy"]["secret_patterns"] > 0, t["name"]
+        privacy = t["privacy"]
+        assert privacy["found"] == [] and privacy["secret_patterns"] > 0, t["name"]
+        assert privacy["bodies_checked"] == privacy["requests"] > 0 and privacy["unchecked_bodies"] == 0, t["name"]
+        [upload] = [s for s in t["steps"] if s["title"].startswith("upload the evaluation key")]
+        assert upload["sent"] >= t["evaluation_key_bytes"] > 0, t["name"]  # measured on the wire, not assumed
         assert all(c["compute_s"] > 0 and c["ciphertext_bytes"] > 0 and c["output_bytes"] > 0 for c in t["cases"])
         steps = [s["title"] for s in t["steps"]]
         assert any(s.startswith("generate keys") for s in steps) and any(s.startswith("upload") for s in steps)
@@ -64,6 +73,7 @@ def test_all_four_tutorials_agree_with_their_clear_models(tmp_path):
     [image] = tutorials["image"]["cases"]
     assert image["values"]["pixels"] == 64 * 64 and image["values"]["pixels_differing_from_clear_model"] == 0
     assert image["values"]["max_error_vs_float_convolution"] <= 1  # exact up to the last rounding
+    assert image["ciphertext_inline"] is True and image["output_inline"] is False  # 35 MB out: by reference
     files = tutorials["image"]["files"]
     assert set(files) == {"original", "sharpened_fhe", "sharpened_clear", "side_by_side"}
     for role, path in files.items():
