@@ -8,6 +8,9 @@ import re
 import stat
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -21,10 +24,37 @@ def demo(*args, timeout=900):
                           timeout=timeout)
 
 
+def processes_mentioning(text: str, but: int = 0) -> list[int]:
+    """Live processes (other than ``but``) whose command line or environment names ``text``:
+    the demo's data dir, which its Redis, nodes and gateway all inherit."""
+    found = []
+    needle = text.encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == but:
+            continue
+        try:
+            if needle in (proc / "cmdline").read_bytes() or needle in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
 def test_the_default_demo_is_digits_and_explains_each_step(tmp_path):
-    result = demo("--explain", "--data-dir", str(tmp_path / "demo"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
+    data_dir = str(tmp_path / "demo")
+    with subprocess.Popen([sys.executable, "-m", "cipherpool", "demo", "--explain", "--data-dir", data_dir],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as running:
+        children: set[int] = set()
+        reader = threading.Thread(target=lambda: output.extend(running.communicate(timeout=900)))
+        output: list[str] = []
+        reader.start()
+        while reader.is_alive():
+            children.update(processes_mentioning(data_dir, but=running.pid))
+            time.sleep(0.5)
+    out, err = output
+    assert running.returncode == 0, out[-3000:] + err[-3000:]
+    assert len(children) >= 3  # Redis, a pool node, the gateway … were seen running
+    assert not processes_mentioning(data_dir), "the demo stops every process it started"
     answers = re.findall(r"test image (\d)\s+FHE digit (\d)\s+\|\s+clear digit (\d) · truth: (\d)\s+✓ agree", out)
     assert len(answers) == 4 and all(fhe == clear for _, fhe, clear, _ in answers), out
     assert "DISAGREE" not in out and "health" not in out  # digits only
