@@ -48,11 +48,12 @@ def main() -> None:
             cases = t["cases"]
             queries = sum(c["encrypt_s"] + c["execute_s"] + c["decrypt_s"] for c in cases)
             compute = sum(c["compute_s"] for c in cases) / len(cases)
+            counted = f"{len(cases)} quer{'y' if len(cases) == 1 else 'ies'}"
             print(f"{name:<10} {wall:6.1f}s {report['stack_start_s']:5.1f}s {steps.get('train and compile', 0):5.1f}s "
                   f"{steps.get('generate keys', 0):6.2f}s {steps.get('upload the evaluation key', 0):6.2f}s "
                   f"{queries:7.2f}s {compute:8.2f}s {t['evaluation_key_bytes'] / 1e6:7.1f}MB "
                   f"{cases[0]['ciphertext_bytes'] / 1e3:6.1f}kB {cases[0]['output_bytes'] / 1e3:8.1f}kB  "
-                  f"{'ok' if wall < TARGET_S else 'OVER'} ({len(cases)} queries, agree: {t['agree']}; {t['trained']})",
+                  f"{'ok' if wall < TARGET_S else 'OVER'} ({counted}, agree: {t['agree']}; {t['trained']})",
                   flush=True)
 
 
