@@ -70,6 +70,7 @@ def through_pool(model: Path, nodes: int, threads: int, queries: int, root: Path
     from cipherpool.config.settings import Settings
     from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 
+    root.mkdir(parents=True, exist_ok=True)  # a stack of its own each round: a fresh database
     (root / "profiles.toml").write_text(f'[profiles.bench]\nhost_class = "cpu"\nconcurrency = 1\nthreads = {threads}\n')
     settings = Settings(data_dir=root / "platform", profiles_file=root / "profiles.toml", token_rate_per_s=0,
                         account_rate_per_s=0, query_timeout_s=600)
@@ -132,14 +133,16 @@ def main() -> None:
         threads = max(1, cores // args.nodes)
         # Rounds, each running every configuration once: a noisy minute of the machine then
         # lands on all of them, not on one, and the medians compare like with like.
-        for _ in range(args.repeats):
+        for round_ in range(args.repeats):
             for executions in sorted({1, cores // 2 or 1, cores}):
                 runs.setdefault(f"in process, {executions} execution(s) x {max(1, cores // executions)} thread(s)",
                                 []).append(_one_in_process(model, executions, cores, args.queries))
             runs.setdefault(f"{args.nodes} processes at once, 1 execution x {threads} thread(s) each (no platform)",
                             []).append(processes(model, args.nodes, threads, args.queries))
-            pool, spread = through_pool(model, args.nodes, threads, args.queries, root)
+            pool, spread = through_pool(model, args.nodes, threads, args.queries, root / f"round{round_ + 1}")
             runs.setdefault(POOL, []).append(pool)
+            print(f"round {round_ + 1}: " + ", ".join(f"{name}: {rates[-1]:.2f}/s" for name, rates in runs.items()),
+                  file=sys.stderr, flush=True)  # each round's figures, as it ends
     _report(runs, spread, args, cores, threads)
 
 

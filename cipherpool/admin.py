@@ -68,7 +68,8 @@ class Admin:
     def list_nodes(self) -> list[NodeOut]:
         """Every pool node with its binding, whoever's account it belongs to (the operator's view)."""
         with self.ctx.session() as session:
-            return node_service.list_nodes(session, self.ctx.settings.node_heartbeat_s)
+            return node_service.list_nodes(session, self.ctx.settings.node_heartbeat_s,
+                                           held=lambda node: node_service.published_models(self.ctx.store.redis, node))
 
     def get_account(self, id_or_name: str) -> AccountOut:
         with self.ctx.session() as session:

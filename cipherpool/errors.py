@@ -66,6 +66,7 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
         ├── StoreFull                           507   Redis at maxmemory; nothing is evicted
         ├── QueryTimeout                        504
         ├── WorkerStartFailed                   500
+        │   └── BackendUnavailable                    compiled for the GPU, and this node's concrete has none
         ├── FheMismatch                         500   a decrypted answer differs from the clear model's
         ├── PrivacyBreach                       500   a request body held the secret key or a clear input
         └── RemoteError                         502   unexpected failure inside a platform process
@@ -368,6 +369,15 @@ class QueryTimeout(PlatformError):
 class WorkerStartFailed(PlatformError):
     code = "worker_start_failed"
     http_status = 500
+
+
+class BackendUnavailable(WorkerStartFailed):
+    """A circuit compiled with ``device="cuda"`` reached a node whose concrete has no GPU
+    build, or sees no GPU. concrete's CPU build would compile it for the CPU anyway
+    ("continuing without GPU acceleration"), with crypto parameters that the client's keys,
+    made from the GPU compilation's specs, need not fit: refused instead, with the reason."""
+
+    code = "backend_unavailable"
 
 
 class FheMismatch(PlatformError):

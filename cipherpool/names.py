@@ -38,6 +38,7 @@ AUTH_GENERATION_KEY = "cipherpool:auth-generation"  # bumped on every credential
 WORKER_LOG_PREFIX = "cipherpool:worker-log:"  # + worker id: a capped list of its log lines (JSON), with a TTL
 SHARED_EXECUTION_PREFIX = "cipherpool:shared-exec:"  # + account id -> hash {model:seconds, model:queries} on shared nodes
 SHARED_BUCKET_PREFIX = "cipherpool:shared-min:"  # + account id + ":" + minute -> {model:profile:ms, ...:queries}, 7 d
+SHARED_LOADED_PREFIX = "cipherpool:shared-loaded:"  # + node name -> hash {"<model id>:<version>": bytes} it holds
 SHARED_PENDING_KEY = "cipherpool:shared-min:pending"  # set of "<account>:<minute>" not yet charged
 QUERY_COUNT_PREFIX = "cipherpool:queries:"  # + account id + ":" + YYYY-MM-DD -> {model:worker: queries}, 400 d
 TIMINGS_PREFIX = "cipherpool:qt:"  # + model id + ":" + (minute | "all" | "recent" | "hist"): query times, see monitoring.timings

@@ -322,7 +322,11 @@ def test_cores_fall_back_to_the_cpu_count(monkeypatch):
 
 def test_no_concrete_gpu_is_false_not_an_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "concrete.compiler", None)  # importing it now fails
-    assert capacity.concrete_gpu_available() is False
+    capacity.concrete_gpu_available.cache_clear()
+    try:
+        assert capacity.concrete_gpu_available() is False
+    finally:
+        capacity.concrete_gpu_available.cache_clear()
 
 
 # --- `cipherpool pool` -------------------------------------------------------------------------

@@ -325,3 +325,50 @@ def test_the_node_listing_shows_capacity_and_hides_other_accounts_bindings(sessi
     node.last_seen = utcnow() - timedelta(seconds=31)
     session.add(node)
     assert nodes.list_nodes(session, 10)[0].status == "lost"
+
+
+GPU_ARTIFACT = models.Artifact("c" * 64, "g" * 64, 100, 200, V, backend="gpu")
+
+
+def test_a_circuit_compiled_for_the_gpu_runs_only_where_concrete_has_its_gpu_build(session, alice):
+    account, _ = alice
+    # Refused on cpu nodes: its keys fit the GPU compilation only
+    with pytest.raises(errors.InvalidDeployment, match="compiled for the GPU .* --hardware gpu"):
+        models.deploy_model(session, account, "c", GPU_ARTIFACT, hardware="cpu")
+    deploy(session, account, "cpu-model")
+    with pytest.raises(errors.InvalidDeployment, match="compiled for the GPU"):
+        models.add_version(session, account, "cpu-model", GPU_ARTIFACT)
+    model = models.deploy_model(session, account, "g", GPU_ARTIFACT, hardware="gpu", max_workers=4)
+    models.set_status(session, account, "g", ModelStatus.ACTIVE)
+    assert models.current_version(session, model).backend == "gpu"
+    assert models.describe_version(model, models.current_version(session, model)).backend == "gpu"
+    with pytest.raises(errors.InvalidInput, match="compiled for the GPU"):
+        models.update_settings(session, account, "g", {"hardware": "cpu"})
+    # A gpu node without the GPU build is not offered, and the refusal says why
+    register(session, "plain", host_class="gpu")
+    with pytest.raises(errors.NoFreeNode, match="none of the 1 online gpu node.* GPU build"):
+        workers.start_worker(session, account, "g", heartbeat_s=10)
+    nodes.register_node(session, "built", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=2, gpus=1,
+                                                         gpu_build=True))
+    assert workers.start_worker(session, account, "g", heartbeat_s=10).node_name == "built"
+    listed = {n.name: n for n in nodes.list_nodes(session, heartbeat_s=10)}
+    assert (listed["built"].gpu_build, listed["plain"].gpu_build) == (True, False)
+    # A model compiled for the CPU may still use a plain gpu node
+    deploy(session, account, "gc", hardware="gpu")
+    assert workers.start_worker(session, account, "gc", heartbeat_s=10).node_name == "plain"
+
+
+def test_a_gpu_version_is_not_rolled_onto_workers_whose_nodes_cannot_run_it(session, alice):
+    account, _ = alice
+    deploy(session, account, "g", hardware="gpu")
+    register(session, "plain", host_class="gpu")
+    worker = workers.start_worker(session, account, "g", heartbeat_s=10)
+    with pytest.raises(errors.ModelBusy, match=f"{worker.id} on plain"):
+        models.add_version(session, account, "g", GPU_ARTIFACT)
+    workers.finish(session, worker.id, WorkerStatus.STOPPED)
+    model = models.add_version(session, account, "g", GPU_ARTIFACT)  # no worker: it serves at once
+    assert (model.version, models.current_version(session, model).backend) == (2, "gpu")
+    with pytest.raises(errors.NoFreeNode, match="GPU build"):
+        workers.start_worker(session, account, "g", heartbeat_s=10)
+    models.rollback(session, account, "g")  # back on version 1, compiled for the CPU
+    assert workers.start_worker(session, account, "g", heartbeat_s=10).node_name == "plain"

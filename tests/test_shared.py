@@ -10,7 +10,7 @@ from cipherpool import errors
 from cipherpool.config.settings import Settings
 from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.fhe.keycache import KeyCache
-from cipherpool.services import accounts, models
+from cipherpool.services import accounts, models, nodes
 from cipherpool.services.queries import ModelGrant, Route, route
 from cipherpool.statuses import ModelStatus
 from cipherpool.store import BlobKind
@@ -80,7 +80,9 @@ def test_a_shared_node_loads_models_on_demand_and_drops_the_least_recently_used(
 
     ctx = DbCtx(Settings(data_dir=tmp_path, database_url=db_url), store)
     ticks = iter(range(1000))  # each load "adds" one byte: room for two models
-    node = SharedModels("shared1", "cpu", capacity_bytes=2, workdir=tmp_path, factory=factory, measure=lambda: next(ticks))
+    published = HashOnly()
+    node = SharedModels("shared1", "cpu", capacity_bytes=2, workdir=tmp_path, factory=factory, measure=lambda: next(ticks),
+                        redis=lambda: published)
     _, event, version, hit = node.evaluator(ctx, ids["a"], 0)
     assert (event.model_name, event.worker_id, version, hit) == ("a", "", 1, False)
     assert node.evaluator(ctx, ids["a"], 1)[3] is True  # loaded already (version 1 is the serving one)
@@ -91,7 +93,52 @@ def test_a_shared_node_loads_models_on_demand_and_drops_the_least_recently_used(
     assert node.evaluator(ctx, ids["b"], 0)[3] is False
     assert loads == [ids["a"], ids["b"], ids["c"], ids["b"]]
     assert len(list(tmp_path.glob("*-v1-*"))) == 2  # an evicted model's directory went with it
+    # What it holds is published for `pool nodes`, evictions included
+    assert nodes.published_models(published, "shared1") == {(ids["a"], 1): 1, (ids["b"], 1): 1}
+    assert [m.model for m in nodes.shared_models(session, nodes.published_models(published, "shared1"), None)] == ["a", "b"]
+    bob, _ = accounts.create_account(session, "bob")
+    assert nodes.shared_models(session, nodes.published_models(published, "shared1"), bob.id) == []  # not his
+    node.forget_published()
+    assert nodes.published_models(published, "shared1") == {}
     with pytest.raises(errors.ModelUnavailable):
         node.evaluator(ctx, ids["private"], 0)  # it does not allow shared nodes
     with pytest.raises(errors.ModelUnavailable):
         SharedModels("g", "gpu", 10, tmp_path, factory).evaluator(ctx, ids["a"], 0)  # another class
+
+
+def test_a_load_that_fails_leaves_no_directory_and_publishes_nothing(session, db_url, tmp_path):
+    account, _ = accounts.create_account(session, "acme")
+    store = MemoryStore()
+    store.blobs[(BlobKind.SERVER_ZIP, ARTIFACT.server_blob)] = b"zip"
+    model = models.deploy_model(session, account, "a", ARTIFACT, shared=True)
+    models.set_status(session, account, "a", ModelStatus.ACTIVE)
+    session.commit()
+
+    def refuse(server_zip: bytes, workdir):
+        raise errors.BackendUnavailable("compiled for the GPU")
+
+    published = HashOnly()
+    (workdir := tmp_path / "models").mkdir()
+    node = SharedModels("shared1", "cpu", 10, workdir, refuse, measure=lambda: 0, redis=lambda: published)
+    with pytest.raises(errors.BackendUnavailable):
+        node.evaluator(DbCtx(Settings(data_dir=tmp_path, database_url=db_url), store), model.id, 0)
+    assert list(workdir.iterdir()) == [] and published.hashes == {}
+
+
+class HashOnly:
+    """The four hash calls a shared node publishes with (the real Redis is in test_lifecycle)."""
+
+    def __init__(self):
+        self.hashes: dict[str, dict[bytes, bytes]] = {}
+
+    def hset(self, key, field, value):
+        self.hashes.setdefault(key, {})[field.encode()] = str(value).encode()
+
+    def hdel(self, key, field):
+        self.hashes.get(key, {}).pop(field.encode(), None)
+
+    def delete(self, key):
+        self.hashes.pop(key, None)
+
+    def hgetall(self, key):
+        return dict(self.hashes.get(key, {}))

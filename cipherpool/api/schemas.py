@@ -138,6 +138,7 @@ class VersionOut(Wire):
     python: str
     input_shape: list[int] | None
     input_dtype: str | None
+    backend: str = "cpu"  # compiled for the cpu, or the gpu (device="cuda")
     note: str
     created_at: str
 
@@ -260,6 +261,14 @@ class NodeResources(Wire):
     slots: int
 
 
+class SharedModelOut(Wire):
+    """A model version a shared node holds loaded, and what its load added to the node's memory."""
+
+    model: str
+    version: int
+    memory_bytes: int
+
+
 class NodeOut(Wire):
     """A pool node as ``cipherpool pool nodes`` lists it. A provider sees the model and worker
     only of a binding of its own account; another account's shows as ``busy``."""
@@ -274,10 +283,12 @@ class NodeOut(Wire):
     threads: int | None
     capacity: NodeResources
     allocatable: NodeResources
+    gpu_build: bool = False  # concrete's GPU build runs here: models compiled for the GPU may
     model: str | None = None
     worker_id: str | None = None
     worker_status: str | None = None
     busy: bool = False  # bound to a worker (of any account)
+    shared_models: list[SharedModelOut] = []  # a shared node's loaded models (a provider's view: its own)
     heartbeat_age_s: float
 
 

@@ -15,8 +15,8 @@ from cipherpool.cli.durations import parse_moment
 
 MODEL_COLUMNS = ["name", "id", "status", "hardware", "version", "min_workers", "max_workers", "shared", "concrete_ml",
                  "created_at"]
-VERSION_COLUMNS = ["number", "serving", "rolling_out", "concrete_ml", "input_shape", "client_size", "server_size", "note",
-                   "created_at"]
+VERSION_COLUMNS = ["number", "serving", "rolling_out", "concrete_ml", "backend", "input_shape", "client_size",
+                   "server_size", "note", "created_at"]
 KIND_WIDTH = 21  # the longest event kind, worker_loaded_version
 
 

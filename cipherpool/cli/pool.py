@@ -13,6 +13,7 @@ from typing import NoReturn
 
 import click
 
+from cipherpool.api.schemas import NodeOut
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.config.profiles import NodeProfile, load_profiles, node_command, node_environment, resolve_profile, shell_line
 from cipherpool.config.settings import settings_env
@@ -94,7 +95,7 @@ def _row(profile: NodeProfile) -> dict[str, object]:
 
 
 NODE_COLUMNS = ["name", "profile", "host_class", "labels", "status", "slots", "free_slots", "cores", "memory",
-                "model", "worker_id", "worker_status", "heartbeat_age_s"]
+                "gpus", "gpu_build", "model", "worker_id", "worker_status", "heartbeat_age_s"]
 
 
 @pool.command("nodes")
@@ -112,6 +113,12 @@ def nodes(ctx: CliContext, everything: bool) -> None:
         return
     rows = [{**n.model_dump(mode="json"), "labels": ",".join(f"{k}={v}" for k, v in n.labels.items()) or "-",
              "slots": n.capacity.slots, "free_slots": n.allocatable.slots, "cores": n.capacity.cores,
-             "memory": f"{n.capacity.memory_bytes / 2**30:.1f} GiB",
-             "model": n.model or ("(busy)" if n.busy else "-")} for n in listed]
+             "memory": f"{n.capacity.memory_bytes / 2**30:.1f} GiB", "gpus": n.capacity.gpus,
+             "gpu_build": "yes" if n.gpu_build else "-",
+             "model": n.model or ("(busy)" if n.busy else _loaded(n))} for n in listed]
     ctx.emit(rows, NODE_COLUMNS)
+
+
+def _loaded(node: NodeOut) -> str:
+    """A shared node's loaded models, where a dedicated node shows its one."""
+    return ", ".join(f"{m.model} v{m.version}" for m in node.shared_models) or "-"

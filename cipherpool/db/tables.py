@@ -104,6 +104,7 @@ class ModelVersion(SQLModel, table=True):
     python_version: str
     input_shape: str | None = None  # JSON list, from client.zip's specs
     input_dtype: str | None = None
+    backend: str = "cpu"  # what its circuit was compiled for: cpu, or gpu (device="cuda")
     note: str = ""
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -190,6 +191,7 @@ class PoolNode(SQLModel, table=True):
     cores: int = 0  # capacity, as the node saw its host when it registered
     memory_bytes: int = Field(default=0, sa_type=BigInteger)
     gpus: int = 0
+    gpu_build: bool = False  # its concrete has the GPU build and sees a GPU (asked on gpu nodes only)
     key_cache_bytes: int = Field(default=0, sa_type=BigInteger)
 
 

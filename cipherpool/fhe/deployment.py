@@ -22,6 +22,8 @@ CLIENT_MEMBERS = {"client.specs.json", "serialized_processing.json", VERSIONS_JS
 SERVER_MEMBERS = {VERSIONS_JSON}
 MAX_MEMBERS = 1000  # a concrete-ml zip holds a handful of files
 MAX_VERSIONS_BYTES = 64 * 1024
+CONFIGURATION_JSON = "configuration.json"  # concrete's Configuration, in a server.zip saved via MLIR
+MAX_CONFIGURATION_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,27 @@ def load_deployment(path: str | Path) -> Deployment:
     client_zip, server_zip = (files[n].read_bytes() for n in (CLIENT_ZIP, SERVER_ZIP))
     versions = check_pair(client_zip, server_zip)
     return Deployment(client_zip=client_zip, server_zip=server_zip, versions=versions)
+
+
+def compiled_backend(server_zip: bytes) -> str:
+    """``"gpu"`` for a circuit compiled with ``device="cuda"``, else ``"cpu"``.
+
+    concrete-ml saves the server side as MLIR with concrete's configuration, and a node compiles
+    it when it loads it, for the backend that configuration names (``use_gpu``). The node must
+    honour it rather than choose: a GPU compilation picks its own crypto parameters, so the
+    client's keys fit only the backend the provider compiled for. A zip without the
+    configuration (a shared library saved without MLIR) runs where it was built: the CPU."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(server_zip)) as zf:
+            info = zf.getinfo(CONFIGURATION_JSON)
+            if info.file_size > MAX_CONFIGURATION_BYTES:
+                raise ValueError(f"{CONFIGURATION_JSON} is {info.file_size} bytes")
+            configuration = json.loads(zf.read(info))
+    except KeyError:
+        return "cpu"
+    except Exception as exc:  # noqa: BLE001 - untrusted input: every failure is the same answer
+        raise InvalidDeployment(f"{SERVER_ZIP} has an unreadable {CONFIGURATION_JSON} ({type(exc).__name__}).") from None
+    return "gpu" if isinstance(configuration, dict) and configuration.get("use_gpu") is True else "cpu"
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-from cipherpool.errors import InvalidEvaluationKey, MalformedCiphertext, ModelMismatch
-from cipherpool.fhe.deployment import SERVER_ZIP, read_versions
+from cipherpool.errors import BackendUnavailable, InvalidEvaluationKey, MalformedCiphertext, ModelMismatch
+from cipherpool.fhe.deployment import SERVER_ZIP, compiled_backend, read_versions
 from cipherpool.fhe.framing import is_complete_message
 
 
@@ -44,8 +44,18 @@ def check_ciphertext_framing(ciphertext: bytes) -> None:
 
 
 class ConcreteEvaluator:
-    def __init__(self, server_zip: bytes, workdir: Path | None = None):
+    """``gpu_build``: whether this process's concrete has its GPU build and sees a GPU. The
+    circuit runs on the backend it was compiled for (:func:`compiled_backend`); one compiled
+    for the GPU is refused here without a GPU build, before concrete fails on it."""
+
+    def __init__(self, server_zip: bytes, workdir: Path | None = None, *, gpu_build: bool = False):
         read_versions(server_zip, SERVER_ZIP).require_compatible("This model")
+        self.backend = compiled_backend(server_zip)
+        if self.backend == "gpu" and not gpu_build:
+            raise BackendUnavailable(
+                "This model was compiled for the GPU (device=\"cuda\") and this node's concrete has no GPU "
+                "build or sees no GPU: install concrete-python's GPU wheel on its gpu nodes, or compile the "
+                "model for the CPU.")
         from concrete.ml.deployment import FHEModelServer
 
         self._dir = Path(workdir or tempfile.mkdtemp(prefix="cipherpool-model-"))

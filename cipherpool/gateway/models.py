@@ -19,7 +19,7 @@ from cipherpool.api.schemas import (
     NAME_PATTERN, DeployIn, EventOut, ModelDetail, ModelOut, ModelSettings, RollbackIn, UploadOut, VersionIn, VersionOut,
 )
 from cipherpool.db.tables import Model, ModelStatus
-from cipherpool.fhe.deployment import input_spec, check_pair
+from cipherpool.fhe.deployment import check_pair, compiled_backend, input_spec
 from cipherpool.gateway.auth import AccountPrincipal
 from cipherpool.monitoring import timings
 from cipherpool.gateway.deps import BINARY_BODY, Account, Gateway
@@ -163,7 +163,8 @@ def _artifact(gw: GatewayState, acct: AccountPrincipal, client_upload: str, serv
     client_zip = gw.store.get_staged(acct.account_id, client_upload)
     server_zip = gw.store.get_staged(acct.account_id, server_upload)
     versions = check_pair(client_zip, server_zip, max_unzipped_bytes=gw.settings.max_deployment_unzipped_bytes)
-    return Artifact(client_upload, server_upload, len(client_zip), len(server_zip), versions, input_spec(client_zip))
+    return Artifact(client_upload, server_upload, len(client_zip), len(server_zip), versions, input_spec(client_zip),
+                    compiled_backend(server_zip))
 
 
 def _adopt(gw: GatewayState, acct: AccountPrincipal, artifact: Artifact) -> None:

@@ -44,7 +44,8 @@ def list_nodes(gw: Gateway, acct: Account) -> list[NodeOut]:
     age; the model and worker only where they are this account's."""
     with gw.ctx.session() as session:
         accounts.get_account(session, acct.account_id)
-        return node_service.list_nodes(session, gw.settings.node_heartbeat_s, acct.account_id)
+        return node_service.list_nodes(session, gw.settings.node_heartbeat_s, acct.account_id,
+                                       held=lambda node: node_service.published_models(gw.ctx.store.redis, node))
 
 
 @router.get("/workers", response_model=list[WorkerOut])

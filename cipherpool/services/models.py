@@ -16,10 +16,10 @@ from sqlmodel import Session, col, delete, func, select
 
 from cipherpool.api.schemas import ModelDetail, ModelOut, VersionOut
 from cipherpool.db.tables import (
-    Account, AlertEvent, AlertRule, AutoscalePolicy, EvaluationKey, Model, ModelStatus, ModelVersion, Schedule,
-    ScheduleAction, TokenModel, Worker, utcnow,
+    Account, AlertEvent, AlertRule, AutoscalePolicy, EvaluationKey, Model, ModelStatus, ModelVersion, PoolNode,
+    Schedule, ScheduleAction, TokenModel, Worker, utcnow,
 )
-from cipherpool.errors import InvalidInput, ModelBusy, ModelExists, ModelNotFound, VersionNotFound
+from cipherpool.errors import InvalidDeployment, InvalidInput, ModelBusy, ModelExists, ModelNotFound, VersionNotFound
 from cipherpool.fhe.deployment import InputSpec, Versions
 from cipherpool.services import events, rollout
 from cipherpool.services.validation import check_name
@@ -41,6 +41,7 @@ class Artifact:
     server_size: int
     versions: Versions
     spec: InputSpec = InputSpec()
+    backend: str = "cpu"  # what the circuit was compiled for (fhe.deployment.compiled_backend)
 
 
 def check_settings(settings: dict[str, Any], current: Model | None = None) -> None:
@@ -68,6 +69,7 @@ def deploy_model(session: Session, account: Account, name: str, artifact: Artifa
                  node_selector: dict[str, str] | None = None) -> Model:
     check_name("model", name)
     check_settings({"hardware": hardware, "min_workers": min_workers, "max_workers": max_workers})
+    check_backend(name, hardware, artifact.backend)
     if session.exec(select(Model).where(Model.account_id == account.id, Model.name == name)).first():
         raise ModelExists(f"Model {name!r} exists already; deploy a new version of it, or use another name.")
     model = Model(account_id=account.id, name=name, hardware=hardware, description=description,
@@ -107,6 +109,9 @@ def update_settings(session: Session, account: Account, name: str, changes: dict
     check_settings(changed, model)
     if "hardware" in changed and busy_workers(session, model.id):
         raise ModelBusy(f"Model {name!r} has workers on {model.hardware} nodes: stop them before changing its hardware.")
+    if changed.get("hardware") == "cpu" and needs_gpu_build(session, model):
+        raise InvalidInput(f"Model {name!r} serves a version compiled for the GPU (device=\"cuda\"), which cpu nodes "
+                           "cannot run: deploy a version compiled for the CPU first.")
     described = ", ".join(f"{k} {getattr(model, k)!r} -> {v!r}" for k, v in changed.items())
     for key, value in changed.items():
         setattr(model, key, value)
@@ -134,7 +139,9 @@ def add_version(session: Session, account: Account, name: str, artifact: Artifac
     """Register a new version and roll it out: workers load it one at a time and keep
     answering with the serving version until every one of them holds the new one."""
     model = get_model(session, account, name)
+    check_backend(model.name, model.hardware, artifact.backend)
     number = (session.exec(select(func.max(ModelVersion.number)).where(ModelVersion.model_id == model.id)).one() or 0) + 1
+    check_holders_run(session, model, number, artifact.backend)  # before anything is written
     _add_version_row(session, model, number, artifact, note)
     events.record(session, model, EventKind.VERSION_ADDED, f"version {number} added" + (f": {note}" if note else ""),
                   version=number)
@@ -151,7 +158,7 @@ def rollback(session: Session, account: Account, name: str, to: int | None = Non
     target = to if to is not None else model.version - 1
     if target == model.version and model.rollout_version is None:
         raise InvalidInput(f"Model {name!r} serves version {target} already.")
-    get_version(session, model, target)
+    check_holders_run(session, model, target, get_version(session, model, target).backend)
     events.record(session, model, EventKind.ROLLED_BACK, f"rollback from version {model.version} to {target}",
                   version=target)
     rollout.begin(session, model, target)
@@ -173,6 +180,36 @@ def current_version(session: Session, model: Model) -> ModelVersion:
     return get_version(session, model, model.version)
 
 
+def check_backend(name: str, hardware: str, backend: str) -> None:
+    """A circuit compiled for the GPU runs on gpu nodes only (keys fit the backend it was
+    compiled for, so no node may run it on its CPU instead)."""
+    if backend == "gpu" and hardware != "gpu":
+        raise InvalidDeployment(f"server.zip of model {name!r} was compiled for the GPU (device=\"cuda\") and the model "
+                                f"runs on {hardware} nodes: deploy it with --hardware gpu, or compile it for the CPU.")
+
+
+def needs_gpu_build(session: Session, model: Model) -> bool:
+    """Whether a version the model serves, or rolls out, was compiled for the GPU: then only
+    nodes whose concrete has the GPU build may serve it."""
+    numbers = {model.version} | ({model.rollout_version} if model.rollout_version is not None else set())
+    backends = session.exec(select(ModelVersion.backend).where(
+        ModelVersion.model_id == model.id, col(ModelVersion.number).in_(numbers))).all()
+    return "gpu" in backends
+
+
+def check_holders_run(session: Session, model: Model, number: int, backend: str) -> None:
+    """Refuse to roll a GPU-compiled version onto workers whose nodes cannot run it: their
+    loads would fail one by one, after the rollout began."""
+    if backend != "gpu":
+        return
+    stuck = session.exec(select(Worker.id, PoolNode.name).join(PoolNode, col(PoolNode.worker_id) == Worker.id).where(
+        Worker.model_id == model.id, col(Worker.status).in_(BUSY), col(PoolNode.gpu_build).is_(False))).all()
+    if stuck:
+        names = ", ".join(f"{worker} on {node}" for worker, node in stuck)
+        raise ModelBusy(f"Version {number} of model {model.name!r} was compiled for the GPU and these workers' "
+                        f"nodes have no GPU build of concrete: {names}. Stop them first.")
+
+
 def list_versions(session: Session, model: Model) -> list[ModelVersion]:
     return list(session.exec(
         select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(col(ModelVersion.number))))
@@ -185,7 +222,7 @@ def _add_version_row(session: Session, model: Model, number: int, artifact: Arti
         concrete_ml_version=artifact.versions.concrete_ml, concrete_python_version=artifact.versions.concrete_python,
         python_version=artifact.versions.python, note=note,
         input_shape=json.dumps(artifact.spec.shape) if artifact.spec.shape is not None else None,
-        input_dtype=artifact.spec.dtype,
+        input_dtype=artifact.spec.dtype, backend=artifact.backend,
     )
     session.add(row)
     session.flush()
@@ -268,7 +305,7 @@ def describe_version(model: Model, version: ModelVersion) -> VersionOut:
         client_size=version.client_size, server_sha256=version.server_blob, server_size=version.server_size,
         concrete_ml=version.concrete_ml_version, concrete_python=version.concrete_python_version,
         python=version.python_version, input_shape=json.loads(version.input_shape) if version.input_shape else None,
-        input_dtype=version.input_dtype, note=version.note, created_at=version.created_at.isoformat(),
+        input_dtype=version.input_dtype, backend=version.backend, note=version.note, created_at=version.created_at.isoformat(),
     )
 
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import timedelta
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from redis import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import ColumnElement, update
 from sqlmodel import Session, col, select
 
-from cipherpool.api.schemas import NodeOut, NodeResources
+from cipherpool.api.schemas import NodeOut, NodeResources, SharedModelOut
 from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, utcnow
 from cipherpool.services.tokens import aware
 from cipherpool.billing import rates
 from cipherpool.billing.rates import PriceChange
+from cipherpool.names import SHARED_LOADED_PREFIX
 
 NODE_STALE_HEARTBEATS = 3  # a node unseen for this many heartbeats is not offered
 
@@ -40,6 +43,7 @@ class NodeInfo:
     cores: int = 0
     memory_bytes: int = 0
     gpus: int = 0
+    gpu_build: bool = False
     key_cache_bytes: int = 0
     prices: PriceChange | None = None  # its profile's own rates (None fields: its class's)
 
@@ -51,6 +55,7 @@ def register_node(session: Session, name: str, info: NodeInfo) -> PoolNode:
                                                          info.shared, info.host)
     node.cores, node.memory_bytes, node.gpus, node.key_cache_bytes = (info.cores, info.memory_bytes, info.gpus,
                                                                        info.key_cache_bytes)
+    node.gpu_build = info.gpu_build
     node.status = NodeStatus.ONLINE
     node.started_at = node.last_seen = utcnow()
     session.add(node)
@@ -97,14 +102,36 @@ def still_wanted(session: Session, worker_id: str) -> bool:
     return worker is not None and worker.status.wanted
 
 
-def list_nodes(session: Session, heartbeat_s: float, account_id: str | None = None) -> list[NodeOut]:
+def list_nodes(session: Session, heartbeat_s: float, account_id: str | None = None,
+               held: Callable[[str], Mapping[tuple[str, int], int]] | None = None) -> list[NodeOut]:
     """Every pool node with its capacity and what is left of it. ``account_id``: a provider's
-    view, which names only its own workers and models (another account's binding is ``busy``)."""
+    view, which names only its own workers and models (another account's binding is ``busy``).
+    ``held``: what a shared node says it holds loaded, ``(model id, version) -> bytes``
+    (:func:`published_models`)."""
     rows = session.exec(
         select(PoolNode, Worker, Model).outerjoin(Worker, col(Worker.id) == PoolNode.worker_id)
         .outerjoin(Model, col(Model.id) == Worker.model_id).order_by(PoolNode.name)
     ).all()
-    return [describe_node(node, worker, model, heartbeat_s, account_id) for node, worker, model in rows]
+    listed = []
+    for node, worker, model in rows:
+        out = describe_node(node, worker, model, heartbeat_s, account_id)
+        if node.shared and held is not None and out.status == "online":
+            out = out.model_copy(update={"shared_models": shared_models(session, held(node.name), account_id)})
+        listed.append(out)
+    return listed
+
+
+def shared_models(session: Session, held: Mapping[tuple[str, int], int], account_id: str | None) -> list[SharedModelOut]:
+    """The loaded models of a shared node by name, version and memory; a provider sees its own."""
+    if not held:
+        return []
+    query = select(Model).where(col(Model.id).in_({model_id for model_id, _ in held}))
+    if account_id is not None:
+        query = query.where(Model.account_id == account_id)
+    names = {m.id: m.name for m in session.exec(query)}
+    return sorted((SharedModelOut(model=names[model_id], version=version, memory_bytes=size)
+                   for (model_id, version), size in held.items() if model_id in names),
+                  key=lambda m: (m.model, m.version))
 
 
 def describe_node(node: PoolNode, worker: Worker | None, model: Model | None, heartbeat_s: float,
@@ -122,7 +149,27 @@ def describe_node(node: PoolNode, worker: Worker | None, model: Model | None, he
     return NodeOut(
         name=node.name, host=node.host, profile=node.profile, host_class=node.host_class,
         labels=json.loads(node.labels or "{}"), shared=node.shared, status=status, threads=node.threads,
-        capacity=capacity, allocatable=allocatable, busy=bound,
+        capacity=capacity, allocatable=allocatable, gpu_build=node.gpu_build, busy=bound,
         model=model.name if mine and model else None, worker_id=worker.id if mine and worker else None,
         worker_status=worker.status.value if mine and worker else None, heartbeat_age_s=round(age, 1),
     )
+
+
+def loaded_key(node: str) -> str:
+    return f"{SHARED_LOADED_PREFIX}{node}"
+
+
+def published_models(redis: Redis, node: str) -> dict[tuple[str, int], int]:
+    """What a shared node says it holds: ``(model id, version) -> bytes``; {} if Redis cannot say."""
+    try:
+        raw = redis.hgetall(loaded_key(node))
+    except RedisError:
+        return {}
+    held: dict[tuple[str, int], int] = {}
+    for entry, size in raw.items():
+        model_id, _, version = (entry.decode() if isinstance(entry, bytes) else str(entry)).rpartition(":")
+        try:
+            held[(model_id, int(version))] = int(size)
+        except ValueError:
+            continue
+    return held

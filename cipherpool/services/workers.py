@@ -27,7 +27,7 @@ from cipherpool.errors import (
     WrongWorkerState,
 )
 from cipherpool.services import events, rollout
-from cipherpool.services.models import get_model, model_selector
+from cipherpool.services.models import get_model, model_selector, needs_gpu_build
 from cipherpool.services.nodes import live, node_is_live
 from cipherpool.statuses import WANTED, EventKind, StopReason
 
@@ -91,6 +91,8 @@ def free_nodes(session: Session, model: Model, heartbeat_s: float, profile: str 
                                    col(PoolNode.shared).is_(False))
     if profile is not None:
         query = query.where(PoolNode.profile == profile)
+    if needs_gpu_build(session, model):
+        query = query.where(col(PoolNode.gpu_build).is_(True))
     selector = model_selector(model)
     return [n for n in session.exec(query.order_by(PoolNode.name)) if labels_match(node_labels(n), selector)]
 
@@ -102,6 +104,7 @@ def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str
     of_class = [n for n in nodes if n.host_class == model.hardware]
     labelled = [n for n in of_class if labels_match(node_labels(n), selector)]
     profiled = [n for n in labelled if profile is None or n.profile == profile]
+    built = [n for n in profiled if n.gpu_build or not needs_gpu_build(session, model)]
     start = "start one (`cipherpool pool node --profile NAME`)"
     if not of_class:
         others = sorted({n.host_class for n in nodes})
@@ -112,7 +115,11 @@ def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str
         return f"No online {model.hardware} node carries the labels {wanted} that model {model.name!r} asks for: {start}."
     if not profiled:
         return f"No online {model.hardware} node of profile {profile!r} may serve model {model.name!r}: {start}."
-    return (f"{count} worker(s) asked for model {model.name!r}, but only {free} of the {len(profiled)} {model.hardware} "
+    if not built:
+        return (f"Model {model.name!r} was compiled for the GPU (device=\"cuda\") and none of the {len(profiled)} online "
+                f"gpu node(s) that may serve it has concrete's GPU build (`cipherpool pool nodes` shows which do): "
+                "install concrete-python's GPU wheel on a gpu node and restart it.")
+    return (f"{count} worker(s) asked for model {model.name!r}, but only {free} of the {len(built)} {model.hardware} "
             f"node(s) that may serve it are free (the others serve workers): stop a worker, or {start}.")
 
 

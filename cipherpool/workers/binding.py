@@ -32,6 +32,7 @@ from cipherpool.services.models import get_version, model_selector
 from cipherpool.services.workers import binding_to_load, finish, mark_loading, mark_running, set_consuming
 from cipherpool.statuses import EventKind
 from cipherpool.store import BlobKind
+from cipherpool.workers import capacity
 from cipherpool.workers.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent
 from cipherpool.workers.node import Binding, NodeRuntime
@@ -223,7 +224,7 @@ def _load_version(ctx: PlatformContext, runtime: NodeRuntime, event: BindingEven
 
 
 def default_evaluator_factory(server_zip: bytes, workdir: Path) -> ConcreteEvaluator:
-    return ConcreteEvaluator(server_zip, workdir)
+    return ConcreteEvaluator(server_zip, workdir, gpu_build=capacity.concrete_gpu_available())
 
 
 def _fail(ctx: PlatformContext, runtime: NodeRuntime, event: BindingEvent, reason: str) -> None:

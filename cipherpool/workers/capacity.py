@@ -9,6 +9,7 @@ tests can point it at files of their own.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -93,9 +94,11 @@ def visible_device_count(value: str) -> int:
     return count
 
 
+@functools.cache
 def concrete_gpu_available() -> bool:
     """Whether concrete's GPU build is installed and sees a CUDA device. Imports concrete
-    (seconds, and its memory) on first call, so only processes that will run FHE ask."""
+    (seconds, and its memory) on first call, so only processes that will run FHE ask; asked
+    once per process (a driver does not appear under a running process)."""
     try:
         from concrete.compiler import check_gpu_available, check_gpu_enabled
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from redis import Redis
+from redis.exceptions import RedisError
 
 from cipherpool.billing.charging import record_execution
 from cipherpool.db.tables import Model, ModelStatus
@@ -29,6 +30,7 @@ from cipherpool.errors import ModelUnavailable
 from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.fhe.keycache import KeyCache
 from cipherpool.names import SHARED_EXECUTION_PREFIX
+from cipherpool.services.nodes import loaded_key
 from cipherpool.services.models import get_version
 from cipherpool.store import BlobKind
 from cipherpool.workers.context import PlatformContext
@@ -39,11 +41,16 @@ PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class SharedModels:
-    """The models a shared node holds, by ``model id:version``, in an LRU bounded in bytes."""
+    """The models a shared node holds, by ``model id:version``, in an LRU bounded in bytes.
+
+    ``redis``: where the node publishes what it holds (``cipherpool:shared-loaded:<node>``),
+    for `cipherpool pool nodes`; best effort, a query never waits on it."""
 
     def __init__(self, node: str, host_class: str, capacity_bytes: int, workdir: Path,
-                 factory: Callable[[bytes, Path], Evaluator], measure: Callable[[], int] | None = None):
+                 factory: Callable[[bytes, Path], Evaluator], measure: Callable[[], int] | None = None,
+                 redis: Callable[[], Redis] | None = None):
         self.node, self.host_class, self.workdir, self._factory = node, host_class, workdir, factory
+        self._redis = redis
         self._measure = measure or _resident_bytes  # what a load adds to it is what the model costs
         self._cache: KeyCache[tuple[Evaluator, Path, str]] = KeyCache(capacity_bytes, 1.0, on_evict=self._drop)
         self._lock = threading.Lock()  # one load at a time: a load is compute- and memory-heavy
@@ -69,9 +76,15 @@ class SharedModels:
                 before = self._measure()
                 workdir = Path(tempfile.mkdtemp(prefix=f"{model_id}-v{number}-", dir=self.workdir))
                 started = time.monotonic()
-                evaluator = self._factory(ctx.store.get(BlobKind.SERVER_ZIP, blob), workdir)
+                try:
+                    evaluator = self._factory(ctx.store.get(BlobKind.SERVER_ZIP, blob), workdir)
+                except BaseException:  # a refused or failed load leaves nothing behind
+                    shutil.rmtree(workdir, ignore_errors=True)
+                    raise
                 log.info("shared node %s loaded %s v%d in %.2f s", self.node, name, number, time.monotonic() - started)
-                return (evaluator, workdir, name), max(self._measure() - before, 1)
+                size = max(self._measure() - before, 1)
+                self._publish(lambda r: r.hset(loaded_key(self.node), key, size))
+                return (evaluator, workdir, name), size
 
         (evaluator, _, _), hit = self._cache.get_or_load(key, load)
         return evaluator, BindingEvent(self.node, "", model_id, name), number, hit
@@ -82,6 +95,19 @@ class SharedModels:
     def _drop(self, key: str, entry: tuple[Evaluator, Path, str]) -> None:
         log.info("shared node %s unloads %s (least recently used)", self.node, key)
         shutil.rmtree(entry[1], ignore_errors=True)
+        self._publish(lambda r: r.hdel(loaded_key(self.node), key))
+
+    def forget_published(self) -> None:
+        """At start and stop: what an earlier run of this node held is not loaded now."""
+        self._publish(lambda r: r.delete(loaded_key(self.node)))
+
+    def _publish(self, write: Callable[[Redis], object]) -> None:
+        if self._redis is None:
+            return
+        try:
+            write(self._redis())
+        except RedisError as exc:  # the listing is informative; the load or eviction stands
+            log.warning("shared node %s could not publish its loaded models: %s", self.node, exc)
 
 
 def _resident_bytes() -> int:

@@ -98,7 +98,8 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
             shutil.rmtree(workdir, ignore_errors=True)  # what an earlier run of this node loaded
             private_dir(workdir)
             runtime.shared_models = SharedModels(sender.hostname, runtime.host_class, profile.model_cache_bytes,
-                                                 workdir, default_evaluator_factory)
+                                                 workdir, default_evaluator_factory, redis=redis)
+            runtime.shared_models.forget_published()
         if settings.node_preload:
             log.info("pool node %s imported concrete in %.1f s", sender.hostname, preload())
     except Exception:
@@ -124,6 +125,8 @@ def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
                 host_class=runtime.host_class, concurrency=runtime.concurrency, threads=runtime.threads,
                 pid=os.getpid(), profile=runtime.profile, labels=runtime.labels, shared=runtime.shared,
                 host=socket.gethostname(), cores=host.cores, memory_bytes=host.memory_bytes, gpus=host.gpus,
+                # Only a gpu node serves models compiled for the GPU; asking imports concrete.
+                gpu_build=runtime.host_class == "gpu" and capacity.concrete_gpu_available(),
                 key_cache_bytes=runtime.key_cache.stats().capacity_bytes,
                 prices=profile_prices(resolve_profile(ctx.settings)),
             ))
@@ -143,6 +146,8 @@ def on_worker_shutdown(sender: Any = None, **_kwargs: Any) -> None:
     if runtime is None:
         return
     _stop_heartbeat.set()
+    if runtime.shared_models is not None:
+        runtime.shared_models.forget_published()
     try:
         with platform().session() as session:
             node_service.node_offline(session, runtime.name)

@@ -10,7 +10,11 @@ the worker's log.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,6 +235,59 @@ def test_start_is_refused_with_each_reason(pool, deployed):
         mc.start_workers(anywhere, 4)
 
 
+def compiled_for_the_gpu(source: Path, target: Path) -> Path:
+    """A copy of a deployment whose server.zip says ``use_gpu``, as concrete-ml saves a model
+    compiled with ``device="cuda"`` (which this machine's CPU build cannot compile)."""
+    shutil.copytree(source, target)
+    with zipfile.ZipFile(source / "server.zip") as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    configuration = json.loads(members["configuration.json"])
+    assert configuration["use_gpu"] is False
+    members["configuration.json"] = json.dumps({**configuration, "use_gpu": True}).encode()
+    with zipfile.ZipFile(target / "server.zip", "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return target
+
+
+def test_a_model_compiled_for_the_gpu_needs_a_node_with_concretes_gpu_build(pool, deployed, examples, tmp_path):
+    stack, mc = pool
+    path = compiled_for_the_gpu(examples["cancer"].path, tmp_path / "cuda")
+    with pytest.raises(errors.InvalidDeployment, match="compiled for the GPU"):
+        mc.deploy_model("cancer-cuda-on-cpu", path)  # a cpu model by default
+    name = f"cancer-cuda-{tmp_path.name[-8:]}"
+    mc.deploy_model(name, path, hardware="gpu")
+    mc.activate_model(name)
+    assert [v.backend for v in mc.list_versions(name)] == ["gpu"]
+    gpu = next(n for n in mc.list_nodes() if n.profile == "gpu-small")
+    assert gpu.gpu_build is False  # this machine's concrete is the CPU build
+    # The claim offers no node, and says what is missing.
+    with pytest.raises(errors.NoFreeNode, match="compiled for the GPU .* GPU build"):
+        mc.start_worker(name)
+    # A gpu node asked anyway refuses it before concrete tries, and keeps serving.
+    url = stack.settings.effective_database_url()
+    with session_scope(url) as session:
+        model = session.exec(select(Model).where(Model.name == name)).one()
+        node = session.exec(select(PoolNode).where(PoolNode.profile == "gpu-small")).one()
+        worker = Worker(account_id=model.account_id, model_id=model.id, node_name=node.name)
+        session.add(worker)
+        node.worker_id = worker.id
+        session.add(node)
+    app = create_app(stack.settings.model_copy(update={"broker_url": stack.broker_url}))
+    try:
+        send_to_node(app, node.name, BIND_TASK, worker_id=worker.id)
+        failed = wait_until(lambda: (w := mc.get_worker(worker.id)).status == WorkerStatus.FAILED and w, 60,
+                            interval_s=0.2)
+    finally:
+        app.close()
+    assert "compiled for the GPU" in failed.error and "no GPU build" in failed.error
+    assert next(n for n in mc.list_nodes() if n.name == node.name).busy is False  # freed
+    # The same model compiled for the CPU runs on that gpu node.
+    cpu_name = deployed("cancer", f"cancer-cpu-on-gpu-{tmp_path.name[-8:]}", hardware="gpu")
+    assert mc.start_worker(cpu_name).node == node.name
+    assert [v.backend for v in mc.list_versions(cpu_name)] == ["cpu"]
+
+
 def test_a_failed_load_is_reported_with_its_error_and_logged(pool, deployed, examples):
     stack, mc = pool
     name = deployed("digits", "digits-broken")
@@ -290,6 +347,18 @@ def test_shared_nodes_serve_models_that_allow_them_on_demand(pool, deployed, exa
     finally:
         redis.close()
     assert tally[model_id]["queries"] == 2 and tally[model_id]["seconds"] > 0  # billed per execution
+    # `pool nodes` shows what the shared node holds: to its provider, and to the operator
+    (listed,) = [n for n in mc.list_nodes() if n.name == shared_node]
+    assert [(m.model, m.version) for m in listed.shared_models] == [(name, 1)] and listed.shared_models[0].memory_bytes > 0
+    other = ManagementClient(stack.create_account(f"other-{tmp_path.name[-8:]}"), settings=stack.client_settings)
+    try:
+        assert next(n for n in other.list_nodes() if n.name == shared_node).shared_models == []  # not theirs
+    finally:
+        other.close()
+    from cipherpool.admin import Admin
+
+    assert name in {m.model for n in Admin(stack.settings.model_copy(update={"broker_url": stack.broker_url})).list_nodes()
+                                     if n.name == shared_node for m in n.shared_models}
 
     # With a dedicated worker up, auto prefers it; mode=shared still reaches the shared node.
     worker = mc.start_worker(name)
