@@ -47,7 +47,11 @@ def test_the_backend_a_circuit_was_compiled_for_is_read_from_its_configuration(c
     assert compiled_backend(zip_bytes(files)) == backend
 
 
-@pytest.mark.parametrize("data", [b"not a zip", zip_bytes({"configuration.json": "{not json"})])
+@pytest.mark.parametrize("data", [
+    b"not a zip",
+    zip_bytes({"configuration.json": "{not json"}),
+    zip_bytes({"configuration.json": json.dumps({"use_gpu": True, "pad": "x" * (1024 * 1024)})}),  # above the cap
+])
 def test_an_unreadable_configuration_is_an_invalid_deployment(data):
     with pytest.raises(InvalidDeployment, match="server.zip has an unreadable configuration.json"):
         compiled_backend(data)

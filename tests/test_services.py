@@ -371,4 +371,22 @@ def test_a_gpu_version_is_not_rolled_onto_workers_whose_nodes_cannot_run_it(sess
     with pytest.raises(errors.NoFreeNode, match="GPU build"):
         workers.start_worker(session, account, "g", heartbeat_s=10)
     models.rollback(session, account, "g")  # back on version 1, compiled for the CPU
-    assert workers.start_worker(session, account, "g", heartbeat_s=10).node_name == "plain"
+    worker = workers.start_worker(session, account, "g", heartbeat_s=10)
+    assert worker.node_name == "plain"
+    # A model moved to cpu nodes cannot roll back onto its GPU version
+    workers.finish(session, worker.id, WorkerStatus.STOPPED)
+    models.update_settings(session, account, "g", {"hardware": "cpu"})
+    with pytest.raises(errors.InvalidDeployment, match="compiled for the GPU"):
+        models.rollback(session, account, "g", to=2)
+    assert models.get_model(session, account, "g").version == 1
+
+
+def test_shared_nodes_count_for_a_gpu_version_only_with_the_gpu_build(session, alice):
+    account, _ = alice
+    model = models.deploy_model(session, account, "g", GPU_ARTIFACT, hardware="gpu", shared=True)
+    nodes.register_node(session, "shared-plain", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=1,
+                                                                shared=True))
+    assert queries.serving_models(session, [model.id]) == (set(), set())
+    nodes.register_node(session, "shared-built", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=2,
+                                                                shared=True, gpu_build=True))
+    assert queries.serving_models(session, [model.id]) == (set(), {model.id})

@@ -109,7 +109,7 @@ def update_settings(session: Session, account: Account, name: str, changes: dict
     check_settings(changed, model)
     if "hardware" in changed and busy_workers(session, model.id):
         raise ModelBusy(f"Model {name!r} has workers on {model.hardware} nodes: stop them before changing its hardware.")
-    if changed.get("hardware") == "cpu" and needs_gpu_build(session, model):
+    if changed.get("hardware", "gpu") != "gpu" and needs_gpu_build(session, model):
         raise InvalidInput(f"Model {name!r} serves a version compiled for the GPU (device=\"cuda\"), which cpu nodes "
                            "cannot run: deploy a version compiled for the CPU first.")
     described = ", ".join(f"{k} {getattr(model, k)!r} -> {v!r}" for k, v in changed.items())
@@ -158,7 +158,9 @@ def rollback(session: Session, account: Account, name: str, to: int | None = Non
     target = to if to is not None else model.version - 1
     if target == model.version and model.rollout_version is None:
         raise InvalidInput(f"Model {name!r} serves version {target} already.")
-    check_holders_run(session, model, target, get_version(session, model, target).backend)
+    backend = get_version(session, model, target).backend
+    check_backend(model.name, model.hardware, backend)  # the model's hardware may have changed since
+    check_holders_run(session, model, target, backend)
     events.record(session, model, EventKind.ROLLED_BACK, f"rollback from version {model.version} to {target}",
                   version=target)
     rollout.begin(session, model, target)

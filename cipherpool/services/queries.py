@@ -133,8 +133,11 @@ def serving_models(session: Session, model_ids: list[str]) -> tuple[set[str], se
         return set(), set()
     dedicated = select(Worker.model_id).join(PoolNode, PoolNode.name == Worker.node_name).where(  # type: ignore[arg-type]
         col(Worker.model_id).in_(model_ids), Worker.status == WorkerStatus.UP, PoolNode.status == NodeStatus.ONLINE)
-    shared = select(Model.id).join(PoolNode, PoolNode.host_class == Model.hardware).where(  # type: ignore[arg-type]
-        col(Model.id).in_(model_ids), col(PoolNode.shared).is_(True), PoolNode.status == NodeStatus.ONLINE)
+    # A version compiled for the GPU counts only shared nodes whose concrete has the GPU build.
+    shared = select(Model.id).join(PoolNode, PoolNode.host_class == Model.hardware).join(  # type: ignore[arg-type]
+        ModelVersion, (col(ModelVersion.model_id) == Model.id) & (col(ModelVersion.number) == Model.version)).where(
+        col(Model.id).in_(model_ids), col(PoolNode.shared).is_(True), PoolNode.status == NodeStatus.ONLINE,
+        (col(ModelVersion.backend) != "gpu") | col(PoolNode.gpu_build).is_(True))
     return set(session.exec(dedicated).all()), set(session.exec(shared).all())
 
 

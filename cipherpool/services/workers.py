@@ -104,7 +104,8 @@ def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str
     of_class = [n for n in nodes if n.host_class == model.hardware]
     labelled = [n for n in of_class if labels_match(node_labels(n), selector)]
     profiled = [n for n in labelled if profile is None or n.profile == profile]
-    built = [n for n in profiled if n.gpu_build or not needs_gpu_build(session, model)]
+    needs_build = needs_gpu_build(session, model)
+    built = [n for n in profiled if n.gpu_build or not needs_build]
     start = "start one (`cipherpool pool node --profile NAME`)"
     if not of_class:
         others = sorted({n.host_class for n in nodes})
@@ -117,7 +118,7 @@ def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str
         return f"No online {model.hardware} node of profile {profile!r} may serve model {model.name!r}: {start}."
     if not built:
         return (f"Model {model.name!r} was compiled for the GPU (device=\"cuda\") and none of the {len(profiled)} online "
-                f"gpu node(s) that may serve it has concrete's GPU build (`cipherpool pool nodes` shows which do): "
+                f"{model.hardware} node(s) that may serve it has concrete's GPU build (`cipherpool pool nodes` shows which do): "
                 "install concrete-python's GPU wheel on a gpu node and restart it.")
     return (f"{count} worker(s) asked for model {model.name!r}, but only {free} of the {len(built)} {model.hardware} "
             f"node(s) that may serve it are free (the others serve workers): stop a worker, or {start}.")

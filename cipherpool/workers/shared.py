@@ -95,7 +95,8 @@ class SharedModels:
     def _drop(self, key: str, entry: tuple[Evaluator, Path, str]) -> None:
         log.info("shared node %s unloads %s (least recently used)", self.node, key)
         shutil.rmtree(entry[1], ignore_errors=True)
-        self._publish(lambda r: r.hdel(loaded_key(self.node), key))
+        if self._cache.peek(key) is None:  # not a concurrent second load of a model still held
+            self._publish(lambda r: r.hdel(loaded_key(self.node), key))
 
     def forget_published(self) -> None:
         """At start and stop: what an earlier run of this node held is not loaded now."""

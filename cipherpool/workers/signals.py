@@ -119,14 +119,15 @@ def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
             sender.add_task_queue(queue.name, exchange=queue.exchange.name, exchange_type=queue.exchange.type,
                                   routing_key=queue.routing_key)
         ctx = platform()
+        host = capacity.detect()
+        # Only a gpu node serves models compiled for the GPU; asking imports concrete.
+        gpu_build = runtime.host_class == "gpu" and capacity.concrete_gpu_available()
         with ctx.session() as session:
-            host = capacity.detect()
             node_service.register_node(session, runtime.name, node_service.NodeInfo(
                 host_class=runtime.host_class, concurrency=runtime.concurrency, threads=runtime.threads,
                 pid=os.getpid(), profile=runtime.profile, labels=runtime.labels, shared=runtime.shared,
                 host=socket.gethostname(), cores=host.cores, memory_bytes=host.memory_bytes, gpus=host.gpus,
-                # Only a gpu node serves models compiled for the GPU; asking imports concrete.
-                gpu_build=runtime.host_class == "gpu" and capacity.concrete_gpu_available(),
+                gpu_build=gpu_build,
                 key_cache_bytes=runtime.key_cache.stats().capacity_bytes,
                 prices=profile_prices(resolve_profile(ctx.settings)),
             ))
