@@ -20,7 +20,7 @@ from cipherpool import workerlog
 from cipherpool.db.tables import Account, Model, ModelStatus, Worker, WorkerStatus, utcnow
 from cipherpool.dispatch import send_to_node
 from cipherpool.errors import CipherpoolError
-from cipherpool.names import AUTH_GENERATION_KEY, BIND_TASK, CONSUME_TASK, RELOAD_TASK, UNBIND_TASK
+from cipherpool.names import BIND_TASK, CONSUME_TASK, RELOAD_TASK, SERVING_GENERATION_KEY, UNBIND_TASK
 from cipherpool.services import events
 from cipherpool.services import workers as worker_service
 from cipherpool.services.accounts import get_account
@@ -102,10 +102,11 @@ def stop_account_workers(ctx: PlatformContext, app: Celery, account_id: str,
 
 
 def announce(ctx: PlatformContext) -> None:
-    """Tell every gateway that which models have a worker up changed: they drop the grants
-    they cached (a query for a model with no worker up is refused at submit)."""
+    """Tell every gateway that which models have a worker up changed: they drop what they
+    cached of it (a query for a model with no worker up is refused at submit), and keep their
+    cached credentials: a worker's start or stop changes no credential."""
     try:
-        ctx.store.redis.incr(AUTH_GENERATION_KEY)
+        ctx.store.redis.incr(SERVING_GENERATION_KEY)
     except Exception:  # noqa: BLE001 - gateways catch up within their cache TTL anyway
         log.warning("could not announce a worker change to the gateways")
 

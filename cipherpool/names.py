@@ -35,6 +35,7 @@ QUERY_OWNER_PREFIX = "cipherpool:query:"  # + query id -> the token id that subm
 RATE_PREFIX = "cipherpool:rate:"  # + principal + ":" + window; request counters, TTL 2 windows
 USAGE_PREFIX = "cipherpool:usage:"  # + token id -> hash {n: queries counted, last: epoch seconds}
 AUTH_GENERATION_KEY = "cipherpool:auth-generation"  # bumped on every credential change: gateways drop caches
+SERVING_GENERATION_KEY = "cipherpool:serving-generation"  # bumped when which models have a worker up changes
 WORKER_LOG_PREFIX = "cipherpool:worker-log:"  # + worker id: a capped list of its log lines (JSON), with a TTL
 SHARED_EXECUTION_PREFIX = "cipherpool:shared-exec:"  # + account id -> hash {model:seconds, model:queries} on shared nodes
 SHARED_BUCKET_PREFIX = "cipherpool:shared-min:"  # + account id + ":" + minute -> {model:profile:ms, ...:queries}, 7 d

@@ -1101,3 +1101,48 @@ def test_beat_keeps_the_minimum_and_backs_off_after_a_failed_load(session, db_ur
         for w in workers.serving(s, account_id=account.id):
             workers.finish(s, w.id, WorkerStatus.STOPPED)
     assert lifecycle.keep_minimum(ctx, app) == []  # an inactive model is not kept up
+
+
+def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_credentials(session, db_url, account,
+                                                                                        redis_client, tmp_path,
+                                                                                        monkeypatch):
+    """A worker's start or stop bumps the serving counter: gateways see it at the next request
+    and keep their cached credentials; a credential change still drops everything."""
+    from types import SimpleNamespace
+
+    from cipherpool import lifecycle
+    from cipherpool.config.settings import Settings
+    from cipherpool.gateway import auth as auth_module
+    from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
+    from cipherpool.workers.context import PlatformContext
+
+    deploy(session, account, "m")
+    _, value = tokens.create_token(session, account, "t", "m")
+    worker = running_worker(session, account, "m", "n1")
+    session.commit()
+    ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, auth_cache_ttl_s=5))
+    ctx.__dict__["store"] = SimpleNamespace(redis=redis_client)
+    loads = []
+    monkeypatch.setattr(auth_module, "grant_for_value",
+                        lambda s, v: loads.append(v) or queries.grant_for_value(s, v))
+    gateway = auth_module.Authenticator(ctx)
+    gateway.sync()  # the counters as they stand (an earlier test may have moved them)
+
+    def request():
+        """What the guard does for each request: the principal, both counters, the serving state."""
+        principal = gateway.principal(value)
+        if gateway.observe(*redis_client.mget([AUTH_GENERATION_KEY, SERVING_GENERATION_KEY])):
+            principal = gateway.principal(value)
+        return gateway.with_serving(principal).models[0]
+
+    assert request().dedicated and len(loads) == 1
+    workers.finish(session, worker.id, WorkerStatus.STOPPED)
+    session.commit()
+    assert request().dedicated  # cached: nobody announced the stop
+    lifecycle.announce(ctx)
+    model = request()
+    assert not model.dedicated and not model.serving  # the stop is seen at once ...
+    assert len(loads) == 1  # ... and the credential was not loaded again
+    redis_client.incr(AUTH_GENERATION_KEY)  # a credential change (as Authenticator.changed does)
+    request()
+    assert len(loads) == 2

@@ -9,6 +9,11 @@ version) takes effect at once on every gateway: the gateway that makes it bumps 
 counter in Redis, and every gateway compares it with its own on each request (one GET) and
 drops its caches when it moved. A change made where the gateway cannot hear it (an operator
 on the database alone) takes effect within the cache's TTL.
+
+Which models have a worker up is cached apart, per token's set of models, under a counter of
+its own that every worker start, stop, standby and resume bumps: such a change drops that
+cache only, so a provider starting and stopping workers does not make every gateway load
+every credential again.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from cipherpool.credentials import API_KEY_PREFIX, TOKEN_PREFIX, digest
 from cipherpool.errors import InvalidApiKey, InvalidToken, WrongCredential
-from cipherpool.names import AUTH_GENERATION_KEY
+from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
 from cipherpool.services.accounts import authenticate as authenticate_api_key
-from cipherpool.services.queries import KeyRef, ModelGrant, TokenGrant, check_key, grant_for_value, key_ref
+from cipherpool.services.queries import (
+    KeyRef, ModelGrant, TokenGrant, check_key, grant_for_value, key_ref, serving_models,
+)
 from cipherpool.workers.context import PlatformContext
 
 V = TypeVar("V")
@@ -88,7 +95,9 @@ class Authenticator:
         self.ctx = ctx
         self._principals: TtlCache[Principal] = TtlCache(ctx.settings.auth_cache_ttl_s)
         self._keys: TtlCache[KeyRef] = TtlCache(ctx.settings.auth_cache_ttl_s)
+        self._serving: TtlCache[tuple[frozenset[str], frozenset[str]]] = TtlCache(ctx.settings.auth_cache_ttl_s)
         self._generation: bytes | None = None
+        self._serving_generation: bytes | None = None
 
     def principal(self, credential: str) -> Principal:
         if credential.startswith(API_KEY_PREFIX):
@@ -111,10 +120,31 @@ class Authenticator:
 
         return check_key(self._keys.get_or_load((grant.token_id, key_id), load), model)
 
-    def observe(self, generation: object) -> bool:
-        """The change counter as read with this request (``AUTH_GENERATION_KEY``): if it moved
-        since the last request, drop the caches and return True (re-authenticate)."""
+    def with_serving(self, grant: TokenGrant) -> TokenGrant:
+        """The grant, with which of its models have a dedicated worker up, or an online shared
+        node, as of now (cached for the TTL, or until the serving counter moves)."""
+        ids = tuple(m.model_id for m in grant.models)
+        if not ids:
+            return grant
+
+        def load() -> tuple[frozenset[str], frozenset[str]]:
+            with self.ctx.session() as session:
+                dedicated, shared = serving_models(session, list(ids))
+            return frozenset(dedicated), frozenset(shared)
+
+        dedicated, shared = self._serving.get_or_load(ids, load)
+        return replace(grant, models=tuple(replace(m, dedicated=m.model_id in dedicated,
+                                                   shared_online=m.model_id in shared) for m in grant.models))
+
+    def observe(self, generation: object, serving: object = None) -> bool:
+        """The change counters as read with this request (``AUTH_GENERATION_KEY`` and
+        ``SERVING_GENERATION_KEY``). A moved credential counter drops every cache and returns
+        True (re-authenticate); a moved serving counter drops only what was cached of serving."""
         current = generation if isinstance(generation, bytes) else None
+        serving_now = serving if isinstance(serving, bytes) else None
+        if serving_now != self._serving_generation:
+            self._serving.clear()
+            self._serving_generation = serving_now
         if current == self._generation:
             return False
         self.forget()
@@ -123,7 +153,7 @@ class Authenticator:
 
     def sync(self) -> None:
         """:meth:`observe` with a read of its own."""
-        self.observe(self.ctx.store.redis.get(AUTH_GENERATION_KEY))
+        self.observe(*self.ctx.store.redis.mget([AUTH_GENERATION_KEY, SERVING_GENERATION_KEY]))
 
     def changed(self) -> None:
         """A credential, grant or model changed: every gateway drops its caches."""
@@ -134,6 +164,7 @@ class Authenticator:
         """Drop every cached answer."""
         self._principals.clear()
         self._keys.clear()
+        self._serving.clear()
 
     def _account(self, api_key: str) -> AccountPrincipal:
         with self.ctx.session() as session:

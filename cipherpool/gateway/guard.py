@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cipherpool.errors import CipherpoolError, PayloadTooLarge, RateLimited
 from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
 from cipherpool.gateway.state import GatewayState
-from cipherpool.names import AUTH_GENERATION_KEY
+from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
 
 PUBLIC_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 # Paths that check a credential of their own (not an account's or a token's): no principal,
@@ -69,15 +69,18 @@ class Guard:
 
     @staticmethod
     def _admit(gw: GatewayState, authorization: str | None) -> Principal:
-        """Authenticate (cached), count the rate and read the credential-change counter in one
-        round trip; if the counter moved, the cache was stale: authenticate again."""
+        """Authenticate (cached), count the rate and read the change counters in one round trip;
+        if the credential counter moved, the cache was stale: authenticate again. A token's
+        grant then gets which of its models have a worker up now (cached apart, dropped when
+        the serving counter moves)."""
         credential = bearer(authorization)
         principal = gw.auth.principal(credential)
         token_id = None if isinstance(principal, AccountPrincipal) else principal.token_id
-        generation = gw.limiter.hit(principal.account_id, token_id, also_get=AUTH_GENERATION_KEY)
-        if gw.auth.observe(generation):
+        credentials, serving = gw.limiter.hit(principal.account_id, token_id,
+                                              also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY))
+        if gw.auth.observe(credentials, serving):
             principal = gw.auth.principal(credential)
-        return principal
+        return principal if isinstance(principal, AccountPrincipal) else gw.auth.with_serving(principal)
 
 
 DRAIN_MAX_BYTES = 64 * 1024 * 1024

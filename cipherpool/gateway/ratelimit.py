@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 import redis
 
@@ -20,13 +21,13 @@ class RateLimiter:
         self._redis = client
         self._limits = {"t": token_rate_per_s, "a": account_rate_per_s}
 
-    def hit(self, account_id: str, token_id: str | None = None, *, also_get: str | None = None) -> object:
-        """Count one request; RateLimited if it is over a limit. ``also_get``: a key read in the
-        same round trip (the guard's credential-change counter), whose value is returned."""
+    def hit(self, account_id: str, token_id: str | None = None, *, also_get: Sequence[str] = ()) -> list[object]:
+        """Count one request; RateLimited if it is over a limit. ``also_get``: keys read in the
+        same round trip (the guard's change counters), whose values are returned in order."""
         subjects = [("a", account_id)] + ([("t", token_id)] if token_id else [])
         subjects = [(kind, who) for kind, who in subjects if self._limits[kind] > 0]
         if not subjects:
-            return self._redis.get(also_get) if also_get else None
+            return list(self._redis.mget(also_get)) if also_get else []
         now = time.time()
         window = int(now // WINDOW_S)
         pipe = self._redis.pipeline(transaction=False)
@@ -35,7 +36,7 @@ class RateLimiter:
             pipe.incr(key)
             pipe.expire(key, 2 * WINDOW_S)
         if also_get:
-            pipe.get(also_get)
+            pipe.mget(also_get)
         replies = pipe.execute()
         counts = replies[:2 * len(subjects):2]
         for (kind, _), count in zip(subjects, counts):
@@ -46,4 +47,4 @@ class RateLimiter:
                     f"Too many requests for this {who} (limit {self._limits[kind]:g}/s); retry in {retry} s.",
                     retry_after_s=retry,
                 )
-        return replies[-1] if also_get else None
+        return list(replies[-1]) if also_get else []
