@@ -1103,17 +1103,21 @@ def test_beat_keeps_the_minimum_and_backs_off_after_a_failed_load(session, db_ur
     assert lifecycle.keep_minimum(ctx, app) == []  # an inactive model is not kept up
 
 
+@pytest.mark.parametrize("limited", [False, True], ids=["no-rate-limit", "rate-limited"])
 def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_credentials(session, db_url, account,
                                                                                         redis_client, tmp_path,
-                                                                                        monkeypatch):
-    """A worker's start or stop bumps the serving counter: gateways see it at the next request
-    and keep their cached credentials; a credential change still drops everything."""
+                                                                                        monkeypatch, limited):
+    """A worker's start, stop or rollout flip bumps the serving counter: the guard sees it at
+    the next request and keeps its cached credentials; a credential change still drops all.
+    Through the guard's own admission and a real rate limiter (both of its branches)."""
     from types import SimpleNamespace
 
     from cipherpool import lifecycle
     from cipherpool.config.settings import Settings
     from cipherpool.gateway import auth as auth_module
-    from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
+    from cipherpool.gateway.guard import Guard
+    from cipherpool.gateway.ratelimit import RateLimiter
+    from cipherpool.names import AUTH_GENERATION_KEY
     from cipherpool.workers.context import PlatformContext
 
     deploy(session, account, "m")
@@ -1123,26 +1127,35 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, auth_cache_ttl_s=5))
     ctx.__dict__["store"] = SimpleNamespace(redis=redis_client)
     loads = []
-    monkeypatch.setattr(auth_module, "grant_for_value",
-                        lambda s, v: loads.append(v) or queries.grant_for_value(s, v))
-    gateway = auth_module.Authenticator(ctx)
-    gateway.sync()  # the counters as they stand (an earlier test may have moved them)
+    monkeypatch.setattr(auth_module, "grant_for_value", lambda s, v: loads.append(v) or queries.grant_for_value(s, v))
+    clock = [1000.0]  # the caches' clock stands still: nothing expires while the test runs
+    monkeypatch.setattr(auth_module.time, "monotonic", lambda: clock[0])
+    rate = 1e9 if limited else 0
+    gw = SimpleNamespace(auth=auth_module.Authenticator(ctx), limiter=RateLimiter(redis_client, rate, rate))
+    gw.auth.sync()  # the counters as they stand (an earlier test may have moved them)
 
     def request():
-        """What the guard does for each request: the principal, both counters, the serving state."""
-        principal = gateway.principal(value)
-        if gateway.observe(*redis_client.mget([AUTH_GENERATION_KEY, SERVING_GENERATION_KEY])):
-            principal = gateway.principal(value)
-        return gateway.with_serving(principal).models[0]
+        return Guard._admit(gw, f"Bearer {value}").models[0]
 
     assert request().dedicated and len(loads) == 1
+    # A stop nobody announced is not seen while the caches live
     workers.finish(session, worker.id, WorkerStatus.STOPPED)
     session.commit()
-    assert request().dedicated  # cached: nobody announced the stop
+    assert request().dedicated
     lifecycle.announce(ctx)
     model = request()
     assert not model.dedicated and not model.serving  # the stop is seen at once ...
     assert len(loads) == 1  # ... and the credential was not loaded again
-    redis_client.incr(AUTH_GENERATION_KEY)  # a credential change (as Authenticator.changed does)
+    # A rollout flip on a node: the new version and its client specs, at once
+    worker_2 = running_worker(session, account, "m", "n1", versions={1})  # the node is free again
+    models.add_version(session, account, "m", artifact(client="d"))
+    assert rollout.worker_loaded(session, worker_2.id, 2)  # the flip
+    session.commit()
+    assert request().version == 1  # not announced yet
+    lifecycle.announce(ctx)
+    model = request()
+    assert (model.version, model.client_blob, model.dedicated, len(loads)) == (2, "d" * 64, True, 1)
+    # A credential change drops everything
+    redis_client.incr(AUTH_GENERATION_KEY)
     request()
     assert len(loads) == 2

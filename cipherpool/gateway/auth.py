@@ -10,10 +10,12 @@ counter in Redis, and every gateway compares it with its own on each request (on
 drops its caches when it moved. A change made where the gateway cannot hear it (an operator
 on the database alone) takes effect within the cache's TTL.
 
-Which models have a worker up is cached apart, per token's set of models, under a counter of
-its own that every worker start, stop, standby and resume bumps: such a change drops that
-cache only, so a provider starting and stopping workers does not make every gateway load
-every credential again.
+What changes as workers come and go is cached apart (:class:`ServingState`: each model's
+serving version and client specs, which have a worker up or a shared node, the account's
+credit), per account and set of models, under a counter of its own that every worker start,
+stop, standby, resume, failure and rollout flip bumps: such a change drops that cache only,
+so a provider starting and stopping workers does not make every gateway load every
+credential again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from cipherpool.credentials import API_KEY_PREFIX, TOKEN_PREFIX, digest
@@ -29,7 +31,7 @@ from cipherpool.errors import InvalidApiKey, InvalidToken, WrongCredential
 from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
 from cipherpool.services.accounts import authenticate as authenticate_api_key
 from cipherpool.services.queries import (
-    KeyRef, ModelGrant, TokenGrant, check_key, grant_for_value, key_ref, serving_models,
+    KeyRef, ModelGrant, ServingState, TokenGrant, check_key, grant_for_value, key_ref, serving_state,
 )
 from cipherpool.workers.context import PlatformContext
 
@@ -95,7 +97,7 @@ class Authenticator:
         self.ctx = ctx
         self._principals: TtlCache[Principal] = TtlCache(ctx.settings.auth_cache_ttl_s)
         self._keys: TtlCache[KeyRef] = TtlCache(ctx.settings.auth_cache_ttl_s)
-        self._serving: TtlCache[tuple[frozenset[str], frozenset[str]]] = TtlCache(ctx.settings.auth_cache_ttl_s)
+        self._serving: TtlCache[ServingState] = TtlCache(ctx.settings.auth_cache_ttl_s)
         self._generation: bytes | None = None
         self._serving_generation: bytes | None = None
 
@@ -121,20 +123,18 @@ class Authenticator:
         return check_key(self._keys.get_or_load((grant.token_id, key_id), load), model)
 
     def with_serving(self, grant: TokenGrant) -> TokenGrant:
-        """The grant, with which of its models have a dedicated worker up, or an online shared
-        node, as of now (cached for the TTL, or until the serving counter moves)."""
+        """The grant with its serving state as of now: each model's serving version, which
+        have a worker up or a shared node, the account's credit (cached for the TTL, or until
+        the serving counter moves)."""
         ids = tuple(m.model_id for m in grant.models)
         if not ids:
             return grant
 
-        def load() -> tuple[frozenset[str], frozenset[str]]:
+        def load() -> ServingState:
             with self.ctx.session() as session:
-                dedicated, shared = serving_models(session, list(ids))
-            return frozenset(dedicated), frozenset(shared)
+                return serving_state(session, grant.account_id, list(ids))
 
-        dedicated, shared = self._serving.get_or_load(ids, load)
-        return replace(grant, models=tuple(replace(m, dedicated=m.model_id in dedicated,
-                                                   shared_online=m.model_id in shared) for m in grant.models))
+        return self._serving.get_or_load((grant.account_id, ids), load).apply(grant)
 
     def observe(self, generation: object, serving: object = None) -> bool:
         """The change counters as read with this request (``AUTH_GENERATION_KEY`` and
@@ -173,7 +173,11 @@ class Authenticator:
 
     def _grant(self, token: str) -> TokenGrant:
         with self.ctx.session() as session:
-            return grant_for_value(session, token)
+            grant = grant_for_value(session, token)
+        # What it was loaded with is the freshest serving state: no second read for it.
+        self._serving.get_or_load((grant.account_id, tuple(m.model_id for m in grant.models)),
+                                  lambda: ServingState.of(grant))
+        return grant
 
 
 def require_account(principal: Principal | None) -> AccountPrincipal:

@@ -9,7 +9,7 @@ database on the hot path.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from datetime import datetime
 
@@ -110,6 +110,44 @@ def _grant(session: Session, token: AccessToken) -> TokenGrant:
     return TokenGrant(token.id, token.account_id, token.quota, models,
                       aware(token.expires_at) if token.expires_at is not None else None,
                       in_credit=account is not None and account.balance_micro > 0)
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """What changes in a grant as workers start, stop and load versions, without any
+    credential changing: the serving version (and its client specs) of each model, which
+    have a worker up or a shared node, and whether the account is in credit. Gateways cache
+    it apart from credentials (:meth:`cipherpool.gateway.auth.Authenticator.with_serving`)."""
+
+    versions: dict[str, tuple[int, str]]  # model id -> (serving version, its client.zip digest)
+    dedicated: frozenset[str]
+    shared: frozenset[str]
+    in_credit: bool
+
+    @classmethod
+    def of(cls, grant: TokenGrant) -> ServingState:
+        """The state a grant was loaded with."""
+        return cls({m.model_id: (m.version, m.client_blob) for m in grant.models},
+                   frozenset(m.model_id for m in grant.models if m.dedicated),
+                   frozenset(m.model_id for m in grant.models if m.shared_online), grant.in_credit)
+
+    def apply(self, grant: TokenGrant) -> TokenGrant:
+        models = []
+        for m in grant.models:
+            version, client_blob = self.versions.get(m.model_id, (m.version, m.client_blob))
+            models.append(replace(m, version=version, client_blob=client_blob, dedicated=m.model_id in self.dedicated,
+                                  shared_online=m.model_id in self.shared))
+        return replace(grant, models=tuple(models), in_credit=self.in_credit)
+
+
+def serving_state(session: Session, account_id: str, model_ids: list[str]) -> ServingState:
+    rows = session.exec(select(Model.id, Model.version, ModelVersion.client_blob).join(
+        ModelVersion, (col(ModelVersion.model_id) == Model.id) & (col(ModelVersion.number) == Model.version)).where(
+        col(Model.id).in_(model_ids))).all()
+    dedicated, shared = serving_models(session, model_ids)
+    account = session.get(Account, account_id)
+    return ServingState({model_id: (version, blob) for model_id, version, blob in rows}, frozenset(dedicated),
+                        frozenset(shared), account is not None and account.balance_micro > 0)
 
 
 def grant_for_value(session: Session, value: str | None) -> TokenGrant:

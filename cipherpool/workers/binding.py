@@ -173,8 +173,9 @@ def _roll(ctx: PlatformContext, runtime: NodeRuntime, worker_id: str) -> None:
             with ctx.session() as session:
                 model = session.get(Model, model_id)
                 target = model.rollout_version if model else None
-                if target is not None and target in held:
-                    rollout.worker_loaded(session, worker_id, target)
+                flipped = target is not None and target in held and rollout.worker_loaded(session, worker_id, target)
+            if flipped:
+                announce(ctx)  # gateways take the new serving version (and its client specs) now
     except Exception as exc:  # the node keeps serving what it holds; the log says why
         if runtime.binding is None or runtime.binding.worker_id != worker_id:
             return  # unbound meanwhile (its directory went with it): nothing failed
@@ -230,6 +231,7 @@ def default_evaluator_factory(server_zip: bytes, workdir: Path) -> ConcreteEvalu
 def _fail(ctx: PlatformContext, runtime: NodeRuntime, event: BindingEvent, reason: str) -> None:
     with ctx.session() as session:
         finish(session, event.worker_id, WorkerStatus.FAILED, error=reason)
+    announce(ctx)  # it may have been the last worker a rollout waited for
     runtime.hooks.binding_load_failed(event, reason)
 
 
