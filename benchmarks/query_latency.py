@@ -69,6 +69,8 @@ def run(root: Path, n: int) -> None:
     from concrete import fhe
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
 
+    from cipherpool.fhe.process import after_fhe
+
     from cipherpool.client import ManagementClient, QueryClient
     from cipherpool.config.settings import Settings
     from cipherpool.examples import train_digits
@@ -84,6 +86,7 @@ def run(root: Path, n: int) -> None:
     ciphertext = client.quantize_encrypt_serialize(x)
     keys = fhe.EvaluationKeys.deserialize(key_bytes)
     server.run(ciphertext, keys)  # warm-up
+    after_fhe()  # SIGPIPE and the exit status back from concrete's runtime (cipherpool/fhe/process.py)
     cached = timed(lambda: server.run(ciphertext, keys), n)
     per_call = timed(lambda: server.run(ciphertext, key_bytes), n)
     deserialize = timed(lambda: fhe.EvaluationKeys.deserialize(key_bytes), 5)
@@ -150,6 +153,8 @@ def throughput(root: Path, n: int) -> None:
     from concrete import fhe
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
 
+    from cipherpool.fhe.process import after_fhe
+
     from cipherpool.client import ManagementClient, QueryClient
     from cipherpool.config.settings import Settings
     from cipherpool.examples import train_breast_cancer
@@ -163,6 +168,7 @@ def throughput(root: Path, n: int) -> None:
     keys = fhe.EvaluationKeys.deserialize(client.get_serialized_evaluation_keys())
     ciphertext = client.quantize_encrypt_serialize(x)
     server.run(ciphertext, keys)
+    after_fhe()  # SIGPIPE and the exit status back from concrete's runtime (cipherpool/fhe/process.py)
     with ThreadPoolExecutor(cores) as pool:
         t = time.perf_counter()
         list(pool.map(lambda _: server.run(ciphertext, keys), range(n)))

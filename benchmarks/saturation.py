@@ -46,6 +46,8 @@ def in_process(model: Path, executions: int, queries: int, key_dir: Path, start_
 
     from concrete import fhe
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
+
+    from cipherpool.fhe.process import after_fhe
     from sklearn.datasets import load_breast_cancer
 
     x, _ = load_breast_cancer(return_X_y=True)
@@ -54,6 +56,7 @@ def in_process(model: Path, executions: int, queries: int, key_dir: Path, start_
     keys = fhe.EvaluationKeys.deserialize(client.get_serialized_evaluation_keys())
     ciphertexts = [client.quantize_encrypt_serialize(x[i:i + 1]) for i in range(queries)]
     server.run(ciphertexts[0], keys)  # the key's first use
+    after_fhe()  # SIGPIPE and the exit status back from concrete's runtime (cipherpool/fhe/process.py)
     time.sleep(max(0.0, start_at - time.time()))
     with ThreadPoolExecutor(executions) as pool:
         started = time.perf_counter()

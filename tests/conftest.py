@@ -9,6 +9,14 @@ from contextlib import contextmanager
 import pytest
 
 from cipherpool.config.settings import Settings, reset_settings
+from cipherpool.fhe.process import keep_exit_status
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """A test that ran FHE in this process must not turn a failed run into exit status 0:
+    concrete's runtime stops itself at exit with exit(0) (cipherpool/fhe/process.py)."""
+    keep_exit_status()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -13,8 +13,10 @@ import click
 from cipherpool.cli import account, admin, credits, db, gateway, models, platform, pool, query, tokens, workers
 from cipherpool.cli import alerts
 from cipherpool.cli import schedules
+from cipherpool.cli import status
 from cipherpool.cli.context import CipherpoolGroup, CliContext
 from cipherpool.config.settings import get_settings
+from cipherpool.fhe.process import keep_exit_status
 
 
 @click.group(cls=CipherpoolGroup)
@@ -63,8 +65,12 @@ for group in (platform.up, platform.demo, db.db, admin.admin, gateway.gateway, a
     cli.add_command(group)
 cli.add_command(alerts.alert)
 cli.add_command(schedules.schedule)
+cli.add_command(status.status)
 add_json_options(cli)
 
 
 def main() -> None:
-    cli(prog_name="cipherpool")
+    try:
+        cli(prog_name="cipherpool")
+    finally:
+        keep_exit_status()  # a command that ran FHE in this process still exits with its own status

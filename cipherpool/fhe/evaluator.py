@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from cipherpool.errors import BackendUnavailable, InvalidEvaluationKey, MalformedCiphertext, ModelMismatch
 from cipherpool.fhe.deployment import SERVER_ZIP, compiled_backend, read_versions
 from cipherpool.fhe.framing import is_complete_message
+from cipherpool.fhe.process import after_fhe
 
 
 def preload() -> float:
@@ -61,7 +62,10 @@ class ConcreteEvaluator:
         self._dir = Path(workdir or tempfile.mkdtemp(prefix="cipherpool-model-"))
         self._dir.mkdir(parents=True, exist_ok=True)
         (self._dir / SERVER_ZIP).write_bytes(server_zip)
-        self._server = FHEModelServer(str(self._dir))
+        try:
+            self._server = FHEModelServer(str(self._dir))
+        finally:
+            after_fhe()  # concrete's runtime must not take SIGPIPE or the exit status (fhe/process.py)
 
     def load_keys(self, serialized: bytes) -> Any:
         from concrete import fhe
@@ -89,6 +93,8 @@ class ConcreteEvaluator:
             if "deserialize" in text.lower():
                 raise MalformedCiphertext(f"The ciphertext cannot be read: {text}") from None
             raise
+        finally:
+            after_fhe()  # the first run starts concrete's runtime, which takes SIGPIPE (fhe/process.py)
 
 
 class FakeEvaluator:
