@@ -130,10 +130,17 @@ def reconcile(ctx: PlatformContext, app: Celery) -> list[Lost]:
 
 
 def _replace(ctx: PlatformContext, app: Celery, worker: Lost) -> None:
+    """Start a worker as the lost one was started: by whom (a schedule's stays the schedule's,
+    which stops it at its window's end; the autoscaler's stays its own to remove), for which
+    schedule, of which profile, on standby or not. Each worker's log names the other."""
     try:
-        replacement = start_worker(ctx, app, worker.account_id, worker.model_name)
+        (replacement,) = start_workers(ctx, app, worker.account_id, worker.model_name, profile=worker.profile,
+                                       standby=worker.standby, source="beat", started_by=worker.started_by,
+                                       schedule_id=worker.schedule_id)
         log.info("worker %s replaces %s on %s", replacement.id, worker.worker_id, replacement.node_name)
         workerlog.write(ctx.store.redis, worker.worker_id, f"replaced by worker {replacement.id}", source="beat")
+        workerlog.write(ctx.store.redis, replacement.id, f"replaces worker {worker.worker_id} (node {worker.node} "
+                        f"lost; started by {worker.started_by})", source="beat")
     except CipherpoolError as exc:
         log.warning("no replacement for worker %s: %s", worker.worker_id, exc.message)
         with ctx.session() as session:

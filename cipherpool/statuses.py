@@ -98,6 +98,7 @@ class EventKind(str, Enum):
     WORKER_STANDBY = "worker_standby"  # loaded, not consuming
     WORKER_RESUMED = "worker_resumed"
     WORKER_STOPPED = "worker_stopped"
+    WORKER_DOWNTIME = "worker_downtime"  # its node restarted holding it: the time it was down is not charged
     CREDITS_LOW = "credits_low"  # the account's balance fell below its low-balance threshold
     CREDITS_DEPLETED = "credits_depleted"  # the balance reached zero: its workers are stopped
     TOKEN_ASSIGNED = "token_assigned"

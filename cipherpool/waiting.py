@@ -8,6 +8,7 @@ never overshoots it), and the clock and sleep can be injected, so tests need no 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -37,3 +38,53 @@ def wait_until(predicate: Callable[[], T | None], timeout_s: float, *, interval_
         if remaining <= 0:
             raise error if error is not None else WaitTimeout(f"The condition did not hold within {timeout_s:g}s.")
         sleep(min(interval_s, remaining))
+
+
+class Backoff:
+    """Pauses between tries of something that is down (a database not yet reachable, a schema
+    not yet migrated): ``first_s``, doubled at each try up to ``max_s``, each with up to 25 %
+    jitter so that many processes started together do not retry in step. ``reset()`` once it
+    worked."""
+
+    def __init__(self, first_s: float = 0.5, max_s: float = 30.0, rng: Callable[[], float] | None = None):
+        import random
+
+        self.first_s, self.max_s = first_s, max_s
+        self.tries = 0
+        self._rng = rng or random.random
+
+    def next(self) -> float:
+        pause: float = min(self.max_s, self.first_s * 2.0 ** min(self.tries, 30))
+        self.tries += 1
+        return pause * (1.0 - 0.25 * float(self._rng()))
+
+    def reset(self) -> None:
+        self.tries = 0
+
+
+class StateLog:
+    """Logs what a retried thing is waiting for once per change of state, not once per try:
+    an operator reads "waiting for the database: connection refused" once, then "database
+    reachable" when it is, instead of a traceback every few seconds."""
+
+    def __init__(self, logger: logging.Logger, what: str):
+        self.logger, self.what = logger, what
+        self.problem: str | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        problem = describe_failure(exc)
+        if problem != self.problem:
+            self.logger.warning("%s: waiting, retrying with backoff: %s", self.what, problem)
+            self.problem = problem
+
+    def recovered(self, message: str) -> None:
+        if self.problem is not None:
+            self.logger.warning("%s: %s", self.what, message)
+        self.problem = None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an exception: its type and the first line of its message (a driver's
+    message can be long and multi-line; a stale-schema error names the missing table)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")

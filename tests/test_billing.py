@@ -749,7 +749,8 @@ def make_tick_world(url: str, settings, count: int = 2, start: datetime = T0) ->
         s.flush()
         ids = []
         for i in range(count):
-            node = PoolNode(name=f"n{i}@host", host_class="cpu")
+            # heard from all along: a tick charges no further than a node's last heartbeat
+            node = PoolNode(name=f"n{i}@host", host_class="cpu", last_seen=start + timedelta(days=1))
             s.add(node)
             s.flush()
             worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name, status=WorkerStatus.UP,

@@ -16,9 +16,10 @@ log = logging.getLogger("cipherpool.billing")
 
 def tick(ctx: PlatformContext, app: Celery, now: datetime | None = None,
          on_charged: Charged | None = None) -> tuple[TickReport, Enforced]:
-    """Charge every running worker up to now and every finished minute of shared computation,
-    then stop the workers of accounts at zero and note low balances. Safe to run twice at
-    once, or again after a crash: see :mod:`cipherpool.billing.charging`."""
+    """Charge every running worker up to now (or its node's last heartbeat, if earlier: a
+    silent node is not charged) and every finished minute of shared computation, then stop the
+    workers of accounts at zero and note low balances. Safe to run twice at once, or again
+    after a crash: see :mod:`cipherpool.billing.charging`."""
     report = charge_all(ctx.session, ctx.store.redis, ctx.settings, now, on_charged)
     enforced = enforce(ctx, app, ctx.settings, now)
     if report.charged or report.errors:

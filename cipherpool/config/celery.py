@@ -30,6 +30,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {**visibility, **sweep},
         "result_backend_transport_options": visibility,
         "broker_connection_retry_on_startup": True,
+        # Any start order: a worker or beat started before the broker waits for it as long as it
+        # takes (Celery's default gives up after 100 tries), and reconnects after an outage.
+        "broker_connection_max_retries": None,
+        # A publish whose connection died (a broker restart) is sent again once, on a fresh
+        # connection: it never reached the broker, so this does it once. Once (Celery's
+        # default is three, 0.6 s), so that with the broker down a gateway request gets
+        # broker_unavailable at once rather than after a stall.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
         "task_serializer": "msgpack",
         "result_serializer": "msgpack",
         "accept_content": ["msgpack", "json"],

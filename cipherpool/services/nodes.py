@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from collections.abc import Callable, Mapping
 
 from redis import Redis
@@ -21,8 +21,10 @@ from sqlmodel import Session, col, select
 from cipherpool.api.schemas import NodeOut, NodeResources, SharedModelOut
 from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, utcnow
 from cipherpool.services.tokens import aware
-from cipherpool.billing import rates
+from cipherpool.billing import charging, rates
 from cipherpool.billing.rates import PriceChange
+from cipherpool.services import events
+from cipherpool.statuses import EventKind
 from cipherpool.names import SHARED_LOADED_PREFIX
 
 NODE_STALE_HEARTBEATS = 3  # a node unseen for this many heartbeats is not offered
@@ -48,8 +50,48 @@ class NodeInfo:
     prices: PriceChange | None = None  # its profile's own rates (None fields: its class's)
 
 
-def register_node(session: Session, name: str, info: NodeInfo) -> PoolNode:
-    node = session.get(PoolNode, name) or PoolNode(name=name)
+@dataclass(frozen=True)
+class Downtime:
+    """A node came back holding its worker: it was silent from ``since`` (its last heartbeat)
+    to ``until`` (its registration), time the worker is not charged for."""
+
+    worker_id: str
+    node: str
+    since: datetime
+    until: datetime
+
+    @property
+    def seconds(self) -> float:
+        return (self.until - self.since).total_seconds()
+
+    def describe(self) -> str:
+        """The line its event and the worker's log say."""
+        return (f"node {self.node} restarted holding worker {self.worker_id}: down {self.seconds:.1f} s "
+                f"(no heartbeat since {self.since.isoformat()}), not charged")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered node, and the downtime of the worker it still holds, if any (for its log)."""
+
+    node: PoolNode
+    downtime: Downtime | None = None
+
+
+def register_node(session: Session, name: str, info: NodeInfo, now: datetime | None = None) -> PoolNode:
+    """Record a node that is ready (see :func:`register`)."""
+    return register(session, name, info, now).node
+
+
+def register(session: Session, name: str, info: NodeInfo, now: datetime | None = None) -> Registration:
+    """Record a node that is ready (at ``now``): its profile, capacity and prices. A node that
+    restarted while a worker still holds it (within the loss window, before the reconciler
+    failed it) rebinds it; that worker is charged up to the node's last heartbeat and not for
+    the time it was down, which its model's events record."""
+    now = aware(now or utcnow())
+    node = session.get(PoolNode, name)
+    downtime = skip_downtime(session, node, now) if node is not None else None  # priced as the node was
+    node = node or PoolNode(name=name)
     node.host_class, node.concurrency, node.threads, node.pid = info.host_class, info.concurrency, info.threads, info.pid
     node.profile, node.labels, node.shared, node.host = (info.profile, json.dumps(dict(info.labels), sort_keys=True),
                                                          info.shared, info.host)
@@ -57,15 +99,32 @@ def register_node(session: Session, name: str, info: NodeInfo) -> PoolNode:
                                                                        info.key_cache_bytes)
     node.gpu_build = info.gpu_build
     node.status = NodeStatus.ONLINE
-    node.started_at = node.last_seen = utcnow()
+    node.started_at = node.last_seen = now
     session.add(node)
     if info.prices is not None:  # a profile's rate that changed applies from now on
         rates.sync(session, rates.profile_scope(info.profile), info.prices, f"profile {info.profile} ({name})")
-    return node
+    return Registration(node, downtime)
 
 
-def heartbeat(session: Session, name: str) -> None:
-    session.execute(update(PoolNode).where(col(PoolNode.name) == name).values(last_seen=utcnow(), status=NodeStatus.ONLINE))
+def skip_downtime(session: Session, node: PoolNode, now: datetime) -> Downtime | None:
+    """The worker the node still holds, charged up to its last heartbeat, the silence since not
+    owed; the downtime, recorded as its model's event. None if it holds none."""
+    worker = session.get(Worker, node.worker_id) if node.worker_id else None
+    since = aware(node.last_seen)
+    if worker is None or not worker.status.holds_node or since >= now:
+        return None
+    charging.skip_silence(session, worker.id, since, now)
+    downtime = Downtime(worker.id, node.name, since, now)
+    events.record_for(session, worker.model_id, EventKind.WORKER_DOWNTIME, downtime.describe(), worker_id=worker.id)
+    return downtime
+
+
+def heartbeat(session: Session, name: str) -> bool:
+    """The node is alive now; False if it has no row (never registered, or the row was lost:
+    it must register again)."""
+    result = session.execute(update(PoolNode).where(col(PoolNode.name) == name)
+                             .values(last_seen=utcnow(), status=NodeStatus.ONLINE))
+    return bool(getattr(result, "rowcount", 1))
 
 
 def node_offline(session: Session, name: str) -> None:

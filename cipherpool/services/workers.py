@@ -17,7 +17,7 @@ from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col, select
 
 from cipherpool.api.schemas import WorkerOut
-from cipherpool.billing.charging import lock_worker, settle
+from cipherpool.billing.charging import lock_worker, settle, skip_silence
 from cipherpool.billing.gate import require_start_credit
 from cipherpool.config.profiles import labels_match
 from cipherpool.config.settings import get_settings
@@ -29,6 +29,7 @@ from cipherpool.errors import (
 from cipherpool.services import events, rollout
 from cipherpool.services.models import get_model, model_selector, needs_gpu_build
 from cipherpool.services.nodes import live, node_is_live
+from cipherpool.services.tokens import aware
 from cipherpool.statuses import WANTED, EventKind, StopReason
 
 MAX_START = 64  # workers one start may ask for
@@ -163,7 +164,13 @@ def request_stop(session: Session, account: Account, worker_id: str, heartbeat_s
                                f"deactivate the model.")
     worker.stop_reason = reason.value
     if not node_is_live(session, worker.node_name, heartbeat_s):
-        finish(session, worker.id, WorkerStatus.STOPPED, error=f"node {worker.node_name} was not live")
+        # A silent node's worker owes nothing past the node's last heartbeat (as when it is lost).
+        node = session.get(PoolNode, worker.node_name)
+        heard = aware(node.last_seen) if node is not None and node.last_seen is not None else None
+        if heard is not None:
+            skip_silence(session, worker.id, heard, utcnow())
+        finish(session, worker.id, WorkerStatus.STOPPED, error=f"node {worker.node_name} was not live",
+               charge_until=heard)
         return StopDecision(worker, tell_node=False)
     settle(session, worker.id)  # up to now at its state's rate (standby's, if it was): stopping is runtime
     worker.status = WorkerStatus.STOPPING

@@ -25,6 +25,7 @@ from typing import Any
 from celery import signals
 from celery.utils.dispatch import Signal
 
+from cipherpool import workerlog
 from cipherpool.config.profiles import resolve_profile
 from cipherpool.dispatch import shared_queue_of
 from cipherpool.names import BIND_TASK, POOL_QUEUE, UNBIND_TASK, node_queue
@@ -41,6 +42,7 @@ from cipherpool.workers.querycount import QueryCounter
 from cipherpool.monitoring.timings import FLUSH_S, QueryTimings
 from cipherpool.workers.shared import ExecutionMeter, SharedModels
 from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
+from cipherpool.waiting import Backoff, StateLog
 
 log = logging.getLogger("cipherpool.node")
 _stop_heartbeat = threading.Event()
@@ -122,23 +124,20 @@ def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
         host = capacity.detect()
         # Only a gpu node serves models compiled for the GPU; asking imports concrete.
         gpu_build = runtime.host_class == "gpu" and capacity.concrete_gpu_available()
-        with ctx.session() as session:
-            node_service.register_node(session, runtime.name, node_service.NodeInfo(
-                host_class=runtime.host_class, concurrency=runtime.concurrency, threads=runtime.threads,
-                pid=os.getpid(), profile=runtime.profile, labels=runtime.labels, shared=runtime.shared,
-                host=socket.gethostname(), cores=host.cores, memory_bytes=host.memory_bytes, gpus=host.gpus,
-                gpu_build=gpu_build,
-                key_cache_bytes=runtime.key_cache.stats().capacity_bytes,
-                prices=profile_prices(resolve_profile(ctx.settings)),
-            ))
-            binding = node_service.binding_of_node(session, runtime.name)
-        _start_heartbeat(runtime.name, ctx.settings.node_heartbeat_s, sender.app)
-        if binding is not None:
-            worker, model = binding
-            log.info("node %s rebinding to model %s after restart", runtime.name, model.name)
-            sender.app.send_task(BIND_TASK, kwargs={"worker_id": worker.id}, queue=node_queue(runtime.name))
+        info = node_service.NodeInfo(
+            host_class=runtime.host_class, concurrency=runtime.concurrency, threads=runtime.threads,
+            pid=os.getpid(), profile=runtime.profile, labels=runtime.labels, shared=runtime.shared,
+            host=socket.gethostname(), cores=host.cores, memory_bytes=host.memory_bytes, gpus=host.gpus,
+            gpu_build=gpu_build,
+            key_cache_bytes=runtime.key_cache.stats().capacity_bytes,
+            prices=profile_prices(resolve_profile(ctx.settings)),
+        )
     except Exception:
         log.exception("worker_ready handler failed")
+        return
+    _stop_heartbeat.clear()
+    threading.Thread(target=_keep_registered, args=(runtime.name, info, ctx.settings.node_heartbeat_s, sender.app),
+                     name="cipherpool-heartbeat", daemon=True).start()
 
 
 @_on(signals.worker_shutdown)
@@ -156,22 +155,64 @@ def on_worker_shutdown(sender: Any = None, **_kwargs: Any) -> None:
         log.exception("worker_shutdown handler failed")
 
 
-def _start_heartbeat(name: str, interval_s: float, app: Any) -> None:
-    """Beat every ``interval_s``; and reconcile: a binding whose worker the database no longer
-    wants (stopped by an operator without a broker at hand, or an unbind message lost) is
-    unbound by the node itself."""
-    def beat() -> None:
-        while not _stop_heartbeat.wait(interval_s):
-            try:
-                runtime = current_runtime()
-                binding = runtime.binding if runtime else None
-                with platform().session() as session:
-                    node_service.heartbeat(session, name)
-                    unwanted = binding is not None and not node_service.still_wanted(session, binding.worker_id)
-                if binding is not None and unwanted:
-                    log.info("node %s: worker %s is no longer wanted; unbinding", name, binding.worker_id)
-                    app.send_task(UNBIND_TASK, kwargs={"worker_id": binding.worker_id}, queue=node_queue(name))
-            except Exception:
-                log.exception("heartbeat of %s failed", name)
+def _keep_registered(name: str, info: node_service.NodeInfo, interval_s: float, app: Any) -> None:
+    """The node's registration, for as long as the process runs: register (and rebind what the
+    database says this node serves), then heartbeat every ``interval_s``.
 
-    threading.Thread(target=beat, name="cipherpool-heartbeat", daemon=True).start()
+    Nodes start in any order with the rest of the platform: a database that is unreachable, or
+    not migrated yet, is waited for with backoff (:class:`Backoff`, logged once per change of
+    state), and a registration that was lost (the row is gone: a database restored, a schema
+    made after the node started) is made again. While registered, the heartbeat also
+    reconciles: a binding whose worker the database no longer wants (stopped by an operator
+    without a broker at hand, or an unbind message lost) is unbound by the node itself."""
+    state = StateLog(log, f"pool node {name}: registration")
+    backoff = Backoff(first_s=min(1.0, interval_s), max_s=max(interval_s, 30.0))
+    registered = False
+    while not _stop_heartbeat.is_set():
+        pause = interval_s
+        try:
+            if not registered:
+                _register(name, info, app)
+                registered = True
+                state.recovered("registered")
+            elif not _heartbeat(name, app):
+                log.warning("pool node %s: its registration is gone from the database; registering again", name)
+                registered = False
+                pause = 0.0
+            backoff.reset()
+        except Exception as exc:  # noqa: BLE001 - the database or the broker is down: wait, then try again
+            state.failed(exc)
+            pause = backoff.next()
+        _stop_heartbeat.wait(pause)
+
+
+def _register(name: str, info: node_service.NodeInfo, app: Any) -> None:
+    """Record this node as online, and rebind the worker the database says it serves (a node
+    that restarts keeps its binding)."""
+    ctx = platform()
+    with ctx.session() as session:
+        registered = node_service.register(session, name, info)
+        binding = node_service.binding_of_node(session, name)
+    if registered.downtime is not None:  # committed: the worker's log says what its events say
+        workerlog.write(ctx.store.redis, registered.downtime.worker_id, registered.downtime.describe(),
+                        level="warning", source=name)
+    runtime = current_runtime()
+    held = runtime.binding if runtime else None
+    if binding is not None and (held is None or held.worker_id != binding[0].id):
+        worker, model = binding
+        log.info("node %s rebinding to model %s after restart", name, model.name)
+        app.send_task(BIND_TASK, kwargs={"worker_id": worker.id}, queue=node_queue(name))
+
+
+def _heartbeat(name: str, app: Any) -> bool:
+    """One heartbeat; False if this node's row is gone (it must register again)."""
+    runtime = current_runtime()
+    binding = runtime.binding if runtime else None
+    with platform().session() as session:
+        if not node_service.heartbeat(session, name):
+            return False
+        unwanted = binding is not None and not node_service.still_wanted(session, binding.worker_id)
+    if binding is not None and unwanted:
+        log.info("node %s: worker %s is no longer wanted; unbinding", name, binding.worker_id)
+        app.send_task(UNBIND_TASK, kwargs={"worker_id": binding.worker_id}, queue=node_queue(name))
+    return True
