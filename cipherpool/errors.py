@@ -8,6 +8,8 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
   by the server.
 * ``exit_code``: what the CLI exits with, so scripts can tell the families apart.
 * ``http_status``: what the gateway answers with; the body is ``{"code", "message"}``.
+* ``retry_after_s``: set on errors that pass with time (a rate, a dependency's outage); the
+  gateway sends it as ``Retry-After``, so a client or a proxy knows when to try again.
 
 ::
 
@@ -61,7 +63,9 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── TooManyKeys                         409   key sets per token at their cap
     │   └── TooManyAlerts                       409   alert rules per account at their cap
     └── PlatformError                   exit 7  503
-        ├── BrokerUnavailable                         (platform side) Redis unreachable
+        ├── BrokerUnavailable                         (platform side) Redis unreachable; Retry-After
+        ├── DatabaseUnavailable                       the database down, or its schema not migrated; Retry-After
+        ├── NotReady                                  GET /v1/ready: a part the gateway needs does not answer
         ├── GatewayUnavailable                        (client side) the gateway unreachable
         ├── StoreFull                           507   Redis at maxmemory; nothing is evicted
         ├── QueryTimeout                        504
@@ -85,6 +89,7 @@ class CipherpoolError(Exception):
     code: ClassVar[str] = "error"
     exit_code: ClassVar[int] = 1
     http_status: ClassVar[int] = 500
+    retry_after_s: float | None = None  # HTTP Retry-After, for errors that pass with time
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -349,7 +354,27 @@ class PlatformError(CipherpoolError):
 
 
 class BrokerUnavailable(PlatformError):
+    """Redis (broker, store or result backend) did not answer; it is usually back within
+    seconds (a restart), hence the Retry-After."""
+
     code = "broker_unavailable"
+    retry_after_s = 5.0
+
+
+class DatabaseUnavailable(PlatformError):
+    """The platform's database did not answer (down, unreachable, out of connections), or
+    its schema is not migrated to this gateway's version yet. A typed 503 with Retry-After,
+    not a 502: it is an outage to wait out, not a fault of the request or of the gateway."""
+
+    code = "database_unavailable"
+    retry_after_s = 5.0
+
+
+class NotReady(PlatformError):
+    """The gateway process runs but cannot serve yet: ``GET /v1/ready`` answers it, with each
+    part it checked (a load balancer sends no traffic until it is ready again)."""
+
+    code = "not_ready"
 
 
 class GatewayUnavailable(PlatformError):

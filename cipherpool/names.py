@@ -45,6 +45,12 @@ QUERY_COUNT_PREFIX = "cipherpool:queries:"  # + account id + ":" + YYYY-MM-DD ->
 TIMINGS_PREFIX = "cipherpool:qt:"  # + model id + ":" + (minute | "all" | "recent" | "hist"): query times, see monitoring.timings
 ROLLOUT_LOCK_PREFIX = "cipherpool:rollout:"  # + model id: one node at a time loads a new version
 RESULT_META_PREFIX = "celery-task-meta-"  # Celery's result key (and pub/sub channel) + task id
+# The platform's own health (cipherpool.monitoring.components): `cipherpool status`, /metrics, the watchdog.
+PROCESS_BEAT_PREFIX = "cipherpool:platform:alive:"  # + role (gateway, control, beat) -> hash {instance: JSON heartbeat}
+BEAT_JOBS_KEY = "cipherpool:platform:beat-jobs"  # hash {task name: unix time its last run finished}
+COMPONENT_STATE_PREFIX = "cipherpool:platform:state:"  # + component -> its state as a watchdog last recorded it
+PLATFORM_EVENTS_KEY = "cipherpool:platform:events"  # list of JSON events, newest first, capped
+PLATFORM_EVENT_ID_KEY = "cipherpool:platform:event-id"  # counter: each platform event's id
 
 
 def node_queue(node_name: str) -> str:

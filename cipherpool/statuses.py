@@ -185,3 +185,29 @@ class WebhookDelivery(str, Enum):
     PENDING = "pending"  # queued or being retried
     DELIVERED = "delivered"  # the receiver answered 2xx
     FAILED = "failed"  # given up: attempts spent, refused by the receiver, or a refused destination
+
+
+class ComponentState(str, Enum):
+    """A component's health, from the age of what it last wrote against how often it writes."""
+
+    OK = "ok"
+    LATE = "late"
+    MISSING = "missing"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+
+_RANK = {ComponentState.OK: 0, ComponentState.LATE: 1, ComponentState.MISSING: 2}
+
+
+class Component(str, Enum):
+    """The parts of the platform that `cipherpool status` judges and the watchdog watches."""
+
+    GATEWAY = "gateway"  # HTTP gateways: heartbeat into Redis
+    CONTROL = "control"  # control workers (beat's jobs run there): heartbeat into Redis
+    BEAT = "beat"  # the scheduler: its own heartbeat and the age of each job's last run
+    NODES = "nodes"  # pool nodes: heartbeat into the database
+    STORE = "store"  # Redis (blob store; heartbeats, events): reachable or not
+    DATABASE = "database"  # reachable or not

@@ -19,12 +19,28 @@ from enum import Enum
 from typing import ParamSpec, TypeVar
 
 import redis
+from redis.backoff import AbstractBackoff, ExponentialBackoff
+from redis.retry import Retry
 
 from cipherpool.errors import BrokerUnavailable, NotFound, StoreFull, UploadNotFound
 from cipherpool.names import BLOB_PREFIX, PAYLOAD_PREFIX, STAGED_PREFIX, UPLOAD_PREFIX
 
 
 CONNECT_TIMEOUT_S = 5.0
+# A pooled connection that died under us (Redis restarted, a proxy dropped it) is replaced and
+# the command sent again, once: what failed on a dead socket never reached the new server, so
+# sending it again does it once. Once, not redis-py 8's default of ten: with Redis down the
+# caller gets broker_unavailable at once instead of a request stalled for seconds.
+STALE_RETRIES = 1
+RETRY_ERRORS: tuple[type[redis.RedisError], ...] = (redis.ConnectionError, redis.TimeoutError)
+
+
+def retry_backoff() -> AbstractBackoff:
+    """The pause before that one retry: short, as the new connection is usually there at once
+    (50 ms, enough for a server that is just taking connections again)."""
+    return ExponentialBackoff(cap=0.25, base=0.025)
+
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -45,7 +61,10 @@ class BlobStore:
 
     @classmethod
     def from_url(cls, url: str) -> BlobStore:
-        return cls(redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30))
+        return cls(redis.Redis.from_url(
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30,
+            retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=RETRY_ERRORS),
+        ))
 
     @property
     def redis(self) -> redis.Redis:
@@ -171,7 +190,7 @@ class BlobStore:
         raised as cipherpool's errors."""
         try:
             return fn(*args, **kwargs)
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise BrokerUnavailable(f"Cannot reach the blob store: {exc}") from exc
         except redis.ResponseError as exc:
             if str(exc).startswith("OOM"):

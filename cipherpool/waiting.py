@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from cipherpool.errors import CipherpoolError
+
 T = TypeVar("T")
 Clock = Callable[[], float]  # seconds, monotonic
 Sleep = Callable[[float], None]
@@ -74,7 +76,7 @@ class StateLog:
     def failed(self, exc: BaseException) -> None:
         problem = describe_failure(exc)
         if problem != self.problem:
-            self.logger.warning("%s: waiting, retrying with backoff: %s", self.what, problem)
+            self.logger.warning("%s: %s; trying again", self.what, problem)
             self.problem = problem
 
     def recovered(self, message: str) -> None:
@@ -84,7 +86,12 @@ class StateLog:
 
 
 def describe_failure(exc: BaseException) -> str:
-    """One line for an exception: its type and the first line of its message (a driver's
-    message can be long and multi-line; a stale-schema error names the missing table)."""
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+    """An exception in one line for an operator's log: its type and the first line of its
+    message; for a database error, the driver's own (SQLAlchemy's text would add the
+    statement and its parameters), for a typed error raised from another, that cause."""
+    orig = getattr(exc, "orig", None)
+    inner = orig if isinstance(orig, BaseException) else exc
+    if inner is exc and isinstance(exc, CipherpoolError) and exc.__cause__ is not None:
+        inner = exc.__cause__
+    first = (str(inner).strip().splitlines() or [""])[0]
+    return f"{type(inner).__name__}: {first[:300]}"

@@ -279,3 +279,28 @@ def test_a_stop_of_a_silent_nodes_worker_charges_up_to_its_last_heartbeat(db_url
     assert worker_row(rig).status == WorkerStatus.STOPPED
     assert net_charged(rig) == exact((RUNTIME, START, HEARD))[0]
     check_books(db_url, rig.account_id)
+
+
+def test_two_reconcilers_at_once_fail_a_lost_worker_once(db_url):
+    import threading
+
+    # Given a worker whose node went silent long ago (two beats run the reconciler: docs/operations.md)
+    rig = make_worker(db_url, started_at=START)
+    hear(rig, HEARD)
+    found: list[list] = []
+
+    def second() -> None:
+        with session_scope(db_url) as s:
+            found.append(fail_lost_workers(s, HEARTBEAT_S, at(7000)))
+
+    # When a second reconciler runs while the first holds the worker, before the first commits
+    with session_scope(db_url) as s:
+        found.append(fail_lost_workers(s, HEARTBEAT_S, at(7000)))
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(timeout=1.0)
+        assert other.is_alive()  # it waits for the first one's transaction
+    other.join(timeout=30)
+    # Then only the first fails it (and asks for its replacement); the second finds it ended
+    assert [[lost.worker_id for lost in run] for run in found] == [[rig.worker_id], []]
+    assert net_charged(rig) == exact((RUNTIME, START, HEARD))[0]

@@ -18,6 +18,7 @@ from cipherpool.statuses import (
     WorkerStatus,
 )
 from cipherpool.statuses import ScheduleActionStatus, ScheduleKind
+from cipherpool.statuses import Component, ComponentState
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ID_PATTERN = r"^[0-9a-f]{16}$"
@@ -47,6 +48,32 @@ class ErrorBody(Wire):
 class Health(Wire):
     status: str
     version: str
+
+
+class ReadinessCheck(Wire):
+    """One part the gateway needs, as ``GET /v1/ready`` found it just now (or, for the
+    schema, within the settings' ready_schema_cache_s). ``detail`` names no host or password:
+    the endpoint is public, and the gateway's log has the masked URL."""
+
+    ok: bool
+    detail: str
+    elapsed_ms: float
+
+
+class ReadyBody(Wire):
+    """200 from ``GET /v1/ready``: every part answered (``status`` is ``ready``)."""
+
+    status: str
+    checks: dict[str, ReadinessCheck]
+
+
+class NotReadyBody(Wire):
+    """503 from ``GET /v1/ready``: the typed error (``not_ready``), its message naming each
+    failing part, and every check."""
+
+    code: str
+    message: str
+    checks: dict[str, ReadinessCheck]
 
 
 # ---- provider (API key) ----------------------------------------------------------------
@@ -718,3 +745,85 @@ class AutoscaleOut(Wire):
     last_action: str | None  # up, down, or blocked (an add was refused; see last_reason)
     last_reason: str | None
     updated_at: str | None  # when the policy was last set or turned off
+
+
+# The platform's own health (operator only: `cipherpool status`, GET /v1/platform/status with
+# the metrics token; see cipherpool.monitoring.components). States: cipherpool.monitoring.liveness.
+class ProcessHealth(Wire):
+    """A platform process that heartbeats into Redis: a gateway, a control worker or beat."""
+
+    role: str  # gateway, control, beat
+    instance: str  # its name: host:pid for a gateway and beat, the Celery node name of a control worker
+    host: str
+    pid: int
+    version: str
+    started_at: datetime
+    last_seen: datetime
+    age_s: float  # since its last heartbeat
+    interval_s: float  # how often it heartbeats
+    state: ComponentState
+
+
+class BeatJobHealth(Wire):
+    """One of beat's jobs: when a control worker last finished it, against its interval."""
+
+    job: str  # the beat schedule's entry: reconcile, billing, schedules, alerts, autoscale
+    task: str
+    interval_s: float
+    last_run: datetime | None  # None: never (since Redis was new)
+    age_s: float | None  # since its last run; never run: since beat started (None: no beat either)
+    state: ComponentState
+
+
+class NodeHealth(Wire):
+    name: str
+    host: str
+    host_class: str
+    shared: bool
+    status: str  # online, lost (online but silent for 3 heartbeats), offline (stopped)
+    heartbeat_age_s: float
+    bound_models: int  # a dedicated node: its worker's model (0 or 1); a shared node: the models it holds loaded
+    state: ComponentState
+
+
+class StoreHealth(Wire):
+    """Redis (the blob store, where heartbeats and platform events live too)."""
+
+    reachable: bool
+    used_memory_bytes: int | None
+    maxmemory_bytes: int | None  # 0: no bound
+    memory_ratio: float | None  # used / max; None without a bound
+    error: str | None
+    state: ComponentState
+
+
+class ComponentHealth(Wire):
+    component: Component
+    state: ComponentState
+    detail: str
+
+
+class PlatformEventOut(Wire):
+    """A component's state changed, as the first gateway watchdog to see it recorded it."""
+
+    id: int
+    at: datetime
+    component: Component
+    previous: ComponentState | None  # None: the first state ever recorded
+    state: ComponentState
+    detail: str
+
+
+class PlatformStatus(Wire):
+    """Every component of the platform with its state; ``state`` is the worst of them."""
+
+    at: datetime
+    state: ComponentState
+    components: list[ComponentHealth]
+    gateways: list[ProcessHealth]
+    control_workers: list[ProcessHealth]
+    beats: list[ProcessHealth]
+    beat_jobs: list[BeatJobHealth]
+    nodes: list[NodeHealth]
+    store: StoreHealth
+    events: list[PlatformEventOut]  # the latest, newest first

@@ -18,7 +18,9 @@ import click
 from click.core import ParameterSource
 
 from cipherpool.cli.context import CliContext, pass_ctx
+from cipherpool.cli.vital import VitalAlarm
 from cipherpool.files import private_umask
+from cipherpool.monitoring.beat_jobs import schedule
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 from cipherpool.stack.supervisor import Child
 
@@ -49,10 +51,6 @@ def _nodes(nodes: int, workers: int | None) -> int:
 
 def _report_restart(child: Child) -> None:
     click.echo(f"{child.name} exited; restarted as pid {child.pid} (log: {child.log_path})", err=True)
-
-
-def _report_give_up(child: Child) -> None:
-    click.echo(f"error: {child.name} keeps exiting at start; not restarting it. See {child.log_path}", err=True)
 
 
 @click.command()
@@ -90,8 +88,12 @@ def up(ctx: CliContext, nodes: int, workers: int | None, concurrency: int, host:
         click.echo(f"  Clients on this machine find it in {stack.data_dir / 'stack.json'}; elsewhere set CIPHERPOOL_URL.")
         click.echo(f"  `cipherpool admin account create NAME` makes a provider account (data dir {stack.data_dir}).")
         click.echo("Ctrl-C stops everything.")
-        stack.supervisor.watch(stop, on_restart=_report_restart, on_give_up=_report_give_up)
+        # Beat or the control worker given up: said loudly at once, and every minute until stopped.
+        alarm = VitalAlarm([job.name for job in schedule(ctx.settings)])
+        threading.Thread(target=alarm.repeat, args=(stop,), name="cipherpool-up-alarm", daemon=True).start()
+        stack.supervisor.watch(stop, on_restart=_report_restart, on_give_up=alarm.given_up)
     finally:
+        stop.set()
         click.echo("stopping …")
         stack.stop()
         click.echo("stopped.")

@@ -61,7 +61,8 @@ class QueryHandle:
 
         Long-polls the gateway (each request at most its long-poll bound) until the result
         is there or the timeout passes; then the query is withdrawn and the error says
-        whether any worker serves the model."""
+        whether any worker serves the model. A gateway restart meanwhile is ridden out (the
+        polls retry); a gateway still away at the timeout raises GatewayUnavailable."""
         if self._output is not None:
             return self._output
         deadline = time.monotonic() + (timeout or self.client.settings.query_timeout_s)
@@ -263,8 +264,16 @@ class QueryClient:
         return self._t.call("GET", "/v1/client/model", ClientModelOut, params=self._params)
 
     def _poll(self, query_id: str, remaining: float) -> httpx.Response:
-        wait = min(max(0.0, remaining), self.settings.long_poll_s)
-        return self._t.request("GET", f"/v1/queries/{query_id}", params={"wait": wait}, timeout=wait + POLL_GRACE_S)
+        """One long poll of at most ``remaining`` seconds (0: a status check). The query is safe
+        in the platform while the gateway restarts, so a poll that loses the gateway retries
+        (a GET) until the same deadline, each try waiting no longer than what is left of it;
+        a status check retries for ``gateway_retry_s``."""
+        def one_try(left: float) -> dict[str, Any]:
+            wait = min(max(0.0, left), self.settings.long_poll_s) if remaining > 0 else 0.0
+            return {"params": {"wait": wait}, "timeout": wait + POLL_GRACE_S}
+
+        deadline = time.monotonic() + remaining if remaining > 0 else None
+        return self._t.request("GET", f"/v1/queries/{query_id}", retry_until=deadline, refresh=one_try)
 
     def _withdraw(self, query_id: str) -> None:
         self._t.request("DELETE", f"/v1/queries/{query_id}")

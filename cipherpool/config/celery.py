@@ -27,7 +27,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.effective_broker_url(),
         "result_backend": settings.effective_result_backend(),
-        "broker_transport_options": {**visibility, **sweep},
+        # A broker host that does not answer costs a connect this long, not the OS's minutes.
+        "broker_transport_options": {**visibility, **sweep, "socket_connect_timeout": 5},
         "result_backend_transport_options": visibility,
         "broker_connection_retry_on_startup": True,
         # Any start order: a worker or beat started before the broker waits for it as long as it

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     # Longest single wait of a long-polling request; a client polls again until its own
     # query timeout, so no HTTP request outlives a proxy's idle timeout.
     long_poll_s: float = 25.0
+    # Readiness (GET /v1/ready, for load balancers): each dependency check gives up after
+    # ready_timeout_s; a schema found at head is trusted for ready_schema_cache_s before the
+    # database's migration table is read again (a probe every second must stay cheap).
+    ready_timeout_s: float = Field(2.0, gt=0)
+    ready_schema_cache_s: float = Field(30.0, ge=0)
 
     # Limits checked before any work, after authentication (bytes; 0 rate = unlimited).
     max_json_bytes: int = 64 * KIB
@@ -113,6 +118,11 @@ class Settings(BaseSettings):
     # the switch. None: query_timeout_s + auth_cache_ttl_s (a query older than that expired).
     version_grace_s: float | None = None
 
+    # Clients: how long an idempotent call (a GET, a status poll, a DELETE) keeps retrying while
+    # the gateway is unreachable or a proxy says it is (a restart), when the call has no
+    # timeout of its own; a long poll retries within its own timeout instead.
+    gateway_retry_s: float = Field(30.0, ge=0)
+
     # Credits (cipherpool.billing). Amounts are credits, exact to the micro-credit (six
     # decimals); rates are per host class, and a node profile may set its own (profiles.toml:
     # rate, standby_rate, execution_rate). A rate change applies from when beat (or the node
@@ -141,6 +151,11 @@ class Settings(BaseSettings):
     # The gateway's Prometheus endpoint (/metrics) answers a bearer of this token only; unset,
     # it is off (it shows every account's figures, so it is for the operator's scraper).
     metrics_token: str | None = None
+    # The platform's own health (`cipherpool status`, GET /v1/platform/status, /metrics): gateways,
+    # control workers and beat heartbeat into Redis this often, and every gateway's watchdog
+    # judges each component this often, recording one platform event per change of state.
+    platform_heartbeat_s: float = Field(10.0, gt=0)
+    platform_watchdog_s: float = Field(10.0, gt=0)
 
     # Beat's other jobs (cipherpool.scheduler): how often each looks.
     schedule_interval_s: float = 15.0  # worker schedules: starts and stops at most this late

@@ -20,6 +20,7 @@ from cipherpool.db.migrate import Upgrade, current_revision, head_revision, upgr
 __all__ = ["Upgrade", "current_revision", "get_engine", "head_revision", "init_db", "session_scope", "upgrade_db"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+CONNECT_TIMEOUT_S = 5
 
 
 @lru_cache(maxsize=8)
@@ -29,7 +30,10 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A database host that does not answer must not hold a request thread for minutes (the
+    # drivers' default connect timeout): the caller gets database_unavailable after this long.
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

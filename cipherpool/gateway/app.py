@@ -2,7 +2,13 @@
 
 Every answer that is not a success is ``{"code", "message"}`` with the HTTP status of the
 error's class (:mod:`cipherpool.errors`), including FastAPI's own validation errors and
-unknown routes, so a client always gets a typed error and never a bare 500 page.
+unknown routes, so a client always gets a typed error and never a bare 500 page. A
+dependency's outage is a 503 with Retry-After (``database_unavailable``,
+``broker_unavailable``); the generic 502 is for the gateway's own faults only.
+
+``/v1/health`` is liveness: 200 while the process runs, whatever is down. ``/v1/ready`` is
+readiness, for load balancers: 200 only while every part the gateway needs answers
+(:mod:`cipherpool.gateway.readiness`).
 """
 
 from __future__ import annotations
@@ -14,18 +20,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cipherpool.api.schemas import Health
+from cipherpool.api.schemas import Health, NotReadyBody, ReadyBody
 from cipherpool.config.settings import Settings, get_settings
-from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, PayloadTooLarge, RemoteError
+from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, NotReady, PayloadTooLarge, RemoteError
 from cipherpool.gateway import account, credits, enduser, models, queries, stats, tokens, workers
 from cipherpool.gateway import alerts, metrics
 from cipherpool.gateway import schedules
 from cipherpool.gateway import autoscale
+from cipherpool.gateway import platform_status
+from cipherpool.gateway.platform_watch import PlatformWatch
 from cipherpool.gateway.guard import Guard, error_body
+from cipherpool.outages import OUTAGE_TYPES, describe, outage_error
 from cipherpool.gateway.state import GatewayState
 
 log = logging.getLogger("cipherpool.gateway")
@@ -39,9 +47,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.gw.start()
+        watch = PlatformWatch(app.state.gw.ctx).start()  # its heartbeat and the platform's watchdog
         try:
             yield
         finally:
+            await watch.stop()
             await app.state.gw.close()
 
     app = FastAPI(
@@ -58,12 +68,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.include_router(autoscale.router)  # /v1/models/{name}/autoscale
     app.include_router(metrics.router)  # GET /metrics, for the operator's Prometheus (its own token)
+    app.include_router(platform_status.router)  # GET /v1/platform/status, the operator's too (the metrics token)
 
     @app.get("/v1/health", response_model=Health, tags=["platform"])
     async def health() -> Health:
-        """Liveness and store reachability; needs no credentials."""
-        await run_in_threadpool(app.state.gw.store.ping)
+        """Liveness: 200 while the process runs, whatever is down (a restart would not bring
+        a database back); needs no credentials. Whether it can serve: ``/v1/ready``."""
         return Health(status="ok", version=__version__)
+
+    @app.get("/v1/ready", response_model=ReadyBody, tags=["platform"],
+             responses={503: {"model": NotReadyBody, "description": "a part the gateway needs does not answer"}})
+    async def ready() -> JSONResponse:
+        """Readiness, for load balancers: the database (and its schema at this gateway's
+        head), the broker, the store and the result backend, each checked with a short
+        timeout; 503 ``not_ready`` naming each failing part. Needs no credentials."""
+        checks = await app.state.gw.readiness.check()
+        wire = {name: check.model_dump() for name, check in checks.items()}
+        failing = app.state.gw.readiness.summary(checks)
+        headers = {"cache-control": "no-store"}
+        if failing is None:
+            return JSONResponse(ReadyBody(status="ready", checks=checks).model_dump(), headers=headers)
+        return JSONResponse({**NotReady(failing).to_wire(), "checks": wire}, status_code=503, headers=headers)
 
     return app
 
@@ -93,8 +118,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = {"code": HTTP_CODES.get(exc.status_code, "http_error"), "message": str(exc.detail)}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    async def outage(request: Request, exc: Exception) -> JSONResponse:
+        """A route met a dependency's outage: its typed 503, or a fault like any other."""
+        typed = outage_error(exc)
+        if typed is None:
+            return await unexpected(request, exc)
+        log.warning("%s %s: %s (%s)", request.method, request.url.path, typed.code, describe(exc))
+        return _json(typed)
+
+    for kind in OUTAGE_TYPES:
+        app.add_exception_handler(kind, outage)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        typed = outage_error(exc)  # one raised where no handler above saw it (a middleware)
+        if typed is not None:
+            log.warning("%s %s: %s (%s)", request.method, request.url.path, typed.code, describe(exc))
+            return _json(typed)
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _json(RemoteError("The gateway failed unexpectedly; the operator's gateway log has the details."))
 

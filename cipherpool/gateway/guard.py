@@ -10,30 +10,39 @@ be refused before it is stored. Order for every request but the public ones:
    streamed body is cut off with 413 the moment it passes the cap.
 
 The principal is left in ``scope["state"]["principal"]`` for the routes.
+
+This runs outside FastAPI's exception handlers: a dependency's outage met here (the database
+while authenticating, Redis while counting) is answered here, as the typed 503 it stands for
+(:func:`~cipherpool.gateway.readiness.outage_error`), not as the server's generic error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cipherpool.errors import CipherpoolError, PayloadTooLarge, RateLimited
+from cipherpool.errors import CipherpoolError, PayloadTooLarge
 from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
+from cipherpool.outages import OUTAGE_TYPES, describe, outage_error
 from cipherpool.gateway.state import GatewayState
 from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
 
-PUBLIC_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+log = logging.getLogger("cipherpool.gateway")
+PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 # Paths that check a credential of their own (not an account's or a token's): no principal,
-# no per-account rate. /metrics: the operator's metrics token (cipherpool.gateway.metrics).
-SELF_AUTHENTICATED_PATHS = frozenset({"/metrics"})
+# no per-account rate. /metrics: the operator's metrics token (cipherpool.gateway.metrics);
+# /v1/platform/status: the same token (cipherpool.gateway.platform_status).
+SELF_AUTHENTICATED_PATHS = frozenset({"/metrics", "/v1/platform/status"})
 
 
 def error_body(exc: CipherpoolError) -> tuple[int, dict[str, str], bytes]:
     headers = {"content-type": "application/json"}
-    if isinstance(exc, RateLimited):
-        headers["retry-after"] = str(int(exc.retry_after_s))
+    if exc.retry_after_s is not None:  # a rate limit, an outage: when to try again
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
     return exc.http_status, headers, json.dumps(exc.to_wire()).encode()
 
 
@@ -62,6 +71,13 @@ class Guard:
                 raise PayloadTooLarge(f"The body is larger than this endpoint's limit of {cap} bytes.")
         except CipherpoolError as exc:
             await send_error(send, exc)
+            return
+        except OUTAGE_TYPES as exc:
+            outage = outage_error(exc)
+            if outage is None:
+                raise
+            log.warning("%s %s: %s (%s)", scope["method"], scope["path"], outage.code, describe(exc))
+            await send_error(send, outage)
             return
         scope.setdefault("state", {})["principal"] = principal
         capped = _CappedBody(receive, send, cap)

@@ -1,6 +1,11 @@
 """Per-token and per-account request rates, counted in Redis so that several gateways share
 them: fixed one-second windows (INCR + EXPIRE in one round trip). Over the rate the answer is
-HTTP 429 with ``Retry-After``; 0 disables a limit."""
+HTTP 429 with ``Retry-After``; 0 disables a limit.
+
+The client is the store's, so a round trip on a connection that died (a Redis restart) is
+sent again once on a new one (:data:`cipherpool.store.STALE_RETRIES`): a restart costs no
+request. Should Redis die after counting but before answering, the retry counts that request
+twice in its window, which errs on the safe side of a rate."""
 
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ it on the channel of the same name. Celery's own ``AsyncResult.get`` listens wit
 that is not safe to share between threads, so the gateway keeps one asyncio pub/sub
 connection, subscribes to a query's channel only while someone waits for it, and reads the
 key directly as well (before waiting, and every second as a fallback for a lost message).
+
+Redis may be down when the gateway starts, or restart under it: the gateway starts anyway,
+the reader subscribes (or reconnects, and redis-py subscribes again to every channel) as soon
+as Redis answers, and a command on a connection that died is sent again once on a new one.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from typing import Any, TypeGuard
 import redis.asyncio as aioredis
 from celery import states
 from kombu.serialization import loads
+from redis.asyncio.retry import Retry
 
 from cipherpool.names import RESULT_META_PREFIX
+from cipherpool.store import CONNECT_TIMEOUT_S, RETRY_ERRORS, STALE_RETRIES, retry_backoff
 
 log = logging.getLogger("cipherpool.gateway")
 FALLBACK_POLL_S = 1.0
 SUBSCRIBE_TIMEOUT_S = 5.0
+RECONNECT_S = 0.5  # the reader's pause between tries while Redis does not answer
 MSGPACK = "application/x-msgpack"
 TaskMeta = dict[str, Any]  # Celery's stored task state: status, result, ... (as the node wrote it)
 
@@ -43,17 +50,27 @@ def is_ready(meta: TaskMeta | None) -> TypeGuard[TaskMeta]:
 
 class ResultWaiter:
     def __init__(self, url: str):
-        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=5)
+        self._redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30,
+            retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=RETRY_ERRORS),
+        )
         self._pubsub = self._redis.pubsub()
+        # A private channel keeps the connection subscribed, so the reader always has one.
+        self._private = f"cipherpool:gateway:{uuid.uuid4().hex}"
         self._futures: dict[str, set[asyncio.Future[TaskMeta]]] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        self._interrupted = False  # logged once per outage, not at every try
 
     async def start(self) -> None:
-        # A private channel keeps the connection subscribed, so the reader always has one.
-        await self._pubsub.subscribe(f"cipherpool:gateway:{uuid.uuid4().hex}")
+        """Start the reader; it subscribes itself, so Redis being down does not stop the
+        gateway from starting (a request that needs Redis meanwhile gets broker_unavailable)."""
         self._reader = asyncio.create_task(self._read(), name="cipherpool-result-reader")
+
+    async def ping(self) -> None:
+        """A round trip on the result backend's connection (readiness)."""
+        await self._redis.ping()
 
     async def close(self) -> None:
         if self._reader:
@@ -81,7 +98,13 @@ class ResultWaiter:
             waiting.add(future)
             if channel not in self._confirmed:
                 self._confirmed[channel] = asyncio.Event()
-                await self._pubsub.subscribe(channel)
+                try:
+                    await self._pubsub.subscribe(channel)
+                except RETRY_ERRORS:
+                    # The subscription is reconnecting: this wait polls the key instead (as
+                    # for a lost message), and does not wait for a confirmation that will not come.
+                    log.info("could not subscribe to a result channel; polling it instead")
+                    self._confirmed[channel].set()
             confirmed = self._confirmed[channel]
         try:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -104,13 +127,23 @@ class ResultWaiter:
     async def _read(self) -> None:
         while True:
             try:
+                if not self._pubsub.subscribed:  # at start, or a first subscribe that failed
+                    await self._pubsub.subscribe(self._private)
+                # On a dead connection this reconnects, and redis-py subscribes again to
+                # every channel it holds; a message published meanwhile is lost, which the
+                # fallback poll of each wait covers.
                 message = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a lost connection: the fallback poll covers the gap
-                log.warning("result subscription interrupted; reconnecting", exc_info=True)
-                await asyncio.sleep(0.5)
+            except Exception as exc:  # Redis down or restarting: try again shortly
+                if not self._interrupted:
+                    log.warning("result subscription interrupted (%s); reconnecting", exc)
+                    self._interrupted = True
+                await asyncio.sleep(RECONNECT_S)
                 continue
+            if self._interrupted:
+                log.warning("result subscription restored")
+                self._interrupted = False
             if message:
                 self._dispatch(message)
 

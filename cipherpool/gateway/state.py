@@ -1,5 +1,9 @@
 """What one gateway process holds: settings, database and store access, the Celery app it
-publishes with, the authenticator, the rate limiter and the result waiter."""
+publishes with, the authenticator, the rate limiter, the result waiter and its readiness.
+
+Nothing here connects to anything when it is built or started: the gateway starts while the
+database, the broker or Redis is down, answers /v1/ready 503 until they are back, and then
+serves without a restart (see :mod:`cipherpool.gateway.readiness`)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from cipherpool.config.celery import create_app as create_celery
 from cipherpool.config.settings import Settings
 from cipherpool.gateway.auth import Authenticator
 from cipherpool.gateway.ratelimit import RateLimiter
+from cipherpool.gateway.readiness import Readiness
 from cipherpool.gateway.results import ResultWaiter
 from cipherpool.store import BlobStore
 from cipherpool.workers.context import PlatformContext
@@ -28,6 +33,7 @@ class GatewayState:
     auth: Authenticator = field(init=False)
     limiter: RateLimiter = field(init=False)
     waiter: ResultWaiter = field(init=False)
+    readiness: Readiness = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -41,6 +47,7 @@ class GatewayState:
         self.auth = Authenticator(self.ctx)
         self.limiter = RateLimiter(self.ctx.store.redis, s.token_rate_per_s, s.account_rate_per_s)
         self.waiter = ResultWaiter(s.effective_result_backend())
+        self.readiness = Readiness(s, self.celery, self.ctx.store, self.waiter)
 
     @property
     def store(self) -> BlobStore:

@@ -9,7 +9,8 @@ prometheus-client's global one, so the scrape shows the platform and not whateve
 gateway process registered there.
 
 One scrape costs one database session (five small reads, grouped in SQL), two Redis reads and
-one passive queue declaration per model. The families (README, "Monitoring"):
+one passive queue declaration per model, then the health view's own reads (a session for the
+nodes, a few Redis reads). The families (README, "Monitoring"):
 
 * ``cipherpool_query_queue_wait_seconds``, ``cipherpool_query_compute_seconds``: histograms
   per ``account``, ``model``, all-time (the buckets of :data:`.timings.BUCKETS_S`);
@@ -19,12 +20,15 @@ one passive queue declaration per model. The families (README, "Monitoring"):
   ``cipherpool_shared_queue_depth``: gauge per ``host_class`` (the shared nodes' queue);
 * ``cipherpool_workers``: gauge per ``account``, ``model``, ``status`` (every status, zeros too);
 * ``cipherpool_account_balance_credits``: gauge per ``account``;
-* ``cipherpool_nodes_online``: gauge per ``host_class``, ``shared``.
+* ``cipherpool_nodes_online``: gauge per ``host_class``, ``shared``;
+* the platform's own health (components up, beat's job ages, heartbeats, Redis memory,
+  platform events): :mod:`.health_metrics`, from the view `cipherpool status` prints.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +40,9 @@ from sqlmodel import Session, col, func, select
 
 from cipherpool.billing.money import MICRO
 from cipherpool.db.tables import Account, Model, PoolNode, Worker
-from cipherpool.monitoring import depth, timings
+from cipherpool.monitoring import depth, platform_events, timings
+from cipherpool.monitoring.components import read_status
+from cipherpool.monitoring.health_metrics import health_families
 from cipherpool.names import shared_queue
 from cipherpool.services.nodes import live
 from cipherpool.statuses import WorkerStatus
@@ -168,3 +174,14 @@ class PlatformCollector:
         yield from query_families(self._ctx.store.redis, snap.models)
         yield from depth_families(self._app, snap)
         yield from database_families(snap)
+        yield from health(self._ctx)
+
+
+def health(ctx: PlatformContext) -> list[Metric]:
+    """The platform's own health, judged now (read_status reports, never raises, what it cannot read)."""
+    status = read_status(ctx, time.time(), events=0)
+    try:
+        total: int | None = platform_events.recorded_total(ctx.store.redis)
+    except Exception:  # noqa: BLE001 - the store's own state already says it is unreachable
+        total = None
+    return health_families(status, total)

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
 
-from cipherpool.billing.charging import skip_silence
+from cipherpool.billing.charging import lock_worker, skip_silence
 from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
 from cipherpool.statuses import HOLDING_NODE, StopReason
 from cipherpool.services.nodes import NODE_STALE_HEARTBEATS
@@ -55,7 +55,12 @@ def fail_lost_workers(session: Session, heartbeat_s: float, now: datetime | None
         .where(col(Worker.status).in_(HOLDING_NODE), col(PoolNode.last_seen) < stale)
     ).all()
     lost = []
-    for worker, node in rows:
+    for found, node in rows:
+        # Locked and read again: a second beat's reconciler that failed it first (committed
+        # while this one waited) has replaced it already; this one must not replace it again.
+        worker = lock_worker(session, found.id)
+        if worker is None or worker.status not in HOLDING_NODE:
+            continue
         silent = (now - aware(node.last_seen)).total_seconds()
         wanted = worker.status != WorkerStatus.STOPPING
         node.status = NodeStatus.OFFLINE

@@ -182,7 +182,8 @@ class EmbeddedStack:
         self.gateway_url = f"http://{shown}:{port}"
 
     def _wait_ready(self, database_url: str) -> None:
-        """Ready when the gateway answers, the control worker answers a ping and every node
+        """Ready when the gateway is ready (``/v1/ready``: its database, schema, broker and store
+        answer), the control worker answers a ping and every node
         has registered from the very process we started (matched by pid, so rows left by an
         earlier run of the same data directory do not count)."""
         from cipherpool.config.celery import create_app
@@ -208,7 +209,7 @@ class EmbeddedStack:
 
     def _gateway_up(self) -> bool:
         try:
-            with urllib.request.urlopen(self.gateway_url + "/v1/health", timeout=1) as response:
+            with urllib.request.urlopen(self.gateway_url + "/v1/ready", timeout=5) as response:
                 return bool(response.status == 200)
         except OSError:
             return False

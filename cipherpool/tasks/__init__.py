@@ -5,5 +5,6 @@ in-cluster code submits queries with :mod:`cipherpool.tasks.submit`."""
 from cipherpool.tasks.app import app
 from cipherpool.tasks import control, node, query  # noqa: F401  (registers the tasks)
 from cipherpool.workers import signals  # noqa: F401  (connects the handlers)
+from cipherpool.workers import control_signals  # noqa: F401  (control workers' and beat's heartbeats)
 
 __all__ = ["app"]

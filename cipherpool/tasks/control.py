@@ -1,6 +1,16 @@
-"""Tasks of the control worker (``cipherpool.control`` queue), run by beat's schedule."""
+"""Tasks of the control worker (``cipherpool.control`` queue), run by beat's schedule.
+
+Each of beat's jobs records when it finished (:mod:`cipherpool.monitoring.beat_jobs`), so
+`cipherpool status`, ``/metrics`` and the gateways' watchdog see beat's jobs go stale when
+beat, the control worker or the job itself stops working."""
 
 from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 from celery import Task
 
@@ -9,6 +19,7 @@ from cipherpool.alerts import evaluate as alert_rules
 from cipherpool.alerts import webhook as alert_webhook
 from cipherpool.billing.tick import tick
 from cipherpool.messages import Envelope, ok
+from cipherpool.monitoring import beat_jobs
 from cipherpool.names import ALERTS_TASK, BILLING_TASK, RECONCILE_TASK, WEBHOOK_TASK
 from cipherpool.names import SCHEDULE_TASK
 from cipherpool.names import AUTOSCALE_TASK
@@ -18,8 +29,32 @@ from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import celery_task, platform_task
 from cipherpool.workers.context import platform
 
+P = ParamSpec("P")
+T = TypeVar("T")
+log = logging.getLogger("cipherpool.tasks")
+
+
+def beat_job(task: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """Record the job's run when it finishes; one that raised records nothing. A failed
+    record is logged, never raised: the job's work is done."""
+
+    def decorate(fn: Callable[P, T]) -> Callable[P, T]:
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            result = fn(*args, **kwargs)
+            try:
+                beat_jobs.record_run(platform().store.redis, task, time.time())
+            except Exception:  # noqa: BLE001 - the job is done; its age will show the store's trouble
+                log.warning("%s: could not record its run", task, exc_info=True)
+            return result
+
+        return run
+
+    return decorate
+
 
 @platform_task(app, RECONCILE_TASK)
+@beat_job(RECONCILE_TASK)
 def reconcile() -> dict[str, list[str]]:
     """Fail the workers of lost nodes and start their replacements (see lifecycle.reconcile)."""
     lost = lifecycle.reconcile(platform(), app)
@@ -27,6 +62,7 @@ def reconcile() -> dict[str, list[str]]:
 
 
 @platform_task(app, BILLING_TASK)
+@beat_job(BILLING_TASK)
 def billing() -> dict[str, object]:
     """Charge running workers and shared execution; stop accounts at zero (see billing.tick)."""
     report, enforced = tick(platform(), app)
@@ -35,12 +71,14 @@ def billing() -> dict[str, object]:
 
 
 @platform_task(app, SCHEDULE_TASK)
+@beat_job(SCHEDULE_TASK)
 def schedules() -> dict[str, object]:
     """Start and stop workers as their schedules say, each action once (see scheduler.tick)."""
     return apply_schedules(platform(), app).as_dict()
 
 
 @platform_task(app, AUTOSCALE_TASK)
+@beat_job(AUTOSCALE_TASK)
 def autoscale() -> dict[str, list[str]]:
     """Add or remove a worker of each autoscaled model, as its load says (see scheduler.autoscale)."""
     outcomes = autoscaler.autoscale(platform(), app)
@@ -50,6 +88,7 @@ def autoscale() -> dict[str, list[str]]:
 
 
 @platform_task(app, ALERTS_TASK)
+@beat_job(ALERTS_TASK)
 def alerts() -> dict[str, object]:
     """Evaluate every alert rule: fire, clear, queue webhook calls (see alerts.evaluate)."""
     report = alert_rules.evaluate_all(platform(), app)

@@ -451,6 +451,7 @@ COVERED_ELSEWHERE = {
     ("GET", "/v1/credits"): "test_credits_show_nothing_of_another_account (the caller's own account only)",
     ("POST", "/v1/credits/purchases"): "test_credits_show_nothing_of_another_account (credits the caller only)",
     ("GET", "/v1/credits/report"): "test_credits_show_nothing_of_another_account (the caller's own account only)",
+    ("GET", "/v1/ready"): "no credentials, no account: which platform parts answer, no host names (test_readiness.py)",
 }
 
 

@@ -1,0 +1,182 @@
+"""What the gateway depends on, seen from a request: whether each part answers now
+(``GET /v1/ready``), and what a part's outage means to a client (a typed 503).
+
+Liveness and readiness are apart, as load balancers and orchestrators expect: ``/v1/health``
+answers 200 while the process runs (restarting a gateway fixes no database), ``/v1/ready``
+answers 200 only while the database answers with its schema at this gateway's head, and the
+broker, the store and (when it is a server of its own) the result backend answer. A load
+balancer stops sending traffic to a gateway that is not ready and resumes by itself when it
+is: the gateway starts whatever is down, and reconnects without a restart.
+
+Checks run concurrently, each bounded by ``ready_timeout_s``; a check still running from an
+earlier probe is joined, not started again, so a dependency that hangs costs one thread, not
+one per probe. A schema found at head is trusted for ``ready_schema_cache_s``.
+
+During an outage every request that needs the missing part gets a typed 503 with
+Retry-After (:func:`outage_error`): ``database_unavailable`` or ``broker_unavailable``, never
+the 502 of a gateway fault, which stays for what is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from celery import Celery
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from cipherpool.api.schemas import ReadinessCheck
+from cipherpool.config.settings import Settings, mask_url
+from cipherpool.db import current_revision, get_engine, head_revision
+from cipherpool.outages import describe
+from cipherpool.gateway.results import ResultWaiter
+from cipherpool.store import BlobStore
+
+log = logging.getLogger("cipherpool.gateway")
+
+class _Unready(Exception):
+    """A part answered, but not as the gateway needs (the message says how)."""
+
+
+Probe = Callable[[], Awaitable[str]]
+
+
+class Readiness:
+    """The checks behind ``GET /v1/ready``; one per gateway process."""
+
+    def __init__(self, settings: Settings, celery: Celery, store: BlobStore, waiter: ResultWaiter,
+                 clock: Callable[[], float] = time.monotonic):
+        self._db_url = settings.effective_database_url()
+        self._celery, self._store, self._waiter, self._clock = celery, store, waiter, clock
+        self._timeout_s = settings.ready_timeout_s
+        self._schema_cache_s = settings.ready_schema_cache_s
+        results = settings.effective_result_backend()
+        self._separate_results = results != settings.effective_store_url()
+        # For the log only: the body is public, so it names no host.
+        self._targets = {"database": mask_url(self._db_url), "schema": mask_url(self._db_url),
+                         "broker": mask_url(settings.effective_broker_url()),
+                         "store": mask_url(settings.effective_store_url()), "results": mask_url(results)}
+        self._schema_ok_until = float("-inf")
+        self._schema_detail = ""
+        self._revisions: tuple[str, frozenset[str]] | None = None
+        self._running: dict[str, asyncio.Future[str]] = {}
+        self._failing: set[str] = set()
+
+    async def check(self) -> dict[str, ReadinessCheck]:
+        probes: dict[str, Probe] = {
+            "database": lambda: run_in_threadpool(self._database),
+            "schema": self._schema,
+            "broker": lambda: run_in_threadpool(self._broker),
+            "store": lambda: run_in_threadpool(self._ping_store),
+        }
+        if self._separate_results:
+            probes["results"] = self._ping_results
+        checks = await asyncio.gather(*(self._probe(name, probe) for name, probe in probes.items()))
+        return dict(zip(probes, checks))
+
+    @staticmethod
+    def summary(checks: dict[str, ReadinessCheck]) -> str | None:
+        """Each failing part and why, in one line; None when every part is ready."""
+        failing = [f"{name} {check.detail}" for name, check in checks.items() if not check.ok]
+        return "; ".join(failing) or None
+
+    async def _probe(self, name: str, probe: Probe) -> ReadinessCheck:
+        started = self._clock()
+        running = self._running.get(name)
+        if running is None or running.done():
+            running = asyncio.ensure_future(probe())
+            running.add_done_callback(_consume)
+            self._running[name] = running
+        error: BaseException | None = None
+        try:
+            detail, ok = await asyncio.wait_for(asyncio.shield(running), self._timeout_s), True
+        except TimeoutError:
+            detail, ok = f"no answer within {self._timeout_s:g} s", False
+        except _Unready as exc:
+            detail, ok = str(exc), False
+        except Exception as exc:  # noqa: BLE001 - whatever a dependency raises, it is not ready
+            detail, ok, error = f"unreachable ({describe(exc).split(':')[0]})", False, exc
+        self._note(name, ok, detail, error)
+        return ReadinessCheck(ok=ok, detail=detail, elapsed_ms=round((self._clock() - started) * 1000, 1))
+
+    def _note(self, name: str, ok: bool, detail: str, error: BaseException | None) -> None:
+        """Log each change of a part's state once, not at every probe."""
+        if not ok and name not in self._failing:
+            self._failing.add(name)
+            log.warning("not ready: %s %s at %s%s", name, detail, self._targets[name],
+                        f" ({describe(error)})" if error else "")
+        elif ok and name in self._failing:
+            self._failing.discard(name)
+            log.warning("ready again: %s at %s", name, self._targets[name])
+
+    def _database(self) -> str:
+        path = self._db_url.removeprefix("sqlite:///")
+        if path != self._db_url and not Path(path).exists():
+            raise _Unready("has no file yet (not created: run `cipherpool db upgrade`)")  # asking must not create it
+        with get_engine(self._db_url).connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return "ok"
+
+    async def _schema(self) -> str:
+        if self._clock() < self._schema_ok_until:
+            return self._schema_detail
+        detail = await run_in_threadpool(self._read_schema)
+        self._schema_detail, self._schema_ok_until = detail, self._clock() + self._schema_cache_s
+        return detail
+
+    def _read_schema(self) -> str:
+        head, known = self._known_revisions()
+        try:
+            current = current_revision(self._db_url)
+        except sa_exc.SQLAlchemyError as exc:
+            raise _Unready("unknown (the database did not answer)") from exc
+        if current == head:
+            return f"at {head} (head)"
+        if current is None:
+            raise _Unready(f"not migrated (empty database), head is {head}")
+        if current in known:
+            raise _Unready(f"at {current}, head is {head}")
+        # Migrated by a newer release: ready, so a rolling upgrade that migrates first does not
+        # take every older gateway out of the load balancer at once (migrations stay compatible).
+        return f"at {current}, newer than this gateway's head {head}"
+
+    def _known_revisions(self) -> tuple[str, frozenset[str]]:
+        """This package's head and every revision it ships: read once, they cannot change."""
+        if self._revisions is None:
+            from alembic.script import ScriptDirectory
+
+            from cipherpool.db.migrate import alembic_config
+
+            scripts = ScriptDirectory.from_config(alembic_config(""))
+            self._revisions = head_revision(), frozenset(s.revision for s in scripts.walk_revisions())
+        return self._revisions
+
+    def _broker(self) -> str:
+        """A fresh connection through the Celery app's own transport (a pooled one may look
+        alive while the broker is not), tried twice at most."""
+        conn = self._celery.connection_for_write(connect_timeout=self._timeout_s)
+        try:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=self._timeout_s)
+        finally:
+            conn.release()
+        return "ok"
+
+    def _ping_store(self) -> str:
+        self._store.ping()
+        return "ok"
+
+    async def _ping_results(self) -> str:
+        await self._waiter.ping()
+        return "ok"
+
+
+def _consume(future: asyncio.Future[str]) -> None:
+    """Read a finished check's outcome, so that one nobody awaited any more (it outlived
+    its probe's timeout) does not log "exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()

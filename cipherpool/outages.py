@@ -1,0 +1,55 @@
+"""What a dependency's outage looks like from inside a platform process, and the typed error
+it stands for.
+
+The database down or not migrated yet, Redis or the broker unreachable: these are outages to
+wait out, not faults of a request or of the code. The gateway answers them with a typed 503
+and Retry-After (``database_unavailable``, ``broker_unavailable``) instead of the 502 of a
+bug; beat's jobs on the control worker log them once per change of state instead of a
+traceback per tick. One classification for both, here, below the gateway and the tasks.
+"""
+
+from __future__ import annotations
+
+import kombu.exceptions
+import redis
+from sqlalchemy import exc as sa_exc
+
+from cipherpool.errors import BrokerUnavailable, DatabaseUnavailable, PlatformError
+from cipherpool.waiting import describe_failure as describe
+
+__all__ = ["OUTAGE_TYPES", "describe", "outage_error"]
+
+# What a dependency's outage raises into a route or the guard: mapped by outage_error.
+OUTAGE_TYPES: tuple[type[Exception], ...] = (
+    sa_exc.SQLAlchemyError, redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError,
+)
+# PostgreSQL's undefined_table and undefined_column: a schema behind this gateway's code.
+MISSING_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
+SQLITE_MISSING_SCHEMA = ("no such table", "no such column")
+DATABASE_DOWN = "The platform's database is unavailable; retry in a few seconds."
+SCHEMA_BEHIND = ("The platform's database schema is not migrated to this gateway's version yet; "
+                 "retry in a few seconds (the operator runs `cipherpool db upgrade`).")
+STORE_DOWN = "The platform's Redis (broker and store) is unavailable; retry in a few seconds."
+
+
+def outage_error(exc: BaseException) -> PlatformError | None:
+    """The typed 503 that ``exc`` stands for when it is a dependency's outage (a database
+    connection refused, dropped or timed out, a schema not migrated yet, Redis or the broker
+    unreachable); None when it is anything else, a bug the caller answers as one."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        if _missing_schema(exc):
+            return DatabaseUnavailable(SCHEMA_BEHIND)
+        if exc.connection_invalidated or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+            return DatabaseUnavailable(DATABASE_DOWN)
+        return None
+    if isinstance(exc, sa_exc.TimeoutError):  # every pooled connection busy past the pool's timeout
+        return DatabaseUnavailable(DATABASE_DOWN)
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)):
+        return BrokerUnavailable(STORE_DOWN)
+    return None
+
+
+def _missing_schema(exc: sa_exc.DBAPIError) -> bool:
+    if getattr(exc.orig, "sqlstate", None) in MISSING_SCHEMA_SQLSTATES:
+        return True
+    return isinstance(exc, sa_exc.OperationalError) and str(exc.orig).startswith(SQLITE_MISSING_SCHEMA)
