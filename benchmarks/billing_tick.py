@@ -24,7 +24,8 @@ from pathlib import Path
 
 def setup(url: str, workers: int, started_ago: timedelta):
     from cipherpool.db import init_db, session_scope
-    from cipherpool.db.tables import Model, PoolNode, Worker, WorkerStatus, utcnow
+    from cipherpool.clock import utcnow
+    from cipherpool.db.tables import Model, PoolNode, Worker, WorkerStatus
     from cipherpool.services.accounts import create_account
 
     init_db(url)
@@ -56,7 +57,7 @@ def time_tick(url: str, settings, now) -> float:
 
 def bench_ticks(name: str, url: str, workers: int, rounds: int) -> None:
     from cipherpool.config.settings import Settings
-    from cipherpool.db.tables import utcnow
+    from cipherpool.clock import utcnow
 
     settings = Settings()
     owed, idle = [], []
@@ -75,7 +76,8 @@ def bench_report(url: str, rounds: int) -> None:
     from cipherpool.billing import ledger
     from cipherpool.billing.usage import report, usage
     from cipherpool.db import session_scope
-    from cipherpool.db.tables import Worker, utcnow
+    from cipherpool.clock import utcnow
+    from cipherpool.db.tables import Worker
     from cipherpool.statuses import LedgerKind
     from sqlmodel import select
 

@@ -23,10 +23,10 @@ from typing import Any
 from cipherpool.config.settings import Settings
 from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.messages import EncryptedInput, QueryRequest
-from cipherpool.monitoring.timings import FLUSH_S, QueryTimings
+from cipherpool.workers.timings import FLUSH_S, QueryTimings
 from cipherpool.names import model_queue
 from cipherpool.store import BlobKind, sha256_hex
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent, Hook, Hooks
 from cipherpool.workers.node import Binding, NodeRuntime
 from cipherpool.workers.query import Delivery, handle

@@ -46,7 +46,7 @@ def main() -> None:
     from cipherpool.services import usage
     from cipherpool.stack.redis_server import start_redis
     from cipherpool.stack.supervisor import Supervisor
-    from cipherpool.workers.context import PlatformContext
+    from cipherpool.context import PlatformContext
 
     with tempfile.TemporaryDirectory(prefix="cipherpool-bench-") as tmp:
         supervisor = Supervisor(Path(tmp) / "logs")

@@ -2,6 +2,6 @@
 
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.errors import CipherpoolError
+from cipherpool.version import __version__
 
-__version__ = "0.8.0"
 __all__ = ["CipherpoolError", "ManagementClient", "QueryClient", "__version__"]

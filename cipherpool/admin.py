@@ -1,7 +1,7 @@
 """The operator's handle on accounts, where the database is: ``Admin(settings)``.
 
 Operator acts are not on the gateway: the gateway is the door for providers and end users
-(DESIGN.md), and an account is made or disabled by whoever runs the platform, with its
+(docs/architecture.md, 'The gateway is the only door'), and an account is made or disabled by whoever runs the platform, with its
 database credentials (as `cipherpool admin ...` does).
 
 Disabling an account refuses its API key and its tokens at once (within a gateway's cache
@@ -29,11 +29,11 @@ from cipherpool.db import init_db
 from cipherpool.errors import CipherpoolError
 from cipherpool.files import private_sqlite
 from cipherpool.statuses import LedgerKind, StopReason
-from cipherpool.names import AUTH_GENERATION_KEY
+from cipherpool.announce import credentials_changed
 from cipherpool.services import nodes as node_service
 from cipherpool.services import accounts
 from cipherpool.services import workers as worker_service
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.admin")
 DISABLED = StopReason.ACCOUNT_DISABLED
@@ -145,7 +145,4 @@ class Admin:
         """Tell the gateways to drop their cached credentials now, if the store is reachable."""
         if not (self.ctx.settings.store_url or self.ctx.settings.broker_url):
             return
-        try:
-            self.ctx.store.redis.incr(AUTH_GENERATION_KEY)
-        except Exception as exc:  # noqa: BLE001 - the caches expire within their TTL anyway
-            log.warning("could not reach the store to announce the change: %s", exc)
+        credentials_changed(self.ctx)

@@ -28,7 +28,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from cipherpool import __version__
+from cipherpool.version import __version__
 from cipherpool.config.settings import Settings
 from cipherpool.errors import FheMismatch, InvalidInput, PrivacyBreach
 from cipherpool.files import private_dir

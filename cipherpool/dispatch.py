@@ -7,7 +7,9 @@ authorised it; what goes on the wire carries ids, never a credential.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -21,9 +23,11 @@ from cipherpool.messages import EncryptedInput, QueryReply, QueryRequest, redact
 from cipherpool.names import (
     QUERY_EXCHANGE, QUERY_TASK, model_queue, node_queue, query_routing_key, shared_queue, shared_routing_key,
 )
+from cipherpool.services import usage
 from cipherpool.services.queries import ModelGrant, Route, TokenGrant, check_query
 from cipherpool.store import BlobStore
 
+log = logging.getLogger("cipherpool.dispatch")
 
 
 def open_envelope(grant: TokenGrant, ciphertext: bytes, wait_for_worker: bool = False,
@@ -51,6 +55,33 @@ def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, model
 
 
 QUERIES = Exchange(QUERY_EXCHANGE, type="direct")  # type: ignore[no-untyped-call]
+
+
+def submit(app: Celery, settings: Settings, store: BlobStore, grant: TokenGrant, model: ModelGrant,
+           envelope: EncryptedInput, ciphertext: bytes, blob_id: str, *, shared: bool, task_id: str | None = None,
+           before_publish: Callable[[], None] | None = None) -> AsyncResult:
+    """The submit sequence, the same at the gateway and for trusted in-cluster code: count the
+    query against the token's quota, prepare it, publish it; a query that was not published
+    is given back to the quota (the client's retry must not count twice). ``before_publish``
+    runs after the query is prepared and before it is sent (the gateway records the query's
+    owner there)."""
+    usage.charge(store.redis, grant.token_id, grant.quota)
+    try:
+        request = prepare_query(settings, store, grant, model, envelope, ciphertext, blob_id)
+        if before_publish is not None:
+            before_publish()
+        return publish_query(app, request, model.hardware, settings.query_timeout_s, task_id=task_id, shared=shared,
+                             model_name=model.name)
+    except Exception:
+        _refund(store, grant)
+        raise
+
+
+def _refund(store: BlobStore, grant: TokenGrant) -> None:
+    try:
+        usage.refund(store.redis, grant.token_id)
+    except Exception:  # noqa: BLE001 - the store is what failed; the original error is the answer
+        log.warning("could not give back a query of token %s to its quota", grant.token_id)
 
 
 def query_queue(host_class: str, model_id: str) -> Queue:

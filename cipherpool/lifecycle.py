@@ -1,8 +1,9 @@
 """Starting, stopping, standing by and replacing workers, and rolling versions out: the
 service's decision, committed, then the nodes' messages.
 
-Called by the gateway for a provider, by an operator's commands and by beat jobs (schedules,
-credits, autoscaling, the reconciler), so every path makes the same checks
+Called by the gateway for a provider, by an operator's commands and by beat's jobs
+(:mod:`cipherpool.scheduler`: schedules, credits, autoscaling, the reconciler), so every path
+makes the same checks
 (:mod:`cipherpool.services.workers`). The row is committed before the node hears of it,
 because the node reads its binding from the database. Each decision is also a line in the
 worker's log (:mod:`cipherpool.workerlog`).
@@ -11,25 +12,21 @@ worker's log (:mod:`cipherpool.workerlog`).
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
 
 from celery import Celery
-from sqlmodel import Session, col, select
 
 from cipherpool import workerlog
-from cipherpool.db.tables import Account, Model, ModelStatus, Worker, WorkerStatus, utcnow
+from cipherpool.db.tables import Account, Worker, WorkerStatus
 from cipherpool.dispatch import send_to_node
 from cipherpool.errors import CipherpoolError
-from cipherpool.names import BIND_TASK, CONSUME_TASK, RELOAD_TASK, SERVING_GENERATION_KEY, UNBIND_TASK
-from cipherpool.services import events
+from cipherpool.announce import serving_changed
+from cipherpool.names import BIND_TASK, CONSUME_TASK, RELOAD_TASK, UNBIND_TASK
 from cipherpool.services import workers as worker_service
 from cipherpool.services.accounts import get_account
-from cipherpool.services.reconcile import Lost, fail_lost_workers
-from cipherpool.statuses import EventKind, StopReason
-from cipherpool.workers.context import PlatformContext
+from cipherpool.statuses import StopReason
+from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.lifecycle")
-MIN_RETRY_S = 60.0  # after a worker of a model failed to load, beat waits this long before starting another for its minimum
 
 
 def start_workers(ctx: PlatformContext, app: Celery, account_id: str, model: str, *, count: int = 1,
@@ -77,7 +74,7 @@ def stop_worker(ctx: PlatformContext, app: Celery, account_id: str, worker_id: s
     if decision.tell_node:
         send_to_node(app, decision.worker.node_name, UNBIND_TASK, worker_id=decision.worker.id)
     else:
-        announce(ctx)
+        serving_changed(ctx)
     return decision.worker
 
 
@@ -99,93 +96,6 @@ def stop_account_workers(ctx: PlatformContext, app: Celery, account_id: str,
     for worker_id in ids:
         stop_worker(ctx, app, account_id, worker_id, reason, source="platform")
     return ids
-
-
-def announce(ctx: PlatformContext) -> None:
-    """Tell every gateway that which models have a worker up changed: they drop what they
-    cached of it (a query for a model with no worker up is refused at submit), and keep their
-    cached credentials: a worker's start or stop changes no credential."""
-    try:
-        ctx.store.redis.incr(SERVING_GENERATION_KEY)
-    except Exception:  # noqa: BLE001 - gateways catch up within their cache TTL anyway
-        log.warning("could not announce a worker change to the gateways")
-
-
-def reconcile(ctx: PlatformContext, app: Celery) -> list[Lost]:
-    """Beat's job: fail the workers of lost nodes (committed first) and start a replacement on
-    a free node of the class for each that its model still wants; then bring every active
-    model up to its ``min_workers``."""
-    with ctx.session() as session:
-        lost = fail_lost_workers(session, ctx.settings.node_heartbeat_s)
-    for worker in lost:
-        log.warning("worker %s of %s failed: node %s lost", worker.worker_id, worker.model_name, worker.node)
-        workerlog.write(ctx.store.redis, worker.worker_id, f"failed: node {worker.node} lost (no heartbeat)",
-                        level="error", source="beat")
-        if worker.replace:
-            _replace(ctx, app, worker)
-    if lost:
-        announce(ctx)
-    keep_minimum(ctx, app)
-    return lost
-
-
-def _replace(ctx: PlatformContext, app: Celery, worker: Lost) -> None:
-    """Start a worker as the lost one was started: by whom (a schedule's stays the schedule's,
-    which stops it at its window's end; the autoscaler's stays its own to remove), for which
-    schedule, of which profile, on standby or not. Each worker's log names the other."""
-    try:
-        (replacement,) = start_workers(ctx, app, worker.account_id, worker.model_name, profile=worker.profile,
-                                       standby=worker.standby, source="beat", started_by=worker.started_by,
-                                       schedule_id=worker.schedule_id)
-        log.info("worker %s replaces %s on %s", replacement.id, worker.worker_id, replacement.node_name)
-        workerlog.write(ctx.store.redis, worker.worker_id, f"replaced by worker {replacement.id}", source="beat")
-        workerlog.write(ctx.store.redis, replacement.id, f"replaces worker {worker.worker_id} (node {worker.node} "
-                        f"lost; started by {worker.started_by})", source="beat")
-    except CipherpoolError as exc:
-        log.warning("no replacement for worker %s: %s", worker.worker_id, exc.message)
-        with ctx.session() as session:
-            events.record_for(session, _model_id(session, worker.worker_id), EventKind.WORKER_FAILED,
-                              f"no replacement for worker {worker.worker_id}: {exc.message}", worker_id=worker.worker_id)
-
-
-def keep_minimum(ctx: PlatformContext, app: Celery) -> list[Worker]:
-    """Start workers for active models of enabled accounts that have fewer than ``min_workers``
-    (a node lost with no replacement then, a node that came back). A model short of nodes is
-    logged, not retried louder: the next tick tries again. A model whose worker failed to
-    load within ``MIN_RETRY_S`` waits that long: a load that always fails is not retried
-    every tick."""
-    since = utcnow() - timedelta(seconds=MIN_RETRY_S)
-    with ctx.session() as session:
-        short = [(m.account_id, m.name, m.min_workers - len(worker_service.serving(session, model_id=m.id)))
-                 for m in _with_minimum(session) if not _failed_since(session, m.id, since)]
-    started: list[Worker] = []
-    for account_id, name, missing in short:
-        if missing <= 0:
-            continue
-        try:
-            started += start_workers(ctx, app, account_id, name, count=missing, source="beat", started_by="reconciler")
-        except CipherpoolError as exc:
-            log.info("model %s is %d worker(s) short of its minimum: %s", name, missing, exc.message)
-    return started
-
-
-def _with_minimum(session: Session) -> list[Model]:
-    return list(session.exec(
-        select(Model).join(Account, col(Account.id) == Model.account_id).where(
-            Model.status == ModelStatus.ACTIVE, col(Model.min_workers) > 0, col(Account.disabled_at).is_(None))
-    ))
-
-
-def _failed_since(session: Session, model_id: str, since: datetime) -> bool:
-    """Did a worker of the model fail on its own (not with a lost node) since ``since``?"""
-    return session.exec(select(Worker.id).where(
-        Worker.model_id == model_id, Worker.status == WorkerStatus.FAILED, col(Worker.stopped_at) >= since,
-        col(Worker.stop_reason) != StopReason.NODE_LOST.value)).first() is not None
-
-
-def _model_id(session: Session, worker_id: str) -> str:
-    worker = session.get(Worker, worker_id)
-    return worker.model_id if worker else ""
 
 
 def roll_out(ctx: PlatformContext, app: Celery, model_id: str) -> None:

@@ -50,6 +50,7 @@ PROCESS_BEAT_PREFIX = "cipherpool:platform:alive:"  # + role (gateway, control, 
 BEAT_JOBS_KEY = "cipherpool:platform:beat-jobs"  # hash {task name: unix time its last run finished}
 COMPONENT_STATE_PREFIX = "cipherpool:platform:state:"  # + component -> its state as a watchdog last recorded it
 PLATFORM_EVENTS_KEY = "cipherpool:platform:events"  # list of JSON events, newest first, capped
+WATCHDOG_LEASE_KEY = "cipherpool:platform:watchdog-lease"  # -> the gateway whose watchdog judges now
 PLATFORM_EVENT_ID_KEY = "cipherpool:platform:event-id"  # counter: each platform event's id
 
 

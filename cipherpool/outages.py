@@ -10,6 +10,8 @@ traceback per tick. One classification for both, here, below the gateway and the
 
 from __future__ import annotations
 
+import logging
+
 import kombu.exceptions
 import redis
 from sqlalchemy import exc as sa_exc
@@ -17,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 from cipherpool.errors import BrokerUnavailable, DatabaseUnavailable, PlatformError
 from cipherpool.waiting import describe_failure as describe
 
-__all__ = ["OUTAGE_TYPES", "describe", "outage_error"]
+__all__ = ["OUTAGE_TYPES", "describe", "logged_outage", "outage_error"]
 
 # What a dependency's outage raises into a route or the guard: mapped by outage_error.
 OUTAGE_TYPES: tuple[type[Exception], ...] = (
@@ -47,6 +49,18 @@ def outage_error(exc: BaseException) -> PlatformError | None:
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)):
         return BrokerUnavailable(STORE_DOWN)
     return None
+
+
+def logged_outage(exc: BaseException, method: str, path: str, logger: logging.Logger) -> PlatformError | None:
+    """What the gateway answers a request that met ``exc``: its typed 503 (:func:`outage_error`),
+    logged as one WARNING line with no traceback (an outage is no fault of the code, and a
+    traceback per request would bury the log); None when ``exc`` is no outage, which the
+    caller answers as the fault it is. One rule for the routes' exception handlers
+    (:mod:`cipherpool.gateway.app`) and the guard, which runs outside them."""
+    typed = outage_error(exc)
+    if typed is not None:
+        logger.warning("%s %s: %s (%s)", method, path, typed.code, describe(exc))
+    return typed
 
 
 def _missing_schema(exc: sa_exc.DBAPIError) -> bool:

@@ -53,13 +53,6 @@ class StopReason(str, Enum):
     NODE_LOST = "node lost"
 
 
-class HostClass(str, Enum):
-    """The kind of host a pool node runs on; a model's ``hardware`` names the class it needs."""
-
-    CPU = "cpu"
-    GPU = "gpu"
-
-
 class NodeStatus(str, Enum):
     ONLINE = "online"
     OFFLINE = "offline"

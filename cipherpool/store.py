@@ -27,11 +27,37 @@ from cipherpool.names import BLOB_PREFIX, PAYLOAD_PREFIX, STAGED_PREFIX, UPLOAD_
 
 
 CONNECT_TIMEOUT_S = 5.0
+# How long a command waits for Redis to answer before it fails with redis.TimeoutError. Without
+# it a network partition (packets dropped, no reset) blocks a command for as long as the kernel
+# keeps the connection (many minutes): a heartbeat holding its lock, a gateway that never shuts
+# down. In this store's (synchronous) client it bounds each read from the socket, not a whole
+# reply, so a large blob (an evaluation key of hundreds of MiB) is read for as long as its bytes
+# keep coming; a write is sent in one `sendall`, which it bounds whole: the largest written in
+# one command is a query payload (at most CIPHERPOOL_MAX_CIPHERTEXT_BYTES, 16 MiB), as uploads
+# are appended in 1 MiB pieces. The gateway's asyncio result client (gateway/results.py) bounds
+# a whole reply with it, a task's state (small: large outputs are payloads). A pub/sub reader is
+# not affected: redis-py waits for a message with the reader's own timeout (or without one),
+# never this one.
+SOCKET_TIMEOUT_S = 30.0
 # A pooled connection that died under us (Redis restarted, a proxy dropped it) is replaced and
-# the command sent again, once: what failed on a dead socket never reached the new server, so
-# sending it again does it once. Once, not redis-py 8's default of ten: with Redis down the
+# the command sent again, once. Once, not redis-py 8's default of ten: with Redis down the
 # caller gets broker_unavailable at once instead of a request stalled for seconds.
+#
+# Sending it again may do it twice: redis-py retries on a ConnectionError, and one can come
+# after the command was sent (the connection reset while its reply was on the way), when Redis
+# may have run it. So this client's retries are for idempotent commands, which is what the
+# platform sends it: SET NX (a content-addressed blob), GET, EXISTS, STRLEN, GETRANGE,
+# EXPIRE/PERSIST, DEL, SET of a value that replaces the last (a heartbeat, a component's
+# state). A command whose second run would count twice is not idempotent: a retried APPEND
+# of an upload piece would store it twice (the content address no longer matches, and a read
+# refuses the blob as corrupt), a retried INCR counts one more (harmless for an event id or a
+# rate limit's window). Counters that must never double (the metering of shared nodes) use a
+# client without retries (PlatformContext.counters). A redis.TimeoutError is not retried: the
+# command was sent and Redis did not answer within SOCKET_TIMEOUT_S (a server hung or
+# partitioned away), so a second try would double the wait, and might run it twice.
 STALE_RETRIES = 1
+STALE_ERRORS: tuple[type[redis.RedisError], ...] = (redis.ConnectionError,)  # retried once (above)
+# What an unreachable Redis raises (a caller answers broker_unavailable, or polls instead).
 RETRY_ERRORS: tuple[type[redis.RedisError], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
@@ -62,8 +88,8 @@ class BlobStore:
     @classmethod
     def from_url(cls, url: str) -> BlobStore:
         return cls(redis.Redis.from_url(
-            url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30,
-            retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=RETRY_ERRORS),
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30,
+            retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=STALE_ERRORS),
         ))
 
     @property

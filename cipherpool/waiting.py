@@ -9,6 +9,7 @@ never overshoots it), and the clock and sleep can be injected, so tests need no 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -44,21 +45,22 @@ def wait_until(predicate: Callable[[], T | None], timeout_s: float, *, interval_
 
 class Backoff:
     """Pauses between tries of something that is down (a database not yet reachable, a schema
-    not yet migrated): ``first_s``, doubled at each try up to ``max_s``, each with up to 25 %
-    jitter so that many processes started together do not retry in step. ``reset()`` once it
-    worked."""
+    not yet migrated): ``first_s``, doubled at each try up to ``max_s``, each shortened by a
+    random part of up to ``jitter`` (25 % unless given) so that many processes started
+    together do not retry in step. ``reset()`` once it worked."""
 
-    def __init__(self, first_s: float = 0.5, max_s: float = 30.0, rng: Callable[[], float] | None = None):
+    def __init__(self, first_s: float = 0.5, max_s: float = 30.0, rng: Callable[[], float] | None = None,
+                 jitter: float = 0.25):
         import random
 
-        self.first_s, self.max_s = first_s, max_s
+        self.first_s, self.max_s, self.jitter = first_s, max_s, jitter
         self.tries = 0
         self._rng = rng or random.random
 
     def next(self) -> float:
         pause: float = min(self.max_s, self.first_s * 2.0 ** min(self.tries, 30))
         self.tries += 1
-        return pause * (1.0 - 0.25 * float(self._rng()))
+        return pause * (1.0 - self.jitter * float(self._rng()))
 
     def reset(self) -> None:
         self.tries = 0
@@ -67,22 +69,75 @@ class Backoff:
 class StateLog:
     """Logs what a retried thing is waiting for once per change of state, not once per try:
     an operator reads "waiting for the database: connection refused" once, then "database
-    reachable" when it is, instead of a traceback every few seconds."""
+    reachable" when it is, instead of a traceback every few seconds.
 
-    def __init__(self, logger: logging.Logger, what: str):
+    Two ways to use it:
+
+    * :meth:`failed` / :meth:`recovered`: ``"<what>: <the exception in one line>; trying
+      again"``, logged again when the problem changes (refused, then timed out), and
+      ``"<what>: <message>"`` once it works;
+    * :meth:`down` / :meth:`up`: a message of the caller's own (``%``-style, with its
+      arguments), logged once per streak whatever the problem, and an optional one at its
+      end, which can be given how long the streak lasted.
+
+    ``level`` is the level of a failure's line, ``recovered_level`` of a recovery's (both
+    WARNING unless given). Thread-safe: several threads may report to one StateLog, and each
+    change is still logged once."""
+
+    def __init__(self, logger: logging.Logger, what: str = "", *, level: int = logging.WARNING,
+                 recovered_level: int = logging.WARNING, clock: Clock = time.monotonic):
         self.logger, self.what = logger, what
+        self.level, self.recovered_level = level, recovered_level
         self.problem: str | None = None
+        self.since: float | None = None  # when the streak began (``clock``), None while it works
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    @property
+    def failing(self) -> bool:
+        return self.problem is not None
 
     def failed(self, exc: BaseException) -> None:
         problem = describe_failure(exc)
-        if problem != self.problem:
-            self.logger.warning("%s: %s; trying again", self.what, problem)
-            self.problem = problem
+        if self._enter(problem, per_problem=True):
+            self.logger.log(self.level, "%s: %s; trying again", self.what, problem)
 
     def recovered(self, message: str) -> None:
-        if self.problem is not None:
-            self.logger.warning("%s: %s", self.what, message)
-        self.problem = None
+        if self._leave() is not None:
+            self.logger.log(self.recovered_level, "%s: %s", self.what, message)
+
+    def down(self, message: str, *args: object, exc_info: bool = False) -> bool:
+        """Log ``message % args`` if this begins a streak of failures (with the exception being
+        handled when ``exc_info``); whether it did."""
+        if not self._enter("down", per_problem=False):
+            return False
+        self.logger.log(self.level, message, *args, exc_info=exc_info)
+        return True
+
+    def up(self, message: str | None = None, *args: object, lasted: bool = False) -> float | None:
+        """End a streak, if one runs: log ``message % args`` (nothing when None), with how long
+        the streak lasted (seconds) as the last argument when ``lasted``. That duration, or
+        None when nothing was failing."""
+        lasted_s = self._leave()
+        if lasted_s is not None and message is not None:
+            self.logger.log(self.recovered_level, message, *args, *((lasted_s,) if lasted else ()))
+        return lasted_s
+
+    def _enter(self, problem: str, per_problem: bool) -> bool:
+        with self._lock:
+            if self.problem is not None and (not per_problem or problem == self.problem):
+                return False
+            if self.problem is None:
+                self.since = self._clock()
+            self.problem = problem
+            return True
+
+    def _leave(self) -> float | None:
+        with self._lock:
+            if self.problem is None:
+                return None
+            since, self.problem, self.since = self.since, None, None
+            return self._clock() - since if since is not None else 0.0
 
 
 def describe_failure(exc: BaseException) -> str:

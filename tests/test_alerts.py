@@ -22,14 +22,14 @@ import pytest
 from sqlmodel import Session, select
 
 from cipherpool.alerts import destination, rules, signature, webhook
-from cipherpool.alerts.evaluate import Seen, evaluate_all, measure, state_for, transition
+from cipherpool.scheduler.alerts import Seen, evaluate_all, measure, state_for, transition
 from cipherpool.config.settings import Settings
 from cipherpool.db.tables import Account, AlertEvent, AlertRule, Model, ModelEvent
 from cipherpool.errors import AlertNotFound, InvalidInput, ModelNotFound, RefusedDestination, TooManyAlerts
 from cipherpool.monitoring import timings
-from cipherpool.monitoring.timings import QueryTimings
+from cipherpool.workers.timings import QueryTimings
 from cipherpool.statuses import AlertMetric, AlertState, EventKind, WebhookDelivery
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent, QueryEvent
 from tests.webhook_receiver import Receiver
 
@@ -408,17 +408,15 @@ def test_a_reading_of_a_rule_set_again_meanwhile_is_left_to_the_next_round(sessi
 
 
 @pytest.fixture
-def ctx(tmp_path, redis_url: str) -> Iterator[PlatformContext]:
-    """A platform of its own: a fresh SQLite database, the module's Redis."""
-    from cipherpool.db import get_engine, init_db
-
+def ctx(tmp_path, redis_url: str, migrated_sqlite) -> Iterator[PlatformContext]:
+    """A platform of its own: a fresh SQLite database (a copy of the session's migrated
+    template, its engine disposed after: tests/conftest.py), the module's Redis."""
     settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url, webhook_allow_private=True,
                         webhook_backoff_s=2.0, webhook_attempts=3, stats_recent=20)
     context = PlatformContext(settings)
-    init_db(context.db_url)
+    migrated_sqlite(context.db_url)
     yield context
     context.store.redis.close()
-    get_engine(context.db_url).dispose()
 
 
 @pytest.fixture
@@ -486,7 +484,7 @@ def test_a_queue_depth_rule_reads_the_broker(ctx: PlatformContext, celery_app: A
 
 def test_one_rules_failure_costs_that_rule_only(ctx: PlatformContext, celery_app: Any,
                                                 monkeypatch: pytest.MonkeyPatch):
-    from cipherpool.alerts import evaluate
+    from cipherpool.scheduler import alerts as evaluate
 
     with ctx.session() as session:
         account, _ = provider(session, "m")
@@ -505,7 +503,7 @@ def test_one_rules_failure_costs_that_rule_only(ctx: PlatformContext, celery_app
 
 def test_a_webhook_call_that_cannot_be_queued_is_marked_failed(ctx: PlatformContext, celery_app: Any,
                                                                monkeypatch: pytest.MonkeyPatch):
-    from cipherpool.alerts import evaluate
+    from cipherpool.scheduler import alerts as evaluate
 
     with ctx.session() as session:
         account, _ = provider(session, "m")
@@ -519,7 +517,7 @@ def test_a_webhook_call_that_cannot_be_queued_is_marked_failed(ctx: PlatformCont
 
 
 def test_two_rounds_at_once_fire_once(ctx: PlatformContext, celery_app: Any, monkeypatch: pytest.MonkeyPatch):
-    from cipherpool.alerts import evaluate
+    from cipherpool.scheduler import alerts as evaluate
 
     with ctx.session() as session:
         account, _ = provider(session, "m")

@@ -1,7 +1,7 @@
 """Alerts through the gateway: the HTTP API (`/v1/alerts`), the ManagementClient's methods and
 `cipherpool alert`, against the real app under uvicorn (in a thread, on a free loopback port)
 with its own Redis and a SQLite database. Events are recorded as beat records them
-(:func:`cipherpool.alerts.evaluate.transition`), so the history's contents are known.
+(:func:`cipherpool.scheduler.alerts.transition`), so the history's contents are known.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def p(gateway: Gateway) -> Iterator[Provider]:
 
 def fire(gateway: Gateway, rule_id: str, *values: float | None) -> list[int]:
     """Evaluate the rule on these figures, in turn, as beat would; the events recorded."""
-    from cipherpool.alerts.evaluate import Seen, transition
+    from cipherpool.scheduler.alerts import Seen, transition
     from cipherpool.db import session_scope
     from cipherpool.db.tables import AlertRule, Model
 

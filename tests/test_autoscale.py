@@ -20,7 +20,8 @@ from redis import Redis
 from sqlmodel import col, select
 
 from cipherpool.db import session_scope
-from cipherpool.db.tables import Account, AutoscalePolicy, Model, ModelEvent, ModelStatus, Worker, WorkerStatus, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, AutoscalePolicy, Model, ModelEvent, ModelStatus, Worker, WorkerStatus
 from cipherpool.monitoring.timings import Sample
 from cipherpool.scheduler.autoscale import (
     Action, Decision, Load, Reading, autoscale, decide, pick_worker, pressure, recent_wait,
@@ -352,7 +353,7 @@ def make_rig(db_url: str, tmp_path, *, nodes_free: int = 2, min_workers: int = 1
     """An account (100 credits) with active models of these names, each with ``running`` user
     workers up and an enabled policy (POLICY, overridden), and ``nodes_free`` more free nodes."""
     from cipherpool.config.settings import Settings
-    from cipherpool.workers.context import PlatformContext
+    from cipherpool.context import PlatformContext
 
     with session_scope(db_url) as s:
         account, _key = accounts.create_account(s, "acme", signup_grant=Decimal(100))

@@ -175,7 +175,8 @@ def test_an_unknown_or_another_accounts_model_is_not_found_alike(gateway: Gatewa
 
 def test_the_answer_shows_what_the_autoscaler_did_last(gateway: Gateway):
     from cipherpool.db import session_scope
-    from cipherpool.db.tables import AutoscalePolicy, Model, utcnow
+    from cipherpool.clock import utcnow
+    from cipherpool.db.tables import AutoscalePolicy, Model
     from sqlmodel import select
 
     p = provider(gateway, "m")

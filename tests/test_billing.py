@@ -32,7 +32,8 @@ from cipherpool.billing.charging import (
 from cipherpool.billing.money import MS_PER_HOUR, show, to_credits, to_micro
 from cipherpool.billing.payments import grant
 from cipherpool.db import get_engine, init_db, session_scope
-from cipherpool.db.tables import Account, LedgerEntry, Model, ModelStatus, PoolNode, Rate, Worker, WorkerStatus, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, LedgerEntry, Model, ModelStatus, PoolNode, Rate, Worker, WorkerStatus
 from cipherpool.errors import AccountNotFound, InvalidInput
 from cipherpool.names import SHARED_PENDING_KEY
 from cipherpool.services import accounts
@@ -779,7 +780,9 @@ def test_a_tick_run_twice_charges_once(db_url, settings):
 @pytest.fixture
 def redis_db():
     redis = pytest.importorskip("redis")
-    client = redis.Redis(host="127.0.0.1", port=6379, db=13)
+    from tests.conftest import REDIS_TEST_DB
+
+    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_TEST_DB)
     try:
         client.ping()
     except redis.exceptions.ConnectionError:

@@ -24,16 +24,17 @@ from cipherpool.billing import ledger, rates
 from cipherpool.billing.charging import BUCKET_S, bucket_of, charge_all, epoch_ms, epoch_us, record_execution
 from cipherpool.billing.money import MS_PER_HOUR
 from cipherpool.config.settings import Settings
-from cipherpool.db import get_engine, init_db, session_scope
+from cipherpool.db import session_scope
 from cipherpool.db.tables import Account, LedgerEntry, Model, ModelStatus, PoolNode, Worker, WorkerStatus
 from cipherpool.names import SHARED_PENDING_KEY
 from cipherpool.services import accounts
+from tests.conftest import REDIS_TEST_DB
 
 T0 = datetime(2030, 3, 14, 9, 26, 53, 589_793, tzinfo=UTC)
 EARLY = datetime(2000, 1, 1, tzinfo=UTC)
 RUNTIME = 1_000_000  # cpu, micro-credits per hour (the settings' default)
 GRANT = 100_000_000
-REDIS_DB = 13
+REDIS_DB = REDIS_TEST_DB  # 13, or one per xdist worker (tests/conftest.py)
 
 CHILD = r"""
 import json, os, signal, sys, time
@@ -68,12 +69,11 @@ print(json.dumps({"lines": [[e.key, e.amount] for e in report.charged], "errors"
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
-    """A migrated database of this test's own."""
-    url = f"sqlite:///{tmp_path}/billing.db" if request.param == "sqlite" else request.getfixturevalue(
-        "fresh_postgres_url")
-    init_db(url)
-    yield url
-    get_engine(url).dispose()
+    """A freshly migrated database of this test's own: a copy of the session's SQLite template,
+    or the session's PostgreSQL database emptied (tests/conftest.py); engines disposed after."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("migrated_sqlite")(f"sqlite:///{tmp_path}/billing.db")
+    return request.getfixturevalue("clean_postgres_url")
 
 
 @pytest.fixture

@@ -420,7 +420,7 @@ def test_the_balance_is_the_sum_of_the_history(gw: Gateway, march: March):
 def test_usage_rows_and_totals(gw: Gateway, march: March):
     import redis
 
-    from cipherpool.workers.querycount import day_key
+    from cipherpool.billing.querycounts import day_key
 
     p = march.p
     with redis.Redis.from_url(gw.redis_url) as r:  # the dedicated worker's queries, as the node counts them

@@ -4,7 +4,7 @@ import pytest
 
 from cipherpool.errors import BackendUnavailable, InvalidDeployment, VersionMismatch
 from cipherpool.fhe.deployment import Versions, compiled_backend, load_deployment
-from cipherpool.fhe.evaluator import ConcreteEvaluator
+from cipherpool.fhe.evaluator import load_evaluator
 from tests.helpers import make_deployment, versions_json, zip_bytes
 
 
@@ -60,5 +60,5 @@ def test_an_unreadable_configuration_is_an_invalid_deployment(data):
 def test_a_circuit_compiled_for_the_gpu_is_refused_without_the_gpu_build(tmp_path):
     server = zip_bytes({"versions.json": versions_json(), "configuration.json": json.dumps({"use_gpu": True})})
     with pytest.raises(BackendUnavailable, match="compiled for the GPU"):
-        ConcreteEvaluator(server, tmp_path, gpu_build=False)
+        load_evaluator(server, tmp_path, capabilities=("cpu",))  # a node without concrete's GPU build
     assert not any(tmp_path.iterdir())  # refused before anything was written

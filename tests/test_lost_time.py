@@ -18,10 +18,12 @@ import pytest
 from sqlmodel import col, select
 
 from cipherpool import lifecycle, workerlog
+from cipherpool.scheduler import reconcile as reconciler
 from cipherpool.billing.charging import charge_all, epoch_ms, epoch_us, refund_after, settle, skip_silence, unbilled_workers
 from cipherpool.billing.money import MS_PER_HOUR as H
 from cipherpool.db import session_scope
-from cipherpool.db.tables import LedgerEntry, ModelEvent, PoolNode, Worker, WorkerStatus, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import LedgerEntry, ModelEvent, PoolNode, Worker, WorkerStatus
 from cipherpool.names import BIND_TASK
 from cipherpool.services import nodes
 from cipherpool.services.reconcile import fail_lost_workers
@@ -233,7 +235,7 @@ def test_a_schedules_replacement_stays_the_schedules_and_stops_at_its_window_end
     first, second = beat.workers(sid)
     # When the first one's node is lost and the reconciler runs
     lose(beat, first)
-    (lost,) = lifecycle.reconcile(beat.ctx, beat.app)
+    (lost,) = reconciler.reconcile(beat.ctx, beat.app)
     # Then its replacement is the schedule's, of the same profile, started on the free node
     assert lost.worker_id == first.id and lost.replace
     workers = {w.id: w for w in beat.workers(sid)}
@@ -256,7 +258,7 @@ def test_an_autoscaled_replacement_stays_the_autoscalers(beat, worker_logs):
     (started,) = lifecycle.start_workers(beat.ctx, beat.app, beat.account_id, "m", profile="default",
                                          started_by="autoscaler")
     lose(beat, started)
-    (lost,) = lifecycle.reconcile(beat.ctx, beat.app)
+    (lost,) = reconciler.reconcile(beat.ctx, beat.app)
     with session_scope(beat.db) as s:
         (row,) = s.exec(select(Worker).where(col(Worker.status).in_([WorkerStatus.PENDING]))).all()
     assert row.id != started.id and (row.started_by, row.schedule_id, row.profile) == ("autoscaler", None, "default")
@@ -304,3 +306,28 @@ def test_two_reconcilers_at_once_fail_a_lost_worker_once(db_url):
     # Then only the first fails it (and asks for its replacement); the second finds it ended
     assert [[lost.worker_id for lost in run] for run in found] == [[rig.worker_id], []]
     assert net_charged(rig) == exact((RUNTIME, START, HEARD))[0]
+
+
+def test_after_its_own_absence_the_reconciler_gives_nodes_a_window_before_declaring_any_lost(beat, monkeypatch):
+    import time
+
+    from cipherpool.names import RECONCILE_TASK
+
+    # Given a worker whose node has been silent for long: the database was down (no node could
+    # heartbeat, no reconcile could run), and the reconciler last ran 10 minutes ago
+    (started,) = lifecycle.start_workers(beat.ctx, beat.app, beat.account_id, "m")
+    lose(beat, started)
+    now = time.time()
+    monkeypatch.setattr(reconciler.beat_jobs, "last_runs", lambda _redis: {RECONCILE_TASK: now - 600})
+    # When the reconciler runs again, it declares nothing lost: the nodes get one window to be heard
+    assert reconciler.reconcile(beat.ctx, beat.app, now=now) == []
+    assert worker_row_of(beat, started.id).status == WorkerStatus.PENDING
+    # When it has been running meanwhile and the node is still silent, the node is lost
+    monkeypatch.setattr(reconciler.beat_jobs, "last_runs", lambda _redis: {RECONCILE_TASK: now - 5})
+    (lost,) = reconciler.reconcile(beat.ctx, beat.app, now=now)
+    assert lost.worker_id == started.id and worker_row_of(beat, started.id).status == WorkerStatus.FAILED
+
+
+def worker_row_of(beat, worker_id: str) -> Worker:
+    with session_scope(beat.db) as s:
+        return s.get(Worker, worker_id)

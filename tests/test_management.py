@@ -10,10 +10,10 @@ from datetime import timedelta, UTC
 import pytest
 from sqlmodel import select
 
-from cipherpool import errors
+from cipherpool import announce, errors
+from cipherpool.clock import utcnow
 from cipherpool.db.tables import (
-    AccessToken, Account, EvaluationKey, Model, ModelEvent, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker,
-    WorkerStatus, utcnow,
+    AccessToken, Account, EvaluationKey, Model, ModelEvent, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker, WorkerStatus,
 )
 from cipherpool.fhe.deployment import InputSpec, Versions
 from cipherpool.services import accounts, events, models, nodes, queries, rollout, tokens, usage, workers
@@ -975,7 +975,8 @@ def test_read_returns_counts_and_last_use_and_forget_clears_them(redis_client):
 def _silence(session, node_name, seconds):
     from datetime import timedelta
 
-    from cipherpool.db.tables import PoolNode, utcnow
+    from cipherpool.clock import utcnow
+    from cipherpool.db.tables import PoolNode
 
     node = session.get(PoolNode, node_name)
     node.last_seen = utcnow() - timedelta(seconds=seconds)
@@ -1067,10 +1068,10 @@ def test_events_since_a_time_with_an_offset_compare_in_utc(session, account):
 def test_beat_keeps_the_minimum_and_backs_off_after_a_failed_load(session, db_url, account, tmp_path):
     from types import SimpleNamespace
 
-    from cipherpool import lifecycle
     from cipherpool.config.settings import Settings
     from cipherpool.db import session_scope
-    from cipherpool.workers.context import PlatformContext
+    from cipherpool.context import PlatformContext
+    from cipherpool.scheduler import reconcile as reconciler
 
     deploy(session, account, "m", min_workers=2, max_workers=3)
     models.set_status(session, account, "m", ModelStatus.ACTIVE)
@@ -1085,22 +1086,22 @@ def test_beat_keeps_the_minimum_and_backs_off_after_a_failed_load(session, db_ur
     ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, broker_url="redis://127.0.0.1:1/0",
                                    node_heartbeat_s=HEARTBEAT_S))
 
-    started = lifecycle.keep_minimum(ctx, app)
+    started = reconciler.keep_minimum(ctx, app)
     assert len(started) == 2 and len(sent) == 2  # up to the minimum
-    assert lifecycle.keep_minimum(ctx, app) == []  # pending workers count: nothing more
+    assert reconciler.keep_minimum(ctx, app) == []  # pending workers count: nothing more
     with session_scope(db_url) as s:
         workers.finish(s, started[0].id, WorkerStatus.FAILED, error="load failed: broken artifact")
-    assert lifecycle.keep_minimum(ctx, app) == []  # a failed load: beat waits MIN_RETRY_S
+    assert reconciler.keep_minimum(ctx, app) == []  # a failed load: beat waits MIN_RETRY_S
     with session_scope(db_url) as s:
         row = s.get(Worker, started[0].id)
-        row.stopped_at = utcnow() - timedelta(seconds=lifecycle.MIN_RETRY_S + 1)
+        row.stopped_at = utcnow() - timedelta(seconds=reconciler.MIN_RETRY_S + 1)
         s.add(row)
-    assert len(lifecycle.keep_minimum(ctx, app)) == 1  # then it tries again
+    assert len(reconciler.keep_minimum(ctx, app)) == 1  # then it tries again
     with session_scope(db_url) as s:
         models.set_status(s, s.get(Account, account.id), "m", ModelStatus.INACTIVE)
         for w in workers.serving(s, account_id=account.id):
             workers.finish(s, w.id, WorkerStatus.STOPPED)
-    assert lifecycle.keep_minimum(ctx, app) == []  # an inactive model is not kept up
+    assert reconciler.keep_minimum(ctx, app) == []  # an inactive model is not kept up
 
 
 @pytest.mark.parametrize("limited", [False, True], ids=["no-rate-limit", "rate-limited"])
@@ -1112,13 +1113,12 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     Through the guard's own admission and a real rate limiter (both of its branches)."""
     from types import SimpleNamespace
 
-    from cipherpool import lifecycle
     from cipherpool.config.settings import Settings
     from cipherpool.gateway import auth as auth_module
     from cipherpool.gateway.guard import Guard
     from cipherpool.gateway.ratelimit import RateLimiter
     from cipherpool.names import AUTH_GENERATION_KEY
-    from cipherpool.workers.context import PlatformContext
+    from cipherpool.context import PlatformContext
 
     deploy(session, account, "m")
     _, value = tokens.create_token(session, account, "t", "m")
@@ -1142,7 +1142,7 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     workers.finish(session, worker.id, WorkerStatus.STOPPED)
     session.commit()
     assert request().dedicated
-    lifecycle.announce(ctx)
+    announce.serving_changed(ctx)
     model = request()
     assert not model.dedicated and not model.serving  # the stop is seen at once ...
     assert len(loads) == 1  # ... and the credential was not loaded again
@@ -1152,7 +1152,7 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     assert rollout.worker_loaded(session, worker_2.id, 2)  # the flip
     session.commit()
     assert request().version == 1  # not announced yet
-    lifecycle.announce(ctx)
+    announce.serving_changed(ctx)
     model = request()
     assert (model.version, model.client_blob, model.dedicated, len(loads)) == (2, "d" * 64, True, 1)
     # A credential change drops everything

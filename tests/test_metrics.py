@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cipherpool.db.tables import Account, Model, PoolNode, Worker, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, Model, PoolNode, Worker
 from cipherpool.statuses import NodeStatus, WorkerStatus
 
 TOKEN = "metrics-test-token-7d1f0c9a4b2e"  # fixed: it appears in parametrised test ids
@@ -73,7 +74,7 @@ def _record_queries(redis_url: str, model_ids: dict[tuple[str, str], str]) -> No
     from redis import Redis
 
     from cipherpool.errors import KeyMismatch
-    from cipherpool.monitoring.timings import QueryTimings
+    from cipherpool.workers.timings import QueryTimings
 
     redis = Redis.from_url(redis_url)
     hook = QueryTimings(lambda: redis)

@@ -30,7 +30,7 @@ from cipherpool.db.tables import (
     AccessToken, Account, EvaluationKey, LedgerEntry, Model, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker,
     WorkerStatus,
 )
-from cipherpool.services.tokens import aware
+from cipherpool.clock import aware
 from cipherpool.errors import ConfigurationError, InvalidInput
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -345,3 +345,27 @@ def test_workers_that_ended_before_credits_owe_nothing(url: str) -> None:
         assert worker.billed_to == worker.stopped_at
         assert unbilled_workers(session) == []
         assert session.get(Account, "acct0000000001").balance_micro == 100_000_000
+
+
+def test_0007_turns_the_gpu_build_into_capabilities_and_back(url: str) -> None:
+    # Given a plain node and one with concrete's GPU build, as 0006 recorded them
+    upgrade_db(url, "0006_backends")
+    node = {"host_class": "gpu", "concurrency": 1, "status": "ONLINE", "started_at": T0, "last_seen": T0}
+    with get_engine(url).begin() as conn:
+        pool_nodes = _tables(conn)["pool_nodes"]
+        conn.execute(sa.insert(pool_nodes), [{**node, "name": "plain@host", "gpu_build": False},
+                                             {**node, "name": "built@host", "gpu_build": True}])
+    # When the database is upgraded, the flag becomes the backends each node can run
+    upgrade_db(url)
+    with session_scope(url) as session:
+        assert {n.name: json.loads(n.capabilities) for n in session.exec(select(PoolNode))} == {
+            "plain@host": ["cpu"], "built@host": ["cpu", "gpu"]}
+    with get_engine(url).connect() as conn:
+        assert "gpu_build" not in {c["name"] for c in sa.inspect(conn).get_columns("pool_nodes")}
+        # And the downgrade gives the flag back where the capabilities name the GPU
+        command.downgrade(alembic_config(url, conn), "0006_backends")
+        conn.commit()
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("pool_nodes")}
+        flags = dict(conn.execute(sa.text("SELECT name, gpu_build FROM pool_nodes")).all())
+    assert "capabilities" not in columns
+    assert {name: bool(flag) for name, flag in flags.items()} == {"plain@host": False, "built@host": True}

@@ -21,7 +21,8 @@ from click.testing import CliRunner
 
 from cipherpool.errors import InvalidInput
 from cipherpool.monitoring import timings
-from cipherpool.monitoring.timings import MINUTE_S, QueryTimings, Sample, Tally, window_minutes
+from cipherpool.monitoring.timings import MINUTE_S, Sample, Tally, window_minutes
+from cipherpool.workers.timings import QueryTimings
 from cipherpool.workers.hooks import BindingEvent, QueryEvent
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC, a minute boundary

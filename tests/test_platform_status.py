@@ -9,6 +9,7 @@ port (never the machine's own), and SQLite.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -28,6 +29,7 @@ from cipherpool.monitoring import beat_jobs, heartbeats, platform_events
 from cipherpool.monitoring.components import NodeSeen, Observed, evaluate, read_status
 from cipherpool.monitoring.heartbeats import ProcessBeat, Role
 from cipherpool.monitoring.liveness import LATE_AFTER_INTERVALS, MISSING_AFTER_INTERVALS, best, judge, worst
+from cipherpool.names import WATCHDOG_LEASE_KEY as LEASE_KEY
 from cipherpool.names import PLATFORM_EVENTS_KEY, RECONCILE_TASK
 from cipherpool.statuses import Component, ComponentState, NodeStatus
 
@@ -135,21 +137,20 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture
-def world(redis_url, tmp_path) -> Iterator[World]:
-    from cipherpool.db import get_engine, init_db
-    from cipherpool.workers.context import PlatformContext
+def world(redis_url, tmp_path, migrated_sqlite) -> Iterator[World]:
+    """A fresh SQLite database (a copy of the session's migrated template: tests/conftest.py,
+    which disposes its engine after) and this module's Redis, emptied."""
+    from cipherpool.context import PlatformContext
 
     settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url, metrics_token=TOKEN, token_rate_per_s=0,
                         account_rate_per_s=0)
-    db = settings.effective_database_url()
-    init_db(db)
+    db = migrated_sqlite(settings.effective_database_url())
     ctx = PlatformContext(settings)
     redis = ctx.store.redis
     for key in redis.scan_iter("cipherpool:platform:*"):  # this module's Redis: each test starts clean
         redis.delete(key)
     yield World(settings, ctx, redis, db)
     redis.close()
-    get_engine(db).dispose()
 
 
 def healthy(world: World, now: float) -> None:
@@ -178,17 +179,22 @@ def test_heartbeats_are_read_back_and_the_long_silent_forgotten(world):
     assert heartbeats.read(world.redis, Role.GATEWAY) == []
 
 
-def test_the_watchdogs_of_two_gateways_record_each_change_once(world, caplog):
-    from cipherpool.monitoring.watchdog import Watchdog
+def test_one_watchdog_judges_and_records_each_change_once_it_held(world, caplog):
+    from cipherpool.monitoring.watchdog import CONFIRM_CHECKS, Watchdog
 
+    assert CONFIRM_CHECKS == 2
     now = time.time()
     healthy(world, now)
     first, second = Watchdog(world.ctx), Watchdog(world.ctx)
-    # A platform first seen healthy is no news
-    assert first.check(now)[1] == [] and second.check(now)[1] == []
+    # A platform first seen healthy is no news; the first to look holds the lease, the other
+    # reads nothing while it does
+    for _ in range(CONFIRM_CHECKS):
+        status, recorded = first.check(now)
+        assert status is not None and recorded == []
+        assert second.check(now) == (None, [])
 
-    # Beat dies (its heartbeat and its jobs stop) while the rest goes on; both gateways look,
-    # one records it
+    # Beat dies (its heartbeat and its jobs stop) while the rest goes on: the judge records it
+    # once it saw it at two checks in a row
     later = now + 40
     healthy(world, later)
     heartbeats.write(world.redis, Role.BEAT, beat_of("beat-1", now - 1))
@@ -196,19 +202,148 @@ def test_the_watchdogs_of_two_gateways_record_each_change_once(world, caplog):
         beat_jobs.record_run(world.redis, job.task, now - 1)
     with caplog.at_level("ERROR", logger="cipherpool.platform"):
         status, recorded = first.check(later)
-    assert {c.component: c.state for c in status.components}[Component.BEAT] is MISSING
+        assert status is not None and {c.component: c.state for c in status.components}[Component.BEAT] is MISSING
+        assert recorded == [], "judged once: not news yet"
+        recorded = first.check(later + 1)[1]
     assert [(e.component, e.previous, e.state) for e in recorded] == [(Component.BEAT, OK, MISSING)]
-    assert second.check(later + 1)[1] == []  # the same change: already recorded
-    assert any("platform: beat is missing (was ok)" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    assert first.check(later + 1)[1] == [] and second.check(later + 1) == (None, [])  # recorded already
+    assert [r.getMessage().split(":")[1] for r in caplog.records if r.levelname == "ERROR"] == [" beat is missing (was ok)"]
 
-    # Beat back: one event again
+    # Beat back: one event again, two checks later
     for job in beat_jobs.schedule(world.settings):
         beat_jobs.record_run(world.redis, job.task, later + 1)
     heartbeats.write(world.redis, Role.BEAT, beat_of("beat-1", later + 1))
-    back = second.check(later + 2)[1]
+    assert first.check(later + 2)[1] == []
+    back = first.check(later + 2)[1]
     assert [(e.component, e.previous, e.state) for e in back] == [(Component.BEAT, MISSING, OK)]
     assert [e.id for e in platform_events.latest(world.redis, 10)] == [back[0].id, recorded[0].id]
+
+    # The judge stops cleanly: the other takes over at its next check, and records nothing
+    # that was recorded before
+    first.release()
+    for _ in range(CONFIRM_CHECKS + 1):
+        status, recorded = second.check(later + 2)
+        assert status is not None and recorded == []
+    assert first.check(later + 2) == (None, [])
     assert platform_events.recorded_total(world.redis) == 2
+
+
+def test_gateways_that_disagree_do_not_flap(world):
+    """One gateway's clock runs 20 s ahead of the other's: to it everything is late. Each
+    judging by itself, they swapped their views into the one record at every check."""
+    from cipherpool.monitoring.watchdog import Watchdog
+
+    now = time.time()
+    on_time, ahead = Watchdog(world.ctx), Watchdog(world.ctx)
+    judged: dict[str, set[ComponentState]] = {"on time": set(), "ahead": set()}
+    recorded = []
+    for tick in range(8):
+        healthy(world, now + tick)
+        for name, watchdog, skew in (("on time", on_time, 0), ("ahead", ahead, 20)):
+            status, events = watchdog.check(now + tick + skew)
+            recorded += events
+            if status is not None:
+                judged[name].add(status.state)
+    assert judged == {"on time": {OK}, "ahead": set()}, "one judge: the one that took the lease first"
+    assert recorded == [] and platform_events.recorded_total(world.redis) == 0
+
+    # The judge crashes (its lease is not renewed, nor handed over): the other takes over when
+    # the lease runs out, and records its own view once, not at every check
+    world.redis.pexpire(LEASE_KEY, 1)
+    time.sleep(0.05)
+    for tick in range(8, 12):
+        healthy(world, now + tick)
+        recorded += ahead.check(now + tick + 20)[1]
+    assert recorded and len({e.component for e in recorded}) == len(recorded), recorded
+    assert all(e.state is not OK for e in recorded)
+
+
+def test_a_state_is_recorded_only_once_judged_at_two_checks_in_a_row(world):
+    """A job whose age hovers at the late threshold, a little late then on time: no event per
+    flip; late at two checks in a row: one event."""
+    from cipherpool.monitoring.watchdog import Watchdog
+
+    watchdog = Watchdog(world.ctx)
+    reconcile = jobs(world.settings)["reconcile"]
+    now = time.time()
+
+    def check(tick: int, late: bool) -> tuple[ComponentState, list[Any]]:
+        at = now + tick
+        healthy(world, at)
+        age = reconcile.interval_s * LATE_AFTER_INTERVALS + (0.5 if late else -0.5)
+        beat_jobs.record_run(world.redis, reconcile.task, at - age)
+        status, events = watchdog.check(at)
+        assert status is not None
+        return {c.component: c.state for c in status.components}[Component.BEAT], events
+
+    flapping = [check(tick, late=tick % 2 == 0) for tick in range(8)]
+    assert [state for state, _ in flapping] == [LATE, OK] * 4
+    assert all(events == [] for _, events in flapping)
+    assert check(8, late=True)[1] == [] and [(e.component, e.state) for e in check(9, late=True)[1]] == [
+        (Component.BEAT, LATE)]
+
+
+def test_the_store_down_is_logged_once_by_each_watchdog(tmp_path, caplog):
+    from cipherpool.context import PlatformContext
+    from cipherpool.monitoring.watchdog import Watchdog
+    from cipherpool.stack.supervisor import free_port
+
+    watchdog = Watchdog(PlatformContext(Settings(data_dir=tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0")))
+    with caplog.at_level("WARNING", logger="cipherpool.platform"):
+        for _ in range(3):
+            assert watchdog.check(NOW) == (None, [])
+    (record,) = caplog.records
+    assert record.levelname == "ERROR" and "the store (Redis) is unreachable" in record.getMessage()
+
+
+def test_a_heartbeat_stop_does_not_wait_for_a_redis_that_does_not_answer(caplog):
+    release = threading.Event()
+
+    class Hung:
+        def hset(self, *args: Any) -> None:
+            release.wait(10)  # a partition: the write waits (for the socket timeout, in life)
+
+        def hgetall(self, *args: Any) -> dict[bytes, bytes]:
+            return {}
+
+        def hdel(self, *args: Any) -> None:
+            raise AssertionError("removed while a beat was in flight")
+
+    beat = heartbeats.Heartbeat(lambda: Hung(), Role.GATEWAY, "gw@h", 10.0)  # type: ignore[arg-type, return-value]
+    in_flight = threading.Thread(target=beat.beat, daemon=True)
+    in_flight.start()
+    try:
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger="cipherpool.monitoring"):
+            beat.stop(wait_s=0.2)
+        assert time.monotonic() - started < 5
+        assert any("still waits for Redis" in r.getMessage() for r in caplog.records)
+    finally:
+        release.set()
+        in_flight.join(10)
+    beat.beat()  # stopped: no write, and no removal either
+
+
+def test_a_state_log_logs_each_streak_once_with_its_levels(caplog):
+    from cipherpool.waiting import StateLog
+
+    clock = [10.0]
+    state = StateLog(logging.getLogger("cipherpool.test"), level=logging.ERROR, recovered_level=logging.INFO,
+                     clock=lambda: clock[0])
+    with caplog.at_level(logging.DEBUG, logger="cipherpool.test"):
+        assert state.up("never failed") is None
+        assert state.down("%s is down", "x") and not state.down("%s is down", "y") and state.failing
+        clock[0] += 2.5
+        assert state.up("%s is back after %.1f s", "x", lasted=True) == 2.5
+        assert state.up("%s is back after %.1f s", "x", lasted=True) is None
+        state.failed(ValueError("one"))
+        state.failed(ValueError("one"))
+        state.failed(ValueError("two"))  # failed(): again when the problem changes, as before
+        state.recovered("fine")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, "x is down"), (logging.INFO, "x is back after 2.5 s"),
+        (logging.ERROR, ": ValueError: one; trying again"), (logging.ERROR, ": ValueError: two; trying again"),
+        (logging.INFO, ": fine")]
 
 
 def test_a_first_state_that_is_not_ok_is_an_event():
@@ -262,9 +397,11 @@ def test_status_prints_every_component_and_beat_missing(world):
     healthy(world, now)
     heartbeats.write(world.redis, Role.BEAT, beat_of("beat-1", now - 120))  # beat silent for 12 intervals
     world.redis.hdel(beat_jobs.BEAT_JOBS_KEY, RECONCILE_TASK)  # and reconcile never ran since
-    from cipherpool.monitoring.watchdog import Watchdog
+    from cipherpool.monitoring.watchdog import CONFIRM_CHECKS, Watchdog
 
-    Watchdog(world.ctx).check(now)
+    watchdog = Watchdog(world.ctx)
+    for _ in range(CONFIRM_CHECKS):
+        watchdog.check(now)
     result = run_cli(world, "status")
     assert result.exit_code == 7, result.output  # a component is missing: a probe or a script can act on it
     lines = result.stdout.splitlines()

@@ -29,8 +29,16 @@ from cipherpool.config.profiles import (
 from cipherpool.config.settings import GIB, Settings
 from cipherpool.errors import ConfigurationError
 from cipherpool.names import POOL_QUEUE
-from cipherpool.statuses import HostClass
+from cipherpool.backends import cpu as cpu_backend
+from cipherpool.backends import gpu as gpu_backend
 from cipherpool.workers import capacity
+
+
+class HostClass:
+    """The built-in backends' host classes, as the registry spells them (a profile holds these very objects)."""
+
+    CPU = cpu_backend.BACKEND.host_class
+    GPU = gpu_backend.BACKEND.host_class
 
 TWO_PROFILES = """\
 [profiles.cpu-small]

@@ -17,7 +17,7 @@ from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest, unwrap
 from cipherpool.names import POOL_QUEUE, model_queue, query_routing_key
 from cipherpool.store import BlobKind, sha256_hex
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent, Hook
 from cipherpool.workers.node import Binding, NodeRuntime
 from cipherpool.workers.query import Delivery, Requeue, handle, may_requeue
@@ -151,7 +151,7 @@ def test_a_query_runs_and_the_key_is_deserialized_once(world):
     assert world.evaluator.key_loads == 1 and world.evaluator.runs == 2
     out = EncryptedOutput.decode(second.output)
     assert (out.model_id, out.key_id) == (MODEL, KEY_ID)
-    report = world.runtime.report()
+    report = world.runtime.report().model_dump()
     assert (report["key_cache_misses"], report["key_cache_hits"], report["queries_succeeded"]) == (1, 1, 2)
 
 
@@ -168,7 +168,7 @@ def test_refusals_reach_the_hooks_though_they_are_results(world):
         run(world, {"not": "a request"})
     assert world.hook.refusals == ["key_mismatch", "invalid_input"]
     assert world.hook.moments[-2:] == [("received", "w1"), ("refused", "w1")]
-    assert world.runtime.report()["queries_refused"] == 2
+    assert world.runtime.report().model_dump()["queries_refused"] == 2
 
 
 def test_a_failing_hook_never_costs_an_answer(world):
@@ -178,14 +178,14 @@ def test_a_failing_hook_never_costs_an_answer(world):
 
     world.runtime.hooks.add(Broken())
     assert run(world, request(world.blob_id)).output
-    assert world.runtime.report()["queries_succeeded"] == 1
+    assert world.runtime.report().model_dump()["queries_succeeded"] == 1
 
 
 def test_an_unexpected_error_fails_the_task_and_is_heard(world):
     world.evaluator.run = lambda *_: (_ for _ in ()).throw(RuntimeError("concrete crashed"))
     with pytest.raises(RuntimeError):
         run(world, request(world.blob_id))
-    assert world.hook.moments[-1] == ("failed", "w1") and world.runtime.report()["queries_failed"] == 1
+    assert world.hook.moments[-1] == ("failed", "w1") and world.runtime.report().model_dump()["queries_failed"] == 1
 
 
 def test_figures_cover_only_the_current_binding(world):
@@ -196,7 +196,7 @@ def test_figures_cover_only_the_current_binding(world):
     other = "o" * 16
     bind_fake(world.runtime, world.evaluator, worker_id="w2", model_id=other)
     run(world, request(world.blob_id, model_id=other), Delivery(routing_key=query_routing_key("cpu", other)))
-    report = world.runtime.report()
+    report = world.runtime.report().model_dump()
     assert report["worker_id"] == "w2"
     assert (report["queries_succeeded"], report["model_loads"], report["key_cache_misses"]) == (1, 1, 1)
     lifetime = report["node_lifetime"]
@@ -241,7 +241,7 @@ def test_a_query_for_another_model_is_handed_back_or_refused(world):
         run(world, request(world.blob_id))
     assert world.hook.moments[2:] == [("received", "w1"), ("requeued", "w1"), ("received", "w1"), ("refused", "w1"),
                                       ("received", None), ("requeued", None)]
-    report = world.runtime.report()["node_lifetime"]
+    report = world.runtime.report().model_dump()["node_lifetime"]
     assert (report["queries_requeued"], report["queries_refused"]) == (2, 1)
 
 

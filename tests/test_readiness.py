@@ -7,6 +7,7 @@ real processes: tests/integration/test_gateway_outages.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from cipherpool.db import head_revision, upgrade_db
 from cipherpool.errors import BrokerUnavailable, DatabaseUnavailable, RateLimited, RemoteError
 from cipherpool.gateway import readiness
 from cipherpool.gateway.guard import error_body
-from cipherpool.gateway.readiness import Readiness
-from cipherpool.outages import outage_error
+from cipherpool.gateway.readiness import READY_CACHE_S, Readiness
+from cipherpool.outages import logged_outage, outage_error
 from cipherpool.gateway.results import ResultWaiter
 from cipherpool.stack.supervisor import free_port
 from cipherpool.store import BlobStore
@@ -95,6 +96,17 @@ def test_everything_else_stays_a_fault(error: Exception):
 ], ids=["redis", "redis-timeout", "kombu"])
 def test_redis_and_broker_outages_are_broker_unavailable(error: Exception):
     assert isinstance(outage_error(error), BrokerUnavailable)
+
+
+def test_an_outage_is_logged_as_one_line_and_a_fault_not_at_all(caplog):
+    logger = logging.getLogger("cipherpool.gateway")
+    with caplog.at_level(logging.WARNING, logger="cipherpool.gateway"):
+        typed = logged_outage(redis.ConnectionError("Error 111 connecting"), "GET", "/v1/models", logger)
+        assert logged_outage(ValueError("a bug"), "GET", "/v1/models", logger) is None
+    assert isinstance(typed, BrokerUnavailable)
+    (record,) = caplog.records
+    assert record.getMessage() == "GET /v1/models: broker_unavailable (ConnectionError: Error 111 connecting)"
+    assert record.exc_info is None
 
 
 def test_outages_carry_retry_after_and_faults_do_not():
@@ -220,12 +232,16 @@ def test_a_schema_at_head_is_trusted_for_the_cache_time_and_a_behind_one_never(t
     monkeypatch.setattr(readiness, "current_revision", counted)
     upgrade_db(url, "0001_baseline")
 
+    async def probe() -> bool:
+        clock.now += READY_CACHE_S  # past the whole answer's cache: each probe checks again
+        return (await ready.check())["schema"].ok
+
     async def probes() -> list[bool]:
-        oks = [(await ready.check())["schema"].ok for _ in range(2)]  # behind: read at each probe
+        oks = [await probe() for _ in range(2)]  # behind: read at each probe
         upgrade_db(url)
-        oks += [(await ready.check())["schema"].ok for _ in range(3)]  # at head: read once
+        oks += [await probe() for _ in range(3)]  # at head: read once
         clock.now += 31
-        oks.append((await ready.check())["schema"].ok)  # the cache expired: read again
+        oks.append(await probe())  # the cache expired: read again
         return oks
 
     assert asyncio.run(probes()) == [False, False, True, True, True, True]
@@ -233,7 +249,8 @@ def test_a_schema_at_head_is_trusted_for_the_cache_time_and_a_behind_one_never(t
 
 
 def test_a_dependency_that_hangs_costs_one_thread_and_a_bounded_wait(tmp_path):
-    ready, _ = readiness_for(tmp_path, Clock(), ready_timeout_s=0.2)
+    clock = Clock()
+    ready, _ = readiness_for(tmp_path, clock, ready_timeout_s=0.2)
     release = threading.Event()
     calls: list[int] = []
 
@@ -244,17 +261,52 @@ def test_a_dependency_that_hangs_costs_one_thread_and_a_bounded_wait(tmp_path):
 
     ready._ping_store = hung_store  # type: ignore[method-assign]
 
+    async def probe() -> str:
+        clock.now += READY_CACHE_S  # past the whole answer's cache: each probe checks again
+        return (await ready.check())["store"].detail
+
     async def probes() -> list[str]:
-        details = [(await ready.check())["store"].detail for _ in range(3)]
+        details = [await probe() for _ in range(3)]
         release.set()
-        await asyncio.sleep(0.05)
-        details.append((await ready.check())["store"].detail)
+        await ready._running["store"]  # the one call the three probes shared, now answered
+        details.append(await probe())
         return details
 
     details = asyncio.run(asyncio.wait_for(probes(), 10))
     assert details[:3] == ["no answer within 0.2 s"] * 3
     assert details[3] == "ok"
     assert len(calls) == 2  # the three probes shared the first call; the fourth made its own
+
+
+def test_a_flood_of_probes_costs_one_round_of_checks_per_cache_time(tmp_path, monkeypatch):
+    clock = Clock()
+    ready, url = readiness_for(tmp_path, clock, ready_schema_cache_s=0)
+    upgrade_db(url)
+    calls: dict[str, int] = {}
+
+    def counted(name: str, answer: Any) -> Any:
+        def check(*args: Any) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            return answer(*args)
+        return check
+
+    ready._database = counted("database", ready._database)  # type: ignore[method-assign]
+    ready._broker = counted("broker", lambda: "ok")  # type: ignore[method-assign]
+    ready._ping_store = counted("store", lambda: "ok")  # type: ignore[method-assign]
+    monkeypatch.setattr(readiness, "current_revision", counted("schema", readiness.current_revision))
+
+    async def flood() -> list[dict[str, Any]]:
+        at_once = await asyncio.gather(*(ready.check() for _ in range(25)))  # while the first round runs
+        one_by_one = [await ready.check() for _ in range(25)]  # within READY_CACHE_S of its answer
+        return [*at_once, *one_by_one]
+
+    answers = asyncio.run(flood())
+    assert len(answers) == 50 and all(a == answers[0] and all(c.ok for c in a.values()) for a in answers)
+    assert calls == {"database": 1, "schema": 1, "broker": 1, "store": 1}
+
+    clock.now += READY_CACHE_S  # the answer is old: the next probe checks again, once
+    asyncio.run(flood())
+    assert calls == {"database": 2, "schema": 2, "broker": 2, "store": 2}
 
 
 def test_the_result_waiter_starts_and_stops_with_redis_down():

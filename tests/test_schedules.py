@@ -33,7 +33,7 @@ from cipherpool.scheduler.windows import Window
 from cipherpool.services import accounts, models, nodes
 from cipherpool.services import workers as worker_service
 from cipherpool.statuses import EventKind, StopReason
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 
 def z(text: str) -> datetime:

@@ -7,7 +7,8 @@ import pytest
 from sqlmodel import select
 
 from cipherpool import errors
-from cipherpool.db.tables import AccessToken, Account, ModelStatus, PoolNode, Worker, WorkerStatus, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import AccessToken, Account, ModelStatus, PoolNode, Worker, WorkerStatus
 from cipherpool.statuses import StopReason
 from cipherpool.fhe.deployment import Versions
 from cipherpool.services import accounts, models, nodes, queries, tokens, workers
@@ -349,7 +350,7 @@ def test_a_circuit_compiled_for_the_gpu_runs_only_where_concrete_has_its_gpu_bui
     with pytest.raises(errors.NoFreeNode, match="none of the 1 online gpu node.* GPU build"):
         workers.start_worker(session, account, "g", heartbeat_s=10)
     nodes.register_node(session, "built", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=2, gpus=1,
-                                                         gpu_build=True))
+                                                         capabilities=("cpu", "gpu")))
     assert workers.start_worker(session, account, "g", heartbeat_s=10).node_name == "built"
     listed = {n.name: n for n in nodes.list_nodes(session, heartbeat_s=10)}
     assert (listed["built"].gpu_build, listed["plain"].gpu_build) == (True, False)
@@ -388,5 +389,5 @@ def test_shared_nodes_count_for_a_gpu_version_only_with_the_gpu_build(session, a
                                                                 shared=True))
     assert queries.serving_models(session, [model.id]) == (set(), set())
     nodes.register_node(session, "shared-built", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=2,
-                                                                shared=True, gpu_build=True))
+                                                                shared=True, capabilities=("cpu", "gpu")))
     assert queries.serving_models(session, [model.id]) == (set(), {model.id})

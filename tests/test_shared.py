@@ -14,7 +14,7 @@ from cipherpool.services import accounts, models, nodes
 from cipherpool.services.queries import ModelGrant, Route, route
 from cipherpool.statuses import ModelStatus
 from cipherpool.store import BlobKind
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 from cipherpool.workers.shared import SharedModels
 from tests.test_query_service import MemoryStore
 from tests.test_services import ARTIFACT

@@ -2,7 +2,7 @@
 
 * :mod:`cipherpool.alerts.rules`: setting, listing and removing rules, and their events (a
   service: it takes a session, the caller owns the transaction);
-* :mod:`cipherpool.alerts.evaluate`: beat's job, which fires and clears them;
+* :mod:`cipherpool.scheduler.alerts`: beat's job, which fires and clears them;
 * :mod:`cipherpool.alerts.webhook`: the signed, retried webhook call of each event;
 * :mod:`cipherpool.alerts.signature`: signing and verifying a call, with the standard library
   only, so that a receiver can import it without the platform's server side;

@@ -24,7 +24,8 @@ from sqlmodel import Session, col, func, select
 
 from cipherpool.alerts.destination import check_url
 from cipherpool.api.schemas import ALERT_MAX_WINDOW_S, ALERT_MIN_WINDOW_S, AlertEventOut, AlertOut
-from cipherpool.db.tables import Account, AlertEvent, AlertRule, Model, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, AlertEvent, AlertRule, Model
 from cipherpool.errors import AlertNotFound, Conflict, InvalidInput, TooManyAlerts
 from cipherpool.services.models import get_model
 from cipherpool.statuses import AlertMetric

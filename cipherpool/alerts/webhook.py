@@ -1,6 +1,6 @@
 """Calling an alert event's webhook: a signed JSON POST, retried with backoff, recorded.
 
-Runs in a control worker (task ``WEBHOOK_TASK``, queued by :mod:`cipherpool.alerts.evaluate`
+Runs in a control worker (task ``WEBHOOK_TASK``, queued by :mod:`cipherpool.scheduler.alerts`
 after the event is committed), never on a query's path. The task carries the event's id
 only: the URL and the secret are read from the rule at each attempt, so neither travels
 through the broker nor shows in Flower.
@@ -38,10 +38,11 @@ from cipherpool.alerts.rules import iso
 from cipherpool.alerts.signature import EVENT_HEADER, SIGNATURE_HEADER, sign
 from cipherpool.api.schemas import AlertWebhookBody
 from cipherpool.config.settings import Settings
-from cipherpool.db.tables import AlertEvent, AlertRule, Model, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import AlertEvent, AlertRule, Model
 from cipherpool.names import CONTROL_QUEUE, WEBHOOK_TASK
 from cipherpool.statuses import AlertEventKind, AlertMetric, WebhookDelivery
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.alerts")
 
@@ -210,6 +211,6 @@ def queue_call(app: Celery, event_id: int) -> bool:
 
 
 def user_agent() -> str:
-    from cipherpool import __version__
+    from cipherpool.version import __version__
 
     return f"cipherpool-webhook/{__version__}"

@@ -13,6 +13,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from cipherpool import backends
 from cipherpool.statuses import (
     AccountStatus, AlertEventKind, AlertMetric, AlertState, LedgerKind, ModelStatus, TokenStatus, WebhookDelivery,
     WorkerStatus,
@@ -21,6 +22,7 @@ from cipherpool.statuses import ScheduleActionStatus, ScheduleKind
 from cipherpool.statuses import Component, ComponentState
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+HOST_CLASS_PATTERN = backends.host_class_pattern()  # a model's hardware: the host classes of the backends
 ID_PATTERN = r"^[0-9a-f]{16}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s]{1,190}$"
@@ -121,7 +123,7 @@ class ModelSettings(Wire):
     it may run on shared pool nodes."""
 
     description: str | None = Field(None, max_length=2000)
-    hardware: str | None = Field(None, pattern=r"^(cpu|gpu)$")
+    hardware: str | None = Field(None, pattern=HOST_CLASS_PATTERN)
     min_workers: int | None = Field(None, ge=0, le=MAX_WORKERS)
     max_workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
     shared: bool | None = None
@@ -132,7 +134,7 @@ class DeployIn(Wire):
     name: str = Field(pattern=NAME_PATTERN)
     client_upload: str = Field(pattern=SHA256_PATTERN)
     server_upload: str = Field(pattern=SHA256_PATTERN)
-    hardware: str = Field("cpu", pattern=r"^(cpu|gpu)$")
+    hardware: str = Field(backends.DEFAULT_HOST_CLASS, pattern=HOST_CLASS_PATTERN)
     description: str = Field("", max_length=2000)
     min_workers: int = Field(0, ge=0, le=MAX_WORKERS)
     max_workers: int = Field(1, ge=1, le=MAX_WORKERS)
@@ -165,7 +167,7 @@ class VersionOut(Wire):
     python: str
     input_shape: list[int] | None
     input_dtype: str | None
-    backend: str = "cpu"  # compiled for the cpu, or the gpu (device="cuda")
+    backend: str = backends.DEFAULT_BACKEND  # the backend its circuit was compiled for (cipherpool.backends)
     note: str
     created_at: str
 
@@ -310,7 +312,8 @@ class NodeOut(Wire):
     threads: int | None
     capacity: NodeResources
     allocatable: NodeResources
-    gpu_build: bool = False  # concrete's GPU build runs here: models compiled for the GPU may
+    capabilities: list[str] = []  # the backends it can run (its probes passed when it registered)
+    gpu_build: bool = False  # "gpu" among its capabilities (concrete's GPU build runs here), as 0.7 said it
     model: str | None = None
     worker_id: str | None = None
     worker_status: str | None = None
@@ -804,7 +807,7 @@ class ComponentHealth(Wire):
 
 
 class PlatformEventOut(Wire):
-    """A component's state changed, as the first gateway watchdog to see it recorded it."""
+    """A component's state changed, as the watchdog of the gateway holding the lease recorded it."""
 
     id: int
     at: datetime

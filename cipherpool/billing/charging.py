@@ -50,13 +50,15 @@ from sqlalchemy import ColumnElement, update
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col, select
 
+from cipherpool import backends
 from cipherpool.billing import ledger
 from cipherpool.billing.money import MS_PER_HOUR, MS_PER_S, show
 from cipherpool.billing.rates import prices_at, segments, sync_settings
 from cipherpool.config.settings import Settings
-from cipherpool.db.tables import LedgerEntry, Model, PoolNode, Worker, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import LedgerEntry, Model, PoolNode, Worker
 from cipherpool.names import SHARED_BUCKET_PREFIX, SHARED_PENDING_KEY
-from cipherpool.services.tokens import aware
+from cipherpool.clock import aware
 from cipherpool.statuses import HOLDING_NODE, LedgerKind, WorkerStatus
 
 log = logging.getLogger("cipherpool.billing")
@@ -156,7 +158,7 @@ def priced_as(session: Session, worker: Worker) -> tuple[str, str | None]:
     if node is not None:
         return node.host_class, node.profile
     model = session.get(Model, worker.model_id)
-    return (model.hardware if model else "cpu"), None
+    return (model.hardware if model else backends.DEFAULT_HOST_CLASS), None
 
 
 def price(session: Session, host_class: str, profile: str | None, kind: LedgerKind, start: datetime,
@@ -315,7 +317,8 @@ def charge_execution(session: Session, charge: ExecutionCharge, settings: Settin
     """One account's shared computation for one model in one minute, at that minute's price."""
     model = session.get(Model, charge.model_id)
     start = EPOCH + timedelta(seconds=charge.minute * BUCKET_S)
-    prices = prices_at(session, model.hardware if model else "cpu", charge.profile or None, start, settings)
+    prices = prices_at(session, model.hardware if model else backends.DEFAULT_HOST_CLASS, charge.profile or None, start,
+                       settings)
     amount = charge.ms * prices.execution_per_s // MS_PER_S
     return ledger.append(
         session, charge.account_id, LedgerKind.EXECUTION, -amount,

@@ -12,7 +12,8 @@ from sqlmodel import Session
 from cipherpool.billing.money import MS_PER_HOUR, show
 from cipherpool.billing.rates import prices_at
 from cipherpool.config.settings import Settings
-from cipherpool.db.tables import Account, Model, PoolNode, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, Model, PoolNode
 from cipherpool.errors import InsufficientCredits
 
 def start_cost(session: Session, nodes: list[PoolNode], minutes: float, standby: bool,

@@ -16,7 +16,8 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from cipherpool.db.tables import Account, LedgerEntry, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, LedgerEntry
 from cipherpool.errors import AccountNotFound
 from cipherpool.statuses import LedgerKind
 

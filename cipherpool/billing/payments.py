@@ -31,7 +31,8 @@ from sqlmodel import Session, select
 from cipherpool.billing import ledger
 from cipherpool.billing.money import show, to_micro
 from cipherpool.config.settings import Settings
-from cipherpool.db.tables import Invoice, LedgerEntry, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Invoice, LedgerEntry
 from cipherpool.errors import ConfigurationError, InvalidInput, NotFound
 from cipherpool.statuses import LedgerKind
 

@@ -20,8 +20,9 @@ from sqlmodel import Session, col, select
 from cipherpool.billing.money import to_micro
 from cipherpool.config.profiles import NodeProfile
 from cipherpool.config.settings import Settings, get_settings
-from cipherpool.db.tables import Rate, utcnow
-from cipherpool.services.tokens import aware
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Rate
+from cipherpool.clock import aware
 
 PROFILE_SCOPE = "profile:"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -22,11 +22,12 @@ from sqlmodel import Session, col, select
 from cipherpool.billing import ledger
 from cipherpool.billing.money import MS_PER_HOUR, MS_PER_S
 from cipherpool.billing.rates import prices_at
-from cipherpool.db.tables import LedgerEntry, Model, PoolNode, Worker, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import LedgerEntry, Model, PoolNode, Worker
 from cipherpool.errors import InvalidInput
-from cipherpool.services.tokens import aware
+from cipherpool.clock import aware
 from cipherpool.statuses import CHARGES, HOLDING_NODE, LedgerKind, WorkerStatus
-from cipherpool.workers.querycount import SHARED, counts
+from cipherpool.billing.querycounts import SHARED, counts
 
 PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 MAX_DAYS = 400  # query counts are read per day: a window longer than this is refused

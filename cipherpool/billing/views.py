@@ -12,7 +12,7 @@ from cipherpool.api.schemas import CreditBalance, LedgerLine, ReportOut, UsageOu
 from cipherpool.billing.money import MS_PER_S, to_credits, to_micro
 from cipherpool.billing.usage import Report, Usage
 from cipherpool.db.tables import LedgerEntry, Model
-from cipherpool.services.tokens import aware
+from cipherpool.clock import aware
 from cipherpool.statuses import LedgerKind
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from cipherpool import backends
 from cipherpool.api.schemas import EventOut, ModelDetail
 from cipherpool.cli.autoscale import autoscale
 from cipherpool.cli.context import CliContext, pass_ctx
@@ -41,7 +42,8 @@ model.add_command(autoscale)  # `cipherpool model autoscale NAME`: cipherpool/cl
 @model.command("deploy")
 @click.argument("name")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--hardware", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--hardware", type=click.Choice(backends.host_classes()), default=backends.DEFAULT_HOST_CLASS,
+              show_default=True)
 @click.option("--description", default="", help="What the model does, for its users.")
 @click.option("--min-workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Workers the model should keep.")
@@ -90,7 +92,7 @@ def show(ctx: CliContext, name: str) -> None:
 @model.command("update")
 @click.argument("name")
 @click.option("--description", help="What the model does.")
-@click.option("--hardware", type=click.Choice(["cpu", "gpu"]))
+@click.option("--hardware", type=click.Choice(backends.host_classes()))
 @click.option("--min-workers", type=click.IntRange(min=0))
 @click.option("--max-workers", type=click.IntRange(min=1))
 @click.option("--shared/--no-shared", default=None, help="May it run on shared pool nodes.")

@@ -84,7 +84,7 @@ def profiles(ctx: CliContext, profiles_file: Path | None) -> None:
 def _row(profile: NodeProfile) -> dict[str, object]:
     return {
         "name": profile.name,
-        "host_class": profile.host_class.value,
+        "host_class": profile.host_class,
         "concurrency": profile.concurrency,
         "threads": profile.threads,
         "key_cache_bytes": profile.key_cache_bytes,

@@ -26,7 +26,7 @@ from cipherpool.monitoring.components import DEFAULT_EVENTS, read_status
 from cipherpool.monitoring.platform_events import EVENTS_KEPT
 from cipherpool.stack.redis_server import CONFIG_FILE, PASSWORD_FILE
 from cipherpool.statuses import ComponentState
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 REDIS_DIR = "redis"  # where `up` keeps its Redis's config and password, under the data directory
 COMPONENT_COLUMNS = ["component", "state", "detail"]

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from urllib.parse import quote
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from cipherpool.api.schemas import (
     AccountOut, AccountUpdate, ApiKeyRotated, AssignIn, CreditBalance, DeployIn, EventOut, LedgerLine, ModelDetail,
@@ -19,13 +19,13 @@ from cipherpool.api.schemas import ModelStats
 from cipherpool.api.schemas import ScheduleIn, ScheduleOut
 from cipherpool.api.schemas import AlertEventOut, AlertIn, AlertOut, AlertSet
 from cipherpool.api.schemas import AutoscaleIn, AutoscaleOut
-from cipherpool.client.traffic import TrafficLog
-from cipherpool.client.transport import Transport, client_settings
+from cipherpool.client.transport import client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.errors import InvalidInput, WorkerStartFailed
 from cipherpool.fhe.deployment import load_deployment
 from cipherpool.statuses import AlertMetric, LedgerKind, WorkerStatus
 from cipherpool.waiting import WaitTimeout, wait_until
+from cipherpool.client.base import GatewayClient
 
 POLL_S = 0.25
 FOLLOW_POLL_S = 1.0
@@ -60,7 +60,7 @@ def _as_utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
 
 
-class ManagementClient:
+class ManagementClient(GatewayClient):
     """A provider's handle on the platform: ``ManagementClient(api_key, url=...)``.
 
     The URL is ``url=``, else ``CIPHERPOOL_URL``, else the local stack's (what `cipherpool up`
@@ -68,9 +68,9 @@ class ManagementClient:
 
     def __init__(self, api_key: str | None = None, url: str | None = None, *, settings: Settings | None = None):
         settings = client_settings(url, settings)
-        self._t = Transport(settings, api_key or settings.api_key, "No API key: pass api_key= or set CIPHERPOOL_API_KEY.")
+        super().__init__(api_key or settings.api_key, url, settings,
+                         "No API key: pass api_key= or set CIPHERPOOL_API_KEY.")
         self.api_key = self._t.credential
-        self.settings = settings
 
     # account
     def account(self) -> AccountOut:
@@ -92,13 +92,15 @@ class ManagementClient:
         return rotated.api_key
 
     # models
-    def deploy_model(self, name: str, path: str | Path, hardware: str = "cpu", *, description: str = "",
+    def deploy_model(self, name: str, path: str | Path, hardware: str | None = None, *, description: str = "",
                      min_workers: int = 0, max_workers: int = 1, shared: bool = False,
                      node_selector: dict[str, str] | None = None) -> ModelDetail:
         """Upload a ``FHEModelDev(...).save()`` directory and register it as version 1 (not yet
-        active). ``node_selector``: labels a pool node must carry to serve it."""
+        active). ``hardware``: its host class (None: the platform's default, the CPU).
+        ``node_selector``: labels a pool node must carry to serve it."""
         client, server = self._upload(path)
-        body = DeployIn(name=name, client_upload=client, server_upload=server, hardware=hardware,
+        body = DeployIn(name=name, client_upload=client, server_upload=server,
+                        hardware=hardware or DeployIn.model_fields["hardware"].default,
                         description=description, min_workers=min_workers, max_workers=max_workers, shared=shared,
                         node_selector=node_selector or {})
         return self._t.call("POST", "/v1/models", ModelDetail, json=body.model_dump())
@@ -467,20 +469,6 @@ class ManagementClient:
     @staticmethod
     def _schedule_path(schedule_id: str) -> str:
         return f"/v1/schedules/{quote(schedule_id, safe='')}"
-
-    def observe(self, log: TrafficLog) -> None:
-        """Record this client's requests in ``log`` from now on (sizes, and that no body held
-        what the log guards)."""
-        self._t.observe(log.hooks())
-
-    def close(self) -> None:
-        self._t.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _upload(self, path: str | Path) -> tuple[str, str]:
         """Stage a deployment directory's client.zip and server.zip; their upload ids."""

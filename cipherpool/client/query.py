@@ -12,25 +12,31 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from cipherpool.api.schemas import ClientModelOut, KeyOut, QueryAccepted, WarmupOut
-from cipherpool.client.traffic import TrafficLog
-from cipherpool.client.transport import Transport, client_settings
+from cipherpool.client.transport import client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.credentials import digest
-from cipherpool.errors import KeyMismatch, KeysOutdated, ModelMismatch, ModelUnavailable, QueryTimeout, RemoteError
+from cipherpool.errors import (
+    GatewayUnavailable, KeyMismatch, KeysOutdated, ModelMismatch, ModelUnavailable, QueryTimeout, RemoteError,
+)
 from cipherpool.fhe.client import ClientCrypto
 from cipherpool.files import private_dir
 from cipherpool.messages import EncryptedInput, EncryptedOutput
+from cipherpool.client.base import GatewayClient
 
 OCTET = {"Content-Type": "application/octet-stream"}
 UPLOAD_TIMEOUT_S = 600.0
 POLL_GRACE_S = 30.0  # HTTP timeout beyond a long poll's own wait
+# After a result's timeout, withdrawing the query and saying why share this long past the
+# caller's deadline (retries and each try's wait included), not gateway_retry_s each.
+AFTER_TIMEOUT_GRACE_S = 2.0
+MIN_TRY_S = 0.5  # a try's wait, at least, even at that deadline (to be sent and answered at all)
 
 
 @dataclass
@@ -62,7 +68,9 @@ class QueryHandle:
         Long-polls the gateway (each request at most its long-poll bound) until the result
         is there or the timeout passes; then the query is withdrawn and the error says
         whether any worker serves the model. A gateway restart meanwhile is ridden out (the
-        polls retry); a gateway still away at the timeout raises GatewayUnavailable."""
+        polls retry); a gateway still away at the timeout raises GatewayUnavailable. Withdrawing
+        and explaining, retries included, end AFTER_TIMEOUT_GRACE_S after the timeout (a last
+        try gets MIN_TRY_S at least), not gateway_retry_s after each."""
         if self._output is not None:
             return self._output
         deadline = time.monotonic() + (timeout or self.client.settings.query_timeout_s)
@@ -70,8 +78,9 @@ class QueryHandle:
             response = self.client._poll(self.id, remaining)
             if response.status_code == 200:
                 return self._take(response)
-        self.client._withdraw(self.id)
-        self.client._explain_timeout()
+        until = deadline + AFTER_TIMEOUT_GRACE_S
+        self.client._withdraw(self.id, until)
+        self.client._explain_timeout(until)
         raise QueryTimeout(f"No answer within {timeout or self.client.settings.query_timeout_s:g}s; the query was withdrawn.")
 
     def _take(self, response: httpx.Response) -> bytes:
@@ -87,7 +96,7 @@ class QueryHandle:
         return self._output
 
 
-class QueryClient:
+class QueryClient(GatewayClient):
     """An end user's handle: ``QueryClient(token, url=..., model=...)``; the URL as for
     ManagementClient. ``model`` names the model when the token queries several.
 
@@ -103,12 +112,12 @@ class QueryClient:
     def __init__(self, token: str | None = None, url: str | None = None, *, model: str | None = None,
                  key_dir: str | Path | None = None, settings: Settings | None = None, wait_for_worker: bool = False,
                  mode: str = "auto"):
-        self.settings = client_settings(url, settings)
+        settings = client_settings(url, settings)
+        super().__init__(token or settings.token, url, settings, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
         self.model_name = model
         self.wait_for_worker = wait_for_worker
         self.mode = mode  # auto | dedicated | shared: where queries run (auto: dedicated when a worker is up)
         self._params = {"model": model} if model else {}
-        self._t = Transport(self.settings, token or self.settings.token, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
         self._token = self._t.credential
         self.key_dir = Path(key_dir) if key_dir else self.settings.data_dir / "client" / digest(self.token)[:16]
         self._model: ClientModelOut | None = None
@@ -260,8 +269,8 @@ class QueryClient:
                 f"({self.crypto.key_id()[:12]}…): encrypt with this client's keys (and decrypt with the same)."
             )
 
-    def _describe(self) -> ClientModelOut:
-        return self._t.call("GET", "/v1/client/model", ClientModelOut, params=self._params)
+    def _describe(self, until: float | None = None) -> ClientModelOut:
+        return self._t.call("GET", "/v1/client/model", ClientModelOut, params=self._params, **_bounded(until))
 
     def _poll(self, query_id: str, remaining: float) -> httpx.Response:
         """One long poll of at most ``remaining`` seconds (0: a status check). The query is safe
@@ -275,31 +284,34 @@ class QueryClient:
         deadline = time.monotonic() + remaining if remaining > 0 else None
         return self._t.request("GET", f"/v1/queries/{query_id}", retry_until=deadline, refresh=one_try)
 
-    def _withdraw(self, query_id: str) -> None:
-        self._t.request("DELETE", f"/v1/queries/{query_id}")
+    def _withdraw(self, query_id: str, until: float | None = None) -> None:
+        """Withdraw a query; with ``until`` (a ``time.monotonic()`` deadline), retried and
+        waited for no longer than that."""
+        self._t.request("DELETE", f"/v1/queries/{query_id}", **_bounded(until))
 
-    def _explain_timeout(self) -> None:
-        """After a timeout (only then: it costs a round trip), say if no worker serves the model."""
-        described = self._describe()
+    def _explain_timeout(self, until: float | None = None) -> None:
+        """After a timeout (only then: it costs a round trip), say if no worker serves the model;
+        with ``until``, asked no longer than that. A best effort: the timeout stays the error
+        when the gateway does not answer by then (the query was withdrawn)."""
+        try:
+            described = self._describe(until)
+        except GatewayUnavailable:
+            if until is None:
+                raise
+            return
         if not described.running_workers:
             raise ModelUnavailable(
                 f"No worker serves model {described.name!r}: ask its provider to start one "
                 "(`cipherpool worker start`). The query was withdrawn."
             )
 
-    def observe(self, log: TrafficLog) -> None:
-        """Record this client's requests in ``log`` from now on (sizes, and that no body held
-        what the log guards)."""
-        self._t.observe(log.hooks())
 
-    def close(self) -> None:
-        self._t.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+def _bounded(until: float | None) -> dict[str, Any]:
+    """A request's kwargs that end its retries, and each try's wait, at ``until`` (a
+    ``time.monotonic()`` deadline); none when None (the transport's own bounds)."""
+    if until is None:
+        return {}
+    return {"retry_until": until, "refresh": lambda left: {"timeout": max(MIN_TRY_S, left)}}
 
 
 def digest_bytes(data: bytes) -> str:

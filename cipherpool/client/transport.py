@@ -30,8 +30,6 @@ more likely a wrong URL or a stack not up than a restart, and that error should 
 from __future__ import annotations
 
 import logging
-import random
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -43,6 +41,7 @@ from cipherpool.config.settings import Settings, get_settings
 from cipherpool.errors import (
     ConfigurationError, GatewayUnavailable, NotFound, RateLimited, RemoteError, from_wire,
 )
+from cipherpool.waiting import Backoff, StateLog
 
 T = TypeVar("T")
 RATE_LIMIT_RETRIES = 3
@@ -51,6 +50,7 @@ CONNECT_TIMEOUT_S = 5.0
 MIN_CONNECT_TIMEOUT_S = 0.1  # the last try before a deadline still gets to connect
 RETRY_FIRST_S = 0.1  # backoff: the first pause, doubled per try up to RETRY_MAX_S, times a jitter
 RETRY_MAX_S = 2.0  # of 0.5-1 (clients that lost the same gateway do not all come back at once)
+RETRY_JITTER = 0.5  # each pause times 0.5-1 (cipherpool.waiting.Backoff)
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # Failures before any byte of the request left: safe to retry whatever the method.
 UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -76,7 +76,7 @@ class Transport:
     def __init__(self, settings: Settings, credential: str | None, what: str):
         if not credential:
             raise ConfigurationError(what)
-        from cipherpool import __version__
+        from cipherpool.version import __version__
 
         self.credential = credential
         self.settings = settings
@@ -86,8 +86,8 @@ class Transport:
             headers={"Authorization": f"Bearer {credential}", "User-Agent": f"cipherpool/{__version__}"},
             timeout=httpx.Timeout(settings.management_timeout_s, connect=CONNECT_TIMEOUT_S),
         )
-        self._lock = threading.Lock()
-        self._away_since: float | None = None  # when the gateway stopped answering (None: it answers)
+        # An outage is logged once, when the first try of any call fails, and its end once.
+        self._outage = StateLog(log, recovered_level=logging.INFO)
         self._heard = False  # the gateway has answered this client once: a failure now is an outage
 
     def set_credential(self, credential: str) -> None:
@@ -118,6 +118,7 @@ class Transport:
         if not self._heard:
             deadline = start  # see the module's doc: no retry before the first answer
         tries = rate_limited = 0
+        pauses = Backoff(RETRY_FIRST_S, RETRY_MAX_S, jitter=RETRY_JITTER)
         reached = False  # an earlier try may have reached the gateway (and done what was asked)
         while True:
             tries += 1
@@ -165,24 +166,18 @@ class Transport:
                     f"{tries} tries in {time.monotonic() - start:.1f}s."
                 )
             self._away(failure, method, path, left)
-            time.sleep(min(left, max(pause, backoff(tries - rate_limited))))
+            time.sleep(min(left, max(pause, pauses.next())))
 
     def _away(self, failure: str, method: str, path: str, left: float) -> None:
         """Log the start of an outage, once: every try of every call until the gateway answers is
         part of it."""
-        with self._lock:
-            if self._away_since is not None:
-                return
-            self._away_since = time.monotonic()
-        log.warning("The gateway at %s is unreachable (%s); retrying %s %s for up to %.0fs.",
-                    self.url, failure, method, path, left)
+        self._outage.down("The gateway at %s is unreachable (%s); retrying %s %s for up to %.0fs.",
+                          self.url, failure, method, path, left)
 
     def _back(self) -> None:
         """Log the end of an outage (any answer of the gateway's ends it), once."""
-        with self._lock:
-            since, self._away_since, self._heard = self._away_since, None, True
-        if since is not None:
-            log.info("The gateway at %s answers again, after %.1fs.", self.url, time.monotonic() - since)
+        self._heard = True
+        self._outage.up("The gateway at %s answers again, after %.1fs.", self.url, lasted=True)
 
     def call(self, method: str, path: str, shape: type[T], **kwargs: Any) -> T:
         """A JSON request whose answer is validated against ``shape`` (a model of
@@ -195,11 +190,6 @@ class Transport:
 
     def close(self) -> None:
         self._http.close()
-
-
-def backoff(retry: int) -> float:
-    """The pause before retry number ``retry`` (1, 2, ...): exponential, with jitter."""
-    return min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** (max(retry, 1) - 1)) * random.uniform(0.5, 1.0)
 
 
 def _replayable(kwargs: dict[str, Any]) -> bool:

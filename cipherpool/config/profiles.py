@@ -1,13 +1,13 @@
 """Node profiles: what each pool node is, described once in a TOML file.
 
-A pool node's speed depends on a choice only the operator can make (DESIGN.md §5): concrete
+A pool node's speed depends on a choice only the operator can make (docs/architecture.md, 'Threads per execution'): concrete
 runs a circuit with OpenMP over every core, so a node that runs ``concurrency`` executions
 at once must give each ``cores ÷ concurrency`` threads. More executions raise throughput a
 little and latency a lot. A profile names one such choice, with the node's host class
 (cpu/gpu), its key-cache bound and labels that models select nodes by::
 
     [profiles.cpu-small]
-    host_class = "cpu"        # cpu | gpu
+    host_class = "cpu"        # a host class of cipherpool.backends: cpu | gpu
     concurrency = 1           # parallel executions per node
     threads = 2               # threads per execution; omitted: cores // concurrency (>= 1)
     key_cache = "4GiB"        # bytes, or a size with B/KB/MB/GB/TB/KiB/MiB/GiB/TiB
@@ -36,10 +36,10 @@ from typing import Annotated, Any
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from cipherpool import backends
 from cipherpool.config.settings import GIB, Settings
 from cipherpool.errors import ConfigurationError
 from cipherpool.names import POOL_QUEUE
-from cipherpool.statuses import HostClass
 
 DEFAULT_PROFILE = "default"  # the profile a node without CIPHERPOOL_NODE_PROFILE builds from settings
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # a profile's name: also part of a node's name
@@ -49,9 +49,9 @@ SIZE_UNITS = {  # case-insensitive; KB/MB/... are powers of 1000, KiB/MiB/... of
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
-EXAMPLE = """\
-[profiles.cpu-small]
-host_class = "cpu"
+EXAMPLE = f"""\
+[profiles.{backends.DEFAULT_HOST_CLASS}-small]
+host_class = "{backends.DEFAULT_HOST_CLASS}"
 concurrency = 1
 key_cache = "4GiB"
 """
@@ -96,7 +96,7 @@ class NodeProfile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
-    host_class: HostClass = HostClass.CPU
+    host_class: str = backends.DEFAULT_HOST_CLASS  # one of backends.host_classes()
     concurrency: int = Field(1, ge=1, le=64)
     threads: int | None = Field(None, ge=1, le=1024)
     key_cache_bytes: Size = Field(4 * GIB, validation_alias=AliasChoices("key_cache", "key_cache_bytes"))
@@ -108,6 +108,11 @@ class NodeProfile(BaseModel):
     rate: Decimal | None = Field(None, ge=0)
     standby_rate: Decimal | None = Field(None, ge=0)
     execution_rate: Decimal | None = Field(None, ge=0)
+
+    @field_validator("host_class")
+    @classmethod
+    def _known_class(cls, host_class: str) -> str:
+        return backends.host_class(host_class)
 
     @field_validator("labels")
     @classmethod
@@ -187,11 +192,10 @@ def resolve_profile(settings: Settings) -> NodeProfile:
                 f"No profile {settings.node_profile!r} in {path}; known: {', '.join(sorted(profiles))}"
             )
         return profiles[settings.node_profile]
-    try:
-        host_class = HostClass(settings.host_class.strip().lower())
-    except ValueError:
-        known = ", ".join(h.value for h in HostClass)
-        raise ConfigurationError(f"CIPHERPOOL_HOST_CLASS={settings.host_class!r} is not a host class; use {known}") from None
+    host_class = settings.host_class.strip().lower()
+    if host_class not in backends.host_classes():
+        known = ", ".join(backends.host_classes())
+        raise ConfigurationError(f"CIPHERPOOL_HOST_CLASS={settings.host_class!r} is not a host class; use {known}")
     try:
         return NodeProfile(name=DEFAULT_PROFILE, host_class=host_class, threads=settings.node_threads,
                            key_cache_bytes=settings.key_cache_bytes)

@@ -16,6 +16,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cipherpool import backends
+
 GIB = 1024**3
 MIB = 1024**2
 KIB = 1024
@@ -71,12 +73,12 @@ class Settings(BaseSettings):
     # never silently dropped (writes are refused with StoreFull instead).
     redis_maxmemory_bytes: int = 4 * GIB
 
-    # Pool node profile (DESIGN.md §5: threads = cores / parallel executions). A node started
+    # Pool node profile (docs/architecture.md, 'Threads per execution': threads = cores / parallel executions). A node started
     # with a profile (``node_profile``, read from ``profiles_file``) takes its class, threads,
     # concurrency, key cache, labels and sharing from it; without one, from the fields below.
     node_profile: str | None = None
     profiles_file: Path | None = Field(None, description="None: <data_dir>/profiles.toml")
-    host_class: str = "cpu"
+    host_class: str = backends.DEFAULT_HOST_CLASS  # one of backends.host_classes()
     # Extra hooks of a pool node (``module:Class``, comma-separated), besides its statistics:
     # see cipherpool.workers.hooks.
     node_hooks: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -128,12 +130,11 @@ class Settings(BaseSettings):
     # rate, standby_rate, execution_rate). A rate change applies from when beat (or the node
     # registering) sees it, never to time already past.
     billing_interval_s: float = 60.0  # how often beat charges running workers
-    rate_per_hour: dict[str, Decimal] = Field(default_factory=lambda: {"cpu": Decimal("1"), "gpu": Decimal("4")})
-    standby_rate_per_hour: dict[str, Decimal] = Field(
-        default_factory=lambda: {"cpu": Decimal("0.1"), "gpu": Decimal("0.4")})
+    # Defaults: each host class's backend says (cipherpool.backends, Rates).
+    rate_per_hour: dict[str, Decimal] = Field(default_factory=lambda: backends.default_rates("per_hour"))
+    standby_rate_per_hour: dict[str, Decimal] = Field(default_factory=lambda: backends.default_rates("standby_per_hour"))
     # Shared nodes: per second of computation (queue time is free).
-    execution_rate_per_s: dict[str, Decimal] = Field(
-        default_factory=lambda: {"cpu": Decimal("0.001"), "gpu": Decimal("0.004")})
+    execution_rate_per_s: dict[str, Decimal] = Field(default_factory=lambda: backends.default_rates("execution_per_s"))
     credits_signup_grant: Decimal = Decimal("100")  # granted to a new account (0: none)
     credits_low_balance: Decimal = Decimal("10")  # below this, a credits_low event on the models with workers
     credits_min_start_minutes: float = 10.0  # a start needs this long at the workers' rate in the balance
@@ -244,20 +245,41 @@ class Settings(BaseSettings):
         return str(url).rstrip("/")
 
 
+# Query parameters that hold a secret (``?password=``, ``?sslpassword=``, ``?access_token=``):
+# the last word of the name (split at anything but letters and digits) ends with one of these.
+# Masking a harmless one too (``?sslkey=``, a path) costs a log line nothing.
+SECRET_PARAMETERS = frozenset({"password", "passwd", "pass", "pwd", "secret", "token", "key"})
+
+
 def mask_url(url: str) -> str:
-    """A URL fit to print or log: its password replaced by ***."""
+    """A URL fit to print or log: its password, and the value of each query parameter named
+    like a secret (:data:`SECRET_PARAMETERS`), replaced by ***. Kombu's failover form, URLs
+    joined by ``;``, is masked part by part."""
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     from urllib.parse import urlsplit, urlunsplit
 
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+        masked = parts
+        if parts.password is not None:
+            user = parts.username or ""
+            host = parts.netloc.rpartition("@")[2]  # as written: an IPv6 address keeps its brackets
+            masked = masked._replace(netloc=f"{user}:***@{host}")
+        if parts.query:
+            masked = masked._replace(query="&".join(_mask_parameter(p) for p in parts.query.split("&")))
+        return url if masked == parts else urlunsplit(masked)
     except ValueError:
         return "<unprintable URL>"
+
+
+def _mask_parameter(parameter: str) -> str:
+    import re
+    from urllib.parse import unquote_plus
+
+    name, equals, _value = parameter.partition("=")
+    words = re.split(r"[^a-z0-9]+", unquote_plus(name).lower())
+    return f"{name}=***" if equals and words[-1].endswith(tuple(SECRET_PARAMETERS)) else parameter
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

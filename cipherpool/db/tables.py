@@ -8,14 +8,17 @@ queue names and URLs reveal nothing about other tenants.
 
 from __future__ import annotations
 
+import json
 import uuid
-from datetime import datetime, UTC
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, String, TypeDecorator, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
+from cipherpool import backends
+from cipherpool.clock import utcnow
 from cipherpool.statuses import ModelStatus, NodeStatus, WorkerStatus
 
 __all__ = ["ModelStatus", "NodeStatus", "WorkerStatus"]
@@ -37,10 +40,6 @@ class WorkerStatusType(TypeDecorator[WorkerStatus]):
 
 def new_id() -> str:
     return uuid.uuid4().hex[:16]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Account(SQLModel, table=True):
@@ -76,7 +75,7 @@ class Model(SQLModel, table=True):
     name: str
     description: str = ""
     status: ModelStatus = ModelStatus.DEPLOYED
-    hardware: str = "cpu"
+    hardware: str = backends.DEFAULT_HOST_CLASS  # the host class of the nodes that serve it
     min_workers: int = 0
     max_workers: int = 1
     shared: bool = False  # may run on shared pool nodes, loaded on demand, billed per execution
@@ -104,7 +103,7 @@ class ModelVersion(SQLModel, table=True):
     python_version: str
     input_shape: str | None = None  # JSON list, from client.zip's specs
     input_dtype: str | None = None
-    backend: str = "cpu"  # what its circuit was compiled for: cpu, or gpu (device="cuda")
+    backend: str = backends.DEFAULT_BACKEND  # the backend its circuit was compiled for (cipherpool.backends)
     note: str = ""
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -176,7 +175,7 @@ class PoolNode(SQLModel, table=True):
 
     __tablename__ = "pool_nodes"
     name: str = Field(primary_key=True)  # the Celery node name, e.g. node1@host
-    host_class: str = "cpu"
+    host_class: str = backends.DEFAULT_HOST_CLASS
     concurrency: int = 1  # execution slots
     threads: int | None = None
     status: NodeStatus = NodeStatus.ONLINE
@@ -191,7 +190,8 @@ class PoolNode(SQLModel, table=True):
     cores: int = 0  # capacity, as the node saw its host when it registered
     memory_bytes: int = Field(default=0, sa_type=BigInteger)
     gpus: int = 0
-    gpu_build: bool = False  # its concrete has the GPU build and sees a GPU (asked on gpu nodes only)
+    # JSON list of the backends whose probe passed on it when it registered (cipherpool.backends)
+    capabilities: str = json.dumps([backends.DEFAULT_BACKEND])
     key_cache_bytes: int = Field(default=0, sa_type=BigInteger)
 
 

@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cipherpool import backends
 from cipherpool.errors import InvalidDeployment, PayloadTooLarge, VersionMismatch
 
 CLIENT_ZIP = "client.zip"
@@ -43,7 +44,7 @@ class Versions:
         )
 
     def require_compatible(self, what: str) -> None:
-        """Refuse to run a circuit compiled by other concrete versions (DESIGN.md §6)."""
+        """Refuse to run a circuit compiled by other concrete versions (docs/architecture.md, 'Pitfalls designed around')."""
         here = Versions.installed()
         if (self.concrete_ml, self.concrete_python) != (here.concrete_ml, here.concrete_python) or (
             not self.python.startswith(here.python)
@@ -125,13 +126,15 @@ def load_deployment(path: str | Path) -> Deployment:
 
 
 def compiled_backend(server_zip: bytes) -> str:
-    """``"gpu"`` for a circuit compiled with ``device="cuda"``, else ``"cpu"``.
+    """The name of the backend a circuit was compiled for (:mod:`cipherpool.backends`), from
+    the configuration in its server.zip.
 
     concrete-ml saves the server side as MLIR with concrete's configuration, and a node compiles
     it when it loads it, for the backend that configuration names (``use_gpu``). The node must
     honour it rather than choose: a GPU compilation picks its own crypto parameters, so the
     client's keys fit only the backend the provider compiled for. A zip without the
-    configuration (a shared library saved without MLIR) runs where it was built: the CPU."""
+    configuration (a shared library saved without MLIR) runs where it was built: the registry's
+    fallback, the CPU."""
     try:
         with zipfile.ZipFile(io.BytesIO(server_zip)) as zf:
             info = zf.getinfo(CONFIGURATION_JSON)
@@ -139,10 +142,10 @@ def compiled_backend(server_zip: bytes) -> str:
                 raise ValueError(f"{CONFIGURATION_JSON} is {info.file_size} bytes")
             configuration = json.loads(zf.read(info))
     except KeyError:
-        return "cpu"
+        configuration = {}
     except Exception as exc:  # noqa: BLE001 - untrusted input: every failure is the same answer
         raise InvalidDeployment(f"{SERVER_ZIP} has an unreadable {CONFIGURATION_JSON} ({type(exc).__name__}).") from None
-    return "gpu" if isinstance(configuration, dict) and configuration.get("use_gpu") is True else "cpu"
+    return backends.compiled_for(configuration if isinstance(configuration, dict) else {})
 
 
 @dataclass(frozen=True)

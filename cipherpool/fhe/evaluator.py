@@ -10,9 +10,11 @@ its 2.5-3 s and ~650 MB import.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
+from cipherpool import backends
 from cipherpool.errors import BackendUnavailable, InvalidEvaluationKey, MalformedCiphertext, ModelMismatch
 from cipherpool.fhe.deployment import SERVER_ZIP, compiled_backend, read_versions
 from cipherpool.fhe.framing import is_complete_message
@@ -21,7 +23,7 @@ from cipherpool.fhe.process import after_fhe
 
 def preload() -> float:
     """Import concrete now (seconds taken): a pool node does it at start, so that binding a
-    model costs the model's load only (DESIGN.md: the import is 2.5-3 s of a cold start)."""
+    model costs the model's load only (docs/architecture.md, 'Importing concrete once': the import is 2.5-3 s of a cold start)."""
     import time
 
     started = time.monotonic()
@@ -44,19 +46,35 @@ def check_ciphertext_framing(ciphertext: bytes) -> None:
         )
 
 
-class ConcreteEvaluator:
-    """``gpu_build``: whether this process's concrete has its GPU build and sees a GPU. The
-    circuit runs on the backend it was compiled for (:func:`compiled_backend`); one compiled
-    for the GPU is refused here without a GPU build, before concrete fails on it."""
+def load_evaluator(server_zip: bytes, workdir: Path, capabilities: Collection[str]) -> Evaluator:
+    """The evaluator of ``server_zip``, made by the backend it was compiled for
+    (:func:`compiled_backend`). A node whose ``capabilities`` lack that backend refuses it
+    before anything is written or compiled: concrete would otherwise fail on it, or compile it
+    for another target whose crypto parameters the client's keys need not fit."""
+    backend = backends.get(compiled_backend(server_zip))
+    if backend.name not in capabilities:
+        raise BackendUnavailable(
+            f"This model was compiled for {backend.target} and this node {backend.absent or 'cannot run it'}: "
+            f"{backend.remedy or 'run it on a node that can'}, or compile the model for {backends.fallback().target}.")
+    return cast(Evaluator, backends.evaluator_factory(backend.name)(server_zip, workdir))
 
-    def __init__(self, server_zip: bytes, workdir: Path | None = None, *, gpu_build: bool = False):
+
+def evaluator_factory(host_class: str) -> Callable[[bytes, Path], Evaluator]:
+    """How a pool node of ``host_class`` loads a model version: by its backend, where this
+    node's probes say it can run it (a costly probe, such as the GPU's, caches its answer)."""
+
+    def load(server_zip: bytes, workdir: Path) -> Evaluator:
+        return load_evaluator(server_zip, workdir, backends.probe(host_class))
+
+    return load
+
+
+class ConcreteEvaluator:
+    """concrete-ml's server; the circuit is compiled at load for the target its configuration
+    names (reached through :func:`load_evaluator`, which checks this node can run it)."""
+
+    def __init__(self, server_zip: bytes, workdir: Path | None = None):
         read_versions(server_zip, SERVER_ZIP).require_compatible("This model")
-        self.backend = compiled_backend(server_zip)
-        if self.backend == "gpu" and not gpu_build:
-            raise BackendUnavailable(
-                "This model was compiled for the GPU (device=\"cuda\") and this node's concrete has no GPU "
-                "build or sees no GPU: install concrete-python's GPU wheel on its gpu nodes, or compile the "
-                "model for the CPU.")
         from concrete.ml.deployment import FHEModelServer
 
         self._dir = Path(workdir or tempfile.mkdtemp(prefix="cipherpool-model-"))

@@ -1,6 +1,6 @@
 """A per-process LRU of *deserialized* evaluation keys, bounded in bytes.
 
-Deserializing a bootstrapping key costs as much as a query (DESIGN.md §5: reusing one
+Deserializing a bootstrapping key costs as much as a query (docs/architecture.md, 'The key cache': reusing one
 ``fhe.EvaluationKeys`` was 1.3-3x faster), and a used key grows to several times its
 serialized size. So entries are charged ``serialized size x memory_factor`` and the least
 recently used are dropped until the total fits. Counters are kept for stats and tests.

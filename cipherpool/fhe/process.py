@@ -54,6 +54,16 @@ def ignore_sigpipe() -> None:
         _LIBC.signal(signal.SIGPIPE, ctypes.c_void_p(SIG_IGN))
 
 
+def block_sigpipe() -> None:
+    """Block SIGPIPE in the calling thread, and so in every thread it starts from now on.
+
+    A pool node calls it at start, before its execution threads exist: a write to a broken
+    connection during the first FHE run (before :func:`after_fhe` could put SIGPIPE back) then
+    leaves the signal pending instead of delivering it to the runtime's handler, and the write
+    fails with EPIPE as it should."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+
+
 def sigpipe_ignored() -> bool:
     """Whether SIGPIPE is ignored now (read from the kernel: Python's own record of the
     handler does not see what a C library installed)."""

@@ -1,7 +1,7 @@
 """Provider endpoints for performance alerts (bearer API key): set, list, remove, history.
 
 A rule is keyed by its model and metric, so setting is a PUT of the rule's description: the
-same body twice leaves one rule. Beat evaluates the rules (:mod:`cipherpool.alerts.evaluate`);
+same body twice leaves one rule. Beat evaluates the rules (:mod:`cipherpool.scheduler.alerts`);
 nothing here is on a query's path.
 """
 

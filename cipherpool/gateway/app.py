@@ -33,7 +33,7 @@ from cipherpool.gateway import autoscale
 from cipherpool.gateway import platform_status
 from cipherpool.gateway.platform_watch import PlatformWatch
 from cipherpool.gateway.guard import Guard, error_body
-from cipherpool.outages import OUTAGE_TYPES, describe, outage_error
+from cipherpool.outages import OUTAGE_TYPES, logged_outage
 from cipherpool.gateway.state import GatewayState
 
 log = logging.getLogger("cipherpool.gateway")
@@ -42,7 +42,7 @@ HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 4
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    from cipherpool import __version__
+    from cipherpool.version import __version__
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,25 +118,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = {"code": HTTP_CODES.get(exc.status_code, "http_error"), "message": str(exc.detail)}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    async def outage(request: Request, exc: Exception) -> JSONResponse:
-        """A route met a dependency's outage: its typed 503, or a fault like any other."""
-        typed = outage_error(exc)
-        if typed is None:
-            return await unexpected(request, exc)
-        log.warning("%s %s: %s (%s)", request.method, request.url.path, typed.code, describe(exc))
-        return _json(typed)
-
-    for kind in OUTAGE_TYPES:
-        app.add_exception_handler(kind, outage)
-
-    @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        typed = outage_error(exc)  # one raised where no handler above saw it (a middleware)
+        """A dependency's outage: its typed 503; anything else: a fault of the gateway's."""
+        typed = logged_outage(exc, request.method, request.url.path, log)
         if typed is not None:
-            log.warning("%s %s: %s (%s)", request.method, request.url.path, typed.code, describe(exc))
             return _json(typed)
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _json(RemoteError("The gateway failed unexpectedly; the operator's gateway log has the details."))
+
+    # Registered for the outages' own types too: those handlers answer inside the app, so an
+    # outage met by a route is not re-raised to the server (a traceback per request); the
+    # handler of Exception is for one raised where they do not see it (a middleware).
+    for kind in (*OUTAGE_TYPES, Exception):
+        app.add_exception_handler(kind, unexpected)
 
 
 def _json(exc: CipherpoolError) -> JSONResponse:

@@ -33,7 +33,7 @@ from cipherpool.services.accounts import authenticate as authenticate_api_key
 from cipherpool.services.queries import (
     KeyRef, ModelGrant, ServingState, TokenGrant, check_key, grant_for_value, key_ref, serving_state,
 )
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 V = TypeVar("V")
 MAX_BEARER_CHARS = 256

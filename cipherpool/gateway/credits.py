@@ -16,7 +16,7 @@ from cipherpool.billing import ledger, payments
 from cipherpool.billing import usage as billing_usage
 from cipherpool.billing import views
 from cipherpool.billing.money import to_credits
-from cipherpool.db.tables import utcnow
+from cipherpool.clock import utcnow
 from cipherpool.errors import InvalidInput
 from cipherpool.gateway.deps import Account, Gateway
 from cipherpool.services import accounts

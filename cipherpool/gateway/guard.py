@@ -13,7 +13,7 @@ The principal is left in ``scope["state"]["principal"]`` for the routes.
 
 This runs outside FastAPI's exception handlers: a dependency's outage met here (the database
 while authenticating, Redis while counting) is answered here, as the typed 503 it stands for
-(:func:`~cipherpool.gateway.readiness.outage_error`), not as the server's generic error.
+(:func:`~cipherpool.outages.logged_outage`), not as the server's generic error.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cipherpool.errors import CipherpoolError, PayloadTooLarge
 from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
-from cipherpool.outages import OUTAGE_TYPES, describe, outage_error
+from cipherpool.outages import OUTAGE_TYPES, logged_outage
 from cipherpool.gateway.state import GatewayState
 from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
 
@@ -73,10 +73,9 @@ class Guard:
             await send_error(send, exc)
             return
         except OUTAGE_TYPES as exc:
-            outage = outage_error(exc)
+            outage = logged_outage(exc, scope["method"], scope["path"], log)
             if outage is None:
                 raise
-            log.warning("%s %s: %s (%s)", scope["method"], scope["path"], outage.code, describe(exc))
             await send_error(send, outage)
             return
         scope.setdefault("state", {})["principal"] = principal

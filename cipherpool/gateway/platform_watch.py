@@ -8,6 +8,9 @@
 
 Both are asyncio tasks of the gateway's lifespan whose blocking reads run in the thread pool;
 neither ever raises into the gateway: a failure is logged once per streak and tried again.
+Every gateway runs the watchdog, one at a time judges (the holder of its lease); a clean stop
+hands the lease over and removes the heartbeat, each bounded, so that a Redis that does not
+answer cannot hold the gateway's shutdown.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from starlette.concurrency import run_in_threadpool
 
 from cipherpool.monitoring.heartbeats import Clock, Heartbeat, Role
 from cipherpool.monitoring.watchdog import Watchdog
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
+from cipherpool.waiting import StateLog
 
 log = logging.getLogger("cipherpool.gateway")
 
@@ -51,21 +55,26 @@ class PlatformWatch:
         self.watchdog.check(self.clock())
 
     async def _every(self, interval_s: float, step: Callable[[], None], what: str, delay: bool) -> None:
-        failing = False
+        failing = StateLog(log)
         if delay:
             await asyncio.sleep(interval_s)
         while True:
             try:
                 await run_in_threadpool(step)
-                failing = False
+                failing.up()
             except Exception:  # noqa: BLE001 - the platform's health is never the gateway's outage
-                if not failing:
-                    log.warning("platform %s failed; trying again every %g s", what, interval_s, exc_info=True)
-                failing = True
+                failing.down("platform %s failed; trying again every %g s", what, interval_s, exc_info=True)
             await asyncio.sleep(interval_s)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await run_in_threadpool(self.heartbeat.stop)
+        # Side by side: each waits at most for the store's socket timeout when Redis is away.
+        await asyncio.gather(run_in_threadpool(self.heartbeat.stop), run_in_threadpool(self._release))
+
+    def _release(self) -> None:
+        try:
+            self.watchdog.release()
+        except Exception:  # noqa: BLE001 - at shutdown: the lease passes on when it expires
+            log.info("could not hand the platform watchdog's lease over; it passes on when it expires", exc_info=True)

@@ -20,14 +20,14 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from cipherpool.api.schemas import QUERY_ID_PATTERN, QueryAccepted
-from cipherpool.dispatch import open_envelope, output_of, prepare_query, publish_query, reply_from_meta
+from cipherpool.dispatch import open_envelope, output_of, reply_from_meta
+from cipherpool.dispatch import submit as submit_query
 from cipherpool.errors import QueryNotFound
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
 from cipherpool.gateway.results import TaskMeta, is_ready
 from cipherpool.gateway.state import GatewayState
 from cipherpool.messages import EncryptedInput
 from cipherpool.names import QUERY_OWNER_PREFIX
-from cipherpool.services import usage
 from cipherpool.services.queries import ModelGrant, Route, TokenGrant, route
 
 log = logging.getLogger("cipherpool.gateway")
@@ -78,25 +78,16 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
 
 def _publish(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput, body: bytes,
              query_id: str, shared: bool) -> None:
-    """Key lookup (cached), quota, owner record and publish: one trip to the thread pool."""
+    """Key lookup (cached), then the submit sequence with the query's owner recorded: one trip
+    to the thread pool."""
     s = gw.settings
     blob_id = gw.auth.key_blob(grant, model, envelope.key_id)
-    usage.charge(gw.store.redis, grant.token_id, grant.quota)
-    try:
-        request = prepare_query(s, gw.store, grant, model, envelope, body, blob_id)
+
+    def record_owner() -> None:
         gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
-        publish_query(gw.celery, request, model.hardware, s.query_timeout_s, task_id=query_id, shared=shared,
-                      model_name=model.name)
-    except Exception:
-        _refund(gw, grant)
-        raise
 
-
-def _refund(gw: GatewayState, grant: TokenGrant) -> None:
-    try:
-        usage.refund(gw.store.redis, grant.token_id)
-    except Exception:  # noqa: BLE001 - the store is what failed; the original error is the answer
-        log.warning("could not refund a query of token %s", grant.token_id)
+    submit_query(gw.celery, s, gw.store, grant, model, envelope, body, blob_id, shared=shared, task_id=query_id,
+                 before_publish=record_owner)
 
 
 async def _check_owner(gw: GatewayState, grant: TokenGrant, query_id: str) -> None:

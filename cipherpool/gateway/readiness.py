@@ -12,6 +12,11 @@ Checks run concurrently, each bounded by ``ready_timeout_s``; a check still runn
 earlier probe is joined, not started again, so a dependency that hangs costs one thread, not
 one per probe. A schema found at head is trusted for ``ready_schema_cache_s``.
 
+``/v1/ready`` is public and not rate limited (a load balancer has no credential), and each
+check opens a broker connection and asks the database: so the whole answer is kept for
+:data:`READY_CACHE_S` in each gateway process, and probes meanwhile (a flood included) share
+it, or share the checks under way: at most one round of checks per second.
+
 During an outage every request that needs the missing part gets a typed 503 with
 Retry-After (:func:`outage_error`): ``database_unavailable`` or ``broker_unavailable``, never
 the 502 of a gateway fault, which stays for what is one.
@@ -36,8 +41,11 @@ from cipherpool.db import current_revision, get_engine, head_revision
 from cipherpool.outages import describe
 from cipherpool.gateway.results import ResultWaiter
 from cipherpool.store import BlobStore
+from cipherpool.waiting import StateLog
 
 log = logging.getLogger("cipherpool.gateway")
+READY_CACHE_S = 1.0  # a readiness answer is reused this long (per gateway process)
+
 
 class _Unready(Exception):
     """A part answered, but not as the gateway needs (the message says how)."""
@@ -65,9 +73,21 @@ class Readiness:
         self._schema_detail = ""
         self._revisions: tuple[str, frozenset[str]] | None = None
         self._running: dict[str, asyncio.Future[str]] = {}
-        self._failing: set[str] = set()
+        self._states = {name: StateLog(log) for name in self._targets}
+        self._answer: dict[str, ReadinessCheck] | None = None
+        self._answer_until = float("-inf")
+        self._checking: asyncio.Future[dict[str, ReadinessCheck]] | None = None
 
     async def check(self) -> dict[str, ReadinessCheck]:
+        """Each part's state: found within the last READY_CACHE_S, or checked now (a round
+        already under way is joined: a probe that gives up does not cancel it for the others)."""
+        if self._answer is not None and self._clock() < self._answer_until:
+            return self._answer
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self._check_all())
+        return await asyncio.shield(self._checking)
+
+    async def _check_all(self) -> dict[str, ReadinessCheck]:
         probes: dict[str, Probe] = {
             "database": lambda: run_in_threadpool(self._database),
             "schema": self._schema,
@@ -77,7 +97,8 @@ class Readiness:
         if self._separate_results:
             probes["results"] = self._ping_results
         checks = await asyncio.gather(*(self._probe(name, probe) for name, probe in probes.items()))
-        return dict(zip(probes, checks))
+        self._answer, self._answer_until = dict(zip(probes, checks)), self._clock() + READY_CACHE_S
+        return self._answer
 
     @staticmethod
     def summary(checks: dict[str, ReadinessCheck]) -> str | None:
@@ -106,13 +127,11 @@ class Readiness:
 
     def _note(self, name: str, ok: bool, detail: str, error: BaseException | None) -> None:
         """Log each change of a part's state once, not at every probe."""
-        if not ok and name not in self._failing:
-            self._failing.add(name)
-            log.warning("not ready: %s %s at %s%s", name, detail, self._targets[name],
-                        f" ({describe(error)})" if error else "")
-        elif ok and name in self._failing:
-            self._failing.discard(name)
-            log.warning("ready again: %s at %s", name, self._targets[name])
+        if ok:
+            self._states[name].up("ready again: %s at %s", name, self._targets[name])
+        else:
+            self._states[name].down("not ready: %s %s at %s%s", name, detail, self._targets[name],
+                                    f" ({describe(error)})" if error else "")
 
     def _database(self) -> str:
         path = self._db_url.removeprefix("sqlite:///")

@@ -26,7 +26,10 @@ from kombu.serialization import loads
 from redis.asyncio.retry import Retry
 
 from cipherpool.names import RESULT_META_PREFIX
-from cipherpool.store import CONNECT_TIMEOUT_S, RETRY_ERRORS, STALE_RETRIES, retry_backoff
+from cipherpool.store import (
+    CONNECT_TIMEOUT_S, RETRY_ERRORS, SOCKET_TIMEOUT_S, STALE_ERRORS, STALE_RETRIES, retry_backoff,
+)
+from cipherpool.waiting import StateLog
 
 log = logging.getLogger("cipherpool.gateway")
 FALLBACK_POLL_S = 1.0
@@ -50,9 +53,12 @@ def is_ready(meta: TaskMeta | None) -> TypeGuard[TaskMeta]:
 
 class ResultWaiter:
     def __init__(self, url: str):
+        # SOCKET_TIMEOUT_S bounds the commands (a GET of a result, a PING) in a partition; the
+        # reader's wait for a message has its own timeout (get_message's), so an idle
+        # subscription never times out on it.
         self._redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30,
-            retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=RETRY_ERRORS),
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30,
+            retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=STALE_ERRORS),
         )
         self._pubsub = self._redis.pubsub()
         # A private channel keeps the connection subscribed, so the reader always has one.
@@ -61,7 +67,7 @@ class ResultWaiter:
         self._confirmed: dict[str, asyncio.Event] = {}
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
-        self._interrupted = False  # logged once per outage, not at every try
+        self._interrupted = StateLog(log)  # logged once per outage, not at every try
 
     async def start(self) -> None:
         """Start the reader; it subscribes itself, so Redis being down does not stop the
@@ -136,14 +142,10 @@ class ResultWaiter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down or restarting: try again shortly
-                if not self._interrupted:
-                    log.warning("result subscription interrupted (%s); reconnecting", exc)
-                    self._interrupted = True
+                self._interrupted.down("result subscription interrupted (%s); reconnecting", exc)
                 await asyncio.sleep(RECONNECT_S)
                 continue
-            if self._interrupted:
-                log.warning("result subscription restored")
-                self._interrupted = False
+            self._interrupted.up("result subscription restored")
             if message:
                 self._dispatch(message)
 

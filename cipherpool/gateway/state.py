@@ -18,7 +18,7 @@ from cipherpool.gateway.ratelimit import RateLimiter
 from cipherpool.gateway.readiness import Readiness
 from cipherpool.gateway.results import ResultWaiter
 from cipherpool.store import BlobStore
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 UPLOADS = "/v1/uploads"
 KEYS = "/v1/client/keys/"

@@ -32,9 +32,9 @@ from cipherpool.monitoring.heartbeats import ProcessBeat, Role
 from cipherpool.monitoring.liveness import best, judge, worst
 from cipherpool.statuses import Component, ComponentState
 from cipherpool.services.nodes import NODE_STALE_HEARTBEATS, published_models
-from cipherpool.services.tokens import aware
+from cipherpool.clock import aware
 from cipherpool.statuses import NodeStatus
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 DEFAULT_EVENTS = 10  # platform events a status carries, newest first
 

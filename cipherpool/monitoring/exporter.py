@@ -1,7 +1,7 @@
 """The platform's own Prometheus metrics, read when they are scraped (the gateway's ``/metrics``).
 
 A custom collector rather than counters kept in the gateway, because the figures live
-elsewhere: query times in Redis (written by each node's :class:`~.timings.QueryTimings` hook),
+elsewhere: query times in Redis (written by each node's :class:`~cipherpool.workers.timings.QueryTimings` hook),
 queue depths in the broker (:mod:`.depth`), workers, balances and nodes in the database. So
 every gateway process exports the same figures, a restarted gateway loses nothing, and the
 collector holds no state at all. It is registered in a registry of its own, never
@@ -46,7 +46,7 @@ from cipherpool.monitoring.health_metrics import health_families
 from cipherpool.names import shared_queue
 from cipherpool.services.nodes import live
 from cipherpool.statuses import WorkerStatus
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.monitoring")
 MODEL_LABELS = ("account", "account_id", "model")  # names are display names (not unique): ids tell them apart

@@ -29,8 +29,13 @@ from typing import cast
 from redis import Redis
 
 from cipherpool.names import PROCESS_BEAT_PREFIX
+from cipherpool.waiting import StateLog
 
 FORGET_AFTER_S = 3600.0  # a process silent this long is forgotten (a host scaled away, not a fault)
+# How long stop() waits for a beat in flight: one that waits on a Redis that does not answer is
+# bounded by the client's socket timeout (cipherpool.store.SOCKET_TIMEOUT_S), longer than a
+# shutdown should wait.
+STOP_WAIT_S = 5.0
 log = logging.getLogger("cipherpool.monitoring")
 Clock = Callable[[], float]  # unix seconds: compared across hosts
 
@@ -59,7 +64,7 @@ def key(role: Role) -> str:
 
 
 def this_process(instance: str, interval_s: float, started: float, now: float) -> ProcessBeat:
-    from cipherpool import __version__
+    from cipherpool.version import __version__
 
     return ProcessBeat(instance, socket.gethostname(), os.getpid(), __version__, started, now, interval_s)
 
@@ -100,7 +105,7 @@ class Heartbeat:
         self._started = clock()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # a beat in flight never lands after stop() removed the entry
-        self._failing = False
+        self._failing = StateLog(log)
 
     def beat(self) -> None:
         with self._lock:
@@ -110,11 +115,9 @@ class Heartbeat:
     def _beat(self) -> None:
         try:
             write(self._redis(), self.role, this_process(self.instance, self.interval_s, self._started, self._clock()))
-            self._failing = False
+            self._failing.up()
         except Exception:  # noqa: BLE001 - a heartbeat must never take its process down
-            if not self._failing:
-                log.warning("%s %s: could not write its heartbeat", self.role.value, self.instance, exc_info=True)
-            self._failing = True
+            self._failing.down("%s %s: could not write its heartbeat", self.role.value, self.instance, exc_info=True)
 
     def start(self) -> Heartbeat:
         self.beat()
@@ -126,10 +129,18 @@ class Heartbeat:
         threading.Thread(target=run, name=f"cipherpool-{self.role.value}-heartbeat", daemon=True).start()
         return self
 
-    def stop(self) -> None:
-        """Stop beating and remove the entry: a clean stop is not a missing process."""
-        with self._lock:
-            self._stop.set()
+    def stop(self, wait_s: float = STOP_WAIT_S) -> None:
+        """Stop beating and remove the entry: a clean stop is not a missing process.
+
+        A beat in flight is waited for, at most ``wait_s``: Redis not answering (a partition)
+        must not hang the process's shutdown. Past that the entry is left to age, as a crash
+        leaves it (removed now, it could be written again by that beat when it lands)."""
+        self._stop.set()  # no beat starts from now on
+        if not self._lock.acquire(timeout=wait_s):
+            log.warning("%s %s: a heartbeat write still waits for Redis after %g s; leaving its entry to age",
+                        self.role.value, self.instance, wait_s)
+            return
+        self._lock.release()
         try:
             remove(self._redis(), self.role, self.instance)
         except Exception:  # noqa: BLE001 - at shutdown, an entry left behind only ages

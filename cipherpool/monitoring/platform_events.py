@@ -1,10 +1,13 @@
 """Platform events: a component's state changed (beat went missing, the control worker is back).
 
-Every gateway runs a watchdog (:mod:`cipherpool.gateway.platform_watch`), so every gateway
-sees the same change; exactly one records it. Each component's last recorded state is a Redis
-key, and a watchdog swaps in the state it computed with one atomic ``SET … GET``: only the
-watchdog that got back a *different* state made the change, and only it records the event.
-No lock, no leader, and a restarted gateway does not record again what was recorded before.
+Every gateway runs a watchdog (:mod:`cipherpool.gateway.platform_watch`); one at a time judges
+and records, the holder of the watchdog's lease, and only a state it judged at several checks
+in a row (:mod:`cipherpool.monitoring.watchdog` says why: gateways that judged each from its
+own reads and clock made the one record flap between their views). Each component's last
+recorded state is a Redis key, and the watchdog swaps in the state it judged with one atomic
+``SET … GET``: only a watchdog that got back a *different* state made the change, and only it
+records the event. So a lease handed over in the middle of a check still records a change
+once, and a restarted gateway does not record again what was recorded before.
 
 Events are a capped Redis list, newest first (the operator lists them with `cipherpool status
 --events` or in ``GET /v1/platform/status``), each with an id from a counter that

@@ -15,7 +15,7 @@ from celery import Celery
 from redis import Redis
 from sqlmodel import Session, col, or_, select
 
-from cipherpool.api.schemas import CurrentFigures, ModelStats, TimingFigures, WorkerStats, WorkerTimings
+from cipherpool.api.schemas import CurrentFigures, ModelStats, WorkerStats, WorkerTimings
 from cipherpool.db.tables import Account, Model, Worker
 from cipherpool.errors import InvalidInput
 from cipherpool.monitoring import depth, timings
@@ -28,10 +28,6 @@ def check_window(window_s: int) -> int:
     if not 60 <= window_s <= MAX_WINDOW_S:
         raise InvalidInput(f"A window is between 60 s and {MAX_WINDOW_S} s (a day), not {window_s} s.")
     return window_s
-
-
-def figures(found: timings.Figures) -> TimingFigures:
-    return TimingFigures(**asdict(found))
 
 
 def current(found: timings.Current) -> CurrentFigures:
@@ -56,8 +52,8 @@ def worker_row(found: ModelTimings, worker_id: str, last: int, worker: Worker | 
         node=worker.node_name if worker else None,
         status=worker.status.value if worker else None,
         started_by=worker.started_by if worker else None,
-        window=figures(found.window_figures(worker_id)),
-        all_time=figures(found.all_time_figures(worker_id)),
+        window=found.window_figures(worker_id),
+        all_time=found.all_time_figures(worker_id),
         current=current(found.current(last, worker_id)),
     )
 
@@ -79,7 +75,7 @@ def model_stats(session: Session, redis: Redis, app: Celery, model: Model, *, wi
         model=model.name, model_id=model.id, status=model.status.value, at=now, window_s=window_s,
         span_s=round(found.span_s, 3), queue_depth=waiting,
         workers_by_status=dict(Counter(w.status.value for w in workers if w.status in WANTED)),
-        window=figures(found.window_figures()), all_time=figures(found.all_time_figures()),
+        window=found.window_figures(), all_time=found.all_time_figures(),
         current=current(found.current(last)), workers=rows,
     )
 
@@ -94,6 +90,6 @@ def with_timings(report: WorkerStats, redis: Redis, app: Celery, model: Model, *
     except Exception:  # noqa: BLE001
         waiting = None
     return report.model_copy(update={
-        "window_s": window_s, "window": figures(found.window_figures(worker_id)),
+        "window_s": window_s, "window": found.window_figures(worker_id),
         "current": current(found.current(last, worker_id)), "queue_depth": waiting,
     })

@@ -1,4 +1,5 @@
-"""Query times per model and worker: recorded by a node hook in Redis, read by everyone else.
+"""Query times per model and worker: recorded by a node hook in Redis
+(:class:`cipherpool.workers.timings.QueryTimings`), read by everyone else.
 
 Every figure a provider watches (average and current query time, queue wait apart from
 compute, queries per minute, error and refusal rates), what alerts compare with their
@@ -22,20 +23,18 @@ ciphertext, a wrong key) and ``failed`` (unexpected errors). Rates are over all 
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from redis import Redis
 
-from cipherpool.errors import CipherpoolError
+from cipherpool.api.schemas import TimingFigures
+
 from cipherpool.names import TIMINGS_PREFIX
-from cipherpool.workers.hooks import Hook, QueryEvent
 
 MINUTE_S = 60
 MAX_WINDOW_S = 24 * 3600  # the longest window a reader may ask for
@@ -46,7 +45,6 @@ SHARED = "shared"  # the worker id of queries computed on shared nodes
 # a bootstrapped model's minutes.
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 US = 1_000_000
-FLUSH_S = 0.5  # a node writes its buffered query times this often (seconds)
 log = logging.getLogger("cipherpool.monitoring")
 
 
@@ -74,21 +72,6 @@ def bucket_index(seconds: float) -> int:
     return len(BUCKETS_S)
 
 
-@dataclass(frozen=True)
-class Figures:
-    """Averages and rates over a span; None where nothing was counted to average."""
-
-    queries: int
-    refused: int
-    failed: int
-    average_query_s: float | None  # queue wait + compute, as the platform saw the query
-    average_compute_s: float | None
-    average_queue_wait_s: float | None
-    queries_per_minute: float | None  # None for all-time figures
-    error_rate: float | None  # failed / (queries + refused + failed)
-    refusal_rate: float | None
-
-
 @dataclass
 class Tally:
     """Sums over a span: what the hashes hold, added up."""
@@ -110,9 +93,10 @@ class Tally:
     def attempts(self) -> int:
         return self.queries + self.refused + self.failed
 
-    def figures(self, span_s: float | None = None) -> Figures:
+    def figures(self, span_s: float | None = None) -> TimingFigures:
+        """Averages and rates over the span (None where nothing was counted to average)."""
         n, attempts = self.queries, self.attempts
-        return Figures(
+        return TimingFigures(
             queries=n, refused=self.refused, failed=self.failed,
             average_query_s=(self.wait_us + self.compute_us) / n / US if n else None,
             average_compute_s=self.compute_us / n / US if n else None,
@@ -204,11 +188,11 @@ class ModelTimings:
     workers_all_time: dict[str, Tally] = field(default_factory=dict)
     recent: list[Sample] = field(default_factory=list)  # newest first
 
-    def window_figures(self, worker: str | None = None) -> Figures:
+    def window_figures(self, worker: str | None = None) -> TimingFigures:
         tally = self.window if worker is None else self.workers_window.get(worker, Tally())
         return tally.figures(self.span_s)
 
-    def all_time_figures(self, worker: str | None = None) -> Figures:
+    def all_time_figures(self, worker: str | None = None) -> TimingFigures:
         tally = self.all_time if worker is None else self.workers_all_time.get(worker, Tally())
         return tally.figures()
 
@@ -272,8 +256,8 @@ def histograms(redis: Redis, model_id: str) -> dict[str, Histogram]:
 
 
 @dataclass(frozen=True)
-class _Record:
-    """One query's additions, waiting to be written."""
+class Record:
+    """One query's additions, as a node hook hands them to :func:`write`."""
 
     at: float
     model_id: str
@@ -282,99 +266,29 @@ class _Record:
     histogram: dict[str, int] | None = None
 
 
-class QueryTimings(Hook):
-    """The node hook that records every query's times (see the module's docstring).
-
-    Writes leave the query's path: a query only appends its figures to a buffer, and a
-    thread writes the buffer every ``flush_s`` seconds in one pipelined round trip, with the
-    additions to one field summed first (measured in ``benchmarks/hook_overhead.py``: writing
-    per query cost 0.5 ms of a query's time on loopback Redis). A node killed outright loses
-    at most ``flush_s`` of figures, never an answer. Nodes pass :data:`FLUSH_S`; the default,
-    None, writes at once (for tests and tools that read right after).
-    A failed write is logged and dropped: figures are never worth a query."""
-
-    def __init__(self, redis: Callable[[], Redis], clock: Callable[[], float] = time.time,
-                 flush_s: float | None = None):
-        self._redis = redis
-        self._clock = clock
-        self._flush_s = flush_s
-        self._pending: list[_Record] = []
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def _model(query: QueryEvent) -> str | None:
-        return query.model_id or (query.binding.model_id if query.binding else None)
-
-    def _record(self, query: QueryEvent, model_id: str | None, sample: Sample | None = None,
-                histogram: dict[str, int] | None = None, **amounts: int) -> None:
-        if model_id is None:
-            return
-        worker = query.worker_id or SHARED
-        adds = {name: value for key, value in amounts.items() for name in (key, f"w:{worker}:{key}")}
-        record = _Record(self._clock(), model_id, adds, sample, histogram)
-        if self._flush_s is None:
-            self._write([record])
-            return
-        with self._lock:
-            self._pending.append(record)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="cipherpool-timings", daemon=True)
-                self._thread.start()
-                atexit.register(self.flush)
-
-    def _run(self) -> None:
-        assert self._flush_s is not None
-        while True:
-            time.sleep(self._flush_s)
-            self.flush()
-
-    def flush(self) -> None:
-        """Write what is buffered now (the thread does it every ``flush_s``)."""
-        with self._lock:
-            records, self._pending = self._pending, []
-        if records:
-            try:
-                self._write(records)
-            except Exception:  # noqa: BLE001 - figures are never worth a node
-                log.exception("could not record %d queries' times", len(records))
-
-    def _write(self, records: list[_Record]) -> None:
-        sums: dict[tuple[str, str], int] = {}
-        buckets: set[str] = set()
-        for r in records:
-            bucket = minute_key(r.model_id, math.floor(r.at / MINUTE_S))
-            buckets.add(bucket)
-            for name, value in r.adds.items():
-                for key in (bucket, total_key(r.model_id)):
-                    sums[(key, name)] = sums.get((key, name), 0) + value
-            for name, value in (r.histogram or {}).items():
-                sums[(histogram_key(r.model_id), name)] = sums.get((histogram_key(r.model_id), name), 0) + value
-        with self._redis().pipeline(transaction=False) as pipe:
-            for (key, name), value in sums.items():
-                pipe.hincrby(key, name, value)
-            for bucket in buckets:
-                pipe.expire(bucket, KEEP_MINUTES_S)
-            for model_id in {r.model_id for r in records if r.sample}:
-                samples = [r.sample.encode() for r in records if r.sample and r.model_id == model_id]
-                pipe.lpush(recent_key(model_id), *samples)  # the newest ends first
-                pipe.ltrim(recent_key(model_id), 0, KEEP_RECENT - 1)
-            pipe.execute()
-
-    def query_computed(self, query: QueryEvent) -> None:
-        wait = max(0.0, query.timings.get("queue_wait_s", 0.0))
-        compute = max(0.0, query.timings.get("compute_s", 0.0))
-        wait_us, compute_us = round(wait * US), round(compute * US)
-        sample = Sample(self._clock(), query.worker_id or SHARED, wait, compute)
-        histogram = {f"queue_wait:{bucket_index(wait)}": 1, "queue_wait:sum_us": wait_us,
-                     f"compute:{bucket_index(compute)}": 1, "compute:sum_us": compute_us}
-        self._record(query, self._model(query), sample, histogram, queries=1, wait_us=wait_us, compute_us=compute_us)
-
-    def query_refused(self, query: QueryEvent, error: CipherpoolError) -> None:
-        self._record(query, self._model(query), refused=1)
-
-    def query_failed(self, query: QueryEvent, error: BaseException) -> None:
-        self._record(query, self._model(query), failed=1)
+def write(redis: Redis, records: list[Record]) -> None:
+    """Add queries' figures to their models' minute, all-time, histogram and latest-queries
+    keys, in one pipelined round trip (additions to one field summed first)."""
+    sums: dict[tuple[str, str], int] = {}
+    buckets: set[str] = set()
+    for r in records:
+        bucket = minute_key(r.model_id, math.floor(r.at / MINUTE_S))
+        buckets.add(bucket)
+        for name, value in r.adds.items():
+            for key in (bucket, total_key(r.model_id)):
+                sums[(key, name)] = sums.get((key, name), 0) + value
+        for name, value in (r.histogram or {}).items():
+            sums[(histogram_key(r.model_id), name)] = sums.get((histogram_key(r.model_id), name), 0) + value
+    with redis.pipeline(transaction=False) as pipe:
+        for (key, name), value in sums.items():
+            pipe.hincrby(key, name, value)
+        for bucket in buckets:
+            pipe.expire(bucket, KEEP_MINUTES_S)
+        for model_id in {r.model_id for r in records if r.sample}:
+            samples = [r.sample.encode() for r in records if r.sample and r.model_id == model_id]
+            pipe.lpush(recent_key(model_id), *samples)  # the newest ends first
+            pipe.ltrim(recent_key(model_id), 0, KEEP_RECENT - 1)
+        pipe.execute()
 
 
 def forget(redis: Redis, model_id: str) -> None:

@@ -34,14 +34,15 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
 from cipherpool import lifecycle
-from cipherpool.db.tables import Account, AutoscalePolicy, Model, ModelEvent, ModelStatus, Worker, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, AutoscalePolicy, Model, ModelEvent, ModelStatus, Worker
 from cipherpool.errors import CipherpoolError
 from cipherpool.monitoring.depth import model_depth
 from cipherpool.monitoring.timings import KEEP_RECENT, Sample, recent_key
 from cipherpool.services import events
 from cipherpool.services import workers as worker_service
 from cipherpool.statuses import EventKind, StopReason
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.autoscale")
 WAIT_WINDOW_S = 30.0  # the queue wait that counts: the average over the queries computed in the last 30 s

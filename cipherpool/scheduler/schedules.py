@@ -20,7 +20,8 @@ from datetime import datetime
 from sqlmodel import Session, col, delete, func, select
 
 from cipherpool.api.schemas import PROFILE_PATTERN, ScheduleActionOut, ScheduleOut
-from cipherpool.db.tables import Account, Model, Schedule, ScheduleAction, Worker, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, Model, Schedule, ScheduleAction, Worker
 from cipherpool.errors import Conflict, InvalidInput, ScheduleNotFound
 from cipherpool.scheduler import windows
 from cipherpool.scheduler.windows import utc

@@ -32,14 +32,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
 from cipherpool import lifecycle
-from cipherpool.db.tables import Model, Schedule, ScheduleAction, Worker, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Model, Schedule, ScheduleAction, Worker
 from cipherpool.errors import CipherpoolError
 from cipherpool.scheduler import schedules, windows
 from cipherpool.scheduler.windows import utc
 from cipherpool.services import events
 from cipherpool.services.accounts import get_account
 from cipherpool.statuses import WANTED, EventKind, ScheduleActionStatus, StopReason
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.scheduler")
 STALE_CLAIM_S = 300.0  # a claim this old was left by a beat that died: another may take it over

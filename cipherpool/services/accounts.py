@@ -16,7 +16,8 @@ from sqlmodel import Session, col, select
 from cipherpool.api.schemas import AccountOut
 from cipherpool.config.settings import get_settings
 from cipherpool.credentials import API_KEY_PREFIX, DISPLAY_CHARS, digest, new_secret
-from cipherpool.db.tables import Account, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account
 from cipherpool.errors import AccountDisabled, AccountNotFound, Conflict, InvalidApiKey, InvalidInput
 from cipherpool.services.validation import check_name
 from cipherpool.statuses import AccountStatus

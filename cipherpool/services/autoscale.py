@@ -16,7 +16,8 @@ from typing import Any
 from sqlmodel import Session
 
 from cipherpool.api.schemas import AutoscaleOut
-from cipherpool.db.tables import Account, AutoscalePolicy, Model, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, AutoscalePolicy, Model
 from cipherpool.errors import InvalidInput
 from cipherpool.services import events
 from cipherpool.services import workers as worker_service

@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from sqlmodel import Session, col, delete, select
 
 from cipherpool.api.schemas import EventOut
-from cipherpool.db.tables import Model, ModelEvent, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Model, ModelEvent
 from cipherpool.statuses import EventKind
 
 MAX_EVENTS = 1000

@@ -14,19 +14,21 @@ from typing import Any
 
 from sqlmodel import Session, col, delete, func, select
 
+from cipherpool import backends
 from cipherpool.api.schemas import ModelDetail, ModelOut, VersionOut
+from cipherpool.clock import utcnow
 from cipherpool.db.tables import (
-    Account, AlertEvent, AlertRule, AutoscalePolicy, EvaluationKey, Model, ModelStatus, ModelVersion, PoolNode,
-    Schedule, ScheduleAction, TokenModel, Worker, utcnow,
+    Account, AlertEvent, AlertRule, AutoscalePolicy, EvaluationKey, Model, ModelStatus, ModelVersion, PoolNode, Schedule,
+    ScheduleAction, TokenModel, Worker,
 )
 from cipherpool.errors import InvalidDeployment, InvalidInput, ModelBusy, ModelExists, ModelNotFound, VersionNotFound
 from cipherpool.fhe.deployment import InputSpec, Versions
 from cipherpool.services import events, rollout
+from cipherpool.services.nodes import capabilities_of
 from cipherpool.services.validation import check_name
 from cipherpool.statuses import HOLDING_NODE, EventKind
 from cipherpool.store import BlobKind
 
-HARDWARE_CLASSES = ("cpu", "gpu")
 SETTINGS = ("description", "hardware", "min_workers", "max_workers", "shared", "node_selector")
 BUSY = HOLDING_NODE
 
@@ -41,13 +43,13 @@ class Artifact:
     server_size: int
     versions: Versions
     spec: InputSpec = InputSpec()
-    backend: str = "cpu"  # what the circuit was compiled for (fhe.deployment.compiled_backend)
+    backend: str = backends.DEFAULT_BACKEND  # what the circuit was compiled for (fhe.deployment.compiled_backend)
 
 
 def check_settings(settings: dict[str, Any], current: Model | None = None) -> None:
-    hardware = settings.get("hardware", current.hardware if current else "cpu")
-    if hardware not in HARDWARE_CLASSES:
-        raise InvalidInput(f"hardware must be one of {', '.join(HARDWARE_CLASSES)}, not {hardware!r}.")
+    hardware = settings.get("hardware", current.hardware if current else backends.DEFAULT_HOST_CLASS)
+    if hardware not in backends.host_classes():
+        raise InvalidInput(f"hardware must be one of {', '.join(backends.host_classes())}, not {hardware!r}.")
     low = settings.get("min_workers", current.min_workers if current else 0)
     high = settings.get("max_workers", current.max_workers if current else 1)
     if low is None or high is None or low < 0 or high < 1 or low > high:
@@ -64,7 +66,8 @@ def _selector_json(selector: dict[str, str] | None) -> str:
     return json.dumps(dict(sorted((selector or {}).items())), separators=(",", ":"))
 
 
-def deploy_model(session: Session, account: Account, name: str, artifact: Artifact, *, hardware: str = "cpu",
+def deploy_model(session: Session, account: Account, name: str, artifact: Artifact, *,
+                 hardware: str = backends.DEFAULT_HOST_CLASS,
                  description: str = "", min_workers: int = 0, max_workers: int = 1, shared: bool = False,
                  node_selector: dict[str, str] | None = None) -> Model:
     check_name("model", name)
@@ -109,9 +112,8 @@ def update_settings(session: Session, account: Account, name: str, changes: dict
     check_settings(changed, model)
     if "hardware" in changed and busy_workers(session, model.id):
         raise ModelBusy(f"Model {name!r} has workers on {model.hardware} nodes: stop them before changing its hardware.")
-    if changed.get("hardware", "gpu") != "gpu" and needs_gpu_build(session, model):
-        raise InvalidInput(f"Model {name!r} serves a version compiled for the GPU (device=\"cuda\"), which cpu nodes "
-                           "cannot run: deploy a version compiled for the CPU first.")
+    if "hardware" in changed:
+        check_serving_runs_on(session, model, changed["hardware"])
     described = ", ".join(f"{k} {getattr(model, k)!r} -> {v!r}" for k, v in changed.items())
     for key, value in changed.items():
         setattr(model, key, value)
@@ -183,33 +185,43 @@ def current_version(session: Session, model: Model) -> ModelVersion:
 
 
 def check_backend(name: str, hardware: str, backend: str) -> None:
-    """A circuit compiled for the GPU runs on gpu nodes only (keys fit the backend it was
-    compiled for, so no node may run it on its CPU instead)."""
-    if backend == "gpu" and hardware != "gpu":
-        raise InvalidDeployment(f"server.zip of model {name!r} was compiled for the GPU (device=\"cuda\") and the model "
-                                f"runs on {hardware} nodes: deploy it with --hardware gpu, or compile it for the CPU.")
+    """A circuit runs only on nodes of a host class its backend runs on (keys fit the backend
+    it was compiled for, so no node may run it on its CPU instead)."""
+    if not backends.runs_on(backend, hardware):
+        raise InvalidDeployment(
+            f"server.zip of model {name!r} was compiled for {backends.describe(backend).target} and the model runs on "
+            f"{hardware} nodes: deploy it with --hardware {backends.describe(backend).host_class}, or compile it for "
+            f"{backends.fallback().target}.")
 
 
-def needs_gpu_build(session: Session, model: Model) -> bool:
-    """Whether a version the model serves, or rolls out, was compiled for the GPU: then only
-    nodes whose concrete has the GPU build may serve it."""
+def check_serving_runs_on(session: Session, model: Model, hardware: str) -> None:
+    """Refuse to move a model to ``hardware`` nodes that cannot run a version it serves or rolls out."""
+    stranded = sorted(b for b in required_backends(session, model) if not backends.runs_on(b, hardware))
+    if stranded:
+        raise InvalidInput(f"Model {model.name!r} serves a version compiled for {backends.describe(stranded[0]).target}, "
+                           f"which {hardware} nodes cannot run: deploy a version compiled for {backends.fallback().target} "
+                           "first.")
+
+
+def required_backends(session: Session, model: Model) -> set[str]:
+    """The backends the versions the model serves, or rolls out, were compiled for: a node
+    serves it only if it has them all (its capabilities)."""
     numbers = {model.version} | ({model.rollout_version} if model.rollout_version is not None else set())
-    backends = session.exec(select(ModelVersion.backend).where(
-        ModelVersion.model_id == model.id, col(ModelVersion.number).in_(numbers))).all()
-    return "gpu" in backends
+    return set(session.exec(select(ModelVersion.backend).where(
+        ModelVersion.model_id == model.id, col(ModelVersion.number).in_(numbers))).all())
 
 
 def check_holders_run(session: Session, model: Model, number: int, backend: str) -> None:
-    """Refuse to roll a GPU-compiled version onto workers whose nodes cannot run it: their
-    loads would fail one by one, after the rollout began."""
-    if backend != "gpu":
-        return
-    stuck = session.exec(select(Worker.id, PoolNode.name).join(PoolNode, col(PoolNode.worker_id) == Worker.id).where(
-        Worker.model_id == model.id, col(Worker.status).in_(BUSY), col(PoolNode.gpu_build).is_(False))).all()
+    """Refuse to roll a version onto workers whose nodes cannot run its backend: their loads
+    would fail one by one, after the rollout began."""
+    held = session.exec(select(Worker.id, PoolNode).join(PoolNode, col(PoolNode.worker_id) == Worker.id).where(
+        Worker.model_id == model.id, col(Worker.status).in_(BUSY))).all()
+    stuck = [(worker, node.name) for worker, node in held if backend not in capabilities_of(node)]
     if stuck:
         names = ", ".join(f"{worker} on {node}" for worker, node in stuck)
-        raise ModelBusy(f"Version {number} of model {model.name!r} was compiled for the GPU and these workers' "
-                        f"nodes have no GPU build of concrete: {names}. Stop them first.")
+        described = backends.describe(backend)
+        raise ModelBusy(f"Version {number} of model {model.name!r} was compiled for {described.target} and these "
+                        f"workers' nodes lack {described.needs}: {names}. Stop them first.")
 
 
 def list_versions(session: Session, model: Model) -> list[ModelVersion]:

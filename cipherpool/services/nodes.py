@@ -18,13 +18,16 @@ from redis.exceptions import RedisError
 from sqlalchemy import ColumnElement, update
 from sqlmodel import Session, col, select
 
+from cipherpool import backends
+from cipherpool.backends import gpu
 from cipherpool.api.schemas import NodeOut, NodeResources, SharedModelOut
-from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker, utcnow
-from cipherpool.services.tokens import aware
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker
+from cipherpool.clock import aware
 from cipherpool.billing import charging, rates
 from cipherpool.billing.rates import PriceChange
 from cipherpool.services import events
-from cipherpool.statuses import EventKind
+from cipherpool.statuses import HOLDING_NODE, EventKind
 from cipherpool.names import SHARED_LOADED_PREFIX
 
 NODE_STALE_HEARTBEATS = 3  # a node unseen for this many heartbeats is not offered
@@ -45,7 +48,7 @@ class NodeInfo:
     cores: int = 0
     memory_bytes: int = 0
     gpus: int = 0
-    gpu_build: bool = False
+    capabilities: tuple[str, ...] = (backends.DEFAULT_BACKEND,)  # backends.probe(host_class) on the node
     key_cache_bytes: int = 0
     prices: PriceChange | None = None  # its profile's own rates (None fields: its class's)
 
@@ -91,13 +94,14 @@ def register(session: Session, name: str, info: NodeInfo, now: datetime | None =
     now = aware(now or utcnow())
     node = session.get(PoolNode, name)
     downtime = skip_downtime(session, node, now) if node is not None else None  # priced as the node was
-    node = node or PoolNode(name=name)
+    if node is None:  # a first registration, or a row that was lost: the worker it holds says it is bound
+        node = PoolNode(name=name, worker_id=_held_by(session, name))
     node.host_class, node.concurrency, node.threads, node.pid = info.host_class, info.concurrency, info.threads, info.pid
     node.profile, node.labels, node.shared, node.host = (info.profile, json.dumps(dict(info.labels), sort_keys=True),
                                                          info.shared, info.host)
     node.cores, node.memory_bytes, node.gpus, node.key_cache_bytes = (info.cores, info.memory_bytes, info.gpus,
                                                                        info.key_cache_bytes)
-    node.gpu_build = info.gpu_build
+    node.capabilities = json.dumps(list(info.capabilities))
     node.status = NodeStatus.ONLINE
     node.started_at = node.last_seen = now
     session.add(node)
@@ -109,7 +113,9 @@ def register(session: Session, name: str, info: NodeInfo, now: datetime | None =
 def skip_downtime(session: Session, node: PoolNode, now: datetime) -> Downtime | None:
     """The worker the node still holds, charged up to its last heartbeat, the silence since not
     owed; the downtime, recorded as its model's event. None if it holds none."""
-    worker = session.get(Worker, node.worker_id) if node.worker_id else None
+    # Locked and read fresh: a reconciler that failed it meanwhile (committed while this waited)
+    # charged it already, and its downtime is no longer this node's to skip.
+    worker = charging.lock_worker(session, node.worker_id) if node.worker_id else None
     since = aware(node.last_seen)
     if worker is None or not worker.status.holds_node or since >= now:
         return None
@@ -117,6 +123,12 @@ def skip_downtime(session: Session, node: PoolNode, now: datetime) -> Downtime |
     downtime = Downtime(worker.id, node.name, since, now)
     events.record_for(session, worker.model_id, EventKind.WORKER_DOWNTIME, downtime.describe(), worker_id=worker.id)
     return downtime
+
+
+def _held_by(session: Session, name: str) -> str | None:
+    """The worker that holds node ``name`` by the workers' own rows (its node row may be gone)."""
+    return session.exec(select(Worker.id).where(Worker.node_name == name, col(Worker.status).in_(HOLDING_NODE))
+                        .order_by(col(Worker.created_at).desc())).first()
 
 
 def heartbeat(session: Session, name: str) -> bool:
@@ -193,6 +205,20 @@ def shared_models(session: Session, held: Mapping[tuple[str, int], int], account
                   key=lambda m: (m.model, m.version))
 
 
+def capabilities_of(node: PoolNode) -> frozenset[str]:
+    """The backends a node said it can run when it registered (its ``capabilities`` column)."""
+    try:
+        found = json.loads(node.capabilities or "[]")
+    except ValueError:
+        return frozenset()
+    return frozenset(str(name) for name in found) if isinstance(found, list) else frozenset()
+
+
+def can_run(node: PoolNode, required: set[str] | frozenset[str]) -> bool:
+    """Whether the node has every backend of ``required`` (what a model's versions were compiled for)."""
+    return required <= capabilities_of(node)
+
+
 def describe_node(node: PoolNode, worker: Worker | None, model: Model | None, heartbeat_s: float,
                   account_id: str | None = None) -> NodeOut:
     age = (utcnow() - aware(node.last_seen)).total_seconds()
@@ -205,10 +231,12 @@ def describe_node(node: PoolNode, worker: Worker | None, model: Model | None, he
     allocatable = capacity if not bound else NodeResources(
         cores=0, memory_bytes=max(0, node.memory_bytes - node.key_cache_bytes), gpus=0, slots=0)
     mine = bound and worker is not None and (account_id is None or worker.account_id == account_id)
+    capabilities = capabilities_of(node)
     return NodeOut(
         name=node.name, host=node.host, profile=node.profile, host_class=node.host_class,
         labels=json.loads(node.labels or "{}"), shared=node.shared, status=status, threads=node.threads,
-        capacity=capacity, allocatable=allocatable, gpu_build=node.gpu_build, busy=bound,
+        capacity=capacity, allocatable=allocatable, capabilities=sorted(capabilities),
+        gpu_build=gpu.BACKEND.name in capabilities, busy=bound,  # 0.7's field: capabilities say it for every backend
         model=model.name if mine and model else None, worker_id=worker.id if mine and worker else None,
         worker_status=worker.status.value if mine and worker else None, heartbeat_age_s=round(age, 1),
     )

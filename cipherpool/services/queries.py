@@ -15,15 +15,18 @@ from datetime import datetime
 
 from sqlmodel import Session, col, func, select
 
+from cipherpool import backends
+from cipherpool.clock import utcnow
 from cipherpool.db.tables import (
-    Account, AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, NodeStatus, PoolNode, TokenModel, Worker,
-    WorkerStatus, utcnow,
+    Account, AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, NodeStatus, PoolNode, TokenModel, Worker, WorkerStatus,
 )
 from cipherpool.errors import (
     EvaluationKeyNotFound, InsufficientCredits, InvalidEvaluationKey, InvalidInput, InvalidToken, KeysOutdated, ModelInactive,
     NoWorkerUp, TokenExpired, TokenNotForModel, TooManyKeys,
 )
-from cipherpool.services.tokens import aware, check_usable, resolve_token
+from cipherpool.services.nodes import can_run
+from cipherpool.services.tokens import check_usable, resolve_token
+from cipherpool.clock import aware
 
 KEY_ID = re.compile(r"[0-9a-f]{32}")
 REGENERATE = ("generate keys again from its current client specs and upload them "
@@ -41,7 +44,7 @@ class ModelGrant:
     status: ModelStatus
     version: int
     client_blob: str
-    hardware: str = "cpu"  # its host class: the routing key of its queries
+    hardware: str = backends.DEFAULT_HOST_CLASS  # its host class: the routing key of its queries
     dedicated: bool = True  # a dedicated worker is up for it
     shared_online: bool = False  # a shared node of its class is online
     allows_shared: bool = False  # its provider lets it run on shared nodes
@@ -171,12 +174,13 @@ def serving_models(session: Session, model_ids: list[str]) -> tuple[set[str], se
         return set(), set()
     dedicated = select(Worker.model_id).join(PoolNode, PoolNode.name == Worker.node_name).where(  # type: ignore[arg-type]
         col(Worker.model_id).in_(model_ids), Worker.status == WorkerStatus.UP, PoolNode.status == NodeStatus.ONLINE)
-    # A version compiled for the GPU counts only shared nodes whose concrete has the GPU build.
-    shared = select(Model.id).join(PoolNode, PoolNode.host_class == Model.hardware).join(  # type: ignore[arg-type]
+    # A shared node counts for a model whose serving version's backend is among its capabilities.
+    shared = select(Model.id, ModelVersion.backend, PoolNode).join(
+        PoolNode, PoolNode.host_class == Model.hardware).join(  # type: ignore[arg-type]
         ModelVersion, (col(ModelVersion.model_id) == Model.id) & (col(ModelVersion.number) == Model.version)).where(
-        col(Model.id).in_(model_ids), col(PoolNode.shared).is_(True), PoolNode.status == NodeStatus.ONLINE,
-        (col(ModelVersion.backend) != "gpu") | col(PoolNode.gpu_build).is_(True))
-    return set(session.exec(dedicated).all()), set(session.exec(shared).all())
+        col(Model.id).in_(model_ids), col(PoolNode.shared).is_(True), PoolNode.status == NodeStatus.ONLINE)
+    runnable = {model_id for model_id, backend, node in session.exec(shared) if can_run(node, {backend})}
+    return set(session.exec(dedicated).all()), runnable
 
 
 def check_query(grant: TokenGrant, model_id: str, wait_for_worker: bool = False,

@@ -2,7 +2,7 @@
 
 A node heartbeats every ``node_heartbeat_s``; one not heard from for 3 beats is lost (a
 SIGKILL, a host gone). Its workers are failed with the reason and its node marked offline, so
-the model's queries can be served elsewhere; :func:`cipherpool.lifecycle.reconcile` then
+the model's queries can be served elsewhere; :func:`cipherpool.scheduler.reconcile.reconcile` then
 starts replacements where the model still wants them, started as the lost one was (by whom,
 for which schedule, of which profile), so a schedule still stops it at its window's end. A
 node that comes back finds its worker failed and stays free (it rebinds only a worker still
@@ -19,12 +19,13 @@ from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
 
-from cipherpool.billing.charging import lock_worker, skip_silence
-from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
+from cipherpool.billing.charging import lock_worker
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus
 from cipherpool.statuses import HOLDING_NODE, StopReason
 from cipherpool.services.nodes import NODE_STALE_HEARTBEATS
-from cipherpool.services.tokens import aware
-from cipherpool.services.workers import finish
+from cipherpool.clock import aware
+from cipherpool.services.workers import finish_silent
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,19 @@ def fail_lost_workers(session: Session, heartbeat_s: float, now: datetime | None
         worker = lock_worker(session, found.id)
         if worker is None or worker.status not in HOLDING_NODE:
             continue
+        # Read again too: a node that registered again (committed while this one waited for the
+        # worker's lock) is not lost, and its fresh row must not be marked offline.
+        node = session.exec(select(PoolNode).where(PoolNode.name == node.name)
+                            .execution_options(populate_existing=True)).one()
+        if aware(node.last_seen) >= stale:
+            continue
         silent = (now - aware(node.last_seen)).total_seconds()
         wanted = worker.status != WorkerStatus.STOPPING
         node.status = NodeStatus.OFFLINE
         session.add(node)
         worker.stop_reason = StopReason.NODE_LOST.value
-        skip_silence(session, worker.id, aware(node.last_seen), now)  # and what was charged past it, given back
-        finish(session, worker.id, WorkerStatus.FAILED, error=f"node {node.name} lost: no heartbeat for {silent:.0f} s",
-               charge_until=aware(node.last_seen))
+        finish_silent(session, worker.id, WorkerStatus.FAILED, aware(node.last_seen), now=now,
+                      error=f"node {node.name} lost: no heartbeat for {silent:.0f} s")
         lost.append(_lost(session, worker, node.name, wanted))
     return lost
 

@@ -7,14 +7,15 @@ each refusal names which. Only the SHA-256 of its value is stored.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session, col, delete, select
 
 from cipherpool.api.schemas import DEFAULT_TOKEN_TTL_S, TokenOut
 from cipherpool.credentials import DISPLAY_CHARS, TOKEN_PREFIX, digest, new_secret
-from cipherpool.db.tables import AccessToken, Account, EvaluationKey, Model, TokenModel, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import AccessToken, Account, EvaluationKey, Model, TokenModel
 from cipherpool.errors import (
     InvalidInput, InvalidToken, TokenDisabled, TokenExpired, TokenNotFound, TokenRevoked,
 )
@@ -25,6 +26,7 @@ from cipherpool.services.usage import Usage, exhausted
 from cipherpool.services.validation import check_name
 from cipherpool.statuses import EventKind, TokenStatus
 from cipherpool.store import BlobKind
+from cipherpool.clock import aware
 
 EDITABLE = ("name", "expires_at", "quota", "enabled")
 
@@ -208,11 +210,6 @@ def describe(token: AccessToken, model_names: list[str], usage: Usage) -> TokenO
         revoked=token.revoked_at is not None, quota=token.quota, queries_used=usage.queries,
         last_used_at=_iso(usage.last_used_at),
     )
-
-
-def aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back naive (they are UTC); clients may send naive ones too."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -21,15 +21,17 @@ from cipherpool.billing.charging import lock_worker, settle, skip_silence
 from cipherpool.billing.gate import require_start_credit
 from cipherpool.config.profiles import labels_match
 from cipherpool.config.settings import get_settings
-from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus
 from cipherpool.errors import (
     BelowMinimum, InvalidInput, ModelInactive, NoFreeNode, WorkerLimit, WorkerNotFound, WorkerStartFailed,
     WrongWorkerState,
 )
 from cipherpool.services import events, rollout
-from cipherpool.services.models import get_model, model_selector, needs_gpu_build
-from cipherpool.services.nodes import live, node_is_live
-from cipherpool.services.tokens import aware
+from cipherpool import backends
+from cipherpool.services.models import get_model, model_selector, required_backends
+from cipherpool.services.nodes import can_run, capabilities_of, live, node_is_live
+from cipherpool.clock import aware
 from cipherpool.statuses import WANTED, EventKind, StopReason
 
 MAX_START = 64  # workers one start may ask for
@@ -92,10 +94,9 @@ def free_nodes(session: Session, model: Model, heartbeat_s: float, profile: str 
                                    col(PoolNode.shared).is_(False))
     if profile is not None:
         query = query.where(PoolNode.profile == profile)
-    if needs_gpu_build(session, model):
-        query = query.where(col(PoolNode.gpu_build).is_(True))
-    selector = model_selector(model)
-    return [n for n in session.exec(query.order_by(PoolNode.name)) if labels_match(node_labels(n), selector)]
+    selector, required = model_selector(model), required_backends(session, model)
+    return [n for n in session.exec(query.order_by(PoolNode.name))
+            if labels_match(node_labels(n), selector) and can_run(n, required)]
 
 
 def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str | None, count: int, free: int) -> str:
@@ -105,8 +106,8 @@ def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str
     of_class = [n for n in nodes if n.host_class == model.hardware]
     labelled = [n for n in of_class if labels_match(node_labels(n), selector)]
     profiled = [n for n in labelled if profile is None or n.profile == profile]
-    needs_build = needs_gpu_build(session, model)
-    built = [n for n in profiled if n.gpu_build or not needs_build]
+    required = required_backends(session, model)
+    built = [n for n in profiled if can_run(n, required)]
     start = "start one (`cipherpool pool node --profile NAME`)"
     if not of_class:
         others = sorted({n.host_class for n in nodes})
@@ -118,9 +119,10 @@ def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str
     if not profiled:
         return f"No online {model.hardware} node of profile {profile!r} may serve model {model.name!r}: {start}."
     if not built:
-        return (f"Model {model.name!r} was compiled for the GPU (device=\"cuda\") and none of the {len(profiled)} online "
-                f"{model.hardware} node(s) that may serve it has concrete's GPU build (`cipherpool pool nodes` shows which do): "
-                "install concrete-python's GPU wheel on a gpu node and restart it.")
+        backend = backends.describe(min(required - frozenset.intersection(*(capabilities_of(n) for n in profiled))))
+        return (f"Model {model.name!r} was compiled for {backend.target} and none of the {len(profiled)} online "
+                f"{model.hardware} node(s) that may serve it has {backend.needs} (`cipherpool pool nodes` shows which "
+                f"do): {backend.remedy}.")
     return (f"{count} worker(s) asked for model {model.name!r}, but only {free} of the {len(built)} {model.hardware} "
             f"node(s) that may serve it are free (the others serve workers): stop a worker, or {start}.")
 
@@ -166,11 +168,11 @@ def request_stop(session: Session, account: Account, worker_id: str, heartbeat_s
     if not node_is_live(session, worker.node_name, heartbeat_s):
         # A silent node's worker owes nothing past the node's last heartbeat (as when it is lost).
         node = session.get(PoolNode, worker.node_name)
-        heard = aware(node.last_seen) if node is not None and node.last_seen is not None else None
-        if heard is not None:
-            skip_silence(session, worker.id, heard, utcnow())
-        finish(session, worker.id, WorkerStatus.STOPPED, error=f"node {worker.node_name} was not live",
-               charge_until=heard)
+        error = f"node {worker.node_name} was not live"
+        if node is not None and node.last_seen is not None:
+            finish_silent(session, worker.id, WorkerStatus.STOPPED, aware(node.last_seen), error=error)
+        else:
+            finish(session, worker.id, WorkerStatus.STOPPED, error=error)
         return StopDecision(worker, tell_node=False)
     settle(session, worker.id)  # up to now at its state's rate (standby's, if it was): stopping is runtime
     worker.status = WorkerStatus.STOPPING
@@ -258,6 +260,14 @@ def set_consuming(session: Session, worker_id: str, consuming: bool) -> None:
         held = ""
     events.record_for(session, worker.model_id, kind, f"worker {worker.id} {what} on {worker.node_name}{held}",
                       worker_id=worker.id, version=worker.version)
+
+
+def finish_silent(session: Session, worker_id: str, status: WorkerStatus, heard: datetime, *, error: str,
+                  now: datetime | None = None) -> None:
+    """End a worker whose node went silent after ``heard`` (its last heartbeat): charged exactly
+    up to it, anything charged past it given back once, nothing owed after."""
+    skip_silence(session, worker_id, heard, now or utcnow())
+    finish(session, worker_id, status, error=error, charge_until=heard)
 
 
 def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | None = None, *,

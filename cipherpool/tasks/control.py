@@ -14,10 +14,10 @@ from typing import ParamSpec, TypeVar
 
 from celery import Task
 
-from cipherpool import lifecycle
-from cipherpool.alerts import evaluate as alert_rules
+from cipherpool.scheduler import alerts as alert_rules
+from cipherpool.scheduler import reconcile as reconciler
 from cipherpool.alerts import webhook as alert_webhook
-from cipherpool.billing.tick import tick
+from cipherpool.scheduler.billing import tick
 from cipherpool.messages import Envelope, ok
 from cipherpool.monitoring import beat_jobs
 from cipherpool.names import ALERTS_TASK, BILLING_TASK, RECONCILE_TASK, WEBHOOK_TASK
@@ -27,7 +27,7 @@ from cipherpool.scheduler import autoscale as autoscaler
 from cipherpool.scheduler.tick import apply_schedules
 from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import celery_task, platform_task
-from cipherpool.workers.context import platform
+from cipherpool.context import platform
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -56,15 +56,15 @@ def beat_job(task: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
 @platform_task(app, RECONCILE_TASK)
 @beat_job(RECONCILE_TASK)
 def reconcile() -> dict[str, list[str]]:
-    """Fail the workers of lost nodes and start their replacements (see lifecycle.reconcile)."""
-    lost = lifecycle.reconcile(platform(), app)
+    """Fail the workers of lost nodes and start their replacements (see scheduler.reconcile)."""
+    lost = reconciler.reconcile(platform(), app)
     return {"failed": [w.worker_id for w in lost]}
 
 
 @platform_task(app, BILLING_TASK)
 @beat_job(BILLING_TASK)
 def billing() -> dict[str, object]:
-    """Charge running workers and shared execution; stop accounts at zero (see billing.tick)."""
+    """Charge running workers and shared execution; stop accounts at zero (see scheduler.billing)."""
     report, enforced = tick(platform(), app)
     return {"lines": len(report.charged), "charged": report.total, "errors": report.errors,
             "stopped": enforced.depleted, "low": enforced.low}
@@ -90,7 +90,7 @@ def autoscale() -> dict[str, list[str]]:
 @platform_task(app, ALERTS_TASK)
 @beat_job(ALERTS_TASK)
 def alerts() -> dict[str, object]:
-    """Evaluate every alert rule: fire, clear, queue webhook calls (see alerts.evaluate)."""
+    """Evaluate every alert rule: fire, clear, queue webhook calls (see scheduler.alerts)."""
     report = alert_rules.evaluate_all(platform(), app)
     return {"rules": report.rules, "fired": report.fired, "cleared": report.cleared, "queued": report.queued,
             "errors": report.errors}

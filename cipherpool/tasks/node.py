@@ -8,8 +8,8 @@ from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import platform_task
 from cipherpool.workers import binding, query
 from cipherpool.workers.binding import BindOutcome
-from cipherpool.workers.context import platform
-from cipherpool.workers.node import NodeRuntime, WorkerReport, current_runtime
+from cipherpool.context import platform
+from cipherpool.workers.node import NodeRuntime, current_runtime
 
 
 def _runtime() -> NodeRuntime:
@@ -45,5 +45,6 @@ def warm(request: object) -> query.Warmed:
 
 
 @platform_task(app, STATS_TASK)
-def stats() -> WorkerReport:
-    return _runtime().report()
+def stats() -> dict[str, object]:
+    """The node's live figures (``cipherpool.api.schemas.WorkerStats``, as the wire carries it)."""
+    return _runtime().report().model_dump(mode="json")

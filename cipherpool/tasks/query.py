@@ -14,7 +14,7 @@ from cipherpool.messages import Envelope, failed
 from cipherpool.names import QUERY_TASK
 from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import celery_task
-from cipherpool.workers.context import platform
+from cipherpool.context import platform
 from cipherpool.workers.node import current_runtime
 from cipherpool.workers.query import Delivery, Requeue, handle
 

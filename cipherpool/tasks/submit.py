@@ -19,13 +19,12 @@ from __future__ import annotations
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
-from cipherpool.dispatch import output_of, prepare_query, publish_query, reply_from_meta
+from cipherpool.dispatch import output_of, reply_from_meta, submit
 from cipherpool.errors import QueryTimeout
 from cipherpool.messages import EncryptedInput
-from cipherpool.services import usage
 from cipherpool.services.queries import Route, check_query, grant_for_id, key_blob, route
 from cipherpool.tasks.app import app
-from cipherpool.workers.context import PlatformContext, platform
+from cipherpool.context import PlatformContext, platform
 
 
 def submit_query(token_id: str, ciphertext: bytes, *, wait_for_worker: bool = False, mode: Route = Route.AUTO,
@@ -39,14 +38,7 @@ def submit_query(token_id: str, ciphertext: bytes, *, wait_for_worker: bool = Fa
         model = check_query(grant, envelope.model_id, wait_for_worker, Route(mode))
         shared = route(model, Route(mode), wait_for_worker) == Route.SHARED
         blob_id = key_blob(session, grant, model, envelope.key_id)
-    usage.charge(ctx.store.redis, grant.token_id, grant.quota)
-    try:
-        request = prepare_query(ctx.settings, ctx.store, grant, model, envelope, ciphertext, blob_id)  # service
-        return publish_query(app, request, model.hardware, ctx.settings.query_timeout_s, shared=shared,
-                             model_name=model.name)
-    except Exception:
-        usage.refund(ctx.store.redis, grant.token_id)  # not published: not counted
-        raise
+    return submit(app, ctx.settings, ctx.store, grant, model, envelope, ciphertext, blob_id, shared=shared)
 
 
 def query_output(handle: AsyncResult, timeout: float | None = None, *, ctx: PlatformContext | None = None) -> bytes:

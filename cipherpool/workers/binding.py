@@ -24,16 +24,15 @@ from celery import Celery
 from cipherpool.db.tables import Model, Worker, WorkerStatus
 from cipherpool.dispatch import query_queue
 from cipherpool.errors import CipherpoolError, WorkerStartFailed
-from cipherpool.fhe.evaluator import ConcreteEvaluator, Evaluator
-from cipherpool.lifecycle import announce
+from cipherpool.fhe.evaluator import Evaluator
+from cipherpool.announce import serving_changed
 from cipherpool.names import ROLLOUT_LOCK_PREFIX
 from cipherpool.services import events, rollout
 from cipherpool.services.models import get_version, model_selector
 from cipherpool.services.workers import binding_to_load, finish, mark_loading, mark_running, set_consuming
 from cipherpool.statuses import EventKind
 from cipherpool.store import BlobKind
-from cipherpool.workers import capacity
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent
 from cipherpool.workers.node import Binding, NodeRuntime
 
@@ -119,7 +118,7 @@ def _apply_standby(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, work
         runtime.update_binding(worker_id, lambda b: replace(b, consuming=not standby))
     with ctx.session() as session:
         set_consuming(session, worker_id, not standby)
-    announce(ctx)
+    serving_changed(ctx)
     return {"bound": True, "queue": binding.queue}
 
 
@@ -136,7 +135,7 @@ def unbind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: s
             runtime.hooks.binding_unbound(current.event)
         with ctx.session() as session:
             finish(session, worker_id, WorkerStatus.STOPPED)
-        announce(ctx)
+        serving_changed(ctx)
         return {"bound": False}
 
 
@@ -175,7 +174,7 @@ def _roll(ctx: PlatformContext, runtime: NodeRuntime, worker_id: str) -> None:
                 target = model.rollout_version if model else None
                 flipped = target is not None and target in held and rollout.worker_loaded(session, worker_id, target)
             if flipped:
-                announce(ctx)  # gateways take the new serving version (and its client specs) now
+                serving_changed(ctx)  # gateways take the new serving version (and its client specs) now
     except Exception as exc:  # the node keeps serving what it holds; the log says why
         if runtime.binding is None or runtime.binding.worker_id != worker_id:
             return  # unbound meanwhile (its directory went with it): nothing failed
@@ -224,14 +223,10 @@ def _load_version(ctx: PlatformContext, runtime: NodeRuntime, event: BindingEven
     return runtime.load_evaluator(event, server_zip, workdir / f"v{number}")
 
 
-def default_evaluator_factory(server_zip: bytes, workdir: Path) -> ConcreteEvaluator:
-    return ConcreteEvaluator(server_zip, workdir, gpu_build=capacity.concrete_gpu_available())
-
-
 def _fail(ctx: PlatformContext, runtime: NodeRuntime, event: BindingEvent, reason: str) -> None:
     with ctx.session() as session:
         finish(session, event.worker_id, WorkerStatus.FAILED, error=reason)
-    announce(ctx)  # it may have been the last worker a rollout waited for
+    serving_changed(ctx)  # it may have been the last worker a rollout waited for
     runtime.hooks.binding_load_failed(event, reason)
 
 

@@ -9,12 +9,14 @@ tests can point it at files of their own.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+# Whether concrete's GPU build runs here: the GPU backend's capability probe, which lives with it.
+from cipherpool.backends.gpu import concrete_gpu_available as concrete_gpu_available
 
 CGROUP_MEMORY_MAX = Path("/sys/fs/cgroup/memory.max")  # cgroup v2: bytes, or "max" for no limit
 DEV_DIR = Path("/dev")
@@ -92,16 +94,3 @@ def visible_device_count(value: str) -> int:
             break
         count += 1
     return count
-
-
-@functools.cache
-def concrete_gpu_available() -> bool:
-    """Whether concrete's GPU build is installed and sees a CUDA device. Imports concrete
-    (seconds, and its memory) on first call, so only processes that will run FHE ask; asked
-    once per process (a driver does not appear under a running process)."""
-    try:
-        from concrete.compiler import check_gpu_available, check_gpu_enabled
-
-        return bool(check_gpu_enabled()) and bool(check_gpu_available())
-    except Exception:  # not installed, a CPU-only wheel, a broken driver: no usable GPU
-        return False

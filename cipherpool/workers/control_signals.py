@@ -19,7 +19,7 @@ from celery import signals
 
 from cipherpool.monitoring.heartbeats import Heartbeat, Role
 from cipherpool.names import POOL_QUEUE
-from cipherpool.workers.context import platform
+from cipherpool.context import platform
 
 log = logging.getLogger("cipherpool.control")
 _running: dict[Role, Heartbeat] = {}

@@ -1,9 +1,9 @@
 """The state of one pool node process: its binding, loaded model and key cache.
 
 A node serves at most one model. Binding loads the model's ``FHEModelServer`` once, in this
-process (never in a parent that forks later: DESIGN.md §6), then starts consuming the
+process (never in a parent that forks later: docs/architecture.md, 'Why the threads pool'), then starts consuming the
 model's queue; unbinding stops consuming first, so queries still queued wait for another node.
-Nodes run Celery's ``threads`` pool (see README, "Why the threads pool"), so all parallel
+Nodes run Celery's ``threads`` pool (see docs/architecture.md, 'Why the threads pool'), so all parallel
 executions share the one loaded model and the one key cache.
 """
 
@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
+from cipherpool.api.schemas import KeyCacheOut, WorkerStats
 from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.fhe.keycache import KeyCache
 from cipherpool.workers.hooks import BindingEvent, Hook, Hooks
-from cipherpool.workers.stats import FiguresDict, NodeStats
+from cipherpool.workers.stats import NodeStats
 
 if TYPE_CHECKING:
     from cipherpool.workers.shared import SharedModels
@@ -69,30 +70,6 @@ class Binding:
         primary = serving if serving in every else self.version
         return replace(self, version=primary, evaluator=every[primary],
                        others={v: e for v, e in every.items() if v in versions and v != primary})
-
-
-class KeyCacheDict(TypedDict):
-    entries: int
-    charged_bytes: int
-    capacity_bytes: int
-    evictions: int
-
-
-class WorkerReport(FiguresDict):
-    """A node's live figures for its current worker, as the API reports them
-    (``cipherpool.api.schemas.WorkerStats``)."""
-
-    node: str
-    host_class: str
-    concurrency: int
-    threads: int | None
-    model_id: str | None
-    model: str | None
-    worker_id: str | None
-    versions: list[int]
-    bound_for_s: float | None
-    node_lifetime: FiguresDict
-    key_cache: KeyCacheDict
 
 
 class NodeRuntime:
@@ -155,27 +132,23 @@ class NodeRuntime:
         self.hooks.model_loaded(binding, seconds=time.monotonic() - started)
         return evaluator
 
-    def report(self) -> WorkerReport:
-        """The live figures of this node's current worker (``cipherpool.api.schemas.WorkerStats``):
-        the binding's own counts at the top level, the node's lifetime counts apart."""
+    def report(self) -> WorkerStats:
+        """The live figures of this node's current worker: the binding's own counts at the top
+        level, the node's lifetime counts apart."""
         binding = self._binding
         cache = self.key_cache.stats()
         own = self.stats.of_binding(binding.worker_id) if binding else self.stats.of_binding("")
-        return {
-            **own,
-            "node": self.name,
-            "host_class": self.host_class,
-            "concurrency": self.concurrency,
-            "threads": self.threads,
-            "model_id": binding.model_id if binding else None,
-            "model": binding.model_name if binding else None,
-            "worker_id": binding.worker_id if binding else None,
-            "versions": sorted(binding.versions) if binding else [],
-            "bound_for_s": time.time() - binding.bound_at if binding else None,
-            "node_lifetime": self.stats.of_node(),
-            "key_cache": {"entries": cache.entries, "charged_bytes": cache.charged_bytes,
-                          "capacity_bytes": cache.capacity_bytes, "evictions": cache.evictions},
-        }
+        return WorkerStats(
+            **own.model_dump(),
+            node=self.name, host_class=self.host_class, concurrency=self.concurrency, threads=self.threads,
+            model_id=binding.model_id if binding else None, model=binding.model_name if binding else None,
+            worker_id=binding.worker_id if binding else None,
+            versions=sorted(binding.versions) if binding else [],
+            bound_for_s=time.time() - binding.bound_at if binding else None,
+            node_lifetime=self.stats.of_node(),
+            key_cache=KeyCacheOut(entries=cache.entries, charged_bytes=cache.charged_bytes,
+                                  capacity_bytes=cache.capacity_bytes, evictions=cache.evictions),
+        )
 
 
 _runtime: NodeRuntime | None = None

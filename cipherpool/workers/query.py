@@ -21,7 +21,7 @@ from cipherpool.names import query_routing_key
 from cipherpool.services.queries import REGENERATE
 from cipherpool.store import BlobKind
 from cipherpool.fhe.evaluator import Evaluator
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import Hook, QueryEvent
 from cipherpool.workers.node import NodeRuntime
 
@@ -102,15 +102,7 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, q
     runtime.hooks.query_authorised(query)
 
     t = time.time()
-    blob_id = request.blob_id
-
-    def load() -> tuple[Any, int]:
-        blob = ctx.store.get(BlobKind.EVALUATION_KEY, blob_id)
-        return evaluator.load_keys(blob), len(blob)
-
-    # Shared by identical keys; on a shared node, per model (its models' keys differ in kind).
-    cache_key = f"{request.model_id}:{blob_id}" if runtime.shared_models is not None else blob_id
-    keys, hit = runtime.key_cache.get_or_load(cache_key, load)
+    keys, hit = _keys(ctx, runtime, request, evaluator)
     query.timings["key_s"] = time.time() - t
     runtime.hooks.key_loaded(query, hit=hit, seconds=query.timings["key_s"])
 
@@ -180,6 +172,20 @@ def _reply(ctx: PlatformContext, request: QueryRequest, output: bytes) -> _Outpu
     return {"output": body}
 
 
+def _keys(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, evaluator: Evaluator) -> tuple[Any, bool]:
+    """The request's evaluation key, deserialized: from the node's key cache, else fetched from
+    the store and loaded once (concurrent queries with the same key wait for one load). Shared
+    by identical keys; on a shared node, per model (its models' keys differ in kind). Returns
+    (keys, whether the cache had them)."""
+
+    def load() -> tuple[Any, int]:
+        blob = ctx.store.get(BlobKind.EVALUATION_KEY, request.blob_id)
+        return evaluator.load_keys(blob), len(blob)
+
+    cache_key = f"{request.model_id}:{request.blob_id}" if runtime.shared_models is not None else request.blob_id
+    return runtime.key_cache.get_or_load(cache_key, load)
+
+
 class Warmed(TypedDict):
     seconds: float
     cached: bool  # the key set was in the cache already: nothing to do
@@ -197,13 +203,7 @@ def warm(ctx: PlatformContext, runtime: NodeRuntime, raw: object) -> Warmed:
     except NotBoundHere:
         raise ModelUnavailable("This node no longer serves the model.") from None
     encrypted = _open(ctx, request)
-
-    def load() -> tuple[Any, int]:
-        blob = ctx.store.get(BlobKind.EVALUATION_KEY, request.blob_id)
-        return evaluator.load_keys(blob), len(blob)
-
-    cache_key = f"{request.model_id}:{request.blob_id}" if runtime.shared_models is not None else request.blob_id
-    keys, hit = runtime.key_cache.get_or_load(cache_key, load)
+    keys, hit = _keys(ctx, runtime, request, evaluator)
     if not hit:
         evaluator.run(encrypted.data, keys)
     seconds = time.time() - started

@@ -33,7 +33,7 @@ from cipherpool.names import SHARED_EXECUTION_PREFIX
 from cipherpool.services.nodes import loaded_key
 from cipherpool.services.models import get_version
 from cipherpool.store import BlobKind
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent, Hook, QueryEvent
 
 log = logging.getLogger("cipherpool.node")

@@ -30,22 +30,25 @@ from cipherpool.config.profiles import resolve_profile
 from cipherpool.dispatch import shared_queue_of
 from cipherpool.names import BIND_TASK, POOL_QUEUE, UNBIND_TASK, node_queue
 from cipherpool.services import nodes as node_service
-from cipherpool.fhe.evaluator import preload
-from cipherpool.workers.binding import default_evaluator_factory
-from cipherpool.workers.context import platform
+from cipherpool import backends
+from cipherpool.fhe.evaluator import evaluator_factory, preload
+from cipherpool.context import platform
 from cipherpool.files import private_dir
 from cipherpool.workers import capacity
 from cipherpool.workers.hooks import load_hook
 from cipherpool.workers.loghook import WorkerLog
 from cipherpool.billing.rates import profile_prices
 from cipherpool.workers.querycount import QueryCounter
-from cipherpool.monitoring.timings import FLUSH_S, QueryTimings
+from cipherpool.workers.timings import FLUSH_S, QueryTimings
 from cipherpool.workers.shared import ExecutionMeter, SharedModels
 from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
 from cipherpool.waiting import Backoff, StateLog
+from cipherpool.fhe.process import block_sigpipe
 
 log = logging.getLogger("cipherpool.node")
 _stop_heartbeat = threading.Event()
+_registration: threading.Thread | None = None  # the thread that registers and heartbeats (pool nodes)
+REGISTRATION_JOIN_S = 10.0
 Handler = Callable[..., None]
 
 
@@ -65,6 +68,7 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
         queues = set(sender.app.amqp.queues.consume_from or {})
         if POOL_QUEUE not in queues:
             return
+        block_sigpipe()  # before any execution thread exists: they inherit it (cipherpool/fhe/process.py)
         ctx = platform()
         settings = ctx.settings
         profile = resolve_profile(settings)
@@ -82,16 +86,16 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
         hooks = [WorkerLog(redis), QueryCounter(redis), QueryTimings(redis, flush_s=FLUSH_S),
                  *(load_hook(path) for path in settings.node_hooks)]
         if profile.shared:
-            hooks.insert(0, ExecutionMeter(lambda: ctx.store.redis, profile.name))
+            hooks.insert(0, ExecutionMeter(lambda: ctx.counters, profile.name))  # billed: never counted twice
         runtime = install_runtime(
             NodeRuntime(
                 sender.hostname,
-                host_class=profile.host_class.value,
+                host_class=profile.host_class,
                 concurrency=concurrency,
                 threads=threads,
                 key_cache_bytes=profile.key_cache_bytes,
                 key_memory_factor=settings.key_memory_factor,
-                evaluator_factory=default_evaluator_factory,
+                evaluator_factory=evaluator_factory(profile.host_class),
                 hooks=hooks, profile=profile.name, labels=profile.labels, shared=profile.shared,
             )
         )
@@ -100,7 +104,7 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
             shutil.rmtree(workdir, ignore_errors=True)  # what an earlier run of this node loaded
             private_dir(workdir)
             runtime.shared_models = SharedModels(sender.hostname, runtime.host_class, profile.model_cache_bytes,
-                                                 workdir, default_evaluator_factory, redis=redis)
+                                                 workdir, runtime.evaluator_factory, redis=redis)
             runtime.shared_models.forget_published()
         if settings.node_preload:
             log.info("pool node %s imported concrete in %.1f s", sender.hostname, preload())
@@ -122,22 +126,24 @@ def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
                                   routing_key=queue.routing_key)
         ctx = platform()
         host = capacity.detect()
-        # Only a gpu node serves models compiled for the GPU; asking imports concrete.
-        gpu_build = runtime.host_class == "gpu" and capacity.concrete_gpu_available()
+        # The backends this node can run; only its class's are probed (a probe may import concrete).
+        capabilities = backends.probe(runtime.host_class)
         info = node_service.NodeInfo(
             host_class=runtime.host_class, concurrency=runtime.concurrency, threads=runtime.threads,
             pid=os.getpid(), profile=runtime.profile, labels=runtime.labels, shared=runtime.shared,
             host=socket.gethostname(), cores=host.cores, memory_bytes=host.memory_bytes, gpus=host.gpus,
-            gpu_build=gpu_build,
+            capabilities=capabilities,
             key_cache_bytes=runtime.key_cache.stats().capacity_bytes,
             prices=profile_prices(resolve_profile(ctx.settings)),
         )
     except Exception:
         log.exception("worker_ready handler failed")
         return
+    global _registration
     _stop_heartbeat.clear()
-    threading.Thread(target=_keep_registered, args=(runtime.name, info, ctx.settings.node_heartbeat_s, sender.app),
-                     name="cipherpool-heartbeat", daemon=True).start()
+    _registration = threading.Thread(target=_keep_registered, name="cipherpool-heartbeat", daemon=True,
+                                     args=(runtime.name, info, ctx.settings.node_heartbeat_s, sender.app))
+    _registration.start()
 
 
 @_on(signals.worker_shutdown)
@@ -146,6 +152,8 @@ def on_worker_shutdown(sender: Any = None, **_kwargs: Any) -> None:
     if runtime is None:
         return
     _stop_heartbeat.set()
+    if _registration is not None:  # a registration or heartbeat in flight must not land after the offline mark
+        _registration.join(timeout=REGISTRATION_JOIN_S)
     if runtime.shared_models is not None:
         runtime.shared_models.forget_published()
     try:
@@ -162,46 +170,56 @@ def _keep_registered(name: str, info: node_service.NodeInfo, interval_s: float, 
     Nodes start in any order with the rest of the platform: a database that is unreachable, or
     not migrated yet, is waited for with backoff (:class:`Backoff`, logged once per change of
     state), and a registration that was lost (the row is gone: a database restored, a schema
-    made after the node started) is made again. While registered, the heartbeat also
-    reconciles: a binding whose worker the database no longer wants (stopped by an operator
-    without a broker at hand, or an unbind message lost) is unbound by the node itself."""
+    made after the node started) is made again. Once registered, a failed heartbeat is tried
+    again within one interval, never later: a node that is slow to be heard after a database
+    outage looks lost. A rebind that could not be sent (the broker away) is sent again at the
+    next beat, without registering again (which would count the time since as downtime).
+    While registered, the heartbeat also reconciles: a binding whose worker the database no
+    longer wants (stopped by an operator without a broker at hand, or an unbind message lost)
+    is unbound by the node itself."""
     state = StateLog(log, f"pool node {name}: registration")
     backoff = Backoff(first_s=min(1.0, interval_s), max_s=max(interval_s, 30.0))
     registered = False
+    rebind: str | None = None  # a worker to rebind, not yet told to this node's queue
     while not _stop_heartbeat.is_set():
         pause = interval_s
         try:
             if not registered:
-                _register(name, info, app)
+                rebind = _register(name, info)
                 registered = True
                 state.recovered("registered")
             elif not _heartbeat(name, app):
                 log.warning("pool node %s: its registration is gone from the database; registering again", name)
-                registered = False
-                pause = 0.0
+                registered, rebind, pause = False, None, 0.0
+            if rebind is not None:
+                log.info("node %s rebinding worker %s after restart", name, rebind)
+                app.send_task(BIND_TASK, kwargs={"worker_id": rebind}, queue=node_queue(name))
+                rebind = None
             backoff.reset()
         except Exception as exc:  # noqa: BLE001 - the database or the broker is down: wait, then try again
             state.failed(exc)
-            pause = backoff.next()
+            pause = backoff.next() if not registered else min(interval_s, backoff.next())
         _stop_heartbeat.wait(pause)
 
 
-def _register(name: str, info: node_service.NodeInfo, app: Any) -> None:
-    """Record this node as online, and rebind the worker the database says it serves (a node
-    that restarts keeps its binding)."""
+def _register(name: str, info: node_service.NodeInfo) -> str | None:
+    """Record this node as online (committed); the worker it must rebind, if the database says
+    it serves one that this process does not hold yet (a node that restarts keeps its binding)."""
     ctx = platform()
     with ctx.session() as session:
         registered = node_service.register(session, name, info)
         binding = node_service.binding_of_node(session, name)
     if registered.downtime is not None:  # committed: the worker's log says what its events say
-        workerlog.write(ctx.store.redis, registered.downtime.worker_id, registered.downtime.describe(),
-                        level="warning", source=name)
+        try:
+            workerlog.write(ctx.store.redis, registered.downtime.worker_id, registered.downtime.describe(),
+                            level="warning", source=name)
+        except Exception:  # noqa: BLE001 - the log line is best effort; the event is recorded
+            log.warning("node %s: could not write the downtime to worker %s's log", name, registered.downtime.worker_id)
     runtime = current_runtime()
     held = runtime.binding if runtime else None
     if binding is not None and (held is None or held.worker_id != binding[0].id):
-        worker, model = binding
-        log.info("node %s rebinding to model %s after restart", name, model.name)
-        app.send_task(BIND_TASK, kwargs={"worker_id": worker.id}, queue=node_queue(name))
+        return binding[0].id
+    return None
 
 
 def _heartbeat(name: str, app: Any) -> bool:

@@ -13,26 +13,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TypedDict
 
+from cipherpool.api.schemas import Figures
 from cipherpool.errors import CipherpoolError
 from cipherpool.workers.hooks import BindingEvent, Hook, QueryEvent
-
-
-class FiguresDict(TypedDict):
-    """Counts and averages over a span, as the API reports them (``cipherpool.api.schemas.Figures``)."""
-
-    since: float
-    queries_succeeded: int
-    queries_refused: int
-    queries_failed: int
-    queries_requeued: int
-    model_loads: int
-    key_cache_hits: int
-    key_cache_misses: int
-    average_compute_s: float | None
-    average_queue_wait_s: float | None
-    last_compute_s: float | None
 
 
 @dataclass
@@ -49,22 +33,17 @@ class Counters:
     queue_wait_s_total: float = 0.0
     last_compute_s: float | None = None
 
-    def figures(self) -> FiguresDict:
-        """What the API reports (``cipherpool.api.schemas.Figures``): counts and averages."""
+    def figures(self) -> Figures:
+        """What the API reports: counts and averages."""
         done = self.queries_succeeded
-        return {
-            "since": self.since,
-            "queries_succeeded": done,
-            "queries_refused": self.queries_refused,
-            "queries_failed": self.queries_failed,
-            "queries_requeued": self.queries_requeued,
-            "model_loads": self.model_loads,
-            "key_cache_hits": self.key_cache_hits,
-            "key_cache_misses": self.key_cache_misses,
-            "average_compute_s": self.compute_s_total / done if done else None,
-            "average_queue_wait_s": self.queue_wait_s_total / done if done else None,
-            "last_compute_s": self.last_compute_s,
-        }
+        return Figures(
+            since=self.since, queries_succeeded=done, queries_refused=self.queries_refused,
+            queries_failed=self.queries_failed, queries_requeued=self.queries_requeued, model_loads=self.model_loads,
+            key_cache_hits=self.key_cache_hits, key_cache_misses=self.key_cache_misses,
+            average_compute_s=self.compute_s_total / done if done else None,
+            average_queue_wait_s=self.queue_wait_s_total / done if done else None,
+            last_compute_s=self.last_compute_s,
+        )
 
 
 class NodeStats(Hook):
@@ -118,10 +97,10 @@ class NodeStats(Hook):
     def query_requeued(self, query: QueryEvent) -> None:
         self._count(query.worker_id, queries_requeued=1)
 
-    def of_binding(self, worker_id: str) -> FiguresDict:
+    def of_binding(self, worker_id: str) -> Figures:
         with self._lock:
             return self._bindings.get(worker_id, Counters()).figures()
 
-    def of_node(self) -> FiguresDict:
+    def of_node(self) -> Figures:
         with self._lock:
             return self.lifetime.figures()

@@ -11,7 +11,7 @@ import json
 import os
 import socket
 
-from cipherpool.workers.context import platform
+from cipherpool.context import platform
 from cipherpool.workers.hooks import Hook, QueryEvent
 
 EVENTS_FILE = "broken-pipe.jsonl"

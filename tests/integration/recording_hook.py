@@ -10,7 +10,7 @@ import json
 import threading
 
 from cipherpool.errors import CipherpoolError
-from cipherpool.workers.context import platform
+from cipherpool.context import platform
 from cipherpool.workers.hooks import BindingEvent, Hook, QueryEvent
 
 EVENTS_FILE = "hook-events.jsonl"

@@ -26,7 +26,8 @@ from cipherpool.billing.rates import prices_at
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import Settings
 from cipherpool.db import session_scope
-from cipherpool.db.tables import Account, LedgerEntry, Model, Worker, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, LedgerEntry, Model, Worker
 from cipherpool.statuses import StopReason, WorkerStatus
 from cipherpool.waiting import wait_until
 

@@ -159,8 +159,9 @@ def test_a_schema_migrated_after_the_gateway_started_makes_it_ready_without_a_re
         upgrade_db(fresh_postgres_url)
         api_key, _, _ = credentials(fresh_postgres_url)
 
-        # Then the same gateway process is ready and serves
-        after = http.get("/v1/ready")
+        # Then the same gateway process is ready (once its cached answer, at most a second old, is
+        # renewed) and serves
+        after = wait_until(lambda: (r := http.get("/v1/ready")).status_code == 200 and r, 15, interval_s=0.2)
         assert after.status_code == 200, after.text
         assert after.json()["status"] == "ready" and after.json()["checks"]["schema"]["detail"].endswith("(head)")
         served = http.get("/v1/account", headers=bearer(api_key))

@@ -70,7 +70,11 @@ def test_a_killed_beat_goes_missing_everywhere_and_is_recorded_once(tmp_path):
         fresh = wait_until(when(lambda s: beat_state(s) is ComponentState.OK and all(j.last_run for j in s.beat_jobs)),
                            30, interval_s=0.5)
         assert {j.job for j in fresh.beat_jobs} == {"reconcile", "billing", "schedules", "alerts", "autoscale"}
-        assert all(j.age_s is not None and j.age_s <= 1.5 * JOB_S for j in fresh.beat_jobs), fresh.beat_jobs
+        # ... run by this beat: each after it started (not chosen by the wait above, which
+        # asked only that each ran once and that the judge found them on time)
+        (this_beat,) = fresh.beats
+        assert all(j.last_run is not None and j.last_run >= this_beat.started_at for j in fresh.beat_jobs), (
+            this_beat.started_at, fresh.beat_jobs)
         states = {c.component: c.state for c in fresh.components}
         assert states[Component.GATEWAY] is states[Component.CONTROL] is states[Component.STORE] is ComponentState.OK
         assert [b.pid for b in fresh.beats] == [next(c.pid for c in stack.supervisor.children if c.name == "beat")]

@@ -170,7 +170,7 @@ def test_a_long_query_is_waited_for_by_polling_not_by_one_long_request(platform,
 def test_trusted_in_cluster_code_submits_through_celery(platform, clients, examples):
     """The Python task submission API: platform credentials, token by id, no gateway."""
     from cipherpool.config.settings import reset_settings
-    from cipherpool.workers.context import PlatformContext
+    from cipherpool.context import PlatformContext
 
     qc = clients["cancer"]
     token_id = next(t.id for t in platform.mc.list_tokens() if t.name == "cancer-user")

@@ -341,7 +341,7 @@ def test_any_query_message_gets_a_typed_refusal_and_the_node_keeps_serving(node_
     ctx, runtime, blob_id, ref = node_world
     obj = data.draw(MSGPACKABLE | near_valid_requests(blob_id, ref))
     wire = msgpack.unpackb(msgpack.packb(obj, use_bin_type=True), raw=False)  # as kombu hands it over
-    before = runtime.stats.of_node()
+    before = runtime.stats.of_node().model_dump()
     # Through a queue that is not the model's own, so nothing may be requeued: every message
     # ends in exactly one envelope (a reply or a typed refusal), never an exception.
     envelope = handle(ctx, runtime, wire, Delivery(task_id="fuzz", routing_key=POOL_QUEUE))
@@ -350,7 +350,7 @@ def test_any_query_message_gets_a_typed_refusal_and_the_node_keeps_serving(node_
         assert reply.output is not None or reply.output_ref is not None
     except CipherpoolError:
         pass
-    after = runtime.stats.of_node()
+    after = runtime.stats.of_node().model_dump()
     outcomes = ("queries_succeeded", "queries_refused", "queries_failed", "queries_requeued")
     assert [after[k] - before[k] for k in outcomes if after[k] != before[k]] == [1]  # one outcome, counted once
     assert after["queries_failed"] == 0

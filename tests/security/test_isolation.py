@@ -158,7 +158,7 @@ def world(tmp_path_factory) -> Iterator[World]:
     from cipherpool.fhe.deployment import Versions
     from cipherpool.gateway.app import create_app
     from cipherpool.billing import ledger
-    from cipherpool.db.tables import utcnow
+    from cipherpool.clock import utcnow
     from cipherpool.services import accounts, models, nodes, tokens, workers
     from cipherpool.stack.redis_server import start_redis
     from cipherpool.stack.supervisor import Supervisor
@@ -223,7 +223,8 @@ def world(tmp_path_factory) -> Iterator[World]:
             b["schedule"] = schedules.create_schedule(session, bob, B_MODEL, start_cron="0 8 1 1 *",
                                                       stop_cron="0 9 1 1 *", workers=2).id
             # B's alert rule with a webhook, fired once (as beat records it).
-            from cipherpool.alerts import evaluate, rules
+            from cipherpool.alerts import rules
+            from cipherpool.scheduler import alerts as evaluate
 
             b_alert = rules.set_rule(session, bob, B_MODEL, "average_query_s", 1.0,
                                      webhook_url="https://bob.example.com/hook").rule

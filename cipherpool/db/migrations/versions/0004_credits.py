@@ -19,7 +19,9 @@ nothing. The downgrade drops it all.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -96,10 +98,7 @@ def upgrade() -> None:
 
 def _open_accounts() -> None:
     """The opening grant of each account, and billing of running workers from now on."""
-    from cipherpool.billing.money import to_micro
-    from cipherpool.config.settings import Settings
-
-    grant = to_micro(Settings().credits_signup_grant, "CIPHERPOOL_CREDITS_SIGNUP_GRANT")
+    grant = _opening_grant()
     now = datetime.now(UTC)
     bind = op.get_bind()
     accounts = sa.table("accounts", sa.column("id", sa.String()), sa.column("balance_micro", sa.BigInteger()))
@@ -131,3 +130,18 @@ def downgrade() -> None:
     op.drop_table("ledger")
     op.drop_table("invoices")
     op.drop_table("rates")
+
+
+def _opening_grant() -> int:
+    """The opening grant in micro-credits: the sign-up grant the operator configured (the
+    setting's default when this migration was written: 100 credits). Read here, not through the
+    application's settings and money code, so that this migration does the same thing whatever
+    later versions of those do."""
+    raw = os.environ.get("CIPHERPOOL_CREDITS_SIGNUP_GRANT", "100")
+    try:
+        micro = Decimal(raw) * 1_000_000
+    except InvalidOperation:
+        raise ValueError(f"CIPHERPOOL_CREDITS_SIGNUP_GRANT={raw!r} is not a number of credits") from None
+    if not micro.is_finite() or micro != micro.to_integral_value() or micro < 0:
+        raise ValueError(f"CIPHERPOOL_CREDITS_SIGNUP_GRANT={raw!r} is not a whole number of micro-credits")
+    return int(micro)

@@ -18,10 +18,11 @@ from sqlmodel import Session, col, select
 from cipherpool import lifecycle
 from cipherpool.billing.money import show, to_micro
 from cipherpool.config.settings import Settings
-from cipherpool.db.tables import Account, Model, ModelStatus, Worker, utcnow
+from cipherpool.clock import utcnow
+from cipherpool.db.tables import Account, Model, ModelStatus, Worker
 from cipherpool.services import events
 from cipherpool.statuses import WANTED, EventKind, StopReason
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.billing")
 

@@ -8,8 +8,8 @@ from datetime import datetime
 from celery import Celery
 
 from cipherpool.billing.charging import Charged, TickReport, charge_all
-from cipherpool.billing.enforce import Enforced, enforce
-from cipherpool.workers.context import PlatformContext
+from cipherpool.scheduler.credits import Enforced, enforce
+from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.billing")
 

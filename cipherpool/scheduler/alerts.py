@@ -39,7 +39,7 @@ from cipherpool.monitoring.depth import queue_depth
 from cipherpool.names import model_queue
 from cipherpool.services import events
 from cipherpool.statuses import AlertEventKind, AlertMetric, AlertState, EventKind, WebhookDelivery
-from cipherpool.workers.context import PlatformContext
+from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.alerts")
 

@@ -1,5 +1,5 @@
 """What every platform process (control worker, pool node, beat) shares: settings, the
-database and the blob store. Clients never build one: they have no database credentials."""
+database, the blob store and its counters. Clients never build one: they have no database credentials."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlmodel import Session
 
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.db import session_scope
-from cipherpool.store import BlobStore
+from cipherpool.store import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, BlobStore
 
 
 @dataclass
@@ -25,6 +28,14 @@ class PlatformContext:
     @cached_property
     def store(self) -> BlobStore:
         return BlobStore.from_url(self.settings.effective_store_url())
+
+    @cached_property
+    def counters(self) -> redis.Redis:
+        """The store's Redis for increments that must not count twice (shared-node metering,
+        which is billed): no command is sent again, since a retry after a lost reply would add
+        twice. A failed increment is the hook's to log; the store's own client retries once."""
+        return redis.Redis.from_url(self.settings.effective_store_url(), socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                    socket_timeout=SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
 
     def session(self) -> AbstractContextManager[Session]:
         return session_scope(self.db_url)
