@@ -7,7 +7,7 @@ Prints (medians of --rounds):
   * usage() and report() over a ledger of a day of 60-second ticks for 5 workers (7200 lines).
 
 Usage: .venv/bin/python benchmarks/billing_tick.py [--workers 200] [--rounds 3]
-Figures, not assertions: the README's performance section quotes them.
+Figures, not assertions: docs/performance.md quotes them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ first bind), and starts the digits model three times in each: the first start is
 one, the next two rebind a node that has imported concrete already.
 
 Usage: .venv/bin/python benchmarks/cold_start.py [--model DIR]   (default: train the digits MLP)
-Figures, not assertions: the README's performance section quotes them (target <= 2 s).
+Figures, not assertions: docs/performance.md quotes them (target <= 2 s).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ new keys, so the key is deserialized and used; or without), then times its first
 second one. Also times `resume_worker` after `standby_worker` (no model load).
 
 Usage: .venv/bin/python benchmarks/first_query.py [--rounds 3]
-Figures, not assertions: the README's performance section quotes them.
+Figures, not assertions: docs/performance.md quotes them.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Prints, per call (median of 5 rounds of --calls calls):
   * reading usage for a listing of 100 tokens (one pipelined round trip).
 
 Usage: .venv/bin/python benchmarks/management_overhead.py [--calls 5000]
-Figures, not assertions: the README's performance section quotes them.
+Figures, not assertions: docs/performance.md quotes them.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Prints, in one run:
     threads as cores (target >= 0.5x).
 
 Usage: .venv/bin/python benchmarks/query_latency.py [--queries 20] [--throughput 300]
-Figures, not assertions: targets live in the README's performance section.
+Figures, not assertions: targets live in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ one execution of cores/N threads, and every query is in flight at once through t
 Ciphertexts are made before the clock starts, and every node has the key warmed.
 
 Usage: .venv/bin/python benchmarks/saturation.py [--queries 24] [--nodes 2] [--repeats 3]
-Figures, not assertions: the README's performance section quotes them.
+Figures, not assertions: docs/performance.md quotes them.
 """
 
 from __future__ import annotations

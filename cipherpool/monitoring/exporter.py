@@ -10,7 +10,7 @@ gateway process registered there.
 
 One scrape costs one database session (five small reads, grouped in SQL), two Redis reads and
 one passive queue declaration per model, then the health view's own reads (a session for the
-nodes, a few Redis reads). The families (README, "Monitoring"):
+nodes, a few Redis reads). The families (docs/operations.md, "Monitoring"):
 
 * ``cipherpool_query_queue_wait_seconds``, ``cipherpool_query_compute_seconds``: histograms
   per ``account``, ``model``, all-time (the buckets of :data:`.timings.BUCKETS_S`);

@@ -1,7 +1,7 @@
 """The platform's own health as Prometheus families, beside the query figures on ``/metrics``.
 
 The same :class:`~cipherpool.api.schemas.PlatformStatus` that `cipherpool status` prints, so
-an alert fires on exactly what the operator then reads. Families (README, "Monitoring"):
+an alert fires on exactly what the operator then reads. Families (docs/operations.md, "Monitoring"):
 
 * ``cipherpool_component_up{component}``: 0 when missing, else 1 (late is up, but late);
 * ``cipherpool_component_state{component, state}``: 1 for its state, 0 for the others;

@@ -1,5 +1,5 @@
 """Celery tasks: thin wrappers over services. ``celery -A cipherpool.tasks worker`` starts a
-control worker by default, a pool node with ``-Q cipherpool.pool`` (see README). Trusted
+control worker by default, a pool node with ``-Q cipherpool.pool`` (see docs/operations.md). Trusted
 in-cluster code submits queries with :mod:`cipherpool.tasks.submit`."""
 
 from cipherpool.tasks.app import app
