@@ -13,7 +13,9 @@ from typing import Any
 from celery import Celery
 
 from cipherpool.config.settings import Settings, get_settings
-from cipherpool.names import ALERTS_TASK, AUTOSCALE_TASK, BILLING_TASK, CONTROL_QUEUE, RECONCILE_TASK, SCHEDULE_TASK
+from cipherpool.names import (
+    ALERTS_TASK, AUTOSCALE_TASK, BILLING_TASK, CONTROL_QUEUE, KEY_SWEEP_TASK, RECONCILE_TASK, SCHEDULE_TASK,
+)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -34,6 +36,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Any start order: a worker or beat started before the broker waits for it as long as it
         # takes (Celery's default gives up after 100 tries), and reconnects after an outage.
         "broker_connection_max_retries": None,
+        # RabbitMQ: a node that reconnects after a partition must be able to declare its control
+        # queue again while the broker still holds its old, dead connection (measured: the node
+        # died with RESOURCE_LOCKED on its exclusive pidbox queue when a 70 s partition healed;
+        # benchmarks/faults.py). Node names are unique, so nothing else shares that queue; and
+        # a 30 s AMQP heartbeat lets the broker drop dead connections within a minute, not 4.
+        "control_queue_exclusive": False,
+        "broker_heartbeat": 30,
         # A publish whose connection died (a broker restart) is sent again once, on a fresh
         # connection: it never reached the broker, so this does it once. Once (Celery's
         # default is three, 0.6 s), so that with the broker down a gateway request gets
@@ -86,6 +95,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": AUTOSCALE_TASK,
                 "schedule": settings.autoscale_interval_s,
                 "options": {"queue": CONTROL_QUEUE, "expires": settings.autoscale_interval_s},
+            },
+            # Key sets' last uses, idle expiry, unreferenced blobs: each run reads the state afresh.
+            "keys": {
+                "task": KEY_SWEEP_TASK,
+                "schedule": settings.key_sweep_interval_s,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.key_sweep_interval_s},
             },
         },
     }
