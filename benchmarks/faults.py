@@ -128,10 +128,7 @@ class Sent:
     done_at: float | None = None
     output: bytes | None = None
     error: str | None = None  # the code of what result() raised
-
-    @property
-    def node(self) -> str | None:
-        return self.handle.node if self.output is not None else None
+    node: str | None = None  # the node that computed it, read from its stored result (end users are not told)
 
 
 def code_of(exc: BaseException) -> str:
@@ -145,8 +142,10 @@ class Trickle:
     queries taken but not finished). Ciphertexts are made beforehand: only bytes move here,
     and decryption happens once, at the end, in the caller's thread."""
 
-    def __init__(self, qc: Any, ciphertexts: list[bytes], interval_s: float, timeout_s: float = QUERY_TIMEOUT_S):
+    def __init__(self, qc: Any, ciphertexts: list[bytes], interval_s: float, timeout_s: float = QUERY_TIMEOUT_S,
+                 store_url: str | None = None):
         self.qc, self.ciphertexts, self.interval_s, self.timeout_s = qc, ciphertexts, interval_s, timeout_s
+        self.store_url = store_url  # the platform's Redis: which node computed each answer
         self.sent: list[Sent] = []
         self.refused: Counter[str] = Counter()
         self._count = 0
@@ -190,6 +189,19 @@ class Trickle:
         except Exception as exc:  # noqa: BLE001 - recorded, judged in tally()
             sent.error = code_of(exc)
         sent.done_at = time.monotonic()
+        if sent.output is not None and self.store_url:
+            sent.node = self._computed_by(sent.handle.id)
+
+    def _computed_by(self, query_id: str) -> str | None:
+        import redis
+
+        from cipherpool.gateway.results import computed_by
+
+        try:
+            with redis.Redis.from_url(self.store_url or "", socket_timeout=5) as client:
+                return computed_by(client, query_id)
+        except redis.RedisError:
+            return None
 
     def snapshot(self) -> list[Sent]:
         with self._lock:
@@ -641,8 +653,8 @@ def simple_platform(run: Run, nodes: tuple[str, ...], workers: int) -> tuple[Pla
     return p, redis, mc, ciphertexts, expected, qc
 
 
-def trickle_for(run: Run, qc: Any, ciphertexts: list[bytes], interval_s: float) -> Trickle:
-    trickle = Trickle(qc, ciphertexts, interval_s)
+def trickle_for(run: Run, p: Platform, qc: Any, ciphertexts: list[bytes], interval_s: float) -> Trickle:
+    trickle = Trickle(qc, ciphertexts, interval_s, store_url=p.links.store)
     run.before_stop.callback(trickle.abort)
     return trickle.start()
 
@@ -653,7 +665,7 @@ def node_kill(run: Run) -> None:
     visibility timeout passes; the client only waits longer."""
     out = run.out
     p, _, mc, ciphertexts, expected, qc = simple_platform(run, ("node1", "node2"), workers=2)
-    trickle = trickle_for(run, qc, ciphertexts, 0.7)
+    trickle = trickle_for(run, p, qc, ciphertexts, 0.7)
     time.sleep(8)
     victim = p.children["node2"]
     victim_worker = next(w for w in mc.list_workers(MODEL) if w.node == "node2@faults")
@@ -725,7 +737,7 @@ def partition(run: Run, broker: str) -> None:
     if worker.node != "apart@faults":
         out.note(f"the worker landed on {worker.node}, not on the partitioned node")
     pid = apart.pid
-    trickle = trickle_for(run, qc, ciphertexts, 1.0)
+    trickle = trickle_for(run, p, qc, ciphertexts, 1.0)
     time.sleep(8)
 
     ns.partition()
@@ -781,7 +793,7 @@ def gateway_restart(run: Run) -> None:
     p, _, mc, ciphertexts, expected, qc = simple_platform(run, ("node1",), workers=1)
     [worker] = mc.list_workers(MODEL)
     qc.wait_for_worker = True  # queued while the worker is on standby, not refused with no_worker_up
-    trickle = trickle_for(run, qc, ciphertexts, 1.0)
+    trickle = trickle_for(run, p, qc, ciphertexts, 1.0)
     time.sleep(6)
     mc.standby_worker(worker.id)
     time.sleep(5)
@@ -805,7 +817,7 @@ def redis_restart(run: Run) -> None:
     (a POST is never resent by the client: counted as failed, by design)."""
     out = run.out
     p, redis, _, ciphertexts, expected, qc = simple_platform(run, ("node1", "node2"), workers=2)
-    trickle = trickle_for(run, qc, ciphertexts, 0.5)
+    trickle = trickle_for(run, p, qc, ciphertexts, 0.5)
     time.sleep(8)
     trickle.burst(6)
     stop_s = kill(redis.child, signal.SIGTERM, grace_s=30)
@@ -830,7 +842,7 @@ def beat_outage(run: Run) -> None:
     prints) is read every 5 s meanwhile."""
     out = run.out
     p, _, _, ciphertexts, expected, qc = simple_platform(run, ("node1",), workers=1)
-    trickle = trickle_for(run, qc, ciphertexts, 1.0)
+    trickle = trickle_for(run, p, qc, ciphertexts, 1.0)
     time.sleep(6)
     state, detail = p.beat_status()
     out.timeline.append(f"before: {state}: {detail}")

@@ -22,6 +22,7 @@ from typing import Any
 
 from cipherpool.config.settings import Settings
 from cipherpool.fhe.evaluator import FakeEvaluator
+from cipherpool.fhe.values import build_value
 from cipherpool.messages import EncryptedInput, QueryRequest
 from cipherpool.workers.timings import FLUSH_S, QueryTimings
 from cipherpool.names import model_queue
@@ -68,7 +69,7 @@ def per_query_us(extra_hooks: int, queries: int, stats: bool = True, redis: Any 
     runtime.set_binding(Binding("w1", MODEL, "m", model_queue("cpu", MODEL), evaluator, "bench"))
     ctx = _Ctx(Settings(), store)
     raw = QueryRequest(token_id="t", model_id=MODEL, key_id=KEY_ID, blob_id=store.blob_id,
-                       input=EncryptedInput(MODEL, KEY_ID, _capnp(2)).encode(), submitted_at=time.time()).encode()
+                       input=EncryptedInput(MODEL, KEY_ID, build_value()).encode(), submitted_at=time.time()).encode()
     delivery = Delivery("q", model_queue("cpu", MODEL), "2099-01-01T00:00:00")
     for _ in range(min(1000, queries)):  # warm up
         handle(ctx, runtime, raw, delivery)

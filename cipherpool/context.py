@@ -1,5 +1,6 @@
 """What every platform process (control worker, pool node, beat) shares: settings, the
-database, the blob store and its counters. Clients never build one: they have no database credentials."""
+database, the blob store (its backend and the platform's Redis) and its counters. Clients
+never build one: they have no database credentials."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class PlatformContext:
 
     @cached_property
     def store(self) -> BlobStore:
-        return BlobStore.from_url(self.settings.effective_store_url())
+        """The blob store the settings name (``blob_store``), with the platform's Redis beside it."""
+        return BlobStore.from_settings(self.settings)
 
     @cached_property
     def counters(self) -> redis.Redis:

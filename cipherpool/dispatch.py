@@ -18,12 +18,16 @@ from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from cipherpool.config.settings import Settings
-from cipherpool.errors import BrokerUnavailable, QueryTimeout, RemoteError
+from cipherpool.errors import BrokerUnavailable, InvalidInput, QueryTimeout, RemoteError, StoreFull
+from cipherpool.fhe.values import check_ciphertext
 from cipherpool.messages import EncryptedInput, QueryReply, QueryRequest, redacted_kwargs, unwrap
+from cipherpool.monitoring import timings
 from cipherpool.names import (
-    QUERY_EXCHANGE, QUERY_TASK, model_queue, node_queue, query_routing_key, shared_queue, shared_routing_key,
+    QUERY_EXCHANGE, QUERY_TASK, WARM_TASK, model_queue, node_queue, query_routing_key, shared_queue,
+    shared_routing_key,
 )
-from cipherpool.services import usage
+from cipherpool.outages import REDIS_FULL, redis_full
+from cipherpool.services import keyuse, usage
 from cipherpool.services.queries import ModelGrant, Route, TokenGrant, check_query
 from cipherpool.store import BlobStore
 
@@ -37,9 +41,27 @@ def open_envelope(grant: TokenGrant, ciphertext: bytes, wait_for_worker: bool = 
     return envelope, check_query(grant, envelope.model_id, wait_for_worker, mode)
 
 
+def admit_ciphertext(store: BlobStore, model: ModelGrant, envelope: EncryptedInput) -> None:
+    """Refuse, before anything is counted or published, a ciphertext that no node could
+    evaluate (:func:`cipherpool.fhe.values.check_ciphertext`): ``malformed_ciphertext`` or
+    ``invalid_ciphertext``. The refusal is counted with the model's refusals (best effort),
+    so its provider sees it, apart from its error rate."""
+    try:
+        check_ciphertext(envelope.data)
+    except InvalidInput:
+        try:
+            timings.count_refused(store.redis, model.model_id)
+        except Exception:  # noqa: BLE001 - a figure is never worth the caller's answer
+            log.warning("could not count a refused ciphertext for model %s", model.model_id)
+        raise
+
+
 def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, model: ModelGrant,
                   envelope: EncryptedInput, ciphertext: bytes, blob_id: str) -> QueryRequest:
-    """An authorised query: inline when small, else by reference through the store."""
+    """An authorised query: inline when small, else by reference through the store. The key
+    set's use is recorded (throttled, in Redis: :mod:`cipherpool.services.keyuse`), for a
+    query as for a warm-up: a key set unused too long expires."""
+    keyuse.record(store.redis, grant.token_id, envelope.key_id)
     inline = len(ciphertext) <= settings.inline_max_bytes
     return QueryRequest(
         token_id=grant.token_id,
@@ -64,7 +86,8 @@ def submit(app: Celery, settings: Settings, store: BlobStore, grant: TokenGrant,
     query against the token's quota, prepare it, publish it; a query that was not published
     is given back to the quota (the client's retry must not count twice). ``before_publish``
     runs after the query is prepared and before it is sent (the gateway records the query's
-    owner there)."""
+    owner there). A ciphertext no node could evaluate is refused first, uncounted."""
+    admit_ciphertext(store, model, envelope)
     usage.charge(store.redis, grant.token_id, grant.quota)
     try:
         request = prepare_query(settings, store, grant, model, envelope, ciphertext, blob_id)
@@ -77,9 +100,30 @@ def submit(app: Celery, settings: Settings, store: BlobStore, grant: TokenGrant,
         raise
 
 
-def _refund(store: BlobStore, grant: TokenGrant) -> None:
+def send_warmups(app: Celery, settings: Settings, store: BlobStore, grant: TokenGrant, model: ModelGrant,
+                 envelope: EncryptedInput, ciphertext: bytes, blob_id: str, nodes: list[str]) -> list[AsyncResult]:
+    """A key warm-up, its ciphertext admitted (:func:`admit_ciphertext`): one throwaway
+    evaluation sent to each of ``nodes`` (dedicated nodes serving the model), each counted
+    against the token's quota as a query (as many nodes as the quota has room for;
+    ``QuotaExceeded`` when it has none). A warm-up that was not published is given back. Each
+    carries a deadline: one a node could not start in time is dropped, never run late."""
+    granted = usage.charge_runs(store.redis, grant.token_id, grant.quota, len(nodes))
+    if not granted:  # no node serves it: nothing to send (a token at its quota was refused all the same)
+        return []
+    sent: list[AsyncResult] = []
     try:
-        usage.refund(store.redis, grant.token_id)
+        request = prepare_query(settings, store, grant, model, envelope, ciphertext, blob_id).encode()
+        for node in nodes[:granted]:
+            sent.append(send_to_node(app, node, WARM_TASK, expires=settings.key_warmup_timeout_s, request=request))
+    finally:
+        if len(sent) < granted:
+            _refund(store, grant, granted - len(sent))
+    return sent
+
+
+def _refund(store: BlobStore, grant: TokenGrant, runs: int = 1) -> None:
+    try:
+        usage.refund(store.redis, grant.token_id, runs)
     except Exception:  # noqa: BLE001 - the store is what failed; the original error is the answer
         log.warning("could not give back a query of token %s to its quota", grant.token_id)
 
@@ -155,6 +199,8 @@ def _send(app: Celery, task: str, kwargs: dict[str, Any], queue: str | Queue, **
     try:
         return app.send_task(task, kwargs=kwargs, queue=queue, kwargsrepr=redacted_kwargs(kwargs), **options)
     except OperationalError as exc:
+        if redis_full(exc):  # kombu wraps a refused write too: the broker's Redis at maxmemory (507)
+            raise StoreFull(REDIS_FULL) from None
         raise BrokerUnavailable(f"Cannot reach the broker: {exc}") from None
 
 

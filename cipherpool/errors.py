@@ -33,6 +33,7 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── VersionNotFound                           no such version of the model
     │   ├── UploadNotFound                            staged upload expired or never made
     │   ├── EvaluationKeyNotFound                     key id never uploaded / not this client's
+    │   │   └── EvaluationKeyExpired            410   the key set expired (unused too long, or its token expired)
     │   ├── AlertNotFound                             no such alert rule in this account
     │   └── ScheduleNotFound                          no such worker schedule in this account
     ├── Conflict                        exit 5  409
@@ -49,9 +50,11 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── VersionMismatch                           client and server concrete versions differ
     │   └── InsufficientCredits                 402   the balance is below what the action needs
     ├── InvalidInput                    exit 6  422
+    │   ├── BadRequest                          400   a request the gateway cannot read as one: two Authorization headers
     │   ├── InvalidDeployment                         directory is not a concrete-ml deployment
     │   ├── InvalidShape                              wrong input shape for encrypt()
     │   ├── MalformedCiphertext                       not a cipherpool ciphertext, or corrupt
+    │   ├── InvalidCiphertext                         well framed, but no value concrete can evaluate (no payload, sizes disagree)
     │   ├── InvalidEvaluationKey                      truncated or unreadable evaluation key
     │   ├── KeyMismatch                               encrypted under other keys than the ones named
     │   ├── ModelMismatch                             encrypted for another model
@@ -61,6 +64,9 @@ Every error a user can meet is a subclass of :class:`CipherpoolError`. Each clas
     │   ├── RateLimited                         429   too many requests; Retry-After says when
     │   ├── QuotaExceeded                       429   the token's query quota is used up
     │   ├── TooManyKeys                         409   key sets per token at their cap
+    │   ├── KeyQuotaExceeded                    409   stored key-set bytes at a quota (the subclass names which)
+    │   │   ├── TokenKeyQuotaExceeded                 the token's (CIPHERPOOL_MAX_KEY_BYTES_PER_TOKEN)
+    │   │   └── AccountKeyQuotaExceeded               the account's (CIPHERPOOL_MAX_KEY_BYTES_PER_ACCOUNT)
     │   └── TooManyAlerts                       409   alert rules per account at their cap
     └── PlatformError                   exit 7  503
         ├── BrokerUnavailable                         (platform side) Redis unreachable; Retry-After
@@ -202,6 +208,14 @@ class EvaluationKeyNotFound(NotFound):
     code = "evaluation_key_not_found"
 
 
+class EvaluationKeyExpired(EvaluationKeyNotFound):
+    """The key set was removed by the platform: unused for ``CIPHERPOOL_KEY_IDLE_EXPIRY_S``, or
+    its token expired. Upload it again (a QueryClient does, by itself, and retries once)."""
+
+    code = "evaluation_key_expired"
+    http_status = 410
+
+
 class AlertNotFound(NotFound):
     code = "alert_not_found"
 
@@ -286,6 +300,14 @@ class RefusedDestination(InvalidInput):
     code = "refused_destination"
 
 
+class BadRequest(InvalidInput):
+    """A request that is ambiguous before anything is read: more than one ``Authorization``
+    header (which one would count?)."""
+
+    code = "bad_request"
+    http_status = 400
+
+
 class InvalidDeployment(InvalidInput):
     code = "invalid_deployment"
 
@@ -296,6 +318,14 @@ class InvalidShape(InvalidInput):
 
 class MalformedCiphertext(InvalidInput):
     code = "malformed_ciphertext"
+
+
+class InvalidCiphertext(InvalidInput):
+    """A ciphertext whose framing is sound but which holds no value concrete can evaluate: no
+    payload, no raw or type information, or a payload whose size disagrees with its shape
+    (a well-framed message of zeros, say). Refused before any node spends time on it."""
+
+    code = "invalid_ciphertext"
 
 
 class InvalidEvaluationKey(InvalidInput):
@@ -340,6 +370,24 @@ class QuotaExceeded(LimitExceeded):
 class TooManyKeys(LimitExceeded):
     code = "too_many_keys"
     http_status = 409
+
+
+class KeyQuotaExceeded(LimitExceeded):
+    """Storing this key set would take the stored key-set bytes past a quota: delete key sets
+    that are no longer used (``DELETE /v1/client/keys/{id}``), or ask the provider or operator.
+    409 like TooManyKeys: waiting does not help (not 429), and it is the caller's quota, not the
+    platform's store (507 store_full)."""
+
+    code = "key_quota_exceeded"
+    http_status = 409
+
+
+class TokenKeyQuotaExceeded(KeyQuotaExceeded):
+    code = "token_key_quota_exceeded"
+
+
+class AccountKeyQuotaExceeded(KeyQuotaExceeded):
+    code = "account_key_quota_exceeded"
 
 
 class TooManyAlerts(LimitExceeded):

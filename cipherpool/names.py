@@ -26,6 +26,7 @@ ALERTS_TASK = TASK_PREFIX + "control.alerts"  # beat, control queue: evaluate al
 AUTOSCALE_TASK = TASK_PREFIX + "control.autoscale"  # beat, control queue: add or remove workers of autoscaled models
 WEBHOOK_TASK = TASK_PREFIX + "control.webhook"  # control queue: deliver one alert event to its webhook (retried)
 RELOAD_TASK = TASK_PREFIX + "node.reload"  # node queue: load the versions its model must hold
+KEY_SWEEP_TASK = TASK_PREFIX + "control.keys"  # beat, control queue: key sets' last use, idle expiry, unreferenced blobs
 
 BLOB_PREFIX = "cipherpool:blob:"  # + kind + ":" + sha256 hex; content-addressed, no TTL
 PAYLOAD_PREFIX = "cipherpool:payload:"  # + uuid; large query payloads, with a TTL
@@ -33,7 +34,9 @@ UPLOAD_PREFIX = "cipherpool:upload:"  # + uuid; a body being streamed in, with a
 STAGED_PREFIX = "cipherpool:staged:"  # + account id + ":" + sha256; deploy artifacts, with a TTL
 QUERY_OWNER_PREFIX = "cipherpool:query:"  # + query id -> the token id that submitted it, TTL
 RATE_PREFIX = "cipherpool:rate:"  # + principal + ":" + window; request counters, TTL 2 windows
+AUTH_FAILURE_PREFIX = "cipherpool:auth-fail:"  # + source address + ":" + window; failed authentications, TTL 2 windows
 USAGE_PREFIX = "cipherpool:usage:"  # + token id -> hash {n: queries counted, last: epoch seconds}
+KEY_USE_KEY = "cipherpool:key-use"  # hash {"<token id>:<key id>": epoch seconds of its last use}, flushed by beat
 AUTH_GENERATION_KEY = "cipherpool:auth-generation"  # bumped on every credential change: gateways drop caches
 SERVING_GENERATION_KEY = "cipherpool:serving-generation"  # bumped when which models have a worker up changes
 WORKER_LOG_PREFIX = "cipherpool:worker-log:"  # + worker id: a capped list of its log lines (JSON), with a TTL
@@ -74,3 +77,10 @@ def shared_routing_key(host_class: str) -> str:
 
 def shared_queue(host_class: str) -> str:
     return f"{SHARED_QUEUE_PREFIX}{host_class}"
+
+# Opaque ids shown for rows an integer sequence numbers platform-wide (model events, ledger
+# lines, alert events): a prefix per kind, then 16 random hex digits. The sequence stays the
+# rows' order inside the platform; its gaps would count other accounts' rows.
+EVENT_ID_PREFIX = "ev_"
+LEDGER_ID_PREFIX = "ln_"
+ALERT_EVENT_ID_PREFIX = "al_"

@@ -16,7 +16,7 @@ import kombu.exceptions
 import redis
 from sqlalchemy import exc as sa_exc
 
-from cipherpool.errors import BrokerUnavailable, DatabaseUnavailable, PlatformError
+from cipherpool.errors import BrokerUnavailable, DatabaseUnavailable, PlatformError, StoreFull
 from cipherpool.waiting import describe_failure as describe
 
 __all__ = ["OUTAGE_TYPES", "describe", "logged_outage", "outage_error"]
@@ -24,6 +24,7 @@ __all__ = ["OUTAGE_TYPES", "describe", "logged_outage", "outage_error"]
 # What a dependency's outage raises into a route or the guard: mapped by outage_error.
 OUTAGE_TYPES: tuple[type[Exception], ...] = (
     sa_exc.SQLAlchemyError, redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError,
+    redis.exceptions.OutOfMemoryError,
 )
 # PostgreSQL's undefined_table and undefined_column: a schema behind this gateway's code.
 MISSING_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
@@ -32,12 +33,16 @@ DATABASE_DOWN = "The platform's database is unavailable; retry in a few seconds.
 SCHEMA_BEHIND = ("The platform's database schema is not migrated to this gateway's version yet; "
                  "retry in a few seconds (the operator runs `cipherpool db upgrade`).")
 STORE_DOWN = "The platform's Redis (broker and store) is unavailable; retry in a few seconds."
+REDIS_FULL = ("The platform's Redis is full (maxmemory; nothing is evicted), so it refuses writes: reads, polls and "
+              "deletes still work. Try later, or ask the operator to free memory or raise "
+              "CIPHERPOOL_REDIS_MAXMEMORY_BYTES.")
 
 
 def outage_error(exc: BaseException) -> PlatformError | None:
     """The typed 503 that ``exc`` stands for when it is a dependency's outage (a database
     connection refused, dropped or timed out, a schema not migrated yet, Redis or the broker
-    unreachable); None when it is anything else, a bug the caller answers as one."""
+    unreachable), or the 507 of a Redis that refuses writes at maxmemory; None when it is
+    anything else, a bug the caller answers as one."""
     if isinstance(exc, sa_exc.DBAPIError):
         if _missing_schema(exc):
             return DatabaseUnavailable(SCHEMA_BEHIND)
@@ -46,9 +51,25 @@ def outage_error(exc: BaseException) -> PlatformError | None:
         return None
     if isinstance(exc, sa_exc.TimeoutError):  # every pooled connection busy past the pool's timeout
         return DatabaseUnavailable(DATABASE_DOWN)
+    if redis_full(exc):  # a write refused at maxmemory (also wrapped by kombu): 507, never a 502
+        return StoreFull(REDIS_FULL)
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)):
         return BrokerUnavailable(STORE_DOWN)
     return None
+
+
+def redis_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a write at ``maxmemory`` (``-OOM ...``), also when it
+    comes wrapped (a publish through kombu, a pipeline)."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, redis.exceptions.OutOfMemoryError) or (
+                isinstance(seen, redis.ResponseError) and str(seen).startswith("OOM")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def logged_outage(exc: BaseException, method: str, path: str, logger: logging.Logger) -> PlatformError | None:

@@ -68,6 +68,14 @@ class TokenStatus(str, Enum):
     ACTIVE = "active"
 
 
+class KeySetStatus(str, Enum):
+    """An end user's key set as ``GET /v1/client/keys`` shows it."""
+
+    ACTIVE = "active"  # made from the serving version's client specs: queries may use it
+    OUTDATED = "outdated"  # made from other client specs: generate keys again
+    EXPIRED = "expired"  # unused too long, or its token expired: its evaluation key was removed; upload it again
+
+
 class AccountStatus(str, Enum):
     ACTIVE = "active"
     DISABLED = "disabled"
@@ -153,7 +161,7 @@ class AlertMetric(str, Enum):
     AVERAGE_QUERY_S = "average_query_s"  # queue wait + compute, averaged over the rule's window
     CURRENT_QUERY_S = "current_query_s"  # the same, over the latest queries (settings.stats_recent) in the window
     QUEUE_WAIT_S = "queue_wait_s"  # the average queue wait over the window
-    ERROR_RATE = "error_rate"  # failed / all attempts over the window, from 0 to 1
+    ERROR_RATE = "error_rate"  # failed / (computed + failed) over the window, from 0 to 1; refusals apart
     QUEUE_DEPTH = "queue_depth"  # queries waiting in the model's queue now
 
     @property

@@ -1,29 +1,45 @@
-"""The shared blob store (Redis): model artifacts, evaluation keys, large query payloads.
+"""The shared blob store: model artifacts, evaluation keys, large query payloads.
 
 Artifacts and keys are content-addressed (sha256), so an upload is idempotent, a reader can
 verify what it got, and messages carry a 64-character id instead of tens of megabytes.
 Payloads (ciphertexts too large to inline) get random ids and a TTL.
 
 Nothing uploaded lives unowned: a body streamed in through the gateway lands under a random
-upload key with a TTL, and becomes a content-addressed blob (no TTL) only once a database row
-owns it (a deployed model, a registered evaluation key). Deployment artifacts wait as *staged*
-uploads, per account and with a TTL, until a deploy adopts them.
+upload name with a deadline, and becomes a content-addressed blob (no deadline) only once a
+database row owns it (a deployed model, a registered evaluation key). Deployment artifacts wait
+as *staged* uploads, per account and with a deadline, until a deploy adopts them.
+
+Where the bytes live is a backend (:mod:`cipherpool.blobs`, ``CIPHERPOOL_BLOB_STORE``): a
+directory (``fs``), an S3-compatible bucket (``s3``) or the platform's Redis (``redis``). The
+store's Redis client (:attr:`BlobStore.redis`) is the platform's Redis whatever the backend:
+counters, rate limits, query owners and heartbeats stay there. A pool node puts a disk cache
+in front of :meth:`BlobStore.get` (:meth:`BlobStore.attach_cache`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
+import time
 import uuid
-from collections.abc import Callable
 from enum import Enum
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING
 
 import redis
 from redis.backoff import AbstractBackoff, ExponentialBackoff
 from redis.retry import Retry
 
-from cipherpool.errors import BrokerUnavailable, NotFound, StoreFull, UploadNotFound
+from cipherpool.blobs import Backend, DiskCache, backend_for
+from cipherpool.blobs.redis_backend import RedisBackend
+from cipherpool.blobs.redis_backend import call as redis_call
+from cipherpool.errors import NotFound, UploadNotFound
 from cipherpool.names import BLOB_PREFIX, PAYLOAD_PREFIX, STAGED_PREFIX, UPLOAD_PREFIX
+
+if TYPE_CHECKING:
+    from cipherpool.config.settings import Settings
+
+log = logging.getLogger("cipherpool.store")
 
 
 CONNECT_TIMEOUT_S = 5.0
@@ -67,9 +83,6 @@ def retry_backoff() -> AbstractBackoff:
     return ExponentialBackoff(cap=0.25, base=0.025)
 
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
 
 class BlobKind(str, Enum):
     CLIENT_ZIP = "client"
@@ -82,50 +95,100 @@ def sha256_hex(data: bytes) -> str:
 
 
 class BlobStore:
-    def __init__(self, client: redis.Redis):
+    """The platform's blob store: the backend's bytes, and the platform's Redis beside it."""
+
+    def __init__(self, client: redis.Redis, backend: Backend | None = None, sweep_interval_s: float = 300.0):
         self._redis = client
+        self._backend: Backend = backend if backend is not None else RedisBackend(client)
+        self._cache: DiskCache | None = None
+        self._sweep_interval_s = sweep_interval_s
+        self._next_sweep = 0.0
+        self._sweeping = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str) -> BlobStore:
-        return cls(redis.Redis.from_url(
-            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30,
-            retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=STALE_ERRORS),
-        ))
+        """Everything in the Redis at ``url`` (the ``redis`` backend)."""
+        return cls(redis_client(url))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BlobStore:
+        """The platform's Redis (``store_url``, else the broker's) and the backend the settings
+        name (``blob_store``)."""
+        client = redis_client(settings.effective_store_url())
+        return cls(client, backend_for(settings, client), sweep_interval_s=settings.blob_sweep_interval_s)
 
     @property
     def redis(self) -> redis.Redis:
+        """The platform's Redis (counters, rate limits, results' owners), whatever the backend."""
         return self._redis
 
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def kind(self) -> str:
+        """Where blobs live: "fs", "s3" or "redis"."""
+        return self._backend.kind
+
+    @property
+    def cache(self) -> DiskCache | None:
+        return self._cache
+
+    def attach_cache(self, cache: DiskCache | None) -> None:
+        """Read content-addressed blobs through a node's disk cache from now on."""
+        self._cache = cache
+
     def ping(self) -> None:
-        self._call(self._redis.ping)
+        """The platform's Redis and the backend both answer."""
+        redis_call(self._redis.ping)
+        if self._backend.kind != "redis":
+            self._backend.ping()
 
     def put(self, kind: BlobKind, data: bytes) -> str:
         blob_id = sha256_hex(data)
-        # NX: an identical upload from a second client is a no-op.
-        self._call(self._redis.set, self._key(kind, blob_id), data, nx=True)
+        self._backend.put(self._key(kind, blob_id), data)  # an identical blob already there is left alone
         return blob_id
 
     def exists(self, kind: BlobKind, blob_id: str) -> bool:
-        return bool(self._call(self._redis.exists, self._key(kind, blob_id)))
+        return self._backend.exists(self._key(kind, blob_id))
 
     def delete(self, kind: BlobKind, blob_id: str) -> None:
         """Drop a blob no row references any more (the caller checked)."""
-        self._call(self._redis.delete, self._key(kind, blob_id))
+        self._backend.delete(self._key(kind, blob_id))
 
     def size(self, kind: BlobKind, blob_id: str) -> int:
-        return int(self._call(self._redis.strlen, self._key(kind, blob_id)))
+        return self._backend.size(self._key(kind, blob_id))
 
     def head(self, kind: BlobKind, blob_id: str, n: int) -> bytes:
         """The first n bytes, without moving a whole key over the network."""
-        return self._bytes(self._call(self._redis.getrange, self._key(kind, blob_id), 0, n - 1)) or b""
+        return self._backend.head(self._key(kind, blob_id), n)
 
     def get(self, kind: BlobKind, blob_id: str) -> bytes:
-        data = self._bytes(self._call(self._redis.get, self._key(kind, blob_id)))
+        """The blob, verified against its sha256; through the disk cache where one is attached."""
+        if self._cache is not None:
+            return self._cache.get(kind.value, blob_id, lambda: self._fetch(kind, blob_id))
+        return self._fetch(kind, blob_id)
+
+    def _fetch(self, kind: BlobKind, blob_id: str) -> bytes:
+        data = self._backend.get(self._key(kind, blob_id))
         if data is None:
             raise NotFound(f"No {kind.value} blob {blob_id[:12]}… in the store.")
         if sha256_hex(data) != blob_id:
             raise NotFound(f"Blob {blob_id[:12]}… is corrupt in the store; upload it again.")
         return data
+
+    def blobs(self, kind: BlobKind | None = None) -> dict[tuple[BlobKind, str], int]:
+        """Every content-addressed blob (of one kind, or all) and its size: for `store check`."""
+        prefix = BLOB_PREFIX + (f"{kind.value}:" if kind else "")
+        found = {}
+        for name, size in self._backend.scan(prefix):
+            blob_kind, _, blob_id = name[len(BLOB_PREFIX):].partition(":")
+            try:
+                found[(BlobKind(blob_kind), blob_id)] = size
+            except ValueError:  # a kind this release does not know
+                continue
+        return found
 
     # ---- uploads streamed in by the gateway --------------------------------------------
 
@@ -134,40 +197,29 @@ class BlobStore:
         return UPLOAD_PREFIX + uuid.uuid4().hex
 
     def append_upload(self, upload: str, chunk: bytes, ttl_s: int) -> None:
-        """Add a chunk to an upload in progress; the TTL drops an abandoned one."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.append(upload, chunk)
-        pipe.expire(upload, ttl_s)
-        self._call(pipe.execute)
+        """Add a chunk to an upload in progress; the deadline drops an abandoned one."""
+        self._backend.append(upload, chunk, ttl_s)
+        self._maybe_sweep()
 
     def upload_head(self, upload: str, n: int) -> bytes:
-        return self._bytes(self._call(self._redis.getrange, upload, 0, n - 1)) or b""
+        return self._backend.head(upload, n)
 
     def discard_upload(self, upload: str) -> None:
-        self._call(self._redis.delete, upload)
+        self._backend.delete(upload)
 
     def adopt(self, upload: str, kind: BlobKind, blob_id: str) -> None:
         """Make a finished upload (or a staged artifact) the content-addressed blob ``blob_id``,
-        with no TTL: a database row now owns it."""
-        target = self._key(kind, blob_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.rename(upload, target)
-        pipe.persist(target)
-        try:
-            self._call(pipe.execute)
-        except redis.ResponseError as exc:
-            raise UploadNotFound("The upload expired before it was used; upload it again.") from exc
+        with no deadline: a database row now owns it."""
+        if not self._backend.persist(upload, self._key(kind, blob_id)):
+            raise UploadNotFound("The upload expired before it was used; upload it again.")
 
     def stage(self, upload: str, account_id: str, blob_id: str, ttl_s: int) -> None:
         """Keep a finished upload as this account's staged artifact for ttl_s seconds."""
-        target = self.staged_key(account_id, blob_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.rename(upload, target)
-        pipe.expire(target, ttl_s)
-        self._call(pipe.execute)
+        if not self._backend.move(upload, self.staged_key(account_id, blob_id), ttl_s):
+            raise UploadNotFound("The upload expired before it was staged; upload it again.")
 
     def get_staged(self, account_id: str, blob_id: str) -> bytes:
-        data = self._bytes(self._call(self._redis.get, self.staged_key(account_id, blob_id)))
+        data = self._backend.get_temp(self.staged_key(account_id, blob_id))
         if data is None or sha256_hex(data) != blob_id:
             raise UploadNotFound(
                 f"No staged upload {blob_id[:12]}… in this account (it expires after an hour); upload it again."
@@ -182,46 +234,58 @@ class BlobStore:
 
     def put_payload(self, data: bytes, ttl_s: int) -> str:
         ref = uuid.uuid4().hex
-        self._call(self._redis.set, PAYLOAD_PREFIX + ref, data, ex=ttl_s)
+        self._backend.put_temp(PAYLOAD_PREFIX + ref, data, ttl_s)
+        self._maybe_sweep()
         return ref
 
     def get_payload(self, ref: str) -> bytes:
         """A payload by reference. Kept until its TTL: a redelivered query reads it again."""
-        data = self._bytes(self._call(self._redis.get, PAYLOAD_PREFIX + ref))
+        data = self._backend.get_temp(PAYLOAD_PREFIX + ref) if ref else None
         if data is None:
             raise NotFound("The query payload expired or was never stored; submit it again.")
         return data
 
     def delete_payload(self, ref: str) -> None:
-        self._call(self._redis.delete, PAYLOAD_PREFIX + ref)
+        self._backend.delete(PAYLOAD_PREFIX + ref)
 
     def expire_payload(self, ref: str, ttl_s: int) -> None:
-        self._call(self._redis.expire, PAYLOAD_PREFIX + ref, ttl_s)
+        self._backend.expire(PAYLOAD_PREFIX + ref, ttl_s)
+
+    # ---- temporaries past their deadline -----------------------------------------------
+
+    def sweep(self) -> int:
+        """Remove temporaries past their deadline now (fs, s3); how many went."""
+        return self._backend.sweep()
+
+    def _maybe_sweep(self) -> None:
+        """At most every ``blob_sweep_interval_s``, sweep in a thread of its own: every process
+        that writes temporaries reclaims the expired ones, with no process of its own for it."""
+        if self._backend.kind == "redis" or time.monotonic() < self._next_sweep:
+            return
+        if not self._sweeping.acquire(blocking=False):
+            return
+        self._next_sweep = time.monotonic() + self._sweep_interval_s
+
+        def run() -> None:
+            try:
+                removed = self._backend.sweep()
+                if removed:
+                    log.info("blob store: removed %d temporaries past their deadline", removed)
+            except Exception:  # noqa: BLE001 - the next sweep tries again
+                log.warning("blob store: the sweep of expired temporaries failed", exc_info=True)
+            finally:
+                self._sweeping.release()
+
+        threading.Thread(target=run, name="blob-sweep", daemon=True).start()
 
     @staticmethod
     def _key(kind: BlobKind, blob_id: str) -> str:
         return f"{BLOB_PREFIX}{kind.value}:{blob_id}"
 
-    @staticmethod
-    def _bytes(reply: bytes | str | None) -> bytes | None:
-        """A reply as the bytes it is: redis-py types replies ``bytes | str`` because a client may
-        decode them, and this store's client must not (blobs are binary)."""
-        if isinstance(reply, str):
-            raise TypeError("The blob store needs a Redis client that does not decode responses.")
-        return reply
 
-    @staticmethod
-    def _call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """``fn(*args, **kwargs)``, a Redis command, with a lost connection or a full store
-        raised as cipherpool's errors."""
-        try:
-            return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BrokerUnavailable(f"Cannot reach the blob store: {exc}") from exc
-        except redis.ResponseError as exc:
-            if str(exc).startswith("OOM"):
-                raise StoreFull(
-                    "The platform's store is full (Redis maxmemory; nothing is evicted): try later, "
-                    "or ask the operator to raise CIPHERPOOL_REDIS_MAXMEMORY_BYTES."
-                ) from exc
-            raise
+def redis_client(url: str) -> redis.Redis:
+    """The platform's Redis client: timeouts and one retry of a stale connection (above)."""
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30,
+        retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=STALE_ERRORS),
+    )

@@ -15,7 +15,9 @@ here, at collection, so no test file has to remember them):
 A whole run goes unit -> security -> integration (:func:`pytest_collection_modifyitems`), so a
 broken unit is reported in seconds, not after the integration tests.
 
-Databases. Migrations run once per session and per backend, not per test:
+Databases. Migrations run once per session (per xdist worker: scripts/test.sh runs the unit
+and security tiers on several processes, one file per process at a time) and per backend,
+never per test:
 
 * SQLite: one template file is migrated at the start; a test's database is a byte copy of it
   at the very URL the test used before (``settings.effective_database_url()``, or the path a
@@ -27,8 +29,8 @@ Databases. Migrations run once per session and per backend, not per test:
   one transaction, the rows the migrations left are put back (none today: the snapshot is
   taken right after migrating, so a seeding migration is covered) and every sequence is set
   back to where the migrations left it, as ``TRUNCATE ... RESTART IDENTITY`` would. Measured
-  on this server: DELETE + setval about 1 ms; TRUNCATE of the 17 tables about 180 ms (file
-  work per table); CREATE DATABASE ... TEMPLATE about 300 ms plus its DROP; migrating about
+  on the loopback server (18 tables): this clean-up about 2 ms; TRUNCATE about 180 ms (file
+  work per table); CREATE DATABASE ... TEMPLATE about 300 ms plus its DROP; migrating 0.5 to
   0.8 s. A test leaving a transaction that holds rows makes the next clean-up wait: after
   ``lock_timeout`` the leftovers' connections are terminated and it runs again.
 
@@ -62,7 +64,7 @@ TESTS = Path(__file__).resolve().parent
 POSTGRES_FIXTURES = frozenset({"postgres_url", "clean_postgres_url", "fresh_postgres_url"})
 UNIT, SECURITY, INTEGRATION = 0, 1, 2
 # The database of the loopback Redis (127.0.0.1:6379) that tests flush: one per xdist worker
-# (13, 12, ...; 13 in a plain run), so that files running side by side never flush each other's.
+# (13, 12, 11...; 13 in a plain run), so that files running side by side never flush each other's.
 REDIS_TEST_DB = 13 - int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % 8
 
 

@@ -28,3 +28,11 @@ def make_deployment(path, client: bytes | None = None, server: bytes | None = No
     (path / "client.zip").write_bytes(client if client is not None else zip_bytes(client_files))
     (path / "server.zip").write_bytes(server if server is not None else zip_bytes({"versions.json": versions_json()}))
     return path
+
+
+
+def value_ciphertext(*args, **kwargs) -> bytes:
+    """A concrete ``Value`` message, as :func:`cipherpool.fhe.values.build_value` makes one."""
+    from cipherpool.fhe.values import build_value
+
+    return build_value(*args, **kwargs)

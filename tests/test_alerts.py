@@ -304,7 +304,7 @@ def recorded(redis_url: str) -> Iterator[tuple[Any, str]]:
 @pytest.mark.parametrize(("metric", "window_s", "now", "recent", "expected"), [
     (A, 300, T0 + 60, 20, 8 / 3),  # (2 + 4 + 2) / 3
     (Q, 300, T0 + 60, 20, 0.5),  # (0.5 + 1 + 0) / 3
-    (E, 300, T0 + 60, 20, 0.2),  # 1 failed of 5 attempts (the refusal counts as an attempt)
+    (E, 300, T0 + 60, 20, 0.25),  # 1 failed of 4 runs (3 computed, 1 failed): the caller's refusal is apart
     (C, 300, T0 + 60, 20, 8 / 3),  # the latest 20: all three
     (C, 300, T0 + 60, 2, 3.0),  # the latest 2: 2 s and 4 s
     (C, 60, T0 + 75, 20, 3.0),  # within the last 60 s: since T0 + 15, the 4 s and 2 s queries
@@ -646,7 +646,7 @@ def test_a_failing_receiver_is_retried_with_backoff_until_it_answers(ctx: Platfo
         assert request.headers[signature.EVENT_HEADER] == "fired"
         assert request.headers["content-type"] == "application/json"
     body = json.loads(bodies.pop())
-    assert body == {"event_id": event_id, "rule_id": rule_id, "model": "m", "model_id": event.model_id,
+    assert body == {"event_id": event.public_id, "rule_id": rule_id, "model": "m", "model_id": event.model_id,
                     "metric": "average_query_s", "kind": "fired", "value": 2.5, "threshold": 1.0, "window_s": 300,
                     "at": body["at"]}
     assert datetime.fromisoformat(body["at"]).tzinfo is not None
@@ -740,5 +740,5 @@ def test_the_celery_task_retries_a_real_receiver_until_it_answers(ctx: PlatformC
                                             "error": None}}
     assert len(calls) == 2 and all(signature.verify(secret, c.headers[signature.SIGNATURE_HEADER], c.body)
                                    for c in calls)
-    assert calls[0].json()["event_id"] == event_id and calls[0].path == "/hook"
+    assert calls[0].json()["event_id"] == _event(ctx, event_id).public_id and calls[0].path == "/hook"
     assert _event(ctx, event_id).delivery == "delivered"

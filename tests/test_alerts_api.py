@@ -92,8 +92,9 @@ def p(gateway: Gateway) -> Iterator[Provider]:
         yield Provider(key, http)
 
 
-def fire(gateway: Gateway, rule_id: str, *values: float | None) -> list[int]:
-    """Evaluate the rule on these figures, in turn, as beat would; the events recorded."""
+def fire(gateway: Gateway, rule_id: str, *values: float | None) -> list[str]:
+    """Evaluate the rule on these figures, in turn, as beat would; the events recorded (their
+    opaque ids, as the API shows them)."""
     from cipherpool.scheduler.alerts import Seen, transition
     from cipherpool.db import session_scope
     from cipherpool.db.tables import AlertRule, Model
@@ -104,7 +105,7 @@ def fire(gateway: Gateway, rule_id: str, *values: float | None) -> list[int]:
             rule = session.get(AlertRule, rule_id)
             event = transition(session, Seen.of(rule, session.get(Model, rule.model_id)), value, datetime.now(UTC))
             if event is not None:
-                recorded.append(event.id)
+                recorded.append(event.public_id)
     return recorded
 
 

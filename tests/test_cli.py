@@ -13,7 +13,7 @@ VERBS = {
               "autoscale"},
     "worker": {"start", "stop", "list", "stats"},
     "token": {"create", "list", "show", "update", "assign", "unassign", "revoke", "delete"},
-    "query": {"keygen", "upload-keys", "encrypt", "execute", "decrypt", "predict"},
+    "query": {"keygen", "upload-keys", "encrypt", "execute", "decrypt", "predict", "keys"},
     "db": {"init", "upgrade", "current"},
     "gateway": {"serve"},
     "schedule": {"add", "reserve", "list", "show", "pause", "resume", "remove"},

@@ -106,15 +106,15 @@ def new_account(gw: Gateway, *models_: str) -> Provider:
         return Provider(account.id, key, made)
 
 
-def line(gw: Gateway, account_id: str, kind: LedgerKind, micro: int, at: datetime, **fields: Any) -> int:
-    """One ledger line as the billing code writes it; its id."""
+def line(gw: Gateway, account_id: str, kind: LedgerKind, micro: int, at: datetime, **fields: Any) -> str:
+    """One ledger line as the billing code writes it; its id (the opaque one the API shows)."""
     from cipherpool.billing import ledger
     from cipherpool.db import session_scope
 
     with session_scope(gw.db) as session:
         entry = ledger.append(session, account_id, kind, micro, f"test:{uuid.uuid4().hex}", at=at, **fields)
         assert entry is not None and entry.id is not None
-        return entry.id
+        return entry.public_id
 
 
 def runtime(gw: Gateway, p: Provider, model: str, worker: str, start: datetime, minutes: int, per_hour_micro: int,
@@ -140,7 +140,7 @@ class March:
     """An account with a known month of March 2025 (and lines either side of it)."""
 
     p: Provider
-    ids: dict[str, int]
+    ids: dict[str, str]
 
 
 @pytest.fixture

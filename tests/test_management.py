@@ -869,17 +869,20 @@ def test_events_are_read_after_a_cursor_or_since_a_moment_in_order(session, acco
     models.update_settings(session, account, "m", {"description": "x"})
     reload(session)
     every = events.list_events(session, model)
-    ids = [e.id for e in every]
-    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert [e.id for e in every] == sorted(e.id for e in every)  # in the platform's order
+    ids = [e.public_id for e in every]  # what a provider sees, and pages by
+    assert len(set(ids)) == 4 and all(i.startswith("ev_") for i in ids)
     assert [e.kind for e in every] == [EventKind.DEPLOYED.value, EventKind.ACTIVATED.value,
                                        EventKind.DEACTIVATED.value, EventKind.SETTINGS_CHANGED.value]
-    assert [e.id for e in events.list_events(session, model, after=first[0].id)] == ids[1:]
-    assert [e.id for e in events.list_events(session, model, after=ids[2])] == ids[3:]
+    assert [e.public_id for e in events.list_events(session, model, after=first[0].public_id)] == ids[1:]
+    assert [e.public_id for e in events.list_events(session, model, after=ids[2])] == ids[3:]
     assert events.list_events(session, model, after=ids[-1]) == []
-    assert [e.id for e in events.list_events(session, model, since=mid)] == ids[1:]
-    assert [e.id for e in events.list_events(session, model, since=mid, after=ids[1])] == ids[2:]
+    assert [e.public_id for e in events.list_events(session, model, since=mid)] == ids[1:]
+    assert [e.public_id for e in events.list_events(session, model, since=mid, after=ids[1])] == ids[2:]
+    with pytest.raises(errors.InvalidInput):  # a cursor that is no event of this model
+        events.list_events(session, model, after="ev_" + "0" * 16)
     assert events.list_events(session, model, since=utcnow() + timedelta(seconds=5)) == []
-    assert [e.id for e in events.list_events(session, model, limit=2)] == ids[:2]
+    assert [e.public_id for e in events.list_events(session, model, limit=2)] == ids[:2]
     out = events.describe(every[1], "m")
     assert (out.id, out.kind, out.model) == (ids[1], "activated", "m")
 
@@ -1117,6 +1120,7 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     from cipherpool.gateway import auth as auth_module
     from cipherpool.gateway.guard import Guard
     from cipherpool.gateway.ratelimit import RateLimiter
+    from cipherpool.gateway.throttle import AuthThrottle
     from cipherpool.names import AUTH_GENERATION_KEY
     from cipherpool.context import PlatformContext
 
@@ -1131,11 +1135,12 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     clock = [1000.0]  # the caches' clock stands still: nothing expires while the test runs
     monkeypatch.setattr(auth_module.time, "monotonic", lambda: clock[0])
     rate = 1e9 if limited else 0
-    gw = SimpleNamespace(auth=auth_module.Authenticator(ctx), limiter=RateLimiter(redis_client, rate, rate))
+    gw = SimpleNamespace(auth=auth_module.Authenticator(ctx), limiter=RateLimiter(redis_client, rate, rate),
+                         throttle=AuthThrottle(redis_client, 0, 60))
     gw.auth.sync()  # the counters as they stand (an earlier test may have moved them)
 
     def request():
-        return Guard._admit(gw, f"Bearer {value}").models[0]
+        return Guard._admit(gw, f"Bearer {value}", "127.0.0.1").models[0]
 
     assert request().dedicated and len(loads) == 1
     # A stop nobody announced is not seen while the caches live

@@ -8,6 +8,7 @@ migrations change tables.py."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -369,3 +370,99 @@ def test_0007_turns_the_gpu_build_into_capabilities_and_back(url: str) -> None:
         flags = dict(conn.execute(sa.text("SELECT name, gpu_build FROM pool_nodes")).all())
     assert "capabilities" not in columns
     assert {name: bool(flag) for name, flag in flags.items()} == {"plain@host": False, "built@host": True}
+
+
+def test_0008_gives_existing_key_sets_a_whole_idle_period_and_the_downgrade_drops_expired_ones(url: str) -> None:
+    # Given a key set uploaded long ago, as 0007 recorded it
+    upgrade_db(url, "0007_capabilities")
+    long_ago = datetime.now(UTC) - timedelta(days=400)
+    with get_engine(url).begin() as conn:
+        tables = _tables(conn)
+        conn.execute(sa.insert(tables["accounts"]), BASELINE_ROWS["accounts"])
+        conn.execute(sa.insert(tables["models"]), {"id": "model000000001", "account_id": "acct0000000001",
+                                                   "name": "digits", "status": "ACTIVE", "hardware": "cpu",
+                                                   "created_at": T0, "updated_at": T0})
+        conn.execute(sa.insert(tables["access_tokens"]), {"id": "token000000001", "account_id": "acct0000000001",
+                                                          "name": "ci", "token_hash": "t" * 64, "prefix": "cpt_abcd",
+                                                          "created_at": T0})
+        conn.execute(sa.insert(tables["evaluation_keys"]), [
+            {"key_id": k, "blob_id": k[0] * 64, "token_id": "token000000001", "model_id": "model000000001",
+             "client_blob": "c" * 64, "size_bytes": 64, "created_at": long_ago} for k in ("a" * 32, "b" * 32)])
+    before = datetime.now(UTC)
+    # When the database is upgraded
+    upgrade_db(url, "0008_key_lifecycle")
+    # Then neither key set counts as idle since its upload: each was last used at the upgrade
+    with get_engine(url).begin() as conn:
+        tables = _tables(conn)
+        rows = conn.execute(sa.select(tables["evaluation_keys"])).mappings().all()
+        assert {aware(r["last_used_at"]) >= before - timedelta(seconds=1) for r in rows} == {True}
+        assert {r["expired_at"] for r in rows} == {None}
+        # and blobs can be marked for the sweep
+        conn.execute(sa.insert(tables["blob_candidates"]), {"kind": "evk", "blob_id": "b" * 64, "marked_at": T0})
+        # When one key set expires and the schema goes back to 0007
+        conn.execute(sa.update(tables["evaluation_keys"]).where(tables["evaluation_keys"].c.key_id == "b" * 32)
+                     .values(expired_at=T0))
+    with get_engine(url).connect() as conn:
+        command.downgrade(alembic_config(url, conn), "0007_capabilities")
+        conn.commit()
+        # Then the expired one is gone (its blob may be), the live one stays, and so do the marks' blobs
+        assert [r[0] for r in conn.execute(sa.text("SELECT key_id FROM evaluation_keys"))] == ["a" * 32]
+        assert "blob_candidates" not in sa.inspect(conn).get_table_names()
+        assert "last_used_at" not in {c["name"] for c in sa.inspect(conn).get_columns("evaluation_keys")}
+    # And it upgrades again
+    upgrade_db(url)
+    with session_scope(url) as session:
+        assert [k.key_id for k in session.exec(select(EvaluationKey))] == ["a" * 32]
+
+
+def test_0009_gives_events_ledger_lines_and_alert_events_opaque_ids_and_goes_back(url: str) -> None:
+    # Given model events, ledger lines and an alert event numbered by the platform-wide sequence, as 0008 left them
+    upgrade_db(url, "0008_key_lifecycle")
+    with get_engine(url).begin() as conn:
+        tables = _tables(conn)
+        conn.execute(sa.insert(tables["accounts"]), BASELINE_ROWS["accounts"])
+        conn.execute(sa.insert(tables["models"]), {"id": "model000000001", "account_id": "acct0000000001",
+                                                   "name": "digits", "status": "ACTIVE", "hardware": "cpu",
+                                                   "created_at": T0, "updated_at": T0})
+        conn.execute(sa.insert(tables["model_events"]), [
+            {"account_id": "acct0000000001", "model_id": "model000000001", "at": T0, "kind": "deployed",
+             "message": f"event {i}"} for i in range(3)])
+        conn.execute(sa.insert(tables["ledger"]), [
+            {"account_id": "acct0000000001", "at": T0, "kind": "grant", "amount": 5, "balance_after": 5 * (i + 1),
+             "key": f"grant:{i}", "note": ""} for i in range(2)])
+        conn.execute(sa.insert(tables["alert_events"]), {
+            "rule_id": "rule0000000001", "account_id": "acct0000000001", "model_id": "model000000001",
+            "metric": "error_rate", "kind": "fired", "threshold": 0.1, "at": T0, "delivery": "none", "attempts": 0})
+    # When the database is upgraded
+    upgrade_db(url, "0009_public_ids")
+    # Then every row has an opaque id of its kind, unique, and the models read them
+    from cipherpool.db.tables import AlertEvent, ModelEvent
+
+    with session_scope(url) as session:
+        found = {"ev_": [e.public_id for e in session.exec(select(ModelEvent))],
+                 "ln_": [x.public_id for x in session.exec(select(LedgerEntry))],
+                 "al_": [a.public_id for a in session.exec(select(AlertEvent))]}
+        assert [len(ids) for ids in found.values()] == [3, 2, 1]
+        every = [i for ids in found.values() for i in ids]
+        assert len(set(every)) == len(every)
+        assert all(re.fullmatch(prefix + "[0-9a-f]{16}", i) for prefix, ids in found.items() for i in ids), found
+        # and a row added now gets one of its own
+        session.add(ModelEvent(account_id="acct0000000001", model_id="model000000001", kind="activated", message="new"))
+        session.flush()
+        (new,) = session.exec(select(ModelEvent).where(ModelEvent.message == "new")).all()
+        assert new.public_id.startswith("ev_") and new.public_id not in every
+    # and the database refuses a second row with the same one
+    with get_engine(url).connect() as conn, pytest.raises(sa.exc.IntegrityError):
+        model_events = _tables(conn)["model_events"]
+        conn.execute(sa.insert(model_events), {"account_id": "acct0000000001", "model_id": "model000000001", "at": T0,
+                                               "kind": "deployed", "message": "twin", "public_id": found["ev_"][0]})
+    # When the schema goes back to 0008, the columns go and the rows stay; it upgrades again
+    with get_engine(url).connect() as conn:
+        command.downgrade(alembic_config(url, conn), "0008_key_lifecycle")
+        conn.commit()
+        for name in ("model_events", "ledger", "alert_events"):
+            assert "public_id" not in {c["name"] for c in sa.inspect(conn).get_columns(name)}, name
+        assert conn.execute(sa.text("SELECT count(*) FROM model_events")).scalar() == 4
+    upgrade_db(url)
+    with session_scope(url) as session:
+        assert len({e.public_id for e in session.exec(select(ModelEvent))}) == 4

@@ -21,6 +21,7 @@ from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent, Hook
 from cipherpool.workers.node import Binding, NodeRuntime
 from cipherpool.workers.query import Delivery, Requeue, handle, may_requeue
+from tests.helpers import value_ciphertext
 
 MODEL, KEY_ID = "m" * 16, "a" * 32
 
@@ -135,7 +136,7 @@ OWN_QUEUE = Delivery(task_id="q1", routing_key=query_routing_key("cpu", MODEL), 
 
 
 def request(blob_id, model_id=MODEL, key_id=KEY_ID, data=None, env_model=None, env_key=None, **kw):
-    body = EncryptedInput(env_model or model_id, env_key or key_id, data if data is not None else capnp(2)).encode()
+    body = EncryptedInput(env_model or model_id, env_key or key_id, data if data is not None else value_ciphertext()).encode()
     return QueryRequest(token_id="t1", model_id=model_id, key_id=key_id, blob_id=blob_id, input=body, **kw)
 
 
@@ -221,6 +222,9 @@ def test_large_payloads_travel_by_reference(world):
         ({"env_model": "other"}, errors.ModelMismatch),
         ({"data": b"short"}, errors.MalformedCiphertext),
         ({"data": capnp(3)[:-4]}, errors.MalformedCiphertext),
+        ({"data": capnp(4)}, errors.InvalidCiphertext),  # well framed, but no value in it
+        ({"data": struct.pack("<II", 0, 4) + bytes(32)}, errors.InvalidCiphertext),  # a message of zeros: no payload
+        ({"data": value_ciphertext(data=b"x" * 10)}, errors.InvalidCiphertext),  # payload and shape disagree
     ],
 )
 def test_bad_queries_are_refused_with_typed_errors_and_the_node_keeps_serving(world, change, error):

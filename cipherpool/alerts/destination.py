@@ -26,11 +26,50 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# IPv6 ranges that carry an IPv4 address by a transition mechanism (a packet to them reaches,
+# or is translated to, that IPv4 address): each is checked as the IPv4 address it embeds.
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # ::ffff:a.b.c.d
+IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # ::ffff:0:a.b.c.d (SIIT, RFC 2765)
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # ::a.b.c.d (deprecated), e.g. ::7f00:1
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known NAT64 prefix (RFC 6052)
+NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215): the IPv4 may sit anywhere
+SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")  # 2002:AABB:CCDD::/48 (RFC 3056)
+TEREDO = ipaddress.IPv6Network("2001::/32")  # server and (inverted) client IPv4 (RFC 4380)
+ISATAP_IDS = (0x00005EFE, 0x02005EFE)  # an interface id ::0:5efe:a.b.c.d or ::200:5efe:a.b.c.d (RFC 5214)
+LOW_32 = 0xFFFFFFFF
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address ``address`` carries by a transition mechanism: IPv4-mapped,
+    IPv4-translated, IPv4-compatible, NAT64 (well-known prefix), 6to4, Teredo (server and
+    client) and ISATAP."""
+    value = int(address)
+    found = []
+    if address in IPV4_MAPPED or address in IPV4_TRANSLATED or address in IPV4_COMPATIBLE or address in NAT64:
+        found.append(ipaddress.IPv4Address(value & LOW_32))
+    if address in SIX_TO_FOUR:
+        found.append(ipaddress.IPv4Address((value >> 80) & LOW_32))
+    if address in TEREDO:
+        found.append(ipaddress.IPv4Address((value >> 64) & LOW_32))  # the server
+        found.append(ipaddress.IPv4Address(~value & LOW_32))  # the client, obfuscated
+    if (value >> 32) & LOW_32 in ISATAP_IDS:
+        found.append(ipaddress.IPv4Address(value & LOW_32))
+    return found
+
+
 def public(address: IpAddress) -> bool:
     """A global unicast address: not loopback, private, link-local, multicast, reserved,
-    unspecified or shared (carrier-grade NAT); an IPv4-mapped IPv6 address as its IPv4."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    unspecified or shared (carrier-grade NAT). An IPv6 address that embeds an IPv4 address
+    (:func:`embedded_ipv4`) is public only if every IPv4 address it embeds is; one in the
+    local-use NAT64 prefix never is (where its IPv4 sits is the local network's choice)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in NAT64_LOCAL:
+            return False
+        embedded = embedded_ipv4(address)
+        if address in IPV4_MAPPED or address in IPV4_TRANSLATED or address in IPV4_COMPATIBLE:
+            return bool(embedded) and all(public(v4) for v4 in embedded)  # the IPv4 address is the destination
+        if not all(public(v4) for v4 in embedded):
+            return False
     return address.is_global and not address.is_multicast
 
 

@@ -199,8 +199,7 @@ def describe(rule: AlertRule, model_name: str) -> AlertOut:
 
 
 def describe_event(event: AlertEvent, model_name: str) -> AlertEventOut:
-    assert event.id is not None  # flushed
-    return AlertEventOut(id=event.id, rule_id=event.rule_id, model=model_name, metric=AlertMetric(event.metric),
+    return AlertEventOut(id=event.public_id, rule_id=event.rule_id, model=model_name, metric=AlertMetric(event.metric),
                          kind=event.kind, value=event.value, threshold=event.threshold, at=iso(event.at),
                          delivery=event.delivery, attempts=event.attempts, last_error=event.last_error,
                          delivered_at=maybe_iso(event.delivered_at))

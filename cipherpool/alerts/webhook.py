@@ -93,7 +93,7 @@ def body_of(event: AlertEvent, rule: AlertRule, model_name: str) -> bytes:
     """The JSON body, compact, in the wire model's field order (the bytes signed are the
     bytes sent; a receiver verifies those bytes, never a re-serialisation)."""
     assert event.id is not None
-    body = AlertWebhookBody(event_id=event.id, rule_id=event.rule_id, model=model_name, model_id=event.model_id,
+    body = AlertWebhookBody(event_id=event.public_id, rule_id=event.rule_id, model=model_name, model_id=event.model_id,
                             metric=AlertMetric(event.metric), kind=AlertEventKind(event.kind), value=event.value,
                             threshold=event.threshold, window_s=rule.window_s, at=iso(event.at))
     return body.model_dump_json().encode()

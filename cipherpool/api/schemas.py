@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from cipherpool import backends
+from cipherpool.names import ALERT_EVENT_ID_PREFIX, EVENT_ID_PREFIX, LEDGER_ID_PREFIX
 from cipherpool.statuses import (
     AccountStatus, AlertEventKind, AlertMetric, AlertState, LedgerKind, ModelStatus, TokenStatus, WebhookDelivery,
     WorkerStatus,
 )
 from cipherpool.statuses import ScheduleActionStatus, ScheduleKind
 from cipherpool.statuses import Component, ComponentState
+from cipherpool.statuses import KeySetStatus
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 HOST_CLASS_PATTERN = backends.host_class_pattern()  # a model's hardware: the host classes of the backends
@@ -31,6 +33,11 @@ MAX_TOKEN_TTL_S = 10 * 365 * 86400
 MAX_WORKERS = 1000
 KEY_ID_PATTERN = r"^[0-9a-f]{32}$"
 QUERY_ID_PATTERN = r"^[0-9a-f-]{36}$"
+# Opaque ids of model events, ledger lines and alert events (the platform's integer sequence
+# behind them is never shown: its gaps would count other accounts' rows).
+EVENT_ID_PATTERN = rf"^{EVENT_ID_PREFIX}[0-9a-f]{{16}}$"
+LEDGER_ID_PATTERN = rf"^{LEDGER_ID_PREFIX}[0-9a-f]{{16}}$"
+ALERT_EVENT_ID_PATTERN = rf"^{ALERT_EVENT_ID_PREFIX}[0-9a-f]{{16}}$"
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # a node label's key or value (profiles.toml)
 Labels = dict[Annotated[str, StringConstraints(pattern=LABEL_PATTERN)],
               Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]]
@@ -60,10 +67,14 @@ class ReadinessCheck(Wire):
     ok: bool
     detail: str
     elapsed_ms: float
+    # The store (or the broker's Redis) is full: writes are refused with 507 store_full, while
+    # reads, polls and deletes are served, so the gateway stays ready (``status`` "degraded").
+    full: bool = False
 
 
 class ReadyBody(Wire):
-    """200 from ``GET /v1/ready``: every part answered (``status`` is ``ready``)."""
+    """200 from ``GET /v1/ready``: every part answered (``status`` is ``ready``, or ``degraded``
+    while a check is ``full``: uploads and queries get 507 store_full, the rest is served)."""
 
     status: str
     checks: dict[str, ReadinessCheck]
@@ -204,7 +215,7 @@ class ModelDetail(ModelOut):
 
 
 class EventOut(Wire):
-    id: int
+    id: str  # opaque (ev_…): pass it as ?after= to read the events after it
     at: str
     model: str
     kind: str
@@ -365,18 +376,33 @@ class KeyCacheOut(Wire):
     evictions: int
 
 
+class BlobCacheOut(Wire):
+    """The node's disk cache of blobs (evaluation keys, server zips) since the node started;
+    what is on disk (entries, bytes) survives a restart, the counts start at 0."""
+
+    hits: int
+    misses: int
+    evictions: int
+    corrupt: int  # files that did not match their sha256 (removed, fetched again)
+    entries: int
+    bytes: int
+    capacity_bytes: int
+    fetched_bytes: int  # read from the blob store on a miss
+    served_bytes: int  # read from the node's disk on a hit
+
+
 class TimingFigures(Wire):
     """Query times and rates over a span (a window of whole minutes, or all-time)."""
 
     queries: int  # computed
-    refused: int  # typed refusals: a malformed ciphertext, a wrong key
-    failed: int  # unexpected errors
+    refused: int  # the caller's errors, typed: a malformed or unevaluable ciphertext, a wrong key
+    failed: int  # the platform's: unexpected errors, its own typed failures
     average_query_s: float | None  # queue wait + compute
     average_compute_s: float | None
     average_queue_wait_s: float | None
     queries_per_minute: float | None = None  # windows only
-    error_rate: float | None  # failed / all attempts
-    refusal_rate: float | None
+    error_rate: float | None  # failed / (computed + failed): the caller's refusals never count
+    refusal_rate: float | None  # refused (the caller's errors) / all attempts
 
 
 class CurrentFigures(Wire):
@@ -422,7 +448,13 @@ class ModelStats(Wire):
 
 class WorkerStats(Figures):
     """A running worker's live figures. The counts at the top level cover this worker (its
-    binding to the node) only; ``node_lifetime`` covers everything the node process served."""
+    binding to the node) only; ``node_lifetime`` covers everything the node process served,
+    other accounts' bindings included, so only the operator sees it
+    (``GET /v1/platform/nodes/{node}/stats``, the metrics token): a provider's view
+    (``GET /v1/workers/stats``, :meth:`provider_view`) has None there, and in every other
+    field of :data:`NODE_WIDE` (figures of the node over its life, whoever it served)."""
+
+    NODE_WIDE: ClassVar[tuple[str, ...]] = ("node_lifetime", "blob_cache")
 
     worker_id: str | None
     model_id: str | None
@@ -433,13 +465,18 @@ class WorkerStats(Figures):
     concurrency: int
     threads: int | None
     bound_for_s: float | None
-    node_lifetime: Figures
-    key_cache: KeyCacheOut
+    node_lifetime: Figures | None = None
+    key_cache: KeyCacheOut  # this model's keys: the cache starts empty, its counters at 0, when the node binds another model
+    blob_cache: BlobCacheOut | None = None  # the node's disk cache of blobs; None: off (CIPHERPOOL_NODE_BLOB_CACHE_BYTES)
     # From the model's recorded query times (cipherpool.monitoring), this worker's share:
     window_s: int | None = None
     window: TimingFigures | None = None
     current: CurrentFigures | None = None
     queue_depth: int | None = None  # the model's queue, shared by its workers
+
+    def provider_view(self) -> WorkerStats:
+        """What the worker's provider may see: the binding's own figures, none of the node's life."""
+        return self.model_copy(update=dict.fromkeys(self.NODE_WIDE))
 
 
 # ---- end user (access token) -----------------------------------------------------------
@@ -465,6 +502,24 @@ class KeyOut(Wire):
     key_id: str
     blob_id: str
     size_bytes: int
+
+
+class KeySetOut(Wire):
+    """One of the token's key sets (``GET /v1/client/keys``). ``made_for_version``: the newest
+    version of the model with the client specs it was made from (None: no version has them
+    any more); ``expires_at``: when it expires if unused until then (None: expired, or never)."""
+
+    key_id: str
+    model: str
+    made_for_version: int | None
+    serving_version: int
+    status: KeySetStatus
+    size_bytes: int
+    blob_id: str
+    created_at: str
+    last_used_at: str | None
+    expires_at: str | None
+    expired_at: str | None = None
 
 
 class WarmupOut(Wire):
@@ -500,7 +555,7 @@ class CreditBalance(Wire):
 
 
 class LedgerLine(Wire):
-    id: int
+    id: str  # opaque (ln_…)
     at: str
     kind: LedgerKind
     amount: Decimal  # signed: charges are negative
@@ -618,7 +673,7 @@ class AlertSet(AlertOut):
 
 
 class AlertEventOut(Wire):
-    id: int
+    id: str  # opaque (al_…), the webhook call's event_id
     rule_id: str
     model: str
     metric: AlertMetric
@@ -636,7 +691,7 @@ class AlertWebhookBody(Wire):
     """What an alert's webhook receives (JSON, signed: see :mod:`cipherpool.alerts.signature`).
     A call may be repeated (a retry after a lost answer): ``event_id`` tells them apart."""
 
-    event_id: int
+    event_id: str  # opaque (al_…): the same in every retry of one call
     rule_id: str
     model: str
     model_id: str

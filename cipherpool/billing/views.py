@@ -23,7 +23,7 @@ def seconds(ms: int | None) -> Decimal | None:
 def line_out(line: LedgerEntry, names: dict[str, str]) -> LedgerLine:
     rate = None if line.rate is None else to_credits(line.rate)  # per hour; per second for execution
     return LedgerLine(
-        id=line.id or 0, at=aware(line.at).isoformat(), kind=LedgerKind(line.kind), amount=to_credits(line.amount),
+        id=line.public_id, at=aware(line.at).isoformat(), kind=LedgerKind(line.kind), amount=to_credits(line.amount),
         balance_after=to_credits(line.balance_after), model=names.get(line.model_id or ""), model_id=line.model_id,
         worker_id=line.worker_id, node=line.node,
         period_start=aware(line.period_start).isoformat() if line.period_start else None,

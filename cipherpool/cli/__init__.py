@@ -1,5 +1,5 @@
 """The `cipherpool` command: one click group of nouns (up, demo, db, admin, gateway, account,
-credits, model, worker, pool, token, query, alert, schedule), sharing one :class:`CliContext`. Every command
+credits, model, worker, pool, token, query, alert, schedule, status, store), sharing one :class:`CliContext`. Every command
 that prints takes ``--json`` after its name as well as before it (``cipherpool model list --json``)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from cipherpool.cli import account, admin, credits, db, gateway, models, platfor
 from cipherpool.cli import alerts
 from cipherpool.cli import schedules
 from cipherpool.cli import status
+from cipherpool.cli import store
 from cipherpool.cli.context import CipherpoolGroup, CliContext
 from cipherpool.config.settings import get_settings
 from cipherpool.fhe.process import keep_exit_status
@@ -66,6 +67,7 @@ for group in (platform.up, platform.demo, db.db, admin.admin, gateway.gateway, a
 cli.add_command(alerts.alert)
 cli.add_command(schedules.schedule)
 cli.add_command(status.status)
+cli.add_command(store.store)
 add_json_options(cli)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
 import click
 
 from cipherpool import backends
-from cipherpool.api.schemas import EventOut, ModelDetail
+from cipherpool.api.schemas import EVENT_ID_PATTERN, EventOut, ModelDetail
 from cipherpool.cli.autoscale import autoscale
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.cli.durations import parse_moment
@@ -175,12 +176,12 @@ def deactivate(ctx: CliContext, name: str) -> None:
     ctx.emit(ctx.management().deactivate_model(name))
 
 
-def _since(text: str | None) -> datetime | int | None:
-    """An event id (digits: events after it) or an ISO 8601 time (events at or after it)."""
+def _since(text: str | None) -> datetime | str | None:
+    """An event id (``ev_…``: events after it) or an ISO 8601 time (events at or after it)."""
     if text is None:
         return None
-    if text.strip().isdigit():
-        return int(text)
+    if re.fullmatch(EVENT_ID_PATTERN, text.strip()):
+        return text.strip()
     try:
         return parse_moment(text)
     except ValueError as exc:

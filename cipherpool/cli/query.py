@@ -6,6 +6,10 @@
     cipherpool query execute  --input x.ct   --output y.ct
     cipherpool query decrypt  --input y.ct   [--output y.npy]
     cipherpool query predict  --input x.csv  (all of it at once)
+    cipherpool query keys list | ensure | delete [KEY_ID]
+
+A query whose key set the platform no longer holds (expired, or deleted) uploads it again and
+is retried once; the command says so on stderr.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ def query(ctx: click.Context, token: str | None, key_dir: Path | None, model_nam
 def _client(ctx: click.Context) -> QueryClient:
     cli_ctx: CliContext = ctx.obj
     return cli_ctx.query(ctx.meta.get("key_dir"), ctx.meta.get("model"))
+
+
+def _say_what_it_did(client: QueryClient) -> None:
+    """What the client did with its keys by itself (on stderr: stdout stays the answer)."""
+    for action in client.key_actions:
+        click.echo(f"cipherpool: {action}", err=True)
 
 
 def _array_out(result: NDArray[Any], output_path: Path | None, ctx: CliContext) -> None:
@@ -90,7 +100,10 @@ def encrypt(ctx: click.Context, input_path: Path, output_path: Path | None) -> N
 def execute(ctx: click.Context, input_path: Path, output_path: Path | None, timeout: float | None) -> None:
     """Run the model on a ciphertext file; writes the encrypted result."""
     client = _client(ctx)
-    output = client.execute(input_path.read_bytes(), timeout=timeout)
+    try:
+        output = client.execute(input_path.read_bytes(), timeout=timeout)
+    finally:
+        _say_what_it_did(client)
     target = output_path or input_path.with_suffix(".out")
     target.write_bytes(output)
     ctx.obj.emit({"result": str(target), "bytes": len(output), **client.last_timings})
@@ -112,4 +125,42 @@ def decrypt(ctx: click.Context, input_path: Path, output_path: Path | None) -> N
 @click.pass_context
 def predict(ctx: click.Context, input_path: Path, output_path: Path | None, timeout: float | None) -> None:
     """Encrypt, execute and decrypt in one step (rows of a 2-D input run concurrently)."""
-    _array_out(_client(ctx).predict(read_array(input_path), timeout=timeout), output_path, ctx.obj)
+    client = _client(ctx)
+    try:
+        result = client.predict(read_array(input_path), timeout=timeout)
+    finally:
+        _say_what_it_did(client)
+    _array_out(result, output_path, ctx.obj)
+
+
+@query.group("keys")
+def keys() -> None:
+    """This token's key sets on the platform: list, ensure, delete."""
+
+
+@keys.command("list")
+@click.pass_context
+def keys_list(ctx: click.Context) -> None:
+    """Key sets of this token: model, version made for, status, size, last use, expiry."""
+    found = _client(ctx).list_keys()
+    ctx.obj.emit(found, ["key_id", "model", "made_for_version", "serving_version", "status", "size_bytes",
+                         "last_used_at", "expires_at"])
+
+
+@keys.command("ensure")
+@click.pass_context
+def keys_ensure(ctx: click.Context) -> None:
+    """Make sure the platform holds this client's keys for the serving version (generated and
+    uploaded if needed)."""
+    client = _client(ctx)
+    outcome = client.ensure_keys()
+    _say_what_it_did(client)
+    ctx.obj.emit({"key_id": client.crypto.key_id(), "outcome": outcome})
+
+
+@keys.command("delete")
+@click.argument("key_id", required=False)
+@click.pass_context
+def keys_delete(ctx: click.Context, key_id: str | None) -> None:
+    """Delete a key set from the platform (default: this client's); the keys stay in the key directory."""
+    ctx.obj.emit({"deleted": _client(ctx).delete_keys(key_id)})

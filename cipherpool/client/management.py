@@ -163,9 +163,9 @@ class ManagementClient(GatewayClient):
     def deactivate_model(self, name: str) -> ModelOut:
         return self._t.call("POST", self._model_path(name) + "/deactivate", ModelOut)
 
-    def model_events(self, name: str, since: datetime | int | None = None, *, limit: int | None = None) -> list[EventOut]:
+    def model_events(self, name: str, since: datetime | str | None = None, *, limit: int | None = None) -> list[EventOut]:
         """The model's event log, oldest first: all, or ``since`` a time (datetime) or after an
-        event id (int, as ``follow`` uses it)."""
+        event (its id, ``ev_…``, as ``follow`` uses it)."""
         params: dict[str, Any] = {}
         if isinstance(since, datetime):
             params["since"] = since.isoformat()
@@ -175,7 +175,7 @@ class ManagementClient(GatewayClient):
             params["limit"] = limit
         return self._t.call("GET", self._model_path(name) + "/events", list[EventOut], params=params)
 
-    def follow_events(self, name: str, since: datetime | int | None = None, *,
+    def follow_events(self, name: str, since: datetime | str | None = None, *,
                       poll_s: float = FOLLOW_POLL_S) -> Iterator[EventOut]:
         """The model's events as they happen (forever; stop iterating to stop)."""
         cursor = since
@@ -273,7 +273,9 @@ class ManagementClient(GatewayClient):
 
     def worker_stats(self, model: str | None = None) -> list[WorkerStats]:
         """Live figures of each running worker: its own query counts and times (this binding
-        only), its node's lifetime figures under ``node_lifetime``, the node's key cache."""
+        only) and its model's key cache on the node. ``node_lifetime`` is None: a node's
+        lifetime figures count other accounts' work (the operator's
+        ``GET /v1/platform/nodes/{node}/stats`` has them)."""
         params = {"model": model} if model else None
         return self._t.call("GET", "/v1/workers/stats", list[WorkerStats], params=params)
 

@@ -10,20 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from cipherpool.api.schemas import ClientModelOut, KeyOut, QueryAccepted, WarmupOut
+from cipherpool.api.schemas import ClientModelOut, KeyOut, KeySetOut, QueryAccepted, WarmupOut
 from cipherpool.client.transport import client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.credentials import digest
 from cipherpool.errors import (
-    GatewayUnavailable, KeyMismatch, KeysOutdated, ModelMismatch, ModelUnavailable, QueryTimeout, RemoteError,
+    EvaluationKeyExpired, EvaluationKeyNotFound, GatewayUnavailable, KeyMismatch, KeysOutdated, ModelMismatch,
+    ModelUnavailable, QueryTimeout, RemoteError,
 )
 from cipherpool.fhe.client import ClientCrypto
 from cipherpool.files import private_dir
@@ -31,6 +33,7 @@ from cipherpool.messages import EncryptedInput, EncryptedOutput
 from cipherpool.client.base import GatewayClient
 
 OCTET = {"Content-Type": "application/octet-stream"}
+R = TypeVar("R")
 UPLOAD_TIMEOUT_S = 600.0
 POLL_GRACE_S = 30.0  # HTTP timeout beyond a long poll's own wait
 # After a result's timeout, withdrawing the query and saying why share this long past the
@@ -46,7 +49,6 @@ class QueryHandle:
     client: QueryClient
     id: str
     submitted_at: float
-    node: str | None = None
     version: int | None = None  # the model version that computed it
     key_cache: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -84,7 +86,6 @@ class QueryHandle:
         raise QueryTimeout(f"No answer within {timeout or self.client.settings.query_timeout_s:g}s; the query was withdrawn.")
 
     def _take(self, response: httpx.Response) -> bytes:
-        self.node = response.headers.get("x-cipherpool-node")
         self.version = int(response.headers.get("x-cipherpool-model-version") or 0) or None
         self.key_cache = response.headers.get("x-cipherpool-key-cache")
         try:
@@ -103,6 +104,12 @@ class QueryClient(GatewayClient):
     Keys belong to a model version's client specs: when the provider deploys a version with
     other specs, queries with the old keys are refused with ``KeysOutdated``; ``refresh()``
     then ``generate_keys()`` and ``upload_evaluation_keys()`` (``predict`` does it by itself).
+
+    Key sets have a lifecycle on the platform: one unused for a while expires, and its token's
+    end user may delete it (``list_keys()``, ``delete_keys()``). A query whose key set the
+    platform no longer holds (``EvaluationKeyExpired``, ``EvaluationKeyNotFound``) makes the
+    client upload it again and retry once, by itself; ``ensure_keys()`` does it ahead of time.
+    What it did is appended to ``key_actions`` (the CLI prints it).
 
     A query for a model with no worker up is refused at once (``NoWorkerUp``);
     ``wait_for_worker=True`` (here, or per call) queues it until a worker is up instead.
@@ -124,8 +131,8 @@ class QueryClient(GatewayClient):
         self._crypto: ClientCrypto | None = None
         self.last_timings: dict[str, float] = {}
         self.last_version: int | None = None  # the model version that answered the last execute()
-        self.last_node: str | None = None  # the pool node that computed it
         self.last_warmup: WarmupOut | None = None  # what the last key upload's warm-up did
+        self.key_actions: list[str] = []  # what the client did with its keys by itself, in order
 
     @property
     def token(self) -> str:
@@ -184,6 +191,54 @@ class QueryClient(GatewayClient):
                 content=self.encrypt(np.zeros(model.input_shape[1:] or model.input_shape)))
         return key_id
 
+    def list_keys(self) -> list[KeySetOut]:
+        """This token's key sets on the platform: model, the version each was made for, size,
+        last use, status (active, outdated, expired) and when it expires unused."""
+        return self._t.call("GET", "/v1/client/keys", list[KeySetOut])
+
+    def delete_keys(self, key_id: str | None = None) -> str:
+        """Delete a key set of this token from the platform (default: this client's current
+        one); the keys stay in key_dir. Returns its id."""
+        key_id = key_id or self.crypto.key_id()
+        self._t.request("DELETE", f"/v1/client/keys/{key_id}")
+        return key_id
+
+    def ensure_keys(self) -> str:
+        """Make sure the platform holds a usable key set of this client's for the model's
+        serving version (as ``keys.ensure()`` on hosted platforms): keys are generated for the
+        serving client specs if this client has none for them, and uploaded unless the
+        platform holds them, active. Returns "kept" or "uploaded"."""
+        current = self._describe()
+        changed = self._model is not None and current.client_zip_sha256 != self._model.client_zip_sha256
+        if changed or self._model is None:  # the model serves other client specs: keys for those
+            self._crypto = None
+        self._model = current
+        key_id = self.generate_keys()
+        held = next((k for k in self.list_keys() if k.key_id == key_id), None)
+        if held is not None and held.status == "active":
+            return "kept"
+        self.upload_evaluation_keys()
+        why = "none was on the platform" if held is None else f"it was {held.status.value}"
+        made = f" for version {current.version}'s client specs" if changed else ""
+        self._note(f"uploaded key set {key_id[:12]}…{made}: {why}")
+        return "uploaded"
+
+    def _note(self, action: str) -> None:
+        self.key_actions.append(action)
+
+    def _with_keys(self, send: Callable[[], R]) -> R:
+        """``send()`` a query under this client's key set; if the platform no longer holds it
+        (it expired, or was deleted), upload it again and send once more. Keys made for other
+        client specs (``KeysOutdated``) cannot be fixed here: the ciphertext was encrypted
+        under them (``predict`` generates new keys and encrypts again)."""
+        try:
+            return send()
+        except EvaluationKeyNotFound as exc:
+            gone = "had expired" if isinstance(exc, EvaluationKeyExpired) else "was not on the platform"
+            key_id = self.upload_evaluation_keys()
+            self._note(f"key set {key_id[:12]}… {gone}: uploaded it again and retried the query")
+        return send()
+
     def encrypt(self, x: ArrayLike) -> bytes:
         return EncryptedInput(self.model.id, self.crypto.key_id(), self.crypto.encrypt(x)).encode()
 
@@ -191,8 +246,8 @@ class QueryClient(GatewayClient):
         """Queue a query and return at once; ``handle.result()`` waits for it."""
         self._check_own(ciphertext)
         submitted = time.time()
-        response = self._t.request("POST", "/v1/queries", content=ciphertext, headers=OCTET,
-                                   params=self._submit_params(wait_for_worker))
+        response = self._with_keys(lambda: self._t.request("POST", "/v1/queries", content=ciphertext, headers=OCTET,
+                                                           params=self._submit_params(wait_for_worker)))
         return QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
 
     def _submit_params(self, wait_for_worker: bool | None, **params: float) -> dict[str, float | str]:
@@ -207,15 +262,16 @@ class QueryClient(GatewayClient):
         timeout = timeout or self.settings.query_timeout_s
         wait = min(timeout, self.settings.long_poll_s)
         submitted = time.time()
-        response = self._t.request("POST", "/v1/queries", content=ciphertext, headers=OCTET,
-                                   params=self._submit_params(wait_for_worker, wait=wait), timeout=wait + POLL_GRACE_S)
+        response = self._with_keys(lambda: self._t.request(
+            "POST", "/v1/queries", content=ciphertext, headers=OCTET,
+            params=self._submit_params(wait_for_worker, wait=wait), timeout=wait + POLL_GRACE_S))
         if response.status_code == 200:
             handle = QueryHandle(self, response.headers.get("x-cipherpool-query", ""), submitted)
             output = handle._take(response)
         else:
             handle = QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
             output = handle.result(max(0.001, timeout - (time.time() - submitted)))
-        self.last_timings, self.last_version, self.last_node = handle.timings, handle.version, handle.node
+        self.last_timings, self.last_version = handle.timings, handle.version
         return output
 
     def decrypt(self, output: bytes) -> NDArray[Any]:
@@ -234,9 +290,11 @@ class QueryClient(GatewayClient):
         try:
             return self._predict(x, timeout)
         except KeysOutdated:  # the model serves a version with other client specs: new keys, once
-            self.refresh()
+            model = self.refresh()
             self.generate_keys()
-            self.upload_evaluation_keys()
+            key_id = self.upload_evaluation_keys()
+            self._note(f"the keys were made for other client specs than version {model.version}'s, which model "
+                       f"{model.name!r} serves: generated key set {key_id[:12]}…, uploaded it and retried")
             return self._predict(x, timeout)
 
     def _predict(self, x: NDArray[Any], timeout: float | None) -> NDArray[Any]:

@@ -7,11 +7,12 @@ in the field names (``_s`` seconds, ``_bytes`` bytes).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,9 +33,35 @@ class Settings(BaseSettings):
     # Where things are. A broker URL of None means "embedded": `cipherpool up` starts Redis.
     broker_url: str | None = None
     result_backend: str | None = Field(None, description="defaults to broker_url")
-    store_url: str | None = Field(None, description="blob store (Redis); defaults to broker_url")
+    # The platform's Redis beside the broker: counters, rate limits, query owners, heartbeats
+    # (and the blobs, with blob_store "redis"). With a Redis broker it is the broker's.
+    store_url: str | None = Field(None, description="the platform's Redis; defaults to broker_url")
     database_url: str | None = Field(None, description="defaults to SQLite under data_dir")
     data_dir: Path = Path.home() / ".cipherpool"
+
+    # The blob store (cipherpool.blobs): model zips, evaluation keys, large query payloads.
+    # "fs": files under blob_dir (a shared mount in a cluster); "s3": an S3-compatible bucket;
+    # "redis": the platform's Redis (small setups). None: "fs" for `cipherpool up` and wherever no
+    # broker URL is set, "redis" where one is (what a platform configured by URL stored before).
+    blob_store: Literal["fs", "s3", "redis"] | None = None
+    blob_dir: Path | None = Field(None, description="fs: None -> <data_dir>/blobs")
+    # fs and s3: refuse writes (507 store_full) that would take the store past this many bytes
+    # (0: no cap; a full disk, a quota or a bucket quota refuse the same way on their own).
+    blob_store_max_bytes: int = Field(0, ge=0)
+    # How often a process that writes temporaries (uploads, staged artifacts, payloads) removes
+    # those past their deadline (fs and s3; Redis expires keys itself).
+    blob_sweep_interval_s: float = Field(300.0, gt=0)
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = Field(None, description="None: AWS; e.g. http://minio:9000")
+    s3_region: str | None = None
+    # Credentials; None: boto3's own chain (AWS_ACCESS_KEY_ID..., a profile, an instance role).
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_prefix: str = ""  # object keys start with this (e.g. "cipherpool/"), to share a bucket
+    s3_addressing_style: Literal["path", "virtual", "auto"] = "path"  # path: MinIO, Ceph RGW, SeaweedFS
+    # A pool node's disk cache of blobs (evaluation keys, server zips) under
+    # <data_dir>/blob-cache/<node>; None: 8 GiB, or 0 (off) with blob_store "fs", already a disk.
+    node_blob_cache_bytes: int | None = Field(None, ge=0)
 
     # What a client talks to: the gateway. None: the URL that `cipherpool up` wrote into the
     # data directory (STACK_FILE), as `ray start` then `ray.init()` finds a local cluster.
@@ -65,9 +92,35 @@ class Settings(BaseSettings):
     max_deployment_zip_bytes: int = 256 * MIB
     max_deployment_unzipped_bytes: int = 1 * GIB  # the sum of a zip's declared member sizes
     max_keys_per_token: int = 16
+    # Stored evaluation-key bytes (the sizes of live key sets, each counted in full even where
+    # two share a content-addressed blob): per token and per account (all its tokens); 0: no
+    # quota. A key set that would pass one is refused (409 token_key_quota_exceeded or
+    # account_key_quota_exceeded); one above max_evaluation_key_bytes is 413 payload_too_large.
+    max_key_bytes_per_token: int = Field(1 * GIB, ge=0)
+    max_key_bytes_per_account: int = Field(32 * GIB, ge=0)
+    # Key sets unused this long (no query, no warm-up with them) expire: the row is kept as
+    # expired (a query with it gets 410 evaluation_key_expired, naming the model version) and
+    # its blob is removed; key sets of expired or revoked tokens expire at once. 0: never.
+    key_idle_expiry_s: float = Field(30 * 86400.0, ge=0)
+    # A blob no row references any more (a replaced, deleted or expired key set's; a deleted
+    # model's) is removed by beat's key sweep once it has been unreferenced this long: above
+    # query_timeout_s + auth_cache_ttl_s, so that a query queued with it still finds it, and
+    # above the longest database transaction, so that an upload adopting it meanwhile keeps it.
+    blob_sweep_grace_s: float = Field(900.0, ge=0)
+    key_sweep_interval_s: float = Field(60.0, gt=0)  # beat's key sweep: last uses, idle expiry, blob removal
     upload_ttl_s: int = 3600  # a staged upload not deployed within this long is dropped
     token_rate_per_s: float = 100.0  # requests per second per access token
     account_rate_per_s: float = 500.0  # requests per second per account (its tokens included)
+    # Failed authentications (a missing, malformed, unknown, revoked or expired credential; a
+    # wrong metrics token) per source address: after auth_failure_burst of them within one
+    # window of auth_failure_window_s, the source's requests that need a credential lookup are
+    # refused (429 rate_limited, Retry-After: the window's end) before any lookup. 0: no limit.
+    auth_failure_burst: int = Field(20, ge=0)
+    auth_failure_window_s: int = Field(60, ge=1)
+    # Proxies (addresses or CIDRs, comma-separated) whose X-Forwarded-For is believed: behind
+    # them a request's source is the nearest address in that header that is not theirs.
+    # Empty: the peer's own address, whatever the header says.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # The embedded Redis: memory bound; the policy is noeviction, so queued work and keys are
     # never silently dropped (writes are refused with StoreFull instead).
@@ -171,11 +224,22 @@ class Settings(BaseSettings):
     # the control worker runs inside the cluster, next to Redis and the database.
     webhook_allow_private: bool = False
 
-    @field_validator("node_hooks", mode="before")
+    @field_validator("node_hooks", "trusted_proxies", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        """Each an address or a CIDR, refused when the settings load rather than at a request."""
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {cidr!r} is not an address or a CIDR") from None
         return value
 
     @field_validator("rate_per_hour", "standby_rate_per_hour", "execution_rate_per_s", "credits_signup_grant",
@@ -224,6 +288,19 @@ class Settings(BaseSettings):
 
     def effective_store_url(self) -> str:
         return self.store_url or self.effective_broker_url()
+
+    def effective_blob_store(self) -> str:
+        if self.blob_store:
+            return self.blob_store
+        return "redis" if self.broker_url or self.store_url else "fs"
+
+    def effective_blob_dir(self) -> Path:
+        return Path(self.blob_dir or Path(self.data_dir) / "blobs").expanduser()
+
+    def effective_node_blob_cache_bytes(self) -> int:
+        if self.node_blob_cache_bytes is not None:
+            return self.node_blob_cache_bytes
+        return 0 if self.effective_blob_store() == "fs" else 8 * GIB
 
     def stack_file(self) -> Path:
         return Path(self.data_dir).expanduser() / STACK_FILE

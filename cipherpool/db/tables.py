@@ -18,6 +18,7 @@ from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
 from cipherpool import backends
+from cipherpool.names import ALERT_EVENT_ID_PREFIX, EVENT_ID_PREFIX, LEDGER_ID_PREFIX
 from cipherpool.clock import utcnow
 from cipherpool.statuses import ModelStatus, NodeStatus, WorkerStatus
 
@@ -40,6 +41,23 @@ class WorkerStatusType(TypeDecorator[WorkerStatus]):
 
 def new_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+# Opaque ids of rows that an integer sequence numbers for the whole platform (docs/operations.md,
+# "Security and tenancy"): what a provider is shown instead of the sequence, whose gaps would
+# count other accounts' rows.
+
+
+def new_event_ref() -> str:
+    return EVENT_ID_PREFIX + uuid.uuid4().hex[:16]
+
+
+def new_ledger_ref() -> str:
+    return LEDGER_ID_PREFIX + uuid.uuid4().hex[:16]
+
+
+def new_alert_event_ref() -> str:
+    return ALERT_EVENT_ID_PREFIX + uuid.uuid4().hex[:16]
 
 
 class Account(SQLModel, table=True):
@@ -139,7 +157,8 @@ class ModelEvent(SQLModel, table=True):
     """One line of a model's event log (what happened, to which worker/version/token, why)."""
 
     __tablename__ = "model_events"
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)  # the platform's order; never shown
+    public_id: str = Field(default_factory=new_event_ref, unique=True, index=True)  # what the provider sees
     account_id: str = Field(foreign_key="accounts.id", index=True)
     model_id: str = Field(foreign_key="models.id", index=True)
     at: datetime = Field(default_factory=utcnow)
@@ -165,8 +184,27 @@ class EvaluationKey(SQLModel, table=True):
     token_id: str = Field(foreign_key="access_tokens.id", index=True)
     model_id: str = Field(foreign_key="models.id", index=True)
     client_blob: str = ""  # the client specs (client.zip) the key set was generated from
-    size_bytes: int
+    size_bytes: int  # at most max_evaluation_key_bytes (512 MiB by default: an INTEGER holds 2 GiB)
     created_at: datetime = Field(default_factory=utcnow)
+    # Its last query or warm-up, as beat's key sweep last flushed it from Redis (a query
+    # records it there, never here): unused past CIPHERPOOL_KEY_IDLE_EXPIRY_S, it expires.
+    last_used_at: datetime | None = None
+    # When it expired (idle, or its token expired): kept so that a query with it is told so
+    # (evaluation_key_expired), and its blob no longer counts as referenced by it.
+    expired_at: datetime | None = Field(default=None, index=True)
+
+
+class BlobCandidate(SQLModel, table=True):
+    """A content-addressed blob that a row stopped referencing (a key set replaced, deleted or
+    expired; a model deleted), marked at ``marked_at``. Beat's key sweep removes it from the
+    store once it has been marked for CIPHERPOOL_BLOB_SWEEP_GRACE_S and nothing references it;
+    an upload or deploy that adopts the same blob meanwhile deletes the mark in its own
+    transaction (:mod:`cipherpool.services.blobs`)."""
+
+    __tablename__ = "blob_candidates"
+    kind: str = Field(primary_key=True)  # a BlobKind value: evk, client, server
+    blob_id: str = Field(primary_key=True)  # sha256 hex
+    marked_at: datetime = Field(default_factory=utcnow, index=True)
 
 
 class PoolNode(SQLModel, table=True):
@@ -247,7 +285,8 @@ class LedgerEntry(SQLModel, table=True):
     twice: the database refuses the second line."""
 
     __tablename__ = "ledger"
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)  # the platform's order; never shown
+    public_id: str = Field(default_factory=new_ledger_ref, unique=True, index=True)  # what the account sees
     account_id: str = Field(foreign_key="accounts.id", index=True)
     at: datetime = Field(default_factory=utcnow, index=True)
     kind: str = Field(index=True)  # a LedgerKind value
@@ -349,7 +388,8 @@ class AlertEvent(SQLModel, table=True):
     """An alert fired or cleared, and how its webhook call went (kept after its rule is removed)."""
 
     __tablename__ = "alert_events"
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)  # the platform's order; never shown
+    public_id: str = Field(default_factory=new_alert_event_ref, unique=True, index=True)  # what the provider sees
     rule_id: str = Field(index=True)  # no foreign key: the history outlives the rule
     account_id: str = Field(foreign_key="accounts.id", index=True)
     model_id: str = Field(foreign_key="models.id", index=True)

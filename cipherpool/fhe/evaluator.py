@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from cipherpool import backends
-from cipherpool.errors import BackendUnavailable, InvalidEvaluationKey, MalformedCiphertext, ModelMismatch
+from cipherpool.errors import BackendUnavailable, InvalidCiphertext, InvalidEvaluationKey, MalformedCiphertext, ModelMismatch
 from cipherpool.fhe.deployment import SERVER_ZIP, compiled_backend, read_versions
 from cipherpool.fhe.framing import is_complete_message
 from cipherpool.fhe.process import after_fhe
+
+# How concrete's transport-value verifier begins every refusal of an input (see
+# cipherpool.fhe.values): the caller's ciphertext, never the platform's failure.
+VERIFIER_REFUSAL = "Tried to transform"
 
 
 def preload() -> float:
@@ -110,6 +114,8 @@ class ConcreteEvaluator:
                 ) from None
             if "deserialize" in text.lower():
                 raise MalformedCiphertext(f"The ciphertext cannot be read: {text}") from None
+            if text.startswith(VERIFIER_REFUSAL):
+                raise InvalidCiphertext(f"The ciphertext cannot be evaluated: {text.splitlines()[0]}") from None
             raise
         finally:
             after_fhe()  # the first run starts concrete's runtime, which takes SIGPIPE (fhe/process.py)

@@ -84,10 +84,14 @@ class KeyCache(Generic[V]):
         with self._lock:
             return key_id in self._entries
 
-    def clear(self) -> None:
+    def clear(self, counters: bool = False) -> None:
+        """Drop every entry; with ``counters``, the hit, miss and eviction counts too (a node
+        that binds another model, maybe another account's, starts its figures anew)."""
         with self._lock:
             self._entries.clear()
             self._stats.charged_bytes = 0
+            if counters:
+                self._stats.hits = self._stats.misses = self._stats.evictions = 0
 
     def stats(self) -> CacheStats:
         with self._lock:

@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from cipherpool.api.schemas import Health, NotReadyBody, ReadyBody
 from cipherpool.config.settings import Settings, get_settings
-from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, NotReady, PayloadTooLarge, RemoteError
+from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, NotReady, PayloadTooLarge, RemoteError, StoreFull
 from cipherpool.gateway import account, credits, enduser, models, queries, stats, tokens, workers
 from cipherpool.gateway import alerts, metrics
 from cipherpool.gateway import schedules
@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         failing = app.state.gw.readiness.summary(checks)
         headers = {"cache-control": "no-store"}
         if failing is None:
-            return JSONResponse(ReadyBody(status="ready", checks=checks).model_dump(), headers=headers)
+            status = "degraded" if app.state.gw.readiness.degraded(checks) else "ready"  # a full store: still served
+            return JSONResponse(ReadyBody(status=status, checks=checks).model_dump(), headers=headers)
         return JSONResponse({**NotReady(failing).to_wire(), "checks": wire}, status_code=503, headers=headers)
 
     return app
@@ -95,7 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CipherpoolError)
-    async def typed(_request: Request, exc: CipherpoolError) -> JSONResponse:
+    async def typed(request: Request, exc: CipherpoolError) -> JSONResponse:
+        if isinstance(exc, StoreFull):  # readiness shows the store full a while (any backend)
+            request.app.state.gw.readiness.saw_full()
         return _json(exc)
 
     @app.exception_handler(ClientDisconnect)
@@ -122,6 +125,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         """A dependency's outage: its typed 503; anything else: a fault of the gateway's."""
         typed = logged_outage(exc, request.method, request.url.path, log)
         if typed is not None:
+            if isinstance(typed, StoreFull):
+                request.app.state.gw.readiness.saw_full()
             return _json(typed)
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _json(RemoteError("The gateway failed unexpectedly; the operator's gateway log has the details."))

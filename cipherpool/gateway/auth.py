@@ -20,11 +20,14 @@ credential again.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+import redis
 
 from cipherpool.credentials import API_KEY_PREFIX, TOKEN_PREFIX, digest
 from cipherpool.errors import InvalidApiKey, InvalidToken, WrongCredential
@@ -34,7 +37,9 @@ from cipherpool.services.queries import (
     KeyRef, ModelGrant, ServingState, TokenGrant, check_key, grant_for_value, key_ref, serving_state,
 )
 from cipherpool.context import PlatformContext
+from cipherpool.outages import redis_full
 
+log = logging.getLogger("cipherpool.gateway")
 V = TypeVar("V")
 MAX_BEARER_CHARS = 256
 CACHE_MAX_ENTRIES = 100_000
@@ -75,6 +80,12 @@ class TtlCache(Generic[V]):
                 self._entries[key] = (now + self.ttl_s, value)
         return value
 
+    def holds(self, key: object) -> bool:
+        """Whether a live entry is cached for ``key`` (nothing would be loaded for it now)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry[0] > time.monotonic()
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
@@ -111,13 +122,22 @@ class Authenticator:
             return principal
         raise InvalidToken("Unknown kind of credential: pass a cpk_… API key or a cpt_… access token.")
 
+    def cached(self, authorization: str | None) -> bool:
+        """Whether the credential of this ``Authorization`` header is in the cache, so that
+        authenticating it costs no database lookup (a malformed header: False)."""
+        try:
+            credential = bearer(authorization)
+        except InvalidApiKey:
+            return False
+        return self._principals.holds(digest(credential))
+
     def key_blob(self, grant: TokenGrant, model: ModelGrant, key_id: str) -> str:
         """The evaluation-key blob of key set ``key_id``, if it is usable for ``model`` now."""
         def load() -> KeyRef:
             with self.ctx.session() as session:
                 ref = key_ref(session, grant.token_id, key_id)
-            if ref is None:  # not cached: an upload may follow at once
-                return check_key(None, model)  # type: ignore[return-value]  # raises
+            if ref is None or ref.expired:  # not cached: an upload may follow at once
+                return check_key(ref, model)  # type: ignore[return-value]  # raises
             return ref
 
         return check_key(self._keys.get_or_load((grant.token_id, key_id), load), model)
@@ -156,9 +176,17 @@ class Authenticator:
         self.observe(*self.ctx.store.redis.mget([AUTH_GENERATION_KEY, SERVING_GENERATION_KEY]))
 
     def changed(self) -> None:
-        """A credential, grant or model changed: every gateway drops its caches."""
+        """A credential, grant or model changed: every gateway drops its caches. With Redis
+        full (it refuses the INCR) the change, committed already, still stands: the other
+        gateways see it within ``auth_cache_ttl_s``, as a change made in the database alone."""
         self.forget()
-        self.ctx.store.redis.incr(AUTH_GENERATION_KEY)
+        try:
+            self.ctx.store.redis.incr(AUTH_GENERATION_KEY)
+        except redis.ResponseError as exc:
+            if not redis_full(exc):
+                raise
+            log.warning("could not announce a credential change (Redis is full): other gateways see it within "
+                        "auth_cache_ttl_s")
 
     def forget(self) -> None:
         """Drop every cached answer."""

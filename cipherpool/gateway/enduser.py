@@ -17,19 +17,23 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from cipherpool.api.schemas import KEY_ID_PATTERN, NAME_PATTERN, SHA256_PATTERN, ClientModelOut, KeyOut, WarmupOut
+from cipherpool.api.schemas import (
+    KEY_ID_PATTERN, NAME_PATTERN, SHA256_PATTERN, ClientModelOut, KeyOut, KeySetOut, WarmupOut,
+)
 from cipherpool.db.tables import Model
-from cipherpool.dispatch import open_envelope, prepare_query, send_to_node
+from cipherpool.dispatch import admit_ciphertext, open_envelope, send_warmups
 from cipherpool.errors import CipherpoolError, InvalidEvaluationKey, KeyMismatch, ModelNotFound
 from cipherpool.gateway.results import TaskMeta
 from cipherpool.messages import EncryptedInput, unwrap
-from cipherpool.names import WARM_TASK
 from cipherpool.statuses import WorkerStatus
 from cipherpool.fhe.framing import capnp_message_length, header_bytes_needed
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
 from cipherpool.gateway.state import GatewayState
 from cipherpool.gateway.uploads import Upload, stream_into_store
 from cipherpool.services import queries
+from cipherpool.services import usage
+from cipherpool.services import keysets, keyuse
+from cipherpool.services.keysets import KeyQuotas
 from cipherpool.services.models import current_version
 from cipherpool.services.queries import ModelGrant, TokenGrant
 from cipherpool.services import workers as worker_service
@@ -75,7 +79,7 @@ async def upload_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant,
     concrete's reader never returns on one."""
     target = queries.pick_model(grant, model)
     queries.check_specs(target, specs)
-    await run_in_threadpool(_check_room, gw, grant, key_id)
+    await run_in_threadpool(_check_room, gw, grant, key_id, _declared_length(request))
     upload = await stream_into_store(request, gw.store, gw.settings.upload_ttl_s)
     try:
         head = await run_in_threadpool(gw.store.upload_head, upload.key, 8)
@@ -89,12 +93,39 @@ async def upload_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant,
     return KeyOut(key_id=key_id, blob_id=upload.sha256, size_bytes=upload.size)
 
 
+@router.get("/keys", response_model=list[KeySetOut])
+def list_keys(gw: Gateway, grant: Grant) -> list[KeySetOut]:
+    """This token's key sets, oldest first: the model and version each was made for, its size,
+    last use, and when it expires unused (``key_idle_expiry_s``); ``status`` is ``active``,
+    ``outdated`` (made from client specs the model no longer serves) or ``expired``."""
+    with gw.ctx.session() as session:
+        key_ids = keysets.key_ids(session, grant.token_id)
+    uses = keyuse.read(gw.store.redis, grant.token_id, key_ids)  # uses beat has not flushed yet
+    with gw.ctx.session() as session:
+        return keysets.list_key_sets(session, grant.token_id, uses, gw.settings.key_idle_expiry_s)
+
+
+@router.delete("/keys/{key_id}", status_code=204)
+def delete_key(key_id: KeyId, gw: Gateway, grant: Grant) -> Response:
+    """Delete this token's key set ``key_id`` (its evaluation key leaves the store with beat's
+    next key sweep after the grace period, where no other key set shares it). Another token's
+    key set is not found, as one that does not exist."""
+    with gw.ctx.session() as session:
+        keysets.delete_key_set(session, grant.token_id, key_id)
+    gw.auth.forget()  # this gateway's key cache (others': within auth_cache_ttl_s; the blob outlives that)
+    return Response(status_code=204)
+
+
 @router.post("/keys/{key_id}/warmup", response_model=WarmupOut, openapi_extra=BINARY_BODY)
 async def warm_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant) -> WarmupOut:
     """Warm key set ``key_id`` on every dedicated node serving the model: each runs the body (a
     throwaway ciphertext under that key set, e.g. of zeros) once and drops the result, so the
     key is deserialized and used before the client's first query. Answers when they are done
-    (or after ``key_warmup_timeout_s``); with warm-up off, at once with nothing done."""
+    (or after ``key_warmup_timeout_s``); with warm-up off, at once with nothing done.
+
+    Each node's run counts against the token's quota and rate as a query does (429
+    ``token_quota_exceeded`` when the quota has no room left); a node that ran nothing (its
+    key cached already) is given back."""
     body = await request.body()
     envelope, model = open_envelope(grant, body, wait_for_worker=True)
     if envelope.key_id != key_id:
@@ -104,6 +135,9 @@ async def warm_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant) -
     sent = await run_in_threadpool(_send_warmups, gw, grant, model, envelope, body)
     started = time.monotonic()
     metas = await asyncio.gather(*(gw.waiter.wait(task.id, gw.settings.key_warmup_timeout_s) for task in sent))
+    idle = sum(map(_ran_nothing, metas))
+    if idle:
+        await run_in_threadpool(usage.refund, gw.store.redis, grant.token_id, idle)
     return WarmupOut(nodes=len(sent), warmed=sum(map(_warmed, metas)), seconds=round(time.monotonic() - started, 3))
 
 
@@ -117,33 +151,60 @@ def _warmed(meta: TaskMeta | None) -> bool:
     return True
 
 
+def _ran_nothing(meta: TaskMeta | None) -> bool:
+    """The node answered that it ran no evaluation: the key was cached already, or it refused."""
+    if not meta or meta.get("status") != "SUCCESS":
+        return False  # no answer in time: it may have run
+    try:
+        value = unwrap(meta.get("result"))
+    except CipherpoolError:
+        return True
+    return isinstance(value, dict) and value.get("cached") is True
+
+
 def _send_warmups(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput,
                   body: bytes) -> list[AsyncResult]:
+    admit_ciphertext(gw.store, model, envelope)  # as a query's, before anything is looked up or counted
     with gw.ctx.session() as session:
         blob_id = queries.key_blob(session, grant, model, envelope.key_id)
         nodes = [w.node_name for w in worker_service.serving(session, model_id=model.model_id)
                  if w.status == WorkerStatus.UP and node_is_live(session, w.node_name, gw.settings.node_heartbeat_s)]
-    request = prepare_query(gw.settings, gw.store, grant, model, envelope, body, blob_id)
-    # With a deadline: a warm-up a node could not start in time is dropped, never run late.
-    return [send_to_node(gw.celery, node, WARM_TASK, expires=gw.settings.key_warmup_timeout_s,
-                         request=request.encode()) for node in nodes]
+    if len(nodes) > 1:  # one FHE run per node: each counts against the rate (the request itself counted one)
+        gw.limiter.hit(grant.account_id, grant.token_id, cost=len(nodes) - 1)
+    return send_warmups(gw.celery, gw.settings, gw.store, grant, model, envelope, body, blob_id, nodes)
 
 
-def _check_room(gw: GatewayState, grant: TokenGrant, key_id: str) -> None:
-    """Refuse an upload over the key-set cap before reading its body."""
+def _check_room(gw: GatewayState, grant: TokenGrant, key_id: str, declared: int | None) -> None:
+    """Refuse an upload over the key-set cap, or (by its declared length) over a byte quota,
+    before reading its body."""
     with gw.ctx.session() as session:
-        queries.check_room(session, grant, key_id, gw.settings.max_keys_per_token)
+        queries.check_room(session, grant, key_id, gw.settings.max_keys_per_token, declared, _quotas(gw))
+
+
+def _quotas(gw: GatewayState) -> KeyQuotas:
+    return KeyQuotas(gw.settings.max_key_bytes_per_token, gw.settings.max_key_bytes_per_account)
+
+
+def _declared_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length")
+    return int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
 
 
 def _register(gw: GatewayState, grant: TokenGrant, model_name: str, key_id: str, upload: Upload,
               specs: str | None) -> None:
-    """Decoded (the body's framing checked) -> authorised (the token, as it is now) -> stored."""
-    with gw.ctx.session() as session:
-        fresh = queries.grant_for_id(session, grant.token_id)
-        target = queries.pick_model(fresh, model_name)
-        queries.register_key(session, fresh, target, key_id, upload.sha256, upload.size, specs,
-                             gw.settings.max_keys_per_token)
-        gw.store.adopt(upload.key, BlobKind.EVALUATION_KEY, upload.sha256)
+    """Decoded (the body's framing checked) -> authorised (the token, as it is now) -> stored.
+    A refused upload (a cap, a quota, the token changed) is discarded at once."""
+    try:
+        with gw.ctx.session() as session:
+            fresh = queries.grant_for_id(session, grant.token_id)
+            target = queries.pick_model(fresh, model_name)
+            queries.register_key(session, fresh, target, key_id, upload.sha256, upload.size, specs,
+                                 gw.settings.max_keys_per_token, _quotas(gw))
+            # After register_key took the blob's sweep mark away, before the commit (services.blobs).
+            gw.store.adopt(upload.key, BlobKind.EVALUATION_KEY, upload.sha256)
+    except BaseException:
+        gw.store.discard_upload(upload.key)
+        raise
     gw.auth.forget()  # this gateway's key cache; a new key set is never cached as missing elsewhere
 
 

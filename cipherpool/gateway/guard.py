@@ -4,10 +4,18 @@ A pure ASGI middleware, because FastAPI parses a declared body before it runs a 
 dependencies: a zip bomb sent with a wrong key must cost nothing, and an oversize body must
 be refused before it is stored. Order for every request but the public ones:
 
-1. the bearer credential is authenticated (cached; see :mod:`cipherpool.gateway.auth`);
+0. a request with more than one ``Authorization`` header is refused (400 ``bad_request``), on
+   every path, public and self-authenticated ones included: which header counts must never
+   depend on who reads it;
+1. the bearer credential is authenticated (cached; see :mod:`cipherpool.gateway.auth`); a
+   source address that failed too often is refused first (429, without a lookup), and a
+   failure is counted against it (:mod:`cipherpool.gateway.throttle`);
 2. the principal's request rate is counted (429 with ``Retry-After`` when over);
 3. a declared ``Content-Length`` above the route's cap is refused (413) at once, and a
    streamed body is cut off with 413 the moment it passes the cap.
+
+The self-authenticated paths (the metrics token's) are throttled the same way: a source over
+its failures is refused before the route runs, and each 401 they answer counts.
 
 The principal is left in ``scope["state"]["principal"]`` for the routes.
 
@@ -25,7 +33,7 @@ import math
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cipherpool.errors import CipherpoolError, PayloadTooLarge
+from cipherpool.errors import AuthError, BadRequest, CipherpoolError, PayloadTooLarge
 from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
 from cipherpool.outages import OUTAGE_TYPES, logged_outage
 from cipherpool.gateway.state import GatewayState
@@ -37,6 +45,13 @@ PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready", "/docs", "/docs/oauth2-redi
 # no per-account rate. /metrics: the operator's metrics token (cipherpool.gateway.metrics);
 # /v1/platform/status: the same token (cipherpool.gateway.platform_status).
 SELF_AUTHENTICATED_PATHS = frozenset({"/metrics", "/v1/platform/status"})
+# And everything under this prefix: the operator's views (the metrics token), such as a node's
+# lifetime figures (cipherpool.gateway.platform_status).
+OPERATOR_PREFIX = "/v1/platform/"
+
+
+def self_authenticated(path: str) -> bool:
+    return path in SELF_AUTHENTICATED_PATHS or path.startswith(OPERATOR_PREFIX)
 
 
 def error_body(exc: CipherpoolError) -> tuple[int, dict[str, str], bytes]:
@@ -58,14 +73,25 @@ class Guard:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or scope["path"] in SELF_AUTHENTICATED_PATHS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if sum(name.lower() == b"authorization" for name, _ in scope["headers"]) > 1:
+            await send_error(send, BadRequest("Send one Authorization header, not several."))
+            return
+        if scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         gw: GatewayState = scope["app"].state.gw
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        peer = scope.get("client")
+        source = gw.throttle.source(peer[0] if peer else None, headers)
+        if self_authenticated(scope["path"]):
+            await self._self_authenticated(gw, source, scope, receive, send)
+            return
         cap = gw.body_cap(scope["method"], scope["path"])
         try:
-            principal = await run_in_threadpool(self._admit, gw, headers.get("authorization"))
+            principal = await run_in_threadpool(self._admit, gw, headers.get("authorization"), source)
             declared = headers.get("content-length")
             if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > cap):
                 raise PayloadTooLarge(f"The body is larger than this endpoint's limit of {cap} bytes.")
@@ -82,19 +108,45 @@ class Guard:
         capped = _CappedBody(receive, send, cap)
         await self.app(scope, capped.receive, capped.send)
 
+    async def _self_authenticated(self, gw: GatewayState, source: str, scope: Scope, receive: Receive,
+                                  send: Send) -> None:
+        """A path that checks the metrics token itself: a throttled source is refused before
+        it runs, and each 401 it answers counts as a failure of the source."""
+        try:
+            await run_in_threadpool(gw.throttle.check, source)
+        except CipherpoolError as exc:
+            await send_error(send, exc)
+            return
+
+        async def counting(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                await run_in_threadpool(gw.throttle.failed, source)
+            await send(message)
+
+        await self.app(scope, receive, counting)
+
     @staticmethod
-    def _admit(gw: GatewayState, authorization: str | None) -> Principal:
+    def _admit(gw: GatewayState, authorization: str | None, source: str) -> Principal:
         """Authenticate (cached), count the rate and read the change counters in one round trip;
         if the credential counter moved, the cache was stale: authenticate again. A token's
         grant then gets which of its models have a worker up now (cached apart, dropped when
-        the serving counter moves)."""
-        credential = bearer(authorization)
-        principal = gw.auth.principal(credential)
-        token_id = None if isinstance(principal, AccountPrincipal) else principal.token_id
-        credentials, serving = gw.limiter.hit(principal.account_id, token_id,
-                                              also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY))
-        if gw.auth.observe(credentials, serving):
+        the serving counter moves).
+
+        A credential that is not cached costs a lookup: a source over its failed
+        authentications is refused before it (one Redis read), and every failure is counted."""
+        try:
+            if not gw.auth.cached(authorization):
+                gw.throttle.check(source)
+            credential = bearer(authorization)
             principal = gw.auth.principal(credential)
+            token_id = None if isinstance(principal, AccountPrincipal) else principal.token_id
+            credentials, serving = gw.limiter.hit(principal.account_id, token_id,
+                                                  also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY))
+            if gw.auth.observe(credentials, serving):
+                principal = gw.auth.principal(credential)
+        except AuthError:
+            gw.throttle.failed(source)
+            raise
         return principal if isinstance(principal, AccountPrincipal) else gw.auth.with_serving(principal)
 
 

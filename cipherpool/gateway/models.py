@@ -16,7 +16,8 @@ from starlette.concurrency import run_in_threadpool
 
 from cipherpool import lifecycle
 from cipherpool.api.schemas import (
-    NAME_PATTERN, DeployIn, EventOut, ModelDetail, ModelOut, ModelSettings, RollbackIn, UploadOut, VersionIn, VersionOut,
+    EVENT_ID_PATTERN, NAME_PATTERN, DeployIn, EventOut, ModelDetail, ModelOut, ModelSettings, RollbackIn, UploadOut,
+    VersionIn, VersionOut,
 )
 from cipherpool.db.tables import Model, ModelStatus
 from cipherpool.fhe.deployment import check_pair, compiled_backend, input_spec
@@ -113,16 +114,14 @@ def rollback(name: ModelName, body: RollbackIn, gw: Gateway, acct: Account) -> M
 @router.delete("/models/{name}", status_code=204)
 def delete_model(name: ModelName, gw: Gateway, acct: Account) -> Response:
     """Delete a model, its versions, keys and events; refused while workers run. Blobs that
-    no other model or key set uses are removed from the store."""
+    no other model or key set uses are removed from the store by beat's key sweep, after
+    CIPHERPOOL_BLOB_SWEEP_GRACE_S."""
     with gw.ctx.session() as session:
         account = accounts.get_account(session, acct.account_id)
         model_id = models.get_model(session, account, name).id
-        candidates = models.delete_model(session, account, name)
+        models.delete_model(session, account, name)
     gw.auth.changed()
     timings.forget(gw.store.redis, model_id)  # its recorded query times (minutes expire alone)
-    with gw.ctx.session() as session:
-        for kind, blob in models.unreferenced(session, candidates):
-            gw.store.delete(kind, blob)
     return Response(status_code=204)
 
 
@@ -146,7 +145,8 @@ def deactivate_model(name: ModelName, gw: Gateway, acct: Account) -> ModelOut:
 
 @router.get("/models/{name}/events", response_model=list[EventOut])
 def model_events(name: ModelName, gw: Gateway, acct: Account,
-                 after: Annotated[int | None, Query(ge=0, description="events after this event id")] = None,
+                 after: Annotated[str | None, Query(pattern=EVENT_ID_PATTERN,
+                                                    description="events after this event (an id it listed)")] = None,
                  since: Annotated[datetime | None, Query(description="events at or after this time (ISO 8601)")] = None,
                  limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = MAX_EVENTS) -> list[EventOut]:
     """The model's event log, oldest first; poll with ``after`` = the last id seen to follow it."""

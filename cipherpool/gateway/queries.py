@@ -5,7 +5,8 @@ token's cached grant, publishes a task of ids on the model's queue and answers 2
 query id, or, with ``?wait=S``, the result itself if it is ready within S seconds (one round
 trip for a fast model). ``GET /v1/queries/{id}?wait=S`` long-polls: no request is held
 longer than ``long_poll_s``, so neither an HTTP worker nor a proxy timeout bounds how long a
-query may run. Results are raw bytes with the node's timings in headers.
+query may run. Results are raw bytes with the node's timings in headers; never the node's
+name (a host name of the platform, and whose node served whom is no end user's business).
 """
 
 from __future__ import annotations
@@ -108,7 +109,6 @@ async def _answer(gw: GatewayState, query_id: str, meta: TaskMeta | None) -> Res
         output = reply.output
     headers = {
         "X-Cipherpool-Query": query_id,
-        "X-Cipherpool-Node": reply.node,
         "X-Cipherpool-Model-Version": str(reply.version),
         "X-Cipherpool-Key-Cache": reply.key_cache,
         "X-Cipherpool-Timings": json.dumps(reply.timings, separators=(",", ":")),

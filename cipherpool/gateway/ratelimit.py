@@ -5,11 +5,22 @@ HTTP 429 with ``Retry-After``; 0 disables a limit.
 The client is the store's, so a round trip on a connection that died (a Redis restart) is
 sent again once on a new one (:data:`cipherpool.store.STALE_RETRIES`): a restart costs no
 request. Should Redis die after counting but before answering, the retry counts that request
-twice in its window, which errs on the safe side of a rate."""
+twice in its window, which errs on the safe side of a rate.
+
+**When Redis is full** (``maxmemory`` with ``noeviction``: it refuses INCR, a write, while reads
+and deletes still work), the limiter counts in this gateway process instead, with the same
+limits and windows, and logs one warning for the whole episode (and one line when Redis takes
+writes again). So requests are neither refused wholesale (failing closed with 503 would stop
+the very reads, polls and deletes that let users and providers free memory: deleting a token
+or a key set) nor let through unbounded (failing open would hand a flood a full platform): each
+gateway enforces the rate alone, so with N gateways a principal gets at most N times its rate
+meanwhile. The change counters are still read in the same round trip (a read)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 
@@ -17,18 +28,43 @@ import redis
 
 from cipherpool.errors import RateLimited
 from cipherpool.names import RATE_PREFIX
+from cipherpool.outages import redis_full
+from cipherpool.waiting import StateLog
 
+log = logging.getLogger("cipherpool.gateway")
 WINDOW_S = 1
+
+
+class LocalWindows:
+    """Fixed windows counted in this process: the limiter's fallback while Redis refuses writes."""
+
+    def __init__(self) -> None:
+        self._window = -1
+        self._counts: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def incr(self, kind: str, who: str, window: int, cost: int) -> int:
+        with self._lock:
+            if window != self._window:
+                self._window, self._counts = window, {}
+            count = self._counts.get((kind, who), 0) + cost
+            self._counts[(kind, who)] = count
+            return count
 
 
 class RateLimiter:
     def __init__(self, client: redis.Redis, token_rate_per_s: float, account_rate_per_s: float):
         self._redis = client
         self._limits = {"t": token_rate_per_s, "a": account_rate_per_s}
+        self._local = LocalWindows()
+        self._full = StateLog(log)
 
-    def hit(self, account_id: str, token_id: str | None = None, *, also_get: Sequence[str] = ()) -> list[object]:
-        """Count one request; RateLimited if it is over a limit. ``also_get``: keys read in the
-        same round trip (the guard's change counters), whose values are returned in order."""
+    def hit(self, account_id: str, token_id: str | None = None, *, also_get: Sequence[str] = (),
+            cost: int = 1) -> list[object]:
+        """Count one request (``cost``: as that many, for a request that runs several FHE
+        evaluations, such as a key warm-up on several nodes); RateLimited if it is over a
+        limit. ``also_get``: keys read in the same round trip (the guard's change counters),
+        whose values are returned in order."""
         subjects = [("a", account_id)] + ([("t", token_id)] if token_id else [])
         subjects = [(kind, who) for kind, who in subjects if self._limits[kind] > 0]
         if not subjects:
@@ -38,12 +74,14 @@ class RateLimiter:
         pipe = self._redis.pipeline(transaction=False)
         for kind, who in subjects:
             key = f"{RATE_PREFIX}{kind}:{who}:{window}"
-            pipe.incr(key)
+            pipe.incrby(key, cost)
             pipe.expire(key, 2 * WINDOW_S)
         if also_get:
             pipe.mget(also_get)
-        replies = pipe.execute()
-        counts = replies[:2 * len(subjects):2]
+        replies = pipe.execute(raise_on_error=False)  # a refused INCR must not hide the MGET's answer
+        counts = self._counted(subjects, window, cost, replies[:2 * len(subjects):2])
+        if also_get and isinstance(replies[-1], Exception):
+            raise replies[-1]
         for (kind, _), count in zip(subjects, counts):
             if count > self._limits[kind] * WINDOW_S:
                 retry = max(1, math.ceil((window + 1) * WINDOW_S - now))
@@ -53,3 +91,15 @@ class RateLimiter:
                     retry_after_s=retry,
                 )
         return list(replies[-1]) if also_get else []
+
+    def _counted(self, subjects: list[tuple[str, str]], window: int, cost: int, replies: list[object]) -> list[int]:
+        """The counts Redis answered; counted here instead while it refuses writes (full)."""
+        refused = next((r for r in replies if isinstance(r, Exception)), None)
+        if refused is None:
+            self._full.up("rate limits: Redis takes writes again; counting there again (shared by every gateway)")
+            return [int(r) for r in replies]  # type: ignore[call-overload]
+        if not redis_full(refused):
+            raise refused
+        self._full.down("rate limits: Redis refuses writes (full: %s); counting in this gateway process "
+                        "meanwhile (each gateway enforces the limits alone)", refused)
+        return [self._local.incr(kind, who, window, cost) for kind, who in subjects]

@@ -20,6 +20,13 @@ it, or share the checks under way: at most one round of checks per second.
 During an outage every request that needs the missing part gets a typed 503 with
 Retry-After (:func:`outage_error`): ``database_unavailable`` or ``broker_unavailable``, never
 the 502 of a gateway fault, which stays for what is one.
+
+A **full store** is no outage: the platform's Redis at ``maxmemory`` (it refuses writes), or a
+blob store that refused a write within :data:`FULL_RECENT_S` (``store_full``, 507, seen by this
+gateway: a full disk or bucket, ``blob_store_max_bytes``). The store check then says so
+(``full``) and the answer is ``degraded``, still 200: reads, polls, management and deletes
+(which free room) are served, so a load balancer must keep sending them; uploads and queries
+get 507 ``store_full`` meanwhile.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from cipherpool.waiting import StateLog
 
 log = logging.getLogger("cipherpool.gateway")
 READY_CACHE_S = 1.0  # a readiness answer is reused this long (per gateway process)
+FULL_RECENT_S = 30.0  # a store_full answered this recently shows as a full store
 
 
 class _Unready(Exception):
@@ -77,6 +85,12 @@ class Readiness:
         self._answer: dict[str, ReadinessCheck] | None = None
         self._answer_until = float("-inf")
         self._checking: asyncio.Future[dict[str, ReadinessCheck]] | None = None
+        self._refused_at = float("-inf")  # when this gateway last answered store_full
+        self._full: str | None = None  # why the store is full, as its last check found
+
+    def saw_full(self) -> None:
+        """This gateway answered ``store_full``: the store shows as full for FULL_RECENT_S."""
+        self._refused_at = self._clock()
 
     async def check(self) -> dict[str, ReadinessCheck]:
         """Each part's state: found within the last READY_CACHE_S, or checked now (a round
@@ -97,8 +111,16 @@ class Readiness:
         if self._separate_results:
             probes["results"] = self._ping_results
         checks = await asyncio.gather(*(self._probe(name, probe) for name, probe in probes.items()))
-        self._answer, self._answer_until = dict(zip(probes, checks)), self._clock() + READY_CACHE_S
+        answer = dict(zip(probes, checks))
+        if answer["store"].ok and self._full is not None:
+            answer["store"] = answer["store"].model_copy(update={"full": True, "detail": self._full})
+        self._answer, self._answer_until = answer, self._clock() + READY_CACHE_S
         return self._answer
+
+    @staticmethod
+    def degraded(checks: dict[str, ReadinessCheck]) -> bool:
+        """Ready, but a store is full: writes are refused (507), the rest is served."""
+        return any(check.full for check in checks.values())
 
     @staticmethod
     def summary(checks: dict[str, ReadinessCheck]) -> str | None:
@@ -187,7 +209,22 @@ class Readiness:
 
     def _ping_store(self) -> str:
         self._store.ping()
+        self._full = self._fullness()
         return "ok"
+
+    def _fullness(self) -> str | None:
+        """Why the store refuses writes now, or None: the platform's Redis at maxmemory (what
+        Redis itself compares: used memory less what eviction does not count), or a store_full
+        answered within FULL_RECENT_S (any backend)."""
+        memory = self._store.redis.info("memory")
+        limit = int(memory.get("maxmemory", 0) or 0)
+        used = int(memory.get("used_memory", 0)) - int(memory.get("mem_not_counted_for_evict", 0) or 0)
+        if limit and used >= limit:
+            return (f"full: Redis at maxmemory ({used} of {limit} bytes), writes refused (store_full); "
+                    "reads, polls and deletes served")
+        if self._clock() - self._refused_at < FULL_RECENT_S:
+            return "full: a write was refused (store_full) within the last 30 s; reads, polls and deletes served"
+        return None
 
     async def _ping_results(self) -> str:
         await self._waiter.ping()

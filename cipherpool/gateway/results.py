@@ -23,8 +23,11 @@ from typing import Any, TypeGuard
 import redis.asyncio as aioredis
 from celery import states
 from kombu.serialization import loads
+from redis import Redis
 from redis.asyncio.retry import Retry
 
+from cipherpool.dispatch import reply_from_meta
+from cipherpool.errors import CipherpoolError
 from cipherpool.names import RESULT_META_PREFIX
 from cipherpool.store import (
     CONNECT_TIMEOUT_S, RETRY_ERRORS, SOCKET_TIMEOUT_S, STALE_ERRORS, STALE_RETRIES, retry_backoff,
@@ -49,6 +52,19 @@ def decode_meta(raw: bytes | str | None) -> TaskMeta | None:
 
 def is_ready(meta: TaskMeta | None) -> TypeGuard[TaskMeta]:
     return meta is not None and meta.get("status") in states.READY_STATES
+
+
+def computed_by(redis: Redis, query_id: str) -> str | None:
+    """The pool node that computed a finished query, read from its stored result (None if it
+    is not there, or failed): the operator's view, with the platform's Redis at hand, for
+    benchmarks that attribute queries to nodes. The gateway tells no end user."""
+    meta = decode_meta(redis.get(RESULT_META_PREFIX + query_id))
+    if not is_ready(meta):
+        return None
+    try:
+        return reply_from_meta(meta).node or None
+    except CipherpoolError:
+        return None
 
 
 class ResultWaiter:

@@ -1,5 +1,6 @@
 """What one gateway process holds: settings, database and store access, the Celery app it
-publishes with, the authenticator, the rate limiter, the result waiter and its readiness.
+publishes with, the authenticator, the rate limiter and the failed-authentication throttle,
+the result waiter and its readiness.
 
 Nothing here connects to anything when it is built or started: the gateway starts while the
 database, the broker or Redis is down, answers /v1/ready 503 until they are back, and then
@@ -17,6 +18,7 @@ from cipherpool.gateway.auth import Authenticator
 from cipherpool.gateway.ratelimit import RateLimiter
 from cipherpool.gateway.readiness import Readiness
 from cipherpool.gateway.results import ResultWaiter
+from cipherpool.gateway.throttle import AuthThrottle
 from cipherpool.store import BlobStore
 from cipherpool.context import PlatformContext
 
@@ -32,6 +34,7 @@ class GatewayState:
     celery: Celery = field(init=False)
     auth: Authenticator = field(init=False)
     limiter: RateLimiter = field(init=False)
+    throttle: AuthThrottle = field(init=False)
     waiter: ResultWaiter = field(init=False)
     readiness: Readiness = field(init=False)
 
@@ -46,6 +49,8 @@ class GatewayState:
         self.celery.conf.result_backend = None
         self.auth = Authenticator(self.ctx)
         self.limiter = RateLimiter(self.ctx.store.redis, s.token_rate_per_s, s.account_rate_per_s)
+        self.throttle = AuthThrottle(self.ctx.store.redis, s.auth_failure_burst, s.auth_failure_window_s,
+                                     s.trusted_proxies)
         self.waiter = ResultWaiter(s.effective_result_backend())
         self.readiness = Readiness(s, self.celery, self.ctx.store, self.waiter)
 

@@ -15,7 +15,7 @@ from cipherpool.db.tables import Account as AccountRow
 from cipherpool.gateway.auth import AccountPrincipal
 from cipherpool.gateway.deps import Account, Gateway
 from cipherpool.gateway.state import GatewayState
-from cipherpool.services import accounts, models, tokens, usage
+from cipherpool.services import accounts, tokens, usage
 from cipherpool.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/tokens", tags=["provider"])
@@ -82,14 +82,12 @@ def revoke_token(token_id: TokenId, gw: Gateway, acct: Account) -> TokenOut:
 
 @router.delete("/{token_id}", status_code=204)
 def delete_token(token_id: TokenId, gw: Gateway, acct: Account) -> Response:
-    """Delete the token, its assignments and its uploaded keys (blobs nothing else uses)."""
+    """Delete the token, its assignments and its uploaded keys (their blobs, where nothing
+    else uses them, are removed by beat's key sweep after CIPHERPOOL_BLOB_SWEEP_GRACE_S)."""
     with gw.ctx.session() as session:
-        candidates = tokens.delete_token(session, accounts.get_account(session, acct.account_id), token_id)
+        tokens.delete_token(session, accounts.get_account(session, acct.account_id), token_id)
     gw.auth.changed()
     usage.forget(gw.store.redis, token_id)
-    with gw.ctx.session() as session:
-        for kind, blob in models.unreferenced(session, candidates):
-            gw.store.delete(kind, blob)
     return Response(status_code=204)
 
 

@@ -58,8 +58,9 @@ def list_workers(gw: Gateway, acct: Account, model: ModelFilter = None) -> list[
 @router.get("/workers/stats", response_model=list[WorkerStats])
 async def worker_stats(gw: Gateway, acct: Account, model: ModelFilter = None) -> list[WorkerStats]:
     """Live figures of each running worker: its own query counts and times (this binding
-    only), its node's lifetime figures apart, and the node's key cache; with its recorded
-    query times over ``CIPHERPOOL_STATS_WINDOW_S`` and now, and its model's queue depth."""
+    only) and its model's key cache on the node; with its recorded query times over
+    ``CIPHERPOOL_STATS_WINDOW_S`` and now, and its model's queue depth. Never the node's
+    lifetime figures: they count other accounts' work on the node (the operator's view)."""
     running = await run_in_threadpool(list_workers, gw, acct, model)
     stats = []
     for worker in running:
@@ -69,7 +70,7 @@ async def worker_stats(gw: Gateway, acct: Account, model: ModelFilter = None) ->
         meta = await gw.waiter.wait(sent.id, gw.settings.management_timeout_s)
         if not meta or meta.get("status") != "SUCCESS":
             raise QueryTimeout(f"Node {worker.node} did not report its figures in time.")
-        report = WorkerStats.model_validate(unwrap(meta.get("result")))
+        report = WorkerStats.model_validate(unwrap(meta.get("result"))).provider_view()
         if report.worker_id == worker.id:  # the node may have moved on since the listing
             stats.append(await run_in_threadpool(_with_timings, gw, acct.account_id, report))
     return stats

@@ -17,8 +17,13 @@ window and a minute more, never less, so a 1-minute window read just after a min
 still holds a minute of queries). Times are
 summed in integer microseconds, so sums are exact however many queries add to them.
 
-Counters are kept apart for ``queries`` (computed), ``refused`` (typed refusals: a malformed
-ciphertext, a wrong key) and ``failed`` (unexpected errors). Rates are over all three.
+Counters are kept apart for ``queries`` (computed), ``refused`` (the caller's errors, typed: a
+malformed or unevaluable ciphertext, a wrong key; counted by the node, or by the gateway when
+it refused the ciphertext before publishing it: :func:`count_refused`) and ``failed`` (the
+platform's: unexpected errors, and typed failures of its own such as the store out of reach).
+The error rate is ``failed / (queries + failed)``: what callers send wrong never moves it, so
+a caller cannot raise a provider's error rate (and set off its alerts) nor hide failures
+under refusals; the refusal rate is ``refused`` over all three, so a provider still sees them.
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ class Tally:
             average_compute_s=self.compute_us / n / US if n else None,
             average_queue_wait_s=self.wait_us / n / US if n else None,
             queries_per_minute=n * MINUTE_S / span_s if span_s else None,
-            error_rate=self.failed / attempts if attempts else None,
+            error_rate=self.failed / (n + self.failed) if n + self.failed else None,
             refusal_rate=self.refused / attempts if attempts else None,
         )
 
@@ -289,6 +294,12 @@ def write(redis: Redis, records: list[Record]) -> None:
             pipe.lpush(recent_key(model_id), *samples)  # the newest ends first
             pipe.ltrim(recent_key(model_id), 0, KEEP_RECENT - 1)
         pipe.execute()
+
+
+def count_refused(redis: Redis, model_id: str, at: float | None = None) -> None:
+    """One of the caller's errors that the gateway refused before any node saw it (a
+    ciphertext that cannot be evaluated): counted with the model's refusals, on no worker."""
+    write(redis, [Record(time.time() if at is None else at, model_id, {"refused": 1})])
 
 
 def forget(redis: Redis, model_id: str) -> None:

@@ -3,6 +3,9 @@
 Written by the services that make the change, in the same transaction (an event is never
 recorded for a change that was rolled back, nor lost for one that was committed). Read with
 a cursor (``after`` an event id) so that ``model events --follow`` sees each event once.
+
+An event is shown by its opaque ``public_id`` (``ev_…``), never by the integer sequence that
+orders every account's events together: a cursor is resolved to its row within the model.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from sqlmodel import Session, col, delete, select
 from cipherpool.api.schemas import EventOut
 from cipherpool.clock import utcnow
 from cipherpool.db.tables import Model, ModelEvent
+from cipherpool.errors import InvalidInput
 from cipherpool.statuses import EventKind
 
 MAX_EVENTS = 1000
@@ -34,12 +38,18 @@ def record_for(session: Session, model_id: str, kind: EventKind, message: str, *
         record(session, model, kind, message, **refs)  # type: ignore[arg-type]
 
 
-def list_events(session: Session, model: Model, *, after: int | None = None, since: datetime | None = None,
+def list_events(session: Session, model: Model, *, after: str | None = None, since: datetime | None = None,
                 limit: int = MAX_EVENTS) -> list[ModelEvent]:
-    """The model's events in order, after event id ``after`` and/or at or after ``since``."""
+    """The model's events in order, after event ``after`` (an id it listed) and/or at or after
+    ``since``. An ``after`` that is no event of this model is refused (InvalidInput), the same
+    whether it is another model's, another account's or nobody's."""
     query = select(ModelEvent).where(ModelEvent.model_id == model.id)
     if after is not None:
-        query = query.where(col(ModelEvent.id) > after)
+        position = session.exec(select(ModelEvent.id).where(ModelEvent.model_id == model.id,
+                                                            ModelEvent.public_id == after)).first()
+        if position is None:
+            raise InvalidInput(f"No event {after[:40]!r} in this model's log: pass the id of an event it listed.")
+        query = query.where(col(ModelEvent.id) > position)
     if since is not None:  # compared in UTC (SQLite stores the digits without the offset)
         since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
         query = query.where(col(ModelEvent.at) >= since)
@@ -53,6 +63,5 @@ def delete_events(session: Session, model_id: str) -> None:
 
 
 def describe(event: ModelEvent, model_name: str) -> EventOut:
-    assert event.id is not None  # flushed
-    return EventOut(id=event.id, at=event.at.isoformat(), model=model_name, kind=event.kind, message=event.message,
+    return EventOut(id=event.public_id, at=event.at.isoformat(), model=model_name, kind=event.kind, message=event.message,
                     worker_id=event.worker_id, version=event.version, token_id=event.token_id)

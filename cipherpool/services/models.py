@@ -23,6 +23,7 @@ from cipherpool.db.tables import (
 )
 from cipherpool.errors import InvalidDeployment, InvalidInput, ModelBusy, ModelExists, ModelNotFound, VersionNotFound
 from cipherpool.fhe.deployment import InputSpec, Versions
+from cipherpool.services import blobs as blob_marks
 from cipherpool.services import events, rollout
 from cipherpool.services.nodes import capabilities_of
 from cipherpool.services.validation import check_name
@@ -240,6 +241,9 @@ def _add_version_row(session: Session, model: Model, number: int, artifact: Arti
     )
     session.add(row)
     session.flush()
+    # Referenced again: no sweep may remove them now (the caller adopts them into the store after this).
+    blob_marks.unmark(session, BlobKind.CLIENT_ZIP, artifact.client_blob)
+    blob_marks.unmark(session, BlobKind.SERVER_ZIP, artifact.server_blob)
     return row
 
 
@@ -252,8 +256,9 @@ def busy_workers(session: Session, model_id: str) -> list[Worker]:
 
 def delete_model(session: Session, account: Account, name: str) -> list[tuple[BlobKind, str]]:
     """Delete a model with its versions, evaluation keys, token assignments, stopped workers
-    and events; refused while a worker holds a node. Returns the blobs it referenced: the
-    caller deletes those that nothing references any more (:func:`unreferenced`), after commit."""
+    and events; refused while a worker holds a node. The blobs it referenced are marked for
+    beat's key sweep, which removes those nothing references after the grace period
+    (:mod:`cipherpool.services.blobs`); they are returned."""
     model = get_model(session, account, name)
     busy = busy_workers(session, model.id)
     if busy:
@@ -279,22 +284,15 @@ def delete_model(session: Session, account: Account, name: str) -> list[tuple[Bl
     session.exec(delete(AutoscalePolicy).where(col(AutoscalePolicy.model_id) == model.id))  # its autoscaling policy
     session.delete(model)
     session.flush()
+    blob_marks.mark(session, blobs)
     return sorted(set(blobs))
 
 
 def unreferenced(session: Session, blobs: list[tuple[BlobKind, str]]) -> list[tuple[BlobKind, str]]:
     """Those of ``blobs`` no row references (content-addressed blobs are shared: two models,
-    of any accounts, may hold the same artifact, and clients the same evaluation key)."""
-    free = []
-    for kind, blob in blobs:
-        if kind == BlobKind.EVALUATION_KEY:
-            used = session.exec(select(EvaluationKey.key_id).where(EvaluationKey.blob_id == blob)).first()
-        else:
-            column = ModelVersion.client_blob if kind == BlobKind.CLIENT_ZIP else ModelVersion.server_blob
-            used = session.exec(select(ModelVersion.id).where(column == blob)).first()
-        if used is None:
-            free.append((kind, blob))
-    return free
+    of any accounts, may hold the same artifact, and clients the same evaluation key; an
+    expired key set references nothing)."""
+    return [(kind, blob) for kind, blob in blobs if not blob_marks.referenced(session, kind, blob)]
 
 
 # ---- what the API shows ------------------------------------------------------------------

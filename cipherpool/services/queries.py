@@ -21,10 +21,13 @@ from cipherpool.db.tables import (
     Account, AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, NodeStatus, PoolNode, TokenModel, Worker, WorkerStatus,
 )
 from cipherpool.errors import (
-    EvaluationKeyNotFound, InsufficientCredits, InvalidEvaluationKey, InvalidInput, InvalidToken, KeysOutdated, ModelInactive,
-    NoWorkerUp, TokenExpired, TokenNotForModel, TooManyKeys,
+    EvaluationKeyExpired, EvaluationKeyNotFound, InsufficientCredits, InvalidEvaluationKey, InvalidInput, InvalidToken,
+    KeysOutdated, ModelInactive, NoWorkerUp, TokenExpired, TokenNotForModel, TooManyKeys,
 )
+from cipherpool.services import blobs, keysets
+from cipherpool.services.keysets import KeyQuotas
 from cipherpool.services.nodes import can_run
+from cipherpool.store import BlobKind
 from cipherpool.services.tokens import check_usable, resolve_token
 from cipherpool.clock import aware
 
@@ -91,11 +94,15 @@ class TokenGrant:
 
 @dataclass(frozen=True)
 class KeyRef:
-    """A registered key set: its evaluation-key blob, model, and the client specs it came from."""
+    """A registered key set: its evaluation-key blob, model, the client specs it came from,
+    the newest model version with those specs (None: none has them any more) and whether it
+    expired (:mod:`cipherpool.services.keysets`)."""
 
     blob_id: str
     model_id: str
     client_blob: str
+    version: int | None = None
+    expired: bool = False
 
 
 def _grant(session: Session, token: AccessToken) -> TokenGrant:
@@ -248,40 +255,64 @@ def check_key_id(key_id: str) -> str:
     return key_id
 
 
-def check_specs(model: ModelGrant, client_blob: str | None) -> str:
-    """The client specs a key set was generated from must be the serving version's."""
+def check_specs(model: ModelGrant, client_blob: str | None, made_for: int | None = None) -> str:
+    """The client specs a key set was generated from must be the serving version's;
+    ``made_for``: the version they were made for, when known (named in the refusal)."""
     if client_blob is not None and client_blob != model.client_blob:
-        raise KeysOutdated(f"Model {model.name!r} now serves version {model.version}, whose client specs differ "
-                           f"from the ones these keys were made from: {REGENERATE}.")
+        made = f"were made for version {made_for}" if made_for is not None else "were made from other client specs"
+        raise KeysOutdated(f"These keys {made}; model {model.name!r} serves version {model.version}, whose client "
+                           f"specs differ: {REGENERATE}.")
     return model.client_blob
 
 
-def check_room(session: Session, grant: TokenGrant, key_id: str, max_keys: int | None) -> EvaluationKey | None:
-    """The key set's row if this token registered it already; TooManyKeys if it may not
-    register another (at most ``max_keys`` key sets per token). Cheap: the gateway asks
-    before it reads an upload's body."""
+def check_room(session: Session, grant: TokenGrant, key_id: str, max_keys: int | None,
+               size: int | None = None, quotas: KeyQuotas | None = None) -> EvaluationKey | None:
+    """The key set's row if this token registered it already (expired or not); TooManyKeys if
+    it may not register another (at most ``max_keys`` live key sets per token); with ``size``,
+    the typed refusal of a quota it would pass (:func:`keysets.check_quota`). Cheap: the
+    gateway asks before it reads an upload's body (with its declared length, if any)."""
     check_key_id(key_id)
     row = session.exec(
         select(EvaluationKey).where(EvaluationKey.token_id == grant.token_id, EvaluationKey.key_id == key_id)
     ).first()
-    if row is None and max_keys is not None:
-        count = session.exec(select(func.count()).where(EvaluationKey.token_id == grant.token_id)).one()
+    if (row is None or row.expired_at is not None) and max_keys is not None:
+        count = session.exec(select(func.count()).where(
+            EvaluationKey.token_id == grant.token_id, col(EvaluationKey.expired_at).is_(None))).one()
         if count >= max_keys:
-            raise TooManyKeys(f"This token has {count} key sets already (the limit); reuse one of them.")
+            raise TooManyKeys(f"This token has {count} key sets already (the limit): reuse one of them, or delete "
+                              "one it no longer uses (`cipherpool query keys delete`).")
+    if size is not None and quotas is not None:
+        keysets.check_quota(session, grant.token_id, grant.account_id, key_id, size, quotas)
     return row
 
 
 def register_key(session: Session, grant: TokenGrant, model: ModelGrant, key_id: str, blob_id: str,
-                 size_bytes: int, client_blob: str | None = None, max_keys: int | None = None) -> EvaluationKey:
+                 size_bytes: int, client_blob: str | None = None, max_keys: int | None = None,
+                 quotas: KeyQuotas | None = None) -> EvaluationKey:
     """Record that this token's client key set ``key_id``, made from ``client_blob`` (default:
-    the serving version's specs) for ``model``, evaluates with blob ``blob_id``; idempotent, and
-    a re-upload under the same id replaces the blob."""
+    the serving version's specs) for ``model``, evaluates with blob ``blob_id``; idempotent. A
+    re-upload under the same id replaces the blob (the one it held is marked for the sweep) and
+    revives an expired key set; either way its idle time starts again.
+
+    Within ``quotas`` (checked under the account's advisory lock on PostgreSQL, after the row
+    is written on SQLite, whose writers take turns), so two uploads at once cannot pass one
+    together. The blob's sweep mark is deleted here: write the blob into the store only after
+    this (:mod:`cipherpool.services.blobs`)."""
     specs = check_specs(model, client_blob)
+    if quotas is not None and (quotas.per_token or quotas.per_account):
+        keysets.lock_account_keys(session, grant.account_id)
     row = check_room(session, grant, key_id, max_keys) or EvaluationKey(
         key_id=key_id, token_id=grant.token_id, model_id=model.model_id, blob_id=blob_id, size_bytes=size_bytes)
+    replaced = row.blob_id if row.id is not None and row.expired_at is None and row.blob_id != blob_id else None
     row.blob_id, row.size_bytes, row.model_id, row.client_blob = blob_id, size_bytes, model.model_id, specs
+    row.expired_at, row.last_used_at = None, utcnow()
     session.add(row)
     session.flush()
+    if quotas is not None:
+        keysets.check_quota(session, grant.token_id, grant.account_id, key_id, size_bytes, quotas)
+    blobs.unmark(session, BlobKind.EVALUATION_KEY, blob_id)
+    if replaced is not None:
+        blobs.mark(session, [(BlobKind.EVALUATION_KEY, replaced)])
     return row
 
 
@@ -289,17 +320,28 @@ def key_ref(session: Session, token_id: str, key_id: str) -> KeyRef | None:
     row = session.exec(
         select(EvaluationKey).where(EvaluationKey.token_id == token_id, EvaluationKey.key_id == key_id)
     ).first()
-    return KeyRef(row.blob_id, row.model_id, row.client_blob) if row else None
+    if row is None:
+        return None
+    return KeyRef(row.blob_id, row.model_id, row.client_blob, keysets.made_for(session, row.model_id, row.client_blob),
+                  row.expired_at is not None)
 
 
 def check_key(ref: KeyRef | None, model: ModelGrant) -> str:
-    """The blob id of a key set usable for ``model`` now; why not otherwise."""
+    """The blob id of a key set usable for ``model`` now; why not otherwise: not found,
+    outdated (made for another version's client specs: new keys are needed) or expired (the
+    same keys may be uploaded again)."""
     if ref is None or ref.model_id != model.model_id:
         raise EvaluationKeyNotFound(
             "No evaluation key with this id was uploaded with this token for this model; "
             "call upload_evaluation_keys() (CLI: `cipherpool query upload-keys`) first."
         )
-    check_specs(model, ref.client_blob)
+    check_specs(model, ref.client_blob, ref.version)
+    if ref.expired:
+        raise EvaluationKeyExpired(
+            f"This key set expired (unused too long, or its token expired) and its evaluation key was removed; "
+            f"model {model.name!r} serves version {model.version}, which these keys were made for: upload them again "
+            "(QueryClient does, by itself; CLI: `cipherpool query upload-keys`)."
+        )
     return ref.blob_id
 
 

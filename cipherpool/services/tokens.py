@@ -19,6 +19,7 @@ from cipherpool.db.tables import AccessToken, Account, EvaluationKey, Model, Tok
 from cipherpool.errors import (
     InvalidInput, InvalidToken, TokenDisabled, TokenExpired, TokenNotFound, TokenRevoked,
 )
+from cipherpool.services import blobs as blob_marks
 from cipherpool.services import events
 from cipherpool.services.accounts import check_enabled
 from cipherpool.services.models import get_model
@@ -139,8 +140,9 @@ def revoke_token(session: Session, account: Account, token_id: str) -> AccessTok
 
 
 def delete_token(session: Session, account: Account, token_id: str) -> list[tuple[BlobKind, str]]:
-    """Delete a token with its assignments and key sets; returns the evaluation-key blobs it
-    referenced (the caller deletes those nothing else references, after commit)."""
+    """Delete a token with its assignments and key sets; the evaluation-key blobs it
+    referenced are marked for beat's key sweep (which removes those nothing else references,
+    after the grace period: :mod:`cipherpool.services.blobs`), and returned."""
     token = get_token(session, account, token_id)
     blobs = [(BlobKind.EVALUATION_KEY, b) for b in session.exec(
         select(EvaluationKey.blob_id).where(EvaluationKey.token_id == token.id)).all()]
@@ -151,6 +153,7 @@ def delete_token(session: Session, account: Account, token_id: str) -> list[tupl
     session.exec(delete(TokenModel).where(col(TokenModel.token_id) == token.id))
     session.delete(token)
     session.flush()
+    blob_marks.mark(session, blobs)
     return sorted(set(blobs))
 
 

@@ -1,7 +1,9 @@
 """`cipherpool up` and the demo's stack: everything a single machine needs, as children.
 
 Redis (only when no broker is configured; private: password, ACL, noeviction), the database
-schema, one control worker, N pool nodes, beat, Flower (basic auth) and the gateway. Every
+schema, the blob store (files under the data directory unless ``CIPHERPOOL_BLOB_STORE`` says
+otherwise; blobs an older release left in Redis are moved there at start), one control
+worker, N pool nodes, beat, Flower (basic auth) and the gateway. Every
 child gets the same CIPHERPOOL_* environment, so it is exactly what an operator would run by
 hand with `celery -A cipherpool.tasks ...` and `uvicorn ...`. When ready, the gateway's URL is
 written to ``<data dir>/stack.json`` (0600), where clients on this machine find it.
@@ -10,6 +12,7 @@ written to ``<data dir>/stack.json`` (0600), where clients on this machine find 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -25,13 +28,14 @@ from cipherpool.config.profiles import load_profiles, node_command, node_environ
 from cipherpool.config.settings import Settings, mask_url, settings_env
 from cipherpool.db import init_db, session_scope
 from cipherpool.db.tables import NodeStatus, PoolNode
-from cipherpool.errors import ConfigurationError, PlatformError
+from cipherpool.errors import CipherpoolError, ConfigurationError, PlatformError
 from cipherpool.files import private_dir, private_sqlite, write_private
 from cipherpool.names import CONTROL_QUEUE, POOL_QUEUE
 from cipherpool.stack.redis_server import start_redis
 from cipherpool.stack.supervisor import Supervisor, free_port
 from cipherpool.waiting import wait_until
 
+log = logging.getLogger("cipherpool.stack")
 READY_TIMEOUT_S = 120.0
 CONTROL_CONCURRENCY = 4  # management tasks are short and mostly wait on I/O
 CELERY = [sys.executable, "-m", "celery", "-A", "cipherpool.tasks"]
@@ -74,6 +78,7 @@ class EmbeddedStack:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.settings.data_dir).expanduser().resolve()
+        self.blob_store = self.settings.blob_store or "fs"
         self.supervisor = Supervisor(self.data_dir / "logs")
 
     @property
@@ -104,6 +109,10 @@ class EmbeddedStack:
         database_url = self.settings.effective_database_url()
         private_sqlite(database_url)
         init_db(database_url)
+        # Blobs in files under the data directory unless the operator chose another store: every
+        # process of this stack runs on this machine, so they all see the same directory.
+        self.blob_store = self.settings.blob_store or "fs"
+        self._migrate_blobs(database_url)
         # Concrete leaves a directory in the temp folder for each circuit it loads: keep them
         # under the data directory and clear what an earlier run left there.
         tmp = self.data_dir / "tmp"
@@ -118,6 +127,7 @@ class EmbeddedStack:
             "CIPHERPOOL_BROKER_URL": self.broker_url,
             "CIPHERPOOL_DATA_DIR": str(self.data_dir),
             "CIPHERPOOL_DATABASE_URL": database_url,
+            "CIPHERPOOL_BLOB_STORE": self.blob_store,
             "CIPHERPOOL_NODE_THREADS": str(threads),
             "TMPDIR": str(tmp),
         }
@@ -127,6 +137,38 @@ class EmbeddedStack:
         self._start_gateway()
         self._wait_ready(database_url)
         self._write_stack_file()
+
+    @property
+    def platform_settings(self) -> Settings:
+        """The settings every process of this stack runs with (its broker, its store): for an
+        operator's command on this machine, a test or a benchmark looking behind the gateway."""
+        return self.settings.model_copy(update={
+            "broker_url": self.broker_url, "data_dir": self.data_dir, "blob_store": self.blob_store,
+            "database_url": self.settings.effective_database_url()})
+
+    def _migrate_blobs(self, database_url: str) -> None:
+        """Blobs an older release kept in this stack's Redis move into the store (verified, then
+        removed from Redis): `cipherpool store migrate --delete-source`, run once at start."""
+        if self.blob_store == "redis" or not (self.settings.store_url or self.broker_url).startswith("redis"):
+            return
+        from cipherpool.blobs.migrate import migrate, referenced
+        from cipherpool.store import BlobStore
+
+        source = BlobStore.from_url(self.settings.store_url or self.broker_url)
+        try:
+            if not source.blobs():
+                return
+            target = BlobStore.from_settings(self.platform_settings)
+            with session_scope(database_url) as session:
+                refs = referenced(session)
+            report = migrate(refs, source, target, delete_source=True)
+            log.warning("moved %d blobs (%d bytes) from Redis into the %s store; %d referenced blobs were in neither",
+                        report.copied, report.copied_bytes, target.kind, len(report.missing))
+        except CipherpoolError as exc:
+            log.warning("could not move the blobs left in Redis into the store (%s): run `cipherpool store migrate`",
+                        exc)
+        finally:
+            source.redis.close()
 
     def _quiet(self) -> list[str]:
         return ["--without-gossip", "--without-mingle", "--loglevel", self.options.loglevel]
@@ -232,6 +274,8 @@ class EmbeddedStack:
         rows.append(("api docs", self.gateway_url + "/docs"))
         rows.append(("broker", mask_url(self.broker_url)))
         rows.append(("database", mask_url(self.env.get("CIPHERPOOL_DATABASE_URL", ""))))
+        where = self.platform_settings
+        rows.append(("blob store", f"fs {where.effective_blob_dir()}" if self.blob_store == "fs" else self.blob_store))
         if self.flower_url:
             rows.append(("flower", self.flower_url))
         rows.append(("logs", str(self.supervisor.log_dir)))

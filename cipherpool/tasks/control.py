@@ -23,6 +23,8 @@ from cipherpool.monitoring import beat_jobs
 from cipherpool.names import ALERTS_TASK, BILLING_TASK, RECONCILE_TASK, WEBHOOK_TASK
 from cipherpool.names import SCHEDULE_TASK
 from cipherpool.names import AUTOSCALE_TASK
+from cipherpool.names import KEY_SWEEP_TASK
+from cipherpool.scheduler import keys as key_sweep
 from cipherpool.scheduler import autoscale as autoscaler
 from cipherpool.scheduler.tick import apply_schedules
 from cipherpool.tasks.app import app
@@ -94,6 +96,14 @@ def alerts() -> dict[str, object]:
     report = alert_rules.evaluate_all(platform(), app)
     return {"rules": report.rules, "fired": report.fired, "cleared": report.cleared, "queued": report.queued,
             "errors": report.errors}
+
+
+@platform_task(app, KEY_SWEEP_TASK)
+@beat_job(KEY_SWEEP_TASK)
+def keys() -> dict[str, int]:
+    """Key sets' last uses, idle and dead tokens' key sets expired, unreferenced blobs removed
+    after their grace period (see scheduler.keys)."""
+    return key_sweep.sweep(platform()).as_dict()
 
 
 @celery_task(app, name=WEBHOOK_TASK, bind=True, max_retries=None)

@@ -127,6 +127,7 @@ class TutorialRun:
         self.provider_log, self.log = TrafficLog(), TrafficLog()
         self.mc.observe(self.provider_log)
         self.report = TutorialReport(tutorial.name, tutorial.title, tutorial.model, "", {})
+        self.worker_node: str | None = None  # from the provider's view: end users are never told node names
 
     @contextmanager
     def step(self, actor: str, title: str, where: str, log: TrafficLog | None = None) -> Iterator[Step]:
@@ -173,6 +174,7 @@ class TutorialRun:
                             "(server.zip) and the client specs (client.zip); no data")
         with self.step("provider", "start a worker (binds a pool node, preloads the model)", NODE_COMMAND) as step:
             worker = self.mc.start_worker(name)
+            self.worker_node = worker.node
             step.where = f"{NODE_COMMAND} {worker.node}"
             step.crossed = ("the worker's id, on the node's command queue; the node loads the circuit from the "
                             "platform's store and starts consuming the model's queue")
@@ -246,7 +248,7 @@ class TutorialRun:
         report = CaseReport(
             case.label, case.truth, reading.fhe, reading.clear, reading.agree, reading.values,
             t1 - t0, len(ciphertext), server.get("queue_wait_s", 0.0), server.get("key_s", 0.0),
-            server.get("compute_s", 0.0), t2 - t1, t3 - t2, len(output), qc.last_node,
+            server.get("compute_s", 0.0), t2 - t1, t3 - t2, len(output), self.worker_node,
             ciphertext_inline=len(ciphertext) <= self.settings.inline_max_bytes,
             output_inline=len(output) <= self.settings.inline_max_bytes,
         )

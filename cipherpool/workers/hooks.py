@@ -12,6 +12,7 @@ A query's moments, in order: ``query_received`` (decoded, before any check) →
 refusal, returned to the client as a result envelope, not a Celery failure),
 ``query_failed`` (a bug or lost infrastructure: a Celery FAILURE) or ``query_requeued`` (the
 node was unbound while the query was prefetched; another node will take it).
+A key warm-up is no query: its one evaluation, when it ran, is ``key_warmed``.
 
 A binding's: ``model_loaded`` (the evaluator is ready) → ``binding_bound``, then
 ``binding_unbound``; or ``binding_load_failed``.
@@ -91,6 +92,10 @@ class Hook:
     def query_requeued(self, query: QueryEvent) -> None:
         """Given back to its model's queue: this node stopped serving the model meanwhile."""
 
+    def key_warmed(self, query: QueryEvent) -> None:
+        """A key warm-up ran its one throwaway evaluation (not a query: no other moment is
+        told); ``timings['compute_s']`` is how long it took."""
+
     def model_loaded(self, binding: BindingEvent, *, seconds: float) -> None:
         """The model's evaluator was loaded for this binding (once per bind, never per query)."""
 
@@ -144,6 +149,9 @@ class Hooks(Hook):
 
     def query_requeued(self, query: QueryEvent) -> None:
         self._each("query_requeued", lambda h: h.query_requeued(query))
+
+    def key_warmed(self, query: QueryEvent) -> None:
+        self._each("key_warmed", lambda h: h.key_warmed(query))
 
     def model_loaded(self, binding: BindingEvent, *, seconds: float) -> None:
         self._each("model_loaded", lambda h: h.model_loaded(binding, seconds=seconds))

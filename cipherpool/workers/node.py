@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cipherpool.api.schemas import KeyCacheOut, WorkerStats
+from cipherpool.api.schemas import BlobCacheOut, KeyCacheOut, WorkerStats
+from cipherpool.blobs import DiskCache
 from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.fhe.keycache import KeyCache
 from cipherpool.workers.hooks import BindingEvent, Hook, Hooks
@@ -92,6 +93,8 @@ class NodeRuntime:
         self.concurrency = concurrency
         self.threads = threads
         self.key_cache: KeyCache[Any] = KeyCache(key_cache_bytes, key_memory_factor)
+        # The disk cache in front of the blob store (signals attaches it to the store too); None: off.
+        self.blob_cache: DiskCache | None = None
         self.stats = NodeStats()
         self.hooks = Hooks([self.stats, *hooks])
         self._binding: Binding | None = None
@@ -116,7 +119,8 @@ class NodeRuntime:
         with self._lock:
             previous, self._binding = self._binding, binding
         if previous is not None and (binding is None or binding.model_id != previous.model_id):
-            self.key_cache.clear()  # keys of the old model are useless now
+            # Keys of the old model are useless now, and its figures are its account's alone.
+            self.key_cache.clear(counters=True)
 
     def update_binding(self, worker_id: str, change: Callable[[Binding], Binding]) -> Binding | None:
         """Apply ``change`` to the binding if it is still ``worker_id``'s (atomically)."""
@@ -148,6 +152,7 @@ class NodeRuntime:
             node_lifetime=self.stats.of_node(),
             key_cache=KeyCacheOut(entries=cache.entries, charged_bytes=cache.charged_bytes,
                                   capacity_bytes=cache.capacity_bytes, evictions=cache.evictions),
+            blob_cache=BlobCacheOut(**self.blob_cache.figures().as_dict()) if self.blob_cache else None,
         )
 
 

@@ -21,6 +21,7 @@ from cipherpool.names import query_routing_key
 from cipherpool.services.queries import REGENERATE
 from cipherpool.store import BlobKind
 from cipherpool.fhe.evaluator import Evaluator
+from cipherpool.fhe.values import check_ciphertext
 from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import Hook, QueryEvent
 from cipherpool.workers.node import NodeRuntime
@@ -96,8 +97,8 @@ def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: De
 def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, query: QueryEvent) -> QueryReply:
     """Check the ciphertext, take the key, run the model: the encrypted reply and its timings."""
     started = query.received_at
+    encrypted = _open(ctx, request)  # first: a ciphertext no node could evaluate costs no model load, no key
     evaluator, version = _evaluator(ctx, runtime, request, query)
-    encrypted = _open(ctx, request)
     query.timings["open_s"] = time.time() - started
     runtime.hooks.query_authorised(query)
 
@@ -144,7 +145,8 @@ def _refuse(query: QueryEvent, hooks: Hook, error: CipherpoolError) -> Envelope:
 
 
 def _open(ctx: PlatformContext, request: QueryRequest) -> EncryptedInput:
-    """The ciphertext envelope, checked to belong to this model and this client's key set."""
+    """The ciphertext envelope, checked to belong to this model and this client's key set and
+    to hold a value concrete can evaluate (before a model or key is taken: a refusal costs no load)."""
     raw = request.input if request.input is not None else ctx.store.get_payload(request.input_ref or "")
     encrypted = EncryptedInput.decode(raw)
     if encrypted.model_id != request.model_id:
@@ -154,6 +156,7 @@ def _open(ctx: PlatformContext, request: QueryRequest) -> EncryptedInput:
             f"This ciphertext was encrypted under key set {encrypted.key_id[:12]}…, but the query "
             f"uses key set {request.key_id[:12]}…: encrypt with the keys you uploaded (and decrypt with the same)."
         )
+    check_ciphertext(encrypted.data)
     return encrypted
 
 
@@ -194,18 +197,25 @@ class Warmed(TypedDict):
 def warm(ctx: PlatformContext, runtime: NodeRuntime, raw: object) -> Warmed:
     """One throwaway evaluation with a new key set (its ciphertext sent by the client for
     this), so the key is fetched, deserialized and used before the client's first query. Not a
-    query: no hook hears it, nothing is returned but how long it took; the worker's log says so."""
+    query: no query hook hears it and nothing is returned but how long it took; the worker's
+    log says so. A run it made is told to the hooks' ``key_warmed`` (a shared node's meter
+    bills it like a query's execution); the gateway counted it against the token's quota."""
     started = time.time()
     query = QueryEvent(node=runtime.name, task_id=None, binding=None)
     request = QueryRequest.decode(raw)
+    query.model_id, query.key_id, query.token_id = request.model_id, request.key_id, request.token_id
+    query.account_id = request.account_id or None
+    encrypted = _open(ctx, request)
     try:
         evaluator, _ = _evaluator(ctx, runtime, request, query)
     except NotBoundHere:
         raise ModelUnavailable("This node no longer serves the model.") from None
-    encrypted = _open(ctx, request)
     keys, hit = _keys(ctx, runtime, request, evaluator)
     if not hit:
+        t = time.time()
         evaluator.run(encrypted.data, keys)
+        query.timings["compute_s"] = time.time() - t
+        runtime.hooks.key_warmed(query)
     seconds = time.time() - started
     if query.worker_id:
         workerlog.write(ctx.store.redis, query.worker_id, f"key set {request.key_id[:12]}… warmed in {seconds:.2f} s"

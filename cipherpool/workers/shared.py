@@ -120,7 +120,8 @@ def _resident_bytes() -> int:
 
 
 class ExecutionMeter(Hook):
-    """On a shared node: each computed query adds its execution seconds (and one to the count)
+    """On a shared node: each computed query, and each key warm-up's evaluation, adds its
+    execution seconds (and one to the count)
     to its account's running tally per model (``cipherpool:shared-exec:<account>``, what
     `execution_tally` reads) and to its account's minute, per model and node profile, which
     billing's tick charges once the minute is over (:mod:`cipherpool.billing.charging`):
@@ -130,6 +131,13 @@ class ExecutionMeter(Hook):
         self._redis, self.profile = redis, profile
 
     def query_computed(self, query: QueryEvent) -> None:
+        self._meter(query)
+
+    def key_warmed(self, query: QueryEvent) -> None:
+        """A warm-up's evaluation is computation the account caused: billed as one execution."""
+        self._meter(query)
+
+    def _meter(self, query: QueryEvent) -> None:
         account = query.account_id
         if not account or not query.model_id:
             return

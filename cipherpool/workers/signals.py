@@ -31,6 +31,7 @@ from cipherpool.dispatch import shared_queue_of
 from cipherpool.names import BIND_TASK, POOL_QUEUE, UNBIND_TASK, node_queue
 from cipherpool.services import nodes as node_service
 from cipherpool import backends
+from cipherpool.blobs import DiskCache, node_cache_dir
 from cipherpool.fhe.evaluator import evaluator_factory, preload
 from cipherpool.context import platform
 from cipherpool.files import private_dir
@@ -99,6 +100,10 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
                 hooks=hooks, profile=profile.name, labels=profile.labels, shared=profile.shared,
             )
         )
+        cache_bytes = settings.effective_node_blob_cache_bytes()
+        if cache_bytes:  # keys and server zips kept on this node's disk (cipherpool.blobs.cache)
+            runtime.blob_cache = DiskCache(node_cache_dir(settings, sender.hostname), cache_bytes)
+            ctx.store.attach_cache(runtime.blob_cache)
         if profile.shared:
             workdir = Path(settings.data_dir).expanduser() / "node-models" / f"shared-{sender.hostname}"
             shutil.rmtree(workdir, ignore_errors=True)  # what an earlier run of this node loaded

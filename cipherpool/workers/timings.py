@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from redis import Redis
 
-from cipherpool.errors import CipherpoolError
+from cipherpool.errors import CipherpoolError, PlatformError
 from cipherpool.monitoring.timings import SHARED, US, Record, Sample, bucket_index, write
 from cipherpool.workers.hooks import Hook, QueryEvent
 
@@ -89,7 +89,13 @@ class QueryTimings(Hook):
         self._record(query, self._model(query), sample, histogram, queries=1, wait_us=wait_us, compute_us=compute_us)
 
     def query_refused(self, query: QueryEvent, error: CipherpoolError) -> None:
-        self._record(query, self._model(query), refused=1)
+        """The caller's error (a ciphertext that cannot be evaluated, a wrong key) is a
+        refusal, apart from the model's error rate; a typed failure of the platform's own (the
+        store full or out of reach) is a failure."""
+        if isinstance(error, PlatformError):
+            self._record(query, self._model(query), failed=1)
+        else:
+            self._record(query, self._model(query), refused=1)
 
     def query_failed(self, query: QueryEvent, error: BaseException) -> None:
         self._record(query, self._model(query), failed=1)

@@ -235,3 +235,50 @@ def test_a_gateway_started_before_redis_serves_once_redis_is_up(tmp_path, superv
         assert http.get("/v1/account", headers=bearer(api_key)).status_code == 200
         wait_until(lambda: subscribed(redis_url), 10, interval_s=0.1)
     assert gateway.alive()
+
+
+def test_a_full_redis_refuses_uploads_with_507_and_the_platform_stays_up(tmp_path, supervisor):
+    """Issue 23's measurement: one token filling Redis (blobs in Redis, a tiny maxmemory)
+    made the next upload a 404 upload_not_found and every authenticated request of every
+    account a 502 (the rate limiter's write refused). Now the upload gets 507 store_full, and
+    reads, polls, management and deleting a token keep working; readiness says the store is full."""
+    from cipherpool.fhe.deployment import Versions
+    from cipherpool.services import models
+
+    # Given a gateway on a Redis of 16 MiB that holds the blobs, and an end user of a model
+    _redis, redis_url = start_redis(supervisor, tmp_path / "redis", maxmemory_bytes=16 * 1024**2)
+    database_url = f"sqlite:///{tmp_path / 'data' / 'cipherpool.db'}"
+    init_db(database_url)
+    with session_scope(database_url) as session:
+        account, api_key = create_account(session, "provider")
+        models.deploy_model(session, account, "m", models.Artifact("c" * 64, "s" * 64, 1, 1, Versions.installed()))
+        token, value = create_token(session, account, "user", "m")
+        token_id = token.id
+    _gateway, url = start_gateway(supervisor, tmp_path, redis_url, database_url)
+    key = (0).to_bytes(4, "little") + (256 * 1024).to_bytes(4, "little")  # a framed 2 MiB evaluation key
+    with httpx.Client(base_url=url, timeout=30) as http:
+        # When the token uploads key sets of 2 MiB until Redis is full
+        answers = []
+        for i in range(12):
+            answer = http.put(f"/v1/client/keys/{i:032x}", headers=bearer(value), content=key + bytes([i]) * (2 * 1024**2))
+            answers.append((answer.status_code, answer.json().get("code")))
+            if answer.status_code != 201:
+                break
+        # Then the first refused upload is a 507 store_full, after some that were stored
+        assert answers[-1] == (507, "store_full"), answers
+        assert len(answers) > 2 and set(answers[:-1]) == {(201, None)}, answers
+        # and every other call is served: provider reads, the end user's reads and polls
+        for credential, path in [(api_key, "/v1/account"), (api_key, "/v1/tokens"), (api_key, "/v1/models"),
+                                 (value, "/v1/client/models"), (value, "/v1/client/keys")]:
+            assert http.get(path, headers=bearer(credential)).status_code == 200, path
+        poll = http.get(f"/v1/queries/{QUERY_ID}", headers=bearer(value))
+        assert (poll.status_code, poll.json()["code"]) == (404, "query_not_found")
+        # readiness: still ready (traffic must keep coming), degraded, the store full
+        ready = http.get("/v1/ready")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
+        assert ready.json()["checks"]["store"]["full"] is True
+        assert http.get("/v1/health").status_code == 200
+        # and the provider can delete the token (whose key sets leave with beat's key sweep)
+        assert http.delete(f"/v1/tokens/{token_id}", headers=bearer(api_key)).status_code == 204
+        gone = http.get("/v1/client/models", headers=bearer(value))
+        assert (gone.status_code, gone.json()["code"]) == (401, "invalid_token")

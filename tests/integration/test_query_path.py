@@ -119,18 +119,19 @@ def test_ciphertexts_above_the_inline_limit_travel_by_reference(platform, exampl
 def test_evaluation_keys_are_content_addressed_and_uploaded_once(platform, clients, examples):
     qc = clients["digits"]  # keys generated and uploaded by the fixture
     blob_id = sha256_hex(qc.crypto.evaluation_key())
-    store = BlobStore.from_url(platform.stack.broker_url)  # the test looks behind the gateway
+    store = BlobStore.from_settings(platform.stack.platform_settings)  # the test looks behind the gateway
+    assert store.kind == "fs"  # the embedded stack's store: files under the data directory
     assert store.exists(BlobKind.EVALUATION_KEY, blob_id)
     key_size = store.size(BlobKind.EVALUATION_KEY, blob_id)
     assert key_size > 10_000_000  # bootstrapping key
-    assert store.redis.ttl(f"cipherpool:blob:evk:{blob_id}") == -1  # owned by its key set: no TTL
-    evk_keys = set(store.redis.scan_iter("cipherpool:blob:evk:*"))
+    assert not list(store.redis.scan_iter("cipherpool:blob:*"))  # no blob in the broker's Redis
+    evk_keys = set(store.blobs(BlobKind.EVALUATION_KEY))
     sent: list[tuple[str, str, int]] = []
     qc._t._http.event_hooks["request"].append(lambda r: sent.append((r.method, r.url.path, len(r.content))))
     try:
         # Uploading the same key set again stores nothing new: one blob per content.
         assert qc.upload_evaluation_keys() == qc.crypto.key_id()
-        assert set(store.redis.scan_iter("cipherpool:blob:evk:*")) == evk_keys
+        assert set(store.blobs(BlobKind.EVALUATION_KEY)) == evk_keys
         # Queries never carry the key again: they name it, and their bodies are ciphertexts only.
         for i in range(2):
             qc.execute(qc.encrypt(examples["digits"].x_test[i]))
@@ -140,7 +141,7 @@ def test_evaluation_keys_are_content_addressed_and_uploaded_once(platform, clien
     queries = [size for method, path, size in sent if path == "/v1/queries"]
     assert uploads == [key_size] and len(queries) == 2
     assert max(queries) < key_size / 100
-    assert not store.redis.keys("cipherpool:upload:*")  # nothing half-uploaded left behind
+    assert not list((platform.stack.platform_settings.effective_blob_dir() / "upload").iterdir())  # nothing half-uploaded
 
 
 def test_worker_stop_and_start(platform, examples, clients):

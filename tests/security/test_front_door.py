@@ -78,6 +78,9 @@ def stack(tmp_path_factory):
         max_deployment_unzipped_bytes=UNZIPPED_CAP,
         auth_cache_ttl_s=AUTH_CACHE_TTL_S,
         query_timeout_s=120.0,
+        # Blobs and uploads in the broker's Redis: these tests watch every Redis command (and
+        # scan Redis keys) to prove that no unauthenticated or oversize body was stored.
+        blob_store="redis",
     )
     # Two nodes: one serves the module's shared model, the other the secret scan's own flow.
     with EmbeddedStack(settings, StackOptions(nodes=2, beat=False, flower=False)) as s:

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cipherpool import errors
-from cipherpool.errors import CipherpoolError, InvalidDeployment, MalformedCiphertext, PayloadTooLarge
+from cipherpool.errors import CipherpoolError, InvalidDeployment, InvalidInput, MalformedCiphertext, PayloadTooLarge
 from cipherpool.fhe.deployment import CLIENT_ZIP, SERVER_ZIP, Versions, check_artifact, check_pair, read_versions
 from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.fhe.framing import MAX_SEGMENTS, capnp_message_length, header_bytes_needed, is_complete_message
@@ -35,7 +35,7 @@ from cipherpool.names import POOL_QUEUE, model_queue, query_routing_key
 from cipherpool.store import BlobKind, sha256_hex
 from cipherpool.workers.node import Binding, NodeRuntime
 from cipherpool.workers.query import Delivery, handle
-from tests.helpers import versions_json, zip_bytes
+from tests.helpers import value_ciphertext, versions_json, zip_bytes
 from tests.test_query_service import Ctx, MemoryStore, capnp
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -296,7 +296,7 @@ def node_world(tmp_path_factory):
 
     store = MemoryStore()
     blob_id = store.put(BlobKind.EVALUATION_KEY, capnp(4))
-    ref = store.put_payload(EncryptedInput(NODE_MODEL, NODE_KEY, capnp(3)).encode(), 60)
+    ref = store.put_payload(EncryptedInput(NODE_MODEL, NODE_KEY, value_ciphertext()).encode(), 60)
     evaluator = FakeEvaluator()
     runtime = NodeRuntime("n1", host_class="cpu", concurrency=1, threads=1, key_cache_bytes=10**6,
                           key_memory_factor=1.0, evaluator_factory=lambda *_: evaluator)
@@ -309,7 +309,7 @@ OWN_QUEUE = Delivery(task_id="valid", routing_key=query_routing_key("cpu", NODE_
 
 
 def valid_node_request(blob_id: str) -> QueryRequest:
-    body = EncryptedInput(NODE_MODEL, NODE_KEY, capnp(2)).encode()
+    body = EncryptedInput(NODE_MODEL, NODE_KEY, value_ciphertext()).encode()
     return QueryRequest(token_id="t1", model_id=NODE_MODEL, key_id=NODE_KEY, blob_id=blob_id, input=body)
 
 
@@ -318,7 +318,8 @@ def near_valid_requests(blob_id: str, ref: str) -> st.SearchStrategy[dict]:
     envelope = st.builds(
         lambda m, k, d: EncryptedInput(m, k, d).encode(),
         st.just(NODE_MODEL) | TEXT, st.just(NODE_KEY) | TEXT,
-        st.binary(max_size=64) | st.integers(0, 8).map(capnp) | st.integers(1, 8).map(lambda n: capnp(n)[:-3]),
+        st.binary(max_size=64) | st.integers(0, 8).map(capnp) | st.integers(1, 8).map(lambda n: capnp(n)[:-3])
+        | st.just(value_ciphertext()),
     )
     return st.fixed_dictionaries(
         {},
@@ -333,6 +334,21 @@ def near_valid_requests(blob_id: str, ref: str) -> st.SearchStrategy[dict]:
             "unknown_field": MSGPACKABLE,
         },
     )
+
+
+@FAST
+@given(data=st.binary(max_size=512) | st.tuples(st.just(value_ciphertext(chunks=2)), MUTATIONS).map(lambda t: mutate(*t))
+       | st.tuples(st.just(value_ciphertext()), st.integers(8, 200), st.binary(min_size=1, max_size=8))
+       .map(lambda t: t[0][:t[1]] + t[2] + t[0][t[1] + len(t[2]):]))
+def test_the_ciphertext_value_reader_answers_only_typed_refusals(data):
+    """What the gateway and the node check before concrete: any bytes, a valid value mutated
+    or with a few bytes overwritten (its pointers), is accepted or refused by type, at once."""
+    from cipherpool.fhe.values import check_ciphertext
+
+    try:
+        check_ciphertext(data)
+    except (MalformedCiphertext, errors.InvalidCiphertext):
+        pass
 
 
 @FAST
@@ -397,8 +413,9 @@ def gateway(tmp_path_factory):
     logger.addHandler(crashes)
     try:
         _child, url = start_redis(supervisor, tmp / "redis")
+        # No throttle on failed authentications: random credentials are refused here by the thousand.
         s = Settings(data_dir=tmp / "data", broker_url=url, token_rate_per_s=0, account_rate_per_s=0,
-                     metrics_token=METRICS_TOKEN)
+                     metrics_token=METRICS_TOKEN, auth_failure_burst=0)
         db = s.effective_database_url()
         init_db(db)
         store = BlobStore.from_url(url)
@@ -764,11 +781,22 @@ def test_an_oversize_query_without_a_declared_length_is_refused_without_an_escap
     assert escaped is None, f"{escaped!r} escaped the gateway"
 
 
+def _ciphertext_refusal(data: bytes) -> str | None:
+    from cipherpool.fhe.values import check_ciphertext
+
+    try:
+        check_ciphertext(data)
+    except InvalidInput as exc:
+        return exc.code
+    return None
+
+
 def envelopes_for_gateway(model_id: str) -> st.SearchStrategy[bytes]:
     near = st.builds(
         lambda m, k, d: EncryptedInput(m, k, d).encode(),
         st.just(model_id) | TEXT, st.just(GW_KEY_ID) | hex_string(32) | TEXT,
-        st.binary(max_size=64) | st.integers(0, 4).map(capnp),
+        st.binary(max_size=64) | st.integers(0, 4).map(capnp) | st.just(value_ciphertext())
+        | st.binary(min_size=96, max_size=96).map(lambda payload: value_ciphertext(payload=payload)),
     )
     return st.one_of(envelope_bytes(), near, st.tuples(near, MUTATIONS).map(lambda t: mutate(*t)),
                      st.builds(lambda m: EncryptedOutput(m, GW_KEY_ID, capnp(1)).encode(), st.just(model_id)))
@@ -800,7 +828,9 @@ def test_random_ciphertexts_get_a_typed_refusal(gateway, active_model, data):
         assert answer and answer["code"] == "token_not_for_model", response.text
     elif envelope.key_id != GW_KEY_ID:
         assert answer and answer["code"] == "evaluation_key_not_found", response.text
-    else:  # a well-formed query (its data may still be garbage: the node refuses that) is queued
+    elif (refusal := _ciphertext_refusal(envelope.data)) is not None:  # refused before it is counted or queued
+        assert response.status_code == 422 and answer["code"] == refusal, response.text
+    else:  # a well-formed query (its values may still be garbage: concrete computes on them) is queued
         assert response.status_code == 202, response.text
         query_id = response.json()["id"]
         polled = gateway.request("GET", f"/v1/queries/{query_id}?wait=0", headers=bearer(gateway.token))

@@ -27,7 +27,7 @@ import pytest
 
 from cipherpool.messages import EncryptedInput
 from cipherpool.names import QUERY_OWNER_PREFIX
-from tests.helpers import versions_json, zip_bytes
+from tests.helpers import value_ciphertext, versions_json, zip_bytes
 
 # ---- the two accounts' artifacts --------------------------------------------------------
 
@@ -128,6 +128,7 @@ class World:
             "alerts": self.ok(who, "GET", "/v1/alerts"),
             "alert events": self.ok(who, "GET", "/v1/alerts/events"),
             "end_user": self.ok(f"{who}_token", "GET", "/v1/client/models"),
+            "end_user_keys": self.ok(f"{who}_token", "GET", "/v1/client/keys"),
             # the balance and the ledger (not the burn figures: they move with the clock)
             "balance": self.ok(who, "GET", "/v1/credits")["balance"],
             "ledger": self.ok(who, "GET", "/v1/credits/history"),
@@ -241,7 +242,7 @@ def world(tmp_path_factory) -> Iterator[World]:
                 (b if who == "b" else a).update(client_upload=ids[0], server_upload=ids[1])
             w.ok("b_token", "PUT", f"/v1/client/keys/{B_KEY}", params={"model": B_MODEL}, content=capnp(4))
             w.ok("a_token", "PUT", f"/v1/client/keys/{A_KEY}", content=capnp(5))
-            envelope = EncryptedInput(b["model_id"], B_KEY, b"bob's ciphertext").encode()
+            envelope = EncryptedInput(b["model_id"], B_KEY, value_ciphertext(payload=bytes(range(96)))).encode()
             w.b_query = w.ok("b_token", "POST", "/v1/queries", content=envelope)["id"]
             b["query"] = w.b_query
             w.b_purchase = w.ok("b", "POST", "/v1/credits/purchases",
@@ -285,7 +286,7 @@ class Case:
 
 
 def _env(model_id: str, key_id: str) -> bytes:
-    return EncryptedInput(model_id, key_id, b"ciphertext").encode()
+    return EncryptedInput(model_id, key_id, value_ciphertext()).encode()
 
 
 M, T, W = "model_not_found", "token_not_found", "worker_not_found"
@@ -324,7 +325,7 @@ CASES = [
          lambda t, a: Req(f"/v1/models/{t['model']}/deactivate"), M),
     Case("events", "GET", "/v1/models/{name}/events", lambda t, a: Req(f"/v1/models/{t['model']}/events"), M),
     Case("events after", "GET", "/v1/models/{name}/events",
-         lambda t, a: Req(f"/v1/models/{t['model']}/events", params={"after": "0"}), M),
+         lambda t, a: Req(f"/v1/models/{t['model']}/events", params={"after": "ev_" + "0" * 16}), M),
     Case("events since", "GET", "/v1/models/{name}/events",
          lambda t, a: Req(f"/v1/models/{t['model']}/events", params={"since": "2000-01-01T00:00:00Z", "limit": "5"}), M),
     # autoscaling
@@ -421,6 +422,8 @@ CASES = [
     Case("client: warm a key set on B's model", "POST", "/v1/client/keys/{key_id}/warmup",
          lambda t, a: Req(f"/v1/client/keys/{A_KEY}/warmup", content=_env(t["model_id"], A_KEY)),
          "token_not_for_model", 403, "a_token"),
+    Case("client: delete B's key set", "DELETE", "/v1/client/keys/{key_id}",
+         lambda t, a: Req(f"/v1/client/keys/{t['key']}"), "evaluation_key_not_found", 404, "a_token"),
     Case("client: warm B's key set", "POST", "/v1/client/keys/{key_id}/warmup",
          lambda t, a: Req(f"/v1/client/keys/{t['key']}/warmup", content=_env(a["model_id"], t["key"])),
          "evaluation_key_not_found", 404, "a_token"),
@@ -445,6 +448,7 @@ COVERED_ELSEWHERE = {
     ("GET", "/v1/workers"): "test_listings_show_nothing_of_another_account",
     ("GET", "/v1/schedules"): "test_listings_show_nothing_of_another_account",
     ("GET", "/v1/client/models"): "test_listings_show_nothing_of_another_account",
+    ("GET", "/v1/client/keys"): "test_listings_show_nothing_of_another_account (the token's own key sets only)",
     ("GET", "/v1/account"): "test_listings_show_nothing_of_another_account (the caller's own account only)",
     ("PATCH", "/v1/account"): "no id: the caller's own account only",
     ("POST", "/v1/account/api-key"): "no id: the caller's own account only",
@@ -529,6 +533,7 @@ def test_listings_show_nothing_of_another_account(world: World):
         ("a", "/v1/tokens", {"model": A_MODEL}), ("a", "/v1/workers", {"model": A_MODEL}),
         ("a", "/v1/workers/stats", {"model": A_MODEL}), ("a", f"/v1/tokens/{a['token']}", None),
         ("a_token", "/v1/client/models", None), ("a_token", "/v1/client/model", None),
+        ("a_token", "/v1/client/keys", None),
         ("a", "/v1/schedules", None), ("a", "/v1/schedules", {"model": A_MODEL}),
         ("a", "/v1/alerts", None), ("a", "/v1/alerts", {"model": A_MODEL}), ("a", "/v1/alerts/events", None),
         ("a", "/v1/stats", None), ("a", "/v1/stats", {"model": A_MODEL}), ("a", "/v1/stats", {"model": TWIN}),
@@ -545,6 +550,7 @@ def test_listings_show_nothing_of_another_account(world: World):
     assert world.ok("a", "GET", "/v1/alerts") == [] and world.ok("a", "GET", "/v1/alerts/events") == []
     assert world.ok("a", "GET", "/v1/workers/stats") == []
     assert [m["name"] for m in world.ok("a_token", "GET", "/v1/client/models")] == [A_MODEL]
+    assert [k["key_id"] for k in world.ok("a_token", "GET", "/v1/client/keys")] == [A_KEY]
 
 
 def test_credits_show_nothing_of_another_account(world: World):
@@ -589,7 +595,7 @@ def test_credits_show_nothing_of_another_account(world: World):
         assert not leaked, f"A's credits {what} shows B's {leaked}: {answer.text[:500]}"
 
     with session_scope(world.db) as session:
-        own = session.exec(select(LedgerEntry.id, LedgerEntry.amount).where(LedgerEntry.account_id == a_id)).all()
+        own = session.exec(select(LedgerEntry.public_id, LedgerEntry.amount).where(LedgerEntry.account_id == a_id)).all()
     lines = answers["history"].json()
     assert sorted((x["id"], Decimal(x["amount"])) for x in lines) == sorted((i, Decimal(m) / 10**6) for i, m in own)
     assert [x["kind"] for x in lines] == ["grant", "purchase"]

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from cipherpool.messages import EncryptedInput
-from tests.helpers import versions_json, zip_bytes
+from tests.helpers import value_ciphertext, versions_json, zip_bytes
 
 TTL_S = 5.0  # auth_cache_ttl_s: the maximum the settings allow
 PROPAGATION_S = 5.0  # issue 7: a change takes effect within 5 s on every gateway
@@ -130,7 +130,7 @@ class World:
 
 def query(client: Any, tok: Tok, model_id: str | None = None) -> Any:
     """Submit an encrypted query (an EncryptedInput envelope naming the model and the key set)."""
-    body = EncryptedInput(model_id or tok.model_id, KEY_ID, b"ciphertext").encode()
+    body = EncryptedInput(model_id or tok.model_id, KEY_ID, value_ciphertext()).encode()
     # No node runs here: the query waits for a worker (else no_worker_up comes before the token's rules).
     return client.post("/v1/queries", params={"wait_for_worker": "true"}, content=body, headers=bearer(tok.value))
 
@@ -163,8 +163,9 @@ def world(tmp_path_factory) -> Iterator[World]:
     supervisor = Supervisor(tmp / "logs")
     try:
         _child, url = start_redis(supervisor, tmp / "redis")
+        # No throttle on failed authentications: these tests are refused on purpose, hundreds of times.
         s = Settings(data_dir=tmp / "data", broker_url=url, token_rate_per_s=0, account_rate_per_s=0,
-                     auth_cache_ttl_s=TTL_S)
+                     auth_cache_ttl_s=TTL_S, auth_failure_burst=0)
         db = s.effective_database_url()
         init_db(db)
         store = BlobStore.from_url(url)
