@@ -65,9 +65,16 @@ def main() -> None:
         supervisor = Supervisor(root / "logs")
         try:
             _child, url = start_redis(supervisor, root / "redis")
-            settings = Settings(data_dir=root / "data", broker_url=url, token_rate_per_s=0, account_rate_per_s=0,
-                                metrics_token="m" * 32, auth_failure_burst=20, auth_failure_window_s=3600,
-                                trusted_proxies=["10.0.0.1"])
+            settings = Settings(
+                data_dir=root / "data",
+                broker_url=url,
+                token_rate_per_s=0,
+                account_rate_per_s=0,
+                metrics_token="m" * 32,
+                auth_failure_burst=20,
+                auth_failure_window_s=3600,
+                trusted_proxies=["10.0.0.1"],
+            )
             init_db(settings.effective_database_url())
             with session_scope(settings.effective_database_url()) as session:
                 _account, api_key = accounts.create_account(session, "bench")
@@ -93,11 +100,16 @@ def main() -> None:
                     ("GET /v1/health (public: the floor)", lambda: client.get("/v1/health").status_code, 200),
                     ("a cached valid API key", lambda: client.get("/v1/account", headers=bearer).status_code, 200),
                     ("a wrong API key, under the burst (401)", under_burst, 401),
-                    ("a wrong API key, throttled (429)",
-                     lambda: client.get("/v1/account", headers={**wrong, **second}).status_code, 429),
-                    ("a wrong metrics token, throttled (429)",
-                     lambda: client.get("/metrics", headers={"Authorization": "Bearer wrong", **second}).status_code,
-                     429),
+                    (
+                        "a wrong API key, throttled (429)",
+                        lambda: client.get("/v1/account", headers={**wrong, **second}).status_code,
+                        429,
+                    ),
+                    (
+                        "a wrong metrics token, throttled (429)",
+                        lambda: client.get("/metrics", headers={"Authorization": "Bearer wrong", **second}).status_code,
+                        429,
+                    ),
                 ]
                 print(f"gateway in process (TestClient), {args.requests} requests x {args.repeats} repeats (median):")
                 for name, call, status in kinds:
@@ -110,8 +122,10 @@ def main() -> None:
                             assert call() == status, name
                         runs.append((time.perf_counter() - started) / args.requests * 1e6)
                     made = lookups[0] - before
-                    print(f"  {name:<42} {statistics.median(runs):8.0f} us/request   "
-                          f"database lookups: {made} of {args.requests * args.repeats}")
+                    print(
+                        f"  {name:<42} {statistics.median(runs):8.0f} us/request   "
+                        f"database lookups: {made} of {args.requests * args.repeats}"
+                    )
 
                 # The guard's admission alone (what a request costs before any route runs), in
                 # this thread: no HTTP client, no event loop.
@@ -146,8 +160,10 @@ def main() -> None:
                         for _ in range(args.requests):
                             assert call() == code, name
                         runs.append((time.perf_counter() - started) / args.requests * 1e6)
-                    print(f"  {name:<42} {statistics.median(runs):8.0f} us/request   "
-                          f"database lookups: {lookups[0] - before} of {args.requests * args.repeats}")
+                    print(
+                        f"  {name:<42} {statistics.median(runs):8.0f} us/request   "
+                        f"database lookups: {lookups[0] - before} of {args.requests * args.repeats}"
+                    )
         finally:
             supervisor.stop_all(grace_s=5)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 
 def setup(url: str, workers: int, started_ago: timedelta):
-    from cipherpool.db import init_db, session_scope
     from cipherpool.clock import utcnow
+    from cipherpool.db import init_db, session_scope
     from cipherpool.db.tables import Model, PoolNode, Worker, WorkerStatus
     from cipherpool.services.accounts import create_account
 
@@ -39,8 +39,9 @@ def setup(url: str, workers: int, started_ago: timedelta):
             node = PoolNode(name=f"n{i}-{uuid.uuid4().hex[:6]}@bench", profile="default")
             session.add(node)
             session.flush()
-            session.add(Worker(account_id=account.id, model_id=model.id, node_name=node.name, status=WorkerStatus.UP,
-                               started_at=start))
+            session.add(
+                Worker(account_id=account.id, model_id=model.id, node_name=node.name, status=WorkerStatus.UP, started_at=start)
+            )
         return account.id
 
 
@@ -56,8 +57,8 @@ def time_tick(url: str, settings, now) -> float:
 
 
 def bench_ticks(name: str, url: str, workers: int, rounds: int) -> None:
-    from cipherpool.config.settings import Settings
     from cipherpool.clock import utcnow
+    from cipherpool.config.settings import Settings
 
     settings = Settings()
     owed, idle = [], []
@@ -67,19 +68,22 @@ def bench_ticks(name: str, url: str, workers: int, rounds: int) -> None:
         owed.append(time_tick(url, settings, now))
         idle.append(time_tick(url, settings, now))
         _ = r
-    print(f"{name}: tick over {workers} workers owing a minute: {statistics.median(owed) * 1000:.0f} ms "
-          f"({statistics.median(owed) / workers * 1000:.2f} ms per worker); "
-          f"nothing owed: {statistics.median(idle) * 1000:.0f} ms")
+    print(
+        f"{name}: tick over {workers} workers owing a minute: {statistics.median(owed) * 1000:.0f} ms "
+        f"({statistics.median(owed) / workers * 1000:.2f} ms per worker); "
+        f"nothing owed: {statistics.median(idle) * 1000:.0f} ms"
+    )
 
 
 def bench_report(url: str, rounds: int) -> None:
+    from sqlmodel import select
+
     from cipherpool.billing import ledger
     from cipherpool.billing.usage import report, usage
-    from cipherpool.db import session_scope
     from cipherpool.clock import utcnow
+    from cipherpool.db import session_scope
     from cipherpool.db.tables import Worker
     from cipherpool.statuses import LedgerKind
-    from sqlmodel import select
 
     account_id = setup(url, 5, timedelta(days=1))
     with session_scope(url) as session:
@@ -88,13 +92,25 @@ def bench_report(url: str, rounds: int) -> None:
         for worker in workers:
             for minute in range(1440):
                 start = day + timedelta(minutes=minute)
-                ledger.append(session, account_id, LedgerKind.RUNTIME, -16_666, f"bench:{worker.id}:{minute}",
-                              model_id=worker.model_id, worker_id=worker.id, period_start=start,
-                              period_end=start + timedelta(minutes=1), quantity_ms=60_000, rate=1_000_000,
-                              at=start + timedelta(minutes=1))
+                ledger.append(
+                    session,
+                    account_id,
+                    LedgerKind.RUNTIME,
+                    -16_666,
+                    f"bench:{worker.id}:{minute}",
+                    model_id=worker.model_id,
+                    worker_id=worker.id,
+                    period_start=start,
+                    period_end=start + timedelta(minutes=1),
+                    quantity_ms=60_000,
+                    rate=1_000_000,
+                    at=start + timedelta(minutes=1),
+                )
     period = f"{day:%Y-%m}"
-    for what, fn in (("usage (a day)", lambda s: usage(s, None, account_id, day, day + timedelta(days=1))),
-                     ("report (the month)", lambda s: report(s, None, account_id, period))):
+    for what, fn in (
+        ("usage (a day)", lambda s: usage(s, None, account_id, day, day + timedelta(days=1))),
+        ("report (the month)", lambda s: report(s, None, account_id, period)),
+    ):
         times = []
         for _ in range(rounds):
             with session_scope(url) as session:
@@ -120,8 +136,7 @@ def main() -> None:
             name = f"cipherpool_bench_{uuid.uuid4().hex[:8]}"
             conn.execute(f'CREATE DATABASE "{name}"')
             try:
-                bench_ticks("PostgreSQL", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", args.workers,
-                            args.rounds)
+                bench_ticks("PostgreSQL", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", args.workers, args.rounds)
             finally:
                 from cipherpool.db import get_engine
 

@@ -74,7 +74,7 @@ def store_kinds(root: Path, supervisor: Any, moto: Any, per_kind: int, sizes_mb:
         for data in blobs:
             upload = store.new_upload()
             for i in range(0, len(data), CHUNK):
-                store.append_upload(upload, data[i:i + CHUNK], 3600)
+                store.append_upload(upload, data[i : i + CHUNK], 3600)
             blob_id = hashlib.sha256(data).hexdigest()
             store.adopt(upload, BlobKind.EVALUATION_KEY, blob_id)
             ids.append(blob_id)
@@ -83,8 +83,16 @@ def store_kinds(root: Path, supervisor: Any, moto: Any, per_kind: int, sizes_mb:
         for blob_id in ids:
             store.get(BlobKind.EVALUATION_KEY, blob_id)
         down = time.perf_counter() - t1
-        rows.append({"kind": kind, "blobs": len(ids), "mb": total / MIB, "upload_mb_s": total / MIB / up,
-                     "download_mb_s": total / MIB / down, "store_bytes": store.backend.used_bytes()})
+        rows.append(
+            {
+                "kind": kind,
+                "blobs": len(ids),
+                "mb": total / MIB,
+                "upload_mb_s": total / MIB / up,
+                "download_mb_s": total / MIB / down,
+                "store_bytes": store.backend.used_bytes(),
+            }
+        )
         for blob_id in ids:
             store.delete(BlobKind.EVALUATION_KEY, blob_id)
         store.redis.close()
@@ -109,9 +117,13 @@ def upload_synthetic(url: str, token: str, size: int, model: str) -> None:
     import httpx
 
     data = synthetic_key(size)
-    answer = httpx.put(f"{url}/v1/client/keys/{uuid.uuid4().hex}", params={"model": model}, content=data,
-                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
-                       timeout=300)
+    answer = httpx.put(
+        f"{url}/v1/client/keys/{uuid.uuid4().hex}",
+        params={"model": model},
+        content=data,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
+        timeout=300,
+    )
     answer.raise_for_status()
 
 
@@ -162,8 +174,14 @@ def platform(root: Path, moto: Any, base: int, sizes_mb: list[int]) -> dict[str,
     digits, cancer = train_digits(root / "digits"), train_breast_cancer(root / "cancer")
     out: dict[str, Any] = {"train_s": time.perf_counter() - t_train}
     bucket = moto.make_bucket("platform")
-    settings = Settings(data_dir=root / "platform", token_rate_per_s=0, account_rate_per_s=0, query_timeout_s=300,
-                        key_warmup=False, **bucket.settings(node_blob_cache_bytes=4 * 1024**3))
+    settings = Settings(
+        data_dir=root / "platform",
+        token_rate_per_s=0,
+        account_rate_per_s=0,
+        query_timeout_s=300,
+        key_warmup=False,
+        **bucket.settings(node_blob_cache_bytes=4 * 1024**3),
+    )
     with EmbeddedStack(settings, StackOptions(nodes=1, beat=False, flower=False, loglevel="WARNING")) as stack:
         broker = redis_client(stack.broker_url)
         mc = ManagementClient(stack.create_account("bench"), settings=stack.client_settings)
@@ -175,8 +193,7 @@ def platform(root: Path, moto: Any, base: int, sizes_mb: list[int]) -> dict[str,
         client_settings = stack.client_settings.model_copy(update={"query_timeout_s": 300})
         real = {}
         for name in ("digits", "cancer"):
-            qc = QueryClient(mc.create_token(f"real-{name}", model=name), settings=client_settings,
-                             key_dir=root / f"keys-{name}")
+            qc = QueryClient(mc.create_token(f"real-{name}", model=name), settings=client_settings, key_dir=root / f"keys-{name}")
             qc.generate_keys()
             qc.upload_evaluation_keys(warm_up=False)
             real[name] = qc
@@ -248,18 +265,24 @@ def main() -> None:
         try:
             moto = start_moto(supervisor, root / "logs")
             if not args.skip_kinds:
-                print(f"== store kinds: {args.per_kind} synthetic keys each ({args.sizes_mb} MB), BlobStore upload "
-                      "(1 MiB appends + adopt) and download (sha256-verified)")
+                print(
+                    f"== store kinds: {args.per_kind} synthetic keys each ({args.sizes_mb} MB), BlobStore upload "
+                    "(1 MiB appends + adopt) and download (sha256-verified)"
+                )
                 print(f"{'kind':<6} {'blobs':>5} {'MB':>7} {'upload MB/s':>12} {'download MB/s':>14} {'store bytes':>13}")
                 for row in store_kinds(root, supervisor, moto, args.per_kind, sizes_mb):
-                    print(f"{row['kind']:<6} {row['blobs']:>5} {row['mb']:>7.0f} {row['upload_mb_s']:>12.1f} "
-                          f"{row['download_mb_s']:>14.1f} {row['store_bytes']:>13}")
+                    print(
+                        f"{row['kind']:<6} {row['blobs']:>5} {row['mb']:>7.0f} {row['upload_mb_s']:>12.1f} "
+                        f"{row['download_mb_s']:>14.1f} {row['store_bytes']:>13}"
+                    )
             result = platform(root, moto, args.base, sizes_mb)
         finally:
             supervisor.stop_all(grace_s=5)
     print(f"\n== a stack on S3 (moto), 1 pool node serving digits; models trained in {result['train_s']:.0f} s")
-    print(f"real keys: digits {result['key_mb']:.1f} MB, cancer {result['cancer_key_bytes']} bytes; "
-          f"synthetic keys {args.sizes_mb} MB; gateway upload {result['gateway_upload_mb_s']:.1f} MB/s")
+    print(
+        f"real keys: digits {result['key_mb']:.1f} MB, cancer {result['cancer_key_bytes']} bytes; "
+        f"synthetic keys {args.sizes_mb} MB; gateway upload {result['gateway_upload_mb_s']:.1f} MB/s"
+    )
     print(f"{'stored key sets':<24} {'broker used_memory':>19} {'delta':>10} {'objects':>8} {'bucket bytes':>14}")
     base_memory = result["memory"][0][1]
     for label, memory, objects, size in result["memory"]:
@@ -267,14 +290,18 @@ def main() -> None:
     print(f"\nfirst query with the real digits key {result['first_query_s']:.2f} s, then {result['warm_query_s']:.2f} s")
     before, on_disk = result["cache_on_disk"]
     hits, misses = int(on_disk["hits"]), int(on_disk["misses"])
-    print(f"node restarted, key on its disk:  first query {result['after_restart_on_disk_s']:.2f} s "
-          f"(node's disk cache since the restart: {hits} hits, {misses} misses, hit rate "
-          f"{hits / max(1, hits + misses):.0%}, {on_disk['served_bytes'] / MIB:.1f} MB read from disk; "
-          f"{int(before['hits'])} of the hits at rebind: the server zip)")
+    print(
+        f"node restarted, key on its disk:  first query {result['after_restart_on_disk_s']:.2f} s "
+        f"(node's disk cache since the restart: {hits} hits, {misses} misses, hit rate "
+        f"{hits / max(1, hits + misses):.0%}, {on_disk['served_bytes'] / MIB:.1f} MB read from disk; "
+        f"{int(before['hits'])} of the hits at rebind: the server zip)"
+    )
     fetched = result["cache_fetched"]
-    print(f"node restarted, cache wiped:      first query {result['after_restart_fetched_s']:.2f} s "
-          f"(disk cache: {int(fetched['hits'])} hits, {int(fetched['misses'])} misses, "
-          f"{fetched['fetched_bytes'] / MIB:.1f} MB fetched from S3)")
+    print(
+        f"node restarted, cache wiped:      first query {result['after_restart_fetched_s']:.2f} s "
+        f"(disk cache: {int(fetched['hits'])} hits, {int(fetched['misses'])} misses, "
+        f"{fetched['fetched_bytes'] / MIB:.1f} MB fetched from S3)"
+    )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

@@ -97,6 +97,7 @@ class HeldQuery(Hook):
 
 # --- results ------------------------------------------------------------------------------
 
+
 @dataclass
 class Outcome:
     """One scenario's row: what the client saw, whether the faulted node lived, and notes."""
@@ -142,8 +143,14 @@ class Trickle:
     queries taken but not finished). Ciphertexts are made beforehand: only bytes move here,
     and decryption happens once, at the end, in the caller's thread."""
 
-    def __init__(self, qc: Any, ciphertexts: list[bytes], interval_s: float, timeout_s: float = QUERY_TIMEOUT_S,
-                 store_url: str | None = None):
+    def __init__(
+        self,
+        qc: Any,
+        ciphertexts: list[bytes],
+        interval_s: float,
+        timeout_s: float = QUERY_TIMEOUT_S,
+        store_url: str | None = None,
+    ):
         self.qc, self.ciphertexts, self.interval_s, self.timeout_s = qc, ciphertexts, interval_s, timeout_s
         self.store_url = store_url  # the platform's Redis: which node computed each answer
         self.sent: list[Sent] = []
@@ -239,7 +246,7 @@ def tally(out: Outcome, trickle: Trickle, expected: Any, bound_s: float = QUERY_
     out.counted, out.submitted = True, len(sent)
     for s in sent:
         if s.output is not None:
-            good = np.allclose(trickle.qc.decrypt(s.output), expected[s.sample:s.sample + 1], atol=ATOL)
+            good = np.allclose(trickle.qc.decrypt(s.output), expected[s.sample : s.sample + 1], atol=ATOL)
             out.correct += int(good)
             out.wrong += int(not good)
         elif s.done_at is None or (s.error or "") in LOST_CODES:
@@ -258,6 +265,7 @@ def tally(out: Outcome, trickle: Trickle, expected: Any, bound_s: float = QUERY_
 
 
 # --- infrastructure: database, Redis, RabbitMQ ------------------------------------------
+
 
 def listening(address: tuple[str, int]) -> bool:
     with socket.socket() as sock:
@@ -363,8 +371,9 @@ def remove_leftovers() -> None:
 
         admin = _pg_admin()
         with admin.connect() as conn:
-            names = [r[0] for r in conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
-                                                {"p": DB_PREFIX + "%"})]
+            names = [
+                r[0] for r in conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE :p"), {"p": DB_PREFIX + "%"})
+            ]
             for name in names:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
                 print(f"removed leftover database {name}")
@@ -432,6 +441,7 @@ def start_redis(supervisor: Any, root: Path, bind: tuple[str, ...] = ()) -> OwnR
 
 # --- the platform ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Links:
     """Where one host finds the platform's services."""
@@ -459,16 +469,24 @@ class Platform:
         data = self.root / host
         (data / "tmp").mkdir(parents=True, exist_ok=True)
         return {
-            "PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(data), "TMPDIR": str(data / "tmp"),
-            "PYTHONPATH": f"{REPO}:{REPO / 'benchmarks'}", "CIPHERPOOL_DATA_DIR": str(data),
-            "CIPHERPOOL_BROKER_URL": links.broker, "CIPHERPOOL_RESULT_BACKEND": links.store,
-            "CIPHERPOOL_STORE_URL": links.store, "CIPHERPOOL_DATABASE_URL": links.database,
+            "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+            "HOME": str(data),
+            "TMPDIR": str(data / "tmp"),
+            "PYTHONPATH": f"{REPO}:{REPO / 'benchmarks'}",
+            "CIPHERPOOL_DATA_DIR": str(data),
+            "CIPHERPOOL_BROKER_URL": links.broker,
+            "CIPHERPOOL_RESULT_BACKEND": links.store,
+            "CIPHERPOOL_STORE_URL": links.store,
+            "CIPHERPOOL_DATABASE_URL": links.database,
             "CIPHERPOOL_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
-            "CIPHERPOOL_NODE_HEARTBEAT_S": str(HEARTBEAT_S), "CIPHERPOOL_RECONCILE_INTERVAL_S": str(RECONCILE_S),
+            "CIPHERPOOL_NODE_HEARTBEAT_S": str(HEARTBEAT_S),
+            "CIPHERPOOL_RECONCILE_INTERVAL_S": str(RECONCILE_S),
             "CIPHERPOOL_PLATFORM_HEARTBEAT_S": str(PLATFORM_HEARTBEAT_S),
             "CIPHERPOOL_PLATFORM_WATCHDOG_S": str(PLATFORM_HEARTBEAT_S),
-            "CIPHERPOOL_QUERY_TIMEOUT_S": str(QUERY_TIMEOUT_S), "CIPHERPOOL_METRICS_TOKEN": self.metrics_token,
-            "CIPHERPOOL_NODE_THREADS": "1", "CIPHERPOOL_NODE_HOOKS": "faults:HeldQuery",
+            "CIPHERPOOL_QUERY_TIMEOUT_S": str(QUERY_TIMEOUT_S),
+            "CIPHERPOOL_METRICS_TOKEN": self.metrics_token,
+            "CIPHERPOOL_NODE_THREADS": "1",
+            "CIPHERPOOL_NODE_HOOKS": "faults:HeldQuery",
         }
 
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> Any:
@@ -477,18 +495,36 @@ class Platform:
         return child
 
     def start_gateway(self) -> Any:
-        return self._start("gateway", [sys.executable, "-m", "uvicorn", "--factory", "cipherpool.gateway.app:create_app",
-                                       "--host", "127.0.0.1", "--port", str(self.gateway_port), "--log-level", "info"],
-                           self.env("gateway"))
+        return self._start(
+            "gateway",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "cipherpool.gateway.app:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.gateway_port),
+                "--log-level",
+                "info",
+            ],
+            self.env("gateway"),
+        )
 
     def start_control(self) -> Any:
-        return self._start("control", CELERY + ["worker", "-Q", "cipherpool.control", "-P", "threads", "-c", "2",
-                                                "-n", "control@faults", *QUIET], self.env("control"))
+        return self._start(
+            "control",
+            CELERY + ["worker", "-Q", "cipherpool.control", "-P", "threads", "-c", "2", "-n", "control@faults", *QUIET],
+            self.env("control"),
+        )
 
     def start_beat(self) -> Any:
         (self.root / "beat").mkdir(exist_ok=True)
-        return self._start("beat", CELERY + ["beat", "-s", str(self.root / "beat" / "schedule"), "--loglevel", "INFO"],
-                           self.env("beat"))
+        return self._start(
+            "beat", CELERY + ["beat", "-s", str(self.root / "beat" / "schedule"), "--loglevel", "INFO"], self.env("beat")
+        )
 
     def start_node(self, name: str, namespace: Any = None, links: Links | None = None) -> Any:
         argv = CELERY + ["worker", "-Q", "cipherpool.pool", "-P", "threads", "-c", "1", "-n", f"{name}@faults", *QUIET]
@@ -496,8 +532,7 @@ class Platform:
 
     # What "up" means for each.
     def http(self, path: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
-        request = urllib.request.Request(self.gateway + path,
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        request = urllib.request.Request(self.gateway + path, headers={"Authorization": f"Bearer {token}"} if token else {})
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 return response.status, json.loads(response.read())
@@ -614,6 +649,7 @@ def forget(supervisor: Any, child: Any) -> None:
 
 # --- scenarios ------------------------------------------------------------------------------
 
+
 @dataclass
 class Run:
     """What a scenario gets: a directory, the supervisor, the trained example, its row, and
@@ -676,15 +712,20 @@ def node_kill(run: Run) -> None:
     killed = time.monotonic()
     out.node_alive = "killed (the fault)"
     failed = poll_until(lambda: mc.get_worker(victim_worker.id).status.value == "failed", 40, 0.5)
-    out.note(f"killed node's worker failed by the reconciler after {time.monotonic() - killed:.1f} s" if failed
-             else "killed node's worker not failed within 40 s")
+    out.note(
+        f"killed node's worker failed by the reconciler after {time.monotonic() - killed:.1f} s"
+        if failed
+        else "killed node's worker not failed within 40 s"
+    )
     time.sleep(max(0.0, VISIBILITY_TIMEOUT_S + 15 - (time.monotonic() - killed)))
     sent = tally(out, trickle, expected)
     late = [s for s in sent if s.output is not None and s.at <= killed and s.done_at - killed >= VISIBILITY_TIMEOUT_S - 1]
     after = Counter(s.node for s in sent if s.output is not None and (s.done_at or 0) > killed)
-    out.note(f"{len(late)} answered only after the visibility timeout (redelivered), "
-             f"{max((s.done_at - s.at for s in late), default=0):.1f} s the longest; "
-             f"answers after the kill by node: {dict(after)}")
+    out.note(
+        f"{len(late)} answered only after the visibility timeout (redelivered), "
+        f"{max((s.done_at - s.at for s in late), default=0):.1f} s the longest; "
+        f"answers after the kill by node: {dict(after)}"
+    )
 
 
 def partition(run: Run, broker: str) -> None:
@@ -752,17 +793,29 @@ def partition(run: Run, broker: str) -> None:
     seen = p.node_row("apart").last_seen
     ns.heal()
     healed = time.monotonic()
-    out.note(f"worker failed {failed_at:.0f} s into the partition" if failed_at is not None
-             else "worker NOT failed during the partition")
-    out.note(f"replacement up {replaced_at:.0f} s into the partition" if replaced_at is not None
-             else "no replacement during the partition")
+    out.note(
+        f"worker failed {failed_at:.0f} s into the partition"
+        if failed_at is not None
+        else "worker NOT failed during the partition"
+    )
+    out.note(
+        f"replacement up {replaced_at:.0f} s into the partition"
+        if replaced_at is not None
+        else "no replacement during the partition"
+    )
 
     beat_again = poll_until(lambda: p.node_row("apart").last_seen > seen, 120, 0.5)
-    out.note(f"node heartbeat in the database again {time.monotonic() - healed:.1f} s after healing"
-             if beat_again else "node heartbeat NOT back within 120 s of healing")
+    out.note(
+        f"node heartbeat in the database again {time.monotonic() - healed:.1f} s after healing"
+        if beat_again
+        else "node heartbeat NOT back within 120 s of healing"
+    )
     pinged = poll_until(lambda: p.ping("apart"), 120, 1.0)
-    out.note(f"node answers a broker ping {time.monotonic() - healed:.1f} s after healing" if pinged
-             else "node does NOT answer a broker ping within 120 s of healing")
+    out.note(
+        f"node answers a broker ping {time.monotonic() - healed:.1f} s after healing"
+        if pinged
+        else "node does NOT answer a broker ping within 120 s of healing"
+    )
     status = mc.get_worker(worker.id).status.value
     if status == "failed":  # a second worker, to see the node serve again: the other node is busy
         try:
@@ -772,8 +825,11 @@ def partition(run: Run, broker: str) -> None:
             out.note(f"a new worker did not start after healing: {code_of(exc)}: {exc}")
     serving = time.monotonic()
     served = poll_until(lambda: trickle.answered_by("apart@faults", healed), 120, 0.5)
-    out.note(f"node answered queries again {time.monotonic() - healed:.1f} s after healing" if served
-             else "node answered NO query within the bound after healing")
+    out.note(
+        f"node answered queries again {time.monotonic() - healed:.1f} s after healing"
+        if served
+        else "node answered NO query within the bound after healing"
+    )
     time.sleep(max(0.0, 30 - (time.monotonic() - serving)))
     shares = Counter(s.node for s in trickle.snapshot() if s.output is not None and (s.done_at or 0) >= serving)
     out.note(f"answers by node in the {time.monotonic() - serving:.0f} s after it could serve again: {dict(shares)}")
@@ -803,8 +859,12 @@ def gateway_restart(run: Run) -> None:
     down = time.monotonic()
     restart(run.supervisor, gateway)
     back = poll_until(lambda: p.http("/v1/health")[0] == 200, START_S, 0.1)
-    out.note(f"{open_polls} long polls open at SIGTERM; the gateway took {stop_s:.1f} s to exit, "
-             f"answered again {time.monotonic() - down:.1f} s after exiting" if back else "gateway NOT back")
+    out.note(
+        f"{open_polls} long polls open at SIGTERM; the gateway took {stop_s:.1f} s to exit, "
+        f"answered again {time.monotonic() - down:.1f} s after exiting"
+        if back
+        else "gateway NOT back"
+    )
     mc.resume_worker(worker.id)
     time.sleep(20)
     tally(out, trickle, expected)
@@ -828,8 +888,11 @@ def redis_restart(run: Run) -> None:
     back = time.monotonic()
     out.note(f"Redis took {stop_s:.1f} s to stop, answered {back - stopped:.1f} s after" if up else "Redis NOT back")
     first = poll_until(lambda: next((s for s in trickle.snapshot() if s.at > back and s.output is not None), None), 60, 0.2)
-    out.note(f"first query submitted after the restart answered {first.done_at - back:.1f} s after it" if first
-             else "no query submitted after the restart was answered within 60 s")
+    out.note(
+        f"first query submitted after the restart answered {first.done_at - back:.1f} s after it"
+        if first
+        else "no query submitted after the restart was answered within 60 s"
+    )
     alive = [n for n in ("node1", "node2") if p.children[n].alive()]
     out.node_alive = f"{len(alive)} of 2 nodes (pids same)"
     time.sleep(20)
@@ -865,8 +928,11 @@ def beat_outage(run: Run) -> None:
     ok = poll_until(lambda: p.beat_status()[0] == "ok", 90, 1.0)
     state, detail = p.beat_status()
     out.timeline.append(f"after restart (+{time.monotonic() - started:.0f} s): {state}: {detail}")
-    out.note(f"status says beat ok {time.monotonic() - started:.1f} s after its restart" if ok
-             else "status did NOT say beat ok within 90 s of its restart")
+    out.note(
+        f"status says beat ok {time.monotonic() - started:.1f} s after its restart"
+        if ok
+        else "status did NOT say beat ok within 90 s of its restart"
+    )
     tally(out, trickle, expected)
 
 
@@ -924,11 +990,14 @@ def startup(run: Run) -> None:
     run.before_stop.callback(store.close)
     redis.start(run.supervisor)
     up = time.monotonic()
-    figures = race({
-        "control answers a ping, after Redis": lambda: p.ping("control"),
-        "node answers a ping, after Redis": lambda: p.ping("node1"),
-        "beat heartbeat in Redis, after Redis": lambda: store.hlen(PROCESS_BEAT_PREFIX + "beat"),
-    }, up)
+    figures = race(
+        {
+            "control answers a ping, after Redis": lambda: p.ping("control"),
+            "node answers a ping, after Redis": lambda: p.ping("node1"),
+            "beat heartbeat in Redis, after Redis": lambda: store.hlen(PROCESS_BEAT_PREFIX + "beat"),
+        },
+        up,
+    )
     time.sleep(max(0.0, 15 - (time.monotonic() - up)))
 
     if db.postgres:
@@ -938,12 +1007,18 @@ def startup(run: Run) -> None:
         init_db(db.url)
         what = "schema migrated"
     reachable, wall = time.monotonic(), time.time()
-    figures.update(race({
-        f"node registered, after {what}": lambda: p.registered("node1"),
-        f"gateway ready, after {what}": p.ready,
-        f"beat's reconcile ran (beat+control), after {what}":
-            lambda: float(store.hget(BEAT_JOBS_KEY, RECONCILE_TASK) or 0) > wall,
-    }, reachable))
+    figures.update(
+        race(
+            {
+                f"node registered, after {what}": lambda: p.registered("node1"),
+                f"gateway ready, after {what}": p.ready,
+                f"beat's reconcile ran (beat+control), after {what}": lambda: (
+                    float(store.hget(BEAT_JOBS_KEY, RECONCILE_TASK) or 0) > wall
+                ),
+            },
+            reachable,
+        )
+    )
     for name, value in figures.items():
         out.timeline.append(f"{name:64s} " + (f"not within {START_S:g} s" if value is None else f"{value:5.1f} s"))
     out.note(f"Redis up, then the {what} {reachable - up:.0f} s later ({'PostgreSQL' if db.postgres else 'SQLite'})")
@@ -1016,8 +1091,9 @@ def print_table(outcomes: list[Outcome]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--scenario", action="append", choices=list(SCENARIOS),
-                        help="run only this one (repeatable); default: all")
+    parser.add_argument(
+        "--scenario", action="append", choices=list(SCENARIOS), help="run only this one (repeatable); default: all"
+    )
     args = parser.parse_args()
     names = args.scenario or list(SCENARIOS)
 

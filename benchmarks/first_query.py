@@ -62,16 +62,20 @@ def main() -> None:
             print("  key upload          first query   second query")
             for warm, figures in rows.items():
                 label = "with warm-up   " if warm else "without warm-up"
-                print(f"  {label} {statistics.median(figures['upload']):6.2f}   {statistics.median(figures['first']):6.2f}"
-                      f"        {statistics.median(figures['second']):6.2f}")
+                print(
+                    f"  {label} {statistics.median(figures['upload']):6.2f}   {statistics.median(figures['first']):6.2f}"
+                    f"        {statistics.median(figures['second']):6.2f}"
+                )
             resumes = []
             for _ in range(args.rounds):
                 mc.standby_worker(worker.id)
                 t = time.perf_counter()
                 mc.resume_worker(worker.id)
                 resumes.append(time.perf_counter() - t)
-            print(f"  resume from standby: median {statistics.median(resumes) * 1000:.0f} ms "
-                  f"(as the client sees it, polling every 0.25 s)")
+            print(
+                f"  resume from standby: median {statistics.median(resumes) * 1000:.0f} ms "
+                f"(as the client sees it, polling every 0.25 s)"
+            )
             mc.close()
 
 

@@ -21,16 +21,16 @@ import time
 from typing import Any
 
 from cipherpool.config.settings import Settings
+from cipherpool.context import PlatformContext
 from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.fhe.values import build_value
 from cipherpool.messages import EncryptedInput, QueryRequest
-from cipherpool.workers.timings import FLUSH_S, QueryTimings
 from cipherpool.names import model_queue
 from cipherpool.store import BlobKind, sha256_hex
-from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent, Hook, Hooks
 from cipherpool.workers.node import Binding, NodeRuntime
 from cipherpool.workers.query import Delivery, handle
+from cipherpool.workers.timings import FLUSH_S, QueryTimings
 
 MODEL, KEY_ID = "m" * 16, "a" * 32
 
@@ -57,9 +57,16 @@ def _capnp(words: int) -> bytes:
 def per_query_us(extra_hooks: int, queries: int, stats: bool = True, redis: Any = None) -> float:
     store = _Store(_capnp(4))
     evaluator = FakeEvaluator()
-    runtime = NodeRuntime("bench", host_class="cpu", concurrency=1, threads=1, key_cache_bytes=10**6,
-                          key_memory_factor=1.0, evaluator_factory=lambda *_: evaluator,
-                          hooks=[Hook() for _ in range(extra_hooks)])
+    runtime = NodeRuntime(
+        "bench",
+        host_class="cpu",
+        concurrency=1,
+        threads=1,
+        key_cache_bytes=10**6,
+        key_memory_factor=1.0,
+        evaluator_factory=lambda *_: evaluator,
+        hooks=[Hook() for _ in range(extra_hooks)],
+    )
     if not stats:
         runtime.hooks = Hooks([])  # no hook at all: the floor of the path
     if redis is not None:  # the query-time recorder every node runs (one pipelined round trip)
@@ -68,8 +75,14 @@ def per_query_us(extra_hooks: int, queries: int, stats: bool = True, redis: Any 
     runtime.load_evaluator(event, b"", None)  # type: ignore[arg-type]  # the fake ignores its workdir
     runtime.set_binding(Binding("w1", MODEL, "m", model_queue("cpu", MODEL), evaluator, "bench"))
     ctx = _Ctx(Settings(), store)
-    raw = QueryRequest(token_id="t", model_id=MODEL, key_id=KEY_ID, blob_id=store.blob_id,
-                       input=EncryptedInput(MODEL, KEY_ID, build_value()).encode(), submitted_at=time.time()).encode()
+    raw = QueryRequest(
+        token_id="t",
+        model_id=MODEL,
+        key_id=KEY_ID,
+        blob_id=store.blob_id,
+        input=EncryptedInput(MODEL, KEY_ID, build_value()).encode(),
+        submitted_at=time.time(),
+    ).encode()
     delivery = Delivery("q", model_queue("cpu", MODEL), "2099-01-01T00:00:00")
     for _ in range(min(1000, queries)):  # warm up
         handle(ctx, runtime, raw, delivery)
@@ -86,8 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--redis", help="Redis URL for the query-time recorder (default: start one on loopback).")
     args = parser.parse_args()
-    timed = _with_redis(args.redis, lambda redis: [per_query_us(0, args.queries // 4, redis=redis)
-                                                     for _ in range(args.repeats)])
+    timed = _with_redis(args.redis, lambda redis: [per_query_us(0, args.queries // 4, redis=redis) for _ in range(args.repeats)])
     bare = [per_query_us(0, args.queries, stats=False) for _ in range(args.repeats)]
     base = [per_query_us(0, args.queries) for _ in range(args.repeats)]
     more = [per_query_us(args.hooks, args.queries) for _ in range(args.repeats)]

@@ -37,16 +37,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from cipherpool.config.settings import Settings
+    from cipherpool.context import PlatformContext
     from cipherpool.db import init_db
     from cipherpool.gateway.auth import Authenticator
     from cipherpool.gateway.ratelimit import RateLimiter
     from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
-    from cipherpool.services.queries import ModelGrant, TokenGrant
-    from cipherpool.statuses import ModelStatus
     from cipherpool.services import usage
+    from cipherpool.services.queries import ModelGrant, TokenGrant
     from cipherpool.stack.redis_server import start_redis
     from cipherpool.stack.supervisor import Supervisor
-    from cipherpool.context import PlatformContext
+    from cipherpool.statuses import ModelStatus
 
     with tempfile.TemporaryDirectory(prefix="cipherpool-bench-") as tmp:
         supervisor = Supervisor(Path(tmp) / "logs")
@@ -57,22 +57,27 @@ def main() -> None:
             auth = Authenticator(ctx)
             limiter = RateLimiter(redis, 1e9, 1e9)  # counted, never refused
             ids = [f"{i:016x}" for i in range(100)]
-            grant = TokenGrant("t" * 16, "a" * 16, None, tuple(
-                ModelGrant(f"m{i:015x}", f"m{i}", ModelStatus.ACTIVE, 1, "c" * 64) for i in range(3)))
+            grant = TokenGrant(
+                "t" * 16,
+                "a" * 16,
+                None,
+                tuple(ModelGrant(f"m{i:015x}", f"m{i}", ModelStatus.ACTIVE, 1, "c" * 64) for i in range(3)),
+            )
             init_db(ctx.db_url)  # the serving state is loaded from it once per cache TTL
             for token_id in ids:
                 usage.charge(redis, token_id, None)
             figures = {
                 "rate count alone (per request)": per_call_us(lambda: limiter.hit("a" * 16, "t" * 16), args.calls),
                 "rate count + both change checks, one round trip": per_call_us(
-                    lambda: auth.observe(*limiter.hit("a" * 16, "t" * 16,
-                                                      also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY))),
-                    args.calls),
+                    lambda: auth.observe(
+                        *limiter.hit("a" * 16, "t" * 16, also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY))
+                    ),
+                    args.calls,
+                ),
                 "serving state of a grant (cached; per query)": per_call_us(lambda: auth.with_serving(grant), args.calls),
                 "change check as a GET of its own": per_call_us(auth.sync, args.calls),
                 "quota count, no quota (Lua per query)": per_call_us(lambda: usage.charge(redis, "a" * 16, None), args.calls),
-                "quota count, with quota (Lua per query)": per_call_us(
-                    lambda: usage.charge(redis, "b" * 16, 10**12), args.calls),
+                "quota count, with quota (Lua per query)": per_call_us(lambda: usage.charge(redis, "b" * 16, 10**12), args.calls),
                 "usage of 100 tokens (listing, pipelined)": per_call_us(lambda: usage.read(redis, ids), args.calls // 50),
                 "Redis PING, for scale": per_call_us(redis.ping, args.calls),
             }

@@ -69,11 +69,10 @@ def run(root: Path, n: int) -> None:
     from concrete import fhe
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
 
-    from cipherpool.fhe.process import after_fhe
-
     from cipherpool.client import ManagementClient, QueryClient
     from cipherpool.config.settings import Settings
     from cipherpool.examples import train_digits
+    from cipherpool.fhe.process import after_fhe
     from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 
     print(f"cipherpool benchmark: digits MLP, {os.cpu_count()} cores, {n} queries per figure")
@@ -100,8 +99,7 @@ def run(root: Path, n: int) -> None:
         t = time.perf_counter()
         mc.start_worker("digits")
         bind_s = time.perf_counter() - t
-        qc = QueryClient(mc.create_token("bench", model="digits"), settings=stack.client_settings,
-                         key_dir=root / "client")
+        qc = QueryClient(mc.create_token("bench", model="digits"), settings=stack.client_settings, key_dir=root / "client")
         qc.generate_keys()
         qc.upload_evaluation_keys()
         encrypted = qc.encrypt(x[0])
@@ -153,11 +151,10 @@ def throughput(root: Path, n: int) -> None:
     from concrete import fhe
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
 
-    from cipherpool.fhe.process import after_fhe
-
     from cipherpool.client import ManagementClient, QueryClient
     from cipherpool.config.settings import Settings
     from cipherpool.examples import train_breast_cancer
+    from cipherpool.fhe.process import after_fhe
     from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 
     cores = os.cpu_count() or 1
@@ -182,8 +179,7 @@ def throughput(root: Path, n: int) -> None:
         mc.activate_model("cancer")
         for _ in range(cores):
             mc.start_worker("cancer")
-        qc = QueryClient(mc.create_token("bench", model="cancer"), settings=stack.client_settings,
-                         key_dir=root / "cancer-client")
+        qc = QueryClient(mc.create_token("bench", model="cancer"), settings=stack.client_settings, key_dir=root / "cancer-client")
         qc.generate_keys()
         qc.upload_evaluation_keys()
         encrypted = [qc.encrypt(example.x_test[i % len(example.x_test)]) for i in range(n)]

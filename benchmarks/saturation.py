@@ -46,15 +46,15 @@ def in_process(model: Path, executions: int, queries: int, key_dir: Path, start_
 
     from concrete import fhe
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
+    from sklearn.datasets import load_breast_cancer
 
     from cipherpool.fhe.process import after_fhe
-    from sklearn.datasets import load_breast_cancer
 
     x, _ = load_breast_cancer(return_X_y=True)
     server = FHEModelServer(str(model))
     client = FHEModelClient(str(model), key_dir=str(key_dir))
     keys = fhe.EvaluationKeys.deserialize(client.get_serialized_evaluation_keys())
-    ciphertexts = [client.quantize_encrypt_serialize(x[i:i + 1]) for i in range(queries)]
+    ciphertexts = [client.quantize_encrypt_serialize(x[i : i + 1]) for i in range(queries)]
     server.run(ciphertexts[0], keys)  # the key's first use
     after_fhe()  # SIGPIPE and the exit status back from concrete's runtime (cipherpool/fhe/process.py)
     time.sleep(max(0.0, start_at - time.time()))
@@ -67,9 +67,8 @@ def in_process(model: Path, executions: int, queries: int, key_dir: Path, start_
 def through_pool(model: Path, nodes: int, threads: int, queries: int, root: Path) -> tuple[float, dict[str, int]]:
     from concurrent.futures import ThreadPoolExecutor
 
-    from sklearn.datasets import load_breast_cancer
-
     import redis
+    from sklearn.datasets import load_breast_cancer
 
     from cipherpool.client import ManagementClient, QueryClient
     from cipherpool.config.settings import Settings
@@ -78,8 +77,13 @@ def through_pool(model: Path, nodes: int, threads: int, queries: int, root: Path
 
     root.mkdir(parents=True, exist_ok=True)  # a stack of its own each round: a fresh database
     (root / "profiles.toml").write_text(f'[profiles.bench]\nhost_class = "cpu"\nconcurrency = 1\nthreads = {threads}\n')
-    settings = Settings(data_dir=root / "platform", profiles_file=root / "profiles.toml", token_rate_per_s=0,
-                        account_rate_per_s=0, query_timeout_s=600)
+    settings = Settings(
+        data_dir=root / "platform",
+        profiles_file=root / "profiles.toml",
+        token_rate_per_s=0,
+        account_rate_per_s=0,
+        query_timeout_s=600,
+    )
     options = StackOptions(profiles=["bench"] * nodes, beat=False, flower=False, loglevel="WARNING")
     x, _ = load_breast_cancer(return_X_y=True)
     with EmbeddedStack(settings, options) as stack:
@@ -113,9 +117,27 @@ def processes(model: Path, count: int, threads: int, queries: int) -> float:
     and ``threads`` threads each, all timing the same moment; their rates add up."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start_at = time.time() + 45  # after every child has made its keys and warmed its key
-    children = [subprocess.Popen([sys.executable, __file__, "--in-process", "1", "0", "--model", str(model),
-                                  "--queries", str(queries // count), "--start-at", str(start_at)],
-                                 env=env, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--in-process",
+                "1",
+                "0",
+                "--model",
+                str(model),
+                "--queries",
+                str(queries // count),
+                "--start-at",
+                str(start_at),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
     return sum(float(child.communicate()[0].strip().splitlines()[-1]) for child in children)
 
 
@@ -143,14 +165,19 @@ def main() -> None:
         # lands on all of them, not on one, and the medians compare like with like.
         for round_ in range(args.repeats):
             for executions in sorted({1, cores // 2 or 1, cores}):
-                runs.setdefault(f"in process, {executions} execution(s) x {max(1, cores // executions)} thread(s)",
-                                []).append(_one_in_process(model, executions, cores, args.queries))
-            runs.setdefault(f"{args.nodes} processes at once, 1 execution x {threads} thread(s) each (no platform)",
-                            []).append(processes(model, args.nodes, threads, args.queries))
+                runs.setdefault(f"in process, {executions} execution(s) x {max(1, cores // executions)} thread(s)", []).append(
+                    _one_in_process(model, executions, cores, args.queries)
+                )
+            runs.setdefault(f"{args.nodes} processes at once, 1 execution x {threads} thread(s) each (no platform)", []).append(
+                processes(model, args.nodes, threads, args.queries)
+            )
             pool, spread = through_pool(model, args.nodes, threads, args.queries, root / f"round{round_ + 1}")
             runs.setdefault(POOL, []).append(pool)
-            print(f"round {round_ + 1}: " + ", ".join(f"{name}: {rates[-1]:.2f}/s" for name, rates in runs.items()),
-                  file=sys.stderr, flush=True)  # each round's figures, as it ends
+            print(
+                f"round {round_ + 1}: " + ", ".join(f"{name}: {rates[-1]:.2f}/s" for name, rates in runs.items()),
+                file=sys.stderr,
+                flush=True,
+            )  # each round's figures, as it ends
     _report(runs, spread, args, cores, threads)
 
 
@@ -160,23 +187,28 @@ POOL = "through the pool"
 def _one_in_process(model: Path, executions: int, cores: int, queries: int) -> float:
     """One configuration in a fresh process (OMP_NUM_THREADS is read when concrete is imported)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // executions))}
-    out = subprocess.run([sys.executable, __file__, "--in-process", str(executions), "0", "--model", str(model),
-                          "--queries", str(queries)], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--in-process", str(executions), "0", "--model", str(model), "--queries", str(queries)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _report(runs: dict[str, list[float]], spread: dict[str, int], args: argparse.Namespace, cores: int,
-            threads: int) -> None:
-    print(f"saturation, decision tree (depth 4, 6 bits) on breast cancer, {args.queries} queries in flight, "
-          f"{cores} cores, median of {args.repeats} round(s) (min-max):")
+def _report(runs: dict[str, list[float]], spread: dict[str, int], args: argparse.Namespace, cores: int, threads: int) -> None:
+    print(
+        f"saturation, decision tree (depth 4, 6 bits) on breast cancer, {args.queries} queries in flight, "
+        f"{cores} cores, median of {args.repeats} round(s) (min-max):"
+    )
     medians = {name: statistics.median(rates) for name, rates in runs.items()}
     for name, rates in runs.items():
         label = f"{POOL}, {args.nodes} nodes x 1 execution x {threads} thread(s)" if name == POOL else name
         print(f"  {label:<70} {medians[name]:6.2f} queries/s  ({min(rates):.2f}-{max(rates):.2f})")
     best = max(m for name, m in medians.items() if name != POOL)
     print(f"  {'pool / best in process (medians)':<70} {medians[POOL] / best:6.2f} x   (target >= 0.95)")
-    print(f"  queries per node, last round: "
-          f"{', '.join(f'{n.split(chr(64))[0]} {c}' for n, c in sorted(spread.items()))}")
+    print(f"  queries per node, last round: {', '.join(f'{n.split(chr(64))[0]} {c}' for n, c in sorted(spread.items()))}")
 
 
 if __name__ == "__main__":

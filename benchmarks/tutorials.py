@@ -23,8 +23,12 @@ TARGET_S = 120.0
 def run(name: str) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory(prefix="cipherpool-bench-") as tmp:
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "cipherpool", "demo", name, "--json", "--out", str(Path(tmp) / "out")],
-                                capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, "-m", "cipherpool", "demo", name, "--json", "--out", str(Path(tmp) / "out")],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
@@ -38,8 +42,10 @@ def main() -> None:
     args = parser.parse_args()
     if unknown := set(args.names) - set(NAMES):
         parser.error(f"no tutorial {', '.join(sorted(unknown))}")
-    print(f"{'tutorial':<10} {'wall':>7} {'stack':>6} {'train':>6} {'keygen':>7} {'upload':>7} {'queries':>8} "
-          f"{'compute/q':>9} {'eval key':>9} {'ct':>8} {'output':>9}  target {TARGET_S:.0f} s")
+    print(
+        f"{'tutorial':<10} {'wall':>7} {'stack':>6} {'train':>6} {'keygen':>7} {'upload':>7} {'queries':>8} "
+        f"{'compute/q':>9} {'eval key':>9} {'ct':>8} {'output':>9}  target {TARGET_S:.0f} s"
+    )
     for name in args.names or NAMES:
         for _ in range(args.repeats):
             wall, report = run(name)
@@ -49,12 +55,14 @@ def main() -> None:
             queries = sum(c["encrypt_s"] + c["execute_s"] + c["decrypt_s"] for c in cases)
             compute = sum(c["compute_s"] for c in cases) / len(cases)
             counted = f"{len(cases)} quer{'y' if len(cases) == 1 else 'ies'}"
-            print(f"{name:<10} {wall:6.1f}s {report['stack_start_s']:5.1f}s {steps.get('train and compile', 0):5.1f}s "
-                  f"{steps.get('generate keys', 0):6.2f}s {steps.get('upload the evaluation key', 0):6.2f}s "
-                  f"{queries:7.2f}s {compute:8.2f}s {t['evaluation_key_bytes'] / 1e6:7.1f}MB "
-                  f"{cases[0]['ciphertext_bytes'] / 1e3:6.1f}kB {cases[0]['output_bytes'] / 1e3:8.1f}kB  "
-                  f"{'ok' if wall < TARGET_S else 'OVER'} ({counted}, agree: {t['agree']}; {t['trained']})",
-                  flush=True)
+            print(
+                f"{name:<10} {wall:6.1f}s {report['stack_start_s']:5.1f}s {steps.get('train and compile', 0):5.1f}s "
+                f"{steps.get('generate keys', 0):6.2f}s {steps.get('upload the evaluation key', 0):6.2f}s "
+                f"{queries:7.2f}s {compute:8.2f}s {t['evaluation_key_bytes'] / 1e6:7.1f}MB "
+                f"{cases[0]['ciphertext_bytes'] / 1e3:6.1f}kB {cases[0]['output_bytes'] / 1e3:8.1f}kB  "
+                f"{'ok' if wall < TARGET_S else 'OVER'} ({counted}, agree: {t['agree']}; {t['trained']})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

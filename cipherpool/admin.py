@@ -21,19 +21,19 @@ from decimal import Decimal
 from celery import Celery
 
 from cipherpool import lifecycle
-from cipherpool.api.schemas import NodeOut, AccountCreated, AccountOut, LedgerLine
+from cipherpool.announce import credentials_changed
+from cipherpool.api.schemas import AccountCreated, AccountOut, LedgerLine, NodeOut
 from cipherpool.billing import ledger, payments, views
 from cipherpool.billing.money import to_credits
 from cipherpool.config.settings import Settings, get_settings
+from cipherpool.context import PlatformContext
 from cipherpool.db import init_db
 from cipherpool.errors import CipherpoolError
 from cipherpool.files import private_sqlite
-from cipherpool.statuses import LedgerKind, StopReason
-from cipherpool.announce import credentials_changed
-from cipherpool.services import nodes as node_service
 from cipherpool.services import accounts
+from cipherpool.services import nodes as node_service
 from cipherpool.services import workers as worker_service
-from cipherpool.context import PlatformContext
+from cipherpool.statuses import LedgerKind, StopReason
 
 log = logging.getLogger("cipherpool.admin")
 DISABLED = StopReason.ACCOUNT_DISABLED
@@ -52,13 +52,16 @@ class Admin:
         private_sqlite(url)
         init_db(url)
 
-    def create_account(self, name: str, *, organisation: str | None = None,
-                       contact_email: str | None = None) -> AccountCreated:
+    def create_account(self, name: str, *, organisation: str | None = None, contact_email: str | None = None) -> AccountCreated:
         """A new account; its API key is in the answer (shown once, stored only as a hash)."""
         with self.ctx.session() as session:
-            account, api_key = accounts.create_account(session, name, organisation=organisation,
-                                                       contact_email=contact_email,
-                                                       signup_grant=self.ctx.settings.credits_signup_grant)
+            account, api_key = accounts.create_account(
+                session,
+                name,
+                organisation=organisation,
+                contact_email=contact_email,
+                signup_grant=self.ctx.settings.credits_signup_grant,
+            )
             return AccountCreated(**accounts.describe(account).model_dump(), api_key=api_key)
 
     def list_accounts(self) -> list[AccountOut]:
@@ -68,8 +71,11 @@ class Admin:
     def list_nodes(self) -> list[NodeOut]:
         """Every pool node with its binding, whoever's account it belongs to (the operator's view)."""
         with self.ctx.session() as session:
-            return node_service.list_nodes(session, self.ctx.settings.node_heartbeat_s,
-                                           held=lambda node: node_service.published_models(self.ctx.store.redis, node))
+            return node_service.list_nodes(
+                session,
+                self.ctx.settings.node_heartbeat_s,
+                held=lambda node: node_service.published_models(self.ctx.store.redis, node),
+            )
 
     def get_account(self, id_or_name: str) -> AccountOut:
         with self.ctx.session() as session:
@@ -90,8 +96,13 @@ class Admin:
                     lifecycle.stop_worker(self.ctx, app, account_id, worker_id, DISABLED)
                 else:  # the node unbinds at its next heartbeat
                     with self.ctx.session() as session:
-                        worker_service.request_stop(session, accounts.find_account(session, account_id), worker_id,
-                                                    self.ctx.settings.node_heartbeat_s, DISABLED)
+                        worker_service.request_stop(
+                            session,
+                            accounts.find_account(session, account_id),
+                            worker_id,
+                            self.ctx.settings.node_heartbeat_s,
+                            DISABLED,
+                        )
                 stopped.append(worker_id)
             except CipherpoolError as exc:
                 log.warning("could not stop worker %s: %s", worker_id, exc.message)
@@ -105,8 +116,15 @@ class Admin:
         self._announce()
         return described
 
-    def grant_credits(self, id_or_name: str, amount: Decimal | str | int, *, kind: LedgerKind = LedgerKind.GRANT,
-                      note: str = "", key: str | None = None) -> LedgerLine:
+    def grant_credits(
+        self,
+        id_or_name: str,
+        amount: Decimal | str | int,
+        *,
+        kind: LedgerKind = LedgerKind.GRANT,
+        note: str = "",
+        key: str | None = None,
+    ) -> LedgerLine:
         """Add a grant or refund (positive) or an adjustment (either sign) to an account's ledger;
         ``key`` makes a retried call add nothing twice."""
         with self.ctx.session() as session:
@@ -120,13 +138,20 @@ class Admin:
             line = payments.settle_invoice(session, invoice, status)
             return views.lines_out(session, [line])[0]
 
-    def credit_history(self, id_or_name: str, *, since: datetime | None = None, until: datetime | None = None,
-                       kinds: list[LedgerKind] | None = None) -> list[LedgerLine]:
+    def credit_history(
+        self,
+        id_or_name: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        kinds: list[LedgerKind] | None = None,
+    ) -> list[LedgerLine]:
         """An account's ledger lines (the operator's view of `credits history`)."""
         with self.ctx.session() as session:
             account = accounts.find_account(session, id_or_name)
-            return views.lines_out(session, ledger.history(session, account.id, since=since, until=until, kinds=kinds,
-                                                           latest=since is None))
+            return views.lines_out(
+                session, ledger.history(session, account.id, since=since, until=until, kinds=kinds, latest=since is None)
+            )
 
     def credit_balance(self, id_or_name: str) -> Decimal:
         """An account's balance in credits: the sum of its ledger."""

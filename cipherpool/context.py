@@ -36,8 +36,12 @@ class PlatformContext:
         """The store's Redis for increments that must not count twice (shared-node metering,
         which is billed): no command is sent again, since a retry after a lost reply would add
         twice. A failed increment is the hook's to log; the store's own client retries once."""
-        return redis.Redis.from_url(self.settings.effective_store_url(), socket_connect_timeout=CONNECT_TIMEOUT_S,
-                                    socket_timeout=SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
+        return redis.Redis.from_url(
+            self.settings.effective_store_url(),
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )
 
     def session(self) -> AbstractContextManager[Session]:
         return session_scope(self.db_url)

@@ -28,7 +28,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from cipherpool.version import __version__
 from cipherpool.config.settings import Settings
 from cipherpool.errors import FheMismatch, InvalidInput, PrivacyBreach
 from cipherpool.files import private_dir
@@ -37,6 +36,7 @@ from cipherpool.tutorials import DEFAULT, TUTORIALS, Tutorial
 from cipherpool.tutorials.present import explain, summary
 from cipherpool.tutorials.runner import TutorialReport, TutorialRun
 from cipherpool.tutorials.sentiment import Sentiment, check_texts
+from cipherpool.version import __version__
 
 ORDER = list(TUTORIALS)  # digits, health, image, sentiment
 
@@ -52,13 +52,29 @@ def make(name: str, texts: Sequence[str]) -> Tutorial:
 
 
 class Demo:
-    def __init__(self, settings: Settings, root: Path, *, nodes: int, names: list[str], texts: Sequence[str] = (),
-                 out_dir: Path | None = None, echo: Callable[[str], None] = print, explain: bool = False):
+    def __init__(
+        self,
+        settings: Settings,
+        root: Path,
+        *,
+        nodes: int,
+        names: list[str],
+        texts: Sequence[str] = (),
+        out_dir: Path | None = None,
+        echo: Callable[[str], None] = print,
+        explain: bool = False,
+    ):
         # The demo always runs its own embedded stack, whatever the environment points at.
-        self.settings = settings.model_copy(update={
-            "broker_url": None, "result_backend": None, "store_url": None, "url": None,
-            "database_url": None, "data_dir": root / "platform",
-        })
+        self.settings = settings.model_copy(
+            update={
+                "broker_url": None,
+                "result_backend": None,
+                "store_url": None,
+                "url": None,
+                "database_url": None,
+                "data_dir": root / "platform",
+            }
+        )
         self.root, self.names, self.texts, self.out_dir = root, names, texts, out_dir
         self.echo, self.explain = echo, explain
         self.stack = EmbeddedStack(self.settings, StackOptions(nodes=nodes, loglevel="WARNING"))
@@ -67,8 +83,10 @@ class Demo:
     def run(self) -> list[TutorialReport]:
         reports: list[TutorialReport] = []
         try:
-            self.echo(f"• operator: start the embedded stack (Redis, control worker, {self.stack.options.nodes} pool "
-                      "node(s), beat, Flower, gateway) …")
+            self.echo(
+                f"• operator: start the embedded stack (Redis, control worker, {self.stack.options.nodes} pool "
+                "node(s), beat, Flower, gateway) …"
+            )
             started = time.perf_counter()
             self.stack.start()
             self.stack_s = time.perf_counter() - started
@@ -78,9 +96,15 @@ class Demo:
             api_key = self.stack.create_account("demo")
             for name in self.names:
                 self.echo(f"\n• tutorial {name}: {TUTORIALS[name].title}")
-                run = TutorialRun(make(name, self.texts), api_key=api_key, url=self.stack.gateway_url,
-                                  settings=self.stack.client_settings, work_dir=self.root / name,
-                                  out_dir=self.out_dir / name if self.out_dir else None, echo=self.echo)
+                run = TutorialRun(
+                    make(name, self.texts),
+                    api_key=api_key,
+                    url=self.stack.gateway_url,
+                    settings=self.stack.client_settings,
+                    work_dir=self.root / name,
+                    out_dir=self.out_dir / name if self.out_dir else None,
+                    echo=self.echo,
+                )
                 report = run.run()
                 reports.append(report)
                 self.echo("")
@@ -92,15 +116,20 @@ class Demo:
         if len(reports) > 1:
             self.echo("\nall tutorials:")
             for r in reports:
-                self.echo(f"  {r.name:<10} {r.seconds:6.1f} s  {len(r.cases)} queries  "
-                          f"{'FHE agrees with clear on every one' if r.agree else 'DISAGREEMENT'}")
+                self.echo(
+                    f"  {r.name:<10} {r.seconds:6.1f} s  {len(r.cases)} queries  "
+                    f"{'FHE agrees with clear on every one' if r.agree else 'DISAGREEMENT'}"
+                )
         return reports
 
 
 def as_json(reports: list[TutorialReport], stack_s: float, total_s: float) -> str:
     document: dict[str, Any] = {
-        "cipherpool": __version__, "stack_start_s": stack_s, "seconds": total_s,
-        "agree": all(r.agree for r in reports), "private": all(r.private for r in reports),
+        "cipherpool": __version__,
+        "stack_start_s": stack_s,
+        "seconds": total_s,
+        "agree": all(r.agree for r in reports),
+        "private": all(r.private for r in reports),
         "tutorials": [r.to_dict() for r in reports],
     }
     return json.dumps(_plain(document), indent=2, allow_nan=False)
@@ -125,7 +154,7 @@ def _plain(value: Any) -> Any:
 def prepare(chosen: list[str], texts: Sequence[str], out_dir: Path | None) -> None:
     """Refuse what would fail later, before a process starts or a model trains."""
     if texts and "sentiment" not in chosen:
-        raise InvalidInput("--text is for the sentiment tutorial: `cipherpool demo sentiment --text \"...\"`.")
+        raise InvalidInput('--text is for the sentiment tutorial: `cipherpool demo sentiment --text "..."`.')
     if texts:
         check_texts(list(texts))
     if out_dir is not None:
@@ -138,13 +167,23 @@ def prepare(chosen: list[str], texts: Sequence[str], out_dir: Path | None) -> No
                     probe.touch(mode=0o600)
                     probe.unlink()
                 except OSError as e:
-                    raise InvalidInput(f"The demo cannot write its files to {where}: {e.strerror or e}. "
-                                       "Choose another directory with --out.") from e
+                    raise InvalidInput(
+                        f"The demo cannot write its files to {where}: {e.strerror or e}. Choose another directory with --out."
+                    ) from e
 
 
-def run_demo(settings: Settings, demo_dir: Path | None, *, nodes: int = 1, names: Sequence[str] = (),
-             texts: Sequence[str] = (), out_dir: Path | None = None, explain: bool = False, json_out: bool = False,
-             echo: Callable[[str], None] = print) -> list[TutorialReport]:
+def run_demo(
+    settings: Settings,
+    demo_dir: Path | None,
+    *,
+    nodes: int = 1,
+    names: Sequence[str] = (),
+    texts: Sequence[str] = (),
+    out_dir: Path | None = None,
+    explain: bool = False,
+    json_out: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[TutorialReport]:
     """Run the chosen tutorials in demo_dir (kept), or in a temporary directory removed
     afterwards. With ``json_out`` the progress goes to stderr and one JSON document to ``echo``."""
     chosen = choose(names)
@@ -156,8 +195,16 @@ def run_demo(settings: Settings, demo_dir: Path | None, *, nodes: int = 1, names
     started = time.perf_counter()
     try:
         progress = _to_stderr if json_out else echo
-        demo = Demo(settings, root, nodes=nodes, names=chosen, texts=texts, out_dir=out_dir, echo=progress,
-                    explain=explain and not json_out)
+        demo = Demo(
+            settings,
+            root,
+            nodes=nodes,
+            names=chosen,
+            texts=texts,
+            out_dir=out_dir,
+            echo=progress,
+            explain=explain and not json_out,
+        )
         with stdout_to_stderr() if json_out else nullcontext():
             reports = demo.run()
     finally:

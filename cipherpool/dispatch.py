@@ -23,7 +23,13 @@ from cipherpool.fhe.values import check_ciphertext
 from cipherpool.messages import EncryptedInput, QueryReply, QueryRequest, redacted_kwargs, unwrap
 from cipherpool.monitoring import timings
 from cipherpool.names import (
-    QUERY_EXCHANGE, QUERY_TASK, WARM_TASK, model_queue, node_queue, query_routing_key, shared_queue,
+    QUERY_EXCHANGE,
+    QUERY_TASK,
+    WARM_TASK,
+    model_queue,
+    node_queue,
+    query_routing_key,
+    shared_queue,
     shared_routing_key,
 )
 from cipherpool.outages import REDIS_FULL, redis_full
@@ -34,8 +40,9 @@ from cipherpool.store import BlobStore
 log = logging.getLogger("cipherpool.dispatch")
 
 
-def open_envelope(grant: TokenGrant, ciphertext: bytes, wait_for_worker: bool = False,
-                  mode: Route = Route.AUTO) -> tuple[EncryptedInput, ModelGrant]:
+def open_envelope(
+    grant: TokenGrant, ciphertext: bytes, wait_for_worker: bool = False, mode: Route = Route.AUTO
+) -> tuple[EncryptedInput, ModelGrant]:
     """The ciphertext's envelope, checked against what the grant may query, and its model."""
     envelope = EncryptedInput.decode(ciphertext)
     return envelope, check_query(grant, envelope.model_id, wait_for_worker, mode)
@@ -56,8 +63,15 @@ def admit_ciphertext(store: BlobStore, model: ModelGrant, envelope: EncryptedInp
         raise
 
 
-def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, model: ModelGrant,
-                  envelope: EncryptedInput, ciphertext: bytes, blob_id: str) -> QueryRequest:
+def prepare_query(
+    settings: Settings,
+    store: BlobStore,
+    grant: TokenGrant,
+    model: ModelGrant,
+    envelope: EncryptedInput,
+    ciphertext: bytes,
+    blob_id: str,
+) -> QueryRequest:
     """An authorised query: inline when small, else by reference through the store. The key
     set's use is recorded (throttled, in Redis: :mod:`cipherpool.services.keyuse`), for a
     query as for a warm-up: a key set unused too long expires."""
@@ -79,9 +93,20 @@ def prepare_query(settings: Settings, store: BlobStore, grant: TokenGrant, model
 QUERIES = Exchange(QUERY_EXCHANGE, type="direct")  # type: ignore[no-untyped-call]
 
 
-def submit(app: Celery, settings: Settings, store: BlobStore, grant: TokenGrant, model: ModelGrant,
-           envelope: EncryptedInput, ciphertext: bytes, blob_id: str, *, shared: bool, task_id: str | None = None,
-           before_publish: Callable[[], None] | None = None) -> AsyncResult:
+def submit(
+    app: Celery,
+    settings: Settings,
+    store: BlobStore,
+    grant: TokenGrant,
+    model: ModelGrant,
+    envelope: EncryptedInput,
+    ciphertext: bytes,
+    blob_id: str,
+    *,
+    shared: bool,
+    task_id: str | None = None,
+    before_publish: Callable[[], None] | None = None,
+) -> AsyncResult:
     """The submit sequence, the same at the gateway and for trusted in-cluster code: count the
     query against the token's quota, prepare it, publish it; a query that was not published
     is given back to the quota (the client's retry must not count twice). ``before_publish``
@@ -93,15 +118,25 @@ def submit(app: Celery, settings: Settings, store: BlobStore, grant: TokenGrant,
         request = prepare_query(settings, store, grant, model, envelope, ciphertext, blob_id)
         if before_publish is not None:
             before_publish()
-        return publish_query(app, request, model.hardware, settings.query_timeout_s, task_id=task_id, shared=shared,
-                             model_name=model.name)
+        return publish_query(
+            app, request, model.hardware, settings.query_timeout_s, task_id=task_id, shared=shared, model_name=model.name
+        )
     except Exception:
         _refund(store, grant)
         raise
 
 
-def send_warmups(app: Celery, settings: Settings, store: BlobStore, grant: TokenGrant, model: ModelGrant,
-                 envelope: EncryptedInput, ciphertext: bytes, blob_id: str, nodes: list[str]) -> list[AsyncResult]:
+def send_warmups(
+    app: Celery,
+    settings: Settings,
+    store: BlobStore,
+    grant: TokenGrant,
+    model: ModelGrant,
+    envelope: EncryptedInput,
+    ciphertext: bytes,
+    blob_id: str,
+    nodes: list[str],
+) -> list[AsyncResult]:
     """A key warm-up, its ciphertext admitted (:func:`admit_ciphertext`): one throwaway
     evaluation sent to each of ``nodes`` (dedicated nodes serving the model), each counted
     against the token's quota as a query (as many nodes as the quota has room for;
@@ -132,8 +167,11 @@ def query_queue(host_class: str, model_id: str) -> Queue:
     """A model's query queue as nodes of ``host_class`` consume it: bound to the query exchange
     under the routing key of that class and model. The publisher declares it too, so a query
     sent before any node binds (a caller who waits for a worker) waits in it."""
-    return Queue(model_queue(host_class, model_id), QUERIES,  # type: ignore[no-untyped-call]
-                 routing_key=query_routing_key(host_class, model_id))
+    return Queue(
+        model_queue(host_class, model_id),
+        QUERIES,  # type: ignore[no-untyped-call]
+        routing_key=query_routing_key(host_class, model_id),
+    )
 
 
 def shared_queue_of(host_class: str) -> Queue:
@@ -159,8 +197,16 @@ def query_shadow(model_name: str, model_id: str) -> str:
     return f"{QUERY_TASK_PREFIX}[{model_name}:{model_id[:QUERY_SHADOW_ID_CHARS]}]"
 
 
-def publish_query(app: Celery, request: QueryRequest, host_class: str, expires_s: float,
-                  task_id: str | None = None, shared: bool = False, *, model_name: str) -> AsyncResult:
+def publish_query(
+    app: Celery,
+    request: QueryRequest,
+    host_class: str,
+    expires_s: float,
+    task_id: str | None = None,
+    shared: bool = False,
+    *,
+    model_name: str,
+) -> AsyncResult:
     """Publish with the routing key of the model's host class (its dedicated workers', or the
     shared nodes' of the class), with a deadline: a node discards it once nobody waits. Only
     nodes of that class have a queue bound to that key. ``model_name`` names it in monitoring
@@ -168,8 +214,16 @@ def publish_query(app: Celery, request: QueryRequest, host_class: str, expires_s
     kwargs = {"request": request.encode()}
     queue = shared_queue_of(host_class) if shared else query_queue(host_class, request.model_id)
     shadow = query_shadow(model_name, request.model_id)
-    return _send(app, QUERY_TASK, kwargs, queue, expires=expires_s, task_id=task_id, shadow=shadow,
-                 event_dispatcher=SentUnderShadow(app, shadow))
+    return _send(
+        app,
+        QUERY_TASK,
+        kwargs,
+        queue,
+        expires=expires_s,
+        task_id=task_id,
+        shadow=shadow,
+        event_dispatcher=SentUnderShadow(app, shadow),
+    )
 
 
 class SentUnderShadow:

@@ -47,8 +47,14 @@ def train_digits(path: Path) -> Example:
     x = (x / 16.0).astype(np.float32)
     x_train, x_test, y_train, y_test = train_test_split(x, y.astype(np.int64), test_size=0.2, random_state=SEED)
     model = NeuralNetClassifier(
-        module__n_layers=2, module__n_w_bits=3, module__n_a_bits=3, module__n_accum_bits=10,
-        module__n_hidden_neurons_multiplier=1, max_epochs=60, lr=0.005, verbose=0,
+        module__n_layers=2,
+        module__n_w_bits=3,
+        module__n_a_bits=3,
+        module__n_accum_bits=10,
+        module__n_hidden_neurons_multiplier=1,
+        max_epochs=60,
+        lr=0.005,
+        verbose=0,
     )
     model.fit(x_train, y_train)
     model.compile(x_train[:200])

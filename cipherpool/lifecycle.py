@@ -16,42 +16,65 @@ import logging
 from celery import Celery
 
 from cipherpool import workerlog
+from cipherpool.announce import serving_changed
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Account, Worker, WorkerStatus
 from cipherpool.dispatch import send_to_node
 from cipherpool.errors import CipherpoolError
-from cipherpool.announce import serving_changed
 from cipherpool.names import BIND_TASK, CONSUME_TASK, RELOAD_TASK, UNBIND_TASK
 from cipherpool.services import workers as worker_service
 from cipherpool.services.accounts import get_account
 from cipherpool.statuses import StopReason
-from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.lifecycle")
 
 
-def start_workers(ctx: PlatformContext, app: Celery, account_id: str, model: str, *, count: int = 1,
-                  profile: str | None = None, standby: bool = False, source: str = "gateway",
-                  started_by: str = "user", schedule_id: str | None = None) -> list[Worker]:
+def start_workers(
+    ctx: PlatformContext,
+    app: Celery,
+    account_id: str,
+    model: str,
+    *,
+    count: int = 1,
+    profile: str | None = None,
+    standby: bool = False,
+    source: str = "gateway",
+    started_by: str = "user",
+    schedule_id: str | None = None,
+) -> list[Worker]:
     """Claim ``count`` free nodes of the model's class (labels, profile) and tell each to bind
     (status PENDING); refused with the reason, all or none. ``started_by`` (user, schedule,
     autoscaler, reconciler) and ``schedule_id`` are kept on the worker: a schedule stops its
     own workers, and the autoscaler removes its own first."""
     with ctx.session() as session:
         account = get_account(session, account_id)
-        workers = worker_service.start_workers(session, account, model, ctx.settings.node_heartbeat_s, count=count,
-                                               profile=profile, standby=standby,
-                                               credit_minutes=ctx.settings.credits_min_start_minutes,
-                                               started_by=started_by, schedule_id=schedule_id)
+        workers = worker_service.start_workers(
+            session,
+            account,
+            model,
+            ctx.settings.node_heartbeat_s,
+            count=count,
+            profile=profile,
+            standby=standby,
+            credit_minutes=ctx.settings.credits_min_start_minutes,
+            started_by=started_by,
+            schedule_id=schedule_id,
+        )
     for i, worker in enumerate(workers):
-        workerlog.write(ctx.store.redis, worker.id, f"pending: claimed node {worker.node_name} for model {model}"
-                        f"{' (standby)' if standby else ''}", source=source)
+        workerlog.write(
+            ctx.store.redis,
+            worker.id,
+            f"pending: claimed node {worker.node_name} for model {model}{' (standby)' if standby else ''}",
+            source=source,
+        )
         try:
             send_to_node(app, worker.node_name, BIND_TASK, worker_id=worker.id)
         except CipherpoolError as exc:  # none left pending forever, holding its node
             with ctx.session() as session:
                 for unsent in workers[i:]:
-                    worker_service.finish(session, unsent.id, WorkerStatus.FAILED,
-                                          error=f"its node could not be told to bind: {exc.message}")
+                    worker_service.finish(
+                        session, unsent.id, WorkerStatus.FAILED, error=f"its node could not be told to bind: {exc.message}"
+                    )
             raise
     return workers
 
@@ -61,8 +84,14 @@ def start_worker(ctx: PlatformContext, app: Celery, account_id: str, model: str,
     return start_workers(ctx, app, account_id, model, profile=profile)[0]
 
 
-def stop_worker(ctx: PlatformContext, app: Celery, account_id: str, worker_id: str,
-                reason: StopReason | str = StopReason.USER, source: str = "gateway") -> Worker:
+def stop_worker(
+    ctx: PlatformContext,
+    app: Celery,
+    account_id: str,
+    worker_id: str,
+    reason: StopReason | str = StopReason.USER,
+    source: str = "gateway",
+) -> Worker:
     """Ask the worker's node to unbind it, or release it at once if the node is gone."""
     reason = StopReason(reason)
     with ctx.session() as session:
@@ -88,8 +117,9 @@ def set_standby(ctx: PlatformContext, app: Celery, account_id: str, worker_id: s
     return worker
 
 
-def stop_account_workers(ctx: PlatformContext, app: Celery, account_id: str,
-                         reason: StopReason | str = StopReason.ACCOUNT_DISABLED) -> list[str]:
+def stop_account_workers(
+    ctx: PlatformContext, app: Celery, account_id: str, reason: StopReason | str = StopReason.ACCOUNT_DISABLED
+) -> list[str]:
     """Stop every worker of an account (it was disabled, or ran out of credits)."""
     with ctx.session() as session:
         ids = [w.id for w in worker_service.serving(session, account_id=account_id)]

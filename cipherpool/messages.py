@@ -40,8 +40,7 @@ class _Envelope:
         try:
             if not isinstance(raw, (bytes, bytearray, memoryview)):
                 raise TypeError(f"{type(raw).__name__}, not bytes")
-            obj = msgpack.unpackb(raw, raw=False, max_bin_len=len(raw), max_str_len=1024,
-                                  max_array_len=16, max_map_len=16)
+            obj = msgpack.unpackb(raw, raw=False, max_bin_len=len(raw), max_str_len=1024, max_array_len=16, max_map_len=16)
             if not isinstance(obj, dict) or obj.get("format") != cls.FORMAT:
                 raise ValueError("unknown format")
             model, key, data = obj["model"], obj["key"], obj["data"]
@@ -66,8 +65,14 @@ class EncryptedOutput(_Envelope):
 
 
 _REQUEST_TYPES: dict[str, tuple[type, ...]] = {
-    "token_id": (str,), "model_id": (str,), "key_id": (str,), "blob_id": (str,),
-    "input": (bytes, type(None)), "input_ref": (str, type(None)), "submitted_at": (int, float), "version": (int,),
+    "token_id": (str,),
+    "model_id": (str,),
+    "key_id": (str,),
+    "blob_id": (str,),
+    "input": (bytes, type(None)),
+    "input_ref": (str, type(None)),
+    "submitted_at": (int, float),
+    "version": (int,),
     "account_id": (str,),
 }
 

@@ -78,6 +78,7 @@ def shared_routing_key(host_class: str) -> str:
 def shared_queue(host_class: str) -> str:
     return f"{SHARED_QUEUE_PREFIX}{host_class}"
 
+
 # Opaque ids shown for rows an integer sequence numbers platform-wide (model events, ledger
 # lines, alert events): a prefix per kind, then 16 random hex digits. The sequence stays the
 # rows' order inside the platform; its gaps would count other accounts' rows.

@@ -23,19 +23,26 @@ __all__ = ["OUTAGE_TYPES", "describe", "logged_outage", "outage_error"]
 
 # What a dependency's outage raises into a route or the guard: mapped by outage_error.
 OUTAGE_TYPES: tuple[type[Exception], ...] = (
-    sa_exc.SQLAlchemyError, redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError,
+    sa_exc.SQLAlchemyError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    kombu.exceptions.OperationalError,
     redis.exceptions.OutOfMemoryError,
 )
 # PostgreSQL's undefined_table and undefined_column: a schema behind this gateway's code.
 MISSING_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
 SQLITE_MISSING_SCHEMA = ("no such table", "no such column")
 DATABASE_DOWN = "The platform's database is unavailable; retry in a few seconds."
-SCHEMA_BEHIND = ("The platform's database schema is not migrated to this gateway's version yet; "
-                 "retry in a few seconds (the operator runs `cipherpool db upgrade`).")
+SCHEMA_BEHIND = (
+    "The platform's database schema is not migrated to this gateway's version yet; "
+    "retry in a few seconds (the operator runs `cipherpool db upgrade`)."
+)
 STORE_DOWN = "The platform's Redis (broker and store) is unavailable; retry in a few seconds."
-REDIS_FULL = ("The platform's Redis is full (maxmemory; nothing is evicted), so it refuses writes: reads, polls and "
-              "deletes still work. Try later, or ask the operator to free memory or raise "
-              "CIPHERPOOL_REDIS_MAXMEMORY_BYTES.")
+REDIS_FULL = (
+    "The platform's Redis is full (maxmemory; nothing is evicted), so it refuses writes: reads, polls and "
+    "deletes still work. Try later, or ask the operator to free memory or raise "
+    "CIPHERPOOL_REDIS_MAXMEMORY_BYTES."
+)
 
 
 def outage_error(exc: BaseException) -> PlatformError | None:
@@ -66,7 +73,8 @@ def redis_full(exc: BaseException) -> bool:
         if seen is None:
             return False
         if isinstance(seen, redis.exceptions.OutOfMemoryError) or (
-                isinstance(seen, redis.ResponseError) and str(seen).startswith("OOM")):
+            isinstance(seen, redis.ResponseError) and str(seen).startswith("OOM")
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

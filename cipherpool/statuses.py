@@ -36,8 +36,9 @@ class WorkerStatus(str, Enum):
         return self in WANTED
 
 
-HOLDING_NODE = frozenset({WorkerStatus.PENDING, WorkerStatus.LOADING, WorkerStatus.UP, WorkerStatus.STANDBY,
-                          WorkerStatus.STOPPING})
+HOLDING_NODE = frozenset(
+    {WorkerStatus.PENDING, WorkerStatus.LOADING, WorkerStatus.UP, WorkerStatus.STANDBY, WorkerStatus.STOPPING}
+)
 WANTED = frozenset({WorkerStatus.PENDING, WorkerStatus.LOADING, WorkerStatus.UP, WorkerStatus.STANDBY})
 
 

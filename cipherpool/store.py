@@ -83,7 +83,6 @@ def retry_backoff() -> AbstractBackoff:
     return ExponentialBackoff(cap=0.25, base=0.025)
 
 
-
 class BlobKind(str, Enum):
     CLIENT_ZIP = "client"
     SERVER_ZIP = "server"
@@ -183,7 +182,7 @@ class BlobStore:
         prefix = BLOB_PREFIX + (f"{kind.value}:" if kind else "")
         found = {}
         for name, size in self._backend.scan(prefix):
-            blob_kind, _, blob_id = name[len(BLOB_PREFIX):].partition(":")
+            blob_kind, _, blob_id = name[len(BLOB_PREFIX) :].partition(":")
             try:
                 found[(BlobKind(blob_kind), blob_id)] = size
             except ValueError:  # a kind this release does not know
@@ -221,9 +220,7 @@ class BlobStore:
     def get_staged(self, account_id: str, blob_id: str) -> bytes:
         data = self._backend.get_temp(self.staged_key(account_id, blob_id))
         if data is None or sha256_hex(data) != blob_id:
-            raise UploadNotFound(
-                f"No staged upload {blob_id[:12]}… in this account (it expires after an hour); upload it again."
-            )
+            raise UploadNotFound(f"No staged upload {blob_id[:12]}… in this account (it expires after an hour); upload it again.")
         return data
 
     @staticmethod
@@ -286,6 +283,9 @@ class BlobStore:
 def redis_client(url: str) -> redis.Redis:
     """The platform's Redis client: timeouts and one retry of a stale connection (above)."""
     return redis.Redis.from_url(
-        url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30,
+        url,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        health_check_interval=30,
         retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=STALE_ERRORS),
     )

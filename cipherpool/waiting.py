@@ -25,8 +25,15 @@ class WaitTimeout(TimeoutError):
     """The condition did not hold within the timeout (raised when no other error is given)."""
 
 
-def wait_until(predicate: Callable[[], T | None], timeout_s: float, *, interval_s: float = 0.2,
-               error: BaseException | None = None, clock: Clock = time.monotonic, sleep: Sleep = time.sleep) -> T:
+def wait_until(
+    predicate: Callable[[], T | None],
+    timeout_s: float,
+    *,
+    interval_s: float = 0.2,
+    error: BaseException | None = None,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = time.sleep,
+) -> T:
     """The first truthy value of ``predicate()``, polled every ``interval_s`` for ``timeout_s``.
 
     On timeout, raises ``error`` (an instance, so each caller keeps its own message and type),
@@ -49,8 +56,7 @@ class Backoff:
     random part of up to ``jitter`` (25 % unless given) so that many processes started
     together do not retry in step. ``reset()`` once it worked."""
 
-    def __init__(self, first_s: float = 0.5, max_s: float = 30.0, rng: Callable[[], float] | None = None,
-                 jitter: float = 0.25):
+    def __init__(self, first_s: float = 0.5, max_s: float = 30.0, rng: Callable[[], float] | None = None, jitter: float = 0.25):
         import random
 
         self.first_s, self.max_s, self.jitter = first_s, max_s, jitter
@@ -84,8 +90,15 @@ class StateLog:
     WARNING unless given). Thread-safe: several threads may report to one StateLog, and each
     change is still logged once."""
 
-    def __init__(self, logger: logging.Logger, what: str = "", *, level: int = logging.WARNING,
-                 recovered_level: int = logging.WARNING, clock: Clock = time.monotonic):
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str = "",
+        *,
+        level: int = logging.WARNING,
+        recovered_level: int = logging.WARNING,
+        clock: Clock = time.monotonic,
+    ):
         self.logger, self.what = logger, what
         self.level, self.recovered_level = level, recovered_level
         self.problem: str | None = None

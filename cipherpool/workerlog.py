@@ -53,6 +53,7 @@ def read(redis: Redis, worker_id: str, after: int = -1) -> list[LogLine]:
     lines = []
     for offset, item in enumerate(raw):
         data = json.loads(item)
-        lines.append(LogLine(max(0, after + 1) + offset, float(data["at"]), str(data["level"]), str(data["source"]),
-                             str(data["message"])))
+        lines.append(
+            LogLine(max(0, after + 1) + offset, float(data["at"]), str(data["level"]), str(data["source"]), str(data["message"]))
+        )
     return lines

@@ -54,8 +54,10 @@ def main() -> None:
     for i in range(IMAGES):
         digit_fhe, digit_clear = int(fhe[i].argmax()), int(clear[i].argmax())
         agree = digit_fhe == digit_clear and float(np.abs(fhe[i] - clear[i]).max()) <= TOLERANCE
-        print(f"test image {i}: FHE digit {digit_fhe} | clear digit {digit_clear} | truth {example.y_test[i]}"
-              + ("" if agree else "  DISAGREE"))
+        print(
+            f"test image {i}: FHE digit {digit_fhe} | clear digit {digit_clear} | truth {example.y_test[i]}"
+            + ("" if agree else "  DISAGREE")
+        )
         if not agree:
             disagree.append(f"test image {i}")
     if disagree:

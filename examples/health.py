@@ -32,7 +32,7 @@ def main() -> None:
         model, x_test, y_test, accuracy = train_health(Path(tmp) / "model")
         print(f"clear test accuracy {accuracy:.1%}")
         # One malignant patient and two benign ones (in scikit-learn's table, 0 is malignant).
-        chosen = [*np.flatnonzero(y_test == 0)[:1], *np.flatnonzero(y_test == 1)[:PATIENTS - 1]]
+        chosen = [*np.flatnonzero(y_test == 0)[:1], *np.flatnonzero(y_test == 1)[: PATIENTS - 1]]
         patients = x_test[chosen]
         provider.deploy_model(MODEL, Path(tmp) / "model", description="breast cancer: P(malignant)")
         worker = None
@@ -57,8 +57,9 @@ def main() -> None:
     for i, p_fhe, p_clear in zip(chosen, fhe, clear):
         agree = abs(p_fhe - p_clear) <= TOLERANCE and (p_fhe >= 0.5) == (p_clear >= 0.5)
         truth = "malignant" if y_test[i] == 0 else "benign"
-        print(f"patient {i}: FHE P(malignant) {p_fhe:.3f} | clear {p_clear:.3f} | truth {truth}"
-              + ("" if agree else "  DISAGREE"))
+        print(
+            f"patient {i}: FHE P(malignant) {p_fhe:.3f} | clear {p_clear:.3f} | truth {truth}" + ("" if agree else "  DISAGREE")
+        )
         if not agree:
             disagree.append(f"patient {i}")
     if disagree:

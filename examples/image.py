@@ -68,8 +68,10 @@ def main() -> None:
     print(f"wrote original.png, sharpened_fhe.png and sharpened_clear.png to {out}")
 
     error = np.abs(sharpened.astype(int) - exact.astype(int))
-    print(f"pixel error against the float convolution: max {error.max()} gray levels, "
-          f"{int((error > 0).sum())} of {error.size} pixels off, mean {error.mean():.3f}")
+    print(
+        f"pixel error against the float convolution: max {error.max()} gray levels, "
+        f"{int((error > 0).sum())} of {error.size} pixels off, mean {error.mean():.3f}"
+    )
     difference = int(np.abs(sharpened.astype(int) - clear.astype(int)).max())
     print(f"{sharpened.size} pixels: max difference from the clear model {difference} gray levels")
     if difference != 0:

@@ -243,14 +243,19 @@ class _MigratedPostgres:
                 rows = [dict(r._mapping) for r in conn.execute(sa.select(table))]
                 if rows:
                     self.seed[table.name] = rows
-            sequences = conn.execute(sa.text(
-                "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename), start_value, last_value "
-                "FROM pg_sequences WHERE schemaname = current_schema()")).all()
+            sequences = conn.execute(
+                sa.text(
+                    "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename), start_value, last_value "
+                    "FROM pg_sequences WHERE schemaname = current_schema()"
+                )
+            ).all()
         quote = self.engine.dialect.identifier_preparer.format_table
         deletes = [f"DELETE FROM {quote(t)}" for t in reversed(self.tables)]  # children first
         # A never-used sequence goes back to its start value, not yet called: nextval gives start.
-        setvals = [f"setval('{name}', {last if last is not None else start}, {'true' if last is not None else 'false'})"
-                   for name, start, last in sequences]
+        setvals = [
+            f"setval('{name}', {last if last is not None else start}, {'true' if last is not None else 'false'})"
+            for name, start, last in sequences
+        ]
         self.empty_sql = "; ".join(deletes)
         self.sequences_sql = f"SELECT {', '.join(setvals)}" if setvals else ""
 
@@ -282,8 +287,12 @@ class _MigratedPostgres:
         from sqlalchemy import text
 
         with self.engine.begin() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
 
     def close(self) -> None:
         self.engine.dispose()

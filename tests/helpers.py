@@ -17,8 +17,7 @@ def zip_bytes(files: dict[str, str | bytes]) -> bytes:
 
 def versions_json(**over: str) -> str:
     here = Versions.installed()
-    return json.dumps({"concrete-ml": here.concrete_ml, "concrete-python": here.concrete_python,
-                       "python": here.python, **over})
+    return json.dumps({"concrete-ml": here.concrete_ml, "concrete-python": here.concrete_python, "python": here.python, **over})
 
 
 def make_deployment(path, client: bytes | None = None, server: bytes | None = None):
@@ -28,7 +27,6 @@ def make_deployment(path, client: bytes | None = None, server: bytes | None = No
     (path / "client.zip").write_bytes(client if client is not None else zip_bytes(client_files))
     (path / "server.zip").write_bytes(server if server is not None else zip_bytes({"versions.json": versions_json()}))
     return path
-
 
 
 def value_ciphertext(*args, **kwargs) -> bytes:

@@ -25,15 +25,26 @@ class S3Server:
 
     def settings(self, **more: object) -> dict[str, object]:
         """Settings fields that put the blob store in this server's bucket."""
-        return {"blob_store": "s3", "s3_bucket": self.bucket, "s3_endpoint_url": self.endpoint_url,
-                "s3_access_key_id": ACCESS_KEY, "s3_secret_access_key": SECRET_KEY, "s3_region": "us-east-1", **more}
+        return {
+            "blob_store": "s3",
+            "s3_bucket": self.bucket,
+            "s3_endpoint_url": self.endpoint_url,
+            "s3_access_key_id": ACCESS_KEY,
+            "s3_secret_access_key": SECRET_KEY,
+            "s3_region": "us-east-1",
+            **more,
+        }
 
     def client(self):  # noqa: ANN201 - boto3 ships no types
         import boto3
 
         return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY)
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
 
     def make_bucket(self, name: str) -> S3Server:
         self.client().create_bucket(Bucket=name)

@@ -22,21 +22,26 @@ import pytest
 from sqlmodel import Session, select
 
 from cipherpool.alerts import destination, rules, signature, webhook
-from cipherpool.scheduler.alerts import Seen, evaluate_all, measure, state_for, transition
 from cipherpool.config.settings import Settings
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Account, AlertEvent, AlertRule, Model, ModelEvent
 from cipherpool.errors import AlertNotFound, InvalidInput, ModelNotFound, RefusedDestination, TooManyAlerts
 from cipherpool.monitoring import timings
-from cipherpool.workers.timings import QueryTimings
+from cipherpool.scheduler.alerts import Seen, evaluate_all, measure, state_for, transition
 from cipherpool.statuses import AlertMetric, AlertState, EventKind, WebhookDelivery
-from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent, QueryEvent
+from cipherpool.workers.timings import QueryTimings
 from tests.webhook_receiver import Receiver
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC, a minute boundary
 HOOK = "https://hooks.example.com/cipherpool"
-A, C, Q, E, D = (AlertMetric.AVERAGE_QUERY_S, AlertMetric.CURRENT_QUERY_S, AlertMetric.QUEUE_WAIT_S,
-                 AlertMetric.ERROR_RATE, AlertMetric.QUEUE_DEPTH)
+A, C, Q, E, D = (
+    AlertMetric.AVERAGE_QUERY_S,
+    AlertMetric.CURRENT_QUERY_S,
+    AlertMetric.QUEUE_WAIT_S,
+    AlertMetric.ERROR_RATE,
+    AlertMetric.QUEUE_DEPTH,
+)
 
 
 def provider(session: Session, *names: str) -> tuple[Account, dict[str, Model]]:
@@ -45,8 +50,12 @@ def provider(session: Session, *names: str) -> tuple[Account, dict[str, Model]]:
     from cipherpool.services import accounts, models
 
     account, _key = accounts.create_account(session, f"alerts-{uuid.uuid4().hex[:8]}")
-    made = {name: models.deploy_model(session, account, name, models.Artifact(
-        "c" * 64, "s" * 64, 100, 200, Versions("1", "1", "3.11"))) for name in names}
+    made = {
+        name: models.deploy_model(
+            session, account, name, models.Artifact("c" * 64, "s" * 64, 100, 200, Versions("1", "1", "3.11"))
+        )
+        for name in names
+    }
     return account, made
 
 
@@ -58,8 +67,7 @@ def test_a_new_rule_takes_the_default_window_and_no_webhook(session: Session):
     done = rules.set_rule(session, account, "m", "average_query_s", 2.5, default_window_s=600)
     assert done.created and done.secret is None
     rule = done.rule
-    assert (rule.metric, rule.threshold, rule.window_s, rule.state, rule.webhook_url) == (
-        "average_query_s", 2.5, 600, "ok", None)
+    assert (rule.metric, rule.threshold, rule.window_s, rule.state, rule.webhook_url) == ("average_query_s", 2.5, 600, "ok", None)
     assert [r.id for r, name in rules.list_rules(session, account)] == [rule.id]
 
 
@@ -83,30 +91,33 @@ def quick(shared_db: str) -> Iterator[Session]:
         yield s
 
 
-@pytest.mark.parametrize(("metric", "threshold", "options", "match"), [
-    ("average_query_s", -0.1, {}, "0 or more"),
-    ("queue_depth", -1, {}, "0 or more"),
-    ("average_query_s", float("nan"), {}, "finite"),
-    ("queue_wait_s", float("inf"), {}, "finite"),
-    ("current_query_s", True, {}, "finite"),
-    ("error_rate", 1.01, {}, "between 0 and 1"),
-    ("average_query_s", 1, {"window_s": 59}, "60 to 86400"),
-    ("average_query_s", 1, {"window_s": 86_401}, "60 to 86400"),
-    ("average_query_s", 1, {"window_s": 90.5}, "60 to 86400"),
-    ("p99_query_s", 1, {}, "Unknown alert metric"),
-    ("average_query_s", 1, {"webhook_url": "ftp://hooks.example.com/x"}, "http:// or https://"),
-    ("average_query_s", 1, {"webhook_url": "https:///no-host"}, "http:// or https://"),
-    ("average_query_s", 1, {"webhook_url": "hooks.example.com/x"}, "http:// or https://"),
-    ("average_query_s", 1, {"webhook_url": "https://user:pw@hooks.example.com/"}, "no user or password"),
-    ("average_query_s", 1, {"webhook_url": "https://hooks.example.com/a b"}, "no spaces"),
-    ("average_query_s", 1, {"webhook_url": "https://hooks.example.com:99999/"}, "Invalid webhook URL"),
-    ("average_query_s", 1, {"webhook_url": "http://127.0.0.1:8080/hook"}, "not a public address"),
-    ("average_query_s", 1, {"webhook_url": "http://10.0.0.7/hook"}, "not a public address"),
-    ("average_query_s", 1, {"webhook_url": "http://169.254.169.254/latest/meta-data"}, "not a public address"),
-    ("average_query_s", 1, {"webhook_url": "http://[::1]/hook"}, "not a public address"),
-    ("average_query_s", 1, {"webhook_url": "http://localhost:9000/hook"}, "own host"),
-    ("average_query_s", 1, {"new_secret": True}, "no webhook"),
-])
+@pytest.mark.parametrize(
+    ("metric", "threshold", "options", "match"),
+    [
+        ("average_query_s", -0.1, {}, "0 or more"),
+        ("queue_depth", -1, {}, "0 or more"),
+        ("average_query_s", float("nan"), {}, "finite"),
+        ("queue_wait_s", float("inf"), {}, "finite"),
+        ("current_query_s", True, {}, "finite"),
+        ("error_rate", 1.01, {}, "between 0 and 1"),
+        ("average_query_s", 1, {"window_s": 59}, "60 to 86400"),
+        ("average_query_s", 1, {"window_s": 86_401}, "60 to 86400"),
+        ("average_query_s", 1, {"window_s": 90.5}, "60 to 86400"),
+        ("p99_query_s", 1, {}, "Unknown alert metric"),
+        ("average_query_s", 1, {"webhook_url": "ftp://hooks.example.com/x"}, "http:// or https://"),
+        ("average_query_s", 1, {"webhook_url": "https:///no-host"}, "http:// or https://"),
+        ("average_query_s", 1, {"webhook_url": "hooks.example.com/x"}, "http:// or https://"),
+        ("average_query_s", 1, {"webhook_url": "https://user:pw@hooks.example.com/"}, "no user or password"),
+        ("average_query_s", 1, {"webhook_url": "https://hooks.example.com/a b"}, "no spaces"),
+        ("average_query_s", 1, {"webhook_url": "https://hooks.example.com:99999/"}, "Invalid webhook URL"),
+        ("average_query_s", 1, {"webhook_url": "http://127.0.0.1:8080/hook"}, "not a public address"),
+        ("average_query_s", 1, {"webhook_url": "http://10.0.0.7/hook"}, "not a public address"),
+        ("average_query_s", 1, {"webhook_url": "http://169.254.169.254/latest/meta-data"}, "not a public address"),
+        ("average_query_s", 1, {"webhook_url": "http://[::1]/hook"}, "not a public address"),
+        ("average_query_s", 1, {"webhook_url": "http://localhost:9000/hook"}, "own host"),
+        ("average_query_s", 1, {"new_secret": True}, "no webhook"),
+    ],
+)
 def test_invalid_rules_are_refused(quick: Session, metric: str, threshold: Any, options: dict[str, Any], match: str):
     account, _ = provider(quick, "m")
     with pytest.raises(InvalidInput, match=match):
@@ -114,8 +125,9 @@ def test_invalid_rules_are_refused(quick: Session, metric: str, threshold: Any, 
     assert rules.list_rules(quick, account) == []
 
 
-@pytest.mark.parametrize(("metric", "threshold"), [("error_rate", 0), ("error_rate", 1), ("queue_depth", 0),
-                                                   ("average_query_s", 1e6)])
+@pytest.mark.parametrize(
+    ("metric", "threshold"), [("error_rate", 0), ("error_rate", 1), ("queue_depth", 0), ("average_query_s", 1e6)]
+)
 def test_edge_thresholds_are_accepted(quick: Session, metric: str, threshold: float):
     account, _ = provider(quick, "m")
     assert rules.set_rule(quick, account, "m", metric, threshold).rule.threshold == threshold
@@ -123,8 +135,7 @@ def test_edge_thresholds_are_accepted(quick: Session, metric: str, threshold: fl
 
 def test_a_private_webhook_is_accepted_where_the_platform_allows_it(session: Session):
     account, _ = provider(session, "m")
-    done = rules.set_rule(session, account, "m", "error_rate", 0.1, webhook_url="http://127.0.0.1:8080/hook",
-                          allow_private=True)
+    done = rules.set_rule(session, account, "m", "error_rate", 0.1, webhook_url="http://127.0.0.1:8080/hook", allow_private=True)
     assert done.rule.webhook_url == "http://127.0.0.1:8080/hook" and done.secret
 
 
@@ -138,8 +149,7 @@ def test_setting_a_metric_again_replaces_its_rule(session: Session):
     # Given a new threshold only, the window, webhook, secret and state stay: no secret shown.
     again = rules.set_rule(session, account, "m", "average_query_s", 5.0)
     assert (again.created, again.secret, again.rule.id) == (False, None, first.rule.id)
-    assert (again.rule.threshold, again.rule.window_s, again.rule.webhook_url, again.rule.state) == (
-        5.0, 120, HOOK, "firing")
+    assert (again.rule.threshold, again.rule.window_s, again.rule.webhook_url, again.rule.state) == (5.0, 120, HOOK, "firing")
     assert again.rule.webhook_secret == first.secret
     # The same URL keeps its secret; a new URL, or new_secret, makes a new one.
     assert rules.set_rule(session, account, "m", "average_query_s", 5.0, webhook_url=HOOK).secret is None
@@ -212,19 +222,22 @@ def test_a_signed_body_verifies_and_the_format_is_hmac_of_t_dot_body():
     assert signature.verify("s3cret", f"t=1767225600,v1={'0' * 64},v1={expected}", BODY, now=1_767_225_600)
 
 
-@pytest.mark.parametrize(("secret", "header", "body", "now"), [
-    ("s3cret", "SIGNED", BODY.replace(b"fired", b"cleared"), T0),  # tampered body
-    ("other", "SIGNED", BODY, T0),  # wrong secret
-    ("s3cret", "SIGNED", BODY, T0 + 301),  # too old: a replay
-    ("s3cret", "SIGNED", BODY, T0 - 301),  # from the future
-    ("s3cret", None, BODY, T0),
-    ("s3cret", "", BODY, T0),
-    ("s3cret", "garbage", BODY, T0),
-    ("s3cret", "t=abc,v1=00", BODY, T0),
-    ("s3cret", f"t={int(T0)}", BODY, T0),
-    ("s3cret", f"t={int(T0)},v0=00", BODY, T0),
-    ("s3cret", f"t={int(T0)},v1=é", BODY, T0),
-])
+@pytest.mark.parametrize(
+    ("secret", "header", "body", "now"),
+    [
+        ("s3cret", "SIGNED", BODY.replace(b"fired", b"cleared"), T0),  # tampered body
+        ("other", "SIGNED", BODY, T0),  # wrong secret
+        ("s3cret", "SIGNED", BODY, T0 + 301),  # too old: a replay
+        ("s3cret", "SIGNED", BODY, T0 - 301),  # from the future
+        ("s3cret", None, BODY, T0),
+        ("s3cret", "", BODY, T0),
+        ("s3cret", "garbage", BODY, T0),
+        ("s3cret", "t=abc,v1=00", BODY, T0),
+        ("s3cret", f"t={int(T0)}", BODY, T0),
+        ("s3cret", f"t={int(T0)},v0=00", BODY, T0),
+        ("s3cret", f"t={int(T0)},v1=é", BODY, T0),
+    ],
+)
 def test_a_signature_that_does_not_match_fails(secret: str, header: str | None, body: bytes, now: float):
     if header == "SIGNED":
         header = signature.sign("s3cret", BODY, timestamp=int(T0))
@@ -235,9 +248,11 @@ def test_a_receiver_imports_the_signature_without_the_platforms_server_side():
     import subprocess
     import sys
 
-    code = ("import sys; from cipherpool.alerts.signature import verify; print(sorted(m for m in ('sqlmodel', "
-            "'sqlalchemy', 'celery', 'kombu', 'redis', 'fastapi', 'concrete', 'torch', 'cipherpool.db') "
-            "if m in sys.modules))")
+    code = (
+        "import sys; from cipherpool.alerts.signature import verify; print(sorted(m for m in ('sqlmodel', "
+        "'sqlalchemy', 'celery', 'kombu', 'redis', 'fastapi', 'concrete', 'torch', 'cipherpool.db') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
 
@@ -267,15 +282,15 @@ class Clock:
         return self.now
 
 
-def record(redis: Any, model_id: str, clock: Clock, at: float, wait: float = 0.0, compute: float = 0.0,
-           outcome: str = "computed") -> None:
+def record(
+    redis: Any, model_id: str, clock: Clock, at: float, wait: float = 0.0, compute: float = 0.0, outcome: str = "computed"
+) -> None:
     """One query of ``model_id`` through the real node hook, at ``at``."""
     from cipherpool.errors import MalformedCiphertext
 
     clock.now = at
     hook = QueryTimings(lambda: redis, clock)
-    query = QueryEvent("node-1@test", uuid.uuid4().hex, BindingEvent("node-1@test", "w1", model_id, "m"),
-                       model_id=model_id)
+    query = QueryEvent("node-1@test", uuid.uuid4().hex, BindingEvent("node-1@test", "w1", model_id, "m"), model_id=model_id)
     query.timings.update(queue_wait_s=wait, compute_s=compute)
     if outcome == "computed":
         hook.query_computed(query)
@@ -301,22 +316,26 @@ def recorded(redis_url: str) -> Iterator[tuple[Any, str]]:
     client.close()
 
 
-@pytest.mark.parametrize(("metric", "window_s", "now", "recent", "expected"), [
-    (A, 300, T0 + 60, 20, 8 / 3),  # (2 + 4 + 2) / 3
-    (Q, 300, T0 + 60, 20, 0.5),  # (0.5 + 1 + 0) / 3
-    (E, 300, T0 + 60, 20, 0.25),  # 1 failed of 4 runs (3 computed, 1 failed): the caller's refusal is apart
-    (C, 300, T0 + 60, 20, 8 / 3),  # the latest 20: all three
-    (C, 300, T0 + 60, 2, 3.0),  # the latest 2: 2 s and 4 s
-    (C, 60, T0 + 75, 20, 3.0),  # within the last 60 s: since T0 + 15, the 4 s and 2 s queries
-    (A, 60, T0 + 75, 20, 8 / 3),  # the window's whole minutes still hold all three
-    (A, 60, T0 + 125, 20, None),  # minutes 1 and 2 after T0: nothing computed
-    (Q, 60, T0 + 125, 20, None),
-    (E, 60, T0 + 125, 20, None),
-    (C, 60, T0 + 125, 20, None),
-    (A, 3600, T0 + 3000, 20, 8 / 3),
-])
-def test_each_metric_from_recorded_timings(recorded: tuple[Any, str], metric: AlertMetric, window_s: int, now: float,
-                                           recent: int, expected: float | None):
+@pytest.mark.parametrize(
+    ("metric", "window_s", "now", "recent", "expected"),
+    [
+        (A, 300, T0 + 60, 20, 8 / 3),  # (2 + 4 + 2) / 3
+        (Q, 300, T0 + 60, 20, 0.5),  # (0.5 + 1 + 0) / 3
+        (E, 300, T0 + 60, 20, 0.25),  # 1 failed of 4 runs (3 computed, 1 failed): the caller's refusal is apart
+        (C, 300, T0 + 60, 20, 8 / 3),  # the latest 20: all three
+        (C, 300, T0 + 60, 2, 3.0),  # the latest 2: 2 s and 4 s
+        (C, 60, T0 + 75, 20, 3.0),  # within the last 60 s: since T0 + 15, the 4 s and 2 s queries
+        (A, 60, T0 + 75, 20, 8 / 3),  # the window's whole minutes still hold all three
+        (A, 60, T0 + 125, 20, None),  # minutes 1 and 2 after T0: nothing computed
+        (Q, 60, T0 + 125, 20, None),
+        (E, 60, T0 + 125, 20, None),
+        (C, 60, T0 + 125, 20, None),
+        (A, 3600, T0 + 3000, 20, 8 / 3),
+    ],
+)
+def test_each_metric_from_recorded_timings(
+    recorded: tuple[Any, str], metric: AlertMetric, window_s: int, now: float, recent: int, expected: float | None
+):
     redis, model_id = recorded
     figures = timings.read(redis, model_id, window_s, now)
     value = measure(metric, figures, recent=recent, now=now)
@@ -328,10 +347,17 @@ def test_queue_depth_is_the_depth_given():
     assert measure(D, None, recent=20, depth=0) == 0.0
 
 
-@pytest.mark.parametrize(("value", "threshold", "state"), [
-    (None, 0.0, AlertState.OK), (0.0, 0.0, AlertState.OK), (1e-9, 0.0, AlertState.FIRING),
-    (1.0, 1.0, AlertState.OK), (1.5, 1.0, AlertState.FIRING), (0.99, 1.0, AlertState.OK),
-])
+@pytest.mark.parametrize(
+    ("value", "threshold", "state"),
+    [
+        (None, 0.0, AlertState.OK),
+        (0.0, 0.0, AlertState.OK),
+        (1e-9, 0.0, AlertState.FIRING),
+        (1.0, 1.0, AlertState.OK),
+        (1.5, 1.0, AlertState.FIRING),
+        (0.99, 1.0, AlertState.OK),
+    ],
+)
 def test_a_rule_fires_above_its_threshold_only(value: float | None, threshold: float, state: AlertState):
     assert state_for(value, threshold) is state
 
@@ -411,8 +437,14 @@ def test_a_reading_of_a_rule_set_again_meanwhile_is_left_to_the_next_round(sessi
 def ctx(tmp_path, redis_url: str, migrated_sqlite) -> Iterator[PlatformContext]:
     """A platform of its own: a fresh SQLite database (a copy of the session's migrated
     template, its engine disposed after: tests/conftest.py), the module's Redis."""
-    settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url, webhook_allow_private=True,
-                        webhook_backoff_s=2.0, webhook_attempts=3, stats_recent=20)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        broker_url=redis_url,
+        webhook_allow_private=True,
+        webhook_backoff_s=2.0,
+        webhook_attempts=3,
+        stats_recent=20,
+    )
     context = PlatformContext(settings)
     migrated_sqlite(context.db_url)
     yield context
@@ -482,8 +514,7 @@ def test_a_queue_depth_rule_reads_the_broker(ctx: PlatformContext, celery_app: A
     assert len(evaluate_all(ctx, celery_app, queue=Queued()).cleared) == 1
 
 
-def test_one_rules_failure_costs_that_rule_only(ctx: PlatformContext, celery_app: Any,
-                                                monkeypatch: pytest.MonkeyPatch):
+def test_one_rules_failure_costs_that_rule_only(ctx: PlatformContext, celery_app: Any, monkeypatch: pytest.MonkeyPatch):
     from cipherpool.scheduler import alerts as evaluate
 
     with ctx.session() as session:
@@ -501,8 +532,9 @@ def test_one_rules_failure_costs_that_rule_only(ctx: PlatformContext, celery_app
         assert session.get(AlertRule, fine).evaluated_at is not None
 
 
-def test_a_webhook_call_that_cannot_be_queued_is_marked_failed(ctx: PlatformContext, celery_app: Any,
-                                                               monkeypatch: pytest.MonkeyPatch):
+def test_a_webhook_call_that_cannot_be_queued_is_marked_failed(
+    ctx: PlatformContext, celery_app: Any, monkeypatch: pytest.MonkeyPatch
+):
     from cipherpool.scheduler import alerts as evaluate
 
     with ctx.session() as session:
@@ -530,8 +562,7 @@ def test_two_rounds_at_once_fire_once(ctx: PlatformContext, celery_app: Any, mon
 
     monkeypatch.setattr(evaluate, "queue_depth", depth_after_both_read)
     reports: list[Any] = []
-    rounds = [threading.Thread(target=lambda: reports.append(evaluate_all(ctx, celery_app, queue=Queued())))
-              for _ in range(2)]
+    rounds = [threading.Thread(target=lambda: reports.append(evaluate_all(ctx, celery_app, queue=Queued()))) for _ in range(2)]
     for t in rounds:
         t.start()
     for t in rounds:
@@ -545,12 +576,25 @@ def test_two_rounds_at_once_fire_once(ctx: PlatformContext, celery_app: Any, mon
 # ---- where a webhook may point ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1:8080/hook", "http://10.1.2.3/", "http://172.16.0.1/", "http://192.168.1.1/",
-    "http://169.254.169.254/latest/meta-data", "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://[fe80::1]/",
-    "http://[fc00::1]/", "http://224.0.0.1/", "http://0.0.0.0/", "http://100.64.0.1/", "http://localhost/",
-    "http://api.localhost/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/hook",
+        "http://10.1.2.3/",
+        "http://172.16.0.1/",
+        "http://192.168.1.1/",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[fe80::1]/",
+        "http://[fc00::1]/",
+        "http://224.0.0.1/",
+        "http://0.0.0.0/",
+        "http://100.64.0.1/",
+        "http://localhost/",
+        "http://api.localhost/",
+    ],
+)
 def test_private_destinations_are_refused(url: str):
     with pytest.raises(RefusedDestination):
         destination.check_resolved(url, allow_private=False)
@@ -565,15 +609,17 @@ def _resolving_to(*addresses: str) -> Any:
     return getaddrinfo
 
 
-@pytest.mark.parametrize(("addresses", "refused"), [
-    (["93.184.216.34"], False),
-    (["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"], False),
-    (["93.184.216.34", "10.0.0.5"], True),  # every address is checked, not only the first
-    (["fe80::1%eth0"], True),
-    (["127.0.0.1"], True),
-])
-def test_a_name_is_resolved_and_every_address_checked(monkeypatch: pytest.MonkeyPatch, addresses: list[str],
-                                                      refused: bool):
+@pytest.mark.parametrize(
+    ("addresses", "refused"),
+    [
+        (["93.184.216.34"], False),
+        (["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"], False),
+        (["93.184.216.34", "10.0.0.5"], True),  # every address is checked, not only the first
+        (["fe80::1%eth0"], True),
+        (["127.0.0.1"], True),
+    ],
+)
+def test_a_name_is_resolved_and_every_address_checked(monkeypatch: pytest.MonkeyPatch, addresses: list[str], refused: bool):
     monkeypatch.setattr(socket, "getaddrinfo", _resolving_to(*addresses))
     if refused:
         with pytest.raises(RefusedDestination, match="resolves to"):
@@ -585,11 +631,22 @@ def test_a_name_is_resolved_and_every_address_checked(monkeypatch: pytest.Monkey
 # ---- delivery and its retries ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("attempt", "base", "retry_after", "wait"), [
-    (1, 2.0, None, 2.0), (2, 2.0, None, 4.0), (3, 2.0, None, 8.0), (5, 2.0, None, 32.0),
-    (9, 2.0, None, 512.0), (10, 2.0, None, webhook.MAX_BACKOFF_S), (30, 2.0, None, webhook.MAX_BACKOFF_S),
-    (1, 0.5, None, 0.5), (1, 2.0, 30.0, 30.0), (3, 2.0, 1.0, 8.0), (1, 2.0, 10_000.0, webhook.MAX_BACKOFF_S),
-])
+@pytest.mark.parametrize(
+    ("attempt", "base", "retry_after", "wait"),
+    [
+        (1, 2.0, None, 2.0),
+        (2, 2.0, None, 4.0),
+        (3, 2.0, None, 8.0),
+        (5, 2.0, None, 32.0),
+        (9, 2.0, None, 512.0),
+        (10, 2.0, None, webhook.MAX_BACKOFF_S),
+        (30, 2.0, None, webhook.MAX_BACKOFF_S),
+        (1, 0.5, None, 0.5),
+        (1, 2.0, 30.0, 30.0),
+        (3, 2.0, 1.0, 8.0),
+        (1, 2.0, 10_000.0, webhook.MAX_BACKOFF_S),
+    ],
+)
 def test_the_retry_schedule(attempt: int, base: float, retry_after: float | None, wait: float):
     assert webhook.backoff_s(attempt, base, retry_after) == wait
 
@@ -634,7 +691,10 @@ def test_a_failing_receiver_is_retried_with_backoff_until_it_answers(ctx: Platfo
     script = Scripted(500, httpx.ConnectTimeout("slow"), 200)
     outcomes = [webhook.attempt(ctx, event_id, script.transport()) for _ in range(3)]
     assert [(o.delivery, o.attempts, o.retry_in_s) for o in outcomes] == [
-        (WebhookDelivery.PENDING, 1, 2.0), (WebhookDelivery.PENDING, 2, 4.0), (WebhookDelivery.DELIVERED, 3, None)]
+        (WebhookDelivery.PENDING, 1, 2.0),
+        (WebhookDelivery.PENDING, 2, 4.0),
+        (WebhookDelivery.DELIVERED, 3, None),
+    ]
     event = _event(ctx, event_id)
     assert (event.delivery, event.attempts, event.last_error) == ("delivered", 3, None)
     assert event.delivered_at is not None
@@ -646,25 +706,38 @@ def test_a_failing_receiver_is_retried_with_backoff_until_it_answers(ctx: Platfo
         assert request.headers[signature.EVENT_HEADER] == "fired"
         assert request.headers["content-type"] == "application/json"
     body = json.loads(bodies.pop())
-    assert body == {"event_id": event.public_id, "rule_id": rule_id, "model": "m", "model_id": event.model_id,
-                    "metric": "average_query_s", "kind": "fired", "value": 2.5, "threshold": 1.0, "window_s": 300,
-                    "at": body["at"]}
+    assert body == {
+        "event_id": event.public_id,
+        "rule_id": rule_id,
+        "model": "m",
+        "model_id": event.model_id,
+        "metric": "average_query_s",
+        "kind": "fired",
+        "value": 2.5,
+        "threshold": 1.0,
+        "window_s": 300,
+        "at": body["at"],
+    }
     assert datetime.fromisoformat(body["at"]).tzinfo is not None
     # Delivered: a second copy of the task calls nobody.
     assert webhook.attempt(ctx, event_id, Scripted().transport()).delivery == WebhookDelivery.DELIVERED
 
 
-@pytest.mark.parametrize(("answers", "delivery", "attempts", "error"), [
-    ([404], "failed", 1, "HTTP 404"),  # a 4xx: the same answer next time, so no retry
-    ([401], "failed", 1, "HTTP 401"),
-    ([302], "failed", 1, "redirects are not followed"),
-    ([408, 200], "delivered", 2, None),  # 408 and 429 say "later"
-    ([httpx.Response(429, headers={"Retry-After": "30"}), 200], "delivered", 2, None),
-    ([500, 502, 503], "failed", 3, "HTTP 503"),  # webhook_attempts (3) spent
-    ([httpx.ConnectError("refused")] * 3, "failed", 3, "ConnectError: refused"),
-])
-def test_what_is_retried_and_what_is_given_up(ctx: PlatformContext, answers: list[Any], delivery: str, attempts: int,
-                                              error: str | None):
+@pytest.mark.parametrize(
+    ("answers", "delivery", "attempts", "error"),
+    [
+        ([404], "failed", 1, "HTTP 404"),  # a 4xx: the same answer next time, so no retry
+        ([401], "failed", 1, "HTTP 401"),
+        ([302], "failed", 1, "redirects are not followed"),
+        ([408, 200], "delivered", 2, None),  # 408 and 429 say "later"
+        ([httpx.Response(429, headers={"Retry-After": "30"}), 200], "delivered", 2, None),
+        ([500, 502, 503], "failed", 3, "HTTP 503"),  # webhook_attempts (3) spent
+        ([httpx.ConnectError("refused")] * 3, "failed", 3, "ConnectError: refused"),
+    ],
+)
+def test_what_is_retried_and_what_is_given_up(
+    ctx: PlatformContext, answers: list[Any], delivery: str, attempts: int, error: str | None
+):
     event_id, _secret, _rule = fired_event(ctx)
     script = Scripted(*answers)
     outcomes = []
@@ -736,9 +809,7 @@ def test_the_celery_task_retries_a_real_receiver_until_it_answers(ctx: PlatformC
         event_id, secret, _rule = fired_event(ctx, url=receiver.url)
         result = control.webhook.apply(kwargs={"event_id": event_id}).get(disable_sync_subtasks=False)
         calls = receiver.received()
-    assert result == {"ok": True, "value": {"event_id": event_id, "delivery": "delivered", "attempts": 2,
-                                            "error": None}}
-    assert len(calls) == 2 and all(signature.verify(secret, c.headers[signature.SIGNATURE_HEADER], c.body)
-                                   for c in calls)
+    assert result == {"ok": True, "value": {"event_id": event_id, "delivery": "delivered", "attempts": 2, "error": None}}
+    assert len(calls) == 2 and all(signature.verify(secret, c.headers[signature.SIGNATURE_HEADER], c.body) for c in calls)
     assert calls[0].json()["event_id"] == _event(ctx, event_id).public_id and calls[0].path == "/hook"
     assert _event(ctx, event_id).delivery == "delivered"

@@ -45,8 +45,7 @@ def gateway(tmp_path_factory) -> Iterator[Gateway]:
     supervisor = Supervisor(tmp / "logs")
     try:
         _child, redis_url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
-        s = Settings(data_dir=tmp / "data", broker_url=redis_url, token_rate_per_s=0, account_rate_per_s=0,
-                     stats_window_s=600)
+        s = Settings(data_dir=tmp / "data", broker_url=redis_url, token_rate_per_s=0, account_rate_per_s=0, stats_window_s=600)
         db = s.effective_database_url()
         init_db(db)
         port = free_port()
@@ -86,8 +85,7 @@ def p(gateway: Gateway) -> Iterator[Provider]:
     with session_scope(gateway.db) as session:
         account, key = accounts.create_account(session, f"alerts-{uuid.uuid4().hex[:8]}")
         for name in ("m", "n"):
-            models.deploy_model(session, account, name, models.Artifact("c" * 64, "s" * 64, 100, 200,
-                                                                        Versions("1", "1", "3.11")))
+            models.deploy_model(session, account, name, models.Artifact("c" * 64, "s" * 64, 100, 200, Versions("1", "1", "3.11")))
     with httpx.Client(base_url=gateway.url, timeout=30) as http:
         yield Provider(key, http)
 
@@ -95,9 +93,9 @@ def p(gateway: Gateway) -> Iterator[Provider]:
 def fire(gateway: Gateway, rule_id: str, *values: float | None) -> list[str]:
     """Evaluate the rule on these figures, in turn, as beat would; the events recorded (their
     opaque ids, as the API shows them)."""
-    from cipherpool.scheduler.alerts import Seen, transition
     from cipherpool.db import session_scope
     from cipherpool.db.tables import AlertRule, Model
+    from cipherpool.scheduler.alerts import Seen, transition
 
     recorded = []
     for value in values:
@@ -118,7 +116,12 @@ def test_set_list_replace_and_remove_over_http(gateway: Gateway, p: Provider):
     assert made.status_code == 200, made.text
     rule = made.json()
     assert (rule["created"], rule["model"], rule["window_s"], rule["state"], rule["webhook_url"]) == (
-        True, "m", 600, "ok", HOOK)  # the platform's default window
+        True,
+        "m",
+        600,
+        "ok",
+        HOOK,
+    )  # the platform's default window
     secret = rule["webhook_secret"]
     assert secret and len(secret) >= 43
 
@@ -128,13 +131,19 @@ def test_set_list_replace_and_remove_over_http(gateway: Gateway, p: Provider):
     assert [(r["id"], r["threshold"]) for r in listed.json()] == [(rule["id"], 2.5)]
 
     # Set again: the same rule, a new threshold and window; the webhook and its secret kept.
-    again = p.call("PUT", "/v1/alerts", json={"model": "m", "metric": "average_query_s", "threshold": 9,
-                                              "window_s": 120}).json()
-    assert (again["id"], again["created"], again["threshold"], again["window_s"], again["webhook_url"],
-            again["webhook_secret"]) == (rule["id"], False, 9.0, 120, HOOK, None)
+    again = p.call("PUT", "/v1/alerts", json={"model": "m", "metric": "average_query_s", "threshold": 9, "window_s": 120}).json()
+    assert (
+        again["id"],
+        again["created"],
+        again["threshold"],
+        again["window_s"],
+        again["webhook_url"],
+        again["webhook_secret"],
+    ) == (rule["id"], False, 9.0, 120, HOOK, None)
     # webhook_url null removes the webhook.
-    removed = p.call("PUT", "/v1/alerts", json={"model": "m", "metric": "average_query_s", "threshold": 9,
-                                                "webhook_url": None}).json()
+    removed = p.call(
+        "PUT", "/v1/alerts", json={"model": "m", "metric": "average_query_s", "threshold": 9, "webhook_url": None}
+    ).json()
     assert removed["webhook_url"] is None
     p.call("PUT", "/v1/alerts", json={"model": "n", "metric": "queue_depth", "threshold": 10})
     assert [r["model"] for r in p.call("GET", "/v1/alerts", params={"model": "n"}).json()] == ["n"]
@@ -147,19 +156,22 @@ def test_set_list_replace_and_remove_over_http(gateway: Gateway, p: Provider):
     assert (again_gone.status_code, again_gone.json()["code"]) == (404, "alert_not_found")
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [
-    ({"metric": "average_query_s", "threshold": -1}, 422, "invalid_input"),
-    ({"metric": "error_rate", "threshold": 1.5}, 422, "invalid_input"),
-    ({"metric": "p99", "threshold": 1}, 422, "invalid_input"),
-    ({"metric": "queue_depth"}, 422, "invalid_input"),
-    ({"metric": "queue_depth", "threshold": 1, "window_s": 30}, 422, "invalid_input"),
-    ({"metric": "queue_depth", "threshold": 1, "window_s": 90_000}, 422, "invalid_input"),
-    ({"metric": "queue_depth", "threshold": 1, "webhook_url": "ftp://x.example.com/"}, 422, "invalid_input"),
-    ({"metric": "queue_depth", "threshold": 1, "webhook_url": "http://127.0.0.1:6379/"}, 422, "refused_destination"),
-    ({"metric": "queue_depth", "threshold": 1, "webhook_url": "http://169.254.169.254/"}, 422, "refused_destination"),
-    ({"metric": "queue_depth", "threshold": 1, "severity": "high"}, 422, "invalid_input"),
-    ({"model": "no-such-model", "metric": "queue_depth", "threshold": 1}, 404, "model_not_found"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"metric": "average_query_s", "threshold": -1}, 422, "invalid_input"),
+        ({"metric": "error_rate", "threshold": 1.5}, 422, "invalid_input"),
+        ({"metric": "p99", "threshold": 1}, 422, "invalid_input"),
+        ({"metric": "queue_depth"}, 422, "invalid_input"),
+        ({"metric": "queue_depth", "threshold": 1, "window_s": 30}, 422, "invalid_input"),
+        ({"metric": "queue_depth", "threshold": 1, "window_s": 90_000}, 422, "invalid_input"),
+        ({"metric": "queue_depth", "threshold": 1, "webhook_url": "ftp://x.example.com/"}, 422, "invalid_input"),
+        ({"metric": "queue_depth", "threshold": 1, "webhook_url": "http://127.0.0.1:6379/"}, 422, "refused_destination"),
+        ({"metric": "queue_depth", "threshold": 1, "webhook_url": "http://169.254.169.254/"}, 422, "refused_destination"),
+        ({"metric": "queue_depth", "threshold": 1, "severity": "high"}, 422, "invalid_input"),
+        ({"model": "no-such-model", "metric": "queue_depth", "threshold": 1}, 404, "model_not_found"),
+    ],
+)
 def test_refused_rules(gateway: Gateway, p: Provider, body: dict[str, Any], status: int, code: str):
     answer = p.call("PUT", "/v1/alerts", json={"model": "m", **body})
     assert (answer.status_code, answer.json()["code"]) == (status, code), answer.text
@@ -167,16 +179,17 @@ def test_refused_rules(gateway: Gateway, p: Provider, body: dict[str, Any], stat
 
 
 def test_the_history_of_fired_and_cleared_alerts(gateway: Gateway, p: Provider):
-    m = p.call("PUT", "/v1/alerts", json={"model": "m", "metric": "error_rate", "threshold": 0.1,
-                                          "webhook_url": HOOK}).json()
+    m = p.call("PUT", "/v1/alerts", json={"model": "m", "metric": "error_rate", "threshold": 0.1, "webhook_url": HOOK}).json()
     n = p.call("PUT", "/v1/alerts", json={"model": "n", "metric": "queue_depth", "threshold": 3}).json()
     ids = fire(gateway, m["id"], 0.5, 0.6, 0.05) + fire(gateway, n["id"], 7)
     assert len(ids) == 3
 
     history = p.call("GET", "/v1/alerts/events").json()
     assert [(e["id"], e["model"], e["kind"], e["value"], e["delivery"]) for e in history] == [
-        (ids[0], "m", "fired", 0.5, "pending"), (ids[1], "m", "cleared", 0.05, "pending"),
-        (ids[2], "n", "fired", 7.0, "none")]
+        (ids[0], "m", "fired", 0.5, "pending"),
+        (ids[1], "m", "cleared", 0.05, "pending"),
+        (ids[2], "n", "fired", 7.0, "none"),
+    ]
     assert [e["id"] for e in p.call("GET", "/v1/alerts/events", params={"model": "m"}).json()] == ids[:2]
     assert [e["id"] for e in p.call("GET", "/v1/alerts/events", params={"limit": 2}).json()] == ids[1:]
     # The rule shows its state and last figure; removing it keeps its history.
@@ -253,34 +266,37 @@ def test_the_alert_commands(gateway: Gateway, p: Provider):
     table = cli_run(gateway, p, "alert", "list", "--model", "m").stdout
     assert table.splitlines()[0].split()[:4] == ["ID", "MODEL", "METRIC", "THRESHOLD"] and secret not in table
     again = json.loads(cli_run(gateway, p, "--json", "alert", "set", "m", "queue_wait_s", "2").stdout)
-    assert (again["created"], again["threshold"], again["webhook_url"], again["webhook_secret"]) == (
-        False, 2.0, HOOK, None)
-    assert json.loads(cli_run(gateway, p, "--json", "alert", "set", "m", "queue_wait_s", "2",
-                              "--no-webhook").stdout)["webhook_url"] is None
+    assert (again["created"], again["threshold"], again["webhook_url"], again["webhook_secret"]) == (False, 2.0, HOOK, None)
+    assert (
+        json.loads(cli_run(gateway, p, "--json", "alert", "set", "m", "queue_wait_s", "2", "--no-webhook").stdout)["webhook_url"]
+        is None
+    )
 
     fire(gateway, listed[0]["id"], 5.0, None)
     events = json.loads(cli_run(gateway, p, "alert", "events", "--model", "m", "--json").stdout)
     assert [(e["kind"], e["value"]) for e in events] == [("fired", 5.0), ("cleared", None)]
     assert "cleared" in cli_run(gateway, p, "alert", "events").stdout
 
-    assert json.loads(cli_run(gateway, p, "alert", "remove", listed[0]["id"], "--json").stdout) == {
-        "removed": listed[0]["id"]}
+    assert json.loads(cli_run(gateway, p, "alert", "remove", listed[0]["id"], "--json").stdout) == {"removed": listed[0]["id"]}
     assert json.loads(cli_run(gateway, p, "alert", "list", "--json").stdout) == []
 
 
-@pytest.mark.parametrize(("args", "code", "says"), [
-    (["set", "m", "queue_depth", "1", "--webhook", HOOK, "--no-webhook"], 2, "not both"),
-    (["set", "m", "queue_depth", "1", "--window", "90.5s"], 2, "whole number"),
-    (["set", "m", "queue_depth", "1", "--window", "soon"], 2, "not a duration"),
-    (["set", "m", "p99", "1"], 2, "p99"),
-    (["set", "m", "queue_depth", "lots"], 2, "lots"),
-    (["set", "m", "error_rate", "2"], 6, "between 0 and 1"),
-    (["set", "m", "queue_depth", "1", "--window", "30s"], 6, "window_s"),
-    (["set", "m", "queue_depth", "1", "--webhook", "http://10.0.0.1/"], 6, "not a public address"),
-    (["set", "nope", "queue_depth", "1"], 4, "nope"),
-    (["remove", "0123456789abcdef"], 4, "alert_not_found"),
-    (["events", "--model", "nope"], 4, "model_not_found"),
-])
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["set", "m", "queue_depth", "1", "--webhook", HOOK, "--no-webhook"], 2, "not both"),
+        (["set", "m", "queue_depth", "1", "--window", "90.5s"], 2, "whole number"),
+        (["set", "m", "queue_depth", "1", "--window", "soon"], 2, "not a duration"),
+        (["set", "m", "p99", "1"], 2, "p99"),
+        (["set", "m", "queue_depth", "lots"], 2, "lots"),
+        (["set", "m", "error_rate", "2"], 6, "between 0 and 1"),
+        (["set", "m", "queue_depth", "1", "--window", "30s"], 6, "window_s"),
+        (["set", "m", "queue_depth", "1", "--webhook", "http://10.0.0.1/"], 6, "not a public address"),
+        (["set", "nope", "queue_depth", "1"], 4, "nope"),
+        (["remove", "0123456789abcdef"], 4, "alert_not_found"),
+        (["events", "--model", "nope"], 4, "model_not_found"),
+    ],
+)
 def test_refused_alert_commands(gateway: Gateway, p: Provider, args: list[str], code: int, says: str):
     result = cli_run(gateway, p, "alert", *args, expect=code)
     assert says in result.output

@@ -15,16 +15,26 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import given, settings as hyp_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from redis import Redis
 from sqlmodel import col, select
 
-from cipherpool.db import session_scope
 from cipherpool.clock import utcnow
+from cipherpool.db import session_scope
 from cipherpool.db.tables import Account, AutoscalePolicy, Model, ModelEvent, ModelStatus, Worker, WorkerStatus
 from cipherpool.monitoring.timings import Sample
 from cipherpool.scheduler.autoscale import (
-    Action, Decision, Load, Reading, autoscale, decide, pick_worker, pressure, recent_wait,
+    Action,
+    Decision,
+    Load,
+    Reading,
+    autoscale,
+    decide,
+    pick_worker,
+    pressure,
+    recent_wait,
 )
 from cipherpool.services import accounts, models, nodes
 from cipherpool.services import autoscale as policies
@@ -33,8 +43,14 @@ from cipherpool.statuses import EventKind, StopReason
 from tests.test_management import artifact
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
-POLICY = dict(target_queue_wait_s=5.0, target_queue_depth=None, scale_up_after_s=30.0, idle_after_s=300.0,
-              cooldown_up_s=60.0, cooldown_down_s=300.0)
+POLICY = dict(
+    target_queue_wait_s=5.0,
+    target_queue_depth=None,
+    scale_up_after_s=30.0,
+    idle_after_s=300.0,
+    cooldown_up_s=60.0,
+    cooldown_down_s=300.0,
+)
 TIMES = ("above_since", "idle_since", "last_scaled_at")
 
 
@@ -49,8 +65,7 @@ def make_policy(**over: Any) -> AutoscalePolicy:
 
 
 def make_load(**over: Any) -> Load:
-    fields: dict[str, Any] = dict(queue_wait_s=None, depth=0, workers=1, min_workers=1, max_workers=3,
-                                  last_query_at=None)
+    fields: dict[str, Any] = dict(queue_wait_s=None, depth=0, workers=1, min_workers=1, max_workers=3, last_query_at=None)
     fields.update(over)
     if fields["last_query_at"] is not None:
         fields["last_query_at"] = ago(fields["last_query_at"])
@@ -62,57 +77,144 @@ def make_load(**over: Any) -> Load:
 UP, DOWN, NONE = Action.UP, Action.DOWN, Action.NONE
 TABLE = [
     # id, policy (times: seconds ago), load, action, blocked, what the reason says
-    ("sustained-wait", dict(above_since=31), dict(queue_wait_s=7.2, depth=1), UP, False,
-     "queue wait 7.2 s > target 5 s for 31 s: 1 → 2 workers"),
-    ("brief-spike", dict(above_since=10), dict(queue_wait_s=7.2, depth=1), NONE, False,
-     "queue wait 7.2 s > target 5 s for 10 s of 30 s"),
+    (
+        "sustained-wait",
+        dict(above_since=31),
+        dict(queue_wait_s=7.2, depth=1),
+        UP,
+        False,
+        "queue wait 7.2 s > target 5 s for 31 s: 1 → 2 workers",
+    ),
+    (
+        "brief-spike",
+        dict(above_since=10),
+        dict(queue_wait_s=7.2, depth=1),
+        NONE,
+        False,
+        "queue wait 7.2 s > target 5 s for 10 s of 30 s",
+    ),
     ("first-seen-above", dict(), dict(queue_wait_s=7.2, depth=1), NONE, False, "for 0 s of 30 s"),
     ("at-target-is-not-above", dict(above_since=100), dict(queue_wait_s=5.0, depth=1), NONE, False, "within targets"),
-    ("a-past-wait-with-an-empty-queue", dict(above_since=100), dict(queue_wait_s=9.0, last_query_at=1), NONE, False,
-     "idle for 0 s of 300 s"),
-    ("cool-down-up", dict(above_since=100, last_scaled_at=20), dict(queue_wait_s=9, depth=1), NONE, False,
-     "cool-down: 40 s left"),
-    ("cool-down-up-passed", dict(above_since=100, last_scaled_at=61), dict(queue_wait_s=9, depth=1), UP, False,
-     "1 → 2 workers"),
-    ("at-max", dict(above_since=100), dict(queue_wait_s=9, depth=1, workers=3, max_workers=3), NONE, True,
-     "max_workers (3) already"),
-    ("above-max", dict(above_since=100), dict(queue_wait_s=9, depth=1, workers=4, max_workers=3), NONE, True,
-     "max_workers"),
-    ("depth-per-worker", dict(target_queue_wait_s=None, target_queue_depth=3, above_since=40), dict(depth=7, workers=2),
-     UP, False, "queue depth 7 (3.5 per worker) > target 3 per worker for 40 s: 2 → 3 workers"),
-    ("depth-at-target", dict(target_queue_wait_s=None, target_queue_depth=3, above_since=40), dict(depth=6, workers=2),
-     NONE, False, "within targets"),
-    ("depth-without-a-depth-target", dict(above_since=100), dict(depth=50, queue_wait_s=1.0), NONE, False,
-     "within targets"),
-    ("wait-without-a-wait-target", dict(target_queue_wait_s=None, target_queue_depth=3, above_since=100),
-     dict(queue_wait_s=60.0, depth=1), NONE, False, "within targets"),
-    ("both-targets", dict(target_queue_depth=3, above_since=40), dict(queue_wait_s=9, depth=7, workers=2), UP, False,
-     "queue wait 9.0 s > target 5 s and queue depth 7 (3.5 per worker) > target 3 per worker for 40 s: 2 → 3"),
-    ("zero-workers-with-a-queue", dict(above_since=31), dict(workers=0, min_workers=0, depth=2), UP, False,
-     "2 queries waiting with no worker for 31 s: 0 → 1 workers"),
+    (
+        "a-past-wait-with-an-empty-queue",
+        dict(above_since=100),
+        dict(queue_wait_s=9.0, last_query_at=1),
+        NONE,
+        False,
+        "idle for 0 s of 300 s",
+    ),
+    (
+        "cool-down-up",
+        dict(above_since=100, last_scaled_at=20),
+        dict(queue_wait_s=9, depth=1),
+        NONE,
+        False,
+        "cool-down: 40 s left",
+    ),
+    ("cool-down-up-passed", dict(above_since=100, last_scaled_at=61), dict(queue_wait_s=9, depth=1), UP, False, "1 → 2 workers"),
+    (
+        "at-max",
+        dict(above_since=100),
+        dict(queue_wait_s=9, depth=1, workers=3, max_workers=3),
+        NONE,
+        True,
+        "max_workers (3) already",
+    ),
+    ("above-max", dict(above_since=100), dict(queue_wait_s=9, depth=1, workers=4, max_workers=3), NONE, True, "max_workers"),
+    (
+        "depth-per-worker",
+        dict(target_queue_wait_s=None, target_queue_depth=3, above_since=40),
+        dict(depth=7, workers=2),
+        UP,
+        False,
+        "queue depth 7 (3.5 per worker) > target 3 per worker for 40 s: 2 → 3 workers",
+    ),
+    (
+        "depth-at-target",
+        dict(target_queue_wait_s=None, target_queue_depth=3, above_since=40),
+        dict(depth=6, workers=2),
+        NONE,
+        False,
+        "within targets",
+    ),
+    ("depth-without-a-depth-target", dict(above_since=100), dict(depth=50, queue_wait_s=1.0), NONE, False, "within targets"),
+    (
+        "wait-without-a-wait-target",
+        dict(target_queue_wait_s=None, target_queue_depth=3, above_since=100),
+        dict(queue_wait_s=60.0, depth=1),
+        NONE,
+        False,
+        "within targets",
+    ),
+    (
+        "both-targets",
+        dict(target_queue_depth=3, above_since=40),
+        dict(queue_wait_s=9, depth=7, workers=2),
+        UP,
+        False,
+        "queue wait 9.0 s > target 5 s and queue depth 7 (3.5 per worker) > target 3 per worker for 40 s: 2 → 3",
+    ),
+    (
+        "zero-workers-with-a-queue",
+        dict(above_since=31),
+        dict(workers=0, min_workers=0, depth=2),
+        UP,
+        False,
+        "2 queries waiting with no worker for 31 s: 0 → 1 workers",
+    ),
     ("zero-workers-brief", dict(above_since=5), dict(workers=0, min_workers=0, depth=2), NONE, False, "for 5 s of 30 s"),
-    ("zero-workers-empty-queue", dict(idle_since=1000), dict(workers=0, min_workers=0), NONE, False,
-     "no worker and nothing queued"),
-    ("zero-workers-stale-wait", dict(above_since=100), dict(workers=0, min_workers=0, queue_wait_s=30.0), NONE, False,
-     "no worker and nothing queued"),
+    (
+        "zero-workers-empty-queue",
+        dict(idle_since=1000),
+        dict(workers=0, min_workers=0),
+        NONE,
+        False,
+        "no worker and nothing queued",
+    ),
+    (
+        "zero-workers-stale-wait",
+        dict(above_since=100),
+        dict(workers=0, min_workers=0, queue_wait_s=30.0),
+        NONE,
+        False,
+        "no worker and nothing queued",
+    ),
     ("below-min", dict(above_since=100), dict(workers=0, min_workers=1, depth=5), NONE, False, "below min_workers"),
-    ("idle", dict(idle_since=301), dict(workers=2), DOWN, False,
-     "idle for 301 s (no query computed, nothing queued): 2 → 1 workers"),
+    (
+        "idle",
+        dict(idle_since=301),
+        dict(workers=2),
+        DOWN,
+        False,
+        "idle for 301 s (no query computed, nothing queued): 2 → 1 workers",
+    ),
     ("idle-to-zero", dict(idle_since=301), dict(workers=1, min_workers=0), DOWN, False, "1 → 0 workers"),
     ("idle-not-long-enough", dict(idle_since=200), dict(workers=2), NONE, False, "idle for 200 s of 300 s"),
     ("idle-at-min", dict(idle_since=1000), dict(workers=1), NONE, False, "at min_workers (1)"),
-    ("idle-cool-down-down", dict(idle_since=1000, last_scaled_at=100), dict(workers=2), NONE, False,
-     "cool-down: 200 s left"),
-    ("a-recent-query-is-not-idle", dict(idle_since=1000), dict(workers=2, last_query_at=60), NONE, False,
-     "idle for 60 s of 300 s"),
-    ("an-old-query-does-not-shorten-idle", dict(idle_since=400), dict(workers=2, last_query_at=900), DOWN, False,
-     "idle for 400 s"),
+    ("idle-cool-down-down", dict(idle_since=1000, last_scaled_at=100), dict(workers=2), NONE, False, "cool-down: 200 s left"),
+    (
+        "a-recent-query-is-not-idle",
+        dict(idle_since=1000),
+        dict(workers=2, last_query_at=60),
+        NONE,
+        False,
+        "idle for 60 s of 300 s",
+    ),
+    (
+        "an-old-query-does-not-shorten-idle",
+        dict(idle_since=400),
+        dict(workers=2, last_query_at=900),
+        DOWN,
+        False,
+        "idle for 400 s",
+    ),
     ("a-waiting-query-is-not-idle", dict(idle_since=1000), dict(workers=2, depth=1), NONE, False, "within targets"),
 ]
 
 
-@pytest.mark.parametrize(("policy", "load", "action", "blocked", "reason"), [row[1:] for row in TABLE],
-                         ids=[row[0] for row in TABLE])
+@pytest.mark.parametrize(
+    ("policy", "load", "action", "blocked", "reason"), [row[1:] for row in TABLE], ids=[row[0] for row in TABLE]
+)
 def test_decision_table(policy, load, action, blocked, reason):
     decision = decide(make_policy(**policy), NOW, make_load(**load))
     assert (decision.action, decision.blocked) == (action, blocked), decision.reason
@@ -127,14 +229,18 @@ def test_the_exact_reason_of_an_add():
     assert decision.cause == "queue wait 7.2 s > target 5 s for 31 s"
 
 
-@pytest.mark.parametrize(("policy", "load", "above", "idle"), [
-    (dict(), dict(queue_wait_s=9, depth=1), NOW, None),  # pressure starts an episode now
-    (dict(above_since=50, idle_since=10), dict(queue_wait_s=9, depth=1), ago(50), None),  # ... keeps it, ends idleness
-    (dict(above_since=50), dict(queue_wait_s=9), None, NOW),  # the queue emptied: idle from now
-    (dict(idle_since=70), dict(), None, ago(70)),  # idleness goes on
-    (dict(idle_since=70), dict(depth=1), None, None),  # a waiting query ends it
-    (dict(idle_since=70), dict(last_query_at=20), None, ago(20)),  # a query computed since restarts it
-], ids=["starts-above", "keeps-above", "above-ends", "idle-goes-on", "queue-ends-idle", "query-restarts-idle"])
+@pytest.mark.parametrize(
+    ("policy", "load", "above", "idle"),
+    [
+        (dict(), dict(queue_wait_s=9, depth=1), NOW, None),  # pressure starts an episode now
+        (dict(above_since=50, idle_since=10), dict(queue_wait_s=9, depth=1), ago(50), None),  # ... keeps it, ends idleness
+        (dict(above_since=50), dict(queue_wait_s=9), None, NOW),  # the queue emptied: idle from now
+        (dict(idle_since=70), dict(), None, ago(70)),  # idleness goes on
+        (dict(idle_since=70), dict(depth=1), None, None),  # a waiting query ends it
+        (dict(idle_since=70), dict(last_query_at=20), None, ago(20)),  # a query computed since restarts it
+    ],
+    ids=["starts-above", "keeps-above", "above-ends", "idle-goes-on", "queue-ends-idle", "query-restarts-idle"],
+)
 def test_the_episode_kept_on_the_policy(policy, load, above, idle):
     decision = decide(make_policy(**policy), NOW, make_load(**load))
     assert (decision.above_since, decision.idle_since) == (above, idle)
@@ -145,8 +251,10 @@ def test_pressure_says_what_is_above_its_target():
     assert pressure(make_policy(), make_load(queue_wait_s=5.1, depth=1)) == "queue wait 5.1 s > target 5 s"
     assert pressure(make_policy(), make_load(queue_wait_s=50.0, depth=0)) is None  # nothing waits now
     assert pressure(make_policy(), make_load(workers=0, depth=0)) is None
-    assert pressure(make_policy(target_queue_depth=1), make_load(workers=2, depth=3)) == \
-        "queue depth 3 (1.5 per worker) > target 1 per worker"
+    assert (
+        pressure(make_policy(target_queue_depth=1), make_load(workers=2, depth=3))
+        == "queue depth 3 (1.5 per worker) > target 1 per worker"
+    )
 
 
 def test_naive_stored_times_are_read_as_utc():
@@ -209,9 +317,11 @@ def test_idleness_removes_one_worker_per_cool_down_down_to_the_minimum():
 
 
 @hyp_settings(max_examples=150, deadline=None)
-@given(ticks=st.lists(st.tuples(st.sampled_from([None, 1.0, 9.0]), st.integers(0, 12), st.booleans()), max_size=120),
-       bounds=st.tuples(st.integers(0, 2), st.integers(0, 3)).map(lambda b: (b[0], b[0] + max(1, b[1]))),
-       start=st.integers(0, 5))
+@given(
+    ticks=st.lists(st.tuples(st.sampled_from([None, 1.0, 9.0]), st.integers(0, 12), st.booleans()), max_size=120),
+    bounds=st.tuples(st.integers(0, 2), st.integers(0, 3)).map(lambda b: (b[0], b[0] + max(1, b[1]))),
+    start=st.integers(0, 5),
+)
 def test_any_load_stays_within_bounds_and_never_flaps(ticks, bounds, start):
     low, high = bounds
     workers = min(max(start, low), high)
@@ -274,11 +384,17 @@ def test_the_gauge_reads_recorded_times_and_the_brokers_queue(tmp_path):
 
 def test_the_worker_removed_is_the_autoscalers_newest_else_the_newest_not_of_a_schedule():
     def worker(wid: str, by: str, minutes: int) -> Worker:
-        return Worker(id=wid, account_id="a", model_id="m", node_name="n", started_by=by,
-                      created_at=NOW + timedelta(minutes=minutes))
+        return Worker(
+            id=wid, account_id="a", model_id="m", node_name="n", started_by=by, created_at=NOW + timedelta(minutes=minutes)
+        )
 
-    user, sched, auto1, auto2, late_user = (worker("u", "user", 0), worker("s", "schedule", 5), worker("a1", "autoscaler", 1),
-                                            worker("a2", "autoscaler", 2), worker("u2", "reconciler", 9))
+    user, sched, auto1, auto2, late_user = (
+        worker("u", "user", 0),
+        worker("s", "schedule", 5),
+        worker("a1", "autoscaler", 1),
+        worker("a2", "autoscaler", 2),
+        worker("u2", "reconciler", 9),
+    )
     assert pick_worker([user, auto2, sched, auto1, late_user]).id == "a2"
     assert pick_worker([user, sched, late_user]).id == "u2"
     assert pick_worker([user, sched]).id == "u"
@@ -324,8 +440,9 @@ class Rig:
         """One beat tick at ``base + seconds``; ``wait``/``depth``/``last`` (seconds) set model m's figures."""
         if reading:
             last = reading.get("last")
-            self.gauge.readings["m"] = Reading(reading.get("wait"), reading.get("depth", 0),
-                                               None if last is None else self.at(last))
+            self.gauge.readings["m"] = Reading(
+                reading.get("wait"), reading.get("depth", 0), None if last is None else self.at(last)
+            )
         return autoscale(self.ctx, self.app, now=self.at(seconds), gauge=self.gauge)
 
     def at(self, seconds: float) -> datetime:
@@ -337,8 +454,13 @@ class Rig:
 
     def events(self, kind: EventKind, model: str = "m") -> list[ModelEvent]:
         with session_scope(self.url) as s:
-            return list(s.exec(select(ModelEvent).where(ModelEvent.model_id == self.model_id(s, model),
-                                                        ModelEvent.kind == kind.value).order_by(col(ModelEvent.id))))
+            return list(
+                s.exec(
+                    select(ModelEvent)
+                    .where(ModelEvent.model_id == self.model_id(s, model), ModelEvent.kind == kind.value)
+                    .order_by(col(ModelEvent.id))
+                )
+            )
 
     def policy(self, model: str = "m") -> AutoscalePolicy:
         with session_scope(self.url) as s:
@@ -348,8 +470,17 @@ class Rig:
         return session.exec(select(Model.id).where(Model.account_id == self.account_id, Model.name == name)).one()
 
 
-def make_rig(db_url: str, tmp_path, *, nodes_free: int = 2, min_workers: int = 1, max_workers: int = 2,
-             running: int = 1, models_: tuple[str, ...] = ("m",), **policy: Any) -> Rig:
+def make_rig(
+    db_url: str,
+    tmp_path,
+    *,
+    nodes_free: int = 2,
+    min_workers: int = 1,
+    max_workers: int = 2,
+    running: int = 1,
+    models_: tuple[str, ...] = ("m",),
+    **policy: Any,
+) -> Rig:
     """An account (100 credits) with active models of these names, each with ``running`` user
     workers up and an enabled policy (POLICY, overridden), and ``nodes_free`` more free nodes."""
     from cipherpool.config.settings import Settings
@@ -363,7 +494,7 @@ def make_rig(db_url: str, tmp_path, *, nodes_free: int = 2, min_workers: int = 1
         for name in models_:
             models.deploy_model(s, account, name, artifact(), min_workers=min_workers, max_workers=max_workers)
             models.set_status(s, account, name, ModelStatus.ACTIVE)
-            for worker in (worker_service.start_workers(s, account, name, 10, count=running) if running else []):
+            for worker in worker_service.start_workers(s, account, name, 10, count=running) if running else []:
                 worker_service.mark_running(s, worker.id, {1})
                 worker_service.set_consuming(s, worker.id, True)
             policies.set_policy(s, account, name, {**POLICY, **policy}, interval_s=10)
@@ -386,8 +517,10 @@ def test_a_sustained_queue_adds_a_worker_and_idleness_removes_it(db_url, tmp_pat
     assert (added.id, added.started_by, added.status) == (outcome.worker_id, "autoscaler", WorkerStatus.PENDING)
     assert ("cipherpool.node.bind", {"worker_id": added.id}) in [(n, k) for n, k, _ in rig.app.sent]
     (event,) = rig.events(EventKind.AUTOSCALED_UP)
-    assert event.message == (f"queue wait 8.0 s > target 5 s for 31 s: 1 → 2 workers (worker {added.id} on "
-                             f"{added.node_name})") and event.worker_id == added.id
+    assert (
+        event.message == (f"queue wait 8.0 s > target 5 s for 31 s: 1 → 2 workers (worker {added.id} on {added.node_name})")
+        and event.worker_id == added.id
+    )
     policy = rig.policy()
     assert (policy.last_scaled_at, policy.last_action) == (rig.at(31), "up")
     assert policy.last_reason == "queue wait 8.0 s > target 5 s for 31 s: 1 → 2 workers"
@@ -453,8 +586,7 @@ def test_a_refused_add_is_blocked_once_and_gives_its_claim_back(db_url, tmp_path
 
 
 def test_queries_waiting_with_no_worker_start_one(db_url, tmp_path):
-    rig = make_rig(db_url, tmp_path, min_workers=0, max_workers=1, running=0, target_queue_wait_s=None,
-                   target_queue_depth=2)
+    rig = make_rig(db_url, tmp_path, min_workers=0, max_workers=1, running=0, target_queue_wait_s=None, target_queue_depth=2)
     rig.tick(0, depth=1)
     (outcome,) = rig.tick(30, depth=1)
     assert outcome.action is UP and outcome.reason == "1 queries waiting with no worker for 30 s: 0 → 1 workers"
@@ -510,12 +642,16 @@ def test_a_removal_whose_stop_fails(db_url, tmp_path, monkeypatch, trouble):
 
     rig = make_rig(db_url, tmp_path, running=2)
     if trouble == "broker after the stop":
+
         def refuse_unbind(name: str, **_: Any) -> None:
             raise OperationalError("connection refused")
+
         rig.app.send_task = refuse_unbind  # type: ignore[method-assign]
     else:
+
         def refuse(*_: Any, **__: Any) -> None:
             raise WrongWorkerState("not now")
+
         monkeypatch.setattr(lifecycle, "stop_worker", refuse)
     rig.tick(0, depth=0)
     (outcome,) = rig.tick(400, depth=0)
@@ -533,8 +669,14 @@ def test_a_removal_whose_stop_fails(db_url, tmp_path, monkeypatch, trouble):
 @pytest.mark.parametrize("action", [UP, DOWN, "blocked"])
 def test_two_beats_at_once_act_once(db_url, tmp_path, action):
     """Both read the policy and the workers, then both decide the same: one claim wins."""
-    rig = make_rig(db_url, tmp_path, scale_up_after_s=0.0, max_workers=1 if action == "blocked" else 2,
-                   running=2 if action is DOWN else 1, min_workers=1)
+    rig = make_rig(
+        db_url,
+        tmp_path,
+        scale_up_after_s=0.0,
+        max_workers=1 if action == "blocked" else 2,
+        running=2 if action is DOWN else 1,
+        min_workers=1,
+    )
     if action is DOWN:
         rig.tick(0, depth=0)
         start = 400
@@ -595,8 +737,14 @@ def test_set_show_and_turn_off_a_policy(session):
     policy.above_since = utcnow()
     _, off = policies.disable_policy(session, account, "m")
     assert (off.enabled, off.above_since, off.target_queue_depth) == (False, None, 4)
-    messages = [e.message for e in session.exec(select(ModelEvent).where(
-        ModelEvent.model_id == model.id, ModelEvent.kind == EventKind.SETTINGS_CHANGED.value).order_by(col(ModelEvent.id)))]
+    messages = [
+        e.message
+        for e in session.exec(
+            select(ModelEvent)
+            .where(ModelEvent.model_id == model.id, ModelEvent.kind == EventKind.SETTINGS_CHANGED.value)
+            .order_by(col(ModelEvent.id))
+        )
+    ]
     assert messages[0].startswith("autoscaling on: add a worker after 30 s of queue wait > 5 s or > 4 waiting per")
     assert messages[-1] == "autoscaling off" and len(messages) == 3
     assert policies.disable_policy(session, account, "m")[1].enabled is False  # off again: nothing more
@@ -604,16 +752,19 @@ def test_set_show_and_turn_off_a_policy(session):
     assert session.get(AutoscalePolicy, model.id) is None
 
 
-@pytest.mark.parametrize(("changes", "says"), [
-    ({"target_queue_wait_s": None}, "needs a target"),
-    ({"target_queue_wait_s": 0.0}, "more than 0 s"),
-    ({"target_queue_depth": 0}, "at least 1"),
-    ({"scale_up_after_s": -1.0}, "0 s or more"),
-    ({"idle_after_s": 0.0}, "more than 0 s"),
-    ({"cooldown_up_s": 5.0}, "cooldown_up_s must be at least the autoscaling interval (10 s)"),
-    ({"cooldown_down_s": 9.9}, "cooldown_down_s must be at least"),
-], ids=["no-target", "zero-wait", "zero-depth", "negative-delay", "zero-idle", "short-cool-down-up",
-        "short-cool-down-down"])
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"target_queue_wait_s": None}, "needs a target"),
+        ({"target_queue_wait_s": 0.0}, "more than 0 s"),
+        ({"target_queue_depth": 0}, "at least 1"),
+        ({"scale_up_after_s": -1.0}, "0 s or more"),
+        ({"idle_after_s": 0.0}, "more than 0 s"),
+        ({"cooldown_up_s": 5.0}, "cooldown_up_s must be at least the autoscaling interval (10 s)"),
+        ({"cooldown_down_s": 9.9}, "cooldown_down_s must be at least"),
+    ],
+    ids=["no-target", "zero-wait", "zero-depth", "negative-delay", "zero-idle", "short-cool-down-up", "short-cool-down-down"],
+)
 def test_a_policy_that_cannot_work_is_refused(changes, says):
     """What set_policy checks once the changes are applied (refused, it changes nothing: below)."""
     from cipherpool.errors import InvalidInput
@@ -634,8 +785,11 @@ def test_a_refused_policy_changes_nothing(session):
         assert session.get(AutoscalePolicy, models.get_model(session, account, "m").id) is None
     policies.set_policy(session, account, "m", {}, 10)  # the defaults work
     session.flush()
-    for changes, says in (({"target_queue_wait_s": None}, "needs a target"), ({"enabled": False}, "Unknown"),
-                          ({"target_queue_depth": 2, "cooldown_down_s": 5.0}, "cooldown_down_s")):
+    for changes, says in (
+        ({"target_queue_wait_s": None}, "needs a target"),
+        ({"enabled": False}, "Unknown"),
+        ({"target_queue_depth": 2, "cooldown_down_s": 5.0}, "cooldown_down_s"),
+    ):
         with pytest.raises(InvalidInput, match=says):
             policies.set_policy(session, account, "m", changes, 10)
     reload = session.get(AutoscalePolicy, models.get_model(session, account, "m").id)
@@ -649,8 +803,10 @@ def test_another_accounts_model_has_no_policy_to_set(session):
     alice, _ = accounts.create_account(session, "alice")
     bob, _ = accounts.create_account(session, "bob")
     models.deploy_model(session, bob, "m", artifact())
-    for call in (lambda: policies.get_policy(session, alice, "m"),
-                 lambda: policies.set_policy(session, alice, "m", {}, 10),
-                 lambda: policies.disable_policy(session, alice, "m")):
+    for call in (
+        lambda: policies.get_policy(session, alice, "m"),
+        lambda: policies.set_policy(session, alice, "m", {}, 10),
+        lambda: policies.disable_policy(session, alice, "m"),
+    ):
         with pytest.raises(ModelNotFound):
             call()

@@ -20,8 +20,14 @@ from click.testing import CliRunner
 
 from cipherpool.cli import cli
 
-DEFAULTS = {"target_queue_wait_s": 5.0, "target_queue_depth": None, "scale_up_after_s": 30.0, "idle_after_s": 300.0,
-            "cooldown_up_s": 60.0, "cooldown_down_s": 300.0}
+DEFAULTS = {
+    "target_queue_wait_s": 5.0,
+    "target_queue_depth": None,
+    "scale_up_after_s": 30.0,
+    "idle_after_s": 300.0,
+    "cooldown_up_s": 60.0,
+    "cooldown_down_s": 300.0,
+}
 SETTINGS = tuple(DEFAULTS)
 
 
@@ -46,8 +52,14 @@ def gateway(tmp_path_factory) -> Iterator[Gateway]:
     supervisor = Supervisor(tmp / "logs")
     try:
         _child, redis_url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
-        s = Settings(data_dir=tmp / "data", broker_url=redis_url, token_rate_per_s=0, account_rate_per_s=0,
-                     management_timeout_s=10, autoscale_interval_s=5.0)
+        s = Settings(
+            data_dir=tmp / "data",
+            broker_url=redis_url,
+            token_rate_per_s=0,
+            account_rate_per_s=0,
+            management_timeout_s=10,
+            autoscale_interval_s=5.0,
+        )
         db = s.effective_database_url()
         init_db(db)
         port = free_port()
@@ -124,8 +136,13 @@ def test_put_turns_it_on_keeps_what_is_left_out_and_delete_turns_it_off(gateway:
 
     # A field left out keeps its value; null clears a target.
     changed = call(gateway, p, "PUT", "/v1/models/m/autoscale", json={"target_queue_wait_s": None, "cooldown_up_s": 5})
-    assert settings_of(changed.json()) == {**DEFAULTS, "target_queue_wait_s": None, "target_queue_depth": 4,
-                                           "scale_up_after_s": 10.0, "cooldown_up_s": 5.0}
+    assert settings_of(changed.json()) == {
+        **DEFAULTS,
+        "target_queue_wait_s": None,
+        "target_queue_depth": 4,
+        "scale_up_after_s": 10.0,
+        "cooldown_up_s": 5.0,
+    }
     off = call(gateway, p, "DELETE", "/v1/models/m/autoscale")
     assert off.status_code == 200 and off.json()["enabled"] is False
     assert settings_of(off.json()) == settings_of(changed.json())  # kept for next time
@@ -133,27 +150,43 @@ def test_put_turns_it_on_keeps_what_is_left_out_and_delete_turns_it_off(gateway:
     again = call(gateway, p, "PUT", "/v1/models/m/autoscale", json={})
     assert again.json()["enabled"] is True and settings_of(again.json()) == settings_of(changed.json())
 
-    events = [e["message"] for e in call(gateway, p, "GET", "/v1/models/m/events").json()
-              if e["kind"] == "settings_changed"]
+    events = [e["message"] for e in call(gateway, p, "GET", "/v1/models/m/events").json() if e["kind"] == "settings_changed"]
     assert len(events) == 4 and events[2] == "autoscaling off"
-    assert events[0] == ("autoscaling on: add a worker after 10 s of queue wait > 5 s or > 4 waiting per worker, "
-                         "remove one after 300 s idle; cool-downs 60 s up, 300 s down")
+    assert events[0] == (
+        "autoscaling on: add a worker after 10 s of queue wait > 5 s or > 4 waiting per worker, "
+        "remove one after 300 s idle; cool-downs 60 s up, 300 s down"
+    )
 
 
-@pytest.mark.parametrize(("body", "says"), [
-    ({"target_queue_wait_s": None}, "needs a target"),
-    ({"target_queue_wait_s": 0}, "target_queue_wait_s"),
-    ({"target_queue_depth": 0}, "target_queue_depth"),
-    ({"target_queue_wait_s": -1}, "target_queue_wait_s"),
-    ({"scale_up_after_s": -5}, "scale_up_after_s"),
-    ({"idle_after_s": 0}, "idle_after_s"),
-    ({"cooldown_up_s": 4.9}, "at least the autoscaling interval (5 s)"),
-    ({"cooldown_down_s": 1}, "cooldown_down_s must be at least"),
-    ({"cooldown_down_s": 86401}, "cooldown_down_s"),
-    ({"enabled": True}, "enabled"),
-    ({"target_queue_depth": "many"}, "target_queue_depth"),
-], ids=["no-target", "zero-wait", "zero-depth", "negative-wait", "negative-delay", "zero-idle", "short-cool-down-up",
-        "short-cool-down-down", "over-a-day", "unknown-field", "not-a-number"])
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"target_queue_wait_s": None}, "needs a target"),
+        ({"target_queue_wait_s": 0}, "target_queue_wait_s"),
+        ({"target_queue_depth": 0}, "target_queue_depth"),
+        ({"target_queue_wait_s": -1}, "target_queue_wait_s"),
+        ({"scale_up_after_s": -5}, "scale_up_after_s"),
+        ({"idle_after_s": 0}, "idle_after_s"),
+        ({"cooldown_up_s": 4.9}, "at least the autoscaling interval (5 s)"),
+        ({"cooldown_down_s": 1}, "cooldown_down_s must be at least"),
+        ({"cooldown_down_s": 86401}, "cooldown_down_s"),
+        ({"enabled": True}, "enabled"),
+        ({"target_queue_depth": "many"}, "target_queue_depth"),
+    ],
+    ids=[
+        "no-target",
+        "zero-wait",
+        "zero-depth",
+        "negative-wait",
+        "negative-delay",
+        "zero-idle",
+        "short-cool-down-up",
+        "short-cool-down-down",
+        "over-a-day",
+        "unknown-field",
+        "not-a-number",
+    ],
+)
 def test_a_policy_that_cannot_work_is_refused_and_nothing_changes(gateway: Gateway, body, says):
     p = provider(gateway, "m")
     message = typed_error(call(gateway, p, "PUT", "/v1/models/m/autoscale", json=body), 422, "invalid_input")
@@ -174,10 +207,11 @@ def test_an_unknown_or_another_accounts_model_is_not_found_alike(gateway: Gatewa
 
 
 def test_the_answer_shows_what_the_autoscaler_did_last(gateway: Gateway):
-    from cipherpool.db import session_scope
-    from cipherpool.clock import utcnow
-    from cipherpool.db.tables import AutoscalePolicy, Model
     from sqlmodel import select
+
+    from cipherpool.clock import utcnow
+    from cipherpool.db import session_scope
+    from cipherpool.db.tables import AutoscalePolicy, Model
 
     p = provider(gateway, "m")
     call(gateway, p, "PUT", "/v1/models/m/autoscale", json={})
@@ -205,7 +239,12 @@ def test_the_management_client_sets_shows_and_turns_it_off(gateway: Gateway):
         assert mc.get_autoscale("m").enabled is False
         on = mc.set_autoscale("m", target_queue_depth=3, idle_after_s=120, cooldown_down_s=60)
         assert (on.enabled, on.target_queue_wait_s, on.target_queue_depth, on.idle_after_s, on.cooldown_down_s) == (
-            True, 5.0, 3, 120.0, 60.0)
+            True,
+            5.0,
+            3,
+            120.0,
+            60.0,
+        )
         cleared = mc.set_autoscale("m", target_queue_wait_s=None)  # None clears a target; the rest stays
         assert (cleared.target_queue_wait_s, cleared.target_queue_depth, cleared.idle_after_s) == (None, 3, 120.0)
         with pytest.raises(InvalidInput, match="needs a target"):
@@ -232,11 +271,34 @@ def test_the_cli_shows_sets_clears_and_turns_it_off(gateway: Gateway):
     shown = cli_run(gateway, p, "m")
     assert "enabled: False" in shown.output and "target_queue_wait_s: 5.0" in shown.output
 
-    on = json.loads(cli_run(gateway, p, "m", "--target-wait", "2s", "--target-depth", "3", "--up-after", "10s",
-                            "--idle-after", "1m", "--cooldown-up", "20s", "--cooldown-down", "1m30s", "--json").stdout)
+    on = json.loads(
+        cli_run(
+            gateway,
+            p,
+            "m",
+            "--target-wait",
+            "2s",
+            "--target-depth",
+            "3",
+            "--up-after",
+            "10s",
+            "--idle-after",
+            "1m",
+            "--cooldown-up",
+            "20s",
+            "--cooldown-down",
+            "1m30s",
+            "--json",
+        ).stdout
+    )
     assert on["enabled"] is True and settings_of(on) == {
-        "target_queue_wait_s": 2.0, "target_queue_depth": 3, "scale_up_after_s": 10.0, "idle_after_s": 60.0,
-        "cooldown_up_s": 20.0, "cooldown_down_s": 90.0}
+        "target_queue_wait_s": 2.0,
+        "target_queue_depth": 3,
+        "scale_up_after_s": 10.0,
+        "idle_after_s": 60.0,
+        "cooldown_up_s": 20.0,
+        "cooldown_down_s": 90.0,
+    }
     cleared = json.loads(cli_run(gateway, p, "m", "--target-wait", "off", "--json").stdout)
     assert (cleared["target_queue_wait_s"], cleared["target_queue_depth"], cleared["idle_after_s"]) == (None, 3, 60.0)
 
@@ -245,15 +307,19 @@ def test_the_cli_shows_sets_clears_and_turns_it_off(gateway: Gateway):
     assert json.loads(cli_run(gateway, p, "m", "--json").stdout)["target_queue_depth"] == 3
 
 
-@pytest.mark.parametrize(("args", "expect", "says"), [
-    (["--off", "--target-wait", "5s"], 2, "--off takes no other option"),
-    (["--target-wait", "soon"], 2, "not a duration"),
-    (["--target-depth", "0"], 2, "not a count of 1 or more"),
-    (["--target-depth", "lots"], 2, "or `off` to clear this target"),
-    (["--idle-after", "-1m"], 2, "idle-after"),
-    (["--cooldown-up", "1s"], 6, "error [invalid_input]: cooldown_up_s must be at least the autoscaling interval"),
-    (["--target-wait", "off", "--target-depth", "off"], 6, "needs a target"),
-], ids=["off-and-more", "bad-duration", "zero-depth", "bad-depth", "negative", "short-cool-down", "no-target"])
+@pytest.mark.parametrize(
+    ("args", "expect", "says"),
+    [
+        (["--off", "--target-wait", "5s"], 2, "--off takes no other option"),
+        (["--target-wait", "soon"], 2, "not a duration"),
+        (["--target-depth", "0"], 2, "not a count of 1 or more"),
+        (["--target-depth", "lots"], 2, "or `off` to clear this target"),
+        (["--idle-after", "-1m"], 2, "idle-after"),
+        (["--cooldown-up", "1s"], 6, "error [invalid_input]: cooldown_up_s must be at least the autoscaling interval"),
+        (["--target-wait", "off", "--target-depth", "off"], 6, "needs a target"),
+    ],
+    ids=["off-and-more", "bad-duration", "zero-depth", "bad-depth", "negative", "short-cool-down", "no-target"],
+)
 def test_the_cli_refuses_what_cannot_work(gateway: Gateway, args, expect, says):
     p = provider(gateway, "m")
     result = cli_run(gateway, p, "m", *args, expect=expect)

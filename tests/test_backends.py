@@ -45,8 +45,9 @@ def test_registration_refuses_clashes():
     with pytest.raises(ValueError, match="fallback already"):
         backends.register(Backend(name="other", host_class="cpu", target="x", probe=bool))
     with pytest.raises(ValueError, match="default rates already"):
-        backends.register(Backend(name="other", host_class="gpu", target="x", probe=bool, compiled_for=bool,
-                                  rates=gpu.BACKEND.rates))
+        backends.register(
+            Backend(name="other", host_class="gpu", target="x", probe=bool, compiled_for=bool, rates=gpu.BACKEND.rates)
+        )
     with pytest.raises(ValueError, match="must match"):
         Backend(name="Bad_Name", host_class="cpu", target="x", probe=bool)
     with pytest.raises(ValueError, match="built in"):
@@ -61,19 +62,32 @@ def fake_factory(server_zip: bytes, workdir: object) -> FakeEvaluator:
 @pytest.fixture
 def third():
     """A backend of a host class of its own, registered for one test (what a new module adds)."""
-    backend = backends.register(Backend(
-        name="fpga", host_class="fpga", target="the FPGA", probe=lambda: True,
-        compiled_for=lambda configuration: configuration.get("device") == "fpga",
-        evaluator="tests.test_backends:fake_factory", needs="an FPGA", absent="has no FPGA", remedy="add one",
-        rates=backends.Rates(Decimal("9"), Decimal("1"), Decimal("0.01"))))
+    backend = backends.register(
+        Backend(
+            name="fpga",
+            host_class="fpga",
+            target="the FPGA",
+            probe=lambda: True,
+            compiled_for=lambda configuration: configuration.get("device") == "fpga",
+            evaluator="tests.test_backends:fake_factory",
+            needs="an FPGA",
+            absent="has no FPGA",
+            remedy="add one",
+            rates=backends.Rates(Decimal("9"), Decimal("1"), Decimal("0.01")),
+        )
+    )
     yield backend
     backends.unregister(backend.name)
     backends.evaluator_factory.cache_clear()
 
 
 def server_zip(configuration: dict | None) -> bytes:
-    return zip_bytes({"versions.json": versions_json(),
-                      **({"configuration.json": json.dumps(configuration)} if configuration is not None else {})})
+    return zip_bytes(
+        {
+            "versions.json": versions_json(),
+            **({"configuration.json": json.dumps(configuration)} if configuration is not None else {}),
+        }
+    )
 
 
 def test_a_registered_backend_is_known_everywhere_the_registry_is_asked(third, tmp_path):

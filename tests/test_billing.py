@@ -19,20 +19,20 @@ from sqlmodel import col, select
 
 from cipherpool.billing import ledger, rates
 from cipherpool.billing.charging import (
-    epoch_us,
     BUCKET_S,
     bucket_of,
     charge_all,
     days,
     epoch_ms,
+    epoch_us,
     record_execution,
     settle,
     unbilled_workers,
 )
 from cipherpool.billing.money import MS_PER_HOUR, show, to_credits, to_micro
 from cipherpool.billing.payments import grant
-from cipherpool.db import get_engine, init_db, session_scope
 from cipherpool.clock import utcnow
+from cipherpool.db import get_engine, init_db, session_scope
 from cipherpool.db.tables import Account, LedgerEntry, Model, ModelStatus, PoolNode, Rate, Worker, WorkerStatus
 from cipherpool.errors import AccountNotFound, InvalidInput
 from cipherpool.names import SHARED_PENDING_KEY
@@ -63,40 +63,50 @@ def test_decimal_amounts_add_up_exactly():
     assert to_micro(Decimal("0.1")) * 3 == to_micro("0.3")
 
 
-@pytest.mark.parametrize(("credits", "micro"), [
-    ("1", 1_000_000),
-    ("0.000001", 1),
-    ("1e-6", 1),
-    ("-2.5", -2_500_000),
-    (Decimal("12.345678"), 12_345_678),
-    (3, 3_000_000),
-    ("0", 0),
-    ("1.500000000", 1_500_000),  # trailing zeros beyond six decimals are not finer
-    ("123456789.123456", 123_456_789_123_456),
-], ids=["one", "one-micro", "exponent", "negative", "decimal", "int", "zero", "trailing-zeros", "large"])
+@pytest.mark.parametrize(
+    ("credits", "micro"),
+    [
+        ("1", 1_000_000),
+        ("0.000001", 1),
+        ("1e-6", 1),
+        ("-2.5", -2_500_000),
+        (Decimal("12.345678"), 12_345_678),
+        (3, 3_000_000),
+        ("0", 0),
+        ("1.500000000", 1_500_000),  # trailing zeros beyond six decimals are not finer
+        ("123456789.123456", 123_456_789_123_456),
+    ],
+    ids=["one", "one-micro", "exponent", "negative", "decimal", "int", "zero", "trailing-zeros", "large"],
+)
 def test_to_micro_table(credits, micro):
     assert to_micro(credits) == micro
     assert isinstance(to_micro(credits), int)
 
 
-@pytest.mark.parametrize("credits", ["0.0000001", "1.0000005", "-0.0000001", "abc", "", "NaN", "Infinity", "1,5"],
-                         ids=["seven-decimals", "half-micro", "negative-finer", "word", "empty", "nan", "infinity",
-                              "comma"])
+@pytest.mark.parametrize(
+    "credits",
+    ["0.0000001", "1.0000005", "-0.0000001", "abc", "", "NaN", "Infinity", "1,5"],
+    ids=["seven-decimals", "half-micro", "negative-finer", "word", "empty", "nan", "infinity", "comma"],
+)
 def test_to_micro_refuses_what_is_not_a_whole_micro_credit(credits):
     with pytest.raises(InvalidInput):
         to_micro(credits, "price")
 
 
-@pytest.mark.parametrize(("micro", "shown"), [
-    (12_500_000, "12.5"),
-    (1, "0.000001"),
-    (-3_000_000, "-3"),
-    (0, "0"),
-    (1_000_000, "1"),
-    (-1, "-0.000001"),
-    (123_456_789, "123.456789"),
-    (10_000_000, "10"),
-], ids=["half", "one-micro", "negative", "zero", "one", "negative-micro", "six-decimals", "ten"])
+@pytest.mark.parametrize(
+    ("micro", "shown"),
+    [
+        (12_500_000, "12.5"),
+        (1, "0.000001"),
+        (-3_000_000, "-3"),
+        (0, "0"),
+        (1_000_000, "1"),
+        (-1, "-0.000001"),
+        (123_456_789, "123.456789"),
+        (10_000_000, "10"),
+    ],
+    ids=["half", "one-micro", "negative", "zero", "one", "negative-micro", "six-decimals", "ten"],
+)
 def test_show_table(micro, shown):
     assert show(micro) == shown
     assert to_micro(shown) == micro  # what a person reads back is the exact amount
@@ -140,16 +150,31 @@ class Rig:
     worker_id: str
 
 
-def make_worker(url: str, *, started_at: datetime | None = T0, status: WorkerStatus = WorkerStatus.UP,
-                runtime: int = RUNTIME, standby: int = STANDBY, execution: int = 1000,
-                profile_prices: dict | None = None) -> Rig:
+def make_worker(
+    url: str,
+    *,
+    started_at: datetime | None = T0,
+    status: WorkerStatus = WorkerStatus.UP,
+    runtime: int = RUNTIME,
+    standby: int = STANDBY,
+    execution: int = 1000,
+    profile_prices: dict | None = None,
+) -> Rig:
     """An account (balance 0), an active model, a node of a host class of its own with class
     prices from EARLY on (and its profile's, if given), and a worker on it."""
     tag = uuid.uuid4().hex[:10]
     host_class, profile = f"c{tag}", f"p{tag}"
     with session_scope(url) as s:
-        s.add(Rate(scope=host_class, effective_from=EARLY, runtime_per_hour=runtime, standby_per_hour=standby,
-                   execution_per_s=execution, source="test"))
+        s.add(
+            Rate(
+                scope=host_class,
+                effective_from=EARLY,
+                runtime_per_hour=runtime,
+                standby_per_hour=standby,
+                execution_per_s=execution,
+                source="test",
+            )
+        )
         if profile_prices is not None:
             s.add(Rate(scope=rates.profile_scope(profile), effective_from=EARLY, source="test", **profile_prices))
         account = Account(name=f"a{tag}", api_key_hash=f"h{tag}", api_key_prefix="cpk_test")
@@ -160,8 +185,7 @@ def make_worker(url: str, *, started_at: datetime | None = T0, status: WorkerSta
         s.add(model)
         s.add(node)
         s.flush()
-        worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name, status=status,
-                        started_at=started_at)
+        worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name, status=status, started_at=started_at)
         s.add(worker)
         s.flush()
         node.worker_id = worker.id
@@ -188,8 +212,7 @@ def add_rate(url: str, scope: str, effective_from: datetime, **prices: int | Non
 
 def worker_lines(rig: Rig) -> list[LedgerEntry]:
     with session_scope(rig.url) as s:
-        return list(s.exec(select(LedgerEntry).where(LedgerEntry.worker_id == rig.worker_id)
-                           .order_by(col(LedgerEntry.id))))
+        return list(s.exec(select(LedgerEntry).where(LedgerEntry.worker_id == rig.worker_id).order_by(col(LedgerEntry.id))))
 
 
 def worker_row(rig: Rig) -> Worker:
@@ -200,8 +223,7 @@ def worker_row(rig: Rig) -> Worker:
 def check_books(url: str, account_id: str) -> int:
     """balance == sum of lines == Account.balance_micro, and each balance_after is the running sum."""
     with session_scope(url) as s:
-        lines = list(s.exec(select(LedgerEntry).where(LedgerEntry.account_id == account_id)
-                            .order_by(col(LedgerEntry.id))))
+        lines = list(s.exec(select(LedgerEntry).where(LedgerEntry.account_id == account_id).order_by(col(LedgerEntry.id))))
         running = 0
         for line in lines:
             running += line.amount
@@ -270,8 +292,9 @@ def test_random_splits_never_change_the_total(books, seed):
     # Given ticks at random moments (at least a millisecond apart), some over a midnight
     tick, ticks = start, []
     for _ in range(rng.randint(1, 30)):
-        tick = tick + timedelta(milliseconds=rng.choice([1, rng.randint(1, 999), rng.randint(1, 7_200_000)]),
-                                microseconds=rng.randint(0, 999))
+        tick = tick + timedelta(
+            milliseconds=rng.choice([1, rng.randint(1, 999), rng.randint(1, 7_200_000)]), microseconds=rng.randint(0, 999)
+        )
         ticks.append(tick)
     # When each one charges
     for tick in ticks:
@@ -297,22 +320,51 @@ def d(day: int, hour: int = 0, minute: int = 0, second: int = 0, micro: int = 0,
 
 BOUNDARIES = [
     # start, ticks, rate, expected lines (period start, period end, amount charged)
-    pytest.param(d(14, 10), [d(14, 11), d(14, 12)], 1_000_000,
-                 [(d(14, 10), d(14, 11), 1_000_000), (d(14, 11), d(14, 12), 1_000_000)], id="on-the-hour"),
-    pytest.param(d(14, 23, 30, 0, 250_000), [d(15, 0, 30, 0, 250_000)], 1_234_567,
-                 [(d(14, 23, 30, 0, 250_000), d(15), 617_197), (d(15), d(15, 0, 30, 0, 250_000), 617_370)],
-                 id="crossing-midnight"),
-    pytest.param(d(14, 23), [d(15), d(15, 1)], 1_000_000,
-                 [(d(14, 23), d(15), 1_000_000), (d(15), d(15, 1), 1_000_000)], id="tick-exactly-at-midnight"),
-    pytest.param(d(14, 22), [d(16, 2)], 1_000_000,
-                 [(d(14, 22), d(15), 2_000_000), (d(15), d(16), 24_000_000), (d(16), d(16, 2), 2_000_000)],
-                 id="two-midnights-in-one-tick"),
-    pytest.param(d(31, 23, 59, 59, 999_000, month=12), [d(1, 0, 0, 0, 1000, month=1, year=2031)], 3_600_000,
-                 [(d(31, 23, 59, 59, 999_000, month=12), d(1, month=1, year=2031), 1),
-                  (d(1, month=1, year=2031), d(1, 0, 0, 0, 1000, month=1, year=2031), 1)], id="new-year"),
-    pytest.param(d(14, 23, 59, 59, 999_999), [d(15, 0, 0, 0, 1)], 3_600_000_000,
-                 [(d(14, 23, 59, 59, 999_999), d(15), 1_000), (d(15), d(15, 0, 0, 0, 1), 0)],
-                 id="microseconds-around-midnight"),
+    pytest.param(
+        d(14, 10),
+        [d(14, 11), d(14, 12)],
+        1_000_000,
+        [(d(14, 10), d(14, 11), 1_000_000), (d(14, 11), d(14, 12), 1_000_000)],
+        id="on-the-hour",
+    ),
+    pytest.param(
+        d(14, 23, 30, 0, 250_000),
+        [d(15, 0, 30, 0, 250_000)],
+        1_234_567,
+        [(d(14, 23, 30, 0, 250_000), d(15), 617_197), (d(15), d(15, 0, 30, 0, 250_000), 617_370)],
+        id="crossing-midnight",
+    ),
+    pytest.param(
+        d(14, 23),
+        [d(15), d(15, 1)],
+        1_000_000,
+        [(d(14, 23), d(15), 1_000_000), (d(15), d(15, 1), 1_000_000)],
+        id="tick-exactly-at-midnight",
+    ),
+    pytest.param(
+        d(14, 22),
+        [d(16, 2)],
+        1_000_000,
+        [(d(14, 22), d(15), 2_000_000), (d(15), d(16), 24_000_000), (d(16), d(16, 2), 2_000_000)],
+        id="two-midnights-in-one-tick",
+    ),
+    pytest.param(
+        d(31, 23, 59, 59, 999_000, month=12),
+        [d(1, 0, 0, 0, 1000, month=1, year=2031)],
+        3_600_000,
+        [
+            (d(31, 23, 59, 59, 999_000, month=12), d(1, month=1, year=2031), 1),
+            (d(1, month=1, year=2031), d(1, 0, 0, 0, 1000, month=1, year=2031), 1),
+        ],
+        id="new-year",
+    ),
+    pytest.param(
+        d(14, 23, 59, 59, 999_999),
+        [d(15, 0, 0, 0, 1)],
+        3_600_000_000,
+        [(d(14, 23, 59, 59, 999_999), d(15), 1_000), (d(15), d(15, 0, 0, 0, 1), 0)],
+        id="microseconds-around-midnight",
+    ),
 ]
 
 
@@ -335,10 +387,8 @@ def test_a_line_says_what_it_charges(books):
     rig = make_worker(books, runtime=2_500_000)
     (line,) = charge(rig, at(1800))
     assert line.key == f"worker:{rig.worker_id}:{epoch_us(T0)}"
-    assert (line.kind, line.amount, line.rate, line.quantity_ms) == (LedgerKind.RUNTIME.value, -1_250_000, 2_500_000,
-                                                                     1_800_000)
-    assert (line.account_id, line.model_id, line.worker_id, line.node) == (rig.account_id, rig.model_id,
-                                                                           rig.worker_id, rig.node)
+    assert (line.kind, line.amount, line.rate, line.quantity_ms) == (LedgerKind.RUNTIME.value, -1_250_000, 2_500_000, 1_800_000)
+    assert (line.account_id, line.model_id, line.worker_id, line.node) == (rig.account_id, rig.model_id, rig.worker_id, rig.node)
     assert (line.period_start, line.period_end) == (T0, at(1800))
     assert "2.5 credits/h" in line.note
 
@@ -369,10 +419,12 @@ RATE_CHANGES = [
     pytest.param([("class", 1234.567, 999_999)], [3599.999], [999_999], id="odd-change-odd-tick"),
     pytest.param([("class", 3600, 2_000_000)], [3600, 7200], [1_000_000, 2_000_000], id="change-exactly-on-a-tick"),
     pytest.param([("class", 600, 2_000_000), ("class", 1200, 500_000)], [1800], [583_333], id="two-changes-one-tick"),
-    pytest.param([("profile", 1800, 4_000_000), ("class", 900, 9_000_000)], [3600], [3_000_000],
-                 id="profile-change-beats-class-change"),
-    pytest.param([("class", 15 * 3600, 2_000_000)], [16 * 3600], [14_551_780, 2_448_220],
-                 id="change-after-midnight-in-a-crossing-tick"),
+    pytest.param(
+        [("profile", 1800, 4_000_000), ("class", 900, 9_000_000)], [3600], [3_000_000], id="profile-change-beats-class-change"
+    ),
+    pytest.param(
+        [("class", 15 * 3600, 2_000_000)], [16 * 3600], [14_551_780, 2_448_220], id="change-after-midnight-in-a-crossing-tick"
+    ),
 ]
 
 
@@ -380,11 +432,17 @@ RATE_CHANGES = [
 def test_rate_changes_mid_period_price_each_part_at_its_rate(books, changes, ticks, amounts):
     odd = any(offset == 1234.567 for _, offset, _ in changes)
     has_profile = any(scope == "profile" for scope, _, _ in changes)
-    rig = make_worker(books, runtime=1_000_001 if odd else RUNTIME,
-                      profile_prices={"runtime_per_hour": 2_000_000} if has_profile else None)
+    rig = make_worker(
+        books, runtime=1_000_001 if odd else RUNTIME, profile_prices={"runtime_per_hour": 2_000_000} if has_profile else None
+    )
     for scope, offset, runtime in changes:
-        add_rate(books, rig.host_class if scope == "class" else rates.profile_scope(rig.profile), at(offset),
-                 runtime_per_hour=runtime, standby_per_hour=STANDBY)
+        add_rate(
+            books,
+            rig.host_class if scope == "class" else rates.profile_scope(rig.profile),
+            at(offset),
+            runtime_per_hour=runtime,
+            standby_per_hour=STANDBY,
+        )
     for offset in ticks:
         charge(rig, at(offset))
     lines = worker_lines(rig)
@@ -440,7 +498,10 @@ def test_segments_cut_where_a_class_or_profile_price_changed(books):
     with session_scope(books) as s:
         pieces = rates.segments(s, rig.host_class, rig.profile, T0, at(300))
     assert [(a, b, p.runtime_per_hour, p.standby_per_hour) for a, b, p in pieces] == [
-        (T0, at(100), 1_000_000, 7), (at(100), at(200), 2_000_000, 7), (at(200), at(300), 3_000_000, STANDBY)]
+        (T0, at(100), 1_000_000, 7),
+        (at(100), at(200), 2_000_000, 7),
+        (at(200), at(300), 3_000_000, STANDBY),
+    ]
 
 
 # -- a profile's own rate --------------------------------------------------------------------
@@ -449,10 +510,12 @@ def test_segments_cut_where_a_class_or_profile_price_changed(books):
 PROFILES = [
     # the profile's row, the worker's state, the rate it is charged per hour
     pytest.param({"runtime_per_hour": 2_500_000}, WorkerStatus.UP, 2_500_000, id="profile-runtime-beats-class"),
-    pytest.param({"runtime_per_hour": None, "standby_per_hour": 200_000}, WorkerStatus.UP, RUNTIME,
-                 id="profile-none-runtime-falls-back"),
-    pytest.param({"runtime_per_hour": None, "standby_per_hour": 200_000}, WorkerStatus.STANDBY, 200_000,
-                 id="profile-standby-beats-class"),
+    pytest.param(
+        {"runtime_per_hour": None, "standby_per_hour": 200_000}, WorkerStatus.UP, RUNTIME, id="profile-none-runtime-falls-back"
+    ),
+    pytest.param(
+        {"runtime_per_hour": None, "standby_per_hour": 200_000}, WorkerStatus.STANDBY, 200_000, id="profile-standby-beats-class"
+    ),
     pytest.param({"runtime_per_hour": 5_000_000}, WorkerStatus.STANDBY, STANDBY, id="profile-without-standby"),
     pytest.param({}, WorkerStatus.UP, RUNTIME, id="profile-row-all-none"),
     pytest.param({"runtime_per_hour": 0}, WorkerStatus.UP, 0, id="profile-free-is-not-none"),
@@ -557,8 +620,12 @@ def test_a_stop_between_ticks_charges_the_rest_at_once_and_nothing_after(books, 
     with session_scope(books) as s:
         worker_service.finish(s, rig.worker_id, WorkerStatus.FAILED, error="a late unbind")
     again = worker_row(rig)
-    assert (again.status, again.stopped_at, again.billed_to, again.error) == (later.status, later.stopped_at,
-                                                                              later.billed_to, later.error)
+    assert (again.status, again.stopped_at, again.billed_to, again.error) == (
+        later.status,
+        later.stopped_at,
+        later.billed_to,
+        later.error,
+    )
     assert len(worker_lines(rig)) == len(lines)
     assert charge(rig, worker.stopped_at + timedelta(hours=6)) == []
     check_books(books, rig.account_id)
@@ -582,8 +649,9 @@ def test_a_lost_node_is_charged_only_up_to_its_last_heartbeat(books, tick_ago, u
         charge(rig, now - timedelta(hours=tick_ago))
     # When the reconciler fails it, charging only up to the node's last heartbeat
     with session_scope(books) as s:
-        worker_service.finish(s, rig.worker_id, WorkerStatus.FAILED, error="node lost",
-                              charge_until=now - timedelta(hours=until_ago))
+        worker_service.finish(
+            s, rig.worker_id, WorkerStatus.FAILED, error="node lost", charge_until=now - timedelta(hours=until_ago)
+        )
     worker = worker_row(rig)
     lines = worker_lines(rig)
     charged = -sum(line.amount for line in lines)
@@ -634,10 +702,13 @@ def test_a_stopped_worker_with_time_left_is_charged_up_to_its_stop_only(books):
 # midnight) got the previous key, was refused, and the worker was never charged again.
 
 
-@pytest.mark.parametrize(("start", "ticks"), [
-    pytest.param(T0, [at(60), at(60.0001), at(120), at(180)], id="two-settles-100us-apart"),
-    pytest.param(d(14, 23, 59), [d(15, 0, 0, 0, 500), d(15, 0, 1), d(15, 0, 2)], id="tick-500us-after-midnight"),
-])
+@pytest.mark.parametrize(
+    ("start", "ticks"),
+    [
+        pytest.param(T0, [at(60), at(60.0001), at(120), at(180)], id="two-settles-100us-apart"),
+        pytest.param(d(14, 23, 59), [d(15, 0, 0, 0, 500), d(15, 0, 1), d(15, 0, 2)], id="tick-500us-after-midnight"),
+    ],
+)
 def test_settles_within_one_millisecond_do_not_stop_billing(books, start, ticks):
     rig = make_worker(books, started_at=start)
     for tick in ticks:
@@ -657,8 +728,14 @@ def account_id(session):
 
 
 OPERATIONS = [
-    ("grant", 100_000_000), ("runtime", -16_667), ("execution", -1), ("purchase", 5_000_000),
-    ("standby", -2_777), ("adjustment", -100_000_001), ("refund", 3), ("runtime", -4_999_999),
+    ("grant", 100_000_000),
+    ("runtime", -16_667),
+    ("execution", -1),
+    ("purchase", 5_000_000),
+    ("standby", -2_777),
+    ("adjustment", -100_000_001),
+    ("refund", 3),
+    ("runtime", -4_999_999),
 ]
 
 
@@ -716,8 +793,12 @@ def test_the_signup_grant_is_the_first_line(db_url, session):
     account, _ = accounts.create_account(session, "bob")  # the settings' 100 credits
     session.commit()
     (line,) = ledger.history(session, account.id)
-    assert (line.kind, line.amount, line.balance_after, line.key) == ("grant", 100_000_000, 100_000_000,
-                                                                      f"grant:{account.id}:signup")
+    assert (line.kind, line.amount, line.balance_after, line.key) == (
+        "grant",
+        100_000_000,
+        100_000_000,
+        f"grant:{account.id}:signup",
+    )
 
 
 def test_a_ledger_line_rolls_back_with_its_transaction(db_url, account_id, request):
@@ -754,8 +835,13 @@ def make_tick_world(url: str, settings, count: int = 2, start: datetime = T0) ->
             node = PoolNode(name=f"n{i}@host", host_class="cpu", last_seen=start + timedelta(days=1))
             s.add(node)
             s.flush()
-            worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name, status=WorkerStatus.UP,
-                            started_at=start + timedelta(milliseconds=137 * i))
+            worker = Worker(
+                account_id=account.id,
+                model_id=model.id,
+                node_name=node.name,
+                status=WorkerStatus.UP,
+                started_at=start + timedelta(milliseconds=137 * i),
+            )
             s.add(worker)
             s.flush()
             ids.append(worker.id)
@@ -817,7 +903,8 @@ def test_shared_execution_is_charged_per_account_model_profile_and_minute(db_url
     t = MINUTE_START.timestamp()
     # Given queries computed in one minute (and one in the next)
     for account, model, profile, seconds, moment in [
-        (a, cpu, "default", 1.2344, t + 1), (a, cpu, "default", 0.0006, t + 59.9),  # 1234 + 1 ms, 2 queries
+        (a, cpu, "default", 1.2344, t + 1),
+        (a, cpu, "default", 0.0006, t + 59.9),  # 1234 + 1 ms, 2 queries
         (a, cpu, "cheap", 1.234, t + 30),  # 333 µcredits/s: 410.922 -> 410
         (a, gpu, "default", 2.5, t + 10),  # 4000 µcredits/s -> 10 000
         (b, cpu, "default", 0.0004, t + 5),  # rounds to 0 ms: a line of 0, one query
@@ -831,16 +918,22 @@ def test_shared_execution_is_charged_per_account_model_profile_and_minute(db_url
     # When it runs after the minute (and its grace)
     report = charge_all(factory, redis_db, settings, MINUTE_END + timedelta(seconds=6))
     # Then one line per (account, model, profile) of that minute, amount = ms × rate/s // 1000
-    got = sorted((line.account_id, line.model_id, line.key, line.quantity_ms, line.queries, -line.amount, line.rate)
-                 for line in report.charged)
-    assert got == sorted([
-        (a, cpu, f"exec:{a}:{cpu}:default:{MINUTE}", 1235, 2, 1235, 1000),
-        (a, cpu, f"exec:{a}:{cpu}:cheap:{MINUTE}", 1234, 1, 410, 333),
-        (a, gpu, f"exec:{a}:{gpu}:default:{MINUTE}", 2500, 1, 10_000, 4000),
-        (b, cpu, f"exec:{b}:{cpu}:default:{MINUTE}", 0, 1, 0, 1000),
-    ])
-    assert all(line.kind == "execution" and line.period_start == MINUTE_START and line.period_end == MINUTE_END
-               for line in report.charged)
+    got = sorted(
+        (line.account_id, line.model_id, line.key, line.quantity_ms, line.queries, -line.amount, line.rate)
+        for line in report.charged
+    )
+    assert got == sorted(
+        [
+            (a, cpu, f"exec:{a}:{cpu}:default:{MINUTE}", 1235, 2, 1235, 1000),
+            (a, cpu, f"exec:{a}:{cpu}:cheap:{MINUTE}", 1234, 1, 410, 333),
+            (a, gpu, f"exec:{a}:{gpu}:default:{MINUTE}", 2500, 1, 10_000, 4000),
+            (b, cpu, f"exec:{b}:{cpu}:default:{MINUTE}", 0, 1, 0, 1000),
+        ]
+    )
+    assert all(
+        line.kind == "execution" and line.period_start == MINUTE_START and line.period_end == MINUTE_END
+        for line in report.charged
+    )
     assert check_books(db_url, a) == 10_000_000 - 1235 - 410 - 10_000
     assert check_books(db_url, b) == 10_000_000
     # And again: nothing more; the next minute is still pending
@@ -871,16 +964,30 @@ def test_a_minute_whose_line_exists_is_not_charged_again(db_url, settings, redis
 def test_an_execution_price_change_applies_from_its_minute(db_url, settings, redis_db):
     a, _, cpu, _ = shared_world(db_url, settings)
     with session_scope(db_url) as s:  # cpu execution: 0.001 -> 0.002 credits/s from the next minute on
-        s.add(Rate(scope="cpu", effective_from=MINUTE_END, runtime_per_hour=RUNTIME, standby_per_hour=STANDBY,
-                   execution_per_s=2000, source="test"))
+        s.add(
+            Rate(
+                scope="cpu",
+                effective_from=MINUTE_END,
+                runtime_per_hour=RUNTIME,
+                standby_per_hour=STANDBY,
+                execution_per_s=2000,
+                source="test",
+            )
+        )
     record_execution(redis_db, a, cpu, "default", 1.0, MINUTE_START.timestamp() + 59)
     record_execution(redis_db, a, cpu, "default", 1.0, MINUTE_END.timestamp() + 1)
     factory = lambda: session_scope(db_url)  # noqa: E731
     # (a settings-sync at the tick's `now` would add a row back at 0.001: sync it before, as beat did)
-    report = charge_all(factory, redis_db, settings.model_copy(update={
-        "execution_rate_per_s": {"cpu": Decimal("0.002"), "gpu": Decimal("0.004")}}), MINUTE_END + timedelta(seconds=70))
+    report = charge_all(
+        factory,
+        redis_db,
+        settings.model_copy(update={"execution_rate_per_s": {"cpu": Decimal("0.002"), "gpu": Decimal("0.004")}}),
+        MINUTE_END + timedelta(seconds=70),
+    )
     assert sorted((line.period_start, -line.amount, line.rate) for line in report.charged) == [
-        (MINUTE_START, 1000, 1000), (MINUTE_END, 2000, 2000)]
+        (MINUTE_START, 1000, 1000),
+        (MINUTE_END, 2000, 2000),
+    ]
 
 
 def test_a_stopped_worker_is_left_alone_by_later_ticks(db_url, settings):

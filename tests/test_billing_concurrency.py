@@ -100,8 +100,9 @@ def make_world(url: str, settings: Settings, count: int, sync_rates: bool = True
             node = PoolNode(name=f"n{i}@host", host_class="cpu", last_seen=T0 + timedelta(days=1))
             s.add(node)
             s.flush()
-            worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name, status=WorkerStatus.UP,
-                            started_at=start_of(i))
+            worker = Worker(
+                account_id=account.id, model_id=model.id, node_name=node.name, status=WorkerStatus.UP, started_at=start_of(i)
+            )
             s.add(worker)
             s.flush()
             node.worker_id = worker.id
@@ -118,15 +119,24 @@ def owed(start: datetime, end: datetime, rate: int = RUNTIME) -> int:
     return rate * (epoch_ms(end) - epoch_ms(start)) // MS_PER_HOUR
 
 
-def spawn(url: str, settings: Settings, now: datetime, sync_dir: Path, names: list[str], mode: str,
-          timeout: float = 60) -> list[subprocess.CompletedProcess]:
+def spawn(
+    url: str, settings: Settings, now: datetime, sync_dir: Path, names: list[str], mode: str, timeout: float = 60
+) -> list[subprocess.CompletedProcess]:
     """Run one tick per name in child processes, started together; their results."""
     sync_dir.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIPHERPOOL_")}
     env["BILLING_TEST_REDIS_DB"] = str(REDIS_DB)
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, url, str(settings.data_dir), now.isoformat(),
-                               str(sync_dir), name, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env, cwd=Path(__file__).resolve().parents[1]) for name in names]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, url, str(settings.data_dir), now.isoformat(), str(sync_dir), name, mode],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for name in names
+    ]
     try:
         deadline = time.monotonic() + timeout
         while not all((sync_dir / f"ready-{name}").exists() for name in names):
@@ -148,15 +158,13 @@ def spawn(url: str, settings: Settings, now: datetime, sync_dir: Path, names: li
 
 def runtime_lines(url: str) -> list[LedgerEntry]:
     with session_scope(url) as s:
-        return list(s.exec(select(LedgerEntry).where(col(LedgerEntry.worker_id).is_not(None))
-                           .order_by(col(LedgerEntry.id))))
+        return list(s.exec(select(LedgerEntry).where(col(LedgerEntry.worker_id).is_not(None)).order_by(col(LedgerEntry.id))))
 
 
 def check_books(url: str, account_id: str) -> int:
     """balance == sum of lines == Account.balance_micro; each balance_after the running sum."""
     with session_scope(url) as s:
-        lines = list(s.exec(select(LedgerEntry).where(LedgerEntry.account_id == account_id)
-                            .order_by(col(LedgerEntry.id))))
+        lines = list(s.exec(select(LedgerEntry).where(LedgerEntry.account_id == account_id).order_by(col(LedgerEntry.id))))
         running = 0
         for line in lines:
             running += line.amount
@@ -190,8 +198,7 @@ def test_two_ticks_in_parallel_processes_charge_each_period_once(url, settings, 
     assert len(charged) == len(set(charged)) == 4
     lines = runtime_lines(url)
     assert sorted((line.key, line.amount) for line in lines) == sorted(charged)
-    assert sorted(line.key for line in lines) == sorted(f"worker:{wid}:{epoch_us(start_of(i))}"
-                                                        for i, wid in enumerate(ids))
+    assert sorted(line.key for line in lines) == sorted(f"worker:{wid}:{epoch_us(start_of(i))}" for i, wid in enumerate(ids))
     assert -sum(line.amount for line in lines) == expected
     assert billed_to(url, ids) == [now] * 4
     assert check_books(url, account) == GRANT - expected
@@ -251,8 +258,7 @@ def redis_db():
     client.close()
 
 
-def test_a_tick_killed_while_charging_shared_execution_leaves_the_minute_to_the_next(url, settings, tmp_path,
-                                                                                     redis_db, request):
+def test_a_tick_killed_while_charging_shared_execution_leaves_the_minute_to_the_next(url, settings, tmp_path, redis_db, request):
     # (SQLite once committed the line at its savepoint's release, before the tick's commit.)
     # Given 2.5 s of shared computation in a finished minute
     account, _ = make_world(url, settings, count=0)

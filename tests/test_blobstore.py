@@ -61,7 +61,7 @@ def store(request, servers, tmp_path) -> BlobStore:
 def upload(store: BlobStore, data: bytes, ttl_s: int = 60, chunk: int = 1000) -> str:
     name = store.new_upload()
     for i in range(0, len(data), chunk):
-        store.append_upload(name, data[i:i + chunk], ttl_s)
+        store.append_upload(name, data[i : i + chunk], ttl_s)
     return name
 
 
@@ -220,8 +220,9 @@ def tiny_tmpfs(tmp_path):
     """A 2 MiB tmpfs, where this process may mount one (root); else the test is skipped."""
     mount = tmp_path / "tiny"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, check=False)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)], capture_output=True, check=False
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     try:
@@ -259,24 +260,32 @@ def test_the_size_cap_refuses_writes_past_it(kind, servers, tmp_path):
     store.put_payload(os.urandom(2 * MIB), 60)
 
 
-@pytest.mark.parametrize("code, status", [("QuotaExceeded", 403), ("XMinioAdminBucketQuotaExceeded", 400),
-                                          ("XMinioStorageFull", 507), ("InsufficientStorage", 507)])
+@pytest.mark.parametrize(
+    "code, status",
+    [("QuotaExceeded", 403), ("XMinioAdminBucketQuotaExceeded", 400), ("XMinioStorageFull", 507), ("InsufficientStorage", 507)],
+)
 def test_s3_quota_and_full_storage_errors_are_store_full(code, status, tmp_path):
     from botocore.exceptions import ClientError
 
     backend = S3Backend("b", spool=tmp_path / "spool", endpoint_url="http://127.0.0.1:9")
 
     def refuse() -> None:
-        raise ClientError({"Error": {"Code": code, "Message": "no room"}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                          "PutObject")
+        raise ClientError(
+            {"Error": {"Code": code, "Message": "no room"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+        )
 
     with pytest.raises(StoreFull):
         backend._guard(refuse)
 
 
 def test_an_unreachable_s3_endpoint_is_broker_unavailable(tmp_path):
-    backend = S3Backend("b", spool=tmp_path / "spool", endpoint_url=f"http://127.0.0.1:{free_port()}",
-                        access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY)
+    backend = S3Backend(
+        "b",
+        spool=tmp_path / "spool",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+    )
     with pytest.raises(BrokerUnavailable):
         backend.ping()
     with pytest.raises(BrokerUnavailable):

@@ -5,12 +5,22 @@ from click.testing import CliRunner
 
 from cipherpool.cli import cli
 
-NOUNS = {"up", "demo", "db", "admin", "gateway", "account", "model", "worker", "token", "query", "schedule",
-         "alert"}
+NOUNS = {"up", "demo", "db", "admin", "gateway", "account", "model", "worker", "token", "query", "schedule", "alert"}
 VERBS = {
     "account": {"show", "update", "rotate-key"},
-    "model": {"deploy", "list", "show", "update", "version", "rollback", "delete", "events", "activate", "deactivate",
-              "autoscale"},
+    "model": {
+        "deploy",
+        "list",
+        "show",
+        "update",
+        "version",
+        "rollback",
+        "delete",
+        "events",
+        "activate",
+        "deactivate",
+        "autoscale",
+    },
     "worker": {"start", "stop", "list", "stats"},
     "token": {"create", "list", "show", "update", "assign", "unassign", "revoke", "delete"},
     "query": {"keygen", "upload-keys", "encrypt", "execute", "decrypt", "predict", "keys"},
@@ -36,9 +46,22 @@ def test_every_command_takes_json_after_its_name_too():
         assert sum("--json" in getattr(p, "opts", []) for p in leaf.params) == 1, leaf.name
 
 
-@pytest.mark.parametrize("args", [[], ["model"], ["worker", "start"], ["query", "encrypt"], ["up"], ["demo"],
-                                  ["model", "version", "add"], ["token", "update"], ["admin", "account", "disable"],
-                                  ["schedule", "add"], ["schedule", "reserve"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["model"],
+        ["worker", "start"],
+        ["query", "encrypt"],
+        ["up"],
+        ["demo"],
+        ["model", "version", "add"],
+        ["token", "update"],
+        ["admin", "account", "disable"],
+        ["schedule", "add"],
+        ["schedule", "reserve"],
+    ],
+)
 def test_help_works_everywhere(args):
     result = CliRunner().invoke(cli, args + ["--help"])
     assert result.exit_code == 0, result.output
@@ -71,8 +94,9 @@ def test_the_url_comes_from_the_stack_file_that_up_writes(tmp_path):
 
 def test_a_request_the_client_refuses_to_send_is_invalid_input():
     """Bodies are checked as the gateway would before anything is sent: no gateway needed."""
-    result = CliRunner().invoke(cli, ["--url", "http://127.0.0.1:1", "--api-key", "cpk_x", "account", "update",
-                                      "--email", "not-an-email"])
+    result = CliRunner().invoke(
+        cli, ["--url", "http://127.0.0.1:1", "--api-key", "cpk_x", "account", "update", "--email", "not-an-email"]
+    )
     assert result.exit_code == 6 and "error [invalid_input]" in result.output and "contact_email" in result.output
 
 
@@ -94,10 +118,12 @@ def test_clients_import_no_database_or_worker_code():
     import subprocess
     import sys
 
-    code = ("import sys, cipherpool; from cipherpool import ManagementClient, QueryClient; "
-            "print(sorted(m for m in ('sqlmodel', 'sqlalchemy', 'cipherpool.db', 'cipherpool.tasks', "
-            "'cipherpool.workers', 'cipherpool.gateway', 'cipherpool.store', 'celery', 'kombu', 'redis', "
-            "'fastapi', 'uvicorn', 'concrete', 'torch') if m in sys.modules))")
+    code = (
+        "import sys, cipherpool; from cipherpool import ManagementClient, QueryClient; "
+        "print(sorted(m for m in ('sqlmodel', 'sqlalchemy', 'cipherpool.db', 'cipherpool.tasks', "
+        "'cipherpool.workers', 'cipherpool.gateway', 'cipherpool.store', 'celery', 'kombu', 'redis', "
+        "'fastapi', 'uvicorn', 'concrete', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -53,8 +53,9 @@ def gateway(tmp_path_factory) -> Iterator[Gateway]:
     supervisor = Supervisor(tmp / "logs")
     try:
         _child, redis_url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
-        s = Settings(data_dir=tmp / "data", broker_url=redis_url, token_rate_per_s=0, account_rate_per_s=0,
-                     management_timeout_s=10)
+        s = Settings(
+            data_dir=tmp / "data", broker_url=redis_url, token_rate_per_s=0, account_rate_per_s=0, management_timeout_s=10
+        )
         db = s.effective_database_url()
         init_db(db)
         port = free_port()
@@ -90,8 +91,12 @@ def new_account(gw: Gateway, *model_names: str) -> Provider:
 
     with session_scope(gw.db) as session:
         account, key = accounts.create_account(session, f"cli-credits-{uuid.uuid4().hex[:8]}")
-        made = {name: models.deploy_model(session, account, name, models.Artifact(
-            "c" * 64, "s" * 64, 100, 200, Versions("1", "1", "3.11"))).id for name in model_names}
+        made = {
+            name: models.deploy_model(
+                session, account, name, models.Artifact("c" * 64, "s" * 64, 100, 200, Versions("1", "1", "3.11"))
+            ).id
+            for name in model_names
+        }
         return Provider(account.id, account.name, key, made)
 
 
@@ -114,15 +119,40 @@ def march(gateway: Gateway) -> Provider:
     """An account with a known March 2025: opening 5, in +20 -2, charges 1.625, closing 21.375."""
     p = new_account(gateway, "m1", "m2")
     line(gateway, p.id, LedgerKind.REFUND, 5_000_000, at(2025, 2, 20))
-    for kind, worker, start, minutes, per_hour in [(LedgerKind.RUNTIME, "w1", at(2025, 3, 3, 0), 60, 1_500_000),
-                                                    (LedgerKind.STANDBY, "w1", at(2025, 3, 3, 1), 30, 200_000),
-                                                    (LedgerKind.RUNTIME, "w2", at(2025, 3, 31, 23), 60, 1_500_000)]:
+    for kind, worker, start, minutes, per_hour in [
+        (LedgerKind.RUNTIME, "w1", at(2025, 3, 3, 0), 60, 1_500_000),
+        (LedgerKind.STANDBY, "w1", at(2025, 3, 3, 1), 30, 200_000),
+        (LedgerKind.RUNTIME, "w2", at(2025, 3, 31, 23), 60, 1_500_000),
+    ]:
         end, ms = start + timedelta(minutes=minutes), minutes * 60_000
-        line(gateway, p.id, kind, -(per_hour * ms // 3_600_000), end, model_id=p.models["m1"], worker_id=worker,
-             node="node-1@test", period_start=start, period_end=end, quantity_ms=ms, rate=per_hour)
+        line(
+            gateway,
+            p.id,
+            kind,
+            -(per_hour * ms // 3_600_000),
+            end,
+            model_id=p.models["m1"],
+            worker_id=worker,
+            node="node-1@test",
+            period_start=start,
+            period_end=end,
+            quantity_ms=ms,
+            rate=per_hour,
+        )
     minute = at(2025, 3, 4, 10)
-    line(gateway, p.id, LedgerKind.EXECUTION, -25_000, minute + timedelta(minutes=1), model_id=p.models["m2"],
-         period_start=minute, period_end=minute + timedelta(minutes=1), quantity_ms=2500, queries=7, rate=10_000)
+    line(
+        gateway,
+        p.id,
+        LedgerKind.EXECUTION,
+        -25_000,
+        minute + timedelta(minutes=1),
+        model_id=p.models["m2"],
+        period_start=minute,
+        period_end=minute + timedelta(minutes=1),
+        quantity_ms=2500,
+        queries=7,
+        rate=10_000,
+    )
     line(gateway, p.id, LedgerKind.GRANT, 20_000_000, at(2025, 3, 10), note="goodwill")
     line(gateway, p.id, LedgerKind.ADJUSTMENT, -2_000_000, at(2025, 3, 15), note="correction")
     return p
@@ -169,9 +199,20 @@ def test_the_credits_group_and_its_commands():
         assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("seconds,text", [(None, "never (nothing is being charged)"), (0, "0 s"), (59.9, "59 s"),
-                                          (60, "1 min"), (3599, "59 min"), (3600, "1 h 0 min"), (7500, "2 h 5 min"),
-                                          (86_400, "1 d 0 h"), (3 * 86_400 + 4 * 3600 + 59, "3 d 4 h")])
+@pytest.mark.parametrize(
+    "seconds,text",
+    [
+        (None, "never (nothing is being charged)"),
+        (0, "0 s"),
+        (59.9, "59 s"),
+        (60, "1 min"),
+        (3599, "59 min"),
+        (3600, "1 h 0 min"),
+        (7500, "2 h 5 min"),
+        (86_400, "1 d 0 h"),
+        (3 * 86_400 + 4 * 3600 + 59, "3 d 4 h"),
+    ],
+)
 def test_durations_read_as_days_hours_minutes(seconds, text):
     assert human_duration(seconds) == text
 
@@ -182,8 +223,14 @@ def test_durations_read_as_days_hours_minutes(seconds, text):
 def test_balance_as_text_and_json(gateway: Gateway):
     p = new_account(gateway)
     text = provider(gateway, p, "credits", "balance").stdout
-    for expected in ("balance: 100 credits", "low: no", "burn rate: 0 credits/h", "runs out in: never",
-                     "runs out at: -", "workers charged: 0"):
+    for expected in (
+        "balance: 100 credits",
+        "low: no",
+        "burn rate: 0 credits/h",
+        "runs out in: never",
+        "runs out at: -",
+        "workers charged: 0",
+    ):
         assert expected in text, text
     for args in (["--json", "credits", "balance"], ["credits", "balance", "--json"]):
         found = data(provider(gateway, p, *args))
@@ -193,9 +240,19 @@ def test_balance_as_text_and_json(gateway: Gateway):
 def test_balance_shows_when_it_runs_out(gateway: Gateway):
     p = new_account(gateway, "m")
     now = datetime.now(UTC).replace(second=0, microsecond=0)
-    line(gateway, p.id, LedgerKind.EXECUTION, -500_000, now - timedelta(minutes=10), model_id=p.models["m"],
-         period_start=now - timedelta(minutes=11), period_end=now - timedelta(minutes=10), quantity_ms=50_000,
-         queries=10, rate=10_000)
+    line(
+        gateway,
+        p.id,
+        LedgerKind.EXECUTION,
+        -500_000,
+        now - timedelta(minutes=10),
+        model_id=p.models["m"],
+        period_start=now - timedelta(minutes=11),
+        period_end=now - timedelta(minutes=10),
+        quantity_ms=50_000,
+        queries=10,
+        rate=10_000,
+    )
     line(gateway, p.id, LedgerKind.ADJUSTMENT, -94_500_000, now - timedelta(minutes=9))
     text = provider(gateway, p, "credits", "balance").stdout
     # 5 credits at 0.5 credits/h: 10 h
@@ -221,9 +278,19 @@ def test_add_buys_credits_once_per_idempotency_key(gateway: Gateway):
     assert data(provider(gateway, p, "--json", "credits", "balance"))["balance"] == "125.500000"
 
 
-@pytest.mark.parametrize("args,code", [(["0"], 6), (["-5"], 6), (["1.0000001"], 6), (["abc"], 2), (["1e400000"], 6),
-                                       (["1", "--kind", "refund"], 2), (["1", "--idempotency-key", "no spaces"], 6),
-                                       (["2000000"], 6)])
+@pytest.mark.parametrize(
+    "args,code",
+    [
+        (["0"], 6),
+        (["-5"], 6),
+        (["1.0000001"], 6),
+        (["abc"], 2),
+        (["1e400000"], 6),
+        (["1", "--kind", "refund"], 2),
+        (["1", "--idempotency-key", "no spaces"], 6),
+        (["2000000"], 6),
+    ],
+)
 def test_add_refuses_what_the_gateway_would(gateway: Gateway, args, code):
     p = new_account(gateway)
     provider(gateway, p, "credits", "add", *args, expect=code)
@@ -235,10 +302,13 @@ def test_an_operator_grants_refunds_and_adjusts_with_database_access(gateway: Ga
     text = operator(gateway, "credits", "add", "7", "--account", p.name, "--note", "welcome bonus").stdout
     assert "kind: grant" in text and "amount: 7" in text and "balance: 107" in text and "welcome bonus" in text, text
     operator(gateway, "credits", "add", "-2.5", "--account", p.id, "--kind", "adjustment")
-    refund = data(operator(gateway, "admin", "credits", "grant", p.name, "3", "--kind", "refund", "--note", "outage",
-                           "--json"))
+    refund = data(operator(gateway, "admin", "credits", "grant", p.name, "3", "--kind", "refund", "--note", "outage", "--json"))
     assert (refund["line"]["kind"], refund["line"]["amount"], refund["line"]["note"], refund["balance"]) == (
-        "refund", "3.000000", "outage", "107.500000")
+        "refund",
+        "3.000000",
+        "outage",
+        "107.500000",
+    )
     operator(gateway, "admin", "credits", "grant", p.name, "--kind", "adjustment", "--", "-0.5")
     operator(gateway, "admin", "credits", "grant", p.name, "-0.5", "--kind", "adjustment")
     operator(gateway, "admin", "credits", "grant", p.name, "-1", "--kind", "refund", expect=6)
@@ -250,15 +320,20 @@ def test_an_operator_grants_refunds_and_adjusts_with_database_access(gateway: Ga
     assert "ticket-9" in refused.stderr and "nothing was added" in refused.stderr
     lines = data(operator(gateway, "admin", "credits", "history", p.name, "--json"))
     assert [(x["kind"], x["amount"]) for x in lines] == [
-        ("grant", "100.000000"), ("grant", "7.000000"), ("adjustment", "-2.500000"), ("refund", "3.000000"),
-        ("adjustment", "-0.500000"), ("adjustment", "-0.500000"), ("grant", "4.000000")]
+        ("grant", "100.000000"),
+        ("grant", "7.000000"),
+        ("adjustment", "-2.500000"),
+        ("refund", "3.000000"),
+        ("adjustment", "-0.500000"),
+        ("adjustment", "-0.500000"),
+        ("grant", "4.000000"),
+    ]
     # the provider sees the same ledger through the gateway
     assert data(provider(gateway, p, "credits", "history", "--json")) == lines
     assert data(provider(gateway, p, "--json", "credits", "balance"))["balance"] == "110.500000"
     table = operator(gateway, "admin", "credits", "history", p.name, "--kind", "refund").stdout
     assert "REFUND" not in table and "refund" in table and "outage" in table and "welcome" not in table
-    rows = list(csv.DictReader(io.StringIO(operator(gateway, "admin", "credits", "history", p.id, "--format",
-                                                    "csv").stdout)))
+    rows = list(csv.DictReader(io.StringIO(operator(gateway, "admin", "credits", "history", p.id, "--format", "csv").stdout)))
     assert sum(Decimal(r["amount"]) for r in rows) == Decimal("110.5")
 
 
@@ -279,8 +354,19 @@ def test_a_grant_key_reused_for_another_amount_is_refused(gateway: Gateway):
 def test_history_as_table_csv_and_json(gateway: Gateway, march: Provider):
     window = ["--since", "2025-03-01", "--until", "2025-04-01"]
     table = provider(gateway, march, "credits", "history", *window).stdout.splitlines()
-    assert table[0].split() == ["ID", "AT", "KIND", "AMOUNT", "BALANCE_AFTER", "MODEL", "WORKER_ID", "SECONDS",
-                                "QUERIES", "REFERENCE", "NOTE"]
+    assert table[0].split() == [
+        "ID",
+        "AT",
+        "KIND",
+        "AMOUNT",
+        "BALANCE_AFTER",
+        "MODEL",
+        "WORKER_ID",
+        "SECONDS",
+        "QUERIES",
+        "REFERENCE",
+        "NOTE",
+    ]
     assert [row.split()[2] for row in table[1:]] == ["runtime", "standby", "execution", "grant", "adjustment"]
     assert table[1].split()[3:9] == ["-1.5", "103.5", "m1", "w1", "3600", "-"]
 
@@ -289,8 +375,7 @@ def test_history_as_table_csv_and_json(gateway: Gateway, march: Provider):
     assert data(provider(gateway, march, "credits", "history", *window, "--format", "json")) == as_json
     assert [x["kind"] for x in as_json] == ["runtime", "standby", "execution", "grant", "adjustment"]
 
-    rows = list(csv.DictReader(io.StringIO(provider(gateway, march, "credits", "history", *window, "--format",
-                                                    "csv").stdout)))
+    rows = list(csv.DictReader(io.StringIO(provider(gateway, march, "credits", "history", *window, "--format", "csv").stdout)))
     assert [r["id"] for r in rows] == [str(x["id"]) for x in as_json]
     assert [r["amount"] for r in rows] == [x["amount"] for x in as_json]  # exact, six decimals
     assert (rows[2]["worker_id"], rows[2]["queries"], rows[2]["seconds"]) == ("", "7", "2.5")
@@ -328,11 +413,17 @@ def test_usage_as_table_csv_and_json(gateway: Gateway, march: Provider):
     text = provider(gateway, march, "credits", "usage", *window).stdout
     lines = text.splitlines()
     assert lines[0].split() == ["DAY", "MODEL", "WORKER", "KIND", "SECONDS", "QUERIES", "COST"]
-    assert [row.split() for row in lines[1:4]] == [["2025-03-03", "m1", "w1", "runtime", "3600", "0", "1.5"],
-                                                   ["2025-03-03", "m1", "w1", "standby", "1800", "0", "0.1"],
-                                                   ["2025-03-04", "m2", "shared", "execution", "2.5", "7", "0.025"]]
-    for expected in ("total: 1.625 credits, 5402.5 s, 7 queries", "balance: 119.875 credits", "burn rate: 0 credits/h",
-                     "runs out in: never"):
+    assert [row.split() for row in lines[1:4]] == [
+        ["2025-03-03", "m1", "w1", "runtime", "3600", "0", "1.5"],
+        ["2025-03-03", "m1", "w1", "standby", "1800", "0", "0.1"],
+        ["2025-03-04", "m2", "shared", "execution", "2.5", "7", "0.025"],
+    ]
+    for expected in (
+        "total: 1.625 credits, 5402.5 s, 7 queries",
+        "balance: 119.875 credits",
+        "burn rate: 0 credits/h",
+        "runs out in: never",
+    ):
         assert expected in text, text
 
     used = data(provider(gateway, march, "credits", "usage", *window, "--json"))
@@ -344,17 +435,20 @@ def test_usage_as_table_csv_and_json(gateway: Gateway, march: Provider):
     assert reader.fieldnames == CSV_COLUMNS[1:]  # a window, not a period
     usage_rows = [r for r in rows if r["record"] == "usage"]
     assert [(r["day"], r["worker"], r["kind"], r["cost"]) for r in usage_rows] == [
-        ("2025-03-03", "w1", "runtime", "1.500000"), ("2025-03-03", "w1", "standby", "0.100000"),
-        ("2025-03-04", "shared", "execution", "0.025000")]
+        ("2025-03-03", "w1", "runtime", "1.500000"),
+        ("2025-03-03", "w1", "standby", "0.100000"),
+        ("2025-03-04", "shared", "execution", "0.025000"),
+    ]
     assert sum(Decimal(r["cost"] or 0) for r in rows) == Decimal(used["total_cost"])
     summary = {r["record"]: r["amount"] for r in rows if r["record"] != "usage"}
-    assert summary == {"total": "1.625000", "balance": "119.875000", "burn rate per hour": "0.000000",
-                       "runs out at": "never"}
+    assert summary == {"total": "1.625000", "balance": "119.875000", "burn rate per hour": "0.000000", "runs out at": "never"}
 
     only_m2 = data(provider(gateway, march, "credits", "usage", *window, "--model", "m2", "--json"))
     assert [r["model"] for r in only_m2["rows"]] == ["m2"]
-    assert "No usage in this window." in provider(gateway, march, "credits", "usage", "--since", "2025-05-01",
-                                                  "--until", "2025-05-02").stdout
+    assert (
+        "No usage in this window."
+        in provider(gateway, march, "credits", "usage", "--since", "2025-05-01", "--until", "2025-05-02").stdout
+    )
     provider(gateway, march, "credits", "usage", "--since", "2025-03-02", "--until", "2025-03-01", expect=6)
 
 
@@ -385,14 +479,18 @@ def test_a_report_as_csv_in_a_private_file(gateway: Gateway, march: Provider, tm
     assert len(usage_rows) == len(report.rows) == 3
     assert sum(Decimal(r["cost"] or 0) for r in rows) == report.total_cost == Decimal("1.625")  # the cost column
     assert [(r["day"], r["model"], r["worker"], r["kind"], r["seconds"], r["queries"]) for r in usage_rows] == [
-        ("2025-03-03", "m1", "w1", "runtime", "3600", "0"), ("2025-03-03", "m1", "w1", "standby", "1800", "0"),
-        ("2025-03-04", "m2", "shared", "execution", "2.5", "7")]
+        ("2025-03-03", "m1", "w1", "runtime", "3600", "0"),
+        ("2025-03-03", "m1", "w1", "standby", "1800", "0"),
+        ("2025-03-04", "m2", "shared", "execution", "2.5", "7"),
+    ]
     summary = [(r["record"], r["day"], r["kind"], r["amount"]) for r in rows if r["record"] != "usage"]
     assert summary == [
         ("total", "", "", "1.625000"),
         ("opening balance", "2025-03-01", "", "5.000000"),
-        ("credits in", "", "adjustment", "-2.000000"), ("credits in", "", "grant", "20.000000"),
-        ("charges", "", "execution", "-0.025000"), ("charges", "", "runtime", "-1.500000"),
+        ("credits in", "", "adjustment", "-2.000000"),
+        ("credits in", "", "grant", "20.000000"),
+        ("charges", "", "execution", "-0.025000"),
+        ("charges", "", "runtime", "-1.500000"),
         ("charges", "", "standby", "-0.100000"),
         ("closing balance", "2025-03-31", "", "21.375000"),
         ("reconciles", "", "", "yes"),
@@ -417,8 +515,9 @@ def test_a_report_as_json(gateway: Gateway, march: Provider, tmp_path: Path):
     for period in ("2025-13", "2025-3", "march"):
         provider(gateway, march, "credits", "report", "--period", period, expect=6)
     provider(gateway, march, "credits", "report", "--period", "2025-03", "--format", "table", expect=2)
-    nowhere = provider(gateway, march, "credits", "report", "--period", "2025-03", "--output", tmp_path / "no" / "x.csv",
-                       expect=1)
+    nowhere = provider(
+        gateway, march, "credits", "report", "--period", "2025-03", "--output", tmp_path / "no" / "x.csv", expect=1
+    )
     assert "x.csv" in nowhere.stderr and "No such file" in nowhere.stderr
 
 
@@ -444,8 +543,9 @@ def test_the_client_sends_exact_amounts_and_utc_windows(gateway: Gateway, march:
         assert mc.buy_credits(Decimal("2.000"), idempotency_key="retry-me").line == again.line
 
         # naive times are UTC
-        lines = mc.credit_history(since=datetime(2025, 3, 3), until=datetime(2025, 3, 3, 1, 0, 1),
-                                  kinds=[LedgerKind.RUNTIME, "standby"])
+        lines = mc.credit_history(
+            since=datetime(2025, 3, 3), until=datetime(2025, 3, 3, 1, 0, 1), kinds=[LedgerKind.RUNTIME, "standby"]
+        )
         assert all(isinstance(x, LedgerLine) for x in lines) and [x.kind for x in lines] == [LedgerKind.RUNTIME]
         assert [x.kind for x in mc.credit_history(model="m2")] == [LedgerKind.EXECUTION]
         assert len(mc.credit_history(limit=3)) == 3

@@ -9,10 +9,21 @@ from click.testing import CliRunner
 from cipherpool.cli.durations import DURATION, MOMENT, parse_duration, parse_moment
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("30d", 30 * 86400), ("12h", 12 * 3600), ("90m", 5400), ("3600s", 3600), ("2w", 14 * 86400),
-    ("1h30m", 5400), ("1.5h", 5400), ("3600", 3600), (" 45S ", 45), ("0.5", 0.5),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30d", 30 * 86400),
+        ("12h", 12 * 3600),
+        ("90m", 5400),
+        ("3600s", 3600),
+        ("2w", 14 * 86400),
+        ("1h30m", 5400),
+        ("1.5h", 5400),
+        ("3600", 3600),
+        (" 45S ", 45),
+        ("0.5", 0.5),
+    ],
+)
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 

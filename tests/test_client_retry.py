@@ -37,7 +37,7 @@ OCTET = {"Content-Type": "application/octet-stream"}
 
 # The "platform" state lives in files of the server's directory, so that it outlives a
 # restart of the server as a query outlives the gateway's (broker and result backend keep it).
-FAKE_GATEWAY = '''
+FAKE_GATEWAY = """
 import asyncio, json, os, pathlib
 
 STATE = pathlib.Path(os.environ["FAKE_GATEWAY_DIR"])
@@ -84,7 +84,7 @@ async def app(scope, receive, send):
         status, headers, out = 404, [(b"content-type", b"application/json")], b'{"code": "not_found", "message": "?"}'
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": out})
-'''.replace("QUERY_ID", QUERY_ID)
+""".replace("QUERY_ID", QUERY_ID)
 
 
 @dataclass
@@ -101,10 +101,23 @@ class FakeGateway:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(self.root), "fake_gateway:app",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "critical"],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(self.root),
+                "fake_gateway:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "critical",
+            ],
             env={**os.environ, "FAKE_GATEWAY_DIR": str(self.root)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -261,8 +274,9 @@ def clock(monkeypatch) -> FakeTime:
     return fake
 
 
-def scripted(tmp_path: Path, answers: list[httpx.Response | type[httpx.TransportError]],
-             **over: float) -> tuple[Transport, list[httpx.Request]]:
+def scripted(
+    tmp_path: Path, answers: list[httpx.Response | type[httpx.TransportError]], **over: float
+) -> tuple[Transport, list[httpx.Request]]:
     """A transport whose gateway answers (or fails) as scripted, then 200s; and what it was sent."""
     sent: list[httpx.Request] = []
 
@@ -326,8 +340,13 @@ def test_a_stream_is_not_sent_again_once_spent(tmp_path, clock):
 
 
 def test_which_answers_are_an_outage_and_which_are_answers(tmp_path, clock):
-    outage = [httpx.Response(502, text="bad gateway"), httpx.Response(503, text=""), httpx.Response(504, text="x"),
-              typed(503, "broker_unavailable"), typed(503, "database_unavailable")]
+    outage = [
+        httpx.Response(502, text="bad gateway"),
+        httpx.Response(503, text=""),
+        httpx.Response(504, text="x"),
+        typed(503, "broker_unavailable"),
+        typed(503, "database_unavailable"),
+    ]
     transport, sent = scripted(tmp_path, list(outage))
     assert transport.request("GET", "/v1/models").status_code == 200 and len(sent) == 6
     for answer, error in ((typed(503, "no_worker_up"), NoWorkerUp), (typed(502, "remote_error"), RemoteError)):
@@ -351,8 +370,9 @@ def test_a_retried_delete_that_finds_nothing_says_why(tmp_path, clock):
 
 
 def test_rate_limits_are_still_retried_after_retry_after(tmp_path, clock):
-    transport, sent = scripted(tmp_path, [httpx.Response(429, headers={"Retry-After": "2"},
-                                                         json={"code": "rate_limited", "message": "slow"})])
+    transport, sent = scripted(
+        tmp_path, [httpx.Response(429, headers={"Retry-After": "2"}, json={"code": "rate_limited", "message": "slow"})]
+    )
     assert transport.request("POST", "/v1/queries", content=b"ct").status_code == 200
     assert len(sent) == 2 and clock.sleeps == [2.0]
 
@@ -380,8 +400,9 @@ def test_no_budget_means_no_retry(tmp_path, clock):
 def test_a_gateway_that_never_answered_is_not_waited_for(tmp_path, clock, caplog):
     """A wrong URL or a stack not up, more likely than a restart: the error comes at once."""
     transport = Transport(settings_for(tmp_path, "http://gateway"), "cpt_test", "no token")
-    transport._http._transport = httpx.MockTransport(lambda request: (_ for _ in ()).throw(
-        httpx.ConnectError("refused", request=request)))
+    transport._http._transport = httpx.MockTransport(
+        lambda request: (_ for _ in ()).throw(httpx.ConnectError("refused", request=request))
+    )
     with pytest.raises(GatewayUnavailable, match=r"Cannot reach the gateway at http://gateway \(ConnectError"):
         transport.request("GET", "/v1/models")
     assert clock.sleeps == [] and not caplog.records

@@ -65,8 +65,14 @@ def gw(request, tmp_path_factory) -> Iterator[Gateway]:
     try:
         _child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
         with _postgres_database() if request.param == "postgresql" else _nothing() as pg:
-            s = Settings(data_dir=tmp / "data", broker_url=url, database_url=pg, token_rate_per_s=0,
-                         account_rate_per_s=0, credits_max_purchase=MAX_PURCHASE)
+            s = Settings(
+                data_dir=tmp / "data",
+                broker_url=url,
+                database_url=pg,
+                token_rate_per_s=0,
+                account_rate_per_s=0,
+                credits_max_purchase=MAX_PURCHASE,
+            )
             db = s.effective_database_url()
             init_db(db)
             with TestClient(create_app(s), raise_server_exceptions=False) as client:
@@ -117,22 +123,53 @@ def line(gw: Gateway, account_id: str, kind: LedgerKind, micro: int, at: datetim
         return entry.public_id
 
 
-def runtime(gw: Gateway, p: Provider, model: str, worker: str, start: datetime, minutes: int, per_hour_micro: int,
-            kind: LedgerKind = LedgerKind.RUNTIME, at: datetime | None = None) -> int:
+def runtime(
+    gw: Gateway,
+    p: Provider,
+    model: str,
+    worker: str,
+    start: datetime,
+    minutes: int,
+    per_hour_micro: int,
+    kind: LedgerKind = LedgerKind.RUNTIME,
+    at: datetime | None = None,
+) -> int:
     """A worker's runtime (or standby) charge for ``minutes`` from ``start``, recorded at its end."""
     end = start + timedelta(minutes=minutes)
     ms = minutes * 60_000
-    return line(gw, p.id, kind, -(per_hour_micro * ms // 3_600_000), at or end, model_id=p.models[model],
-                worker_id=worker, node="node-1@test", period_start=start, period_end=end, quantity_ms=ms,
-                rate=per_hour_micro)
+    return line(
+        gw,
+        p.id,
+        kind,
+        -(per_hour_micro * ms // 3_600_000),
+        at or end,
+        model_id=p.models[model],
+        worker_id=worker,
+        node="node-1@test",
+        period_start=start,
+        period_end=end,
+        quantity_ms=ms,
+        rate=per_hour_micro,
+    )
 
 
-def execution(gw: Gateway, p: Provider, model: str, minute: datetime, ms: int, queries: int, per_s_micro: int,
-              at: datetime | None = None) -> int:
+def execution(
+    gw: Gateway, p: Provider, model: str, minute: datetime, ms: int, queries: int, per_s_micro: int, at: datetime | None = None
+) -> int:
     """One minute of shared-node computation, as ``charge_execution`` writes it."""
-    return line(gw, p.id, LedgerKind.EXECUTION, -(ms * per_s_micro // 1000), at or minute + timedelta(minutes=1),
-                model_id=p.models[model], period_start=minute, period_end=minute + timedelta(minutes=1),
-                quantity_ms=ms, queries=queries, rate=per_s_micro)
+    return line(
+        gw,
+        p.id,
+        LedgerKind.EXECUTION,
+        -(ms * per_s_micro // 1000),
+        at or minute + timedelta(minutes=1),
+        model_id=p.models[model],
+        period_start=minute,
+        period_end=minute + timedelta(minutes=1),
+        quantity_ms=ms,
+        queries=queries,
+        rate=per_s_micro,
+    )
 
 
 @dataclass
@@ -190,12 +227,16 @@ def test_a_new_account_starts_with_its_signup_grant(gw: Gateway):
     p = new_account(gw)
     raw = gw.get(p.key, "/v1/credits")
     assert raw["balance"] == "100.000000" and isinstance(raw["low_balance_threshold"], str)  # exact, as strings
-    assert (raw["low"], d(raw["burn_rate_per_hour"]), raw["runs_out_in_s"], raw["runs_out_at"], raw["workers_charged"]) \
-        == (False, 0, None, None, 0)
+    assert (raw["low"], d(raw["burn_rate_per_hour"]), raw["runs_out_in_s"], raw["runs_out_at"], raw["workers_charged"]) == (
+        False,
+        0,
+        None,
+        None,
+        0,
+    )
     assert (raw["unit"], raw["smallest_unit"]) == ("credit", "micro-credit")
     (grant,) = history(gw, p.key)
-    assert (grant["kind"], d(grant["amount"]), d(grant["balance_after"]), grant["note"]) == ("grant", 100, 100,
-                                                                                              "sign-up grant")
+    assert (grant["kind"], d(grant["amount"]), d(grant["balance_after"]), grant["note"]) == ("grant", 100, 100, "sign-up grant")
 
 
 def test_the_burn_rate_counts_the_last_hours_shared_execution(gw: Gateway):
@@ -229,7 +270,10 @@ def test_a_purchase_credits_the_account_and_records_an_open_invoice(gw: Gateway)
     assert bought["reference"] in bought["note"] or "offline" in bought["note"]
     assert (bought["balance"], bought["line"]["amount"], bought["line"]["kind"]) == ("150.250000", "50.250000", "purchase")
     assert (bought["line"]["reference"], bought["line"]["note"], d(bought["line"]["balance_after"])) == (
-        bought["reference"], "PO 1234", Decimal("150.25"))
+        bought["reference"],
+        "PO 1234",
+        Decimal("150.25"),
+    )
     assert invoices(gw, p.id) == [(bought["reference"], 50_250_000, "open", "offline-invoice", "PO 1234")]
     assert d(gw.get(p.key, "/v1/credits")["balance"]) == Decimal("150.25")
     assert [x["id"] for x in history(gw, p.key, kind="purchase")] == [bought["line"]["id"]]
@@ -256,8 +300,9 @@ def test_a_retried_purchase_credits_nothing_twice(gw: Gateway):
 def test_the_same_key_for_another_amount_is_refused(gw: Gateway):
     p = new_account(gw)
     assert gw.post(p.key, "/v1/credits/purchases", {"amount": "10", "idempotency_key": "k-1"}).status_code == 201
-    body = assert_typed_error(gw.post(p.key, "/v1/credits/purchases", {"amount": "11", "idempotency_key": "k-1"}),
-                              422, "invalid_input")
+    body = assert_typed_error(
+        gw.post(p.key, "/v1/credits/purchases", {"amount": "11", "idempotency_key": "k-1"}), 422, "invalid_input"
+    )
     assert "k-1" in body["message"] and "10" in body["message"]
     assert d(gw.get(p.key, "/v1/credits")["balance"]) == 110 and len(invoices(gw, p.id)) == 1
 
@@ -272,8 +317,10 @@ def test_an_idempotency_key_is_the_accounts_own(gw: Gateway):
     assert d(gw.get(p.key, "/v1/credits")["balance"]) == 110
 
 
-@pytest.mark.parametrize("amount", ["0", "-5", "0.0000001", "1.1234567", "abc", "NaN", "Infinity", "",
-                                    str(MAX_PURCHASE + Decimal("0.000001")), "1e9", None])
+@pytest.mark.parametrize(
+    "amount",
+    ["0", "-5", "0.0000001", "1.1234567", "abc", "NaN", "Infinity", "", str(MAX_PURCHASE + Decimal("0.000001")), "1e9", None],
+)
 def test_refused_amounts_credit_nothing(gw: Gateway, amount):
     p = new_account(gw)
     body = {} if amount is None else {"amount": amount}
@@ -281,10 +328,15 @@ def test_refused_amounts_credit_nothing(gw: Gateway, amount):
     assert d(gw.get(p.key, "/v1/credits")["balance"]) == 100 and invoices(gw, p.id) == []
 
 
-@pytest.mark.parametrize("body", [{"amount": "1", "idempotency_key": "has space"},
-                                  {"amount": "1", "idempotency_key": "x" * 65},
-                                  {"amount": "1", "note": "n" * 201},
-                                  {"amount": "1", "account_id": "someone-else"}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"amount": "1", "idempotency_key": "has space"},
+        {"amount": "1", "idempotency_key": "x" * 65},
+        {"amount": "1", "note": "n" * 201},
+        {"amount": "1", "account_id": "someone-else"},
+    ],
+)
 def test_refused_purchase_fields(gw: Gateway, body):
     p = new_account(gw)
     assert_typed_error(gw.post(p.key, "/v1/credits/purchases", body), 422, "invalid_input")
@@ -327,8 +379,12 @@ def test_an_unsettled_purchase_credits_nothing_yet(pending_gateway: Gateway):
     answer = pending_gateway.post(p.key, "/v1/credits/purchases", {"amount": "10", "idempotency_key": "card-1"})
     assert answer.status_code == 201, answer.text
     bought = answer.json()
-    assert (bought["settled"], bought["line"], d(bought["balance"]), bought["reference"]) == (False, None, 100,
-                                                                                              bought["reference"])
+    assert (bought["settled"], bought["line"], d(bought["balance"]), bought["reference"]) == (
+        False,
+        None,
+        100,
+        bought["reference"],
+    )
     assert bought["reference"].startswith("PAY-") and bought["note"] == "card payment pending"
     assert len(history(pending_gateway, p.key)) == 1  # the sign-up grant only
 
@@ -351,14 +407,13 @@ def test_history_filters_by_time_kind_and_model(gw: Gateway, march: March):
     assert [x["id"] for x in history(gw, key, since="2025-03-01T00:00:00Z", until="2025-04-01T00:00:00Z")] == in_march
     # since is inclusive, until exclusive: the April line is at 2025-04-01T00:00 exactly
     assert [x["id"] for x in history(gw, key, since="2025-04-01T00:00:00+00:00", until="2025-04-02")] == [ids["april"]]
-    assert [x["id"] for x in history(gw, key, since="2025-03-03T01:00:00Z", until="2025-03-03T01:00:01Z")] \
-        == [ids["runtime"]]
-    assert [x["id"] for x in history(gw, key, kind=["runtime", "standby"])] == [ids["runtime"], ids["standby"],
-                                                                                ids["april"]]
+    assert [x["id"] for x in history(gw, key, since="2025-03-03T01:00:00Z", until="2025-03-03T01:00:01Z")] == [ids["runtime"]]
+    assert [x["id"] for x in history(gw, key, kind=["runtime", "standby"])] == [ids["runtime"], ids["standby"], ids["april"]]
     assert [x["id"] for x in history(gw, key, kind="grant")][1:] == [ids["grant"]]  # after the sign-up grant
     assert [x["id"] for x in history(gw, key, model="m2")] == [ids["execution"]]
-    assert [x["id"] for x in history(gw, key, model="m1", since="2025-03-01", until="2025-04-01",
-                                     kind="standby")] == [ids["standby"]]
+    assert [x["id"] for x in history(gw, key, model="m1", since="2025-03-01", until="2025-04-01", kind="standby")] == [
+        ids["standby"]
+    ]
     # Without since: the latest lines (oldest first); with since: the first from then on.
     everything = [x["id"] for x in history(gw, key)]
     assert [x["id"] for x in history(gw, key, limit=2)] == everything[-2:]
@@ -377,27 +432,39 @@ def test_history_lines_carry_what_was_charged(gw: Gateway, march: March):
     lines = {x["id"]: x for x in history(gw, march.p.key)}
     run = lines[march.ids["runtime"]]
     assert (run["kind"], d(run["amount"]), run["model"], run["model_id"], run["worker_id"], run["node"]) == (
-        "runtime", Decimal("-1.5"), "m1", march.p.models["m1"], "w1", "node-1@test")
+        "runtime",
+        Decimal("-1.5"),
+        "m1",
+        march.p.models["m1"],
+        "w1",
+        "node-1@test",
+    )
     assert (d(run["seconds"]), d(run["rate"]), run["queries"]) == (3600, Decimal("1.5"), None)
     assert datetime.fromisoformat(run["period_start"]) == datetime(2025, 3, 3, tzinfo=UTC)
     assert datetime.fromisoformat(run["at"]) == datetime(2025, 3, 3, 1, tzinfo=UTC)
     ex = lines[march.ids["execution"]]
     assert (d(ex["amount"]), d(ex["seconds"]), ex["queries"], ex["worker_id"], d(ex["rate"])) == (
-        Decimal("-0.025"), Decimal("2.5"), 7, None, Decimal("0.01"))
+        Decimal("-0.025"),
+        Decimal("2.5"),
+        7,
+        None,
+        Decimal("0.01"),
+    )
 
 
-@pytest.mark.parametrize("params", [{"kind": "bonus"}, {"limit": "0"}, {"limit": "10001"}, {"since": "yesterday"},
-                                    {"model": "no such"}])
+@pytest.mark.parametrize(
+    "params", [{"kind": "bonus"}, {"limit": "0"}, {"limit": "10001"}, {"since": "yesterday"}, {"model": "no such"}]
+)
 def test_bad_history_filters_are_refused(gw: Gateway, params):
     p = new_account(gw)
-    assert_typed_error(gw.client.get("/v1/credits/history", headers=bearer(p.key), params=params), 422,
-                       "invalid_input")
+    assert_typed_error(gw.client.get("/v1/credits/history", headers=bearer(p.key), params=params), 422, "invalid_input")
 
 
 def test_history_of_an_unknown_model_is_not_found(gw: Gateway):
     p = new_account(gw)
-    assert_typed_error(gw.client.get("/v1/credits/history", headers=bearer(p.key), params={"model": "nope"}), 404,
-                       "model_not_found")
+    assert_typed_error(
+        gw.client.get("/v1/credits/history", headers=bearer(p.key), params={"model": "nope"}), 404, "model_not_found"
+    )
 
 
 def test_the_balance_is_the_sum_of_the_history(gw: Gateway, march: March):
@@ -427,15 +494,13 @@ def test_usage_rows_and_totals(gw: Gateway, march: March):
         r.hincrby(day_key(p.id, date(2025, 3, 3)), f"{p.models['m1']}:w1", 12)
         r.hincrby(day_key(p.id, date(2025, 3, 4)), f"{p.models['m2']}:shared", 99)  # on the execution lines already
     used = gw.get(p.key, "/v1/credits/usage", since="2025-03-01", until="2025-04-01")
-    rows = [(r["day"], r["model"], r["worker_id"], r["kind"], d(r["seconds"]), r["queries"], d(r["cost"]))
-            for r in used["rows"]]
+    rows = [(r["day"], r["model"], r["worker_id"], r["kind"], d(r["seconds"]), r["queries"], d(r["cost"])) for r in used["rows"]]
     assert rows == [
         ("2025-03-03", "m1", "w1", "runtime", Decimal(3600), 12, Decimal("1.5")),
         ("2025-03-03", "m1", "w1", "standby", Decimal(1800), 0, Decimal("0.1")),
         ("2025-03-04", "m2", None, "execution", Decimal("2.5"), 7, Decimal("0.025")),
     ]
-    assert (d(used["total_cost"]), d(used["total_seconds"]), used["total_queries"]) == (
-        Decimal("1.625"), Decimal("5402.5"), 19)
+    assert (d(used["total_cost"]), d(used["total_seconds"]), used["total_queries"]) == (Decimal("1.625"), Decimal("5402.5"), 19)
     assert d(used["total_cost"]) == sum(d(r["cost"]) for r in used["rows"])
     assert d(used["balance"]) == d(gw.get(p.key, "/v1/credits")["balance"])
     assert (d(used["burn_rate_per_hour"]), used["runs_out_in_s"], used["runs_out_at"]) == (0, None, None)
@@ -458,8 +523,10 @@ def test_usage_defaults_to_the_last_30_days(gw: Gateway, march: March):
     assert window == timedelta(days=30) and used["rows"] == [] and d(used["total_cost"]) == 0
 
 
-@pytest.mark.parametrize("params", [{"since": "2025-03-02", "until": "2025-03-01"},
-                                    {"since": "2020-01-01", "until": "2025-01-01"}, {"until": "not a time"}])
+@pytest.mark.parametrize(
+    "params",
+    [{"since": "2025-03-02", "until": "2025-03-01"}, {"since": "2020-01-01", "until": "2025-01-01"}, {"until": "not a time"}],
+)
 def test_bad_usage_windows_are_refused(gw: Gateway, params):
     p = new_account(gw)
     assert_typed_error(gw.client.get("/v1/credits/usage", headers=bearer(p.key), params=params), 422, "invalid_input")
@@ -475,16 +542,22 @@ def test_a_months_report_reconciles_to_the_ledger(gw: Gateway, march: March):
     assert datetime.fromisoformat(report["since"]) == MARCH[0] and datetime.fromisoformat(report["until"]) == MARCH[1]
     assert d(report["opening_balance"]) == 5  # the February refund (the sign-up grant is of today)
     assert {k: d(v) for k, v in report["credits_in"].items()} == {"grant": 20, "adjustment": -2}
-    assert {k: d(v) for k, v in report["charges"].items()} == {"runtime": Decimal("1.5"), "standby": Decimal("0.1"),
-                                                               "execution": Decimal("0.025")}
+    assert {k: d(v) for k, v in report["charges"].items()} == {
+        "runtime": Decimal("1.5"),
+        "standby": Decimal("0.1"),
+        "execution": Decimal("0.025"),
+    }
     assert d(report["closing_balance"]) == Decimal("21.375")
     assert d(report["total_cost"]) == sum(d(r["cost"]) for r in report["rows"]) == sum(map(d, report["charges"].values()))
     # against the history, line by line
     before = sum(d(x["amount"]) for x in history(gw, key, until="2025-03-01"))
     during = sum(d(x["amount"]) for x in history(gw, key, since="2025-03-01", until="2025-04-01"))
     assert d(report["opening_balance"]) == before
-    assert d(report["closing_balance"]) == before + during == d(report["opening_balance"]) + sum(
-        map(d, report["credits_in"].values())) - sum(map(d, report["charges"].values()))
+    assert (
+        d(report["closing_balance"])
+        == before + during
+        == d(report["opening_balance"]) + sum(map(d, report["credits_in"].values())) - sum(map(d, report["charges"].values()))
+    )
 
 
 def test_the_next_months_report_opens_where_the_last_closed(gw: Gateway, march: March):
@@ -505,21 +578,26 @@ def test_an_empty_month_reconciles(gw: Gateway):
     assert d(report["opening_balance"]) == d(report["closing_balance"]) == 0
 
 
-@pytest.mark.parametrize("period", ["2025-13", "2025-00", "2025-3", "2025-03-01", "march", "0000-01", "9999-12", "",
-                                    None])
+@pytest.mark.parametrize("period", ["2025-13", "2025-00", "2025-3", "2025-03-01", "march", "0000-01", "9999-12", "", None])
 def test_a_bad_period_is_refused(gw: Gateway, period):
     p = new_account(gw)
     params = {} if period is None else {"period": period}
-    assert_typed_error(gw.client.get("/v1/credits/report", headers=bearer(p.key), params=params), 422,
-                       "invalid_input")
+    assert_typed_error(gw.client.get("/v1/credits/report", headers=bearer(p.key), params=params), 422, "invalid_input")
 
 
 # ---- credentials ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,path", [("GET", "/v1/credits"), ("POST", "/v1/credits/purchases"),
-                                         ("GET", "/v1/credits/history"), ("GET", "/v1/credits/usage"),
-                                         ("GET", "/v1/credits/report?period=2025-03")])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/v1/credits"),
+        ("POST", "/v1/credits/purchases"),
+        ("GET", "/v1/credits/history"),
+        ("GET", "/v1/credits/usage"),
+        ("GET", "/v1/credits/report?period=2025-03"),
+    ],
+)
 def test_credits_need_an_api_key(gw: Gateway, method, path):
     body = {"amount": "1"} if method == "POST" else None
     for headers in ({}, bearer("cpk_" + "0" * 40)):

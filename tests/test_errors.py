@@ -28,8 +28,13 @@ def test_every_error_round_trips_over_the_wire_as_its_own_class(cls):
 
 # The README's promise: one exit code per family, whatever the class below it.
 FAMILY_EXIT_CODES = {
-    errors.ConfigurationError: 2, errors.AuthError: 3, errors.NotFound: 4, errors.Conflict: 5,
-    errors.InvalidInput: 6, errors.PlatformError: 7, errors.LimitExceeded: 8,
+    errors.ConfigurationError: 2,
+    errors.AuthError: 3,
+    errors.NotFound: 4,
+    errors.Conflict: 5,
+    errors.InvalidInput: 6,
+    errors.PlatformError: 7,
+    errors.LimitExceeded: 8,
 }
 
 
@@ -40,8 +45,11 @@ def family_exit_code(cls: type) -> int:
 
 
 def test_every_error_but_the_root_belongs_to_a_family():
-    orphans = [c.__name__ for c in all_error_classes() if c is not errors.CipherpoolError
-               and not any(issubclass(c, family) for family in FAMILY_EXIT_CODES)]
+    orphans = [
+        c.__name__
+        for c in all_error_classes()
+        if c is not errors.CipherpoolError and not any(issubclass(c, family) for family in FAMILY_EXIT_CODES)
+    ]
     assert orphans == []
 
 

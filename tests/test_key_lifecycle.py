@@ -63,8 +63,14 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
 def ctx(db_url, redis_url, tmp_path) -> Iterator[PlatformContext]:
     """The platform as beat's key sweep sees it: this test's database, the module's Redis
     (emptied of the platform's keys), blobs in Redis, no grace period."""
-    settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url, database_url=db_url, blob_store="redis",
-                        blob_sweep_grace_s=0, key_idle_expiry_s=30 * 86400)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        broker_url=redis_url,
+        database_url=db_url,
+        blob_store="redis",
+        blob_sweep_grace_s=0,
+        key_idle_expiry_s=30 * 86400,
+    )
     context = PlatformContext(settings)
     for name in context.store.redis.scan_iter("cipherpool:*"):
         context.store.redis.delete(name)
@@ -95,8 +101,7 @@ def another_token(ctx: PlatformContext, holder: Holder, name: str = "t2") -> str
         return tokens.create_token(session, account, name, "m", no_expiry=True)[0].id
 
 
-def upload(ctx: PlatformContext, token_id: str, kid: str, data: bytes, quotas: KeyQuotas | None = None,
-           model: str = "m") -> str:
+def upload(ctx: PlatformContext, token_id: str, kid: str, data: bytes, quotas: KeyQuotas | None = None, model: str = "m") -> str:
     """What the gateway does with an uploaded key: register it (which takes its sweep mark
     away), then write it into the store, then commit."""
     blob = sha256_hex(data)
@@ -114,8 +119,7 @@ def marks(ctx: PlatformContext) -> set[str]:
 
 def row(ctx: PlatformContext, token_id: str, kid: str) -> EvaluationKey | None:
     with ctx.session() as session:
-        return session.exec(select(EvaluationKey).where(EvaluationKey.token_id == token_id,
-                                                        EvaluationKey.key_id == kid)).first()
+        return session.exec(select(EvaluationKey).where(EvaluationKey.token_id == token_id, EvaluationKey.key_id == kid)).first()
 
 
 # ---- blobs leave the store once nothing references them ------------------------------------
@@ -180,8 +184,9 @@ def test_a_deleted_models_artifacts_and_keys_are_swept(ctx):
         models.delete_model(session, account, "zips")
         models.delete_model(session, account, "m")
     assert key_sweep.sweep(ctx).removed == 5  # m's "d" * 64 and "s" * 64 too (never stored: nothing to remove)
-    assert not any(ctx.store.exists(k, b) for k, b in [(BlobKind.CLIENT_ZIP, client_blob),
-                                                      (BlobKind.SERVER_ZIP, server_blob), (EVK, evk)])
+    assert not any(
+        ctx.store.exists(k, b) for k, b in [(BlobKind.CLIENT_ZIP, client_blob), (BlobKind.SERVER_ZIP, server_blob), (EVK, evk)]
+    )
 
 
 def _in_thread(fn) -> tuple[threading.Thread, list[object]]:
@@ -345,8 +350,15 @@ def test_an_idle_key_set_expires_and_a_query_is_told_which_version_to_upload_for
     upload(ctx, holder.token_id, kid, capnp(4))
     assert row(ctx, holder.token_id, kid).expired_at is None and ctx.store.exists(EVK, blob)
     with ctx.session() as session:
-        assert queries.key_blob(session, queries.grant_for_id(session, holder.token_id),
-                                queries.grant_for_id(session, holder.token_id).models[0], kid) == blob
+        assert (
+            queries.key_blob(
+                session,
+                queries.grant_for_id(session, holder.token_id),
+                queries.grant_for_id(session, holder.token_id).models[0],
+                kid,
+            )
+            == blob
+        )
 
 
 def test_an_expired_key_set_is_forgotten_one_idle_period_later(ctx):
@@ -411,8 +423,9 @@ def test_outdated_keys_name_the_version_they_were_made_for_and_the_serving_one(c
     holder, kid = provider(ctx), key_id()
     upload(ctx, holder.token_id, kid, capnp(4))
     with ctx.session() as session:  # version 2, other client specs; no worker: it serves at once
-        models.add_version(session, accounts.get_account(session, holder.account_id), "m",
-                           models.Artifact("e" * 64, "f" * 64, 1, 1, V))
+        models.add_version(
+            session, accounts.get_account(session, holder.account_id), "m", models.Artifact("e" * 64, "f" * 64, 1, 1, V)
+        )
     with ctx.session() as session:
         grant = queries.grant_for_id(session, holder.token_id)
         with pytest.raises(errors.KeysOutdated) as outdated:
@@ -455,8 +468,16 @@ def gateway(tmp_path_factory, redis_url) -> Iterator[Gateway]:
     from cipherpool.stack.supervisor import free_port
 
     tmp = tmp_path_factory.mktemp("key-lifecycle-gateway")
-    s = Settings(data_dir=tmp / "data", broker_url=redis_url, blob_store="redis", token_rate_per_s=0,
-                 account_rate_per_s=0, key_warmup=False, blob_sweep_grace_s=0, max_key_bytes_per_token=4 * MIB)
+    s = Settings(
+        data_dir=tmp / "data",
+        broker_url=redis_url,
+        blob_store="redis",
+        token_rate_per_s=0,
+        account_rate_per_s=0,
+        key_warmup=False,
+        blob_sweep_grace_s=0,
+        max_key_bytes_per_token=4 * MIB,
+    )
     db = s.effective_database_url()
     init_db(db)
     port = free_port()
@@ -505,8 +526,9 @@ def test_an_end_user_lists_and_deletes_its_key_sets(gateway: Gateway, user: EndU
     for fill in (1, 2):  # uploaded, then replaced under the same id
         assert user.call("PUT", f"/v1/client/keys/{kid}", content=capnp(1000, fill)).status_code == 201
     listed = user.call("GET", "/v1/client/keys").json()
-    assert [(k["key_id"], k["model"], k["status"], k["size_bytes"], k["made_for_version"], k["serving_version"])
-            for k in listed] == [(kid, "m", "active", 8008, 1, 1)]
+    assert [
+        (k["key_id"], k["model"], k["status"], k["size_bytes"], k["made_for_version"], k["serving_version"]) for k in listed
+    ] == [(kid, "m", "active", 8008, 1, 1)]
     assert listed[0]["expires_at"] > listed[0]["last_used_at"]
 
     assert user.call("DELETE", f"/v1/client/keys/{kid}").status_code == 204
@@ -569,10 +591,22 @@ def query_client(gateway: Gateway, user: EndUser):
     from cipherpool.api.schemas import ClientModelOut
     from cipherpool.client.query import QueryClient
 
-    client = QueryClient(user.token, gateway.url, settings=gateway.settings.model_copy(update={"url": gateway.url}),
-                         key_dir=Path(gateway.settings.data_dir) / "client-keys" / user.token_id)
-    client._model = ClientModelOut(id=user.model_id, name="m", status="active", version=1, concrete_ml="1.9.0",
-                                   concrete_python="2.10.0", client_zip_sha256=user.client_blob, running_workers=0)
+    client = QueryClient(
+        user.token,
+        gateway.url,
+        settings=gateway.settings.model_copy(update={"url": gateway.url}),
+        key_dir=Path(gateway.settings.data_dir) / "client-keys" / user.token_id,
+    )
+    client._model = ClientModelOut(
+        id=user.model_id,
+        name="m",
+        status="active",
+        version=1,
+        concrete_ml="1.9.0",
+        concrete_python="2.10.0",
+        client_zip_sha256=user.client_blob,
+        running_workers=0,
+    )
     client._crypto = StubCrypto()  # type: ignore[assignment]
     return client
 
@@ -587,8 +621,7 @@ def test_a_query_with_an_expired_key_set_makes_the_client_upload_it_again(gatewa
     assert "'m' serves version 1" in refused.json()["message"]
     # The client's: it uploads the key set again and retries the query once, and says so
     handle = client.submit(client.encrypt([0]), wait_for_worker=True)
-    assert handle.id and client.key_actions == [f"key set {kid[:12]}… had expired: uploaded it again and retried "
-                                                "the query"]
+    assert handle.id and client.key_actions == [f"key set {kid[:12]}… had expired: uploaded it again and retried the query"]
     assert [k.status.value for k in client.list_keys()] == ["active"]
     client.close()
 

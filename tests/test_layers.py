@@ -11,8 +11,17 @@ ROOT = Path(__file__).resolve().parents[1] / "cipherpool"
 
 # Bottom first. A module may import from its own floor and the floors below it.
 LAYERS: list[set[str]] = [
-    {"errors", "statuses", "names", "clock", "version", "files", "waiting", "credentials",
-     "backends"},  # no dependencies (backends: the registry, read by config, db and api; it names its
+    {
+        "errors",
+        "statuses",
+        "names",
+        "clock",
+        "version",
+        "files",
+        "waiting",
+        "credentials",
+        "backends",
+    },  # no dependencies (backends: the registry, read by config, db and api; it names its
     # evaluator factories as module:attribute, imported on the nodes, as settings name payment_provider)
     {"config"},  # settings, profiles, Celery configuration
     {"db"},  # tables, engine, migrations (self-contained)
@@ -29,8 +38,21 @@ LAYERS: list[set[str]] = [
     {"cli", "stack", "tutorials", "demo", "examples", "__main__", "__init__"},  # entry points
 ]
 FLOOR = {name: i for i, names in enumerate(LAYERS) for name in names}
-CLIENT_MAY_IMPORT = {"errors", "version", "config", "api", "fhe", "waiting", "client", "clock", "statuses", "names",
-                     "credentials", "files", "messages"}
+CLIENT_MAY_IMPORT = {
+    "errors",
+    "version",
+    "config",
+    "api",
+    "fhe",
+    "waiting",
+    "client",
+    "clock",
+    "statuses",
+    "names",
+    "credentials",
+    "files",
+    "messages",
+}
 
 
 def _imports() -> list[tuple[str, str, str, int]]:
@@ -52,19 +74,24 @@ def _imports() -> list[tuple[str, str, str, int]]:
 
 
 def test_every_module_has_a_floor():
-    tops = {path.relative_to(ROOT).parts[0].removesuffix(".py") for path in ROOT.glob("*")
-            if path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists())}
+    tops = {
+        path.relative_to(ROOT).parts[0].removesuffix(".py")
+        for path in ROOT.glob("*")
+        if path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists())
+    }
     assert tops - set(FLOOR) == set()
 
 
 def test_no_import_climbs_against_the_layers():
-    climbing = [f"{file}:{line}: {top} imports {name}" for top, name, file, line in _imports()
-                if FLOOR[name] > FLOOR[top]]
+    climbing = [f"{file}:{line}: {top} imports {name}" for top, name, file, line in _imports() if FLOOR[name] > FLOOR[top]]
     assert climbing == []
 
 
 def test_client_imports_no_platform_code():
     """A customer's client needs no broker, database or store code."""
-    leaking = [f"{file}:{line}: imports {name}" for top, name, file, line in _imports()
-               if top == "client" and name not in CLIENT_MAY_IMPORT]
+    leaking = [
+        f"{file}:{line}: imports {name}"
+        for top, name, file, line in _imports()
+        if top == "client" and name not in CLIENT_MAY_IMPORT
+    ]
     assert leaking == []

@@ -18,18 +18,18 @@ import pytest
 from sqlmodel import col, select
 
 from cipherpool import lifecycle, workerlog
-from cipherpool.scheduler import reconcile as reconciler
 from cipherpool.billing.charging import charge_all, epoch_ms, epoch_us, refund_after, settle, skip_silence, unbilled_workers
 from cipherpool.billing.money import MS_PER_HOUR as H
-from cipherpool.db import session_scope
 from cipherpool.clock import utcnow
+from cipherpool.db import session_scope
 from cipherpool.db.tables import LedgerEntry, ModelEvent, PoolNode, Worker, WorkerStatus
 from cipherpool.names import BIND_TASK
+from cipherpool.scheduler import reconcile as reconciler
 from cipherpool.services import nodes
 from cipherpool.services.reconcile import fail_lost_workers
 from cipherpool.statuses import EventKind, LedgerKind, StopReason
-from tests.test_billing import RUNTIME, STANDBY, Rig, check_books, make_worker, set_status, worker_lines, worker_row
 from tests import test_schedules
+from tests.test_billing import RUNTIME, STANDBY, Rig, check_books, make_worker, set_status, worker_lines, worker_row
 from tests.test_schedules import FRIDAY_0930, FRIDAY_2100, OFFICE, Beat
 
 beat = test_schedules.beat  # its fixture: alice's model "m", three nodes, a fake Celery app
@@ -107,17 +107,21 @@ CASES = [
     # what was charged before the reconciler noticed: (status, until) settles in order
     pytest.param(WorkerStatus.UP, [], 0, id="nothing-charged"),
     pytest.param(WorkerStatus.UP, ["tick:3000", "tick:9000"], 0, id="capped-ticks-nothing-to-give-back"),
-    pytest.param(WorkerStatus.UP, [(WorkerStatus.UP, at(3000)), (WorkerStatus.UP, at(6040.001))], 10_985,
-                 id="older-tick-charged-40s-past"),
+    pytest.param(
+        WorkerStatus.UP, [(WorkerStatus.UP, at(3000)), (WorkerStatus.UP, at(6040.001))], 10_985, id="older-tick-charged-40s-past"
+    ),
     pytest.param(WorkerStatus.UP, [(WorkerStatus.UP, at(7500.999))], 416_817, id="charged-past-midnight"),
-    pytest.param(WorkerStatus.STANDBY, [(WorkerStatus.STANDBY, at(6010)), (WorkerStatus.UP, at(6040))], 8598,
-                 id="standby-then-resumed-after-the-heartbeat"),
+    pytest.param(
+        WorkerStatus.STANDBY,
+        [(WorkerStatus.STANDBY, at(6010)), (WorkerStatus.UP, at(6040))],
+        8598,
+        id="standby-then-resumed-after-the-heartbeat",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("status", "settles", "given_back"), CASES)
-def test_a_lost_worker_is_charged_exactly_from_its_start_to_its_last_heartbeat(db_url, settings, status, settles,
-                                                                               given_back):
+def test_a_lost_worker_is_charged_exactly_from_its_start_to_its_last_heartbeat(db_url, settings, status, settles, given_back):
     # Given a worker (standby or up) whose node was last heard at HEARD, charged as `settles` say
     rig = make_worker(db_url, started_at=START, status=status)
     hear(rig, HEARD)
@@ -157,10 +161,13 @@ def test_a_lost_worker_is_charged_exactly_from_its_start_to_its_last_heartbeat(d
 # -- a node that restarts within the loss window --------------------------------------------
 
 
-@pytest.mark.parametrize(("charged_to", "given_back"), [
-    pytest.param(None, 0, id="ticks-only"),
-    pytest.param(at(65), 1389, id="a-standby-settled-5s-past-the-heartbeat"),
-])
+@pytest.mark.parametrize(
+    ("charged_to", "given_back"),
+    [
+        pytest.param(None, 0, id="ticks-only"),
+        pytest.param(at(65), 1389, id="a-standby-settled-5s-past-the-heartbeat"),
+    ],
+)
 def test_a_restart_within_the_window_charges_nothing_for_the_downtime(db_url, settings, charged_to, given_back):
     # Given a worker up since START, its node last heard at 60 s and charged up to then
     rig = make_worker(db_url, started_at=START)
@@ -171,8 +178,12 @@ def test_a_restart_within_the_window_charges_nothing_for_the_downtime(db_url, se
             settle(s, rig.worker_id, charged_to)
     # When the node registers again at 77 s, within 3 heartbeats, still holding its worker
     with session_scope(db_url) as s:
-        registered = nodes.register(s, rig.node, nodes.NodeInfo(host_class=rig.host_class, profile=rig.profile,
-                                                                concurrency=1, threads=1, pid=2), now=at(77))
+        registered = nodes.register(
+            s,
+            rig.node,
+            nodes.NodeInfo(host_class=rig.host_class, profile=rig.profile, concurrency=1, threads=1, pid=2),
+            now=at(77),
+        )
     # Then the 17 s it was down are not owed, and it says so
     assert registered.downtime == nodes.Downtime(rig.worker_id, rig.node, at(60), at(77))
     assert registered.downtime.seconds == 17.0
@@ -201,8 +212,9 @@ def test_a_node_registering_without_a_worker_has_no_downtime(db_url):
         s.get(PoolNode, rig.node).worker_id = None
     hear(rig, at(60))
     with session_scope(db_url) as s:
-        registered = nodes.register(s, rig.node, nodes.NodeInfo(host_class=rig.host_class, concurrency=1, threads=1,
-                                                                pid=2), now=at(77))
+        registered = nodes.register(
+            s, rig.node, nodes.NodeInfo(host_class=rig.host_class, concurrency=1, threads=1, pid=2), now=at(77)
+        )
         assert registered.downtime is None
         assert s.exec(select(ModelEvent).where(col(ModelEvent.kind) == EventKind.WORKER_DOWNTIME.value)).all() == []
 
@@ -214,8 +226,9 @@ def test_a_node_registering_without_a_worker_has_no_downtime(db_url):
 def worker_logs(monkeypatch) -> dict[str, list[str]]:
     """The lines written to each worker's log (the test's Redis is unreachable)."""
     lines: dict[str, list[str]] = {}
-    monkeypatch.setattr(workerlog, "write", lambda _redis, worker_id, message, **_: lines.setdefault(
-        worker_id, []).append(message))
+    monkeypatch.setattr(
+        workerlog, "write", lambda _redis, worker_id, message, **_: lines.setdefault(worker_id, []).append(message)
+    )
     return lines
 
 
@@ -255,8 +268,7 @@ def test_a_schedules_replacement_stays_the_schedules_and_stops_at_its_window_end
 
 
 def test_an_autoscaled_replacement_stays_the_autoscalers(beat, worker_logs):
-    (started,) = lifecycle.start_workers(beat.ctx, beat.app, beat.account_id, "m", profile="default",
-                                         started_by="autoscaler")
+    (started,) = lifecycle.start_workers(beat.ctx, beat.app, beat.account_id, "m", profile="default", started_by="autoscaler")
     lose(beat, started)
     (lost,) = reconciler.reconcile(beat.ctx, beat.app)
     with session_scope(beat.db) as s:

@@ -5,7 +5,7 @@ over a real Redis."""
 from __future__ import annotations
 
 import time
-from datetime import timedelta, UTC
+from datetime import UTC, timedelta
 
 import pytest
 from sqlmodel import select
@@ -13,7 +13,17 @@ from sqlmodel import select
 from cipherpool import announce, errors
 from cipherpool.clock import utcnow
 from cipherpool.db.tables import (
-    AccessToken, Account, EvaluationKey, Model, ModelEvent, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker, WorkerStatus,
+    AccessToken,
+    Account,
+    EvaluationKey,
+    Model,
+    ModelEvent,
+    ModelStatus,
+    ModelVersion,
+    PoolNode,
+    TokenModel,
+    Worker,
+    WorkerStatus,
 )
 from cipherpool.fhe.deployment import InputSpec, Versions
 from cipherpool.services import accounts, events, models, nodes, queries, rollout, tokens, usage, workers
@@ -86,8 +96,7 @@ def account(alice):
 def test_update_account_changes_details_and_stamps_updated_at(session, account):
     assert account.updated_at is None
     before = utcnow()
-    accounts.update_account(session, account, {"name": "alice-2", "organisation": "Acme",
-                                               "contact_email": "ops@acme.example"})
+    accounts.update_account(session, account, {"name": "alice-2", "organisation": "Acme", "contact_email": "ops@acme.example"})
     reload(session)
     row = accounts.find_account(session, account.id)
     assert (row.name, row.organisation, row.contact_email) == ("alice-2", "Acme", "ops@acme.example")
@@ -99,8 +108,9 @@ def test_update_account_changes_details_and_stamps_updated_at(session, account):
     assert accounts.find_account(session, account.id).organisation is None
 
 
-@pytest.mark.parametrize("changes", [{"api_key_hash": "x"}, {"disabled_at": None}, {"name": None},
-                                     {"name": "has space"}, {"name": ""}])
+@pytest.mark.parametrize(
+    "changes", [{"api_key_hash": "x"}, {"disabled_at": None}, {"name": None}, {"name": "has space"}, {"name": ""}]
+)
 def test_update_account_refuses_other_fields_and_bad_names(session, account, changes):
     with pytest.raises(errors.InvalidInput):
         accounts.update_account(session, account, changes)
@@ -183,24 +193,31 @@ def test_get_account_of_a_deleted_account_is_an_invalid_key(session):
 
 
 def test_deploy_stores_settings(session, account):
-    deploy(session, account, "m", description="digits classifier", hardware="gpu", min_workers=1, max_workers=3,
-           shared=True)
+    deploy(session, account, "m", description="digits classifier", hardware="gpu", min_workers=1, max_workers=3, shared=True)
     reload(session)
     model = models.get_model(session, account, "m")
     assert (model.description, model.hardware, model.min_workers, model.max_workers, model.shared) == (
-        "digits classifier", "gpu", 1, 3, True)
+        "digits classifier",
+        "gpu",
+        1,
+        3,
+        True,
+    )
     assert (model.version, model.rollout_version, model.status) == (1, None, ModelStatus.DEPLOYED)
     assert kinds(session, model) == [EventKind.DEPLOYED.value]
     defaults = deploy(session, account, "plain")
     assert (defaults.hardware, defaults.min_workers, defaults.max_workers, defaults.shared) == ("cpu", 0, 1, False)
 
 
-@pytest.mark.parametrize("bad", [
-    {"min_workers": 3, "max_workers": 2},
-    {"max_workers": 0},
-    {"min_workers": -1},
-    {"hardware": "tpu"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"min_workers": 3, "max_workers": 2},
+        {"max_workers": 0},
+        {"min_workers": -1},
+        {"hardware": "tpu"},
+    ],
+)
 def test_deploy_refuses_invalid_settings(session, account, bad):
     with pytest.raises(errors.InvalidInput):
         deploy(session, account, "m", **bad)
@@ -210,8 +227,7 @@ def test_deploy_refuses_invalid_settings(session, account, bad):
 
 def test_update_settings_changes_them_and_records_which(session, account):
     deploy(session, account, "m")
-    models.update_settings(session, account, "m", {"description": "new text", "max_workers": 4, "min_workers": 2,
-                                                   "shared": True})
+    models.update_settings(session, account, "m", {"description": "new text", "max_workers": 4, "min_workers": 2, "shared": True})
     reload(session)
     model = models.get_model(session, account, "m")
     assert (model.description, model.min_workers, model.max_workers, model.shared) == ("new text", 2, 4, True)
@@ -225,14 +241,17 @@ def test_update_settings_changes_them_and_records_which(session, account):
     assert kinds(session, model).count(EventKind.SETTINGS_CHANGED.value) == 1
 
 
-@pytest.mark.parametrize("changes", [
-    {"colour": "blue"},
-    {"version": 3},
-    {"min_workers": 2},  # above the current max_workers (1)
-    {"max_workers": 0},
-    {"hardware": "tpu"},
-    {"min_workers": 5, "max_workers": 4},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"colour": "blue"},
+        {"version": 3},
+        {"min_workers": 2},  # above the current max_workers (1)
+        {"max_workers": 0},
+        {"hardware": "tpu"},
+        {"min_workers": 5, "max_workers": 4},
+    ],
+)
 def test_update_settings_refuses_unknown_or_invalid_settings(session, account, changes):
     deploy(session, account, "m")
     with pytest.raises(errors.InvalidInput):
@@ -266,8 +285,7 @@ def test_new_versions_are_numbered_and_serve_at_once_without_workers(session, ac
     reload(session)
     model = models.get_model(session, account, "m")
     assert (model.version, model.rollout_version) == (2, None)
-    assert kinds(session, model) == [EventKind.DEPLOYED.value, EventKind.VERSION_ADDED.value,
-                                     EventKind.VERSION_SERVING.value]
+    assert kinds(session, model) == [EventKind.DEPLOYED.value, EventKind.VERSION_ADDED.value, EventKind.VERSION_SERVING.value]
     added = events.list_events(session, model)[1]
     assert added.version == 2 and "retrained" in added.message
     models.add_version(session, account, "m", artifact("e"))
@@ -363,9 +381,15 @@ def test_delete_removes_versions_assignments_keys_events_and_workers(session, ac
 
     blobs = models.delete_model(session, account, "m")
     reload(session)
-    assert blobs == sorted({(BlobKind.CLIENT_ZIP, "c" * 64), (BlobKind.SERVER_ZIP, "s" * 64),
-                            (BlobKind.CLIENT_ZIP, "d" * 64), (BlobKind.SERVER_ZIP, "t" * 64),
-                            (BlobKind.EVALUATION_KEY, "e" * 64)})
+    assert blobs == sorted(
+        {
+            (BlobKind.CLIENT_ZIP, "c" * 64),
+            (BlobKind.SERVER_ZIP, "s" * 64),
+            (BlobKind.CLIENT_ZIP, "d" * 64),
+            (BlobKind.SERVER_ZIP, "t" * 64),
+            (BlobKind.EVALUATION_KEY, "e" * 64),
+        }
+    )
     for table in (ModelVersion, TokenModel, EvaluationKey, ModelEvent, Worker):
         assert session.exec(select(table).where(table.model_id == model_id)).all() == [], table.__name__
     assert session.get(Model, model_id) is None
@@ -411,7 +435,9 @@ def test_a_running_worker_holds_the_serving_version_until_it_loads_the_new_one(s
     assert rollout.versions_to_hold(model) == {1, 2}
     assert kinds(session, model)[-2:] == [EventKind.VERSION_ADDED.value, EventKind.ROLLOUT_STARTED.value]
     assert [(v.number, v.serving, v.rolling_out) for v in models.detail(session, model, 1).versions] == [
-        (1, True, False), (2, False, True)]
+        (1, True, False),
+        (2, False, True),
+    ]
 
     assert rollout.worker_loaded(session, worker.id, 2) is True
     reload(session)
@@ -559,15 +585,18 @@ def test_token_expiry_options(session, account):
     assert abs(naive - (now + timedelta(hours=1))) < timedelta(seconds=1)
 
 
-@pytest.mark.parametrize("options", [
-    {"ttl_s": 60, "no_expiry": True},
-    {"ttl_s": 60, "expires_at": "future"},
-    {"expires_at": "future", "no_expiry": True},
-    {"ttl_s": 60, "expires_at": "future", "no_expiry": True},
-    {"expires_at": "past"},
-    {"ttl_s": 0},
-    {"ttl_s": -5},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"ttl_s": 60, "no_expiry": True},
+        {"ttl_s": 60, "expires_at": "future"},
+        {"expires_at": "future", "no_expiry": True},
+        {"ttl_s": 60, "expires_at": "future", "no_expiry": True},
+        {"expires_at": "past"},
+        {"ttl_s": 0},
+        {"ttl_s": -5},
+    ],
+)
 def test_bad_expiry_options_are_refused(session, account, options):
     deploy(session, account)
     moments = {"future": utcnow() + timedelta(days=1), "past": utcnow() - timedelta(seconds=1)}
@@ -622,8 +651,9 @@ def test_update_token_changes_name_expiry_quota_and_enabled(session, account):
     assert tokens.resolve_token(session, value).id == token.id
 
 
-@pytest.mark.parametrize("changes", [{"name": "bad name"}, {"quota": -1}, {"quota": "ten"}, {"prefix": "cpt_x"},
-                                     {"revoked_at": None}])
+@pytest.mark.parametrize(
+    "changes", [{"name": "bad name"}, {"quota": -1}, {"quota": "ten"}, {"prefix": "cpt_x"}, {"revoked_at": None}]
+)
 def test_update_token_refuses_bad_changes(session, account, changes):
     deploy(session, account)
     token, _ = tokens.create_token(session, account, "t", "m", quota=3)
@@ -657,8 +687,7 @@ def test_assign_and_unassign_are_idempotent_and_recorded(session, account):
     tokens.unassign(session, account, token.id, "a")
     reload(session)
     assert [m.name for m in tokens.assigned_models(session, token.id)] == ["b"]
-    assert kinds(session, a) == [EventKind.DEPLOYED.value, EventKind.TOKEN_ASSIGNED.value,
-                                 EventKind.TOKEN_UNASSIGNED.value]
+    assert kinds(session, a) == [EventKind.DEPLOYED.value, EventKind.TOKEN_ASSIGNED.value, EventKind.TOKEN_UNASSIGNED.value]
     assert events.list_events(session, a)[-1].token_id == token.id
     bob, _ = accounts.create_account(session, "bob")
     deploy(session, bob, "theirs")
@@ -676,8 +705,11 @@ def test_each_refusal_of_a_token_is_its_own_error(session, account):
     tokens.revoke_token(session, account, revoked.id)
     tokens.update_token(session, account, disabled.id, {"enabled": False})
     reload(session)
-    cases = [(revoked_value, None, errors.TokenRevoked), (disabled_value, None, errors.TokenDisabled),
-             (expiring, utcnow() + timedelta(seconds=61), errors.TokenExpired)]
+    cases = [
+        (revoked_value, None, errors.TokenRevoked),
+        (disabled_value, None, errors.TokenDisabled),
+        (expiring, utcnow() + timedelta(seconds=61), errors.TokenExpired),
+    ]
     for value, now, expected in cases:
         with pytest.raises(expected) as refused:
             tokens.resolve_token(session, value, now=now)
@@ -743,8 +775,12 @@ def test_token_status_precedence(session, account):
     assert status(5, later) == TokenStatus.REVOKED
     unlimited, _ = tokens.create_token(session, account, "u", "m", no_expiry=True)
     reload(session)
-    assert tokens.status(tokens.get_token(session, account, unlimited.id), usage.Usage(queries=10**6),
-                         now=utcnow() + timedelta(days=10**4)) == TokenStatus.ACTIVE
+    assert (
+        tokens.status(
+            tokens.get_token(session, account, unlimited.id), usage.Usage(queries=10**6), now=utcnow() + timedelta(days=10**4)
+        )
+        == TokenStatus.ACTIVE
+    )
     zero, _ = tokens.create_token(session, account, "z", "m", quota=0)
     assert tokens.status(zero, usage.Usage()) == TokenStatus.EXHAUSTED
 
@@ -872,8 +908,12 @@ def test_events_are_read_after_a_cursor_or_since_a_moment_in_order(session, acco
     assert [e.id for e in every] == sorted(e.id for e in every)  # in the platform's order
     ids = [e.public_id for e in every]  # what a provider sees, and pages by
     assert len(set(ids)) == 4 and all(i.startswith("ev_") for i in ids)
-    assert [e.kind for e in every] == [EventKind.DEPLOYED.value, EventKind.ACTIVATED.value,
-                                       EventKind.DEACTIVATED.value, EventKind.SETTINGS_CHANGED.value]
+    assert [e.kind for e in every] == [
+        EventKind.DEPLOYED.value,
+        EventKind.ACTIVATED.value,
+        EventKind.DEACTIVATED.value,
+        EventKind.SETTINGS_CHANGED.value,
+    ]
     assert [e.public_id for e in events.list_events(session, model, after=first[0].public_id)] == ids[1:]
     assert [e.public_id for e in events.list_events(session, model, after=ids[2])] == ids[3:]
     assert events.list_events(session, model, after=ids[-1]) == []
@@ -1012,8 +1052,10 @@ def test_the_reconciler_fails_workers_of_lost_nodes_only(session, account):
     assert session.get(PoolNode, "n1").status == NodeStatus.OFFLINE and session.get(PoolNode, "n1").worker_id is None
     assert session.get(Worker, alive.id).status == WorkerStatus.UP
     assert fail_lost_workers(session, HEARTBEAT_S) == []  # once only
-    assert any(e.kind == "worker_failed" and e.worker_id == lost.id
-               for e in events.list_events(session, models.get_model(session, account, "m")))
+    assert any(
+        e.kind == "worker_failed" and e.worker_id == lost.id
+        for e in events.list_events(session, models.get_model(session, account, "m"))
+    )
 
 
 def test_the_reconciler_does_not_replace_workers_of_an_inactive_model(session, account):
@@ -1062,7 +1104,7 @@ def test_events_since_a_time_with_an_offset_compare_in_utc(session, account):
     model = deploy(session, account, "m")
     session.flush()
     paris = timezone(timedelta(hours=2))
-    before = (events.list_events(session, model)[0].at - timedelta(minutes=30))
+    before = events.list_events(session, model)[0].at - timedelta(minutes=30)
     before = before if before.tzinfo else before.replace(tzinfo=UTC)
     assert events.list_events(session, model, since=before.astimezone(paris))  # 30 min before, in +02:00
     assert not events.list_events(session, model, since=(before + timedelta(hours=1)).astimezone(paris))
@@ -1072,8 +1114,8 @@ def test_beat_keeps_the_minimum_and_backs_off_after_a_failed_load(session, db_ur
     from types import SimpleNamespace
 
     from cipherpool.config.settings import Settings
-    from cipherpool.db import session_scope
     from cipherpool.context import PlatformContext
+    from cipherpool.db import session_scope
     from cipherpool.scheduler import reconcile as reconciler
 
     deploy(session, account, "m", min_workers=2, max_workers=3)
@@ -1086,8 +1128,9 @@ def test_beat_keeps_the_minimum_and_backs_off_after_a_failed_load(session, db_ur
     sent = []
     app = SimpleNamespace(send_task=lambda name, kwargs=None, queue=None, **_: sent.append((name, queue)))
     # The worker log's Redis is unreachable here: its lines are best effort, the decisions are not.
-    ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, broker_url="redis://127.0.0.1:1/0",
-                                   node_heartbeat_s=HEARTBEAT_S))
+    ctx = PlatformContext(
+        Settings(data_dir=tmp_path, database_url=db_url, broker_url="redis://127.0.0.1:1/0", node_heartbeat_s=HEARTBEAT_S)
+    )
 
     started = reconciler.keep_minimum(ctx, app)
     assert len(started) == 2 and len(sent) == 2  # up to the minimum
@@ -1108,21 +1151,21 @@ def test_beat_keeps_the_minimum_and_backs_off_after_a_failed_load(session, db_ur
 
 
 @pytest.mark.parametrize("limited", [False, True], ids=["no-rate-limit", "rate-limited"])
-def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_credentials(session, db_url, account,
-                                                                                        redis_client, tmp_path,
-                                                                                        monkeypatch, limited):
+def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_credentials(
+    session, db_url, account, redis_client, tmp_path, monkeypatch, limited
+):
     """A worker's start, stop or rollout flip bumps the serving counter: the guard sees it at
     the next request and keeps its cached credentials; a credential change still drops all.
     Through the guard's own admission and a real rate limiter (both of its branches)."""
     from types import SimpleNamespace
 
     from cipherpool.config.settings import Settings
+    from cipherpool.context import PlatformContext
     from cipherpool.gateway import auth as auth_module
     from cipherpool.gateway.guard import Guard
     from cipherpool.gateway.ratelimit import RateLimiter
     from cipherpool.gateway.throttle import AuthThrottle
     from cipherpool.names import AUTH_GENERATION_KEY
-    from cipherpool.context import PlatformContext
 
     deploy(session, account, "m")
     _, value = tokens.create_token(session, account, "t", "m")
@@ -1135,8 +1178,11 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     clock = [1000.0]  # the caches' clock stands still: nothing expires while the test runs
     monkeypatch.setattr(auth_module.time, "monotonic", lambda: clock[0])
     rate = 1e9 if limited else 0
-    gw = SimpleNamespace(auth=auth_module.Authenticator(ctx), limiter=RateLimiter(redis_client, rate, rate),
-                         throttle=AuthThrottle(redis_client, 0, 60))
+    gw = SimpleNamespace(
+        auth=auth_module.Authenticator(ctx),
+        limiter=RateLimiter(redis_client, rate, rate),
+        throttle=AuthThrottle(redis_client, 0, 60),
+    )
     gw.auth.sync()  # the counters as they stand (an earlier test may have moved them)
 
     def request():

@@ -14,9 +14,14 @@ def test_envelopes_round_trip_and_keep_bytes_binary():
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"garbage", msgpack.packb({"format": "other"}), msgpack.packb([1, 2]),
-     EncryptedOutput("m", "k", b"x").encode(),  # a result is not an input
-     EncryptedInput("m", "k", b"x" * 100).encode()[:-10]],  # truncated
+    [
+        b"",
+        b"garbage",
+        msgpack.packb({"format": "other"}),
+        msgpack.packb([1, 2]),
+        EncryptedOutput("m", "k", b"x").encode(),  # a result is not an input
+        EncryptedInput("m", "k", b"x" * 100).encode()[:-10],
+    ],  # truncated
 )
 def test_malformed_envelopes_raise_a_typed_error(raw):
     with pytest.raises(MalformedCiphertext):
@@ -33,14 +38,21 @@ def test_request_and_reply_round_trip():
 IDS = {"token_id": "t", "model_id": "m", "key_id": "k", "blob_id": "b"}
 
 
-@pytest.mark.parametrize("obj", [
-    "not a dict", None, {}, [1, 2], IDS,  # neither input nor ref
-    {**IDS, "token_id": 1, "input": b"x"},
-    {**IDS, "input": "text, not bytes"},
-    {**IDS, "input": b"x", "input_ref": "r"},
-    {**IDS, "input": b"x", "submitted_at": "yesterday"},
-    {"token": "cpt_value", "model_id": "m", "key_id": "k", "input": b"x"},  # a credential, not an id
-])
+@pytest.mark.parametrize(
+    "obj",
+    [
+        "not a dict",
+        None,
+        {},
+        [1, 2],
+        IDS,  # neither input nor ref
+        {**IDS, "token_id": 1, "input": b"x"},
+        {**IDS, "input": "text, not bytes"},
+        {**IDS, "input": b"x", "input_ref": "r"},
+        {**IDS, "input": b"x", "submitted_at": "yesterday"},
+        {"token": "cpt_value", "model_id": "m", "key_id": "k", "input": b"x"},  # a credential, not an id
+    ],
+)
 def test_malformed_requests_are_refused_with_a_typed_error(obj):
     with pytest.raises(InvalidInput):
         QueryRequest.decode(obj)

@@ -52,19 +52,30 @@ def _seed(db: str) -> tuple[str, dict[tuple[str, str], str]]:
     with session_scope(db) as session:
         acme, api_key = create_account(session, "acme", signup_grant=Decimal("12.5"))
         zeta, _ = create_account(session, "zeta", signup_grant=Decimal(0))
-        models = {("acme", "digits"): Model(account_id=acme.id, name="digits"),
-                  ("zeta", "digits"): Model(account_id=zeta.id, name="digits"),
-                  ("acme", "cancer"): Model(account_id=acme.id, name="cancer", shared=True)}
+        models = {
+            ("acme", "digits"): Model(account_id=acme.id, name="digits"),
+            ("zeta", "digits"): Model(account_id=zeta.id, name="digits"),
+            ("acme", "cancer"): Model(account_id=acme.id, name="cancer", shared=True),
+        }
         session.add_all(models.values())
         stale = utcnow() - timedelta(hours=1)
-        session.add_all([PoolNode(name="n1@h"), PoolNode(name="n2@h", shared=True),
-                         PoolNode(name="n3@h", host_class="gpu", status=NodeStatus.OFFLINE),
-                         PoolNode(name="n4@h", last_seen=stale)])  # says online, not heard from: not counted
+        session.add_all(
+            [
+                PoolNode(name="n1@h"),
+                PoolNode(name="n2@h", shared=True),
+                PoolNode(name="n3@h", host_class="gpu", status=NodeStatus.OFFLINE),
+                PoolNode(name="n4@h", last_seen=stale),
+            ]
+        )  # says online, not heard from: not counted
         session.flush()
         digits, other = models[("acme", "digits")], models[("zeta", "digits")]
-        for model, node, status in [(digits, "n1@h", WorkerStatus.UP), (digits, "n1@h", WorkerStatus.STOPPED),
-                                    (digits, "n4@h", WorkerStatus.STOPPED), (digits, "n4@h", WorkerStatus.FAILED),
-                                    (other, "n4@h", WorkerStatus.LOADING)]:
+        for model, node, status in [
+            (digits, "n1@h", WorkerStatus.UP),
+            (digits, "n1@h", WorkerStatus.STOPPED),
+            (digits, "n4@h", WorkerStatus.STOPPED),
+            (digits, "n4@h", WorkerStatus.FAILED),
+            (other, "n4@h", WorkerStatus.LOADING),
+        ]:
             session.add(Worker(account_id=model.account_id, model_id=model.id, node_name=node, status=status))
         return api_key, {key: m.id for key, m in models.items()}
 
@@ -120,8 +131,7 @@ def world(tmp_path_factory) -> Iterator[World]:
     supervisor = Supervisor(tmp / "logs")
     try:
         _child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
-        s = Settings(data_dir=tmp / "data", broker_url=url, metrics_token=TOKEN, token_rate_per_s=0,
-                     account_rate_per_s=0)
+        s = Settings(data_dir=tmp / "data", broker_url=url, metrics_token=TOKEN, token_rate_per_s=0, account_rate_per_s=0)
         db = s.effective_database_url()
         init_db(db)
         api_key, model_ids = _seed(db)
@@ -193,7 +203,9 @@ def test_workers_by_status_balances_and_nodes_online(scraped):
     assert workers == {(s.value,): {"up": 1, "stopped": 2, "failed": 1}.get(s.value, 0) for s in WorkerStatus}
     assert samples(scraped["cipherpool_workers"], "cipherpool_workers", account="zeta")[("digits", "loading")] == 1
     assert samples(scraped["cipherpool_account_balance_credits"], "cipherpool_account_balance_credits") == {
-        ("acme",): 12.5, ("zeta",): 0.0}
+        ("acme",): 12.5,
+        ("zeta",): 0.0,
+    }
     nodes = samples(scraped["cipherpool_nodes_online"], "cipherpool_nodes_online")
     assert nodes == {("cpu", "false"): 1, ("cpu", "true"): 1, ("gpu", "false"): 0}
 
@@ -211,8 +223,9 @@ def test_figures_are_read_at_scrape_time_and_nothing_else_is_exported(world, scr
     assert all(name.startswith("cipherpool_") for name in later), sorted(later)
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer ",
-                                           f"bearer {TOKEN[:-1]}"])
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer ", f"bearer {TOKEN[:-1]}"]
+)
 def test_anything_but_the_metrics_token_is_refused_with_a_typed_401(world, authorization):
     headers = {"Authorization": authorization} if authorization is not None else {}
     response = world.client.get("/metrics", headers=headers)
@@ -262,10 +275,8 @@ def test_two_accounts_of_one_name_never_share_a_series():
     # Given two accounts that both call themselves "acme" (names are display names), each with a "digits"
     from cipherpool.monitoring.exporter import Snapshot, database_families
 
-    ours, theirs = Model(id="1" * 16, account_id="a" * 16, name="digits"), Model(id="2" * 16, account_id="b" * 16,
-                                                                              name="digits")
-    snap = Snapshot(models=[("acme", ours), ("acme", theirs)], balances=[("acme", "a" * 16, 5_000_000),
-                                                                          ("acme", "b" * 16, 0)])
+    ours, theirs = Model(id="1" * 16, account_id="a" * 16, name="digits"), Model(id="2" * 16, account_id="b" * 16, name="digits")
+    snap = Snapshot(models=[("acme", ours), ("acme", theirs)], balances=[("acme", "a" * 16, 5_000_000), ("acme", "b" * 16, 0)])
     workers, balance, _nodes = database_families(snap)
     # Then each has its own series, told apart by the account's id
     assert {(s.labels["account_id"], s.value) for s in balance.samples} == {("a" * 16, 5.0), ("b" * 16, 0.0)}

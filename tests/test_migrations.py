@@ -24,14 +24,23 @@ from click.testing import CliRunner
 from sqlmodel import SQLModel, select
 
 from cipherpool.cli import cli
+from cipherpool.clock import aware
 from cipherpool.config.settings import mask_url, reset_settings
 from cipherpool.db import current_revision, get_engine, head_revision, init_db, session_scope, upgrade_db
 from cipherpool.db.migrate import BASELINE_REVISION, BASELINE_TABLES, VERSION_TABLE, alembic_config
 from cipherpool.db.tables import (
-    AccessToken, Account, EvaluationKey, LedgerEntry, Model, ModelStatus, ModelVersion, PoolNode, TokenModel, Worker,
+    AccessToken,
+    Account,
+    EvaluationKey,
+    LedgerEntry,
+    Model,
+    ModelStatus,
+    ModelVersion,
+    PoolNode,
+    TokenModel,
+    Worker,
     WorkerStatus,
 )
-from cipherpool.clock import aware
 from cipherpool.errors import ConfigurationError, InvalidInput
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -39,21 +48,68 @@ T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 # One row per table, in the baseline's columns; statuses stored by name, as SQLAlchemy stores
 # a Python enum. evaluation_keys.id is left to the database (its sequence must move on).
 BASELINE_ROWS: dict[str, dict[str, Any]] = {
-    "accounts": {"id": "acct0000000001", "name": "acme", "api_key_hash": "a" * 64, "api_key_prefix": "cpk_abcd",
-                 "created_at": T0},
-    "models": {"id": "model000000001", "account_id": "acct0000000001", "name": "digits", "status": "ACTIVE",
-               "hardware": "cpu", "client_blob": "c" * 64, "server_blob": "s" * 64, "concrete_ml_version": "1.9.0",
-               "concrete_python_version": "2.10.0", "python_version": "3.11.9", "created_at": T0, "updated_at": T0},
-    "access_tokens": {"id": "token000000001", "account_id": "acct0000000001", "model_id": "model000000001",
-                      "name": "ci", "token_hash": "t" * 64, "prefix": "cpt_abcd", "created_at": T0,
-                      "expires_at": T0 + timedelta(days=1), "revoked_at": None},
-    "evaluation_keys": {"key_id": "key00000000001", "blob_id": "b" * 64, "token_id": "token000000001",
-                        "model_id": "model000000001", "size_bytes": 64, "created_at": T0},
-    "pool_nodes": {"name": "node1@host", "host_class": "cpu", "concurrency": 1, "threads": 2, "status": "ONLINE",
-                   "worker_id": "work0000000001", "pid": 4242, "started_at": T0, "last_seen": T0},
-    "workers": {"id": "work0000000001", "account_id": "acct0000000001", "model_id": "model000000001",
-                "node_name": "node1@host", "status": "RUNNING", "error": None, "created_at": T0, "started_at": T0,
-                "stopped_at": None},
+    "accounts": {
+        "id": "acct0000000001",
+        "name": "acme",
+        "api_key_hash": "a" * 64,
+        "api_key_prefix": "cpk_abcd",
+        "created_at": T0,
+    },
+    "models": {
+        "id": "model000000001",
+        "account_id": "acct0000000001",
+        "name": "digits",
+        "status": "ACTIVE",
+        "hardware": "cpu",
+        "client_blob": "c" * 64,
+        "server_blob": "s" * 64,
+        "concrete_ml_version": "1.9.0",
+        "concrete_python_version": "2.10.0",
+        "python_version": "3.11.9",
+        "created_at": T0,
+        "updated_at": T0,
+    },
+    "access_tokens": {
+        "id": "token000000001",
+        "account_id": "acct0000000001",
+        "model_id": "model000000001",
+        "name": "ci",
+        "token_hash": "t" * 64,
+        "prefix": "cpt_abcd",
+        "created_at": T0,
+        "expires_at": T0 + timedelta(days=1),
+        "revoked_at": None,
+    },
+    "evaluation_keys": {
+        "key_id": "key00000000001",
+        "blob_id": "b" * 64,
+        "token_id": "token000000001",
+        "model_id": "model000000001",
+        "size_bytes": 64,
+        "created_at": T0,
+    },
+    "pool_nodes": {
+        "name": "node1@host",
+        "host_class": "cpu",
+        "concurrency": 1,
+        "threads": 2,
+        "status": "ONLINE",
+        "worker_id": "work0000000001",
+        "pid": 4242,
+        "started_at": T0,
+        "last_seen": T0,
+    },
+    "workers": {
+        "id": "work0000000001",
+        "account_id": "acct0000000001",
+        "model_id": "model000000001",
+        "node_name": "node1@host",
+        "status": "RUNNING",
+        "error": None,
+        "created_at": T0,
+        "started_at": T0,
+        "stopped_at": None,
+    },
 }
 assert set(BASELINE_ROWS) == BASELINE_TABLES
 
@@ -86,8 +142,10 @@ def _snapshot(url: str) -> dict[str, list[dict[str, Any]]]:
     """Every row of our tables, as the database returns them, in a stable order."""
     with get_engine(url).connect() as conn:
         tables = _tables(conn)
-        return {name: [dict(row._mapping) for row in conn.execute(sa.select(tables[name]).order_by(*tables[name].primary_key))]
-                for name in sorted(BASELINE_TABLES & set(tables))}
+        return {
+            name: [dict(row._mapping) for row in conn.execute(sa.select(tables[name]).order_by(*tables[name].primary_key))]
+            for name in sorted(BASELINE_TABLES & set(tables))
+        }
 
 
 # Values a migration rewrites on purpose: 0003 stores a worker's status as its value.
@@ -117,8 +175,14 @@ def _assert_the_models_read_them(url: str) -> None:
         (version,) = session.exec(select(ModelVersion)).all()
         settings = (model.version, model.rollout_version, model.min_workers, model.max_workers, model.shared)
         assert settings == (1, None, 0, 1, False)
-        assert (version.model_id, version.number, version.client_blob, version.server_blob, version.concrete_ml_version,
-                version.python_version) == (model.id, 1, "c" * 64, "s" * 64, "1.9.0", "3.11.9")
+        assert (
+            version.model_id,
+            version.number,
+            version.client_blob,
+            version.server_blob,
+            version.concrete_ml_version,
+            version.python_version,
+        ) == (model.id, 1, "c" * 64, "s" * 64, "1.9.0", "3.11.9")
         (link,) = session.exec(select(TokenModel)).all()
         assert (link.token_id, link.model_id) == (token.id, model.id)
         (key,) = session.exec(select(EvaluationKey)).all()
@@ -127,14 +191,21 @@ def _assert_the_models_read_them(url: str) -> None:
         # running worker is charged from the upgrade on, not from when it started.
         account = session.get(Account, "acct0000000001")
         (line,) = session.exec(select(LedgerEntry)).all()
-        assert (line.account_id, line.kind, line.amount, line.balance_after) == (account.id, "grant", 100_000_000,
-                                                                                 100_000_000)
+        assert (line.account_id, line.kind, line.amount, line.balance_after) == (account.id, "grant", 100_000_000, 100_000_000)
         assert account.balance_micro == 100_000_000 and account.low_balance_at is None
         worker = session.get(Worker, "work0000000001")
         assert worker.billed_to is not None and aware(worker.billed_to) > T0 and worker.billed_remainder == 0
         # A row added now gets a fresh id: the sequence moved on past the migrated row.
-        session.add(EvaluationKey(key_id="key00000000002", blob_id="b" * 64, token_id=token.id, model_id=model.id,
-                                  client_blob="c" * 64, size_bytes=64))
+        session.add(
+            EvaluationKey(
+                key_id="key00000000002",
+                blob_id="b" * 64,
+                token_id=token.id,
+                model_id=model.id,
+                client_blob="c" * 64,
+                size_bytes=64,
+            )
+        )
         session.flush()
         assert len({k.id for k in session.exec(select(EvaluationKey)).all()} - {key.id}) == 1
 
@@ -299,7 +370,12 @@ def test_db_upgrade_and_current(cli_env: str) -> None:
     assert f"already at {head}" in _invoke("db", "upgrade").output
     assert f"already at {head}" in _invoke("db", "init").output  # the old name, an alias
     assert json.loads(_invoke("--json", "db", "upgrade").output) == {
-        "from": head, "to": head, "adopted": False, "changed": False, "database": mask_url(cli_env)}
+        "from": head,
+        "to": head,
+        "adopted": False,
+        "changed": False,
+        "database": mask_url(cli_env),
+    }
 
     status = json.loads(_invoke("--json", "db", "current").output)
     assert status["current"] == status["head"] == head and status["up_to_date"] is True
@@ -326,16 +402,35 @@ def test_workers_that_ended_before_credits_owe_nothing(url: str) -> None:
     with get_engine(url).begin() as conn:
         tables = _tables(conn)
         conn.execute(sa.insert(tables["accounts"]), {**BASELINE_ROWS["accounts"]})
-        conn.execute(sa.insert(tables["models"]), {"id": "model000000001", "account_id": "acct0000000001",
-                                                   "name": "digits", "status": "ACTIVE", "hardware": "cpu",
-                                                   "created_at": T0, "updated_at": T0})
-        conn.execute(sa.insert(tables["pool_nodes"]), {"name": "node1@host", "host_class": "cpu", "concurrency": 1,
-                                                       "status": "ONLINE", "started_at": T0, "last_seen": T0})
-        conn.execute(sa.insert(tables["workers"]), {"id": "work0000000002", "account_id": "acct0000000001",
-                                                    "model_id": "model000000001", "node_name": "node1@host",
-                                                    "status": "stopped", "created_at": long_ago,
-                                                    "started_at": long_ago,
-                                                    "stopped_at": long_ago + timedelta(days=30)})
+        conn.execute(
+            sa.insert(tables["models"]),
+            {
+                "id": "model000000001",
+                "account_id": "acct0000000001",
+                "name": "digits",
+                "status": "ACTIVE",
+                "hardware": "cpu",
+                "created_at": T0,
+                "updated_at": T0,
+            },
+        )
+        conn.execute(
+            sa.insert(tables["pool_nodes"]),
+            {"name": "node1@host", "host_class": "cpu", "concurrency": 1, "status": "ONLINE", "started_at": T0, "last_seen": T0},
+        )
+        conn.execute(
+            sa.insert(tables["workers"]),
+            {
+                "id": "work0000000002",
+                "account_id": "acct0000000001",
+                "model_id": "model000000001",
+                "node_name": "node1@host",
+                "status": "stopped",
+                "created_at": long_ago,
+                "started_at": long_ago,
+                "stopped_at": long_ago + timedelta(days=30),
+            },
+        )
     # When the database is upgraded
     upgrade_db(url)
     # Then it is settled up to its stop: no tick charges its past
@@ -354,13 +449,17 @@ def test_0007_turns_the_gpu_build_into_capabilities_and_back(url: str) -> None:
     node = {"host_class": "gpu", "concurrency": 1, "status": "ONLINE", "started_at": T0, "last_seen": T0}
     with get_engine(url).begin() as conn:
         pool_nodes = _tables(conn)["pool_nodes"]
-        conn.execute(sa.insert(pool_nodes), [{**node, "name": "plain@host", "gpu_build": False},
-                                             {**node, "name": "built@host", "gpu_build": True}])
+        conn.execute(
+            sa.insert(pool_nodes),
+            [{**node, "name": "plain@host", "gpu_build": False}, {**node, "name": "built@host", "gpu_build": True}],
+        )
     # When the database is upgraded, the flag becomes the backends each node can run
     upgrade_db(url)
     with session_scope(url) as session:
         assert {n.name: json.loads(n.capabilities) for n in session.exec(select(PoolNode))} == {
-            "plain@host": ["cpu"], "built@host": ["cpu", "gpu"]}
+            "plain@host": ["cpu"],
+            "built@host": ["cpu", "gpu"],
+        }
     with get_engine(url).connect() as conn:
         assert "gpu_build" not in {c["name"] for c in sa.inspect(conn).get_columns("pool_nodes")}
         # And the downgrade gives the flag back where the capabilities name the GPU
@@ -379,15 +478,44 @@ def test_0008_gives_existing_key_sets_a_whole_idle_period_and_the_downgrade_drop
     with get_engine(url).begin() as conn:
         tables = _tables(conn)
         conn.execute(sa.insert(tables["accounts"]), BASELINE_ROWS["accounts"])
-        conn.execute(sa.insert(tables["models"]), {"id": "model000000001", "account_id": "acct0000000001",
-                                                   "name": "digits", "status": "ACTIVE", "hardware": "cpu",
-                                                   "created_at": T0, "updated_at": T0})
-        conn.execute(sa.insert(tables["access_tokens"]), {"id": "token000000001", "account_id": "acct0000000001",
-                                                          "name": "ci", "token_hash": "t" * 64, "prefix": "cpt_abcd",
-                                                          "created_at": T0})
-        conn.execute(sa.insert(tables["evaluation_keys"]), [
-            {"key_id": k, "blob_id": k[0] * 64, "token_id": "token000000001", "model_id": "model000000001",
-             "client_blob": "c" * 64, "size_bytes": 64, "created_at": long_ago} for k in ("a" * 32, "b" * 32)])
+        conn.execute(
+            sa.insert(tables["models"]),
+            {
+                "id": "model000000001",
+                "account_id": "acct0000000001",
+                "name": "digits",
+                "status": "ACTIVE",
+                "hardware": "cpu",
+                "created_at": T0,
+                "updated_at": T0,
+            },
+        )
+        conn.execute(
+            sa.insert(tables["access_tokens"]),
+            {
+                "id": "token000000001",
+                "account_id": "acct0000000001",
+                "name": "ci",
+                "token_hash": "t" * 64,
+                "prefix": "cpt_abcd",
+                "created_at": T0,
+            },
+        )
+        conn.execute(
+            sa.insert(tables["evaluation_keys"]),
+            [
+                {
+                    "key_id": k,
+                    "blob_id": k[0] * 64,
+                    "token_id": "token000000001",
+                    "model_id": "model000000001",
+                    "client_blob": "c" * 64,
+                    "size_bytes": 64,
+                    "created_at": long_ago,
+                }
+                for k in ("a" * 32, "b" * 32)
+            ],
+        )
     before = datetime.now(UTC)
     # When the database is upgraded
     upgrade_db(url, "0008_key_lifecycle")
@@ -400,8 +528,9 @@ def test_0008_gives_existing_key_sets_a_whole_idle_period_and_the_downgrade_drop
         # and blobs can be marked for the sweep
         conn.execute(sa.insert(tables["blob_candidates"]), {"kind": "evk", "blob_id": "b" * 64, "marked_at": T0})
         # When one key set expires and the schema goes back to 0007
-        conn.execute(sa.update(tables["evaluation_keys"]).where(tables["evaluation_keys"].c.key_id == "b" * 32)
-                     .values(expired_at=T0))
+        conn.execute(
+            sa.update(tables["evaluation_keys"]).where(tables["evaluation_keys"].c.key_id == "b" * 32).values(expired_at=T0)
+        )
     with get_engine(url).connect() as conn:
         command.downgrade(alembic_config(url, conn), "0007_capabilities")
         conn.commit()
@@ -421,27 +550,71 @@ def test_0009_gives_events_ledger_lines_and_alert_events_opaque_ids_and_goes_bac
     with get_engine(url).begin() as conn:
         tables = _tables(conn)
         conn.execute(sa.insert(tables["accounts"]), BASELINE_ROWS["accounts"])
-        conn.execute(sa.insert(tables["models"]), {"id": "model000000001", "account_id": "acct0000000001",
-                                                   "name": "digits", "status": "ACTIVE", "hardware": "cpu",
-                                                   "created_at": T0, "updated_at": T0})
-        conn.execute(sa.insert(tables["model_events"]), [
-            {"account_id": "acct0000000001", "model_id": "model000000001", "at": T0, "kind": "deployed",
-             "message": f"event {i}"} for i in range(3)])
-        conn.execute(sa.insert(tables["ledger"]), [
-            {"account_id": "acct0000000001", "at": T0, "kind": "grant", "amount": 5, "balance_after": 5 * (i + 1),
-             "key": f"grant:{i}", "note": ""} for i in range(2)])
-        conn.execute(sa.insert(tables["alert_events"]), {
-            "rule_id": "rule0000000001", "account_id": "acct0000000001", "model_id": "model000000001",
-            "metric": "error_rate", "kind": "fired", "threshold": 0.1, "at": T0, "delivery": "none", "attempts": 0})
+        conn.execute(
+            sa.insert(tables["models"]),
+            {
+                "id": "model000000001",
+                "account_id": "acct0000000001",
+                "name": "digits",
+                "status": "ACTIVE",
+                "hardware": "cpu",
+                "created_at": T0,
+                "updated_at": T0,
+            },
+        )
+        conn.execute(
+            sa.insert(tables["model_events"]),
+            [
+                {
+                    "account_id": "acct0000000001",
+                    "model_id": "model000000001",
+                    "at": T0,
+                    "kind": "deployed",
+                    "message": f"event {i}",
+                }
+                for i in range(3)
+            ],
+        )
+        conn.execute(
+            sa.insert(tables["ledger"]),
+            [
+                {
+                    "account_id": "acct0000000001",
+                    "at": T0,
+                    "kind": "grant",
+                    "amount": 5,
+                    "balance_after": 5 * (i + 1),
+                    "key": f"grant:{i}",
+                    "note": "",
+                }
+                for i in range(2)
+            ],
+        )
+        conn.execute(
+            sa.insert(tables["alert_events"]),
+            {
+                "rule_id": "rule0000000001",
+                "account_id": "acct0000000001",
+                "model_id": "model000000001",
+                "metric": "error_rate",
+                "kind": "fired",
+                "threshold": 0.1,
+                "at": T0,
+                "delivery": "none",
+                "attempts": 0,
+            },
+        )
     # When the database is upgraded
     upgrade_db(url, "0009_public_ids")
     # Then every row has an opaque id of its kind, unique, and the models read them
     from cipherpool.db.tables import AlertEvent, ModelEvent
 
     with session_scope(url) as session:
-        found = {"ev_": [e.public_id for e in session.exec(select(ModelEvent))],
-                 "ln_": [x.public_id for x in session.exec(select(LedgerEntry))],
-                 "al_": [a.public_id for a in session.exec(select(AlertEvent))]}
+        found = {
+            "ev_": [e.public_id for e in session.exec(select(ModelEvent))],
+            "ln_": [x.public_id for x in session.exec(select(LedgerEntry))],
+            "al_": [a.public_id for a in session.exec(select(AlertEvent))],
+        }
         assert [len(ids) for ids in found.values()] == [3, 2, 1]
         every = [i for ids in found.values() for i in ids]
         assert len(set(every)) == len(every)
@@ -454,8 +627,17 @@ def test_0009_gives_events_ledger_lines_and_alert_events_opaque_ids_and_goes_bac
     # and the database refuses a second row with the same one
     with get_engine(url).connect() as conn, pytest.raises(sa.exc.IntegrityError):
         model_events = _tables(conn)["model_events"]
-        conn.execute(sa.insert(model_events), {"account_id": "acct0000000001", "model_id": "model000000001", "at": T0,
-                                               "kind": "deployed", "message": "twin", "public_id": found["ev_"][0]})
+        conn.execute(
+            sa.insert(model_events),
+            {
+                "account_id": "acct0000000001",
+                "model_id": "model000000001",
+                "at": T0,
+                "kind": "deployed",
+                "message": "twin",
+                "public_id": found["ev_"][0],
+            },
+        )
     # When the schema goes back to 0008, the columns go and the rows stay; it upgrades again
     with get_engine(url).connect() as conn:
         command.downgrade(alembic_config(url, conn), "0008_key_lifecycle")

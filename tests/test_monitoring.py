@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from cipherpool.errors import InvalidInput
 from cipherpool.monitoring import timings
 from cipherpool.monitoring.timings import MINUTE_S, Sample, Tally, window_minutes
-from cipherpool.workers.timings import QueryTimings
 from cipherpool.workers.hooks import BindingEvent, QueryEvent
+from cipherpool.workers.timings import QueryTimings
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC, a minute boundary
 
@@ -46,13 +46,16 @@ def event(model_id: str, worker: str | None, wait: float = 0.0, compute: float =
 # ---- pure arithmetic -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("offset", "window_s", "minutes", "span"), [
-    (0.0, 60, 2, 60.0),  # at a minute boundary: the last whole minute and the new one
-    (30.0, 60, 2, 90.0),  # 00:00:30, 1 min: 23:59:30 falls in 23:59 -> 23:59..00:00
-    (150.0, 300, 6, 330.0),  # 00:02:30, 5 min: from 23:57:00
-    (59.999, 60, 2, 119.999),
-    (3600.0, 3600, 61, 3600.0),  # at a boundary: exactly the hour, and the new minute
-])
+@pytest.mark.parametrize(
+    ("offset", "window_s", "minutes", "span"),
+    [
+        (0.0, 60, 2, 60.0),  # at a minute boundary: the last whole minute and the new one
+        (30.0, 60, 2, 90.0),  # 00:00:30, 1 min: 23:59:30 falls in 23:59 -> 23:59..00:00
+        (150.0, 300, 6, 330.0),  # 00:02:30, 5 min: from 23:57:00
+        (59.999, 60, 2, 119.999),
+        (3600.0, 3600, 61, 3600.0),  # at a boundary: exactly the hour, and the new minute
+    ],
+)
 def test_a_window_is_the_whole_minutes_that_overlap_it(offset: float, window_s: int, minutes: int, span: float) -> None:
     found, covered = window_minutes(T0 + offset, window_s)
     assert len(found) == minutes
@@ -68,15 +71,30 @@ def test_a_window_out_of_bounds_is_refused(window_s: int) -> None:
         window_minutes(T0, window_s)
 
 
-@pytest.mark.parametrize(("tally", "span", "expected"), [
-    (Tally(), 60.0, dict(average_query_s=None, queries_per_minute=0.0, error_rate=None, refusal_rate=None)),
-    (Tally(queries=4, wait_us=2_000_000, compute_us=6_000_000), 120.0,
-     dict(average_query_s=2.0, average_compute_s=1.5, average_queue_wait_s=0.5, queries_per_minute=2.0,
-          error_rate=0.0, refusal_rate=0.0)),
-    (Tally(queries=6, refused=3, failed=1, wait_us=600, compute_us=6_000), 300.0,
-     dict(average_query_s=0.0011, queries_per_minute=1.2, error_rate=1 / 7, refusal_rate=0.3)),  # refusals apart
-    (Tally(refused=2), None, dict(average_query_s=None, queries_per_minute=None, error_rate=None, refusal_rate=1.0)),
-])
+@pytest.mark.parametrize(
+    ("tally", "span", "expected"),
+    [
+        (Tally(), 60.0, dict(average_query_s=None, queries_per_minute=0.0, error_rate=None, refusal_rate=None)),
+        (
+            Tally(queries=4, wait_us=2_000_000, compute_us=6_000_000),
+            120.0,
+            dict(
+                average_query_s=2.0,
+                average_compute_s=1.5,
+                average_queue_wait_s=0.5,
+                queries_per_minute=2.0,
+                error_rate=0.0,
+                refusal_rate=0.0,
+            ),
+        ),
+        (
+            Tally(queries=6, refused=3, failed=1, wait_us=600, compute_us=6_000),
+            300.0,
+            dict(average_query_s=0.0011, queries_per_minute=1.2, error_rate=1 / 7, refusal_rate=0.3),
+        ),  # refusals apart
+        (Tally(refused=2), None, dict(average_query_s=None, queries_per_minute=None, error_rate=None, refusal_rate=1.0)),
+    ],
+)
 def test_figures_of_a_tally(tally: Tally, span: float | None, expected: dict[str, Any]) -> None:
     found = tally.figures(span)
     for name, value in expected.items():
@@ -148,14 +166,19 @@ def record(redis: Any, clock: Clock, model_id: str, plan: list[tuple[float, str 
 def test_windows_all_time_and_workers_from_recorded_queries(redis: Any) -> None:
     model = uuid.uuid4().hex[:16]
     clock = Clock()
-    record(redis, clock, model, [
-        (0, "w1", "ok", 1.0, 2.0),  # 00:00 -- outside a 5-minute window read at 00:10:30
-        (300, "w1", "ok", 0.5, 1.0),  # 00:05 -- inside it
-        (400, "w2", "ok", 0.0, 3.0),
-        (420, "w2", "refused", 0, 0),
-        (600, None, "ok", 0.25, 0.25),  # a shared node
-        (610, "w1", "failed", 0, 0),
-    ])
+    record(
+        redis,
+        clock,
+        model,
+        [
+            (0, "w1", "ok", 1.0, 2.0),  # 00:00 -- outside a 5-minute window read at 00:10:30
+            (300, "w1", "ok", 0.5, 1.0),  # 00:05 -- inside it
+            (400, "w2", "ok", 0.0, 3.0),
+            (420, "w2", "refused", 0, 0),
+            (600, None, "ok", 0.25, 0.25),  # a shared node
+            (610, "w1", "failed", 0, 0),
+        ],
+    )
     found = timings.read(redis, model, 330, now=T0 + 630)  # from 00:05:00 (minute of 00:05:00)
     window = found.window_figures()
     assert (window.queries, window.refused, window.failed) == (3, 1, 1)
@@ -178,8 +201,7 @@ def test_windows_all_time_and_workers_from_recorded_queries(redis: Any) -> None:
 def test_recent_queries_are_capped_and_histograms_cumulate(redis: Any) -> None:
     model = uuid.uuid4().hex[:16]
     clock = Clock()
-    record(redis, clock, model, [(i * 0.1, "w1", "ok", 0.002, 0.3 if i % 2 else 2.0)
-                                 for i in range(timings.KEEP_RECENT + 10)])
+    record(redis, clock, model, [(i * 0.1, "w1", "ok", 0.002, 0.3 if i % 2 else 2.0) for i in range(timings.KEEP_RECENT + 10)])
     found = timings.read(redis, model, 60, now=clock.now)
     assert len(found.recent) == timings.KEEP_RECENT
     assert found.window.queries == timings.KEEP_RECENT + 10
@@ -276,8 +298,12 @@ def provider(gw: Gateway, *names: str) -> Provider:
 
     with session_scope(gw.db) as session:
         account, key = accounts.create_account(session, f"stats-{uuid.uuid4().hex[:8]}")
-        made = {name: models.deploy_model(session, account, name, models.Artifact(
-            "c" * 64, "s" * 64, 100, 200, Versions("1", "1", "3.11"))).id for name in names}
+        made = {
+            name: models.deploy_model(
+                session, account, name, models.Artifact("c" * 64, "s" * 64, 100, 200, Versions("1", "1", "3.11"))
+            ).id
+            for name in names
+        }
         return Provider(account.id, key, made)
 
 
@@ -319,8 +345,12 @@ def test_a_provider_reads_its_models_figures(gateway: Gateway, redis: Any) -> No
     p = provider(gateway, "fast", "slow")
     w1, w2 = add_worker(gateway, p, "fast"), add_worker(gateway, p, "fast", "standby")
     now = time.time()
-    record(redis, Clock(), p.models["fast"], [(now - T0 - 5, w1, "ok", 0.1, 0.2), (now - T0 - 4, w2, "ok", 0.3, 0.4),
-                                              (now - T0 - 3, w1, "refused", 0, 0)])
+    record(
+        redis,
+        Clock(),
+        p.models["fast"],
+        [(now - T0 - 5, w1, "ok", 0.1, 0.2), (now - T0 - 4, w2, "ok", 0.3, 0.4), (now - T0 - 3, w1, "refused", 0, 0)],
+    )
     queue_up(gateway, p.models["fast"], 3)
     client = mc(gateway, p)
     try:
@@ -346,8 +376,7 @@ def test_another_provider_sees_none_of_it(gateway: Gateway) -> None:
     import httpx
 
     a, b = provider(gateway, "private"), provider(gateway)
-    answer = httpx.get(f"{gateway.url}/v1/stats", params={"model": "private"},
-                       headers={"Authorization": f"Bearer {b.key}"})
+    answer = httpx.get(f"{gateway.url}/v1/stats", params={"model": "private"}, headers={"Authorization": f"Bearer {b.key}"})
     assert answer.status_code == 404 and answer.json()["code"] == "model_not_found"
     assert httpx.get(f"{gateway.url}/v1/stats", headers={"Authorization": f"Bearer {b.key}"}).json() == []
     assert httpx.get(f"{gateway.url}/v1/stats").status_code == 401

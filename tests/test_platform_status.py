@@ -29,8 +29,8 @@ from cipherpool.monitoring import beat_jobs, heartbeats, platform_events
 from cipherpool.monitoring.components import NodeSeen, Observed, evaluate, read_status
 from cipherpool.monitoring.heartbeats import ProcessBeat, Role
 from cipherpool.monitoring.liveness import LATE_AFTER_INTERVALS, MISSING_AFTER_INTERVALS, best, judge, worst
-from cipherpool.names import WATCHDOG_LEASE_KEY as LEASE_KEY
 from cipherpool.names import PLATFORM_EVENTS_KEY, RECONCILE_TASK
+from cipherpool.names import WATCHDOG_LEASE_KEY as LEASE_KEY
 from cipherpool.statuses import Component, ComponentState, NodeStatus
 
 OK, LATE, MISSING = ComponentState.OK, ComponentState.LATE, ComponentState.MISSING
@@ -48,6 +48,7 @@ def jobs(settings: Settings) -> dict[str, beat_jobs.BeatJob]:
 
 # --- the rule, with an injected clock ---------------------------------------------------------
 
+
 def test_the_state_is_the_age_against_the_interval():
     assert (LATE_AFTER_INTERVALS, MISSING_AFTER_INTERVALS) == (1.5, 3.0)
     assert [judge(age, 10) for age in (0, 15, 15.01, 30, 30.01, 1e9)] == [OK, OK, LATE, LATE, MISSING, MISSING]
@@ -62,29 +63,44 @@ def observed(settings: Settings, now: float) -> Observed:
     runs = {job.task: now - 1 for job in beat_jobs.schedule(settings)}
     del runs[jobs(settings)["billing"].task]  # never ran: owed since beat started, 100 s ago
     return Observed(
-        processes={Role.GATEWAY: [beat_of("gw-a", now - 2), beat_of("gw-b", now - 31)],
-                   Role.CONTROL: [beat_of("control@h", now - 20)],
-                   Role.BEAT: [beat_of("h:7", now - 1, started=now - 100)]},
+        processes={
+            Role.GATEWAY: [beat_of("gw-a", now - 2), beat_of("gw-b", now - 31)],
+            Role.CONTROL: [beat_of("control@h", now - 20)],
+            Role.BEAT: [beat_of("h:7", now - 1, started=now - 100)],
+        },
         job_runs=runs,
-        nodes=[NodeSeen("n1@h", "h", "cpu", False, NodeStatus.ONLINE, now - 5, 1),
-               NodeSeen("n2@h", "h", "cpu", True, NodeStatus.ONLINE, now - 40, 3),
-               NodeSeen("n3@h", "h", "gpu", False, NodeStatus.OFFLINE, now - 5, 0)],
-        used_memory=50 * 1024**2, maxmemory=100 * 1024**2)
+        nodes=[
+            NodeSeen("n1@h", "h", "cpu", False, NodeStatus.ONLINE, now - 5, 1),
+            NodeSeen("n2@h", "h", "cpu", True, NodeStatus.ONLINE, now - 40, 3),
+            NodeSeen("n3@h", "h", "gpu", False, NodeStatus.OFFLINE, now - 5, 0),
+        ],
+        used_memory=50 * 1024**2,
+        maxmemory=100 * 1024**2,
+    )
 
 
 def test_each_component_is_judged_at_the_clock_it_is_given():
     settings = Settings(node_heartbeat_s=10)
     status = evaluate(observed(settings, NOW), settings, NOW)
     states = {c.component: c.state for c in status.components}
-    assert states == {Component.GATEWAY: OK, Component.CONTROL: LATE, Component.BEAT: LATE, Component.NODES: OK,
-                      Component.STORE: OK, Component.DATABASE: OK}
+    assert states == {
+        Component.GATEWAY: OK,
+        Component.CONTROL: LATE,
+        Component.BEAT: LATE,
+        Component.NODES: OK,
+        Component.STORE: OK,
+        Component.DATABASE: OK,
+    }
     assert status.state is LATE  # the worst of them
     assert [(g.instance, g.state) for g in status.gateways] == [("gw-a", OK), ("gw-b", MISSING)]
     judged = {j.job: j for j in status.beat_jobs}
     assert judged["billing"].last_run is None and judged["billing"].age_s == 100 and judged["billing"].state is LATE
     assert judged["reconcile"].age_s == 1 and judged["reconcile"].state is OK
     assert [(n.name, n.status, n.state, n.bound_models) for n in status.nodes] == [
-        ("n1@h", "online", OK, 1), ("n2@h", "lost", MISSING, 3), ("n3@h", "offline", MISSING, 0)]
+        ("n1@h", "online", OK, 1),
+        ("n2@h", "lost", MISSING, 3),
+        ("n3@h", "offline", MISSING, 0),
+    ]
     assert status.store.memory_ratio == 0.5
     detail = {c.component: c.detail for c in status.components}
     assert "gw-b missing" in detail[Component.GATEWAY] and "billing late (never ran" in detail[Component.BEAT]
@@ -107,12 +123,17 @@ def test_without_redis_the_processes_are_unknown_and_missing():
 
     from cipherpool.monitoring.health_metrics import health_families
 
-    ages = {s.labels["job"]: s.value for f in health_families(status, None) for s in f.samples
-            if s.name == "cipherpool_beat_job_age_seconds"}
+    ages = {
+        s.labels["job"]: s.value
+        for f in health_families(status, None)
+        for s in f.samples
+        if s.name == "cipherpool_beat_job_age_seconds"
+    }
     assert ages and all(math.isinf(v) for v in ages.values())  # unknown: > any threshold
 
 
 # --- against a real Redis ---------------------------------------------------------------------
+
 
 @dataclass
 class World:
@@ -142,8 +163,9 @@ def world(redis_url, tmp_path, migrated_sqlite) -> Iterator[World]:
     which disposes its engine after) and this module's Redis, emptied."""
     from cipherpool.context import PlatformContext
 
-    settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url, metrics_token=TOKEN, token_rate_per_s=0,
-                        account_rate_per_s=0)
+    settings = Settings(
+        data_dir=tmp_path / "data", broker_url=redis_url, metrics_token=TOKEN, token_rate_per_s=0, account_rate_per_s=0
+    )
     db = migrated_sqlite(settings.effective_database_url())
     ctx = PlatformContext(settings)
     redis = ctx.store.redis
@@ -279,8 +301,7 @@ def test_a_state_is_recorded_only_once_judged_at_two_checks_in_a_row(world):
     flapping = [check(tick, late=tick % 2 == 0) for tick in range(8)]
     assert [state for state, _ in flapping] == [LATE, OK] * 4
     assert all(events == [] for _, events in flapping)
-    assert check(8, late=True)[1] == [] and [(e.component, e.state) for e in check(9, late=True)[1]] == [
-        (Component.BEAT, LATE)]
+    assert check(8, late=True)[1] == [] and [(e.component, e.state) for e in check(9, late=True)[1]] == [(Component.BEAT, LATE)]
 
 
 def test_the_store_down_is_logged_once_by_each_watchdog(tmp_path, caplog):
@@ -328,8 +349,9 @@ def test_a_state_log_logs_each_streak_once_with_its_levels(caplog):
     from cipherpool.waiting import StateLog
 
     clock = [10.0]
-    state = StateLog(logging.getLogger("cipherpool.test"), level=logging.ERROR, recovered_level=logging.INFO,
-                     clock=lambda: clock[0])
+    state = StateLog(
+        logging.getLogger("cipherpool.test"), level=logging.ERROR, recovered_level=logging.INFO, clock=lambda: clock[0]
+    )
     with caplog.at_level(logging.DEBUG, logger="cipherpool.test"):
         assert state.up("never failed") is None
         assert state.down("%s is down", "x") and not state.down("%s is down", "y") and state.failing
@@ -341,9 +363,12 @@ def test_a_state_log_logs_each_streak_once_with_its_levels(caplog):
         state.failed(ValueError("two"))  # failed(): again when the problem changes, as before
         state.recovered("fine")
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
-        (logging.ERROR, "x is down"), (logging.INFO, "x is back after 2.5 s"),
-        (logging.ERROR, ": ValueError: one; trying again"), (logging.ERROR, ": ValueError: two; trying again"),
-        (logging.INFO, ": fine")]
+        (logging.ERROR, "x is down"),
+        (logging.INFO, "x is back after 2.5 s"),
+        (logging.ERROR, ": ValueError: one; trying again"),
+        (logging.ERROR, ": ValueError: two; trying again"),
+        (logging.INFO, ": fine"),
+    ]
 
 
 def test_a_first_state_that_is_not_ok_is_an_event():
@@ -356,8 +381,7 @@ def test_a_first_state_that_is_not_ok_is_an_event():
             return old
 
     redis = FakeRedis()
-    assert platform_events.swap_state(redis, Component.BEAT, MISSING) == platform_events.Change(
-        Component.BEAT, None, MISSING)
+    assert platform_events.swap_state(redis, Component.BEAT, MISSING) == platform_events.Change(Component.BEAT, None, MISSING)
     assert platform_events.swap_state(redis, Component.BEAT, MISSING) is None
     assert platform_events.swap_state(redis, Component.GATEWAY, OK) is None
 
@@ -369,8 +393,9 @@ def test_the_control_worker_heartbeats_and_a_pool_node_does_not(world, monkeypat
     monkeypatch.setattr(control_signals, "platform", lambda: world.ctx)
 
     def worker(name: str, queue: str) -> Any:
-        return SimpleNamespace(hostname=name, app=SimpleNamespace(amqp=SimpleNamespace(
-            queues=SimpleNamespace(consume_from={queue: object()}))))
+        return SimpleNamespace(
+            hostname=name, app=SimpleNamespace(amqp=SimpleNamespace(queues=SimpleNamespace(consume_from={queue: object()})))
+        )
 
     control_signals.on_worker_ready(sender=worker("node1@h", POOL_QUEUE))
     assert heartbeats.read(world.redis, Role.CONTROL) == []
@@ -385,11 +410,11 @@ def test_the_control_worker_heartbeats_and_a_pool_node_does_not(world, monkeypat
 
 # --- the CLI ----------------------------------------------------------------------------------
 
+
 def run_cli(world: World, *args: str) -> Any:
     from cipherpool.cli import cli
 
-    return CliRunner().invoke(cli, ["--broker-url", world.settings.broker_url, "--data-dir",
-                                    str(world.settings.data_dir), *args])
+    return CliRunner().invoke(cli, ["--broker-url", world.settings.broker_url, "--data-dir", str(world.settings.data_dir), *args])
 
 
 def test_status_prints_every_component_and_beat_missing(world):
@@ -439,6 +464,7 @@ def test_status_finds_the_local_stacks_redis_or_says_what_it_needs(tmp_path, mon
 
 # --- over HTTP and /metrics -------------------------------------------------------------------
 
+
 @pytest.fixture
 def gateway(world) -> Iterator[Any]:
     from fastapi.testclient import TestClient
@@ -465,8 +491,9 @@ def test_the_status_endpoint_answers_the_metrics_token_only(world, gateway):
 
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     # The gateway heartbeats from its lifespan: it sees itself
-    status = wait_until(lambda: (s := PlatformStatus.model_validate(gateway.get("/v1/platform/status", headers=bearer)
-                                                                    .json())).gateways and s, 10)
+    status = wait_until(
+        lambda: (s := PlatformStatus.model_validate(gateway.get("/v1/platform/status", headers=bearer).json())).gateways and s, 10
+    )
     assert status.gateways[0].state is OK and {c.component for c in status.components} == set(Component)
     assert gateway.get("/v1/platform/status?events=x", headers=bearer).json()["code"] == "invalid_input"
     assert gateway.get("/v1/platform/status?events=0", headers=bearer).json()["events"] == []
@@ -488,8 +515,11 @@ def test_metrics_export_components_and_beat_job_ages(world, gateway):
     world.redis.hset(beat_jobs.BEAT_JOBS_KEY, RECONCILE_TASK, repr(now - 600))
     response = gateway.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200
-    found = {(s.name, tuple(sorted(s.labels.items()))): s.value
-             for f in text_string_to_metric_families(response.text) for s in f.samples}
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(response.text)
+        for s in f.samples
+    }
     assert found[("cipherpool_component_up", (("component", "beat"),))] == 0
     assert found[("cipherpool_component_up", (("component", "control"),))] == 1
     assert found[("cipherpool_component_state", (("component", "beat"), ("state", "missing")))] == 1
@@ -501,6 +531,7 @@ def test_metrics_export_components_and_beat_job_ages(world, gateway):
 
 
 # --- `up` never goes on silently without beat --------------------------------------------------
+
 
 def test_up_shouts_about_beat_given_up_at_once_and_every_interval():
     from cipherpool.cli.vital import VitalAlarm

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from cipherpool.backends import cpu as cpu_backend
+from cipherpool.backends import gpu as gpu_backend
 from cipherpool.cli import pool as pool_cli
 from cipherpool.cli.context import CipherpoolGroup, CliContext
 from cipherpool.config.profiles import (
@@ -29,8 +31,6 @@ from cipherpool.config.profiles import (
 from cipherpool.config.settings import GIB, Settings
 from cipherpool.errors import ConfigurationError
 from cipherpool.names import POOL_QUEUE
-from cipherpool.backends import cpu as cpu_backend
-from cipherpool.backends import gpu as gpu_backend
 from cipherpool.workers import capacity
 
 
@@ -39,6 +39,7 @@ class HostClass:
 
     CPU = cpu_backend.BACKEND.host_class
     GPU = gpu_backend.BACKEND.host_class
+
 
 TWO_PROFILES = """\
 [profiles.cpu-small]
@@ -65,39 +66,46 @@ def write(tmp_path: Path, text: str) -> Path:
 
 # --- sizes ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("value", "expected"), [
-    (0, 0),
-    (4096, 4096),
-    ("4096", 4096),
-    ("10B", 10),
-    ("1KiB", 1024),
-    ("1KB", 1000),
-    ("512MiB", 512 * 1024**2),
-    ("4GiB", 4 * GIB),
-    ("4 GiB", 4 * GIB),
-    (" 2gib ", 2 * GIB),
-    ("1.5GiB", 3 * GIB // 2),
-    ("3MB", 3_000_000),
-    ("2GB", 2_000_000_000),
-    ("1TiB", 1024**4),
-    ("1TB", 10**12),
-])
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, 0),
+        (4096, 4096),
+        ("4096", 4096),
+        ("10B", 10),
+        ("1KiB", 1024),
+        ("1KB", 1000),
+        ("512MiB", 512 * 1024**2),
+        ("4GiB", 4 * GIB),
+        ("4 GiB", 4 * GIB),
+        (" 2gib ", 2 * GIB),
+        ("1.5GiB", 3 * GIB // 2),
+        ("3MB", 3_000_000),
+        ("2GB", 2_000_000_000),
+        ("1TiB", 1024**4),
+        ("1TB", 10**12),
+    ],
+)
 def test_sizes_parse(value, expected):
     assert parse_size(value) == expected
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("", "is not a size"),
-    ("GiB", "is not a size"),
-    ("-1GiB", "is not a size"),
-    ("4 G i B", "is not a size"),
-    ("4XB", "unknown unit 'XB'"),
-    ("4G", "unknown unit 'G'"),
-    (-1, "must not be negative"),
-    (1.5, "is not a size"),
-    (True, "is not a size"),
-    (None, "is not a size"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "is not a size"),
+        ("GiB", "is not a size"),
+        ("-1GiB", "is not a size"),
+        ("4 G i B", "is not a size"),
+        ("4XB", "unknown unit 'XB'"),
+        ("4G", "unknown unit 'G'"),
+        (-1, "must not be negative"),
+        (1.5, "is not a size"),
+        (True, "is not a size"),
+        (None, "is not a size"),
+    ],
+)
 def test_bad_sizes_say_what_a_size_looks_like(value, message):
     with pytest.raises(ValueError, match=message):
         parse_size(value)
@@ -105,26 +113,33 @@ def test_bad_sizes_say_what_a_size_looks_like(value, message):
 
 # --- the profile model -----------------------------------------------------------------------
 
-@pytest.mark.parametrize(("threads", "concurrency", "cores", "expected"), [
-    (None, 1, 8, 8),
-    (None, 2, 8, 4),
-    (None, 3, 8, 2),
-    (None, 4, 2, 1),  # never below one
-    (3, 2, 8, 3),  # the profile's own count wins
-])
+
+@pytest.mark.parametrize(
+    ("threads", "concurrency", "cores", "expected"),
+    [
+        (None, 1, 8, 8),
+        (None, 2, 8, 4),
+        (None, 3, 8, 2),
+        (None, 4, 2, 1),  # never below one
+        (3, 2, 8, 3),  # the profile's own count wins
+    ],
+)
 def test_effective_threads_share_the_cores(threads, concurrency, cores, expected):
     profile = NodeProfile(name="p", threads=threads, concurrency=concurrency)
     assert profile.effective_threads(cores) == expected
 
 
-@pytest.mark.parametrize(("selector", "selected"), [
-    ({}, True),
-    ({"zone": "a"}, True),
-    ({"zone": "a", "disk": "ssd"}, True),
-    ({"zone": "b"}, False),
-    ({"gpu": "h100"}, False),
-    ({"zone": "a", "disk": "hdd"}, False),
-])
+@pytest.mark.parametrize(
+    ("selector", "selected"),
+    [
+        ({}, True),
+        ({"zone": "a"}, True),
+        ({"zone": "a", "disk": "ssd"}, True),
+        ({"zone": "b"}, False),
+        ({"gpu": "h100"}, False),
+        ({"zone": "a", "disk": "hdd"}, False),
+    ],
+)
 def test_a_selector_matches_when_all_its_labels_are_present(selector, selected):
     labels = {"zone": "a", "disk": "ssd"}
     assert labels_match(labels, selector) is selected
@@ -141,6 +156,7 @@ def test_a_profile_has_defaults_and_is_frozen():
 
 
 # --- the file --------------------------------------------------------------------------------
+
 
 def test_a_file_with_two_profiles_loads(tmp_path):
     profiles = load_profiles(write(tmp_path, TWO_PROFILES))
@@ -162,30 +178,33 @@ def test_a_missing_file_says_where_it_looked_and_shows_an_example(tmp_path):
 
 
 def test_a_toml_syntax_error_names_the_file_and_the_line(tmp_path):
-    path = write(tmp_path, '[profiles.a]\nconcurrency = 1\nthreads = = 2\n')
+    path = write(tmp_path, "[profiles.a]\nconcurrency = 1\nthreads = = 2\n")
     with pytest.raises(ConfigurationError, match=r"not valid TOML.*line 3"):
         load_profiles(path)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('[profiles.gpu-a]\nthredas = 2\n', "profile 'gpu-a': thredas: Extra inputs are not permitted"),
-    ('[profiles.gpu-a]\nhost_class = "tpu"\n', "profile 'gpu-a': host_class: Input should be 'cpu' or 'gpu'"),
-    ('[profiles.gpu-a]\nthreads = 0\n', "profile 'gpu-a': threads: Input should be greater than or equal to 1"),
-    ('[profiles.gpu-a]\nconcurrency = 65\n', "concurrency: Input should be less than or equal to 64"),
-    ('[profiles.gpu-a]\nkey_cache = "4XB"\n', "profile 'gpu-a': key_cache: '4XB': unknown unit"),
-    ('[profiles.gpu-a]\nkey_cache = 0\n', "key_cache: Input should be greater than 0"),
-    ('[profiles.gpu-a]\nlabels = { zone = "a b" }\n', "labels: zone='a b': keys and values must match"),
-    ('[profiles.gpu-a]\nlabels = { "nvidia.com/gpu" = "x" }\n', "labels: nvidia.com/gpu='x': keys and values must"),
-    ('[profiles.gpu-a]\nlabels = { zone = "" }\n', "labels: zone='': keys and values must match"),
-    ('[profiles.gpu-a]\nlabels = { zone = 1 }\n', "labels.zone: Input should be a valid string"),
-    ('[profiles.GPU]\n', "profile 'GPU': name: String should match pattern"),
-    ('[profiles.gpu-a]\nname = "other"\n', "profile 'gpu-a': name: remove it"),
-    ('profiles = { gpu-a = 3 }\n', "profile 'gpu-a': must be a table"),
-    ('[profile.gpu-a]\n', "unknown top-level key(s) profile"),
-    ('title = "x"\n', "unknown top-level key(s) title"),
-    ('', "defines no profiles"),
-    ('[profiles]\n', "defines no profiles"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[profiles.gpu-a]\nthredas = 2\n", "profile 'gpu-a': thredas: Extra inputs are not permitted"),
+        ('[profiles.gpu-a]\nhost_class = "tpu"\n', "profile 'gpu-a': host_class: Input should be 'cpu' or 'gpu'"),
+        ("[profiles.gpu-a]\nthreads = 0\n", "profile 'gpu-a': threads: Input should be greater than or equal to 1"),
+        ("[profiles.gpu-a]\nconcurrency = 65\n", "concurrency: Input should be less than or equal to 64"),
+        ('[profiles.gpu-a]\nkey_cache = "4XB"\n', "profile 'gpu-a': key_cache: '4XB': unknown unit"),
+        ("[profiles.gpu-a]\nkey_cache = 0\n", "key_cache: Input should be greater than 0"),
+        ('[profiles.gpu-a]\nlabels = { zone = "a b" }\n', "labels: zone='a b': keys and values must match"),
+        ('[profiles.gpu-a]\nlabels = { "nvidia.com/gpu" = "x" }\n', "labels: nvidia.com/gpu='x': keys and values must"),
+        ('[profiles.gpu-a]\nlabels = { zone = "" }\n', "labels: zone='': keys and values must match"),
+        ("[profiles.gpu-a]\nlabels = { zone = 1 }\n", "labels.zone: Input should be a valid string"),
+        ("[profiles.GPU]\n", "profile 'GPU': name: String should match pattern"),
+        ('[profiles.gpu-a]\nname = "other"\n', "profile 'gpu-a': name: remove it"),
+        ("profiles = { gpu-a = 3 }\n", "profile 'gpu-a': must be a table"),
+        ("[profile.gpu-a]\n", "unknown top-level key(s) profile"),
+        ('title = "x"\n', "unknown top-level key(s) title"),
+        ("", "defines no profiles"),
+        ("[profiles]\n", "defines no profiles"),
+    ],
+)
 def test_an_invalid_file_names_the_profile_and_the_field(tmp_path, text, message):
     path = write(tmp_path, text)
     with pytest.raises(ConfigurationError) as info:
@@ -195,6 +214,7 @@ def test_an_invalid_file_names_the_profile_and_the_field(tmp_path, text, message
 
 
 # --- resolution from settings ----------------------------------------------------------------
+
 
 def test_a_named_profile_comes_from_the_file(tmp_path):
     path = write(tmp_path, TWO_PROFILES)
@@ -220,11 +240,14 @@ def test_without_a_profile_name_the_settings_make_the_default_profile(tmp_path):
     assert (profile.concurrency, profile.labels, profile.shared) == (1, {}, False)
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"host_class": "tpu"}, "CIPHERPOOL_HOST_CLASS='tpu' is not a host class; use cpu, gpu"),
-    ({"node_threads": 0}, "threads: Input should be greater than or equal to 1"),
-    ({"key_cache_bytes": 0}, "key_cache_bytes: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"host_class": "tpu"}, "CIPHERPOOL_HOST_CLASS='tpu' is not a host class; use cpu, gpu"),
+        ({"node_threads": 0}, "threads: Input should be greater than or equal to 1"),
+        ({"key_cache_bytes": 0}, "key_cache_bytes: Input should be greater than 0"),
+    ],
+)
 def test_bad_plain_settings_are_configuration_errors(tmp_path, fields, message):
     with pytest.raises(ConfigurationError) as info:
         resolve_profile(Settings(data_dir=tmp_path, **fields))
@@ -233,11 +256,28 @@ def test_bad_plain_settings_are_configuration_errors(tmp_path, fields, message):
 
 # --- the node's command line ------------------------------------------------------------------
 
+
 def test_the_node_command_is_the_plain_celery_line():
     profile = NodeProfile(name="cpu-small", concurrency=3)
     argv = node_command(profile, "cpu-small@%h", python="/py", loglevel="debug")
-    assert argv == ["/py", "-m", "celery", "-A", "cipherpool.tasks", "worker", "-Q", POOL_QUEUE, "-P", "threads",
-                    "-c", "3", "-n", "cpu-small@%h", "--loglevel", "debug"]
+    assert argv == [
+        "/py",
+        "-m",
+        "celery",
+        "-A",
+        "cipherpool.tasks",
+        "worker",
+        "-Q",
+        POOL_QUEUE,
+        "-P",
+        "threads",
+        "-c",
+        "3",
+        "-n",
+        "cpu-small@%h",
+        "--loglevel",
+        "debug",
+    ]
     assert node_command(profile, "n@h")[0] == sys.executable
 
 
@@ -245,14 +285,18 @@ def test_the_node_environment_names_the_profile_and_the_file_when_given(tmp_path
     profile = NodeProfile(name="cpu-small")
     assert node_environment(profile, None) == {"CIPHERPOOL_NODE_PROFILE": "cpu-small"}
     assert node_environment(profile, tmp_path / "p.toml") == {
-        "CIPHERPOOL_NODE_PROFILE": "cpu-small", "CIPHERPOOL_PROFILES_FILE": str(tmp_path / "p.toml")}
+        "CIPHERPOOL_NODE_PROFILE": "cpu-small",
+        "CIPHERPOOL_PROFILES_FILE": str(tmp_path / "p.toml"),
+    }
 
 
 def test_the_shell_line_is_what_a_user_types():
     argv = node_command(NodeProfile(name="cpu-small"), "cpu-small@%h")
     line = shell_line(argv, {"CIPHERPOOL_NODE_PROFILE": "cpu-small"})
-    assert line == (f"CIPHERPOOL_NODE_PROFILE=cpu-small celery -A cipherpool.tasks worker -Q {POOL_QUEUE} "
-                    "-P threads -c 1 -n cpu-small@%h --loglevel info")
+    assert line == (
+        f"CIPHERPOOL_NODE_PROFILE=cpu-small celery -A cipherpool.tasks worker -Q {POOL_QUEUE} "
+        "-P threads -c 1 -n cpu-small@%h --loglevel info"
+    )
 
 
 def test_the_shell_line_quotes_values_not_assignments():
@@ -263,14 +307,18 @@ def test_the_shell_line_quotes_values_not_assignments():
 
 # --- host capacity ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("cgroup", "physical", "expected"), [
-    ("1073741824\n", 8 * GIB, GIB),  # the container's limit is below the machine's memory
-    (str(16 * GIB), 8 * GIB, 8 * GIB),  # a limit above the machine's memory means nothing
-    ("max\n", 8 * GIB, 8 * GIB),  # no limit
-    ("garbage", 8 * GIB, 8 * GIB),
-    (None, 8 * GIB, 8 * GIB),  # no cgroup v2
-    ("1073741824", 0, GIB),  # the OS does not say how much memory it has
-])
+
+@pytest.mark.parametrize(
+    ("cgroup", "physical", "expected"),
+    [
+        ("1073741824\n", 8 * GIB, GIB),  # the container's limit is below the machine's memory
+        (str(16 * GIB), 8 * GIB, 8 * GIB),  # a limit above the machine's memory means nothing
+        ("max\n", 8 * GIB, 8 * GIB),  # no limit
+        ("garbage", 8 * GIB, 8 * GIB),
+        (None, 8 * GIB, 8 * GIB),  # no cgroup v2
+        ("1073741824", 0, GIB),  # the OS does not say how much memory it has
+    ],
+)
 def test_memory_is_the_smaller_of_the_cgroup_limit_and_physical_memory(tmp_path, cgroup, physical, expected):
     path = tmp_path / "memory.max"
     if cgroup is not None:
@@ -290,15 +338,18 @@ def test_physical_memory_never_raises(monkeypatch):
     assert capacity.physical_memory_bytes() == 0
 
 
-@pytest.mark.parametrize(("visible", "expected"), [
-    ("0", 1),
-    ("0,1", 2),
-    ("GPU-8a1b,GPU-9c2d", 2),
-    (" 0 , 1 , 2 ", 3),
-    ("", 0),
-    ("-1", 0),
-    ("0,-1,1", 1),  # CUDA stops at the first invalid entry
-])
+@pytest.mark.parametrize(
+    ("visible", "expected"),
+    [
+        ("0", 1),
+        ("0,1", 2),
+        ("GPU-8a1b,GPU-9c2d", 2),
+        (" 0 , 1 , 2 ", 3),
+        ("", 0),
+        ("-1", 0),
+        ("0,-1,1", 1),  # CUDA stops at the first invalid entry
+    ],
+)
 def test_cuda_visible_devices_decides_the_gpus(tmp_path, monkeypatch, visible, expected):
     (tmp_path / "nvidia0").touch()  # ignored: the variable wins
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
@@ -339,6 +390,7 @@ def test_no_concrete_gpu_is_false_not_an_error(monkeypatch):
 
 # --- `cipherpool pool` -------------------------------------------------------------------------
 
+
 @pytest.fixture
 def cli_ctx(tmp_path) -> CliContext:
     write(tmp_path, TWO_PROFILES)  # the default file: <data dir>/profiles.toml
@@ -354,16 +406,19 @@ def invoke(ctx: CliContext, args: list[str]):
 def test_pool_node_print_shows_the_shell_line(cli_ctx):
     result = invoke(cli_ctx, ["node", "--profile", "cpu-small", "--print"])
     assert result.exit_code == 0, result.output
-    assert result.output == (f"CIPHERPOOL_NODE_PROFILE=cpu-small celery -A cipherpool.tasks worker -Q {POOL_QUEUE} "
-                             "-P threads -c 2 -n cpu-small@%h --loglevel info\n")
+    assert result.output == (
+        f"CIPHERPOOL_NODE_PROFILE=cpu-small celery -A cipherpool.tasks worker -Q {POOL_QUEUE} "
+        "-P threads -c 2 -n cpu-small@%h --loglevel info\n"
+    )
 
 
 def test_pool_node_print_names_a_given_file_and_node(cli_ctx, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     path = write(other, TWO_PROFILES.replace("concurrency = 2", "concurrency = 5"))
-    result = invoke(cli_ctx, ["node", "--profile", "cpu-small", "--profiles", str(path), "--name", "n1@box",
-                              "--loglevel", "DEBUG", "--print"])
+    result = invoke(
+        cli_ctx, ["node", "--profile", "cpu-small", "--profiles", str(path), "--name", "n1@box", "--loglevel", "DEBUG", "--print"]
+    )
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"CIPHERPOOL_NODE_PROFILE=cpu-small CIPHERPOOL_PROFILES_FILE={path} celery ")
     assert "-c 5 -n n1@box --loglevel debug" in result.output
@@ -418,10 +473,18 @@ def test_pool_profiles_as_json(cli_ctx, tmp_path):
     other.write_text('[profiles.solo]\nkey_cache = "1GiB"\n')
     result = invoke(cli_ctx, ["profiles", "--profiles", str(other)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == [{
-        "name": "solo", "host_class": "cpu", "concurrency": 1, "threads": None, "key_cache_bytes": GIB,
-        "labels": None, "shared": False, "model_cache_bytes": 2 * GIB,
-    }]
+    assert json.loads(result.output) == [
+        {
+            "name": "solo",
+            "host_class": "cpu",
+            "concurrency": 1,
+            "threads": None,
+            "key_cache_bytes": GIB,
+            "labels": None,
+            "shared": False,
+            "model_cache_bytes": 2 * GIB,
+        }
+    ]
 
 
 def test_pool_profiles_without_a_file_says_how_to_make_one(tmp_path):

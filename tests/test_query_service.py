@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 
 from cipherpool import errors
+from cipherpool.context import PlatformContext
 from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest, unwrap
 from cipherpool.names import POOL_QUEUE, model_queue, query_routing_key
 from cipherpool.store import BlobKind, sha256_hex
-from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent, Hook
 from cipherpool.workers.node import Binding, NodeRuntime
 from cipherpool.workers.query import Delivery, Requeue, handle, may_requeue
@@ -126,8 +126,16 @@ def world(settings) -> World:
     blob_id = store.put(BlobKind.EVALUATION_KEY, capnp(4))
     evaluator = FakeEvaluator()
     hook = Recorder()
-    runtime = NodeRuntime("n1", host_class="cpu", concurrency=1, threads=1, key_cache_bytes=10**6,
-                          key_memory_factor=1.0, evaluator_factory=lambda *_: evaluator, hooks=[hook])
+    runtime = NodeRuntime(
+        "n1",
+        host_class="cpu",
+        concurrency=1,
+        threads=1,
+        key_cache_bytes=10**6,
+        key_memory_factor=1.0,
+        evaluator_factory=lambda *_: evaluator,
+        hooks=[hook],
+    )
     bind_fake(runtime, evaluator)
     return World(Ctx(settings, store), runtime, evaluator, blob_id, hook)
 
@@ -158,8 +166,14 @@ def test_a_query_runs_and_the_key_is_deserialized_once(world):
 
 def test_hooks_hear_every_moment_in_order(world):
     run(world, request(world.blob_id))
-    assert world.hook.moments == [("model loaded", "w1"), ("bound", "w1"), ("received", "w1"), ("authorised", "w1"),
-                                  ("key miss", "w1"), ("computed", "w1")]
+    assert world.hook.moments == [
+        ("model loaded", "w1"),
+        ("bound", "w1"),
+        ("received", "w1"),
+        ("authorised", "w1"),
+        ("key miss", "w1"),
+        ("computed", "w1"),
+    ]
 
 
 def test_refusals_reach_the_hooks_though_they_are_results(world):
@@ -207,8 +221,12 @@ def test_figures_cover_only_the_current_binding(world):
 def test_large_payloads_travel_by_reference(world):
     world.ctx.settings.inline_max_bytes = 0
     body = request(world.blob_id).input
-    reply = run(world, QueryRequest(token_id="t1", model_id=MODEL, key_id=KEY_ID, blob_id=world.blob_id,
-                                    input_ref=world.ctx.store.put_payload(body, 60)))
+    reply = run(
+        world,
+        QueryRequest(
+            token_id="t1", model_id=MODEL, key_id=KEY_ID, blob_id=world.blob_id, input_ref=world.ctx.store.put_payload(body, 60)
+        ),
+    )
     assert reply.output is None and reply.output_ref
     out = EncryptedOutput.decode(world.ctx.store.get_payload(reply.output_ref))
     assert (out.model_id, out.key_id) == (MODEL, KEY_ID)
@@ -236,15 +254,24 @@ def test_bad_queries_are_refused_with_typed_errors_and_the_node_keeps_serving(wo
 def test_a_query_for_another_model_is_handed_back_or_refused(world):
     other = "someothermodel00"
     with pytest.raises(Requeue):  # through its own queue, with a deadline: back to it
-        run(world, request(world.blob_id, model_id=other),
-            Delivery(routing_key=query_routing_key("cpu", other), expires="2030-01-01T00:00:00"))
+        run(
+            world,
+            request(world.blob_id, model_id=other),
+            Delivery(routing_key=query_routing_key("cpu", other), expires="2030-01-01T00:00:00"),
+        )
     with pytest.raises(errors.ModelUnavailable):  # anything else: refused, never bounced
         run(world, request(world.blob_id, model_id=other), Delivery(routing_key=POOL_QUEUE))
     world.runtime.set_binding(None)
     with pytest.raises(Requeue):
         run(world, request(world.blob_id))
-    assert world.hook.moments[2:] == [("received", "w1"), ("requeued", "w1"), ("received", "w1"), ("refused", "w1"),
-                                      ("received", None), ("requeued", None)]
+    assert world.hook.moments[2:] == [
+        ("received", "w1"),
+        ("requeued", "w1"),
+        ("received", "w1"),
+        ("refused", "w1"),
+        ("received", None),
+        ("requeued", None),
+    ]
     report = world.runtime.report().model_dump()["node_lifetime"]
     assert (report["queries_requeued"], report["queries_refused"]) == (2, 1)
 
@@ -258,13 +285,16 @@ def test_clients_with_identical_evaluation_keys_stay_distinct_but_share_the_cach
         run(world, request(world.blob_id, key_id="b" * 32, env_key=KEY_ID))
 
 
-@pytest.mark.parametrize("routing_key, expires, requeued", [
-    (query_routing_key("cpu", MODEL), "2030-01-01T00:00:00", True),  # prefetched before an unbind: back
-    (query_routing_key("cpu", MODEL), None, False),                   # no deadline: could bounce forever
-    (query_routing_key("gpu", MODEL), "2030-01-01T00:00:00", False),  # another class's key: not this queue
-    (POOL_QUEUE, "2030-01-01T00:00:00", False),           # arrived through another queue
-    (None, "2030-01-01T00:00:00", False),
-])
+@pytest.mark.parametrize(
+    "routing_key, expires, requeued",
+    [
+        (query_routing_key("cpu", MODEL), "2030-01-01T00:00:00", True),  # prefetched before an unbind: back
+        (query_routing_key("cpu", MODEL), None, False),  # no deadline: could bounce forever
+        (query_routing_key("gpu", MODEL), "2030-01-01T00:00:00", False),  # another class's key: not this queue
+        (POOL_QUEUE, "2030-01-01T00:00:00", False),  # arrived through another queue
+        (None, "2030-01-01T00:00:00", False),
+    ],
+)
 def test_only_a_query_from_its_own_queue_with_a_deadline_goes_back(routing_key, expires, requeued):
     task_request = SimpleNamespace(id="q1", delivery_info={"routing_key": routing_key}, expires=expires)
     assert may_requeue(Delivery.of(task_request), "cpu", MODEL) is requeued

@@ -26,8 +26,8 @@ from cipherpool.errors import BrokerUnavailable, DatabaseUnavailable, RateLimite
 from cipherpool.gateway import readiness
 from cipherpool.gateway.guard import error_body
 from cipherpool.gateway.readiness import READY_CACHE_S, Readiness
-from cipherpool.outages import logged_outage, outage_error
 from cipherpool.gateway.results import ResultWaiter
+from cipherpool.outages import logged_outage, outage_error
 from cipherpool.stack.supervisor import free_port
 from cipherpool.store import BlobStore
 
@@ -62,11 +62,15 @@ def test_a_database_that_refuses_connections_is_database_unavailable():
     assert PASSWORD not in typed.message
 
 
-@pytest.mark.parametrize("error", [
-    sa_exc.InterfaceError("SELECT 1", None, Exception("connection already closed")),
-    sa_exc.DatabaseError("SELECT 1", None, Exception("server closed the connection"), connection_invalidated=True),
-    sa_exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"),
-], ids=["interface", "invalidated", "pool-timeout"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        sa_exc.InterfaceError("SELECT 1", None, Exception("connection already closed")),
+        sa_exc.DatabaseError("SELECT 1", None, Exception("server closed the connection"), connection_invalidated=True),
+        sa_exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached"),
+    ],
+    ids=["interface", "invalidated", "pool-timeout"],
+)
 def test_connection_level_database_errors_are_database_unavailable(error: Exception):
     assert isinstance(outage_error(error), DatabaseUnavailable)
 
@@ -79,21 +83,30 @@ def test_a_schema_not_migrated_yet_is_database_unavailable_on_both_databases():
         assert isinstance(typed, DatabaseUnavailable) and "not migrated" in typed.message
 
 
-@pytest.mark.parametrize("error", [
-    sa_exc.IntegrityError("INSERT ...", None, Exception("UNIQUE constraint failed")),
-    sa_exc.ProgrammingError("SELEC 1", None, psycopg.errors.SyntaxError("syntax error")),
-    sa_exc.DatabaseError("SELECT 1", None, Exception("division by zero")),
-    redis.ResponseError("WRONGTYPE"),
-    ValueError("a bug"),
-], ids=["integrity", "syntax", "data", "redis-response", "bug"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        sa_exc.IntegrityError("INSERT ...", None, Exception("UNIQUE constraint failed")),
+        sa_exc.ProgrammingError("SELEC 1", None, psycopg.errors.SyntaxError("syntax error")),
+        sa_exc.DatabaseError("SELECT 1", None, Exception("division by zero")),
+        redis.ResponseError("WRONGTYPE"),
+        ValueError("a bug"),
+    ],
+    ids=["integrity", "syntax", "data", "redis-response", "bug"],
+)
 def test_everything_else_stays_a_fault(error: Exception):
     assert outage_error(error) is None
 
 
-@pytest.mark.parametrize("error", [
-    redis.ConnectionError("Error 111 connecting"), redis.TimeoutError("Timeout reading"),
-    kombu.exceptions.OperationalError("Error 111 connecting"),
-], ids=["redis", "redis-timeout", "kombu"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.ConnectionError("Error 111 connecting"),
+        redis.TimeoutError("Timeout reading"),
+        kombu.exceptions.OperationalError("Error 111 connecting"),
+    ],
+    ids=["redis", "redis-timeout", "kombu"],
+)
 def test_redis_and_broker_outages_are_broker_unavailable(error: Exception):
     assert isinstance(outage_error(error), BrokerUnavailable)
 
@@ -124,8 +137,9 @@ def app_down(tmp_path: Path) -> Any:
     """The gateway app with its database and Redis on closed ports."""
     from cipherpool.gateway.app import create_app
 
-    settings = Settings(data_dir=tmp_path, broker_url=closed_redis(),
-                        database_url=f"postgresql+psycopg://u:{PASSWORD}@127.0.0.1:{free_port()}/x")
+    settings = Settings(
+        data_dir=tmp_path, broker_url=closed_redis(), database_url=f"postgresql+psycopg://u:{PASSWORD}@127.0.0.1:{free_port()}/x"
+    )
     return create_app(settings)
 
 
@@ -141,15 +155,18 @@ def test_the_guard_answers_a_database_outage_while_authenticating_with_a_typed_5
     assert answer.headers["retry-after"] == "5" and PASSWORD not in answer.text
 
 
-@pytest.mark.parametrize(("raised", "status", "code"), [
-    (lambda: real_error(f"postgresql+psycopg://u@127.0.0.1:{free_port()}/x"), 503, "database_unavailable"),
-    (lambda: redis.ConnectionError("Connection closed by server."), 503, "broker_unavailable"),
-    (lambda: kombu.exceptions.OperationalError("Error 111"), 503, "broker_unavailable"),
-    (lambda: sa_exc.IntegrityError("INSERT", None, Exception("UNIQUE constraint failed")), 502, "remote_error"),
-    (lambda: RuntimeError("a bug"), 502, "remote_error"),
-], ids=["database", "redis", "broker", "integrity", "bug"])
-def test_a_route_that_meets_an_outage_answers_its_typed_503_and_a_bug_stays_502(app_down, monkeypatch, raised,
-                                                                              status, code):
+@pytest.mark.parametrize(
+    ("raised", "status", "code"),
+    [
+        (lambda: real_error(f"postgresql+psycopg://u@127.0.0.1:{free_port()}/x"), 503, "database_unavailable"),
+        (lambda: redis.ConnectionError("Connection closed by server."), 503, "broker_unavailable"),
+        (lambda: kombu.exceptions.OperationalError("Error 111"), 503, "broker_unavailable"),
+        (lambda: sa_exc.IntegrityError("INSERT", None, Exception("UNIQUE constraint failed")), 502, "remote_error"),
+        (lambda: RuntimeError("a bug"), 502, "remote_error"),
+    ],
+    ids=["database", "redis", "broker", "integrity", "bug"],
+)
+def test_a_route_that_meets_an_outage_answers_its_typed_503_and_a_bug_stays_502(app_down, monkeypatch, raised, status, code):
     from fastapi.testclient import TestClient
 
     from cipherpool.gateway.auth import AccountPrincipal
@@ -288,6 +305,7 @@ def test_a_flood_of_probes_costs_one_round_of_checks_per_cache_time(tmp_path, mo
         def check(*args: Any) -> Any:
             calls[name] = calls.get(name, 0) + 1
             return answer(*args)
+
         return check
 
     ready._database = counted("database", ready._database)  # type: ignore[method-assign]

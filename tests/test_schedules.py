@@ -24,6 +24,7 @@ from sqlmodel import select
 
 from cipherpool import errors, lifecycle
 from cipherpool.config.settings import Settings
+from cipherpool.context import PlatformContext
 from cipherpool.db import session_scope
 from cipherpool.db.tables import Account, Model, ModelEvent, ModelStatus, Schedule, ScheduleAction, Worker, WorkerStatus
 from cipherpool.fhe.deployment import Versions
@@ -33,7 +34,6 @@ from cipherpool.scheduler.windows import Window
 from cipherpool.services import accounts, models, nodes
 from cipherpool.services import workers as worker_service
 from cipherpool.statuses import EventKind, StopReason
-from cipherpool.context import PlatformContext
 
 
 def z(text: str) -> datetime:
@@ -84,64 +84,173 @@ EVALUATION = [
     ("ny-after-midnight", NY_NIGHTS, "2025-03-08T10:59Z", FRI_NIGHT_EST, win("2025-03-07T03:00Z", "2025-03-07T11:00Z")),
     ("ny-saturday-morning", NY_NIGHTS, "2025-03-08T11:00Z", None, FRI_NIGHT_EST),  # Sat 06:00 EST
     ("ny-monday-morning", NY_NIGHTS, "2025-03-10T10:00Z", None, FRI_NIGHT_EST),  # no Sunday night window
-    ("ny-monday-night-edt", NY_NIGHTS, "2025-03-11T02:00Z", win("2025-03-11T02:00Z", "2025-03-11T10:00Z"),
-     FRI_NIGHT_EST),  # Mon 22:00 EDT
+    (
+        "ny-monday-night-edt",
+        NY_NIGHTS,
+        "2025-03-11T02:00Z",
+        win("2025-03-11T02:00Z", "2025-03-11T10:00Z"),
+        FRI_NIGHT_EST,
+    ),  # Mon 22:00 EDT
     # day and year boundaries in UTC
-    ("utc-midnight-start", cron("0 0 * * *", "0 12 * * *"), "2025-01-01T00:00Z",
-     win("2025-01-01T00:00Z", "2025-01-01T12:00Z"), win("2024-12-31T00:00Z", "2024-12-31T12:00Z")),
-    ("utc-last-second-of-year", cron("0 0 * * *", "0 12 * * *"), "2024-12-31T23:59:59Z", None,
-     win("2024-12-31T00:00Z", "2024-12-31T12:00Z")),
-    ("until-midnight", cron("0 18 * * *", "0 0 * * *"), "2025-01-01T23:59:59Z",
-     win("2025-01-01T18:00Z", "2025-01-02T00:00Z"), win("2024-12-31T18:00Z", "2025-01-01T00:00Z")),
+    (
+        "utc-midnight-start",
+        cron("0 0 * * *", "0 12 * * *"),
+        "2025-01-01T00:00Z",
+        win("2025-01-01T00:00Z", "2025-01-01T12:00Z"),
+        win("2024-12-31T00:00Z", "2024-12-31T12:00Z"),
+    ),
+    (
+        "utc-last-second-of-year",
+        cron("0 0 * * *", "0 12 * * *"),
+        "2024-12-31T23:59:59Z",
+        None,
+        win("2024-12-31T00:00Z", "2024-12-31T12:00Z"),
+    ),
+    (
+        "until-midnight",
+        cron("0 18 * * *", "0 0 * * *"),
+        "2025-01-01T23:59:59Z",
+        win("2025-01-01T18:00Z", "2025-01-02T00:00Z"),
+        win("2024-12-31T18:00Z", "2025-01-01T00:00Z"),
+    ),
     # Europe/Paris spring forward: 02:00-02:59 do not exist on 2025-03-30
-    ("spring-start-in-gap-before", cron("30 2 * * *", "0 4 * * *", "Europe/Paris"), "2025-03-30T00:59Z", None,
-     win("2025-03-29T01:30Z", "2025-03-29T03:00Z")),  # 01:59 CET; the day before was 02:30-04:00 CET
-    ("spring-start-in-gap", cron("30 2 * * *", "0 4 * * *", "Europe/Paris"), "2025-03-30T01:00Z",
-     win("2025-03-30T01:00Z", "2025-03-30T02:00Z"), win("2025-03-29T01:30Z", "2025-03-29T03:00Z")),  # at the jump
-    ("spring-across-gap", cron("0 1 * * *", "0 4 * * *", "Europe/Paris"), "2025-03-30T00:30Z",
-     win("2025-03-30T00:00Z", "2025-03-30T02:00Z"), win("2025-03-29T00:00Z", "2025-03-29T03:00Z")),  # 2 h, not 3
-    ("spring-stop-after-jump", cron("30 2 * * *", "15 3 * * *", "Europe/Paris"), "2025-03-30T01:14Z",
-     win("2025-03-30T01:00Z", "2025-03-30T01:15Z"), win("2025-03-29T01:30Z", "2025-03-29T02:15Z")),
-    ("spring-window-inside-gap", cron("10 2 * * *", "40 2 * * *", "Europe/Paris"), "2025-03-30T01:00Z", None,
-     win("2025-03-30T01:00Z", "2025-03-30T01:00Z")),  # lasts no time: never opens
+    (
+        "spring-start-in-gap-before",
+        cron("30 2 * * *", "0 4 * * *", "Europe/Paris"),
+        "2025-03-30T00:59Z",
+        None,
+        win("2025-03-29T01:30Z", "2025-03-29T03:00Z"),
+    ),  # 01:59 CET; the day before was 02:30-04:00 CET
+    (
+        "spring-start-in-gap",
+        cron("30 2 * * *", "0 4 * * *", "Europe/Paris"),
+        "2025-03-30T01:00Z",
+        win("2025-03-30T01:00Z", "2025-03-30T02:00Z"),
+        win("2025-03-29T01:30Z", "2025-03-29T03:00Z"),
+    ),  # at the jump
+    (
+        "spring-across-gap",
+        cron("0 1 * * *", "0 4 * * *", "Europe/Paris"),
+        "2025-03-30T00:30Z",
+        win("2025-03-30T00:00Z", "2025-03-30T02:00Z"),
+        win("2025-03-29T00:00Z", "2025-03-29T03:00Z"),
+    ),  # 2 h, not 3
+    (
+        "spring-stop-after-jump",
+        cron("30 2 * * *", "15 3 * * *", "Europe/Paris"),
+        "2025-03-30T01:14Z",
+        win("2025-03-30T01:00Z", "2025-03-30T01:15Z"),
+        win("2025-03-29T01:30Z", "2025-03-29T02:15Z"),
+    ),
+    (
+        "spring-window-inside-gap",
+        cron("10 2 * * *", "40 2 * * *", "Europe/Paris"),
+        "2025-03-30T01:00Z",
+        None,
+        win("2025-03-30T01:00Z", "2025-03-30T01:00Z"),
+    ),  # lasts no time: never opens
     # Europe/Paris fall back: 02:00-02:59 happen twice on 2025-10-26; a start there fires once
-    ("fall-start-first-pass", cron("30 2 * * *", "0 5 * * *", "Europe/Paris"), "2025-10-26T00:30Z",
-     win("2025-10-26T00:30Z", "2025-10-26T04:00Z"), win("2025-10-25T00:30Z", "2025-10-25T03:00Z")),  # 02:30 CEST
-    ("fall-second-pass-no-restart", cron("30 2 * * *", "0 5 * * *", "Europe/Paris"), "2025-10-26T01:30Z",
-     win("2025-10-26T00:30Z", "2025-10-26T04:00Z"), win("2025-10-25T00:30Z", "2025-10-25T03:00Z")),  # 02:30 CET
-    ("fall-before-first-pass", cron("30 2 * * *", "0 5 * * *", "Europe/Paris"), "2025-10-26T00:29Z", None,
-     win("2025-10-25T00:30Z", "2025-10-25T03:00Z")),
-    ("fall-long-night", cron("0 1 * * *", "0 4 * * *", "Europe/Paris"), "2025-10-26T02:59Z",
-     win("2025-10-25T23:00Z", "2025-10-26T03:00Z"), win("2025-10-24T23:00Z", "2025-10-25T02:00Z")),  # 4 h, not 3
-    ("fall-stop-in-second-pass", cron("0 0 * * *", "45 2 * * *", "Europe/Paris"), "2025-10-26T01:00Z", None,
-     win("2025-10-25T22:00Z", "2025-10-26T00:45Z")),  # 02:00 CET: the 02:45 stop fired in the first pass
+    (
+        "fall-start-first-pass",
+        cron("30 2 * * *", "0 5 * * *", "Europe/Paris"),
+        "2025-10-26T00:30Z",
+        win("2025-10-26T00:30Z", "2025-10-26T04:00Z"),
+        win("2025-10-25T00:30Z", "2025-10-25T03:00Z"),
+    ),  # 02:30 CEST
+    (
+        "fall-second-pass-no-restart",
+        cron("30 2 * * *", "0 5 * * *", "Europe/Paris"),
+        "2025-10-26T01:30Z",
+        win("2025-10-26T00:30Z", "2025-10-26T04:00Z"),
+        win("2025-10-25T00:30Z", "2025-10-25T03:00Z"),
+    ),  # 02:30 CET
+    (
+        "fall-before-first-pass",
+        cron("30 2 * * *", "0 5 * * *", "Europe/Paris"),
+        "2025-10-26T00:29Z",
+        None,
+        win("2025-10-25T00:30Z", "2025-10-25T03:00Z"),
+    ),
+    (
+        "fall-long-night",
+        cron("0 1 * * *", "0 4 * * *", "Europe/Paris"),
+        "2025-10-26T02:59Z",
+        win("2025-10-25T23:00Z", "2025-10-26T03:00Z"),
+        win("2025-10-24T23:00Z", "2025-10-25T02:00Z"),
+    ),  # 4 h, not 3
+    (
+        "fall-stop-in-second-pass",
+        cron("0 0 * * *", "45 2 * * *", "Europe/Paris"),
+        "2025-10-26T01:00Z",
+        None,
+        win("2025-10-25T22:00Z", "2025-10-26T00:45Z"),
+    ),  # 02:00 CET: the 02:45 stop fired in the first pass
     # America/New_York
-    ("ny-spring-gap", cron("30 2 * * *", "30 3 * * *", "America/New_York"), "2025-03-09T07:10Z",
-     win("2025-03-09T07:00Z", "2025-03-09T07:30Z"), win("2025-03-08T07:30Z", "2025-03-08T08:30Z")),
-    ("ny-fall-second-pass", cron("30 1 * * *", "0 2 * * *", "America/New_York"), "2025-11-02T06:30Z",
-     win("2025-11-02T05:30Z", "2025-11-02T07:00Z"), win("2025-11-01T05:30Z", "2025-11-01T06:00Z")),  # 01:30 EST
+    (
+        "ny-spring-gap",
+        cron("30 2 * * *", "30 3 * * *", "America/New_York"),
+        "2025-03-09T07:10Z",
+        win("2025-03-09T07:00Z", "2025-03-09T07:30Z"),
+        win("2025-03-08T07:30Z", "2025-03-08T08:30Z"),
+    ),
+    (
+        "ny-fall-second-pass",
+        cron("30 1 * * *", "0 2 * * *", "America/New_York"),
+        "2025-11-02T06:30Z",
+        win("2025-11-02T05:30Z", "2025-11-02T07:00Z"),
+        win("2025-11-01T05:30Z", "2025-11-01T06:00Z"),
+    ),  # 01:30 EST
     # a start while a window is open opens nothing: the window keeps its first start
-    ("second-start-joins", cron("0 8,12 * * *", "0 18 * * *"), "2025-01-01T13:00Z",
-     win("2025-01-01T08:00Z", "2025-01-01T18:00Z"), win("2024-12-31T08:00Z", "2024-12-31T18:00Z")),
-    ("hourly-start-daily-stop", cron("0 * * * *", "0 20 * * *"), "2025-01-01T19:30Z",
-     win("2024-12-31T20:00Z", "2025-01-01T20:00Z"), win("2024-12-30T20:00Z", "2024-12-31T20:00Z")),
-    ("stop-and-start-together", cron("0 20 * * *", "0 8,20 * * *"), "2025-01-01T20:00Z",
-     win("2025-01-01T20:00Z", "2025-01-02T08:00Z"), win("2024-12-31T20:00Z", "2025-01-01T08:00Z")),
+    (
+        "second-start-joins",
+        cron("0 8,12 * * *", "0 18 * * *"),
+        "2025-01-01T13:00Z",
+        win("2025-01-01T08:00Z", "2025-01-01T18:00Z"),
+        win("2024-12-31T08:00Z", "2024-12-31T18:00Z"),
+    ),
+    (
+        "hourly-start-daily-stop",
+        cron("0 * * * *", "0 20 * * *"),
+        "2025-01-01T19:30Z",
+        win("2024-12-31T20:00Z", "2025-01-01T20:00Z"),
+        win("2024-12-30T20:00Z", "2024-12-31T20:00Z"),
+    ),
+    (
+        "stop-and-start-together",
+        cron("0 20 * * *", "0 8,20 * * *"),
+        "2025-01-01T20:00Z",
+        win("2025-01-01T20:00Z", "2025-01-02T08:00Z"),
+        win("2024-12-31T20:00Z", "2025-01-01T08:00Z"),
+    ),
     # a reservation
     ("reservation-before", once("2025-06-01T08:00Z", "2025-06-01T12:00Z"), "2025-06-01T07:59Z", None, None),
-    ("reservation-open", once("2025-06-01T08:00Z", "2025-06-01T12:00Z"), "2025-06-01T08:00Z",
-     win("2025-06-01T08:00Z", "2025-06-01T12:00Z"), None),
-    ("reservation-over", once("2025-06-01T08:00Z", "2025-06-01T12:00Z"), "2025-06-01T12:00Z", None,
-     win("2025-06-01T08:00Z", "2025-06-01T12:00Z")),
+    (
+        "reservation-open",
+        once("2025-06-01T08:00Z", "2025-06-01T12:00Z"),
+        "2025-06-01T08:00Z",
+        win("2025-06-01T08:00Z", "2025-06-01T12:00Z"),
+        None,
+    ),
+    (
+        "reservation-over",
+        once("2025-06-01T08:00Z", "2025-06-01T12:00Z"),
+        "2025-06-01T12:00Z",
+        None,
+        win("2025-06-01T08:00Z", "2025-06-01T12:00Z"),
+    ),
     # missed windows: evaluated long after, the latest closed window is the one to stop
     ("missed-a-week", PARIS_WEEKDAYS, "2025-04-06T10:00Z", None, win("2025-04-04T06:00Z", "2025-04-04T18:00Z")),
-    ("missed-then-open", PARIS_WEEKDAYS, "2025-04-07T06:30Z", win("2025-04-07T06:00Z", "2025-04-07T18:00Z"),
-     win("2025-04-04T06:00Z", "2025-04-04T18:00Z")),
+    (
+        "missed-then-open",
+        PARIS_WEEKDAYS,
+        "2025-04-07T06:30Z",
+        win("2025-04-07T06:00Z", "2025-04-07T18:00Z"),
+        win("2025-04-04T06:00Z", "2025-04-04T18:00Z"),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("definition", "now", "open_", "closed"), [c[1:] for c in EVALUATION],
-                         ids=[c[0] for c in EVALUATION])
+@pytest.mark.parametrize(("definition", "now", "open_", "closed"), [c[1:] for c in EVALUATION], ids=[c[0] for c in EVALUATION])
 def test_evaluation_table(definition, now, open_, closed):
     evaluation = windows.evaluate(definition, z(now))
     assert (evaluation.open, evaluation.last_closed) == (open_, closed)
@@ -171,16 +280,31 @@ def test_wall_times_table(zone, wall, instant):
 
 # (case, definition, now, the next transitions)
 TRANSITIONS = [
-    ("paris-friday", PARIS_WEEKDAYS, "2025-03-28T10:00Z",
-     [("2025-03-28T19:00Z", "stop"), ("2025-03-31T06:00Z", "start"), ("2025-03-31T18:00Z", "stop")]),
-    ("paris-weekend", PARIS_WEEKDAYS, "2025-03-29T10:00Z",
-     [("2025-03-31T06:00Z", "start"), ("2025-03-31T18:00Z", "stop"), ("2025-04-01T06:00Z", "start")]),
-    ("skips-a-window-in-the-gap", cron("10 2 * * *", "40 2 * * *", "Europe/Paris"), "2025-03-29T12:00Z",
-     [("2025-03-31T00:10Z", "start"), ("2025-03-31T00:40Z", "stop"), ("2025-04-01T00:10Z", "start")]),
-    ("reservation-ahead", once("2025-06-01T08:00Z", "2025-06-01T12:00Z"), "2025-05-01T00:00Z",
-     [("2025-06-01T08:00Z", "start"), ("2025-06-01T12:00Z", "stop")]),
-    ("reservation-open", once("2025-06-01T08:00Z", "2025-06-01T12:00Z"), "2025-06-01T09:00Z",
-     [("2025-06-01T12:00Z", "stop")]),
+    (
+        "paris-friday",
+        PARIS_WEEKDAYS,
+        "2025-03-28T10:00Z",
+        [("2025-03-28T19:00Z", "stop"), ("2025-03-31T06:00Z", "start"), ("2025-03-31T18:00Z", "stop")],
+    ),
+    (
+        "paris-weekend",
+        PARIS_WEEKDAYS,
+        "2025-03-29T10:00Z",
+        [("2025-03-31T06:00Z", "start"), ("2025-03-31T18:00Z", "stop"), ("2025-04-01T06:00Z", "start")],
+    ),
+    (
+        "skips-a-window-in-the-gap",
+        cron("10 2 * * *", "40 2 * * *", "Europe/Paris"),
+        "2025-03-29T12:00Z",
+        [("2025-03-31T00:10Z", "start"), ("2025-03-31T00:40Z", "stop"), ("2025-04-01T00:10Z", "start")],
+    ),
+    (
+        "reservation-ahead",
+        once("2025-06-01T08:00Z", "2025-06-01T12:00Z"),
+        "2025-05-01T00:00Z",
+        [("2025-06-01T08:00Z", "start"), ("2025-06-01T12:00Z", "stop")],
+    ),
+    ("reservation-open", once("2025-06-01T08:00Z", "2025-06-01T12:00Z"), "2025-06-01T09:00Z", [("2025-06-01T12:00Z", "stop")]),
     ("reservation-over", once("2025-06-01T08:00Z", "2025-06-01T12:00Z"), "2025-06-01T12:00Z", []),
 ]
 
@@ -218,13 +342,22 @@ def test_invalid_definitions_table(definition, says):
 
 
 ZONES = ["UTC", "Europe/Paris", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata", "America/Sao_Paulo"]
-PAIRS = [("0 8 * * 1-5", "0 20 * * 1-5"), ("30 2 * * *", "15 3 * * *"), ("0 22 * * *", "0 6 * * *"),
-         ("*/20 * * * *", "10 * * * *"), ("0 1 * * 0", "45 2 * * 0"), ("0 8,12 * * *", "0 18 * * *")]
+PAIRS = [
+    ("0 8 * * 1-5", "0 20 * * 1-5"),
+    ("30 2 * * *", "15 3 * * *"),
+    ("0 22 * * *", "0 6 * * *"),
+    ("*/20 * * * *", "10 * * * *"),
+    ("0 1 * * 0", "45 2 * * 0"),
+    ("0 8,12 * * *", "0 18 * * *"),
+]
 
 
 @settings(max_examples=150, deadline=None)
-@given(zone=st.sampled_from(ZONES), pair=st.sampled_from(PAIRS),
-       now=st.datetimes(datetime(2024, 1, 1), datetime(2027, 1, 1), timezones=st.just(UTC)))
+@given(
+    zone=st.sampled_from(ZONES),
+    pair=st.sampled_from(PAIRS),
+    now=st.datetimes(datetime(2024, 1, 1), datetime(2027, 1, 1), timezones=st.just(UTC)),
+)
 def test_windows_are_consistent_whenever_evaluated(zone, pair, now):
     """A window's start is its key: the same whenever it is evaluated while open; it holds
     ``now``; the last closed window ended by then; the next transitions alternate after now."""
@@ -262,8 +395,17 @@ def alice(session):
 
 
 def test_create_a_recurring_schedule_and_describe_it(session, alice):
-    made = schedules.create_schedule(session, alice, "m", start_cron=" 0 8  * * 1-5", stop_cron="0 20 * * 1-5",
-                                     timezone="Europe/Paris", workers=2, name="office-hours", now=T0)
+    made = schedules.create_schedule(
+        session,
+        alice,
+        "m",
+        start_cron=" 0 8  * * 1-5",
+        stop_cron="0 20 * * 1-5",
+        timezone="Europe/Paris",
+        workers=2,
+        name="office-hours",
+        now=T0,
+    )
     assert (made.kind, made.start_cron, made.workers, made.name) == ("cron", "0 8 * * 1-5", 2, "office-hours")
     out = schedules.describe(session, made, now=z("2025-03-28T10:00Z"))
     assert (out.model, out.window_start, out.window_end) == ("m", "2025-03-28T07:00:00+00:00", "2025-03-28T19:00:00+00:00")
@@ -273,26 +415,43 @@ def test_create_a_recurring_schedule_and_describe_it(session, alice):
 
 def test_a_reservation_is_kept_in_utc(session, alice):
     paris = ZoneInfo("Europe/Paris")
-    made = schedules.create_schedule(session, alice, "m", starts_at=datetime(2025, 6, 1, 10, tzinfo=paris),
-                                     ends_at=datetime(2025, 6, 1, 14), workers=1, now=T0)  # naive: UTC
+    made = schedules.create_schedule(
+        session, alice, "m", starts_at=datetime(2025, 6, 1, 10, tzinfo=paris), ends_at=datetime(2025, 6, 1, 14), workers=1, now=T0
+    )  # naive: UTC
     out = schedules.describe(session, made, now=T0)
     assert (out.kind, out.starts_at, out.ends_at) == ("once", "2025-06-01T08:00:00+00:00", "2025-06-01T14:00:00+00:00")
     assert (out.next_start, out.next_stop, out.window_start) == (out.starts_at, out.ends_at, None)
 
 
-@pytest.mark.parametrize(("options", "error", "says"), [
-    ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "workers": 5}, errors.InvalidInput, "max_workers"),
-    ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "workers": 0}, errors.InvalidInput, "1 to 4"),
-    ({"start_cron": "0 8 * * *"}, errors.InvalidInput, "needs start_cron and stop_cron"),
-    ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "starts_at": T0, "ends_at": T0 + timedelta(hours=1)},
-     errors.InvalidInput, "not both"),
-    ({"starts_at": T0 - timedelta(hours=2), "ends_at": T0 - timedelta(hours=1)}, errors.InvalidInput, "past"),
-    ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "timezone": "Paris"}, errors.InvalidInput, "time zone"),
-    ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "profile": "GPU!"}, errors.InvalidInput, "profile"),
-    ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "name": "no spaces"}, errors.InvalidInput, "name"),
-    ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "model": "nope"}, errors.ModelNotFound, "nope"),
-], ids=["above-max-workers", "no-workers", "half-a-cron", "both-kinds", "reservation-past", "bad-zone",
-        "bad-profile", "bad-name", "unknown-model"])
+@pytest.mark.parametrize(
+    ("options", "error", "says"),
+    [
+        ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "workers": 5}, errors.InvalidInput, "max_workers"),
+        ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "workers": 0}, errors.InvalidInput, "1 to 4"),
+        ({"start_cron": "0 8 * * *"}, errors.InvalidInput, "needs start_cron and stop_cron"),
+        (
+            {"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "starts_at": T0, "ends_at": T0 + timedelta(hours=1)},
+            errors.InvalidInput,
+            "not both",
+        ),
+        ({"starts_at": T0 - timedelta(hours=2), "ends_at": T0 - timedelta(hours=1)}, errors.InvalidInput, "past"),
+        ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "timezone": "Paris"}, errors.InvalidInput, "time zone"),
+        ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "profile": "GPU!"}, errors.InvalidInput, "profile"),
+        ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "name": "no spaces"}, errors.InvalidInput, "name"),
+        ({"start_cron": "0 8 * * *", "stop_cron": "0 20 * * *", "model": "nope"}, errors.ModelNotFound, "nope"),
+    ],
+    ids=[
+        "above-max-workers",
+        "no-workers",
+        "half-a-cron",
+        "both-kinds",
+        "reservation-past",
+        "bad-zone",
+        "bad-profile",
+        "bad-name",
+        "unknown-model",
+    ],
+)
 def test_creation_refusals(session, alice, options, error, says):
     options = dict(options)
     with pytest.raises(error, match=says):
@@ -304,9 +463,11 @@ def test_another_accounts_schedules_are_not_found(session, alice):
     bob, _ = accounts.create_account(session, "bob")
     deploy(session, bob, "m")
     mine = schedules.create_schedule(session, alice, "m", start_cron="0 8 * * *", stop_cron="0 9 * * *", now=T0)
-    for attempt in (lambda: schedules.get_schedule(session, bob, mine.id),
-                    lambda: schedules.set_paused(session, bob, mine.id, True),
-                    lambda: schedules.delete_schedule(session, bob, mine.id)):
+    for attempt in (
+        lambda: schedules.get_schedule(session, bob, mine.id),
+        lambda: schedules.set_paused(session, bob, mine.id, True),
+        lambda: schedules.delete_schedule(session, bob, mine.id),
+    ):
         with pytest.raises(errors.ScheduleNotFound, match=mine.id):
             attempt()
     assert schedules.list_schedules(session, bob) == [] and not mine.paused
@@ -318,8 +479,9 @@ def test_another_accounts_schedules_are_not_found(session, alice):
 def test_list_pause_resume_and_delete(session, alice):
     deploy(session, alice, "other")
     first = schedules.create_schedule(session, alice, "m", start_cron="0 8 * * *", stop_cron="0 9 * * *", now=T0)
-    second = schedules.create_schedule(session, alice, "other", start_cron="0 8 * * *", stop_cron="0 9 * * *",
-                                       now=T0 + timedelta(seconds=1))
+    second = schedules.create_schedule(
+        session, alice, "other", start_cron="0 8 * * *", stop_cron="0 9 * * *", now=T0 + timedelta(seconds=1)
+    )
     assert [s.id for s in schedules.list_schedules(session, alice)] == [first.id, second.id]
     assert [s.id for s in schedules.list_schedules(session, alice, "other")] == [second.id]
     paused = schedules.set_paused(session, alice, first.id, True, now=T0 + timedelta(hours=1))
@@ -376,8 +538,9 @@ class Beat:
 
     def schedule(self, now: datetime = T0, workers: int = 2, **definition: Any) -> str:
         with session_scope(self.db) as s:
-            made = schedules.create_schedule(s, s.get(Account, self.account_id), "m", workers=workers, now=now,
-                                             **(definition or OFFICE))
+            made = schedules.create_schedule(
+                s, s.get(Account, self.account_id), "m", workers=workers, now=now, **(definition or OFFICE)
+            )
             return made.id
 
     def workers(self, schedule_id: str, wanted_only: bool = True) -> list[Worker]:
@@ -387,8 +550,9 @@ class Beat:
 
     def actions(self, schedule_id: str) -> list[tuple[str, str, str, int]]:
         with session_scope(self.db) as s:
-            rows = s.exec(select(ScheduleAction).where(ScheduleAction.schedule_id == schedule_id)
-                          .order_by(ScheduleAction.id)).all()
+            rows = s.exec(
+                select(ScheduleAction).where(ScheduleAction.schedule_id == schedule_id).order_by(ScheduleAction.id)
+            ).all()
             return [(windows.utc(r.window_start).isoformat(), r.action, r.status, r.attempts) for r in rows]
 
     def events(self, *kinds: EventKind) -> list[str]:
@@ -436,10 +600,8 @@ def test_a_window_starts_its_workers_once_and_stops_them_when_it_closes(beat):
     assert beat.workers(sid) == [] and beat.sends(UNBIND_TASK) == 2
     assert {w.stop_reason for w in beat.workers(sid, wanted_only=False)} == {StopReason.SCHEDULE.value}
     assert beat.tick(FRIDAY_2100 + timedelta(minutes=1)).as_dict() == tick.Report().as_dict()
-    assert beat.actions(sid) == [(FRIDAY_WINDOW.isoformat(), "start", "done", 1),
-                                 (FRIDAY_WINDOW.isoformat(), "stop", "done", 1)]
-    assert beat.events(EventKind.SCHEDULE_STARTED, EventKind.SCHEDULE_STOPPED) == ["schedule_started",
-                                                                                    "schedule_stopped"]
+    assert beat.actions(sid) == [(FRIDAY_WINDOW.isoformat(), "start", "done", 1), (FRIDAY_WINDOW.isoformat(), "stop", "done", 1)]
+    assert beat.events(EventKind.SCHEDULE_STARTED, EventKind.SCHEDULE_STOPPED) == ["schedule_started", "schedule_stopped"]
 
 
 def test_two_beats_that_both_see_a_start_due_apply_it_once(beat):
@@ -500,8 +662,15 @@ def test_a_failed_action_is_taken_over_by_one_beat_only(beat):
 def test_a_claim_left_by_a_dead_beat_is_taken_over_once_stale(beat):
     sid = beat.schedule()
     with session_scope(beat.db) as s:
-        s.add(ScheduleAction(schedule_id=sid, window_start=FRIDAY_WINDOW, action="start", status="claimed",
-                             at=FRIDAY_0930 - timedelta(seconds=60)))
+        s.add(
+            ScheduleAction(
+                schedule_id=sid,
+                window_start=FRIDAY_WINDOW,
+                action="start",
+                status="claimed",
+                at=FRIDAY_0930 - timedelta(seconds=60),
+            )
+        )
     assert beat.tick(FRIDAY_0930).started == []  # a fresh claim: another beat is at it
     later = FRIDAY_0930 + timedelta(seconds=tick.STALE_CLAIM_S)
     assert beat.tick(later).started == [sid]
@@ -518,8 +687,10 @@ def test_a_window_missed_entirely_is_recorded_skipped_and_starts_nothing(beat):
     sid = beat.schedule()
     report = beat.tick(z("2025-03-29T10:00Z"))  # Saturday: Friday's window opened and closed unseen
     assert (report.skipped, report.started, report.stopped) == ([sid], [], [])
-    assert beat.actions(sid) == [(FRIDAY_WINDOW.isoformat(), "start", "skipped", 1),
-                                 (FRIDAY_WINDOW.isoformat(), "stop", "done", 1)]
+    assert beat.actions(sid) == [
+        (FRIDAY_WINDOW.isoformat(), "start", "skipped", 1),
+        (FRIDAY_WINDOW.isoformat(), "stop", "done", 1),
+    ]
     assert beat.sends(BIND_TASK) == 0
     assert beat.tick(z("2025-03-29T11:00Z")).skipped == []  # recorded once
 
@@ -560,8 +731,11 @@ def test_a_paused_schedule_stops_its_workers_and_a_resume_in_the_window_starts_t
     beat.set_paused(sid, False, resumed_at)
     assert beat.tick(resumed_at + timedelta(minutes=1)).started == [sid]
     assert len(beat.workers(sid)) == 2
-    assert [a[:2] for a in beat.actions(sid)] == [(FRIDAY_WINDOW.isoformat(), "start"), (paused_at.isoformat(), "stop"),
-                                                  (resumed_at.isoformat(), "start")]
+    assert [a[:2] for a in beat.actions(sid)] == [
+        (FRIDAY_WINDOW.isoformat(), "start"),
+        (paused_at.isoformat(), "stop"),
+        (resumed_at.isoformat(), "start"),
+    ]
 
 
 def test_removing_a_schedule_stops_its_workers_at_once(beat):
@@ -643,8 +817,9 @@ def test_the_beat_task_applies_the_schedules_and_reports_what_it_did(beat, monke
     monkeypatch.setattr(control, "platform", lambda: beat.ctx)
     monkeypatch.setattr(control, "app", beat.app)  # what the task sends with: the fake
     now = datetime.now(UTC)
-    sid = beat.schedule(now=now - timedelta(minutes=2), workers=1, starts_at=now - timedelta(minutes=1),
-                        ends_at=now + timedelta(hours=1))
+    sid = beat.schedule(
+        now=now - timedelta(minutes=2), workers=1, starts_at=now - timedelta(minutes=1), ends_at=now + timedelta(hours=1)
+    )
     result = control.schedules.apply().get()
     assert result == {"ok": True, "value": {"started": [sid], "stopped": [], "failed": [], "skipped": [], "errors": 0}}
     assert len(beat.workers(sid)) == 1 and beat.sends(BIND_TASK) == 1

@@ -97,8 +97,7 @@ def api(request, tmp_path_factory) -> Iterator[Api]:
     try:
         _child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
         with _postgres_database() if request.param == "postgresql" else _nothing() as pg:
-            s = Settings(data_dir=tmp / "data", broker_url=url, database_url=pg, token_rate_per_s=0,
-                         account_rate_per_s=0)
+            s = Settings(data_dir=tmp / "data", broker_url=url, database_url=pg, token_rate_per_s=0, account_rate_per_s=0)
             db = s.effective_database_url()
             init_db(db)
             with TestClient(create_app(s), raise_server_exceptions=False) as client:
@@ -112,15 +111,29 @@ def test_create_show_list_pause_resume_and_remove(api):
     p = new_account(api.db, "digits", "other")
     made = api.ok(p.key, "POST", "/v1/schedules", 201, json={"model": "digits", "workers": 2, "name": "office", **OFFICE})
     assert {k: made[k] for k in ("model", "kind", "workers", "timezone", "name", "paused", "running_workers")} == {
-        "model": "digits", "kind": "cron", "workers": 2, "timezone": "Europe/Paris", "name": "office", "paused": False,
-        "running_workers": 0}
+        "model": "digits",
+        "kind": "cron",
+        "workers": 2,
+        "timezone": "Europe/Paris",
+        "name": "office",
+        "paused": False,
+        "running_workers": 0,
+    }
     assert made["next_start"] is not None and made["next_stop"] is not None and made["last_actions"] == []
     start = datetime.fromisoformat(made["next_start"]).astimezone(ZoneInfo("Europe/Paris"))
     assert (start.hour, start.minute, start.isoweekday() <= 5) == (8, 0, True)
-    reserved = api.ok(p.key, "POST", "/v1/schedules", 201, json={
-        "model": "other", "starts_at": "2031-01-01T09:00:00+01:00", "ends_at": "2031-01-01T12:00:00"})
+    reserved = api.ok(
+        p.key,
+        "POST",
+        "/v1/schedules",
+        201,
+        json={"model": "other", "starts_at": "2031-01-01T09:00:00+01:00", "ends_at": "2031-01-01T12:00:00"},
+    )
     assert (reserved["kind"], reserved["starts_at"], reserved["ends_at"]) == (
-        "once", "2031-01-01T08:00:00+00:00", "2031-01-01T12:00:00+00:00")  # an offset kept, none taken as UTC
+        "once",
+        "2031-01-01T08:00:00+00:00",
+        "2031-01-01T12:00:00+00:00",
+    )  # an offset kept, none taken as UTC
 
     assert api.ok(p.key, "GET", f"/v1/schedules/{made['id']}") == made
     assert [s["id"] for s in api.ok(p.key, "GET", "/v1/schedules")] == [made["id"], reserved["id"]]
@@ -135,19 +148,33 @@ def test_create_show_list_pause_resume_and_remove(api):
     assert [s["id"] for s in api.ok(p.key, "GET", "/v1/schedules")] == [reserved["id"]]
 
 
-@pytest.mark.parametrize(("body", "says"), [
-    ({"start_cron": "0 8 * *", "stop_cron": "0 20 * * *"}, "five fields"),
-    ({"start_cron": "0 8 * * *", "stop_cron": "0 25 * * *"}, "out of range"),
-    ({**OFFICE, "timezone": "Europe/Atlantis"}, "Unknown time zone"),
-    ({**OFFICE, "workers": 4}, "max_workers"),
-    ({**OFFICE, "workers": 0}, "workers"),
-    ({**OFFICE, "every": "day"}, "every"),
-    ({**OFFICE, "starts_at": "2031-01-01T08:00:00Z", "ends_at": "2031-01-01T09:00:00Z"}, "not both"),
-    ({"starts_at": "2031-01-01T09:00:00Z", "ends_at": "2031-01-01T08:00:00Z"}, "after its starts_at"),
-    ({"starts_at": "2001-01-01T08:00:00Z", "ends_at": "2001-01-01T09:00:00Z"}, "past"),
-    ({}, "needs start_cron and stop_cron"),
-], ids=["four-fields", "hour-25", "zone", "above-max-workers", "no-workers", "unknown-field", "both-kinds",
-        "backwards", "past", "nothing"])
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"start_cron": "0 8 * *", "stop_cron": "0 20 * * *"}, "five fields"),
+        ({"start_cron": "0 8 * * *", "stop_cron": "0 25 * * *"}, "out of range"),
+        ({**OFFICE, "timezone": "Europe/Atlantis"}, "Unknown time zone"),
+        ({**OFFICE, "workers": 4}, "max_workers"),
+        ({**OFFICE, "workers": 0}, "workers"),
+        ({**OFFICE, "every": "day"}, "every"),
+        ({**OFFICE, "starts_at": "2031-01-01T08:00:00Z", "ends_at": "2031-01-01T09:00:00Z"}, "not both"),
+        ({"starts_at": "2031-01-01T09:00:00Z", "ends_at": "2031-01-01T08:00:00Z"}, "after its starts_at"),
+        ({"starts_at": "2001-01-01T08:00:00Z", "ends_at": "2001-01-01T09:00:00Z"}, "past"),
+        ({}, "needs start_cron and stop_cron"),
+    ],
+    ids=[
+        "four-fields",
+        "hour-25",
+        "zone",
+        "above-max-workers",
+        "no-workers",
+        "unknown-field",
+        "both-kinds",
+        "backwards",
+        "past",
+        "nothing",
+    ],
+)
 def test_invalid_schedules_are_refused_with_what_to_change(api, body, says):
     p = new_account(api.db, "digits")
     message = api.refused(p.key, "POST", "/v1/schedules", 422, "invalid_input", json={"model": "digits", **body})
@@ -163,8 +190,9 @@ def test_refusals_of_another_kind(api):
     api.refused(p.token, "GET", "/v1/schedules", 403, "wrong_credential")  # an end user's token is no API key
     api.refused(p.token, "POST", "/v1/schedules", 403, "wrong_credential", json={"model": "digits", **OFFICE})
     big = json.dumps({"model": "digits", **OFFICE, "name": "x" * api.settings.max_json_bytes})
-    api.refused(p.key, "POST", "/v1/schedules", 413, "payload_too_large", content=big,
-                headers={"content-type": "application/json"})
+    api.refused(
+        p.key, "POST", "/v1/schedules", 413, "payload_too_large", content=big, headers={"content-type": "application/json"}
+    )
     assert api.ok(p.key, "GET", "/v1/schedules") == []
 
 
@@ -180,8 +208,9 @@ def test_removing_a_schedule_stops_its_running_workers(api):
     with session_scope(api.db) as s:
         nodes.register_node(s, node, nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=1))
         s.flush()
-        (worker,) = worker_service.start_workers(s, s.get(Account, p.id), "digits", 10, started_by="schedule",
-                                                 schedule_id=made["id"])
+        (worker,) = worker_service.start_workers(
+            s, s.get(Account, p.id), "digits", 10, started_by="schedule", schedule_id=made["id"]
+        )
     assert api.ok(p.key, "GET", f"/v1/schedules/{made['id']}")["running_workers"] == 1
     assert api.call(p.key, "DELETE", f"/v1/schedules/{made['id']}").status_code == 204
     with session_scope(api.db) as s:
@@ -244,19 +273,53 @@ def run(served: Served, key: str, *args: Any, expect: int = 0, stdin: str | None
 
 def test_the_schedule_commands(served):
     p = new_account(served.db, "digits")
-    made = json.loads(run(served, p.key, "schedule", "add", "digits", "--start", "0 8 * * 1-5", "--stop", "0 20 * * 1-5",
-                          "--tz", "Europe/Paris", "--workers", "2", "--json"))
+    made = json.loads(
+        run(
+            served,
+            p.key,
+            "schedule",
+            "add",
+            "digits",
+            "--start",
+            "0 8 * * 1-5",
+            "--stop",
+            "0 20 * * 1-5",
+            "--tz",
+            "Europe/Paris",
+            "--workers",
+            "2",
+            "--json",
+        )
+    )
     assert (made["start_cron"], made["stop_cron"], made["workers"], made["timezone"]) == (
-        "0 8 * * 1-5", "0 20 * * 1-5", 2, "Europe/Paris")
-    reserved = json.loads(run(served, p.key, "--json", "schedule", "reserve", "digits", "--from", "2031-05-01T10:00+02:00",
-                              "--to", "2031-05-01T18:00"))
+        "0 8 * * 1-5",
+        "0 20 * * 1-5",
+        2,
+        "Europe/Paris",
+    )
+    reserved = json.loads(
+        run(
+            served,
+            p.key,
+            "--json",
+            "schedule",
+            "reserve",
+            "digits",
+            "--from",
+            "2031-05-01T10:00+02:00",
+            "--to",
+            "2031-05-01T18:00",
+        )
+    )
     assert (reserved["starts_at"], reserved["ends_at"]) == ("2031-05-01T08:00:00+00:00", "2031-05-01T18:00:00+00:00")
 
     table = run(served, p.key, "schedule", "list")
     assert table.splitlines()[0].split()[:4] == ["ID", "NAME", "MODEL", "WHEN"]
     assert "0 8 * * 1-5 -> 0 20 * * 1-5" in table and reserved["id"] in table
     assert [s["id"] for s in json.loads(run(served, p.key, "schedule", "list", "--model", "digits", "--json"))] == [
-        made["id"], reserved["id"]]
+        made["id"],
+        reserved["id"],
+    ]
     shown = run(served, p.key, "schedule", "show", made["id"])
     assert f"id: {made['id']}" in shown and "next_start: " in shown and "last actions" not in shown
     assert "paused: True" in run(served, p.key, "schedule", "pause", made["id"])
@@ -272,11 +335,13 @@ def test_refusals_on_the_command_line(served):
     p = new_account(served.db, "digits")
     bad = run(served, p.key, "schedule", "add", "digits", "--start", "0 8 * *", "--stop", "0 20 * * *", expect=6)
     assert "error [invalid_input]" in bad and "five fields" in bad
-    zone = run(served, p.key, "schedule", "add", "digits", "--start", "0 8 * * *", "--stop", "0 20 * * *", "--tz", "CET+1",
-               expect=6)
+    zone = run(
+        served, p.key, "schedule", "add", "digits", "--start", "0 8 * * *", "--stop", "0 20 * * *", "--tz", "CET+1", expect=6
+    )
     assert "Unknown time zone" in zone
-    assert "workers" in run(served, p.key, "schedule", "reserve", "digits", "--from", "2031-01-01", "--to", "2031-01-02",
-                            "--workers", "0", expect=2)  # click's range check, before any request
+    assert "workers" in run(
+        served, p.key, "schedule", "reserve", "digits", "--from", "2031-01-01", "--to", "2031-01-02", "--workers", "0", expect=2
+    )  # click's range check, before any request
     assert "model_not_found" in run(served, p.key, "schedule", "list", "--model", "nope", expect=4)
 
 
@@ -287,8 +352,9 @@ def test_the_management_client(served):
     p = new_account(served.db, "digits")
     with_client = ManagementClient(p.key, url=served.url)
     try:
-        made = with_client.create_schedule("digits", start_cron="30 2 * * *", stop_cron="0 4 * * *",
-                                           timezone="Europe/Paris", workers=1, profile="standard")
+        made = with_client.create_schedule(
+            "digits", start_cron="30 2 * * *", stop_cron="0 4 * * *", timezone="Europe/Paris", workers=1, profile="standard"
+        )
         assert (made.profile, made.kind.value) == ("standard", "cron")
         soon = datetime.now(UTC) + timedelta(hours=1)
         reserved = with_client.reserve_workers("digits", soon.replace(tzinfo=None), soon + timedelta(hours=2), 2)
@@ -303,4 +369,3 @@ def test_the_management_client(served):
             with_client.create_schedule("digits", starts_at=soon, ends_at=None, workers=1)
     finally:
         with_client.close()
-

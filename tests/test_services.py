@@ -9,9 +9,9 @@ from sqlmodel import select
 from cipherpool import errors
 from cipherpool.clock import utcnow
 from cipherpool.db.tables import AccessToken, Account, ModelStatus, PoolNode, Worker, WorkerStatus
-from cipherpool.statuses import StopReason
 from cipherpool.fhe.deployment import Versions
 from cipherpool.services import accounts, models, nodes, queries, tokens, workers
+from cipherpool.statuses import StopReason
 
 V = Versions("1.9.0", "2.10.0", "3.11")
 
@@ -265,8 +265,7 @@ def test_a_query_needs_a_worker_up_unless_it_waits_for_one(session, alice):
     workers.set_consuming(session, w.id, True)
     with pytest.raises(errors.NoWorkerUp):  # up, but on a node gone offline
         check()
-    nodes.register_node(session, "shared1", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=2,
-                                                           shared=True))
+    nodes.register_node(session, "shared1", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=2, shared=True))
     assert check().serving  # the model allows shared nodes, and one of its class is online
 
 
@@ -282,8 +281,9 @@ def test_start_refusals_name_their_reason(session, alice):
     deploy(session, account, "z", node_selector={"zone": "b"})
     with pytest.raises(errors.NoFreeNode, match="carries the labels zone=b"):
         workers.start_worker(session, account, "z", heartbeat_s=10)
-    nodes.register_node(session, "n2", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=2,
-                                                       profile="big", labels={"zone": "b"}))
+    nodes.register_node(
+        session, "n2", nodes.NodeInfo(host_class="cpu", concurrency=1, threads=1, pid=2, profile="big", labels={"zone": "b"})
+    )
     with pytest.raises(errors.NoFreeNode, match="profile 'small'"):
         workers.start_worker(session, account, "z", heartbeat_s=10, profile="small")
     assert workers.start_worker(session, account, "z", heartbeat_s=10, profile="big").node_name == "n2"
@@ -313,8 +313,20 @@ def test_the_node_listing_shows_capacity_and_hides_other_accounts_bindings(sessi
     account, _ = alice
     bob, _ = accounts.create_account(session, "bob")
     deploy(session, account, "m")
-    nodes.register_node(session, "n1", nodes.NodeInfo(host_class="cpu", concurrency=2, threads=1, pid=1, cores=4,
-                                                       memory_bytes=8 << 30, key_cache_bytes=2 << 30, labels={"a": "1"}))
+    nodes.register_node(
+        session,
+        "n1",
+        nodes.NodeInfo(
+            host_class="cpu",
+            concurrency=2,
+            threads=1,
+            pid=1,
+            cores=4,
+            memory_bytes=8 << 30,
+            key_cache_bytes=2 << 30,
+            labels={"a": "1"},
+        ),
+    )
     w = workers.start_worker(session, account, "m", heartbeat_s=10)
     (mine,) = nodes.list_nodes(session, 10, account.id)
     assert (mine.model, mine.worker_id, mine.busy, mine.labels) == ("m", w.id, True, {"a": "1"})
@@ -349,8 +361,9 @@ def test_a_circuit_compiled_for_the_gpu_runs_only_where_concrete_has_its_gpu_bui
     register(session, "plain", host_class="gpu")
     with pytest.raises(errors.NoFreeNode, match="none of the 1 online gpu node.* GPU build"):
         workers.start_worker(session, account, "g", heartbeat_s=10)
-    nodes.register_node(session, "built", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=2, gpus=1,
-                                                         capabilities=("cpu", "gpu")))
+    nodes.register_node(
+        session, "built", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=2, gpus=1, capabilities=("cpu", "gpu"))
+    )
     assert workers.start_worker(session, account, "g", heartbeat_s=10).node_name == "built"
     listed = {n.name: n for n in nodes.list_nodes(session, heartbeat_s=10)}
     assert (listed["built"].gpu_build, listed["plain"].gpu_build) == (True, False)
@@ -385,9 +398,11 @@ def test_a_gpu_version_is_not_rolled_onto_workers_whose_nodes_cannot_run_it(sess
 def test_shared_nodes_count_for_a_gpu_version_only_with_the_gpu_build(session, alice):
     account, _ = alice
     model = models.deploy_model(session, account, "g", GPU_ARTIFACT, hardware="gpu", shared=True)
-    nodes.register_node(session, "shared-plain", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=1,
-                                                                shared=True))
+    nodes.register_node(session, "shared-plain", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=1, shared=True))
     assert queries.serving_models(session, [model.id]) == (set(), set())
-    nodes.register_node(session, "shared-built", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=2,
-                                                                shared=True, capabilities=("cpu", "gpu")))
+    nodes.register_node(
+        session,
+        "shared-built",
+        nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=2, shared=True, capabilities=("cpu", "gpu")),
+    )
     assert queries.serving_models(session, [model.id]) == (set(), {model.id})

@@ -8,13 +8,13 @@ import pytest
 
 from cipherpool import errors
 from cipherpool.config.settings import Settings
+from cipherpool.context import PlatformContext
 from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.fhe.keycache import KeyCache
 from cipherpool.services import accounts, models, nodes
 from cipherpool.services.queries import ModelGrant, Route, route
 from cipherpool.statuses import ModelStatus
 from cipherpool.store import BlobKind
-from cipherpool.context import PlatformContext
 from cipherpool.workers.shared import SharedModels
 from tests.test_query_service import MemoryStore
 from tests.test_services import ARTIFACT
@@ -22,21 +22,24 @@ from tests.test_services import ARTIFACT
 D, S = Route.DEDICATED, Route.SHARED
 
 
-@pytest.mark.parametrize("dedicated, online, allows, asked, wait, expected", [
-    (True, False, False, Route.AUTO, False, D),    # a dedicated worker is up: it takes the query
-    (True, True, True, Route.AUTO, False, D),      # auto prefers it to a shared node
-    (False, True, True, Route.AUTO, False, S),     # none up: a shared node of the class
-    (False, True, False, Route.AUTO, False, errors.NoWorkerUp),  # a shared node, but the model does not allow it
-    (False, False, True, Route.AUTO, False, errors.NoWorkerUp),
-    (False, False, True, Route.AUTO, True, D),     # the caller waits in the dedicated queue
-    (True, True, True, Route.SHARED, False, S),    # asked for shared
-    (True, False, True, Route.SHARED, False, errors.NoWorkerUp),  # no shared node online
-    (True, False, True, Route.SHARED, True, S),    # waits for a shared node
-    (True, True, False, Route.SHARED, False, errors.NoWorkerUp),  # not allowed ...
-    (True, True, False, Route.SHARED, True, errors.NoWorkerUp),   # ... and waiting does not change that
-    (False, True, True, Route.DEDICATED, False, errors.NoWorkerUp),
-    (False, True, True, Route.DEDICATED, True, D),
-])
+@pytest.mark.parametrize(
+    "dedicated, online, allows, asked, wait, expected",
+    [
+        (True, False, False, Route.AUTO, False, D),  # a dedicated worker is up: it takes the query
+        (True, True, True, Route.AUTO, False, D),  # auto prefers it to a shared node
+        (False, True, True, Route.AUTO, False, S),  # none up: a shared node of the class
+        (False, True, False, Route.AUTO, False, errors.NoWorkerUp),  # a shared node, but the model does not allow it
+        (False, False, True, Route.AUTO, False, errors.NoWorkerUp),
+        (False, False, True, Route.AUTO, True, D),  # the caller waits in the dedicated queue
+        (True, True, True, Route.SHARED, False, S),  # asked for shared
+        (True, False, True, Route.SHARED, False, errors.NoWorkerUp),  # no shared node online
+        (True, False, True, Route.SHARED, True, S),  # waits for a shared node
+        (True, True, False, Route.SHARED, False, errors.NoWorkerUp),  # not allowed ...
+        (True, True, False, Route.SHARED, True, errors.NoWorkerUp),  # ... and waiting does not change that
+        (False, True, True, Route.DEDICATED, False, errors.NoWorkerUp),
+        (False, True, True, Route.DEDICATED, True, D),
+    ],
+)
 def test_where_a_query_goes(dedicated, online, allows, asked, wait, expected):
     model = ModelGrant("m" * 16, "m", ModelStatus.ACTIVE, 1, "c" * 64, "cpu", dedicated, online, allows)
     if isinstance(expected, type):
@@ -81,8 +84,15 @@ def test_a_shared_node_loads_models_on_demand_and_drops_the_least_recently_used(
     ctx = DbCtx(Settings(data_dir=tmp_path, database_url=db_url), store)
     ticks = iter(range(1000))  # each load "adds" one byte: room for two models
     published = HashOnly()
-    node = SharedModels("shared1", "cpu", capacity_bytes=2, workdir=tmp_path, factory=factory, measure=lambda: next(ticks),
-                        redis=lambda: published)
+    node = SharedModels(
+        "shared1",
+        "cpu",
+        capacity_bytes=2,
+        workdir=tmp_path,
+        factory=factory,
+        measure=lambda: next(ticks),
+        redis=lambda: published,
+    )
     _, event, version, hit = node.evaluator(ctx, ids["a"], 0)
     assert (event.model_name, event.worker_id, version, hit) == ("a", "", 1, False)
     assert node.evaluator(ctx, ids["a"], 1)[3] is True  # loaded already (version 1 is the serving one)

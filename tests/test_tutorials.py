@@ -47,6 +47,7 @@ def test_cli_demo_names_and_options():
 
 # reading answers: agreement is the tutorial's own test, and it can fail
 
+
 def test_digits_agree_only_on_the_same_digit_and_close_probabilities():
     clear = np.full((1, 10), 0.01)
     clear[0, 3] = 0.91
@@ -103,6 +104,7 @@ def test_image_pixels_padding_and_kernel():
 
 # the traffic log: what crossed the network, and that a guarded secret never did
 
+
 def _client(log: TrafficLog) -> httpx.Client:
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=b"x" * 10))
     return httpx.Client(transport=transport, base_url="http://gateway", event_hooks=log.hooks())
@@ -118,7 +120,7 @@ def test_traffic_log_counts_bytes_per_step_and_finds_a_guarded_secret():
         http.post("/v1/queries", content=b"c" * 300)
         assert log.since(mark).sent == 300 and log.since(mark).received == 10 and log.since(0).requests == 2
         assert log.found == []
-        http.post("/v1/queries", content=b"head" + secret[SECRET_WINDOW * 3: SECRET_WINDOW * 5] + b"tail")
+        http.post("/v1/queries", content=b"head" + secret[SECRET_WINDOW * 3 : SECRET_WINDOW * 5] + b"tail")
     assert log.found == ["the secret key"]
     assert log.checked_bodies == 3
 
@@ -158,15 +160,42 @@ def test_a_clients_transport_reports_what_it_sent(tmp_path):
 
 # reports
 
+
 def _report() -> TutorialReport:
     report = TutorialReport("health", "health analysis", "XGBoost", "clear test accuracy 93.0%", {"accuracy": 0.93})
-    report.steps = [Step("end user", "generate keys", 5.9, "end user's machine", "nothing"),
-                    Step("end user", "upload the evaluation key (once) and warm it on the node", 12.6,
-                         "end user → gateway → store; pool node", "the evaluation key", sent=58_900_000, received=183),
-                    Step("provider", "stop the worker", 0.3, "gateway", "a stop order")]
+    report.steps = [
+        Step("end user", "generate keys", 5.9, "end user's machine", "nothing"),
+        Step(
+            "end user",
+            "upload the evaluation key (once) and warm it on the node",
+            12.6,
+            "end user → gateway → store; pool node",
+            "the evaluation key",
+            sent=58_900_000,
+            received=183,
+        ),
+        Step("provider", "stop the worker", 0.3, "gateway", "a stop order"),
+    ]
     report.queries_after = 2
-    report.cases = [CaseReport("patient 0", "malignant", "P(malignant) 0.971", "P(malignant) 0.971", True, {"p": 0.971},
-                               0.014, 1100, 0.012, 0.0, 7.13, 7.17, 0.004, 164_300, "node1@vm")]
+    report.cases = [
+        CaseReport(
+            "patient 0",
+            "malignant",
+            "P(malignant) 0.971",
+            "P(malignant) 0.971",
+            True,
+            {"p": 0.971},
+            0.014,
+            1100,
+            0.012,
+            0.0,
+            7.13,
+            7.17,
+            0.004,
+            164_300,
+            "node1@vm",
+        )
+    ]
     report.evaluation_key_bytes = 58_900_000
     report.seconds = 53.2
     return report
@@ -178,8 +207,9 @@ def test_summary_and_explain_tell_the_story_in_order():
     assert "patient 0  FHE P(malignant) 0.971  |  clear P(malignant) 0.971 · truth: malignant  ✓ agree" in text
     assert "evaluation key 58.9 MB" in text and "compute (on the node)     7.13 s" in text
     lines = explain(report)
-    order = [i for i, line in enumerate(lines) if "generate keys" in line or "query 'patient 0'" in line
-             or "stop the worker" in line]
+    order = [
+        i for i, line in enumerate(lines) if "generate keys" in line or "query 'patient 0'" in line or "stop the worker" in line
+    ]
     assert len(order) == 3 and order == sorted(order)  # keys, then the query, then the provider's stop
     assert "found in none of them" in lines[-1]
     assert "up, the ciphertext (1.1 kB), in the task message" in "\n".join(lines)
@@ -209,8 +239,11 @@ def test_json_report_is_strict_json():
 
 
 def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
-    for texts, message in ((["   "], "empty text"), (["the table and a chair"], "no word of the VADER lexicon"),
-                           ([" ".join(sorted(lexicon())[: MAX_WORDS + 1])], f"at most {MAX_WORDS}")):
+    for texts, message in (
+        (["   "], "empty text"),
+        (["the table and a chair"], "no word of the VADER lexicon"),
+        ([" ".join(sorted(lexicon())[: MAX_WORDS + 1])], f"at most {MAX_WORDS}"),
+    ):
         with pytest.raises(InvalidInput, match=message):
             run_demo(None, tmp_path, names=["sentiment"], texts=texts)  # type: ignore[arg-type]
     blocked = tmp_path / "file"

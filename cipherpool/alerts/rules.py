@@ -75,15 +75,24 @@ def check_threshold(metric: AlertMetric, threshold: float) -> float:
 
 
 def check_window(window_s: int) -> int:
-    if isinstance(window_s, bool) or not isinstance(window_s, int) or not (
-            ALERT_MIN_WINDOW_S <= window_s <= ALERT_MAX_WINDOW_S):
+    if isinstance(window_s, bool) or not isinstance(window_s, int) or not (ALERT_MIN_WINDOW_S <= window_s <= ALERT_MAX_WINDOW_S):
         raise InvalidInput(f"An alert's window is {ALERT_MIN_WINDOW_S} to {ALERT_MAX_WINDOW_S} seconds, not {window_s!r}.")
     return window_s
 
 
-def set_rule(session: Session, account: Account, model_name: str, metric: AlertMetric | str, threshold: float, *,
-             window_s: int | None = None, webhook_url: str | None | Literal[Keep.KEEP] = KEEP, new_secret: bool = False,
-             default_window_s: int = 300, allow_private: bool = False) -> RuleSet:
+def set_rule(
+    session: Session,
+    account: Account,
+    model_name: str,
+    metric: AlertMetric | str,
+    threshold: float,
+    *,
+    window_s: int | None = None,
+    webhook_url: str | None | Literal[Keep.KEEP] = KEEP,
+    new_secret: bool = False,
+    default_window_s: int = 300,
+    allow_private: bool = False,
+) -> RuleSet:
     """Create the model's rule for ``metric``, or replace its threshold and what else is given
     (``window_s`` None and ``webhook_url`` KEEP leave those as they are)."""
     metric = parse_metric(metric)
@@ -96,8 +105,13 @@ def set_rule(session: Session, account: Account, model_name: str, metric: AlertM
     created = rule is None
     if rule is None:
         _check_room(session, account)
-        rule = AlertRule(account_id=account.id, model_id=model.id, metric=metric.value, threshold=threshold,
-                         window_s=window or check_window(default_window_s))
+        rule = AlertRule(
+            account_id=account.id,
+            model_id=model.id,
+            metric=metric.value,
+            threshold=threshold,
+            window_s=window or check_window(default_window_s),
+        )
     secret = _apply_webhook(rule, webhook_url, new_secret)  # it refuses before it changes anything
     rule.threshold, rule.window_s = threshold, window or rule.window_s
     rule.updated_at = utcnow()
@@ -153,8 +167,9 @@ def get_rule(session: Session, account: Account, rule_id: str) -> AlertRule:
 
 def list_rules(session: Session, account: Account, model_name: str | None = None) -> list[tuple[AlertRule, str]]:
     """The account's rules (of one model if named), with their model's name."""
-    query = select(AlertRule, Model.name).join(Model, col(Model.id) == AlertRule.model_id).where(
-        AlertRule.account_id == account.id)
+    query = (
+        select(AlertRule, Model.name).join(Model, col(Model.id) == AlertRule.model_id).where(AlertRule.account_id == account.id)
+    )
     if model_name is not None:
         query = query.where(AlertRule.model_id == get_model(session, account, model_name).id)
     return [(rule, name) for rule, name in session.exec(query.order_by(col(Model.name), col(AlertRule.metric)))]
@@ -168,11 +183,15 @@ def remove_rule(session: Session, account: Account, rule_id: str) -> AlertRule:
     return rule
 
 
-def list_events(session: Session, account: Account, model_name: str | None = None,
-                limit: int = 100) -> list[tuple[AlertEvent, str]]:
+def list_events(
+    session: Session, account: Account, model_name: str | None = None, limit: int = 100
+) -> list[tuple[AlertEvent, str]]:
     """The latest ``limit`` events (of one model if named), oldest first, with the model's name."""
-    query = select(AlertEvent, Model.name).join(Model, col(Model.id) == AlertEvent.model_id).where(
-        AlertEvent.account_id == account.id)
+    query = (
+        select(AlertEvent, Model.name)
+        .join(Model, col(Model.id) == AlertEvent.model_id)
+        .where(AlertEvent.account_id == account.id)
+    )
     if model_name is not None:
         query = query.where(AlertEvent.model_id == get_model(session, account, model_name).id)
     latest = session.exec(query.order_by(col(AlertEvent.id).desc()).limit(max(1, min(limit, MAX_EVENTS))))
@@ -192,14 +211,35 @@ def maybe_iso(moment: datetime | None) -> str | None:
 
 
 def describe(rule: AlertRule, model_name: str) -> AlertOut:
-    return AlertOut(id=rule.id, model=model_name, model_id=rule.model_id, metric=AlertMetric(rule.metric),
-                    threshold=rule.threshold, window_s=rule.window_s, webhook_url=rule.webhook_url, state=rule.state,
-                    value=rule.value, evaluated_at=maybe_iso(rule.evaluated_at), changed_at=maybe_iso(rule.changed_at),
-                    created_at=iso(rule.created_at), updated_at=iso(rule.updated_at))
+    return AlertOut(
+        id=rule.id,
+        model=model_name,
+        model_id=rule.model_id,
+        metric=AlertMetric(rule.metric),
+        threshold=rule.threshold,
+        window_s=rule.window_s,
+        webhook_url=rule.webhook_url,
+        state=rule.state,
+        value=rule.value,
+        evaluated_at=maybe_iso(rule.evaluated_at),
+        changed_at=maybe_iso(rule.changed_at),
+        created_at=iso(rule.created_at),
+        updated_at=iso(rule.updated_at),
+    )
 
 
 def describe_event(event: AlertEvent, model_name: str) -> AlertEventOut:
-    return AlertEventOut(id=event.public_id, rule_id=event.rule_id, model=model_name, metric=AlertMetric(event.metric),
-                         kind=event.kind, value=event.value, threshold=event.threshold, at=iso(event.at),
-                         delivery=event.delivery, attempts=event.attempts, last_error=event.last_error,
-                         delivered_at=maybe_iso(event.delivered_at))
+    return AlertEventOut(
+        id=event.public_id,
+        rule_id=event.rule_id,
+        model=model_name,
+        metric=AlertMetric(event.metric),
+        kind=event.kind,
+        value=event.value,
+        threshold=event.threshold,
+        at=iso(event.at),
+        delivery=event.delivery,
+        attempts=event.attempts,
+        last_error=event.last_error,
+        delivered_at=maybe_iso(event.delivered_at),
+    )

@@ -60,8 +60,9 @@ def parse(header: str) -> tuple[int, list[str]]:
     return timestamp, signatures
 
 
-def verify(secret: str, header: str | None, body: bytes, tolerance_s: float = DEFAULT_TOLERANCE_S,
-           now: float | None = None) -> bool:
+def verify(
+    secret: str, header: str | None, body: bytes, tolerance_s: float = DEFAULT_TOLERANCE_S, now: float | None = None
+) -> bool:
     """Whether ``header`` signs ``body`` with ``secret`` at a time within ``tolerance_s`` of
     ``now``. False (never an exception) for a missing, malformed, stale or wrong signature:
     whatever the reason, the receiver's answer is the same refusal."""

@@ -33,16 +33,16 @@ from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col
 
 from cipherpool.alerts.destination import check_resolved
-from cipherpool.errors import RefusedDestination
 from cipherpool.alerts.rules import iso
 from cipherpool.alerts.signature import EVENT_HEADER, SIGNATURE_HEADER, sign
 from cipherpool.api.schemas import AlertWebhookBody
-from cipherpool.config.settings import Settings
 from cipherpool.clock import utcnow
+from cipherpool.config.settings import Settings
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import AlertEvent, AlertRule, Model
+from cipherpool.errors import RefusedDestination
 from cipherpool.names import CONTROL_QUEUE, WEBHOOK_TASK
 from cipherpool.statuses import AlertEventKind, AlertMetric, WebhookDelivery
-from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.alerts")
 
@@ -93,9 +93,18 @@ def body_of(event: AlertEvent, rule: AlertRule, model_name: str) -> bytes:
     """The JSON body, compact, in the wire model's field order (the bytes signed are the
     bytes sent; a receiver verifies those bytes, never a re-serialisation)."""
     assert event.id is not None
-    body = AlertWebhookBody(event_id=event.public_id, rule_id=event.rule_id, model=model_name, model_id=event.model_id,
-                            metric=AlertMetric(event.metric), kind=AlertEventKind(event.kind), value=event.value,
-                            threshold=event.threshold, window_s=rule.window_s, at=iso(event.at))
+    body = AlertWebhookBody(
+        event_id=event.public_id,
+        rule_id=event.rule_id,
+        model=model_name,
+        model_id=event.model_id,
+        metric=AlertMetric(event.metric),
+        kind=AlertEventKind(event.kind),
+        value=event.value,
+        threshold=event.threshold,
+        window_s=rule.window_s,
+        at=iso(event.at),
+    )
     return body.model_dump_json().encode()
 
 
@@ -123,11 +132,16 @@ def post(call: Call, settings: Settings, transport: httpx.BaseTransport | None =
         return Answer(exc.message)
     except OSError as exc:
         return Answer(f"cannot resolve the webhook's host: {exc}", retry=True)
-    headers = {"Content-Type": "application/json", "User-Agent": user_agent(),
-               SIGNATURE_HEADER: sign(call.secret, call.body), EVENT_HEADER: call.kind}
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": user_agent(),
+        SIGNATURE_HEADER: sign(call.secret, call.body),
+        EVENT_HEADER: call.kind,
+    }
     try:
-        with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False,
-                          transport=transport) as client:
+        with httpx.Client(
+            timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False, transport=transport
+        ) as client:
             response = client.post(call.url, content=call.body, headers=headers)
     except httpx.HTTPError as exc:
         return Answer(f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS], retry=True)
@@ -154,8 +168,9 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None  # absent, or an HTTP date: the backoff's own wait
 
 
-def record(session: Session, event_id: int, answer: Answer, *, attempted: bool = True,
-           settings: Settings | None = None) -> Outcome:
+def record(
+    session: Session, event_id: int, answer: Answer, *, attempted: bool = True, settings: Settings | None = None
+) -> Outcome:
     """Write how the attempt went on the event and decide what comes next (with no
     ``settings``, no retry). Compare-and-set on the attempts read: a second copy of the same
     task, racing this one, finds the event changed and records nothing twice."""
@@ -164,14 +179,22 @@ def record(session: Session, event_id: int, answer: Answer, *, attempted: bool =
     attempts = event.attempts + (1 if attempted else 0)
     most = settings.webhook_attempts if settings is not None else 0
     retry = answer.error is not None and answer.retry and attempts < most
-    delivery = (WebhookDelivery.DELIVERED if answer.error is None
-                else WebhookDelivery.PENDING if retry else WebhookDelivery.FAILED)
+    delivery = WebhookDelivery.DELIVERED if answer.error is None else WebhookDelivery.PENDING if retry else WebhookDelivery.FAILED
     changes: dict[str, Any] = {"attempts": attempts, "delivery": delivery.value, "last_error": answer.error}
     if answer.error is None:
         changes["delivered_at"] = utcnow()
-    done = cast(CursorResult[Any], session.execute(update(AlertEvent).where(
-        col(AlertEvent.id) == event_id, col(AlertEvent.delivery) == WebhookDelivery.PENDING.value,
-        col(AlertEvent.attempts) == event.attempts).values(**changes)))
+    done = cast(
+        CursorResult[Any],
+        session.execute(
+            update(AlertEvent)
+            .where(
+                col(AlertEvent.id) == event_id,
+                col(AlertEvent.delivery) == WebhookDelivery.PENDING.value,
+                col(AlertEvent.attempts) == event.attempts,
+            )
+            .values(**changes)
+        ),
+    )
     if done.rowcount != 1:
         session.refresh(event)
         return Outcome(event_id, WebhookDelivery(event.delivery), event.attempts, event.last_error)
@@ -189,8 +212,9 @@ def attempt(ctx: PlatformContext, event_id: int, transport: httpx.BaseTransport 
     with ctx.session() as session:
         outcome = record(session, event_id, answer, settings=ctx.settings)
     if outcome.error is not None:
-        log.info("webhook of alert event %d: attempt %d: %s (%s)", event_id, outcome.attempts, outcome.error,
-                 outcome.delivery.value)
+        log.info(
+            "webhook of alert event %d: attempt %d: %s (%s)", event_id, outcome.attempts, outcome.error, outcome.delivery.value
+        )
     return outcome
 
 

@@ -16,12 +16,21 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from cipherpool import backends
 from cipherpool.names import ALERT_EVENT_ID_PREFIX, EVENT_ID_PREFIX, LEDGER_ID_PREFIX
 from cipherpool.statuses import (
-    AccountStatus, AlertEventKind, AlertMetric, AlertState, LedgerKind, ModelStatus, TokenStatus, WebhookDelivery,
+    AccountStatus,
+    AlertEventKind,
+    AlertMetric,
+    AlertState,
+    Component,
+    ComponentState,
+    KeySetStatus,
+    LedgerKind,
+    ModelStatus,
+    ScheduleActionStatus,
+    ScheduleKind,
+    TokenStatus,
+    WebhookDelivery,
     WorkerStatus,
 )
-from cipherpool.statuses import ScheduleActionStatus, ScheduleKind
-from cipherpool.statuses import Component, ComponentState
-from cipherpool.statuses import KeySetStatus
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 HOST_CLASS_PATTERN = backends.host_class_pattern()  # a model's hardware: the host classes of the backends
@@ -39,8 +48,7 @@ EVENT_ID_PATTERN = rf"^{EVENT_ID_PREFIX}[0-9a-f]{{16}}$"
 LEDGER_ID_PATTERN = rf"^{LEDGER_ID_PREFIX}[0-9a-f]{{16}}$"
 ALERT_EVENT_ID_PATTERN = rf"^{ALERT_EVENT_ID_PREFIX}[0-9a-f]{{16}}$"
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"  # a node label's key or value (profiles.toml)
-Labels = dict[Annotated[str, StringConstraints(pattern=LABEL_PATTERN)],
-              Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]]
+Labels = dict[Annotated[str, StringConstraints(pattern=LABEL_PATTERN)], Annotated[str, StringConstraints(pattern=LABEL_PATTERN)]]
 
 
 class Wire(BaseModel):

@@ -37,9 +37,30 @@ from typing import Any
 from cipherpool.backends import cpu, gpu
 from cipherpool.backends.base import NAME, Backend, Configuration, Rates
 
-__all__ = ["BUILTIN", "DEFAULT_BACKEND", "DEFAULT_HOST_CLASS", "NAME", "Backend", "Configuration", "Rates",
-           "compiled_for", "default_rates", "describe", "evaluator_factory", "fallback", "for_host_class", "get", "host_class",
-           "host_class_pattern", "host_classes", "names", "probe", "register", "runs_on", "unregister"]
+__all__ = [
+    "BUILTIN",
+    "DEFAULT_BACKEND",
+    "DEFAULT_HOST_CLASS",
+    "NAME",
+    "Backend",
+    "Configuration",
+    "Rates",
+    "compiled_for",
+    "default_rates",
+    "describe",
+    "evaluator_factory",
+    "fallback",
+    "for_host_class",
+    "get",
+    "host_class",
+    "host_class_pattern",
+    "host_classes",
+    "names",
+    "probe",
+    "register",
+    "runs_on",
+    "unregister",
+]
 
 BUILTIN: tuple[Backend, ...] = (cpu.BACKEND, gpu.BACKEND)
 
@@ -78,8 +99,16 @@ def describe(name: str) -> Backend:
     longer registered) a stand-in that no node runs."""
     if name in _backends:
         return _backends[name]
-    return Backend(name=name, host_class=name, target=f"the {name} backend", probe=never, compiled_for=lambda _: False,
-                   evaluator="", needs=f"the {name} backend", remedy="deploy a version compiled for a registered backend")
+    return Backend(
+        name=name,
+        host_class=name,
+        target=f"the {name} backend",
+        probe=never,
+        compiled_for=lambda _: False,
+        evaluator="",
+        needs=f"the {name} backend",
+        remedy="deploy a version compiled for a registered backend",
+    )
 
 
 def never() -> bool:

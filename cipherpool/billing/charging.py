@@ -54,11 +54,10 @@ from cipherpool import backends
 from cipherpool.billing import ledger
 from cipherpool.billing.money import MS_PER_HOUR, MS_PER_S, show
 from cipherpool.billing.rates import prices_at, segments, sync_settings
+from cipherpool.clock import aware, utcnow
 from cipherpool.config.settings import Settings
-from cipherpool.clock import utcnow
 from cipherpool.db.tables import LedgerEntry, Model, PoolNode, Worker
 from cipherpool.names import SHARED_BUCKET_PREFIX, SHARED_PENDING_KEY
-from cipherpool.clock import aware
 from cipherpool.statuses import HOLDING_NODE, LedgerKind, WorkerStatus
 
 log = logging.getLogger("cipherpool.billing")
@@ -95,14 +94,13 @@ def runtime_kind(worker: Worker) -> LedgerKind:
 
 def lock_worker(session: Session, worker_id: str) -> Worker | None:
     """The worker's row, locked for this transaction and read fresh (after any settle that held it)."""
-    session.execute(update(Worker).where(col(Worker.id) == worker_id)
-                    .values(billed_remainder=col(Worker.billed_remainder)))
-    return session.exec(select(Worker).where(Worker.id == worker_id)
-                        .execution_options(populate_existing=True)).first()
+    session.execute(update(Worker).where(col(Worker.id) == worker_id).values(billed_remainder=col(Worker.billed_remainder)))
+    return session.exec(select(Worker).where(Worker.id == worker_id).execution_options(populate_existing=True)).first()
 
 
-def settle(session: Session, worker_id: str, until: datetime | None = None, *,
-           settings: Settings | None = None, heard: bool = False) -> list[LedgerEntry]:
+def settle(
+    session: Session, worker_id: str, until: datetime | None = None, *, settings: Settings | None = None, heard: bool = False
+) -> list[LedgerEntry]:
     """Charge the worker from where it was last charged to ``until`` (now; at most its stop),
     at its current state's rate; in the caller's transaction. Returns the lines added.
 
@@ -129,11 +127,22 @@ def settle(session: Session, worker_id: str, until: datetime | None = None, *,
     for day_start, day_end in days(start, end):
         numerator, ms_total, rate = price(session, host_class, profile, kind, day_start, day_end, settings)
         amount, remainder = divmod(remainder + numerator, MS_PER_HOUR)
-        entry = ledger.append(session, worker.account_id, kind, -amount, f"worker:{worker.id}:{epoch_us(day_start)}",
-                              model_id=worker.model_id, worker_id=worker.id, node=worker.node_name,
-                              period_start=day_start, period_end=day_end, quantity_ms=ms_total, rate=rate,
-                              note=f"{'standby' if kind == LedgerKind.STANDBY else 'runtime'} of worker {worker.id} "
-                                   f"on {worker.node_name} ({show(rate)} credits/h)")
+        entry = ledger.append(
+            session,
+            worker.account_id,
+            kind,
+            -amount,
+            f"worker:{worker.id}:{epoch_us(day_start)}",
+            model_id=worker.model_id,
+            worker_id=worker.id,
+            node=worker.node_name,
+            period_start=day_start,
+            period_end=day_end,
+            quantity_ms=ms_total,
+            rate=rate,
+            note=f"{'standby' if kind == LedgerKind.STANDBY else 'runtime'} of worker {worker.id} "
+            f"on {worker.node_name} ({show(rate)} credits/h)",
+        )
         if entry is None:  # charged already from here (only possible without the row lock)
             log.warning("worker %s: period from %s was charged already", worker.id, day_start.isoformat())
             break
@@ -161,8 +170,15 @@ def priced_as(session: Session, worker: Worker) -> tuple[str, str | None]:
     return (model.hardware if model else backends.DEFAULT_HOST_CLASS), None
 
 
-def price(session: Session, host_class: str, profile: str | None, kind: LedgerKind, start: datetime,
-          end: datetime, settings: Settings | None = None) -> tuple[int, int, int]:
+def price(
+    session: Session,
+    host_class: str,
+    profile: str | None,
+    kind: LedgerKind,
+    start: datetime,
+    end: datetime,
+    settings: Settings | None = None,
+) -> tuple[int, int, int]:
     """``[start, end)`` (within one day) at the ``kind``'s prices in force piece by piece:
     ``Σ rate × ms`` (micro-credit-milliseconds per hour, to be divided by one hour), the
     milliseconds, and the last piece's rate (what a line shows)."""
@@ -175,8 +191,9 @@ def price(session: Session, host_class: str, profile: str | None, kind: LedgerKi
     return numerator, ms_total, rate
 
 
-def skip_silence(session: Session, worker_id: str, heard: datetime, resumed: datetime, *,
-                 settings: Settings | None = None) -> list[LedgerEntry]:
+def skip_silence(
+    session: Session, worker_id: str, heard: datetime, resumed: datetime, *, settings: Settings | None = None
+) -> list[LedgerEntry]:
     """The worker's node was silent from its last heartbeat ``heard`` until ``resumed`` (it was
     lost, or restarted and registered again): charge up to ``heard``, give back anything
     charged after it (by a stop or a standby of that moment, or an older version's tick), and
@@ -191,8 +208,7 @@ def skip_silence(session: Session, worker_id: str, heard: datetime, resumed: dat
     return entries + ([refund] if refund is not None else [])
 
 
-def refund_after(session: Session, worker_id: str, moment: datetime, *,
-                 settings: Settings | None = None) -> LedgerEntry | None:
+def refund_after(session: Session, worker_id: str, moment: datetime, *, settings: Settings | None = None) -> LedgerEntry | None:
     """Give back what the worker was charged for its time after ``moment``, as one ``refund``
     line keyed by the worker and ``moment`` (so never twice). The time refunded comes out of
     the exact sum with its fraction: ``billed_remainder`` becomes what it would be had the
@@ -207,12 +223,21 @@ def refund_after(session: Session, worker_id: str, moment: datetime, *,
         return None
     left = int(worker.billed_remainder or 0) - numerator
     amount, remainder = -(left // MS_PER_HOUR), left % MS_PER_HOUR
-    entry = ledger.append(session, worker.account_id, LedgerKind.REFUND, amount,
-                          f"worker:{worker.id}:refund:{epoch_us(moment)}", model_id=worker.model_id,
-                          worker_id=worker.id, node=worker.node_name, period_start=moment,
-                          period_end=aware(worker.billed_to), quantity_ms=ms_total, rate=rate,
-                          note=f"worker {worker.id} was charged {ms_total} ms past the last heartbeat of "
-                               f"{worker.node_name}: given back")
+    entry = ledger.append(
+        session,
+        worker.account_id,
+        LedgerKind.REFUND,
+        amount,
+        f"worker:{worker.id}:refund:{epoch_us(moment)}",
+        model_id=worker.model_id,
+        worker_id=worker.id,
+        node=worker.node_name,
+        period_start=moment,
+        period_end=aware(worker.billed_to),
+        quantity_ms=ms_total,
+        rate=rate,
+        note=f"worker {worker.id} was charged {ms_total} ms past the last heartbeat of {worker.node_name}: given back",
+    )
     if entry is None:  # refunded already (only possible without the row lock)
         return None
     worker.billed_remainder = remainder
@@ -221,22 +246,26 @@ def refund_after(session: Session, worker_id: str, moment: datetime, *,
     return entry
 
 
-def charged_after(session: Session, worker: Worker, moment: datetime,
-                  settings: Settings | None = None) -> tuple[int, int, int]:
+def charged_after(session: Session, worker: Worker, moment: datetime, settings: Settings | None = None) -> tuple[int, int, int]:
     """What the worker's runtime and standby lines charged for their time after ``moment``:
     ``Σ rate × ms`` as :func:`price` counts it (so it is exactly what those lines added to the
     sum), the milliseconds, and the last rate."""
-    lines = session.exec(select(LedgerEntry).where(
-        LedgerEntry.worker_id == worker.id, col(LedgerEntry.kind).in_([LedgerKind.RUNTIME.value, LedgerKind.STANDBY.value]),
-        col(LedgerEntry.period_end) > moment).order_by(col(LedgerEntry.id))).all()
+    lines = session.exec(
+        select(LedgerEntry)
+        .where(
+            LedgerEntry.worker_id == worker.id,
+            col(LedgerEntry.kind).in_([LedgerKind.RUNTIME.value, LedgerKind.STANDBY.value]),
+            col(LedgerEntry.period_end) > moment,
+        )
+        .order_by(col(LedgerEntry.id))
+    ).all()
     host_class, profile = priced_as(session, worker)
     numerator, ms_total, rate = 0, 0, 0
     for line in lines:
         if line.period_start is None or line.period_end is None:
             continue
         start = max(aware(line.period_start), moment)
-        part, ms, rate = price(session, host_class, profile, LedgerKind(line.kind), start, aware(line.period_end),
-                               settings)
+        part, ms, rate = price(session, host_class, profile, LedgerKind(line.kind), start, aware(line.period_end), settings)
         numerator, ms_total = numerator + part, ms_total + ms
     return numerator, ms_total, rate
 
@@ -247,14 +276,25 @@ def unbilled_workers(session: Session, now: datetime | None = None) -> list[str]
     charge was refused, or it died with its process)."""
     holding: ColumnElement[bool] = col(Worker.status).in_(HOLDING_NODE)
     if now is not None:  # and owing time its node was heard in (see settle's ``heard``)
-        holding = holding & (col(Worker.billed_to).is_(None) | ((col(Worker.billed_to) < now) & (
-            col(PoolNode.last_seen).is_(None) | (col(Worker.billed_to) < col(PoolNode.last_seen)))))
-    rows = session.exec(select(Worker.id, Worker.status, Worker.stopped_at).outerjoin(
-        PoolNode, col(PoolNode.name) == Worker.node_name).where(
-        col(Worker.started_at).is_not(None),
-        holding | (col(Worker.stopped_at).is_not(None) & (col(Worker.billed_to).is_(None)
-                                                          | (col(Worker.billed_to) < col(Worker.stopped_at)))),
-    )).all()
+        holding = holding & (
+            col(Worker.billed_to).is_(None)
+            | (
+                (col(Worker.billed_to) < now)
+                & (col(PoolNode.last_seen).is_(None) | (col(Worker.billed_to) < col(PoolNode.last_seen)))
+            )
+        )
+    rows = session.exec(
+        select(Worker.id, Worker.status, Worker.stopped_at)
+        .outerjoin(PoolNode, col(PoolNode.name) == Worker.node_name)
+        .where(
+            col(Worker.started_at).is_not(None),
+            holding
+            | (
+                col(Worker.stopped_at).is_not(None)
+                & (col(Worker.billed_to).is_(None) | (col(Worker.billed_to) < col(Worker.stopped_at)))
+            ),
+        )
+    ).all()
     return [row[0] for row in rows]
 
 
@@ -265,8 +305,7 @@ def bucket_of(moment: float) -> int:
     return int(moment // BUCKET_S)
 
 
-def record_execution(redis: Redis, account_id: str, model_id: str, profile: str, compute_s: float,
-                     moment: float) -> None:
+def record_execution(redis: Redis, account_id: str, model_id: str, profile: str, compute_s: float, moment: float) -> None:
     """Add one computed query to its account's minute (what a shared node's meter does)."""
     minute = bucket_of(moment)
     key = f"{SHARED_BUCKET_PREFIX}{account_id}:{minute}"
@@ -317,16 +356,24 @@ def charge_execution(session: Session, charge: ExecutionCharge, settings: Settin
     """One account's shared computation for one model in one minute, at that minute's price."""
     model = session.get(Model, charge.model_id)
     start = EPOCH + timedelta(seconds=charge.minute * BUCKET_S)
-    prices = prices_at(session, model.hardware if model else backends.DEFAULT_HOST_CLASS, charge.profile or None, start,
-                       settings)
+    prices = prices_at(session, model.hardware if model else backends.DEFAULT_HOST_CLASS, charge.profile or None, start, settings)
     amount = charge.ms * prices.execution_per_s // MS_PER_S
     return ledger.append(
-        session, charge.account_id, LedgerKind.EXECUTION, -amount,
+        session,
+        charge.account_id,
+        LedgerKind.EXECUTION,
+        -amount,
         f"exec:{charge.account_id}:{charge.model_id}:{charge.profile}:{charge.minute}",
-        model_id=charge.model_id, node=None, period_start=start, period_end=start + timedelta(seconds=BUCKET_S),
-        quantity_ms=charge.ms, queries=charge.queries, rate=prices.execution_per_s,
+        model_id=charge.model_id,
+        node=None,
+        period_start=start,
+        period_end=start + timedelta(seconds=BUCKET_S),
+        quantity_ms=charge.ms,
+        queries=charge.queries,
+        rate=prices.execution_per_s,
         note=f"{charge.queries} shared-node quer{'y' if charge.queries == 1 else 'ies'}, {charge.ms} ms of computation "
-             f"({show(prices.execution_per_s)} credits/s)")
+        f"({show(prices.execution_per_s)} credits/s)",
+    )
 
 
 # -- the tick -----------------------------------------------------------------------------
@@ -344,8 +391,13 @@ class TickReport:
         return -sum(e.amount for e in self.charged)
 
 
-def charge_all(session_factory: Callable[[], AbstractContextManager[Session]], redis: Redis | None, settings: Settings,
-               now: datetime | None = None, on_charged: Charged | None = None) -> TickReport:
+def charge_all(
+    session_factory: Callable[[], AbstractContextManager[Session]],
+    redis: Redis | None,
+    settings: Settings,
+    now: datetime | None = None,
+    on_charged: Charged | None = None,
+) -> TickReport:
     """Charge every worker that owes time (up to ``now``, or its node's last heartbeat if
     earlier) and every finished minute of shared computation, each in a transaction of its own
     (one that fails is retried by the next tick)."""
@@ -363,8 +415,7 @@ def charge_all(session_factory: Callable[[], AbstractContextManager[Session]], r
                         on_charged(entry)
                 report.charged += entries
         except Exception as exc:  # noqa: BLE001 - a lock timeout, a lost connection: the next tick charges it
-            log.warning("could not charge worker %s this tick: %s", worker_id, exc,
-                        exc_info=not isinstance(exc, DBAPIError))
+            log.warning("could not charge worker %s this tick: %s", worker_id, exc, exc_info=not isinstance(exc, DBAPIError))
             report.errors.append(f"worker {worker_id}: {type(exc).__name__}")
     if redis is not None:
         for account_id, minute in finished_minutes(redis, now):
@@ -378,7 +429,12 @@ def charge_all(session_factory: Callable[[], AbstractContextManager[Session]], r
                             report.charged.append(line)
                 redis.srem(SHARED_PENDING_KEY, f"{account_id}:{minute}")  # committed (or charged before): done
             except Exception as exc:  # noqa: BLE001 - left pending: the next tick tries again
-                log.warning("could not charge shared execution of %s, minute %d: %s", account_id, minute, exc,
-                            exc_info=not isinstance(exc, DBAPIError))
+                log.warning(
+                    "could not charge shared execution of %s, minute %d: %s",
+                    account_id,
+                    minute,
+                    exc,
+                    exc_info=not isinstance(exc, DBAPIError),
+                )
                 report.errors.append(f"execution {account_id}:{minute}: {type(exc).__name__}")
     return report

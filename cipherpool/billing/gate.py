@@ -11,13 +11,13 @@ from sqlmodel import Session
 
 from cipherpool.billing.money import MS_PER_HOUR, show
 from cipherpool.billing.rates import prices_at
-from cipherpool.config.settings import Settings
 from cipherpool.clock import utcnow
+from cipherpool.config.settings import Settings
 from cipherpool.db.tables import Account, Model, PoolNode
 from cipherpool.errors import InsufficientCredits
 
-def start_cost(session: Session, nodes: list[PoolNode], minutes: float, standby: bool,
-               settings: Settings | None = None) -> int:
+
+def start_cost(session: Session, nodes: list[PoolNode], minutes: float, standby: bool, settings: Settings | None = None) -> int:
     """Micro-credits that ``minutes`` of workers on ``nodes`` cost at today's rates (rounded up)."""
     now, ms, total = utcnow(), round(minutes * 60_000), 0
     for node in nodes:
@@ -27,8 +27,15 @@ def start_cost(session: Session, nodes: list[PoolNode], minutes: float, standby:
     return total
 
 
-def require_start_credit(session: Session, account: Account, model: Model, nodes: list[PoolNode], minutes: float,
-                         standby: bool = False, settings: Settings | None = None) -> None:
+def require_start_credit(
+    session: Session,
+    account: Account,
+    model: Model,
+    nodes: list[PoolNode],
+    minutes: float,
+    standby: bool = False,
+    settings: Settings | None = None,
+) -> None:
     """InsufficientCredits, saying how much is missing, unless the balance covers ``minutes``
     of the workers about to start on ``nodes``."""
     if not nodes:
@@ -40,4 +47,5 @@ def require_start_credit(session: Session, account: Account, model: Model, nodes
     raise InsufficientCredits(
         f"Starting {len(nodes)} worker(s) of model {model.name!r} needs {show(needed)} credits in the balance "
         f"({minutes:g} minutes at their rate); the balance is {show(account.balance_micro)}: {show(missing)} credits "
-        f"missing. Add credits (`cipherpool credits add {show(missing)}`).")
+        f"missing. Add credits (`cipherpool credits add {show(missing)}`)."
+    )

@@ -24,20 +24,30 @@ from cipherpool.statuses import LedgerKind
 HISTORY_LIMIT = 10_000
 
 
-def append(session: Session, account_id: str, kind: LedgerKind, amount: int, key: str, *,
-           at: datetime | None = None, **fields: Any) -> LedgerEntry | None:
+def append(
+    session: Session, account_id: str, kind: LedgerKind, amount: int, key: str, *, at: datetime | None = None, **fields: Any
+) -> LedgerEntry | None:
     """Add one line (``amount`` signed micro-credits); None if a line with ``key`` exists."""
     lock_account(session, account_id)
     savepoint = session.begin_nested()
     try:
         balance = session.execute(
-            update(Account).where(col(Account.id) == account_id)
-            .values(balance_micro=col(Account.balance_micro) + amount).returning(col(Account.balance_micro))
+            update(Account)
+            .where(col(Account.id) == account_id)
+            .values(balance_micro=col(Account.balance_micro) + amount)
+            .returning(col(Account.balance_micro))
         ).scalar_one_or_none()
         if balance is None:
             raise AccountNotFound(f"No account {account_id!r}.")
-        entry = LedgerEntry(account_id=account_id, at=at or utcnow(), kind=LedgerKind(kind).value, amount=amount,
-                            balance_after=int(balance), key=key, **fields)
+        entry = LedgerEntry(
+            account_id=account_id,
+            at=at or utcnow(),
+            kind=LedgerKind(kind).value,
+            amount=amount,
+            balance_after=int(balance),
+            key=key,
+            **fields,
+        )
         session.add(entry)
         session.flush()
     except IntegrityError:
@@ -59,27 +69,36 @@ def lock_account(session: Session, account_id: str) -> None:
     Also what makes a following savepoint a savepoint: pysqlite opens its transaction only
     before a write, and a SAVEPOINT issued outside one would begin (and its release commit)
     a transaction of its own, so a caller's rollback would not undo the line."""
-    session.execute(update(Account).where(col(Account.id) == account_id)
-                    .values(balance_micro=col(Account.balance_micro)))
+    session.execute(update(Account).where(col(Account.id) == account_id).values(balance_micro=col(Account.balance_micro)))
 
 
 def balance(session: Session, account_id: str) -> int:
     """The account's balance: the sum of its ledger (micro-credits)."""
-    total = session.exec(select(func.coalesce(func.sum(LedgerEntry.amount), 0))
-                         .where(LedgerEntry.account_id == account_id)).one()
+    total = session.exec(select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(LedgerEntry.account_id == account_id)).one()
     return int(total)
 
 
 def balance_before(session: Session, account_id: str, moment: datetime) -> int:
     """The sum of the lines recorded before ``moment``: a report's opening balance."""
-    total = session.exec(select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
-        LedgerEntry.account_id == account_id, col(LedgerEntry.at) < moment)).one()
+    total = session.exec(
+        select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+            LedgerEntry.account_id == account_id, col(LedgerEntry.at) < moment
+        )
+    ).one()
     return int(total)
 
 
-def history(session: Session, account_id: str, *, since: datetime | None = None, until: datetime | None = None,
-            kinds: list[LedgerKind] | None = None, model_id: str | None = None,
-            limit: int | None = HISTORY_LIMIT, latest: bool = False) -> list[LedgerEntry]:
+def history(
+    session: Session,
+    account_id: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    kinds: list[LedgerKind] | None = None,
+    model_id: str | None = None,
+    limit: int | None = HISTORY_LIMIT,
+    latest: bool = False,
+) -> list[LedgerEntry]:
     """The account's lines recorded in ``[since, until)``, oldest first, filtered: the first
     ``limit`` of them, or with ``latest`` the last ``limit`` (still oldest first)."""
     query = select(LedgerEntry).where(LedgerEntry.account_id == account_id)

@@ -30,8 +30,8 @@ from sqlmodel import Session, select
 
 from cipherpool.billing import ledger
 from cipherpool.billing.money import show, to_micro
-from cipherpool.config.settings import Settings
 from cipherpool.clock import utcnow
+from cipherpool.config.settings import Settings
 from cipherpool.db.tables import Invoice, LedgerEntry
 from cipherpool.errors import ConfigurationError, InvalidInput, NotFound
 from cipherpool.statuses import LedgerKind
@@ -88,8 +88,15 @@ class Purchase:
         return self.invoice.reference or self.invoice.id
 
 
-def purchase(sessions: Callable[[], AbstractContextManager[Session]], settings: Settings, account_id: str,
-             amount: Decimal | str | int, *, idempotency_key: str | None = None, note: str = "") -> Purchase:
+def purchase(
+    sessions: Callable[[], AbstractContextManager[Session]],
+    settings: Settings,
+    account_id: str,
+    amount: Decimal | str | int,
+    *,
+    idempotency_key: str | None = None,
+    note: str = "",
+) -> Purchase:
     """Buy ``amount`` credits through the payment provider; credited once it is settled.
 
     Three steps, each committed: the purchase is recorded (an invoice, ``pending``, under its
@@ -101,8 +108,7 @@ def purchase(sessions: Callable[[], AbstractContextManager[Session]], settings: 
     if micro <= 0:
         raise InvalidInput("A purchase must be of more than 0 credits.")
     if micro > to_micro(settings.credits_max_purchase):
-        raise InvalidInput(f"One purchase may be of at most {settings.credits_max_purchase} credits "
-                           "(credits_max_purchase).")
+        raise InvalidInput(f"One purchase may be of at most {settings.credits_max_purchase} credits (credits_max_purchase).")
     key = f"purchase:{account_id}:{idempotency_key or uuid.uuid4().hex}"
     provider = load_provider(settings.payment_provider)
     number = f"INV-{utcnow():%Y%m%d}-{secrets.token_hex(6)}"
@@ -110,8 +116,7 @@ def purchase(sessions: Callable[[], AbstractContextManager[Session]], settings: 
         ledger.lock_account(session, account_id)  # opens the transaction: the savepoint below is one
         savepoint = session.begin_nested()
         try:
-            session.add(Invoice(id=number, account_id=account_id, key=key, amount=micro, provider=provider.name,
-                                note=note))
+            session.add(Invoice(id=number, account_id=account_id, key=key, amount=micro, provider=provider.name, note=note))
             session.flush()
         except IntegrityError:  # this key's purchase exists (a retry, or the same request twice at once)
             savepoint.rollback()
@@ -132,19 +137,31 @@ def purchase(sessions: Callable[[], AbstractContextManager[Session]], settings: 
 def _again(session: Session, key: str, micro: int, idempotency_key: str | None) -> Purchase:
     invoice = session.exec(select(Invoice).where(Invoice.key == key)).one()
     if invoice.amount != micro:
-        raise InvalidInput(f"Idempotency key {idempotency_key!r} was used for a purchase of {show(invoice.amount)} "
-                           "credits; use a new key for another purchase.")
+        raise InvalidInput(
+            f"Idempotency key {idempotency_key!r} was used for a purchase of {show(invoice.amount)} "
+            "credits; use a new key for another purchase."
+        )
     entry = session.exec(select(LedgerEntry).where(LedgerEntry.key == key)).first()
-    return Purchase(invoice, entry, "already credited" if entry is not None
-                    else "already recorded under this idempotency key; credited once its payment clears")
+    return Purchase(
+        invoice,
+        entry,
+        "already credited"
+        if entry is not None
+        else "already recorded under this idempotency key; credited once its payment clears",
+    )
 
 
 def credit_invoice(session: Session, invoice: Invoice, how: str = "") -> LedgerEntry:
     """Add the invoice's credits to the ledger, once (keyed by the invoice's purchase key)."""
-    entry = ledger.append(session, invoice.account_id, LedgerKind.PURCHASE, invoice.amount, invoice.key,
-                          reference=invoice.id,
-                          note=invoice.note or f"purchase of {show(invoice.amount)} credits, {invoice.id}"
-                          f"{' (' + how + ')' if how else ''}")
+    entry = ledger.append(
+        session,
+        invoice.account_id,
+        LedgerKind.PURCHASE,
+        invoice.amount,
+        invoice.key,
+        reference=invoice.id,
+        note=invoice.note or f"purchase of {show(invoice.amount)} credits, {invoice.id}{' (' + how + ')' if how else ''}",
+    )
     if entry is None:
         entry = session.exec(select(LedgerEntry).where(LedgerEntry.key == invoice.key)).one()
     invoice.credited = True
@@ -164,8 +181,15 @@ def settle_invoice(session: Session, invoice_id: str, status: str = "paid") -> L
     return credit_invoice(session, invoice, f"settled: {status}")
 
 
-def grant(session: Session, account_id: str, amount: Decimal | str | int, *, kind: LedgerKind = LedgerKind.GRANT,
-          note: str = "", key: str | None = None) -> LedgerEntry:
+def grant(
+    session: Session,
+    account_id: str,
+    amount: Decimal | str | int,
+    *,
+    kind: LedgerKind = LedgerKind.GRANT,
+    note: str = "",
+    key: str | None = None,
+) -> LedgerEntry:
     """An operator's line: a grant or refund (positive), or an adjustment (either sign)."""
     kind = LedgerKind(kind)
     if kind not in CREDIT_KINDS:
@@ -179,7 +203,9 @@ def grant(session: Session, account_id: str, amount: Decimal | str | int, *, kin
     if entry is None:  # a retry: the first line, if it is the same
         done = session.exec(select(LedgerEntry).where(LedgerEntry.key == key)).one()
         if done.amount != micro:
-            raise InvalidInput(f"Key {given!r} was used for a {kind.value} of {show(done.amount)} credits; nothing "
-                               "was added. Use a new key for another one.")
+            raise InvalidInput(
+                f"Key {given!r} was used for a {kind.value} of {show(done.amount)} credits; nothing "
+                "was added. Use a new key for another one."
+            )
         return done
     return entry

@@ -18,11 +18,10 @@ from decimal import Decimal
 from sqlmodel import Session, col, select
 
 from cipherpool.billing.money import to_micro
+from cipherpool.clock import aware, utcnow
 from cipherpool.config.profiles import NodeProfile
 from cipherpool.config.settings import Settings, get_settings
-from cipherpool.clock import utcnow
 from cipherpool.db.tables import Rate
-from cipherpool.clock import aware
 
 PROFILE_SCOPE = "profile:"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -55,18 +54,22 @@ def profile_scope(profile: str) -> str:
 
 def class_prices(settings: Settings, host_class: str) -> PriceChange:
     """A class's prices as the settings give them now (0 for a class they do not name)."""
-    return PriceChange(_micro(settings.rate_per_hour, host_class, "rate_per_hour"),
-                       _micro(settings.standby_rate_per_hour, host_class, "standby_rate_per_hour"),
-                       _micro(settings.execution_rate_per_s, host_class, "execution_rate_per_s"))
+    return PriceChange(
+        _micro(settings.rate_per_hour, host_class, "rate_per_hour"),
+        _micro(settings.standby_rate_per_hour, host_class, "standby_rate_per_hour"),
+        _micro(settings.execution_rate_per_s, host_class, "execution_rate_per_s"),
+    )
 
 
 def profile_prices(profile: NodeProfile) -> PriceChange:
     """The prices a profile sets (None where it leaves its class's)."""
+
     def micro(value: Decimal | None, what: str) -> int | None:
         return None if value is None else to_micro(value, f"{profile.name}.{what}")
 
-    return PriceChange(micro(profile.rate, "rate"), micro(profile.standby_rate, "standby_rate"),
-                       micro(profile.execution_rate, "execution_rate"))
+    return PriceChange(
+        micro(profile.rate, "rate"), micro(profile.standby_rate, "standby_rate"), micro(profile.execution_rate, "execution_rate")
+    )
 
 
 def _micro(table: Mapping[str, Decimal], host_class: str, what: str) -> int:
@@ -85,8 +88,7 @@ def sync(session: Session, scope: str, prices: PriceChange, source: str, at: dat
     """Record ``prices`` for ``scope`` from ``at`` (now) on, if they differ from the row in
     force; a scope with no row and nothing set gets none. Returns the row added, if any."""
     latest = current(session, scope)
-    if latest is not None and PriceChange(latest.runtime_per_hour, latest.standby_per_hour,
-                                          latest.execution_per_s) == prices:
+    if latest is not None and PriceChange(latest.runtime_per_hour, latest.standby_per_hour, latest.execution_per_s) == prices:
         return None
     if latest is None and prices.empty():
         return None
@@ -100,8 +102,14 @@ def sync(session: Session, scope: str, prices: PriceChange, source: str, at: dat
             session.add(Rate(scope=scope, effective_from=EPOCH, source="no rate of its own before"))
         else:
             when = EPOCH  # a class's first row is what the settings said all along (the fallback before it)
-    row = Rate(scope=scope, effective_from=when, runtime_per_hour=prices.runtime_per_hour,
-               standby_per_hour=prices.standby_per_hour, execution_per_s=prices.execution_per_s, source=source)
+    row = Rate(
+        scope=scope,
+        effective_from=when,
+        runtime_per_hour=prices.runtime_per_hour,
+        standby_per_hour=prices.standby_per_hour,
+        execution_per_s=prices.execution_per_s,
+        source=source,
+    )
     session.add(row)
     session.flush()
     return row
@@ -109,14 +117,12 @@ def sync(session: Session, scope: str, prices: PriceChange, source: str, at: dat
 
 def sync_settings(session: Session, settings: Settings, at: datetime | None = None) -> list[Rate]:
     """Bring the class rows in line with the settings (what beat's tick does first)."""
-    classes = sorted(set(settings.rate_per_hour) | set(settings.standby_rate_per_hour)
-                     | set(settings.execution_rate_per_s))
+    classes = sorted(set(settings.rate_per_hour) | set(settings.standby_rate_per_hour) | set(settings.execution_rate_per_s))
     added = [sync(session, host_class, class_prices(settings, host_class), "settings", at) for host_class in classes]
     return [row for row in added if row is not None]
 
 
-def prices_at(session: Session, host_class: str, profile: str | None, at: datetime,
-              settings: Settings | None = None) -> Prices:
+def prices_at(session: Session, host_class: str, profile: str | None, at: datetime, settings: Settings | None = None) -> Prices:
     """What a worker (or shared execution) on a node of ``host_class`` and ``profile`` costs at ``at``."""
     base = current(session, host_class, at)
     own = current(session, profile_scope(profile), at) if profile else None
@@ -132,12 +138,21 @@ def prices_at(session: Session, host_class: str, profile: str | None, at: dateti
     return Prices(pick("runtime_per_hour"), pick("standby_per_hour"), pick("execution_per_s"))
 
 
-def segments(session: Session, host_class: str, profile: str | None, start: datetime, end: datetime,
-             settings: Settings | None = None) -> list[tuple[datetime, datetime, Prices]]:
+def segments(
+    session: Session, host_class: str, profile: str | None, start: datetime, end: datetime, settings: Settings | None = None
+) -> list[tuple[datetime, datetime, Prices]]:
     """``[start, end)`` cut where a price of the class or the profile changed, with the prices
     of each piece."""
     scopes = [host_class] + ([profile_scope(profile)] if profile else [])
-    changes = sorted({aware(t) for t in session.exec(select(Rate.effective_from).where(
-        col(Rate.scope).in_(scopes), col(Rate.effective_from) > start, col(Rate.effective_from) < end))})
+    changes = sorted(
+        {
+            aware(t)
+            for t in session.exec(
+                select(Rate.effective_from).where(
+                    col(Rate.scope).in_(scopes), col(Rate.effective_from) > start, col(Rate.effective_from) < end
+                )
+            )
+        }
+    )
     cuts = [start, *changes, end]
     return [(a, b, prices_at(session, host_class, profile, a, settings)) for a, b in zip(cuts, cuts[1:]) if b > a]

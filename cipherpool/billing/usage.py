@@ -21,13 +21,12 @@ from sqlmodel import Session, col, select
 
 from cipherpool.billing import ledger
 from cipherpool.billing.money import MS_PER_HOUR, MS_PER_S
+from cipherpool.billing.querycounts import SHARED, counts
 from cipherpool.billing.rates import prices_at
-from cipherpool.clock import utcnow
+from cipherpool.clock import aware, utcnow
 from cipherpool.db.tables import LedgerEntry, Model, PoolNode, Worker
 from cipherpool.errors import InvalidInput
-from cipherpool.clock import aware
 from cipherpool.statuses import CHARGES, HOLDING_NODE, LedgerKind, WorkerStatus
-from cipherpool.billing.querycounts import SHARED, counts
 
 PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 MAX_DAYS = 400  # query counts are read per day: a window longer than this is refused
@@ -91,9 +90,16 @@ class Report:
         return self.opening + moved == self.closing and self.usage.total_cost == sum(self.charges.values())
 
 
-def usage(session: Session, redis: Redis | None, account_id: str, since: datetime, until: datetime,
-          model_id: str | None = None, now: datetime | None = None,
-          recorded: list[LedgerEntry] | None = None) -> Usage:
+def usage(
+    session: Session,
+    redis: Redis | None,
+    account_id: str,
+    since: datetime,
+    until: datetime,
+    model_id: str | None = None,
+    now: datetime | None = None,
+    recorded: list[LedgerEntry] | None = None,
+) -> Usage:
     """Runtime, cost and queries per day, model and worker of lines recorded in ``[since, until)``
     (or of ``recorded``, the period's lines a report read already)."""
     since, until = aware(since).astimezone(UTC), aware(until).astimezone(UTC)
@@ -102,8 +108,9 @@ def usage(session: Session, redis: Redis | None, account_id: str, since: datetim
     if until - since > timedelta(days=MAX_DAYS):
         raise InvalidInput(f"A usage window is at most {MAX_DAYS} days.")
     if recorded is None:
-        lines = ledger.history(session, account_id, since=since, until=until, kinds=sorted(CHARGES),
-                               model_id=model_id, limit=None)
+        lines = ledger.history(
+            session, account_id, since=since, until=until, kinds=sorted(CHARGES), model_id=model_id, limit=None
+        )
     else:
         lines = [line for line in recorded if LedgerKind(line.kind).is_charge]
     names = _model_names(session, {line.model_id for line in lines if line.model_id})
@@ -111,8 +118,10 @@ def usage(session: Session, redis: Redis | None, account_id: str, since: datetim
     for line in lines:
         day = aware(line.period_start or line.at).date()
         kind = LedgerKind(line.kind)
-        row = rows.setdefault((day, line.model_id, line.worker_id, kind),
-                              UsageRow(day, line.model_id, names.get(line.model_id or ""), line.worker_id, kind))
+        row = rows.setdefault(
+            (day, line.model_id, line.worker_id, kind),
+            UsageRow(day, line.model_id, names.get(line.model_id or ""), line.worker_id, kind),
+        )
         row.ms += line.quantity_ms or 0
         row.cost += -line.amount
         if kind == LedgerKind.EXECUTION:
@@ -120,13 +129,20 @@ def usage(session: Session, redis: Redis | None, account_id: str, since: datetim
     if redis is not None:
         _add_dedicated_queries(session, redis, account_id, rows, since, until, model_id)
     ordered = sorted(rows.values(), key=lambda r: (r.day, r.model or "", r.worker_id or "", r.kind.value))
-    return Usage(since, until, ordered, ledger.balance(session, account_id),
-                 burn_rate(session, account_id, now or utcnow()), lines)
+    return Usage(
+        since, until, ordered, ledger.balance(session, account_id), burn_rate(session, account_id, now or utcnow()), lines
+    )
 
 
-def _add_dedicated_queries(session: Session, redis: Redis, account_id: str,
-                           rows: dict[tuple[date, str | None, str | None, LedgerKind], UsageRow],
-                           since: datetime, until: datetime, model_id: str | None) -> None:
+def _add_dedicated_queries(
+    session: Session,
+    redis: Redis,
+    account_id: str,
+    rows: dict[tuple[date, str | None, str | None, LedgerKind], UsageRow],
+    since: datetime,
+    until: datetime,
+    model_id: str | None,
+) -> None:
     """Queries answered by dedicated workers, from the nodes' daily counters, onto the rows
     of their day (days wholly inside the window; the first and last in part)."""
     try:
@@ -162,8 +178,11 @@ def burn_rate(session: Session, account_id: str, now: datetime) -> int:
     """Micro-credits per hour the account spends now: its workers' rates (runtime or standby)
     plus its shared-node execution of the last hour."""
     total = 0
-    workers = session.exec(select(Worker, PoolNode).join(PoolNode, col(PoolNode.name) == Worker.node_name).where(
-        Worker.account_id == account_id, col(Worker.status).in_(HOLDING_NODE), col(Worker.started_at).is_not(None)))
+    workers = session.exec(
+        select(Worker, PoolNode)
+        .join(PoolNode, col(PoolNode.name) == Worker.node_name)
+        .where(Worker.account_id == account_id, col(Worker.status).in_(HOLDING_NODE), col(Worker.started_at).is_not(None))
+    )
     for worker, node in workers:
         prices = prices_at(session, node.host_class, node.profile, now)
         total += prices.standby_per_hour if worker.status == WorkerStatus.STANDBY else prices.runtime_per_hour
@@ -208,5 +227,10 @@ def seconds(ms: int) -> float:
 
 def charged_workers(session: Session, account_id: str) -> int:
     """Workers of the account that hold a node and have started: what is charged now."""
-    return len(session.exec(select(Worker.id).where(
-        Worker.account_id == account_id, col(Worker.status).in_(HOLDING_NODE), col(Worker.started_at).is_not(None))).all())
+    return len(
+        session.exec(
+            select(Worker.id).where(
+                Worker.account_id == account_id, col(Worker.status).in_(HOLDING_NODE), col(Worker.started_at).is_not(None)
+            )
+        ).all()
+    )

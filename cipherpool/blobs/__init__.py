@@ -22,8 +22,7 @@ from cipherpool.blobs.cache import CacheFigures, DiskCache, read_figures
 from cipherpool.config.settings import Settings
 from cipherpool.errors import ConfigurationError
 
-__all__ = ["Backend", "CacheFigures", "DiskCache", "SizeCap", "backend_for", "node_cache_dir", "parts_of",
-           "read_figures"]
+__all__ = ["Backend", "CacheFigures", "DiskCache", "SizeCap", "backend_for", "node_cache_dir", "parts_of", "read_figures"]
 
 
 def backend_for(settings: Settings, client: redis.Redis) -> Backend:
@@ -35,15 +34,22 @@ def backend_for(settings: Settings, client: redis.Redis) -> Backend:
         return FsBackend(settings.effective_blob_dir(), max_bytes=settings.blob_store_max_bytes)
     if kind == "s3":
         if not settings.s3_bucket:
-            raise ConfigurationError("CIPHERPOOL_BLOB_STORE=s3 needs CIPHERPOOL_S3_BUCKET (and usually "
-                                     "CIPHERPOOL_S3_ENDPOINT_URL and credentials).")
+            raise ConfigurationError(
+                "CIPHERPOOL_BLOB_STORE=s3 needs CIPHERPOOL_S3_BUCKET (and usually CIPHERPOOL_S3_ENDPOINT_URL and credentials)."
+            )
         from cipherpool.blobs.s3 import S3Backend
 
-        return S3Backend(settings.s3_bucket, spool=Path(settings.data_dir).expanduser() / "blob-spool",
-                         endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
-                         access_key_id=settings.s3_access_key_id, secret_access_key=settings.s3_secret_access_key,
-                         prefix=settings.s3_prefix, addressing_style=settings.s3_addressing_style,
-                         max_bytes=settings.blob_store_max_bytes)
+        return S3Backend(
+            settings.s3_bucket,
+            spool=Path(settings.data_dir).expanduser() / "blob-spool",
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=settings.s3_secret_access_key,
+            prefix=settings.s3_prefix,
+            addressing_style=settings.s3_addressing_style,
+            max_bytes=settings.blob_store_max_bytes,
+        )
     from cipherpool.blobs.redis_backend import RedisBackend
 
     return RedisBackend(client)

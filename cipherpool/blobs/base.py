@@ -42,7 +42,7 @@ def parts_of(name: str) -> list[str]:
     A name that is not one of the store's (or holds anything but safe characters) is not found."""
     for prefix, area in AREAS.items():
         if name.startswith(prefix):
-            rest = name[len(prefix):].split(":")
+            rest = name[len(prefix) :].split(":")
             if rest and all(_PART.fullmatch(p) for p in rest):
                 return [area, *rest]
             break
@@ -157,7 +157,8 @@ class SizeCap:
             if self._measured + self._since + size > self.cap_bytes:
                 raise StoreFull(
                     f"The blob store is full ({self._measured + self._since} of {self.cap_bytes} bytes, "
-                    f"CIPHERPOOL_BLOB_STORE_MAX_BYTES): try later, or ask the operator to raise the cap.")
+                    f"CIPHERPOOL_BLOB_STORE_MAX_BYTES): try later, or ask the operator to raise the cap."
+                )
             self._since += size
 
     def forget(self) -> None:

@@ -35,8 +35,11 @@ Ref = tuple[BlobKind, str]
 def referenced(session: Session) -> dict[Ref, list[str]]:
     """Every blob the database references, with who references it (for the operator)."""
     found: dict[Ref, list[str]] = {}
-    rows = session.exec(select(Model.name, ModelVersion.number, ModelVersion.client_blob, ModelVersion.server_blob)
-                        .join(Model, col(Model.id) == col(ModelVersion.model_id))).all()
+    rows = session.exec(
+        select(Model.name, ModelVersion.number, ModelVersion.client_blob, ModelVersion.server_blob).join(
+            Model, col(Model.id) == col(ModelVersion.model_id)
+        )
+    ).all()
     for name, number, client, server in rows:
         found.setdefault((BlobKind.CLIENT_ZIP, client), []).append(f"model {name} v{number} client.zip")
         found.setdefault((BlobKind.SERVER_ZIP, server), []).append(f"model {name} v{number} server.zip")
@@ -67,8 +70,9 @@ class CheckReport:
 
 def check(refs: dict[Ref, list[str]], store: BlobStore, legacy: BlobStore | None = None) -> CheckReport:
     stored = store.blobs()
-    report = CheckReport(store=store.backend.describe(), referenced=len(refs), stored=len(stored),
-                         stored_bytes=sum(stored.values()))
+    report = CheckReport(
+        store=store.backend.describe(), referenced=len(refs), stored=len(stored), stored_bytes=sum(stored.values())
+    )
     for (kind, blob_id), owners in sorted(refs.items()):
         if (kind, blob_id) not in stored:
             report.missing.append({"kind": kind.value, "blob_id": blob_id, "referenced_by": owners})
@@ -94,8 +98,14 @@ class MigrateReport:
     left_in_source: int = 0  # unreferenced blobs still in Redis (without delete_source)
 
 
-def migrate(refs: dict[Ref, list[str]], source: BlobStore, target: BlobStore, *, delete_source: bool = False,
-            progress: Callable[[str], None] = lambda _line: None) -> MigrateReport:
+def migrate(
+    refs: dict[Ref, list[str]],
+    source: BlobStore,
+    target: BlobStore,
+    *,
+    delete_source: bool = False,
+    progress: Callable[[str], None] = lambda _line: None,
+) -> MigrateReport:
     """Copy every referenced blob from ``source`` (the platform's Redis) into ``target``."""
     report = MigrateReport(source=source.backend.describe(), target=target.backend.describe(), referenced=len(refs))
     in_source = source.blobs()
@@ -110,8 +120,10 @@ def migrate(refs: dict[Ref, list[str]], source: BlobStore, target: BlobStore, *,
             try:
                 target.get(kind, blob_id)  # read back and verified before the source may go
             except NotFound as exc:
-                raise NotFound(f"The store's copy of {kind.value} blob {blob_id[:12]}… did not verify; "
-                               "nothing was removed from Redis: run the migration again.") from exc
+                raise NotFound(
+                    f"The store's copy of {kind.value} blob {blob_id[:12]}… did not verify; "
+                    "nothing was removed from Redis: run the migration again."
+                ) from exc
             report.copied += 1
             report.copied_bytes += len(data)
             progress(f"copied {kind.value} {blob_id[:12]}… ({len(data)} bytes) for {owners[0]}")

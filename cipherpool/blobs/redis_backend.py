@@ -114,9 +114,12 @@ def call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise BrokerUnavailable(f"Cannot reach the blob store: {exc}") from exc
     except OutOfMemoryError as exc:
-        raise StoreFull(full_message("Redis maxmemory, nothing is evicted",
-                                     "raise CIPHERPOOL_REDIS_MAXMEMORY_BYTES or move blobs out of Redis "
-                                     "with CIPHERPOOL_BLOB_STORE=fs or s3")) from exc
+        raise StoreFull(
+            full_message(
+                "Redis maxmemory, nothing is evicted",
+                "raise CIPHERPOOL_REDIS_MAXMEMORY_BYTES or move blobs out of Redis with CIPHERPOOL_BLOB_STORE=fs or s3",
+            )
+        ) from exc
     except redis.ResponseError as exc:
         if str(exc).startswith("OOM"):  # a server or client that does not type it
             raise StoreFull(full_message("Redis maxmemory", str(exc))) from exc

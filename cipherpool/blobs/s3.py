@@ -40,8 +40,16 @@ from cipherpool.errors import BrokerUnavailable, StoreFull
 
 T = TypeVar("T")
 DEADLINE = "deadline"  # metadata of a temporary: when it expires (epoch seconds)
-FULL_CODES = frozenset({"QuotaExceeded", "XMinioAdminBucketQuotaExceeded", "XMinioStorageFull", "InsufficientStorage",
-                        "StorageFull", "XMinioBucketQuotaExceeded"})
+FULL_CODES = frozenset(
+    {
+        "QuotaExceeded",
+        "XMinioAdminBucketQuotaExceeded",
+        "XMinioStorageFull",
+        "InsufficientStorage",
+        "StorageFull",
+        "XMinioBucketQuotaExceeded",
+    }
+)
 MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
@@ -51,17 +59,38 @@ TRANSFER = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=
 class S3Backend:
     kind = "s3"
 
-    def __init__(self, bucket: str, *, spool: Path, endpoint_url: str | None = None, region: str | None = None,
-                 access_key_id: str | None = None, secret_access_key: str | None = None, prefix: str = "",
-                 addressing_style: str = "path", max_bytes: int = 0, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        spool: Path,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        prefix: str = "",
+        addressing_style: str = "path",
+        max_bytes: int = 0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.bucket, self.prefix, self.endpoint_url = bucket, prefix, endpoint_url
         self._clock = clock
-        config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S, signature_version="s3v4",
-                        retries={"max_attempts": 2, "mode": "standard"}, s3={"addressing_style": addressing_style})
+        config = Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            signature_version="s3v4",
+            retries={"max_attempts": 2, "mode": "standard"},
+            s3={"addressing_style": addressing_style},
+        )
         session = boto3.session.Session()  # a session of our own: boto3's default one is not thread-safe
-        self.client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1",
-                                          aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
-                                          config=config)
+        self.client: Any = session.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region or "us-east-1",
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            config=config,
+        )
         self.spool = FsBackend(spool, clock=clock)
         self.cap = SizeCap(max_bytes, self._bucket_bytes)
 
@@ -75,7 +104,7 @@ class S3Backend:
         return self.prefix + "/".join(parts_of(name))
 
     def _name(self, key: str) -> str:
-        return name_of(key[len(self.prefix):].split("/"))
+        return name_of(key[len(self.prefix) :].split("/"))
 
     # -- errors ----------------------------------------------------------------------------
 
@@ -110,8 +139,7 @@ class S3Backend:
 
     def _get(self, name: str, **extra: Any) -> dict[str, Any] | None:
         try:
-            reply: dict[str, Any] = self._guard(lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(name),
-                                                                                **extra))
+            reply: dict[str, Any] = self._guard(lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(name), **extra))
         except BrokerUnavailable as exc:
             if _missing(exc.__cause__):
                 return None
@@ -163,8 +191,9 @@ class S3Backend:
 
     def scan(self, prefix: str) -> Iterator[tuple[str, int]]:
         key_prefix = self.prefix + "/".join(parts_of(prefix + "x")[:-1]) + "/"
-        for page in self._guard(lambda: list(self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=key_prefix))):
+        for page in self._guard(
+            lambda: list(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key_prefix))
+        ):
             for item in page.get("Contents", []):
                 yield self._name(item["Key"]), int(item["Size"])
 
@@ -178,8 +207,9 @@ class S3Backend:
 
     def put_temp(self, name: str, data: bytes, ttl_s: int) -> None:
         self.cap.charge(len(data))
-        self._guard(lambda: self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data,
-                                                   Metadata=self._deadline(ttl_s)))
+        self._guard(
+            lambda: self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data, Metadata=self._deadline(ttl_s))
+        )
 
     def get_temp(self, name: str) -> bytes | None:
         if is_upload(name):
@@ -196,9 +226,15 @@ class S3Backend:
         if self._head(name) is None:
             return
         key = self.key(name)
-        self._guard(lambda: self.client.copy_object(
-            Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-            Metadata=self._deadline(ttl_s), MetadataDirective="REPLACE"))
+        self._guard(
+            lambda: self.client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": key},
+                Metadata=self._deadline(ttl_s),
+                MetadataDirective="REPLACE",
+            )
+        )
 
     def persist(self, temp: str, name: str) -> bool:
         return self._transfer(temp, name, {})
@@ -217,16 +253,20 @@ class S3Backend:
             if deadline < self._clock():
                 self.spool.delete(temp)
                 return False
-            self._guard(lambda: self.client.upload_file(str(path), self.bucket, self.key(name), ExtraArgs=extra or None,
-                                                        Config=TRANSFER))
+            self._guard(
+                lambda: self.client.upload_file(str(path), self.bucket, self.key(name), ExtraArgs=extra or None, Config=TRANSFER)
+            )
             self.spool.delete(temp)
             return True
         head = self._head(temp)
         if head is None or not self._live(head.get("Metadata", {})):
             return False
         source = {"Bucket": self.bucket, "Key": self.key(temp)}
-        self._guard(lambda: self.client.copy(source, self.bucket, self.key(name),
-                                             ExtraArgs={"MetadataDirective": "REPLACE", **extra}, Config=TRANSFER))
+        self._guard(
+            lambda: self.client.copy(
+                source, self.bucket, self.key(name), ExtraArgs={"MetadataDirective": "REPLACE", **extra}, Config=TRANSFER
+            )
+        )
         self.delete(temp)
         return True
 
@@ -254,8 +294,9 @@ class S3Backend:
         return self._bucket_bytes()
 
     def _bucket_bytes(self) -> int:
-        pages = self._guard(lambda: list(self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self.prefix)))
+        pages = self._guard(
+            lambda: list(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix))
+        )
         return sum(int(item["Size"]) for page in pages for item in page.get("Contents", []))
 
 

@@ -10,11 +10,23 @@ from pathlib import Path
 
 import click
 
-from cipherpool.cli import account, admin, credits, db, gateway, models, platform, pool, query, tokens, workers
-from cipherpool.cli import alerts
-from cipherpool.cli import schedules
-from cipherpool.cli import status
-from cipherpool.cli import store
+from cipherpool.cli import (
+    account,
+    admin,
+    alerts,
+    credits,
+    db,
+    gateway,
+    models,
+    platform,
+    pool,
+    query,
+    schedules,
+    status,
+    store,
+    tokens,
+    workers,
+)
 from cipherpool.cli.context import CipherpoolGroup, CliContext
 from cipherpool.config.settings import get_settings
 from cipherpool.fhe.process import keep_exit_status
@@ -29,8 +41,15 @@ from cipherpool.fhe.process import keep_exit_status
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
 @click.version_option(package_name="cipherpool")
 @click.pass_context
-def cli(ctx: click.Context, url: str | None, broker_url: str | None, api_key: str | None, data_dir: Path | None,
-        as_json: bool, verbose: bool) -> None:
+def cli(
+    ctx: click.Context,
+    url: str | None,
+    broker_url: str | None,
+    api_key: str | None,
+    data_dir: Path | None,
+    as_json: bool,
+    verbose: bool,
+) -> None:
     """Serve encrypted (FHE) machine-learning queries on a pool of Celery workers."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     given = {"url": url, "broker_url": broker_url, "api_key": api_key, "data_dir": data_dir}
@@ -57,12 +76,32 @@ def add_json_options(root: click.Group) -> None:
     """Give every leaf command a --json of its own, unless it has one."""
     for command in _leaves(root):
         if not any(isinstance(p, click.Option) and "--json" in p.opts for p in command.params):
-            command.params.append(click.Option(["--json"], is_flag=True, expose_value=False, is_eager=False,
-                                               callback=_set_json, help="Print machine-readable JSON."))
+            command.params.append(
+                click.Option(
+                    ["--json"],
+                    is_flag=True,
+                    expose_value=False,
+                    is_eager=False,
+                    callback=_set_json,
+                    help="Print machine-readable JSON.",
+                )
+            )
 
 
-for group in (platform.up, platform.demo, db.db, admin.admin, gateway.gateway, account.account, credits.credits_,
-              models.model, workers.worker, pool.pool, tokens.token, query.query):
+for group in (
+    platform.up,
+    platform.demo,
+    db.db,
+    admin.admin,
+    gateway.gateway,
+    account.account,
+    credits.credits_,
+    models.model,
+    workers.worker,
+    pool.pool,
+    tokens.token,
+    query.query,
+):
     cli.add_command(group)
 cli.add_command(alerts.alert)
 cli.add_command(schedules.schedule)

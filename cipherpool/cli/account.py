@@ -35,8 +35,9 @@ def update(ctx: CliContext, name: str | None, organisation: str | None, contact_
     """Change the details given; the others stay."""
     if name is None and organisation is None and contact_email is None:
         raise click.UsageError("Nothing to change: give --name, --organisation or --email.")
-    ctx.emit(ctx.management().update_account(name=name, organisation=clearable(organisation),
-                                             contact_email=clearable(contact_email)))
+    ctx.emit(
+        ctx.management().update_account(name=name, organisation=clearable(organisation), contact_email=clearable(contact_email))
+    )
 
 
 @account.command("rotate-key")

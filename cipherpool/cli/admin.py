@@ -33,8 +33,7 @@ def account() -> None:
 @pass_ctx
 def account_create(ctx: CliContext, name: str, organisation: str | None, contact_email: str | None) -> None:
     """Create an account and print its API key (shown once, stored only as a hash)."""
-    created = Admin(ctx.settings).create_account(name, organisation=organisation or None,
-                                                 contact_email=contact_email or None)
+    created = Admin(ctx.settings).create_account(name, organisation=organisation or None, contact_email=contact_email or None)
     ctx.emit({"account": created.name, **created.model_dump(mode="json"), "note": "API key shown once; hand it over now"})
 
 
@@ -82,8 +81,13 @@ def credits_() -> None:
 @credits_.command("grant", context_settings=NUMBERS_AS_ARGUMENTS)
 @click.argument("account")
 @click.argument("amount", type=AMOUNT)
-@click.option("--kind", type=click.Choice(OPERATOR_KINDS), default=LedgerKind.GRANT.value, show_default=True,
-              help="A grant or refund (positive), or an adjustment (either sign: `-- -5` for a negative one).")
+@click.option(
+    "--kind",
+    type=click.Choice(OPERATOR_KINDS),
+    default=LedgerKind.GRANT.value,
+    show_default=True,
+    help="A grant or refund (positive), or an adjustment (either sign: `-- -5` for a negative one).",
+)
 @click.option("--note", default="", help="Why: shown on the account's ledger line.")
 @click.option("--idempotency-key", "key", help="Retry safely: a second grant with this key adds nothing twice.")
 @pass_ctx
@@ -96,21 +100,37 @@ def credits_grant(ctx: CliContext, account: str, amount: Decimal, kind: str, not
 @click.argument("account")
 @click.option("--since", type=MOMENT, help="Lines at or after this time (2026-11-01 or an ISO time).")
 @click.option("--until", type=MOMENT, help="Lines before this time.")
-@click.option("--kind", "kinds", multiple=True, type=click.Choice([k.value for k in LedgerKind]),
-              help="Only lines of this kind (repeat for several).")
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None,
-              help="Output format (default table); --json is --format json.")
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice([k.value for k in LedgerKind]),
+    help="Only lines of this kind (repeat for several).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(list(FORMATS)),
+    default=None,
+    help="Output format (default table); --json is --format json.",
+)
 @pass_ctx
-def credits_history(ctx: CliContext, account: str, since: datetime | None, until: datetime | None,
-                    kinds: tuple[str, ...], fmt: str | None) -> None:
+def credits_history(
+    ctx: CliContext, account: str, since: datetime | None, until: datetime | None, kinds: tuple[str, ...], fmt: str | None
+) -> None:
     """ACCOUNT's ledger lines, oldest first, with its balance after each."""
     operator_history(ctx, account, since, until, kinds, fmt)
 
 
 @credits_.command("settle")
 @click.argument("invoice")
-@click.option("--status", type=click.Choice(["paid", "open"]), default="paid", show_default=True,
-              help="paid: the payment cleared; open: an invoice accepted, to be paid later.")
+@click.option(
+    "--status",
+    type=click.Choice(["paid", "open"]),
+    default="paid",
+    show_default=True,
+    help="paid: the payment cleared; open: an invoice accepted, to be paid later.",
+)
 @pass_ctx
 def credits_settle(ctx: CliContext, invoice: str, status: str) -> None:
     """Credit a pending purchase (INV-...) whose payment cleared; a second time adds nothing."""

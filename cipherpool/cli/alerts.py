@@ -33,8 +33,16 @@ def alert() -> None:
 @click.option("--no-webhook", is_flag=True, help="Remove the rule's webhook.")
 @click.option("--new-secret", is_flag=True, help="Make a new signing secret for the webhook (the old one stops).")
 @pass_ctx
-def set_(ctx: CliContext, model: str, metric: str, threshold: float, window_s: float | None, webhook: str | None,
-         no_webhook: bool, new_secret: bool) -> None:
+def set_(
+    ctx: CliContext,
+    model: str,
+    metric: str,
+    threshold: float,
+    window_s: float | None,
+    webhook: str | None,
+    no_webhook: bool,
+    new_secret: bool,
+) -> None:
     """Alert when MODEL's METRIC goes above THRESHOLD. Setting a metric again replaces the
     rule's threshold (and window and webhook, if given). A new webhook's secret is printed
     once: keep it to verify the calls' X-Cipherpool-Signature."""
@@ -43,8 +51,9 @@ def set_(ctx: CliContext, model: str, metric: str, threshold: float, window_s: f
     if window_s is not None and not float(window_s).is_integer():
         raise click.UsageError(f"--window is a whole number of seconds, not {window_s}.")
     url: str | None = None if no_webhook else webhook if webhook is not None else UNSET
-    done = ctx.management().set_alert(model, metric, threshold, window_s=None if window_s is None else int(window_s),
-                                      webhook_url=url, new_secret=new_secret)
+    done = ctx.management().set_alert(
+        model, metric, threshold, window_s=None if window_s is None else int(window_s), webhook_url=url, new_secret=new_secret
+    )
     shown = done.model_dump(mode="json")
     if done.webhook_secret is not None:
         shown["note"] = "the webhook secret is shown once; store it now"

@@ -55,18 +55,26 @@ def _target(value: float | int | str | None) -> Any:
 @click.command("autoscale")
 @click.argument("name")
 @click.option("--off", is_flag=True, help="Turn autoscaling off (workers stay; the settings are kept).")
-@click.option("--target-wait", type=WAIT,
-              help="Add a worker while the average queue wait stays above this (e.g. 5s); `off` clears it.")
-@click.option("--target-depth", type=DEPTH,
-              help="... or while more than this many queries wait per worker; `off` clears it.")
+@click.option(
+    "--target-wait", type=WAIT, help="Add a worker while the average queue wait stays above this (e.g. 5s); `off` clears it."
+)
+@click.option("--target-depth", type=DEPTH, help="... or while more than this many queries wait per worker; `off` clears it.")
 @click.option("--up-after", type=DURATION, help="How long a target must be exceeded before adding (e.g. 30s).")
 @click.option("--idle-after", type=DURATION, help="No query and an empty queue this long: remove one (e.g. 5m).")
 @click.option("--cooldown-up", type=DURATION, help="After any change, wait this long before adding (e.g. 1m).")
 @click.option("--cooldown-down", type=DURATION, help="After any change, wait this long before removing (e.g. 5m).")
 @pass_ctx
-def autoscale(ctx: CliContext, name: str, off: bool, target_wait: float | str | None, target_depth: int | str | None,
-              up_after: float | None, idle_after: float | None, cooldown_up: float | None,
-              cooldown_down: float | None) -> None:
+def autoscale(
+    ctx: CliContext,
+    name: str,
+    off: bool,
+    target_wait: float | str | None,
+    target_depth: int | str | None,
+    up_after: float | None,
+    idle_after: float | None,
+    cooldown_up: float | None,
+    cooldown_down: float | None,
+) -> None:
     """Show NAME's autoscaling; with options, turn it on or change it (what is not given keeps
     its value); with --off, turn it off. Beat adds or removes one worker at a time, between the
     model's --min-workers and --max-workers (`cipherpool model update`), and records each
@@ -78,8 +86,16 @@ def autoscale(ctx: CliContext, name: str, off: bool, target_wait: float | str | 
     if off:
         ctx.emit(client.disable_autoscale(name))
     elif given:
-        ctx.emit(client.set_autoscale(name, target_queue_wait_s=_target(target_wait),
-                                      target_queue_depth=_target(target_depth), scale_up_after_s=up_after,
-                                      idle_after_s=idle_after, cooldown_up_s=cooldown_up, cooldown_down_s=cooldown_down))
+        ctx.emit(
+            client.set_autoscale(
+                name,
+                target_queue_wait_s=_target(target_wait),
+                target_queue_depth=_target(target_depth),
+                scale_up_after_s=up_after,
+                idle_after_s=idle_after,
+                cooldown_up_s=cooldown_up,
+                cooldown_down_s=cooldown_down,
+            )
+        )
     else:
         ctx.emit(client.get_autoscale(name))

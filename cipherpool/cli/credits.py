@@ -29,8 +29,7 @@ from cipherpool.statuses import LedgerKind
 
 FORMATS = ("table", "csv", "json")
 OPERATOR_KINDS = (LedgerKind.GRANT.value, LedgerKind.REFUND.value, LedgerKind.ADJUSTMENT.value)
-LINE_COLUMNS = ["id", "at", "kind", "amount", "balance_after", "model", "worker_id", "seconds", "queries", "reference",
-                "note"]
+LINE_COLUMNS = ["id", "at", "kind", "amount", "balance_after", "model", "worker_id", "seconds", "queries", "reference", "note"]
 CSV_LINE_FIELDS = list(LedgerLine.model_fields)
 USAGE_COLUMNS = ["day", "model", "worker", "kind", "seconds", "queries", "cost"]
 # The report's CSV header (usage's has no period): usage rows carry ``cost`` (the column sums
@@ -104,8 +103,13 @@ def output_format(ctx: CliContext, given: str | None) -> str:
 
 
 def format_option(choices: Sequence[str] = FORMATS, default: str = "table") -> Callable[[Any], Any]:
-    return click.option("--format", "fmt", type=click.Choice(list(choices)), default=None,
-                        help=f"Output format (default {default}); --json is --format json.")
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(list(choices)),
+        default=None,
+        help=f"Output format (default {default}); --json is --format json.",
+    )
 
 
 def utc(moment: datetime | None) -> datetime | None:
@@ -154,8 +158,12 @@ def emit_lines(ctx: CliContext, lines: list[LedgerLine], fmt: str) -> None:
 
 def _line_row(line: LedgerLine) -> dict[str, Any]:
     row = line.model_dump(mode="json")
-    row.update(amount=fmt_credits(line.amount), balance_after=fmt_credits(line.balance_after),
-               seconds=None if line.seconds is None else fmt_credits(line.seconds), note=line.note or None)
+    row.update(
+        amount=fmt_credits(line.amount),
+        balance_after=fmt_credits(line.balance_after),
+        seconds=None if line.seconds is None else fmt_credits(line.seconds),
+        note=line.note or None,
+    )
     return row
 
 
@@ -166,23 +174,36 @@ def operator_grant(ctx: CliContext, account: str, amount: Decimal, kind: str, no
     admin = Admin(ctx.settings)
     line = admin.grant_credits(account, amount, kind=LedgerKind(kind), note=note, key=key)
     if line.amount != amount:  # the key's first line, for another amount: nothing was added now
-        raise InvalidInput(f"Idempotency key {key!r} was used for a {kind} of {fmt_credits(line.amount)} credits "
-                           f"(line {line.id}); nothing was added. Use a new key for another {kind}.")
+        raise InvalidInput(
+            f"Idempotency key {key!r} was used for a {kind} of {fmt_credits(line.amount)} credits "
+            f"(line {line.id}); nothing was added. Use a new key for another {kind}."
+        )
     balance = admin.credit_balance(account)
     if ctx.as_json:
         ctx.emit({"account": account, "line": line.model_dump(mode="json"), "balance": str(balance)})
         return
-    ctx.emit({"account": account, "kind": line.kind.value, "amount": fmt_credits(line.amount), "line": line.id,
-              "at": line.at, "note": line.note, "balance": f"{fmt_credits(balance)} credits"})
+    ctx.emit(
+        {
+            "account": account,
+            "kind": line.kind.value,
+            "amount": fmt_credits(line.amount),
+            "line": line.id,
+            "at": line.at,
+            "note": line.note,
+            "balance": f"{fmt_credits(balance)} credits",
+        }
+    )
 
 
-def operator_history(ctx: CliContext, account: str, since: datetime | None, until: datetime | None,
-                     kinds: Sequence[str], fmt: str | None) -> None:
+def operator_history(
+    ctx: CliContext, account: str, since: datetime | None, until: datetime | None, kinds: Sequence[str], fmt: str | None
+) -> None:
     """An account's ledger lines, read where the database is (the operator's `credits history`)."""
     from cipherpool.admin import Admin
 
-    lines = Admin(ctx.settings).credit_history(account, since=utc(since), until=utc(until),
-                                               kinds=[LedgerKind(k) for k in kinds] or None)
+    lines = Admin(ctx.settings).credit_history(
+        account, since=utc(since), until=utc(until), kinds=[LedgerKind(k) for k in kinds] or None
+    )
     emit_lines(ctx, lines, output_format(ctx, fmt))
 
 
@@ -190,16 +211,30 @@ def operator_history(ctx: CliContext, account: str, since: datetime | None, unti
 
 
 def _usage_record(row: UsageRow, period: str = "") -> dict[str, Any]:
-    return {"period": period, "record": "usage", "day": row.day, "model": row.model or "", "model_id": row.model_id or "",
-            "worker": row.worker_id or SHARED, "kind": row.kind.value, "seconds": exact(row.seconds),
-            "queries": row.queries, "cost": exact(row.cost), "amount": ""}
+    return {
+        "period": period,
+        "record": "usage",
+        "day": row.day,
+        "model": row.model or "",
+        "model_id": row.model_id or "",
+        "worker": row.worker_id or SHARED,
+        "kind": row.kind.value,
+        "seconds": exact(row.seconds),
+        "queries": row.queries,
+        "cost": exact(row.cost),
+        "amount": "",
+    }
 
 
 def usage_csv(used: UsageOut) -> str:
     """The usage rows, then the totals, the balance, the burn rate and when it runs out."""
     summary: list[dict[str, Any]] = [
-        {"record": "total", "seconds": exact(used.total_seconds), "queries": used.total_queries,
-         "amount": exact(used.total_cost)},
+        {
+            "record": "total",
+            "seconds": exact(used.total_seconds),
+            "queries": used.total_queries,
+            "amount": exact(used.total_cost),
+        },
         {"record": "balance", "amount": exact(used.balance)},
         {"record": "burn rate per hour", "amount": exact(used.burn_rate_per_hour)},
         {"record": "runs out at", "amount": used.runs_out_at or "never"},
@@ -214,25 +249,42 @@ def report_csv(report: ReportOut) -> str:
     period = report.period
     last_day = datetime.fromisoformat(report.until).date() - timedelta(days=1)  # the balance at its end
     summary: list[dict[str, Any]] = [
-        {"record": "total", "seconds": exact(report.total_seconds), "queries": report.total_queries,
-         "amount": exact(report.total_cost)},
+        {
+            "record": "total",
+            "seconds": exact(report.total_seconds),
+            "queries": report.total_queries,
+            "amount": exact(report.total_cost),
+        },
         {"record": "opening balance", "day": report.since[:10], "amount": exact(report.opening_balance)},
         *({"record": "credits in", "kind": kind, "amount": exact(amount)} for kind, amount in report.credits_in.items()),
         *({"record": "charges", "kind": kind, "amount": exact(-amount)} for kind, amount in report.charges.items()),
         {"record": "closing balance", "day": last_day.isoformat(), "amount": exact(report.closing_balance)},
         {"record": "reconciles", "amount": "yes" if report.reconciles else "NO"},
     ]
-    return to_csv(CSV_COLUMNS, [*(_usage_record(r, period) for r in report.rows),
-                                *({"period": period, **line} for line in summary)])
+    return to_csv(
+        CSV_COLUMNS, [*(_usage_record(r, period) for r in report.rows), *({"period": period, **line} for line in summary)]
+    )
 
 
 def _usage_table(ctx: CliContext, rows: list[UsageRow]) -> None:
     if not rows:
         click.echo("No usage in this window.")
         return
-    ctx.emit([{"day": r.day, "model": r.model, "worker": r.worker_id or SHARED, "kind": r.kind.value,
-               "seconds": fmt_credits(r.seconds), "queries": r.queries, "cost": fmt_credits(r.cost)} for r in rows],
-             USAGE_COLUMNS)
+    ctx.emit(
+        [
+            {
+                "day": r.day,
+                "model": r.model,
+                "worker": r.worker_id or SHARED,
+                "kind": r.kind.value,
+                "seconds": fmt_credits(r.seconds),
+                "queries": r.queries,
+                "cost": fmt_credits(r.cost),
+            }
+            for r in rows
+        ],
+        USAGE_COLUMNS,
+    )
 
 
 # ---- the commands --------------------------------------------------------------------------
@@ -251,12 +303,16 @@ def balance(ctx: CliContext) -> None:
     if ctx.as_json:
         ctx.emit(found)
         return
-    ctx.emit({"balance": f"{fmt_credits(found.balance)} credits",
-              "low": f"yes (below {fmt_credits(found.low_balance_threshold)})" if found.low else "no",
-              "burn rate": f"{fmt_credits(found.burn_rate_per_hour)} credits/h",
-              "workers charged": found.workers_charged,
-              "runs out in": human_duration(found.runs_out_in_s),
-              "runs out at": found.runs_out_at})
+    ctx.emit(
+        {
+            "balance": f"{fmt_credits(found.balance)} credits",
+            "low": f"yes (below {fmt_credits(found.low_balance_threshold)})" if found.low else "no",
+            "burn rate": f"{fmt_credits(found.burn_rate_per_hour)} credits/h",
+            "workers charged": found.workers_charged,
+            "runs out in": human_duration(found.runs_out_in_s),
+            "runs out at": found.runs_out_at,
+        }
+    )
 
 
 @credits_.command("add", context_settings=NUMBERS_AS_ARGUMENTS)
@@ -264,8 +320,11 @@ def balance(ctx: CliContext) -> None:
 @click.option("--note", default="", help="A note on the ledger line (and the invoice).")
 @click.option("--idempotency-key", "key", help="Retry safely: a second add with this key credits nothing twice.")
 @click.option("--account", help="Operator: add to this account (id or name) with database access, no payment.")
-@click.option("--kind", type=click.Choice(OPERATOR_KINDS), help="Operator (with --account): grant (default), refund or "
-              "adjustment (which may be negative).")
+@click.option(
+    "--kind",
+    type=click.Choice(OPERATOR_KINDS),
+    help="Operator (with --account): grant (default), refund or adjustment (which may be negative).",
+)
 @pass_ctx
 def add(ctx: CliContext, amount: Decimal, note: str, key: str | None, account: str | None, kind: str | None) -> None:
     """Buy AMOUNT credits through the platform's payment provider (by default an invoice to be
@@ -279,22 +338,40 @@ def add(ctx: CliContext, amount: Decimal, note: str, key: str | None, account: s
     if ctx.as_json:
         ctx.emit(bought)
         return
-    ctx.emit({"settled": "yes" if bought.settled else "no (credited once the payment clears)",
-              "amount": fmt_credits(bought.line.amount if bought.line else amount), "reference": bought.reference,
-              "note": bought.note, "balance": f"{fmt_credits(bought.balance)} credits"})
+    ctx.emit(
+        {
+            "settled": "yes" if bought.settled else "no (credited once the payment clears)",
+            "amount": fmt_credits(bought.line.amount if bought.line else amount),
+            "reference": bought.reference,
+            "note": bought.note,
+            "balance": f"{fmt_credits(bought.balance)} credits",
+        }
+    )
 
 
 @credits_.command("history")
 @click.option("--since", type=MOMENT, help="Lines at or after this time (2026-11-01 or an ISO time; UTC unless an offset).")
 @click.option("--until", type=MOMENT, help="Lines before this time.")
-@click.option("--kind", "kinds", multiple=True, type=click.Choice([k.value for k in LedgerKind]),
-              help="Only lines of this kind (repeat for several).")
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice([k.value for k in LedgerKind]),
+    help="Only lines of this kind (repeat for several).",
+)
 @click.option("--model", help="Only this model's lines.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=1000, show_default=True, help="At most this many lines.")
 @format_option()
 @pass_ctx
-def history(ctx: CliContext, since: datetime | None, until: datetime | None, kinds: tuple[str, ...], model: str | None,
-            limit: int, fmt: str | None) -> None:
+def history(
+    ctx: CliContext,
+    since: datetime | None,
+    until: datetime | None,
+    kinds: tuple[str, ...],
+    model: str | None,
+    limit: int,
+    fmt: str | None,
+) -> None:
     """The ledger, oldest first: every credit and charge, with the balance after it."""
     fmt = output_format(ctx, fmt)
     lines = ctx.management().credit_history(since=since, until=until, kinds=kinds, model=model, limit=limit)
@@ -320,20 +397,27 @@ def usage(ctx: CliContext, since: datetime | None, until: datetime | None, model
         return
     _usage_table(ctx, used.rows)
     click.echo("")
-    ctx.emit({"window": f"{used.since} .. {used.until}",
-              "total": f"{fmt_credits(used.total_cost)} credits, {fmt_credits(used.total_seconds)} s, "
-                       f"{used.total_queries} queries",
-              "balance": f"{fmt_credits(used.balance)} credits",
-              "burn rate": f"{fmt_credits(used.burn_rate_per_hour)} credits/h",
-              "runs out in": human_duration(used.runs_out_in_s),
-              "runs out at": used.runs_out_at})
+    ctx.emit(
+        {
+            "window": f"{used.since} .. {used.until}",
+            "total": f"{fmt_credits(used.total_cost)} credits, {fmt_credits(used.total_seconds)} s, {used.total_queries} queries",
+            "balance": f"{fmt_credits(used.balance)} credits",
+            "burn rate": f"{fmt_credits(used.burn_rate_per_hour)} credits/h",
+            "runs out in": human_duration(used.runs_out_in_s),
+            "runs out at": used.runs_out_at,
+        }
+    )
 
 
 @credits_.command("report")
 @click.option("--period", required=True, help="The month, YYYY-MM (like 2026-11).")
 @format_option(("csv", "json"), default="csv")
-@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write to this file (mode 0600) instead of printing.")
+@click.option(
+    "--output",
+    "output_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file (mode 0600) instead of printing.",
+)
 @pass_ctx
 def report(ctx: CliContext, period: str, fmt: str | None, output_path: Path | None) -> None:
     """A month's usage report for accounting: one CSV row per day, model, worker and kind, then
@@ -346,5 +430,8 @@ def report(ctx: CliContext, period: str, fmt: str | None, output_path: Path | No
         click.echo(text, nl=False)
         return
     write_private_file(output_path, text)
-    click.echo(f"Wrote the {period} report ({len(made.rows)} usage rows, "
-               f"{'reconciles' if made.reconciles else 'DOES NOT reconcile'}) to {output_path}", err=True)
+    click.echo(
+        f"Wrote the {period} report ({len(made.rows)} usage rows, "
+        f"{'reconciles' if made.reconciles else 'DOES NOT reconcile'}) to {output_path}",
+        err=True,
+    )

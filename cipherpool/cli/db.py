@@ -46,8 +46,15 @@ def _upgrade(ctx: CliContext, revision: str) -> None:
     private_sqlite(url)
     done = upgrade_db(url, revision)
     if ctx.as_json:
-        ctx.emit({"from": done.from_revision, "to": done.to_revision, "adopted": done.adopted, "changed": done.changed,
-                  "database": mask_url(url)})
+        ctx.emit(
+            {
+                "from": done.from_revision,
+                "to": done.to_revision,
+                "adopted": done.adopted,
+                "changed": done.changed,
+                "database": mask_url(url),
+            }
+        )
     else:
         click.echo(f"database {_describe(done)}: {mask_url(url)}")
 

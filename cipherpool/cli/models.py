@@ -15,10 +15,30 @@ from cipherpool.cli.autoscale import autoscale
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.cli.durations import parse_moment
 
-MODEL_COLUMNS = ["name", "id", "status", "hardware", "version", "min_workers", "max_workers", "shared", "concrete_ml",
-                 "created_at"]
-VERSION_COLUMNS = ["number", "serving", "rolling_out", "concrete_ml", "backend", "input_shape", "client_size",
-                   "server_size", "note", "created_at"]
+MODEL_COLUMNS = [
+    "name",
+    "id",
+    "status",
+    "hardware",
+    "version",
+    "min_workers",
+    "max_workers",
+    "shared",
+    "concrete_ml",
+    "created_at",
+]
+VERSION_COLUMNS = [
+    "number",
+    "serving",
+    "rolling_out",
+    "concrete_ml",
+    "backend",
+    "input_shape",
+    "client_size",
+    "server_size",
+    "note",
+    "created_at",
+]
 KIND_WIDTH = 21  # the longest event kind, worker_loaded_version
 
 
@@ -43,23 +63,44 @@ model.add_command(autoscale)  # `cipherpool model autoscale NAME`: cipherpool/cl
 @model.command("deploy")
 @click.argument("name")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--hardware", type=click.Choice(backends.host_classes()), default=backends.DEFAULT_HOST_CLASS,
-              show_default=True)
+@click.option("--hardware", type=click.Choice(backends.host_classes()), default=backends.DEFAULT_HOST_CLASS, show_default=True)
 @click.option("--description", default="", help="What the model does, for its users.")
-@click.option("--min-workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Workers the model should keep.")
-@click.option("--max-workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Most workers it may have.")
+@click.option("--min-workers", type=click.IntRange(min=0), default=0, show_default=True, help="Workers the model should keep.")
+@click.option("--max-workers", type=click.IntRange(min=1), default=1, show_default=True, help="Most workers it may have.")
 @click.option("--shared/--dedicated", default=False, show_default=True, help="May it run on shared pool nodes.")
-@click.option("--node-selector", "selector", multiple=True, metavar="KEY=VALUE",
-              help="A label a pool node must carry to serve it (repeat for several).")
+@click.option(
+    "--node-selector",
+    "selector",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A label a pool node must carry to serve it (repeat for several).",
+)
 @pass_ctx
-def deploy(ctx: CliContext, name: str, path: Path, hardware: str, description: str, min_workers: int, max_workers: int,
-           shared: bool, selector: tuple[str, ...]) -> None:
+def deploy(
+    ctx: CliContext,
+    name: str,
+    path: Path,
+    hardware: str,
+    description: str,
+    min_workers: int,
+    max_workers: int,
+    shared: bool,
+    selector: tuple[str, ...],
+) -> None:
     """Upload the FHEModelDev(...).save() directory PATH as model NAME, version 1 (inactive until activated)."""
-    emit_model(ctx, ctx.management().deploy_model(name, path, hardware=hardware, description=description,
-                                                  min_workers=min_workers, max_workers=max_workers, shared=shared,
-                                                  node_selector=parse_labels(selector)))
+    emit_model(
+        ctx,
+        ctx.management().deploy_model(
+            name,
+            path,
+            hardware=hardware,
+            description=description,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            shared=shared,
+            node_selector=parse_labels(selector),
+        ),
+    )
 
 
 def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -97,19 +138,43 @@ def show(ctx: CliContext, name: str) -> None:
 @click.option("--min-workers", type=click.IntRange(min=0))
 @click.option("--max-workers", type=click.IntRange(min=1))
 @click.option("--shared/--no-shared", default=None, help="May it run on shared pool nodes.")
-@click.option("--node-selector", "selector", multiple=True, metavar="KEY=VALUE",
-              help="Labels a pool node must carry (repeat; `--node-selector -` clears them).")
+@click.option(
+    "--node-selector",
+    "selector",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Labels a pool node must carry (repeat; `--node-selector -` clears them).",
+)
 @pass_ctx
-def update(ctx: CliContext, name: str, description: str | None, hardware: str | None, min_workers: int | None,
-           max_workers: int | None, shared: bool | None, selector: tuple[str, ...]) -> None:
+def update(
+    ctx: CliContext,
+    name: str,
+    description: str | None,
+    hardware: str | None,
+    min_workers: int | None,
+    max_workers: int | None,
+    shared: bool | None,
+    selector: tuple[str, ...],
+) -> None:
     """Change the settings given; the others stay."""
     node_selector = parse_labels(selector) if selector else None
     if all(v is None for v in (description, hardware, min_workers, max_workers, shared, node_selector)):
-        raise click.UsageError("Nothing to change: give --description, --hardware, --min-workers, --max-workers, "
-                               "--shared/--no-shared or --node-selector.")
-    emit_model(ctx, ctx.management().update_model(name, description=description, hardware=hardware,
-                                                  min_workers=min_workers, max_workers=max_workers, shared=shared,
-                                                  node_selector=node_selector))
+        raise click.UsageError(
+            "Nothing to change: give --description, --hardware, --min-workers, --max-workers, "
+            "--shared/--no-shared or --node-selector."
+        )
+    emit_model(
+        ctx,
+        ctx.management().update_model(
+            name,
+            description=description,
+            hardware=hardware,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            shared=shared,
+            node_selector=node_selector,
+        ),
+    )
 
 
 @model.group("version")

@@ -32,10 +32,19 @@ def nodes_option(default: int) -> Callable[[F], F]:
     """``--nodes N``, and ``--workers N``, its deprecated alias (resolved by `_nodes`)."""
 
     def decorate(f: F) -> F:
-        f = click.option("--workers", type=AT_LEAST_ONE, hidden=True,
-                         deprecated="Use --nodes (a worker is a model's serving unit, a node a process).")(f)
-        return click.option("--nodes", type=AT_LEAST_ONE, default=default, show_default=True,
-                            help="Pool nodes (celery worker processes) to start.")(f)
+        f = click.option(
+            "--workers",
+            type=AT_LEAST_ONE,
+            hidden=True,
+            deprecated="Use --nodes (a worker is a model's serving unit, a node a process).",
+        )(f)
+        return click.option(
+            "--nodes",
+            type=AT_LEAST_ONE,
+            default=default,
+            show_default=True,
+            help="Pool nodes (celery worker processes) to start.",
+        )(f)
 
     return decorate
 
@@ -60,11 +69,25 @@ def _report_restart(child: Child) -> None:
 @click.option("--port", type=int, help="Gateway port (default: a free one).")
 @click.option("--no-beat", is_flag=True, help="Do not start beat.")
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
-@click.option("--profile", "profiles", multiple=True, metavar="NAME",
-              help="Start a pool node of this profile (profiles.toml); repeat for more. Replaces --nodes.")
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    metavar="NAME",
+    help="Start a pool node of this profile (profiles.toml); repeat for more. Replaces --nodes.",
+)
 @pass_ctx
-def up(ctx: CliContext, nodes: int, workers: int | None, concurrency: int, host: str | None, port: int | None,
-       no_beat: bool, no_flower: bool, profiles: tuple[str, ...]) -> None:
+def up(
+    ctx: CliContext,
+    nodes: int,
+    workers: int | None,
+    concurrency: int,
+    host: str | None,
+    port: int | None,
+    no_beat: bool,
+    no_flower: bool,
+    profiles: tuple[str, ...],
+) -> None:
     """Start the whole platform on this machine; Ctrl-C or SIGTERM stops all of it.
 
     Clients on this machine (CLI and Python) find the gateway with no exports: its URL is in
@@ -73,8 +96,9 @@ def up(ctx: CliContext, nodes: int, workers: int | None, concurrency: int, host:
     private_umask()
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    options = StackOptions(nodes=nodes, node_concurrency=concurrency, beat=not no_beat, flower=not no_flower,
-                           profiles=list(profiles))
+    options = StackOptions(
+        nodes=nodes, node_concurrency=concurrency, beat=not no_beat, flower=not no_flower, profiles=list(profiles)
+    )
     gateway = {k: v for k, v in {"gateway_host": host, "gateway_port": port}.items() if v}
     stack = EmbeddedStack(ctx.settings.model_copy(update=gateway), options)
     click.echo("starting cipherpool …")
@@ -104,18 +128,42 @@ def up(ctx: CliContext, nodes: int, workers: int | None, concurrency: int, host:
 
 @click.command()
 @click.argument("names", nargs=-1, type=click.Choice(["digits", "health", "image", "sentiment", "all"]))
-@click.option("--text", "texts", multiple=True, metavar="TEXT",
-              help="A sentence for the sentiment tutorial (repeatable); default: four examples.")
+@click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    metavar="TEXT",
+    help="A sentence for the sentiment tutorial (repeatable); default: four examples.",
+)
 @click.option("--explain", is_flag=True, help="Also print, per step, where it ran and what crossed the network.")
 @click.option("--json", "json_out", is_flag=True, help="Print one JSON report on stdout (progress goes to stderr).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cipherpool-demo"),
-              show_default=True, help="Where tutorials write their files (the image tutorial's PNGs), per tutorial.")
-@click.option("--data-dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Keep the demo's platform files here (default: a temporary directory, removed after).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("cipherpool-demo"),
+    show_default=True,
+    help="Where tutorials write their files (the image tutorial's PNGs), per tutorial.",
+)
+@click.option(
+    "--data-dir",
+    "demo_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the demo's platform files here (default: a temporary directory, removed after).",
+)
 @nodes_option(default=1)
 @pass_ctx
-def demo(ctx: CliContext, names: tuple[str, ...], texts: tuple[str, ...], explain: bool, json_out: bool,
-         out_dir: Path, demo_dir: Path | None, nodes: int, workers: int | None) -> None:
+def demo(
+    ctx: CliContext,
+    names: tuple[str, ...],
+    texts: tuple[str, ...],
+    explain: bool,
+    json_out: bool,
+    out_dir: Path,
+    demo_dir: Path | None,
+    nodes: int,
+    workers: int | None,
+) -> None:
     """Run the tutorials end to end on an embedded stack: digits (the default, the quick one),
     health, image, sentiment, or all. Each prints its steps with timings and sizes and every
     FHE answer beside the model's clear answer, and fails if they differ."""
@@ -123,7 +171,16 @@ def demo(ctx: CliContext, names: tuple[str, ...], texts: tuple[str, ...], explai
 
     previous = private_umask()  # keys, models and images the demo writes are its user's alone, as under `up`
     try:
-        run_demo(ctx.settings, demo_dir, nodes=_nodes(nodes, workers), names=names, texts=texts, out_dir=out_dir,
-                 explain=explain, json_out=json_out or ctx.as_json, echo=click.echo)
+        run_demo(
+            ctx.settings,
+            demo_dir,
+            nodes=_nodes(nodes, workers),
+            names=names,
+            texts=texts,
+            out_dir=out_dir,
+            explain=explain,
+            json_out=json_out or ctx.as_json,
+            echo=click.echo,
+        )
     finally:
         os.umask(previous)

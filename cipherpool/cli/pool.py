@@ -24,7 +24,9 @@ LOGLEVELS = ["debug", "info", "warning", "error", "critical"]
 CLIENT_ONLY = {"CIPHERPOOL_API_KEY", "CIPHERPOOL_TOKEN", "CIPHERPOOL_URL"}  # credentials a node has no use for
 
 profiles_option = click.option(
-    "--profiles", "profiles_file", type=click.Path(path_type=Path, dir_okay=False),
+    "--profiles",
+    "profiles_file",
+    type=click.Path(path_type=Path, dir_okay=False),
     help="Profiles file (default: CIPHERPOOL_PROFILES_FILE, else <data dir>/profiles.toml).",
 )
 
@@ -46,15 +48,20 @@ def pool() -> None:
 
 
 @pool.command("node")
-@click.option("--profile", "profile_name", envvar="CIPHERPOOL_NODE_PROFILE",
-              help="Profile to run (default: CIPHERPOOL_NODE_PROFILE). `cipherpool pool profiles` lists them.")
+@click.option(
+    "--profile",
+    "profile_name",
+    envvar="CIPHERPOOL_NODE_PROFILE",
+    help="Profile to run (default: CIPHERPOOL_NODE_PROFILE). `cipherpool pool profiles` lists them.",
+)
 @click.option("--name", "node_name", help="Node name (default: PROFILE@%h; Celery expands %h to the host name).")
 @profiles_option
 @click.option("--loglevel", type=click.Choice(LOGLEVELS, case_sensitive=False), default="info", show_default=True)
 @click.option("--print", "print_only", is_flag=True, help="Print the equivalent shell line instead of running it.")
 @pass_ctx
-def node(ctx: CliContext, profile_name: str | None, node_name: str | None, profiles_file: Path | None,
-         loglevel: str, print_only: bool) -> None:
+def node(
+    ctx: CliContext, profile_name: str | None, node_name: str | None, profiles_file: Path | None, loglevel: str, print_only: bool
+) -> None:
     """Run a pool node of a profile: a `celery worker` on the pool queue, in this process."""
     if not profile_name:
         raise click.UsageError("Name a profile: --profile NAME or CIPHERPOOL_NODE_PROFILE (see `cipherpool pool profiles`).")
@@ -94,13 +101,29 @@ def _row(profile: NodeProfile) -> dict[str, object]:
     }
 
 
-NODE_COLUMNS = ["name", "profile", "host_class", "labels", "status", "slots", "free_slots", "cores", "memory",
-                "gpus", "gpu_build", "model", "worker_id", "worker_status", "heartbeat_age_s"]
+NODE_COLUMNS = [
+    "name",
+    "profile",
+    "host_class",
+    "labels",
+    "status",
+    "slots",
+    "free_slots",
+    "cores",
+    "memory",
+    "gpus",
+    "gpu_build",
+    "model",
+    "worker_id",
+    "worker_status",
+    "heartbeat_age_s",
+]
 
 
 @pool.command("nodes")
-@click.option("--all", "everything", is_flag=True,
-              help="Operator's view from the database (every account's bindings), not the gateway's.")
+@click.option(
+    "--all", "everything", is_flag=True, help="Operator's view from the database (every account's bindings), not the gateway's."
+)
 @pass_ctx
 def nodes(ctx: CliContext, everything: bool) -> None:
     """Every pool node: profile, class, labels, capacity and allocatable, status, bound model
@@ -111,11 +134,20 @@ def nodes(ctx: CliContext, everything: bool) -> None:
     if ctx.as_json:
         ctx.emit(listed)
         return
-    rows = [{**n.model_dump(mode="json"), "labels": ",".join(f"{k}={v}" for k, v in n.labels.items()) or "-",
-             "slots": n.capacity.slots, "free_slots": n.allocatable.slots, "cores": n.capacity.cores,
-             "memory": f"{n.capacity.memory_bytes / 2**30:.1f} GiB", "gpus": n.capacity.gpus,
-             "gpu_build": "yes" if n.gpu_build else "-",
-             "model": n.model or ("(busy)" if n.busy else _loaded(n))} for n in listed]
+    rows = [
+        {
+            **n.model_dump(mode="json"),
+            "labels": ",".join(f"{k}={v}" for k, v in n.labels.items()) or "-",
+            "slots": n.capacity.slots,
+            "free_slots": n.allocatable.slots,
+            "cores": n.capacity.cores,
+            "memory": f"{n.capacity.memory_bytes / 2**30:.1f} GiB",
+            "gpus": n.capacity.gpus,
+            "gpu_build": "yes" if n.gpu_build else "-",
+            "model": n.model or ("(busy)" if n.busy else _loaded(n)),
+        }
+        for n in listed
+    ]
     ctx.emit(rows, NODE_COLUMNS)
 
 

@@ -30,8 +30,12 @@ OUT = click.option("--output", "output_path", type=click.Path(dir_okay=False, pa
 
 @click.group()
 @click.option("--token", envvar="CIPHERPOOL_TOKEN", help="Access token (or CIPHERPOOL_TOKEN).")
-@click.option("--keys", "key_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Directory of this client's keys (default: under the data directory).")
+@click.option(
+    "--keys",
+    "key_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of this client's keys (default: under the data directory).",
+)
 @click.option("--model", "model_name", help="The model to query, when the token is assigned to several.")
 @click.pass_context
 def query(ctx: click.Context, token: str | None, key_dir: Path | None, model_name: str | None) -> None:
@@ -143,8 +147,9 @@ def keys() -> None:
 def keys_list(ctx: click.Context) -> None:
     """Key sets of this token: model, version made for, status, size, last use, expiry."""
     found = _client(ctx).list_keys()
-    ctx.obj.emit(found, ["key_id", "model", "made_for_version", "serving_version", "status", "size_bytes",
-                         "last_used_at", "expires_at"])
+    ctx.obj.emit(
+        found, ["key_id", "model", "made_for_version", "serving_version", "status", "size_bytes", "last_used_at", "expires_at"]
+    )
 
 
 @keys.command("ensure")

@@ -13,8 +13,7 @@ from cipherpool.api.schemas import ScheduleOut
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.cli.durations import MOMENT
 
-SCHEDULE_COLUMNS = ["id", "name", "model", "when", "timezone", "workers", "running_workers", "paused", "next_start",
-                    "next_stop"]
+SCHEDULE_COLUMNS = ["id", "name", "model", "when", "timezone", "workers", "running_workers", "paused", "next_start", "next_stop"]
 ACTION_COLUMNS = ["at", "action", "status", "attempts", "window_start", "message"]
 
 
@@ -49,8 +48,9 @@ def _common(command: Any) -> Any:
     """--workers, --profile and --name, as ``add`` and ``reserve`` both take them."""
     command = click.option("--name", help="A name to tell schedules apart.")(command)
     command = click.option("--profile", help="Only on pool nodes of this profile.")(command)
-    return click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-                        help="Workers the model keeps in each window.")(command)
+    return click.option(
+        "--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Workers the model keeps in each window."
+    )(command)
 
 
 @click.group()
@@ -62,16 +62,26 @@ def schedule() -> None:
 @click.argument("model_name")
 @click.option("--start", "start_cron", required=True, help="Cron expression of the starts, e.g. '0 8 * * 1-5'.")
 @click.option("--stop", "stop_cron", required=True, help="Cron expression of the stops, e.g. '0 20 * * 1-5'.")
-@click.option("--tz", "timezone", default="UTC", show_default=True,
-              help="IANA time zone the expressions are read in, e.g. Europe/Paris.")
+@click.option(
+    "--tz", "timezone", default="UTC", show_default=True, help="IANA time zone the expressions are read in, e.g. Europe/Paris."
+)
 @_common
 @pass_ctx
-def add(ctx: CliContext, model_name: str, start_cron: str, stop_cron: str, timezone: str, workers: int,
-        profile: str | None, name: str | None) -> None:
+def add(
+    ctx: CliContext,
+    model_name: str,
+    start_cron: str,
+    stop_cron: str,
+    timezone: str,
+    workers: int,
+    profile: str | None,
+    name: str | None,
+) -> None:
     """Keep WORKERS workers of MODEL_NAME from each --start to the next --stop. Five-field
     cron expressions (minute hour day-of-month month day-of-week) on the zone's wall clock."""
-    created = ctx.management().create_schedule(model_name, start_cron=start_cron, stop_cron=stop_cron,
-                                               timezone=timezone, workers=workers, profile=profile, name=name)
+    created = ctx.management().create_schedule(
+        model_name, start_cron=start_cron, stop_cron=stop_cron, timezone=timezone, workers=workers, profile=profile, name=name
+    )
     _emit_one(ctx, created)
 
 
@@ -81,8 +91,9 @@ def add(ctx: CliContext, model_name: str, start_cron: str, stop_cron: str, timez
 @click.option("--to", "ends_at", type=MOMENT, required=True, help="ISO 8601 end (UTC unless it has an offset).")
 @_common
 @pass_ctx
-def reserve(ctx: CliContext, model_name: str, starts_at: datetime, ends_at: datetime, workers: int,
-            profile: str | None, name: str | None) -> None:
+def reserve(
+    ctx: CliContext, model_name: str, starts_at: datetime, ends_at: datetime, workers: int, profile: str | None, name: str | None
+) -> None:
     """Keep WORKERS workers of MODEL_NAME once, from --from to --to."""
     _emit_one(ctx, ctx.management().reserve_workers(model_name, starts_at, ends_at, workers, profile=profile, name=name))
 

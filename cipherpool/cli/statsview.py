@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from cipherpool.api.schemas import CurrentFigures, ModelStats, TimingFigures
 
-COLUMNS = ["what", "status", "queue", "queries", "qpm", "query", "current", "wait", "compute", "all_time", "err",
-           "refused"]
+COLUMNS = ["what", "status", "queue", "queries", "qpm", "query", "current", "wait", "compute", "all_time", "err", "refused"]
 
 
 def seconds(value: float | None) -> str:
@@ -42,13 +41,24 @@ def rows(found: list[ModelStats]) -> list[dict[str, str]]:
     table = []
     for model in found:
         statuses = ",".join(f"{n} {s}" for s, n in sorted(model.workers_by_status.items())) or "no worker"
-        table.append({"what": model.model, "status": f"{model.status} ({statuses})",
-                      "queue": "-" if model.queue_depth is None else str(model.queue_depth),
-                      **_figures(model.window, model.current, model.all_time)})
+        table.append(
+            {
+                "what": model.model,
+                "status": f"{model.status} ({statuses})",
+                "queue": "-" if model.queue_depth is None else str(model.queue_depth),
+                **_figures(model.window, model.current, model.all_time),
+            }
+        )
         for worker in model.workers:
             where = f"{worker.worker_id}@{worker.node}" if worker.node else worker.worker_id
-            table.append({"what": f"  {where}", "status": worker.status or "-", "queue": "",
-                          **_figures(worker.window, worker.current, worker.all_time)})
+            table.append(
+                {
+                    "what": f"  {where}",
+                    "status": worker.status or "-",
+                    "queue": "",
+                    **_figures(worker.window, worker.current, worker.all_time),
+                }
+            )
     return table
 
 

@@ -20,13 +20,13 @@ from redis.exceptions import RedisError
 from cipherpool.api.schemas import PlatformStatus
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.config.settings import Settings
+from cipherpool.context import PlatformContext
 from cipherpool.errors import BrokerUnavailable, ConfigurationError, PlatformError
 from cipherpool.monitoring import platform_events
 from cipherpool.monitoring.components import DEFAULT_EVENTS, read_status
 from cipherpool.monitoring.platform_events import EVENTS_KEPT
 from cipherpool.stack.redis_server import CONFIG_FILE, PASSWORD_FILE
 from cipherpool.statuses import ComponentState
-from cipherpool.context import PlatformContext
 
 REDIS_DIR = "redis"  # where `up` keeps its Redis's config and password, under the data directory
 COMPONENT_COLUMNS = ["component", "state", "detail"]
@@ -57,7 +57,8 @@ def platform_settings(settings: Settings) -> Settings:
         raise ConfigurationError(
             "`cipherpool status` reads Redis and the database directly: set CIPHERPOOL_BROKER_URL (or "
             "CIPHERPOOL_STORE_URL) and CIPHERPOOL_DATABASE_URL, or run it where `cipherpool up` runs. "
-            "Elsewhere, GET /v1/platform/status on a gateway with the metrics token.")
+            "Elsewhere, GET /v1/platform/status on a gateway with the metrics token."
+        )
     return settings.model_copy(update={"broker_url": local})
 
 
@@ -79,10 +80,16 @@ def print_status(ctx: CliContext, status: PlatformStatus) -> None:
 
 
 @click.command("status")
-@click.option("--events", "events_only", is_flag=True,
-              help="List the latest platform events (each change of a component's state) instead.")
-@click.option("--limit", type=click.IntRange(1, EVENTS_KEPT), default=20, show_default=True,
-              help="How many events --events lists, newest first.")
+@click.option(
+    "--events", "events_only", is_flag=True, help="List the latest platform events (each change of a component's state) instead."
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, EVENTS_KEPT),
+    default=20,
+    show_default=True,
+    help="How many events --events lists, newest first.",
+)
 @pass_ctx
 def status(ctx: CliContext, events_only: bool, limit: int) -> None:
     """The platform's own health: gateways, control workers, beat and each of its jobs, pool

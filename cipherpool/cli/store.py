@@ -44,16 +44,19 @@ def _redis(settings: Settings) -> redis.Redis | None:
 
 
 @store.command("check")
-@click.option("--orphans/--no-orphans", "show_orphans", default=True, show_default=True,
-              help="List unreferenced blobs one by one.")
+@click.option(
+    "--orphans/--no-orphans", "show_orphans", default=True, show_default=True, help="List unreferenced blobs one by one."
+)
 @pass_ctx
 def store_check(ctx: CliContext, show_orphans: bool) -> None:
     """Referenced blobs the store lacks (missing: exits 1) and blobs nothing references (orphans)."""
     settings = store_settings(ctx.settings)
     client = _redis(settings)
     if client is None and settings.effective_blob_store() == "redis":
-        raise ConfigurationError("The store is the platform's Redis: set CIPHERPOOL_BROKER_URL (or _STORE_URL), "
-                                 "or run this where `cipherpool up` runs.")
+        raise ConfigurationError(
+            "The store is the platform's Redis: set CIPHERPOOL_BROKER_URL (or _STORE_URL), "
+            "or run this where `cipherpool up` runs."
+        )
     target = BlobStore(client or redis.Redis(), backend_for(settings, client or redis.Redis()))
     legacy = BlobStore(client) if client is not None and target.kind != "redis" else None
     with session_scope(settings.effective_database_url()) as session:
@@ -63,15 +66,19 @@ def store_check(ctx: CliContext, show_orphans: bool) -> None:
         ctx.emit(vars(report) | {"ok": report.ok} | ({} if show_orphans else {"orphans": len(report.orphans)}))
     else:
         click.echo(f"store: {report.store}")
-        click.echo(f"referenced by the database: {report.referenced}; in the store: {report.stored} blobs, "
-                   f"{report.stored_bytes} bytes")
+        click.echo(
+            f"referenced by the database: {report.referenced}; in the store: {report.stored} blobs, {report.stored_bytes} bytes"
+        )
         click.echo(f"missing: {len(report.missing)}")
         for item in report.missing:
             owners = item["referenced_by"]
-            click.echo(f"  {item['kind']} {item['blob_id']}  referenced by "
-                       f"{'; '.join(owners) if isinstance(owners, list) else owners}")
-        click.echo(f"orphans: {len(report.orphans)} ({report.orphan_bytes} bytes; beat's sweep removes those of "
-                   "removed key sets and models)")
+            click.echo(
+                f"  {item['kind']} {item['blob_id']}  referenced by {'; '.join(owners) if isinstance(owners, list) else owners}"
+            )
+        click.echo(
+            f"orphans: {len(report.orphans)} ({report.orphan_bytes} bytes; beat's sweep removes those of "
+            "removed key sets and models)"
+        )
         if show_orphans:
             for item in report.orphans:
                 click.echo(f"  {item['kind']} {item['blob_id']}  {item['size_bytes']} bytes")
@@ -82,8 +89,11 @@ def store_check(ctx: CliContext, show_orphans: bool) -> None:
 
 
 @store.command("migrate")
-@click.option("--delete-source", is_flag=True,
-              help="Remove each blob from Redis once the store's copy is verified, and unreferenced ones too.")
+@click.option(
+    "--delete-source",
+    is_flag=True,
+    help="Remove each blob from Redis once the store's copy is verified, and unreferenced ones too.",
+)
 @pass_ctx
 def store_migrate(ctx: CliContext, delete_source: bool) -> None:
     """Copy every blob the database references out of the platform's Redis into the configured
@@ -91,17 +101,23 @@ def store_migrate(ctx: CliContext, delete_source: bool) -> None:
     settings = store_settings(ctx.settings)
     client = _redis(settings)
     if client is None:
-        raise ConfigurationError("Nothing to migrate from: set CIPHERPOOL_BROKER_URL (or _STORE_URL) to the Redis "
-                                 "that holds the blobs, or run this while `cipherpool up` runs.")
+        raise ConfigurationError(
+            "Nothing to migrate from: set CIPHERPOOL_BROKER_URL (or _STORE_URL) to the Redis "
+            "that holds the blobs, or run this while `cipherpool up` runs."
+        )
     if settings.effective_blob_store() == "redis":
-        raise ConfigurationError("The configured store is the platform's Redis already (CIPHERPOOL_BLOB_STORE=redis, "
-                                 "or a broker URL without CIPHERPOOL_BLOB_STORE): set CIPHERPOOL_BLOB_STORE=fs or s3.")
+        raise ConfigurationError(
+            "The configured store is the platform's Redis already (CIPHERPOOL_BLOB_STORE=redis, "
+            "or a broker URL without CIPHERPOOL_BLOB_STORE): set CIPHERPOOL_BLOB_STORE=fs or s3."
+        )
     target = BlobStore(client, backend_for(settings, client))
     with session_scope(settings.effective_database_url()) as session:
         refs = referenced(session)
-    report = migrate(refs, BlobStore(client), target, delete_source=delete_source,
-                     progress=(lambda line: None) if ctx.as_json else click.echo)
+    report = migrate(
+        refs, BlobStore(client), target, delete_source=delete_source, progress=(lambda line: None) if ctx.as_json else click.echo
+    )
     ctx.emit(vars(report))
     if report.missing:
-        raise NotFound(f"{len(report.missing)} referenced blobs are in neither Redis nor the store "
-                       "(`cipherpool store check` lists them).")
+        raise NotFound(
+            f"{len(report.missing)} referenced blobs are in neither Redis nor the store (`cipherpool store check` lists them)."
+        )

@@ -17,7 +17,8 @@ def expiry_options(command: Any) -> Any:
     """--expires-in / --expires-at / --no-expiry (at most one; checked by :func:`one_expiry`)."""
     command = click.option("--no-expiry", is_flag=True, help="Never expire.")(command)
     command = click.option("--expires-at", type=MOMENT, help="Expire at this ISO 8601 time (UTC unless it has an offset).")(
-        command)
+        command
+    )
     return click.option("--expires-in", type=DURATION, help="Expire after this long: 30d, 12h, 90m, 3600s.")(command)
 
 
@@ -38,16 +39,25 @@ def token() -> None:
 @click.option("--ttl", "ttl_s", type=float, hidden=True, help="Expire after this many seconds (use --expires-in).")
 @click.option("--quota", type=click.IntRange(min=0), help="Most queries it may make.")
 @pass_ctx
-def create(ctx: CliContext, name: str, models: tuple[str, ...], expires_in: float | None, expires_at: datetime | None,
-           no_expiry: bool, ttl_s: float | None, quota: int | None) -> None:
+def create(
+    ctx: CliContext,
+    name: str,
+    models: tuple[str, ...],
+    expires_in: float | None,
+    expires_at: datetime | None,
+    no_expiry: bool,
+    ttl_s: float | None,
+    quota: int | None,
+) -> None:
     """Create a token and print its value (shown once, stored only as a hash). It expires in
     30 days unless told otherwise."""
     if expires_in is not None and ttl_s is not None:
         raise click.UsageError("Give --expires-in or --ttl, not both.")
     expires_in = expires_in if expires_in is not None else ttl_s
     one_expiry(expires_in, expires_at, no_expiry)
-    created = ctx.management().new_token(name, models=list(models), ttl_s=expires_in, expires_at=expires_at,
-                                         no_expiry=no_expiry, quota=quota)
+    created = ctx.management().new_token(
+        name, models=list(models), ttl_s=expires_in, expires_at=expires_at, no_expiry=no_expiry, quota=quota
+    )
     ctx.emit({**created.model_dump(mode="json"), "note": "shown once; store it now"})
 
 
@@ -75,8 +85,17 @@ def show(ctx: CliContext, token_id: str) -> None:
 @click.option("--no-quota", is_flag=True, help="Remove the quota.")
 @click.option("--enable/--disable", "enabled", default=None, help="Disable until enabled again (unlike revoke).")
 @pass_ctx
-def update(ctx: CliContext, token_id: str, name: str | None, expires_in: float | None, expires_at: datetime | None,
-           no_expiry: bool, quota: int | None, no_quota: bool, enabled: bool | None) -> None:
+def update(
+    ctx: CliContext,
+    token_id: str,
+    name: str | None,
+    expires_in: float | None,
+    expires_at: datetime | None,
+    no_expiry: bool,
+    quota: int | None,
+    no_quota: bool,
+    enabled: bool | None,
+) -> None:
     """Change what is given; the rest stays."""
     one_expiry(expires_in, expires_at, no_expiry)
     if quota is not None and no_quota:

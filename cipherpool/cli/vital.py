@@ -26,8 +26,12 @@ RULE = "=" * 78
 class VitalAlarm:
     """Receives every child the supervisor gives up (``on_give_up``), and shouts about the vital ones."""
 
-    def __init__(self, jobs: list[str], clock: Clock = time.monotonic,
-                 echo: Callable[[str], None] = lambda line: click.echo(line, err=True)) -> None:
+    def __init__(
+        self,
+        jobs: list[str],
+        clock: Clock = time.monotonic,
+        echo: Callable[[str], None] = lambda line: click.echo(line, err=True),
+    ) -> None:
         self.jobs, self.clock, self.echo = jobs, clock, echo
         self.down: dict[str, tuple[Child, float]] = {}  # name -> (child, when it was given up)
 
@@ -42,15 +46,19 @@ class VitalAlarm:
         minutes = (self.clock() - since) / 60
         ago = "just now" if minutes < 1 else f"{minutes:.0f} min ago"
         what = "beat is not sending" if name == "beat" else "no control worker runs"
-        self.echo("\n".join([
-            RULE,
-            f"ERROR: {name} is DOWN and will not be restarted: it kept exiting at start (given up {ago}).",
-            f"  {what} beat's jobs ({', '.join(self.jobs)}): nothing is billed, lost nodes are not replaced,",
-            "  schedules, alerts and autoscaling have stopped. Queries are still served.",
-            f"  Read its log: {child.log_path}",
-            "  Fix the cause and restart `cipherpool up`; `cipherpool status` shows the platform's state.",
-            RULE,
-        ]))
+        self.echo(
+            "\n".join(
+                [
+                    RULE,
+                    f"ERROR: {name} is DOWN and will not be restarted: it kept exiting at start (given up {ago}).",
+                    f"  {what} beat's jobs ({', '.join(self.jobs)}): nothing is billed, lost nodes are not replaced,",
+                    "  schedules, alerts and autoscaling have stopped. Queries are still served.",
+                    f"  Read its log: {child.log_path}",
+                    "  Fix the cause and restart `cipherpool up`; `cipherpool status` shows the platform's state.",
+                    RULE,
+                ]
+            )
+        )
 
     def repeat(self, stop: threading.Event, interval_s: float = REPEAT_S) -> None:
         """Shout again every ``interval_s`` until ``stop`` is set (a daemon thread of `up`)."""

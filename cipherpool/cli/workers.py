@@ -32,11 +32,13 @@ def worker() -> None:
 @click.option("--no-wait", is_flag=True, help="Return at once instead of when the model is loaded.")
 @click.option("--timeout", type=float, help="Seconds to wait for the node to load the model.")
 @pass_ctx
-def start(ctx: CliContext, model_name: str, count: int, profile: str | None, standby: bool, no_wait: bool,
-          timeout: float | None) -> None:
+def start(
+    ctx: CliContext, model_name: str, count: int, profile: str | None, standby: bool, no_wait: bool, timeout: float | None
+) -> None:
     """Bind free pool nodes to MODEL_NAME; returns when they serve, or fails with the reason."""
-    workers = ctx.management().start_workers(model_name, count, profile=profile, standby=standby, wait=not no_wait,
-                                             timeout=timeout)
+    workers = ctx.management().start_workers(
+        model_name, count, profile=profile, standby=standby, wait=not no_wait, timeout=timeout
+    )
     ctx.emit(_row(workers[0]) if count == 1 else [_row(w) for w in workers], None if count == 1 else WORKER_COLUMNS)
 
 
@@ -102,8 +104,16 @@ def list_(ctx: CliContext, model_name: str | None) -> None:
 @click.option("--count", type=click.IntRange(1), help="With --watch: stop after this many redraws.")
 @click.option("--nodes", is_flag=True, help="Instead: each running worker's live report from its node (JSON).")
 @pass_ctx
-def stats(ctx: CliContext, model_name: str | None, window: str | None, last: int | None, watch: bool,
-          interval: float, count: int | None, nodes: bool) -> None:
+def stats(
+    ctx: CliContext,
+    model_name: str | None,
+    window: str | None,
+    last: int | None,
+    watch: bool,
+    interval: float,
+    count: int | None,
+    nodes: bool,
+) -> None:
     """Average and current query time per model and worker, queue wait apart from compute,
     queue depth, queries per minute, error and refusal rates."""
     mc = ctx.management()

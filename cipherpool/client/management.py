@@ -6,26 +6,56 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from urllib.parse import quote
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from cipherpool.api.schemas import (
-    AccountOut, AccountUpdate, ApiKeyRotated, AssignIn, CreditBalance, DeployIn, EventOut, LedgerLine, ModelDetail,
-    ModelOut, ModelSettings, PurchaseIn, PurchaseOut, ReportOut, RollbackIn, TokenCreated, TokenIn, TokenOut,
-    TokenUpdate, UploadOut, UsageOut, VersionIn, VersionOut, WorkerIn, WorkerOut, WorkerLogLine, WorkerStats, NodeOut,
+    AccountOut,
+    AccountUpdate,
+    AlertEventOut,
+    AlertIn,
+    AlertOut,
+    AlertSet,
+    ApiKeyRotated,
+    AssignIn,
+    AutoscaleIn,
+    AutoscaleOut,
+    CreditBalance,
+    DeployIn,
+    EventOut,
+    LedgerLine,
+    ModelDetail,
+    ModelOut,
+    ModelSettings,
+    ModelStats,
+    NodeOut,
+    PurchaseIn,
+    PurchaseOut,
+    ReportOut,
+    RollbackIn,
+    ScheduleIn,
+    ScheduleOut,
+    TokenCreated,
+    TokenIn,
+    TokenOut,
+    TokenUpdate,
+    UploadOut,
+    UsageOut,
+    VersionIn,
+    VersionOut,
+    WorkerIn,
+    WorkerLogLine,
+    WorkerOut,
+    WorkerStats,
 )
-from cipherpool.api.schemas import ModelStats
-from cipherpool.api.schemas import ScheduleIn, ScheduleOut
-from cipherpool.api.schemas import AlertEventOut, AlertIn, AlertOut, AlertSet
-from cipherpool.api.schemas import AutoscaleIn, AutoscaleOut
+from cipherpool.client.base import GatewayClient
 from cipherpool.client.transport import client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.errors import InvalidInput, WorkerStartFailed
 from cipherpool.fhe.deployment import load_deployment
 from cipherpool.statuses import AlertMetric, LedgerKind, WorkerStatus
 from cipherpool.waiting import WaitTimeout, wait_until
-from cipherpool.client.base import GatewayClient
 
 POLL_S = 0.25
 FOLLOW_POLL_S = 1.0
@@ -39,8 +69,10 @@ WorkerInfo = WorkerOut  # the name of 0.1, kept for scripts that import it
 def _exact(amount: Decimal | str | int) -> Decimal:
     """An amount of credits as an exact decimal (sent as a JSON string, never a float)."""
     if isinstance(amount, bool) or not isinstance(amount, Decimal | str | int):
-        raise InvalidInput(f"An amount of credits is a Decimal, a string or an int, not {type(amount).__name__} "
-                           f"{amount!r} (a binary float is not exact).")
+        raise InvalidInput(
+            f"An amount of credits is a Decimal, a string or an int, not {type(amount).__name__} "
+            f"{amount!r} (a binary float is not exact)."
+        )
     try:
         return Decimal(amount.strip() if isinstance(amount, str) else amount)
     except ArithmeticError:
@@ -51,8 +83,9 @@ def _window(since: datetime | None, until: datetime | None) -> dict[str, str]:
     """``since`` and ``until`` as ISO 8601 in UTC (a naive time is taken as UTC): the gateway
     compares them with the ledger's UTC times."""
     moments = {"since": since, "until": until}
-    return {k: (v if v.tzinfo else v.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
-            for k, v in moments.items() if v is not None}
+    return {
+        k: (v if v.tzinfo else v.replace(tzinfo=UTC)).astimezone(UTC).isoformat() for k, v in moments.items() if v is not None
+    }
 
 
 def _as_utc(moment: datetime | None) -> datetime | None:
@@ -68,8 +101,7 @@ class ManagementClient(GatewayClient):
 
     def __init__(self, api_key: str | None = None, url: str | None = None, *, settings: Settings | None = None):
         settings = client_settings(url, settings)
-        super().__init__(api_key or settings.api_key, url, settings,
-                         "No API key: pass api_key= or set CIPHERPOOL_API_KEY.")
+        super().__init__(api_key or settings.api_key, url, settings, "No API key: pass api_key= or set CIPHERPOOL_API_KEY.")
         self.api_key = self._t.credential
 
     # account
@@ -77,11 +109,15 @@ class ManagementClient(GatewayClient):
         """This account's details."""
         return self._t.call("GET", "/v1/account", AccountOut)
 
-    def update_account(self, *, name: str | None = None, organisation: str | None = UNSET,
-                       contact_email: str | None = UNSET) -> AccountOut:
+    def update_account(
+        self, *, name: str | None = None, organisation: str | None = UNSET, contact_email: str | None = UNSET
+    ) -> AccountOut:
         """Change the details given (``None`` clears organisation or contact email)."""
-        body = {k: v for k, v in {"name": name, "organisation": organisation, "contact_email": contact_email}.items()
-                if v is not UNSET and not (k == "name" and v is None)}
+        body = {
+            k: v
+            for k, v in {"name": name, "organisation": organisation, "contact_email": contact_email}.items()
+            if v is not UNSET and not (k == "name" and v is None)
+        }
         return self._t.call("PATCH", "/v1/account", AccountOut, json=AccountUpdate(**body).model_dump(exclude_unset=True))
 
     def rotate_api_key(self) -> str:
@@ -92,17 +128,33 @@ class ManagementClient(GatewayClient):
         return rotated.api_key
 
     # models
-    def deploy_model(self, name: str, path: str | Path, hardware: str | None = None, *, description: str = "",
-                     min_workers: int = 0, max_workers: int = 1, shared: bool = False,
-                     node_selector: dict[str, str] | None = None) -> ModelDetail:
+    def deploy_model(
+        self,
+        name: str,
+        path: str | Path,
+        hardware: str | None = None,
+        *,
+        description: str = "",
+        min_workers: int = 0,
+        max_workers: int = 1,
+        shared: bool = False,
+        node_selector: dict[str, str] | None = None,
+    ) -> ModelDetail:
         """Upload a ``FHEModelDev(...).save()`` directory and register it as version 1 (not yet
         active). ``hardware``: its host class (None: the platform's default, the CPU).
         ``node_selector``: labels a pool node must carry to serve it."""
         client, server = self._upload(path)
-        body = DeployIn(name=name, client_upload=client, server_upload=server,
-                        hardware=hardware or DeployIn.model_fields["hardware"].default,
-                        description=description, min_workers=min_workers, max_workers=max_workers, shared=shared,
-                        node_selector=node_selector or {})
+        body = DeployIn(
+            name=name,
+            client_upload=client,
+            server_upload=server,
+            hardware=hardware or DeployIn.model_fields["hardware"].default,
+            description=description,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            shared=shared,
+            node_selector=node_selector or {},
+        )
         return self._t.call("POST", "/v1/models", ModelDetail, json=body.model_dump())
 
     def list_models(self) -> list[ModelOut]:
@@ -112,16 +164,31 @@ class ManagementClient(GatewayClient):
         """Settings, status, versions, serving artifact (digest, size, input shape), running workers."""
         return self._t.call("GET", self._model_path(name), ModelDetail)
 
-    def update_model(self, name: str, *, description: str | None = None, hardware: str | None = None,
-                     min_workers: int | None = None, max_workers: int | None = None,
-                     shared: bool | None = None, node_selector: dict[str, str] | None = None) -> ModelDetail:
+    def update_model(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        hardware: str | None = None,
+        min_workers: int | None = None,
+        max_workers: int | None = None,
+        shared: bool | None = None,
+        node_selector: dict[str, str] | None = None,
+    ) -> ModelDetail:
         """Change the settings given; the others stay (``node_selector={}`` clears it)."""
-        body = ModelSettings(description=description, hardware=hardware, min_workers=min_workers,
-                             max_workers=max_workers, shared=shared, node_selector=node_selector)
+        body = ModelSettings(
+            description=description,
+            hardware=hardware,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            shared=shared,
+            node_selector=node_selector,
+        )
         return self._t.call("PATCH", self._model_path(name), ModelDetail, json=body.model_dump(exclude_none=True))
 
-    def deploy_version(self, name: str, path: str | Path, note: str = "", *, wait: bool = False,
-                       timeout: float | None = None) -> ModelDetail:
+    def deploy_version(
+        self, name: str, path: str | Path, note: str = "", *, wait: bool = False, timeout: float | None = None
+    ) -> ModelDetail:
         """Upload a new version and roll it out: workers load it one at a time and keep
         answering; queries use it once every worker holds it. ``wait``: until then."""
         client, server = self._upload(path)
@@ -132,8 +199,9 @@ class ManagementClient(GatewayClient):
     def list_versions(self, name: str) -> list[VersionOut]:
         return self._t.call("GET", self._model_path(name) + "/versions", list[VersionOut])
 
-    def rollback_model(self, name: str, version: int | None = None, *, wait: bool = False,
-                       timeout: float | None = None) -> ModelDetail:
+    def rollback_model(
+        self, name: str, version: int | None = None, *, wait: bool = False, timeout: float | None = None
+    ) -> ModelDetail:
         """Serve an earlier version again (default: the one before the serving one)."""
         body = RollbackIn(version=version)
         model = self._t.call("POST", self._model_path(name) + "/rollback", ModelDetail, json=body.model_dump())
@@ -175,8 +243,9 @@ class ManagementClient(GatewayClient):
             params["limit"] = limit
         return self._t.call("GET", self._model_path(name) + "/events", list[EventOut], params=params)
 
-    def follow_events(self, name: str, since: datetime | str | None = None, *,
-                      poll_s: float = FOLLOW_POLL_S) -> Iterator[EventOut]:
+    def follow_events(
+        self, name: str, since: datetime | str | None = None, *, poll_s: float = FOLLOW_POLL_S
+    ) -> Iterator[EventOut]:
         """The model's events as they happen (forever; stop iterating to stop)."""
         cursor = since
         while True:
@@ -188,21 +257,32 @@ class ManagementClient(GatewayClient):
                 time.sleep(poll_s)
 
     # autoscaling
-    def set_autoscale(self, model: str, *, target_queue_wait_s: float | None = UNSET,
-                      target_queue_depth: int | None = UNSET, scale_up_after_s: float | None = None,
-                      idle_after_s: float | None = None, cooldown_up_s: float | None = None,
-                      cooldown_down_s: float | None = None) -> AutoscaleOut:
+    def set_autoscale(
+        self,
+        model: str,
+        *,
+        target_queue_wait_s: float | None = UNSET,
+        target_queue_depth: int | None = UNSET,
+        scale_up_after_s: float | None = None,
+        idle_after_s: float | None = None,
+        cooldown_up_s: float | None = None,
+        cooldown_down_s: float | None = None,
+    ) -> AutoscaleOut:
         """Turn the model's autoscaling on, or change it (seconds throughout): beat adds a worker
         while the average queue wait or the queries waiting per worker stay above their target
         for ``scale_up_after_s``, and removes one after ``idle_after_s`` with no query, between
         the model's min and max workers. What is not given keeps its value (a new policy: the
         defaults); ``None`` for a target clears it (at least one must remain)."""
-        given = {"target_queue_wait_s": target_queue_wait_s, "target_queue_depth": target_queue_depth,
-                 "scale_up_after_s": scale_up_after_s, "idle_after_s": idle_after_s, "cooldown_up_s": cooldown_up_s,
-                 "cooldown_down_s": cooldown_down_s}
+        given = {
+            "target_queue_wait_s": target_queue_wait_s,
+            "target_queue_depth": target_queue_depth,
+            "scale_up_after_s": scale_up_after_s,
+            "idle_after_s": idle_after_s,
+            "cooldown_up_s": cooldown_up_s,
+            "cooldown_down_s": cooldown_down_s,
+        }
         body = AutoscaleIn(**{k: v for k, v in given.items() if v is not UNSET and (v is not None or "target" in k)})
-        return self._t.call("PUT", self._model_path(model) + "/autoscale", AutoscaleOut,
-                            json=body.model_dump(exclude_unset=True))
+        return self._t.call("PUT", self._model_path(model) + "/autoscale", AutoscaleOut, json=body.model_dump(exclude_unset=True))
 
     def get_autoscale(self, model: str) -> AutoscaleOut:
         """The model's autoscaling policy (``enabled`` false: off), its workers and bounds, and
@@ -214,14 +294,23 @@ class ManagementClient(GatewayClient):
         return self._t.call("DELETE", self._model_path(model) + "/autoscale", AutoscaleOut)
 
     # workers
-    def start_worker(self, model: str, *, profile: str | None = None, standby: bool = False, wait: bool = True,
-                     timeout: float | None = None) -> WorkerInfo:
+    def start_worker(
+        self, model: str, *, profile: str | None = None, standby: bool = False, wait: bool = True, timeout: float | None = None
+    ) -> WorkerInfo:
         """Bind a free pool node to the model; returns once it serves (or is on standby), or
         raises why not (model not active, max_workers reached, no free node of its class)."""
         return self.start_workers(model, 1, profile=profile, standby=standby, wait=wait, timeout=timeout)[0]
 
-    def start_workers(self, model: str, count: int = 1, *, profile: str | None = None, standby: bool = False,
-                      wait: bool = True, timeout: float | None = None) -> list[WorkerInfo]:
+    def start_workers(
+        self,
+        model: str,
+        count: int = 1,
+        *,
+        profile: str | None = None,
+        standby: bool = False,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> list[WorkerInfo]:
         """Start ``count`` workers (all or none), on nodes of ``profile`` if given; ``standby``:
         loaded, not consuming, until :meth:`resume_worker`. ``wait``: until each is up."""
         body = WorkerIn(model=model, count=count, profile=profile, standby=standby).model_dump()
@@ -252,8 +341,7 @@ class ManagementClient(GatewayClient):
 
     def worker_logs(self, worker_id: str, after: int = -1) -> list[WorkerLogLine]:
         """The worker's log lines after line ``after`` (load, errors, standby, stop)."""
-        return self._t.call("GET", f"/v1/workers/{quote(worker_id, safe='')}/logs", list[WorkerLogLine],
-                            params={"after": after})
+        return self._t.call("GET", f"/v1/workers/{quote(worker_id, safe='')}/logs", list[WorkerLogLine], params={"after": after})
 
     def list_nodes(self) -> list[NodeOut]:
         """The pool's nodes: profile, class, labels, capacity and allocatable, status; the
@@ -279,8 +367,7 @@ class ManagementClient(GatewayClient):
         params = {"model": model} if model else None
         return self._t.call("GET", "/v1/workers/stats", list[WorkerStats], params=params)
 
-    def model_stats(self, model: str | None = None, *, window_s: int | None = None,
-                    last: int | None = None) -> list[ModelStats]:
+    def model_stats(self, model: str | None = None, *, window_s: int | None = None, last: int | None = None) -> list[ModelStats]:
         """Query figures per model and per worker of it: average query time over ``window_s``
         (whole minutes; the gateway's default if None) and all-time, current query time (the
         ``last`` latest queries), queue wait apart from compute, queries per minute, error and
@@ -296,13 +383,22 @@ class ManagementClient(GatewayClient):
         return self._t.call("GET", "/v1/stats", list[ModelStats], params=params or None)
 
     # tokens
-    def new_token(self, name: str, model: str | None = None, *, models: list[str] | None = None,
-                  ttl_s: float | None = None, expires_at: datetime | None = None, no_expiry: bool = False,
-                  quota: int | None = None) -> TokenCreated:
+    def new_token(
+        self,
+        name: str,
+        model: str | None = None,
+        *,
+        models: list[str] | None = None,
+        ttl_s: float | None = None,
+        expires_at: datetime | None = None,
+        no_expiry: bool = False,
+        quota: int | None = None,
+    ) -> TokenCreated:
         """A new access token (its value in ``.token``, shown only now), assigned to ``model``
         and/or ``models``; expires in 30 days unless ``ttl_s``, ``expires_at`` or ``no_expiry``."""
-        body = TokenIn(name=name, model=model, models=models or [], ttl_s=ttl_s, expires_at=expires_at,
-                       no_expiry=no_expiry, quota=quota)
+        body = TokenIn(
+            name=name, model=model, models=models or [], ttl_s=ttl_s, expires_at=expires_at, no_expiry=no_expiry, quota=quota
+        )
         return self._t.call("POST", "/v1/tokens", TokenCreated, json=body.model_dump(mode="json"))
 
     def create_token(self, name: str, model: str | None = None, ttl_s: float | None = None, **options: Any) -> str:
@@ -317,8 +413,16 @@ class ManagementClient(GatewayClient):
         params = {"model": model} if model else None
         return self._t.call("GET", "/v1/tokens", list[TokenOut], params=params)
 
-    def update_token(self, token_id: str, *, name: str | None = None, expires_at: datetime | None = UNSET,
-                     ttl_s: float | None = None, quota: int | None = UNSET, enabled: bool | None = None) -> TokenOut:
+    def update_token(
+        self,
+        token_id: str,
+        *,
+        name: str | None = None,
+        expires_at: datetime | None = UNSET,
+        ttl_s: float | None = None,
+        quota: int | None = UNSET,
+        enabled: bool | None = None,
+    ) -> TokenOut:
         """Change what is given: ``expires_at=None`` never expires, ``quota=None`` no quota;
         ``enabled=False`` disables it until ``enabled=True``."""
         body: dict[str, Any] = {"name": name, "ttl_s": ttl_s, "enabled": enabled}
@@ -328,8 +432,9 @@ class ManagementClient(GatewayClient):
         if quota is not UNSET:
             body["quota"] = quota
         update = TokenUpdate(**body)
-        return self._t.call("PATCH", self._token_path(token_id), TokenOut,
-                            json=update.model_dump(mode="json", include=update.model_fields_set))
+        return self._t.call(
+            "PATCH", self._token_path(token_id), TokenOut, json=update.model_dump(mode="json", include=update.model_fields_set)
+        )
 
     def enable_token(self, token_id: str) -> TokenOut:
         return self.update_token(token_id, enabled=True)
@@ -338,8 +443,7 @@ class ManagementClient(GatewayClient):
         return self.update_token(token_id, enabled=False)
 
     def assign_token(self, token_id: str, model: str) -> TokenOut:
-        return self._t.call("POST", self._token_path(token_id) + "/models", TokenOut,
-                            json=AssignIn(model=model).model_dump())
+        return self._t.call("POST", self._token_path(token_id) + "/models", TokenOut, json=AssignIn(model=model).model_dump())
 
     def unassign_token(self, token_id: str, model: str) -> TokenOut:
         return self._t.call("DELETE", f"{self._token_path(token_id)}/models/{quote(model, safe='')}", TokenOut)
@@ -356,8 +460,7 @@ class ManagementClient(GatewayClient):
         and when the balance runs out at that rate: what to check before starting workers."""
         return self._t.call("GET", "/v1/credits", CreditBalance)
 
-    def buy_credits(self, amount: Decimal | str | int, *, idempotency_key: str | None = None,
-                    note: str = "") -> PurchaseOut:
+    def buy_credits(self, amount: Decimal | str | int, *, idempotency_key: str | None = None, note: str = "") -> PurchaseOut:
         """Buy ``amount`` credits through the platform's payment provider (by default an invoice
         to pay offline, credited at once); the answer holds the invoice or payment reference.
 
@@ -365,12 +468,17 @@ class ManagementClient(GatewayClient):
         a timeout, say) credits nothing twice. ``amount`` is exact (a ``Decimal``, a string or an
         int, at most six decimals): a binary float is refused, since 0.1 is not 0.1 in binary."""
         body = PurchaseIn(amount=_exact(amount), idempotency_key=idempotency_key, note=note)
-        return self._t.call("POST", "/v1/credits/purchases", PurchaseOut,
-                            json=body.model_dump(mode="json", exclude_none=True))
+        return self._t.call("POST", "/v1/credits/purchases", PurchaseOut, json=body.model_dump(mode="json", exclude_none=True))
 
-    def credit_history(self, *, since: datetime | None = None, until: datetime | None = None,
-                       kinds: Iterable[LedgerKind | str] | None = None, model: str | None = None,
-                       limit: int = 1000) -> list[LedgerLine]:
+    def credit_history(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        kinds: Iterable[LedgerKind | str] | None = None,
+        model: str | None = None,
+        limit: int = 1000,
+    ) -> list[LedgerLine]:
         """Ledger lines recorded in ``[since, until)``, oldest first, of the ``kinds`` given (all
         if none) and of ``model``: every credit and charge, each with the balance after it, so
         that a statement can be checked line by line. Without ``since``, from the first line."""
@@ -381,8 +489,7 @@ class ManagementClient(GatewayClient):
             params["model"] = model
         return self._t.call("GET", "/v1/credits/history", list[LedgerLine], params=params)
 
-    def credit_usage(self, *, since: datetime | None = None, until: datetime | None = None,
-                     model: str | None = None) -> UsageOut:
+    def credit_usage(self, *, since: datetime | None = None, until: datetime | None = None, model: str | None = None) -> UsageOut:
         """Runtime, cost and queries per day, model, worker and kind in ``[since, until)``
         (default: the last 30 days), with totals, the burn rate and when the balance runs out:
         what the credits were spent on."""
@@ -398,8 +505,16 @@ class ManagementClient(GatewayClient):
         return self._t.call("GET", "/v1/credits/report", ReportOut, params={"period": period})
 
     # alerts
-    def set_alert(self, model: str, metric: AlertMetric | str, threshold: float, *, window_s: int | None = None,
-                  webhook_url: str | None = UNSET, new_secret: bool = False) -> AlertSet:
+    def set_alert(
+        self,
+        model: str,
+        metric: AlertMetric | str,
+        threshold: float,
+        *,
+        window_s: int | None = None,
+        webhook_url: str | None = UNSET,
+        new_secret: bool = False,
+    ) -> AlertSet:
         """Alert when the model's ``metric`` (an :class:`AlertMetric`) goes above ``threshold``
         over ``window_s`` seconds; the model's rule for that metric is replaced if it has one
         (what is not given stays). ``webhook_url`` is called, signed, when it fires and
@@ -429,23 +544,49 @@ class ManagementClient(GatewayClient):
         return self._t.call("GET", "/v1/alerts/events", list[AlertEventOut], params=params)
 
     # schedules
-    def create_schedule(self, model: str, *, start_cron: str | None = None, stop_cron: str | None = None,
-                        timezone: str = "UTC", starts_at: datetime | None = None, ends_at: datetime | None = None,
-                        workers: int = 1, profile: str | None = None, name: str | None = None) -> ScheduleOut:
+    def create_schedule(
+        self,
+        model: str,
+        *,
+        start_cron: str | None = None,
+        stop_cron: str | None = None,
+        timezone: str = "UTC",
+        starts_at: datetime | None = None,
+        ends_at: datetime | None = None,
+        workers: int = 1,
+        profile: str | None = None,
+        name: str | None = None,
+    ) -> ScheduleOut:
         """Keep ``workers`` workers of the model running in each window of the schedule: from
         each ``start_cron`` to the next ``stop_cron`` (five-field cron expressions read on the
         wall clock of ``timezone``, e.g. ``"0 8 * * 1-5"``, ``"0 20 * * 1-5"``,
         ``"Europe/Paris"``), or once from ``starts_at`` to ``ends_at`` (a reservation; a naive
         time is UTC). Beat starts and stops them; a window open now starts on its next tick."""
-        body = ScheduleIn(model=model, name=name, start_cron=start_cron, stop_cron=stop_cron, timezone=timezone,
-                          starts_at=_as_utc(starts_at), ends_at=_as_utc(ends_at), workers=workers, profile=profile)
+        body = ScheduleIn(
+            model=model,
+            name=name,
+            start_cron=start_cron,
+            stop_cron=stop_cron,
+            timezone=timezone,
+            starts_at=_as_utc(starts_at),
+            ends_at=_as_utc(ends_at),
+            workers=workers,
+            profile=profile,
+        )
         return self._t.call("POST", "/v1/schedules", ScheduleOut, json=body.model_dump(mode="json", exclude_none=True))
 
-    def reserve_workers(self, model: str, starts_at: datetime, ends_at: datetime, workers: int = 1, *,
-                        profile: str | None = None, name: str | None = None) -> ScheduleOut:
+    def reserve_workers(
+        self,
+        model: str,
+        starts_at: datetime,
+        ends_at: datetime,
+        workers: int = 1,
+        *,
+        profile: str | None = None,
+        name: str | None = None,
+    ) -> ScheduleOut:
         """A one-off reservation: ``workers`` workers from ``starts_at`` to ``ends_at``."""
-        return self.create_schedule(model, starts_at=starts_at, ends_at=ends_at, workers=workers, profile=profile,
-                                    name=name)
+        return self.create_schedule(model, starts_at=starts_at, ends_at=ends_at, workers=workers, profile=profile, name=name)
 
     def list_schedules(self, model: str | None = None) -> list[ScheduleOut]:
         """This account's schedules (of ``model``), each with the window open now, its next start
@@ -476,8 +617,14 @@ class ManagementClient(GatewayClient):
         """Stage a deployment directory's client.zip and server.zip; their upload ids."""
         deployment = load_deployment(path)
         client, server = (
-            self._t.call("PUT", "/v1/uploads", UploadOut, content=data, timeout=UPLOAD_TIMEOUT_S,
-                         headers={"Content-Type": "application/octet-stream"})
+            self._t.call(
+                "PUT",
+                "/v1/uploads",
+                UploadOut,
+                content=data,
+                timeout=UPLOAD_TIMEOUT_S,
+                headers={"Content-Type": "application/octet-stream"},
+            )
             for data in (deployment.client_zip, deployment.server_zip)
         )
         return client.upload_id, server.upload_id

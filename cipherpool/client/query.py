@@ -20,17 +20,24 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from cipherpool.api.schemas import ClientModelOut, KeyOut, KeySetOut, QueryAccepted, WarmupOut
+from cipherpool.client.base import GatewayClient
 from cipherpool.client.transport import client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.credentials import digest
 from cipherpool.errors import (
-    EvaluationKeyExpired, EvaluationKeyNotFound, GatewayUnavailable, KeyMismatch, KeysOutdated, ModelMismatch,
-    ModelUnavailable, QueryTimeout, RemoteError,
+    EvaluationKeyExpired,
+    EvaluationKeyNotFound,
+    GatewayUnavailable,
+    KeyMismatch,
+    KeysOutdated,
+    ModelMismatch,
+    ModelUnavailable,
+    QueryTimeout,
+    RemoteError,
 )
 from cipherpool.fhe.client import ClientCrypto
 from cipherpool.files import private_dir
 from cipherpool.messages import EncryptedInput, EncryptedOutput
-from cipherpool.client.base import GatewayClient
 
 OCTET = {"Content-Type": "application/octet-stream"}
 R = TypeVar("R")
@@ -116,9 +123,17 @@ class QueryClient(GatewayClient):
     ``mode``: ``auto`` (a dedicated worker when one is up, else a shared node, if the model
     allows them), ``dedicated`` or ``shared``."""
 
-    def __init__(self, token: str | None = None, url: str | None = None, *, model: str | None = None,
-                 key_dir: str | Path | None = None, settings: Settings | None = None, wait_for_worker: bool = False,
-                 mode: str = "auto"):
+    def __init__(
+        self,
+        token: str | None = None,
+        url: str | None = None,
+        *,
+        model: str | None = None,
+        key_dir: str | Path | None = None,
+        settings: Settings | None = None,
+        wait_for_worker: bool = False,
+        mode: str = "auto",
+    ):
         settings = client_settings(url, settings)
         super().__init__(token or settings.token, url, settings, "No access token: pass token= or set CIPHERPOOL_TOKEN.")
         self.model_name = model
@@ -182,13 +197,25 @@ class QueryClient(GatewayClient):
         first real query finds the key deserialized and used. It returns when they are done."""
         key_id = self.crypto.key_id()
         params = {**self._params, "specs": self.model.client_zip_sha256}
-        self._t.call("PUT", f"/v1/client/keys/{key_id}", KeyOut, content=self.crypto.evaluation_key(),
-                     headers=OCTET, timeout=UPLOAD_TIMEOUT_S, params=params)
+        self._t.call(
+            "PUT",
+            f"/v1/client/keys/{key_id}",
+            KeyOut,
+            content=self.crypto.evaluation_key(),
+            headers=OCTET,
+            timeout=UPLOAD_TIMEOUT_S,
+            params=params,
+        )
         model = self.model
         if warm_up and model.key_warmup and model.input_shape and model.running_workers:
             self.last_warmup = self._t.call(
-                "POST", f"/v1/client/keys/{key_id}/warmup", WarmupOut, headers=OCTET, timeout=UPLOAD_TIMEOUT_S,
-                content=self.encrypt(np.zeros(model.input_shape[1:] or model.input_shape)))
+                "POST",
+                f"/v1/client/keys/{key_id}/warmup",
+                WarmupOut,
+                headers=OCTET,
+                timeout=UPLOAD_TIMEOUT_S,
+                content=self.encrypt(np.zeros(model.input_shape[1:] or model.input_shape)),
+            )
         return key_id
 
     def list_keys(self) -> list[KeySetOut]:
@@ -246,14 +273,20 @@ class QueryClient(GatewayClient):
         """Queue a query and return at once; ``handle.result()`` waits for it."""
         self._check_own(ciphertext)
         submitted = time.time()
-        response = self._with_keys(lambda: self._t.request("POST", "/v1/queries", content=ciphertext, headers=OCTET,
-                                                           params=self._submit_params(wait_for_worker)))
+        response = self._with_keys(
+            lambda: self._t.request(
+                "POST", "/v1/queries", content=ciphertext, headers=OCTET, params=self._submit_params(wait_for_worker)
+            )
+        )
         return QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
 
     def _submit_params(self, wait_for_worker: bool | None, **params: float) -> dict[str, float | str]:
         waiting = self.wait_for_worker if wait_for_worker is None else wait_for_worker
-        return {**params, **({"wait_for_worker": "true"} if waiting else {}),
-                **({"mode": self.mode} if self.mode != "auto" else {})}
+        return {
+            **params,
+            **({"wait_for_worker": "true"} if waiting else {}),
+            **({"mode": self.mode} if self.mode != "auto" else {}),
+        }
 
     def execute(self, ciphertext: bytes, timeout: float | None = None, *, wait_for_worker: bool | None = None) -> bytes:
         """Run the model on a ciphertext; the encrypted output. One round trip when the result
@@ -262,9 +295,16 @@ class QueryClient(GatewayClient):
         timeout = timeout or self.settings.query_timeout_s
         wait = min(timeout, self.settings.long_poll_s)
         submitted = time.time()
-        response = self._with_keys(lambda: self._t.request(
-            "POST", "/v1/queries", content=ciphertext, headers=OCTET,
-            params=self._submit_params(wait_for_worker, wait=wait), timeout=wait + POLL_GRACE_S))
+        response = self._with_keys(
+            lambda: self._t.request(
+                "POST",
+                "/v1/queries",
+                content=ciphertext,
+                headers=OCTET,
+                params=self._submit_params(wait_for_worker, wait=wait),
+                timeout=wait + POLL_GRACE_S,
+            )
+        )
         if response.status_code == 200:
             handle = QueryHandle(self, response.headers.get("x-cipherpool-query", ""), submitted)
             output = handle._take(response)
@@ -293,8 +333,10 @@ class QueryClient(GatewayClient):
             model = self.refresh()
             self.generate_keys()
             key_id = self.upload_evaluation_keys()
-            self._note(f"the keys were made for other client specs than version {model.version}'s, which model "
-                       f"{model.name!r} serves: generated key set {key_id[:12]}…, uploaded it and retried")
+            self._note(
+                f"the keys were made for other client specs than version {model.version}'s, which model "
+                f"{model.name!r} serves: generated key set {key_id[:12]}…, uploaded it and retried"
+            )
             return self._predict(x, timeout)
 
     def _predict(self, x: NDArray[Any], timeout: float | None) -> NDArray[Any]:
@@ -335,6 +377,7 @@ class QueryClient(GatewayClient):
         in the platform while the gateway restarts, so a poll that loses the gateway retries
         (a GET) until the same deadline, each try waiting no longer than what is left of it;
         a status check retries for ``gateway_retry_s``."""
+
         def one_try(left: float) -> dict[str, Any]:
             wait = min(max(0.0, left), self.settings.long_poll_s) if remaining > 0 else 0.0
             return {"params": {"wait": wait}, "timeout": wait + POLL_GRACE_S}

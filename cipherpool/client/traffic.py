@@ -50,7 +50,7 @@ class TrafficLog:
             patterns = [data]
         else:
             step = max(1, (len(data) - SECRET_WINDOW) // SECRET_SAMPLES)
-            patterns = [data[i: i + SECRET_WINDOW] for i in range(0, len(data) - SECRET_WINDOW + 1, step)][:SECRET_SAMPLES]
+            patterns = [data[i : i + SECRET_WINDOW] for i in range(0, len(data) - SECRET_WINDOW + 1, step)][:SECRET_SAMPLES]
         self._guards.extend((what, p) for p in patterns)
         return len(patterns)
 

@@ -39,7 +39,12 @@ from pydantic import TypeAdapter, ValidationError
 
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.errors import (
-    ConfigurationError, GatewayUnavailable, NotFound, RateLimited, RemoteError, from_wire,
+    ConfigurationError,
+    GatewayUnavailable,
+    NotFound,
+    RateLimited,
+    RemoteError,
+    from_wire,
 )
 from cipherpool.waiting import Backoff, StateLog
 
@@ -101,8 +106,16 @@ class Transport:
         current = self._http.event_hooks
         self._http.event_hooks = {kind: [*current.get(kind, []), *hooks.get(kind, [])] for kind in ("request", "response")}
 
-    def request(self, method: str, path: str, *, retry_until: float | None = None, idempotent: bool | None = None,
-                refresh: Callable[[float], dict[str, Any]] | None = None, **kwargs: Any) -> httpx.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        retry_until: float | None = None,
+        idempotent: bool | None = None,
+        refresh: Callable[[float], dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
         """Send a request; the response if it succeeded, else its typed error raised here.
 
         While the gateway is away it is retried (see the module's doc) until ``retry_until``
@@ -125,8 +138,10 @@ class Transport:
             left = deadline - time.monotonic()
             call = {**kwargs, **(refresh(left) if refresh else {})}
             read_s = call.pop("timeout", None)
-            call["timeout"] = httpx.Timeout(self.settings.management_timeout_s if read_s is None else read_s,
-                                            connect=min(CONNECT_TIMEOUT_S, max(left, MIN_CONNECT_TIMEOUT_S)))
+            call["timeout"] = httpx.Timeout(
+                self.settings.management_timeout_s if read_s is None else read_s,
+                connect=min(CONNECT_TIMEOUT_S, max(left, MIN_CONNECT_TIMEOUT_S)),
+            )
             pause = 0.0
             try:
                 response = self._http.request(method, path, **call)
@@ -151,8 +166,10 @@ class Transport:
                 if not (repeatable and _transient(response)):
                     self._back()
                     if reached and method == "DELETE" and isinstance(error, NotFound):
-                        error.add_note("An earlier try of this DELETE reached the gateway before the connection "
-                                       "broke: that try may have deleted it.")
+                        error.add_note(
+                            "An earlier try of this DELETE reached the gateway before the connection "
+                            "broke: that try may have deleted it."
+                        )
                     raise error
                 reached = True
                 failure = f"HTTP {response.status_code}"
@@ -171,8 +188,9 @@ class Transport:
     def _away(self, failure: str, method: str, path: str, left: float) -> None:
         """Log the start of an outage, once: every try of every call until the gateway answers is
         part of it."""
-        self._outage.down("The gateway at %s is unreachable (%s); retrying %s %s for up to %.0fs.",
-                          self.url, failure, method, path, left)
+        self._outage.down(
+            "The gateway at %s is unreachable (%s); retrying %s %s for up to %.0fs.", self.url, failure, method, path, left
+        )
 
     def _back(self) -> None:
         """Log the end of an outage (any answer of the gateway's ends it), once."""

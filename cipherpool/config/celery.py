@@ -14,7 +14,13 @@ from celery import Celery
 
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.names import (
-    ALERTS_TASK, AUTOSCALE_TASK, BILLING_TASK, CONTROL_QUEUE, KEY_SWEEP_TASK, RECONCILE_TASK, SCHEDULE_TASK,
+    ALERTS_TASK,
+    AUTOSCALE_TASK,
+    BILLING_TASK,
+    CONTROL_QUEUE,
+    KEY_SWEEP_TASK,
+    RECONCILE_TASK,
+    SCHEDULE_TASK,
 )
 
 

@@ -45,8 +45,15 @@ DEFAULT_PROFILE = "default"  # the profile a node without CIPHERPOOL_NODE_PROFIL
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # a profile's name: also part of a node's name
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # label keys and values
 SIZE_UNITS = {  # case-insensitive; KB/MB/... are powers of 1000, KiB/MiB/... of 1024
-    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 EXAMPLE = f"""\
@@ -188,25 +195,40 @@ def resolve_profile(settings: Settings) -> NodeProfile:
         path = settings.effective_profiles_file()
         profiles = load_profiles(path)
         if settings.node_profile not in profiles:
-            raise ConfigurationError(
-                f"No profile {settings.node_profile!r} in {path}; known: {', '.join(sorted(profiles))}"
-            )
+            raise ConfigurationError(f"No profile {settings.node_profile!r} in {path}; known: {', '.join(sorted(profiles))}")
         return profiles[settings.node_profile]
     host_class = settings.host_class.strip().lower()
     if host_class not in backends.host_classes():
         known = ", ".join(backends.host_classes())
         raise ConfigurationError(f"CIPHERPOOL_HOST_CLASS={settings.host_class!r} is not a host class; use {known}")
     try:
-        return NodeProfile(name=DEFAULT_PROFILE, host_class=host_class, threads=settings.node_threads,
-                           key_cache_bytes=settings.key_cache_bytes)
+        return NodeProfile(
+            name=DEFAULT_PROFILE, host_class=host_class, threads=settings.node_threads, key_cache_bytes=settings.key_cache_bytes
+        )
     except ValidationError as exc:
         raise ConfigurationError(f"Settings (CIPHERPOOL_NODE_THREADS, CIPHERPOOL_KEY_CACHE_BYTES): {_problems(exc)}") from None
 
 
 def node_command(profile: NodeProfile, node_name: str, *, python: str = sys.executable, loglevel: str = "info") -> list[str]:
     """The argv of a pool node of ``profile``: a plain ``celery worker`` on the pool queue."""
-    return [python, "-m", "celery", "-A", "cipherpool.tasks", "worker", "-Q", POOL_QUEUE, "-P", "threads",
-            "-c", str(profile.concurrency), "-n", node_name, "--loglevel", loglevel]
+    return [
+        python,
+        "-m",
+        "celery",
+        "-A",
+        "cipherpool.tasks",
+        "worker",
+        "-Q",
+        POOL_QUEUE,
+        "-P",
+        "threads",
+        "-c",
+        str(profile.concurrency),
+        "-n",
+        node_name,
+        "--loglevel",
+        loglevel,
+    ]
 
 
 def node_environment(profile: NodeProfile, profiles_file: Path | None) -> dict[str, str]:

@@ -242,8 +242,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"trusted_proxies: {cidr!r} is not an address or a CIDR") from None
         return value
 
-    @field_validator("rate_per_hour", "standby_rate_per_hour", "execution_rate_per_s", "credits_signup_grant",
-                     "credits_low_balance", "credits_max_purchase")
+    @field_validator(
+        "rate_per_hour",
+        "standby_rate_per_hour",
+        "execution_rate_per_s",
+        "credits_signup_grant",
+        "credits_low_balance",
+        "credits_max_purchase",
+    )
     @classmethod
     def _credits(cls, value: object) -> object:
         """Credits are exact to the micro-credit and never negative: a rate that is not would
@@ -316,8 +322,7 @@ class Settings(BaseSettings):
             url = json.loads(path.read_text())["url"]
         except (OSError, ValueError, KeyError, TypeError):
             raise ConfigurationError(
-                f"No gateway URL: pass url=, set CIPHERPOOL_URL, or run `cipherpool up` on this machine "
-                f"(it writes {path})."
+                f"No gateway URL: pass url=, set CIPHERPOOL_URL, or run `cipherpool up` on this machine (it writes {path})."
             ) from None
         return str(url).rstrip("/")
 

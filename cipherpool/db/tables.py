@@ -18,8 +18,8 @@ from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
 from cipherpool import backends
-from cipherpool.names import ALERT_EVENT_ID_PREFIX, EVENT_ID_PREFIX, LEDGER_ID_PREFIX
 from cipherpool.clock import utcnow
+from cipherpool.names import ALERT_EVENT_ID_PREFIX, EVENT_ID_PREFIX, LEDGER_ID_PREFIX
 from cipherpool.statuses import ModelStatus, NodeStatus, WorkerStatus
 
 __all__ = ["ModelStatus", "NodeStatus", "WorkerStatus"]

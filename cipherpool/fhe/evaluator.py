@@ -45,9 +45,7 @@ class Evaluator(Protocol):
 
 def check_ciphertext_framing(ciphertext: bytes) -> None:
     if not is_complete_message(ciphertext):
-        raise MalformedCiphertext(
-            f"The ciphertext ({len(ciphertext)} bytes) is truncated or corrupt; encrypt again."
-        )
+        raise MalformedCiphertext(f"The ciphertext ({len(ciphertext)} bytes) is truncated or corrupt; encrypt again.")
 
 
 def load_evaluator(server_zip: bytes, workdir: Path, capabilities: Collection[str]) -> Evaluator:
@@ -59,7 +57,8 @@ def load_evaluator(server_zip: bytes, workdir: Path, capabilities: Collection[st
     if backend.name not in capabilities:
         raise BackendUnavailable(
             f"This model was compiled for {backend.target} and this node {backend.absent or 'cannot run it'}: "
-            f"{backend.remedy or 'run it on a node that can'}, or compile the model for {backends.fallback().target}.")
+            f"{backend.remedy or 'run it on a node that can'}, or compile the model for {backends.fallback().target}."
+        )
     return cast(Evaluator, backends.evaluator_factory(backend.name)(server_zip, workdir))
 
 
@@ -109,8 +108,7 @@ class ConcreteEvaluator:
             text = str(exc)
             if "incompatible raw info" in text:
                 raise ModelMismatch(
-                    "The ciphertext does not fit this model's input (it was encrypted for "
-                    f"another model): {text.splitlines()[0]}"
+                    f"The ciphertext does not fit this model's input (it was encrypted for another model): {text.splitlines()[0]}"
                 ) from None
             if "deserialize" in text.lower():
                 raise MalformedCiphertext(f"The ciphertext cannot be read: {text}") from None

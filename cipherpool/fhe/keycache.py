@@ -28,8 +28,7 @@ class CacheStats:
 
 
 class KeyCache(Generic[V]):
-    def __init__(self, capacity_bytes: int, memory_factor: float = 1.0,
-                 on_evict: Callable[[str, V], None] | None = None):
+    def __init__(self, capacity_bytes: int, memory_factor: float = 1.0, on_evict: Callable[[str, V], None] | None = None):
         self._on_evict = on_evict  # called (outside the lock) with each entry dropped to make room
         self._capacity = capacity_bytes
         self._factor = memory_factor

@@ -186,8 +186,7 @@ def check_ciphertext(data: bytes) -> None:
         raise MalformedCiphertext(f"The ciphertext ({len(data)} bytes) is truncated or corrupt; encrypt again.")
     reason = _describe(data)
     if reason is not None:
-        raise InvalidCiphertext(f"The ciphertext cannot be evaluated: {reason}. Send what encrypt() produced, "
-                                "unmodified.")
+        raise InvalidCiphertext(f"The ciphertext cannot be evaluated: {reason}. Send what encrypt() produced, unmodified.")
 
 
 def _pointer(kind: int, offset: int, high: int) -> int:
@@ -195,8 +194,16 @@ def _pointer(kind: int, offset: int, high: int) -> int:
     return kind | ((offset & 0x3FFFFFFF) << 2) | (high << 32)
 
 
-def build_value(shape: tuple[int, ...] = (1, 4, 3), precision: int = 64, payload: bytes | None = None,
-                *, chunks: int = 1, raw_info: bool = True, type_info: bool = True, data: bytes | None = None) -> bytes:
+def build_value(
+    shape: tuple[int, ...] = (1, 4, 3),
+    precision: int = 64,
+    payload: bytes | None = None,
+    *,
+    chunks: int = 1,
+    raw_info: bool = True,
+    type_info: bool = True,
+    data: bytes | None = None,
+) -> bytes:
     """A concrete ``Value`` message in one segment, as :func:`check_ciphertext` reads one: for
     tests and benchmarks (what a :class:`~cipherpool.fhe.evaluator.FakeEvaluator` is given),
     never an encryption. ``payload`` (default: zeros of the size ``shape`` and ``precision``
@@ -206,8 +213,8 @@ def build_value(shape: tuple[int, ...] = (1, 4, 3), precision: int = 64, payload
     size = precision // 8
     for dim in shape:
         size *= dim
-    body = (data if data is not None else payload if payload is not None else bytes(size))
-    pieces = [body[i * len(body) // chunks:(i + 1) * len(body) // chunks] for i in range(chunks)] if chunks else []
+    body = data if data is not None else payload if payload is not None else bytes(size)
+    pieces = [body[i * len(body) // chunks : (i + 1) * len(body) // chunks] for i in range(chunks)] if chunks else []
     words: list[int] = [0, 0, 0, 0]  # root pointer, Value's three pointers
     words[0] = _pointer(0, 0, 0 | (3 << 16))  # Value: no data words, three pointers, at word 1
     payload_at = len(words)

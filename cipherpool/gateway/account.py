@@ -21,8 +21,9 @@ def show(gw: Gateway, acct: Account) -> AccountOut:
 def update(body: AccountUpdate, gw: Gateway, acct: Account) -> AccountOut:
     """Change the fields sent (name, organisation, contact_email); ``null`` clears one."""
     with gw.ctx.session() as session:
-        account = accounts.update_account(session, accounts.get_account(session, acct.account_id),
-                                          body.model_dump(include=body.model_fields_set))
+        account = accounts.update_account(
+            session, accounts.get_account(session, acct.account_id), body.model_dump(include=body.model_fields_set)
+        )
         described = accounts.describe(account)
     gw.auth.changed()  # the cached principal carries the name
     return described

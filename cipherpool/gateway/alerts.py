@@ -28,10 +28,18 @@ def set_alert(body: AlertIn, gw: Gateway, acct: Account) -> AlertSet:
     webhook = body.webhook_url if "webhook_url" in body.model_fields_set else rules.KEEP
     with gw.ctx.session() as session:
         account = accounts.get_account(session, acct.account_id)
-        done = rules.set_rule(session, account, body.model, body.metric, body.threshold, window_s=body.window_s,
-                              webhook_url=webhook, new_secret=body.new_secret,
-                              default_window_s=gw.settings.stats_window_s,
-                              allow_private=gw.settings.webhook_allow_private)
+        done = rules.set_rule(
+            session,
+            account,
+            body.model,
+            body.metric,
+            body.threshold,
+            window_s=body.window_s,
+            webhook_url=webhook,
+            new_secret=body.new_secret,
+            default_window_s=gw.settings.stats_window_s,
+            allow_private=gw.settings.webhook_allow_private,
+        )
         shown = rules.describe(done.rule, body.model)
         return AlertSet(**shown.model_dump(), created=done.created, webhook_secret=done.secret)
 
@@ -45,8 +53,9 @@ def list_alerts(gw: Gateway, acct: Account, model: ModelFilter = None) -> list[A
 
 
 @router.get("/events", response_model=list[AlertEventOut])
-def alert_events(gw: Gateway, acct: Account, model: ModelFilter = None,
-                 limit: Annotated[int, Query(ge=1, le=rules.MAX_EVENTS)] = 100) -> list[AlertEventOut]:
+def alert_events(
+    gw: Gateway, acct: Account, model: ModelFilter = None, limit: Annotated[int, Query(ge=1, le=rules.MAX_EVENTS)] = 100
+) -> list[AlertEventOut]:
     """The latest alerts fired and cleared (of one model), oldest first, with how each
     webhook call went; kept after their rule is removed."""
     with gw.ctx.session() as session:

@@ -26,15 +26,25 @@ from starlette.requests import ClientDisconnect
 from cipherpool.api.schemas import Health, NotReadyBody, ReadyBody
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, NotReady, PayloadTooLarge, RemoteError, StoreFull
-from cipherpool.gateway import account, credits, enduser, models, queries, stats, tokens, workers
-from cipherpool.gateway import alerts, metrics
-from cipherpool.gateway import schedules
-from cipherpool.gateway import autoscale
-from cipherpool.gateway import platform_status
-from cipherpool.gateway.platform_watch import PlatformWatch
+from cipherpool.gateway import (
+    account,
+    alerts,
+    autoscale,
+    credits,
+    enduser,
+    metrics,
+    models,
+    platform_status,
+    queries,
+    schedules,
+    stats,
+    tokens,
+    workers,
+)
 from cipherpool.gateway.guard import Guard, error_body
-from cipherpool.outages import OUTAGE_TYPES, logged_outage
+from cipherpool.gateway.platform_watch import PlatformWatch
 from cipherpool.gateway.state import GatewayState
+from cipherpool.outages import OUTAGE_TYPES, logged_outage
 
 log = logging.getLogger("cipherpool.gateway")
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large"}
@@ -55,15 +65,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.gw.close()
 
     app = FastAPI(
-        title="cipherpool", version=__version__, lifespan=lifespan,
+        title="cipherpool",
+        version=__version__,
+        lifespan=lifespan,
         description="Encrypted (FHE) machine-learning queries. Authenticate with `Authorization: Bearer` and an "
-                    "account API key (cpk_…, provider endpoints) or an access token (cpt_…, end-user endpoints).",
+        "account API key (cpk_…, provider endpoints) or an access token (cpt_…, end-user endpoints).",
     )
     app.state.gw = GatewayState(settings)
     app.add_middleware(Guard)
     _install_error_handlers(app)
-    routers = [account.router, credits.router, stats.router, models.router, tokens.router, workers.router,
-               enduser.router, queries.router, alerts.router, schedules.router]
+    routers = [
+        account.router,
+        credits.router,
+        stats.router,
+        models.router,
+        tokens.router,
+        workers.router,
+        enduser.router,
+        queries.router,
+        alerts.router,
+        schedules.router,
+    ]
     for router in routers:
         app.include_router(router)
     app.include_router(autoscale.router)  # /v1/models/{name}/autoscale
@@ -76,8 +98,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         a database back); needs no credentials. Whether it can serve: ``/v1/ready``."""
         return Health(status="ok", version=__version__)
 
-    @app.get("/v1/ready", response_model=ReadyBody, tags=["platform"],
-             responses={503: {"model": NotReadyBody, "description": "a part the gateway needs does not answer"}})
+    @app.get(
+        "/v1/ready",
+        response_model=ReadyBody,
+        tags=["platform"],
+        responses={503: {"model": NotReadyBody, "description": "a part the gateway needs does not answer"}},
+    )
     async def ready() -> JSONResponse:
         """Readiness, for load balancers: the database (and its schema at this gateway's
         head), the broker, the store and the result backend, each checked with a short
@@ -109,9 +135,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()[:5]
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()[:5])
         return _json(InvalidInput(f"Invalid request: {problems}"))
 
     @app.exception_handler(StarletteHTTPException)

@@ -29,15 +29,22 @@ from typing import Generic, TypeVar
 
 import redis
 
+from cipherpool.context import PlatformContext
 from cipherpool.credentials import API_KEY_PREFIX, TOKEN_PREFIX, digest
 from cipherpool.errors import InvalidApiKey, InvalidToken, WrongCredential
 from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
+from cipherpool.outages import redis_full
 from cipherpool.services.accounts import authenticate as authenticate_api_key
 from cipherpool.services.queries import (
-    KeyRef, ModelGrant, ServingState, TokenGrant, check_key, grant_for_value, key_ref, serving_state,
+    KeyRef,
+    ModelGrant,
+    ServingState,
+    TokenGrant,
+    check_key,
+    grant_for_value,
+    key_ref,
+    serving_state,
 )
-from cipherpool.context import PlatformContext
-from cipherpool.outages import redis_full
 
 log = logging.getLogger("cipherpool.gateway")
 V = TypeVar("V")
@@ -97,9 +104,7 @@ def bearer(header: str | None) -> str:
     scheme, _, value = (header or "").partition(" ")
     value = value.strip()
     if scheme.lower() != "bearer" or not value or len(value) > MAX_BEARER_CHARS:
-        raise InvalidApiKey(
-            "Missing or malformed credentials: send `Authorization: Bearer <API key or access token>`."
-        )
+        raise InvalidApiKey("Missing or malformed credentials: send `Authorization: Bearer <API key or access token>`.")
     return value
 
 
@@ -133,6 +138,7 @@ class Authenticator:
 
     def key_blob(self, grant: TokenGrant, model: ModelGrant, key_id: str) -> str:
         """The evaluation-key blob of key set ``key_id``, if it is usable for ``model`` now."""
+
         def load() -> KeyRef:
             with self.ctx.session() as session:
                 ref = key_ref(session, grant.token_id, key_id)
@@ -185,8 +191,7 @@ class Authenticator:
         except redis.ResponseError as exc:
             if not redis_full(exc):
                 raise
-            log.warning("could not announce a credential change (Redis is full): other gateways see it within "
-                        "auth_cache_ttl_s")
+            log.warning("could not announce a credential change (Redis is full): other gateways see it within auth_cache_ttl_s")
 
     def forget(self) -> None:
         """Drop every cached answer."""
@@ -203,8 +208,7 @@ class Authenticator:
         with self.ctx.session() as session:
             grant = grant_for_value(session, token)
         # What it was loaded with is the freshest serving state: no second read for it.
-        self._serving.get_or_load((grant.account_id, tuple(m.model_id for m in grant.models)),
-                                  lambda: ServingState.of(grant))
+        self._serving.get_or_load((grant.account_id, tuple(m.model_id for m in grant.models)), lambda: ServingState.of(grant))
         return grant
 
 

@@ -12,9 +12,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from cipherpool.api.schemas import NAME_PATTERN, CreditBalance, LedgerLine, PurchaseIn, PurchaseOut, ReportOut, UsageOut
-from cipherpool.billing import ledger, payments
+from cipherpool.billing import ledger, payments, views
 from cipherpool.billing import usage as billing_usage
-from cipherpool.billing import views
 from cipherpool.billing.money import to_credits
 from cipherpool.clock import utcnow
 from cipherpool.errors import InvalidInput
@@ -32,6 +31,8 @@ def utc(moment: datetime | None) -> datetime | None:
     if moment is None:
         return None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 DEFAULT_WINDOW = timedelta(days=30)
 MAX_LINES = 10_000
 Since = Annotated[datetime | None, Query(description="ISO 8601; default: 30 days before `until`")]
@@ -47,8 +48,7 @@ def balance(gw: Gateway, acct: Account) -> CreditBalance:
         account = accounts.get_account(session, acct.account_id)
         burn = billing_usage.burn_rate(session, account.id, now)
         workers = billing_usage.charged_workers(session, account.id)
-        return views.balance_out(ledger.balance(session, account.id), burn, workers,
-                                 gw.settings.credits_low_balance, now)
+        return views.balance_out(ledger.balance(session, account.id), burn, workers, gw.settings.credits_low_balance, now)
 
 
 @router.post("/purchases", response_model=PurchaseOut, status_code=201)
@@ -57,28 +57,48 @@ def purchase(body: PurchaseIn, gw: Gateway, acct: Account) -> PurchaseOut:
     offline, credited at once). Send an ``idempotency_key`` to retry safely."""
     with gw.ctx.session() as session:
         account = accounts.get_account(session, acct.account_id)
-    bought = payments.purchase(gw.ctx.session, gw.settings, account.id, body.amount,
-                               idempotency_key=body.idempotency_key, note=body.note)
+    bought = payments.purchase(
+        gw.ctx.session, gw.settings, account.id, body.amount, idempotency_key=body.idempotency_key, note=body.note
+    )
     with gw.ctx.session() as session:
         line = views.lines_out(session, [bought.entry])[0] if bought.entry is not None else None
-        return PurchaseOut(settled=bought.entry is not None, reference=bought.reference, invoice=bought.invoice.id,
-                           status=bought.invoice.status, note=bought.note, line=line,
-                           balance=to_credits(ledger.balance(session, account.id)))
+        return PurchaseOut(
+            settled=bought.entry is not None,
+            reference=bought.reference,
+            invoice=bought.invoice.id,
+            status=bought.invoice.status,
+            note=bought.note,
+            line=line,
+            balance=to_credits(ledger.balance(session, account.id)),
+        )
 
 
 @router.get("/history", response_model=list[LedgerLine])
-def history(gw: Gateway, acct: Account, since: Since = None, until: Until = None,
-            kind: Annotated[list[LedgerKind] | None, Query()] = None, model: ModelName = None,
-            limit: Annotated[int, Query(ge=1, le=MAX_LINES)] = 1000) -> list[LedgerLine]:
+def history(
+    gw: Gateway,
+    acct: Account,
+    since: Since = None,
+    until: Until = None,
+    kind: Annotated[list[LedgerKind] | None, Query()] = None,
+    model: ModelName = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LINES)] = 1000,
+) -> list[LedgerLine]:
     """Ledger lines recorded in ``[since, until)``, oldest first; filter by kind (repeat it)
     and model. With ``since``, the first ``limit`` lines from then on; without, the latest
     ``limit``."""
     with gw.ctx.session() as session:
         account = accounts.get_account(session, acct.account_id)
         model_id = get_model(session, account, model).id if model else None
-        lines = ledger.history(session, account.id, since=utc(since),
-                               until=utc(until), kinds=kind, model_id=model_id, limit=limit,
-                               latest=since is None)
+        lines = ledger.history(
+            session,
+            account.id,
+            since=utc(since),
+            until=utc(until),
+            kinds=kind,
+            model_id=model_id,
+            limit=limit,
+            latest=since is None,
+        )
         return views.lines_out(session, lines)
 
 

@@ -12,32 +12,35 @@ import time
 from typing import Annotated
 
 from celery.result import AsyncResult
-
 from fastapi import APIRouter, Path, Query, Request, Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from cipherpool.api.schemas import (
-    KEY_ID_PATTERN, NAME_PATTERN, SHA256_PATTERN, ClientModelOut, KeyOut, KeySetOut, WarmupOut,
+    KEY_ID_PATTERN,
+    NAME_PATTERN,
+    SHA256_PATTERN,
+    ClientModelOut,
+    KeyOut,
+    KeySetOut,
+    WarmupOut,
 )
 from cipherpool.db.tables import Model
 from cipherpool.dispatch import admit_ciphertext, open_envelope, send_warmups
 from cipherpool.errors import CipherpoolError, InvalidEvaluationKey, KeyMismatch, ModelNotFound
-from cipherpool.gateway.results import TaskMeta
-from cipherpool.messages import EncryptedInput, unwrap
-from cipherpool.statuses import WorkerStatus
 from cipherpool.fhe.framing import capnp_message_length, header_bytes_needed
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
+from cipherpool.gateway.results import TaskMeta
 from cipherpool.gateway.state import GatewayState
 from cipherpool.gateway.uploads import Upload, stream_into_store
-from cipherpool.services import queries
-from cipherpool.services import usage
-from cipherpool.services import keysets, keyuse
+from cipherpool.messages import EncryptedInput, unwrap
+from cipherpool.services import keysets, keyuse, queries, usage
+from cipherpool.services import workers as worker_service
 from cipherpool.services.keysets import KeyQuotas
 from cipherpool.services.models import current_version
-from cipherpool.services.queries import ModelGrant, TokenGrant
-from cipherpool.services import workers as worker_service
 from cipherpool.services.nodes import node_is_live
+from cipherpool.services.queries import ModelGrant, TokenGrant
+from cipherpool.statuses import WorkerStatus
 from cipherpool.store import BlobKind
 
 router = APIRouter(prefix="/v1/client", tags=["end user"])
@@ -70,8 +73,9 @@ def client_zip(gw: Gateway, grant: Grant, model: ModelChoice = None) -> Response
 
 
 @router.put("/keys/{key_id}", response_model=KeyOut, status_code=201, openapi_extra=BINARY_BODY)
-async def upload_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant, model: ModelChoice = None,
-                     specs: Specs = None) -> KeyOut:
+async def upload_key(
+    key_id: KeyId, request: Request, gw: Gateway, grant: Grant, model: ModelChoice = None, specs: Specs = None
+) -> KeyOut:
     """Upload the evaluation key of key set ``key_id`` (streamed; stored once per content),
     generated from client specs ``specs`` (refused if the model serves others now).
 
@@ -162,13 +166,17 @@ def _ran_nothing(meta: TaskMeta | None) -> bool:
     return isinstance(value, dict) and value.get("cached") is True
 
 
-def _send_warmups(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput,
-                  body: bytes) -> list[AsyncResult]:
+def _send_warmups(
+    gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput, body: bytes
+) -> list[AsyncResult]:
     admit_ciphertext(gw.store, model, envelope)  # as a query's, before anything is looked up or counted
     with gw.ctx.session() as session:
         blob_id = queries.key_blob(session, grant, model, envelope.key_id)
-        nodes = [w.node_name for w in worker_service.serving(session, model_id=model.model_id)
-                 if w.status == WorkerStatus.UP and node_is_live(session, w.node_name, gw.settings.node_heartbeat_s)]
+        nodes = [
+            w.node_name
+            for w in worker_service.serving(session, model_id=model.model_id)
+            if w.status == WorkerStatus.UP and node_is_live(session, w.node_name, gw.settings.node_heartbeat_s)
+        ]
     if len(nodes) > 1:  # one FHE run per node: each counts against the rate (the request itself counted one)
         gw.limiter.hit(grant.account_id, grant.token_id, cost=len(nodes) - 1)
     return send_warmups(gw.celery, gw.settings, gw.store, grant, model, envelope, body, blob_id, nodes)
@@ -190,16 +198,16 @@ def _declared_length(request: Request) -> int | None:
     return int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
 
 
-def _register(gw: GatewayState, grant: TokenGrant, model_name: str, key_id: str, upload: Upload,
-              specs: str | None) -> None:
+def _register(gw: GatewayState, grant: TokenGrant, model_name: str, key_id: str, upload: Upload, specs: str | None) -> None:
     """Decoded (the body's framing checked) -> authorised (the token, as it is now) -> stored.
     A refused upload (a cap, a quota, the token changed) is discarded at once."""
     try:
         with gw.ctx.session() as session:
             fresh = queries.grant_for_id(session, grant.token_id)
             target = queries.pick_model(fresh, model_name)
-            queries.register_key(session, fresh, target, key_id, upload.sha256, upload.size, specs,
-                                 gw.settings.max_keys_per_token, _quotas(gw))
+            queries.register_key(
+                session, fresh, target, key_id, upload.sha256, upload.size, specs, gw.settings.max_keys_per_token, _quotas(gw)
+            )
             # After register_key took the blob's sweep mark away, before the commit (services.blobs).
             gw.store.adopt(upload.key, BlobKind.EVALUATION_KEY, upload.sha256)
     except BaseException:
@@ -218,8 +226,14 @@ def _model(session: Session, grant: ModelGrant) -> Model:
 def _describe(session: Session, model: Model, warmup: bool = False) -> ClientModelOut:
     version = current_version(session, model)
     return ClientModelOut(
-        id=model.id, name=model.name, status=model.status, version=model.version,
-        concrete_ml=version.concrete_ml_version, concrete_python=version.concrete_python_version,
-        client_zip_sha256=version.client_blob, running_workers=worker_service.running_count(session, model.id),
-        input_shape=json.loads(version.input_shape) if version.input_shape else None, key_warmup=warmup,
+        id=model.id,
+        name=model.name,
+        status=model.status,
+        version=model.version,
+        concrete_ml=version.concrete_ml_version,
+        concrete_python=version.concrete_python_version,
+        client_zip_sha256=version.client_blob,
+        running_workers=worker_service.running_count(session, model.id),
+        input_shape=json.loads(version.input_shape) if version.input_shape else None,
+        key_warmup=warmup,
     )

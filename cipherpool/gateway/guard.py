@@ -35,9 +35,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cipherpool.errors import AuthError, BadRequest, CipherpoolError, PayloadTooLarge
 from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
-from cipherpool.outages import OUTAGE_TYPES, logged_outage
 from cipherpool.gateway.state import GatewayState
 from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
+from cipherpool.outages import OUTAGE_TYPES, logged_outage
 
 log = logging.getLogger("cipherpool.gateway")
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -108,8 +108,7 @@ class Guard:
         capped = _CappedBody(receive, send, cap)
         await self.app(scope, capped.receive, capped.send)
 
-    async def _self_authenticated(self, gw: GatewayState, source: str, scope: Scope, receive: Receive,
-                                  send: Send) -> None:
+    async def _self_authenticated(self, gw: GatewayState, source: str, scope: Scope, receive: Receive, send: Send) -> None:
         """A path that checks the metrics token itself: a throttled source is refused before
         it runs, and each 401 it answers counts as a failure of the source."""
         try:
@@ -140,8 +139,9 @@ class Guard:
             credential = bearer(authorization)
             principal = gw.auth.principal(credential)
             token_id = None if isinstance(principal, AccountPrincipal) else principal.token_id
-            credentials, serving = gw.limiter.hit(principal.account_id, token_id,
-                                                  also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY))
+            credentials, serving = gw.limiter.hit(
+                principal.account_id, token_id, also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY)
+            )
             if gw.auth.observe(credentials, serving):
                 principal = gw.auth.principal(credential)
         except AuthError:

@@ -16,16 +16,25 @@ from starlette.concurrency import run_in_threadpool
 
 from cipherpool import lifecycle
 from cipherpool.api.schemas import (
-    EVENT_ID_PATTERN, NAME_PATTERN, DeployIn, EventOut, ModelDetail, ModelOut, ModelSettings, RollbackIn, UploadOut,
-    VersionIn, VersionOut,
+    EVENT_ID_PATTERN,
+    NAME_PATTERN,
+    DeployIn,
+    EventOut,
+    ModelDetail,
+    ModelOut,
+    ModelSettings,
+    RollbackIn,
+    UploadOut,
+    VersionIn,
+    VersionOut,
 )
 from cipherpool.db.tables import Model, ModelStatus
 from cipherpool.fhe.deployment import check_pair, compiled_backend, input_spec
 from cipherpool.gateway.auth import AccountPrincipal
-from cipherpool.monitoring import timings
 from cipherpool.gateway.deps import BINARY_BODY, Account, Gateway
 from cipherpool.gateway.state import GatewayState
 from cipherpool.gateway.uploads import stream_into_store
+from cipherpool.monitoring import timings
 from cipherpool.services import accounts, events, models
 from cipherpool.services import workers as worker_service
 from cipherpool.services.events import MAX_EVENTS
@@ -51,9 +60,16 @@ def deploy_model(body: DeployIn, gw: Gateway, acct: Account) -> ModelDetail:
     artifact = _artifact(gw, acct, body.client_upload, body.server_upload)
     with gw.ctx.session() as session:
         model = models.deploy_model(
-            session, accounts.get_account(session, acct.account_id), body.name, artifact, hardware=body.hardware,
-            description=body.description, min_workers=body.min_workers, max_workers=body.max_workers,
-            shared=body.shared, node_selector=body.node_selector,
+            session,
+            accounts.get_account(session, acct.account_id),
+            body.name,
+            artifact,
+            hardware=body.hardware,
+            description=body.description,
+            min_workers=body.min_workers,
+            max_workers=body.max_workers,
+            shared=body.shared,
+            node_selector=body.node_selector,
         )
         _adopt(gw, acct, artifact)
         return models.detail(session, model, 0)
@@ -144,16 +160,18 @@ def deactivate_model(name: ModelName, gw: Gateway, acct: Account) -> ModelOut:
 
 
 @router.get("/models/{name}/events", response_model=list[EventOut])
-def model_events(name: ModelName, gw: Gateway, acct: Account,
-                 after: Annotated[str | None, Query(pattern=EVENT_ID_PATTERN,
-                                                    description="events after this event (an id it listed)")] = None,
-                 since: Annotated[datetime | None, Query(description="events at or after this time (ISO 8601)")] = None,
-                 limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = MAX_EVENTS) -> list[EventOut]:
+def model_events(
+    name: ModelName,
+    gw: Gateway,
+    acct: Account,
+    after: Annotated[str | None, Query(pattern=EVENT_ID_PATTERN, description="events after this event (an id it listed)")] = None,
+    since: Annotated[datetime | None, Query(description="events at or after this time (ISO 8601)")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = MAX_EVENTS,
+) -> list[EventOut]:
     """The model's event log, oldest first; poll with ``after`` = the last id seen to follow it."""
     with gw.ctx.session() as session:
         model = models.get_model(session, accounts.get_account(session, acct.account_id), name)
-        return [events.describe(e, model.name) for e in events.list_events(session, model, after=after, since=since,
-                                                                            limit=limit)]
+        return [events.describe(e, model.name) for e in events.list_events(session, model, after=after, since=since, limit=limit)]
 
 
 def _artifact(gw: GatewayState, acct: AccountPrincipal, client_upload: str, server_upload: str) -> Artifact:
@@ -163,8 +181,15 @@ def _artifact(gw: GatewayState, acct: AccountPrincipal, client_upload: str, serv
     client_zip = gw.store.get_staged(acct.account_id, client_upload)
     server_zip = gw.store.get_staged(acct.account_id, server_upload)
     versions = check_pair(client_zip, server_zip, max_unzipped_bytes=gw.settings.max_deployment_unzipped_bytes)
-    return Artifact(client_upload, server_upload, len(client_zip), len(server_zip), versions, input_spec(client_zip),
-                    compiled_backend(server_zip))
+    return Artifact(
+        client_upload,
+        server_upload,
+        len(client_zip),
+        len(server_zip),
+        versions,
+        input_spec(client_zip),
+        compiled_backend(server_zip),
+    )
 
 
 def _adopt(gw: GatewayState, acct: AccountPrincipal, artifact: Artifact) -> None:

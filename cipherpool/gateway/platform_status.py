@@ -27,9 +27,9 @@ from cipherpool.db.tables import PoolNode
 from cipherpool.dispatch import send_to_node
 from cipherpool.errors import InvalidInput, NotFound, QueryTimeout
 from cipherpool.gateway.deps import Gateway
+from cipherpool.gateway.metrics import check_scraper
 from cipherpool.gateway.state import GatewayState
 from cipherpool.messages import unwrap
-from cipherpool.gateway.metrics import check_scraper
 from cipherpool.monitoring.components import DEFAULT_EVENTS, read_status
 from cipherpool.monitoring.platform_events import EVENTS_KEPT
 from cipherpool.names import STATS_TASK

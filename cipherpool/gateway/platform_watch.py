@@ -24,9 +24,9 @@ from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
 
+from cipherpool.context import PlatformContext
 from cipherpool.monitoring.heartbeats import Clock, Heartbeat, Role
 from cipherpool.monitoring.watchdog import Watchdog
-from cipherpool.context import PlatformContext
 from cipherpool.waiting import StateLog
 
 log = logging.getLogger("cipherpool.gateway")
@@ -36,18 +36,20 @@ class PlatformWatch:
     def __init__(self, ctx: PlatformContext, clock: Clock = time.time) -> None:
         self.ctx, self.clock = ctx, clock
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
-        self.heartbeat = Heartbeat(lambda: ctx.store.redis, Role.GATEWAY, self.instance,
-                                   ctx.settings.platform_heartbeat_s, clock)
+        self.heartbeat = Heartbeat(lambda: ctx.store.redis, Role.GATEWAY, self.instance, ctx.settings.platform_heartbeat_s, clock)
         self.watchdog = Watchdog(ctx)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> PlatformWatch:
         s = self.ctx.settings
         self._tasks = [
-            asyncio.create_task(self._every(s.platform_heartbeat_s, self.heartbeat.beat, "heartbeat", delay=False),
-                                name="cipherpool-gateway-heartbeat"),
-            asyncio.create_task(self._every(s.platform_watchdog_s, self._check, "watchdog", delay=True),
-                                name="cipherpool-watchdog"),
+            asyncio.create_task(
+                self._every(s.platform_heartbeat_s, self.heartbeat.beat, "heartbeat", delay=False),
+                name="cipherpool-gateway-heartbeat",
+            ),
+            asyncio.create_task(
+                self._every(s.platform_watchdog_s, self._check, "watchdog", delay=True), name="cipherpool-watchdog"
+            ),
         ]
         return self
 

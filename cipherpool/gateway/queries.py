@@ -42,8 +42,9 @@ RESULT_HEADERS: dict[int | str, dict[str, Any]] = {200: BINARY_RESPONSE, 202: {"
 
 
 @router.post("", status_code=202, responses=RESULT_HEADERS, openapi_extra=BINARY_BODY)
-async def submit(request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0,
-                 wait_for_worker: WaitForWorker = False, mode: Mode = Route.AUTO) -> Response:
+async def submit(
+    request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0, wait_for_worker: WaitForWorker = False, mode: Mode = Route.AUTO
+) -> Response:
     """Refused with ``no_worker_up`` (503) while no worker serves the model, unless
     ``wait_for_worker``: then the query waits in the model's queue (until its deadline).
     ``mode``: a dedicated worker, a shared node, or ``auto`` (dedicated when one is up)."""
@@ -77,8 +78,9 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
     return Response(status_code=204)
 
 
-def _publish(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput, body: bytes,
-             query_id: str, shared: bool) -> None:
+def _publish(
+    gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput, body: bytes, query_id: str, shared: bool
+) -> None:
     """Key lookup (cached), then the submit sequence with the query's owner recorded: one trip
     to the thread pool."""
     s = gw.settings
@@ -87,8 +89,19 @@ def _publish(gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: E
     def record_owner() -> None:
         gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
 
-    submit_query(gw.celery, s, gw.store, grant, model, envelope, body, blob_id, shared=shared, task_id=query_id,
-                 before_publish=record_owner)
+    submit_query(
+        gw.celery,
+        s,
+        gw.store,
+        grant,
+        model,
+        envelope,
+        body,
+        blob_id,
+        shared=shared,
+        task_id=query_id,
+        before_publish=record_owner,
+    )
 
 
 async def _check_owner(gw: GatewayState, grant: TokenGrant, query_id: str) -> None:

@@ -59,8 +59,7 @@ class RateLimiter:
         self._local = LocalWindows()
         self._full = StateLog(log)
 
-    def hit(self, account_id: str, token_id: str | None = None, *, also_get: Sequence[str] = (),
-            cost: int = 1) -> list[object]:
+    def hit(self, account_id: str, token_id: str | None = None, *, also_get: Sequence[str] = (), cost: int = 1) -> list[object]:
         """Count one request (``cost``: as that many, for a request that runs several FHE
         evaluations, such as a key warm-up on several nodes); RateLimited if it is over a
         limit. ``also_get``: keys read in the same round trip (the guard's change counters),
@@ -79,7 +78,7 @@ class RateLimiter:
         if also_get:
             pipe.mget(also_get)
         replies = pipe.execute(raise_on_error=False)  # a refused INCR must not hide the MGET's answer
-        counts = self._counted(subjects, window, cost, replies[:2 * len(subjects):2])
+        counts = self._counted(subjects, window, cost, replies[: 2 * len(subjects) : 2])
         if also_get and isinstance(replies[-1], Exception):
             raise replies[-1]
         for (kind, _), count in zip(subjects, counts):
@@ -100,6 +99,9 @@ class RateLimiter:
             return [int(r) for r in replies]  # type: ignore[call-overload]
         if not redis_full(refused):
             raise refused
-        self._full.down("rate limits: Redis refuses writes (full: %s); counting in this gateway process "
-                        "meanwhile (each gateway enforces the limits alone)", refused)
+        self._full.down(
+            "rate limits: Redis refuses writes (full: %s); counting in this gateway process "
+            "meanwhile (each gateway enforces the limits alone)",
+            refused,
+        )
         return [self._local.incr(kind, who, window, cost) for kind, who in subjects]

@@ -45,8 +45,8 @@ from starlette.concurrency import run_in_threadpool
 from cipherpool.api.schemas import ReadinessCheck
 from cipherpool.config.settings import Settings, mask_url
 from cipherpool.db import current_revision, get_engine, head_revision
-from cipherpool.outages import describe
 from cipherpool.gateway.results import ResultWaiter
+from cipherpool.outages import describe
 from cipherpool.store import BlobStore
 from cipherpool.waiting import StateLog
 
@@ -65,8 +65,14 @@ Probe = Callable[[], Awaitable[str]]
 class Readiness:
     """The checks behind ``GET /v1/ready``; one per gateway process."""
 
-    def __init__(self, settings: Settings, celery: Celery, store: BlobStore, waiter: ResultWaiter,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        settings: Settings,
+        celery: Celery,
+        store: BlobStore,
+        waiter: ResultWaiter,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._db_url = settings.effective_database_url()
         self._celery, self._store, self._waiter, self._clock = celery, store, waiter, clock
         self._timeout_s = settings.ready_timeout_s
@@ -74,9 +80,13 @@ class Readiness:
         results = settings.effective_result_backend()
         self._separate_results = results != settings.effective_store_url()
         # For the log only: the body is public, so it names no host.
-        self._targets = {"database": mask_url(self._db_url), "schema": mask_url(self._db_url),
-                         "broker": mask_url(settings.effective_broker_url()),
-                         "store": mask_url(settings.effective_store_url()), "results": mask_url(results)}
+        self._targets = {
+            "database": mask_url(self._db_url),
+            "schema": mask_url(self._db_url),
+            "broker": mask_url(settings.effective_broker_url()),
+            "store": mask_url(settings.effective_store_url()),
+            "results": mask_url(results),
+        }
         self._schema_ok_until = float("-inf")
         self._schema_detail = ""
         self._revisions: tuple[str, frozenset[str]] | None = None
@@ -152,8 +162,9 @@ class Readiness:
         if ok:
             self._states[name].up("ready again: %s at %s", name, self._targets[name])
         else:
-            self._states[name].down("not ready: %s %s at %s%s", name, detail, self._targets[name],
-                                    f" ({describe(error)})" if error else "")
+            self._states[name].down(
+                "not ready: %s %s at %s%s", name, detail, self._targets[name], f" ({describe(error)})" if error else ""
+            )
 
     def _database(self) -> str:
         path = self._db_url.removeprefix("sqlite:///")
@@ -220,8 +231,10 @@ class Readiness:
         limit = int(memory.get("maxmemory", 0) or 0)
         used = int(memory.get("used_memory", 0)) - int(memory.get("mem_not_counted_for_evict", 0) or 0)
         if limit and used >= limit:
-            return (f"full: Redis at maxmemory ({used} of {limit} bytes), writes refused (store_full); "
-                    "reads, polls and deletes served")
+            return (
+                f"full: Redis at maxmemory ({used} of {limit} bytes), writes refused (store_full); "
+                "reads, polls and deletes served"
+            )
         if self._clock() - self._refused_at < FULL_RECENT_S:
             return "full: a write was refused (store_full) within the last 30 s; reads, polls and deletes served"
         return None

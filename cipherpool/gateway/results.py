@@ -30,7 +30,12 @@ from cipherpool.dispatch import reply_from_meta
 from cipherpool.errors import CipherpoolError
 from cipherpool.names import RESULT_META_PREFIX
 from cipherpool.store import (
-    CONNECT_TIMEOUT_S, RETRY_ERRORS, SOCKET_TIMEOUT_S, STALE_ERRORS, STALE_RETRIES, retry_backoff,
+    CONNECT_TIMEOUT_S,
+    RETRY_ERRORS,
+    SOCKET_TIMEOUT_S,
+    STALE_ERRORS,
+    STALE_RETRIES,
+    retry_backoff,
 )
 from cipherpool.waiting import StateLog
 
@@ -73,7 +78,10 @@ class ResultWaiter:
         # reader's wait for a message has its own timeout (get_message's), so an idle
         # subscription never times out on it.
         self._redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S, health_check_interval=30,
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            health_check_interval=30,
             retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=STALE_ERRORS),
         )
         self._pubsub = self._redis.pubsub()

@@ -12,9 +12,9 @@ from sqlmodel import Session
 from cipherpool.api.schemas import ID_PATTERN, NAME_PATTERN, ScheduleIn, ScheduleOut
 from cipherpool.db.tables import Account as AccountRow
 from cipherpool.db.tables import Schedule
+from cipherpool.gateway.auth import AccountPrincipal
 from cipherpool.gateway.deps import Account, Gateway
 from cipherpool.gateway.state import GatewayState
-from cipherpool.gateway.auth import AccountPrincipal
 from cipherpool.scheduler import schedules
 from cipherpool.scheduler.tick import remove_schedule
 from cipherpool.services import accounts
@@ -28,9 +28,23 @@ ModelFilter = Annotated[str | None, Query(pattern=NAME_PATTERN)]
 def create_schedule(body: ScheduleIn, gw: Gateway, acct: Account) -> ScheduleOut:
     """Recurring windows (``start_cron``/``stop_cron`` in ``timezone``) or a reservation
     (``starts_at``/``ends_at``) in which the model keeps ``workers`` of the schedule's own."""
-    return _change(gw, acct, lambda s, a: schedules.create_schedule(
-        s, a, body.model, start_cron=body.start_cron, stop_cron=body.stop_cron, timezone=body.timezone,
-        starts_at=body.starts_at, ends_at=body.ends_at, workers=body.workers, profile=body.profile, name=body.name))
+    return _change(
+        gw,
+        acct,
+        lambda s, a: schedules.create_schedule(
+            s,
+            a,
+            body.model,
+            start_cron=body.start_cron,
+            stop_cron=body.stop_cron,
+            timezone=body.timezone,
+            starts_at=body.starts_at,
+            ends_at=body.ends_at,
+            workers=body.workers,
+            profile=body.profile,
+            name=body.name,
+        ),
+    )
 
 
 @router.get("", response_model=list[ScheduleOut])

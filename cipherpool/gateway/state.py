@@ -14,13 +14,13 @@ from celery import Celery
 
 from cipherpool.config.celery import create_app as create_celery
 from cipherpool.config.settings import Settings
+from cipherpool.context import PlatformContext
 from cipherpool.gateway.auth import Authenticator
 from cipherpool.gateway.ratelimit import RateLimiter
 from cipherpool.gateway.readiness import Readiness
 from cipherpool.gateway.results import ResultWaiter
 from cipherpool.gateway.throttle import AuthThrottle
 from cipherpool.store import BlobStore
-from cipherpool.context import PlatformContext
 
 UPLOADS = "/v1/uploads"
 KEYS = "/v1/client/keys/"
@@ -49,8 +49,7 @@ class GatewayState:
         self.celery.conf.result_backend = None
         self.auth = Authenticator(self.ctx)
         self.limiter = RateLimiter(self.ctx.store.redis, s.token_rate_per_s, s.account_rate_per_s)
-        self.throttle = AuthThrottle(self.ctx.store.redis, s.auth_failure_burst, s.auth_failure_window_s,
-                                     s.trusted_proxies)
+        self.throttle = AuthThrottle(self.ctx.store.redis, s.auth_failure_burst, s.auth_failure_window_s, s.trusted_proxies)
         self.waiter = ResultWaiter(s.effective_result_backend())
         self.readiness = Readiness(s, self.celery, self.ctx.store, self.waiter)
 

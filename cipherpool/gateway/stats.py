@@ -18,10 +18,13 @@ router = APIRouter(prefix="/v1", tags=["provider"])
 
 
 @router.get("/stats", response_model=list[ModelStats])
-async def model_stats(gw: Gateway, acct: Account,
-                      model: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
-                      window_s: Annotated[int | None, Query(ge=60, le=MAX_WINDOW_S)] = None,
-                      last: Annotated[int | None, Query(ge=1, le=200)] = None) -> list[ModelStats]:
+async def model_stats(
+    gw: Gateway,
+    acct: Account,
+    model: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    window_s: Annotated[int | None, Query(ge=60, le=MAX_WINDOW_S)] = None,
+    last: Annotated[int | None, Query(ge=1, le=200)] = None,
+) -> list[ModelStats]:
     """Per model, and per worker of it: average query time over the window (``window_s``,
     whole minutes; default ``CIPHERPOOL_STATS_WINDOW_S``) and all-time, current query time
     (the ``last`` latest queries), queue wait apart from compute, queries per minute, error
@@ -29,11 +32,13 @@ async def model_stats(gw: Gateway, acct: Account,
     return await run_in_threadpool(_collect, gw, acct.account_id, model, window_s, last)
 
 
-def _collect(gw: GatewayState, account_id: str, name: str | None, window_s: int | None,
-             last: int | None) -> list[ModelStats]:
+def _collect(gw: GatewayState, account_id: str, name: str | None, window_s: int | None, last: int | None) -> list[ModelStats]:
     window = stats_service.check_window(window_s or gw.settings.stats_window_s)
     with gw.ctx.session() as session:
         account = accounts.get_account(session, account_id)
-        return [stats_service.model_stats(session, gw.store.redis, gw.celery, model, window_s=window,
-                                          last=last or gw.settings.stats_recent)
-                for model in stats_service.models_of(session, account, name)]
+        return [
+            stats_service.model_stats(
+                session, gw.store.redis, gw.celery, model, window_s=window, last=last or gw.settings.stats_recent
+            )
+            for model in stats_service.models_of(session, account, name)
+        ]

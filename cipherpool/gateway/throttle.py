@@ -48,7 +48,7 @@ def networks(cidrs: Iterable[str]) -> list[Network]:
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = text.strip()
     if text.startswith("[") and "]" in text:  # [v6]:port
-        text = text[1:text.index("]")]
+        text = text[1 : text.index("]")]
     elif text.count(":") == 1:  # v4:port
         text = text.partition(":")[0]
     try:
@@ -102,8 +102,7 @@ class AuthThrottle:
             return
         if failures is not None and int(failures) >= self.burst:
             retry = max(1, math.ceil((window + 1) * self.window_s - now))
-            raise RateLimited(f"Too many failed authentications from this address; retry in {retry} s.",
-                              retry_after_s=retry)
+            raise RateLimited(f"Too many failed authentications from this address; retry in {retry} s.", retry_after_s=retry)
 
     def failed(self, source: str) -> None:
         """Count one failed authentication of ``source`` in this window."""

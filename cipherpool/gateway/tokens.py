@@ -12,11 +12,11 @@ from sqlmodel import Session
 from cipherpool.api.schemas import ID_PATTERN, NAME_PATTERN, AssignIn, TokenCreated, TokenIn, TokenOut, TokenUpdate
 from cipherpool.db.tables import AccessToken
 from cipherpool.db.tables import Account as AccountRow
+from cipherpool.errors import InvalidInput
 from cipherpool.gateway.auth import AccountPrincipal
 from cipherpool.gateway.deps import Account, Gateway
 from cipherpool.gateway.state import GatewayState
 from cipherpool.services import accounts, tokens, usage
-from cipherpool.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/tokens", tags=["provider"])
 TokenId = Annotated[str, Path(pattern=ID_PATTERN)]
@@ -30,8 +30,16 @@ def create_token(body: TokenIn, gw: Gateway, acct: Account) -> TokenCreated:
     names = ([body.model] if body.model else []) + body.models
     with gw.ctx.session() as session:
         account = accounts.get_account(session, acct.account_id)
-        token, value = tokens.create_token(session, account, body.name, names, ttl_s=body.ttl_s,
-                                           expires_at=body.expires_at, no_expiry=body.no_expiry, quota=body.quota)
+        token, value = tokens.create_token(
+            session,
+            account,
+            body.name,
+            names,
+            ttl_s=body.ttl_s,
+            expires_at=body.expires_at,
+            no_expiry=body.no_expiry,
+            quota=body.quota,
+        )
         return TokenCreated(**_describe(gw, session, token).model_dump(), token=value)
 
 

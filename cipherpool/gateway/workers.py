@@ -33,8 +33,9 @@ def start_workers(body: WorkerIn, gw: Gateway, acct: Account) -> list[WorkerOut]
     """Bind ``count`` free pool nodes of the model's class to it (all or none); poll each
     worker until it is up (or standby) or failed. Refused with the reason: model not active,
     ``max_workers`` reached, no free node of the class, labels or profile."""
-    workers = lifecycle.start_workers(gw.ctx, gw.celery, acct.account_id, body.model, count=body.count,
-                                      profile=body.profile, standby=body.standby)
+    workers = lifecycle.start_workers(
+        gw.ctx, gw.celery, acct.account_id, body.model, count=body.count, profile=body.profile, standby=body.standby
+    )
     return [_describe_worker(gw, worker.id) for worker in workers]
 
 
@@ -44,8 +45,12 @@ def list_nodes(gw: Gateway, acct: Account) -> list[NodeOut]:
     age; the model and worker only where they are this account's."""
     with gw.ctx.session() as session:
         accounts.get_account(session, acct.account_id)
-        return node_service.list_nodes(session, gw.settings.node_heartbeat_s, acct.account_id,
-                                       held=lambda node: node_service.published_models(gw.ctx.store.redis, node))
+        return node_service.list_nodes(
+            session,
+            gw.settings.node_heartbeat_s,
+            acct.account_id,
+            held=lambda node: node_service.published_models(gw.ctx.store.redis, node),
+        )
 
 
 @router.get("/workers", response_model=list[WorkerOut])
@@ -81,8 +86,9 @@ def _with_timings(gw: GatewayState, account_id: str, report: WorkerStats) -> Wor
         model = session.get(Model, report.model_id or "")
         if model is None or model.account_id != account_id:
             return report
-    return monitoring.with_timings(report, gw.store.redis, gw.celery, model, window_s=gw.settings.stats_window_s,
-                                   last=gw.settings.stats_recent)
+    return monitoring.with_timings(
+        report, gw.store.redis, gw.celery, model, window_s=gw.settings.stats_window_s, last=gw.settings.stats_recent
+    )
 
 
 @router.get("/workers/{worker_id}", response_model=WorkerOut)
@@ -105,8 +111,7 @@ def resume_worker(worker_id: ObjectId, gw: Gateway, acct: Account) -> WorkerOut:
 
 
 @router.get("/workers/{worker_id}/logs", response_model=list[WorkerLogLine])
-def worker_logs(worker_id: ObjectId, gw: Gateway, acct: Account,
-                after: Annotated[int, Query(ge=-1)] = -1) -> list[WorkerLogLine]:
+def worker_logs(worker_id: ObjectId, gw: Gateway, acct: Account, after: Annotated[int, Query(ge=-1)] = -1) -> list[WorkerLogLine]:
     """The worker's log lines after line ``after`` (load, errors, standby, stop)."""
     with gw.ctx.session() as session:
         worker_service.get_worker(session, accounts.get_account(session, acct.account_id), worker_id)

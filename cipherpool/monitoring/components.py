@@ -23,18 +23,23 @@ from redis import Redis
 from sqlmodel import Session, col, select
 
 from cipherpool.api.schemas import (
-    BeatJobHealth, ComponentHealth, NodeHealth, PlatformEventOut, PlatformStatus, ProcessHealth, StoreHealth,
+    BeatJobHealth,
+    ComponentHealth,
+    NodeHealth,
+    PlatformEventOut,
+    PlatformStatus,
+    ProcessHealth,
+    StoreHealth,
 )
+from cipherpool.clock import aware
 from cipherpool.config.settings import Settings
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import PoolNode, Worker
 from cipherpool.monitoring import beat_jobs, heartbeats, platform_events
 from cipherpool.monitoring.heartbeats import ProcessBeat, Role
 from cipherpool.monitoring.liveness import best, judge, worst
-from cipherpool.statuses import Component, ComponentState
 from cipherpool.services.nodes import NODE_STALE_HEARTBEATS, published_models
-from cipherpool.clock import aware
-from cipherpool.statuses import NodeStatus
-from cipherpool.context import PlatformContext
+from cipherpool.statuses import Component, ComponentState, NodeStatus
 
 DEFAULT_EVENTS = 10  # platform events a status carries, newest first
 
@@ -73,16 +78,26 @@ def _error(exc: Exception) -> str:
 def read_nodes(session: Session, redis: Redis | None) -> list[NodeSeen]:
     """Every pool node with how many models it holds: its worker's (dedicated), or those it
     says it holds loaded (shared; needs Redis)."""
-    rows = session.exec(select(PoolNode, Worker).outerjoin(Worker, col(Worker.id) == PoolNode.worker_id)
-                        .order_by(PoolNode.name)).all()
+    rows = session.exec(
+        select(PoolNode, Worker).outerjoin(Worker, col(Worker.id) == PoolNode.worker_id).order_by(PoolNode.name)
+    ).all()
     seen = []
     for node, worker in rows:
         if node.shared:
             bound = len(published_models(redis, node.name)) if redis is not None else 0
         else:
             bound = int(worker is not None and worker.status.holds_node)
-        seen.append(NodeSeen(node.name, node.host, node.host_class, node.shared, NodeStatus(node.status),
-                             aware(node.last_seen).timestamp(), bound))
+        seen.append(
+            NodeSeen(
+                node.name,
+                node.host,
+                node.host_class,
+                node.shared,
+                NodeStatus(node.status),
+                aware(node.last_seen).timestamp(),
+                bound,
+            )
+        )
     return seen
 
 
@@ -128,9 +143,18 @@ def _bytes(n: int) -> str:
 
 def process_health(role: Role, beat: ProcessBeat, now: float) -> ProcessHealth:
     age = max(0.0, now - beat.seen)  # a writer's clock a little ahead reads as just now
-    return ProcessHealth(role=role.value, instance=beat.instance, host=beat.host, pid=beat.pid, version=beat.version,
-                         started_at=_moment(beat.started), last_seen=_moment(beat.seen), age_s=round(age, 1),
-                         interval_s=beat.interval_s, state=judge(age, beat.interval_s))
+    return ProcessHealth(
+        role=role.value,
+        instance=beat.instance,
+        host=beat.host,
+        pid=beat.pid,
+        version=beat.version,
+        started_at=_moment(beat.started),
+        last_seen=_moment(beat.seen),
+        age_s=round(age, 1),
+        interval_s=beat.interval_s,
+        state=judge(age, beat.interval_s),
+    )
 
 
 def replicas(component: Component, what: str, found: list[ProcessHealth], unknown: str | None) -> ComponentHealth:
@@ -141,23 +165,33 @@ def replicas(component: Component, what: str, found: list[ProcessHealth], unknow
     if not found:
         return ComponentHealth(component=component, state=state, detail=f"no {what} heard from in the last hour")
     well = sum(p.state is ComponentState.OK for p in found)
-    unwell = "; ".join(f"{p.instance} {p.state.value}, last seen {_seconds(p.age_s)} ago"
-                       for p in found if p.state is not ComponentState.OK)
-    return ComponentHealth(component=component, state=state,
-                           detail=f"{well} of {len(found)} ok" + (f"; {unwell}" if unwell else ""))
+    unwell = "; ".join(
+        f"{p.instance} {p.state.value}, last seen {_seconds(p.age_s)} ago" for p in found if p.state is not ComponentState.OK
+    )
+    return ComponentHealth(
+        component=component, state=state, detail=f"{well} of {len(found)} ok" + (f"; {unwell}" if unwell else "")
+    )
 
 
-def job_health(jobs: list[beat_jobs.BeatJob], runs: dict[str, float], beat_started: float | None,
-               now: float) -> list[BeatJobHealth]:
+def job_health(
+    jobs: list[beat_jobs.BeatJob], runs: dict[str, float], beat_started: float | None, now: float
+) -> list[BeatJobHealth]:
     """Each job's age: since its last run; never run, since beat started (it is owed from then)."""
     judged = []
     for job in jobs:
         last = runs.get(job.task)
         since = last if last is not None else beat_started
         age = None if since is None else max(0.0, now - since)
-        judged.append(BeatJobHealth(job=job.name, task=job.task, interval_s=job.interval_s,
-                                    last_run=_moment(last) if last is not None else None,
-                                    age_s=round(age, 1) if age is not None else None, state=judge(age, job.interval_s)))
+        judged.append(
+            BeatJobHealth(
+                job=job.name,
+                task=job.task,
+                interval_s=job.interval_s,
+                last_run=_moment(last) if last is not None else None,
+                age_s=round(age, 1) if age is not None else None,
+                state=judge(age, job.interval_s),
+            )
+        )
     return judged
 
 
@@ -174,12 +208,14 @@ def beat_component(beats: list[ProcessHealth], jobs: list[BeatJobHealth], unknow
     state = worst([process, *(j.state for j in jobs)])
     if unknown is not None:
         return ComponentHealth(component=Component.BEAT, state=state, detail=f"unknown: the store is unreachable ({unknown})")
-    parts = [f"beat {beats[0].instance} {process.value}, last seen {_seconds(beats[0].age_s)} ago" if beats
-             else "no beat heard from in the last hour"]
+    parts = [
+        f"beat {beats[0].instance} {process.value}, last seen {_seconds(beats[0].age_s)} ago"
+        if beats
+        else "no beat heard from in the last hour"
+    ]
     overdue = [j for j in jobs if j.state is not ComponentState.OK]
     if overdue:
-        parts.append("jobs " + ", ".join(f"{j.job} {j.state.value} ({_last_ran(j)}; every {j.interval_s:g} s)"
-                                         for j in overdue))
+        parts.append("jobs " + ", ".join(f"{j.job} {j.state.value} ({_last_ran(j)}; every {j.interval_s:g} s)" for j in overdue))
     else:
         parts.append(f"all {len(jobs)} jobs on time")
     return ComponentHealth(component=Component.BEAT, state=state, detail="; ".join(parts))
@@ -192,8 +228,16 @@ def node_health(node: NodeSeen, heartbeat_s: float, now: float) -> NodeHealth:
     else:
         status = "lost" if age > heartbeat_s * NODE_STALE_HEARTBEATS else "online"
         state = judge(age, heartbeat_s)
-    return NodeHealth(name=node.name, host=node.host, host_class=node.host_class, shared=node.shared, status=status,
-                      heartbeat_age_s=round(age, 1), bound_models=node.bound_models, state=state)
+    return NodeHealth(
+        name=node.name,
+        host=node.host,
+        host_class=node.host_class,
+        shared=node.shared,
+        status=status,
+        heartbeat_age_s=round(age, 1),
+        bound_models=node.bound_models,
+        state=state,
+    )
 
 
 def nodes_component(nodes: list[NodeHealth], database_error: str | None) -> ComponentHealth:
@@ -211,11 +255,23 @@ def nodes_component(nodes: list[NodeHealth], database_error: str | None) -> Comp
 
 def store_health(seen: Observed) -> StoreHealth:
     if seen.store_error is not None:
-        return StoreHealth(reachable=False, used_memory_bytes=None, maxmemory_bytes=None, memory_ratio=None,
-                           error=seen.store_error, state=ComponentState.MISSING)
+        return StoreHealth(
+            reachable=False,
+            used_memory_bytes=None,
+            maxmemory_bytes=None,
+            memory_ratio=None,
+            error=seen.store_error,
+            state=ComponentState.MISSING,
+        )
     ratio = seen.used_memory / seen.maxmemory if seen.used_memory is not None and seen.maxmemory else None
-    return StoreHealth(reachable=True, used_memory_bytes=seen.used_memory, maxmemory_bytes=seen.maxmemory,
-                       memory_ratio=round(ratio, 4) if ratio is not None else None, error=None, state=ComponentState.OK)
+    return StoreHealth(
+        reachable=True,
+        used_memory_bytes=seen.used_memory,
+        maxmemory_bytes=seen.maxmemory,
+        memory_ratio=round(ratio, 4) if ratio is not None else None,
+        error=None,
+        state=ComponentState.OK,
+    )
 
 
 def store_component(store: StoreHealth) -> ComponentHealth:
@@ -235,8 +291,10 @@ def evaluate(seen: Observed, settings: Settings, now: float) -> PlatformStatus:
     nodes = [node_health(n, settings.node_heartbeat_s, now) for n in seen.nodes]
     store = store_health(seen)
     database = ComponentHealth(
-        component=Component.DATABASE, state=ComponentState.MISSING if seen.database_error else ComponentState.OK,
-        detail=f"unreachable: {seen.database_error}" if seen.database_error else "reachable")
+        component=Component.DATABASE,
+        state=ComponentState.MISSING if seen.database_error else ComponentState.OK,
+        detail=f"unreachable: {seen.database_error}" if seen.database_error else "reachable",
+    )
     components = [
         replicas(Component.GATEWAY, "gateway", found[Role.GATEWAY], seen.store_error),
         replicas(Component.CONTROL, "control worker", found[Role.CONTROL], seen.store_error),
@@ -245,9 +303,18 @@ def evaluate(seen: Observed, settings: Settings, now: float) -> PlatformStatus:
         store_component(store),
         database,
     ]
-    return PlatformStatus(at=_moment(now), state=worst(c.state for c in components), components=components,
-                          gateways=found[Role.GATEWAY], control_workers=found[Role.CONTROL], beats=beats,
-                          beat_jobs=jobs, nodes=nodes, store=store, events=seen.events)
+    return PlatformStatus(
+        at=_moment(now),
+        state=worst(c.state for c in components),
+        components=components,
+        gateways=found[Role.GATEWAY],
+        control_workers=found[Role.CONTROL],
+        beats=beats,
+        beat_jobs=jobs,
+        nodes=nodes,
+        store=store,
+        events=seen.events,
+    )
 
 
 def read_status(ctx: PlatformContext, now: float, events: int = DEFAULT_EVENTS) -> PlatformStatus:

@@ -39,6 +39,7 @@ from redis import Redis
 from sqlmodel import Session, col, func, select
 
 from cipherpool.billing.money import MICRO
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Account, Model, PoolNode, Worker
 from cipherpool.monitoring import depth, platform_events, timings
 from cipherpool.monitoring.components import read_status
@@ -46,7 +47,6 @@ from cipherpool.monitoring.health_metrics import health_families
 from cipherpool.names import shared_queue
 from cipherpool.services.nodes import live
 from cipherpool.statuses import WorkerStatus
-from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.monitoring")
 MODEL_LABELS = ("account", "account_id", "model")  # names are display names (not unique): ids tell them apart
@@ -72,14 +72,21 @@ class Snapshot:
 def read_database(session: Session, heartbeat_s: float) -> Snapshot:
     """Models with their account's name, workers counted by status, balances and nodes."""
     snap = Snapshot()
-    rows = session.exec(select(Account.name, Model).join(Model, Model.account_id == Account.id)  # type: ignore[arg-type]
-                        .order_by(Account.name, Model.name))
+    rows = session.exec(
+        select(Account.name, Model)
+        .join(Model, Model.account_id == Account.id)  # type: ignore[arg-type]
+        .order_by(Account.name, Model.name)
+    )
     snap.models = [(account, model) for account, model in rows]
     counted = session.exec(select(Worker.model_id, Worker.status, func.count()).group_by(Worker.model_id, Worker.status))
     for model_id, status, n in counted:
         snap.workers.setdefault(model_id, Counter())[WorkerStatus(status).value] += n
-    snap.balances = [(name, account_id, micro) for name, account_id, micro in session.exec(
-        select(Account.name, Account.id, Account.balance_micro).order_by(Account.name))]
+    snap.balances = [
+        (name, account_id, micro)
+        for name, account_id, micro in session.exec(
+            select(Account.name, Account.id, Account.balance_micro).order_by(Account.name)
+        )
+    ]
     for host_class, shared in session.exec(select(PoolNode.host_class, PoolNode.shared).distinct()):
         snap.nodes[(host_class, bool(shared))] = 0  # a class with every node offline still shows, at 0
     online = select(PoolNode.host_class, PoolNode.shared, func.count()).where(live(heartbeat_s))
@@ -97,15 +104,22 @@ def _all_time(redis: Redis, model_id: str) -> timings.Tally:
 
 def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric]:
     """Per model: queue wait and compute histograms, and queries by outcome (all-time)."""
-    wait = HistogramMetricFamily("cipherpool_query_queue_wait_seconds",
-                                 "Time a computed query waited in the broker before a node took it, all-time.",
-                                 labels=MODEL_LABELS)
-    compute = HistogramMetricFamily("cipherpool_query_compute_seconds",
-                                    "Time a node spent computing a query (key, evaluation), all-time.",
-                                    labels=MODEL_LABELS)
-    outcomes = CounterMetricFamily("cipherpool_queries", "Queries nodes received, by outcome: computed, refused "
-                                   "(a typed refusal such as a wrong key), failed (an unexpected error).",
-                                   labels=(*MODEL_LABELS, "outcome"))
+    wait = HistogramMetricFamily(
+        "cipherpool_query_queue_wait_seconds",
+        "Time a computed query waited in the broker before a node took it, all-time.",
+        labels=MODEL_LABELS,
+    )
+    compute = HistogramMetricFamily(
+        "cipherpool_query_compute_seconds",
+        "Time a node spent computing a query (key, evaluation), all-time.",
+        labels=MODEL_LABELS,
+    )
+    outcomes = CounterMetricFamily(
+        "cipherpool_queries",
+        "Queries nodes received, by outcome: computed, refused "
+        "(a typed refusal such as a wrong key), failed (an unexpected error).",
+        labels=(*MODEL_LABELS, "outcome"),
+    )
     try:
         for account, model in models:
             labels = [account, model.account_id, model.name]
@@ -125,11 +139,12 @@ def depth_families(app: Celery, snap: Snapshot) -> list[Metric]:
     """Queries waiting in each model's queue and in each class's shared queue. If the broker
     fails, the depths read so far are kept and the rest left out: the other figures still
     come, and a missing series reads as "unknown", not as an empty queue."""
-    models = GaugeMetricFamily("cipherpool_queue_depth", "Queries waiting in the model's dedicated queue.",
-                               labels=MODEL_LABELS)
-    shared = GaugeMetricFamily("cipherpool_shared_queue_depth",
-                               "Queries waiting in the shared nodes' queue of a host class (every model's).",
-                               labels=("host_class",))
+    models = GaugeMetricFamily("cipherpool_queue_depth", "Queries waiting in the model's dedicated queue.", labels=MODEL_LABELS)
+    shared = GaugeMetricFamily(
+        "cipherpool_shared_queue_depth",
+        "Queries waiting in the shared nodes' queue of a host class (every model's).",
+        labels=("host_class",),
+    )
     try:
         for account, model in snap.models:
             models.add_metric([account, model.account_id, model.name], depth.model_depth(app, model))
@@ -142,18 +157,23 @@ def depth_families(app: Celery, snap: Snapshot) -> list[Metric]:
 
 def database_families(snap: Snapshot) -> list[Metric]:
     """Workers by status per model, balances per account, online nodes per class."""
-    workers = GaugeMetricFamily("cipherpool_workers", "The model's workers by status (stopped and failed: the rows "
-                                "the database keeps).", labels=(*MODEL_LABELS, "status"))
+    workers = GaugeMetricFamily(
+        "cipherpool_workers",
+        "The model's workers by status (stopped and failed: the rows the database keeps).",
+        labels=(*MODEL_LABELS, "status"),
+    )
     for account, model in snap.models:
         counted = snap.workers.get(model.id, Counter())
         for status in WorkerStatus:
             workers.add_metric([account, model.account_id, model.name, status.value], counted[status.value])
-    balance = GaugeMetricFamily("cipherpool_account_balance_credits", "The account's credit balance, in credits.",
-                                labels=("account", "account_id"))
+    balance = GaugeMetricFamily(
+        "cipherpool_account_balance_credits", "The account's credit balance, in credits.", labels=("account", "account_id")
+    )
     for account, account_id, micro in snap.balances:
         balance.add_metric([account, account_id], micro / MICRO)
-    nodes = GaugeMetricFamily("cipherpool_nodes_online", "Pool nodes online (heard from within 3 heartbeats).",
-                              labels=("host_class", "shared"))
+    nodes = GaugeMetricFamily(
+        "cipherpool_nodes_online", "Pool nodes online (heard from within 3 heartbeats).", labels=("host_class", "shared")
+    )
     for (host_class, shared), n in sorted(snap.nodes.items()):
         nodes.add_metric([host_class, str(shared).lower()], n)
     return [workers, balance, nodes]

@@ -99,8 +99,9 @@ class Heartbeat:
     loop; the gateway calls :meth:`beat` from its own loop instead). A failed write is logged
     once per streak and tried again at the next beat, never raised."""
 
-    def __init__(self, redis: Callable[[], Redis], role: Role, instance: str, interval_s: float,
-                 clock: Clock = time.time) -> None:
+    def __init__(
+        self, redis: Callable[[], Redis], role: Role, instance: str, interval_s: float, clock: Clock = time.time
+    ) -> None:
         self._redis, self.role, self.instance, self.interval_s, self._clock = redis, role, instance, interval_s, clock
         self._started = clock()
         self._stop = threading.Event()
@@ -137,8 +138,12 @@ class Heartbeat:
         leaves it (removed now, it could be written again by that beat when it lands)."""
         self._stop.set()  # no beat starts from now on
         if not self._lock.acquire(timeout=wait_s):
-            log.warning("%s %s: a heartbeat write still waits for Redis after %g s; leaving its entry to age",
-                        self.role.value, self.instance, wait_s)
+            log.warning(
+                "%s %s: a heartbeat write still waits for Redis after %g s; leaving its entry to age",
+                self.role.value,
+                self.instance,
+                wait_s,
+            )
             return
         self._lock.release()
         try:

@@ -25,8 +25,8 @@ from typing import cast
 from redis import Redis
 
 from cipherpool.api.schemas import PlatformEventOut
-from cipherpool.statuses import Component, ComponentState
 from cipherpool.names import COMPONENT_STATE_PREFIX, PLATFORM_EVENT_ID_KEY, PLATFORM_EVENTS_KEY
+from cipherpool.statuses import Component, ComponentState
 
 EVENTS_KEPT = 1000
 
@@ -54,8 +54,14 @@ def swap_state(redis: Redis, component: Component, state: ComponentState) -> Cha
 
 def record(redis: Redis, change: Change, detail: str, now: float) -> PlatformEventOut:
     event_id = int(redis.incr(PLATFORM_EVENT_ID_KEY))
-    event = PlatformEventOut(id=event_id, at=datetime.fromtimestamp(now, UTC), component=change.component,
-                             previous=change.previous, state=change.state, detail=detail)
+    event = PlatformEventOut(
+        id=event_id,
+        at=datetime.fromtimestamp(now, UTC),
+        component=change.component,
+        previous=change.previous,
+        state=change.state,
+        detail=detail,
+    )
     pipe = redis.pipeline(transaction=True)
     pipe.lpush(PLATFORM_EVENTS_KEY, event.model_dump_json())
     pipe.ltrim(PLATFORM_EVENTS_KEY, 0, EVENTS_KEPT - 1)

@@ -41,8 +41,9 @@ def models_of(session: Session, account: Account, name: str | None) -> list[Mode
 
 def _workers(session: Session, model: Model, seen: set[str]) -> list[Worker]:
     """The model's wanted workers, and those that served in the window (stopped since)."""
-    query = select(Worker).where(Worker.model_id == model.id,
-                                 or_(col(Worker.status).in_(list(WANTED)), col(Worker.id).in_(list(seen))))
+    query = select(Worker).where(
+        Worker.model_id == model.id, or_(col(Worker.status).in_(list(WANTED)), col(Worker.id).in_(list(seen)))
+    )
     return list(session.exec(query.order_by(col(Worker.created_at))).all())
 
 
@@ -58,8 +59,9 @@ def worker_row(found: ModelTimings, worker_id: str, last: int, worker: Worker | 
     )
 
 
-def model_stats(session: Session, redis: Redis, app: Celery, model: Model, *, window_s: int, last: int,
-                now: float | None = None) -> ModelStats:
+def model_stats(
+    session: Session, redis: Redis, app: Celery, model: Model, *, window_s: int, last: int, now: float | None = None
+) -> ModelStats:
     """One model's :class:`ModelStats`, read now."""
     now = time.time() if now is None else now
     found = timings.read(redis, model.id, window_s, now)
@@ -72,16 +74,22 @@ def model_stats(session: Session, redis: Redis, app: Celery, model: Model, *, wi
     except Exception:  # noqa: BLE001 - figures without the depth beat no figures
         waiting = None
     return ModelStats(
-        model=model.name, model_id=model.id, status=model.status.value, at=now, window_s=window_s,
-        span_s=round(found.span_s, 3), queue_depth=waiting,
+        model=model.name,
+        model_id=model.id,
+        status=model.status.value,
+        at=now,
+        window_s=window_s,
+        span_s=round(found.span_s, 3),
+        queue_depth=waiting,
         workers_by_status=dict(Counter(w.status.value for w in workers if w.status in WANTED)),
-        window=found.window_figures(), all_time=found.all_time_figures(),
-        current=current(found.current(last)), workers=rows,
+        window=found.window_figures(),
+        all_time=found.all_time_figures(),
+        current=current(found.current(last)),
+        workers=rows,
     )
 
 
-def with_timings(report: WorkerStats, redis: Redis, app: Celery, model: Model, *, window_s: int,
-                 last: int) -> WorkerStats:
+def with_timings(report: WorkerStats, redis: Redis, app: Celery, model: Model, *, window_s: int, last: int) -> WorkerStats:
     """A node's live report of a worker, with the worker's recorded times and its model's queue."""
     found = timings.read(redis, model.id, window_s)
     worker_id = report.worker_id or ""
@@ -89,7 +97,11 @@ def with_timings(report: WorkerStats, redis: Redis, app: Celery, model: Model, *
         waiting: int | None = depth.model_depth(app, model)
     except Exception:  # noqa: BLE001
         waiting = None
-    return report.model_copy(update={
-        "window_s": window_s, "window": found.window_figures(worker_id),
-        "current": current(found.current(last, worker_id)), "queue_depth": waiting,
-    })
+    return report.model_copy(
+        update={
+            "window_s": window_s,
+            "window": found.window_figures(worker_id),
+            "current": current(found.current(last, worker_id)),
+            "queue_depth": waiting,
+        }
+    )

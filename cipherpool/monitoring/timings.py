@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from redis import Redis
 
 from cipherpool.api.schemas import TimingFigures
-
 from cipherpool.names import TIMINGS_PREFIX
 
 MINUTE_S = 60
@@ -102,7 +101,9 @@ class Tally:
         """Averages and rates over the span (None where nothing was counted to average)."""
         n, attempts = self.queries, self.attempts
         return TimingFigures(
-            queries=n, refused=self.refused, failed=self.failed,
+            queries=n,
+            refused=self.refused,
+            failed=self.failed,
             average_query_s=(self.wait_us + self.compute_us) / n / US if n else None,
             average_compute_s=self.compute_us / n / US if n else None,
             average_queue_wait_s=self.wait_us / n / US if n else None,
@@ -166,7 +167,7 @@ class Current:
 
 def current(samples: Iterable[Sample], last: int, worker: str | None = None) -> Current:
     """Averages of the ``last`` newest samples (newest first), of one worker if given."""
-    chosen = [s for s in samples if worker is None or s.worker == worker][:max(0, last)]
+    chosen = [s for s in samples if worker is None or s.worker == worker][: max(0, last)]
     if not chosen:
         return Current(0, None, None, None, None, None)
     n = len(chosen)
@@ -229,7 +230,7 @@ def read(redis: Redis, model_id: str, window_s: int, now: float | None = None) -
         pipe.lrange(recent_key(model_id), 0, KEEP_RECENT - 1)
         replies = pipe.execute()
     window, per_worker = Tally(), dict[str, Tally]()
-    for raw in replies[:len(minutes)]:
+    for raw in replies[: len(minutes)]:
         model, workers = split_hash(raw)
         window.add(model)
         for worker, tally in workers.items():

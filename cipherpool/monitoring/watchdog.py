@@ -103,8 +103,9 @@ class Watchdog:
         try:
             if not confirmed or not self._lease(redis):  # a check that outlived its lease records nothing
                 return status, []
-            return status, [event for c in confirmed if (event := self._record(redis, c.component, c.state, c.detail,
-                                                                               now)) is not None]
+            return status, [
+                event for c in confirmed if (event := self._record(redis, c.component, c.state, c.detail, now)) is not None
+            ]
         except RETRY_ERRORS as exc:
             self._unreachable(describe_failure(exc))
             return status, []
@@ -124,18 +125,27 @@ class Watchdog:
         self._streaks[component] = (state, count)
         return count >= CONFIRM_CHECKS
 
-    def _record(self, redis: Redis, component: Component, state: ComponentState, detail: str,
-                now: float) -> PlatformEventOut | None:
+    def _record(
+        self, redis: Redis, component: Component, state: ComponentState, detail: str, now: float
+    ) -> PlatformEventOut | None:
         change = platform_events.swap_state(redis, component, state)
         if change is None:
             return None
         event = platform_events.record(redis, change, detail, now)
         level = logging.WARNING if change.state is ComponentState.OK else logging.ERROR
-        log.log(level, "platform: %s is %s (was %s): %s [event %d]", change.component.value, change.state.value,
-                change.previous.value if change.previous else "not recorded", detail, event.id)
+        log.log(
+            level,
+            "platform: %s is %s (was %s): %s [event %d]",
+            change.component.value,
+            change.state.value,
+            change.previous.value if change.previous else "not recorded",
+            detail,
+            event.id,
+        )
         return event
 
     def _unreachable(self, error: str) -> None:
         self._streaks.clear()
-        self._store_down.down("platform: the store (Redis) is unreachable, so no component can be judged or event "
-                              "recorded: %s", error)
+        self._store_down.down(
+            "platform: the store (Redis) is unreachable, so no component can be judged or event recorded: %s", error
+        )

@@ -33,13 +33,13 @@ from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col, select
 
 from cipherpool.alerts import webhook
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import AlertEvent, AlertRule, Model
 from cipherpool.monitoring import timings
 from cipherpool.monitoring.depth import queue_depth
 from cipherpool.names import model_queue
 from cipherpool.services import events
 from cipherpool.statuses import AlertEventKind, AlertMetric, AlertState, EventKind, WebhookDelivery
-from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.alerts")
 
@@ -61,8 +61,18 @@ class Seen:
 
     @classmethod
     def of(cls, rule: AlertRule, model: Model) -> Seen:
-        return cls(rule.id, rule.account_id, rule.model_id, model.name, model.hardware, AlertMetric(rule.metric),
-                   rule.threshold, rule.window_s, AlertState(rule.state), rule.webhook_url is not None)
+        return cls(
+            rule.id,
+            rule.account_id,
+            rule.model_id,
+            model.name,
+            model.hardware,
+            AlertMetric(rule.metric),
+            rule.threshold,
+            rule.window_s,
+            AlertState(rule.state),
+            rule.webhook_url is not None,
+        )
 
 
 @dataclass
@@ -76,8 +86,9 @@ class Evaluated:
     errors: list[str] = field(default_factory=list)
 
 
-def measure(metric: AlertMetric, figures: timings.ModelTimings | None, *, recent: int, depth: int | None = None,
-            now: float | None = None) -> float | None:
+def measure(
+    metric: AlertMetric, figures: timings.ModelTimings | None, *, recent: int, depth: int | None = None, now: float | None = None
+) -> float | None:
     """The figure ``metric`` names, from a model's recorded times (``figures``) or its queue
     ``depth``; None where no query in the window gives it a value."""
     if metric is AlertMetric.QUEUE_DEPTH:
@@ -88,9 +99,11 @@ def measure(metric: AlertMetric, figures: timings.ModelTimings | None, *, recent
         since = (time.time() if now is None else now) - figures.window_s
         return timings.current([s for s in figures.recent if s.at >= since], recent).average_query_s
     window = figures.window_figures()
-    by_metric = {AlertMetric.AVERAGE_QUERY_S: window.average_query_s,
-                 AlertMetric.QUEUE_WAIT_S: window.average_queue_wait_s,
-                 AlertMetric.ERROR_RATE: window.error_rate}
+    by_metric = {
+        AlertMetric.AVERAGE_QUERY_S: window.average_query_s,
+        AlertMetric.QUEUE_WAIT_S: window.average_queue_wait_s,
+        AlertMetric.ERROR_RATE: window.error_rate,
+    }
     return by_metric[metric]
 
 
@@ -99,8 +112,9 @@ def state_for(value: float | None, threshold: float) -> AlertState:
     return AlertState.FIRING if value is not None and value > threshold else AlertState.OK
 
 
-def read_figure(ctx: PlatformContext, app: Celery, seen: Seen, now: float,
-                cache: dict[tuple[str, int], timings.ModelTimings] | None = None) -> float | None:
+def read_figure(
+    ctx: PlatformContext, app: Celery, seen: Seen, now: float, cache: dict[tuple[str, int], timings.ModelTimings] | None = None
+) -> float | None:
     """The rule's figure now: its model's queue, or its recorded times over its window (read
     once per model and window in a round, through ``cache``)."""
     if seen.metric is AlertMetric.QUEUE_DEPTH:
@@ -125,33 +139,44 @@ def transition(session: Session, seen: Seen, value: float | None, now: datetime)
     """Record the figure; if it crossed the threshold, change the state by compare-and-set and
     record the event: None when nothing changed, or when another evaluation changed it first."""
     state = state_for(value, seen.threshold)
-    as_read = (col(AlertRule.id) == seen.id, col(AlertRule.threshold) == seen.threshold,
-               col(AlertRule.window_s) == seen.window_s)
+    as_read = (col(AlertRule.id) == seen.id, col(AlertRule.threshold) == seen.threshold, col(AlertRule.window_s) == seen.window_s)
     if state is seen.state:
         session.execute(update(AlertRule).where(*as_read).values(value=value, evaluated_at=now))
         return None
     # An UPDATE's result is a CursorResult (it has the rowcount); Session.execute is typed for any statement.
-    changed = cast(CursorResult[Any], session.execute(
-        update(AlertRule).where(*as_read, col(AlertRule.state) == seen.state.value)
-        .values(state=state.value, value=value, evaluated_at=now, changed_at=now)))
+    changed = cast(
+        CursorResult[Any],
+        session.execute(
+            update(AlertRule)
+            .where(*as_read, col(AlertRule.state) == seen.state.value)
+            .values(state=state.value, value=value, evaluated_at=now, changed_at=now)
+        ),
+    )
     if changed.rowcount != 1:
         return None  # another evaluation won, or the rule was set again or removed meanwhile
     firing = state is AlertState.FIRING
-    event = AlertEvent(rule_id=seen.id, account_id=seen.account_id, model_id=seen.model_id, metric=seen.metric.value,
-                       kind=(AlertEventKind.FIRED if firing else AlertEventKind.CLEARED).value, value=value,
-                       threshold=seen.threshold, at=now,
-                       delivery=(WebhookDelivery.PENDING if seen.webhook else WebhookDelivery.NONE).value)
+    event = AlertEvent(
+        rule_id=seen.id,
+        account_id=seen.account_id,
+        model_id=seen.model_id,
+        metric=seen.metric.value,
+        kind=(AlertEventKind.FIRED if firing else AlertEventKind.CLEARED).value,
+        value=value,
+        threshold=seen.threshold,
+        at=now,
+        delivery=(WebhookDelivery.PENDING if seen.webhook else WebhookDelivery.NONE).value,
+    )
     session.add(event)
-    events.record_for(session, seen.model_id, EventKind.ALERT_FIRED if firing else EventKind.ALERT_CLEARED,
-                      message(seen, state, value))
+    events.record_for(
+        session, seen.model_id, EventKind.ALERT_FIRED if firing else EventKind.ALERT_CLEARED, message(seen, state, value)
+    )
     session.flush()
     return event
 
 
 def load_rules(session: Session) -> list[Seen]:
     """Every rule, with what evaluating it needs of its model."""
-    rows = session.exec(select(AlertRule, Model).join(Model, col(Model.id) == AlertRule.model_id)
-                        .order_by(col(AlertRule.id)))
+    rows = session.exec(select(AlertRule, Model).join(Model, col(Model.id) == AlertRule.model_id).order_by(col(AlertRule.id)))
     return [Seen.of(rule, model) for rule, model in rows]
 
 
@@ -187,8 +212,9 @@ def evaluate_all(ctx: PlatformContext, app: Celery, now: float | None = None, qu
     return report
 
 
-def _evaluate_one(ctx: PlatformContext, app: Celery, seen: Seen, now: float,
-                  cache: dict[tuple[str, int], timings.ModelTimings]) -> tuple[int, AlertEventKind] | None:
+def _evaluate_one(
+    ctx: PlatformContext, app: Celery, seen: Seen, now: float, cache: dict[tuple[str, int], timings.ModelTimings]
+) -> tuple[int, AlertEventKind] | None:
     """Read the rule's figure and apply it; the event recorded (committed), if any."""
     value = read_figure(ctx, app, seen, now, cache)
     with ctx.session() as session:

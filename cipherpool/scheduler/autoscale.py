@@ -35,6 +35,7 @@ from sqlmodel import Session, col, select
 
 from cipherpool import lifecycle
 from cipherpool.clock import utcnow
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Account, AutoscalePolicy, Model, ModelEvent, ModelStatus, Worker
 from cipherpool.errors import CipherpoolError
 from cipherpool.monitoring.depth import model_depth
@@ -42,7 +43,6 @@ from cipherpool.monitoring.timings import KEEP_RECENT, Sample, recent_key
 from cipherpool.services import events
 from cipherpool.services import workers as worker_service
 from cipherpool.statuses import EventKind, StopReason
-from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.autoscale")
 WAIT_WINDOW_S = 30.0  # the queue wait that counts: the average over the queries computed in the last 30 s
@@ -126,8 +126,12 @@ def decide(policy: AutoscalePolicy, now: datetime, load: Load) -> Decision:
     above_since = (aware(policy.above_since) or now) if above else None
     idle_since = _idle_since(policy, now, load) if above is None and load.depth == 0 else None
     if load.workers < load.min_workers:
-        return Decision(Action.NONE, f"below min_workers ({load.workers} < {load.min_workers}): the reconciler "
-                        f"starts those", above_since, idle_since)
+        return Decision(
+            Action.NONE,
+            f"below min_workers ({load.workers} < {load.min_workers}): the reconciler starts those",
+            above_since,
+            idle_since,
+        )
     if above is not None and above_since is not None:
         action, cause, blocked = _up(policy, now, load, above, above_since)
     elif idle_since is not None:
@@ -155,8 +159,12 @@ def _up(policy: AutoscalePolicy, now: datetime, load: Load, above: str, since: d
     if left > 0:
         return Action.NONE, f"{above} for {_s(held)}; cool-down: {_s(left)} left", False
     if load.workers >= load.max_workers:
-        return (Action.NONE, f"{above} for {_s(held)}, but the model has its max_workers ({load.max_workers}) "
-                f"already: raise it to let the autoscaler add workers", True)
+        return (
+            Action.NONE,
+            f"{above} for {_s(held)}, but the model has its max_workers ({load.max_workers}) "
+            f"already: raise it to let the autoscaler add workers",
+            True,
+        )
     return Action.UP, f"{above} for {_s(held)}", False
 
 
@@ -189,8 +197,7 @@ class Reading:
 Gauge = Callable[[Model, datetime], Reading]
 
 
-def recent_wait(samples: list[Sample], now: datetime,
-                window_s: float = WAIT_WINDOW_S) -> tuple[float | None, datetime | None]:
+def recent_wait(samples: list[Sample], now: datetime, window_s: float = WAIT_WINDOW_S) -> tuple[float | None, datetime | None]:
     """The average queue wait of the samples computed within ``window_s`` before ``now`` (None:
     none was), and the newest sample's time (``samples`` newest first, as the list keeps them)."""
     start = now.timestamp() - window_s
@@ -232,12 +239,17 @@ def autoscale(ctx: PlatformContext, app: Celery, now: datetime | None = None, ga
     now = aware(now) or utcnow()
     gauge = gauge or recorded(ctx.store.redis, app)
     with ctx.session() as session:
-        model_ids = list(session.exec(
-            select(AutoscalePolicy.model_id).join(Model, col(Model.id) == AutoscalePolicy.model_id)
-            .join(Account, col(Account.id) == Model.account_id)
-            .where(col(AutoscalePolicy.enabled).is_(True), Model.status == ModelStatus.ACTIVE,
-                   col(Account.disabled_at).is_(None))
-            .order_by(col(AutoscalePolicy.model_id))))
+        model_ids = list(
+            session.exec(
+                select(AutoscalePolicy.model_id)
+                .join(Model, col(Model.id) == AutoscalePolicy.model_id)
+                .join(Account, col(Account.id) == Model.account_id)
+                .where(
+                    col(AutoscalePolicy.enabled).is_(True), Model.status == ModelStatus.ACTIVE, col(Account.disabled_at).is_(None)
+                )
+                .order_by(col(AutoscalePolicy.model_id))
+            )
+        )
     outcomes = []
     for model_id in model_ids:
         try:
@@ -258,12 +270,14 @@ def scale_model(ctx: PlatformContext, app: Celery, model_id: str, now: datetime,
     if seen is None or model is None:
         return None  # removed meanwhile
     reading = gauge(model, now)
-    load = Load(reading.queue_wait_s, reading.depth, len(workers), model.min_workers, model.max_workers,
-                reading.last_query_at)
+    load = Load(reading.queue_wait_s, reading.depth, len(workers), model.min_workers, model.max_workers, reading.last_query_at)
     decision = decide(seen, now, load)
     with ctx.session() as session:
-        session.execute(update(AutoscalePolicy).where(col(AutoscalePolicy.model_id) == model_id)
-                        .values(above_since=decision.above_since, idle_since=decision.idle_since))
+        session.execute(
+            update(AutoscalePolicy)
+            .where(col(AutoscalePolicy.model_id) == model_id)
+            .values(above_since=decision.above_since, idle_since=decision.idle_since)
+        )
     if decision.action is Action.UP:
         return _add(ctx, app, model, seen, decision, now)
     if decision.action is Action.DOWN:
@@ -282,35 +296,40 @@ def _last_scaled_is(value: datetime | None) -> ColumnElement[bool]:
 def _compare_and_set(session: Session, model_id: str, seen: datetime | None, **values: Any) -> bool:
     """Set ``values`` on the policy if its ``last_scaled_at`` is still ``seen``: a claim only
     one beat wins (the loser's UPDATE matches no row). It also locks the row until commit."""
-    result = cast(CursorResult[Any], session.execute(
-        update(AutoscalePolicy).where(col(AutoscalePolicy.model_id) == model_id, col(AutoscalePolicy.enabled).is_(True),
-                                      _last_scaled_is(seen)).values(**values)))
+    result = cast(
+        CursorResult[Any],
+        session.execute(
+            update(AutoscalePolicy)
+            .where(col(AutoscalePolicy.model_id) == model_id, col(AutoscalePolicy.enabled).is_(True), _last_scaled_is(seen))
+            .values(**values)
+        ),
+    )
     return result.rowcount == 1
 
 
 def _claim(ctx: PlatformContext, policy: AutoscalePolicy, action: Action, reason: str, now: datetime) -> bool:
     with ctx.session() as session:
-        return _compare_and_set(session, policy.model_id, policy.last_scaled_at, last_scaled_at=now,
-                                last_action=action.value, last_reason=reason)
+        return _compare_and_set(
+            session, policy.model_id, policy.last_scaled_at, last_scaled_at=now, last_action=action.value, last_reason=reason
+        )
 
 
-def _record(session: Session, model_id: str, kind: EventKind, message: str, now: datetime,
-            worker_id: str | None = None) -> None:
+def _record(session: Session, model_id: str, kind: EventKind, message: str, now: datetime, worker_id: str | None = None) -> None:
     """A model event at the tick's time (the decision's moment, also in a test's clock)."""
     model = session.get(Model, model_id)
     if model is not None:
         events.record(session, model, kind, message, worker_id=worker_id).at = now
 
 
-def _add(ctx: PlatformContext, app: Celery, model: Model, seen: AutoscalePolicy, decision: Decision,
-         now: datetime) -> Outcome:
+def _add(ctx: PlatformContext, app: Celery, model: Model, seen: AutoscalePolicy, decision: Decision, now: datetime) -> Outcome:
     """Claim, start one worker (lifecycle checks nodes, credit and max), record why; a refusal
     gives the claim back (no cool-down for what did not happen) and reports the add blocked."""
     if not _claim(ctx, seen, Action.UP, decision.reason, now):
         return Outcome(model.name, Action.NONE, "another beat acted on this model")
     try:
-        started = lifecycle.start_workers(ctx, app, model.account_id, model.name, count=1, source="beat",
-                                          started_by=STARTED_BY)[0]
+        started = lifecycle.start_workers(ctx, app, model.account_id, model.name, count=1, source="beat", started_by=STARTED_BY)[
+            0
+        ]
     except CipherpoolError as refusal:
         why = f"{decision.cause}, but a worker could not be added: {refusal.message}"
         with ctx.session() as session:
@@ -318,23 +337,39 @@ def _add(ctx: PlatformContext, app: Celery, model: Model, seen: AutoscalePolicy,
         return Outcome(model.name, Action.NONE, why, blocked=True)
     log.info("model %s: added worker %s (%s)", model.name, started.id, decision.reason)
     with ctx.session() as session:
-        _record(session, model.id, EventKind.AUTOSCALED_UP, f"{decision.reason} (worker {started.id} on "
-                f"{started.node_name})", now, started.id)
+        _record(
+            session,
+            model.id,
+            EventKind.AUTOSCALED_UP,
+            f"{decision.reason} (worker {started.id} on {started.node_name})",
+            now,
+            started.id,
+        )
     return Outcome(model.name, Action.UP, decision.reason, worker_id=started.id)
 
 
-def _blocked(session: Session, model: Model, seen: AutoscalePolicy, decision: Decision, why: str, now: datetime,
-             claimed_at: datetime | None) -> None:
+def _blocked(
+    session: Session,
+    model: Model,
+    seen: AutoscalePolicy,
+    decision: Decision,
+    why: str,
+    now: datetime,
+    claimed_at: datetime | None,
+) -> None:
     """Mark the policy blocked (giving back a claim made at ``claimed_at``) and record one
     AUTOSCALE_BLOCKED event per episode of pressure: the UPDATE locks the row first, so a
     second beat reads the first one's event before deciding to write its own."""
-    if not _compare_and_set(session, model.id, claimed_at, last_scaled_at=seen.last_scaled_at, last_action=BLOCKED,
-                            last_reason=why):
+    if not _compare_and_set(
+        session, model.id, claimed_at, last_scaled_at=seen.last_scaled_at, last_action=BLOCKED, last_reason=why
+    ):
         return  # another beat scaled the model meanwhile
     episode = decision.above_since or now
-    reported = session.exec(select(ModelEvent.id).where(
-        ModelEvent.model_id == model.id, ModelEvent.kind == EventKind.AUTOSCALE_BLOCKED.value,
-        col(ModelEvent.at) >= episode)).first()
+    reported = session.exec(
+        select(ModelEvent.id).where(
+            ModelEvent.model_id == model.id, ModelEvent.kind == EventKind.AUTOSCALE_BLOCKED.value, col(ModelEvent.at) >= episode
+        )
+    ).first()
     if reported is None:
         log.info("model %s: autoscaling blocked: %s", model.name, why)
         _record(session, model.id, EventKind.AUTOSCALE_BLOCKED, why, now)
@@ -348,8 +383,15 @@ def pick_worker(workers: list[Worker]) -> Worker | None:
     return max(candidates, key=lambda w: (aware(w.created_at), w.id)) if candidates else None
 
 
-def _remove(ctx: PlatformContext, app: Celery, model: Model, seen: AutoscalePolicy, workers: list[Worker],
-            decision: Decision, now: datetime) -> Outcome:
+def _remove(
+    ctx: PlatformContext,
+    app: Celery,
+    model: Model,
+    seen: AutoscalePolicy,
+    workers: list[Worker],
+    decision: Decision,
+    now: datetime,
+) -> Outcome:
     """Claim, ask one worker's node to unbind it (queries in flight finish), record why. A stop
     refused before it was recorded gives the claim back; the next tick tries again."""
     victim = pick_worker(workers)
@@ -360,14 +402,26 @@ def _remove(ctx: PlatformContext, app: Celery, model: Model, seen: AutoscalePoli
     stopped, trouble = _stop(ctx, app, model, victim)
     if not stopped:
         with ctx.session() as session:
-            _compare_and_set(session, model.id, now, last_scaled_at=seen.last_scaled_at, last_action=seen.last_action,
-                             last_reason=seen.last_reason)
+            _compare_and_set(
+                session,
+                model.id,
+                now,
+                last_scaled_at=seen.last_scaled_at,
+                last_action=seen.last_action,
+                last_reason=seen.last_reason,
+            )
         return Outcome(model.name, Action.NONE, f"could not stop worker {victim.id}: {trouble}")
     log.info("model %s: removed worker %s (%s)", model.name, victim.id, decision.reason)
     note = f"; its node could not be told yet: {trouble}" if trouble else ""
     with ctx.session() as session:
-        _record(session, model.id, EventKind.AUTOSCALED_DOWN, f"{decision.reason} (worker {victim.id} on "
-                f"{victim.node_name}{note})", now, victim.id)
+        _record(
+            session,
+            model.id,
+            EventKind.AUTOSCALED_DOWN,
+            f"{decision.reason} (worker {victim.id} on {victim.node_name}{note})",
+            now,
+            victim.id,
+        )
     return Outcome(model.name, Action.DOWN, decision.reason, worker_id=victim.id)
 
 

@@ -19,8 +19,8 @@ from sqlmodel import Session, col, select
 
 from cipherpool import lifecycle, workerlog
 from cipherpool.announce import serving_changed
-from cipherpool.context import PlatformContext
 from cipherpool.clock import utcnow
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Account, Model, ModelStatus, Worker, WorkerStatus
 from cipherpool.errors import CipherpoolError
 from cipherpool.monitoring import beat_jobs
@@ -51,8 +51,9 @@ def reconcile(ctx: PlatformContext, app: Celery, now: float | None = None) -> li
         lost = fail_lost_workers(session, ctx.settings.node_heartbeat_s)
     for worker in lost:
         log.warning("worker %s of %s failed: node %s lost", worker.worker_id, worker.model_name, worker.node)
-        workerlog.write(ctx.store.redis, worker.worker_id, f"failed: node {worker.node} lost (no heartbeat)",
-                        level="error", source="beat")
+        workerlog.write(
+            ctx.store.redis, worker.worker_id, f"failed: node {worker.node} lost (no heartbeat)", level="error", source="beat"
+        )
         if worker.replace:
             _replace(ctx, app, worker)
     if lost:
@@ -72,8 +73,12 @@ def _was_away(ctx: PlatformContext, now: float) -> bool:
         return False
     if last is None or now - last <= window + ctx.settings.reconcile_interval_s:
         return False
-    log.warning("the reconciler last ran %.0f s ago (the database or beat was away): giving nodes %.0f s to be "
-                "heard again before declaring any lost", now - last, window)
+    log.warning(
+        "the reconciler last ran %.0f s ago (the database or beat was away): giving nodes %.0f s to be "
+        "heard again before declaring any lost",
+        now - last,
+        window,
+    )
     return True
 
 
@@ -82,18 +87,35 @@ def _replace(ctx: PlatformContext, app: Celery, worker: Lost) -> None:
     which stops it at its window's end; the autoscaler's stays its own to remove), for which
     schedule, of which profile, on standby or not. Each worker's log names the other."""
     try:
-        (replacement,) = lifecycle.start_workers(ctx, app, worker.account_id, worker.model_name, profile=worker.profile,
-                                       standby=worker.standby, source="beat", started_by=worker.started_by,
-                                       schedule_id=worker.schedule_id)
+        (replacement,) = lifecycle.start_workers(
+            ctx,
+            app,
+            worker.account_id,
+            worker.model_name,
+            profile=worker.profile,
+            standby=worker.standby,
+            source="beat",
+            started_by=worker.started_by,
+            schedule_id=worker.schedule_id,
+        )
         log.info("worker %s replaces %s on %s", replacement.id, worker.worker_id, replacement.node_name)
         workerlog.write(ctx.store.redis, worker.worker_id, f"replaced by worker {replacement.id}", source="beat")
-        workerlog.write(ctx.store.redis, replacement.id, f"replaces worker {worker.worker_id} (node {worker.node} "
-                        f"lost; started by {worker.started_by})", source="beat")
+        workerlog.write(
+            ctx.store.redis,
+            replacement.id,
+            f"replaces worker {worker.worker_id} (node {worker.node} lost; started by {worker.started_by})",
+            source="beat",
+        )
     except CipherpoolError as exc:
         log.warning("no replacement for worker %s: %s", worker.worker_id, exc.message)
         with ctx.session() as session:
-            events.record_for(session, _model_id(session, worker.worker_id), EventKind.WORKER_FAILED,
-                              f"no replacement for worker {worker.worker_id}: {exc.message}", worker_id=worker.worker_id)
+            events.record_for(
+                session,
+                _model_id(session, worker.worker_id),
+                EventKind.WORKER_FAILED,
+                f"no replacement for worker {worker.worker_id}: {exc.message}",
+                worker_id=worker.worker_id,
+            )
 
 
 def keep_minimum(ctx: PlatformContext, app: Celery) -> list[Worker]:
@@ -104,8 +126,11 @@ def keep_minimum(ctx: PlatformContext, app: Celery) -> list[Worker]:
     every tick."""
     since = utcnow() - timedelta(seconds=MIN_RETRY_S)
     with ctx.session() as session:
-        short = [(m.account_id, m.name, m.min_workers - len(worker_service.serving(session, model_id=m.id)))
-                 for m in _with_minimum(session) if not _failed_since(session, m.id, since)]
+        short = [
+            (m.account_id, m.name, m.min_workers - len(worker_service.serving(session, model_id=m.id)))
+            for m in _with_minimum(session)
+            if not _failed_since(session, m.id, since)
+        ]
     started: list[Worker] = []
     for account_id, name, missing in short:
         if missing <= 0:
@@ -118,17 +143,28 @@ def keep_minimum(ctx: PlatformContext, app: Celery) -> list[Worker]:
 
 
 def _with_minimum(session: Session) -> list[Model]:
-    return list(session.exec(
-        select(Model).join(Account, col(Account.id) == Model.account_id).where(
-            Model.status == ModelStatus.ACTIVE, col(Model.min_workers) > 0, col(Account.disabled_at).is_(None))
-    ))
+    return list(
+        session.exec(
+            select(Model)
+            .join(Account, col(Account.id) == Model.account_id)
+            .where(Model.status == ModelStatus.ACTIVE, col(Model.min_workers) > 0, col(Account.disabled_at).is_(None))
+        )
+    )
 
 
 def _failed_since(session: Session, model_id: str, since: datetime) -> bool:
     """Did a worker of the model fail on its own (not with a lost node) since ``since``?"""
-    return session.exec(select(Worker.id).where(
-        Worker.model_id == model_id, Worker.status == WorkerStatus.FAILED, col(Worker.stopped_at) >= since,
-        col(Worker.stop_reason) != StopReason.NODE_LOST.value)).first() is not None
+    return (
+        session.exec(
+            select(Worker.id).where(
+                Worker.model_id == model_id,
+                Worker.status == WorkerStatus.FAILED,
+                col(Worker.stopped_at) >= since,
+                col(Worker.stop_reason) != StopReason.NODE_LOST.value,
+            )
+        ).first()
+        is not None
+    )
 
 
 def _model_id(session: Session, worker_id: str) -> str:

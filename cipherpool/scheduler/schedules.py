@@ -34,10 +34,21 @@ MAX_SCHEDULES = 100  # per account: beat evaluates every schedule on each tick
 LAST_ACTIONS = 5  # shown by a listing
 
 
-def create_schedule(session: Session, account: Account, model_name: str, *, start_cron: str | None = None,
-                    stop_cron: str | None = None, timezone: str = "UTC", starts_at: datetime | None = None,
-                    ends_at: datetime | None = None, workers: int = 1, profile: str | None = None,
-                    name: str | None = None, now: datetime | None = None) -> Schedule:
+def create_schedule(
+    session: Session,
+    account: Account,
+    model_name: str,
+    *,
+    start_cron: str | None = None,
+    stop_cron: str | None = None,
+    timezone: str = "UTC",
+    starts_at: datetime | None = None,
+    ends_at: datetime | None = None,
+    workers: int = 1,
+    profile: str | None = None,
+    name: str | None = None,
+    now: datetime | None = None,
+) -> Schedule:
     """A recurring schedule (``start_cron`` and ``stop_cron`` in ``timezone``) or a reservation
     (``starts_at`` to ``ends_at``, naive times taken as UTC) of ``workers`` workers of the model;
     refused, saying what to change, when it could never run as asked."""
@@ -47,9 +58,17 @@ def create_schedule(session: Session, account: Account, model_name: str, *, star
     _check_workers(model, workers)
     if profile is not None and not re.fullmatch(PROFILE_PATTERN, profile):
         raise InvalidInput(f"Invalid profile {profile!r}: lower-case letters, digits, '_' and '-'.")
-    schedule = Schedule(account_id=account.id, model_id=model.id, name=check_name("schedule", name) if name else "",
-                        kind=kind.value, timezone=timezone, workers=workers, profile=profile, created_at=now,
-                        updated_at=now)
+    schedule = Schedule(
+        account_id=account.id,
+        model_id=model.id,
+        name=check_name("schedule", name) if name else "",
+        kind=kind.value,
+        timezone=timezone,
+        workers=workers,
+        profile=profile,
+        created_at=now,
+        updated_at=now,
+    )
     if kind == ScheduleKind.CRON:
         schedule.start_cron = windows.check_cron(start_cron or "", "start cron expression")
         schedule.stop_cron = windows.check_cron(stop_cron or "", "stop cron expression")
@@ -57,8 +76,9 @@ def create_schedule(session: Session, account: Account, model_name: str, *, star
         assert starts_at is not None and ends_at is not None  # _kind made sure
         schedule.starts_at, schedule.ends_at = utc(starts_at), utc(ends_at)
         if schedule.ends_at <= now:
-            raise InvalidInput(f"The reservation ends at {schedule.ends_at.isoformat()}, which is past: give an "
-                               f"ends_at in the future.")
+            raise InvalidInput(
+                f"The reservation ends at {schedule.ends_at.isoformat()}, which is past: give an ends_at in the future."
+            )
     windows.check(schedule)
     _check_room(session, account)
     session.add(schedule)
@@ -66,33 +86,38 @@ def create_schedule(session: Session, account: Account, model_name: str, *, star
     return schedule
 
 
-def _kind(start_cron: str | None, stop_cron: str | None, starts_at: datetime | None,
-          ends_at: datetime | None) -> ScheduleKind:
+def _kind(start_cron: str | None, stop_cron: str | None, starts_at: datetime | None, ends_at: datetime | None) -> ScheduleKind:
     recurring, once = (start_cron, stop_cron), (starts_at, ends_at)
     if any(x is not None for x in recurring) and any(x is not None for x in once):
-        raise InvalidInput("Give start_cron and stop_cron (recurring windows) or starts_at and ends_at (a "
-                           "reservation), not both.")
+        raise InvalidInput(
+            "Give start_cron and stop_cron (recurring windows) or starts_at and ends_at (a reservation), not both."
+        )
     if all(x is not None for x in recurring):
         return ScheduleKind.CRON
     if all(x is not None for x in once):
         return ScheduleKind.ONCE
-    raise InvalidInput("A schedule needs start_cron and stop_cron (recurring windows, e.g. '0 8 * * 1-5' and "
-                       "'0 20 * * 1-5'), or starts_at and ends_at (a reservation).")
+    raise InvalidInput(
+        "A schedule needs start_cron and stop_cron (recurring windows, e.g. '0 8 * * 1-5' and "
+        "'0 20 * * 1-5'), or starts_at and ends_at (a reservation)."
+    )
 
 
 def _check_workers(model: Model, workers: int) -> None:
     high = min(model.max_workers, MAX_START)
     if not isinstance(workers, int) or not 1 <= workers <= high:
-        raise InvalidInput(f"A schedule of model {model.name!r} may keep 1 to {high} worker(s) (its max_workers), not "
-                           f"{workers}: ask for fewer, or raise max_workers first (`cipherpool model update "
-                           f"{model.name} --max-workers N`).")
+        raise InvalidInput(
+            f"A schedule of model {model.name!r} may keep 1 to {high} worker(s) (its max_workers), not "
+            f"{workers}: ask for fewer, or raise max_workers first (`cipherpool model update "
+            f"{model.name} --max-workers N`)."
+        )
 
 
 def _check_room(session: Session, account: Account) -> None:
     count = session.exec(select(func.count()).select_from(Schedule).where(Schedule.account_id == account.id)).one()
     if count >= MAX_SCHEDULES:
-        raise Conflict(f"This account has {count} schedules, the most it may have: remove one first "
-                       f"(`cipherpool schedule remove ID`).")
+        raise Conflict(
+            f"This account has {count} schedules, the most it may have: remove one first (`cipherpool schedule remove ID`)."
+        )
 
 
 def get_schedule(session: Session, account: Account, schedule_id: str) -> Schedule:
@@ -110,8 +135,7 @@ def list_schedules(session: Session, account: Account, model_name: str | None = 
     return list(session.exec(query.order_by(col(Schedule.created_at), col(Schedule.id))))
 
 
-def set_paused(session: Session, account: Account, schedule_id: str, paused: bool,
-               now: datetime | None = None) -> Schedule:
+def set_paused(session: Session, account: Account, schedule_id: str, paused: bool, now: datetime | None = None) -> Schedule:
     """Pause (beat stops the schedule's workers on its next tick and starts none) or resume (a
     window open now starts at once). Pausing a paused schedule changes nothing."""
     schedule = get_schedule(session, account, schedule_id)
@@ -136,13 +160,24 @@ def delete_schedule(session: Session, account: Account, schedule_id: str) -> Sch
 
 def own_workers(session: Session, schedule_id: str) -> list[Worker]:
     """The schedule's workers that are starting, up or on standby (not stopping or ended)."""
-    return list(session.exec(select(Worker).where(Worker.schedule_id == schedule_id, col(Worker.status).in_(WANTED))
-                             .order_by(col(Worker.created_at))))
+    return list(
+        session.exec(
+            select(Worker)
+            .where(Worker.schedule_id == schedule_id, col(Worker.status).in_(WANTED))
+            .order_by(col(Worker.created_at))
+        )
+    )
 
 
 def last_actions(session: Session, schedule_id: str, limit: int = LAST_ACTIONS) -> list[ScheduleAction]:
-    return list(session.exec(select(ScheduleAction).where(ScheduleAction.schedule_id == schedule_id)
-                             .order_by(col(ScheduleAction.at).desc(), col(ScheduleAction.id).desc()).limit(limit)))
+    return list(
+        session.exec(
+            select(ScheduleAction)
+            .where(ScheduleAction.schedule_id == schedule_id)
+            .order_by(col(ScheduleAction.at).desc(), col(ScheduleAction.id).desc())
+            .limit(limit)
+        )
+    )
 
 
 def describe(session: Session, schedule: Schedule, now: datetime | None = None) -> ScheduleOut:
@@ -153,12 +188,22 @@ def describe(session: Session, schedule: Schedule, now: datetime | None = None) 
     current = windows.evaluate(schedule, now).open
     coming = [] if schedule.paused else windows.next_transitions(schedule, now, 2)
     return ScheduleOut(
-        id=schedule.id, name=schedule.name, model=model.name if model else "", kind=ScheduleKind(schedule.kind),
-        start_cron=schedule.start_cron, stop_cron=schedule.stop_cron, timezone=schedule.timezone,
-        starts_at=_iso(schedule.starts_at), ends_at=_iso(schedule.ends_at), workers=schedule.workers,
-        profile=schedule.profile, paused=schedule.paused, created_at=utc(schedule.created_at).isoformat(),
+        id=schedule.id,
+        name=schedule.name,
+        model=model.name if model else "",
+        kind=ScheduleKind(schedule.kind),
+        start_cron=schedule.start_cron,
+        stop_cron=schedule.stop_cron,
+        timezone=schedule.timezone,
+        starts_at=_iso(schedule.starts_at),
+        ends_at=_iso(schedule.ends_at),
+        workers=schedule.workers,
+        profile=schedule.profile,
+        paused=schedule.paused,
+        created_at=utc(schedule.created_at).isoformat(),
         updated_at=utc(schedule.updated_at).isoformat(),
-        window_start=_iso(current.start if current else None), window_end=_iso(current.end if current else None),
+        window_start=_iso(current.start if current else None),
+        window_end=_iso(current.end if current else None),
         next_start=next((t.at.isoformat() for t in coming if t.action == "start"), None),
         next_stop=next((t.at.isoformat() for t in coming if t.action == "stop"), None),
         running_workers=len(own_workers(session, schedule.id)),
@@ -167,9 +212,14 @@ def describe(session: Session, schedule: Schedule, now: datetime | None = None) 
 
 
 def describe_action(action: ScheduleAction) -> ScheduleActionOut:
-    return ScheduleActionOut(window_start=utc(action.window_start).isoformat(), action=action.action,
-                             status=ScheduleActionStatus(action.status), attempts=action.attempts,
-                             at=utc(action.at).isoformat(), message=action.message)
+    return ScheduleActionOut(
+        window_start=utc(action.window_start).isoformat(),
+        action=action.action,
+        status=ScheduleActionStatus(action.status),
+        attempts=action.attempts,
+        at=utc(action.at).isoformat(),
+        message=action.message,
+    )
 
 
 def _iso(moment: datetime | None) -> str | None:

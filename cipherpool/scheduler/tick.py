@@ -33,6 +33,7 @@ from sqlmodel import Session, col, func, select
 
 from cipherpool import lifecycle
 from cipherpool.clock import utcnow
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Model, Schedule, ScheduleAction, Worker
 from cipherpool.errors import CipherpoolError
 from cipherpool.scheduler import schedules, windows
@@ -40,7 +41,6 @@ from cipherpool.scheduler.windows import utc
 from cipherpool.services import events
 from cipherpool.services.accounts import get_account
 from cipherpool.statuses import WANTED, EventKind, ScheduleActionStatus, StopReason
-from cipherpool.context import PlatformContext
 
 log = logging.getLogger("cipherpool.scheduler")
 STALE_CLAIM_S = 300.0  # a claim this old was left by a beat that died: another may take it over
@@ -76,8 +76,13 @@ class Report:
     began: float = field(default_factory=lambda: time.monotonic())  # when the tick read what was due
 
     def as_dict(self) -> dict[str, Any]:
-        return {"started": self.started, "stopped": self.stopped, "failed": self.failed, "skipped": self.skipped,
-                "errors": self.errors}
+        return {
+            "started": self.started,
+            "stopped": self.stopped,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "errors": self.errors,
+        }
 
 
 def apply_schedules(ctx: PlatformContext, app: Celery, now: datetime | None = None) -> Report:
@@ -99,8 +104,13 @@ def apply_schedules(ctx: PlatformContext, app: Celery, now: datetime | None = No
 def due_actions(session: Session, now: datetime) -> list[Due]:
     """What each schedule needs at ``now`` (nothing, a start, or a stop), from the database."""
     rows = session.exec(select(Schedule, Model.name).join(Model, col(Model.id) == Schedule.model_id)).all()
-    running = dict(session.exec(select(Worker.schedule_id, func.count()).where(
-        col(Worker.schedule_id).is_not(None), col(Worker.status).in_(WANTED)).group_by(Worker.schedule_id)).all())
+    running = dict(
+        session.exec(
+            select(Worker.schedule_id, func.count())
+            .where(col(Worker.schedule_id).is_not(None), col(Worker.status).in_(WANTED))
+            .group_by(Worker.schedule_id)
+        ).all()
+    )
     found = []
     for schedule, model_name in rows:
         try:
@@ -119,8 +129,18 @@ def decide(schedule: Schedule, model_name: str, now: datetime, has_workers: bool
     since = utc(schedule.updated_at)
 
     def due(action: str, key: datetime, end: datetime | None, why: str) -> Due:
-        return Due(schedule.id, schedule.account_id, schedule.model_id, model_name, schedule.workers,
-                   schedule.profile, action, key, end, why)
+        return Due(
+            schedule.id,
+            schedule.account_id,
+            schedule.model_id,
+            model_name,
+            schedule.workers,
+            schedule.profile,
+            action,
+            key,
+            end,
+            why,
+        )
 
     if schedule.paused:
         return due(STOP, since, None, "paused") if has_workers else None
@@ -174,27 +194,45 @@ def take_over(ctx: PlatformContext, seen: ScheduleAction, now: datetime) -> bool
     """Claim an action row as it was ``seen`` (failed, or claimed long ago): a compare-and-set
     on its status and attempts, so of two beats that saw it alike only one gets it."""
     with ctx.session() as session:
-        taken = cast(CursorResult[Any], session.execute(
-            update(ScheduleAction).where(col(ScheduleAction.id) == seen.id, col(ScheduleAction.status) == seen.status,
-                                         col(ScheduleAction.attempts) == seen.attempts)
-            .values(status=Status.CLAIMED.value, attempts=seen.attempts + 1, at=now)))
+        taken = cast(
+            CursorResult[Any],
+            session.execute(
+                update(ScheduleAction)
+                .where(
+                    col(ScheduleAction.id) == seen.id,
+                    col(ScheduleAction.status) == seen.status,
+                    col(ScheduleAction.attempts) == seen.attempts,
+                )
+                .values(status=Status.CLAIMED.value, attempts=seen.attempts + 1, at=now)
+            ),
+        )
     return taken.rowcount == 1
 
 
 def _find(session: Session, schedule_id: str, key: datetime, action: str) -> ScheduleAction | None:
-    return session.exec(select(ScheduleAction).where(ScheduleAction.schedule_id == schedule_id,
-                                                     ScheduleAction.window_start == key,
-                                                     ScheduleAction.action == action)).first()
+    return session.exec(
+        select(ScheduleAction).where(
+            ScheduleAction.schedule_id == schedule_id, ScheduleAction.window_start == key, ScheduleAction.action == action
+        )
+    ).first()
 
 
-def _insert(ctx: PlatformContext, item: Due, status: Status, message: str, now: datetime,
-            action: str | None = None) -> int | None:
+def _insert(
+    ctx: PlatformContext, item: Due, status: Status, message: str, now: datetime, action: str | None = None
+) -> int | None:
     """Insert an action row and commit; None if the database refuses it (it exists already,
     or the schedule was removed meanwhile)."""
     try:
         with ctx.session() as session:
-            row = ScheduleAction(schedule_id=item.schedule_id, window_start=item.key, action=action or item.action,
-                                 status=status.value, attempts=1, at=now, message=message)
+            row = ScheduleAction(
+                schedule_id=item.schedule_id,
+                window_start=item.key,
+                action=action or item.action,
+                status=status.value,
+                attempts=1,
+                at=now,
+                message=message,
+            )
             session.add(row)
             session.flush()
             assert row.id is not None
@@ -215,8 +253,9 @@ def _skip_unseen_start(ctx: PlatformContext, item: Due, now: datetime) -> bool:
     return True
 
 
-def _finish(ctx: PlatformContext, item: Due, row_id: int, status: Status, message: str, now: datetime,
-            event: EventKind | None) -> None:
+def _finish(
+    ctx: PlatformContext, item: Due, row_id: int, status: Status, message: str, now: datetime, event: EventKind | None
+) -> None:
     """Record how a claimed action went and, if ``event``, the model's event, in one commit."""
     with ctx.session() as session:
         row = session.get(ScheduleAction, row_id)
@@ -230,8 +269,7 @@ def _finish(ctx: PlatformContext, item: Due, row_id: int, status: Status, messag
 # ---- starting and stopping ----------------------------------------------------------------
 
 
-def _start(ctx: PlatformContext, app: Celery, item: Due, row_id: int, previous: str, now: datetime,
-           report: Report) -> None:
+def _start(ctx: PlatformContext, app: Celery, item: Due, row_id: int, previous: str, now: datetime, report: Report) -> None:
     """Top the schedule up to its ``workers``; a refusal is recorded (an event when its reason
     is new) and retried by a later tick."""
     with ctx.session() as session:
@@ -241,19 +279,27 @@ def _start(ctx: PlatformContext, app: Celery, item: Due, row_id: int, previous: 
         _finish(ctx, item, row_id, Status.DONE, f"{item.why}: its {have} worker(s) were running already", now, None)
         return
     try:
-        started = lifecycle.start_workers(ctx, app, item.account_id, item.model_name, count=missing,
-                                          profile=item.profile, source="beat", started_by="schedule",
-                                          schedule_id=item.schedule_id)
+        started = lifecycle.start_workers(
+            ctx,
+            app,
+            item.account_id,
+            item.model_name,
+            count=missing,
+            profile=item.profile,
+            source="beat",
+            started_by="schedule",
+            schedule_id=item.schedule_id,
+        )
     except CipherpoolError as exc:
         message = f"{item.why}: could not start {missing} worker(s): {exc.message}"
         log.info("schedule %s: %s", item.schedule_id, message)
-        _finish(ctx, item, row_id, Status.FAILED, message, now,
-                EventKind.SCHEDULE_FAILED if message != previous else None)
+        _finish(ctx, item, row_id, Status.FAILED, message, now, EventKind.SCHEDULE_FAILED if message != previous else None)
         report.failed.append(item.schedule_id)
         return
     ids = ", ".join(w.id for w in started)
-    _finish(ctx, item, row_id, Status.DONE, f"{item.why}: started {len(started)} worker(s) ({ids})", now,
-            EventKind.SCHEDULE_STARTED)
+    _finish(
+        ctx, item, row_id, Status.DONE, f"{item.why}: started {len(started)} worker(s) ({ids})", now, EventKind.SCHEDULE_STARTED
+    )
     report.started.append(item.schedule_id)
     # The tick's clock, moved on by the time spent since it read what was due.
     _stop_if_withdrawn(ctx, app, item, [w.id for w in started], now + timedelta(seconds=time.monotonic() - report.began))
@@ -269,8 +315,9 @@ def _stop_if_withdrawn(ctx: PlatformContext, app: Celery, item: Due, worker_ids:
     # started workers decided on before the close: they would run until the next window's end.
     closed = item.end is not None and item.end <= now
     if withdrawn or closed:
-        log.info("schedule %s was paused, removed or its window closed while its workers started: stopping them",
-                 item.schedule_id)
+        log.info(
+            "schedule %s was paused, removed or its window closed while its workers started: stopping them", item.schedule_id
+        )
         for worker_id in worker_ids:
             lifecycle.stop_worker(ctx, app, item.account_id, worker_id, StopReason.SCHEDULE, source="beat")
 
@@ -288,8 +335,7 @@ def _stop(ctx: PlatformContext, app: Celery, item: Due, row_id: int, now: dateti
         report.stopped.append(item.schedule_id)
 
 
-def _stop_all(ctx: PlatformContext, app: Celery, account_id: str, schedule_id: str,
-              source: str) -> tuple[list[str], list[str]]:
+def _stop_all(ctx: PlatformContext, app: Celery, account_id: str, schedule_id: str, source: str) -> tuple[list[str], list[str]]:
     """Ask each of the schedule's wanted workers to stop; the ids stopped, and the problems."""
     with ctx.session() as session:
         ids = [w.id for w in schedules.own_workers(session, schedule_id)]

@@ -89,8 +89,7 @@ def _zone_names() -> frozenset[str]:
 def check_timezone(name: str) -> ZoneInfo:
     """The IANA zone ``name``; only names of the tz database (no file paths, no ``localtime``)."""
     if not isinstance(name, str) or name not in _zone_names():
-        raise InvalidInput(f"Unknown time zone {name!r}: use an IANA name such as Europe/Paris, America/New_York "
-                           f"or UTC.")
+        raise InvalidInput(f"Unknown time zone {name!r}: use an IANA name such as Europe/Paris, America/New_York or UTC.")
     return ZoneInfo(name)
 
 
@@ -99,8 +98,9 @@ def check_cron(expression: str, what: str = "cron expression") -> str:
     text = " ".join(expression.split()) if isinstance(expression, str) else ""
     example = "e.g. '0 8 * * 1-5' (08:00 on weekdays)"
     if not text or len(text) > MAX_CRON_CHARS or len(text.split(" ")) != CRON_FIELDS:
-        raise InvalidInput(f"Invalid {what} {expression!r}: give five fields, minute hour day-of-month month "
-                           f"day-of-week, {example}.")
+        raise InvalidInput(
+            f"Invalid {what} {expression!r}: give five fields, minute hour day-of-month month day-of-week, {example}."
+        )
     try:
         croniter(text, datetime(2000, 1, 1)).get_next(datetime)
     except CroniterError as exc:
@@ -119,8 +119,10 @@ def check(definition: Definition) -> None:
         start = check_cron(definition.start_cron or "", "start cron expression")
         stop = check_cron(definition.stop_cron or "", "stop cron expression")
         if start == stop:
-            raise InvalidInput("The start and stop cron expressions are the same: a window would close as the next "
-                               "one opens. Give the stop its own time.")
+            raise InvalidInput(
+                "The start and stop cron expressions are the same: a window would close as the next "
+                "one opens. Give the stop its own time."
+            )
     elif definition.kind == ScheduleKind.ONCE.value:
         if definition.starts_at is None or definition.ends_at is None:
             raise InvalidInput("A reservation needs both starts_at and ends_at.")

@@ -8,15 +8,14 @@ shows and updates its own details and rotates its key. A disabled account is kep
 from __future__ import annotations
 
 from decimal import Decimal
-
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from cipherpool.api.schemas import AccountOut
+from cipherpool.clock import utcnow
 from cipherpool.config.settings import get_settings
 from cipherpool.credentials import API_KEY_PREFIX, DISPLAY_CHARS, digest, new_secret
-from cipherpool.clock import utcnow
 from cipherpool.db.tables import Account
 from cipherpool.errors import AccountDisabled, AccountNotFound, Conflict, InvalidApiKey, InvalidInput
 from cipherpool.services.validation import check_name
@@ -25,8 +24,14 @@ from cipherpool.statuses import AccountStatus
 EDITABLE = ("name", "organisation", "contact_email")
 
 
-def create_account(session: Session, name: str, *, organisation: str | None = None,
-                   contact_email: str | None = None, signup_grant: Decimal | None = None) -> tuple[Account, str]:
+def create_account(
+    session: Session,
+    name: str,
+    *,
+    organisation: str | None = None,
+    contact_email: str | None = None,
+    signup_grant: Decimal | None = None,
+) -> tuple[Account, str]:
     """A new account and its API key in clear (shown once; only its hash is kept), with the
     sign-up grant of credits (``credits_signup_grant`` unless given) as its first ledger line.
 
@@ -35,8 +40,13 @@ def create_account(session: Session, name: str, *, organisation: str | None = No
     if session.exec(select(Account).where(Account.name == name)).first():
         raise Conflict(f"An account named {name!r} exists already.")
     api_key = new_secret(API_KEY_PREFIX)
-    account = Account(name=name, organisation=organisation, contact_email=contact_email,
-                      api_key_hash=digest(api_key), api_key_prefix=api_key[:DISPLAY_CHARS])
+    account = Account(
+        name=name,
+        organisation=organisation,
+        contact_email=contact_email,
+        api_key_hash=digest(api_key),
+        api_key_prefix=api_key[:DISPLAY_CHARS],
+    )
     session.add(account)
     session.flush()
     grant = get_settings().credits_signup_grant if signup_grant is None else signup_grant
@@ -114,8 +124,7 @@ def find_account(session: Session, id_or_name: str) -> Account:
         return account
     named = list(session.exec(select(Account).where(Account.name == id_or_name)))
     if len(named) > 1:
-        raise Conflict(f"{len(named)} accounts are named {id_or_name!r}; name one by id: "
-                       + ", ".join(a.id for a in named))
+        raise Conflict(f"{len(named)} accounts are named {id_or_name!r}; name one by id: " + ", ".join(a.id for a in named))
     if not named:
         raise AccountNotFound(f"No account with id or name {id_or_name!r}.")
     return named[0]
@@ -130,8 +139,12 @@ def set_disabled(session: Session, account: Account, disabled: bool) -> Account:
 
 def describe(account: Account) -> AccountOut:
     return AccountOut(
-        id=account.id, name=account.name, organisation=account.organisation, contact_email=account.contact_email,
+        id=account.id,
+        name=account.name,
+        organisation=account.organisation,
+        contact_email=account.contact_email,
         status=AccountStatus.DISABLED if account.disabled_at else AccountStatus.ACTIVE,
-        api_key_prefix=account.api_key_prefix + "…", created_at=account.created_at.isoformat(),
+        api_key_prefix=account.api_key_prefix + "…",
+        created_at=account.created_at.isoformat(),
         updated_at=account.updated_at.isoformat() if account.updated_at else None,
     )

@@ -40,8 +40,10 @@ def check_policy(policy: AutoscalePolicy, interval_s: float) -> None:
     not negative, and cool-downs no shorter than beat's autoscaling interval (a shorter one
     could not be honoured: beat decides only once an interval)."""
     if policy.target_queue_wait_s is None and policy.target_queue_depth is None:
-        raise InvalidInput("Autoscaling needs a target: a queue wait (target_queue_wait_s, e.g. 5 s) or queries "
-                           "waiting per worker (target_queue_depth), or both.")
+        raise InvalidInput(
+            "Autoscaling needs a target: a queue wait (target_queue_wait_s, e.g. 5 s) or queries "
+            "waiting per worker (target_queue_depth), or both."
+        )
     if policy.target_queue_wait_s is not None and not policy.target_queue_wait_s > 0:
         raise InvalidInput(f"target_queue_wait_s must be more than 0 s, not {policy.target_queue_wait_s:g}.")
     if policy.target_queue_depth is not None and policy.target_queue_depth < 1:
@@ -50,12 +52,15 @@ def check_policy(policy: AutoscalePolicy, interval_s: float) -> None:
         raise InvalidInput("scale_up_after_s must be 0 s or more and idle_after_s more than 0 s.")
     for name in ("cooldown_up_s", "cooldown_down_s"):
         if getattr(policy, name) < interval_s:
-            raise InvalidInput(f"{name} must be at least the autoscaling interval ({interval_s:g} s): beat decides "
-                               f"once an interval; not {getattr(policy, name):g} s.")
+            raise InvalidInput(
+                f"{name} must be at least the autoscaling interval ({interval_s:g} s): beat decides "
+                f"once an interval; not {getattr(policy, name):g} s."
+            )
 
 
-def set_policy(session: Session, account: Account, model_name: str, changes: dict[str, Any],
-               interval_s: float) -> tuple[Model, AutoscalePolicy]:
+def set_policy(
+    session: Session, account: Account, model_name: str, changes: dict[str, Any], interval_s: float
+) -> tuple[Model, AutoscalePolicy]:
     """Turn the model's autoscaling on with ``changes`` applied (fields left out keep their
     value, a new policy's the defaults; ``None`` clears a target). Turning it on again starts
     a fresh episode: what was seen before it was off does not count."""
@@ -90,11 +95,15 @@ def disable_policy(session: Session, account: Account, model_name: str) -> tuple
 
 def summary(policy: AutoscalePolicy) -> str:
     """The policy in one line, for its event."""
-    targets = [f"queue wait > {policy.target_queue_wait_s:g} s" if policy.target_queue_wait_s is not None else "",
-               f"> {policy.target_queue_depth} waiting per worker" if policy.target_queue_depth is not None else ""]
-    return (f"add a worker after {policy.scale_up_after_s:g} s of {' or '.join(t for t in targets if t)}, remove one "
-            f"after {policy.idle_after_s:g} s idle; cool-downs {policy.cooldown_up_s:g} s up, "
-            f"{policy.cooldown_down_s:g} s down")
+    targets = [
+        f"queue wait > {policy.target_queue_wait_s:g} s" if policy.target_queue_wait_s is not None else "",
+        f"> {policy.target_queue_depth} waiting per worker" if policy.target_queue_depth is not None else "",
+    ]
+    return (
+        f"add a worker after {policy.scale_up_after_s:g} s of {' or '.join(t for t in targets if t)}, remove one "
+        f"after {policy.idle_after_s:g} s idle; cool-downs {policy.cooldown_up_s:g} s up, "
+        f"{policy.cooldown_down_s:g} s down"
+    )
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -105,13 +114,21 @@ def describe(session: Session, model: Model, policy: AutoscalePolicy | None) -> 
     """The policy as the API shows it; a model that never had one shows the defaults, off."""
     shown = policy or AutoscalePolicy(model_id=model.id, account_id=model.account_id, enabled=False)
     return AutoscaleOut(
-        model=model.name, enabled=shown.enabled,
-        target_queue_wait_s=shown.target_queue_wait_s, target_queue_depth=shown.target_queue_depth,
-        scale_up_after_s=shown.scale_up_after_s, idle_after_s=shown.idle_after_s,
-        cooldown_up_s=shown.cooldown_up_s, cooldown_down_s=shown.cooldown_down_s,
-        min_workers=model.min_workers, max_workers=model.max_workers,
+        model=model.name,
+        enabled=shown.enabled,
+        target_queue_wait_s=shown.target_queue_wait_s,
+        target_queue_depth=shown.target_queue_depth,
+        scale_up_after_s=shown.scale_up_after_s,
+        idle_after_s=shown.idle_after_s,
+        cooldown_up_s=shown.cooldown_up_s,
+        cooldown_down_s=shown.cooldown_down_s,
+        min_workers=model.min_workers,
+        max_workers=model.max_workers,
         workers=len(worker_service.serving(session, model_id=model.id)),
-        above_since=_iso(shown.above_since), idle_since=_iso(shown.idle_since),
-        last_scaled_at=_iso(shown.last_scaled_at), last_action=shown.last_action, last_reason=shown.last_reason,
+        above_since=_iso(shown.above_since),
+        idle_since=_iso(shown.idle_since),
+        last_scaled_at=_iso(shown.last_scaled_at),
+        last_action=shown.last_action,
+        last_reason=shown.last_reason,
         updated_at=_iso(shown.updated_at) if policy is not None else None,
     )

@@ -47,15 +47,15 @@ def mark(session: Session, blobs: Iterable[tuple[BlobKind, str]], now: datetime 
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     statement = insert(BlobCandidate).values(rows)
-    session.execute(statement.on_conflict_do_update(index_elements=["kind", "blob_id"],
-                                                    set_={"marked_at": statement.excluded.marked_at}))
+    session.execute(
+        statement.on_conflict_do_update(index_elements=["kind", "blob_id"], set_={"marked_at": statement.excluded.marked_at})
+    )
 
 
 def unmark(session: Session, kind: BlobKind, blob_id: str) -> None:
     """A row references the blob (again): no sweep may remove it. Call it before writing the
     blob into the store; it waits for a sweep that is removing it (see the module's docstring)."""
-    session.exec(delete(BlobCandidate).where(col(BlobCandidate.kind) == kind.value,
-                                             col(BlobCandidate.blob_id) == blob_id))
+    session.exec(delete(BlobCandidate).where(col(BlobCandidate.kind) == kind.value, col(BlobCandidate.blob_id) == blob_id))
 
 
 def referenced(session: Session, kind: BlobKind, blob_id: str) -> bool:
@@ -70,8 +70,12 @@ def referenced(session: Session, kind: BlobKind, blob_id: str) -> bool:
 
 def due(session: Session, cutoff: datetime, limit: int = SWEEP_BATCH) -> list[tuple[BlobKind, str]]:
     """Marks made at or before ``cutoff``, oldest first."""
-    rows = session.exec(select(BlobCandidate.kind, BlobCandidate.blob_id).where(BlobCandidate.marked_at <= cutoff)
-                        .order_by(col(BlobCandidate.marked_at)).limit(limit)).all()
+    rows = session.exec(
+        select(BlobCandidate.kind, BlobCandidate.blob_id)
+        .where(BlobCandidate.marked_at <= cutoff)
+        .order_by(col(BlobCandidate.marked_at))
+        .limit(limit)
+    ).all()
     return [(BlobKind(kind), blob_id) for kind, blob_id in rows]
 
 
@@ -80,9 +84,11 @@ def claim(session: Session, kind: BlobKind, blob_id: str, cutoff: datetime) -> b
     the blob: the caller removes it from the store, then commits (a failed removal rolls the
     claim back, and the next sweep tries again). False: someone unmarked or marked it again
     meanwhile, or a row references it (the mark is gone; the blob stays)."""
-    taken = session.exec(delete(BlobCandidate).where(  # first: it locks the mark (see the module's docstring)
-        col(BlobCandidate.kind) == kind.value, col(BlobCandidate.blob_id) == blob_id,
-        col(BlobCandidate.marked_at) <= cutoff))
+    taken = session.exec(
+        delete(BlobCandidate).where(  # first: it locks the mark (see the module's docstring)
+            col(BlobCandidate.kind) == kind.value, col(BlobCandidate.blob_id) == blob_id, col(BlobCandidate.marked_at) <= cutoff
+        )
+    )
     if not taken.rowcount:
         return False
     return not referenced(session, kind, blob_id)

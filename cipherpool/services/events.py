@@ -23,10 +23,26 @@ from cipherpool.statuses import EventKind
 MAX_EVENTS = 1000
 
 
-def record(session: Session, model: Model, kind: EventKind, message: str, *, worker_id: str | None = None,
-           version: int | None = None, token_id: str | None = None) -> ModelEvent:
-    event = ModelEvent(account_id=model.account_id, model_id=model.id, kind=kind.value, message=message,
-                       worker_id=worker_id, version=version, token_id=token_id, at=utcnow())
+def record(
+    session: Session,
+    model: Model,
+    kind: EventKind,
+    message: str,
+    *,
+    worker_id: str | None = None,
+    version: int | None = None,
+    token_id: str | None = None,
+) -> ModelEvent:
+    event = ModelEvent(
+        account_id=model.account_id,
+        model_id=model.id,
+        kind=kind.value,
+        message=message,
+        worker_id=worker_id,
+        version=version,
+        token_id=token_id,
+        at=utcnow(),
+    )
     session.add(event)
     return event
 
@@ -38,15 +54,17 @@ def record_for(session: Session, model_id: str, kind: EventKind, message: str, *
         record(session, model, kind, message, **refs)  # type: ignore[arg-type]
 
 
-def list_events(session: Session, model: Model, *, after: str | None = None, since: datetime | None = None,
-                limit: int = MAX_EVENTS) -> list[ModelEvent]:
+def list_events(
+    session: Session, model: Model, *, after: str | None = None, since: datetime | None = None, limit: int = MAX_EVENTS
+) -> list[ModelEvent]:
     """The model's events in order, after event ``after`` (an id it listed) and/or at or after
     ``since``. An ``after`` that is no event of this model is refused (InvalidInput), the same
     whether it is another model's, another account's or nobody's."""
     query = select(ModelEvent).where(ModelEvent.model_id == model.id)
     if after is not None:
-        position = session.exec(select(ModelEvent.id).where(ModelEvent.model_id == model.id,
-                                                            ModelEvent.public_id == after)).first()
+        position = session.exec(
+            select(ModelEvent.id).where(ModelEvent.model_id == model.id, ModelEvent.public_id == after)
+        ).first()
         if position is None:
             raise InvalidInput(f"No event {after[:40]!r} in this model's log: pass the id of an event it listed.")
         query = query.where(col(ModelEvent.id) > position)
@@ -63,5 +81,13 @@ def delete_events(session: Session, model_id: str) -> None:
 
 
 def describe(event: ModelEvent, model_name: str) -> EventOut:
-    return EventOut(id=event.public_id, at=event.at.isoformat(), model=model_name, kind=event.kind, message=event.message,
-                    worker_id=event.worker_id, version=event.version, token_id=event.token_id)
+    return EventOut(
+        id=event.public_id,
+        at=event.at.isoformat(),
+        model=model_name,
+        kind=event.kind,
+        message=event.message,
+        worker_id=event.worker_id,
+        version=event.version,
+        token_id=event.token_id,
+    )

@@ -47,16 +47,16 @@ class KeyQuotas:
 LIVE = col(EvaluationKey.expired_at).is_(None)  # a key set that did not expire
 
 
-def stored_bytes(session: Session, *, token_id: str | None = None, account_id: str | None = None,
-                 besides: tuple[str, str] | None = None) -> int:
+def stored_bytes(
+    session: Session, *, token_id: str | None = None, account_id: str | None = None, besides: tuple[str, str] | None = None
+) -> int:
     """Bytes of the live key sets of a token, or of an account's tokens; ``besides``: leave out
     key set (token id, key id), the one being replaced."""
     query = select(func.coalesce(func.sum(EvaluationKey.size_bytes), 0)).where(LIVE)
     if token_id is not None:
         query = query.where(EvaluationKey.token_id == token_id)
     if account_id is not None:
-        query = query.join(AccessToken, col(AccessToken.id) == EvaluationKey.token_id).where(
-            AccessToken.account_id == account_id)
+        query = query.join(AccessToken, col(AccessToken.id) == EvaluationKey.token_id).where(AccessToken.account_id == account_id)
     if besides is not None:
         query = query.where(~((col(EvaluationKey.token_id) == besides[0]) & (col(EvaluationKey.key_id) == besides[1])))
     return int(session.exec(query).one())
@@ -82,13 +82,15 @@ def check_quota(session: Session, token_id: str, account_id: str, key_id: str, s
             raise TokenKeyQuotaExceeded(
                 f"This key set ({_bytes(size)}) would take this token's stored key sets to {_bytes(others + size)}, "
                 f"over its quota of {_bytes(quotas.per_token)} (CIPHERPOOL_MAX_KEY_BYTES_PER_TOKEN): delete key sets "
-                "it no longer uses (`cipherpool query keys delete`), or ask the model's provider.")
+                "it no longer uses (`cipherpool query keys delete`), or ask the model's provider."
+            )
     if quotas.per_account:
         others = stored_bytes(session, account_id=account_id, besides=(token_id, key_id))
         if others + size > quotas.per_account:
             raise AccountKeyQuotaExceeded(
                 f"The provider's account is at its quota of stored key sets ({_bytes(quotas.per_account)}, "
-                "CIPHERPOOL_MAX_KEY_BYTES_PER_ACCOUNT): delete key sets no longer used, or ask the model's provider.")
+                "CIPHERPOOL_MAX_KEY_BYTES_PER_ACCOUNT): delete key sets no longer used, or ask the model's provider."
+            )
 
 
 def made_for(session: Session, model_id: str, client_blob: str) -> int | None:
@@ -96,8 +98,9 @@ def made_for(session: Session, model_id: str, client_blob: str) -> int | None:
     made from them was made for); None if no version has them any more."""
     if not client_blob:
         return None
-    number = session.exec(select(func.max(ModelVersion.number)).where(
-        ModelVersion.model_id == model_id, ModelVersion.client_blob == client_blob)).one()
+    number = session.exec(
+        select(func.max(ModelVersion.number)).where(ModelVersion.model_id == model_id, ModelVersion.client_blob == client_blob)
+    ).one()
     return int(number) if number is not None else None
 
 
@@ -111,17 +114,29 @@ def key_ids(session: Session, token_id: str) -> list[str]:
 def list_key_sets(session: Session, token_id: str, uses: dict[str, float], idle_s: float) -> list[KeySetOut]:
     """This token's key sets, oldest first. ``uses``: last uses not flushed yet (key id -> unix
     time), newer than the rows'."""
-    rows = session.exec(select(EvaluationKey, Model).join(Model, col(Model.id) == EvaluationKey.model_id)
-                        .where(EvaluationKey.token_id == token_id).order_by(col(EvaluationKey.created_at))).all()
-    serving = dict(session.exec(select(ModelVersion.model_id, ModelVersion.client_blob).join(
-        Model, (col(Model.id) == ModelVersion.model_id) & (col(Model.version) == ModelVersion.number)).where(
-        col(Model.id).in_({m.id for _, m in rows}))).all()) if rows else {}
-    return [_describe(session, row, model, serving.get(model.id, ""), uses.get(row.key_id), idle_s)
-            for row, model in rows]
+    rows = session.exec(
+        select(EvaluationKey, Model)
+        .join(Model, col(Model.id) == EvaluationKey.model_id)
+        .where(EvaluationKey.token_id == token_id)
+        .order_by(col(EvaluationKey.created_at))
+    ).all()
+    serving = (
+        dict(
+            session.exec(
+                select(ModelVersion.model_id, ModelVersion.client_blob)
+                .join(Model, (col(Model.id) == ModelVersion.model_id) & (col(Model.version) == ModelVersion.number))
+                .where(col(Model.id).in_({m.id for _, m in rows}))
+            ).all()
+        )
+        if rows
+        else {}
+    )
+    return [_describe(session, row, model, serving.get(model.id, ""), uses.get(row.key_id), idle_s) for row, model in rows]
 
 
-def _describe(session: Session, row: EvaluationKey, model: Model, serving_blob: str, pending_use: float | None,
-              idle_s: float) -> KeySetOut:
+def _describe(
+    session: Session, row: EvaluationKey, model: Model, serving_blob: str, pending_use: float | None, idle_s: float
+) -> KeySetOut:
     last = aware(row.last_used_at) if row.last_used_at is not None else None
     if pending_use is not None:
         recorded = datetime.fromtimestamp(pending_use, UTC)
@@ -133,9 +148,15 @@ def _describe(session: Session, row: EvaluationKey, model: Model, serving_blob: 
         start = last or aware(row.created_at)
         expires = start + timedelta(seconds=idle_s) if idle_s else None
     return KeySetOut(
-        key_id=row.key_id, model=model.name, made_for_version=made_for(session, model.id, row.client_blob),
-        serving_version=model.version, status=status, size_bytes=row.size_bytes, blob_id=row.blob_id,
-        created_at=aware(row.created_at).isoformat(), last_used_at=last.isoformat() if last else None,
+        key_id=row.key_id,
+        model=model.name,
+        made_for_version=made_for(session, model.id, row.client_blob),
+        serving_version=model.version,
+        status=status,
+        size_bytes=row.size_bytes,
+        blob_id=row.blob_id,
+        created_at=aware(row.created_at).isoformat(),
+        last_used_at=last.isoformat() if last else None,
         expires_at=expires.isoformat() if expires else None,
         expired_at=aware(row.expired_at).isoformat() if row.expired_at is not None else None,
     )
@@ -144,8 +165,7 @@ def _describe(session: Session, row: EvaluationKey, model: Model, serving_blob: 
 def delete_key_set(session: Session, token_id: str, key_id: str, now: datetime | None = None) -> None:
     """Delete this token's key set ``key_id`` (expired or not); its blob is marked for the
     sweep. Another token's key set is not found, exactly like one that does not exist."""
-    row = session.exec(select(EvaluationKey).where(EvaluationKey.token_id == token_id,
-                                                   EvaluationKey.key_id == key_id)).first()
+    row = session.exec(select(EvaluationKey).where(EvaluationKey.token_id == token_id, EvaluationKey.key_id == key_id)).first()
     if row is None:
         raise EvaluationKeyNotFound(f"No key set {key_id} for this access token.")
     if row.expired_at is None:
@@ -162,12 +182,18 @@ def apply_uses(session: Session, uses: Uses) -> int:
     if not uses:
         return 0
     table = EvaluationKey.__table__  # type: ignore[attr-defined]
-    statement = update(table).where(
-        table.c.token_id == bindparam("token"), table.c.key_id == bindparam("key"),
-        or_(table.c.last_used_at.is_(None), table.c.last_used_at < bindparam("at")),
-    ).values(last_used_at=bindparam("at"))
-    params = [{"token": token_id, "key": key_id, "at": datetime.fromtimestamp(at, UTC)}
-              for (token_id, key_id), at in uses.items()]
+    statement = (
+        update(table)
+        .where(
+            table.c.token_id == bindparam("token"),
+            table.c.key_id == bindparam("key"),
+            or_(table.c.last_used_at.is_(None), table.c.last_used_at < bindparam("at")),
+        )
+        .values(last_used_at=bindparam("at"))
+    )
+    params = [
+        {"token": token_id, "key": key_id, "at": datetime.fromtimestamp(at, UTC)} for (token_id, key_id), at in uses.items()
+    ]
     session.connection().execute(statement, params)
     return len(params)
 
@@ -186,8 +212,9 @@ def expire_idle(session: Session, idle_s: float, now: datetime | None = None) ->
     """Expire the live key sets unused for ``idle_s`` (never used: since they were uploaded)."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=idle_s)
-    rows = session.exec(select(EvaluationKey).where(
-        LIVE, func.coalesce(EvaluationKey.last_used_at, EvaluationKey.created_at) <= cutoff)).all()
+    rows = session.exec(
+        select(EvaluationKey).where(LIVE, func.coalesce(EvaluationKey.last_used_at, EvaluationKey.created_at) <= cutoff)
+    ).all()
     return expire(session, list(rows), now)
 
 
@@ -195,8 +222,7 @@ def expire_of_dead_tokens(session: Session, now: datetime | None = None) -> int:
     """Expire the live key sets of tokens that expired or were revoked (not of disabled ones:
     those may be enabled again)."""
     now = now or utcnow()
-    dead = select(AccessToken.id).where(or_(col(AccessToken.revoked_at).is_not(None),
-                                            col(AccessToken.expires_at) <= now))
+    dead = select(AccessToken.id).where(or_(col(AccessToken.revoked_at).is_not(None), col(AccessToken.expires_at) <= now))
     rows = session.exec(select(EvaluationKey).where(LIVE, col(EvaluationKey.token_id).in_(dead))).all()
     return expire(session, list(rows), now)
 

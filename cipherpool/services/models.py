@@ -18,8 +18,19 @@ from cipherpool import backends
 from cipherpool.api.schemas import ModelDetail, ModelOut, VersionOut
 from cipherpool.clock import utcnow
 from cipherpool.db.tables import (
-    Account, AlertEvent, AlertRule, AutoscalePolicy, EvaluationKey, Model, ModelStatus, ModelVersion, PoolNode, Schedule,
-    ScheduleAction, TokenModel, Worker,
+    Account,
+    AlertEvent,
+    AlertRule,
+    AutoscalePolicy,
+    EvaluationKey,
+    Model,
+    ModelStatus,
+    ModelVersion,
+    PoolNode,
+    Schedule,
+    ScheduleAction,
+    TokenModel,
+    Worker,
 )
 from cipherpool.errors import InvalidDeployment, InvalidInput, ModelBusy, ModelExists, ModelNotFound, VersionNotFound
 from cipherpool.fhe.deployment import InputSpec, Versions
@@ -67,23 +78,45 @@ def _selector_json(selector: dict[str, str] | None) -> str:
     return json.dumps(dict(sorted((selector or {}).items())), separators=(",", ":"))
 
 
-def deploy_model(session: Session, account: Account, name: str, artifact: Artifact, *,
-                 hardware: str = backends.DEFAULT_HOST_CLASS,
-                 description: str = "", min_workers: int = 0, max_workers: int = 1, shared: bool = False,
-                 node_selector: dict[str, str] | None = None) -> Model:
+def deploy_model(
+    session: Session,
+    account: Account,
+    name: str,
+    artifact: Artifact,
+    *,
+    hardware: str = backends.DEFAULT_HOST_CLASS,
+    description: str = "",
+    min_workers: int = 0,
+    max_workers: int = 1,
+    shared: bool = False,
+    node_selector: dict[str, str] | None = None,
+) -> Model:
     check_name("model", name)
     check_settings({"hardware": hardware, "min_workers": min_workers, "max_workers": max_workers})
     check_backend(name, hardware, artifact.backend)
     if session.exec(select(Model).where(Model.account_id == account.id, Model.name == name)).first():
         raise ModelExists(f"Model {name!r} exists already; deploy a new version of it, or use another name.")
-    model = Model(account_id=account.id, name=name, hardware=hardware, description=description,
-                  min_workers=min_workers, max_workers=max_workers, shared=shared, version=1,
-                  node_selector=_selector_json(node_selector))
+    model = Model(
+        account_id=account.id,
+        name=name,
+        hardware=hardware,
+        description=description,
+        min_workers=min_workers,
+        max_workers=max_workers,
+        shared=shared,
+        version=1,
+        node_selector=_selector_json(node_selector),
+    )
     session.add(model)
     session.flush()
     _add_version_row(session, model, 1, artifact, note="")
-    events.record(session, model, EventKind.DEPLOYED, f"deployed version 1 ({hardware}, "
-                  f"{min_workers}..{max_workers} workers{', shared' if shared else ''})", version=1)
+    events.record(
+        session,
+        model,
+        EventKind.DEPLOYED,
+        f"deployed version 1 ({hardware}, {min_workers}..{max_workers} workers{', shared' if shared else ''})",
+        version=1,
+    )
     return model
 
 
@@ -146,8 +179,9 @@ def add_version(session: Session, account: Account, name: str, artifact: Artifac
     number = (session.exec(select(func.max(ModelVersion.number)).where(ModelVersion.model_id == model.id)).one() or 0) + 1
     check_holders_run(session, model, number, artifact.backend)  # before anything is written
     _add_version_row(session, model, number, artifact, note)
-    events.record(session, model, EventKind.VERSION_ADDED, f"version {number} added" + (f": {note}" if note else ""),
-                  version=number)
+    events.record(
+        session, model, EventKind.VERSION_ADDED, f"version {number} added" + (f": {note}" if note else ""), version=number
+    )
     rollout.begin(session, model, number)
     model.updated_at = utcnow()
     session.add(model)
@@ -164,8 +198,7 @@ def rollback(session: Session, account: Account, name: str, to: int | None = Non
     backend = get_version(session, model, target).backend
     check_backend(model.name, model.hardware, backend)  # the model's hardware may have changed since
     check_holders_run(session, model, target, backend)
-    events.record(session, model, EventKind.ROLLED_BACK, f"rollback from version {model.version} to {target}",
-                  version=target)
+    events.record(session, model, EventKind.ROLLED_BACK, f"rollback from version {model.version} to {target}", version=target)
     rollout.begin(session, model, target)
     model.updated_at = utcnow()
     session.add(model)
@@ -173,9 +206,7 @@ def rollback(session: Session, account: Account, name: str, to: int | None = Non
 
 
 def get_version(session: Session, model: Model, number: int) -> ModelVersion:
-    version = session.exec(
-        select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number)
-    ).first()
+    version = session.exec(select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number)).first()
     if version is None:
         raise VersionNotFound(f"Model {model.name!r} has no version {number}.")
     return version
@@ -192,52 +223,69 @@ def check_backend(name: str, hardware: str, backend: str) -> None:
         raise InvalidDeployment(
             f"server.zip of model {name!r} was compiled for {backends.describe(backend).target} and the model runs on "
             f"{hardware} nodes: deploy it with --hardware {backends.describe(backend).host_class}, or compile it for "
-            f"{backends.fallback().target}.")
+            f"{backends.fallback().target}."
+        )
 
 
 def check_serving_runs_on(session: Session, model: Model, hardware: str) -> None:
     """Refuse to move a model to ``hardware`` nodes that cannot run a version it serves or rolls out."""
     stranded = sorted(b for b in required_backends(session, model) if not backends.runs_on(b, hardware))
     if stranded:
-        raise InvalidInput(f"Model {model.name!r} serves a version compiled for {backends.describe(stranded[0]).target}, "
-                           f"which {hardware} nodes cannot run: deploy a version compiled for {backends.fallback().target} "
-                           "first.")
+        raise InvalidInput(
+            f"Model {model.name!r} serves a version compiled for {backends.describe(stranded[0]).target}, "
+            f"which {hardware} nodes cannot run: deploy a version compiled for {backends.fallback().target} "
+            "first."
+        )
 
 
 def required_backends(session: Session, model: Model) -> set[str]:
     """The backends the versions the model serves, or rolls out, were compiled for: a node
     serves it only if it has them all (its capabilities)."""
     numbers = {model.version} | ({model.rollout_version} if model.rollout_version is not None else set())
-    return set(session.exec(select(ModelVersion.backend).where(
-        ModelVersion.model_id == model.id, col(ModelVersion.number).in_(numbers))).all())
+    return set(
+        session.exec(
+            select(ModelVersion.backend).where(ModelVersion.model_id == model.id, col(ModelVersion.number).in_(numbers))
+        ).all()
+    )
 
 
 def check_holders_run(session: Session, model: Model, number: int, backend: str) -> None:
     """Refuse to roll a version onto workers whose nodes cannot run its backend: their loads
     would fail one by one, after the rollout began."""
-    held = session.exec(select(Worker.id, PoolNode).join(PoolNode, col(PoolNode.worker_id) == Worker.id).where(
-        Worker.model_id == model.id, col(Worker.status).in_(BUSY))).all()
+    held = session.exec(
+        select(Worker.id, PoolNode)
+        .join(PoolNode, col(PoolNode.worker_id) == Worker.id)
+        .where(Worker.model_id == model.id, col(Worker.status).in_(BUSY))
+    ).all()
     stuck = [(worker, node.name) for worker, node in held if backend not in capabilities_of(node)]
     if stuck:
         names = ", ".join(f"{worker} on {node}" for worker, node in stuck)
         described = backends.describe(backend)
-        raise ModelBusy(f"Version {number} of model {model.name!r} was compiled for {described.target} and these "
-                        f"workers' nodes lack {described.needs}: {names}. Stop them first.")
+        raise ModelBusy(
+            f"Version {number} of model {model.name!r} was compiled for {described.target} and these "
+            f"workers' nodes lack {described.needs}: {names}. Stop them first."
+        )
 
 
 def list_versions(session: Session, model: Model) -> list[ModelVersion]:
-    return list(session.exec(
-        select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(col(ModelVersion.number))))
+    return list(session.exec(select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(col(ModelVersion.number))))
 
 
 def _add_version_row(session: Session, model: Model, number: int, artifact: Artifact, note: str) -> ModelVersion:
     row = ModelVersion(
-        model_id=model.id, number=number, client_blob=artifact.client_blob, server_blob=artifact.server_blob,
-        client_size=artifact.client_size, server_size=artifact.server_size,
-        concrete_ml_version=artifact.versions.concrete_ml, concrete_python_version=artifact.versions.concrete_python,
-        python_version=artifact.versions.python, note=note,
+        model_id=model.id,
+        number=number,
+        client_blob=artifact.client_blob,
+        server_blob=artifact.server_blob,
+        client_size=artifact.client_size,
+        server_size=artifact.server_size,
+        concrete_ml_version=artifact.versions.concrete_ml,
+        concrete_python_version=artifact.versions.concrete_python,
+        python_version=artifact.versions.python,
+        note=note,
         input_shape=json.dumps(artifact.spec.shape) if artifact.spec.shape is not None else None,
-        input_dtype=artifact.spec.dtype, backend=artifact.backend,
+        input_dtype=artifact.spec.dtype,
+        backend=artifact.backend,
     )
     session.add(row)
     session.flush()
@@ -262,8 +310,7 @@ def delete_model(session: Session, account: Account, name: str) -> list[tuple[Bl
     model = get_model(session, account, name)
     busy = busy_workers(session, model.id)
     if busy:
-        raise ModelBusy(f"Model {name!r} has {len(busy)} worker(s) running: stop them first "
-                        f"({', '.join(w.id for w in busy)}).")
+        raise ModelBusy(f"Model {name!r} has {len(busy)} worker(s) running: stop them first ({', '.join(w.id for w in busy)}).")
     blobs: list[tuple[BlobKind, str]] = []
     for version in list_versions(session, model):
         blobs += [(BlobKind.CLIENT_ZIP, version.client_blob), (BlobKind.SERVER_ZIP, version.server_blob)]
@@ -301,23 +348,41 @@ def unreferenced(session: Session, blobs: list[tuple[BlobKind, str]]) -> list[tu
 def describe(session: Session, model: Model) -> ModelOut:
     version = current_version(session, model)
     return ModelOut(
-        id=model.id, name=model.name, status=model.status, hardware=model.hardware, version=model.version,
-        rollout_version=model.rollout_version, description=model.description, min_workers=model.min_workers,
-        max_workers=model.max_workers, shared=model.shared, node_selector=model_selector(model),
+        id=model.id,
+        name=model.name,
+        status=model.status,
+        hardware=model.hardware,
+        version=model.version,
+        rollout_version=model.rollout_version,
+        description=model.description,
+        min_workers=model.min_workers,
+        max_workers=model.max_workers,
+        shared=model.shared,
+        node_selector=model_selector(model),
         concrete_ml=version.concrete_ml_version,
-        concrete_python=version.concrete_python_version, created_at=model.created_at.isoformat(),
+        concrete_python=version.concrete_python_version,
+        created_at=model.created_at.isoformat(),
         updated_at=model.updated_at.isoformat(),
     )
 
 
 def describe_version(model: Model, version: ModelVersion) -> VersionOut:
     return VersionOut(
-        number=version.number, serving=version.number == model.version,
-        rolling_out=version.number == model.rollout_version, client_sha256=version.client_blob,
-        client_size=version.client_size, server_sha256=version.server_blob, server_size=version.server_size,
-        concrete_ml=version.concrete_ml_version, concrete_python=version.concrete_python_version,
-        python=version.python_version, input_shape=json.loads(version.input_shape) if version.input_shape else None,
-        input_dtype=version.input_dtype, backend=version.backend, note=version.note, created_at=version.created_at.isoformat(),
+        number=version.number,
+        serving=version.number == model.version,
+        rolling_out=version.number == model.rollout_version,
+        client_sha256=version.client_blob,
+        client_size=version.client_size,
+        server_sha256=version.server_blob,
+        server_size=version.server_size,
+        concrete_ml=version.concrete_ml_version,
+        concrete_python=version.concrete_python_version,
+        python=version.python_version,
+        input_shape=json.loads(version.input_shape) if version.input_shape else None,
+        input_dtype=version.input_dtype,
+        backend=version.backend,
+        note=version.note,
+        created_at=version.created_at.isoformat(),
     )
 
 
@@ -325,7 +390,13 @@ def detail(session: Session, model: Model, running_workers: int) -> ModelDetail:
     versions = [describe_version(model, v) for v in list_versions(session, model)]
     serving = next(v for v in versions if v.serving)
     return ModelDetail(
-        **describe(session, model).model_dump(), versions=versions, client_sha256=serving.client_sha256,
-        client_size=serving.client_size, server_sha256=serving.server_sha256, server_size=serving.server_size,
-        input_shape=serving.input_shape, input_dtype=serving.input_dtype, running_workers=running_workers,
+        **describe(session, model).model_dump(),
+        versions=versions,
+        client_sha256=serving.client_sha256,
+        client_size=serving.client_size,
+        server_sha256=serving.server_sha256,
+        server_size=serving.server_size,
+        input_shape=serving.input_shape,
+        input_dtype=serving.input_dtype,
+        running_workers=running_workers,
     )

@@ -9,9 +9,9 @@ answers "which nodes exist, and which are alive?".
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from collections.abc import Callable, Mapping
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -19,16 +19,15 @@ from sqlalchemy import ColumnElement, update
 from sqlmodel import Session, col, select
 
 from cipherpool import backends
-from cipherpool.backends import gpu
 from cipherpool.api.schemas import NodeOut, NodeResources, SharedModelOut
-from cipherpool.clock import utcnow
-from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker
-from cipherpool.clock import aware
+from cipherpool.backends import gpu
 from cipherpool.billing import charging, rates
 from cipherpool.billing.rates import PriceChange
+from cipherpool.clock import aware, utcnow
+from cipherpool.db.tables import Model, NodeStatus, PoolNode, Worker
+from cipherpool.names import SHARED_LOADED_PREFIX
 from cipherpool.services import events
 from cipherpool.statuses import HOLDING_NODE, EventKind
-from cipherpool.names import SHARED_LOADED_PREFIX
 
 NODE_STALE_HEARTBEATS = 3  # a node unseen for this many heartbeats is not offered
 
@@ -69,8 +68,10 @@ class Downtime:
 
     def describe(self) -> str:
         """The line its event and the worker's log say."""
-        return (f"node {self.node} restarted holding worker {self.worker_id}: down {self.seconds:.1f} s "
-                f"(no heartbeat since {self.since.isoformat()}), not charged")
+        return (
+            f"node {self.node} restarted holding worker {self.worker_id}: down {self.seconds:.1f} s "
+            f"(no heartbeat since {self.since.isoformat()}), not charged"
+        )
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,18 @@ def register(session: Session, name: str, info: NodeInfo, now: datetime | None =
     if node is None:  # a first registration, or a row that was lost: the worker it holds says it is bound
         node = PoolNode(name=name, worker_id=_held_by(session, name))
     node.host_class, node.concurrency, node.threads, node.pid = info.host_class, info.concurrency, info.threads, info.pid
-    node.profile, node.labels, node.shared, node.host = (info.profile, json.dumps(dict(info.labels), sort_keys=True),
-                                                         info.shared, info.host)
-    node.cores, node.memory_bytes, node.gpus, node.key_cache_bytes = (info.cores, info.memory_bytes, info.gpus,
-                                                                       info.key_cache_bytes)
+    node.profile, node.labels, node.shared, node.host = (
+        info.profile,
+        json.dumps(dict(info.labels), sort_keys=True),
+        info.shared,
+        info.host,
+    )
+    node.cores, node.memory_bytes, node.gpus, node.key_cache_bytes = (
+        info.cores,
+        info.memory_bytes,
+        info.gpus,
+        info.key_cache_bytes,
+    )
     node.capabilities = json.dumps(list(info.capabilities))
     node.status = NodeStatus.ONLINE
     node.started_at = node.last_seen = now
@@ -127,15 +136,19 @@ def skip_downtime(session: Session, node: PoolNode, now: datetime) -> Downtime |
 
 def _held_by(session: Session, name: str) -> str | None:
     """The worker that holds node ``name`` by the workers' own rows (its node row may be gone)."""
-    return session.exec(select(Worker.id).where(Worker.node_name == name, col(Worker.status).in_(HOLDING_NODE))
-                        .order_by(col(Worker.created_at).desc())).first()
+    return session.exec(
+        select(Worker.id)
+        .where(Worker.node_name == name, col(Worker.status).in_(HOLDING_NODE))
+        .order_by(col(Worker.created_at).desc())
+    ).first()
 
 
 def heartbeat(session: Session, name: str) -> bool:
     """The node is alive now; False if it has no row (never registered, or the row was lost:
     it must register again)."""
-    result = session.execute(update(PoolNode).where(col(PoolNode.name) == name)
-                             .values(last_seen=utcnow(), status=NodeStatus.ONLINE))
+    result = session.execute(
+        update(PoolNode).where(col(PoolNode.name) == name).values(last_seen=utcnow(), status=NodeStatus.ONLINE)
+    )
     return bool(getattr(result, "rowcount", 1))
 
 
@@ -165,23 +178,27 @@ def binding_of_node(session: Session, node_name: str) -> tuple[Worker, Model] | 
     return (worker, model) if model else None
 
 
-
-
 def still_wanted(session: Session, worker_id: str) -> bool:
     """Should the node holding ``worker_id`` keep it? Not once it is stopping, stopped or failed."""
     worker = session.get(Worker, worker_id)
     return worker is not None and worker.status.wanted
 
 
-def list_nodes(session: Session, heartbeat_s: float, account_id: str | None = None,
-               held: Callable[[str], Mapping[tuple[str, int], int]] | None = None) -> list[NodeOut]:
+def list_nodes(
+    session: Session,
+    heartbeat_s: float,
+    account_id: str | None = None,
+    held: Callable[[str], Mapping[tuple[str, int], int]] | None = None,
+) -> list[NodeOut]:
     """Every pool node with its capacity and what is left of it. ``account_id``: a provider's
     view, which names only its own workers and models (another account's binding is ``busy``).
     ``held``: what a shared node says it holds loaded, ``(model id, version) -> bytes``
     (:func:`published_models`)."""
     rows = session.exec(
-        select(PoolNode, Worker, Model).outerjoin(Worker, col(Worker.id) == PoolNode.worker_id)
-        .outerjoin(Model, col(Model.id) == Worker.model_id).order_by(PoolNode.name)
+        select(PoolNode, Worker, Model)
+        .outerjoin(Worker, col(Worker.id) == PoolNode.worker_id)
+        .outerjoin(Model, col(Model.id) == Worker.model_id)
+        .order_by(PoolNode.name)
     ).all()
     listed = []
     for node, worker, model in rows:
@@ -200,9 +217,14 @@ def shared_models(session: Session, held: Mapping[tuple[str, int], int], account
     if account_id is not None:
         query = query.where(Model.account_id == account_id)
     names = {m.id: m.name for m in session.exec(query)}
-    return sorted((SharedModelOut(model=names[model_id], version=version, memory_bytes=size)
-                   for (model_id, version), size in held.items() if model_id in names),
-                  key=lambda m: (m.model, m.version))
+    return sorted(
+        (
+            SharedModelOut(model=names[model_id], version=version, memory_bytes=size)
+            for (model_id, version), size in held.items()
+            if model_id in names
+        ),
+        key=lambda m: (m.model, m.version),
+    )
 
 
 def capabilities_of(node: PoolNode) -> frozenset[str]:
@@ -219,8 +241,9 @@ def can_run(node: PoolNode, required: set[str] | frozenset[str]) -> bool:
     return required <= capabilities_of(node)
 
 
-def describe_node(node: PoolNode, worker: Worker | None, model: Model | None, heartbeat_s: float,
-                  account_id: str | None = None) -> NodeOut:
+def describe_node(
+    node: PoolNode, worker: Worker | None, model: Model | None, heartbeat_s: float, account_id: str | None = None
+) -> NodeOut:
     age = (utcnow() - aware(node.last_seen)).total_seconds()
     status = node.status.value
     if node.status == NodeStatus.ONLINE and age > heartbeat_s * NODE_STALE_HEARTBEATS:
@@ -228,17 +251,31 @@ def describe_node(node: PoolNode, worker: Worker | None, model: Model | None, he
     capacity = NodeResources(cores=node.cores, memory_bytes=node.memory_bytes, gpus=node.gpus, slots=node.concurrency)
     bound = worker is not None and worker.status.holds_node
     # A dedicated worker reserves the whole node: its slots, cores and GPUs, and its key cache.
-    allocatable = capacity if not bound else NodeResources(
-        cores=0, memory_bytes=max(0, node.memory_bytes - node.key_cache_bytes), gpus=0, slots=0)
+    allocatable = (
+        capacity
+        if not bound
+        else NodeResources(cores=0, memory_bytes=max(0, node.memory_bytes - node.key_cache_bytes), gpus=0, slots=0)
+    )
     mine = bound and worker is not None and (account_id is None or worker.account_id == account_id)
     capabilities = capabilities_of(node)
     return NodeOut(
-        name=node.name, host=node.host, profile=node.profile, host_class=node.host_class,
-        labels=json.loads(node.labels or "{}"), shared=node.shared, status=status, threads=node.threads,
-        capacity=capacity, allocatable=allocatable, capabilities=sorted(capabilities),
-        gpu_build=gpu.BACKEND.name in capabilities, busy=bound,  # 0.7's field: capabilities say it for every backend
-        model=model.name if mine and model else None, worker_id=worker.id if mine and worker else None,
-        worker_status=worker.status.value if mine and worker else None, heartbeat_age_s=round(age, 1),
+        name=node.name,
+        host=node.host,
+        profile=node.profile,
+        host_class=node.host_class,
+        labels=json.loads(node.labels or "{}"),
+        shared=node.shared,
+        status=status,
+        threads=node.threads,
+        capacity=capacity,
+        allocatable=allocatable,
+        capabilities=sorted(capabilities),
+        gpu_build=gpu.BACKEND.name in capabilities,
+        busy=bound,  # 0.7's field: capabilities say it for every backend
+        model=model.name if mine and model else None,
+        worker_id=worker.id if mine and worker else None,
+        worker_status=worker.status.value if mine and worker else None,
+        heartbeat_age_s=round(age, 1),
     )
 
 

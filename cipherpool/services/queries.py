@@ -10,31 +10,52 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from enum import Enum
 from datetime import datetime
+from enum import Enum
 
 from sqlmodel import Session, col, func, select
 
 from cipherpool import backends
-from cipherpool.clock import utcnow
+from cipherpool.clock import aware, utcnow
 from cipherpool.db.tables import (
-    Account, AccessToken, EvaluationKey, Model, ModelStatus, ModelVersion, NodeStatus, PoolNode, TokenModel, Worker, WorkerStatus,
+    AccessToken,
+    Account,
+    EvaluationKey,
+    Model,
+    ModelStatus,
+    ModelVersion,
+    NodeStatus,
+    PoolNode,
+    TokenModel,
+    Worker,
+    WorkerStatus,
 )
 from cipherpool.errors import (
-    EvaluationKeyExpired, EvaluationKeyNotFound, InsufficientCredits, InvalidEvaluationKey, InvalidInput, InvalidToken,
-    KeysOutdated, ModelInactive, NoWorkerUp, TokenExpired, TokenNotForModel, TooManyKeys,
+    EvaluationKeyExpired,
+    EvaluationKeyNotFound,
+    InsufficientCredits,
+    InvalidEvaluationKey,
+    InvalidInput,
+    InvalidToken,
+    KeysOutdated,
+    ModelInactive,
+    NoWorkerUp,
+    TokenExpired,
+    TokenNotForModel,
+    TooManyKeys,
 )
 from cipherpool.services import blobs, keysets
 from cipherpool.services.keysets import KeyQuotas
 from cipherpool.services.nodes import can_run
-from cipherpool.store import BlobKind
 from cipherpool.services.tokens import check_usable, resolve_token
-from cipherpool.clock import aware
+from cipherpool.store import BlobKind
 
 KEY_ID = re.compile(r"[0-9a-f]{32}")
-REGENERATE = ("generate keys again from its current client specs and upload them "
-              "(QueryClient: refresh(), then generate_keys() and upload_evaluation_keys(); "
-              "CLI: `cipherpool query keygen` then `cipherpool query upload-keys`)")
+REGENERATE = (
+    "generate keys again from its current client specs and upload them "
+    "(QueryClient: refresh(), then generate_keys() and upload_evaluation_keys(); "
+    "CLI: `cipherpool query keygen` then `cipherpool query upload-keys`)"
+)
 
 
 @dataclass(frozen=True)
@@ -114,12 +135,19 @@ def _grant(session: Session, token: AccessToken) -> TokenGrant:
         .order_by(Model.name)
     ).all()
     dedicated, shared = serving_models(session, [m.id for m, _ in rows])
-    models = tuple(ModelGrant(m.id, m.name, m.status, m.version, v.client_blob, m.hardware, m.id in dedicated,
-                              m.id in shared, m.shared) for m, v in rows)
+    models = tuple(
+        ModelGrant(m.id, m.name, m.status, m.version, v.client_blob, m.hardware, m.id in dedicated, m.id in shared, m.shared)
+        for m, v in rows
+    )
     account = session.get(Account, token.account_id)
-    return TokenGrant(token.id, token.account_id, token.quota, models,
-                      aware(token.expires_at) if token.expires_at is not None else None,
-                      in_credit=account is not None and account.balance_micro > 0)
+    return TokenGrant(
+        token.id,
+        token.account_id,
+        token.quota,
+        models,
+        aware(token.expires_at) if token.expires_at is not None else None,
+        in_credit=account is not None and account.balance_micro > 0,
+    )
 
 
 @dataclass(frozen=True)
@@ -137,27 +165,43 @@ class ServingState:
     @classmethod
     def of(cls, grant: TokenGrant) -> ServingState:
         """The state a grant was loaded with."""
-        return cls({m.model_id: (m.version, m.client_blob) for m in grant.models},
-                   frozenset(m.model_id for m in grant.models if m.dedicated),
-                   frozenset(m.model_id for m in grant.models if m.shared_online), grant.in_credit)
+        return cls(
+            {m.model_id: (m.version, m.client_blob) for m in grant.models},
+            frozenset(m.model_id for m in grant.models if m.dedicated),
+            frozenset(m.model_id for m in grant.models if m.shared_online),
+            grant.in_credit,
+        )
 
     def apply(self, grant: TokenGrant) -> TokenGrant:
         models = []
         for m in grant.models:
             version, client_blob = self.versions.get(m.model_id, (m.version, m.client_blob))
-            models.append(replace(m, version=version, client_blob=client_blob, dedicated=m.model_id in self.dedicated,
-                                  shared_online=m.model_id in self.shared))
+            models.append(
+                replace(
+                    m,
+                    version=version,
+                    client_blob=client_blob,
+                    dedicated=m.model_id in self.dedicated,
+                    shared_online=m.model_id in self.shared,
+                )
+            )
         return replace(grant, models=tuple(models), in_credit=self.in_credit)
 
 
 def serving_state(session: Session, account_id: str, model_ids: list[str]) -> ServingState:
-    rows = session.exec(select(Model.id, Model.version, ModelVersion.client_blob).join(
-        ModelVersion, (col(ModelVersion.model_id) == Model.id) & (col(ModelVersion.number) == Model.version)).where(
-        col(Model.id).in_(model_ids))).all()
+    rows = session.exec(
+        select(Model.id, Model.version, ModelVersion.client_blob)
+        .join(ModelVersion, (col(ModelVersion.model_id) == Model.id) & (col(ModelVersion.number) == Model.version))
+        .where(col(Model.id).in_(model_ids))
+    ).all()
     dedicated, shared = serving_models(session, model_ids)
     account = session.get(Account, account_id)
-    return ServingState({model_id: (version, blob) for model_id, version, blob in rows}, frozenset(dedicated),
-                        frozenset(shared), account is not None and account.balance_micro > 0)
+    return ServingState(
+        {model_id: (version, blob) for model_id, version, blob in rows},
+        frozenset(dedicated),
+        frozenset(shared),
+        account is not None and account.balance_micro > 0,
+    )
 
 
 def grant_for_value(session: Session, value: str | None) -> TokenGrant:
@@ -179,31 +223,36 @@ def serving_models(session: Session, model_ids: list[str]) -> tuple[set[str], se
     an online shared node of their class."""
     if not model_ids:
         return set(), set()
-    dedicated = select(Worker.model_id).join(PoolNode, PoolNode.name == Worker.node_name).where(  # type: ignore[arg-type]
-        col(Worker.model_id).in_(model_ids), Worker.status == WorkerStatus.UP, PoolNode.status == NodeStatus.ONLINE)
+    dedicated = (
+        select(Worker.model_id)
+        .join(PoolNode, PoolNode.name == Worker.node_name)  # type: ignore[arg-type]
+        .where(col(Worker.model_id).in_(model_ids), Worker.status == WorkerStatus.UP, PoolNode.status == NodeStatus.ONLINE)
+    )
     # A shared node counts for a model whose serving version's backend is among its capabilities.
-    shared = select(Model.id, ModelVersion.backend, PoolNode).join(
-        PoolNode, PoolNode.host_class == Model.hardware).join(  # type: ignore[arg-type]
-        ModelVersion, (col(ModelVersion.model_id) == Model.id) & (col(ModelVersion.number) == Model.version)).where(
-        col(Model.id).in_(model_ids), col(PoolNode.shared).is_(True), PoolNode.status == NodeStatus.ONLINE)
+    shared = (
+        select(Model.id, ModelVersion.backend, PoolNode)
+        .join(PoolNode, PoolNode.host_class == Model.hardware)  # type: ignore[arg-type]
+        .join(ModelVersion, (col(ModelVersion.model_id) == Model.id) & (col(ModelVersion.number) == Model.version))
+        .where(col(Model.id).in_(model_ids), col(PoolNode.shared).is_(True), PoolNode.status == NodeStatus.ONLINE)
+    )
     runnable = {model_id for model_id, backend, node in session.exec(shared) if can_run(node, {backend})}
     return set(session.exec(dedicated).all()), runnable
 
 
-def check_query(grant: TokenGrant, model_id: str, wait_for_worker: bool = False,
-                mode: Route = Route.AUTO) -> ModelGrant:
+def check_query(grant: TokenGrant, model_id: str, wait_for_worker: bool = False, mode: Route = Route.AUTO) -> ModelGrant:
     """May this grant run a query on ``model_id`` now? The model's grant if so. With no
     worker up for it (dedicated or shared), refused at once unless the caller asked to wait
     for one; :func:`route` then says where it goes."""
     grant.check_unexpired()
     model = grant.find(model_id)
     if model is None:
-        raise TokenNotForModel("This access token is not assigned to the model the ciphertext was encrypted for "
-                               "(it was unassigned, or never assigned); ask the model's provider.")
+        raise TokenNotForModel(
+            "This access token is not assigned to the model the ciphertext was encrypted for "
+            "(it was unassigned, or never assigned); ask the model's provider."
+        )
     if model.status != ModelStatus.ACTIVE:
         raise ModelInactive(
-            f"Model {model.name!r} is {model.status.value}, not active; its provider must "
-            "activate it before it accepts queries."
+            f"Model {model.name!r} is {model.status.value}, not active; its provider must activate it before it accepts queries."
         )
     if not model.serving and not wait_for_worker and mode == Route.AUTO:
         raise NoWorkerUp(
@@ -211,8 +260,10 @@ def check_query(grant: TokenGrant, model_id: str, wait_for_worker: bool = False,
             f"{model.name}`), or submit with wait_for_worker to queue the query until one is up."
         )
     if route(model, mode, wait_for_worker) == Route.SHARED and not grant.in_credit:
-        raise InsufficientCredits(f"Model {model.name!r} cannot take shared-node queries now: its provider's credits "
-                                  "are used up. Ask the provider to add credits, or query a dedicated worker.")
+        raise InsufficientCredits(
+            f"Model {model.name!r} cannot take shared-node queries now: its provider's credits "
+            "are used up. Ask the provider to add credits, or query a dedicated worker."
+        )
     return model
 
 
@@ -222,15 +273,21 @@ def route(model: ModelGrant, asked: Route = Route.AUTO, wait_for_worker: bool = 
     waits in the dedicated queue (or the shared one, if it asked for shared)."""
     if asked == Route.SHARED or (asked == Route.AUTO and not model.dedicated and model.shared):
         if not model.allows_shared:  # waiting does not help: its provider must allow them
-            raise NoWorkerUp(f"Model {model.name!r} does not allow shared nodes (its provider decides: "
-                             "`cipherpool model update --shared`); query its dedicated workers instead.")
+            raise NoWorkerUp(
+                f"Model {model.name!r} does not allow shared nodes (its provider decides: "
+                "`cipherpool model update --shared`); query its dedicated workers instead."
+            )
         if not model.shared_online and not wait_for_worker:
-            raise NoWorkerUp(f"No shared {model.hardware} node is online for model {model.name!r}; submit with "
-                             "wait_for_worker to queue the query until one is, or query its dedicated workers.")
+            raise NoWorkerUp(
+                f"No shared {model.hardware} node is online for model {model.name!r}; submit with "
+                "wait_for_worker to queue the query until one is, or query its dedicated workers."
+            )
         return Route.SHARED
     if not model.dedicated and not wait_for_worker:
-        raise NoWorkerUp(f"Model {model.name!r} has no dedicated worker up: its provider must start one "
-                         f"(`cipherpool worker start {model.name}`), or submit with wait_for_worker.")
+        raise NoWorkerUp(
+            f"Model {model.name!r} has no dedicated worker up: its provider must start one "
+            f"(`cipherpool worker start {model.name}`), or submit with wait_for_worker."
+        )
     return Route.DEDICATED
 
 
@@ -260,13 +317,20 @@ def check_specs(model: ModelGrant, client_blob: str | None, made_for: int | None
     ``made_for``: the version they were made for, when known (named in the refusal)."""
     if client_blob is not None and client_blob != model.client_blob:
         made = f"were made for version {made_for}" if made_for is not None else "were made from other client specs"
-        raise KeysOutdated(f"These keys {made}; model {model.name!r} serves version {model.version}, whose client "
-                           f"specs differ: {REGENERATE}.")
+        raise KeysOutdated(
+            f"These keys {made}; model {model.name!r} serves version {model.version}, whose client specs differ: {REGENERATE}."
+        )
     return model.client_blob
 
 
-def check_room(session: Session, grant: TokenGrant, key_id: str, max_keys: int | None,
-               size: int | None = None, quotas: KeyQuotas | None = None) -> EvaluationKey | None:
+def check_room(
+    session: Session,
+    grant: TokenGrant,
+    key_id: str,
+    max_keys: int | None,
+    size: int | None = None,
+    quotas: KeyQuotas | None = None,
+) -> EvaluationKey | None:
     """The key set's row if this token registered it already (expired or not); TooManyKeys if
     it may not register another (at most ``max_keys`` live key sets per token); with ``size``,
     the typed refusal of a quota it would pass (:func:`keysets.check_quota`). Cheap: the
@@ -276,19 +340,30 @@ def check_room(session: Session, grant: TokenGrant, key_id: str, max_keys: int |
         select(EvaluationKey).where(EvaluationKey.token_id == grant.token_id, EvaluationKey.key_id == key_id)
     ).first()
     if (row is None or row.expired_at is not None) and max_keys is not None:
-        count = session.exec(select(func.count()).where(
-            EvaluationKey.token_id == grant.token_id, col(EvaluationKey.expired_at).is_(None))).one()
+        count = session.exec(
+            select(func.count()).where(EvaluationKey.token_id == grant.token_id, col(EvaluationKey.expired_at).is_(None))
+        ).one()
         if count >= max_keys:
-            raise TooManyKeys(f"This token has {count} key sets already (the limit): reuse one of them, or delete "
-                              "one it no longer uses (`cipherpool query keys delete`).")
+            raise TooManyKeys(
+                f"This token has {count} key sets already (the limit): reuse one of them, or delete "
+                "one it no longer uses (`cipherpool query keys delete`)."
+            )
     if size is not None and quotas is not None:
         keysets.check_quota(session, grant.token_id, grant.account_id, key_id, size, quotas)
     return row
 
 
-def register_key(session: Session, grant: TokenGrant, model: ModelGrant, key_id: str, blob_id: str,
-                 size_bytes: int, client_blob: str | None = None, max_keys: int | None = None,
-                 quotas: KeyQuotas | None = None) -> EvaluationKey:
+def register_key(
+    session: Session,
+    grant: TokenGrant,
+    model: ModelGrant,
+    key_id: str,
+    blob_id: str,
+    size_bytes: int,
+    client_blob: str | None = None,
+    max_keys: int | None = None,
+    quotas: KeyQuotas | None = None,
+) -> EvaluationKey:
     """Record that this token's client key set ``key_id``, made from ``client_blob`` (default:
     the serving version's specs) for ``model``, evaluates with blob ``blob_id``; idempotent. A
     re-upload under the same id replaces the blob (the one it held is marked for the sweep) and
@@ -302,7 +377,8 @@ def register_key(session: Session, grant: TokenGrant, model: ModelGrant, key_id:
     if quotas is not None and (quotas.per_token or quotas.per_account):
         keysets.lock_account_keys(session, grant.account_id)
     row = check_room(session, grant, key_id, max_keys) or EvaluationKey(
-        key_id=key_id, token_id=grant.token_id, model_id=model.model_id, blob_id=blob_id, size_bytes=size_bytes)
+        key_id=key_id, token_id=grant.token_id, model_id=model.model_id, blob_id=blob_id, size_bytes=size_bytes
+    )
     replaced = row.blob_id if row.id is not None and row.expired_at is None and row.blob_id != blob_id else None
     row.blob_id, row.size_bytes, row.model_id, row.client_blob = blob_id, size_bytes, model.model_id, specs
     row.expired_at, row.last_used_at = None, utcnow()
@@ -317,13 +393,16 @@ def register_key(session: Session, grant: TokenGrant, model: ModelGrant, key_id:
 
 
 def key_ref(session: Session, token_id: str, key_id: str) -> KeyRef | None:
-    row = session.exec(
-        select(EvaluationKey).where(EvaluationKey.token_id == token_id, EvaluationKey.key_id == key_id)
-    ).first()
+    row = session.exec(select(EvaluationKey).where(EvaluationKey.token_id == token_id, EvaluationKey.key_id == key_id)).first()
     if row is None:
         return None
-    return KeyRef(row.blob_id, row.model_id, row.client_blob, keysets.made_for(session, row.model_id, row.client_blob),
-                  row.expired_at is not None)
+    return KeyRef(
+        row.blob_id,
+        row.model_id,
+        row.client_blob,
+        keysets.made_for(session, row.model_id, row.client_blob),
+        row.expired_at is not None,
+    )
 
 
 def check_key(ref: KeyRef | None, model: ModelGrant) -> str:

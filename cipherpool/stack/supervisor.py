@@ -89,8 +89,13 @@ class Supervisor:
         fd = os.open(self.log_dir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as out:
             return subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_child_setup,
+                argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_child_setup,
             )
 
     def dead(self) -> list[Child]:
@@ -112,8 +117,12 @@ class Supervisor:
             quick = self.clock() - child.started_at < QUICK_DEATH_S
             child.quick_deaths = child.quick_deaths + 1 if quick else 0
             if child.quick_deaths >= MAX_QUICK_DEATHS:
-                log.error("%s keeps exiting at start (last code %s); not restarting it. See %s",
-                          child.name, child.process.returncode, child.log_path)
+                log.error(
+                    "%s keeps exiting at start (last code %s); not restarting it. See %s",
+                    child.name,
+                    child.process.returncode,
+                    child.log_path,
+                )
                 _signal_group(child, signal.SIGKILL)  # anything it left in its group
                 child.given_up = True
                 given_up.append(child)
@@ -125,8 +134,13 @@ class Supervisor:
             restarted.append(child)
         return restarted, given_up
 
-    def watch(self, stop: threading.Event, on_restart: Callable[[Child], None] = _ignore,
-              on_give_up: Callable[[Child], None] = _ignore, interval_s: float = WATCH_INTERVAL_S) -> None:
+    def watch(
+        self,
+        stop: threading.Event,
+        on_restart: Callable[[Child], None] = _ignore,
+        on_give_up: Callable[[Child], None] = _ignore,
+        interval_s: float = WATCH_INTERVAL_S,
+    ) -> None:
         """Restart dead children every ``interval_s`` until ``stop`` is set (what `cipherpool up`
         does while it runs). The callbacks only report: each restart, and each child given up,
         once. Waiting is ``stop.wait``, so a stop is seen at once, not at the next round."""

@@ -2,9 +2,11 @@
 control worker by default, a pool node with ``-Q cipherpool.pool`` (see docs/operations.md). Trusted
 in-cluster code submits queries with :mod:`cipherpool.tasks.submit`."""
 
-from cipherpool.tasks.app import app
 from cipherpool.tasks import control, node, query  # noqa: F401  (registers the tasks)
-from cipherpool.workers import signals  # noqa: F401  (connects the handlers)
-from cipherpool.workers import control_signals  # noqa: F401  (control workers' and beat's heartbeats)
+from cipherpool.tasks.app import app
+from cipherpool.workers import (
+    control_signals,  # noqa: F401  (control workers' and beat's heartbeats)
+    signals,  # noqa: F401  (connects the handlers)
+)
 
 __all__ = ["app"]

@@ -14,22 +14,27 @@ from typing import ParamSpec, TypeVar
 
 from celery import Task
 
-from cipherpool.scheduler import alerts as alert_rules
-from cipherpool.scheduler import reconcile as reconciler
 from cipherpool.alerts import webhook as alert_webhook
-from cipherpool.scheduler.billing import tick
+from cipherpool.context import platform
 from cipherpool.messages import Envelope, ok
 from cipherpool.monitoring import beat_jobs
-from cipherpool.names import ALERTS_TASK, BILLING_TASK, RECONCILE_TASK, WEBHOOK_TASK
-from cipherpool.names import SCHEDULE_TASK
-from cipherpool.names import AUTOSCALE_TASK
-from cipherpool.names import KEY_SWEEP_TASK
-from cipherpool.scheduler import keys as key_sweep
+from cipherpool.names import (
+    ALERTS_TASK,
+    AUTOSCALE_TASK,
+    BILLING_TASK,
+    KEY_SWEEP_TASK,
+    RECONCILE_TASK,
+    SCHEDULE_TASK,
+    WEBHOOK_TASK,
+)
+from cipherpool.scheduler import alerts as alert_rules
 from cipherpool.scheduler import autoscale as autoscaler
+from cipherpool.scheduler import keys as key_sweep
+from cipherpool.scheduler import reconcile as reconciler
+from cipherpool.scheduler.billing import tick
 from cipherpool.scheduler.tick import apply_schedules
 from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import celery_task, platform_task
-from cipherpool.context import platform
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -68,8 +73,13 @@ def reconcile() -> dict[str, list[str]]:
 def billing() -> dict[str, object]:
     """Charge running workers and shared execution; stop accounts at zero (see scheduler.billing)."""
     report, enforced = tick(platform(), app)
-    return {"lines": len(report.charged), "charged": report.total, "errors": report.errors,
-            "stopped": enforced.depleted, "low": enforced.low}
+    return {
+        "lines": len(report.charged),
+        "charged": report.total,
+        "errors": report.errors,
+        "stopped": enforced.depleted,
+        "low": enforced.low,
+    }
 
 
 @platform_task(app, SCHEDULE_TASK)
@@ -84,9 +94,11 @@ def schedules() -> dict[str, object]:
 def autoscale() -> dict[str, list[str]]:
     """Add or remove a worker of each autoscaled model, as its load says (see scheduler.autoscale)."""
     outcomes = autoscaler.autoscale(platform(), app)
-    return {"up": [o.model for o in outcomes if o.action is autoscaler.Action.UP],
-            "down": [o.model for o in outcomes if o.action is autoscaler.Action.DOWN],
-            "blocked": [o.model for o in outcomes if o.blocked]}
+    return {
+        "up": [o.model for o in outcomes if o.action is autoscaler.Action.UP],
+        "down": [o.model for o in outcomes if o.action is autoscaler.Action.DOWN],
+        "blocked": [o.model for o in outcomes if o.blocked],
+    }
 
 
 @platform_task(app, ALERTS_TASK)
@@ -94,8 +106,13 @@ def autoscale() -> dict[str, list[str]]:
 def alerts() -> dict[str, object]:
     """Evaluate every alert rule: fire, clear, queue webhook calls (see scheduler.alerts)."""
     report = alert_rules.evaluate_all(platform(), app)
-    return {"rules": report.rules, "fired": report.fired, "cleared": report.cleared, "queued": report.queued,
-            "errors": report.errors}
+    return {
+        "rules": report.rules,
+        "fired": report.fired,
+        "cleared": report.cleared,
+        "queued": report.queued,
+        "errors": report.errors,
+    }
 
 
 @platform_task(app, KEY_SWEEP_TASK)
@@ -113,5 +130,4 @@ def webhook(self: Task, event_id: int) -> Envelope:
     outcome = alert_webhook.attempt(platform(), event_id)
     if outcome.retry_in_s is not None:
         raise self.retry(countdown=outcome.retry_in_s)
-    return ok({"event_id": event_id, "delivery": outcome.delivery.value, "attempts": outcome.attempts,
-               "error": outcome.error})
+    return ok({"event_id": event_id, "delivery": outcome.delivery.value, "attempts": outcome.attempts, "error": outcome.error})

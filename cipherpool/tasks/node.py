@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from cipherpool.context import platform
 from cipherpool.errors import ConfigurationError
 from cipherpool.names import BIND_TASK, CONSUME_TASK, RELOAD_TASK, STATS_TASK, UNBIND_TASK, WARM_TASK
 from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import platform_task
 from cipherpool.workers import binding, query
 from cipherpool.workers.binding import BindOutcome
-from cipherpool.context import platform
 from cipherpool.workers.node import NodeRuntime, current_runtime
 
 

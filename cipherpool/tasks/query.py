@@ -9,12 +9,12 @@ from __future__ import annotations
 from celery import Task
 from celery.exceptions import Reject
 
+from cipherpool.context import platform
 from cipherpool.errors import ConfigurationError
 from cipherpool.messages import Envelope, failed
 from cipherpool.names import QUERY_TASK
 from cipherpool.tasks.app import app
 from cipherpool.tasks.decorator import celery_task
-from cipherpool.context import platform
 from cipherpool.workers.node import current_runtime
 from cipherpool.workers.query import Delivery, Requeue, handle
 

@@ -19,16 +19,22 @@ from __future__ import annotations
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
+from cipherpool.context import PlatformContext, platform
 from cipherpool.dispatch import output_of, reply_from_meta, submit
 from cipherpool.errors import QueryTimeout
 from cipherpool.messages import EncryptedInput
 from cipherpool.services.queries import Route, check_query, grant_for_id, key_blob, route
 from cipherpool.tasks.app import app
-from cipherpool.context import PlatformContext, platform
 
 
-def submit_query(token_id: str, ciphertext: bytes, *, wait_for_worker: bool = False, mode: Route = Route.AUTO,
-                 ctx: PlatformContext | None = None) -> AsyncResult:
+def submit_query(
+    token_id: str,
+    ciphertext: bytes,
+    *,
+    wait_for_worker: bool = False,
+    mode: Route = Route.AUTO,
+    ctx: PlatformContext | None = None,
+) -> AsyncResult:
     """Authorise and enqueue one query; returns Celery's handle for it. With no worker up
     for the model it is refused (NoWorkerUp) unless ``wait_for_worker``."""
     ctx = ctx or platform()

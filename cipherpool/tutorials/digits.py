@@ -23,8 +23,12 @@ class Digits(Tutorial):
         from cipherpool.examples import train_digits
 
         self.example = train_digits(path)
-        return Trained(path, self.example.clear, f"clear test accuracy {self.example.accuracy:.1%}",
-                       {"accuracy": self.example.accuracy, "features": 64})
+        return Trained(
+            path,
+            self.example.clear,
+            f"clear test accuracy {self.example.accuracy:.1%}",
+            {"accuracy": self.example.accuracy, "features": 64},
+        )
 
     def cases(self) -> list[Case]:
         return [Case(f"test image {i}", self.example.x_test[i], str(int(self.example.y_test[i]))) for i in range(CASES)]
@@ -32,6 +36,14 @@ class Digits(Tutorial):
     def read(self, case: Case, decrypted: NDArray[Any], clear: NDArray[Any]) -> Reading:
         fhe_digit, clear_digit = int(decrypted.argmax()), int(clear.argmax())
         difference = float(np.abs(decrypted - clear).max())
-        return Reading(f"digit {fhe_digit}", f"digit {clear_digit}", fhe_digit == clear_digit and difference <= 1e-3,
-                       {"fhe": fhe_digit, "clear": clear_digit, "max_probability_difference": difference,
-                        "fhe_probabilities": [round(float(p), 6) for p in decrypted.ravel()]})
+        return Reading(
+            f"digit {fhe_digit}",
+            f"digit {clear_digit}",
+            fhe_digit == clear_digit and difference <= 1e-3,
+            {
+                "fhe": fhe_digit,
+                "clear": clear_digit,
+                "max_probability_difference": difference,
+                "fhe_probabilities": [round(float(p), 6) for p in decrypted.ravel()],
+            },
+        )

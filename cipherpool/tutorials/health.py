@@ -42,21 +42,32 @@ class Health(Tutorial):
 
     def train(self, path: Path) -> Trained:
         self.fitted, self.x_test, self.y_test, accuracy = train_health(path)
-        return Trained(path, lambda xs: self.fitted.predict_proba(xs, fhe="disable"),
-                       f"clear test accuracy {accuracy:.1%} on {len(self.y_test)} held-out patients",
-                       {"accuracy": accuracy, "features": int(self.x_test.shape[1]), "trees": TREES, "depth": DEPTH})
+        return Trained(
+            path,
+            lambda xs: self.fitted.predict_proba(xs, fhe="disable"),
+            f"clear test accuracy {accuracy:.1%} on {len(self.y_test)} held-out patients",
+            {"accuracy": accuracy, "features": int(self.x_test.shape[1]), "trees": TREES, "depth": DEPTH},
+        )
 
     def cases(self) -> list[Case]:
         # Both diagnoses among the patients shown: the first malignant, then benign ones.
         malignant = [i for i in range(len(self.y_test)) if self.y_test[i] == 0][:1]
         benign = [i for i in range(len(self.y_test)) if self.y_test[i] == 1][: PATIENTS - len(malignant)]
-        return [Case(f"patient {i}", self.x_test[i], "malignant" if self.y_test[i] == 0 else "benign")
-                for i in sorted(malignant + benign)]
+        return [
+            Case(f"patient {i}", self.x_test[i], "malignant" if self.y_test[i] == 0 else "benign")
+            for i in sorted(malignant + benign)
+        ]
 
     def read(self, case: Case, decrypted: NDArray[Any], clear: NDArray[Any]) -> Reading:
         fhe_p, clear_p = float(decrypted.ravel()[0]), float(clear.ravel()[0])  # class 0: malignant
+
         def verdict(p: float) -> str:
             return f"P(malignant) {p:.3f} ({'malignant' if p >= 0.5 else 'benign'})"
+
         agree = abs(fhe_p - clear_p) <= TOLERANCE and (fhe_p >= 0.5) == (clear_p >= 0.5)
-        return Reading(verdict(fhe_p), verdict(clear_p), agree,
-                       {"fhe_p_malignant": fhe_p, "clear_p_malignant": clear_p, "difference": abs(fhe_p - clear_p)})
+        return Reading(
+            verdict(fhe_p),
+            verdict(clear_p),
+            agree,
+            {"fhe_p_malignant": fhe_p, "clear_p_malignant": clear_p, "difference": abs(fhe_p - clear_p)},
+        )

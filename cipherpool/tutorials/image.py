@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from cipherpool.files import private_dir, write_private
 from cipherpool.examples import save_deployment
+from cipherpool.files import private_dir, write_private
 from cipherpool.tutorials.base import Case, Reading, Trained, Tutorial
 
 SIDE = 64  # pixels: the decrypted output is one ciphertext per pixel, ~8.6 kB each
@@ -107,8 +107,12 @@ class Sharpening(Tutorial):
             return result
 
         self.float_conv = float_conv
-        return Trained(path, clear, f"fixed kernel, sharpening amount {AMOUNT:.3f}; no training",
-                       {"side": SIDE, "kernel": [[round(v, 4) for v in row] for row in KERNEL]})
+        return Trained(
+            path,
+            clear,
+            f"fixed kernel, sharpening amount {AMOUNT:.3f}; no training",
+            {"side": SIDE, "kernel": [[round(v, 4) for v in row] for row in KERNEL]},
+        )
 
     def cases(self) -> list[Case]:
         return [Case(f"china.jpg, {SIDE}x{SIDE} gray", pad(self.photo))]
@@ -120,13 +124,19 @@ class Sharpening(Tutorial):
         mse = float((error.astype(float) ** 2).mean())
         psnr = None if mse == 0 else float(10 * np.log10(255.0**2 / mse))  # None: identical (infinite PSNR)
         differing = int((fhe != quantized).sum())
-        values = {"pixels": int(fhe.size), "pixels_differing_from_clear_model": differing,
-                  "max_error_vs_float_convolution": int(error.max()),
-                  "mean_error_vs_float_convolution": float(error.mean()),
-                  "psnr_db_vs_float_convolution": psnr}
-        return Reading(f"{fhe.size} pixels; vs float convolution: max error {int(error.max())}, "
-                       f"mean {error.mean():.3f} gray levels",
-                       f"{quantized.size} pixels", differing == 0, values)
+        values = {
+            "pixels": int(fhe.size),
+            "pixels_differing_from_clear_model": differing,
+            "max_error_vs_float_convolution": int(error.max()),
+            "mean_error_vs_float_convolution": float(error.mean()),
+            "psnr_db_vs_float_convolution": psnr,
+        }
+        return Reading(
+            f"{fhe.size} pixels; vs float convolution: max error {int(error.max())}, mean {error.mean():.3f} gray levels",
+            f"{quantized.size} pixels",
+            differing == 0,
+            values,
+        )
 
     def finish(self, cases: list[Case], decrypted: list[NDArray[Any]], out_dir: Path | None) -> dict[str, str]:
         if out_dir is None or not decrypted:
@@ -134,8 +144,11 @@ class Sharpening(Tutorial):
         from PIL import Image
 
         private_dir(out_dir)
-        images = {"original": to_pixels(self.photo), "sharpened_fhe": to_pixels(decrypted[0]),
-                  "sharpened_clear": to_pixels(self.float_conv(cases[0].x))}
+        images = {
+            "original": to_pixels(self.photo),
+            "sharpened_fhe": to_pixels(decrypted[0]),
+            "sharpened_clear": to_pixels(self.float_conv(cases[0].x)),
+        }
         files: dict[str, str] = {}
         for role, pixels in images.items():
             files[role] = str(write_png(out_dir / f"{role}.png", Image.fromarray(pixels, mode="L")))

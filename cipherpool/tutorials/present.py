@@ -13,40 +13,50 @@ def _ms(seconds: float) -> str:
 
 
 def summary(report: TutorialReport) -> list[str]:
-    lines = [f"── {report.name}: {report.title}  ({report.seconds:.1f} s)",
-             f"model: {report.model}", f"       {report.trained}", "answers, decrypted FHE beside the model's clear answer:"]
+    lines = [
+        f"── {report.name}: {report.title}  ({report.seconds:.1f} s)",
+        f"model: {report.model}",
+        f"       {report.trained}",
+        "answers, decrypted FHE beside the model's clear answer:",
+    ]
     width = min(48, max(len(c.label) for c in report.cases)) if report.cases else 0
     for c in report.cases:
         label = c.label if len(c.label) <= width else c.label[: width - 1] + "…"
         truth = f" · truth: {c.truth}" if c.truth else ""
-        lines.append(f"  {label:<{width}}  FHE {c.fhe}  |  clear {c.clear}{truth}  "
-                     f"{'✓ agree' if c.agree else '✗ DISAGREE'}")
+        lines.append(f"  {label:<{width}}  FHE {c.fhe}  |  clear {c.clear}{truth}  {'✓ agree' if c.agree else '✗ DISAGREE'}")
     steps = {s.title: s for s in report.steps}
     keygen = next((s for t, s in steps.items() if t.startswith("generate keys")), None)
     upload = next((s for t, s in steps.items() if t.startswith("upload the evaluation key")), None)
     lines.append("timings (per query: the median over the queries above):")
     if keygen:
-        lines.append(f"  {'key generation':<22}{_ms(keygen.seconds):>10}   evaluation key {size(report.evaluation_key_bytes)}, "
-                     f"secret key {size(report.privacy.secret_key_bytes)} (kept)")
+        lines.append(
+            f"  {'key generation':<22}{_ms(keygen.seconds):>10}   evaluation key {size(report.evaluation_key_bytes)}, "
+            f"secret key {size(report.privacy.secret_key_bytes)} (kept)"
+        )
     if upload:
         lines.append(f"  {'evaluation-key upload':<22}{_ms(upload.seconds):>10}   sent {size(upload.sent)}, warm-up included")
     if report.cases:
         cs = report.cases
-        rows = [("encrypt", median(c.encrypt_s for c in cs), f"ciphertext {size(median(c.ciphertext_bytes for c in cs))}"),
-                ("queue wait", median(c.queue_wait_s for c in cs), ""),
-                ("compute (on the node)", median(c.compute_s for c in cs), f"node {cs[-1].node}"),
-                ("execute (round trip)", median(c.execute_s for c in cs), ""),
-                ("decrypt", median(c.decrypt_s for c in cs), f"encrypted output {size(median(c.output_bytes for c in cs))}")]
+        rows = [
+            ("encrypt", median(c.encrypt_s for c in cs), f"ciphertext {size(median(c.ciphertext_bytes for c in cs))}"),
+            ("queue wait", median(c.queue_wait_s for c in cs), ""),
+            ("compute (on the node)", median(c.compute_s for c in cs), f"node {cs[-1].node}"),
+            ("execute (round trip)", median(c.execute_s for c in cs), ""),
+            ("decrypt", median(c.decrypt_s for c in cs), f"encrypted output {size(median(c.output_bytes for c in cs))}"),
+        ]
         lines += [f"  {title:<22}{_ms(seconds):>10}   {note}".rstrip() for title, seconds, note in rows]
     if report.worker:
         w = report.worker
-        lines.append(f"worker {w['worker']} on {w['node']}: {w['queries']} queries, average compute "
-                     f"{w['average_compute_s'] or 0:.2f} s, key cache {w['key_cache_hits']} hits / {w['key_cache_misses']} miss")
+        lines.append(
+            f"worker {w['worker']} on {w['node']}: {w['queries']} queries, average compute "
+            f"{w['average_compute_s'] or 0:.2f} s, key cache {w['key_cache_hits']} hits / {w['key_cache_misses']} miss"
+        )
     for role, path in report.files.items():
         lines.append(f"wrote {role.replace('_', ' ')}: {path}")
     p = report.privacy
-    lines.append(f"privacy: {p.bodies_checked}/{p.requests} request bodies checked for the secret key and the clear "
-                 f"inputs: {_verdict(p)}")
+    lines.append(
+        f"privacy: {p.bodies_checked}/{p.requests} request bodies checked for the secret key and the clear inputs: {_verdict(p)}"
+    )
     return lines
 
 
@@ -66,16 +76,21 @@ def explain(report: TutorialReport) -> list[str]:
             f"down, the encrypted output ({size(c.output_bytes)}), {_carried(c.output_inline, 'in the task result')}",
             f"      decrypt  on the {CLIENT} ({_ms(c.decrypt_s)}): nothing crossed; the answer exists only here",
         ]
-    for s in report.steps[report.queries_after:]:
+    for s in report.steps[report.queries_after :]:
         lines += _step(s)
     p = report.privacy
-    secret = (f"{p.secret_patterns} samples of the secret key" if p.secret_patterns
-              else "the secret key (unreadable in this concrete version: not sampled)")
+    secret = (
+        f"{p.secret_patterns} samples of the secret key"
+        if p.secret_patterns
+        else "the secret key (unreadable in this concrete version: not sampled)"
+    )
     inputs = f"{p.input_patterns} clear input{'s' if p.input_patterns != 1 else ''}"
     checked = secret + (f" and {inputs}" if p.input_patterns else " (inputs too sparse to check by bytes)")
     verdict = _verdict(p)
-    lines.append(f"  the end user sent {p.requests} requests ({size(p.sent)} up, {size(p.received)} down); "
-                 f"{p.bodies_checked} bodies checked for {checked}: {verdict}")
+    lines.append(
+        f"  the end user sent {p.requests} requests ({size(p.sent)} up, {size(p.received)} down); "
+        f"{p.bodies_checked} bodies checked for {checked}: {verdict}"
+    )
     return lines
 
 

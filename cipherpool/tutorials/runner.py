@@ -119,8 +119,17 @@ def size(n: float) -> str:
 
 
 class TutorialRun:
-    def __init__(self, tutorial: Tutorial, *, api_key: str, url: str, settings: Settings, work_dir: Path,
-                 out_dir: Path | None = None, echo: Callable[[str], None] = print):
+    def __init__(
+        self,
+        tutorial: Tutorial,
+        *,
+        api_key: str,
+        url: str,
+        settings: Settings,
+        work_dir: Path,
+        out_dir: Path | None = None,
+        echo: Callable[[str], None] = print,
+    ):
         self.tutorial, self.work_dir, self.out_dir, self.echo = tutorial, work_dir, out_dir, echo
         self.url, self.settings = url, settings
         self.mc = ManagementClient(api_key, url=url, settings=settings)
@@ -158,26 +167,31 @@ class TutorialRun:
         finally:
             with self.step("provider", "stop the worker", NODE_COMMAND) as step:
                 self.mc.stop_worker(worker_id)
-                step.crossed = ("the worker's id, on the node's command queue; the node lets in-flight queries "
-                                "finish, unloads the model and frees its slot")
+                step.crossed = (
+                    "the worker's id, on the node's command queue; the node lets in-flight queries "
+                    "finish, unloads the model and frees its slot"
+                )
             self.mc.close()
         self.report.seconds = time.perf_counter() - started
         return self.report
 
     def provide(self, trained: Trained) -> str:
         name = self.tutorial.name
-        with self.step("provider", f"deploy model {name!r} and activate it", "provider → gateway",
-                       self.provider_log) as step:
+        with self.step("provider", f"deploy model {name!r} and activate it", "provider → gateway", self.provider_log) as step:
             self.mc.deploy_model(name, trained.path, description=self.tutorial.title)
             self.mc.activate_model(name)
-            step.crossed = (f"the deployment, {size(self.provider_log.since(0).sent)}: the compiled circuit "
-                            "(server.zip) and the client specs (client.zip); no data")
+            step.crossed = (
+                f"the deployment, {size(self.provider_log.since(0).sent)}: the compiled circuit "
+                "(server.zip) and the client specs (client.zip); no data"
+            )
         with self.step("provider", "start a worker (binds a pool node, preloads the model)", NODE_COMMAND) as step:
             worker = self.mc.start_worker(name)
             self.worker_node = worker.node
             step.where = f"{NODE_COMMAND} {worker.node}"
-            step.crossed = ("the worker's id, on the node's command queue; the node loads the circuit from the "
-                            "platform's store and starts consuming the model's queue")
+            step.crossed = (
+                "the worker's id, on the node's command queue; the node loads the circuit from the "
+                "platform's store and starts consuming the model's queue"
+            )
             self.echo(f"    worker {worker.id} on {worker.node}: {worker.status.value}")
         with self.step("provider", "create an access token for the end user", "gateway") as step:
             self.token = self.mc.create_token(f"{name}-user", model=name)
@@ -192,9 +206,11 @@ class TutorialRun:
             with self.step("end user", "fetch the model's client specs", "end user → gateway", log) as step:
                 mark = log.mark()
                 shape = qc.crypto.input_shape  # the model's description and client.zip, checked against its digest
-                step.crossed = (f"down, the client specs (client.zip: input shape {shape}, quantization, encryption "
-                                f"parameters; {size(log.since(mark).received)} with the model's description); up, "
-                                "only the token")
+                step.crossed = (
+                    f"down, the client specs (client.zip: input shape {shape}, quantization, encryption "
+                    f"parameters; {size(log.since(mark).received)} with the model's description); up, "
+                    "only the token"
+                )
             with self.step("end user", "generate keys", CLIENT) as step:
                 qc.generate_keys()
                 secret = qc.crypto.secret_key_material()
@@ -202,17 +218,27 @@ class TutorialRun:
                 privacy.secret_patterns = sum(log.guard("the secret key", s) for s in secret)
                 evaluation_key = len(qc.crypto.evaluation_key())
                 self.report.evaluation_key_bytes = evaluation_key
-                step.crossed = (f"nothing: the secret key ({size(privacy.secret_key_bytes)}) stays in {qc.key_dir} "
-                                f"(0700); the evaluation key is {size(evaluation_key)}")
-            with self.step("end user", "upload the evaluation key (once) and warm it on the node",
-                           "end user → gateway → store; pool node", log) as step:
+                step.crossed = (
+                    f"nothing: the secret key ({size(privacy.secret_key_bytes)}) stays in {qc.key_dir} "
+                    f"(0700); the evaluation key is {size(evaluation_key)}"
+                )
+            with self.step(
+                "end user",
+                "upload the evaluation key (once) and warm it on the node",
+                "end user → gateway → store; pool node",
+                log,
+            ) as step:
                 qc.upload_evaluation_keys()
                 warm = qc.last_warmup
-                step.crossed = (f"the evaluation key, {size(evaluation_key)}: it lets a node compute on this "
-                                "user's ciphertexts, not decrypt them")
+                step.crossed = (
+                    f"the evaluation key, {size(evaluation_key)}: it lets a node compute on this "
+                    "user's ciphertexts, not decrypt them"
+                )
                 if warm is not None:
-                    step.crossed += (f"; one ciphertext of zeros, evaluated once on {warm.warmed} of {warm.nodes} "
-                                     f"node(s) in {warm.seconds:.2f} s so that the first query finds the key ready")
+                    step.crossed += (
+                        f"; one ciphertext of zeros, evaluated once on {warm.warmed} of {warm.nodes} "
+                        f"node(s) in {warm.seconds:.2f} s so that the first query finds the key ready"
+                    )
             cases = self.tutorial.cases()
             self.report.queries_after = len(self.report.steps)
             decrypted = [self.one_case(qc, trained, case) for case in cases]
@@ -224,9 +250,14 @@ class TutorialRun:
             stats = self.mc.worker_stats(name)
             if stats:
                 s = stats[0]
-                self.report.worker = {"worker": s.worker_id, "node": s.node, "queries": s.queries_succeeded,
-                                      "average_compute_s": s.average_compute_s, "key_cache_hits": s.key_cache_hits,
-                                      "key_cache_misses": s.key_cache_misses}
+                self.report.worker = {
+                    "worker": s.worker_id,
+                    "node": s.node,
+                    "queries": s.queries_succeeded,
+                    "average_compute_s": s.average_compute_s,
+                    "key_cache_hits": s.key_cache_hits,
+                    "key_cache_misses": s.key_cache_misses,
+                }
         finally:
             qc.close()
 
@@ -246,17 +277,33 @@ class TutorialRun:
         reading = self.tutorial.read(case, result, clear)
         server = qc.last_timings
         report = CaseReport(
-            case.label, case.truth, reading.fhe, reading.clear, reading.agree, reading.values,
-            t1 - t0, len(ciphertext), server.get("queue_wait_s", 0.0), server.get("key_s", 0.0),
-            server.get("compute_s", 0.0), t2 - t1, t3 - t2, len(output), self.worker_node,
+            case.label,
+            case.truth,
+            reading.fhe,
+            reading.clear,
+            reading.agree,
+            reading.values,
+            t1 - t0,
+            len(ciphertext),
+            server.get("queue_wait_s", 0.0),
+            server.get("key_s", 0.0),
+            server.get("compute_s", 0.0),
+            t2 - t1,
+            t3 - t2,
+            len(output),
+            self.worker_node,
             ciphertext_inline=len(ciphertext) <= self.settings.inline_max_bytes,
             output_inline=len(output) <= self.settings.inline_max_bytes,
         )
         self.report.cases.append(report)
-        self.echo(f"  end user: {case.label}: encrypt {report.encrypt_s * 1e3:.0f} ms ({size(report.ciphertext_bytes)}) · "
-                  f"queue {report.queue_wait_s * 1e3:.0f} ms · compute {report.compute_s:.2f} s · "
-                  f"decrypt {report.decrypt_s * 1e3:.0f} ms ({size(report.output_bytes)})")
-        self.echo(f"    FHE:   {reading.fhe}\n    clear: {reading.clear}"
-                  + (f"\n    truth: {case.truth}" if case.truth else "")
-                  + f"\n    {'agree' if reading.agree else 'DISAGREE'}")
+        self.echo(
+            f"  end user: {case.label}: encrypt {report.encrypt_s * 1e3:.0f} ms ({size(report.ciphertext_bytes)}) · "
+            f"queue {report.queue_wait_s * 1e3:.0f} ms · compute {report.compute_s:.2f} s · "
+            f"decrypt {report.decrypt_s * 1e3:.0f} ms ({size(report.output_bytes)})"
+        )
+        self.echo(
+            f"    FHE:   {reading.fhe}\n    clear: {reading.clear}"
+            + (f"\n    truth: {case.truth}" if case.truth else "")
+            + f"\n    {'agree' if reading.agree else 'DISAGREE'}"
+        )
         return result

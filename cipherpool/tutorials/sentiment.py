@@ -79,11 +79,15 @@ class Vocabulary:
             raise InvalidInput("An empty text has no sentiment to read; pass a sentence with --text.")
         words = self.words_of(text)
         if not words:
-            raise InvalidInput(f"{text!r} holds no word of the VADER lexicon, so the model sees an empty bag; "
-                               "use words that carry sentiment (good, awful, love, boring …).")
+            raise InvalidInput(
+                f"{text!r} holds no word of the VADER lexicon, so the model sees an empty bag; "
+                "use words that carry sentiment (good, awful, love, boring …)."
+            )
         if len(words) > MAX_WORDS:
-            raise InvalidInput(f"This text holds {len(words)} sentiment words; the model was compiled for at most "
-                               f"{MAX_WORDS}. Split it into shorter texts.")
+            raise InvalidInput(
+                f"This text holds {len(words)} sentiment words; the model was compiled for at most "
+                f"{MAX_WORDS}. Split it into shorter texts."
+            )
         return words
 
     def vector(self, text: str) -> NDArray[np.float32]:
@@ -112,8 +116,7 @@ def training_set(ratings: NDArray[Any], rng: np.random.Generator) -> tuple[Any, 
     from scipy.sparse import csr_matrix, vstack
 
     rated = np.flatnonzero(ratings)
-    singles = csr_matrix((np.ones(len(rated), np.float32), (np.arange(len(rated)), rated)),
-                         shape=(len(rated), len(ratings)))
+    singles = csr_matrix((np.ones(len(rated), np.float32), (np.arange(len(rated)), rated)), shape=(len(rated), len(ratings)))
     sentences, labels = random_sentences(ratings, SENTENCES, rng)
     return vstack([singles, sentences]).tocsr(), np.concatenate([(ratings[rated] > 0).astype(np.int64), labels])
 
@@ -165,19 +168,26 @@ class Sentiment(Tutorial):
 
     def train(self, path: Path) -> Trained:
         self.fitted, self.vocabulary, accuracy = train_sentiment(path)
-        return Trained(path, lambda xs: self.fitted.predict_proba(xs, fhe="disable"),
-                       f"{len(self.vocabulary.words)} words; agrees with the lexicon's sign on {accuracy:.1%} of "
-                       "held-out random sentences",
-                       {"accuracy": accuracy, "vocabulary": len(self.vocabulary.words), "max_words": MAX_WORDS})
+        return Trained(
+            path,
+            lambda xs: self.fitted.predict_proba(xs, fhe="disable"),
+            f"{len(self.vocabulary.words)} words; agrees with the lexicon's sign on {accuracy:.1%} of held-out random sentences",
+            {"accuracy": accuracy, "vocabulary": len(self.vocabulary.words), "max_words": MAX_WORDS},
+        )
 
     def cases(self) -> list[Case]:
         return [Case(text, self.vocabulary.vector(text)) for text in self.texts]
 
     def read(self, case: Case, decrypted: NDArray[Any], clear: NDArray[Any]) -> Reading:
         fhe_p, clear_p = float(decrypted.ravel()[-1]), float(clear.ravel()[-1])  # class 1: positive
+
         def verdict(p: float) -> str:
             return f"{'positive' if p >= 0.5 else 'negative'} (P {p:.3f})"
+
         agree = abs(fhe_p - clear_p) <= TOLERANCE and (fhe_p >= 0.5) == (clear_p >= 0.5)
-        return Reading(verdict(fhe_p), verdict(clear_p), agree,
-                       {"fhe_p_positive": fhe_p, "clear_p_positive": clear_p,
-                        "words": self.vocabulary.words_of(case.label)})
+        return Reading(
+            verdict(fhe_p),
+            verdict(clear_p),
+            agree,
+            {"fhe_p_positive": fhe_p, "clear_p_positive": clear_p, "words": self.vocabulary.words_of(case.label)},
+        )

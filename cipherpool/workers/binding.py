@@ -21,18 +21,18 @@ from typing import NotRequired, TypedDict
 
 from celery import Celery
 
+from cipherpool.announce import serving_changed
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Model, Worker, WorkerStatus
 from cipherpool.dispatch import query_queue
 from cipherpool.errors import CipherpoolError, WorkerStartFailed
 from cipherpool.fhe.evaluator import Evaluator
-from cipherpool.announce import serving_changed
 from cipherpool.names import ROLLOUT_LOCK_PREFIX
 from cipherpool.services import events, rollout
 from cipherpool.services.models import get_version, model_selector
 from cipherpool.services.workers import binding_to_load, finish, mark_loading, mark_running, set_consuming
 from cipherpool.statuses import EventKind
 from cipherpool.store import BlobKind
-from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent
 from cipherpool.workers.node import Binding, NodeRuntime
 
@@ -63,8 +63,11 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
         if current is not None and current.worker_id == worker_id:
             return {"bound": True, "queue": current.queue}
         event = BindingEvent(runtime.name, worker_id, model.id, model.name)
-        refusal = (f"{runtime.name} serves another worker" if current is not None  # claims are atomic: a stale message
-                   else runtime.refusal(model.hardware, model_selector(model)))
+        refusal = (
+            f"{runtime.name} serves another worker"
+            if current is not None  # claims are atomic: a stale message
+            else runtime.refusal(model.hardware, model_selector(model))
+        )
         if refusal is not None:
             _fail(ctx, runtime, event, refusal)
             raise WorkerStartFailed(f"Node {runtime.name} cannot serve model {model.name!r}: {refusal}.")
@@ -78,8 +81,19 @@ def bind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: str
                 for number in sorted(missing):
                     loaded[number] = _load_version(ctx, runtime, event, model.id, number, workdir)
             serving = wanted[1] if wanted[1] in loaded else max(loaded)
-            runtime.set_binding(Binding(worker_id, model.id, model.name, queue, loaded[serving], runtime.name, workdir,
-                                        version=serving, others={v: e for v, e in loaded.items() if v != serving}))
+            runtime.set_binding(
+                Binding(
+                    worker_id,
+                    model.id,
+                    model.name,
+                    queue,
+                    loaded[serving],
+                    runtime.name,
+                    workdir,
+                    version=serving,
+                    others={v: e for v, e in loaded.items() if v != serving},
+                )
+            )
             with ctx.session() as session:
                 mark_running(session, worker_id, set(loaded))
             apply_standby(ctx, runtime, app, worker_id)
@@ -159,14 +173,16 @@ def _roll(ctx: PlatformContext, runtime: NodeRuntime, worker_id: str) -> None:
     try:
         # A load longer than the lock's timeout lets another node in (two loads at once, no
         # harm); releasing a lock that expired must not turn a good load into a failure.
-        with ctx.store.redis.lock(ROLLOUT_LOCK_PREFIX + model_id, timeout=ROLLOUT_LOCK_S, blocking_timeout=ROLLOUT_WAIT_S,
-                                  raise_on_release_error=False):
+        with ctx.store.redis.lock(
+            ROLLOUT_LOCK_PREFIX + model_id, timeout=ROLLOUT_LOCK_S, blocking_timeout=ROLLOUT_WAIT_S, raise_on_release_error=False
+        ):
             wanted = _wanted(ctx, model_id)[0]
             for number in sorted(wanted - binding.versions):
                 if binding.workdir is None:
                     break
-                if not _add_version(runtime, worker_id, number,
-                                    _load_version(ctx, runtime, event, model_id, number, binding.workdir)):
+                if not _add_version(
+                    runtime, worker_id, number, _load_version(ctx, runtime, event, model_id, number, binding.workdir)
+                ):
                     return  # unbound meanwhile
             held = runtime.binding.versions if runtime.binding else set()
             with ctx.session() as session:
@@ -180,8 +196,13 @@ def _roll(ctx: PlatformContext, runtime: NodeRuntime, worker_id: str) -> None:
             return  # unbound meanwhile (its directory went with it): nothing failed
         log.exception("rollout of %s on %s failed", model_id, runtime.name)
         with ctx.session() as session:
-            events.record_for(session, model_id, EventKind.WORKER_FAILED, f"worker {worker_id} on {runtime.name} could "
-                              f"not load the new version (it keeps serving the old one): {exc}", worker_id=worker_id)
+            events.record_for(
+                session,
+                model_id,
+                EventKind.WORKER_FAILED,
+                f"worker {worker_id} on {runtime.name} could not load the new version (it keeps serving the old one): {exc}",
+                worker_id=worker_id,
+            )
         return
     _retire_after_rollout(ctx, runtime, worker_id, model_id)
 
@@ -212,8 +233,9 @@ def _wanted(ctx: PlatformContext, model_id: str) -> tuple[set[int], int, int | N
         return rollout.versions_to_hold(model), model.version, model.rollout_version
 
 
-def _load_version(ctx: PlatformContext, runtime: NodeRuntime, event: BindingEvent, model_id: str, number: int,
-                  workdir: Path) -> Evaluator:
+def _load_version(
+    ctx: PlatformContext, runtime: NodeRuntime, event: BindingEvent, model_id: str, number: int, workdir: Path
+) -> Evaluator:
     with ctx.session() as session:
         model = session.get(Model, model_id)
         if model is None:
@@ -237,11 +259,16 @@ def _consume(app: Celery, node: str, model_id: str, host_class: str, start: bool
     queue = query_queue(host_class, model_id)
     if start:
         replies = app.control.add_consumer(
-            queue.name, exchange=queue.exchange.name, exchange_type=queue.exchange.type, routing_key=queue.routing_key,
-            destination=[node], reply=True, timeout=CONTROL_REPLY_TIMEOUT_S)
+            queue.name,
+            exchange=queue.exchange.name,
+            exchange_type=queue.exchange.type,
+            routing_key=queue.routing_key,
+            destination=[node],
+            reply=True,
+            timeout=CONTROL_REPLY_TIMEOUT_S,
+        )
     else:
-        replies = app.control.cancel_consumer(queue.name, destination=[node], reply=True,
-                                              timeout=CONTROL_REPLY_TIMEOUT_S)
+        replies = app.control.cancel_consumer(queue.name, destination=[node], reply=True, timeout=CONTROL_REPLY_TIMEOUT_S)
     if not replies:
         raise WorkerStartFailed(f"Node {node} did not confirm {'consuming' if start else 'leaving'} {queue.name}.")
 

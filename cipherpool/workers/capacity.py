@@ -30,11 +30,13 @@ class Capacity:
     gpus: int  # GPUs it may see
 
 
-def detect(*, cgroup_memory_max: Path = CGROUP_MEMORY_MAX, dev_dir: Path = DEV_DIR,
-           environ: Mapping[str, str] | None = None) -> Capacity:
+def detect(
+    *, cgroup_memory_max: Path = CGROUP_MEMORY_MAX, dev_dir: Path = DEV_DIR, environ: Mapping[str, str] | None = None
+) -> Capacity:
     """This host's capacity, as seen by this process."""
-    return Capacity(cores=cpu_cores(), memory_bytes=memory_bytes(cgroup_memory_max),
-                    gpus=gpu_count(dev_dir=dev_dir, environ=environ))
+    return Capacity(
+        cores=cpu_cores(), memory_bytes=memory_bytes(cgroup_memory_max), gpus=gpu_count(dev_dir=dev_dir, environ=environ)
+    )
 
 
 def cpu_cores() -> int:

@@ -17,9 +17,9 @@ from typing import Any
 
 from celery import signals
 
+from cipherpool.context import platform
 from cipherpool.monitoring.heartbeats import Heartbeat, Role
 from cipherpool.names import POOL_QUEUE
-from cipherpool.context import platform
 
 log = logging.getLogger("cipherpool.control")
 _running: dict[Role, Heartbeat] = {}

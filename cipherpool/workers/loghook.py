@@ -38,8 +38,7 @@ class WorkerLog(Hook):
         self._write(binding.worker_id, binding.node, f"load failed: {reason}", "error")
 
     def query_refused(self, query: QueryEvent, error: CipherpoolError) -> None:
-        self._write(query.worker_id, query.node, f"query {query.task_id} refused: {error.code}: {error.message}",
-                    "warning")
+        self._write(query.worker_id, query.node, f"query {query.task_id} refused: {error.code}: {error.message}", "warning")
 
     def query_failed(self, query: QueryEvent, error: BaseException) -> None:
         self._write(query.worker_id, query.node, f"query {query.task_id} failed: {type(error).__name__}", "error")

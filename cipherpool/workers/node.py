@@ -69,8 +69,12 @@ class Binding:
         """Only ``versions`` kept (those held), ``serving`` as the serving one if held."""
         every = {**self.others, self.version: self.evaluator}
         primary = serving if serving in every else self.version
-        return replace(self, version=primary, evaluator=every[primary],
-                       others={v: e for v, e in every.items() if v in versions and v != primary})
+        return replace(
+            self,
+            version=primary,
+            evaluator=every[primary],
+            others={v: e for v, e in every.items() if v in versions and v != primary},
+        )
 
 
 class NodeRuntime:
@@ -79,10 +83,21 @@ class NodeRuntime:
     ``stats`` (a :class:`NodeStats` hook) is always the first hook; more come from
     ``CIPHERPOOL_NODE_HOOKS`` or :meth:`Hooks.add`."""
 
-    def __init__(self, name: str, *, host_class: str, concurrency: int, threads: int | None,
-                 key_cache_bytes: int, key_memory_factor: float,
-                 evaluator_factory: Callable[[bytes, Path], Evaluator], hooks: Iterable[Hook] = (),
-                 profile: str = "default", labels: Mapping[str, str] | None = None, shared: bool = False):
+    def __init__(
+        self,
+        name: str,
+        *,
+        host_class: str,
+        concurrency: int,
+        threads: int | None,
+        key_cache_bytes: int,
+        key_memory_factor: float,
+        evaluator_factory: Callable[[bytes, Path], Evaluator],
+        hooks: Iterable[Hook] = (),
+        profile: str = "default",
+        labels: Mapping[str, str] | None = None,
+        shared: bool = False,
+    ):
         self.name = name
         self.evaluator_factory = evaluator_factory
         self.profile = profile
@@ -144,14 +159,22 @@ class NodeRuntime:
         own = self.stats.of_binding(binding.worker_id) if binding else self.stats.of_binding("")
         return WorkerStats(
             **own.model_dump(),
-            node=self.name, host_class=self.host_class, concurrency=self.concurrency, threads=self.threads,
-            model_id=binding.model_id if binding else None, model=binding.model_name if binding else None,
+            node=self.name,
+            host_class=self.host_class,
+            concurrency=self.concurrency,
+            threads=self.threads,
+            model_id=binding.model_id if binding else None,
+            model=binding.model_name if binding else None,
             worker_id=binding.worker_id if binding else None,
             versions=sorted(binding.versions) if binding else [],
             bound_for_s=time.time() - binding.bound_at if binding else None,
             node_lifetime=self.stats.of_node(),
-            key_cache=KeyCacheOut(entries=cache.entries, charged_bytes=cache.charged_bytes,
-                                  capacity_bytes=cache.capacity_bytes, evictions=cache.evictions),
+            key_cache=KeyCacheOut(
+                entries=cache.entries,
+                charged_bytes=cache.charged_bytes,
+                capacity_bytes=cache.capacity_bytes,
+                evictions=cache.evictions,
+            ),
             blob_cache=BlobCacheOut(**self.blob_cache.figures().as_dict()) if self.blob_cache else None,
         )
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from cipherpool import workerlog
+from cipherpool.context import PlatformContext
 from cipherpool.errors import CipherpoolError, KeyMismatch, KeysOutdated, ModelMismatch, ModelUnavailable
+from cipherpool.fhe.evaluator import Evaluator
+from cipherpool.fhe.values import check_ciphertext
 from cipherpool.messages import EncryptedInput, EncryptedOutput, Envelope, QueryReply, QueryRequest, failed, ok
 from cipherpool.names import query_routing_key
 from cipherpool.services.queries import REGENERATE
 from cipherpool.store import BlobKind
-from cipherpool.fhe.evaluator import Evaluator
-from cipherpool.fhe.values import check_ciphertext
-from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import Hook, QueryEvent
 from cipherpool.workers.node import NodeRuntime
 
@@ -81,16 +81,22 @@ def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: De
         if may_requeue(delivery, runtime.host_class, request.model_id):
             hooks.query_requeued(query)
             raise Requeue("node no longer serves this model") from None
-        return _refuse(query, hooks, ModelUnavailable(
-            "This query reached a node that does not serve its model; submit it again."))
+        return _refuse(
+            query, hooks, ModelUnavailable("This query reached a node that does not serve its model; submit it again.")
+        )
     except CipherpoolError as error:
         return _refuse(query, hooks, error)
     except Exception as error:
         hooks.query_failed(query, error)
         raise
     hooks.query_computed(query)
-    log.info("query on %s: key %s, compute %.3f s, total %.3f s", query.binding.model_name if query.binding else "?",
-             reply.key_cache, query.timings["compute_s"], query.timings["server_total_s"])
+    log.info(
+        "query on %s: key %s, compute %.3f s, total %.3f s",
+        query.binding.model_name if query.binding else "?",
+        reply.key_cache,
+        query.timings["compute_s"],
+        query.timings["server_total_s"],
+    )
     return ok(reply.encode())
 
 
@@ -113,12 +119,12 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, q
 
     reply = _reply(ctx, request, output)
     query.timings["server_total_s"] = time.time() - started
-    return QueryReply(node=runtime.name, version=version, key_cache="hit" if hit else "miss",
-                      timings=dict(query.timings), **reply)
+    return QueryReply(
+        node=runtime.name, version=version, key_cache="hit" if hit else "miss", timings=dict(query.timings), **reply
+    )
 
 
-def _evaluator(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest,
-               query: QueryEvent) -> tuple[Evaluator, int]:
+def _evaluator(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, query: QueryEvent) -> tuple[Evaluator, int]:
     """The loaded model version that runs this query: the binding's (a dedicated node), or
     one loaded on demand (a shared node)."""
     if runtime.shared_models is not None:
@@ -132,8 +138,10 @@ def _evaluator(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest
     if held is None:
         if request.version > max(binding.versions):  # not loaded here yet: another node may have it
             raise NotBoundHere(request.model_id)
-        raise KeysOutdated(f"This query is for version {request.version} of model {binding.model_name!r}, which "
-                           f"its workers no longer hold (they serve version {binding.version}): {REGENERATE}.")
+        raise KeysOutdated(
+            f"This query is for version {request.version} of model {binding.model_name!r}, which "
+            f"its workers no longer hold (they serve version {binding.version}): {REGENERATE}."
+        )
     query.binding = binding.event
     return held, request.version or binding.version
 
@@ -218,6 +226,10 @@ def warm(ctx: PlatformContext, runtime: NodeRuntime, raw: object) -> Warmed:
         runtime.hooks.key_warmed(query)
     seconds = time.time() - started
     if query.worker_id:
-        workerlog.write(ctx.store.redis, query.worker_id, f"key set {request.key_id[:12]}… warmed in {seconds:.2f} s"
-                        f"{' (already cached)' if hit else ''}", source=runtime.name)
+        workerlog.write(
+            ctx.store.redis,
+            query.worker_id,
+            f"key set {request.key_id[:12]}… warmed in {seconds:.2f} s{' (already cached)' if hit else ''}",
+            source=runtime.name,
+        )
     return {"seconds": seconds, "cached": hit}

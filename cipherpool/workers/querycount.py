@@ -20,5 +20,4 @@ class QueryCounter(Hook):
     def query_computed(self, query: QueryEvent) -> None:
         if not query.account_id or not query.model_id:
             return
-        count(self._redis(), query.account_id, query.model_id, query.worker_id,
-              datetime.fromtimestamp(time.time(), UTC).date())
+        count(self._redis(), query.account_id, query.model_id, query.worker_id, datetime.fromtimestamp(time.time(), UTC).date())

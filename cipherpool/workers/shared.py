@@ -25,15 +25,15 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from cipherpool.billing.charging import record_execution
+from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Model, ModelStatus
 from cipherpool.errors import ModelUnavailable
 from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.fhe.keycache import KeyCache
 from cipherpool.names import SHARED_EXECUTION_PREFIX
-from cipherpool.services.nodes import loaded_key
 from cipherpool.services.models import get_version
+from cipherpool.services.nodes import loaded_key
 from cipherpool.store import BlobKind
-from cipherpool.context import PlatformContext
 from cipherpool.workers.hooks import BindingEvent, Hook, QueryEvent
 
 log = logging.getLogger("cipherpool.node")
@@ -46,9 +46,16 @@ class SharedModels:
     ``redis``: where the node publishes what it holds (``cipherpool:shared-loaded:<node>``),
     for `cipherpool pool nodes`; best effort, a query never waits on it."""
 
-    def __init__(self, node: str, host_class: str, capacity_bytes: int, workdir: Path,
-                 factory: Callable[[bytes, Path], Evaluator], measure: Callable[[], int] | None = None,
-                 redis: Callable[[], Redis] | None = None):
+    def __init__(
+        self,
+        node: str,
+        host_class: str,
+        capacity_bytes: int,
+        workdir: Path,
+        factory: Callable[[bytes, Path], Evaluator],
+        measure: Callable[[], int] | None = None,
+        redis: Callable[[], Redis] | None = None,
+    ):
         self.node, self.host_class, self.workdir, self._factory = node, host_class, workdir, factory
         self._redis = redis
         self._measure = measure or _resident_bytes  # what a load adds to it is what the model costs

@@ -18,33 +18,32 @@ import os
 import shutil
 import socket
 import threading
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery import signals
 from celery.utils.dispatch import Signal
 
-from cipherpool import workerlog
+from cipherpool import backends, workerlog
+from cipherpool.billing.rates import profile_prices
+from cipherpool.blobs import DiskCache, node_cache_dir
 from cipherpool.config.profiles import resolve_profile
+from cipherpool.context import platform
 from cipherpool.dispatch import shared_queue_of
+from cipherpool.fhe.evaluator import evaluator_factory, preload
+from cipherpool.fhe.process import block_sigpipe
+from cipherpool.files import private_dir
 from cipherpool.names import BIND_TASK, POOL_QUEUE, UNBIND_TASK, node_queue
 from cipherpool.services import nodes as node_service
-from cipherpool import backends
-from cipherpool.blobs import DiskCache, node_cache_dir
-from cipherpool.fhe.evaluator import evaluator_factory, preload
-from cipherpool.context import platform
-from cipherpool.files import private_dir
+from cipherpool.waiting import Backoff, StateLog
 from cipherpool.workers import capacity
 from cipherpool.workers.hooks import load_hook
 from cipherpool.workers.loghook import WorkerLog
-from cipherpool.billing.rates import profile_prices
-from cipherpool.workers.querycount import QueryCounter
-from cipherpool.workers.timings import FLUSH_S, QueryTimings
-from cipherpool.workers.shared import ExecutionMeter, SharedModels
 from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
-from cipherpool.waiting import Backoff, StateLog
-from cipherpool.fhe.process import block_sigpipe
+from cipherpool.workers.querycount import QueryCounter
+from cipherpool.workers.shared import ExecutionMeter, SharedModels
+from cipherpool.workers.timings import FLUSH_S, QueryTimings
 
 log = logging.getLogger("cipherpool.node")
 _stop_heartbeat = threading.Event()
@@ -84,8 +83,12 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
             log.warning("pool node %s: using the threads pool instead of %s", sender.hostname, pool)
             sender.pool_cls = "threads"
         redis = lambda: ctx.store.redis  # noqa: E731 - read when a hook writes, not at start
-        hooks = [WorkerLog(redis), QueryCounter(redis), QueryTimings(redis, flush_s=FLUSH_S),
-                 *(load_hook(path) for path in settings.node_hooks)]
+        hooks = [
+            WorkerLog(redis),
+            QueryCounter(redis),
+            QueryTimings(redis, flush_s=FLUSH_S),
+            *(load_hook(path) for path in settings.node_hooks),
+        ]
         if profile.shared:
             hooks.insert(0, ExecutionMeter(lambda: ctx.counters, profile.name))  # billed: never counted twice
         runtime = install_runtime(
@@ -97,7 +100,10 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
                 key_cache_bytes=profile.key_cache_bytes,
                 key_memory_factor=settings.key_memory_factor,
                 evaluator_factory=evaluator_factory(profile.host_class),
-                hooks=hooks, profile=profile.name, labels=profile.labels, shared=profile.shared,
+                hooks=hooks,
+                profile=profile.name,
+                labels=profile.labels,
+                shared=profile.shared,
             )
         )
         cache_bytes = settings.effective_node_blob_cache_bytes()
@@ -108,8 +114,9 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
             workdir = Path(settings.data_dir).expanduser() / "node-models" / f"shared-{sender.hostname}"
             shutil.rmtree(workdir, ignore_errors=True)  # what an earlier run of this node loaded
             private_dir(workdir)
-            runtime.shared_models = SharedModels(sender.hostname, runtime.host_class, profile.model_cache_bytes,
-                                                 workdir, runtime.evaluator_factory, redis=redis)
+            runtime.shared_models = SharedModels(
+                sender.hostname, runtime.host_class, profile.model_cache_bytes, workdir, runtime.evaluator_factory, redis=redis
+            )
             runtime.shared_models.forget_published()
         if settings.node_preload:
             log.info("pool node %s imported concrete in %.1f s", sender.hostname, preload())
@@ -127,16 +134,25 @@ def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
         sender.add_task_queue(node_queue(runtime.name))
         if runtime.shared_models is not None:  # a shared node takes its class's shared queries from the start
             queue = shared_queue_of(runtime.host_class)
-            sender.add_task_queue(queue.name, exchange=queue.exchange.name, exchange_type=queue.exchange.type,
-                                  routing_key=queue.routing_key)
+            sender.add_task_queue(
+                queue.name, exchange=queue.exchange.name, exchange_type=queue.exchange.type, routing_key=queue.routing_key
+            )
         ctx = platform()
         host = capacity.detect()
         # The backends this node can run; only its class's are probed (a probe may import concrete).
         capabilities = backends.probe(runtime.host_class)
         info = node_service.NodeInfo(
-            host_class=runtime.host_class, concurrency=runtime.concurrency, threads=runtime.threads,
-            pid=os.getpid(), profile=runtime.profile, labels=runtime.labels, shared=runtime.shared,
-            host=socket.gethostname(), cores=host.cores, memory_bytes=host.memory_bytes, gpus=host.gpus,
+            host_class=runtime.host_class,
+            concurrency=runtime.concurrency,
+            threads=runtime.threads,
+            pid=os.getpid(),
+            profile=runtime.profile,
+            labels=runtime.labels,
+            shared=runtime.shared,
+            host=socket.gethostname(),
+            cores=host.cores,
+            memory_bytes=host.memory_bytes,
+            gpus=host.gpus,
             capabilities=capabilities,
             key_cache_bytes=runtime.key_cache.stats().capacity_bytes,
             prices=profile_prices(resolve_profile(ctx.settings)),
@@ -146,8 +162,12 @@ def on_worker_ready(sender: Any = None, **_kwargs: Any) -> None:
         return
     global _registration
     _stop_heartbeat.clear()
-    _registration = threading.Thread(target=_keep_registered, name="cipherpool-heartbeat", daemon=True,
-                                     args=(runtime.name, info, ctx.settings.node_heartbeat_s, sender.app))
+    _registration = threading.Thread(
+        target=_keep_registered,
+        name="cipherpool-heartbeat",
+        daemon=True,
+        args=(runtime.name, info, ctx.settings.node_heartbeat_s, sender.app),
+    )
     _registration.start()
 
 
@@ -216,8 +236,9 @@ def _register(name: str, info: node_service.NodeInfo) -> str | None:
         binding = node_service.binding_of_node(session, name)
     if registered.downtime is not None:  # committed: the worker's log says what its events say
         try:
-            workerlog.write(ctx.store.redis, registered.downtime.worker_id, registered.downtime.describe(),
-                            level="warning", source=name)
+            workerlog.write(
+                ctx.store.redis, registered.downtime.worker_id, registered.downtime.describe(), level="warning", source=name
+            )
         except Exception:  # noqa: BLE001 - the log line is best effort; the event is recorded
             log.warning("node %s: could not write the downtime to worker %s's log", name, registered.downtime.worker_id)
     runtime = current_runtime()

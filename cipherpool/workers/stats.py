@@ -37,9 +37,14 @@ class Counters:
         """What the API reports: counts and averages."""
         done = self.queries_succeeded
         return Figures(
-            since=self.since, queries_succeeded=done, queries_refused=self.queries_refused,
-            queries_failed=self.queries_failed, queries_requeued=self.queries_requeued, model_loads=self.model_loads,
-            key_cache_hits=self.key_cache_hits, key_cache_misses=self.key_cache_misses,
+            since=self.since,
+            queries_succeeded=done,
+            queries_refused=self.queries_refused,
+            queries_failed=self.queries_failed,
+            queries_requeued=self.queries_requeued,
+            model_loads=self.model_loads,
+            key_cache_hits=self.key_cache_hits,
+            key_cache_misses=self.key_cache_misses,
             average_compute_s=self.compute_s_total / done if done else None,
             average_queue_wait_s=self.queue_wait_s_total / done if done else None,
             last_compute_s=self.last_compute_s,
@@ -81,8 +86,12 @@ class NodeStats(Hook):
 
     def query_computed(self, query: QueryEvent) -> None:
         compute = query.timings.get("compute_s", 0.0)
-        self._count(query.worker_id, queries_succeeded=1, compute_s_total=compute,
-                    queue_wait_s_total=query.timings.get("queue_wait_s", 0.0))
+        self._count(
+            query.worker_id,
+            queries_succeeded=1,
+            compute_s_total=compute,
+            queue_wait_s_total=query.timings.get("queue_wait_s", 0.0),
+        )
         with self._lock:
             self.lifetime.last_compute_s = compute
             if query.worker_id in self._bindings:

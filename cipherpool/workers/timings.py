@@ -30,8 +30,7 @@ class QueryTimings(Hook):
     None, writes at once (for tests and tools that read right after).
     A failed write is logged and dropped: figures are never worth a query."""
 
-    def __init__(self, redis: Callable[[], Redis], clock: Callable[[], float] = time.time,
-                 flush_s: float | None = None):
+    def __init__(self, redis: Callable[[], Redis], clock: Callable[[], float] = time.time, flush_s: float | None = None):
         self._redis = redis
         self._clock = clock
         self._flush_s = flush_s
@@ -43,8 +42,14 @@ class QueryTimings(Hook):
     def _model(query: QueryEvent) -> str | None:
         return query.model_id or (query.binding.model_id if query.binding else None)
 
-    def _record(self, query: QueryEvent, model_id: str | None, sample: Sample | None = None,
-                histogram: dict[str, int] | None = None, **amounts: int) -> None:
+    def _record(
+        self,
+        query: QueryEvent,
+        model_id: str | None,
+        sample: Sample | None = None,
+        histogram: dict[str, int] | None = None,
+        **amounts: int,
+    ) -> None:
         if model_id is None:
             return
         worker = query.worker_id or SHARED
@@ -84,8 +89,12 @@ class QueryTimings(Hook):
         compute = max(0.0, query.timings.get("compute_s", 0.0))
         wait_us, compute_us = round(wait * US), round(compute * US)
         sample = Sample(self._clock(), query.worker_id or SHARED, wait, compute)
-        histogram = {f"queue_wait:{bucket_index(wait)}": 1, "queue_wait:sum_us": wait_us,
-                     f"compute:{bucket_index(compute)}": 1, "compute:sum_us": compute_us}
+        histogram = {
+            f"queue_wait:{bucket_index(wait)}": 1,
+            "queue_wait:sum_us": wait_us,
+            f"compute:{bucket_index(compute)}": 1,
+            "compute:sum_us": compute_us,
+        }
         self._record(query, self._model(query), sample, histogram, queries=1, wait_us=wait_us, compute_us=compute_us)
 
     def query_refused(self, query: QueryEvent, error: CipherpoolError) -> None:

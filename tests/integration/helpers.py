@@ -9,8 +9,9 @@ from cipherpool.examples import Example
 from cipherpool.stack.embedded import EmbeddedStack
 
 
-def serve(stack: EmbeddedStack, example: Example, name: str, key_dir: Path,
-          **overrides: object) -> tuple[ManagementClient, QueryClient, str]:
+def serve(
+    stack: EmbeddedStack, example: Example, name: str, key_dir: Path, **overrides: object
+) -> tuple[ManagementClient, QueryClient, str]:
     """On a stack of its own: an account, the model deployed, activated and served by one
     worker, and a client whose keys are uploaded. Returns (management, query, worker id)."""
     settings = stack.client_settings.model_copy(update=overrides)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import threading
 
-from cipherpool.errors import CipherpoolError
 from cipherpool.context import platform
+from cipherpool.errors import CipherpoolError
 from cipherpool.workers.hooks import BindingEvent, Hook, QueryEvent
 
 EVENTS_FILE = "hook-events.jsonl"

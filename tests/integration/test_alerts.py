@@ -37,8 +37,15 @@ def alerting(tmp_path_factory):
     root = tmp_path_factory.mktemp("alerts")
     example = train_breast_cancer(root / "cancer")
     (root / "profiles.toml").write_text(PROFILES)
-    settings = Settings(data_dir=root / "platform", profiles_file=root / "profiles.toml", query_timeout_s=120,
-                        alert_interval_s=1.0, webhook_allow_private=True, webhook_backoff_s=0.5, webhook_attempts=4)
+    settings = Settings(
+        data_dir=root / "platform",
+        profiles_file=root / "profiles.toml",
+        query_timeout_s=120,
+        alert_interval_s=1.0,
+        webhook_allow_private=True,
+        webhook_backoff_s=0.5,
+        webhook_attempts=4,
+    )
     with EmbeddedStack(settings, StackOptions(profiles=["dedicated"], beat=True, flower=False)) as stack:
         yield stack, example
 
@@ -76,7 +83,12 @@ def test_an_alert_fires_calls_a_local_webhook_and_clears(alerting, tmp_path):
         assert len(calls) == 2 and all(_signed(rule.webhook_secret, "fired", [c]) for c in calls)
         body = calls[1].json()
         assert (body["event_id"], body["model"], body["metric"], body["threshold"], body["rule_id"]) == (
-            delivered[0].id, "cancer", "average_query_s", 0.0, rule.id)
+            delivered[0].id,
+            "cancer",
+            "average_query_s",
+            0.0,
+            rule.id,
+        )
         assert body["value"] > 0 and calls[1].headers[EVENT_HEADER] == "fired" and calls[0].body == calls[1].body
 
         # When the threshold is raised above the figure (the rule set again), it clears,
@@ -84,8 +96,9 @@ def test_an_alert_fires_calls_a_local_webhook_and_clears(alerting, tmp_path):
         cleared = wait_until(lambda: _signed(rule.webhook_secret, "cleared", receiver.received()), 30, interval_s=0.2)
         assert cleared.json()["threshold"] == 1000.0 and cleared.json()["value"] <= 1000
         # and the clearing is recorded, delivered at the first call.
-        events = wait_until(lambda: (found := mc.alert_events("cancer")) and len(found) == 2
-                            and found[1].delivery == "delivered" and found, 15)
+        events = wait_until(
+            lambda: (found := mc.alert_events("cancer")) and len(found) == 2 and found[1].delivery == "delivered" and found, 15
+        )
         assert [(e.kind, e.attempts) for e in events] == [("fired", 2), ("cleared", 1)]
         assert mc.list_alerts("cancer")[0].state == "ok"
     kinds = [e.kind for e in mc.model_events("cancer")]

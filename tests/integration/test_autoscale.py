@@ -43,8 +43,15 @@ def test_a_queue_of_slow_queries_adds_a_worker_and_idleness_removes_it(examples,
         qc = QueryClient(mc.create_token("u", model="digits"), settings=stack.client_settings, key_dir=tmp_path / "keys")
         qc.generate_keys()
         qc.upload_evaluation_keys()
-        policy = mc.set_autoscale("digits", target_queue_wait_s=3.0, target_queue_depth=1, scale_up_after_s=2,
-                                  idle_after_s=6, cooldown_up_s=2, cooldown_down_s=2)
+        policy = mc.set_autoscale(
+            "digits",
+            target_queue_wait_s=3.0,
+            target_queue_depth=1,
+            scale_up_after_s=2,
+            idle_after_s=6,
+            cooldown_up_s=2,
+            cooldown_down_s=2,
+        )
         assert policy.enabled and (policy.min_workers, policy.max_workers, policy.workers) == (1, 2, 1)
 
         # When a burst of slow queries queues up behind the one worker
@@ -53,8 +60,9 @@ def test_a_queue_of_slow_queries_adds_a_worker_and_idleness_removes_it(examples,
         sent = time.monotonic()
 
         # Then the autoscaler adds a worker, and says why
-        added = wait_until(lambda: next((w for w in mc.list_workers("digits") if w.started_by == "autoscaler"), None),
-                           30, interval_s=0.25)
+        added = wait_until(
+            lambda: next((w for w in mc.list_workers("digits") if w.started_by == "autoscaler"), None), 30, interval_s=0.25
+        )
         added_after_s = time.monotonic() - sent
         assert added.id != own.id and added.node != own.node
         up_events = [e for e in mc.model_events("digits") if e.kind == "autoscaled_up"]
@@ -68,8 +76,7 @@ def test_a_queue_of_slow_queries_adds_a_worker_and_idleness_removes_it(examples,
         np.testing.assert_array_equal(np.argmax(np.vstack(outputs), axis=1), np.argmax(example.clear(x), axis=1))
 
         # When no query comes any more, the autoscaler removes its worker, and the model keeps its minimum.
-        removed = wait_until(lambda: (w := mc.get_worker(added.id)).status == WorkerStatus.STOPPED and w, 40,
-                             interval_s=0.25)
+        removed = wait_until(lambda: (w := mc.get_worker(added.id)).status == WorkerStatus.STOPPED and w, 40, interval_s=0.25)
         removed_after_s = time.monotonic() - sent
         assert removed.stop_reason == StopReason.AUTOSCALER.value
         down_events = [e for e in mc.model_events("digits") if e.kind == "autoscaled_down"]
@@ -80,7 +87,9 @@ def test_a_queue_of_slow_queries_adds_a_worker_and_idleness_removes_it(examples,
         assert [w.id for w in serving] == [own.id]
         shown = mc.get_autoscale("digits")
         assert (shown.workers, shown.last_action) == (1, "down") and "idle for" in (shown.last_reason or "")
-        print(f"\nautoscaler: added after {added_after_s:.1f} s, {BURST} queries answered after {answered_after_s:.1f} s, "
-              f"removed after {removed_after_s:.1f} s; whole test {time.monotonic() - began:.0f} s")
+        print(
+            f"\nautoscaler: added after {added_after_s:.1f} s, {BURST} queries answered after {answered_after_s:.1f} s, "
+            f"removed after {removed_after_s:.1f} s; whole test {time.monotonic() - began:.0f} s"
+        )
         qc.close()
         mc.close()

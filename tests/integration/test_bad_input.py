@@ -20,8 +20,11 @@ def still_serving(clients, examples):
 
 
 def test_unknown_model(platform, still_serving):
-    for call in (lambda: platform.mc.activate_model("nope"), lambda: platform.mc.start_worker("nope"),
-                 lambda: platform.mc.create_token("t", model="nope")):
+    for call in (
+        lambda: platform.mc.activate_model("nope"),
+        lambda: platform.mc.start_worker("nope"),
+        lambda: platform.mc.create_token("t", model="nope"),
+    ):
         with pytest.raises(errors.ModelNotFound):
             call()
 
@@ -88,17 +91,21 @@ def test_truncated_evaluation_key_is_refused_at_upload(platform, clients, still_
     qc = clients["digits"]
     truncated = qc.crypto.evaluation_key()[:100_000]
     with pytest.raises(errors.InvalidEvaluationKey):
-        qc._t.request("PUT", "/v1/client/keys/" + "f" * 32, content=truncated,
-                      headers={"Content-Type": "application/octet-stream"})
+        qc._t.request(
+            "PUT", "/v1/client/keys/" + "f" * 32, content=truncated, headers={"Content-Type": "application/octet-stream"}
+        )
     store = BlobStore.from_settings(platform.stack.platform_settings)
     assert not store.exists(BlobKind.EVALUATION_KEY, sha256_hex(truncated))
     assert not list((platform.stack.platform_settings.effective_blob_dir() / "upload").iterdir())
 
 
-@pytest.mark.parametrize("mangle", [
-    lambda ct, qc: b"definitely not a ciphertext",
-    lambda ct, qc: ct[: len(ct) // 2],
-])
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda ct, qc: b"definitely not a ciphertext",
+        lambda ct, qc: ct[: len(ct) // 2],
+    ],
+)
 def test_malformed_ciphertext_is_refused_on_the_client(clients, examples, mangle, still_serving):
     qc = clients["cancer"]
     with pytest.raises(errors.MalformedCiphertext):

@@ -24,9 +24,9 @@ from cipherpool.billing import ledger
 from cipherpool.billing.charging import charge_all, epoch_ms
 from cipherpool.billing.rates import prices_at
 from cipherpool.client import ManagementClient, QueryClient
+from cipherpool.clock import utcnow
 from cipherpool.config.settings import Settings
 from cipherpool.db import session_scope
-from cipherpool.clock import utcnow
 from cipherpool.db.tables import Account, LedgerEntry, Model, Worker
 from cipherpool.statuses import StopReason, WorkerStatus
 from cipherpool.waiting import wait_until
@@ -55,9 +55,16 @@ def billed(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("billing")
     (root / "profiles.toml").write_text(PROFILES)
-    settings = Settings(data_dir=root / "platform", profiles_file=root / "profiles.toml", query_timeout_s=120,
-                        billing_interval_s=1.0, rate_per_hour={"cpu": RATE}, credits_signup_grant=Decimal(0),
-                        credits_low_balance=Decimal(4), credits_min_start_minutes=0.05)  # 3 s at the rate
+    settings = Settings(
+        data_dir=root / "platform",
+        profiles_file=root / "profiles.toml",
+        query_timeout_s=120,
+        billing_interval_s=1.0,
+        rate_per_hour={"cpu": RATE},
+        credits_signup_grant=Decimal(0),
+        credits_low_balance=Decimal(4),
+        credits_min_start_minutes=0.05,
+    )  # 3 s at the rate
     stack = EmbeddedStack(settings, StackOptions(profiles=["dedicated", "shared"], beat=True, flower=False))
     with stack:
         api_key = stack.create_account("billed")
@@ -86,8 +93,9 @@ def test_a_worker_is_charged_by_beat_and_stopped_at_zero(billed, examples):
     assert worker.status == WorkerStatus.UP
 
     # Then, within a tick of reaching zero, it is stopped for want of credits.
-    stopped = wait_until(lambda: (w := mc.get_worker(worker.id)).status in (WorkerStatus.STOPPED, WorkerStatus.FAILED)
-                         and w, 40, interval_s=0.25)
+    stopped = wait_until(
+        lambda: (w := mc.get_worker(worker.id)).status in (WorkerStatus.STOPPED, WorkerStatus.FAILED) and w, 40, interval_s=0.25
+    )
     assert stopped.status == WorkerStatus.STOPPED and stopped.stop_reason == StopReason.CREDITS.value
     kinds = [e.kind for e in mc.model_events("digits")]
     assert "credits_low" in kinds and "credits_depleted" in kinds
@@ -96,8 +104,7 @@ def test_a_worker_is_charged_by_beat_and_stopped_at_zero(billed, examples):
 
     with session_scope(stack.settings.effective_database_url()) as session:
         row = session.get(Worker, worker.id)
-        lines = list(session.exec(select(LedgerEntry).where(LedgerEntry.worker_id == worker.id)
-                                  .order_by(LedgerEntry.id)))
+        lines = list(session.exec(select(LedgerEntry).where(LedgerEntry.worker_id == worker.id).order_by(LedgerEntry.id)))
         account = session.get(Account, row.account_id)
         # The lines cover the worker's time from its start to its stop: no gap, no overlap.
         assert len(lines) >= 3, "beat charged it several times while it was up"
@@ -121,8 +128,7 @@ def test_shared_node_computation_is_charged_per_minute(billed, examples, tmp_pat
     admin.grant_credits("billed", "50")
     mc.deploy_model("digits-shared", examples["digits"].path, shared=True)
     mc.activate_model("digits-shared")
-    qc = QueryClient(mc.create_token("shared-user", model="digits-shared"), settings=stack.client_settings,
-                     key_dir=tmp_path)
+    qc = QueryClient(mc.create_token("shared-user", model="digits-shared"), settings=stack.client_settings, key_dir=tmp_path)
     qc.generate_keys()
     qc.upload_evaluation_keys()
     x = examples["digits"].x_test[:2]
@@ -142,8 +148,9 @@ def test_shared_node_computation_is_charged_per_minute(billed, examples, tmp_pat
     def execution_lines() -> list[LedgerEntry]:
         with session_scope(url) as session:
             model_id = session.exec(select(Model.id).where(Model.name == "digits-shared")).one()
-            return list(session.exec(select(LedgerEntry).where(LedgerEntry.model_id == model_id,
-                                                               LedgerEntry.kind == "execution")))
+            return list(
+                session.exec(select(LedgerEntry).where(LedgerEntry.model_id == model_id, LedgerEntry.kind == "execution"))
+            )
 
     lines = execution_lines()
     assert sum(line.queries or 0 for line in lines) == 2

@@ -12,8 +12,15 @@ pytestmark = pytest.mark.integration
 
 
 def run(platform, *args, token=None):
-    base = ["--url", platform.stack.gateway_url, "--api-key", platform.api_key,
-            "--data-dir", str(platform.settings.data_dir), "--json"]
+    base = [
+        "--url",
+        platform.stack.gateway_url,
+        "--api-key",
+        platform.api_key,
+        "--data-dir",
+        str(platform.settings.data_dir),
+        "--json",
+    ]
     if token:
         args = ("query", "--token", token) + args[1:] if args[0] == "query" else args
     result = CliRunner().invoke(cli, base + list(args))
@@ -35,8 +42,20 @@ def test_query_step_by_step_with_files(platform, examples, tmp_path):
     x_csv, x_ct, y_ct = (str(tmp_path / name) for name in ("x.csv", "x.ct", "y.ct"))
     run(platform, "query", "--keys", keys, "encrypt", "--input", x_csv, "--output", x_ct, token=token)
     run(platform, "query", "--keys", keys, "execute", "--input", x_ct, "--output", y_ct, token=token)
-    out = json.loads(run(platform, "query", "--keys", keys, "decrypt", "--input", str(tmp_path / "y.ct"),
-                         "--output", str(tmp_path / "y.npy"), token=token))
+    out = json.loads(
+        run(
+            platform,
+            "query",
+            "--keys",
+            keys,
+            "decrypt",
+            "--input",
+            str(tmp_path / "y.ct"),
+            "--output",
+            str(tmp_path / "y.npy"),
+            token=token,
+        )
+    )
     clear = examples["digits"].clear(x.reshape(1, -1))
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), clear, atol=1e-3)
     assert out["argmax"] == [int(clear.argmax())]
@@ -54,6 +73,7 @@ def test_provider_commands(platform):
 
 
 def test_errors_exit_with_their_code(platform):
-    result = CliRunner().invoke(cli, ["--url", platform.stack.gateway_url, "--api-key", platform.api_key,
-                                      "model", "activate", "no-such-model"])
+    result = CliRunner().invoke(
+        cli, ["--url", platform.stack.gateway_url, "--api-key", platform.api_key, "model", "activate", "no-such-model"]
+    )
     assert result.exit_code == 4 and "model_not_found" in result.output

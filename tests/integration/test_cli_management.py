@@ -45,8 +45,11 @@ def data(stack, api_key, *args):
 
 def admin(stack, *args, expect=0):
     """The operator's CLI, where the database is: the stack's data directory, database and broker."""
-    env = {"CIPHERPOOL_DATA_DIR": str(stack.data_dir), "CIPHERPOOL_DATABASE_URL": stack.settings.effective_database_url(),
-           "CIPHERPOOL_BROKER_URL": stack.broker_url}
+    env = {
+        "CIPHERPOOL_DATA_DIR": str(stack.data_dir),
+        "CIPHERPOOL_DATABASE_URL": stack.settings.effective_database_url(),
+        "CIPHERPOOL_BROKER_URL": stack.broker_url,
+    }
     reset_settings()  # the settings are read once per process: read them with this environment
     try:
         return invoke(env, *args, expect=expect)
@@ -70,8 +73,22 @@ def provider(stack):
 @pytest.fixture(scope="module")
 def two_models(stack, provider, cancer_path):
     first, second = unique("cli-m1"), unique("cli-m2")
-    detail = data(stack, provider, "--json", "model", "deploy", first, cancer_path, "--description", "breast cancer",
-                  "--min-workers", 0, "--max-workers", 2, "--shared")
+    detail = data(
+        stack,
+        provider,
+        "--json",
+        "model",
+        "deploy",
+        first,
+        cancer_path,
+        "--description",
+        "breast cancer",
+        "--min-workers",
+        0,
+        "--max-workers",
+        2,
+        "--shared",
+    )
     assert (detail["description"], detail["max_workers"], detail["shared"]) == ("breast cancer", 2, True)
     text = run(stack, provider, "model", "deploy", second, cancer_path).stdout  # text mode: settings, then versions
     assert f"name: {second}" in text and "versions:" in text and "NUMBER" in text
@@ -104,10 +121,25 @@ def test_model_settings_show_update_versions_and_delete(stack, provider, two_mod
     assert shown["input_shape"] and shown["versions"][0]["input_shape"] == shown["input_shape"]
     assert shown["status"] == "deployed" and shown["running_workers"] == 0
 
-    updated = data(stack, provider, "model", "update", first, "--description", "v1 of the classifier",
-                   "--max-workers", 3, "--no-shared", "--json")
+    updated = data(
+        stack,
+        provider,
+        "model",
+        "update",
+        first,
+        "--description",
+        "v1 of the classifier",
+        "--max-workers",
+        3,
+        "--no-shared",
+        "--json",
+    )
     assert (updated["description"], updated["max_workers"], updated["shared"], updated["min_workers"]) == (
-        "v1 of the classifier", 3, False, 0)
+        "v1 of the classifier",
+        3,
+        False,
+        0,
+    )
     assert run(stack, provider, "model", "update", first, expect=2).exit_code == 2
     assert "--max-workers" in run(stack, provider, "model", "update", first, "--max-workers", 0, expect=2).output
 
@@ -145,8 +177,7 @@ def test_model_events(stack, provider, two_models, monkeypatch):
     assert [e["id"] for e in after_first] == [e["id"] for e in found[1:]]
     future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     assert data(stack, provider, "model", "events", first, "--since", future, "--json") == []
-    assert "not an ISO 8601 time" in run(stack, provider, "model", "events", first, "--since", "yesterday",
-                                         expect=2).output
+    assert "not an ISO 8601 time" in run(stack, provider, "model", "events", first, "--since", "yesterday", expect=2).output
 
     # --follow prints what is there, then polls; the poll's sleep stands in for Ctrl-C
     def interrupt(_seconds):
@@ -180,13 +211,17 @@ def test_token_lifecycle(stack, provider, two_models):
     assert data(stack, provider, "token", "update", token_id, "--enable", "--json")["status"] == "active"
     changed = data(stack, provider, "token", "update", token_id, "--no-quota", "--no-expiry", "--json")
     assert (changed["quota"], changed["expires_at"]) == (None, None)
-    assert data(stack, provider, "token", "update", token_id, "--expires-at", "2099-01-01T00:00:00Z",
-                "--json")["expires_at"].startswith("2099-01-01")
+    assert data(stack, provider, "token", "update", token_id, "--expires-at", "2099-01-01T00:00:00Z", "--json")[
+        "expires_at"
+    ].startswith("2099-01-01")
     assert "not both" in run(stack, provider, "token", "update", token_id, "--quota", 1, "--no-quota", expect=2).output
-    assert "at most one" in run(stack, provider, "token", "create", unique("cli-tok"), "--expires-in", "1d",
-                                "--no-expiry", expect=2).output
-    assert "is not a duration" in run(stack, provider, "token", "create", unique("cli-tok"), "--expires-in", "soon",
-                                      expect=2).output
+    assert (
+        "at most one"
+        in run(stack, provider, "token", "create", unique("cli-tok"), "--expires-in", "1d", "--no-expiry", expect=2).output
+    )
+    assert (
+        "is not a duration" in run(stack, provider, "token", "create", unique("cli-tok"), "--expires-in", "soon", expect=2).output
+    )
 
     assert sorted(data(stack, provider, "token", "assign", token_id, second, "--json")["models"]) == sorted([first, second])
     assert data(stack, provider, "token", "unassign", token_id, first, "--json")["models"] == [second]
@@ -204,8 +239,9 @@ def test_token_lifecycle(stack, provider, two_models):
 
 def test_admin_accounts(stack):
     name = unique("cli-op")
-    created = json.loads(admin(stack, "admin", "account", "create", name, "--organisation", "Op Co", "--email",
-                               "op@co.test", "--json").stdout)
+    created = json.loads(
+        admin(stack, "admin", "account", "create", name, "--organisation", "Op Co", "--email", "op@co.test", "--json").stdout
+    )
     key = created["api_key"]
     assert key.startswith("cpk_") and created["organisation"] == "Op Co" and created["contact_email"] == "op@co.test"
 

@@ -20,8 +20,7 @@ TEXTS = ["I adore this brilliant, joyful little film.", "Dreadful service; the s
 
 
 def demo(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "cipherpool", "demo", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "cipherpool", "demo", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def processes_mentioning(text: str, but: int = 0) -> list[int]:
@@ -42,8 +41,12 @@ def processes_mentioning(text: str, but: int = 0) -> list[int]:
 
 def test_the_default_demo_is_digits_and_explains_each_step(tmp_path):
     data_dir = str(tmp_path / "demo")
-    with subprocess.Popen([sys.executable, "-m", "cipherpool", "demo", "--explain", "--data-dir", data_dir],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as running:
+    with subprocess.Popen(
+        [sys.executable, "-m", "cipherpool", "demo", "--explain", "--data-dir", data_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as running:
         children: set[int] = set()
         reader = threading.Thread(target=lambda: output.extend(running.communicate(timeout=900)))
         output: list[str] = []
@@ -62,8 +65,11 @@ def test_the_default_demo_is_digits_and_explains_each_step(tmp_path):
         assert re.search(rf"  {re.escape(step)}\s+\d+(\.\d+)? (ms|s)", out), step
     assert "evaluated once on 1 of 1 node(s)" in out  # the warm-up
     assert "key cache 4 hits / 0 miss" in out  # the warm-up loaded the key before the first query
-    sent = re.search(r"the end user sent (\d+) requests .*?; (\d+) bodies checked for \d+ samples of the secret key "
-                     r"and 4 clear inputs: found in none of them", out)
+    sent = re.search(
+        r"the end user sent (\d+) requests .*?; (\d+) bodies checked for \d+ samples of the secret key "
+        r"and 4 clear inputs: found in none of them",
+        out,
+    )
     assert sent and int(sent.group(1)) == int(sent.group(2)) > 0, out[-2000:]  # every body read, none held them
     assert re.search(r"privacy: (\d+)/\1 request bodies checked .*: found in none of them", out)
     assert "where:   end user's machine" in out and "crossed: nothing: the secret key" in out

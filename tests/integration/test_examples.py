@@ -27,14 +27,19 @@ def running(tmp_path_factory):
     """A stack as `cipherpool up` leaves it, and the environment a user would export."""
     tmp = tmp_path_factory.mktemp("examples")
     with EmbeddedStack(Settings(data_dir=tmp / "platform"), StackOptions(nodes=1, beat=False, flower=False)) as stack:
-        env = {**os.environ, "CIPHERPOOL_URL": stack.gateway_url, "CIPHERPOOL_API_KEY": stack.create_account("examples"),
-               "CIPHERPOOL_DATA_DIR": str(tmp / "client")}
+        env = {
+            **os.environ,
+            "CIPHERPOOL_URL": stack.gateway_url,
+            "CIPHERPOOL_API_KEY": stack.create_account("examples"),
+            "CIPHERPOOL_DATA_DIR": str(tmp / "client"),
+        }
         yield env
 
 
 def run_example(env: dict[str, str], name: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, f"examples/{name}.py", *args], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, f"examples/{name}.py", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"{name}.py exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
 
@@ -57,8 +62,10 @@ def test_an_example_agrees_with_its_clear_model(running, name, tmp_path):
             assert path.stat().st_mode & 0o077 == 0, "the user's pixels are private"
             with Image.open(path) as png:
                 assert (png.size, png.mode) == ((64, 64), "L")
-        with Image.open(tmp_path / "out" / "sharpened_fhe.png") as fhe, \
-                Image.open(tmp_path / "out" / "sharpened_clear.png") as clear:
+        with (
+            Image.open(tmp_path / "out" / "sharpened_fhe.png") as fhe,
+            Image.open(tmp_path / "out" / "sharpened_clear.png") as clear,
+        ):
             assert fhe.tobytes() == clear.tobytes()  # the images on disk, not only the printed line
         assert "max difference from the clear model 0 gray levels" in out
         error = re.search(r"against the float convolution: max (\d+) gray levels", out)
@@ -66,9 +73,11 @@ def test_an_example_agrees_with_its_clear_model(running, name, tmp_path):
     else:
         assert f"{SENTENCE!r}: FHE positive" in out
     # every printed answer: the FHE figure beside the clear one, and they agree
-    pairs = {"digits": r"FHE digit (\d+) \| clear digit (\d+)",
-             "health": r"FHE P\(malignant\) ([\d.]+) \| clear ([\d.]+)",
-             "sentiment": r"\(P ([\d.]+)\) \| clear P ([\d.]+)"}.get(name)
+    pairs = {
+        "digits": r"FHE digit (\d+) \| clear digit (\d+)",
+        "health": r"FHE P\(malignant\) ([\d.]+) \| clear ([\d.]+)",
+        "sentiment": r"\(P ([\d.]+)\) \| clear P ([\d.]+)",
+    }.get(name)
     if pairs:
         found = re.findall(pairs, out)
         assert len(found) == count, out

@@ -99,8 +99,13 @@ def _client(stack, mc: ManagementClient, name: str, path: Path, key_dir: Path, s
 def _in_cluster(stack, token_id: str, ciphertext: bytes, tmp_path: Path) -> tuple[str, bytes]:
     """One query through the in-cluster task API, in a process with the platform's environment."""
     (tmp_path / "in.bin").write_bytes(ciphertext)
-    done = subprocess.run([sys.executable, "-c", IN_CLUSTER, token_id, str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
-                          env=stack.env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", IN_CLUSTER, token_id, str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip().splitlines()[-1], (tmp_path / "out.bin").read_bytes()
 
@@ -112,8 +117,10 @@ def test_flower_shows_each_query_under_its_models_shadow_name(flowered, tmp_path
     zeta = ManagementClient(stack.create_account("zeta"), settings=stack.client_settings)
     dedicated, _ = _client(stack, acme, "cancer", example.path, tmp_path / "acme", shared=False)
     shared, zeta_token = _client(stack, zeta, "cancer", example.path, tmp_path / "zeta", shared=True)
-    names = {query_shadow("cancer", dedicated.model.id): "node1-dedicated",  # shadow name -> the node serving it
-             query_shadow("cancer", shared.model.id): "node2-shared"}
+    names = {
+        query_shadow("cancer", dedicated.model.id): "node1-dedicated",  # shadow name -> the node serving it
+        query_shadow("cancer", shared.model.id): "node2-shared",
+    }
     assert len(names) == 2, "one name per model, though both are called cancer"
 
     # When each model is queried: acme's through the gateway, zeta's through the gateway and in-cluster.
@@ -147,8 +154,9 @@ def test_flower_shows_each_query_under_its_models_shadow_name(flowered, tmp_path
     # the publishers' task-sent events (gateway and in-cluster) carry the model's name too.
     metrics = _flower_metrics(flower)
     expected = {name: list(asked.values()).count(name) for name in names}
-    counts = {s.labels["task"]: s.value for s in metrics["flower_task_runtime_seconds"]
-              if s.name == "flower_task_runtime_seconds_count"}
+    counts = {
+        s.labels["task"]: s.value for s in metrics["flower_task_runtime_seconds"] if s.name == "flower_task_runtime_seconds_count"
+    }
     assert {name: counts.get(name) for name in names} == expected and QUERY_TASK not in counts
     sent = {}
     for sample in metrics["flower_events"]:

@@ -51,8 +51,7 @@ def start_gateway(supervisor: Supervisor, tmp_path: Path, redis_url: str, databa
     settings = Settings(data_dir=tmp_path / "data", broker_url=redis_url, database_url=database_url)
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("CIPHERPOOL_")}, **settings_env(settings)}
-    child = supervisor.start("gateway", GATEWAY + ["--host", "127.0.0.1", "--port", str(port), "--log-level",
-                                                   "warning"], env)
+    child = supervisor.start("gateway", GATEWAY + ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -138,8 +137,7 @@ def test_a_database_down_leaves_the_gateway_alive_not_ready_and_answering_a_type
     assert gateway.alive()
 
 
-def test_a_schema_migrated_after_the_gateway_started_makes_it_ready_without_a_restart(
-        tmp_path, supervisor, fresh_postgres_url):
+def test_a_schema_migrated_after_the_gateway_started_makes_it_ready_without_a_restart(tmp_path, supervisor, fresh_postgres_url):
     # Given a gateway started on a fresh PostgreSQL database that nobody migrated yet
     _redis, redis_url = start_redis_for(supervisor, tmp_path)
     gateway, url = start_gateway(supervisor, tmp_path, redis_url, fresh_postgres_url)
@@ -180,9 +178,14 @@ def test_a_redis_restart_costs_no_request(tmp_path, supervisor):
     _gateway, url = start_gateway(supervisor, tmp_path, redis_url, database_url)
     # Each kind goes through another Redis client of the gateway's: the guard's rate counter
     # (sync pool), the store, the result waiter (asyncio) and the broker (kombu's publish).
-    calls = [("GET", "/v1/account", api_key), ("GET", "/v1/tokens", api_key),
-             ("GET", f"/v1/queries/{QUERY_ID}", token), ("DELETE", f"/v1/queries/{QUERY_ID}", token)]
+    calls = [
+        ("GET", "/v1/account", api_key),
+        ("GET", "/v1/tokens", api_key),
+        ("GET", f"/v1/queries/{QUERY_ID}", token),
+        ("DELETE", f"/v1/queries/{QUERY_ID}", token),
+    ]
     with httpx.Client(base_url=url, timeout=30) as http:
+
         def call(i: int) -> httpx.Response:
             method, path, credential = calls[i % len(calls)]
             return http.request(method, path, headers=bearer(credential))
@@ -197,8 +200,11 @@ def test_a_redis_restart_costs_no_request(tmp_path, supervisor):
 
         # Then the next 10 requests all succeed, on whatever connections the gateway held
         answers = [call(i) for i in range(10)]
-    failed = [(r.request.method, r.request.url.path, r.status_code, r.text[:200]) for r in answers
-              if r.status_code not in (200, 202, 204)]
+    failed = [
+        (r.request.method, r.request.url.path, r.status_code, r.text[:200])
+        for r in answers
+        if r.status_code not in (200, 202, 204)
+    ]
     assert failed == []
     # and the result waiter subscribed again by itself
     wait_until(lambda: subscribed(redis_url), 10, interval_s=0.1)
@@ -268,8 +274,13 @@ def test_a_full_redis_refuses_uploads_with_507_and_the_platform_stays_up(tmp_pat
         assert answers[-1] == (507, "store_full"), answers
         assert len(answers) > 2 and set(answers[:-1]) == {(201, None)}, answers
         # and every other call is served: provider reads, the end user's reads and polls
-        for credential, path in [(api_key, "/v1/account"), (api_key, "/v1/tokens"), (api_key, "/v1/models"),
-                                 (value, "/v1/client/models"), (value, "/v1/client/keys")]:
+        for credential, path in [
+            (api_key, "/v1/account"),
+            (api_key, "/v1/tokens"),
+            (api_key, "/v1/models"),
+            (value, "/v1/client/models"),
+            (value, "/v1/client/keys"),
+        ]:
             assert http.get(path, headers=bearer(credential)).status_code == 200, path
         poll = http.get(f"/v1/queries/{QUERY_ID}", headers=bearer(value))
         assert (poll.status_code, poll.json()["code"]) == (404, "query_not_found")

@@ -68,10 +68,12 @@ model_cache = "4GiB"
 def pool(tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
     (root / "profiles.toml").write_text(PROFILES)
-    settings = Settings(data_dir=root / "platform", profiles_file=root / "profiles.toml", query_timeout_s=120,
-                        auth_cache_ttl_s=5.0)
-    stack = EmbeddedStack(settings, StackOptions(profiles=["cpu-a", "cpu-b", "gpu-small", "shared-cpu"], beat=False,
-                                                 flower=False))
+    settings = Settings(
+        data_dir=root / "platform", profiles_file=root / "profiles.toml", query_timeout_s=120, auth_cache_ttl_s=5.0
+    )
+    stack = EmbeddedStack(
+        settings, StackOptions(profiles=["cpu-a", "cpu-b", "gpu-small", "shared-cpu"], beat=False, flower=False)
+    )
     with stack:
         mc = ManagementClient(stack.create_account("pool-provider"), settings=stack.client_settings)
         yield stack, mc
@@ -160,8 +162,7 @@ def test_a_node_refuses_a_model_of_another_class_whatever_the_message(pool, depl
     app = create_app(stack.settings.model_copy(update={"broker_url": stack.broker_url}))
     try:
         send_to_node(app, node.name, BIND_TASK, worker_id=worker.id)
-        failed = wait_until(lambda: (w := mc.get_worker(worker.id)).status == WorkerStatus.FAILED and w, 60,
-                            interval_s=0.2)
+        failed = wait_until(lambda: (w := mc.get_worker(worker.id)).status == WorkerStatus.FAILED and w, 60, interval_s=0.2)
     finally:
         app.close()
     assert "cpu node and the model needs a gpu node" in failed.error
@@ -278,8 +279,7 @@ def test_a_model_compiled_for_the_gpu_needs_a_node_with_concretes_gpu_build(pool
     app = create_app(stack.settings.model_copy(update={"broker_url": stack.broker_url}))
     try:
         send_to_node(app, node.name, BIND_TASK, worker_id=worker.id)
-        failed = wait_until(lambda: (w := mc.get_worker(worker.id)).status == WorkerStatus.FAILED and w, 60,
-                            interval_s=0.2)
+        failed = wait_until(lambda: (w := mc.get_worker(worker.id)).status == WorkerStatus.FAILED and w, 60, interval_s=0.2)
     finally:
         app.close()
     assert "compiled for the GPU" in failed.error and "no GPU build" in failed.error
@@ -317,8 +317,7 @@ def test_a_worker_log_tells_its_life(pool, deployed):
     mc.stop_worker(worker.id)
     lines = mc.worker_logs(worker.id)
     messages = [line.message for line in lines]
-    expected = ["pending: claimed node", "model digits-logged loaded in", "bound on", "stop requested (user)",
-                "unbound from"]
+    expected = ["pending: claimed node", "model digits-logged loaded in", "bound on", "stop requested (user)", "unbound from"]
     positions = [next(i for i, m in enumerate(messages) if m.startswith(prefix)) for prefix in expected]
     assert positions == sorted(positions), messages
     assert [line.n for line in lines] == list(range(len(lines)))
@@ -359,8 +358,12 @@ def test_shared_nodes_serve_models_that_allow_them_on_demand(pool, deployed, exa
         other.close()
     from cipherpool.admin import Admin
 
-    assert name in {m.model for n in Admin(stack.settings.model_copy(update={"broker_url": stack.broker_url})).list_nodes()
-                                     if n.name == shared_node for m in n.shared_models}
+    assert name in {
+        m.model
+        for n in Admin(stack.settings.model_copy(update={"broker_url": stack.broker_url})).list_nodes()
+        if n.name == shared_node
+        for m in n.shared_models
+    }
 
     # With a dedicated worker up, auto prefers it; mode=shared still reaches the shared node.
     worker = mc.start_worker(name)

@@ -18,16 +18,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from cipherpool.api.schemas import PlatformStatus
 from cipherpool.config.settings import Settings, reset_settings
 from cipherpool.monitoring.liveness import MISSING_AFTER_INTERVALS
-from cipherpool.statuses import Component, ComponentState
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+from cipherpool.statuses import Component, ComponentState
 from cipherpool.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 TOKEN = "integration-metrics-token-0c7d2e9a"
 HEARTBEAT_S = 1.0  # gateways, the control worker and beat; and the watchdog
 JOB_S = 2.0  # each of beat's jobs
-JOBS = {"reconcile_interval_s": JOB_S, "billing_interval_s": JOB_S, "schedule_interval_s": JOB_S,
-        "alert_interval_s": JOB_S, "autoscale_interval_s": JOB_S}
+JOBS = {
+    "reconcile_interval_s": JOB_S,
+    "billing_interval_s": JOB_S,
+    "schedule_interval_s": JOB_S,
+    "alert_interval_s": JOB_S,
+    "autoscale_interval_s": JOB_S,
+}
 
 
 def beat_state(status: PlatformStatus) -> ComponentState:
@@ -35,10 +40,18 @@ def beat_state(status: PlatformStatus) -> ComponentState:
 
 
 def test_a_killed_beat_goes_missing_everywhere_and_is_recorded_once(tmp_path):
-    settings = Settings(data_dir=tmp_path / "platform", metrics_token=TOKEN, platform_heartbeat_s=HEARTBEAT_S,
-                        platform_watchdog_s=HEARTBEAT_S, node_preload=False, **JOBS)
-    with EmbeddedStack(settings, StackOptions(nodes=1, beat=True, flower=False)) as stack, \
-            httpx.Client(base_url=stack.gateway_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as http:
+    settings = Settings(
+        data_dir=tmp_path / "platform",
+        metrics_token=TOKEN,
+        platform_heartbeat_s=HEARTBEAT_S,
+        platform_watchdog_s=HEARTBEAT_S,
+        node_preload=False,
+        **JOBS,
+    )
+    with (
+        EmbeddedStack(settings, StackOptions(nodes=1, beat=True, flower=False)) as stack,
+        httpx.Client(base_url=stack.gateway_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as http,
+    ):
 
         def status() -> PlatformStatus:
             response = http.get("/v1/platform/status", params={"events": 50})
@@ -67,14 +80,17 @@ def test_a_killed_beat_goes_missing_everywhere_and_is_recorded_once(tmp_path):
 
             return check
 
-        fresh = wait_until(when(lambda s: beat_state(s) is ComponentState.OK and all(j.last_run for j in s.beat_jobs)),
-                           30, interval_s=0.5)
+        fresh = wait_until(
+            when(lambda s: beat_state(s) is ComponentState.OK and all(j.last_run for j in s.beat_jobs)), 30, interval_s=0.5
+        )
         assert {j.job for j in fresh.beat_jobs} == {"reconcile", "billing", "schedules", "alerts", "autoscale"}
         # ... run by this beat: each after it started (not chosen by the wait above, which
         # asked only that each ran once and that the judge found them on time)
         (this_beat,) = fresh.beats
         assert all(j.last_run is not None and j.last_run >= this_beat.started_at for j in fresh.beat_jobs), (
-            this_beat.started_at, fresh.beat_jobs)
+            this_beat.started_at,
+            fresh.beat_jobs,
+        )
         states = {c.component: c.state for c in fresh.components}
         assert states[Component.GATEWAY] is states[Component.CONTROL] is states[Component.STORE] is ComponentState.OK
         assert [b.pid for b in fresh.beats] == [next(c.pid for c in stack.supervisor.children if c.name == "beat")]
@@ -104,8 +120,11 @@ def test_a_killed_beat_goes_missing_everywhere_and_is_recorded_once(tmp_path):
         # ... and /metrics: beat down, every job older than its interval
         scraped = http.get("/metrics")
         assert scraped.status_code == 200
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(scraped.text) for s in f.samples}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(scraped.text)
+            for s in f.samples
+        }
         assert samples[("cipherpool_component_up", (("component", "beat"),))] == 0
         assert samples[("cipherpool_component_up", (("component", "control"),))] == 1
         ages = {labels[0][1]: v for (name, labels), v in samples.items() if name == "cipherpool_beat_job_age_seconds"}
@@ -114,6 +133,5 @@ def test_a_killed_beat_goes_missing_everywhere_and_is_recorded_once(tmp_path):
         # ... and the operator's CLI
         shown = cli_status(exit_code=7)
         assert beat_state(shown) is ComponentState.MISSING
-        assert [e.id for e in shown.events if e.component is Component.BEAT and e.state is ComponentState.MISSING] == [
-            event.id]
+        assert [e.id for e in shown.events if e.component is Component.BEAT and e.state is ComponentState.MISSING] == [event.id]
         print(f"\nbeat killed: missing after {noticed_s:.1f} s (jobs every {JOB_S:g} s, heartbeat {HEARTBEAT_S:g} s)")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BROKEN_PIPE_HOOK = "tests.integration.broken_pipe_hook:BrokenPipeWriter"
 SIGPIPE_BIT = 1 << (signal.SIGPIPE - 1)
 
-INNER_TEST = '''
+INNER_TEST = """
 import numpy as np
 
 
@@ -37,7 +37,7 @@ def test_fhe_then_fail():
     model.compile(x)
     model.predict(x[:1], fhe="execute")
     assert False, "fails after an in-process FHE run"
-'''
+"""
 
 
 def _signals(pid: int) -> dict[str, int]:
@@ -47,22 +47,29 @@ def _signals(pid: int) -> dict[str, int]:
 
 def test_a_failing_test_after_an_in_process_fhe_run_fails_the_test_run(tmp_path):
     (tmp_path / "test_inner.py").write_text(INNER_TEST)
-    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                  "-c", os.devnull]
+    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "-c", os.devnull]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     # With the project's conftest (what scripts/test.sh runs), the failure is the exit status
-    guarded = subprocess.run([*pytest_cmd, "-p", "tests.conftest", str(tmp_path / "test_inner.py")],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    guarded = subprocess.run(
+        [*pytest_cmd, "-p", "tests.conftest", str(tmp_path / "test_inner.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "1 failed" in guarded.stdout, guarded.stdout[-2000:]
     assert guarded.returncode == 1, guarded.stdout[-2000:]
 
     # Without it, the same failing run exits 0: the hazard the guard removes
-    bare = subprocess.run([*pytest_cmd, str(tmp_path / "test_inner.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    bare = subprocess.run(
+        [*pytest_cmd, str(tmp_path / "test_inner.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert "1 failed" in bare.stdout, bare.stdout[-2000:]
-    assert bare.returncode == 0, ("concrete no longer turns exit statuses into 0: cipherpool/fhe/process.py "
-                                  "and this control can be simplified")
+    assert bare.returncode == 0, (
+        "concrete no longer turns exit statuses into 0: cipherpool/fhe/process.py and this control can be simplified"
+    )
 
 
 def test_a_node_that_ran_fhe_survives_broken_pipes_and_exits_with_its_own_status(examples, tmp_path):

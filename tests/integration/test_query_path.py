@@ -99,12 +99,12 @@ def test_a_warmed_key_makes_the_first_query_a_cache_hit(platform, examples, tmp_
     assert (qc.last_warmup.nodes, qc.last_warmup.warmed) == (1, 1)
     # Then its first query finds the key deserialized (and the warm-up counted as no query)
     handle = qc.submit(qc.encrypt(examples["digits"].x_test[0]))
-    assert int(np.argmax(qc.decrypt(handle.result()))) == int(np.argmax(examples["digits"].clear(
-        examples["digits"].x_test[:1])[0]))
+    assert int(np.argmax(qc.decrypt(handle.result()))) == int(
+        np.argmax(examples["digits"].clear(examples["digits"].x_test[:1])[0])
+    )
     assert handle.key_cache == "hit"
     worker = platform.workers["digits"]
-    assert any(f"key set {key_id[:12]}" in line.message and "warmed" in line.message
-               for line in platform.mc.worker_logs(worker))
+    assert any(f"key set {key_id[:12]}" in line.message and "warmed" in line.message for line in platform.mc.worker_logs(worker))
     qc.close()
 
 

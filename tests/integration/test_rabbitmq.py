@@ -33,14 +33,20 @@ def _listening(address: tuple[str, int]) -> bool:
         return sock.connect_ex(address) == 0
 
 
-@pytest.mark.skipif(not (_listening(RABBITMQ) and _listening(REDIS)),
-                    reason="no RabbitMQ on 127.0.0.1:5672 or no Redis on 127.0.0.1:6379")
+@pytest.mark.skipif(
+    not (_listening(RABBITMQ) and _listening(REDIS)), reason="no RabbitMQ on 127.0.0.1:5672 or no Redis on 127.0.0.1:6379"
+)
 def test_routing_by_host_class_on_rabbitmq(examples, tmp_path):
     (tmp_path / "profiles.toml").write_text(PROFILES)
     redis = "redis://127.0.0.1:6379/14"  # model ids are random: queues and keys of other runs never collide
-    settings = Settings(data_dir=tmp_path / "platform", profiles_file=tmp_path / "profiles.toml",
-                        broker_url="amqp://guest:guest@127.0.0.1:5672//", result_backend=redis, store_url=redis,
-                        query_timeout_s=120)
+    settings = Settings(
+        data_dir=tmp_path / "platform",
+        profiles_file=tmp_path / "profiles.toml",
+        broker_url="amqp://guest:guest@127.0.0.1:5672//",
+        result_backend=redis,
+        store_url=redis,
+        query_timeout_s=120,
+    )
     with EmbeddedStack(settings, StackOptions(profiles=["cpu", "gpu"], beat=False, flower=False)) as stack:
         mc = ManagementClient(stack.create_account("rabbit"), settings=stack.client_settings)
         served = {}
@@ -48,8 +54,7 @@ def test_routing_by_host_class_on_rabbitmq(examples, tmp_path):
             mc.deploy_model(name, examples[example].path, hardware=hardware)
             mc.activate_model(name)
             served[name] = mc.start_worker(name).node
-            qc = QueryClient(mc.create_token(name, model=name), settings=stack.client_settings,
-                             key_dir=tmp_path / name)
+            qc = QueryClient(mc.create_token(name, model=name), settings=stack.client_settings, key_dir=tmp_path / name)
             qc.generate_keys()
             qc.upload_evaluation_keys()
             x = examples[example].x_test[:2]

@@ -21,8 +21,9 @@ HEARTBEAT_S = 1.0  # lost after 3 silent beats
 
 def test_a_lost_node_is_failed_and_replaced(examples, tmp_path):
     example = examples["cancer"]
-    settings = Settings(data_dir=tmp_path / "platform", query_timeout_s=120, node_heartbeat_s=HEARTBEAT_S,
-                        reconcile_interval_s=1.0)
+    settings = Settings(
+        data_dir=tmp_path / "platform", query_timeout_s=120, node_heartbeat_s=HEARTBEAT_S, reconcile_interval_s=1.0
+    )
     with EmbeddedStack(settings, StackOptions(nodes=2, beat=True, flower=False)) as stack:
         mc, qc, worker_id = serve(stack, example, "cancer", tmp_path / "keys")
         first = mc.get_worker(worker_id)
@@ -41,7 +42,8 @@ def test_a_lost_node_is_failed_and_replaced(examples, tmp_path):
         assert "lost" in (failed.error or "") and failed.stop_reason == "node lost"
         # and another node of the class serves the model
         replacement = wait_until(
-            lambda: next((w for w in mc.list_workers("cancer") if w.status.value == "up"), None), 60, interval_s=0.2)
+            lambda: next((w for w in mc.list_workers("cancer") if w.status.value == "up"), None), 60, interval_s=0.2
+        )
         assert replacement.node != first.node
         np.testing.assert_allclose(qc.predict(x[1]), example.clear(x[1:2]), atol=1e-6)
         kinds = [(e.kind, e.worker_id) for e in mc.model_events("cancer")]

@@ -59,8 +59,9 @@ def test_a_restarted_stack_rebinds_its_workers_and_keeps_models_and_keys(example
 def test_a_query_on_a_killed_node_is_redelivered_to_its_replacement(examples, tmp_path):
     example = examples["digits"]
     # A short visibility timeout so that the test sees the redelivery within seconds.
-    settings = Settings(data_dir=tmp_path / "platform", query_timeout_s=120, visibility_timeout_s=6,
-                        metrics_token="restart-metrics-token")
+    settings = Settings(
+        data_dir=tmp_path / "platform", query_timeout_s=120, visibility_timeout_s=6, metrics_token="restart-metrics-token"
+    )
     with EmbeddedStack(settings, StackOptions(nodes=1, beat=False, flower=False)) as stack:
         mc, qc, _ = serve(stack, example, "digits", tmp_path / "keys")
         x = example.x_test[:1]
@@ -84,8 +85,11 @@ def test_a_query_on_a_killed_node_is_redelivered_to_its_replacement(examples, tm
         # (The node's lifetime figures are the operator's: a provider's view has none.)
         [stats] = mc.worker_stats("digits")
         assert stats.node_lifetime is None
-        operator = httpx.get(f"{stack.gateway_url}/v1/platform/nodes/{stats.node}/stats", timeout=30,
-                             headers={"Authorization": "Bearer restart-metrics-token"})
+        operator = httpx.get(
+            f"{stack.gateway_url}/v1/platform/nodes/{stats.node}/stats",
+            timeout=30,
+            headers={"Authorization": "Bearer restart-metrics-token"},
+        )
         assert operator.status_code == 200, operator.text
         lifetime = WorkerStats.model_validate(operator.json()).node_lifetime
         assert lifetime is not None and lifetime.since > killed_at

@@ -123,13 +123,21 @@ def test_a_new_version_rolls_out_under_load_and_rolls_back(rollout, examples, tm
     seen = traffic.versions_seen()
     assert 1 in seen and 2 in seen and seen[-1] == 1
     first_v2 = seen.index(2)
-    assert all(v == 2 for v in seen[first_v2:seen.index(1, first_v2)])  # no version 1 answer in between
+    assert all(v == 2 for v in seen[first_v2 : seen.index(1, first_v2)])  # no version 1 answer in between
     for row, version, out in traffic.answers:
-        np.testing.assert_allclose(out, clear[version](traffic.x[row:row + 1]), atol=1e-6)
+        np.testing.assert_allclose(out, clear[version](traffic.x[row : row + 1]), atol=1e-6)
 
     kinds = [e.kind for e in mc.model_events("cancer")]
-    for expected in ("deployed", "worker_started", "worker_up", "version_added", "rollout_started",
-                     "worker_loaded_version", "version_serving", "rolled_back"):
+    for expected in (
+        "deployed",
+        "worker_started",
+        "worker_up",
+        "version_added",
+        "rollout_started",
+        "worker_loaded_version",
+        "version_serving",
+        "rolled_back",
+    ):
         assert expected in kinds, (expected, kinds)
     assert kinds.count("worker_loaded_version") == 4  # two workers, two rollouts
     shown = mc.get_model("cancer")
@@ -141,8 +149,7 @@ def test_a_new_version_rolls_out_under_load_and_rolls_back(rollout, examples, tm
     stale.close()
 
 
-def _wait_for_answers(traffic: Traffic, n: int, version: int | None = None, after: int = 0,
-                      timeout_s: float = 120) -> None:
+def _wait_for_answers(traffic: Traffic, n: int, version: int | None = None, after: int = 0, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = [v for v in traffic.versions_seen()[after:] if version is None or v == version]

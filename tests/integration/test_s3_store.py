@@ -31,8 +31,12 @@ def s3_stack(tmp_path_factory):
     supervisor = Supervisor(tmp / "moto")
     try:
         moto = start_moto(supervisor, tmp / "moto")
-        settings = Settings(data_dir=tmp / "platform", query_timeout_s=120, version_grace_s=2.0,
-                            **moto.settings(node_blob_cache_bytes=2 * 1024**3))
+        settings = Settings(
+            data_dir=tmp / "platform",
+            query_timeout_s=120,
+            version_grace_s=2.0,
+            **moto.settings(node_blob_cache_bytes=2 * 1024**3),
+        )
         with EmbeddedStack(settings, StackOptions(nodes=2, node_concurrency=1, beat=False, flower=False)) as stack:
             mc = ManagementClient(stack.create_account("p"), settings=stack.client_settings)
             yield stack, moto, mc
@@ -90,8 +94,11 @@ def test_deploy_keys_queries_rebind_rollout_and_delete_on_s3(s3_stack, examples,
 
     # Key upload (35 MB, streamed through the gateway) and queries: the broker's memory stays flat.
     before = int(broker.info("memory")["used_memory"])
-    qc = QueryClient(mc.create_token("u", model="digits"), settings=stack.client_settings.model_copy(
-        update={"query_timeout_s": 120}), key_dir=tmp_path / "digits-keys")
+    qc = QueryClient(
+        mc.create_token("u", model="digits"),
+        settings=stack.client_settings.model_copy(update={"query_timeout_s": 120}),
+        key_dir=tmp_path / "digits-keys",
+    )
     qc.generate_keys()
     qc.upload_evaluation_keys()
     key = qc.crypto.evaluation_key()
@@ -99,7 +106,7 @@ def test_deploy_keys_queries_rebind_rollout_and_delete_on_s3(s3_stack, examples,
     assert _objects(moto)[f"blob/evk/{sha256_hex(key)}"] == len(key)
     for i in range(2):
         out = qc.decrypt(qc.execute(qc.encrypt(digits.x_test[i])))
-        assert int(np.argmax(out)) == int(np.argmax(digits.clear(digits.x_test[i:i + 1])[0]))
+        assert int(np.argmax(out)) == int(np.argmax(digits.clear(digits.x_test[i : i + 1])[0]))
     assert int(broker.info("memory")["used_memory"]) - before < 8 * MIB
     assert _blob_keys(broker) == []
     first = _cache(stack, mc, "digits")
@@ -115,8 +122,7 @@ def test_deploy_keys_queries_rebind_rollout_and_delete_on_s3(s3_stack, examples,
     assert again.served_bytes - first.served_bytes >= len(key)
 
     # A rollout: version 2's server zip goes to the bucket, nodes load it, old keys are refused.
-    cq = QueryClient(mc.create_token("c", model="cancer"), settings=stack.client_settings,
-                     key_dir=tmp_path / "cancer-keys")
+    cq = QueryClient(mc.create_token("c", model="cancer"), settings=stack.client_settings, key_dir=tmp_path / "cancer-keys")
     cq.generate_keys()
     cq.upload_evaluation_keys()
     ciphertext = cq.encrypt(cancer.x_test[0])
@@ -127,12 +133,14 @@ def test_deploy_keys_queries_rebind_rollout_and_delete_on_s3(s3_stack, examples,
     assert sum(key.startswith("blob/server/") for key in _objects(moto)) == 3
     with pytest.raises(errors.KeysOutdated):
         cq.execute(ciphertext)
-    fresh = QueryClient(mc.create_token("c2", model="cancer"), settings=stack.client_settings,
-                        key_dir=tmp_path / "cancer-v2-keys")
+    fresh = QueryClient(
+        mc.create_token("c2", model="cancer"), settings=stack.client_settings, key_dir=tmp_path / "cancer-v2-keys"
+    )
     fresh.generate_keys()
     fresh.upload_evaluation_keys()
-    np.testing.assert_allclose(fresh.decrypt(fresh.execute(fresh.encrypt(cancer.x_test[1]))),
-                               clear_v2(cancer.x_test[1:2]), atol=1e-6)
+    np.testing.assert_allclose(
+        fresh.decrypt(fresh.execute(fresh.encrypt(cancer.x_test[1]))), clear_v2(cancer.x_test[1:2]), atol=1e-6
+    )
 
     # Delete: nothing the database still references goes missing, and Redis held no blob throughout.
     for w in mc.list_workers("digits"):

@@ -71,27 +71,53 @@ def test_every_process_started_before_broker_and_database_comes_up_by_itself(exa
     supervisor = Supervisor(tmp_path / "logs")
     timings: dict[str, float] = {}
     with _database(tmp_path) as db_url:
+
         def env(host: str) -> dict[str, str]:
             data = tmp_path / host  # no shared filesystem: a data directory per "host"
-            return {"PATH": "/usr/bin:/bin", "HOME": str(data), "TMPDIR": str(tmp_path),
-                    "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-                    "CIPHERPOOL_BROKER_URL": broker_url, "CIPHERPOOL_DATABASE_URL": db_url,
-                    "CIPHERPOOL_DATA_DIR": str(data), "CIPHERPOOL_NODE_HEARTBEAT_S": str(HEARTBEAT_S),
-                    "CIPHERPOOL_RECONCILE_INTERVAL_S": "2"}
+            return {
+                "PATH": "/usr/bin:/bin",
+                "HOME": str(data),
+                "TMPDIR": str(tmp_path),
+                "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+                "CIPHERPOOL_BROKER_URL": broker_url,
+                "CIPHERPOOL_DATABASE_URL": db_url,
+                "CIPHERPOOL_DATA_DIR": str(data),
+                "CIPHERPOOL_NODE_HEARTBEAT_S": str(HEARTBEAT_S),
+                "CIPHERPOOL_RECONCILE_INTERVAL_S": "2",
+            }
 
         try:
             # Given every platform process started first: no broker, no database schema
-            supervisor.start("gateway", [sys.executable, "-m", "uvicorn", "--factory",
-                                         "cipherpool.gateway.app:create_app", "--host", "127.0.0.1",
-                                         "--port", str(gateway_port), "--log-level", "info"], env("gateway"))
+            supervisor.start(
+                "gateway",
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "cipherpool.gateway.app:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(gateway_port),
+                    "--log-level",
+                    "info",
+                ],
+                env("gateway"),
+            )
             quiet = ["--without-gossip", "--without-mingle", "--loglevel", "INFO"]
-            supervisor.start("control", CELERY + ["worker", "-Q", CONTROL_QUEUE, "-P", "threads", "-c", "2",
-                                                  "-n", "control@start-order", *quiet], env("control"))
-            supervisor.start("node1", CELERY + ["worker", "-Q", POOL_QUEUE, "-P", "threads", "-c", "1",
-                                                "-n", node_name, *quiet], env("node1"))
+            supervisor.start(
+                "control",
+                CELERY + ["worker", "-Q", CONTROL_QUEUE, "-P", "threads", "-c", "2", "-n", "control@start-order", *quiet],
+                env("control"),
+            )
+            supervisor.start(
+                "node1", CELERY + ["worker", "-Q", POOL_QUEUE, "-P", "threads", "-c", "1", "-n", node_name, *quiet], env("node1")
+            )
             (tmp_path / "beat").mkdir()
-            supervisor.start("beat", CELERY + ["beat", "-s", str(tmp_path / "beat" / "schedule"),
-                                               "--loglevel", "INFO"], env("beat"))
+            supervisor.start(
+                "beat", CELERY + ["beat", "-s", str(tmp_path / "beat" / "schedule"), "--loglevel", "INFO"], env("beat")
+            )
             gateway = f"http://127.0.0.1:{gateway_port}"
             wait_until(lambda: _http(gateway + "/v1/health")[0] == 200, 60, interval_s=0.2)
             time.sleep(3)

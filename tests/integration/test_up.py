@@ -3,8 +3,8 @@
 import base64
 import json
 import os
-import re
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -53,7 +53,10 @@ class Up:
 def start_up(tmp_path) -> Up:
     proc = subprocess.Popen(
         [sys.executable, "-m", "cipherpool", "--data-dir", str(tmp_path), "up", "--nodes", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
@@ -112,13 +115,18 @@ def test_up_starts_everything_and_stops_cleanly_on_sigterm(tmp_path):
         # Flower answers its health check, but its pages need the login printed once
         flower = re.search(r"flower\s+(http://127\.0\.0\.1:\d+)", output).group(1)
         login = re.search(r"flower login \(shown once\): (\S+)", output).group(1)
-        wait_until(lambda: answers(flower + "/healthcheck"), 30, interval_s=0.5,
-                   error=AssertionError("Flower's healthcheck did not answer within 30s"))
+        wait_until(
+            lambda: answers(flower + "/healthcheck"),
+            30,
+            interval_s=0.5,
+            error=AssertionError("Flower's healthcheck did not answer within 30s"),
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(flower + "/api/workers", timeout=5)
         assert refused.value.code == 401
-        authorised = urllib.request.Request(flower + "/api/workers", headers={
-            "Authorization": "Basic " + base64.b64encode(login.encode()).decode()})
+        authorised = urllib.request.Request(
+            flower + "/api/workers", headers={"Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
+        )
         assert urllib.request.urlopen(authorised, timeout=10).status == 200
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -35,7 +35,11 @@ import pytest
 from cipherpool import errors
 from cipherpool.messages import EncryptedInput, QueryReply, ok
 from cipherpool.names import (
-    AUTH_FAILURE_PREFIX, QUERY_OWNER_PREFIX, RATE_PREFIX, RESULT_META_PREFIX, USAGE_PREFIX,
+    AUTH_FAILURE_PREFIX,
+    QUERY_OWNER_PREFIX,
+    RATE_PREFIX,
+    RESULT_META_PREFIX,
+    USAGE_PREFIX,
 )
 from tests.helpers import value_ciphertext, versions_json, zip_bytes
 
@@ -100,17 +104,25 @@ def world(tmp_path_factory) -> Iterator[World]:
     supervisor = Supervisor(tmp / "logs")
     try:
         _child, url = start_redis(supervisor, tmp / "redis")
-        s = Settings(data_dir=tmp / "data", broker_url=url, token_rate_per_s=1000, account_rate_per_s=1000,
-                     management_timeout_s=2, key_warmup_timeout_s=2, metrics_token=METRICS_TOKEN,
-                     auth_failure_burst=0)  # the throttle's tests set their own
+        s = Settings(
+            data_dir=tmp / "data",
+            broker_url=url,
+            token_rate_per_s=1000,
+            account_rate_per_s=1000,
+            management_timeout_s=2,
+            key_warmup_timeout_s=2,
+            metrics_token=METRICS_TOKEN,
+            auth_failure_burst=0,
+        )  # the throttle's tests set their own
         db = s.effective_database_url()
         init_db(db)
         store = BlobStore.from_url(url)
         versions = Versions.installed()
 
         def artifact(tag: str) -> models.Artifact:
-            client = zip_bytes({"client.specs.json": "{}", "serialized_processing.json": "{}",
-                                "versions.json": versions_json(), "tag.txt": tag})
+            client = zip_bytes(
+                {"client.specs.json": "{}", "serialized_processing.json": "{}", "versions.json": versions_json(), "tag.txt": tag}
+            )
             server = zip_bytes({"versions.json": versions_json(), "tag.txt": tag})
             blobs = store.put(BlobKind.CLIENT_ZIP, client), store.put(BlobKind.SERVER_ZIP, server)
             return models.Artifact(blobs[0], blobs[1], len(client), len(server), versions)
@@ -124,8 +136,7 @@ def world(tmp_path_factory) -> Iterator[World]:
             models.set_status(session, bob, "bob-model", ModelStatus.ACTIVE)
             tok, token = tokens.create_token(session, alice, "alice-t", "alice-model", quota=QUOTA)
             for i, node in enumerate(NODES):
-                nodes.register_node(session, node, nodes.NodeInfo(host_class="cpu", concurrency=1, threads=None,
-                                                                  pid=100 + i))
+                nodes.register_node(session, node, nodes.NodeInfo(host_class="cpu", concurrency=1, threads=None, pid=100 + i))
             session.flush()
             started = []
             for _ in NODES:
@@ -138,8 +149,7 @@ def world(tmp_path_factory) -> Iterator[World]:
 
         app = create_app(s)
         with TestClient(app, raise_server_exceptions=False) as client:
-            w = World(client, app, redis.Redis.from_url(url), db, a_key, b_key, token, token_id, a_model_id,
-                      b_model_id, started)
+            w = World(client, app, redis.Redis.from_url(url), db, a_key, b_key, token, token_id, a_model_id, b_model_id, started)
             answer = w.call(token, "PUT", f"/v1/client/keys/{KEY_ID}", content=struct.pack("<II", 0, 4) + b"\x07" * 32)
             assert answer.status_code == 201, answer.text
             yield w
@@ -180,8 +190,15 @@ def _node_report(node: str, worker_id: str, model_id: str) -> dict[str, Any]:
     from cipherpool.workers.node import Binding, NodeRuntime
 
     evaluator = FakeEvaluator()
-    runtime = NodeRuntime(node, host_class="cpu", concurrency=1, threads=1, key_cache_bytes=10**6,
-                          key_memory_factor=1.0, evaluator_factory=lambda *_: evaluator)
+    runtime = NodeRuntime(
+        node,
+        host_class="cpu",
+        concurrency=1,
+        threads=1,
+        key_cache_bytes=10**6,
+        key_memory_factor=1.0,
+        evaluator_factory=lambda *_: evaluator,
+    )
     binding = Binding("previous", "p" * 16, "theirs", "q", evaluator, node)
     runtime.set_binding(binding)
     for _ in range(LIFETIME_QUERIES - 1):
@@ -262,22 +279,36 @@ def test_a_warmup_run_is_told_to_the_hooks_and_billed_where_shared_nodes_meter_e
     store = MemoryStore()
     blob_id = store.put(BlobKind.EVALUATION_KEY, struct.pack("<II", 0, 4) + b"\x07" * 32)
     evaluator = FakeEvaluator()
-    runtime = NodeRuntime("n1", host_class="cpu", concurrency=1, threads=1, key_cache_bytes=10**6,
-                          key_memory_factor=1.0, evaluator_factory=lambda *_: evaluator,
-                          hooks=[Ear(), ExecutionMeter(lambda: world.redis, "default")])
+    runtime = NodeRuntime(
+        "n1",
+        host_class="cpu",
+        concurrency=1,
+        threads=1,
+        key_cache_bytes=10**6,
+        key_memory_factor=1.0,
+        evaluator_factory=lambda *_: evaluator,
+        hooks=[Ear(), ExecutionMeter(lambda: world.redis, "default")],
+    )
     runtime.set_binding(Binding("w1", world.model_id, "m", "q", evaluator, "n1"))
     from cipherpool.config.settings import Settings
 
     store.redis = world.redis  # type: ignore[attr-defined]  # the worker's log line
     ctx = Ctx(Settings(), store)
-    request = QueryRequest(token_id="t", model_id=world.model_id, key_id=KEY_ID, blob_id=blob_id, account_id=account,
-                           input=EncryptedInput(world.model_id, KEY_ID, value_ciphertext()).encode()).encode()
+    request = QueryRequest(
+        token_id="t",
+        model_id=world.model_id,
+        key_id=KEY_ID,
+        blob_id=blob_id,
+        account_id=account,
+        input=EncryptedInput(world.model_id, KEY_ID, value_ciphertext()).encode(),
+    ).encode()
     minute = bucket_of(time.time())
     assert warm(ctx, runtime, request)["cached"] is False
     assert warm(ctx, runtime, request)["cached"] is True  # the key is warm: no run, nothing heard or billed
     assert heard == [account] and evaluator.runs == 1
     bucket = world.redis.hgetall(f"{SHARED_BUCKET_PREFIX}{account}:{minute}") or world.redis.hgetall(
-        f"{SHARED_BUCKET_PREFIX}{account}:{minute + 1}")
+        f"{SHARED_BUCKET_PREFIX}{account}:{minute + 1}"
+    )
     assert int(bucket[f"{world.model_id}:default:queries".encode()]) == 1, bucket
 
 
@@ -290,14 +321,17 @@ def _figures(world: World) -> Any:
     return timings.read(world.redis, world.model_id, 300).window_figures()
 
 
-@pytest.mark.parametrize("data, what", [
-    (ZEROS, "no payload"),
-    (value_ciphertext(raw_info=False), "no raw information"),
-    (value_ciphertext(type_info=False), "no type information"),
-    (value_ciphertext(data=b"\x01" * 10), "payload is 10 bytes"),
-    (value_ciphertext(chunks=0), "payload is empty"),
-    (value_ciphertext(precision=12), "precision is 12"),
-])
+@pytest.mark.parametrize(
+    "data, what",
+    [
+        (ZEROS, "no payload"),
+        (value_ciphertext(raw_info=False), "no raw information"),
+        (value_ciphertext(type_info=False), "no type information"),
+        (value_ciphertext(data=b"\x01" * 10), "payload is 10 bytes"),
+        (value_ciphertext(chunks=0), "payload is empty"),
+        (value_ciphertext(precision=12), "precision is 12"),
+    ],
+)
 def test_an_unevaluable_ciphertext_is_a_422_before_anything_is_counted_or_queued(world, nodes_answer, data, what):
     world.redis.delete(USAGE_PREFIX + world.token_id)
     before = _figures(world)
@@ -331,7 +365,8 @@ def _far_value(double: bool, segment: int = 1) -> bytes:
         _pointer(1, 2, 4 | (3 << 3)),  # Shape.dimensions at 11
         0,  # TypeInfo: lweCiphertext
         _pointer(0, 2, 1),  # its struct at 13
-        1 | (4 << 32), 3,  # dimensions 1, 4, 3
+        1 | (4 << 32),
+        3,  # dimensions 1, 4, 3
         0,
     ]
     words = struct.unpack(f"<{n // 8}Q", payload)
@@ -379,13 +414,21 @@ def test_the_node_refuses_it_first_thing_before_the_key_and_as_a_refusal():
             written.extend(records)
 
     evaluator = FakeEvaluator()
-    runtime = NodeRuntime("n1", host_class="cpu", concurrency=1, threads=1, key_cache_bytes=10**6,
-                          key_memory_factor=1.0, evaluator_factory=lambda *_: evaluator,
-                          hooks=[Recording(lambda: None)])  # type: ignore[arg-type,return-value]
+    runtime = NodeRuntime(
+        "n1",
+        host_class="cpu",
+        concurrency=1,
+        threads=1,
+        key_cache_bytes=10**6,
+        key_memory_factor=1.0,
+        evaluator_factory=lambda *_: evaluator,
+        hooks=[Recording(lambda: None)],
+    )  # type: ignore[arg-type,return-value]
     model = "m" * 16
     runtime.set_binding(Binding("w1", model, "m", "q", evaluator, "n1"))
-    request = QueryRequest(token_id="t", model_id=model, key_id=KEY_ID, blob_id="f" * 64,
-                           input=EncryptedInput(model, KEY_ID, ZEROS).encode())
+    request = QueryRequest(
+        token_id="t", model_id=model, key_id=KEY_ID, blob_id="f" * 64, input=EncryptedInput(model, KEY_ID, ZEROS).encode()
+    )
     with pytest.raises(errors.InvalidCiphertext):
         unwrap(handle(Ctx(Settings(), MemoryStore()), runtime, request.encode(), Delivery()))
     assert evaluator.key_loads == 0 and evaluator.runs == 0, "refused before the key (its blob is not even there)"
@@ -411,14 +454,17 @@ def test_a_platform_failure_refused_by_type_is_counted_as_failed():
     assert [r.adds for r in written] == [{"failed": 1, "w:shared:failed": 1}, {"refused": 1, "w:shared:refused": 1}]
 
 
-@pytest.mark.parametrize("message, error", [
-    ("Tried to transform a transport value without payload.", errors.InvalidCiphertext),
-    ("Tried to transform a transport value with incompatible payload size.", errors.InvalidCiphertext),
-    ("Tried to transform transport value with incompatible type info.\nExpected: ...", errors.InvalidCiphertext),
-    ("Tried to transform transport value with incompatible raw info.\nExpected: ...", errors.ModelMismatch),
-    ("Cannot deserialize the input", errors.MalformedCiphertext),
-    ("an error of concrete's own", RuntimeError),
-])
+@pytest.mark.parametrize(
+    "message, error",
+    [
+        ("Tried to transform a transport value without payload.", errors.InvalidCiphertext),
+        ("Tried to transform a transport value with incompatible payload size.", errors.InvalidCiphertext),
+        ("Tried to transform transport value with incompatible type info.\nExpected: ...", errors.InvalidCiphertext),
+        ("Tried to transform transport value with incompatible raw info.\nExpected: ...", errors.ModelMismatch),
+        ("Cannot deserialize the input", errors.MalformedCiphertext),
+        ("an error of concrete's own", RuntimeError),
+    ],
+)
 def test_concretes_own_verifier_refusals_are_the_callers_errors(message, error):
     from cipherpool.fhe.evaluator import ConcreteEvaluator
 
@@ -457,8 +503,15 @@ def test_the_key_cache_starts_anew_when_the_node_binds_another_model():
     from cipherpool.workers.node import Binding, NodeRuntime
 
     evaluator = FakeEvaluator()
-    runtime = NodeRuntime("n1", host_class="cpu", concurrency=1, threads=1, key_cache_bytes=100,
-                          key_memory_factor=1.0, evaluator_factory=lambda *_: evaluator)
+    runtime = NodeRuntime(
+        "n1",
+        host_class="cpu",
+        concurrency=1,
+        threads=1,
+        key_cache_bytes=100,
+        key_memory_factor=1.0,
+        evaluator_factory=lambda *_: evaluator,
+    )
     runtime.set_binding(Binding("w1", "a" * 16, "m", "q", evaluator, "n1"))
     for i in range(5):  # the previous tenant's keys: loads and evictions
         runtime.key_cache.get_or_load(f"k{i}", lambda: (b"key", 60))
@@ -489,21 +542,27 @@ def test_ids_a_provider_sees_are_opaque_and_its_events_paginate_by_them(world):
             ledger.append(session, account.id, LedgerKind.GRANT, 1_000_000, f"grant:{name}:{uuid.uuid4().hex}")
         alice = session.exec(select(Account).where(Account.name == "alice")).one()
         rule = rules.set_rule(session, alice, "alice-model", "average_query_s", 1.0).rule
-        evaluate.transition(session, evaluate.Seen.of(rule, session.get(Model, world.model_id)), 2.5,
-                            __import__("cipherpool.clock", fromlist=["utcnow"]).utcnow())
+        evaluate.transition(
+            session,
+            evaluate.Seen.of(rule, session.get(Model, world.model_id)),
+            2.5,
+            __import__("cipherpool.clock", fromlist=["utcnow"]).utcnow(),
+        )
 
     events = world.call(world.a_key, "GET", "/v1/models/alice-model/events").json()
     lines = world.call(world.a_key, "GET", "/v1/credits/history").json()
     fired = world.call(world.a_key, "GET", "/v1/alerts/events").json()
     assert len(events) >= 3 and lines and fired
-    for ids, pattern in (([e["id"] for e in events], r"ev_[0-9a-f]{16}"), ([x["id"] for x in lines], r"ln_[0-9a-f]{16}"),
-                         ([x["id"] for x in fired], r"al_[0-9a-f]{16}")):
+    for ids, pattern in (
+        ([e["id"] for e in events], r"ev_[0-9a-f]{16}"),
+        ([x["id"] for x in lines], r"ln_[0-9a-f]{16}"),
+        ([x["id"] for x in fired], r"al_[0-9a-f]{16}"),
+    ):
         assert all(isinstance(i, str) and re.fullmatch(pattern, i) for i in ids), ids
 
     after = world.call(world.a_key, "GET", "/v1/models/alice-model/events", params={"after": events[0]["id"]})
     assert after.status_code == 200 and after.json() == events[1:], after.text
-    assert world.call(world.a_key, "GET", "/v1/models/alice-model/events",
-                      params={"after": events[-1]["id"]}).json() == []
+    assert world.call(world.a_key, "GET", "/v1/models/alice-model/events", params={"after": events[-1]["id"]}).json() == []
     b_event = world.call(world.b_key, "GET", "/v1/models/bob-model/events").json()[0]["id"]
     foreign = world.call(world.a_key, "GET", "/v1/models/alice-model/events", params={"after": b_event})
     ghost = world.call(world.a_key, "GET", "/v1/models/alice-model/events", params={"after": "ev_" + "0" * 16})
@@ -618,22 +677,25 @@ def test_behind_a_trusted_proxy_the_forwarded_address_counts(world, throttled):
     assert not list(world.redis.scan_iter(match=AUTH_FAILURE_PREFIX + "203.0.113.7*"))
 
 
-@pytest.mark.parametrize("peer, forwarded, source", [
-    ("198.51.100.7", None, "198.51.100.7"),
-    ("198.51.100.7", "203.0.113.9", "198.51.100.7"),  # not a trusted proxy: its header is ignored
-    ("10.0.0.1", None, "10.0.0.1"),
-    ("10.0.0.1", "203.0.113.9", "203.0.113.9"),
-    ("10.0.0.1", "198.51.100.1, 203.0.113.9", "203.0.113.9"),  # what the client wrote itself is left of it
-    ("10.0.0.1", "203.0.113.9, 10.0.0.2", "203.0.113.9"),  # a chain of trusted proxies is skipped
-    ("10.0.0.1", "10.0.0.3, 10.0.0.2", "10.0.0.3"),  # all trusted: the farthest
-    ("10.0.0.1", "not-an-address, 10.0.0.2", "10.0.0.2"),  # garbage stops the walk
-    ("10.0.0.1", "[2001:db8::1]:443", "2001:db8::1"),
-    ("10.0.0.1", "203.0.113.9:5555", "203.0.113.9"),
-    ("fd00::1", "2001:db8::7", "2001:db8::7"),
-    ("::ffff:10.0.0.1", "203.0.113.9", "203.0.113.9"),  # a mapped peer is its IPv4
-    ("testclient", "203.0.113.9", "testclient"),
-    (None, None, "unknown"),
-])
+@pytest.mark.parametrize(
+    "peer, forwarded, source",
+    [
+        ("198.51.100.7", None, "198.51.100.7"),
+        ("198.51.100.7", "203.0.113.9", "198.51.100.7"),  # not a trusted proxy: its header is ignored
+        ("10.0.0.1", None, "10.0.0.1"),
+        ("10.0.0.1", "203.0.113.9", "203.0.113.9"),
+        ("10.0.0.1", "198.51.100.1, 203.0.113.9", "203.0.113.9"),  # what the client wrote itself is left of it
+        ("10.0.0.1", "203.0.113.9, 10.0.0.2", "203.0.113.9"),  # a chain of trusted proxies is skipped
+        ("10.0.0.1", "10.0.0.3, 10.0.0.2", "10.0.0.3"),  # all trusted: the farthest
+        ("10.0.0.1", "not-an-address, 10.0.0.2", "10.0.0.2"),  # garbage stops the walk
+        ("10.0.0.1", "[2001:db8::1]:443", "2001:db8::1"),
+        ("10.0.0.1", "203.0.113.9:5555", "203.0.113.9"),
+        ("fd00::1", "2001:db8::7", "2001:db8::7"),
+        ("::ffff:10.0.0.1", "203.0.113.9", "203.0.113.9"),  # a mapped peer is its IPv4
+        ("testclient", "203.0.113.9", "testclient"),
+        (None, None, "unknown"),
+    ],
+)
 def test_the_source_address_of_a_request(peer, forwarded, source):
     from cipherpool.gateway.throttle import AuthThrottle
 
@@ -656,11 +718,19 @@ def test_trusted_proxies_must_be_networks(monkeypatch):
 # ---- two Authorization headers; webhooks to IPv6 forms of private addresses --------------
 
 
-@pytest.mark.parametrize("method, path", [
-    ("GET", "/v1/models"), ("POST", "/v1/queries"), ("GET", "/v1/client/model"), ("GET", "/metrics"),
-    ("GET", "/v1/platform/status"), ("GET", f"/v1/platform/nodes/{NODES[0]}/stats"), ("GET", "/v1/health"),
-    ("GET", "/v1/nowhere"),
-])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/queries"),
+        ("GET", "/v1/client/model"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/platform/status"),
+        ("GET", f"/v1/platform/nodes/{NODES[0]}/stats"),
+        ("GET", "/v1/health"),
+        ("GET", "/v1/nowhere"),
+    ],
+)
 @pytest.mark.parametrize("order", ["token first", "key first"])
 def test_two_authorization_headers_are_refused_on_every_path(world, method, path, order):
     pair = [("Authorization", f"Bearer {world.token}"), ("Authorization", f"Bearer {METRICS_TOKEN}")]
@@ -705,14 +775,25 @@ def test_the_webhook_guard_refuses_every_ipv6_form_of_a_private_ipv4(v4, form):
         check_url(f"https://[{address}]:8443/hook")
 
 
-@pytest.mark.parametrize("address, public_", [
-    ("::7f00:1", False), ("64:ff9b::a9fe:a9fe", False), ("2002:c0a8:101::1", False), ("::ffff:0:7f00:1", False),
-    ("::1", False), ("::", False), ("fe80::1", False), ("fc00::1", False),
-    *[(_forms(v4)[form], True) for v4 in PUBLIC_V4 for form in ("IPv4-mapped", "NAT64", "6to4")],
-    ("2606:4700:4700::1111", True), ("2a00:1450:4001:81c::200e", True), ("8.8.8.8", True),
-    ("64:ff9b:1::808:808", False),  # local-use NAT64: where the IPv4 sits is the network's choice
-    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo: never a webhook's destination
-])
+@pytest.mark.parametrize(
+    "address, public_",
+    [
+        ("::7f00:1", False),
+        ("64:ff9b::a9fe:a9fe", False),
+        ("2002:c0a8:101::1", False),
+        ("::ffff:0:7f00:1", False),
+        ("::1", False),
+        ("::", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        *[(_forms(v4)[form], True) for v4 in PUBLIC_V4 for form in ("IPv4-mapped", "NAT64", "6to4")],
+        ("2606:4700:4700::1111", True),
+        ("2a00:1450:4001:81c::200e", True),
+        ("8.8.8.8", True),
+        ("64:ff9b:1::808:808", False),  # local-use NAT64: where the IPv4 sits is the network's choice
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo: never a webhook's destination
+    ],
+)
 def test_the_webhook_guard_table(address, public_):
     from cipherpool.alerts.destination import public
 

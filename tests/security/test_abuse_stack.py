@@ -64,8 +64,11 @@ def served(stack, example, tmp_path_factory):
 
 
 def _http(stack: EmbeddedStack, token: str) -> httpx.Client:
-    return httpx.Client(base_url=stack.gateway_url, timeout=60.0,
-                        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
+    return httpx.Client(
+        base_url=stack.gateway_url,
+        timeout=60.0,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
+    )
 
 
 def _used(mc: ManagementClient) -> int:
@@ -92,8 +95,15 @@ def test_unevaluable_ciphertexts_are_typed_refusals_apart_from_the_error_rate(st
     # Past the gateway (trusted code publishing itself): the node refuses it by type, first thing.
     from cipherpool.dispatch import publish_query, reply_from_meta
 
-    request = QueryRequest(token_id="t", model_id=model_id, key_id=key_id, blob_id="0" * 64, version=1,
-                           input=EncryptedInput(model_id, key_id, ZEROS).encode(), submitted_at=time.time())
+    request = QueryRequest(
+        token_id="t",
+        model_id=model_id,
+        key_id=key_id,
+        blob_id="0" * 64,
+        version=1,
+        input=EncryptedInput(model_id, key_id, ZEROS).encode(),
+        submitted_at=time.time(),
+    )
     from cipherpool.config.celery import create_app
 
     app = create_app(stack.settings.model_copy(update={"broker_url": stack.broker_url}), name="abuse-test")

@@ -233,7 +233,7 @@ def parse_monitor_line(raw: bytes) -> list[bytes]:
     """``1700000000.123456 [0 127.0.0.1:5555] "SET" "k" "\\x00..."`` -> [b"SET", b"k", b"\\x00..."]:
     the exact bytes of every argument (Redis writes them escaped, as sdscatrepr does)."""
     _, rest = raw.split(b" ", 1)
-    args = rest[rest.index(b"] ") + 2:]
+    args = rest[rest.index(b"] ") + 2 :]
     return [_unescape(m.group(1)) for m in _MONITOR_ARG.finditer(args)]
 
 
@@ -256,8 +256,10 @@ class RedisCapture:
         self._pubsub.psubscribe("*")
         confirm = self._pubsub.get_message(timeout=10)
         assert confirm and confirm["type"] == "psubscribe", confirm
-        self._threads = [threading.Thread(target=self._read_monitor, daemon=True),
-                         threading.Thread(target=self._read_pubsub, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._read_monitor, daemon=True),
+            threading.Thread(target=self._read_pubsub, daemon=True),
+        ]
         for t in self._threads:
             t.start()
         return self
@@ -309,8 +311,9 @@ class RedisCapture:
         assert not alive, "the capture did not see its own end marker"
 
     def blobs(self) -> list[tuple[str, bytes]]:
-        return ([("redis MONITOR", b"\n".join(b" ".join(c) for c in self.commands))]
-                + [("redis pub/sub", b"\n".join(ch + b" " + data for ch, data in self.messages))])
+        return [("redis MONITOR", b"\n".join(b" ".join(c) for c in self.commands))] + [
+            ("redis pub/sub", b"\n".join(ch + b" " + data for ch, data in self.messages))
+        ]
 
     def published_tasks(self, task: bytes) -> list[list[bytes]]:
         """Pushes onto a Redis list (how kombu publishes) of a message for ``task``."""
@@ -400,16 +403,16 @@ def secret_key_needles(key_dir: Path) -> dict[str, bytes]:
     for path in files:
         data = path.read_bytes()
         n = 0  # key bits at the end of the file
-        while (n + 1) * 8 <= len(data) and int.from_bytes(data[len(data) - 8 * (n + 1): len(data) - 8 * n], "little") <= 1:
+        while (n + 1) * 8 <= len(data) and int.from_bytes(data[len(data) - 8 * (n + 1) : len(data) - 8 * n], "little") <= 1:
             n += 1
         assert n >= 512, f"{path} does not end in a binary LWE key ({n} u64 of 0/1)"
-        body = data[len(data) - 8 * n:]
+        body = data[len(data) - 8 * n :]
         bits = np.frombuffer(body, "<u8").astype(np.uint8)
         assert 0.3 < bits.mean() < 0.7, "not a uniform binary secret key"
         for start in (0, n // 3, 2 * n // 3, n - 128):
-            window = bits[start: start + 128]
+            window = bits[start : start + 128]
             assert 32 <= int(window.sum()) <= 96, "a low-entropy window would prove nothing"
-            raw = body[8 * start: 8 * start + 512]  # the first 64 of these bits, as stored
+            raw = body[8 * start : 8 * start + 512]  # the first 64 of these bits, as stored
             tag = f"{path.name}[bit {start}]"
             needles[f"{tag} raw"] = raw
             needles[f"{tag} hex"] = raw.hex().encode()
@@ -418,7 +421,7 @@ def secret_key_needles(key_dir: Path) -> dict[str, bytes]:
             needles[f"{tag} packed (little)"] = np.packbits(window, bitorder="little").tobytes()
         encoded = base64.b64encode(data)
         for start in range(len(encoded) // 3 // 4 * 4, len(encoded) - 400, len(encoded) // 4 // 4 * 4):
-            needles[f"{path.name} base64[{start}]"] = encoded[start: start + 400]
+            needles[f"{path.name} base64[{start}]"] = encoded[start : start + 400]
     return needles
 
 
@@ -426,10 +429,15 @@ def plaintext_needles(label: str, x: np.ndarray) -> dict[str, bytes]:
     x = np.asarray(x, dtype=np.float64).ravel()
     values = x.tolist()
     forms = {
-        "float64": x.astype("<f8").tobytes(), "float64 big-endian": x.astype(">f8").tobytes(),
-        "float32": x.astype("<f4").tobytes(), "list repr": str(values).encode(), "json": json.dumps(values).encode(),
-        "numpy str (first line)": str(x).splitlines()[0].encode(), "numpy repr (first line)": repr(x).splitlines()[0].encode(),
-        "space separated": " ".join(map(repr, values)).encode(), "comma separated": ",".join(map(repr, values)).encode(),
+        "float64": x.astype("<f8").tobytes(),
+        "float64 big-endian": x.astype(">f8").tobytes(),
+        "float32": x.astype("<f4").tobytes(),
+        "list repr": str(values).encode(),
+        "json": json.dumps(values).encode(),
+        "numpy str (first line)": str(x).splitlines()[0].encode(),
+        "numpy repr (first line)": repr(x).splitlines()[0].encode(),
+        "space separated": " ".join(map(repr, values)).encode(),
+        "comma separated": ",".join(map(repr, values)).encode(),
     }
     # Single values only where they are distinctive: a short decimal like 0.0064 could be
     # the start of a logged duration, and a round one's float64 bytes are mostly zeros.
@@ -439,7 +447,7 @@ def plaintext_needles(label: str, x: np.ndarray) -> dict[str, bytes]:
         if len(repr(v)) >= 12:
             forms[f"value {i} repr"] = repr(v).encode()
     for i in range(0, len(values) - 2, 3):  # three neighbours, as a truncated log line would show them
-        triple = ", ".join(map(repr, values[i: i + 3]))
+        triple = ", ".join(map(repr, values[i : i + 3]))
         if len(triple) >= 18:
             forms[f"values {i}..{i + 2}"] = triple.encode()
     return {f"{label} {k}": v for k, v in forms.items() if len(v) >= 8}
@@ -500,8 +508,10 @@ def test_no_secret_reaches_redis_logs_or_database(stack, served, example, tmp_pa
     assert found_in(stored + aof, evaluation_key), "the evaluation key is stored in Redis, the scan must find it"
 
     needles = {
-        "access token": token.encode(), "API key": api_key.encode(),
-        "shared access token": served.token.encode(), "shared API key": served.api_key.encode(),
+        "access token": token.encode(),
+        "API key": api_key.encode(),
+        "shared access token": served.token.encode(),
+        "shared API key": served.api_key.encode(),
         **secret_key_needles(qc.key_dir),
     }
     for i, x in enumerate(rows):
@@ -637,7 +647,7 @@ class LogWatch:
         self.path, self.start = path, path.stat().st_size
 
     def new(self) -> str:
-        return self.path.read_bytes()[self.start:].decode(errors="replace")
+        return self.path.read_bytes()[self.start :].decode(errors="replace")
 
     def unhandled_errors(self) -> list[str]:
         """Unhandled exceptions the log reports: each one's header and its final line."""
@@ -646,7 +656,7 @@ class LogWatch:
             if "Exception in ASGI application" in line:
                 found.append(line.strip())
             elif line.startswith("Traceback"):
-                ends = [x for x in lines[i + 1:] if x and not x.startswith((" ", "Traceback"))]
+                ends = [x for x in lines[i + 1 :] if x and not x.startswith((" ", "Traceback"))]
                 found.append(f"{line.strip()} ... {ends[0] if ends else '?'}")
         return found
 
@@ -668,8 +678,11 @@ def not_a_413(what: str, outcome: httpx.Response | Exception) -> str | None:
 
 
 def body_writes(capture: RedisCapture, *prefixes: bytes) -> list[list[bytes]]:
-    return [c[:2] for c in capture.commands if len(c) > 1 and c[0].upper() in (b"APPEND", b"SET", b"SETEX", b"SETRANGE")
-            and c[1].startswith(prefixes)]
+    return [
+        c[:2]
+        for c in capture.commands
+        if len(c) > 1 and c[0].upper() in (b"APPEND", b"SET", b"SETEX", b"SETRANGE") and c[1].startswith(prefixes)
+    ]
 
 
 def test_oversize_ciphertext_is_refused_before_it_is_stored(stack, served, example):
@@ -683,8 +696,9 @@ def test_oversize_ciphertext_is_refused_before_it_is_stored(stack, served, examp
     with http(stack) as client, RedisCapture(stack.broker_url) as capture:
         outcomes = {
             "POST /v1/queries, Content-Length cap+1": attempt(client, "POST", "/v1/queries", content=oversize, headers=token),
-            "POST /v1/queries, chunked 4 x cap": attempt(client, "POST", "/v1/queries", headers=token,
-                                                        content=_chunks(4 * CIPHERTEXT_CAP, first=ciphertext)),
+            "POST /v1/queries, chunked 4 x cap": attempt(
+                client, "POST", "/v1/queries", headers=token, content=_chunks(4 * CIPHERTEXT_CAP, first=ciphertext)
+            ),
         }
         time.sleep(0.5)
         capture.stop()
@@ -717,13 +731,17 @@ def test_oversize_evaluation_key_is_refused_before_it_is_stored(stack, served):
     assert not keys_like(stack, "cipherpool:upload:*")
     assert not body_writes(capture, b"cipherpool:upload:", b"cipherpool:blob:")
     assert not any(b"\x5a" * 1024 in a for c in capture.commands for a in c)
-    problems = [p for what, outcome in (("PUT key, Content-Length cap+1", declared), ("PUT key, chunked 3 MiB", streamed))
-                if (p := not_a_413(what, outcome))]
+    problems = [
+        p
+        for what, outcome in (("PUT key, Content-Length cap+1", declared), ("PUT key, chunked 3 MiB", streamed))
+        if (p := not_a_413(what, outcome))
+    ]
     problems += [f"gateway log: {line}" for line in gateway_log.unhandled_errors()]
     assert not problems, "\n".join(problems)
     # The key set was not registered: the real key still uploads under that id.
-    response = httpx.put(f"{stack.gateway_url}/v1/client/keys/{key_id}", content=served.qc.crypto.evaluation_key(),
-                         headers=token, timeout=60)
+    response = httpx.put(
+        f"{stack.gateway_url}/v1/client/keys/{key_id}", content=served.qc.crypto.evaluation_key(), headers=token, timeout=60
+    )
     assert response.status_code == 201, response.text
 
 
@@ -784,7 +802,7 @@ def _refused_within(qc: QueryClient, ciphertext: bytes, limit_s: float) -> float
 
 def test_a_revoked_token_stops_working_within_the_cache_ttl(stack, served, example, tmp_path):
     from cipherpool.db import session_scope
-    from cipherpool.db.tables import Account, AccessToken
+    from cipherpool.db.tables import AccessToken, Account
     from cipherpool.services.tokens import revoke_token
 
     limit = min(5.0, stack.settings.auth_cache_ttl_s + 1.0)
@@ -817,8 +835,15 @@ def _mode(path: Path) -> int:
 
 def test_platform_and_client_files_are_private(stack, served):
     data = stack.data_dir
-    expected = {data: 0o700, data / "cipherpool.db": 0o600, data / "redis": 0o700, data / "redis" / "password": 0o600,
-                data / "redis" / "redis.conf": 0o600, data / "stack.json": 0o600, data / "logs": 0o700}
+    expected = {
+        data: 0o700,
+        data / "cipherpool.db": 0o600,
+        data / "redis": 0o700,
+        data / "redis" / "password": 0o600,
+        data / "redis" / "redis.conf": 0o600,
+        data / "stack.json": 0o600,
+        data / "logs": 0o700,
+    }
     aof_dir = data / "redis" / "appendonlydir"
     aof = [p for p in aof_dir.iterdir() if p.is_file()]
     assert aof, "no AOF files"
@@ -877,8 +902,7 @@ def test_unauthorised_queries_never_reach_a_node(stack, served, example, tmp_pat
     time.sleep(0.5)
     # Celery logs a query under its shadow name, cipherpool.query[<model>:<id8>] (the bare task
     # name only if a sender gave none): either way, every query the node received is found.
-    received = re.findall(rb"cipherpool\.query(?:\.run|\[[^\]\s]*\])\[([0-9a-f-]{36})\] received",
-                          log.read_bytes()[log_start:])
+    received = re.findall(rb"cipherpool\.query(?:\.run|\[[^\]\s]*\])\[([0-9a-f-]{36})\] received", log.read_bytes()[log_start:])
     assert received == [control_id.encode()], received
     stats_after = node_stats(served.mc, served.model)
     assert stats_after.queries_refused == stats_before.queries_refused

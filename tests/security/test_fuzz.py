@@ -55,7 +55,11 @@ def hex_string(n: int) -> st.SearchStrategy[str]:
 
 # What msgpack carries: the shapes a hand-made task message could have.
 MSGPACKABLE = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats() | TEXT
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | TEXT
     | st.binary(max_size=64),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(TEXT | st.binary(max_size=8), inner, max_size=5),
     max_leaves=20,
@@ -81,16 +85,20 @@ def mutate(data: bytes, ops: list[tuple[str, int, bytes]]) -> bytes:
         elif op == "insert":
             buf[at:at] = extra
         elif op == "delete":
-            del buf[at:at + max(1, len(extra))]
+            del buf[at : at + max(1, len(extra))]
         elif op == "overwrite":
-            buf[at:at + len(extra)] = extra
+            buf[at : at + len(extra)] = extra
     return bytes(buf)
 
 
 MUTATIONS = st.lists(
-    st.tuples(st.sampled_from(["flip", "truncate", "insert", "delete", "overwrite"]), st.integers(0, 1 << 20),
-              st.binary(min_size=1, max_size=16)),
-    min_size=1, max_size=6,
+    st.tuples(
+        st.sampled_from(["flip", "truncate", "insert", "delete", "overwrite"]),
+        st.integers(0, 1 << 20),
+        st.binary(min_size=1, max_size=16),
+    ),
+    min_size=1,
+    max_size=6,
 )
 
 
@@ -154,10 +162,15 @@ def segment_table(sizes: list[int]) -> bytes:
 
 
 @MANY
-@given(data=st.binary(max_size=2100)
-       | st.builds(lambda sizes, tail: segment_table(sizes) + tail,
-                   st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=MAX_SEGMENTS + 40), st.binary(max_size=64))
-       | st.builds(lambda n, tail: struct.pack("<I", n) + tail, st.integers(0, 2**32 - 1), st.binary(max_size=64)))
+@given(
+    data=st.binary(max_size=2100)
+    | st.builds(
+        lambda sizes, tail: segment_table(sizes) + tail,
+        st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=MAX_SEGMENTS + 40),
+        st.binary(max_size=64),
+    )
+    | st.builds(lambda n, tail: struct.pack("<I", n) + tail, st.integers(0, 2**32 - 1), st.binary(max_size=64))
+)
 def test_capnp_framing_never_raises(data):
     length = capnp_message_length(data)
     assert length is None or (isinstance(length, int) and length >= 8)
@@ -233,8 +246,10 @@ def test_mutated_deployment_zips_raise_only_deployment_errors(which, ops, cap):
 
 
 @FAST
-@given(which=st.sampled_from(sorted(VALID_ZIPS)),
-       edits=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(1, 255)), min_size=1, max_size=8))
+@given(
+    which=st.sampled_from(sorted(VALID_ZIPS)),
+    edits=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(1, 255)), min_size=1, max_size=8),
+)
 def test_corrupt_deflate_streams_raise_only_deployment_errors(which, edits):
     """Bytes flipped inside versions.json's compressed data only: headers and sizes intact, so
     zlib itself meets the damage (zlib.error, a bad CRC) and must not escape."""
@@ -298,8 +313,15 @@ def node_world(tmp_path_factory):
     blob_id = store.put(BlobKind.EVALUATION_KEY, capnp(4))
     ref = store.put_payload(EncryptedInput(NODE_MODEL, NODE_KEY, value_ciphertext()).encode(), 60)
     evaluator = FakeEvaluator()
-    runtime = NodeRuntime("n1", host_class="cpu", concurrency=1, threads=1, key_cache_bytes=10**6,
-                          key_memory_factor=1.0, evaluator_factory=lambda *_: evaluator)
+    runtime = NodeRuntime(
+        "n1",
+        host_class="cpu",
+        concurrency=1,
+        threads=1,
+        key_cache_bytes=10**6,
+        key_memory_factor=1.0,
+        evaluator_factory=lambda *_: evaluator,
+    )
     runtime.set_binding(Binding("w1", NODE_MODEL, "m", model_queue("cpu", NODE_MODEL), evaluator, "n1"))
     ctx = Ctx(Settings(data_dir=tmp_path_factory.mktemp("node") / "data"), store)
     return ctx, runtime, blob_id, ref
@@ -317,8 +339,11 @@ def near_valid_requests(blob_id: str, ref: str) -> st.SearchStrategy[dict]:
     """Request maps with the real field names, each value right, wrong-typed or damaged."""
     envelope = st.builds(
         lambda m, k, d: EncryptedInput(m, k, d).encode(),
-        st.just(NODE_MODEL) | TEXT, st.just(NODE_KEY) | TEXT,
-        st.binary(max_size=64) | st.integers(0, 8).map(capnp) | st.integers(1, 8).map(lambda n: capnp(n)[:-3])
+        st.just(NODE_MODEL) | TEXT,
+        st.just(NODE_KEY) | TEXT,
+        st.binary(max_size=64)
+        | st.integers(0, 8).map(capnp)
+        | st.integers(1, 8).map(lambda n: capnp(n)[:-3])
         | st.just(value_ciphertext()),
     )
     return st.fixed_dictionaries(
@@ -337,9 +362,13 @@ def near_valid_requests(blob_id: str, ref: str) -> st.SearchStrategy[dict]:
 
 
 @FAST
-@given(data=st.binary(max_size=512) | st.tuples(st.just(value_ciphertext(chunks=2)), MUTATIONS).map(lambda t: mutate(*t))
-       | st.tuples(st.just(value_ciphertext()), st.integers(8, 200), st.binary(min_size=1, max_size=8))
-       .map(lambda t: t[0][:t[1]] + t[2] + t[0][t[1] + len(t[2]):]))
+@given(
+    data=st.binary(max_size=512)
+    | st.tuples(st.just(value_ciphertext(chunks=2)), MUTATIONS).map(lambda t: mutate(*t))
+    | st.tuples(st.just(value_ciphertext()), st.integers(8, 200), st.binary(min_size=1, max_size=8)).map(
+        lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + len(t[2]) :]
+    )
+)
 def test_the_ciphertext_value_reader_answers_only_typed_refusals(data):
     """What the gateway and the node check before concrete: any bytes, a valid value mutated
     or with a few bytes overwritten (its pointers), is accepted or refused by type, at once."""
@@ -414,8 +443,14 @@ def gateway(tmp_path_factory):
     try:
         _child, url = start_redis(supervisor, tmp / "redis")
         # No throttle on failed authentications: random credentials are refused here by the thousand.
-        s = Settings(data_dir=tmp / "data", broker_url=url, token_rate_per_s=0, account_rate_per_s=0,
-                     metrics_token=METRICS_TOKEN, auth_failure_burst=0)
+        s = Settings(
+            data_dir=tmp / "data",
+            broker_url=url,
+            token_rate_per_s=0,
+            account_rate_per_s=0,
+            metrics_token=METRICS_TOKEN,
+            auth_failure_burst=0,
+        )
         db = s.effective_database_url()
         init_db(db)
         store = BlobStore.from_url(url)
@@ -506,19 +541,72 @@ METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 METRICS_TOKEN = "fuzz-metrics-token"  # the operator's scraper credential (GET /metrics)
 # A path segment: well-formed ids and names, traversal, encodings, unicode, very long.
 SEGMENT = st.one_of(
-    hex_string(16), hex_string(32), hex_string(64), st.uuids().map(str),
+    hex_string(16),
+    hex_string(32),
+    hex_string(64),
+    st.uuids().map(str),
     st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,70}\Z"),
-    st.sampled_from(["..", "../..", "../../etc/passwd", ".", "%2e%2e", "%2F", "%00", "%ff", "%", "%%", "a/b", "",
-                     "\u202e", "\U0001f600", "名前", "a" * 5000, "0" * 36, "-" * 36]),
+    st.sampled_from(
+        [
+            "..",
+            "../..",
+            "../../etc/passwd",
+            ".",
+            "%2e%2e",
+            "%2F",
+            "%00",
+            "%ff",
+            "%",
+            "%%",
+            "a/b",
+            "",
+            "\u202e",
+            "\U0001f600",
+            "名前",
+            "a" * 5000,
+            "0" * 36,
+            "-" * 36,
+        ]
+    ),
     st.text(max_size=80),
 )
 # Query strings: never a positive wait (that would long-poll).
-WAIT = st.sampled_from(["", "?wait=0", "?wait=-0", "?wait=-1", "?wait=nan", "?wait=inf", "?wait=-inf", "?wait=abc",
-                        "?wait=601", "?wait=1e309", "?wait=1e-400", "?wait=0&wait=0", "?model=x", "?model=%00",
-                        "?model=" + "a" * 300, "?&&==", "?wait"])
-CONTENT_TYPES = st.sampled_from([None, "application/json", "application/octet-stream", "text/plain", "garbage",
-                                 "application/json; charset=utf-16", "multipart/form-data",
-                                 "application/x-www-form-urlencoded", "application/vnd.x+json", ";;;", "application/"])
+WAIT = st.sampled_from(
+    [
+        "",
+        "?wait=0",
+        "?wait=-0",
+        "?wait=-1",
+        "?wait=nan",
+        "?wait=inf",
+        "?wait=-inf",
+        "?wait=abc",
+        "?wait=601",
+        "?wait=1e309",
+        "?wait=1e-400",
+        "?wait=0&wait=0",
+        "?model=x",
+        "?model=%00",
+        "?model=" + "a" * 300,
+        "?&&==",
+        "?wait",
+    ]
+)
+CONTENT_TYPES = st.sampled_from(
+    [
+        None,
+        "application/json",
+        "application/octet-stream",
+        "text/plain",
+        "garbage",
+        "application/json; charset=utf-16",
+        "multipart/form-data",
+        "application/x-www-form-urlencoded",
+        "application/vnd.x+json",
+        ";;;",
+        "application/",
+    ]
+)
 ASCII = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
 
 
@@ -528,13 +616,14 @@ def credentials(world: GatewayWorld) -> st.SearchStrategy[dict[str, str]]:
         st.just({}),
         ASCII.map(lambda v: {"Authorization": v}),
         st.sampled_from(["Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "bearer", "Bearer  ", "Token x"]).map(
-            lambda v: {"Authorization": v}),
-        st.tuples(st.sampled_from(["cpk_", "cpt_", "cpx_", "", "CPK_"]), ASCII).map(
-            lambda t: bearer(t[0] + t[1].strip() or "x")),
+            lambda v: {"Authorization": v}
+        ),
+        st.tuples(st.sampled_from(["cpk_", "cpt_", "cpx_", "", "CPK_"]), ASCII).map(lambda t: bearer(t[0] + t[1].strip() or "x")),
         st.just(bearer("cpk_" + "a" * 300)),
         valid.map(bearer),
         st.tuples(st.sampled_from(["bearer ", "BEARER ", "Bearer   "]), valid).map(
-            lambda t: {"Authorization": t[0] + t[1] + "  "}),
+            lambda t: {"Authorization": t[0] + t[1] + "  "}
+        ),
     )
 
 
@@ -543,10 +632,13 @@ def json_bodies(endpoint: str) -> st.SearchStrategy[object]:
     name = st.just(MODEL_NAME) | st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z") | TEXT | JSONISH
     sha = st.just(sha256_hex(CLIENT_BYTES)) | hex_string(64) | TEXT | JSONISH
     fields = {
-        "/v1/models": {"name": name, "client_upload": sha, "server_upload": sha,
-                       "hardware": st.sampled_from(["cpu", "gpu", "tpu", "CPU", ""]) | JSONISH},
-        "/v1/tokens": {"name": name, "model": name,
-                       "ttl_s": st.none() | st.floats() | st.integers() | JSONISH},
+        "/v1/models": {
+            "name": name,
+            "client_upload": sha,
+            "server_upload": sha,
+            "hardware": st.sampled_from(["cpu", "gpu", "tpu", "CPU", ""]) | JSONISH,
+        },
+        "/v1/tokens": {"name": name, "model": name, "ttl_s": st.none() | st.floats() | st.integers() | JSONISH},
         "/v1/workers": {"model": name},
     }[endpoint]
     extra = st.dictionaries(TEXT, JSONISH, max_size=2)
@@ -555,8 +647,7 @@ def json_bodies(endpoint: str) -> st.SearchStrategy[object]:
 
 
 def starts_a_worker_for_the_model(method: str, path: str, body: object) -> bool:
-    return method == "POST" and path.startswith("/v1/workers") and isinstance(body, dict) \
-        and body.get("model") == MODEL_NAME
+    return method == "POST" and path.startswith("/v1/workers") and isinstance(body, dict) and body.get("model") == MODEL_NAME
 
 
 @GATEWAY
@@ -605,28 +696,55 @@ def test_random_headers_get_a_typed_answer(gateway, data):
     method, template, _ = data.draw(st.sampled_from([e for e in ENDPOINTS if "{" not in e[1]]), label="endpoint")
     end_user = template.startswith(("/v1/client", "/v1/queries"))
     headers = dict(bearer(gateway.token if end_user else gateway.api_key))
-    declared = data.draw(st.one_of(
-        st.none(), ASCII, st.integers(-(10**20), 10**30).map(str),
-        st.sampled_from(["", " ", "1,1", "0x10", "1e3", "+5", "-0", " 5", "5 ", "٣", "99999999999999999999999999"]),
-    ), label="content-length")
+    declared = data.draw(
+        st.one_of(
+            st.none(),
+            ASCII,
+            st.integers(-(10**20), 10**30).map(str),
+            st.sampled_from(["", " ", "1,1", "0x10", "1e3", "+5", "-0", " 5", "5 ", "٣", "99999999999999999999999999"]),
+        ),
+        label="content-length",
+    )
     if declared is not None:
         try:
             declared.encode("ascii")
         except UnicodeEncodeError:
             declared = declared.encode("utf-8")
         headers["Content-Length"] = declared
-    extra = data.draw(st.dictionaries(st.sampled_from(["Content-Type", "Transfer-Encoding", "Content-Encoding", "Expect",
-                                                       "X-Forwarded-For", "Accept", "Host", "Cookie", "Range"]),
-                                      ASCII, max_size=4), label="headers")
+    extra = data.draw(
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "Content-Type",
+                    "Transfer-Encoding",
+                    "Content-Encoding",
+                    "Expect",
+                    "X-Forwarded-For",
+                    "Accept",
+                    "Host",
+                    "Cookie",
+                    "Range",
+                ]
+            ),
+            ASCII,
+            max_size=4,
+        ),
+        label="headers",
+    )
     headers.update(extra)
     content = data.draw(st.binary(max_size=256), label="body")
-    response = gateway.request(method, template + ("?wait=0" if "queries" in template else ""), headers=headers,
-                               content=content)
+    response = gateway.request(method, template + ("?wait=0" if "queries" in template else ""), headers=headers, content=content)
     gateway.check_typed(response, method, f"{method} {template} {headers} {content!r:.100}")
 
 
-def asgi_call(gateway: GatewayWorld, method: str, path: str, headers: list[tuple[bytes, bytes]],
-              chunks: list[bytes] | None = None, read_body: bool = True) -> tuple[list[dict], BaseException | None]:
+def asgi_call(
+    gateway: GatewayWorld,
+    method: str,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    chunks: list[bytes] | None = None,
+    read_body: bool = True,
+) -> tuple[list[dict], BaseException | None]:
     """One request straight through the ASGI app (header bytes that no HTTP client sends, a body
     in as many pieces as given); returns the messages the app sent and the exception it let out."""
     sent: list[dict] = []
@@ -642,9 +760,20 @@ def asgi_call(gateway: GatewayWorld, method: str, path: str, headers: list[tuple
         sent.append(message)
 
     async def call():
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-                 "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-                 "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1234), "headers": headers}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "server": ("127.0.0.1", 80),
+            "client": ("127.0.0.1", 1234),
+            "headers": headers,
+        }
         try:
             await gateway.app(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - what escapes is part of the verdict
@@ -660,8 +789,13 @@ def asgi_status(sent: list[dict]) -> tuple[int, dict | None]:
     return status, (json.loads(body) if status >= 400 else None)
 
 
-OCTET_ENDPOINTS = [("PUT", "/v1/uploads", "api_key"), ("PUT", f"/v1/client/keys/{GW_KEY_ID}", "token"),
-                   ("POST", "/v1/queries", "token"), ("POST", "/v1/tokens", "api_key"), ("GET", "/v1/models", "api_key")]
+OCTET_ENDPOINTS = [
+    ("PUT", "/v1/uploads", "api_key"),
+    ("PUT", f"/v1/client/keys/{GW_KEY_ID}", "token"),
+    ("POST", "/v1/queries", "token"),
+    ("POST", "/v1/tokens", "api_key"),
+    ("GET", "/v1/models", "api_key"),
+]
 
 
 @FEW
@@ -669,8 +803,11 @@ OCTET_ENDPOINTS = [("PUT", "/v1/uploads", "api_key"), ("PUT", f"/v1/client/keys/
 def test_a_huge_declared_length_is_refused_before_the_body_is_read(gateway, size, endpoint):
     """Above every cap (512 MiB is the largest): 413 from the guard, and the body is never asked for."""
     method, path, who = endpoint
-    headers = [(b"authorization", f"Bearer {getattr(gateway, who)}".encode()), (b"content-length", str(size).encode()),
-               (b"content-type", b"application/octet-stream")]
+    headers = [
+        (b"authorization", f"Bearer {getattr(gateway, who)}".encode()),
+        (b"content-length", str(size).encode()),
+        (b"content-type", b"application/octet-stream"),
+    ]
     sent, escaped = asgi_call(gateway, method, path, headers, read_body=False)
     assert escaped is None, repr(escaped)
     status, body = asgi_status(sent)
@@ -687,11 +824,16 @@ def test_raw_header_bytes_get_a_typed_answer(gateway, data):
     authorization from a valid credential's neighbourhood to noise."""
     method, path, who = data.draw(st.sampled_from(OCTET_ENDPOINTS), label="endpoint")
     credential = getattr(gateway, who).encode()
-    auth = data.draw(st.one_of(st.just(b"Bearer " + credential), LATIN1.map(lambda b: b"Bearer " + b),
-                               st.tuples(st.sampled_from([b"cpk_", b"cpt_"]), LATIN1).map(lambda t: b"Bearer " + b"".join(t)),
-                               LATIN1), label="authorization")
-    declared = data.draw(st.none() | LATIN1 | st.sampled_from([b"00", b"\xa0", b"1 ", b"\xbd", b"\xbc1"]),
-                         label="content-length")
+    auth = data.draw(
+        st.one_of(
+            st.just(b"Bearer " + credential),
+            LATIN1.map(lambda b: b"Bearer " + b),
+            st.tuples(st.sampled_from([b"cpk_", b"cpt_"]), LATIN1).map(lambda t: b"Bearer " + b"".join(t)),
+            LATIN1,
+        ),
+        label="authorization",
+    )
+    declared = data.draw(st.none() | LATIN1 | st.sampled_from([b"00", b"\xa0", b"1 ", b"\xbd", b"\xbc1"]), label="content-length")
     headers = [(b"authorization", auth), (b"content-type", data.draw(LATIN1, label="content-type"))]
     if declared is not None:
         headers.append((b"content-length", declared))
@@ -714,8 +856,12 @@ def test_a_content_length_of_superscript_digits_is_a_typed_refusal(gateway, decl
     assert escaped is None and status == 413 and answer["code"] == "payload_too_large", (status, answer, escaped)
 
 
-SMALL_CAPS = {"max_json_bytes": 256, "max_ciphertext_bytes": 512, "max_evaluation_key_bytes": 512,
-              "max_deployment_zip_bytes": 512}
+SMALL_CAPS = {
+    "max_json_bytes": 256,
+    "max_ciphertext_bytes": 512,
+    "max_evaluation_key_bytes": 512,
+    "max_deployment_zip_bytes": 512,
+}
 
 
 @pytest.fixture(scope="module")
@@ -730,11 +876,13 @@ def small_gateway(gateway):
         yield gateway.on(client, app)
 
 
-CAPPED_ENDPOINTS = [("PUT", "/v1/uploads", "api_key", "max_deployment_zip_bytes"),
-                    ("PUT", f"/v1/client/keys/{'d' * 32}", "token", "max_evaluation_key_bytes"),
-                    ("POST", "/v1/queries", "token", "max_ciphertext_bytes"),
-                    ("POST", f"/v1/client/keys/{'d' * 32}/warmup", "token", "max_ciphertext_bytes"),
-                    ("POST", "/v1/tokens", "api_key", "max_json_bytes")]
+CAPPED_ENDPOINTS = [
+    ("PUT", "/v1/uploads", "api_key", "max_deployment_zip_bytes"),
+    ("PUT", f"/v1/client/keys/{'d' * 32}", "token", "max_evaluation_key_bytes"),
+    ("POST", "/v1/queries", "token", "max_ciphertext_bytes"),
+    ("POST", f"/v1/client/keys/{'d' * 32}/warmup", "token", "max_ciphertext_bytes"),
+    ("POST", "/v1/tokens", "api_key", "max_json_bytes"),
+]
 
 
 @GATEWAY
@@ -748,8 +896,10 @@ def test_bodies_over_the_cap_are_cut_off_with_413_and_leave_nothing_stored(small
     body = (data.draw(st.sampled_from([b"\x07", b"\x00", b"{", b"PK\x03\x04"]), label="filler") * size)[:size]
     cuts = sorted(data.draw(st.lists(st.integers(0, size), max_size=6), label="cuts"))
     chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, size])]
-    headers = [(b"authorization", f"Bearer {getattr(small_gateway, who)}".encode()),
-               (b"content-type", b"application/json" if cap_name == "max_json_bytes" else b"application/octet-stream")]
+    headers = [
+        (b"authorization", f"Bearer {getattr(small_gateway, who)}".encode()),
+        (b"content-type", b"application/json" if cap_name == "max_json_bytes" else b"application/octet-stream"),
+    ]
     declared = data.draw(st.booleans(), label="declared")
     if declared:
         headers.append((b"content-length", str(size).encode()))
@@ -773,8 +923,11 @@ def test_an_oversize_query_without_a_declared_length_is_refused_without_an_escap
     traceback per request (an error log any token holder could flood)."""
     cap = SMALL_CAPS["max_ciphertext_bytes"]
     chunks = [b"\x07" * (cap // pieces + 1)] * pieces
-    headers = [(b"authorization", f"Bearer {small_gateway.token}".encode()),
-               (b"content-type", b"application/octet-stream"), (b"transfer-encoding", b"chunked")]
+    headers = [
+        (b"authorization", f"Bearer {small_gateway.token}".encode()),
+        (b"content-type", b"application/octet-stream"),
+        (b"transfer-encoding", b"chunked"),
+    ]
     sent, escaped = asgi_call(small_gateway, "POST", "/v1/queries", headers, chunks)
     status, answer = asgi_status(sent)
     assert status == 413 and answer["code"] == "payload_too_large", (status, answer)
@@ -794,12 +947,19 @@ def _ciphertext_refusal(data: bytes) -> str | None:
 def envelopes_for_gateway(model_id: str) -> st.SearchStrategy[bytes]:
     near = st.builds(
         lambda m, k, d: EncryptedInput(m, k, d).encode(),
-        st.just(model_id) | TEXT, st.just(GW_KEY_ID) | hex_string(32) | TEXT,
-        st.binary(max_size=64) | st.integers(0, 4).map(capnp) | st.just(value_ciphertext())
+        st.just(model_id) | TEXT,
+        st.just(GW_KEY_ID) | hex_string(32) | TEXT,
+        st.binary(max_size=64)
+        | st.integers(0, 4).map(capnp)
+        | st.just(value_ciphertext())
         | st.binary(min_size=96, max_size=96).map(lambda payload: value_ciphertext(payload=payload)),
     )
-    return st.one_of(envelope_bytes(), near, st.tuples(near, MUTATIONS).map(lambda t: mutate(*t)),
-                     st.builds(lambda m: EncryptedOutput(m, GW_KEY_ID, capnp(1)).encode(), st.just(model_id)))
+    return st.one_of(
+        envelope_bytes(),
+        near,
+        st.tuples(near, MUTATIONS).map(lambda t: mutate(*t)),
+        st.builds(lambda m: EncryptedOutput(m, GW_KEY_ID, capnp(1)).encode(), st.just(model_id)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -869,10 +1029,16 @@ def _upload_keys(url: str) -> tuple[int, int]:
         client.close()
 
 
-@pytest.mark.parametrize("path, credential", [
-    ("/v1/uploads", "cpk_wrong"), ("/v1/uploads", None), ("/v1/uploads", "token"),
-    (f"/v1/client/keys/{'c' * 32}", "cpt_wrong"), (f"/v1/client/keys/{'c' * 32}", "api_key"),
-])
+@pytest.mark.parametrize(
+    "path, credential",
+    [
+        ("/v1/uploads", "cpk_wrong"),
+        ("/v1/uploads", None),
+        ("/v1/uploads", "token"),
+        (f"/v1/client/keys/{'c' * 32}", "cpt_wrong"),
+        (f"/v1/client/keys/{'c' * 32}", "api_key"),
+    ],
+)
 def test_a_big_body_with_a_wrong_credential_is_refused_and_nothing_is_stored(gateway, path, credential):
     before = _upload_keys(gateway.url)
     headers = {"Content-Type": "application/octet-stream"}

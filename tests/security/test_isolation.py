@@ -34,8 +34,9 @@ from tests.helpers import value_ciphertext, versions_json, zip_bytes
 
 def _client_zip(tag: str) -> bytes:
     """A valid client.zip; ``tag`` makes its content (so its sha256) unique."""
-    return zip_bytes({"client.specs.json": "{}", "serialized_processing.json": "{}", "versions.json": versions_json(),
-                      "tag.txt": tag})
+    return zip_bytes(
+        {"client.specs.json": "{}", "serialized_processing.json": "{}", "versions.json": versions_json(), "tag.txt": tag}
+    )
 
 
 def _server_zip(tag: str) -> bytes:
@@ -153,13 +154,13 @@ def world(tmp_path_factory) -> Iterator[World]:
     import redis
     from fastapi.testclient import TestClient
 
+    from cipherpool.billing import ledger
+    from cipherpool.clock import utcnow
     from cipherpool.config.settings import Settings
     from cipherpool.db import init_db, session_scope
     from cipherpool.db.tables import ModelStatus
     from cipherpool.fhe.deployment import Versions
     from cipherpool.gateway.app import create_app
-    from cipherpool.billing import ledger
-    from cipherpool.clock import utcnow
     from cipherpool.services import accounts, models, nodes, tokens, workers
     from cipherpool.stack.redis_server import start_redis
     from cipherpool.stack.supervisor import Supervisor
@@ -170,8 +171,7 @@ def world(tmp_path_factory) -> Iterator[World]:
     supervisor = Supervisor(tmp / "logs")
     try:
         _child, url = start_redis(supervisor, tmp / "redis")
-        s = Settings(data_dir=tmp / "data", broker_url=url, token_rate_per_s=0, account_rate_per_s=0,
-                     management_timeout_s=2)
+        s = Settings(data_dir=tmp / "data", broker_url=url, token_rate_per_s=0, account_rate_per_s=0, management_timeout_s=2)
         db = s.effective_database_url()
         init_db(db)
         store = BlobStore.from_url(url)
@@ -202,10 +202,21 @@ def world(tmp_path_factory) -> Iterator[World]:
             hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
             if hour.month != utcnow().month:
                 hour += timedelta(hours=1)
-            ledger.append(session, bob.id, LedgerKind.RUNTIME, -B_CHARGE_MICRO, f"worker:{b_worker.id}:test",
-                          at=hour + timedelta(minutes=1), model_id=b_model.id, worker_id=b_worker.id,
-                          node="node-b@test", period_start=hour, period_end=hour + timedelta(minutes=1),
-                          quantity_ms=60_000, rate=B_CHARGE_MICRO * 60)
+            ledger.append(
+                session,
+                bob.id,
+                LedgerKind.RUNTIME,
+                -B_CHARGE_MICRO,
+                f"worker:{b_worker.id}:test",
+                at=hour + timedelta(minutes=1),
+                model_id=b_model.id,
+                worker_id=b_worker.id,
+                node="node-b@test",
+                period_start=hour,
+                period_end=hour + timedelta(minutes=1),
+                quantity_ms=60_000,
+                rate=B_CHARGE_MICRO * 60,
+            )
 
             # B's model autoscales: turning it off, changing it or reading it would show.
             from cipherpool.services import autoscale as autoscale_policies
@@ -221,14 +232,16 @@ def world(tmp_path_factory) -> Iterator[World]:
             # B's worker schedule: its windows (New Year's morning, UTC) stay put while the tests run.
             from cipherpool.scheduler import schedules
 
-            b["schedule"] = schedules.create_schedule(session, bob, B_MODEL, start_cron="0 8 1 1 *",
-                                                      stop_cron="0 9 1 1 *", workers=2).id
+            b["schedule"] = schedules.create_schedule(
+                session, bob, B_MODEL, start_cron="0 8 1 1 *", stop_cron="0 9 1 1 *", workers=2
+            ).id
             # B's alert rule with a webhook, fired once (as beat records it).
             from cipherpool.alerts import rules
             from cipherpool.scheduler import alerts as evaluate
 
-            b_alert = rules.set_rule(session, bob, B_MODEL, "average_query_s", 1.0,
-                                     webhook_url="https://bob.example.com/hook").rule
+            b_alert = rules.set_rule(
+                session, bob, B_MODEL, "average_query_s", 1.0, webhook_url="https://bob.example.com/hook"
+            ).rule
             evaluate.transition(session, evaluate.Seen.of(b_alert, b_model), 2.5, utcnow())
             b["alert"] = b_alert.id
         store.redis.close()
@@ -245,8 +258,12 @@ def world(tmp_path_factory) -> Iterator[World]:
             envelope = EncryptedInput(b["model_id"], B_KEY, value_ciphertext(payload=bytes(range(96)))).encode()
             w.b_query = w.ok("b_token", "POST", "/v1/queries", content=envelope)["id"]
             b["query"] = w.b_query
-            w.b_purchase = w.ok("b", "POST", "/v1/credits/purchases",
-                                json={"amount": B_PURCHASE, "idempotency_key": B_ORDER, "note": "bob's order"})
+            w.b_purchase = w.ok(
+                "b",
+                "POST",
+                "/v1/credits/purchases",
+                json={"amount": B_PURCHASE, "idempotency_key": B_ORDER, "note": "bob's order"},
+            )
             assert set(b) == set(GHOST)
             w.b_before = w.state("b")
             assert w.b_before["query owner"] is not None
@@ -294,149 +311,377 @@ S = "schedule_not_found"
 CASES = [
     # models and their versions, settings, status and events
     Case("show model", "GET", "/v1/models/{name}", lambda t, a: Req(f"/v1/models/{t['model']}"), M),
-    Case("update model", "PATCH", "/v1/models/{name}",
-         lambda t, a: Req(f"/v1/models/{t['model']}", json={"description": "pwned", "max_workers": 7}), M),
-    Case("update model hardware", "PATCH", "/v1/models/{name}",
-         lambda t, a: Req(f"/v1/models/{t['model']}", json={"hardware": "gpu"}), M),
+    Case(
+        "update model",
+        "PATCH",
+        "/v1/models/{name}",
+        lambda t, a: Req(f"/v1/models/{t['model']}", json={"description": "pwned", "max_workers": 7}),
+        M,
+    ),
+    Case(
+        "update model hardware",
+        "PATCH",
+        "/v1/models/{name}",
+        lambda t, a: Req(f"/v1/models/{t['model']}", json={"hardware": "gpu"}),
+        M,
+    ),
     Case("delete model", "DELETE", "/v1/models/{name}", lambda t, a: Req(f"/v1/models/{t['model']}"), M),
     Case("list versions", "GET", "/v1/models/{name}/versions", lambda t, a: Req(f"/v1/models/{t['model']}/versions"), M),
-    Case("deploy version with A's uploads", "POST", "/v1/models/{name}/versions",
-         lambda t, a: Req(f"/v1/models/{t['model']}/versions",
-                          json={"client_upload": a["client_upload"], "server_upload": a["server_upload"]}), M),
-    Case("deploy version with B's uploads", "POST", "/v1/models/{name}/versions",
-         lambda t, a: Req(f"/v1/models/{t['model']}/versions",
-                          json={"client_upload": t["client_upload"], "server_upload": t["server_upload"]}), M),
-    Case("deploy version of A's model with B's uploads", "POST", "/v1/models/{name}/versions",
-         lambda t, a: Req(f"/v1/models/{a['model']}/versions",
-                          json={"client_upload": t["client_upload"], "server_upload": t["server_upload"]}),
-         "upload_not_found"),
-    Case("deploy model with B's uploads", "POST", "/v1/models",
-         lambda t, a: Req("/v1/models", json={"name": "stolen", "client_upload": t["client_upload"],
-                                               "server_upload": t["server_upload"]}), "upload_not_found"),
-    Case("deploy model with B's server upload", "POST", "/v1/models",
-         lambda t, a: Req("/v1/models", json={"name": "stolen", "client_upload": a["client_upload"],
-                                               "server_upload": t["server_upload"]}), "upload_not_found"),
-    Case("rollback", "POST", "/v1/models/{name}/rollback",
-         lambda t, a: Req(f"/v1/models/{t['model']}/rollback", json={}), M),
-    Case("rollback to version 1", "POST", "/v1/models/{name}/rollback",
-         lambda t, a: Req(f"/v1/models/{t['model']}/rollback", json={"version": 1}), M),
+    Case(
+        "deploy version with A's uploads",
+        "POST",
+        "/v1/models/{name}/versions",
+        lambda t, a: Req(
+            f"/v1/models/{t['model']}/versions", json={"client_upload": a["client_upload"], "server_upload": a["server_upload"]}
+        ),
+        M,
+    ),
+    Case(
+        "deploy version with B's uploads",
+        "POST",
+        "/v1/models/{name}/versions",
+        lambda t, a: Req(
+            f"/v1/models/{t['model']}/versions", json={"client_upload": t["client_upload"], "server_upload": t["server_upload"]}
+        ),
+        M,
+    ),
+    Case(
+        "deploy version of A's model with B's uploads",
+        "POST",
+        "/v1/models/{name}/versions",
+        lambda t, a: Req(
+            f"/v1/models/{a['model']}/versions", json={"client_upload": t["client_upload"], "server_upload": t["server_upload"]}
+        ),
+        "upload_not_found",
+    ),
+    Case(
+        "deploy model with B's uploads",
+        "POST",
+        "/v1/models",
+        lambda t, a: Req(
+            "/v1/models", json={"name": "stolen", "client_upload": t["client_upload"], "server_upload": t["server_upload"]}
+        ),
+        "upload_not_found",
+    ),
+    Case(
+        "deploy model with B's server upload",
+        "POST",
+        "/v1/models",
+        lambda t, a: Req(
+            "/v1/models", json={"name": "stolen", "client_upload": a["client_upload"], "server_upload": t["server_upload"]}
+        ),
+        "upload_not_found",
+    ),
+    Case("rollback", "POST", "/v1/models/{name}/rollback", lambda t, a: Req(f"/v1/models/{t['model']}/rollback", json={}), M),
+    Case(
+        "rollback to version 1",
+        "POST",
+        "/v1/models/{name}/rollback",
+        lambda t, a: Req(f"/v1/models/{t['model']}/rollback", json={"version": 1}),
+        M,
+    ),
     Case("activate", "POST", "/v1/models/{name}/activate", lambda t, a: Req(f"/v1/models/{t['model']}/activate"), M),
-    Case("deactivate", "POST", "/v1/models/{name}/deactivate",
-         lambda t, a: Req(f"/v1/models/{t['model']}/deactivate"), M),
+    Case("deactivate", "POST", "/v1/models/{name}/deactivate", lambda t, a: Req(f"/v1/models/{t['model']}/deactivate"), M),
     Case("events", "GET", "/v1/models/{name}/events", lambda t, a: Req(f"/v1/models/{t['model']}/events"), M),
-    Case("events after", "GET", "/v1/models/{name}/events",
-         lambda t, a: Req(f"/v1/models/{t['model']}/events", params={"after": "ev_" + "0" * 16}), M),
-    Case("events since", "GET", "/v1/models/{name}/events",
-         lambda t, a: Req(f"/v1/models/{t['model']}/events", params={"since": "2000-01-01T00:00:00Z", "limit": "5"}), M),
+    Case(
+        "events after",
+        "GET",
+        "/v1/models/{name}/events",
+        lambda t, a: Req(f"/v1/models/{t['model']}/events", params={"after": "ev_" + "0" * 16}),
+        M,
+    ),
+    Case(
+        "events since",
+        "GET",
+        "/v1/models/{name}/events",
+        lambda t, a: Req(f"/v1/models/{t['model']}/events", params={"since": "2000-01-01T00:00:00Z", "limit": "5"}),
+        M,
+    ),
     # autoscaling
     Case("show autoscaling", "GET", "/v1/models/{name}/autoscale", lambda t, a: Req(f"/v1/models/{t['model']}/autoscale"), M),
-    Case("change autoscaling", "PUT", "/v1/models/{name}/autoscale",
-         lambda t, a: Req(f"/v1/models/{t['model']}/autoscale", json={"target_queue_depth": 1, "scale_up_after_s": 0}), M),
-    Case("turn autoscaling off", "DELETE", "/v1/models/{name}/autoscale",
-         lambda t, a: Req(f"/v1/models/{t['model']}/autoscale"), M),
+    Case(
+        "change autoscaling",
+        "PUT",
+        "/v1/models/{name}/autoscale",
+        lambda t, a: Req(f"/v1/models/{t['model']}/autoscale", json={"target_queue_depth": 1, "scale_up_after_s": 0}),
+        M,
+    ),
+    Case(
+        "turn autoscaling off", "DELETE", "/v1/models/{name}/autoscale", lambda t, a: Req(f"/v1/models/{t['model']}/autoscale"), M
+    ),
     # tokens
     Case("show token", "GET", "/v1/tokens/{token_id}", lambda t, a: Req(f"/v1/tokens/{t['token']}"), T),
-    Case("disable token", "PATCH", "/v1/tokens/{token_id}",
-         lambda t, a: Req(f"/v1/tokens/{t['token']}", json={"enabled": False}), T),
-    Case("rename token, zero quota", "PATCH", "/v1/tokens/{token_id}",
-         lambda t, a: Req(f"/v1/tokens/{t['token']}", json={"name": "pwned", "quota": 0}), T),
-    Case("expire token", "PATCH", "/v1/tokens/{token_id}",
-         lambda t, a: Req(f"/v1/tokens/{t['token']}", json={"ttl_s": 1}), T),
+    Case(
+        "disable token",
+        "PATCH",
+        "/v1/tokens/{token_id}",
+        lambda t, a: Req(f"/v1/tokens/{t['token']}", json={"enabled": False}),
+        T,
+    ),
+    Case(
+        "rename token, zero quota",
+        "PATCH",
+        "/v1/tokens/{token_id}",
+        lambda t, a: Req(f"/v1/tokens/{t['token']}", json={"name": "pwned", "quota": 0}),
+        T,
+    ),
+    Case("expire token", "PATCH", "/v1/tokens/{token_id}", lambda t, a: Req(f"/v1/tokens/{t['token']}", json={"ttl_s": 1}), T),
     Case("delete token", "DELETE", "/v1/tokens/{token_id}", lambda t, a: Req(f"/v1/tokens/{t['token']}"), T),
     Case("revoke token", "POST", "/v1/tokens/{token_id}/revoke", lambda t, a: Req(f"/v1/tokens/{t['token']}/revoke"), T),
-    Case("assign B's token to A's model", "POST", "/v1/tokens/{token_id}/models",
-         lambda t, a: Req(f"/v1/tokens/{t['token']}/models", json={"model": a["model"]}), T),
-    Case("assign A's token to B's model", "POST", "/v1/tokens/{token_id}/models",
-         lambda t, a: Req(f"/v1/tokens/{a['token']}/models", json={"model": t["model"]}), M),
-    Case("assign B's token to B's model", "POST", "/v1/tokens/{token_id}/models",
-         lambda t, a: Req(f"/v1/tokens/{t['token']}/models", json={"model": t["model"]}), T),
-    Case("unassign B's token from A's model", "DELETE", "/v1/tokens/{token_id}/models/{model}",
-         lambda t, a: Req(f"/v1/tokens/{t['token']}/models/{a['model']}"), T),
-    Case("unassign A's token from B's model", "DELETE", "/v1/tokens/{token_id}/models/{model}",
-         lambda t, a: Req(f"/v1/tokens/{a['token']}/models/{t['model']}"), M),
-    Case("unassign B's token from B's model", "DELETE", "/v1/tokens/{token_id}/models/{model}",
-         lambda t, a: Req(f"/v1/tokens/{t['token']}/models/{t['model']}"), T),
-    Case("create token for B's model", "POST", "/v1/tokens",
-         lambda t, a: Req("/v1/tokens", json={"name": "steal", "model": t["model"]}), M),
-    Case("create token for A's and B's models", "POST", "/v1/tokens",
-         lambda t, a: Req("/v1/tokens", json={"name": "steal", "models": [a["model"], t["model"]]}), M),
+    Case(
+        "assign B's token to A's model",
+        "POST",
+        "/v1/tokens/{token_id}/models",
+        lambda t, a: Req(f"/v1/tokens/{t['token']}/models", json={"model": a["model"]}),
+        T,
+    ),
+    Case(
+        "assign A's token to B's model",
+        "POST",
+        "/v1/tokens/{token_id}/models",
+        lambda t, a: Req(f"/v1/tokens/{a['token']}/models", json={"model": t["model"]}),
+        M,
+    ),
+    Case(
+        "assign B's token to B's model",
+        "POST",
+        "/v1/tokens/{token_id}/models",
+        lambda t, a: Req(f"/v1/tokens/{t['token']}/models", json={"model": t["model"]}),
+        T,
+    ),
+    Case(
+        "unassign B's token from A's model",
+        "DELETE",
+        "/v1/tokens/{token_id}/models/{model}",
+        lambda t, a: Req(f"/v1/tokens/{t['token']}/models/{a['model']}"),
+        T,
+    ),
+    Case(
+        "unassign A's token from B's model",
+        "DELETE",
+        "/v1/tokens/{token_id}/models/{model}",
+        lambda t, a: Req(f"/v1/tokens/{a['token']}/models/{t['model']}"),
+        M,
+    ),
+    Case(
+        "unassign B's token from B's model",
+        "DELETE",
+        "/v1/tokens/{token_id}/models/{model}",
+        lambda t, a: Req(f"/v1/tokens/{t['token']}/models/{t['model']}"),
+        T,
+    ),
+    Case(
+        "create token for B's model",
+        "POST",
+        "/v1/tokens",
+        lambda t, a: Req("/v1/tokens", json={"name": "steal", "model": t["model"]}),
+        M,
+    ),
+    Case(
+        "create token for A's and B's models",
+        "POST",
+        "/v1/tokens",
+        lambda t, a: Req("/v1/tokens", json={"name": "steal", "models": [a["model"], t["model"]]}),
+        M,
+    ),
     Case("list tokens of B's model", "GET", "/v1/tokens", lambda t, a: Req("/v1/tokens", params={"model": t["model"]}), M),
     # workers
-    Case("list workers of B's model", "GET", "/v1/workers",
-         lambda t, a: Req("/v1/workers", params={"model": t["model"]}), M),
-    Case("stats of B's model", "GET", "/v1/workers/stats",
-         lambda t, a: Req("/v1/workers/stats", params={"model": t["model"]}), M),
-    Case("query times of B's model", "GET", "/v1/stats",
-         lambda t, a: Req("/v1/stats", params={"model": t["model"], "window_s": "120"}), M),
+    Case("list workers of B's model", "GET", "/v1/workers", lambda t, a: Req("/v1/workers", params={"model": t["model"]}), M),
+    Case(
+        "stats of B's model", "GET", "/v1/workers/stats", lambda t, a: Req("/v1/workers/stats", params={"model": t["model"]}), M
+    ),
+    Case(
+        "query times of B's model",
+        "GET",
+        "/v1/stats",
+        lambda t, a: Req("/v1/stats", params={"model": t["model"], "window_s": "120"}),
+        M,
+    ),
     Case("show worker", "GET", "/v1/workers/{worker_id}", lambda t, a: Req(f"/v1/workers/{t['worker']}"), W),
     Case("stop worker", "POST", "/v1/workers/{worker_id}/stop", lambda t, a: Req(f"/v1/workers/{t['worker']}/stop"), W),
-    Case("standby worker", "POST", "/v1/workers/{worker_id}/standby",
-         lambda t, a: Req(f"/v1/workers/{t['worker']}/standby"), W),
-    Case("resume worker", "POST", "/v1/workers/{worker_id}/resume",
-         lambda t, a: Req(f"/v1/workers/{t['worker']}/resume"), W),
+    Case("standby worker", "POST", "/v1/workers/{worker_id}/standby", lambda t, a: Req(f"/v1/workers/{t['worker']}/standby"), W),
+    Case("resume worker", "POST", "/v1/workers/{worker_id}/resume", lambda t, a: Req(f"/v1/workers/{t['worker']}/resume"), W),
     Case("worker logs", "GET", "/v1/workers/{worker_id}/logs", lambda t, a: Req(f"/v1/workers/{t['worker']}/logs"), W),
     Case("start worker for B's model", "POST", "/v1/workers", lambda t, a: Req("/v1/workers", json={"model": t["model"]}), M),
     # worker schedules
     Case("show schedule", "GET", "/v1/schedules/{schedule_id}", lambda t, a: Req(f"/v1/schedules/{t['schedule']}"), S),
-    Case("pause schedule", "POST", "/v1/schedules/{schedule_id}/pause",
-         lambda t, a: Req(f"/v1/schedules/{t['schedule']}/pause"), S),
-    Case("resume schedule", "POST", "/v1/schedules/{schedule_id}/resume",
-         lambda t, a: Req(f"/v1/schedules/{t['schedule']}/resume"), S),
+    Case(
+        "pause schedule", "POST", "/v1/schedules/{schedule_id}/pause", lambda t, a: Req(f"/v1/schedules/{t['schedule']}/pause"), S
+    ),
+    Case(
+        "resume schedule",
+        "POST",
+        "/v1/schedules/{schedule_id}/resume",
+        lambda t, a: Req(f"/v1/schedules/{t['schedule']}/resume"),
+        S,
+    ),
     Case("remove schedule", "DELETE", "/v1/schedules/{schedule_id}", lambda t, a: Req(f"/v1/schedules/{t['schedule']}"), S),
-    Case("schedule B's model", "POST", "/v1/schedules",
-         lambda t, a: Req("/v1/schedules", json={"model": t["model"], "start_cron": "0 8 * * *", "stop_cron": "0 9 * * *"}),
-         M),
-    Case("reserve workers of B's model", "POST", "/v1/schedules",
-         lambda t, a: Req("/v1/schedules", json={"model": t["model"], "starts_at": "2099-01-01T00:00:00Z",
-                                                  "ends_at": "2099-01-02T00:00:00Z", "workers": 2}), M),
-    Case("list schedules of B's model", "GET", "/v1/schedules",
-         lambda t, a: Req("/v1/schedules", params={"model": t["model"]}), M),
+    Case(
+        "schedule B's model",
+        "POST",
+        "/v1/schedules",
+        lambda t, a: Req("/v1/schedules", json={"model": t["model"], "start_cron": "0 8 * * *", "stop_cron": "0 9 * * *"}),
+        M,
+    ),
+    Case(
+        "reserve workers of B's model",
+        "POST",
+        "/v1/schedules",
+        lambda t, a: Req(
+            "/v1/schedules",
+            json={"model": t["model"], "starts_at": "2099-01-01T00:00:00Z", "ends_at": "2099-01-02T00:00:00Z", "workers": 2},
+        ),
+        M,
+    ),
+    Case(
+        "list schedules of B's model", "GET", "/v1/schedules", lambda t, a: Req("/v1/schedules", params={"model": t["model"]}), M
+    ),
     # alerts
-    Case("set an alert on B's model", "PUT", "/v1/alerts",
-         lambda t, a: Req("/v1/alerts", json={"model": t["model"], "metric": "average_query_s", "threshold": 0}), M),
-    Case("replace B's alert with a webhook", "PUT", "/v1/alerts",
-         lambda t, a: Req("/v1/alerts", json={"model": t["model"], "metric": "average_query_s", "threshold": 99,
-                                               "webhook_url": "https://evil.example.com/hook", "new_secret": True}), M),
+    Case(
+        "set an alert on B's model",
+        "PUT",
+        "/v1/alerts",
+        lambda t, a: Req("/v1/alerts", json={"model": t["model"], "metric": "average_query_s", "threshold": 0}),
+        M,
+    ),
+    Case(
+        "replace B's alert with a webhook",
+        "PUT",
+        "/v1/alerts",
+        lambda t, a: Req(
+            "/v1/alerts",
+            json={
+                "model": t["model"],
+                "metric": "average_query_s",
+                "threshold": 99,
+                "webhook_url": "https://evil.example.com/hook",
+                "new_secret": True,
+            },
+        ),
+        M,
+    ),
     Case("list alerts of B's model", "GET", "/v1/alerts", lambda t, a: Req("/v1/alerts", params={"model": t["model"]}), M),
-    Case("alert events of B's model", "GET", "/v1/alerts/events",
-         lambda t, a: Req("/v1/alerts/events", params={"model": t["model"], "limit": "5"}), M),
-    Case("remove B's alert", "DELETE", "/v1/alerts/{alert_id}", lambda t, a: Req(f"/v1/alerts/{t['alert']}"),
-         "alert_not_found"),
+    Case(
+        "alert events of B's model",
+        "GET",
+        "/v1/alerts/events",
+        lambda t, a: Req("/v1/alerts/events", params={"model": t["model"], "limit": "5"}),
+        M,
+    ),
+    Case("remove B's alert", "DELETE", "/v1/alerts/{alert_id}", lambda t, a: Req(f"/v1/alerts/{t['alert']}"), "alert_not_found"),
     # credits: by model (every other credits route reads the caller's own account only)
-    Case("credit history of B's model", "GET", "/v1/credits/history",
-         lambda t, a: Req("/v1/credits/history", params={"model": t["model"]}), M),
-    Case("credit history of B's model, a window and kinds", "GET", "/v1/credits/history",
-         lambda t, a: Req("/v1/credits/history", params={"model": t["model"], "since": "2000-01-01",
-                                                          "kind": "runtime"}), M),
-    Case("credit usage of B's model", "GET", "/v1/credits/usage",
-         lambda t, a: Req("/v1/credits/usage", params={"model": t["model"]}), M),
+    Case(
+        "credit history of B's model",
+        "GET",
+        "/v1/credits/history",
+        lambda t, a: Req("/v1/credits/history", params={"model": t["model"]}),
+        M,
+    ),
+    Case(
+        "credit history of B's model, a window and kinds",
+        "GET",
+        "/v1/credits/history",
+        lambda t, a: Req("/v1/credits/history", params={"model": t["model"], "since": "2000-01-01", "kind": "runtime"}),
+        M,
+    ),
+    Case(
+        "credit usage of B's model",
+        "GET",
+        "/v1/credits/usage",
+        lambda t, a: Req("/v1/credits/usage", params={"model": t["model"]}),
+        M,
+    ),
     # end user: A's access token against B's model, keys and queries
-    Case("client: describe B's model", "GET", "/v1/client/model",
-         lambda t, a: Req("/v1/client/model", params={"model": t["model"]}), "token_not_for_model", 403, "a_token"),
-    Case("client: B's client.zip", "GET", "/v1/client/model/client.zip",
-         lambda t, a: Req("/v1/client/model/client.zip", params={"model": t["model"]}), "token_not_for_model", 403,
-         "a_token"),
-    Case("client: upload a key for B's model", "PUT", "/v1/client/keys/{key_id}",
-         lambda t, a: Req(f"/v1/client/keys/{'ab' * 16}", params={"model": t["model"]}, content=capnp(4)),
-         "token_not_for_model", 403, "a_token"),
-    Case("client: warm a key set on B's model", "POST", "/v1/client/keys/{key_id}/warmup",
-         lambda t, a: Req(f"/v1/client/keys/{A_KEY}/warmup", content=_env(t["model_id"], A_KEY)),
-         "token_not_for_model", 403, "a_token"),
-    Case("client: delete B's key set", "DELETE", "/v1/client/keys/{key_id}",
-         lambda t, a: Req(f"/v1/client/keys/{t['key']}"), "evaluation_key_not_found", 404, "a_token"),
-    Case("client: warm B's key set", "POST", "/v1/client/keys/{key_id}/warmup",
-         lambda t, a: Req(f"/v1/client/keys/{t['key']}/warmup", content=_env(a["model_id"], t["key"])),
-         "evaluation_key_not_found", 404, "a_token"),
-    Case("client: query B's model", "POST", "/v1/queries",
-         lambda t, a: Req("/v1/queries", content=_env(t["model_id"], A_KEY)), "token_not_for_model", 403, "a_token"),
-    Case("client: query with B's key", "POST", "/v1/queries",
-         lambda t, a: Req("/v1/queries", params={"wait_for_worker": "true"}, content=_env(a["model_id"], t["key"])),
-         "evaluation_key_not_found", 404,
-         "a_token"),
-    Case("client: B's query result", "GET", "/v1/queries/{query_id}",
-         lambda t, a: Req(f"/v1/queries/{t['query']}"), "query_not_found", 404, "a_token"),
-    Case("client: withdraw B's query", "DELETE", "/v1/queries/{query_id}",
-         lambda t, a: Req(f"/v1/queries/{t['query']}"), "query_not_found", 404, "a_token"),
+    Case(
+        "client: describe B's model",
+        "GET",
+        "/v1/client/model",
+        lambda t, a: Req("/v1/client/model", params={"model": t["model"]}),
+        "token_not_for_model",
+        403,
+        "a_token",
+    ),
+    Case(
+        "client: B's client.zip",
+        "GET",
+        "/v1/client/model/client.zip",
+        lambda t, a: Req("/v1/client/model/client.zip", params={"model": t["model"]}),
+        "token_not_for_model",
+        403,
+        "a_token",
+    ),
+    Case(
+        "client: upload a key for B's model",
+        "PUT",
+        "/v1/client/keys/{key_id}",
+        lambda t, a: Req(f"/v1/client/keys/{'ab' * 16}", params={"model": t["model"]}, content=capnp(4)),
+        "token_not_for_model",
+        403,
+        "a_token",
+    ),
+    Case(
+        "client: warm a key set on B's model",
+        "POST",
+        "/v1/client/keys/{key_id}/warmup",
+        lambda t, a: Req(f"/v1/client/keys/{A_KEY}/warmup", content=_env(t["model_id"], A_KEY)),
+        "token_not_for_model",
+        403,
+        "a_token",
+    ),
+    Case(
+        "client: delete B's key set",
+        "DELETE",
+        "/v1/client/keys/{key_id}",
+        lambda t, a: Req(f"/v1/client/keys/{t['key']}"),
+        "evaluation_key_not_found",
+        404,
+        "a_token",
+    ),
+    Case(
+        "client: warm B's key set",
+        "POST",
+        "/v1/client/keys/{key_id}/warmup",
+        lambda t, a: Req(f"/v1/client/keys/{t['key']}/warmup", content=_env(a["model_id"], t["key"])),
+        "evaluation_key_not_found",
+        404,
+        "a_token",
+    ),
+    Case(
+        "client: query B's model",
+        "POST",
+        "/v1/queries",
+        lambda t, a: Req("/v1/queries", content=_env(t["model_id"], A_KEY)),
+        "token_not_for_model",
+        403,
+        "a_token",
+    ),
+    Case(
+        "client: query with B's key",
+        "POST",
+        "/v1/queries",
+        lambda t, a: Req("/v1/queries", params={"wait_for_worker": "true"}, content=_env(a["model_id"], t["key"])),
+        "evaluation_key_not_found",
+        404,
+        "a_token",
+    ),
+    Case(
+        "client: B's query result",
+        "GET",
+        "/v1/queries/{query_id}",
+        lambda t, a: Req(f"/v1/queries/{t['query']}"),
+        "query_not_found",
+        404,
+        "a_token",
+    ),
+    Case(
+        "client: withdraw B's query",
+        "DELETE",
+        "/v1/queries/{query_id}",
+        lambda t, a: Req(f"/v1/queries/{t['query']}"),
+        "query_not_found",
+        404,
+        "a_token",
+    ),
 ]
 assert len({c.name for c in CASES}) == len(CASES)
 
@@ -503,8 +748,12 @@ def test_every_route_has_an_isolation_case(world: World):
     are read from the app's OpenAPI document (FastAPI no longer lists included routers' routes
     flat in ``app.routes``); every route of the gateway is in it."""
     http = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
-    routes = {(method.upper(), path) for path, item in world.client.app.openapi()["paths"].items()
-              for method in item if method in http and path.startswith("/v1/") and path != "/v1/health"}
+    routes = {
+        (method.upper(), path)
+        for path, item in world.client.app.openapi()["paths"].items()
+        for method in item
+        if method in http and path.startswith("/v1/") and path != "/v1/health"
+    }
     for prefix in ("/v1/models", "/v1/tokens", "/v1/workers"):
         assert sum(path.startswith(prefix) for _, path in routes) >= 3, f"no routes under {prefix}: {sorted(routes)}"
     covered = {(c.method, c.route) for c in CASES} | set(COVERED_ELSEWHERE)
@@ -515,28 +764,59 @@ def test_every_route_has_an_isolation_case(world: World):
 def _b_marks(world: World) -> list[str]:
     """What must never appear in an answer to A: B's ids, its model names, its node, its credits."""
     b = world.b
-    return [b["model"], b["model_id"], b["token"], b["worker"], b["key"], b["query"], b["schedule"], b["alert"],
-            "bob.example.com", b["client_upload"][:12],
-            b["server_upload"][:12], "node-b@test", "bob", world.b_key[:12], world.b_token[:12],
-            world.b_purchase["reference"], B_PURCHASE, "-1.234567", B_ORDER,
-            *(m["id"] for m in world.b_before["models"]), *(v["client_sha256"][:12] for m in world.b_before["models"]
-                                                            for v in world.b_before[f"versions {m['name']}"])]
+    return [
+        b["model"],
+        b["model_id"],
+        b["token"],
+        b["worker"],
+        b["key"],
+        b["query"],
+        b["schedule"],
+        b["alert"],
+        "bob.example.com",
+        b["client_upload"][:12],
+        b["server_upload"][:12],
+        "node-b@test",
+        "bob",
+        world.b_key[:12],
+        world.b_token[:12],
+        world.b_purchase["reference"],
+        B_PURCHASE,
+        "-1.234567",
+        B_ORDER,
+        *(m["id"] for m in world.b_before["models"]),
+        *(v["client_sha256"][:12] for m in world.b_before["models"] for v in world.b_before[f"versions {m['name']}"]),
+    ]
 
 
 def test_listings_show_nothing_of_another_account(world: World):
     a = world.a
     for who, path, params in [
-        ("a", "/v1/models", None), ("a", "/v1/tokens", None), ("a", "/v1/workers", None),
-        ("a", "/v1/workers/stats", None), ("a", "/v1/account", None), ("a", f"/v1/models/{A_MODEL}", None),
-        ("a", f"/v1/models/{A_MODEL}/versions", None), ("a", f"/v1/models/{A_MODEL}/events", None),
-        ("a", f"/v1/models/{TWIN}", None), ("a", f"/v1/models/{TWIN}/events", None),
-        ("a", "/v1/tokens", {"model": A_MODEL}), ("a", "/v1/workers", {"model": A_MODEL}),
-        ("a", "/v1/workers/stats", {"model": A_MODEL}), ("a", f"/v1/tokens/{a['token']}", None),
-        ("a_token", "/v1/client/models", None), ("a_token", "/v1/client/model", None),
+        ("a", "/v1/models", None),
+        ("a", "/v1/tokens", None),
+        ("a", "/v1/workers", None),
+        ("a", "/v1/workers/stats", None),
+        ("a", "/v1/account", None),
+        ("a", f"/v1/models/{A_MODEL}", None),
+        ("a", f"/v1/models/{A_MODEL}/versions", None),
+        ("a", f"/v1/models/{A_MODEL}/events", None),
+        ("a", f"/v1/models/{TWIN}", None),
+        ("a", f"/v1/models/{TWIN}/events", None),
+        ("a", "/v1/tokens", {"model": A_MODEL}),
+        ("a", "/v1/workers", {"model": A_MODEL}),
+        ("a", "/v1/workers/stats", {"model": A_MODEL}),
+        ("a", f"/v1/tokens/{a['token']}", None),
+        ("a_token", "/v1/client/models", None),
+        ("a_token", "/v1/client/model", None),
         ("a_token", "/v1/client/keys", None),
-        ("a", "/v1/schedules", None), ("a", "/v1/schedules", {"model": A_MODEL}),
-        ("a", "/v1/alerts", None), ("a", "/v1/alerts", {"model": A_MODEL}), ("a", "/v1/alerts/events", None),
-        ("a", "/v1/stats", None), ("a", "/v1/stats", {"model": A_MODEL}), ("a", "/v1/stats", {"model": TWIN}),
+        ("a", "/v1/schedules", None),
+        ("a", "/v1/schedules", {"model": A_MODEL}),
+        ("a", "/v1/alerts", None),
+        ("a", "/v1/alerts", {"model": A_MODEL}),
+        ("a", "/v1/alerts/events", None),
+        ("a", "/v1/stats", None),
+        ("a", "/v1/stats", {"model": A_MODEL}),
+        ("a", "/v1/stats", {"model": TWIN}),
     ]:
         answer = world.call(who, "GET", path, params=params)
         assert answer.status_code == 200, f"{path} -> {answer.status_code} {answer.text}"
@@ -581,8 +861,7 @@ def test_credits_show_nothing_of_another_account(world: World):
         "balance": world.call("a", "GET", "/v1/credits"),
         "history": world.call("a", "GET", "/v1/credits/history"),
         "history since": world.call("a", "GET", "/v1/credits/history", params={"since": "2000-01-01", "limit": "10000"}),
-        "history of kinds": world.call("a", "GET", "/v1/credits/history",
-                                       params={"kind": ["runtime", "purchase", "grant"]}),
+        "history of kinds": world.call("a", "GET", "/v1/credits/history", params={"kind": ["runtime", "purchase", "grant"]}),
         "history of A's model": world.call("a", "GET", "/v1/credits/history", params={"model": A_MODEL}),
         "history of A's twin": world.call("a", "GET", "/v1/credits/history", params={"model": TWIN}),
         "usage": world.call("a", "GET", "/v1/credits/usage"),
@@ -607,8 +886,7 @@ def test_credits_show_nothing_of_another_account(world: World):
     assert (report["account_id"], report["rows"], report["charges"]) == (a_id, [], {})
     assert Decimal(report["closing_balance"]) == 103 and report["reconciles"] is True
 
-    for path, params in (("/v1/credits", None), ("/v1/credits/history", None),
-                         ("/v1/credits/report", {"period": month})):
+    for path, params in (("/v1/credits", None), ("/v1/credits/history", None), ("/v1/credits/report", {"period": month})):
         refused = world.call("a_token", "GET", path, params=params)  # an end user's token is no API key
         assert (refused.status_code, refused.json()["code"]) == (403, "wrong_credential"), f"{path}: {refused.text}"
     assert world.state("b") == world.b_before
@@ -663,8 +941,9 @@ def test_deploying_under_another_accounts_model_name(world: World):
     try:
         for name in (B_MODEL, GHOST["model"]):
             ids = [world.ok("a", "PUT", "/v1/uploads", content=data)["upload_id"] for data in B_V2]
-            answers[name] = world.call("a", "POST", "/v1/models",
-                                       json={"name": name, "client_upload": ids[0], "server_upload": ids[1]})
+            answers[name] = world.call(
+                "a", "POST", "/v1/models", json={"name": name, "client_upload": ids[0], "server_upload": ids[1]}
+            )
         for name, answer in answers.items():
             assert answer.status_code == 201, f"deploy {name} -> {answer.status_code} {answer.text}"
             assert answer.json()["id"] != world.b["model_id"]

@@ -106,8 +106,9 @@ class World:
         from cipherpool.services import accounts, tokens
 
         with session_scope(self.db) as session:
-            row, value = tokens.create_token(session, accounts.get_account(session, tenant.account_id),
-                                             "t-" + uuid.uuid4().hex[:8], model, **options)
+            row, value = tokens.create_token(
+                session, accounts.get_account(session, tenant.account_id), "t-" + uuid.uuid4().hex[:8], model, **options
+            )
             token_id = row.id
         answer = self.gw1.put(f"/v1/client/keys/{KEY_ID}", content=capnp(4), headers=bearer(value))
         assert answer.status_code == 201, answer.text
@@ -164,8 +165,14 @@ def world(tmp_path_factory) -> Iterator[World]:
     try:
         _child, url = start_redis(supervisor, tmp / "redis")
         # No throttle on failed authentications: these tests are refused on purpose, hundreds of times.
-        s = Settings(data_dir=tmp / "data", broker_url=url, token_rate_per_s=0, account_rate_per_s=0,
-                     auth_cache_ttl_s=TTL_S, auth_failure_burst=0)
+        s = Settings(
+            data_dir=tmp / "data",
+            broker_url=url,
+            token_rate_per_s=0,
+            account_rate_per_s=0,
+            auth_cache_ttl_s=TTL_S,
+            auth_failure_burst=0,
+        )
         db = s.effective_database_url()
         init_db(db)
         store = BlobStore.from_url(url)
@@ -355,21 +362,39 @@ def _disable_account(world: World, tenant: Tenant, tok: Tok) -> None:
 
 
 CHANGES = [
-    Change("PATCH /v1/tokens/{id} enabled=false",
-           lambda w, t, k: w.as_provider(w.gw1, t, "PATCH", f"/v1/tokens/{k.id}", json={"enabled": False}),
-           401, "token_disabled"),
-    Change("POST /v1/tokens/{id}/revoke",
-           lambda w, t, k: w.as_provider(w.gw1, t, "POST", f"/v1/tokens/{k.id}/revoke"), 401, "token_revoked"),
-    Change("DELETE /v1/tokens/{id}/models/{name}",
-           lambda w, t, k: w.as_provider(w.gw1, t, "DELETE", f"/v1/tokens/{k.id}/models/{k.model}"),
-           403, "token_not_for_model"),
-    Change("POST /v1/models/{name}/deactivate",
-           lambda w, t, k: w.as_provider(w.gw1, t, "POST", f"/v1/models/{k.model}/deactivate"), 409, "model_inactive"),
-    Change("PATCH /v1/tokens/{id} quota=0",
-           lambda w, t, k: w.as_provider(w.gw1, t, "PATCH", f"/v1/tokens/{k.id}", json={"quota": 0}),
-           429, "token_quota_exceeded"),
-    Change("DELETE /v1/tokens/{id}",
-           lambda w, t, k: w.as_provider(w.gw1, t, "DELETE", f"/v1/tokens/{k.id}"), 401, "invalid_token"),
+    Change(
+        "PATCH /v1/tokens/{id} enabled=false",
+        lambda w, t, k: w.as_provider(w.gw1, t, "PATCH", f"/v1/tokens/{k.id}", json={"enabled": False}),
+        401,
+        "token_disabled",
+    ),
+    Change(
+        "POST /v1/tokens/{id}/revoke",
+        lambda w, t, k: w.as_provider(w.gw1, t, "POST", f"/v1/tokens/{k.id}/revoke"),
+        401,
+        "token_revoked",
+    ),
+    Change(
+        "DELETE /v1/tokens/{id}/models/{name}",
+        lambda w, t, k: w.as_provider(w.gw1, t, "DELETE", f"/v1/tokens/{k.id}/models/{k.model}"),
+        403,
+        "token_not_for_model",
+    ),
+    Change(
+        "POST /v1/models/{name}/deactivate",
+        lambda w, t, k: w.as_provider(w.gw1, t, "POST", f"/v1/models/{k.model}/deactivate"),
+        409,
+        "model_inactive",
+    ),
+    Change(
+        "PATCH /v1/tokens/{id} quota=0",
+        lambda w, t, k: w.as_provider(w.gw1, t, "PATCH", f"/v1/tokens/{k.id}", json={"quota": 0}),
+        429,
+        "token_quota_exceeded",
+    ),
+    Change(
+        "DELETE /v1/tokens/{id}", lambda w, t, k: w.as_provider(w.gw1, t, "DELETE", f"/v1/tokens/{k.id}"), 401, "invalid_token"
+    ),
     Change("POST /v1/account/api-key (old key)", _rotate, 401, "invalid_api_key", probe="api_key"),
     Change("Admin.disable_account (token)", _disable_account, 403, "account_disabled"),
     Change("Admin.disable_account (API key)", _disable_account, 403, "account_disabled", probe="api_key"),
@@ -381,9 +406,11 @@ def test_change_reaches_the_other_gateway_at_once(world, change):
     tenant, tok = world.setup()
     key = tenant.api_key
     if change.probe == "query":
+
         def probe(gw: Any) -> Any:
             return query(gw, tok)
     else:
+
         def probe(gw: Any) -> Any:
             return gw.get("/v1/account", headers=bearer(key))
 
@@ -412,7 +439,8 @@ def test_database_change_reaches_gateways_within_the_cache_ttl(world):
     with session_scope(world.db) as session:
         tokens.update_token(session, accounts.get_account(session, tenant.account_id), tok.id, {"enabled": False})
     delay, attempts, first = wait_for_refusal(
-        world, lambda gw: query(gw, tok), 401, "token_disabled", TTL_S + 2.0)  # slack for a loaded machine
+        world, lambda gw: query(gw, tok), 401, "token_disabled", TTL_S + 2.0
+    )  # slack for a loaded machine
     DELAYS["database only: tokens.update_token enabled=False"] = (delay, attempts)
     print(f"\ndatabase-only change: gateway 2 refused after {delay * 1000:.1f} ms ({attempts} requests)")
     assert delay < TTL_S + 2.0, f"{delay:.2f} s"

@@ -121,19 +121,34 @@ def upgrade() -> None:
     rows = bind.execute(sa.select(models.c.id, models.c.created_at, *(models.c[c] for c in ARTIFACT_COLUMNS))).all()
     for row in rows:
         values = {c: row._mapping[c] for c in ARTIFACT_COLUMNS}
-        bind.execute(sa.insert(versions).values(
-            id=uuid.uuid4().hex[:16], model_id=row.id, number=1, client_size=0, server_size=0, note="",
-            created_at=row.created_at, **values))
+        bind.execute(
+            sa.insert(versions).values(
+                id=uuid.uuid4().hex[:16],
+                model_id=row.id,
+                number=1,
+                client_size=0,
+                server_size=0,
+                note="",
+                created_at=row.created_at,
+                **values,
+            )
+        )
 
     with op.batch_alter_table("evaluation_keys") as batch:
         batch.add_column(_str("client_blob", server_default=""))
     keys = _table("evaluation_keys")
-    bind.execute(sa.update(keys).values(client_blob=sa.select(models.c.client_blob).where(
-        models.c.id == keys.c.model_id).scalar_subquery()))
+    bind.execute(
+        sa.update(keys).values(
+            client_blob=sa.select(models.c.client_blob).where(models.c.id == keys.c.model_id).scalar_subquery()
+        )
+    )
 
     tokens, assignments = _table("access_tokens"), _table("token_models")
-    bind.execute(sa.insert(assignments).from_select(
-        ["token_id", "model_id", "created_at"], sa.select(tokens.c.id, tokens.c.model_id, tokens.c.created_at)))
+    bind.execute(
+        sa.insert(assignments).from_select(
+            ["token_id", "model_id", "created_at"], sa.select(tokens.c.id, tokens.c.model_id, tokens.c.created_at)
+        )
+    )
 
     with op.batch_alter_table("access_tokens") as batch:
         batch.add_column(_when("updated_at", nullable=True))
@@ -168,14 +183,24 @@ def downgrade() -> None:
             batch.add_column(_str(column, server_default=""))
     models, versions = _table("models"), _table("model_versions")
     for column in ARTIFACT_COLUMNS:
-        bind.execute(sa.update(models).values({column: sa.select(versions.c[column]).where(
-            versions.c.model_id == models.c.id, versions.c.number == models.c.version).scalar_subquery()}))
+        bind.execute(
+            sa.update(models).values(
+                {
+                    column: sa.select(versions.c[column])
+                    .where(versions.c.model_id == models.c.id, versions.c.number == models.c.version)
+                    .scalar_subquery()
+                }
+            )
+        )
 
     with op.batch_alter_table("access_tokens") as batch:
         batch.add_column(_str("model_id", nullable=True))
     tokens, assignments, keys = _table("access_tokens"), _table("token_models"), _table("evaluation_keys")
-    bind.execute(sa.update(tokens).values(model_id=sa.select(sa.func.min(assignments.c.model_id)).where(
-        assignments.c.token_id == tokens.c.id).scalar_subquery()))
+    bind.execute(
+        sa.update(tokens).values(
+            model_id=sa.select(sa.func.min(assignments.c.model_id)).where(assignments.c.token_id == tokens.c.id).scalar_subquery()
+        )
+    )
     orphans = sa.select(tokens.c.id).where(tokens.c.model_id.is_(None))
     bind.execute(sa.delete(keys).where(keys.c.token_id.in_(orphans)))
     bind.execute(sa.delete(tokens).where(tokens.c.model_id.is_(None)))

@@ -29,8 +29,15 @@ depends_on: str | Sequence[str] | None = None
 
 OLD_STATUSES = ("STARTING", "RUNNING", "STOPPING", "STOPPED", "FAILED")  # 0001's enum, frozen here
 UP = {"STARTING": "pending", "RUNNING": "up", "STOPPING": "stopping", "STOPPED": "stopped", "FAILED": "failed"}
-DOWN = {"pending": "STARTING", "loading": "STARTING", "up": "RUNNING", "standby": "RUNNING",
-        "stopping": "STOPPING", "stopped": "STOPPED", "failed": "FAILED"}
+DOWN = {
+    "pending": "STARTING",
+    "loading": "STARTING",
+    "up": "RUNNING",
+    "standby": "RUNNING",
+    "stopping": "STOPPING",
+    "stopped": "STOPPED",
+    "failed": "FAILED",
+}
 NODE_COLUMNS = ("profile", "labels", "shared", "host", "cores", "memory_bytes", "gpus", "key_cache_bytes")
 
 
@@ -68,8 +75,7 @@ def upgrade() -> None:
     with op.batch_alter_table("workers") as batch:
         batch.add_column(sa.Column("profile", sqlmodel.sql.sqltypes.AutoString(), nullable=True))
         batch.add_column(_bool("standby"))
-        batch.alter_column("status", type_=sa.String(), existing_nullable=False,
-                           postgresql_using="status::text")
+        batch.alter_column("status", type_=sa.String(), existing_nullable=False, postgresql_using="status::text")
     if postgres:
         op.execute("DROP TYPE IF EXISTS workerstatus")
     _recode(UP)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 
 import sqlalchemy as sa
 import sqlmodel.sql.sqltypes
@@ -52,8 +52,11 @@ def upgrade() -> None:
     op.create_table(
         "rates",
         sa.Column("id", sa.Integer(), nullable=False),
-        _str("scope"), _time("effective_from"),
-        _big("runtime_per_hour"), _big("standby_per_hour"), _big("execution_per_s"),
+        _str("scope"),
+        _time("effective_from"),
+        _big("runtime_per_hour"),
+        _big("standby_per_hour"),
+        _big("execution_per_s"),
         _str("source"),
         sa.PrimaryKeyConstraint("id"),
     )
@@ -62,9 +65,16 @@ def upgrade() -> None:
         batch.create_index(batch.f("ix_rates_scope"), ["scope"], unique=False)
     op.create_table(
         "invoices",
-        _str("id"), _str("account_id"), _str("key"), _big("amount", nullable=False), _str("status"),
-        sa.Column("credited", sa.Boolean(), nullable=False), _str("provider"), _str("reference", True),
-        _time("created_at"), _str("note"),
+        _str("id"),
+        _str("account_id"),
+        _str("key"),
+        _big("amount", nullable=False),
+        _str("status"),
+        sa.Column("credited", sa.Boolean(), nullable=False),
+        _str("provider"),
+        _str("reference", True),
+        _time("created_at"),
+        _str("note"),
         sa.ForeignKeyConstraint(["account_id"], ["accounts.id"]),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("key"),
@@ -74,12 +84,22 @@ def upgrade() -> None:
     op.create_table(
         "ledger",
         sa.Column("id", sa.Integer(), nullable=False),
-        _str("account_id"), _time("at"), _str("kind"),
-        _big("amount", nullable=False), _big("balance_after", nullable=False), _str("key"),
-        _str("model_id", True), _str("worker_id", True), _str("node", True),
-        _time("period_start", True), _time("period_end", True),
-        _big("quantity_ms"), sa.Column("queries", sa.Integer(), nullable=True), _big("rate"),
-        _str("reference", True), _str("note"),
+        _str("account_id"),
+        _time("at"),
+        _str("kind"),
+        _big("amount", nullable=False),
+        _big("balance_after", nullable=False),
+        _str("key"),
+        _str("model_id", True),
+        _str("worker_id", True),
+        _str("node", True),
+        _time("period_start", True),
+        _time("period_end", True),
+        _big("quantity_ms"),
+        sa.Column("queries", sa.Integer(), nullable=True),
+        _big("rate"),
+        _str("reference", True),
+        _str("note"),
         sa.ForeignKeyConstraint(["account_id"], ["accounts.id"]),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("key"),
@@ -102,22 +122,42 @@ def _open_accounts() -> None:
     now = datetime.now(UTC)
     bind = op.get_bind()
     accounts = sa.table("accounts", sa.column("id", sa.String()), sa.column("balance_micro", sa.BigInteger()))
-    ledger = sa.table("ledger", sa.column("at", sa.DateTime(timezone=True)),
-                      *(sa.column(c) for c in ("account_id", "kind", "amount", "balance_after", "key", "note")))
+    ledger = sa.table(
+        "ledger",
+        sa.column("at", sa.DateTime(timezone=True)),
+        *(sa.column(c) for c in ("account_id", "kind", "amount", "balance_after", "key", "note")),
+    )
     moment = sa.DateTime(timezone=True)
-    workers = sa.table("workers", sa.column("status", sa.String()), sa.column("started_at", moment),
-                       sa.column("stopped_at", moment), sa.column("billed_to", moment))
+    workers = sa.table(
+        "workers",
+        sa.column("status", sa.String()),
+        sa.column("started_at", moment),
+        sa.column("stopped_at", moment),
+        sa.column("billed_to", moment),
+    )
     if grant > 0:
         for (account_id,) in bind.execute(sa.select(accounts.c.id)).all():
-            bind.execute(sa.insert(ledger).values(account_id=account_id, at=now, kind="grant", amount=grant,
-                                                  balance_after=grant, key=f"grant:{account_id}:opening",
-                                                  note="opening grant (credits start with this version)"))
+            bind.execute(
+                sa.insert(ledger).values(
+                    account_id=account_id,
+                    at=now,
+                    kind="grant",
+                    amount=grant,
+                    balance_after=grant,
+                    key=f"grant:{account_id}:opening",
+                    note="opening grant (credits start with this version)",
+                )
+            )
             bind.execute(sa.update(accounts).where(accounts.c.id == account_id).values(balance_micro=grant))
-    bind.execute(sa.update(workers).where(workers.c.status.in_(HOLDING_NODE), workers.c.started_at.is_not(None))
-                 .values(billed_to=now))
+    bind.execute(
+        sa.update(workers).where(workers.c.status.in_(HOLDING_NODE), workers.c.started_at.is_not(None)).values(billed_to=now)
+    )
     # Workers that ended before credits existed owe nothing: settled up to their stop.
-    bind.execute(sa.update(workers).where(workers.c.stopped_at.is_not(None), workers.c.started_at.is_not(None))
-                 .values(billed_to=workers.c.stopped_at))
+    bind.execute(
+        sa.update(workers)
+        .where(workers.c.stopped_at.is_not(None), workers.c.started_at.is_not(None))
+        .values(billed_to=workers.c.stopped_at)
+    )
 
 
 def downgrade() -> None:

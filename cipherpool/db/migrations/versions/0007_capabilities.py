@@ -34,8 +34,7 @@ pool_nodes = sa.table("pool_nodes", sa.column("capabilities", sa.String()), sa.c
 
 def upgrade() -> None:
     with op.batch_alter_table("pool_nodes") as batch:
-        batch.add_column(sa.Column("capabilities", sqlmodel.sql.sqltypes.AutoString(), nullable=False,
-                                   server_default=CPU_ONLY))
+        batch.add_column(sa.Column("capabilities", sqlmodel.sql.sqltypes.AutoString(), nullable=False, server_default=CPU_ONLY))
     op.execute(pool_nodes.update().where(pool_nodes.c.gpu_build.is_(True)).values(capabilities=WITH_GPU))
     with op.batch_alter_table("pool_nodes") as batch:
         batch.drop_column("gpu_build")

@@ -30,8 +30,9 @@ down_revision: str | Sequence[str] | None = "0007_capabilities"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-evaluation_keys = sa.table("evaluation_keys", sa.column("last_used_at", sa.DateTime(timezone=True)),
-                           sa.column("expired_at", sa.DateTime(timezone=True)))
+evaluation_keys = sa.table(
+    "evaluation_keys", sa.column("last_used_at", sa.DateTime(timezone=True)), sa.column("expired_at", sa.DateTime(timezone=True))
+)
 
 
 def upgrade() -> None:

@@ -45,7 +45,7 @@ def upgrade() -> None:
         ids = [row[0] for row in conn.execute(sa.select(table.c.id).order_by(table.c.id))]
         update = table.update().where(table.c.id == sa.bindparam("row_id")).values(public_id=sa.bindparam("new_id"))
         for start in range(0, len(ids), BATCH):
-            conn.execute(update, [{"row_id": i, "new_id": _new(prefix)} for i in ids[start:start + BATCH]])
+            conn.execute(update, [{"row_id": i, "new_id": _new(prefix)} for i in ids[start : start + BATCH]])
         with op.batch_alter_table(name) as batch:
             batch.alter_column("public_id", existing_type=sqlmodel.sql.sqltypes.AutoString(), nullable=False)
             batch.create_index(batch.f(f"ix_{name}_public_id"), ["public_id"], unique=True)
