@@ -19,8 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test
 
-# -- the gate: one check a line; `ruff format --check` and the import-order check go here ------
-.venv/bin/ruff check cipherpool tests benchmarks examples
+# -- the gate: one check a line ----------------------------------------------------------------
+.venv/bin/ruff check cipherpool tests benchmarks examples          # lint and import order
+.venv/bin/ruff format --check cipherpool tests benchmarks examples # formatting
 .venv/bin/mypy
 
 # -- the tests ---------------------------------------------------------------------------------
