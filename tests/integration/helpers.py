@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cipherpool.client import ManagementClient, QueryClient
+from cipherpool.client.query import QueryHandle
 from cipherpool.examples import Example
 from cipherpool.stack.embedded import EmbeddedStack
 
@@ -23,3 +24,17 @@ def serve(
     qc.generate_keys()
     qc.upload_evaluation_keys()
     return mc, qc, worker.id
+
+
+def node_of(stack: EmbeddedStack, handle: QueryHandle) -> str | None:
+    """Which pool node computed a finished query: the operator's view, read from the result in
+    the platform's Redis (end users are not told: no node name reaches them)."""
+    from redis import Redis
+
+    from cipherpool.gateway.results import computed_by
+
+    client = Redis.from_url(stack.platform_settings.effective_result_backend())
+    try:
+        return computed_by(client, handle.id)
+    finally:
+        client.close()

@@ -82,8 +82,13 @@ def test_inactive_model(platform, clients, examples, still_serving):
 def test_evaluation_key_never_uploaded(platform, examples, tmp_path, still_serving):
     qc = platform.query_client("cancer", tmp_path)
     qc.generate_keys()  # but no upload
+    ciphertext = qc.encrypt(examples["cancer"].x_test[0])
+    # The gateway refuses a query under a key set it does not hold, with the typed error ...
     with pytest.raises(errors.EvaluationKeyNotFound):
-        qc.execute(qc.encrypt(examples["cancer"].x_test[0]))
+        qc._t.request("POST", "/v1/queries", content=ciphertext, headers={"Content-Type": "application/octet-stream"})
+    # ... on which the client uploads its key set by itself and sends the query again, once
+    assert qc.decrypt(qc.execute(ciphertext)) is not None
+    assert len(qc.key_actions) == 1 and "was not on the platform" in qc.key_actions[0]
     qc.close()
 
 

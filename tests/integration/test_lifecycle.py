@@ -32,6 +32,7 @@ from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 from cipherpool.statuses import WorkerStatus
 from cipherpool.waiting import wait_until
 from cipherpool.workers.capacity import concrete_gpu_available
+from tests.integration.helpers import node_of
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +136,7 @@ def test_a_gpu_model_runs_on_the_gpu_node_only(pool, deployed, examples, tmp_pat
     handles = [qc.submit(qc.encrypt(row)) for row in x]
     outputs = [qc.decrypt(h.result(120)) for h in handles]
     np.testing.assert_allclose(np.concatenate(outputs), examples["cancer"].clear(x), atol=1e-6)
-    assert {h.node for h in handles} == {worker.node}
+    assert {node_of(stack, h) for h in handles} == {worker.node}
 
     # The node listing shows it bound, with nothing left to allocate.
     gpu = next(n for n in mc.list_nodes() if n.name == worker.node)
@@ -181,7 +182,7 @@ def test_two_workers_of_one_model_both_serve(pool, deployed, examples, tmp_path)
     handles = [qc.submit(qc.encrypt(row)) for row in x]
     outputs = [qc.decrypt(h.result(120)) for h in handles]
     np.testing.assert_allclose(np.concatenate(outputs), examples["cancer"].clear(x), atol=1e-6)
-    assert {h.node for h in handles} == {w.node for w in workers}  # both took queries
+    assert {node_of(stack, h) for h in handles} == {w.node for w in workers}  # both took queries
 
     # The maximum is enforced; a user may not stop below the minimum.
     with pytest.raises(errors.WorkerLimit, match="at most 2"):
@@ -340,7 +341,7 @@ def test_shared_nodes_serve_models_that_allow_them_on_demand(pool, deployed, exa
     # No dedicated worker: auto goes to the shared node, which loads the model on demand.
     handles = [qc.submit(qc.encrypt(row)) for row in x]
     assert [int(np.argmax(qc.decrypt(h.result(120)))) for h in handles] == list(expected)
-    assert {h.node for h in handles} == {shared_node}
+    assert {node_of(stack, h) for h in handles} == {shared_node}
     model_id = mc.get_model(name).id
     redis = Redis.from_url(stack.broker_url)
     try:
@@ -370,10 +371,10 @@ def test_shared_nodes_serve_models_that_allow_them_on_demand(pool, deployed, exa
     assert int(np.argmax(qc.predict(x[0]))) == expected[0]
     dedicated = qc.submit(qc.encrypt(x[0]))
     dedicated.result(120)
-    assert dedicated.node == worker.node
+    assert node_of(stack, dedicated) == worker.node
     shared = QueryClient(qc.token, settings=stack.client_settings, key_dir=tmp_path / "shared", mode="shared")
     via_shared = shared.submit(shared.encrypt(x[1]))
-    assert int(np.argmax(shared.decrypt(via_shared.result(120)))) == expected[1] and via_shared.node == shared_node
+    assert int(np.argmax(shared.decrypt(via_shared.result(120)))) == expected[1] and node_of(stack, via_shared) == shared_node
 
     # A model that does not allow shared nodes is refused there, with the reason.
     private = deployed("digits", "digits-private")

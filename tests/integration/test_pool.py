@@ -11,6 +11,7 @@ from cipherpool.db import session_scope
 from cipherpool.db.tables import PoolNode
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
 from tests.helpers import make_deployment
+from tests.integration.helpers import node_of
 
 pytestmark = pytest.mark.integration
 
@@ -54,5 +55,5 @@ def test_two_nodes_serve_one_model_and_a_full_pool_says_so(pool, examples, tmp_p
     handles = [qc.submit(qc.encrypt(row)) for row in x]
     decrypted = np.concatenate([qc.decrypt(h.result()) for h in handles])
     np.testing.assert_allclose(decrypted, examples["digits"].clear(x), atol=1e-3)
-    assert {h.node for h in handles} == {first.node, second.node}
+    assert {node_of(stack, h) for h in handles} == {first.node, second.node}
     qc.close()

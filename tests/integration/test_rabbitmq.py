@@ -12,6 +12,7 @@ import pytest
 from cipherpool.client import ManagementClient, QueryClient
 from cipherpool.config.settings import Settings
 from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+from tests.integration.helpers import node_of
 
 pytestmark = pytest.mark.integration
 RABBITMQ = ("127.0.0.1", 5672)
@@ -61,7 +62,7 @@ def test_routing_by_host_class_on_rabbitmq(examples, tmp_path):
             handles = [qc.submit(qc.encrypt(row)) for row in x]
             outputs = np.concatenate([qc.decrypt(h.result(120)) for h in handles])
             np.testing.assert_allclose(outputs, examples[example].clear(x), atol=1e-3)
-            assert {h.node for h in handles} == {served[name]}
+            assert {node_of(stack, h) for h in handles} == {served[name]}
             qc.close()
         assert "-cpu@" in served["cancer-cpu"] and "-gpu@" in served["digits-gpu"]
         mc.close()
