@@ -15,7 +15,7 @@ from sqlmodel import Session
 
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.db import session_scope
-from cipherpool.store import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, BlobStore
+from cipherpool.store import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, BlobStore, redis_client
 
 
 @dataclass
@@ -42,6 +42,16 @@ class PlatformContext:
             socket_timeout=SOCKET_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),
         )
+
+    @cached_property
+    def broker_redis(self) -> redis.Redis:
+        """The broker's Redis, for beat's look into its queues (:mod:`cipherpool.scheduler.redeliver`)."""
+        return redis_client(self.settings.effective_broker_url().replace("redis+socket://", "unix://", 1))
+
+    @cached_property
+    def result_redis(self) -> redis.Redis:
+        """The result backend's Redis: whether a query started (its result key exists)."""
+        return redis_client(self.settings.effective_result_backend())
 
     def session(self) -> AbstractContextManager[Session]:
         return session_scope(self.db_url)

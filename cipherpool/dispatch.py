@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.result import AsyncResult
 from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
 
+from cipherpool import inflight
 from cipherpool.config.settings import Settings
 from cipherpool.errors import BrokerUnavailable, InvalidInput, QueryTimeout, RemoteError, StoreFull
 from cipherpool.fhe.values import check_ciphertext
+from cipherpool.inflight import InflightQuery
 from cipherpool.messages import EncryptedInput, QueryReply, QueryRequest, redacted_kwargs, unwrap
 from cipherpool.monitoring import timings
 from cipherpool.names import (
@@ -111,15 +116,24 @@ def submit(
     query against the token's quota, prepare it, publish it; a query that was not published
     is given back to the quota (the client's retry must not count twice). ``before_publish``
     runs after the query is prepared and before it is sent (the gateway records the query's
-    owner there). A ciphertext no node could evaluate is refused first, uncounted."""
+    owner there). A ciphertext no node could evaluate is refused first, uncounted. On a Redis
+    broker the message is kept until a node starts it (:mod:`cipherpool.inflight`)."""
     admit_ciphertext(store, model, envelope)
     usage.charge(store.redis, grant.token_id, grant.quota)
     try:
         request = prepare_query(settings, store, grant, model, envelope, ciphertext, blob_id)
         if before_publish is not None:
             before_publish()
+        keep = store.redis if settings.broker_is_redis() and settings.redelivery_grace_s > 0 else None
         return publish_query(
-            app, request, model.hardware, settings.query_timeout_s, task_id=task_id, shared=shared, model_name=model.name
+            app,
+            request,
+            model.hardware,
+            settings.query_timeout_s,
+            task_id=task_id,
+            shared=shared,
+            model_name=model.name,
+            keep=keep,
         )
     except Exception:
         _refund(store, grant)
@@ -206,23 +220,44 @@ def publish_query(
     shared: bool = False,
     *,
     model_name: str,
+    keep: redis.Redis | None = None,
 ) -> AsyncResult:
     """Publish with the routing key of the model's host class (its dedicated workers', or the
     shared nodes' of the class), with a deadline: a node discards it once nobody waits. Only
     nodes of that class have a queue bound to that key. ``model_name`` names it in monitoring
-    (:func:`query_shadow`), on dedicated and shared nodes alike."""
+    (:func:`query_shadow`), on dedicated and shared nodes alike. ``keep``: record the message
+    there first, for beat to send again should the broker lose it (:mod:`cipherpool.inflight`)."""
+    task_id = task_id or str(uuid.uuid4())
     kwargs = {"request": request.encode()}
     queue = shared_queue_of(host_class) if shared else query_queue(host_class, request.model_id)
-    shadow = query_shadow(model_name, request.model_id)
+    message = InflightQuery(
+        QUERY_TASK, kwargs, queue.name, queue.routing_key, query_shadow(model_name, request.model_id), time.time() + expires_s
+    )
+    if keep is not None:
+        inflight.record(keep, task_id, message)
+    try:
+        return _send_query(app, task_id, message)
+    except Exception:
+        if keep is not None:
+            inflight.forget_quietly(keep, task_id)  # never sent: never to be sent again
+        raise
+
+
+def republish_query(app: Celery, query_id: str, message: InflightQuery) -> AsyncResult:
+    """Send a recorded query again, under its id, to its queue, with its first deadline."""
+    return _send_query(app, query_id, message)
+
+
+def _send_query(app: Celery, task_id: str, message: InflightQuery) -> AsyncResult:
     return _send(
         app,
-        QUERY_TASK,
-        kwargs,
-        queue,
-        expires=expires_s,
+        message.task,
+        message.kwargs,
+        Queue(message.queue, QUERIES, routing_key=message.routing_key),  # type: ignore[no-untyped-call]
+        expires=datetime.fromtimestamp(message.deadline, tz=UTC),
         task_id=task_id,
-        shadow=shadow,
-        event_dispatcher=SentUnderShadow(app, shadow),
+        shadow=message.shadow,
+        event_dispatcher=SentUnderShadow(app, message.shadow),
     )
 
 

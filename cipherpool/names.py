@@ -47,6 +47,8 @@ SHARED_PENDING_KEY = "cipherpool:shared-min:pending"  # set of "<account>:<minut
 QUERY_COUNT_PREFIX = "cipherpool:queries:"  # + account id + ":" + YYYY-MM-DD -> {model:worker: queries}, 400 d
 TIMINGS_PREFIX = "cipherpool:qt:"  # + model id + ":" + (minute | "all" | "recent" | "hist"): query times, see monitoring.timings
 ROLLOUT_LOCK_PREFIX = "cipherpool:rollout:"  # + model id: one node at a time loads a new version
+INFLIGHT_PREFIX = "cipherpool:inflight:"  # + query id -> hash {message, missing, sent}: a published query not yet started
+INFLIGHT_INDEX_KEY = "cipherpool:inflight"  # sorted set {query id: publish time}: cipherpool.inflight
 RESULT_META_PREFIX = "celery-task-meta-"  # Celery's result key (and pub/sub channel) + task id
 # The platform's own health (cipherpool.monitoring.components): `cipherpool status`, /metrics, the watchdog.
 PROCESS_BEAT_PREFIX = "cipherpool:platform:alive:"  # + role (gateway, control, beat) -> hash {instance: JSON heartbeat}

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"config"},  # settings, profiles, Celery configuration
     {"db"},  # tables, engine, migrations (self-contained)
     {"api", "messages"},  # wire types: HTTP schemas, task envelopes
-    {"store", "blobs", "fhe", "context", "announce", "outages"},  # what every platform process shares (blobs: the
+    {"store", "blobs", "fhe", "context", "announce", "outages", "inflight"},  # what every platform process shares (blobs: the
     # store's backends and a node's disk cache)
     {"billing"},  # money: ledger, rates, charging
     {"services", "workerlog"},  # the platform's decisions on the database

@@ -25,6 +25,7 @@ KIB = 1024
 PROFILES_FILE = "profiles.toml"  # node profiles, in the data directory unless CIPHERPOOL_PROFILES_FILE
 STACK_FILE = "stack.json"  # written by `cipherpool up` in the data directory (0600): the gateway URL
 MAX_AUTH_CACHE_TTL_S = 5.0  # a revoked token or API key stops working within this long
+REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "unix"})  # broker URLs of the Redis transport
 
 
 class Settings(BaseSettings):
@@ -165,6 +166,12 @@ class Settings(BaseSettings):
     # below query_timeout_s so that the redelivered query still has a client waiting.
     visibility_timeout_s: int = 120
     result_expires_s: int = 3600
+    # With Redis as the broker, a query can vanish between Redis and a node (a partition while
+    # the node waits for work: cipherpool.inflight). Beat sends again, under the same id, a
+    # query found twice this far apart in no queue, in no node's hands and not started, at most
+    # redelivery_max times. 0 turns it off (RabbitMQ never needs it: it is off there anyway).
+    redelivery_grace_s: float = Field(10.0, ge=0)
+    redelivery_max: int = Field(3, ge=0)
     node_heartbeat_s: float = 10.0
     # Beat's reconciler: how often it looks for workers whose node went silent (a node is lost
     # after 3 missed heartbeats), fails them with the reason and starts replacements.
@@ -288,6 +295,10 @@ class Settings(BaseSettings):
                 "or run `cipherpool up`, which starts an embedded Redis and prints the URL."
             )
         return self.broker_url
+
+    def broker_is_redis(self) -> bool:
+        """Redis (``redis://``, ``rediss://``, ``redis+socket://``), not an AMQP broker."""
+        return bool(self.broker_url) and self.effective_broker_url().split("://", 1)[0] in REDIS_SCHEMES
 
     def effective_result_backend(self) -> str:
         return self.result_backend or self.effective_broker_url()

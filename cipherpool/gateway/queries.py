@@ -20,6 +20,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from cipherpool import inflight
 from cipherpool.api.schemas import QUERY_ID_PATTERN, QueryAccepted
 from cipherpool.dispatch import open_envelope, output_of, reply_from_meta
 from cipherpool.dispatch import submit as submit_query
@@ -75,6 +76,7 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
     """Withdraw a query nobody waits for any more: a node that has not started it drops it."""
     await _check_owner(gw, grant, query_id)
     await run_in_threadpool(gw.celery.control.revoke, query_id)
+    await run_in_threadpool(inflight.forget_quietly, gw.store.redis, query_id)  # withdrawn: never sent again
     return Response(status_code=204)
 
 

@@ -31,6 +31,7 @@ from cipherpool.scheduler import alerts as alert_rules
 from cipherpool.scheduler import autoscale as autoscaler
 from cipherpool.scheduler import keys as key_sweep
 from cipherpool.scheduler import reconcile as reconciler
+from cipherpool.scheduler import redeliver as redelivery
 from cipherpool.scheduler.billing import tick
 from cipherpool.scheduler.tick import apply_schedules
 from cipherpool.tasks.app import app
@@ -63,9 +64,13 @@ def beat_job(task: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
 @platform_task(app, RECONCILE_TASK)
 @beat_job(RECONCILE_TASK)
 def reconcile() -> dict[str, list[str]]:
-    """Fail the workers of lost nodes and start their replacements (see scheduler.reconcile)."""
-    lost = reconciler.reconcile(platform(), app)
-    return {"failed": [w.worker_id for w in lost]}
+    """Fail the workers of lost nodes and start their replacements (see scheduler.reconcile);
+    send again the queries a Redis broker lost on the way to a node (see scheduler.redeliver)."""
+    try:
+        lost = reconciler.reconcile(platform(), app)
+    finally:  # the database's trouble is no reason to leave a lost query lost (it needs only Redis)
+        redelivered = redelivery.redeliver(platform(), app)
+    return {"failed": [w.worker_id for w in lost], "redelivered": redelivered.sent}
 
 
 @platform_task(app, BILLING_TASK)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from cipherpool import workerlog
+from cipherpool import inflight, workerlog
 from cipherpool.context import PlatformContext
 from cipherpool.errors import CipherpoolError, KeyMismatch, KeysOutdated, ModelMismatch, ModelUnavailable
 from cipherpool.fhe.evaluator import Evaluator
@@ -63,6 +63,8 @@ def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: De
 
     Every moment is announced to the node's hooks. A refusal is an envelope (the task did its
     job, which was to refuse); an unexpected exception propagates as a task failure."""
+    if delivery.task_id and ctx.settings.broker_is_redis():
+        inflight.forget_quietly(ctx.store.redis, delivery.task_id)  # started: never to be sent again
     binding = runtime.binding
     query = QueryEvent(node=runtime.name, task_id=delivery.task_id, binding=binding.event if binding else None)
     hooks = runtime.hooks

@@ -1,0 +1,137 @@
+"""Beat's redelivery: send again the queries a Redis broker lost between Redis and a node.
+
+Run with the reconciler, every ``CIPHERPOOL_RECONCILE_INTERVAL_S``, on a Redis broker only
+(:mod:`cipherpool.inflight` says why RabbitMQ never needs it). For each recorded query
+published more than ``redelivery_grace_s`` ago:
+
+1. started (its result key exists) or past its deadline: its record is forgotten;
+2. else it is looked for, by its id, in its queue (every priority list of it) and in the
+   messages nodes hold unacknowledged (kombu's ``unacked`` hash), in one server-side script;
+3. found: any earlier "missing" mark is cleared. Not found: marked missing the first time;
+   missing again ``redelivery_grace_s`` or more later, it is sent again under the same id, with
+   its first deadline, at most ``redelivery_max`` times.
+
+Two looks apart, not one: between a node's ``BRPOP`` and kombu's record of the message as
+unacknowledged, a message is in neither place for an instant. A node that took the message and
+was cut off before it could say so may still run it after the network heals, so the query may
+run twice; both answers are the same value under the same key, and the client reads one. The
+scan reads every message of the queues concerned, once per run, only while some query is
+older than the grace: cheap for ciphertexts of kilobytes (1,000 queued digits queries are about
+2 MB); with deep queues of large ciphertexts, lower ``inline_max_bytes`` so that they travel by
+reference and the messages stay small.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import redis
+from celery import Celery
+
+from cipherpool import inflight
+from cipherpool.context import PlatformContext
+from cipherpool.dispatch import republish_query
+from cipherpool.names import RESULT_META_PREFIX
+
+log = logging.getLogger("cipherpool.redeliver")
+PRIORITY_SEPARATOR = "\x06\x16"  # kombu's Redis transport: a queue's list for priority n is "<queue>\x06\x16<n>"
+PRIORITY_STEPS = (3, 6, 9)  # kombu's default steps above 0 (0 is the queue's own name)
+UNACKED_KEY = "unacked"  # kombu's Redis transport: hash {delivery tag: [message, exchange, routing key]}
+BATCH = 1000
+
+# Every message's id, read where the transport keeps it (Celery's protocol 2 puts the task id
+# in the headers as "id"; root_id and parent_id do not match the pattern), compared with the ids
+# asked about. KEYS: the lists to read, then the unacked hash; ARGV: the ids. Returns those found.
+FIND_IDS = """
+local wanted, found = {}, {}
+for _, id in ipairs(ARGV) do wanted[id] = true end
+local function look(messages)
+  for _, m in ipairs(messages) do
+    for id in string.gmatch(m, '"id": ?"([^"]+)"') do
+      if wanted[id] then found[id] = true end
+    end
+  end
+end
+for i = 1, #KEYS - 1 do look(redis.call('LRANGE', KEYS[i], 0, -1)) end
+look(redis.call('HVALS', KEYS[#KEYS]))
+local out = {}
+for id in pairs(found) do table.insert(out, id) end
+return out
+"""
+
+
+@dataclass
+class RedeliveryReport:
+    started: int = 0  # records forgotten: the query started (or ended)
+    expired: int = 0  # records forgotten: past the query's deadline
+    missing: int = 0  # found nowhere for the first time
+    sent: list[str] = field(default_factory=list)  # sent again
+    given_up: int = 0  # missing again after redelivery_max redeliveries
+
+
+def redeliver(ctx: PlatformContext, app: Celery, now: float | None = None) -> RedeliveryReport:
+    s, report = ctx.settings, RedeliveryReport()
+    if not s.broker_is_redis() or s.redelivery_grace_s <= 0:
+        return report
+    now = time.time() if now is None else now
+    records = ctx.store.redis
+    due = inflight.older_than(records, now - s.redelivery_grace_s, BATCH)
+    if not due:
+        return report
+    started = _started(ctx.result_redis, due)
+    report.started = len(started)
+    inflight.forget(records, *started)
+    waiting = [q for q in due if q not in started]
+    loaded = inflight.load(records, waiting) if waiting else {}
+    expired = [q for q, r in loaded.items() if r is None or r.message.deadline <= now]
+    report.expired = len(expired)
+    inflight.forget(records, *expired)
+    candidates = [r for r in loaded.values() if r is not None and r.message.deadline > now]
+    if not candidates:
+        return report
+    present = find(ctx.broker_redis, [r.query_id for r in candidates], {r.message.queue for r in candidates})
+    for rec in candidates:
+        if rec.query_id in present:
+            if rec.missing_since is not None:
+                inflight.mark_found(records, rec.query_id)
+        elif rec.missing_since is None:
+            inflight.mark_missing(records, rec.query_id, now)
+            report.missing += 1
+        elif now - rec.missing_since >= s.redelivery_grace_s:
+            _send_again(app, records, rec, s.redelivery_max, report)
+    return report
+
+
+def _send_again(app: Celery, records: redis.Redis, rec: inflight.Record, most: int, report: RedeliveryReport) -> None:
+    if rec.sent >= most:
+        log.error("query %s: lost again after %d redeliveries; its client will get query_timeout", rec.query_id, rec.sent)
+        inflight.forget(records, rec.query_id)
+        report.given_up += 1
+        return
+    republish_query(app, rec.query_id, rec.message)
+    inflight.mark_sent(records, rec.query_id)
+    report.sent.append(rec.query_id)
+    log.warning(
+        "query %s was in no queue, in no node's hands and not started: sent again to %s (%d of %d)",
+        rec.query_id,
+        rec.message.queue,
+        rec.sent + 1,
+        most,
+    )
+
+
+def _started(results: redis.Redis, query_ids: list[str]) -> set[str]:
+    """The queries with a result key: started (``task_track_started``), or ended."""
+    pipe = results.pipeline(transaction=False)
+    for query_id in query_ids:
+        pipe.exists(RESULT_META_PREFIX + query_id)
+    return {q for q, there in zip(query_ids, pipe.execute(), strict=True) if there}
+
+
+def find(broker: redis.Redis, query_ids: list[str], queues: set[str]) -> set[str]:
+    """Which of ``query_ids`` are in one of ``queues`` or held unacknowledged by a node."""
+    lists = [key for q in sorted(queues) for key in (q, *(f"{q}{PRIORITY_SEPARATOR}{p}" for p in PRIORITY_STEPS))]
+    found = broker.eval(FIND_IDS, len(lists) + 1, *lists, UNACKED_KEY, *query_ids)
+    return {f.decode() if isinstance(f, bytes) else str(f) for f in found}
