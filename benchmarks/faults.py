@@ -838,7 +838,14 @@ def partition(run: Run, broker: str) -> None:
     else:
         out.node_alive = f"NO: pid {pid} exited with {apart.process.returncode}"
     out.note(f"its first worker ended {status}" + (" and was replaced" if replaced_at is not None else ""))
+    out.note(f"queries beat sent again (lost between the broker and a node): {redelivered(run.supervisor.log_dir)}")
     tally(out, trickle, expected)
+
+
+def redelivered(log_dir: Path) -> int:
+    """How many times beat's redelivery sent a lost query again (cipherpool.scheduler.redeliver
+    logs each), read from the component logs."""
+    return sum(path.read_text(errors="replace").count("sent again to ") for path in Path(log_dir).glob("*.log"))
 
 
 def gateway_restart(run: Run) -> None:
