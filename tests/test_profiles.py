@@ -275,6 +275,8 @@ def test_the_node_command_is_the_plain_celery_line():
         "3",
         "-n",
         "cpu-small@%h",
+        "--without-gossip",
+        "--without-mingle",
         "--loglevel",
         "debug",
     ]
@@ -295,7 +297,7 @@ def test_the_shell_line_is_what_a_user_types():
     line = shell_line(argv, {"CIPHERPOOL_NODE_PROFILE": "cpu-small"})
     assert line == (
         f"CIPHERPOOL_NODE_PROFILE=cpu-small celery -A cipherpool.tasks worker -Q {POOL_QUEUE} "
-        "-P threads -c 1 -n cpu-small@%h --loglevel info"
+        "-P threads -c 1 -n cpu-small@%h --without-gossip --without-mingle --loglevel info"
     )
 
 
@@ -408,7 +410,7 @@ def test_pool_node_print_shows_the_shell_line(cli_ctx):
     assert result.exit_code == 0, result.output
     assert result.output == (
         f"CIPHERPOOL_NODE_PROFILE=cpu-small celery -A cipherpool.tasks worker -Q {POOL_QUEUE} "
-        "-P threads -c 2 -n cpu-small@%h --loglevel info\n"
+        "-P threads -c 2 -n cpu-small@%h --without-gossip --without-mingle --loglevel info\n"
     )
 
 
@@ -421,7 +423,7 @@ def test_pool_node_print_names_a_given_file_and_node(cli_ctx, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"CIPHERPOOL_NODE_PROFILE=cpu-small CIPHERPOOL_PROFILES_FILE={path} celery ")
-    assert "-c 5 -n n1@box --loglevel debug" in result.output
+    assert "-c 5 -n n1@box --without-gossip --without-mingle --loglevel debug" in result.output
 
 
 def test_pool_node_execs_celery_with_the_profile_in_its_environment(cli_ctx, monkeypatch):

@@ -226,6 +226,10 @@ def node_command(profile: NodeProfile, node_name: str, *, python: str = sys.exec
         str(profile.concurrency),
         "-n",
         node_name,
+        # A node talks to the platform through its queues and the database; gossip and mingle
+        # would only add a broadcast per node at every start (as `cipherpool up` runs them).
+        "--without-gossip",
+        "--without-mingle",
         "--loglevel",
         loglevel,
     ]

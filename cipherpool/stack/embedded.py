@@ -7,6 +7,11 @@ worker, N pool nodes, beat, Flower (basic auth) and the gateway. Every
 child gets the same CIPHERPOOL_* environment, so it is exactly what an operator would run by
 hand with `celery -A cipherpool.tasks ...` and `uvicorn ...`. When ready, the gateway's URL is
 written to ``<data dir>/stack.json`` (0600), where clients on this machine find it.
+
+One stack per data directory: it holds ``<data dir>/stack.lock`` (:mod:`cipherpool.stack.lock`)
+while it runs, and a second one on the same directory is refused before it starts anything.
+Flower's basic-auth login is generated once and kept in ``<data dir>/flower-login`` (0600): the
+same across restarts of the same data directory.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from cipherpool.db.tables import NodeStatus, PoolNode
 from cipherpool.errors import CipherpoolError, ConfigurationError, PlatformError
 from cipherpool.files import private_dir, private_sqlite, write_private
 from cipherpool.names import CONTROL_QUEUE, POOL_QUEUE
+from cipherpool.stack.lock import StackLock
 from cipherpool.stack.redis_server import start_redis
 from cipherpool.stack.supervisor import Supervisor, free_port
 from cipherpool.waiting import wait_until
@@ -40,7 +46,9 @@ READY_TIMEOUT_S = 120.0
 CONTROL_CONCURRENCY = 4  # management tasks are short and mostly wait on I/O
 CELERY = [sys.executable, "-m", "celery", "-A", "cipherpool.tasks"]
 GATEWAY = [sys.executable, "-m", "uvicorn", "--factory", "cipherpool.gateway.app:create_app"]
+FLOWER = [sys.executable, "-m", "cipherpool", "flower"]
 FLOWER_USER = "admin"
+FLOWER_LOGIN_FILE = "flower-login"  # user:password, 0600, kept across restarts of the data dir
 
 
 @dataclass
@@ -76,8 +84,9 @@ class EmbeddedStack:
     broker_url: str = ""
     gateway_url: str = ""
     flower_url: str | None = None
-    flower_auth: str | None = None  # user:password, generated at each start
+    flower_auth: str | None = None  # user:password, generated once per data dir (FLOWER_LOGIN_FILE)
     env: dict[str, str] = field(default_factory=dict)
+    lock: StackLock | None = field(default=None, repr=False)  # held from start to stop
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.settings.data_dir).expanduser().resolve()
@@ -105,6 +114,8 @@ class EmbeddedStack:
 
     def _start(self) -> None:
         private_dir(self.data_dir)
+        self.lock = StackLock.acquire(self.data_dir)  # refused, naming it, while another stack runs here
+        self.stack_file.unlink(missing_ok=True)  # a killed stack's: its gateway is gone
         self.broker_url = self.settings.broker_url or ""
         if not self.broker_url:
             _, self.broker_url = start_redis(
@@ -209,7 +220,7 @@ class EmbeddedStack:
                     )
                 env = {**self.env, **node_environment(known[profile], self.settings.effective_profiles_file())}
                 argv = node_command(known[profile], name, loglevel=self.options.loglevel)
-                self.supervisor.start(name.split("@")[0], argv + ["--without-gossip", "--without-mingle"], env)
+                self.supervisor.start(name.split("@")[0], argv, env)
             return
         for name in self.node_names:
             self.supervisor.start(
@@ -226,10 +237,11 @@ class EmbeddedStack:
             self.supervisor.start("beat", CELERY + ["beat", "-s", schedule, "--loglevel", self.options.loglevel], self.env)
         if self.options.flower:
             port = self.settings.flower_port or free_port()
-            self.flower_auth = f"{FLOWER_USER}:{secrets.token_urlsafe(16)}"
+            self.flower_auth = flower_login(self.data_dir)
             # In the environment, not argv: a process list shows argv to every user.
             env = {**self.env, "FLOWER_BASIC_AUTH": self.flower_auth}
-            self.supervisor.start("flower", CELERY + ["flower", "--address=127.0.0.1", f"--port={port}"], env)
+            # `cipherpool flower`: Flower's own command with the Models page (/models) added.
+            self.supervisor.start("flower", FLOWER + ["--address=127.0.0.1", f"--port={port}"], env)
             self.flower_url = f"http://127.0.0.1:{port}"
 
     def _start_gateway(self) -> None:
@@ -281,9 +293,15 @@ class EmbeddedStack:
         except OSError:
             return False
 
+    @property
+    def stack_file(self) -> Path:
+        return self.settings.model_copy(update={"data_dir": self.data_dir}).stack_file()
+
     def _write_stack_file(self) -> None:
         info = {"url": self.gateway_url, "docs": self.gateway_url + "/docs", "flower": self.flower_url, "pid": os.getpid()}
-        write_private(self.settings.model_copy(update={"data_dir": self.data_dir}).stack_file(), json.dumps(info, indent=2))
+        if self.lock is not None:
+            self.lock.record(url=self.gateway_url)
+        write_private(self.stack_file, json.dumps(info, indent=2))
 
     def create_account(self, name: str) -> str:
         """A provider account in this stack's database; returns its API key (for demos and
@@ -310,19 +328,37 @@ class EmbeddedStack:
         return [c.pid for c in self.supervisor.children]
 
     def stop(self) -> None:
+        """Stop every child; then, only if this stack held the data directory (a stack refused
+        there leaves the running one's files alone), withdraw stack.json and the lock."""
         self.supervisor.stop_all()
-        stack_file = self.data_dir / "stack.json"
+        if self.lock is None:
+            return
         try:
-            if json.loads(stack_file.read_text()).get("pid") == os.getpid():
-                stack_file.unlink()
-        except (OSError, ValueError):
-            pass
+            self.stack_file.unlink(missing_ok=True)
+        finally:
+            self.lock.release()
+            self.lock = None
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def flower_login(data_dir: Path) -> str:
+    """Flower's basic-auth login (user:password): generated at the data directory's first start
+    with Flower, then read from its 0600 file, so the operator's saved login keeps working."""
+    path = Path(data_dir) / FLOWER_LOGIN_FILE
+    try:
+        login = path.read_text().strip()
+    except FileNotFoundError:
+        login = ""
+    if login.count(":") != 1 or not all(login.split(":")):
+        login = f"{FLOWER_USER}:{secrets.token_urlsafe(16)}"
+        write_private(path, login)
+    os.chmod(path, 0o600)
+    return login
 
 
 def _host() -> str:
