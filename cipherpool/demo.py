@@ -104,11 +104,12 @@ class Demo:
                     work_dir=self.root / name,
                     out_dir=self.out_dir / name if self.out_dir else None,
                     echo=self.echo,
+                    explain=self.explain,
                 )
                 report = run.run()
                 reports.append(report)
                 self.echo("")
-                for line in summary(report) + (explain(report) if self.explain else []):
+                for line in summary(report, explained=self.explain) + (explain(report) if self.explain else []):
                     self.echo(line)
         finally:
             self.echo("\n• operator: stop the stack")

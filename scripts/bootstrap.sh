@@ -33,3 +33,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
   echo "$wanted" > "$stamp"
 fi
+
+# The browser tests (Flower's Models page, the gateway's /docs) drive Debian's Chromium. Installed
+# here where the test extra is asked for and we may (root, apt); elsewhere those tests skip, saying why.
+if [ "$extras" = "test" ] && ! command -v chromedriver >/dev/null 2>&1 &&
+   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) ||
+    echo "Could not install chromium and chromium-driver: the browser tests will skip." >&2
+fi

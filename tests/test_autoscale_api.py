@@ -315,7 +315,7 @@ def test_the_cli_shows_sets_clears_and_turns_it_off(gateway: Gateway):
         (["--target-depth", "0"], 2, "not a count of 1 or more"),
         (["--target-depth", "lots"], 2, "or `off` to clear this target"),
         (["--idle-after", "-1m"], 2, "idle-after"),
-        (["--cooldown-up", "1s"], 6, "error [invalid_input]: cooldown_up_s must be at least the autoscaling interval"),
+        (["--cooldown-up", "1s"], 6, "error [invalid_input]: --cooldown-up must be at least the autoscaling interval"),
         (["--target-wait", "off", "--target-depth", "off"], 6, "needs a target"),
     ],
     ids=["off-and-more", "bad-duration", "zero-depth", "bad-depth", "negative", "short-cool-down", "no-target"],

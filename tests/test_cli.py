@@ -127,3 +127,44 @@ def test_clients_import_no_database_or_worker_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_admin_commands_refuse_a_data_dir_without_a_database(tmp_path):
+    """A mistyped --data-dir used to make an empty database of its own and an account in it."""
+    runner = CliRunner()
+    empty = tmp_path / "typo"
+    for args in (
+        ["admin", "account", "create", "acme"],
+        ["admin", "account", "list"],
+        ["admin", "credits", "history", "acme"],
+        ["pool", "nodes", "--all"],
+    ):
+        result = runner.invoke(cli, ["--data-dir", str(empty), *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert f"No cipherpool database at sqlite:///{empty / 'cipherpool.db'}" in result.output, result.output
+        assert "--create-database" in result.output
+    assert not (empty / "cipherpool.db").exists()  # asking created nothing
+
+
+def test_admin_account_create_makes_the_database_when_told_and_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIPHERPOOL_DATABASE_URL", f"sqlite:///{tmp_path / 'ops.db'}")
+    from cipherpool.config.settings import reset_settings
+
+    reset_settings()
+    try:
+        result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "admin", "account", "create", "acme", "--create-database"])
+        assert result.exit_code == 0, result.output
+        assert f"database: sqlite:///{tmp_path / 'ops.db'}" in result.output
+        assert (tmp_path / "ops.db").stat().st_mode & 0o777 == 0o600
+        again = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "admin", "account", "list"])
+        assert again.exit_code == 0 and "acme" in again.output
+    finally:
+        reset_settings()
+
+
+def test_the_database_url_is_printed_without_its_password():
+    from cipherpool.cli.context import CliContext
+    from cipherpool.config.settings import Settings
+
+    ctx = CliContext(Settings(database_url="postgresql://ops:s3cret@db.example/cipherpool"))
+    assert ctx.database == "postgresql://ops:***@db.example/cipherpool"

@@ -19,9 +19,8 @@ from cipherpool.cli.durations import DURATION, MOMENT, parse_duration, parse_mom
         ("2w", 14 * 86400),
         ("1h30m", 5400),
         ("1.5h", 5400),
-        ("3600", 3600),
         (" 45S ", 45),
-        ("0.5", 0.5),
+        ("0.5s", 0.5),
     ],
 )
 def test_durations(text, seconds):
@@ -54,3 +53,21 @@ def test_the_click_types_say_what_is_wrong():
     assert ok.exit_code == 0 and ok.output.strip() == "5400.0 2030-01-31T00:00:00+00:00"
     bad = CliRunner().invoke(show, ["--expires-in", "soon"])
     assert bad.exit_code == 2 and "is not a duration" in bad.output
+
+
+@pytest.mark.parametrize("text", ["30", "3600", "0.5", " 7 ", "1e3"])
+def test_a_number_without_a_unit_is_refused(text):
+    """`--expires-in 30` used to mean 30 seconds, silently: now it names the units."""
+    with pytest.raises(ValueError, match="has no unit"):
+        parse_duration(text)
+
+
+def test_the_cli_refuses_a_duration_without_a_unit_and_names_the_units():
+    from cipherpool.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["--url", "http://127.0.0.1:1", "--api-key", "cpk_x", "token", "create", "t", "--expires-in", "30"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "'30' has no unit" in result.output
+    assert all(unit in result.output for unit in ("30s", "10m", "2h", "7d"))

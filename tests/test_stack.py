@@ -296,3 +296,121 @@ def test_demo_passes_nodes_on(monkeypatch):
     result = CliRunner().invoke(cli, ["demo", "--workers", "2"])
     assert result.exit_code == 0, result.output
     assert seen == {"nodes": 2} and "deprecated" in result.stderr
+
+
+# ---- one stack per data directory ---------------------------------------------------------
+
+
+def test_a_second_stack_on_a_data_dir_is_refused_naming_the_first(tmp_path):
+    from cipherpool.errors import Conflict
+    from cipherpool.stack.lock import LOCK_FILE, StackLock
+
+    first = StackLock.acquire(tmp_path)
+    first.record(url="http://127.0.0.1:8123")
+    assert (tmp_path / LOCK_FILE).stat().st_mode & 0o777 == 0o600
+    with pytest.raises(Conflict) as refused:
+        StackLock.acquire(tmp_path)  # another open file: refused even in the same process
+    message = refused.value.message
+    assert f"pid {os.getpid()}, gateway http://127.0.0.1:8123, started at {first.info['started_at']}" in message
+    assert str(tmp_path) in message and "--data-dir" in message
+    first.release()
+    StackLock.acquire(tmp_path).release()  # free again once the first let go
+
+
+def test_a_killed_stack_blocks_nobody(tmp_path):
+    """The lock dies with its process; the stack.json a SIGKILL left behind is not trusted."""
+    import subprocess
+
+    from cipherpool.stack.lock import StackLock, check_free
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from cipherpool.stack.lock import StackLock; "
+            "StackLock.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        from cipherpool.errors import Conflict
+
+        with pytest.raises(Conflict, match=f"pid {holder.pid}, gateway not up yet"):
+            check_free(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    (tmp_path / "stack.json").write_text(f'{{"url": "http://127.0.0.1:1", "pid": {holder.pid}}}')
+    check_free(tmp_path)
+    StackLock.acquire(tmp_path).release()
+
+
+def test_up_refuses_a_data_dir_whose_stack_runs(fake_stack, tmp_path):
+    from cipherpool.cli import cli
+    from cipherpool.stack.lock import StackLock
+
+    running = StackLock.acquire(tmp_path)
+    running.record(url="http://127.0.0.1:8123")
+    (tmp_path / "stack.json").write_text('{"url": "http://127.0.0.1:8123"}')
+    try:
+        result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "up"])
+    finally:
+        running.release()
+    assert result.exit_code == 5, result.output
+    assert "already running" in result.stderr and "gateway http://127.0.0.1:8123" in result.stderr
+    assert f"pid {os.getpid()}" in result.stderr and f"started at {running.info['started_at']}" in result.stderr
+    assert fake_stack == [] and "starting" not in result.stdout  # refused before anything starts
+    assert (tmp_path / "stack.json").exists()  # the running stack's file is left alone
+
+
+def test_up_starts_over_a_stale_stack_file(fake_stack, tmp_path):
+    (tmp_path / "stack.json").write_text('{"url": "http://127.0.0.1:1", "pid": 999999}')
+    from cipherpool.cli import cli
+
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "up"])
+    assert result.exit_code == 0, result.output
+    assert len(fake_stack) == 1
+
+
+def test_a_refused_embedded_stack_leaves_the_running_ones_files(tmp_path):
+    from cipherpool.errors import Conflict
+    from cipherpool.stack.embedded import EmbeddedStack
+    from cipherpool.stack.lock import StackLock
+
+    running = StackLock.acquire(tmp_path)
+    (tmp_path / "stack.json").write_text(f'{{"url": "http://127.0.0.1:8123", "pid": {os.getpid()}}}')
+    try:
+        with pytest.raises(Conflict, match="already running"):
+            EmbeddedStack(Settings(data_dir=tmp_path)).start()
+        assert (tmp_path / "stack.json").exists()  # the same pid as the runner's, and still not deleted
+        assert running.held
+    finally:
+        running.release()
+
+
+def test_flowers_login_is_kept_across_restarts(tmp_path):
+    from cipherpool.stack.embedded import FLOWER_LOGIN_FILE, flower_login
+
+    login = flower_login(tmp_path)
+    user, password = login.split(":")
+    assert user == "admin" and len(password) >= 16
+    assert (tmp_path / FLOWER_LOGIN_FILE).stat().st_mode & 0o777 == 0o600
+    assert flower_login(tmp_path) == login  # the next start of the same data dir
+    assert flower_login(tmp_path / "other") != login
+    (tmp_path / FLOWER_LOGIN_FILE).write_text("garbled")
+    assert flower_login(tmp_path) != "garbled" and ":" in flower_login(tmp_path)
+
+
+def test_each_start_of_a_data_dir_gives_flower_the_same_login(tmp_path):
+    from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+
+    seen = []
+    for _ in range(2):  # two starts of `up` on one data dir
+        stack = EmbeddedStack(Settings(data_dir=tmp_path, flower_port=5555), StackOptions(beat=False, flower=True))
+        stack.supervisor = SimpleNamespace(start=lambda name, argv, env: seen.append(env["FLOWER_BASIC_AUTH"]))
+        stack._start_beat_and_flower()
+        assert stack.flower_auth == seen[-1]
+    assert seen[0] == seen[1] and seen[0].startswith("admin:")

@@ -4,6 +4,8 @@ tests/integration/test_demo.py."""
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import numpy as np
 import pytest
@@ -207,11 +209,7 @@ def test_summary_and_explain_tell_the_story_in_order():
     assert "patient 0  FHE P(malignant) 0.971  |  clear P(malignant) 0.971 · truth: malignant  ✓ agree" in text
     assert "evaluation key 58.9 MB" in text and "compute (on the node)     7.13 s" in text
     lines = explain(report)
-    order = [
-        i for i, line in enumerate(lines) if "generate keys" in line or "query 'patient 0'" in line or "stop the worker" in line
-    ]
-    assert len(order) == 3 and order == sorted(order)  # keys, then the query, then the provider's stop
-    assert "found in none of them" in lines[-1]
+    assert lines[0].startswith("── each of the 1 queries") and "found in none of them" in lines[-1]
     assert "up, the ciphertext (1.1 kB), in the task message" in "\n".join(lines)
     assert "the token's id, never the token's value" in "\n".join(lines)
     report.cases[0].output_inline = False
@@ -223,6 +221,7 @@ def test_summary_and_explain_tell_the_story_in_order():
     report.privacy.found = ["the secret key"]
     assert "FOUND: the secret key" in explain(report)[-1] and not report.private
     assert "privacy: 3/3 request bodies checked" in "\n".join(summary(report))
+    assert "privacy" not in "\n".join(summary(report, explained=True))  # explain() says it in full
     report.cases[0].agree = False
     assert "✗ DISAGREE" in "\n".join(summary(report)) and not report.agree
 
@@ -304,3 +303,151 @@ def test_an_image_model_encrypts_one_image_without_the_batch_axis(tmp_path):
     assert secret and all(len(key) >= 1000 for key in secret)
     log = TrafficLog()
     assert log.guard("the secret key", secret[0]) > 0
+
+
+# `demo --explain` on one screen: the whole run with stand-ins for the stack, clients and model
+
+
+class _FakeStack:
+    gateway_url = "http://127.0.0.1:8123"
+
+    def __init__(self, settings, options):
+        from types import SimpleNamespace
+
+        self.options = options
+        self.client_settings = settings.model_copy(update={"url": self.gateway_url})
+        self.supervisor = SimpleNamespace(children=[])
+
+    def start(self):
+        return self
+
+    def describe(self):
+        return [("gateway", "pid 1"), ("url", self.gateway_url)]
+
+    def create_account(self, name):
+        return "cpk_demo"
+
+    def stop(self):
+        pass
+
+
+class _FakeManagement:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def observe(self, log):
+        pass
+
+    def deploy_model(self, *args, **kwargs):
+        pass
+
+    def activate_model(self, name):
+        pass
+
+    def start_worker(self, name):
+        from types import SimpleNamespace
+
+        from cipherpool.statuses import WorkerStatus
+
+        return SimpleNamespace(id="wrk_1", node="node1@host", status=WorkerStatus.UP)
+
+    def create_token(self, *args, **kwargs):
+        return "cpt_demo"
+
+    def worker_stats(self, name):
+        from types import SimpleNamespace
+
+        return [
+            SimpleNamespace(
+                worker_id="wrk_1",
+                node="node1@host",
+                queries_succeeded=4,
+                average_compute_s=0.5,
+                key_cache_hits=4,
+                key_cache_misses=0,
+            )
+        ]
+
+    def stop_worker(self, worker_id):
+        pass
+
+    def close(self):
+        pass
+
+
+class _FakeQuery:
+    def __init__(self, *args, key_dir=None, **kwargs):
+        from types import SimpleNamespace
+
+        self.key_dir = key_dir
+        self.crypto = SimpleNamespace(
+            input_shape=[1, 64], secret_key_material=lambda: [b"s" * 4000], evaluation_key=lambda: b"e" * 90_000
+        )
+        self.last_warmup = SimpleNamespace(nodes=1, warmed=1, seconds=0.4)
+        self.last_timings = {"queue_wait_s": 0.003, "key_s": 0.0, "compute_s": 0.51}
+
+    def observe(self, log):
+        pass
+
+    def generate_keys(self):
+        return "k" * 32
+
+    def upload_evaluation_keys(self):
+        return "k" * 32
+
+    def encrypt(self, x):
+        return b"c" * 1900
+
+    def execute(self, ciphertext):
+        return b"o" * 1200
+
+    def decrypt(self, output):
+        return np.eye(10)[3][np.newaxis]
+
+    def close(self):
+        pass
+
+
+class _FakeDigits(Digits):
+    def __init__(self, cases: int, files: int):
+        self.n_cases, self.n_files = cases, files
+
+    def train(self, path):
+        from cipherpool.tutorials.base import Trained
+
+        return Trained(path, lambda xs: np.eye(10)[3][np.newaxis], "clear test accuracy 96.4%", {"accuracy": 0.964})
+
+    def cases(self):
+        return [Case(f"test image {i}", np.arange(64) % 17, "3") for i in range(self.n_cases)]
+
+    def finish(self, cases, decrypted, out_dir):
+        return {f"image_{i}": f"/tmp/out/image_{i}.png" for i in range(self.n_files)}
+
+
+@pytest.mark.parametrize(("cases", "files"), [(4, 0), (1, 3)])
+def test_demo_explain_fits_one_screen_per_tutorial(monkeypatch, tmp_path, cases, files):
+    from cipherpool import demo
+    from cipherpool.config.settings import Settings
+    from cipherpool.tutorials import runner
+
+    monkeypatch.setattr(demo, "EmbeddedStack", _FakeStack)
+    monkeypatch.setattr(demo, "make", lambda name, texts: _FakeDigits(cases, files))
+    monkeypatch.setattr(runner, "ManagementClient", _FakeManagement)
+    monkeypatch.setattr(runner, "QueryClient", _FakeQuery)
+    lines: list[str] = []
+    demo.Demo(Settings(data_dir=tmp_path), tmp_path, nodes=1, names=["digits"], echo=lines.append, explain=True).run()
+    text = "\n".join(lines).splitlines()
+    start = next(i for i, line in enumerate(text) if line.startswith("• tutorial digits"))
+    end = next(i for i, line in enumerate(text) if line.startswith("• operator: stop the stack"))
+    tutorial = [line for line in text[start:end] if line.strip()]
+    assert len(tutorial) <= 40, "\n".join(tutorial)
+    shown = "\n".join(tutorial)
+    # Still the whole story: each step with its time, where it ran and what crossed, in order
+    for step in ("train and compile", "deploy model", "start a worker", "access token", "client specs", "generate keys"):
+        assert step in shown, step
+    assert shown.index("generate keys") < shown.index("test image 0") < shown.index("stop the worker")
+    assert "where: end user's machine" in shown and "crossed: nothing: the secret key" in shown
+    assert "the token's id, never the token's value" in shown and "in the task message" in shown
+    assert re.search(r"test image 0\s+FHE digit 3\s+\|\s+clear digit 3 · truth: 3\s+✓ agree", shown)
+    assert "evaluated once on 1 of 1 node(s)" in shown and "key cache 4 hits / 0 miss" in shown
+    assert re.search(r"privacy: the end user sent \d+ requests .*bodies checked for \d+ samples of the secret key", shown)

@@ -1,6 +1,6 @@
 """The `cipherpool` command: one click group of nouns (up, demo, db, admin, gateway, account,
-credits, model, worker, pool, token, query, alert, schedule, status, store), sharing one :class:`CliContext`. Every command
-that prints takes ``--json`` after its name as well as before it (``cipherpool model list --json``)."""
+credits, model, worker, pool, token, query, alert, schedule, status, store, flower), sharing one :class:`CliContext`.
+Every command that prints takes ``--json`` after its name as well as before it (``cipherpool model list --json``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cipherpool.cli import (
     alerts,
     credits,
     db,
+    flower,
     gateway,
     models,
     platform,
@@ -107,6 +108,7 @@ cli.add_command(alerts.alert)
 cli.add_command(schedules.schedule)
 cli.add_command(status.status)
 cli.add_command(store.store)
+cli.add_command(flower.flower)
 add_json_options(cli)
 
 

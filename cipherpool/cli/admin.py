@@ -7,7 +7,6 @@ from decimal import Decimal
 
 import click
 
-from cipherpool.admin import Admin
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.cli.credits import AMOUNT, FORMATS, NUMBERS_AS_ARGUMENTS, OPERATOR_KINDS, operator_grant, operator_history
 from cipherpool.cli.durations import MOMENT
@@ -30,18 +29,35 @@ def account() -> None:
 @click.argument("name")
 @click.option("--organisation", help="The provider's organisation.")
 @click.option("--email", "contact_email", help="Whom to contact about the account.")
+@click.option(
+    "--create-database",
+    is_flag=True,
+    help="Create the platform database if there is none at the data dir (or CIPHERPOOL_DATABASE_URL).",
+)
 @pass_ctx
-def account_create(ctx: CliContext, name: str, organisation: str | None, contact_email: str | None) -> None:
-    """Create an account and print its API key (shown once, stored only as a hash)."""
-    created = Admin(ctx.settings).create_account(name, organisation=organisation or None, contact_email=contact_email or None)
-    ctx.emit({"account": created.name, **created.model_dump(mode="json"), "note": "API key shown once; hand it over now"})
+def account_create(
+    ctx: CliContext, name: str, organisation: str | None, contact_email: str | None, create_database: bool
+) -> None:
+    """Create an account and print its API key (shown once, stored only as a hash). The
+    database must exist (`cipherpool up` or `cipherpool db upgrade` makes it), unless
+    --create-database."""
+    admin = ctx.admin(create_database=create_database)
+    created = admin.create_account(name, organisation=organisation or None, contact_email=contact_email or None)
+    ctx.emit(
+        {
+            "account": created.name,
+            **created.model_dump(mode="json"),
+            "database": ctx.database,
+            "note": "API key shown once; hand it over now",
+        }
+    )
 
 
 @account.command("list")
 @pass_ctx
 def account_list(ctx: CliContext) -> None:
     """Every provider account."""
-    ctx.emit(Admin(ctx.settings).list_accounts(), ACCOUNT_COLUMNS)
+    ctx.emit(ctx.admin().list_accounts(), ACCOUNT_COLUMNS)
 
 
 @account.command("show")
@@ -49,7 +65,7 @@ def account_list(ctx: CliContext) -> None:
 @pass_ctx
 def account_show(ctx: CliContext, id_or_name: str) -> None:
     """One account, by id or name."""
-    ctx.emit(Admin(ctx.settings).get_account(id_or_name))
+    ctx.emit(ctx.admin().get_account(id_or_name))
 
 
 @account.command("disable")
@@ -57,7 +73,7 @@ def account_show(ctx: CliContext, id_or_name: str) -> None:
 @pass_ctx
 def account_disable(ctx: CliContext, id_or_name: str) -> None:
     """Refuse the account's API key and tokens now and stop its workers; nothing is deleted."""
-    disabled = Admin(ctx.settings).disable_account(id_or_name)
+    disabled = ctx.admin().disable_account(id_or_name)
     if ctx.as_json:
         ctx.emit({"account": disabled.account.model_dump(mode="json"), "workers_stopped": disabled.workers_stopped})
         return
@@ -70,7 +86,7 @@ def account_disable(ctx: CliContext, id_or_name: str) -> None:
 @pass_ctx
 def account_enable(ctx: CliContext, id_or_name: str) -> None:
     """Accept the account's API key and tokens again (its workers are started by the provider)."""
-    ctx.emit(Admin(ctx.settings).enable_account(id_or_name))
+    ctx.emit(ctx.admin().enable_account(id_or_name))
 
 
 @admin.group("credits")
@@ -134,4 +150,4 @@ def credits_history(
 @pass_ctx
 def credits_settle(ctx: CliContext, invoice: str, status: str) -> None:
     """Credit a pending purchase (INV-...) whose payment cleared; a second time adds nothing."""
-    ctx.emit(Admin(ctx.settings).settle_purchase(invoice, status))
+    ctx.emit(ctx.admin().settle_purchase(invoice, status))

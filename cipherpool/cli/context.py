@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
-from numpy.typing import NDArray
 from pydantic import BaseModel, ValidationError
 
-from cipherpool.config.settings import Settings
-from cipherpool.errors import CipherpoolError, InvalidInput
+from cipherpool.cli.wording import for_cli
+from cipherpool.config.settings import Settings, mask_url
+from cipherpool.errors import CipherpoolError, ConfigurationError, InvalidInput
 
 if TYPE_CHECKING:  # for the annotations; the methods below import the clients when called
+    from cipherpool.admin import Admin
     from cipherpool.client.management import ManagementClient
     from cipherpool.client.query import QueryClient
 
@@ -39,6 +39,26 @@ class CliContext:
         client = QueryClient(settings=self.settings, key_dir=key_dir, model=model)
         self._clients.append(client)
         return client
+
+    @property
+    def database(self) -> str:
+        """The database URL that operator commands open, fit to print (password masked)."""
+        return mask_url(self.settings.effective_database_url())
+
+    def admin(self, *, create_database: bool = False) -> Admin:
+        """The operator's handle on the database. A database that does not exist (no SQLite
+        file, or a schema-less one) is created only when asked: a mistyped --data-dir or
+        CIPHERPOOL_DATABASE_URL must not make an empty platform database of its own."""
+        from cipherpool.admin import Admin
+
+        url = self.settings.effective_database_url()
+        if not create_database and not database_exists(url):
+            raise ConfigurationError(
+                f"No cipherpool database at {mask_url(url)} (data dir {self.settings.data_dir}): point --data-dir "
+                "or CIPHERPOOL_DATABASE_URL at the platform's database (the one `cipherpool up` printed), or make "
+                "a new one with `cipherpool admin account create NAME --create-database` (or `cipherpool db upgrade`)."
+            )
+        return Admin(self.settings)
 
     def close(self) -> None:
         for client in self._clients:
@@ -66,13 +86,14 @@ class CliContext:
 
 class CipherpoolGroup(click.Group):
     """Turns a CipherpoolError anywhere below into one line on stderr and its exit code (a
-    request the client refuses to send, as the gateway would, into an invalid_input one)."""
+    request the client refuses to send, as the gateway would, into an invalid_input one), in
+    the CLI's words: flags and commands, not Python (:mod:`cipherpool.cli.wording`)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except CipherpoolError as exc:
-            click.echo(f"error [{exc.code}]: {exc.message}", err=True)
+            click.echo(f"error [{exc.code}]: {for_cli(exc.message)}", err=True)
             ctx.exit(exc.exit_code)
         except ValidationError as exc:  # a request body the client checks before sending it
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
@@ -82,6 +103,21 @@ class CipherpoolGroup(click.Group):
         finally:
             if isinstance(ctx.obj, CliContext) and ctx.parent is None:
                 ctx.obj.close()
+
+
+def database_exists(url: str) -> bool:
+    """Whether ``url`` holds a cipherpool database (a schema, migrated or older); asking
+    creates nothing (no SQLite file, no tables)."""
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return False
+    from sqlalchemy import inspect
+
+    from cipherpool.db import current_revision, get_engine
+
+    if current_revision(url) is not None:
+        return True
+    with get_engine(url).connect() as conn:
+        return bool(inspect(conn).get_table_names())
 
 
 def _plain(value: Any) -> Any:
@@ -96,19 +132,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, list):  # a table cell: models, versions, a shape
         return ",".join(str(v) for v in value) or "-"
     return "-" if value is None else str(value)
-
-
-def read_array(path: Path) -> NDArray[Any]:
-    """A plaintext input: .npy, or numbers separated by commas or white space."""
-    try:
-        if path.suffix == ".npy":
-            array: NDArray[Any] = np.load(path, allow_pickle=False)  # a .npy file holds one array
-            return array
-        lines = [line.replace(",", " ").split() for line in path.read_text().splitlines() if line.strip()]
-        rows = np.array([[float(v) for v in line] for line in lines])
-        return rows[0] if len(rows) == 1 else rows
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"Cannot read numbers from {path}: {exc}") from None
 
 
 pass_ctx = click.make_pass_decorator(CliContext)

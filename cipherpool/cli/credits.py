@@ -169,9 +169,7 @@ def _line_row(line: LedgerLine) -> dict[str, Any]:
 
 def operator_grant(ctx: CliContext, account: str, amount: Decimal, kind: str, note: str, key: str | None) -> None:
     """An operator's grant, refund or adjustment, written where the database is (no API key)."""
-    from cipherpool.admin import Admin
-
-    admin = Admin(ctx.settings)
+    admin = ctx.admin()
     line = admin.grant_credits(account, amount, kind=LedgerKind(kind), note=note, key=key)
     if line.amount != amount:  # the key's first line, for another amount: nothing was added now
         raise InvalidInput(
@@ -199,11 +197,7 @@ def operator_history(
     ctx: CliContext, account: str, since: datetime | None, until: datetime | None, kinds: Sequence[str], fmt: str | None
 ) -> None:
     """An account's ledger lines, read where the database is (the operator's `credits history`)."""
-    from cipherpool.admin import Admin
-
-    lines = Admin(ctx.settings).credit_history(
-        account, since=utc(since), until=utc(until), kinds=[LedgerKind(k) for k in kinds] or None
-    )
+    lines = ctx.admin().credit_history(account, since=utc(since), until=utc(until), kinds=[LedgerKind(k) for k in kinds] or None)
     emit_lines(ctx, lines, output_format(ctx, fmt))
 
 

@@ -1,5 +1,6 @@
-"""Durations and moments as the CLI takes them: ``30d``, ``12h``, ``90m``, ``3600s``, ``1h30m``;
-ISO 8601 times (UTC unless they carry an offset)."""
+"""Durations and moments as the CLI takes them: ``30d``, ``12h``, ``90m``, ``3600s``, ``1h30m``
+(a unit is required: a bare ``30`` is refused, not taken as seconds); ISO 8601 times (UTC
+unless they carry an offset)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,31 @@ import click
 
 UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+UNITS_TEXT = "s, m, h, d or w, like 30s, 10m, 2h, 7d or 1h30m"
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in ``text``: number-unit parts (s, m, h, d, w), or a bare number of seconds.
-    Raises ValueError for anything else, or for a duration that is not positive."""
+    """Seconds in ``text``: number-unit parts (s, m, h, d, w). A bare number is refused (is
+    ``30`` seconds or days?). Raises ValueError for anything else, or for a duration that is
+    not positive."""
     spec = text.strip().lower()
-    try:
-        seconds = float(spec)
-    except ValueError:
-        parts = _PART.findall(spec)
-        if not parts or "".join(n + u for n, u in parts) != spec:
-            raise ValueError(f"{text!r} is not a duration (like 30d, 12h, 90m, 3600s or 1h30m)") from None
-        seconds = sum(float(n) * UNITS_S[u] for n, u in parts)
+    if _is_number(spec):
+        raise ValueError(f"{text!r} has no unit: give one of {UNITS_TEXT}")
+    parts = _PART.findall(spec)
+    if not parts or "".join(n + u for n, u in parts) != spec:
+        raise ValueError(f"{text!r} is not a duration: a number with a unit ({UNITS_TEXT})")
+    seconds = sum(float(n) * UNITS_S[u] for n, u in parts)
     if not seconds > 0 or seconds == float("inf"):
         raise ValueError(f"{text!r} is not a positive duration")
     return seconds
+
+
+def _is_number(spec: str) -> bool:
+    try:
+        float(spec)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_moment(text: str) -> datetime:

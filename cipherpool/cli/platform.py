@@ -21,7 +21,8 @@ from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.cli.vital import VitalAlarm
 from cipherpool.files import private_umask
 from cipherpool.monitoring.beat_jobs import schedule
-from cipherpool.stack.embedded import EmbeddedStack, StackOptions
+from cipherpool.stack.embedded import FLOWER_LOGIN_FILE, EmbeddedStack, StackOptions
+from cipherpool.stack.lock import check_free
 from cipherpool.stack.supervisor import Child
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -91,8 +92,10 @@ def up(
     """Start the whole platform on this machine; Ctrl-C or SIGTERM stops all of it.
 
     Clients on this machine (CLI and Python) find the gateway with no exports: its URL is in
-    the data directory's stack.json while the stack runs."""
+    the data directory's stack.json while the stack runs. One stack per data directory: a
+    second `up` there is refused, naming the running one."""
     nodes = _nodes(nodes, workers)
+    check_free(Path(ctx.settings.data_dir).expanduser().resolve())  # before anything starts or prints
     private_umask()
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -107,7 +110,7 @@ def up(
         for name, where in stack.describe():
             click.echo(f"  {name:<10} {where}")
         if stack.flower_auth:
-            click.echo(f"  flower login (shown once): {stack.flower_auth}")
+            click.echo(f"  flower login: {stack.flower_auth} (kept in {stack.data_dir / FLOWER_LOGIN_FILE})")
         click.echo(f"ready. Gateway {stack.gateway_url} (API docs {stack.gateway_url}/docs).")
         click.echo(f"  Clients on this machine find it in {stack.data_dir / 'stack.json'}; elsewhere set CIPHERPOOL_URL.")
         click.echo(f"  `cipherpool admin account create NAME` makes a provider account (data dir {stack.data_dir}).")

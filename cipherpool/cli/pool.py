@@ -128,9 +128,7 @@ NODE_COLUMNS = [
 def nodes(ctx: CliContext, everything: bool) -> None:
     """Every pool node: profile, class, labels, capacity and allocatable, status, bound model
     and worker (yours; with --all every account's), heartbeat age."""
-    from cipherpool.admin import Admin
-
-    listed = Admin(ctx.settings).list_nodes() if everything else ctx.management().list_nodes()
+    listed = ctx.admin().list_nodes() if everything else ctx.management().list_nodes()
     if ctx.as_json:
         ctx.emit(listed)
         return

@@ -5,11 +5,14 @@
     cipherpool query encrypt  --input x.csv  --output x.ct
     cipherpool query execute  --input x.ct   --output y.ct
     cipherpool query decrypt  --input y.ct   [--output y.npy]
-    cipherpool query predict  --input x.csv  (all of it at once)
+    cipherpool query predict  --input x.csv  (all of it at once, keys generated and uploaded as needed)
     cipherpool query keys list | ensure | delete [KEY_ID]
 
 A query whose key set the platform no longer holds (expired, or deleted) uploads it again and
-is retried once; the command says so on stderr.
+is retried once; after the model moved to a version with other client specs, new keys are
+generated and uploaded. The command says what it did on stderr. Input files and --output
+formats: :mod:`cipherpool.cli.arrays`. Errors name this CLI's flags and commands
+(:mod:`cipherpool.cli.wording`).
 """
 
 from __future__ import annotations
@@ -18,14 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 from numpy.typing import NDArray
 
-from cipherpool.cli.context import CliContext, read_array
+from cipherpool.cli.arrays import OUTPUT_FORMATS, check_output, read_rows, write_private_bytes, write_result
+from cipherpool.cli.context import CliContext
 from cipherpool.client.query import QueryClient
+from cipherpool.errors import InvalidInput
 
 IN = click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
-OUT = click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path))
+OUT = click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), help="Where to write it (0600).")
+RESULT_OUT = click.option(
+    "--output",
+    "output_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=check_output,
+    help=f"Also write the result here (0600), as its extension says: {', '.join(OUTPUT_FORMATS)}.",
+)
 
 
 @click.group()
@@ -37,19 +48,34 @@ OUT = click.option("--output", "output_path", type=click.Path(dir_okay=False, pa
     help="Directory of this client's keys (default: under the data directory).",
 )
 @click.option("--model", "model_name", help="The model to query, when the token is assigned to several.")
+@click.option("--wait-for-worker", is_flag=True, help="Queue queries until a worker of the model is up (else refused at once).")
 @click.pass_context
-def query(ctx: click.Context, token: str | None, key_dir: Path | None, model_name: str | None) -> None:
+def query(ctx: click.Context, token: str | None, key_dir: Path | None, model_name: str | None, wait_for_worker: bool) -> None:
     """Encrypted queries, step by step, as an end user runs them."""
     cli_ctx: CliContext = ctx.obj
     if token:
         cli_ctx.settings = cli_ctx.settings.model_copy(update={"token": token})
     ctx.meta["key_dir"] = key_dir
     ctx.meta["model"] = model_name
+    ctx.meta["wait_for_worker"] = wait_for_worker
 
 
 def _client(ctx: click.Context) -> QueryClient:
     cli_ctx: CliContext = ctx.obj
-    return cli_ctx.query(ctx.meta.get("key_dir"), ctx.meta.get("model"))
+    client = cli_ctx.query(ctx.meta.get("key_dir"), ctx.meta.get("model"))
+    if ctx.meta.get("wait_for_worker"):
+        client.wait_for_worker = True
+    return client
+
+
+def _samples(client: QueryClient, input_path: Path) -> NDArray[Any]:
+    """The input file's samples, checked against the model's input shape before concrete is
+    loaded (the gateway's description of the model says it); what was done to read it on stderr."""
+    rows = read_rows(input_path)  # an empty or ragged file, NaN: refused before any request
+    for note in rows.notes:
+        click.echo(f"cipherpool: {note}", err=True)
+    model = client.model
+    return rows.for_model(model.name, model.version, model.input_shape)
 
 
 def _say_what_it_did(client: QueryClient) -> None:
@@ -59,11 +85,11 @@ def _say_what_it_did(client: QueryClient) -> None:
 
 
 def _array_out(result: NDArray[Any], output_path: Path | None, ctx: CliContext) -> None:
-    if output_path:
-        np.save(output_path, result, allow_pickle=False)
     value = {"result": result.tolist()}
     if result.ndim == 2 and result.shape[1] > 1:
         value["argmax"] = result.argmax(axis=1).tolist()
+    if output_path:
+        write_result(output_path, value, result)
     ctx.emit(value)
 
 
@@ -74,6 +100,7 @@ def keygen(ctx: click.Context, force: bool) -> None:
     """Generate this client's keys (the secret key stays in the key directory)."""
     client = _client(ctx)
     key_id = client.generate_keys(force=force)
+    _say_what_it_did(client)
     ctx.obj.emit({"key_id": key_id, "key_dir": str(client.crypto.key_dir)})
 
 
@@ -81,7 +108,10 @@ def keygen(ctx: click.Context, force: bool) -> None:
 @click.pass_context
 def upload_keys(ctx: click.Context) -> None:
     """Upload the evaluation key (once; queries refer to it by id)."""
-    ctx.obj.emit({"key_id": _client(ctx).upload_evaluation_keys()})
+    client = _client(ctx)
+    key_id = client.upload_evaluation_keys()
+    _say_what_it_did(client)
+    ctx.obj.emit({"key_id": key_id})
 
 
 @query.command("encrypt")
@@ -89,10 +119,19 @@ def upload_keys(ctx: click.Context) -> None:
 @OUT
 @click.pass_context
 def encrypt(ctx: click.Context, input_path: Path, output_path: Path | None) -> None:
-    """Encrypt one sample (.npy or numbers in text) into a ciphertext file."""
-    ciphertext = _client(ctx).encrypt(read_array(input_path))
+    """Encrypt one sample (.npy, or one row of numbers: CSV or white space) into a ciphertext file."""
+    client = _client(ctx)
+    sample = _samples(client, input_path)
+    shape = client.model.input_shape
+    if input_path.suffix != ".npy" and shape and sample.ndim > len(shape) - 1:
+        raise InvalidInput(
+            f"{input_path} has {len(sample)} rows; `cipherpool query encrypt` takes one sample "
+            "(`cipherpool query predict` runs them all)."
+        )
+    ciphertext = client.encrypt(sample)
+    _say_what_it_did(client)
     target = output_path or input_path.with_suffix(".ct")
-    target.write_bytes(ciphertext)
+    write_private_bytes(target, ciphertext)
     ctx.obj.emit({"ciphertext": str(target), "bytes": len(ciphertext)})
 
 
@@ -109,13 +148,13 @@ def execute(ctx: click.Context, input_path: Path, output_path: Path | None, time
     finally:
         _say_what_it_did(client)
     target = output_path or input_path.with_suffix(".out")
-    target.write_bytes(output)
+    write_private_bytes(target, output)
     ctx.obj.emit({"result": str(target), "bytes": len(output), **client.last_timings})
 
 
 @query.command("decrypt")
 @IN
-@OUT
+@RESULT_OUT
 @click.pass_context
 def decrypt(ctx: click.Context, input_path: Path, output_path: Path | None) -> None:
     """Decrypt a result file with this client's secret key."""
@@ -124,14 +163,16 @@ def decrypt(ctx: click.Context, input_path: Path, output_path: Path | None) -> N
 
 @query.command("predict")
 @IN
-@OUT
+@RESULT_OUT
 @click.option("--timeout", type=float, help="Seconds to wait for each result.")
 @click.pass_context
 def predict(ctx: click.Context, input_path: Path, output_path: Path | None, timeout: float | None) -> None:
-    """Encrypt, execute and decrypt in one step (rows of a 2-D input run concurrently)."""
+    """Encrypt, execute and decrypt in one step (rows of a 2-D input run concurrently); keys
+    are generated and uploaded as needed. Input: .npy, or CSV (a header row is skipped)."""
     client = _client(ctx)
+    x = _samples(client, input_path)
     try:
-        result = client.predict(read_array(input_path), timeout=timeout)
+        result = client.predict(x, timeout=timeout)
     finally:
         _say_what_it_did(client)
     _array_out(result, output_path, ctx.obj)

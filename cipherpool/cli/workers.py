@@ -11,6 +11,7 @@ from cipherpool.cli import statsview
 from cipherpool.cli.context import CliContext, pass_ctx
 from cipherpool.cli.durations import parse_duration
 from cipherpool.client.management import WorkerInfo
+from cipherpool.errors import CipherpoolError, WorkerNotFound
 
 WORKER_COLUMNS = ["id", "model", "node", "profile", "status", "node_status", "started_at", "stop_reason", "error"]
 
@@ -80,11 +81,44 @@ def logs(ctx: CliContext, worker_id: str, follow: bool) -> None:
 
 
 @worker.command("stop")
-@click.argument("worker_id")
+@click.argument("worker_id", required=False)
+@click.option("--model", "model_name", metavar="NAME", help="Stop one of this model's workers (the newest) instead of WORKER_ID.")
+@click.option("--all", "everything", is_flag=True, help="With --model: stop all of the model's workers.")
 @pass_ctx
-def stop(ctx: CliContext, worker_id: str) -> None:
-    """Unbind a worker; queued queries wait for another node of the model."""
-    ctx.emit(_row(ctx.management().stop_worker(worker_id)))
+def stop(ctx: CliContext, worker_id: str | None, model_name: str | None, everything: bool) -> None:
+    """Unbind a worker (WORKER_ID, or one of --model NAME's; --all: all of them); queued
+    queries wait for another node of the model."""
+    if everything and model_name is None:
+        raise click.UsageError("--all stops all of a model's workers: give --model NAME.")
+    if (worker_id is None) == (model_name is None):
+        raise click.UsageError("Give a WORKER_ID or --model NAME (one of the two).")
+    mc = ctx.management()
+    if worker_id is not None:
+        ctx.emit(_row(mc.stop_worker(worker_id)))
+        return
+    assert model_name is not None
+    running = sorted(
+        (w for w in mc.list_workers(model_name) if w.status.wanted),
+        key=lambda w: (w.started_at or w.created_at, w.created_at),
+        reverse=True,  # the newest first: the one stopped alone
+    )
+    if not running:
+        raise WorkerNotFound(
+            f"Model {model_name!r} has no running worker to stop (`cipherpool worker list --model {model_name}` "
+            "shows its stopped and failed ones)."
+        )
+    stopped: list[dict[str, object]] = []
+    for target in running if everything else running[:1]:
+        try:
+            stopped.append(_row(mc.stop_worker(target.id)))
+        except CipherpoolError:
+            if stopped:
+                click.echo(f"stopped {', '.join(str(r['id']) for r in stopped)} before this refusal:", err=True)
+            raise
+    if everything:
+        ctx.emit(stopped, WORKER_COLUMNS)
+    else:
+        ctx.emit(stopped[0])
 
 
 @worker.command("list")

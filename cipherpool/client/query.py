@@ -35,8 +35,8 @@ from cipherpool.errors import (
     QueryTimeout,
     RemoteError,
 )
-from cipherpool.fhe.client import ClientCrypto
-from cipherpool.files import private_dir
+from cipherpool.fhe.client import KEY_ID_FILE, ClientCrypto
+from cipherpool.files import private_dir, write_private
 from cipherpool.messages import EncryptedInput, EncryptedOutput
 
 OCTET = {"Content-Type": "application/octet-stream"}
@@ -47,6 +47,10 @@ POLL_GRACE_S = 30.0  # HTTP timeout beyond a long poll's own wait
 # caller's deadline (retries and each try's wait included), not gateway_retry_s each.
 AFTER_TIMEOUT_GRACE_S = 2.0
 MIN_TRY_S = 0.5  # a try's wait, at least, even at that deadline (to be sent and answered at all)
+# In each key directory (one per model and client specs): the model version those specs were
+# fetched for, and a mark that this key set was uploaded from here (so "again" is true).
+MADE_FOR_FILE = "made_for_version"
+UPLOADED_FILE = "uploaded"
 
 
 @dataclass
@@ -148,6 +152,8 @@ class QueryClient(GatewayClient):
         self.last_version: int | None = None  # the model version that answered the last execute()
         self.last_warmup: WarmupOut | None = None  # what the last key upload's warm-up did
         self.key_actions: list[str] = []  # what the client did with its keys by itself, in order
+        self.keys_version: int | None = None  # the model version this client's keys were made for
+        self._moved_from: int | None = None  # keys of an older version in key_dir, until new ones are uploaded
 
     @property
     def token(self) -> str:
@@ -175,8 +181,26 @@ class QueryClient(GatewayClient):
             if digest_bytes(client_zip) != model.client_zip_sha256:
                 raise RemoteError("The model's client specs arrived damaged or changed meanwhile; try again.")
             private_dir(self.key_dir)
-            self._crypto = ClientCrypto(client_zip, self.key_dir / f"{model.id}-{model.client_zip_sha256[:12]}")
+            directory = self.key_dir / f"{model.id}-{model.client_zip_sha256[:12]}"
+            self._crypto = ClientCrypto(client_zip, directory)
+            made_for = directory / MADE_FOR_FILE
+            if not made_for.exists():
+                write_private(made_for, str(model.version))
+            self.keys_version = _int_in(made_for) or model.version
+            if not (directory / UPLOADED_FILE).exists():  # keys for these specs not uploaded yet: did the model move on?
+                self._moved_from = self._older_keys(model.id, directory)
         return self._crypto
+
+    def _older_keys(self, model_id: str, current: Path) -> int | None:
+        """The version that this client's newest other key set for the model was made for (a
+        key directory of other client specs: the model moved on since), if it has one."""
+        others = [
+            d
+            for d in self.key_dir.glob(f"{model_id}-*")
+            if d != current and (d / KEY_ID_FILE).exists() and (d / MADE_FOR_FILE).exists()
+        ]
+        newest = max(others, key=lambda d: (d / KEY_ID_FILE).stat().st_mtime, default=None)
+        return None if newest is None else _int_in(newest / MADE_FOR_FILE)
 
     def refresh(self) -> ClientModelOut:
         """Forget the model's description and client specs (after ``KeysOutdated``: the model
@@ -186,7 +210,15 @@ class QueryClient(GatewayClient):
 
     def generate_keys(self, force: bool = False) -> str:
         """Create (or reload) this client's keys; returns the key set's id."""
+        if force:
+            self._uploaded_mark().unlink(missing_ok=True)  # a new key set: not uploaded yet
         return self.crypto.generate_keys(force=force)
+
+    def _uploaded_mark(self) -> Path:
+        return Path(getattr(self.crypto, "key_dir", self.key_dir)) / UPLOADED_FILE
+
+    def _uploaded_before(self) -> bool:
+        return self._uploaded_mark().exists()
 
     def upload_evaluation_keys(self, warm_up: bool = True) -> str:
         """Upload the evaluation key under this key set's id (stored once per content), which
@@ -206,7 +238,11 @@ class QueryClient(GatewayClient):
             timeout=UPLOAD_TIMEOUT_S,
             params=params,
         )
+        if getattr(self.crypto, "key_dir", None) is not None:
+            write_private(self._uploaded_mark(), key_id)
         model = self.model
+        if self._moved_from is not None:
+            self._note_moved(self._moved_from, model, key_id)
         if warm_up and model.key_warmup and model.input_shape and model.running_workers:
             self.last_warmup = self._t.call(
                 "POST",
@@ -244,14 +280,36 @@ class QueryClient(GatewayClient):
         held = next((k for k in self.list_keys() if k.key_id == key_id), None)
         if held is not None and held.status == "active":
             return "kept"
-        self.upload_evaluation_keys()
-        why = "none was on the platform" if held is None else f"it was {held.status.value}"
-        made = f" for version {current.version}'s client specs" if changed else ""
-        self._note(f"uploaded key set {key_id[:12]}…{made}: {why}")
+        moved = self._moved_from is not None
+        self.upload_evaluation_keys()  # says so itself if the model moved on from older keys here
+        if not moved:
+            why = "none was on the platform" if held is None else f"it was {held.status.value}"
+            made = f" for version {current.version}'s client specs" if changed else ""
+            self._note(f"uploaded key set {key_id[:12]}…{made}: {why}")
         return "uploaded"
+
+    def _upload_if_never(self) -> None:
+        """Before a first query: upload this key set if it was never uploaded from here (keys
+        generated as needed), rather than have the gateway refuse the query first."""
+        if self._uploaded_before():
+            return
+        made = not (Path(getattr(self.crypto, "key_dir", self.key_dir)) / KEY_ID_FILE).exists()
+        moved = self._moved_from is not None
+        key_id = self.upload_evaluation_keys()  # says so itself if the model moved on from older keys here
+        if not moved:
+            done = "generated key set {}… and uploaded it" if made else "uploaded key set {}…: it was not uploaded yet"
+            self._note(done.format(key_id[:12]))
 
     def _note(self, action: str) -> None:
         self.key_actions.append(action)
+
+    def _note_moved(self, old: int, model: ClientModelOut, key_id: str) -> None:
+        """Keys made for an older version were replaced: say which versions, and what was done."""
+        self._moved_from = None
+        self._note(
+            f"model {model.name!r} moved from version {old} to version {model.version} (other client specs): "
+            f"generated new keys (key set {key_id[:12]}…) and uploaded them"
+        )
 
     def _with_keys(self, send: Callable[[], R]) -> R:
         """``send()`` a query under this client's key set; if the platform no longer holds it
@@ -261,9 +319,14 @@ class QueryClient(GatewayClient):
         try:
             return send()
         except EvaluationKeyNotFound as exc:
-            gone = "had expired" if isinstance(exc, EvaluationKeyExpired) else "was not on the platform"
-            key_id = self.upload_evaluation_keys()
-            self._note(f"key set {key_id[:12]}… {gone}: uploaded it again and retried the query")
+            moved, again = self._moved_from is not None, self._uploaded_before()
+            key_id = self.upload_evaluation_keys()  # says so itself if the model moved on from older keys here
+            if isinstance(exc, EvaluationKeyExpired):
+                self._note(f"key set {key_id[:12]}… had expired: uploaded it again and retried the query")
+            elif again:
+                self._note(f"key set {key_id[:12]}… was no longer on the platform: uploaded it again and retried the query")
+            elif not moved:
+                self._note(f"key set {key_id[:12]}… was not uploaded yet: uploaded it and retried the query")
         return send()
 
     def encrypt(self, x: ArrayLike) -> bytes:
@@ -327,16 +390,22 @@ class QueryClient(GatewayClient):
         the batch axis); a batch (rows, or images) runs as concurrent queries
         (all are submitted first, so the pool works on them in parallel while we wait)."""
         x = np.asarray(x)
+        self._upload_if_never()
         try:
             return self._predict(x, timeout)
         except KeysOutdated:  # the model serves a version with other client specs: new keys, once
+            old = self.keys_version
             model = self.refresh()
             self.generate_keys()
-            key_id = self.upload_evaluation_keys()
-            self._note(
-                f"the keys were made for other client specs than version {model.version}'s, which model "
-                f"{model.name!r} serves: generated key set {key_id[:12]}…, uploaded it and retried"
-            )
+            if old is not None and old != model.version:
+                self._moved_from = old
+            moved = self._moved_from is not None
+            key_id = self.upload_evaluation_keys()  # says which versions, and what it did
+            if not moved:
+                self._note(
+                    f"the platform found key set {key_id[:12]}… outdated for model {model.name!r} (version "
+                    f"{model.version}): fetched its client specs again, uploaded the keys and retried the query"
+                )
             return self._predict(x, timeout)
 
     def _predict(self, x: NDArray[Any], timeout: float | None) -> NDArray[Any]:
@@ -405,6 +474,13 @@ class QueryClient(GatewayClient):
                 f"No worker serves model {described.name!r}: ask its provider to start one "
                 "(`cipherpool worker start`). The query was withdrawn."
             )
+
+
+def _int_in(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _bounded(until: float | None) -> dict[str, Any]:

@@ -1,22 +1,25 @@
 """A tutorial's report for people: the answers (FHE beside clear), the step timings and sizes,
-and with ``--explain`` where each step ran and what crossed the network."""
+and with ``--explain`` the path every query took and what the privacy check found (where each
+other step ran and what it sent are on its progress line: :class:`TutorialRun` with
+``explain``). One screen per tutorial."""
 
 from __future__ import annotations
 
 from statistics import median
 
-from cipherpool.tutorials.runner import CLIENT, Privacy, Step, TutorialReport, size
+from cipherpool.tutorials.runner import CLIENT, Privacy, TutorialReport, size
 
 
 def _ms(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
 
 
-def summary(report: TutorialReport) -> list[str]:
+def summary(report: TutorialReport, explained: bool = False) -> list[str]:
+    """The answers, timings and the privacy verdict; ``explained``: the verdict is left to
+    :func:`explain`, which says it in full."""
     lines = [
         f"── {report.name}: {report.title}  ({report.seconds:.1f} s)",
-        f"model: {report.model}",
-        f"       {report.trained}",
+        f"model: {report.model} · {report.trained}",
         "answers, decrypted FHE beside the model's clear answer:",
     ]
     width = min(48, max(len(c.label) for c in report.cases)) if report.cases else 0
@@ -54,30 +57,30 @@ def summary(report: TutorialReport) -> list[str]:
     for role, path in report.files.items():
         lines.append(f"wrote {role.replace('_', ' ')}: {path}")
     p = report.privacy
-    lines.append(
-        f"privacy: {p.bodies_checked}/{p.requests} request bodies checked for the secret key and the clear inputs: {_verdict(p)}"
-    )
+    if not explained:
+        lines.append(
+            f"privacy: {p.bodies_checked}/{p.requests} request bodies checked for the secret key and the clear inputs: "
+            f"{_verdict(p)}"
+        )
     return lines
 
 
 def explain(report: TutorialReport) -> list[str]:
-    """Per step: who did it, where it ran, and what crossed the network."""
-    lines = [f"── {report.name}, step by step: where each step ran and what crossed the network"]
-    for s in report.steps[: report.queries_after]:
-        lines += _step(s)
-    for c in report.cases:
+    """The path every query took (medians over the queries), and the privacy check in full."""
+    lines = []
+    cs = report.cases
+    if cs:
         lines += [
-            f"  end user: query {c.label!r}",
-            f"      encrypt  on the {CLIENT} ({_ms(c.encrypt_s)}): nothing crossed",
-            f"      execute  end user → gateway → broker → pool node {c.node} ({_ms(c.execute_s)}): up, the ciphertext "
-            f"({size(c.ciphertext_bytes)}), {_carried(c.ciphertext_inline, 'in the task message')}; the task names "
-            "the query, the model, the key set and the token's id, never the token's value; "
-            f"on the node: queue wait {_ms(c.queue_wait_s)}, key {_ms(c.key_s)}, compute {_ms(c.compute_s)}; "
-            f"down, the encrypted output ({size(c.output_bytes)}), {_carried(c.output_inline, 'in the task result')}",
-            f"      decrypt  on the {CLIENT} ({_ms(c.decrypt_s)}): nothing crossed; the answer exists only here",
+            f"── each of the {len(cs)} queries: encrypt ({_ms(median(c.encrypt_s for c in cs))}) and decrypt "
+            f"({_ms(median(c.decrypt_s for c in cs))}) on the {CLIENT}, nothing crossed; the answer exists only there",
+            f"      execute  end user → gateway → broker → pool node {cs[-1].node} ({_ms(median(c.execute_s for c in cs))}): "
+            f"up, the ciphertext ({size(median(c.ciphertext_bytes for c in cs))}), "
+            f"{_carried_all([c.ciphertext_inline for c in cs], 'in the task message')}; the task names "
+            "the query, the model, the key set and the token's id, never the token's value; on the node: queue wait "
+            f"{_ms(median(c.queue_wait_s for c in cs))}, key {_ms(median(c.key_s for c in cs))}, compute "
+            f"{_ms(median(c.compute_s for c in cs))}; down, the encrypted output ({size(median(c.output_bytes for c in cs))}), "
+            f"{_carried_all([c.output_inline for c in cs], 'in the task result')}",
         ]
-    for s in report.steps[report.queries_after :]:
-        lines += _step(s)
     p = report.privacy
     secret = (
         f"{p.secret_patterns} samples of the secret key"
@@ -88,7 +91,7 @@ def explain(report: TutorialReport) -> list[str]:
     checked = secret + (f" and {inputs}" if p.input_patterns else " (inputs too sparse to check by bytes)")
     verdict = _verdict(p)
     lines.append(
-        f"  the end user sent {p.requests} requests ({size(p.sent)} up, {size(p.received)} down); "
+        f"privacy: the end user sent {p.requests} requests ({size(p.sent)} up, {size(p.received)} down); "
         f"{p.bodies_checked} bodies checked for {checked}: {verdict}"
     )
     return lines
@@ -98,14 +101,16 @@ def _carried(inline: bool, how: str) -> str:
     return how if inline else "through the platform's store, the message carrying only its reference"
 
 
+def _carried_all(inline: list[bool], how: str) -> str:
+    """How the queries' payloads travelled: one way for all, or how many each way."""
+    if all(inline) or not any(inline):
+        return _carried(inline[0], how)
+    return f"{how} for {sum(inline)}, {_carried(False, how)} for {len(inline) - sum(inline)}"
+
+
 def _verdict(p: Privacy) -> str:
     if p.found:
         return f"FOUND: {', '.join(p.found)}"
     if not p.private:
         return f"only {p.bodies_checked} of {p.requests} bodies could be checked"
     return "found in none of them"
-
-
-def _step(s: Step) -> list[str]:
-    traffic = f" [{size(s.sent)} up, {size(s.received)} down]" if s.sent or s.received else ""
-    return [f"  {s.actor}: {s.title}  ({_ms(s.seconds)})", f"      where:   {s.where}", f"      crossed: {s.crossed}{traffic}"]

@@ -129,8 +129,13 @@ class TutorialRun:
         work_dir: Path,
         out_dir: Path | None = None,
         echo: Callable[[str], None] = print,
+        explain: bool = False,
     ):
         self.tutorial, self.work_dir, self.out_dir, self.echo = tutorial, work_dir, out_dir, echo
+        # ``explain``: each step's end line also says where it ran and what crossed the network,
+        # and the lines the report prints again (answers, the trained model) are left out, so
+        # that a tutorial fits one screen (demo --explain).
+        self.explain = explain
         self.url, self.settings = url, settings
         self.mc = ManagementClient(api_key, url=url, settings=settings)
         self.provider_log, self.log = TrafficLog(), TrafficLog()
@@ -152,7 +157,11 @@ class TutorialRun:
             totals = log.since(mark)
             step.sent, step.received = totals.sent, totals.received
         self.report.steps.append(step)
-        self.echo(f"    {step.seconds:.2f} s")
+        if self.explain:
+            traffic = f" [{size(step.sent)} up, {size(step.received)} down]" if step.sent or step.received else ""
+            self.echo(f"      {step.seconds:.2f} s · where: {step.where} · crossed: {step.crossed}{traffic}")
+        else:
+            self.echo(f"    {step.seconds:.2f} s")
 
     def run(self) -> TutorialReport:
         started = time.perf_counter()
@@ -160,7 +169,8 @@ class TutorialRun:
         with self.step("provider", f"train and compile: {self.tutorial.model}", PROVIDER) as step:
             trained = self.tutorial.train(self.work_dir / f"{name}_fhe")
             self.report.trained, self.report.facts = trained.summary, trained.facts
-            self.echo(f"    {trained.summary}")
+            if not self.explain:
+                self.echo(f"    {trained.summary}")
         worker_id = self.provide(trained)
         try:
             self.query(trained)
@@ -192,7 +202,8 @@ class TutorialRun:
                 "the worker's id, on the node's command queue; the node loads the circuit from the "
                 "platform's store and starts consuming the model's queue"
             )
-            self.echo(f"    worker {worker.id} on {worker.node}: {worker.status.value}")
+            if not self.explain:  # else its where names the node
+                self.echo(f"    worker {worker.id} on {worker.node}: {worker.status.value}")
         with self.step("provider", "create an access token for the end user", "gateway") as step:
             self.token = self.mc.create_token(f"{name}-user", model=name)
             step.crossed = "the token's value, once, to the provider (the platform keeps only its hash)"
@@ -301,6 +312,8 @@ class TutorialRun:
             f"queue {report.queue_wait_s * 1e3:.0f} ms · compute {report.compute_s:.2f} s · "
             f"decrypt {report.decrypt_s * 1e3:.0f} ms ({size(report.output_bytes)})"
         )
+        if self.explain:  # the answers follow in the report, FHE beside clear
+            return result
         self.echo(
             f"    FHE:   {reading.fhe}\n    clear: {reading.clear}"
             + (f"\n    truth: {case.truth}" if case.truth else "")

@@ -112,9 +112,11 @@ def test_up_starts_everything_and_stops_cleanly_on_sigterm(tmp_path):
         # The broker's password is masked in the output
         password = (tmp_path / "redis" / "password").read_text().strip()
         assert password not in output and "redis://:***@127.0.0.1:" in output
-        # Flower answers its health check, but its pages need the login printed once
+        # Flower answers its health check, but its pages need the login printed (kept in a 0600 file)
         flower = re.search(r"flower\s+(http://127\.0\.0\.1:\d+)", output).group(1)
-        login = re.search(r"flower login \(shown once\): (\S+)", output).group(1)
+        login = re.search(r"flower login: (\S+) \(kept in ", output).group(1)
+        assert (tmp_path / "flower-login").read_text().strip() == login
+        assert (tmp_path / "flower-login").stat().st_mode & 0o777 == 0o600
         wait_until(
             lambda: answers(flower + "/healthcheck"),
             30,
@@ -128,6 +130,16 @@ def test_up_starts_everything_and_stops_cleanly_on_sigterm(tmp_path):
             flower + "/api/workers", headers={"Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
         )
         assert urllib.request.urlopen(authorised, timeout=10).status == 200
+        # A second `up` on the same data dir is refused, naming this one, and takes nothing over
+        second = subprocess.run(
+            [sys.executable, "-m", "cipherpool", "--data-dir", str(tmp_path), "up", "--nodes", "1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 5, second.stdout + second.stderr
+        assert f"pid {proc.pid}, gateway {gateway}, started at " in second.stderr
+        assert json.loads(stack_file.read_text())["url"] == gateway
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
