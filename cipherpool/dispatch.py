@@ -46,10 +46,19 @@ log = logging.getLogger("cipherpool.dispatch")
 
 
 def open_envelope(
-    grant: TokenGrant, ciphertext: bytes, wait_for_worker: bool = False, mode: Route = Route.AUTO
+    grant: TokenGrant,
+    ciphertext: bytes,
+    wait_for_worker: bool = False,
+    mode: Route = Route.AUTO,
+    *,
+    noted: Callable[[ModelGrant], None] | None = None,
 ) -> tuple[EncryptedInput, ModelGrant]:
-    """The ciphertext's envelope, checked against what the grant may query, and its model."""
+    """The ciphertext's envelope, checked against what the grant may query, and its model.
+    ``noted`` hears the model as soon as the envelope names one of the grant's, before the
+    checks (the gateway counts a refusal for it)."""
     envelope = EncryptedInput.decode(ciphertext)
+    if noted is not None and (named := grant.find(envelope.model_id)) is not None:
+        noted(named)
     return envelope, check_query(grant, envelope.model_id, wait_for_worker, mode)
 
 
@@ -62,7 +71,7 @@ def admit_ciphertext(store: BlobStore, model: ModelGrant, envelope: EncryptedInp
         check_ciphertext(envelope.data)
     except InvalidInput:
         try:
-            timings.count_refused(store.redis, model.model_id)
+            timings.count_refused(store.redis, model.model_id, version=model.version)
         except Exception:  # noqa: BLE001 - a figure is never worth the caller's answer
             log.warning("could not count a refused ciphertext for model %s", model.model_id)
         raise

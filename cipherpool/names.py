@@ -46,6 +46,7 @@ SHARED_LOADED_PREFIX = "cipherpool:shared-loaded:"  # + node name -> hash {"<mod
 SHARED_PENDING_KEY = "cipherpool:shared-min:pending"  # set of "<account>:<minute>" not yet charged
 QUERY_COUNT_PREFIX = "cipherpool:queries:"  # + account id + ":" + YYYY-MM-DD -> {model:worker: queries}, 400 d
 TIMINGS_PREFIX = "cipherpool:qt:"  # + model id + ":" + (minute | "all" | "recent" | "hist"): query times, see monitoring.timings
+REFUSALS_PREFIX = "cipherpool:refusals:"  # + "all" | "a:" account id | "pending:"/"event:" model id: monitoring.refusals
 ROLLOUT_LOCK_PREFIX = "cipherpool:rollout:"  # + model id: one node at a time loads a new version
 INFLIGHT_PREFIX = "cipherpool:inflight:"  # + query id -> hash {message, missing, sent}: a published query not yet started
 INFLIGHT_INDEX_KEY = "cipherpool:inflight"  # sorted set {query id: publish time}: cipherpool.inflight

@@ -113,6 +113,7 @@ class EventKind(str, Enum):
     AUTOSCALED_UP = "autoscaled_up"  # the autoscaler added a worker (the reason and figures in the message)
     AUTOSCALED_DOWN = "autoscaled_down"  # ... removed one, the model being idle
     AUTOSCALE_BLOCKED = "autoscale_blocked"  # it would add one but may not (max, nodes, credit): once per episode
+    REFUSALS = "refusals"  # the gateways refused requests for it (counts by code): at most one a minute
 
 
 class ScheduleKind(str, Enum):

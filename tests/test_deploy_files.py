@@ -248,6 +248,9 @@ def test_every_exec_start_is_a_real_command_with_real_flags(path):
 def check_cipherpool(path: Path, args: list[str]) -> None:
     """The subcommand path exists in the click group, `--help` answers, every flag is the
     command's own and the whole line parses (values included: choices, integers)."""
+    if args[:1] == ["flower"]:  # Flower's own options, passed through (cipherpool/cli/flower.py)
+        check_flower_options(path, args[1:])
+        return
     command: click.Command = cli
     trail: list[str] = []
     while isinstance(command, click.Group) and args and args[0] in command.commands:
@@ -261,6 +264,14 @@ def check_cipherpool(path: Path, args: list[str]) -> None:
     command.make_context(" ".join(trail), list(args))  # raises click's UsageError on a bad value
 
 
+def check_flower_options(path: Path, args: list[str]) -> None:
+    import flower.options  # noqa: F401  (defines them)
+    from tornado.options import options
+
+    unknown = {f for f in flags(args) if f.removeprefix("--").split("=")[0] not in options}
+    assert not unknown, f"{path.name}: Flower has no option {sorted(unknown)}"
+
+
 def check_celery(path: Path, args: list[str]) -> None:
     from celery.bin.celery import celery
 
@@ -270,11 +281,7 @@ def check_celery(path: Path, args: list[str]) -> None:
     assert sub in celery.commands, f"{path.name}: celery has no command {sub!r}"
     command = celery.commands[sub]
     if sub == "flower":  # Flower's options are tornado's, passed through celery's command
-        import flower.options  # noqa: F401  (defines them)
-        from tornado.options import options
-
-        unknown = {f for f in flags(rest) if f.removeprefix("--") not in options}
-        assert not unknown, f"{path.name}: Flower has no option {sorted(unknown)}"
+        check_flower_options(path, rest)
         return
     unknown = set(flags(rest)) - option_names(command)
     assert not unknown, f"{path.name}: `celery {sub}` has no option {sorted(unknown)}"

@@ -175,7 +175,7 @@ def test_a_route_that_meets_an_outage_answers_its_typed_503_and_a_bug_stays_502(
     def route() -> None:
         raise raised()
 
-    monkeypatch.setattr(Guard, "_admit", staticmethod(lambda _gw, _authorization, _source: AccountPrincipal("a", "p")))
+    monkeypatch.setattr(Guard, "_admit", staticmethod(lambda _gw, _authorization, _source, _state: AccountPrincipal("a", "p")))
     app_down.add_api_route("/v1/test-raise", route)
     # An outage is answered by its own handler, never re-raised to the server (whose log
     # would then show a traceback per request during an outage); a bug still is.

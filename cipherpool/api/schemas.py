@@ -452,6 +452,10 @@ class ModelStats(Wire):
     all_time: TimingFigures
     current: CurrentFigures
     workers: list[WorkerTimings]
+    # Requests the gateways refused for the model (its token's quota or rate, no worker up, an
+    # invalid input, ...), by error code: over the window, and all-time (cipherpool.monitoring.refusals).
+    refusals: dict[str, int] = {}
+    refusals_all_time: dict[str, int] = {}
 
 
 class WorkerStats(Figures):

@@ -2,14 +2,32 @@
 
 Times are the window's averages unless the column says otherwise: QUERY is queue wait +
 compute, CURRENT the average of the latest queries, WAIT and COMPUTE apart; QPM queries per
-minute; ERR and REFUSED the share of attempts that failed or were refused.
+minute; ERR and REFUSED the share of attempts that failed or were refused; REFUSALS the
+requests the gateways refused for the model in the window, by reason (``quota:1561,rate:3``).
 """
 
 from __future__ import annotations
 
-from cipherpool.api.schemas import CurrentFigures, ModelStats, TimingFigures
+from collections.abc import Mapping
 
-COLUMNS = ["what", "status", "queue", "queries", "qpm", "query", "current", "wait", "compute", "all_time", "err", "refused"]
+from cipherpool.api.schemas import CurrentFigures, ModelStats, TimingFigures
+from cipherpool.monitoring.refusals import by_reason
+
+COLUMNS = [
+    "what",
+    "status",
+    "queue",
+    "queries",
+    "qpm",
+    "query",
+    "current",
+    "wait",
+    "compute",
+    "all_time",
+    "err",
+    "refused",
+    "refusals",
+]
 
 
 def seconds(value: float | None) -> str:
@@ -20,6 +38,12 @@ def seconds(value: float | None) -> str:
 
 def share(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def refusals(counts: Mapping[str, int]) -> str:
+    """Refusals by reason, the most first: ``quota:1561,rate:3``."""
+    found = sorted(by_reason(counts).items(), key=lambda item: -item[1])
+    return ",".join(f"{reason}:{n}" for reason, n in found) or "-"
 
 
 def _figures(window: TimingFigures, now: CurrentFigures, all_time: TimingFigures) -> dict[str, str]:
@@ -47,6 +71,7 @@ def rows(found: list[ModelStats]) -> list[dict[str, str]]:
                 "status": f"{model.status} ({statuses})",
                 "queue": "-" if model.queue_depth is None else str(model.queue_depth),
                 **_figures(model.window, model.current, model.all_time),
+                "refusals": refusals(model.refusals),
             }
         )
         for worker in model.workers:
@@ -57,6 +82,7 @@ def rows(found: list[ModelStats]) -> list[dict[str, str]]:
                     "status": worker.status or "-",
                     "queue": "",
                     **_figures(worker.window, worker.current, worker.all_time),
+                    "refusals": "",
                 }
             )
     return table

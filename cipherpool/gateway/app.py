@@ -9,6 +9,11 @@ dependency's outage is a 503 with Retry-After (``database_unavailable``,
 ``/v1/health`` is liveness: 200 while the process runs, whatever is down. ``/v1/ready`` is
 readiness, for load balancers: 200 only while every part the gateway needs answers
 (:mod:`cipherpool.gateway.readiness`).
+
+Every request is timed and counted by route template (:mod:`cipherpool.gateway.httpmetrics`,
+outermost), and every refusal counted by code (:mod:`cipherpool.gateway.refusals`): here for
+what the routes raise, in the guard for what it answers itself. ``/docs`` and ``/redoc`` load
+nothing from outside the gateway (:mod:`cipherpool.gateway.apidocs`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from cipherpool.errors import CipherpoolError, InvalidInput, NotFound, NotReady,
 from cipherpool.gateway import (
     account,
     alerts,
+    apidocs,
     autoscale,
     credits,
     enduser,
@@ -42,6 +48,7 @@ from cipherpool.gateway import (
     workers,
 )
 from cipherpool.gateway.guard import Guard, error_body
+from cipherpool.gateway.httpmetrics import RequestMetricsMiddleware
 from cipherpool.gateway.platform_watch import PlatformWatch
 from cipherpool.gateway.state import GatewayState
 from cipherpool.outages import OUTAGE_TYPES, logged_outage
@@ -68,12 +75,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="cipherpool",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None,  # apidocs: the same pages, with their scripts served here rather than from a CDN
+        redoc_url=None,
         description="Encrypted (FHE) machine-learning queries. Authenticate with `Authorization: Bearer` and an "
         "account API key (cpk_…, provider endpoints) or an access token (cpt_…, end-user endpoints).",
     )
     app.state.gw = GatewayState(settings)
     app.add_middleware(Guard)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.gw.requests)  # added last: outermost
     _install_error_handlers(app)
+    apidocs.install(app)
     routers = [
         account.router,
         credits.router,
@@ -86,11 +97,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         alerts.router,
         schedules.router,
     ]
+    routers.append(autoscale.router)  # /v1/models/{name}/autoscale
+    routers.append(metrics.router)  # GET /metrics, for the operator's Prometheus (its own token)
+    routers.append(platform_status.router)  # GET /v1/platform/status, the operator's too (the metrics token)
     for router in routers:
         app.include_router(router)
-    app.include_router(autoscale.router)  # /v1/models/{name}/autoscale
-    app.include_router(metrics.router)  # GET /metrics, for the operator's Prometheus (its own token)
-    app.include_router(platform_status.router)  # GET /v1/platform/status, the operator's too (the metrics token)
 
     @app.get("/v1/health", response_model=Health, tags=["platform"])
     async def health() -> Health:
@@ -117,6 +128,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse(ReadyBody(status=status, checks=checks).model_dump(), headers=headers)
         return JSONResponse({**NotReady(failing).to_wire(), "checks": wire}, status_code=503, headers=headers)
 
+    # Included as they are (no prefix added): their routes' templates are the app's, in its order.
+    templates = [getattr(r, "path_format", "") for r in (*app.routes, *(r for router in routers for r in router.routes))]
+    app.state.gw.requests.learn(t for t in templates if t)
     return app
 
 
@@ -125,6 +139,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def typed(request: Request, exc: CipherpoolError) -> JSONResponse:
         if isinstance(exc, StoreFull):  # readiness shows the store full a while (any backend)
             request.app.state.gw.readiness.saw_full()
+        request.app.state.gw.refusals.add(exc, request.scope.get("state"))
         return _json(exc)
 
     @app.exception_handler(ClientDisconnect)
@@ -134,9 +149,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _json(PayloadTooLarge("The body was cut off: it is larger than this endpoint's limit."))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()[:5])
-        return _json(InvalidInput(f"Invalid request: {problems}"))
+        refused = InvalidInput(f"Invalid request: {problems}")
+        request.app.state.gw.refusals.add(refused, request.scope.get("state"))
+        return _json(refused)
 
     @app.exception_handler(StarletteHTTPException)
     async def http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

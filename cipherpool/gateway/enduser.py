@@ -30,6 +30,7 @@ from cipherpool.dispatch import admit_ciphertext, open_envelope, send_warmups
 from cipherpool.errors import CipherpoolError, InvalidEvaluationKey, KeyMismatch, ModelNotFound
 from cipherpool.fhe.framing import capnp_message_length, header_bytes_needed
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
+from cipherpool.gateway.refusals import note_model
 from cipherpool.gateway.results import TaskMeta
 from cipherpool.gateway.state import GatewayState
 from cipherpool.gateway.uploads import Upload, stream_into_store
@@ -82,6 +83,7 @@ async def upload_key(
     Only the Cap'n Proto segment table is read back (a few bytes) to refuse a truncated key:
     concrete's reader never returns on one."""
     target = queries.pick_model(grant, model)
+    note_model(request, target)
     queries.check_specs(target, specs)
     await run_in_threadpool(_check_room, gw, grant, key_id, _declared_length(request))
     upload = await stream_into_store(request, gw.store, gw.settings.upload_ttl_s)
@@ -131,7 +133,7 @@ async def warm_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant) -
     ``token_quota_exceeded`` when the quota has no room left); a node that ran nothing (its
     key cached already) is given back."""
     body = await request.body()
-    envelope, model = open_envelope(grant, body, wait_for_worker=True)
+    envelope, model = open_envelope(grant, body, wait_for_worker=True, noted=lambda named: note_model(request, named))
     if envelope.key_id != key_id:
         raise KeyMismatch("This ciphertext was encrypted under another key set than the one named in the path.")
     if not gw.settings.key_warmup:

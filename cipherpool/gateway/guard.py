@@ -17,7 +17,9 @@ be refused before it is stored. Order for every request but the public ones:
 The self-authenticated paths (the metrics token's) are throttled the same way: a source over
 its failures is refused before the route runs, and each 401 they answer counts.
 
-The principal is left in ``scope["state"]["principal"]`` for the routes.
+The principal is left in ``scope["state"]["principal"]`` for the routes. Each refusal the
+guard answers is counted (:mod:`cipherpool.gateway.refusals`), for the tenant once it is known:
+a rate refusal comes after authentication, so it counts for the principal that was refused.
 
 This runs outside FastAPI's exception handlers: a dependency's outage met here (the database
 while authenticating, Redis while counting) is answered here, as the typed 503 it stands for
@@ -29,11 +31,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cipherpool.errors import AuthError, BadRequest, CipherpoolError, PayloadTooLarge
+from cipherpool.gateway.apidocs import ASSETS
 from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
 from cipherpool.gateway.state import GatewayState
 from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
@@ -41,6 +46,7 @@ from cipherpool.outages import OUTAGE_TYPES, logged_outage
 
 log = logging.getLogger("cipherpool.gateway")
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PREFIX = ASSETS + "/"  # the API pages' scripts and stylesheet (cipherpool.gateway.apidocs)
 # Paths that check a credential of their own (not an account's or a token's): no principal,
 # no per-account rate. /metrics: the operator's metrics token (cipherpool.gateway.metrics);
 # /v1/platform/status: the same token (cipherpool.gateway.platform_status).
@@ -77,12 +83,15 @@ class Guard:
             await self.app(scope, receive, send)
             return
         if sum(name.lower() == b"authorization" for name, _ in scope["headers"]) > 1:
-            await send_error(send, BadRequest("Send one Authorization header, not several."))
+            refused = BadRequest("Send one Authorization header, not several.")
+            scope["app"].state.gw.refusals.add(refused, None)
+            await send_error(send, refused)
             return
-        if scope["path"] in PUBLIC_PATHS:
+        if scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIX):
             await self.app(scope, receive, send)
             return
         gw: GatewayState = scope["app"].state.gw
+        state: dict[str, Any] = scope.setdefault("state", {})
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         peer = scope.get("client")
         source = gw.throttle.source(peer[0] if peer else None, headers)
@@ -91,11 +100,12 @@ class Guard:
             return
         cap = gw.body_cap(scope["method"], scope["path"])
         try:
-            principal = await run_in_threadpool(self._admit, gw, headers.get("authorization"), source)
+            principal = await run_in_threadpool(self._admit, gw, headers.get("authorization"), source, state)
             declared = headers.get("content-length")
             if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > cap):
                 raise PayloadTooLarge(f"The body is larger than this endpoint's limit of {cap} bytes.")
         except CipherpoolError as exc:
+            gw.refusals.add(exc, state)
             await send_error(send, exc)
             return
         except OUTAGE_TYPES as exc:
@@ -104,8 +114,8 @@ class Guard:
                 raise
             await send_error(send, outage)
             return
-        scope.setdefault("state", {})["principal"] = principal
-        capped = _CappedBody(receive, send, cap)
+        state["principal"] = principal
+        capped = _CappedBody(receive, send, cap, lambda exc: gw.refusals.add(exc, state))
         await self.app(scope, capped.receive, capped.send)
 
     async def _self_authenticated(self, gw: GatewayState, source: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -114,6 +124,7 @@ class Guard:
         try:
             await run_in_threadpool(gw.throttle.check, source)
         except CipherpoolError as exc:
+            gw.refusals.add(exc, None)
             await send_error(send, exc)
             return
 
@@ -125,11 +136,12 @@ class Guard:
         await self.app(scope, receive, counting)
 
     @staticmethod
-    def _admit(gw: GatewayState, authorization: str | None, source: str) -> Principal:
+    def _admit(gw: GatewayState, authorization: str | None, source: str, state: dict[str, Any] | None = None) -> Principal:
         """Authenticate (cached), count the rate and read the change counters in one round trip;
         if the credential counter moved, the cache was stale: authenticate again. A token's
         grant then gets which of its models have a worker up now (cached apart, dropped when
-        the serving counter moves).
+        the serving counter moves). The principal is in ``state`` as soon as it is known, so
+        that a refusal after authentication (its rate) counts for it.
 
         A credential that is not cached costs a lookup: a source over its failed
         authentications is refused before it (one Redis read), and every failure is counted."""
@@ -138,6 +150,8 @@ class Guard:
                 gw.throttle.check(source)
             credential = bearer(authorization)
             principal = gw.auth.principal(credential)
+            if state is not None:
+                state["principal"] = principal
             token_id = None if isinstance(principal, AccountPrincipal) else principal.token_id
             credentials, serving = gw.limiter.hit(
                 principal.account_id, token_id, also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY)
@@ -159,8 +173,8 @@ class _CappedBody:
     does not reset it before the client has read the 413, tells the app the client left, and
     drops whatever the app tries to send afterwards."""
 
-    def __init__(self, receive: Receive, send: Send, cap: int):
-        self._receive, self._send, self._cap = receive, send, cap
+    def __init__(self, receive: Receive, send: Send, cap: int, refused: Callable[[CipherpoolError], None] = lambda _: None):
+        self._receive, self._send, self._cap, self._refused = receive, send, cap, refused
         self._seen = 0
         self._answered = False
         self._started = False
@@ -175,6 +189,7 @@ class _CappedBody:
                 if not self._started:
                     self._answered = True
                     too_large = PayloadTooLarge(f"The body is larger than this endpoint's limit of {self._cap} bytes.")
+                    self._refused(too_large)
                     await send_error(self._send, too_large)
                     await self._drain(message)
                 return {"type": "http.disconnect"}

@@ -9,15 +9,18 @@ which is the providers' and end users' API.
 
 What is exported and how it is read: :mod:`cipherpool.monitoring.exporter`. Each scrape builds
 a registry of its own around one collector and renders it in a worker thread, because reading
-the database, Redis and the broker blocks.
+the database, Redis and the broker blocks. This process's own HTTP request metrics
+(:mod:`cipherpool.gateway.httpmetrics`) are rendered with them.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
 from starlette.concurrency import run_in_threadpool
 
 from cipherpool.errors import AuthError, NotFound
@@ -38,10 +41,21 @@ def check_scraper(expected: str | None, authorization: str | None) -> None:
         raise AuthError("Missing or wrong metrics token: send `Authorization: Bearer <CIPHERPOOL_METRICS_TOKEN>`.")
 
 
+class _Of:
+    """Another registry's metrics, collected into the scrape's."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        return self._registry.collect()
+
+
 def render(gw: GatewayState) -> bytes:
     """The exposition text, read now (blocking: run it in a thread)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PlatformCollector(gw.ctx, gw.celery))
+    registry.register(_Of(gw.requests.registry))
     return generate_latest(registry)
 
 

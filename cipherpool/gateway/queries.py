@@ -24,8 +24,9 @@ from cipherpool import inflight
 from cipherpool.api.schemas import QUERY_ID_PATTERN, QueryAccepted
 from cipherpool.dispatch import open_envelope, output_of, reply_from_meta
 from cipherpool.dispatch import submit as submit_query
-from cipherpool.errors import QueryNotFound
+from cipherpool.errors import CipherpoolError, QueryNotFound
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
+from cipherpool.gateway.refusals import mark_relayed, note_model
 from cipherpool.gateway.results import TaskMeta, is_ready
 from cipherpool.gateway.state import GatewayState
 from cipherpool.messages import EncryptedInput
@@ -50,7 +51,7 @@ async def submit(
     ``wait_for_worker``: then the query waits in the model's queue (until its deadline).
     ``mode``: a dedicated worker, a shared node, or ``auto`` (dedicated when one is up)."""
     body = await request.body()
-    envelope, model = open_envelope(grant, body, wait_for_worker, mode)
+    envelope, model = open_envelope(grant, body, wait_for_worker, mode, noted=lambda named: note_model(request, named))
     shared = route(model, mode, wait_for_worker) == Route.SHARED
     query_id = str(uuid.uuid4())
     if wait <= 0:
@@ -59,16 +60,16 @@ async def submit(
     async with gw.waiter.watch(query_id) as watch:
         await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id, shared)
         meta = await watch.result(min(wait, gw.settings.long_poll_s))
-    return await _answer(gw, query_id, meta)
+    return await _answer(request, gw, query_id, meta)
 
 
 @router.get("/{query_id}", responses=RESULT_HEADERS)
-async def result(query_id: QueryId, gw: Gateway, grant: Grant, wait: Wait = 0.0) -> Response:
+async def result(request: Request, query_id: QueryId, gw: Gateway, grant: Grant, wait: Wait = 0.0) -> Response:
     await _check_owner(gw, grant, query_id)
     meta = await gw.waiter.meta(query_id)  # most polls find the answer there: no subscription
     if not is_ready(meta) and wait > 0:
         meta = await gw.waiter.wait(query_id, min(wait, gw.settings.long_poll_s))
-    return await _answer(gw, query_id, meta)
+    return await _answer(request, gw, query_id, meta)
 
 
 @router.delete("/{query_id}", status_code=204)
@@ -112,10 +113,14 @@ async def _check_owner(gw: GatewayState, grant: TokenGrant, query_id: str) -> No
         raise QueryNotFound("No such query for this token (or its result has expired).")
 
 
-async def _answer(gw: GatewayState, query_id: str, meta: TaskMeta | None) -> Response:
+async def _answer(request: Request, gw: GatewayState, query_id: str, meta: TaskMeta | None) -> Response:
     if meta is None or not is_ready(meta):
         return _accepted(query_id, meta)
-    reply = reply_from_meta(meta)
+    try:
+        reply = reply_from_meta(meta)
+    except CipherpoolError:
+        mark_relayed(request)  # the node's refusal, counted where it was made (each poll would count it again)
+        raise
     await gw.waiter.keep_for(query_id, KEEP_AFTER_READ_S)
     if reply.output_ref:
         output: bytes | None = await run_in_threadpool(output_of, gw.store, reply)

@@ -1,6 +1,6 @@
 """What one gateway process holds: settings, database and store access, the Celery app it
 publishes with, the authenticator, the rate limiter and the failed-authentication throttle,
-the result waiter and its readiness.
+the result waiter and its readiness, its HTTP request metrics and its count of refusals.
 
 Nothing here connects to anything when it is built or started: the gateway starts while the
 database, the broker or Redis is down, answers /v1/ready 503 until they are back, and then
@@ -16,8 +16,10 @@ from cipherpool.config.celery import create_app as create_celery
 from cipherpool.config.settings import Settings
 from cipherpool.context import PlatformContext
 from cipherpool.gateway.auth import Authenticator
+from cipherpool.gateway.httpmetrics import RequestMetrics
 from cipherpool.gateway.ratelimit import RateLimiter
 from cipherpool.gateway.readiness import Readiness
+from cipherpool.gateway.refusals import RefusalRecorder
 from cipherpool.gateway.results import ResultWaiter
 from cipherpool.gateway.throttle import AuthThrottle
 from cipherpool.store import BlobStore
@@ -37,6 +39,8 @@ class GatewayState:
     throttle: AuthThrottle = field(init=False)
     waiter: ResultWaiter = field(init=False)
     readiness: Readiness = field(init=False)
+    requests: RequestMetrics = field(init=False)  # this process's HTTP requests (GET /metrics)
+    refusals: RefusalRecorder = field(init=False)  # refusals counted here, written to Redis every second
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -52,6 +56,8 @@ class GatewayState:
         self.throttle = AuthThrottle(self.ctx.store.redis, s.auth_failure_burst, s.auth_failure_window_s, s.trusted_proxies)
         self.waiter = ResultWaiter(s.effective_result_backend())
         self.readiness = Readiness(s, self.celery, self.ctx.store, self.waiter)
+        self.requests = RequestMetrics()
+        self.refusals = RefusalRecorder(self.ctx)
 
     @property
     def store(self) -> BlobStore:
@@ -72,7 +78,9 @@ class GatewayState:
 
     async def start(self) -> None:
         await self.waiter.start()
+        self.refusals.start()
 
     async def close(self) -> None:
+        await self.refusals.stop()  # what is counted still goes out
         await self.waiter.close()
         self.celery.close()

@@ -9,13 +9,18 @@ prometheus-client's global one, so the scrape shows the platform and not whateve
 gateway process registered there.
 
 One scrape costs one database session (five small reads, grouped in SQL), two Redis reads and
-one passive queue declaration per model, then the health view's own reads (a session for the
-nodes, a few Redis reads). The families (docs/operations.md, "Monitoring"):
+one passive queue declaration per model (each version's figures and the model's refusals are
+fields of the same two hashes), two more Redis round trips for the refusals of the platform and
+of each account, then the health view's own reads (a session for the nodes, a few Redis
+reads). The families (docs/operations.md, "Monitoring"):
 
 * ``cipherpool_query_queue_wait_seconds``, ``cipherpool_query_compute_seconds``: histograms
-  per ``account``, ``model``, all-time (the buckets of :data:`.timings.BUCKETS_S`);
-* ``cipherpool_queries_total``: counter per ``account``, ``model``, ``outcome`` (computed,
-  refused, failed);
+  per ``account``, ``model``, ``version``, all-time (the buckets of :data:`.timings.BUCKETS_S`);
+* ``cipherpool_queries_total``: counter per ``account``, ``model``, ``version``, ``outcome``
+  (computed, refused, failed);
+* ``cipherpool_refusals_total``: counter per ``reason``, ``code``: every request a gateway
+  refused (:mod:`.refusals`), platform-wide; ``cipherpool_model_refusals_total``: the same per
+  ``account``, ``model`` (``model=""``: the tenant's, naming none of its models);
 * ``cipherpool_queue_depth``: gauge per ``account``, ``model`` (the dedicated queue);
   ``cipherpool_shared_queue_depth``: gauge per ``host_class`` (the shared nodes' queue);
 * ``cipherpool_workers``: gauge per ``account``, ``model``, ``status`` (every status, zeros too);
@@ -23,6 +28,14 @@ nodes, a few Redis reads). The families (docs/operations.md, "Monitoring"):
 * ``cipherpool_nodes_online``: gauge per ``host_class``, ``shared``;
 * the platform's own health (components up, beat's job ages, heartbeats, Redis memory,
   platform events): :mod:`.health_metrics`, from the view `cipherpool status` prints.
+
+**The ``version`` label.** A query is counted under the model version it ran on when the node
+recorded it (:attr:`.timings.Record.version`); what was recorded without one (before versions
+were recorded) stays in a series without the label, so no query is counted twice and none is
+lost: ``sum by (account, model)`` adds up to the model's figures whatever the versions. A
+model with no figures at all shows its zeros without the label. Each version a model ever
+served keeps its series (all-time figures), 3 + 2 x 18 of them; models have few versions, and
+deleting a model drops them all (:func:`.timings.forget`).
 """
 
 from __future__ import annotations
@@ -35,13 +48,14 @@ from dataclasses import dataclass, field
 
 from celery import Celery
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
 from redis import Redis
 from sqlmodel import Session, col, func, select
 
 from cipherpool.billing.money import MICRO
 from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Account, Model, PoolNode, Worker
-from cipherpool.monitoring import depth, platform_events, timings
+from cipherpool.monitoring import depth, platform_events, refusals, timings
 from cipherpool.monitoring.components import read_status
 from cipherpool.monitoring.health_metrics import health_families
 from cipherpool.names import shared_queue
@@ -51,6 +65,7 @@ from cipherpool.statuses import WorkerStatus
 log = logging.getLogger("cipherpool.monitoring")
 MODEL_LABELS = ("account", "account_id", "model")  # names are display names (not unique): ids tell them apart
 OUTCOMES = ("computed", "refused", "failed")  # cipherpool_queries_total's outcome label, Tally fields in order
+MODEL_REFUSALS = "cipherpool_model_refusals"  # filled by query_families (per model), then refusal_families (per account)
 
 
 @dataclass
@@ -95,15 +110,36 @@ def read_database(session: Session, heartbeat_s: float) -> Snapshot:
     return snap
 
 
-def _all_time(redis: Redis, model_id: str) -> timings.Tally:
-    """The model's all-time tally: one read of the hash that :func:`.timings.read` also reads
-    (it would fetch the window's minutes and the latest queries too, which a scrape ignores)."""
-    tally, _per_worker = timings.split_hash(redis.hgetall(timings.total_key(model_id)))  # type: ignore[arg-type]
-    return tally
+def _all_time(redis: Redis, model_id: str) -> tuple[timings.Tally, dict[int, timings.Tally], dict[str, int]]:
+    """The model's all-time tally, each version's, and the gateway's refusals by code: one read
+    of the hash that :func:`.timings.read` also reads (it would fetch the window's minutes and
+    the latest queries too, which a scrape ignores)."""
+    raw: dict[bytes, bytes] = redis.hgetall(timings.total_key(model_id))  # type: ignore[assignment]
+    tally, _per_worker = timings.split_hash(raw)
+    return tally, timings.version_tallies(raw), timings.refusal_counts(raw)
+
+
+def _histogram(family: Metric, labels: dict[str, str], found: timings.Histogram) -> None:
+    """A histogram's samples with these labels (HistogramMetricFamily.add_metric's, for a
+    family whose series do not all carry the same labels)."""
+    for le, n in found.buckets:
+        family.samples.append(Sample(family.name + "_bucket", {**labels, "le": le}, n))
+    family.samples.append(Sample(family.name + "_count", labels, found.count))
+    family.samples.append(Sample(family.name + "_sum", labels, found.sum_s))
+
+
+def _unversioned(total: timings.Tally, versions: dict[int, timings.Tally]) -> timings.Tally:
+    rest = timings.Tally()
+    rest.add(total)
+    for tally in versions.values():
+        for name in timings.TALLY_FIELDS:
+            setattr(rest, name, max(0, getattr(rest, name) - getattr(tally, name)))  # a counter never < 0
+    return rest
 
 
 def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric]:
-    """Per model: queue wait and compute histograms, and queries by outcome (all-time)."""
+    """Per model and version: queue wait and compute histograms, and queries by outcome
+    (all-time); what was recorded without a version in series without the label."""
     wait = HistogramMetricFamily(
         "cipherpool_query_queue_wait_seconds",
         "Time a computed query waited in the broker before a node took it, all-time.",
@@ -120,19 +156,58 @@ def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric
         "(a typed refusal such as a wrong key), failed (an unexpected error).",
         labels=(*MODEL_LABELS, "outcome"),
     )
+    refused = CounterMetricFamily(
+        MODEL_REFUSALS,
+        "Requests the gateways refused for the model (model empty: for the account, naming none of its models), "
+        "by reason and error code.",
+        labels=(*MODEL_LABELS, "reason", "code"),
+    )
     try:
         for account, model in models:
-            labels = [account, model.account_id, model.name]
-            found = timings.histograms(redis, model.id)
-            wait.add_metric(labels, found["queue_wait"].buckets, found["queue_wait"].sum_s)
-            compute.add_metric(labels, found["compute"].buckets, found["compute"].sum_s)
-            tally = _all_time(redis, model.id)
-            for outcome, n in zip(OUTCOMES, (tally.queries, tally.refused, tally.failed)):
-                outcomes.add_metric([*labels, outcome], n)
+            base = dict(zip(MODEL_LABELS, (account, model.account_id, model.name)))
+            found = timings.histogram_sets(redis, model.id)
+            series = [(base | {"version": str(v)}, hist) for v, hist in sorted(found.versions.items())]
+            if not series or found.unversioned["compute"].count or found.unversioned["queue_wait"].count:
+                series.append((base, found.unversioned))
+            for labels, hist in series:
+                _histogram(wait, labels, hist["queue_wait"])
+                _histogram(compute, labels, hist["compute"])
+            tally, versions, codes = _all_time(redis, model.id)
+            counted = [(base | {"version": str(v)}, t) for v, t in sorted(versions.items())]
+            rest = _unversioned(tally, versions)
+            if not counted or rest.attempts:
+                counted.append((base, rest))
+            for labels, t in counted:
+                for outcome, n in zip(OUTCOMES, (t.queries, t.refused, t.failed)):
+                    outcomes.samples.append(Sample(outcomes.name + "_total", labels | {"outcome": outcome}, n))
+            for code, n in sorted(codes.items()):
+                refused.add_metric([account, model.account_id, model.name, refusals.reason_of_code(code), code], n)
     except Exception:  # noqa: BLE001 - without Redis, the database's figures still come
         log.warning("metrics: could not read query times from Redis", exc_info=True)
         return []
-    return [wait, compute, outcomes]
+    return [wait, compute, outcomes, refused]
+
+
+def refusal_families(redis: Redis, snap: Snapshot, per_model: CounterMetricFamily | None) -> list[Metric]:
+    """Every refusal of the platform by reason and code, and (into ``per_model``, the family
+    :func:`query_families` filled) each account's that name none of its models."""
+    platform = CounterMetricFamily(
+        "cipherpool_refusals",
+        "Requests the gateways refused, platform-wide (those that name no model or tenant too), by reason and error code.",
+        labels=("reason", "code"),
+    )
+    try:
+        for code, n in sorted(refusals.platform(redis).items()):
+            platform.add_metric([refusals.reason_of_code(code), code], n)
+        if per_model is not None:
+            found = refusals.accounts(redis, [account_id for _, account_id, _ in snap.balances])
+            for name, account_id, _ in snap.balances:
+                for code, n in sorted(found.get(account_id, {}).items()):
+                    per_model.add_metric([name, account_id, "", refusals.reason_of_code(code), code], n)
+    except Exception:  # noqa: BLE001 - without Redis, the database's figures still come
+        log.warning("metrics: could not read refusals from Redis", exc_info=True)
+        return []
+    return [platform]
 
 
 def depth_families(app: Celery, snap: Snapshot) -> list[Metric]:
@@ -191,7 +266,10 @@ class PlatformCollector:
     def collect(self) -> Iterator[Metric]:
         with self._ctx.session() as session:
             snap = read_database(session, self._ctx.settings.node_heartbeat_s)
-        yield from query_families(self._ctx.store.redis, snap.models)
+        queries = query_families(self._ctx.store.redis, snap.models)
+        per_model = next((f for f in queries if isinstance(f, CounterMetricFamily) and f.name == MODEL_REFUSALS), None)
+        yield from refusal_families(self._ctx.store.redis, snap, per_model)
+        yield from queries
         yield from depth_families(self._app, snap)
         yield from database_families(snap)
         yield from health(self._ctx)

@@ -86,6 +86,8 @@ def model_stats(
         all_time=found.all_time_figures(),
         current=current(found.current(last)),
         workers=rows,
+        refusals=found.refusals_window,
+        refusals_all_time=found.refusals_all_time,
     )
 
 

@@ -24,6 +24,16 @@ platform's: unexpected errors, and typed failures of its own such as the store o
 The error rate is ``failed / (queries + failed)``: what callers send wrong never moves it, so
 a caller cannot raise a provider's error rate (and set off its alerts) nor hide failures
 under refusals; the refusal rate is ``refused`` over all three, so a provider still sees them.
+
+Two more kinds of fields share the model's hashes; readers that do not know them skip them
+(:func:`split_hash` takes only the tally's names):
+
+* ``v:<version>:<name>`` in ``:all`` and ``:hist``: the same figures for the model version the
+  query ran on (a node that knows it says so: :attr:`Record.version`), which ``/metrics``
+  exports with a ``version`` label (:func:`version_tallies`, :func:`histogram_sets`). Written
+  in the same MULTI as the model-wide figures, so a reader never sees one without the other.
+* ``r:<code>`` in the minute hashes and ``:all``: requests the gateway refused for this model,
+  by error code (:mod:`.refusals`), read with the window in the same round trip.
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ SHARED = "shared"  # the worker id of queries computed on shared nodes
 # a bootstrapped model's minutes.
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 US = 1_000_000
+VERSION_FIELD = "v:"  # + version + ":" + name: a field counted for one model version
+REFUSAL_FIELD = "r:"  # + error code: requests the gateway refused for the model (monitoring.refusals)
 log = logging.getLogger("cipherpool.monitoring")
 
 
@@ -131,6 +143,39 @@ def split_hash(raw: dict[bytes, bytes]) -> tuple[Tally, dict[str, Tally]]:
     return model, workers
 
 
+def _by_version(raw: dict[bytes, bytes]) -> dict[int, dict[str, int]]:
+    """The ``v:<version>:<name>`` fields of a hash: version -> name -> value."""
+    found: dict[int, dict[str, int]] = {}
+    for name_b, value_b in raw.items():
+        name = name_b.decode()
+        if not name.startswith(VERSION_FIELD):
+            continue
+        version, _, part = name[len(VERSION_FIELD) :].partition(":")
+        if version.isdigit() and part:
+            fields = found.setdefault(int(version), {})
+            fields[part] = fields.get(part, 0) + int(value_b)
+    return found
+
+
+def version_tallies(raw: dict[bytes, bytes]) -> dict[int, Tally]:
+    """Per model version, the tally of an ``:all`` hash (queries recorded with their version)."""
+    tallies = {}
+    for version, fields in _by_version(raw).items():
+        tallies[version] = Tally(**{name: fields.get(name, 0) for name in TALLY_FIELDS})
+    return tallies
+
+
+def refusal_counts(raw: dict[bytes, bytes]) -> dict[str, int]:
+    """The ``r:<code>`` fields of a hash: requests the gateway refused, by error code."""
+    found: dict[str, int] = {}
+    for name_b, value_b in raw.items():
+        name = name_b.decode()
+        if name.startswith(REFUSAL_FIELD):
+            code = name[len(REFUSAL_FIELD) :]
+            found[code] = found.get(code, 0) + int(value_b)
+    return found
+
+
 @dataclass(frozen=True)
 class Sample:
     """One computed query, as the ``recent`` list keeps it."""
@@ -193,6 +238,8 @@ class ModelTimings:
     workers_window: dict[str, Tally] = field(default_factory=dict)
     workers_all_time: dict[str, Tally] = field(default_factory=dict)
     recent: list[Sample] = field(default_factory=list)  # newest first
+    refusals_window: dict[str, int] = field(default_factory=dict)  # the gateway's refusals by error code
+    refusals_all_time: dict[str, int] = field(default_factory=dict)
 
     def window_figures(self, worker: str | None = None) -> TimingFigures:
         tally = self.window if worker is None else self.workers_window.get(worker, Tally())
@@ -229,15 +276,19 @@ def read(redis: Redis, model_id: str, window_s: int, now: float | None = None) -
         pipe.hgetall(total_key(model_id))
         pipe.lrange(recent_key(model_id), 0, KEEP_RECENT - 1)
         replies = pipe.execute()
-    window, per_worker = Tally(), dict[str, Tally]()
+    window, per_worker, refused = Tally(), dict[str, Tally](), dict[str, int]()
     for raw in replies[: len(minutes)]:
         model, workers = split_hash(raw)
         window.add(model)
         for worker, tally in workers.items():
             per_worker.setdefault(worker, Tally()).add(tally)
+        for code, n in refusal_counts(raw).items():
+            refused[code] = refused.get(code, 0) + n
     all_time, all_workers = split_hash(replies[-2])
     recent = [Sample.decode(item) for item in replies[-1]]
-    return ModelTimings(model_id, window_s, span, window, all_time, per_worker, all_workers, recent)
+    return ModelTimings(
+        model_id, window_s, span, window, all_time, per_worker, all_workers, recent, refused, refusal_counts(replies[-2])
+    )
 
 
 @dataclass(frozen=True)
@@ -247,18 +298,53 @@ class Histogram:
     buckets: list[tuple[str, int]]  # (le, cumulative count), ending with +Inf
     sum_s: float
 
+    @property
+    def count(self) -> int:
+        return self.buckets[-1][1]
 
-def histograms(redis: Redis, model_id: str) -> dict[str, Histogram]:
-    """``{"queue_wait": ..., "compute": ...}`` of one model, all-time."""
-    raw = {k.decode(): int(v) for k, v in redis.hgetall(histogram_key(model_id)).items()}  # type: ignore[union-attr]
+
+HISTOGRAM_PARTS = ("queue_wait", "compute")
+
+
+def _cumulate(raw: dict[str, int]) -> dict[str, Histogram]:
+    """Cumulative histograms of the raw fields (``<part>:<bucket index>``, ``<part>:sum_us``)."""
     found = {}
-    for part in ("queue_wait", "compute"):
+    for part in HISTOGRAM_PARTS:
         running, buckets = 0, []
         for i, bound in enumerate((*BUCKETS_S, math.inf)):
             running += raw.get(f"{part}:{i}", 0)
             buckets.append(("+Inf" if bound == math.inf else repr(bound), running))
         found[part] = Histogram(buckets, raw.get(f"{part}:sum_us", 0) / US)
     return found
+
+
+def histograms(redis: Redis, model_id: str) -> dict[str, Histogram]:
+    """``{"queue_wait": ..., "compute": ...}`` of one model, all-time."""
+    raw = {k.decode(): int(v) for k, v in redis.hgetall(histogram_key(model_id)).items()}  # type: ignore[union-attr]
+    return _cumulate(raw)
+
+
+@dataclass(frozen=True)
+class HistogramSet:
+    """One model's histograms, all-time: every query's, each model version's, and the rest
+    (queries recorded with no version: before versions were recorded, or by a node that did
+    not know it); each query is in ``total`` and in exactly one of the others."""
+
+    total: dict[str, Histogram]
+    versions: dict[int, dict[str, Histogram]]
+    unversioned: dict[str, Histogram]
+
+
+def histogram_sets(redis: Redis, model_id: str) -> HistogramSet:
+    """:func:`histograms`, with each version's apart (one read of the same hash)."""
+    raw: dict[bytes, bytes] = redis.hgetall(histogram_key(model_id))  # type: ignore[assignment]
+    total = {k.decode(): int(v) for k, v in raw.items() if not k.startswith(VERSION_FIELD.encode())}
+    versions = _by_version(raw)
+    rest = dict(total)
+    for fields in versions.values():
+        for name, value in fields.items():
+            rest[name] = max(0, rest.get(name, 0) - value)  # written in one MULTI: never below 0 unless edited by hand
+    return HistogramSet(_cumulate(total), {v: _cumulate(f) for v, f in versions.items()}, _cumulate(rest))
 
 
 @dataclass(frozen=True)
@@ -270,22 +356,33 @@ class Record:
     adds: dict[str, int]
     sample: Sample | None = None
     histogram: dict[str, int] | None = None
+    version: int | None = None  # the model version it ran on, when the node knows it
+
+
+def _add(sums: dict[tuple[str, str], int], key: str, name: str, value: int) -> None:
+    sums[(key, name)] = sums.get((key, name), 0) + value
 
 
 def write(redis: Redis, records: list[Record]) -> None:
     """Add queries' figures to their models' minute, all-time, histogram and latest-queries
-    keys, in one pipelined round trip (additions to one field summed first)."""
+    keys, in one round trip (additions to one field summed first). One MULTI: a reader sees
+    a version's figures exactly when it sees the model-wide ones they are part of."""
     sums: dict[tuple[str, str], int] = {}
     buckets: set[str] = set()
     for r in records:
         bucket = minute_key(r.model_id, math.floor(r.at / MINUTE_S))
         buckets.add(bucket)
+        versioned = f"{VERSION_FIELD}{r.version}:" if r.version is not None else None
         for name, value in r.adds.items():
             for key in (bucket, total_key(r.model_id)):
-                sums[(key, name)] = sums.get((key, name), 0) + value
+                _add(sums, key, name, value)
+            if versioned and not name.startswith("w:"):  # the model's figures per version, not each worker's
+                _add(sums, total_key(r.model_id), versioned + name, value)
         for name, value in (r.histogram or {}).items():
-            sums[(histogram_key(r.model_id), name)] = sums.get((histogram_key(r.model_id), name), 0) + value
-    with redis.pipeline(transaction=False) as pipe:
+            _add(sums, histogram_key(r.model_id), name, value)
+            if versioned:
+                _add(sums, histogram_key(r.model_id), versioned + name, value)
+    with redis.pipeline(transaction=True) as pipe:
         for (key, name), value in sums.items():
             pipe.hincrby(key, name, value)
         for bucket in buckets:
@@ -297,10 +394,10 @@ def write(redis: Redis, records: list[Record]) -> None:
         pipe.execute()
 
 
-def count_refused(redis: Redis, model_id: str, at: float | None = None) -> None:
+def count_refused(redis: Redis, model_id: str, at: float | None = None, version: int | None = None) -> None:
     """One of the caller's errors that the gateway refused before any node saw it (a
     ciphertext that cannot be evaluated): counted with the model's refusals, on no worker."""
-    write(redis, [Record(time.time() if at is None else at, model_id, {"refused": 1})])
+    write(redis, [Record(time.time() if at is None else at, model_id, {"refused": 1}, version=version)])
 
 
 def forget(redis: Redis, model_id: str) -> None:

@@ -62,6 +62,7 @@ class QueryEvent:
     token_id: str | None = None
     account_id: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    version: int | None = None  # the model version: the one asked for once decoded, the one that ran once loaded
 
     @property
     def worker_id(self) -> str | None:

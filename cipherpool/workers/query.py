@@ -75,6 +75,7 @@ def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: De
         return _refuse(query, hooks, error)
     query.model_id, query.key_id, query.token_id = request.model_id, request.key_id, request.token_id
     query.account_id = request.account_id or None
+    query.version = request.version or None
     query.timings["queue_wait_s"] = max(0.0, query.received_at - request.submitted_at) if request.submitted_at else 0.0
     hooks.query_received(query)
     try:
@@ -107,6 +108,7 @@ def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, q
     started = query.received_at
     encrypted = _open(ctx, request)  # first: a ciphertext no node could evaluate costs no model load, no key
     evaluator, version = _evaluator(ctx, runtime, request, query)
+    query.version = version or None
     query.timings["open_s"] = time.time() - started
     runtime.hooks.query_authorised(query)
 

@@ -54,7 +54,7 @@ class QueryTimings(Hook):
             return
         worker = query.worker_id or SHARED
         adds = {name: value for key, value in amounts.items() for name in (key, f"w:{worker}:{key}")}
-        record = Record(self._clock(), model_id, adds, sample, histogram)
+        record = Record(self._clock(), model_id, adds, sample, histogram, query.version)
         if self._flush_s is None:
             self._write([record])
             return

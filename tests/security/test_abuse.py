@@ -148,6 +148,7 @@ def world(tmp_path_factory) -> Iterator[World]:
         store.redis.close()
 
         app = create_app(s)
+        app.state.gw.refusals.flush_s = 3600  # no "refusals" event between two reads of a model's log
         with TestClient(app, raise_server_exceptions=False) as client:
             w = World(client, app, redis.Redis.from_url(url), db, a_key, b_key, token, token_id, a_model_id, b_model_id, started)
             answer = w.call(token, "PUT", f"/v1/client/keys/{KEY_ID}", content=struct.pack("<II", 0, 4) + b"\x07" * 32)

@@ -113,12 +113,17 @@ class World:
     def state(self, who: str) -> dict[str, Any]:
         """Everything the account's API key (and its token) shows: models with their details,
         versions and events, tokens, workers, the account; plus, from the platform itself,
-        its evaluation keys and query ownership."""
+        its evaluation keys and query ownership.
+
+        The gateway's refusal counts are written first, so a refusal counted for a model of
+        B's would show as a ``refusals`` event in B's log. A's own refusals are A's (each of
+        its refused attempts counts for A's model): left out of A's log."""
         from sqlmodel import col, select
 
         from cipherpool.db import session_scope
         from cipherpool.db.tables import EvaluationKey
 
+        self.client.app.state.gw.refusals.flush()
         models = self.ok(who, "GET", "/v1/models")
         out: dict[str, Any] = {
             "account": self.ok(who, "GET", "/v1/account"),
@@ -138,7 +143,8 @@ class World:
             name = m["name"]
             out[f"model {name}"] = self.ok(who, "GET", f"/v1/models/{name}")
             out[f"versions {name}"] = self.ok(who, "GET", f"/v1/models/{name}/versions")
-            out[f"events {name}"] = self.ok(who, "GET", f"/v1/models/{name}/events")
+            events = self.ok(who, "GET", f"/v1/models/{name}/events")
+            out[f"events {name}"] = [e for e in events if who == "b" or e["kind"] != "refusals"]
             out[f"autoscale {name}"] = self.ok(who, "GET", f"/v1/models/{name}/autoscale")
         token_ids = [t["id"] for t in out["tokens"]]
         with session_scope(self.db) as session:
