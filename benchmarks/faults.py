@@ -18,8 +18,9 @@ never answered), failed (a typed error, with its code). A fault may cost time, n
 
 Timeouts are shortened through the environment (visibility 10 s, heartbeats 2 s, reconcile
 2 s), as an operator would for small models, so that each scenario takes a minute or two. A
-node hook (HeldQuery) makes each query hold its node 0.5 s, as a heavier model would: the
-cancer model alone takes 30 ms, and a fault would hardly ever meet a query in progress.
+node hook (HeldQuery, tests/integration/hosts.py) makes each query hold its node 0.5 s, as a
+heavier model would: the cancer model alone takes 30 ms, and a fault would hardly ever meet a
+query in progress.
 
 Usage: sudo .venv/bin/python benchmarks/faults.py [--scenario NAME ...]   (default: all)
 Needs root for the network namespaces (tests/netns.py); PostgreSQL on 127.0.0.1:5432 is used
@@ -35,7 +36,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,15 +52,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cipherpool.workers.hooks import Hook, QueryEvent
-
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # tests.netns, when run as a script
+    sys.path.insert(0, str(REPO))  # tests.netns and tests.integration.hosts, when run as a script
+
+# Shared with tests/integration/test_hosts_apart.py.
+from tests.integration.hosts import (  # noqa: E402
+    HOLD_ENV,
+    RABBITMQ,
+    listening,
+    own_redis,
+    rabbitmq_vhost,
+    rabbitmqctl,
+    start_redis,
+)
 
 # Read before the CIPHERPOOL_* environment is cleared (main()).
 PG_ADMIN_URL = os.environ.get("CIPHERPOOL_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-RABBITMQ = ("127.0.0.1", 5672)
 NET_PREFIX = "cpfault"  # namespaces and veth links of this script; leftovers are removed at start
 SUBNET = "10.231.{}.0/30"  # private, between this script's own namespace and veth ends only
 DB_PREFIX = "cipherpool_faults_"  # PostgreSQL databases and RabbitMQ vhosts of this script
@@ -81,18 +89,6 @@ LOST_CODES = {"query_timeout", "model_unavailable", "gateway_unavailable", "no a
 CELERY = [sys.executable, "-m", "celery", "-A", "cipherpool.tasks"]
 QUIET = ["--without-gossip", "--without-mingle", "--loglevel", "INFO"]
 T = TypeVar("T")
-
-
-class HeldQuery(Hook):
-    """A node hook (``CIPHERPOOL_NODE_HOOKS=faults:HeldQuery``, benchmarks/ on the
-    nodes' PYTHONPATH: a package named benchmarks is installed): each query holds
-    its node QUERY_HOLD_S longer, as a heavier model's FHE run would. The cancer model alone
-    computes in about 30 ms, so a fault would almost never find a query that a node has taken
-    and not finished, the very case that redelivery is there for. The answer is still the
-    real FHE result, checked by the client."""
-
-    def query_authorised(self, query: QueryEvent) -> None:
-        time.sleep(QUERY_HOLD_S)
 
 
 # --- results ------------------------------------------------------------------------------
@@ -267,12 +263,6 @@ def tally(out: Outcome, trickle: Trickle, expected: Any, bound_s: float = QUERY_
 # --- infrastructure: database, Redis, RabbitMQ ------------------------------------------
 
 
-def listening(address: tuple[str, int]) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(address) == 0
-
-
 def poll_until(predicate: Callable[[], T | None], timeout_s: float, interval_s: float = 0.2) -> T | None:
     """The first truthy value of ``predicate()`` within ``timeout_s``, else None (a figure,
     not a failure: the caller reports that it did not happen)."""
@@ -341,22 +331,6 @@ def database(root: Path) -> Iterator[Database]:
         admin.dispose()
 
 
-def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=True)
-
-
-@contextlib.contextmanager
-def rabbitmq_vhost() -> Iterator[str]:
-    """A vhost of this run's own on the machine's RabbitMQ, deleted afterwards."""
-    name = f"{DB_PREFIX}{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield name
-    finally:
-        rabbitmqctl("delete_vhost", name)
-
-
 def remove_leftovers() -> None:
     """What a killed earlier run of this script left: its namespaces, veth links, databases
     and vhosts (all named with this script's prefixes, so nothing else is touched)."""
@@ -387,56 +361,6 @@ def remove_leftovers() -> None:
             if name.startswith(DB_PREFIX):
                 rabbitmqctl("delete_vhost", name)
                 print(f"removed leftover vhost {name}")
-
-
-@dataclass
-class OwnRedis:
-    """The platform's Redis: password, append-only file, bound to loopback and to the host
-    end of each namespace's veth pair (the address a node "on another host" uses)."""
-
-    argv: list[str]
-    port: int
-    secret: str
-    child: Any = None  # the supervisor's Child, once started
-
-    def url(self, host: str = "127.0.0.1") -> str:
-        return f"redis://:{self.secret}@{host}:{self.port}/0"
-
-    def start(self, supervisor: Any) -> OwnRedis:
-        self.child = supervisor.start("redis", self.argv, {"PATH": "/usr/bin:/bin"})
-        if not poll_until(self.answers, 30, 0.05):
-            raise RuntimeError(f"redis-server did not answer; see {self.child.log_path}")
-        return self
-
-    def answers(self) -> bool:
-        import redis
-
-        client = redis.Redis.from_url(self.url(), socket_connect_timeout=1, socket_timeout=2)
-        try:
-            return bool(client.ping())
-        except redis.RedisError:  # refused, or still loading the append-only file
-            return False
-        finally:
-            client.close()
-
-
-def own_redis(root: Path, bind: tuple[str, ...] = ()) -> OwnRedis:
-    """A Redis configured (port, password, data directory) but not started yet."""
-    from cipherpool.files import private_dir
-    from cipherpool.stack.redis_server import find_redis_server, write_config
-    from cipherpool.stack.supervisor import free_port
-
-    folder = root / "redis"
-    private_dir(folder)
-    port, secret = free_port(), uuid.uuid4().hex
-    config = write_config(folder, port, secret, 512 * 1024**2)
-    if bind:
-        config.write_text(config.read_text().replace("bind 127.0.0.1", "bind 127.0.0.1 " + " ".join(bind)))
-    return OwnRedis([find_redis_server(), str(config)], port, secret)
-
-
-def start_redis(supervisor: Any, root: Path, bind: tuple[str, ...] = ()) -> OwnRedis:
-    return own_redis(root, bind).start(supervisor)
 
 
 # --- the platform ---------------------------------------------------------------------------
@@ -486,7 +410,8 @@ class Platform:
             "CIPHERPOOL_QUERY_TIMEOUT_S": str(QUERY_TIMEOUT_S),
             "CIPHERPOOL_METRICS_TOKEN": self.metrics_token,
             "CIPHERPOOL_NODE_THREADS": "1",
-            "CIPHERPOOL_NODE_HOOKS": "faults:HeldQuery",
+            "CIPHERPOOL_NODE_HOOKS": "tests.integration.hosts:HeldQuery",
+            HOLD_ENV: str(QUERY_HOLD_S),
         }
 
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> Any:
@@ -755,7 +680,7 @@ def partition(run: Run, broker: str) -> None:
     else:
         out.note("SQLite: the node's heartbeat reaches the shared file through the partition")
     if broker == "rabbitmq":
-        vhost = run.resources.enter_context(rabbitmq_vhost())
+        vhost = run.resources.enter_context(rabbitmq_vhost(DB_PREFIX))
         mq_relay = run.resources.enter_context(TcpRelay((ns.host_address, 0), RABBITMQ))
         near_broker = f"amqp://guest:guest@{RABBITMQ[0]}:{RABBITMQ[1]}/{vhost}"
         apart_broker = f"amqp://guest:guest@{mq_relay.address[0]}:{mq_relay.address[1]}/{vhost}"

@@ -74,6 +74,48 @@ def cleanup(prefix: str) -> list[str]:
     return removed
 
 
+def cleanup_idle(prefix: str) -> list[str]:
+    """Like :func:`cleanup`, for callers whose runs may overlap (two test sessions on one
+    machine): only the namespaces of ``prefix`` in which no process runs (a live run has its
+    processes in its own), with their veth pairs, and host-side links of ``prefix`` whose
+    namespace is gone. Returns what was removed."""
+    removed = []
+    names = [line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.split()]
+    for name in names:
+        if name.startswith(prefix) and not _ip("netns", "pids", name, check=False).stdout.split():
+            _ip("link", "del", f"{name}-h", check=False)
+            _ip("netns", "del", name, check=False)
+            removed.append(name)
+    for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
+        link = line.split(":", 2)[1].strip().split("@")[0] if ":" in line else ""
+        if link.startswith(prefix) and link.endswith("-h") and link.removesuffix("-h") not in names:
+            _ip("link", "del", link, check=False)
+            removed.append(link)
+    return removed
+
+
+def free_subnets(count: int, within: str = "10.200.0.0/13") -> list[str]:
+    """``count`` /30 subnets of one /24 of ``within`` (private) that no address of this
+    machine falls in, picked at random among the free ones, so that runs side by side do not
+    collide. ValueError where none is free."""
+    import random
+
+    block = ipaddress.ip_network(within)
+    if not block.subnet_of(ipaddress.ip_network("10.0.0.0/8")) or count > 64:
+        raise ValueError(f"{within}: inside 10.0.0.0/8, and at most 64 subnets of one /24")
+    used = []  # this machine's networks, but not a broad one (a /8 on eth0): a /30 route beats it
+    for line in _ip("-o", "addr", "show", check=False).stdout.splitlines():
+        words = line.split()
+        if len(words) > 3 and words[2] == "inet":
+            interface = ipaddress.ip_interface(words[3])
+            used.append(interface.network if interface.network.prefixlen >= 16 else ipaddress.ip_network(interface.ip))
+    candidates = [n for n in block.subnets(new_prefix=24) if not any(n.overlaps(u) for u in used)]
+    if not candidates:
+        raise ValueError(f"no /24 of {within} is free on this machine")
+    chosen = random.choice(candidates)
+    return [str(s) for s in list(chosen.subnets(new_prefix=30))[:count]]
+
+
 @dataclass
 class Namespace:
     """A network namespace ``name`` with one veth pair: ``host_address`` on the host's end,
@@ -127,11 +169,18 @@ class Namespace:
         return [ip_binary(), "netns", "exec", self.name, *argv]
 
     def partition(self) -> None:
-        """Cut the namespace off: the host-side link down. Connections are not reset."""
+        """Cut the namespace off: the host-side link down. Connections are not reset: what is
+        sent is buffered, reads wait. The inside end loses carrier, as with a pulled cable, so a
+        new connection from inside fails at once with "No route to host" (behind a failed
+        switch it would time out instead)."""
         _ip("link", "set", self.host_link, "down")
 
     def heal(self) -> None:
         _ip("link", "set", self.host_link, "up")
+
+    def pids(self) -> list[int]:
+        """The processes running inside (``ip netns pids``)."""
+        return [int(p) for p in _ip("netns", "pids", self.name, check=False).stdout.split()]
 
     def partitioned(self) -> bool:
         return "state DOWN" in _ip("link", "show", self.host_link, check=False).stdout

@@ -63,6 +63,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # After a broker reconnect Celery lowers the prefetch count, then restores it with a
+        # blocking basic_qos from whichever pool thread acknowledges first; on RabbitMQ that thread
+        # and the main thread (adding a consumer at a rebind) then read one connection at once and
+        # can swallow each other's frames: the node hung until the broker dropped it (seen in
+        # tests/integration/test_hosts_apart.py). Prefetch is one per slot anyway.
+        "worker_enable_prefetch_count_reduction": False,
         "task_default_queue": CONTROL_QUEUE,
         "task_create_missing_queues": True,
         "task_track_started": True,
