@@ -3,8 +3,8 @@
 #
 #   bash scripts/test.sh          everything, as CI runs it (.ci/run): the gate; the unit and
 #                                 security tiers, PostgreSQL variants included, on 3 processes
-#                                 (-m "not integration"); then the integration tier in one process
-#                                 (each of its sessions starts a whole stack). Unit tests come
+#                                 (-m "not integration"); then the integration tier on 2 processes
+#                                 (each file starts a whole stack of its own). Unit tests come
 #                                 first, so a broken one is reported before anything slow runs.
 #   bash scripts/test.sh --fast   during development: the gate, then the unit and security tests
 #                                 on SQLite only (-m "not integration and not postgres"), on 3
@@ -41,5 +41,13 @@ if [ $# -gt 0 ]; then
 fi
 status=0
 "${pytest[@]}" "${parallel[@]}" -m "not integration" || status=$?
-"${pytest[@]}" -m integration || status=$((status ? status : $?))
+# The integration tier on two processes (CIPHERPOOL_TEST_INTEGRATION_WORKERS; 0: one): its tests
+# mostly wait on processes they started, each file on a stack of its own, so two files side by
+# side take about the time of the longer; the longest files start first (tests/conftest.py).
+iworkers="${CIPHERPOOL_TEST_INTEGRATION_WORKERS:-2}"
+iparallel=()
+if [ "$iworkers" != 0 ]; then
+  iparallel=(-n "$iworkers" --dist loadfile)
+fi
+"${pytest[@]}" "${iparallel[@]}" -m integration || status=$((status ? status : $?))
 exit "$status"

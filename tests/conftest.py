@@ -82,6 +82,24 @@ def _runs_on_postgres(item: pytest.Item) -> bool:
     return bool(POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())))
 
 
+# Integration files that take longest, run first: with the tier on two processes (scripts/test.sh),
+# a long file started last would leave one process idle while the other finishes it.
+LONG_FIRST = (
+    "test_demo.py",
+    "test_hosts_apart.py",
+    "test_autoscale.py",
+    "test_examples.py",
+    "test_lifecycle.py",
+    "test_bad_input.py",
+)
+
+
+def _order(item: pytest.Item) -> tuple[int, int]:
+    tier = _tier(item)
+    name = Path(str(item.path)).name
+    return tier, LONG_FIRST.index(name) if tier == INTEGRATION and name in LONG_FIRST else len(LONG_FIRST)
+
+
 def _tier(item: pytest.Item) -> int:
     path = Path(str(item.path))
     if path.is_relative_to(TESTS / "security"):
@@ -95,7 +113,8 @@ def _tier(item: pytest.Item) -> int:
 def pytest_collection_modifyitems(config, items):
     """Marks first (so that ``-m`` selects on them), then, once pytest has deselected and
     grouped the items by fixture, orders the run by tier: unit, security, integration. The
-    sort is stable: within a tier, files and parameters keep pytest's order."""
+    sort is stable: within a tier, files and parameters keep pytest's order, but for the long
+    integration files, which come first (``LONG_FIRST``)."""
     for item in items:
         path = Path(str(item.path))
         if path.is_relative_to(TESTS / "security"):
@@ -105,7 +124,7 @@ def pytest_collection_modifyitems(config, items):
         if _runs_on_postgres(item):
             item.add_marker(pytest.mark.postgres)
     result = yield
-    items[:] = sorted(items, key=_tier)
+    items[:] = sorted(items, key=_order)
     return result
 
 

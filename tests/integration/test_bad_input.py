@@ -88,7 +88,7 @@ def test_evaluation_key_never_uploaded(platform, examples, tmp_path, still_servi
         qc._t.request("POST", "/v1/queries", content=ciphertext, headers={"Content-Type": "application/octet-stream"})
     # ... on which the client uploads its key set by itself and sends the query again, once
     assert qc.decrypt(qc.execute(ciphertext)) is not None
-    assert len(qc.key_actions) == 1 and "was not on the platform" in qc.key_actions[0]
+    assert len(qc.key_actions) == 1 and "was not uploaded yet: uploaded it and retried the query" in qc.key_actions[0]
     qc.close()
 
 
