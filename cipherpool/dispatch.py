@@ -133,7 +133,7 @@ def submit(
         request = prepare_query(settings, store, grant, model, envelope, ciphertext, blob_id)
         if before_publish is not None:
             before_publish()
-        keep = store.redis if settings.broker_is_redis() and settings.redelivery_grace_s > 0 else None
+        keep = keeper(settings, store)
         return publish_query(
             app,
             request,
@@ -147,6 +147,12 @@ def submit(
     except Exception:
         _refund(store, grant)
         raise
+
+
+def keeper(settings: Settings, store: BlobStore) -> redis.Redis | None:
+    """Where a published query is kept until a node starts it (:mod:`cipherpool.inflight`): the
+    platform's Redis on a Redis broker with redelivery on; nowhere on RabbitMQ."""
+    return store.redis if settings.broker_is_redis() and settings.redelivery_grace_s > 0 else None
 
 
 def send_warmups(

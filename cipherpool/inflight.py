@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -62,6 +63,10 @@ class Record:
     sent: int  # how many times it was redelivered
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _key(query_id: str) -> str:
     return INFLIGHT_PREFIX + query_id
 
@@ -95,10 +100,21 @@ def forget_quietly(client: redis.Redis, query_id: str) -> None:
         log.debug("could not forget the in-flight record of %s: %s", query_id, exc)
 
 
-def older_than(client: redis.Redis, published_before: float, limit: int = 1000) -> list[str]:
-    """Ids of the recorded queries published before ``published_before``, oldest first."""
-    ids = client.zrangebyscore(INFLIGHT_INDEX_KEY, "-inf", published_before, start=0, num=limit)
-    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+def pages_older_than(client: redis.Redis, published_before: float, size: int = 1000) -> Iterator[list[str]]:
+    """Ids of the recorded queries published before ``published_before``, oldest first, a page
+    at a time until each was seen once: a backlog of queries waiting their turn never hides a
+    newer one. A score cursor, not an offset: the caller forgets records between pages."""
+    low: float | str = "-inf"
+    seen: set[str] = set()
+    while True:
+        rows = client.zrangebyscore(INFLIGHT_INDEX_KEY, low, published_before, start=0, num=size, withscores=True)
+        page = [(_text(row[0]), float(row[1])) for row in rows if isinstance(row, (tuple, list))]
+        page = [(i, score) for i, score in page if i not in seen]
+        if not page:
+            return
+        seen.update(i for i, _ in page)
+        low = page[-1][1]  # inclusive: records of the same score are read again, and skipped
+        yield [i for i, _ in page]
 
 
 def load(client: redis.Redis, query_ids: list[str]) -> dict[str, Record | None]:
@@ -121,17 +137,34 @@ def load(client: redis.Redis, query_ids: list[str]) -> dict[str, Record | None]:
     return found
 
 
+# Beat's marks touch a record only while it exists: a node may forget it meanwhile, and a mark
+# must not bring it back without its expiry.
+_MARK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] == 'missing' then redis.call('HSET', KEYS[1], 'missing', ARGV[2])
+elseif ARGV[1] == 'found' then redis.call('HDEL', KEYS[1], 'missing')
+else redis.call('HDEL', KEYS[1], 'missing'); redis.call('HINCRBY', KEYS[1], 'sent', 1) end
+return 1
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def mark_missing(client: redis.Redis, query_id: str, now: float) -> None:
-    client.hset(_key(query_id), "missing", repr(now))
+    client.eval(_MARK, 1, _key(query_id), "missing", repr(now))
 
 
 def mark_found(client: redis.Redis, query_id: str) -> None:
-    client.hdel(_key(query_id), "missing")
+    client.eval(_MARK, 1, _key(query_id), "found", "")
 
 
 def mark_sent(client: redis.Redis, query_id: str) -> None:
     """After a redelivery: found missing again only by two new looks."""
-    pipe = client.pipeline(transaction=False)
-    pipe.hdel(_key(query_id), "missing")
-    pipe.hincrby(_key(query_id), "sent", 1)
-    pipe.execute()
+    client.eval(_MARK, 1, _key(query_id), "sent", "")
+
+
+def release(client: redis.Redis, lock_key: str, token: str) -> None:
+    """Drop a lock only if it is still the caller's (it may have expired and been taken)."""
+    client.eval(_RELEASE, 1, lock_key, token)

@@ -88,3 +88,19 @@ def test_behind_a_path_prefix_every_url_carries_it(tmp_path):
         urls = ASSET_URL.findall(html)
         assert urls and all(u.startswith("/api" + ASSETS + "/") for u in urls), urls
         assert "/api/openapi.json" in html
+
+
+def test_behind_a_proxy_prefix_uvicorn_passes_in_the_path_the_pages_stay_public(tmp_path):
+    """uvicorn --root-path /api puts the prefix in the ASGI path as well: the guard must match
+    what the routes match (the path after the prefix), or the public pages answer 401."""
+    from fastapi.testclient import TestClient
+
+    from cipherpool.config.settings import Settings
+    from cipherpool.gateway.app import create_app
+
+    app = create_app(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:9/0"))
+    prefixed = TestClient(app, root_path="/api", raise_server_exceptions=False)
+    for path in ["/api/docs", "/api/redoc", f"/api{ASSETS}/{next(iter(ASSET_FILES))}", "/api/openapi.json"]:
+        answer = prefixed.get(path)
+        assert answer.status_code == 200, (path, answer.status_code, answer.text[:200])
+    assert prefixed.get("/api/v1/models").status_code == 401  # the rest still needs a credential

@@ -196,3 +196,25 @@ class FlowerWithPages(AsyncHTTPTestCase):
         for path in ("/models", "/api/models"):
             answer = self._get(path)
             assert answer.code == 503 and b"could not be read" in answer.body
+
+    def test_names_are_escaped_on_the_page(self):
+        """Account and worker names come from tenants and operators: never markup on the page."""
+        self.pages.platform_figures = lambda *_, **__: [("<script>alert(1)</script>", _stats())]
+        html = self._get("/models?refresh=0").body.decode()
+        assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_flower_refuses_to_serve_without_a_login(tmp_path):
+    """Flower itself would serve with no login; the Models page names every tenant's models."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWER_", "CIPHERPOOL_"))}
+    env["CIPHERPOOL_DATA_DIR"] = str(tmp_path)
+    env["CIPHERPOOL_BROKER_URL"] = "redis://127.0.0.1:9/0"  # never reached: it stops before
+    result = subprocess.run(
+        [sys.executable, "-m", "cipherpool", "flower", "--port=0"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "without a login" in result.stderr and "FLOWER_BASIC_AUTH" in result.stderr

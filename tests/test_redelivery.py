@@ -19,7 +19,7 @@ from cipherpool import inflight
 from cipherpool.config.celery import create_app
 from cipherpool.config.settings import Settings
 from cipherpool.context import PlatformContext
-from cipherpool.dispatch import publish_query, query_queue
+from cipherpool.dispatch import keeper, publish_query, query_queue
 from cipherpool.errors import BrokerUnavailable
 from cipherpool.messages import QueryRequest
 from cipherpool.names import INFLIGHT_INDEX_KEY, INFLIGHT_PREFIX, RESULT_META_PREFIX
@@ -27,6 +27,8 @@ from cipherpool.scheduler import redeliver
 from cipherpool.stack.redis_server import start_redis
 from cipherpool.stack.supervisor import Supervisor
 from cipherpool.store import redis_client
+from cipherpool.workers.node import NodeRuntime
+from cipherpool.workers.query import Delivery, handle
 
 GRACE = 10.0
 
@@ -215,4 +217,62 @@ def test_nothing_is_kept_or_looked_at_on_rabbitmq(tmp_path, redis_url):
 
 def test_a_node_forgets_quietly_when_redis_is_gone():
     gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    inflight.forget_quietly(gone, "q")  # no exception: the record is left to beat
+    with pytest.raises(redis.ConnectionError):
+        inflight.forget(gone, "q")
+    inflight.forget_quietly(gone, "q")  # the same failure, swallowed: the record is left to beat
+
+
+def test_queries_are_kept_on_a_redis_broker_only_and_only_with_redelivery_on(tmp_path, ctx):
+    assert keeper(ctx.settings, ctx.store) is ctx.store.redis
+    off = ctx.settings.model_copy(update={"redelivery_grace_s": 0})
+    rabbit = ctx.settings.model_copy(update={"broker_url": "amqp://guest:guest@127.0.0.1:5672//"})
+    assert keeper(off, ctx.store) is None and keeper(rabbit, ctx.store) is None
+
+
+def test_a_node_forgets_the_record_as_it_starts_the_query(app, ctx):
+    query_id = publish(app, ctx)
+    runtime = NodeRuntime(
+        "n1",
+        host_class="cpu",
+        concurrency=1,
+        threads=1,
+        key_cache_bytes=10**6,
+        key_memory_factor=1.0,
+        evaluator_factory=lambda *_: None,
+    )
+    handle(ctx, runtime, b"not a request", Delivery(task_id=query_id))  # refused, but started
+    assert inflight.load(ctx.store.redis, [query_id])[query_id] is None
+    assert ctx.store.redis.zscore(INFLIGHT_INDEX_KEY, query_id) is None
+
+
+def test_two_runs_at_once_never_both_send(app, ctx):
+    publish(app, ctx)
+    lose(ctx)
+    now = time.time()
+    redeliver.redeliver(ctx, app, now=now + GRACE + 1)
+    ctx.store.redis.set(redeliver.LOCK_KEY, "another run")
+    assert redeliver.redeliver(ctx, app, now=now + 3 * GRACE).sent == []  # stands down
+    assert queued_ids(ctx) == []
+    ctx.store.redis.delete(redeliver.LOCK_KEY)
+    assert len(redeliver.redeliver(ctx, app, now=now + 3 * GRACE).sent) == 1
+    assert ctx.store.redis.get(redeliver.LOCK_KEY) is None  # released after its run
+
+
+def test_a_backlog_longer_than_a_page_does_not_hide_a_lost_query(app, ctx, monkeypatch):
+    monkeypatch.setattr(redeliver, "BATCH", 2)
+    queued = [publish(app, ctx) for _ in range(5)]  # waiting their turn: three pages of two
+    lost = publish(app, ctx, model_id="m2")  # the newest, on another queue
+    lose(ctx, "m2")
+    now = time.time()
+    redeliver.redeliver(ctx, app, now=now + GRACE + 1)
+    report = redeliver.redeliver(ctx, app, now=now + 2 * GRACE + 2)
+    assert report.sent == [lost]
+    assert sorted(queued_ids(ctx)) == sorted(queued)
+
+
+def test_a_mark_never_brings_back_a_forgotten_record(app, ctx):
+    query_id = publish(app, ctx)
+    inflight.forget(ctx.store.redis, query_id)
+    inflight.mark_missing(ctx.store.redis, query_id, time.time())
+    inflight.mark_sent(ctx.store.redis, query_id)
+    assert not ctx.store.redis.exists(INFLIGHT_PREFIX + query_id)

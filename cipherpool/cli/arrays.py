@@ -20,14 +20,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
-from numpy.typing import NDArray
 
 from cipherpool.errors import InvalidInput
 from cipherpool.files import FILE_MODE
+
+if TYPE_CHECKING:  # numpy is imported by the functions that read or write numbers, not by `--help`
+    from numpy.typing import NDArray
 
 MAX_PROBLEMS = 5  # lines of problems shown; the rest are counted
 OUTPUT_FORMATS = {".csv": "CSV", ".npy": "NumPy", ".json": "JSON"}
@@ -65,7 +66,9 @@ class Rows:
 
 def read_rows(path: Path) -> Rows:
     """Read a plaintext input file (see the module's doc); InvalidInput says what is wrong."""
-    if path.suffix == ".npy":
+    import numpy as np
+
+    if path.suffix.lower() == ".npy":
         try:
             array: NDArray[Any] = np.load(path, allow_pickle=False)  # a .npy file holds one array
         except (OSError, ValueError) as exc:
@@ -172,6 +175,8 @@ def check_output(_ctx: click.Context, param: click.Parameter, value: Path | None
 def write_result(path: Path, value: dict[str, Any], result: NDArray[Any]) -> None:
     """Write a decrypted result in the format of ``path``'s extension, 0600: CSV (one row per
     sample), NumPy (the array, at exactly this path) or JSON (``value``, as printed)."""
+    import numpy as np
+
     suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = result.reshape(1, -1) if result.ndim < 2 else result.reshape(len(result), -1)

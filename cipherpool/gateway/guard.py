@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cipherpool.errors import AuthError, BadRequest, CipherpoolError, PayloadTooLarge
 from cipherpool.gateway.apidocs import ASSETS
 from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
+from cipherpool.gateway.httpmetrics import route_path
 from cipherpool.gateway.state import GatewayState
 from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
 from cipherpool.outages import OUTAGE_TYPES, logged_outage
@@ -87,7 +88,8 @@ class Guard:
             scope["app"].state.gw.refusals.add(refused, None)
             await send_error(send, refused)
             return
-        if scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIX):
+        path = route_path(scope)
+        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIX):
             await self.app(scope, receive, send)
             return
         gw: GatewayState = scope["app"].state.gw
@@ -95,10 +97,10 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         peer = scope.get("client")
         source = gw.throttle.source(peer[0] if peer else None, headers)
-        if self_authenticated(scope["path"]):
+        if self_authenticated(path):
             await self._self_authenticated(gw, source, scope, receive, send)
             return
-        cap = gw.body_cap(scope["method"], scope["path"])
+        cap = gw.body_cap(scope["method"], path)
         try:
             principal = await run_in_threadpool(self._admit, gw, headers.get("authorization"), source, state)
             declared = headers.get("content-length")

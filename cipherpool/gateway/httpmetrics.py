@@ -41,6 +41,13 @@ UNMATCHED = "unmatched"
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path as the routes see it: behind a path prefix (``--root-path``, set by a
+    proxy), uvicorn puts the prefix in ``path`` too, and the routes match what follows it."""
+    root, raw = scope.get("root_path", ""), scope["path"]
+    return str(raw[len(root) :] or "/") if root and raw.startswith(root) else str(raw)
+
+
 class RequestMetrics:
     """The two families, in a registry of this gateway's own (never prometheus-client's global one)."""
 
@@ -80,8 +87,7 @@ class RequestMetrics:
             return path
         if "router" in scope:  # the router saw it and no route matched
             return UNMATCHED
-        root, raw = scope.get("root_path", ""), scope["path"]
-        return self.template_of(raw[len(root) :] if root and raw.startswith(root) else raw)
+        return self.template_of(route_path(scope))
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)

@@ -232,15 +232,26 @@ def add_pages(app: Any, ctx: PlatformContext) -> Pages:
     return pages
 
 
-def run_flower(capp: Celery, ctx: PlatformContext, argv: list[str]) -> None:
+class NoLogin(Exception):
+    """Flower would serve the Models page, every tenant's models, to whoever reaches it."""
+
+
+def run_flower(capp: Celery, ctx: PlatformContext, argv: list[str], *, require_login: bool = True) -> None:
     """Flower's command (``celery flower``), step by step with Flower's own functions, with
-    the pages added: ``argv`` are Flower's options."""
+    the pages added: ``argv`` are Flower's options. Refused (:class:`NoLogin`) when they set no
+    login (basic auth or OAuth), unless ``require_login`` is off: Flower itself would serve
+    without one, and the Models page names every tenant's accounts, models and workers."""
     from flower import command
     from flower.urls import settings  # type: ignore[import-untyped]
     from tornado.options import options
 
     command.apply_env_options()
     command.apply_options("cipherpool flower", argv)
+    if require_login and not (options.basic_auth or options.auth):
+        raise NoLogin(
+            "Flower would show every tenant's models without a login: set FLOWER_BASIC_AUTH=user:password "
+            "(or Flower's --basic-auth, or its OAuth options), or pass --no-login behind a proxy that authenticates."
+        )
     command.extract_settings()
     command.setup_logging()
     app = Flower(capp=capp, options=options, **settings)

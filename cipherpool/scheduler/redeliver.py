@@ -12,19 +12,24 @@ published more than ``redelivery_grace_s`` ago:
    its first deadline, at most ``redelivery_max`` times.
 
 Two looks apart, not one: between a node's ``BRPOP`` and kombu's record of the message as
-unacknowledged, a message is in neither place for an instant. A node that took the message and
-was cut off before it could say so may still run it after the network heals, so the query may
-run twice; both answers are the same value under the same key, and the client reads one. The
-scan reads every message of the queues concerned, once per run, only while some query is
-older than the grace: cheap for ciphertexts of kilobytes (1,000 queued digits queries are about
-2 MB); with deep queues of large ciphertexts, lower ``inline_max_bytes`` so that they travel by
-reference and the messages stay small.
+unacknowledged, a message is in neither place for an instant, and the look itself is not atomic
+(the unacked hash is read first, then the queues, in pages: a message only moves from a queue
+to the hash, or back when kombu restores it, so a second look finds it). A node that took the
+message and was cut off before it could say so may still run it after the network heals, so
+the query may run twice; both answers are the same value under the same key, and the client
+reads one. One run at a time (a lock in Redis): two overlapping runs could send a query twice.
+The look reads every message of the queues concerned, once per run, only while some query is
+older than the grace, in pages that never hold Redis up: cheap for ciphertexts of kilobytes
+(1,000 queued digits queries are about 2 MB); with deep queues of large ciphertexts, lower
+``inline_max_bytes`` so that they travel by reference and the messages stay small.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import redis
@@ -41,25 +46,11 @@ PRIORITY_STEPS = (3, 6, 9)  # kombu's default steps above 0 (0 is the queue's ow
 UNACKED_KEY = "unacked"  # kombu's Redis transport: hash {delivery tag: [message, exchange, routing key]}
 BATCH = 1000
 
-# Every message's id, read where the transport keeps it (Celery's protocol 2 puts the task id
-# in the headers as "id"; root_id and parent_id do not match the pattern), compared with the ids
-# asked about. KEYS: the lists to read, then the unacked hash; ARGV: the ids. Returns those found.
-FIND_IDS = """
-local wanted, found = {}, {}
-for _, id in ipairs(ARGV) do wanted[id] = true end
-local function look(messages)
-  for _, m in ipairs(messages) do
-    for id in string.gmatch(m, '"id": ?"([^"]+)"') do
-      if wanted[id] then found[id] = true end
-    end
-  end
-end
-for i = 1, #KEYS - 1 do look(redis.call('LRANGE', KEYS[i], 0, -1)) end
-look(redis.call('HVALS', KEYS[#KEYS]))
-local out = {}
-for id in pairs(found) do table.insert(out, id) end
-return out
-"""
+# Every message's id, read where the transport keeps it: Celery's protocol 2 puts the task id in
+# the headers as "id" (root_id, parent_id and correlation_id do not match the pattern).
+MESSAGE_ID = re.compile(rb'"id": ?"([^"]+)"')
+PAGE = 200  # messages read per round trip
+LOCK_KEY = "cipherpool:redeliver:lock"
 
 
 @dataclass
@@ -77,20 +68,32 @@ def redeliver(ctx: PlatformContext, app: Celery, now: float | None = None) -> Re
         return report
     now = time.time() if now is None else now
     records = ctx.store.redis
-    due = inflight.older_than(records, now - s.redelivery_grace_s, BATCH)
-    if not due:
+    token = uuid.uuid4().hex
+    if not records.set(LOCK_KEY, token, nx=True, ex=max(60, int(s.redelivery_grace_s * 6))):
+        log.info("redelivery: another run holds the lock; this one stands down")
         return report
-    started = _started(ctx.result_redis, due)
-    report.started = len(started)
-    inflight.forget(records, *started)
-    waiting = [q for q in due if q not in started]
-    loaded = inflight.load(records, waiting) if waiting else {}
-    expired = [q for q, r in loaded.items() if r is None or r.message.deadline <= now]
-    report.expired = len(expired)
-    inflight.forget(records, *expired)
-    candidates = [r for r in loaded.values() if r is not None and r.message.deadline > now]
+    try:
+        _redeliver(ctx, app, now, report)
+    finally:
+        inflight.release(records, LOCK_KEY, token)
+    return report
+
+
+def _redeliver(ctx: PlatformContext, app: Celery, now: float, report: RedeliveryReport) -> None:
+    s, records = ctx.settings, ctx.store.redis
+    candidates: list[inflight.Record] = []
+    for due in inflight.pages_older_than(records, now - s.redelivery_grace_s, BATCH):
+        started = _started(ctx.result_redis, due)
+        report.started += len(started)
+        inflight.forget(records, *started)
+        waiting = [q for q in due if q not in started]
+        loaded = inflight.load(records, waiting) if waiting else {}
+        expired = [q for q, r in loaded.items() if r is None or r.message.deadline <= now]
+        report.expired += len(expired)
+        inflight.forget(records, *expired)
+        candidates += [r for r in loaded.values() if r is not None and r.message.deadline > now]
     if not candidates:
-        return report
+        return
     present = find(ctx.broker_redis, [r.query_id for r in candidates], {r.message.queue for r in candidates})
     for rec in candidates:
         if rec.query_id in present:
@@ -101,7 +104,6 @@ def redeliver(ctx: PlatformContext, app: Celery, now: float | None = None) -> Re
             report.missing += 1
         elif now - rec.missing_since >= s.redelivery_grace_s:
             _send_again(app, records, rec, s.redelivery_max, report)
-    return report
 
 
 def _send_again(app: Celery, records: redis.Redis, rec: inflight.Record, most: int, report: RedeliveryReport) -> None:
@@ -131,7 +133,23 @@ def _started(results: redis.Redis, query_ids: list[str]) -> set[str]:
 
 
 def find(broker: redis.Redis, query_ids: list[str], queues: set[str]) -> set[str]:
-    """Which of ``query_ids`` are in one of ``queues`` or held unacknowledged by a node."""
-    lists = [key for q in sorted(queues) for key in (q, *(f"{q}{PRIORITY_SEPARATOR}{p}" for p in PRIORITY_STEPS))]
-    found = broker.eval(FIND_IDS, len(lists) + 1, *lists, UNACKED_KEY, *query_ids)
-    return {f.decode() if isinstance(f, bytes) else str(f) for f in found}
+    """Which of ``query_ids`` are in one of ``queues`` or held unacknowledged by a node: the
+    unacked hash first, then each queue's lists, a page at a time (Redis is never held up)."""
+    wanted, found = {q.encode() for q in query_ids}, set[bytes]()
+
+    def look(messages: list[bytes | str]) -> None:
+        for message in messages:
+            raw = message.encode() if isinstance(message, str) else message
+            found.update(m for m in MESSAGE_ID.findall(raw) if m in wanted)
+
+    for _field, value in broker.hscan_iter(UNACKED_KEY, count=PAGE):
+        look([value])
+    for key in [k for q in sorted(queues) for k in (q, *(f"{q}{PRIORITY_SEPARATOR}{p}" for p in PRIORITY_STEPS))]:
+        start = 0
+        while True:
+            page = broker.lrange(key, start, start + PAGE - 1)
+            look(page)
+            if len(page) < PAGE:
+                break
+            start += PAGE
+    return {f.decode() for f in found}

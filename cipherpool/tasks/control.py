@@ -66,11 +66,13 @@ def beat_job(task: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
 def reconcile() -> dict[str, list[str]]:
     """Fail the workers of lost nodes and start their replacements (see scheduler.reconcile);
     send again the queries a Redis broker lost on the way to a node (see scheduler.redeliver)."""
-    try:
-        lost = reconciler.reconcile(platform(), app)
-    finally:  # the database's trouble is no reason to leave a lost query lost (it needs only Redis)
-        redelivered = redelivery.redeliver(platform(), app)
-    return {"failed": [w.worker_id for w in lost], "redelivered": redelivered.sent}
+    try:  # first, and on its own: it needs only Redis, and the database's trouble must not stop it
+        sent = redelivery.redeliver(platform(), app).sent
+    except Exception:  # noqa: BLE001 - logged; the reconciler's work (and its record) still runs
+        log.exception("redelivery of lost queries failed; the next run looks again")
+        sent = []
+    lost = reconciler.reconcile(platform(), app)
+    return {"failed": [w.worker_id for w in lost], "redelivered": sent}
 
 
 @platform_task(app, BILLING_TASK)
