@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with Python 3.11 and installs cipherpool with its pinned dependencies.
+#   bash scripts/bootstrap.sh           the client alone (the base install: no Celery, Redis, FastAPI, ...)
+#   bash scripts/bootstrap.sh server    the platform too (scripts/demo.sh)
+#   bash scripts/bootstrap.sh test      everything: server, postgres and the test tools (scripts/test.sh, CI)
 # Idempotent: skips the install when pyproject.toml has not changed since the last one.
 # First run: about 6 GB (torch's CUDA libraries come with concrete-ml) and 2-4 minutes.
 set -euo pipefail

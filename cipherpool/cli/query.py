@@ -13,20 +13,27 @@ is retried once; after the model moved to a version with other client specs, new
 generated and uploaded. The command says what it did on stderr. Input files and --output
 formats: :mod:`cipherpool.cli.arrays`. Errors name this CLI's flags and commands
 (:mod:`cipherpool.cli.wording`).
+
+Nothing heavy is imported for ``--help``; the client when a command runs, and concrete (torch
+with it, seconds) only by the commands that make, load or use keys: ``keygen``,
+``upload-keys``, ``encrypt``, ``decrypt``, ``predict``, ``keys ensure`` (:mod:`cipherpool.fhe.client`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from numpy.typing import NDArray
 
 from cipherpool.cli.arrays import OUTPUT_FORMATS, check_output, read_rows, write_private_bytes, write_result
 from cipherpool.cli.context import CliContext
-from cipherpool.client.query import QueryClient
 from cipherpool.errors import InvalidInput
+
+if TYPE_CHECKING:  # the client (numpy, httpx, the wire types) is imported when a command runs, not for --help
+    from numpy.typing import NDArray
+
+    from cipherpool.client.query import QueryClient
 
 IN = click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 OUT = click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), help="Where to write it (0600).")

@@ -13,11 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
-import numpy as np
-from numpy.typing import ArrayLike, NDArray
 
 from cipherpool.api.schemas import ClientModelOut, KeyOut, KeySetOut, QueryAccepted, WarmupOut
 from cipherpool.client.base import GatewayClient
@@ -38,6 +36,9 @@ from cipherpool.errors import (
 from cipherpool.fhe.client import KEY_ID_FILE, ClientCrypto
 from cipherpool.files import private_dir, write_private
 from cipherpool.messages import EncryptedInput, EncryptedOutput
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: listing or deleting keys needs none
+    from numpy.typing import ArrayLike, NDArray
 
 OCTET = {"Content-Type": "application/octet-stream"}
 R = TypeVar("R")
@@ -244,6 +245,8 @@ class QueryClient(GatewayClient):
         if self._moved_from is not None:
             self._note_moved(self._moved_from, model, key_id)
         if warm_up and model.key_warmup and model.input_shape and model.running_workers:
+            import numpy as np
+
             self.last_warmup = self._t.call(
                 "POST",
                 f"/v1/client/keys/{key_id}/warmup",
@@ -389,6 +392,8 @@ class QueryClient(GatewayClient):
         """Encrypt, execute and decrypt one sample (a row of features, or one image without
         the batch axis); a batch (rows, or images) runs as concurrent queries
         (all are submitted first, so the pool works on them in parallel while we wait)."""
+        import numpy as np
+
         x = np.asarray(x)
         self._upload_if_never()
         try:
@@ -412,6 +417,8 @@ class QueryClient(GatewayClient):
         shape = self.crypto.input_shape  # with the batch axis: one image is (1, 66, 66) for [1, 1, 66, 66]
         if x.ndim == 1 or (shape and x.ndim == len(shape) - 1):
             return self._predict_one(x, timeout)
+        import numpy as np
+
         handles = [self.submit(self.encrypt(row)) for row in x]
         return np.concatenate([self.decrypt(h.result(timeout)) for h in handles])
 

@@ -3,20 +3,24 @@
 The secret key is generated here and stays in ``key_dir`` (concrete's key-set cache, kept
 0700 with 0600 files), so a later process, e.g. the next CLI step, finds the same keys; only
 the serialized *evaluation* key is ever handed to the platform.
+
+concrete (torch with it: seconds to import, most of a CLI step's time) is imported when keys
+are made, loaded or used, not when the specs are written: a step that only names its key set
+(``cipherpool query execute``, ``query keys delete``) reads the id from ``key_dir`` and never loads it.
 """
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from typing import TYPE_CHECKING, Any
 
 from cipherpool.errors import InvalidShape, MalformedCiphertext
 from cipherpool.fhe.deployment import CLIENT_ZIP, input_spec, read_versions
 from cipherpool.files import private_dir, tighten_tree, write_private
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
 
 KEY_ID_FILE = "key_id"
 
@@ -24,15 +28,27 @@ KEY_ID_FILE = "key_id"
 class ClientCrypto:
     def __init__(self, client_zip: bytes, key_dir: Path):
         read_versions(client_zip, CLIENT_ZIP).require_compatible("This model's client specs")
-        from concrete.ml.deployment import FHEModelClient
-
         self.key_dir = Path(key_dir)
-        spec_dir = private_dir(self.key_dir / "spec")
+        self._spec_dir = private_dir(self.key_dir / "spec")
         private_dir(self.key_dir)
-        write_private(spec_dir / CLIENT_ZIP, client_zip)
-        self._client = FHEModelClient(str(spec_dir), key_dir=str(self.key_dir / "keyset"))
+        write_private(self._spec_dir / CLIENT_ZIP, client_zip)
+        self._fhe: Any = None  # concrete-ml's FHEModelClient, made on first use (self._client)
         self._keys_loaded = False
         self.input_shape = input_spec(client_zip).shape  # with the batch axis, e.g. [1, 1, 66, 66]
+
+    @property
+    def _client(self) -> Any:
+        """concrete-ml's client for these specs: imported and made when first needed."""
+        if self._fhe is None:
+            from concrete.ml.deployment import FHEModelClient
+
+            self._fhe = FHEModelClient(str(self._spec_dir), key_dir=str(self.key_dir / "keyset"))
+        return self._fhe
+
+    def _load_keys(self) -> None:
+        """Load the key set from key_dir (or make one) before it is used."""
+        if not self._keys_loaded:
+            self.generate_keys()
 
     def generate_keys(self, force: bool = False) -> str:
         """Create (or load from key_dir) the key set; returns its id.
@@ -49,13 +65,14 @@ class ClientCrypto:
         return path.read_text().strip()
 
     def evaluation_key(self) -> bytes:
+        self._load_keys()
         key: bytes = self._client.get_serialized_evaluation_keys()
         return key
 
     def secret_key_material(self) -> list[bytes]:
         """The serialized LWE secret keys of this key set: what must never leave this machine.
         Only for checks that nothing sent holds them (the demo's ``--explain``)."""
-        self.key_id()  # loads or makes the key set
+        self._load_keys()
         try:  # concrete keeps them behind private attributes (concrete-python 2.10): read, never relied on
             keyset = self._client.client.keys._keyset
             return [key.serialize() for key in keyset.get_client_keys().get_secret_keys()]
@@ -63,13 +80,17 @@ class ClientCrypto:
             return []
 
     def key_id(self) -> str:
-        """This key set's id; loads the key set from key_dir (or makes one) on first use, so
-        that each CLI step, a process of its own, works with the keys of `query keygen`."""
-        if not self._keys_loaded:
+        """This key set's id, as `query keygen` (another process, maybe) left it in key_dir; where
+        there is none yet, the key set is made (or loaded) first. Reading it loads no concrete."""
+        path = self.key_dir / KEY_ID_FILE
+        if not self._keys_loaded and not path.exists():
             return self.generate_keys()
-        return (self.key_dir / KEY_ID_FILE).read_text().strip()
+        return path.read_text().strip()
 
     def encrypt(self, x: ArrayLike) -> bytes:
+        import numpy as np
+
+        self._load_keys()
         sample = np.asarray(x)
         if self.input_shape and sample.ndim == len(self.input_shape) - 1:
             sample = sample[np.newaxis]  # one sample of an image model, say (1, 66, 66): add the batch axis
@@ -86,6 +107,7 @@ class ClientCrypto:
             ) from None
 
     def decrypt(self, ciphertext: bytes) -> NDArray[Any]:
+        self._load_keys()
         try:
             result: NDArray[Any] = self._client.deserialize_decrypt_dequantize(ciphertext)
             return result

@@ -37,8 +37,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-from redis import Redis
+from typing import TYPE_CHECKING
 
 from cipherpool.errors import (
     AuthError,
@@ -57,6 +56,9 @@ from cipherpool.errors import (
 )
 from cipherpool.monitoring import timings
 from cipherpool.names import REFUSALS_PREFIX
+
+if TYPE_CHECKING:  # in annotations only: `cipherpool worker stats`, a client, reads by_reason() from here
+    from redis import Redis
 
 REASONS = ("auth", "quota", "rate", "no_worker", "credits", "invalid_input", "other")
 # First match wins: RateLimited and QuotaExceeded are LimitExceeded, NoWorkerUp and

@@ -44,11 +44,13 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-from redis import Redis
+from typing import TYPE_CHECKING
 
 from cipherpool.api.schemas import TimingFigures
 from cipherpool.names import TIMINGS_PREFIX
+
+if TYPE_CHECKING:  # in annotations only (monitoring.refusals, which a client's `worker stats` reads, imports this module)
+    from redis import Redis
 
 MINUTE_S = 60
 MAX_WINDOW_S = 24 * 3600  # the longest window a reader may ask for
