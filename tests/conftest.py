@@ -85,6 +85,7 @@ def _runs_on_postgres(item: pytest.Item) -> bool:
 # Integration files that take longest, run first: with the tier on two processes (scripts/test.sh),
 # a long file started last would leave one process idle while the other finishes it.
 LONG_FIRST = (
+    "test_tutorials_all.py",
     "test_demo.py",
     "test_hosts_apart.py",
     "test_autoscale.py",

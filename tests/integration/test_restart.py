@@ -60,7 +60,7 @@ def test_a_query_on_a_killed_node_is_redelivered_to_its_replacement(examples, tm
     example = examples["digits"]
     # A short visibility timeout so that the test sees the redelivery within seconds.
     settings = Settings(
-        data_dir=tmp_path / "platform", query_timeout_s=120, visibility_timeout_s=6, metrics_token="restart-metrics-token"
+        data_dir=tmp_path / "platform", query_timeout_s=120, visibility_timeout_s=10, metrics_token="restart-metrics-token"
     )
     with EmbeddedStack(settings, StackOptions(nodes=1, beat=False, flower=False)) as stack:
         mc, qc, _ = serve(stack, example, "digits", tmp_path / "keys")
