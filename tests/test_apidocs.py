@@ -104,3 +104,13 @@ def test_behind_a_proxy_prefix_uvicorn_passes_in_the_path_the_pages_stay_public(
         answer = prefixed.get(path)
         assert answer.status_code == 200, (path, answer.status_code, answer.text[:200])
     assert prefixed.get("/api/v1/models").status_code == 401  # the rest still needs a credential
+
+
+def test_the_pages_forbid_the_browser_anything_but_the_gateway(client):
+    """ReDoc's menu asks for a logo from a CDN whatever its options; the policy keeps the
+    browser from asking (tests/integration/test_flower_models.py checks it in Chromium)."""
+    for page in PAGES:
+        policy = client.get(page).headers["content-security-policy"]
+        directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+        assert directives["default-src"] == "'self'" and directives["img-src"] == "'self' data:", policy
+        assert all("http" not in value for value in directives.values()), policy

@@ -36,6 +36,21 @@ def assets_directory() -> str:
     return str(files("fastapi_offline") / "static")
 
 
+# The pages may load from the gateway alone: ReDoc's menu shows its maker's logo from a CDN,
+# unconditionally; this makes the browser not ask for it (nor for anything else elsewhere).
+# Inline script and style: FastAPI's pages start Swagger UI inline, ReDoc styles itself inline
+# and runs its search in a worker made from a blob.
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'"
+)
+
+
+def _own_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = PAGE_POLICY
+    return page
+
+
 def install(app: FastAPI) -> None:
     """Serve the pages and their assets (create the app with ``docs_url=None, redoc_url=None``)."""
     app.mount(ASSETS, StaticFiles(directory=assets_directory()), name="docs-assets")
@@ -46,14 +61,16 @@ def install(app: FastAPI) -> None:
     @app.get(DOCS, include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
         base = root(request)
-        return get_swagger_ui_html(
-            openapi_url=base + str(app.openapi_url),
-            title=f"{app.title} - Swagger UI",
-            oauth2_redirect_url=base + OAUTH2_REDIRECT,
-            swagger_js_url=f"{base}{ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{base}{ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{base}{ASSETS}/favicon.png",
-            swagger_ui_parameters={**SWAGGER_PARAMETERS, **(app.swagger_ui_parameters or {})},
+        return _own_only(
+            get_swagger_ui_html(
+                openapi_url=base + str(app.openapi_url),
+                title=f"{app.title} - Swagger UI",
+                oauth2_redirect_url=base + OAUTH2_REDIRECT,
+                swagger_js_url=f"{base}{ASSETS}/swagger-ui-bundle.js",
+                swagger_css_url=f"{base}{ASSETS}/swagger-ui.css",
+                swagger_favicon_url=f"{base}{ASSETS}/favicon.png",
+                swagger_ui_parameters={**SWAGGER_PARAMETERS, **(app.swagger_ui_parameters or {})},
+            )
         )
 
     @app.get(OAUTH2_REDIRECT, include_in_schema=False)
@@ -63,10 +80,12 @@ def install(app: FastAPI) -> None:
     @app.get(REDOC, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         base = root(request)
-        return get_redoc_html(
-            openapi_url=base + str(app.openapi_url),
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{base}{ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{base}{ASSETS}/favicon.png",
-            with_google_fonts=False,
+        return _own_only(
+            get_redoc_html(
+                openapi_url=base + str(app.openapi_url),
+                title=f"{app.title} - ReDoc",
+                redoc_js_url=f"{base}{ASSETS}/redoc.standalone.js",
+                redoc_favicon_url=f"{base}{ASSETS}/favicon.png",
+                with_google_fonts=False,
+            )
         )

@@ -238,3 +238,32 @@ def test_models_page_shows_what_the_clients_measured(flowered, browser, examples
     api.close()
     mc.close()
     qc.close()
+
+
+def test_the_api_pages_render_offline_in_the_browser(flowered, browser):
+    """/docs (Swagger UI) and /redoc render from the gateway's own assets: this Chromium reaches
+    nothing but loopback (no background networking, no route out), so a page that needed a CDN
+    would stay blank. Every script and stylesheet the pages loaded came from the gateway."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    driver, gateway = browser, flowered.gateway_url
+    driver.get(f"{gateway}/docs")
+    WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock"))
+    paths = {e.text for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert "/v1/queries" in {p.replace("\u200b", "") for p in paths}, sorted(paths)[:10]
+    loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(url.startswith(gateway) for url in loaded), loaded
+
+    driver.get(f"{gateway}/redoc")
+    WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "redoc .api-content h2"))
+    headings = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "redoc h1, redoc h2")]
+    assert "cipherpool" in " ".join(headings).lower() and len(headings) > 10, headings[:20]
+    loaded = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => [e.name, e.responseStatus, e.transferSize])"
+    )
+    assert [u for u, _, _ in loaded if u.startswith(gateway)], loaded
+    # ReDoc's menu asks for its maker's logo from a CDN whatever the options: the page's policy
+    # (Content-Security-Policy, cipherpool/gateway/apidocs.py) keeps the browser from fetching it.
+    elsewhere = [(u, status, size) for u, status, size in loaded if not u.startswith(gateway)]
+    assert all(status == 0 and size == 0 for _, status, size in elsewhere), elsewhere
