@@ -1,8 +1,10 @@
 """Helpers shared by test modules."""
 
+import contextlib
 import io
 import json
 import zipfile
+from collections.abc import Iterator
 
 from cipherpool.fhe.deployment import Versions
 
@@ -34,3 +36,19 @@ def value_ciphertext(*args, **kwargs) -> bytes:
     from cipherpool.fhe.values import build_value
 
     return build_value(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def own_redis(tmp_path_factory, name: str, maxmemory_bytes: int = 64 * 1024**2) -> Iterator[str]:
+    """A redis-server of the test's own (a free loopback port, a password), stopped by its pid;
+    yields its URL. For a module's fixture: ``with own_redis(tmp_path_factory, "x") as url``."""
+    from cipherpool.stack.redis_server import start_redis
+    from cipherpool.stack.supervisor import Supervisor
+
+    tmp = tmp_path_factory.mktemp(name)
+    supervisor = Supervisor(tmp / "logs")
+    try:
+        _child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=maxmemory_bytes)
+        yield url
+    finally:
+        supervisor.stop_all(grace_s=5)

@@ -31,6 +31,7 @@ from cipherpool.scheduler.alerts import Seen, evaluate_all, measure, state_for, 
 from cipherpool.statuses import AlertMetric, AlertState, EventKind, WebhookDelivery
 from cipherpool.workers.hooks import BindingEvent, QueryEvent
 from cipherpool.workers.timings import QueryTimings
+from tests.helpers import own_redis
 from tests.webhook_receiver import Receiver
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC, a minute boundary
@@ -262,16 +263,8 @@ def test_a_receiver_imports_the_signature_without_the_platforms_server_side():
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory) -> Iterator[str]:
-    from cipherpool.stack.redis_server import start_redis
-    from cipherpool.stack.supervisor import Supervisor
-
-    tmp = tmp_path_factory.mktemp("alerts-redis")
-    supervisor = Supervisor(tmp / "logs")
-    try:
-        _child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
+    with own_redis(tmp_path_factory, "alerts-redis") as url:
         yield url
-    finally:
-        supervisor.stop_all(grace_s=5)
 
 
 class Clock:

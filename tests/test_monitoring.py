@@ -24,6 +24,7 @@ from cipherpool.monitoring import timings
 from cipherpool.monitoring.timings import MINUTE_S, Sample, Tally, window_minutes
 from cipherpool.workers.hooks import BindingEvent, QueryEvent
 from cipherpool.workers.timings import QueryTimings
+from tests.helpers import own_redis
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC, a minute boundary
 
@@ -128,16 +129,8 @@ def test_histogram_buckets_hold_their_bound(seconds: float, index: int) -> None:
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory) -> Iterator[str]:
-    from cipherpool.stack.redis_server import start_redis
-    from cipherpool.stack.supervisor import Supervisor
-
-    tmp = tmp_path_factory.mktemp("monitoring")
-    supervisor = Supervisor(tmp / "logs")
-    try:
-        _child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
+    with own_redis(tmp_path_factory, "monitoring") as url:
         yield url
-    finally:
-        supervisor.stop_all(grace_s=5)
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from cipherpool.monitoring.liveness import LATE_AFTER_INTERVALS, MISSING_AFTER_I
 from cipherpool.names import PLATFORM_EVENTS_KEY, RECONCILE_TASK
 from cipherpool.names import WATCHDOG_LEASE_KEY as LEASE_KEY
 from cipherpool.statuses import Component, ComponentState, NodeStatus
+from tests.helpers import own_redis
 
 OK, LATE, MISSING = ComponentState.OK, ComponentState.LATE, ComponentState.MISSING
 TOKEN = "platform-status-token-5b0e7c21"
@@ -145,16 +146,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory) -> Iterator[str]:
-    from cipherpool.stack.redis_server import start_redis
-    from cipherpool.stack.supervisor import Supervisor
-
-    tmp = tmp_path_factory.mktemp("platform-status")
-    supervisor = Supervisor(tmp / "logs")
-    try:
-        _child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
+    with own_redis(tmp_path_factory, "platform-status") as url:
         yield url
-    finally:
-        supervisor.stop_all(grace_s=5)
 
 
 @pytest.fixture

@@ -24,24 +24,18 @@ from cipherpool.errors import BrokerUnavailable
 from cipherpool.messages import QueryRequest
 from cipherpool.names import INFLIGHT_INDEX_KEY, INFLIGHT_PREFIX, RESULT_META_PREFIX
 from cipherpool.scheduler import redeliver
-from cipherpool.stack.redis_server import start_redis
-from cipherpool.stack.supervisor import Supervisor
 from cipherpool.store import redis_client
 from cipherpool.workers.node import NodeRuntime
 from cipherpool.workers.query import Delivery, handle
+from tests.helpers import own_redis
 
 GRACE = 10.0
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("redelivery")
-    supervisor = Supervisor(tmp / "logs")
-    try:
-        _child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=64 * 1024**2)
+    with own_redis(tmp_path_factory, "redelivery") as url:
         yield url
-    finally:
-        supervisor.stop_all(grace_s=5)
 
 
 @pytest.fixture
