@@ -22,12 +22,13 @@ from kombu.exceptions import OperationalError
 
 from cipherpool import inflight
 from cipherpool.config.settings import Settings
-from cipherpool.errors import BrokerUnavailable, InvalidInput, QueryTimeout, RemoteError, StoreFull
+from cipherpool.errors import BrokerUnavailable, InvalidInput, QueryTimeout, QuotaExceeded, RemoteError, StoreFull
 from cipherpool.fhe.values import check_ciphertext
 from cipherpool.inflight import InflightQuery
-from cipherpool.messages import EncryptedInput, QueryReply, QueryRequest, redacted_kwargs, unwrap
+from cipherpool.messages import ITEM, EncryptedInput, QueryReply, QueryRequest, redacted_kwargs, unpack_batch, unwrap
 from cipherpool.monitoring import timings
 from cipherpool.names import (
+    QUERY_BATCH_TASK,
     QUERY_EXCHANGE,
     QUERY_TASK,
     WARM_TASK,
@@ -329,3 +330,127 @@ def reply_from_meta(meta: dict[str, Any]) -> QueryReply:
 def output_of(store: BlobStore, reply: QueryReply) -> bytes:
     """The encrypted output, inline or fetched by reference."""
     return reply.output if reply.output is not None else store.get_payload(reply.output_ref or "")
+
+
+# Batches: many ciphertexts of one model and key set in one task (docs/http-api.md, "Batches").
+
+
+def open_batch(
+    store: BlobStore,
+    grant: TokenGrant,
+    body: bytes,
+    max_items: int,
+    wait_for_worker: bool = False,
+    mode: Route = Route.AUTO,
+    *,
+    noted: Callable[[ModelGrant], None] | None = None,
+) -> tuple[EncryptedInput, ModelGrant, int]:
+    """A framed batch's first ciphertext envelope (which names the model and key set of the
+    whole batch), checked as a query's against the grant, its model, and how many of its items
+    a node can evaluate (well framed, of that model and key set, a value concrete can
+    evaluate): those are the ones counted. The others travel too and are refused one by one
+    on the node, in their place; a batch with none is refused as its first item would be."""
+    frames = unpack_batch(body, max_items)
+    envelopes: list[EncryptedInput | None] = []
+    for kind, data in frames:
+        try:
+            envelopes.append(EncryptedInput.decode(data) if kind == ITEM else None)
+        except InvalidInput:
+            envelopes.append(None)
+    first = next((e for e in envelopes if e is not None), None)
+    if first is None:
+        EncryptedInput.decode(frames[0][1])  # raises its own refusal
+        raise InvalidInput("No item of this batch is a ciphertext.")
+    if noted is not None and (named := grant.find(first.model_id)) is not None:
+        noted(named)
+    model = check_query(grant, first.model_id, wait_for_worker, mode)
+    admitted = 0
+    for envelope in envelopes:
+        if envelope is None or (envelope.model_id, envelope.key_id) != (first.model_id, first.key_id):
+            continue
+        try:
+            check_ciphertext(envelope.data)
+        except InvalidInput:
+            continue
+        admitted += 1
+    if not admitted:
+        admit_ciphertext(store, model, first)  # counts the refusal and raises it
+    return first, model, admitted
+
+
+def submit_batch(
+    app: Celery,
+    settings: Settings,
+    store: BlobStore,
+    grant: TokenGrant,
+    model: ModelGrant,
+    envelope: EncryptedInput,
+    body: bytes,
+    blob_id: str,
+    items: int,
+    *,
+    shared: bool,
+    task_id: str | None = None,
+    before_publish: Callable[[], None] | None = None,
+) -> AsyncResult:
+    """:func:`submit` for a batch (:func:`open_batch`): its ``items`` admitted queries counted
+    against the token's quota all or none (``QuotaExceeded`` when it has room for fewer), the
+    framed body prepared as one query's ciphertext (inline or by reference, as a whole) and
+    published as one task; given back to the quota if it was not published."""
+    granted = usage.charge_runs(store.redis, grant.token_id, grant.quota, items)
+    if granted < items:
+        _refund(store, grant, granted)
+        raise QuotaExceeded(
+            f"This batch holds {items} queries and this access token's quota has room for {granted}; send a smaller batch."
+        )
+    try:
+        request = prepare_query(settings, store, grant, model, envelope, body, blob_id)
+        if before_publish is not None:
+            before_publish()
+        return publish_batch(
+            app,
+            request,
+            model.hardware,
+            settings.query_timeout_s,
+            task_id=task_id,
+            shared=shared,
+            model_name=model.name,
+            keep=keeper(settings, store),
+        )
+    except Exception:
+        _refund(store, grant, items)
+        raise
+
+
+def publish_batch(
+    app: Celery,
+    request: QueryRequest,
+    host_class: str,
+    expires_s: float,
+    task_id: str | None = None,
+    shared: bool = False,
+    *,
+    model_name: str,
+    keep: redis.Redis | None = None,
+) -> AsyncResult:
+    """:func:`publish_query` for a batch: the batch task, on the same queue, under the same
+    shadow name, recorded in flight the same way (one record for the batch: a node forgets it
+    when it starts the batch, and beat sends it again, as a batch, should the broker lose it)."""
+    task_id = task_id or str(uuid.uuid4())
+    queue = shared_queue_of(host_class) if shared else query_queue(host_class, request.model_id)
+    message = InflightQuery(
+        QUERY_BATCH_TASK,
+        {"request": request.encode()},
+        queue.name,
+        queue.routing_key,
+        query_shadow(model_name, request.model_id),
+        time.time() + expires_s,
+    )
+    if keep is not None:
+        inflight.record(keep, task_id, message)
+    try:
+        return _send_query(app, task_id, message)
+    except Exception:
+        if keep is not None:
+            inflight.forget_quietly(keep, task_id)  # never sent: never to be sent again
+        raise

@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import json
+import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, Self, TypedDict
 
@@ -111,6 +114,7 @@ class QueryReply:
     version: int = 0  # the model version that computed it
     key_cache: str = ""  # "hit" or "miss"
     timings: dict[str, float] = field(default_factory=dict)  # seconds, per step
+    batch: int = 0  # a batch's reply: how many items its output (a framed batch, BATCH_RESULT) holds; 0: one query
 
     def encode(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +122,73 @@ class QueryReply:
     @classmethod
     def decode(cls, obj: dict[str, Any]) -> QueryReply:
         return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
+
+
+# Batches: many ciphertexts in one request, one task, one result (docs/http-api.md, "Batches").
+# A framed body is a magic, a count and the frames in order; each frame is a kind byte, a
+# length and that many bytes. Requests hold ITEM frames (EncryptedInput envelopes); results
+# hold, in the same order, ITEM frames (EncryptedOutput envelopes) or ERROR frames (the
+# item's typed error as UTF-8 JSON {code, message}). Lengths are little-endian uint32.
+BATCH_MAGIC = b"CPB1"
+BATCH_CONTENT_TYPE = "application/vnd.cipherpool.batch"
+ITEM, ERROR = 0, 1
+_COUNT = struct.Struct("<I")
+_FRAME = struct.Struct("<BI")
+
+
+def pack_batch(frames: Sequence[tuple[int, bytes]]) -> bytes:
+    """A framed batch of ``(kind, bytes)`` frames."""
+    parts = [BATCH_MAGIC, _COUNT.pack(len(frames))]
+    for kind, data in frames:
+        parts += [_FRAME.pack(kind, len(data)), data]
+    return b"".join(parts)
+
+
+def unpack_batch(body: bytes, max_items: int) -> list[tuple[int, bytes]]:
+    """The frames of a framed batch; ``MalformedCiphertext`` for anything that is not one
+    exactly (a wrong magic, a count over ``max_items`` or that disagrees with the frames, a
+    frame of an unknown kind, trailing bytes)."""
+    view = memoryview(body)
+    if len(view) < 8 or bytes(view[:4]) != BATCH_MAGIC:
+        raise MalformedCiphertext("Not a cipherpool batch (no batch header); frame the ciphertexts with pack_batch().")
+    (count,) = _COUNT.unpack_from(view, 4)
+    if count == 0 or count > max_items:
+        raise MalformedCiphertext(f"A batch holds 1 to {max_items} items; this one says {count}.")
+    frames: list[tuple[int, bytes]] = []
+    at = 8
+    for _ in range(count):
+        if at + _FRAME.size > len(view):
+            raise MalformedCiphertext("This batch is truncated: it holds fewer items than its header says.")
+        kind, length = _FRAME.unpack_from(view, at)
+        at += _FRAME.size
+        if kind not in (ITEM, ERROR) or at + length > len(view):
+            raise MalformedCiphertext("This batch is truncated or holds a frame of an unknown kind.")
+        frames.append((kind, bytes(view[at : at + length])))
+        at += length
+    if at != len(view):
+        raise MalformedCiphertext("This batch has bytes after its last item.")
+    return frames
+
+
+def error_frame(error: CipherpoolError) -> tuple[int, bytes]:
+    """An item's typed error as a result frame."""
+    return ERROR, json.dumps(error.to_wire(), separators=(",", ":")).encode()
+
+
+def batch_items(body: bytes, max_items: int) -> list[bytes | CipherpoolError]:
+    """A batch result's items in order: each item's EncryptedOutput bytes, or its typed error
+    (the class registered for its code, not raised)."""
+    items: list[bytes | CipherpoolError] = []
+    for kind, data in unpack_batch(body, max_items):
+        if kind == ITEM:
+            items.append(data)
+            continue
+        try:
+            wire = json.loads(data)
+        except ValueError:
+            wire = {}
+        items.append(from_wire(wire if isinstance(wire, dict) else {}))
+    return items
 
 
 class OkEnvelope(TypedDict):

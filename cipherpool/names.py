@@ -14,6 +14,7 @@ QUERY_EXCHANGE = "cipherpool.queries"  # direct exchange of every query; routing
 
 TASK_PREFIX = "cipherpool."
 QUERY_TASK = TASK_PREFIX + "query.run"  # one encrypted query, on its model's queue
+QUERY_BATCH_TASK = TASK_PREFIX + "query.batch"  # a batch of queries (one model, one key set), on its model's queue
 BIND_TASK = TASK_PREFIX + "node.bind"  # node queue: load a model and consume its queue
 UNBIND_TASK = TASK_PREFIX + "node.unbind"  # node queue: stop consuming, unload
 STATS_TASK = TASK_PREFIX + "node.stats"  # node queue: the node's live figures

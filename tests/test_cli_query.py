@@ -26,7 +26,7 @@ from cipherpool.client.query import QueryClient
 from cipherpool.config.settings import Settings
 from cipherpool.errors import InvalidInput, InvalidShape
 from cipherpool.files import private_dir
-from cipherpool.messages import EncryptedInput, EncryptedOutput
+from cipherpool.messages import ITEM, EncryptedInput, EncryptedOutput, pack_batch, unpack_batch
 
 MODEL_ID = "mdl_digits"
 
@@ -77,6 +77,8 @@ class FakeGateway:
         self.queries = 0
         self.outputs: dict[str, bytes] = {}
         self.refused: list[str] = []
+        self.batches: list[int] = []  # each batch's item count, in order
+        self.compute_per_item_s = 0.0  # what the batches' timings say the node spent per item
 
     @property
     def client_zip(self) -> bytes:
@@ -121,12 +123,30 @@ class FakeGateway:
             if "wait" not in request.url.params:  # submitted, to be polled
                 return httpx.Response(202, json={"id": query_id, "status": "queued"})
             return self._result(query_id)
+        if path == "/v1/queries/batch" and request.method == "POST":  # a batch: one query id, framed answers
+            items = [EncryptedInput.decode(data) for _, data in unpack_batch(request.content, 1000)]
+            made_for = self.keys.get(items[0].key_id)
+            if made_for is None:
+                self.refused.append("evaluation_key_not_found")
+                return httpx.Response(404, json={"code": "evaluation_key_not_found", "message": "No evaluation key."})
+            if made_for != self.version:
+                self.refused.append("keys_outdated")
+                message = f"These keys were made for version {made_for}; model 'digits' serves version {self.version}."
+                return httpx.Response(409, json={"code": "keys_outdated", "message": message})
+            self.queries += len(items)
+            query_id = f"b{self.queries}"
+            self.outputs[query_id] = pack_batch([(ITEM, EncryptedOutput(MODEL_ID, e.key_id, e.data).encode()) for e in items])
+            self.batches.append(len(items))
+            return httpx.Response(202, json={"id": query_id, "status": "queued"})
         if path.startswith("/v1/queries/") and request.method == "GET":
             return self._result(path.rsplit("/", 1)[1])
         return httpx.Response(404, json={"code": "not_found", "message": f"No route {request.method} {path}"})
 
     def _result(self, query_id: str) -> httpx.Response:
         headers = {"x-cipherpool-query": query_id, "x-cipherpool-model-version": str(self.version)}
+        if query_id.startswith("b"):
+            items = len(unpack_batch(self.outputs[query_id], 1000))
+            headers["x-cipherpool-timings"] = json.dumps({"compute_s": self.compute_per_item_s * items, "server_total_s": 1.0})
         return httpx.Response(200, content=self.outputs[query_id], headers=headers)
 
 
@@ -431,3 +451,14 @@ def test_encrypt_takes_one_sample(gateway, cli_client, tmp_path):
     assert (
         result.exit_code == InvalidInput.exit_code and "has 2 rows; `cipherpool query encrypt` takes one sample" in result.stderr
     )
+
+
+def test_predict_on_many_rows_sends_batches_sized_by_the_first_ones_compute(gateway, tmp_path):
+    client = client_of(gateway, tmp_path / "k")
+    x = np.arange(40.0).reshape(10, 4)
+    assert client.predict(x).shape == (10, 10) and gateway.batches == [4, 6]  # a fast model: all the rest at once
+    gateway.batches.clear()
+    gateway.compute_per_item_s = client.settings.batch_target_s / 2  # a slow one: 2 rows per batch
+    scores = client.predict(x)
+    assert gateway.batches == [4, 2, 2, 2]
+    assert [int(np.argmax(row)) for row in scores] == [int(row.sum()) % 10 for row in x], "in order"

@@ -185,6 +185,23 @@ class FlowerWithPages(AsyncHTTPTestCase):
         # Flower's own pages carry the link too.
         assert 'href="/models"' in self._get("/tasks").body.decode()
 
+    def test_the_page_shows_the_key_cache_figures(self):
+        # Given figures with key-cache lookups and a worker's resident key bytes (issue 27)
+        stats = _stats()
+        window = stats.window.model_copy(
+            update={"key_cache_hits": 9, "key_cache_misses": 1, "key_cache_hit_ratio": 0.9, "average_key_load_s": 1.25}
+        )
+        worker = stats.workers[0].model_copy(update={"key_bytes": 3 * 1048576})
+        self.pages.platform_figures = lambda *_, **__: [
+            ("acme", stats.model_copy(update={"window": window, "workers": [worker]}))
+        ]
+        # Then the page and its JSON show them
+        (row,) = json.loads(self._get("/api/models").body)["models"]
+        assert (row["key_cache_hit_ratio"], row["key_load_s"], row["key_bytes"]) == (0.9, 1.25, 3 * 1048576)
+        html = self._get("/models?refresh=0").body.decode()
+        assert 'data-field="key_cache_hit_ratio" data-value="0.9">90.0 %' in html
+        assert 'data-field="key_bytes" data-value="3145728">3.0 MiB' in html and 'data-field="key_load"' in html
+
     def test_a_bad_window_is_a_400(self):
         assert self._get("/api/models?window=5").code == 400
 

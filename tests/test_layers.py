@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
         "waiting",
         "credentials",
         "backends",
+        "affinity",
     },  # no dependencies (backends: the registry, read by config, db and api; it names its
     # evaluator factories as module:attribute, imported on the nodes, as settings name payment_provider)
     {"config"},  # settings, profiles, Celery configuration

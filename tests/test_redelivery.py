@@ -270,3 +270,21 @@ def test_a_mark_never_brings_back_a_forgotten_record(app, ctx):
     inflight.mark_missing(ctx.store.redis, query_id, time.time())
     inflight.mark_sent(ctx.store.redis, query_id)
     assert not ctx.store.redis.exists(INFLIGHT_PREFIX + query_id)
+
+
+def test_a_lost_batch_is_sent_again_as_a_batch(app, ctx):
+    import json
+
+    from cipherpool.dispatch import publish_batch
+    from cipherpool.names import QUERY_BATCH_TASK
+
+    batch_id = str(uuid.uuid4())
+    publish_batch(app, request_for(), "cpu", 300.0, task_id=batch_id, model_name="digits", keep=ctx.store.redis)
+    record = inflight.load(ctx.store.redis, [batch_id])[batch_id]
+    assert record is not None and record.message.task == QUERY_BATCH_TASK  # one record for the whole batch
+    lose(ctx)
+    now = time.time()
+    redeliver.redeliver(ctx, app, now=now + GRACE + 1)
+    assert redeliver.redeliver(ctx, app, now=now + 2 * GRACE + 2).sent == [batch_id]
+    again = json.loads(ctx.broker_redis.lindex(queue_name(), 0))
+    assert again["headers"]["task"] == QUERY_BATCH_TASK and again["headers"]["id"] == batch_id

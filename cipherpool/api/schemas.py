@@ -411,6 +411,12 @@ class TimingFigures(Wire):
     queries_per_minute: float | None = None  # windows only
     error_rate: float | None  # failed / (computed + failed): the caller's refusals never count
     refusal_rate: float | None  # refused (the caller's errors) / all attempts
+    # The nodes' deserialized-key cache for these queries: hits, misses (a key fetched and
+    # deserialized), hits / both, and the average seconds a miss spent loading its key.
+    key_cache_hits: int = 0
+    key_cache_misses: int = 0
+    key_cache_hit_ratio: float | None = None
+    average_key_load_s: float | None = None
 
 
 class CurrentFigures(Wire):
@@ -434,6 +440,7 @@ class WorkerTimings(Wire):
     window: TimingFigures
     all_time: TimingFigures
     current: CurrentFigures
+    key_bytes: int | None = None  # deserialized keys resident in its node's key cache (the node's last report)
 
 
 class ModelStats(Wire):

@@ -174,7 +174,7 @@ def decrypt(ctx: click.Context, input_path: Path, output_path: Path | None) -> N
 @click.option("--timeout", type=float, help="Seconds to wait for each result.")
 @click.pass_context
 def predict(ctx: click.Context, input_path: Path, output_path: Path | None, timeout: float | None) -> None:
-    """Encrypt, execute and decrypt in one step (rows of a 2-D input run concurrently); keys
+    """Encrypt, execute and decrypt in one step (rows of a 2-D input go in batches); keys
     are generated and uploaded as needed. Input: .npy, or CSV (a header row is skipped)."""
     client = _client(ctx)
     x = _samples(client, input_path)

@@ -3,7 +3,10 @@
 Times are the window's averages unless the column says otherwise: QUERY is queue wait +
 compute, CURRENT the average of the latest queries, WAIT and COMPUTE apart; QPM queries per
 minute; ERR and REFUSED the share of attempts that failed or were refused; REFUSALS the
-requests the gateways refused for the model in the window, by reason (``quota:1561,rate:3``).
+requests the gateways refused for the model in the window, by reason (``quota:1561,rate:3``);
+KEY_HIT the share of the window's queries whose evaluation key was already deserialized in the
+node's key cache, KEY_LOAD the average seconds a miss spent loading its key, KEYS the bytes of
+deserialized keys resident in the worker's node (the model's line: its nodes together).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ COLUMNS = [
     "all_time",
     "err",
     "refused",
+    "key_hit",
+    "key_load",
+    "keys",
     "refusals",
 ]
 
@@ -38,6 +44,15 @@ def seconds(value: float | None) -> str:
 
 def share(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value}B"
 
 
 def refusals(counts: Mapping[str, int]) -> str:
@@ -57,6 +72,8 @@ def _figures(window: TimingFigures, now: CurrentFigures, all_time: TimingFigures
         "all_time": seconds(all_time.average_query_s),
         "err": share(window.error_rate),
         "refused": share(window.refusal_rate),
+        "key_hit": share(window.key_cache_hit_ratio),
+        "key_load": seconds(window.average_key_load_s),
     }
 
 
@@ -65,12 +82,14 @@ def rows(found: list[ModelStats]) -> list[dict[str, str]]:
     table = []
     for model in found:
         statuses = ",".join(f"{n} {s}" for s, n in sorted(model.workers_by_status.items())) or "no worker"
+        resident = [w.key_bytes for w in model.workers if w.key_bytes is not None]
         table.append(
             {
                 "what": model.model,
                 "status": f"{model.status} ({statuses})",
                 "queue": "-" if model.queue_depth is None else str(model.queue_depth),
                 **_figures(model.window, model.current, model.all_time),
+                "keys": size(sum(resident)) if resident else "-",
                 "refusals": refusals(model.refusals),
             }
         )
@@ -82,6 +101,7 @@ def rows(found: list[ModelStats]) -> list[dict[str, str]]:
                     "status": worker.status or "-",
                     "queue": "",
                     **_figures(worker.window, worker.current, worker.all_time),
+                    "keys": size(worker.key_bytes),
                     "refusals": "",
                 }
             )

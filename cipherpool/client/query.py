@@ -23,6 +23,7 @@ from cipherpool.client.transport import client_settings
 from cipherpool.config.settings import Settings
 from cipherpool.credentials import digest
 from cipherpool.errors import (
+    CipherpoolError,
     EvaluationKeyExpired,
     EvaluationKeyNotFound,
     GatewayUnavailable,
@@ -35,12 +36,13 @@ from cipherpool.errors import (
 )
 from cipherpool.fhe.client import KEY_ID_FILE, ClientCrypto
 from cipherpool.files import private_dir, write_private
-from cipherpool.messages import EncryptedInput, EncryptedOutput
+from cipherpool.messages import BATCH_CONTENT_TYPE, ITEM, EncryptedInput, EncryptedOutput, batch_items, pack_batch
 
 if TYPE_CHECKING:  # numpy is imported where arrays are made: listing or deleting keys needs none
     from numpy.typing import ArrayLike, NDArray
 
 OCTET = {"Content-Type": "application/octet-stream"}
+BATCH = {"Content-Type": BATCH_CONTENT_TYPE}
 R = TypeVar("R")
 UPLOAD_TIMEOUT_S = 600.0
 POLL_GRACE_S = 30.0  # HTTP timeout beyond a long poll's own wait
@@ -52,6 +54,7 @@ MIN_TRY_S = 0.5  # a try's wait, at least, even at that deadline (to be sent and
 # fetched for, and a mark that this key set was uploaded from here (so "again" is true).
 MADE_FOR_FILE = "made_for_version"
 UPLOADED_FILE = "uploaded"
+PROBE_ROWS = 4  # predict on many rows: the first batch, whose compute per item sizes the others
 
 
 @dataclass
@@ -390,8 +393,8 @@ class QueryClient(GatewayClient):
 
     def predict(self, x: ArrayLike, timeout: float | None = None) -> NDArray[Any]:
         """Encrypt, execute and decrypt one sample (a row of features, or one image without
-        the batch axis); a batch (rows, or images) runs as concurrent queries
-        (all are submitted first, so the pool works on them in parallel while we wait)."""
+        the batch axis); many (rows, or images) go as batches (:meth:`predict_many`: all are
+        submitted first, so the pool works on them in parallel while we wait)."""
         import numpy as np
 
         x = np.asarray(x)
@@ -417,10 +420,80 @@ class QueryClient(GatewayClient):
         shape = self.crypto.input_shape  # with the batch axis: one image is (1, 66, 66) for [1, 1, 66, 66]
         if x.ndim == 1 or (shape and x.ndim == len(shape) - 1):
             return self._predict_one(x, timeout)
+
+        if len(x) == 1:
+            return self.decrypt(self.submit(self.encrypt(x[0])).result(timeout))
+        return self._predict_many(x, timeout)
+
+    def predict_many(self, x: ArrayLike, timeout: float | None = None) -> NDArray[Any]:
+        """Encrypt, execute and decrypt many samples (rows, or images with the batch axis),
+        sent in batches of at most ``settings.batch_size`` (each one task on one node, all
+        submitted before any is waited for); decrypted item by item, in order. An item the
+        platform refused raises its typed error (``execute_many`` returns it in its place)."""
         import numpy as np
 
-        handles = [self.submit(self.encrypt(row)) for row in x]
-        return np.concatenate([self.decrypt(h.result(timeout)) for h in handles])
+        rows = np.asarray(x)
+        self._upload_if_never()
+        try:
+            return self._predict_many(rows, timeout)
+        except KeysOutdated:  # as predict: new keys once, then again
+            self.refresh()
+            self.generate_keys()
+            self.upload_evaluation_keys()
+            return self._predict_many(rows, timeout)
+
+    def _predict_many(self, x: NDArray[Any], timeout: float | None) -> NDArray[Any]:
+        """The first few rows go first, as a probe: the node's compute per item says how many
+        rows fit ``batch_target_s`` (a batch is one task on one node, and must end well within
+        the broker's visibility timeout and the query timeout); the rest then go at once, in
+        batches of that many (at most ``batch_size``)."""
+        import numpy as np
+
+        size = max(1, min(self.settings.batch_size, self.settings.batch_max_items))
+        probe = min(len(x), size, PROBE_ROWS)
+        first = self.submit_many([self.encrypt(row) for row in x[:probe]])
+        decrypted = self._decrypt_batch(first, timeout, probe)
+        per_item = first.timings.get("compute_s", 0.0) / probe
+        if per_item > 0:
+            size = max(1, min(size, int(self.settings.batch_target_s / per_item)))
+        rest = x[probe:]
+        handles = [self.submit_many([self.encrypt(row) for row in rest[i : i + size]]) for i in range(0, len(rest), size)]
+        for handle in handles:
+            decrypted += self._decrypt_batch(handle, timeout, size)
+        return np.concatenate(decrypted)
+
+    def _decrypt_batch(self, handle: QueryHandle, timeout: float | None, size: int) -> list[NDArray[Any]]:
+        decrypted = []
+        for item in batch_items(handle.result(timeout), size):
+            if isinstance(item, CipherpoolError):
+                raise item
+            decrypted.append(self.decrypt(item))
+        return decrypted
+
+    def submit_many(self, ciphertexts: list[bytes], *, wait_for_worker: bool | None = None) -> QueryHandle:
+        """Queue a batch of ciphertexts (one model, this client's key set) as one query and return
+        at once: ``handle.result()`` is the framed batch result (``cipherpool.messages.batch_items``
+        reads it: each item's EncryptedOutput, or its typed error, in order)."""
+        for ciphertext in ciphertexts:
+            self._check_own(ciphertext)
+        body = pack_batch([(ITEM, c) for c in ciphertexts])
+        submitted = time.time()
+        response = self._with_keys(
+            lambda: self._t.request(
+                "POST", "/v1/queries/batch", content=body, headers=BATCH, params=self._submit_params(wait_for_worker)
+            )
+        )
+        return QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
+
+    def execute_many(
+        self, ciphertexts: list[bytes], timeout: float | None = None, *, wait_for_worker: bool | None = None
+    ) -> list[bytes | CipherpoolError]:
+        """Run the model on a batch of ciphertexts: each item's encrypted output, or the typed
+        error that refused that item alone, in order."""
+        handle = self.submit_many(ciphertexts, wait_for_worker=wait_for_worker)
+        items = batch_items(handle.result(timeout), len(ciphertexts))
+        self.last_timings, self.last_version = handle.timings, handle.version
+        return items
 
     def _predict_one(self, x: NDArray[Any], timeout: float | None) -> NDArray[Any]:
         t0 = time.perf_counter()

@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     # Limits checked before any work, after authentication (bytes; 0 rate = unlimited).
     max_json_bytes: int = 64 * KIB
     max_ciphertext_bytes: int = 16 * MIB
+    # Batches (POST /v1/queries/batch): the body cap of one, and how many ciphertexts it may
+    # hold; a QueryClient sends a 2-D predict in batches of at most batch_size rows.
+    max_batch_bytes: int = 64 * MIB
+    batch_max_items: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
+    # ... and no more rows than the node's compute per row (measured on a first small batch)
+    # fits in this many seconds: a batch is one task, to end well within visibility_timeout_s.
+    batch_target_s: float = Field(20.0, gt=0)
     max_evaluation_key_bytes: int = 512 * MIB
     max_deployment_zip_bytes: int = 256 * MIB
     max_deployment_unzipped_bytes: int = 1 * GIB  # the sum of a zip's declared member sizes

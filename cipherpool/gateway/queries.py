@@ -3,10 +3,12 @@
 ``POST /v1/queries`` takes the ciphertext envelope as raw bytes, authorises it against the
 token's cached grant, publishes a task of ids on the model's queue and answers 202 with the
 query id, or, with ``?wait=S``, the result itself if it is ready within S seconds (one round
-trip for a fast model). ``GET /v1/queries/{id}?wait=S`` long-polls: no request is held
-longer than ``long_poll_s``, so neither an HTTP worker nor a proxy timeout bounds how long a
-query may run. Results are raw bytes with the node's timings in headers; never the node's
-name (a host name of the platform, and whose node served whom is no end user's business).
+trip for a fast model). ``POST /v1/queries/batch`` does the same for a framed batch of
+ciphertexts, one task and one id for all (docs/http-api.md, "Batches").
+``GET /v1/queries/{id}?wait=S`` long-polls: no request is held longer than ``long_poll_s``,
+so neither an HTTP worker nor a proxy timeout bounds how long a query may run. Results are
+raw bytes with the node's timings in headers; never the node's name (a host name of the
+platform, and whose node served whom is no end user's business).
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from starlette.concurrency import run_in_threadpool
 
 from cipherpool import inflight
 from cipherpool.api.schemas import QUERY_ID_PATTERN, QueryAccepted
-from cipherpool.dispatch import open_envelope, output_of, reply_from_meta
+from cipherpool.dispatch import open_batch, open_envelope, output_of, reply_from_meta, submit_batch
 from cipherpool.dispatch import submit as submit_query
 from cipherpool.errors import CipherpoolError, QueryNotFound
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
 from cipherpool.gateway.refusals import mark_relayed, note_model
 from cipherpool.gateway.results import TaskMeta, is_ready
 from cipherpool.gateway.state import GatewayState
-from cipherpool.messages import EncryptedInput
+from cipherpool.messages import BATCH_CONTENT_TYPE, EncryptedInput
 from cipherpool.names import QUERY_OWNER_PREFIX
 from cipherpool.services.queries import ModelGrant, Route, TokenGrant, route
 
@@ -41,6 +43,9 @@ WaitForWorker = Annotated[bool, Query(description="queue the query even if no wo
 Mode = Annotated[Route, Query(description="auto: a dedicated worker when one is up, else a shared node")]
 KEEP_AFTER_READ_S = 60  # a delivered result stays this long, for a client's retry
 RESULT_HEADERS: dict[int | str, dict[str, Any]] = {200: BINARY_RESPONSE, 202: {"model": QueryAccepted}}
+BATCH_BODY = {
+    "requestBody": {"required": True, "content": {BATCH_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
+}
 
 
 @router.post("", status_code=202, responses=RESULT_HEADERS, openapi_extra=BINARY_BODY)
@@ -59,6 +64,35 @@ async def submit(
         return _accepted(query_id, None)
     async with gw.waiter.watch(query_id) as watch:
         await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id, shared)
+        meta = await watch.result(min(wait, gw.settings.long_poll_s))
+    return await _answer(request, gw, query_id, meta)
+
+
+@router.post("/batch", status_code=202, responses=RESULT_HEADERS, openapi_extra=BATCH_BODY)
+async def submit_many(
+    request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0, wait_for_worker: WaitForWorker = False, mode: Mode = Route.AUTO
+) -> Response:
+    """A batch: many ciphertexts of one model and key set, framed (docs/http-api.md,
+    "Batches"), run as one task on one node and answered item by item under one query id:
+    the result is a framed body of each item's output or typed error, in order. Counted
+    against the token's quota per item a node can evaluate, all or none."""
+    body = await request.body()
+    envelope, model, items = open_batch(
+        gw.store,
+        grant,
+        body,
+        gw.settings.batch_max_items,
+        wait_for_worker,
+        mode,
+        noted=lambda named: note_model(request, named),
+    )
+    shared = route(model, mode, wait_for_worker) == Route.SHARED
+    query_id = str(uuid.uuid4())
+    if wait <= 0:
+        await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id, shared, items)
+        return _accepted(query_id, None)
+    async with gw.waiter.watch(query_id) as watch:
+        await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id, shared, items)
         meta = await watch.result(min(wait, gw.settings.long_poll_s))
     return await _answer(request, gw, query_id, meta)
 
@@ -82,16 +116,39 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
 
 
 def _publish(
-    gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput, body: bytes, query_id: str, shared: bool
+    gw: GatewayState,
+    grant: TokenGrant,
+    model: ModelGrant,
+    envelope: EncryptedInput,
+    body: bytes,
+    query_id: str,
+    shared: bool,
+    batch: int | None = None,
 ) -> None:
     """Key lookup (cached), then the submit sequence with the query's owner recorded: one trip
-    to the thread pool."""
+    to the thread pool. ``batch``: the body is a batch of that many admitted items."""
     s = gw.settings
     blob_id = gw.auth.key_blob(grant, model, envelope.key_id)
 
     def record_owner() -> None:
         gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
 
+    if batch is not None:
+        submit_batch(
+            gw.celery,
+            s,
+            gw.store,
+            grant,
+            model,
+            envelope,
+            body,
+            blob_id,
+            batch,
+            shared=shared,
+            task_id=query_id,
+            before_publish=record_owner,
+        )
+        return
     submit_query(
         gw.celery,
         s,
@@ -133,7 +190,9 @@ async def _answer(request: Request, gw: GatewayState, query_id: str, meta: TaskM
         "X-Cipherpool-Key-Cache": reply.key_cache,
         "X-Cipherpool-Timings": json.dumps(reply.timings, separators=(",", ":")),
     }
-    return Response(output, media_type=OCTET_STREAM, headers=headers)
+    if reply.batch:
+        headers["X-Cipherpool-Batch"] = str(reply.batch)
+    return Response(output, media_type=BATCH_CONTENT_TYPE if reply.batch else OCTET_STREAM, headers=headers)
 
 
 def _accepted(query_id: str, meta: TaskMeta | None) -> JSONResponse:

@@ -27,6 +27,7 @@ from cipherpool.store import BlobStore
 UPLOADS = "/v1/uploads"
 KEYS = "/v1/client/keys/"
 QUERIES = "/v1/queries"
+QUERY_BATCHES = QUERIES + "/batch"
 
 
 @dataclass
@@ -74,6 +75,8 @@ class GatewayState:
             return s.max_evaluation_key_bytes
         if method == "POST" and path == QUERIES:
             return s.max_ciphertext_bytes
+        if method == "POST" and path == QUERY_BATCHES:
+            return s.max_batch_bytes
         return s.max_json_bytes
 
     async def start(self) -> None:

@@ -110,13 +110,13 @@ def read_database(session: Session, heartbeat_s: float) -> Snapshot:
     return snap
 
 
-def _all_time(redis: Redis, model_id: str) -> tuple[timings.Tally, dict[int, timings.Tally], dict[str, int]]:
-    """The model's all-time tally, each version's, and the gateway's refusals by code: one read
-    of the hash that :func:`.timings.read` also reads (it would fetch the window's minutes and
-    the latest queries too, which a scrape ignores)."""
+def _all_time(redis: Redis, model_id: str) -> tuple[timings.Tally, dict[int, timings.Tally], dict[str, int], dict[str, int]]:
+    """The model's all-time tally, each version's, the gateway's refusals by code and the
+    resident key bytes per node: one read of the hash that :func:`.timings.read` also reads (it
+    would fetch the window's minutes and the latest queries too, which a scrape ignores)."""
     raw: dict[bytes, bytes] = redis.hgetall(timings.total_key(model_id))  # type: ignore[assignment]
     tally, _per_worker = timings.split_hash(raw)
-    return tally, timings.version_tallies(raw), timings.refusal_counts(raw)
+    return tally, timings.version_tallies(raw), timings.refusal_counts(raw), timings.key_bytes(raw)
 
 
 def _histogram(family: Metric, labels: dict[str, str], found: timings.Histogram) -> None:
@@ -162,6 +162,23 @@ def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric
         "by reason and error code.",
         labels=(*MODEL_LABELS, "reason", "code"),
     )
+    lookups = CounterMetricFamily(
+        "cipherpool_key_cache_lookups",
+        "Queries' evaluation-key lookups in the nodes' key caches, by outcome: hit (deserialized key "
+        "reused) or miss (fetched and deserialized), all-time.",
+        labels=(*MODEL_LABELS, "outcome"),
+    )
+    key_load = CounterMetricFamily(
+        "cipherpool_key_load_seconds",
+        "Seconds the nodes spent fetching and deserializing evaluation keys on key-cache misses, all-time.",
+        labels=MODEL_LABELS,
+    )
+    resident = GaugeMetricFamily(
+        "cipherpool_key_cache_resident_bytes",
+        "Bytes of deserialized evaluation keys resident in a node's key cache (charged as serialized size x "
+        "key_memory_factor), as the node last reported them for the model it serves.",
+        labels=(*MODEL_LABELS, "node"),
+    )
     try:
         for account, model in models:
             base = dict(zip(MODEL_LABELS, (account, model.account_id, model.name)))
@@ -172,7 +189,13 @@ def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric
             for labels, hist in series:
                 _histogram(wait, labels, hist["queue_wait"])
                 _histogram(compute, labels, hist["compute"])
-            tally, versions, codes = _all_time(redis, model.id)
+            tally, versions, codes, resident_bytes = _all_time(redis, model.id)
+            names = [account, model.account_id, model.name]
+            lookups.add_metric([*names, "hit"], tally.key_hits)
+            lookups.add_metric([*names, "miss"], tally.key_misses)
+            key_load.add_metric(names, tally.key_load_us / timings.US)
+            for node, n in sorted(resident_bytes.items()):
+                resident.add_metric([*names, node], n)
             counted = [(base | {"version": str(v)}, t) for v, t in sorted(versions.items())]
             rest = _unversioned(tally, versions)
             if not counted or rest.attempts:
@@ -185,7 +208,7 @@ def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric
     except Exception:  # noqa: BLE001 - without Redis, the database's figures still come
         log.warning("metrics: could not read query times from Redis", exc_info=True)
         return []
-    return [wait, compute, outcomes, refused]
+    return [wait, compute, outcomes, refused, lookups, key_load, resident]
 
 
 def refusal_families(redis: Redis, snap: Snapshot, per_model: CounterMetricFamily | None) -> list[Metric]:

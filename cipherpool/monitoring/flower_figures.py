@@ -52,6 +52,7 @@ class ServingWorker(Figures):
     node: str | None
     status: str | None
     node_online: bool | None  # the node's heartbeats, as Flower hears them (None: never heard)
+    key_bytes: int | None = None  # deserialized keys resident in its node's key cache (the node's last report)
 
 
 class ModelRow(Figures):
@@ -83,6 +84,11 @@ class ModelRow(Figures):
     refusals_by_code_all_time: dict[str, int]
     failed_window: int
     failed_all_time: int
+    # The nodes' key cache over the window: the share of lookups that hit, the average seconds
+    # a miss spent loading its key; the bytes resident in the workers' nodes together.
+    key_cache_hit_ratio: float | None = None
+    key_load_s: float | None = None
+    key_bytes: int | None = None
     live: LiveQueries
     tasks_url: str  # Flower's Tasks page, filtered to this model's queries
 
@@ -153,10 +159,15 @@ def model_row(
         current_s, source = None, None
     workers = [
         ServingWorker(
-            worker_id=w.worker_id, node=w.node, status=w.status, node_online=nodes_online.get(w.node) if w.node else None
+            worker_id=w.worker_id,
+            node=w.node,
+            status=w.status,
+            node_online=nodes_online.get(w.node) if w.node else None,
+            key_bytes=getattr(w, "key_bytes", None),
         )
         for w in stats.workers
     ]
+    resident = [w.key_bytes for w in workers if w.key_bytes is not None]
     return ModelRow(
         account=account,
         model=stats.model,
@@ -184,6 +195,9 @@ def model_row(
         refusals_by_code_all_time=dict(getattr(stats, "refusals_all_time", None) or {}),
         failed_window=stats.window.failed,
         failed_all_time=stats.all_time.failed,
+        key_cache_hit_ratio=getattr(stats.window, "key_cache_hit_ratio", None),
+        key_load_s=getattr(stats.window, "average_key_load_s", None),
+        key_bytes=sum(resident) if resident else None,
         live=live,
         tasks_url=tasks_url(url_prefix, live.task_name),
     )

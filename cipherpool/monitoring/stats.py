@@ -56,6 +56,7 @@ def worker_row(found: ModelTimings, worker_id: str, last: int, worker: Worker | 
         window=found.window_figures(worker_id),
         all_time=found.all_time_figures(worker_id),
         current=current(found.current(last, worker_id)),
+        key_bytes=found.key_bytes.get(worker.node_name) if worker and worker.node_name else None,
     )
 
 

@@ -99,13 +99,13 @@ class Tally:
     failed: int = 0
     wait_us: int = 0
     compute_us: int = 0
+    key_hits: int = 0  # queries whose evaluation key was in the node's key cache
+    key_misses: int = 0  # queries whose key was fetched and deserialized
+    key_load_us: int = 0  # time those misses spent deserializing (and fetching) their keys
 
     def add(self, other: Tally) -> None:
-        self.queries += other.queries
-        self.refused += other.refused
-        self.failed += other.failed
-        self.wait_us += other.wait_us
-        self.compute_us += other.compute_us
+        for name in TALLY_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
     def attempts(self) -> int:
@@ -124,10 +124,15 @@ class Tally:
             queries_per_minute=n * MINUTE_S / span_s if span_s else None,
             error_rate=self.failed / (n + self.failed) if n + self.failed else None,
             refusal_rate=self.refused / attempts if attempts else None,
+            key_cache_hits=self.key_hits,
+            key_cache_misses=self.key_misses,
+            key_cache_hit_ratio=self.key_hits / lookups if (lookups := self.key_hits + self.key_misses) else None,
+            average_key_load_s=self.key_load_us / self.key_misses / US if self.key_misses else None,
         )
 
 
-TALLY_FIELDS = ("queries", "refused", "failed", "wait_us", "compute_us")
+TALLY_FIELDS = ("queries", "refused", "failed", "wait_us", "compute_us", "key_hits", "key_misses", "key_load_us")
+KEY_BYTES_FIELD = "kb:"  # + node name, in ``:all``: the bytes of deserialized keys resident in that node's key cache
 
 
 def split_hash(raw: dict[bytes, bytes]) -> tuple[Tally, dict[str, Tally]]:
@@ -165,6 +170,17 @@ def version_tallies(raw: dict[bytes, bytes]) -> dict[int, Tally]:
     for version, fields in _by_version(raw).items():
         tallies[version] = Tally(**{name: fields.get(name, 0) for name in TALLY_FIELDS})
     return tallies
+
+
+def key_bytes(raw: dict[bytes, bytes]) -> dict[str, int]:
+    """The ``kb:<node>`` fields of an ``:all`` hash: resident key bytes per node, as each node
+    last reported them (a gauge, set, never added to)."""
+    found: dict[str, int] = {}
+    for name_b, value_b in raw.items():
+        name = name_b.decode()
+        if name.startswith(KEY_BYTES_FIELD):
+            found[name[len(KEY_BYTES_FIELD) :]] = int(value_b)
+    return found
 
 
 def refusal_counts(raw: dict[bytes, bytes]) -> dict[str, int]:
@@ -242,6 +258,7 @@ class ModelTimings:
     recent: list[Sample] = field(default_factory=list)  # newest first
     refusals_window: dict[str, int] = field(default_factory=dict)  # the gateway's refusals by error code
     refusals_all_time: dict[str, int] = field(default_factory=dict)
+    key_bytes: dict[str, int] = field(default_factory=dict)  # node -> resident key bytes (its last report)
 
     def window_figures(self, worker: str | None = None) -> TimingFigures:
         tally = self.window if worker is None else self.workers_window.get(worker, Tally())
@@ -289,7 +306,17 @@ def read(redis: Redis, model_id: str, window_s: int, now: float | None = None) -
     all_time, all_workers = split_hash(replies[-2])
     recent = [Sample.decode(item) for item in replies[-1]]
     return ModelTimings(
-        model_id, window_s, span, window, all_time, per_worker, all_workers, recent, refused, refusal_counts(replies[-2])
+        model_id,
+        window_s,
+        span,
+        window,
+        all_time,
+        per_worker,
+        all_workers,
+        recent,
+        refused,
+        refusal_counts(replies[-2]),
+        key_bytes(replies[-2]),
     )
 
 
@@ -359,6 +386,9 @@ class Record:
     sample: Sample | None = None
     histogram: dict[str, int] | None = None
     version: int | None = None  # the model version it ran on, when the node knows it
+    gauges: dict[str, int | None] | None = (
+        None  # fields of the model's ``:all`` hash set, not added to (``kb:<node>``); None: removed
+    )
 
 
 def _add(sums: dict[tuple[str, str], int], key: str, name: str, value: int) -> None:
@@ -370,8 +400,11 @@ def write(redis: Redis, records: list[Record]) -> None:
     keys, in one round trip (additions to one field summed first). One MULTI: a reader sees
     a version's figures exactly when it sees the model-wide ones they are part of."""
     sums: dict[tuple[str, str], int] = {}
+    gauges: dict[tuple[str, str], int | None] = {}
     buckets: set[str] = set()
     for r in records:
+        for name, value in (r.gauges or {}).items():
+            gauges[(total_key(r.model_id), name)] = value  # the latest record's value wins
         bucket = minute_key(r.model_id, math.floor(r.at / MINUTE_S))
         buckets.add(bucket)
         versioned = f"{VERSION_FIELD}{r.version}:" if r.version is not None else None
@@ -387,6 +420,11 @@ def write(redis: Redis, records: list[Record]) -> None:
     with redis.pipeline(transaction=True) as pipe:
         for (key, name), value in sums.items():
             pipe.hincrby(key, name, value)
+        for (key, name), value in gauges.items():
+            if value is None:
+                pipe.hdel(key, name)  # never recreates the hash of a model forgotten meanwhile
+            else:
+                pipe.hset(key, name, value)
         for bucket in buckets:
             pipe.expire(bucket, KEEP_MINUTES_S)
         for model_id in {r.model_id for r in records if r.sample}:

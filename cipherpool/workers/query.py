@@ -11,15 +11,36 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypedDict
 
 from cipherpool import inflight, workerlog
 from cipherpool.context import PlatformContext
-from cipherpool.errors import CipherpoolError, KeyMismatch, KeysOutdated, ModelMismatch, ModelUnavailable
+from cipherpool.errors import (
+    CipherpoolError,
+    KeyMismatch,
+    KeysOutdated,
+    MalformedCiphertext,
+    ModelMismatch,
+    ModelUnavailable,
+    RemoteError,
+)
 from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.fhe.values import check_ciphertext
-from cipherpool.messages import EncryptedInput, EncryptedOutput, Envelope, QueryReply, QueryRequest, failed, ok
+from cipherpool.messages import (
+    ERROR,
+    ITEM,
+    EncryptedInput,
+    EncryptedOutput,
+    Envelope,
+    QueryReply,
+    QueryRequest,
+    error_frame,
+    failed,
+    ok,
+    pack_batch,
+    unpack_batch,
+)
 from cipherpool.names import query_routing_key
 from cipherpool.services.queries import REGENERATE
 from cipherpool.store import BlobKind
@@ -237,3 +258,139 @@ def warm(ctx: PlatformContext, runtime: NodeRuntime, raw: object) -> Warmed:
             source=runtime.name,
         )
     return {"seconds": seconds, "cached": hit}
+
+
+def handle_batch(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: Delivery) -> Envelope:
+    """A batch of queries (one model, one key set: one task) from start to finish, items in
+    order. The key is taken once and the model loaded once for all; an item that cannot be
+    evaluated (malformed, another model's or key set's, refused by the model) fails alone,
+    as an error frame in its place. Each item is a query to the hooks (its ``task_id`` is the
+    batch's, ``/`` its index). What concerns the whole batch (the node no longer serves its
+    model, a version it no longer holds) refuses the whole batch, as it would one query."""
+    if delivery.task_id and ctx.settings.broker_is_redis():
+        inflight.forget_quietly(ctx.store.redis, delivery.task_id)  # started: never to be sent again
+    hooks = runtime.hooks
+    binding = runtime.binding
+    started = time.time()
+    try:
+        request = QueryRequest.decode(raw)
+        body = request.input if request.input is not None else ctx.store.get_payload(request.input_ref or "")
+        frames = unpack_batch(body, ctx.settings.batch_max_items)
+    except CipherpoolError as error:
+        query = QueryEvent(node=runtime.name, task_id=delivery.task_id, binding=binding.event if binding else None)
+        hooks.query_received(query)
+        return _refuse(query, hooks, error)
+    wait = max(0.0, started - request.submitted_at) if request.submitted_at else 0.0
+    results: list[tuple[int, bytes]] = [(ERROR, b"")] * len(frames)
+    pending: list[tuple[int, QueryEvent, EncryptedInput]] = []
+    for index, (kind, data) in enumerate(frames):
+        query = _batch_item_event(runtime, delivery, request, index, wait)
+        hooks.query_received(query)
+        try:
+            if kind != ITEM:
+                raise MalformedCiphertext("A batch's items are ciphertexts; this one is an error frame.")
+            pending.append((index, query, _open(ctx, replace(request, input=data, input_ref=None))))
+            query.timings["open_s"] = time.time() - query.received_at
+        except CipherpoolError as error:
+            _refuse(query, hooks, error)
+            results[index] = error_frame(error)
+    version, hit = request.version, False
+    if pending:
+        try:
+            version, hit = _run_batch(ctx, runtime, request, delivery, pending, results)
+        except _BatchRefused as refused:
+            for _, query, _ in pending:
+                hooks.query_refused(query, refused.error)
+            log.info("batch refused: %s: %s", refused.error.code, refused.error.message)
+            return failed(refused.error)
+    output = pack_batch(results)
+    computed = sum(q.timings.get("compute_s", 0.0) for _, q, _ in pending)
+    timings = {"queue_wait_s": wait, "compute_s": computed, "server_total_s": time.time() - started}
+    where: _Output = (
+        {"output_ref": ctx.store.put_payload(output, ctx.settings.payload_ttl_s)}
+        if len(output) > ctx.settings.inline_max_bytes
+        else {"output": output}
+    )
+    log.info(
+        "batch of %d queries: %d evaluated, compute %.3f s, total %.3f s",
+        len(frames),
+        len(pending),
+        computed,
+        timings["server_total_s"],
+    )
+    reply = QueryReply(
+        node=runtime.name, version=version, key_cache="hit" if hit else "miss", timings=timings, batch=len(frames), **where
+    )
+    return ok(reply.encode())
+
+
+def _batch_item_event(runtime: NodeRuntime, delivery: Delivery, request: QueryRequest, index: int, wait: float) -> QueryEvent:
+    binding = runtime.binding
+    task_id = f"{delivery.task_id}/{index}" if delivery.task_id else None
+    query = QueryEvent(node=runtime.name, task_id=task_id, binding=binding.event if binding else None)
+    query.model_id, query.key_id, query.token_id = request.model_id, request.key_id, request.token_id
+    query.account_id = request.account_id or None
+    query.version = request.version or None
+    query.timings["queue_wait_s"] = wait
+    return query
+
+
+def _run_batch(
+    ctx: PlatformContext,
+    runtime: NodeRuntime,
+    request: QueryRequest,
+    delivery: Delivery,
+    pending: list[tuple[int, QueryEvent, EncryptedInput]],
+    results: list[tuple[int, bytes]],
+) -> tuple[int, bool]:
+    """Evaluate a batch's admitted items in order, with one model and one key lookup; each
+    item's output or error goes into ``results`` at its index. Returns (version, key cache hit)."""
+    hooks = runtime.hooks
+    first = pending[0][1]
+    try:
+        evaluator, version = _evaluator(ctx, runtime, request, first)
+    except NotBoundHere:
+        if may_requeue(delivery, runtime.host_class, request.model_id):
+            for _, query, _ in pending:
+                hooks.query_requeued(query)
+            raise Requeue("node no longer serves this model") from None
+        raise _BatchRefused(
+            ModelUnavailable("This batch reached a node that does not serve its model; submit it again.")
+        ) from None
+    except CipherpoolError as error:
+        raise _BatchRefused(error) from None
+    t = time.time()
+    keys, hit = _keys(ctx, runtime, request, evaluator)
+    key_s = time.time() - t
+    for n, (index, query, encrypted) in enumerate(pending):
+        query.binding, query.version = first.binding, version or None
+        hooks.query_authorised(query)
+        query.timings["key_s"] = key_s if n == 0 else 0.0
+        hooks.key_loaded(query, hit=hit or n > 0, seconds=query.timings["key_s"])
+        t = time.time()
+        try:
+            output = evaluator.run(encrypted.data, keys)
+        except CipherpoolError as error:
+            _refuse(query, hooks, error)
+            results[index] = error_frame(error)
+            continue
+        except Exception as error:  # noqa: BLE001 - one item's failure is that item's answer, not the batch's
+            hooks.query_failed(query, error)
+            log.exception("batch item %s failed", query.task_id)
+            results[index] = error_frame(
+                RemoteError("This item failed on the platform; the operator's node log has the details.")
+            )
+            continue
+        query.timings["compute_s"] = time.time() - t
+        query.timings["server_total_s"] = time.time() - query.received_at
+        results[index] = (ITEM, EncryptedOutput(model_id=request.model_id, key_id=request.key_id, data=output).encode())
+        hooks.query_computed(query)
+    return version, hit
+
+
+class _BatchRefused(Exception):
+    """What refuses a whole batch (raised by :func:`_run_batch`, answered by :func:`handle_batch`)."""
+
+    def __init__(self, error: CipherpoolError):
+        super().__init__(error.message)
+        self.error = error

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from redis import Redis
 
 from cipherpool.errors import CipherpoolError, PlatformError
-from cipherpool.monitoring.timings import SHARED, US, Record, Sample, bucket_index, write
-from cipherpool.workers.hooks import Hook, QueryEvent
+from cipherpool.monitoring.timings import KEY_BYTES_FIELD, SHARED, US, Record, Sample, bucket_index, write
+from cipherpool.workers.hooks import BindingEvent, Hook, QueryEvent
+from cipherpool.workers.node import current_runtime
 
 log = logging.getLogger("cipherpool.monitoring")
 FLUSH_S = 0.5  # a node writes its buffered query times this often (seconds)
@@ -48,13 +49,16 @@ class QueryTimings(Hook):
         model_id: str | None,
         sample: Sample | None = None,
         histogram: dict[str, int] | None = None,
+        gauges: dict[str, int | None] | None = None,
         **amounts: int,
     ) -> None:
         if model_id is None:
             return
         worker = query.worker_id or SHARED
         adds = {name: value for key, value in amounts.items() for name in (key, f"w:{worker}:{key}")}
-        record = Record(self._clock(), model_id, adds, sample, histogram, query.version)
+        self._push(Record(self._clock(), model_id, adds, sample, histogram, query.version, gauges))
+
+    def _push(self, record: Record) -> None:
         if self._flush_s is None:
             self._write([record])
             return
@@ -83,6 +87,22 @@ class QueryTimings(Hook):
 
     def _write(self, records: list[Record]) -> None:
         write(self._redis(), records)
+
+    def key_loaded(self, query: QueryEvent, *, hit: bool, seconds: float) -> None:
+        """A key-cache hit, or a miss and the seconds it spent loading the key; and the bytes
+        of keys resident in this node's cache now (a gauge per node, ``kb:<node>``)."""
+        runtime = current_runtime()
+        gauges: dict[str, int | None] | None = (
+            {f"{KEY_BYTES_FIELD}{runtime.name}": runtime.key_cache.stats().charged_bytes} if runtime else None
+        )
+        if hit:
+            self._record(query, self._model(query), gauges=gauges, key_hits=1)
+        else:
+            self._record(query, self._model(query), gauges=gauges, key_misses=1, key_load_us=round(max(0.0, seconds) * US))
+
+    def binding_unbound(self, binding: BindingEvent) -> None:
+        """The node dropped the model and its keys: its resident bytes are no longer the model's."""
+        self._push(Record(self._clock(), binding.model_id, {}, gauges={f"{KEY_BYTES_FIELD}{binding.node}": None}))
 
     def query_computed(self, query: QueryEvent) -> None:
         wait = max(0.0, query.timings.get("queue_wait_s", 0.0))

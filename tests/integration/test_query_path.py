@@ -33,6 +33,30 @@ def test_logistic_regression_decrypts_to_the_clear_prediction(clients, examples)
     assert_matches_clear(clients["cancer"], examples["cancer"], slice(0, 6))
 
 
+def test_a_batch_is_answered_item_by_item_and_a_corrupted_item_fails_alone(platform, clients, examples, monkeypatch):
+    # Given 20 rows of the breast-cancer logistic regression, one of them corrupted in transit
+    qc, example = clients["cancer"], examples["cancer"]
+    x = example.x_test[:20]
+    ciphertexts = [qc.encrypt(row) for row in x]
+    bad = EncryptedInput.decode(ciphertexts[7])
+    ciphertexts[7] = EncryptedInput(bad.model_id, bad.key_id, bad.data[:-8]).encode()
+    before = platform.mc.worker_stats("cancer")[0]
+    # When they go as one batch (one task, one node)
+    items = qc.execute_many(ciphertexts, timeout=60)
+    # Then 19 answers decrypt to the clear model's, and the corrupted one is a typed error alone
+    clear = example.clear(x)
+    assert len(items) == 20 and isinstance(items[7], errors.MalformedCiphertext), items[7]
+    for i, item in enumerate(items):
+        if i != 7:
+            assert isinstance(item, bytes), item
+            np.testing.assert_allclose(qc.decrypt(item), clear[i : i + 1], atol=1e-3)
+    after = platform.mc.worker_stats("cancer")[0]
+    assert (after.queries_succeeded - before.queries_succeeded, after.queries_refused - before.queries_refused) == (19, 1)
+    # and predict_many sends many rows as batches (here of 8), decrypted in order
+    monkeypatch.setattr(qc.settings, "batch_size", 8)
+    np.testing.assert_allclose(qc.predict_many(x), clear, atol=1e-3)
+
+
 def test_step_by_step_api_reports_timings(platform, clients, examples):
     qc = clients["cancer"]
     ciphertext = qc.encrypt(examples["cancer"].x_test[0])
@@ -50,6 +74,7 @@ def test_two_queries_in_a_row_reuse_the_cached_evaluation_key(platform, examples
     qc.generate_keys()
     qc.upload_evaluation_keys(warm_up=False)
     before = platform.mc.worker_stats("digits")[0]
+    [recorded] = [w for w in platform.mc.model_stats("digits")[0].workers if w.worker_id == before.worker_id]
     # When it sends two queries
     replies = []
     for i in range(2):
@@ -63,6 +88,17 @@ def test_two_queries_in_a_row_reuse_the_cached_evaluation_key(platform, examples
     # and the model itself was loaded once, when the node was bound, not per query
     assert after.worker_id == before.worker_id and after.model_loads == 1
     assert after.queries_succeeded - before.queries_succeeded == 2
+
+    # and the recorded figures (worker stats, /metrics, Flower) count that miss and that hit, the
+    # key's load time and the bytes resident in the node's cache
+    def counted():
+        [row] = [w for w in platform.mc.model_stats("digits")[0].workers if w.worker_id == before.worker_id]
+        return row if row.all_time.key_cache_hits > recorded.all_time.key_cache_hits else None
+
+    row = wait_until(counted, 10)
+    assert row.all_time.key_cache_misses - recorded.all_time.key_cache_misses == 1
+    assert row.all_time.key_cache_hits - recorded.all_time.key_cache_hits == 1
+    assert row.all_time.average_key_load_s > 0 and row.key_bytes == after.key_cache.charged_bytes > 0
     qc.close()
 
 

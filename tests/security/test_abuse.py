@@ -33,7 +33,16 @@ import msgpack
 import pytest
 
 from cipherpool import errors
-from cipherpool.messages import EncryptedInput, QueryReply, ok
+from cipherpool.messages import (
+    BATCH_CONTENT_TYPE,
+    ITEM,
+    EncryptedInput,
+    QueryReply,
+    batch_items,
+    error_frame,
+    ok,
+    pack_batch,
+)
 from cipherpool.names import (
     AUTH_FAILURE_PREFIX,
     QUERY_OWNER_PREFIX,
@@ -585,6 +594,63 @@ def test_an_end_user_is_told_no_node_name(world):
     assert "x-cipherpool-node" not in answer.headers
     shown = " ".join(f"{k}: {v}" for k, v in answer.headers.items())
     assert "node-a" not in shown and "secret-host" not in shown, shown
+
+
+# ---- batches (issue 27): the same door as a query, counted per item ------------------------
+
+BATCH_HEADERS = {"Content-Type": BATCH_CONTENT_TYPE}
+
+
+def _batch(world: World, items: list[bytes], credential: str | None = None) -> Any:
+    body = pack_batch([(ITEM, EncryptedInput(world.model_id, KEY_ID, d).encode()) for d in items])
+    return world.call(credential or world.token, "POST", "/v1/queries/batch", content=body, headers=BATCH_HEADERS)
+
+
+def test_a_batch_needs_the_end_users_token_and_its_cap_is_checked_first(world, monkeypatch):
+    body = pack_batch([(ITEM, EncryptedInput(world.model_id, KEY_ID, value_ciphertext()).encode())])
+    assert world.client.post("/v1/queries/batch", content=body, headers=BATCH_HEADERS).status_code == 401
+    answer = _batch(world, [value_ciphertext()], credential=world.a_key)
+    assert (answer.status_code, answer.json()["code"]) == (403, "wrong_credential")
+    monkeypatch.setattr(world.app.state.gw.settings, "max_batch_bytes", 100)
+    answer = _batch(world, [value_ciphertext()] * 3)
+    assert (answer.status_code, answer.json()["code"]) == (413, "payload_too_large")
+
+
+def test_a_batch_counts_each_evaluable_item_against_the_quota_all_or_none(world):
+    from cipherpool import inflight
+    from cipherpool.names import QUERY_BATCH_TASK
+
+    world.redis.delete(USAGE_PREFIX + world.token_id)
+    try:
+        answer = _batch(world, [value_ciphertext(), ZEROS, value_ciphertext(), value_ciphertext()])
+        assert answer.status_code == 202, answer.text
+        assert world.usage() == 3, "the message of zeros travels, refused on the node, but is not counted"
+        record = inflight.load(world.redis, [answer.json()["id"]])[answer.json()["id"]]
+        assert record is not None and record.message.task == QUERY_BATCH_TASK, "one task, kept in flight as a batch"
+        answer = _batch(world, [value_ciphertext()] * 3)  # the quota (5) has room for 2
+        assert (answer.status_code, answer.json()["code"]) == (429, "token_quota_exceeded") and world.usage() == 3
+        answer = _batch(world, [ZEROS, ZEROS])
+        assert (answer.status_code, answer.json()["code"]) == (422, "invalid_ciphertext") and world.usage() == 3
+        answer = world.call(world.token, "POST", "/v1/queries/batch", content=b"nonsense", headers=BATCH_HEADERS)
+        assert (answer.status_code, answer.json()["code"]) == (422, "malformed_ciphertext")
+        answer = _batch(world, [value_ciphertext()] * (world.app.state.gw.settings.batch_max_items + 1))
+        assert (answer.status_code, answer.json()["code"]) == (422, "malformed_ciphertext") and world.usage() == 3
+    finally:
+        world.redis.delete(USAGE_PREFIX + world.token_id)
+
+
+def test_a_batchs_result_is_framed_item_by_item_for_its_owner_only(world):
+    query_id = str(uuid.uuid4())
+    output = pack_batch([(ITEM, b"first"), error_frame(errors.MalformedCiphertext("bad item"))])
+    reply = QueryReply(output=output, node=NODES[0], version=1, key_cache="hit", timings={"compute_s": 0.1}, batch=2)
+    world.redis.set(QUERY_OWNER_PREFIX + query_id, world.token_id, ex=300)
+    _store_meta(world.redis, query_id, ok(reply.encode()))
+    answer = world.call(world.token, "GET", f"/v1/queries/{query_id}")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == BATCH_CONTENT_TYPE and answer.headers["x-cipherpool-batch"] == "2"
+    first, second = batch_items(answer.content, 2)
+    assert first == b"first" and isinstance(second, errors.MalformedCiphertext) and second.message == "bad item"
+    assert world.call(world.b_key, "GET", f"/v1/queries/{query_id}").status_code == 403
 
 
 # ---- failed authentications, throttled per source ----------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from cipherpool.messages import EncryptedInput
+from cipherpool.messages import ITEM, EncryptedInput, pack_batch
 from cipherpool.names import QUERY_OWNER_PREFIX
 from tests.helpers import value_ciphertext, versions_json, zip_bytes
 
@@ -666,6 +666,28 @@ CASES = [
         "POST",
         "/v1/queries",
         lambda t, a: Req("/v1/queries", params={"wait_for_worker": "true"}, content=_env(a["model_id"], t["key"])),
+        "evaluation_key_not_found",
+        404,
+        "a_token",
+    ),
+    Case(
+        "client: a batch for B's model",
+        "POST",
+        "/v1/queries/batch",
+        lambda t, a: Req("/v1/queries/batch", content=pack_batch([(ITEM, _env(t["model_id"], A_KEY))] * 2)),
+        "token_not_for_model",
+        403,
+        "a_token",
+    ),
+    Case(
+        "client: a batch with B's key",
+        "POST",
+        "/v1/queries/batch",
+        lambda t, a: Req(
+            "/v1/queries/batch",
+            params={"wait_for_worker": "true"},
+            content=pack_batch([(ITEM, _env(a["model_id"], t["key"]))] * 2),
+        ),
         "evaluation_key_not_found",
         404,
         "a_token",

@@ -1,0 +1,132 @@
+"""Key affinity: which of a model's nodes a key set's queries should go to (issue 27).
+
+A node keeps an LRU of *deserialized* evaluation keys (:mod:`cipherpool.fhe.keycache`); a key
+set whose queries land on any of the model's nodes at random is deserialized on each of them
+in turn, and with more active key sets than one node's cache holds most queries miss. Sent to
+one node per key set, each node only holds its share of the key sets.
+
+**Placement: rendezvous hashing** (highest random weight). A key set's preferred node is the
+one whose ``hash(key set, node)`` is highest among the model's up nodes. Adding or removing a
+node moves only the key sets that node wins or held (about ``1/n`` of them), and the spread is
+even without a ring or virtual nodes; :func:`ranked` gives the next choices in order.
+
+**Homes** (:func:`replicas_for`): a key set may use its first few nodes in rank, as many as
+the nodes' caches have room for among the active key sets, so a few busy key sets still spread
+over every node. **Fallback** (:class:`Router`): the least busy home takes the query; one with
+``bound`` of this router's queries outstanding is passed over for the next node in rank, and
+then the model's shared queue (any worker), so no query waits behind a hot spot.
+Outstanding queries are counted in memory by whoever routes (a gateway), so the check costs no
+round trip; each fallback is counted (:attr:`Router.fallbacks`).
+
+This module decides; it does not publish. Wiring it into the query path (a per-node
+affinity queue bound when a worker binds, drained or requeued when it unbinds) is not done
+yet: see docs/architecture.md, 'Key affinity'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+ANY = None  # a routing decision for no node in particular: the model's shared queue
+
+
+def weight(key_id: str, node: str) -> int:
+    """The pair's rendezvous weight: stable across processes and restarts (not Python's
+    salted ``hash``), 64 bits of BLAKE2b."""
+    digest = hashlib.blake2b(f"{key_id}\x00{node}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def ranked(key_id: str, nodes: Iterable[str]) -> list[str]:
+    """The nodes in the key set's order of preference (highest weight first; ties by name)."""
+    return sorted(set(nodes), key=lambda node: (-weight(key_id, node), node))
+
+
+def preferred(key_id: str, nodes: Iterable[str], count: int = 1) -> list[str]:
+    """The key set's ``count`` preferred nodes (fewer when fewer are up)."""
+    return ranked(key_id, nodes)[: max(0, count)]
+
+
+def replicas_for(nodes: int, keys_per_node: float, active_key_sets: int) -> int:
+    """How many nodes each key set may use: the nodes' caches together hold ``nodes x
+    keys_per_node`` keys; shared among ``active_key_sets``, each gets that many homes (at
+    least 1, at most every node). With few key sets each is on every node (no cache pressure,
+    no hot spot); with more key sets than the caches hold, each has one home."""
+    if nodes <= 0:
+        return 1
+    if active_key_sets <= 0:
+        return nodes
+    return max(1, min(nodes, int(nodes * keys_per_node // active_key_sets)))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where a query goes: ``node`` (None: the model's shared queue) and whether that is a
+    fallback (a node outside the key set's homes, or the shared queue)."""
+
+    node: str | None
+    fallback: bool
+
+
+class Router:
+    """One router's (a gateway's) routing decisions and its count of outstanding queries per
+    node. Thread-safe: a gateway routes from its request threads."""
+
+    def __init__(self, bound: int, tries: int = 2):
+        if bound < 1:
+            raise ValueError("an affinity bound is at least 1 outstanding query")
+        self.bound = bound  # outstanding queries past which a node is passed over
+        self.tries = max(1, tries)  # how many nodes in rank order are tried before the shared queue
+        self._outstanding: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self.fallbacks = 0
+        self.routed = 0
+
+    def choose(self, key_id: str, nodes: Sequence[str], replicas: int = 1) -> Choice:
+        """The node for a query of ``key_id`` among ``nodes`` (the model's up nodes), counted
+        as outstanding there until :meth:`done`.
+
+        The key set's ``replicas`` first nodes in rank are its home (:func:`replicas_for`: as
+        many as the nodes' caches have room for, so a few busy key sets spread over every
+        node): the least busy of them takes it (ties: the higher ranked). When that one has
+        ``bound`` queries outstanding, the next ``tries - 1`` nodes in rank are tried, then the
+        model's shared queue (a fallback, counted). No node up: the shared queue, no fallback."""
+        if not nodes:
+            return Choice(ANY, False)
+        order = ranked(key_id, nodes)
+        home = max(1, min(replicas, len(order)))
+        with self._lock:
+            self.routed += 1
+            load, place = min((self._outstanding[node], place) for place, node in enumerate(order[:home]))
+            if load >= self.bound:
+                place = next(
+                    (p for p in range(home, min(len(order), home + self.tries - 1)) if self._outstanding[order[p]] < self.bound),
+                    -1,
+                )
+            if place < 0:
+                self.fallbacks += 1
+                return Choice(ANY, True)
+            node = order[place]
+            self._outstanding[node] += 1
+            spilled = place >= home
+            self.fallbacks += spilled
+            return Choice(node, spilled)
+
+    def done(self, choice: Choice) -> None:
+        """The query routed by ``choice`` was answered, failed or was never sent."""
+        if choice.node is None:
+            return
+        with self._lock:
+            left = self._outstanding[choice.node] - 1
+            if left > 0:
+                self._outstanding[choice.node] = left
+            else:
+                del self._outstanding[choice.node]
+
+    def outstanding(self, node: str) -> int:
+        with self._lock:
+            return self._outstanding[node]

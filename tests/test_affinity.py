@@ -1,0 +1,96 @@
+"""Key affinity's placement (rendezvous hashing) and routing with fallback (issue 27)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from cipherpool.affinity import ANY, Choice, Router, preferred, ranked, replicas_for, weight
+
+KEYS = [f"key-{i}" for i in range(4000)]
+NODES = [f"pool-{i}" for i in range(8)]
+
+
+def placement(nodes: list[str]) -> dict[str, str]:
+    return {key: preferred(key, nodes)[0] for key in KEYS}
+
+
+def test_weight_is_stable_and_the_order_does_not_depend_on_the_list_order() -> None:
+    assert weight("k", "pool-1") == weight("k", "pool-1")
+    assert ranked("k", NODES) == ranked("k", list(reversed(NODES)))
+    assert sorted(ranked("k", NODES)) == sorted(NODES)
+    assert preferred("k", NODES, 3) == ranked("k", NODES)[:3]
+    assert preferred("k", [], 1) == []
+
+
+def test_key_sets_spread_evenly_over_the_nodes() -> None:
+    counts = Counter(placement(NODES).values())
+    share = len(KEYS) / len(NODES)
+    assert set(counts) == set(NODES)
+    assert all(abs(n - share) < 0.2 * share for n in counts.values()), counts
+
+
+def test_a_node_leaving_moves_only_its_own_key_sets() -> None:
+    before = placement(NODES)
+    after = placement(NODES[:-1])
+    moved = {key for key in KEYS if before[key] != after[key]}
+    assert moved == {key for key in KEYS if before[key] == NODES[-1]}  # only the leaver's
+    assert len(moved) == pytest.approx(len(KEYS) / len(NODES), rel=0.2)
+
+
+def test_a_node_joining_takes_about_one_nth_and_only_from_others() -> None:
+    before = placement(NODES)
+    after = placement([*NODES, "pool-new"])
+    moved = [key for key in KEYS if before[key] != after[key]]
+    assert all(after[key] == "pool-new" for key in moved)  # nothing moves between old nodes
+    assert len(moved) == pytest.approx(len(KEYS) / (len(NODES) + 1), rel=0.2)
+
+
+def test_the_router_sends_a_key_set_to_its_preferred_node_while_it_has_room() -> None:
+    router = Router(bound=2)
+    first = router.choose("k", NODES)
+    assert first == Choice(ranked("k", NODES)[0], False)
+    assert router.choose("k", NODES) == first
+    assert router.outstanding(first.node or "") == 2
+    assert router.fallbacks == 0
+
+
+def test_past_the_bound_it_falls_back_to_the_next_node_then_to_any_worker() -> None:
+    router = Router(bound=1, tries=2)
+    order = ranked("k", NODES)
+    assert router.choose("k", NODES) == Choice(order[0], False)
+    assert router.choose("k", NODES) == Choice(order[1], True)  # the preferred one is busy
+    assert router.choose("k", NODES) == Choice(ANY, True)  # both busy: the model's shared queue
+    assert router.fallbacks == 2 and router.routed == 3
+    router.done(Choice(order[0], False))
+    assert router.outstanding(order[0]) == 0
+    assert router.choose("k", NODES) == Choice(order[0], False)  # room again: back home
+
+
+def test_no_node_up_goes_to_the_shared_queue_without_a_fallback() -> None:
+    router = Router(bound=1)
+    assert router.choose("k", []) == Choice(ANY, False)
+    assert router.fallbacks == 0
+    router.done(Choice(ANY, False))  # nothing was counted: nothing to give back
+
+
+def test_a_bound_below_one_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Router(bound=0)
+
+
+def test_replicas_follow_the_room_in_the_nodes_caches() -> None:
+    assert replicas_for(16, 2, 2) == 16  # few key sets: every node may take each of them
+    assert replicas_for(16, 2, 8) == 4
+    assert replicas_for(16, 2, 64) == 1  # more key sets than the caches hold: one home each
+    assert replicas_for(4, 2, 0) == 4 and replicas_for(0, 2, 5) == 1
+
+
+def test_a_key_set_with_several_homes_goes_to_the_least_busy_of_them() -> None:
+    router = Router(bound=5)
+    order = ranked("k", NODES)
+    picks = [router.choose("k", NODES, replicas=3).node for _ in range(6)]
+    assert picks == order[:3] * 2  # least busy first, ties to the higher ranked
+    assert set(picks) <= set(order[:3]) and router.fallbacks == 0
+    assert router.choose("k", NODES[:2], replicas=9).node in NODES[:2]  # never more homes than nodes
