@@ -130,11 +130,33 @@ def submit(
     broker the message is kept until a node starts it (:mod:`cipherpool.inflight`)."""
     admit_ciphertext(store, model, envelope)
     usage.charge(store.redis, grant.token_id, grant.quota)
+    return _prepare_and_publish(
+        app, settings, store, grant, model, envelope, ciphertext, blob_id, QUERY_TASK, 1, shared, task_id, before_publish
+    )
+
+
+def _prepare_and_publish(
+    app: Celery,
+    settings: Settings,
+    store: BlobStore,
+    grant: TokenGrant,
+    model: ModelGrant,
+    envelope: EncryptedInput,
+    ciphertext: bytes,
+    blob_id: str,
+    task: str,
+    runs: int,
+    shared: bool,
+    task_id: str | None,
+    before_publish: Callable[[], None] | None,
+) -> AsyncResult:
+    """The rest of the submit sequence, for a query and a batch alike, once its ``runs`` are
+    counted: prepare, let the caller record what it must, publish; the runs go back to the quota
+    if it was not published (the client's retry must not count twice)."""
     try:
         request = prepare_query(settings, store, grant, model, envelope, ciphertext, blob_id)
         if before_publish is not None:
             before_publish()
-        keep = keeper(settings, store)
         return publish_query(
             app,
             request,
@@ -143,10 +165,11 @@ def submit(
             task_id=task_id,
             shared=shared,
             model_name=model.name,
-            keep=keep,
+            keep=keeper(settings, store),
+            task=task,
         )
     except Exception:
-        _refund(store, grant)
+        _refund(store, grant, runs)
         raise
 
 
@@ -237,17 +260,20 @@ def publish_query(
     *,
     model_name: str,
     keep: redis.Redis | None = None,
+    task: str = QUERY_TASK,
 ) -> AsyncResult:
     """Publish with the routing key of the model's host class (its dedicated workers', or the
     shared nodes' of the class), with a deadline: a node discards it once nobody waits. Only
     nodes of that class have a queue bound to that key. ``model_name`` names it in monitoring
     (:func:`query_shadow`), on dedicated and shared nodes alike. ``keep``: record the message
-    there first, for beat to send again should the broker lose it (:mod:`cipherpool.inflight`)."""
+    there first, for beat to send again should the broker lose it (:mod:`cipherpool.inflight`).
+    ``task``: the query task, or the batch task (a batch is one message, one record, one shadow
+    name: a node forgets the record when it starts the batch, and beat sends it again as a batch)."""
     task_id = task_id or str(uuid.uuid4())
     kwargs = {"request": request.encode()}
     queue = shared_queue_of(host_class) if shared else query_queue(host_class, request.model_id)
     message = InflightQuery(
-        QUERY_TASK, kwargs, queue.name, queue.routing_key, query_shadow(model_name, request.model_id), time.time() + expires_s
+        task, kwargs, queue.name, queue.routing_key, query_shadow(model_name, request.model_id), time.time() + expires_s
     )
     if keep is not None:
         inflight.record(keep, task_id, message)
@@ -403,54 +429,6 @@ def submit_batch(
         raise QuotaExceeded(
             f"This batch holds {items} queries and this access token's quota has room for {granted}; send a smaller batch."
         )
-    try:
-        request = prepare_query(settings, store, grant, model, envelope, body, blob_id)
-        if before_publish is not None:
-            before_publish()
-        return publish_batch(
-            app,
-            request,
-            model.hardware,
-            settings.query_timeout_s,
-            task_id=task_id,
-            shared=shared,
-            model_name=model.name,
-            keep=keeper(settings, store),
-        )
-    except Exception:
-        _refund(store, grant, items)
-        raise
-
-
-def publish_batch(
-    app: Celery,
-    request: QueryRequest,
-    host_class: str,
-    expires_s: float,
-    task_id: str | None = None,
-    shared: bool = False,
-    *,
-    model_name: str,
-    keep: redis.Redis | None = None,
-) -> AsyncResult:
-    """:func:`publish_query` for a batch: the batch task, on the same queue, under the same
-    shadow name, recorded in flight the same way (one record for the batch: a node forgets it
-    when it starts the batch, and beat sends it again, as a batch, should the broker lose it)."""
-    task_id = task_id or str(uuid.uuid4())
-    queue = shared_queue_of(host_class) if shared else query_queue(host_class, request.model_id)
-    message = InflightQuery(
-        QUERY_BATCH_TASK,
-        {"request": request.encode()},
-        queue.name,
-        queue.routing_key,
-        query_shadow(model_name, request.model_id),
-        time.time() + expires_s,
+    return _prepare_and_publish(
+        app, settings, store, grant, model, envelope, body, blob_id, QUERY_BATCH_TASK, items, shared, task_id, before_publish
     )
-    if keep is not None:
-        inflight.record(keep, task_id, message)
-    try:
-        return _send_query(app, task_id, message)
-    except Exception:
-        if keep is not None:
-            inflight.forget_quietly(keep, task_id)  # never sent: never to be sent again
-        raise

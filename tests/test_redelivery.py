@@ -275,11 +275,12 @@ def test_a_mark_never_brings_back_a_forgotten_record(app, ctx):
 def test_a_lost_batch_is_sent_again_as_a_batch(app, ctx):
     import json
 
-    from cipherpool.dispatch import publish_batch
     from cipherpool.names import QUERY_BATCH_TASK
 
     batch_id = str(uuid.uuid4())
-    publish_batch(app, request_for(), "cpu", 300.0, task_id=batch_id, model_name="digits", keep=ctx.store.redis)
+    publish_query(
+        app, request_for(), "cpu", 300.0, task_id=batch_id, model_name="digits", keep=ctx.store.redis, task=QUERY_BATCH_TASK
+    )
     record = inflight.load(ctx.store.redis, [batch_id])[batch_id]
     assert record is not None and record.message.task == QUERY_BATCH_TASK  # one record for the whole batch
     lose(ctx)
