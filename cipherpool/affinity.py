@@ -18,17 +18,19 @@ then the model's shared queue (any worker), so no query waits behind a hot spot.
 Outstanding queries are counted in memory by whoever routes (a gateway), so the check costs no
 round trip; each fallback is counted (:attr:`Router.fallbacks`).
 
-This module decides; it does not publish. Wiring it into the query path (a per-node
-affinity queue bound when a worker binds, drained or requeued when it unbinds) is not done
-yet: see docs/architecture.md, 'Key affinity'.
+This module decides; it does not publish. The gateway routes each query with
+:meth:`Router.route` and gives it back with :meth:`Router.release` when it hears the answer
+(a query whose answer it never hears is given back after ``hold_s``); the queues, and what
+keeps a query from being stranded in one, are :mod:`cipherpool.affinity_queues`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 ANY = None  # a routing decision for no node in particular: the model's shared queue
@@ -74,41 +76,55 @@ class Choice:
 
 class Router:
     """One router's (a gateway's) routing decisions and its count of outstanding queries per
-    node. Thread-safe: a gateway routes from its request threads."""
+    node. Thread-safe: a gateway routes from its request threads.
 
-    def __init__(self, bound: int, tries: int = 2):
+    ``bound`` is per execution slot: a node of ``slots`` slots (``capacity``) is passed over
+    once ``bound x slots`` of this router's queries are outstanding there."""
+
+    def __init__(self, bound: int, tries: int = 2, hold_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
         if bound < 1:
             raise ValueError("an affinity bound is at least 1 outstanding query")
-        self.bound = bound  # outstanding queries past which a node is passed over
+        self.bound = bound  # outstanding queries per slot past which a node is passed over
         self.tries = max(1, tries)  # how many nodes in rank order are tried before the shared queue
+        self.hold_s = hold_s  # a routed query whose answer this router never hears counts this long
+        self._clock = clock
         self._outstanding: Counter[str] = Counter()
+        self._held: dict[str, tuple[str, float]] = {}  # query id -> (node, counted until)
+        self._next_sweep = 0.0
         self._lock = threading.Lock()
-        self.fallbacks = 0
-        self.routed = 0
+        self.routed = 0  # decisions taken
+        self.fallbacks = 0  # of which: outside the key set's homes (the next node, or any worker)
+        self.to_any = 0  # of which: the model's shared queue
 
-    def choose(self, key_id: str, nodes: Sequence[str], replicas: int = 1) -> Choice:
+    def choose(self, key_id: str, nodes: Sequence[str], replicas: int = 1, capacity: Mapping[str, int] | None = None) -> Choice:
         """The node for a query of ``key_id`` among ``nodes`` (the model's up nodes), counted
         as outstanding there until :meth:`done`.
 
         The key set's ``replicas`` first nodes in rank are its home (:func:`replicas_for`: as
         many as the nodes' caches have room for, so a few busy key sets spread over every
         node): the least busy of them takes it (ties: the higher ranked). When that one has
-        ``bound`` queries outstanding, the next ``tries - 1`` nodes in rank are tried, then the
-        model's shared queue (a fallback, counted). No node up: the shared queue, no fallback."""
+        its bound of queries outstanding, the next ``tries - 1`` nodes in rank are tried, then
+        the model's shared queue (a fallback, counted). No node up: the shared queue, no
+        fallback."""
         if not nodes:
             return Choice(ANY, False)
         order = ranked(key_id, nodes)
         home = max(1, min(replicas, len(order)))
+        slots = capacity or {}
+
+        def full(node: str) -> bool:
+            return self._outstanding[node] >= self.bound * max(1, slots.get(node, 1))
+
         with self._lock:
             self.routed += 1
-            load, place = min((self._outstanding[node], place) for place, node in enumerate(order[:home]))
-            if load >= self.bound:
-                place = next(
-                    (p for p in range(home, min(len(order), home + self.tries - 1)) if self._outstanding[order[p]] < self.bound),
-                    -1,
-                )
+            _load, place = min(
+                (self._outstanding[node] / max(1, slots.get(node, 1)), place) for place, node in enumerate(order[:home])
+            )
+            if full(order[place]):
+                place = next((p for p in range(home, min(len(order), home + self.tries - 1)) if not full(order[p])), -1)
             if place < 0:
                 self.fallbacks += 1
+                self.to_any += 1
                 return Choice(ANY, True)
             node = order[place]
             self._outstanding[node] += 1
@@ -121,11 +137,52 @@ class Router:
         if choice.node is None:
             return
         with self._lock:
-            left = self._outstanding[choice.node] - 1
-            if left > 0:
-                self._outstanding[choice.node] = left
-            else:
-                del self._outstanding[choice.node]
+            self._give_back(choice.node)
+
+    def route(
+        self,
+        query_id: str,
+        key_id: str,
+        nodes: Sequence[str],
+        replicas: int = 1,
+        capacity: Mapping[str, int] | None = None,
+    ) -> Choice:
+        """:meth:`choose`, the query held by its id until :meth:`release` (or ``hold_s``)."""
+        self._sweep()
+        choice = self.choose(key_id, nodes, replicas, capacity)
+        if choice.node is not None:
+            with self._lock:
+                self._held[query_id] = (choice.node, self._clock() + self.hold_s)
+        return choice
+
+    def release(self, query_id: str) -> None:
+        """The query's answer arrived (or it was never sent): its node has room again. Idempotent."""
+        with self._lock:
+            held = self._held.pop(query_id, None)
+            if held is not None:
+                self._give_back(held[0])
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def _sweep(self) -> None:
+        """Give back the queries held past ``hold_s`` (answered where this router never heard:
+        a client that polled another gateway, or gave up). At most once a second."""
+        now = self._clock()
+        if now < self._next_sweep:
+            return
+        with self._lock:
+            self._next_sweep = now + 1.0
+            for query_id in [q for q, (_, until) in self._held.items() if until <= now]:
+                self._give_back(self._held.pop(query_id)[0])
+
+    def _give_back(self, node: str) -> None:
+        left = self._outstanding[node] - 1
+        if left > 0:
+            self._outstanding[node] = left
+        else:
+            del self._outstanding[node]
 
     def outstanding(self, node: str) -> int:
         with self._lock:

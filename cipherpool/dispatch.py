@@ -32,6 +32,8 @@ from cipherpool.names import (
     QUERY_EXCHANGE,
     QUERY_TASK,
     WARM_TASK,
+    affinity_queue,
+    affinity_routing_key,
     model_queue,
     node_queue,
     query_routing_key,
@@ -121,17 +123,19 @@ def submit(
     shared: bool,
     task_id: str | None = None,
     before_publish: Callable[[], None] | None = None,
+    node: str | None = None,
 ) -> AsyncResult:
     """The submit sequence, the same at the gateway and for trusted in-cluster code: count the
     query against the token's quota, prepare it, publish it; a query that was not published
     is given back to the quota (the client's retry must not count twice). ``before_publish``
     runs after the query is prepared and before it is sent (the gateway records the query's
     owner there). A ciphertext no node could evaluate is refused first, uncounted. On a Redis
-    broker the message is kept until a node starts it (:mod:`cipherpool.inflight`)."""
+    broker the message is kept until a node starts it (:mod:`cipherpool.inflight`). ``node``:
+    the node its key set is routed to (:mod:`cipherpool.affinity`); None, any of the model's."""
     admit_ciphertext(store, model, envelope)
     usage.charge(store.redis, grant.token_id, grant.quota)
     return _prepare_and_publish(
-        app, settings, store, grant, model, envelope, ciphertext, blob_id, QUERY_TASK, 1, shared, task_id, before_publish
+        app, settings, store, grant, model, envelope, ciphertext, blob_id, QUERY_TASK, 1, shared, task_id, before_publish, node
     )
 
 
@@ -149,6 +153,7 @@ def _prepare_and_publish(
     shared: bool,
     task_id: str | None,
     before_publish: Callable[[], None] | None,
+    node: str | None = None,
 ) -> AsyncResult:
     """The rest of the submit sequence, for a query and a batch alike, once its ``runs`` are
     counted: prepare, let the caller record what it must, publish; the runs go back to the quota
@@ -167,6 +172,7 @@ def _prepare_and_publish(
             model_name=model.name,
             keep=keeper(settings, store),
             task=task,
+            node=node,
         )
     except Exception:
         _refund(store, grant, runs)
@@ -227,6 +233,17 @@ def query_queue(host_class: str, model_id: str) -> Queue:
     )
 
 
+def affinity_queue_of(host_class: str, model_id: str, node: str) -> Queue:
+    """One node's queue of a model's queries, for the key sets routed to it
+    (:mod:`cipherpool.affinity`), bound beside the model's own queue; consumed by that node
+    only, while it serves the model (:mod:`cipherpool.affinity_queues`)."""
+    return Queue(
+        affinity_queue(host_class, model_id, node),
+        QUERIES,  # type: ignore[no-untyped-call]
+        routing_key=affinity_routing_key(host_class, model_id, node),
+    )
+
+
 def shared_queue_of(host_class: str) -> Queue:
     """The queue every shared node of ``host_class`` consumes: queries of models that allow
     shared nodes, loaded on demand."""
@@ -261,6 +278,7 @@ def publish_query(
     model_name: str,
     keep: redis.Redis | None = None,
     task: str = QUERY_TASK,
+    node: str | None = None,
 ) -> AsyncResult:
     """Publish with the routing key of the model's host class (its dedicated workers', or the
     shared nodes' of the class), with a deadline: a node discards it once nobody waits. Only
@@ -268,10 +286,17 @@ def publish_query(
     (:func:`query_shadow`), on dedicated and shared nodes alike. ``keep``: record the message
     there first, for beat to send again should the broker lose it (:mod:`cipherpool.inflight`).
     ``task``: the query task, or the batch task (a batch is one message, one record, one shadow
-    name: a node forgets the record when it starts the batch, and beat sends it again as a batch)."""
+    name: a node forgets the record when it starts the batch, and beat sends it again as a batch).
+    ``node``: that node's affinity queue of the model (:func:`affinity_queue_of`), not the
+    model's own (never for a shared node's query)."""
     task_id = task_id or str(uuid.uuid4())
     kwargs = {"request": request.encode()}
-    queue = shared_queue_of(host_class) if shared else query_queue(host_class, request.model_id)
+    if shared:
+        queue = shared_queue_of(host_class)
+    elif node is not None:
+        queue = affinity_queue_of(host_class, request.model_id, node)
+    else:
+        queue = query_queue(host_class, request.model_id)
     message = InflightQuery(
         task, kwargs, queue.name, queue.routing_key, query_shadow(model_name, request.model_id), time.time() + expires_s
     )
@@ -418,6 +443,7 @@ def submit_batch(
     shared: bool,
     task_id: str | None = None,
     before_publish: Callable[[], None] | None = None,
+    node: str | None = None,
 ) -> AsyncResult:
     """:func:`submit` for a batch (:func:`open_batch`): its ``items`` admitted queries counted
     against the token's quota all or none (``QuotaExceeded`` when it has room for fewer), the
@@ -430,5 +456,18 @@ def submit_batch(
             f"This batch holds {items} queries and this access token's quota has room for {granted}; send a smaller batch."
         )
     return _prepare_and_publish(
-        app, settings, store, grant, model, envelope, body, blob_id, QUERY_BATCH_TASK, items, shared, task_id, before_publish
+        app,
+        settings,
+        store,
+        grant,
+        model,
+        envelope,
+        body,
+        blob_id,
+        QUERY_BATCH_TASK,
+        items,
+        shared,
+        task_id,
+        before_publish,
+        node,
     )

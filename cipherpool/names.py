@@ -10,6 +10,7 @@ POOL_QUEUE = "cipherpool.pool"  # a worker consuming this is a pool node (its ro
 NODE_QUEUE_PREFIX = "cipherpool.node."  # + node name: tasks for one node (bind, unbind, stats)
 MODEL_QUEUE_PREFIX = "cipherpool.model."  # + host class + "." + model id: the encrypted queries of one model
 SHARED_QUEUE_PREFIX = "cipherpool.shared."  # + host class: queries for shared nodes of that class
+AFFINITY_QUEUE_PREFIX = "cipherpool.affinity."  # + model routing key + "@" + node: one node's share of a model's key sets
 QUERY_EXCHANGE = "cipherpool.queries"  # direct exchange of every query; routing key = query_routing_key()
 
 TASK_PREFIX = "cipherpool."
@@ -50,6 +51,7 @@ TIMINGS_PREFIX = "cipherpool:qt:"  # + model id + ":" + (minute | "all" | "recen
 REFUSALS_PREFIX = "cipherpool:refusals:"  # + "all" | "a:" account id | "pending:"/"event:" model id: monitoring.refusals
 ROLLOUT_LOCK_PREFIX = "cipherpool:rollout:"  # + model id: one node at a time loads a new version
 INFLIGHT_PREFIX = "cipherpool:inflight:"  # + query id -> hash {message, missing, sent}: a published query not yet started
+AFFINITY_QUEUES_KEY = "cipherpool:affinity-queues"  # hash {affinity queue: last time a node was seen consuming it}
 INFLIGHT_INDEX_KEY = "cipherpool:inflight"  # sorted set {query id: publish time}: cipherpool.inflight
 RESULT_META_PREFIX = "celery-task-meta-"  # Celery's result key (and pub/sub channel) + task id
 # The platform's own health (cipherpool.monitoring.components): `cipherpool status`, /metrics, the watchdog.
@@ -73,6 +75,28 @@ def query_routing_key(host_class: str, model_id: str) -> str:
 
 def model_queue(host_class: str, model_id: str) -> str:
     return f"{MODEL_QUEUE_PREFIX}{host_class}.{model_id}"
+
+
+def affinity_routing_key(host_class: str, model_id: str, node_name: str) -> str:
+    """The routing key of the queries of a model sent to one node for their key set
+    (:mod:`cipherpool.affinity`): the model's own key, ``@`` and the node's name."""
+    return f"{query_routing_key(host_class, model_id)}@{node_name}"
+
+
+def affinity_queue(host_class: str, model_id: str, node_name: str) -> str:
+    return f"{AFFINITY_QUEUE_PREFIX}{affinity_routing_key(host_class, model_id, node_name)}"
+
+
+def model_queue_of_affinity(queue: str) -> tuple[str, str] | None:
+    """The model's own queue and routing key behind an affinity queue's name (None: not an
+    affinity queue): where its queries go when its node no longer takes them. A routing key
+    holds no ``@`` (host classes and model ids are names and hex), a node name may."""
+    if not queue.startswith(AFFINITY_QUEUE_PREFIX):
+        return None
+    routing_key, at, node = queue[len(AFFINITY_QUEUE_PREFIX) :].partition("@")
+    if not at or not routing_key or not node:
+        return None
+    return f"{MODEL_QUEUE_PREFIX}{routing_key}", routing_key
 
 
 def shared_routing_key(host_class: str) -> str:

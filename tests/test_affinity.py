@@ -94,3 +94,28 @@ def test_a_key_set_with_several_homes_goes_to_the_least_busy_of_them() -> None:
     assert picks == order[:3] * 2  # least busy first, ties to the higher ranked
     assert set(picks) <= set(order[:3]) and router.fallbacks == 0
     assert router.choose("k", NODES[:2], replicas=9).node in NODES[:2]  # never more homes than nodes
+
+
+def test_a_routed_query_is_held_until_released_or_its_hold_passes() -> None:
+    now = [100.0]
+    router = Router(bound=1, hold_s=30.0, clock=lambda: now[0])
+    order = ranked("k", NODES)
+    assert router.route("q1", "k", NODES).node == order[0]
+    assert router.route("q2", "k", NODES).node == order[1]  # q1 holds the home
+    router.release("q1")
+    router.release("q1")  # twice (two polls read the answer): given back once
+    assert router.outstanding(order[0]) == 0 and router.held() == 1
+    assert router.route("q3", "k", NODES).node == order[0]
+    now[0] += 31.0  # neither answer was heard here (the client polled another gateway)
+    assert router.route("q4", "k", NODES).node == order[0]  # the sweep gave both back first
+    assert router.held() == 1 and router.outstanding(order[1]) == 0
+    router.release("never-routed")  # a query this router never routed: nothing happens
+
+
+def test_the_bound_is_per_execution_slot() -> None:
+    router = Router(bound=1)
+    order = ranked("k", NODES)
+    capacity = {order[0]: 3}
+    picks = [router.route(f"q{i}", "k", NODES, capacity=capacity).node for i in range(4)]
+    assert picks == [order[0]] * 3 + [order[1]]  # three slots at home, then the next node
+    assert router.fallbacks == 1 and router.to_any == 0

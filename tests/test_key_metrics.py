@@ -142,3 +142,45 @@ def test_worker_stats_flower_and_metrics_show_them(redis: Any, resident: SimpleN
     assert load.value == pytest.approx(3.0)
     (gauge,) = found["cipherpool_key_cache_resident_bytes"].samples
     assert (gauge.labels["node"], gauge.labels["model"], gauge.value) == (NODE, "digits", 300)
+
+
+def routed_query(model_id: str, worker: str, routed: bool | None) -> QueryEvent:
+    event = query(model_id, worker)
+    event.routed = routed
+    event.timings.update(queue_wait_s=0.01, compute_s=0.1)
+    return event
+
+
+def test_affinity_routes_and_fallbacks_show_in_worker_stats_flower_and_metrics(redis: Any, resident: SimpleNamespace) -> None:
+    model = uuid.uuid4().hex[:16]
+    hook = QueryTimings(lambda: redis)
+    for routed in (True, True, True, False, None):  # None: a shared node's query, or affinity off
+        hook.query_computed(routed_query(model, "w1", routed))
+    found = timings.read(redis, model, 300)
+    window = found.window_figures()
+    assert (window.queries, window.affinity_routed, window.affinity_fallbacks) == (5, 3, 1)
+    assert window.affinity_fallback_ratio == pytest.approx(0.25)
+    stats = _stats(found)
+    assert statsview.rows([stats])[0]["fallback"] == "25.0%"
+    row = model_row("acme", stats, live_queries("x", [], time.time(), 60.0), {NODE: True})
+    assert row.affinity_fallback_ratio == pytest.approx(0.25)
+    found_metrics = {
+        f.name: f for f in query_families(redis, [("acme", SimpleNamespace(id=model, account_id="a1", name="digits"))])
+    }  # type: ignore[list-item]
+    routes = {
+        s.labels["route"]: s.value for s in found_metrics["cipherpool_affinity_queries"].samples if s.name.endswith("_total")
+    }
+    assert routes == {"home": 3, "fallback": 1}
+
+
+def test_a_node_tells_its_affinity_queue_from_the_models_queue() -> None:
+    from cipherpool.names import affinity_routing_key, query_routing_key, shared_routing_key
+    from cipherpool.workers.query import Delivery, routed
+
+    runtime = SimpleNamespace(name=NODE, host_class="cpu")
+    on, off = (SimpleNamespace(settings=SimpleNamespace(key_affinity=flag)) for flag in (True, False))
+    assert routed(on, runtime, Delivery("q", affinity_routing_key("cpu", "m1", NODE)), "m1") is True  # type: ignore[arg-type]
+    assert routed(on, runtime, Delivery("q", query_routing_key("cpu", "m1")), "m1") is False  # type: ignore[arg-type]
+    assert routed(on, runtime, Delivery("q", shared_routing_key("cpu")), "m1") is None  # type: ignore[arg-type]
+    assert routed(on, runtime, Delivery("q", affinity_routing_key("cpu", "m1", "other@h")), "m1") is None  # type: ignore[arg-type]
+    assert routed(off, runtime, Delivery("q", query_routing_key("cpu", "m1")), "m1") is None  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ LAYERS: list[set[str]] = [
     {"billing"},  # money: ledger, rates, charging
     {"services", "workerlog"},  # the platform's decisions on the database
     {"dispatch", "monitoring", "alerts"},  # publishing to nodes; figures; alert rules
-    {"lifecycle"},  # decisions, then the nodes' messages
+    {"lifecycle", "affinity_queues"},  # decisions, then the nodes' messages; key-affinity queues on the broker
     {"workers", "scheduler"},  # the pool node runtime; beat's jobs
     {"tasks", "gateway", "admin"},  # Celery tasks; the HTTP gateway; operator actions
     {"client"},  # HTTP clients (import no platform code: see test_client_imports_no_platform_code)

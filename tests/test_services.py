@@ -399,10 +399,10 @@ def test_shared_nodes_count_for_a_gpu_version_only_with_the_gpu_build(session, a
     account, _ = alice
     model = models.deploy_model(session, account, "g", GPU_ARTIFACT, hardware="gpu", shared=True)
     nodes.register_node(session, "shared-plain", nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=1, shared=True))
-    assert queries.serving_models(session, [model.id]) == (set(), set())
+    assert queries.serving_models(session, [model.id]) == ({}, set())
     nodes.register_node(
         session,
         "shared-built",
         nodes.NodeInfo(host_class="gpu", concurrency=1, threads=1, pid=2, shared=True, capabilities=("cpu", "gpu")),
     )
-    assert queries.serving_models(session, [model.id]) == (set(), {model.id})
+    assert queries.serving_models(session, [model.id]) == ({}, {model.id})

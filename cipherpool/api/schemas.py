@@ -417,6 +417,13 @@ class TimingFigures(Wire):
     key_cache_misses: int = 0
     key_cache_hit_ratio: float | None = None
     average_key_load_s: float | None = None
+    # Key affinity (cipherpool.affinity): queries that reached their node through its
+    # affinity queue, those that came through the model's queue instead (a fallback: the key
+    # set's nodes busy past the bound, a query moved off a node that left), and the share of
+    # fallbacks. Zero and None with affinity off and on shared nodes.
+    affinity_routed: int = 0
+    affinity_fallbacks: int = 0
+    affinity_fallback_ratio: float | None = None
 
 
 class CurrentFigures(Wire):

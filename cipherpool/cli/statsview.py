@@ -6,7 +6,9 @@ minute; ERR and REFUSED the share of attempts that failed or were refused; REFUS
 requests the gateways refused for the model in the window, by reason (``quota:1561,rate:3``);
 KEY_HIT the share of the window's queries whose evaluation key was already deserialized in the
 node's key cache, KEY_LOAD the average seconds a miss spent loading its key, KEYS the bytes of
-deserialized keys resident in the worker's node (the model's line: its nodes together).
+deserialized keys resident in the worker's node (the model's line: its nodes together);
+FALLBACK the share of the window's queries that came through the model's queue rather than
+their key set's node (key affinity: docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ COLUMNS = [
     "key_hit",
     "key_load",
     "keys",
+    "fallback",
     "refusals",
 ]
 
@@ -74,6 +77,7 @@ def _figures(window: TimingFigures, now: CurrentFigures, all_time: TimingFigures
         "refused": share(window.refusal_rate),
         "key_hit": share(window.key_cache_hit_ratio),
         "key_load": seconds(window.average_key_load_s),
+        "fallback": share(window.affinity_fallback_ratio),
     }
 
 

@@ -161,6 +161,18 @@ class Settings(BaseSettings):
     key_cache_bytes: int = 4 * GIB
     key_memory_factor: float = 6.0
 
+    # Key affinity (cipherpool.affinity): a key set's queries go to the node of the model that
+    # holds its deserialized key (rendezvous hashing over the model's up nodes, a queue per
+    # node), so with more key sets than one node's cache holds most queries still hit. A node
+    # with affinity_bound queries per execution slot outstanding from this gateway is passed
+    # over for the next node in rank, then for any of the model's workers; a query whose answer
+    # the gateway never hears counts for affinity_hold_s. affinity_homes: how many nodes in rank
+    # each key set may use (and are warmed with it).
+    key_affinity: bool = True
+    affinity_bound: int = Field(2, ge=1)
+    affinity_homes: int = Field(1, ge=1)
+    affinity_hold_s: float = Field(30.0, gt=0)
+
     # Payloads above this size travel by reference through the blob store, not in messages.
     inline_max_bytes: int = 512 * KIB
     payload_ttl_s: int = 3600

@@ -29,6 +29,7 @@ from cipherpool.db.tables import Model
 from cipherpool.dispatch import admit_ciphertext, open_envelope, send_warmups
 from cipherpool.errors import CipherpoolError, InvalidEvaluationKey, KeyMismatch, ModelNotFound
 from cipherpool.fhe.framing import capnp_message_length, header_bytes_needed
+from cipherpool.gateway.affinity import homes
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
 from cipherpool.gateway.refusals import note_model
 from cipherpool.gateway.results import TaskMeta
@@ -124,7 +125,8 @@ def delete_key(key_id: KeyId, gw: Gateway, grant: Grant) -> Response:
 
 @router.post("/keys/{key_id}/warmup", response_model=WarmupOut, openapi_extra=BINARY_BODY)
 async def warm_key(key_id: KeyId, request: Request, gw: Gateway, grant: Grant) -> WarmupOut:
-    """Warm key set ``key_id`` on every dedicated node serving the model: each runs the body (a
+    """Warm key set ``key_id`` on the dedicated nodes its queries go to (its homes, with key
+    affinity on; else every dedicated node serving the model): each runs the body (a
     throwaway ciphertext under that key set, e.g. of zeros) once and drops the result, so the
     key is deserialized and used before the client's first query. Answers when they are done
     (or after ``key_warmup_timeout_s``); with warm-up off, at once with nothing done.
@@ -179,6 +181,7 @@ def _send_warmups(
             for w in worker_service.serving(session, model_id=model.model_id)
             if w.status == WorkerStatus.UP and node_is_live(session, w.node_name, gw.settings.node_heartbeat_s)
         ]
+    nodes = homes(gw.settings, envelope.key_id, nodes)  # the key set's queries go there first
     if len(nodes) > 1:  # one FHE run per node: each counts against the rate (the request itself counted one)
         gw.limiter.hit(grant.account_id, grant.token_id, cost=len(nodes) - 1)
     return send_warmups(gw.celery, gw.settings, gw.store, grant, model, envelope, body, blob_id, nodes)

@@ -10,7 +10,8 @@ which is the providers' and end users' API.
 What is exported and how it is read: :mod:`cipherpool.monitoring.exporter`. Each scrape builds
 a registry of its own around one collector and renders it in a worker thread, because reading
 the database, Redis and the broker blocks. This process's own HTTP request metrics
-(:mod:`cipherpool.gateway.httpmetrics`) are rendered with them.
+(:mod:`cipherpool.gateway.httpmetrics`) and its key-affinity routing decisions
+(:mod:`cipherpool.gateway.affinity`) are rendered with them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from prometheus_client.core import Metric
 from starlette.concurrency import run_in_threadpool
 
 from cipherpool.errors import AuthError, NotFound
+from cipherpool.gateway.affinity import RouterCollector
 from cipherpool.gateway.deps import Gateway
 from cipherpool.gateway.state import GatewayState
 from cipherpool.monitoring.exporter import PlatformCollector
@@ -56,6 +58,8 @@ def render(gw: GatewayState) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PlatformCollector(gw.ctx, gw.celery))
     registry.register(_Of(gw.requests.registry))
+    if gw.router is not None:
+        registry.register(RouterCollector(gw.router))
     return generate_latest(registry)
 
 

@@ -27,6 +27,7 @@ from cipherpool.api.schemas import QUERY_ID_PATTERN, QueryAccepted
 from cipherpool.dispatch import open_batch, open_envelope, output_of, reply_from_meta, submit_batch
 from cipherpool.dispatch import submit as submit_query
 from cipherpool.errors import CipherpoolError, QueryNotFound
+from cipherpool.gateway import affinity
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
 from cipherpool.gateway.refusals import mark_relayed, note_model
 from cipherpool.gateway.results import TaskMeta, is_ready
@@ -112,6 +113,8 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
     await _check_owner(gw, grant, query_id)
     await run_in_threadpool(gw.celery.control.revoke, query_id)
     await run_in_threadpool(inflight.forget_quietly, gw.store.redis, query_id)  # withdrawn: never sent again
+    if gw.router is not None:
+        gw.router.release(query_id)
     return Response(status_code=204)
 
 
@@ -125,10 +128,33 @@ def _publish(
     shared: bool,
     batch: int | None = None,
 ) -> None:
-    """Key lookup (cached), then the submit sequence with the query's owner recorded: one trip
-    to the thread pool. ``batch``: the body is a batch of that many admitted items."""
+    """Key lookup (cached), the key set's node (:mod:`cipherpool.gateway.affinity`), then the
+    submit sequence with the query's owner recorded: one trip to the thread pool. ``batch``:
+    the body is a batch of that many admitted items."""
     s = gw.settings
     blob_id = gw.auth.key_blob(grant, model, envelope.key_id)
+    node = affinity.route(gw.router, s, query_id, envelope.key_id, model, shared)
+    try:
+        _submit(gw, grant, model, envelope, body, blob_id, query_id, shared, batch, node)
+    except Exception:
+        if gw.router is not None:
+            gw.router.release(query_id)  # never sent: its node has room again
+        raise
+
+
+def _submit(
+    gw: GatewayState,
+    grant: TokenGrant,
+    model: ModelGrant,
+    envelope: EncryptedInput,
+    body: bytes,
+    blob_id: str,
+    query_id: str,
+    shared: bool,
+    batch: int | None,
+    node: str | None,
+) -> None:
+    s = gw.settings
 
     def record_owner() -> None:
         gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
@@ -147,6 +173,7 @@ def _publish(
             shared=shared,
             task_id=query_id,
             before_publish=record_owner,
+            node=node,
         )
         return
     submit_query(
@@ -161,6 +188,7 @@ def _publish(
         shared=shared,
         task_id=query_id,
         before_publish=record_owner,
+        node=node,
     )
 
 
@@ -173,6 +201,8 @@ async def _check_owner(gw: GatewayState, grant: TokenGrant, query_id: str) -> No
 async def _answer(request: Request, gw: GatewayState, query_id: str, meta: TaskMeta | None) -> Response:
     if meta is None or not is_ready(meta):
         return _accepted(query_id, meta)
+    if gw.router is not None:
+        gw.router.release(query_id)  # answered: its node has room again (a no-op for another gateway's query)
     try:
         reply = reply_from_meta(meta)
     except CipherpoolError:

@@ -1,6 +1,7 @@
 """What one gateway process holds: settings, database and store access, the Celery app it
 publishes with, the authenticator, the rate limiter and the failed-authentication throttle,
-the result waiter and its readiness, its HTTP request metrics and its count of refusals.
+the result waiter and its readiness, its HTTP request metrics, its count of refusals and its
+key-affinity router.
 
 Nothing here connects to anything when it is built or started: the gateway starts while the
 database, the broker or Redis is down, answers /v1/ready 503 until they are back, and then
@@ -12,9 +13,11 @@ from dataclasses import dataclass, field
 
 from celery import Celery
 
+from cipherpool.affinity import Router
 from cipherpool.config.celery import create_app as create_celery
 from cipherpool.config.settings import Settings
 from cipherpool.context import PlatformContext
+from cipherpool.gateway.affinity import router_for
 from cipherpool.gateway.auth import Authenticator
 from cipherpool.gateway.httpmetrics import RequestMetrics
 from cipherpool.gateway.ratelimit import RateLimiter
@@ -42,6 +45,7 @@ class GatewayState:
     readiness: Readiness = field(init=False)
     requests: RequestMetrics = field(init=False)  # this process's HTTP requests (GET /metrics)
     refusals: RefusalRecorder = field(init=False)  # refusals counted here, written to Redis every second
+    router: Router | None = field(init=False)  # key affinity: which node's queue a query goes to (None: off)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -59,6 +63,7 @@ class GatewayState:
         self.readiness = Readiness(s, self.celery, self.ctx.store, self.waiter)
         self.requests = RequestMetrics()
         self.refusals = RefusalRecorder(self.ctx)
+        self.router = router_for(s)
 
     @property
     def store(self) -> BlobStore:

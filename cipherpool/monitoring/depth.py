@@ -9,11 +9,13 @@ Messages a node has taken but not acknowledged (the query it computes) are not c
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from celery import Celery
+from redis import Redis
 
 from cipherpool.db.tables import Model
-from cipherpool.names import model_queue
+from cipherpool.names import AFFINITY_QUEUE_PREFIX, AFFINITY_QUEUES_KEY, model_queue, query_routing_key
 
 log = logging.getLogger("cipherpool.monitoring")
 
@@ -34,6 +36,20 @@ def queue_depth(app: Celery, queue: str) -> int:
                 pass
 
 
-def model_depth(app: Celery, model: Model) -> int:
-    """Queries waiting for one of the model's workers (its dedicated queue)."""
-    return queue_depth(app, model_queue(model.hardware, model.id))
+def model_depth(app: Celery, model: Model, registry: Redis | None = None) -> int:
+    """Queries waiting for the model's workers: in its dedicated queue and, given the
+    platform's Redis (``registry``: where :mod:`cipherpool.affinity_queues` keeps the affinity
+    queues nodes consume), in its nodes' key-affinity queues."""
+    return sum(queue_depth(app, queue) for queue in model_queues(model.hardware, model.id, known_affinity_queues(registry)))
+
+
+def known_affinity_queues(registry: Redis | None) -> list[str]:
+    if registry is None:
+        return []
+    return [q.decode() if isinstance(q, bytes) else str(q) for q in registry.hkeys(AFFINITY_QUEUES_KEY)]
+
+
+def model_queues(host_class: str, model_id: str, affinity_queues: Iterable[str] = ()) -> list[str]:
+    """The model's own queue, then those of ``affinity_queues`` that are its nodes'."""
+    mine = f"{AFFINITY_QUEUE_PREFIX}{query_routing_key(host_class, model_id)}@"
+    return [model_queue(host_class, model_id), *sorted(q for q in affinity_queues if q.startswith(mine))]

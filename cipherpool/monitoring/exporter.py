@@ -173,6 +173,12 @@ def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric
         "Seconds the nodes spent fetching and deserializing evaluation keys on key-cache misses, all-time.",
         labels=MODEL_LABELS,
     )
+    routes = CounterMetricFamily(
+        "cipherpool_affinity_queries",
+        "Queries nodes computed with key affinity on, by the queue they came through: home (the node's "
+        "affinity queue for the key set) or fallback (the model's queue), all-time.",
+        labels=(*MODEL_LABELS, "route"),
+    )
     resident = GaugeMetricFamily(
         "cipherpool_key_cache_resident_bytes",
         "Bytes of deserialized evaluation keys resident in a node's key cache (charged as serialized size x "
@@ -194,6 +200,8 @@ def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric
             lookups.add_metric([*names, "hit"], tally.key_hits)
             lookups.add_metric([*names, "miss"], tally.key_misses)
             key_load.add_metric(names, tally.key_load_us / timings.US)
+            routes.add_metric([*names, "home"], tally.routed_home)
+            routes.add_metric([*names, "fallback"], tally.routed_any)
             for node, n in sorted(resident_bytes.items()):
                 resident.add_metric([*names, node], n)
             counted = [(base | {"version": str(v)}, t) for v, t in sorted(versions.items())]
@@ -208,7 +216,7 @@ def query_families(redis: Redis, models: list[tuple[str, Model]]) -> list[Metric
     except Exception:  # noqa: BLE001 - without Redis, the database's figures still come
         log.warning("metrics: could not read query times from Redis", exc_info=True)
         return []
-    return [wait, compute, outcomes, refused, lookups, key_load, resident]
+    return [wait, compute, outcomes, refused, lookups, key_load, routes, resident]
 
 
 def refusal_families(redis: Redis, snap: Snapshot, per_model: CounterMetricFamily | None) -> list[Metric]:
@@ -233,19 +241,25 @@ def refusal_families(redis: Redis, snap: Snapshot, per_model: CounterMetricFamil
     return [platform]
 
 
-def depth_families(app: Celery, snap: Snapshot) -> list[Metric]:
+def depth_families(app: Celery, snap: Snapshot, registry: Redis | None = None) -> list[Metric]:
     """Queries waiting in each model's queue and in each class's shared queue. If the broker
     fails, the depths read so far are kept and the rest left out: the other figures still
     come, and a missing series reads as "unknown", not as an empty queue."""
-    models = GaugeMetricFamily("cipherpool_queue_depth", "Queries waiting in the model's dedicated queue.", labels=MODEL_LABELS)
+    models = GaugeMetricFamily(
+        "cipherpool_queue_depth",
+        "Queries waiting in the model's dedicated queue and its nodes' key-affinity queues.",
+        labels=MODEL_LABELS,
+    )
     shared = GaugeMetricFamily(
         "cipherpool_shared_queue_depth",
         "Queries waiting in the shared nodes' queue of a host class (every model's).",
         labels=("host_class",),
     )
     try:
+        known = depth.known_affinity_queues(registry)  # once per scrape, not per model
         for account, model in snap.models:
-            models.add_metric([account, model.account_id, model.name], depth.model_depth(app, model))
+            waiting = sum(depth.queue_depth(app, q) for q in depth.model_queues(model.hardware, model.id, known))
+            models.add_metric([account, model.account_id, model.name], waiting)
         for host_class in snap.shared_classes:
             shared.add_metric([host_class], depth.queue_depth(app, shared_queue(host_class)))
     except Exception:  # noqa: BLE001 - a scrape without depths beats no scrape
@@ -293,7 +307,7 @@ class PlatformCollector:
         per_model = next((f for f in queries if isinstance(f, CounterMetricFamily) and f.name == MODEL_REFUSALS), None)
         yield from refusal_families(self._ctx.store.redis, snap, per_model)
         yield from queries
-        yield from depth_families(self._app, snap)
+        yield from depth_families(self._app, snap, self._ctx.store.redis)
         yield from database_families(snap)
         yield from health(self._ctx)
 

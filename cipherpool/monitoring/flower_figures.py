@@ -89,6 +89,9 @@ class ModelRow(Figures):
     key_cache_hit_ratio: float | None = None
     key_load_s: float | None = None
     key_bytes: int | None = None
+    # Key affinity over the window: the share of queries that came through the model's queue
+    # rather than their key set's node (None: affinity off, or nothing routed).
+    affinity_fallback_ratio: float | None = None
     live: LiveQueries
     tasks_url: str  # Flower's Tasks page, filtered to this model's queries
 
@@ -198,6 +201,7 @@ def model_row(
         key_cache_hit_ratio=getattr(stats.window, "key_cache_hit_ratio", None),
         key_load_s=getattr(stats.window, "average_key_load_s", None),
         key_bytes=sum(resident) if resident else None,
+        affinity_fallback_ratio=getattr(stats.window, "affinity_fallback_ratio", None),
         live=live,
         tasks_url=tasks_url(url_prefix, live.task_name),
     )

@@ -71,7 +71,7 @@ def model_stats(
     if timings.SHARED in found.workers:
         rows.append(worker_row(found, timings.SHARED, last))
     try:
-        waiting: int | None = depth.model_depth(app, model)
+        waiting: int | None = depth.model_depth(app, model, redis)
     except Exception:  # noqa: BLE001 - figures without the depth beat no figures
         waiting = None
     return ModelStats(
@@ -97,7 +97,7 @@ def with_timings(report: WorkerStats, redis: Redis, app: Celery, model: Model, *
     found = timings.read(redis, model.id, window_s)
     worker_id = report.worker_id or ""
     try:
-        waiting: int | None = depth.model_depth(app, model)
+        waiting: int | None = depth.model_depth(app, model, redis)
     except Exception:  # noqa: BLE001
         waiting = None
     return report.model_copy(

@@ -102,6 +102,8 @@ class Tally:
     key_hits: int = 0  # queries whose evaluation key was in the node's key cache
     key_misses: int = 0  # queries whose key was fetched and deserialized
     key_load_us: int = 0  # time those misses spent deserializing (and fetching) their keys
+    routed_home: int = 0  # queries that reached their node through its key-affinity queue
+    routed_any: int = 0  # queries that reached it through the model's queue while affinity was on (fallbacks)
 
     def add(self, other: Tally) -> None:
         for name in TALLY_FIELDS:
@@ -128,10 +130,24 @@ class Tally:
             key_cache_misses=self.key_misses,
             key_cache_hit_ratio=self.key_hits / lookups if (lookups := self.key_hits + self.key_misses) else None,
             average_key_load_s=self.key_load_us / self.key_misses / US if self.key_misses else None,
+            affinity_routed=self.routed_home,
+            affinity_fallbacks=self.routed_any,
+            affinity_fallback_ratio=self.routed_any / routed if (routed := self.routed_home + self.routed_any) else None,
         )
 
 
-TALLY_FIELDS = ("queries", "refused", "failed", "wait_us", "compute_us", "key_hits", "key_misses", "key_load_us")
+TALLY_FIELDS = (
+    "queries",
+    "refused",
+    "failed",
+    "wait_us",
+    "compute_us",
+    "key_hits",
+    "key_misses",
+    "key_load_us",
+    "routed_home",
+    "routed_any",
+)
 KEY_BYTES_FIELD = "kb:"  # + node name, in ``:all``: the bytes of deserialized keys resident in that node's key cache
 
 

@@ -36,8 +36,7 @@ from cipherpool.alerts import webhook
 from cipherpool.context import PlatformContext
 from cipherpool.db.tables import AlertEvent, AlertRule, Model
 from cipherpool.monitoring import timings
-from cipherpool.monitoring.depth import queue_depth
-from cipherpool.names import model_queue
+from cipherpool.monitoring.depth import known_affinity_queues, model_queues, queue_depth
 from cipherpool.services import events
 from cipherpool.statuses import AlertEventKind, AlertMetric, AlertState, EventKind, WebhookDelivery
 
@@ -118,7 +117,8 @@ def read_figure(
     """The rule's figure now: its model's queue, or its recorded times over its window (read
     once per model and window in a round, through ``cache``)."""
     if seen.metric is AlertMetric.QUEUE_DEPTH:
-        return measure(seen.metric, None, recent=0, depth=queue_depth(app, model_queue(seen.hardware, seen.model_id)))
+        queues = model_queues(seen.hardware, seen.model_id, known_affinity_queues(ctx.store.redis))
+        return measure(seen.metric, None, recent=0, depth=sum(queue_depth(app, q) for q in queues))
     cache = {} if cache is None else cache
     key = (seen.model_id, seen.window_s)
     if key not in cache:

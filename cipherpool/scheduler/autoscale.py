@@ -213,7 +213,7 @@ def recorded(redis: Redis, app: Celery) -> Gauge:
     def read(model: Model, now: datetime) -> Reading:
         raw = cast(list[bytes], redis.lrange(recent_key(model.id), 0, KEEP_RECENT - 1))
         wait, last = recent_wait([Sample.decode(item) for item in raw], now)
-        return Reading(wait, model_depth(app, model), last)
+        return Reading(wait, model_depth(app, model, redis), last)
 
     return read
 

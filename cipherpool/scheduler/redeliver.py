@@ -5,11 +5,12 @@ Run with the reconciler, every ``CIPHERPOOL_RECONCILE_INTERVAL_S``, on a Redis b
 published more than ``redelivery_grace_s`` ago:
 
 1. started (its result key exists) or past its deadline: its record is forgotten;
-2. else it is looked for, by its id, in its queue (every priority list of it) and in the
-   messages nodes hold unacknowledged (kombu's ``unacked`` hash), in one server-side script;
+2. else it is looked for, by its id, in its queue (every priority list of it; for a node's
+   key-affinity queue, its model's queue too) and in the messages nodes hold unacknowledged
+   (kombu's ``unacked`` hash), in one server-side script;
 3. found: any earlier "missing" mark is cleared. Not found: marked missing the first time;
    missing again ``redelivery_grace_s`` or more later, it is sent again under the same id, with
-   its first deadline, at most ``redelivery_max`` times.
+   its first deadline, to its model's own queue, at most ``redelivery_max`` times.
 
 Two looks apart, not one: between a node's ``BRPOP`` and kombu's record of the message as
 unacknowledged, a message is in neither place for an instant, and the look itself is not atomic
@@ -30,7 +31,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import redis
 from celery import Celery
@@ -38,7 +39,7 @@ from celery import Celery
 from cipherpool import inflight
 from cipherpool.context import PlatformContext
 from cipherpool.dispatch import republish_query
-from cipherpool.names import RESULT_META_PREFIX
+from cipherpool.names import RESULT_META_PREFIX, model_queue_of_affinity
 
 log = logging.getLogger("cipherpool.redeliver")
 PRIORITY_SEPARATOR = "\x06\x16"  # kombu's Redis transport: a queue's list for priority n is "<queue>\x06\x16<n>"
@@ -94,7 +95,7 @@ def _redeliver(ctx: PlatformContext, app: Celery, now: float, report: Redelivery
         candidates += [r for r in loaded.values() if r is not None and r.message.deadline > now]
     if not candidates:
         return
-    present = find(ctx.broker_redis, [r.query_id for r in candidates], {r.message.queue for r in candidates})
+    present = find(ctx.broker_redis, [r.query_id for r in candidates], {q for r in candidates for q in _queues(r.message)})
     for rec in candidates:
         if rec.query_id in present:
             if rec.missing_since is not None:
@@ -112,16 +113,31 @@ def _send_again(app: Celery, records: redis.Redis, rec: inflight.Record, most: i
         inflight.forget(records, rec.query_id)
         report.given_up += 1
         return
-    republish_query(app, rec.query_id, rec.message)
+    message = _to_model_queue(rec.message)
+    republish_query(app, rec.query_id, message)
     inflight.mark_sent(records, rec.query_id)
     report.sent.append(rec.query_id)
     log.warning(
         "query %s was in no queue, in no node's hands and not started: sent again to %s (%d of %d)",
         rec.query_id,
-        rec.message.queue,
+        message.queue,
         rec.sent + 1,
         most,
     )
+
+
+def _queues(message: inflight.InflightQuery) -> tuple[str, ...]:
+    """Where a recorded query may wait: the queue it was sent to and, for a node's affinity
+    queue, its model's queue too (where beat or its node moves it: cipherpool.affinity_queues)."""
+    model = model_queue_of_affinity(message.queue)
+    return (message.queue,) if model is None else (message.queue, model[0])
+
+
+def _to_model_queue(message: inflight.InflightQuery) -> inflight.InflightQuery:
+    """A lost query is sent again to its model's own queue: its affinity queue's node may be
+    the reason it was lost."""
+    model = model_queue_of_affinity(message.queue)
+    return message if model is None else replace(message, queue=model[0], routing_key=model[1])
 
 
 def _started(results: redis.Redis, query_ids: list[str]) -> set[str]:

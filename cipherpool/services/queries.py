@@ -9,7 +9,7 @@ database on the hot path.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 
@@ -72,6 +72,9 @@ class ModelGrant:
     dedicated: bool = True  # a dedicated worker is up for it
     shared_online: bool = False  # a shared node of its class is online
     allows_shared: bool = False  # its provider lets it run on shared nodes
+    # The online nodes with a worker of it up, and their execution slots (key affinity routes
+    # among them: cipherpool.affinity); sorted by name.
+    nodes: tuple[tuple[str, int], ...] = ()
 
     @property
     def shared(self) -> bool:
@@ -136,7 +139,18 @@ def _grant(session: Session, token: AccessToken) -> TokenGrant:
     ).all()
     dedicated, shared = serving_models(session, [m.id for m, _ in rows])
     models = tuple(
-        ModelGrant(m.id, m.name, m.status, m.version, v.client_blob, m.hardware, m.id in dedicated, m.id in shared, m.shared)
+        ModelGrant(
+            m.id,
+            m.name,
+            m.status,
+            m.version,
+            v.client_blob,
+            m.hardware,
+            m.id in dedicated,
+            m.id in shared,
+            m.shared,
+            dedicated.get(m.id, ()),
+        )
         for m, v in rows
     )
     account = session.get(Account, token.account_id)
@@ -161,6 +175,7 @@ class ServingState:
     dedicated: frozenset[str]
     shared: frozenset[str]
     in_credit: bool
+    nodes: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)  # model id -> its up nodes and slots
 
     @classmethod
     def of(cls, grant: TokenGrant) -> ServingState:
@@ -170,6 +185,7 @@ class ServingState:
             frozenset(m.model_id for m in grant.models if m.dedicated),
             frozenset(m.model_id for m in grant.models if m.shared_online),
             grant.in_credit,
+            {m.model_id: m.nodes for m in grant.models},
         )
 
     def apply(self, grant: TokenGrant) -> TokenGrant:
@@ -183,6 +199,7 @@ class ServingState:
                     client_blob=client_blob,
                     dedicated=m.model_id in self.dedicated,
                     shared_online=m.model_id in self.shared,
+                    nodes=self.nodes.get(m.model_id, ()),
                 )
             )
         return replace(grant, models=tuple(models), in_credit=self.in_credit)
@@ -201,6 +218,7 @@ def serving_state(session: Session, account_id: str, model_ids: list[str]) -> Se
         frozenset(dedicated),
         frozenset(shared),
         account is not None and account.balance_micro > 0,
+        dict(dedicated),
     )
 
 
@@ -218,13 +236,14 @@ def grant_for_id(session: Session, token_id: str) -> TokenGrant:
     return _grant(session, token)
 
 
-def serving_models(session: Session, model_ids: list[str]) -> tuple[set[str], set[str]]:
-    """Which of these models have a worker up on an online node, and which may be served by
-    an online shared node of their class."""
+def serving_models(session: Session, model_ids: list[str]) -> tuple[dict[str, tuple[tuple[str, int], ...]], set[str]]:
+    """Which of these models have a worker up on an online node (and on which nodes, with
+    their execution slots, sorted by name), and which may be served by an online shared node
+    of their class."""
     if not model_ids:
-        return set(), set()
+        return {}, set()
     dedicated = (
-        select(Worker.model_id)
+        select(Worker.model_id, PoolNode.name, PoolNode.concurrency)
         .join(PoolNode, PoolNode.name == Worker.node_name)  # type: ignore[arg-type]
         .where(col(Worker.model_id).in_(model_ids), Worker.status == WorkerStatus.UP, PoolNode.status == NodeStatus.ONLINE)
     )
@@ -236,7 +255,10 @@ def serving_models(session: Session, model_ids: list[str]) -> tuple[set[str], se
         .where(col(Model.id).in_(model_ids), col(PoolNode.shared).is_(True), PoolNode.status == NodeStatus.ONLINE)
     )
     runnable = {model_id for model_id, backend, node in session.exec(shared) if can_run(node, {backend})}
-    return set(session.exec(dedicated).all()), runnable
+    nodes: dict[str, list[tuple[str, int]]] = {}
+    for model_id, node, slots in session.exec(dedicated):
+        nodes.setdefault(model_id, []).append((node, max(1, slots or 1)))
+    return {model_id: tuple(sorted(up)) for model_id, up in nodes.items()}, runnable
 
 
 def check_query(grant: TokenGrant, model_id: str, wait_for_worker: bool = False, mode: Route = Route.AUTO) -> ModelGrant:

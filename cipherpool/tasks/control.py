@@ -32,6 +32,7 @@ from cipherpool.scheduler import autoscale as autoscaler
 from cipherpool.scheduler import keys as key_sweep
 from cipherpool.scheduler import reconcile as reconciler
 from cipherpool.scheduler import redeliver as redelivery
+from cipherpool.scheduler import rehome
 from cipherpool.scheduler.billing import tick
 from cipherpool.scheduler.tick import apply_schedules
 from cipherpool.tasks.app import app
@@ -65,14 +66,20 @@ def beat_job(task: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
 @beat_job(RECONCILE_TASK)
 def reconcile() -> dict[str, list[str]]:
     """Fail the workers of lost nodes and start their replacements (see scheduler.reconcile);
-    send again the queries a Redis broker lost on the way to a node (see scheduler.redeliver)."""
+    send again the queries a Redis broker lost on the way to a node (see scheduler.redeliver);
+    move the queries waiting for a node that no longer takes them (see scheduler.rehome)."""
     try:  # first, and on its own: it needs only Redis, and the database's trouble must not stop it
         sent = redelivery.redeliver(platform(), app).sent
     except Exception:  # noqa: BLE001 - logged; the reconciler's work (and its record) still runs
         log.exception("redelivery of lost queries failed; the next run looks again")
         sent = []
     lost = reconciler.reconcile(platform(), app)
-    return {"failed": [w.worker_id for w in lost], "redelivered": sent}
+    try:  # after the reconciler: the workers of lost nodes are failed, so their affinity queues are left
+        moved = rehome.rehome(platform(), app).moved
+    except Exception:  # noqa: BLE001 - logged; the next run looks again
+        log.exception("moving queries out of affinity queues no node consumes failed; the next run looks again")
+        moved = {}
+    return {"failed": [w.worker_id for w in lost], "redelivered": sent, "moved": sorted(moved)}
 
 
 @platform_task(app, BILLING_TASK)

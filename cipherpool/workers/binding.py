@@ -21,10 +21,11 @@ from typing import NotRequired, TypedDict
 
 from celery import Celery
 
+from cipherpool import affinity_queues
 from cipherpool.announce import serving_changed
 from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Model, Worker, WorkerStatus
-from cipherpool.dispatch import query_queue
+from cipherpool.dispatch import affinity_queue_of, query_queue
 from cipherpool.errors import CipherpoolError, WorkerStartFailed
 from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.names import ROLLOUT_LOCK_PREFIX
@@ -128,7 +129,7 @@ def _apply_standby(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, work
         worker = session.get(Worker, worker_id)
         standby = worker is not None and worker.standby
     if binding.consuming == standby:  # not yet where the row wants it
-        _consume(app, runtime.name, binding.model_id, runtime.host_class, start=not standby)
+        _consume(ctx, app, runtime.name, binding.model_id, runtime.host_class, start=not standby)
         runtime.update_binding(worker_id, lambda b: replace(b, consuming=not standby))
     with ctx.session() as session:
         set_consuming(session, worker_id, not standby)
@@ -142,7 +143,7 @@ def unbind(ctx: PlatformContext, runtime: NodeRuntime, app: Celery, worker_id: s
         current = runtime.binding
         if current is not None and current.worker_id == worker_id:
             if current.consuming:
-                _consume(app, runtime.name, current.model_id, runtime.host_class, start=False)
+                _consume(ctx, app, runtime.name, current.model_id, runtime.host_class, start=False)
             runtime.set_binding(None)
             if current.workdir:
                 shutil.rmtree(current.workdir, ignore_errors=True)
@@ -252,25 +253,37 @@ def _fail(ctx: PlatformContext, runtime: NodeRuntime, event: BindingEvent, reaso
     runtime.hooks.binding_load_failed(event, reason)
 
 
-def _consume(app: Celery, node: str, model_id: str, host_class: str, start: bool) -> None:
-    """Start or stop consuming the model's queue, bound under this node's own host class, via a
-    control command to this very node (handled by the consumer thread, which owns the broker
-    connection)."""
-    queue = query_queue(host_class, model_id)
-    if start:
-        replies = app.control.add_consumer(
-            queue.name,
-            exchange=queue.exchange.name,
-            exchange_type=queue.exchange.type,
-            routing_key=queue.routing_key,
-            destination=[node],
-            reply=True,
-            timeout=CONTROL_REPLY_TIMEOUT_S,
-        )
-    else:
-        replies = app.control.cancel_consumer(queue.name, destination=[node], reply=True, timeout=CONTROL_REPLY_TIMEOUT_S)
-    if not replies:
-        raise WorkerStartFailed(f"Node {node} did not confirm {'consuming' if start else 'leaving'} {queue.name}.")
+def _consume(ctx: PlatformContext, app: Celery, node: str, model_id: str, host_class: str, start: bool) -> None:
+    """Start or stop consuming the model's queue, bound under this node's own host class, and
+    this node's key-affinity queue of the model (:mod:`cipherpool.affinity_queues`), via
+    control commands to this very node (handled by the consumer thread, which owns the broker
+    connection). The affinity queue is registered for beat to watch before it is consumed;
+    once its consumer is cancelled, what waits in it moves to the model's queue."""
+    queues = [query_queue(host_class, model_id)]
+    if ctx.settings.key_affinity:
+        queues.append(affinity_queue_of(host_class, model_id, node))
+        if start:
+            affinity_queues.register(ctx.store.redis, queues[-1].name)
+    for queue in queues:
+        if start:
+            replies = app.control.add_consumer(
+                queue.name,
+                exchange=queue.exchange.name,
+                exchange_type=queue.exchange.type,
+                routing_key=queue.routing_key,
+                destination=[node],
+                reply=True,
+                timeout=CONTROL_REPLY_TIMEOUT_S,
+            )
+        else:
+            replies = app.control.cancel_consumer(queue.name, destination=[node], reply=True, timeout=CONTROL_REPLY_TIMEOUT_S)
+        if not replies:
+            raise WorkerStartFailed(f"Node {node} did not confirm {'consuming' if start else 'leaving'} {queue.name}.")
+    if not start and ctx.settings.key_affinity:
+        try:
+            affinity_queues.move(app, queues[-1].name)
+        except Exception:  # noqa: BLE001 - beat's next look moves them (the row says this node left)
+            log.warning("could not move the queries left in %s; beat will", queues[-1].name, exc_info=True)
 
 
 def _workdir(ctx: PlatformContext, model_id: str) -> Path:

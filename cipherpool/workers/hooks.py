@@ -63,6 +63,9 @@ class QueryEvent:
     account_id: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     version: int | None = None  # the model version: the one asked for once decoded, the one that ran once loaded
+    # Key affinity: True if it came through this node's affinity queue of its model, False
+    # through the model's own queue with affinity on (a fallback); None otherwise.
+    routed: bool | None = None
 
     @property
     def worker_id(self) -> str | None:

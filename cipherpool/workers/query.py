@@ -41,7 +41,7 @@ from cipherpool.messages import (
     pack_batch,
     unpack_batch,
 )
-from cipherpool.names import query_routing_key
+from cipherpool.names import affinity_routing_key, query_routing_key
 from cipherpool.services.queries import REGENERATE
 from cipherpool.store import BlobKind
 from cipherpool.workers.hooks import Hook, QueryEvent
@@ -72,11 +72,16 @@ class Delivery:
         return cls(getattr(task_request, "id", None), info.get("routing_key"), getattr(task_request, "expires", None))
 
 
-def may_requeue(delivery: Delivery, host_class: str, model_id: str) -> bool:
+def may_requeue(delivery: Delivery, host_class: str, model_id: str, node: str) -> bool:
     """May a query this node cannot serve go back to the broker? Only one with a deadline
-    that came through its model's own queue (its routing key, of this node's class): anything
-    else could bounce between nodes forever."""
-    return bool(delivery.expires) and delivery.routing_key == query_routing_key(host_class, model_id)
+    that came through its model's own queue (its routing key, of this node's class) or this
+    node's affinity queue of the model (beat moves it from there to the model's queue, as this
+    node no longer serves it: :mod:`cipherpool.affinity_queues`): anything else could bounce
+    between nodes forever."""
+    return bool(delivery.expires) and delivery.routing_key in (
+        query_routing_key(host_class, model_id),
+        affinity_routing_key(host_class, model_id, node),
+    )
 
 
 def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: Delivery) -> Envelope:
@@ -97,12 +102,13 @@ def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: De
     query.model_id, query.key_id, query.token_id = request.model_id, request.key_id, request.token_id
     query.account_id = request.account_id or None
     query.version = request.version or None
+    query.routed = routed(ctx, runtime, delivery, request.model_id)
     query.timings["queue_wait_s"] = max(0.0, query.received_at - request.submitted_at) if request.submitted_at else 0.0
     hooks.query_received(query)
     try:
         reply = execute(ctx, runtime, request, query)
     except NotBoundHere:
-        if may_requeue(delivery, runtime.host_class, request.model_id):
+        if may_requeue(delivery, runtime.host_class, request.model_id, runtime.name):
             hooks.query_requeued(query)
             raise Requeue("node no longer serves this model") from None
         return _refuse(
@@ -284,7 +290,7 @@ def handle_batch(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delive
     results: list[tuple[int, bytes]] = [(ERROR, b"")] * len(frames)
     pending: list[tuple[int, QueryEvent, EncryptedInput]] = []
     for index, (kind, data) in enumerate(frames):
-        query = _batch_item_event(runtime, delivery, request, index, wait)
+        query = _batch_item_event(ctx, runtime, delivery, request, index, wait)
         hooks.query_received(query)
         try:
             if kind != ITEM:
@@ -324,13 +330,27 @@ def handle_batch(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delive
     return ok(reply.encode())
 
 
-def _batch_item_event(runtime: NodeRuntime, delivery: Delivery, request: QueryRequest, index: int, wait: float) -> QueryEvent:
+def routed(ctx: PlatformContext, runtime: NodeRuntime, delivery: Delivery, model_id: str) -> bool | None:
+    """Did the query come through this node's affinity queue of its model (True) or, with key
+    affinity on, through the model's own queue (False: a fallback)? None for anything else
+    (a shared node's queue, affinity off): :attr:`QueryEvent.routed`."""
+    if not ctx.settings.key_affinity:
+        return None
+    if delivery.routing_key == affinity_routing_key(runtime.host_class, model_id, runtime.name):
+        return True
+    return False if delivery.routing_key == query_routing_key(runtime.host_class, model_id) else None
+
+
+def _batch_item_event(
+    ctx: PlatformContext, runtime: NodeRuntime, delivery: Delivery, request: QueryRequest, index: int, wait: float
+) -> QueryEvent:
     binding = runtime.binding
     task_id = f"{delivery.task_id}/{index}" if delivery.task_id else None
     query = QueryEvent(node=runtime.name, task_id=task_id, binding=binding.event if binding else None)
     query.model_id, query.key_id, query.token_id = request.model_id, request.key_id, request.token_id
     query.account_id = request.account_id or None
     query.version = request.version or None
+    query.routed = routed(ctx, runtime, delivery, request.model_id)
     query.timings["queue_wait_s"] = wait
     return query
 
@@ -350,7 +370,7 @@ def _run_batch(
     try:
         evaluator, version = _evaluator(ctx, runtime, request, first)
     except NotBoundHere:
-        if may_requeue(delivery, runtime.host_class, request.model_id):
+        if may_requeue(delivery, runtime.host_class, request.model_id, runtime.name):
             for _, query, _ in pending:
                 hooks.query_requeued(query)
             raise Requeue("node no longer serves this model") from None

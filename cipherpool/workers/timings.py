@@ -115,7 +115,10 @@ class QueryTimings(Hook):
             f"compute:{bucket_index(compute)}": 1,
             "compute:sum_us": compute_us,
         }
-        self._record(query, self._model(query), sample, histogram, queries=1, wait_us=wait_us, compute_us=compute_us)
+        amounts = {"queries": 1, "wait_us": wait_us, "compute_us": compute_us}
+        if query.routed is not None:
+            amounts["routed_home" if query.routed else "routed_any"] = 1
+        self._record(query, self._model(query), sample, histogram, None, **amounts)
 
     def query_refused(self, query: QueryEvent, error: CipherpoolError) -> None:
         """The caller's error (a ciphertext that cannot be evaluated, a wrong key) is a

@@ -239,6 +239,7 @@ def test_each_warmup_run_counts_against_the_quota_and_a_spent_quota_is_the_query
     frozen = float(int(time.time()) + 100_000)  # a window of its own
     monkeypatch.setattr("cipherpool.gateway.ratelimit.time.time", lambda: frozen)
     rate_key = f"{RATE_PREFIX}t:{world.token_id}:{int(frozen)}"
+    monkeypatch.setattr(world.app.state.gw.settings, "affinity_homes", 2)  # the key set's queries may go to both
 
     answer = _warm(world)  # two nodes serve the model: two runs
     assert answer.status_code == 200, answer.text
@@ -261,6 +262,67 @@ def test_each_warmup_run_counts_against_the_quota_and_a_spent_quota_is_the_query
     assert (query.status_code, query.json()["code"]) == (429, "token_quota_exceeded"), query.text
     assert warm.json()["message"] == query.json()["message"]
     assert world.usage() == QUOTA and len(world.sent) == 1, "a spent quota sends nothing"
+
+
+def test_a_query_goes_to_its_key_sets_node_is_held_there_until_answered_and_spills_past_the_bound(world, monkeypatch):
+    """Key affinity through the real gateway and broker: the key set's preferred node's queue,
+    then (that node at its bound) the next node in rank, then the model's own queue; an answer
+    read gives the node its room back; /metrics counts each placement."""
+    import json as _json
+
+    from cipherpool.affinity import ranked
+    from cipherpool.messages import QueryReply, ok
+    from cipherpool.names import affinity_queue, model_queue
+
+    router = world.app.state.gw.router
+    monkeypatch.setattr(router, "bound", 1)
+    broker = world.redis
+    order = ranked(KEY_ID, NODES)
+    queues = [affinity_queue("cpu", world.model_id, n) for n in order] + [model_queue("cpu", world.model_id)]
+
+    def waiting() -> list[list[str]]:
+        return [[_json.loads(m)["headers"]["id"] for m in broker.lrange(q, 0, -1)] for q in queues]
+
+    def submit() -> str:
+        world.redis.delete(USAGE_PREFIX + world.token_id)
+        answer = _query(world, value_ciphertext())
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["id"])
+
+    for q in queues:
+        broker.delete(q)
+    before = (router.routed, router.fallbacks, router.to_any)
+    home, spilled, anywhere = submit(), submit(), submit()
+    assert waiting() == [[home], [spilled], [anywhere]]
+    assert (router.outstanding(order[0]), router.outstanding(order[1])) == (1, 1)
+
+    _store_meta(broker, home, ok(QueryReply(output=b"out", node=order[0], version=1, key_cache="hit").encode()))
+    answered = world.call(world.token, "GET", f"/v1/queries/{home}")
+    assert answered.status_code == 200 and answered.content == b"out"
+    assert router.outstanding(order[0]) == 0  # answered: room again at home
+    again = submit()
+    assert waiting()[0] == [home, again] or waiting()[0] == [again, home]
+    assert (router.routed - before[0], router.fallbacks - before[1], router.to_any - before[2]) == (4, 2, 1)
+
+    metrics = world.client.get("/metrics", headers=bearer(METRICS_TOKEN)).text
+    assert re.search(r'cipherpool_affinity_routes_total\{placement="any"\} [1-9]', metrics)
+    assert re.search(r'cipherpool_affinity_routes_total\{placement="next"\} [1-9]', metrics)
+    for q in queues:
+        broker.delete(q)
+    for query_id in (spilled, anywhere, again):
+        world.call(world.token, "DELETE", f"/v1/queries/{query_id}")
+    assert router.outstanding(order[0]) == router.outstanding(order[1]) == 0
+
+
+def test_with_key_affinity_a_warmup_goes_to_the_key_sets_home_only(world, nodes_answer):
+    from cipherpool.affinity import preferred
+
+    world.redis.delete(USAGE_PREFIX + world.token_id)
+    world.sent.clear()
+    answer = _warm(world)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["nodes"] == 1 and [n for n, _ in world.sent] == preferred(KEY_ID, NODES)
+    assert world.usage() == 1
 
 
 def test_a_warmup_run_is_told_to_the_hooks_and_billed_where_shared_nodes_meter_execution(world):
