@@ -587,5 +587,10 @@ def test_the_dashboard_queries_only_series_the_gateway_or_flower_exports(world):
         "cipherpool_queries_total",
         "flower_task_runtime_seconds_bucket",
         "flower_events_total",
+        "cipherpool_key_cache_lookups_total",
+        "cipherpool_key_load_seconds_total",
+        "cipherpool_key_cache_resident_bytes",
+        "cipherpool_affinity_queries_total",
+        "cipherpool_affinity_routes_total",
     ]:
         assert needed in queried, f"the dashboard has no panel over {needed}"

@@ -171,6 +171,17 @@ def test_a_node_refuses_a_model_of_another_class_whatever_the_message(pool, depl
     assert next(n for n in mc.list_nodes() if n.name == node.name).busy is False  # freed
 
 
+def user_client(pool, name: str, user: str, tmp_path) -> QueryClient:
+    """An end user of its own (a token and a key set of its own)."""
+    stack, mc = pool
+    key_dir = tmp_path / user
+    key_dir.mkdir()
+    qc = QueryClient(mc.create_token(f"{name}-{user}", model=name), settings=stack.client_settings, key_dir=key_dir)
+    qc.generate_keys()
+    qc.upload_evaluation_keys()
+    return qc
+
+
 def test_two_workers_of_one_model_both_serve(pool, deployed, examples, tmp_path):
     stack, mc = pool
     name = deployed("cancer", "cancer-two", max_workers=2)
@@ -190,6 +201,51 @@ def test_two_workers_of_one_model_both_serve(pool, deployed, examples, tmp_path)
     mc.update_model(name, min_workers=2)
     with pytest.raises(errors.BelowMinimum, match="min_workers"):
         mc.stop_worker(workers[0].id)
+
+
+def test_each_key_sets_queries_go_to_its_node_and_a_node_on_standby_leaves_none_behind(pool, deployed, examples, tmp_path):
+    """Key affinity on real nodes: each key set's queries, one at a time, all run on its
+    preferred node of the model's two (its key deserialized once: every later query a hit);
+    queries in flight when that node goes on standby are all answered, by the other node."""
+    from cipherpool.affinity import preferred
+    from cipherpool.names import affinity_queue
+
+    stack, mc = pool
+    name = deployed("cancer", "cancer-affinity", max_workers=2)
+    workers = mc.start_workers(name, 2)
+    nodes = sorted(w.node for w in workers)
+    x = examples["cancer"].x_test[:4]
+    clear = examples["cancer"].clear(x)
+    homes = set()
+    for user in range(3):
+        qc = user_client(pool, name, f"user-{user}", tmp_path)
+        home = preferred(qc.crypto.key_id(), nodes)[0]
+        homes.add(home)
+        handles = []
+        for row in x:
+            handle = qc.submit(qc.encrypt(row))
+            handles.append(handle)
+            np.testing.assert_allclose(qc.decrypt(handle.result(120)), clear[len(handles) - 1 : len(handles)], atol=1e-6)
+        assert {node_of(stack, h) for h in handles} == {home}, f"key set of user {user} left its node"
+        assert [h.key_cache for h in handles[1:]] == ["hit"] * (len(x) - 1)
+
+    # In flight on the key set's node when it goes on standby: none is left in its queue.
+    qc = user_client(pool, name, "last", tmp_path)
+    home = preferred(qc.crypto.key_id(), nodes)[0]
+    handles = [qc.submit(qc.encrypt(row)) for row in examples["cancer"].x_test[:8]]
+    mc.standby_worker(next(w.id for w in workers if w.node == home))
+    outputs = [qc.decrypt(h.result(120)) for h in handles]
+    np.testing.assert_allclose(np.concatenate(outputs), examples["cancer"].clear(examples["cancer"].x_test[:8]), atol=1e-6)
+    with session_scope(stack.platform_settings.effective_database_url()) as session:
+        model = session.exec(select(Model).where(Model.name == name)).one()
+        queue = affinity_queue(model.hardware, model.id, home)
+    from redis import Redis
+
+    broker = Redis.from_url(stack.broker_url)
+    try:
+        assert broker.llen(queue) == 0
+    finally:
+        broker.close()
 
 
 def test_standby_and_resume(pool, deployed, examples, tmp_path):
