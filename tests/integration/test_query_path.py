@@ -218,13 +218,24 @@ def test_trusted_in_cluster_code_submits_through_celery(platform, clients, examp
     reset_settings()
     try:
         from cipherpool.config.settings import get_settings
-        from cipherpool.tasks.submit import query_output, submit_query
+        from cipherpool.tasks.submit import batch_outputs, query_output, submit_batch, submit_query
 
         ctx = PlatformContext(get_settings())
         x = examples["cancer"].x_test[:1]
         handle = submit_query(token_id, qc.encrypt(x[0]), ctx=ctx)
         output = query_output(handle, timeout=60, ctx=ctx)
         np.testing.assert_allclose(qc.decrypt(output), examples["cancer"].clear(x), atol=1e-3)
+
+        # A batch, one item of it corrupted: that one fails alone, in its place.
+        rows = examples["cancer"].x_test[:3]
+        ciphertexts = [qc.encrypt(row) for row in rows]
+        envelope = EncryptedInput.decode(ciphertexts[1])
+        ciphertexts[1] = EncryptedInput(envelope.model_id, envelope.key_id, b"\x00" * 64).encode()
+        items = batch_outputs(submit_batch(token_id, ciphertexts, ctx=ctx), timeout=60, ctx=ctx)
+        assert isinstance(items[1], errors.InvalidInput)
+        for i in (0, 2):
+            assert isinstance(items[i], bytes)
+            np.testing.assert_allclose(qc.decrypt(items[i]), examples["cancer"].clear(rows[i : i + 1]), atol=1e-3)
         with pytest.raises(errors.InvalidToken):
             submit_query("0" * 16, qc.encrypt(x[0]), ctx=ctx)
     finally:
