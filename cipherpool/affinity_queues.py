@@ -118,9 +118,11 @@ def rescue(client: redis.Redis, app: Celery, serving: set[str], watch_s: float, 
     the query deadline: nothing can come back to it) is no longer watched."""
     now = time.time() if now is None else now
     report = RescueReport()
-    for queue, seen in registered(client).items():
+    known = registered(client)
+    if seen_now := [q for q in known if q in serving]:
+        client.hset(AFFINITY_QUEUES_KEY, mapping={q: repr(now) for q in seen_now})
+    for queue, seen in known.items():
         if queue in serving:
-            register(client, queue, now)
             continue
         moved = move(app, queue)
         if moved:
