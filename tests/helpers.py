@@ -5,6 +5,7 @@ import io
 import json
 import zipfile
 from collections.abc import Iterator
+from typing import Any
 
 from cipherpool.fhe.deployment import Versions
 
@@ -52,3 +53,27 @@ def own_redis(tmp_path_factory, name: str, maxmemory_bytes: int = 64 * 1024**2) 
         yield url
     finally:
         supervisor.stop_all(grace_s=5)
+
+
+@contextlib.contextmanager
+def redis_broker_platform(redis_url: str, tmp_path, **settings) -> Iterator[tuple[Any, Any]]:
+    """A platform context and a Celery app on ``redis_url`` as broker and store, the Redis
+    emptied first (its ACL refuses FLUSHDB): for a test of what beat or a publisher does to the
+    broker's queues. Yields ``(ctx, app)``."""
+    import uuid
+
+    from cipherpool.config.celery import create_app
+    from cipherpool.config.settings import Settings
+    from cipherpool.context import PlatformContext
+    from cipherpool.store import redis_client
+
+    client = redis_client(redis_url)
+    for key in client.scan_iter():
+        client.delete(key)
+    ctx = PlatformContext(Settings(data_dir=tmp_path, broker_url=redis_url, **settings))
+    app = create_app(ctx.settings, name=f"test-{uuid.uuid4().hex[:6]}")
+    try:
+        yield ctx, app
+    finally:
+        app.close()
+        client.close()

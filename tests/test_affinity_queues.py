@@ -17,7 +17,6 @@ from kombu import Connection
 from cipherpool import affinity_queues
 from cipherpool.config.celery import create_app
 from cipherpool.config.settings import Settings
-from cipherpool.context import PlatformContext
 from cipherpool.db.tables import Model, PoolNode, Worker, WorkerStatus
 from cipherpool.dispatch import publish_query, query_queue
 from cipherpool.messages import QueryRequest
@@ -26,8 +25,7 @@ from cipherpool.names import affinity_queue, affinity_routing_key, model_queue_o
 from cipherpool.scheduler import redeliver
 from cipherpool.services import accounts
 from cipherpool.statuses import NodeStatus
-from cipherpool.store import redis_client
-from tests.helpers import own_redis
+from tests.helpers import own_redis, redis_broker_platform
 
 GRACE = 10.0
 NODE, OTHER = "node1@host-a", "node2@host-b"
@@ -40,20 +38,19 @@ def redis_url(tmp_path_factory):
 
 
 @pytest.fixture
-def ctx(redis_url, tmp_path):
-    client = redis_client(redis_url)
-    for key in client.scan_iter():  # a clean Redis for each test (the ACL refuses FLUSHDB)
-        client.delete(key)
-    made = PlatformContext(Settings(data_dir=tmp_path, broker_url=redis_url, redelivery_grace_s=GRACE))
-    yield made
-    client.close()
+def platform(redis_url, tmp_path):
+    with redis_broker_platform(redis_url, tmp_path, redelivery_grace_s=GRACE) as made:
+        yield made
 
 
 @pytest.fixture
-def app(ctx):
-    made = create_app(ctx.settings, name=f"test-{uuid.uuid4().hex[:6]}")
-    yield made
-    made.close()
+def ctx(platform):
+    return platform[0]
+
+
+@pytest.fixture
+def app(platform):
+    return platform[1]
 
 
 def request_for(model_id: str) -> QueryRequest:

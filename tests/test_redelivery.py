@@ -16,7 +16,6 @@ import redis
 from kombu import Connection, Consumer
 
 from cipherpool import inflight
-from cipherpool.config.celery import create_app
 from cipherpool.config.settings import Settings
 from cipherpool.context import PlatformContext
 from cipherpool.dispatch import keeper, publish_query, query_queue
@@ -24,10 +23,9 @@ from cipherpool.errors import BrokerUnavailable
 from cipherpool.messages import QueryRequest
 from cipherpool.names import INFLIGHT_INDEX_KEY, INFLIGHT_PREFIX, RESULT_META_PREFIX
 from cipherpool.scheduler import redeliver
-from cipherpool.store import redis_client
 from cipherpool.workers.node import NodeRuntime
 from cipherpool.workers.query import Delivery, handle
-from tests.helpers import own_redis
+from tests.helpers import own_redis, redis_broker_platform
 
 GRACE = 10.0
 
@@ -39,20 +37,19 @@ def redis_url(tmp_path_factory):
 
 
 @pytest.fixture
-def ctx(redis_url, tmp_path):
-    client = redis_client(redis_url)
-    for key in client.scan_iter():  # a clean Redis for each test (the ACL refuses FLUSHDB)
-        client.delete(key)
-    made = PlatformContext(Settings(data_dir=tmp_path, broker_url=redis_url, redelivery_grace_s=GRACE))
-    yield made
-    client.close()
+def platform(redis_url, tmp_path):
+    with redis_broker_platform(redis_url, tmp_path, redelivery_grace_s=GRACE) as made:
+        yield made
 
 
 @pytest.fixture
-def app(ctx):
-    made = create_app(ctx.settings, name=f"test-{uuid.uuid4().hex[:6]}")
-    yield made
-    made.close()
+def ctx(platform):
+    return platform[0]
+
+
+@pytest.fixture
+def app(platform):
+    return platform[1]
 
 
 def request_for(model_id: str = "m1") -> QueryRequest:
