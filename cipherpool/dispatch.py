@@ -21,6 +21,7 @@ from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
 
 from cipherpool import inflight
+from cipherpool.affinity import Choice
 from cipherpool.config.settings import Settings
 from cipherpool.errors import BrokerUnavailable, InvalidInput, QueryTimeout, QuotaExceeded, RemoteError, StoreFull
 from cipherpool.fhe.values import check_ciphertext
@@ -123,19 +124,19 @@ def submit(
     shared: bool,
     task_id: str | None = None,
     before_publish: Callable[[], None] | None = None,
-    node: str | None = None,
+    routed: Choice | None = None,
 ) -> AsyncResult:
     """The submit sequence, the same at the gateway and for trusted in-cluster code: count the
     query against the token's quota, prepare it, publish it; a query that was not published
     is given back to the quota (the client's retry must not count twice). ``before_publish``
     runs after the query is prepared and before it is sent (the gateway records the query's
     owner there). A ciphertext no node could evaluate is refused first, uncounted. On a Redis
-    broker the message is kept until a node starts it (:mod:`cipherpool.inflight`). ``node``:
+    broker the message is kept until a node starts it (:mod:`cipherpool.inflight`). ``routed``:
     the node its key set is routed to (:mod:`cipherpool.affinity`); None, any of the model's."""
     admit_ciphertext(store, model, envelope)
     usage.charge(store.redis, grant.token_id, grant.quota)
     return _prepare_and_publish(
-        app, settings, store, grant, model, envelope, ciphertext, blob_id, QUERY_TASK, 1, shared, task_id, before_publish, node
+        app, settings, store, grant, model, envelope, ciphertext, blob_id, QUERY_TASK, 1, shared, task_id, before_publish, routed
     )
 
 
@@ -153,7 +154,7 @@ def _prepare_and_publish(
     shared: bool,
     task_id: str | None,
     before_publish: Callable[[], None] | None,
-    node: str | None = None,
+    routed: Choice | None = None,
 ) -> AsyncResult:
     """The rest of the submit sequence, for a query and a batch alike, once its ``runs`` are
     counted: prepare, let the caller record what it must, publish; the runs go back to the quota
@@ -172,7 +173,7 @@ def _prepare_and_publish(
             model_name=model.name,
             keep=keeper(settings, store),
             task=task,
-            node=node,
+            routed=routed,
         )
     except Exception:
         _refund(store, grant, runs)
@@ -278,7 +279,7 @@ def publish_query(
     model_name: str,
     keep: redis.Redis | None = None,
     task: str = QUERY_TASK,
-    node: str | None = None,
+    routed: Choice | None = None,
 ) -> AsyncResult:
     """Publish with the routing key of the model's host class (its dedicated workers', or the
     shared nodes' of the class), with a deadline: a node discards it once nobody waits. Only
@@ -287,14 +288,15 @@ def publish_query(
     there first, for beat to send again should the broker lose it (:mod:`cipherpool.inflight`).
     ``task``: the query task, or the batch task (a batch is one message, one record, one shadow
     name: a node forgets the record when it starts the batch, and beat sends it again as a batch).
-    ``node``: that node's affinity queue of the model (:func:`affinity_queue_of`), not the
-    model's own (never for a shared node's query)."""
+    ``routed``: to that node's affinity queue of the model (:func:`affinity_queue_of`), not the
+    model's own (never for a shared node's query), with a header saying whether the node is the
+    key set's home or the next in rank (:data:`PLACEMENT_HEADER`)."""
     task_id = task_id or str(uuid.uuid4())
     kwargs = {"request": request.encode()}
     if shared:
         queue = shared_queue_of(host_class)
-    elif node is not None:
-        queue = affinity_queue_of(host_class, request.model_id, node)
+    elif routed is not None and routed.node is not None:
+        queue = affinity_queue_of(host_class, request.model_id, routed.node)
     else:
         queue = query_queue(host_class, request.model_id)
     message = InflightQuery(
@@ -302,8 +304,9 @@ def publish_query(
     )
     if keep is not None:
         inflight.record(keep, task_id, message)
+    placement = None if routed is None or routed.node is None or shared else ("next" if routed.fallback else "home")
     try:
-        return _send_query(app, task_id, message)
+        return _send_query(app, task_id, message, placement)
     except Exception:
         if keep is not None:
             inflight.forget_quietly(keep, task_id)  # never sent: never to be sent again
@@ -315,7 +318,13 @@ def republish_query(app: Celery, query_id: str, message: InflightQuery) -> Async
     return _send_query(app, query_id, message)
 
 
-def _send_query(app: Celery, task_id: str, message: InflightQuery) -> AsyncResult:
+PLACEMENT_HEADER = "cipherpool_placement"  # a routed query's node: "home" (its key set's) or "next" (the next in rank)
+
+
+def _send_query(app: Celery, task_id: str, message: InflightQuery, placement: str | None = None) -> AsyncResult:
+    """Publish a query's message. ``placement``: a message header (:data:`PLACEMENT_HEADER`)
+    a node reads as ``task.request.cipherpool_placement`` to count a spill past the bound as
+    the fallback it is (older nodes ignore it)."""
     return _send(
         app,
         message.task,
@@ -325,6 +334,7 @@ def _send_query(app: Celery, task_id: str, message: InflightQuery) -> AsyncResul
         task_id=task_id,
         shadow=message.shadow,
         event_dispatcher=SentUnderShadow(app, message.shadow),
+        **({"headers": {PLACEMENT_HEADER: placement}} if placement else {}),
     )
 
 
@@ -443,7 +453,7 @@ def submit_batch(
     shared: bool,
     task_id: str | None = None,
     before_publish: Callable[[], None] | None = None,
-    node: str | None = None,
+    routed: Choice | None = None,
 ) -> AsyncResult:
     """:func:`submit` for a batch (:func:`open_batch`): its ``items`` admitted queries counted
     against the token's quota all or none (``QuotaExceeded`` when it has room for fewer), the
@@ -469,5 +479,5 @@ def submit_batch(
         shared,
         task_id,
         before_publish,
-        node,
+        routed,
     )

@@ -15,6 +15,7 @@ import pytest
 from kombu import Connection
 
 from cipherpool import affinity_queues
+from cipherpool.affinity import Choice
 from cipherpool.config.celery import create_app
 from cipherpool.config.settings import Settings
 from cipherpool.db.tables import Model, PoolNode, Worker, WorkerStatus
@@ -59,7 +60,8 @@ def request_for(model_id: str) -> QueryRequest:
 
 def publish(app, model_id: str = "m1", node: str | None = NODE, keep=None) -> str:
     query_id = str(uuid.uuid4())
-    publish_query(app, request_for(model_id), "cpu", 300.0, task_id=query_id, model_name="digits", keep=keep, node=node)
+    routed = Choice(node, False) if node is not None else None
+    publish_query(app, request_for(model_id), "cpu", 300.0, task_id=query_id, model_name="digits", keep=keep, routed=routed)
     return query_id
 
 
@@ -86,7 +88,8 @@ def test_a_routed_query_waits_in_its_nodes_queue_and_moves_to_the_models_queue_i
     assert ids_in(ctx, mine) == [] and ids_in(ctx, models_queue) == [query_id]
     after = json.loads(ctx.broker_redis.lindex(models_queue, 0))
     assert after["body"] == before["body"]  # the same request, byte for byte
-    for header in ("id", "task", "expires", "shadow"):
+    assert before["headers"]["cipherpool_placement"] == "home"  # what the node reads as task.request.cipherpool_placement
+    for header in ("id", "task", "expires", "shadow", "cipherpool_placement"):
         assert after["headers"][header] == before["headers"][header]
     assert after["properties"]["delivery_info"]["routing_key"] == "cpu.m1"
     assert ctx.broker_redis.hlen("unacked") == 0, "each moved message was acknowledged"

@@ -174,13 +174,22 @@ def test_affinity_routes_and_fallbacks_show_in_worker_stats_flower_and_metrics(r
 
 
 def test_a_node_tells_its_affinity_queue_from_the_models_queue() -> None:
-    from cipherpool.names import affinity_routing_key, query_routing_key, shared_routing_key
+    from cipherpool.names import affinity_queue, affinity_routing_key, model_queue, query_routing_key, shared_queue
     from cipherpool.workers.query import Delivery, routed
 
     runtime = SimpleNamespace(name=NODE, host_class="cpu")
     on, off = (SimpleNamespace(settings=SimpleNamespace(key_affinity=flag)) for flag in (True, False))
-    assert routed(on, runtime, Delivery("q", affinity_routing_key("cpu", "m1", NODE)), "m1") is True  # type: ignore[arg-type]
-    assert routed(on, runtime, Delivery("q", query_routing_key("cpu", "m1")), "m1") is False  # type: ignore[arg-type]
-    assert routed(on, runtime, Delivery("q", shared_routing_key("cpu")), "m1") is None  # type: ignore[arg-type]
-    assert routed(on, runtime, Delivery("q", affinity_routing_key("cpu", "m1", "other@h")), "m1") is None  # type: ignore[arg-type]
-    assert routed(off, runtime, Delivery("q", query_routing_key("cpu", "m1")), "m1") is None  # type: ignore[arg-type]
+
+    def came(ctx: Any, key: str, placement: str | None = None) -> bool | None:
+        return routed(ctx, runtime, Delivery("q", key, None, placement), "m1")  # type: ignore[arg-type]
+
+    # Celery publishes through the default exchange (the queue's name as the routing key); a
+    # message moved or sent again by beat comes through the query exchange (the routing key).
+    for mine in (affinity_queue("cpu", "m1", NODE), affinity_routing_key("cpu", "m1", NODE)):
+        assert came(on, mine) is True and came(on, mine, "home") is True
+        assert came(on, mine, "next") is False  # its home was busy: a fallback
+    for models in (model_queue("cpu", "m1"), query_routing_key("cpu", "m1")):
+        assert came(on, models) is False and came(on, models, "home") is False  # moved off its node
+        assert came(off, models) is None
+    assert came(on, shared_queue("cpu")) is None
+    assert came(on, affinity_queue("cpu", "m1", "other@h")) is None

@@ -16,7 +16,7 @@ from cipherpool import errors
 from cipherpool.context import PlatformContext
 from cipherpool.fhe.evaluator import FakeEvaluator
 from cipherpool.messages import EncryptedInput, EncryptedOutput, QueryReply, QueryRequest, unwrap
-from cipherpool.names import POOL_QUEUE, affinity_routing_key, model_queue, query_routing_key
+from cipherpool.names import POOL_QUEUE, affinity_queue, affinity_routing_key, model_queue, query_routing_key
 from cipherpool.store import BlobKind, sha256_hex
 from cipherpool.workers.hooks import BindingEvent, Hook
 from cipherpool.workers.node import Binding, NodeRuntime
@@ -293,6 +293,8 @@ def test_clients_with_identical_evaluation_keys_stay_distinct_but_share_the_cach
         (query_routing_key("gpu", MODEL), "2030-01-01T00:00:00", False),  # another class's key: not this queue
         (POOL_QUEUE, "2030-01-01T00:00:00", False),  # arrived through another queue
         (None, "2030-01-01T00:00:00", False),
+        (model_queue("cpu", MODEL), "2030-01-01T00:00:00", True),  # as Celery publishes: the queue's name
+        (affinity_queue("cpu", MODEL, "n1@h"), "2030-01-01T00:00:00", True),
         (affinity_routing_key("cpu", MODEL, "n1@h"), "2030-01-01T00:00:00", True),  # this node's affinity queue: beat moves it
         (affinity_routing_key("cpu", MODEL, "n2@h"), "2030-01-01T00:00:00", False),  # another node's: not this node's to put back
         (affinity_routing_key("cpu", MODEL, "n1@h"), None, False),

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from cipherpool.affinity import Router, preferred
+from cipherpool.affinity import Choice, Router, preferred
 from cipherpool.config.settings import Settings
 from cipherpool.services.queries import ModelGrant
 
@@ -31,12 +31,15 @@ def router_for(settings: Settings) -> Router | None:
     return Router(bound=settings.affinity_bound, tries=2, hold_s=settings.affinity_hold_s)
 
 
-def route(router: Router | None, settings: Settings, query_id: str, key_id: str, model: ModelGrant, shared: bool) -> str | None:
-    """The node whose affinity queue takes the query (None: the model's own queue)."""
+def route(
+    router: Router | None, settings: Settings, query_id: str, key_id: str, model: ModelGrant, shared: bool
+) -> Choice | None:
+    """Where the query goes: a node's affinity queue (its key set's home, or the next node in
+    rank), or the model's own queue (a choice of no node, or None: not routed)."""
     if router is None or shared or not model.nodes:
         return None
     names = [name for name, _ in model.nodes]
-    return router.route(query_id, key_id, names, settings.affinity_homes, dict(model.nodes)).node
+    return router.route(query_id, key_id, names, settings.affinity_homes, dict(model.nodes))
 
 
 def homes(settings: Settings, key_id: str, nodes: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from cipherpool import inflight
+from cipherpool.affinity import Choice
 from cipherpool.api.schemas import QUERY_ID_PATTERN, QueryAccepted
 from cipherpool.dispatch import open_batch, open_envelope, output_of, reply_from_meta, submit_batch
 from cipherpool.dispatch import submit as submit_query
@@ -133,9 +134,9 @@ def _publish(
     the body is a batch of that many admitted items."""
     s = gw.settings
     blob_id = gw.auth.key_blob(grant, model, envelope.key_id)
-    node = affinity.route(gw.router, s, query_id, envelope.key_id, model, shared)
+    routed = affinity.route(gw.router, s, query_id, envelope.key_id, model, shared)
     try:
-        _submit(gw, grant, model, envelope, body, blob_id, query_id, shared, batch, node)
+        _submit(gw, grant, model, envelope, body, blob_id, query_id, shared, batch, routed)
     except Exception:
         if gw.router is not None:
             gw.router.release(query_id)  # never sent: its node has room again
@@ -152,7 +153,7 @@ def _submit(
     query_id: str,
     shared: bool,
     batch: int | None,
-    node: str | None,
+    routed: Choice | None,
 ) -> None:
     s = gw.settings
 
@@ -173,7 +174,7 @@ def _submit(
             shared=shared,
             task_id=query_id,
             before_publish=record_owner,
-            node=node,
+            routed=routed,
         )
         return
     submit_query(
@@ -188,7 +189,7 @@ def _submit(
         shared=shared,
         task_id=query_id,
         before_publish=record_owner,
-        node=node,
+        routed=routed,
     )
 
 

@@ -14,8 +14,11 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, TypedDict
 
+from kombu.entity import Queue
+
 from cipherpool import inflight, workerlog
 from cipherpool.context import PlatformContext
+from cipherpool.dispatch import PLACEMENT_HEADER, affinity_queue_of, query_queue
 from cipherpool.errors import (
     CipherpoolError,
     KeyMismatch,
@@ -41,7 +44,6 @@ from cipherpool.messages import (
     pack_batch,
     unpack_batch,
 )
-from cipherpool.names import affinity_routing_key, query_routing_key
 from cipherpool.services.queries import REGENERATE
 from cipherpool.store import BlobKind
 from cipherpool.workers.hooks import Hook, QueryEvent
@@ -65,11 +67,24 @@ class Delivery:
     task_id: str | None = None
     routing_key: str | None = None
     expires: object = None
+    placement: str | None = None  # a routed query's PLACEMENT_HEADER: "home" or "next" (cipherpool.dispatch)
 
     @classmethod
     def of(cls, task_request: Any) -> Delivery:
         info = getattr(task_request, "delivery_info", None) or {}
-        return cls(getattr(task_request, "id", None), info.get("routing_key"), getattr(task_request, "expires", None))
+        placement = getattr(task_request, PLACEMENT_HEADER, None)
+        return cls(
+            getattr(task_request, "id", None),
+            info.get("routing_key"),
+            getattr(task_request, "expires", None),
+            placement if isinstance(placement, str) else None,
+        )
+
+    def came_through(self, queue: Queue) -> bool:
+        """Did the message come through ``queue``? Celery publishes to a direct exchange's queue
+        through the default exchange, the queue's name as routing key; a message moved or sent
+        again through the query exchange carries the queue's routing key."""
+        return self.routing_key is not None and self.routing_key in (queue.name, queue.routing_key)
 
 
 def may_requeue(delivery: Delivery, host_class: str, model_id: str, node: str) -> bool:
@@ -78,9 +93,9 @@ def may_requeue(delivery: Delivery, host_class: str, model_id: str, node: str) -
     node's affinity queue of the model (beat moves it from there to the model's queue, as this
     node no longer serves it: :mod:`cipherpool.affinity_queues`): anything else could bounce
     between nodes forever."""
-    return bool(delivery.expires) and delivery.routing_key in (
-        query_routing_key(host_class, model_id),
-        affinity_routing_key(host_class, model_id, node),
+    return bool(delivery.expires) and (
+        delivery.came_through(query_queue(host_class, model_id))
+        or delivery.came_through(affinity_queue_of(host_class, model_id, node))
     )
 
 
@@ -331,14 +346,15 @@ def handle_batch(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delive
 
 
 def routed(ctx: PlatformContext, runtime: NodeRuntime, delivery: Delivery, model_id: str) -> bool | None:
-    """Did the query come through this node's affinity queue of its model (True) or, with key
-    affinity on, through the model's own queue (False: a fallback)? None for anything else
-    (a shared node's queue, affinity off): :attr:`QueryEvent.routed`."""
+    """Did the query come to its key set's home, this node, through its affinity queue (True),
+    or, with key affinity on, elsewhere as a fallback (False): through the model's own queue,
+    or to this node as the next in rank (its home busy)? None for anything else (a shared
+    node's queue, affinity off): :attr:`QueryEvent.routed`."""
     if not ctx.settings.key_affinity:
         return None
-    if delivery.routing_key == affinity_routing_key(runtime.host_class, model_id, runtime.name):
-        return True
-    return False if delivery.routing_key == query_routing_key(runtime.host_class, model_id) else None
+    if delivery.came_through(affinity_queue_of(runtime.host_class, model_id, runtime.name)):
+        return delivery.placement != "next"
+    return False if delivery.came_through(query_queue(runtime.host_class, model_id)) else None
 
 
 def _batch_item_event(

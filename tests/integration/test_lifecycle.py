@@ -229,6 +229,13 @@ def test_each_key_sets_queries_go_to_its_node_and_a_node_on_standby_leaves_none_
         assert {node_of(stack, h) for h in handles} == {home}, f"key set of user {user} left its node"
         assert [h.key_cache for h in handles[1:]] == ["hit"] * (len(x) - 1)
 
+    def counted():  # the nodes' own count of where each query came from, read as a provider
+        window = mc.model_stats(name, window_s=300)[0].window
+        return window if window.affinity_routed + window.affinity_fallbacks >= 3 * len(x) else None
+
+    window = wait_until(counted, 20)
+    assert (window.affinity_routed, window.affinity_fallbacks) == (3 * len(x), 0)  # one at a time: never past the bound
+
     # In flight on the key set's node when it goes on standby: none is left in its queue.
     qc = user_client(pool, name, "last", tmp_path)
     home = preferred(qc.crypto.key_id(), nodes)[0]
