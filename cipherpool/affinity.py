@@ -91,6 +91,8 @@ class Router:
         self._outstanding: Counter[str] = Counter()
         self._held: dict[str, tuple[str, float]] = {}  # query id -> (node, counted until)
         self._next_sweep = 0.0
+        self._seen: dict[str, dict[str, float]] = {}  # scope -> key set -> when last seen (:meth:`active`)
+        self._swept: dict[str, int] = {}
         self._lock = threading.Lock()
         self.routed = 0  # decisions taken
         self.fallbacks = 0  # of which: outside the key set's homes (the next node, or any worker)
@@ -165,6 +167,20 @@ class Router:
     def held(self) -> int:
         with self._lock:
             return len(self._held)
+
+    def active(self, scope: str, key_id: str, window_s: float = 60.0) -> int:
+        """Note a query of ``key_id`` in ``scope`` (a model) and say how many key sets of it
+        this router saw within ``window_s``: what :func:`replicas_for` shares the caches among.
+        Pruned as it goes (a scope is swept when it has doubled since its last sweep)."""
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.setdefault(scope, {})
+            seen[key_id] = now
+            if len(seen) > 2 * self._swept.get(scope, 8):
+                for old in [k for k, t in seen.items() if now - t > window_s]:
+                    del seen[old]
+                self._swept[scope] = max(8, len(seen))
+            return sum(1 for t in seen.values() if now - t <= window_s)
 
     def _sweep(self) -> None:
         """Give back the queries held past ``hold_s`` (answered where this router never heard:

@@ -119,3 +119,16 @@ def test_the_bound_is_per_execution_slot() -> None:
     picks = [router.route(f"q{i}", "k", NODES, capacity=capacity).node for i in range(4)]
     assert picks == [order[0]] * 3 + [order[1]]  # three slots at home, then the next node
     assert router.fallbacks == 1 and router.to_any == 0
+
+
+def test_the_router_counts_a_models_key_sets_active_within_the_window() -> None:
+    now = [0.0]
+    router = Router(bound=1, clock=lambda: now[0])
+    assert [router.active("m", k, window_s=60) for k in ("a", "b", "a")] == [1, 2, 2]
+    assert router.active("other", "a", window_s=60) == 1  # per model
+    now[0] = 61.0
+    assert router.active("m", "c", window_s=60) == 1  # a and b went quiet
+    for i in range(100):  # many key sets: swept as they go, never kept past the window
+        now[0] += 61.0
+        assert router.active("m", f"k{i}", window_s=60) == 1
+    assert len(router._seen["m"]) <= 16

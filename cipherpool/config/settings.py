@@ -166,11 +166,14 @@ class Settings(BaseSettings):
     # node), so with more key sets than one node's cache holds most queries still hit. A node
     # with affinity_bound queries per execution slot outstanding from this gateway is passed
     # over for the next node in rank, then for any of the model's workers; a query whose answer
-    # the gateway never hears counts for affinity_hold_s. affinity_homes: how many nodes in rank
-    # each key set may use (and are warmed with it).
+    # the gateway never hears counts for affinity_hold_s. A key set may use as many nodes in rank
+    # (and is warmed on them) as the nodes' caches have room for among the model's key sets
+    # active in the last minute, each node counted as holding affinity_keys_per_node; at least
+    # affinity_homes.
     key_affinity: bool = True
     affinity_bound: int = Field(2, ge=1)
     affinity_homes: int = Field(1, ge=1)
+    affinity_keys_per_node: float = Field(1.0, gt=0)
     affinity_hold_s: float = Field(30.0, gt=0)
 
     # Payloads above this size travel by reference through the blob store, not in messages.

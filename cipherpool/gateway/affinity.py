@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from cipherpool.affinity import Choice, Router, preferred
+from cipherpool.affinity import Choice, Router, preferred, replicas_for
 from cipherpool.config.settings import Settings
 from cipherpool.services.queries import ModelGrant
 
@@ -39,15 +39,25 @@ def route(
     if router is None or shared or not model.nodes:
         return None
     names = [name for name, _ in model.nodes]
-    return router.route(query_id, key_id, names, settings.affinity_homes, dict(model.nodes))
+    active = router.active(model.model_id, key_id)
+    return router.route(query_id, key_id, names, homes_for(settings, len(names), active), dict(model.nodes))
 
 
-def homes(settings: Settings, key_id: str, nodes: list[str]) -> list[str]:
+def homes_for(settings: Settings, nodes: int, active_key_sets: int) -> int:
+    """How many nodes in rank a key set may use: as many as the nodes' caches have room for
+    among the model's active key sets (:func:`cipherpool.affinity.replicas_for`, each node
+    holding ``affinity_keys_per_node``), at least ``affinity_homes``. Two key sets on four
+    nodes use all four; eight use one home each."""
+    return max(settings.affinity_homes, replicas_for(nodes, settings.affinity_keys_per_node, active_key_sets))
+
+
+def homes(router: Router | None, settings: Settings, model_id: str, key_id: str, nodes: list[str]) -> list[str]:
     """The nodes a key set's queries go to first (what its warm-up warms): all of ``nodes``
     with key affinity off."""
-    if not settings.key_affinity:
+    if router is None:
         return nodes
-    return preferred(key_id, nodes, settings.affinity_homes)
+    active = router.active(model_id, key_id)
+    return preferred(key_id, nodes, homes_for(settings, len(nodes), active))
 
 
 class RouterCollector:

@@ -181,7 +181,7 @@ def _send_warmups(
             for w in worker_service.serving(session, model_id=model.model_id)
             if w.status == WorkerStatus.UP and node_is_live(session, w.node_name, gw.settings.node_heartbeat_s)
         ]
-    nodes = homes(gw.settings, envelope.key_id, nodes)  # the key set's queries go there first
+    nodes = homes(gw.router, gw.settings, model.model_id, envelope.key_id, nodes)  # the key set's queries go there first
     if len(nodes) > 1:  # one FHE run per node: each counts against the rate (the request itself counted one)
         gw.limiter.hit(grant.account_id, grant.token_id, cost=len(nodes) - 1)
     return send_warmups(gw.celery, gw.settings, gw.store, grant, model, envelope, body, blob_id, nodes)

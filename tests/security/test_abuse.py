@@ -276,6 +276,7 @@ def test_a_query_goes_to_its_key_sets_node_is_held_there_until_answered_and_spil
 
     router = world.app.state.gw.router
     monkeypatch.setattr(router, "bound", 1)
+    monkeypatch.setattr(world.app.state.gw.settings, "affinity_keys_per_node", 0.5)  # one home: room for half a key set each
     broker = world.redis
     order = ranked(KEY_ID, NODES)
     queues = [affinity_queue("cpu", world.model_id, n) for n in order] + [model_queue("cpu", world.model_id)]
@@ -314,9 +315,16 @@ def test_a_query_goes_to_its_key_sets_node_is_held_there_until_answered_and_spil
     assert router.outstanding(order[0]) == router.outstanding(order[1]) == 0
 
 
-def test_with_key_affinity_a_warmup_goes_to_the_key_sets_home_only(world, nodes_answer):
+def test_with_key_affinity_a_warmup_goes_to_the_key_sets_homes_only(world, nodes_answer, monkeypatch):
+    """A key set's homes are as many of the model's nodes as their caches have room for among
+    the active key sets: a lone key set on two nodes of one key each uses (and warms) both;
+    with room for half a key set per node, only its preferred one."""
     from cipherpool.affinity import preferred
 
+    world.redis.delete(USAGE_PREFIX + world.token_id)
+    world.sent.clear()
+    assert _warm(world).json()["nodes"] == 2 and world.usage() == 2
+    monkeypatch.setattr(world.app.state.gw.settings, "affinity_keys_per_node", 0.5)
     world.redis.delete(USAGE_PREFIX + world.token_id)
     world.sent.clear()
     answer = _warm(world)
