@@ -11,9 +11,10 @@ For each placement, one stack (the setting is read by the gateway and the nodes 
 
 * random (``Settings(key_affinity=False)``, today): every query on the model's queue, taken by
   whichever node is free;
-* affinity (``key_affinity=True``): a query goes to its key set's preferred node
-  (rendezvous hashing), the next node in rank when that one has ``CIPHERPOOL_AFFINITY_BOUND``
-  (2) queries outstanding, then the model's queue.
+* affinity (``key_affinity=True``): a query goes to the least busy of its key set's homes
+  (rendezvous hashing; as many homes as the caches have room for among the active key sets,
+  ``CIPHERPOOL_AFFINITY_KEYS_PER_NODE``), the next node in rank when that one has
+  ``CIPHERPOOL_AFFINITY_BOUND`` (2) queries outstanding, then the model's queue.
 
 and in it, for each number of active key sets K in ``--key-sets`` (default 1x, 2x and 4x of
 ``--cache-keys``: 2, 4 and 8): K end users, each with its own token and key set (the same key
@@ -28,7 +29,7 @@ loop (its ``/metrics``: ``cipherpool_affinity_routes_total``) give the share of 
 the next node in rank and to the model's queue; for both placements each node's share of the
 loop's queries and the keys in each node's cache after it; and the same loop as the model's
 own figures have it (``mc.model_stats``: the nodes' key-cache hit rate, and FALLBACK: queries
-that came through the model's queue, which leaves out those sent to the next node in rank).
+that came through the model's queue or to a node as the next in rank).
 
 Usage: .venv/bin/python benchmarks/key_affinity_pool.py [--queries 40] [--key-sets 2,4,8]
        [--cache-keys 2] [--nodes 4] [--clients 4] [--seed 0]
@@ -305,7 +306,7 @@ def report(results: list[Figures], args: argparse.Namespace, cache_keys: int, ke
         looked, came = r["hits"] + r["misses"], r["routed"] + r["fallbacks"]
         hit = f"{r['hits'] / looked:.0%}" if looked else "-"
         fallback = f"{r['fallbacks'] / came:.0%}" if came else "-"
-        print(f"    {f.placement:<9} K={f.key_sets:<3} key-cache hit rate {hit:>4}   FALLBACK (the model's queue) {fallback:>4}")
+        print(f"    {f.placement:<9} K={f.key_sets:<3} key-cache hit rate {hit:>4}   FALLBACK {fallback:>4}")
     print("  affinity / random:")
     by = {(f.placement, f.key_sets): f for f in results}
     for k in key_sets:

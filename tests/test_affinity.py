@@ -132,3 +132,30 @@ def test_the_router_counts_a_models_key_sets_active_within_the_window() -> None:
         now[0] += 61.0
         assert router.active("m", f"k{i}", window_s=60) == 1
     assert len(router._seen["m"]) <= 16
+
+
+def test_assign_spreads_a_few_key_sets_evenly_and_the_same_way_everywhere() -> None:
+    from cipherpool.affinity import assign
+
+    nodes = NODES[:4]
+    keys = [f"ks-{i}" for i in range(8)]
+    placed = assign(keys, nodes)
+    assert Counter(h[0] for h in placed.values()) == Counter({n: 2 for n in nodes})  # bounded: 2 each, not 4/3/1/0
+    assert assign(list(reversed(keys)), list(reversed(nodes))) == placed  # every gateway computes the same
+    two = assign(keys[:2], nodes, homes=2)
+    assert sorted(n for h in two.values() for n in h) == sorted(nodes)  # two key sets, two homes each: every node used
+    assert assign(keys, []) == {k: [] for k in keys}
+
+
+def test_the_router_routes_a_scopes_key_sets_to_their_assigned_homes() -> None:
+    from cipherpool.affinity import assign
+
+    router = Router(bound=5)
+    nodes = NODES[:4]
+    keys = [f"ks-{i}" for i in range(8)]
+    for k in keys:
+        router.active("m", k)
+    placed = assign(keys, nodes)
+    for i, k in enumerate(keys):
+        assert router.route(f"q{i}", k, nodes, scope="m").node == placed[k][0]
+    assert router.homes_of("m", keys[0], nodes) == placed[keys[0]]

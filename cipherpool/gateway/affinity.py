@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from cipherpool.affinity import Choice, Router, preferred, replicas_for
+from cipherpool.affinity import Choice, Router, replicas_for
 from cipherpool.config.settings import Settings
 from cipherpool.services.queries import ModelGrant
 
@@ -40,7 +40,8 @@ def route(
         return None
     names = [name for name, _ in model.nodes]
     active = router.active(model.model_id, key_id)
-    return router.route(query_id, key_id, names, homes_for(settings, len(names), active), dict(model.nodes))
+    homes = homes_for(settings, len(names), active)
+    return router.route(query_id, key_id, names, homes, dict(model.nodes), scope=model.model_id)
 
 
 def homes_for(settings: Settings, nodes: int, active_key_sets: int) -> int:
@@ -57,7 +58,7 @@ def homes(router: Router | None, settings: Settings, model_id: str, key_id: str,
     if router is None:
         return nodes
     active = router.active(model_id, key_id)
-    return preferred(key_id, nodes, homes_for(settings, len(nodes), active))
+    return router.homes_of(model_id, key_id, nodes, homes_for(settings, len(nodes), active))
 
 
 class RouterCollector:
