@@ -6,12 +6,15 @@ Prints, in one run:
   * the platform's end-to-end `execute` latency through the HTTP gateway, a real Redis and a
     real pool node, and its ratio to the in-process run (target <= 1.02x);
   * the overhead per query: end to end minus the node's own compute for the same query;
+  * CPU per query of each process on the path (gateway, node, client, Redis), from the
+    kernel's counters around the same queries (issue 27's target: gateway <= 2 ms);
   * a management round trip through the gateway, and the node's resident memory;
   * breast-cancer logistic regression (6-30 ms per run): queries/s with all queries in flight
     at once through a pool of as many nodes as cores, against in-process runs from as many
     threads as cores (target >= 0.5x).
 
 Usage: .venv/bin/python benchmarks/query_latency.py [--queries 20] [--throughput 300]
+(``--throughput 0``: the latency figures alone.)
 Figures, not assertions: targets live in docs/performance.md.
 """
 
@@ -50,17 +53,32 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads, those that ended included
+    (``/proc/<pid>/stat``; in clock ticks of 10 ms, so a figure per query wants some dozens of
+    queries). Summing ``/proc/<pid>/task/*/schedstat`` instead would lose the threads that ended
+    meanwhile (a thread pool's idle workers): measured negative."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_row(label: str, seconds: float, n: int) -> str:
+    return f"  {label:<44} {seconds / n * 1e3:8.2f} ms"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--throughput", type=int, default=300, help="queries for the throughput figure")
+    parser.add_argument("--throughput", type=int, default=300, help="queries for the throughput figure (0: skip it)")
     args = parser.parse_args()
     n = max(20, args.queries)
     root = Path(tempfile.mkdtemp(prefix="cipherpool-bench-"))
     tempfile.tempdir = str(root)  # concrete's compile directories go here, removed at the end
     try:
         run(root, n)
-        throughput(root, max(50, args.throughput))
+        if args.throughput > 0:
+            throughput(root, max(50, args.throughput))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -87,7 +105,7 @@ def run(root: Path, n: int) -> None:
     server.run(ciphertext, keys)  # warm-up
     after_fhe()  # SIGPIPE and the exit status back from concrete's runtime (cipherpool/fhe/process.py)
     cached = timed(lambda: server.run(ciphertext, keys), n)
-    per_call = timed(lambda: server.run(ciphertext, key_bytes), n)
+    per_call = timed(lambda: server.run(ciphertext, key_bytes), min(n, PER_CALL_RUNS))
     deserialize = timed(lambda: fhe.EvaluationKeys.deserialize(key_bytes), 5)
 
     settings = Settings(data_dir=root / "platform", node_threads=os.cpu_count(), **UNLIMITED)
@@ -104,13 +122,25 @@ def run(root: Path, n: int) -> None:
         qc.upload_evaluation_keys()
         encrypted = qc.encrypt(x[0])
         first = timed(lambda: qc.execute(encrypted), 1)  # key fetched and deserialized on the node
-        end_to_end, compute, waits = [], [], []
+        end_to_end, compute, waits, served = [], [], [], []
+        pids = {c.name: c.pid for c in stack.supervisor.children}
+        watched = {"gateway": pids["gateway"], "node": pids["node1"], "Redis": pids.get("redis")}
+        idle_from = cpu_s(watched["gateway"])
+        time.sleep(IDLE_S)  # the gateway's own background (its timers, heartbeat, flushes), apart
+        idle_per_s = (cpu_s(watched["gateway"]) - idle_from) / IDLE_S
+        loop_started = time.perf_counter()
+        cpu_before = {name: cpu_s(pid) for name, pid in watched.items() if pid is not None}
+        client_before = time.thread_time()  # the client's calls run here; concrete's threads idle (or spin) apart
         for _ in range(n):
             t = time.perf_counter()
             qc.execute(encrypted)
             end_to_end.append(time.perf_counter() - t)
             compute.append(qc.last_timings["compute_s"])
             waits.append(qc.last_timings["queue_wait_s"])
+            served.append(qc.last_timings.get("server_total_s", compute[-1]))
+        cpu = {name: cpu_s(watched[name]) - before for name, before in cpu_before.items()}
+        cpu["client"] = time.thread_time() - client_before
+        loop_s = time.perf_counter() - loop_started
         floor = timed(mc.list_models, n)
         node_pid = next(c.pid for c in stack.supervisor.children if c.name == "node1")
         node_rss = rss_mb(node_pid)
@@ -137,11 +167,28 @@ def run(root: Path, n: int) -> None:
     print(f"  end to end / in process (medians)            {statistics.median(end_to_end) / in_process:8.3f} x")
     print(f"  end to end - in process (medians)            {(statistics.median(end_to_end) - in_process) * 1e3:8.1f} ms")
     print(row("end to end - node compute, per query", [e - c for e, c in zip(end_to_end, compute)]))
+    # Where that goes: the node's own work around the compute (decode, key, result), and what is
+    # neither the node's nor the queue's (client, gateway, Redis, the answer's way back).
+    print(row("  of which the node's, around its compute", [s - c for s, c in zip(served, compute)]))
+    print(row("  of which neither queue nor node", [e - w - s for e, w, s in zip(end_to_end, waits, served)]))
+    print()
+    print(f"CPU per query (the same {n} queries; the node's includes its compute):")
+    for name in ("gateway", "node", "client", "Redis"):
+        if name in cpu:
+            print(cpu_row(name, cpu[name], n))
+    # A query of the digits model takes about a second: the gateway's background, paid per
+    # second whatever the traffic, is most of its CPU per query. Apart, what the requests cost.
+    print(f"  gateway idle, per second (before the queries) {idle_per_s * 1e3:8.2f} ms")
+    print(cpu_row("gateway less its idle share", cpu["gateway"] - idle_per_s * loop_s, n))
+    print(cpu_row("node compute (median, as timed by the node)", statistics.median(compute) * n, n))
+    print()
     print(f"  pool node resident memory after the queries  {node_rss:8.0f} MB")
     print(f"  evaluation key {len(key_bytes) / 1e6:.1f} MB, ciphertext {len(encrypted)} B")
 
 
 UNLIMITED = {"token_rate_per_s": 0, "account_rate_per_s": 0}
+IDLE_S = 5.0  # how long the gateway's idle CPU is measured
+PER_CALL_RUNS = 10  # the key deserialized per call: a figure of its cost, which a few runs show
 
 
 def throughput(root: Path, n: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,11 +89,15 @@ def prepare_query(
     envelope: EncryptedInput,
     ciphertext: bytes,
     blob_id: str,
+    *,
+    record_use: bool = True,
 ) -> QueryRequest:
     """An authorised query: inline when small, else by reference through the store. The key
     set's use is recorded (throttled, in Redis: :mod:`cipherpool.services.keyuse`), for a
-    query as for a warm-up: a key set unused too long expires."""
-    keyuse.record(store.redis, grant.token_id, envelope.key_id)
+    query as for a warm-up: a key set unused too long expires (``record_use`` False: the
+    caller records it, once the query is counted)."""
+    if record_use:
+        keyuse.record(store.redis, grant.token_id, envelope.key_id)
     inline = len(ciphertext) <= settings.inline_max_bytes
     return QueryRequest(
         token_id=grant.token_id,
@@ -125,19 +129,58 @@ def submit(
     task_id: str | None = None,
     before_publish: Callable[[], None] | None = None,
     routed: Choice | None = None,
+    records: Sequence[usage.Write] = (),
 ) -> AsyncResult:
     """The submit sequence, the same at the gateway and for trusted in-cluster code: count the
     query against the token's quota, prepare it, publish it; a query that was not published
     is given back to the quota (the client's retry must not count twice). ``before_publish``
-    runs after the query is prepared and before it is sent (the gateway records the query's
-    owner there). A ciphertext no node could evaluate is refused first, uncounted. On a Redis
-    broker the message is kept until a node starts it (:mod:`cipherpool.inflight`). ``routed``:
-    the node its key set is routed to (:mod:`cipherpool.affinity`); None, any of the model's."""
+    runs after the query is prepared and before it is sent; ``records``: writes made with the
+    query's count (the gateway records the query's owner so). A ciphertext no node could
+    evaluate is refused first, uncounted. On a Redis broker the message is kept until a node
+    starts it (:mod:`cipherpool.inflight`). ``routed``: the node its key set is routed to
+    (:mod:`cipherpool.affinity`); None, any of the model's.
+
+    An inline query (the usual one) is counted, its ``records`` written and its in-flight copy
+    kept in one round trip (:func:`cipherpool.services.usage.charge`'s ``then``); a query sent
+    by reference is counted before its ciphertext is stored, so that a token at its quota
+    stores nothing."""
     admit_ciphertext(store, model, envelope)
-    usage.charge(store.redis, grant.token_id, grant.quota)
-    return _prepare_and_publish(
-        app, settings, store, grant, model, envelope, ciphertext, blob_id, QUERY_TASK, 1, shared, task_id, before_publish, routed
+    if len(ciphertext) > settings.inline_max_bytes:
+        usage.charge(store.redis, grant.token_id, grant.quota, then=records)
+        return _prepare_and_publish(
+            app,
+            settings,
+            store,
+            grant,
+            model,
+            envelope,
+            ciphertext,
+            blob_id,
+            QUERY_TASK,
+            1,
+            shared,
+            task_id,
+            before_publish,
+            routed,
+        )
+    task_id = task_id or str(uuid.uuid4())
+    request = prepare_query(settings, store, grant, model, envelope, ciphertext, blob_id, record_use=False)
+    message, placement = query_message(
+        request, model.hardware, settings.query_timeout_s, shared, model_name=model.name, routed=routed
     )
+    keep = keeper(settings, store)
+    kept = inflight.writes(task_id, message) if keep is not None else []
+    usage.charge(store.redis, grant.token_id, grant.quota, then=[*records, *kept])
+    try:
+        keyuse.record(store.redis, grant.token_id, envelope.key_id)  # a use of a query counted, as before
+        if before_publish is not None:
+            before_publish()
+        return _send_query(app, task_id, message, placement)
+    except Exception:
+        if keep is not None:
+            inflight.forget_quietly(keep, task_id)  # never sent: never to be sent again
+        _refund(store, grant)
+        raise
 
 
 def _prepare_and_publish(
@@ -292,7 +335,29 @@ def publish_query(
     model's own (never for a shared node's query), with a header saying whether the node is the
     key set's home or the next in rank (:data:`PLACEMENT_HEADER`)."""
     task_id = task_id or str(uuid.uuid4())
-    kwargs = {"request": request.encode()}
+    message, placement = query_message(request, host_class, expires_s, shared, model_name=model_name, task=task, routed=routed)
+    if keep is not None:
+        inflight.record(keep, task_id, message)
+    try:
+        return _send_query(app, task_id, message, placement)
+    except Exception:
+        if keep is not None:
+            inflight.forget_quietly(keep, task_id)  # never sent: never to be sent again
+        raise
+
+
+def query_message(
+    request: QueryRequest,
+    host_class: str,
+    expires_s: float,
+    shared: bool,
+    *,
+    model_name: str,
+    task: str = QUERY_TASK,
+    routed: Choice | None = None,
+) -> tuple[InflightQuery, str | None]:
+    """What :func:`publish_query` sends (and keeps): the task, its queue and its deadline; and
+    its placement header (:data:`PLACEMENT_HEADER`), for a routed query."""
     if shared:
         queue = shared_queue_of(host_class)
     elif routed is not None and routed.node is not None:
@@ -300,17 +365,15 @@ def publish_query(
     else:
         queue = query_queue(host_class, request.model_id)
     message = InflightQuery(
-        task, kwargs, queue.name, queue.routing_key, query_shadow(model_name, request.model_id), time.time() + expires_s
+        task,
+        {"request": request.encode()},
+        queue.name,
+        queue.routing_key,
+        query_shadow(model_name, request.model_id),
+        time.time() + expires_s,
     )
-    if keep is not None:
-        inflight.record(keep, task_id, message)
     placement = None if routed is None or routed.node is None or shared else ("next" if routed.fallback else "home")
-    try:
-        return _send_query(app, task_id, message, placement)
-    except Exception:
-        if keep is not None:
-            inflight.forget_quietly(keep, task_id)  # never sent: never to be sent again
-        raise
+    return message, placement
 
 
 def republish_query(app: Celery, query_id: str, message: InflightQuery) -> AsyncResult:

@@ -73,12 +73,22 @@ def _key(query_id: str) -> str:
 
 def record(client: redis.Redis, query_id: str, message: InflightQuery, now: float | None = None) -> None:
     """Keep the message until its query starts (one round trip)."""
-    now = time.time() if now is None else now
     pipe = client.pipeline(transaction=False)
-    pipe.hset(_key(query_id), mapping={"message": message.pack(), "sent": 0})
-    pipe.expire(_key(query_id), max(1, int(message.deadline - now) + SLACK_S))
-    pipe.zadd(INFLIGHT_INDEX_KEY, {query_id: now})
+    for write in writes(query_id, message, now):
+        pipe.execute_command(*write)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
     pipe.execute()
+
+
+def writes(query_id: str, message: InflightQuery, now: float | None = None) -> list[tuple[str | bytes | int | float, ...]]:
+    """The commands of :func:`record`, for a caller that sends them with its own (the submit
+    sequence: with the query's count, :func:`cipherpool.services.usage.charge`)."""
+    now = time.time() if now is None else now
+    key = _key(query_id)
+    return [
+        ("HSET", key, "message", message.pack(), "sent", 0),
+        ("EXPIRE", key, max(1, int(message.deadline - now) + SLACK_S)),
+        ("ZADD", INFLIGHT_INDEX_KEY, now, query_id),
+    ]
 
 
 def forget(client: redis.Redis, *query_ids: str) -> None:

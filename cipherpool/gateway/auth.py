@@ -89,9 +89,14 @@ class TtlCache(Generic[V]):
 
     def holds(self, key: object) -> bool:
         """Whether a live entry is cached for ``key`` (nothing would be loaded for it now)."""
+        return self.peek(key) is not None
+
+    def peek(self, key: object) -> V | None:
+        """The live entry cached for ``key``, or None: never loads (for the event loop, where
+        a load, a database read, must not run)."""
         with self._lock:
             entry = self._entries.get(key)
-            return entry is not None and entry[0] > time.monotonic()
+            return entry[1] if entry is not None and entry[0] > time.monotonic() else None
 
     def clear(self) -> None:
         with self._lock:
@@ -135,6 +140,24 @@ class Authenticator:
         except InvalidApiKey:
             return False
         return self._principals.holds(digest(credential))
+
+    def cached_principal(self, credential: str) -> Principal | None:
+        """The principal of ``credential`` if it is cached (checked unexpired, as
+        :meth:`principal` does), else None: nothing is looked up."""
+        if not credential.startswith((API_KEY_PREFIX, TOKEN_PREFIX)):
+            return None
+        principal = self._principals.peek(digest(credential))
+        if isinstance(principal, TokenGrant):
+            principal.check_unexpired()
+        return principal
+
+    def cached_serving(self, grant: TokenGrant) -> TokenGrant | None:
+        """:meth:`with_serving` if the grant's serving state is cached, else None (not loaded)."""
+        ids = tuple(m.model_id for m in grant.models)
+        if not ids:
+            return grant
+        state = self._serving.peek((grant.account_id, ids))
+        return None if state is None else state.apply(grant)
 
     def key_blob(self, grant: TokenGrant, model: ModelGrant, key_id: str) -> str:
         """The evaluation-key blob of key set ``key_id``, if it is usable for ``model`` now."""

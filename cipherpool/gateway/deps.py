@@ -1,4 +1,8 @@
-"""Route dependencies: the gateway's state and the principal the guard authenticated."""
+"""Route dependencies: the gateway's state and the principal the guard authenticated.
+
+They are ``async def`` although they await nothing: FastAPI runs a plain ``def`` dependency in
+its thread pool, a thread hop each (measured about 0.1 ms of gateway CPU apiece, two on every
+query), for what is an attribute read."""
 
 from __future__ import annotations
 
@@ -15,16 +19,16 @@ BINARY_BODY = {"requestBody": {"required": True, "content": {OCTET_STREAM: {"sch
 BINARY_RESPONSE = {"content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}
 
 
-def gateway(request: Request) -> GatewayState:
+async def gateway(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gw
     return state
 
 
-def account(request: Request) -> AccountPrincipal:
+async def account(request: Request) -> AccountPrincipal:
     return require_account(getattr(request.state, "principal", None))
 
 
-def grant(request: Request) -> TokenGrant:
+async def grant(request: Request) -> TokenGrant:
     return require_grant(getattr(request.state, "principal", None))
 
 

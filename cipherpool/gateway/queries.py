@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
@@ -60,7 +59,7 @@ async def submit(
     body = await request.body()
     envelope, model = open_envelope(grant, body, wait_for_worker, mode, noted=lambda named: note_model(request, named))
     shared = route(model, mode, wait_for_worker) == Route.SHARED
-    query_id = str(uuid.uuid4())
+    query_id = gw.waiter.new_id()  # heard without a subscription of its own (cipherpool.gateway.results)
     if wait <= 0:
         await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id, shared)
         return _accepted(query_id, None)
@@ -89,7 +88,7 @@ async def submit_many(
         noted=lambda named: note_model(request, named),
     )
     shared = route(model, mode, wait_for_worker) == Route.SHARED
-    query_id = str(uuid.uuid4())
+    query_id = gw.waiter.new_id()  # heard without a subscription of its own (cipherpool.gateway.results)
     if wait <= 0:
         await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id, shared, items)
         return _accepted(query_id, None)
@@ -156,9 +155,10 @@ def _submit(
     routed: Choice | None,
 ) -> None:
     s = gw.settings
+    owner_ttl_s = int(s.query_timeout_s + s.result_expires_s)
 
     def record_owner() -> None:
-        gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=int(s.query_timeout_s + s.result_expires_s))
+        gw.store.redis.set(QUERY_OWNER_PREFIX + query_id, grant.token_id, ex=owner_ttl_s)
 
     if batch is not None:
         submit_batch(
@@ -188,7 +188,7 @@ def _submit(
         blob_id,
         shared=shared,
         task_id=query_id,
-        before_publish=record_owner,
+        records=[("SET", QUERY_OWNER_PREFIX + query_id, grant.token_id, "EX", owner_ttl_s)],  # with its count
         routed=routed,
     )
 

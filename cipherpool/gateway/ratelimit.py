@@ -23,8 +23,10 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from cipherpool.errors import RateLimited
 from cipherpool.names import RATE_PREFIX
@@ -64,20 +66,47 @@ class RateLimiter:
         evaluations, such as a key warm-up on several nodes); RateLimited if it is over a
         limit. ``also_get``: keys read in the same round trip (the guard's change counters),
         whose values are returned in order."""
-        subjects = [("a", account_id)] + ([("t", token_id)] if token_id else [])
-        subjects = [(kind, who) for kind, who in subjects if self._limits[kind] > 0]
+        subjects = self._subjects(account_id, token_id)
         if not subjects:
             return list(self._redis.mget(also_get)) if also_get else []
         now = time.time()
-        window = int(now // WINDOW_S)
         pipe = self._redis.pipeline(transaction=False)
+        self._queue(pipe, subjects, now, also_get, cost)
+        replies = pipe.execute(raise_on_error=False)  # a refused INCR must not hide the MGET's answer
+        return self._judge(subjects, now, also_get, cost, replies)
+
+    async def hit_async(
+        self, client: aioredis.Redis, account_id: str, token_id: str | None = None, *, also_get: Sequence[str] = (), cost: int = 1
+    ) -> list[object]:
+        """:meth:`hit` on an asyncio client of the same Redis: the guard's, on its event loop,
+        where a thread-pool hop for one round trip would cost more than the round trip."""
+        subjects = self._subjects(account_id, token_id)
+        if not subjects:
+            return list(await client.mget(also_get)) if also_get else []
+        now = time.time()
+        pipe = client.pipeline(transaction=False)
+        self._queue(pipe, subjects, now, also_get, cost)
+        replies = await pipe.execute(raise_on_error=False)
+        return self._judge(subjects, now, also_get, cost, replies)
+
+    def _subjects(self, account_id: str, token_id: str | None) -> list[tuple[str, str]]:
+        subjects = [("a", account_id)] + ([("t", token_id)] if token_id else [])
+        return [(kind, who) for kind, who in subjects if self._limits[kind] > 0]
+
+    @staticmethod
+    def _queue(pipe: Any, subjects: list[tuple[str, str]], now: float, also_get: Sequence[str], cost: int) -> None:
+        window = int(now // WINDOW_S)
         for kind, who in subjects:
             key = f"{RATE_PREFIX}{kind}:{who}:{window}"
             pipe.incrby(key, cost)
             pipe.expire(key, 2 * WINDOW_S)
         if also_get:
             pipe.mget(also_get)
-        replies = pipe.execute(raise_on_error=False)  # a refused INCR must not hide the MGET's answer
+
+    def _judge(
+        self, subjects: list[tuple[str, str]], now: float, also_get: Sequence[str], cost: int, replies: list[Any]
+    ) -> list[object]:
+        window = int(now // WINDOW_S)
         counts = self._counted(subjects, window, cost, replies[: 2 * len(subjects) : 2])
         if also_get and isinstance(replies[-1], Exception):
             raise replies[-1]

@@ -9,6 +9,13 @@ key directly as well (before waiting, and every second as a fallback for a lost 
 Redis may be down when the gateway starts, or restart under it: the gateway starts anyway,
 the reader subscribes (or reconnects, and redis-py subscribes again to every channel) as soon
 as Redis answers, and a command on a connection that died is sent again once on a new one.
+
+**Its own task ids.** A subscription per task costs a SUBSCRIBE and an UNSUBSCRIBE sent, and
+their two confirmations read, for every query. So each waiter also subscribes once, by pattern,
+to the result channels of ids that begin with a prefix of its own (:meth:`ResultWaiter.new_id`:
+a random UUID whose first 8 hex digits are the waiter's): a query given such an id is heard
+with no subscription of its own, as soon as that pattern's subscription is confirmed. Every
+other id (a management task's, a query another gateway submitted) is subscribed to as before.
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ from cipherpool.waiting import StateLog
 
 log = logging.getLogger("cipherpool.gateway")
 FALLBACK_POLL_S = 1.0
+ID_PREFIX_CHARS = 8  # hex digits of a waiter's own task ids that name it (32 bits: apart from other gateways')
 SUBSCRIBE_TIMEOUT_S = 5.0
 RECONNECT_S = 0.5  # the reader's pause between tries while Redis does not answer
+KEEP_BATCH_S = 0.05  # delivered results are shortened (keep_for) together, this often at most
 MSGPACK = "application/x-msgpack"
 TaskMeta = dict[str, Any]  # Celery's stored task state: status, result, ... (as the node wrote it)
 
@@ -77,6 +86,7 @@ class ResultWaiter:
         # SOCKET_TIMEOUT_S bounds the commands (a GET of a result, a PING) in a partition; the
         # reader's wait for a message has its own timeout (get_message's), so an idle
         # subscription never times out on it.
+        self._url = url
         self._redis = aioredis.Redis.from_url(
             url,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
@@ -89,8 +99,16 @@ class ResultWaiter:
         self._private = f"cipherpool:gateway:{uuid.uuid4().hex}"
         self._futures: dict[str, set[asyncio.Future[TaskMeta]]] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
+        self._polled: set[str] = set()  # channels whose subscribe failed: their waits poll the key
+        # Ids from new_id: heard through one pattern subscription (see the module).
+        self._prefix = uuid.uuid4().hex[:ID_PREFIX_CHARS]
+        self._pattern = f"{RESULT_META_PREFIX}{self._prefix}*"
+        self._pattern_sent = False  # PSUBSCRIBE sent (redis-py sends it again on each reconnect)
+        self._pattern_live = False  # and confirmed: an id of ours needs no subscription of its own
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        self._keep: dict[str, int] = {}  # result keys to shorten (keep_for), and to how many seconds
+        self._keeper: asyncio.Task[None] | None = None
         self._interrupted = StateLog(log)  # logged once per outage, not at every try
 
     async def start(self) -> None:
@@ -102,7 +120,33 @@ class ResultWaiter:
         """A round trip on the result backend's connection (readiness)."""
         await self._redis.ping()
 
+    def client_for(self, url: str) -> aioredis.Redis | None:
+        """This waiter's asyncio client, lent for another round trip to the same Redis on this
+        event loop (the guard's): None unless ``url`` names its Redis and its reader runs on the
+        running loop (a connection belongs to the loop that opened it; a test's client may run
+        requests on loops of their own)."""
+        reader = self._reader
+        if url != self._url or reader is None or reader.done() or reader.get_loop() is not asyncio.get_running_loop():
+            return None
+        return self._redis
+
+    def new_id(self) -> str:
+        """A task id (a random UUID's form) whose result this waiter hears without a
+        subscription of its own: its first hex digits are this waiter's prefix. The other 90
+        bits are random, as unguessable as any query id (and an id is worth nothing without the
+        token that owns it)."""
+        return self._prefix + str(uuid.uuid4())[ID_PREFIX_CHARS:]
+
     async def close(self) -> None:
+        self._pattern_sent = self._pattern_live = False  # aclose drops every subscription
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and keeper.get_loop() is asyncio.get_running_loop():
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await keeper
+        if self._keep:  # what was delivered is shortened now, not left to its full life
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._shorten(0), SOCKET_TIMEOUT_S)
         if self._reader:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -115,18 +159,45 @@ class ResultWaiter:
         return decode_meta(await self._redis.get(RESULT_META_PREFIX + task_id))
 
     async def keep_for(self, task_id: str, seconds: int) -> None:
-        """Shorten a delivered result's life: a client's retry may read it again meanwhile."""
-        await self._redis.expire(RESULT_META_PREFIX + task_id, seconds)
+        """Shorten a delivered result's life: a client's retry may read it again meanwhile.
+
+        Off the answer's path and in batches: the results delivered within
+        :data:`KEEP_BATCH_S` are shortened together, in one pipelined round trip (a round trip
+        of its own cost each answer about 0.1 ms of gateway CPU, and its latency). A result
+        keeps its full life that much longer, or, if this gateway dies meanwhile or Redis
+        refuses (logged), until it expires by itself: it is only memory, for a while."""
+        self._keep[RESULT_META_PREFIX + task_id] = seconds
+        keeper = self._keeper
+        if keeper is None or keeper.done() or keeper.get_loop() is not asyncio.get_running_loop():
+            self._keeper = asyncio.create_task(self._shorten(), name="cipherpool-result-expiry")
+
+    async def _shorten(self, delay_s: float | None = None) -> None:
+        await asyncio.sleep(KEEP_BATCH_S if delay_s is None else delay_s)
+        while self._keep:
+            batch, self._keep = self._keep, {}
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, seconds in batch.items():
+                        pipe.expire(key, seconds)
+                    await pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - best effort: the results expire by themselves
+                log.warning("could not shorten the life of %d delivered results: %s", len(batch), exc)
 
     @contextlib.asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[Watch]:
-        """Subscribe to a task's result before it can be published (publish inside the block)."""
+        """Subscribe to a task's result before it can be published (publish inside the block).
+
+        Once the subscription is confirmed, the result of a task published inside the block
+        can only arrive as a message: :meth:`Watch.result` then waits for it without reading
+        the key first (a round trip that, for a query just published, finds nothing)."""
         channel = RESULT_META_PREFIX + task_id
         future: asyncio.Future[TaskMeta] = asyncio.get_running_loop().create_future()
         async with self._lock:
             waiting = self._futures.setdefault(channel, set())
             waiting.add(future)
-            if channel not in self._confirmed:
+            if self._pattern_live and task_id.startswith(self._prefix) and channel not in self._confirmed:
+                confirmed = None  # heard through the pattern: nothing to subscribe to, or to wait for
+            elif channel not in self._confirmed:
                 self._confirmed[channel] = asyncio.Event()
                 try:
                     await self._pubsub.subscribe(channel)
@@ -134,31 +205,41 @@ class ResultWaiter:
                     # The subscription is reconnecting: this wait polls the key instead (as
                     # for a lost message), and does not wait for a confirmation that will not come.
                     log.info("could not subscribe to a result channel; polling it instead")
+                    self._polled.add(channel)
                     self._confirmed[channel].set()
-            confirmed = self._confirmed[channel]
+            confirmed = self._confirmed.get(channel)
         try:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(confirmed.wait(), SUBSCRIBE_TIMEOUT_S)
-            yield Watch(self, task_id, future)
+            if confirmed is None:
+                yield Watch(self, task_id, future, subscribed=True)
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(confirmed.wait(), SUBSCRIBE_TIMEOUT_S)
+                yield Watch(self, task_id, future, subscribed=confirmed.is_set() and channel not in self._polled)
         finally:
             async with self._lock:
                 waiting.discard(future)
                 if not waiting:
                     self._futures.pop(channel, None)
-                    self._confirmed.pop(channel, None)
-                    with contextlib.suppress(Exception):
-                        await self._pubsub.unsubscribe(channel)
+                    if self._confirmed.pop(channel, None) is not None:  # subscribed to apart
+                        self._polled.discard(channel)
+                        with contextlib.suppress(Exception):
+                            await self._pubsub.unsubscribe(channel)
 
     async def wait(self, task_id: str, timeout: float) -> TaskMeta | None:
-        """The task's final state within ``timeout`` seconds, else its latest state (or None)."""
+        """The task's final state within ``timeout`` seconds, else its latest state (or None).
+        The task may have been published (and finished) before this subscribes: its key is
+        read first."""
         async with self.watch(task_id) as watch:
-            return await watch.result(timeout)
+            return await watch.result(timeout, read_first=True)
 
     async def _read(self) -> None:
         while True:
             try:
                 if not self._pubsub.subscribed:  # at start, or a first subscribe that failed
                     await self._pubsub.subscribe(self._private)
+                if not self._pattern_sent:
+                    await self._pubsub.psubscribe(self._pattern)
+                    self._pattern_sent = True
                 # On a dead connection this reconnects, and redis-py subscribes again to
                 # every channel it holds; a message published meanwhile is lost, which the
                 # fallback poll of each wait covers.
@@ -176,11 +257,14 @@ class ResultWaiter:
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message.get("channel")
         channel = channel.decode() if isinstance(channel, bytes) else str(channel)
-        if message.get("type") == "subscribe":
+        kind = message.get("type")
+        if kind == "subscribe":
             event = self._confirmed.get(channel)
             if event:
                 event.set()
-        elif message.get("type") == "message":
+        elif kind == "psubscribe":
+            self._pattern_live = self._pattern_live or channel == self._pattern  # a pattern's confirmation names it here
+        elif kind in ("message", "pmessage"):
             try:
                 meta = decode_meta(message.get("data"))
             except Exception:
@@ -193,12 +277,26 @@ class ResultWaiter:
 
 
 class Watch:
-    def __init__(self, waiter: ResultWaiter, task_id: str, future: asyncio.Future[TaskMeta]):
+    def __init__(self, waiter: ResultWaiter, task_id: str, future: asyncio.Future[TaskMeta], subscribed: bool = False):
         self._waiter, self.task_id, self._future = waiter, task_id, future
+        self.subscribed = subscribed  # the subscription was confirmed before the block ran
 
-    async def result(self, timeout: float) -> TaskMeta | None:
+    async def result(self, timeout: float, *, read_first: bool | None = None) -> TaskMeta | None:
+        """The task's final state within ``timeout`` seconds, else its latest state (or None).
+
+        ``read_first``: read the key before waiting for the message. By default only when the
+        subscription is not confirmed: a task published inside :meth:`ResultWaiter.watch`
+        after its subscription was confirmed cannot have published its result unheard, so the
+        first read would find nothing (one Redis round trip a query saved). The key is still
+        read after each :data:`FALLBACK_POLL_S` without a message (a message lost while the
+        subscription reconnected) and at the deadline (its latest state: queued or started)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
+        if read_first is None:
+            read_first = not self.subscribed
+        if not read_first and timeout > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(self._future), min(timeout, FALLBACK_POLL_S))
         while True:
             meta = await self._waiter.meta(self.task_id)
             remaining = deadline - loop.time()

@@ -10,22 +10,34 @@ queries on SQLite. The embedded Redis persists (AOF); the counts live as long as
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import redis
 
 from cipherpool.errors import QuotaExceeded
 from cipherpool.names import USAGE_PREFIX
 
+Write = tuple[str | bytes | int | float, ...]  # a Redis command and its arguments: ("SET", key, value, "EX", 60)
+
 # KEYS[1] the token's usage hash; ARGV[1] quota (-1: none), ARGV[2] now. Returns the count
-# after this query, or -1 when the quota is used up (nothing counted).
+# after this query, or -1 when the quota is used up (nothing counted, nothing written). The
+# writes that follow in ARGV (charge's ``then``: each its length, then its command and
+# arguments) are made first, so that one Redis refuses (full) leaves the query uncounted.
 _CHARGE = """
 local used = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
 local quota = tonumber(ARGV[1])
 if quota >= 0 and used >= quota then return -1 end
+local i = 3
+while i <= #ARGV do
+  local len = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + len))
+  i = i + len + 1
+end
 redis.call('HSET', KEYS[1], 'last', ARGV[2])
 return redis.call('HINCRBY', KEYS[1], 'n', 1)
 """
@@ -48,15 +60,37 @@ return runs
 """
 
 
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_CHARGE, _CHARGE_RUNS)}
+
+
+def _run(client: redis.Redis, script: str, key: str, *args: object) -> int:
+    """A script by its digest (EVALSHA: Redis neither receives nor hashes its text again, once
+    a query), sent whole (EVAL, which also caches it) the first time a Redis sees it, after a
+    restart, or after it evicted it: the same answer either way, in one round trip mostly."""
+    try:
+        answer: Any = client.evalsha(_SHA[script], 1, key, *args)  # type: ignore[arg-type]
+    except redis.exceptions.NoScriptError:
+        answer = client.eval(script, 1, key, *args)  # type: ignore[arg-type]
+    return int(answer)
+
+
 @dataclass(frozen=True)
 class Usage:
     queries: int = 0
     last_used_at: datetime | None = None
 
 
-def charge(client: redis.Redis, token_id: str, quota: int | None) -> int:
-    """Count one query for the token; QuotaExceeded (and nothing counted) at its quota."""
-    used = int(client.eval(_CHARGE, 1, USAGE_PREFIX + token_id, -1 if quota is None else quota, repr(time.time())))
+def charge(client: redis.Redis, token_id: str, quota: int | None, *, then: Sequence[Write] = ()) -> int:
+    """Count one query for the token; QuotaExceeded (and nothing counted) at its quota.
+
+    ``then``: writes made in the same round trip, atomically with the count and only if the
+    query is counted (a refused one writes nothing): what the submit sequence records of a
+    query before it publishes it (its owner, its in-flight copy), one round trip instead of
+    one each. Each is a command and its arguments; its keys are the platform Redis's own."""
+    args: list[object] = [-1 if quota is None else quota, repr(time.time())]
+    for write in then:
+        args += [len(write), *write]
+    used = _run(client, _CHARGE, USAGE_PREFIX + token_id, *args)
     if used < 0:
         raise QuotaExceeded(f"This access token has used its quota of {quota} queries; ask the model's provider to raise it.")
     return used
@@ -67,9 +101,7 @@ def charge_runs(client: redis.Redis, token_id: str, quota: int | None, runs: int
     on every node serving the model): as many as its quota has room for, which is returned.
     QuotaExceeded (and nothing counted) when it has room for none, as for a query, even
     when ``runs`` is 0: a token at its quota is refused whatever it asks for."""
-    counted = int(
-        client.eval(_CHARGE_RUNS, 1, USAGE_PREFIX + token_id, -1 if quota is None else quota, repr(time.time()), max(0, runs))
-    )
+    counted = _run(client, _CHARGE_RUNS, USAGE_PREFIX + token_id, -1 if quota is None else quota, repr(time.time()), max(0, runs))
     if counted < 0:
         raise QuotaExceeded(f"This access token has used its quota of {quota} queries; ask the model's provider to raise it.")
     return counted

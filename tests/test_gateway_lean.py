@@ -1,0 +1,296 @@
+"""A leaner query path through the gateway (issue 27): what was cut, and that nothing it did
+is lost.
+
+* a query published inside :meth:`ResultWaiter.watch`, once its subscription is confirmed, is
+  answered by the result's message alone: its key is not read first (a round trip that, for a
+  query just published, finds nothing), but still after a message lost meanwhile (the fallback
+  poll) and at the deadline; a task published *before* anyone waits (``wait``) is read first;
+* a task id from :meth:`ResultWaiter.new_id` is heard through the waiter's one pattern
+  subscription: no SUBSCRIBE, no UNSUBSCRIBE, no confirmation to wait for; others' ids are
+  subscribed to as before;
+* a delivered result's life is shortened off the answer's path, several in one round trip,
+  and whatever is pending when the waiter closes is shortened then;
+* the guard admits a cached credential on the event loop (its rate counted and the change
+  counters read through the result waiter's asyncio client): no thread-pool hop; one it has
+  not cached still goes through the thread pool (a database lookup);
+* the route dependencies are coroutines: FastAPI runs a plain ``def`` dependency in its thread
+  pool, a thread hop per dependency per request;
+* the quota's scripts run by digest (EVALSHA), and are sent whole again when Redis does not
+  know them (a restart, a SCRIPT FLUSH): the same answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Iterator
+
+import msgpack
+import pytest
+import redis
+
+from cipherpool import errors
+from cipherpool.gateway import deps, results
+from cipherpool.gateway.results import ResultWaiter
+from cipherpool.names import RESULT_META_PREFIX
+from cipherpool.services import usage
+from tests.helpers import own_redis
+from tests.test_operator_metrics import world  # noqa: F401 - the real gateway in-process, on its own Redis
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory) -> Iterator[str]:
+    with own_redis(tmp_path_factory, "lean") as found:
+        yield found
+
+
+def done(task_id: str) -> bytes:
+    return msgpack.packb({"status": "SUCCESS", "result": {"ok": True, "value": {}}, "task_id": task_id}, use_bin_type=True)
+
+
+class Counting(ResultWaiter):
+    """A waiter that counts its reads of result keys."""
+
+    reads = 0
+
+    async def meta(self, task_id: str) -> results.TaskMeta | None:
+        self.reads += 1
+        return await super().meta(task_id)
+
+
+def run(url: str, body) -> object:
+    async def main() -> object:
+        waiter = Counting(url)
+        await waiter.start()
+        try:
+            return await asyncio.wait_for(body(waiter, redis.Redis.from_url(url)), 60)
+        finally:
+            await waiter.close()
+
+    return asyncio.run(main())
+
+
+def test_a_query_published_inside_a_confirmed_watch_is_answered_by_its_message_alone(url, monkeypatch):
+    monkeypatch.setattr(results, "FALLBACK_POLL_S", 15.0)  # a slow machine's message still comes first
+    monkeypatch.setattr(results, "SUBSCRIBE_TIMEOUT_S", 60.0)  # and its confirmation too (a loaded machine took over 5 s)
+
+    async def body(waiter: Counting, client: redis.Redis) -> tuple[object, int, bool]:
+        async with waiter.watch("q1") as watch:
+            raw = done("q1")  # what a node does: store the result, then publish it
+            client.set(RESULT_META_PREFIX + "q1", raw, ex=60)
+            client.publish(RESULT_META_PREFIX + "q1", raw)
+            meta = await watch.result(5)
+        return meta, waiter.reads, watch.subscribed
+
+    meta, reads, subscribed = run(url, body)
+    assert subscribed and isinstance(meta, dict) and meta["status"] == "SUCCESS"
+    assert reads == 0
+
+
+def test_a_lost_message_is_still_found_by_the_fallback_poll(url, monkeypatch):
+    monkeypatch.setattr(results, "FALLBACK_POLL_S", 0.1)
+
+    async def body(waiter: Counting, client: redis.Redis) -> tuple[object, int]:
+        async with waiter.watch("q2") as watch:
+            client.set(RESULT_META_PREFIX + "q2", done("q2"), ex=60)  # stored, its message lost
+            meta = await watch.result(5)
+        return meta, waiter.reads
+
+    meta, reads = run(url, body)
+    assert isinstance(meta, dict) and meta["status"] == "SUCCESS" and reads >= 1
+
+
+def test_a_wait_that_ends_unanswered_reads_the_latest_state(url, monkeypatch):
+    monkeypatch.setattr(results, "FALLBACK_POLL_S", 0.1)
+
+    async def body(waiter: Counting, client: redis.Redis) -> tuple[object, int]:
+        client.set(RESULT_META_PREFIX + "q3", msgpack.packb({"status": "STARTED"}), ex=60)
+        async with waiter.watch("q3") as watch:
+            meta = await watch.result(0.25)
+        return meta, waiter.reads
+
+    meta, reads = run(url, body)
+    assert meta == {"status": "STARTED"} and reads >= 1
+    # No time to wait: the key is read at once, as before.
+    meta, reads = run(url, lambda waiter, _client: _zero(waiter, "q3"))
+    assert meta == {"status": "STARTED"} and reads == 1
+
+
+async def _zero(waiter: Counting, task_id: str) -> tuple[object, int]:
+    async with waiter.watch(task_id) as watch:
+        meta = await watch.result(0)
+    return meta, waiter.reads
+
+
+def test_wait_reads_a_result_published_before_anyone_waited(url):
+    async def body(waiter: Counting, client: redis.Redis) -> tuple[object, int]:
+        client.set(RESULT_META_PREFIX + "q4", done("q4"), ex=60)  # finished, its message long gone
+        meta = await waiter.wait("q4", 5)
+        return meta, waiter.reads
+
+    meta, reads = run(url, body)
+    assert isinstance(meta, dict) and meta["status"] == "SUCCESS" and reads == 1
+
+
+def test_a_watch_whose_subscription_failed_reads_the_key_first(url, monkeypatch):
+    async def refused(*_channels: object) -> None:
+        raise redis.ConnectionError("reconnecting")
+
+    async def body(waiter: Counting, client: redis.Redis) -> tuple[object, bool]:
+        monkeypatch.setattr(waiter._pubsub, "subscribe", refused)
+        client.set(RESULT_META_PREFIX + "q5", done("q5"), ex=60)
+        async with waiter.watch("q5") as watch:
+            meta = await watch.result(5)
+        return meta, watch.subscribed
+
+    meta, subscribed = run(url, body)
+    assert not subscribed and isinstance(meta, dict) and meta["status"] == "SUCCESS"
+
+
+def test_an_id_of_the_waiters_own_is_heard_through_its_pattern_without_a_subscription(url, monkeypatch):
+    monkeypatch.setattr(results, "FALLBACK_POLL_S", 15.0)
+
+    async def body(waiter: Counting, client: redis.Redis) -> tuple[object, ...]:
+        for _ in range(500):  # the reader's PSUBSCRIBE, confirmed
+            if waiter._pattern_live:
+                break
+            await asyncio.sleep(0.02)
+        sent: list[str] = []
+        subscribe = waiter._pubsub.subscribe
+
+        async def counted(*channels: str) -> None:
+            sent.extend(channels)
+            await subscribe(*channels)
+
+        waiter._pubsub.subscribe = counted  # type: ignore[method-assign]
+        own, other = waiter.new_id(), "0" * 8 + waiter.new_id()[8:]
+        answers = []
+        for task_id in (own, other):
+            async with waiter.watch(task_id) as watch:
+                raw = done(task_id)
+                client.set(RESULT_META_PREFIX + task_id, raw, ex=60)
+                client.publish(RESULT_META_PREFIX + task_id, raw)
+                answers.append(((await watch.result(5)) or {}).get("status"))
+        return own, other, sent, answers, waiter.reads
+
+    own, other, sent, answers, reads = run(url, body)
+    assert len(own) == 36 and own[8] == "-" and all(c in "0123456789abcdef-" for c in own)
+    assert answers == ["SUCCESS", "SUCCESS"] and reads == 0
+    assert sent == [RESULT_META_PREFIX + other]  # only the other's id was subscribed to
+
+
+def test_own_ids_differ_and_two_waiters_prefixes_differ(url):
+    one, two = ResultWaiter(url), ResultWaiter(url)
+    ids = {one.new_id() for _ in range(1000)}
+    assert len(ids) == 1000 and len({i[:8] for i in ids}) == 1
+    assert one.new_id()[:8] != two.new_id()[:8]
+
+
+def test_delivered_results_are_shortened_together_off_the_answers_path(url, monkeypatch):
+    monkeypatch.setattr(results, "KEEP_BATCH_S", 0.05)
+
+    async def body(waiter: Counting, client: redis.Redis) -> tuple[list[int], list[int], list[int]]:
+        keys = [f"k{i}" for i in range(3)]
+        for key in keys:
+            client.set(RESULT_META_PREFIX + key, b"x", ex=3600)
+        for key in keys[:2]:
+            await waiter.keep_for(key, 60)  # returns at once
+        at_once = [client.ttl(RESULT_META_PREFIX + k) for k in keys[:2]]
+        for _ in range(100):  # shortened within KEEP_BATCH_S (a loaded machine: a while more)
+            await asyncio.sleep(0.05)
+            later = [client.ttl(RESULT_META_PREFIX + k) for k in keys[:2]]
+            if all(t <= 60 for t in later):
+                break
+        await waiter.keep_for(keys[2], 60)
+        await waiter.close()  # pending: shortened as the waiter closes
+        return at_once, later, [client.ttl(RESULT_META_PREFIX + keys[2])]
+
+    at_once, later, closing = run(url, body)
+    assert all(t > 60 for t in at_once)
+    assert all(0 < t <= 60 for t in later) and 0 < closing[0] <= 60
+
+
+def test_route_dependencies_are_coroutines_so_no_request_pays_a_thread_hop_for_them():
+    for dependency in (deps.gateway, deps.account, deps.grant):
+        assert inspect.iscoroutinefunction(dependency), dependency.__name__
+
+
+def test_the_quota_scripts_run_by_digest_and_are_sent_again_when_redis_forgot_them(url):
+    client = redis.Redis.from_url(url)
+    try:
+        client.script_flush()
+        assert usage.charge(client, "lean-t", 2) == 1  # unknown to Redis: sent whole (and cached)
+        assert client.script_exists(*usage._SHA.values())[0]
+        assert usage.charge(client, "lean-t", 2) == 2  # by digest
+        with pytest.raises(errors.QuotaExceeded):
+            usage.charge(client, "lean-t", 2)
+        client.script_flush()
+        assert usage.charge_runs(client, "lean-r", 5, 3) == 3
+        assert usage.charge_runs(client, "lean-r", 5, 3) == 2  # as many as the quota has room for
+        with pytest.raises(errors.QuotaExceeded):
+            usage.charge_runs(client, "lean-r", 5, 1)
+        assert usage.read(client, ["lean-t", "lean-r"]) == {
+            "lean-t": usage.Usage(2, usage.read(client, ["lean-t"])["lean-t"].last_used_at),
+            "lean-r": usage.Usage(5, usage.read(client, ["lean-r"])["lean-r"].last_used_at),
+        }
+    finally:
+        client.close()
+
+
+def test_the_guard_admits_a_cached_credential_without_a_thread_hop(world, monkeypatch):  # noqa: F811
+    import cipherpool.gateway.guard as guard
+
+    hops: list[str] = []
+    real = guard.run_in_threadpool
+
+    async def counted(fn, *args, **kwargs):
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(guard, "run_in_threadpool", counted)
+    token, key = world.tokens["two"][0], world.a_key
+    world.app.state.gw.auth.forget()  # nothing cached: the first requests look their credential up
+    for credential, path in [(token, "/v1/client/models"), (key, "/v1/models")]:
+        assert world.call(credential, "GET", path).status_code == 200
+    assert hops == ["_admit", "_admit"]
+    hops.clear()
+    for credential, path in [(token, "/v1/client/models"), (key, "/v1/models")]:
+        assert world.call(credential, "GET", path).status_code == 200
+    assert hops == []
+    bad = world.call("cpt_" + "x" * 40, "GET", "/v1/client/models")
+    assert bad.status_code == 401 and hops == ["_admit"]  # never cached: looked up, and counted as a failure
+
+
+def test_the_rate_limiter_on_the_event_loop_counts_as_on_a_thread(url, monkeypatch):
+    """hit_async: the same windows, limits, refusals and change counters as hit."""
+    import redis.asyncio as aioredis
+
+    from cipherpool.gateway.ratelimit import RateLimiter
+
+    frozen = 1_000_000.5
+    monkeypatch.setattr("cipherpool.gateway.ratelimit.time.time", lambda: frozen)
+    sync = redis.Redis.from_url(url)
+    sync.set("lean:generation", b"3")
+
+    async def body() -> tuple[list[object], list[list[object]], int]:
+        client = aioredis.Redis.from_url(url)
+        try:
+            limiter = RateLimiter(sync, token_rate_per_s=3, account_rate_per_s=100)
+            answers = [await limiter.hit_async(client, "lean-a", "lean-t", also_get=["lean:generation"]) for _ in range(2)]
+            answers.append(limiter.hit("lean-a", "lean-t", also_get=["lean:generation"]))  # the same window, shared
+            refused = 0
+            try:
+                await limiter.hit_async(client, "lean-a", "lean-t")
+            except errors.RateLimited as exc:
+                refused = int(exc.retry_after_s or 0)
+            unlimited = RateLimiter(sync, token_rate_per_s=0, account_rate_per_s=0)
+            return await unlimited.hit_async(client, "lean-a", "lean-t", also_get=["lean:generation"]), answers, refused
+        finally:
+            await client.aclose()
+
+    try:
+        unlimited, answers, refused = asyncio.run(body())
+    finally:
+        sync.close()
+    assert answers == [[b"3"]] * 3 and unlimited == [b"3"]
+    assert refused == 1  # the 4th request in a window of a 3/s token, told to retry in a second
