@@ -118,8 +118,9 @@ class Router:
         self._held: dict[str, tuple[str, float]] = {}  # query id -> (node, counted until)
         self._next_sweep = 0.0
         self._seen: dict[str, dict[str, float]] = {}  # scope -> key set -> when last seen (:meth:`active`)
-        self._swept: dict[str, int] = {}
-        self._placed: dict[str, tuple[object, dict[str, list[str]]]] = {}  # scope -> (inputs, assign()'s homes)
+        self._active: dict[str, tuple[float, frozenset[str]]] = {}  # scope -> (when taken, its active key sets)
+        # scope -> (key sets, nodes, replicas, assign()'s homes for them)
+        self._placed: dict[str, tuple[frozenset[str], tuple[str, ...], int, dict[str, list[str]]]] = {}
         self._lock = threading.Lock()
         self.routed = 0  # decisions taken
         self.fallbacks = 0  # of which: outside the key set's homes (the next node, or any worker)
@@ -211,32 +212,41 @@ class Router:
             return len(self._held)
 
     def homes_of(self, scope: str, key_id: str, nodes: Sequence[str], replicas: int = 1, window_s: float = 60.0) -> list[str]:
-        """``key_id``'s homes, :func:`assign` over the scope's key sets active within
-        ``window_s`` (and this one), recomputed only when those or the nodes change."""
-        now = self._clock()
+        """``key_id``'s homes, :func:`assign` over the scope's active key sets (:meth:`active`,
+        and this one), recomputed only when those, the nodes or ``replicas`` change: most
+        queries cost a dictionary lookup."""
         with self._lock:
-            seen = self._seen.get(scope, {})
-            keys = frozenset([key_id, *(k for k, t in seen.items() if now - t <= window_s)])
-            state = (keys, tuple(sorted(set(nodes))), replicas)
+            keys = self._snapshot(scope, window_s)
+            if key_id not in keys:
+                keys = keys | {key_id}
+            nodes_now = tuple(nodes)
             cached = self._placed.get(scope)
-            if cached is None or cached[0] != state:
-                cached = (state, assign(keys, nodes, replicas))
+            if cached is None or cached[0] is not keys or cached[1] != nodes_now or cached[2] != replicas:
+                cached = (keys, nodes_now, replicas, assign(keys, nodes_now, replicas))
                 self._placed[scope] = cached
-            return list(cached[1].get(key_id, []))
+            return list(cached[3].get(key_id, []))
 
     def active(self, scope: str, key_id: str, window_s: float = 60.0) -> int:
         """Note a query of ``key_id`` in ``scope`` (a model) and say how many key sets of it
         this router saw within ``window_s``: what :func:`replicas_for` shares the caches among.
-        Pruned as it goes (a scope is swept when it has doubled since its last sweep)."""
+        The count is taken again when a key set is new and at most once a second otherwise
+        (one that went quiet leaves it within a second of its window), pruning as it goes."""
         now = self._clock()
         with self._lock:
-            seen = self._seen.setdefault(scope, {})
-            seen[key_id] = now
-            if len(seen) > 2 * self._swept.get(scope, 8):
-                for old in [k for k, t in seen.items() if now - t > window_s]:
-                    del seen[old]
-                self._swept[scope] = max(8, len(seen))
-            return sum(1 for t in seen.values() if now - t <= window_s)
+            self._seen.setdefault(scope, {})[key_id] = now
+            return len(self._snapshot(scope, window_s, now, new=key_id))
+
+    def _snapshot(self, scope: str, window_s: float, now: float | None = None, new: str | None = None) -> frozenset[str]:
+        """The scope's active key sets, as last taken (under the lock)."""
+        now = self._clock() if now is None else now
+        taken = self._active.get(scope)
+        if taken is None or now - taken[0] >= 1.0 or (new is not None and new not in taken[1]):
+            seen = self._seen.get(scope, {})
+            for old in [k for k, t in seen.items() if now - t > window_s]:
+                del seen[old]
+            taken = (now, frozenset(seen))
+            self._active[scope] = taken
+        return taken[1]
 
     def _sweep(self) -> None:
         """Give back the queries held past ``hold_s`` (answered where this router never heard:
