@@ -1082,7 +1082,7 @@ def test_a_refunded_query_is_not_counted(redis_client):
 def test_a_credential_loaded_across_an_announced_change_is_not_cached():
     """A lookup that read the database before another gateway's change was announced (the
     cache cleared meanwhile) must not be kept: the next request loads again."""
-    from cipherpool.gateway.auth import TtlCache
+    from cipherpool.gateway.ttlcache import TtlCache
 
     cache: TtlCache[str] = TtlCache(5.0)
     loads = []
@@ -1162,6 +1162,7 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     from cipherpool.config.settings import Settings
     from cipherpool.context import PlatformContext
     from cipherpool.gateway import auth as auth_module
+    from cipherpool.gateway import ttlcache as ttlcache_module
     from cipherpool.gateway.guard import Guard
     from cipherpool.gateway.ratelimit import RateLimiter
     from cipherpool.gateway.throttle import AuthThrottle
@@ -1174,9 +1175,9 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, auth_cache_ttl_s=5))
     ctx.__dict__["store"] = SimpleNamespace(redis=redis_client)
     loads = []
-    monkeypatch.setattr(auth_module, "grant_for_value", lambda s, v: loads.append(v) or queries.grant_for_value(s, v))
+    monkeypatch.setattr(auth_module, "grant_for_hash", lambda s, h: loads.append(h) or queries.grant_for_hash(s, h))
     clock = [1000.0]  # the caches' clock stands still: nothing expires while the test runs
-    monkeypatch.setattr(auth_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ttlcache_module.time, "monotonic", lambda: clock[0])
     rate = 1e9 if limited else 0
     gw = SimpleNamespace(
         auth=auth_module.Authenticator(ctx),
@@ -1210,3 +1211,65 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     redis_client.incr(AUTH_GENERATION_KEY)
     request()
     assert len(loads) == 2
+
+
+def test_a_credential_in_use_is_reloaded_in_the_background_and_a_quiet_revocation_is_met(
+    session, db_url, account, redis_client, tmp_path, monkeypatch
+):
+    """A steady client's lookups are loaded again before they expire, off its requests' path,
+    by the credential's digest; a revocation made in the database alone (unannounced) is met
+    by that refresh, before the TTL is over."""
+    from types import SimpleNamespace
+
+    from cipherpool.config.settings import Settings
+    from cipherpool.context import PlatformContext
+    from cipherpool.credentials import digest
+    from cipherpool.gateway import auth as auth_module
+    from cipherpool.gateway import ttlcache as ttlcache_module
+
+    class Deferred:  # the Authenticator's refresher: what is scheduled runs when the test says
+        def __init__(self):
+            self.pending = []
+
+        def schedule(self, _at, fn):
+            self.pending.append(fn)
+            return True
+
+        def close(self):
+            self.pending = []
+
+    deploy(session, account, "m")
+    token, value = tokens.create_token(session, account, "t", "m")
+    running_worker(session, account, "m", "n1")
+    session.commit()
+    ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, auth_cache_ttl_s=2))
+    ctx.__dict__["store"] = SimpleNamespace(redis=redis_client)
+    loads: list[str] = []
+    monkeypatch.setattr(auth_module, "grant_for_hash", lambda s, h: loads.append(h) or queries.grant_for_hash(s, h))
+    clock = [1000.0]
+    monkeypatch.setattr(ttlcache_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(auth_module, "Refresher", lambda _name: Deferred())
+    auth = auth_module.Authenticator(ctx)
+    refresher = auth._refresher
+
+    def run_due() -> None:
+        for fn in refresher.pending:
+            fn()
+        refresher.pending = []
+
+    assert auth.principal(value).token_id == token.id
+    assert loads == [digest(value)]  # looked up by digest: the cache keeps no clear value
+    clock[0] += 1.5
+    assert auth.principal(value).token_id == token.id and len(loads) == 1  # from the cache ...
+    run_due()  # ... and loaded again in the background
+    assert len(loads) == 2
+    clock[0] += 1.0  # 2.5 s after the first load: alive through the refresh
+    assert auth.cached_principal(value) is not None
+    tokens.revoke_token(session, account, token.id)  # in the database alone: nothing announced
+    session.commit()
+    assert auth.cached_principal(value) is not None  # within its TTL still: served, refresh waiting
+    run_due()
+    assert auth.cached_principal(value) is None  # the refresh met the revocation: dropped
+    with pytest.raises(errors.TokenRevoked):
+        auth.principal(value)
+    auth.close()

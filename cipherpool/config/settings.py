@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     # see cipherpool.workers.hooks.
     node_hooks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     node_threads: int | None = Field(None, description="OMP_NUM_THREADS for FHE runs")
+    # KMP_BLOCKTIME of FHE runs: how long OpenMP's idle threads spin after a run before they
+    # sleep. libomp's own 200 ms kept a core busy after every answer (cipherpool/fhe/threads.py).
+    node_spin_ms: int = Field(0, ge=0, description="KMP_BLOCKTIME (ms) for FHE runs")
     # Import concrete when a node starts, not when it first binds a model (cold start).
     node_preload: bool = True
 

@@ -2,7 +2,8 @@
 
 An API key (``cpk_…``) authenticates a provider account; an access token (``cpt_…``) an end
 user's grant on the models it is assigned to. Lookups hit the database once per credential
-and ``auth_cache_ttl_s`` (at most 5 s), so a query costs no database round trip.
+and ``auth_cache_ttl_s`` (at most 5 s), so a query costs no database round trip; a lookup in
+use is loaded again in the background before it expires (:mod:`cipherpool.gateway.ttlcache`).
 
 A change (a rotated key, a revoked, disabled or unassigned token, a deactivated model, a new
 version) takes effect at once on every gateway: the gateway that makes it bumps a generation
@@ -21,35 +22,30 @@ credential again.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 import redis
 
 from cipherpool.context import PlatformContext
 from cipherpool.credentials import API_KEY_PREFIX, TOKEN_PREFIX, digest
 from cipherpool.errors import InvalidApiKey, InvalidToken, WrongCredential
+from cipherpool.gateway.ttlcache import Refresher, TtlCache
 from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
 from cipherpool.outages import redis_full
-from cipherpool.services.accounts import authenticate as authenticate_api_key
+from cipherpool.services.accounts import authenticate_hash
 from cipherpool.services.queries import (
     KeyRef,
     ModelGrant,
     ServingState,
     TokenGrant,
     check_key,
-    grant_for_value,
+    grant_for_hash,
     key_ref,
     serving_state,
 )
 
 log = logging.getLogger("cipherpool.gateway")
-V = TypeVar("V")
 MAX_BEARER_CHARS = 256
-CACHE_MAX_ENTRIES = 100_000
 
 
 @dataclass(frozen=True)
@@ -59,49 +55,6 @@ class AccountPrincipal:
 
 
 Principal = AccountPrincipal | TokenGrant
-
-
-class TtlCache(Generic[V]):
-    """A thread-safe map whose entries live ``ttl_s`` seconds; cleared whole when full."""
-
-    def __init__(self, ttl_s: float):
-        self.ttl_s = ttl_s
-        self._entries: dict[object, tuple[float, V]] = {}
-        self._lock = threading.Lock()
-        self._epoch = 0  # moved by clear(): a value loaded before a clear is not stored after it
-
-    def get_or_load(self, key: object, load: Callable[[], V]) -> V:
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry[0] > now:
-                return entry[1]
-            epoch = self._epoch
-        value = load()
-        if self.ttl_s > 0:
-            with self._lock:
-                if epoch != self._epoch:  # a change was announced while we read: maybe stale
-                    return value
-                if len(self._entries) >= CACHE_MAX_ENTRIES:
-                    self._entries.clear()
-                self._entries[key] = (now + self.ttl_s, value)
-        return value
-
-    def holds(self, key: object) -> bool:
-        """Whether a live entry is cached for ``key`` (nothing would be loaded for it now)."""
-        return self.peek(key) is not None
-
-    def peek(self, key: object) -> V | None:
-        """The live entry cached for ``key``, or None: never loads (for the event loop, where
-        a load, a database read, must not run)."""
-        with self._lock:
-            entry = self._entries.get(key)
-            return entry[1] if entry is not None and entry[0] > time.monotonic() else None
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._epoch += 1
 
 
 def bearer(header: str | None) -> str:
@@ -116,17 +69,23 @@ def bearer(header: str | None) -> str:
 class Authenticator:
     def __init__(self, ctx: PlatformContext):
         self.ctx = ctx
-        self._principals: TtlCache[Principal] = TtlCache(ctx.settings.auth_cache_ttl_s)
-        self._keys: TtlCache[KeyRef] = TtlCache(ctx.settings.auth_cache_ttl_s)
-        self._serving: TtlCache[ServingState] = TtlCache(ctx.settings.auth_cache_ttl_s)
+        ttl = ctx.settings.auth_cache_ttl_s
+        # Lookups in use are loaded again ahead of their expiry, off the requests' path
+        # (cipherpool/gateway/ttlcache.py); its thread starts with the first refresh.
+        self._refresher = Refresher("cipherpool-auth-refresh")
+        self._principals: TtlCache[Principal] = TtlCache(ttl, self._refresher)
+        self._keys: TtlCache[KeyRef] = TtlCache(ttl, self._refresher)
+        self._serving: TtlCache[ServingState] = TtlCache(ttl, self._refresher)
         self._generation: bytes | None = None
         self._serving_generation: bytes | None = None
 
     def principal(self, credential: str) -> Principal:
         if credential.startswith(API_KEY_PREFIX):
-            return self._principals.get_or_load(digest(credential), lambda: self._account(credential))
+            key_hash = digest(credential)
+            return self._principals.get_or_load(key_hash, lambda: self._account(key_hash))
         if credential.startswith(TOKEN_PREFIX):
-            principal = self._principals.get_or_load(digest(credential), lambda: self._grant(credential))
+            token_hash = digest(credential)
+            principal = self._principals.get_or_load(token_hash, lambda: self._grant(token_hash))
             if isinstance(principal, TokenGrant):
                 principal.check_unexpired()
             return principal
@@ -222,14 +181,20 @@ class Authenticator:
         self._keys.clear()
         self._serving.clear()
 
-    def _account(self, api_key: str) -> AccountPrincipal:
+    def close(self) -> None:
+        """Stop refreshing (a refresh under way finishes; nothing new starts)."""
+        self._refresher.close()
+
+    # The loaders take a credential's digest, never its value: they stay with the cached entry
+    # for its refresh (cipherpool/gateway/ttlcache.py).
+    def _account(self, key_hash: str) -> AccountPrincipal:
         with self.ctx.session() as session:
-            account = authenticate_api_key(session, api_key)
+            account = authenticate_hash(session, key_hash)
             return AccountPrincipal(account.id, account.name)
 
-    def _grant(self, token: str) -> TokenGrant:
+    def _grant(self, token_hash: str) -> TokenGrant:
         with self.ctx.session() as session:
-            grant = grant_for_value(session, token)
+            grant = grant_for_hash(session, token_hash)
         # What it was loaded with is the freshest serving state: no second read for it.
         self._serving.get_or_load((grant.account_id, tuple(m.model_id for m in grant.models)), lambda: ServingState.of(grant))
         return grant

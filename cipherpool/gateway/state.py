@@ -94,4 +94,5 @@ class GatewayState:
     async def close(self) -> None:
         await self.refusals.stop()  # what is counted still goes out
         await self.waiter.close()
+        self.auth.close()
         self.celery.close()

@@ -63,7 +63,12 @@ def authenticate(session: Session, api_key: str | None) -> Account:
             "Missing or malformed API key: pass the cpk_… key that "
             "`cipherpool admin account create` printed (or set CIPHERPOOL_API_KEY)."
         )
-    account = session.exec(select(Account).where(Account.api_key_hash == digest(api_key))).first()
+    return authenticate_hash(session, digest(api_key))
+
+
+def authenticate_hash(session: Session, api_key_hash: str) -> Account:
+    """:func:`authenticate` by the key's digest (a cache reloads by it, holding no clear key)."""
+    account = session.exec(select(Account).where(Account.api_key_hash == api_key_hash)).first()
     if account is None:
         raise InvalidApiKey("Unknown API key (a rotated key stops working at once).")
     check_enabled(account)

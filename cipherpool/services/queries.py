@@ -47,7 +47,7 @@ from cipherpool.errors import (
 from cipherpool.services import blobs, keysets
 from cipherpool.services.keysets import KeyQuotas
 from cipherpool.services.nodes import can_run
-from cipherpool.services.tokens import check_usable, resolve_token
+from cipherpool.services.tokens import check_usable, resolve_token, resolve_token_hash
 from cipherpool.store import BlobKind
 
 KEY_ID = re.compile(r"[0-9a-f]{32}")
@@ -225,6 +225,11 @@ def serving_state(session: Session, account_id: str, model_ids: list[str]) -> Se
 def grant_for_value(session: Session, value: str | None) -> TokenGrant:
     """The grant behind a clear token value (what the gateway receives as a bearer)."""
     return _grant(session, resolve_token(session, value))
+
+
+def grant_for_hash(session: Session, token_hash: str) -> TokenGrant:
+    """:func:`grant_for_value` by the value's digest (the gateway's cache reloads by it)."""
+    return _grant(session, resolve_token_hash(session, token_hash))
 
 
 def grant_for_id(session: Session, token_id: str) -> TokenGrant:

@@ -194,7 +194,13 @@ def resolve_token(session: Session, value: str | None, now: datetime | None = No
     """The live token behind a clear value; a typed refusal naming why otherwise."""
     if not isinstance(value, str) or not value.startswith(TOKEN_PREFIX):
         raise InvalidToken("Missing or malformed access token: pass the cpt_… value you were given.")
-    token = session.exec(select(AccessToken).where(AccessToken.token_hash == digest(value))).first()
+    return resolve_token_hash(session, digest(value), now)
+
+
+def resolve_token_hash(session: Session, token_hash: str, now: datetime | None = None) -> AccessToken:
+    """:func:`resolve_token` by the value's digest: what a cache that must not hold the clear
+    value (the gateway's, which reloads a credential in the background) looks up again."""
+    token = session.exec(select(AccessToken).where(AccessToken.token_hash == token_hash)).first()
     if token is None:
         raise InvalidToken("Unknown access token.")
     check_usable(session, token, now)

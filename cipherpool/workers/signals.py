@@ -5,7 +5,8 @@ otherwise it is a control worker. Pool nodes
 
 * run the ``threads`` pool (forced if prefork was asked for: a prefork child forked after
   an FHE run hangs, and each child would hold its own copy of hundreds of MB of keys),
-* set ``OMP_NUM_THREADS`` from the node profile before concrete is ever imported,
+* set ``OMP_NUM_THREADS`` from the node profile, and OpenMP's idle spin, before concrete
+  is ever imported (cipherpool/fhe/threads.py),
 * register in the database when ready, consume their own node queue, heartbeat, and rebind
   the model the database says they serve (bindings survive a node restart),
 * are marked offline on shutdown.
@@ -33,6 +34,7 @@ from cipherpool.context import platform
 from cipherpool.dispatch import shared_queue_of
 from cipherpool.fhe.evaluator import evaluator_factory, preload
 from cipherpool.fhe.process import block_sigpipe
+from cipherpool.fhe.threads import openmp_env
 from cipherpool.files import private_dir
 from cipherpool.names import BIND_TASK, POOL_QUEUE, UNBIND_TASK, node_queue
 from cipherpool.services import nodes as node_service
@@ -76,8 +78,7 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
             sender.concurrency = profile.concurrency
         concurrency = int(sender.concurrency or 1)
         threads = profile.threads if not settings.node_profile else profile.effective_threads(capacity.cpu_cores())
-        if threads:
-            os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ.update(openmp_env(threads, settings.node_spin_ms))
         pool = getattr(sender.pool_cls, "__name__", str(sender.pool_cls)).lower()
         if "threads" not in pool and "solo" not in pool:
             log.warning("pool node %s: using the threads pool instead of %s", sender.hostname, pool)

@@ -1,0 +1,187 @@
+"""The gateway's lookup cache: refreshed ahead of expiry while in use, never past its TTL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from cipherpool.gateway.ttlcache import Refresher, TtlCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr("cipherpool.gateway.ttlcache.time.monotonic", c)
+    return c
+
+
+class Background(Refresher):
+    """A refresher whose calls run when the test says, those due by the test's clock."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.pending: list[tuple[float, Callable[[], None]]] = []
+        self.closed = False
+
+    def schedule(self, at: float, fn: Callable[[], None]) -> bool:
+        if self.closed:
+            return False
+        self.pending.append((at, fn))
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def run(self) -> None:
+        due = [fn for at, fn in self.pending if at <= self.clock.now]
+        self.pending = [(at, fn) for at, fn in self.pending if at > self.clock.now]
+        for fn in due:
+            fn()
+
+
+def counting(values: list[str]) -> tuple[Callable[[], str], list[str]]:
+    loads: list[str] = []
+
+    def load() -> str:
+        value = values[min(len(loads), len(values) - 1)]
+        loads.append(value)
+        return value
+
+    return load, loads
+
+
+def test_an_entry_in_use_is_loaded_again_shortly_before_it_expires(clock: Clock) -> None:
+    background = Background(clock)
+    cache: TtlCache[str] = TtlCache(2.0, background)
+    load, loads = counting(["v1", "v2", "v3"])
+    assert cache.get_or_load("k", load) == "v1"
+    assert background.pending == []  # loaded, not read yet: nothing scheduled
+    clock.now += 0.5
+    assert cache.get_or_load("k", lambda: "never on the path") == "v1"  # answered from the entry
+    assert cache.peek("k") == "v1"
+    assert [round(at, 6) for at, _ in background.pending] == [1001.8]  # once, at 0.9 of its life
+    background.run()
+    assert loads == ["v1"]  # not before its time
+    clock.now = 1001.8
+    background.run()
+    assert loads == ["v1", "v2"]
+    clock.now = 1003.0  # 3 s after the first load, 1.2 s after the refresh began
+    assert cache.peek("k") == "v2"  # a steady reader never meets an expired entry
+    assert [round(at, 6) for at, _ in background.pending] == [1003.6]
+
+
+def test_a_value_is_never_served_past_its_ttl_from_its_load(clock: Clock) -> None:
+    background = Background(clock)
+    cache: TtlCache[str] = TtlCache(2.0, background)
+    load, loads = counting(["v1", "v2"])
+    cache.get_or_load("k", load)
+    clock.now += 1.5
+    assert cache.peek("k") == "v1"  # its refresh is scheduled, and late (not run)
+    clock.now += 0.5  # 2 s: the entry's TTL is over, refreshed or not
+    assert cache.peek("k") is None and not cache.holds("k")
+    assert cache.get_or_load("k", load) == "v2" and loads == ["v1", "v2"]  # loaded on the path
+    background.run()  # the late refresh finds a newer entry: it loads nothing
+    assert cache.peek("k") == "v2" and loads == ["v1", "v2"]
+    clock.now += 1.9
+    assert cache.peek("k") == "v2"  # the path's load counts
+
+
+def test_an_idle_entry_is_not_refreshed_it_expires(clock: Clock) -> None:
+    background = Background(clock)
+    cache: TtlCache[str] = TtlCache(2.0, background)
+    cache.get_or_load("k", lambda: "v")
+    clock.now += 5
+    assert cache.peek("k") is None and background.pending == []
+
+
+def test_a_refresh_that_fails_drops_the_entry_so_the_next_request_meets_the_failure(clock: Clock) -> None:
+    background = Background(clock)
+    cache: TtlCache[str] = TtlCache(2.0, background)
+    revoked = [False]
+
+    def load() -> str:
+        if revoked[0]:
+            raise PermissionError("revoked")
+        return "grant"
+
+    cache.get_or_load("k", load)
+    clock.now += 1.8
+    assert cache.peek("k") == "grant"
+    revoked[0] = True  # changed in the database alone: nothing announced it
+    background.run()
+    assert cache.peek("k") is None  # dropped at once, before its TTL was over
+    with pytest.raises(PermissionError):
+        cache.get_or_load("k", load)
+
+
+def test_a_refresh_across_an_announced_change_is_not_kept(clock: Clock) -> None:
+    background = Background(clock)
+    cache: TtlCache[str] = TtlCache(2.0, background)
+    load, loads = counting(["old", "fresh"])
+    cache.get_or_load("k", load)
+    clock.now += 1.8
+    cache.peek("k")
+    cache.clear()  # a change announced while the refresh waited
+    background.run()
+    assert cache.peek("k") is None and loads == ["old"]
+    assert cache.get_or_load("k", load) == "fresh"
+
+
+def test_without_a_refresher_or_with_a_zero_ttl_it_caches_as_before(clock: Clock) -> None:
+    plain: TtlCache[str] = TtlCache(2.0)
+    load, loads = counting(["a", "b"])
+    plain.get_or_load("k", load)
+    clock.now += 1.9
+    assert plain.get_or_load("k", load) == "a"
+    clock.now += 0.1
+    assert plain.get_or_load("k", load) == "b" and loads == ["a", "b"]
+    off: TtlCache[str] = TtlCache(0.0, Background(clock))
+    load, loads = counting(["x", "y"])
+    assert off.get_or_load("k", load) == "x" and off.get_or_load("k", load) == "y"
+
+
+def test_a_closed_refresher_leaves_the_entry_to_expire(clock: Clock) -> None:
+    background = Background(clock)
+    background.close()
+    cache: TtlCache[str] = TtlCache(2.0, background)
+    cache.get_or_load("k", lambda: "v")
+    clock.now += 1.5
+    assert cache.peek("k") == "v" and background.pending == []
+    clock.now += 0.6
+    assert cache.peek("k") is None
+
+
+def test_the_refresher_thread_runs_calls_in_time_order_and_stops_when_closed() -> None:
+    import threading
+    import time
+
+    refresher = Refresher("test-refresh")
+    ran: list[str] = []
+    done = threading.Event()
+    now = time.monotonic()
+
+    def late() -> None:
+        ran.append("late")
+        done.set()
+
+    def failing() -> None:
+        raise ValueError("a refresh that raises")
+
+    refresher.schedule(now + 0.2, late)
+    refresher.schedule(now + 0.05, lambda: ran.append("early"))
+    refresher.schedule(now, failing)  # a failing call does not stop the thread
+    assert done.wait(5)
+    assert ran == ["early", "late"]
+    refresher.close()
+    assert not refresher.schedule(time.monotonic(), lambda: ran.append("after close"))
+    time.sleep(0.05)
+    assert ran == ["early", "late"]
