@@ -1240,7 +1240,7 @@ def test_a_credential_in_use_is_reloaded_in_the_background_and_a_quiet_revocatio
 
     deploy(session, account, "m")
     token, value = tokens.create_token(session, account, "t", "m")
-    running_worker(session, account, "m", "n1")
+    worker = running_worker(session, account, "m", "n1")
     session.commit()
     ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, auth_cache_ttl_s=2))
     ctx.__dict__["store"] = SimpleNamespace(redis=redis_client)
@@ -1264,7 +1264,15 @@ def test_a_credential_in_use_is_reloaded_in_the_background_and_a_quiet_revocatio
     run_due()  # ... and loaded again in the background
     assert len(loads) == 2
     clock[0] += 1.0  # 2.5 s after the first load: alive through the refresh
-    assert auth.cached_principal(value) is not None
+    grant = auth.cached_principal(value)
+    assert grant is not None and auth.cached_serving(grant).models[0].dedicated
+    # The serving state is refreshed from the database too (not from the grant first read)
+    workers.finish(session, worker.id, WorkerStatus.STOPPED)  # unannounced
+    session.commit()
+    clock[0] += 1.5
+    auth.cached_principal(value)
+    run_due()
+    assert not auth.with_serving(auth.cached_principal(value)).models[0].dedicated
     tokens.revoke_token(session, account, token.id)  # in the database alone: nothing announced
     session.commit()
     assert auth.cached_principal(value) is not None  # within its TTL still: served, refresh waiting

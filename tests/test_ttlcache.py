@@ -185,3 +185,20 @@ def test_the_refresher_thread_runs_calls_in_time_order_and_stops_when_closed() -
     assert not refresher.schedule(time.monotonic(), lambda: ran.append("after close"))
     time.sleep(0.05)
     assert ran == ["early", "late"]
+
+
+def test_a_value_read_on_the_way_is_put_unless_newer_or_cleared(clock: Clock) -> None:
+    background = Background(clock)
+    cache: TtlCache[str] = TtlCache(2.0, background)
+    epoch = cache.epoch
+    cache.put("k", "from the grant", lambda: "reloaded", loaded_at=clock.now, epoch=epoch)
+    assert cache.peek("k") == "from the grant"
+    cache.put("k", "older", lambda: "x", loaded_at=clock.now - 1, epoch=epoch)
+    assert cache.peek("k") == "from the grant"  # a newer entry wins
+    clock.now += 1.8
+    background.run()  # refreshed with the loader it was put with, not the value
+    assert cache.peek("k") == "reloaded"
+    stale = cache.epoch
+    cache.clear()
+    cache.put("k", "read before the clear", lambda: "x", loaded_at=clock.now, epoch=stale)
+    assert cache.peek("k") is None

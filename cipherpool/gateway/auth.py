@@ -22,6 +22,8 @@ credential again.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -137,12 +139,7 @@ class Authenticator:
         ids = tuple(m.model_id for m in grant.models)
         if not ids:
             return grant
-
-        def load() -> ServingState:
-            with self.ctx.session() as session:
-                return serving_state(session, grant.account_id, list(ids))
-
-        return self._serving.get_or_load((grant.account_id, ids), load).apply(grant)
+        return self._serving.get_or_load((grant.account_id, ids), self._serving_loader(grant.account_id, ids)).apply(grant)
 
     def observe(self, generation: object, serving: object = None) -> bool:
         """The change counters as read with this request (``AUTH_GENERATION_KEY`` and
@@ -193,11 +190,22 @@ class Authenticator:
             return AccountPrincipal(account.id, account.name)
 
     def _grant(self, token_hash: str) -> TokenGrant:
+        started, epoch = time.monotonic(), self._serving.epoch
         with self.ctx.session() as session:
             grant = grant_for_hash(session, token_hash)
-        # What it was loaded with is the freshest serving state: no second read for it.
-        self._serving.get_or_load((grant.account_id, tuple(m.model_id for m in grant.models)), lambda: ServingState.of(grant))
+        # What it was loaded with is the freshest serving state: no second read for it (and the
+        # serving entry's own refresh, due a moment later, finds it newer and reads nothing).
+        ids = tuple(m.model_id for m in grant.models)
+        loader = self._serving_loader(grant.account_id, ids)
+        self._serving.put((grant.account_id, ids), ServingState.of(grant), loader, loaded_at=started, epoch=epoch)
         return grant
+
+    def _serving_loader(self, account_id: str, ids: tuple[str, ...]) -> Callable[[], ServingState]:
+        def load() -> ServingState:
+            with self.ctx.session() as session:
+                return serving_state(session, account_id, list(ids))
+
+        return load
 
 
 def require_account(principal: Principal | None) -> AccountPrincipal:

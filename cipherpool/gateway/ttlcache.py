@@ -115,6 +115,20 @@ class TtlCache(Generic[V]):
         self._store(key, _Entry(now, value, load), epoch)
         return value
 
+    @property
+    def epoch(self) -> int:
+        """Moved by every :meth:`clear`: read before a load whose value is :meth:`put` after."""
+        return self._epoch
+
+    def put(self, key: object, value: V, load: Callable[[], V], *, loaded_at: float, epoch: int) -> None:
+        """Store what another load read on the way (at ``loaded_at``, with the cache at
+        ``epoch``), to be refreshed by ``load``; a newer entry, or a clear since, wins."""
+        with self._lock:
+            current = self._entries.get(key)
+            if current is not None and current.loaded_at >= loaded_at:
+                return
+        self._store(key, _Entry(loaded_at, value, load), epoch)
+
     def holds(self, key: object) -> bool:
         """Whether a live entry is cached for ``key`` (nothing would be loaded for it now)."""
         with self._lock:
