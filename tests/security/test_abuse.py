@@ -727,11 +727,11 @@ def test_a_batchs_result_is_framed_item_by_item_for_its_owner_only(world):
 
 
 def _lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every credential the gateway looks up in the database."""
+    """Every credential the gateway looks up in the database (by its digest)."""
     import cipherpool.gateway.auth as auth
 
     seen: list[str] = []
-    real_key, real_grant = auth.authenticate_api_key, auth.grant_for_value
+    real_key, real_grant = auth.authenticate_hash, auth.grant_for_hash
 
     def key(session: object, value: str) -> object:
         seen.append(value)
@@ -741,8 +741,8 @@ def _lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(value)
         return real_grant(session, value)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(auth, "authenticate_api_key", key)
-    monkeypatch.setattr(auth, "grant_for_value", grant)
+    monkeypatch.setattr(auth, "authenticate_hash", key)
+    monkeypatch.setattr(auth, "grant_for_hash", grant)
     return seen
 
 
