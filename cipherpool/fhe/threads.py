@@ -10,7 +10,9 @@ must be set before the runtime starts its first parallel region:
   (measured on digits with 2 threads: 190 ms of CPU in the 300 ms after each run, against
   0.1 ms with 0). That is the core the answer's way back needs (the node's result write,
   Redis, the gateway, the client) and another node's on a shared host. Sleeping at once cost
-  a digits run nothing measurable (docs/performance.md), so a node spins 0 ms by default.
+  a digits run nothing measurable (docs/performance.md), so a node spins 0 ms by default
+  (``CIPHERPOOL_NODE_SPIN_MS`` sets it: the setting wins over a ``KMP_BLOCKTIME`` in the
+  node's environment, as ``OMP_NUM_THREADS`` follows the profile).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ the entry: the next request loads it itself and gets the refusal or the outage, 
 cache.
 
 The loader is kept with the entry for that refresh, so loaders must not hold secrets: the
-gateway's look a credential up by its digest.
+gateway's loaders look a credential up by its digest.
 """
 
 from __future__ import annotations
@@ -123,10 +123,6 @@ class TtlCache(Generic[V]):
     def put(self, key: object, value: V, load: Callable[[], V], *, loaded_at: float, epoch: int) -> None:
         """Store what another load read on the way (at ``loaded_at``, with the cache at
         ``epoch``), to be refreshed by ``load``; a newer entry, or a clear since, wins."""
-        with self._lock:
-            current = self._entries.get(key)
-            if current is not None and current.loaded_at >= loaded_at:
-                return
         self._store(key, _Entry(loaded_at, value, load), epoch)
 
     def holds(self, key: object) -> bool:
@@ -172,16 +168,19 @@ class TtlCache(Generic[V]):
                 if self._entries.get(key) is old:
                     del self._entries[key]
             return
-        self._store(key, _Entry(started, value, old.load), epoch, replacing=old)
+        self._store(key, _Entry(started, value, old.load), epoch)
 
-    def _store(self, key: object, entry: _Entry[V], epoch: int, replacing: _Entry[V] | None = None) -> None:
+    def _store(self, key: object, entry: _Entry[V], epoch: int) -> None:
+        """Keep ``entry`` unless a change was announced since its load began, or the entry held
+        now was read later than it (a slow load never puts an older state back)."""
         if self.ttl_s <= 0:
             return
         with self._lock:
             if epoch != self._epoch:  # a change was announced while we read: maybe stale
                 return
-            if replacing is not None and self._entries.get(key) is not replacing:
-                return  # a request loaded it meanwhile, later than this refresh began
+            current = self._entries.get(key)
+            if current is not None and current.loaded_at > entry.loaded_at:
+                return
             if len(self._entries) >= CACHE_MAX_ENTRIES:
                 self._entries.clear()
             self._entries[key] = entry
