@@ -1150,6 +1150,26 @@ def test_beat_keeps_the_minimum_and_backs_off_after_a_failed_load(session, db_ur
     assert reconciler.keep_minimum(ctx, app) == []  # an inactive model is not kept up
 
 
+def _gateway_auth_world(session, db_url, account, redis_client, tmp_path, monkeypatch, ttl_s: float):
+    """A model with a token and a worker up, a platform context for a gateway's Authenticator
+    (its Redis the test's), and every credential load counted (by digest)."""
+    from types import SimpleNamespace
+
+    from cipherpool.config.settings import Settings
+    from cipherpool.context import PlatformContext
+    from cipherpool.gateway import auth as auth_module
+
+    deploy(session, account, "m")
+    token, value = tokens.create_token(session, account, "t", "m")
+    worker = running_worker(session, account, "m", "n1")
+    session.commit()
+    ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, auth_cache_ttl_s=ttl_s))
+    ctx.__dict__["store"] = SimpleNamespace(redis=redis_client)
+    loads: list[str] = []
+    monkeypatch.setattr(auth_module, "grant_for_hash", lambda s, h: loads.append(h) or queries.grant_for_hash(s, h))
+    return ctx, token, value, worker, loads
+
+
 @pytest.mark.parametrize("limited", [False, True], ids=["no-rate-limit", "rate-limited"])
 def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_credentials(
     session, db_url, account, redis_client, tmp_path, monkeypatch, limited
@@ -1159,8 +1179,6 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     Through the guard's own admission and a real rate limiter (both of its branches)."""
     from types import SimpleNamespace
 
-    from cipherpool.config.settings import Settings
-    from cipherpool.context import PlatformContext
     from cipherpool.gateway import auth as auth_module
     from cipherpool.gateway import ttlcache as ttlcache_module
     from cipherpool.gateway.guard import Guard
@@ -1168,14 +1186,7 @@ def test_a_worker_change_drops_what_gateways_cached_of_serving_but_not_the_crede
     from cipherpool.gateway.throttle import AuthThrottle
     from cipherpool.names import AUTH_GENERATION_KEY
 
-    deploy(session, account, "m")
-    _, value = tokens.create_token(session, account, "t", "m")
-    worker = running_worker(session, account, "m", "n1")
-    session.commit()
-    ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, auth_cache_ttl_s=5))
-    ctx.__dict__["store"] = SimpleNamespace(redis=redis_client)
-    loads = []
-    monkeypatch.setattr(auth_module, "grant_for_hash", lambda s, h: loads.append(h) or queries.grant_for_hash(s, h))
+    ctx, _, value, worker, loads = _gateway_auth_world(session, db_url, account, redis_client, tmp_path, monkeypatch, 5)
     clock = [1000.0]  # the caches' clock stands still: nothing expires while the test runs
     monkeypatch.setattr(ttlcache_module.time, "monotonic", lambda: clock[0])
     rate = 1e9 if limited else 0
@@ -1220,10 +1231,7 @@ def test_a_credential_in_use_is_reloaded_in_the_background_and_a_quiet_revocatio
     """A steady client's lookups are loaded again before they expire, off its requests' path,
     by the credential's digest; a revocation made in the database alone (unannounced) is met
     by that refresh, before the TTL is over."""
-    from types import SimpleNamespace
 
-    from cipherpool.config.settings import Settings
-    from cipherpool.context import PlatformContext
     from cipherpool.credentials import digest
     from cipherpool.gateway import auth as auth_module
     from cipherpool.gateway import ttlcache as ttlcache_module
@@ -1239,14 +1247,7 @@ def test_a_credential_in_use_is_reloaded_in_the_background_and_a_quiet_revocatio
         def close(self):
             self.pending = []
 
-    deploy(session, account, "m")
-    token, value = tokens.create_token(session, account, "t", "m")
-    worker = running_worker(session, account, "m", "n1")
-    session.commit()
-    ctx = PlatformContext(Settings(data_dir=tmp_path, database_url=db_url, auth_cache_ttl_s=2))
-    ctx.__dict__["store"] = SimpleNamespace(redis=redis_client)
-    loads: list[str] = []
-    monkeypatch.setattr(auth_module, "grant_for_hash", lambda s, h: loads.append(h) or queries.grant_for_hash(s, h))
+    ctx, token, value, worker, loads = _gateway_auth_world(session, db_url, account, redis_client, tmp_path, monkeypatch, 2)
     clock = [1000.0]
     monkeypatch.setattr(ttlcache_module.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(auth_module, "Refresher", lambda _name: Deferred())
