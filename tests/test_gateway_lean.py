@@ -87,6 +87,44 @@ def test_a_query_published_inside_a_confirmed_watch_is_answered_by_its_message_a
     assert reads == 0
 
 
+def test_a_watch_as_the_waiter_starts_shares_the_readers_one_connection(url, monkeypatch):
+    """A request that arrives as the gateway starts subscribes while the reader subscribes too.
+    redis-py's PubSub opens its connection on its first command, so two first commands at once
+    opened two, and the one the reader kept was not the watch's: the watch waited out its
+    confirmation (CI's run of the test above waited 60 s). Here the reader's connection is slow
+    to open, which made the watch's the one lost, every time."""
+    monkeypatch.setattr(results, "SUBSCRIBE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(results, "FALLBACK_POLL_S", 15.0)
+    client = redis.Redis.from_url(url)
+
+    async def main() -> tuple[object, bool, int]:
+        waiter = Counting(url)
+        pool = waiter._redis.connection_pool
+        fetch, taken = pool.get_connection, []
+
+        async def the_first_is_slow(*args: object, **kwargs: object) -> object:
+            taken.append(1)
+            if len(taken) == 1:
+                await asyncio.sleep(0.2)
+            return await fetch(*args, **kwargs)
+
+        monkeypatch.setattr(pool, "get_connection", the_first_is_slow)
+        await waiter.start()
+        try:
+            await asyncio.sleep(0)  # the reader's first subscribe begins (its connection opening)
+            async with waiter.watch("q0") as watch:
+                client.set(RESULT_META_PREFIX + "q0", done("q0"), ex=60)
+                client.publish(RESULT_META_PREFIX + "q0", done("q0"))
+                meta = await watch.result(5)
+            return meta, watch.subscribed, len(taken)
+        finally:
+            await waiter.close()
+
+    meta, subscribed, taken = asyncio.run(asyncio.wait_for(main(), 60))
+    assert taken == 1  # one connection for every subscription
+    assert subscribed and isinstance(meta, dict) and meta["status"] == "SUCCESS"
+
+
 def test_a_lost_message_is_still_found_by_the_fallback_poll(url, monkeypatch):
     monkeypatch.setattr(results, "FALLBACK_POLL_S", 0.1)
 

@@ -105,7 +105,7 @@ class ResultWaiter:
         self._pattern = f"{RESULT_META_PREFIX}{self._prefix}*"
         self._pattern_sent = False  # PSUBSCRIBE sent (redis-py sends it again on each reconnect)
         self._pattern_live = False  # and confirmed: an id of ours needs no subscription of its own
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # every PubSub command is sent under it (see _read)
         self._reader: asyncio.Task[None] | None = None
         self._keep: dict[str, int] = {}  # result keys to shorten (keep_for), and to how many seconds
         self._keeper: asyncio.Task[None] | None = None
@@ -235,11 +235,15 @@ class ResultWaiter:
     async def _read(self) -> None:
         while True:
             try:
-                if not self._pubsub.subscribed:  # at start, or a first subscribe that failed
-                    await self._pubsub.subscribe(self._private)
-                if not self._pattern_sent:
-                    await self._pubsub.psubscribe(self._pattern)
-                    self._pattern_sent = True
+                # Under the lock that a watch subscribes under: the PubSub opens its connection
+                # on its first command, and two first commands at once (a request that arrives
+                # as the gateway starts) would open two, one of them read by nobody.
+                async with self._lock:
+                    if not self._pubsub.subscribed:  # at start, or a first subscribe that failed
+                        await self._pubsub.subscribe(self._private)
+                    if not self._pattern_sent:
+                        await self._pubsub.psubscribe(self._pattern)
+                        self._pattern_sent = True
                 # On a dead connection this reconnects, and redis-py subscribes again to
                 # every channel it holds; a message published meanwhile is lost, which the
                 # fallback poll of each wait covers.
