@@ -1,4 +1,4 @@
-"""Queries in flight: a copy of each published query until a node starts it.
+"""Queries in flight: a copy of each published query until a node has it.
 
 Why: with Redis as the broker, a node waiting in ``BRPOP`` when a network partition starts
 may be handed a query whose reply never reaches it. Redis counts the message delivered, and
@@ -8,8 +8,9 @@ consumer's connection closes, so there the copy is never needed.
 
 The publisher (:func:`cipherpool.dispatch.submit`) records the message it sends, in the
 platform's Redis, before sending it: ``cipherpool:inflight:<query id>`` (a hash: the message,
-and when it was last found missing) and an index by publish time. A node forgets a query's
-record when it starts it (best effort); beat's redelivery
+and when it was last found missing) and an index by publish time. A pool node forgets a
+query's record once the query's answer is stored (best effort, off the answer's path:
+:mod:`cipherpool.workers.afteranswer`); beat's redelivery
 (:mod:`cipherpool.scheduler.redeliver`) forgets the records of started queries and sends
 again, under the same id, a query that is found, twice and ``redelivery_grace_s`` apart, in
 no queue, in no node's hands and not started. Records die with the query's deadline.
@@ -96,9 +97,17 @@ def forget(client: redis.Redis, *query_ids: str) -> None:
     if not query_ids:
         return
     pipe = client.pipeline(transaction=False)
-    pipe.delete(*(_key(q) for q in query_ids))
-    pipe.zrem(INFLIGHT_INDEX_KEY, *query_ids)
+    for command in forgets(*query_ids):
+        pipe.execute_command(*command)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
     pipe.execute()
+
+
+def forgets(*query_ids: str) -> list[tuple[str, ...]]:
+    """The commands of :func:`forget`, for a caller that sends them with its own (a node: after
+    the query's answer, :mod:`cipherpool.workers.afteranswer`)."""
+    if not query_ids:
+        return []
+    return [("DEL", *(_key(q) for q in query_ids)), ("ZREM", INFLIGHT_INDEX_KEY, *query_ids)]
 
 
 def forget_quietly(client: redis.Redis, query_id: str) -> None:

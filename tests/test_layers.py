@@ -27,8 +27,8 @@ LAYERS: list[set[str]] = [
     {"config"},  # settings, profiles, Celery configuration
     {"db"},  # tables, engine, migrations (self-contained)
     {"api", "messages"},  # wire types: HTTP schemas, task envelopes
-    {"store", "blobs", "fhe", "context", "announce", "outages", "inflight"},  # what every platform process shares (blobs: the
-    # store's backends and a node's disk cache)
+    {"store", "blobs", "fhe", "context", "announce", "outages", "inflight", "resultbackend"},  # what every platform process
+    # shares (blobs: the store's backends and a node's disk cache; resultbackend: Celery's, for task states)
     {"billing"},  # money: ledger, rates, charging
     {"services", "workerlog"},  # the platform's decisions on the database
     {"dispatch", "monitoring", "alerts"},  # publishing to nodes; figures; alert rules

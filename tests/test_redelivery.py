@@ -23,6 +23,7 @@ from cipherpool.errors import BrokerUnavailable
 from cipherpool.messages import QueryRequest
 from cipherpool.names import INFLIGHT_INDEX_KEY, INFLIGHT_PREFIX, RESULT_META_PREFIX
 from cipherpool.scheduler import redeliver
+from cipherpool.workers.afteranswer import AfterAnswer
 from cipherpool.workers.node import NodeRuntime
 from cipherpool.workers.query import Delivery, handle
 from tests.helpers import own_redis, redis_broker_platform
@@ -220,9 +221,8 @@ def test_queries_are_kept_on_a_redis_broker_only_and_only_with_redelivery_on(tmp
     assert keeper(off, ctx.store) is None and keeper(rabbit, ctx.store) is None
 
 
-def test_a_node_forgets_the_record_as_it_starts_the_query(app, ctx):
-    query_id = publish(app, ctx)
-    runtime = NodeRuntime(
+def node_runtime() -> NodeRuntime:
+    return NodeRuntime(
         "n1",
         host_class="cpu",
         concurrency=1,
@@ -231,9 +231,26 @@ def test_a_node_forgets_the_record_as_it_starts_the_query(app, ctx):
         key_memory_factor=1.0,
         evaluator_factory=lambda *_: None,
     )
-    handle(ctx, runtime, b"not a request", Delivery(task_id=query_id))  # refused, but started
+
+
+def test_a_node_forgets_the_record_as_it_starts_the_query(app, ctx):
+    query_id = publish(app, ctx)
+    handle(ctx, node_runtime(), b"not a request", Delivery(task_id=query_id))  # refused, but started
     assert inflight.load(ctx.store.redis, [query_id])[query_id] is None
     assert ctx.store.redis.zscore(INFLIGHT_INDEX_KEY, query_id) is None
+
+
+def test_a_pool_node_forgets_the_record_once_the_answer_is_stored(app, ctx):
+    """Not on the answer's path: queued while the task runs, sent at its task_postrun."""
+    query_id = publish(app, ctx)
+    runtime = node_runtime()
+    runtime.after_answer = AfterAnswer(lambda: ctx.store.redis)
+    handle(ctx, runtime, b"not a request", Delivery(task_id=query_id))
+    assert inflight.load(ctx.store.redis, [query_id])[query_id] is not None
+    assert runtime.after_answer.send() == 2  # DEL and ZREM, one round trip
+    assert inflight.load(ctx.store.redis, [query_id])[query_id] is None
+    assert ctx.store.redis.zscore(INFLIGHT_INDEX_KEY, query_id) is None
+    assert runtime.after_answer.send() == 0
 
 
 def test_two_runs_at_once_never_both_send(app, ctx):

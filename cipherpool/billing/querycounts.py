@@ -26,11 +26,17 @@ def day_key(account_id: str, day: date) -> str:
 
 def count(redis: Redis, account_id: str, model_id: str, worker_id: str | None, day: date) -> None:
     """One more query answered by ``worker_id`` (None: a shared node) on ``day``."""
-    key = day_key(account_id, day)
     with redis.pipeline() as pipe:
-        pipe.hincrby(key, f"{model_id}:{worker_id or SHARED}", 1)
-        pipe.expire(key, KEEP_S)
+        for command in counting(account_id, model_id, worker_id, day):
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         pipe.execute()
+
+
+def counting(account_id: str, model_id: str, worker_id: str | None, day: date) -> list[tuple[str | int, ...]]:
+    """The commands of :func:`count`, for a caller that sends them with its own (a node: after
+    the query's answer, :mod:`cipherpool.workers.afteranswer`)."""
+    key = day_key(account_id, day)
+    return [("HINCRBY", key, f"{model_id}:{worker_id or SHARED}", 1), ("EXPIRE", key, KEEP_S)]
 
 
 def counts(redis: Redis, account_id: str, day: date) -> dict[tuple[str, str], int]:

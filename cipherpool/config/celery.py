@@ -23,6 +23,16 @@ from cipherpool.names import (
     SCHEDULE_TASK,
 )
 
+ATOMIC_REDIS_BACKEND = "cipherpool.resultbackend:AtomicRedisBackend"
+
+
+def result_backend_url(url: str) -> str:
+    """The result backend Celery loads for ``url``: a Redis one stores each task state in one
+    atomic round trip (:mod:`cipherpool.resultbackend`, named in Celery's ``module:Class+url``
+    form, so it is imported only where Celery makes a backend); any other is Celery's own."""
+    scheme = url.partition("://")[0]
+    return f"{ATOMIC_REDIS_BACKEND}+{url}" if scheme in ("redis", "rediss") else url
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     visibility = {"visibility_timeout": settings.visibility_timeout_s}
@@ -34,7 +44,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     return {
         "broker_url": settings.effective_broker_url(),
-        "result_backend": settings.effective_result_backend(),
+        "result_backend": result_backend_url(settings.effective_result_backend()),
         # A broker host that does not answer costs a connect this long, not the OS's minutes.
         "broker_transport_options": {**visibility, **sweep, "socket_connect_timeout": 5},
         "result_backend_transport_options": visibility,

@@ -21,6 +21,7 @@ from cipherpool.api.schemas import BlobCacheOut, KeyCacheOut, WorkerStats
 from cipherpool.blobs import DiskCache
 from cipherpool.fhe.evaluator import Evaluator
 from cipherpool.fhe.keycache import KeyCache
+from cipherpool.workers.afteranswer import AfterAnswer
 from cipherpool.workers.hooks import BindingEvent, Hook, Hooks
 from cipherpool.workers.stats import NodeStats
 
@@ -110,6 +111,8 @@ class NodeRuntime:
         self.key_cache: KeyCache[Any] = KeyCache(key_cache_bytes, key_memory_factor)
         # The disk cache in front of the blob store (signals attaches it to the store too); None: off.
         self.blob_cache: DiskCache | None = None
+        # Writes a query queues for after its answer is stored (signals attaches it); None: at once.
+        self.after_answer: AfterAnswer | None = None
         self.stats = NodeStats()
         self.hooks = Hooks([self.stats, *hooks])
         self._binding: Binding | None = None

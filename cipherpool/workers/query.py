@@ -104,8 +104,7 @@ def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: De
 
     Every moment is announced to the node's hooks. A refusal is an envelope (the task did its
     job, which was to refuse); an unexpected exception propagates as a task failure."""
-    if delivery.task_id and ctx.settings.broker_is_redis():
-        inflight.forget_quietly(ctx.store.redis, delivery.task_id)  # started: never to be sent again
+    _forget_inflight(ctx, runtime, delivery)
     binding = runtime.binding
     query = QueryEvent(node=runtime.name, task_id=delivery.task_id, binding=binding.event if binding else None)
     hooks = runtime.hooks
@@ -143,6 +142,17 @@ def handle(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delivery: De
         query.timings["server_total_s"],
     )
     return ok(reply.encode())
+
+
+def _forget_inflight(ctx: PlatformContext, runtime: NodeRuntime, delivery: Delivery) -> None:
+    """Started: the query's in-flight record is never to be sent again. Forgotten after the
+    answer on a pool node (:mod:`cipherpool.workers.afteranswer`), else at once."""
+    if not delivery.task_id or not ctx.settings.broker_is_redis():
+        return
+    if runtime.after_answer is not None:
+        runtime.after_answer.add(inflight.forgets(delivery.task_id))
+    else:
+        inflight.forget_quietly(ctx.store.redis, delivery.task_id)
 
 
 def execute(ctx: PlatformContext, runtime: NodeRuntime, request: QueryRequest, query: QueryEvent) -> QueryReply:
@@ -288,8 +298,7 @@ def handle_batch(ctx: PlatformContext, runtime: NodeRuntime, raw: object, delive
     as an error frame in its place. Each item is a query to the hooks (its ``task_id`` is the
     batch's, ``/`` its index). What concerns the whole batch (the node no longer serves its
     model, a version it no longer holds) refuses the whole batch, as it would one query."""
-    if delivery.task_id and ctx.settings.broker_is_redis():
-        inflight.forget_quietly(ctx.store.redis, delivery.task_id)  # started: never to be sent again
+    _forget_inflight(ctx, runtime, delivery)
     hooks = runtime.hooks
     binding = runtime.binding
     started = time.time()

@@ -40,6 +40,7 @@ from cipherpool.names import BIND_TASK, POOL_QUEUE, UNBIND_TASK, node_queue
 from cipherpool.services import nodes as node_service
 from cipherpool.waiting import Backoff, StateLog
 from cipherpool.workers import capacity
+from cipherpool.workers.afteranswer import AfterAnswer
 from cipherpool.workers.hooks import load_hook
 from cipherpool.workers.loghook import WorkerLog
 from cipherpool.workers.node import NodeRuntime, current_runtime, install_runtime
@@ -84,9 +85,10 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
             log.warning("pool node %s: using the threads pool instead of %s", sender.hostname, pool)
             sender.pool_cls = "threads"
         redis = lambda: ctx.store.redis  # noqa: E731 - read when a hook writes, not at start
+        after_answer = AfterAnswer(redis)  # sent at task_postrun (on_task_postrun)
         hooks = [
             WorkerLog(redis),
-            QueryCounter(redis),
+            QueryCounter(redis, after_answer),
             QueryTimings(redis, flush_s=FLUSH_S),
             *(load_hook(path) for path in settings.node_hooks),
         ]
@@ -107,6 +109,7 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
                 shared=profile.shared,
             )
         )
+        runtime.after_answer = after_answer
         cache_bytes = settings.effective_node_blob_cache_bytes()
         if cache_bytes:  # keys and server zips kept on this node's disk (cipherpool.blobs.cache)
             runtime.blob_cache = DiskCache(node_cache_dir(settings, sender.hostname), cache_bytes)
@@ -124,6 +127,14 @@ def on_worker_init(sender: Any = None, **_kwargs: Any) -> None:
     except Exception:
         log.exception("worker_init handler failed")
         raise
+
+
+@_on(signals.task_postrun)
+def on_task_postrun(**_kwargs: Any) -> None:
+    """After a task's result is stored and published: the writes its answer did not wait for."""
+    runtime = current_runtime()
+    if runtime is not None and runtime.after_answer is not None:
+        runtime.after_answer.send()
 
 
 @_on(signals.worker_ready)

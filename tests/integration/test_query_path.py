@@ -68,6 +68,27 @@ def test_step_by_step_api_reports_timings(platform, clients, examples):
     assert handle.result() is output  # idempotent: no second round trip
 
 
+def test_a_nodes_bookkeeping_is_written_after_the_answer(platform, clients, examples):
+    """The query's in-flight record is forgotten, and the query counted for usage reports, by
+    a real node once its answer is stored (cipherpool/workers/afteranswer.py)."""
+    import redis
+
+    from cipherpool import inflight
+    from cipherpool.names import INFLIGHT_INDEX_KEY, QUERY_COUNT_PREFIX
+
+    r = redis.Redis.from_url(platform.stack.broker_url)
+
+    def counted() -> int:
+        return sum(int(n) for key in r.scan_iter(QUERY_COUNT_PREFIX + "*") for n in r.hvals(key))
+
+    before = counted()
+    qc = clients["cancer"]
+    handle = qc.submit(qc.encrypt(examples["cancer"].x_test[0]))
+    handle.result(timeout=60)
+    assert wait_until(lambda: counted() == before + 1 or None, 10), "the query was counted once"
+    assert inflight.load(r, [handle.id])[handle.id] is None and r.zscore(INFLIGHT_INDEX_KEY, handle.id) is None
+
+
 def test_two_queries_in_a_row_reuse_the_cached_evaluation_key(platform, examples, tmp_path):
     # Given a client with a brand-new key, not warmed on the node
     qc = platform.query_client("digits", tmp_path / "k")

@@ -1,0 +1,84 @@
+"""Task states stored in one atomic round trip (cipherpool/resultbackend.py): what Celery's
+Redis backend stores and publishes, without its read before each write, and a duplicate run
+still never overwrites a SUCCESS."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import redis
+from celery import Celery, states
+
+from cipherpool.config.celery import ATOMIC_REDIS_BACKEND, result_backend_url
+from cipherpool.config.settings import Settings
+from cipherpool.resultbackend import AtomicRedisBackend
+from tests.helpers import own_redis
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    with own_redis(tmp_path_factory, "results") as found:
+        yield found
+
+
+def backend(url: str, serializer: str = "msgpack") -> AtomicRedisBackend:
+    app = Celery("t", backend=result_backend_url(url))
+    app.conf.update(
+        result_serializer=serializer, result_accept_content=[serializer], result_expires=60, result_failure_expires=30
+    )
+    made = app.backend
+    assert isinstance(made, AtomicRedisBackend)
+    return made
+
+
+def test_only_redis_backends_are_replaced_and_the_platforms_config_names_it(tmp_path):
+    assert result_backend_url("redis://h:6379/0") == f"{ATOMIC_REDIS_BACKEND}+redis://h:6379/0"
+    assert result_backend_url("rediss://:p+w@h/1") == f"{ATOMIC_REDIS_BACKEND}+rediss://:p+w@h/1"
+    assert result_backend_url("sentinel://h:26379") == "sentinel://h:26379"
+    from cipherpool.config.celery import create_app
+
+    app = create_app(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:1/0"))
+    assert isinstance(app.backend, AtomicRedisBackend) and app.backend.url == "redis://127.0.0.1:1/0"
+
+
+@pytest.mark.parametrize("serializer", ["msgpack", "json"])
+def test_states_are_stored_and_published_and_a_success_is_never_overwritten(url, serializer, monkeypatch):
+    results = backend(url, serializer)
+    client = redis.Redis.from_url(url)
+    monkeypatch.setattr(results, "get", lambda _key: pytest.fail("no read before a write"))
+    key = f"celery-task-meta-{serializer}"
+    listener = client.pubsub()
+    listener.subscribe(key)
+    assert listener.get_message(timeout=2)["type"] == "subscribe"
+
+    results.store_result(serializer, {"pid": 1}, states.STARTED)
+    message = listener.get_message(timeout=2)
+    assert message["data"] == client.get(key) and 0 < client.ttl(key) <= 60
+    value = b"\xa6status\xa7SUCCESS" * 3 if serializer == "msgpack" else "SUCCESS"  # bin data that looks like a status
+    results.store_result(serializer, {"ok": True, "value": value}, states.SUCCESS)
+    stored = client.get(key)
+    assert results.decode_result(stored)["status"] == states.SUCCESS
+    # A duplicate run (a query sent again) starts, fails: neither overwrites, nor is published.
+    results.store_result(serializer, {"pid": 2}, states.STARTED)
+    results.store_result(serializer, ValueError("again"), states.FAILURE)
+    assert client.get(key) == stored
+    assert listener.get_message(timeout=2)["data"] == stored and listener.get_message(timeout=0.2) is None
+    if serializer == "msgpack":
+        assert msgpack.unpackb(stored, raw=False)["result"]["value"] == value
+
+
+def test_a_failure_keeps_the_failure_expiry_and_a_started_after_it_may_overwrite(url):
+    results = backend(url)
+    client = redis.Redis.from_url(url)
+    results.store_result("f1", ValueError("x"), states.FAILURE)
+    assert 0 < client.ttl("celery-task-meta-f1") <= 30
+    results.store_result("f1", {"pid": 1}, states.STARTED)  # retried: only a SUCCESS is final here, as in Celery
+    assert results._get_task_meta_for("f1")["status"] == states.STARTED
+
+
+def test_a_state_it_cannot_read_is_overwritten(url):
+    results = backend(url)
+    client = redis.Redis.from_url(url)
+    client.set("celery-task-meta-g1", b"not msgpack")
+    results.store_result("g1", {"pid": 1}, states.STARTED)
+    assert results._get_task_meta_for("g1")["status"] == states.STARTED
