@@ -289,4 +289,5 @@ def test_a_hook_named_in_the_settings_hears_real_queries_and_refusals(platform, 
     events = wait_until(heard, 10)
     worker = platform.workers["cancer"]
     assert events[good.id]["moment"] == "computed" and events[good.id]["worker_id"] == worker
+    assert events[good.id]["spin_ms"] == 0, "the node's OpenMP runtime sleeps at once (CIPHERPOOL_NODE_SPIN_MS)"
     assert events[bad.id] == {"moment": "refused", "task_id": bad.id, "worker_id": worker, "code": refused.value.code}
