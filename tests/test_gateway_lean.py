@@ -125,6 +125,71 @@ def test_a_watch_as_the_waiter_starts_shares_the_readers_one_connection(url, mon
     assert subscribed and isinstance(meta, dict) and meta["status"] == "SUCCESS"
 
 
+def test_a_watch_while_the_reader_reconnects_polls_and_opens_no_connection_of_its_own(url, monkeypatch):
+    """Between a dropped connection and the reader's reconnect, a watch does not subscribe: a
+    SUBSCRIBE would connect beside the reader (whose own reconnect then replaces that socket,
+    and the confirmation with it) and wait out a connect in an outage. It reads the key
+    instead, as when a subscribe fails; an id of the waiter's own is no exception."""
+
+    async def body(waiter: Counting, client: redis.Redis) -> tuple[list[object], list[bool], int]:
+        await asyncio.wait_for(_until(lambda: waiter._pattern_live), 10)
+        subscribes: list[object] = []
+
+        async def subscribe(*channels: object) -> None:
+            subscribes.append(channels)
+
+        async def held(**_options: object) -> None:  # the reader, before its next read reconnects
+            await asyncio.sleep(30)
+
+        monkeypatch.setattr(waiter._pubsub, "subscribe", subscribe)
+        monkeypatch.setattr(waiter._pubsub, "get_message", held)
+        await asyncio.sleep(1.2)  # the reader's read under way ends (at most get_message's 1 s)
+        await waiter._pubsub.connection.disconnect()
+        assert not waiter._pubsub.connection.is_connected
+        metas, subscribed = [], []
+        for task_id in ("q9", waiter.new_id()):
+            client.set(RESULT_META_PREFIX + task_id, done(task_id), ex=60)
+            async with waiter.watch(task_id) as watch:
+                metas.append(await watch.result(5))
+            subscribed.append(watch.subscribed)
+        return metas, subscribed, subscribes
+
+    metas, subscribed, subscribes = run(url, body)
+    assert subscribes == [] and subscribed == [False, False], (subscribes, subscribed)
+    assert all(isinstance(meta, dict) and meta["status"] == "SUCCESS" for meta in metas)
+
+
+def test_a_wait_that_ends_while_the_reader_reconnects_unsubscribes_without_connecting(url, monkeypatch):
+    """Its channel is dropped from what the reader subscribes to again, not unsubscribed on a
+    connection of its own."""
+    monkeypatch.setattr(results, "SUBSCRIBE_TIMEOUT_S", 0.2)  # the held reader reads no confirmation
+
+    async def body(waiter: Counting, client: redis.Redis) -> tuple[object, bool, bool, list[object]]:
+        await asyncio.wait_for(_until(lambda: waiter._pattern_live), 10)
+
+        async def held(**_options: object) -> None:
+            await asyncio.sleep(30)
+
+        monkeypatch.setattr(waiter._pubsub, "get_message", held)
+        await asyncio.sleep(1.2)  # the reader's read under way ends
+        async with waiter.watch("q7") as watch:  # subscribed on the reader's connection
+            assert b"celery-task-meta-q7" in waiter._pubsub.channels
+            await waiter._pubsub.connection.disconnect()
+            client.set(RESULT_META_PREFIX + "q7", done("q7"), ex=60)
+            meta = await watch.result(5)
+        channels = list(waiter._pubsub.channels)
+        return meta, waiter._pubsub.connection.is_connected, b"celery-task-meta-q7" in channels, channels
+
+    meta, connected, kept, channels = run(url, body)
+    assert isinstance(meta, dict) and meta["status"] == "SUCCESS"
+    assert not connected and not kept and len(channels) == 1  # the reader's private channel alone
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
 def test_a_lost_message_is_still_found_by_the_fallback_poll(url, monkeypatch):
     monkeypatch.setattr(results, "FALLBACK_POLL_S", 0.1)
 

@@ -9,6 +9,10 @@ key directly as well (before waiting, and every second as a fallback for a lost 
 Redis may be down when the gateway starts, or restart under it: the gateway starts anyway,
 the reader subscribes (or reconnects, and redis-py subscribes again to every channel) as soon
 as Redis answers, and a command on a connection that died is sent again once on a new one.
+Only the reader connects: redis-py's PubSub opens its connection on whichever command finds it
+down, so a request's SUBSCRIBE beside the reader's reconnect would open a second one, read by
+nobody. A wait that starts while the connection is down polls the key instead, and one that
+ends then drops its channel from what the reader subscribes to again.
 
 **Its own task ids.** A subscription per task costs a SUBSCRIBE and an UNSUBSCRIBE sent, and
 their two confirmations read, for every query. So each waiter also subscribes once, by pattern,
@@ -32,6 +36,7 @@ from celery import states
 from kombu.serialization import loads
 from redis import Redis
 from redis.asyncio.retry import Retry
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cipherpool.dispatch import reply_from_meta
 from cipherpool.errors import CipherpoolError
@@ -195,11 +200,16 @@ class ResultWaiter:
         async with self._lock:
             waiting = self._futures.setdefault(channel, set())
             waiting.add(future)
-            if self._pattern_live and task_id.startswith(self._prefix) and channel not in self._confirmed:
+            if self._pattern_live and task_id.startswith(self._prefix) and channel not in self._confirmed and self._connected():
                 confirmed = None  # heard through the pattern: nothing to subscribe to, or to wait for
             elif channel not in self._confirmed:
                 self._confirmed[channel] = asyncio.Event()
                 try:
+                    if not self._connected():
+                        # The reader reconnects it (and subscribes again to what it holds): a
+                        # SUBSCRIBE now would open a connection of its own beside the reader's,
+                        # and make this request wait out a connect in an outage.
+                        raise RedisConnectionError("the result subscription is reconnecting")
                     await self._pubsub.subscribe(channel)
                 except RETRY_ERRORS:
                     # The subscription is reconnecting: this wait polls the key instead (as
@@ -220,10 +230,30 @@ class ResultWaiter:
                 waiting.discard(future)
                 if not waiting:
                     self._futures.pop(channel, None)
-                    if self._confirmed.pop(channel, None) is not None:  # subscribed to apart
-                        self._polled.discard(channel)
-                        with contextlib.suppress(Exception):
-                            await self._pubsub.unsubscribe(channel)
+                    if self._confirmed.pop(channel, None) is not None and not self._polled_only(channel):
+                        await self._unsubscribe(channel)
+
+    def _polled_only(self, channel: str) -> bool:
+        """Whether a wait on ``channel`` polled, never subscribed (forgotten as it ends)."""
+        polled = channel in self._polled
+        self._polled.discard(channel)
+        return polled
+
+    async def _unsubscribe(self, channel: str) -> None:
+        """Unsubscribe, on the reader's connection only: while it is down, the channel is
+        dropped from what the reader subscribes to again when it reconnects (an UNSUBSCRIBE now
+        would connect beside the reader, as a SUBSCRIBE would: see :meth:`watch`)."""
+        if self._connected():
+            with contextlib.suppress(Exception):
+                await self._pubsub.unsubscribe(channel)
+            return
+        for name in (channel, channel.encode()):
+            self._pubsub.channels.pop(name, None)
+
+    def _connected(self) -> bool:
+        """The reader's connection is up (the reader made it: see :meth:`_read`)."""
+        connection = self._pubsub.connection
+        return connection is not None and bool(connection.is_connected)
 
     async def wait(self, task_id: str, timeout: float) -> TaskMeta | None:
         """The task's final state within ``timeout`` seconds, else its latest state (or None).
