@@ -9,10 +9,18 @@ write between the read and the write.
 
 :class:`AtomicRedisBackend` does the same in one server-side script: the stored state is read
 and checked, and the new one written and published, in one round trip that nothing can come
-between. The script reads the stored state's status as the backend wrote it (msgpack by its
-head, JSON decoded; see :data:`STORE_UNLESS_SUCCEEDED`); a value it cannot read is
-overwritten, as Celery's backend would after failing to read it. Everything else (keys, expiry, failure expiry, the
-pub/sub message the gateway listens for, retries on connection errors) is Celery's.
+between. The script recognises a stored SUCCESS by its head: Celery's meta is a map whose first
+entry is its status, so a SUCCESS stored by this serializer begins, after the map's opening (at
+most 5 bytes of msgpack, one ``{`` of JSON), with the encoded pair ``status: SUCCESS`` (the
+marker, encoded once by the backend's own serializer). A head-match reads no more of a result
+than that, however large (Redis's Lua cannot decode msgpack's bin type anyway, and decoding a
+large JSON result would hold up Redis, the broker too). A stored value that is not a SUCCESS
+in this form is overwritten (Celery's backend would fail on one it cannot decode).
+
+Compressed results (``result_compression``) and other serializers than msgpack and JSON have
+no such head: for them this backend is Celery's own, read and write. Everything else (keys,
+expiry, failure expiry, the pub/sub message the gateway listens for, retries on connection
+errors) is Celery's.
 
 Chosen by :func:`cipherpool.config.celery.result_backend_url` for ``redis://`` and
 ``rediss://`` result backends (Celery's ``module:Class+url`` form).
@@ -28,20 +36,12 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from redis.commands.core import Script
 
-# Redis's Lua decodes JSON, but its msgpack has no bin types (the results' ciphertexts are
-# bin), so a msgpack state is read by its head: Celery's meta is a map whose first entry is
-# its status, so a stored SUCCESS begins with the map's header (1 to 5 bytes) and then
-# "status": "SUCCESS" as two msgpack strings (\xa6status \xa7SUCCESS).
 STORE_UNLESS_SUCCEEDED = """
 local current = redis.call('GET', KEYS[1])
 if current then
-    if ARGV[3] == 'json' then
-        local ok, meta = pcall(cjson.decode, current)
-        if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
-    else
-        local at = string.find(string.sub(current, 1, 20), '\\166status\\167SUCCESS', 1, true)
-        if at and at <= 6 then return 0 end
-    end
+    -- the marker follows the map's opening: 1 byte (fixmap, JSON's brace), 3 (map16) or 5 (map32)
+    local at = string.find(string.sub(current, 1, #ARGV[3] + 5), ARGV[3], 1, true)
+    if at and at <= 6 then return 0 end
 end
 local ttl = tonumber(ARGV[2])
 if ttl and ttl > 0 then
@@ -62,22 +62,35 @@ class AtomicRedisBackend(RedisBackend):  # type: ignore[misc]  # Celery ships no
         script: Script = self.client.register_script(STORE_UNLESS_SUCCEEDED)
         return script
 
+    @cached_property
+    def success_marker(self) -> bytes | None:
+        """How a stored SUCCESS begins after its map's opening, in this backend's serializer;
+        None where a head says nothing (compressed, or neither msgpack nor JSON)."""
+        if self.compression or self.content_type not in ("application/x-msgpack", "application/json"):
+            return None
+        probe = self.encode({"status": states.SUCCESS})  # a map of one entry: its opening, the pair, its close
+        probe = probe.encode() if isinstance(probe, str) else probe
+        pair = probe[1:-1] if self.content_type == "application/json" else probe[1:]
+        return pair
+
     def _store_result(
-        self, task_id: str | bytes, result: Any, state: str, traceback: Any = None, request: Any = None, **_kwargs: Any
+        self, task_id: str | bytes, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
     ) -> Any:
+        marker = self.success_marker
+        if marker is None:
+            return super()._store_result(task_id, result, state, traceback, request=request, **kwargs)
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = task_id.decode() if isinstance(task_id, bytes) else task_id
         value = self.encode(meta)
         if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
             raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        kind = "json" if "json" in (self.content_type or "") else "msgpack"
         key = self.get_key_for_task(task_id)
         try:
-            self.ensure(self._store, (key, value, expires or 0, kind))
+            self.ensure(self._store, (key, value, expires or 0, marker))
         except BackendStoreError as ex:
             raise BackendStoreError(str(ex), state=state, task_id=task_id) from ex
         return result
 
-    def _store(self, key: bytes | str, value: bytes | str, expires: int, kind: str) -> None:
-        self._store_script(keys=[key], args=[value, int(expires), kind])
+    def _store(self, key: bytes | str, value: bytes | str, expires: int, marker: bytes) -> None:
+        self._store_script(keys=[key], args=[value, int(expires), marker])

@@ -75,6 +75,7 @@ def test_a_query_published_inside_a_confirmed_watch_is_answered_by_its_message_a
     monkeypatch.setattr(results, "SUBSCRIBE_TIMEOUT_S", 60.0)  # and its confirmation too (a loaded machine took over 5 s)
 
     async def body(waiter: Counting, client: redis.Redis) -> tuple[object, int, bool]:
+        await asyncio.wait_for(_until(lambda: waiter._pattern_live), 30)  # the reader is up (else it polls)
         async with waiter.watch("q1") as watch:
             raw = done("q1")  # what a node does: store the result, then publish it
             client.set(RESULT_META_PREFIX + "q1", raw, ex=60)
@@ -87,20 +88,21 @@ def test_a_query_published_inside_a_confirmed_watch_is_answered_by_its_message_a
     assert reads == 0
 
 
-def test_a_watch_as_the_waiter_starts_shares_the_readers_one_connection(url, monkeypatch):
-    """A request that arrives as the gateway starts subscribes while the reader subscribes too.
-    redis-py's PubSub opens its connection on its first command, so two first commands at once
-    opened two, and the one the reader kept was not the watch's: the watch waited out its
-    confirmation (CI's run of the test above waited 60 s). Here the reader's connection is slow
+def test_a_watch_as_the_waiter_starts_opens_no_connection_of_its_own(url, monkeypatch):
+    """A request that arrives as the gateway starts, while the reader opens its connection.
+    redis-py's PubSub opens its connection on its first command, so a SUBSCRIBE then opened a
+    second one, and the one the reader kept was not the watch's: the watch waited out its
+    confirmation (CI's run of the test above waited 60 s). Now the watch polls meanwhile: it
+    never sends a command on a PubSub with no connection. Here the reader's connection is slow
     to open, which made the watch's the one lost, every time."""
-    monkeypatch.setattr(results, "SUBSCRIBE_TIMEOUT_S", 2.0)
-    monkeypatch.setattr(results, "FALLBACK_POLL_S", 15.0)
+    monkeypatch.setattr(results, "FALLBACK_POLL_S", 0.1)
     client = redis.Redis.from_url(url)
 
-    async def main() -> tuple[object, bool, int]:
+    async def main() -> tuple[object, bool, list[bool]]:
         waiter = Counting(url)
         pool = waiter._redis.connection_pool
-        fetch, taken = pool.get_connection, []
+        fetch, taken, sent = pool.get_connection, [], []
+        subscribe = waiter._pubsub.subscribe
 
         async def the_first_is_slow(*args: object, **kwargs: object) -> object:
             taken.append(1)
@@ -108,21 +110,27 @@ def test_a_watch_as_the_waiter_starts_shares_the_readers_one_connection(url, mon
                 await asyncio.sleep(0.2)
             return await fetch(*args, **kwargs)
 
+        async def recorded(*channels: object) -> None:
+            sent.append(waiter._pubsub.connection is not None)
+            await subscribe(*channels)
+
         monkeypatch.setattr(pool, "get_connection", the_first_is_slow)
+        monkeypatch.setattr(waiter._pubsub, "subscribe", recorded)
         await waiter.start()
         try:
-            await asyncio.sleep(0)  # the reader's first subscribe begins (its connection opening)
+            await asyncio.sleep(0)  # the reader's first connect begins
             async with waiter.watch("q0") as watch:
                 client.set(RESULT_META_PREFIX + "q0", done("q0"), ex=60)
                 client.publish(RESULT_META_PREFIX + "q0", done("q0"))
                 meta = await watch.result(5)
-            return meta, watch.subscribed, len(taken)
+            await asyncio.wait_for(_until(lambda: waiter._pattern_live), 30)
+            return meta, watch.subscribed, sent
         finally:
             await waiter.close()
 
-    meta, subscribed, taken = asyncio.run(asyncio.wait_for(main(), 60))
-    assert taken == 1  # one connection for every subscription
-    assert subscribed and isinstance(meta, dict) and meta["status"] == "SUCCESS"
+    meta, subscribed, sent = asyncio.run(asyncio.wait_for(main(), 60))
+    assert isinstance(meta, dict) and meta["status"] == "SUCCESS" and not subscribed
+    assert sent and all(sent)  # the reader's own SUBSCRIBE, on its connection; none before it
 
 
 def test_a_watch_while_the_reader_reconnects_polls_and_opens_no_connection_of_its_own(url, monkeypatch):
@@ -138,12 +146,15 @@ def test_a_watch_while_the_reader_reconnects_polls_and_opens_no_connection_of_it
         async def subscribe(*channels: object) -> None:
             subscribes.append(channels)
 
+        holding = asyncio.Event()
+
         async def held(**_options: object) -> None:  # the reader, before its next read reconnects
-            await asyncio.sleep(30)
+            holding.set()
+            await asyncio.sleep(60)
 
         monkeypatch.setattr(waiter._pubsub, "subscribe", subscribe)
         monkeypatch.setattr(waiter._pubsub, "get_message", held)
-        await asyncio.sleep(1.2)  # the reader's read under way ends (at most get_message's 1 s)
+        await asyncio.wait_for(holding.wait(), 30)  # the reader's read under way ended
         await waiter._pubsub.connection.disconnect()
         assert not waiter._pubsub.connection.is_connected
         metas, subscribed = [], []
@@ -167,11 +178,14 @@ def test_a_wait_that_ends_while_the_reader_reconnects_unsubscribes_without_conne
     async def body(waiter: Counting, client: redis.Redis) -> tuple[object, bool, bool, list[object]]:
         await asyncio.wait_for(_until(lambda: waiter._pattern_live), 10)
 
+        holding = asyncio.Event()
+
         async def held(**_options: object) -> None:
-            await asyncio.sleep(30)
+            holding.set()
+            await asyncio.sleep(60)
 
         monkeypatch.setattr(waiter._pubsub, "get_message", held)
-        await asyncio.sleep(1.2)  # the reader's read under way ends
+        await asyncio.wait_for(holding.wait(), 30)  # the reader's read under way ended
         async with waiter.watch("q7") as watch:  # subscribed on the reader's connection
             assert b"celery-task-meta-q7" in waiter._pubsub.channels
             await waiter._pubsub.connection.disconnect()
@@ -183,6 +197,37 @@ def test_a_wait_that_ends_while_the_reader_reconnects_unsubscribes_without_conne
     meta, connected, kept, channels = run(url, body)
     assert isinstance(meta, dict) and meta["status"] == "SUCCESS"
     assert not connected and not kept and len(channels) == 1  # the reader's private channel alone
+
+
+def test_a_watch_while_the_first_connection_hangs_polls_at_once(url, monkeypatch):
+    """A gateway started in an outage: its reader's first connect may take the connect timeout
+    (or longer, to a host that accepts and never answers). Requests meanwhile do not queue
+    behind it: they poll."""
+
+    async def main() -> tuple[object, bool, float]:
+        waiter = Counting(url)
+        hanging = asyncio.Event()
+
+        async def connect() -> None:
+            hanging.set()
+            await asyncio.sleep(60)
+
+        monkeypatch.setattr(waiter._pubsub, "connect", connect)
+        await waiter.start()
+        try:
+            await asyncio.wait_for(hanging.wait(), 30)
+            redis.Redis.from_url(url).set(RESULT_META_PREFIX + "q6", done("q6"), ex=60)
+            started = asyncio.get_running_loop().time()
+            async with waiter.watch(waiter.new_id()) as other, waiter.watch("q6") as watch:
+                meta = await watch.result(5)
+            assert not other.subscribed
+            return meta, watch.subscribed, asyncio.get_running_loop().time() - started
+        finally:
+            await waiter.close()
+
+    meta, subscribed, took = asyncio.run(asyncio.wait_for(main(), 60))
+    assert isinstance(meta, dict) and meta["status"] == "SUCCESS" and not subscribed
+    assert took < 4.0  # not the 5 s confirmation wait, nor the hanging connect
 
 
 async def _until(predicate) -> None:

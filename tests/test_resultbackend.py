@@ -8,6 +8,7 @@ import msgpack
 import pytest
 import redis
 from celery import Celery, states
+from celery.app.task import Context
 
 from cipherpool.config.celery import ATOMIC_REDIS_BACKEND, result_backend_url
 from cipherpool.config.settings import Settings
@@ -21,10 +22,10 @@ def url(tmp_path_factory):
         yield found
 
 
-def backend(url: str, serializer: str = "msgpack") -> AtomicRedisBackend:
+def backend(url: str, serializer: str = "msgpack", **conf: object) -> AtomicRedisBackend:
     app = Celery("t", backend=result_backend_url(url))
     app.conf.update(
-        result_serializer=serializer, result_accept_content=[serializer], result_expires=60, result_failure_expires=30
+        result_serializer=serializer, result_accept_content=[serializer], result_expires=60, result_failure_expires=30, **conf
     )
     made = app.backend
     assert isinstance(made, AtomicRedisBackend)
@@ -41,30 +42,50 @@ def test_only_redis_backends_are_replaced_and_the_platforms_config_names_it(tmp_
     assert isinstance(app.backend, AtomicRedisBackend) and app.backend.url == "redis://127.0.0.1:1/0"
 
 
-@pytest.mark.parametrize("serializer", ["msgpack", "json"])
-def test_states_are_stored_and_published_and_a_success_is_never_overwritten(url, serializer, monkeypatch):
-    results = backend(url, serializer)
+@pytest.mark.parametrize(("serializer", "conf"), [("msgpack", {}), ("json", {}), ("msgpack", {"result_extended": True})])
+def test_states_are_stored_and_published_and_a_success_is_never_overwritten(url, serializer, conf, monkeypatch):
+    results = backend(url, serializer, **conf)
     client = redis.Redis.from_url(url)
     monkeypatch.setattr(results, "get", lambda _key: pytest.fail("no read before a write"))
-    key = f"celery-task-meta-{serializer}"
+    task_id = f"{serializer}-{len(conf)}"
+    key = f"celery-task-meta-{task_id}"
     listener = client.pubsub()
     listener.subscribe(key)
     assert listener.get_message(timeout=2)["type"] == "subscribe"
 
-    results.store_result(serializer, {"pid": 1}, states.STARTED)
+    # result_extended: with a task's stamps, more entries than a fixmap holds: a map16 header
+    stamps = {f"s{i}": i for i in range(4)}
+    request = Context(
+        id=task_id, task="t.q", args=[], kwargs={}, hostname="h", retries=0, stamped_headers=list(stamps), stamps=stamps
+    )
+    results.store_result(task_id, {"pid": 1}, states.STARTED, request=request)
     message = listener.get_message(timeout=2)
     assert message["data"] == client.get(key) and 0 < client.ttl(key) <= 60
     value = b"\xa6status\xa7SUCCESS" * 3 if serializer == "msgpack" else "SUCCESS"  # bin data that looks like a status
-    results.store_result(serializer, {"ok": True, "value": value}, states.SUCCESS)
+    results.store_result(task_id, {"ok": True, "value": value}, states.SUCCESS, request=request)
     stored = client.get(key)
     assert results.decode_result(stored)["status"] == states.SUCCESS
     # A duplicate run (a query sent again) starts, fails: neither overwrites, nor is published.
-    results.store_result(serializer, {"pid": 2}, states.STARTED)
-    results.store_result(serializer, ValueError("again"), states.FAILURE)
+    results.store_result(task_id, {"pid": 2}, states.STARTED, request=request)
+    results.store_result(task_id, ValueError("again"), states.FAILURE, request=request)
     assert client.get(key) == stored
     assert listener.get_message(timeout=2)["data"] == stored and listener.get_message(timeout=0.2) is None
     if serializer == "msgpack":
         assert msgpack.unpackb(stored, raw=False)["result"]["value"] == value
+    if conf:
+        assert stored[:1] == b"\xde"  # the marker 3 bytes in
+
+
+def test_compressed_results_are_stored_by_celerys_own_read_and_write(url):
+    """A compressed value has no head to recognise: Celery's backend reads it first, as before."""
+    results = backend(url, result_compression="gzip")
+    assert results.success_marker is None
+    results.store_result("z1", {"ok": True}, states.SUCCESS)
+    reads: list[object] = []
+    get = results.get
+    results.get = lambda key: reads.append(key) or get(key)  # type: ignore[method-assign]
+    results.store_result("z1", {"pid": 2}, states.STARTED)
+    assert reads and results._get_task_meta_for("z1")["status"] == states.SUCCESS
 
 
 def test_a_failure_keeps_the_failure_expiry_and_a_started_after_it_may_overwrite(url):
@@ -76,7 +97,8 @@ def test_a_failure_keeps_the_failure_expiry_and_a_started_after_it_may_overwrite
     assert results._get_task_meta_for("f1")["status"] == states.STARTED
 
 
-def test_a_state_it_cannot_read_is_overwritten(url):
+def test_a_stored_value_that_is_not_a_success_is_overwritten(url):
+    """Celery's backend would fail on a value it cannot decode; the script overwrites it."""
     results = backend(url)
     client = redis.Redis.from_url(url)
     client.set("celery-task-meta-g1", b"not msgpack")

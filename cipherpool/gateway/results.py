@@ -240,15 +240,17 @@ class ResultWaiter:
         return polled
 
     async def _unsubscribe(self, channel: str) -> None:
-        """Unsubscribe, on the reader's connection only: while it is down, the channel is
-        dropped from what the reader subscribes to again when it reconnects (an UNSUBSCRIBE now
-        would connect beside the reader, as a SUBSCRIBE would: see :meth:`watch`)."""
-        if self._connected():
-            with contextlib.suppress(Exception):
-                await self._pubsub.unsubscribe(channel)
-            return
+        """Drop the channel from what the reader subscribes to again when it reconnects, and
+        unsubscribe on the reader's connection if it is up (an UNSUBSCRIBE while it is down
+        would connect beside the reader, as a SUBSCRIBE would: see :meth:`watch`). redis-py
+        drops it itself only when the confirmation comes, which a dying connection never
+        brings: the channel was then subscribed to again at every reconnect, for good."""
+        up = self._connected()
         for name in (channel, channel.encode()):
             self._pubsub.channels.pop(name, None)
+        if up:
+            with contextlib.suppress(Exception):
+                await self._pubsub.unsubscribe(channel)
 
     def _connected(self) -> bool:
         """The reader's connection is up (the reader made it: see :meth:`_read`)."""
@@ -265,15 +267,18 @@ class ResultWaiter:
     async def _read(self) -> None:
         while True:
             try:
-                # Under the lock that a watch subscribes under: the PubSub opens its connection
-                # on its first command, and two first commands at once (a request that arrives
-                # as the gateway starts) would open two, one of them read by nobody.
-                async with self._lock:
-                    if not self._pubsub.subscribed:  # at start, or a first subscribe that failed
-                        await self._pubsub.subscribe(self._private)
-                    if not self._pattern_sent:
-                        await self._pubsub.psubscribe(self._pattern)
-                        self._pattern_sent = True
+                if self._pubsub.connection is None:
+                    # The first connection, made here and outside the lock: a watch meanwhile
+                    # finds none and polls (a SUBSCRIBE of its own would open a second one, read
+                    # by nobody), rather than waiting on the lock for a connect in an outage.
+                    await self._pubsub.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                if not self._pubsub.subscribed or not self._pattern_sent:
+                    async with self._lock:  # the lock a watch subscribes under
+                        if not self._pubsub.subscribed:  # at start, or a first subscribe that failed
+                            await self._pubsub.subscribe(self._private)
+                        if not self._pattern_sent:
+                            await self._pubsub.psubscribe(self._pattern)
+                            self._pattern_sent = True
                 # On a dead connection this reconnects, and redis-py subscribes again to
                 # every channel it holds; a message published meanwhile is lost, which the
                 # fallback poll of each wait covers.

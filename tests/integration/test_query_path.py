@@ -78,8 +78,15 @@ def test_a_nodes_bookkeeping_is_written_after_the_answer(platform, clients, exam
 
     r = redis.Redis.from_url(platform.stack.broker_url)
 
-    def counted() -> int:
-        return sum(int(n) for key in r.scan_iter(QUERY_COUNT_PREFIX + "*") for n in r.hvals(key))
+    worker = platform.workers["cancer"]
+
+    def counted() -> int:  # this worker's queries (fields "<model>:<worker>"), whoever counted them
+        return sum(
+            int(n)
+            for key in r.scan_iter(QUERY_COUNT_PREFIX + "*")
+            for field, n in r.hgetall(key).items()
+            if field.decode().endswith(":" + worker)
+        )
 
     before = counted()
     qc = clients["cancer"]
