@@ -204,9 +204,11 @@ def world(tmp_path_factory) -> Iterator[World]:
             b_worker = workers.start_worker(session, bob, B_MODEL, s.node_heartbeat_s)
             workers.mark_running(session, b_worker.id, {2})
             workers.set_consuming(session, b_worker.id, True)
-            # B's worker charged for an hour of this month, as the beat charges it.
+            # B's worker charged for an hour of today (so of this month), as the beat charges it:
+            # usage has a row per day, and B's figures are asserted as one row (in the first hour
+            # of a UTC day, the hour before fell on yesterday: two rows, CI failed at 00:30).
             hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
-            if hour.month != utcnow().month:
+            if hour.date() != utcnow().date():
                 hour += timedelta(hours=1)
             ledger.append(
                 session,
