@@ -4,6 +4,10 @@ still never overwrites a SUCCESS."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 import msgpack
 import pytest
 import redis
@@ -104,3 +108,65 @@ def test_a_stored_value_that_is_not_a_success_is_overwritten(url):
     client.set("celery-task-meta-g1", b"not msgpack")
     results.store_result("g1", {"pid": 1}, states.STARTED)
     assert results._get_task_meta_for("g1")["status"] == states.STARTED
+
+
+def _gated(results: AtomicRedisBackend, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold every STARTED in the sender until the returned event is set."""
+    gate = threading.Event()
+    store = results._store
+
+    def held(key, value, expires, marker):
+        if results.decode(value)["status"] == states.STARTED:
+            assert gate.wait(10)
+        store(key, value, expires, marker)
+
+    monkeypatch.setattr(results, "_store", held)
+    return gate
+
+
+def _drained(results: AtomicRedisBackend) -> None:
+    results._sender.submit(lambda: None).result(timeout=10)  # one sender thread: all before it are done
+
+
+def test_a_started_is_stored_off_the_tasks_path_and_its_failure_lands_after_it(url, monkeypatch):
+    """The task body does not wait for its STARTED's round trip; its FAILURE waits for the
+    STARTED still being stored, so the late STARTED never overwrites it (the script guards a
+    SUCCESS only)."""
+    results = backend(url)
+    client = redis.Redis.from_url(url)
+    gate = _gated(results, monkeypatch)
+    began = time.monotonic()
+    results.store_result("s1", {"pid": 1}, states.STARTED)
+    assert time.monotonic() - began < 1.0 and client.get("celery-task-meta-s1") is None  # not stored yet
+    threading.Timer(0.3, gate.set).start()
+    results.store_result("s1", ValueError("x"), states.FAILURE)
+    assert gate.is_set()  # the FAILURE was stored after the STARTED, not before it
+    _drained(results)
+    assert results.decode(client.get("celery-task-meta-s1"))["status"] == states.FAILURE
+    assert results._pending == {}
+
+
+def test_a_read_in_the_same_process_sees_its_started(url, monkeypatch):
+    results = backend(url)
+    gate = _gated(results, monkeypatch)
+    results.store_result("s2", {"pid": 1}, states.STARTED)
+    threading.Timer(0.3, gate.set).start()
+    assert results._get_task_meta_for("s2")["status"] == states.STARTED
+
+
+def test_a_started_that_cannot_be_stored_is_logged_and_the_answer_still_is(url, monkeypatch, caplog):
+    results = backend(url)
+    store = results._store
+
+    def refusing(key, value, expires, marker):
+        if results.decode(value)["status"] == states.STARTED:
+            raise ValueError("refused")
+        store(key, value, expires, marker)
+
+    monkeypatch.setattr(results, "_store", refusing)
+    with caplog.at_level(logging.WARNING, logger="cipherpool.results"):
+        results.store_result("s3", {"pid": 1}, states.STARTED)
+        results.store_result("s3", {"ok": True}, states.SUCCESS)
+        _drained(results)
+    assert "s3: its STARTED state was not stored (refused)" in caplog.text
+    assert results._get_task_meta_for("s3")["status"] == states.SUCCESS
