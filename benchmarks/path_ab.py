@@ -10,7 +10,8 @@ whatever the machine does meanwhile falls on both alike. Neither stack computes 
 answers.
 
 Printed per stack: end to end, node compute, queue wait, and end to end less compute
-(median and p95), and their ratios this/other.
+(median and p95), and their ratios this/other; then each side's CPU per query of its gateway,
+node and Redis (totals over the run).
 
 Usage: .venv/bin/python benchmarks/path_ab.py --other /tmp/before [--model cancer] [--queries 400]
 (``git worktree add /tmp/before HEAD~1`` makes the other checkout; it needs no script of its own:
@@ -59,6 +60,8 @@ def serve(model: str) -> None:
             ciphertext = qc.encrypt(example.x_test[0])
             for _ in range(5):
                 qc.execute(ciphertext)  # key cached, model warm
+            pids = {c.name: c.pid for c in stack.supervisor.children}
+            watched = {"gateway": pids["gateway"], "node": pids["node1"], "redis": pids["redis"]}
             print(json.dumps({"ready": str(Path(sys.modules["cipherpool"].__file__ or "").parent)}), flush=True)
             for line in sys.stdin:
                 if line.strip() != "q":
@@ -68,11 +71,20 @@ def serve(model: str) -> None:
                 e2e = time.perf_counter() - t
                 timings = qc.last_timings
                 figures = {"e2e": e2e, "compute": timings["compute_s"], "wait": timings["queue_wait_s"]}
+                figures.update({f"cpu:{name}": cpu_s(pid) for name, pid in watched.items()})  # running totals
                 print(json.dumps(figures), flush=True)
             qc.close()
             mc.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (``/proc/<pid>/stat``, in 10 ms
+    ticks: a figure per query is a total over the run divided by its queries)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(tree: Path, model: str) -> subprocess.Popen[str]:
@@ -104,6 +116,7 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--other", type=Path, help="the other checkout (e.g. a worktree of the commit before)")
+    parser.add_argument("--this", type=Path, default=HERE.parents[1], help="this side's checkout (default: this file's)")
     parser.add_argument("--model", choices=["cancer", "digits"], default="cancer")
     parser.add_argument("--queries", type=int, default=400, help="queries per stack")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -113,7 +126,7 @@ def main() -> None:
         return
     if args.other is None:
         parser.error("--other names the checkout to compare with")
-    drivers = {"this": start(HERE.parents[1], args.model), "other": start(args.other.resolve(), args.model)}
+    drivers = {"this": start(args.this.resolve(), args.model), "other": start(args.other.resolve(), args.model)}
     try:
         where = {name: ready(driver) for name, driver in drivers.items()}
         figures: dict[str, list[dict[str, float]]] = {name: [] for name in drivers}
@@ -147,6 +160,13 @@ def main() -> None:
         print(
             f"  {label:<26}{p50[0]:10.2f}{p50[1]:11.2f}{p50[0] / p50[1]:8.2f}x{p95[0]:10.2f}{p95[1]:11.2f}{p95[0] / p95[1]:8.2f}x"
         )
+    # CPU per query: each process's total over the run (from the first query's answer to the
+    # last's) over the queries between; the two stacks' runs interleave, so drift falls on both.
+    print(f"  {'CPU per query, ms':<26}{'this':>10}{'other':>11}{'ratio':>8}")
+    for process in ("gateway", "node", "redis"):
+        key = f"cpu:{process}"
+        per = [(figures[n][-1][key] - figures[n][0][key]) / max(1, len(figures[n]) - 1) * 1e3 for n in ("this", "other")]
+        print(f"  {process:<26}{per[0]:10.2f}{per[1]:11.2f}{per[0] / per[1] if per[1] else float('nan'):8.2f}x")
 
 
 if __name__ == "__main__":

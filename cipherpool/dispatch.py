@@ -42,6 +42,7 @@ from cipherpool.names import (
     shared_routing_key,
 )
 from cipherpool.outages import REDIS_FULL, redis_full
+from cipherpool.publishwrites import Write, fusable, writes_of
 from cipherpool.services import keyuse, usage
 from cipherpool.services.queries import ModelGrant, Route, TokenGrant, check_query
 from cipherpool.store import BlobStore
@@ -170,7 +171,13 @@ def submit(
     )
     keep = keeper(settings, store)
     kept = inflight.writes(task_id, message) if keep is not None else []
-    usage.charge(store.redis, grant.token_id, grant.quota, then=[*records, *kept])
+    # On the platform's own Redis, the publish itself is among the script's writes: counted,
+    # recorded and queued in one round trip (cipherpool.publishwrites).
+    sent = _publish_writes(app, task_id, message, placement) if before_publish is None and fusable(settings, app) else []
+    usage.charge(store.redis, grant.token_id, grant.quota, then=[*records, *kept, *sent])
+    if sent:
+        keyuse.record(store.redis, grant.token_id, envelope.key_id)
+        return app.AsyncResult(task_id)
     try:
         keyuse.record(store.redis, grant.token_id, envelope.key_id)  # a use of a query counted, as before
         if before_publish is not None:
@@ -384,10 +391,21 @@ def republish_query(app: Celery, query_id: str, message: InflightQuery) -> Async
 PLACEMENT_HEADER = "cipherpool_placement"  # a routed query's node: "home" (its key set's) or "next" (the next in rank)
 
 
-def _send_query(app: Celery, task_id: str, message: InflightQuery, placement: str | None = None) -> AsyncResult:
+def _publish_writes(app: Celery, task_id: str, message: InflightQuery, placement: str | None) -> list[Write]:
+    """The Redis writes that publish a query's message and its event (:mod:`cipherpool.publishwrites`)."""
+    try:
+        return writes_of(app, lambda producer: _send_query(app, task_id, message, placement, producer=producer))
+    except OperationalError as exc:  # the producer's connection, made at its first use
+        raise BrokerUnavailable(f"Cannot reach the broker: {exc}") from None
+
+
+def _send_query(
+    app: Celery, task_id: str, message: InflightQuery, placement: str | None = None, producer: Any = None
+) -> AsyncResult:
     """Publish a query's message. ``placement``: a message header (:data:`PLACEMENT_HEADER`)
     a node reads as ``task.request.cipherpool_placement`` to count a spill past the bound as
-    the fallback it is (older nodes ignore it)."""
+    the fallback it is (older nodes ignore it). ``producer``: the one to publish with (else
+    one from Celery's pool)."""
     return _send(
         app,
         message.task,
@@ -398,6 +416,7 @@ def _send_query(app: Celery, task_id: str, message: InflightQuery, placement: st
         shadow=message.shadow,
         event_dispatcher=SentUnderShadow(app, message.shadow),
         **({"headers": {PLACEMENT_HEADER: placement}} if placement else {}),
+        **({"producer": producer} if producer is not None else {}),
     )
 
 

@@ -27,8 +27,9 @@ LAYERS: list[set[str]] = [
     {"config"},  # settings, profiles, Celery configuration
     {"db"},  # tables, engine, migrations (self-contained)
     {"api", "messages"},  # wire types: HTTP schemas, task envelopes
-    {"store", "blobs", "fhe", "context", "announce", "outages", "inflight", "resultbackend"},  # what every platform process
-    # shares (blobs: the store's backends and a node's disk cache; resultbackend: Celery's, for task states)
+    # what every platform process shares (blobs: the store's backends and a node's disk cache;
+    # resultbackend: Celery's, for task states; publishwrites: a Celery publish as Redis writes)
+    {"store", "blobs", "fhe", "context", "announce", "outages", "inflight", "resultbackend", "publishwrites"},
     {"billing"},  # money: ledger, rates, charging
     {"services", "workerlog"},  # the platform's decisions on the database
     {"dispatch", "monitoring", "alerts"},  # publishing to nodes; figures; alert rules
