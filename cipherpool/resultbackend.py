@@ -25,10 +25,12 @@ errors) is Celery's.
 A STARTED is sent off the task's path: Celery stores it before the task body, and waiting for
 that round trip delayed every query's compute by it (0.8-1.5 ms measured on a 2-core machine).
 Here one sender thread per process stores it while the body runs. Order still holds where it
-matters: a task's next state (its SUCCESS or FAILURE) and any read of its state in this process
-first wait for its STARTED to be stored, so a late STARTED never overwrites a FAILURE; and the
-script refuses it after a SUCCESS anyway. A STARTED that cannot be stored (Redis gone past
-Celery's retries) is logged and dropped: it is a status, and the task's answer is not.
+matters: a task's next state (its SUCCESS, FAILURE or REVOKED, from whichever thread) and any
+read of its state in this process first wait for its STARTED to be stored, so a late STARTED
+never overwrites a FAILURE; the script refuses it after a SUCCESS anyway. A STARTED that
+cannot be stored (Redis gone past Celery's retries), or not within :data:`SETTLE_S` of its
+task's next state (no further retry), is logged and dropped: it is a status, and the task's
+answer is not.
 
 Chosen by :func:`cipherpool.config.celery.result_backend_url` for ``redis://`` and
 ``rediss://`` result backends (Celery's ``module:Class+url`` form).
@@ -37,7 +39,9 @@ Chosen by :func:`cipherpool.config.celery.result_backend_url` for ``redis://`` a
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import cached_property
@@ -67,22 +71,56 @@ return 1
 
 
 log = logging.getLogger("cipherpool.results")
-SETTLE_S = 30.0  # the longest a task's next state waits for its STARTED (Celery's retries included)
+SETTLE_S = 30.0  # the longest a task's next state waits for its STARTED (then the STARTED is dropped)
+
+
+class _StartedStates:
+    """The STARTED states being stored in this process, and the one thread that stores them.
+
+    Process-wide, not per backend: Celery makes a result backend per thread (without
+    ``result_backend_thread_safe``), and a task's next state may be stored from another thread
+    than its STARTED (a revoke with ``terminate`` from the worker's main thread, a duplicate run
+    in another pool thread). Made again in a forked child (the parent's thread is not there)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: dict[str, Future[None]] = {}  # task id -> its STARTED, while being stored
+        self.superseded: set[str] = set()  # tasks whose next state stopped waiting: their STARTED is dropped
+        self._sender: ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    def submit(self, task_id: str, store: Callable[[], None]) -> Future[None]:
+        with self.lock:
+            if self._sender is None or self._pid != os.getpid():
+                self._sender = ThreadPoolExecutor(1, thread_name_prefix="cipherpool-started")
+                self._pid = os.getpid()
+                self.pending.clear()
+                self.superseded.clear()
+            future = self._sender.submit(store)
+            self.pending[task_id] = future
+        future.add_done_callback(lambda done: self._stored(task_id, done))
+        return future
+
+    def _stored(self, task_id: str, done: Future[None]) -> None:
+        with self.lock:
+            if self.pending.get(task_id) is done:
+                del self.pending[task_id]
+                self.superseded.discard(task_id)
+
+    def drain(self) -> None:
+        """Wait until every STARTED submitted so far is stored (tests)."""
+        with self.lock:
+            sender = self._sender
+        if sender is not None:
+            sender.submit(lambda: None).result()
+
+
+STARTED_STATES = _StartedStates()
 
 
 class AtomicRedisBackend(RedisBackend):  # type: ignore[misc]  # Celery ships no types
     """Celery's Redis result backend with :data:`STORE_UNLESS_SUCCEEDED` for every state, and
     STARTED stored off the task's path."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._pending: dict[str, Future[None]] = {}  # task id -> its STARTED, while being stored
-        self._pending_lock = threading.Lock()
-
-    @cached_property
-    def _sender(self) -> ThreadPoolExecutor:
-        """One thread: STARTED states are stored in the order their tasks started."""
-        return ThreadPoolExecutor(1, thread_name_prefix="cipherpool-started")
 
     @cached_property
     def _store_script(self) -> Script:
@@ -124,33 +162,36 @@ class AtomicRedisBackend(RedisBackend):  # type: ignore[misc]  # Celery ships no
         return result
 
     def _send_started(self, task_id: str, key: bytes | str, value: bytes | str, expires: int, marker: bytes) -> None:
+        started = STARTED_STATES
+
+        def attempt(*args: Any) -> None:  # each of Celery's retries asks again
+            if task_id not in started.superseded:
+                self._store(*args)
+
         def store() -> None:
             try:
-                self.ensure(self._store, (key, value, expires, marker))
+                self.ensure(attempt, (key, value, expires, marker))
             except Exception as exc:  # noqa: BLE001 - a status lost, not an answer: said, and dropped
                 log.warning("task %s: its STARTED state was not stored (%s)", task_id, exc)
 
-        with self._pending_lock:
-            future = self._sender.submit(store)
-            self._pending[task_id] = future
-        future.add_done_callback(lambda done: self._started_stored(task_id, done))
-
-    def _started_stored(self, task_id: str, done: Future[None]) -> None:
-        with self._pending_lock:
-            if self._pending.get(task_id) is done:
-                del self._pending[task_id]
+        started.submit(task_id, store)
 
     def _settle(self, task_id: str) -> None:
         """Wait for the task's STARTED, if it is still being stored: what comes after it must
-        land after it (a FAILURE is not protected by the script as a SUCCESS is)."""
-        with self._pending_lock:
-            future = self._pending.get(task_id)
+        land after it (a FAILURE or a REVOKED is not protected by the script as a SUCCESS is).
+        One still not stored after :data:`SETTLE_S` (Redis unreachable, Celery retrying) makes
+        no further attempt."""
+        started = STARTED_STATES
+        with started.lock:
+            future = started.pending.get(task_id)
         if future is None:
             return
         try:
             future.result(timeout=SETTLE_S)
         except FutureTimeout:
-            log.warning("task %s: its STARTED state is still being stored after %.0f s", task_id, SETTLE_S)
+            with started.lock:
+                started.superseded.add(task_id)
+            log.warning("task %s: its STARTED state was not stored within %.0f s: dropped", task_id, SETTLE_S)
 
     def _get_task_meta_for(self, task_id: str) -> Any:
         self._settle(task_id.decode() if isinstance(task_id, bytes) else task_id)  # a read sees this process's writes

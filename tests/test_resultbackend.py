@@ -14,9 +14,10 @@ import redis
 from celery import Celery, states
 from celery.app.task import Context
 
+from cipherpool import resultbackend
 from cipherpool.config.celery import ATOMIC_REDIS_BACKEND, result_backend_url
 from cipherpool.config.settings import Settings
-from cipherpool.resultbackend import AtomicRedisBackend
+from cipherpool.resultbackend import STARTED_STATES, AtomicRedisBackend
 from tests.helpers import own_redis
 
 
@@ -125,7 +126,7 @@ def _gated(results: AtomicRedisBackend, monkeypatch: pytest.MonkeyPatch) -> thre
 
 
 def _drained(results: AtomicRedisBackend) -> None:
-    results._sender.submit(lambda: None).result(timeout=10)  # one sender thread: all before it are done
+    STARTED_STATES.drain()  # one sender thread: all before it are done
 
 
 def test_a_started_is_stored_off_the_tasks_path_and_its_failure_lands_after_it(url, monkeypatch):
@@ -143,7 +144,7 @@ def test_a_started_is_stored_off_the_tasks_path_and_its_failure_lands_after_it(u
     assert gate.is_set()  # the FAILURE was stored after the STARTED, not before it
     _drained(results)
     assert results.decode(client.get("celery-task-meta-s1"))["status"] == states.FAILURE
-    assert results._pending == {}
+    assert "s1" not in STARTED_STATES.pending
 
 
 def test_a_read_in_the_same_process_sees_its_started(url, monkeypatch):
@@ -170,3 +171,40 @@ def test_a_started_that_cannot_be_stored_is_logged_and_the_answer_still_is(url, 
         _drained(results)
     assert "s3: its STARTED state was not stored (refused)" in caplog.text
     assert results._get_task_meta_for("s3")["status"] == states.SUCCESS
+
+
+def test_a_state_stored_by_another_threads_backend_lands_after_the_started(url, monkeypatch):
+    """Celery makes a backend per thread: a revoke with ``terminate`` stores REVOKED from the
+    worker's main thread while the pool thread's STARTED may still be on its way. The pending
+    STARTED states are the process's, so the REVOKED waits for it as a FAILURE does."""
+    in_pool_thread, in_main_thread = backend(url), backend(url)
+    gate = _gated(in_pool_thread, monkeypatch)
+    in_pool_thread.store_result("s4", {"pid": 1}, states.STARTED)
+    threading.Timer(0.3, gate.set).start()
+    in_main_thread.mark_as_revoked("s4", "terminated")
+    _drained(in_pool_thread)
+    assert in_main_thread._get_task_meta_for("s4")["status"] == states.REVOKED
+
+
+def test_a_started_still_retrying_when_its_next_state_stops_waiting_makes_no_more_attempts(url, monkeypatch, caplog):
+    """Redis unreachable for the STARTED (Celery's backend retries it) past :data:`SETTLE_S`:
+    the next state stops waiting and is stored, and the STARTED's retries stop."""
+    results = backend(url)
+    store, attempts = results._store, []
+
+    def unreachable(key, value, expires, marker):
+        if results.decode(value)["status"] == states.STARTED:
+            attempts.append(1)
+            raise redis.ConnectionError("unreachable")
+        store(key, value, expires, marker)
+
+    monkeypatch.setattr(results, "_store", unreachable)
+    monkeypatch.setattr(resultbackend, "SETTLE_S", 0.3)
+    with caplog.at_level(logging.WARNING, logger="cipherpool.results"):
+        results.store_result("s5", {"pid": 1}, states.STARTED)
+        results.store_result("s5", ValueError("x"), states.FAILURE)  # waits 0.3 s, then is stored
+        _drained(results)
+    assert "s5: its STARTED state was not stored within 0 s: dropped" in caplog.text
+    assert 1 <= len(attempts) <= 2  # retries go on for seconds otherwise
+    assert results._get_task_meta_for("s5")["status"] == states.FAILURE
+    assert "s5" not in STARTED_STATES.superseded and "s5" not in STARTED_STATES.pending
