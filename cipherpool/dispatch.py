@@ -42,7 +42,7 @@ from cipherpool.names import (
     shared_routing_key,
 )
 from cipherpool.outages import REDIS_FULL, redis_full
-from cipherpool.publishwrites import Write, fusable, writes_of
+from cipherpool.publishwrites import Write, fusable, query_publish, writes_of
 from cipherpool.services import keyuse, usage
 from cipherpool.services.queries import ModelGrant, Route, TokenGrant, check_query
 from cipherpool.store import BlobStore
@@ -393,10 +393,15 @@ PLACEMENT_HEADER = "cipherpool_placement"  # a routed query's node: "home" (its 
 
 def _publish_writes(app: Celery, task_id: str, message: InflightQuery, placement: str | None) -> list[Write]:
     """The Redis writes that publish a query's message and its event (:mod:`cipherpool.publishwrites`)."""
-    try:
-        return writes_of(app, lambda producer: _send_query(app, task_id, message, placement, producer=producer))
-    except OperationalError as exc:  # the producer's connection, made at its first use
-        raise BrokerUnavailable(f"Cannot reach the broker: {exc}") from None
+
+    def celery_writes() -> list[Write]:
+        try:
+            return writes_of(app, lambda producer: _send_query(app, task_id, message, placement, producer=producer))
+        except OperationalError as exc:  # the producer's connection, made at its first use
+            raise BrokerUnavailable(f"Cannot reach the broker: {exc}") from None
+
+    headers = {PLACEMENT_HEADER: placement} if placement else {}
+    return query_publish(app).writes(task_id, message, redacted_kwargs(message.kwargs), headers, celery_writes)
 
 
 def _send_query(

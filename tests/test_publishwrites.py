@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 
 import pytest
 import redis
 from celery import Celery
+from celery.worker.request import Request
 
 from cipherpool.config.celery import create_app
 from cipherpool.config.settings import Settings
-from cipherpool.dispatch import _send_query, query_message, query_queue
+from cipherpool.dispatch import PLACEMENT_HEADER, _send_query, query_message, query_queue
 from cipherpool.errors import QuotaExceeded
-from cipherpool.messages import QueryRequest
-from cipherpool.publishwrites import fusable, writes_of
+from cipherpool.messages import QueryRequest, redacted_kwargs
+from cipherpool.publishwrites import QueryPublish, comparable, fusable, writes_of
 from cipherpool.services import usage
 from tests.helpers import own_redis
 
@@ -121,3 +123,65 @@ def test_only_a_broker_that_is_the_platforms_own_redis_takes_the_writes(app, url
     prefixed = create_app(Settings(data_dir=tmp_path, broker_url=url))
     prefixed.conf.broker_transport_options = {**prefixed.conf.broker_transport_options, "global_keyprefix": "x:"}
     assert not fusable(Settings(data_dir=tmp_path, broker_url=url), prefixed)
+
+
+@pytest.mark.parametrize("headers", [{}, {PLACEMENT_HEADER: "home"}], ids=["model queue", "routed"])
+def test_the_message_built_here_is_celerys_and_proves_itself_once(app, url, headers):
+    """:class:`QueryPublish` builds what Celery builds (all but what differs on every publish);
+    a shape's first query is built both ways and compared, and later ones are built here only."""
+    message = _message("q-3")
+    celery_built = writes_of(
+        app, lambda producer: _send_query(app, "q-3", message, headers.get(PLACEMENT_HEADER), producer=producer)
+    )
+    builder = QueryPublish(app)
+    ours = builder.build("q-3", message, redacted_kwargs(message.kwargs), headers, SENT_TOPIC)
+    assert comparable(ours) == comparable(celery_built)
+
+    calls = []
+
+    def celery_writes():
+        calls.append(1)
+        return celery_built
+
+    assert builder.writes("q-3", message, redacted_kwargs(message.kwargs), headers, celery_writes) is celery_built
+    again = builder.writes("q-3", message, redacted_kwargs(message.kwargs), headers, celery_writes)
+    assert len(calls) == 1 and comparable(again) == comparable(celery_built)
+    # A node's consumer takes the built message as the task, under its shadow name.
+    client = redis.Redis.from_url(url)
+    assert usage.charge(client, f"tok-3-{len(headers)}", None, then=again) == 1
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(query_queue("cpu", MODEL_ID), accept=["msgpack"])
+        try:
+            got = simple.get(timeout=2)
+            got.ack()
+        finally:
+            simple.close()
+
+    def run(request):  # the query task, as a node's registry has it
+        return None
+
+    app.task(name=message.task, shared=False)(run)
+    request = Request(got, app=app)
+    assert (request.id, request.name, request.task.name) == ("q-3", message.shadow, message.task)
+    assert got.payload[1] == message.kwargs and got.headers.get(PLACEMENT_HEADER) == headers.get(PLACEMENT_HEADER)
+
+
+def test_a_shape_that_fails_its_proof_is_built_by_celery_from_then_on(app, monkeypatch, caplog):
+    message = _message("q-4")
+    builder = QueryPublish(app)
+    build = builder.build
+    monkeypatch.setattr(
+        builder, "build", lambda *a: [(w[0], w[1], w[2].replace('"lang": "py"', '"lang": "rs"')) for w in build(*a)]
+    )
+
+    def celery_writes():
+        return writes_of(app, lambda producer: _send_query(app, "q-4", message, producer=producer))
+
+    with caplog.at_level(logging.WARNING, logger="cipherpool.dispatch"):
+        builder.writes("q-4", message, redacted_kwargs(message.kwargs), {}, celery_writes)
+    assert "differs from Celery's: Celery builds them ([0][2].headers.lang: 'rs' here, 'py' by Celery)" in caplog.text
+    monkeypatch.setattr(builder, "build", lambda *a: pytest.fail("a shape that failed is never built here"))
+    assert (
+        json.loads(builder.writes("q-4", message, redacted_kwargs(message.kwargs), {}, celery_writes)[0][2])["headers"]["lang"]
+        == "py"
+    )
