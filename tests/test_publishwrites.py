@@ -57,6 +57,18 @@ def _published(app: Celery, client: redis.Redis, task_id: str, message) -> tuple
     return client.rpop(message.queue), event["data"]
 
 
+def _consumed(app: Celery):
+    """The next message on the model's queue, as a node's consumer reads it (acknowledged)."""
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(query_queue("cpu", MODEL_ID), accept=["msgpack"])
+        try:
+            got = simple.get(timeout=2)
+            got.ack()
+            return got
+        finally:
+            simple.close()
+
+
 def _same(ours: bytes | str, theirs: bytes | str, volatile: set[str]) -> None:
     a, b = json.loads(ours), json.loads(theirs)
     for envelope in (a, b):
@@ -98,13 +110,7 @@ def test_made_by_the_admission_script_they_queue_the_task_or_nothing_over_quota(
 
     assert usage.charge(client, "tok-2", 1, then=writes) == 1
     assert listener.get_message(timeout=2)["channel"] == SENT_TOPIC.encode()
-    with app.connection_for_read() as conn:  # what a node's consumer reads off the queue
-        simple = conn.SimpleQueue(query_queue("cpu", MODEL_ID), accept=["msgpack"])
-        try:
-            got = simple.get(timeout=2)
-            got.ack()
-        finally:
-            simple.close()
+    got = _consumed(app)
     assert (got.headers["id"], got.headers["task"], got.headers["shadow"]) == ("q-2", message.task, message.shadow)
     assert got.payload[1] == message.kwargs
 
@@ -149,13 +155,7 @@ def test_the_message_built_here_is_celerys_and_proves_itself_once(app, url, head
     # A node's consumer takes the built message as the task, under its shadow name.
     client = redis.Redis.from_url(url)
     assert usage.charge(client, f"tok-3-{len(headers)}", None, then=again) == 1
-    with app.connection_for_read() as conn:
-        simple = conn.SimpleQueue(query_queue("cpu", MODEL_ID), accept=["msgpack"])
-        try:
-            got = simple.get(timeout=2)
-            got.ack()
-        finally:
-            simple.close()
+    got = _consumed(app)
 
     def run(request):  # the query task, as a node's registry has it
         return None
