@@ -166,6 +166,11 @@ class QueryPublish:
             self._proved[shape] = topic if proved else None
         return theirs
 
+    def proved(self) -> dict[bool, bool]:
+        """Each shape met so far (with a placement header or not): built here (True) or by Celery."""
+        with self._lock:
+            return {shape: topic is not None for shape, topic in self._proved.items()}
+
     def build(
         self, task_id: str, message: InflightQuery, kwargsrepr: str, headers: dict[str, str], topic: str | None
     ) -> list[Write]:

@@ -152,6 +152,7 @@ def test_the_message_built_here_is_celerys_and_proves_itself_once(app, url, head
     assert builder.writes("q-3", message, redacted_kwargs(message.kwargs), headers, celery_writes) is celery_built
     again = builder.writes("q-3", message, redacted_kwargs(message.kwargs), headers, celery_writes)
     assert len(calls) == 1 and comparable(again) == comparable(celery_built)
+    assert builder.proved() == {bool(headers): True}
     # A node's consumer takes the built message as the task, under its shadow name.
     client = redis.Redis.from_url(url)
     assert usage.charge(client, f"tok-3-{len(headers)}", None, then=again) == 1
@@ -180,6 +181,7 @@ def test_a_shape_that_fails_its_proof_is_built_by_celery_from_then_on(app, monke
     with caplog.at_level(logging.WARNING, logger="cipherpool.dispatch"):
         builder.writes("q-4", message, redacted_kwargs(message.kwargs), {}, celery_writes)
     assert "differs from Celery's: Celery builds them ([0][2].headers.lang: 'rs' here, 'py' by Celery)" in caplog.text
+    assert builder.proved() == {False: False}
     monkeypatch.setattr(builder, "build", lambda *a: pytest.fail("a shape that failed is never built here"))
     assert (
         json.loads(builder.writes("q-4", message, redacted_kwargs(message.kwargs), {}, celery_writes)[0][2])["headers"]["lang"]
