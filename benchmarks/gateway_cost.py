@@ -10,7 +10,13 @@ the process) before and after each round of ``--queries`` sequential queries; ea
 round prints gateway and Redis CPU per query and the latency median and p95; ``--idle`` then
 measures the gateway's CPU per second with no traffic (its background work).
 
-Usage: .venv/bin/python benchmarks/gateway_cost.py [--queries 300] [--rounds 3] [--idle 10]
+With ``--other PATH`` (another checkout, e.g. ``git worktree add /tmp/before HEAD~1``), a second
+gateway runs that checkout's code on the same Redis and database, and the rounds alternate
+between the two in blocks (this, other, other, this, ...): each side's CPU is read over its own
+blocks only, and the ratio is printed per round. On this machine, whose speed drifts 2-3x
+within minutes, one run after another cannot resolve a 10 % change; blocks side by side can.
+
+Usage: .venv/bin/python benchmarks/gateway_cost.py [--queries 300] [--rounds 3] [--idle 10] [--other PATH]
 Target (docs/performance.md): gateway CPU per query <= 2 ms on this machine. Figures, not assertions.
 """
 
@@ -57,7 +63,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_gateway(env: dict[str, str], tree: Path | None) -> tuple[subprocess.Popen[bytes], str]:
+    """A gateway process of this checkout's code, or of ``tree``'s (its package first on the path)."""
+    port = free_port()
+    if tree is not None:
+        env = {**env, "PYTHONPATH": str(tree.resolve())}
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "cipherpool.gateway.app:create_app"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(argv, env=env, cwd=tree)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(base + "/v1/health").status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the gateway of {tree or 'this checkout'} did not start")
+
+
+class Side:
+    """One gateway's rounds: its CPU and Redis's are read over its own blocks only."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], base: str, headers: dict[str, str], body: bytes, wait: float):
+        self.name, self.proc, self.body, self.wait = name, proc, body, wait
+        self.client = httpx.Client(base_url=base, headers=headers, timeout=30)
+        self.gateway_ms: list[float] = []
+        self.redis_ms: list[float] = []
+        self.medians: list[float] = []
+        self.p95s: list[float] = []
+
+    def one(self) -> float:
+        t = time.perf_counter()
+        answer = self.client.post("/v1/queries", params={"wait": self.wait}, content=self.body, headers=POST_HEADERS)
+        assert answer.status_code == 200, (answer.status_code, answer.text)
+        return time.perf_counter() - t
+
+    def round(self, n: int, redis_pid: int) -> None:
+        g0, r0 = cpu_s(self.proc.pid), cpu_s(redis_pid)
+        lat = sorted(self.one() for _ in range(n))
+        g1, r1 = cpu_s(self.proc.pid), cpu_s(redis_pid)
+        self.gateway_ms.append((g1 - g0) / n * 1e3)
+        self.redis_ms.append((r1 - r0) / n * 1e3)
+        self.medians.append(statistics.median(lat) * 1e3)
+        self.p95s.append(lat[int(0.95 * n)] * 1e3)
+
+
 DELAY = [0.0]
+POST_HEADERS = {"Content-Type": "application/octet-stream"}
 
 
 def fake_node(url: str, queues: list[str], stop: threading.Event) -> None:
@@ -102,6 +155,7 @@ def main() -> None:
     # (a fake node answers at once: --delay holds each answer that long, as a slow model would)
     p.add_argument("--idle", type=float, default=0.0, help="then measure the gateway idle this long")
     p.add_argument("--delay", type=float, default=0.0, help="the fake node's compute, seconds")
+    p.add_argument("--other", type=Path, default=None, help="another checkout: its gateway alternates with this one's")
     args = p.parse_args()
 
     from cipherpool.config.settings import Settings, settings_env
@@ -118,7 +172,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
     supervisor = Supervisor(tmp / "logs")
-    gateway = None
+    gateway = other = None
     stop = threading.Event()
     try:
         redis_child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=256 * 1024**2)
@@ -146,76 +200,58 @@ def main() -> None:
             worker = workers.start_worker(session, alice, "digits", s.node_heartbeat_s)
             workers.mark_running(session, worker.id, {1})
             workers.set_consuming(session, worker.id, True)
-        port = free_port()
         env = {**os.environ, **settings_env(s)}
-        argv = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "cipherpool.gateway.app:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ]
-        gateway = subprocess.Popen(argv, env=env)
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                if httpx.get(base + "/v1/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        gateway, base = start_gateway(env, None)
+        other = start_gateway(env, args.other) if args.other else None
         queues = [model_queue("cpu", model_id), affinity_queue("cpu", model_id, "node-0@test")]
         stopper = threading.Thread(target=fake_node, args=(url, queues, stop), daemon=True)
         stopper.start()
         headers = {"Authorization": f"Bearer {value}"}
-        with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
-            put = c.put(f"/v1/client/keys/{KEY_ID}", content=struct.pack("<II", 0, 4) + b"\x07" * 32)
-            assert put.status_code == 201, put.text
-            body = EncryptedInput(model_id, KEY_ID, value_ciphertext()).encode()
-            post_headers = {"Content-Type": "application/octet-stream"}
-
-            def one() -> float:
-                t = time.perf_counter()
-                answer = c.post("/v1/queries", params={"wait": args.wait}, content=body, headers=post_headers)
-                assert answer.status_code == 200, (answer.status_code, answer.text)
-                return time.perf_counter() - t
-
+        body = EncryptedInput(model_id, KEY_ID, value_ciphertext()).encode()
+        sides = [Side("this", gateway, base, headers, body, args.wait)]
+        if other is not None:
+            sides.append(Side("other", other[0], other[1], headers, body, args.wait))
+        put = sides[0].client.put(f"/v1/client/keys/{KEY_ID}", content=struct.pack("<II", 0, 4) + b"\x07" * 32)
+        assert put.status_code == 201, put.text
+        for side in sides:
             for _ in range(50):
-                one()  # warm
-            DELAY[0] = args.delay
-            gateway_ms, redis_ms, medians = [], [], []
-            for round_ in range(args.rounds):
-                g0, r0 = cpu_s(gateway.pid), cpu_s(redis_child.pid)
-                lat = [one() for _ in range(args.queries)]
-                g1, r1 = cpu_s(gateway.pid), cpu_s(redis_child.pid)
-                n = args.queries
-                gateway_ms.append((g1 - g0) / n * 1e3)
-                redis_ms.append((r1 - r0) / n * 1e3)
-                medians.append(statistics.median(lat) * 1e3)
-                print(
-                    f"round {round_}: gateway {gateway_ms[-1]:6.2f} ms/q  redis {redis_ms[-1]:6.2f} ms/q  "
-                    f"latency median {medians[-1]:6.2f} ms  p95 {sorted(lat)[int(0.95 * n)] * 1e3:6.2f} ms",
-                    flush=True,
-                )
+                side.one()  # warm
+        DELAY[0] = args.delay
+        for round_ in range(args.rounds):
+            order = sides if round_ % 2 == 0 else sides[::-1]  # ABBA: neither side always goes first
+            for side in order:
+                side.round(args.queries, redis_child.pid)
             print(
-                f"median of {args.rounds} rounds: gateway CPU {statistics.median(gateway_ms):.2f} ms per query (target <= 2), "
-                f"Redis {statistics.median(redis_ms):.2f} ms, latency {statistics.median(medians):.2f} ms"
+                f"round {round_}: "
+                + "  |  ".join(
+                    f"{side.name}: gateway {side.gateway_ms[-1]:6.2f} ms/q  redis {side.redis_ms[-1]:5.2f} ms/q  "
+                    f"latency median {side.medians[-1]:6.2f} ms  p95 {side.p95s[-1]:6.2f} ms"
+                    for side in sides
+                )
+                + (f"  |  ratio {sides[0].gateway_ms[-1] / sides[1].gateway_ms[-1]:.2f}x" if other else ""),
+                flush=True,
             )
-            if args.idle:
-                i0 = cpu_stat(gateway.pid)
-                time.sleep(args.idle)
-                print(f"idle: gateway {(cpu_stat(gateway.pid) - i0) / args.idle * 1e3:6.2f} ms of CPU per second", flush=True)
+        for side in sides:
+            print(
+                f"{side.name}: median of {args.rounds} rounds: gateway CPU {statistics.median(side.gateway_ms):.2f} ms per query "
+                f"(target <= 2), Redis {statistics.median(side.redis_ms):.2f} ms, "
+                f"latency {statistics.median(side.medians):.2f} ms"
+            )
+        if other is not None:
+            ratios = [a / b for a, b in zip(sides[0].gateway_ms, sides[1].gateway_ms)]
+            print(f"gateway CPU this/other, median of the rounds' ratios: {statistics.median(ratios):.2f}x")
+        if args.idle:
+            i0 = cpu_stat(gateway.pid)
+            time.sleep(args.idle)
+            print(f"idle: gateway {(cpu_stat(gateway.pid) - i0) / args.idle * 1e3:6.2f} ms of CPU per second", flush=True)
+        for side in sides:
+            side.client.close()
     finally:
         stop.set()
-        if gateway is not None:
-            gateway.terminate()
-            gateway.wait(10)
+        for proc in (gateway, other[0] if other else None):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
         supervisor.stop_all(grace_s=5)
 
 

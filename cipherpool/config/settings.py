@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     # Longest single wait of a long-polling request; a client polls again until its own
     # query timeout, so no HTTP request outlives a proxy's idle timeout.
     long_poll_s: float = 25.0
+    # FastAPI's own OpenTelemetry spans and metrics, for an operator who runs the gateway under
+    # an OpenTelemetry SDK (opentelemetry-instrument). Off: its per-request check of the global
+    # providers was 3 % of the query route's CPU, and the platform's figures are its own
+    # (/metrics, docs/monitoring.md).
+    gateway_telemetry: bool = False
     # Readiness (GET /v1/ready, for load balancers): each dependency check gives up after
     # ready_timeout_s; a schema found at head is trusted for ready_schema_cache_s before the
     # database's migration table is read again (a probe every second must stay cheap).

@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # apidocs: the same pages, with their scripts served here rather than from a CDN
         redoc_url=None,
+        telemetry=_telemetry(settings.gateway_telemetry),
         description="Encrypted (FHE) machine-learning queries. Authenticate with `Authorization: Bearer` and an "
         "account API key (cpk_…, provider endpoints) or an access token (cpt_…, end-user endpoints).",
     )
@@ -86,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     apidocs.install(app)
     routers = [
+        queries.router,  # first: the routes matched on every query; FastAPI tries routers in order
         account.router,
         credits.router,
         stats.router,
@@ -93,7 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tokens.router,
         workers.router,
         enduser.router,
-        queries.router,
         alerts.router,
         schedules.router,
     ]
@@ -132,6 +134,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     templates = [getattr(r, "path_format", "") for r in (*app.routes, *(r for router in routers for r in router.routes))]
     app.state.gw.requests.learn(t for t in templates if t)
     return app
+
+
+def _telemetry(enabled: bool) -> TelemetryConfig:
+    """FastAPI's OpenTelemetry instrumentation, all of it on or off (``gateway_telemetry``)."""
+    return {"tracing": enabled, "metrics": enabled, "logs": enabled, "operation_spans": enabled}
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -28,7 +28,7 @@ from cipherpool.dispatch import open_batch, open_envelope, output_of, reply_from
 from cipherpool.dispatch import submit as submit_query
 from cipherpool.errors import CipherpoolError, QueryNotFound
 from cipherpool.gateway import affinity
-from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant
+from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant, caller
 from cipherpool.gateway.refusals import mark_relayed, note_model
 from cipherpool.gateway.results import TaskMeta, is_ready
 from cipherpool.gateway.state import GatewayState
@@ -50,12 +50,11 @@ BATCH_BODY = {
 
 
 @router.post("", status_code=202, responses=RESULT_HEADERS, openapi_extra=BINARY_BODY)
-async def submit(
-    request: Request, gw: Gateway, grant: Grant, wait: Wait = 0.0, wait_for_worker: WaitForWorker = False, mode: Mode = Route.AUTO
-) -> Response:
+async def submit(request: Request, wait: Wait = 0.0, wait_for_worker: WaitForWorker = False, mode: Mode = Route.AUTO) -> Response:
     """Refused with ``no_worker_up`` (503) while no worker serves the model, unless
     ``wait_for_worker``: then the query waits in the model's queue (until its deadline).
     ``mode``: a dedicated worker, a shared node, or ``auto`` (dedicated when one is up)."""
+    gw, grant = caller(request)
     body = await request.body()
     envelope, model = open_envelope(grant, body, wait_for_worker, mode, noted=lambda named: note_model(request, named))
     shared = route(model, mode, wait_for_worker) == Route.SHARED
@@ -99,7 +98,8 @@ async def submit_many(
 
 
 @router.get("/{query_id}", responses=RESULT_HEADERS)
-async def result(request: Request, query_id: QueryId, gw: Gateway, grant: Grant, wait: Wait = 0.0) -> Response:
+async def result(request: Request, query_id: QueryId, wait: Wait = 0.0) -> Response:
+    gw, grant = caller(request)
     await _check_owner(gw, grant, query_id)
     meta = await gw.waiter.meta(query_id)  # most polls find the answer there: no subscription
     if not is_ready(meta) and wait > 0:
