@@ -14,7 +14,9 @@ is lost.
   counters read through the result waiter's asyncio client): no thread-pool hop; one it has
   not cached still goes through the thread pool (a database lookup);
 * the route dependencies are coroutines: FastAPI runs a plain ``def`` dependency in its thread
-  pool, a thread hop per dependency per request;
+  pool, a thread hop per dependency per request; the query routes have none (they read their
+  caller directly) and are the first routers FastAPI tries, and FastAPI's OpenTelemetry check
+  runs only when ``gateway_telemetry`` asks for it;
 * the quota's scripts run by digest (EVALSHA), and are sent whole again when Redis does not
   know them (a restart, a SCRIPT FLUSH): the same answers.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import uuid
 from collections.abc import Iterator
 
 import msgpack
@@ -361,6 +364,30 @@ def test_delivered_results_are_shortened_together_off_the_answers_path(url, monk
 def test_route_dependencies_are_coroutines_so_no_request_pays_a_thread_hop_for_them():
     for dependency in (deps.gateway, deps.account, deps.grant):
         assert inspect.iscoroutinefunction(dependency), dependency.__name__
+
+
+def test_the_query_routes_are_tried_first_and_resolve_no_dependencies(world):  # noqa: F811
+    from fastapi.routing import APIRoute
+
+    included = [r for r in world.app.router.routes if hasattr(r, "original_router")]
+    first = [route for route in included[0].original_router.routes if isinstance(route, APIRoute)]
+    assert {route.path for route in first} == {"/v1/queries", "/v1/queries/batch", "/v1/queries/{query_id}"}
+    cheap = [r for r in first if r.name in ("submit", "result")]
+    assert len(cheap) == 2 and all(r.dependant.dependencies == [] for r in cheap)
+    key = world.a_key  # an account's key on an end user's route: the same typed refusal as before
+    for method, path in [("POST", "/v1/queries"), ("GET", "/v1/queries/" + str(uuid.uuid4()))]:
+        refused = world.call(key, method, path, content=b"x")
+        assert refused.status_code == 403 and refused.json()["code"] == "wrong_credential", refused.text
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_fastapis_telemetry_follows_the_setting(enabled, tmp_path):
+    from cipherpool.config.settings import Settings
+    from cipherpool.gateway.app import create_app
+
+    app = create_app(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:1/0", gateway_telemetry=enabled))
+    config = app._telemetry  # what FastAPI reads on every request
+    assert [config[k] for k in ("tracing", "metrics", "logs", "operation_spans")] == [enabled] * 4
 
 
 def test_the_quota_scripts_run_by_digest_and_are_sent_again_when_redis_forgot_them(url):
