@@ -22,15 +22,21 @@ no such head: for them this backend is Celery's own, read and write. Everything 
 expiry, failure expiry, the pub/sub message the gateway listens for, retries on connection
 errors) is Celery's.
 
-A STARTED is sent off the task's path: Celery stores it before the task body, and waiting for
-that round trip delayed every query's compute by it (0.8-1.5 ms measured on a 2-core machine).
-Here one sender thread per process stores it while the body runs. Order still holds where it
-matters: a task's next state (its SUCCESS, FAILURE or REVOKED, from whichever thread) and any
-read of its state in this process first wait for its STARTED to be stored, so a late STARTED
-never overwrites a FAILURE; the script refuses it after a SUCCESS anyway. A STARTED that
-cannot be stored (Redis gone past Celery's retries), or not within :data:`SETTLE_S` of its
-task's next state (no further retry), is logged and dropped: it is a status, and the task's
-answer is not.
+A STARTED is not waited for on the task's path: Celery stores it before the task body, and
+waiting for that round trip delayed every query's compute by it (0.8-1.5 ms measured on a
+2-core machine). Here the task's thread sends it on a connection of its own and goes on to the
+body without reading the reply; the reply is read when the task's next state is stored (its
+SUCCESS, FAILURE or REVOKED, from whichever thread) or its state is read in this process, by
+then long arrived. Reading it first is what keeps the order: Redis has run the STARTED before
+the next state is sent, even on another connection, so a late STARTED never overwrites a
+FAILURE (the script refuses it after a SUCCESS anyway). No thread, and nothing runs beside the
+body (an earlier sender thread cost the compute 7 % on the shared cores).
+
+A STARTED whose connection failed is stored once more, synchronously, before the next state;
+one still unanswered after :data:`SETTLE_S` (Redis hanging) has its connection closed, so it
+is never run, and is logged and dropped: it is a status, and the task's answer is not. A
+task that ends without a next state (Celery's Reject or Ignore) has its STARTED's reply read
+when its thread sends the next one, so a thread holds at most one connection so.
 
 Chosen by :func:`cipherpool.config.celery.result_backend_url` for ``redis://`` and
 ``rediss://`` result backends (Celery's ``module:Class+url`` form).
@@ -41,12 +47,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from functools import cached_property
 from typing import Any
 
+import redis
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
@@ -71,48 +75,81 @@ return 1
 
 
 log = logging.getLogger("cipherpool.results")
-SETTLE_S = 30.0  # the longest a task's next state waits for its STARTED (then the STARTED is dropped)
+SETTLE_S = 30.0  # the longest a task's next state waits for its STARTED's reply (then the STARTED is dropped)
+
+
+class _Started:
+    """A STARTED sent on a connection of its own, its reply not read yet."""
+
+    def __init__(self, backend: AtomicRedisBackend, connection: Any, pool: Any, args: tuple[Any, ...]) -> None:
+        self.backend, self.connection, self.pool, self.args = backend, connection, pool, args
+        self.thread = threading.get_ident()
+        self.lock = threading.Lock()
+        self.settled = False
+
+    def settle(self, task_id: str) -> None:
+        """Read the reply (the first caller; others wait for it under the lock), then give the
+        connection back."""
+        with self.lock:
+            if self.settled:
+                return
+            self.settled = True
+            try:
+                self.connection.read_response(timeout=SETTLE_S)
+            except redis.TimeoutError:  # disconnected: the STARTED never runs now
+                log.warning("task %s: its STARTED state was not stored within %.0f s: dropped", task_id, SETTLE_S)
+            except redis.ConnectionError:
+                self._again(task_id)
+            except Exception as exc:  # noqa: BLE001 - a status lost, not an answer: said, and dropped
+                log.warning("task %s: its STARTED state was not stored (%s)", task_id, exc)
+            finally:
+                self.pool.release(self.connection)
+
+    def _again(self, task_id: str) -> None:
+        try:
+            self.backend._store(*self.args)
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.warning("task %s: its STARTED state was not stored (%s)", task_id, exc)
 
 
 class _StartedStates:
-    """The STARTED states being stored in this process, and the one thread that stores them.
+    """The STARTED states of this process whose replies are not read yet.
 
     Process-wide, not per backend: Celery makes a result backend per thread (without
     ``result_backend_thread_safe``), and a task's next state may be stored from another thread
     than its STARTED (a revoke with ``terminate`` from the worker's main thread, a duplicate run
-    in another pool thread). Made again in a forked child (the parent's thread is not there)."""
+    in another pool thread). A forked child starts with none (the parent's connections are not
+    its own)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.pending: dict[str, Future[None]] = {}  # task id -> its STARTED, while being stored
-        self.superseded: set[str] = set()  # tasks whose next state stopped waiting: their STARTED is dropped
-        self._sender: ThreadPoolExecutor | None = None
-        self._pid = 0
+        self.pending: dict[str, _Started] = {}  # task id -> its STARTED
+        self._pid = os.getpid()
 
-    def submit(self, task_id: str, store: Callable[[], None]) -> Future[None]:
+    def add(self, task_id: str, started: _Started) -> None:
         with self.lock:
-            if self._sender is None or self._pid != os.getpid():
-                self._sender = ThreadPoolExecutor(1, thread_name_prefix="cipherpool-started")
-                self._pid = os.getpid()
-                self.pending.clear()
-                self.superseded.clear()
-            future = self._sender.submit(store)
-            self.pending[task_id] = future
-        future.add_done_callback(lambda done: self._stored(task_id, done))
-        return future
+            self._own()
+            self.pending[task_id] = started
 
-    def _stored(self, task_id: str, done: Future[None]) -> None:
+    def get(self, task_id: str) -> _Started | None:
         with self.lock:
-            if self.pending.get(task_id) is done:
+            self._own()
+            return self.pending.get(task_id)
+
+    def done(self, task_id: str, started: _Started) -> None:
+        with self.lock:
+            if self.pending.get(task_id) is started:
                 del self.pending[task_id]
-                self.superseded.discard(task_id)
 
-    def drain(self) -> None:
-        """Wait until every STARTED submitted so far is stored (tests)."""
+    def of_thread(self, thread: int) -> list[tuple[str, _Started]]:
+        """This thread's STARTED states still unread: tasks that ended without a next state."""
         with self.lock:
-            sender = self._sender
-        if sender is not None:
-            sender.submit(lambda: None).result()
+            self._own()
+            return [(task_id, started) for task_id, started in self.pending.items() if started.thread == thread]
+
+    def _own(self) -> None:
+        if self._pid != os.getpid():
+            self.pending, self._pid = {}, os.getpid()
 
 
 STARTED_STATES = _StartedStates()
@@ -162,36 +199,41 @@ class AtomicRedisBackend(RedisBackend):  # type: ignore[misc]  # Celery ships no
         return result
 
     def _send_started(self, task_id: str, key: bytes | str, value: bytes | str, expires: int, marker: bytes) -> None:
+        """Send the STARTED without reading its reply (:class:`_Started` reads it). EVAL, not
+        EVALSHA: a script Redis does not know (a restart) is not found out after the body."""
         started = STARTED_STATES
-
-        def attempt(*args: Any) -> None:  # each of Celery's retries asks again
-            if task_id not in started.superseded:
-                self._store(*args)
-
-        def store() -> None:
-            try:
-                self.ensure(attempt, (key, value, expires, marker))
-            except Exception as exc:  # noqa: BLE001 - a status lost, not an answer: said, and dropped
-                log.warning("task %s: its STARTED state was not stored (%s)", task_id, exc)
-
-        started.submit(task_id, store)
-
-    def _settle(self, task_id: str) -> None:
-        """Wait for the task's STARTED, if it is still being stored: what comes after it must
-        land after it (a FAILURE or a REVOKED is not protected by the script as a SUCCESS is).
-        One still not stored after :data:`SETTLE_S` (Redis unreachable, Celery retrying) makes
-        no further attempt."""
-        started = STARTED_STATES
-        with started.lock:
-            future = started.pending.get(task_id)
-        if future is None:
+        for earlier, unread in started.of_thread(threading.get_ident()):
+            unread.settle(earlier)
+            started.done(earlier, unread)
+        args = (key, value, expires, marker)
+        pool = self.client.connection_pool
+        try:
+            connection = pool.get_connection()
+        except Exception:  # noqa: BLE001 - Redis unreachable: Celery's retries, on the task's path as before
+            self._store_started_now(task_id, args)
             return
         try:
-            future.result(timeout=SETTLE_S)
-        except FutureTimeout:
-            with started.lock:
-                started.superseded.add(task_id)
-            log.warning("task %s: its STARTED state was not stored within %.0f s: dropped", task_id, SETTLE_S)
+            connection.send_command("EVAL", STORE_UNLESS_SUCCEEDED, 1, key, value, int(expires), marker)
+        except Exception:  # noqa: BLE001 - as above
+            connection.disconnect()
+            pool.release(connection)
+            self._store_started_now(task_id, args)
+            return
+        started.add(task_id, _Started(self, connection, pool, args))
+
+    def _store_started_now(self, task_id: str, args: tuple[Any, ...]) -> None:
+        try:
+            self.ensure(self._store, args)
+        except Exception as exc:  # noqa: BLE001 - a status lost, not an answer: said, and dropped
+            log.warning("task %s: its STARTED state was not stored (%s)", task_id, exc)
+
+    def _settle(self, task_id: str) -> None:
+        """Read the task's STARTED's reply, if it is unread: what comes after it must land
+        after it (a FAILURE or a REVOKED is not protected by the script as a SUCCESS is)."""
+        started = STARTED_STATES.get(task_id)
+        if started is not None:
+            started.settle(task_id)
+            STARTED_STATES.done(task_id, started)
 
     def _get_task_meta_for(self, task_id: str) -> Any:
         self._settle(task_id.decode() if isinstance(task_id, bytes) else task_id)  # a read sees this process's writes

@@ -4,9 +4,10 @@ still never overwrites a SUCCESS."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import threading
 import time
+from collections.abc import Iterator
 
 import msgpack
 import pytest
@@ -111,100 +112,128 @@ def test_a_stored_value_that_is_not_a_success_is_overwritten(url):
     assert results._get_task_meta_for("g1")["status"] == states.STARTED
 
 
-def _gated(results: AtomicRedisBackend, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """Hold every STARTED in the sender until the returned event is set."""
-    gate = threading.Event()
-    store = results._store
+@contextlib.contextmanager
+def paused(url: str, seconds: float) -> Iterator[redis.Redis]:
+    """Redis holds every write (``CLIENT PAUSE ... WRITE``) this long: a STARTED sent meanwhile
+    is not run, and its reply does not come, until the pause ends. Yields a client of its own."""
+    client = redis.Redis.from_url(url)
+    client.client_pause(int(seconds * 1000), all=False)
+    try:
+        yield client
+    finally:
+        client.client_unpause()
+        client.close()
 
-    def held(key, value, expires, marker):
-        if results.decode(value)["status"] == states.STARTED:
-            assert gate.wait(10)
+
+def stored_before_each_write(results: AtomicRedisBackend, url: str, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The status Redis holds for a key (reads are not paused) at each write of ``results``
+    other than a STARTED's: what a next state finds when it is sent."""
+    reader, seen, store = redis.Redis.from_url(url), [], results._store
+
+    def recording(key, value, expires, marker):
+        held = reader.get(key)
+        seen.append(results.decode(held)["status"] if held else None)
         store(key, value, expires, marker)
 
-    monkeypatch.setattr(results, "_store", held)
-    return gate
+    monkeypatch.setattr(results, "_store", recording)
+    return seen
 
 
-def _drained(results: AtomicRedisBackend) -> None:
-    STARTED_STATES.drain()  # one sender thread: all before it are done
-
-
-def test_a_started_is_stored_off_the_tasks_path_and_its_failure_lands_after_it(url, monkeypatch):
-    """The task body does not wait for its STARTED's round trip; its FAILURE waits for the
-    STARTED still being stored, so the late STARTED never overwrites it (the script guards a
-    SUCCESS only)."""
-    results = backend(url)
-    client = redis.Redis.from_url(url)
-    gate = _gated(results, monkeypatch)
-    began = time.monotonic()
-    results.store_result("s1", {"pid": 1}, states.STARTED)
-    assert time.monotonic() - began < 1.0 and client.get("celery-task-meta-s1") is None  # not stored yet
-    threading.Timer(0.3, gate.set).start()
-    results.store_result("s1", ValueError("x"), states.FAILURE)
-    assert gate.is_set()  # the FAILURE was stored after the STARTED, not before it
-    _drained(results)
-    assert results.decode(client.get("celery-task-meta-s1"))["status"] == states.FAILURE
+def test_a_started_is_not_waited_for_and_its_failure_is_sent_after_it_ran(url, monkeypatch):
+    """The task body does not wait for its STARTED's reply; its FAILURE reads it first, so the
+    STARTED has run before the FAILURE is sent (the script guards a SUCCESS only)."""
+    results, reader = backend(url), redis.Redis.from_url(url)
+    seen = stored_before_each_write(results, url, monkeypatch)
+    with paused(url, 0.6):
+        began = time.monotonic()
+        results.store_result("s1", {"pid": 1}, states.STARTED)
+        assert time.monotonic() - began < 0.3  # sent, not waited for
+        assert "s1" in STARTED_STATES.pending and reader.get("celery-task-meta-s1") is None
+        results.store_result("s1", ValueError("x"), states.FAILURE)
+    assert seen == [states.STARTED]  # the FAILURE was sent once Redis had run the STARTED
+    assert results.decode(reader.get("celery-task-meta-s1"))["status"] == states.FAILURE
     assert "s1" not in STARTED_STATES.pending
 
 
-def test_a_read_in_the_same_process_sees_its_started(url, monkeypatch):
+def test_a_read_in_the_same_process_sees_its_started(url):
     results = backend(url)
-    gate = _gated(results, monkeypatch)
-    results.store_result("s2", {"pid": 1}, states.STARTED)
-    threading.Timer(0.3, gate.set).start()
-    assert results._get_task_meta_for("s2")["status"] == states.STARTED
+    with paused(url, 0.4):
+        results.store_result("s2", {"pid": 1}, states.STARTED)
+        assert results._get_task_meta_for("s2")["status"] == states.STARTED
 
 
-def test_a_started_that_cannot_be_stored_is_logged_and_the_answer_still_is(url, monkeypatch, caplog):
-    results = backend(url)
-    store = results._store
-
-    def refusing(key, value, expires, marker):
-        if results.decode(value)["status"] == states.STARTED:
-            raise ValueError("refused")
-        store(key, value, expires, marker)
-
-    monkeypatch.setattr(results, "_store", refusing)
-    with caplog.at_level(logging.WARNING, logger="cipherpool.results"):
+def test_a_started_whose_connection_failed_is_stored_again_before_the_next_state(url):
+    """The STARTED's connection is cut before Redis ran it (a network fault): it is stored once
+    more, synchronously, before the task's next state."""
+    results, reader = backend(url), redis.Redis.from_url(url)
+    with paused(url, 0.4) as pausing:
         results.store_result("s3", {"pid": 1}, states.STARTED)
-        results.store_result("s3", {"ok": True}, states.SUCCESS)
-        _drained(results)
-    assert "s3: its STARTED state was not stored (refused)" in caplog.text
+        pausing.client_kill_filter(_type="normal", skipme=True)  # every other client: the STARTED's cut
+    assert reader.get("celery-task-meta-s3") is None  # it never ran
+    assert results._get_task_meta_for("s3")["status"] == states.STARTED  # stored again, then read
+    results.store_result("s3", {"ok": True}, states.SUCCESS)
     assert results._get_task_meta_for("s3")["status"] == states.SUCCESS
+
+
+def test_a_started_that_cannot_be_stored_is_logged_and_the_answer_still_is(url, caplog):
+    """Its connection cut, and stored again into a key Redis refuses (of another type): logged
+    and dropped, and the task's answer is stored as ever."""
+    results, reader = backend(url), redis.Redis.from_url(url)
+    reader.rpush("not-a-result", b"x")
+    with caplog.at_level(logging.WARNING, logger="cipherpool.results"):
+        with paused(url, 0.3) as pausing:
+            results.store_result("s3b", {"pid": 1}, states.STARTED)
+            unread = STARTED_STATES.pending["s3b"]
+            unread.args = ("not-a-result", *unread.args[1:])  # where it is stored again: WRONGTYPE
+            pausing.client_kill_filter(_type="normal", skipme=True)
+        results.store_result("s3b", {"ok": True}, states.SUCCESS)
+    assert "s3b: its STARTED state was not stored (WRONGTYPE" in caplog.text
+    assert results._get_task_meta_for("s3b")["status"] == states.SUCCESS
 
 
 def test_a_state_stored_by_another_threads_backend_lands_after_the_started(url, monkeypatch):
     """Celery makes a backend per thread: a revoke with ``terminate`` stores REVOKED from the
-    worker's main thread while the pool thread's STARTED may still be on its way. The pending
-    STARTED states are the process's, so the REVOKED waits for it as a FAILURE does."""
+    worker's main thread while the pool thread's STARTED may still be unanswered. The unread
+    STARTED states are the process's, so the REVOKED reads it first, as a FAILURE does."""
     in_pool_thread, in_main_thread = backend(url), backend(url)
-    gate = _gated(in_pool_thread, monkeypatch)
-    in_pool_thread.store_result("s4", {"pid": 1}, states.STARTED)
-    threading.Timer(0.3, gate.set).start()
-    in_main_thread.mark_as_revoked("s4", "terminated")
-    _drained(in_pool_thread)
+    seen = stored_before_each_write(in_main_thread, url, monkeypatch)
+    with paused(url, 0.4):
+        in_pool_thread.store_result("s4", {"pid": 1}, states.STARTED)
+        in_main_thread.mark_as_revoked("s4", "terminated")
+    assert seen == [states.STARTED]
     assert in_main_thread._get_task_meta_for("s4")["status"] == states.REVOKED
+    assert "s4" not in STARTED_STATES.pending
 
 
-def test_a_started_still_retrying_when_its_next_state_stops_waiting_makes_no_more_attempts(url, monkeypatch, caplog):
-    """Redis unreachable for the STARTED (Celery's backend retries it) past :data:`SETTLE_S`:
-    the next state stops waiting and is stored, and the STARTED's retries stop."""
-    results = backend(url)
-    store, attempts = results._store, []
-
-    def unreachable(key, value, expires, marker):
-        if results.decode(value)["status"] == states.STARTED:
-            attempts.append(1)
-            raise redis.ConnectionError("unreachable")
-        store(key, value, expires, marker)
-
-    monkeypatch.setattr(results, "_store", unreachable)
+def test_a_started_unanswered_past_the_wait_is_dropped_and_never_runs(url, monkeypatch, caplog):
+    """Redis holds the STARTED past :data:`SETTLE_S`: the next state stops waiting, the
+    STARTED's connection is closed so Redis never runs it, and the next state is stored."""
+    results, reader = backend(url), redis.Redis.from_url(url)
+    listener = reader.pubsub()
+    listener.subscribe("celery-task-meta-s5")  # every state stored is published here
     monkeypatch.setattr(resultbackend, "SETTLE_S", 0.3)
-    with caplog.at_level(logging.WARNING, logger="cipherpool.results"):
+    with caplog.at_level(logging.WARNING, logger="cipherpool.results"), paused(url, 1.0):
         results.store_result("s5", {"pid": 1}, states.STARTED)
-        results.store_result("s5", ValueError("x"), states.FAILURE)  # waits 0.3 s, then is stored
-        _drained(results)
+        results.store_result("s5", ValueError("x"), states.FAILURE)  # 0.3 s, then sent: runs after the pause
     assert "s5: its STARTED state was not stored within 0 s: dropped" in caplog.text
-    assert 1 <= len(attempts) <= 2  # retries go on for seconds otherwise
-    assert results._get_task_meta_for("s5")["status"] == states.FAILURE
-    assert "s5" not in STARTED_STATES.superseded and "s5" not in STARTED_STATES.pending
+    published, until = [], time.monotonic() + 1.0
+    while time.monotonic() < until:
+        message = listener.get_message(timeout=0.1)
+        if message is not None and message["type"] == "message":
+            published.append(results.decode(message["data"])["status"])
+    assert published == [states.FAILURE]  # the STARTED never ran
+    assert results.decode(reader.get("celery-task-meta-s5"))["status"] == states.FAILURE
+    assert "s5" not in STARTED_STATES.pending
+    listener.close()
+
+
+def test_a_task_that_ended_without_a_next_state_frees_its_connection_at_the_threads_next_started(url):
+    """Celery's Reject and Ignore store no next state: the thread's next STARTED reads the
+    earlier one's reply first, so a thread never holds more than one connection for them."""
+    results = backend(url)
+    results.store_result("s6", {"pid": 1}, states.STARTED)  # then Ignore: nothing more
+    results.store_result("s7", {"pid": 1}, states.STARTED)
+    assert "s6" not in STARTED_STATES.pending and "s7" in STARTED_STATES.pending
+    results.store_result("s7", {"ok": True}, states.SUCCESS)
+    pool = results.client.connection_pool
+    assert not pool._in_use_connections  # every connection back in the pool
