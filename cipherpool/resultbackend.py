@@ -81,15 +81,15 @@ SETTLE_S = 30.0  # the longest a task's next state waits for its STARTED's reply
 class _Started:
     """A STARTED sent on a connection of its own, its reply not read yet."""
 
-    def __init__(self, backend: AtomicRedisBackend, connection: Any, pool: Any, args: tuple[Any, ...]) -> None:
-        self.backend, self.connection, self.pool, self.args = backend, connection, pool, args
+    def __init__(self, backend: AtomicRedisBackend, connection: Any, args: tuple[Any, ...]) -> None:
+        self.backend, self.connection, self.args = backend, connection, args
         self.thread = threading.get_ident()
         self.lock = threading.Lock()
         self.settled = False
 
     def settle(self, task_id: str) -> None:
-        """Read the reply (the first caller; others wait for it under the lock), then give the
-        connection back."""
+        """Read the reply (the first caller; others wait for it under the lock). A failed read
+        has closed the connection (redis-py's), which its thread's next STARTED opens again."""
         with self.lock:
             if self.settled:
                 return
@@ -102,8 +102,6 @@ class _Started:
                 self._again(task_id)
             except Exception as exc:  # noqa: BLE001 - a status lost, not an answer: said, and dropped
                 log.warning("task %s: its STARTED state was not stored (%s)", task_id, exc)
-            finally:
-                self.pool.release(self.connection)
 
     def _again(self, task_id: str) -> None:
         try:
@@ -206,20 +204,28 @@ class AtomicRedisBackend(RedisBackend):  # type: ignore[misc]  # Celery ships no
             unread.settle(earlier)
             started.done(earlier, unread)
         args = (key, value, expires, marker)
-        pool = self.client.connection_pool
-        try:
-            connection = pool.get_connection()
-        except Exception:  # noqa: BLE001 - Redis unreachable: Celery's retries, on the task's path as before
-            self._store_started_now(task_id, args)
-            return
+        connection = self._started_connection()
         try:
             connection.send_command("EVAL", STORE_UNLESS_SUCCEEDED, 1, key, value, int(expires), marker)
-        except Exception:  # noqa: BLE001 - as above
+        except Exception:  # noqa: BLE001 - Redis unreachable: Celery's retries, on the task's path as before
             connection.disconnect()
-            pool.release(connection)
             self._store_started_now(task_id, args)
             return
-        started.add(task_id, _Started(self, connection, pool, args))
+        started.add(task_id, _Started(self, connection, args))
+
+    def _started_connection(self) -> Any:
+        """This thread's connection for its STARTED states, outside the client's pool: one
+        STARTED at a time is unread on it (its earlier ones were read above), so taking and
+        checking a pooled connection per task (a poll of its socket) is not needed."""
+        own = self._started_local
+        if getattr(own, "pid", None) != os.getpid():
+            pool = self.client.connection_pool
+            own.connection, own.pid = pool.connection_class(**pool.connection_kwargs), os.getpid()
+        return own.connection
+
+    @cached_property
+    def _started_local(self) -> threading.local:
+        return threading.local()
 
     def _store_started_now(self, task_id: str, args: tuple[Any, ...]) -> None:
         try:

@@ -227,13 +227,15 @@ def test_a_started_unanswered_past_the_wait_is_dropped_and_never_runs(url, monke
     listener.close()
 
 
-def test_a_task_that_ended_without_a_next_state_frees_its_connection_at_the_threads_next_started(url):
+def test_a_task_that_ended_without_a_next_state_is_read_at_the_threads_next_started(url):
     """Celery's Reject and Ignore store no next state: the thread's next STARTED reads the
-    earlier one's reply first, so a thread never holds more than one connection for them."""
+    earlier one's reply first, so its one connection carries one unread STARTED at a time."""
     results = backend(url)
     results.store_result("s6", {"pid": 1}, states.STARTED)  # then Ignore: nothing more
+    first = STARTED_STATES.pending["s6"]
     results.store_result("s7", {"pid": 1}, states.STARTED)
-    assert "s6" not in STARTED_STATES.pending and "s7" in STARTED_STATES.pending
+    second = STARTED_STATES.pending["s7"]
+    assert "s6" not in STARTED_STATES.pending and first.settled and not second.settled
+    assert first.connection is second.connection  # the thread's own, outside the client's pool
     results.store_result("s7", {"ok": True}, states.SUCCESS)
-    pool = results.client.connection_pool
-    assert not pool._in_use_connections  # every connection back in the pool
+    assert second.settled and results._get_task_meta_for("s6")["status"] == states.STARTED
