@@ -110,6 +110,7 @@ class Side:
 
 
 DELAY = [0.0]
+OUTPUT_BYTES = [64]
 POST_HEADERS = {"Content-Type": "application/octet-stream"}
 
 
@@ -127,7 +128,7 @@ def fake_node(url: str, queues: list[str], stop: threading.Event) -> None:
         message = json.loads(got[1])
         time.sleep(DELAY[0])
         task_id = message["headers"]["id"]
-        reply = QueryReply(output=b"\x01" * 64, node="fake", version=1, key_cache="hit", timings={"compute_s": 0.0})
+        reply = QueryReply(output=b"\x01" * OUTPUT_BYTES[0], node="fake", version=1, key_cache="hit", timings={"compute_s": 0.0})
         meta = {
             "status": "SUCCESS",
             "result": {"ok": True, "value": reply.encode()},
@@ -155,8 +156,10 @@ def main() -> None:
     # (a fake node answers at once: --delay holds each answer that long, as a slow model would)
     p.add_argument("--idle", type=float, default=0.0, help="then measure the gateway idle this long")
     p.add_argument("--delay", type=float, default=0.0, help="the fake node's compute, seconds")
+    p.add_argument("--output-bytes", type=int, default=64, help="each answer's size (digits: 164283)")
     p.add_argument("--other", type=Path, default=None, help="another checkout: its gateway alternates with this one's")
     args = p.parse_args()
+    OUTPUT_BYTES[0] = args.output_bytes
 
     from cipherpool.config.settings import Settings, settings_env
     from cipherpool.db import init_db, session_scope
@@ -175,7 +178,7 @@ def main() -> None:
     gateway = other = None
     stop = threading.Event()
     try:
-        redis_child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=256 * 1024**2)
+        redis_child, url = start_redis(supervisor, tmp / "redis", maxmemory_bytes=2 * 1024**3)  # answers kept 300 s
         s = Settings(
             data_dir=tmp / "data",
             broker_url=url,

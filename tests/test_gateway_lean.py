@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import uuid
 from collections.abc import Iterator
 
@@ -89,6 +90,27 @@ def test_a_query_published_inside_a_confirmed_watch_is_answered_by_its_message_a
     meta, reads, subscribed = run(url, body)
     assert subscribed and isinstance(meta, dict) and meta["status"] == "SUCCESS"
     assert reads == 0
+
+
+def test_a_result_message_is_taken_as_it_came_never_formatted_for_a_log_line(url, monkeypatch, caplog):
+    """redis-py's own handler of a RESP3 push message builds a debug line of the whole message
+    (a 164 KB answer: about 1 ms of the gateway's CPU) before asking whether to log it: the
+    waiter's handler takes the message as it came."""
+    monkeypatch.setattr(results, "FALLBACK_POLL_S", 15.0)
+    big = {"status": "SUCCESS", "result": {"ok": True, "value": b"\x01" * 200_000}, "task_id": "q-big"}
+
+    async def body(waiter: Counting, client: redis.Redis) -> object:
+        await asyncio.wait_for(_until(lambda: waiter._pattern_live), 30)
+        async with waiter.watch("q-big") as watch:
+            raw = msgpack.packb(big, use_bin_type=True)
+            client.set(RESULT_META_PREFIX + "q-big", raw, ex=60)
+            client.publish(RESULT_META_PREFIX + "q-big", raw)
+            return await watch.result(5)
+
+    with caplog.at_level(logging.DEBUG, logger="push_response"):
+        meta = run(url, body)
+    assert isinstance(meta, dict) and meta["result"]["value"] == big["result"]["value"]
+    assert not [r for r in caplog.records if r.name == "push_response"]
 
 
 def test_a_watch_as_the_waiter_starts_opens_no_connection_of_its_own(url, monkeypatch):

@@ -86,6 +86,14 @@ def computed_by(redis: Redis, query_id: str) -> str | None:
         return None
 
 
+async def _as_received(message: Any) -> Any:
+    """Each pub/sub message as it came. redis-py's own handler of RESP3 push messages formats
+    the whole message for a debug log line before the logger is asked whether it logs: a
+    164 KB result (digits) cost the gateway about 1 ms of CPU that way, 30 % of its time
+    (py-spy; benchmarks/gateway_cost.py ``--output-bytes``)."""
+    return message
+
+
 class ResultWaiter:
     def __init__(self, url: str):
         # SOCKET_TIMEOUT_S bounds the commands (a GET of a result, a PING) in a partition; the
@@ -99,7 +107,7 @@ class ResultWaiter:
             health_check_interval=30,
             retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=STALE_ERRORS),
         )
-        self._pubsub = self._redis.pubsub()
+        self._pubsub = self._redis.pubsub(push_handler_func=_as_received)
         # A private channel keeps the connection subscribed, so the reader always has one.
         self._private = f"cipherpool:gateway:{uuid.uuid4().hex}"
         self._futures: dict[str, set[asyncio.Future[TaskMeta]]] = {}
