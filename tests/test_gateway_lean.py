@@ -491,3 +491,45 @@ def test_the_rate_limiter_on_the_event_loop_counts_as_on_a_thread(url, monkeypat
         sync.close()
     assert answers == [[b"3"]] * 3 and unlimited == [b"3"]
     assert refused == 1  # the 4th request in a window of a 3/s token, told to retry in a second
+
+
+def test_the_rate_count_is_one_script_by_digest_sent_again_when_redis_forgot_it(url, monkeypatch):
+    """Counts and change counters in one round trip, one reply: the script by its digest, and
+    whole once more after a SCRIPT FLUSH (a restarted Redis), on either client; the windows
+    get their expiry."""
+    import redis.asyncio as aioredis
+
+    from cipherpool.gateway.ratelimit import COUNT_AND_READ_SHA, WINDOW_S, RateLimiter
+
+    frozen = 2_000_000.5
+    monkeypatch.setattr("cipherpool.gateway.ratelimit.time.time", lambda: frozen)
+    sync = redis.Redis.from_url(url)
+    sync.set("lean:gen2", b"5")
+    limiter = RateLimiter(sync, token_rate_per_s=10, account_rate_per_s=100)
+    sent: list[str] = []
+    real = sync.execute_command
+
+    def recording(*args, **kwargs):
+        sent.append(str(args[0]).upper())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sync, "execute_command", recording)
+    sync.script_flush()
+    assert limiter.hit("lean-a2", "lean-t2", also_get=["lean:gen2", "lean:none"]) == [b"5", None]
+    assert limiter.hit("lean-a2", "lean-t2", also_get=["lean:gen2"]) == [b"5"]
+    assert sent == ["SCRIPT FLUSH", "EVALSHA", "EVAL", "EVALSHA"]  # one command a request
+    window = int(frozen // WINDOW_S)
+    assert int(sync.get(f"cipherpool:rate:t:lean-t2:{window}")) == 2
+    assert 0 < sync.ttl(f"cipherpool:rate:a:lean-a2:{window}") <= 2 * WINDOW_S
+
+    async def body() -> list[object]:
+        client = aioredis.Redis.from_url(url)
+        try:
+            await client.script_flush()
+            return await limiter.hit_async(client, "lean-a2", "lean-t2", also_get=["lean:gen2"])
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(body()) == [b"5"]
+    assert sync.script_exists(COUNT_AND_READ_SHA) == [True]
+    assert int(sync.get(f"cipherpool:rate:t:lean-t2:{window}")) == 3
