@@ -28,8 +28,9 @@ LAYERS: list[set[str]] = [
     {"db"},  # tables, engine, migrations (self-contained)
     {"api", "messages"},  # wire types: HTTP schemas, task envelopes
     # what every platform process shares (blobs: the store's backends and a node's disk cache;
-    # resultbackend: Celery's, for task states; publishwrites: a Celery publish as Redis writes)
-    {"store", "blobs", "fhe", "context", "announce", "outages", "inflight", "resultbackend", "publishwrites"},
+    # resultbackend: Celery's, for task states; publishwrites: a Celery publish as Redis writes;
+    # brokerredis: kombu's Redis transport, one client object per channel)
+    {"store", "blobs", "fhe", "context", "announce", "outages", "inflight", "resultbackend", "publishwrites", "brokerredis"},
     {"billing"},  # money: ledger, rates, charging
     {"services", "workerlog"},  # the platform's decisions on the database
     {"dispatch", "monitoring", "alerts"},  # publishing to nodes; figures; alert rules

@@ -24,6 +24,7 @@ from cipherpool.names import (
 )
 
 ATOMIC_REDIS_BACKEND = "cipherpool.resultbackend:AtomicRedisBackend"
+ONE_CLIENT_REDIS_TRANSPORT = "cipherpool.brokerredis:Transport"
 
 
 def result_backend_url(url: str) -> str:
@@ -34,6 +35,14 @@ def result_backend_url(url: str) -> str:
     return f"{ATOMIC_REDIS_BACKEND}+{url}" if scheme in ("redis", "rediss") else url
 
 
+def broker_transport(url: str) -> str | None:
+    """The kombu transport for a broker URL: for plain ``redis://`` (each of a failover list),
+    kombu's Redis transport keeping one client object per channel
+    (:mod:`cipherpool.brokerredis`); None, kombu's own for the URL's scheme."""
+    plain = all(part.strip().partition("://")[0] == "redis" for part in url.split(";"))
+    return ONE_CLIENT_REDIS_TRANSPORT if plain else None
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     visibility = {"visibility_timeout": settings.visibility_timeout_s}
     # kombu sweeps for abandoned (unacknowledged) messages only every interval x throttle
@@ -42,8 +51,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
         "unacked_restore_throttle": 1,
     }
+    transport = broker_transport(settings.effective_broker_url())
     return {
         "broker_url": settings.effective_broker_url(),
+        **({"broker_transport": transport} if transport else {}),
         "result_backend": result_backend_url(settings.effective_result_backend()),
         # A broker host that does not answer costs a connect this long, not the OS's minutes.
         "broker_transport_options": {**visibility, **sweep, "socket_connect_timeout": 5},

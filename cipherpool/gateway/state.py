@@ -19,7 +19,6 @@ from cipherpool.config.settings import Settings
 from cipherpool.context import PlatformContext
 from cipherpool.gateway.affinity import router_for
 from cipherpool.gateway.auth import Authenticator
-from cipherpool.gateway.broker import TRANSPORT
 from cipherpool.gateway.httpmetrics import RequestMetrics
 from cipherpool.gateway.ratelimit import RateLimiter
 from cipherpool.gateway.readiness import Readiness
@@ -57,8 +56,6 @@ class GatewayState:
         # read: measured 9.6 core-ms per query in the gateway with it. The gateway waits with
         # its ResultWaiter; nodes still store results (that is the worker's configuration).
         self.celery.conf.result_backend = None
-        if s.broker_is_redis():  # one Redis client object per channel, not one per message (gateway.broker)
-            self.celery.conf.broker_transport = TRANSPORT
         self.auth = Authenticator(self.ctx)
         self.limiter = RateLimiter(self.ctx.store.redis, s.token_rate_per_s, s.account_rate_per_s)
         self.throttle = AuthThrottle(self.ctx.store.redis, s.auth_failure_burst, s.auth_failure_window_s, s.trusted_proxies)
