@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import struct
 import subprocess
@@ -256,6 +257,7 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(10)
         supervisor.stop_all(grace_s=5)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

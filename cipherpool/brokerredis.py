@@ -11,8 +11,8 @@ keeps one per pool: the same commands on the same connections, without building 
 command. A channel whose pool was replaced (after a disconnect, or in a forked child) builds a
 new one.
 
-Named by :func:`cipherpool.config.celery.broker_transport` for plain ``redis://`` brokers, in
-every platform process (Celery's ``broker_transport``). ``rediss://`` keeps kombu's own: kombu
+Named by :func:`cipherpool.config.celery.broker_transport` for a plain ``redis://`` broker (one
+URL, not a failover list), in every platform process (Celery's ``broker_transport``). ``rediss://`` keeps kombu's own: kombu
 turns TLS on from that scheme's name, which a transport named by its class would lose.
 """
 

@@ -32,11 +32,14 @@ the next state is sent, even on another connection, so a late STARTED never over
 FAILURE (the script refuses it after a SUCCESS anyway). No thread, and nothing runs beside the
 body (an earlier sender thread cost the compute 7 % on the shared cores).
 
-A STARTED whose connection failed is stored once more, synchronously, before the next state;
-one still unanswered after :data:`SETTLE_S` (Redis hanging) has its connection closed, so it
-is never run, and is logged and dropped: it is a status, and the task's answer is not. A
-task that ends without a next state (Celery's Reject or Ignore) has its STARTED's reply read
-when its thread sends the next one, so a thread holds at most one connection so.
+A STARTED whose send or read failed is stored once more, synchronously, before the next state
+(one attempt: no retries on the task's path). One still unanswered after :data:`SETTLE_S`
+(Redis stalled, or a partition) has its connection closed and is logged and dropped: it is a
+status, and the task's answer is not. A Redis that never read it never runs it; one that read
+it and stalled may still run it late, as a late retry of Celery's could. Each connection
+carries one unread STARTED at a time: its thread reads the last one's reply before it sends
+the next, whatever became of that task (Celery's Reject or Ignore store no next state; a
+duplicate run of the same task in another thread does not take it over).
 
 Chosen by :func:`cipherpool.config.celery.result_backend_url` for ``redis://`` and
 ``rediss://`` result backends (Celery's ``module:Class+url`` form).
@@ -79,11 +82,11 @@ SETTLE_S = 30.0  # the longest a task's next state waits for its STARTED's reply
 
 
 class _Started:
-    """A STARTED sent on a connection of its own, its reply not read yet."""
+    """A STARTED sent on a connection of its own, its reply not read yet; or, with no
+    connection, one whose send failed, stored when it is settled."""
 
     def __init__(self, backend: AtomicRedisBackend, connection: Any, args: tuple[Any, ...]) -> None:
         self.backend, self.connection, self.args = backend, connection, args
-        self.thread = threading.get_ident()
         self.lock = threading.Lock()
         self.settled = False
 
@@ -94,9 +97,12 @@ class _Started:
             if self.settled:
                 return
             self.settled = True
+            if self.connection is None:
+                self._again(task_id)
+                return
             try:
                 self.connection.read_response(timeout=SETTLE_S)
-            except redis.TimeoutError:  # disconnected: the STARTED never runs now
+            except redis.TimeoutError:  # and disconnected
                 log.warning("task %s: its STARTED state was not stored within %.0f s: dropped", task_id, SETTLE_S)
             except redis.ConnectionError:
                 self._again(task_id)
@@ -111,7 +117,8 @@ class _Started:
 
 
 class _StartedStates:
-    """The STARTED states of this process whose replies are not read yet.
+    """The STARTED states of this process not settled yet, by task id (a duplicate run may send
+    a task's STARTED twice, from two threads).
 
     Process-wide, not per backend: Celery makes a result backend per thread (without
     ``result_backend_thread_safe``), and a task's next state may be stored from another thread
@@ -121,29 +128,26 @@ class _StartedStates:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.pending: dict[str, _Started] = {}  # task id -> its STARTED
+        self.pending: dict[str, list[_Started]] = {}
         self._pid = os.getpid()
 
     def add(self, task_id: str, started: _Started) -> None:
         with self.lock:
             self._own()
-            self.pending[task_id] = started
+            self.pending.setdefault(task_id, []).append(started)
 
-    def get(self, task_id: str) -> _Started | None:
+    def get(self, task_id: str) -> list[_Started]:
         with self.lock:
             self._own()
-            return self.pending.get(task_id)
+            return list(self.pending.get(task_id, ()))
 
     def done(self, task_id: str, started: _Started) -> None:
         with self.lock:
-            if self.pending.get(task_id) is started:
-                del self.pending[task_id]
-
-    def of_thread(self, thread: int) -> list[tuple[str, _Started]]:
-        """This thread's STARTED states still unread: tasks that ended without a next state."""
-        with self.lock:
-            self._own()
-            return [(task_id, started) for task_id, started in self.pending.items() if started.thread == thread]
+            entries = self.pending.get(task_id, [])
+            if started in entries:
+                entries.remove(started)
+            if not entries:
+                self.pending.pop(task_id, None)
 
     def _own(self) -> None:
         if self._pid != os.getpid():
@@ -199,45 +203,37 @@ class AtomicRedisBackend(RedisBackend):  # type: ignore[misc]  # Celery ships no
     def _send_started(self, task_id: str, key: bytes | str, value: bytes | str, expires: int, marker: bytes) -> None:
         """Send the STARTED without reading its reply (:class:`_Started` reads it). EVAL, not
         EVALSHA: a script Redis does not know (a restart) is not found out after the body."""
-        started = STARTED_STATES
-        for earlier, unread in started.of_thread(threading.get_ident()):
-            unread.settle(earlier)
-            started.done(earlier, unread)
-        args = (key, value, expires, marker)
-        connection = self._started_connection()
-        try:
-            connection.send_command("EVAL", STORE_UNLESS_SUCCEEDED, 1, key, value, int(expires), marker)
-        except Exception:  # noqa: BLE001 - Redis unreachable: Celery's retries, on the task's path as before
-            connection.disconnect()
-            self._store_started_now(task_id, args)
-            return
-        started.add(task_id, _Started(self, connection, args))
-
-    def _started_connection(self) -> Any:
-        """This thread's connection for its STARTED states, outside the client's pool: one
-        STARTED at a time is unread on it (its earlier ones were read above), so taking and
-        checking a pooled connection per task (a poll of its socket) is not needed."""
         own = self._started_local
-        if getattr(own, "pid", None) != os.getpid():
+        if getattr(own, "pid", None) != os.getpid():  # this thread's first, or a forked child's
             pool = self.client.connection_pool
-            own.connection, own.pid = pool.connection_class(**pool.connection_kwargs), os.getpid()
-        return own.connection
+            own.connection, own.pid, own.unread = pool.connection_class(**pool.connection_kwargs), os.getpid(), None
+        if own.unread is not None:  # the connection's last STARTED: its reply first
+            earlier, unread = own.unread
+            unread.settle(earlier)
+            STARTED_STATES.done(earlier, unread)
+            own.unread = None
+        args = (key, value, expires, marker)
+        try:
+            own.connection.send_command("EVAL", STORE_UNLESS_SUCCEEDED, 1, key, value, int(expires), marker)
+        except Exception:  # noqa: BLE001 - Redis unreachable: stored (once) before the next state
+            own.connection.disconnect()
+            STARTED_STATES.add(task_id, _Started(self, None, args))
+            return
+        started = _Started(self, own.connection, args)
+        own.unread = (task_id, started)
+        STARTED_STATES.add(task_id, started)
 
     @cached_property
     def _started_local(self) -> threading.local:
+        """This thread's connection for its STARTED states, outside the client's pool (taking
+        and checking a pooled connection per task polls its socket), and the one STARTED unread
+        on it."""
         return threading.local()
 
-    def _store_started_now(self, task_id: str, args: tuple[Any, ...]) -> None:
-        try:
-            self.ensure(self._store, args)
-        except Exception as exc:  # noqa: BLE001 - a status lost, not an answer: said, and dropped
-            log.warning("task %s: its STARTED state was not stored (%s)", task_id, exc)
-
     def _settle(self, task_id: str) -> None:
-        """Read the task's STARTED's reply, if it is unread: what comes after it must land
-        after it (a FAILURE or a REVOKED is not protected by the script as a SUCCESS is)."""
-        started = STARTED_STATES.get(task_id)
-        if started is not None:
+        """Read the task's STARTED's replies, if unread: what comes after them must land after
+        them (a FAILURE or a REVOKED is not protected by the script as a SUCCESS is)."""
+        for started in STARTED_STATES.get(task_id):
             started.settle(task_id)
             STARTED_STATES.done(task_id, started)
 

@@ -36,11 +36,11 @@ def result_backend_url(url: str) -> str:
 
 
 def broker_transport(url: str) -> str | None:
-    """The kombu transport for a broker URL: for plain ``redis://`` (each of a failover list),
-    kombu's Redis transport keeping one client object per channel
-    (:mod:`cipherpool.brokerredis`); None, kombu's own for the URL's scheme."""
-    plain = all(part.strip().partition("://")[0] == "redis" for part in url.split(";"))
-    return ONE_CLIENT_REDIS_TRANSPORT if plain else None
+    """The kombu transport for a broker URL: for one plain ``redis://`` URL, kombu's Redis
+    transport keeping one client object per channel (:mod:`cipherpool.brokerredis`); None,
+    kombu's own for the URL's scheme. Not for a failover list: kombu takes each alternate's
+    transport from its scheme when it switches, so the first URL alone would have it."""
+    return ONE_CLIENT_REDIS_TRANSPORT if ";" not in url and url.partition("://")[0] == "redis" else None
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
