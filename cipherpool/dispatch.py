@@ -165,12 +165,9 @@ def submit(
             routed,
         )
     task_id = task_id or str(uuid.uuid4())
-    request = prepare_query(settings, store, grant, model, envelope, ciphertext, blob_id, record_use=False)
-    message, placement = query_message(
-        request, model.hardware, settings.query_timeout_s, shared, model_name=model.name, routed=routed
+    message, placement, keep, kept = _inline(
+        settings, store, grant, model, envelope, ciphertext, blob_id, shared, task_id, routed
     )
-    keep = keeper(settings, store)
-    kept = inflight.writes(task_id, message) if keep is not None else []
     # On the platform's own Redis, the publish itself is among the script's writes: counted,
     # recorded and queued in one round trip (cipherpool.publishwrites).
     sent = _publish_writes(app, task_id, message, placement) if before_publish is None and fusable(settings, app) else []
@@ -188,6 +185,63 @@ def submit(
             inflight.forget_quietly(keep, task_id)  # never sent: never to be sent again
         _refund(store, grant)
         raise
+
+
+def fused_submit(
+    app: Celery,
+    settings: Settings,
+    store: BlobStore,
+    grant: TokenGrant,
+    model: ModelGrant,
+    envelope: EncryptedInput,
+    ciphertext: bytes,
+    blob_id: str,
+    *,
+    shared: bool,
+    task_id: str,
+    routed: Choice | None,
+    records: Sequence[usage.Write] = (),
+) -> list[usage.Write] | None:
+    """:func:`submit`'s writes for an inline query on the platform's own Redis, built with no
+    I/O, for the gateway's event loop: the caller makes them with the count
+    (:func:`~cipherpool.services.usage.charge_async`), then records the key set's use
+    (:func:`~cipherpool.services.keyuse.record`, when due). None where that is not so: a
+    ciphertext sent by reference, another broker, a message Celery must build first (its
+    shape's first in this process), a ciphertext :func:`admit_ciphertext` refuses (and counts):
+    then :func:`submit` does it all."""
+    if len(ciphertext) > settings.inline_max_bytes or not fusable(settings, app):
+        return None
+    try:
+        check_ciphertext(envelope.data)
+    except InvalidInput:
+        return None
+    message, placement, _keep, kept = _inline(
+        settings, store, grant, model, envelope, ciphertext, blob_id, shared, task_id, routed
+    )
+    sent = query_publish(app).built(task_id, message, redacted_kwargs(message.kwargs), _publish_headers(placement))
+    return None if sent is None else [*records, *kept, *sent]
+
+
+def _inline(
+    settings: Settings,
+    store: BlobStore,
+    grant: TokenGrant,
+    model: ModelGrant,
+    envelope: EncryptedInput,
+    ciphertext: bytes,
+    blob_id: str,
+    shared: bool,
+    task_id: str,
+    routed: Choice | None,
+) -> tuple[InflightQuery, str | None, redis.Redis | None, list[usage.Write]]:
+    """An inline query's message, its placement, and its in-flight copy's writes (with the
+    client that keeps it, or none)."""
+    request = prepare_query(settings, store, grant, model, envelope, ciphertext, blob_id, record_use=False)
+    message, placement = query_message(
+        request, model.hardware, settings.query_timeout_s, shared, model_name=model.name, routed=routed
+    )
+    keep = keeper(settings, store)
+    return message, placement, keep, inflight.writes(task_id, message) if keep is not None else []
 
 
 def _prepare_and_publish(
@@ -400,8 +454,13 @@ def _publish_writes(app: Celery, task_id: str, message: InflightQuery, placement
         except OperationalError as exc:  # the producer's connection, made at its first use
             raise BrokerUnavailable(f"Cannot reach the broker: {exc}") from None
 
-    headers = {PLACEMENT_HEADER: placement} if placement else {}
-    return query_publish(app).writes(task_id, message, redacted_kwargs(message.kwargs), headers, celery_writes)
+    return query_publish(app).writes(
+        task_id, message, redacted_kwargs(message.kwargs), _publish_headers(placement), celery_writes
+    )
+
+
+def _publish_headers(placement: str | None) -> dict[str, str]:
+    return {PLACEMENT_HEADER: placement} if placement else {}
 
 
 def _send_query(

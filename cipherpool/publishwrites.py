@@ -151,9 +151,9 @@ class QueryPublish:
         shape = bool(headers)
         with self._lock:
             known = shape in self._proved
-            topic = self._proved.get(shape)
         if known:
-            return self.build(task_id, message, kwargsrepr, headers, topic) if topic else celery_writes()
+            built = self.built(task_id, message, kwargsrepr, headers)
+            return built if built is not None else celery_writes()
         theirs = celery_writes()
         topic = theirs[-1][1] if len(theirs) == 2 and theirs[-1][0] == "PUBLISH" else None
         ours = self.build(task_id, message, kwargsrepr, headers, topic) if topic else []
@@ -165,6 +165,13 @@ class QueryPublish:
         with self._lock:
             self._proved[shape] = topic if proved else None
         return theirs
+
+    def built(self, task_id: str, message: InflightQuery, kwargsrepr: str, headers: dict[str, str]) -> list[Write] | None:
+        """The writes built here, where this shape is proved; None where Celery must build
+        them (the shape's first query, or a shape that failed its proof). Makes no I/O."""
+        with self._lock:
+            topic = self._proved.get(bool(headers))
+        return self.build(task_id, message, kwargsrepr, headers, topic) if topic else None
 
     def proved(self) -> dict[bool, bool]:
         """Each shape met so far (with a placement header or not): built here (True) or by Celery."""

@@ -36,10 +36,10 @@ import redis
 from cipherpool import errors
 from cipherpool.gateway import deps, results
 from cipherpool.gateway.results import ResultWaiter
-from cipherpool.names import RESULT_META_PREFIX
+from cipherpool.names import QUERY_OWNER_PREFIX, RESULT_META_PREFIX, USAGE_PREFIX
 from cipherpool.services import usage
 from tests.helpers import own_redis
-from tests.test_operator_metrics import world  # noqa: F401 - the real gateway in-process, on its own Redis
+from tests.test_operator_metrics import QUOTA, world  # noqa: F401 - the real gateway in-process, on its own Redis
 
 
 @pytest.fixture(scope="module")
@@ -533,3 +533,49 @@ def test_the_rate_count_is_one_script_by_digest_sent_again_when_redis_forgot_it(
     assert asyncio.run(body()) == [b"5"]
     assert sync.script_exists(COUNT_AND_READ_SHA) == [True]
     assert int(sync.get(f"cipherpool:rate:t:lean-t2:{window}")) == 3
+
+
+def test_a_query_is_published_on_the_event_loop_once_all_it_needs_is_at_hand(world, monkeypatch):  # noqa: F811
+    """Its key reference cached and its message's shape proved (the process's first query
+    builds it with Celery too, in the thread pool): counted, recorded and queued by one script
+    through the waiter's asyncio client, with no thread-pool hop; over its quota, refused the
+    same way, nothing queued."""
+    import cipherpool.gateway.queries as queries
+    from cipherpool.names import affinity_queue, model_queue
+    from cipherpool.publishwrites import query_publish
+
+    hops: list[str] = []
+    real = queries.run_in_threadpool
+
+    async def counted(fn, *args, **kwargs):
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(queries, "run_in_threadpool", counted)
+    model_id = world.models["digits"]
+    queued = [model_queue("cpu", model_id), affinity_queue("cpu", model_id, "node-0@test")]
+    usage_key = USAGE_PREFIX + world.tokens["one"][1]
+    first = world.query("one", "digits")  # the process's first: the thread pool (a load, Celery's build)
+    assert first.status_code == 202, first.text
+    used = int(world.redis.hget(usage_key, "n"))
+    ids, per_query = [], []
+    while used < QUOTA:
+        hops.clear()
+        answer = world.query("one", "digits")
+        assert answer.status_code == 202, answer.text
+        ids.append(answer.json()["id"])
+        per_query.append(list(hops))
+        used += 1
+    hops.clear()
+    refused = world.query("one", "digits")
+    assert (refused.status_code, refused.json()["code"]) == (429, "token_quota_exceeded")
+    assert hops == []  # the refusal on the event loop too
+    # The key reference was cached by the first; a message's shape (with a node's placement or
+    # without) is built by Celery, in the thread pool, for its first query in the process only.
+    assert sum(per_query, []) in ([], ["_submit"]) and per_query[-1] == [], per_query
+    assert all(query_publish(world.app.state.gw.celery).proved().values())
+    assert int(world.redis.hget(usage_key, "n")) == QUOTA
+    messages = [m for q in queued for m in world.redis.lrange(q, 0, -1)]
+    for query_id in ids:  # queued, and its owner recorded, by the one script
+        assert world.redis.get(QUERY_OWNER_PREFIX + query_id) == world.tokens["one"][1].encode()
+        assert sum(query_id.encode() in m for m in messages) == 1

@@ -132,6 +132,12 @@ class Authenticator:
 
         return check_key(self._keys.get_or_load((grant.token_id, key_id), load), model)
 
+    def cached_key_blob(self, grant: TokenGrant, model: ModelGrant, key_id: str) -> str | None:
+        """:meth:`key_blob` where its key reference is cached (never loads: the event loop's);
+        None where it is not."""
+        ref = self._keys.peek((grant.token_id, key_id))
+        return None if ref is None else check_key(ref, model)
+
     def with_serving(self, grant: TokenGrant) -> TokenGrant:
         """The grant with its serving state as of now: each model's serving version, which
         have a worker up or a shared node, the account's credit (cached for the TTL, or until

@@ -65,6 +65,11 @@ class _Recent:
 _recent = _Recent()
 
 
+def due(token_id: str, key_id: str) -> bool:
+    """Whether :func:`record` would write now (its throttle), without writing."""
+    return _recent.due((token_id, key_id), time.monotonic())
+
+
 def record(client: redis.Redis, token_id: str, key_id: str) -> None:
     """Key set ``key_id`` of token ``token_id`` was used now (throttled, never raises)."""
     key, now = (token_id, key_id), time.monotonic()
