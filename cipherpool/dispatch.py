@@ -209,8 +209,9 @@ def fused_submit(
     ciphertext sent by reference, another broker, a message Celery must build first (its
     shape's first in this process), a ciphertext :func:`admit_ciphertext` refuses (and counts):
     then :func:`submit` does it all."""
-    if len(ciphertext) > settings.inline_max_bytes or not fusable(settings, app):
-        return None
+    publish = query_publish(app)
+    if len(ciphertext) > settings.inline_max_bytes or not fusable(settings, app) or not any(publish.proved().values()):
+        return None  # (no shape proved yet, or none could be: Celery builds, in submit)
     try:
         check_ciphertext(envelope.data)
     except InvalidInput:
@@ -218,7 +219,7 @@ def fused_submit(
     message, placement, _keep, kept = _inline(
         settings, store, grant, model, envelope, ciphertext, blob_id, shared, task_id, routed
     )
-    sent = query_publish(app).built(task_id, message, redacted_kwargs(message.kwargs), _publish_headers(placement))
+    sent = publish.built(task_id, message, redacted_kwargs(message.kwargs), _publish_headers(placement))
     return None if sent is None else [*records, *kept, *sent]
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import struct
 import uuid
 from collections.abc import Iterator
 
@@ -36,10 +37,10 @@ import redis
 from cipherpool import errors
 from cipherpool.gateway import deps, results
 from cipherpool.gateway.results import ResultWaiter
-from cipherpool.names import QUERY_OWNER_PREFIX, RESULT_META_PREFIX, USAGE_PREFIX
+from cipherpool.names import INFLIGHT_INDEX_KEY, INFLIGHT_PREFIX, QUERY_OWNER_PREFIX, RESULT_META_PREFIX, USAGE_PREFIX
 from cipherpool.services import usage
 from tests.helpers import own_redis
-from tests.test_operator_metrics import QUOTA, world  # noqa: F401 - the real gateway in-process, on its own Redis
+from tests.test_operator_metrics import KEY_ID, QUOTA, world  # noqa: F401 - the real gateway in-process, on its own Redis
 
 
 @pytest.fixture(scope="module")
@@ -576,6 +577,45 @@ def test_a_query_is_published_on_the_event_loop_once_all_it_needs_is_at_hand(wor
     assert all(query_publish(world.app.state.gw.celery).proved().values())
     assert int(world.redis.hget(usage_key, "n")) == QUOTA
     messages = [m for q in queued for m in world.redis.lrange(q, 0, -1)]
-    for query_id in ids:  # queued, and its owner recorded, by the one script
+    for query_id in ids:  # queued, its owner recorded and its in-flight copy kept, by the one script
         assert world.redis.get(QUERY_OWNER_PREFIX + query_id) == world.tokens["one"][1].encode()
         assert sum(query_id.encode() in m for m in messages) == 1
+        assert world.redis.hget(INFLIGHT_PREFIX + query_id, "message") and world.redis.zscore(INFLIGHT_INDEX_KEY, query_id)
+    assert world.redis.hget(usage_key, "last")
+
+
+def test_a_large_body_or_a_crowd_is_published_from_the_thread_pool(world, monkeypatch):  # noqa: F811
+    """Building a large body's message would hold the event loop; and each query published
+    from it holds one of the waiter's connections: past either bound, the thread pool."""
+    import cipherpool.gateway.queries as queries
+
+    hops: list[str] = []
+    real = queries.run_in_threadpool
+
+    async def counted(fn, *args, **kwargs):
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(queries, "run_in_threadpool", counted)
+    gw, token = world.app.state.gw, world.tokens["two"][0]  # no quota
+    put = world.call(token, "PUT", f"/v1/client/keys/{KEY_ID}?model=digits", content=struct.pack("<II", 0, 4) + b"\x07" * 32)
+    assert put.status_code == 201, put.text
+
+    def published_with() -> list[str]:
+        hops.clear()
+        answer = world.query("two", "digits")
+        assert answer.status_code == 202, answer.text
+        return [hop for hop in hops if hop != "record"]  # (the key set's use, once a minute)
+
+    for _ in range(3):
+        published_with()  # its key reference cached, both shapes proved
+    assert published_with() == []  # the event loop
+    monkeypatch.setattr(queries, "LOOP_MAX_BYTES", 10)
+    assert published_with() == ["_publish"]
+    monkeypatch.setattr(queries, "LOOP_MAX_BYTES", 64 * 1024)
+    gw.publishing_on_loop += queries.LOOP_MAX_AT_ONCE
+    try:
+        assert published_with() == ["_publish"]
+    finally:
+        gw.publishing_on_loop -= queries.LOOP_MAX_AT_ONCE
+    assert published_with() == [] and gw.publishing_on_loop == 0

@@ -45,6 +45,8 @@ Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait for the
 WaitForWorker = Annotated[bool, Query(description="queue the query even if no worker is up for the model yet")]
 Mode = Annotated[Route, Query(description="auto: a dedicated worker when one is up, else a shared node")]
 KEEP_AFTER_READ_S = 60  # a delivered result stays this long, for a client's retry
+LOOP_MAX_BYTES = 64 * 1024  # a body up to this is published from the event loop (its message built there: ~0.3 ms)
+LOOP_MAX_AT_ONCE = 32  # queries published from the event loop at once; more go to the thread pool
 RESULT_HEADERS: dict[int | str, dict[str, Any]] = {200: BINARY_RESPONSE, 202: {"model": QueryAccepted}}
 BATCH_BODY = {
     "requestBody": {"required": True, "content": {BATCH_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}}}
@@ -123,18 +125,22 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
 async def _publish_query(
     gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput, body: bytes, query_id: str, shared: bool
 ) -> None:
-    """A query published on the event loop when all it needs is at hand: its key reference
-    cached, the platform's Redis the result waiter's (whose asyncio client makes the round
-    trip) and the broker, and its message one the platform builds
+    """A query published on the event loop when all it needs is at hand: a small body, its key
+    reference cached, the platform's Redis the result waiter's (whose asyncio client makes the
+    round trip) and the broker, and its message one the platform builds
     (:func:`~cipherpool.dispatch.fused_submit`): counted, recorded and queued by one script,
     with no thread-pool hop (two thread wake-ups: 0.04 ms back to back, 0.2 ms once idle,
-    benchmarks/wake_floor.py). Anything else goes to the thread pool, as a batch does."""
+    benchmarks/wake_floor.py). Anything else goes to the thread pool, as a batch does: a body
+    over :data:`LOOP_MAX_BYTES` (building its message would hold the loop), and the queries
+    past :data:`LOOP_MAX_AT_ONCE` at a time (each holds one of the waiter's connections, which
+    the guard and the waits share)."""
     client = gw.waiter.client_for(gw.settings.effective_store_url())
     blob_id = gw.auth.cached_key_blob(grant, model, envelope.key_id) if client is not None else None
-    if client is None or blob_id is None:
+    if client is None or blob_id is None or len(body) > LOOP_MAX_BYTES or gw.publishing_on_loop >= LOOP_MAX_AT_ONCE:
         await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id, shared)
         return
     routed = affinity.route(gw.router, gw.settings, query_id, envelope.key_id, model, shared)
+    gw.publishing_on_loop += 1
     try:
         owner = [_owner_record(gw.settings, grant, query_id)]
         store, s = gw.store, gw.settings
@@ -156,10 +162,12 @@ async def _publish_query(
             await run_in_threadpool(_submit, gw, grant, model, envelope, body, blob_id, query_id, shared, None, routed)
             return
         await usage.charge_async(client, grant.token_id, grant.quota, then=writes)
-    except Exception:
+    except BaseException:  # a cancelled request too: its node's room is given back
         if gw.router is not None:
             gw.router.release(query_id)  # never sent: its node has room again
         raise
+    finally:
+        gw.publishing_on_loop -= 1
     if keyuse.due(grant.token_id, envelope.key_id):  # once a minute per key set: a thread-pool hop then
         await run_in_threadpool(keyuse.record, gw.store.redis, grant.token_id, envelope.key_id)
 

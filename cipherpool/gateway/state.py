@@ -46,6 +46,7 @@ class GatewayState:
     requests: RequestMetrics = field(init=False)  # this process's HTTP requests (GET /metrics)
     refusals: RefusalRecorder = field(init=False)  # refusals counted here, written to Redis every second
     router: Router | None = field(init=False)  # key affinity: which node's queue a query goes to (None: off)
+    publishing_on_loop: int = field(default=0, init=False)  # queries being published from the event loop now
 
     def __post_init__(self) -> None:
         s = self.settings
