@@ -63,6 +63,19 @@ class Counting(ResultWaiter):
         return await super().meta(task_id)
 
 
+def thread_hops(module: object, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions ``module`` sends to the thread pool from now on, in order."""
+    hops: list[str] = []
+    real = module.run_in_threadpool  # type: ignore[attr-defined]
+
+    async def counted(fn, *args, **kwargs):
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(module, "run_in_threadpool", counted)
+    return hops
+
+
 def run(url: str, body) -> object:
     async def main() -> object:
         waiter = Counting(url)
@@ -438,14 +451,7 @@ def test_the_quota_scripts_run_by_digest_and_are_sent_again_when_redis_forgot_th
 def test_the_guard_admits_a_cached_credential_without_a_thread_hop(world, monkeypatch):  # noqa: F811
     import cipherpool.gateway.guard as guard
 
-    hops: list[str] = []
-    real = guard.run_in_threadpool
-
-    async def counted(fn, *args, **kwargs):
-        hops.append(getattr(fn, "__name__", repr(fn)))
-        return await real(fn, *args, **kwargs)
-
-    monkeypatch.setattr(guard, "run_in_threadpool", counted)
+    hops = thread_hops(guard, monkeypatch)
     token, key = world.tokens["two"][0], world.a_key
     world.app.state.gw.auth.forget()  # nothing cached: the first requests look their credential up
     for credential, path in [(token, "/v1/client/models"), (key, "/v1/models")]:
@@ -545,14 +551,7 @@ def test_a_query_is_published_on_the_event_loop_once_all_it_needs_is_at_hand(wor
     from cipherpool.names import affinity_queue, model_queue
     from cipherpool.publishwrites import query_publish
 
-    hops: list[str] = []
-    real = queries.run_in_threadpool
-
-    async def counted(fn, *args, **kwargs):
-        hops.append(getattr(fn, "__name__", repr(fn)))
-        return await real(fn, *args, **kwargs)
-
-    monkeypatch.setattr(queries, "run_in_threadpool", counted)
+    hops = thread_hops(queries, monkeypatch)
     model_id = world.models["digits"]
     queued = [model_queue("cpu", model_id), affinity_queue("cpu", model_id, "node-0@test")]
     usage_key = USAGE_PREFIX + world.tokens["one"][1]
@@ -589,14 +588,7 @@ def test_a_large_body_or_a_crowd_is_published_from_the_thread_pool(world, monkey
     from it holds one of the waiter's connections: past either bound, the thread pool."""
     import cipherpool.gateway.queries as queries
 
-    hops: list[str] = []
-    real = queries.run_in_threadpool
-
-    async def counted(fn, *args, **kwargs):
-        hops.append(getattr(fn, "__name__", repr(fn)))
-        return await real(fn, *args, **kwargs)
-
-    monkeypatch.setattr(queries, "run_in_threadpool", counted)
+    hops = thread_hops(queries, monkeypatch)
     gw, token = world.app.state.gw, world.tokens["two"][0]  # no quota
     put = world.call(token, "PUT", f"/v1/client/keys/{KEY_ID}?model=digits", content=struct.pack("<II", 0, 4) + b"\x07" * 32)
     assert put.status_code == 201, put.text
