@@ -200,6 +200,17 @@ def test_fs_sweep_removes_only_what_is_past_its_deadline(servers, tmp_path):
     assert store.exists(BlobKind.EVALUATION_KEY, blob_id)
 
 
+def test_a_sweep_between_an_appends_write_and_its_deadline_leaves_the_upload(servers, tmp_path):
+    """An append writes its chunk, then sets the file's deadline (its mtime): a sweep from
+    another thread in between saw an mtime just past and deleted the upload."""
+    store = make_store("fs", servers, tmp_path)
+    name = upload(store, b"first chunk")
+    path = store.backend.path(name)
+    with open(path, "ab") as f:  # a chunk written, its deadline not set yet: the mtime is now
+        f.write(b" second")
+    assert store.sweep() == 0 and path.read_bytes() == b"first chunk second"
+
+
 def test_names_outside_the_store_are_not_found(servers, tmp_path):
     store = make_store("fs", servers, tmp_path)
     for name in ("cipherpool:upload:../x", "cipherpool:payload:a/b", "other:thing", "cipherpool:blob:evk:..."):

@@ -34,6 +34,11 @@ from cipherpool.files import FILE_MODE, private_dir
 T = TypeVar("T")
 TMP_DIR = ".tmp"
 STALE_TMP_S = 24 * 3600.0  # a whole write left in .tmp this long ago belonged to a process that died
+# A temporary is swept this long after its deadline, not at it: an append writes its chunk (the
+# file's mtime: now) and then sets the deadline (the mtime again), and a sweep in between,
+# from a thread of its own (BlobStore._maybe_sweep), took the file for one past its deadline
+# and deleted it, chunks written before included (seen in CI: FileNotFoundError on the utime).
+SWEEP_GRACE_S = 1.0
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -229,7 +234,7 @@ class FsBackend:
                 for file in files:
                     path = os.path.join(dirpath, file)
                     try:
-                        if os.stat(path).st_mtime < now:
+                        if os.stat(path).st_mtime < now - SWEEP_GRACE_S:
                             os.unlink(path)
                             removed += 1
                     except FileNotFoundError:
