@@ -611,3 +611,39 @@ def test_a_large_body_or_a_crowd_is_published_from_the_thread_pool(world, monkey
     finally:
         gw.publishing_on_loop -= queries.LOOP_MAX_AT_ONCE
     assert published_with() == [] and gw.publishing_on_loop == 0
+
+
+@pytest.mark.parametrize("warm_s", [30.0, 0.0])
+def test_a_client_slower_than_the_cache_ttl_still_finds_its_lookups_cached(world, monkeypatch, warm_s):  # noqa: F811
+    """A query each 1.5 s against a 1 s TTL (a model that computes for longer than the TTL):
+    within ``auth_cache_warm_s`` of their last use a credential's lookups are loaded again in
+    the background, so its requests are admitted and published on the event loop. Without the
+    window (0) each met its entries expired and looked them up again in the thread pool: the
+    database reads on its path (digits on a slow spell: 7.5 ms of its 15 ms)."""
+    import time
+
+    import cipherpool.gateway.guard as guard
+    import cipherpool.gateway.queries as queries
+    from cipherpool.gateway import ttlcache
+
+    auth, token = world.app.state.gw.auth, world.tokens["two"][0]  # no quota
+    put = world.call(token, "PUT", f"/v1/client/keys/{KEY_ID}?model=digits", content=struct.pack("<II", 0, 4) + b"\x07" * 32)
+    assert put.status_code in (200, 201), put.text
+    monkeypatch.setattr(ttlcache, "REFRESH_AT", 0.5)  # half a second of slack for a loaded machine's refresh
+    for cache in (auth._principals, auth._keys, auth._serving):
+        monkeypatch.setattr(cache, "ttl_s", 1.0)
+        monkeypatch.setattr(cache, "warm_s", warm_s)
+    auth.forget()
+    guard_hops, query_hops = thread_hops(guard, monkeypatch), thread_hops(queries, monkeypatch)
+    assert world.query("two", "digits").status_code == 202  # nothing cached: looked up on the path
+    assert guard_hops == ["_admit"]
+    for _ in range(2):
+        time.sleep(1.5)
+        guard_hops.clear()
+        query_hops.clear()
+        answer = world.query("two", "digits")
+        assert answer.status_code == 202, answer.text
+        # A lookup on the path: the guard's _admit, or the query's _publish (its key set's
+        # reference). (A _submit is a message shape's first query, which Celery builds.)
+        looked_up = [hop for hop in guard_hops + query_hops if hop in ("_admit", "_publish")]
+        assert looked_up == ([] if warm_s else ["_admit", "_publish"]), (guard_hops, query_hops)

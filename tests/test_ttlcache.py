@@ -103,6 +103,67 @@ def test_an_idle_entry_is_not_refreshed_it_expires(clock: Clock) -> None:
     assert cache.peek("k") is None and background.pending == []
 
 
+def tick(clock: Clock, background: Background, until: float, step: float = 0.1) -> None:
+    """Move the clock to ``until``, running the refreshes as they fall due."""
+    while clock.now < until - 1e-9:
+        clock.now = min(until, clock.now + step)
+        background.run()
+
+
+def test_an_entry_used_within_warm_s_stays_loaded_for_a_client_slower_than_the_ttl(clock: Clock) -> None:
+    """A query each 2.5 s against a 2 s TTL (a model that computes for longer): without the
+    warm window each request met its entry expired, never read within its life, so never
+    refreshed, and loaded it on its path. Within ``warm_s`` of its last use it is loaded
+    again in the background at 0.9 of each life, never served past the TTL; then it expires."""
+    background = Background(clock)
+    cache: TtlCache[str] = TtlCache(2.0, background, warm_s=10.0)
+    load, loads = counting([f"v{n}" for n in range(1, 100)])
+    assert cache.get_or_load("k", load) == "v1"  # loaded on the path: a use, so its refresh is due
+    assert [round(at, 6) for at, _ in background.pending] == [1001.8]
+    for query in range(1, 5):  # a client each 2.5 s
+        tick(clock, background, 1000.0 + 2.5 * query)
+        assert cache.peek("k") is not None, f"query {query} met an expired entry"
+        entry = cache._entries["k"]
+        assert clock.now - entry.loaded_at < 2.0  # never past its TTL from the load that read it
+    assert cache.get_or_load("k", lambda: "never on the path") != "never on the path"
+    last_use = clock.now
+    tick(clock, background, last_use + 20.0)  # idle: loaded until warm_s after its last use, then left
+    assert cache.peek("k") is None and background.pending == []
+    # One load per 0.9 TTL (1.8 s) from the first until warm_s after the last use (20 s in
+    # all), and the one past it that finds the window over: at most 13, then none.
+    assert 11 <= len(loads) <= 2 + 20.0 / 1.8, loads
+
+
+def test_without_a_warm_window_a_client_slower_than_the_ttl_loads_on_its_path(clock: Clock) -> None:
+    """The old behaviour, kept at ``warm_s=0``: an entry is refreshed only when read within
+    its life."""
+    background = Background(clock)
+    cache: TtlCache[str] = TtlCache(2.0, background)
+    load, loads = counting(["v1", "v2", "v3"])
+    cache.get_or_load("k", load)
+    assert background.pending == []
+    tick(clock, background, 1002.5)
+    assert cache.peek("k") is None and loads == ["v1"]
+
+
+def test_a_warm_entry_whose_refresh_fails_is_dropped_and_not_refreshed_again(clock: Clock) -> None:
+    background = Background(clock)
+    cache: TtlCache[str] = TtlCache(2.0, background, warm_s=30.0)
+    calls = [0]
+
+    def load() -> str:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise PermissionError("revoked")
+        return "v"
+
+    cache.get_or_load("k", load)
+    tick(clock, background, 1001.9)
+    assert cache.peek("k") is None and calls == [2]
+    tick(clock, background, 1010.0)
+    assert calls == [2] and background.pending == []
+
+
 def test_a_refresh_that_fails_drops_the_entry_so_the_next_request_meets_the_failure(clock: Clock) -> None:
     background = Background(clock)
     cache: TtlCache[str] = TtlCache(2.0, background)

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # Bearer credentials are looked up once and cached this long (<= 5 s: revocation and
     # deactivation take effect within it); saves a database round trip per query.
     auth_cache_ttl_s: float = 2.0
+    # A credential's cached lookups are loaded again in the background (each within the TTL
+    # above) for this long after its last request, so that a client slower than the TTL (a
+    # model that computes for longer) still finds them cached; 0: only while read within it.
+    auth_cache_warm_s: float = Field(30.0, ge=0, le=3600)
     # Longest single wait of a long-polling request; a client polls again until its own
     # query timeout, so no HTTP request outlives a proxy's idle timeout.
     long_poll_s: float = 25.0

@@ -71,13 +71,14 @@ def bearer(header: str | None) -> str:
 class Authenticator:
     def __init__(self, ctx: PlatformContext):
         self.ctx = ctx
-        ttl = ctx.settings.auth_cache_ttl_s
-        # Lookups in use are loaded again ahead of their expiry, off the requests' path
-        # (cipherpool/gateway/ttlcache.py); its thread starts with the first refresh.
+        ttl, warm = ctx.settings.auth_cache_ttl_s, ctx.settings.auth_cache_warm_s
+        # Lookups in use (used within `warm` seconds) are loaded again ahead of their expiry,
+        # off the requests' path (cipherpool/gateway/ttlcache.py); its thread starts with the
+        # first refresh.
         self._refresher = Refresher("cipherpool-auth-refresh")
-        self._principals: TtlCache[Principal] = TtlCache(ttl, self._refresher)
-        self._keys: TtlCache[KeyRef] = TtlCache(ttl, self._refresher)
-        self._serving: TtlCache[ServingState] = TtlCache(ttl, self._refresher)
+        self._principals: TtlCache[Principal] = TtlCache(ttl, self._refresher, warm_s=warm)
+        self._keys: TtlCache[KeyRef] = TtlCache(ttl, self._refresher, warm_s=warm)
+        self._serving: TtlCache[ServingState] = TtlCache(ttl, self._refresher, warm_s=warm)
         self._generation: bytes | None = None
         self._serving_generation: bytes | None = None
 

@@ -19,6 +19,16 @@ began. A background load that fails (a credential revoked meanwhile, a database 
 the entry: the next request loads it itself and gets the refusal or the outage, as without a
 cache.
 
+That alone left out the clients slower than the TTL: a query each 2.1 s (digits on a slow
+spell; any model that computes for longer than ``auth_cache_ttl_s``) met its entries expired
+every time, never read within their life, so never refreshed: every such query paid the
+database reads on its path again, and went through the thread pool for them (7.5 ms of its
+15 ms outside the compute, measured on digits). So an entry stays **warm** for ``warm_s``
+(``auth_cache_warm_s``) after it was last used, a load on a request's path included: each
+refresh schedules the next while its entry was used within that window. A client that asks
+at least once per ``warm_s`` finds its entries live whatever its pace; an idle credential
+costs ``warm_s / (0.9 ttl)`` background loads after its last request, then none.
+
 The loader is kept with the entry for that refresh, so loaders must not hold secrets: the
 gateway's loaders look a credential up by its digest.
 """
@@ -90,15 +100,18 @@ class _Entry(Generic[V]):
     loaded_at: float  # when the load that read it began (its life counts from there)
     value: V
     load: Callable[[], V]
+    used_at: float  # when a request last used it (a load on its path included)
     refreshing: bool = field(default=False)
 
 
 class TtlCache(Generic[V]):
     """A thread-safe map whose entries live ``ttl_s`` seconds, refreshed ahead (see the
-    module) by ``refresher`` when one is given; cleared whole when full."""
+    module) by ``refresher`` when one is given, and kept so for ``warm_s`` after their last
+    use; cleared whole when full."""
 
-    def __init__(self, ttl_s: float, refresher: Refresher | None = None):
+    def __init__(self, ttl_s: float, refresher: Refresher | None = None, *, warm_s: float = 0.0):
         self.ttl_s = ttl_s
+        self.warm_s = warm_s
         self._refresher = refresher
         self._entries: dict[object, _Entry[V]] = {}
         self._lock = threading.Lock()
@@ -112,7 +125,7 @@ class TtlCache(Generic[V]):
                 return entry.value
             epoch = self._epoch
         value = load()
-        self._store(key, _Entry(now, value, load), epoch)
+        self._store(key, _Entry(now, value, load, used_at=now), epoch)
         return value
 
     @property
@@ -123,7 +136,7 @@ class TtlCache(Generic[V]):
     def put(self, key: object, value: V, load: Callable[[], V], *, loaded_at: float, epoch: int) -> None:
         """Store what another load read on the way (at ``loaded_at``, with the cache at
         ``epoch``), to be refreshed by ``load``; a newer entry, or a clear since, wins."""
-        self._store(key, _Entry(loaded_at, value, load), epoch)
+        self._store(key, _Entry(loaded_at, value, load, used_at=loaded_at), epoch)
 
     def holds(self, key: object) -> bool:
         """Whether a live entry is cached for ``key`` (nothing would be loaded for it now)."""
@@ -149,11 +162,16 @@ class TtlCache(Generic[V]):
         entry = self._entries.get(key)
         if entry is None or now - entry.loaded_at >= self.ttl_s:
             return None
+        entry.used_at = max(entry.used_at, now)
+        self._schedule(key, entry)
+        return entry
+
+    def _schedule(self, key: object, entry: _Entry[V]) -> None:
+        """Load ``entry`` again at :data:`REFRESH_AT` of its life, once (under the lock)."""
         if self._refresher is not None and not entry.refreshing:
             epoch = self._epoch
             at = entry.loaded_at + self.ttl_s * REFRESH_AT
             entry.refreshing = self._refresher.schedule(at, lambda: self._reload(key, entry, epoch))
-        return entry
 
     def _reload(self, key: object, old: _Entry[V], epoch: int) -> None:
         with self._lock:
@@ -168,11 +186,12 @@ class TtlCache(Generic[V]):
                 if self._entries.get(key) is old:
                     del self._entries[key]
             return
-        self._store(key, _Entry(started, value, old.load), epoch)
+        self._store(key, _Entry(started, value, old.load, used_at=old.used_at), epoch)
 
     def _store(self, key: object, entry: _Entry[V], epoch: int) -> None:
         """Keep ``entry`` unless a change was announced since its load began, or the entry held
-        now was read later than it (a slow load never puts an older state back)."""
+        now was read later than it (a slow load never puts an older state back). Kept, and
+        used within ``warm_s``, its refresh is scheduled at once (see the module)."""
         if self.ttl_s <= 0:
             return
         with self._lock:
@@ -184,3 +203,5 @@ class TtlCache(Generic[V]):
             if len(self._entries) >= CACHE_MAX_ENTRIES:
                 self._entries.clear()
             self._entries[key] = entry
+            if time.monotonic() - entry.used_at < self.warm_s:
+                self._schedule(key, entry)
