@@ -647,3 +647,170 @@ def test_a_client_slower_than_the_cache_ttl_still_finds_its_lookups_cached(world
         # reference). (A _submit is a message shape's first query, which Celery builds.)
         looked_up = [hop for hop in guard_hops + query_hops if hop in ("_admit", "_publish")]
         assert looked_up == ([] if warm_s else ["_admit", "_publish"]), (guard_hops, query_hops)
+
+
+OCTET = {"Content-Type": "application/octet-stream"}
+
+
+# ---- the guard's count and the query's admission as one script (cipherpool/gateway/admission.py) ----
+
+
+def scripts_run(gw, monkeypatch) -> list[str]:
+    """The digests of the scripts the gateway's asyncio client runs from now on, in order."""
+    from cipherpool.gateway.admission import ADMIT, ADMIT_SHA
+    from cipherpool.gateway.ratelimit import COUNT_AND_READ, COUNT_AND_READ_SHA
+
+    names = {ADMIT_SHA: "admit", COUNT_AND_READ_SHA: "count", ADMIT: "admit", COUNT_AND_READ: "count"}
+    client, run = gw.waiter._redis, []
+    evalsha, eval_ = client.evalsha, client.eval
+
+    async def counted_evalsha(sha, *args):
+        run.append(names.get(sha, "other"))
+        return await evalsha(sha, *args)
+
+    async def counted_eval(script, *args):
+        run.append(names.get(script, "other") + " (sent whole)")
+        return await eval_(script, *args)
+
+    monkeypatch.setattr(client, "evalsha", counted_evalsha)
+    monkeypatch.setattr(client, "eval", counted_eval)
+    return run
+
+
+def windows_counted(w, token: str) -> int:
+    """The requests counted in the token's rate windows that are alive now."""
+    return sum(int(w.redis.get(key) or 0) for key in w.redis.scan_iter(f"cipherpool:rate:t:{w.tokens[token][1]}:*"))
+
+
+@pytest.fixture
+def warm_two(world):  # noqa: F811
+    """Token "two" (no quota) with a key set, its lookups cached and its message shape proved."""
+    w = world
+    token = w.tokens["two"][0]
+    put = w.call(token, "PUT", f"/v1/client/keys/{KEY_ID}?model=digits", content=struct.pack("<II", 0, 4) + b"\x07" * 32)
+    assert put.status_code in (200, 201), put.text
+    for _ in range(3):
+        assert w.query("two", "digits").status_code == 202
+    return w
+
+
+def test_a_small_query_is_counted_and_admitted_by_one_script(warm_two, monkeypatch):
+    """The guard leaves a small query's count to its admission: one script, one round trip,
+    and the request counted once in its windows, the query once in its quota and queue."""
+    w = warm_two
+    run = scripts_run(w.app.state.gw, monkeypatch)
+    usage_key = USAGE_PREFIX + w.tokens["two"][1]
+    used, counted = int(w.redis.hget(usage_key, "n")), windows_counted(w, "two")
+    answer = w.query("two", "digits")
+    assert answer.status_code == 202, answer.text
+    assert run == ["admit"]
+    assert int(w.redis.hget(usage_key, "n")) == used + 1
+    assert windows_counted(w, "two") == counted + 1
+    query_id = answer.json()["id"]
+    assert w.redis.get(QUERY_OWNER_PREFIX + query_id) == w.tokens["two"][1].encode()
+    assert w.redis.hget(INFLIGHT_PREFIX + query_id, "message")
+
+
+def test_other_requests_are_counted_by_the_guard_as_before(warm_two, monkeypatch):
+    """A poll, a batch, a management call: the guard's own script, before the route."""
+    w = warm_two
+    run = scripts_run(w.app.state.gw, monkeypatch)
+    query_id = w.query("two", "digits").json()["id"]
+    assert w.call(w.a_key, "GET", "/v1/models").status_code == 200  # (cached now)
+    run.clear()
+    assert w.call(w.tokens["two"][0], "GET", f"/v1/queries/{query_id}").status_code == 202
+    assert w.call(w.a_key, "GET", "/v1/models").status_code == 200
+    assert run == ["count", "count"]
+
+
+def test_a_query_over_its_rate_is_refused_by_the_admission_and_admits_nothing(warm_two, monkeypatch):
+    w = warm_two
+    gw = w.app.state.gw
+    monkeypatch.setitem(gw.limiter._limits, "t", 2)
+    usage_key = USAGE_PREFIX + w.tokens["two"][1]
+    used = int(w.redis.hget(usage_key, "n"))
+    answers = [w.query("two", "digits") for _ in range(8)]  # at least 6 in one 1 s window
+    refused = [a for a in answers if a.status_code == 429]
+    accepted = [a for a in answers if a.status_code == 202]
+    assert refused and len(refused) + len(accepted) == 8, [a.status_code for a in answers]
+    assert all(a.json()["code"] == "rate_limited" and int(a.headers["retry-after"]) >= 1 for a in refused)
+    assert int(w.redis.hget(usage_key, "n")) == used + len(accepted)  # a refused one is neither counted nor queued
+    for answer in accepted:
+        assert w.redis.hget(INFLIGHT_PREFIX + answer.json()["id"], "message")
+
+
+def test_a_change_announced_meanwhile_admits_nothing_and_the_query_goes_the_ordinary_way(warm_two, monkeypatch):
+    """Another gateway announced a change (its counter moved): the admission counts the rate,
+    admits nothing, and the gateway authenticates again; an unchanged token's query is then
+    queued once, and counted once in its windows."""
+    from cipherpool.names import AUTH_GENERATION_KEY
+
+    w = warm_two
+    run = scripts_run(w.app.state.gw, monkeypatch)
+    usage_key = USAGE_PREFIX + w.tokens["two"][1]
+    used, counted = int(w.redis.hget(usage_key, "n")), windows_counted(w, "two")
+    w.redis.incr(AUTH_GENERATION_KEY)
+    answer = w.query("two", "digits")
+    assert answer.status_code == 202, answer.text
+    assert run[0] == "admit" and "count" not in run, run  # counted by the admission, not again
+    assert int(w.redis.hget(usage_key, "n")) == used + 1
+    assert windows_counted(w, "two") == counted + 1
+    assert w.redis.hget(INFLIGHT_PREFIX + answer.json()["id"], "message")
+
+
+def test_a_token_revoked_through_another_gateway_is_refused_by_the_admission(world, monkeypatch):  # noqa: F811
+    """Revoked in the database and announced (as another gateway does): this gateway's cached
+    grant is not admitted; it authenticates again and answers 401, nothing queued."""
+    w = world
+    from cipherpool.db import session_scope
+    from cipherpool.db.tables import Account
+    from cipherpool.names import AUTH_GENERATION_KEY
+    from cipherpool.services import tokens
+
+    with session_scope(w.db) as session:
+        alice = session.get(Account, w.alice)
+        made, value = tokens.create_token(session, alice, "revoked-elsewhere", "digits")
+        token_id = made.id
+    w.tokens["revoked-elsewhere"] = (value, token_id)
+    put = w.call(value, "PUT", f"/v1/client/keys/{KEY_ID}", content=struct.pack("<II", 0, 4) + b"\x07" * 32)
+    assert put.status_code == 201, put.text
+    for _ in range(2):
+        assert w.query("revoked-elsewhere", "digits").status_code == 202
+    run = scripts_run(w.app.state.gw, monkeypatch)
+    usage_key = USAGE_PREFIX + token_id
+    used = int(w.redis.hget(usage_key, "n"))
+    with session_scope(w.db) as session:
+        tokens.revoke_token(session, session.get(Account, w.alice), token_id)
+    w.redis.incr(AUTH_GENERATION_KEY)
+    answer = w.query("revoked-elsewhere", "digits")
+    assert answer.status_code == 401 and answer.json()["code"] == "token_revoked", answer.text
+    assert run == ["admit"]
+    assert int(w.redis.hget(usage_key, "n")) == used
+
+
+def test_a_refused_body_or_refused_parameters_still_count_the_rate(warm_two, monkeypatch):
+    """What the route refuses before any admission (a body no model could take, a parameter
+    out of range) is counted in the windows all the same, by the guard's own script."""
+    w = warm_two
+    run = scripts_run(w.app.state.gw, monkeypatch)
+    counted = windows_counted(w, "two")
+    token = w.tokens["two"][0]
+    garbage = w.call(token, "POST", "/v1/queries", content=b"not an envelope", headers=OCTET)
+    assert (garbage.status_code, garbage.json()["code"]) == (422, "malformed_ciphertext"), garbage.text
+    out_of_range = w.query("two", "digits", wait=-1)
+    assert out_of_range.status_code == 422, out_of_range.text
+    assert run == ["count", "count"]
+    assert windows_counted(w, "two") == counted + 2
+
+
+def test_over_its_rate_a_client_is_refused_for_its_rate_before_its_body(warm_two, monkeypatch):
+    """As when the guard counted first: a client over its rate gets 429, whatever its body
+    would have earned."""
+    w = warm_two
+    monkeypatch.setitem(w.app.state.gw.limiter._limits, "t", 1)
+    token = w.tokens["two"][0]
+    codes = [
+        w.call(token, "POST", "/v1/queries", content=b"garbage", headers=OCTET).json()["code"]
+        for _ in range(4)  # at least three in one 1 s window
+    ]
+    assert "rate_limited" in codes and set(codes) <= {"rate_limited", "malformed_ciphertext"}, codes

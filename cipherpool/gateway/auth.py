@@ -163,6 +163,10 @@ class Authenticator:
         self._generation = current
         return True
 
+    def generations(self) -> tuple[bytes | None, bytes | None]:
+        """The change counters (credential, serving) as last read by :meth:`observe`."""
+        return self._generation, self._serving_generation
+
     def sync(self) -> None:
         """:meth:`observe` with a read of its own."""
         self.observe(*self.ctx.store.redis.mget([AUTH_GENERATION_KEY, SERVING_GENERATION_KEY]))

@@ -33,18 +33,21 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cipherpool.errors import AuthError, BadRequest, CipherpoolError, PayloadTooLarge
+from cipherpool.gateway.admission import LOOP_MAX_BYTES, QUERIES_PATH
 from cipherpool.gateway.apidocs import ASSETS
 from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
 from cipherpool.gateway.httpmetrics import route_path
 from cipherpool.gateway.state import GatewayState
 from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
 from cipherpool.outages import OUTAGE_TYPES, logged_outage
+from cipherpool.services.queries import TokenGrant
 
 log = logging.getLogger("cipherpool.gateway")
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -102,8 +105,10 @@ class Guard:
             await self._self_authenticated(gw, source, scope, receive, send)
             return
         cap = gw.body_cap(scope["method"], path)
+        small = _at_most(headers.get("content-length"), LOOP_MAX_BYTES)
+        deferrable = scope["method"] == "POST" and path == QUERIES_PATH and small
         try:
-            principal = await self._admit_cached(gw, headers.get("authorization"), source, state)
+            principal = await self._admit_cached(gw, headers.get("authorization"), source, state, deferrable)
             if principal is None:
                 principal = await run_in_threadpool(self._admit, gw, headers.get("authorization"), source, state)
             declared = headers.get("content-length")
@@ -121,7 +126,12 @@ class Guard:
             return
         state["principal"] = principal
         capped = _CappedBody(receive, send, cap, lambda exc: gw.refusals.add(exc, state))
-        await self.app(scope, capped.receive, capped.send)
+        try:
+            await self.app(scope, capped.receive, capped.send)
+        finally:
+            pending: PendingCount | None = state.get(PENDING)
+            if pending is not None and not pending.done:  # the route never took it (its parameters refused, say)
+                await pending.settle_quietly()
 
     async def _self_authenticated(self, gw: GatewayState, source: str, scope: Scope, receive: Receive, send: Send) -> None:
         """A path that checks the metrics token itself: a throttled source is refused before
@@ -141,14 +151,20 @@ class Guard:
         await self.app(scope, receive, counting)
 
     @staticmethod
-    async def _admit_cached(gw: GatewayState, authorization: str | None, source: str, state: dict[str, Any]) -> Principal | None:
+    async def _admit_cached(
+        gw: GatewayState, authorization: str | None, source: str, state: dict[str, Any], deferrable: bool = False
+    ) -> Principal | None:
         """:meth:`_admit` on the event loop, for the usual request: its credential cached, and
         the platform's Redis the result waiter's, whose asyncio client makes the round trip
         (:meth:`~cipherpool.gateway.results.ResultWaiter.client_for`). A thread-pool hop costs
         more gateway CPU than that round trip. None, having done nothing, when either is not
         so: then :meth:`_admit` runs in the thread pool. What needs the database (a credential
         to authenticate again after a change, a serving state to load) still goes there, and
-        every failure is counted against the source as in :meth:`_admit`."""
+        every failure is counted against the source as in :meth:`_admit`.
+
+        ``deferrable`` (a small query's submit): a token's request whose serving state is cached
+        too leaves its count to the query's admission, one script for both
+        (:mod:`cipherpool.gateway.admission`), as a :class:`PendingCount` in ``state``."""
         client = gw.waiter.client_for(gw.settings.effective_store_url())
         if client is None:
             return None
@@ -164,6 +180,17 @@ class Guard:
         if principal is None:
             return None
         state["principal"] = principal
+        if deferrable and isinstance(principal, TokenGrant):
+            served = gw.auth.cached_serving(principal)
+            if served is not None:
+                state[PENDING] = PendingCount(gw, credential, source, served)
+                return served
+        return await Guard._count(gw, client, credential, source, principal)
+
+    @staticmethod
+    async def _count(gw: GatewayState, client: Any, credential: str, source: str, principal: Principal) -> Principal:
+        """The rest of :meth:`_admit_cached` for a cached ``principal``: its rate counted and
+        the change counters read, through ``client`` (the waiter's asyncio client)."""
         token_id = None if isinstance(principal, AccountPrincipal) else principal.token_id
         credentials, serving = await gw.limiter.hit_async(
             client, principal.account_id, token_id, also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY)
@@ -214,6 +241,59 @@ class Guard:
         return principal if isinstance(principal, AccountPrincipal) else gw.auth.with_serving(principal)
 
 
+def _at_most(declared: str | None, limit: int) -> bool:
+    """Whether a ``Content-Length`` is declared and at most ``limit``."""
+    return declared is not None and declared.isascii() and declared.isdigit() and int(declared) <= limit
+
+
+@dataclass
+class PendingCount:
+    """The guard's count of a request, left to its query's admission (one script for both:
+    :mod:`cipherpool.gateway.admission`). Whatever the route does instead, it first
+    :meth:`settle` s it; the guard settles it after the answer if the route never did."""
+
+    gw: GatewayState
+    credential: str
+    source: str
+    principal: TokenGrant
+    done: bool = False
+
+    def last_seen(self) -> tuple[bytes | None, bytes | None]:
+        """The change counters as this gateway last read them: the admission admits nothing if
+        they moved since."""
+        return self.gw.auth.generations()
+
+    async def settle(self) -> Principal:
+        """The guard's count and change-counter read, made now as the guard would have made it:
+        the principal to go on with (authenticated again after a change), RateLimited over a
+        rate. Once: the admission counted it, or this did."""
+        self.done = True
+        client = self.gw.waiter.client_for(self.gw.settings.effective_store_url())
+        if client is None:  # the waiter's client is not this loop's now: the guard's thread-pool way
+            return await run_in_threadpool(Guard._admit, self.gw, f"Bearer {self.credential}", self.source)
+        return await Guard._count(self.gw, client, self.credential, self.source, self.principal)
+
+    async def settle_quietly(self) -> None:
+        """:meth:`settle` for a request already answered: counted, whatever it would refuse."""
+        try:
+            await self.settle()
+        except CipherpoolError:
+            pass
+        except OUTAGE_TYPES as exc:
+            log.warning("a request's rate could not be counted after its answer: %s", exc)
+
+    async def changed(self, seen: list[object]) -> Principal:
+        """The admission found the change counters moved (``seen``, as it read them), counted
+        the rate and admitted nothing: the principal to go again with, authenticated again (a
+        credential's change) or with its serving state loaded again (a serving change)."""
+        self.done = True
+        if self.gw.auth.observe(*seen):
+            return await run_in_threadpool(Guard._authenticate_again, self.gw, self.credential, self.source)
+        served = self.gw.auth.cached_serving(self.principal)
+        return served if served is not None else await run_in_threadpool(self.gw.auth.with_serving, self.principal)
+
+
+PENDING = "pending_count"  # the request state's key of its PendingCount
 DRAIN_MAX_BYTES = 64 * 1024 * 1024
 
 

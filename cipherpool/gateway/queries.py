@@ -28,8 +28,11 @@ from cipherpool.config.settings import Settings
 from cipherpool.dispatch import fused_submit, open_batch, open_envelope, output_of, reply_from_meta, submit_batch
 from cipherpool.dispatch import submit as submit_query
 from cipherpool.errors import CipherpoolError, QueryNotFound
-from cipherpool.gateway import affinity
+from cipherpool.gateway import admission, affinity
+from cipherpool.gateway.admission import LOOP_MAX_BYTES, Admitted
+from cipherpool.gateway.auth import require_grant
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant, caller
+from cipherpool.gateway.guard import PENDING, PendingCount
 from cipherpool.gateway.refusals import mark_relayed, note_model
 from cipherpool.gateway.results import TaskMeta, is_ready
 from cipherpool.gateway.state import GatewayState
@@ -45,7 +48,6 @@ Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait for the
 WaitForWorker = Annotated[bool, Query(description="queue the query even if no worker is up for the model yet")]
 Mode = Annotated[Route, Query(description="auto: a dedicated worker when one is up, else a shared node")]
 KEEP_AFTER_READ_S = 60  # a delivered result stays this long, for a client's retry
-LOOP_MAX_BYTES = 64 * 1024  # a body up to this is published from the event loop (its message built there: ~0.3 ms)
 LOOP_MAX_AT_ONCE = 32  # queries published from the event loop at once; more go to the thread pool
 RESULT_HEADERS: dict[int | str, dict[str, Any]] = {200: BINARY_RESPONSE, 202: {"model": QueryAccepted}}
 BATCH_BODY = {
@@ -60,16 +62,57 @@ async def submit(request: Request, wait: Wait = 0.0, wait_for_worker: WaitForWor
     ``mode``: a dedicated worker, a shared node, or ``auto`` (dedicated when one is up)."""
     gw, grant = caller(request)
     body = await request.body()
-    envelope, model = open_envelope(grant, body, wait_for_worker, mode, noted=lambda named: note_model(request, named))
+    pending: PendingCount | None = request.scope.get("state", {}).get(PENDING)  # the guard's count, left to the admission
+    try:
+        return await _submit_query(request, gw, grant, body, pending, wait, wait_for_worker, mode)
+    except _Again as again:  # the change counters moved: the rate is counted; the ordinary way with the new grant
+        request.scope["state"]["principal"] = again.grant
+        return await _submit_query(request, gw, again.grant, body, None, wait, wait_for_worker, mode)
+
+
+class _Again(Exception):
+    """The query's admission found the change counters moved and admitted nothing: submit it
+    again, the ordinary way, as ``grant`` (authenticated again)."""
+
+    def __init__(self, grant: TokenGrant):
+        super().__init__("the change counters moved")
+        self.grant = grant
+
+
+async def _submit_query(
+    request: Request,
+    gw: GatewayState,
+    grant: TokenGrant,
+    body: bytes,
+    pending: PendingCount | None,
+    wait: float,
+    wait_for_worker: bool,
+    mode: Route,
+) -> Response:
+    try:
+        envelope, model = open_envelope(grant, body, wait_for_worker, mode, noted=lambda named: note_model(request, named))
+    except CipherpoolError:
+        await _settle(pending, grant)  # a rate refusal or a failed authentication comes first, as it did
+        raise
     shared = route(model, mode, wait_for_worker) == Route.SHARED
     query_id = gw.waiter.new_id()  # heard without a subscription of its own (cipherpool.gateway.results)
     if wait <= 0:
-        await _publish_query(gw, grant, model, envelope, body, query_id, shared)
+        await _publish_query(gw, grant, model, envelope, body, query_id, shared, pending)
         return _accepted(query_id, None)
     async with gw.waiter.watch(query_id) as watch:
-        await _publish_query(gw, grant, model, envelope, body, query_id, shared)
+        await _publish_query(gw, grant, model, envelope, body, query_id, shared, pending)
         meta = await watch.result(min(wait, gw.settings.long_poll_s))
     return await _answer(request, gw, query_id, meta)
+
+
+async def _settle(pending: PendingCount | None, grant: TokenGrant) -> None:
+    """The guard's count of this request, if it was left to the admission and is not made:
+    made now; a change it finds means going again as the new grant (:class:`_Again`)."""
+    if pending is None or pending.done:
+        return
+    fresh = require_grant(await pending.settle())
+    if fresh != grant:
+        raise _Again(fresh)
 
 
 @router.post("/batch", status_code=202, responses=RESULT_HEADERS, openapi_extra=BATCH_BODY)
@@ -123,7 +166,14 @@ async def withdraw(query_id: QueryId, gw: Gateway, grant: Grant) -> Response:
 
 
 async def _publish_query(
-    gw: GatewayState, grant: TokenGrant, model: ModelGrant, envelope: EncryptedInput, body: bytes, query_id: str, shared: bool
+    gw: GatewayState,
+    grant: TokenGrant,
+    model: ModelGrant,
+    envelope: EncryptedInput,
+    body: bytes,
+    query_id: str,
+    shared: bool,
+    pending: PendingCount | None = None,
 ) -> None:
     """A query published on the event loop when all it needs is at hand: a small body, its key
     reference cached, the platform's Redis the result waiter's (whose asyncio client makes the
@@ -133,10 +183,14 @@ async def _publish_query(
     benchmarks/wake_floor.py). Anything else goes to the thread pool, as a batch does: a body
     over :data:`LOOP_MAX_BYTES` (building its message would hold the loop), and the queries
     past :data:`LOOP_MAX_AT_ONCE` at a time (each holds one of the waiter's connections, which
-    the guard and the waits share)."""
+    the guard and the waits share).
+
+    ``pending``: the guard left this request's count to the admission, one script for both
+    (:mod:`cipherpool.gateway.admission`); any other way settles it first."""
     client = gw.waiter.client_for(gw.settings.effective_store_url())
     blob_id = gw.auth.cached_key_blob(grant, model, envelope.key_id) if client is not None else None
     if client is None or blob_id is None or len(body) > LOOP_MAX_BYTES or gw.publishing_on_loop >= LOOP_MAX_AT_ONCE:
+        await _settle(pending, grant)
         await run_in_threadpool(_publish, gw, grant, model, envelope, body, query_id, shared)
         return
     routed = affinity.route(gw.router, gw.settings, query_id, envelope.key_id, model, shared)
@@ -159,9 +213,22 @@ async def _publish_query(
             records=owner,
         )
         if writes is None:
+            await _settle(pending, grant)
             await run_in_threadpool(_submit, gw, grant, model, envelope, body, blob_id, query_id, shared, None, routed)
             return
-        await usage.charge_async(client, grant.token_id, grant.quota, then=writes)
+        if pending is not None and not pending.done:
+            pending.done = True  # counted by the script, or lost with its round trip
+            done, seen = await admission.admit(
+                client, gw.limiter, pending.last_seen(), grant.account_id, grant.token_id, grant.quota, writes
+            )
+            if done == Admitted.CHANGED:
+                raise _Again(require_grant(await pending.changed(seen)))
+            if done == Admitted.REFUSED:  # a full Redis refused the count: the guard's (here), then as before
+                pending.done = False
+                await _settle(pending, grant)
+                await usage.charge_async(client, grant.token_id, grant.quota, then=writes)
+        else:
+            await usage.charge_async(client, grant.token_id, grant.quota, then=writes)
     except BaseException:  # a cancelled request too: its node's room is given back
         if gw.router is not None:
             gw.router.release(query_id)  # never sent: its node has room again

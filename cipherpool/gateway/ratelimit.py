@@ -26,6 +26,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -70,6 +71,19 @@ class LocalWindows:
             return count
 
 
+@dataclass(frozen=True)
+class Windows:
+    """A request's windows to count in: its subjects (kind, id) with a limit, their keys, and
+    each one's limit over a window."""
+
+    now: float
+    subjects: list[tuple[str, str]]
+    keys: list[str]
+    limits: list[float]
+    cost: int = 1
+    expiry: int = 2 * WINDOW_S
+
+
 class RateLimiter:
     def __init__(self, client: redis.Redis, token_rate_per_s: float, account_rate_per_s: float):
         self._redis = client
@@ -109,6 +123,26 @@ class RateLimiter:
             replies = await client.eval(COUNT_AND_READ, len(keys), *keys, *args)
         return self._judge(subjects, now, also_get, cost, replies)
 
+    def windows(self, account_id: str, token_id: str | None, cost: int = 1) -> Windows:
+        """The windows a request counts in now (none where both limits are off), for a script
+        that counts them with more (:mod:`cipherpool.gateway.admission`)."""
+        now = time.time()
+        subjects = self._subjects(account_id, token_id)
+        keys, _ = self._script_args(subjects, now, (), cost)
+        return Windows(now, subjects, keys, [self._limits[kind] * WINDOW_S for kind, _ in subjects], cost)
+
+    def refuse_over(self, windows: Windows, counts: Sequence[int]) -> None:
+        """RateLimited if a window's count is over its limit."""
+        window = int(windows.now // WINDOW_S)
+        for (kind, _), count in zip(windows.subjects, counts):
+            if count > self._limits[kind] * WINDOW_S:
+                retry = max(1, math.ceil((window + 1) * WINDOW_S - windows.now))
+                who = "access token" if kind == "t" else "account"
+                raise RateLimited(
+                    f"Too many requests for this {who} (limit {self._limits[kind]:g}/s); retry in {retry} s.",
+                    retry_after_s=retry,
+                )
+
     def _subjects(self, account_id: str, token_id: str | None) -> list[tuple[str, str]]:
         subjects = [("a", account_id)] + ([("t", token_id)] if token_id else [])
         return [(kind, who) for kind, who in subjects if self._limits[kind] > 0]
@@ -126,14 +160,7 @@ class RateLimiter:
     ) -> list[object]:
         window = int(now // WINDOW_S)
         counts = self._counted(subjects, window, cost, replies[: len(subjects)])
-        for (kind, _), count in zip(subjects, counts):
-            if count > self._limits[kind] * WINDOW_S:
-                retry = max(1, math.ceil((window + 1) * WINDOW_S - now))
-                who = "access token" if kind == "t" else "account"
-                raise RateLimited(
-                    f"Too many requests for this {who} (limit {self._limits[kind]:g}/s); retry in {retry} s.",
-                    retry_after_s=retry,
-                )
+        self.refuse_over(Windows(now, subjects, [], [], cost), counts)
         return list(replies[-1]) if also_get else []
 
     def _counted(self, subjects: list[tuple[str, str]], window: int, cost: int, replies: list[object]) -> list[int]:

@@ -88,27 +88,30 @@ def charge(client: redis.Redis, token_id: str, quota: int | None, *, then: Seque
     query is counted (a refused one writes nothing): what the submit sequence records of a
     query before it publishes it (its owner, its in-flight copy), one round trip instead of
     one each. Each is a command and its arguments; its keys are the platform Redis's own."""
-    return _counted(_run(client, _CHARGE, USAGE_PREFIX + token_id, *_charge_args(quota, then)), quota)
+    return counted(_run(client, _CHARGE, USAGE_PREFIX + token_id, *charge_args(quota, then)), quota)
 
 
 async def charge_async(client: aioredis.Redis, token_id: str, quota: int | None, *, then: Sequence[Write] = ()) -> int:
     """:func:`charge` on an asyncio client of the same Redis (the gateway's event loop)."""
-    key, args = USAGE_PREFIX + token_id, _charge_args(quota, then)
+    key, args = USAGE_PREFIX + token_id, charge_args(quota, then)
     try:
         answer: Any = await client.evalsha(_SHA[_CHARGE], 1, key, *args)  # type: ignore[arg-type]
     except redis.exceptions.NoScriptError:
         answer = await client.eval(_CHARGE, 1, key, *args)  # type: ignore[arg-type]
-    return _counted(int(answer), quota)
+    return counted(int(answer), quota)
 
 
-def _charge_args(quota: int | None, then: Sequence[Write]) -> list[object]:
+def charge_args(quota: int | None, then: Sequence[Write]) -> list[object]:
+    """The count's arguments after its key: the quota, now, the writes (for a script that
+    counts a query with more, cipherpool.gateway.admission)."""
     args: list[object] = [-1 if quota is None else quota, repr(time.time())]
     for write in then:
         args += [len(write), *write]
     return args
 
 
-def _counted(used: int, quota: int | None) -> int:
+def counted(used: int, quota: int | None) -> int:
+    """The count a script answered; QuotaExceeded where it answered -1 (at the quota)."""
     if used < 0:
         raise QuotaExceeded(f"This access token has used its quota of {quota} queries; ask the model's provider to raise it.")
     return used

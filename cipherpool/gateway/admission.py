@@ -1,0 +1,127 @@
+"""The guard's rate count and a query's admission as one script: one Redis round trip fewer.
+
+Every request's rate is counted, and the change counters read, by the guard before any route
+reads its body (:mod:`cipherpool.gateway.guard`); a query published from the event loop is then
+counted against its token's quota, recorded and queued by a second script
+(:func:`~cipherpool.services.usage.charge_async`). Two round trips on the query's path, each a
+wake-up of Redis and of the gateway: 0.4-0.6 ms apiece once a long compute has left the
+machine idle (digits, benchmarks/wake_floor.py).
+
+For the request that can take the event loop's path (``POST /v1/queries`` from a token whose
+lookups are all cached, its body declared at most :data:`LOOP_MAX_BYTES`), the guard leaves its
+count to the admission: a :class:`~cipherpool.gateway.guard.PendingCount` in the request's
+state. :data:`ADMIT` then does both in order:
+
+1. counts the rate windows (a write Redis refuses when full: ``refused``, nothing admitted;
+   the guard's own count then counts in this process, as it does whenever Redis is full);
+2. over a limit, answers ``rate`` (the guard's 429) and admits nothing;
+3. reads the change counters; moved since this gateway last read them (a credential revoked,
+   a model's workers changed), answers ``changed`` and admits nothing: the gateway
+   authenticates again and the query goes the ordinary way, its rate counted already;
+4. else it is :func:`~cipherpool.services.usage.charge_async`'s script: the quota, the writes
+   (the owner, the in-flight copy, the message and its event), the count.
+
+Whatever else the route does with such a request (a body refused, a query that goes to the
+thread pool) settles the count first, as the guard would have made it, and a request that
+never reached the route (its parameters refused) has it settled by the guard after the answer:
+every request is counted once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from cipherpool.gateway.ratelimit import RateLimiter
+from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY, USAGE_PREFIX
+from cipherpool.services import usage
+
+LOOP_MAX_BYTES = 64 * 1024  # a body up to this is published from the event loop (its message built there: ~0.3 ms)
+QUERIES_PATH = "/v1/queries"  # the route whose count the guard may leave to the admission
+
+# KEYS: the rate windows (ARGV[1] of them), the credential and serving change counters, the
+# token's usage hash. ARGV: [1] windows, [2] cost, [3] a window's expiry, then each window's
+# limit, the two counters as this gateway last read them ('' for none), then as usage._CHARGE:
+# quota (-1: none), now, the writes (each its length, then its command and arguments).
+# Answers {code, used, credential counter, serving counter, each window's count}.
+ADMIT = """
+local n = tonumber(ARGV[1])
+local counts = {}
+for i = 1, n do
+  local c = redis.pcall('INCRBY', KEYS[i], ARGV[2])
+  if type(c) ~= 'number' then return {'refused', 0} end
+  redis.pcall('EXPIRE', KEYS[i], ARGV[3])
+  counts[i] = c
+end
+local seen = redis.call('MGET', KEYS[n + 1], KEYS[n + 2])
+local function answer(code, used)
+  local out = {code, used, seen[1], seen[2]}
+  for i = 1, n do out[4 + i] = counts[i] end
+  return out
+end
+for i = 1, n do
+  if counts[i] > tonumber(ARGV[3 + i]) then return answer('rate', 0) end
+end
+local a = 4 + n
+if (seen[1] or '') ~= ARGV[a] or (seen[2] or '') ~= ARGV[a + 1] then return answer('changed', 0) end
+local usage = KEYS[n + 3]
+local used = tonumber(redis.call('HGET', usage, 'n') or '0')
+local quota = tonumber(ARGV[a + 2])
+if quota >= 0 and used >= quota then return answer('quota', -1) end
+local i = a + 4
+while i <= #ARGV do
+  local len = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + len))
+  i = i + len + 1
+end
+redis.call('HSET', usage, 'last', ARGV[a + 3])
+return answer('ok', redis.call('HINCRBY', usage, 'n', 1))
+"""
+ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()
+
+
+class Admitted(StrEnum):
+    """What :func:`admit` did with the query."""
+
+    QUEUED = "ok"  # counted, admitted and queued
+    CHANGED = "changed"  # rate counted, nothing admitted: authenticate again, then the ordinary way
+    REFUSED = "refused"  # Redis refused the count (full): nothing counted there, nothing admitted
+
+
+async def admit(
+    client: aioredis.Redis,
+    limiter: RateLimiter,
+    last_seen: tuple[bytes | None, bytes | None],
+    account_id: str,
+    token_id: str,
+    quota: int | None,
+    then: Sequence[usage.Write],
+) -> tuple[Admitted, list[object]]:
+    """Count the request's rate and admit the query in one round trip (see the module).
+
+    RateLimited over a rate, QuotaExceeded at the quota (the rate counted, nothing admitted).
+    Else what was done, and the change counters as read (for
+    :meth:`~cipherpool.gateway.auth.Authenticator.observe`, after ``CHANGED`` and ``QUEUED``)."""
+    windows = limiter.windows(account_id, token_id)
+    expected = [b"" if seen is None else seen for seen in last_seen]
+    keys = [*windows.keys, AUTH_GENERATION_KEY, SERVING_GENERATION_KEY, USAGE_PREFIX + token_id]
+    args = [len(windows.keys), windows.cost, windows.expiry, *windows.limits, *expected, *usage.charge_args(quota, then)]
+    try:
+        answer: Any = await client.evalsha(ADMIT_SHA, len(keys), *keys, *args)  # type: ignore[arg-type]
+    except redis.exceptions.NoScriptError:  # a restarted Redis: sent whole once (and cached)
+        answer = await client.eval(ADMIT, len(keys), *keys, *args)  # type: ignore[arg-type]
+    code = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
+    if code == Admitted.REFUSED:
+        return Admitted.REFUSED, []
+    if code == "rate":
+        limiter.refuse_over(windows, [int(count) for count in answer[4:]])  # raises
+    if code == "quota":
+        usage.counted(int(answer[1]), quota)  # raises
+    if code not in (Admitted.QUEUED, Admitted.CHANGED):
+        raise RuntimeError(f"the admission script answered {code!r}")
+    return Admitted(code), [answer[2], answer[3]]
