@@ -677,9 +677,34 @@ def scripts_run(gw, monkeypatch) -> list[str]:
     return run
 
 
-def windows_counted(w, token: str) -> int:
-    """The requests counted in the token's rate windows that are alive now."""
-    return sum(int(w.redis.get(key) or 0) for key in w.redis.scan_iter(f"cipherpool:rate:t:{w.tokens[token][1]}:*"))
+class FrozenClock:
+    """The rate limiter's clock, held in one window of its own for a test (a 1 s window would
+    otherwise turn under a loaded machine's test); ``turn()`` moves it to the next."""
+
+    def __init__(self) -> None:
+        import random
+
+        self.now = float(4_000_000_000 + random.randrange(1_000_000)) + 0.5
+
+    def time(self) -> float:
+        return self.now
+
+    def turn(self) -> None:
+        self.now += 1.0
+
+
+@pytest.fixture
+def frozen(monkeypatch) -> FrozenClock:
+    from cipherpool.gateway import ratelimit
+
+    clock = FrozenClock()
+    monkeypatch.setattr(ratelimit, "time", clock)
+    return clock
+
+
+def windows_counted(w, token: str, clock: FrozenClock) -> int:
+    """The requests counted in the token's rate window now."""
+    return int(w.redis.get(f"cipherpool:rate:t:{w.tokens[token][1]}:{int(clock.now)}") or 0)
 
 
 @pytest.fixture
@@ -694,18 +719,18 @@ def warm_two(world):  # noqa: F811
     return w
 
 
-def test_a_small_query_is_counted_and_admitted_by_one_script(warm_two, monkeypatch):
+def test_a_small_query_is_counted_and_admitted_by_one_script(warm_two, monkeypatch, frozen):
     """The guard leaves a small query's count to its admission: one script, one round trip,
     and the request counted once in its windows, the query once in its quota and queue."""
     w = warm_two
     run = scripts_run(w.app.state.gw, monkeypatch)
     usage_key = USAGE_PREFIX + w.tokens["two"][1]
-    used, counted = int(w.redis.hget(usage_key, "n")), windows_counted(w, "two")
+    used, counted = int(w.redis.hget(usage_key, "n")), windows_counted(w, "two", frozen)
     answer = w.query("two", "digits")
     assert answer.status_code == 202, answer.text
     assert run == ["admit"]
     assert int(w.redis.hget(usage_key, "n")) == used + 1
-    assert windows_counted(w, "two") == counted + 1
+    assert windows_counted(w, "two", frozen) == counted + 1
     query_id = answer.json()["id"]
     assert w.redis.get(QUERY_OWNER_PREFIX + query_id) == w.tokens["two"][1].encode()
     assert w.redis.hget(INFLIGHT_PREFIX + query_id, "message")
@@ -723,23 +748,31 @@ def test_other_requests_are_counted_by_the_guard_as_before(warm_two, monkeypatch
     assert run == ["count", "count"]
 
 
-def test_a_query_over_its_rate_is_refused_by_the_admission_and_admits_nothing(warm_two, monkeypatch):
+def test_a_query_over_its_rate_is_refused_by_the_admission_and_admits_nothing(warm_two, monkeypatch, frozen):
+    """Over the token's rate the admission answers the guard's 429 itself, counting nothing in
+    the quota and queueing nothing; the next request in that window is then counted by the
+    guard before its body is read (the gateway remembers the refusal), and a new window
+    admits again."""
     w = warm_two
     gw = w.app.state.gw
     monkeypatch.setitem(gw.limiter._limits, "t", 2)
+    run = scripts_run(gw, monkeypatch)
     usage_key = USAGE_PREFIX + w.tokens["two"][1]
     used = int(w.redis.hget(usage_key, "n"))
-    answers = [w.query("two", "digits") for _ in range(8)]  # at least 6 in one 1 s window
-    refused = [a for a in answers if a.status_code == 429]
-    accepted = [a for a in answers if a.status_code == 202]
-    assert refused and len(refused) + len(accepted) == 8, [a.status_code for a in answers]
-    assert all(a.json()["code"] == "rate_limited" and int(a.headers["retry-after"]) >= 1 for a in refused)
-    assert int(w.redis.hget(usage_key, "n")) == used + len(accepted)  # a refused one is neither counted nor queued
-    for answer in accepted:
+    answers = [w.query("two", "digits") for _ in range(4)]
+    assert [a.status_code for a in answers] == [202, 202, 429, 429], [a.text for a in answers]
+    assert run == ["admit", "admit", "admit", "count"]  # the third refused by the admission, the fourth by the guard
+    assert all(a.json()["code"] == "rate_limited" and int(a.headers["retry-after"]) >= 1 for a in answers[2:])
+    assert int(w.redis.hget(usage_key, "n")) == used + 2  # a refused one is neither counted nor queued
+    for answer in answers[:2]:
         assert w.redis.hget(INFLIGHT_PREFIX + answer.json()["id"], "message")
+    assert windows_counted(w, "two", frozen) == 4
+    frozen.turn()
+    run.clear()
+    assert w.query("two", "digits").status_code == 202 and run == ["admit"]
 
 
-def test_a_change_announced_meanwhile_admits_nothing_and_the_query_goes_the_ordinary_way(warm_two, monkeypatch):
+def test_a_change_announced_meanwhile_admits_nothing_and_the_query_goes_the_ordinary_way(warm_two, monkeypatch, frozen):
     """Another gateway announced a change (its counter moved): the admission counts the rate,
     admits nothing, and the gateway authenticates again; an unchanged token's query is then
     queued once, and counted once in its windows."""
@@ -748,13 +781,13 @@ def test_a_change_announced_meanwhile_admits_nothing_and_the_query_goes_the_ordi
     w = warm_two
     run = scripts_run(w.app.state.gw, monkeypatch)
     usage_key = USAGE_PREFIX + w.tokens["two"][1]
-    used, counted = int(w.redis.hget(usage_key, "n")), windows_counted(w, "two")
+    used, counted = int(w.redis.hget(usage_key, "n")), windows_counted(w, "two", frozen)
     w.redis.incr(AUTH_GENERATION_KEY)
     answer = w.query("two", "digits")
     assert answer.status_code == 202, answer.text
     assert run[0] == "admit" and "count" not in run, run  # counted by the admission, not again
     assert int(w.redis.hget(usage_key, "n")) == used + 1
-    assert windows_counted(w, "two") == counted + 1
+    assert windows_counted(w, "two", frozen) == counted + 1
     assert w.redis.hget(INFLIGHT_PREFIX + answer.json()["id"], "message")
 
 
@@ -788,29 +821,107 @@ def test_a_token_revoked_through_another_gateway_is_refused_by_the_admission(wor
     assert int(w.redis.hget(usage_key, "n")) == used
 
 
-def test_a_refused_body_or_refused_parameters_still_count_the_rate(warm_two, monkeypatch):
+def test_a_refused_body_or_refused_parameters_still_count_the_rate(warm_two, monkeypatch, frozen):
     """What the route refuses before any admission (a body no model could take, a parameter
     out of range) is counted in the windows all the same, by the guard's own script."""
     w = warm_two
     run = scripts_run(w.app.state.gw, monkeypatch)
-    counted = windows_counted(w, "two")
+    counted = windows_counted(w, "two", frozen)
     token = w.tokens["two"][0]
     garbage = w.call(token, "POST", "/v1/queries", content=b"not an envelope", headers=OCTET)
     assert (garbage.status_code, garbage.json()["code"]) == (422, "malformed_ciphertext"), garbage.text
     out_of_range = w.query("two", "digits", wait=-1)
     assert out_of_range.status_code == 422, out_of_range.text
     assert run == ["count", "count"]
-    assert windows_counted(w, "two") == counted + 2
+    assert windows_counted(w, "two", frozen) == counted + 2
 
 
-def test_over_its_rate_a_client_is_refused_for_its_rate_before_its_body(warm_two, monkeypatch):
+def test_over_its_rate_a_client_is_refused_for_its_rate_before_its_body(warm_two, monkeypatch, frozen):
     """As when the guard counted first: a client over its rate gets 429, whatever its body
     would have earned."""
     w = warm_two
     monkeypatch.setitem(w.app.state.gw.limiter._limits, "t", 1)
     token = w.tokens["two"][0]
-    codes = [
-        w.call(token, "POST", "/v1/queries", content=b"garbage", headers=OCTET).json()["code"]
-        for _ in range(4)  # at least three in one 1 s window
-    ]
-    assert "rate_limited" in codes and set(codes) <= {"rate_limited", "malformed_ciphertext"}, codes
+    codes = [w.call(token, "POST", "/v1/queries", content=b"garbage", headers=OCTET).json()["code"] for _ in range(3)]
+    assert codes == ["malformed_ciphertext", "rate_limited", "rate_limited"], codes
+
+
+def test_a_change_observed_by_another_request_meanwhile_still_admits_nothing(world, monkeypatch):  # noqa: F811
+    """The guard read the cache, then another request observed a change (a revocation
+    announced) before this query's admission: the admission compares the counters with those
+    the guard had before it read the cache, not with the gateway's latest, so it admits
+    nothing; authenticated again, the token is refused."""
+    from cipherpool.db import session_scope
+    from cipherpool.db.tables import Account
+    from cipherpool.gateway import admission
+    from cipherpool.names import AUTH_GENERATION_KEY
+    from cipherpool.services import tokens
+
+    w = world
+    with session_scope(w.db) as session:
+        made, value = tokens.create_token(session, session.get(Account, w.alice), "revoked-meanwhile", "digits")
+        token_id = made.id
+    w.tokens["revoked-meanwhile"] = (value, token_id)
+    put = w.call(value, "PUT", f"/v1/client/keys/{KEY_ID}", content=struct.pack("<II", 0, 4) + b"\x07" * 32)
+    assert put.status_code == 201, put.text
+    for _ in range(2):
+        assert w.query("revoked-meanwhile", "digits").status_code == 202
+    gw, real = w.app.state.gw, admission.admit
+
+    async def meanwhile(*args, **kwargs):
+        with session_scope(w.db) as session:
+            tokens.revoke_token(session, session.get(Account, w.alice), token_id)
+        w.redis.incr(AUTH_GENERATION_KEY)
+        gw.auth.sync()  # another request observed it first: the caches are dropped, the counter taken
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(admission, "admit", meanwhile)
+    used = int(w.redis.hget(USAGE_PREFIX + token_id, "n"))
+    answer = w.query("revoked-meanwhile", "digits")
+    assert answer.status_code == 401 and answer.json()["code"] == "token_revoked", answer.text
+    assert int(w.redis.hget(USAGE_PREFIX + token_id, "n")) == used
+
+
+def test_a_body_over_the_cap_is_refused_and_counted_by_the_guard(warm_two, monkeypatch, frozen):
+    """A declared body over the route's cap (a cap below the event loop's bound) is the
+    guard's 413, counted by the guard: nothing is left to an admission that never comes."""
+    w = warm_two
+    gw = w.app.state.gw
+    monkeypatch.setattr(gw, "body_cap", lambda method, path: 16)
+    run = scripts_run(gw, monkeypatch)
+    answer = w.query("two", "digits")
+    assert answer.status_code == 413, answer.text
+    assert run == ["count"] and windows_counted(w, "two", frozen) == 1
+
+
+def test_a_full_redis_refuses_the_admissions_count_and_the_guard_counts_in_process(warm_two, monkeypatch, frozen):
+    """Redis refuses writes (full): the admission's count is refused, nothing admitted; the
+    guard's count then counts in this process (as it does whenever Redis is full), and the
+    query meets the full Redis as before (507 store_full), counted once."""
+    w = warm_two
+    gw = w.app.state.gw
+    monkeypatch.setitem(gw.limiter._limits, "t", 1000)
+    run = scripts_run(gw, monkeypatch)
+    usage_key = USAGE_PREFIX + w.tokens["two"][1]
+    used = int(w.redis.hget(usage_key, "n"))
+    fillers = []
+    try:
+        for i in range(10_000):  # until Redis refuses even a small write (tests/test_store_full.py)
+            try:
+                w.redis.set(f"filler:{i}", b"x" * 64 * 1024)
+                fillers.append(f"filler:{i}")
+            except redis.exceptions.OutOfMemoryError:
+                try:
+                    w.redis.set(f"filler:small:{i}", b"x")
+                    fillers.append(f"filler:small:{i}")
+                except redis.exceptions.OutOfMemoryError:
+                    break
+        answer = w.query("two", "digits")
+    finally:
+        for chunk in range(0, len(fillers), 500):
+            w.redis.delete(*fillers[chunk : chunk + 500])
+    assert (answer.status_code, answer.json()["code"]) == (507, "store_full"), answer.text
+    assert run[:2] == ["admit", "count"], run
+    window = int(frozen.now)
+    assert gw.limiter._local.incr("t", w.tokens["two"][1], window, 0) == 1  # counted once, in this process
+    assert int(w.redis.hget(usage_key, "n")) == used and windows_counted(w, "two", frozen) == 0

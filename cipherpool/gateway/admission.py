@@ -30,19 +30,27 @@ every request is counted once.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from starlette.concurrency import run_in_threadpool
 
+from cipherpool.errors import CipherpoolError
+from cipherpool.gateway.admit import COUNTERS, Seen, after_count, as_counter, authenticate_and_count, count_cached
+from cipherpool.gateway.auth import Principal
 from cipherpool.gateway.ratelimit import RateLimiter
-from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY, USAGE_PREFIX
+from cipherpool.gateway.state import GatewayState
+from cipherpool.names import USAGE_PREFIX
+from cipherpool.outages import OUTAGE_TYPES
 from cipherpool.services import usage
+from cipherpool.services.queries import TokenGrant
 
 LOOP_MAX_BYTES = 64 * 1024  # a body up to this is published from the event loop (its message built there: ~0.3 ms)
-QUERIES_PATH = "/v1/queries"  # the route whose count the guard may leave to the admission
 
 # KEYS: the rate windows (ARGV[1] of them), the credential and serving change counters, the
 # token's usage hash. ARGV: [1] windows, [2] cost, [3] a window's expiry, then each window's
@@ -83,6 +91,51 @@ redis.call('HSET', usage, 'last', ARGV[a + 3])
 return answer('ok', redis.call('HINCRBY', usage, 'n', 1))
 """
 ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()
+log = logging.getLogger("cipherpool.gateway")
+
+
+PENDING = "pending_count"  # the request state's key of its PendingCount
+
+
+@dataclass
+class PendingCount:
+    """The guard's count of a request, left to its query's admission (:func:`admit`).
+    Whatever the route does instead, it first :meth:`settle` s it; the guard settles it after
+    the answer if the route never did. ``seen``: the change counters as the guard had them
+    before it read the cache (the admission admits nothing if they moved since)."""
+
+    gw: GatewayState
+    credential: str
+    source: str
+    principal: TokenGrant  # as cached
+    served: TokenGrant  # with its serving state, as cached: the grant the route goes on with
+    seen: Seen
+    done: bool = False
+
+    async def settle(self) -> Principal:
+        """The guard's count and change-counter read, made now as the guard would have made it:
+        the principal to go on with (authenticated again after a change), RateLimited over a
+        rate. Once: the admission counted it, or this did."""
+        self.done = True
+        client = self.gw.waiter.client_for(self.gw.settings.effective_store_url())
+        if client is None:  # the waiter's client is not this loop's now: the thread pool's way
+            return await run_in_threadpool(authenticate_and_count, self.gw, f"Bearer {self.credential}", self.source)
+        return await count_cached(self.gw, client, self.credential, self.source, self.principal, self.seen)
+
+    async def settle_quietly(self) -> None:
+        """:meth:`settle` for a request already answered: counted, whatever it would refuse."""
+        try:
+            await self.settle()
+        except CipherpoolError:
+            pass
+        except OUTAGE_TYPES as exc:
+            log.warning("a request's rate could not be counted after its answer: %s", exc)
+
+    async def changed(self, now: Seen) -> Principal:
+        """The admission found the change counters moved (``now``, as it read them), counted
+        the rate and admitted nothing: the principal to go again with."""
+        self.done = True
+        return await after_count(self.gw, self.credential, self.source, self.principal, self.seen, now)
 
 
 class Admitted(StrEnum):
@@ -94,22 +147,17 @@ class Admitted(StrEnum):
 
 
 async def admit(
-    client: aioredis.Redis,
-    limiter: RateLimiter,
-    last_seen: tuple[bytes | None, bytes | None],
-    account_id: str,
-    token_id: str,
-    quota: int | None,
-    then: Sequence[usage.Write],
-) -> tuple[Admitted, list[object]]:
+    client: aioredis.Redis, limiter: RateLimiter, pending: PendingCount, quota: int | None, then: Sequence[usage.Write]
+) -> tuple[Admitted, Seen]:
     """Count the request's rate and admit the query in one round trip (see the module).
 
     RateLimited over a rate, QuotaExceeded at the quota (the rate counted, nothing admitted).
-    Else what was done, and the change counters as read (for
-    :meth:`~cipherpool.gateway.auth.Authenticator.observe`, after ``CHANGED`` and ``QUEUED``)."""
-    windows = limiter.windows(account_id, token_id)
-    expected = [b"" if seen is None else seen for seen in last_seen]
-    keys = [*windows.keys, AUTH_GENERATION_KEY, SERVING_GENERATION_KEY, USAGE_PREFIX + token_id]
+    Else what was done, and the change counters as read (for :meth:`PendingCount.changed`)."""
+    pending.done = True  # counted by the script, or lost with its round trip
+    grant = pending.principal
+    windows = limiter.windows(grant.account_id, grant.token_id)
+    expected = [b"" if seen is None else seen for seen in pending.seen]
+    keys = [*windows.keys, *COUNTERS, USAGE_PREFIX + grant.token_id]
     args = [len(windows.keys), windows.cost, windows.expiry, *windows.limits, *expected, *usage.charge_args(quota, then)]
     try:
         answer: Any = await client.evalsha(ADMIT_SHA, len(keys), *keys, *args)  # type: ignore[arg-type]
@@ -117,11 +165,11 @@ async def admit(
         answer = await client.eval(ADMIT, len(keys), *keys, *args)  # type: ignore[arg-type]
     code = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
     if code == Admitted.REFUSED:
-        return Admitted.REFUSED, []
+        return Admitted.REFUSED, (None, None)
     if code == "rate":
         limiter.refuse_over(windows, [int(count) for count in answer[4:]])  # raises
     if code == "quota":
         usage.counted(int(answer[1]), quota)  # raises
     if code not in (Admitted.QUEUED, Admitted.CHANGED):
         raise RuntimeError(f"the admission script answered {code!r}")
-    return Admitted(code), [answer[2], answer[3]]
+    return Admitted(code), (as_counter(answer[2]), as_counter(answer[3]))

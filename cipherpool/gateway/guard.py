@@ -33,19 +33,18 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cipherpool.errors import AuthError, BadRequest, CipherpoolError, PayloadTooLarge
-from cipherpool.gateway.admission import LOOP_MAX_BYTES, QUERIES_PATH
+from cipherpool.gateway.admission import LOOP_MAX_BYTES, PENDING, PendingCount
+from cipherpool.gateway.admit import authenticate_and_count, count_cached
 from cipherpool.gateway.apidocs import ASSETS
-from cipherpool.gateway.auth import AccountPrincipal, Principal, bearer
+from cipherpool.gateway.auth import Principal, bearer
 from cipherpool.gateway.httpmetrics import route_path
-from cipherpool.gateway.state import GatewayState
-from cipherpool.names import AUTH_GENERATION_KEY, SERVING_GENERATION_KEY
+from cipherpool.gateway.state import QUERIES, GatewayState
 from cipherpool.outages import OUTAGE_TYPES, logged_outage
 from cipherpool.services.queries import TokenGrant
 
@@ -105,8 +104,8 @@ class Guard:
             await self._self_authenticated(gw, source, scope, receive, send)
             return
         cap = gw.body_cap(scope["method"], path)
-        small = _at_most(headers.get("content-length"), LOOP_MAX_BYTES)
-        deferrable = scope["method"] == "POST" and path == QUERIES_PATH and small
+        small = _at_most(headers.get("content-length"), min(LOOP_MAX_BYTES, cap))  # (over the cap: a 413, counted here)
+        deferrable = scope["method"] == "POST" and path == QUERIES and small
         try:
             principal = await self._admit_cached(gw, headers.get("authorization"), source, state, deferrable)
             if principal is None:
@@ -172,6 +171,7 @@ class Guard:
             credential = bearer(authorization)
         except AuthError:
             return None  # _admit refuses it, and counts the failure
+        seen = gw.auth.generations()  # before the cache is read (cipherpool.gateway.admit)
         try:
             principal = gw.auth.cached_principal(credential)
         except AuthError:  # cached, and expired since
@@ -180,65 +180,21 @@ class Guard:
         if principal is None:
             return None
         state["principal"] = principal
-        if deferrable and isinstance(principal, TokenGrant):
+        if (
+            deferrable
+            and isinstance(principal, TokenGrant)
+            and not gw.limiter.refused_now(principal.account_id, principal.token_id)
+        ):
             served = gw.auth.cached_serving(principal)
             if served is not None:
-                state[PENDING] = PendingCount(gw, credential, source, served)
+                state[PENDING] = PendingCount(gw, credential, source, principal, served, seen)
                 return served
-        return await Guard._count(gw, client, credential, source, principal)
-
-    @staticmethod
-    async def _count(gw: GatewayState, client: Any, credential: str, source: str, principal: Principal) -> Principal:
-        """The rest of :meth:`_admit_cached` for a cached ``principal``: its rate counted and
-        the change counters read, through ``client`` (the waiter's asyncio client)."""
-        token_id = None if isinstance(principal, AccountPrincipal) else principal.token_id
-        credentials, serving = await gw.limiter.hit_async(
-            client, principal.account_id, token_id, also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY)
-        )
-        if gw.auth.observe(credentials, serving):  # a change was announced: authenticate again
-            return await run_in_threadpool(Guard._authenticate_again, gw, credential, source)
-        if isinstance(principal, AccountPrincipal):
-            return principal
-        served = gw.auth.cached_serving(principal)
-        return served if served is not None else await run_in_threadpool(gw.auth.with_serving, principal)
-
-    @staticmethod
-    def _authenticate_again(gw: GatewayState, credential: str, source: str) -> Principal:
-        """The end of :meth:`_admit` after the change counters moved (a lookup)."""
-        try:
-            principal = gw.auth.principal(credential)
-        except AuthError:
-            gw.throttle.failed(source)
-            raise
-        return principal if isinstance(principal, AccountPrincipal) else gw.auth.with_serving(principal)
+        return await count_cached(gw, client, credential, source, principal, seen)
 
     @staticmethod
     def _admit(gw: GatewayState, authorization: str | None, source: str, state: dict[str, Any] | None = None) -> Principal:
-        """Authenticate (cached), count the rate and read the change counters in one round trip;
-        if the credential counter moved, the cache was stale: authenticate again. A token's
-        grant then gets which of its models have a worker up now (cached apart, dropped when
-        the serving counter moves). The principal is in ``state`` as soon as it is known, so
-        that a refusal after authentication (its rate) counts for it.
-
-        A credential that is not cached costs a lookup: a source over its failed
-        authentications is refused before it (one Redis read), and every failure is counted."""
-        try:
-            if not gw.auth.cached(authorization):
-                gw.throttle.check(source)
-            credential = bearer(authorization)
-            principal = gw.auth.principal(credential)
-            if state is not None:
-                state["principal"] = principal
-            token_id = None if isinstance(principal, AccountPrincipal) else principal.token_id
-            credentials, serving = gw.limiter.hit(
-                principal.account_id, token_id, also_get=(AUTH_GENERATION_KEY, SERVING_GENERATION_KEY)
-            )
-            if gw.auth.observe(credentials, serving):
-                principal = gw.auth.principal(credential)
-        except AuthError:
-            gw.throttle.failed(source)
-            raise
-        return principal if isinstance(principal, AccountPrincipal) else gw.auth.with_serving(principal)
+        """:func:`~cipherpool.gateway.admit.authenticate_and_count`, in the thread pool."""
+        return authenticate_and_count(gw, authorization, source, state)
 
 
 def _at_most(declared: str | None, limit: int) -> bool:
@@ -246,54 +202,6 @@ def _at_most(declared: str | None, limit: int) -> bool:
     return declared is not None and declared.isascii() and declared.isdigit() and int(declared) <= limit
 
 
-@dataclass
-class PendingCount:
-    """The guard's count of a request, left to its query's admission (one script for both:
-    :mod:`cipherpool.gateway.admission`). Whatever the route does instead, it first
-    :meth:`settle` s it; the guard settles it after the answer if the route never did."""
-
-    gw: GatewayState
-    credential: str
-    source: str
-    principal: TokenGrant
-    done: bool = False
-
-    def last_seen(self) -> tuple[bytes | None, bytes | None]:
-        """The change counters as this gateway last read them: the admission admits nothing if
-        they moved since."""
-        return self.gw.auth.generations()
-
-    async def settle(self) -> Principal:
-        """The guard's count and change-counter read, made now as the guard would have made it:
-        the principal to go on with (authenticated again after a change), RateLimited over a
-        rate. Once: the admission counted it, or this did."""
-        self.done = True
-        client = self.gw.waiter.client_for(self.gw.settings.effective_store_url())
-        if client is None:  # the waiter's client is not this loop's now: the guard's thread-pool way
-            return await run_in_threadpool(Guard._admit, self.gw, f"Bearer {self.credential}", self.source)
-        return await Guard._count(self.gw, client, self.credential, self.source, self.principal)
-
-    async def settle_quietly(self) -> None:
-        """:meth:`settle` for a request already answered: counted, whatever it would refuse."""
-        try:
-            await self.settle()
-        except CipherpoolError:
-            pass
-        except OUTAGE_TYPES as exc:
-            log.warning("a request's rate could not be counted after its answer: %s", exc)
-
-    async def changed(self, seen: list[object]) -> Principal:
-        """The admission found the change counters moved (``seen``, as it read them), counted
-        the rate and admitted nothing: the principal to go again with, authenticated again (a
-        credential's change) or with its serving state loaded again (a serving change)."""
-        self.done = True
-        if self.gw.auth.observe(*seen):
-            return await run_in_threadpool(Guard._authenticate_again, self.gw, self.credential, self.source)
-        served = self.gw.auth.cached_serving(self.principal)
-        return served if served is not None else await run_in_threadpool(self.gw.auth.with_serving, self.principal)
-
-
-PENDING = "pending_count"  # the request state's key of its PendingCount
 DRAIN_MAX_BYTES = 64 * 1024 * 1024
 
 

@@ -29,10 +29,9 @@ from cipherpool.dispatch import fused_submit, open_batch, open_envelope, output_
 from cipherpool.dispatch import submit as submit_query
 from cipherpool.errors import CipherpoolError, QueryNotFound
 from cipherpool.gateway import admission, affinity
-from cipherpool.gateway.admission import LOOP_MAX_BYTES, Admitted
+from cipherpool.gateway.admission import LOOP_MAX_BYTES, PENDING, Admitted, PendingCount
 from cipherpool.gateway.auth import require_grant
 from cipherpool.gateway.deps import BINARY_BODY, BINARY_RESPONSE, OCTET_STREAM, Gateway, Grant, caller
-from cipherpool.gateway.guard import PENDING, PendingCount
 from cipherpool.gateway.refusals import mark_relayed, note_model
 from cipherpool.gateway.results import TaskMeta, is_ready
 from cipherpool.gateway.state import GatewayState
@@ -217,10 +216,7 @@ async def _publish_query(
             await run_in_threadpool(_submit, gw, grant, model, envelope, body, blob_id, query_id, shared, None, routed)
             return
         if pending is not None and not pending.done:
-            pending.done = True  # counted by the script, or lost with its round trip
-            done, seen = await admission.admit(
-                client, gw.limiter, pending.last_seen(), grant.account_id, grant.token_id, grant.quota, writes
-            )
+            done, seen = await admission.admit(client, gw.limiter, pending, grant.quota, writes)
             if done == Admitted.CHANGED:
                 raise _Again(require_grant(await pending.changed(seen)))
             if done == Admitted.REFUSED:  # a full Redis refused the count: the guard's (here), then as before

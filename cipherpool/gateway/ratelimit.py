@@ -39,6 +39,7 @@ from cipherpool.waiting import StateLog
 
 log = logging.getLogger("cipherpool.gateway")
 WINDOW_S = 1
+REFUSED_MAX = 10_000  # subjects remembered as refused (cleared whole when full: a refusal is only a hint)
 # KEYS: the windows to count in (ARGV[3] of them), then the keys to read. Each count is
 # answered, or the error that refused it (pcall: a full Redis refuses INCRBY, a write, and the
 # read after it must still be answered); then the values read, as one array.
@@ -90,6 +91,7 @@ class RateLimiter:
         self._limits = {"t": token_rate_per_s, "a": account_rate_per_s}
         self._local = LocalWindows()
         self._full = StateLog(log)
+        self._refused: dict[tuple[str, str], int] = {}  # subjects refused in this process, and in which window
 
     def hit(self, account_id: str, token_id: str | None = None, *, also_get: Sequence[str] = (), cost: int = 1) -> list[object]:
         """Count one request (``cost``: as that many, for a request that runs several FHE
@@ -131,11 +133,22 @@ class RateLimiter:
         keys, _ = self._script_args(subjects, now, (), cost)
         return Windows(now, subjects, keys, [self._limits[kind] * WINDOW_S for kind, _ in subjects], cost)
 
+    def refused_now(self, account_id: str, token_id: str | None) -> bool:
+        """Whether this process refused the account or the token for its rate in the current
+        window (the guard then counts its requests before anything reads their bodies)."""
+        window = int(time.time() // WINDOW_S)
+        return any(self._refused.get(subject) == window for subject in self._subjects(account_id, token_id))
+
     def refuse_over(self, windows: Windows, counts: Sequence[int]) -> None:
-        """RateLimited if a window's count is over its limit."""
+        """RateLimited if a window's count is over its limit (remembered for the window:
+        :meth:`refused_now`)."""
         window = int(windows.now // WINDOW_S)
-        for (kind, _), count in zip(windows.subjects, counts):
+        for subject, count in zip(windows.subjects, counts):
+            kind = subject[0]
             if count > self._limits[kind] * WINDOW_S:
+                if len(self._refused) >= REFUSED_MAX:
+                    self._refused.clear()
+                self._refused[subject] = window
                 retry = max(1, math.ceil((window + 1) * WINDOW_S - windows.now))
                 who = "access token" if kind == "t" else "account"
                 raise RateLimited(
