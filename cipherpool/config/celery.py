@@ -95,6 +95,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_track_started": True,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
+        # Task events flushed together a moment after the first, off the task's start
+        # (cipherpool/workers/eventflush.py).
+        "worker_consumer": "cipherpool.workers.eventflush:Consumer",
+        "cipherpool_event_flush_s": settings.event_flush_s,
         "result_expires": settings.result_expires_s,
         "result_extended": False,
         "worker_hijack_root_logger": False,

@@ -208,6 +208,10 @@ class Settings(BaseSettings):
     redelivery_grace_s: float = Field(10.0, ge=0)
     redelivery_max: int = Field(3, ge=0)
     node_heartbeat_s: float = 10.0
+    # A worker's task events (what Flower's Tasks page shows) are sent this long after the
+    # first of them, together, off the task's start; 0: at the worker's next loop turn, one
+    # message per turn (Celery's own).
+    event_flush_s: float = Field(0.05, ge=0, le=5)
     # Beat's reconciler: how often it looks for workers whose node went silent (a node is lost
     # after 3 missed heartbeats), fails them with the reason and starts replacements.
     reconcile_interval_s: float = 5.0
