@@ -24,3 +24,11 @@ app.conf.update(
 def echo(value: int, seconds: float = 0.0) -> int:
     time.sleep(seconds)
     return value
+
+
+@app.task(name="eventflush.mark")
+def mark(key: str) -> None:
+    """Leave ``key`` in the broker's Redis: the test knows the task ran."""
+    import redis
+
+    redis.Redis.from_url(os.environ["EVENTFLUSH_BROKER"]).set(key, b"1", ex=60)

@@ -116,8 +116,12 @@ def test_events_still_held_by_the_delay_are_sent_as_the_worker_shuts_down(url, t
         deadline = time.monotonic() + 60
         while not app.control.ping(timeout=0.5, destination=["flush30.0@test"]):
             assert node.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
-        result = app.send_task("eventflush.echo", args=[7, 0.0])
-        assert event_messages(pubsub, result.id, time.monotonic() + 2) == []  # held by the 30 s delay
+        result = app.send_task("eventflush.mark", args=[f"ran:{tmp_path.name}"])
+        ran_by = time.monotonic() + 30
+        while not client.get(f"ran:{tmp_path.name}"):
+            assert time.monotonic() < ran_by, (tmp_path / "worker.log").read_text()
+            time.sleep(0.05)
+        assert event_messages(pubsub, result.id, time.monotonic() + 1) == []  # ran; its events held by the 30 s delay
         stopped = time.monotonic()
         node.send_signal(signal.SIGTERM)
         heard = event_messages(pubsub, result.id, stopped + 20)
@@ -132,3 +136,25 @@ def test_events_still_held_by_the_delay_are_sent_as_the_worker_shuts_down(url, t
             node.wait(10)
         pubsub.close()
         client.close()
+
+
+def test_what_the_delay_holds_when_the_connection_drops_goes_to_the_next_connection():
+    """Celery hands a reconnected dispatcher only its predecessor's unbuffered events: the
+    task events the delay still held are moved there first, each group as one message."""
+    from celery import Celery
+    from kombu import Connection
+
+    from cipherpool.workers.eventflush import keep_buffered, oldest_buffered
+
+    app = Celery("eventflush-unit", broker="memory://")
+    old = app.events.Dispatcher(Connection("memory://"), hostname="n@test", buffer_group=["task"])
+    assert oldest_buffered(old) is None
+    before = time.time()
+    old.send("task-received", uuid="q1")
+    old.send("task-started", uuid="q1")
+    assert before <= (oldest_buffered(old) or 0) <= time.time()
+    assert keep_buffered(old) == 2 and oldest_buffered(old) is None
+    new = app.events.Dispatcher(Connection("memory://"), hostname="n@test", buffer_group=["task"])
+    new.extend_buffer(old)  # what Celery's Events step does on a reconnect
+    ((events, routing_key),) = new._outbound_buffer
+    assert routing_key == "task.multi" and [e["type"] for e in events] == ["task-received", "task-started"]
