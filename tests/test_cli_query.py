@@ -159,7 +159,8 @@ def gateway(monkeypatch) -> Iterator[FakeGateway]:
 
 def client_of(gateway: FakeGateway, key_dir: Path) -> QueryClient:
     """A new QueryClient on the fake gateway, as a new CLI process makes one."""
-    client = QueryClient("cpt_user", settings=Settings(data_dir=key_dir.parent, url="http://gateway"), key_dir=key_dir)
+    settings = Settings(data_dir=key_dir.parent, url="http://gateway", client_lean_http=False)  # all through the mock
+    client = QueryClient("cpt_user", settings=settings, key_dir=key_dir)
     client._t._http._transport = httpx.MockTransport(gateway)
     return client
 

@@ -162,6 +162,13 @@ def settings_for(tmp_path: Path, url: str, **over: float) -> Settings:
     return Settings(data_dir=tmp_path / "data", url=url, long_poll_s=0.3, **over)
 
 
+def mocked_settings(tmp_path: Path, **over: float) -> Settings:
+    """For a client whose httpx transport the test replaces with a MockTransport: a query's calls
+    through httpx too, not on the lean lane (which opens sockets of its own: tested against
+    real servers above and in tests/test_client_lean.py)."""
+    return Settings(data_dir=tmp_path / "data", url="http://gateway", long_poll_s=0.3, client_lean_http=False, **over)
+
+
 # --- against a real server that restarts ------------------------------------------------------------
 
 
@@ -289,7 +296,7 @@ def scripted(
             return answer
         raise answer("scripted", request=request)
 
-    transport = Transport(settings_for(tmp_path, "http://gateway", **over), "cpt_test", "no token")
+    transport = Transport(mocked_settings(tmp_path, **over), "cpt_test", "no token")
     transport._http._transport = httpx.MockTransport(handle)
     transport.request("GET", "/v1/health")  # the gateway was there: what follows is an outage
     return transport, sent
@@ -399,7 +406,7 @@ def test_no_budget_means_no_retry(tmp_path, clock):
 
 def test_a_gateway_that_never_answered_is_not_waited_for(tmp_path, clock, caplog):
     """A wrong URL or a stack not up, more likely than a restart: the error comes at once."""
-    transport = Transport(settings_for(tmp_path, "http://gateway"), "cpt_test", "no token")
+    transport = Transport(mocked_settings(tmp_path), "cpt_test", "no token")
     transport._http._transport = httpx.MockTransport(
         lambda request: (_ for _ in ()).throw(httpx.ConnectError("refused", request=request))
     )
@@ -409,7 +416,7 @@ def test_a_gateway_that_never_answered_is_not_waited_for(tmp_path, clock, caplog
 
 
 def test_the_management_client_shares_the_retries(tmp_path, clock):
-    client = ManagementClient("cpk_test", settings=settings_for(tmp_path, "http://gateway"))
+    client = ManagementClient("cpk_test", settings=mocked_settings(tmp_path))
     answers: list[httpx.Response | type[httpx.TransportError]] = [httpx.ConnectError, httpx.ReadError]
 
     def handle(request: httpx.Request) -> httpx.Response:
@@ -428,7 +435,7 @@ def test_after_a_timeout_withdrawing_and_explaining_end_soon_after_it(tmp_path, 
     """A result's timeout of 10 s, then the gateway goes: withdrawing the query, then asking
     whether any worker serves the model, retry until the timeout plus a small grace, each try
     waiting no longer; not gateway_retry_s (30 s) each, which made result(timeout=10) last 70 s."""
-    client = QueryClient("cpt_test", settings=settings_for(tmp_path, "http://gateway", gateway_retry_s=30))
+    client = QueryClient("cpt_test", settings=mocked_settings(tmp_path, gateway_retry_s=30))
     sent: list[httpx.Request] = []
 
     def handle(request: httpx.Request) -> httpx.Response:

@@ -344,7 +344,12 @@ class QueryClient(GatewayClient):
         submitted = time.time()
         response = self._with_keys(
             lambda: self._t.request(
-                "POST", "/v1/queries", content=ciphertext, headers=OCTET, params=self._submit_params(wait_for_worker)
+                "POST",
+                "/v1/queries",
+                content=ciphertext,
+                headers=OCTET,
+                params=self._submit_params(wait_for_worker),
+                query_path=True,
             )
         )
         return QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
@@ -372,6 +377,7 @@ class QueryClient(GatewayClient):
                 headers=OCTET,
                 params=self._submit_params(wait_for_worker, wait=wait),
                 timeout=wait + POLL_GRACE_S,
+                query_path=True,
             )
         )
         if response.status_code == 200:
@@ -480,7 +486,12 @@ class QueryClient(GatewayClient):
         submitted = time.time()
         response = self._with_keys(
             lambda: self._t.request(
-                "POST", "/v1/queries/batch", content=body, headers=BATCH, params=self._submit_params(wait_for_worker)
+                "POST",
+                "/v1/queries/batch",
+                content=body,
+                headers=BATCH,
+                params=self._submit_params(wait_for_worker),
+                query_path=True,
             )
         )
         return QueryHandle(self, QueryAccepted.model_validate_json(response.content).id, submitted)
@@ -532,7 +543,7 @@ class QueryClient(GatewayClient):
             return {"params": {"wait": wait}, "timeout": wait + POLL_GRACE_S}
 
         deadline = time.monotonic() + remaining if remaining > 0 else None
-        return self._t.request("GET", f"/v1/queries/{query_id}", retry_until=deadline, refresh=one_try)
+        return self._t.request("GET", f"/v1/queries/{query_id}", retry_until=deadline, refresh=one_try, query_path=True)
 
     def _withdraw(self, query_id: str, until: float | None = None) -> None:
         """Withdraw a query; with ``until`` (a ``time.monotonic()`` deadline), retried and

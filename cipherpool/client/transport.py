@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import TypeAdapter, ValidationError
 
+from cipherpool.client.lean import LeanLane, fits
 from cipherpool.config.settings import Settings, get_settings
 from cipherpool.errors import (
     ConfigurationError,
@@ -64,6 +65,7 @@ UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # restart, and a retry would only multiply the wait.
 BROKEN = (httpx.ReadError, httpx.WriteError, httpx.CloseError, httpx.RemoteProtocolError)
 PROXY_STATUSES = frozenset({502, 503, 504})
+_LANE_KWARGS = frozenset({"content", "headers", "params", "timeout"})  # what a call on the lean lane may carry
 # The gateway's own word that a part it needs is briefly away (wire codes: the stable contract).
 TRANSIENT_CODES = frozenset({"broker_unavailable", "database_unavailable", "gateway_unavailable"})
 log = logging.getLogger("cipherpool.client")
@@ -86,11 +88,14 @@ class Transport:
         self.credential = credential
         self.settings = settings
         self.url = settings.effective_url()
+        self._user_agent = f"cipherpool/{__version__}"
         self._http = httpx.Client(
             base_url=self.url,
-            headers={"Authorization": f"Bearer {credential}", "User-Agent": f"cipherpool/{__version__}"},
+            headers={"Authorization": f"Bearer {credential}", "User-Agent": self._user_agent},
             timeout=httpx.Timeout(settings.management_timeout_s, connect=CONNECT_TIMEOUT_S),
         )
+        # A query's own calls (its submit, its polls), the standard library's HTTP: see lean.py.
+        self._lane = LeanLane(self.url) if settings.client_lean_http and fits(self.url) else None
         # An outage is logged once, when the first try of any call fails, and its end once.
         self._outage = StateLog(log, recovered_level=logging.INFO)
         self._heard = False  # the gateway has answered this client once: a failure now is an outage
@@ -114,6 +119,7 @@ class Transport:
         retry_until: float | None = None,
         idempotent: bool | None = None,
         refresh: Callable[[float], dict[str, Any]] | None = None,
+        query_path: bool = False,
         **kwargs: Any,
     ) -> httpx.Response:
         """Send a request; the response if it succeeded, else its typed error raised here.
@@ -123,7 +129,8 @@ class Transport:
         GatewayUnavailable. ``idempotent`` overrides what the method says (a POST that the API
         makes safe to repeat). ``refresh(seconds_left)`` gives kwargs for each try, so that a
         long poll retried late asks the gateway to wait no longer than its call has left.
-        ``timeout`` (a kwarg) is the read timeout of each try."""
+        ``timeout`` (a kwarg) is the read timeout of each try. ``query_path``: one of a query's
+        own calls, sent on the lean lane where it can be (:mod:`cipherpool.client.lean`)."""
         method = method.upper()
         repeatable = (method in IDEMPOTENT_METHODS if idempotent is None else idempotent) and _replayable(kwargs)
         start = time.monotonic()
@@ -144,7 +151,7 @@ class Transport:
             )
             pause = 0.0
             try:
-                response = self._http.request(method, path, **call)
+                response = self._send(method, path, call, query_path)
             except httpx.TransportError as exc:
                 unsent = isinstance(exc, UNSENT)
                 if not unsent and not (repeatable and isinstance(exc, BROKEN)):
@@ -185,6 +192,31 @@ class Transport:
             self._away(failure, method, path, left)
             time.sleep(min(left, max(pause, pauses.next())))
 
+    def _send(self, method: str, path: str, call: dict[str, Any], query_path: bool) -> httpx.Response:
+        """One try: on the lean lane for a query's call that it can send as httpx would (a body
+        of bytes or none, nothing but parameters and headers besides, and no event hooks, which
+        observe httpx's own requests), else through httpx."""
+        lane = self._lane
+        if (
+            query_path
+            and lane is not None
+            and call.keys() <= _LANE_KWARGS
+            and isinstance(call.get("content"), bytes | None)
+            and not any(self._http.event_hooks.values())
+        ):
+            timeout: httpx.Timeout = call["timeout"]
+            headers = {"Authorization": f"Bearer {self.credential}", "User-Agent": self._user_agent, **call.get("headers", {})}
+            return lane.request(
+                method,
+                path,
+                headers=headers,
+                params=call.get("params"),
+                content=call.get("content"),
+                connect_s=timeout.connect,
+                read_s=timeout.read,
+            )
+        return self._http.request(method, path, **call)
+
     def _away(self, failure: str, method: str, path: str, left: float) -> None:
         """Log the start of an outage, once: every try of every call until the gateway answers is
         part of it."""
@@ -208,6 +240,8 @@ class Transport:
 
     def close(self) -> None:
         self._http.close()
+        if self._lane is not None:
+            self._lane.close()
 
 
 def _replayable(kwargs: dict[str, Any]) -> bool:

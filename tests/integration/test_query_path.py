@@ -68,6 +68,30 @@ def test_step_by_step_api_reports_timings(platform, clients, examples):
     assert handle.result() is output  # idempotent: no second round trip
 
 
+def test_a_querys_calls_go_on_the_lean_lane(clients, examples, monkeypatch):
+    """A query's submit, its execute and its polls travel on the client's lean HTTP lane
+    (cipherpool/client/lean.py) through the real gateway, with the answers httpx would get."""
+    from cipherpool.client.lean import LeanLane
+
+    sent: list[tuple[str, str, int]] = []
+    real = LeanLane.request
+
+    def counted(self, method, path, **kw):  # type: ignore[no-untyped-def]
+        response = real(self, method, path, **kw)
+        sent.append((method, path, response.status_code))
+        return response
+
+    monkeypatch.setattr(LeanLane, "request", counted)
+    qc, example = clients["cancer"], examples["cancer"]
+    x = example.x_test[:2]
+    np.testing.assert_allclose(qc.decrypt(qc.execute(qc.encrypt(x[:1]))), example.clear(x[:1]), atol=1e-3)
+    handle = qc.submit(qc.encrypt(x[1:2]))
+    np.testing.assert_allclose(qc.decrypt(handle.result(timeout=60)), example.clear(x[1:2]), atol=1e-3)
+    assert sent[0] == ("POST", "/v1/queries", 200)  # answered within the wait: one request
+    assert sent[1] == ("POST", "/v1/queries", 202)
+    assert sent[-1][0] == "GET" and sent[-1][1] == f"/v1/queries/{handle.id}" and sent[-1][2] == 200
+
+
 def test_a_nodes_bookkeeping_is_written_after_the_answer(platform, clients, examples):
     """The query's in-flight record is forgotten, and the query counted for usage reports, by
     a real node once its answer is stored (cipherpool/workers/afteranswer.py)."""
