@@ -22,7 +22,7 @@ import uvicorn
 
 from cipherpool.client import lean
 from cipherpool.client.lean import LeanLane, fits
-from cipherpool.client.transport import Transport
+from cipherpool.client.transport import BROKEN, UNSENT, Transport
 from cipherpool.config.settings import Settings
 from cipherpool.errors import GatewayUnavailable
 
@@ -253,19 +253,94 @@ def reset(conn: socket.socket, _request: bytes) -> None:
     ],
 )
 def test_a_broken_answer_is_the_error_httpx_raises_for_it(behave, error):
+    """The same misbehaviour, the same error from httpx and from the lane; and never one the
+    transport takes for "unsent" (which would send a POST again)."""
     server = RawServer(behave)
     lane = LeanLane(f"http://127.0.0.1:{server.port}")
     try:
-        with pytest.raises(error):
+        with pytest.raises(error) as by_lane:
             lane_call(lane, "POST", "/v1/queries", content=b"q", read_s=0.5)
-        assert len(server.requests) == 1
+        with httpx.Client(timeout=httpx.Timeout(0.5)) as client, pytest.raises(error) as by_httpx:
+            client.post(f"http://127.0.0.1:{server.port}/v1/queries", content=b"q")
+        assert isinstance(by_lane.value, BROKEN + (httpx.ReadTimeout,)) and not isinstance(by_lane.value, UNSENT)
+        if error is not httpx.TransportError:  # (a reset reads as either ReadError or a cut answer)
+            assert type(by_lane.value) is type(by_httpx.value)
+        assert len(server.requests) == 2
         # The connection that failed is not kept: the next request makes a new one.
         server.behave = ok
         assert lane_call(lane).status_code == 200
+        assert server.connections == 3
+    finally:
+        lane.close()
+        server.stop()
+
+
+def test_an_informational_answer_is_not_taken_for_the_answer():
+    """http.client skips a 100 only: a proxy's 103 must not pass for an empty 2xx answer."""
+
+    def early_hints(conn: socket.socket, _request: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n")
+        ok(conn, _request)
+
+    server = RawServer(early_hints)
+    try:
+        with pytest.raises(httpx.RemoteProtocolError):
+            lane_call(LeanLane(f"http://127.0.0.1:{server.port}"), "POST", "/v1/queries", content=b"q")
+    finally:
+        server.stop()
+
+
+def test_chunked_answers_closing_answers_and_header_bytes():
+    """A chunked body is read whole and its connection kept; one the server says it closes is
+    not kept; a header's non-ASCII bytes reach the caller as httpx gives them."""
+
+    def chunked(conn: socket.socket, _request: bytes) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-name: caf\xe9\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+
+    def closing(conn: socket.socket, _request: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}")  # and stays open
+
+    server = RawServer(chunked)
+    lane = LeanLane(f"http://127.0.0.1:{server.port}")
+    try:
+        first, second = lane_call(lane), lane_call(lane)
+        assert first.content == second.content == b"hello world" and server.connections == 1
+        with httpx.Client() as client:
+            assert first.headers["x-name"] == client.get(f"http://127.0.0.1:{server.port}/").headers["x-name"]
+        server.behave = closing
+        for _ in range(3):  # the kept one, then a new one each: none is kept after "close"
+            lane_call(lane)
+        assert server.connections == 4  # (httpx's own made one)
+    finally:
+        lane.close()
+        server.stop()
+
+
+def test_a_connection_idle_past_the_keep_alive_expiry_is_not_used_again(monkeypatch):
+    """A connection can die without a word (a NAT that forgets it, a laptop asleep): as httpx,
+    one idle too long is replaced before a request goes out on it."""
+    monkeypatch.setattr(lean, "KEEPALIVE_EXPIRY_S", 0.2)
+    server = RawServer(ok)  # keeps its connections open for ever
+    lane = LeanLane(f"http://127.0.0.1:{server.port}")
+    try:
+        lane_call(lane)
+        lane_call(lane)
+        assert server.connections == 1
+        time.sleep(0.4)
+        lane_call(lane, "POST", "/v1/queries", content=b"q")
         assert server.connections == 2
     finally:
         lane.close()
         server.stop()
+
+
+def test_a_body_past_one_write_arrives_whole(echo):
+    lane = LeanLane(f"http://127.0.0.1:{echo.port}")
+    size = lean.ONE_WRITE_MAX_BYTES * 3 + 7
+    assert lane_call(lane, "POST", "/v1/queries/batch", content=b"b" * size).json()["body"] == size
+    lane.close()
 
 
 def test_a_connection_never_made_is_a_connect_error():
@@ -295,7 +370,7 @@ def test_through_the_transport_a_post_is_never_sent_twice_once_it_left(tmp_path)
         posts = [r for r in server.requests if r.startswith(b"POST")]
         gets = [r for r in server.requests if r.startswith(b"GET")]
         assert len(posts) == 1 and len(gets) == 3
-        assert all(b"Authorization: Bearer t0k\r\n" in r and b"User-Agent: cipherpool/" in r for r in server.requests)
+        assert all(b"authorization: Bearer t0k\r\n" in r and b"user-agent: cipherpool/" in r for r in server.requests)
     finally:
         transport.close()
         server.stop()
@@ -331,7 +406,9 @@ def test_the_transport_uses_the_lane_only_where_it_stands_in_for_httpx(tmp_path,
     off.close()
 
 
-def test_a_proxy_from_the_environment_keeps_httpx(monkeypatch):
+def test_any_proxy_keeps_httpx(monkeypatch, tmp_path):
+    """The lane speaks to no proxy, and httpx's choice between a proxy and NO_PROXY has rules of
+    its own: with any proxy for the scheme, a query's calls go through httpx."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     assert fits("http://gw.internal:8000") and fits("https://gw.internal")
@@ -339,9 +416,12 @@ def test_a_proxy_from_the_environment_keeps_httpx(monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
     assert fits("http://gw.internal:8000") and not fits("https://gw.internal")
     monkeypatch.setenv("NO_PROXY", "gw.internal")
-    assert fits("https://gw.internal")
+    assert not fits("https://gw.internal")
     monkeypatch.setenv("ALL_PROXY", "http://proxy:3128")
     assert not fits("http://elsewhere:8000")
+    transport = Transport(Settings(data_dir=tmp_path, url="http://elsewhere:8000"), "t0k", "no credential")
+    assert transport._lane is None
+    transport.close()
 
 
 def test_tls_trusts_what_httpx_trusts(tmp_path, monkeypatch):
@@ -362,6 +442,8 @@ def test_tls_trusts_what_httpx_trusts(tmp_path, monkeypatch):
         assert lane_call(lane, "GET", "/big").content == BIG
         assert len({lane_call(lane).json()["port"] for _ in range(3)}) == 1  # kept under TLS too
         lane.close()
+        with pytest.raises(httpx.ConnectError, match="match|mismatch"):  # the name is checked: this one is for 127.0.0.1
+            lane_call(LeanLane(f"https://localhost:{server.port}"))
     finally:
         server.stop()
 

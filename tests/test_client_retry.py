@@ -197,7 +197,8 @@ def test_a_long_poll_rides_out_a_gateway_restart(gateway, tmp_path, caplog):
     client.close()
 
 
-def test_a_post_cut_off_mid_request_is_not_sent_again(gateway, tmp_path):
+@pytest.mark.parametrize("query_path", [False, True], ids=["httpx", "lean-lane"])
+def test_a_post_cut_off_mid_request_is_not_sent_again(gateway, tmp_path, query_path):
     (gateway.root / "crash").touch()
     gateway.start()
     transport = Transport(settings_for(tmp_path, gateway.url, gateway_retry_s=10), "cpt_test", "no token")
@@ -211,7 +212,7 @@ def test_a_post_cut_off_mid_request_is_not_sent_again(gateway, tmp_path):
     restarter = in_background(restart_after_the_crash)
     started = time.monotonic()
     with pytest.raises(GatewayUnavailable, match="not sent again"):
-        transport.request("POST", "/v1/queries", content=b"ciphertext", headers=OCTET)
+        transport.request("POST", "/v1/queries", content=b"ciphertext", headers=OCTET, query_path=query_path)
     assert time.monotonic() - started < 8, "not retried: raised as soon as the connection broke, not after 10 s"
     restarter.join(10)
     time.sleep(0.3)
@@ -219,13 +220,15 @@ def test_a_post_cut_off_mid_request_is_not_sent_again(gateway, tmp_path):
     transport.close()
 
 
-def test_a_post_refused_before_it_was_sent_is_retried(gateway, tmp_path):
+@pytest.mark.parametrize("query_path", [False, True], ids=["httpx", "lean-lane"])
+def test_a_post_refused_before_it_was_sent_is_retried(gateway, tmp_path, query_path):
+    """Also: the connection the GET left kept dies with the server, and is not used again."""
     transport = Transport(settings_for(tmp_path, gateway.url, gateway_retry_s=10), "cpt_test", "no token")
     gateway.start()
-    transport.request("GET", f"/v1/queries/{QUERY_ID}")
+    transport.request("GET", f"/v1/queries/{QUERY_ID}", query_path=query_path)
     gateway.kill()
     starter = in_background(lambda: (time.sleep(0.7), gateway.start()))
-    response = transport.request("POST", "/v1/queries", content=b"ciphertext", headers=OCTET)
+    response = transport.request("POST", "/v1/queries", content=b"ciphertext", headers=OCTET, query_path=query_path)
     starter.join(10)
     assert response.status_code == 202 and gateway.count("posts") == 1
     transport.close()

@@ -16,13 +16,16 @@ httpx errors httpcore raises for the same step (a connect, a send, a read), so t
 rules for what may be sent again (:mod:`cipherpool.client.transport`) apply unchanged: a
 connection that was never made is unsent, one that broke after the request left is not.
 
-An idle connection the gateway closed (uvicorn drops keep-alive connections after 5 s) is
-found readable before its next use and replaced, as httpcore does, so a POST never goes out
-on a connection already closed. TLS uses the context httpx would (:func:`httpx.create_ssl_context`:
-the same certificates, ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` included).
+A kept connection is used again only while it is fresh and quiet, as httpcore's: one idle
+for more than 5 s (httpx's keep-alive expiry: a NAT or a laptop's sleep may have cut it without
+a word) or that the gateway closed (uvicorn drops idle ones after 5 s) is replaced before the
+request, so a POST does not go out on a connection that is already dead. TLS uses the context
+httpx would (:func:`httpx.create_ssl_context`: the same certificates, ``SSL_CERT_FILE`` and
+``SSL_CERT_DIR`` included), to the IDNA-encoded host httpx connects to.
 
-What this cannot do as httpx would goes through httpx instead (:func:`fits`): a URL with
-credentials in it, a proxy from the environment, a body that is not bytes.
+What this cannot do as httpx would goes through httpx instead (:func:`fits`, and the
+transport's choice per call): a URL with credentials in it, any proxy, a body that is not
+bytes, cookies, event hooks. Its responses carry no ``request`` (nothing here reads one).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 import urllib.request
 from collections.abc import Mapping
 from urllib.parse import quote, urlencode
@@ -40,6 +44,7 @@ from urllib.parse import quote, urlencode
 import httpx
 
 MAX_IDLE = 8  # kept connections per client (a client submitting from threads uses one each)
+KEEPALIVE_EXPIRY_S = 5.0  # httpx's: a connection idle longer may have died without a word (a NAT, a sleep)
 ONE_WRITE_MAX_BYTES = 64 * 1024  # a larger body goes in a second send rather than copied after the head
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 _BAD_IN_HEADER = frozenset("\r\n\0")
@@ -47,15 +52,14 @@ _BAD_IN_HEADER = frozenset("\r\n\0")
 
 def fits(url: str) -> bool:
     """Whether the lane can send to ``url`` as httpx would: plain http or https, no
-    credentials in the URL, and no proxy from the environment for its host (httpx honours
-    ``HTTP(S)_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``; the lane does not speak to proxies)."""
+    credentials in the URL, and no proxy configured at all for its scheme (httpx's choice
+    between a proxy and ``NO_PROXY`` has rules of its own; the lane does not speak to proxies,
+    so any proxy leaves these calls to httpx)."""
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https") or parsed.userinfo:
         return False
-    proxies = urllib.request.getproxies_environment()
-    if not (proxies.get(parsed.scheme) or proxies.get("all")):
-        return True
-    return bool(urllib.request.proxy_bypass(parsed.host))  # NO_PROXY (on Linux, from the environment only)
+    proxies = urllib.request.getproxies()  # what httpx reads: the environment (and the OS's elsewhere)
+    return not (proxies.get(parsed.scheme) or proxies.get("all"))
 
 
 class LeanLane:
@@ -65,14 +69,15 @@ class LeanLane:
     def __init__(self, url: str):
         parsed = httpx.URL(url)
         self._tls = parsed.scheme == "https"
-        self._host = parsed.host
+        self._host = parsed.raw_host.decode("ascii")  # IDNA-encoded as httpx connects (and checks TLS) to it
         self._port = parsed.port or (443 if self._tls else 80)
         self._authority = parsed.netloc.decode("ascii")  # host[:port], an IPv6 address bracketed
         self._prefix = parsed.raw_path.decode("ascii").rstrip("/")  # a gateway under a path: its prefix
-        self._context: ssl.SSLContext | None = httpx.create_ssl_context() if self._tls else None
-        self._idle: list[socket.socket] = []
+        self._context: ssl.SSLContext | None = None  # httpx's, made at the first TLS connect
+        self._idle: list[tuple[socket.socket, float]] = []  # (connection, idle since)
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._closed = False
 
     def request(
         self,
@@ -89,23 +94,34 @@ class LeanLane:
         write and read timeouts alike), ``connect_s`` a new connection's connect and TLS."""
         head = self._head(method, path, headers, params, content)
         sock = self._take(connect_s)
+        sent = True
         try:
             sock.settimeout(read_s)
-            self._send(sock, head, content)
-            response, body = self._receive(sock, method)
+            try:
+                self._send(sock, head, content)
+            except _SendFailed as failed:
+                sent = False
+                try:
+                    response, body = _receive(sock, method)
+                except httpx.TransportError:
+                    raise httpx.WriteError(str(failed.cause)) from failed.cause
+            else:
+                response, body = _receive(sock, method)
         except BaseException:
             sock.close()
             raise
-        if response.will_close:
+        if response.will_close or not sent:
             sock.close()
         else:
             self._keep(sock)
-        return httpx.Response(response.status, headers=response.getheaders(), content=body)
+        # Header bytes as they came (latin-1 is how http.client decoded them), as httpx keeps them.
+        raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.getheaders()]
+        return httpx.Response(response.status, headers=raw, content=body)
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
-        for sock in idle:
+            idle, self._idle, self._closed = self._idle, [], True
+        for sock, _since in idle:
             sock.close()
 
     def _head(
@@ -121,24 +137,30 @@ class LeanLane:
             lines.append(f"{name}: {value}")
         if content is not None or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(content or b'')}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        try:
+            return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        except UnicodeEncodeError as exc:  # a credential no header can carry as it is
+            raise httpx.LocalProtocolError(f"A header value is not latin-1: {exc}") from None
 
     def _take(self, connect_s: float | None) -> socket.socket:
-        """A kept connection the gateway has not closed meanwhile, else a new one."""
+        """A kept connection that is fresh and that the gateway has not closed, else a new one."""
+        if self._pid != os.getpid():  # a forked child: its parent's lock and sockets are not its own
+            idle, self._idle, self._lock, self._pid = self._idle, [], threading.Lock(), os.getpid()
+            for sock, _since in idle:
+                sock.close()  # this process's copies only: the parent's connections stay open
+        now = time.monotonic()
         with self._lock:
-            if self._pid != os.getpid():  # a forked child: its parent's sockets are not its own
-                self._idle, self._pid = [], os.getpid()
             while self._idle:
-                sock = self._idle.pop()
-                if not _readable(sock):
+                sock, since = self._idle.pop()
+                if now - since <= KEEPALIVE_EXPIRY_S and not _readable(sock):
                     return sock
-                sock.close()  # closed by the gateway (or it sent what nobody asked for)
+                sock.close()  # expired, closed by the gateway, or sent what nobody asked for
         return self._connect(connect_s)
 
     def _keep(self, sock: socket.socket) -> None:
         with self._lock:
-            if len(self._idle) < MAX_IDLE and self._pid == os.getpid():
-                self._idle.append(sock)
+            if len(self._idle) < MAX_IDLE and self._pid == os.getpid() and not self._closed:
+                self._idle.append((sock, time.monotonic()))
                 return
         sock.close()
 
@@ -151,8 +173,8 @@ class LeanLane:
             raise httpx.ConnectError(str(exc)) from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._context is not None:
-                sock = self._context.wrap_socket(sock, server_hostname=self._host)
+            if self._tls:
+                sock = self._tls_context().wrap_socket(sock, server_hostname=self._host)
         except TimeoutError as exc:
             sock.close()
             raise httpx.ConnectTimeout(str(exc) or "timed out") from exc
@@ -160,6 +182,15 @@ class LeanLane:
             sock.close()
             raise httpx.ConnectError(str(exc)) from exc
         return sock
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """httpx's context (its certificates, ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` included),
+        speaking HTTP/1.1 as httpcore offers it."""
+        if self._context is None:
+            context = httpx.create_ssl_context()
+            context.set_alpn_protocols(["http/1.1"])
+            self._context = context
+        return self._context
 
     @staticmethod
     def _send(sock: socket.socket, head: bytes, content: bytes | None) -> None:
@@ -172,36 +203,48 @@ class LeanLane:
         except TimeoutError as exc:
             raise httpx.WriteTimeout(str(exc) or "timed out") from exc
         except OSError as exc:
-            raise httpx.WriteError(str(exc)) from exc
+            # As httpcore: a gateway (or a proxy) may answer early and close before the whole
+            # body is in (a 413, a 401): its answer, if there is one, is the result.
+            raise _SendFailed(exc) from exc
 
-    @staticmethod
-    def _receive(sock: socket.socket, method: str) -> tuple[http.client.HTTPResponse, bytes]:
-        response = http.client.HTTPResponse(sock, method=method)
-        try:
-            response.begin()
-            return response, response.read()
-        except TimeoutError as exc:
-            raise httpx.ReadTimeout(str(exc) or "timed out") from exc
-        except http.client.RemoteDisconnected as exc:  # (a ConnectionResetError too): no answer at all
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from exc
-        except http.client.HTTPException as exc:  # a cut body, a garbled status line or header
-            raise httpx.RemoteProtocolError(f"{type(exc).__name__}: {exc}") from exc
-        except OSError as exc:
-            raise httpx.ReadError(str(exc)) from exc
-        finally:
-            response.close()  # its file only: the socket stays, to be kept or closed by the caller
+
+class _SendFailed(Exception):
+    def __init__(self, cause: OSError):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _receive(sock: socket.socket, method: str) -> tuple[http.client.HTTPResponse, bytes]:
+    response = http.client.HTTPResponse(sock, method=method)
+    try:
+        response.begin()
+        if 100 <= response.status < 200:  # http.client skips a 100 only; a 103 from a proxy is not the answer
+            raise httpx.RemoteProtocolError(f"An informational response ({response.status}) where the answer was due.")
+        return response, response.read()
+    except TimeoutError as exc:
+        raise httpx.ReadTimeout(str(exc) or "timed out") from exc
+    except http.client.RemoteDisconnected as exc:  # (a ConnectionResetError too): no answer at all
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from exc
+    except http.client.HTTPException as exc:  # a cut body, a garbled status line or header
+        raise httpx.RemoteProtocolError(f"{type(exc).__name__}: {exc}") from exc
+    except OSError as exc:
+        raise httpx.ReadError(str(exc)) from exc
+    finally:
+        response.close()  # its file only: the socket stays, to be kept or closed by the caller
 
 
 def _readable(sock: socket.socket) -> bool:
     """Whether an idle connection has something to read: the gateway closed it (EOF) or sent
-    what nobody asked for; either way it is not to be used again."""
+    what nobody asked for; either way it is not to be used again. (``poll``, not ``select``:
+    any descriptor number.)"""
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
     except (OSError, ValueError):  # closed meanwhile
         return True
-    return bool(readable)
 
 
 def _primitive(value: object) -> str:

@@ -194,8 +194,8 @@ class Transport:
 
     def _send(self, method: str, path: str, call: dict[str, Any], query_path: bool) -> httpx.Response:
         """One try: on the lean lane for a query's call that it can send as httpx would (a body
-        of bytes or none, nothing but parameters and headers besides, and no event hooks, which
-        observe httpx's own requests), else through httpx."""
+        of bytes or none, nothing but parameters and headers besides, no event hooks, which
+        observe httpx's own requests, and no cookies to send), else through httpx."""
         lane = self._lane
         if (
             query_path
@@ -203,9 +203,11 @@ class Transport:
             and call.keys() <= _LANE_KWARGS
             and isinstance(call.get("content"), bytes | None)
             and not any(self._http.event_hooks.values())
+            and not self._http.cookies  # (a sticky load balancer's, set on an earlier call: httpx sends them)
         ):
             timeout: httpx.Timeout = call["timeout"]
-            headers = {"Authorization": f"Bearer {self.credential}", "User-Agent": self._user_agent, **call.get("headers", {})}
+            headers = {"authorization": f"Bearer {self.credential}", "user-agent": self._user_agent}
+            headers.update((name.lower(), value) for name, value in call.get("headers", {}).items())
             return lane.request(
                 method,
                 path,
