@@ -21,11 +21,12 @@ turns TLS on from that scheme's name, which a transport named by its class would
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import select
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -49,33 +50,38 @@ class QoS(kombu_redis.QoS):
 
     kombu writes the copy (ZADD to the unacked index, HSET of the message) with a round trip on
     the consumer's thread between ``BRPOP`` and the task's hand-over to the pool: 0.31 ms of a
-    digits query's way to its node (traced). The commands here go out at the same moment, on a
-    connection of the channel's own (health-checked as kombu's are, so one Redis dropped is
-    found before the send, not after), in the MULTI/EXEC kombu's pipeline sends; only the wait
-    for their reply goes.
+    digits query's way to its node (traced). The commands here go out at the same moment, in
+    the MULTI/EXEC kombu's pipeline sends, on a connection of the channel's own; only the wait
+    for their reply goes. Nothing is outstanding on it when a copy goes out, so anything there to
+    read is Redis's close (a restart, an idle connection dropped): found then, and the copy sent
+    on a new one (and kombu's health check runs as on its own connections).
 
     The replies are read (:meth:`settle`) before anything else reads or changes the copies: an
-    acknowledgement (on the pool's thread), a rejection, a restore (at the channel's close, for
-    a visibility timeout), and before the next copy goes out. Redis orders nothing between two
+    acknowledgement (on the pool's thread), a rejection, a restore (a requeue, the channel's
+    close, a visibility timeout), and the next copy. Redis orders nothing between two
     connections, and a copy written after its acknowledgement would run the query again once
     the visibility timeout passed. A reply that says the copy was not written, or that cannot
     be read, has the copy written again through kombu's client (the same values); one that
-    cannot be written then is kept and tried at the next settle. An acknowledgement removes its
-    copy whatever became of the others' (a failure is logged), so a node's slot is never held
-    by another query's copy.
+    cannot be written then is logged and kept for the next settle. One query's copy never fails
+    another's acknowledgement, restore or copy: an acknowledgement removes its own copy (and
+    forgets it, written or not), a restore raises only if its own copy cannot be written.
 
-    What stays as kombu had it: a copy Redis refuses (full) fails kombu's append on the spot;
+    What differs from kombu's: a copy Redis refuses (full) fails kombu's append on the spot;
     here the task runs and the refusal is logged at the next settle (the task's own writes meet
     the same full Redis). A key prefix (kombu's ``global_keyprefix``) keeps kombu's own write.
+    The connection has no read timeout (nor have kombu's here: ``socket_timeout`` unset); with
+    one, a copy whose reply timed out could still land after its acknowledgement.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # kombu: untyped
-        self._own_lock = threading.Lock()
+        self._own_lock = threading.RLock()  # (append settles under it)
         self._own: Any = None  # a redis-py Connection of this channel's pool's kind
         self._own_pid = 0
         self._unread: list[_Copy] = []  # sent, their replies not read yet
         self._unwritten: list[_Copy] = []  # not confirmed, and writing them again failed: the next settle's
+        forked = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: (method := forked()) is not None and method())
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.channel.global_keyprefix:  # the keys kombu's client prefixes: its own write
@@ -85,9 +91,14 @@ class QoS(kombu_redis.QoS):
         value = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]  # kombu: untyped
         copy = _Copy(delivery_tag, time.time(), value)
         with self._own_lock:
-            self._settle_locked()  # the earlier copies' replies first (by now they are there)
+            self._settle_quietly()  # the earlier copies' replies first (by now they are there)
             try:
                 connection = self._connection()
+                if connection._sock is not None and _readable(connection._sock):
+                    # No reply is outstanding here: something to read is Redis's close (a restart,
+                    # a dropped idle connection), found now rather than by this copy's reply.
+                    self._drop()
+                    connection = self._connection()
                 connection.send_packed_command(
                     connection.pack_commands(
                         [
@@ -112,42 +123,52 @@ class QoS(kombu_redis.QoS):
             self._settle_locked(removing)
 
     def ack(self, delivery_tag: str) -> None:
-        self._settle_before_removing(delivery_tag)
+        self._settle_quietly(removing=delivery_tag)
         super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # kombu: untyped
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        if requeue:
-            self.settle()  # the restore reads the copy
-        else:
-            self._settle_before_removing(delivery_tag)
-        super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]  # kombu: untyped
+        if not requeue:
+            self._settle_quietly(removing=delivery_tag)
+        super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]  # kombu: untyped (a requeue: restore_by_tag)
 
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
-        self.settle()
+        """(A requeue, a restore at close or for the visibility timeout: the copy it reads
+        written first. Raises only where that copy cannot be written: the restore would fail as
+        kombu's does on such a Redis.)"""
+        self._settle_quietly()
+        with self._own_lock:
+            if any(copy.tag == tag for copy in self._unwritten):
+                self._settle_locked()
         super().restore_by_tag(tag, client=client, leftmost=leftmost)  # type: ignore[no-untyped-call]  # kombu: untyped
 
-    def restore_unacked(self, client: Any = None) -> None:
-        self.settle()
-        super().restore_unacked(client)  # type: ignore[no-untyped-call]  # kombu: untyped
-
     def close_own(self) -> None:
-        """Close the copies' connection (the channel closes), its replies read first."""
+        """Close the copies' connection as the channel closes (after its restores: nothing is
+        outstanding then but what could not be written, which is logged and dropped with the
+        channel; kombu would have lost it the same way)."""
         with self._own_lock:
-            with contextlib.suppress(Exception):  # logged inside; kept copies are the next channel's restore's
+            try:
                 self._settle_locked()
+            except Exception as exc:  # noqa: BLE001 - said; the channel is gone
+                log.warning("unacknowledged copies not written at the channel's close: %s", exc)
             self._drop()
 
-    def _settle_before_removing(self, delivery_tag: str) -> None:
+    def _settle_quietly(self, removing: str | None = None) -> None:
+        """Settle; a copy that cannot be written now is logged and kept for the next settle (so
+        that one query's copy never fails another's acknowledgement, restore or copy)."""
         try:
-            self.settle(removing=delivery_tag)
-        except Exception as exc:  # noqa: BLE001 - the others' copies stay for the next settle; this removal goes on
-            log.warning("unacknowledged copies not written (%s); they are tried again at the next", exc)
+            self.settle(removing=removing)
+        except Exception as exc:  # noqa: BLE001 - kept in _unwritten, tried again at the next settle
+            log.warning("unacknowledged copies not written (%s); tried again at the next settle", exc)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child's: the replies and copies are its parent's to settle (the parent may
+        acknowledge them meanwhile), and the lock may have been held by a thread not forked."""
+        self._own_lock = threading.RLock()  # (append settles under it)
+        self._unread, self._unwritten, self._own = [], [], None
 
     def _settle_locked(self, removing: str | None = None) -> None:
         pending, self._unread = self._unread, []
         again, self._unwritten = self._unwritten, []
-        if pending and self._own_pid != os.getpid():  # a forked child: the replies are its parent's to read
-            again, pending, self._own = again + pending, [], None
         read = 0
         try:
             for _copy in pending:
@@ -200,17 +221,12 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
     _publisher: Any = None
 
-    def _restore(self, message: Any, leftmost: bool = False) -> None:
-        """(Reads the message's copy: its reply first. kombu routes no restore here with acks
-        emulated, but one that did would otherwise read before the copy is written.)"""
-        if isinstance(self._qos, QoS):
-            self._qos.settle()
-        super()._restore(message, leftmost)  # type: ignore[no-untyped-call]  # kombu: untyped
-
     def close(self) -> None:
-        super().close()  # type: ignore[no-untyped-call]  # kombu: untyped
-        if isinstance(self._qos, QoS):
-            self._qos.close_own()
+        try:
+            super().close()  # type: ignore[no-untyped-call]  # kombu: untyped
+        finally:
+            if isinstance(self._qos, QoS):
+                self._qos.close_own()
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -228,3 +244,10 @@ class Transport(kombu_redis.Transport):
 
 
 TRANSPORT = f"{__name__}:Transport"
+
+
+def _readable(sock: Any) -> bool:
+    """Whether a socket has something to read (or hung up), without reading it."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))

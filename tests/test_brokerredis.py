@@ -104,6 +104,8 @@ class LateNetwork:
     delivering the copy after what goes on other connections (Redis orders nothing between two
     connections)."""
 
+    _sock = None  # (nothing to read before a send: the real one's sends are held here)
+
     def __init__(self, real):
         self.real, self.held = real, []
 
@@ -202,20 +204,21 @@ def test_a_copy_whose_connection_died_unanswered_is_written_again(delivered):
     assert not copied(plain, channel, tag)
 
 
-def test_a_connection_redis_dropped_while_idle_is_found_before_the_send(url):
-    """Redis restarted, or dropped the idle connection: the health check (kombu's interval)
-    finds it before the next copy goes out, so that copy is in Redis at once, not at the ack."""
-    with delivered_on(url, health_check_interval=0.1) as (channel, message, plain):
-        qos, tag = channel.qos, message.delivery_tag
-        qos.append(message, tag)
-        qos.settle()
-        host, port = qos._own._sock.getsockname()[:2]
-        plain.client_kill(f"{host}:{port}")
-        time.sleep(0.3)
-        qos.append(message, "second")
-        assert wait_until(lambda: copied(plain, channel, "second"), 1.0, interval_s=0.01)
-        qos.ack(tag)
-        qos.ack("second")
+def test_a_connection_redis_dropped_while_idle_is_found_before_the_send(delivered):
+    """Redis restarted, or dropped the idle connection: found before the next copy goes out
+    (its close is there to read), so that copy is in Redis at once, not at the ack."""
+    channel, message, plain = delivered
+    qos, tag = channel.qos, message.delivery_tag
+    qos.append(message, tag)
+    qos.settle()
+    host, port = qos._own._sock.getsockname()[:2]
+    plain.client_kill(f"{host}:{port}")
+    time.sleep(0.1)
+    qos.append(message, "second")
+    assert wait_until(lambda: copied(plain, channel, "second"), 1.0, interval_s=0.01)
+    assert qos._own._sock.getsockname()[1] != port
+    qos.ack(tag)
+    qos.ack("second")
 
 
 def test_a_transaction_answered_with_an_error_is_no_confirmation(delivered):
@@ -261,6 +264,51 @@ def test_another_querys_unwritten_copy_does_not_hold_an_acknowledgement(delivere
     qos.ack("second")
 
 
+def refuse_writes(qos, monkeypatch) -> None:
+    def refused(copies):
+        raise redis_errors.OutOfMemoryError("command not allowed when used memory > 'maxmemory'")
+
+    monkeypatch.setattr(qos, "_write", refused)
+
+
+def lose_the_copy(qos, monkeypatch, message, tag) -> None:
+    """The copy's commands never reach Redis and its connection breaks: no reply."""
+    late = held_back(qos, monkeypatch)
+    qos.append(message, tag)
+    late.held.clear()
+    late.real.disconnect()
+
+
+def test_an_acknowledged_querys_lost_copy_is_not_written_after_its_removal(delivered, monkeypatch):
+    """Its own copy unconfirmed and not writable now: the ack removes it and forgets it, or a
+    later settle would write it after the removal, and the query run again after the
+    visibility timeout."""
+    channel, message, plain = delivered
+    qos, tag = channel.qos, message.delivery_tag
+    write = qos._write
+    lose_the_copy(qos, monkeypatch, message, tag)
+    refuse_writes(qos, monkeypatch)
+    qos.ack(tag)
+    monkeypatch.setattr(qos, "_write", write)
+    qos.settle()
+    assert not copied(plain, channel, tag) and not qos._unwritten
+
+
+def test_a_requeue_is_not_failed_by_another_querys_unwritten_copy(delivered, monkeypatch):
+    channel, message, plain = delivered
+    qos, tag = channel.qos, message.delivery_tag
+    qos.append(message, tag)
+    qos.settle()
+    write = qos._write
+    lose_the_copy(qos, monkeypatch, message, "second")
+    refuse_writes(qos, monkeypatch)
+    qos.reject(tag, requeue=True)  # the other's refusal is logged; this one's copy is restored
+    assert channel._size("copies-q") == 1 and [copy.tag for copy in qos._unwritten] == ["second"]
+    monkeypatch.setattr(qos, "_write", write)
+    qos.settle()
+    qos.ack("second")
+
+
 def test_a_key_prefix_keeps_kombus_own_write(url):
     with delivered_on(url, global_keyprefix="pfx:") as (channel, message, plain):
         qos, tag = channel.qos, message.delivery_tag
@@ -269,6 +317,25 @@ def test_a_key_prefix_keeps_kombus_own_write(url):
         assert qos._own is None
         qos.ack(tag)
         assert not copied(plain, channel, tag, prefix="pfx:")
+
+
+def test_a_channel_closed_with_a_copy_in_flight_restores_the_message(url, monkeypatch):
+    import redis
+
+    plain = redis.Redis.from_url(url)
+    with Connection(url, transport=ONE_CLIENT_REDIS_TRANSPORT) as connection:
+        channel = connection.default_channel
+        channel.basic_publish(channel.prepare_message("a query"), exchange="", routing_key="closing-q")
+        message = channel.basic_get("closing-q", no_ack=True)
+        qos = channel.qos
+        late = held_back(qos, monkeypatch)
+        qos.append(message, message.delivery_tag)
+        assert late.held
+        channel.close()  # the unacknowledged message goes back to its queue, from its copy
+        assert qos._own is None and late.real._sock is None
+    assert plain.llen("closing-q") == 1 and not plain.hexists("unacked", message.delivery_tag)
+    plain.delete("closing-q")
+    plain.close()
 
 
 def test_the_channels_close_closes_the_copies_connection(url):
