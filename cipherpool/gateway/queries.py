@@ -316,7 +316,11 @@ def _owner_record(s: Settings, grant: TokenGrant, query_id: str) -> usage.Write:
 
 
 async def _check_owner(gw: GatewayState, grant: TokenGrant, query_id: str) -> None:
-    owner = await run_in_threadpool(gw.store.redis.get, QUERY_OWNER_PREFIX + query_id)
+    """Whose query it is, read on the result waiter's asyncio client where the store is its
+    Redis (a poll's thread-pool hop saved, as :func:`_publish_query` does), else in the pool."""
+    key = QUERY_OWNER_PREFIX + query_id
+    client = gw.waiter.client_for(gw.settings.effective_store_url())
+    owner = await (client.get(key) if client is not None else run_in_threadpool(gw.store.redis.get, key))
     if not isinstance(owner, bytes) or owner.decode() != grant.token_id:  # None: unknown, or expired
         raise QueryNotFound("No such query for this token (or its result has expired).")
 
