@@ -985,6 +985,64 @@ def test_plain_query_requests_skip_fastapis_work_and_the_rest_get_its_answers(wa
     assert w.call(w.tokens["two"][0], "PUT", "/v1/queries").status_code == 405
 
 
+def test_the_lane_answers_as_fastapis_route_does(warm_two, monkeypatch):  # noqa: F811
+    """The same requests, each answered by the lane and then by FastAPI's route (the lane told
+    to take nothing): the same status and the same typed code or answer's shape; the
+    parameters the lane reads change the answer where they should (``wait_for_worker`` on a
+    model with no worker up, a wait that finds the result)."""
+    from cipherpool.gateway import querylane
+
+    w = warm_two
+    token = w.tokens["two"][0]
+    query_id = w.query("two", "digits").json()["id"]
+
+    def sent() -> list[tuple[int, object]]:
+        answers = [
+            w.query("two", "idle"),
+            w.query("two", "idle", wait_for_worker="true"),
+            w.query("two", "idle", wait_for_worker="1", mode="shared"),
+            w.query("two", "digits", mode="dedicated", wait="0.01"),
+            w.query("two", "digits", data=b"\x00" * 7),
+            w.query("one", "idle"),  # a token without the model
+            w.call(token, "GET", f"/v1/queries/{query_id}?wait=0.01"),
+            w.call(w.tokens["one"][0], "GET", f"/v1/queries/{query_id}"),  # another token's query
+            w.call(token, "GET", f"/v1/queries/{uuid.uuid4()}"),
+        ]
+        return [(a.status_code, a.json().get("code") or sorted(a.json())) for a in answers]
+
+    lane = sent()
+    monkeypatch.setattr(querylane, "submit_params", lambda _query_string: None)
+    monkeypatch.setattr(querylane, "result_params", lambda _query_string: None)
+    assert lane == sent()
+    assert [status for status, _ in lane] == [503, 404, 503, 202, 422, 403, 202, 404, 404], lane  # 404: past the worker check
+
+
+def test_the_lanes_pass_what_the_endpoints_take_and_stand_aside_for_app_dependencies(tmp_path, monkeypatch):
+    from fastapi import Depends, FastAPI
+
+    from cipherpool.config.settings import Settings
+    from cipherpool.gateway import app as gateway_app
+    from cipherpool.gateway import queries, querylane
+
+    taken = {"wait": 0.0, "wait_for_worker": False, "mode": queries.Route.AUTO}
+    assert querylane.submit_params(b"") == taken
+    assert set(inspect.signature(queries.submit).parameters) == {"request", *taken}
+    assert set(inspect.signature(queries.result).parameters) == {"request", "query_id", *querylane.result_params(b"")}
+    settings = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:1/0")
+    assert isinstance(gateway_app.create_app(settings).router.middleware_stack, querylane.QueryLanes)
+
+    async def extra() -> None:
+        return None
+
+    def with_dependency(**kwargs):
+        made = FastAPI(**kwargs)
+        made.router.dependencies.append(Depends(extra))
+        return made
+
+    monkeypatch.setattr(gateway_app, "FastAPI", with_dependency)
+    assert not isinstance(gateway_app.create_app(settings).router.middleware_stack, querylane.QueryLanes)
+
+
 LANE_TAKES = {
     *("", "wait=0", "wait=30.0", "wait=600", "wait=600.0", "wait=007", "wait=1.25", "mode=auto", "mode=shared"),
     *("wait_for_worker=true", "wait_for_worker=false", "wait_for_worker=1", "wait_for_worker=0", "mode=dedicated"),
@@ -1019,4 +1077,4 @@ def test_the_lane_reads_a_query_string_as_fastapi_does_or_not_at_all(raw):
     read = {name: adapters[name].validate_python(pairs[name]) if name in pairs else default for name, default in defaults.items()}
     assert taken == read
     polled = querylane.result_params(raw.encode())
-    assert polled is None or polled == {"wait": taken["wait"]}
+    assert polled == {"wait": taken["wait"]} if set(pairs) <= {"wait"} else polled is None

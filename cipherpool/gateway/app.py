@@ -131,7 +131,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse(ReadyBody(status=status, checks=checks).model_dump(), headers=headers)
         return JSONResponse({**NotReady(failing).to_wire(), "checks": wire}, status_code=503, headers=headers)
 
-    if not settings.gateway_telemetry:  # FastAPI's operation spans, when on, need its own handling
+    # Off where FastAPI must handle each request itself: its operation spans, or dependencies of the app's.
+    if not settings.gateway_telemetry and not app.router.dependencies:
         app.router.middleware_stack = querylane.QueryLanes(app.router.middleware_stack)  # past FastAPI's per-request work
     # Included as they are (no prefix added): their routes' templates are the app's, in its order.
     templates = [getattr(r, "path_format", "") for r in (*app.routes, *(r for router in routers for r in router.routes))]

@@ -15,6 +15,10 @@ Anything else (another route, an unknown or repeated parameter, a form pydantic 
 differently, a value out of range, a query id that is not one) goes to the router untouched,
 and FastAPI answers it as it always did, its 422s included. So the lane changes no answer,
 only how soon a plain one comes. The routes stay FastAPI's in the OpenAPI document.
+
+The endpoints must take no dependency of FastAPI's (they read the guard's principal with
+:func:`cipherpool.gateway.deps.caller`), and the app none either: ``create_app`` installs the
+lanes only then, and a test holds the endpoints' signatures to what the lanes pass.
 """
 
 from __future__ import annotations
@@ -22,25 +26,27 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cipherpool.api.schemas import QUERY_ID_PATTERN
 from cipherpool.gateway import queries
 from cipherpool.gateway.httpmetrics import route_path
 from cipherpool.services.queries import Route as Mode
 
-MAX_WAIT_S = 600.0  # the routes' own bound (queries.Wait)
+# The routes' own bounds, read from their declarations so that the lane never drifts from them.
+MAX_WAIT_S = float(next(rule.le for rule in get_args(queries.Wait)[1].metadata if hasattr(rule, "le")))
+_RESULT_PATH = re.compile("/v1/queries/(" + QUERY_ID_PATTERN.removeprefix("^").removesuffix("$") + ")")
 # A wait in the forms a client writes (Python's str of a float, an int); anything else is FastAPI's.
 _SECONDS = re.compile(rb"[0-9]{1,3}(\.[0-9]{1,17})?")
 _BOOLEANS = {b"true": True, b"false": False, b"1": True, b"0": False}
 _MODES = {mode.value.encode(): mode for mode in Mode}
 _SUBMIT = frozenset({b"wait", b"wait_for_worker", b"mode"})
 _RESULT = frozenset({b"wait"})
-_RESULT_PATH = re.compile(r"/v1/queries/([0-9a-f-]{36})")  # queries.QueryId's pattern
 Params = dict[str, Any]
 
 

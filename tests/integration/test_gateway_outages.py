@@ -177,7 +177,8 @@ def test_a_redis_restart_costs_no_request(tmp_path, supervisor):
     owner.set(QUERY_OWNER_PREFIX + QUERY_ID, token_id)
     _gateway, url = start_gateway(supervisor, tmp_path, redis_url, database_url)
     # Each kind goes through another Redis client of the gateway's: the guard's rate counter
-    # (sync pool), the store, the result waiter (asyncio) and the broker (kombu's publish).
+    # (sync pool), the store (sync: the token list's counts), the result waiter (asyncio: the
+    # polls, their owner's read too) and the broker (kombu's publish).
     calls = [
         ("GET", "/v1/account", api_key),
         ("GET", "/v1/tokens", api_key),
