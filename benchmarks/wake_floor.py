@@ -34,7 +34,7 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
-GAPS_S = (0.0, 0.001, 0.02, 0.2)
+GAPS_S = (0.0, 0.001, 0.02, 0.2)  # --gaps adds others (2 s: a digits query's compute)
 
 
 async def timed(rounds: int, gap: float, once: Callable[[], Awaitable[float]]) -> float:
@@ -47,7 +47,7 @@ async def timed(rounds: int, gap: float, once: Callable[[], Awaitable[float]]) -
     return statistics.median(spent)
 
 
-async def measure(url: str, rounds: int) -> None:
+async def measure(url: str, rounds: int, gaps: tuple[float, ...] = GAPS_S) -> None:
     sync = redis.Redis.from_url(url)
     publisher = redis.Redis.from_url(url)
     client = aioredis.Redis.from_url(url)
@@ -87,7 +87,7 @@ async def measure(url: str, rounds: int) -> None:
         return time.perf_counter() - t
 
     print(f"{'idle gap':>10}  {'Redis round trip':>17}  {'PUBLISH heard':>14}  {'thread-pool round trip':>23}")
-    for gap in GAPS_S:
+    for gap in gaps:
         trip = await timed(rounds, gap, redis_round_trip)
         heard = await timed(rounds, gap, published)
         hop = await timed(rounds, gap, thread_hop)
@@ -99,7 +99,9 @@ async def measure(url: str, rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--gaps", default=",".join(str(g) for g in GAPS_S), help="idle gaps, seconds, comma-separated")
     args = parser.parse_args()
+    gaps = tuple(float(g) for g in args.gaps.split(","))
     from cipherpool.stack.redis_server import start_redis
     from cipherpool.stack.supervisor import Supervisor
 
@@ -107,7 +109,7 @@ def main() -> None:
     supervisor = Supervisor(root / "logs")
     try:
         _child, url = start_redis(supervisor, root / "redis")
-        asyncio.run(measure(url, args.rounds))
+        asyncio.run(measure(url, args.rounds, gaps))
     finally:
         supervisor.stop_all(grace_s=5)
 
