@@ -1078,3 +1078,17 @@ def test_the_lane_reads_a_query_string_as_fastapi_does_or_not_at_all(raw):
     assert taken == read
     polled = querylane.result_params(raw.encode())
     assert polled == {"wait": taken["wait"]} if set(pairs) <= {"wait"} else polled is None
+
+
+def test_a_burst_past_the_waiters_connections_waits_for_one_rather_than_failing(url, monkeypatch):
+    """More requests at once than the result waiter's client has connections (each poll reads
+    its owner and its result on it): they wait for a free one, none is refused with redis-py's
+    "Too many connections" (a 503 to the client)."""
+    monkeypatch.setattr(results, "WAITER_CONNECTIONS", 3)
+
+    async def body(waiter: Counting, client: redis.Redis) -> list[object]:
+        client.set(RESULT_META_PREFIX + "burst", done("burst"), ex=60)
+        return await asyncio.gather(*(waiter.meta("burst") for _ in range(40)), return_exceptions=True)
+
+    found = run(url, body)
+    assert [type(meta).__name__ for meta in found if not isinstance(meta, dict)] == []

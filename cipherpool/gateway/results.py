@@ -58,6 +58,7 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 RECONNECT_S = 0.5  # the reader's pause between tries while Redis does not answer
 KEEP_BATCH_S = 0.05  # delivered results are shortened (keep_for) together, this often at most
 MSGPACK = "application/x-msgpack"
+WAITER_CONNECTIONS = 100  # the asyncio client's connections to the platform's Redis (redis-py's default bound)
 TaskMeta = dict[str, Any]  # Celery's stored task state: status, result, ... (as the node wrote it)
 
 
@@ -99,14 +100,21 @@ class ResultWaiter:
         # SOCKET_TIMEOUT_S bounds the commands (a GET of a result, a PING) in a partition; the
         # reader's wait for a message has its own timeout (get_message's), so an idle
         # subscription never times out on it.
+        # A blocking pool: a burst of more requests at once than it has connections (each
+        # poll reads its owner and its result here, each small query is admitted here) waits
+        # for a free one, as long as a new connection's connect may take, where redis-py's
+        # default pool refused the excess at once ("Too many connections": a 503 to the client).
         self._url = url
-        self._redis = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=WAITER_CONNECTIONS,
+            timeout=CONNECT_TIMEOUT_S,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=SOCKET_TIMEOUT_S,
             health_check_interval=30,
             retry=Retry(retry_backoff(), STALE_RETRIES, supported_errors=STALE_ERRORS),
         )
+        self._redis = aioredis.Redis.from_pool(pool)  # its own: closed with it
         self._pubsub = self._redis.pubsub(push_handler_func=_as_received)
         # A private channel keeps the connection subscribed, so the reader always has one.
         self._private = f"cipherpool:gateway:{uuid.uuid4().hex}"
