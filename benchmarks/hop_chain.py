@@ -1,0 +1,283 @@
+"""The least a query's path can cost here: the platform's process hops made by the smallest
+Python that makes them, timed around a stand-in compute (issue 27).
+
+A query crosses client -> gateway (HTTP) -> Redis (a push) -> the node's consumer (its BRPOP)
+-> the node's pool thread -> Redis (the answer, published) -> gateway -> client. Here each of
+those processes does only that, with the libraries the platform is built on and nothing else:
+
+* the gateway: an ``asyncio.Protocol`` (no uvicorn, no Starlette, no FastAPI, no guard, no
+  accounting) that pushes each request's body with ``redis.asyncio`` and answers it from one
+  pub/sub reader;
+* two nodes, queries alternating between them:
+  * ``bare``: a ``BRPOP`` loop (redis-py) that hands each message to one thread through a
+    ``queue.Queue``, as Celery's thread pool does;
+  * ``celery``: a real ``celery worker -P threads -c 1`` with Celery's defaults (no acks late,
+    no STARTED, no events, no result backend), its message pushed as Celery's Redis transport
+    carries it. The platform's node is this plus what it adds;
+  the task "computes" (spins one core, as a node of one thread does) and publishes the answer;
+* the client: one kept socket, the request in one ``sendall``, the answer read by
+  ``http.client``, as the client's lean lane does.
+
+The sizes are a digits query's (1.9 KB up, 164 KB back). Each query's time beyond its compute is
+split at the compute's start and end (``time.perf_counter`` is one clock for every process):
+*before* (client to the task's first line) and *after* (the compute's end to the client holding
+the answer). After a compute of seconds that is the floor under the platform's "end to end less
+compute" (`path_ab.py`): no code on the same processes goes below the ``bare`` figure, and none
+keeping a Celery worker below the ``celery`` one.
+
+Usage: .venv/bin/python benchmarks/hop_chain.py [--rounds 12] [--computes 0,0.02,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import http.client
+import json
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+from celery import Celery
+
+UP_BYTES = 1_900  # a digits ciphertext
+DOWN_BYTES = 164_283  # a digits answer
+ID_BYTES = 16
+SPEC_BYTES = 16  # "celery:2.0", padded
+STAMP_BYTES = 20  # the compute's start and end, each as text
+BARE_QUEUE = "hop-chain-bare"
+CELERY_QUEUE = "hop-chain-celery"
+ANSWERS = "hop-chain-answers"
+NODES = ("bare", "celery")
+
+app = Celery("hop_chain", broker=os.environ.get("HOP_CHAIN_REDIS", "redis://127.0.0.1:6379/15"))
+app.conf.update(task_default_queue=CELERY_QUEUE, worker_prefetch_multiplier=1, worker_hijack_root_logger=False)
+_publisher: list[redis.Redis] = []
+
+
+def compute_and_answer(publisher: redis.Redis, query_id: bytes, seconds: float) -> None:
+    """The stand-in compute (one core spun), then the answer published with its stamps."""
+    started = time.perf_counter()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        pass
+    ended = time.perf_counter()
+    stamps = f"{started:<{STAMP_BYTES}.9f}{ended:<{STAMP_BYTES}.9f}".encode()
+    publisher.publish(ANSWERS, query_id + stamps + b"a" * DOWN_BYTES)
+
+
+@app.task(name="hop_chain.compute", ignore_result=True)
+def compute(query_id: str, seconds: float, ciphertext: str) -> None:
+    if not _publisher:
+        _publisher.append(redis.Redis.from_url(app.conf.broker_url))
+    compute_and_answer(_publisher[0], query_id.encode(), seconds)
+
+
+def bare_node(url: str, ready: multiprocessing.synchronize.Event) -> None:
+    """A consumer thread's BRPOP and hand-over to one pool thread."""
+    consumer = redis.Redis.from_url(url)
+    publisher = redis.Redis.from_url(url)
+    handed: queue.Queue[bytes] = queue.Queue()
+
+    def pool_thread() -> None:
+        while True:
+            message = handed.get()
+            spec = message[ID_BYTES : ID_BYTES + SPEC_BYTES].decode()
+            compute_and_answer(publisher, message[:ID_BYTES], float(spec.split(":")[1]))
+
+    threading.Thread(target=pool_thread, daemon=True).start()
+    consumer.ping()
+    publisher.ping()
+    ready.set()
+    while True:
+        popped = consumer.brpop([BARE_QUEUE], timeout=0)
+        if popped is not None:
+            handed.put(popped[1])
+
+
+def celery_message(query_id: str, seconds: float, ciphertext: str) -> bytes:
+    """The message Celery's Redis transport carries for ``compute`` (protocol 2, JSON)."""
+    body = json.dumps([[query_id, seconds, ciphertext], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    task_id = str(uuid.uuid4())
+    headers = {
+        "lang": "py", "task": "hop_chain.compute", "id": task_id, "root_id": task_id, "parent_id": None,
+        "group": None, "shadow": None, "eta": None, "expires": None, "retries": 0, "timelimit": [None, None],
+        "argsrepr": "", "kwargsrepr": "", "origin": "gateway", "ignore_result": True,
+    }  # fmt: skip
+    properties = {
+        "correlation_id": task_id, "reply_to": "", "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+        "delivery_info": {"exchange": "", "routing_key": CELERY_QUEUE}, "delivery_tag": str(uuid.uuid4()),
+    }  # fmt: skip
+    return json.dumps(
+        {"body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
+         "content-type": "application/json", "headers": headers, "properties": properties}
+    ).encode()  # fmt: skip
+
+
+def gateway(url: str, port: int, ready: multiprocessing.synchronize.Event) -> None:
+    asyncio.run(_gateway(url, port, ready))
+
+
+async def _gateway(url: str, port: int, ready: multiprocessing.synchronize.Event) -> None:
+    """HTTP in, a push to Redis, the answer's message out: nothing else on the way."""
+    loop = asyncio.get_running_loop()
+    client = aioredis.Redis.from_url(url)
+    waiting: dict[bytes, asyncio.Future[bytes]] = {}
+
+    async def as_received(message: object) -> object:
+        return message
+
+    subscriber = client.pubsub(push_handler_func=as_received)
+    await subscriber.subscribe(ANSWERS)
+    await subscriber.get_message(timeout=1)
+
+    async def read_answers() -> None:
+        while True:
+            message = await subscriber.get_message(timeout=None)
+            if message is not None and message["type"] == "message":
+                data = message["data"]
+                future = waiting.pop(data[:ID_BYTES], None)
+                if future is not None and not future.done():
+                    future.set_result(data[ID_BYTES:])
+
+    class Http(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.buffer = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buffer[:end].lower()
+            length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            if len(self.buffer) < end + 4 + length:
+                return
+            body, self.buffer = self.buffer[end + 4 : end + 4 + length], self.buffer[end + 4 + length :]
+            loop.create_task(self.answer(body))
+
+        async def answer(self, body: bytes) -> None:
+            future: asyncio.Future[bytes] = loop.create_future()
+            query_id, spec = body[:ID_BYTES], body[ID_BYTES : ID_BYTES + SPEC_BYTES].decode().strip()
+            waiting[query_id] = future
+            node, seconds = spec.split(":")
+            if node == "bare":
+                await client.lpush(BARE_QUEUE, body)
+            else:
+                ciphertext = body[ID_BYTES + SPEC_BYTES :].decode()
+                await client.lpush(CELERY_QUEUE, celery_message(query_id.decode(), float(seconds), ciphertext))
+            data = await future
+            stamps, payload = data[: 2 * STAMP_BYTES], data[2 * STAMP_BYTES :]
+            head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nx-stamps: %s\r\n\r\n" % (len(payload), stamps)
+            self.transport.write(head + payload)  # type: ignore[attr-defined]
+
+    reader = loop.create_task(read_answers())
+    server = await loop.create_server(Http, "127.0.0.1", port)
+    ready.set()
+    async with server:
+        await reader
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def query(sock: socket.socket, node: str, seconds: float) -> tuple[float, float]:
+    """One query's time before its compute and after it, in seconds."""
+    spec = f"{node}:{seconds}".encode().ljust(SPEC_BYTES)
+    body = os.urandom(ID_BYTES // 2).hex().encode() + spec + b"c" * UP_BYTES
+    request = b"POST /v1/queries HTTP/1.1\r\nhost: gateway\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    sent = time.perf_counter()
+    sock.sendall(request)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    payload = response.read()
+    received = time.perf_counter()
+    assert len(payload) == DOWN_BYTES, len(payload)
+    stamps = response.getheader("x-stamps") or ""
+    started, ended = float(stamps[:STAMP_BYTES]), float(stamps[STAMP_BYTES:])
+    return started - sent, received - ended
+
+
+def start_celery(url: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HOP_CHAIN_REDIS": url, "PYTHONPATH": str(Path(__file__).parent)}
+    argv = [sys.executable, "-m", "celery", "-A", "hop_chain", "worker", "-P", "threads", "-c", "1"]
+    argv += ["-Q", CELERY_QUEUE, "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
+    return subprocess.Popen(argv, env=env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--computes", default="0,0.02,2", help="stand-in compute, seconds, comma-separated")
+    parser.add_argument("--between", type=float, default=0.02, help="the client's pause between queries (its encrypt and decrypt)")
+    args = parser.parse_args()
+    computes = [float(c) for c in args.computes.split(",")]
+    from cipherpool.stack.redis_server import start_redis
+    from cipherpool.stack.supervisor import Supervisor
+
+    root = Path(tempfile.mkdtemp(prefix="hop-chain-"))
+    supervisor = Supervisor(root / "logs")
+    spawn = multiprocessing.get_context("spawn")
+    children: list[multiprocessing.process.BaseProcess] = []
+    worker = None
+    try:
+        _child, url = start_redis(supervisor, root / "redis")
+        port = free_port()
+        for target, extra in ((bare_node, ()), (gateway, (port,))):
+            ready = spawn.Event()
+            child = spawn.Process(target=target, args=(url, *extra, ready), daemon=True)
+            child.start()
+            children.append(child)
+            if not ready.wait(30):
+                raise SystemExit(f"{target.__name__} did not start")
+        worker = start_celery(url)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(20):  # every code path run once before timing (the worker's first query waits for it)
+            for node in NODES:
+                query(sock, node, 0.0)
+        print("end to end less compute (ms): p50 of before + after = p50 of the sum, and its p95")
+        for seconds in computes:
+            spent: dict[str, list[tuple[float, float]]] = {node: [] for node in NODES}
+            for _ in range(args.rounds):
+                for node in NODES:
+                    time.sleep(args.between)
+                    spent[node].append(query(sock, node, seconds))
+            cells = []
+            for node in NODES:
+                before = statistics.median(b for b, _ in spent[node]) * 1e3
+                after = statistics.median(a for _, a in spent[node]) * 1e3
+                total = sorted((b + a) * 1e3 for b, a in spent[node])
+                p95 = total[round(0.95 * (len(total) - 1))]
+                cells.append(f"{node}: {before:5.2f} + {after:5.2f} = {statistics.median(total):5.2f}, p95 {p95:5.2f}")
+            print(f"compute {seconds:5.2f} s   " + "   ".join(cells), flush=True)
+        sock.close()
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(10)
+        for child in children:
+            child.terminate()
+            child.join(5)
+        supervisor.stop_all(grace_s=5)
+
+
+if __name__ == "__main__":
+    main()
