@@ -226,7 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--computes", default="0,0.02,2", help="stand-in compute, seconds, comma-separated")
-    parser.add_argument("--between", type=float, default=0.02, help="the client's pause between queries (its encrypt and decrypt)")
+    parser.add_argument("--between", type=float, default=0.02, help="the client's pause between queries (its decrypt, encrypt)")
     args = parser.parse_args()
     computes = [float(c) for c in args.computes.split(",")]
     from cipherpool.stack.redis_server import start_redis
