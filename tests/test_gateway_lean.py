@@ -374,6 +374,76 @@ def test_own_ids_differ_and_two_waiters_prefixes_differ(url):
     assert one.new_id()[:8] != two.new_id()[:8]
 
 
+class LosingReader:
+    """The reader's message wait made to take the cancels of its first ``lost`` waits for its
+    own timeout and answer None, as redis-py's read does when a cancel meets that timeout
+    (Python 3.11's ``asyncio.timeout``); ``stubborn``: not before its timeout is over. Once
+    ``over``, a wait is cancelled at once (so that a waiter without the fix still ends)."""
+
+    def __init__(self, waiter: ResultWaiter, lost: int, stubborn: bool = False):
+        self.lost, self.stubborn, self.waits, self.over = lost, stubborn, 0, False
+        waiter._pubsub.get_message = self.get_message  # type: ignore[method-assign]
+
+    async def get_message(self, timeout: float | None = 0.0, **_: object) -> None:
+        self.waits += 1
+        end = time.perf_counter() + (timeout or 0)
+        while not self.over:
+            try:
+                await asyncio.sleep(max(0.0, end - time.perf_counter()))
+                return None
+            except asyncio.CancelledError:
+                if self.waits > self.lost:
+                    raise
+                if not self.stubborn:
+                    return None
+        raise asyncio.CancelledError
+
+
+@pytest.mark.timeout(60)
+def test_close_ends_a_reader_whose_cancel_was_taken_for_its_read_timeout(url):
+    """A gateway's close a few milliseconds after its start waited forever, now and then: the
+    reader's read took the cancel for its own timeout and read on (gateway/results.py, _stop)."""
+
+    async def main() -> tuple[float, bool]:
+        waiter = ResultWaiter(url)
+        reader = LosingReader(waiter, lost=3)
+        await waiter.start()
+        try:
+            await asyncio.wait_for(_until(lambda: reader.waits > 0), 10)
+            started = time.perf_counter()
+            await asyncio.wait_for(waiter.close(), 5)  # one cancel, as before: 5 s and the reader on
+            assert waiter._reader is not None
+            return time.perf_counter() - started, waiter._reader.done()
+        finally:
+            reader.over = True
+
+    took, ended = asyncio.run(main())
+    assert ended and took < 4
+
+
+@pytest.mark.timeout(60)
+def test_a_close_that_is_cancelled_itself_is_not_held_by_a_stubborn_reader(url):
+    """close awaited the cancelled reader inside ``suppress(CancelledError)``, which also
+    swallowed a cancel of close itself: a shutdown bounded by ``wait_for`` ran past its bound."""
+
+    async def main() -> None:
+        waiter = ResultWaiter(url)
+        reader = LosingReader(waiter, lost=3, stubborn=True)
+        await waiter.start()
+        try:
+            await asyncio.wait_for(_until(lambda: reader.waits > 0), 10)
+            started = time.perf_counter()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(waiter.close(), 0.2)
+            assert time.perf_counter() - started < 0.9  # the reader's wait is 1 s: not waited out
+            await asyncio.wait_for(waiter.close(), 10)  # it ends as that wait does (closing)
+            assert reader.waits == 1
+        finally:
+            reader.over = True
+
+    asyncio.run(main())
+
+
 def test_delivered_results_are_shortened_together_off_the_answers_path(url, monkeypatch):
     monkeypatch.setattr(results, "KEEP_BATCH_S", 0.05)
 

@@ -56,6 +56,7 @@ FALLBACK_POLL_S = 1.0
 ID_PREFIX_CHARS = 8  # hex digits of a waiter's own task ids that name it (32 bits: apart from other gateways')
 SUBSCRIBE_TIMEOUT_S = 5.0
 RECONNECT_S = 0.5  # the reader's pause between tries while Redis does not answer
+CANCEL_AGAIN_S = 0.05  # how long close waits on a cancelled task before cancelling it again
 KEEP_BATCH_S = 0.05  # delivered results are shortened (keep_for) together, this often at most
 MSGPACK = "application/x-msgpack"
 WAITER_CONNECTIONS = 100  # the asyncio client's connections to the platform's Redis (redis-py's default bound)
@@ -85,6 +86,23 @@ def computed_by(redis: Redis, query_id: str) -> str | None:
         return reply_from_meta(meta).node or None
     except CipherpoolError:
         return None
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` until it has ended.
+
+    One cancel is not always enough. A cancel that meets the reader's read just as the read's
+    own timeout expires is taken by Python 3.11's ``asyncio.timeout`` for that timeout, and
+    redis-py answers a timed-out read with None, as if no message had come. The reader then
+    read on, and a ``close`` a few milliseconds after ``start`` waited forever on it (one try
+    in a few, measured). ``asyncio.wait`` neither raises the task's own ending nor swallows a
+    cancel of the caller's, which the ``await task`` inside ``suppress(CancelledError)`` used
+    before did."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_AGAIN_S)
+    if not task.cancelled():
+        task.exception()  # retrieved: the task logs what it meets itself
 
 
 async def _as_received(message: Any) -> Any:
@@ -131,10 +149,12 @@ class ResultWaiter:
         self._keep: dict[str, int] = {}  # result keys to shorten (keep_for), and to how many seconds
         self._keeper: asyncio.Task[None] | None = None
         self._interrupted = StateLog(log)  # logged once per outage, not at every try
+        self._closing = False
 
     async def start(self) -> None:
         """Start the reader; it subscribes itself, so Redis being down does not stop the
         gateway from starting (a request that needs Redis meanwhile gets broker_unavailable)."""
+        self._closing = False
         self._reader = asyncio.create_task(self._read(), name="cipherpool-result-reader")
 
     async def ping(self) -> None:
@@ -160,18 +180,15 @@ class ResultWaiter:
 
     async def close(self) -> None:
         self._pattern_sent = self._pattern_live = False  # aclose drops every subscription
+        self._closing = True
         keeper, self._keeper = self._keeper, None
         if keeper is not None and keeper.get_loop() is asyncio.get_running_loop():
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await keeper
+            await _stop(keeper)
         if self._keep:  # what was delivered is shortened now, not left to its full life
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._shorten(0), SOCKET_TIMEOUT_S)
         if self._reader:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+            await _stop(self._reader)
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
         await self._redis.aclose()
@@ -281,7 +298,7 @@ class ResultWaiter:
             return await watch.result(timeout, read_first=True)
 
     async def _read(self) -> None:
-        while True:
+        while not self._closing:  # as well as cancelled: a cancel can be lost (see _stop)
             try:
                 if self._pubsub.connection is None:
                     # The first connection, made here and outside the lock: a watch meanwhile
