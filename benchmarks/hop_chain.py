@@ -8,12 +8,17 @@ those processes does only that, with the libraries the platform is built on and 
 * the gateway: an ``asyncio.Protocol`` (no uvicorn, no Starlette, no FastAPI, no guard, no
   accounting) that pushes each request's body with ``redis.asyncio`` and answers it from one
   pub/sub reader;
-* two nodes, queries alternating between them:
+* four nodes, queries alternating between them:
   * ``bare``: a ``BRPOP`` loop (redis-py) that hands each message to one thread through a
     ``queue.Queue``, as Celery's thread pool does;
-  * ``celery``: a real ``celery worker -P threads -c 1`` with Celery's defaults (no acks late,
-    no STARTED, no events, no result backend), its message pushed as Celery's Redis transport
-    carries it. The platform's node is this plus what it adds;
+  * ``celery``: a real ``celery worker -P threads -c 1`` with the platform's message settings
+    (its Redis transport, late acks, msgpack: ``cipherpool/config/celery.py``) and nothing
+    else of it (no STARTED, no events, no result backend), its message pushed as the
+    transport carries it. The platform's node is this plus what it adds;
+  * ``stock``: the same worker on Celery's and kombu's defaults (early acks, kombu's
+    transport, JSON);
+  * ``no-copy``: ``stock`` without kombu's unacknowledged copy (``ack_emulation`` off), which
+    the platform cannot drop: a dead node's queries are restored from it;
   the task "computes" (spins one core, as a node of one thread does) and publishes the answer;
 * the client: one kept socket, the request in one ``sendall``, the answer read by
   ``http.client``, as the client's lean lane does.
@@ -23,9 +28,11 @@ split at the compute's start and end (``time.perf_counter`` is one clock for eve
 *before* (client to the task's first line) and *after* (the compute's end to the client holding
 the answer). After a compute of seconds that is the floor under the platform's "end to end less
 compute" (`path_ab.py`): no code on the same processes goes below the ``bare`` figure, and none
-keeping a Celery worker below the ``celery`` one.
+keeping a Celery worker and its unacknowledged copies below the ``celery`` one. The machine's
+speed drifts by a few tenths of a millisecond between runs, so ``--repeat`` measures again on
+the same processes.
 
-Usage: .venv/bin/python benchmarks/hop_chain.py [--rounds 12] [--computes 0,0.02,2]
+Usage: .venv/bin/python benchmarks/hop_chain.py [--rounds 12] [--computes 0,0.02,2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -49,22 +56,37 @@ import time
 import uuid
 from pathlib import Path
 
+import msgpack
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
 
+from cipherpool.config.celery import ONE_CLIENT_REDIS_TRANSPORT
+
 UP_BYTES = 1_900  # a digits ciphertext
 DOWN_BYTES = 164_283  # a digits answer
 ID_BYTES = 16
-SPEC_BYTES = 16  # "celery:2.0", padded
+SPEC_BYTES = 16  # "no-copy:2.0", padded
 STAMP_BYTES = 20  # the compute's start and end, each as text
 BARE_QUEUE = "hop-chain-bare"
 CELERY_QUEUE = "hop-chain-celery"
 ANSWERS = "hop-chain-answers"
-NODES = ("bare", "celery")
+PLATFORM = {  # cipherpool/config/celery.py's settings for a query's message
+    "broker_transport": ONE_CLIENT_REDIS_TRANSPORT,
+    "task_acks_late": True,
+    "task_serializer": "msgpack",
+    "accept_content": ["msgpack", "json"],
+}
+CELERY_NODES: dict[str, dict[str, object]] = {  # a Celery node's name -> its settings
+    "celery": PLATFORM,
+    "stock": {},
+    "no-copy": {"broker_transport_options": {"ack_emulation": False}},
+}
+NODES = ("bare", *CELERY_NODES)
 
+NODE = os.environ.get("HOP_CHAIN_NODE", "celery")  # in a Celery node's process: which one it is
 app = Celery("hop_chain", broker=os.environ.get("HOP_CHAIN_REDIS", "redis://127.0.0.1:6379/15"))
-app.conf.update(task_default_queue=CELERY_QUEUE, worker_prefetch_multiplier=1, worker_hijack_root_logger=False)
+app.conf.update(worker_prefetch_multiplier=1, worker_hijack_root_logger=False, **CELERY_NODES.get(NODE, {}))
 _publisher: list[redis.Redis] = []
 
 
@@ -103,14 +125,28 @@ def bare_node(url: str, ready: multiprocessing.synchronize.Event) -> None:
     publisher.ping()
     ready.set()
     while True:
-        popped = consumer.brpop([BARE_QUEUE], timeout=0)
+        try:
+            popped = consumer.brpop([BARE_QUEUE], timeout=1)
+        except redis.TimeoutError:  # redis-py's socket timeout on a long wait: wait again
+            continue
         if popped is not None:
             handed.put(popped[1])
 
 
-def celery_message(query_id: str, seconds: float, ciphertext: str) -> bytes:
-    """The message Celery's Redis transport carries for ``compute`` (protocol 2, JSON)."""
-    body = json.dumps([[query_id, seconds, ciphertext], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+def celery_queue(node: str) -> str:
+    return f"{CELERY_QUEUE}-{node}"
+
+
+def celery_message(node: str, query_id: str, seconds: float, ciphertext: str) -> bytes:
+    """The message a Redis transport carries for ``compute`` (protocol 2), in the node's
+    serializer."""
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    if CELERY_NODES[node].get("task_serializer") == "msgpack":
+        body = msgpack.packb([[query_id, seconds, ciphertext], {}, embed], use_bin_type=True)
+        content_type, encoding = "application/x-msgpack", "binary"
+    else:
+        body = json.dumps([[query_id, seconds, ciphertext], {}, embed]).encode()
+        content_type, encoding = "application/json", "utf-8"
     task_id = str(uuid.uuid4())
     headers = {
         "lang": "py", "task": "hop_chain.compute", "id": task_id, "root_id": task_id, "parent_id": None,
@@ -119,11 +155,11 @@ def celery_message(query_id: str, seconds: float, ciphertext: str) -> bytes:
     }  # fmt: skip
     properties = {
         "correlation_id": task_id, "reply_to": "", "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
-        "delivery_info": {"exchange": "", "routing_key": CELERY_QUEUE}, "delivery_tag": str(uuid.uuid4()),
+        "delivery_info": {"exchange": "", "routing_key": celery_queue(node)}, "delivery_tag": str(uuid.uuid4()),
     }  # fmt: skip
     return json.dumps(
-        {"body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
-         "content-type": "application/json", "headers": headers, "properties": properties}
+        {"body": base64.b64encode(body).decode(), "content-encoding": encoding,
+         "content-type": content_type, "headers": headers, "properties": properties}
     ).encode()  # fmt: skip
 
 
@@ -179,7 +215,8 @@ async def _gateway(url: str, port: int, ready: multiprocessing.synchronize.Event
                 await client.lpush(BARE_QUEUE, body)
             else:
                 ciphertext = body[ID_BYTES + SPEC_BYTES :].decode()
-                await client.lpush(CELERY_QUEUE, celery_message(query_id.decode(), float(seconds), ciphertext))
+                message = celery_message(node, query_id.decode(), float(seconds), ciphertext)
+                await client.lpush(celery_queue(node), message)
             data = await future
             stamps, payload = data[: 2 * STAMP_BYTES], data[2 * STAMP_BYTES :]
             head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nx-stamps: %s\r\n\r\n" % (len(payload), stamps)
@@ -215,11 +252,28 @@ def query(sock: socket.socket, node: str, seconds: float) -> tuple[float, float]
     return started - sent, received - ended
 
 
-def start_celery(url: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "HOP_CHAIN_REDIS": url, "PYTHONPATH": str(Path(__file__).parent)}
-    argv = [sys.executable, "-m", "celery", "-A", "hop_chain", "worker", "-P", "threads", "-c", "1"]
-    argv += ["-Q", CELERY_QUEUE, "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
+def start_celery(url: str, node: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HOP_CHAIN_REDIS": url, "HOP_CHAIN_NODE": node, "PYTHONPATH": str(Path(__file__).parent)}
+    argv = [sys.executable, "-m", "celery", "-A", "hop_chain", "worker", "-P", "threads", "-c", "1", "-n", f"{node}@%h"]
+    argv += ["-Q", celery_queue(node), "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"]
     return subprocess.Popen(argv, env=env)
+
+
+def measure(sock: socket.socket, seconds: float, rounds: int, between: float) -> str:
+    """One line: each node's medians before and after the compute, and of their sum."""
+    spent: dict[str, list[tuple[float, float]]] = {node: [] for node in NODES}
+    for _ in range(rounds):
+        for node in NODES:
+            time.sleep(between)
+            spent[node].append(query(sock, node, seconds))
+    cells = []
+    for node in NODES:
+        before = statistics.median(b for b, _ in spent[node]) * 1e3
+        after = statistics.median(a for _, a in spent[node]) * 1e3
+        total = sorted((b + a) * 1e3 for b, a in spent[node])
+        p95 = total[round(0.95 * (len(total) - 1))]
+        cells.append(f"{node:>7}: {before:4.2f} + {after:4.2f} = {statistics.median(total):4.2f} (p95 {p95:4.2f})")
+    return f"compute {seconds:4.2f} s  " + "  ".join(cells)
 
 
 def main() -> None:
@@ -227,6 +281,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--computes", default="0,0.02,2", help="stand-in compute, seconds, comma-separated")
     parser.add_argument("--between", type=float, default=0.02, help="the client's pause between queries (its decrypt, encrypt)")
+    parser.add_argument("--repeat", type=int, default=1, help="measure every compute this many times")
     args = parser.parse_args()
     computes = [float(c) for c in args.computes.split(",")]
     from cipherpool.stack.redis_server import start_redis
@@ -236,7 +291,7 @@ def main() -> None:
     supervisor = Supervisor(root / "logs")
     spawn = multiprocessing.get_context("spawn")
     children: list[multiprocessing.process.BaseProcess] = []
-    worker = None
+    workers: list[subprocess.Popen[bytes]] = []
     try:
         _child, url = start_redis(supervisor, root / "redis")
         port = free_port()
@@ -247,30 +302,19 @@ def main() -> None:
             children.append(child)
             if not ready.wait(30):
                 raise SystemExit(f"{target.__name__} did not start")
-        worker = start_celery(url)
+        workers = [start_celery(url, node) for node in CELERY_NODES]
         sock = socket.create_connection(("127.0.0.1", port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(20):  # every code path run once before timing (the worker's first query waits for it)
+        for _ in range(20):  # every code path run once before timing (a worker's first query waits for it)
             for node in NODES:
                 query(sock, node, 0.0)
-        print("end to end less compute (ms): p50 of before + after = p50 of the sum, and its p95")
-        for seconds in computes:
-            spent: dict[str, list[tuple[float, float]]] = {node: [] for node in NODES}
-            for _ in range(args.rounds):
-                for node in NODES:
-                    time.sleep(args.between)
-                    spent[node].append(query(sock, node, seconds))
-            cells = []
-            for node in NODES:
-                before = statistics.median(b for b, _ in spent[node]) * 1e3
-                after = statistics.median(a for _, a in spent[node]) * 1e3
-                total = sorted((b + a) * 1e3 for b, a in spent[node])
-                p95 = total[round(0.95 * (len(total) - 1))]
-                cells.append(f"{node}: {before:5.2f} + {after:5.2f} = {statistics.median(total):5.2f}, p95 {p95:5.2f}")
-            print(f"compute {seconds:5.2f} s   " + "   ".join(cells), flush=True)
+        print("end to end less compute, ms: medians of before + after = their sum's median (its p95)")
+        for repeat in range(args.repeat):
+            for seconds in computes:
+                print(f"[{repeat + 1}] " + measure(sock, seconds, args.rounds, args.between), flush=True)
         sock.close()
     finally:
-        if worker is not None:
+        for worker in workers:
             worker.terminate()
             worker.wait(10)
         for child in children:
