@@ -14,8 +14,8 @@ virtual machine the hypervisor's) wake-up. This prints, after idle gaps of 0 to 
 * a round trip to a thread pool from an asyncio loop (two thread wake-ups), as the gateway's
   publish and a node's hand-over make.
 
-Multiply by the path's hops to read the floor of "end to end less compute" for a model whose
-compute leaves the machine idle (digits: about 1.2 s per query), whatever the platform's code.
+These are single hops; `hop_chain.py` times the whole path made with the least Python (the
+floor of "end to end less compute" for a model that computes for seconds, as digits does).
 
 Usage: .venv/bin/python benchmarks/wake_floor.py [--rounds 40]
 """
