@@ -375,10 +375,10 @@ def test_own_ids_differ_and_two_waiters_prefixes_differ(url):
 
 
 class LosingReader:
-    """The reader's message wait made to take the cancels of its first ``lost`` waits for its
-    own timeout and answer None, as redis-py's read does when a cancel meets that timeout
-    (Python 3.11's ``asyncio.timeout``); ``stubborn``: not before its timeout is over. Once
-    ``over``, a wait is cancelled at once (so that a waiter without the fix still ends)."""
+    """The reader's message wait made to lose the cancels of its first ``lost`` waits and answer
+    None, as the real reader did when redis-py's ``wait_for`` dropped a cancel (Python 3.11)
+    and its read's timeout then answered None; ``stubborn``: not before that timeout is over.
+    Once ``over``, a wait is cancelled at once (so that a waiter without the fix still ends)."""
 
     def __init__(self, waiter: ResultWaiter, lost: int, stubborn: bool = False):
         self.lost, self.stubborn, self.waits, self.over = lost, stubborn, 0, False
@@ -430,6 +430,9 @@ def test_a_close_that_is_cancelled_itself_is_not_held_by_a_stubborn_reader(url):
         waiter = ResultWaiter(url)
         reader = LosingReader(waiter, lost=3, stubborn=True)
         await waiter.start()
+        # Without the fix the close below outlasts its bound: the reader is let go after 3 s,
+        # so that the test fails then rather than hang.
+        asyncio.get_running_loop().call_later(3, setattr, reader, "over", True)
         try:
             await asyncio.wait_for(_until(lambda: reader.waits > 0), 10)
             started = time.perf_counter()

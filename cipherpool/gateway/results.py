@@ -91,13 +91,13 @@ def computed_by(redis: Redis, query_id: str) -> str | None:
 async def _stop(task: asyncio.Task[None]) -> None:
     """Cancel ``task`` until it has ended.
 
-    One cancel is not always enough. A cancel that meets the reader's read just as the read's
-    own timeout expires is taken by Python 3.11's ``asyncio.timeout`` for that timeout, and
-    redis-py answers a timed-out read with None, as if no message had come. The reader then
-    read on, and a ``close`` a few milliseconds after ``start`` waited forever on it (one try
-    in a few, measured). ``asyncio.wait`` neither raises the task's own ending nor swallows a
-    cancel of the caller's, which the ``await task`` inside ``suppress(CancelledError)`` used
-    before did."""
+    One cancel is not always enough. redis-py sends each command through ``asyncio.wait_for``,
+    which in Python 3.11 returns the command's result when a cancel meets its end, and drops
+    the cancel (fixed in 3.12). A ``close`` a few milliseconds after ``start`` met the reader's
+    SUBSCRIBE so, one try in a few, and waited forever: the reader read on, each read's own
+    timeout answering None as usual. ``asyncio.wait`` neither raises the task's own ending nor
+    swallows a cancel of the caller's, which the ``await task`` inside
+    ``suppress(CancelledError)`` used before did."""
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=CANCEL_AGAIN_S)
@@ -187,7 +187,7 @@ class ResultWaiter:
         if self._keep:  # what was delivered is shortened now, not left to its full life
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._shorten(0), SOCKET_TIMEOUT_S)
-        if self._reader:
+        if self._reader is not None and self._reader.get_loop() is asyncio.get_running_loop():
             await _stop(self._reader)
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
@@ -298,7 +298,9 @@ class ResultWaiter:
             return await watch.result(timeout, read_first=True)
 
     async def _read(self) -> None:
-        while not self._closing:  # as well as cancelled: a cancel can be lost (see _stop)
+        # As well as cancelled: a cancel can be lost (see _stop); and a reader that a cancelled
+        # close left running ends when a start replaces it.
+        while not self._closing and self._reader is asyncio.current_task():
             try:
                 if self._pubsub.connection is None:
                     # The first connection, made here and outside the lock: a watch meanwhile
