@@ -32,7 +32,13 @@ keeping a Celery worker and its unacknowledged copies below the ``celery`` one. 
 speed drifts by a few tenths of a millisecond between runs, so ``--repeat`` measures again on
 the same processes.
 
+``--platform digits`` also starts the platform itself (an embedded stack, one node of one
+thread: `path_ab.py`'s driver) and puts one real query in each round of the longest compute,
+so that the platform's "end to end less compute" and its ratio to the ``celery`` floor come
+from one run. Give a compute near the model's (digits: about 2 s).
+
 Usage: .venv/bin/python benchmarks/hop_chain.py [--rounds 12] [--computes 0,0.02,2] [--repeat 3]
+[--platform digits]
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import redis
@@ -62,6 +69,9 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from cipherpool.config.celery import ONE_CLIENT_REDIS_TRANSPORT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import path_ab  # noqa: E402 - beside this file: the platform's driver (--platform)
 
 UP_BYTES = 1_900  # a digits ciphertext
 DOWN_BYTES = 164_283  # a digits answer
@@ -259,13 +269,18 @@ def start_celery(url: str, node: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, env=env)
 
 
-def measure(sock: socket.socket, seconds: float, rounds: int, between: float) -> str:
-    """One line: each node's medians before and after the compute, and of their sum."""
+def measure(sock: socket.socket, seconds: float, rounds: int, between: float, platform: Any = None) -> str:
+    """One line: each node's medians before and after the compute, and of their sum; with a
+    platform driver, a second line: the platform's queries, one a round, and their ratio."""
     spent: dict[str, list[tuple[float, float]]] = {node: [] for node in NODES}
+    real: list[dict[str, float]] = []
     for _ in range(rounds):
         for node in NODES:
             time.sleep(between)
             spent[node].append(query(sock, node, seconds))
+        if platform is not None:
+            time.sleep(between)
+            real.append(path_ab.ask(platform))
     cells = []
     for node in NODES:
         before = statistics.median(b for b, _ in spent[node]) * 1e3
@@ -273,7 +288,17 @@ def measure(sock: socket.socket, seconds: float, rounds: int, between: float) ->
         total = sorted((b + a) * 1e3 for b, a in spent[node])
         p95 = total[round(0.95 * (len(total) - 1))]
         cells.append(f"{node:>7}: {before:4.2f} + {after:4.2f} = {statistics.median(total):4.2f} (p95 {p95:4.2f})")
-    return f"compute {seconds:4.2f} s  " + "  ".join(cells)
+    line = f"compute {seconds:4.2f} s  " + "  ".join(cells)
+    if real:
+        less = sorted((f["e2e"] - f["compute"]) * 1e3 for f in real)
+        floor = statistics.median(sum(pair) for pair in spent["celery"]) * 1e3
+        p50, p95 = statistics.median(less), less[round(0.95 * (len(less) - 1))]
+        compute = statistics.median(f["compute"] for f in real)
+        line += (
+            f"\n    the platform: end to end less compute {p50:4.2f} ms (p95 {p95:4.2f}), its compute {compute:4.2f} s;"
+            f" {p50 / floor:4.2f}x the celery node's"
+        )
+    return line
 
 
 def main() -> None:
@@ -282,6 +307,7 @@ def main() -> None:
     parser.add_argument("--computes", default="0,0.02,2", help="stand-in compute, seconds, comma-separated")
     parser.add_argument("--between", type=float, default=0.02, help="the client's pause between queries (its decrypt, encrypt)")
     parser.add_argument("--repeat", type=int, default=1, help="measure every compute this many times")
+    parser.add_argument("--platform", choices=["digits", "cancer"], help="also the platform's own queries of this model")
     args = parser.parse_args()
     computes = [float(c) for c in args.computes.split(",")]
     from cipherpool.stack.redis_server import start_redis
@@ -292,7 +318,10 @@ def main() -> None:
     spawn = multiprocessing.get_context("spawn")
     children: list[multiprocessing.process.BaseProcess] = []
     workers: list[subprocess.Popen[bytes]] = []
+    driver = None
     try:
+        if args.platform:  # first: its stack trains and compiles the model meanwhile
+            driver = path_ab.start(Path(__file__).resolve().parents[1], args.platform)
         _child, url = start_redis(supervisor, root / "redis")
         port = free_port()
         for target, extra in ((bare_node, ()), (gateway, (port,))):
@@ -308,12 +337,18 @@ def main() -> None:
         for _ in range(20):  # every code path run once before timing (a worker's first query waits for it)
             for node in NODES:
                 query(sock, node, 0.0)
+        if driver is not None:
+            path_ab.ready(driver)
         print("end to end less compute, ms: medians of before + after = their sum's median (its p95)")
         for repeat in range(args.repeat):
             for seconds in computes:
-                print(f"[{repeat + 1}] " + measure(sock, seconds, args.rounds, args.between), flush=True)
+                platform = driver if seconds == max(computes) else None
+                print(f"[{repeat + 1}] " + measure(sock, seconds, args.rounds, args.between, platform), flush=True)
         sock.close()
     finally:
+        if driver is not None and driver.stdin is not None:
+            driver.stdin.close()
+            driver.wait(60)
         for worker in workers:
             worker.terminate()
             worker.wait(10)
