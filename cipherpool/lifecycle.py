@@ -12,8 +12,10 @@ worker's log (:mod:`cipherpool.workerlog`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from celery import Celery
+from sqlmodel import Session
 
 from cipherpool import workerlog
 from cipherpool.announce import serving_changed
@@ -41,11 +43,14 @@ def start_workers(
     source: str = "gateway",
     started_by: str = "user",
     schedule_id: str | None = None,
+    why: Callable[[Session, Worker], None] | None = None,
 ) -> list[Worker]:
     """Claim ``count`` free nodes of the model's class (labels, profile) and tell each to bind
     (status PENDING); refused with the reason, all or none. ``started_by`` (user, schedule,
     autoscaler, reconciler) and ``schedule_id`` are kept on the worker: a schedule stops its
-    own workers, and the autoscaler removes its own first."""
+    own workers, and the autoscaler removes its own first. ``why`` records the caller's reason
+    for each worker in the claim's own transaction, so whoever sees the worker sees the reason
+    too (a reason written afterwards is missing for a moment, or for good after a crash)."""
     with ctx.session() as session:
         account = get_account(session, account_id)
         workers = worker_service.start_workers(
@@ -60,6 +65,8 @@ def start_workers(
             started_by=started_by,
             schedule_id=schedule_id,
         )
+        for worker in workers if why is not None else ():
+            why(session, worker)
     for i, worker in enumerate(workers):
         workerlog.write(
             ctx.store.redis,

@@ -550,6 +550,26 @@ def test_a_sustained_queue_adds_a_worker_and_idleness_removes_it(db_url, tmp_pat
     assert [w.id for w in rig.serving()] == [user_worker.id]
 
 
+def test_an_added_worker_is_committed_with_its_reason(db_url, tmp_path):
+    """Whoever sees the autoscaler's worker sees why it was added: the event is written in the
+    claim's transaction, before the node is told to bind (a reason written after that was
+    missing for a moment to a provider's poll, and for good after a crash)."""
+    rig = make_rig(db_url, tmp_path, scale_up_after_s=0.0)
+    seen_at_bind: list[tuple[list[str], list[str]]] = []
+    send = rig.app.send_task
+
+    def send_and_look(name: str, kwargs: dict[str, Any] | None = None, queue: Any = None, **more: Any) -> None:
+        if name == "cipherpool.node.bind":
+            workers = [w.id for w in rig.serving() if w.started_by == "autoscaler"]
+            seen_at_bind.append((workers, [e.worker_id for e in rig.events(EventKind.AUTOSCALED_UP)]))
+        send(name, kwargs, queue, **more)
+
+    rig.app.send_task = send_and_look  # type: ignore[method-assign]
+    (outcome,) = rig.tick(0, wait=8.0, depth=3, last=0)
+    assert outcome.action is UP, outcome.reason
+    assert seen_at_bind == [([outcome.worker_id], [outcome.worker_id])]
+
+
 def test_a_new_episode_of_pressure_is_reported_blocked_again(db_url, tmp_path):
     rig = make_rig(db_url, tmp_path, max_workers=1, scale_up_after_s=0.0)
     for t in (0, 10, 20):

@@ -326,25 +326,20 @@ def _add(ctx: PlatformContext, app: Celery, model: Model, seen: AutoscalePolicy,
     gives the claim back (no cool-down for what did not happen) and reports the add blocked."""
     if not _claim(ctx, seen, Action.UP, decision.reason, now):
         return Outcome(model.name, Action.NONE, "another beat acted on this model")
+    def why(session: Session, worker: Worker) -> None:
+        message = f"{decision.reason} (worker {worker.id} on {worker.node_name})"
+        _record(session, model.id, EventKind.AUTOSCALED_UP, message, now, worker.id)
+
     try:
-        started = lifecycle.start_workers(ctx, app, model.account_id, model.name, count=1, source="beat", started_by=STARTED_BY)[
-            0
-        ]
-    except CipherpoolError as refusal:
-        why = f"{decision.cause}, but a worker could not be added: {refusal.message}"
-        with ctx.session() as session:
-            _blocked(session, model, seen, decision, why, now, claimed_at=now)
-        return Outcome(model.name, Action.NONE, why, blocked=True)
-    log.info("model %s: added worker %s (%s)", model.name, started.id, decision.reason)
-    with ctx.session() as session:
-        _record(
-            session,
-            model.id,
-            EventKind.AUTOSCALED_UP,
-            f"{decision.reason} (worker {started.id} on {started.node_name})",
-            now,
-            started.id,
+        (started,) = lifecycle.start_workers(
+            ctx, app, model.account_id, model.name, count=1, source="beat", started_by=STARTED_BY, why=why
         )
+    except CipherpoolError as refusal:
+        why_not = f"{decision.cause}, but a worker could not be added: {refusal.message}"
+        with ctx.session() as session:
+            _blocked(session, model, seen, decision, why_not, now, claimed_at=now)
+        return Outcome(model.name, Action.NONE, why_not, blocked=True)
+    log.info("model %s: added worker %s (%s)", model.name, started.id, decision.reason)
     return Outcome(model.name, Action.UP, decision.reason, worker_id=started.id)
 
 
