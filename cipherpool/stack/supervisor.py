@@ -2,7 +2,9 @@
 
 Each child leads its own process group (so a stop reaches whatever it forked) and is asked
 by the kernel to die with its parent (PR_SET_PDEATHSIG), so even a SIGKILLed `cipherpool up`
-leaves nothing behind.
+leaves nothing behind. That signal is SIGTERM, a graceful stop that may wait without end, so
+a Python child (``python -m MODULE``) runs under :mod:`cipherpool.stack.child`, which SIGKILLs
+it once the grace period of :meth:`Supervisor.stop_all` has passed with its parent gone.
 
 A child that exits is started again, unless it keeps dying right after its start: then it is
 given up for good, so a broken configuration neither spins forever nor comes back later. The
@@ -50,6 +52,15 @@ def _child_setup() -> None:
         pass
 
 
+def guarded(argv: list[str], parent: int, grace_s: float) -> list[str]:
+    """``argv`` run under :mod:`cipherpool.stack.child` if it runs a Python module (``python
+    -m MODULE ...``): killed ``grace_s`` after ``parent`` dies. Anything else (Redis) as is:
+    it stops at the kernel's SIGTERM."""
+    if len(argv) < 3 or argv[1] != "-m":
+        return argv
+    return [argv[0], "-m", "cipherpool.stack.child", "--parent", str(parent), "--grace", f"{grace_s:g}", *argv[2:]]
+
+
 @dataclass
 class Child:
     name: str
@@ -74,9 +85,10 @@ def _ignore(child: Child) -> None:
 
 
 class Supervisor:
-    def __init__(self, log_dir: Path, clock: Clock = time.monotonic) -> None:
+    def __init__(self, log_dir: Path, clock: Clock = time.monotonic, orphan_grace_s: float = STOP_GRACE_S) -> None:
         self.log_dir = log_dir
         self.clock = clock
+        self.orphan_grace_s = orphan_grace_s  # a Python child's grace after this process dies
         self.children: list[Child] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
@@ -89,7 +101,7 @@ class Supervisor:
         fd = os.open(self.log_dir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as out:
             return subprocess.Popen(
-                argv,
+                guarded(argv, os.getpid(), self.orphan_grace_s),
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
