@@ -65,8 +65,9 @@ def start_workers(
             started_by=started_by,
             schedule_id=schedule_id,
         )
-        for worker in workers if why is not None else ():
-            why(session, worker)
+        if why is not None:
+            for worker in workers:
+                why(session, worker)
     for i, worker in enumerate(workers):
         workerlog.write(
             ctx.store.redis,

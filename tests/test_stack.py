@@ -158,7 +158,8 @@ def test_stop_all_reaches_grandchildren(supervisor):
 STUBBORN = """
 import os, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a graceful stop that never ends
-grandchild = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"])
+ignores = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+grandchild = subprocess.Popen([sys.executable, "-c", ignores])
 print(os.getpid(), grandchild.pid, flush=True)
 time.sleep(120)
 """
@@ -207,7 +208,9 @@ def test_a_python_child_that_ignores_sigterm_is_killed_a_grace_after_its_supervi
 def test_a_module_runs_under_the_guard_as_under_python_m(tmp_path):
     """Same ``sys.argv``, ``__name__``, ``sys.path[0]`` and pid as ``python -m``; anything not a
     module (Redis's binary, ``python -c``) is left as it is."""
-    (tmp_path / "shows.py").write_text("import json, os, sys\nprint(json.dumps([sys.argv, __name__, sys.path[0], os.getpid()]))\n")
+    (tmp_path / "shows.py").write_text(
+        "import json, os, sys\nprint(json.dumps([sys.argv, __name__, sys.path[0], os.getpid()]))\n"
+    )
     args = ["-A", "x", "worker", "--port=3", "--parent", "9"]
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
 

@@ -326,6 +326,7 @@ def _add(ctx: PlatformContext, app: Celery, model: Model, seen: AutoscalePolicy,
     gives the claim back (no cool-down for what did not happen) and reports the add blocked."""
     if not _claim(ctx, seen, Action.UP, decision.reason, now):
         return Outcome(model.name, Action.NONE, "another beat acted on this model")
+
     def why(session: Session, worker: Worker) -> None:
         message = f"{decision.reason} (worker {worker.id} on {worker.node_name})"
         _record(session, model.id, EventKind.AUTOSCALED_UP, message, now, worker.id)

@@ -24,6 +24,7 @@ import shutil
 import sys
 import urllib.request
 import warnings
+from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from cipherpool.files import private_dir, private_sqlite, write_private
 from cipherpool.names import CONTROL_QUEUE, POOL_QUEUE
 from cipherpool.stack.lock import StackLock
 from cipherpool.stack.redis_server import start_redis
-from cipherpool.stack.supervisor import Supervisor, free_port
+from cipherpool.stack.supervisor import Child, Supervisor, free_port, port_taken
 from cipherpool.waiting import wait_until
 
 log = logging.getLogger("cipherpool.stack")
@@ -48,6 +49,7 @@ CELERY = [sys.executable, "-m", "celery", "-A", "cipherpool.tasks"]
 GATEWAY = [sys.executable, "-m", "uvicorn", "--factory", "cipherpool.gateway.app:create_app"]
 FLOWER = [sys.executable, "-m", "cipherpool", "flower"]
 FLOWER_USER = "admin"
+MAX_PORT_MOVES = 3  # a start that loses its chosen port to another process this often fails
 FLOWER_LOGIN_FILE = "flower-login"  # user:password, 0600, kept across restarts of the data dir
 
 
@@ -78,6 +80,16 @@ class StackOptions:
 
 
 @dataclass
+class Listener:
+    """A child that serves on a port: how to start it on one, and what to record of it."""
+
+    host: str
+    argv: Callable[[int], list[str]]
+    at: Callable[[int], None]  # records where it serves (the stack's URL for it)
+    port: int = 0
+
+
+@dataclass
 class EmbeddedStack:
     settings: Settings
     options: StackOptions = field(default_factory=StackOptions)
@@ -92,6 +104,8 @@ class EmbeddedStack:
         self.data_dir = Path(self.settings.data_dir).expanduser().resolve()
         self.blob_store = self.settings.blob_store or "fs"
         self.supervisor = Supervisor(self.data_dir / "logs")
+        self._listeners: dict[str, Listener] = {}  # children on a port chosen here, by name
+        self._port_moves = 0
 
     @property
     def node_names(self) -> list[str]:
@@ -236,21 +250,52 @@ class EmbeddedStack:
             schedule = str(self.data_dir / "celerybeat-schedule")
             self.supervisor.start("beat", CELERY + ["beat", "-s", schedule, "--loglevel", self.options.loglevel], self.env)
         if self.options.flower:
-            port = self.settings.flower_port or free_port()
             self.flower_auth = flower_login(self.data_dir)
             # In the environment, not argv: a process list shows argv to every user.
             env = {**self.env, "FLOWER_BASIC_AUTH": self.flower_auth}
-            # `cipherpool flower`: Flower's own command with the Models page (/models) added.
-            self.supervisor.start("flower", FLOWER + ["--address=127.0.0.1", f"--port={port}"], env)
-            self.flower_url = f"http://127.0.0.1:{port}"
+
+            def at(port: int) -> None:
+                self.flower_url = f"http://127.0.0.1:{port}"
+
+            def argv(port: int) -> list[str]:  # `cipherpool flower`: Flower's own, with the Models page
+                return FLOWER + ["--address=127.0.0.1", f"--port={port}"]
+
+            self._start_listener("flower", Listener("127.0.0.1", argv, at), self.settings.flower_port, env)
 
     def _start_gateway(self) -> None:
         host = self.settings.gateway_host
-        port = self.settings.gateway_port or free_port()
-        argv = GATEWAY + ["--host", host, "--port", str(port), "--log-level", self.options.loglevel.lower()]
-        self.supervisor.start("gateway", argv, self.env)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        self.gateway_url = f"http://{shown}:{port}"
+
+        def at(port: int) -> None:
+            self.gateway_url = f"http://{shown}:{port}"
+
+        def argv(port: int) -> list[str]:
+            return GATEWAY + ["--host", host, "--port", str(port), "--log-level", self.options.loglevel.lower()]
+
+        self._start_listener("gateway", Listener(host, argv, at), self.settings.gateway_port, self.env)
+
+    def _start_listener(self, name: str, listener: Listener, port: int | None, env: dict[str, str]) -> None:
+        """Start a child serving on ``port``, or on a free one chosen here (which the child may
+        lose before it binds it; see :meth:`_moved`)."""
+        if port is None:
+            listener.port = free_port()
+            self._listeners[name] = listener
+        self.supervisor.start(name, listener.argv(port or listener.port), env)
+        listener.at(port or listener.port)
+
+    def _moved(self, child: Child) -> bool:
+        """Start ``child`` again on another port if it died at start because another process
+        bound the port this stack chose for it, in the moment between :func:`free_port`
+        letting it go and the child's own bind (a few times at most: the next port is free)."""
+        listener = self._listeners.get(child.name)
+        if listener is None or self._port_moves >= MAX_PORT_MOVES or not port_taken(listener.port, listener.host):
+            return False
+        self._port_moves += 1
+        lost, listener.port = listener.port, free_port()
+        log.warning("%s lost port %d to another process before binding it; now on %d", child.name, lost, listener.port)
+        self.supervisor.restart(child, listener.argv(listener.port))
+        listener.at(listener.port)
+        return True
 
     def _wait_ready(self, database_url: str) -> None:
         """Ready when the gateway is ready (``/v1/ready``: its database, schema, broker and store
@@ -263,9 +308,9 @@ class EmbeddedStack:
         expected = {(c.name, c.pid) for c in self.supervisor.children if c.name.startswith("node")}
 
         def ready() -> bool:
-            dead = self.supervisor.dead()
-            if dead:
-                raise PlatformError(f"{dead[0].name} exited during start; see {dead[0].log_path}")
+            for child in self.supervisor.dead():
+                if not self._moved(child):
+                    raise PlatformError(child.exited("during start"))
             with session_scope(database_url) as session:
                 rows = session.exec(select(PoolNode.name, PoolNode.pid).where(PoolNode.status == NodeStatus.ONLINE))
                 online = {(name.split("@")[0], pid) for name, pid in rows}

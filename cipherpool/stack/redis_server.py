@@ -10,6 +10,7 @@ append-only file lives under the data directory.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
 from pathlib import Path
@@ -18,10 +19,13 @@ import redis
 
 from cipherpool.errors import ConfigurationError
 from cipherpool.files import private_dir, write_private
-from cipherpool.stack.supervisor import Child, Supervisor, free_port
+from cipherpool.stack.supervisor import Child, Supervisor, free_port, port_taken
 from cipherpool.waiting import wait_until
 
+log = logging.getLogger("cipherpool.stack")
+
 START_TIMEOUT_S = 15.0
+PORT_MOVES = 3  # starts again on another port after losing the chosen one, at most
 PASSWORD_FILE = "password"
 CONFIG_FILE = "redis.conf"
 # Refused to every client: reconfiguring, loading code, replicating, debugging, stopping.
@@ -90,21 +94,39 @@ def write_config(data_dir: Path, port: int, secret: str, maxmemory_bytes: int) -
 def start_redis(
     supervisor: Supervisor, data_dir: Path, binary: str | None = None, maxmemory_bytes: int = 4 * 1024**3
 ) -> tuple[Child, str]:
-    """Start Redis; returns the child and the platform's URL (with the password in it)."""
+    """Start Redis; returns the child and the platform's URL (with the password in it). A
+    Redis that exits at start because another process bound the port chosen for it (between
+    :func:`free_port` letting it go and Redis binding it) starts again on another port."""
     private_dir(data_dir)
-    port = free_port()
     secret = password(data_dir)
-    config = write_config(data_dir, port, secret, maxmemory_bytes)
-    child = supervisor.start("redis", [binary or find_redis_server(), str(config)], env={"PATH": "/usr/bin:/bin"})
-    url = f"redis://:{secret}@127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    child: Child | None = None
+    for moves in range(PORT_MOVES + 1):
+        port = free_port()
+        config = write_config(data_dir, port, secret, maxmemory_bytes)
+        if child is None:
+            child = supervisor.start("redis", [binary or find_redis_server(), str(config)], env={"PATH": "/usr/bin:/bin"})
+        else:
+            supervisor.restart(child)
+        url = f"redis://:{secret}@127.0.0.1:{port}/0"
+        if _answers(child, url, port):
+            return child, url
+        if moves == PORT_MOVES or not port_taken(port):
+            break
+        log.warning("redis-server lost port %d to another process before binding it; starting it again", port)
+    assert child is not None
+    raise ConfigurationError(child.exited("at start"))
+
+
+def _answers(child: Child, url: str, port: int) -> bool:
+    """Wait until Redis answers on ``url`` (True), or has exited (False)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
 
     def answers() -> bool:
         if not child.alive():
-            raise ConfigurationError(f"redis-server exited at start; see {child.log_path}")
+            return True
         try:
             return bool(client.ping())
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):  # not up yet, or another process on the port
             return False
         except redis.ResponseError as exc:  # still loading the AOF
             if "LOADING" not in str(exc):
@@ -120,4 +142,4 @@ def start_redis(
         )
     finally:
         client.close()
-    return child, url
+    return child.alive()

@@ -14,6 +14,7 @@ clock is injected, so tests drive time instead of waiting for it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -33,6 +34,8 @@ STOP_GRACE_S = 20.0
 QUICK_DEATH_S = 10.0  # a child that dies sooner than this after its start is crash-looping
 MAX_QUICK_DEATHS = 3
 WATCH_INTERVAL_S = 1.0
+TAIL_LINES = 20  # of a dead child's log, in the error that reports it
+TAIL_BYTES = 16 * 1024
 Clock = Callable[[], float]  # seconds, monotonic
 
 
@@ -41,6 +44,19 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether another socket holds ``port`` now, as a server binding it would find (with
+    SO_REUSEADDR, so a connection in TIME_WAIT does not count). A child that died at start on
+    a port :func:`free_port` chose may have lost it to whoever bound it in between."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+        return False
 
 
 def _child_setup() -> None:
@@ -79,6 +95,21 @@ class Child:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        """The end of its log: why a child that exited did (for an error that says it at once)."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+                return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def exited(self, during: str) -> str:
+        """'NAME exited DURING (code N); the end of its log (PATH): ...', for an error."""
+        tail = self.tail()
+        ending = f"; the end of its log ({self.log_path}):\n{tail}" if tail else f"; see {self.log_path}"
+        return f"{self.name} exited {during} (code {self.process.returncode}){ending}"
+
 
 def _ignore(child: Child) -> None:
     pass
@@ -110,6 +141,16 @@ class Supervisor:
                 preexec_fn=_child_setup,
             )
 
+    def restart(self, child: Child, argv: list[str] | None = None) -> Child:
+        """Start ``child`` again in its place (with ``argv`` if given), after killing whatever
+        its last run left in its group."""
+        _signal_group(child, signal.SIGKILL)
+        if argv is not None:
+            child.argv = argv
+        child.process = self._spawn(child.name, child.argv, child.env)
+        child.started_at = self.clock()
+        return child
+
     def dead(self) -> list[Child]:
         """Every child that is not running, the given-up ones included."""
         return [c for c in self.children if not c.alive()]
@@ -140,10 +181,7 @@ class Supervisor:
                 given_up.append(child)
                 continue
             log.warning("%s (pid %s) exited with %s; restarting it", child.name, child.pid, child.process.returncode)
-            _signal_group(child, signal.SIGKILL)  # anything it left in its group
-            child.process = self._spawn(child.name, child.argv, child.env)
-            child.started_at = self.clock()
-            restarted.append(child)
+            restarted.append(self.restart(child))
         return restarted, given_up
 
     def watch(
