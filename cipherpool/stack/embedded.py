@@ -39,7 +39,7 @@ from cipherpool.files import private_dir, private_sqlite, write_private
 from cipherpool.names import CONTROL_QUEUE, POOL_QUEUE
 from cipherpool.stack.lock import StackLock
 from cipherpool.stack.redis_server import start_redis
-from cipherpool.stack.supervisor import Child, Supervisor, free_port, port_taken
+from cipherpool.stack.supervisor import PORT_MOVES, Child, Supervisor, free_port, port_taken
 from cipherpool.waiting import wait_until
 
 log = logging.getLogger("cipherpool.stack")
@@ -49,7 +49,6 @@ CELERY = [sys.executable, "-m", "celery", "-A", "cipherpool.tasks"]
 GATEWAY = [sys.executable, "-m", "uvicorn", "--factory", "cipherpool.gateway.app:create_app"]
 FLOWER = [sys.executable, "-m", "cipherpool", "flower"]
 FLOWER_USER = "admin"
-MAX_PORT_MOVES = 3  # a start that loses its chosen port to another process this often fails
 FLOWER_LOGIN_FILE = "flower-login"  # user:password, 0600, kept across restarts of the data dir
 
 
@@ -160,6 +159,8 @@ class EmbeddedStack:
             "CIPHERPOOL_NODE_THREADS": str(threads),
             "TMPDIR": str(tmp),
         }
+        s = self.settings  # never shown should a child log them (the Redis password: start_redis)
+        self.supervisor.hide(s.s3_secret_access_key, s.metrics_token, s.token)
         self._start_control()
         self._start_nodes()
         self._start_beat_and_flower()
@@ -251,6 +252,7 @@ class EmbeddedStack:
             self.supervisor.start("beat", CELERY + ["beat", "-s", schedule, "--loglevel", self.options.loglevel], self.env)
         if self.options.flower:
             self.flower_auth = flower_login(self.data_dir)
+            self.supervisor.hide(self.flower_auth, self.flower_auth.partition(":")[2])
             # In the environment, not argv: a process list shows argv to every user.
             env = {**self.env, "FLOWER_BASIC_AUTH": self.flower_auth}
 
@@ -277,7 +279,7 @@ class EmbeddedStack:
     def _start_listener(self, name: str, listener: Listener, port: int | None, env: dict[str, str]) -> None:
         """Start a child serving on ``port``, or on a free one chosen here (which the child may
         lose before it binds it; see :meth:`_moved`)."""
-        if port is None:
+        if not port:  # unset or 0: one chosen here
             listener.port = free_port()
             self._listeners[name] = listener
         self.supervisor.start(name, listener.argv(port or listener.port), env)
@@ -288,7 +290,7 @@ class EmbeddedStack:
         bound the port this stack chose for it, in the moment between :func:`free_port`
         letting it go and the child's own bind (a few times at most: the next port is free)."""
         listener = self._listeners.get(child.name)
-        if listener is None or self._port_moves >= MAX_PORT_MOVES or not port_taken(listener.port, listener.host):
+        if listener is None or self._port_moves >= PORT_MOVES or not port_taken(listener.port, listener.host):
             return False
         self._port_moves += 1
         lost, listener.port = listener.port, free_port()
@@ -299,7 +301,7 @@ class EmbeddedStack:
 
     def _wait_ready(self, database_url: str) -> None:
         """Ready when the gateway is ready (``/v1/ready``: its database, schema, broker and store
-        answer), the control worker answers a ping and every node
+        answer), Flower answers its health check, the control worker answers a ping and every node
         has registered from the very process we started (matched by pid, so rows left by an
         earlier run of the same data directory do not count)."""
         from cipherpool.config.celery import create_app
@@ -310,13 +312,14 @@ class EmbeddedStack:
         def ready() -> bool:
             for child in self.supervisor.dead():
                 if not self._moved(child):
-                    raise PlatformError(child.exited("during start"))
+                    raise PlatformError(self.supervisor.exited(child, "during start"))
             with session_scope(database_url) as session:
                 rows = session.exec(select(PoolNode.name, PoolNode.pid).where(PoolNode.status == NodeStatus.ONLINE))
                 online = {(name.split("@")[0], pid) for name, pid in rows}
             return (
                 expected <= online
-                and self._gateway_up()
+                and _answers(self.gateway_url + "/v1/ready")
+                and (self.flower_url is None or _answers(self.flower_url + "/healthcheck"))
                 and bool(app.control.ping(destination=[f"control@{_host()}"], timeout=0.5))
             )
 
@@ -330,13 +333,6 @@ class EmbeddedStack:
             )
         finally:
             app.close()
-
-    def _gateway_up(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.gateway_url + "/v1/ready", timeout=5) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
 
     @property
     def stack_file(self) -> Path:
@@ -404,6 +400,15 @@ def flower_login(data_dir: Path) -> str:
         write_private(path, login)
     os.chmod(path, 0o600)
     return login
+
+
+def _answers(url: str) -> bool:
+    """Whether ``url`` answers 200 (a child's readiness or health check)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def _host() -> str:

@@ -19,13 +19,12 @@ import redis
 
 from cipherpool.errors import ConfigurationError
 from cipherpool.files import private_dir, write_private
-from cipherpool.stack.supervisor import Child, Supervisor, free_port, port_taken
+from cipherpool.stack.supervisor import PORT_MOVES, Child, Supervisor, free_port, port_taken
 from cipherpool.waiting import wait_until
 
 log = logging.getLogger("cipherpool.stack")
 
 START_TIMEOUT_S = 15.0
-PORT_MOVES = 3  # starts again on another port after losing the chosen one, at most
 PASSWORD_FILE = "password"
 CONFIG_FILE = "redis.conf"
 # Refused to every client: reconfiguring, loading code, replicating, debugging, stopping.
@@ -99,6 +98,7 @@ def start_redis(
     :func:`free_port` letting it go and Redis binding it) starts again on another port."""
     private_dir(data_dir)
     secret = password(data_dir)
+    supervisor.hide(secret)  # Redis prints a config line it refuses, and the user line holds it
     child: Child | None = None
     for moves in range(PORT_MOVES + 1):
         port = free_port()
@@ -114,7 +114,7 @@ def start_redis(
             break
         log.warning("redis-server lost port %d to another process before binding it; starting it again", port)
     assert child is not None
-    raise ConfigurationError(child.exited("at start"))
+    raise ConfigurationError(supervisor.exited(child, "at start"))
 
 
 def _answers(child: Child, url: str, port: int) -> bool:

@@ -17,6 +17,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,7 +35,8 @@ STOP_GRACE_S = 20.0
 QUICK_DEATH_S = 10.0  # a child that dies sooner than this after its start is crash-looping
 MAX_QUICK_DEATHS = 3
 WATCH_INTERVAL_S = 1.0
-TAIL_LINES = 20  # of a dead child's log, in the error that reports it
+TAIL_LINES = 12  # of a dead child's log, in the error that reports it
+PORT_MOVES = 3  # a child that lost the port chosen for it at start is moved at most this often
 TAIL_BYTES = 16 * 1024
 Clock = Callable[[], float]  # seconds, monotonic
 
@@ -50,13 +52,13 @@ def port_taken(port: int, host: str = "127.0.0.1") -> bool:
     """Whether another socket holds ``port`` now, as a server binding it would find (with
     SO_REUSEADDR, so a connection in TIME_WAIT does not count). A child that died at start on
     a port :func:`free_port` chose may have lost it to whoever bound it in between."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
-        except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-        return False
+    except OSError as exc:  # taken; or not bindable at all here (no IPv6), which a new port will not mend
+        return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _child_setup() -> None:
@@ -87,6 +89,7 @@ class Child:
     started_at: float  # on the supervisor's clock
     quick_deaths: int = 0  # consecutive exits within QUICK_DEATH_S of a start
     given_up: bool = False  # crash-looping: stays dead, never started again
+    log_offset: int = 0  # where this run's lines start in its log
 
     @property
     def pid(self) -> int:
@@ -96,19 +99,15 @@ class Child:
         return self.process.poll() is None
 
     def tail(self, lines: int = TAIL_LINES) -> str:
-        """The end of its log: why a child that exited did (for an error that says it at once)."""
+        """The end of what this run of it logged (the log is appended to across runs): why a
+        child that exited did, for an error that says it at once."""
         try:
             with self.log_path.open("rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+                end = f.seek(0, os.SEEK_END)
+                f.seek(max(self.log_offset, end - TAIL_BYTES))
                 return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-    def exited(self, during: str) -> str:
-        """'NAME exited DURING (code N); the end of its log (PATH): ...', for an error."""
-        tail = self.tail()
-        ending = f"; the end of its log ({self.log_path}):\n{tail}" if tail else f"; see {self.log_path}"
-        return f"{self.name} exited {during} (code {self.process.returncode}){ending}"
 
 
 def _ignore(child: Child) -> None:
@@ -121,12 +120,28 @@ class Supervisor:
         self.clock = clock
         self.orphan_grace_s = orphan_grace_s  # a Python child's grace after this process dies
         self.children: list[Child] = []
+        self._hidden: set[str] = set()
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
         private_dir(self.log_dir)
-        child = Child(name, self._spawn(name, argv, env), self.log_dir / f"{name}.log", argv, env, self.clock())
+        log_path = self.log_dir / f"{name}.log"
+        offset = _size(log_path)
+        child = Child(name, self._spawn(name, argv, env), log_path, argv, env, self.clock(), log_offset=offset)
         self.children.append(child)
         return child
+
+    def hide(self, *secrets: str | None) -> None:
+        """Secrets (a password, a login) that :meth:`exited` never shows, should a child log one."""
+        self._hidden.update(s for s in secrets if s)
+
+    def exited(self, child: Child, during: str) -> str:
+        """'NAME exited DURING (code N); the end of its log (PATH): ...', for an error: with
+        the secrets given to :meth:`hide` and the passwords of URLs masked (Redis prints a
+        config line it refuses, password and all)."""
+        tail = _masked(child.tail(), self._hidden)
+        lines = "".join(f"\n  {line}" for line in tail.splitlines())
+        ending = f"; the end of its log ({child.log_path}):{lines}" if lines else f" and logged nothing; see {child.log_path}"
+        return f"{child.name} exited {during} (code {child.process.returncode}){ending}"
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         fd = os.open(self.log_dir / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -145,8 +160,11 @@ class Supervisor:
         """Start ``child`` again in its place (with ``argv`` if given), after killing whatever
         its last run left in its group."""
         _signal_group(child, signal.SIGKILL)
+        if child.alive():
+            child.process.wait(timeout=5)  # reaped: no zombie, and its port let go
         if argv is not None:
             child.argv = argv
+        child.log_offset = _size(child.log_path)
         child.process = self._spawn(child.name, child.argv, child.env)
         child.started_at = self.clock()
         return child
@@ -215,6 +233,24 @@ class Supervisor:
             if child.alive():
                 child.process.wait(timeout=5)
         self.children.clear()
+
+
+URL_PASSWORD = re.compile(r"(://[^\s:/@]*:)[^\s@/]+@")
+SHORTEST_SECRET = 4  # shorter "secrets" would mask half the log
+
+
+def _masked(text: str, secrets: set[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= SHORTEST_SECRET:
+            text = text.replace(secret, "***")
+    return URL_PASSWORD.sub(r"\1***@", text)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _signal_group(child: Child, sig: int) -> None:
