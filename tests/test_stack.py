@@ -250,13 +250,14 @@ def test_a_child_whose_supervisor_died_before_it_asked_stops_itself():
 
 def test_a_child_that_exits_is_reported_with_this_runs_log_and_no_secret(supervisor, tmp_path):
     supervisor.hide("hunter2-secret", None, "")
-    says = "print('loading'); print('redis://:hunter2-secret@127.0.0.1:1/0 and postgresql://u:pw-in-url@db/x'); exit(3)"
+    line = "redis://:hunter2-secret@127.0.0.1:1/0 and postgresql://u:pw-in-url@db/x?password=p2"
+    says = f"print('loading'); print({line!r}); exit(3)"
     child = supervisor.start("talker", [sys.executable, "-c", says], dict(os.environ))
     wait_until(lambda: not child.alive(), 20, interval_s=0.05)
     said = supervisor.exited(child, "at start")
     assert said.startswith(f"talker exited at start (code 3); the end of its log ({child.log_path}):\n  loading\n  "), said
-    assert "hunter2-secret" not in said and "pw-in-url" not in said
-    assert "redis://:***@127.0.0.1:1/0 and postgresql://u:***@db/x" in said
+    assert "hunter2-secret" not in said and "pw-in-url" not in said and "p2" not in said
+    assert "redis://:***@127.0.0.1:1/0 and postgresql://u:***@db/x?password=***" in said
     child.argv = [sys.executable, "-c", "exit(4)"]
     supervisor.restart(child)  # the log is appended to: the earlier run's lines are not this run's
     wait_until(lambda: not child.alive(), 20, interval_s=0.05)

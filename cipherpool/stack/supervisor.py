@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cipherpool.config.settings import mask_url
 from cipherpool.files import private_dir
 
 log = logging.getLogger("cipherpool.stack")
@@ -235,15 +236,16 @@ class Supervisor:
         self.children.clear()
 
 
-URL_PASSWORD = re.compile(r"(://[^\s:/@]*:)[^\s@/]+@")
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 SHORTEST_SECRET = 4  # shorter "secrets" would mask half the log
 
 
 def _masked(text: str, secrets: set[str]) -> str:
+    """``text`` with each secret, and each URL's password and secret parameters, as ***."""
     for secret in sorted(secrets, key=len, reverse=True):
         if len(secret) >= SHORTEST_SECRET:
             text = text.replace(secret, "***")
-    return URL_PASSWORD.sub(r"\1***@", text)
+    return URL.sub(lambda url: mask_url(url.group()), text)
 
 
 def _size(path: Path) -> int:
